@@ -1,0 +1,43 @@
+// Strided copies and fills: the data movement behind transpose/permute, slicing, concat and their backwards.
+//   copy_main: DST[dst_off + sum_k c_k * dst_stride_k] = SRC[src_off + sum_k c_k * src_stride_k]
+//              for every coordinate c of `shape` (row-major enumeration).
+//   fill_main: DST[i] = value for i < n.
+// Bindings: @binding(0) P, @binding(1) SRC (copy only), @binding(2) DST.
+// Params: copy: [n, ndim, src_off, dst_off, shape[MAXDIM], src_stride[MAXDIM], dst_stride[MAXDIM]];
+//         fill: [n, value bits].
+// Works on 32-bit words, so it moves int32 tensors too.
+
+const WG: u32 = 256u;
+const MAXDIM: u32 = 6u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> SRC: array<u32>;
+@group(0) @binding(2) var<storage, read_write> DST: array<u32>;
+
+@compute @workgroup_size(WG)
+fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (i >= P[0]) { return; }
+    let ndim = P[1];
+    var rem = i;
+    var si = P[2];
+    var di = P[3];
+    for (var d = 0u; d < ndim; d++) {
+        let k = ndim - 1u - d;
+        let size = P[4u + k];
+        let coord = rem % size;
+        rem = rem / size;
+        si += coord * P[4u + MAXDIM + k];
+        di += coord * P[4u + 2u * MAXDIM + k];
+    }
+    DST[di] = SRC[si];
+}
+
+@compute @workgroup_size(WG)
+fn fill_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (i >= P[0]) { return; }
+    DST[i] = P[1];
+}

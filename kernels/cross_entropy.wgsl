@@ -1,0 +1,52 @@
+// Fused cross-entropy from logits, mean over the rows whose target is not ignore_index.
+//   rows_main:   lse[r] = logsumexp(x[r, :]);  loss[r] = lse[r] - x[r, t[r]] (0 if ignored);  valid[r] = 0/1
+// The mean and the backward (which recomputes the softmax from lse) are in cross_entropy_reduce.wgsl.
+// Bindings: P = [rows, V, ignore_index (i32 bits)], then per entry (see the declarations).
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> T: array<i32>;
+@group(0) @binding(3) var<storage, read_write> LSE: array<f32>;
+@group(0) @binding(4) var<storage, read_write> LOSS: array<f32>;
+@group(0) @binding(5) var<storage, read_write> VALID: array<f32>;
+
+var<workgroup> red: array<f32, WG>;
+
+fn wg_reduce(v: f32, lid: u32, is_max: bool) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            if (is_max) { red[lid] = max(red[lid], red[lid + s]); } else { red[lid] = red[lid] + red[lid + s]; }
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= P[0]) { return; }
+    let V = P[1];
+    let base = r * V;
+    var m = -3.4e38;
+    for (var j = lid; j < V; j += WG) { m = max(m, X[base + j]); }
+    m = wg_reduce(m, lid, true);
+    var s = 0.0;
+    for (var j = lid; j < V; j += WG) { s += exp(X[base + j] - m); }
+    s = wg_reduce(s, lid, false);
+    if (lid == 0u) {
+        let lse = m + log(s);
+        let t = T[r];
+        let ok = t != bitcast<i32>(P[2]) && t >= 0 && u32(t) < V;
+        LSE[r] = lse;
+        LOSS[r] = select(0.0, lse - X[base + u32(max(t, 0))], ok);
+        VALID[r] = select(0.0, 1.0, ok);
+    }
+}

@@ -1,0 +1,53 @@
+// Second and third stages of the fused cross-entropy (first stage and the math: cross_entropy.wgsl).
+//   mean_main:     OUT[0] = sum_r LOSS[r] / max(1, sum_r VALID[r]);  COUNT[0] = sum_r VALID[r]   (one workgroup)
+//   backward_main: dx[r, j] = g * (exp(x[r, j] - lse[r]) - [j == t[r]]) / max(1, count)   (0 for ignored rows)
+// Bindings: P = [rows, V, ignore_index bits]; mean: LOSS, VALID, OUT, COUNT; backward: X, T, LSE, VALID, COUNT, G, DX.
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> T: array<i32>;
+@group(0) @binding(3) var<storage, read> LSE: array<f32>;
+@group(0) @binding(4) var<storage, read> LOSS: array<f32>;
+@group(0) @binding(5) var<storage, read> VALID: array<f32>;
+@group(0) @binding(6) var<storage, read_write> OUT: array<f32>;     // mean: the loss; backward: dx
+@group(0) @binding(7) var<storage, read_write> COUNT: array<f32>;   // written by mean, read by backward
+@group(0) @binding(8) var<storage, read> G: array<f32>;
+
+var<workgroup> red: array<f32, WG>;
+var<workgroup> red2: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn mean_main(@builtin(local_invocation_index) lid: u32) {
+    let rows = P[0];
+    var s = 0.0;
+    var c = 0.0;
+    for (var r = lid; r < rows; r += WG) { s += LOSS[r]; c += VALID[r]; }
+    red[lid] = s;
+    red2[lid] = c;
+    workgroupBarrier();
+    for (var k = WG / 2u; k > 0u; k = k / 2u) {
+        if (lid < k) { red[lid] += red[lid + k]; red2[lid] += red2[lid + k]; }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        OUT[0] = red[0] / max(1.0, red2[0]);
+        COUNT[0] = red2[0];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn backward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+    let rows = P[0];
+    let V = P[1];
+    if (e >= rows * V) { return; }
+    let r = e / V;
+    let j = e % V;
+    if (VALID[r] == 0.0) { OUT[e] = 0.0; return; }
+    let p = exp(X[e] - LSE[r]);
+    let hot = select(0.0, 1.0, i32(j) == T[r]);
+    OUT[e] = G[0] * (p - hot) / max(1.0, COUNT[0]);
+}

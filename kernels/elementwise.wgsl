@@ -1,0 +1,100 @@
+// Elementwise maps over float32 tensors.
+//   unary_main:  y[i] = f(x[i])
+//   scalar_main: y[i] = f(x[i], c)          c = bitcast<f32>(P[1])
+//   binary_main: y[i] = f(a[ia], b[ib])     ia, ib from the broadcast strides in P
+// Specialized per op by substituting {{UNARY}}, {{SCALAR}}, {{BINARY}} with one of the fns below.
+// Bindings: @binding(0) P: params (u32), @binding(1) a, @binding(2) b (binary only), @binding(3) y.
+// Params: unary/scalar: [n, c]; binary: [n, ndim, shape[MAXDIM], astride[MAXDIM], bstride[MAXDIM]].
+// The grid is 2D (x * y workgroups) so that n may exceed 65535 * WG.
+
+const WG: u32 = 256u;
+const MAXDIM: u32 = 6u;
+const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
+const GELU_C: f32 = 0.044715;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> A: array<f32>;
+@group(0) @binding(2) var<storage, read> B: array<f32>;
+@group(0) @binding(3) var<storage, read_write> Y: array<f32>;
+
+// ---- unary ----
+fn u_neg(x: f32) -> f32 { return -x; }
+fn u_exp(x: f32) -> f32 { return exp(x); }
+fn u_log(x: f32) -> f32 { return log(x); }
+fn u_sqrt(x: f32) -> f32 { return sqrt(x); }
+// tanh(x) = 1 - 2/(exp(2x)+1): stable at both ends, and the builtin is NaN for |x| > ~44 on some drivers.
+fn u_tanh(x: f32) -> f32 { let e = exp(2.0 * clamp(x, -20.0, 20.0)); return 1.0 - 2.0 / (e + 1.0); }
+fn u_relu(x: f32) -> f32 { return max(x, 0.0); }
+// GELU, tanh approximation (GPT-2's "gelu_new").
+fn u_gelu(x: f32) -> f32 { return 0.5 * x * (1.0 + u_tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x))); }
+
+// ---- scalar ----
+fn s_add(x: f32, c: f32) -> f32 { return x + c; }
+fn s_mul(x: f32, c: f32) -> f32 { return x * c; }
+fn s_rsub(x: f32, c: f32) -> f32 { return c - x; }
+fn s_rdiv(x: f32, c: f32) -> f32 { return c / x; }
+// x^c for any sign of x when c is an integer, as numpy does; pow() alone is NaN for x < 0.
+fn s_pow(x: f32, c: f32) -> f32 {
+    let m = pow(abs(x), c);
+    if (x < 0.0 && fract(c * 0.5) != 0.0 && fract(c) == 0.0) { return -m; }
+    if (x == 0.0 && c == 0.0) { return 1.0; }
+    return m;
+}
+
+// ---- binary ----
+fn b_add(a: f32, b: f32) -> f32 { return a + b; }
+fn b_sub(a: f32, b: f32) -> f32 { return a - b; }
+fn b_mul(a: f32, b: f32) -> f32 { return a * b; }
+fn b_div(a: f32, b: f32) -> f32 { return a / b; }
+fn b_maximum(a: f32, b: f32) -> f32 { return max(a, b); }
+fn b_eq(a: f32, b: f32) -> f32 { return select(0.0, 1.0, a == b); }
+// Backward helpers: a is the saved forward value (x or y), b the incoming gradient.
+fn b_relu_bwd(x: f32, g: f32) -> f32 { return select(0.0, g, x > 0.0); }
+fn b_tanh_bwd(y: f32, g: f32) -> f32 { return g * (1.0 - y * y); }
+fn b_sqrt_bwd(y: f32, g: f32) -> f32 { return g * 0.5 / y; }
+fn b_gelu_bwd(x: f32, g: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+    let t = u_tanh(u);
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+    return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+}
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+@compute @workgroup_size(WG)
+fn unary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= P[0]) { return; }
+    Y[i] = {{UNARY}}(A[i]);
+}
+
+@compute @workgroup_size(WG)
+fn scalar_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= P[0]) { return; }
+    Y[i] = {{SCALAR}}(A[i], bitcast<f32>(P[1]));
+}
+
+@compute @workgroup_size(WG)
+fn binary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= P[0]) { return; }
+    let ndim = P[1];
+    var rem = i;
+    var ia = 0u;
+    var ib = 0u;
+    for (var d = 0u; d < ndim; d++) {
+        let k = ndim - 1u - d;
+        let size = P[2u + k];
+        let coord = rem % size;
+        rem = rem / size;
+        ia += coord * P[2u + MAXDIM + k];
+        ib += coord * P[2u + 2u * MAXDIM + k];
+    }
+    Y[i] = {{BINARY}}(A[ia], B[ib]);
+}

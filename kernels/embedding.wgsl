@@ -1,0 +1,43 @@
+// Embedding lookup and its backward.
+//   forward_main:  out[i, c] = W[idx[i], c]                       (one thread per output element)
+//   backward_main: dW[v, c] = sum_{i : idx[i] == v} g[i, c]       (one thread per column c)
+// The backward is a scatter-add; WGSL has no float atomics, so each thread owns one column of dW
+// and walks all positions in order: race-free and deterministic (same sum order on every run).
+// Indices are validated on the host; out-of-range ones are clamped (forward) or skipped (backward)
+// so a bad index can never read or write outside the buffers.
+// Bindings: P = [N, C, V], @binding(1) IDX (i32), @binding(2) SRC (W or g), @binding(3) DST (out or dW).
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> IDX: array<i32>;
+@group(0) @binding(2) var<storage, read> SRC: array<f32>;
+@group(0) @binding(3) var<storage, read_write> DST: array<f32>;
+
+@compute @workgroup_size(WG)
+fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+    let N = P[0];
+    let C = P[1];
+    let V = P[2];
+    if (e >= N * C) { return; }
+    let i = e / C;
+    let c = e % C;
+    let v = u32(clamp(IDX[i], 0, i32(V) - 1));
+    DST[e] = SRC[v * C + c];
+}
+
+@compute @workgroup_size(64)
+fn backward_main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let N = P[0];
+    let C = P[1];
+    let V = P[2];
+    if (c >= C) { return; }
+    for (var v = 0u; v < V; v++) { DST[v * C + c] = 0.0; }
+    for (var i = 0u; i < N; i++) {
+        let v = IDX[i];
+        if (v >= 0 && u32(v) < V) { DST[u32(v) * C + c] += SRC[i * C + c]; }
+    }
+}

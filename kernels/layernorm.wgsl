@@ -1,0 +1,47 @@
+// Fused LayerNorm over the last axis (n features), rows independent.
+//   forward_main:    mean, rstd = 1/sqrt(var + eps);  y = (x - mean) * rstd * w + b   (one workgroup per row)
+// The backward kernels, which bind a different set of buffers, are in layernorm_backward.wgsl.
+// Variance is the biased one (divide by n), as GPT-2 and PyTorch's LayerNorm use.
+// Bindings (forward):  P = [rows, n, eps bits], X, W, Bias, Y, MEAN, RSTD
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> W: array<f32>;
+@group(0) @binding(3) var<storage, read> Bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(5) var<storage, read_write> MEAN: array<f32>;
+@group(0) @binding(6) var<storage, read_write> RSTD: array<f32>;
+
+var<workgroup> red: array<f32, WG>;
+
+fn wg_sum(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= P[0]) { return; }
+    let n = P[1];
+    let eps = bitcast<f32>(P[2]);
+    let base = r * n;
+    var s = 0.0;
+    for (var j = lid; j < n; j += WG) { s += X[base + j]; }
+    let mean = wg_sum(s, lid) / f32(n);
+    var v = 0.0;
+    for (var j = lid; j < n; j += WG) { let d = X[base + j] - mean; v += d * d; }
+    let rstd = inverseSqrt(wg_sum(v, lid) / f32(n) + eps);
+    for (var j = lid; j < n; j += WG) { Y[base + j] = (X[base + j] - mean) * rstd * W[j] + Bias[j]; }
+    if (lid == 0u) { MEAN[r] = mean; RSTD[r] = rstd; }
+}

@@ -1,0 +1,70 @@
+// Backward of the fused LayerNorm (forward and the math: layernorm.wgsl).
+//   backward_x_main:  dx = rstd * (gx - mean_j(gx) - xhat * mean_j(gx * xhat)),  gx = g * w   (workgroup per row)
+//   backward_wb_main: dw[j] = sum_rows(g * xhat), db[j] = sum_rows(g)                          (thread per feature)
+// Bindings: P = [rows, n], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw) and OUT1 (db).
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> W: array<f32>;
+@group(0) @binding(3) var<storage, read> MEAN: array<f32>;
+@group(0) @binding(4) var<storage, read> RSTD: array<f32>;
+@group(0) @binding(5) var<storage, read> G: array<f32>;
+@group(0) @binding(6) var<storage, read_write> OUT0: array<f32>;
+@group(0) @binding(7) var<storage, read_write> OUT1: array<f32>;
+
+var<workgroup> red: array<f32, WG>;
+
+fn wg_sum(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn backward_x_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= P[0]) { return; }
+    let n = P[1];
+    let base = r * n;
+    let mean = MEAN[r];
+    let rstd = RSTD[r];
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var j = lid; j < n; j += WG) {
+        let gx = G[base + j] * W[j];
+        s1 += gx;
+        s2 += gx * (X[base + j] - mean) * rstd;
+    }
+    let m1 = wg_sum(s1, lid) / f32(n);
+    let m2 = wg_sum(s2, lid) / f32(n);
+    for (var j = lid; j < n; j += WG) {
+        let xhat = (X[base + j] - mean) * rstd;
+        OUT0[base + j] = rstd * (G[base + j] * W[j] - m1 - xhat * m2);
+    }
+}
+
+@compute @workgroup_size(64)
+fn backward_wb_main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    let rows = P[0];
+    let n = P[1];
+    if (j >= n) { return; }
+    var dw = 0.0;
+    var db = 0.0;
+    for (var r = 0u; r < rows; r++) {
+        let g = G[r * n + j];
+        dw += g * (X[r * n + j] - MEAN[r]) * RSTD[r];
+        db += g;
+    }
+    OUT0[j] = dw;
+    OUT1[j] = db;
+}

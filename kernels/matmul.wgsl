@@ -1,0 +1,87 @@
+// Batched matrix product  C[b] = op(A[b]) @ op(B[b]),  C[b]: (M, N) row-major, op = identity or transpose.
+//   A[b] is stored (M, K) row-major, or (K, M) when TRANS_A; B[b] is stored (K, N), or (N, K) when TRANS_B.
+//   Batch b starts at b * stride_{a,b,c}; a stride of 0 broadcasts that operand across the batch.
+// Tiling: one workgroup computes a TM x TN tile of C with 16 x 16 threads; each thread owns a 4 x 4 block
+// held in four vec4 accumulators. K advances TK at a time through workgroup memory staged as vec4, so the
+// inner loop is two vec4 loads and four vec4 FMAs. Bounds are checked only when staging, never in the inner loop.
+// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c], @binding(1) A, @binding(2) B, @binding(3) C.
+// Dispatch: (ceil(N / TN), ceil(M / TM), batch).
+
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+const TK: u32 = 16u;
+const TRANS_A: bool = {{TRANS_A}};
+const TRANS_B: bool = {{TRANS_B}};
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> A: array<f32>;
+@group(0) @binding(2) var<storage, read> B: array<f32>;
+@group(0) @binding(3) var<storage, read_write> C: array<f32>;
+
+var<workgroup> As: array<vec4<f32>, 256>;   // [TK][TM / 4]: As[k * 16 + i] = A(m0 + 4i .. 4i + 3, k0 + k)
+var<workgroup> Bs: array<vec4<f32>, 256>;   // [TK][TN / 4]: Bs[k * 16 + j] = B(k0 + k, n0 + 4j .. 4j + 3)
+
+fn load_a(base: u32, m: u32, k: u32, M: u32, K: u32) -> f32 {
+    if (m >= M || k >= K) { return 0.0; }
+    if (TRANS_A) { return A[base + k * M + m]; }
+    return A[base + m * K + k];
+}
+
+fn load_b(base: u32, k: u32, n: u32, K: u32, N: u32) -> f32 {
+    if (k >= K || n >= N) { return 0.0; }
+    if (TRANS_B) { return B[base + n * K + k]; }
+    return B[base + k * N + n];
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let M = P[0];
+    let N = P[1];
+    let K = P[2];
+    let a_base = wid.z * P[3];
+    let b_base = wid.z * P[4];
+    let c_base = wid.z * P[5];
+    let m0 = wid.y * TM;
+    let n0 = wid.x * TN;
+    let tx = lid % 16u;             // this thread's columns: n0 + 4 tx .. + 3
+    let ty = lid / 16u;             // this thread's rows:    m0 + 4 ty .. + 3
+    let sk = lid / 16u;             // staging: row k of the tile ...
+    let si = lid % 16u;             // ... and vec4 slot i of it
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+
+    for (var k0 = 0u; k0 < K; k0 += TK) {
+        let ka = k0 + sk;
+        let ma = m0 + 4u * si;
+        As[lid] = vec4<f32>(load_a(a_base, ma, ka, M, K), load_a(a_base, ma + 1u, ka, M, K),
+                            load_a(a_base, ma + 2u, ka, M, K), load_a(a_base, ma + 3u, ka, M, K));
+        let nb = n0 + 4u * si;
+        Bs[lid] = vec4<f32>(load_b(b_base, ka, nb, K, N), load_b(b_base, ka, nb + 1u, K, N),
+                            load_b(b_base, ka, nb + 2u, K, N), load_b(b_base, ka, nb + 3u, K, N));
+        workgroupBarrier();
+        for (var k = 0u; k < TK; k++) {
+            let a = As[k * 16u + ty];
+            let b = Bs[k * 16u + tx];
+            acc0 += a.x * b;
+            acc1 += a.y * b;
+            acc2 += a.z * b;
+            acc3 += a.w * b;
+        }
+        workgroupBarrier();
+    }
+
+    let row = m0 + 4u * ty;
+    let col = n0 + 4u * tx;
+    var accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var r = 0u; r < 4u; r++) {
+        if (row + r >= M) { break; }
+        let out = c_base + (row + r) * N + col;
+        let v = accs[r];
+        for (var c = 0u; c < 4u; c++) {
+            if (col + c < N) { C[out + c] = v[c]; }
+        }
+    }
+}

@@ -1,0 +1,62 @@
+// Optimizer updates, in place on the device, one thread per parameter element.
+//   adamw_main: p -= lr * wd * p                      (decoupled weight decay, before the Adam step)
+//               m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+//               p -= lr * (m / bc1) / (sqrt(v / bc2) + eps)      bc1 = 1 - b1^t, bc2 = 1 - b2^t (host)
+//   sgd_main:   g' = g + wd p;  buf = momentum buf + g';  p -= lr buf      (PyTorch's SGD, dampening 0)
+//   clip_main:  g *= min(1, max_norm / (sqrt(NORMSQ[0]) + 1e-6))          (global-norm clipping; NORMSQ
+//               is the device-side sum of every gradient's squared norm, so no readback is needed)
+// Bindings: P = [n, hyperparameters as f32 bits...], then per entry (see the declarations).
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read_write> PARAM: array<f32>;   // clip: the gradient being scaled
+@group(0) @binding(2) var<storage, read> GRAD: array<f32>;          // clip: NORMSQ
+@group(0) @binding(3) var<storage, read_write> S1: array<f32>;      // adamw: m;  sgd: momentum buffer
+@group(0) @binding(4) var<storage, read_write> S2: array<f32>;      // adamw: v
+
+fn f(k: u32) -> f32 { return bitcast<f32>(P[k]); }
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 { return (wid.y * nwg.x + wid.x) * WG + lid; }
+
+// P = [n, lr, b1, b2, eps, wd, bc1, bc2]
+@compute @workgroup_size(WG)
+fn adamw_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= P[0]) { return; }
+    let lr = f(1u);
+    let b1 = f(2u);
+    let b2 = f(3u);
+    let g = GRAD[i];
+    var p = PARAM[i];
+    p -= lr * f(5u) * p;
+    let m = b1 * S1[i] + (1.0 - b1) * g;
+    let v = b2 * S2[i] + (1.0 - b2) * g * g;
+    S1[i] = m;
+    S2[i] = v;
+    PARAM[i] = p - lr * (m / f(6u)) / (sqrt(v / f(7u)) + f(4u));
+}
+
+// P = [n, lr, momentum, wd]
+@compute @workgroup_size(WG)
+fn sgd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= P[0]) { return; }
+    let p = PARAM[i];
+    let g = GRAD[i] + f(3u) * p;
+    let b = f(2u) * S1[i] + g;
+    S1[i] = b;
+    PARAM[i] = p - f(1u) * b;
+}
+
+// P = [n, max_norm]
+@compute @workgroup_size(WG)
+fn clip_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= P[0]) { return; }
+    let coef = min(1.0, f(1u) / (sqrt(GRAD[0]) + 1e-6));
+    PARAM[i] = PARAM[i] * coef;
+}

@@ -1,0 +1,114 @@
+// Row-wise softmax family over the last axis; one workgroup per row of n elements.
+//   softmax_main:         y = softmax(scale * x), optionally causal: row r is query q = r % T and
+//                         sees only columns j <= q (the rest get probability exactly 0).
+//   log_softmax_main:     y = x - max(x) - log(sum(exp(x - max(x))))
+//   softmax_bwd_main:     dx = scale * y * (g - sum_j(g * y))           (y = softmax output)
+//   log_softmax_bwd_main: dx = g - exp(y) * sum_j(g)                    (y = log_softmax output)
+// Max-subtraction keeps exp() from overflowing for any input.
+// Bindings: @binding(0) P = [rows, n, T, scale bits, causal], @binding(1) X (x or y), @binding(2) G, @binding(3) OUT.
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> G: array<f32>;
+@group(0) @binding(3) var<storage, read_write> OUT: array<f32>;
+
+var<workgroup> red: array<f32, WG>;
+
+fn wg_max(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_sum(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.y * nwg.x + wid.x; }
+
+// Number of visible columns of row r.
+fn row_limit(r: u32, n: u32) -> u32 {
+    if (P[4] != 0u) { return min(n, (r % P[2]) + 1u); }
+    return n;
+}
+
+@compute @workgroup_size(WG)
+fn softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let r = row_index(wid, nwg);
+    if (r >= P[0]) { return; }
+    let n = P[1];
+    let scale = bitcast<f32>(P[3]);
+    let lim = row_limit(r, n);
+    let base = r * n;
+    var m = -3.4e38;
+    for (var j = lid; j < lim; j += WG) { m = max(m, scale * X[base + j]); }
+    m = wg_max(m, lid);
+    var s = 0.0;
+    for (var j = lid; j < lim; j += WG) { s += exp(scale * X[base + j] - m); }
+    s = wg_sum(s, lid);
+    let inv = 1.0 / s;
+    for (var j = lid; j < n; j += WG) {
+        OUT[base + j] = select(0.0, exp(scale * X[base + j] - m) * inv, j < lim);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn log_softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let r = row_index(wid, nwg);
+    if (r >= P[0]) { return; }
+    let n = P[1];
+    let base = r * n;
+    var m = -3.4e38;
+    for (var j = lid; j < n; j += WG) { m = max(m, X[base + j]); }
+    m = wg_max(m, lid);
+    var s = 0.0;
+    for (var j = lid; j < n; j += WG) { s += exp(X[base + j] - m); }
+    s = wg_sum(s, lid);
+    let lse = m + log(s);
+    for (var j = lid; j < n; j += WG) { OUT[base + j] = X[base + j] - lse; }
+}
+
+@compute @workgroup_size(WG)
+fn softmax_bwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let r = row_index(wid, nwg);
+    if (r >= P[0]) { return; }
+    let n = P[1];
+    let scale = bitcast<f32>(P[3]);
+    let base = r * n;
+    var d = 0.0;
+    for (var j = lid; j < n; j += WG) { d += G[base + j] * X[base + j]; }
+    d = wg_sum(d, lid);
+    for (var j = lid; j < n; j += WG) { OUT[base + j] = scale * X[base + j] * (G[base + j] - d); }
+}
+
+@compute @workgroup_size(WG)
+fn log_softmax_bwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let r = row_index(wid, nwg);
+    if (r >= P[0]) { return; }
+    let n = P[1];
+    let base = r * n;
+    var s = 0.0;
+    for (var j = lid; j < n; j += WG) { s += G[base + j]; }
+    s = wg_sum(s, lid);
+    for (var j = lid; j < n; j += WG) { OUT[base + j] = G[base + j] - exp(X[base + j]) * s; }
+}

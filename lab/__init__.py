@@ -1,0 +1,41 @@
+"""lab: train small GPT-style language models on a wgpu (WebGPU) engine, from a notebook or the shell."""
+from .engine.backend import backend_reason, get_backend, set_backend
+from .engine.random import manual_seed
+from .engine.tensor import Tensor, no_grad, ones, tensor, zeros
+from .engine import ops as functional
+from .engine.ops import concat, split, matmul
+
+__version__ = "0.1.0"
+
+
+def sync():
+    """Submit all recorded GPU work (a no-op on numpy)."""
+    get_backend().sync()
+
+
+def stats():
+    """Counters of the active backend: dispatches, submits, readbacks, uploads, bytes in use and peak bytes."""
+    b = get_backend()
+    return dict(backend=b.name, **b.stats())
+
+
+def device():
+    """The wgpu device lab uses: the best adapter (discrete GPU, integrated, then CPU/lavapipe), with its real
+    limits and features requested. Returns a dict: device, adapter_type, backend_type, limits, features."""
+    from .engine.wgpu_backend import WgpuBackend
+    return dict(WgpuBackend.instance().device_info)
+
+
+def backend_info():
+    """The active backend, why it was chosen, and the wgpu device when that is the backend."""
+    b = get_backend()
+    info = {"backend": b.name, "reason": backend_reason()}
+    if b.name == "wgpu":
+        info.update(b.device_info)
+    return info
+
+
+def selftest(backend=None, verbose=True):
+    """Check every op's forward and backward on the active (or given) backend against numpy; raise on failure."""
+    from .engine.opcheck import selftest as _selftest
+    return _selftest(backend=backend, verbose=verbose)

@@ -1,0 +1,1 @@
+"""The engine: tensors, autograd, and the numpy and wgpu backends."""

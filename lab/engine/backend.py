@@ -1,0 +1,154 @@
+"""The backend interface and backend selection.
+
+A backend owns raw arrays (numpy ndarrays, or GPU buffers) and implements a small set of primitives on them.
+Everything above it (Tensor, autograd, ops, models) is written once against these primitives, so a
+backend adds primitives, never model logic. Every primitive of the wgpu backend is checked against the numpy
+one (lab/engine/opcheck.py, tests/test_ops.py).
+"""
+import os
+import sys
+
+import numpy as np
+
+MAXDIM = 6  # the strided kernels (broadcast, copy) index at most this many dimensions
+
+
+class Backend:
+    """Primitives every backend implements. Arrays are contiguous, row-major; `shape` is a tuple."""
+
+    name = "abstract"
+
+    # -- memory --
+    def from_numpy(self, x): raise NotImplementedError
+    def to_numpy(self, a): raise NotImplementedError
+    def full(self, shape, value, dtype="float32"): raise NotImplementedError
+    def reshape(self, a, shape): raise NotImplementedError          # a view: shares storage
+    def sync(self): pass
+    def stats(self): return {}
+
+    # -- elementwise --
+    def unary(self, op, a): raise NotImplementedError               # neg exp log sqrt tanh relu gelu
+    def scalar(self, op, a, c): raise NotImplementedError           # add mul rsub rdiv pow
+    def binary(self, op, a, b): raise NotImplementedError           # add sub mul div maximum eq *_bwd, broadcasting
+
+    # -- reductions and data movement --
+    def reduce(self, op, a, axis): raise NotImplementedError        # sum max sumsq; removes `axis`
+    def copy_view(self, a, offset, shape, strides): raise NotImplementedError
+    def write_view(self, dst, offset, strides, src): raise NotImplementedError  # in place into dst
+
+    # -- fused --
+    def matmul(self, a, b, trans_a=False, trans_b=False): raise NotImplementedError  # 3D, batch may broadcast
+    def softmax(self, a, scale=1.0, causal=False): raise NotImplementedError
+    def softmax_bwd(self, y, g, scale=1.0): raise NotImplementedError
+    def log_softmax(self, a): raise NotImplementedError
+    def log_softmax_bwd(self, y, g): raise NotImplementedError
+    def layernorm(self, x, w, b, eps): raise NotImplementedError    # -> y, mean, rstd
+    def layernorm_bwd(self, x, w, mean, rstd, g): raise NotImplementedError  # -> dx, dw, db
+    def embedding(self, w, idx): raise NotImplementedError
+    def embedding_bwd(self, idx, g, num_embeddings): raise NotImplementedError
+    def cross_entropy(self, logits, targets, ignore_index): raise NotImplementedError  # -> loss, saved
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index): raise NotImplementedError
+    def dropout(self, x, p, seed): raise NotImplementedError
+
+    # -- optimizers (in place) --
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step): raise NotImplementedError
+    def sgd_(self, p, g, buf, lr, momentum, wd): raise NotImplementedError
+    def sumsq_into(self, a, out, slot): raise NotImplementedError   # out[slot] = sum(a * a)
+    def clip_(self, g, normsq, max_norm): raise NotImplementedError
+
+
+def broadcast_strides(shape, out_shape):
+    """Element strides that read a contiguous `shape` array while iterating over `out_shape` (0 = broadcast)."""
+    shape = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    strides, acc = [0] * len(shape), 1
+    for k in range(len(shape) - 1, -1, -1):
+        strides[k] = acc if shape[k] != 1 else 0
+        acc *= shape[k]
+    return strides
+
+
+def contiguous_strides(shape):
+    strides, acc = [0] * len(shape), 1
+    for k in range(len(shape) - 1, -1, -1):
+        strides[k] = acc
+        acc *= shape[k]
+    return strides
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selection
+
+_state = {"backend": None, "reason": None}
+_ANNOUNCED = set()
+
+
+def _announce(line):
+    if line not in _ANNOUNCED:
+        _ANNOUNCED.add(line)
+        print(f"lab: {line}", file=sys.stderr)
+
+
+def _auto_choice():
+    """wgpu on a real GPU, numpy when the only adapter is a CPU one (lavapipe is far slower than numpy)."""
+    try:
+        from .wgpu_backend import list_adapters
+        adapters = list_adapters()
+    except Exception as e:  # wgpu missing or no Vulkan loader
+        return "numpy", f"no wgpu adapter available ({type(e).__name__}: {e}); using numpy"
+    gpus = [a for a in adapters if a["adapter_type"] != "CPU"]
+    if gpus:
+        return "wgpu", f"using wgpu on {gpus[0]['device']} ({gpus[0]['adapter_type']}, {gpus[0]['backend_type']})"
+    if adapters:
+        return "numpy", (f"only a CPU adapter is available ({adapters[0]['device']}); numpy is faster there, "
+                         "using numpy (set LAB_BACKEND=wgpu to force it)")
+    return "numpy", "no wgpu adapter found; using numpy"
+
+
+def set_backend(name="auto"):
+    """Select the backend for new tensors: 'wgpu', 'numpy' or 'auto'. Returns the backend."""
+    if name not in ("wgpu", "numpy", "auto"):
+        raise ValueError(f"unknown backend {name!r}: expected 'wgpu', 'numpy' or 'auto'")
+    if name == "auto":
+        name, reason = _auto_choice()
+    else:
+        reason = f"using {name} (requested)"
+    backend = backend_instance(name)
+    if name == "wgpu" and "requested" in reason:
+        reason = f"using wgpu on {backend.device_info['device']} (requested)"
+    _state["backend"], _state["reason"] = backend, reason
+    _announce(reason)
+    return backend
+
+
+def backend_instance(name):
+    """The backend called `name` ('wgpu' or 'numpy'), created on first use, without making it the active one."""
+    if isinstance(name, Backend):
+        return name
+    if name == "wgpu":
+        from .wgpu_backend import WgpuBackend
+        return WgpuBackend.instance()
+    if name == "numpy":
+        from .numpy_backend import NumpyBackend
+        return NumpyBackend.instance()
+    raise ValueError(f"unknown backend {name!r}: expected 'wgpu' or 'numpy'")
+
+
+def get_backend():
+    if _state["backend"] is None:
+        set_backend(os.environ.get("LAB_BACKEND", "auto").strip().lower() or "auto")
+    return _state["backend"]
+
+
+def backend_reason():
+    get_backend()
+    return _state["reason"]
+
+
+def np_dtype(dtype):
+    if dtype in ("float32", np.float32):
+        return np.float32
+    if dtype in ("int32", np.int32):
+        return np.int32
+    if dtype in ("float64", np.float64):
+        return np.float64
+    raise ValueError(f"unsupported dtype {dtype!r}: expected 'float32' or 'int32' ('float64' on numpy only)")

@@ -1,0 +1,545 @@
+"""Differentiable ops. Each op computes its forward with backend primitives and defines its backward right
+beside it, as a closure over what the forward saved. Shapes in comments: B batch, T time, C channels."""
+import builtins as _builtins  # sum and max are ops in this module
+import math
+import numbers
+
+import numpy as np
+
+from .backend import contiguous_strides
+from .tensor import Tensor, tensor
+from . import random as _random
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _shape_str(s):
+    return str(tuple(s))
+
+
+def _lift(x, like):
+    """Tensors pass through; numpy arrays become tensors on `like`'s backend."""
+    if isinstance(x, Tensor):
+        if x.backend is not like.backend:
+            raise ValueError(f"tensors live on different backends: {like.backend.name} and {x.backend.name}; "
+                             "move one with .to(...)")
+        return x
+    return tensor(np.asarray(x, dtype=np.float32) if np.asarray(x).dtype.kind == "f" else x, backend=like.backend)
+
+
+def _unbroadcast(B, g, shape):
+    """Sum a broadcast gradient back down to `shape`."""
+    shape = tuple(shape)
+    while len(g.shape) > len(shape):
+        g = B.reduce("sum", g, 0)
+    for ax, s in enumerate(shape):
+        if s == 1 and g.shape[ax] != 1:
+            g = B.reshape(B.reduce("sum", g, ax), g.shape[:ax] + (1,) + g.shape[ax + 1:])
+    return g
+
+
+def _expand(B, g, keep_shape, shape):
+    """Broadcast g (reshaped to keep_shape, with 1s on reduced axes) to `shape` through a stride-0 copy."""
+    g = B.reshape(g, keep_shape)
+    strides = [0 if k == 1 and s != 1 else st for k, s, st in zip(keep_shape, shape, contiguous_strides(keep_shape))]
+    return B.copy_view(g, 0, tuple(shape), strides)
+
+
+def _check_float(x, op):
+    if x.dtype not in ("float32", "float64"):
+        raise ValueError(f"{op}: expected a floating-point tensor, got dtype {x.dtype}")
+
+# ---------------------------------------------------------------------------------------------------- elementwise
+
+
+def _binary(op, a, b):
+    B = a.backend
+    b = _lift(b, a)
+    _check_float(a, op)
+    _check_float(b, op)
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f"{op}: shapes {_shape_str(a.shape)} and {_shape_str(b.shape)} cannot be broadcast") from None
+    return B, b, B.binary(op, a.data, b.data)
+
+
+def add(a, b):
+    if isinstance(b, numbers.Number):
+        return Tensor._make(a.backend.scalar("add", a.data, b), a.backend, (a,), lambda g: (g,))
+    B, b, out = _binary("add", a, b)
+    return Tensor._make(out, B, (a, b), lambda g: (_unbroadcast(B, g, a.shape), _unbroadcast(B, g, b.shape)))
+
+
+def sub(a, b):
+    if isinstance(b, numbers.Number):
+        return add(a, -b)
+    B, b, out = _binary("sub", a, b)
+    return Tensor._make(out, B, (a, b),
+                        lambda g: (_unbroadcast(B, g, a.shape), _unbroadcast(B, B.unary("neg", g), b.shape)))
+
+
+def rsub(a, c):  # c - a
+    B = a.backend
+    return Tensor._make(B.scalar("rsub", a.data, c), B, (a,), lambda g: (B.unary("neg", g),))
+
+
+def mul(a, b):
+    if isinstance(b, numbers.Number):
+        B = a.backend
+        return Tensor._make(B.scalar("mul", a.data, b), B, (a,), lambda g: (B.scalar("mul", g, b),))
+    B, b, out = _binary("mul", a, b)
+
+    def backward(g):
+        return (_unbroadcast(B, B.binary("mul", g, b.data), a.shape) if a.requires_grad else None,
+                _unbroadcast(B, B.binary("mul", g, a.data), b.shape) if b.requires_grad else None)
+    return Tensor._make(out, B, (a, b), backward)
+
+
+def div(a, b):
+    if isinstance(b, numbers.Number):
+        return mul(a, 1.0 / b)
+    B, b, out = _binary("div", a, b)
+
+    def backward(g):  # d(a/b)/db = -(a/b)/b
+        ga = _unbroadcast(B, B.binary("div", g, b.data), a.shape) if a.requires_grad else None
+        gb = None
+        if b.requires_grad:
+            gb = _unbroadcast(B, B.unary("neg", B.binary("div", B.binary("mul", g, out), b.data)), b.shape)
+        return ga, gb
+    return Tensor._make(out, B, (a, b), backward)
+
+
+def rdiv(a, c):  # c / a;  d/da = -c/a^2 = -out/a
+    B = a.backend
+    out = B.scalar("rdiv", a.data, c)
+    return Tensor._make(out, B, (a,), lambda g: (B.unary("neg", B.binary("div", B.binary("mul", g, out), a.data)),))
+
+
+def pow(a, c):
+    if not isinstance(c, numbers.Number):
+        raise ValueError("pow: the exponent must be a Python number")
+    B = a.backend
+    out = B.scalar("pow", a.data, c)
+    return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, B.scalar("mul", B.scalar("pow", a.data, c - 1), c)),))
+
+
+def maximum(a, b):
+    B, b, out = _binary("maximum", a, b)
+
+    def backward(g):  # the gradient goes to the larger input (to a on ties)
+        ga = B.binary("mul", g, B.binary("eq", out, a.data))
+        gb = B.binary("sub", g, ga)
+        return _unbroadcast(B, ga, a.shape), _unbroadcast(B, gb, b.shape)
+    return Tensor._make(out, B, (a, b), backward)
+
+
+def neg(a):
+    B = a.backend
+    return Tensor._make(B.unary("neg", a.data), B, (a,), lambda g: (B.unary("neg", g),))
+
+
+def exp(a):
+    B = a.backend
+    out = B.unary("exp", a.data)
+    return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, out),))
+
+
+def log(a):
+    B = a.backend
+    return Tensor._make(B.unary("log", a.data), B, (a,), lambda g: (B.binary("div", g, a.data),))
+
+
+def sqrt(a):
+    B = a.backend
+    out = B.unary("sqrt", a.data)
+    return Tensor._make(out, B, (a,), lambda g: (B.binary("sqrt_bwd", out, g),))
+
+
+def tanh(a):
+    B = a.backend
+    out = B.unary("tanh", a.data)
+    return Tensor._make(out, B, (a,), lambda g: (B.binary("tanh_bwd", out, g),))
+
+
+def relu(a):
+    B = a.backend
+    return Tensor._make(B.unary("relu", a.data), B, (a,), lambda g: (B.binary("relu_bwd", a.data, g),))
+
+
+def gelu(a):
+    """GELU, tanh approximation (GPT-2)."""
+    B = a.backend
+    return Tensor._make(B.unary("gelu", a.data), B, (a,), lambda g: (B.binary("gelu_bwd", a.data, g),))
+
+# ---------------------------------------------------------------------------------------------------- reductions
+
+
+def _axes(axis, ndim, op):
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    out = []
+    for ax in axes:
+        if not -ndim <= ax < _builtins.max(ndim, 1):
+            raise ValueError(f"{op}: axis {ax} is out of range for a tensor with {ndim} dimensions")
+        out.append(ax % _builtins.max(ndim, 1))
+    return tuple(sorted(set(out)))
+
+
+def _keep_shape(shape, axes):
+    return tuple(1 if k in axes else s for k, s in enumerate(shape))
+
+
+def sum(a, axis=None, keepdims=False):
+    B = a.backend
+    axes = _axes(axis, a.ndim, "sum")
+    out = a.data
+    for ax in reversed(axes):
+        out = B.reduce("sum", out, ax)
+    keep = _keep_shape(a.shape, axes)
+    if keepdims:
+        out = B.reshape(out, keep)
+    return Tensor._make(out, B, (a,), lambda g: (_expand(B, g, keep, a.shape),))
+
+
+def mean(a, axis=None, keepdims=False):
+    axes = _axes(axis, a.ndim, "mean")
+    n = math.prod(a.shape[k] for k in axes)
+    return mul(sum(a, axes, keepdims), 1.0 / _builtins.max(n, 1))
+
+
+def max(a, axis=-1, keepdims=False):
+    """Maximum along one axis. On ties, every maximal element receives the gradient."""
+    B = a.backend
+    (ax,) = _axes(axis, a.ndim, "max")
+    out = B.reduce("max", a.data, ax)
+    keep = _keep_shape(a.shape, (ax,))
+
+    def backward(g):
+        mask = B.binary("eq", a.data, B.reshape(out, keep))
+        return (B.binary("mul", mask, _expand(B, g, keep, a.shape)),)
+    return Tensor._make(B.reshape(out, keep) if keepdims else out, B, (a,), backward)
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+
+def reshape(a, *shape):
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"reshape: at most one -1 allowed, got {shape}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if known == 0 or a.size % known:
+            raise ValueError(f"reshape: cannot reshape {_shape_str(a.shape)} into {shape}")
+        shape = tuple(a.size // known if s == -1 else s for s in shape)
+    if math.prod(shape) != a.size:
+        raise ValueError(f"reshape: cannot reshape {_shape_str(a.shape)} ({a.size} elements) into {shape} "
+                         f"({math.prod(shape)} elements)")
+    B = a.backend
+    return Tensor._make(B.reshape(a.data, shape), B, (a,), lambda g: (B.reshape(g, a.shape),))
+
+
+def permute(a, *axes):
+    axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else tuple(axes)
+    if sorted(ax % a.ndim for ax in axes) != list(range(a.ndim)) or len(axes) != a.ndim:
+        raise ValueError(f"permute: {axes} is not a permutation of the {a.ndim} axes of {_shape_str(a.shape)}")
+    axes = tuple(ax % a.ndim for ax in axes)
+    B = a.backend
+    st = contiguous_strides(a.shape)
+    out = B.copy_view(a.data, 0, tuple(a.shape[k] for k in axes), [st[k] for k in axes])
+    inverse = tuple(np.argsort(axes))
+
+    def backward(g):
+        gst = contiguous_strides(g.shape)
+        return (B.copy_view(g, 0, a.shape, [gst[k] for k in inverse]),)
+    return Tensor._make(out, B, (a,), backward)
+
+
+def transpose(a, dim0=-2, dim1=-1):
+    axes = list(range(a.ndim))
+    axes[dim0], axes[dim1] = axes[dim1], axes[dim0]
+    return permute(a, axes)
+
+
+def _view_of_index(shape, index):
+    """(offset, shape, strides) of a[index] for ints, slices with step > 0, Ellipsis and None."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    n_real = len([i for i in index if i is not None and i is not Ellipsis])
+    if n_real > len(shape):
+        raise IndexError(f"too many indices ({n_real}) for a tensor of shape {_shape_str(shape)}")
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(shape) - n_real) + index[k + 1:]
+    index = index + (slice(None),) * (len(shape) - (len(index) - index.count(None)))
+    strides = contiguous_strides(shape)
+    offset, out_shape, out_strides, d = 0, [], [], 0
+    for ix in index:
+        if ix is None:
+            out_shape.append(1)
+            out_strides.append(0)
+            continue
+        size = shape[d]
+        if isinstance(ix, numbers.Integral):
+            if not -size <= ix < size:
+                raise IndexError(f"index {ix} is out of bounds for axis {d} with size {size}")
+            offset += (ix % size) * strides[d]
+        elif isinstance(ix, slice):
+            start, stop, step = ix.indices(size)
+            if step <= 0:
+                raise IndexError(f"slice step must be positive, got {step}")
+            offset += start * strides[d]
+            out_shape.append(_builtins.max(0, math.ceil((stop - start) / step)))
+            out_strides.append(strides[d] * step)
+        else:
+            raise IndexError(f"unsupported index {ix!r}: use ints, slices, ... or None")
+        d += 1
+    return offset, tuple(out_shape), out_strides
+
+
+def getitem(a, index):
+    B = a.backend
+    offset, shape, strides = _view_of_index(a.shape, index)
+    out = B.copy_view(a.data, offset, shape, strides)
+
+    def backward(g):
+        full = B.full(a.shape, 0.0)
+        B.write_view(full, offset, strides, B.reshape(g, shape))
+        return (full,)
+    return Tensor._make(out, B, (a,), backward)
+
+
+def concat(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concat: need at least one tensor")
+    first = tensors[0]
+    ax = axis % first.ndim
+    for t in tensors[1:]:
+        if t.ndim != first.ndim or any(t.shape[k] != first.shape[k] for k in range(first.ndim) if k != ax):
+            raise ValueError(f"concat: shapes {_shape_str(first.shape)} and {_shape_str(t.shape)} differ outside "
+                             f"axis {ax}")
+    B = first.backend
+    shape = list(first.shape)
+    shape[ax] = _builtins.sum(t.shape[ax] for t in tensors)
+    out = B.full(tuple(shape), 0.0, first.dtype)
+    strides = contiguous_strides(shape)
+    offsets, at = [], 0
+    for t in tensors:
+        offsets.append(at * strides[ax])
+        B.write_view(out, at * strides[ax], strides, t.data)
+        at += t.shape[ax]
+
+    def backward(g):
+        return tuple(B.copy_view(g, off, t.shape, strides) for t, off in zip(tensors, offsets))
+    return Tensor._make(out, B, tuple(tensors), backward)
+
+
+def split(a, sizes, axis=0):
+    """Split into pieces of `sizes` (a list) or into equal pieces of size `sizes` (an int) along `axis`."""
+    ax = axis % a.ndim
+    n = a.shape[ax]
+    if isinstance(sizes, numbers.Integral):
+        sizes = [sizes] * (n // sizes) + ([n % sizes] if n % sizes else [])
+    if _builtins.sum(sizes) != n:
+        raise ValueError(f"split: sizes {list(sizes)} do not add up to {n} (axis {ax} of {_shape_str(a.shape)})")
+    out, at = [], 0
+    for s in sizes:
+        index = (slice(None),) * ax + (slice(at, at + s),)
+        out.append(getitem(a, index))
+        at += s
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------------------- matmul
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """a @ b with optional transposed operands. Leading (batch) dims must match, or one side is 2D."""
+    if not isinstance(b, Tensor):
+        b = _lift(b, a)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: operands need at least 2 dimensions, got shapes {_shape_str(a.shape)} "
+                         f"and {_shape_str(b.shape)}")
+    _check_float(a, "matmul")
+    _check_float(b, "matmul")
+    B = a.backend
+    M, Ka = (a.shape[-1], a.shape[-2]) if transpose_a else (a.shape[-2], a.shape[-1])
+    Kb, N = (b.shape[-1], b.shape[-2]) if transpose_b else (b.shape[-2], b.shape[-1])
+    if Ka != Kb:
+        raise ValueError(f"matmul: shapes {_shape_str(a.shape)} and {_shape_str(b.shape)} do not align: "
+                         f"{Ka} != {Kb}")
+    lead_a, lead_b = a.shape[:-2], b.shape[:-2]
+    if lead_a and lead_b and lead_a != lead_b:
+        raise ValueError(f"matmul: batch dimensions {lead_a} and {lead_b} differ (shapes {_shape_str(a.shape)} "
+                         f"and {_shape_str(b.shape)}); they must match or one operand must be 2D")
+    lead = lead_a or lead_b
+    if not lead_b and not transpose_a:  # fold a's batch into its rows: one big GEMM instead of many small ones
+        a3 = B.reshape(a.data, (1, math.prod(lead_a) * M, Ka))
+    else:
+        a3 = B.reshape(a.data, (math.prod(lead_a),) + a.shape[-2:])
+    b3 = B.reshape(b.data, (math.prod(lead_b),) + b.shape[-2:])
+    out = B.reshape(B.matmul(a3, b3, transpose_a, transpose_b), lead + (M, N))
+
+    def backward(g):
+        batch = _builtins.max(a3.shape[0], b3.shape[0])
+        g3 = B.reshape(g, (batch, math.prod(g.shape) // (batch * N), N))
+        ga = gb = None
+        if a.requires_grad:
+            ga = B.matmul(b3, g3, transpose_b, True) if transpose_a else B.matmul(g3, b3, False, not transpose_b)
+            if a3.shape[0] == 1 and ga.shape[0] > 1:
+                ga = B.reduce("sum", ga, 0)
+            ga = B.reshape(ga, a.shape)
+        if b.requires_grad:
+            gb = B.matmul(g3, a3, True, transpose_a) if transpose_b else B.matmul(a3, g3, not transpose_a, False)
+            if b3.shape[0] == 1 and gb.shape[0] > 1:
+                gb = B.reduce("sum", gb, 0)
+            gb = B.reshape(gb, b.shape)
+        return ga, gb
+    return Tensor._make(out, B, (a, b), backward)
+
+# ---------------------------------------------------------------------------------------------------- fused NN ops
+
+
+def _last_axis(axis, x, op):
+    if axis not in (-1, x.ndim - 1):
+        raise ValueError(f"{op}: only the last axis is supported, got axis={axis} for shape {_shape_str(x.shape)}")
+
+
+def softmax(x, axis=-1, scale=1.0, causal=False):
+    """softmax(scale * x) over the last axis; `causal` masks column j > row i of the last two dims."""
+    _last_axis(axis, x, "softmax")
+    if causal and (x.ndim < 2 or x.shape[-1] != x.shape[-2]):
+        raise ValueError(f"softmax: causal masking needs square trailing dims (T, T), got {_shape_str(x.shape)}")
+    B = x.backend
+    out = B.softmax(x.data, scale, causal)
+    return Tensor._make(out, B, (x,), lambda g: (B.softmax_bwd(out, g, scale),))
+
+
+def log_softmax(x, axis=-1):
+    _last_axis(axis, x, "log_softmax")
+    B = x.backend
+    out = B.log_softmax(x.data)
+    return Tensor._make(out, B, (x,), lambda g: (B.log_softmax_bwd(out, g),))
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm over the last axis (fused forward and backward)."""
+    C = x.shape[-1]
+    if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
+        raise ValueError(f"layer_norm: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
+                         f"{_shape_str(weight.shape)}" + (f" and {_shape_str(bias.shape)}" if bias is not None else ""))
+    B = x.backend
+    bias_data = bias.data if bias is not None else B.full((C,), 0.0)
+    y, mean, rstd = B.layernorm(x.data, weight.data, bias_data, eps)
+
+    def backward(g):
+        dx, dw, db = B.layernorm_bwd(x.data, weight.data, mean, rstd, g)
+        return dx, dw, db
+    parents = (x, weight) + ((bias,) if bias is not None else ())
+    return Tensor._make(y, B, parents, backward)
+
+
+def _index_tensor(idx, like, limit, what):
+    """Upload host indices (checking their range) or pass a device int32 tensor through."""
+    if isinstance(idx, Tensor):
+        if idx.dtype != "int32":
+            raise ValueError(f"{what}: indices must be int32, got {idx.dtype}")
+        return idx
+    arr = np.asarray(idx)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{what}: indices must be integers, got dtype {arr.dtype}")
+    return tensor(arr.astype(np.int32), backend=like.backend)
+
+
+def embedding(idx, weight):
+    """weight[idx]: (V, C) table, integer idx of any shape -> idx.shape + (C,)."""
+    V = weight.shape[0]
+    if not isinstance(idx, Tensor):
+        arr = np.asarray(idx)
+        if arr.size and (arr.min() < 0 or arr.max() >= V):
+            raise ValueError(f"embedding: index out of range [0, {V}): min {arr.min()}, max {arr.max()}")
+    idx = _index_tensor(idx, weight, V, "embedding")
+    B = weight.backend
+    out = B.embedding(weight.data, idx.data)
+    return Tensor._make(out, B, (weight,), lambda g: (B.embedding_bwd(idx.data, g, V),))
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy of logits (..., V) against integer targets (...), skipping ignore_index."""
+    V = logits.shape[-1]
+    tshape = targets.shape if isinstance(targets, Tensor) else np.shape(targets)
+    if tuple(tshape) != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {_shape_str(tshape)} do not match logits "
+                         f"{_shape_str(logits.shape)} (expected {_shape_str(logits.shape[:-1])})")
+    if not isinstance(targets, Tensor):
+        arr = np.asarray(targets)
+        bad = (arr != ignore_index) & ((arr < 0) | (arr >= V))
+        if bad.any():
+            raise ValueError(f"cross_entropy: target {arr[bad].reshape(-1)[0]} out of range [0, {V}) "
+                             f"(ignore_index={ignore_index})")
+    t = _index_tensor(targets, logits, V, "cross_entropy")
+    B = logits.backend
+    x2 = B.reshape(logits.data, (math.prod(logits.shape[:-1]), V))
+    t1 = B.reshape(t.data, (math.prod(logits.shape[:-1]),))
+    loss, saved = B.cross_entropy(x2, t1, ignore_index)
+
+    def backward(g):
+        return (B.reshape(B.cross_entropy_bwd(x2, t1, saved, g, ignore_index), logits.shape),)
+    return Tensor._make(loss, B, (logits,), backward)
+
+
+def dropout(x, p=0.1, training=True, seed=None):
+    """Zero each element with probability p and scale the rest by 1/(1-p). The mask comes from a counter-based
+    RNG keyed by `seed` (drawn from lab.manual_seed's generator if None), so backward re-derives it."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    if seed is None:
+        seed = _random.next_seed()
+    B = x.backend
+    return Tensor._make(B.dropout(x.data, p, seed), B, (x,), lambda g: (B.dropout(g, p, seed),))
+
+
+def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0, training=True, return_weights=False):
+    """softmax(q k^T / sqrt(D), causal mask) v for q, k, v of shape (B, H, T, D).
+
+    The scale and the mask are fused into the softmax kernel. With return_weights=True also returns the
+    attention weights (B, H, T, T) before dropout, as heatmaps show them."""
+    if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
+        raise ValueError(f"attention: q, k, v must share one shape (B, H, T, D), got {_shape_str(q.shape)}, "
+                         f"{_shape_str(k.shape)}, {_shape_str(v.shape)}")
+    scores = matmul(q, k, transpose_b=True)                               # (B, H, T, T)
+    att = softmax(scores, scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
+    y = matmul(dropout(att, dropout_p, training), v)                      # (B, H, T, D)
+    return (y, att) if return_weights else y
+
+# ---------------------------------------------------------------------------------------------------- Tensor methods
+
+
+def _install():
+    T = Tensor
+    T.__add__ = add
+    T.__radd__ = lambda a, b: add(a, b)
+    T.__sub__ = sub
+    T.__rsub__ = lambda a, b: rsub(a, b) if isinstance(b, numbers.Number) else sub(_lift(b, a), a)
+    T.__mul__ = mul
+    T.__rmul__ = lambda a, b: mul(a, b)
+    T.__truediv__ = div
+    T.__rtruediv__ = lambda a, b: rdiv(a, b) if isinstance(b, numbers.Number) else div(_lift(b, a), a)
+    T.__neg__ = neg
+    T.__pow__ = pow
+    T.__matmul__ = lambda a, b: matmul(a, b)
+    T.__rmatmul__ = lambda a, b: matmul(_lift(b, a), a)
+    T.__getitem__ = getitem
+    for name in ("exp", "log", "sqrt", "tanh", "relu", "gelu", "sum", "mean", "max", "reshape", "permute",
+                 "transpose", "softmax", "log_softmax", "matmul", "maximum"):
+        setattr(T, name, globals()[name])
+    T.view = reshape
+    T.T = property(lambda a: transpose(a, -2, -1))
+
+
+_install()

@@ -1,0 +1,179 @@
+"""Tensor and reverse-mode autograd.
+
+A Tensor wraps one backend array. Ops (lab/engine/ops.py) build new tensors with `Tensor._make`, recording
+their parents and a backward closure; `backward()` walks that graph in reverse topological order.
+"""
+import contextlib
+import math
+import threading
+
+import numpy as np
+
+from .backend import backend_instance, get_backend, np_dtype
+
+_grad_state = threading.local()
+
+
+def is_grad_enabled():
+    return getattr(_grad_state, "enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within this context, ops record no graph (inference, optimizer updates)."""
+    prev = is_grad_enabled()
+    _grad_state.enabled = False
+    try:
+        yield
+    finally:
+        _grad_state.enabled = prev
+
+
+class Tensor:
+    __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "name", "__weakref__")
+    __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
+
+    def __init__(self, data, backend, requires_grad=False, name=None):
+        self.data = data
+        self.backend = backend
+        self.requires_grad = requires_grad
+        self.grad = None
+        self._parents = ()
+        self._backward = None
+        self.name = name
+
+    @classmethod
+    def _make(cls, data, backend, parents, backward):
+        """The result of an op. Records the graph only when a parent needs gradients and grad is enabled."""
+        out = cls(data, backend)
+        if is_grad_enabled() and any(p.requires_grad for p in parents):
+            out.requires_grad = True
+            out._parents = parents
+            out._backward = backward
+        return out
+
+    # -- properties --
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def ndim(self):
+        return len(self.data.shape)
+
+    @property
+    def size(self):
+        return math.prod(self.data.shape)
+
+    @property
+    def dtype(self):
+        return str(self.data.dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, backend={self.backend.name}{grad})"
+
+    # -- host transfer (sync points) --
+    def numpy(self):
+        return self.backend.to_numpy(self.data)
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.numpy().reshape(-1)[0].item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self):
+        return Tensor(self.data, self.backend)
+
+    def requires_grad_(self, flag=True):
+        self.requires_grad = flag
+        return self
+
+    def to(self, backend):
+        """This tensor's values on another backend ('numpy', 'wgpu', or a Backend)."""
+        target = backend_instance(backend)
+        if target is self.backend:
+            return self
+        return Tensor(target.from_numpy(self.numpy()), target, requires_grad=self.requires_grad)
+
+    # -- autograd --
+    def backward(self, grad=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) into every leaf's .grad. `grad` defaults to 1 for a one-element tensor."""
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad (no input had requires_grad=True)")
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a one-element tensor, got shape {self.shape}")
+            grad = self.backend.full(self.shape, 1.0)
+        elif isinstance(grad, Tensor):
+            grad = grad.data
+        topo, seen = [], set()
+        stack = [(self, False)]
+        while stack:  # iterative DFS: deep graphs (many layers, long sequences) must not hit the recursion limit
+            node, done = stack.pop()
+            if done:
+                topo.append(node)
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.append((node, True))
+            for p in node._parents:
+                if p.requires_grad and id(p) not in seen:
+                    stack.append((p, False))
+        grads = {id(self): grad}
+        B = self.backend
+        for node in reversed(topo):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._backward is None:  # a leaf
+                node.grad = Tensor(g, B) if node.grad is None else Tensor(B.binary("add", node.grad.data, g), B)
+                continue
+            parent_grads = node._backward(g)
+            for p, pg in zip(node._parents, parent_grads):
+                if pg is None or not p.requires_grad:
+                    continue
+                prev = grads.get(id(p))
+                grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
+            if not retain_graph:
+                node._backward, node._parents = None, ()
+                node.requires_grad = False
+
+
+def tensor(data, requires_grad=False, dtype=None, backend=None):
+    """A tensor from array-like data. Floats become float32 and integers int32 unless `dtype` says otherwise."""
+    if isinstance(data, Tensor):
+        data = data.numpy()
+    arr = np.asarray(data)
+    if dtype is None:
+        if arr.dtype.kind in "iub":
+            dtype = "int32"
+        elif arr.dtype.kind == "f":
+            dtype = "float32"
+        else:
+            raise ValueError(f"cannot make a tensor from dtype {arr.dtype}: expected numbers")
+    b = backend_instance(backend) if backend is not None else get_backend()
+    if dtype == "float64" and b.name != "numpy":
+        raise ValueError("float64 tensors exist on the numpy backend only (WGSL has no portable f64)")
+    if requires_grad and dtype == "int32":
+        raise ValueError("only floating-point tensors can require gradients")
+    return Tensor(b.from_numpy(arr.astype(np_dtype(dtype), copy=False)), b, requires_grad=requires_grad)
+
+
+def zeros(*shape, requires_grad=False, dtype="float32"):
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    b = get_backend()
+    return Tensor(b.full(tuple(shape), 0, dtype), b, requires_grad=requires_grad)
+
+
+def ones(*shape, requires_grad=False, dtype="float32"):
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    b = get_backend()
+    return Tensor(b.full(tuple(shape), 1, dtype), b, requires_grad=requires_grad)

@@ -1,0 +1,469 @@
+"""The wgpu backend: WGSL kernels on a WebGPU device (a real GPU, or lavapipe on CPU-only machines).
+
+Execution model: every primitive records a dispatch into one open compute pass; nothing is submitted until a
+sync point (to_numpy, sync) or until the params arena fills. Small per-dispatch parameters (sizes, strides,
+hyperparameters) are appended to a host-side arena that is uploaded once per submit. Pipelines are cached per
+(kernel file, entry point, specialization); bind groups are cached per exact binding set; buffers are pooled.
+
+Buffer reuse rule: a buffer released while commands are still being recorded may be referenced by those
+commands, so it only returns to the pool after the next submit. A pooled buffer is therefore never referenced
+by unsubmitted work, which makes queue.write_buffer into it (uploads) safe at any time.
+"""
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from .backend import MAXDIM, Backend, broadcast_strides, contiguous_strides
+from .kernels import specialize
+
+_ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+_FEATURES_WANTED = ("shader-f16", "timestamp-query", "subgroup")
+_LIMITS_WANTED = (
+    "max-buffer-size", "max-storage-buffer-binding-size", "max-storage-buffers-per-shader-stage",
+    "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
+    "max-compute-workgroup-size-x", "max-compute-workgroup-size-y", "max-compute-workgroup-size-z",
+    "max-compute-workgroups-per-dimension", "max-bindings-per-bind-group",
+)
+WG = 256
+ARENA_BYTES = 1 << 20
+INSTALL_HINT = ("no WebGPU adapter found. On a CPU-only Debian/Ubuntu machine install Mesa's software Vulkan "
+                "driver: `apt-get install mesa-vulkan-drivers` (as root); on a GPU machine install the vendor's "
+                "Vulkan driver. Or use the numpy backend: LAB_BACKEND=numpy / lab.set_backend('numpy').")
+
+
+def _import_wgpu():
+    # Mesa's WSI layers complain on stderr when XDG_RUNTIME_DIR is unset, although compute never needs it.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        d = os.path.join(tempfile.gettempdir(), f"lab-xdg-{os.getuid()}")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = d
+    import wgpu
+    return wgpu
+
+
+def list_adapters():
+    """Every adapter wgpu can see, best first (discrete GPU, integrated, virtual, CPU)."""
+    wgpu = _import_wgpu()
+    infos = []
+    for adapter in wgpu.gpu.enumerate_adapters_sync():
+        info = dict(adapter.info)
+        info["_adapter"] = adapter
+        infos.append(info)
+    infos.sort(key=lambda i: _ADAPTER_RANK.get(i.get("adapter_type"), 4))
+    return infos
+
+
+def _u32(x):
+    return int(x) & 0xFFFFFFFF
+
+
+def _f32bits(x):
+    return int(np.array([x], dtype=np.float32).view(np.uint32)[0])
+
+
+def _grid(n_groups):
+    """Split a 1D count of workgroups into a 2D grid that respects the 65535-per-dimension limit."""
+    if n_groups <= 65535:
+        return (max(n_groups, 1), 1, 1)
+    y = math.ceil(n_groups / 65535)
+    return (math.ceil(n_groups / y), y, 1)
+
+
+class _Storage:
+    """One GPU buffer owned by one or more arrays (reshape views share it); returns to the pool when freed."""
+    __slots__ = ("buffer", "nbytes", "backend", "__weakref__")
+
+    def __init__(self, buffer, nbytes, backend):
+        self.buffer, self.nbytes, self.backend = buffer, nbytes, backend
+
+    def __del__(self):
+        try:
+            self.backend._release(self.buffer, self.nbytes)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class GPUArray:
+    __slots__ = ("storage", "shape", "dtype")
+
+    def __init__(self, storage, shape, dtype):
+        self.storage, self.shape, self.dtype = storage, tuple(shape), dtype
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def buffer(self):
+        return self.storage.buffer
+
+    def __repr__(self):
+        return f"GPUArray(shape={self.shape}, dtype={self.dtype})"
+
+
+class WgpuBackend(Backend):
+    name = "wgpu"
+    _instance = None
+
+    @classmethod
+    def instance(cls):
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        wgpu = _import_wgpu()
+        self.wgpu = wgpu
+        adapters = list_adapters()
+        if not adapters:
+            raise RuntimeError("lab: " + INSTALL_HINT)
+        chosen = adapters[0]
+        adapter = chosen.pop("_adapter")
+        features = [f for f in _FEATURES_WANTED if f in adapter.features]
+        limits = {k: adapter.limits[k] for k in _LIMITS_WANTED if k in adapter.limits}
+        self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        self.queue = self.device.queue
+        self.limits = dict(self.device.limits)
+        self.features = sorted(str(f) for f in self.device.features)
+        self.device_info = {
+            "device": chosen.get("device", ""), "vendor": chosen.get("vendor", ""),
+            "adapter_type": chosen.get("adapter_type", ""), "backend_type": chosen.get("backend_type", ""),
+            "description": chosen.get("description", ""),
+            "features": [f for f in _FEATURES_WANTED if f in self.features],
+            "limits": {k: self.limits.get(k) for k in _LIMITS_WANTED},
+        }
+        self.max_binding = self.limits["max-storage-buffer-binding-size"]
+        self.max_buffer = self.limits["max-buffer-size"]
+        self.align = max(256, self.limits.get("min-storage-buffer-offset-alignment", 256))
+        self._usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+        self._pool = {}            # rounded size -> [buffers]
+        self._pending_free = []    # released during recording; pooled after the next submit
+        self._pipelines = {}
+        self._bind_groups = {}
+        self._arena = self.device.create_buffer(size=ARENA_BYTES, usage=self._usage)
+        self._arena_host = bytearray(ARENA_BYTES)
+        self._arena_used = 0
+        self._encoder = None
+        self._pass = None
+        self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
+                           bind_group_hits=0, bind_group_misses=0,
+                           bytes_in_use=0, peak_bytes_in_use=0, bytes_reserved=0)
+
+    # ------------------------------------------------------------------ memory
+    def _alloc(self, shape, dtype):
+        nbytes = max(4, math.prod(shape) * 4)
+        if nbytes > self.max_binding:
+            raise ValueError(
+                f"tensor of shape {tuple(shape)} needs {nbytes} bytes, more than this device's "
+                f"max-storage-buffer-binding-size of {self.max_binding} bytes ({self.device_info['device']})")
+        size = (nbytes + 255) // 256 * 256
+        free = self._pool.get(size)
+        if free:
+            buffer = free.pop()
+        else:
+            buffer = self.device.create_buffer(size=size, usage=self._usage)
+            self._stats["bytes_reserved"] += size
+        s = self._stats
+        s["bytes_in_use"] += size
+        s["peak_bytes_in_use"] = max(s["peak_bytes_in_use"], s["bytes_in_use"])
+        return GPUArray(_Storage(buffer, size, self), shape, dtype)
+
+    def _release(self, buffer, size):
+        self._stats["bytes_in_use"] -= size
+        if self._encoder is not None:
+            self._pending_free.append((size, buffer))
+        else:
+            self._pool.setdefault(size, []).append(buffer)
+
+    def empty_cache(self):
+        """Destroy pooled buffers (memory held for reuse) and cached bind groups."""
+        self.sync()
+        self._bind_groups.clear()
+        for size, buffers in self._pool.items():
+            for b in buffers:
+                b.destroy()
+                self._stats["bytes_reserved"] -= size
+        self._pool.clear()
+
+    def from_numpy(self, x):
+        x = np.ascontiguousarray(x)
+        dtype = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32"}.get(x.dtype)
+        if dtype is None:
+            raise ValueError(f"wgpu backend stores float32 and int32 tensors, got dtype {x.dtype}")
+        a = self._alloc(x.shape, dtype)
+        if x.size:
+            self.queue.write_buffer(a.buffer, 0, x)
+            self._stats["uploads"] += 1
+        return a
+
+    def to_numpy(self, a):
+        self.sync()
+        dt = np.float32 if a.dtype == "float32" else np.int32
+        if a.size == 0:
+            return np.zeros(a.shape, dtype=dt)
+        data = self.queue.read_buffer(a.buffer, 0, a.size * 4)
+        self._stats["readbacks"] += 1
+        return np.frombuffer(data, dtype=dt).reshape(a.shape).copy()
+
+    def full(self, shape, value, dtype="float32"):
+        a = self._alloc(shape, dtype)
+        bits = _f32bits(value) if dtype == "float32" else _u32(value)
+        self._dispatch("copy", "fill_main", [a.size, bits], [None, a], _grid(math.ceil(a.size / WG)), a.size)
+        return a
+
+    def reshape(self, a, shape):
+        return GPUArray(a.storage, shape, a.dtype)
+
+    # ------------------------------------------------------------------ recording
+    def _pipeline(self, kernel, entry, subs):
+        key = (kernel, entry, subs)
+        p = self._pipelines.get(key)
+        if p is None:
+            module = self.device.create_shader_module(code=specialize(kernel, **dict(subs)), label=kernel)
+            p = self.device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": entry},
+                                                    label=f"{kernel}:{entry}")
+            self._pipelines[key] = p
+            self._stats["pipelines"] += 1
+        return p
+
+    def _dispatch(self, kernel, entry, params, bindings, grid, work=1, subs=()):
+        """Record one dispatch. bindings[i] is bound at @binding(i + 1); None skips a binding number."""
+        if work == 0:
+            return
+        params = np.asarray([_u32(v) for v in params], dtype=np.uint32).tobytes()
+        if self._arena_used + len(params) > ARENA_BYTES:
+            self.sync()
+        offset = self._arena_used
+        self._arena_host[offset:offset + len(params)] = params
+        self._arena_used = offset + (len(params) + self.align - 1) // self.align * self.align
+        pipeline = self._pipeline(kernel, entry, subs)
+        key = (id(pipeline), offset, len(params)) + tuple(id(a.storage.buffer) if a is not None else 0 for a in bindings)
+        bg = self._bind_groups.get(key)
+        if bg is None:
+            entries = [{"binding": 0, "resource": {"buffer": self._arena, "offset": offset, "size": len(params)}}]
+            for i, a in enumerate(bindings):
+                if a is not None:
+                    entries.append({"binding": i + 1, "resource": {"buffer": a.buffer, "offset": 0,
+                                                                   "size": a.storage.nbytes}})
+            bg = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+            if len(self._bind_groups) > 8192:
+                self._bind_groups.clear()
+            # The cached entry keeps its buffers alive, so their ids cannot be reused by new buffers.
+            self._bind_groups[key] = (bg, [a.storage.buffer for a in bindings if a is not None])
+            self._stats["bind_group_misses"] += 1
+        else:
+            bg = bg[0]
+            self._stats["bind_group_hits"] += 1
+        if self._encoder is None:
+            self._encoder = self.device.create_command_encoder()
+            self._pass = self._encoder.begin_compute_pass()
+        self._pass.set_pipeline(pipeline)
+        self._pass.set_bind_group(0, bg)
+        self._pass.dispatch_workgroups(*grid)
+        self._stats["dispatches"] += 1
+
+    def sync(self):
+        """Submit everything recorded so far."""
+        if self._encoder is None:
+            return
+        self._pass.end()
+        self.queue.write_buffer(self._arena, 0, self._arena_host, 0, self._arena_used)
+        self.queue.submit([self._encoder.finish()])
+        self._encoder = self._pass = None
+        self._arena_used = 0
+        self._stats["submits"] += 1
+        for size, buffer in self._pending_free:
+            self._pool.setdefault(size, []).append(buffer)
+        self._pending_free.clear()
+
+    def stats(self):
+        return dict(self._stats)
+
+    # ------------------------------------------------------------------ elementwise
+    def _flat(self, kernel, entry, params, bindings, n, subs=()):
+        self._dispatch(kernel, entry, params, bindings, _grid(math.ceil(n / WG)), n, subs)
+
+    _SUBS_DEFAULT = (("UNARY", "u_neg"), ("SCALAR", "s_add"), ("BINARY", "b_add"))
+
+    def _ew_subs(self, key, fn):
+        return tuple((k, fn if k == key else v) for k, v in self._SUBS_DEFAULT)
+
+    def unary(self, op, a):
+        out = self._alloc(a.shape, "float32")
+        self._flat("elementwise", "unary_main", [a.size], [a, None, out], a.size, self._ew_subs("UNARY", "u_" + op))
+        return out
+
+    def scalar(self, op, a, c):
+        out = self._alloc(a.shape, "float32")
+        self._flat("elementwise", "scalar_main", [a.size, _f32bits(c)], [a, None, out], a.size,
+                   self._ew_subs("SCALAR", "s_" + op))
+        return out
+
+    def binary(self, op, a, b):
+        shape = tuple(np.broadcast_shapes(a.shape, b.shape))
+        out = self._alloc(shape, "float32")
+        if a.shape == b.shape:  # the common case: one flat dimension
+            dims, sa, sb = [out.size], [1], [1]
+        else:
+            dims, sa, sb = list(shape), broadcast_strides(a.shape, shape), broadcast_strides(b.shape, shape)
+            if len(dims) > MAXDIM:
+                raise ValueError(f"broadcasting supports at most {MAXDIM} dimensions, got shape {shape}")
+        pad = [0] * (MAXDIM - len(dims))
+        params = [out.size, len(dims)] + dims + pad + sa + pad + sb + pad
+        self._flat("elementwise", "binary_main", params, [a, b, out], out.size, self._ew_subs("BINARY", "b_" + op))
+        return out
+
+    # ------------------------------------------------------------------ reductions and data movement
+    _REDUCE = {"sum": ("r_add", "m_id", "0.0"), "max": ("r_max", "m_id", "-3.4e38"),
+               "sumsq": ("r_add", "m_square", "0.0")}
+
+    def _reduce_into(self, op, a, axis, out, out_offset):
+        outer, n, inner = math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1:])
+        combine, fmap, ident = self._REDUCE[op]
+        self._dispatch("reduce", "main", [outer, n, inner, out_offset], [a, out], _grid(outer * inner),
+                       outer * inner, (("COMBINE", combine), ("MAP", fmap), ("IDENTITY", ident)))
+
+    def reduce(self, op, a, axis):
+        out = self._alloc(a.shape[:axis] + a.shape[axis + 1:], "float32")
+        self._reduce_into(op, a, axis, out, 0)
+        return out
+
+    def _copy(self, src, src_off, src_strides, dst, dst_off, dst_strides, shape):
+        if len(shape) > MAXDIM:
+            raise ValueError(f"strided copy supports at most {MAXDIM} dimensions, got shape {tuple(shape)}")
+        pad = [0] * (MAXDIM - len(shape))
+        n = math.prod(shape)
+        params = [n, len(shape), src_off, dst_off] + list(shape) + pad + list(src_strides) + pad + list(dst_strides) + pad
+        self._flat("copy", "copy_main", params, [src, dst], n)
+
+    def copy_view(self, a, offset, shape, strides):
+        out = self._alloc(shape, a.dtype)
+        self._copy(a, offset, strides, out, 0, contiguous_strides(shape), shape)
+        return out
+
+    def write_view(self, dst, offset, strides, src):
+        self._copy(src, 0, contiguous_strides(src.shape), dst, offset, strides, src.shape)
+
+    # ------------------------------------------------------------------ fused
+    def matmul(self, a, b, trans_a=False, trans_b=False):
+        ba, bb = a.shape[0], b.shape[0]
+        M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
+        N = b.shape[1] if trans_b else b.shape[2]
+        batch = max(ba, bb)
+        out = self._alloc((batch, M, N), "float32")
+        params = [M, N, K, M * K if ba > 1 else 0, K * N if bb > 1 else 0, M * N]
+        subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))
+        if K == 0:
+            self._flat("copy", "fill_main", [out.size, 0], [None, out], out.size)
+            return out
+        self._dispatch("matmul", "main", params, [a, b, out], (math.ceil(N / 64), math.ceil(M / 64), batch),
+                       out.size, subs)
+        return out
+
+    def _rows(self, shape):
+        return math.prod(shape[:-1]), shape[-1]
+
+    def softmax(self, a, scale=1.0, causal=False):
+        rows, n = self._rows(a.shape)
+        out = self._alloc(a.shape, "float32")
+        T = a.shape[-2] if causal else 1
+        self._dispatch("softmax", "softmax_main", [rows, n, T, _f32bits(scale), int(causal)], [a, None, out],
+                       _grid(rows), rows * n)
+        return out
+
+    def softmax_bwd(self, y, g, scale=1.0):
+        rows, n = self._rows(y.shape)
+        out = self._alloc(y.shape, "float32")
+        self._dispatch("softmax", "softmax_bwd_main", [rows, n, 1, _f32bits(scale), 0], [y, g, out], _grid(rows),
+                       rows * n)
+        return out
+
+    def log_softmax(self, a):
+        rows, n = self._rows(a.shape)
+        out = self._alloc(a.shape, "float32")
+        self._dispatch("softmax", "log_softmax_main", [rows, n, 1, 0, 0], [a, None, out], _grid(rows), rows * n)
+        return out
+
+    def log_softmax_bwd(self, y, g):
+        rows, n = self._rows(y.shape)
+        out = self._alloc(y.shape, "float32")
+        self._dispatch("softmax", "log_softmax_bwd_main", [rows, n, 1, 0, 0], [y, g, out], _grid(rows), rows * n)
+        return out
+
+    def layernorm(self, x, w, b, eps):
+        rows, n = self._rows(x.shape)
+        y = self._alloc(x.shape, "float32")
+        mean = self._alloc(x.shape[:-1], "float32")
+        rstd = self._alloc(x.shape[:-1], "float32")
+        self._dispatch("layernorm", "forward_main", [rows, n, _f32bits(eps)], [x, w, b, y, mean, rstd], _grid(rows),
+                       rows * n)
+        return y, mean, rstd
+
+    def layernorm_bwd(self, x, w, mean, rstd, g):
+        rows, n = self._rows(x.shape)
+        dx = self._alloc(x.shape, "float32")
+        dw = self._alloc((n,), "float32")
+        db = self._alloc((n,), "float32")
+        self._dispatch("layernorm_backward", "backward_x_main", [rows, n], [x, w, mean, rstd, g, dx], _grid(rows),
+                       rows * n)
+        self._dispatch("layernorm_backward", "backward_wb_main", [rows, n], [x, None, mean, rstd, g, dw, db],
+                       (math.ceil(n / 64), 1, 1), n)
+        return dx, dw, db
+
+    def embedding(self, w, idx):
+        V, C = w.shape
+        N = idx.size
+        out = self._alloc(idx.shape + (C,), "float32")
+        self._flat("embedding", "forward_main", [N, C, V], [idx, w, out], N * C)
+        return out
+
+    def embedding_bwd(self, idx, g, num_embeddings):
+        C = g.shape[-1]
+        dw = self._alloc((num_embeddings, C), "float32")
+        self._dispatch("embedding", "backward_main", [idx.size, C, num_embeddings], [idx, g, dw],
+                       (math.ceil(C / 64), 1, 1), C)
+        return dw
+
+    def cross_entropy(self, logits, targets, ignore_index):
+        rows, V = logits.shape
+        lse = self._alloc((rows,), "float32")
+        loss_rows = self._alloc((rows,), "float32")
+        valid = self._alloc((rows,), "float32")
+        loss = self._alloc((), "float32")
+        count = self._alloc((1,), "float32")
+        params = [rows, V, ignore_index]
+        self._dispatch("cross_entropy", "rows_main", params, [logits, targets, lse, loss_rows, valid], _grid(rows),
+                       rows)
+        self._dispatch("cross_entropy_reduce", "mean_main", params, [None, None, None, loss_rows, valid, loss, count],
+                       (1, 1, 1))
+        return loss, (lse, valid, count)
+
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index):
+        lse, valid, count = saved
+        rows, V = logits.shape
+        dx = self._alloc(logits.shape, "float32")
+        self._flat("cross_entropy_reduce", "backward_main", [rows, V, ignore_index],
+                   [logits, targets, lse, None, valid, dx, count, g], rows * V)
+        return dx
+
+    def dropout(self, x, p, seed):
+        out = self._alloc(x.shape, "float32")
+        self._flat("dropout", "main", [x.size, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))], [x, out], x.size)
+        return out
+
+    # ------------------------------------------------------------------ optimizers (in place)
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step):
+        params = [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step)]
+        self._flat("optim", "adamw_main", params, [p, g, m, v], p.size)
+
+    def sgd_(self, p, g, buf, lr, momentum, wd):
+        params = [p.size] + [_f32bits(x) for x in (lr, momentum, wd)]
+        self._flat("optim", "sgd_main", params, [p, g, buf], p.size)
+
+    def sumsq_into(self, a, out, slot):
+        self._reduce_into("sumsq", self.reshape(a, (a.size,)), 0, out, slot)
+
+    def clip_(self, g, normsq, max_norm):
+        self._flat("optim", "clip_main", [g.size, _f32bits(max_norm)], [g, normsq], g.size)
