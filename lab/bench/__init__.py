@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m lab bench kernels` (more suites arrive with later issues)."""

@@ -1,0 +1,122 @@
+"""Kernel benchmark: matmul GFLOP/s and elementwise / layernorm GB/s on a lab backend, side by side with numpy
+(and PyTorch when importable) in the same run, reported as ratios.
+
+GPU timing: `reps` launches are recorded and submitted together, then one small readback waits for them all;
+the submit + readback latency is amortized over the reps. The first call of each op (pipeline compile, buffer
+creation) is excluded as warm-up.
+"""
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..engine import ops as F
+from ..engine.backend import backend_instance
+from ..engine.tensor import no_grad, tensor
+
+MATMUL_SIZES = (256, 512, 1024, 2048, 4096)
+
+
+def _timeit(run, finish, budget_s=0.5, max_reps=50):
+    """Seconds per call of run(): one warm-up, one timed probe, then as many reps as fit in budget_s."""
+    run()
+    finish()
+    t = time.perf_counter()
+    run()
+    finish()
+    probe = time.perf_counter() - t
+    reps = int(max(1, min(max_reps, budget_s / max(probe, 1e-9))))
+    if reps == 1:
+        return probe
+    t = time.perf_counter()
+    for _ in range(reps):
+        run()
+    finish()
+    return (time.perf_counter() - t) / reps
+
+
+def _lab_timer(backend, fn, *arrays):
+    ts = [tensor(a, backend=backend) for a in arrays]
+    box = {}
+
+    def run():
+        with no_grad():
+            box["out"] = fn(*ts)
+
+    def finish():
+        out = box["out"]
+        backend.sync()
+        if backend.name == "wgpu":  # a 4-byte readback waits until every submitted dispatch has finished
+            backend.queue.read_buffer(out.data.buffer, 0, 4)
+    return run, finish
+
+
+def _torch_timer(fn_name, arrays):
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 against fp32
+    ts = [torch.from_numpy(a).to(dev) for a in arrays]
+    fns = {
+        "matmul": lambda a, b: a @ b,
+        "add": lambda a, b: a + b,
+        "layernorm": lambda x, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b),
+    }
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    return (lambda: fns[fn_name](*ts)), sync, dev
+
+
+def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, print_fn=print):
+    backend = backend_instance(backend_name)
+    numpy_b = backend_instance("numpy")
+    rng = np.random.default_rng(0)
+    rows = []
+    torch_dev = None
+
+    def measure(label, fn_lab, fn_name, arrays, work, unit):
+        nonlocal torch_dev
+        t_lab = _timeit(*_lab_timer(backend, fn_lab, *arrays), budget_s=budget_s)
+        t_np = _timeit(*_lab_timer(numpy_b, fn_lab, *arrays), budget_s=budget_s)
+        row = {"op": label, "unit": unit, "lab": work / t_lab / 1e9, "numpy": work / t_np / 1e9}
+        tt = _torch_timer(fn_name, arrays)
+        if tt[0] is not None:
+            torch_run, torch_sync, torch_dev = tt
+            t_torch = _timeit(torch_run, torch_sync, budget_s=budget_s)
+            row["torch"] = work / t_torch / 1e9
+        row["lab/numpy"] = row["lab"] / row["numpy"]
+        if "torch" in row:
+            row["lab/torch"] = row["lab"] / row["torch"]
+        rows.append(row)
+        line = f"{label:<22} {unit:<7} lab {row['lab']:>10.1f}   numpy {row['numpy']:>9.1f} ({row['lab/numpy']:>6.2f}x)"
+        if "torch" in row:
+            line += f"   torch-{torch_dev} {row['torch']:>10.1f} ({row['lab/torch']:>5.2f}x)"
+        print_fn(line)
+
+    info = {"backend": backend.name}
+    if backend.name == "wgpu":
+        info["device"] = backend.device_info["device"]
+    print_fn(f"kernel benchmark: lab backend {backend.name}"
+             + (f" on {info['device']}" if "device" in info else "") + f"; host {platform.processor() or platform.machine()}")
+    for n in sizes:
+        a = rng.standard_normal((n, n)).astype(np.float32)
+        b = rng.standard_normal((n, n)).astype(np.float32)
+        measure(f"matmul {n}x{n}x{n}", lambda x, y: x @ y, "matmul", [a, b], 2.0 * n ** 3, "GFLOP/s")
+    n = 1 << 22
+    a = rng.standard_normal(n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    measure(f"add {n} floats", lambda x, y: x + y, "add", [a, b], 3 * 4 * n, "GB/s")
+    x = rng.standard_normal((16384, 384)).astype(np.float32)
+    w = rng.standard_normal(384).astype(np.float32)
+    bias = rng.standard_normal(384).astype(np.float32)
+    measure("layernorm 16384x384", lambda x, w, b: F.layer_norm(x, w, b), "layernorm", [x, w, bias],
+            2 * 4 * x.size, "GB/s")
+    result = {"suite": "kernels", **info, "torch_device": torch_dev, "rows": rows}
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(result, indent=2))
+        print_fn(f"wrote {out_path}")
+    return result

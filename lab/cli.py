@@ -1,0 +1,110 @@
+"""The command line: python -m lab {train, selftest, bench, info} ... (--help on each)."""
+import argparse
+import json
+import sys
+
+
+def _train(args):
+    import lab
+    from lab.data import CharTokenizer, load_corpus, train_val_split
+    from lab.models import PRESETS, TransformerConfig, TransformerLM
+    from lab.train import TrainConfig, Trainer
+    from dataclasses import replace
+
+    if args.backend:
+        lab.set_backend(args.backend)
+    lab.manual_seed(args.seed)
+    text = load_corpus(args.corpus)
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    train_ids, val_ids = train_val_split(ids)
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+    mcfg: TransformerConfig = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
+    model = TransformerLM(mcfg)
+    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                       warmup_steps=min(50, args.steps // 10 + 1))
+    print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
+          f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
+          f"{len(ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
+    trainer = Trainer(model, train_ids, val_ids, tcfg)
+    history = trainer.run(progress=not args.no_progress)
+    final = trainer.evaluate()
+    first = history[0]["loss"] if history else float("nan")
+    print(f"done: {trainer.step_num} steps, train loss {first:.3f} -> {history[-1]['loss']:.3f}, "
+          f"val loss {final:.3f}, {history[-1]['tokens_per_s']:.0f} tokens/s")
+    if args.out:
+        from lab.checkpoint import save_checkpoint
+        save_checkpoint(args.out, model, tok, trainer)
+        print(f"saved checkpoint to {args.out}")
+    return 0
+
+
+def _selftest(args):
+    import lab
+    if args.backend:
+        lab.set_backend(args.backend)
+    lab.selftest()
+    return 0
+
+
+def _bench(args):
+    if args.suite != "kernels":
+        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels")
+    from lab.engine.backend import get_backend, set_backend
+    from lab.bench.kernels import MATMUL_SIZES, run_kernels
+    name = set_backend(args.backend).name if args.backend else get_backend().name
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else MATMUL_SIZES
+    out = args.out or f"bench-results/kernels-{name}.json"
+    run_kernels(name, sizes=sizes, out_path=out, budget_s=args.budget)
+    return 0
+
+
+def _info(args):
+    import lab
+    if args.backend:
+        lab.set_backend(args.backend)
+    print(json.dumps(lab.backend_info(), indent=2, default=str))
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lab", description="Train small GPT-style models on wgpu or numpy.")
+    sub = p.add_subparsers(dest="command", required=True)
+    backend_help = "wgpu, numpy or auto (default: $LAB_BACKEND, else auto)"
+
+    t = sub.add_parser("train", help="train a model on a bundled corpus, with a progress bar")
+    t.add_argument("--preset", default="tiny", help="model preset: tiny or shakespeare-char")
+    t.add_argument("--corpus", default="sonnets", help="bundled corpus name or a text file path")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=12)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--backend", help=backend_help)
+    t.add_argument("--out", help="directory to save the trained checkpoint in")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    t.set_defaults(fn=_train)
+
+    s = sub.add_parser("selftest", help="check every op's forward and backward against numpy")
+    s.add_argument("--backend", help=backend_help)
+    s.set_defaults(fn=_selftest)
+
+    b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
+    b.add_argument("suite", help="kernels")
+    b.add_argument("--backend", help=backend_help)
+    b.add_argument("--sizes", help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
+    b.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")
+    b.add_argument("--out", help="JSON output path (default bench-results/kernels-<backend>.json)")
+    b.set_defaults(fn=_bench)
+
+    i = sub.add_parser("info", help="print the backend, the device, its limits and features")
+    i.add_argument("--backend", help=backend_help)
+    i.set_defaults(fn=_info)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

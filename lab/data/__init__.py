@@ -1,0 +1,72 @@
+"""Corpora bundled with the package, tokenizers, and batching."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+CORPUS_DIR = Path(__file__).resolve().parent / "corpora"
+
+
+def list_corpora():
+    return sorted(p.stem for p in CORPUS_DIR.glob("*.txt"))
+
+
+def load_corpus(name="sonnets"):
+    """The text of a bundled corpus (no network), or of a file when `name` is a path."""
+    path = Path(name)
+    if not path.is_file():
+        path = CORPUS_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no corpus {name!r}: not a file, and not one of the bundled corpora {list_corpora()}")
+    return path.read_text(encoding="utf-8")
+
+
+class CharTokenizer:
+    """One token per character of the training text. Characters never seen in training are an error."""
+
+    def __init__(self, chars):
+        self.chars = sorted(set(chars))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(text)
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        try:
+            return np.fromiter((self.stoi[c] for c in text), dtype=np.int32, count=len(text))
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this tokenizer's vocabulary of "
+                             f"{self.vocab_size} characters") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
+
+    def to_json(self):
+        return json.dumps({"type": "char", "chars": "".join(self.chars)})
+
+    @classmethod
+    def from_json(cls, text):
+        data = json.loads(text)
+        if data.get("type") != "char" or not isinstance(data.get("chars"), str):
+            raise ValueError("not a character tokenizer file: expected {\"type\": \"char\", \"chars\": \"...\"}")
+        return cls(data["chars"])
+
+
+def train_val_split(ids, val_fraction=0.1):
+    n = int(len(ids) * (1 - val_fraction))
+    return ids[:n], ids[n:]
+
+
+def get_batch(ids, batch_size, block_size, rng):
+    """Random contiguous blocks: x = ids[i : i+T], y = ids[i+1 : i+T+1]. Deterministic given rng's state."""
+    if len(ids) <= block_size + 1:
+        raise ValueError(f"text of {len(ids)} tokens is too short for block_size {block_size}")
+    starts = rng.integers(0, len(ids) - block_size - 1, size=batch_size)
+    x = np.stack([ids[s:s + block_size] for s in starts])
+    y = np.stack([ids[s + 1:s + block_size + 1] for s in starts])
+    return x, y

@@ -1,0 +1,136 @@
+"""TransformerLM: the GPT-2 architecture, readable in one sitting.
+
+Token + position embeddings, n_layer pre-LayerNorm blocks of causal self-attention and a 4x GELU MLP, a final
+LayerNorm, and a head tied to the token embedding. Shapes: B batch, T time, C = n_embd, H heads, D = C / H.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import nn
+from ..engine import ops as F
+from ..engine.tensor import Tensor, tensor
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 65
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    positions: str = "learned"   # or "sinusoidal"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, cfg.bias)
+        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 n_layer)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, return_weights=False):
+        Bsz, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = F.split(self.c_attn(x), C, axis=2)                          # 3 x (B, T, C)
+        q, k, v = (t.reshape(Bsz, T, H, D).permute(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, D)
+        y, att = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=self.attn_dropout,
+                                                training=self.training, return_weights=True)
+        y = y.permute(0, 2, 1, 3).reshape(Bsz, T, C)                           # (B, T, C)
+        y = self.resid_dropout(self.c_proj(y))
+        return (y, att) if return_weights else y
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.c_fc(x).gelu()))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, return_weights=False):
+        a, att = self.attn(self.ln_1(x), return_weights=True)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return (x, att) if return_weights else x
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg):
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.positions == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            self.wpe_fixed = tensor(nn.sinusoidal_positions(cfg.block_size, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = [Block(cfg) for _ in range(cfg.n_layer)]
+        self.ln_f = nn.LayerNorm(cfg.n_embd, cfg.bias)
+
+    def forward(self, idx, targets=None, return_attention=False):
+        """idx: (B, T) integer tokens. Returns logits (B, T, vocab), plus the mean cross-entropy when targets are
+        given, plus the attention weights of every layer [(B, H, T, T)] when return_attention is set."""
+        shape = idx.shape
+        if len(shape) != 2:
+            raise ValueError(f"TransformerLM expects token ids of shape (B, T), got {tuple(shape)}")
+        T = shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        tok = self.wte(idx)                                                    # (B, T, C)
+        pos = self.wpe.weight[:T] if self.config.positions == "learned" else self.wpe_fixed[:T]  # (T, C)
+        x = self.drop(tok + pos)
+        attentions = []
+        for block in self.h:
+            x, att = block(x, return_weights=True)
+            attentions.append(att)
+        x = self.ln_f(x)
+        logits = F.matmul(x, self.wte.weight, transpose_b=True)                # (B, T, vocab), tied head
+        out = [logits]
+        if targets is not None:
+            out.append(F.cross_entropy(logits, targets))
+        if return_attention:
+            out.append(attentions)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def optimizer_groups(self, weight_decay):
+        """Weight decay on matrices only, as GPT-2 and nanoGPT: never on biases, LayerNorm gains or positions."""
+        decay = [p for _, p in self.named_parameters() if p.ndim >= 2]
+        no_decay = [p for _, p in self.named_parameters() if p.ndim < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * C * T."""
+        c = self.config
+        return 6 * self.num_parameters() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+PRESETS = {
+    # a few seconds per hundred steps on a 2-core CPU
+    "tiny": TransformerConfig(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+    # nanoGPT's shakespeare-char
+    "shakespeare-char": TransformerConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+}

@@ -1,0 +1,117 @@
+"""Layers: Module, Linear, Embedding, LayerNorm, Dropout."""
+
+import numpy as np
+
+from ..engine import ops as F
+from ..engine.random import generator
+from ..engine.tensor import Tensor, tensor
+
+
+def parameter(values):
+    """A trainable tensor on the active backend."""
+    return tensor(np.asarray(values, dtype=np.float32), requires_grad=True)
+
+
+class Module:
+    training = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def named_parameters(self, prefix=""):
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor) and value.requires_grad:
+                yield prefix + name, value
+            elif isinstance(value, Module):
+                yield from value.named_parameters(f"{prefix}{name}.")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield from item.named_parameters(f"{prefix}{name}.{i}.")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def modules(self):
+        yield self
+        for value in vars(self).values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, Module):
+                    yield from item.modules()
+
+    def train(self, mode=True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def num_parameters(self):
+        return sum(p.size for p in self.parameters())
+
+    def state_dict(self):
+        """Parameter name -> numpy array (a copy; a sync point on the GPU)."""
+        return {name: p.numpy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state, source="state dict"):
+        """Copy arrays into this module's parameters; names and shapes must match exactly."""
+        own = dict(self.named_parameters())
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        for name, p in own.items():
+            value = np.asarray(state[name])
+            if tuple(value.shape) != p.shape:
+                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, the model expects {p.shape}")
+            p.data = p.backend.from_numpy(value.astype(np.float32))
+
+
+class Linear(Module):
+    """y = x @ W + b with W stored (in, out): GPT-2's Conv1D layout, so checkpoints map one to one."""
+
+    def __init__(self, n_in, n_out, bias=True, std=0.02):
+        self.weight = parameter(generator().normal(0.0, std, size=(n_in, n_out)))
+        self.bias = parameter(np.zeros(n_out)) if bias else None
+
+    def forward(self, x):
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class Embedding(Module):
+    def __init__(self, num, dim, std=0.02):
+        self.weight = parameter(generator().normal(0.0, std, size=(num, dim)))
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight)
+
+
+class LayerNorm(Module):
+    def __init__(self, dim, bias=True, eps=1e-5):
+        self.weight = parameter(np.ones(dim))
+        self.bias = parameter(np.zeros(dim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Dropout(Module):
+    def __init__(self, p):
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+
+def sinusoidal_positions(n_pos, dim):
+    """The fixed position encodings of 'Attention Is All You Need'."""
+    pos = np.arange(n_pos)[:, None]
+    i = np.arange(dim)[None, :]
+    angle = pos / np.power(10000.0, (2 * (i // 2)) / dim)
+    return np.where(i % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
+
+
+__all__ = ["Module", "Linear", "Embedding", "LayerNorm", "Dropout", "parameter", "sinusoidal_positions"]

@@ -1,0 +1,3 @@
+"""Training: optimizers, learning-rate schedule, the training loop."""
+from .optim import SGD, AdamW, clip_grad_norm_
+from .trainer import TrainConfig, Trainer, cosine_lr

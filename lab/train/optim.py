@@ -1,0 +1,100 @@
+"""Optimizers whose updates run on the device: one fused kernel per parameter, no readback.
+
+State (moments, momentum) lives in backend arrays next to the parameters; gradient clipping computes the
+global norm on the device and scales the gradients there, so a training step never waits on the host.
+"""
+import math
+
+from ..engine.tensor import Tensor
+
+
+class Optimizer:
+    """`params` is a list of tensors, or of groups {"params": [...], "weight_decay": x} (as in PyTorch)."""
+
+    def __init__(self, params, lr, weight_decay):
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.params, self.decay = [], []
+        for group in groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self.params.append(p)
+                    self.decay.append(group.get("weight_decay", weight_decay))
+        if not self.params:
+            raise ValueError("optimizer got no parameters that require gradients")
+        self.lr = lr
+        self.step_count = 0
+        self.backend = self.params[0].backend
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def state_arrays(self):
+        """Named backend arrays of the optimizer state (for checkpoints and memory accounting)."""
+        return {}
+
+    def state_bytes(self):
+        return sum(math.prod(a.shape) * 4 for a in self.state_arrays().values())
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr, weight_decay)
+        self.b1, self.b2 = betas
+        self.eps = eps
+        B = self.backend
+        self.m = [B.full(p.shape, 0.0) for p in self.params]
+        self.v = [B.full(p.shape, 0.0) for p in self.params]
+
+    def step(self, lr=None):
+        lr = self.lr if lr is None else lr
+        self.step_count += 1
+        B = self.backend
+        for p, m, v, wd in zip(self.params, self.m, self.v, self.decay):
+            if p.grad is not None:
+                B.adamw_(p.data, p.grad.data, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count)
+
+    def state_arrays(self):
+        out = {}
+        for i, (m, v) in enumerate(zip(self.m, self.v)):
+            out[f"m.{i}"], out[f"v.{i}"] = m, v
+        return out
+
+
+class SGD(Optimizer):
+    """SGD with momentum and (coupled) weight decay, as torch.optim.SGD with dampening 0."""
+
+    def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
+        self.momentum = momentum
+        self.buf = [self.backend.full(p.shape, 0.0) for p in self.params]
+
+    def step(self, lr=None):
+        lr = self.lr if lr is None else lr
+        self.step_count += 1
+        for p, buf, wd in zip(self.params, self.buf, self.decay):
+            if p.grad is not None:
+                self.backend.sgd_(p.data, p.grad.data, buf, lr, self.momentum, wd)
+
+    def state_arrays(self):
+        return {f"buf.{i}": b for i, b in enumerate(self.buf)}
+
+
+def clip_grad_norm_(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most max_norm. Returns the norm before clipping as a
+    one-element tensor on the device (reading it is a sync point; training reads it only when logging)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        raise ValueError("clip_grad_norm_: no parameter has a gradient")
+    B = params[0].backend
+    partial = B.full((len(params),), 0.0)
+    for i, p in enumerate(params):
+        B.sumsq_into(p.grad.data, partial, i)
+    normsq = B.reshape(B.reduce("sum", partial, 0), (1,))
+    if max_norm is not None and max_norm > 0:
+        for p in params:
+            B.clip_(p.grad.data, normsq, max_norm)
+    return Tensor(B.unary("sqrt", normsq), B)

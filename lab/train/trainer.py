@@ -1,0 +1,123 @@
+"""The training loop: AdamW, warmup + cosine learning rate, global-norm clipping, periodic evaluation.
+
+One training step records forward, backward, clipping and the optimizer update without reading anything
+back, so on the wgpu backend it is a single submit; the loss is read only on logging steps.
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..data import get_batch
+from ..engine.random import generator
+from ..engine.tensor import no_grad
+from .optim import AdamW, clip_grad_norm_
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 12
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def cosine_lr(step, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class Trainer:
+    def __init__(self, model, train_ids, val_ids, cfg=None, callbacks=()):
+        self.model, self.cfg = model, cfg or TrainConfig()
+        self.train_ids, self.val_ids = train_ids, val_ids
+        self.optimizer = AdamW(model.optimizer_groups(self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas)
+        self.callbacks = list(callbacks)
+        self.step_num = 0
+        self.history = []          # one dict per logged step
+        self._stop = False
+        self.rng = np.random.default_rng(generator().integers(2**32))
+
+    def request_stop(self):
+        """Stop after the current step (safe to call from another thread or a widget callback)."""
+        self._stop = True
+
+    def train_step(self):
+        """One optimizer step. Returns the loss and grad-norm tensors, still on the device."""
+        cfg, model = self.cfg, self.model
+        x, y = get_batch(self.train_ids, cfg.batch_size, model.config.block_size, self.rng)
+        model.train()
+        _, loss = model(x, y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        norm = clip_grad_norm_(self.optimizer.params, cfg.grad_clip)
+        self.optimizer.step(lr=cosine_lr(self.step_num, cfg))
+        self.step_num += 1
+        return loss, norm
+
+    def evaluate(self, batches=None):
+        """Mean loss over `batches` random validation blocks (fixed seed: comparable across calls)."""
+        model, cfg = self.model, self.cfg
+        rng = np.random.default_rng(1234)
+        model.eval()
+        losses = []
+        with no_grad():
+            for _ in range(batches or cfg.eval_batches):
+                x, y = get_batch(self.val_ids, cfg.batch_size, model.config.block_size, rng)
+                losses.append(model(x, y)[1].item())
+        model.train()
+        return float(np.mean(losses))
+
+    def run(self, progress=True):
+        """Train for cfg.steps steps (from the current step). Returns the history of logged steps."""
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * self.model.config.block_size
+        bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
+        t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
+        self._stop = False
+        while self.step_num < cfg.steps and not self._stop:
+            loss, norm = self.train_step()
+            step = self.step_num
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = self.evaluate()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                record = {
+                    "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
+                    "lr": cosine_lr(step - 1, cfg),
+                    "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_t, 1e-9),
+                    "elapsed": now - t0,
+                }
+                record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
+                last_t, last_step = now, step
+                self.history.append(record)
+                for cb in self.callbacks:
+                    cb(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        bar.close()
+        return self.history
+
+    def config_dict(self):
+        return asdict(self.cfg)
