@@ -5,9 +5,10 @@ sync point (to_numpy, sync) or until the params arena fills. Small per-dispatch 
 hyperparameters) are appended to a host-side arena that is uploaded once per submit. Pipelines are cached per
 (kernel file, entry point, specialization); bind groups are cached per exact binding set; buffers are pooled.
 
-Buffer reuse rule: a buffer released while commands are still being recorded may be referenced by those
-commands, so it only returns to the pool after the next submit. A pooled buffer is therefore never referenced
-by unsubmitted work, which makes queue.write_buffer into it (uploads) safe at any time.
+Buffer reuse rule: dispatches run in recording order, so a buffer released while recording may at once hold
+the output of a later dispatch. Uploads are different: queue.write_buffer lands before the unsubmitted
+dispatches run, so an upload only takes a buffer that no unsubmitted dispatch references: buffers released
+during recording wait in `_recent` (usable by kernel outputs) and join the upload-safe pool at the next submit.
 """
 import math
 import os
@@ -138,8 +139,8 @@ class WgpuBackend(Backend):
         self.max_buffer = self.limits["max-buffer-size"]
         self.align = max(256, self.limits.get("min-storage-buffer-offset-alignment", 256))
         self._usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
-        self._pool = {}            # rounded size -> [buffers]
-        self._pending_free = []    # released during recording; pooled after the next submit
+        self._pool = {}            # rounded size -> [buffers] referenced by no unsubmitted dispatch
+        self._recent = {}          # rounded size -> [buffers] released while recording (outputs only)
         self._pipelines = {}
         self._bind_groups = {}
         self._arena = self.device.create_buffer(size=ARENA_BYTES, usage=self._usage)
@@ -152,14 +153,14 @@ class WgpuBackend(Backend):
                            bytes_in_use=0, peak_bytes_in_use=0, bytes_reserved=0)
 
     # ------------------------------------------------------------------ memory
-    def _alloc(self, shape, dtype):
+    def _alloc(self, shape, dtype, upload=False):
         nbytes = max(4, math.prod(shape) * 4)
         if nbytes > self.max_binding:
             raise ValueError(
                 f"tensor of shape {tuple(shape)} needs {nbytes} bytes, more than this device's "
                 f"max-storage-buffer-binding-size of {self.max_binding} bytes ({self.device_info['device']})")
         size = (nbytes + 255) // 256 * 256
-        free = self._pool.get(size)
+        free = self._pool.get(size) if upload else (self._recent.get(size) or self._pool.get(size))
         if free:
             buffer = free.pop()
         else:
@@ -172,15 +173,14 @@ class WgpuBackend(Backend):
 
     def _release(self, buffer, size):
         self._stats["bytes_in_use"] -= size
-        if self._encoder is not None:
-            self._pending_free.append((size, buffer))
-        else:
-            self._pool.setdefault(size, []).append(buffer)
+        pool = self._recent if self._encoder is not None else self._pool
+        pool.setdefault(size, []).append(buffer)
 
     def empty_cache(self):
         """Destroy pooled buffers (memory held for reuse) and cached bind groups."""
         self.sync()
         self._bind_groups.clear()
+        self.sync()
         for size, buffers in self._pool.items():
             for b in buffers:
                 b.destroy()
@@ -192,7 +192,7 @@ class WgpuBackend(Backend):
         dtype = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32"}.get(x.dtype)
         if dtype is None:
             raise ValueError(f"wgpu backend stores float32 and int32 tensors, got dtype {x.dtype}")
-        a = self._alloc(x.shape, dtype)
+        a = self._alloc(x.shape, dtype, upload=True)
         if x.size:
             self.queue.write_buffer(a.buffer, 0, x)
             self._stats["uploads"] += 1
@@ -274,9 +274,9 @@ class WgpuBackend(Backend):
         self._encoder = self._pass = None
         self._arena_used = 0
         self._stats["submits"] += 1
-        for size, buffer in self._pending_free:
-            self._pool.setdefault(size, []).append(buffer)
-        self._pending_free.clear()
+        for size, buffers in self._recent.items():
+            self._pool.setdefault(size, []).extend(buffers)
+        self._recent.clear()
 
     def stats(self):
         return dict(self._stats)

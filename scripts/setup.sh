@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up lab on a fresh machine: Mesa's software Vulkan driver (for the wgpu backend on CPU-only machines),
+# a virtual environment in .venv, and the package itself. Usage: scripts/setup.sh [pip extras, e.g. test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else return 1; fi; }
+apt_install() {
+    command -v apt-get >/dev/null || return 1
+    { as_root apt-get update -q && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends "$@"; } >/dev/null
+}
+
+if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
+    if ! apt_install mesa-vulkan-drivers libvulkan1; then
+        echo "lab setup: could not install Mesa's software Vulkan driver (needs root and apt)." >&2
+        echo "  The numpy backend works without it. For the wgpu backend on a CPU-only machine run, as root:" >&2
+        echo "      apt-get install mesa-vulkan-drivers" >&2
+        echo "  (on a GPU machine, the vendor's Vulkan driver is enough)." >&2
+    fi
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    # Debian's python3 needs python3-venv for `-m venv`
+    "$PY" -m venv .venv 2>/dev/null || { apt_install python3-venv && "$PY" -m venv .venv; }
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q ".${extras:+[$extras]}"
