@@ -12,21 +12,7 @@ const WG: u32 = 256u;
 @group(0) @binding(4) var<storage, read_write> LOSS: array<f32>;
 @group(0) @binding(5) var<storage, read_write> VALID: array<f32>;
 
-var<workgroup> red: array<f32, WG>;
-
-fn wg_reduce(v: f32, lid: u32, is_max: bool) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            if (is_max) { red[lid] = max(red[lid], red[lid + s]); } else { red[lid] = red[lid] + red[lid + s]; }
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+#include workgroup_reduce
 
 @compute @workgroup_size(WG)
 fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -37,10 +23,10 @@ fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let base = r * V;
     var m = -3.4e38;
     for (var j = lid; j < V; j += WG) { m = max(m, X[base + j]); }
-    m = wg_reduce(m, lid, true);
+    m = wg_max(m, lid);
     var s = 0.0;
     for (var j = lid; j < V; j += WG) { s += exp(X[base + j] - m); }
-    s = wg_reduce(s, lid, false);
+    s = wg_sum(s, lid);
     if (lid == 0u) {
         let lse = m + log(s);
         let t = T[r];

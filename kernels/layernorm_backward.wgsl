@@ -14,19 +14,7 @@ const WG: u32 = 256u;
 @group(0) @binding(6) var<storage, read_write> OUT0: array<f32>;
 @group(0) @binding(7) var<storage, read_write> OUT1: array<f32>;
 
-var<workgroup> red: array<f32, WG>;
-
-fn wg_sum(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+#include workgroup_reduce
 
 @compute @workgroup_size(WG)
 fn backward_x_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -17,6 +17,14 @@ class Backend:
     """Primitives every backend implements. Arrays are contiguous, row-major; `shape` is a tuple."""
 
     name = "abstract"
+    _instance = None
+
+    @classmethod
+    def instance(cls):
+        """The one backend of this class (a device, a pool, caches), created on first use."""
+        if cls.__dict__.get("_instance") is None:
+            cls._instance = cls()
+        return cls._instance
 
     # -- memory --
     def from_numpy(self, x): raise NotImplementedError

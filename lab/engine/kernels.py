@@ -17,7 +17,10 @@ def kernel_dir():
 
 @functools.lru_cache(maxsize=None)
 def source(name):
-    return (kernel_dir() / f"{name}.wgsl").read_text()
+    """kernels/<name>.wgsl with every `#include other` line replaced by kernels/other.wgsl (WGSL has no
+    includes; module-scope declarations may come in any order, so placement does not matter)."""
+    text = (kernel_dir() / f"{name}.wgsl").read_text()
+    return re.sub(r"^#include (\w+)$", lambda m: source(m.group(1)), text, flags=re.M)
 
 
 def specialize(name, **subs):

@@ -58,14 +58,6 @@ BINARY = {
 
 class NumpyBackend(Backend):
     name = "numpy"
-    _instance = None
-
-    @classmethod
-    def instance(cls):
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
     def __init__(self):
         self._stats = {"dispatches": 0, "submits": 0, "readbacks": 0}
 

@@ -106,14 +106,6 @@ class GPUArray:
 
 class WgpuBackend(Backend):
     name = "wgpu"
-    _instance = None
-
-    @classmethod
-    def instance(cls):
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
     def __init__(self):
         wgpu = _import_wgpu()
         self.wgpu = wgpu
