@@ -75,7 +75,7 @@ def main(argv=None):
 
     t = sub.add_parser("train", help="train a model on a bundled corpus, with a progress bar")
     t.add_argument("--preset", default="tiny", help="model preset: tiny or shakespeare-char")
-    t.add_argument("--corpus", default="sonnets", help="bundled corpus name or a text file path")
+    t.add_argument("--corpus", default="kjv", help="bundled corpus name or a text file path")
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=12)
     t.add_argument("--lr", type=float, default=1e-3)

@@ -11,7 +11,7 @@ def list_corpora():
     return sorted(p.stem for p in CORPUS_DIR.glob("*.txt"))
 
 
-def load_corpus(name="sonnets"):
+def load_corpus(name="kjv"):
     """The text of a bundled corpus (no network), or of a file when `name` is a path."""
     path = Path(name)
     if not path.is_file():
