@@ -57,6 +57,20 @@ class CharTokenizer:
         return cls(data["chars"])
 
 
+def load_tokenizer_json(text):
+    """A tokenizer from the JSON its to_json() wrote (the "type" field says which kind)."""
+    try:
+        kind = json.loads(text).get("type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"not a tokenizer file: {e}") from None
+    if kind == "char":
+        return CharTokenizer.from_json(text)
+    if kind == "bpe":
+        from .bpe import BPETokenizer
+        return BPETokenizer.from_json(text)
+    raise ValueError(f"unknown tokenizer type {kind!r}: expected 'char' or 'bpe'")
+
+
 def train_val_split(ids, val_fraction=0.1):
     n = int(len(ids) * (1 - val_fraction))
     return ids[:n], ids[n:]

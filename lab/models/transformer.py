@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import nn
 from ..engine import ops as F
+from ..engine.backend import contiguous_strides
 from ..engine.tensor import Tensor, tensor
 
 
@@ -54,6 +55,24 @@ class CausalSelfAttention(nn.Module):
         y = self.resid_dropout(self.c_proj(y))
         return (y, att) if return_weights else y
 
+    def forward_cached(self, x, cache, pos):
+        """Attention for new tokens x (B, Tn, C) at positions pos.. pos+Tn-1, reading and extending the layer's
+        KV cache (two (B, H, block, D) tensors). Either a prefill (pos == 0) or one token at a time."""
+        Bsz, Tn, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = F.split(self.c_attn(x), C, axis=2)
+        q, k, v = (t.reshape(Bsz, Tn, H, D).permute(0, 2, 1, 3) for t in (q, k, v))  # (B, H, Tn, D)
+        cache_k, cache_v = cache
+        strides = contiguous_strides(cache_k.shape)
+        for buf, new in ((cache_k, k), (cache_v, v)):                           # in place: cache[:, :, pos:pos+Tn]
+            buf.backend.write_view(buf.data, pos * D, strides, new.data)
+        keys = cache_k[:, :, :pos + Tn]                                         # (B, H, pos+Tn, D)
+        values = cache_v[:, :, :pos + Tn]
+        # a single new token sees every cached position, so no mask; a prefill is the usual causal square
+        att = F.softmax(F.matmul(q, keys, transpose_b=True), scale=1.0 / math.sqrt(D), causal=Tn > 1)
+        y = (att @ values).permute(0, 2, 1, 3).reshape(Bsz, Tn, C)
+        return self.c_proj(y)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -78,6 +97,10 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return (x, att) if return_weights else x
 
+    def forward_cached(self, x, cache, pos):
+        x = x + self.attn.forward_cached(self.ln_1(x), cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
 
 class TransformerLM(nn.Module):
     def __init__(self, cfg):
@@ -91,30 +114,62 @@ class TransformerLM(nn.Module):
         self.h = [Block(cfg) for _ in range(cfg.n_layer)]
         self.ln_f = nn.LayerNorm(cfg.n_embd, cfg.bias)
 
-    def forward(self, idx, targets=None, return_attention=False):
-        """idx: (B, T) integer tokens. Returns logits (B, T, vocab), plus the mean cross-entropy when targets are
-        given, plus the attention weights of every layer [(B, H, T, T)] when return_attention is set."""
+    def _embed(self, idx, start=0):
         shape = idx.shape
         if len(shape) != 2:
             raise ValueError(f"TransformerLM expects token ids of shape (B, T), got {tuple(shape)}")
-        T = shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        end = start + shape[1]
+        if end > self.config.block_size:
+            raise ValueError(f"sequence length {end} exceeds block_size {self.config.block_size}")
         tok = self.wte(idx)                                                    # (B, T, C)
-        pos = self.wpe.weight[:T] if self.config.positions == "learned" else self.wpe_fixed[:T]  # (T, C)
-        x = self.drop(tok + pos)
-        attentions = []
+        table = self.wpe.weight if self.config.positions == "learned" else self.wpe_fixed
+        return self.drop(tok + table[start:end])                               # + (T, C)
+
+    def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
+        """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
+        with return_attention the attention weights of every layer [(B, H, T, T)]; with return_hidden the
+        residual stream after the embedding and after every block [(B, T, C)]. Extras come in that order."""
+        x = self._embed(idx)
+        attentions, hidden = [], [x]
         for block in self.h:
             x, att = block(x, return_weights=True)
             attentions.append(att)
-        x = self.ln_f(x)
-        logits = F.matmul(x, self.wte.weight, transpose_b=True)                # (B, T, vocab), tied head
+            hidden.append(x)
+        logits = F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)    # (B, T, vocab), tied head
         out = [logits]
         if targets is not None:
             out.append(F.cross_entropy(logits, targets))
         if return_attention:
             out.append(attentions)
+        if return_hidden:
+            out.append(hidden)
         return out[0] if len(out) == 1 else tuple(out)
+
+    def new_cache(self, batch_size):
+        """An empty KV cache on the device: per layer, keys and values of shape (B, H, block_size, D)."""
+        c = self.config
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        backend = self.wte.weight.backend
+        return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
+                for _ in self.h]
+
+    def forward_cached(self, idx, cache, pos):
+        """Logits (B, Tn, vocab) for tokens idx (B, Tn) at positions pos.., extending `cache` in place."""
+        x = self._embed(idx, start=pos)
+        for block, layer_cache in zip(self.h, cache):
+            x = block.forward_cached(x, layer_cache, pos)
+        return F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)
+
+    def save_pretrained(self, directory, format="lab"):
+        """model.safetensors + config.json; format="hf" writes the GPT-2 layout that transformers loads."""
+        from ..checkpoint import save_pretrained
+        return save_pretrained(self, directory, format)
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        """Load a model saved by lab (either format) or by transformers' GPT2LMHeadModel.save_pretrained."""
+        from ..checkpoint import load_pretrained
+        return load_pretrained(directory)
 
     def optimizer_groups(self, weight_decay):
         """Weight decay on matrices only, as GPT-2 and nanoGPT: never on biases, LayerNorm gains or positions."""

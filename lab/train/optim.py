@@ -5,6 +5,8 @@ global norm on the device and scales the gradients there, so a training step nev
 """
 import math
 
+import numpy as np
+
 from ..engine.tensor import Tensor
 
 
@@ -33,6 +35,11 @@ class Optimizer:
     def state_arrays(self):
         """Named backend arrays of the optimizer state (for checkpoints and memory accounting)."""
         return {}
+
+    def load_state_array(self, name, value):
+        """Replace the state array called `name` (as state_arrays() names it) with host values."""
+        kind, i = name.rsplit(".", 1)
+        getattr(self, kind)[int(i)] = self.backend.from_numpy(np.asarray(value, dtype=np.float32))
 
     def state_bytes(self):
         return sum(math.prod(a.shape) * 4 for a in self.state_arrays().values())

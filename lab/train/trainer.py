@@ -56,6 +56,20 @@ class Trainer:
         self._stop = False
         self.rng = np.random.default_rng(generator().integers(2**32))
 
+    @classmethod
+    def resume(cls, directory, train_ids, val_ids, callbacks=()):
+        """A trainer that continues the run saved in `directory` (lab.checkpoint.save_checkpoint) exactly where
+        it stopped: same model and optimizer state, same step, same batch and dropout random streams."""
+        from ..checkpoint import CheckpointError, load_checkpoint, restore_trainer
+        model, tokenizer, state = load_checkpoint(directory)
+        if state is None:
+            raise CheckpointError(f"{directory}: holds a model but no trainer state (trainer_state.json)")
+        cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
+        trainer = cls(model.train(), train_ids, val_ids, cfg, callbacks)
+        restore_trainer(trainer, directory, state)
+        trainer.tokenizer = tokenizer
+        return trainer
+
     def request_stop(self):
         """Stop after the current step (safe to call from another thread or a widget callback)."""
         self._stop = True

@@ -1,0 +1,161 @@
+"""Text generation: greedy, temperature, top-k, top-p (nucleus), repetition penalty and beam search, with a KV
+cache on the device so each new token costs one small forward pass instead of a full recomputation."""
+import math
+
+import numpy as np
+
+from .engine.random import generator
+from .engine.tensor import no_grad
+
+
+def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy):
+    block = model.config.block_size
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"prompt must be a non-empty 1D sequence of token ids, got shape {ids.shape}")
+    if ids.size > block:
+        raise ValueError(f"prompt of {ids.size} tokens is longer than the model's block_size {block}; "
+                         f"shorten it (the model only ever sees the last {block} tokens)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use greedy=True for argmax)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL's penalty, as Hugging Face applies it: positive logits of seen tokens divided, negative multiplied."""
+    if penalty == 1.0 or not len(seen):
+        return logits
+    idx = np.unique(seen)
+    vals = logits[idx]
+    logits = logits.copy()
+    logits[idx] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
+    """The probabilities sampling draws from, after temperature, top-k and top-p filtering."""
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p) + 1)]  # the smallest set whose mass reaches top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[keep] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, top_p=None,
+             repetition_penalty=1.0, greedy=False, tokenizer=None, stop=None, on_token=None, seed=None,
+             use_cache=True):
+    """Continue `prompt` (token ids, or a string with `tokenizer`). Returns the generated ids (prompt excluded),
+    or the generated text when the prompt was a string. Stops after max_new_tokens, or once the text ends with
+    `stop` (which is then cut off). on_token(id, text_or_None) is called for every new token as it is made.
+    Past block_size tokens the context slides (the model sees the last block_size tokens), as in training."""
+    as_text = isinstance(prompt, str)
+    if as_text:
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+        prompt = tokenizer.encode(prompt)
+    ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
+    if stop is not None and tokenizer is None:
+        raise ValueError("a stop string needs a tokenizer")
+    rng = np.random.default_rng(seed) if seed is not None else generator()
+    block = model.config.block_size
+    was_training = model.training
+    model.eval()
+    out, text = [], ""
+    try:
+        with no_grad():
+            cache = model.new_cache(1) if use_cache else None
+            seq = list(ids)
+            logits = _step_logits(model, seq, cache, 0, block) if use_cache else _full_logits(model, seq, block)
+            pos = len(seq)
+            for _ in range(max_new_tokens):
+                scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
+                if greedy:
+                    nxt = int(np.argmax(scores))
+                else:
+                    p = sample_distribution(scores, temperature, top_k, top_p)
+                    nxt = int(rng.choice(p.size, p=p))
+                seq.append(nxt)
+                out.append(nxt)
+                piece = tokenizer.decode([nxt]) if tokenizer is not None else None
+                if on_token is not None:
+                    on_token(nxt, piece)
+                if stop is not None:
+                    text += piece
+                    if text.endswith(stop):
+                        break
+                if len(out) == max_new_tokens:
+                    break
+                if use_cache and pos < block:
+                    logits = _step_logits(model, [nxt], cache, pos, block)
+                    pos += 1
+                else:  # the window is full: positions shift, so recompute over the last block_size tokens
+                    logits = _full_logits(model, seq, block)
+    finally:
+        model.train(was_training)
+    if as_text:
+        text = tokenizer.decode(out)
+        return text[: -len(stop)] if stop is not None and text.endswith(stop) else text
+    return np.asarray(out, dtype=np.int64)
+
+
+def _step_logits(model, new_ids, cache, pos, block):
+    x = np.asarray(new_ids, dtype=np.int32).reshape(1, -1)
+    return model.forward_cached(x, cache, pos)[0, -1].numpy()
+
+
+def _full_logits(model, seq, block):
+    x = np.asarray(seq[-block:], dtype=np.int32).reshape(1, -1)
+    return model(x)[0, -1].numpy()
+
+
+def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None):
+    """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
+    Returns ids (or text for a text prompt)."""
+    as_text = isinstance(prompt, str)
+    if as_text:
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+        prompt = tokenizer.encode(prompt)
+    ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    block = model.config.block_size
+    beams = [(0.0, list(ids))]
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            for _ in range(max_new_tokens):
+                window = np.asarray([s[-block:] for _, s in beams], dtype=np.int32)  # (beams, T)
+                logits = model(window)[:, -1].numpy().astype(np.float64)           # (beams, V)
+                logp = logits - logits.max(1, keepdims=True)
+                logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+                cand = []
+                for (score, seq), lp in zip(beams, logp):
+                    for tok in np.argsort(-lp)[:num_beams]:
+                        cand.append((score + lp[tok], seq + [int(tok)]))
+                cand.sort(key=lambda c: -c[0])
+                beams = cand[:num_beams]
+    finally:
+        model.train(was_training)
+    n = max_new_tokens
+    best = max(beams, key=lambda b: b[0] / (max(n, 1) ** length_penalty))[1][len(ids):]
+    return tokenizer.decode(best) if as_text else np.asarray(best, dtype=np.int64)
