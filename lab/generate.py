@@ -49,7 +49,8 @@ def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, top_p) + 1)]  # the smallest set whose mass reaches top_p
+        # the smallest set whose mass reaches top_p (the tolerance absorbs rounding in the running sum)
+        keep = order[: int(np.searchsorted(cum, top_p - 1e-9) + 1)]
         mask = np.zeros_like(p, dtype=bool)
         mask[keep] = True
         p = np.where(mask, p, 0.0)

@@ -26,4 +26,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv 2>/dev/null || { apt_install python3-venv && "$PY" -m venv .venv; }
 fi
 .venv/bin/python -m pip install -q --upgrade pip
+if [[ "$extras" == *test* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    # The test extra needs PyTorch (cross-checks). Pin the release whose CPU build this project is tested with,
+    # before the extra's `torch>=` bound could resolve to the newest build with its CUDA packages.
+    .venv/bin/python -m pip install -q "torch==2.13.0" || echo "lab setup: torch not installed; the PyTorch cross-checks will be skipped" >&2
+fi
 .venv/bin/python -m pip install -q ".${extras:+[$extras]}"
