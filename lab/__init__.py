@@ -4,6 +4,10 @@ from .engine.random import manual_seed
 from .engine.tensor import Tensor, no_grad, ones, tensor, zeros
 from .engine import ops as functional
 from .engine.ops import concat, split, matmul
+from .models import PRESETS, ProNeuralConfig, ProNeuralLM, TransformerConfig, TransformerLM
+from .data import CharTokenizer, load_corpus
+from .data.bpe import BPETokenizer
+from .generate import beam_search, generate
 
 __version__ = "0.1.0"
 

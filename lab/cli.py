@@ -23,7 +23,7 @@ def _train(args):
     mcfg: TransformerConfig = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
     model = TransformerLM(mcfg)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-                       warmup_steps=min(50, args.steps // 10 + 1))
+                       warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0)
     print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
           f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
           f"{len(ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
@@ -31,12 +31,33 @@ def _train(args):
     history = trainer.run(progress=not args.no_progress)
     final = trainer.evaluate()
     first = history[0]["loss"] if history else float("nan")
-    print(f"done: {trainer.step_num} steps, train loss {first:.3f} -> {history[-1]['loss']:.3f}, "
-          f"val loss {final:.3f}, {history[-1]['tokens_per_s']:.0f} tokens/s")
+    elapsed = history[-1]["elapsed"] if history else 0.0
+    print(f"done: {trainer.step_num} steps in {elapsed:.0f} s, train loss {first:.3f} -> {history[-1]['loss']:.3f}, "
+          f"val loss {final:.3f}, {history[-1]['tokens_per_s']:.0f} tokens/s"
+          + (f" ({trainer.stop_reason})" if trainer.stop_reason else ""))
     if args.out:
         from lab.checkpoint import save_checkpoint
         save_checkpoint(args.out, model, tok, trainer)
         print(f"saved checkpoint to {args.out}")
+    return 0
+
+
+def _generate(args):
+    import lab
+    from lab.checkpoint import load_checkpoint
+    from lab.generate import beam_search, generate
+    if args.backend:
+        lab.set_backend(args.backend)
+    model, tok, _ = load_checkpoint(args.checkpoint)
+    prompt = args.prompt if args.prompt else "\n"
+    if args.beams > 1:
+        print(prompt + beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok))
+        return 0
+    print(prompt, end="", flush=True)
+    generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy, stop=args.stop,
+             seed=args.seed, on_token=lambda _, piece: print(piece, end="", flush=True))
+    print()
     return 0
 
 
@@ -49,11 +70,16 @@ def _selftest(args):
 
 
 def _bench(args):
-    if args.suite != "kernels":
-        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels")
+    if args.suite not in ("kernels", "train"):
+        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels, train")
     from lab.engine.backend import get_backend, set_backend
-    from lab.bench.kernels import MATMUL_SIZES, run_kernels
     name = set_backend(args.backend).name if args.backend else get_backend().name
+    if args.suite == "train":
+        from lab.bench.train import run_train_bench
+        out = args.out or f"bench-results/train-{args.preset}-{name}.json"
+        run_train_bench(args.preset, name, batch_size=args.batch_size, steps=args.steps, out_path=out)
+        return 0
+    from lab.bench.kernels import MATMUL_SIZES, run_kernels
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else MATMUL_SIZES
     out = args.out or f"bench-results/kernels-{name}.json"
     run_kernels(name, sizes=sizes, out_path=out, budget_s=args.budget)
@@ -76,22 +102,41 @@ def main(argv=None):
     t = sub.add_parser("train", help="train a model on a bundled corpus, with a progress bar")
     t.add_argument("--preset", default="tiny", help="model preset: tiny or shakespeare-char")
     t.add_argument("--corpus", default="kjv", help="bundled corpus name or a text file path")
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=12)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
     t.add_argument("--backend", help=backend_help)
     t.add_argument("--out", help="directory to save the trained checkpoint in")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.set_defaults(fn=_train)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint saved by `train --out`")
+    g.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--stop", help="stop once the text ends with this string")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--backend", help=backend_help)
+    g.set_defaults(fn=_generate)
 
     s = sub.add_parser("selftest", help="check every op's forward and backward against numpy")
     s.add_argument("--backend", help=backend_help)
     s.set_defaults(fn=_selftest)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
-    b.add_argument("suite", help="kernels")
+    b.add_argument("suite", help="kernels or train")
+    b.add_argument("--preset", default="tiny", help="train: model preset")
+    b.add_argument("--batch-size", type=int, help="train: batch size (default 12, 64 for shakespeare-char)")
+    b.add_argument("--steps", type=int, default=20, help="train: timed steps")
     b.add_argument("--backend", help=backend_help)
     b.add_argument("--sizes", help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
     b.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")

@@ -138,6 +138,7 @@ class WgpuBackend(Backend):
         self._arena = self.device.create_buffer(size=ARENA_BYTES, usage=self._usage)
         self._arena_host = bytearray(ARENA_BYTES)
         self._arena_used = 0
+        self._arena_index = {}     # params bytes -> offset: a repeated op reuses its params, and so its bind group
         self._encoder = None
         self._pass = None
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
@@ -225,11 +226,14 @@ class WgpuBackend(Backend):
         if work == 0:
             return
         params = np.asarray([_u32(v) for v in params], dtype=np.uint32).tobytes()
-        if self._arena_used + len(params) > ARENA_BYTES:
-            self.sync()
-        offset = self._arena_used
-        self._arena_host[offset:offset + len(params)] = params
-        self._arena_used = offset + (len(params) + self.align - 1) // self.align * self.align
+        offset = self._arena_index.get(params)
+        if offset is None:
+            if self._arena_used + len(params) > ARENA_BYTES:
+                self.sync()
+            offset = self._arena_used
+            self._arena_host[offset:offset + len(params)] = params
+            self._arena_used = offset + (len(params) + self.align - 1) // self.align * self.align
+            self._arena_index[params] = offset
         pipeline = self._pipeline(kernel, entry, subs)
         key = (id(pipeline), offset, len(params)) + tuple(id(a.storage.buffer) if a is not None else 0 for a in bindings)
         bg = self._bind_groups.get(key)
@@ -265,6 +269,7 @@ class WgpuBackend(Backend):
         self.queue.submit([self._encoder.finish()])
         self._encoder = self._pass = None
         self._arena_used = 0
+        self._arena_index.clear()
         self._stats["submits"] += 1
         for size, buffers in self._recent.items():
             self._pool.setdefault(size, []).extend(buffers)

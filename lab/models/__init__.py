@@ -1,1 +1,2 @@
+from .proneural import ProNeuralConfig, ProNeuralLM
 from .transformer import PRESETS, TransformerConfig, TransformerLM

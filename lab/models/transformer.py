@@ -171,12 +171,6 @@ class TransformerLM(nn.Module):
         from ..checkpoint import load_pretrained
         return load_pretrained(directory)
 
-    def optimizer_groups(self, weight_decay):
-        """Weight decay on matrices only, as GPT-2 and nanoGPT: never on biases, LayerNorm gains or positions."""
-        decay = [p for _, p in self.named_parameters() if p.ndim >= 2]
-        no_decay = [p for _, p in self.named_parameters() if p.ndim < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * C * T."""
         c = self.config

@@ -48,6 +48,12 @@ class Module:
     def eval(self):
         return self.train(False)
 
+    def optimizer_groups(self, weight_decay):
+        """Weight decay on matrices and embedding tables (2D and up), never on biases or LayerNorm gains (nanoGPT)."""
+        params = self.parameters()
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
     def num_parameters(self):
         return sum(p.size for p in self.parameters())
 

@@ -4,6 +4,7 @@ One training step records forward, backward, clipping and the optimizer update w
 back, so on the wgpu backend it is a single submit; the loss is read only on logging steps.
 """
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,9 +29,13 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
+    grad_accum_steps: int = 1          # micro-batches per optimizer step (effective batch = batch_size x this)
+    early_stopping_patience: int = 0   # stop after this many evaluations without a better val loss (0: never)
+    early_stopping_min_delta: float = 0.0
+    max_seconds: float = 0.0           # stop once training has run this long (0: no limit)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every"):
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -53,7 +58,11 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.step_num = 0
         self.history = []          # one dict per logged step
+        self.best_val_loss, self._evals_without_gain = math.inf, 0
+        self.stop_reason = None
         self._stop = False
+        self._running = threading.Event()  # cleared while paused
+        self._running.set()
         self.rng = np.random.default_rng(generator().integers(2**32))
 
     @classmethod
@@ -73,15 +82,34 @@ class Trainer:
     def request_stop(self):
         """Stop after the current step (safe to call from another thread or a widget callback)."""
         self._stop = True
+        self._running.set()
+
+    def pause(self):
+        """Hold the loop between steps until resume() (or request_stop())."""
+        self._running.clear()
+
+    def resume_training(self):
+        self._running.set()
+
+    @property
+    def paused(self):
+        return not self._running.is_set()
 
     def train_step(self):
-        """One optimizer step. Returns the loss and grad-norm tensors, still on the device."""
+        """One optimizer step (over grad_accum_steps micro-batches). Returns the mean loss and the gradient norm
+        before clipping, as tensors still on the device."""
         cfg, model = self.cfg, self.model
-        x, y = get_batch(self.train_ids, cfg.batch_size, model.config.block_size, self.rng)
         model.train()
-        _, loss = model(x, y)
         self.optimizer.zero_grad()
-        loss.backward()
+        total = None
+        for _ in range(cfg.grad_accum_steps):
+            x, y = get_batch(self.train_ids, cfg.batch_size, model.config.block_size, self.rng)
+            _, loss = model(x, y)
+            if cfg.grad_accum_steps > 1:
+                loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        loss = total
         norm = clip_grad_norm_(self.optimizer.params, cfg.grad_clip)
         self.optimizer.step(lr=cosine_lr(self.step_num, cfg))
         self.step_num += 1
@@ -104,15 +132,29 @@ class Trainer:
         """Train for cfg.steps steps (from the current step). Returns the history of logged steps."""
         from tqdm.auto import tqdm
         cfg = self.cfg
-        tokens_per_step = cfg.batch_size * self.model.config.block_size
+        tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.model.config.block_size
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
         t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
-        self._stop = False
+        self._stop, self.stop_reason = False, None
         while self.step_num < cfg.steps and not self._stop:
+            if not self._running.is_set():
+                paused_at = time.perf_counter()
+                self._running.wait()
+                t0 += time.perf_counter() - paused_at   # a pause is not training time
+                last_t += time.perf_counter() - paused_at
+                if self._stop:
+                    break
             loss, norm = self.train_step()
             step = self.step_num
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
+            if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
                 val_loss = self.evaluate()
+                self._early_stopping(val_loss)
+                (bar.write if progress else print)(
+                    f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
+                    f"{time.perf_counter() - t0:.0f} s")
+            if out_of_time and not self._stop:
+                self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 record = {
@@ -131,7 +173,20 @@ class Trainer:
                                 tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
         bar.close()
+        if self._stop and self.stop_reason is None:
+            self.stop_reason = "stop requested"
         return self.history
+
+    def _early_stopping(self, val_loss):
+        cfg = self.cfg
+        if val_loss < self.best_val_loss - cfg.early_stopping_min_delta:
+            self.best_val_loss, self._evals_without_gain = val_loss, 0
+            return
+        self._evals_without_gain += 1
+        if cfg.early_stopping_patience and self._evals_without_gain >= cfg.early_stopping_patience:
+            self.stop_reason = (f"early stopping: no val loss below {self.best_val_loss:.4f} in "
+                                f"{self._evals_without_gain} evaluations")
+            self._stop = True
 
     def config_dict(self):
         return asdict(self.cfg)

@@ -1,0 +1,73 @@
+"""Training throughput: lab and the same model in PyTorch eager, same config, batch and device class, in one run.
+
+`python -m lab bench train --preset tiny` on a CPU machine compares lab's numpy backend with PyTorch on the CPU;
+with --backend wgpu on a GPU machine, lab's wgpu backend with PyTorch CUDA (fp32, TF32 off)."""
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..data import CharTokenizer, get_batch, load_corpus
+from ..engine.backend import backend_instance
+from ..engine import backend as _backend
+from ..engine.random import manual_seed
+from ..models import PRESETS, TransformerLM
+from ..train import TrainConfig, Trainer
+
+
+def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=None, dropout=None, print_fn=print):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    backend = backend_instance(backend_name)
+    prev = dict(_backend._state)
+    _backend._state.update(backend=backend, reason="benchmark")
+    try:
+        text = load_corpus()
+        tok = CharTokenizer.from_text(text)
+        ids = tok.encode(text)
+        cfg = replace(PRESETS[preset], vocab_size=tok.vocab_size)
+        if dropout is not None:
+            cfg = replace(cfg, dropout=dropout)
+        batch_size = batch_size or (64 if preset == "shakespeare-char" else 12)
+        manual_seed(0)
+        model = TransformerLM(cfg)
+        trainer = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size))
+        for _ in range(3):
+            trainer.train_step()
+        trainer.train_step()[0].item()
+        t = time.perf_counter()
+        for _ in range(steps):
+            loss, _ = trainer.train_step()
+        loss.item()
+        lab_s = (time.perf_counter() - t) / steps
+    finally:
+        _backend._state.update(prev)
+    tokens = batch_size * cfg.block_size
+    result = {"suite": "train", "preset": preset, "backend": backend.name, "batch_size": batch_size,
+              "block_size": cfg.block_size, "parameters": model.num_parameters(), "steps": steps,
+              "lab_tokens_per_s": tokens / lab_s, "lab_ms_per_step": lab_s * 1e3}
+    if backend.name == "wgpu":
+        result["device"] = backend.device_info["device"]
+    line = (f"train {preset} ({model.num_parameters() / 1e6:.2f}M params, batch {batch_size} x {cfg.block_size}): "
+            f"lab {backend.name} {tokens / lab_s:,.0f} tokens/s ({lab_s * 1e3:.1f} ms/step)")
+    try:
+        import torch
+        from .torch_gpt import seconds_per_step
+    except ImportError:
+        torch = None
+    if torch is not None:
+        device = "cuda" if backend.name == "wgpu" and torch.cuda.is_available() else "cpu"
+        rng = np.random.default_rng(0)
+        batches = [get_batch(ids, batch_size, cfg.block_size, rng) for _ in range(8)]
+        torch_s, _ = seconds_per_step(cfg, batch_size, steps, device, batches)
+        result.update(torch_device=device, torch_tokens_per_s=tokens / torch_s, torch_threads=torch.get_num_threads(),
+                      ratio=(tokens / lab_s) / (tokens / torch_s))
+        line += f"; torch eager {device} {tokens / torch_s:,.0f} tokens/s; lab/torch {result['ratio']:.2f}x"
+    print_fn(line)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(result, indent=2))
+        print_fn(f"wrote {out_path}")
+    return result
