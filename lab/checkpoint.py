@@ -154,14 +154,16 @@ def save_pretrained(model, directory, format="lab"):
 
 def _write_model(model, d, format):
     cfg = model.config
-    tensors = model.state_dict()
+    # the base model only: LoRA adapters travel separately (lab.lora.save_adapter), and a merged adapter's
+    # update is inside the base weights already
+    tensors = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     if format == "lab":
         save_file(tensors, str(d / MODEL_FILE), metadata={"format": "pt"})
         _write_json(d / CONFIG_FILE, {"model_type": "lab-transformer", **cfg.to_dict()})
         return
     out = {f"transformer.{k}": v for k, v in tensors.items()}
     if cfg.positions == "sinusoidal":  # GPT-2 has a learned table: export the fixed one's values
-        out["transformer.wpe.weight"] = model.wpe_fixed.numpy()
+        out["transformer.wpe.weight"] = model._positions.numpy()
     if not cfg.bias:                    # GPT-2 always has biases: zeros are the same function
         for name, p in model.named_parameters():
             if name.endswith(".weight") and name.rsplit(".", 2)[-2] in ("ln_1", "ln_2", "ln_f", "c_attn", "c_proj", "c_fc"):

@@ -70,10 +70,15 @@ def _selftest(args):
 
 
 def _bench(args):
-    if args.suite not in ("kernels", "train"):
-        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels, train")
+    if args.suite not in ("kernels", "train", "lora"):
+        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora")
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name
+    if args.suite == "lora":
+        from lab.bench.lora import run_lora_bench
+        out = args.out or f"bench-results/lora-{args.preset}-{name}.json"
+        run_lora_bench(args.preset, name, r=args.rank, batch_size=args.batch_size, steps=args.steps, out_path=out)
+        return 0
     if args.suite == "train":
         from lab.bench.train import run_train_bench
         out = args.out or f"bench-results/train-{args.preset}-{name}.json"
@@ -133,10 +138,11 @@ def main(argv=None):
     s.set_defaults(fn=_selftest)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
-    b.add_argument("suite", help="kernels or train")
-    b.add_argument("--preset", default="tiny", help="train: model preset")
-    b.add_argument("--batch-size", type=int, help="train: batch size (default 12, 64 for shakespeare-char)")
-    b.add_argument("--steps", type=int, default=20, help="train: timed steps")
+    b.add_argument("suite", help="kernels, train or lora")
+    b.add_argument("--rank", type=int, default=8, help="lora: adapter rank")
+    b.add_argument("--preset", default="tiny", help="train, lora: model preset")
+    b.add_argument("--batch-size", type=int, help="train, lora: batch size (default 12, 64 for shakespeare-char)")
+    b.add_argument("--steps", type=int, default=20, help="train, lora: timed steps")
     b.add_argument("--backend", help=backend_help)
     b.add_argument("--sizes", help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
     b.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")

@@ -60,11 +60,18 @@ def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
 
 def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, top_p=None,
              repetition_penalty=1.0, greedy=False, tokenizer=None, stop=None, on_token=None, seed=None,
-             use_cache=True):
+             use_cache=True, adapter=None):
     """Continue `prompt` (token ids, or a string with `tokenizer`). Returns the generated ids (prompt excluded),
     or the generated text when the prompt was a string. Stops after max_new_tokens, or once the text ends with
     `stop` (which is then cut off). on_token(id, text_or_None) is called for every new token as it is made.
-    Past block_size tokens the context slides (the model sees the last block_size tokens), as in training."""
+    Past block_size tokens the context slides (the model sees the last block_size tokens), as in training.
+    adapter=True/False generates with the model's LoRA adapters switched on/off for this call only."""
+    if adapter is not None:
+        from .lora import adapter_enabled
+        with adapter_enabled(model, adapter):
+            return generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, greedy=greedy, tokenizer=tokenizer, stop=stop,
+                            on_token=on_token, seed=seed, use_cache=use_cache)
     as_text = isinstance(prompt, str)
     if as_text:
         if tokenizer is None:

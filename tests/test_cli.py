@@ -44,3 +44,24 @@ def test_help_everywhere():
 def test_unknown_preset_is_a_clear_error():
     r = _lab("train", "--preset", "huge", "--steps", "1", "--backend", "numpy")
     assert r.returncode != 0 and "unknown preset 'huge'" in r.stderr
+
+
+def test_bench_lora_reports_projection(tmp_path):
+    out = tmp_path / "l.json"
+    r = _lab("bench", "lora", "--backend", "numpy", "--steps", "2", "--rank", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["trainable_parameters"] < data["parameters"] / 5
+    assert abs(data["minutes_per_million_tokens"] - 1e6 / data["lora_tokens_per_s"] / 60) < 1e-6
+    assert "1 M tokens of adapter training" in r.stdout
+
+
+def test_train_saves_a_checkpoint_that_generate_reads(tmp_path):
+    r = _lab("train", "--steps", "3", "--backend", "numpy", "--no-progress", "--out", str(tmp_path / "ck"))
+    assert r.returncode == 0, r.stderr
+    g = _lab("generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "And", "--max-new-tokens", "10",
+             "--seed", "1", "--backend", "numpy")
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("And") and len(g.stdout.rstrip("\n")) == 13
+    bad = _lab("generate", "--checkpoint", str(tmp_path / "nope"), "--backend", "numpy")
+    assert bad.returncode != 0 and "no such checkpoint directory" in bad.stderr

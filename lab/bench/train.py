@@ -17,6 +17,18 @@ from ..models import PRESETS, TransformerLM
 from ..train import TrainConfig, Trainer
 
 
+def measure_steps(trainer, steps):
+    """Seconds per optimizer step after three warm-up steps; one readback at the end waits for the device."""
+    for _ in range(3):
+        trainer.train_step()
+    trainer.train_step()[0].item()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = trainer.train_step()
+    loss.item()
+    return (time.perf_counter() - t) / steps
+
+
 def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=None, dropout=None, print_fn=print):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
@@ -34,14 +46,7 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
         manual_seed(0)
         model = TransformerLM(cfg)
         trainer = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size))
-        for _ in range(3):
-            trainer.train_step()
-        trainer.train_step()[0].item()
-        t = time.perf_counter()
-        for _ in range(steps):
-            loss, _ = trainer.train_step()
-        loss.item()
-        lab_s = (time.perf_counter() - t) / steps
+        lab_s = measure_steps(trainer, steps)
     finally:
         _backend._state.update(prev)
     tokens = batch_size * cfg.block_size

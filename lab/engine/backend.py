@@ -57,6 +57,8 @@ class Backend:
     def cross_entropy(self, logits, targets, ignore_index): raise NotImplementedError  # -> loss, saved
     def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index): raise NotImplementedError
     def dropout(self, x, p, seed): raise NotImplementedError
+    def lora_down(self, x, a): raise NotImplementedError           # x (M, K) @ a (r, K)^T -> (M, r)
+    def lora_up_add(self, base, h, b, scale): raise NotImplementedError  # base + scale * h @ b^T, b (N, r)
 
     # -- optimizers (in place) --
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step): raise NotImplementedError

@@ -217,6 +217,12 @@ class NumpyBackend(Backend):
         keep = dropout_keep_mask(x.size, p, seed).reshape(x.shape)
         return np.where(keep, x * x.dtype.type(1.0 / (1.0 - p)), 0).astype(x.dtype, copy=False)
 
+    def lora_down(self, x, a):
+        return x @ a.T
+
+    def lora_up_add(self, base, h, b, scale):
+        return base + base.dtype.type(scale) * (h @ b.T)
+
     # -- optimizers (in place) --
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step):
         p -= lr * wd * p

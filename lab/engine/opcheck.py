@@ -80,6 +80,9 @@ CASES = [
     Case("cross_entropy", lambda x, t: F.cross_entropy(x, t), [(_x(6, 9), _x(6)), (_x(2, 50, 65), _x(2, 50)), (_x(7, 3001), _x(7))],
          kinds=("normal", "target:-1"), fwd_tol=1e-5),
     Case("dropout", lambda a: F.dropout(a, 0.3, seed=1234), [(_x(4, 9),), (_x(3001,),)]),
+    Case("lora_add", lambda y, x, a, b: F.lora_add(y, x, a, b, 2.0),
+         [(_x(3, 4, 5), _x(3, 4, 6), _x(2, 6), _x(5, 2)), (_x(300, 67), _x(300, 33), _x(8, 33), _x(67, 8)),
+          (_x(1, 1), _x(1, 1), _x(1, 1), _x(1, 1))], fwd_tol=1e-5),
     Case("attention", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(_x(2, 2, 5, 3),) * 3, (_x(1, 3, 33, 8),) * 3]),
 ]
 

@@ -504,6 +504,30 @@ def dropout(x, p=0.1, training=True, seed=None):
     return Tensor._make(B.dropout(x.data, p, seed), B, (x,), lambda g: (B.dropout(g, p, seed),))
 
 
+def lora_add(base_out, x, A, B, scale):
+    """base_out + scale * (x A^T) B^T: LoRA's update added to a frozen layer's output.
+    x (..., K), A (r, K), B (N, r), base_out (..., N). Forward fused (lora.wgsl); backward four matmuls."""
+    K, N = x.shape[-1], base_out.shape[-1]
+    r = A.shape[0]
+    if A.shape != (r, K) or B.shape != (N, r) or base_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"lora_add: shapes do not fit: x {_shape_str(x.shape)}, A {_shape_str(A.shape)} (want (r, {K})), "
+                         f"B {_shape_str(B.shape)} (want ({N}, {r})), base output {_shape_str(base_out.shape)}")
+    Bk = x.backend
+    M = math.prod(x.shape[:-1])
+    x2 = Bk.reshape(x.data, (M, K))
+    h = Bk.lora_down(x2, A.data)                                             # (M, r)
+    y = Bk.lora_up_add(Bk.reshape(base_out.data, (M, N)), h, B.data, scale)  # (M, N)
+
+    def backward(g):
+        g3 = Bk.reshape(g, (1, M, N))
+        dB = Bk.scalar("mul", Bk.matmul(g3, Bk.reshape(h, (1, M, r)), True, False), scale)    # s g^T h: (N, r)
+        dh = Bk.scalar("mul", Bk.matmul(g3, Bk.reshape(B.data, (1, N, r))), scale)            # s g B:   (M, r)
+        dA = Bk.matmul(dh, Bk.reshape(x2, (1, M, K)), True, False)                            # dh^T x:  (r, K)
+        dx = Bk.matmul(dh, Bk.reshape(A.data, (1, r, K))) if x.requires_grad else None       # dh A:    (M, K)
+        return (g, None if dx is None else Bk.reshape(dx, x.shape), Bk.reshape(dA, (r, K)), Bk.reshape(dB, (N, r)))
+    return Tensor._make(Bk.reshape(y, base_out.shape), Bk, (base_out, x, A, B), backward)
+
+
 def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0, training=True, return_weights=False):
     """softmax(q k^T / sqrt(D), causal mask) v for q, k, v of shape (B, H, T, D).
 

@@ -450,6 +450,18 @@ class WgpuBackend(Backend):
         self._flat("dropout", "main", [x.size, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))], [x, out], x.size)
         return out
 
+    def lora_down(self, x, a):
+        (M, K), r = x.shape, a.shape[0]
+        out = self._alloc((M, r), "float32")
+        self._flat("lora", "down_main", [M, K, 0, r, 0], [x, a, None, out], M * r)
+        return out
+
+    def lora_up_add(self, base, h, b, scale):
+        (M, N), r = base.shape, h.shape[1]
+        out = self._alloc((M, N), "float32")
+        self._flat("lora", "up_add_main", [M, 0, N, r, _f32bits(scale)], [h, b, base, out], M * N)
+        return out
+
     # ------------------------------------------------------------------ optimizers (in place)
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step):
         params = [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step)]

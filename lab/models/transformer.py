@@ -109,7 +109,7 @@ class TransformerLM(nn.Module):
         if cfg.positions == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         else:
-            self.wpe_fixed = tensor(nn.sinusoidal_positions(cfg.block_size, cfg.n_embd))
+            self._positions = tensor(nn.sinusoidal_positions(cfg.block_size, cfg.n_embd))
         self.drop = nn.Dropout(cfg.dropout)
         self.h = [Block(cfg) for _ in range(cfg.n_layer)]
         self.ln_f = nn.LayerNorm(cfg.n_embd, cfg.bias)
@@ -122,7 +122,7 @@ class TransformerLM(nn.Module):
         if end > self.config.block_size:
             raise ValueError(f"sequence length {end} exceeds block_size {self.config.block_size}")
         tok = self.wte(idx)                                                    # (B, T, C)
-        table = self.wpe.weight if self.config.positions == "learned" else self.wpe_fixed
+        table = self.wpe.weight if self.config.positions == "learned" else self._positions
         return self.drop(tok + table[start:end])                               # + (T, C)
 
     def forward(self, idx, targets=None, return_attention=False, return_hidden=False):

@@ -13,32 +13,37 @@ def parameter(values):
 
 
 class Module:
+    """Every public Tensor attribute is a parameter, trainable or frozen (requires_grad False); tensors that are
+    constants of the computation (fixed position tables, masks) live in attributes named with a leading '_'."""
     training = True
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def named_parameters(self, prefix=""):
+    def named_modules(self, prefix=""):
+        yield prefix.rstrip("."), self
         for name, value in vars(self).items():
-            if isinstance(value, Tensor) and value.requires_grad:
-                yield prefix + name, value
-            elif isinstance(value, Module):
-                yield from value.named_parameters(f"{prefix}{name}.")
+            if isinstance(value, Module):
+                yield from value.named_modules(f"{prefix}{name}.")
             elif isinstance(value, (list, tuple)):
                 for i, item in enumerate(value):
                     if isinstance(item, Module):
-                        yield from item.named_parameters(f"{prefix}{name}.{i}.")
+                        yield from item.named_modules(f"{prefix}{name}.{i}.")
+
+    def modules(self):
+        return (m for _, m in self.named_modules())
+
+    def named_parameters(self, prefix=""):
+        for path, module in self.named_modules(prefix):
+            for name, value in vars(module).items():
+                if isinstance(value, Tensor) and not name.startswith("_"):
+                    yield (f"{path}.{name}" if path else name), value
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
-    def modules(self):
-        yield self
-        for value in vars(self).values():
-            items = value if isinstance(value, (list, tuple)) else [value]
-            for item in items:
-                if isinstance(item, Module):
-                    yield from item.modules()
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
 
     def train(self, mode=True):
         for m in self.modules():
@@ -48,14 +53,31 @@ class Module:
     def eval(self):
         return self.train(False)
 
+    # -- LoRA adapters (lab.lora) --
+    def use_adapter(self, enabled=True):
+        from .. import lora
+        return lora.use_adapter(self, enabled)
+
+    def save_adapter(self, directory, base_model_name_or_path=None):
+        from .. import lora
+        return lora.save_adapter(self, directory, base_model_name_or_path)
+
+    def merge_adapter(self):
+        from .. import lora
+        return lora.merge(self)
+
+    def unmerge_adapter(self):
+        from .. import lora
+        return lora.unmerge(self)
+
     def optimizer_groups(self, weight_decay):
         """Weight decay on matrices and embedding tables (2D and up), never on biases or LayerNorm gains (nanoGPT)."""
         params = self.parameters()
         return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
-    def num_parameters(self):
-        return sum(p.size for p in self.parameters())
+    def num_parameters(self, trainable_only=False):
+        return sum(p.size for p in (self.trainable_parameters() if trainable_only else self.parameters()))
 
     def state_dict(self):
         """Parameter name -> numpy array (a copy; a sync point on the GPU)."""

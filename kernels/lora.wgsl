@@ -1,0 +1,47 @@
+// LoRA's low-rank path, fused with the frozen layer's output (Hu et al., 2021):
+//   y = base + s * (x A^T) B^T,   x: (M, K), A: (r, K), B: (N, r), s = alpha / r
+//   down_main:   H[m, j] = sum_k X[m, k] A[j, k]                     H = x A^T: (M, r), one thread per (m, j)
+//   up_add_main: Y[m, n] = BASE[m, n] + s * sum_j H[m, j] B[n, j]    one thread per (m, n): the up-projection
+//                and the addition to the base output in a single pass over Y, r (<= 64 or so) FMAs per element
+// The backward (dA, dB, dx) is four matmuls with a K as large as M or N, which the tiled matmul kernel serves.
+// Bindings: P = [M, K, N, r, s bits], @binding(1) IN (X or H), @binding(2) W (A or B), @binding(3) BASE, @binding(4) OUT.
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> IN: array<f32>;
+@group(0) @binding(2) var<storage, read> W: array<f32>;
+@group(0) @binding(3) var<storage, read> BASE: array<f32>;
+@group(0) @binding(4) var<storage, read_write> OUT: array<f32>;
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 { return (wid.y * nwg.x + wid.x) * WG + lid; }
+
+@compute @workgroup_size(WG)
+fn down_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let e = flat(wid, nwg, lid);
+    let M = P[0];
+    let K = P[1];
+    let r = P[3];
+    if (e >= M * r) { return; }
+    let m = e / r;
+    let j = e % r;
+    var acc = 0.0;
+    for (var k = 0u; k < K; k++) { acc += IN[m * K + k] * W[j * K + k]; }
+    OUT[e] = acc;
+}
+
+@compute @workgroup_size(WG)
+fn up_add_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let e = flat(wid, nwg, lid);
+    let M = P[0];
+    let N = P[2];
+    let r = P[3];
+    if (e >= M * N) { return; }
+    let m = e / N;
+    let n = e % N;
+    var acc = 0.0;
+    for (var j = 0u; j < r; j++) { acc += IN[m * r + j] * W[n * r + j]; }
+    OUT[e] = BASE[e] + bitcast<f32>(P[4]) * acc;
+}

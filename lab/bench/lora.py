@@ -1,0 +1,54 @@
+"""LoRA fine-tuning throughput: adapter training tokens/s on this device, the projected time for 1 M tokens, and
+full fine-tuning of the same model in the same run for comparison."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .. import lora
+from ..data import CharTokenizer, load_corpus
+from ..engine import backend as _backend
+from ..engine.backend import backend_instance
+from ..engine.random import manual_seed
+from ..models import PRESETS, TransformerLM
+from ..train import TrainConfig, Trainer
+from .train import measure_steps
+
+
+def run_lora_bench(preset, backend_name, r=8, batch_size=None, steps=20, out_path=None, print_fn=print):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    backend = backend_instance(backend_name)
+    prev = dict(_backend._state)
+    _backend._state.update(backend=backend, reason="benchmark")
+    try:
+        base_text, tune_text = load_corpus("kjv"), load_corpus("sonnets")
+        tok = CharTokenizer.from_text(base_text + tune_text)
+        ids = tok.encode(tune_text)
+        cfg = replace(PRESETS[preset], vocab_size=tok.vocab_size)
+        batch_size = batch_size or (64 if preset == "shakespeare-char" else 12)
+        tcfg = TrainConfig(steps=10**9, batch_size=batch_size)
+        manual_seed(0)
+        full_s = measure_steps(Trainer(TransformerLM(cfg), ids, ids, tcfg), steps)
+        manual_seed(0)
+        model = lora.apply(TransformerLM(cfg), r=r, alpha=2 * r)
+        lora_s = measure_steps(Trainer(model, ids, ids, tcfg), steps)
+    finally:
+        _backend._state.update(prev)
+    tokens = batch_size * cfg.block_size
+    tps = tokens / lora_s
+    result = {"suite": "lora", "preset": preset, "backend": backend.name, "r": r, "batch_size": batch_size,
+              "block_size": cfg.block_size, "parameters": model.num_parameters(),
+              "trainable_parameters": model.num_parameters(trainable_only=True),
+              "lora_tokens_per_s": tps, "full_tokens_per_s": tokens / full_s,
+              "minutes_per_million_tokens": 1e6 / tps / 60}
+    if backend.name == "wgpu":
+        result["device"] = backend.device_info["device"]
+    print_fn(f"lora {preset} r={r} ({result['trainable_parameters']:,} of {result['parameters']:,} parameters "
+             f"trainable, batch {batch_size} x {cfg.block_size}) on {result.get('device', backend.name)}: "
+             f"{tps:,.0f} tokens/s adapter training, {tokens / full_s:,.0f} tokens/s full fine-tuning; "
+             f"1 M tokens of adapter training: {result['minutes_per_million_tokens']:.1f} min")
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(result, indent=2))
+        print_fn(f"wrote {out_path}")
+    return result
