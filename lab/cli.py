@@ -70,10 +70,15 @@ def _selftest(args):
 
 
 def _bench(args):
-    if args.suite not in ("kernels", "train", "lora"):
-        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora")
+    if args.suite not in ("kernels", "train", "lora", "diagnostics"):
+        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics")
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name
+    if args.suite == "diagnostics":
+        from lab.bench.diagnostics import run_diagnostics_bench
+        out = args.out or f"bench-results/diagnostics-{args.preset}-{name}.json"
+        run_diagnostics_bench(args.preset, name, steps=args.steps if args.steps != 20 else 300, out_path=out)
+        return 0
     if args.suite == "lora":
         from lab.bench.lora import run_lora_bench
         out = args.out or f"bench-results/lora-{args.preset}-{name}.json"
@@ -138,7 +143,7 @@ def main(argv=None):
     s.set_defaults(fn=_selftest)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
-    b.add_argument("suite", help="kernels, train or lora")
+    b.add_argument("suite", help="kernels, train, lora or diagnostics")
     b.add_argument("--rank", type=int, default=8, help="lora: adapter rank")
     b.add_argument("--preset", default="tiny", help="train, lora: model preset")
     b.add_argument("--batch-size", type=int, help="train, lora: batch size (default 12, 64 for shakespeare-char)")

@@ -1,0 +1,48 @@
+"""Cost of the live diagnostics: train a preset with a DiagnosticsMonitor running every `every` steps and report
+the time spent in diagnostics as a share of the training time, measured in the same run."""
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..data import CharTokenizer, load_corpus, train_val_split
+from ..diagnostics.live import DiagnosticsMonitor
+from ..engine import backend as _backend
+from ..engine.backend import backend_instance
+from ..engine.random import manual_seed
+from ..models import PRESETS, TransformerLM
+from ..train import TrainConfig, Trainer
+
+
+def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=None, print_fn=print):
+    backend = backend_instance(backend_name)
+    prev = dict(_backend._state)
+    _backend._state.update(backend=backend, reason="benchmark")
+    try:
+        text = load_corpus()
+        tok = CharTokenizer.from_text(text)
+        tr, va = train_val_split(tok.encode(text))
+        manual_seed(0)
+        model = TransformerLM(replace(PRESETS[preset], vocab_size=tok.vocab_size))
+        trainer = Trainer(model, tr, va, TrainConfig(steps=steps, eval_every=10**9, log_every=10))
+        monitor = DiagnosticsMonitor(trainer, every=every)
+        t = time.perf_counter()
+        trainer.run(progress=False)
+        total = time.perf_counter() - t
+    finally:
+        _backend._state.update(prev)
+    share = monitor.seconds / (total - monitor.seconds)
+    last = monitor.reports[-1]
+    result = {"suite": "diagnostics", "preset": preset, "backend": backend.name, "steps": steps, "every": every,
+              "training_s": total - monitor.seconds, "diagnostics_s": monitor.seconds, "overhead": share,
+              "last_report": {k: v for k, v in last.items() if k != "fisher_groups"}}
+    print_fn(f"diagnostics every {every} steps on {preset} ({backend.name}): {monitor.seconds:.1f} s of diagnostics "
+             f"for {total - monitor.seconds:.1f} s of training = {100 * share:.1f}% overhead")
+    print_fn(f"last report (step {last['step']}): sharpness {last['sharpness']:.3g} vs threshold "
+             f"{last['threshold']:.3g}, Fisher trace {last['fisher_trace']:.3g}, noise scale {last['noise_scale']:.3g}, "
+             f"edge band {last['edge_band_pct']:.0f}%\n  {last['recommendation']}")
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(result, indent=2, default=float))
+        print_fn(f"wrote {out_path}")
+    return result
