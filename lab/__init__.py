@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 
 def sync():
-    """Submit all recorded GPU work (a no-op on numpy)."""
-    get_backend().sync()
+    """Submit all recorded GPU work and wait until the device has finished it (a no-op on numpy)."""
+    get_backend().sync(wait=True)
 
 
 def stats():

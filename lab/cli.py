@@ -96,6 +96,24 @@ def _bench(args):
     return 0
 
 
+def _plan(args):
+    from lab import plan
+    model = args.config or args.preset
+    if args.device == "this" and args.backend:
+        import lab
+        lab.set_backend(args.backend)
+    p = plan.estimate(model, batch=args.batch_size, seq=args.seq, tokens=args.tokens, steps=args.steps,
+                      lora_rank=args.lora_rank, device=args.device, optimizer=args.optimizer,
+                      vocab_size=args.vocab_size)
+    print(p)
+    if args.minutes is not None:
+        ok = p.fits and p.total_time_s <= args.minutes * 60
+        print(f"answer: {'yes' if ok else 'no'}: " + (f"predicted {p.total_time_s / 60:.1f} min "
+              f"{'within' if p.total_time_s <= args.minutes * 60 else 'over'} {args.minutes:g} min"
+              if p.fits else "the plan does not fit the device"))
+    return 0
+
+
 def _info(args):
     import lab
     if args.backend:
@@ -153,6 +171,21 @@ def main(argv=None):
     b.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")
     b.add_argument("--out", help="JSON output path (default bench-results/kernels-<backend>.json)")
     b.set_defaults(fn=_bench)
+
+    pl = sub.add_parser("plan", help="will a training plan fit a device, and how long will it take?")
+    pl.add_argument("--preset", default="tiny", help="model preset (or --config)")
+    pl.add_argument("--config", help="a config.json (lab or GPT-2) or a checkpoint directory")
+    pl.add_argument("--batch-size", type=int, default=12)
+    pl.add_argument("--seq", type=int, help="sequence length (default: the model's block_size)")
+    pl.add_argument("--tokens", type=float, help="training tokens (default 1e6)")
+    pl.add_argument("--steps", type=int, help="training steps (instead of --tokens)")
+    pl.add_argument("--lora-rank", type=int, help="plan LoRA fine-tuning with this rank (default: full training)")
+    pl.add_argument("--optimizer", default="adamw", help="adamw or sgd")
+    pl.add_argument("--vocab-size", type=int, help="vocabulary size (default: the preset's)")
+    pl.add_argument("--device", default="this", help="'this' (measured) or a profile: m1, rtx4090, h100, h200, cpu-2core")
+    pl.add_argument("--minutes", type=float, help="also answer: does it fit and finish within this many minutes?")
+    pl.add_argument("--backend", help=backend_help + " (for --device this)")
+    pl.set_defaults(fn=_plan)
 
     i = sub.add_parser("info", help="print the backend, the device, its limits and features")
     i.add_argument("--backend", help=backend_help)

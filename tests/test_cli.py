@@ -65,3 +65,12 @@ def test_train_saves_a_checkpoint_that_generate_reads(tmp_path):
     assert g.stdout.startswith("And") and len(g.stdout.rstrip("\n")) == 13
     bad = _lab("generate", "--checkpoint", str(tmp_path / "nope"), "--backend", "numpy")
     assert bad.returncode != 0 and "no such checkpoint directory" in bad.stderr
+
+
+def test_plan_answers_the_m1_question_in_one_command():
+    r = _lab("plan", "--preset", "tiny", "--tokens", "1e6", "--lora-rank", "8", "--device", "m1", "--minutes", "10")
+    assert r.returncode == 0, r.stderr
+    assert "Apple M1" in r.stdout and "spec-derived" in r.stdout and "65,536 trainable" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("answer: yes")
+    bad = _lab("plan", "--device", "tpu")
+    assert bad.returncode != 0 and "unknown device profile 'tpu'" in bad.stderr

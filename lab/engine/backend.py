@@ -31,8 +31,9 @@ class Backend:
     def to_numpy(self, a): raise NotImplementedError
     def full(self, shape, value, dtype="float32"): raise NotImplementedError
     def reshape(self, a, shape): raise NotImplementedError          # a view: shares storage
-    def sync(self): pass
+    def sync(self, wait=False): pass
     def stats(self): return {}
+    def reset_peak(self): pass
 
     # -- elementwise --
     def unary(self, op, a): raise NotImplementedError               # neg exp log sqrt tanh relu gelu

@@ -260,9 +260,11 @@ class WgpuBackend(Backend):
         self._pass.dispatch_workgroups(*grid)
         self._stats["dispatches"] += 1
 
-    def sync(self):
-        """Submit everything recorded so far."""
+    def sync(self, wait=False):
+        """Submit everything recorded so far; with wait=True also block until the device has finished it."""
         if self._encoder is None:
+            if wait:
+                self._wait()
             return
         self._pass.end()
         self.queue.write_buffer(self._arena, 0, self._arena_host, 0, self._arena_used)
@@ -274,9 +276,19 @@ class WgpuBackend(Backend):
         for size, buffers in self._recent.items():
             self._pool.setdefault(size, []).extend(buffers)
         self._recent.clear()
+        if wait:
+            self._wait()
+
+    def _wait(self):
+        # A 4-byte readback completes only after all earlier submitted work (wgpu 0.32's
+        # queue.on_submitted_work_done_sync fails with a callback signature mismatch).
+        self.queue.read_buffer(self._arena, 0, 4)
 
     def stats(self):
         return dict(self._stats)
+
+    def reset_peak(self):
+        self._stats["peak_bytes_in_use"] = self._stats["bytes_in_use"]
 
     # ------------------------------------------------------------------ elementwise
     def _flat(self, kernel, entry, params, bindings, n, subs=()):

@@ -1,0 +1,234 @@
+"""The hardware plan estimator: will a training plan fit, and how long will it take?
+
+Memory follows what lab's engine really holds during a training step: parameters, gradients and optimizer state,
+and every intermediate of the forward pass (the autograd graph keeps each op's output alive until backward
+reaches it), plus the logits and the backward's working set. Time is the matmul work at the profile's matmul
+rate, the activation floats at the profile's elementwise cost per float, the optimizer's traffic, and a fixed
+cost per op (33 + 99 ops per layer per step, counted on the engine). tests/test_plan.py checks both against
+the engine's measured peak bytes and step times.
+"""
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .profiles import get_profile
+
+F32 = 4
+
+
+@dataclass
+class Plan:
+    config: dict
+    batch: int
+    seq: int
+    tokens: float
+    steps: int
+    precision: str
+    optimizer: str
+    lora_rank: int
+    device: object
+    params: int = 0
+    trainable_params: int = 0
+    memory: dict = field(default_factory=dict)
+    largest_buffer: tuple = ("", 0)
+    flops_per_token: float = 0.0
+    total_flops: float = 0.0
+    step_time_s: float = 0.0
+    total_time_s: float = 0.0
+    fits: bool = True
+    reasons: list = field(default_factory=list)
+    suggestions: list = field(default_factory=list)
+    multi_device: str = ""
+
+    def __repr__(self):
+        gib = 2 ** 30
+        mode = f"LoRA r={self.lora_rank}" if self.lora_rank else "full training"
+        rows = [
+            ("model", f"{self.config['n_layer']} layers, {self.config['n_head']} heads, {self.config['n_embd']} dims, "
+                      f"vocab {self.config['vocab_size']}"),
+            ("plan", f"{mode}, batch {self.batch} x seq {self.seq}, {self.tokens:,.0f} tokens = {self.steps:,} steps, "
+                     f"{self.precision}, {self.optimizer}"),
+            ("device", f"{self.device.name} ({self.device.source.split(':')[0]})"),
+            ("parameters", f"{self.params:,} total, {self.trainable_params:,} trainable"),
+        ]
+        rows += [(f"memory: {k}", f"{v / 2 ** 20:,.1f} MiB") for k, v in self.memory.items()]
+        rows += [
+            ("largest buffer", f"{self.largest_buffer[0]}: {self.largest_buffer[1] / 2 ** 20:,.1f} MiB"),
+            ("device memory", f"{self.device.memory_bytes / gib:,.1f} GiB"),
+            ("FLOPs", f"{self.flops_per_token:,.0f} per token, {self.total_flops:.3g} in total"),
+            ("step time", f"{self.step_time_s * 1e3:,.1f} ms"),
+            ("total time", _duration(self.total_time_s)),
+            ("fits", "yes" if self.fits else "NO"),
+        ]
+        rows += [("reason", r) for r in self.reasons] + [("suggestion", s) for s in self.suggestions]
+        if self.multi_device:
+            rows.append(("more devices", self.multi_device))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+    def to_dict(self):
+        d = {k: v for k, v in self.__dict__.items() if k != "device"}
+        d["device"] = self.device.to_dict()
+        return d
+
+
+def _duration(s):
+    if s < 120:
+        return f"{s:,.1f} s"
+    if s < 7200:
+        return f"{s / 60:,.1f} min"
+    return f"{s / 3600:,.1f} h"
+
+
+def _config(config_or_preset):
+    from ..models.transformer import PRESETS, TransformerConfig
+    if isinstance(config_or_preset, TransformerConfig):
+        return config_or_preset
+    if isinstance(config_or_preset, str) and config_or_preset in PRESETS:
+        return PRESETS[config_or_preset]
+    path = Path(str(config_or_preset))
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        from ..checkpoint import _config_from_hf, read_json
+        data = read_json(path, "model config")
+        if data.get("model_type") == "gpt2":
+            return _config_from_hf(data, path)
+        return TransformerConfig(**{k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__})
+    raise ValueError(f"unknown model {config_or_preset!r}: a TransformerConfig, a preset ({sorted(PRESETS)}), or a "
+                     f"config.json (lab or GPT-2)")
+
+
+def count_params(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
+    C, L, V, T = c.n_embd, c.n_layer, c.vocab_size, c.block_size
+    bias = 1 if c.bias else 0
+    per_layer = 2 * (C + bias * C) + (3 * C * C + bias * 3 * C) + (C * C + bias * C) + (4 * C * C + bias * 4 * C) \
+        + (4 * C * C + bias * C)
+    total = V * C + (T * C if c.positions == "learned" else 0) + L * per_layer + C + bias * C
+    trainable = total
+    if lora_rank:
+        shapes = {"c_attn": [(C, 3 * C)], "c_proj": [(C, C), (4 * C, C)], "c_fc": [(C, 4 * C)]}
+        lora = L * sum(lora_rank * (i + o) for t in lora_targets for i, o in shapes[t])
+        total, trainable = total + lora, lora
+    return total, trainable
+
+
+def activation_floats(c, b, T, training=True):
+    """Floats of the forward intermediates the engine keeps until backward, and the largest one."""
+    N, C, H, L, V = b * T, c.n_embd, c.n_head, c.n_layer, c.vocab_size
+    drop = c.dropout > 0 and training
+    att = b * H * T * T
+    # per layer, in units of N*C: ln_1 1, c_attn (matmul + bias) 6, split 3, permute 3, att@v 1, permute back 1,
+    # c_proj (matmul + bias) 2, residual 1, ln_2 1, c_fc 8, gelu 4, mlp c_proj 2, residual 1  = 34;
+    # dropout adds 2 (residual paths); attention holds scores and softmax (and the dropped copy)
+    per_layer = (34 + (2 if drop else 0)) * N * C + (2 + (1 if drop else 0)) * att + 4 * N
+    embed = (2 + (1 if drop else 0)) * N * C + T * C
+    head = N * C + N * V + 3 * N + 2 * N                  # ln_f, logits, cross-entropy rows, ln_f stats
+    total = embed + L * per_layer + head
+    largest = max([("logits (B, T, vocab)", N * V), ("attention weights (B, H, T, T)", att),
+                   ("MLP hidden (B, T, 4C)", 4 * N * C), ("token embedding table", V * C)], key=lambda kv: kv[1])
+    return total, per_layer, largest
+
+
+def dropout_floats(c, b, T):
+    """Elements passed through dropout in a step, forward and backward (0 without dropout)."""
+    if c.dropout <= 0:
+        return 0
+    N = b * T
+    return 2 * (N * c.n_embd + c.n_layer * (2 * N * c.n_embd + b * c.n_head * T * T))
+
+
+def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
+    """Primitive ops (GPU dispatches) of one training step, as counted on the engine: 33 + 99 per layer,
+    dropout 2 + 6 per layer more, LoRA about 10 per adapted layer."""
+    ops = 33 + 99 * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
+    if lora_rank:
+        ops += c.n_layer * 10 * len(lora_targets)
+    return ops
+
+
+def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
+             lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), device=None, vocab_size=None):
+    """A Plan for training `config_or_preset` with this batch, sequence length and token budget on `device`
+    (None/'this': the measured current backend; or a named profile such as 'm1', 'rtx4090', 'h200')."""
+    c = _config(config_or_preset)
+    if vocab_size:
+        c = replace(c, vocab_size=vocab_size)
+    seq = seq or c.block_size
+    if seq > c.block_size:
+        c = replace(c, block_size=seq)
+    if precision != "fp32":
+        raise ValueError(f"precision {precision!r} is not supported yet: lab trains in fp32")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if batch < 1 or seq < 1:
+        raise ValueError(f"batch and seq must be >= 1, got {batch} and {seq}")
+    prof = get_profile(device)
+    tokens_per_step = batch * seq
+    if steps is None:
+        steps = math.ceil((tokens or 1e6) / tokens_per_step)
+    tokens = steps * tokens_per_step
+    params, trainable = count_params(c, lora_rank, lora_targets)
+    acts, per_layer, largest = activation_floats(c, batch, seq)
+    opt_floats = (2 if optimizer == "adamw" else 1) * trainable
+    # backward working set, measured on the engine: dlogits plus about 10 x (B, T, C) of gradients alive while
+    # the last block's MLP is differentiated (its 4C-wide output and GELU gradients, the residual's gradient)
+    backward = batch * seq * c.vocab_size + 10 * batch * seq * c.n_embd
+    memory = {
+        "weights": params * F32, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
+        "activations": acts * F32, "backward working set": backward * F32,
+    }
+    memory["total"] = sum(memory.values())
+    memory["KV cache (generation, batch 1)"] = 2 * c.n_layer * c.block_size * c.n_embd * F32
+    flops_per_token = 6 * params + 12 * c.n_layer * c.n_embd * seq
+    if lora_rank:  # no weight gradients for the frozen base: about 4 of the 6 FLOPs per parameter remain
+        flops_per_token = 4 * (params - trainable) + 6 * trainable + 12 * c.n_layer * c.n_embd * seq
+    ops = op_count(c, lora_rank, lora_targets)
+    # elementwise work scales with the activation floats (the profile says what one costs on the device); the
+    # optimizer reads and writes parameter, gradient and two moments of every trainable float
+    step_time = (flops_per_token * tokens_per_step / prof.matmul_flops + acts * prof.elementwise_s_per_float
+                 + dropout_floats(c, batch, seq) * prof.dropout_s_per_float
+                 + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
+    plan = Plan(config=c.to_dict(), batch=batch, seq=seq, tokens=tokens, steps=steps, precision=precision,
+                optimizer=optimizer, lora_rank=lora_rank or 0, device=prof, params=params,
+                trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
+                flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
+                total_time_s=step_time * steps)
+    _check_fit(plan, c, prof)
+    return plan
+
+
+def _check_fit(plan, c, prof):
+    total = plan.memory["total"]
+    if total > prof.memory_bytes:
+        plan.fits = False
+        plan.reasons.append(f"needs {total / 2 ** 30:.2f} GiB, the device has {prof.memory_bytes / 2 ** 30:.2f} GiB")
+    name, size = plan.largest_buffer
+    for limit, label in ((prof.max_binding_size, "max-storage-buffer-binding-size"), (prof.max_buffer_size, "max-buffer-size")):
+        if size > limit:
+            plan.fits = False
+            plan.reasons.append(f"the {name} tensor needs {size / 2 ** 20:.0f} MiB, above the device's {label} of "
+                                f"{limit / 2 ** 20:.0f} MiB")
+            break
+    if not plan.fits:
+        acts = plan.memory["activations"] + plan.memory["backward working set"]
+        fixed = total - acts
+        if fixed < prof.memory_bytes and plan.batch > 1:
+            b = max(1, int(plan.batch * (prof.memory_bytes - fixed) / acts * 0.9))
+            b = min(b, plan.batch - 1)
+            acc = math.ceil(plan.batch / b)
+            plan.suggestions.append(f"batch {b} with gradient accumulation over {acc} micro-batches keeps the "
+                                    f"effective batch of {plan.batch}")
+        if not plan.lora_rank:
+            plan.suggestions.append("fine-tune a LoRA adapter (e.g. lora_rank=8): no gradients or optimizer state "
+                                    "for the base weights")
+        elif plan.lora_rank > 4:
+            plan.suggestions.append(f"a smaller LoRA rank than {plan.lora_rank} cuts adapter memory")
+        if plan.seq > 64:
+            plan.suggestions.append(f"a shorter context than {plan.seq} shrinks activations and attention weights "
+                                    f"(quadratic in the context)")
+    n_devices = math.ceil(plan.total_time_s / 3600 / 24) if plan.total_time_s > 24 * 3600 else 0
+    if not plan.fits or n_devices > 1:
+        plan.multi_device = ("this run outgrows one device: export it (`python -m lab export --format hf`) and "
+                             "continue with PyTorch DDP across devices")

@@ -1,0 +1,184 @@
+"""Device profiles for the plan estimator: what a device sustains for lab's kernels.
+
+A measured profile times lab's own ops on the current backend: matmuls (forward and the two transposed products
+of a backward), an elementwise op, a one-element op for the fixed cost of an op, and a small probe training step
+from which the cost of the engine's elementwise work per activation float follows. Named profiles come from public specifications and are marked spec-derived; they
+assume lab sustains 30% of the fp32 peak in matmul and 50% of the memory bandwidth (what the H200 measurements
+in README.md show for lab's current kernels), and 60 us of host time per op.
+"""
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..engine.backend import backend_instance, get_backend
+from ..engine.tensor import no_grad, tensor
+
+MATMUL_EFFICIENCY, BANDWIDTH_EFFICIENCY, SPEC_OP_OVERHEAD_S = 0.30, 0.50, 60e-6
+
+
+@dataclass
+class DeviceProfile:
+    name: str
+    source: str                   # "measured" or "spec-derived: ..."
+    matmul_flops: float           # FLOP/s lab's matmul sustains
+    bandwidth: float              # bytes/s an elementwise op sustains (read + write) on arrays beyond the caches
+    op_overhead_s: float          # fixed cost of one op (host recording, launch, autograd bookkeeping)
+    memory_bytes: int             # memory available to the device
+    max_buffer_size: int
+    max_binding_size: int
+    elementwise_s_per_float: float = 0.0  # training-step time per activation float beyond matmuls and op costs
+    dropout_s_per_float: float = 0.0      # one dropout (its mask from the counter-based RNG) per element
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# elementwise work per activation float in a step: about 6 passes, each moving 3 floats (see estimator.py)
+SPEC_BYTES_PER_ACTIVATION_FLOAT = 6 * 3 * 4
+DROPOUT_BYTES_PER_FLOAT = 2 * 4  # on a GPU the mask is computed in registers: one read, one write
+
+
+def _spec(name, tflops, gbs, mem_gib, note, max_buffer=None, max_binding=None):
+    mem = int(mem_gib * 2 ** 30)
+    bandwidth = gbs * 1e9 * BANDWIDTH_EFFICIENCY
+    return DeviceProfile(name, f"spec-derived: {note}", tflops * 1e12 * MATMUL_EFFICIENCY, bandwidth,
+                         SPEC_OP_OVERHEAD_S, mem, max_buffer or min(mem, 2 ** 32 - 1),
+                         max_binding or min(mem, 2 ** 31 - 4), SPEC_BYTES_PER_ACTIVATION_FLOAT / bandwidth,
+                         DROPOUT_BYTES_PER_FLOAT / bandwidth)
+
+
+PROFILES = {
+    "m1": _spec("Apple M1 8-core GPU (MacBook Air, 8 GB)", 2.6, 68.25, 8 * 0.75,
+                "2.6 TFLOP/s fp32, 68 GB/s LPDDR4X, ~75% of 8 GB unified memory usable by the GPU",
+                max_buffer=2 ** 32 - 1, max_binding=2 ** 32 - 1),
+    "rtx4090": _spec("NVIDIA RTX 4090", 82.6, 1008, 24, "82.6 TFLOP/s fp32, 1008 GB/s GDDR6X, 24 GB"),
+    "h100": _spec("NVIDIA H100 SXM", 67, 3350, 80, "67 TFLOP/s fp32 (no tensor cores), 3.35 TB/s HBM3, 80 GB"),
+    "h200": _spec("NVIDIA H200", 67, 4800, 141, "67 TFLOP/s fp32 (no tensor cores), 4.8 TB/s HBM3e, 141 GB"),
+    "cpu-2core": DeviceProfile("2-core x86 CPU (numpy backend)", "spec-derived: 2 cores x 3 GHz x 32 fp32 FLOP/cycle "
+                               "= 192 GFLOP/s peak, ~60% in BLAS; ~8 GB/s for numpy temporaries; 24 GB",
+                               115e9, 8e9, 25e-6, 24 * 2 ** 30, 2 ** 62, 2 ** 62, SPEC_BYTES_PER_ACTIVATION_FLOAT / 8e9, 6e-9),
+}
+
+_measured = {}
+
+
+def _time(fn, sync, budget=0.4, rounds=5):
+    """Seconds per call: the best of `rounds` timed rounds (the least disturbed by other work on the machine)."""
+    fn()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    probe = time.perf_counter() - t
+    reps = int(max(2, min(200, budget / rounds / max(probe, 1e-9))))
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def profile_device(backend=None, refresh=False):
+    """Measure the current (or given) backend with short micro-benchmarks of lab's own ops; cached per process."""
+    b = backend_instance(backend) if backend is not None else get_backend()
+    key = b.name
+    if key in _measured and not refresh:
+        return _measured[key]
+    rng = np.random.default_rng(0)
+
+    def sync_of(out):
+        def sync():
+            if b.name == "wgpu":
+                b.sync()
+                b.queue.read_buffer(out["t"].data.buffer, 0, 4)
+        return sync
+
+    from ..engine import ops as F
+    with no_grad():
+        box = {}
+        # a training step's matmuls: the forward product and the two transposed ones of its backward
+        a = tensor(rng.standard_normal((1024, 256)).astype(np.float32), backend=b)
+        w = tensor(rng.standard_normal((256, 768)).astype(np.float32), backend=b)
+        g = tensor(rng.standard_normal((1024, 768)).astype(np.float32), backend=b)
+
+        def matmuls():
+            box["t"] = a @ w
+            box["t"] = F.matmul(g, w, transpose_b=True)
+            box["t"] = F.matmul(a, g, transpose_a=True)
+        t_mm = _time(matmuls, sync_of(box)) / 3
+        # an elementwise op on arrays beyond the caches, allocating its output as training's temporaries do
+        x = tensor(rng.standard_normal(1 << 22).astype(np.float32), backend=b)
+        t_ew = _time(lambda: box.__setitem__("t", x + x), sync_of(box))
+        one = tensor(np.ones(1, dtype=np.float32), backend=b)
+        t_op = _time(lambda: box.__setitem__("t", one + one), sync_of(box))
+        t_drop = _time(lambda: box.__setitem__("t", F.dropout(x, 0.1, seed=1)), sync_of(box))
+    if b.name == "wgpu":
+        limits = b.device_info["limits"]
+        name, max_buffer, max_binding = b.device_info["device"], limits["max-buffer-size"], limits["max-storage-buffer-binding-size"]
+        memory = _device_memory_guess(b)
+    else:
+        import os
+        name, max_buffer, max_binding = "this CPU (numpy backend)", 2 ** 62, 2 ** 62
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    prof = DeviceProfile(name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
+                         3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, int(memory), int(max_buffer),
+                         int(max_binding), 0.0, max(t_drop - t_op, 0.0) / (1 << 22))
+    prof.elementwise_s_per_float = _probe_elementwise_cost(b, prof)
+    _measured[key] = prof
+    return prof
+
+
+def _probe_elementwise_cost(backend, prof):
+    """Time a small training step (best of several) and attribute what matmuls and per-op costs do not explain to
+    the step's activation floats: the cost of the engine's elementwise work per float, on this device."""
+    from ..engine import backend as _b
+    from ..engine.random import get_state, manual_seed, set_state
+    from ..models.transformer import TransformerConfig, TransformerLM
+    from ..train import TrainConfig, Trainer
+    from .estimator import activation_floats, op_count
+    cfg, batch = TransformerConfig(vocab_size=64, block_size=48, n_layer=2, n_head=4, n_embd=112), 6
+    prev, rng_state = dict(_b._state), get_state()
+    _b._state.update(backend=backend, reason="profile")
+    try:
+        manual_seed(0)
+        ids = np.random.default_rng(0).integers(0, 64, 5000).astype(np.int32)
+        model = TransformerLM(cfg)
+        trainer = Trainer(model, ids, ids, TrainConfig(steps=100, batch_size=batch))
+        trainer.train_step()[0].item()
+        best = float("inf")
+        for _ in range(9):
+            t = time.perf_counter()
+            trainer.train_step()[0].item()
+            best = min(best, time.perf_counter() - t)
+    finally:
+        _b._state.update(prev)
+        set_state(rng_state)
+    matmul = model.flops_per_token() * batch * cfg.block_size / prof.matmul_flops
+    rest = best - matmul - op_count(cfg) * prof.op_overhead_s
+    acts = activation_floats(cfg, batch, cfg.block_size)[0]
+    return max(rest, 0.1 * best) / acts
+
+
+def _device_memory_guess(backend):
+    """WebGPU does not report device memory; take the matching named profile's, else the host's memory."""
+    import os
+    dev = backend.device_info["device"].lower()
+    for key, prof in PROFILES.items():
+        if key in dev.replace(" ", ""):
+            return prof.memory_bytes
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def get_profile(device=None):
+    """A DeviceProfile: None or "this" measures the current backend; a name picks a spec-derived profile."""
+    if device is None or device == "this":
+        return profile_device()
+    if isinstance(device, DeviceProfile):
+        return device
+    if device not in PROFILES:
+        raise ValueError(f"unknown device profile {device!r}: choose 'this' (measured) or one of {sorted(PROFILES)}")
+    return PROFILES[device]

