@@ -115,7 +115,8 @@ def count_params(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
 
 
 def activation_floats(c, b, T, training=True):
-    """Floats of the forward intermediates the engine keeps until backward, and the largest one."""
+    """Floats of the forward intermediates the engine keeps until backward: the total, one layer's, the largest
+    single tensor (name, floats), and the total split into embeddings, layers, logits and loss."""
     N, C, H, L, V = b * T, c.n_embd, c.n_head, c.n_layer, c.vocab_size
     drop = c.dropout > 0 and training
     att = b * H * T * T
@@ -128,7 +129,7 @@ def activation_floats(c, b, T, training=True):
     total = embed + L * per_layer + head
     largest = max([("logits (B, T, vocab)", N * V), ("attention weights (B, H, T, T)", att),
                    ("MLP hidden (B, T, 4C)", 4 * N * C), ("token embedding table", V * C)], key=lambda kv: kv[1])
-    return total, per_layer, largest
+    return total, per_layer, largest, {"embeddings": embed, "layers": L * per_layer, "logits and loss": head}
 
 
 def dropout_floats(c, b, T):
@@ -170,16 +171,19 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
         steps = math.ceil((tokens or 1e6) / tokens_per_step)
     tokens = steps * tokens_per_step
     params, trainable = count_params(c, lora_rank, lora_targets)
-    acts, per_layer, largest = activation_floats(c, batch, seq)
+    acts, per_layer, largest, parts = activation_floats(c, batch, seq)
     opt_floats = (2 if optimizer == "adamw" else 1) * trainable
     # backward working set, measured on the engine: dlogits plus about 10 x (B, T, C) of gradients alive while
     # the last block's MLP is differentiated (its 4C-wide output and GELU gradients, the residual's gradient)
     backward = batch * seq * c.vocab_size + 10 * batch * seq * c.n_embd
     memory = {
         "weights": params * F32, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
-        "activations": acts * F32, "backward working set": backward * F32,
+        f"activations: {c.n_layer} layers": parts["layers"] * F32, "activations: embeddings": parts["embeddings"] * F32,
+        "activations: logits and loss": parts["logits and loss"] * F32, "backward working set": backward * F32,
     }
     memory["total"] = sum(memory.values())
+    memory["activations"] = acts * F32                               # (the three activation rows together)
+    memory["activations per layer"] = per_layer * F32
     memory["KV cache (generation, batch 1)"] = 2 * c.n_layer * c.block_size * c.n_embd * F32
     flops_per_token = 6 * params + 12 * c.n_layer * c.n_embd * seq
     if lora_rank:  # no weight gradients for the frozen base: about 4 of the 6 FLOPs per parameter remain
@@ -212,7 +216,7 @@ def _check_fit(plan, c, prof):
                                 f"{limit / 2 ** 20:.0f} MiB")
             break
     if not plan.fits:
-        acts = plan.memory["activations"] + plan.memory["backward working set"]
+        acts = plan.memory["activations"] + plan.memory["backward working set"]  # what scales with the batch
         fixed = total - acts
         if fixed < prof.memory_bytes and plan.batch > 1:
             b = max(1, int(plan.batch * (prof.memory_bytes - fixed) / acts * 0.9))
