@@ -1,6 +1,5 @@
 """Text generation: greedy, temperature, top-k, top-p (nucleus), repetition penalty and beam search, with a KV
 cache on the device so each new token costs one small forward pass instead of a full recomputation."""
-import math
 
 import numpy as np
 
@@ -25,6 +24,15 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def _prompt_ids(prompt, tokenizer):
+    """(token ids, whether the prompt was text)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+        return np.asarray(tokenizer.encode(prompt), dtype=np.int64), True
+    return np.asarray(prompt, dtype=np.int64).reshape(-1), False
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -72,12 +80,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
             return generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, greedy=greedy, tokenizer=tokenizer, stop=stop,
                             on_token=on_token, seed=seed, use_cache=use_cache)
-    as_text = isinstance(prompt, str)
-    if as_text:
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
-        prompt = tokenizer.encode(prompt)
-    ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if stop is not None and tokenizer is None:
         raise ValueError("a stop string needs a tokenizer")
@@ -136,12 +139,7 @@ def _full_logits(model, seq, block):
 def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None):
     """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
     Returns ids (or text for a text prompt)."""
-    as_text = isinstance(prompt, str)
-    if as_text:
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
-        prompt = tokenizer.encode(prompt)
-    ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")

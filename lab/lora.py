@@ -18,7 +18,6 @@ from . import nn
 from .checkpoint import CheckpointError, _AtomicDir, read_json, read_safetensors
 from .engine import ops as F
 from .engine.random import generator
-from .engine.tensor import no_grad
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lab.diagnostics.edge import (EdgeParams, efficiency_surface, ema_along, gaussian_smooth, local_logsumexp,
+from lab.diagnostics.edge import (efficiency_surface, ema_along, gaussian_smooth, local_logsumexp,
                                   plot_surface)
 
 

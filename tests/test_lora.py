@@ -7,7 +7,7 @@ import pytest
 import lab
 from lab import lora
 from lab.checkpoint import CheckpointError
-from lab.data import CharTokenizer, get_batch, load_corpus, train_val_split
+from lab.data import CharTokenizer, load_corpus, train_val_split
 from lab.generate import generate
 from lab.models import PRESETS, TransformerLM
 from lab.train import TrainConfig, Trainer

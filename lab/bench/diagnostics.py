@@ -7,8 +7,7 @@ from pathlib import Path
 
 from ..data import CharTokenizer, load_corpus, train_val_split
 from ..diagnostics.live import DiagnosticsMonitor
-from ..engine import backend as _backend
-from ..engine.backend import backend_instance
+from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import PRESETS, TransformerLM
 from ..train import TrainConfig, Trainer
@@ -16,9 +15,7 @@ from ..train import TrainConfig, Trainer
 
 def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=None, print_fn=print):
     backend = backend_instance(backend_name)
-    prev = dict(_backend._state)
-    _backend._state.update(backend=backend, reason="benchmark")
-    try:
+    with using_backend(backend):
         text = load_corpus()
         tok = CharTokenizer.from_text(text)
         tr, va = train_val_split(tok.encode(text))
@@ -29,8 +26,6 @@ def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=N
         t = time.perf_counter()
         trainer.run(progress=False)
         total = time.perf_counter() - t
-    finally:
-        _backend._state.update(prev)
     share = monitor.seconds / (total - monitor.seconds)
     last = monitor.reports[-1]
     result = {"suite": "diagnostics", "preset": preset, "backend": backend.name, "steps": steps, "every": every,

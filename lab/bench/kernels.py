@@ -1,13 +1,12 @@
 """Kernel benchmark: matmul GFLOP/s and elementwise / layernorm GB/s on a lab backend, side by side with numpy
 (and PyTorch when importable) in the same run, reported as ratios.
 
-GPU timing: `reps` launches are recorded and submitted together, then one small readback waits for them all;
-the submit + readback latency is amortized over the reps. The first call of each op (pipeline compile, buffer
-creation) is excluded as warm-up.
+GPU timing: each round's launches are recorded and submitted together, then one small readback waits for them
+all, so the submit + readback latency is amortized; the best of several rounds is kept, and the first call of
+each op (pipeline compile, buffer creation) is excluded as warm-up.
 """
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +14,9 @@ import numpy as np
 from ..engine import ops as F
 from ..engine.backend import backend_instance
 from ..engine.tensor import no_grad, tensor
+from .timing import best_seconds
 
 MATMUL_SIZES = (256, 512, 1024, 2048, 4096)
-
-
-def _timeit(run, finish, budget_s=0.5, max_reps=50):
-    """Seconds per call of run(): one warm-up, one timed probe, then as many reps as fit in budget_s."""
-    run()
-    finish()
-    t = time.perf_counter()
-    run()
-    finish()
-    probe = time.perf_counter() - t
-    reps = int(max(1, min(max_reps, budget_s / max(probe, 1e-9))))
-    if reps == 1:
-        return probe
-    t = time.perf_counter()
-    for _ in range(reps):
-        run()
-    finish()
-    return (time.perf_counter() - t) / reps
 
 
 def _lab_timer(backend, fn, *arrays):
@@ -79,13 +61,13 @@ def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, p
 
     def measure(label, fn_lab, fn_name, arrays, work, unit):
         nonlocal torch_dev
-        t_lab = _timeit(*_lab_timer(backend, fn_lab, *arrays), budget_s=budget_s)
-        t_np = _timeit(*_lab_timer(numpy_b, fn_lab, *arrays), budget_s=budget_s)
+        t_lab = best_seconds(*_lab_timer(backend, fn_lab, *arrays), budget=budget_s)
+        t_np = best_seconds(*_lab_timer(numpy_b, fn_lab, *arrays), budget=budget_s)
         row = {"op": label, "unit": unit, "lab": work / t_lab / 1e9, "numpy": work / t_np / 1e9}
         tt = _torch_timer(fn_name, arrays)
         if tt[0] is not None:
             torch_run, torch_sync, torch_dev = tt
-            t_torch = _timeit(torch_run, torch_sync, budget_s=budget_s)
+            t_torch = best_seconds(torch_run, torch_sync, budget=budget_s)
             row["torch"] = work / t_torch / 1e9
         row["lab/numpy"] = row["lab"] / row["numpy"]
         if "torch" in row:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from .. import lora
 from ..data import CharTokenizer, load_corpus
-from ..engine import backend as _backend
-from ..engine.backend import backend_instance
+from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import PRESETS, TransformerLM
 from ..train import TrainConfig, Trainer
@@ -18,9 +17,7 @@ def run_lora_bench(preset, backend_name, r=8, batch_size=None, steps=20, out_pat
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     backend = backend_instance(backend_name)
-    prev = dict(_backend._state)
-    _backend._state.update(backend=backend, reason="benchmark")
-    try:
+    with using_backend(backend):
         base_text, tune_text = load_corpus("kjv"), load_corpus("sonnets")
         tok = CharTokenizer.from_text(base_text + tune_text)
         ids = tok.encode(tune_text)
@@ -32,8 +29,6 @@ def run_lora_bench(preset, backend_name, r=8, batch_size=None, steps=20, out_pat
         manual_seed(0)
         model = lora.apply(TransformerLM(cfg), r=r, alpha=2 * r)
         lora_s = measure_steps(Trainer(model, ids, ids, tcfg), steps)
-    finally:
-        _backend._state.update(prev)
     tokens = batch_size * cfg.block_size
     tps = tokens / lora_s
     result = {"suite": "lora", "preset": preset, "backend": backend.name, "r": r, "batch_size": batch_size,

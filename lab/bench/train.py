@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import CharTokenizer, get_batch, load_corpus
-from ..engine.backend import backend_instance
-from ..engine import backend as _backend
+from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import PRESETS, TransformerLM
 from ..train import TrainConfig, Trainer
@@ -33,9 +32,7 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     backend = backend_instance(backend_name)
-    prev = dict(_backend._state)
-    _backend._state.update(backend=backend, reason="benchmark")
-    try:
+    with using_backend(backend):
         text = load_corpus()
         tok = CharTokenizer.from_text(text)
         ids = tok.encode(text)
@@ -47,8 +44,6 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
         model = TransformerLM(cfg)
         trainer = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size))
         lab_s = measure_steps(trainer, steps)
-    finally:
-        _backend._state.update(prev)
     tokens = batch_size * cfg.block_size
     result = {"suite": "train", "preset": preset, "backend": backend.name, "batch_size": batch_size,
               "block_size": cfg.block_size, "parameters": model.num_parameters(), "steps": steps,

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.tensor import no_grad
 
 
 # ------------------------------------------------------------------------------------------------ gradients

@@ -5,6 +5,7 @@ Everything above it (Tensor, autograd, ops, models) is written once against thes
 backend adds primitives, never model logic. Every primitive of the wgpu backend is checked against the numpy
 one (lab/engine/opcheck.py, tests/test_ops.py).
 """
+import contextlib
 import os
 import sys
 
@@ -142,6 +143,17 @@ def backend_instance(name):
         from .numpy_backend import NumpyBackend
         return NumpyBackend.instance()
     raise ValueError(f"unknown backend {name!r}: expected 'wgpu' or 'numpy'")
+
+
+@contextlib.contextmanager
+def using_backend(backend):
+    """Make `backend` (a Backend or a name) the active one inside the block, then restore the previous one."""
+    previous = dict(_state)
+    _state.update(backend=backend_instance(backend), reason=_state.get("reason"))
+    try:
+        yield _state["backend"]
+    finally:
+        _state.update(previous)
 
 
 def get_backend():

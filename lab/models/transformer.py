@@ -6,7 +6,6 @@ LayerNorm, and a head tied to the token embedding. Shapes: B batch, T time, C = 
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 
 from .. import nn
 from ..engine import ops as F

@@ -7,7 +7,6 @@ rate, the activation floats at the profile's elementwise cost per float, the opt
 cost per op (33 + 99 ops per layer per step, counted on the engine). tests/test_plan.py checks both against
 the engine's measured peak bytes and step times.
 """
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path

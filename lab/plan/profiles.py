@@ -6,12 +6,12 @@ from which the cost of the engine's elementwise work per activation float follow
 assume lab sustains 30% of the fp32 peak in matmul and 50% of the memory bandwidth (what the H200 measurements
 in README.md show for lab's current kernels), and 60 us of host time per op.
 """
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..engine.backend import backend_instance, get_backend
+from ..bench.timing import best_seconds
+from ..engine.backend import backend_instance, get_backend, using_backend
 from ..engine.tensor import no_grad, tensor
 
 MATMUL_EFFICIENCY, BANDWIDTH_EFFICIENCY, SPEC_OP_OVERHEAD_S = 0.30, 0.50, 60e-6
@@ -63,25 +63,6 @@ PROFILES = {
 _measured = {}
 
 
-def _time(fn, sync, budget=0.4, rounds=5):
-    """Seconds per call: the best of `rounds` timed rounds (the least disturbed by other work on the machine)."""
-    fn()
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    probe = time.perf_counter() - t
-    reps = int(max(2, min(200, budget / rounds / max(probe, 1e-9))))
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
-
-
 def profile_device(backend=None, refresh=False):
     """Measure the current (or given) backend with short micro-benchmarks of lab's own ops; cached per process."""
     b = backend_instance(backend) if backend is not None else get_backend()
@@ -109,13 +90,13 @@ def profile_device(backend=None, refresh=False):
             box["t"] = a @ w
             box["t"] = F.matmul(g, w, transpose_b=True)
             box["t"] = F.matmul(a, g, transpose_a=True)
-        t_mm = _time(matmuls, sync_of(box)) / 3
+        t_mm = best_seconds(matmuls, sync_of(box)) / 3
         # an elementwise op on arrays beyond the caches, allocating its output as training's temporaries do
         x = tensor(rng.standard_normal(1 << 22).astype(np.float32), backend=b)
-        t_ew = _time(lambda: box.__setitem__("t", x + x), sync_of(box))
+        t_ew = best_seconds(lambda: box.__setitem__("t", x + x), sync_of(box))
         one = tensor(np.ones(1, dtype=np.float32), backend=b)
-        t_op = _time(lambda: box.__setitem__("t", one + one), sync_of(box))
-        t_drop = _time(lambda: box.__setitem__("t", F.dropout(x, 0.1, seed=1)), sync_of(box))
+        t_op = best_seconds(lambda: box.__setitem__("t", one + one), sync_of(box))
+        t_drop = best_seconds(lambda: box.__setitem__("t", F.dropout(x, 0.1, seed=1)), sync_of(box))
     if b.name == "wgpu":
         limits = b.device_info["limits"]
         name, max_buffer, max_binding = b.device_info["device"], limits["max-buffer-size"], limits["max-storage-buffer-binding-size"]
@@ -135,27 +116,20 @@ def profile_device(backend=None, refresh=False):
 def _probe_elementwise_cost(backend, prof):
     """Time a small training step (best of several) and attribute what matmuls and per-op costs do not explain to
     the step's activation floats: the cost of the engine's elementwise work per float, on this device."""
-    from ..engine import backend as _b
     from ..engine.random import get_state, manual_seed, set_state
     from ..models.transformer import TransformerConfig, TransformerLM
     from ..train import TrainConfig, Trainer
     from .estimator import activation_floats, op_count
     cfg, batch = TransformerConfig(vocab_size=64, block_size=48, n_layer=2, n_head=4, n_embd=112), 6
-    prev, rng_state = dict(_b._state), get_state()
-    _b._state.update(backend=backend, reason="profile")
+    rng_state = get_state()
     try:
         manual_seed(0)
         ids = np.random.default_rng(0).integers(0, 64, 5000).astype(np.int32)
-        model = TransformerLM(cfg)
-        trainer = Trainer(model, ids, ids, TrainConfig(steps=100, batch_size=batch))
-        trainer.train_step()[0].item()
-        best = float("inf")
-        for _ in range(9):
-            t = time.perf_counter()
-            trainer.train_step()[0].item()
-            best = min(best, time.perf_counter() - t)
+        with using_backend(backend):
+            model = TransformerLM(cfg)
+            trainer = Trainer(model, ids, ids, TrainConfig(steps=100, batch_size=batch))
+            best = best_seconds(lambda: trainer.train_step()[0].item(), lambda: None, budget=60, rounds=9, max_reps=1)
     finally:
-        _b._state.update(prev)
         set_state(rng_state)
     matmul = model.flops_per_token() * batch * cfg.block_size / prof.matmul_flops
     rest = best - matmul - op_count(cfg) * prof.op_overhead_s
