@@ -1,0 +1,65 @@
+"""AttentionHeatmap: the attention weights of every layer and head for a text, as a heatmap per head with a grid
+of thumbnails; the weights travel to the browser as one binary float32 buffer, not as JSON lists."""
+import numpy as np
+import traitlets as t
+
+from ..engine.tensor import no_grad
+from .base import Panel, module_source, panel_css
+
+
+def attention_weights(model, ids):
+    """(L, H, T, T) float32 attention weights of the model on token ids (T <= block_size), in eval mode."""
+    ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            _, att = model(ids, return_attention=True)
+        return np.stack([a.numpy()[0] for a in att]).astype(np.float32)
+    finally:
+        model.train(was_training)
+
+
+class AttentionHeatmap(Panel):
+    _esm = module_source("attention_heatmap.js")
+    _css = panel_css()
+
+    tokens = t.List(t.Unicode()).tag(sync=True)
+    n_layer = t.Int(0).tag(sync=True)
+    n_head = t.Int(0).tag(sync=True)
+    weights = t.Bytes(b"").tag(sync=True)        # float32, shape (n_layer, n_head, T, T), row = query
+    layer = t.Int(0).tag(sync=True)
+    head = t.Int(0).tag(sync=True)
+
+    def __init__(self, model, text, tokenizer, **kwargs):
+        super().__init__(**kwargs)
+        ids = tokenizer.encode(text)
+        block = model.config.block_size
+        if len(ids) == 0:
+            raise ValueError("AttentionHeatmap needs a non-empty text")
+        if len(ids) > block:
+            ids = ids[-block:]  # the model attends over at most block_size tokens: show the last ones
+        att = attention_weights(model, ids)
+        self.array = att
+        with self.hold_sync():
+            self.tokens = [tokenizer.decode([int(i)]) for i in ids]
+            self.n_layer, self.n_head = att.shape[0], att.shape[1]
+            self.weights = att.tobytes()
+
+    @t.validate("layer")
+    def _valid_layer(self, proposal):
+        return min(max(int(proposal["value"]), 0), max(self.n_layer - 1, 0))
+
+    @t.validate("head")
+    def _valid_head(self, proposal):
+        return min(max(int(proposal["value"]), 0), max(self.n_head - 1, 0))
+
+    def _static_html(self):
+        if self.n_layer == 0:
+            return ""
+        a = self.array[self.layer, self.head]
+        top = a.argmax(axis=1)
+        rows = "".join(f"<tr><td>{self.esc(repr(q))}</td><td>{self.esc(repr(self.tokens[k]))}</td></tr>"
+                       for q, k in zip(self.tokens, top))
+        return (f"<b>AttentionHeatmap</b>: layer {self.layer}, head {self.head}, {len(self.tokens)} tokens; "
+                f"most attended key per query:<table>{rows}</table>")

@@ -1,0 +1,68 @@
+"""EdgeDiagnosticsPanel: the live diagnostics over training (sharpness against its threshold, Fisher trace, noise
+scale, edge band %, efficiency products, flat-region flag) with colour-coded status and the recommendation, and
+the efficiency-surface plots of the on-the-edge model."""
+import base64
+import io
+
+import traitlets as t
+
+from .base import Panel, module_source, panel_css
+
+REPORT_KEYS = ("step", "lr", "sharpness", "threshold", "fisher_trace", "noise_scale", "batch_size",
+               "edge_band_pct", "flat", "loss_slope", "efficiency", "recommendation")
+
+
+def _figure_png(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class EdgeDiagnosticsPanel(Panel):
+    _esm = module_source("edge_diagnostics.js")
+    _css = panel_css()
+
+    reports = t.List([]).tag(sync=True)
+    surface_png = t.Unicode("").tag(sync=True)     # base64 PNG of the efficiency-surface figure
+    surface_summary = t.Dict({}).tag(sync=True)
+
+    def __init__(self, monitor=None, reports=None, surface=True, **kwargs):
+        super().__init__(**kwargs)
+        self.monitor = monitor
+        if reports:
+            self.add_reports(reports)
+        if monitor is not None:
+            self.add_reports(monitor.reports)
+            monitor.trainer.callbacks.append(self._sync_from_monitor)
+        if surface:
+            from ..diagnostics.edge import efficiency_surface, plot_surface
+            r = efficiency_surface()
+            self.surface_summary = {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.summary.items()}
+            self.surface_png = _figure_png(plot_surface(r))
+
+    def add_reports(self, reports):
+        clean = [{k: _jsonable(r.get(k)) for k in REPORT_KEYS} for r in reports]
+        self.reports = self.reports + clean
+
+    def _sync_from_monitor(self, record):
+        if len(self.monitor.reports) > len(self.reports):
+            self.add_reports(self.monitor.reports[len(self.reports):])
+
+    def _static_html(self):
+        if not self.reports:
+            return "<b>EdgeDiagnosticsPanel</b>: no reports yet"
+        r = self.reports[-1]
+        return f"<b>EdgeDiagnosticsPanel</b> (step {r['step']}): {self.esc(r['recommendation'])}"
+
+
+def _jsonable(v):
+    import math
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item"):
+        return v.item()
+    return v

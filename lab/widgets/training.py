@@ -1,0 +1,179 @@
+"""TrainingPanel: live loss curves, throughput, progress and ETA, learning-rate and grad-norm sparklines, a
+generated sample every N steps, hyperparameter inputs, and Start / Pause / Resume / Stop while training runs."""
+import threading
+import time
+
+import traitlets as t
+
+from .base import Panel, module_source, panel_css
+
+MAX_POINTS = 400  # points of history sent to the browser (the full history stays in trainer.history)
+
+
+def _downsample(records, limit=MAX_POINTS):
+    if len(records) <= limit:
+        return list(records)
+    stride = len(records) / (limit - 1)
+    return [records[int(i * stride)] for i in range(limit - 1)] + [records[-1]]
+
+
+class TrainingPanel(Panel):
+    _esm = module_source("training_panel.js")
+    _css = panel_css()
+
+    history = t.List([]).tag(sync=True)          # logged steps: step, loss, val_loss, lr, grad_norm, tokens_per_s
+    status = t.Unicode("idle").tag(sync=True)    # idle, running, paused, stopped, done, error
+    step = t.Int(0).tag(sync=True)
+    total_steps = t.Int(0).tag(sync=True)
+    tokens_per_s = t.Float(0.0).tag(sync=True)
+    eta_s = t.Float(0.0).tag(sync=True)
+    elapsed_s = t.Float(0.0).tag(sync=True)
+    sample = t.Unicode("").tag(sync=True)
+    hparams = t.Dict({}).tag(sync=True)          # lr, batch_size, steps (editable); preset, parameters (shown)
+    log_scale = t.Bool(False).tag(sync=True)
+    error = t.Unicode("").tag(sync=True)
+
+    def __init__(self, trainer, tokenizer=None, sample_every=100, sample_prompt="\n", sample_tokens=120,
+                 max_updates_per_s=10.0, preset="", **kwargs):
+        super().__init__(**kwargs)
+        self.trainer, self.tokenizer = trainer, tokenizer
+        self.sample_every, self.sample_prompt, self.sample_tokens = sample_every, sample_prompt, sample_tokens
+        self._min_interval = 1.0 / max_updates_per_s
+        self._last_push = 0.0
+        self._thread = None
+        self._lock = threading.Lock()
+        cfg = trainer.cfg
+        self.total_steps = cfg.steps
+        self.step = trainer.step_num
+        self.hparams = {"lr": cfg.lr, "batch_size": cfg.batch_size, "steps": cfg.steps, "preset": preset,
+                        "parameters": trainer.model.num_parameters()}
+        trainer.callbacks.append(self._on_record)
+        self.on_msg(self._on_message)
+
+    # -- commands (from Python or from the buttons) --
+    def start(self):
+        """Train in a background thread: the kernel stays free, and the panel's buttons work meanwhile."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self.error = "training is already running"
+                return False
+            self.error = ""
+            self._thread = threading.Thread(target=self._run, name="lab-training", daemon=True)
+            self._thread.start()
+            return True
+
+    def run(self, wait=True):
+        """Train; with wait=True block until done (scripts, nbval), else as start()."""
+        if not wait:
+            return self.start()
+        if self._thread is not None and self._thread.is_alive():
+            self.error = "training is already running"
+            return False
+        self._run()
+        return True
+
+    def pause(self):
+        if self.status == "running":
+            self.trainer.pause()
+            self.status = "paused"
+
+    def resume(self):
+        if self.status == "paused":
+            self.trainer.resume_training()
+            self.status = "running"
+
+    def stop(self):
+        if self.status in ("running", "paused"):
+            self.trainer.request_stop()
+
+    def wait(self, timeout=None):
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def set_hparams(self, **values):
+        """Change lr, batch_size or steps (applied from the next step; not while paused mid-run for steps)."""
+        cfg = self.trainer.cfg
+        for key, value in values.items():
+            if key == "lr":
+                value = float(value)
+                if not value > 0:
+                    raise ValueError(f"lr must be > 0, got {value}")
+                cfg.lr = value
+                self.trainer.optimizer.lr = value
+            elif key in ("batch_size", "steps"):
+                value = int(value)
+                if value < 1:
+                    raise ValueError(f"{key} must be >= 1, got {value}")
+                setattr(cfg, key, value)
+                if key == "steps":
+                    self.total_steps = value
+            else:
+                raise ValueError(f"unknown hyperparameter {key!r}: expected lr, batch_size or steps")
+        self.hparams = {**self.hparams, **{k: getattr(cfg, k) for k in ("lr", "batch_size", "steps")}}
+
+    def _on_message(self, widget, content, buffers):
+        try:
+            cmd = content.get("cmd")
+            if cmd == "start":
+                self.start()
+            elif cmd == "pause":
+                self.pause()
+            elif cmd == "resume":
+                self.resume()
+            elif cmd == "stop":
+                self.stop()
+            elif cmd == "set":
+                self.set_hparams(**content.get("values", {}))
+            elif cmd == "log_scale":
+                self.log_scale = bool(content.get("value"))
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+        except Exception as e:  # a bad message shows in the panel and never takes the kernel down
+            self.error = f"{type(e).__name__}: {e}"
+
+    # -- the training loop side --
+    def _run(self):
+        self.status = "running"
+        try:
+            self.trainer.run(progress=False)
+            self._push(force=True)
+            self.status = "stopped" if self.trainer.stop_reason == "stop requested" else "done"
+        except Exception as e:
+            self.status, self.error = "error", f"{type(e).__name__}: {e}"
+
+    def _on_record(self, record):
+        if self.sample_every and record["step"] % self.sample_every == 0 and self.tokenizer is not None:
+            self._make_sample()
+        self._push()
+
+    def _make_sample(self):
+        from ..generate import generate
+        try:
+            self.sample = generate(self.trainer.model, self.sample_prompt, self.sample_tokens,
+                                   tokenizer=self.tokenizer, temperature=0.8, top_k=20, seed=0)
+        except Exception as e:
+            self.sample = f"(no sample: {e})"
+
+    def _push(self, force=False):
+        now = time.perf_counter()
+        if not force and now - self._last_push < self._min_interval:
+            return  # throttled: the browser gets at most max_updates_per_s updates
+        self._last_push = now
+        h = self.trainer.history
+        if not h:
+            return
+        last = h[-1]
+        keys = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
+        with self.hold_sync():
+            self.history = [{k: r.get(k) for k in keys} for r in _downsample(h)]
+            self.step, self.tokens_per_s = last["step"], last["tokens_per_s"]
+            self.eta_s, self.elapsed_s = last["eta"], last["elapsed"]
+
+    def _static_html(self):
+        h = self.trainer.history
+        if not h:
+            return "<b>TrainingPanel</b>: not started"
+        first, last = h[0], h[-1]
+        val = f", val loss {last['val_loss']:.3f}" if last.get("val_loss") is not None else ""
+        return (f"<b>TrainingPanel</b>: step {last['step']} / {self.total_steps}, loss {first['loss']:.3f} &rarr; "
+                f"{last['loss']:.3f}{val}")

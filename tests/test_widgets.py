@@ -1,0 +1,175 @@
+"""The panels' Python side: traits and messages, as the browser would send them."""
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import lab
+from lab.data import CharTokenizer, load_corpus, train_val_split
+from lab.models import PRESETS, TransformerLM
+from lab.train import TrainConfig, Trainer
+
+pytest.importorskip("anywidget")
+from lab.widgets import AttentionHeatmap, EdgeDiagnosticsPanel, GenerationPanel, PlanEstimator, TrainingPanel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    text = load_corpus()[:60_000]
+    tok = CharTokenizer.from_text(text)
+    return tok, *train_val_split(tok.encode(text))
+
+
+def _trainer(data, steps=30, **kw):
+    tok, tr, va = data
+    lab.manual_seed(0)
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, block_size=16))
+    return Trainer(m, tr, va, TrainConfig(**{"steps": steps, "batch_size": 4, "log_every": 1, "eval_every": 10, **kw}))
+
+
+def _send(widget, **content):
+    widget._on_message(widget, content, [])
+
+
+def test_training_panel_runs_and_fills_its_traits(data, numpy_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    t = _trainer(data)
+    panel = TrainingPanel(t, tokenizer=data[0], sample_every=10, max_updates_per_s=1000)
+    updates = []
+    panel.observe(lambda c: updates.append(c), names="history")
+    assert panel.run(wait=True)
+    assert panel.status == "done" and panel.step == 30 and panel.total_steps == 30
+    assert len(panel.history) == 30 and panel.history[-1]["val_loss"] is not None
+    assert panel.history[-1]["loss"] < panel.history[0]["loss"]
+    assert panel.sample and panel.tokens_per_s > 0 and len(updates) >= 10
+    bundle = panel._repr_mimebundle_()
+    data_ = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert data_["text/plain"] == "TrainingPanel()" and "loss" in data_["text/html"]
+
+
+def test_training_panel_updates_are_throttled(data, numpy_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    panel = TrainingPanel(_trainer(data, steps=40), max_updates_per_s=2)
+    updates = []
+    panel.observe(lambda c: updates.append(c), names="history")
+    t0 = time.perf_counter()
+    panel.run(wait=True)
+    elapsed = time.perf_counter() - t0
+    assert len(updates) <= 2 * elapsed + 2 and len(panel.history) == 40  # the last state always arrives
+
+
+def test_stop_pause_and_double_start_from_messages(data, numpy_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    t = _trainer(data, steps=100_000)
+    panel = TrainingPanel(t)
+    seen = []
+    t.callbacks.append(lambda r: seen.append(r["step"]))
+    _send(panel, cmd="start")
+    while len(seen) < 3:
+        time.sleep(0.01)
+    _send(panel, cmd="start")
+    assert panel.error == "training is already running"
+    _send(panel, cmd="pause")
+    time.sleep(0.2)
+    paused_at = t.step_num
+    time.sleep(0.3)
+    assert panel.status == "paused" and t.step_num <= paused_at + 1
+    _send(panel, cmd="resume")
+    time.sleep(0.2)
+    assert t.step_num > paused_at
+    asked_at = t.step_num
+    _send(panel, cmd="stop")
+    panel.wait(10)
+    assert panel.status == "stopped" and t.step_num <= asked_at + 1  # stops within one step
+    _send(panel, cmd="set", values={"lr": "-1"})
+    assert "lr must be > 0" in panel.error
+    _send(panel, cmd="set", values={"lr": "0.002", "batch_size": "6", "steps": "50"})
+    assert panel.hparams["lr"] == 0.002 and t.cfg.batch_size == 6 and panel.total_steps == 50
+    _send(panel, cmd="explode")
+    assert "unknown command" in panel.error
+
+
+def test_attention_heatmap_ships_the_models_weights_as_bytes(data, use_backend):
+    tok = data[0]
+    lab.manual_seed(0)
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=4, block_size=16))
+    text = "In the beginning God created"
+    w = AttentionHeatmap(m, text, tok)
+    T = 16  # cropped to block_size, the last tokens
+    assert w.tokens == list(text[-16:]) and (w.n_layer, w.n_head) == (2, 4)
+    arr = np.frombuffer(w.weights, dtype=np.float32).reshape(2, 4, T, T)
+    with lab.no_grad():
+        _, att = m.eval()(tok.encode(text[-16:])[None], return_attention=True)
+    np.testing.assert_allclose(arr[1, 3], att[1].numpy()[0, 3], rtol=1e-6)
+    np.testing.assert_allclose(arr.sum(-1), 1, rtol=1e-5)
+    w.layer, w.head = 7, -2
+    assert (w.layer, w.head) == (1, 0)  # clamped to what exists
+    with pytest.raises(ValueError, match="non-empty text"):
+        AttentionHeatmap(m, "", tok)
+
+
+def test_plan_estimator_recomputes_on_every_change():
+    w = PlanEstimator(preset="tiny", batch=12, tokens=1e6, device="m1")
+    first = dict(w.result)
+    assert first["fits"] and first["params"] > 0
+    w.update(batch=24)
+    assert w.result["step_time_s"] > first["step_time_s"] and w.result["memory"]["total"] > first["memory"]["total"]
+    w._on_message(w, {"cmd": "set", "values": {"mode": "lora", "lora_rank": 4}}, [])
+    assert w.result["trainable_params"] < w.result["params"] / 10
+    w.update(preset="shakespeare-char")
+    assert w.form["n_embd"] == 384 and w.result["params"] > 10_000_000
+    w.update(n_embd=512)
+    assert w.form["preset"] == "custom"
+    w.update(batch="-3")
+    assert "batch must be a positive integer" in w.error
+    w.update(bogus=1)
+    assert "unknown field" in w.error
+
+
+def test_generation_panel_streams_and_compares_base_and_adapter(data, use_backend):
+    from lab import lora
+    from lab.generate import generate
+    tok = data[0]
+    lab.manual_seed(0)
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, block_size=16))
+    p = GenerationPanel(m, tok, prompt="And ")
+    assert not p.has_adapter
+    outputs = []
+    p.observe(lambda c: outputs.append(c["new"]), names="output")
+    p.max_tokens = 20
+    p.generate(seed=3)
+    assert p.output == generate(m, "And ", 20, tokenizer=tok, temperature=0.8, seed=3)
+    lora.apply(m, r=2)
+    for _, a in lora.adapters(m):
+        a.lora_B.data = a.lora_B.backend.from_numpy(np.full(a.lora_B.shape, 0.3, dtype=np.float32))
+    p2 = GenerationPanel(m, tok, prompt="And ")
+    p2.adapter_mode, p2.max_tokens, p2.temperature = "both", 20, 0.5
+    p2.generate(seed=1)
+    assert p2.has_adapter and p2.output and p2.base_output and p2.output != p2.base_output
+    p2.prompt = ""
+    p2.generate()
+    assert p2.error == "enter a prompt first"
+    p2.prompt, p2.top_p = "And", 1.5
+    p2.adapter_mode = "adapter"
+    p2.generate()
+    assert "top_p must be in (0, 1]" in p2.error and not p2.running
+
+
+def test_edge_diagnostics_panel_follows_the_monitor(data, numpy_backend, monkeypatch):
+    from lab.engine import backend as B
+    from lab.diagnostics import DiagnosticsMonitor
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    t = _trainer(data, steps=20, log_every=5)
+    mon = DiagnosticsMonitor(t, every=10, snapshot_every=5, power_iters=2)
+    panel = EdgeDiagnosticsPanel(mon)
+    t.run(progress=False)
+    assert [r["step"] for r in panel.reports] == [10, 20]
+    assert panel.reports[-1]["recommendation"] and panel.surface_png.startswith("iVBOR")  # a PNG
+    assert panel.surface_summary["edge_band_fraction"] == 0.0
+    import json
+    json.dumps(panel.reports)  # plain JSON for the browser (no NaN, no numpy scalars)

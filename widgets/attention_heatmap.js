@@ -1,0 +1,96 @@
+// AttentionHeatmap front end. Synced: tokens, n_layer, n_head, weights (float32 bytes, (L, H, T, T)), layer, head.
+// The main heatmap shows one head (rows: queries, columns: keys); hovering a cell highlights its row and column
+// and shows the weight; the grid of thumbnails shows every layer x head, and clicking one opens it.
+
+function renderAttention({ model, el: root }) {
+  root.classList.add("lab-panel", "lab-attention");
+  const layerSel = el("select", { class: "lab-layer" });
+  const headSel = el("select", { class: "lab-head" });
+  const main = el("canvas", { class: "lab-heatmap" });
+  const tip = el("div", { class: "lab-tooltip" });
+  const thumbs = el("div", { class: "lab-heat-thumbs" });
+  root.append(el("div", { class: "lab-header" }, el("b", {}, "Attention"), el("label", {}, "layer ", layerSel),
+    el("label", {}, "head ", headSel)), main, tip, el("div", { class: "lab-caption" }, "every layer x head (click to open)"), thumbs);
+
+  let data = new Float32Array(0), T = 0, hover = null;
+  const select = (layer, head) => { model.set("layer", layer); model.set("head", head); model.save_changes(); };
+  layerSel.onchange = () => select(+layerSel.value, model.get("head"));
+  headSel.onchange = () => select(model.get("layer"), +headSel.value);
+
+  function weightsOf(l, h) {
+    const H = model.get("n_head"), off = (l * H + h) * T * T;
+    return data.subarray(off, off + T * T);
+  }
+  function paint(canvas, w, size, highlight) {
+    const ctx = setupCanvas(canvas, size, size);
+    const cell = size / T;
+    let maxW = 0;
+    for (let i = 0; i < w.length; i++) maxW = Math.max(maxW, w[i]);
+    for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) {
+      const v = maxW ? w[q * T + k] / maxW : 0;
+      ctx.fillStyle = `rgb(${255 - 225 * v}, ${255 - 160 * v}, ${255 - 40 * v})`;
+      ctx.fillRect(k * cell, q * cell, Math.ceil(cell), Math.ceil(cell));
+    }
+    if (highlight) {
+      ctx.strokeStyle = "#d62728";
+      ctx.lineWidth = 1.5;
+      ctx.strokeRect(0, highlight.q * cell, size, cell);
+      ctx.strokeRect(highlight.k * cell, 0, cell, size);
+    }
+  }
+  function drawMain() {
+    if (!T) return;
+    const size = Math.min(480, Math.max(160, T * 12));
+    paint(main, weightsOf(model.get("layer"), model.get("head")), size, hover);
+    main.dataset.cells = String(T * T);
+    main.dataset.layer = String(model.get("layer"));
+    main.dataset.head = String(model.get("head"));
+  }
+  main.addEventListener("mousemove", (e) => {
+    if (!T) return;
+    const rect = main.getBoundingClientRect(), cell = rect.width / T;
+    const k = Math.floor((e.clientX - rect.left) / cell), q = Math.floor((e.clientY - rect.top) / cell);
+    if (q < 0 || k < 0 || q >= T || k >= T) return;
+    hover = { q, k };
+    const tokens = model.get("tokens");
+    tip.textContent = `query ${q} ${JSON.stringify(tokens[q])} → key ${k} ${JSON.stringify(tokens[k])}: ` +
+      `${weightsOf(model.get("layer"), model.get("head"))[q * T + k].toFixed(3)}`;
+    drawMain();
+  });
+  main.addEventListener("mouseleave", () => { hover = null; tip.textContent = ""; drawMain(); });
+
+  function load() {
+    const dv = model.get("weights");
+    data = dv && dv.byteLength ? new Float32Array(dv.buffer.slice(dv.byteOffset, dv.byteOffset + dv.byteLength)) : new Float32Array(0);
+    T = model.get("tokens").length;
+    const L = model.get("n_layer"), H = model.get("n_head");
+    layerSel.replaceChildren(...Array.from({ length: L }, (_, i) => el("option", { value: i }, String(i))));
+    headSel.replaceChildren(...Array.from({ length: H }, (_, i) => el("option", { value: i }, String(i))));
+    thumbs.style.gridTemplateColumns = `repeat(${H}, auto)`;
+    thumbs.replaceChildren();
+    for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
+      const c = el("canvas", { class: "lab-heat-thumb", title: `layer ${l}, head ${h}` });
+      c.dataset.layer = String(l);
+      c.dataset.head = String(h);
+      c.addEventListener("click", () => select(l, h));
+      paint(c, weightsOf(l, h), 56, null);
+      thumbs.append(c);
+    }
+    refresh();
+  }
+  function refresh() {
+    layerSel.value = model.get("layer");
+    headSel.value = model.get("head");
+    for (const c of thumbs.children) {
+      c.classList.toggle("selected", +c.dataset.layer === model.get("layer") && +c.dataset.head === model.get("head"));
+    }
+    drawMain();
+  }
+  model.on("change:weights", load);
+  model.on("change:layer", refresh);
+  model.on("change:head", refresh);
+  load();
+  return () => { model.off("change:weights", load); model.off("change:layer", refresh); model.off("change:head", refresh); };
+}
+
+export default { render: renderAttention };
