@@ -20,6 +20,11 @@ if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
     fi
 fi
 
+if [[ "$extras" == *test* ]] && [ ! -x /usr/bin/chromium ]; then
+    # the browser tests drive Debian's chromium through Playwright (no browser download)
+    apt_install chromium || echo "lab setup: chromium not installed (needs root and apt); the browser tests will be skipped" >&2
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     # Debian's python3 needs python3-venv for `-m venv`

@@ -14,7 +14,7 @@ export function setupCanvas(canvas, width, height) {
 export function formatNumber(v, digits = 3) {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";
   const a = Math.abs(v);
-  if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(2);
+  if (a !== 0 && (a >= 1e4 || a < 1e-3)) return v.toExponential(2);
   return v.toFixed(digits);
 }
 

@@ -27,7 +27,7 @@ function renderEdge({ model, el: root }) {
         ["step", String(r.step), ""],
         ["sharpness / threshold", `${formatNumber(r.sharpness)} / ${formatNumber(r.threshold)}`, status(ratio < 0.5, ratio <= 1)],
         ["Fisher trace", formatNumber(r.fisher_trace), ""],
-        ["noise scale (batch)", `${formatNumber(r.noise_scale, 0)} (${r.batch_size})`,
+        ["noise scale (batch)", `${formatNumber(r.noise_scale, 1)} (${r.batch_size})`,
           status(r.noise_scale && r.batch_size >= 0.5 * r.noise_scale && r.batch_size <= 2 * r.noise_scale, true)],
         ["edge band", `${formatNumber(r.edge_band_pct, 0)}%`, status(r.edge_band_pct >= 50, r.edge_band_pct > 0)],
         ["efficiency products", eff, ""],

@@ -10,8 +10,12 @@ function renderPlan({ model, el: root }) {
       options.map((o) => el("option", { value: o }, o)));
     return el("label", {}, `${key.replace("_", " ")} `, inputs[key]);
   };
+  let timer = null;  // recompute while typing, at most every 150 ms
   const number = (key) => {
-    inputs[key] = el("input", { type: "number", class: `lab-input lab-input-${key}`, onchange: (e) => set(key, e.target.value) });
+    inputs[key] = el("input", { type: "number", class: `lab-input lab-input-${key}`, oninput: (e) => {
+      clearTimeout(timer);
+      timer = setTimeout(() => set(key, e.target.value), 150);
+    } });
     return el("label", {}, `${key.replace("_", " ")} `, inputs[key]);
   };
   const bars = el("div", { class: "lab-bars" });

@@ -130,7 +130,9 @@ def noise_scale_from_norms(g2_small, b_small, g2_big, b_big):
         raise ValueError(f"need b_big > b_small, got {b_small} and {b_big}")
     g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
     tr = (g2_small - g2_big) / (1.0 / b_small - 1.0 / b_big)
-    return {"b_simple": tr / g2 if g2 > 0 else math.inf, "trace_sigma": tr, "grad_norm_sq": g2}
+    # with few batches either estimate can come out negative: then the noise scale is not measurable (nan)
+    b_simple = tr / g2 if g2 > 0 and tr > 0 else math.nan
+    return {"b_simple": b_simple, "trace_sigma": tr, "grad_norm_sq": g2}
 
 
 def gradient_noise_scale(batch_grad, b_small, b_big, repeats=2):
