@@ -173,3 +173,21 @@ def test_edge_diagnostics_panel_follows_the_monitor(data, numpy_backend, monkeyp
     assert panel.surface_summary["edge_band_fraction"] == 0.0
     import json
     json.dumps(panel.reports)  # plain JSON for the browser (no NaN, no numpy scalars)
+
+
+def test_preset_switch_rebuilds_the_model_between_runs(numpy_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    panel = TrainingPanel.for_preset("tiny", steps=2, batch_size=2)
+    assert panel.presets == sorted(PRESETS) and panel.hparams["preset"] == "tiny"
+    panel.run(wait=True)
+    assert panel.history
+    _send(panel, cmd="set", values={"preset": "shakespeare-char"})
+    assert panel.error == "" and panel.hparams["preset"] == "shakespeare-char"
+    assert panel.trainer.model.config.n_embd == 384 and panel.history == [] and panel.status == "idle"
+    assert panel.hparams["parameters"] == panel.trainer.model.num_parameters()
+    _send(panel, cmd="set", values={"preset": "huge"})
+    assert "unknown preset 'huge'" in panel.error
+    given = TrainingPanel(panel.trainer)
+    _send(given, cmd="set", values={"preset": "tiny"})
+    assert "TrainingPanel.for_preset" in given.error

@@ -21,17 +21,29 @@ function renderAttention({ model, el: root }) {
     const H = model.get("n_head"), off = (l * H + h) * T * T;
     return data.subarray(off, off + T * T);
   }
+  // One pixel per cell in an ImageData, scaled up without smoothing: fast even for 256 x 256 cells and a grid
+  // of many thumbnails (drawing cells one rectangle at a time would stall the page at block_size).
+  const cellImage = document.createElement("canvas");
   function paint(canvas, w, size, highlight) {
     const ctx = setupCanvas(canvas, size, size);
-    const cell = size / T;
     let maxW = 0;
     for (let i = 0; i < w.length; i++) maxW = Math.max(maxW, w[i]);
-    for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) {
-      const v = maxW ? w[q * T + k] / maxW : 0;
-      ctx.fillStyle = `rgb(${255 - 225 * v}, ${255 - 160 * v}, ${255 - 40 * v})`;
-      ctx.fillRect(k * cell, q * cell, Math.ceil(cell), Math.ceil(cell));
+    cellImage.width = T;
+    cellImage.height = T;
+    const cctx = cellImage.getContext("2d");
+    const img = cctx.createImageData(T, T);
+    for (let i = 0; i < T * T; i++) {
+      const v = maxW ? w[i] / maxW : 0;
+      img.data[4 * i] = 255 - 225 * v;
+      img.data[4 * i + 1] = 255 - 160 * v;
+      img.data[4 * i + 2] = 255 - 40 * v;
+      img.data[4 * i + 3] = 255;
     }
+    cctx.putImageData(img, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(cellImage, 0, 0, size, size);
     if (highlight) {
+      const cell = size / T;
       ctx.strokeStyle = "#d62728";
       ctx.lineWidth = 1.5;
       ctx.strokeRect(0, highlight.q * cell, size, cell);

@@ -25,9 +25,12 @@ function renderTraining({ model, el: root }) {
     resume: el("button", { class: "lab-btn lab-resume", onclick: () => send({ cmd: "resume" }) }, "Resume"),
     stop: el("button", { class: "lab-btn lab-stop", onclick: () => send({ cmd: "stop" }) }, "Stop"),
   };
+  const presetSel = el("select", { class: "lab-input lab-input-preset" });
+  const presetLabel = el("label", {}, "model ", presetSel);
   const apply = el("button", {
     class: "lab-btn lab-apply",
-    onclick: () => send({ cmd: "set", values: { lr: inputs.lr.value, batch_size: inputs.batch_size.value, steps: inputs.steps.value } }),
+    onclick: () => send({ cmd: "set", values: { lr: inputs.lr.value, batch_size: inputs.batch_size.value, steps: inputs.steps.value,
+      ...(model.get("presets").length ? { preset: presetSel.value } : {}) } }),
   }, "Apply");
   const logBox = el("input", { type: "checkbox", class: "lab-log", onchange: (e) => send({ cmd: "log_scale", value: e.target.checked }) });
   root.append(
@@ -36,7 +39,7 @@ function renderTraining({ model, el: root }) {
     el("div", { class: "lab-row" }, chart,
       el("div", { class: "lab-side" }, el("div", {}, "learning rate"), lrSpark, el("div", {}, "grad norm"), gnSpark)),
     el("div", { class: "lab-controls" }, Object.values(buttons), el("label", {}, logBox, " log scale")),
-    el("div", { class: "lab-controls" }, field("lr", "lr", "0.0001"), field("batch_size", "batch", "1"), field("steps", "steps", "1"), apply),
+    el("div", { class: "lab-controls" }, field("lr", "lr", "0.0001"), field("batch_size", "batch", "1"), field("steps", "steps", "1"), presetLabel, apply),
     el("div", { class: "lab-caption" }, "sample"), sample, error,
   );
 
@@ -69,15 +72,21 @@ function renderTraining({ model, el: root }) {
   function updateInputs() {
     const hp = model.get("hparams") || {};
     for (const k of ["lr", "batch_size", "steps"]) if (document.activeElement !== inputs[k]) inputs[k].value = hp[k];
+    const presets = model.get("presets") || [];
+    presetLabel.style.display = presets.length ? "" : "none";
+    presetSel.replaceChildren(...presets.map((p) => el("option", { value: p }, p)));
+    presetSel.value = hp.preset;
   }
   const events = ["history", "status", "step", "total_steps", "sample", "error", "log_scale", "tokens_per_s", "eta_s"];
   events.forEach((e) => model.on(`change:${e}`, update));
   model.on("change:hparams", updateInputs);
+  model.on("change:presets", updateInputs);
   update();
   updateInputs();
   return () => {
     events.forEach((e) => model.off(`change:${e}`, update));
     model.off("change:hparams", updateInputs);
+    model.off("change:presets", updateInputs);
   };
 }
 

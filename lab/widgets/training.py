@@ -32,23 +32,53 @@ class TrainingPanel(Panel):
     hparams = t.Dict({}).tag(sync=True)          # lr, batch_size, steps (editable); preset, parameters (shown)
     log_scale = t.Bool(False).tag(sync=True)
     error = t.Unicode("").tag(sync=True)
+    presets = t.List([]).tag(sync=True)          # non-empty when the panel can rebuild its model (for_preset)
 
     def __init__(self, trainer, tokenizer=None, sample_every=100, sample_prompt="\n", sample_tokens=120,
                  max_updates_per_s=10.0, preset="", **kwargs):
         super().__init__(**kwargs)
-        self.trainer, self.tokenizer = trainer, tokenizer
+        self.tokenizer = tokenizer
         self.sample_every, self.sample_prompt, self.sample_tokens = sample_every, sample_prompt, sample_tokens
         self._min_interval = 1.0 / max_updates_per_s
         self._last_push = 0.0
         self._thread = None
+        self._build = None
         self._lock = threading.Lock()
+        self._attach(trainer, preset)
+        self.on_msg(self._on_message)
+
+    @classmethod
+    def for_preset(cls, preset="tiny", corpus="kjv", steps=600, batch_size=12, lr=1e-3, seed=0, **kwargs):
+        """A panel that owns its data and model, so the preset can be switched from the panel between runs."""
+        from dataclasses import replace
+        from ..data import CharTokenizer, load_corpus, train_val_split
+        from ..engine.random import manual_seed
+        from ..models.transformer import PRESETS, TransformerLM
+        from ..train import TrainConfig, Trainer
+        text = load_corpus(corpus)
+        tok = CharTokenizer.from_text(text)
+        train_ids, val_ids = train_val_split(tok.encode(text))
+
+        def build(preset, steps, batch_size, lr):
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+            manual_seed(seed)
+            model = TransformerLM(replace(PRESETS[preset], vocab_size=tok.vocab_size))
+            return Trainer(model, train_ids, val_ids, TrainConfig(steps=steps, batch_size=batch_size, lr=lr))
+        panel = cls(build(preset, steps, batch_size, lr), tokenizer=tok, preset=preset, **kwargs)
+        panel._build = build
+        panel.presets = sorted(PRESETS)
+        return panel
+
+    def _attach(self, trainer, preset):
+        self.trainer = trainer
         cfg = trainer.cfg
         self.total_steps = cfg.steps
         self.step = trainer.step_num
         self.hparams = {"lr": cfg.lr, "batch_size": cfg.batch_size, "steps": cfg.steps, "preset": preset,
                         "parameters": trainer.model.num_parameters()}
+        self.history, self.sample, self.status = [], "", "idle"
         trainer.callbacks.append(self._on_record)
-        self.on_msg(self._on_message)
 
     # -- commands (from Python or from the buttons) --
     def start(self):
@@ -91,7 +121,17 @@ class TrainingPanel(Panel):
             self._thread.join(timeout)
 
     def set_hparams(self, **values):
-        """Change lr, batch_size or steps (applied from the next step; not while paused mid-run for steps)."""
+        """Change lr, batch_size or steps (applied from the next step), or the preset (between runs, on a panel
+        made by for_preset: a new model)."""
+        preset = values.pop("preset", None)
+        if preset is not None and preset != self.hparams.get("preset"):
+            if self._build is None:
+                raise ValueError("this panel trains a model it was given; TrainingPanel.for_preset(...) makes one "
+                                 "whose preset can be switched")
+            if self.status in ("running", "paused"):
+                raise ValueError("stop training before switching the preset")
+            cfg = self.trainer.cfg
+            self._attach(self._build(preset, cfg.steps, cfg.batch_size, cfg.lr), preset)
         cfg = self.trainer.cfg
         for key, value in values.items():
             if key == "lr":
