@@ -128,8 +128,9 @@ class Trainer:
         model.train()
         return float(np.mean(losses))
 
-    def run(self, progress=True):
-        """Train for cfg.steps steps (from the current step). Returns the history of logged steps."""
+    def run(self, progress=True, log_evals=True):
+        """Train for cfg.steps steps (from the current step). Returns the history of logged steps. With
+        log_evals, each evaluation prints a line (through the progress bar when there is one)."""
         from tqdm.auto import tqdm
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.model.config.block_size
@@ -150,9 +151,10 @@ class Trainer:
             if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
                 val_loss = self.evaluate()
                 self._early_stopping(val_loss)
-                (bar.write if progress else print)(
-                    f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
-                    f"{time.perf_counter() - t0:.0f} s")
+                if log_evals:
+                    (bar.write if progress else print)(
+                        f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
+                        f"{time.perf_counter() - t0:.0f} s")
             if out_of_time and not self._stop:
                 self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
             if step % cfg.log_every == 0 or step == cfg.steps:

@@ -55,11 +55,20 @@ class AttentionHeatmap(Panel):
         return min(max(int(proposal["value"]), 0), max(self.n_head - 1, 0))
 
     def _static_html(self):
+        return (f"<b>AttentionHeatmap</b>: {self.n_layer} layers x {self.n_head} heads over {len(self.tokens)} tokens, "
+                f"showing layer {self.layer}, head {self.head}")
+
+    def _static_png(self):
         if self.n_layer == 0:
             return ""
-        a = self.array[self.layer, self.head]
-        top = a.argmax(axis=1)
-        rows = "".join(f"<tr><td>{self.esc(repr(q))}</td><td>{self.esc(repr(self.tokens[k]))}</td></tr>"
-                       for q, k in zip(self.tokens, top))
-        return (f"<b>AttentionHeatmap</b>: layer {self.layer}, head {self.head}, {len(self.tokens)} tokens; "
-                f"most attended key per query:<table>{rows}</table>")
+        import matplotlib.pyplot as plt
+        from .base import figure_png
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(self.array[self.layer, self.head], cmap="Blues")
+        ticks = range(len(self.tokens))
+        ax.set_xticks(ticks, [repr(t)[1:-1] for t in self.tokens], fontsize=6)
+        ax.set_yticks(ticks, [repr(t)[1:-1] for t in self.tokens], fontsize=6)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        ax.set_title(f"layer {self.layer}, head {self.head}")
+        return figure_png(fig)

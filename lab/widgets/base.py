@@ -26,10 +26,26 @@ def panel_css():
     return asset("panels.css").read_text(encoding="utf-8")
 
 
+def figure_png(fig):
+    """A matplotlib figure as base64 PNG (closed afterwards)."""
+    import base64
+    import io
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 class Panel(anywidget.AnyWidget):
-    """Base of lab's panels. Subclasses implement _static_html() for exported notebooks (no live kernel)."""
+    """Base of lab's panels. For exported notebooks (no live kernel) each panel has a static fallback: text/html
+    with what does not change from run to run, and image/png with what does (losses, samples, timings). nbval
+    compares text/html but not images, so notebooks stay comparable."""
 
     def _static_html(self):
+        return ""
+
+    def _static_png(self):
         return ""
 
     def _repr_mimebundle_(self, **kwargs):
@@ -40,6 +56,9 @@ class Panel(anywidget.AnyWidget):
             static = self._static_html()
             if static:
                 data["text/html"] = f'<div class="lab-static">{static}</div>'
+            png = self._static_png()
+            if png:
+                data["image/png"] = png
         return bundle
 
     def _plain(self):

@@ -1,23 +1,12 @@
 """EdgeDiagnosticsPanel: the live diagnostics over training (sharpness against its threshold, Fisher trace, noise
 scale, edge band %, efficiency products, flat-region flag) with colour-coded status and the recommendation, and
 the efficiency-surface plots of the on-the-edge model."""
-import base64
-import io
-
 import traitlets as t
 
-from .base import Panel, module_source, panel_css
+from .base import Panel, figure_png, module_source, panel_css
 
 REPORT_KEYS = ("step", "lr", "sharpness", "threshold", "fisher_trace", "noise_scale", "batch_size",
                "edge_band_pct", "flat", "loss_slope", "efficiency", "recommendation")
-
-
-def _figure_png(fig):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class EdgeDiagnosticsPanel(Panel):
@@ -40,7 +29,7 @@ class EdgeDiagnosticsPanel(Panel):
             from ..diagnostics.edge import efficiency_surface, plot_surface
             r = efficiency_surface()
             self.surface_summary = {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.summary.items()}
-            self.surface_png = _figure_png(plot_surface(r))
+            self.surface_png = figure_png(plot_surface(r))
 
     def add_reports(self, reports):
         clean = [{k: _jsonable(r.get(k)) for k in REPORT_KEYS} for r in reports]
@@ -51,10 +40,10 @@ class EdgeDiagnosticsPanel(Panel):
             self.add_reports(self.monitor.reports[len(self.reports):])
 
     def _static_html(self):
-        if not self.reports:
-            return "<b>EdgeDiagnosticsPanel</b>: no reports yet"
-        r = self.reports[-1]
-        return f"<b>EdgeDiagnosticsPanel</b> (step {r['step']}): {self.esc(r['recommendation'])}"
+        return f"<b>EdgeDiagnosticsPanel</b>: {len(self.reports)} diagnostics reports"
+
+    def _static_png(self):
+        return self.surface_png
 
 
 def _jsonable(v):

@@ -91,6 +91,15 @@ class GenerationPanel(Panel):
         setattr(self, target, text)
 
     def _static_html(self):
+        return f"<b>GenerationPanel</b>: prompt <code>{self.esc(self.prompt)}</code>"
+
+    def _static_png(self):
         if not self.output:
             return ""
-        return f"<b>GenerationPanel</b><pre>{self.esc(self.prompt + self.output)}</pre>"
+        import textwrap
+        import matplotlib.pyplot as plt
+        from .base import figure_png
+        text = "\n".join(textwrap.wrap(self.prompt + self.output, 90, replace_whitespace=False)[:20])
+        fig = plt.figure(figsize=(7, 0.25 * (text.count("\n") + 2)))
+        fig.text(0.01, 0.95, text, va="top", family="monospace", fontsize=8)
+        return figure_png(fig)

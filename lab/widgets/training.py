@@ -175,7 +175,7 @@ class TrainingPanel(Panel):
     def _run(self):
         self.status = "running"
         try:
-            self.trainer.run(progress=False)
+            self.trainer.run(progress=False, log_evals=False)  # the panel shows the numbers itself
             self._push(force=True)
             self.status = "stopped" if self.trainer.stop_reason == "stop requested" else "done"
         except Exception as e:
@@ -210,10 +210,20 @@ class TrainingPanel(Panel):
             self.eta_s, self.elapsed_s = last["eta"], last["elapsed"]
 
     def _static_html(self):
+        return f"<b>TrainingPanel</b>: {self.total_steps} steps of {self.hparams.get('parameters', 0):,} parameters"
+
+    def _static_png(self):
         h = self.trainer.history
         if not h:
-            return "<b>TrainingPanel</b>: not started"
-        first, last = h[0], h[-1]
-        val = f", val loss {last['val_loss']:.3f}" if last.get("val_loss") is not None else ""
-        return (f"<b>TrainingPanel</b>: step {last['step']} / {self.total_steps}, loss {first['loss']:.3f} &rarr; "
-                f"{last['loss']:.3f}{val}")
+            return ""
+        import matplotlib.pyplot as plt
+        from .base import figure_png
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot([r["step"] for r in h], [r["loss"] for r in h], label="train loss")
+        val = [(r["step"], r["val_loss"]) for r in h if r.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        return figure_png(fig)
