@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# Set up, then train the quickstart model (the `tiny` preset) on the bundled corpus with a progress bar.
+# Set up, train the quickstart model (the `tiny` preset) on the bundled corpus with a progress bar, then open
+# JupyterLab on the tutorial notebooks (when run from a terminal; LAB_NO_JUPYTER=1 skips that step).
 # Extra arguments go to `python -m lab train` (e.g. --steps 1000 --backend wgpu --out runs/tiny).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-.venv/bin/python -m lab train --preset tiny --steps 600 "$@"
+bash scripts/setup.sh lab
+.venv/bin/python -m lab train --preset tiny --steps 600 --out runs/quickstart "$@"
+.venv/bin/python -m lab generate --checkpoint runs/quickstart --prompt "And God said" --max-new-tokens 200 --seed 1
+if [ -t 0 ] && [ "${LAB_NO_JUPYTER:-0}" != 1 ]; then
+    echo "Opening JupyterLab on the tutorials (Ctrl-C to stop)"
+    exec .venv/bin/python -m jupyter lab --ip=127.0.0.1 --no-browser notebooks/01-quickstart.ipynb ${CI:+--allow-root}
+else
+    echo "To open the tutorials: .venv/bin/python -m jupyter lab notebooks/"
+fi
