@@ -24,4 +24,4 @@ if [ -x binder/postBuild ]; then PATH="$env_dir/bin:$PATH" binder/postBuild; fi
 echo "binder check: environment in $env_dir; running the notebooks under nbval"
 # run from notebooks/ so the kernel imports lab from the environment, not from the source tree
 cd notebooks
-"$env_dir/bin/python" -m pytest -q --nbval -p no:cacheprovider *.ipynb "$@"
+"$env_dir/bin/python" -m pytest -q --nbval --nbval-sanitize-with nbval-sanitize.cfg -p no:cacheprovider *.ipynb "$@"
