@@ -1,5 +1,4 @@
 """The panels' Python side: traits and messages, as the browser would send them."""
-import threading
 import time
 from dataclasses import replace
 
