@@ -23,7 +23,8 @@ def test_training_step_is_one_submit_without_readback(wgpu_backend, monkeypatch)
     from lab.engine import backend as B
     monkeypatch.setitem(B._state, "backend", wgpu_backend)
     trainer = _tiny_trainer(wgpu_backend)
-    trainer.train_step()
+    # as in a training loop, each step runs while the previous step's results are still held
+    loss, _ = trainer.train_step()
     lab.sync()
     before = wgpu_backend.stats()
     loss, _ = trainer.train_step()
@@ -33,11 +34,30 @@ def test_training_step_is_one_submit_without_readback(wgpu_backend, monkeypatch)
     assert after["readbacks"] == before["readbacks"]
     assert after["dispatches"] - before["dispatches"] > 50
     reserved = after["bytes_reserved"]
-    trainer.train_step()
+    loss, _ = trainer.train_step()
     lab.sync()
     assert wgpu_backend.stats()["bytes_reserved"] == reserved, "a repeated step must reuse pooled buffers"
     loss.item()
     assert wgpu_backend.stats()["readbacks"] == after["readbacks"] + 1
+
+
+def test_buffers_freed_by_garbage_collection_are_reused_safely(wgpu_backend):
+    """A tensor dropped inside a reference cycle is finalized by the garbage collector together with its
+    buffer; the pool must never hand out a buffer that wgpu has released."""
+    import gc
+    gc.disable()
+    try:
+        for _ in range(20):
+            x = lab.tensor(np.ones(1000, dtype=np.float32), backend=wgpu_backend)
+            holder = [x]
+            holder.append(holder)
+            del x, holder
+        gc.collect()
+    finally:
+        gc.enable()
+    assert all(b._internal is not None for bs in wgpu_backend._pool.values() for b in bs)
+    y = lab.tensor(np.ones(1000, dtype=np.float32), backend=wgpu_backend)
+    np.testing.assert_array_equal((y * 2.0).numpy(), 2.0)
 
 
 def test_nothing_is_submitted_until_a_sync_point(wgpu_backend):

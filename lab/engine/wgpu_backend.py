@@ -131,6 +131,10 @@ class WgpuBackend(Backend):
         self.max_buffer = self.limits["max-buffer-size"]
         self.align = max(256, self.limits.get("min-storage-buffer-offset-alignment", 256))
         self._usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+        # Every buffer the backend creates stays referenced here until empty_cache destroys it. Without this, a
+        # garbage-collected reference cycle holding a tensor's storage and its buffer would let wgpu release the
+        # buffer while the storage's finalizer returns it to the pool, and a later upload would hit a dead buffer.
+        self._owned = {}           # id -> buffer
         self._pool = {}            # rounded size -> [buffers] referenced by no unsubmitted dispatch
         self._recent = {}          # rounded size -> [buffers] released while recording (outputs only)
         self._pipelines = {}
@@ -158,6 +162,7 @@ class WgpuBackend(Backend):
             buffer = free.pop()
         else:
             buffer = self.device.create_buffer(size=size, usage=self._usage)
+            self._owned[id(buffer)] = buffer
             self._stats["bytes_reserved"] += size
         s = self._stats
         s["bytes_in_use"] += size
@@ -173,10 +178,10 @@ class WgpuBackend(Backend):
         """Destroy pooled buffers (memory held for reuse) and cached bind groups."""
         self.sync()
         self._bind_groups.clear()
-        self.sync()
         for size, buffers in self._pool.items():
             for b in buffers:
                 b.destroy()
+                del self._owned[id(b)]
                 self._stats["bytes_reserved"] -= size
         self._pool.clear()
 
