@@ -88,22 +88,14 @@ def read_safetensors(path):
 
 
 def _load_into(model, tensors, path):
-    """Copy tensors into the model's parameters, naming the file and the tensor on any mismatch."""
-    own = dict(model.named_parameters())
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for name, p in own.items():
-        value = tensors[name]
-        if tuple(value.shape) != p.shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, the model expects {p.shape}")
+    """Copy a file's tensors into the model: they must be finite floats (a file is not trusted), then names and
+    shapes must match (Module.load_state_dict); every error names the file and the tensor."""
+    for name, value in tensors.items():
         if value.dtype.kind != "f":
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {value.dtype}, expected a float type")
         if not np.isfinite(value).all():
             raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf")
-        p.data = p.backend.from_numpy(value.astype(np.float32))
+    model.load_state_dict(tensors, source=str(path), error=CheckpointError)
 
 
 # ------------------------------------------------------------------------------------------------ GPT-2 layout

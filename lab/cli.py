@@ -6,7 +6,7 @@ import sys
 
 def _train(args):
     import lab
-    from lab.data import CharTokenizer, load_corpus, train_val_split
+    from lab.data import char_dataset
     from lab.models import PRESETS, TransformerConfig, TransformerLM
     from lab.train import TrainConfig, Trainer
     from dataclasses import replace
@@ -14,10 +14,7 @@ def _train(args):
     if args.backend:
         lab.set_backend(args.backend)
     lab.manual_seed(args.seed)
-    text = load_corpus(args.corpus)
-    tok = CharTokenizer.from_text(text)
-    ids = tok.encode(text)
-    train_ids, val_ids = train_val_split(ids)
+    tok, train_ids, val_ids = char_dataset(args.corpus)
     if args.preset not in PRESETS:
         raise SystemExit(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
     mcfg: TransformerConfig = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
@@ -26,7 +23,7 @@ def _train(args):
                        warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0)
     print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
           f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
-          f"{len(ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
+          f"{len(train_ids) + len(val_ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
     trainer = Trainer(model, train_ids, val_ids, tcfg)
     history = trainer.run(progress=not args.no_progress)
     final = trainer.evaluate()

@@ -1,6 +1,8 @@
 """Text generation: greedy, temperature, top-k, top-p (nucleus), repetition penalty and beam search, with a KV
 cache on the device so each new token costs one small forward pass instead of a full recomputation."""
 
+import contextlib
+
 import numpy as np
 
 from .engine.random import generator
@@ -24,6 +26,14 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def _adapter_switch(model, adapter):
+    """adapter=True/False: the model's LoRA adapters on/off for one call; None: as they are."""
+    if adapter is None:
+        return contextlib.nullcontext()
+    from .lora import adapter_enabled
+    return adapter_enabled(model, adapter)
 
 
 def _prompt_ids(prompt, tokenizer):
@@ -74,12 +84,6 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     `stop` (which is then cut off). on_token(id, text_or_None) is called for every new token as it is made.
     Past block_size tokens the context slides (the model sees the last block_size tokens), as in training.
     adapter=True/False generates with the model's LoRA adapters switched on/off for this call only."""
-    if adapter is not None:
-        from .lora import adapter_enabled
-        with adapter_enabled(model, adapter):
-            return generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, greedy=greedy, tokenizer=tokenizer, stop=stop,
-                            on_token=on_token, seed=seed, use_cache=use_cache)
     ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if stop is not None and tokenizer is None:
@@ -90,10 +94,10 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     model.eval()
     out, text = [], ""
     try:
-        with no_grad():
+        with no_grad(), _adapter_switch(model, adapter):
             cache = model.new_cache(1) if use_cache else None
             seq = list(ids)
-            logits = _step_logits(model, seq, cache, 0, block) if use_cache else _full_logits(model, seq, block)
+            logits = _step_logits(model, seq, cache, 0) if use_cache else _full_logits(model, seq, block)
             pos = len(seq)
             for _ in range(max_new_tokens):
                 scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
@@ -114,7 +118,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
                 if len(out) == max_new_tokens:
                     break
                 if use_cache and pos < block:
-                    logits = _step_logits(model, [nxt], cache, pos, block)
+                    logits = _step_logits(model, [nxt], cache, pos)
                     pos += 1
                 else:  # the window is full: positions shift, so recompute over the last block_size tokens
                     logits = _full_logits(model, seq, block)
@@ -126,7 +130,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     return np.asarray(out, dtype=np.int64)
 
 
-def _step_logits(model, new_ids, cache, pos, block):
+def _step_logits(model, new_ids, cache, pos):
     x = np.asarray(new_ids, dtype=np.int32).reshape(1, -1)
     return model.forward_cached(x, cache, pos)[0, -1].numpy()
 
@@ -136,9 +140,9 @@ def _full_logits(model, seq, block):
     return model(x)[0, -1].numpy()
 
 
-def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None):
+def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None):
     """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
-    Returns ids (or text for a text prompt)."""
+    Returns ids (or text for a text prompt). adapter=True/False: LoRA adapters on/off for this call only."""
     ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
     if num_beams < 1:
@@ -148,7 +152,7 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     was_training = model.training
     model.eval()
     try:
-        with no_grad():
+        with no_grad(), _adapter_switch(model, adapter):
             for _ in range(max_new_tokens):
                 window = np.asarray([s[-block:] for _, s in beams], dtype=np.int32)  # (beams, T)
                 logits = model(window)[:, -1].numpy().astype(np.float64)           # (beams, V)

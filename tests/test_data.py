@@ -65,3 +65,10 @@ def test_batches_are_deterministic_contiguous_and_shifted():
     assert (np.diff(x1, axis=1) == 1).all()
     with pytest.raises(ValueError, match="too short for block_size 16"):
         get_batch(np.arange(10), 1, 16, np.random.default_rng(0))
+
+
+def test_char_dataset_is_the_split_encoded_corpus():
+    from lab.data import char_dataset
+    tok, train, val = char_dataset("sonnets")
+    text = load_corpus("sonnets")
+    assert tok.decode(np.concatenate([train, val])) == text and len(val) == len(text) - int(len(text) * 0.9)

@@ -78,8 +78,12 @@ def test_merge_unmerge_and_switching(use_backend):
     a = generate(m, [1, 2], 8, greedy=True, adapter=False)
     m.use_adapter(False)
     np.testing.assert_array_equal(a, generate(m, [1, 2], 8, greedy=True))
+    from lab.generate import beam_search
+    b = beam_search(m, [1, 2], 6, num_beams=3)
     m.use_adapter(True)
     assert lora.adapters(m)[0][1].enabled, "a per-call switch leaves the adapter as it was"
+    np.testing.assert_array_equal(beam_search(m, [1, 2], 6, num_beams=3, adapter=False), b)
+    assert lora.adapters(m)[0][1].enabled
 
 
 def test_save_and_load_adapter_round_trip(use_backend, tmp_path):

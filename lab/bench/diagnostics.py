@@ -5,7 +5,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..data import CharTokenizer, load_corpus, train_val_split
+from ..data import char_dataset
 from ..diagnostics.live import DiagnosticsMonitor
 from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
@@ -16,9 +16,7 @@ from ..train import TrainConfig, Trainer
 def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=None, print_fn=print):
     backend = backend_instance(backend_name)
     with using_backend(backend):
-        text = load_corpus()
-        tok = CharTokenizer.from_text(text)
-        tr, va = train_val_split(tok.encode(text))
+        tok, tr, va = char_dataset()
         manual_seed(0)
         model = TransformerLM(replace(PRESETS[preset], vocab_size=tok.vocab_size))
         trainer = Trainer(model, tr, va, TrainConfig(steps=steps, eval_every=10**9, log_every=10))

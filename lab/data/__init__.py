@@ -76,6 +76,14 @@ def train_val_split(ids, val_fraction=0.1):
     return ids[:n], ids[n:]
 
 
+def char_dataset(corpus="kjv", val_fraction=0.1):
+    """(CharTokenizer, train ids, val ids) for a bundled corpus or a text file: the usual start of a run."""
+    text = load_corpus(corpus)
+    tok = CharTokenizer.from_text(text)
+    train_ids, val_ids = train_val_split(tok.encode(text), val_fraction)
+    return tok, train_ids, val_ids
+
+
 def get_batch(ids, batch_size, block_size, rng):
     """Random contiguous blocks: x = ids[i : i+T], y = ids[i+1 : i+T+1]. Deterministic given rng's state."""
     if len(ids) <= block_size + 1:

@@ -83,17 +83,19 @@ class Module:
         """Parameter name -> numpy array (a copy; a sync point on the GPU)."""
         return {name: p.numpy() for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state, source="state dict"):
-        """Copy arrays into this module's parameters; names and shapes must match exactly."""
+    def load_state_dict(self, state, source="state dict", error=ValueError):
+        """Copy arrays into this module's parameters; names and shapes must match exactly (else `error`, naming
+        `source` and the tensor). Nothing is copied unless everything matches."""
         own = dict(self.named_parameters())
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+            raise error(f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        values = {name: np.asarray(state[name]) for name in own}
         for name, p in own.items():
-            value = np.asarray(state[name])
-            if tuple(value.shape) != p.shape:
-                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, the model expects {p.shape}")
-            p.data = p.backend.from_numpy(value.astype(np.float32))
+            if tuple(values[name].shape) != p.shape:
+                raise error(f"{source}: tensor {name!r} has shape {tuple(values[name].shape)}, the model expects {p.shape}")
+        for name, p in own.items():
+            p.data = p.backend.from_numpy(values[name].astype(np.float32))
 
 
 class Linear(Module):

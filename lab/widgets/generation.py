@@ -69,13 +69,8 @@ class GenerationPanel(Panel):
     def _generate_into(self, target, adapter, seed):
         setattr(self, target, "")
         if self.beams > 1:
-            if adapter is not None:
-                from ..lora import adapter_enabled
-                with adapter_enabled(self.model, adapter):
-                    text = beam_search(self.model, self.prompt, self.max_tokens, self.beams, tokenizer=self.tokenizer)
-            else:
-                text = beam_search(self.model, self.prompt, self.max_tokens, self.beams, tokenizer=self.tokenizer)
-            setattr(self, target, text)
+            setattr(self, target, beam_search(self.model, self.prompt, self.max_tokens, self.beams,
+                                              tokenizer=self.tokenizer, adapter=adapter))
             return
         pieces, last = [], [0.0]
 

@@ -51,13 +51,11 @@ class TrainingPanel(Panel):
     def for_preset(cls, preset="tiny", corpus="kjv", steps=600, batch_size=12, lr=1e-3, seed=0, **kwargs):
         """A panel that owns its data and model, so the preset can be switched from the panel between runs."""
         from dataclasses import replace
-        from ..data import CharTokenizer, load_corpus, train_val_split
+        from ..data import char_dataset
         from ..engine.random import manual_seed
         from ..models.transformer import PRESETS, TransformerLM
         from ..train import TrainConfig, Trainer
-        text = load_corpus(corpus)
-        tok = CharTokenizer.from_text(text)
-        train_ids, val_ids = train_val_split(tok.encode(text))
+        tok, train_ids, val_ids = char_dataset(corpus)
 
         def build(preset, steps, batch_size, lr):
             if preset not in PRESETS:
