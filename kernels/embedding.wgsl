@@ -1,11 +1,15 @@
 // Embedding lookup and its backward.
 //   forward_main:  out[i, c] = W[idx[i], c]                       (one thread per output element)
 //   backward_main: dW[v, c] = sum_{i : idx[i] == v} g[i, c]       (one thread per column c)
-// The backward is a scatter-add; WGSL has no float atomics, so each thread owns one column of dW
-// and walks all positions in order: race-free and deterministic (same sum order on every run).
+//   backward_vocab_main: partial sums over chunks of positions, one thread per (chunk s, row v, column c):
+//                  OUT[s, v, c] = sum_{i in chunk s, idx[i] == v} g[i, c]; the host sums the chunks.
+//                  Threads of a warp share v and i, so the index reads are uniform; used when S * V * C
+//                  threads fit (small vocabularies), because it runs V * S times more threads in parallel.
+// The backward is a scatter-add; WGSL has no float atomics, so each thread owns its outputs and walks
+// positions in order: race-free and deterministic (same sum order on every run).
 // Indices are validated on the host; out-of-range ones are clamped (forward) or skipped (backward)
 // so a bad index can never read or write outside the buffers.
-// Bindings: P = [N, C, V], @binding(1) IDX (i32), @binding(2) SRC (W or g), @binding(3) DST (out or dW).
+// Bindings: P = [N, C, V, S, chunk], @binding(1) IDX (i32), @binding(2) SRC (W or g), @binding(3) DST (out or dW).
 
 const WG: u32 = 256u;
 
@@ -40,4 +44,25 @@ fn backward_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let v = IDX[i];
         if (v >= 0 && u32(v) < V) { DST[u32(v) * C + c] += SRC[i * C + c]; }
     }
+}
+
+@compute @workgroup_size(WG)
+fn backward_vocab_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+    let N = P[0];
+    let C = P[1];
+    let V = P[2];
+    let S = P[3];
+    let chunk = P[4];
+    if (e >= S * V * C) { return; }
+    let c = e % C;
+    let v = i32((e / C) % V);
+    let s = e / (C * V);
+    let i1 = min(N, (s + 1u) * chunk);
+    var acc = 0.0;
+    for (var i = s * chunk; i < i1; i++) {
+        if (IDX[i] == v) { acc += SRC[i * C + c]; }
+    }
+    DST[e] = acc;
 }

@@ -1,7 +1,9 @@
 // Backward of the fused LayerNorm (forward and the math: layernorm.wgsl).
 //   backward_x_main:  dx = rstd * (gx - mean_j(gx) - xhat * mean_j(gx * xhat)),  gx = g * w   (workgroup per row)
-//   backward_wb_main: dw[j] = sum_rows(g * xhat), db[j] = sum_rows(g)                          (thread per feature)
-// Bindings: P = [rows, n], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw) and OUT1 (db).
+//   backward_wb_main: partial column sums over chunks of rows, one thread per (chunk s, feature j):
+//                     OUT0[s, j] = sum_{rows r in chunk s} g * xhat,  OUT1[s, j] = sum g
+//                     (the host sums the S partials into dw, db; S = 1 writes them directly)
+// Bindings: P = [rows, n, S, chunk], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw) and OUT1 (db).
 
 const WG: u32 = 256u;
 
@@ -40,19 +42,25 @@ fn backward_x_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
-@compute @workgroup_size(64)
-fn backward_wb_main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let j = gid.x;
+@compute @workgroup_size(WG)
+fn backward_wb_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.y * nwg.x + wid.x) * WG + lid;
     let rows = P[0];
     let n = P[1];
-    if (j >= n) { return; }
+    let S = P[2];
+    let chunk = P[3];
+    if (e >= S * n) { return; }
+    let j = e % n;
+    let s = e / n;
+    let r1 = min(rows, (s + 1u) * chunk);
     var dw = 0.0;
     var db = 0.0;
-    for (var r = 0u; r < rows; r++) {
+    for (var r = s * chunk; r < r1; r++) {
         let g = G[r * n + j];
         dw += g * (X[r * n + j] - MEAN[r]) * RSTD[r];
         db += g;
     }
-    OUT0[j] = dw;
-    OUT1[j] = db;
+    OUT0[e] = dw;
+    OUT1[e] = db;
 }

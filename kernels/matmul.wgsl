@@ -4,8 +4,11 @@
 // Tiling: one workgroup computes a TM x TN tile of C with 16 x 16 threads; each thread owns a 4 x 4 block
 // held in four vec4 accumulators. K advances TK at a time through workgroup memory staged as vec4, so the
 // inner loop is two vec4 loads and four vec4 FMAs. Bounds are checked only when staging, never in the inner loop.
-// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c], @binding(1) A, @binding(2) B, @binding(3) C.
-// Dispatch: (ceil(N / TN), ceil(M / TM), batch).
+// Split-K: when the output has too few tiles to fill the device (a weight gradient: 384 x 1152 summed over
+// K = 16384 positions), the K range is cut into S chunks of kc (a multiple of TK); workgroup z = s * batch + b
+// writes its partial product to C + z * M * N, and the host sums the S slices. S = 1, kc = K otherwise.
+// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc], @binding(1) A, @binding(2) B,
+// @binding(3) C. Dispatch: (ceil(N / TN), ceil(M / TM), batch * S).
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -21,14 +24,14 @@ const TRANS_B: bool = {{TRANS_B}};
 var<workgroup> As: array<vec4<f32>, 256>;   // [TK][TM / 4]: As[k * 16 + i] = A(m0 + 4i .. 4i + 3, k0 + k)
 var<workgroup> Bs: array<vec4<f32>, 256>;   // [TK][TN / 4]: Bs[k * 16 + j] = B(k0 + k, n0 + 4j .. 4j + 3)
 
-fn load_a(base: u32, m: u32, k: u32, M: u32, K: u32) -> f32 {
-    if (m >= M || k >= K) { return 0.0; }
+fn load_a(base: u32, m: u32, k: u32, M: u32, K: u32, k_end: u32) -> f32 {
+    if (m >= M || k >= k_end) { return 0.0; }
     if (TRANS_A) { return A[base + k * M + m]; }
     return A[base + m * K + k];
 }
 
-fn load_b(base: u32, k: u32, n: u32, K: u32, N: u32) -> f32 {
-    if (k >= K || n >= N) { return 0.0; }
+fn load_b(base: u32, k: u32, n: u32, K: u32, N: u32, k_end: u32) -> f32 {
+    if (k >= k_end || n >= N) { return 0.0; }
     if (TRANS_B) { return B[base + n * K + k]; }
     return B[base + k * N + n];
 }
@@ -38,8 +41,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let M = P[0];
     let N = P[1];
     let K = P[2];
-    let a_base = wid.z * P[3];
-    let b_base = wid.z * P[4];
+    let batch = wid.z % P[6];
+    let k_begin = (wid.z / P[6]) * P[7];
+    let k_end = min(K, k_begin + P[7]);
+    let a_base = batch * P[3];
+    let b_base = batch * P[4];
     let c_base = wid.z * P[5];
     let m0 = wid.y * TM;
     let n0 = wid.x * TN;
@@ -53,14 +59,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
 
-    for (var k0 = 0u; k0 < K; k0 += TK) {
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
         let ka = k0 + sk;
         let ma = m0 + 4u * si;
-        As[lid] = vec4<f32>(load_a(a_base, ma, ka, M, K), load_a(a_base, ma + 1u, ka, M, K),
-                            load_a(a_base, ma + 2u, ka, M, K), load_a(a_base, ma + 3u, ka, M, K));
+        As[lid] = vec4<f32>(load_a(a_base, ma, ka, M, K, k_end), load_a(a_base, ma + 1u, ka, M, K, k_end),
+                            load_a(a_base, ma + 2u, ka, M, K, k_end), load_a(a_base, ma + 3u, ka, M, K, k_end));
         let nb = n0 + 4u * si;
-        Bs[lid] = vec4<f32>(load_b(b_base, ka, nb, K, N), load_b(b_base, ka, nb + 1u, K, N),
-                            load_b(b_base, ka, nb + 2u, K, N), load_b(b_base, ka, nb + 3u, K, N));
+        Bs[lid] = vec4<f32>(load_b(b_base, ka, nb, K, N, k_end), load_b(b_base, ka, nb + 1u, K, N, k_end),
+                            load_b(b_base, ka, nb + 2u, K, N, k_end), load_b(b_base, ka, nb + 3u, K, N, k_end));
         workgroupBarrier();
         for (var k = 0u; k < TK; k++) {
             let a = As[k * 16u + ty];
@@ -69,6 +75,76 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             acc1 += a.y * b;
             acc2 += a.z * b;
             acc3 += a.w * b;
+        }
+        workgroupBarrier();
+    }
+
+    let row = m0 + 4u * ty;
+    let col = n0 + 4u * tx;
+    var accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var r = 0u; r < 4u; r++) {
+        if (row + r >= M) { break; }
+        let out = c_base + (row + r) * N + col;
+        let v = accs[r];
+        for (var c = 0u; c < 4u; c++) {
+            if (col + c < N) { C[out + c] = v[c]; }
+        }
+    }
+}
+
+// main_rows: the same product for a row-major A (TRANS_A false), staging A along its rows so that four
+// neighbouring threads read one row's TK contiguous floats (coalesced) instead of four rows' single floats.
+// The tile is kept [TM][TK / 4] (vec4 over k), and each step of four k values does 4 + 4 vec4 loads for
+// 16 vec4 FMAs, the same ratio as main.
+var<workgroup> Ar: array<vec4<f32>, 256>;   // [TM][TK / 4]: Ar[m * 4 + q] = A(m0 + m, k0 + 4q .. 4q + 3)
+
+@compute @workgroup_size(256)
+fn main_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let M = P[0];
+    let N = P[1];
+    let K = P[2];
+    let batch = wid.z % P[6];
+    let k_begin = (wid.z / P[6]) * P[7];
+    let k_end = min(K, k_begin + P[7]);
+    let a_base = batch * P[3];
+    let b_base = batch * P[4];
+    let c_base = wid.z * P[5];
+    let m0 = wid.y * TM;
+    let n0 = wid.x * TN;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let sk = lid / 16u;
+    let si = lid % 16u;
+    let am = m0 + lid / 4u;         // A staging: row am, columns k0 + 4 aq .. + 3
+    let aq = lid % 4u;
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
+        let ak = k0 + 4u * aq;
+        Ar[lid] = vec4<f32>(load_a(a_base, am, ak, M, K, k_end), load_a(a_base, am, ak + 1u, M, K, k_end),
+                            load_a(a_base, am, ak + 2u, M, K, k_end), load_a(a_base, am, ak + 3u, M, K, k_end));
+        let ka = k0 + sk;
+        let nb = n0 + 4u * si;
+        Bs[lid] = vec4<f32>(load_b(b_base, ka, nb, K, N, k_end), load_b(b_base, ka, nb + 1u, K, N, k_end),
+                            load_b(b_base, ka, nb + 2u, K, N, k_end), load_b(b_base, ka, nb + 3u, K, N, k_end));
+        workgroupBarrier();
+        for (var q = 0u; q < 4u; q++) {
+            let b0 = Bs[(4u * q) * 16u + tx];
+            let b1 = Bs[(4u * q + 1u) * 16u + tx];
+            let b2 = Bs[(4u * q + 2u) * 16u + tx];
+            let b3 = Bs[(4u * q + 3u) * 16u + tx];
+            let a0 = Ar[(4u * ty) * 4u + q];
+            let a1 = Ar[(4u * ty + 1u) * 4u + q];
+            let a2 = Ar[(4u * ty + 2u) * 4u + q];
+            let a3 = Ar[(4u * ty + 3u) * 4u + q];
+            acc0 += a0.x * b0 + a0.y * b1 + a0.z * b2 + a0.w * b3;
+            acc1 += a1.x * b0 + a1.y * b1 + a1.z * b2 + a1.w * b3;
+            acc2 += a2.x * b0 + a2.y * b1 + a2.z * b2 + a2.w * b3;
+            acc3 += a3.x * b0 + a3.y * b1 + a3.z * b2 + a3.w * b3;
         }
         workgroupBarrier();
     }

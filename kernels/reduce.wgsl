@@ -1,8 +1,12 @@
-// Reductions along one axis. The input is viewed as (outer, n, inner), row-major;
-// the output (outer, inner) holds  y[o, j] = REDUCE_{k < n} MAP(x[o, k, j]).
-// One workgroup per output element: its WG threads stride over k, then a tree reduction in workgroup memory.
+// Reductions along one axis, in one or more passes. The input is viewed as (outer, n, inner), row-major.
+// A pass splits n into S chunks of `chunk` and writes partial results  Y[o, s, j] = REDUCE_{k in chunk s}
+// MAP(x[o, k, j]); the host runs passes (MAP = identity after the first) until S = 1. Chunking keeps
+// the device full when the output is small (a bias gradient: 1536 columns summed over 16384 rows) and
+// keeps the reduction order fixed, so results are deterministic run to run.
+//   rows_main:    inner == 1: one workgroup per (o, s); threads stride over the chunk, then a tree reduction.
+//   columns_main: inner > 1:  one thread per (o, s, j); neighbouring threads read neighbouring j (coalesced).
 // Specialized by {{COMBINE}} (r_add | r_max), {{MAP}} (m_id | m_square) and {{IDENTITY}}.
-// Bindings: @binding(0) P = [outer, n, inner, out_offset], @binding(1) X, @binding(2) Y.
+// Bindings: @binding(0) P = [outer, n, inner, out_offset, S, chunk], @binding(1) X, @binding(2) Y.
 // out_offset lets several reductions write into one buffer (per-parameter squared norms for clipping).
 
 const WG: u32 = 256u;
@@ -19,18 +23,21 @@ fn m_id(x: f32) -> f32 { return x; }
 fn m_square(x: f32) -> f32 { return x * x; }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
+fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
     let outer = P[0];
     let n = P[1];
-    let inner = P[2];
-    let o = wid.y * nwg.x + wid.x;          // uniform across the workgroup, so barriers below are safe
-    let valid = o < outer * inner;
+    let S = P[4];
+    let chunk = P[5];
+    let g = wid.y * nwg.x + wid.x;          // (o, s); uniform across the workgroup, so barriers below are safe
+    let valid = g < outer * S;
     var acc: f32 = {{IDENTITY}};
     if (valid) {
-        let base = (o / inner) * n * inner + (o % inner);
-        for (var k = lid; k < n; k += WG) {
-            acc = {{COMBINE}}(acc, {{MAP}}(X[base + k * inner]));
+        let o = g / S;
+        let k0 = (g % S) * chunk;
+        let k1 = min(n, k0 + chunk);
+        for (var k = k0 + lid; k < k1; k += WG) {
+            acc = {{COMBINE}}(acc, {{MAP}}(X[o * n + k]));
         }
     }
     partial[lid] = acc;
@@ -39,5 +46,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (lid < s) { partial[lid] = {{COMBINE}}(partial[lid], partial[lid + s]); }
         workgroupBarrier();
     }
-    if (valid && lid == 0u) { Y[P[3] + o] = partial[0]; }
+    if (valid && lid == 0u) { Y[P[3] + g] = partial[0]; }
+}
+
+@compute @workgroup_size(WG)
+fn columns_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let outer = P[0];
+    let n = P[1];
+    let inner = P[2];
+    let S = P[4];
+    let chunk = P[5];
+    let e = (wid.y * nwg.x + wid.x) * WG + lid;   // (o, s, j)
+    if (e >= outer * S * inner) { return; }
+    let j = e % inner;
+    let s = (e / inner) % S;
+    let o = e / (inner * S);
+    let k0 = s * chunk;
+    let k1 = min(n, k0 + chunk);
+    var acc: f32 = {{IDENTITY}};
+    for (var k = k0; k < k1; k++) {
+        acc = {{COMBINE}}(acc, {{MAP}}(X[(o * n + k) * inner + j]));
+    }
+    Y[P[3] + e] = acc;
 }

@@ -89,7 +89,7 @@ def _bench(args):
     from lab.bench.kernels import MATMUL_SIZES, run_kernels
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else MATMUL_SIZES
     out = args.out or f"bench-results/kernels-{name}.json"
-    run_kernels(name, sizes=sizes, out_path=out, budget_s=args.budget)
+    run_kernels(name, sizes=sizes, out_path=out, budget_s=args.budget, model_shapes=args.model_shapes)
     return 0
 
 
@@ -166,6 +166,8 @@ def main(argv=None):
     b.add_argument("--backend", help=backend_help)
     b.add_argument("--sizes", help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
     b.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")
+    b.add_argument("--model-shapes", action="store_true",
+                   help="kernels: also time the matmul shapes of a shakespeare-char training step")
     b.add_argument("--out", help="JSON output path (default bench-results/kernels-<backend>.json)")
     b.set_defaults(fn=_bench)
 

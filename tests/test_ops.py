@@ -51,3 +51,90 @@ def test_large_index_space_uses_2d_grid(wgpu_backend):
     x = np.arange(n, dtype=np.float32) % 97
     y = (lab.tensor(x, backend=wgpu_backend) * 2.0).numpy()
     np.testing.assert_array_equal(y, x * 2)
+
+
+# Shapes large enough to take the chunked, multi-pass paths of the reduction kernels (the op cases above are
+# small and take the single-pass paths).
+@pytest.mark.parametrize("op", ["sum", "max", "sumsq"])
+@pytest.mark.parametrize("shape,axis", [((3, 70000), 1), ((2, 40000, 5), 1), ((20000, 70), 0), ((1000000,), 0)])
+def test_chunked_reductions_match_numpy(wgpu_backend, numpy_backend, op, shape, axis):
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    got = wgpu_backend.to_numpy(wgpu_backend.reduce(op, wgpu_backend.from_numpy(x), axis))
+    want = numpy_backend.reduce(op, x, axis)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-3)
+
+
+def test_layernorm_backward_over_many_rows_matches_numpy(wgpu_backend, numpy_backend):
+    rng = np.random.default_rng(2)
+    x, g = rng.standard_normal((2, 9000, 48)).astype(np.float32), rng.standard_normal((2, 9000, 48)).astype(np.float32)
+    w = rng.standard_normal(48).astype(np.float32)
+    b = np.zeros(48, np.float32)
+    _, mean, rstd = numpy_backend.layernorm(x, w, b, 1e-5)
+    want = numpy_backend.layernorm_bwd(x, w, mean, rstd, g)
+    up = wgpu_backend.from_numpy
+    got = wgpu_backend.layernorm_bwd(up(x), up(w), up(mean), up(rstd), up(g))
+    for name, a, e in zip(("dx", "dw", "db"), got, want):
+        np.testing.assert_allclose(wgpu_backend.to_numpy(a), e, rtol=1e-4, atol=2e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("V,C,N", [(73, 384, 5000), (1100, 1000, 300)], ids=["small-vocab", "large-vocab"])
+def test_embedding_backward_paths_match_numpy(wgpu_backend, numpy_backend, V, C, N):
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, V, size=(N,)).astype(np.int32)
+    idx[:7] = 5  # repeated rows must accumulate
+    g = rng.standard_normal((N, C)).astype(np.float32)
+    got = wgpu_backend.to_numpy(wgpu_backend.embedding_bwd(wgpu_backend.from_numpy(idx), wgpu_backend.from_numpy(g), V))
+    np.testing.assert_allclose(got, numpy_backend.embedding_bwd(idx, g, V), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("batch_a,batch_b", [(1, 1), (3, 1), (3, 3)])
+def test_split_k_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b):
+    """Small outputs with a long K take the split-K path (partial products summed on the device); K = 3000 is
+    not a multiple of the chunk, so the last chunk is partial."""
+    rng = np.random.default_rng(4)
+    M, N, K = 70, 40, 3000
+    a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
+    b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+    up = wgpu_backend.from_numpy
+    got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b))
+    want = numpy_backend.matmul(a, b, trans_a, trans_b)
+    assert got.shape == want.shape == (max(batch_a, batch_b), M, N)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+
+
+def test_profile_times_every_dispatch(wgpu_backend):
+    import lab
+    x = lab.tensor(np.ones((64, 3000), np.float32), backend=wgpu_backend)
+    with lab.profile(wgpu_backend) as prof:
+        y = lab.matmul(x, x, transpose_b=True)
+    np.testing.assert_allclose(y.numpy(), 3000.0)
+    rows = prof.by_kernel(detail=True)
+    assert any(r["name"].startswith("matmul NT 1x64x64x3000 split") for r in rows), rows
+    assert sum(r["calls"] for r in rows) == 2  # the split product and the sum of its slices
+    assert all(r["total_ms"] >= 0 for r in rows) and prof.total_ms > 0
+    assert "matmul:main" in prof.table()
+
+
+def test_numpy_profile_times_primitives(numpy_backend):
+    import lab
+    x = lab.tensor(np.ones((8, 16), np.float32), backend=numpy_backend, requires_grad=True)
+    with lab.profile(numpy_backend) as prof:
+        (lab.matmul(x, x, transpose_b=True).relu().sum()).backward()
+    names = {r["name"] for r in prof.by_kernel()}
+    assert "matmul" in names and "unary:relu" in names, names
+    assert "matmul" not in numpy_backend.__dict__, "profiling must restore the backend's methods"
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["main", "main_rows"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_matmul_entry_points_match_numpy(wgpu_backend, numpy_backend, monkeypatch, rows, trans_a, trans_b):
+    """Both A-staging variants on ragged shapes (no dimension a multiple of the tile)."""
+    monkeypatch.setattr(wgpu_backend, "MATMUL_ROWS", rows)
+    rng = np.random.default_rng(5)
+    M, N, K = 139, 71, 53
+    a = rng.standard_normal((2,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
+    b = rng.standard_normal((2,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+    up = wgpu_backend.from_numpy
+    got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b))
+    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b), rtol=1e-4, atol=1e-4)

@@ -17,6 +17,11 @@ from ..engine.tensor import no_grad, tensor
 from .timing import best_seconds
 
 MATMUL_SIZES = (256, 512, 1024, 2048, 4096)
+# The matmuls of one shakespeare-char training step (batch 64 x 256 = 16384 positions, 384 dims): forward
+# (qkv, MLP up, MLP down), the input gradient (B transposed) and a weight gradient (A transposed, K = 16384).
+MODEL_SHAPES = (("qkv", 16384, 384, 1152, False, False), ("mlp up", 16384, 384, 1536, False, False),
+                ("mlp down", 16384, 1536, 384, False, False), ("dX mlp up", 16384, 1536, 384, False, True),
+                ("dW mlp up", 384, 16384, 1536, True, False))
 
 
 def _lab_timer(backend, fn, *arrays):
@@ -45,6 +50,8 @@ def _torch_timer(fn_name, arrays):
     ts = [torch.from_numpy(a).to(dev) for a in arrays]
     fns = {
         "matmul": lambda a, b: a @ b,
+        "matmul_ta": lambda a, b: a.T @ b,
+        "matmul_tb": lambda a, b: a @ b.T,
         "add": lambda a, b: a + b,
         "layernorm": lambda x, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b),
     }
@@ -52,7 +59,7 @@ def _torch_timer(fn_name, arrays):
     return (lambda: fns[fn_name](*ts)), sync, dev
 
 
-def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, print_fn=print):
+def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, print_fn=print, model_shapes=False):
     backend = backend_instance(backend_name)
     numpy_b = backend_instance("numpy")
     rng = np.random.default_rng(0)
@@ -73,7 +80,7 @@ def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, p
         if "torch" in row:
             row["lab/torch"] = row["lab"] / row["torch"]
         rows.append(row)
-        line = f"{label:<22} {unit:<7} lab {row['lab']:>10.1f}   numpy {row['numpy']:>9.1f} ({row['lab/numpy']:>6.2f}x)"
+        line = f"{label:<26} {unit:<7} lab {row['lab']:>10.1f}   numpy {row['numpy']:>9.1f} ({row['lab/numpy']:>6.2f}x)"
         if "torch" in row:
             line += f"   torch-{torch_dev} {row['torch']:>10.1f} ({row['lab/torch']:>5.2f}x)"
         print_fn(line)
@@ -87,6 +94,11 @@ def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, p
         a = rng.standard_normal((n, n)).astype(np.float32)
         b = rng.standard_normal((n, n)).astype(np.float32)
         measure(f"matmul {n}x{n}x{n}", lambda x, y: x @ y, "matmul", [a, b], 2.0 * n ** 3, "GFLOP/s")
+    for name, M, K, N, ta, tb in (MODEL_SHAPES if model_shapes else ()):
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+        measure(f"{name} {M}x{K}x{N}", lambda x, y, ta=ta, tb=tb: F.matmul(x, y, transpose_a=ta, transpose_b=tb),
+                "matmul_ta" if ta else "matmul_tb" if tb else "matmul", [a, b], 2.0 * M * N * K, "GFLOP/s")
     n = 1 << 22
     a = rng.standard_normal(n).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)

@@ -104,6 +104,32 @@ class GPUArray:
         return f"GPUArray(shape={self.shape}, dtype={self.dtype})"
 
 
+class _Profile:
+    """Per-dispatch GPU times from timestamp queries: records of (kernel:entry, detail, nanoseconds)."""
+    capacity = 4096  # queries in the set: two per dispatch
+
+    def __init__(self, backend):
+        wgpu = backend.wgpu
+        self.backend = backend
+        self.query_set = backend.device.create_query_set(type=wgpu.QueryType.timestamp, count=self.capacity)
+        self.resolved = backend.device.create_buffer(
+            size=self.capacity * 8, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+        self.used, self.pending, self.records = 0, [], []
+
+    def resolve(self, encoder):
+        if self.used:
+            encoder.resolve_query_set(self.query_set, 0, self.used, self.resolved, 0)
+
+    def collect(self):
+        if not self.used:
+            return
+        ticks = np.frombuffer(self.backend.queue.read_buffer(self.resolved, 0, self.used * 8), dtype=np.uint64)
+        # Vulkan timestamps count in units of the device's timestamp period, which wgpu converts to nanoseconds.
+        ns = (ticks[1::2].astype(np.int64) - ticks[0::2].astype(np.int64)).clip(min=0)
+        self.records.extend((name, label, t) for (name, label), t in zip(self.pending, ns.tolist()))
+        self.used, self.pending = 0, []
+
+
 class WgpuBackend(Backend):
     name = "wgpu"
     def __init__(self):
@@ -145,6 +171,7 @@ class WgpuBackend(Backend):
         self._arena_index = {}     # params bytes -> offset: a repeated op reuses its params, and so its bind group
         self._encoder = None
         self._pass = None
+        self._profile = None       # a _Profile while lab.profile() is active
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
                            bind_group_hits=0, bind_group_misses=0,
                            bytes_in_use=0, peak_bytes_in_use=0, bytes_reserved=0)
@@ -226,8 +253,9 @@ class WgpuBackend(Backend):
             self._stats["pipelines"] += 1
         return p
 
-    def _dispatch(self, kernel, entry, params, bindings, grid, work=1, subs=()):
-        """Record one dispatch. bindings[i] is bound at @binding(i + 1); None skips a binding number."""
+    def _dispatch(self, kernel, entry, params, bindings, grid, work=1, subs=(), label=None):
+        """Record one dispatch. bindings[i] is bound at @binding(i + 1); None skips a binding number.
+        `label` details the dispatch in lab.profile() tables (e.g. a matmul's shape)."""
         if work == 0:
             return
         params = np.asarray([_u32(v) for v in params], dtype=np.uint32).tobytes()
@@ -259,11 +287,44 @@ class WgpuBackend(Backend):
             self._stats["bind_group_hits"] += 1
         if self._encoder is None:
             self._encoder = self.device.create_command_encoder()
-            self._pass = self._encoder.begin_compute_pass()
+            self._pass = None if self._profile else self._encoder.begin_compute_pass()
+        if self._profile:
+            self._profiled_dispatch(pipeline, bg, grid, f"{kernel}:{entry}", label)
+            return
         self._pass.set_pipeline(pipeline)
         self._pass.set_bind_group(0, bg)
         self._pass.dispatch_workgroups(*grid)
         self._stats["dispatches"] += 1
+
+    def _profiled_dispatch(self, pipeline, bg, grid, name, label):
+        # Timestamps can only be written at pass boundaries (without a native extension), so a profiled dispatch
+        # runs in a compute pass of its own: the table measures kernels, not the cost of one shared pass.
+        prof = self._profile
+        if prof.used + 2 > prof.capacity:
+            self.sync()
+            self._encoder = self.device.create_command_encoder()
+        i = prof.used
+        cpass = self._encoder.begin_compute_pass(timestamp_writes={
+            "query_set": prof.query_set, "beginning_of_pass_write_index": i, "end_of_pass_write_index": i + 1})
+        cpass.set_pipeline(pipeline)
+        cpass.set_bind_group(0, bg)
+        cpass.dispatch_workgroups(*grid)
+        cpass.end()
+        prof.used += 2
+        prof.pending.append((name, label or name))
+        self._stats["dispatches"] += 1
+
+    def profile_begin(self):
+        if "timestamp-query" not in self.features:
+            raise RuntimeError(f"lab.profile() needs the timestamp-query feature, which "
+                               f"{self.device_info['device']} does not offer")
+        self.sync()
+        self._profile = _Profile(self)
+
+    def profile_end(self):
+        self.sync(wait=True)
+        prof, self._profile = self._profile, None
+        return prof.records
 
     def sync(self, wait=False):
         """Submit everything recorded so far; with wait=True also block until the device has finished it."""
@@ -271,9 +332,14 @@ class WgpuBackend(Backend):
             if wait:
                 self._wait()
             return
-        self._pass.end()
+        if self._pass is not None:
+            self._pass.end()
+        if self._profile:
+            self._profile.resolve(self._encoder)
         self.queue.write_buffer(self._arena, 0, self._arena_host, 0, self._arena_used)
         self.queue.submit([self._encoder.finish()])
+        if self._profile:
+            self._profile.collect()
         self._encoder = self._pass = None
         self._arena_used = 0
         self._arena_index.clear()
@@ -335,9 +401,30 @@ class WgpuBackend(Backend):
 
     def _reduce_into(self, op, a, axis, out, out_offset):
         outer, n, inner = math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1:])
+        self._reduce_passes(op, a, outer, n, inner, out, out_offset)
+
+    def _reduce_passes(self, op, src, outer, n, inner, out, out_offset):
+        """Reduce src viewed as (outer, n, inner) along n into out[out_offset:], chunking n while the output
+        alone is too small to fill the device (see reduce.wgsl)."""
         combine, fmap, ident = self._REDUCE[op]
-        self._dispatch("reduce", "main", [outer, n, inner, out_offset], [a, out], _grid(outer * inner),
-                       outer * inner, (("COMBINE", combine), ("MAP", fmap), ("IDENTITY", ident)))
+        while True:
+            if inner == 1:  # a workgroup per (o, chunk): chunks of up to 4096 elements, 16 per thread
+                S = max(1, min(math.ceil(n / 4096), math.ceil(4096 / max(outer, 1))))
+            else:           # a thread per (o, chunk, j): aim for ~128K threads, chunks of at least 16 rows
+                S = max(1, min(math.ceil(n / 16), math.ceil(131072 / (outer * inner))))
+            chunk = max(1, math.ceil(n / S))
+            S = max(1, math.ceil(n / chunk))
+            last = S == 1
+            dst, dst_off = (out, out_offset) if last else (self._alloc((outer * S * inner,), "float32"), 0)
+            params = [outer, n, inner, dst_off, S, chunk]
+            subs = (("COMBINE", combine), ("MAP", fmap), ("IDENTITY", ident))
+            if inner == 1:
+                self._dispatch("reduce", "rows_main", params, [src, dst], _grid(outer * S), outer * S, subs)
+            else:
+                self._flat("reduce", "columns_main", params, [src, dst], outer * S * inner, subs)
+            if last:
+                return
+            src, n, fmap = dst, S, "m_id"
 
     def reduce(self, op, a, axis):
         out = self._alloc(a.shape[:axis] + a.shape[axis + 1:], "float32")
@@ -361,20 +448,35 @@ class WgpuBackend(Backend):
         self._copy(src, 0, contiguous_strides(src.shape), dst, offset, strides, src.shape)
 
     # ------------------------------------------------------------------ fused
+    SPLIT_K_TILES = 1024   # split K while the output has fewer tiles than this (enough to fill a large GPU)
+    MATMUL_ROWS = True     # row-major A staged along rows (matmul.wgsl main_rows)
+
     def matmul(self, a, b, trans_a=False, trans_b=False):
         ba, bb = a.shape[0], b.shape[0]
         M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
         N = b.shape[1] if trans_b else b.shape[2]
         batch = max(ba, bb)
-        out = self._alloc((batch, M, N), "float32")
-        params = [M, N, K, M * K if ba > 1 else 0, K * N if bb > 1 else 0, M * N]
-        subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))
         if K == 0:
+            out = self._alloc((batch, M, N), "float32")
             self._flat("copy", "fill_main", [out.size, 0], [None, out], out.size)
             return out
-        self._dispatch("matmul", "main", params, [a, b, out], (math.ceil(N / 64), math.ceil(M / 64), batch),
-                       out.size, subs)
-        return out
+        tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
+        S = 1
+        if tiles < self.SPLIT_K_TILES and K >= 1024:
+            S = min(math.ceil(self.SPLIT_K_TILES / tiles), K // 256)
+        kc = math.ceil(math.ceil(K / S) / 16) * 16   # chunks of whole TK steps
+        S = math.ceil(K / kc)
+        out = self._alloc((S * batch, M, N), "float32")
+        params = [M, N, K, M * K if ba > 1 else 0, K * N if bb > 1 else 0, M * N, batch, kc]
+        subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))
+        label = f"matmul {'T' if trans_a else 'N'}{'T' if trans_b else 'N'} {batch}x{M}x{N}x{K}" + (
+            f" split {S}" if S > 1 else "")
+        entry = "main_rows" if self.MATMUL_ROWS and not trans_a else "main"
+        self._dispatch("matmul", entry, params, [a, b, out], (math.ceil(N / 64), math.ceil(M / 64), batch * S),
+                       out.size, subs, label=label)
+        if S == 1:
+            return out
+        return self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
 
     def _rows(self, shape):
         return math.prod(shape[:-1]), shape[-1]
@@ -418,13 +520,18 @@ class WgpuBackend(Backend):
     def layernorm_bwd(self, x, w, mean, rstd, g):
         rows, n = self._rows(x.shape)
         dx = self._alloc(x.shape, "float32")
-        dw = self._alloc((n,), "float32")
-        db = self._alloc((n,), "float32")
-        self._dispatch("layernorm_backward", "backward_x_main", [rows, n], [x, w, mean, rstd, g, dx], _grid(rows),
-                       rows * n)
-        self._dispatch("layernorm_backward", "backward_wb_main", [rows, n], [x, None, mean, rstd, g, dw, db],
-                       (math.ceil(n / 64), 1, 1), n)
-        return dx, dw, db
+        self._dispatch("layernorm_backward", "backward_x_main", [rows, n, 1, rows], [x, w, mean, rstd, g, dx],
+                       _grid(rows), rows * n)
+        # dw, db are column sums over all rows: partial sums over row chunks first, so that enough threads run.
+        S = max(1, min(math.ceil(rows / 16), math.ceil(131072 / max(n, 1))))
+        chunk = max(1, math.ceil(rows / S))
+        S = max(1, math.ceil(rows / chunk))
+        dw_parts, db_parts = self._alloc((S, n), "float32"), self._alloc((S, n), "float32")
+        self._flat("layernorm_backward", "backward_wb_main", [rows, n, S, chunk],
+                   [x, None, mean, rstd, g, dw_parts, db_parts], S * n)
+        if S == 1:
+            return dx, self.reshape(dw_parts, (n,)), self.reshape(db_parts, (n,))
+        return dx, self.reduce("sum", dw_parts, 0), self.reduce("sum", db_parts, 0)
 
     def embedding(self, w, idx):
         V, C = w.shape
@@ -434,10 +541,16 @@ class WgpuBackend(Backend):
         return out
 
     def embedding_bwd(self, idx, g, num_embeddings):
-        C = g.shape[-1]
-        dw = self._alloc((num_embeddings, C), "float32")
-        self._dispatch("embedding", "backward_main", [idx.size, C, num_embeddings], [idx, g, dw],
-                       (math.ceil(C / 64), 1, 1), C)
+        C, V, N = g.shape[-1], num_embeddings, idx.size
+        if V * C <= (1 << 20):  # small vocabulary: a thread per (chunk, row, column), then sum the chunks
+            S = max(1, min(math.ceil(N / 64), (1 << 21) // max(V * C, 1)))
+            chunk = max(1, math.ceil(N / S))
+            S = max(1, math.ceil(N / chunk))
+            parts = self._alloc((S, V, C), "float32")
+            self._flat("embedding", "backward_vocab_main", [N, C, V, S, chunk], [idx, g, parts], S * V * C)
+            return self.reshape(parts, (V, C)) if S == 1 else self.reduce("sum", parts, 0)
+        dw = self._alloc((V, C), "float32")
+        self._dispatch("embedding", "backward_main", [N, C, V, 0, 0], [idx, g, dw], (math.ceil(C / 64), 1, 1), C)
         return dw
 
     def cross_entropy(self, logits, targets, ignore_index):

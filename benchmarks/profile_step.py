@@ -1,0 +1,29 @@
+"""Profile one training step of a preset: host recording time, device time, and lab.profile()'s kernel table.
+Usage: python benchmarks/profile_step.py PRESET BATCH  (LAB_BACKEND picks the backend)."""
+import sys
+import time
+from dataclasses import replace
+
+import lab
+from lab.data import char_dataset
+from lab.models import PRESETS, TransformerLM
+from lab.train import TrainConfig, Trainer
+
+preset, batch = sys.argv[1], int(sys.argv[2])
+tok, train_ids, val_ids = char_dataset()
+cfg = replace(PRESETS[preset], vocab_size=tok.vocab_size)
+lab.manual_seed(0)
+trainer = Trainer(TransformerLM(cfg), train_ids, val_ids, TrainConfig(steps=10**9, batch_size=batch))
+for _ in range(3):
+    trainer.train_step()
+lab.sync()
+t0 = time.perf_counter()
+trainer.train_step()
+t1 = time.perf_counter()
+lab.sync()
+t2 = time.perf_counter()
+print(f"{preset} batch {batch}: recording {1e3 * (t1 - t0):.1f} ms, then waiting for the device {1e3 * (t2 - t1):.1f} ms")
+with lab.profile() as prof:
+    trainer.train_step()
+print(prof.table(30))
+print(prof.table(30, detail=True))
