@@ -80,7 +80,7 @@ def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, p
         if "torch" in row:
             row["lab/torch"] = row["lab"] / row["torch"]
         rows.append(row)
-        line = f"{label:<26} {unit:<7} lab {row['lab']:>10.1f}   numpy {row['numpy']:>9.1f} ({row['lab/numpy']:>6.2f}x)"
+        line = f"{label:<22} {unit:<7} lab {row['lab']:>10.1f}   numpy {row['numpy']:>9.1f} ({row['lab/numpy']:>6.2f}x)"
         if "torch" in row:
             line += f"   torch-{torch_dev} {row['torch']:>10.1f} ({row['lab/torch']:>5.2f}x)"
         print_fn(line)
