@@ -111,6 +111,26 @@ def _plan(args):
     return 0
 
 
+def _export(args):
+    from lab.scale import export_checkpoint
+    out = export_checkpoint(args.checkpoint, args.out, format=args.format, adapter=args.adapter)
+    print(f"exported {args.checkpoint} to {out} (GPT-2 layout"
+          + (", with the LoRA adapter in adapter/" if (out / "adapter").is_dir() else "") + ")")
+    print(f"continue training with PyTorch DDP: torchrun --nproc_per_node N -m lab.scale.ddp_train --model {out} "
+          f"--out {out}-ddp")
+    return 0
+
+
+def _import(args):
+    from lab.scale import import_model
+    out = args.out or f"{args.directory.rstrip('/')}-lab"
+    model, tok = import_model(args.directory, out=out)
+    print(f"imported {args.directory}: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {tok.vocab_size}"
+          f"; saved as a lab checkpoint in {out}")
+    print(f"try: python -m lab generate --checkpoint {out} --prompt ...")
+    return 0
+
+
 def _info(args):
     import lab
     if args.backend:
@@ -186,12 +206,29 @@ def main(argv=None):
     pl.add_argument("--backend", help=backend_help + " (for --device this)")
     pl.set_defaults(fn=_plan)
 
+    ex = sub.add_parser("export", help="write a checkpoint in the Hugging Face GPT-2 layout (for PyTorch DDP)")
+    ex.add_argument("--checkpoint", required=True, help="a lab checkpoint directory (from train --out)")
+    ex.add_argument("--format", default="hf", choices=["hf"], help="output layout (default hf: GPT-2)")
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--adapter", help="a LoRA adapter directory to export too (default: the checkpoint's own)")
+    ex.set_defaults(fn=_export)
+
+    im = sub.add_parser("import", help="bring a GPT-2-layout model (e.g. trained with DDP) back into lab")
+    im.add_argument("directory", help="a directory in the GPT-2 layout, with tokenizer files")
+    im.add_argument("--out", help="where to save the lab checkpoint (default DIRECTORY-lab)")
+    im.set_defaults(fn=_import)
+
     i = sub.add_parser("info", help="print the backend, the device, its limits and features")
     i.add_argument("--backend", help=backend_help)
     i.set_defaults(fn=_info)
 
     args = p.parse_args(argv)
-    return args.fn(args)
+    from lab.checkpoint import CheckpointError
+    try:
+        return args.fn(args)
+    except (CheckpointError, FileNotFoundError) as e:  # a bad or missing file: say which, without a traceback
+        print(f"lab {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

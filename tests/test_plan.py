@@ -1,5 +1,6 @@
 """The plan estimator against the engine: predicted memory vs lab.stats() peak bytes, predicted step time vs the
 measured one (with the measured profile of this machine), and the planning answers."""
+import math
 import time
 
 import numpy as np
@@ -108,3 +109,20 @@ def test_gpt2_config_json_is_accepted(tmp_path):
     m.save_pretrained(tmp_path, format="hf")
     p = plan.estimate(tmp_path / "config.json", batch=2, device="m1")
     assert p.params == m.num_parameters()
+
+
+def test_multi_device_answer_gives_device_count_and_time():
+    # a token budget that takes days on one device: the answer is N devices and the time on them
+    p = plan.estimate("shakespeare-char", batch=64, tokens=2e12, device="h200")
+    assert p.fits and p.total_time_s > 2 * plan.estimator.DAY_S
+    assert p.devices_needed == math.ceil(p.total_time_s / plan.estimator.DAY_S)
+    assert p.multi_device_time_s == pytest.approx(p.total_time_s / (p.devices_needed * plan.estimator.DDP_SCALING))
+    assert f"torchrun --nproc_per_node {p.devices_needed}" in p.multi_device and "lab import" in p.multi_device
+    # a batch too large for one device: enough devices that each one's share of the activations fits
+    big = plan.estimate("shakespeare-char", batch=2048, seq=256, device="rtx4090")
+    assert not big.fits and big.devices_needed > 1
+    share = plan.estimate("shakespeare-char", batch=math.ceil(2048 / big.devices_needed), seq=256, device="rtx4090")
+    assert share.memory["total"] + share.memory["gradients"] <= plan.PROFILES["rtx4090"].memory_bytes
+    assert "more devices" in repr(big)
+    # a short run on a device it fits: no multi-device advice
+    assert plan.estimate("tiny", batch=12, device="h200").devices_needed == 1

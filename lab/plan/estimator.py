@@ -39,6 +39,8 @@ class Plan:
     reasons: list = field(default_factory=list)
     suggestions: list = field(default_factory=list)
     multi_device: str = ""
+    devices_needed: int = 1
+    multi_device_time_s: float = 0.0
 
     def __repr__(self):
         gib = 2 ** 30
@@ -231,7 +233,43 @@ def _check_fit(plan, c, prof):
         if plan.seq > 64:
             plan.suggestions.append(f"a shorter context than {plan.seq} shrinks activations and attention weights "
                                     f"(quadratic in the context)")
-    n_devices = math.ceil(plan.total_time_s / 3600 / 24) if plan.total_time_s > 24 * 3600 else 0
-    if not plan.fits or n_devices > 1:
-        plan.multi_device = ("this run outgrows one device: export it (`python -m lab export --format hf`) and "
-                             "continue with PyTorch DDP across devices")
+    _check_devices(plan, prof)
+
+
+DDP_SCALING = 0.9   # tokens/s on N devices over N x one device's, for DDP on one host (README: measured on H200s)
+DAY_S = 24 * 3600
+
+
+def _check_devices(plan, prof):
+    """How many devices of this kind the run needs (to fit, or to finish within a day), and how long it takes on
+    them with DDP: every device holds the whole model, gradients, optimizer state and DDP's gradient buckets,
+    and a 1/N share of the batch's activations."""
+    m = plan.memory
+    fixed = m["weights"] + 2 * m["gradients"] + m["optimizer state"]
+    acts = m["activations"] + m["backward working set"]
+    n_memory = 1
+    if plan.memory["total"] > prof.memory_bytes:
+        if fixed >= prof.memory_bytes:
+            plan.multi_device = ("the model, its gradients and optimizer state alone exceed one device, and data "
+                                 "parallelism (DDP) copies them to every device: shard the model (e.g. PyTorch FSDP) "
+                                 "or use LoRA")
+            return
+        n_memory = math.ceil(acts / (prof.memory_bytes - fixed))
+        if n_memory > plan.batch:
+            plan.multi_device = (f"even one sequence per device does not fit: {plan.batch} devices are not enough")
+            return
+    name, size = plan.largest_buffer   # batch-sized tensors shrink with the per-device batch too
+    n_binding = math.ceil(size / min(prof.max_binding_size, prof.max_buffer_size)) if size else 1
+    n_memory = max(n_memory, n_binding)
+    n_time = math.ceil(plan.total_time_s / DAY_S) if plan.total_time_s > DAY_S else 1
+    n = max(n_memory, n_time)
+    if n <= 1:
+        return
+    plan.devices_needed = n
+    plan.multi_device_time_s = plan.total_time_s / (n * DDP_SCALING)
+    why = "to fit the batch" if n_memory >= n_time else "to finish within a day"
+    plan.multi_device = (f"this needs more than one device ({why}): about {_duration(plan.multi_device_time_s)} on "
+                         f"{n} of them with PyTorch DDP (batch {math.ceil(plan.batch / n)} per device, "
+                         f"{DDP_SCALING:.0%} scaling). Export the run (`python -m lab export --checkpoint DIR "
+                         f"--format hf --out OUT`), train with `torchrun --nproc_per_node {n} -m lab.scale.ddp_train "
+                         f"--model OUT --out OUT-ddp`, and bring it back with `python -m lab import OUT-ddp`")

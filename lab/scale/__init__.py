@@ -1,0 +1,117 @@
+"""Scale out: hand a run to PyTorch's distributed training when it outgrows one machine, and take it back.
+
+    python -m lab export --checkpoint runs/quickstart --format hf --out runs/hf
+    torchrun --nproc_per_node 2 -m lab.scale.ddp_train --model runs/hf --out runs/hf-ddp
+    python -m lab import runs/hf-ddp --out runs/back
+
+The exported directory is the Hugging Face GPT-2 layout (model.safetensors, config.json), a `tokenizer.json`
+that transformers' PreTrainedTokenizerFast loads (character tokenizers), lab's own tokenizer file
+(lab_tokenizer.json), and, for LoRA runs, the PEFT adapter in adapter/. Importing gives back a lab model,
+tokenizer and adapter, so generation, the attention heatmap and the diagnostics work on the result.
+"""
+import json
+import shutil
+from pathlib import Path
+
+from ..checkpoint import (CheckpointError, TOKENIZER_FILE, _AtomicDir, _write_json, _write_model, load_checkpoint,
+                          load_pretrained, load_tokenizer, save_checkpoint)
+
+LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
+HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format
+ADAPTER_DIR = "adapter"
+
+
+def hf_tokenizer_json(tokenizer):
+    """A character tokenizer as the `tokenizers` library's JSON: every character is one piece (a Split on any
+    character, kept isolated), looked up in a WordLevel vocabulary, and decoded by concatenation (Fuse)."""
+    from ..data import CharTokenizer
+    if not isinstance(tokenizer, CharTokenizer):
+        return None
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False},
+        "post_processor": None,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": dict(tokenizer.stoi), "unk_token": tokenizer.chars[0]},
+    }
+
+
+def _find_adapter(checkpoint, adapter):
+    if adapter is not None:
+        return Path(adapter)
+    for d in (Path(checkpoint), Path(checkpoint) / ADAPTER_DIR):
+        if (d / "adapter_config.json").is_file():
+            return d
+    return None
+
+
+def export_checkpoint(checkpoint, out, format="hf", adapter=None):
+    """Write a lab checkpoint (and its LoRA adapter, if any) in the Hugging Face GPT-2 layout. Returns `out`."""
+    if format != "hf":
+        raise ValueError(f"unknown export format {format!r}: the supported format is 'hf' (GPT-2 layout)")
+    from .. import lora
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    adapter_dir = _find_adapter(checkpoint, adapter)
+    if adapter_dir is not None:
+        lora.load_adapter(model, adapter_dir)   # checks that the adapter fits this base before anything is written
+    out = Path(out)
+    with _AtomicDir(out) as tmp:
+        _write_model(model, tmp, "hf")
+        (tmp / LAB_TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+        hf_tok = hf_tokenizer_json(tokenizer)
+        if hf_tok is not None:
+            _write_json(tmp / HF_TOKENIZER_FILE, hf_tok)
+            _write_json(tmp / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                         "model_max_length": model.config.block_size})
+    if adapter_dir is not None:
+        # The adapter names the exported directory as its base, as PEFT expects.
+        lora.save_adapter(model, out / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
+    return out
+
+
+def _tokenizer_of(directory):
+    d = Path(directory)
+    for name in (LAB_TOKENIZER_FILE, TOKENIZER_FILE):
+        path = d / name
+        if path.is_file():
+            try:
+                return load_tokenizer(path)
+            except CheckpointError:
+                if name == LAB_TOKENIZER_FILE:
+                    raise
+    # A Hugging Face tokenizer.json written for a character vocabulary (WordLevel of single characters).
+    from ..data import CharTokenizer
+    path = d / HF_TOKENIZER_FILE
+    if path.is_file():
+        try:
+            vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a tokenizer lab can read ({e})") from None
+        chars = sorted(vocab, key=vocab.get)
+        if all(isinstance(c, str) and len(c) == 1 for c in chars) and [vocab[c] for c in chars] == sorted(vocab.values()):
+            tok = CharTokenizer(chars)
+            if tok.stoi == vocab:
+                return tok
+        raise CheckpointError(f"{path}: only character-level vocabularies can be imported without {LAB_TOKENIZER_FILE}")
+    raise CheckpointError(f"{d}: no tokenizer found (looked for {LAB_TOKENIZER_FILE}, {TOKENIZER_FILE})")
+
+
+def import_model(directory, out=None):
+    """(model, tokenizer) from a directory in the GPT-2 layout (exported by lab, or trained by PyTorch / transformers
+    from one), with its adapter/ loaded when present. With `out`, also saves a lab checkpoint there that
+    `python -m lab generate --checkpoint` and the widgets use."""
+    from .. import lora
+    d = Path(directory)
+    model = load_pretrained(d)
+    tokenizer = _tokenizer_of(d)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"{d}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                              f"{model.config.vocab_size}")
+    adapter_dir = d / ADAPTER_DIR
+    if (adapter_dir / "adapter_config.json").is_file():
+        lora.load_adapter(model, adapter_dir)
+    if out is not None:
+        save_checkpoint(out, model, tokenizer)
+        if (adapter_dir / "adapter_config.json").is_file():
+            shutil.copytree(adapter_dir, Path(out) / ADAPTER_DIR, dirs_exist_ok=True)
+    return model, tokenizer
