@@ -14,6 +14,12 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read> GRAD: array<f32>;          // clip: NORMSQ
 @group(0) @binding(3) var<storage, read_write> S1: array<f32>;      // adamw: m;  sgd: momentum buffer
 @group(0) @binding(4) var<storage, read_write> S2: array<f32>;      // adamw: v
+@group(0) @binding(5) var<storage, read> GUARD: array<f32>;         // adamw, sgd: the gradient norm of the step
+
+// A non-finite gradient norm (NaN or Inf anywhere in any gradient) skips the whole update on the device, so a
+// bad step never reaches the weights or the moments, and no readback is needed to protect them.
+// (Comparisons with NaN are false, so a NaN norm fails `<=`.)
+fn guard_ok() -> bool { return abs(GUARD[0]) <= 3.4028235e38; }
 
 fn f(k: u32) -> f32 { return bitcast<f32>(P[k]); }
 
@@ -24,7 +30,7 @@ fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 { return (wid.y * nwg.x
 fn adamw_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let i = flat(wid, nwg, lid);
-    if (i >= P[0]) { return; }
+    if (i >= P[0] || !guard_ok()) { return; }
     let lr = f(1u);
     let b1 = f(2u);
     let b2 = f(3u);
@@ -43,7 +49,7 @@ fn adamw_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 fn sgd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let i = flat(wid, nwg, lid);
-    if (i >= P[0]) { return; }
+    if (i >= P[0] || !guard_ok()) { return; }
     let p = PARAM[i];
     let g = GRAD[i] + f(3u) * p;
     let b = f(2u) * S1[i] + g;

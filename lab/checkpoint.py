@@ -36,6 +36,7 @@ class _AtomicDir:
 
     def __enter__(self):
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted_save(self.target)
         self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.tmp-"))
         return self.tmp
 
@@ -51,6 +52,17 @@ class _AtomicDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def recover_interrupted_save(target):
+    """A save killed between moving the previous directory aside and moving the new one in leaves the previous
+    one as .NAME.old-PID next to where it was: put it back. (A save killed earlier leaves the target untouched.)"""
+    target = Path(target)
+    if target.exists():
+        return
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], target)
 
 
 def _write_json(path, data):
@@ -116,7 +128,7 @@ def _config_from_hf(data, path):
     from .models.transformer import TransformerConfig
     try:
         n_embd = data["n_embd"]
-        if data.get("n_inner") not in (None, 4 * n_embd):
+        if not isinstance(n_embd, int) or data.get("n_inner") not in (None, 4 * n_embd):
             raise CheckpointError(f"{path}: n_inner={data['n_inner']} is not supported (lab's MLP is 4 x n_embd)")
         act = data.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -127,13 +139,28 @@ def _config_from_hf(data, path):
         if data.get("tie_word_embeddings", True) is False:
             raise CheckpointError(f"{path}: untied output heads are not supported (lab ties the head to wte)")
         return TransformerConfig(vocab_size=data["vocab_size"], block_size=data["n_positions"], n_layer=data["n_layer"],
-                                 n_head=data["n_head"], n_embd=n_embd, dropout=float(data.get("resid_pdrop", 0.0)),
+                                 n_head=data["n_head"], n_embd=n_embd, dropout=data.get("resid_pdrop") or 0.0,
                                  bias=True, positions="learned")
     except KeyError as e:
         raise CheckpointError(f"{path}: GPT-2 config is missing the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid GPT-2 config ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------------ models
+
+def _check_size(cfg, tensors, d):
+    """Refuse a config that describes a bigger model than the weights file holds, before allocating it: a damaged
+    or hostile config.json (n_embd = 10^9) must not make lab allocate more than the file justifies."""
+    from .plan.estimator import count_params
+    params, _ = count_params(cfg)
+    if cfg.positions == "sinusoidal":   # a fixed (block_size, n_embd) table, allocated but not stored
+        params += cfg.block_size * cfg.n_embd
+    stored = sum(int(np.prod(v.shape)) for v in tensors.values())
+    if params > 2 * stored + 4096:
+        raise CheckpointError(f"{d / CONFIG_FILE}: describes a model of {params:,} parameters, but {d / MODEL_FILE} "
+                              f"holds {stored:,} values: the config does not belong to these weights")
+
 
 def save_pretrained(model, directory, format="lab"):
     """Write model.safetensors + config.json. format="hf" writes the GPT-2 layout transformers loads."""
@@ -168,6 +195,7 @@ def load_pretrained(directory):
     """A TransformerLM, in eval mode, from a directory in lab's layout or the GPT-2 layout (from config.json)."""
     from .models.transformer import TransformerConfig, TransformerLM
     d = Path(directory)
+    recover_interrupted_save(d)
     if not d.is_dir():
         raise CheckpointError(f"{d}: no such checkpoint directory")
     data = read_json(d / CONFIG_FILE, "model config")
@@ -187,6 +215,7 @@ def load_pretrained(directory):
             raise CheckpointError(f"{d / CONFIG_FILE}: invalid model config ({e})") from None
     else:
         raise CheckpointError(f"{d / CONFIG_FILE}: unknown model_type {kind!r} (expected 'lab-transformer' or 'gpt2')")
+    _check_size(cfg, tensors, d)
     model = TransformerLM(cfg)
     _load_into(model, tensors, d / MODEL_FILE)
     return model.eval()  # as transformers does: dropout stays off until model.train()

@@ -182,13 +182,17 @@ def load_adapter(model, directory):
         raise CheckpointError(f"{d / ADAPTER_CONFIG}: unsupported options {unsupported or ['bias']}")
     try:
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        dropout = float(cfg.get("lora_dropout") or 0.0)
         targets = cfg["target_modules"]
+        targets = [targets] if isinstance(targets, str) else list(targets)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / ADAPTER_CONFIG}: missing or invalid field ({e})") from None
-    targets = [targets] if isinstance(targets, str) else list(targets)
     tensors = read_safetensors(d / ADAPTER_FILE)
     if not adapters(model):
-        apply(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets)
+        try:
+            apply(model, r=r, alpha=alpha, dropout=dropout, targets=targets)
+        except (TypeError, ValueError) as e:  # an adapter config that does not fit this model
+            raise CheckpointError(f"{d / ADAPTER_CONFIG}: {e}") from None
     prefix = _peft_prefix(model)
     found = adapters(model)
     expected = {f"{prefix}{path}.lora_{ab}.weight" for path, _ in found for ab in "AB"}
@@ -207,6 +211,6 @@ def load_adapter(model, directory):
                 raise CheckpointError(f"{d / ADAPTER_FILE}: tensor {key!r} has shape {tuple(value.shape)}, this "
                                       f"model needs {param.shape} (an adapter for a different base?)")
             param.data = param.backend.from_numpy(np.asarray(value, dtype=np.float32))
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                          "target_modules": targets}
     return model

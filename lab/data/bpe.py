@@ -96,4 +96,11 @@ class BPETokenizer:
         for i, m in enumerate(merges):
             if not (isinstance(m, list) and len(m) == 2 and all(isinstance(t, int) and 0 <= t < 256 + i for t in m)):
                 raise ValueError(f"BPE merge {i} is {m!r}: expected two token ids below {256 + i}")
-        return cls(merges, data.get("pattern", SPLIT))
+        pattern = data.get("pattern", SPLIT)
+        if not isinstance(pattern, str):
+            raise ValueError(f"BPE pattern must be a regular expression string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"BPE pattern {pattern!r} is not a valid regular expression ({e})") from None
+        return cls(merges, pattern)

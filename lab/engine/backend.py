@@ -63,8 +63,9 @@ class Backend:
     def lora_up_add(self, base, h, b, scale): raise NotImplementedError  # base + scale * h @ b^T, b (N, r)
 
     # -- optimizers (in place) --
-    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step): raise NotImplementedError
-    def sgd_(self, p, g, buf, lr, momentum, wd): raise NotImplementedError
+    # guard: a one-element array (the step's gradient norm); when it is not finite the update is skipped
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None): raise NotImplementedError
+    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None): raise NotImplementedError
     def sumsq_into(self, a, out, slot): raise NotImplementedError   # out[slot] = sum(a * a)
     def clip_(self, g, normsq, max_norm): raise NotImplementedError
 

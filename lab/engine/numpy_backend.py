@@ -224,7 +224,9 @@ class NumpyBackend(Backend):
         return base + base.dtype.type(scale) * (h @ b.T)
 
     # -- optimizers (in place) --
-    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step):
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None):
+        if guard is not None and not np.isfinite(guard).all():
+            return  # a non-finite gradient norm skips the update (as the wgpu kernel does)
         p -= lr * wd * p
         m *= b1
         m += (1 - b1) * g
@@ -232,7 +234,9 @@ class NumpyBackend(Backend):
         v += (1 - b2) * g * g
         p -= lr * (m / (1 - b1 ** step)) / (np.sqrt(v / (1 - b2 ** step)) + eps)
 
-    def sgd_(self, p, g, buf, lr, momentum, wd):
+    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None):
+        if guard is not None and not np.isfinite(guard).all():
+            return
         d = g + wd * p
         buf *= momentum
         buf += d

@@ -72,6 +72,22 @@ def _grid(n_groups):
     return (math.ceil(n_groups / y), y, 1)
 
 
+class DeviceLostError(RuntimeError):
+    """The WebGPU device is gone (driver reset, GPU removed, or destroyed); its buffers went with it."""
+
+
+def _lost(backend, error):
+    """A DeviceLostError when `error` says the device was lost (then every later call would fail the same way)."""
+    if "lost" not in str(error).lower():
+        return error
+    backend.lost = True
+    return DeviceLostError(
+        f"lab: the GPU device {backend.device_info['device']!r} was lost ({str(error).strip().splitlines()[-1].strip()}). "
+        f"Tensors and models on it are gone. To continue on the CPU: lab.set_backend('numpy'), then reload the last "
+        f"checkpoint (Trainer.resume(dir, ...) or lab.TransformerLM.from_pretrained(dir)); or restart the kernel for "
+        f"a new device.")
+
+
 class _Storage:
     """One GPU buffer owned by one or more arrays (reshape views share it); returns to the pool when freed."""
     __slots__ = ("buffer", "nbytes", "backend", "__weakref__")
@@ -172,6 +188,7 @@ class WgpuBackend(Backend):
         self._encoder = None
         self._pass = None
         self._profile = None       # a _Profile while lab.profile() is active
+        self.lost = False
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
                            bind_group_hits=0, bind_group_misses=0,
                            bytes_in_use=0, peak_bytes_in_use=0, bytes_reserved=0)
@@ -188,7 +205,10 @@ class WgpuBackend(Backend):
         if free:
             buffer = free.pop()
         else:
-            buffer = self.device.create_buffer(size=size, usage=self._usage)
+            try:
+                buffer = self.device.create_buffer(size=size, usage=self._usage)
+            except self.wgpu.GPUError as e:
+                raise _lost(self, e) from None
             self._owned[id(buffer)] = buffer
             self._stats["bytes_reserved"] += size
         s = self._stats
@@ -228,7 +248,10 @@ class WgpuBackend(Backend):
         dt = np.float32 if a.dtype == "float32" else np.int32
         if a.size == 0:
             return np.zeros(a.shape, dtype=dt)
-        data = self.queue.read_buffer(a.buffer, 0, a.size * 4)
+        try:
+            data = self.queue.read_buffer(a.buffer, 0, a.size * 4)
+        except self.wgpu.GPUError as e:
+            raise _lost(self, e) from None
         self._stats["readbacks"] += 1
         return np.frombuffer(data, dtype=dt).reshape(a.shape).copy()
 
@@ -276,7 +299,10 @@ class WgpuBackend(Backend):
                 if a is not None:
                     entries.append({"binding": i + 1, "resource": {"buffer": a.buffer, "offset": 0,
                                                                    "size": a.storage.nbytes}})
-            bg = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+            try:
+                bg = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+            except self.wgpu.GPUError as e:
+                raise _lost(self, e) from None
             if len(self._bind_groups) > 8192:
                 self._bind_groups.clear()
             # The cached entry keeps its buffers alive, so their ids cannot be reused by new buffers.
@@ -332,17 +358,23 @@ class WgpuBackend(Backend):
             if wait:
                 self._wait()
             return
-        if self._pass is not None:
-            self._pass.end()
-        if self._profile:
-            self._profile.resolve(self._encoder)
-        self.queue.write_buffer(self._arena, 0, self._arena_host, 0, self._arena_used)
-        self.queue.submit([self._encoder.finish()])
-        if self._profile:
-            self._profile.collect()
+        # Detach the recording first: an exception or KeyboardInterrupt below must not leave an ended pass in
+        # place for the next dispatch (at worst the unsubmitted work is dropped).
+        encoder, cpass, used = self._encoder, self._pass, self._arena_used
         self._encoder = self._pass = None
         self._arena_used = 0
         self._arena_index.clear()
+        if cpass is not None:
+            cpass.end()
+        if self._profile:
+            self._profile.resolve(encoder)
+        try:
+            self.queue.write_buffer(self._arena, 0, self._arena_host, 0, used)
+            self.queue.submit([encoder.finish()])
+        except self.wgpu.GPUError as e:
+            raise _lost(self, e) from None
+        if self._profile:
+            self._profile.collect()
         self._stats["submits"] += 1
         for size, buffers in self._recent.items():
             self._pool.setdefault(size, []).extend(buffers)
@@ -593,13 +625,20 @@ class WgpuBackend(Backend):
         return out
 
     # ------------------------------------------------------------------ optimizers (in place)
-    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step):
-        params = [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step)]
-        self._flat("optim", "adamw_main", params, [p, g, m, v], p.size)
+    def _guard(self, guard):
+        if guard is None:  # no guard: any finite one-element value passes
+            if getattr(self, "_no_guard", None) is None:
+                self._no_guard = self.from_numpy(np.zeros(1, np.float32))
+            return self._no_guard
+        return guard
 
-    def sgd_(self, p, g, buf, lr, momentum, wd):
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None):
+        params = [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step)]
+        self._flat("optim", "adamw_main", params, [p, g, m, v, self._guard(guard)], p.size)
+
+    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None):
         params = [p.size] + [_f32bits(x) for x in (lr, momentum, wd)]
-        self._flat("optim", "sgd_main", params, [p, g, buf], p.size)
+        self._flat("optim", "sgd_main", params, [p, g, buf, None, self._guard(guard)], p.size)
 
     def sumsq_into(self, a, out, slot):
         self._reduce_into("sumsq", self.reshape(a, (a.size,)), 0, out, slot)

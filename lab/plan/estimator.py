@@ -204,6 +204,41 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     return plan
 
 
+class DoesNotFitError(ValueError):
+    """A training plan needs more memory (or a bigger buffer) than the device has; the message says why and what
+    would fit. `plan` is the estimate behind it."""
+
+    def __init__(self, message, plan):
+        super().__init__(message)
+        self.plan = plan
+
+
+def limits_profile(backend):
+    """The memory and buffer limits of a backend's device, without timing anything (for checks before a run)."""
+    from .profiles import DeviceProfile, _device_memory_guess
+    import os
+    if backend.name == "wgpu":
+        info = backend.device_info
+        return DeviceProfile(info["device"], "limits", math.nan, math.nan, math.nan, _device_memory_guess(backend),
+                             backend.max_buffer, backend.max_binding)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return DeviceProfile("host (numpy)", "limits", math.nan, math.nan, math.nan, host, 2 ** 62, 2 ** 62)
+
+
+def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adamw"):
+    """Raise DoesNotFitError, with the plan estimator's reasons and suggestions, when training `config` at this
+    batch would not fit `backend`'s device: called before a run allocates anything for its steps."""
+    prof = limits_profile(backend)
+    plan = estimate(config, batch=batch, seq=seq, steps=1, lora_rank=lora_rank, device=prof, optimizer=optimizer)
+    if plan.fits:
+        return plan
+    lines = [f"this training plan does not fit {prof.name}: " + "; ".join(plan.reasons)]
+    lines += [f"  suggestion: {s}" for s in plan.suggestions]
+    if plan.multi_device:
+        lines.append(f"  more devices: {plan.multi_device}")
+    raise DoesNotFitError("\n".join(lines), plan)
+
+
 def _check_fit(plan, c, prof):
     total = plan.memory["total"]
     if total > prof.memory_bytes:

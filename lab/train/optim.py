@@ -56,13 +56,16 @@ class AdamW(Optimizer):
         self.m = [B.full(p.shape, 0.0) for p in self.params]
         self.v = [B.full(p.shape, 0.0) for p in self.params]
 
-    def step(self, lr=None):
+    def step(self, lr=None, guard=None):
+        """One update. `guard`: a one-element tensor (the gradient norm); if it is NaN or Inf the update is skipped
+        on the device, leaving weights and moments as they were."""
         lr = self.lr if lr is None else lr
         self.step_count += 1
         B = self.backend
+        g = guard.data if guard is not None else None
         for p, m, v, wd in zip(self.params, self.m, self.v, self.decay):
             if p.grad is not None:
-                B.adamw_(p.data, p.grad.data, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count)
+                B.adamw_(p.data, p.grad.data, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count, guard=g)
 
     def state_arrays(self):
         out = {}
@@ -79,12 +82,13 @@ class SGD(Optimizer):
         self.momentum = momentum
         self.buf = [self.backend.full(p.shape, 0.0) for p in self.params]
 
-    def step(self, lr=None):
+    def step(self, lr=None, guard=None):
         lr = self.lr if lr is None else lr
         self.step_count += 1
+        g = guard.data if guard is not None else None
         for p, buf, wd in zip(self.params, self.buf, self.decay):
             if p.grad is not None:
-                self.backend.sgd_(p.data, p.grad.data, buf, lr, self.momentum, wd)
+                self.backend.sgd_(p.data, p.grad.data, buf, lr, self.momentum, wd, guard=g)
 
     def state_arrays(self):
         return {f"buf.{i}": b for i, b in enumerate(self.buf)}

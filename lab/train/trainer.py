@@ -3,7 +3,9 @@
 One training step records forward, backward, clipping and the optimizer update without reading anything
 back, so on the wgpu backend it is a single submit; the loss is read only on logging steps.
 """
+import contextlib
 import math
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -13,6 +15,7 @@ import numpy as np
 from ..data import get_batch
 from ..engine.random import generator
 from ..engine.tensor import no_grad
+from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, clip_grad_norm_
 
 
@@ -33,6 +36,10 @@ class TrainConfig:
     early_stopping_patience: int = 0   # stop after this many evaluations without a better val loss (0: never)
     early_stopping_min_delta: float = 0.0
     max_seconds: float = 0.0           # stop once training has run this long (0: no limit)
+    nonfinite: str = "stop"            # a NaN/Inf step (always skipped on the device): "stop" training, or "skip" it
+    check_finite_every: int = 1        # run() reads the loss and gradient norm this often to detect NaN/Inf (0: never)
+    checkpoint_dir: str = ""           # run() saves a checkpoint here (atomically) ...
+    checkpoint_every: int = 0          # ... every this many steps and at the end (0: only at the end)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "grad_accum_steps"):
@@ -40,6 +47,27 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+        if self.check_finite_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("check_finite_every and checkpoint_every must be >= 0")
+
+
+@contextlib.contextmanager
+def _interrupt_after_step():
+    """Hold SIGINT (Ctrl-C, Jupyter's interrupt) until the block ends, then raise KeyboardInterrupt. Only the main
+    thread receives signals; elsewhere (a widget's training thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def cosine_lr(step, cfg):
@@ -54,16 +82,32 @@ class Trainer:
     def __init__(self, model, train_ids, val_ids, cfg=None, callbacks=()):
         self.model, self.cfg = model, cfg or TrainConfig()
         self.train_ids, self.val_ids = train_ids, val_ids
+        self._check_fits()
         self.optimizer = AdamW(model.optimizer_groups(self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas)
         self.callbacks = list(callbacks)
         self.step_num = 0
         self.history = []          # one dict per logged step
         self.best_val_loss, self._evals_without_gain = math.inf, 0
         self.stop_reason = None
+        self.skipped_steps = []    # (step, message) of steps skipped for NaN/Inf
+        self.tokenizer = None      # saved with run()'s checkpoints when set
+        self.fault = None          # the NonFiniteError that stopped the last run()
+        self._last_batches = []
         self._stop = False
         self._running = threading.Event()  # cleared while paused
         self._running.set()
         self.rng = np.random.default_rng(generator().integers(2**32))
+
+    def _check_fits(self):
+        """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
+        says why and what would fit)."""
+        from ..models.transformer import TransformerConfig
+        from ..plan.estimator import check_fits
+        config = self.model.config
+        if isinstance(config, TransformerConfig):
+            lora = getattr(self.model, "lora_config", None)
+            check_fits(config, self.cfg.batch_size, self.model.wte.weight.backend,
+                       lora_rank=lora["r"] if lora else None)
 
     @classmethod
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
@@ -73,7 +117,11 @@ class Trainer:
         model, tokenizer, state = load_checkpoint(directory)
         if state is None:
             raise CheckpointError(f"{directory}: holds a model but no trainer state (trainer_state.json)")
-        cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
+        from pathlib import Path
+        try:
+            cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{Path(directory) / 'trainer_state.json'}: invalid train_config ({e})") from None
         trainer = cls(model.train(), train_ids, val_ids, cfg, callbacks)
         restore_trainer(trainer, directory, state)
         trainer.tokenizer = tokenizer
@@ -97,13 +145,21 @@ class Trainer:
 
     def train_step(self):
         """One optimizer step (over grad_accum_steps micro-batches). Returns the mean loss and the gradient norm
-        before clipping, as tensors still on the device."""
+        before clipping, as tensors still on the device. A Ctrl-C (KeyboardInterrupt) arriving during the step
+        takes effect after it, so a step is never left half done."""
+        # numpy's overflow/invalid warnings would repeat what check_finite reports, once per op
+        with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._train_step()
+
+    def _train_step(self):
         cfg, model = self.cfg, self.model
         model.train()
         self.optimizer.zero_grad()
         total = None
+        self._last_batches = []
         for _ in range(cfg.grad_accum_steps):
             x, y = get_batch(self.train_ids, cfg.batch_size, model.config.block_size, self.rng)
+            self._last_batches.append((x, y))
             _, loss = model(x, y)
             if cfg.grad_accum_steps > 1:
                 loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
@@ -111,9 +167,25 @@ class Trainer:
             total = loss.detach() if total is None else total + loss.detach()
         loss = total
         norm = clip_grad_norm_(self.optimizer.params, cfg.grad_clip)
-        self.optimizer.step(lr=cosine_lr(self.step_num, cfg))
+        # a NaN/Inf norm skips the update on the device (no readback): the weights never take a bad step
+        self.optimizer.step(lr=cosine_lr(self.step_num, cfg), guard=norm)
         self.step_num += 1
         return loss, norm
+
+    def check_finite(self, loss, norm):
+        """Read the last step's loss and gradient norm; on NaN/Inf find where it first appeared and raise
+        NonFiniteError (the step's update was already skipped on the device)."""
+        if np.isfinite(loss.item()) and np.isfinite(norm.item()):
+            return
+        where = first_nonfinite(self.model, self._last_batches[0]) or "the loss or gradient norm"
+        raise NonFiniteError(self.step_num, where)
+
+    def _save(self):
+        from ..checkpoint import save_checkpoint
+        if self.tokenizer is None:
+            raise ValueError("TrainConfig.checkpoint_dir is set but the trainer has no tokenizer: set "
+                             "trainer.tokenizer (it is saved with the checkpoint)")
+        save_checkpoint(self.cfg.checkpoint_dir, self.model, self.tokenizer, self)
 
     def evaluate(self, batches=None):
         """Mean loss over `batches` random validation blocks (fixed seed: comparable across calls)."""
@@ -136,45 +208,64 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.model.config.block_size
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
         t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
-        self._stop, self.stop_reason = False, None
-        while self.step_num < cfg.steps and not self._stop:
-            if not self._running.is_set():
-                paused_at = time.perf_counter()
-                self._running.wait()
-                t0 += time.perf_counter() - paused_at   # a pause is not training time
-                last_t += time.perf_counter() - paused_at
-                if self._stop:
-                    break
-            loss, norm = self.train_step()
-            step = self.step_num
-            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
-            if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-                val_loss = self.evaluate()
-                self._early_stopping(val_loss)
-                if log_evals:
-                    (bar.write if progress else print)(
-                        f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
-                        f"{time.perf_counter() - t0:.0f} s")
-            if out_of_time and not self._stop:
-                self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                record = {
-                    "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
-                    "lr": cosine_lr(step - 1, cfg),
-                    "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_t, 1e-9),
-                    "elapsed": now - t0,
-                }
-                record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
-                last_t, last_step = now, step
-                self.history.append(record)
-                for cb in self.callbacks:
-                    cb(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                val=f"{val_loss:.3f}" if val_loss is not None else "-",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
+        self._stop, self.stop_reason, self.fault = False, None, None
+        try:
+            while self.step_num < cfg.steps and not self._stop:
+                if not self._running.is_set():
+                    paused_at = time.perf_counter()
+                    self._running.wait()
+                    t0 += time.perf_counter() - paused_at   # a pause is not training time
+                    last_t += time.perf_counter() - paused_at
+                    if self._stop:
+                        break
+                loss, norm = self.train_step()
+                step = self.step_num
+                if cfg.check_finite_every and step % cfg.check_finite_every == 0:
+                    try:
+                        self.check_finite(loss, norm)
+                    except NonFiniteError as e:
+                        (bar.write if progress else print)(f"lab: {e}")
+                        if cfg.nonfinite == "stop":
+                            self._stop, self.stop_reason, self.fault = True, str(e), e
+                            break
+                        self.skipped_steps.append((step, str(e)))
+                        bar.update(1)
+                        continue
+                out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
+                if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+                    val_loss = self.evaluate()
+                    self._early_stopping(val_loss)
+                    if log_evals:
+                        (bar.write if progress else print)(
+                            f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
+                            f"{time.perf_counter() - t0:.0f} s")
+                if out_of_time and not self._stop:
+                    self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    record = {
+                        "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
+                        "lr": cosine_lr(step - 1, cfg),
+                        "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_t, 1e-9),
+                        "elapsed": now - t0,
+                    }
+                    record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
+                    last_t, last_step = now, step
+                    self.history.append(record)
+                    for cb in self.callbacks:
+                        cb(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                    val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                if cfg.checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self._save()
+                bar.update(1)
+        except KeyboardInterrupt:  # steps finish before an interrupt lands (train_step): stop here, usable, resumable
+            self._stop, self.stop_reason = True, f"interrupted (KeyboardInterrupt) after step {self.step_num}"
+            (bar.write if progress else print)(f"lab: {self.stop_reason}")
         bar.close()
+        if cfg.checkpoint_dir and self.fault is None:  # a run stopped by NaN/Inf keeps its last good checkpoint
+            self._save()
         if self._stop and self.stop_reason is None:
             self.stop_reason = "stop requested"
         return self.history

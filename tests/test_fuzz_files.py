@@ -1,0 +1,199 @@
+"""Fuzzing every file lab reads: truncated, bit-flipped, wrong-dtype, wrong-shape, huge-header and missing-key
+variants of checkpoint, optimizer, tokenizer, BPE, PEFT adapter and GPT-2 files. Every case must either load or
+end in a lab CheckpointError that names the file; none may raise anything else, hang, or allocate more memory than
+the file could justify. Fixed seed (derandomized) and LAB_FUZZ_EXAMPLES cases per file in CI (default 25); set
+it higher to fuzz longer."""
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import lab  # noqa: E402
+from lab import lora  # noqa: E402
+from lab.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, save_checkpoint  # noqa: E402
+from lab.data import CharTokenizer  # noqa: E402
+from lab.data.bpe import BPETokenizer  # noqa: E402
+from lab.models import PRESETS, TransformerLM  # noqa: E402
+from lab.scale import export_checkpoint, import_model  # noqa: E402
+from lab.train import TrainConfig, Trainer  # noqa: E402
+
+EXAMPLES = int(os.environ.get("LAB_FUZZ_EXAMPLES", "25"))
+TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void.\n" * 20
+CFG = replace(PRESETS["tiny"], block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+def _model(vocab):
+    lab.manual_seed(0)
+    return TransformerLM(replace(CFG, vocab_size=vocab))
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """Good files of every kind, written once; each fuzz case copies one and damages the copy."""
+    root = tmp_path_factory.mktemp("fuzz-originals")
+    with lab.engine.backend.using_backend(lab.engine.backend.backend_instance("numpy")):
+        tok = CharTokenizer.from_text(TEXT)
+        ids = tok.encode(TEXT)
+        trainer = Trainer(_model(tok.vocab_size), ids, ids, TrainConfig(steps=2, batch_size=2))
+        trainer.train_step()
+        save_checkpoint(root / "ck", trainer.model, tok, trainer)
+        export_checkpoint(root / "ck", root / "hf")
+        (root / "bpe.json").write_text(BPETokenizer.train(TEXT, vocab_size=270).to_json())
+        model = _model(tok.vocab_size)
+        lora.apply(model, r=2, alpha=4)
+        lora.save_adapter(model, root / "adapter")
+    return root, ids, tok.vocab_size
+
+
+def _loaders(ids, vocab):
+    def adapter(d):
+        lora.load_adapter(_model(vocab), d)
+    return {
+        "ck": lambda d: load_checkpoint(d),
+        "ck-resume": lambda d: Trainer.resume(d, ids, ids),
+        "hf": lambda d: import_model(d),
+        "bpe": lambda d: load_tokenizer(d / "bpe.json"),
+        "adapter": adapter,
+    }
+
+
+# (file, directory it lives in, how it is loaded)
+TARGETS = [
+    ("model.safetensors", "ck", "ck"), ("config.json", "ck", "ck"), ("tokenizer.json", "ck", "ck"),
+    ("optimizer.safetensors", "ck", "ck-resume"), ("trainer_state.json", "ck", "ck-resume"),
+    ("model.safetensors", "hf", "hf"), ("config.json", "hf", "hf"), ("lab_tokenizer.json", "hf", "hf"),
+    ("bpe.json", ".", "bpe"),
+    ("adapter_model.safetensors", "adapter", "adapter"), ("adapter_config.json", "adapter", "adapter"),
+]
+
+
+def _safetensors_parts(data):
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _pack(header, body):
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+@st.composite
+def mutations(draw, data, is_safetensors):
+    """A damaged copy of `data` and a description of the damage."""
+    kinds = ["truncate", "bitflip", "garbage"]
+    if is_safetensors:
+        kinds += ["dtype", "shape", "huge_header", "missing_key", "offsets"]
+    else:
+        kinds += ["json_drop", "json_type", "json_huge"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "truncate":
+        n = draw(st.integers(0, max(len(data) - 1, 0)))
+        return data[:n], f"truncated to {n} bytes"
+    if kind == "bitflip":
+        out = bytearray(data)
+        flips = draw(st.lists(st.integers(0, len(data) * 8 - 1), min_size=1, max_size=8))
+        for bit in flips:
+            out[bit // 8] ^= 1 << (bit % 8)
+        return bytes(out), f"bits {flips} flipped"
+    if kind == "garbage":
+        return draw(st.binary(min_size=0, max_size=64)), "replaced by random bytes"
+    if is_safetensors:
+        header, body = _safetensors_parts(data)
+        names = sorted(k for k in header if k != "__metadata__")
+        name = draw(st.sampled_from(names))
+        if kind == "dtype":
+            dtype = draw(st.sampled_from(["F16", "F64", "I32", "I64", "U8", "BOOL", "BF16", "XX"]))
+            header[name]["dtype"] = dtype
+            return _pack(header, body), f"{name} dtype -> {dtype}"
+        if kind == "shape":
+            shape = draw(st.lists(st.integers(0, 70), min_size=0, max_size=3))
+            header[name]["shape"] = shape
+            return _pack(header, body), f"{name} shape -> {shape}"
+        if kind == "huge_header":
+            size = draw(st.sampled_from([2 ** 31, 2 ** 40, 2 ** 63, len(data) + 1]))
+            return struct.pack("<Q", size) + data[8:], f"header length field {size}"
+        if kind == "missing_key":
+            del header[name]
+            return _pack(header, body), f"{name} removed"
+        begin, end = header[name]["data_offsets"]
+        end2 = draw(st.sampled_from([end + 4, 2 ** 40, begin]))
+        header[name]["data_offsets"] = [begin, end2]
+        return _pack(header, body), f"{name} data_offsets end -> {end2}"
+    doc = json.loads(data)
+    keys = sorted(doc) if isinstance(doc, dict) else []
+    if not keys:
+        return data[: len(data) // 2], "truncated to half"
+    key = draw(st.sampled_from(keys))
+    if kind == "json_drop":
+        del doc[key]
+        return json.dumps(doc).encode(), f"key {key!r} removed"
+    if kind == "json_type":
+        value = draw(st.sampled_from([None, "x", -1, 0, 1.5, [], {}, [1, 2], True]))
+        doc[key] = value
+        return json.dumps(doc).encode(), f"{key!r} -> {value!r}"
+    value = draw(st.sampled_from([10 ** 9, 2 ** 40, -(10 ** 9), 10 ** 30]))
+    doc[key] = value
+    return json.dumps(doc).encode(), f"{key!r} -> {value}"
+
+
+class _Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Hang()
+
+
+@pytest.mark.parametrize("filename,where,loader", TARGETS, ids=[f"{w}/{f}" for f, w, _ in TARGETS])
+def test_damaged_files_give_clear_errors(originals, tmp_path_factory, numpy_backend, filename, where, loader):
+    root, ids, vocab = originals
+    load = _loaders(ids, vocab)[loader]
+    original = (root / where / filename).read_bytes()
+    is_st = filename.endswith(".safetensors")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcomes = {"loaded": 0, "clear error": 0}
+
+    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def case(data):
+        damaged, what = data.draw(mutations(original, is_st))
+        work = tmp_path_factory.mktemp("case")
+        shutil.copytree(root / where, work / "d") if where != "." else (work / "d").mkdir()
+        if where == ".":
+            (work / "d" / filename).write_bytes(damaged)
+        else:
+            (work / "d" / filename).write_bytes(damaged)
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(30)
+        try:
+            with lab.engine.backend.using_backend(numpy_backend):
+                load(work / "d")
+            outcomes["loaded"] += 1
+        except CheckpointError as e:
+            msg = str(e)
+            assert filename in msg or str(work / "d") in msg, f"{filename} {what}: error does not name the file: {msg}"
+            outcomes["clear error"] += 1
+        except _Hang:
+            pytest.fail(f"{filename} {what}: loading hung for 30 s")
+        except Exception as e:  # anything but a CheckpointError is a bug in a loader
+            pytest.fail(f"{filename} {what}: {type(e).__name__}: {e}")
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+            shutil.rmtree(work, ignore_errors=True)
+
+    case()
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mb < 300, f"fuzzing {filename} raised peak memory by {grown_mb:.0f} MB"
+    assert outcomes["clear error"] > 0, outcomes  # the damage was noticed at least sometimes

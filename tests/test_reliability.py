@@ -1,0 +1,147 @@
+"""Interrupted writes: a process killed (SIGKILL) at random points of checkpoint saves never leaves a checkpoint
+that is missing, half-written or mixed from two saves."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lab.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SAVER = r"""
+import sys
+from dataclasses import replace
+import numpy as np
+import lab
+from lab.checkpoint import save_checkpoint
+from lab.data import CharTokenizer
+from lab.models import PRESETS, TransformerLM
+tok = CharTokenizer("abcdefgh")
+model = TransformerLM(replace(PRESETS["tiny"], vocab_size=8, block_size=16, n_layer=4, n_head=4, n_embd=128))
+save = 0
+while True:
+    save += 1
+    # every tensor of save k holds the value k, so a loaded checkpoint tells which save(s) it came from
+    for p in model.parameters():
+        p.data = p.backend.from_numpy(np.full(p.shape, save, dtype=np.float32))
+    save_checkpoint(sys.argv[1], model, tok)
+    print(save, flush=True)
+"""
+
+
+def test_sigkill_during_checkpoint_saves_always_leaves_a_whole_checkpoint(tmp_path):
+    target = tmp_path / "ck"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LAB_BACKEND="numpy")
+    rng = random.Random(0)
+    for round_ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout.readline().strip() == "1"   # the first save of this round has completed
+        time.sleep(rng.uniform(0.0, 0.4))             # then kill it somewhere inside a later save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = [int(line) for line in proc.stdout.read().split()] or [1]
+        model, tok, _ = load_checkpoint(target)          # must load, whatever the moment of the kill
+        values = {float(v) for p in model.parameters() for v in np.unique(p.numpy())}
+        assert len(values) == 1, f"round {round_}: tensors from different saves {sorted(values)[:5]}"
+        (k,) = values
+        assert k in (done[-1], done[-1] + 1), (round_, k, done[-1])  # the last finished save, or one that landed
+        assert tok.chars == list("abcdefgh")
+
+
+def _small_trainer(seed=0):
+    from dataclasses import replace
+    import lab
+    from lab.data import CharTokenizer
+    from lab.models import PRESETS, TransformerLM
+    from lab.train import TrainConfig, Trainer
+    text = "And God said, Let there be light: and there was light.\n" * 40
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    lab.manual_seed(seed)
+    model = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2,
+                                  n_embd=32))
+    t = Trainer(model, ids, ids, TrainConfig(steps=100_000, batch_size=4, eval_every=10**6, max_seconds=60))
+    t.tokenizer = tok
+    return t
+
+
+def _interrupt_in(seconds):
+    import threading
+    timer = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_keyboard_interrupt_during_training_stops_cleanly_and_training_continues_exactly(use_backend):
+    t = _small_trainer()
+    timer = _interrupt_in(0.5)
+    t.run(progress=False, log_evals=False)
+    timer.join()
+    assert t.stop_reason.startswith("interrupted (KeyboardInterrupt)"), t.stop_reason
+    k = t.step_num
+    assert k >= 1
+    after = [t.train_step()[0].item() for _ in range(3)]
+    fresh = _small_trainer()
+    for _ in range(k):
+        fresh.train_step()
+    want = [fresh.train_step()[0].item() for _ in range(3)]
+    np.testing.assert_allclose(after, want, rtol=1e-6)  # the interrupted step was whole: same losses after it
+
+
+def test_keyboard_interrupt_during_generation_leaves_the_model_usable(use_backend):
+    import lab
+    import pytest
+    t = _small_trainer()
+    model, tok = t.model.eval(), t.tokenizer
+    want = lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3)
+    timer = _interrupt_in(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(10_000):  # long enough that the interrupt lands inside generation
+            lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3)
+    timer.join()
+    assert lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3) == want
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_any_step(wgpu_backend):
+    """Batch x block x vocab logits above the device's max-storage-buffer-binding-size: refused with the plan's
+    explanation when the trainer is made, not by an allocation failure mid-step."""
+    import pytest
+    import lab
+    from dataclasses import replace
+    from lab.models import PRESETS, TransformerLM
+    from lab.plan import DoesNotFitError
+    from lab.train import TrainConfig, Trainer
+    with lab.engine.backend.using_backend(wgpu_backend):
+        lab.manual_seed(0)
+        model = TransformerLM(replace(PRESETS["tiny"], vocab_size=50_000, block_size=256, n_layer=1, n_head=2,
+                                      n_embd=16))
+        ids = np.arange(5000, dtype=np.int32)
+        before = wgpu_backend.stats()["bytes_in_use"]
+        batch = wgpu_backend.max_binding // (256 * 50_000 * 4) + 1
+        with pytest.raises(DoesNotFitError, match="max-storage-buffer-binding-size") as e:
+            Trainer(model, ids, ids, TrainConfig(batch_size=batch))
+        assert "gradient accumulation" in str(e.value)          # and what would fit
+        assert wgpu_backend.stats()["bytes_in_use"] == before   # nothing was allocated for it
+        Trainer(model, ids, ids, TrainConfig(batch_size=1))     # a batch that fits is accepted
+
+
+def test_a_lost_gpu_device_gives_a_clear_error_with_the_way_to_continue():
+    import pytest
+    try:
+        from lab.engine.wgpu_backend import DeviceLostError, WgpuBackend
+        b = WgpuBackend()  # a device of its own: this test destroys it
+    except Exception as e:
+        if os.environ.get("LAB_REQUIRE_WGPU") == "1":
+            raise
+        pytest.skip(f"no wgpu adapter: {e}")
+    x = b.from_numpy(np.ones(8, np.float32))
+    b.device.destroy()
+    with pytest.raises(DeviceLostError, match=r"was lost.*lab.set_backend\('numpy'\).*checkpoint"):
+        b.to_numpy(b.unary("exp", x))
+    assert b.lost
