@@ -194,6 +194,9 @@ def test_damaged_files_give_clear_errors(originals, tmp_path_factory, numpy_back
             shutil.rmtree(work, ignore_errors=True)
 
     case()
+    if os.environ.get("LAB_FUZZ_REPORT"):  # one JSON line per file, for RELIABILITY.md
+        with open(os.environ["LAB_FUZZ_REPORT"], "a") as f:
+            f.write(json.dumps({"file": f"{where}/{filename}", **outcomes}) + "\n")
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mb < 300, f"fuzzing {filename} raised peak memory by {grown_mb:.0f} MB"
     assert outcomes["clear error"] > 0, outcomes  # the damage was noticed at least sometimes

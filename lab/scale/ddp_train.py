@@ -56,7 +56,7 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(Path(args.model) / "lab_tokenizer.json")
     train_ids, val_ids = train_val_split(tokenizer.encode(load_corpus(args.corpus)), 0.1)
-    model = GPT2LMHeadModel.from_pretrained(args.model).to(device)
+    model = GPT2LMHeadModel.from_pretrained(args.model, use_safetensors=True).to(device)  # never a pickle
     block = model.config.n_positions
     ddp = DDP(model, device_ids=[local_rank] if cuda else None)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

@@ -208,7 +208,9 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.model.config.block_size
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
         t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
-        self._stop, self.stop_reason, self.fault = False, None, None
+        # _stop is not reset here: a stop requested just before the loop starts (a panel's Stop right after Start)
+        # must be honoured; it is cleared when the run ends, for the next one
+        self.stop_reason, self.fault = None, None
         try:
             while self.step_num < cfg.steps and not self._stop:
                 if not self._running.is_set():
@@ -268,6 +270,7 @@ class Trainer:
             self._save()
         if self._stop and self.stop_reason is None:
             self.stop_reason = "stop requested"
+        self._stop = False
         return self.history
 
     def _early_stopping(self, val_loss):

@@ -3,6 +3,7 @@ import html
 from pathlib import Path
 
 import anywidget
+import traitlets as t
 
 _HERE = Path(__file__).resolve().parent
 _ASSET_DIRS = [_HERE.parent / "static" / "widgets", _HERE.parents[1] / "widgets"]
@@ -41,6 +42,17 @@ class Panel(anywidget.AnyWidget):
     """Base of lab's panels. For exported notebooks (no live kernel) each panel has a static fallback: text/html
     with what does not change from run to run, and image/png with what does (losses, samples, timings). nbval
     compares text/html but not images, so notebooks stay comparable."""
+
+    error = t.Unicode("").tag(sync=True)   # shown in the panel: bad input from the browser never raises in the kernel
+
+    def set_state(self, sync_data):
+        """Values from the browser. One a trait refuses (wrong type, out of range) shows in the panel's error line,
+        and the browser gets the kernel's valid values back; the kernel never sees an exception."""
+        try:
+            super().set_state(sync_data)
+        except (t.TraitError, TypeError, ValueError) as e:
+            self.error = f"invalid value from the panel: {e}"
+            self.send_state([k for k in sync_data if k in self.keys])
 
     def _static_html(self):
         return ""

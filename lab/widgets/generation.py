@@ -36,8 +36,15 @@ class GenerationPanel(Panel):
         self.on_msg(self._on_message)
 
     def _on_message(self, widget, content, buffers):
-        if content.get("cmd") == "generate":
-            self.generate(wait=False)
+        try:
+            if not isinstance(content, dict):
+                raise TypeError(f"expected a message object, got {type(content).__name__}")
+            if content.get("cmd") == "generate":
+                self.generate(wait=False)
+            elif content.get("cmd") is not None:
+                raise ValueError(f"unknown command {content.get('cmd')!r}")
+        except Exception as e:  # a bad message shows in the panel and never takes the kernel down
+            self.error = f"{type(e).__name__}: {e}"
 
     def generate(self, wait=True, seed=None):
         """Generate from the current prompt and controls; streams into `output` (and `base_output`)."""

@@ -31,8 +31,15 @@ class PlanEstimator(Panel):
         self.on_msg(self._on_message)
 
     def _on_message(self, widget, content, buffers):
-        if content.get("cmd") == "set":
-            self.update(**content.get("values", {}))
+        try:
+            if not isinstance(content, dict):
+                raise TypeError(f"expected a message object, got {type(content).__name__}")
+            if content.get("cmd") == "set":
+                self.update(**content.get("values", {}))
+            elif content.get("cmd") is not None:
+                raise ValueError(f"unknown command {content.get('cmd')!r}")
+        except Exception as e:  # a bad message shows in the panel and never takes the kernel down
+            self.error = f"{type(e).__name__}: {e}"
 
     def update(self, **values):
         """Change form fields (as the browser does); the plan recomputes."""

@@ -86,6 +86,7 @@ class TrainingPanel(Panel):
                 self.error = "training is already running"
                 return False
             self.error = ""
+            self.status = "running"  # now, so that a Stop arriving before the thread starts is not ignored
             self._thread = threading.Thread(target=self._run, name="lab-training", daemon=True)
             self._thread.start()
             return True
