@@ -3,20 +3,16 @@ Playwright through Debian's Chromium. Screenshots of every widget go to $LAB_SCR
 browser-screenshots/), whose path the test prints."""
 import json
 import os
-import secrets
-import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jupyter_harness import CHROMIUM, ROOT, jupyterlab, notebook_page, write_notebook  # noqa: E402
+
 REQUIRED = os.environ.get("LAB_REQUIRE_BROWSER") == "1"
-ROOT = Path(__file__).resolve().parents[2]
 
 if not Path(CHROMIUM).exists() and not REQUIRED:
     pytest.skip("chromium is not installed (LAB_REQUIRE_BROWSER=1 makes this an error)", allow_module_level=True)
@@ -45,70 +41,23 @@ EdgeDiagnosticsPanel(mon)""",
 ]
 
 
-def _notebook(path):
-    nb = {"nbformat": 4, "nbformat_minor": 5,
-          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                       "language_info": {"name": "python"}},
-          "cells": [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": src,
-                     "id": f"c{i}"} for i, src in enumerate(CELLS)]}
-    path.write_text(json.dumps(nb))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def jupyterlab(tmp_path_factory):
+def jupyterlab_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("lab-browser")
-    _notebook(work / "panels.ipynb")
-    port, token = _free_port(), secrets.token_hex(16)
-    settings = work / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               JUPYTER_CONFIG_DIR=str(work / "cfg"), JUPYTERLAB_SETTINGS_DIR=str(work / "settings"))
-    log = open(work / "jupyterlab.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-                             f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
-                             "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-                             "--ServerApp.port_retries=0"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"JupyterLab did not start; log: {(work / 'jupyterlab.log').read_text()[-2000:]}")
-    yield url, token
-    proc.terminate()
-    proc.wait(20)
+    write_notebook(work / "panels.ipynb", CELLS)
+    with jupyterlab(work) as (url, token, _):
+        yield url, token
 
 
 @pytest.fixture(scope="module")
-def page(jupyterlab):
-    url, token = jupyterlab
+def page(jupyterlab_server):
+    url, token = jupyterlab_server
     shots = Path(os.environ.get("LAB_SCREENSHOTS", ROOT / "browser-screenshots")).resolve()
     shots.mkdir(parents=True, exist_ok=True)
     print(f"\nwidget screenshots: {shots}")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        pg = browser.new_page(viewport={"width": 1200, "height": 1400})
-        pg.goto(f"{url}/lab/tree/panels.ipynb?token={token}")
-        pg.wait_for_selector(".jp-Notebook", timeout=60_000)
-        pg.wait_for_function("window.jupyterapp && window.jupyterapp.serviceManager", timeout=60_000)
-        time.sleep(2)  # let the kernel connect before running every cell
-        pg.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    with notebook_page(playwright_api, url, token, "panels.ipynb") as pg:
         pg.shots = shots
         yield pg
-        browser.close()
 
 
 def _shot(page, selector, name):
