@@ -170,3 +170,71 @@ def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path, numpy_back
         for k, v in loaded.named_parameters():
             np.testing.assert_array_equal(v.numpy(), want[k])
         assert (tmp_path / "ck").is_dir() and not (tmp_path / ".ck.old-12345").exists()
+
+
+TRAINER_SCRIPT = r"""
+import sys
+from dataclasses import replace
+import lab
+from lab.data import CharTokenizer
+from lab.models import PRESETS, TransformerLM
+from lab.train import TrainConfig, Trainer
+text = "And God said, Let there be light: and there was light.\n" * 40
+tok = CharTokenizer.from_text(text)
+ids = tok.encode(text)
+lab.manual_seed(0)
+model = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32))
+t = Trainer(model, ids, ids, TrainConfig(steps=10**6, batch_size=4, eval_every=10**6, log_every=10**6,
+                                         checkpoint_dir=sys.argv[1], checkpoint_every=1))
+t.tokenizer = tok
+print("training", flush=True)
+t.run(progress=False, log_evals=False)
+"""
+
+
+def test_resuming_after_sigkill_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    """A training run checkpointing every step is killed at a random moment; resuming from what it left gives
+    exactly the losses an uninterrupted run has at those steps."""
+    import lab
+    from lab.engine.backend import backend_instance, using_backend
+    from lab.train import Trainer
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LAB_BACKEND="numpy")
+    rng = random.Random(1)
+    with using_backend(backend_instance("numpy")):
+        for round_ in range(3):
+            target = tmp_path / f"run{round_}"
+            proc = subprocess.Popen([sys.executable, "-c", TRAINER_SCRIPT, str(target)], stdout=subprocess.PIPE,
+                                    text=True, env=env)
+            assert proc.stdout.readline().strip() == "training"
+            while not target.exists():
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.0))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            resumed = Trainer.resume(target, *_ids())
+            k = resumed.step_num
+            after = [resumed.train_step()[0].item() for _ in range(3)]
+            fresh = _small_trainer_like_script()
+            for _ in range(k):
+                fresh.train_step()
+            want = [fresh.train_step()[0].item() for _ in range(3)]
+            assert after == want, (round_, k, after, want)
+
+
+def _ids():
+    from lab.data import CharTokenizer
+    text = "And God said, Let there be light: and there was light.\n" * 40
+    ids = CharTokenizer.from_text(text).encode(text)
+    return ids, ids
+
+
+def _small_trainer_like_script():
+    from dataclasses import replace
+    import lab
+    from lab.models import PRESETS, TransformerLM
+    from lab.train import TrainConfig, Trainer
+    ids, _ = _ids()
+    lab.manual_seed(0)
+    model = TransformerLM(replace(PRESETS["tiny"], vocab_size=int(ids.max()) + 1, block_size=16, n_layer=2, n_head=2,
+                                  n_embd=32))
+    return Trainer(model, ids, ids, TrainConfig(steps=10**6, batch_size=4, eval_every=10**6, log_every=10**6))
