@@ -3,7 +3,7 @@
 // The mean and the backward (which recomputes the softmax from lse) are in cross_entropy_reduce.wgsl.
 // Bindings: P = [rows, V, ignore_index (i32 bits)], then per entry (see the declarations).
 
-const WG: u32 = 256u;
+const RWG: u32 = {{RWG}}u;   // threads per row (the host picks 64 or 256 by row length)
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
@@ -14,7 +14,7 @@ const WG: u32 = 256u;
 
 #include workgroup_reduce
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RWG)
 fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {
     let r = wid.y * nwg.x + wid.x;
@@ -22,10 +22,10 @@ fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let V = P[1];
     let base = r * V;
     var m = -3.4e38;
-    for (var j = lid; j < V; j += WG) { m = max(m, X[base + j]); }
+    for (var j = lid; j < V; j += RWG) { m = max(m, X[base + j]); }
     m = wg_max(m, lid);
     var s = 0.0;
-    for (var j = lid; j < V; j += WG) { s += exp(X[base + j] - m); }
+    for (var j = lid; j < V; j += RWG) { s += exp(X[base + j] - m); }
     s = wg_sum(s, lid);
     if (lid == 0u) {
         let lse = m + log(s);

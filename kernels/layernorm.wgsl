@@ -4,7 +4,7 @@
 // Variance is the biased one (divide by n), as GPT-2 and PyTorch's LayerNorm use.
 // Bindings (forward):  P = [rows, n, eps bits], X, W, Bias, Y, MEAN, RSTD
 
-const WG: u32 = 256u;
+const RWG: u32 = {{RWG}}u;   // threads per row (the host picks 64 or 256 by row length)
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
@@ -16,7 +16,7 @@ const WG: u32 = 256u;
 
 #include workgroup_reduce
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RWG)
 fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let r = wid.y * nwg.x + wid.x;
@@ -25,11 +25,11 @@ fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let eps = bitcast<f32>(P[2]);
     let base = r * n;
     var s = 0.0;
-    for (var j = lid; j < n; j += WG) { s += X[base + j]; }
+    for (var j = lid; j < n; j += RWG) { s += X[base + j]; }
     let mean = wg_sum(s, lid) / f32(n);
     var v = 0.0;
-    for (var j = lid; j < n; j += WG) { let d = X[base + j] - mean; v += d * d; }
+    for (var j = lid; j < n; j += RWG) { let d = X[base + j] - mean; v += d * d; }
     let rstd = inverseSqrt(wg_sum(v, lid) / f32(n) + eps);
-    for (var j = lid; j < n; j += WG) { Y[base + j] = (X[base + j] - mean) * rstd * W[j] + Bias[j]; }
+    for (var j = lid; j < n; j += RWG) { Y[base + j] = (X[base + j] - mean) * rstd * W[j] + Bias[j]; }
     if (lid == 0u) { MEAN[r] = mean; RSTD[r] = rstd; }
 }

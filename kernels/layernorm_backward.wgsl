@@ -6,6 +6,7 @@
 // Bindings: P = [rows, n, S, chunk], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw) and OUT1 (db).
 
 const WG: u32 = 256u;
+const RWG: u32 = {{RWG}}u;   // threads per row of backward_x_main (the host picks 64 or 256)
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
@@ -18,7 +19,7 @@ const WG: u32 = 256u;
 
 #include workgroup_reduce
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RWG)
 fn backward_x_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let r = wid.y * nwg.x + wid.x;
@@ -29,14 +30,14 @@ fn backward_x_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let rstd = RSTD[r];
     var s1 = 0.0;
     var s2 = 0.0;
-    for (var j = lid; j < n; j += WG) {
+    for (var j = lid; j < n; j += RWG) {
         let gx = G[base + j] * W[j];
         s1 += gx;
         s2 += gx * (X[base + j] - mean) * rstd;
     }
     let m1 = wg_sum(s1, lid) / f32(n);
     let m2 = wg_sum(s2, lid) / f32(n);
-    for (var j = lid; j < n; j += WG) {
+    for (var j = lid; j < n; j += RWG) {
         let xhat = (X[base + j] - mean) * rstd;
         OUT0[base + j] = rstd * (G[base + j] * W[j] - m1 - xhat * m2);
     }

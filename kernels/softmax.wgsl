@@ -7,7 +7,7 @@
 // Max-subtraction keeps exp() from overflowing for any input.
 // Bindings: @binding(0) P = [rows, n, T, scale bits, causal], @binding(1) X (x or y), @binding(2) G, @binding(3) OUT.
 
-const WG: u32 = 256u;
+const RWG: u32 = {{RWG}}u;   // threads per row (the host picks 64 or 256 by row length)
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
@@ -24,7 +24,7 @@ fn row_limit(r: u32, n: u32) -> u32 {
     return n;
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RWG)
 fn softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let r = row_index(wid, nwg);
@@ -34,18 +34,18 @@ fn softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let lim = row_limit(r, n);
     let base = r * n;
     var m = -3.4e38;
-    for (var j = lid; j < lim; j += WG) { m = max(m, scale * X[base + j]); }
+    for (var j = lid; j < lim; j += RWG) { m = max(m, scale * X[base + j]); }
     m = wg_max(m, lid);
     var s = 0.0;
-    for (var j = lid; j < lim; j += WG) { s += exp(scale * X[base + j] - m); }
+    for (var j = lid; j < lim; j += RWG) { s += exp(scale * X[base + j] - m); }
     s = wg_sum(s, lid);
     let inv = 1.0 / s;
-    for (var j = lid; j < n; j += WG) {
+    for (var j = lid; j < n; j += RWG) {
         OUT[base + j] = select(0.0, exp(scale * X[base + j] - m) * inv, j < lim);
     }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RWG)
 fn log_softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     let r = row_index(wid, nwg);
@@ -53,16 +53,16 @@ fn log_softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let n = P[1];
     let base = r * n;
     var m = -3.4e38;
-    for (var j = lid; j < n; j += WG) { m = max(m, X[base + j]); }
+    for (var j = lid; j < n; j += RWG) { m = max(m, X[base + j]); }
     m = wg_max(m, lid);
     var s = 0.0;
-    for (var j = lid; j < n; j += WG) { s += exp(X[base + j] - m); }
+    for (var j = lid; j < n; j += RWG) { s += exp(X[base + j] - m); }
     s = wg_sum(s, lid);
     let lse = m + log(s);
-    for (var j = lid; j < n; j += WG) { OUT[base + j] = X[base + j] - lse; }
+    for (var j = lid; j < n; j += RWG) { OUT[base + j] = X[base + j] - lse; }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RWG)
 fn softmax_bwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     let r = row_index(wid, nwg);
@@ -71,12 +71,12 @@ fn softmax_bwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let scale = bitcast<f32>(P[3]);
     let base = r * n;
     var d = 0.0;
-    for (var j = lid; j < n; j += WG) { d += G[base + j] * X[base + j]; }
+    for (var j = lid; j < n; j += RWG) { d += G[base + j] * X[base + j]; }
     d = wg_sum(d, lid);
-    for (var j = lid; j < n; j += WG) { OUT[base + j] = scale * X[base + j] * (G[base + j] - d); }
+    for (var j = lid; j < n; j += RWG) { OUT[base + j] = scale * X[base + j] * (G[base + j] - d); }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RWG)
 fn log_softmax_bwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
     let r = row_index(wid, nwg);
@@ -84,7 +84,7 @@ fn log_softmax_bwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     let n = P[1];
     let base = r * n;
     var s = 0.0;
-    for (var j = lid; j < n; j += WG) { s += G[base + j]; }
+    for (var j = lid; j < n; j += RWG) { s += G[base + j]; }
     s = wg_sum(s, lid);
-    for (var j = lid; j < n; j += WG) { OUT[base + j] = G[base + j] - exp(X[base + j]) * s; }
+    for (var j = lid; j < n; j += RWG) { OUT[base + j] = G[base + j] - exp(X[base + j]) * s; }
 }

@@ -138,3 +138,45 @@ def test_matmul_entry_points_match_numpy(wgpu_backend, numpy_backend, monkeypatc
     up = wgpu_backend.from_numpy
     got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b))
     np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("batch_a,batch_b,K", [(1, 1, 48), (2, 2, 32), (3, 1, 16), (1, 1, 2064)],
+                         ids=["single", "batched", "broadcast", "split-k"])
+def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b, K):
+    """Whole-tile shapes take the unchecked vec4 kernel (matmul_aligned.wgsl; a transposed B is transposed into
+    place first); a long K also splits."""
+    import lab
+    rng = np.random.default_rng(7)
+    M, N = 128, 64
+    a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
+    b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+    up = wgpu_backend.from_numpy
+    with lab.profile(wgpu_backend) as prof:
+        got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b))
+    assert any(r["name"].endswith(" aligned") for r in prof.by_kernel(detail=True))
+    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b), rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("n", [7, 384, 1500], ids=["short", "model", "long"])
+def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, numpy_backend, n):
+    """Rows up to 1024 run on 64 threads, longer ones on 256 (softmax, layernorm, cross-entropy)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, n)).astype(np.float32)
+    g = rng.standard_normal((5, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    up, down = wgpu_backend.from_numpy, wgpu_backend.to_numpy
+    y = numpy_backend.softmax(x, 0.5)
+    np.testing.assert_allclose(down(wgpu_backend.softmax(up(x), 0.5)), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(down(wgpu_backend.softmax_bwd(up(y), up(g), 0.5)), numpy_backend.softmax_bwd(y, g, 0.5),
+                               rtol=1e-4, atol=1e-6)
+    got = [down(a) for a in wgpu_backend.layernorm(up(x), up(w), up(b), 1e-5)]
+    want = numpy_backend.layernorm(x, w, b, 1e-5)
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+    dx = down(wgpu_backend.layernorm_bwd(up(x), up(w), up(want[1]), up(want[2]), up(g))[0])
+    np.testing.assert_allclose(dx, numpy_backend.layernorm_bwd(x, w, want[1], want[2], g)[0], rtol=1e-3, atol=1e-4)
+    t = rng.integers(0, n, 5).astype(np.int32)
+    loss, _ = wgpu_backend.cross_entropy(up(x), up(t), -100)
+    np.testing.assert_allclose(down(loss), numpy_backend.cross_entropy(x, t, -100)[0], rtol=1e-5)

@@ -75,3 +75,26 @@ def test_stop_and_pause_from_another_thread(use_backend, data):
     t.run(progress=False)
     assert t.step_num == 6 and seen == [1, 2, 3, 4, 5, 6] and t.stop_reason == "stop requested"
     t.train_step()  # still usable after a stop
+
+
+def test_long_runs_keep_a_bounded_history_with_every_evaluation(numpy_backend, monkeypatch):
+    """A panel left training for hours must not grow the kernel's memory without bound: past HISTORY_LIMIT
+    records the older half is thinned, evaluation steps kept."""
+    import lab.train.trainer as T
+    from lab.data import CharTokenizer
+    from lab.models import PRESETS, TransformerLM
+    from dataclasses import replace
+    monkeypatch.setattr(T, "HISTORY_LIMIT", 40)
+    text = "In the beginning God created the heaven and the earth.\n" * 20
+    ids = CharTokenizer.from_text(text).encode(text)
+    with lab.engine.backend.using_backend(numpy_backend):
+        lab.manual_seed(0)
+        model = TransformerLM(replace(PRESETS["tiny"], vocab_size=int(ids.max()) + 1, block_size=8, n_layer=1,
+                                      n_head=2, n_embd=8))
+        t = T.Trainer(model, ids, ids, T.TrainConfig(steps=300, batch_size=2, log_every=1, eval_every=25,
+                                                    eval_batches=1))
+        t.run(progress=False, log_evals=False)
+    steps = [r["step"] for r in t.history]
+    assert len(steps) <= 41 + 300 // 25 and steps == sorted(steps) and steps[-1] == 300  # limit + evaluations
+    assert {s for s in range(25, 301, 25)} <= set(steps)        # every evaluation is still there
+    assert steps[-20:] == list(range(281, 301))                  # the recent steps one by one

@@ -12,6 +12,8 @@ during recording wait in `_recent` (usable by kernel outputs) and join the uploa
 """
 import math
 import os
+import re
+import struct
 import tempfile
 
 import numpy as np
@@ -28,7 +30,10 @@ _LIMITS_WANTED = (
     "max-compute-workgroups-per-dimension", "max-bindings-per-bind-group",
 )
 WG = 256
-ARENA_BYTES = 1 << 20
+ARENA_BYTES = 4 << 20
+PARAMS_BYTES = 256   # the window of the params arena a dispatch sees (its offset is dynamic)
+# storage bindings a kernel module declares: (binding number, access)
+_BINDING_RE = re.compile(r"@group\(0\)\s*@binding\((\d+)\)\s*var<storage,\s*(read_write|read)>")
 INSTALL_HINT = ("no WebGPU adapter found. On a CPU-only Debian/Ubuntu machine install Mesa's software Vulkan "
                 "driver: `apt-get install mesa-vulkan-drivers` (as root); on a GPU machine install the vendor's "
                 "Vulkan driver. Or use the numpy backend: LAB_BACKEND=numpy / lab.set_backend('numpy').")
@@ -62,6 +67,12 @@ def _u32(x):
 
 def _f32bits(x):
     return int(np.array([x], dtype=np.float32).view(np.uint32)[0])
+
+
+def _row_subs(n):
+    """Threads per row for the row kernels (softmax, layernorm, cross-entropy): a short row gets 64, so a
+    workgroup's reductions take fewer steps and four times as many rows are in flight."""
+    return (("RWG", 64 if n <= 1024 else 256),)
 
 
 def _grid(n_groups):
@@ -179,7 +190,9 @@ class WgpuBackend(Backend):
         self._owned = {}           # id -> buffer
         self._pool = {}            # rounded size -> [buffers] referenced by no unsubmitted dispatch
         self._recent = {}          # rounded size -> [buffers] released while recording (outputs only)
-        self._pipelines = {}
+        self._pipelines = {}       # (kernel, entry, specialization) -> (pipeline, bind group layout, slots)
+        self._layouts = {}
+        self._dummies = {}
         self._bind_groups = {}
         self._arena = self.device.create_buffer(size=ARENA_BYTES, usage=self._usage)
         self._arena_host = bytearray(ARENA_BYTES)
@@ -265,13 +278,44 @@ class WgpuBackend(Backend):
         return GPUArray(a.storage, shape, a.dtype)
 
     # ------------------------------------------------------------------ recording
+    def _layout(self, kernel, subs):
+        """A module's explicit bind group layout: every storage binding it declares, the params (binding 0) with a
+        dynamic offset. Fixed layouts let one bind group serve a dispatch whatever its params' place in the arena,
+        so a training step's bind groups are created once and then found in the cache."""
+        key = (kernel, subs)
+        layout = self._layouts.get(key)
+        if layout is None:
+            wgpu = self.wgpu
+            source = specialize(kernel, **dict(subs))
+            slots = sorted({(int(b), mode) for b, mode in _BINDING_RE.findall(source)})
+            entries = [{"binding": b, "visibility": wgpu.ShaderStage.COMPUTE,
+                        "buffer": {"type": wgpu.BufferBindingType.read_only_storage if mode == "read"
+                                   else wgpu.BufferBindingType.storage, "has_dynamic_offset": b == 0}}
+                       for b, mode in slots]
+            bgl = self.device.create_bind_group_layout(entries=entries)
+            layout = (source, bgl, self.device.create_pipeline_layout(bind_group_layouts=[bgl]),
+                      tuple(b for b, _ in slots if b > 0))
+            self._layouts[key] = layout
+        return layout
+
+    def _dummy(self, slot):
+        """A small buffer for a declared binding a dispatch does not use (one per binding number, so it never
+        aliases another binding of the same dispatch)."""
+        d = self._dummies.get(slot)
+        if d is None:
+            d = self._dummies[slot] = self.device.create_buffer(size=256, usage=self._usage)
+        return d
+
     def _pipeline(self, kernel, entry, subs):
         key = (kernel, entry, subs)
         p = self._pipelines.get(key)
         if p is None:
-            module = self.device.create_shader_module(code=specialize(kernel, **dict(subs)), label=kernel)
-            p = self.device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": entry},
+            source, bgl, pipeline_layout, slots = self._layout(kernel, subs)
+            module = self.device.create_shader_module(code=source, label=kernel)
+            p = self.device.create_compute_pipeline(layout=pipeline_layout,
+                                                    compute={"module": module, "entry_point": entry},
                                                     label=f"{kernel}:{entry}")
+            p = (p, bgl, slots)
             self._pipelines[key] = p
             self._stats["pipelines"] += 1
         return p
@@ -281,26 +325,29 @@ class WgpuBackend(Backend):
         `label` details the dispatch in lab.profile() tables (e.g. a matmul's shape)."""
         if work == 0:
             return
-        params = np.asarray([_u32(v) for v in params], dtype=np.uint32).tobytes()
+        params = struct.pack(f"<{len(params)}I", *[int(v) & 0xFFFFFFFF for v in params])
+        if len(params) > PARAMS_BYTES:
+            raise ValueError(f"{kernel}:{entry}: {len(params)} bytes of params, more than the {PARAMS_BYTES} a dispatch sees")
         offset = self._arena_index.get(params)
         if offset is None:
-            if self._arena_used + len(params) > ARENA_BYTES:
+            if self._arena_used + PARAMS_BYTES > ARENA_BYTES:
                 self.sync()
             offset = self._arena_used
             self._arena_host[offset:offset + len(params)] = params
-            self._arena_used = offset + (len(params) + self.align - 1) // self.align * self.align
+            self._arena_used = offset + PARAMS_BYTES
             self._arena_index[params] = offset
-        pipeline = self._pipeline(kernel, entry, subs)
-        key = (id(pipeline), offset, len(params)) + tuple(id(a.storage.buffer) if a is not None else 0 for a in bindings)
+        pipeline, bgl, slots = self._pipeline(kernel, entry, subs)
+        key = (id(pipeline),) + tuple(id(a.storage.buffer) if a is not None else 0 for a in bindings)
         bg = self._bind_groups.get(key)
         if bg is None:
-            entries = [{"binding": 0, "resource": {"buffer": self._arena, "offset": offset, "size": len(params)}}]
-            for i, a in enumerate(bindings):
-                if a is not None:
-                    entries.append({"binding": i + 1, "resource": {"buffer": a.buffer, "offset": 0,
-                                                                   "size": a.storage.nbytes}})
+            entries = [{"binding": 0, "resource": {"buffer": self._arena, "offset": 0, "size": PARAMS_BYTES}}]
+            for slot in slots:
+                a = bindings[slot - 1] if slot - 1 < len(bindings) else None
+                entries.append({"binding": slot, "resource": {
+                    "buffer": a.buffer if a is not None else self._dummy(slot), "offset": 0,
+                    "size": a.storage.nbytes if a is not None else 256}})
             try:
-                bg = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+                bg = self.device.create_bind_group(layout=bgl, entries=entries)
             except self.wgpu.GPUError as e:
                 raise _lost(self, e) from None
             if len(self._bind_groups) > 8192:
@@ -315,14 +362,14 @@ class WgpuBackend(Backend):
             self._encoder = self.device.create_command_encoder()
             self._pass = None if self._profile else self._encoder.begin_compute_pass()
         if self._profile:
-            self._profiled_dispatch(pipeline, bg, grid, f"{kernel}:{entry}", label)
+            self._profiled_dispatch(pipeline, bg, offset, grid, f"{kernel}:{entry}", label)
             return
         self._pass.set_pipeline(pipeline)
-        self._pass.set_bind_group(0, bg)
+        self._pass.set_bind_group(0, bg, [offset])
         self._pass.dispatch_workgroups(*grid)
         self._stats["dispatches"] += 1
 
-    def _profiled_dispatch(self, pipeline, bg, grid, name, label):
+    def _profiled_dispatch(self, pipeline, bg, offset, grid, name, label):
         # Timestamps can only be written at pass boundaries (without a native extension), so a profiled dispatch
         # runs in a compute pass of its own: the table measures kernels, not the cost of one shared pass.
         prof = self._profile
@@ -333,7 +380,7 @@ class WgpuBackend(Backend):
         cpass = self._encoder.begin_compute_pass(timestamp_writes={
             "query_set": prof.query_set, "beginning_of_pass_write_index": i, "end_of_pass_write_index": i + 1})
         cpass.set_pipeline(pipeline)
-        cpass.set_bind_group(0, bg)
+        cpass.set_bind_group(0, bg, [offset])
         cpass.dispatch_workgroups(*grid)
         cpass.end()
         prof.used += 2
@@ -482,6 +529,7 @@ class WgpuBackend(Backend):
     # ------------------------------------------------------------------ fused
     SPLIT_K_TILES = 1024   # split K while the output has fewer tiles than this (enough to fill a large GPU)
     MATMUL_ROWS = True     # row-major A staged along rows (matmul.wgsl main_rows)
+    MATMUL_ALIGNED = True  # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
 
     def matmul(self, a, b, trans_a=False, trans_b=False):
         ba, bb = a.shape[0], b.shape[0]
@@ -503,9 +551,20 @@ class WgpuBackend(Backend):
         subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))
         label = f"matmul {'T' if trans_a else 'N'}{'T' if trans_b else 'N'} {batch}x{M}x{N}x{K}" + (
             f" split {S}" if S > 1 else "")
-        entry = "main_rows" if self.MATMUL_ROWS and not trans_a else "main"
-        self._dispatch("matmul", entry, params, [a, b, out], (math.ceil(N / 64), math.ceil(M / 64), batch * S),
-                       out.size, subs, label=label)
+        grid = (math.ceil(N / 64), math.ceil(M / 64), batch * S)
+        layout = ("t" if trans_a else "n") + ("t" if trans_b else "n")
+        aligned = self.MATMUL_ALIGNED and M % 64 == 0 and N % 64 == 0 and K % 16 == 0
+        if aligned and layout in ("nt", "tt"):
+            # A transposed B is staged badly by every kernel here (its rows run along k); transposing it first
+            # costs one copy of B, far less than the product it speeds up (measured: README, Performance).
+            b = self.copy_view(b, 0, (bb, K, N), (N * K, 1, K))
+            layout = layout[0] + "n"
+        if aligned and layout in ("nn", "tn"):
+            # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here)
+            self._dispatch("matmul_aligned", layout, params, [a, b, out], grid, out.size, label=label + " aligned")
+        else:
+            entry = "main_rows" if self.MATMUL_ROWS and not trans_a else "main"
+            self._dispatch("matmul", entry, params, [a, b, out], grid, out.size, subs, label=label)
         if S == 1:
             return out
         return self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
@@ -518,26 +577,28 @@ class WgpuBackend(Backend):
         out = self._alloc(a.shape, "float32")
         T = a.shape[-2] if causal else 1
         self._dispatch("softmax", "softmax_main", [rows, n, T, _f32bits(scale), int(causal)], [a, None, out],
-                       _grid(rows), rows * n)
+                       _grid(rows), rows * n, _row_subs(n))
         return out
 
     def softmax_bwd(self, y, g, scale=1.0):
         rows, n = self._rows(y.shape)
         out = self._alloc(y.shape, "float32")
         self._dispatch("softmax", "softmax_bwd_main", [rows, n, 1, _f32bits(scale), 0], [y, g, out], _grid(rows),
-                       rows * n)
+                       rows * n, _row_subs(n))
         return out
 
     def log_softmax(self, a):
         rows, n = self._rows(a.shape)
         out = self._alloc(a.shape, "float32")
-        self._dispatch("softmax", "log_softmax_main", [rows, n, 1, 0, 0], [a, None, out], _grid(rows), rows * n)
+        self._dispatch("softmax", "log_softmax_main", [rows, n, 1, 0, 0], [a, None, out], _grid(rows), rows * n,
+                       _row_subs(n))
         return out
 
     def log_softmax_bwd(self, y, g):
         rows, n = self._rows(y.shape)
         out = self._alloc(y.shape, "float32")
-        self._dispatch("softmax", "log_softmax_bwd_main", [rows, n, 1, 0, 0], [y, g, out], _grid(rows), rows * n)
+        self._dispatch("softmax", "log_softmax_bwd_main", [rows, n, 1, 0, 0], [y, g, out], _grid(rows), rows * n,
+                       _row_subs(n))
         return out
 
     def layernorm(self, x, w, b, eps):
@@ -546,21 +607,21 @@ class WgpuBackend(Backend):
         mean = self._alloc(x.shape[:-1], "float32")
         rstd = self._alloc(x.shape[:-1], "float32")
         self._dispatch("layernorm", "forward_main", [rows, n, _f32bits(eps)], [x, w, b, y, mean, rstd], _grid(rows),
-                       rows * n)
+                       rows * n, _row_subs(n))
         return y, mean, rstd
 
     def layernorm_bwd(self, x, w, mean, rstd, g):
         rows, n = self._rows(x.shape)
         dx = self._alloc(x.shape, "float32")
         self._dispatch("layernorm_backward", "backward_x_main", [rows, n, 1, rows], [x, w, mean, rstd, g, dx],
-                       _grid(rows), rows * n)
+                       _grid(rows), rows * n, _row_subs(n))
         # dw, db are column sums over all rows: partial sums over row chunks first, so that enough threads run.
         S = max(1, min(math.ceil(rows / 16), math.ceil(131072 / max(n, 1))))
         chunk = max(1, math.ceil(rows / S))
         S = max(1, math.ceil(rows / chunk))
         dw_parts, db_parts = self._alloc((S, n), "float32"), self._alloc((S, n), "float32")
         self._flat("layernorm_backward", "backward_wb_main", [rows, n, S, chunk],
-                   [x, None, mean, rstd, g, dw_parts, db_parts], S * n)
+                   [x, None, mean, rstd, g, dw_parts, db_parts], S * n, _row_subs(n))
         if S == 1:
             return dx, self.reshape(dw_parts, (n,)), self.reshape(db_parts, (n,))
         return dx, self.reduce("sum", dw_parts, 0), self.reduce("sum", db_parts, 0)
@@ -594,7 +655,7 @@ class WgpuBackend(Backend):
         count = self._alloc((1,), "float32")
         params = [rows, V, ignore_index]
         self._dispatch("cross_entropy", "rows_main", params, [logits, targets, lse, loss_rows, valid], _grid(rows),
-                       rows)
+                       rows, _row_subs(V))
         self._dispatch("cross_entropy_reduce", "mean_main", params, [None, None, None, loss_rows, valid, loss, count],
                        (1, 1, 1))
         return loss, (lse, valid, count)

@@ -70,6 +70,9 @@ def _interrupt_after_step():
         raise KeyboardInterrupt
 
 
+HISTORY_LIMIT = 20_000   # logged records kept in full; beyond, older ones are thinned (memory stays flat)
+
+
 def cosine_lr(step, cfg):
     """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
     if step < cfg.warmup_steps:
@@ -170,6 +173,8 @@ class Trainer:
         # a NaN/Inf norm skips the update on the device (no readback): the weights never take a bad step
         self.optimizer.step(lr=cosine_lr(self.step_num, cfg), guard=norm)
         self.step_num += 1
+        # one submit per step, without waiting: the device starts on this step while the host records the next
+        self.optimizer.backend.sync()
         return loss, norm
 
     def check_finite(self, loss, norm):
@@ -254,6 +259,8 @@ class Trainer:
                     record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
                     last_t, last_step = now, step
                     self.history.append(record)
+                    if len(self.history) > HISTORY_LIMIT:
+                        self._thin_history()
                     for cb in self.callbacks:
                         cb(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}",
@@ -272,6 +279,12 @@ class Trainer:
             self.stop_reason = "stop requested"
         self._stop = False
         return self.history
+
+    def _thin_history(self):
+        """Keep a long run's history bounded: drop every other record of its older half, except evaluation steps.
+        The curve keeps its shape at half the resolution there; the recent half stays step by step."""
+        h, half, every = self.history, len(self.history) // 2, self.cfg.eval_every
+        self.history = [r for i, r in enumerate(h[:half]) if i % 2 == 0 or r["step"] % every == 0] + h[half:]
 
     def _early_stopping(self, val_loss):
         cfg = self.cfg
