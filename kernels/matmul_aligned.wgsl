@@ -7,8 +7,9 @@
 //   tn: A (K, M) rows along m, B (K, N).               As[k][m / 4], Bs[k][n / 4]; outer products.
 // (A B-transposed entry with both tiles along k and 4-wide dot products measured 6.9 TFLOP/s on the H200 against
 // 17.6 for matmul.wgsl's main_rows, so transposed B stays there.)
-// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc] (strides in floats),
-// @binding(1) A, @binding(2) B, @binding(3) C. Dispatch: (N / 64, M / 64, batch * S).
+// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias] (strides in floats),
+// @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row as the
+// tile is stored (a Linear layer's bias, without a pass of its own). Dispatch: (N / 64, M / 64, batch * S).
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -18,6 +19,7 @@ const TK: u32 = 16u;
 @group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> C: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> BIAS: array<vec4<f32>>;
 
 var<workgroup> Ta: array<vec4<f32>, 256>;
 var<workgroup> Tb: array<vec4<f32>, 256>;
@@ -36,10 +38,12 @@ fn store(t: Tile, tx: u32, ty: u32, r0: vec4<f32>, r1: vec4<f32>, r2: vec4<f32>,
     let row = t.m0 + 4u * ty;
     let q = (t.n0 + 4u * tx) / 4u;
     let n4 = t.N / 4u;
-    C[t.c + row * n4 + q] = r0;
-    C[t.c + (row + 1u) * n4 + q] = r1;
-    C[t.c + (row + 2u) * n4 + q] = r2;
-    C[t.c + (row + 3u) * n4 + q] = r3;
+    var b = vec4<f32>(0.0);
+    if (P[8] != 0u) { b = BIAS[q]; }
+    C[t.c + row * n4 + q] = r0 + b;
+    C[t.c + (row + 1u) * n4 + q] = r1 + b;
+    C[t.c + (row + 2u) * n4 + q] = r2 + b;
+    C[t.c + (row + 3u) * n4 + q] = r3 + b;
 }
 
 @compute @workgroup_size(256)

@@ -180,3 +180,32 @@ def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, numpy_backend, n):
     t = rng.integers(0, n, 5).astype(np.int32)
     loss, _ = wgpu_backend.cross_entropy(up(x), up(t), -100)
     np.testing.assert_allclose(down(loss), numpy_backend.cross_entropy(x, t, -100)[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_fused_self_attention_equals_the_composed_ops(any_backend, dropout_p):
+    """causal_self_attention (one node, packed qkv) against split + permute + attention + permute, forward and
+    backward, with the same dropout mask."""
+    import lab
+    from lab.engine import ops as F
+    from lab.engine.random import get_state, set_state
+    rng = np.random.default_rng(9)
+    B, T, C, H = 2, 7, 12, 3
+    x = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    g = rng.standard_normal((B, T, C)).astype(np.float32)
+    state = get_state()
+    results = []
+    for fused in (True, False):
+        set_state(state)
+        qkv = lab.tensor(x, backend=any_backend, requires_grad=True)
+        if fused:
+            y, att = F.causal_self_attention(qkv, H, dropout_p, True, return_weights=True)
+        else:
+            q, k, v = (t.reshape(B, T, H, C // H).permute(0, 2, 1, 3) for t in F.split(qkv, C, axis=2))
+            y, att = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p, training=True,
+                                                    return_weights=True)
+            y = y.permute(0, 2, 1, 3).reshape(B, T, C)
+        (y * lab.tensor(g, backend=any_backend)).sum().backward()
+        results.append((y.numpy(), att.numpy(), qkv.grad.numpy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ class Backend:
     def from_numpy(self, x): raise NotImplementedError
     def to_numpy(self, a): raise NotImplementedError
     def full(self, shape, value, dtype="float32"): raise NotImplementedError
+    def empty(self, shape, dtype="float32"): raise NotImplementedError     # contents undefined: for full overwrites
     def reshape(self, a, shape): raise NotImplementedError          # a view: shares storage
     def sync(self, wait=False): pass
     def stats(self): return {}
@@ -47,7 +48,8 @@ class Backend:
     def write_view(self, dst, offset, strides, src): raise NotImplementedError  # in place into dst
 
     # -- fused --
-    def matmul(self, a, b, trans_a=False, trans_b=False): raise NotImplementedError  # 3D, batch may broadcast
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None): raise NotImplementedError  # 3D, batch may
+    # broadcast; bias (N,) is added to every row of the product (fused where the kernel allows)
     def softmax(self, a, scale=1.0, causal=False): raise NotImplementedError
     def softmax_bwd(self, y, g, scale=1.0): raise NotImplementedError
     def log_softmax(self, a): raise NotImplementedError

@@ -108,6 +108,9 @@ class NumpyBackend(Backend):
     def full(self, shape, value, dtype="float32"):
         return np.full(shape, value, dtype=dtype)
 
+    def empty(self, shape, dtype="float32"):
+        return np.empty(shape, dtype=dtype)
+
     def reshape(self, a, shape):
         return a.reshape(shape)
 
@@ -150,10 +153,13 @@ class NumpyBackend(Backend):
         view[...] = src
 
     # -- fused --
-    def matmul(self, a, b, trans_a=False, trans_b=False):
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None):
         a = a.swapaxes(-1, -2) if trans_a else a
         b = b.swapaxes(-1, -2) if trans_b else b
-        return np.matmul(a, b)
+        out = np.matmul(a, b)
+        if bias is not None:
+            out += bias
+        return out
 
     def softmax(self, a, scale=1.0, causal=False):
         x = a * a.dtype.type(scale)

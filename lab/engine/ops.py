@@ -400,6 +400,32 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
         return ga, gb
     return Tensor._make(out, B, (a, b), backward)
 
+def linear(x, weight, bias=None):
+    """x @ weight + bias for x (..., K), weight (K, N), bias (N,): one node, the bias added by the matmul kernel
+    as it stores its tiles where it can (a pass over the output saved per layer)."""
+    K, N = weight.shape
+    if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"linear: input {_shape_str(x.shape)}, weight {_shape_str(weight.shape)} and bias "
+                         f"{_shape_str(bias.shape) if bias is not None else None} do not fit (want (..., {K}), "
+                         f"({K}, N), (N,))")
+    _check_float(x, "linear")
+    B = x.backend
+    M = math.prod(x.shape[:-1])
+    x3, w3 = B.reshape(x.data, (1, M, K)), B.reshape(weight.data, (1, K, N))
+    out = B.reshape(B.matmul(x3, w3, bias=bias.data if bias is not None else None), x.shape[:-1] + (N,))
+
+    def backward(g):
+        g3 = B.reshape(g, (1, M, N))
+        gx = B.reshape(B.matmul(g3, w3, False, True), x.shape) if x.requires_grad else None
+        gw = B.reshape(B.matmul(x3, g3, True, False), (K, N)) if weight.requires_grad else None
+        grads = (gx, gw)
+        if bias is not None:
+            grads += (B.reduce("sum", B.reshape(g, (M, N)), 0) if bias.requires_grad else None,)
+        return grads
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return Tensor._make(out, B, inputs, backward)
+
+
 # ---------------------------------------------------------------------------------------------------- fused NN ops
 
 
@@ -540,6 +566,50 @@ def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0, training=T
     att = softmax(scores, scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
     y = matmul(dropout(att, dropout_p, training), v)                      # (B, H, T, D)
     return (y, att) if return_weights else y
+
+def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weights=False):
+    """Multi-head causal self-attention from the packed projection qkv (B, T, 3C) (q, k, v side by side, as GPT-2's
+    c_attn makes it) to y (B, T, C), heads merged. One autograd node: the head split and merge are single strided
+    copies from and to the packed layouts, and the backward writes dq, dk, dv straight into one gradient buffer
+    (no zero fills, no adds), where split + permute + attention + permute would do three of each. The same
+    arithmetic as scaled_dot_product_attention, the same dropout mask. With return_weights=True also returns the
+    attention weights (B, H, T, T) before dropout (no gradient flows through them)."""
+    if qkv.ndim != 3 or qkv.shape[2] % 3 or (qkv.shape[2] // 3) % n_head:
+        raise ValueError(f"causal_self_attention: qkv must be (B, T, 3C) with C divisible by n_head={n_head}, got "
+                         f"{_shape_str(qkv.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"causal_self_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    Bk = qkv.backend
+    Bsz, T, C3 = qkv.shape
+    C, H = C3 // 3, n_head
+    D = C // H
+    scale = 1.0 / math.sqrt(D)
+    packed = (T * C3, D, C3, 1)                            # (b, h, t, d) of one part inside (B, T, 3C)
+    q, k, v = (Bk.reshape(Bk.copy_view(qkv.data, i * C, (Bsz, H, T, D), packed), (Bsz * H, T, D)) for i in range(3))
+    att = Bk.softmax(Bk.matmul(q, k, False, True), scale, True)                  # (BH, T, T)
+    seed = _random.next_seed() if training and dropout_p > 0 else None
+    att_d = Bk.dropout(att, dropout_p, seed) if seed is not None else att
+    y = Bk.matmul(att_d, v)                                                      # (BH, T, D)
+    merged = (H * T * D, D, T * D, 1)                      # (b, t, h, d) of y viewed as (B, H, T, D)
+    out = Bk.reshape(Bk.copy_view(y, 0, (Bsz, T, H, D), merged), (Bsz, T, C))
+
+    def backward(g):
+        gy = Bk.reshape(Bk.copy_view(g, 0, (Bsz, H, T, D), (T * C, D, C, 1)), (Bsz * H, T, D))
+        g_att = Bk.matmul(gy, v, False, True)
+        gv = Bk.matmul(att_d, gy, True, False)
+        if seed is not None:
+            g_att = Bk.dropout(g_att, dropout_p, seed)
+        gs = Bk.softmax_bwd(att, g_att, scale)
+        gq, gk = Bk.matmul(gs, k), Bk.matmul(gs, q, True, False)
+        gqkv = Bk.empty((Bsz, T, C3))                      # the three writes below cover every element
+        for i, part in enumerate((gq, gk, gv)):
+            Bk.write_view(gqkv, i * C, packed, Bk.reshape(part, (Bsz, H, T, D)))
+        return (gqkv,)
+    y_t = Tensor._make(out, Bk, (qkv,), backward)
+    if return_weights:
+        return y_t, Tensor(Bk.reshape(att, (Bsz, H, T, T)), Bk)
+    return y_t
+
 
 # ---------------------------------------------------------------------------------------------------- Tensor methods
 

@@ -274,6 +274,9 @@ class WgpuBackend(Backend):
         self._dispatch("copy", "fill_main", [a.size, bits], [None, a], _grid(math.ceil(a.size / WG)), a.size)
         return a
 
+    def empty(self, shape, dtype="float32"):
+        return self._alloc(shape, dtype)
+
     def reshape(self, a, shape):
         return GPUArray(a.storage, shape, a.dtype)
 
@@ -531,7 +534,7 @@ class WgpuBackend(Backend):
     MATMUL_ROWS = True     # row-major A staged along rows (matmul.wgsl main_rows)
     MATMUL_ALIGNED = True  # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
 
-    def matmul(self, a, b, trans_a=False, trans_b=False):
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None):
         ba, bb = a.shape[0], b.shape[0]
         M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
         N = b.shape[1] if trans_b else b.shape[2]
@@ -560,14 +563,19 @@ class WgpuBackend(Backend):
             b = self.copy_view(b, 0, (bb, K, N), (N * K, 1, K))
             layout = layout[0] + "n"
         if aligned and layout in ("nn", "tn"):
-            # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here)
-            self._dispatch("matmul_aligned", layout, params, [a, b, out], grid, out.size, label=label + " aligned")
+            # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here); a bias is added
+            # as the tile is stored, unless split-K partial products are summed afterwards
+            fused = bias is not None and S == 1
+            self._dispatch("matmul_aligned", layout, params + [int(fused)], [a, b, out, bias if fused else None],
+                           grid, out.size, label=label + " aligned" + (" +bias" if fused else ""))
+            if fused:
+                return out
         else:
             entry = "main_rows" if self.MATMUL_ROWS and not trans_a else "main"
             self._dispatch("matmul", entry, params, [a, b, out], grid, out.size, subs, label=label)
-        if S == 1:
-            return out
-        return self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
+        if S > 1:
+            out = self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
+        return out if bias is None else self.binary("add", out, bias)
 
     def _rows(self, shape):
         return math.prod(shape[:-1]), shape[-1]

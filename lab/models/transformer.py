@@ -54,13 +54,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, return_weights=False):
-        Bsz, T, C = x.shape
-        H, D = self.n_head, C // self.n_head
-        q, k, v = F.split(self.c_attn(x), C, axis=2)                          # 3 x (B, T, C)
-        q, k, v = (t.reshape(Bsz, T, H, D).permute(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, D)
-        y, att = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=self.attn_dropout,
-                                                training=self.training, return_weights=True)
-        y = y.permute(0, 2, 1, 3).reshape(Bsz, T, C)                           # (B, T, C)
+        # heads split from the packed q|k|v projection and merged back inside one op (F.causal_self_attention)
+        y, att = F.causal_self_attention(self.c_attn(x), self.n_head, self.attn_dropout, self.training,
+                                         return_weights=True)                  # (B, T, C), (B, H, T, T)
         y = self.resid_dropout(self.c_proj(y))
         return (y, att) if return_weights else y
 
