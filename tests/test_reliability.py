@@ -238,3 +238,13 @@ def _small_trainer_like_script():
     model = TransformerLM(replace(PRESETS["tiny"], vocab_size=int(ids.max()) + 1, block_size=16, n_layer=2, n_head=2,
                                   n_embd=32))
     return Trainer(model, ids, ids, TrainConfig(steps=10**6, batch_size=4, eval_every=10**6, log_every=10**6))
+
+
+def test_a_model_too_big_for_the_device_is_refused_before_its_weights_exist(any_backend):
+    import pytest
+    import lab
+    from lab.models import TransformerConfig, TransformerLM
+    from lab.plan import DoesNotFitError
+    with lab.engine.backend.using_backend(any_backend):
+        with pytest.raises(DoesNotFitError, match=r"this model does not fit .*weights need [\d.]+ GiB"):
+            TransformerLM(TransformerConfig(vocab_size=65, block_size=64, n_layer=4000, n_head=8, n_embd=8192))

@@ -109,6 +109,9 @@ class Block(nn.Module):
 
 class TransformerLM(nn.Module):
     def __init__(self, cfg):
+        from ..engine.backend import get_backend
+        from ..plan.estimator import check_model_fits
+        check_model_fits(cfg, get_backend())   # before any weight is allocated
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.positions == "learned":

@@ -239,6 +239,28 @@ def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adam
     raise DoesNotFitError("\n".join(lines), plan)
 
 
+def check_model_fits(config, backend):
+    """Raise DoesNotFitError before a model's weights are allocated when they alone cannot fit `backend`'s device:
+    their total above its memory, or one weight above its largest buffer."""
+    prof = limits_profile(backend)
+    params, _ = count_params(config)
+    C, V, T = config.n_embd, config.vocab_size, config.block_size
+    largest = max((("wte (vocab_size, n_embd)", V * C), ("wpe (block_size, n_embd)", T * C),
+                   ("mlp.c_fc.weight (n_embd, 4 n_embd)", 4 * C * C)), key=lambda x: x[1])
+    reasons = []
+    if params * F32 > prof.memory_bytes:
+        reasons.append(f"its {params:,} weights need {params * F32 / 2 ** 30:.2f} GiB, the device has "
+                       f"{prof.memory_bytes / 2 ** 30:.2f} GiB")
+    limit = min(prof.max_binding_size, prof.max_buffer_size)
+    if largest[1] * F32 > limit:
+        reasons.append(f"the {largest[0]} weight needs {largest[1] * F32 / 2 ** 20:,.0f} MiB, above the device's "
+                       f"largest buffer binding of {limit / 2 ** 20:,.0f} MiB")
+    if reasons:
+        raise DoesNotFitError(f"this model does not fit {prof.name}: " + "; ".join(reasons) + ". A smaller "
+                              f"n_embd, vocab_size or n_layer would; lab.plan.estimate(...) shows the whole budget",
+                              None)
+
+
 def _check_fit(plan, c, prof):
     total = plan.memory["total"]
     if total > prof.memory_bytes:
