@@ -121,10 +121,11 @@ def activation_floats(c, b, T, training=True):
     N, C, H, L, V = b * T, c.n_embd, c.n_head, c.n_layer, c.vocab_size
     drop = c.dropout > 0 and training
     att = b * H * T * T
-    # per layer, in units of N*C: ln_1 1, c_attn (matmul + bias) 6, split 3, permute 3, att@v 1, permute back 1,
-    # c_proj (matmul + bias) 2, residual 1, ln_2 1, c_fc 8, gelu 4, mlp c_proj 2, residual 1  = 34;
-    # dropout adds 2 (residual paths); attention holds scores and softmax (and the dropped copy)
-    per_layer = (34 + (2 if drop else 0)) * N * C + (2 + (1 if drop else 0)) * att + 4 * N
+    # per layer, in units of N*C: ln_1 1, c_attn 3 (bias fused into the matmul), q k v heads 3, merged heads 1,
+    # c_proj 1, residual 1, ln_2 1, c_fc 4, gelu 4, mlp c_proj 1, residual 1 = 21 (F.linear and
+    # F.causal_self_attention keep no split, permute or bias-add copies); dropout adds 2 (residual paths);
+    # attention holds the softmax (and its dropped copy)
+    per_layer = (21 + (2 if drop else 0)) * N * C + (1 + (1 if drop else 0)) * att + 4 * N
     embed = (2 + (1 if drop else 0)) * N * C + T * C
     head = N * C + N * V + 3 * N + 2 * N                  # ln_f, logits, cross-entropy rows, ln_f stats
     total = embed + L * per_layer + head
