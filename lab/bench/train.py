@@ -36,10 +36,13 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
         text = load_corpus()
         tok = CharTokenizer.from_text(text)
         ids = tok.encode(text)
-        cfg = replace(PRESETS[preset], vocab_size=tok.vocab_size)
+        # GPT-2 presets keep GPT-2's vocabulary (the corpus's character ids are valid tokens of it), so the
+        # output layer has GPT-2's size; the others take the corpus's
+        vocab = max(tok.vocab_size, PRESETS[preset].vocab_size) if preset.startswith("gpt2") else tok.vocab_size
+        cfg = replace(PRESETS[preset], vocab_size=vocab)
         if dropout is not None:
             cfg = replace(cfg, dropout=dropout)
-        batch_size = batch_size or (64 if preset == "shakespeare-char" else 12)
+        batch_size = batch_size or {"shakespeare-char": 64, "gpt2-small": 8}.get(preset, 12)
         manual_seed(0)
         model = TransformerLM(cfg)
         trainer = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size))

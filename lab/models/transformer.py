@@ -190,4 +190,7 @@ PRESETS = {
     "tiny": TransformerConfig(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
     # nanoGPT's shakespeare-char
     "shakespeare-char": TransformerConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    # GPT-2 small (124M parameters with GPT-2's 50257-token vocabulary): a GPU benchmark size
+    "gpt2-small": TransformerConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                                    dropout=0.0),
 }
