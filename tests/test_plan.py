@@ -126,3 +126,23 @@ def test_multi_device_answer_gives_device_count_and_time():
     assert "more devices" in repr(big)
     # a short run on a device it fits: no multi-device advice
     assert plan.estimate("tiny", batch=12, device="h200").devices_needed == 1
+
+
+@pytest.mark.parametrize("dropout,lora_rank", [(0.0, None), (0.1, None), (0.0, 4)], ids=["plain", "dropout", "lora"])
+def test_op_count_matches_the_engine(wgpu_backend, dropout, lora_rank):
+    """The estimator's per-step op count (its fixed cost per op times this) against lab.stats()' dispatches."""
+    from lab import lora
+    for n_layer in (1, 3):
+        cfg = TransformerConfig(vocab_size=73, block_size=16, n_layer=n_layer, n_head=2, n_embd=32, dropout=dropout)
+        with lab.engine.backend.using_backend(wgpu_backend):
+            lab.manual_seed(0)
+            model = TransformerLM(cfg)
+            if lora_rank:
+                lora.apply(model, r=lora_rank)
+            t = Trainer(model, IDS, IDS, TrainConfig(steps=10, batch_size=2))
+            t.train_step()
+            lab.sync()
+            before = wgpu_backend.stats()["dispatches"]
+            t.train_step()
+            lab.sync()
+        assert wgpu_backend.stats()["dispatches"] - before == plan.estimator.op_count(cfg, lora_rank), (n_layer, dropout)

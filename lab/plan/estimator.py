@@ -4,7 +4,7 @@ Memory follows what lab's engine really holds during a training step: parameters
 and every intermediate of the forward pass (the autograd graph keeps each op's output alive until backward
 reaches it), plus the logits and the backward's working set. Time is the matmul work at the profile's matmul
 rate, the activation floats at the profile's elementwise cost per float, the optimizer's traffic, and a fixed
-cost per op (33 + 99 ops per layer per step, counted on the engine). tests/test_plan.py checks both against
+cost per op (35 + 92 ops per layer per step, counted on the engine). tests/test_plan.py checks both against
 the engine's measured peak bytes and step times.
 """
 import math
@@ -143,11 +143,12 @@ def dropout_floats(c, b, T):
 
 
 def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
-    """Primitive ops (GPU dispatches) of one training step, as counted on the engine: 33 + 99 per layer,
-    dropout 2 + 6 per layer more, LoRA about 10 per adapted layer."""
-    ops = 33 + 99 * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
+    """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 35 + 92 per
+    layer, dropout 2 + 6 per layer more; LoRA adds about 4 per adapted layer and module and saves the 26 updates
+    of the frozen embeddings and final LayerNorm."""
+    ops = 35 + 92 * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
     if lora_rank:
-        ops += c.n_layer * 10 * len(lora_targets)
+        ops += c.n_layer * 4 * len(lora_targets) - 26
     return ops
 
 
