@@ -75,6 +75,14 @@ def _row_subs(n):
     return (("RWG", 64 if n <= 1024 else 256),)
 
 
+def _split(n, min_chunk, max_pieces):
+    """Cut n items into S chunks of `chunk` (the last may be short): as many as max_pieces allows, each at least
+    min_chunk long. Returns (S, chunk); the kernels that sum partial results over such chunks use it."""
+    S = max(1, min(math.ceil(n / min_chunk), max_pieces))
+    chunk = max(1, math.ceil(n / S))
+    return max(1, math.ceil(n / chunk)), chunk
+
+
 def _grid(n_groups):
     """Split a 1D count of workgroups into a 2D grid that respects the 65535-per-dimension limit."""
     if n_groups <= 65535:
@@ -201,6 +209,7 @@ class WgpuBackend(Backend):
         self._encoder = None
         self._pass = None
         self._profile = None       # a _Profile while lab.profile() is active
+        self._no_guard = None      # the finite stand-in for an optimizer update without a guard
         self.lost = False
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
                            bind_group_hits=0, bind_group_misses=0,
@@ -328,7 +337,7 @@ class WgpuBackend(Backend):
         `label` details the dispatch in lab.profile() tables (e.g. a matmul's shape)."""
         if work == 0:
             return
-        params = struct.pack(f"<{len(params)}I", *[int(v) & 0xFFFFFFFF for v in params])
+        params = struct.pack(f"<{len(params)}I", *map(_u32, params))
         if len(params) > PARAMS_BYTES:
             raise ValueError(f"{kernel}:{entry}: {len(params)} bytes of params, more than the {PARAMS_BYTES} a dispatch sees")
         offset = self._arena_index.get(params)
@@ -491,11 +500,9 @@ class WgpuBackend(Backend):
         combine, fmap, ident = self._REDUCE[op]
         while True:
             if inner == 1:  # a workgroup per (o, chunk): chunks of up to 4096 elements, 16 per thread
-                S = max(1, min(math.ceil(n / 4096), math.ceil(4096 / max(outer, 1))))
+                S, chunk = _split(n, 4096, math.ceil(4096 / max(outer, 1)))
             else:           # a thread per (o, chunk, j): aim for ~128K threads, chunks of at least 16 rows
-                S = max(1, min(math.ceil(n / 16), math.ceil(131072 / (outer * inner))))
-            chunk = max(1, math.ceil(n / S))
-            S = max(1, math.ceil(n / chunk))
+                S, chunk = _split(n, 16, math.ceil(131072 / (outer * inner)))
             last = S == 1
             dst, dst_off = (out, out_offset) if last else (self._alloc((outer * S * inner,), "float32"), 0)
             params = [outer, n, inner, dst_off, S, chunk]
@@ -624,9 +631,7 @@ class WgpuBackend(Backend):
         self._dispatch("layernorm_backward", "backward_x_main", [rows, n, 1, rows], [x, w, mean, rstd, g, dx],
                        _grid(rows), rows * n, _row_subs(n))
         # dw, db are column sums over all rows: partial sums over row chunks first, so that enough threads run.
-        S = max(1, min(math.ceil(rows / 16), math.ceil(131072 / max(n, 1))))
-        chunk = max(1, math.ceil(rows / S))
-        S = max(1, math.ceil(rows / chunk))
+        S, chunk = _split(rows, 16, math.ceil(131072 / max(n, 1)))
         dw_parts, db_parts = self._alloc((S, n), "float32"), self._alloc((S, n), "float32")
         self._flat("layernorm_backward", "backward_wb_main", [rows, n, S, chunk],
                    [x, None, mean, rstd, g, dw_parts, db_parts], S * n, _row_subs(n))
@@ -644,9 +649,7 @@ class WgpuBackend(Backend):
     def embedding_bwd(self, idx, g, num_embeddings):
         C, V, N = g.shape[-1], num_embeddings, idx.size
         if V * C <= (1 << 20):  # small vocabulary: a thread per (chunk, row, column), then sum the chunks
-            S = max(1, min(math.ceil(N / 64), (1 << 21) // max(V * C, 1)))
-            chunk = max(1, math.ceil(N / S))
-            S = max(1, math.ceil(N / chunk))
+            S, chunk = _split(N, 64, (1 << 21) // max(V * C, 1))
             parts = self._alloc((S, V, C), "float32")
             self._flat("embedding", "backward_vocab_main", [N, C, V, S, chunk], [idx, g, parts], S * V * C)
             return self.reshape(parts, (V, C)) if S == 1 else self.reduce("sum", parts, 0)
@@ -696,7 +699,7 @@ class WgpuBackend(Backend):
     # ------------------------------------------------------------------ optimizers (in place)
     def _guard(self, guard):
         if guard is None:  # no guard: any finite one-element value passes
-            if getattr(self, "_no_guard", None) is None:
+            if self._no_guard is None:
                 self._no_guard = self.from_numpy(np.zeros(1, np.float32))
             return self._no_guard
         return guard

@@ -4,10 +4,9 @@ Token + position embeddings, n_layer pre-LayerNorm blocks of causal self-attenti
 LayerNorm, and a head tied to the token embedding. Shapes: B batch, T time, C = n_embd, H heads, D = C / H.
 """
 import math
-
-import numpy as np
 from dataclasses import asdict, dataclass
 
+import numpy as np
 
 from .. import nn
 from ..engine import ops as F

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .profiles import get_profile
+from .profiles import get_profile, limits_profile
 
 F32 = 4
 
@@ -213,18 +213,6 @@ class DoesNotFitError(ValueError):
     def __init__(self, message, plan):
         super().__init__(message)
         self.plan = plan
-
-
-def limits_profile(backend):
-    """The memory and buffer limits of a backend's device, without timing anything (for checks before a run)."""
-    from .profiles import DeviceProfile, _device_memory_guess
-    import os
-    if backend.name == "wgpu":
-        info = backend.device_info
-        return DeviceProfile(info["device"], "limits", math.nan, math.nan, math.nan, _device_memory_guess(backend),
-                             backend.max_buffer, backend.max_binding)
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return DeviceProfile("host (numpy)", "limits", math.nan, math.nan, math.nan, host, 2 ** 62, 2 ** 62)
 
 
 def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adamw"):

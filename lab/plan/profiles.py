@@ -6,6 +6,8 @@ from which the cost of the engine's elementwise work per activation float follow
 assume lab sustains 30% of the fp32 peak in matmul and 50% of the memory bandwidth (what the H200 measurements
 in README.md show for lab's current kernels), and 60 us of host time per op.
 """
+import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -97,17 +99,10 @@ def profile_device(backend=None, refresh=False):
         one = tensor(np.ones(1, dtype=np.float32), backend=b)
         t_op = best_seconds(lambda: box.__setitem__("t", one + one), sync_of(box))
         t_drop = best_seconds(lambda: box.__setitem__("t", F.dropout(x, 0.1, seed=1)), sync_of(box))
-    if b.name == "wgpu":
-        limits = b.device_info["limits"]
-        name, max_buffer, max_binding = b.device_info["device"], limits["max-buffer-size"], limits["max-storage-buffer-binding-size"]
-        memory = _device_memory_guess(b)
-    else:
-        import os
-        name, max_buffer, max_binding = "this CPU (numpy backend)", 2 ** 62, 2 ** 62
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    prof = DeviceProfile(name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
-                         3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, int(memory), int(max_buffer),
-                         int(max_binding), 0.0, max(t_drop - t_op, 0.0) / (1 << 22))
+    lim = limits_profile(b)
+    prof = DeviceProfile(lim.name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
+                         3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, lim.memory_bytes, lim.max_buffer_size,
+                         lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / (1 << 22))
     prof.elementwise_s_per_float = _probe_elementwise_cost(b, prof)
     _measured[key] = prof
     return prof
@@ -137,14 +132,29 @@ def _probe_elementwise_cost(backend, prof):
     return max(rest, 0.1 * best) / acts
 
 
+def _host_memory():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _device_memory_guess(backend):
     """WebGPU does not report device memory; take the matching named profile's, else the host's memory."""
-    import os
     dev = backend.device_info["device"].lower()
     for key, prof in PROFILES.items():
         if key in dev.replace(" ", ""):
             return prof.memory_bytes
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return _host_memory()
+
+
+def limits_profile(backend):
+    """The memory and buffer limits of a backend's device, without timing anything (the checks before a run use
+    it as it is; profile_device adds the timings)."""
+    if backend.name == "wgpu":
+        limits = backend.device_info["limits"]
+        return DeviceProfile(backend.device_info["device"], "limits", math.nan, math.nan, math.nan,
+                             int(_device_memory_guess(backend)), int(limits["max-buffer-size"]),
+                             int(limits["max-storage-buffer-binding-size"]))
+    return DeviceProfile("this CPU (numpy backend)", "limits", math.nan, math.nan, math.nan, int(_host_memory()),
+                         2 ** 62, 2 ** 62)
 
 
 def get_profile(device=None):

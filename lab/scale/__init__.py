@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..checkpoint import (CheckpointError, TOKENIZER_FILE, _AtomicDir, _write_json, _write_model, load_checkpoint,
+from ..checkpoint import (CheckpointError, _AtomicDir, _write_json, _write_model, load_checkpoint,
                           load_pretrained, load_tokenizer, save_checkpoint)
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
@@ -70,30 +70,31 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
 
 
 def _tokenizer_of(directory):
-    d = Path(directory)
-    for name in (LAB_TOKENIZER_FILE, TOKENIZER_FILE):
-        path = d / name
-        if path.is_file():
-            try:
-                return load_tokenizer(path)
-            except CheckpointError:
-                if name == LAB_TOKENIZER_FILE:
-                    raise
-    # A Hugging Face tokenizer.json written for a character vocabulary (WordLevel of single characters).
+    """lab's tokenizer file when the directory has one; else tokenizer.json, in lab's format (a lab checkpoint) or
+    as the `tokenizers` library's WordLevel vocabulary of single characters that export writes."""
     from ..data import CharTokenizer
+    d = Path(directory)
+    if (d / LAB_TOKENIZER_FILE).is_file():
+        return load_tokenizer(d / LAB_TOKENIZER_FILE)
     path = d / HF_TOKENIZER_FILE
-    if path.is_file():
-        try:
-            vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a tokenizer lab can read ({e})") from None
+    if not path.is_file():
+        raise CheckpointError(f"{d}: no tokenizer found (looked for {LAB_TOKENIZER_FILE}, {HF_TOKENIZER_FILE})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a tokenizer lab can read ({e})") from None
+    if isinstance(data, dict) and data.get("type") in ("char", "bpe"):
+        return load_tokenizer(path)
+    try:
+        vocab = data["model"]["vocab"]
         chars = sorted(vocab, key=vocab.get)
-        if all(isinstance(c, str) and len(c) == 1 for c in chars) and [vocab[c] for c in chars] == sorted(vocab.values()):
-            tok = CharTokenizer(chars)
-            if tok.stoi == vocab:
-                return tok
-        raise CheckpointError(f"{path}: only character-level vocabularies can be imported without {LAB_TOKENIZER_FILE}")
-    raise CheckpointError(f"{d}: no tokenizer found (looked for {LAB_TOKENIZER_FILE}, {TOKENIZER_FILE})")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a tokenizer lab can read ({e})") from None
+    if all(isinstance(c, str) and len(c) == 1 for c in chars) and [vocab[c] for c in chars] == sorted(vocab.values()):
+        tok = CharTokenizer(chars)
+        if tok.stoi == vocab:
+            return tok
+    raise CheckpointError(f"{path}: only character-level vocabularies can be imported without {LAB_TOKENIZER_FILE}")
 
 
 def import_model(directory, out=None):

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -116,15 +117,14 @@ class Trainer:
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
         """A trainer that continues the run saved in `directory` (lab.checkpoint.save_checkpoint) exactly where
         it stopped: same model and optimizer state, same step, same batch and dropout random streams."""
-        from ..checkpoint import CheckpointError, load_checkpoint, restore_trainer
+        from ..checkpoint import STATE_FILE, CheckpointError, load_checkpoint, restore_trainer
         model, tokenizer, state = load_checkpoint(directory)
         if state is None:
             raise CheckpointError(f"{directory}: holds a model but no trainer state (trainer_state.json)")
-        from pathlib import Path
         try:
             cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{Path(directory) / 'trainer_state.json'}: invalid train_config ({e})") from None
+            raise CheckpointError(f"{Path(directory) / STATE_FILE}: invalid train_config ({e})") from None
         trainer = cls(model.train(), train_ids, val_ids, cfg, callbacks)
         restore_trainer(trainer, directory, state)
         trainer.tokenizer = tokenizer
@@ -212,6 +212,7 @@ class Trainer:
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.model.config.block_size
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
+        say = bar.write if progress else print
         t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
         # _stop is not reset here: a stop requested just before the loop starts (a panel's Stop right after Start)
         # must be honoured; it is cleared when the run ends, for the next one
@@ -231,7 +232,7 @@ class Trainer:
                     try:
                         self.check_finite(loss, norm)
                     except NonFiniteError as e:
-                        (bar.write if progress else print)(f"lab: {e}")
+                        say(f"lab: {e}")
                         if cfg.nonfinite == "stop":
                             self._stop, self.stop_reason, self.fault = True, str(e), e
                             break
@@ -243,7 +244,7 @@ class Trainer:
                     val_loss = self.evaluate()
                     self._early_stopping(val_loss)
                     if log_evals:
-                        (bar.write if progress else print)(
+                        say(
                             f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
                             f"{time.perf_counter() - t0:.0f} s")
                 if out_of_time and not self._stop:
@@ -271,7 +272,7 @@ class Trainer:
                 bar.update(1)
         except KeyboardInterrupt:  # steps finish before an interrupt lands (train_step): stop here, usable, resumable
             self._stop, self.stop_reason = True, f"interrupted (KeyboardInterrupt) after step {self.step_num}"
-            (bar.write if progress else print)(f"lab: {self.stop_reason}")
+            say(f"lab: {self.stop_reason}")
         bar.close()
         if cfg.checkpoint_dir and self.fault is None:  # a run stopped by NaN/Inf keeps its last good checkpoint
             self._save()
