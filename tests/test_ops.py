@@ -209,3 +209,41 @@ def test_fused_self_attention_equals_the_composed_ops(any_backend, dropout_p):
         results.append((y.numpy(), att.numpy(), qkv.grad.numpy()))
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# The numpy backend's fast paths (BLAS reductions, one-hot and sorted embedding gradients, in-place AdamW) against
+# the plain numpy formulas they replace; the finite-difference checks above cover only small shapes.
+@pytest.mark.parametrize("V,N", [(73, 700), (5000, 900)], ids=["one-hot", "sorted-runs"])
+def test_numpy_embedding_backward_paths(numpy_backend, V, N, monkeypatch):
+    import lab.engine.numpy_backend as nb
+    rng = np.random.default_rng(3)
+    idx, g = rng.integers(0, V, N).astype(np.int32), rng.standard_normal((N, 16)).astype(np.float32)
+    idx[:50] = 7                                                # a long run of one token
+    want = np.zeros((V, 16), np.float32)
+    np.add.at(want, idx, g)
+    if V > 100:
+        monkeypatch.setattr(nb, "ONE_HOT_LIMIT", 0)
+    np.testing.assert_allclose(numpy_backend.embedding_bwd(idx, g, V), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 70), 1), ((70, 6), 0), ((1, 300, 5), 1), ((3, 4, 5), 1), ((5,), 0),
+                                        ((0, 4), 0), ((4, 0), 1)])
+def test_numpy_sum_fast_paths(numpy_backend, shape, axis):
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    got = numpy_backend.reduce("sum", x, axis)
+    np.testing.assert_allclose(got, x.sum(axis=axis), rtol=1e-5, atol=1e-5)
+    assert got.shape == x.sum(axis=axis).shape
+    assert not np.shares_memory(got, x), "a reduction must not alias its input (gradients are updated in place)"
+
+
+def test_numpy_adamw_matches_the_formula(numpy_backend):
+    rng = np.random.default_rng(5)
+    p, g = rng.standard_normal(1000), rng.standard_normal(1000)
+    m, v = rng.standard_normal(1000) * 0.1, rng.random(1000) * 0.1
+    lr, b1, b2, eps, wd, step = 3e-3, 0.9, 0.99, 1e-8, 0.1, 7
+    m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    want = p - lr * wd * p - lr * (m2 / (1 - b1 ** step)) / (np.sqrt(v2 / (1 - b2 ** step)) + eps)
+    numpy_backend.adamw_(p, g, m, v, lr, b1, b2, eps, wd, step)
+    np.testing.assert_allclose(m, m2, rtol=1e-12)
+    np.testing.assert_allclose(v, v2, rtol=1e-12)
+    np.testing.assert_allclose(p, want, rtol=1e-10, atol=1e-12)

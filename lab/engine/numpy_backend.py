@@ -3,6 +3,7 @@
 Works in the dtype it is given (float32 normally, float64 for finite-difference gradient checks).
 """
 import ctypes
+import math
 import os
 import sys
 
@@ -12,19 +13,62 @@ from .backend import Backend
 
 SQRT_2_OVER_PI = 0.7978845608028654
 GELU_C = 0.044715
+ONE_HOT_LIMIT = 1 << 22  # embedding backward through a one-hot matrix up to this many elements (16 MiB)
 
 
-def _gelu_sigmoid(x):
-    """s = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); then gelu(x) = 0.5 x (1 + tanh u) = x s.
-    Computed in place: numpy's temporaries, not its arithmetic, dominate here."""
-    s = x * x
-    s *= GELU_C
-    s += 1.0
-    s *= x
-    s *= -2.0 * SQRT_2_OVER_PI
-    np.exp(s, out=s)
-    s += 1.0
-    return np.reciprocal(s, out=s)
+def _row_sum(a):
+    """Sums over the last axis, kept as a length-1 axis. A matrix-vector product with ones: BLAS does it about
+    5x faster than a.sum(-1) on the short rows here (64 to 512 wide)."""
+    return (a @ np.ones(a.shape[-1], dtype=a.dtype))[..., None]
+
+
+def _row_dot(a, b):
+    """sum(a * b) over the last axis, kept as a length-1 axis, without the product's temporary."""
+    return np.einsum("...i,...i->...", a, b)[..., None]
+
+
+def _sum(a, axis):
+    """a.sum(axis) for float arrays as a product with a ones vector where that is one BLAS call (rows: 2-5x
+    faster than numpy's reduction on these shapes). Always a new array: callers may update results in place."""
+    n = a.shape[axis]
+    if a.dtype.kind != "f" or a.ndim == 0:
+        return a.sum(axis=axis)
+    rest = a.shape[:axis] + a.shape[axis + 1:]
+    ones = np.ones(n, dtype=a.dtype)
+    if axis == a.ndim - 1:
+        return (a.reshape(math.prod(rest), n) @ ones).reshape(rest)
+    if math.prod(a.shape[:axis]) == 1:
+        return (ones @ a.reshape(n, math.prod(rest))).reshape(rest)
+    return a.sum(axis=axis)
+
+
+def _row_max(a):
+    """Maximum over the last axis, kept as a length-1 axis. Halving the row with np.maximum is about 1.5x
+    faster than a.max(-1) on short rows (numpy reduces those one row at a time)."""
+    n, m = a.shape[-1], a
+    while n > 1 and n % 2 == 0:
+        n //= 2
+        m = np.maximum(m[..., :n], m[..., n:])
+    return m if n == 1 else m.max(axis=-1, keepdims=True)
+
+
+def _gelu_tanh(x):
+    """tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3): GELU's inner term, computed in place (numpy's passes over
+    memory, not its arithmetic, are the cost here)."""
+    t = x * x
+    t *= x.dtype.type(SQRT_2_OVER_PI * GELU_C)
+    t += x.dtype.type(SQRT_2_OVER_PI)
+    t *= x
+    return np.tanh(t, out=t)
+
+
+def _gelu(x):
+    """gelu(x) = 0.5 x (1 + tanh u)."""
+    y = _gelu_tanh(x)
+    y += 1
+    y *= x
+    y *= x.dtype.type(0.5)
+    return y
 
 
 def pcg(x):
@@ -44,7 +88,7 @@ def dropout_keep_mask(n, p, seed):
 UNARY = {
     "neg": np.negative, "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "tanh": np.tanh,
     "relu": lambda x: np.maximum(x, 0),
-    "gelu": lambda x: x * _gelu_sigmoid(x),
+    "gelu": _gelu,
 }
 SCALAR = {
     "add": lambda x, c: x + c, "mul": lambda x, c: x * c, "rsub": lambda x, c: c - x,
@@ -53,17 +97,20 @@ SCALAR = {
 
 
 def _gelu_bwd(x, g):
-    """d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) u'  with t = tanh u = 2 s - 1, i.e.  s + 2 x s (1 - s) u'."""
-    s = _gelu_sigmoid(x)
-    d = x * x
-    d *= 3.0 * GELU_C
-    d += 1.0
-    d *= 2.0 * SQRT_2_OVER_PI
-    d *= x
-    d *= s
-    d *= 1.0 - s
-    d += s
+    """d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) u',  t = tanh u,  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    f = x.dtype.type
+    t = _gelu_tanh(x)
+    xdu = x * x                        # becomes x u'
+    xdu *= f(3 * SQRT_2_OVER_PI * GELU_C)
+    xdu += f(SQRT_2_OVER_PI)
+    xdu *= x
+    d = t * t
+    np.subtract(1, d, out=d)
+    d *= xdu
+    d += t
+    d += 1
     d *= g
+    d *= f(0.5)
     return d
 
 
@@ -97,6 +144,7 @@ class NumpyBackend(Backend):
     def __init__(self):
         self._stats = {"dispatches": 0, "submits": 0, "readbacks": 0}
         self.malloc_tuned = _keep_freed_memory_for_reuse()
+        self._masks = {}
 
     # -- memory --
     def from_numpy(self, x):
@@ -133,7 +181,7 @@ class NumpyBackend(Backend):
     # -- reductions and data movement --
     def reduce(self, op, a, axis):
         if op == "sum":
-            return a.sum(axis=axis)
+            return _sum(a, axis)
         if op == "max":
             return a.max(axis=axis)
         if op == "sumsq":
@@ -162,16 +210,28 @@ class NumpyBackend(Backend):
         return out
 
     def softmax(self, a, scale=1.0, causal=False):
-        x = a * a.dtype.type(scale)
+        x = np.multiply(a, a.dtype.type(scale))
         if causal:
-            T = a.shape[-1]
-            x = np.where(np.tril(np.ones((a.shape[-2], T), dtype=bool)), x, -np.inf)
-        x = x - x.max(axis=-1, keepdims=True)
-        e = np.exp(x)
-        return e / e.sum(axis=-1, keepdims=True)
+            x += self._causal_mask(a.shape[-2], a.shape[-1], a.dtype)
+        with np.errstate(invalid="ignore"):  # rows holding inf give nan, as they should, without a warning
+            x -= _row_max(x)
+        np.exp(x, out=x)
+        x /= _row_sum(x)
+        return x
+
+    def _causal_mask(self, rows, cols, dtype):
+        """Additive mask: 0 where column j <= row i, -inf above the diagonal. Made once per shape."""
+        key = (rows, cols, np.dtype(dtype).str)
+        if key not in self._masks:
+            self._masks[key] = np.triu(np.full((rows, cols), -np.inf, dtype=dtype), 1)
+        return self._masks[key]
 
     def softmax_bwd(self, y, g, scale=1.0):
-        return y.dtype.type(scale) * y * (g - (g * y).sum(axis=-1, keepdims=True))
+        d = g - _row_dot(g, y)
+        d *= y
+        if scale != 1.0:
+            d *= y.dtype.type(scale)
+        return d
 
     def log_softmax(self, a):
         m = a.max(axis=-1, keepdims=True)
@@ -181,26 +241,44 @@ class NumpyBackend(Backend):
         return g - np.exp(y) * g.sum(axis=-1, keepdims=True)
 
     def layernorm(self, x, w, b, eps):
-        mean = x.mean(axis=-1, keepdims=True)
-        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-        rstd = 1.0 / np.sqrt(var + eps)
-        y = (x - mean) * rstd * w + b
-        return y.astype(x.dtype, copy=False), mean[..., 0], rstd[..., 0].astype(x.dtype, copy=False)
+        n = x.shape[-1]
+        mean = _row_sum(x) / x.dtype.type(n)
+        xhat = x - mean
+        var = _row_dot(xhat, xhat) / x.dtype.type(n)
+        rstd = 1.0 / np.sqrt(var + x.dtype.type(eps))
+        xhat *= rstd
+        xhat *= w
+        xhat += b
+        return xhat, mean[..., 0], rstd[..., 0]
 
     def layernorm_bwd(self, x, w, mean, rstd, g):
         n = x.shape[-1]
-        xhat = (x - mean[..., None]) * rstd[..., None]
+        xhat = x - mean[..., None]
+        xhat *= rstd[..., None]
         gx = g * w
-        dx = rstd[..., None] * (gx - gx.sum(-1, keepdims=True) / n - xhat * (gx * xhat).sum(-1, keepdims=True) / n)
+        dx = gx - _row_sum(gx) / gx.dtype.type(n)
+        dx -= xhat * (_row_dot(gx, xhat) / gx.dtype.type(n))
+        dx *= rstd[..., None]
         g2, xhat2 = g.reshape(-1, n), xhat.reshape(-1, n)
-        return dx, (g2 * xhat2).sum(0), g2.sum(0)
+        ones = np.ones(len(g2), dtype=g.dtype)
+        return dx, np.einsum("ij,ij->j", g2, xhat2), ones @ g2
 
     def embedding(self, w, idx):
         return w[idx]
 
     def embedding_bwd(self, idx, g, num_embeddings):
+        idx, g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
+        if num_embeddings * len(idx) <= ONE_HOT_LIMIT:  # small vocabularies: one-hot^T @ g, one BLAS call
+            one_hot = np.zeros((num_embeddings, len(idx)), dtype=g.dtype)
+            one_hot[idx, np.arange(len(idx))] = 1
+            return one_hot @ g
+        # large ones: sort the rows by token and add each token's run (np.add.at is 1.3-8x slower)
+        order = np.argsort(idx, kind="stable")
+        tokens = idx[order]
+        starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
         dw = np.zeros((num_embeddings, g.shape[-1]), dtype=g.dtype)
-        np.add.at(dw, idx.reshape(-1), g.reshape(-1, g.shape[-1]))
+        if len(idx):
+            dw[tokens[starts]] = np.add.reduceat(g[order], starts, axis=0)
         return dw
 
     def cross_entropy(self, logits, targets, ignore_index):
@@ -233,12 +311,22 @@ class NumpyBackend(Backend):
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None):
         if guard is not None and not np.isfinite(guard).all():
             return  # a non-finite gradient norm skips the update (as the wgpu kernel does)
-        p -= lr * wd * p
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * g * g
-        p -= lr * (m / (1 - b1 ** step)) / (np.sqrt(v / (1 - b2 ** step)) + eps)
+        f = p.dtype.type
+        # p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), in place through one temporary
+        p *= f(1 - lr * wd)
+        t = np.multiply(g, f(1 - b1))
+        m *= f(b1)
+        m += t
+        np.multiply(g, g, out=t)
+        t *= f(1 - b2)
+        v *= f(b2)
+        v += t
+        np.sqrt(v, out=t)
+        t *= f(1 / math.sqrt(1 - b2 ** step))
+        t += f(eps)
+        np.divide(m, t, out=t)
+        t *= f(lr / (1 - b1 ** step))
+        p -= t
 
     def sgd_(self, p, g, buf, lr, momentum, wd, guard=None):
         if guard is not None and not np.isfinite(guard).all():
