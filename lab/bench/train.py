@@ -47,14 +47,22 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
         model = TransformerLM(cfg)
         trainer = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size))
         lab_s = measure_steps(trainer, steps)
+        replayed = trainer.replay is not None and trainer.replay.replayed > 0
+        if replayed:  # the same steps run eagerly (every op through Python), for the replay's share
+            eager = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size,
+                                                                  replay_steps=False))
+            eager_s = measure_steps(eager, steps)
     tokens = batch_size * cfg.block_size
     result = {"suite": "train", "preset": preset, "backend": backend.name, "batch_size": batch_size,
               "block_size": cfg.block_size, "parameters": model.num_parameters(), "steps": steps,
-              "lab_tokens_per_s": tokens / lab_s, "lab_ms_per_step": lab_s * 1e3}
+              "lab_tokens_per_s": tokens / lab_s, "lab_ms_per_step": lab_s * 1e3, "replayed_steps": replayed}
     if backend.name == "wgpu":
         result["device"] = backend.device_info["device"]
     line = (f"train {preset} ({model.num_parameters() / 1e6:.2f}M params, batch {batch_size} x {cfg.block_size}): "
             f"lab {backend.name} {tokens / lab_s:,.0f} tokens/s ({lab_s * 1e3:.1f} ms/step)")
+    if replayed:
+        result.update(lab_eager_tokens_per_s=tokens / eager_s, lab_eager_ms_per_step=eager_s * 1e3)
+        line += f" with step replay, {tokens / eager_s:,.0f} eager"
     try:
         import torch
         from .torch_gpt import seconds_per_step

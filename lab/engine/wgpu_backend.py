@@ -9,6 +9,11 @@ Buffer reuse rule: dispatches run in recording order, so a buffer released while
 the output of a later dispatch. Uploads are different: queue.write_buffer lands before the unsubmitted
 dispatches run, so an upload only takes a buffer that no unsubmitted dispatch references: buffers released
 during recording wait in `_recent` (usable by kernel outputs) and join the upload-safe pool at the next submit.
+
+Step capture (capture_begin / capture_end / replay): a training step's dispatches, recorded once with their
+pipelines, bind groups and params, can be recorded again into a new pass without running any Python op: the
+host's cost per dispatch falls from the op's Python (autograd, shape checks, packing) to three wgpu calls. The
+buffers such a capture binds are held out of the pool while it lives, so replays find them as they left them.
 """
 import math
 import os
@@ -165,6 +170,44 @@ class _Profile:
         self.used, self.pending = 0, []
 
 
+class Capture:
+    """One step's dispatches as recorded: (pipeline, bind group, params offset, grid) each, with the key
+    (kernel, entry, specialization, grid, params bytes) that says what it computed, the patches (dispatch index ->
+    function of the step giving its new params), every buffer it binds, and its uploads in order."""
+
+    def __init__(self):
+        self.dispatches, self.keys, self.patches = [], [], {}
+        self.buffers, self.uploads = {}, []
+        self.arena = b""
+        self.broken = None  # why it cannot be replayed
+
+    def add(self, pipeline, bind_group, offset, grid, key, patch, buffers):
+        if patch is not None:
+            self.patches[len(self.dispatches)] = patch
+        self.dispatches.append((pipeline, bind_group, offset, tuple(grid)))
+        self.keys.append(key)
+        self.buffers.update((id(b), b) for b in buffers)
+
+    def difference(self, later, step, inputs=()):
+        """Why replaying this capture with `step` would not record what `later` (the next step, captured too)
+        recorded, or None: the same kernels and grids, the same params once patched, the same uploads except
+        those at the indices `inputs` (the batches)."""
+        if len(self.keys) != len(later.keys):
+            return f"the step recorded {len(self.keys)} dispatches, the next one {len(later.keys)}"
+        for i, (a, b) in enumerate(zip(self.keys, later.keys)):
+            if a[:4] != b[:4]:
+                return f"dispatch {i} was {a[0]}:{a[1]} {a[3]}, then {b[0]}:{b[1]} {b[3]}"
+            want = a[4] if i not in self.patches else struct.pack(f"<{len(a[4]) // 4}I", *map(_u32, self.patches[i](step)))
+            if want != b[4]:
+                return f"the params of dispatch {i} ({a[0]}:{a[1]}) change from step to step"
+        if len(self.uploads) != len(later.uploads):
+            return f"the step uploaded {len(self.uploads)} arrays, the next one {len(later.uploads)}"
+        for k, ((_, x), (_, y)) in enumerate(zip(self.uploads, later.uploads)):
+            if k not in inputs and x != y:
+                return f"upload {k} of the step changes from step to step"
+        return None
+
+
 class WgpuBackend(Backend):
     name = "wgpu"
     def __init__(self):
@@ -210,6 +253,10 @@ class WgpuBackend(Backend):
         self._pass = None
         self._profile = None       # a _Profile while lab.profile() is active
         self._no_guard = None      # the finite stand-in for an optimizer update without a guard
+        self._capture = None       # a Capture while a step is being captured
+        self._patch = None         # how the next dispatch's params follow the step (set by adamw_, sgd_, dropout)
+        self._reserved = {}        # id(buffer) -> number of live captures binding it: kept out of the pool
+        self._held = {}            # id(buffer) -> (buffer, size): reserved buffers no array owns any more
         self.lost = False
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
                            bind_group_hits=0, bind_group_misses=0,
@@ -239,6 +286,9 @@ class WgpuBackend(Backend):
         return GPUArray(_Storage(buffer, size, self), shape, dtype)
 
     def _release(self, buffer, size):
+        if id(buffer) in self._reserved:  # a capture binds it: still in use, keeping what the step left there
+            self._held[id(buffer)] = (buffer, size)
+            return
         self._stats["bytes_in_use"] -= size
         pool = self._recent if self._encoder is not None else self._pool
         pool.setdefault(size, []).append(buffer)
@@ -263,9 +313,22 @@ class WgpuBackend(Backend):
         if x.size:
             self.queue.write_buffer(a.buffer, 0, x)
             self._stats["uploads"] += 1
+        if self._capture is not None:
+            self._capture.uploads.append((a, x.tobytes()))
         return a
 
+    def write(self, a, x):
+        """Overwrite array `a` with host values x (same size) before the work recorded next runs."""
+        x = np.ascontiguousarray(x, dtype=np.float32 if a.dtype == "float32" else np.int32)
+        if x.size != a.size:
+            raise ValueError(f"write: {x.size} values for an array of shape {a.shape}")
+        if x.size:
+            self.queue.write_buffer(a.buffer, 0, x)
+            self._stats["uploads"] += 1
+
     def to_numpy(self, a):
+        if self._capture is not None:
+            self._capture.broken = "the step reads a value back from the device"
         self.sync()
         dt = np.float32 if a.dtype == "float32" else np.int32
         if a.size == 0:
@@ -336,13 +399,18 @@ class WgpuBackend(Backend):
         """Record one dispatch. bindings[i] is bound at @binding(i + 1); None skips a binding number.
         `label` details the dispatch in lab.profile() tables (e.g. a matmul's shape)."""
         if work == 0:
+            self._patch = None
             return
         params = struct.pack(f"<{len(params)}I", *map(_u32, params))
         if len(params) > PARAMS_BYTES:
             raise ValueError(f"{kernel}:{entry}: {len(params)} bytes of params, more than the {PARAMS_BYTES} a dispatch sees")
-        offset = self._arena_index.get(params)
+        capture = self._capture
+        # while capturing every dispatch gets its own params slot: a replay rewrites some of them (lr, seeds)
+        offset = None if capture is not None else self._arena_index.get(params)
         if offset is None:
             if self._arena_used + PARAMS_BYTES > ARENA_BYTES:
+                if capture is not None:
+                    capture.broken = f"the step has more than {ARENA_BYTES // PARAMS_BYTES} dispatches"
                 self.sync()
             offset = self._arena_used
             self._arena_host[offset:offset + len(params)] = params
@@ -376,6 +444,10 @@ class WgpuBackend(Backend):
         if self._profile:
             self._profiled_dispatch(pipeline, bg, offset, grid, f"{kernel}:{entry}", label)
             return
+        if capture is not None:
+            capture.add(pipeline, bg, offset, grid, (kernel, entry, subs, tuple(grid), params), self._patch,
+                        [a.storage.buffer for a in bindings if a is not None])
+        self._patch = None
         self._pass.set_pipeline(pipeline)
         self._pass.set_bind_group(0, bg, [offset])
         self._pass.dispatch_workgroups(*grid)
@@ -399,6 +471,10 @@ class WgpuBackend(Backend):
         prof.pending.append((name, label or name))
         self._stats["dispatches"] += 1
 
+    @property
+    def profiling(self):
+        return self._profile is not None
+
     def profile_begin(self):
         if "timestamp-query" not in self.features:
             raise RuntimeError(f"lab.profile() needs the timestamp-query feature, which "
@@ -411,6 +487,74 @@ class WgpuBackend(Backend):
         prof, self._profile = self._profile, None
         return prof.records
 
+    # ------------------------------------------------------------------ step capture
+    def capture_begin(self):
+        """Start recording a step for replay (its dispatches still run as usual)."""
+        if self._profile is not None:
+            raise RuntimeError("cannot capture a step while lab.profile() is active")
+        self.sync()
+        self._capture = Capture()
+
+    def capture_end(self):
+        """Stop recording and submit the step. Returns the Capture; its buffers stay out of the pool until
+        release_capture (check capture.broken before replaying it)."""
+        capture, self._capture = self._capture, None
+        self._patch = None
+        capture.arena = bytes(self._arena_host[:self._arena_used])
+        self.sync()
+        for key, buffer in capture.buffers.items():
+            self._reserved[key] = self._reserved.get(key, 0) + 1
+        stats = self._stats
+        for pool in (self._pool, self._recent):  # buffers the step freed again: back in use, held for replays
+            for size, buffers in pool.items():
+                taken = [b for b in buffers if id(b) in capture.buffers]
+                if taken:
+                    buffers[:] = [b for b in buffers if id(b) not in capture.buffers]
+                    self._held.update((id(b), (b, size)) for b in taken)
+                    stats["bytes_in_use"] += size * len(taken)
+        stats["peak_bytes_in_use"] = max(stats["peak_bytes_in_use"], stats["bytes_in_use"])
+        return capture
+
+    def release_capture(self, capture):
+        """Give a capture's buffers back: those no array owns return to the pool."""
+        for key in capture.buffers:
+            n = self._reserved.get(key, 0) - 1
+            if n > 0:
+                self._reserved[key] = n
+                continue
+            self._reserved.pop(key, None)
+            if key in self._held:
+                buffer, size = self._held.pop(key)
+                self._stats["bytes_in_use"] -= size
+                (self._recent if self._encoder is not None else self._pool).setdefault(size, []).append(buffer)
+        capture.buffers = {}
+
+    def replay(self, capture, step):
+        """Record a captured step again, its params updated for this step: step = {"lr": ..., "step": ...,
+        "seeds": {captured seed: new seed}}. Work recorded after it joins the same submit."""
+        if capture.broken:
+            raise RuntimeError(f"this capture cannot be replayed: {capture.broken}")
+        if self._profile is not None:
+            raise RuntimeError("replay under lab.profile(): run the step itself to profile it")
+        self.sync()
+        arena = self._arena_host
+        arena[:len(capture.arena)] = capture.arena
+        for i, patch in capture.patches.items():
+            offset = capture.dispatches[i][2]
+            params = struct.pack(f"<{len(capture.keys[i][4]) // 4}I", *map(_u32, patch(step)))
+            arena[offset:offset + len(params)] = params
+        self._arena_used = len(capture.arena)
+        self._encoder = self.device.create_command_encoder()
+        cpass = self._pass = self._encoder.begin_compute_pass()
+        last = None
+        for pipeline, bg, offset, grid in capture.dispatches:
+            if pipeline is not last:
+                cpass.set_pipeline(pipeline)
+                last = pipeline
+            cpass.set_bind_group(0, bg, [offset])
+            cpass.dispatch_workgroups(*grid)
+        self._stats["dispatches"] += len(capture.dispatches)
+
     def sync(self, wait=False):
         """Submit everything recorded so far; with wait=True also block until the device has finished it."""
         if self._encoder is None:
@@ -419,6 +563,8 @@ class WgpuBackend(Backend):
             return
         # Detach the recording first: an exception or KeyboardInterrupt below must not leave an ended pass in
         # place for the next dispatch (at worst the unsubmitted work is dropped).
+        if self._capture is not None:
+            self._capture.broken = self._capture.broken or "the step submits its work in more than one part"
         encoder, cpass, used = self._encoder, self._pass, self._arena_used
         self._encoder = self._pass = None
         self._arena_used = 0
@@ -681,7 +827,12 @@ class WgpuBackend(Backend):
 
     def dropout(self, x, p, seed):
         out = self._alloc(x.shape, "float32")
-        self._flat("dropout", "main", [x.size, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))], [x, out], x.size)
+
+        def params(seed):
+            return [x.size, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))]
+        if self._capture is not None:  # a replay draws the step's seeds anew: the captured seed maps to its new one
+            self._patch = lambda step: params(step["seeds"].get(seed, seed))
+        self._flat("dropout", "main", params(seed), [x, out], x.size)
         return out
 
     def lora_down(self, x, a):
@@ -705,12 +856,18 @@ class WgpuBackend(Backend):
         return guard
 
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None):
-        params = [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step)]
-        self._flat("optim", "adamw_main", params, [p, g, m, v, self._guard(guard)], p.size)
+        def params(lr, step):
+            return [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step)]
+        if self._capture is not None:
+            self._patch = lambda s: params(s["lr"], s["step"])
+        self._flat("optim", "adamw_main", params(lr, step), [p, g, m, v, self._guard(guard)], p.size)
 
     def sgd_(self, p, g, buf, lr, momentum, wd, guard=None):
-        params = [p.size] + [_f32bits(x) for x in (lr, momentum, wd)]
-        self._flat("optim", "sgd_main", params, [p, g, buf, None, self._guard(guard)], p.size)
+        def params(lr):
+            return [p.size] + [_f32bits(x) for x in (lr, momentum, wd)]
+        if self._capture is not None:
+            self._patch = lambda s: params(s["lr"])
+        self._flat("optim", "sgd_main", params(lr), [p, g, buf, None, self._guard(guard)], p.size)
 
     def sumsq_into(self, a, out, slot):
         self._reduce_into("sumsq", self.reshape(a, (a.size,)), 0, out, slot)

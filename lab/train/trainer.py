@@ -18,6 +18,7 @@ from ..engine.random import generator
 from ..engine.tensor import no_grad
 from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, clip_grad_norm_
+from .replay import Recorded, StepReplay, recording_seeds, upload_batches
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainConfig:
     check_finite_every: int = 1        # run() reads the loss and gradient norm this often to detect NaN/Inf (0: never)
     checkpoint_dir: str = ""           # run() saves a checkpoint here (atomically) ...
     checkpoint_every: int = 0          # ... every this many steps and at the end (0: only at the end)
+    replay_steps: bool = True          # wgpu: capture a step's dispatches, replay them for later steps (replay.py)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "grad_accum_steps"):
@@ -52,6 +54,12 @@ class TrainConfig:
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
         if self.check_finite_every < 0 or self.checkpoint_every < 0:
             raise ValueError("check_finite_every and checkpoint_every must be >= 0")
+
+
+def _check_tokens(x, vocab_size):
+    """Batches go to the device as int32 tensors here, past the embedding's own range check: check them first."""
+    if x.size and (x.min() < 0 or x.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}) for this model, the batch has {x.min()}..{x.max()}")
 
 
 @contextlib.contextmanager
@@ -101,6 +109,8 @@ class Trainer:
         self._running = threading.Event()  # cleared while paused
         self._running.set()
         self.rng = np.random.default_rng(generator().integers(2**32))
+        backend = self.optimizer.backend
+        self.replay = StepReplay(backend) if hasattr(backend, "capture_begin") else None
 
     def _check_fits(self):
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
@@ -158,24 +168,52 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         self.optimizer.zero_grad()
-        total = None
-        self._last_batches = []
-        for _ in range(cfg.grad_accum_steps):
-            x, y = get_batch(self.train_ids, cfg.batch_size, model.config.block_size, self.rng)
-            self._last_batches.append((x, y))
-            _, loss = model(x, y)
-            if cfg.grad_accum_steps > 1:
-                loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
-            loss.backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        loss = total
-        norm = clip_grad_norm_(self.optimizer.params, cfg.grad_clip)
-        # a NaN/Inf norm skips the update on the device (no readback): the weights never take a bad step
-        self.optimizer.step(lr=cosine_lr(self.step_num, cfg), guard=norm)
+        self._last_batches = [get_batch(self.train_ids, cfg.batch_size, model.config.block_size, self.rng)
+                              for _ in range(cfg.grad_accum_steps)]
+        lr = cosine_lr(self.step_num, cfg)
+        replay = self.replay if cfg.replay_steps else None
+        if replay is not None and replay.use_replay(self):
+            for x, _ in self._last_batches:
+                _check_tokens(x, model.config.vocab_size)
+            self.optimizer.step_count += 1
+            loss, norm = replay.replay_step(self, self._last_batches, lr, self.optimizer.step_count)
+        elif replay is not None and replay.want_capture(self):
+            B = self.optimizer.backend
+            for x, _ in self._last_batches:
+                _check_tokens(x, model.config.vocab_size)
+            inputs = upload_batches(self._last_batches, B)
+            B.capture_begin()
+            try:
+                with recording_seeds() as seeds:
+                    loss, norm = self._eager_step(inputs, lr)
+            except BaseException:
+                B.release_capture(B.capture_end())
+                raise
+            capture = B.capture_end()
+            replay.captured(self, Recorded(capture, inputs, seeds, lr, self.optimizer.step_count, loss.data,
+                                           norm.data, [p.grad.data if p.grad is not None else None
+                                                       for p in self.optimizer.params]))
+        else:
+            loss, norm = self._eager_step(self._last_batches, lr)
         self.step_num += 1
         # one submit per step, without waiting: the device starts on this step while the host records the next
         self.optimizer.backend.sync()
         return loss, norm
+
+    def _eager_step(self, batches, lr):
+        """Forward and backward over the micro-batches, clipping, the optimizer update: every op run by Python."""
+        cfg = self.cfg
+        total = None
+        for x, y in batches:
+            _, loss = self.model(x, y)
+            if cfg.grad_accum_steps > 1:
+                loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        norm = clip_grad_norm_(self.optimizer.params, cfg.grad_clip)
+        # a NaN/Inf norm skips the update on the device (no readback): the weights never take a bad step
+        self.optimizer.step(lr=lr, guard=norm)
+        return total, norm
 
     def check_finite(self, loss, norm):
         """Read the last step's loss and gradient norm; on NaN/Inf find where it first appeared and raise
@@ -217,6 +255,8 @@ class Trainer:
         # _stop is not reset here: a stop requested just before the loop starts (a panel's Stop right after Start)
         # must be honoured; it is cleared when the run ends, for the next one
         self.stop_reason, self.fault = None, None
+        if self.replay is not None:
+            self.replay.reset()
         try:
             while self.step_num < cfg.steps and not self._stop:
                 if not self._running.is_set():
@@ -241,6 +281,8 @@ class Trainer:
                         continue
                 out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
                 if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+                    if self.replay is not None:
+                        self.replay.suspend()  # the evaluation reuses the step's buffers; recaptured after it
                     val_loss = self.evaluate()
                     self._early_stopping(val_loss)
                     if log_evals:

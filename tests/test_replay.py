@@ -1,0 +1,175 @@
+"""Step replay on the wgpu backend (lab/train/replay.py): replayed steps compute exactly what eager steps compute,
+and every change a replay cannot follow sends the step back to eager."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import lab
+from lab.data import CharTokenizer
+from lab.engine.backend import using_backend
+from lab.models import PRESETS, TransformerLM
+from lab.train import TrainConfig, Trainer
+
+TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 40
+
+
+def _trainer(replay, dropout=0.0, accum=1, seed=0, **cfg):
+    tok = CharTokenizer.from_text(TEXT)
+    ids = tok.encode(TEXT)
+    lab.manual_seed(seed)
+    model = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2,
+                                  n_embd=32, dropout=dropout))
+    cfg = {"steps": 50, "batch_size": 4, "warmup_steps": 2, **cfg}
+    t = Trainer(model, ids, ids, TrainConfig(grad_accum_steps=accum, replay_steps=replay, **cfg))
+    t.tokenizer = tok
+    return t
+
+
+def _steps(t, n, between=None):
+    out = []
+    for i in range(n):
+        if between:
+            between(t, i)
+        loss, norm = t.train_step()
+        out.append((loss.item(), norm.item()))
+    return out
+
+
+def _weights(t):
+    return {k: v.numpy() for k, v in t.model.named_parameters()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dropout,accum", [(0.0, 1), (0.2, 1), (0.1, 2)], ids=["plain", "dropout", "accumulation"])
+def test_replayed_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, accum):
+    with using_backend(wgpu_backend):
+        eager = _trainer(False, dropout, accum)     # each trainer re-seeds lab's generator (dropout seeds)
+        losses = _steps(eager, 8)
+        replayed = _trainer(True, dropout, accum)
+        assert _steps(replayed, 8) == losses
+        assert _same(_weights(eager), _weights(replayed))
+        assert replayed.replay.replayed == 6 and replayed.replay.off is None   # two captures, then replays
+        assert eager.replay.replayed == 0
+        # the grads the parameters hold after a replay are that step's, as after an eager step
+        for p, q in zip(eager.optimizer.params, replayed.optimizer.params):
+            np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy())
+
+
+def test_run_with_evaluations_and_callbacks_equals_eager(wgpu_backend, tmp_path):
+    with using_backend(wgpu_backend):
+        runs = []
+        for replay in (False, True):
+            t = _trainer(replay, 0.1, eval_every=4, eval_batches=2, log_every=1, steps=13)
+            history = t.run(progress=False, log_evals=False)
+            runs.append(([(r["step"], r["loss"], r["val_loss"], r["grad_norm"]) for r in history], _weights(t), t))
+        assert runs[0][0] == runs[1][0]
+        assert _same(runs[0][1], runs[1][1])
+        assert runs[1][2].replay.replayed >= 7  # evaluations give the buffers back: one capture after each
+
+
+def _dropout_to(p):
+    def edit(t, i):
+        if i == 4:
+            for m in t.model.modules():
+                if type(m).__name__ == "Dropout":
+                    m.p = p
+    return edit
+
+
+def _patch_forward(t, i):
+    if i == 4:
+        mlp = t.model.h[1].mlp
+        forward = mlp.forward
+        object.__setattr__(mlp, "forward", lambda x: forward(x) * 0.5)
+
+
+@pytest.mark.parametrize("edit", [_dropout_to(0.3), _patch_forward], ids=["dropout-rate", "patched-forward"])
+def test_model_edits_between_steps_are_not_replayed_stale(wgpu_backend, edit):
+    with using_backend(wgpu_backend):
+        eager = _trainer(False, 0.1)
+        losses = _steps(eager, 9, edit)
+        replayed = _trainer(True, 0.1)
+        assert _steps(replayed, 9, edit) == losses
+        assert _same(_weights(eager), _weights(replayed))
+        assert replayed.replay.replayed >= 3
+
+
+def test_new_parameter_arrays_are_picked_up(wgpu_backend, tmp_path):
+    """Loading weights replaces the parameters' arrays: the capture bound the old ones and must not be replayed."""
+    with using_backend(wgpu_backend):
+        donor = _trainer(False, seed=5)
+        _steps(donor, 3)
+        donor.model.save_pretrained(tmp_path / "donor")
+        saved = TransformerLM.from_pretrained(tmp_path / "donor")
+
+        def load(t, i):
+            if i == 4:
+                for (_, p), (_, q) in zip(t.model.named_parameters(), saved.named_parameters()):
+                    p.data = p.backend.from_numpy(q.numpy())
+        eager = _trainer(False)
+        losses = _steps(eager, 8, load)
+        replayed = _trainer(True)
+        assert _steps(replayed, 8, load) == losses
+        assert _same(_weights(eager), _weights(replayed))
+
+
+def test_profiling_runs_the_step_eagerly(wgpu_backend):
+    with using_backend(wgpu_backend):
+        t = _trainer(True)
+        _steps(t, 3)
+        assert t.replay.ready is not None
+        with lab.profile() as prof:
+            t.train_step()
+        assert any(name.startswith("matmul") for name, _, _ in prof.records)
+        assert t.replay.replayed == 1
+
+
+def test_buffers_come_back_when_the_trainer_goes(wgpu_backend):
+    import gc
+    with using_backend(wgpu_backend):
+        wgpu_backend.sync()
+        gc.collect()
+        before = wgpu_backend.stats()["bytes_in_use"]
+        t = _trainer(True)
+        _steps(t, 4)
+        assert t.replay.ready is not None and wgpu_backend._held
+        del t
+        gc.collect()
+        assert wgpu_backend.stats()["bytes_in_use"] == before
+        assert not wgpu_backend._reserved
+
+
+def test_a_capture_that_reads_back_cannot_be_replayed(wgpu_backend):
+    x = wgpu_backend.from_numpy(np.ones(8, np.float32))
+    wgpu_backend.capture_begin()
+    y = wgpu_backend.scalar("mul", x, 2.0)
+    wgpu_backend.to_numpy(y)
+    capture = wgpu_backend.capture_end()
+    assert capture.broken and "reads a value back" in capture.broken
+    with pytest.raises(RuntimeError, match="cannot be replayed"):
+        wgpu_backend.replay(capture, {})
+    wgpu_backend.release_capture(capture)
+
+
+def test_difference_names_a_changed_param(wgpu_backend):
+    x = wgpu_backend.from_numpy(np.ones(8, np.float32))
+    captures = []
+    for c in (2.0, 3.0):
+        wgpu_backend.capture_begin()
+        wgpu_backend.scalar("mul", x, c)
+        captures.append(wgpu_backend.capture_end())
+    assert "params of dispatch 0" in captures[0].difference(captures[1], {})
+    assert captures[0].difference(captures[0], {}) is None
+    for c in captures:
+        wgpu_backend.release_capture(c)
+
+
+def test_numpy_backend_has_no_replay(numpy_backend):
+    with using_backend(numpy_backend):
+        t = _trainer(True)
+        _steps(t, 3)
+        assert t.replay is None
