@@ -143,19 +143,21 @@ def test_matmul_entry_points_match_numpy(wgpu_backend, numpy_backend, monkeypatc
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("batch_a,batch_b,K", [(1, 1, 48), (2, 2, 32), (3, 1, 16), (1, 1, 2064)],
                          ids=["single", "batched", "broadcast", "split-k"])
-def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b, K):
-    """Whole-tile shapes take the unchecked vec4 kernel (matmul_aligned.wgsl; a transposed B is transposed into
-    place first); a long K also splits."""
+@pytest.mark.parametrize("M,N", [(128, 64), (192, 128)], ids=["128-row-tiles", "64-row-tiles"])
+def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b, K, M, N):
+    """Whole-tile shapes take the unchecked vec4 kernels (matmul_aligned.wgsl; a transposed B is transposed into
+    place first): 128-row tiles where M allows, else 64; a long K also splits; a bias is added as tiles are stored."""
     import lab
     rng = np.random.default_rng(7)
-    M, N = 128, 64
     a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
     b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
     up = wgpu_backend.from_numpy
     with lab.profile(wgpu_backend) as prof:
-        got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b))
-    assert any(r["name"].endswith(" aligned") for r in prof.by_kernel(detail=True))
-    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b), rtol=1e-4, atol=2e-3)
+        got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias)))
+    entry = ("t" if trans_a else "n") + "n" + ("128" if M % 128 == 0 else "")
+    assert any(name == f"matmul_aligned:{entry}" for name, _, _ in prof.records), [n for n, _, _ in prof.records]
+    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
 
 
 @pytest.mark.parametrize("n", [7, 384, 1500], ids=["short", "model", "long"])

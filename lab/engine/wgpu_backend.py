@@ -719,7 +719,10 @@ class WgpuBackend(Backend):
             # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here); a bias is added
             # as the tile is stored, unless split-K partial products are summed afterwards
             fused = bias is not None and S == 1
-            self._dispatch("matmul_aligned", layout, params + [int(fused)], [a, b, out, bias if fused else None],
+            entry = layout
+            if M % 128 == 0:  # 128-row tiles (8 x 4 outputs per thread)
+                entry, grid = layout + "128", (grid[0], M // 128, grid[2])
+            self._dispatch("matmul_aligned", entry, params + [int(fused)], [a, b, out, bias if fused else None],
                            grid, out.size, label=label + " aligned" + (" +bias" if fused else ""))
             if fused:
                 return out
