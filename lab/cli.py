@@ -20,7 +20,8 @@ def _train(args):
     mcfg: TransformerConfig = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
     model = TransformerLM(mcfg)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-                       warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0)
+                       warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0,
+                       replay_steps=not args.no_replay)
     print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
           f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
           f"{len(train_ids) + len(val_ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
@@ -153,6 +154,8 @@ def main(argv=None):
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
+    t.add_argument("--no-replay", action="store_true",
+                   help="wgpu: run every step through Python instead of replaying a captured step")
     t.add_argument("--backend", help=backend_help)
     t.add_argument("--out", help="directory to save the trained checkpoint in")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
