@@ -10,8 +10,8 @@
 // into registers were no faster there).
 // (A B-transposed entry with both tiles along k and 4-wide dot products measured 6.9 TFLOP/s on the H200 against
 // 17.6 for matmul.wgsl's main_rows, so transposed B stays there.)
-// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias] (strides in floats),
-// @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row as the
+// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias, triangle] (strides in
+// floats), @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row as the
 // tile is stored (a Linear layer's bias, without a pass of its own). Dispatch: (N / 64, M / 64, batch * S).
 
 const TN: u32 = 64u;
@@ -28,11 +28,21 @@ var<workgroup> Tb: array<vec4<f32>, 256>;
 
 struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_end: u32, m0: u32, n0: u32 }
 
+// Causal attention's products skip the work a triangle makes zero (triangle, P[9]; square products, tiles of
+// whole TK steps): 1, only C's lower triangle is wanted: tiles wholly above the diagonal are stored as zeros;
+// 2, A (M, K) is lower triangular: row m sums k <= m only; 3, A stored (K, M) is lower triangular: column m of
+// it (row m of the product) sums k >= m only.
 fn tile(wid: vec3<u32>, tm: u32) -> Tile {
     let batch = wid.z % P[6];
-    let k_begin = (wid.z / P[6]) * P[7];
-    return Tile(P[0], P[1], P[2], batch * P[3] / 4u, batch * P[4] / 4u, wid.z * P[5] / 4u, k_begin,
-                min(P[2], k_begin + P[7]), wid.y * tm, wid.x * TN);
+    let m0 = wid.y * tm;
+    let n0 = wid.x * TN;
+    var k_begin = (wid.z / P[6]) * P[7];
+    var k_end = min(P[2], k_begin + P[7]);
+    let triangle = P[9];
+    if (triangle == 1u && n0 >= m0 + tm) { k_end = k_begin; }
+    if (triangle == 2u) { k_end = min(k_end, m0 + tm); }
+    if (triangle == 3u) { k_begin = max(k_begin, m0); }
+    return Tile(P[0], P[1], P[2], batch * P[3] / 4u, batch * P[4] / 4u, wid.z * P[5] / 4u, k_begin, k_end, m0, n0);
 }
 
 // The bias to add to columns n0 + 4 tx .. + 3 (zero without one).

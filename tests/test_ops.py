@@ -249,3 +249,27 @@ def test_numpy_adamw_matches_the_formula(numpy_backend):
     np.testing.assert_allclose(m, m2, rtol=1e-12)
     np.testing.assert_allclose(v, v2, rtol=1e-12)
     np.testing.assert_allclose(p, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("trans_a", [False, True], ids=["nn", "tn"])
+@pytest.mark.parametrize("T", [256, 192], ids=["128-row-tiles", "64-row-tiles"])
+def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, trans_a, T):
+    """Causal attention's products: with A lower triangular the skipped tiles are exactly the zero ones; with
+    triangle="out" the lower triangle is exact and the tiles above the diagonal come back as zeros."""
+    import lab
+    rng = np.random.default_rng(11)
+    lower = np.tril(rng.standard_normal((3, T, T))).astype(np.float32)
+    v = rng.standard_normal((3, T, 64)).astype(np.float32)
+    up = wgpu_backend.from_numpy
+    with lab.profile(wgpu_backend) as prof:
+        got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(lower), up(v), trans_a, False, triangle="a"))
+    assert any("a-triangle" in label for _, label, _ in prof.records)
+    np.testing.assert_allclose(got, numpy_backend.matmul(lower, v, trans_a), rtol=1e-4, atol=1e-3)
+    q, k = rng.standard_normal((2, 3, T, 64)).astype(np.float32)
+    s = wgpu_backend.to_numpy(wgpu_backend.matmul(up(q), up(k), False, True, triangle="out"))
+    full = numpy_backend.matmul(q, k, False, True)
+    keep = np.tril(np.ones((T, T), bool))
+    np.testing.assert_allclose(s[:, keep], full[:, keep], rtol=1e-4, atol=1e-3)
+    i, j = np.indices((T, T))
+    above = (j // 64) * 64 >= (i // (128 if T % 128 == 0 else 64) + 1) * (128 if T % 128 == 0 else 64)
+    assert above.any() and (s[:, above] == 0).all()

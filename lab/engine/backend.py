@@ -48,8 +48,10 @@ class Backend:
     def write_view(self, dst, offset, strides, src): raise NotImplementedError  # in place into dst
 
     # -- fused --
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None): raise NotImplementedError  # 3D, batch may
-    # broadcast; bias (N,) is added to every row of the product (fused where the kernel allows)
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None): raise NotImplementedError
+    # 3D, batch may broadcast; bias (N,) is added to every row of the product (fused where the kernel allows).
+    # triangle, a hint for causal attention's square products that a backend may ignore: "out", only the lower
+    # triangle of the product is used (the rest may come back as zeros); "a", A as stored is lower triangular
     def softmax(self, a, scale=1.0, causal=False): raise NotImplementedError
     def softmax_bwd(self, y, g, scale=1.0): raise NotImplementedError
     def log_softmax(self, a): raise NotImplementedError

@@ -201,7 +201,7 @@ class NumpyBackend(Backend):
         view[...] = src
 
     # -- fused --
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None):
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None):  # the hint is not used here
         a = a.swapaxes(-1, -2) if trans_a else a
         b = b.swapaxes(-1, -2) if trans_b else b
         out = np.matmul(a, b)

@@ -687,7 +687,7 @@ class WgpuBackend(Backend):
     MATMUL_ROWS = True     # row-major A staged along rows (matmul.wgsl main_rows)
     MATMUL_ALIGNED = True  # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
 
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None):
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None):
         ba, bb = a.shape[0], b.shape[0]
         M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
         N = b.shape[1] if trans_b else b.shape[2]
@@ -722,8 +722,14 @@ class WgpuBackend(Backend):
             entry = layout
             if M % 128 == 0:  # 128-row tiles (8 x 4 outputs per thread)
                 entry, grid = layout + "128", (grid[0], M // 128, grid[2])
-            self._dispatch("matmul_aligned", entry, params + [int(fused)], [a, b, out, bias if fused else None],
-                           grid, out.size, label=label + " aligned" + (" +bias" if fused else ""))
+            tri = 0
+            if triangle == "out" and M == N:
+                tri = 1
+            elif triangle == "a" and M == K:
+                tri = 3 if trans_a else 2
+            self._dispatch("matmul_aligned", entry, params + [int(fused), tri], [a, b, out, bias if fused else None],
+                           grid, out.size, label=label + " aligned" + (" +bias" if fused else "") + (
+                               f" {triangle}-triangle" if tri else ""))
             if fused:
                 return out
         else:
