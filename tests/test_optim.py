@@ -68,3 +68,41 @@ def test_clip_grad_norm_scales_to_the_global_norm(use_backend, max_norm):
     coef = min(1.0, max_norm / (total + 1e-6))
     for p, g in zip(ps, gs):
         np.testing.assert_allclose(p.grad.numpy(), g * coef, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("opt_cls", [AdamW, SGD])
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_step_with_max_norm_equals_clip_then_step(use_backend, opt_cls, max_norm):
+    """The trainer's path: grad_norm, then a step that clips inside the update's kernel. The same weights, and the
+    same (clipped) gradients left in .grad, as clip_grad_norm_ followed by a plain step."""
+    from lab.train import grad_norm
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal(s).astype(np.float32) for s in ((5, 7), (7,), (300,))]
+    grads = [rng.standard_normal(v.shape).astype(np.float32) for v in values]
+    results = []
+    for fused in (False, True):
+        params = [lab.tensor(v.copy(), requires_grad=True) for v in values]
+        opt = opt_cls(params, lr=0.1, weight_decay=0.01)
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = lab.tensor(g.copy())
+            if fused:
+                norm = grad_norm(params)
+                opt.step(guard=norm, max_norm=max_norm)
+            else:
+                norm = clip_grad_norm_(params, max_norm)
+                opt.step(guard=norm)
+        results.append(([p.numpy() for p in params], [p.grad.numpy() for p in params], norm.item()))
+    (w0, g0, n0), (w1, g1, n1) = results
+    assert n0 == pytest.approx(n1, rel=1e-6)
+    for a, b in zip(w0 + g0, w1 + g1):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    if max_norm < 1.0:  # the clip did something: the kept gradients have the clipped norm
+        assert np.sqrt(sum((g ** 2).sum() for g in g1)) == pytest.approx(max_norm, rel=1e-4)
+
+
+def test_step_with_max_norm_needs_the_norm(use_backend):
+    p = lab.tensor(np.ones(3, np.float32), requires_grad=True)
+    p.grad = lab.tensor(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="guard"):
+        AdamW([p]).step(max_norm=1.0)

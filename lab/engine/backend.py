@@ -67,9 +67,10 @@ class Backend:
     def lora_up_add(self, base, h, b, scale): raise NotImplementedError  # base + scale * h @ b^T, b (N, r)
 
     # -- optimizers (in place) --
-    # guard: a one-element array (the step's gradient norm); when it is not finite the update is skipped
-    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None): raise NotImplementedError
-    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None): raise NotImplementedError
+    # guard: a one-element array (the step's gradient norm); when it is not finite the update is skipped;
+    # max_norm > 0 first clips g in place to that global norm (as clip_ would), in the same pass
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None, max_norm=0.0): raise NotImplementedError
+    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None, max_norm=0.0): raise NotImplementedError
     def sumsq_into(self, a, out, slot): raise NotImplementedError   # out[slot] = sum(a * a)
     def clip_(self, g, normsq, max_norm): raise NotImplementedError
 

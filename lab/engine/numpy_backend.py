@@ -139,6 +139,14 @@ def _keep_freed_memory_for_reuse():
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def _clip_to(g, norm, max_norm):
+    """Scale g in place as clip_ does, given the global norm (the optimizers' fused clipping)."""
+    if max_norm > 0:
+        if norm is None:
+            raise ValueError("clipping to max_norm needs the gradient norm as guard")
+        g *= min(1.0, max_norm / (float(norm.reshape(-1)[0]) + 1e-6))
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     def __init__(self):
@@ -308,9 +316,10 @@ class NumpyBackend(Backend):
         return base + base.dtype.type(scale) * (h @ b.T)
 
     # -- optimizers (in place) --
-    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None):
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None, max_norm=0.0):
         if guard is not None and not np.isfinite(guard).all():
             return  # a non-finite gradient norm skips the update (as the wgpu kernel does)
+        _clip_to(g, guard, max_norm)
         f = p.dtype.type
         # p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), in place through one temporary
         p *= f(1 - lr * wd)
@@ -328,9 +337,10 @@ class NumpyBackend(Backend):
         t *= f(lr / (1 - b1 ** step))
         p -= t
 
-    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None):
+    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None, max_norm=0.0):
         if guard is not None and not np.isfinite(guard).all():
             return
+        _clip_to(g, guard, max_norm)
         d = g + wd * p
         buf *= momentum
         buf += d

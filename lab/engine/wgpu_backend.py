@@ -864,16 +864,22 @@ class WgpuBackend(Backend):
             return self._no_guard
         return guard
 
-    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None):
+    def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None, max_norm=0.0):
+        if max_norm > 0 and guard is None:
+            raise ValueError("adamw_: clipping to max_norm needs the gradient norm as guard")
+
         def params(lr, step):
-            return [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step)]
+            return [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step, max_norm)]
         if self._capture is not None:
             self._patch = lambda s: params(s["lr"], s["step"])
         self._flat("optim", "adamw_main", params(lr, step), [p, g, m, v, self._guard(guard)], p.size)
 
-    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None):
+    def sgd_(self, p, g, buf, lr, momentum, wd, guard=None, max_norm=0.0):
+        if max_norm > 0 and guard is None:
+            raise ValueError("sgd_: clipping to max_norm needs the gradient norm as guard")
+
         def params(lr):
-            return [p.size] + [_f32bits(x) for x in (lr, momentum, wd)]
+            return [p.size] + [_f32bits(x) for x in (lr, momentum, wd, max_norm)]
         if self._capture is not None:
             self._patch = lambda s: params(s["lr"])
         self._flat("optim", "sgd_main", params(lr), [p, g, buf, None, self._guard(guard)], p.size)

@@ -4,7 +4,7 @@ Memory follows what lab's engine really holds during a training step: parameters
 and every intermediate of the forward pass (the autograd graph keeps each op's output alive until backward
 reaches it), plus the logits and the backward's working set. Time is the matmul work at the profile's matmul
 rate, the activation floats at the profile's elementwise cost per float, the optimizer's traffic, and a fixed
-cost per op (35 + 92 ops per layer per step, counted on the engine). tests/test_plan.py checks both against
+cost per op (31 + 80 ops per layer per step, counted on the engine). tests/test_plan.py checks both against
 the engine's measured peak bytes and step times.
 """
 import math
@@ -143,12 +143,13 @@ def dropout_floats(c, b, T):
 
 
 def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
-    """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 35 + 92 per
-    layer, dropout 2 + 6 per layer more; LoRA adds about 4 per adapted layer and module and saves the 26 updates
-    of the frozen embeddings and final LayerNorm."""
-    ops = 35 + 92 * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
+    """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 31 + 80 per
+    layer (gradient clipping runs inside the optimizer's kernel), dropout 2 + 6 per layer more; LoRA adds 4 per
+    adapted module per layer ("c_proj" names two modules of a block) and saves 22 updates of frozen parameters."""
+    ops = 31 + 80 * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
     if lora_rank:
-        ops += c.n_layer * 4 * len(lora_targets) - 26
+        modules = sum(2 if t == "c_proj" else 1 for t in lora_targets)
+        ops += c.n_layer * 4 * modules - 22
     return ops
 
 

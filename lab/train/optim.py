@@ -56,16 +56,19 @@ class AdamW(Optimizer):
         self.m = [B.full(p.shape, 0.0) for p in self.params]
         self.v = [B.full(p.shape, 0.0) for p in self.params]
 
-    def step(self, lr=None, guard=None):
+    def step(self, lr=None, guard=None, max_norm=None):
         """One update. `guard`: a one-element tensor (the gradient norm); if it is NaN or Inf the update is skipped
-        on the device, leaving weights and moments as they were."""
+        on the device, leaving weights and moments as they were. With max_norm, the gradients are first clipped
+        (in place, as clip_grad_norm_ would) to that global norm, given as `guard`, inside the update's kernel."""
         lr = self.lr if lr is None else lr
         self.step_count += 1
         B = self.backend
         g = guard.data if guard is not None else None
+        clip = _max_norm(max_norm, guard)
         for p, m, v, wd in zip(self.params, self.m, self.v, self.decay):
             if p.grad is not None:
-                B.adamw_(p.data, p.grad.data, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count, guard=g)
+                B.adamw_(p.data, p.grad.data, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count, guard=g,
+                         max_norm=clip)
 
     def state_arrays(self):
         out = {}
@@ -82,29 +85,49 @@ class SGD(Optimizer):
         self.momentum = momentum
         self.buf = [self.backend.full(p.shape, 0.0) for p in self.params]
 
-    def step(self, lr=None, guard=None):
+    def step(self, lr=None, guard=None, max_norm=None):
         lr = self.lr if lr is None else lr
         self.step_count += 1
         g = guard.data if guard is not None else None
+        clip = _max_norm(max_norm, guard)
         for p, buf, wd in zip(self.params, self.buf, self.decay):
             if p.grad is not None:
-                self.backend.sgd_(p.data, p.grad.data, buf, lr, self.momentum, wd, guard=g)
+                self.backend.sgd_(p.data, p.grad.data, buf, lr, self.momentum, wd, guard=g, max_norm=clip)
 
     def state_arrays(self):
         return {f"buf.{i}": b for i, b in enumerate(self.buf)}
 
 
-def clip_grad_norm_(params, max_norm):
-    """Scale all gradients so their global L2 norm is at most max_norm. Returns the norm before clipping as a
-    one-element tensor on the device (reading it is a sync point; training reads it only when logging)."""
+def _max_norm(max_norm, guard):
+    if max_norm is None or max_norm <= 0:
+        return 0.0
+    if guard is None:
+        raise ValueError("step(max_norm=...) clips to the global gradient norm: pass it as guard (grad_norm(params))")
+    return float(max_norm)
+
+
+def _sumsq(params, what):
     params = [p for p in params if p.grad is not None]
     if not params:
-        raise ValueError("clip_grad_norm_: no parameter has a gradient")
+        raise ValueError(f"{what}: no parameter has a gradient")
     B = params[0].backend
     partial = B.full((len(params),), 0.0)
     for i, p in enumerate(params):
         B.sumsq_into(p.grad.data, partial, i)
-    normsq = B.reshape(B.reduce("sum", partial, 0), (1,))
+    return params, B, B.reshape(B.reduce("sum", partial, 0), (1,))
+
+
+def grad_norm(params):
+    """The global L2 norm of all gradients, a one-element tensor on the device (no readback)."""
+    _, B, normsq = _sumsq(params, "grad_norm")
+    return Tensor(B.unary("sqrt", normsq), B)
+
+
+def clip_grad_norm_(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most max_norm. Returns the norm before clipping as a
+    one-element tensor on the device (reading it is a sync point; training reads it only when logging).
+    (The trainer instead passes the norm and max_norm to the optimizer's step, which clips in its own kernel.)"""
+    params, B, normsq = _sumsq(params, "clip_grad_norm_")
     if max_norm is not None and max_norm > 0:
         for p in params:
             B.clip_(p.grad.data, normsq, max_norm)

@@ -17,7 +17,7 @@ from ..data import get_batch
 from ..engine.random import generator
 from ..engine.tensor import no_grad
 from .faults import NonFiniteError, first_nonfinite
-from .optim import AdamW, clip_grad_norm_
+from .optim import AdamW, grad_norm
 from .replay import Recorded, StepReplay, recording_seeds, upload_batches
 
 
@@ -210,9 +210,10 @@ class Trainer:
                 loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
-        norm = clip_grad_norm_(self.optimizer.params, cfg.grad_clip)
-        # a NaN/Inf norm skips the update on the device (no readback): the weights never take a bad step
-        self.optimizer.step(lr=lr, guard=norm)
+        norm = grad_norm(self.optimizer.params)
+        # clipping happens inside the update's kernel; a NaN/Inf norm skips the update on the device (no readback):
+        # the weights never take a bad step
+        self.optimizer.step(lr=lr, guard=norm, max_norm=cfg.grad_clip)
         return total, norm
 
     def check_finite(self, loss, norm):
