@@ -273,3 +273,10 @@ def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, tran
     i, j = np.indices((T, T))
     above = (j // 64) * 64 >= (i // (128 if T % 128 == 0 else 64) + 1) * (128 if T % 128 == 0 else 64)
     assert above.any() and (s[:, above] == 0).all()
+
+
+def test_f32bits_matches_numpy_including_out_of_range():
+    from lab.engine.wgpu_backend import _f32bits
+    for x in (0.1, 1e-3, -2.5, 3, float("inf"), -float("inf"), 1e39, -1e39, 3.4028235e38, 1e-45, 0.0, -0.0):
+        with np.errstate(over="ignore"):
+            assert _f32bits(x) == int(np.array([x], dtype=np.float32).view(np.uint32)[0]), x

@@ -44,8 +44,10 @@ def _same(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("dropout,accum", [(0.0, 1), (0.2, 1), (0.1, 2)], ids=["plain", "dropout", "accumulation"])
-def test_replayed_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, accum):
+@pytest.mark.parametrize("dropout,accum,native", [(0.0, 1, True), (0.2, 1, True), (0.1, 2, True), (0.2, 1, False)],
+                         ids=["plain", "dropout", "accumulation", "through-the-python-wrappers"])
+def test_replayed_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, accum, native, monkeypatch):
+    monkeypatch.setattr(wgpu_backend, "NATIVE_REPLAY", native)
     with using_backend(wgpu_backend):
         eager = _trainer(False, dropout, accum)     # each trainer re-seeds lab's generator (dropout seeds)
         losses = _steps(eager, 8)
