@@ -111,7 +111,9 @@ def test_profile_times_every_dispatch(wgpu_backend):
     np.testing.assert_allclose(y.numpy(), 3000.0)
     rows = prof.by_kernel(detail=True)
     assert any(r["name"].startswith("matmul NT 1x64x64x3000 split") for r in rows), rows
-    assert sum(r["calls"] for r in rows) == 2  # the split product and the sum of its slices
+    # the split product, then the sum of its slices (one or two passes)
+    assert sum(r["calls"] for r in rows if r["name"].startswith("matmul")) == 1
+    assert all(r["name"].startswith(("matmul", "reduce")) for r in rows) and len(rows) >= 2
     assert all(r["total_ms"] >= 0 for r in rows) and prof.total_ms > 0
     assert "matmul:main" in prof.table()
 
@@ -144,10 +146,13 @@ def test_matmul_entry_points_match_numpy(wgpu_backend, numpy_backend, monkeypatc
 @pytest.mark.parametrize("batch_a,batch_b,K", [(1, 1, 48), (2, 2, 32), (3, 1, 16), (1, 1, 2064)],
                          ids=["single", "batched", "broadcast", "split-k"])
 @pytest.mark.parametrize("M,N", [(128, 64), (192, 128)], ids=["128-row-tiles", "64-row-tiles"])
-def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b, K, M, N):
+def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b, K, M, N,
+                                      monkeypatch):
     """Whole-tile shapes take the unchecked vec4 kernels (matmul_aligned.wgsl; a transposed B is transposed into
-    place first): 128-row tiles where M allows, else 64; a long K also splits; a bias is added as tiles are stored."""
+    place first): 128-row tiles where M allows (and, on a GPU, the product is large), else 64; a long K also
+    splits; a bias is added as tiles are stored."""
     import lab
+    monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
     rng = np.random.default_rng(7)
     a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
     b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
@@ -253,10 +258,11 @@ def test_numpy_adamw_matches_the_formula(numpy_backend):
 
 @pytest.mark.parametrize("trans_a", [False, True], ids=["nn", "tn"])
 @pytest.mark.parametrize("T", [256, 192], ids=["128-row-tiles", "64-row-tiles"])
-def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, trans_a, T):
+def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, trans_a, T, monkeypatch):
     """Causal attention's products: with A lower triangular the skipped tiles are exactly the zero ones; with
     triangle="out" the lower triangle is exact and the tiles above the diagonal come back as zeros."""
     import lab
+    monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
     rng = np.random.default_rng(11)
     lower = np.tril(rng.standard_normal((3, T, T))).astype(np.float32)
     v = rng.standard_normal((3, T, 64)).astype(np.float32)

@@ -722,6 +722,7 @@ class WgpuBackend(Backend):
 
     # ------------------------------------------------------------------ fused
     SPLIT_K_TILES = 1024   # split K while the output has fewer tiles than this (enough to fill a large GPU)
+    ROW128_MIN_TILES = 256  # 128-row tiles only for products that make at least this many of them
     MATMUL_ROWS = True     # row-major A staged along rows (matmul.wgsl main_rows)
     MATMUL_ALIGNED = True  # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
 
@@ -736,8 +737,8 @@ class WgpuBackend(Backend):
             return out
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
         S = 1
-        if tiles < self.SPLIT_K_TILES and K >= 1024:
-            S = min(math.ceil(self.SPLIT_K_TILES / tiles), K // 256)
+        if tiles < self.SPLIT_K_TILES and K >= 256:  # chunks of at least 128 along K
+            S = min(math.ceil(self.SPLIT_K_TILES / tiles), K // 128)
         kc = math.ceil(math.ceil(K / S) / 16) * 16   # chunks of whole TK steps
         S = math.ceil(K / kc)
         out = self._alloc((S * batch, M, N), "float32")
@@ -758,7 +759,8 @@ class WgpuBackend(Backend):
             # as the tile is stored, unless split-K partial products are summed afterwards
             fused = bias is not None and S == 1
             entry = layout
-            if M % 128 == 0:  # 128-row tiles (8 x 4 outputs per thread)
+            if M % 128 == 0 and tiles * S >= 2 * self.ROW128_MIN_TILES:  # 128-row tiles (8 x 4 outputs per
+                # thread) where they still leave enough workgroups to fill the device
                 entry, grid = layout + "128", (grid[0], M // 128, grid[2])
             tri = 0
             if triangle == "out" and M == N:
