@@ -80,9 +80,21 @@ def pcg(x):
 
 
 def dropout_keep_mask(n, p, seed):
-    i = np.arange(n, dtype=np.uint32)
-    u = (pcg(i ^ pcg(np.array([seed], dtype=np.uint32)))[...] >> np.uint32(8)).astype(np.float32)
-    return u * np.float32(1.0 / 16777216.0) >= np.float32(p)
+    """keep[i] = u_i >= p, u_i = (pcg(i ^ pcg(seed)) >> 8) / 2^24: dropout.wgsl's mask, bit for bit. Computed in
+    place; u_i >= p is compared as integers: (h >> 8) >= ceil(float32(p) 2^24), exact since h >> 8 < 2^24."""
+    h = np.arange(n, dtype=np.uint32)
+    h ^= pcg(np.array([seed], dtype=np.uint32))[0]
+    h *= np.uint32(747796405)                      # pcg(h), as pcg() computes it
+    h += np.uint32(2891336453)
+    w = h >> np.uint32(28)
+    w += np.uint32(4)
+    np.right_shift(h, w, out=w)
+    w ^= h
+    w *= np.uint32(277803737)
+    np.right_shift(w, np.uint32(22), out=h)
+    h ^= w
+    h >>= np.uint32(8)
+    return h >= np.uint32(math.ceil(float(np.float32(p)) * 16777216.0))
 
 
 UNARY = {
