@@ -159,7 +159,8 @@ class Trainer:
     def train_step(self):
         """One optimizer step (over grad_accum_steps micro-batches). Returns the mean loss and the gradient norm
         before clipping, as tensors still on the device. A Ctrl-C (KeyboardInterrupt) arriving during the step
-        takes effect after it, so a step is never left half done."""
+        takes effect after it, so a step is never left half done. On wgpu, steps after the first two are
+        replays of a captured step when nothing they depend on changed (TrainConfig.replay_steps, replay.py)."""
         # numpy's overflow/invalid warnings would repeat what check_finite reports, once per op
         with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self._train_step()
