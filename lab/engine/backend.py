@@ -39,6 +39,7 @@ class Backend:
 
     # -- elementwise --
     def unary(self, op, a): raise NotImplementedError               # neg exp log sqrt tanh relu gelu
+    # optional: gelu_and_grad(x) -> (gelu(x), gelu'(x)), where keeping the derivative beats recomputing it
     def scalar(self, op, a, c): raise NotImplementedError           # add mul rsub rdiv pow
     def binary(self, op, a, b): raise NotImplementedError           # add sub mul div maximum eq *_bwd, broadcasting
 

@@ -126,6 +126,28 @@ def _gelu_bwd(x, g):
     return d
 
 
+def _gelu_and_grad(x):
+    """gelu(x) and gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) u' together, while x is still in the cache from the
+    product that made it: the backward is then one multiply, where recomputing t from a long-evicted x cost twice
+    the forward's time."""
+    f = x.dtype.type
+    t = _gelu_tanh(x)
+    y = t + f(1)
+    y *= x
+    y *= f(0.5)
+    xdu = x * x                           # 0.5 x u'
+    xdu *= f(0.5 * 3 * SQRT_2_OVER_PI * GELU_C)
+    xdu += f(0.5 * SQRT_2_OVER_PI)
+    xdu *= x
+    d = t * t
+    np.subtract(f(1), d, out=d)
+    d *= xdu
+    t *= f(0.5)
+    t += f(0.5)
+    d += t
+    return y, d
+
+
 BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "maximum": np.maximum,
     "eq": lambda a, b: (a == b).astype(np.result_type(a, b)),
@@ -193,6 +215,10 @@ class NumpyBackend(Backend):
     def scalar(self, op, a, c):
         with np.errstate(all="ignore"):
             return SCALAR[op](a, a.dtype.type(c)).astype(a.dtype, copy=False)
+
+    def gelu_and_grad(self, x):
+        with np.errstate(all="ignore"):
+            return _gelu_and_grad(x)
 
     def binary(self, op, a, b):
         with np.errstate(all="ignore"):

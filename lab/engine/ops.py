@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 
 from .backend import contiguous_strides
-from .tensor import Tensor, tensor
+from .tensor import Tensor, is_grad_enabled, tensor
 from . import random as _random
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -168,8 +168,12 @@ def relu(a):
 
 
 def gelu(a):
-    """GELU, tanh approximation (GPT-2)."""
+    """GELU, tanh approximation (GPT-2). A backend with gelu_and_grad (numpy) computes the derivative in the
+    forward when a gradient will be needed; the others recompute it from the input in the backward."""
     B = a.backend
+    if a.requires_grad and is_grad_enabled() and hasattr(B, "gelu_and_grad"):
+        out, slope = B.gelu_and_grad(a.data)
+        return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, slope),))
     return Tensor._make(B.unary("gelu", a.data), B, (a,), lambda g: (B.binary("gelu_bwd", a.data, g),))
 
 # ---------------------------------------------------------------------------------------------------- reductions
