@@ -7,9 +7,9 @@ params, once the learning rate, the AdamW step count and the dropout seeds are p
 except the batches), later steps are replays: the new batches are written into the captured input buffers and
 the captured dispatches are recorded again with patched params, the same arithmetic in the same order as an
 eager step. A change the replay cannot follow (new parameter or optimizer arrays after loading a checkpoint,
-another batch size or clipping, lab.profile()) sends the step back to eager and, once settled, to a new capture.
-What no check can see is a change to the model's Python code or module settings (a patched forward, another
-dropout rate): Trainer.run starts every run with new captures, and within a run the model must stay as it is
+another batch size or clipping, a module's settings such as a dropout rate, LoRA's switches or a forward patched
+onto an instance, lab.profile()) sends the step back to eager and, once settled, to a new capture. What no check
+can see is a model class's code edited during a run: Trainer.run starts every run with new captures
 (TrainConfig(replay_steps=False) turns replay off).
 """
 import numpy as np
