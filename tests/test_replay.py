@@ -175,3 +175,13 @@ def test_numpy_backend_has_no_replay(numpy_backend):
         t = _trainer(True)
         _steps(t, 3)
         assert t.replay is None
+
+
+def test_turning_replay_off_gives_the_buffers_back(wgpu_backend):
+    with using_backend(wgpu_backend):
+        t = _trainer(True)
+        _steps(t, 3)
+        assert t.replay.ready is not None
+        t.cfg.replay_steps = False
+        _steps(t, 1)
+        assert t.replay.ready is None and t.replay.replayed == 1

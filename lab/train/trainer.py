@@ -173,6 +173,8 @@ class Trainer:
                               for _ in range(cfg.grad_accum_steps)]
         lr = cosine_lr(self.step_num, cfg)
         replay = self.replay if cfg.replay_steps else None
+        if replay is None and self.replay is not None:
+            self.replay.suspend()  # replay turned off: its held buffers go back to the pool
         if replay is not None and replay.use_replay(self):
             for x, _ in self._last_batches:
                 _check_tokens(x, model.config.vocab_size)
