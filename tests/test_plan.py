@@ -157,3 +157,15 @@ def test_op_count_matches_the_engine(wgpu_backend, dropout, lora_rank):
             t.train_step()
             lab.sync()
         assert wgpu_backend.stats()["dispatches"] - before == plan.estimator.op_count(cfg, lora_rank), (n_layer, dropout)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "shakespeare-char", "gpt2-small"])
+def test_h200_profile_predicts_the_recorded_h200_steps(preset):
+    """The spec-derived H200 profile against the training steps measured on an H200 (benchmarks/, recorded with
+    `python -m lab bench train`): within 35%, as the measured profiles are tested on this machine."""
+    import json
+    from pathlib import Path
+    record = json.loads((Path(__file__).parent.parent / "benchmarks" / f"train-{preset}-wgpu-h200.json").read_text())
+    vocab = 50257 if preset == "gpt2-small" else 73
+    predicted = plan.estimate(preset, batch=record["batch_size"], device="h200", vocab_size=vocab).step_time_s
+    assert abs(predicted / (record["lab_ms_per_step"] / 1e3) - 1) < 0.35, (predicted, record["lab_ms_per_step"])
