@@ -175,32 +175,37 @@ class Trainer:
         replay = self.replay if cfg.replay_steps else None
         if replay is None and self.replay is not None:
             self.replay.suspend()  # replay turned off: its held buffers go back to the pool
-        if replay is not None and replay.use_replay(self):
+        replaying = replay is not None and replay.use_replay(self)
+        capturing = not replaying and replay is not None and replay.want_capture(self)
+        if replaying or capturing:  # the batches go to the device as int32 tensors, past the embedding's check
             for x, _ in self._last_batches:
                 _check_tokens(x, model.config.vocab_size)
+        if replaying:
             self.optimizer.step_count += 1
             loss, norm = replay.replay_step(self, self._last_batches, lr, self.optimizer.step_count)
-        elif replay is not None and replay.want_capture(self):
-            B = self.optimizer.backend
-            for x, _ in self._last_batches:
-                _check_tokens(x, model.config.vocab_size)
-            inputs = upload_batches(self._last_batches, B)
-            B.capture_begin()
-            try:
-                with recording_seeds() as seeds:
-                    loss, norm = self._eager_step(inputs, lr)
-            except BaseException:
-                B.release_capture(B.capture_end())
-                raise
-            capture = B.capture_end()
-            replay.captured(self, Recorded(capture, inputs, seeds, lr, self.optimizer.step_count, loss.data,
-                                           norm.data, [p.grad.data if p.grad is not None else None
-                                                       for p in self.optimizer.params]))
+        elif capturing:
+            loss, norm = self._captured_step(replay, lr)
         else:
             loss, norm = self._eager_step(self._last_batches, lr)
         self.step_num += 1
         # one submit per step, without waiting: the device starts on this step while the host records the next
         self.optimizer.backend.sync()
+        return loss, norm
+
+    def _captured_step(self, replay, lr):
+        """An eager step recorded by the backend, handed to the replay state (which may replay it later)."""
+        B = self.optimizer.backend
+        inputs = upload_batches(self._last_batches, B)
+        B.capture_begin()
+        try:
+            with recording_seeds() as seeds:
+                loss, norm = self._eager_step(inputs, lr)
+        except BaseException:
+            B.release_capture(B.capture_end())
+            raise
+        grads = [p.grad.data if p.grad is not None else None for p in self.optimizer.params]
+        replay.captured(self, Recorded(B.capture_end(), inputs, seeds, lr, self.optimizer.step_count, loss.data,
+                                       norm.data, grads))
         return loss, norm
 
     def _eager_step(self, batches, lr):
