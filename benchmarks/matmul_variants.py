@@ -1,6 +1,8 @@
 """Time the aligned matmul kernels' tilings against each other on the model's shapes (64 x 64 tiles of 4 x 4 per
-thread: nn, tn; 128 x 64 tiles of 8 x 4: nn128, tn128): rounds that alternate the variants (the device's clocks
-drift), the best round's median per variant. Usage: python benchmarks/matmul_variants.py (on a GPU machine)."""
+thread: nn, tn; 128 x 64 tiles of 8 x 4: nn128, tn128; 128 x 128 tiles of 8 x 8: nn_wide, tn_wide), and the
+128 x 64 ones compiled with naga's runtime checks ("(checked)"): rounds that alternate the variants (the
+device's clocks drift), the best round's median per variant. Usage: python benchmarks/matmul_variants.py (on a
+GPU machine)."""
 import os
 import statistics
 
@@ -16,11 +18,25 @@ CASES = [("4096 nn", "nn", 4096, 4096, 4096, 1), ("fc fwd", "nn", 16384, 1536, 3
          ("4096 tn", "tn", 4096, 4096, 4096, 1), ("fc gw", "tn", 384, 1536, 16384, 8),
          ("proj gw", "tn", 1536, 384, 16384, 8), ("qkv gw", "tn", 384, 1152, 16384, 10),
          ("gpt2 fc", "nn", 8192, 3072, 768, 1), ("gpt2 head", "nn", 8192, 50304, 768, 1),
-         ("gpt2 fc gw", "tn", 768, 3072, 8192, 2)]
+         ("gpt2 fc gw", "tn", 768, 3072, 8192, 2), ("fc gw", "tn", 384, 1536, 16384, 32),
+         ("qkv gw", "tn", 384, 1152, 16384, 32), ("gpt2 fc gw", "tn", 768, 3072, 8192, 8)]
 if os.environ.get("SMALL"):
     CASES = [("small nn", "nn", 256, 128, 64, 1), ("small tn", "tn", 256, 128, 64, 2)]
-VARIANTS = {"nn": [("matmul_aligned", "nn", 64, 64), ("matmul_aligned", "nn128", 128, 64)],
-            "tn": [("matmul_aligned", "tn", 64, 64), ("matmul_aligned", "tn128", 128, 64)]}
+# (kernel, entry, tile rows, tile columns, compiled with naga's runtime checks)
+VARIANTS = {"nn": [("matmul_aligned", "nn128", 128, 64, True), ("matmul_aligned", "nn", 64, 64, False),
+                   ("matmul_aligned", "nn128", 128, 64, False), ("matmul_aligned", "nn_wide", 128, 128, False)],
+            "tn": [("matmul_aligned", "tn128", 128, 64, True), ("matmul_aligned", "tn", 64, 64, False),
+                   ("matmul_aligned", "tn128", 128, 64, False), ("matmul_aligned", "tn_wide", 128, 128, False)]}
+CHECKED = (("CHECKED", "1"),)  # a substitution no source uses: a pipeline of its own, built with the checks
+
+
+def dispatch(kernel, entry, params, binds, grid, size, checked):
+    B.SHADER_CHECKS = checked
+    try:
+        B._dispatch(kernel, entry, params, binds, grid, size, subs=CHECKED if checked else ())
+    finally:
+        del B.SHADER_CHECKS
+
 for name, layout, M, N, K, S in CASES:
     a_np = rng.standard_normal((M, K) if layout == "nn" else (K, M)).astype(np.float32)
     b_np = rng.standard_normal((K, N)).astype(np.float32)
@@ -29,23 +45,24 @@ for name, layout, M, N, K, S in CASES:
     kc = -(-K // S // 16) * 16 if S > 1 else K
     S = -(-K // kc)
     runs = []
-    for kernel, entry, tm, tn in VARIANTS[layout]:
+    for kernel, entry, tm, tn, checked in VARIANTS[layout]:
         if M % tm or N % tn:
             continue
         out = B.empty((S, M, N))
-        params = [M, N, K, 0, 0, M * N, 1, kc, 0]
+        params = [M, N, K, 0, 0, M * N, 1, kc, 0, 0]
         grid = (N // tn, M // tm, S)
-        B._dispatch(kernel, entry, params, [a, b, out, None], grid, out.size)
+        dispatch(kernel, entry, params, [a, b, out, None], grid, out.size, checked)
         got = B.to_numpy(out).sum(0)[:8]
         err = np.abs(got - rows).max() / np.abs(rows).max()
-        runs.append((entry, kernel, params, [a, b, out, None], grid, out.size, err, []))
+        tag = entry + ("(checked)" if checked else "")
+        runs.append((tag, kernel, entry, params, [a, b, out, None], grid, out.size, checked, err, []))
     for _ in range(int(os.environ.get("ROUNDS", 6))):
-        for entry, kernel, params, binds, grid, size, err, times in runs:
+        for tag, kernel, entry, params, binds, grid, size, checked, err, times in runs:
             with lab.profile(B) as prof:
                 for _ in range(8):
-                    B._dispatch(kernel, entry, params, binds, grid, size)
+                    dispatch(kernel, entry, params, binds, grid, size, checked)
             times.append(statistics.median(t for _, _, t in prof.records))
     line = f"{name:10s} {M}x{N}x{K} split {S}:"
-    for entry, kernel, params, binds, grid, size, err, times in runs:
-        line += f"  {entry} {2 * M * N * K / min(times) / 1e3:5.1f} TF/s" + (f" (ERR {err:.0e})" if err > 1e-4 else "")
-    print(line, flush=True)
+    for tag, kernel, entry, params, binds, grid, size, checked, err, times in runs:
+        line += f"  {tag} {2 * M * N * K / min(times) / 1e3:5.1f}" + (f" (ERR {err:.0e})" if err > 1e-4 else "")
+    print(line + " TF/s", flush=True)

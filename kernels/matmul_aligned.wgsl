@@ -6,8 +6,10 @@
 //   tn: A (K, M) rows along m, B (K, N).               As[k][m / 4], Bs[k][n / 4]; outer products.
 // nn, tn: 64 x 64 tiles, 4 x 4 outputs per thread. nn128, tn128 (M a multiple of 128): 128 x 64 tiles, 8 x 4
 // outputs per thread: half the shared-memory reads of B per multiply-add, 8-17% faster on the H200 on every
-// model shape measured (benchmarks/matmul_variants.py; 128 x 128 tiles of 8 x 8 and prefetching the next tile
-// into registers were no faster there).
+// model shape measured. nn_wide, tn_wide (M and N multiples of 128, at the end of this file): 128 x 128 tiles,
+// 8 x 8 per thread, for products with enough tiles (benchmarks/matmul_variants.py; prefetching the next tile
+// into registers was no faster there). The backend compiles these without naga's index clamps, which is what
+// made the 8 x 8 tiles pay (they ran slower than 8 x 4 with the clamps).
 // (A B-transposed entry with both tiles along k and 4-wide dot products measured 6.9 TFLOP/s on the H200 against
 // 17.6 for matmul.wgsl's main_rows, so transposed B stays there.)
 // Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias, triangle] (strides in
@@ -33,9 +35,13 @@ struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_en
 // 2, A (M, K) is lower triangular: row m sums k <= m only; 3, A stored (K, M) is lower triangular: column m of
 // it (row m of the product) sums k >= m only.
 fn tile(wid: vec3<u32>, tm: u32) -> Tile {
+    return tile_of(wid, tm, TN);
+}
+
+fn tile_of(wid: vec3<u32>, tm: u32, tn: u32) -> Tile {
     let batch = wid.z % P[6];
     let m0 = wid.y * tm;
-    let n0 = wid.x * TN;
+    let n0 = wid.x * tn;
     var k_begin = (wid.z / P[6]) * P[7];
     var k_end = min(P[2], k_begin + P[7]);
     let triangle = P[9];
@@ -235,4 +241,110 @@ fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     put(t, row + 5u, tx, c5 + b);
     put(t, row + 6u, tx, c6 + b);
     put(t, row + 7u, tx, c7 + b);
+}
+
+// 128 x 128 tiles, 8 x 8 outputs per thread, TK = 8 (nn_wide, tn_wide; M and N multiples of 128): a quarter of
+// the shared-memory reads per multiply-add of the 64 x 64 tiles, for products with enough tiles to fill the
+// device (36.0 against 32.1 TFLOP/s at 4096 on the H200 for nn, 41.6 against 37.2 for tn). A thread's rows are
+// 4 ty .. + 3 and 64 + 4 ty .. + 3, its columns 4 tx .. + 3 and 64 + 4 tx .. + 3 (wide_row): the two halves keep
+// a warp's shared-memory reads on distinct banks. acc[2 i], acc[2 i + 1]: row i's two column vec4s (the loops
+// over i have constant bounds: the compiler unrolls them and keeps acc in registers).
+const TKW: u32 = 8u;
+var<private> acc: array<vec4<f32>, 16>;
+
+fn wide_row(ty: u32, i: u32) -> u32 {
+    return select(4u * ty + i, 60u + 4u * ty + i, i >= 4u);
+}
+
+fn wide_store(t: Tile, tx: u32, ty: u32) {
+    var b0 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    if (P[8] != 0u) {
+        b0 = BIAS[t.n0 / 4u + tx];
+        b1 = BIAS[t.n0 / 4u + 16u + tx];
+    }
+    for (var i = 0u; i < 8u; i++) {
+        let row = t.m0 + wide_row(ty, i);
+        put(t, row, tx, acc[2u * i] + b0);
+        put(t, row, tx + 16u, acc[2u * i + 1u] + b1);
+    }
+}
+
+// A (M, K): A's tile is 128 rows x 2 vec4 along k (Ta[m * 2 + q]); B's is 8 k x 32 vec4 (Tb[k * 32 + j]).
+@compute @workgroup_size(256)
+fn nn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(wid, 128u, 128u);
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let k4 = t.K / 4u;
+    let n4 = t.N / 4u;
+    let ia = t.a + (t.m0 + lid / 2u) * k4 + lid % 2u;
+    let ib = t.b + (lid / 32u) * n4 + t.n0 / 4u + lid % 32u;
+    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TKW) {
+        Ta[lid] = A[ia + k0 / 4u];
+        Tb[lid] = B[ib + k0 * n4];
+        workgroupBarrier();
+        for (var q = 0u; q < 2u; q++) {
+            let k = 4u * q;
+            let b00 = Tb[k * 32u + tx];
+            let b01 = Tb[k * 32u + 16u + tx];
+            let b10 = Tb[(k + 1u) * 32u + tx];
+            let b11 = Tb[(k + 1u) * 32u + 16u + tx];
+            let b20 = Tb[(k + 2u) * 32u + tx];
+            let b21 = Tb[(k + 2u) * 32u + 16u + tx];
+            let b30 = Tb[(k + 3u) * 32u + tx];
+            let b31 = Tb[(k + 3u) * 32u + 16u + tx];
+            for (var i = 0u; i < 8u; i++) {
+                let a = Ta[wide_row(ty, i) * 2u + q];
+                acc[2u * i] += a.x * b00 + a.y * b10 + a.z * b20 + a.w * b30;
+                acc[2u * i + 1u] += a.x * b01 + a.y * b11 + a.z * b21 + a.w * b31;
+            }
+        }
+        workgroupBarrier();
+    }
+    wide_store(t, tx, ty);
+}
+
+// A (K, M): A's tile is 8 k x 32 vec4 along m (Ta[k * 32 + i]), B's as in nn_wide; a thread's 8 rows are the
+// vec4s ty and 16 + ty of each k.
+@compute @workgroup_size(256)
+fn tn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(wid, 128u, 128u);
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let m4 = t.M / 4u;
+    let n4 = t.N / 4u;
+    let ia = t.a + (lid / 32u) * m4 + t.m0 / 4u + lid % 32u;
+    let ib = t.b + (lid / 32u) * n4 + t.n0 / 4u + lid % 32u;
+    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TKW) {
+        Ta[lid] = A[ia + k0 * m4];
+        Tb[lid] = B[ib + k0 * n4];
+        workgroupBarrier();
+        for (var k = 0u; k < TKW; k++) {
+            let lo = Ta[k * 32u + ty];
+            let hi = Ta[k * 32u + 16u + ty];
+            let b0 = Tb[k * 32u + tx];
+            let b1 = Tb[k * 32u + 16u + tx];
+            acc[0] += lo.x * b0;
+            acc[1] += lo.x * b1;
+            acc[2] += lo.y * b0;
+            acc[3] += lo.y * b1;
+            acc[4] += lo.z * b0;
+            acc[5] += lo.z * b1;
+            acc[6] += lo.w * b0;
+            acc[7] += lo.w * b1;
+            acc[8] += hi.x * b0;
+            acc[9] += hi.x * b1;
+            acc[10] += hi.y * b0;
+            acc[11] += hi.y * b1;
+            acc[12] += hi.z * b0;
+            acc[13] += hi.z * b1;
+            acc[14] += hi.w * b0;
+            acc[15] += hi.w * b1;
+        }
+        workgroupBarrier();
+    }
+    wide_store(t, tx, ty);
 }

@@ -103,6 +103,20 @@ def test_split_k_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
 
 
+def test_kernels_compile_without_runtime_checks_unless_asked(wgpu_backend, monkeypatch):
+    """The kernels are compiled through wgpu-native's trusted entry point (naga's index clamps and loop counters
+    cost the matmuls 15-25% on the H200); a wgpu that stops exposing it would silently lose that, so the entry
+    point must be there. LAB_SHADER_CHECKS=1 (SHADER_CHECKS) compiles them with the checks."""
+    from lab.engine.kernels import source
+    made = []
+    trusted = wgpu_backend._trusted_module
+    monkeypatch.setattr(wgpu_backend, "_trusted_module", lambda *a: made.append(a[1]) or trusted(*a))
+    assert wgpu_backend._shader_module(source("copy"), "copy") is not None and made == ["copy"]
+    assert trusted(source("copy"), "copy").__class__.__name__ == "GPUShaderModule"
+    monkeypatch.setattr(wgpu_backend, "SHADER_CHECKS", True)
+    assert wgpu_backend._shader_module(source("copy"), "copy") is not None and made == ["copy"]
+
+
 def test_profile_times_every_dispatch(wgpu_backend):
     import lab
     x = lab.tensor(np.ones((64, 3000), np.float32), backend=wgpu_backend)
@@ -145,14 +159,16 @@ def test_matmul_entry_points_match_numpy(wgpu_backend, numpy_backend, monkeypatc
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("batch_a,batch_b,K", [(1, 1, 48), (2, 2, 32), (3, 1, 16), (1, 1, 2064)],
                          ids=["single", "batched", "broadcast", "split-k"])
-@pytest.mark.parametrize("M,N", [(128, 64), (192, 128)], ids=["128-row-tiles", "64-row-tiles"])
+@pytest.mark.parametrize("M,N,tiles", [(256, 128, "_wide"), (128, 64, "128"), (192, 128, "")],
+                         ids=["128x128-tiles", "128-row-tiles", "64-row-tiles"])
 def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b, K, M, N,
-                                      monkeypatch):
+                                      tiles, monkeypatch):
     """Whole-tile shapes take the unchecked vec4 kernels (matmul_aligned.wgsl; a transposed B is transposed into
-    place first): 128-row tiles where M allows (and, on a GPU, the product is large), else 64; a long K also
-    splits; a bias is added as tiles are stored."""
+    place first): 128 x 128 or 128-row tiles where M and N allow (and, on a GPU, the product is large), else 64;
+    a long K also splits; a bias is added as tiles are stored."""
     import lab
     monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
+    monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if tiles == "_wide" else 1 << 30)
     rng = np.random.default_rng(7)
     a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
     b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
@@ -160,7 +176,7 @@ def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     up = wgpu_backend.from_numpy
     with lab.profile(wgpu_backend) as prof:
         got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias)))
-    entry = ("t" if trans_a else "n") + "n" + ("128" if M % 128 == 0 else "")
+    entry = ("t" if trans_a else "n") + "n" + tiles
     assert any(name == f"matmul_aligned:{entry}" for name, _, _ in prof.records), [n for n, _, _ in prof.records]
     np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
 
@@ -257,12 +273,14 @@ def test_numpy_adamw_matches_the_formula(numpy_backend):
 
 
 @pytest.mark.parametrize("trans_a", [False, True], ids=["nn", "tn"])
-@pytest.mark.parametrize("T", [256, 192], ids=["128-row-tiles", "64-row-tiles"])
-def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, trans_a, T, monkeypatch):
+@pytest.mark.parametrize("T,tm,tn", [(256, 128, 128), (256, 128, 64), (192, 64, 64)],
+                         ids=["128x128-tiles", "128-row-tiles", "64-row-tiles"])
+def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, trans_a, T, tm, tn, monkeypatch):
     """Causal attention's products: with A lower triangular the skipped tiles are exactly the zero ones; with
     triangle="out" the lower triangle is exact and the tiles above the diagonal come back as zeros."""
     import lab
     monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
+    monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if tn == 128 else 1 << 30)
     rng = np.random.default_rng(11)
     lower = np.tril(rng.standard_normal((3, T, T))).astype(np.float32)
     v = rng.standard_normal((3, T, 64)).astype(np.float32)
@@ -272,12 +290,14 @@ def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, tran
     assert any("a-triangle" in label for _, label, _ in prof.records)
     np.testing.assert_allclose(got, numpy_backend.matmul(lower, v, trans_a), rtol=1e-4, atol=1e-3)
     q, k = rng.standard_normal((2, 3, T, 64)).astype(np.float32)
-    s = wgpu_backend.to_numpy(wgpu_backend.matmul(up(q), up(k), False, True, triangle="out"))
+    with lab.profile(wgpu_backend) as prof:
+        s = wgpu_backend.to_numpy(wgpu_backend.matmul(up(q), up(k), False, True, triangle="out"))
+    assert any(name.endswith("_wide") for name, _, _ in prof.records) == (tn == 128)
     full = numpy_backend.matmul(q, k, False, True)
     keep = np.tril(np.ones((T, T), bool))
     np.testing.assert_allclose(s[:, keep], full[:, keep], rtol=1e-4, atol=1e-3)
     i, j = np.indices((T, T))
-    above = (j // 64) * 64 >= (i // (128 if T % 128 == 0 else 64) + 1) * (128 if T % 128 == 0 else 64)
+    above = (j // tn) * tn >= (i // tm + 1) * tm
     assert above.any() and (s[:, above] == 0).all()
 
 

@@ -395,7 +395,7 @@ class WgpuBackend(Backend):
         p = self._pipelines.get(key)
         if p is None:
             source, bgl, pipeline_layout, slots = self._layout(kernel, subs)
-            module = self.device.create_shader_module(code=source, label=kernel)
+            module = self._shader_module(source, kernel)
             p = self.device.create_compute_pipeline(layout=pipeline_layout,
                                                     compute={"module": module, "entry_point": entry},
                                                     label=f"{kernel}:{entry}")
@@ -403,6 +403,43 @@ class WgpuBackend(Backend):
             self._pipelines[key] = p
             self._stats["pipelines"] += 1
         return p
+
+    # naga adds runtime checks to every shader it compiles: a clamp on each index into a fixed-size array and a
+    # counter on each loop. The kernels here keep their indices in range by construction (their callers check
+    # the shapes each one accepts) and every one is tested against numpy, so they are compiled without them;
+    # LAB_SHADER_CHECKS=1 puts them back, to tell whether a kernel being written reads out of range. In the
+    # matmuls' inner loops the clamps cost an integer op per shared-memory read and keep the compiler from
+    # folding offsets into the loads: a shakespeare-char step on the H200 took 58.0 ms with them, 47.3 without.
+    # Buffer reads and writes are guarded by the kernels themselves (and kept inside their bindings by Vulkan's
+    # robust buffer access either way).
+    SHADER_CHECKS = os.environ.get("LAB_SHADER_CHECKS", "") not in ("", "0")
+
+    def _shader_module(self, source, kernel):
+        if not self.SHADER_CHECKS:
+            module = self._trusted_module(source, kernel)
+            if module is not None:
+                return module
+        return self.device.create_shader_module(code=source, label=kernel)
+
+    def _trusted_module(self, source, label):
+        """A shader module made by wgpu-native's wgpuDeviceCreateShaderModuleTrusted with no runtime checks;
+        None where this wgpu does not expose it (as 0.32 with wgpu-native 29 does)."""
+        try:
+            from wgpu.backends.wgpu_native import _api
+            create = _api.lib.wgpuDeviceCreateShaderModuleTrusted
+        except (ImportError, AttributeError):
+            return None
+        ffi = _api.ffi
+        wgsl = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(source))
+        wgsl[0].chain.next = ffi.NULL
+        wgsl[0].chain.sType = _api.lib.WGPUSType_ShaderSourceWGSL
+        descriptor = _api.new_struct_p("WGPUShaderModuleDescriptor *",
+                                       nextInChain=ffi.cast("WGPUChainedStruct *", wgsl),
+                                       label=_api.to_c_string_view(label))
+        handle = create(self.device._internal, descriptor, 0)  # WGPUShaderRuntimeChecks_None
+        if handle == ffi.NULL:
+            raise RuntimeError(f"{label}: shader module creation failed")
+        return _api.GPUShaderModule(label, handle, self.device)
 
     def _dispatch(self, kernel, entry, params, bindings, grid, work=1, subs=(), label=None):
         """Record one dispatch. bindings[i] is bound at @binding(i + 1); None skips a binding number.
@@ -723,6 +760,8 @@ class WgpuBackend(Backend):
     # ------------------------------------------------------------------ fused
     SPLIT_K_TILES = 1024   # split K while the output has fewer tiles than this (enough to fill a large GPU)
     ROW128_MIN_TILES = 256  # 128-row tiles only for products that make at least this many of them
+    WIDE_MIN_TILES = 1024   # 128 x 128 tiles only for products that make at least this many of them (fewer
+    # leave the H200's 132 multiprocessors a ragged last wave: 384 tiles ran slower than 768 of 128 x 64)
     MATMUL_ROWS = True     # row-major A staged along rows (matmul.wgsl main_rows)
     MATMUL_ALIGNED = True  # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
 
@@ -738,7 +777,11 @@ class WgpuBackend(Backend):
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
         S = 1
         if tiles < self.SPLIT_K_TILES and K >= 256:  # chunks of at least 128 along K
-            S = min(math.ceil(self.SPLIT_K_TILES / tiles), K // 128)
+            # as many chunks as fill the device with tiles of 64 x 64 or, where M and N allow, of 128 x 128:
+            # the weight gradients' long K then runs at the 128 x 128 tiles' rate (39.4 against 32.4 TFLOP/s
+            # for 384 x 1536 x 16384 on the H200), well worth summing the chunks afterwards
+            wide = M % 128 == 0 and N % 128 == 0 and K % 16 == 0
+            S = min(math.ceil(self.SPLIT_K_TILES / (tiles // 4 if wide else tiles)), K // 128)
         kc = math.ceil(math.ceil(K / S) / 16) * 16   # chunks of whole TK steps
         S = math.ceil(K / kc)
         out = self._alloc((S * batch, M, N), "float32")
@@ -759,7 +802,9 @@ class WgpuBackend(Backend):
             # as the tile is stored, unless split-K partial products are summed afterwards
             fused = bias is not None and S == 1
             entry = layout
-            if M % 128 == 0 and tiles * S >= 2 * self.ROW128_MIN_TILES:  # 128-row tiles (8 x 4 outputs per
+            if M % 128 == 0 and N % 128 == 0 and M * N * batch * S >= self.WIDE_MIN_TILES << 14:
+                entry, grid = layout + "_wide", (N // 128, M // 128, grid[2])  # 128 x 128 tiles, 8 x 8 per thread
+            elif M % 128 == 0 and tiles * S >= 2 * self.ROW128_MIN_TILES:  # 128-row tiles (8 x 4 outputs per
                 # thread) where they still leave enough workgroups to fill the device
                 entry, grid = layout + "128", (grid[0], M // 128, grid[2])
             tri = 0
