@@ -2,7 +2,10 @@
 thread: nn, tn; 128 x 64 tiles of 8 x 4: nn128, tn128; 128 x 128 tiles of 8 x 8: nn_wide, tn_wide), and the
 128 x 64 ones compiled with naga's runtime checks ("(checked)"): rounds that alternate the variants (the
 device's clocks drift), the best round's median per variant. Usage: python benchmarks/matmul_variants.py (on a
-GPU machine)."""
+GPU machine). Measured on the H200 and dropped (matmul-variants-h200.log has the kept ones): for 128 x 128 tiles,
+TK = 16 single-buffered (35.2 nn / 46.0 tn TFLOP/s at 4096), TK = 8 single-buffered (36.1 / 42.6), nn staging A
+along k (39.0 with separate FMAs), against 47.2 / 48.3 for the double-buffered, A-as-(k, m) kernels kept;
+earlier, for 128 x 64 tiles, a register prefetch of the next tile without double buffering, and TK = 32."""
 import os
 import statistics
 

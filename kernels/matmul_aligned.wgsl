@@ -12,6 +12,9 @@
 // made the 8 x 8 tiles pay (they ran slower than 8 x 4 with the clamps).
 // (A B-transposed entry with both tiles along k and 4-wide dot products measured 6.9 TFLOP/s on the H200 against
 // 17.6 for matmul.wgsl's main_rows, so transposed B stays there.)
+// Every multiply-add is a statement of its own (c += a.x * b0; c += a.y * b1; ...): written as one sum of four
+// products added to c, it compiles to a multiply, three FMAs and an add, five ops for four (nn128 on the H200:
+// 32.1 TFLOP/s that way, 35.8 this way).
 // Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias, triangle] (strides in
 // floats), @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row as the
 // tile is stored (a Linear layer's bias, without a pass of its own). Dispatch: (N / 64, M / 64, batch * S).
@@ -26,7 +29,7 @@ const TK: u32 = 16u;
 @group(0) @binding(4) var<storage, read> BIAS: array<vec4<f32>>;
 
 var<workgroup> Ta: array<vec4<f32>, 512>;
-var<workgroup> Tb: array<vec4<f32>, 256>;
+var<workgroup> Tb: array<vec4<f32>, 512>;   // (the wide kernels double-buffer 256)
 
 struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_end: u32, m0: u32, n0: u32 }
 
@@ -96,10 +99,22 @@ fn nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
             let a1 = Ta[(4u * ty + 1u) * 4u + q];
             let a2 = Ta[(4u * ty + 2u) * 4u + q];
             let a3 = Ta[(4u * ty + 3u) * 4u + q];
-            c0 += a0.x * b0 + a0.y * b1 + a0.z * b2 + a0.w * b3;
-            c1 += a1.x * b0 + a1.y * b1 + a1.z * b2 + a1.w * b3;
-            c2 += a2.x * b0 + a2.y * b1 + a2.z * b2 + a2.w * b3;
-            c3 += a3.x * b0 + a3.y * b1 + a3.z * b2 + a3.w * b3;
+            c0 += a0.x * b0;
+            c0 += a0.y * b1;
+            c0 += a0.z * b2;
+            c0 += a0.w * b3;
+            c1 += a1.x * b0;
+            c1 += a1.y * b1;
+            c1 += a1.z * b2;
+            c1 += a1.w * b3;
+            c2 += a2.x * b0;
+            c2 += a2.y * b1;
+            c2 += a2.z * b2;
+            c2 += a2.w * b3;
+            c3 += a3.x * b0;
+            c3 += a3.y * b1;
+            c3 += a3.z * b2;
+            c3 += a3.w * b3;
         }
         workgroupBarrier();
     }
@@ -163,21 +178,45 @@ fn nn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
             let b2 = Tb[(4u * q + 2u) * 16u + tx];
             let b3 = Tb[(4u * q + 3u) * 16u + tx];
             let a0 = Ta[(8u * ty + 0u) * 4u + q];
-            c0 += a0.x * b0 + a0.y * b1 + a0.z * b2 + a0.w * b3;
+            c0 += a0.x * b0;
+            c0 += a0.y * b1;
+            c0 += a0.z * b2;
+            c0 += a0.w * b3;
             let a1 = Ta[(8u * ty + 1u) * 4u + q];
-            c1 += a1.x * b0 + a1.y * b1 + a1.z * b2 + a1.w * b3;
+            c1 += a1.x * b0;
+            c1 += a1.y * b1;
+            c1 += a1.z * b2;
+            c1 += a1.w * b3;
             let a2 = Ta[(8u * ty + 2u) * 4u + q];
-            c2 += a2.x * b0 + a2.y * b1 + a2.z * b2 + a2.w * b3;
+            c2 += a2.x * b0;
+            c2 += a2.y * b1;
+            c2 += a2.z * b2;
+            c2 += a2.w * b3;
             let a3 = Ta[(8u * ty + 3u) * 4u + q];
-            c3 += a3.x * b0 + a3.y * b1 + a3.z * b2 + a3.w * b3;
+            c3 += a3.x * b0;
+            c3 += a3.y * b1;
+            c3 += a3.z * b2;
+            c3 += a3.w * b3;
             let a4 = Ta[(8u * ty + 4u) * 4u + q];
-            c4 += a4.x * b0 + a4.y * b1 + a4.z * b2 + a4.w * b3;
+            c4 += a4.x * b0;
+            c4 += a4.y * b1;
+            c4 += a4.z * b2;
+            c4 += a4.w * b3;
             let a5 = Ta[(8u * ty + 5u) * 4u + q];
-            c5 += a5.x * b0 + a5.y * b1 + a5.z * b2 + a5.w * b3;
+            c5 += a5.x * b0;
+            c5 += a5.y * b1;
+            c5 += a5.z * b2;
+            c5 += a5.w * b3;
             let a6 = Ta[(8u * ty + 6u) * 4u + q];
-            c6 += a6.x * b0 + a6.y * b1 + a6.z * b2 + a6.w * b3;
+            c6 += a6.x * b0;
+            c6 += a6.y * b1;
+            c6 += a6.z * b2;
+            c6 += a6.w * b3;
             let a7 = Ta[(8u * ty + 7u) * 4u + q];
-            c7 += a7.x * b0 + a7.y * b1 + a7.z * b2 + a7.w * b3;
+            c7 += a7.x * b0;
+            c7 += a7.y * b1;
+            c7 += a7.z * b2;
+            c7 += a7.w * b3;
         }
         workgroupBarrier();
     }
@@ -244,11 +283,14 @@ fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
 }
 
 // 128 x 128 tiles, 8 x 8 outputs per thread, TK = 8 (nn_wide, tn_wide; M and N multiples of 128): a quarter of
-// the shared-memory reads per multiply-add of the 64 x 64 tiles, for products with enough tiles to fill the
-// device (36.0 against 32.1 TFLOP/s at 4096 on the H200 for nn, 41.6 against 37.2 for tn). A thread's rows are
-// 4 ty .. + 3 and 64 + 4 ty .. + 3, its columns 4 tx .. + 3 and 64 + 4 tx .. + 3 (wide_row): the two halves keep
-// a warp's shared-memory reads on distinct banks. acc[2 i], acc[2 i + 1]: row i's two column vec4s (the loops
-// over i have constant bounds: the compiler unrolls them and keeps acc in registers).
+// the shared-memory reads per multiply-add of the 64 x 64 tiles. Both stage A's tile as (k, m) (nn transposes
+// it as it stores it), so both run one inner loop (wide_step) of 16 multiply-adds per three shared-memory
+// reads. The tiles are double-buffered: the next tile's global loads are issued before the current tile's
+// arithmetic and stored into the other half after it, one barrier per step. On the H200: 47.2 TFLOP/s for nn
+// and 48.3 for tn at 4096 (32.1 and 37.3 with the 128 x 64 tiles); 42-48 on the model's shapes.
+// A thread's rows are 4 ty .. + 3 and 64 + 4 ty .. + 3 (wide_row), its columns 4 tx .. + 3 and 64 + 4 tx .. + 3:
+// the halves keep a warp's shared-memory reads on distinct banks. acc[2 i], acc[2 i + 1]: row i's two column
+// vec4s (every index into acc is a constant once the loops over i unroll, so acc lives in registers).
 const TKW: u32 = 8u;
 var<private> acc: array<vec4<f32>, 16>;
 
@@ -270,7 +312,43 @@ fn wide_store(t: Tile, tx: u32, ty: u32) {
     }
 }
 
-// A (M, K): A's tile is 128 rows x 2 vec4 along k (Ta[m * 2 + q]); B's is 8 k x 32 vec4 (Tb[k * 32 + j]).
+// One TKW step from the buffer half at `half`: Ta[half + k * 32 + i] = A(m0 + 4 i .. + 3, k),
+// Tb[half + k * 32 + j] = B(k, n0 + 4 j .. + 3).
+fn wide_step(half: u32, tx: u32, ty: u32) {
+    for (var k = 0u; k < TKW; k++) {
+        let lo = Ta[half + k * 32u + ty];
+        let hi = Ta[half + k * 32u + 16u + ty];
+        let b0 = Tb[half + k * 32u + tx];
+        let b1 = Tb[half + k * 32u + 16u + tx];
+        acc[0] += lo.x * b0;
+        acc[1] += lo.x * b1;
+        acc[2] += lo.y * b0;
+        acc[3] += lo.y * b1;
+        acc[4] += lo.z * b0;
+        acc[5] += lo.z * b1;
+        acc[6] += lo.w * b0;
+        acc[7] += lo.w * b1;
+        acc[8] += hi.x * b0;
+        acc[9] += hi.x * b1;
+        acc[10] += hi.y * b0;
+        acc[11] += hi.y * b1;
+        acc[12] += hi.z * b0;
+        acc[13] += hi.z * b1;
+        acc[14] += hi.w * b0;
+        acc[15] += hi.w * b1;
+    }
+}
+
+// A (M, K): thread lid loads A(m0 + lid / 2, k0 + 4 (lid % 2) .. + 3) and stores it down column m of Ta.
+fn nn_wide_stage(half: u32, lid: u32, a: vec4<f32>) {
+    let m = lid / 2u;
+    let at = half + 4u * (lid % 2u) * 32u + m / 4u;
+    Ta[at][m % 4u] = a.x;
+    Ta[at + 32u][m % 4u] = a.y;
+    Ta[at + 64u][m % 4u] = a.z;
+    Ta[at + 96u][m % 4u] = a.w;
+}
+
 @compute @workgroup_size(256)
 fn nn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid, 128u, 128u);
@@ -281,33 +359,32 @@ fn nn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     let ia = t.a + (t.m0 + lid / 2u) * k4 + lid % 2u;
     let ib = t.b + (lid / 32u) * n4 + t.n0 / 4u + lid % 32u;
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    if (t.k_begin < t.k_end) {    // (uniform: the same for the whole workgroup)
+        nn_wide_stage(0u, lid, A[ia + t.k_begin / 4u]);
+        Tb[lid] = B[ib + t.k_begin * n4];
+    }
+    workgroupBarrier();
+    var half = 0u;
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TKW) {
-        Ta[lid] = A[ia + k0 / 4u];
-        Tb[lid] = B[ib + k0 * n4];
-        workgroupBarrier();
-        for (var q = 0u; q < 2u; q++) {
-            let k = 4u * q;
-            let b00 = Tb[k * 32u + tx];
-            let b01 = Tb[k * 32u + 16u + tx];
-            let b10 = Tb[(k + 1u) * 32u + tx];
-            let b11 = Tb[(k + 1u) * 32u + 16u + tx];
-            let b20 = Tb[(k + 2u) * 32u + tx];
-            let b21 = Tb[(k + 2u) * 32u + 16u + tx];
-            let b30 = Tb[(k + 3u) * 32u + tx];
-            let b31 = Tb[(k + 3u) * 32u + 16u + tx];
-            for (var i = 0u; i < 8u; i++) {
-                let a = Ta[wide_row(ty, i) * 2u + q];
-                acc[2u * i] += a.x * b00 + a.y * b10 + a.z * b20 + a.w * b30;
-                acc[2u * i + 1u] += a.x * b01 + a.y * b11 + a.z * b21 + a.w * b31;
-            }
+        let more = k0 + TKW < t.k_end;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        if (more) {
+            a = A[ia + (k0 + TKW) / 4u];
+            b = B[ib + (k0 + TKW) * n4];
+        }
+        wide_step(half, tx, ty);
+        half = 256u - half;
+        if (more) {
+            nn_wide_stage(half, lid, a);
+            Tb[half + lid] = b;
         }
         workgroupBarrier();
     }
     wide_store(t, tx, ty);
 }
 
-// A (K, M): A's tile is 8 k x 32 vec4 along m (Ta[k * 32 + i]), B's as in nn_wide; a thread's 8 rows are the
-// vec4s ty and 16 + ty of each k.
+// A (K, M): thread lid loads A(k0 + lid / 32, m0 + 4 (lid % 32) .. + 3), a vec4 of Ta as it stands.
 @compute @workgroup_size(256)
 fn tn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid, 128u, 128u);
@@ -318,31 +395,25 @@ fn tn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     let ia = t.a + (lid / 32u) * m4 + t.m0 / 4u + lid % 32u;
     let ib = t.b + (lid / 32u) * n4 + t.n0 / 4u + lid % 32u;
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    if (t.k_begin < t.k_end) {
+        Ta[lid] = A[ia + t.k_begin * m4];
+        Tb[lid] = B[ib + t.k_begin * n4];
+    }
+    workgroupBarrier();
+    var half = 0u;
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TKW) {
-        Ta[lid] = A[ia + k0 * m4];
-        Tb[lid] = B[ib + k0 * n4];
-        workgroupBarrier();
-        for (var k = 0u; k < TKW; k++) {
-            let lo = Ta[k * 32u + ty];
-            let hi = Ta[k * 32u + 16u + ty];
-            let b0 = Tb[k * 32u + tx];
-            let b1 = Tb[k * 32u + 16u + tx];
-            acc[0] += lo.x * b0;
-            acc[1] += lo.x * b1;
-            acc[2] += lo.y * b0;
-            acc[3] += lo.y * b1;
-            acc[4] += lo.z * b0;
-            acc[5] += lo.z * b1;
-            acc[6] += lo.w * b0;
-            acc[7] += lo.w * b1;
-            acc[8] += hi.x * b0;
-            acc[9] += hi.x * b1;
-            acc[10] += hi.y * b0;
-            acc[11] += hi.y * b1;
-            acc[12] += hi.z * b0;
-            acc[13] += hi.z * b1;
-            acc[14] += hi.w * b0;
-            acc[15] += hi.w * b1;
+        let more = k0 + TKW < t.k_end;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        if (more) {
+            a = A[ia + (k0 + TKW) * m4];
+            b = B[ib + (k0 + TKW) * n4];
+        }
+        wide_step(half, tx, ty);
+        half = 256u - half;
+        if (more) {
+            Ta[half + lid] = a;
+            Tb[half + lid] = b;
         }
         workgroupBarrier();
     }
