@@ -22,14 +22,20 @@ CASES = [("4096 nn", "nn", 4096, 4096, 4096, 1), ("fc fwd", "nn", 16384, 1536, 3
          ("proj gw", "tn", 1536, 384, 16384, 8), ("qkv gw", "tn", 384, 1152, 16384, 10),
          ("gpt2 fc", "nn", 8192, 3072, 768, 1), ("gpt2 head", "nn", 8192, 50304, 768, 1),
          ("gpt2 fc gw", "tn", 768, 3072, 8192, 2), ("fc gw", "tn", 384, 1536, 16384, 32),
-         ("qkv gw", "tn", 384, 1152, 16384, 32), ("gpt2 fc gw", "tn", 768, 3072, 8192, 8)]
+         ("qkv gw", "tn", 384, 1152, 16384, 32), ("gpt2 fc gw", "tn", 768, 3072, 8192, 8),
+         ("4096 nt", "nt", 4096, 4096, 4096, 1), ("fc dX", "nt", 16384, 384, 1536, 1),
+         ("proj dX", "nt", 16384, 1536, 384, 1), ("4096 tt", "tt", 4096, 4096, 4096, 1)]
 if os.environ.get("SMALL"):
-    CASES = [("small nn", "nn", 256, 128, 64, 1), ("small tn", "tn", 256, 128, 64, 2)]
+    CASES = [("small nn", "nn", 256, 128, 64, 1), ("small tn", "tn", 256, 128, 64, 2),
+             ("small nt", "nt", 256, 128, 64, 1), ("small tt", "tt", 128, 256, 64, 2)]
 # (kernel, entry, tile rows, tile columns, compiled with naga's runtime checks)
 VARIANTS = {"nn": [("matmul_aligned", "nn128", 128, 64, True), ("matmul_aligned", "nn", 64, 64, False),
                    ("matmul_aligned", "nn128", 128, 64, False), ("matmul_aligned", "nn_wide", 128, 128, False)],
             "tn": [("matmul_aligned", "tn128", 128, 64, True), ("matmul_aligned", "tn", 64, 64, False),
-                   ("matmul_aligned", "tn128", 128, 64, False), ("matmul_aligned", "tn_wide", 128, 128, False)]}
+                   ("matmul_aligned", "tn128", 128, 64, False), ("matmul_aligned", "tn_wide", 128, 128, False)],
+            # B stored (N, K): only the 128 x 128 kernels take it as it is (the others need a transposed copy)
+            "nt": [("matmul_aligned", "nt_wide", 128, 128, False)],
+            "tt": [("matmul_aligned", "tt_wide", 128, 128, False)]}
 CHECKED = (("CHECKED", "1"),)  # a substitution no source uses: a pipeline of its own, built with the checks
 
 
@@ -41,9 +47,10 @@ def dispatch(kernel, entry, params, binds, grid, size, checked):
         del B.SHADER_CHECKS
 
 for name, layout, M, N, K, S in CASES:
-    a_np = rng.standard_normal((M, K) if layout == "nn" else (K, M)).astype(np.float32)
-    b_np = rng.standard_normal((K, N)).astype(np.float32)
-    rows = (a_np[:8] if layout == "nn" else a_np[:, :8].T).astype(np.float64) @ b_np.astype(np.float64)
+    a_np = rng.standard_normal((M, K) if layout[0] == "n" else (K, M)).astype(np.float32)
+    b_np = rng.standard_normal((K, N) if layout[1] == "n" else (N, K)).astype(np.float32)
+    rows = (a_np[:8] if layout[0] == "n" else a_np[:, :8].T).astype(np.float64) @ (
+        b_np if layout[1] == "n" else b_np.T).astype(np.float64)
     a, b = B.from_numpy(a_np), B.from_numpy(b_np)
     kc = -(-K // S // 16) * 16 if S > 1 else K
     S = -(-K // kc)
@@ -52,13 +59,13 @@ for name, layout, M, N, K, S in CASES:
         if M % tm or N % tn:
             continue
         out = B.empty((S, M, N))
-        params = [M, N, K, 0, 0, M * N, 1, kc, 0, 0]
+        params = [M, N, K, 0, 0, M * N, 1, kc, 0, 0, 0]
         grid = (N // tn, M // tm, S)
-        dispatch(kernel, entry, params, [a, b, out, None], grid, out.size, checked)
+        dispatch(kernel, entry, params, [a, b, out, None, None], grid, out.size, checked)
         got = B.to_numpy(out).sum(0)[:8]
         err = np.abs(got - rows).max() / np.abs(rows).max()
         tag = entry + ("(checked)" if checked else "")
-        runs.append((tag, kernel, entry, params, [a, b, out, None], grid, out.size, checked, err, []))
+        runs.append((tag, kernel, entry, params, [a, b, out, None, None], grid, out.size, checked, err, []))
     for _ in range(int(os.environ.get("ROUNDS", 6))):
         for tag, kernel, entry, params, binds, grid, size, checked, err, times in runs:
             with lab.profile(B) as prof:

@@ -9,24 +9,20 @@
 
 const WG: u32 = 256u;
 const MAXDIM: u32 = 6u;
-const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
-const GELU_C: f32 = 0.044715;
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> A: array<f32>;
 @group(0) @binding(2) var<storage, read> B: array<f32>;
 @group(0) @binding(3) var<storage, read_write> Y: array<f32>;
 
+#include activation
+
 // ---- unary ----
 fn u_neg(x: f32) -> f32 { return -x; }
 fn u_exp(x: f32) -> f32 { return exp(x); }
 fn u_log(x: f32) -> f32 { return log(x); }
 fn u_sqrt(x: f32) -> f32 { return sqrt(x); }
-// tanh(x) = 1 - 2/(exp(2x)+1): stable at both ends, and the builtin is NaN for |x| > ~44 on some drivers.
-fn u_tanh(x: f32) -> f32 { let e = exp(2.0 * clamp(x, -20.0, 20.0)); return 1.0 - 2.0 / (e + 1.0); }
 fn u_relu(x: f32) -> f32 { return max(x, 0.0); }
-// GELU, tanh approximation (GPT-2's "gelu_new").
-fn u_gelu(x: f32) -> f32 { return 0.5 * x * (1.0 + u_tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x))); }
 
 // ---- scalar ----
 fn s_add(x: f32, c: f32) -> f32 { return x + c; }

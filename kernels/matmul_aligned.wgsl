@@ -15,9 +15,10 @@
 // Every multiply-add is a statement of its own (c += a.x * b0; c += a.y * b1; ...): written as one sum of four
 // products added to c, it compiles to a multiply, three FMAs and an add, five ops for four (nn128 on the H200:
 // 32.1 TFLOP/s that way, 35.8 this way).
-// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias, triangle] (strides in
-// floats), @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row as the
-// tile is stored (a Linear layer's bias, without a pass of its own). Dispatch: (N / 64, M / 64, batch * S).
+// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias, triangle, gelu] (strides
+// in floats), @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row
+// as the tile is stored (a Linear layer's bias, without a pass of its own), @binding(5) PRE: with gelu, the
+// product (+ bias) before the activation (see put). Dispatch: (N / 64, M / 64, batch * S).
 
 const TN: u32 = 64u;
 const TK: u32 = 16u;
@@ -27,6 +28,9 @@ const TK: u32 = 16u;
 @group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> C: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> BIAS: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> PRE: array<vec4<f32>>;
+
+#include activation
 
 var<workgroup> Ta: array<vec4<f32>, 512>;
 var<workgroup> Tb: array<vec4<f32>, 512>;   // (the wide kernels double-buffer 256)
@@ -60,9 +64,16 @@ fn bias(t: Tile, tx: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
-// C row `row`, columns n0 + 4 tx .. + 3.
+// C row `row`, columns n0 + 4 tx .. + 3. With the GELU epilogue (P[10] = 1) C gets gelu(v) and PRE gets v (the
+// backward's input): an MLP's first layer without a pass of its own for the activation.
 fn put(t: Tile, row: u32, tx: u32, v: vec4<f32>) {
-    C[t.c + row * (t.N / 4u) + t.n0 / 4u + tx] = v;
+    let i = t.c + row * (t.N / 4u) + t.n0 / 4u + tx;
+    if (P[10] == 1u) {
+        PRE[i] = v;
+        C[i] = vec4<f32>(u_gelu(v.x), u_gelu(v.y), u_gelu(v.z), u_gelu(v.w));
+    } else {
+        C[i] = v;
+    }
 }
 
 // C rows m0 + 4 ty .. + 3, columns n0 + 4 tx .. + 3 (one vec4 per row).
@@ -339,83 +350,92 @@ fn wide_step(half: u32, tx: u32, ty: u32) {
     }
 }
 
-// A (M, K): thread lid loads A(m0 + lid / 2, k0 + 4 (lid % 2) .. + 3) and stores it down column m of Ta.
-fn nn_wide_stage(half: u32, lid: u32, a: vec4<f32>) {
-    let m = lid / 2u;
-    let at = half + 4u * (lid % 2u) * 32u + m / 4u;
-    Ta[at][m % 4u] = a.x;
-    Ta[at + 32u][m % 4u] = a.y;
-    Ta[at + 64u][m % 4u] = a.z;
-    Ta[at + 96u][m % 4u] = a.w;
+// Staging: an operand stored with k contiguous (A (M, K), or B stored transposed as (N, K)) is loaded by thread
+// lid as the vec4 (row o0 + lid / 2, k0 + 4 (lid % 2) .. + 3) and stored down column lid / 2 of its (k, m|n)
+// tile; one stored with m|n contiguous (A stored (K, M), B (K, N)) as the vec4 (k0 + lid / 32, o0 + 4 (lid % 32)
+// .. + 3), which is a vec4 of the tile as it stands.
+fn wide_start(base: u32, along_k: bool, stride4: u32, o0: u32, lid: u32) -> u32 {
+    if (along_k) { return base + (o0 + lid / 2u) * stride4 + lid % 2u; }
+    return base + (lid / 32u) * stride4 + o0 / 4u + lid % 32u;
+}
+
+fn wide_offset(along_k: bool, stride4: u32, k0: u32) -> u32 {
+    return select(k0 * stride4, k0 / 4u, along_k);
+}
+
+fn wide_stage(is_a: bool, along_k: bool, half: u32, lid: u32, v: vec4<f32>) {
+    if (along_k) {
+        let o = lid / 2u;
+        let at = half + 4u * (lid % 2u) * 32u + o / 4u;
+        if (is_a) {
+            Ta[at][o % 4u] = v.x;
+            Ta[at + 32u][o % 4u] = v.y;
+            Ta[at + 64u][o % 4u] = v.z;
+            Ta[at + 96u][o % 4u] = v.w;
+        } else {
+            Tb[at][o % 4u] = v.x;
+            Tb[at + 32u][o % 4u] = v.y;
+            Tb[at + 64u][o % 4u] = v.z;
+            Tb[at + 96u][o % 4u] = v.w;
+        }
+    } else if (is_a) {
+        Ta[half + lid] = v;
+    } else {
+        Tb[half + lid] = v;
+    }
+}
+
+// The whole product of one 128 x 128 tile; a_along_k: A stored (M, K) (else (K, M)); b_along_k: B stored (N, K)
+// (else (K, N)). Each entry point passes constants, so the compiler drops the untaken branches.
+fn wide(t: Tile, lid: u32, a_along_k: bool, b_along_k: bool) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let sa = select(t.M, t.K, a_along_k) / 4u;
+    let sb = select(t.N, t.K, b_along_k) / 4u;
+    let ia = wide_start(t.a, a_along_k, sa, t.m0, lid);
+    let ib = wide_start(t.b, b_along_k, sb, t.n0, lid);
+    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    if (t.k_begin < t.k_end) {    // (uniform: the same for the whole workgroup)
+        wide_stage(true, a_along_k, 0u, lid, A[ia + wide_offset(a_along_k, sa, t.k_begin)]);
+        wide_stage(false, b_along_k, 0u, lid, B[ib + wide_offset(b_along_k, sb, t.k_begin)]);
+    }
+    workgroupBarrier();
+    var half = 0u;
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TKW) {
+        let more = k0 + TKW < t.k_end;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        if (more) {
+            a = A[ia + wide_offset(a_along_k, sa, k0 + TKW)];
+            b = B[ib + wide_offset(b_along_k, sb, k0 + TKW)];
+        }
+        wide_step(half, tx, ty);
+        half = 256u - half;
+        if (more) {
+            wide_stage(true, a_along_k, half, lid, a);
+            wide_stage(false, b_along_k, half, lid, b);
+        }
+        workgroupBarrier();
+    }
+    wide_store(t, tx, ty);
 }
 
 @compute @workgroup_size(256)
 fn nn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile_of(wid, 128u, 128u);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    let k4 = t.K / 4u;
-    let n4 = t.N / 4u;
-    let ia = t.a + (t.m0 + lid / 2u) * k4 + lid % 2u;
-    let ib = t.b + (lid / 32u) * n4 + t.n0 / 4u + lid % 32u;
-    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
-    if (t.k_begin < t.k_end) {    // (uniform: the same for the whole workgroup)
-        nn_wide_stage(0u, lid, A[ia + t.k_begin / 4u]);
-        Tb[lid] = B[ib + t.k_begin * n4];
-    }
-    workgroupBarrier();
-    var half = 0u;
-    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TKW) {
-        let more = k0 + TKW < t.k_end;
-        var a = vec4<f32>(0.0);
-        var b = vec4<f32>(0.0);
-        if (more) {
-            a = A[ia + (k0 + TKW) / 4u];
-            b = B[ib + (k0 + TKW) * n4];
-        }
-        wide_step(half, tx, ty);
-        half = 256u - half;
-        if (more) {
-            nn_wide_stage(half, lid, a);
-            Tb[half + lid] = b;
-        }
-        workgroupBarrier();
-    }
-    wide_store(t, tx, ty);
+    wide(tile_of(wid, 128u, 128u), lid, true, false);
 }
 
-// A (K, M): thread lid loads A(k0 + lid / 32, m0 + 4 (lid % 32) .. + 3), a vec4 of Ta as it stands.
 @compute @workgroup_size(256)
 fn tn_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile_of(wid, 128u, 128u);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    let m4 = t.M / 4u;
-    let n4 = t.N / 4u;
-    let ia = t.a + (lid / 32u) * m4 + t.m0 / 4u + lid % 32u;
-    let ib = t.b + (lid / 32u) * n4 + t.n0 / 4u + lid % 32u;
-    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
-    if (t.k_begin < t.k_end) {
-        Ta[lid] = A[ia + t.k_begin * m4];
-        Tb[lid] = B[ib + t.k_begin * n4];
-    }
-    workgroupBarrier();
-    var half = 0u;
-    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TKW) {
-        let more = k0 + TKW < t.k_end;
-        var a = vec4<f32>(0.0);
-        var b = vec4<f32>(0.0);
-        if (more) {
-            a = A[ia + (k0 + TKW) * m4];
-            b = B[ib + (k0 + TKW) * n4];
-        }
-        wide_step(half, tx, ty);
-        half = 256u - half;
-        if (more) {
-            Ta[half + lid] = a;
-            Tb[half + lid] = b;
-        }
-        workgroupBarrier();
-    }
-    wide_store(t, tx, ty);
+    wide(tile_of(wid, 128u, 128u), lid, false, false);
+}
+
+@compute @workgroup_size(256)
+fn nt_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    wide(tile_of(wid, 128u, 128u), lid, true, true);
+}
+
+@compute @workgroup_size(256)
+fn tt_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    wide(tile_of(wid, 128u, 128u), lid, false, true);
 }

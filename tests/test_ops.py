@@ -163,9 +163,9 @@ def test_matmul_entry_points_match_numpy(wgpu_backend, numpy_backend, monkeypatc
                          ids=["128x128-tiles", "128-row-tiles", "64-row-tiles"])
 def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b, K, M, N,
                                       tiles, monkeypatch):
-    """Whole-tile shapes take the unchecked vec4 kernels (matmul_aligned.wgsl; a transposed B is transposed into
-    place first): 128 x 128 or 128-row tiles where M and N allow (and, on a GPU, the product is large), else 64;
-    a long K also splits; a bias is added as tiles are stored."""
+    """Whole-tile shapes take the unchecked vec4 kernels (matmul_aligned.wgsl): 128 x 128 or 128-row tiles where M
+    and N allow (and, on a GPU, the product is large), else 64; a long K also splits; a bias is added as tiles are
+    stored; a transposed B is staged transposed by the 128 x 128 kernels, copied transposed for the others."""
     import lab
     monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
     monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if tiles == "_wide" else 1 << 30)
@@ -176,8 +176,11 @@ def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     up = wgpu_backend.from_numpy
     with lab.profile(wgpu_backend) as prof:
         got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias)))
-    entry = ("t" if trans_a else "n") + "n" + tiles
+    # the 128 x 128 kernels stage a transposed B themselves; the others take a transposed copy of it
+    entry = ("t" if trans_a else "n") + ("t" if trans_b and tiles == "_wide" else "n") + tiles
     assert any(name == f"matmul_aligned:{entry}" for name, _, _ in prof.records), [n for n, _, _ in prof.records]
+    copies = [name for name, _, _ in prof.records if name.startswith("copy")]
+    assert len(copies) == (trans_b and tiles != "_wide"), copies
     np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
 
 
@@ -306,3 +309,66 @@ def test_f32bits_matches_numpy_including_out_of_range():
     for x in (0.1, 1e-3, -2.5, 3, float("inf"), -float("inf"), 1e39, -1e39, 3.4028235e38, 1e-45, 0.0, -0.0):
         with np.errstate(over="ignore"):
             assert _f32bits(x) == int(np.array([x], dtype=np.float32).view(np.uint32)[0]), x
+
+
+def test_linear_gelu_applies_the_activation_in_the_matmul_stores(wgpu_backend, numpy_backend):
+    """F.linear(..., activation="gelu") on whole tiles: one matmul dispatch with the GELU epilogue and no pass of
+    its own for the activation; the same values and gradients as linear then gelu on numpy."""
+    import lab
+    from lab.engine import ops as F
+    rng = np.random.default_rng(12)
+    x_np, w_np, b_np = (rng.standard_normal(s).astype(np.float32) for s in ((2, 64, 32), (32, 128), (128,)))
+    g_np = rng.standard_normal((2, 64, 128)).astype(np.float32)
+    grads = {}
+    for backend in (wgpu_backend, numpy_backend):
+        x, w, b = (lab.tensor(v, requires_grad=True, backend=backend) for v in (x_np, w_np, b_np))
+        with lab.profile(backend) as prof:
+            y = F.linear(x, w, b, activation="gelu") if backend is wgpu_backend else F.linear(x, w, b).gelu()
+            (y * lab.tensor(g_np, backend=backend)).sum().backward()
+        grads[backend.name] = [y.numpy()] + [t.grad.numpy() for t in (x, w, b)]
+        if backend is wgpu_backend:
+            names = [name for name, _, _ in prof.records]
+            labels = [label for _, label, _ in prof.records]
+            assert not any(n == "elementwise:unary_main" for n in names), names
+            assert sum("+gelu" in label for label in labels) == 1, labels
+    for got, want in zip(grads["wgpu"], grads["numpy"]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with lab.no_grad():
+        x = lab.tensor(x_np, backend=wgpu_backend)
+        w, b = lab.tensor(w_np, backend=wgpu_backend), lab.tensor(b_np, backend=wgpu_backend)
+        np.testing.assert_allclose(F.linear(x, w, b, activation="gelu").numpy(), grads["numpy"][0], rtol=1e-4,
+                                   atol=1e-4)
+    with pytest.raises(ValueError, match="activation must be None or 'gelu'"):
+        F.linear(x, w, b, activation="relu")
+
+
+@pytest.mark.parametrize("T,p", [(64, 0.0), (96, 0.3)], ids=["plain", "dropout"])
+def test_fused_attention_equals_the_composed_ops(wgpu_backend, numpy_backend, T, p, monkeypatch):
+    """With FLASH_ATTENTION (LAB_FLASH_ATTENTION=1), heads of 64 take attention.wgsl's flash-style kernels on wgpu
+    (no (T, T) weights in memory, no head split or merge copies): the same output and qkv gradient as the
+    composed ops on numpy, the same dropout decisions from the same seed; asking for the weights takes the
+    composed path."""
+    import lab
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+    from lab.engine import ops as F
+    rng = np.random.default_rng(13)
+    qkv_np = rng.standard_normal((2, T, 3 * 128)).astype(np.float32)
+    g_np = rng.standard_normal((2, T, 128)).astype(np.float32)
+    got = {}
+    for backend in (wgpu_backend, numpy_backend):
+        lab.manual_seed(3)
+        qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
+        with lab.profile(backend) as prof:
+            y = F.causal_self_attention(qkv, 2, dropout_p=p)
+            (y * lab.tensor(g_np, backend=backend)).sum().backward()
+        got[backend.name] = (y.numpy(), qkv.grad.numpy())
+        if backend is wgpu_backend:
+            names = {name for name, _, _ in prof.records}
+            assert {"attention:fwd_main", "attention:bwd_kv_main", "attention:bwd_q_main"} <= names, names
+            assert not any(n.startswith(("softmax", "matmul", "dropout")) for n in names), names
+    for a, b in zip(got["wgpu"], got["numpy"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with lab.profile(wgpu_backend) as prof:
+        y, w = F.causal_self_attention(lab.tensor(qkv_np, backend=wgpu_backend), 2, return_weights=True)
+    assert w.shape == (2, 2, T, T) and not any(n.startswith("attention") for n, _, _ in prof.records)
+    np.testing.assert_allclose(y.numpy(), got["numpy"][0] if p == 0 else y.numpy(), rtol=1e-4, atol=1e-4)

@@ -14,12 +14,12 @@ from lab.train import TrainConfig, Trainer
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 40
 
 
-def _trainer(replay, dropout=0.0, accum=1, seed=0, **cfg):
+def _trainer(replay, dropout=0.0, accum=1, seed=0, model=None, **cfg):
     tok = CharTokenizer.from_text(TEXT)
     ids = tok.encode(TEXT)
     lab.manual_seed(seed)
-    model = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2,
-                                  n_embd=32, dropout=dropout))
+    shape = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, **(model or {})}
+    model = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, dropout=dropout, **shape))
     cfg = {"steps": 50, "batch_size": 4, "warmup_steps": 2, **cfg}
     t = Trainer(model, ids, ids, TrainConfig(grad_accum_steps=accum, replay_steps=replay, **cfg))
     t.tokenizer = tok
@@ -44,14 +44,23 @@ def _same(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("dropout,accum,native", [(0.0, 1, True), (0.2, 1, True), (0.1, 2, True), (0.2, 1, False)],
-                         ids=["plain", "dropout", "accumulation", "through-the-python-wrappers"])
-def test_replayed_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, accum, native, monkeypatch):
+FUSED = {"block_size": 32, "n_layer": 1, "n_head": 1, "n_embd": 64}  # heads of 64: attention.wgsl's kernels
+
+
+@pytest.mark.parametrize("dropout,accum,native,model", [(0.0, 1, True, None), (0.2, 1, True, None),
+                                                        (0.1, 2, True, None), (0.2, 1, False, None),
+                                                        (0.2, 1, True, FUSED)],
+                         ids=["plain", "dropout", "accumulation", "through-the-python-wrappers",
+                              "fused-attention-dropout"])
+def test_replayed_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, accum, native, model, monkeypatch):
     monkeypatch.setattr(wgpu_backend, "NATIVE_REPLAY", native)
+    if model:
+        monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+        assert wgpu_backend.flash_attention_fits((4, 32, 192), 1)
     with using_backend(wgpu_backend):
-        eager = _trainer(False, dropout, accum)     # each trainer re-seeds lab's generator (dropout seeds)
+        eager = _trainer(False, dropout, accum, model=model)  # each trainer re-seeds lab's generator (dropout seeds)
         losses = _steps(eager, 8)
-        replayed = _trainer(True, dropout, accum)
+        replayed = _trainer(True, dropout, accum, model=model)
         assert _steps(replayed, 8) == losses
         assert _same(_weights(eager), _weights(replayed))
         assert replayed.replay.replayed == 6 and replayed.replay.off is None   # two captures, then replays

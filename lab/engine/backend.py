@@ -53,6 +53,11 @@ class Backend:
     # 3D, batch may broadcast; bias (N,) is added to every row of the product (fused where the kernel allows).
     # triangle, a hint for causal attention's square products that a backend may ignore: "out", only the lower
     # triangle of the product is used (the rest may come back as zeros); "a", A as stored is lower triangular
+    # optional: matmul_gelu(a, b, bias, keep_pre) -> (gelu(a @ b + bias), a @ b + bias or None), where the product's
+    # store can apply the activation (an MLP's first layer without a pass of its own for it)
+    # optional: flash_attention_fits(qkv_shape, n_head), flash_attention(qkv, n_head, scale, p, seed) -> (y, saved)
+    # and flash_attention_bwd(qkv, y, saved, g, n_head, scale, p, seed) -> dqkv: causal self-attention fused, the
+    # same result as the composed ops
     def softmax(self, a, scale=1.0, causal=False): raise NotImplementedError
     def softmax_bwd(self, y, g, scale=1.0): raise NotImplementedError
     def log_softmax(self, a): raise NotImplementedError

@@ -88,7 +88,12 @@ CASES = [
          [(_x(2, 3, 4), _x(4, 5), _x(5,)), (_x(2, 64, 32), _x(32, 128), _x(128,)), (_x(130, 48), _x(48, 72), _x(72,))],
          note="the second shape takes the aligned kernel with the bias fused into its stores"),
     Case("linear_no_bias", lambda x, w: F.linear(x, w), [(_x(3, 4), _x(4, 2)), (_x(64, 16), _x(16, 64))]),
-    Case("self_attention", lambda qkv: F.causal_self_attention(qkv, 2), [(_x(2, 5, 12),), (_x(3, 33, 48),)]),
+    Case("linear_gelu", lambda x, w, b: F.linear(x, w, b, activation="gelu"),
+         [(_x(2, 3, 4), _x(4, 5), _x(5,)), (_x(2, 64, 32), _x(32, 128), _x(128,)), (_x(128, 48), _x(48, 128), _x(128,))],
+         note="the last two shapes take the aligned kernel with bias and GELU applied in its stores"),
+    Case("self_attention", lambda qkv: F.causal_self_attention(qkv, 2), [(_x(2, 5, 12),), (_x(3, 33, 48),),
+                                                                          (_x(2, 64, 384),), (_x(1, 96, 384),)],
+         note="the last two have heads of 64: attention.wgsl's fused kernels on wgpu with LAB_FLASH_ATTENTION=1"),
 ]
 
 

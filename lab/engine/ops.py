@@ -404,9 +404,12 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
         return ga, gb
     return Tensor._make(out, B, (a, b), backward)
 
-def linear(x, weight, bias=None):
+def linear(x, weight, bias=None, activation=None):
     """x @ weight + bias for x (..., K), weight (K, N), bias (N,): one node, the bias added by the matmul kernel
-    as it stores its tiles where it can (a pass over the output saved per layer)."""
+    as it stores its tiles where it can (a pass over the output saved per layer). activation="gelu" returns
+    gelu(x @ weight + bias), applied as the tiles are stored on a backend with matmul_gelu (wgpu), else by gelu()."""
+    if activation not in (None, "gelu"):
+        raise ValueError(f"linear: activation must be None or 'gelu', got {activation!r}")
     K, N = weight.shape
     if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
         raise ValueError(f"linear: input {_shape_str(x.shape)}, weight {_shape_str(weight.shape)} and bias "
@@ -414,11 +417,22 @@ def linear(x, weight, bias=None):
                          f"({K}, N), (N,))")
     _check_float(x, "linear")
     B = x.backend
+    if activation == "gelu" and not hasattr(B, "matmul_gelu"):
+        return gelu(linear(x, weight, bias))
     M = math.prod(x.shape[:-1])
     x3, w3 = B.reshape(x.data, (1, M, K)), B.reshape(weight.data, (1, K, N))
-    out = B.reshape(B.matmul(x3, w3, bias=bias.data if bias is not None else None), x.shape[:-1] + (N,))
+    b = bias.data if bias is not None else None
+    pre = None
+    if activation == "gelu":
+        needs_grad = is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        out, pre = B.matmul_gelu(x3, w3, b, keep_pre=needs_grad)
+    else:
+        out = B.matmul(x3, w3, bias=b)
+    out = B.reshape(out, x.shape[:-1] + (N,))
 
     def backward(g):
+        if pre is not None:
+            g = B.binary("gelu_bwd", B.reshape(pre, g.shape), g)
         g3 = B.reshape(g, (1, M, N))
         gx = B.reshape(B.matmul(g3, w3, False, True), x.shape) if x.requires_grad else None
         gw = B.reshape(B.matmul(x3, g3, True, False), (K, N)) if weight.requires_grad else None
@@ -588,6 +602,13 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
     C, H = C3 // 3, n_head
     D = C // H
     scale = 1.0 / math.sqrt(D)
+    fits = getattr(Bk, "flash_attention_fits", None)
+    if not return_weights and fits is not None and fits(qkv.shape, H):
+        # fused kernels, the weights never in memory (wgpu, heads of 64); the seed is drawn as below
+        seed = _random.next_seed() if training and dropout_p > 0 else None
+        y, lse = Bk.flash_attention(qkv.data, H, scale, dropout_p, seed)
+        return Tensor._make(y, Bk, (qkv,), lambda g: (
+            Bk.flash_attention_bwd(qkv.data, y, lse, g, H, scale, dropout_p, seed),))
     packed = (T * C3, D, C3, 1)                            # (b, h, t, d) of one part inside (B, T, 3C)
     q, k, v = (Bk.reshape(Bk.copy_view(qkv.data, i * C, (Bsz, H, T, D), packed), (Bsz * H, T, D)) for i in range(3))
     # the triangle hints let the GPU skip what the causal mask zeroes (about half of each product)

@@ -193,7 +193,7 @@ class Capture:
     def add(self, pipeline, bind_group, offset, grid, key, patch, buffers):
         if patch is not None:
             self.patches[len(self.dispatches)] = patch
-        self.dispatches.append((pipeline, bind_group, offset, tuple(grid)))
+        self.dispatches.append((pipeline, bind_group, offset, tuple(grid) + (1,) * (3 - len(grid))))  # x, y, z
         self.keys.append(key)
         self.buffers.update((id(b), b) for b in buffers)
 
@@ -765,7 +765,20 @@ class WgpuBackend(Backend):
     MATMUL_ROWS = True     # row-major A staged along rows (matmul.wgsl main_rows)
     MATMUL_ALIGNED = True  # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
 
+    def matmul_gelu(self, a, b, bias=None, keep_pre=True):
+        """gelu(a @ b + bias) and, with keep_pre, a @ b + bias (the backward's input): the activation applied as the
+        tiles are stored where the product takes the whole-tile kernel in one piece, else by a pass of its own."""
+        out, pre, fused = self._matmul(a, b, bias=bias, gelu="keep" if keep_pre else "drop")
+        if fused:
+            return out, pre
+        return self.unary("gelu", out), out if keep_pre else None
+
     def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None):
+        return self._matmul(a, b, trans_a, trans_b, bias, triangle)[0]
+
+    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, gelu=None):
+        """(out, pre, fused): gelu None, the product (+ bias); "keep" or "drop", where the whole-tile kernel takes the
+        product in one piece, its GELU with fused=True (and with "keep" the product in pre), else the product."""
         ba, bb = a.shape[0], b.shape[0]
         M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
         N = b.shape[1] if trans_b else b.shape[2]
@@ -773,7 +786,7 @@ class WgpuBackend(Backend):
         if K == 0:
             out = self._alloc((batch, M, N), "float32")
             self._flat("copy", "fill_main", [out.size, 0], [None, out], out.size)
-            return out
+            return (out if bias is None else self.binary("add", out, bias)), None, False
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
         S = 1
         if tiles < self.SPLIT_K_TILES and K >= 256:  # chunks of at least 128 along K
@@ -792,17 +805,21 @@ class WgpuBackend(Backend):
         grid = (math.ceil(N / 64), math.ceil(M / 64), batch * S)
         layout = ("t" if trans_a else "n") + ("t" if trans_b else "n")
         aligned = self.MATMUL_ALIGNED and M % 64 == 0 and N % 64 == 0 and K % 16 == 0
-        if aligned and layout in ("nt", "tt"):
-            # A transposed B is staged badly by every kernel here (its rows run along k); transposing it first
-            # costs one copy of B, far less than the product it speeds up (measured: README, Performance).
+        wide = aligned and M % 128 == 0 and N % 128 == 0 and M * N * batch * S >= self.WIDE_MIN_TILES << 14
+        if aligned and not wide and layout in ("nt", "tt"):
+            # A transposed B is staged badly by the 64-column kernels (its rows run along k); transposing it first
+            # costs one copy of B, far less than the product it speeds up (measured: README, Performance). The
+            # 128 x 128 kernels transpose it as they stage it.
             b = self.copy_view(b, 0, (bb, K, N), (N * K, 1, K))
             layout = layout[0] + "n"
-        if aligned and layout in ("nn", "tn"):
+        if aligned:
             # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here); a bias is added
             # as the tile is stored, unless split-K partial products are summed afterwards
             fused = bias is not None and S == 1
+            act = int(gelu is not None and S == 1)  # the GELU epilogue, for a product in one piece
+            pre = self._alloc(out.shape, "float32") if act and gelu == "keep" else None
             entry = layout
-            if M % 128 == 0 and N % 128 == 0 and M * N * batch * S >= self.WIDE_MIN_TILES << 14:
+            if wide:
                 entry, grid = layout + "_wide", (N // 128, M // 128, grid[2])  # 128 x 128 tiles, 8 x 8 per thread
             elif M % 128 == 0 and tiles * S >= 2 * self.ROW128_MIN_TILES:  # 128-row tiles (8 x 4 outputs per
                 # thread) where they still leave enough workgroups to fill the device
@@ -812,17 +829,20 @@ class WgpuBackend(Backend):
                 tri = 1
             elif triangle == "a" and M == K:
                 tri = 3 if trans_a else 2
-            self._dispatch("matmul_aligned", entry, params + [int(fused), tri], [a, b, out, bias if fused else None],
-                           grid, out.size, label=label + " aligned" + (" +bias" if fused else "") + (
+            self._dispatch("matmul_aligned", entry, params + [int(fused), tri, act],
+                           [a, b, out, bias if fused else None, pre], grid, out.size,
+                           label=label + " aligned" + (" +bias" if fused else "") + (" +gelu" if act else "") + (
                                f" {triangle}-triangle" if tri else ""))
+            if act:
+                return out, pre, True
             if fused:
-                return out
+                return out, None, False
         else:
             entry = "main_rows" if self.MATMUL_ROWS and not trans_a else "main"
             self._dispatch("matmul", entry, params, [a, b, out], grid, out.size, subs, label=label)
         if S > 1:
             out = self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
-        return out if bias is None else self.binary("add", out, bias)
+        return (out if bias is None else self.binary("add", out, bias)), None, False
 
     def _rows(self, shape):
         return math.prod(shape[:-1]), shape[-1]
@@ -928,6 +948,53 @@ class WgpuBackend(Backend):
             self._patch = lambda step: params(step["seeds"].get(seed, seed))
         self._flat("dropout", "main", params(seed), [x, out], x.size)
         return out
+
+    # Causal self-attention by attention.wgsl's fused kernels where they apply: off unless LAB_FLASH_ATTENTION=1.
+    # They keep the (B, H, T, T) weights out of memory (gpt2-small's are 400 MB a layer, several times over in
+    # the composed backward) but are not faster yet: on the H200 a shakespeare-char step took 39.3 ms with them
+    # against 37.2 composed (the three kernels run at 7.5-12 TFLOP/s, against 45 for the tiled matmuls, with
+    # 16 x 32 score blocks to fit lavapipe's 32 KiB of workgroup memory), gpt2-small 239 against 215.
+    FLASH_ATTENTION = os.environ.get("LAB_FLASH_ATTENTION", "") not in ("", "0")
+
+    def flash_attention_fits(self, qkv_shape, n_head):
+        """Whether attention.wgsl's kernels take this packed qkv (B, T, 3C): heads of 64, T a multiple of 32, at
+        most 65535 heads in all (one workgroup row each)."""
+        Bsz, T, C3 = qkv_shape
+        return self.FLASH_ATTENTION and C3 == 3 * 64 * n_head and T % 32 == 0 and Bsz * n_head <= 65535
+
+    def flash_attention(self, qkv, n_head, scale, p, seed):
+        """Causal self-attention from the packed qkv (B, T, 3C) by attention.wgsl's fused kernels: (y (B, T, C),
+        lse (B H, T)), the weights never in memory (flash_attention_fits says where they apply)."""
+        Bsz, T, C3 = qkv.shape
+        C = C3 // 3
+        y = self._alloc((Bsz, T, C), "float32")
+        lse = self._alloc((Bsz * n_head, T), "float32")
+        self._attention("fwd_main", qkv, n_head, scale, p, seed, [qkv, None, lse, None, y], (T // 16, Bsz * n_head),
+                        f"attention fwd {Bsz}x{n_head}x{T}")
+        return y, lse
+
+    def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed):
+        """dqkv (B, T, 3C) for flash_attention's y = f(qkv) and its output gradient g (B, T, C)."""
+        Bsz, T, C3 = qkv.shape
+        dr = self.reduce("sum", self.reshape(self.binary("mul", g, y), (Bsz * T * n_head, 64)), 1)
+        dqkv = self._alloc(qkv.shape, "float32")  # the two kernels write disjoint parts, every element
+        binds = [qkv, g, lse, dr, dqkv]
+        self._attention("bwd_kv_main", qkv, n_head, scale, p, seed, binds, (T // 32, Bsz * n_head),
+                        f"attention bwd dk dv {Bsz}x{n_head}x{T}")
+        self._attention("bwd_q_main", qkv, n_head, scale, p, seed, binds, (T // 16, Bsz * n_head),
+                        f"attention bwd dq {Bsz}x{n_head}x{T}")
+        return dqkv
+
+    def _attention(self, entry, qkv, n_head, scale, p, seed, binds, grid, label):
+        Bsz, T, C3 = qkv.shape
+
+        def params(seed):
+            drop = seed is not None and p > 0
+            return [Bsz, T, n_head, C3 // 3, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
+                    _f32bits(1.0 / (1.0 - p))]
+        if self._capture is not None and seed is not None:  # a replay draws the step's seeds anew
+            self._patch = lambda step: params(step["seeds"].get(seed, seed))
+        self._dispatch("attention", entry, params(seed), binds, grid, qkv.size, label=label)
 
     def lora_down(self, x, a):
         (M, K), r = x.shape, a.shape[0]

@@ -53,9 +53,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, return_weights=False):
-        # heads split from the packed q|k|v projection and merged back inside one op (F.causal_self_attention)
-        y, att = F.causal_self_attention(self.c_attn(x), self.n_head, self.attn_dropout, self.training,
-                                         return_weights=True)                  # (B, T, C), (B, H, T, T)
+        # heads split from the packed q|k|v projection and merged back inside one op (F.causal_self_attention);
+        # the weights (B, H, T, T) only when asked for: without them the backend may use fused kernels that
+        # never hold them in memory
+        out = F.causal_self_attention(self.c_attn(x), self.n_head, self.attn_dropout, self.training,
+                                      return_weights=return_weights)
+        y, att = out if return_weights else (out, None)
         y = self.resid_dropout(self.c_proj(y))
         return (y, att) if return_weights else y
 
@@ -85,7 +88,13 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.c_fc(x).gelu()))
+        fc = self.c_fc
+        if type(fc) is nn.Linear and "forward" not in vars(fc):
+            # the plain layer: GELU applied by the matmul as it stores the product (F.linear's epilogue)
+            h = F.linear(x, fc.weight, fc.bias, activation="gelu")
+        else:  # a wrapped or patched layer (a LoRA adapter) computes its own output first
+            h = fc(x).gelu()
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -96,7 +105,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, return_weights=False):
-        a, att = self.attn(self.ln_1(x), return_weights=True)
+        a, att = self.attn(self.ln_1(x), return_weights=True) if return_weights else (self.attn(self.ln_1(x)), None)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return (x, att) if return_weights else x
@@ -139,8 +148,11 @@ class TransformerLM(nn.Module):
         x = self._embed(idx)
         attentions, hidden = [], [x]
         for block in self.h:
-            x, att = block(x, return_weights=True)
-            attentions.append(att)
+            if return_attention:
+                x, att = block(x, return_weights=True)
+                attentions.append(att)
+            else:
+                x = block(x)
             hidden.append(x)
         logits = F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)    # (B, T, vocab), tied head
         out = [logits]
