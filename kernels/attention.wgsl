@@ -7,7 +7,8 @@
 //   bwd_kv_main: for a block of 32 keys, over the blocks of 16 queries that see them: dv += Pd^T dy and
 //                dk += scale dS^T q.
 //   bwd_q_main:  for a block of 16 queries, over the key blocks they see: dq += scale dS k.
-//   (P the weights, Pd after dropout, dS = P (dP - DR) with DR[b, t, h] = sum_d dy y.)
+//   delta_main:  DR[b, t, h] = sum_d dy y, one thread per (b, t, h) (OUT is y here), before the two above.
+//   (P the weights, Pd after dropout, dS = P (dP - DR).)
 // Dropout (P[6] = 1) keeps weight (t, s) of head bh as dropout.wgsl keeps element bh T T + t T + s of the
 // (B H, T, T) weights: the same decisions as the unfused path, re-derived in the backward from the seed.
 // Bindings: P = [B, T, H, C, scale bits, seed, has_dropout, p bits, 1/(1-p) bits], @binding(1) QKV, @binding(2) G
@@ -27,7 +28,7 @@ const NEG: f32 = -1e30;
 @group(0) @binding(1) var<storage, read> QKV: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> G: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> LSE: array<f32>;
-@group(0) @binding(4) var<storage, read> DR: array<f32>;
+@group(0) @binding(4) var<storage, read_write> DR: array<f32>;
 @group(0) @binding(5) var<storage, read_write> OUT: array<vec4<f32>>;
 
 var<workgroup> Qs: array<vec4<f32>, 256>;   // 16 query rows of q
@@ -76,18 +77,69 @@ fn stage_queries(hd: Head, t0: u32, lid: u32, grad: bool) {
 
 // Keys t0 .. t0 + 31 of k and v into Ks, Vs.
 fn stage_keys(hd: Head, t0: u32, lid: u32) {
+    store_keys(lid, load_keys(hd, t0, lid));
+}
+
+// The loops over blocks fetch the next block into registers before the current block's arithmetic and store
+// it into workgroup memory after (load_*, store_*), so its global-memory latency hides behind that arithmetic.
+struct KeyRows { k: array<vec4<f32>, 4>, v: array<vec4<f32>, 4> }
+
+fn load_keys(hd: Head, t0: u32, lid: u32) -> KeyRows {
+    var out: KeyRows;
     for (var n = 0u; n < 4u; n++) {
         let e = lid + 128u * n;
         let at = (hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4;
-        Ks[(e / D4) * PAD + e % D4] = QKV[at + hd.C4];
-        Vs[(e / D4) * PAD + e % D4] = QKV[at + 2u * hd.C4];
+        out.k[n] = QKV[at + hd.C4];
+        out.v[n] = QKV[at + 2u * hd.C4];
+    }
+    return out;
+}
+
+fn store_keys(lid: u32, rows: KeyRows) {
+    for (var n = 0u; n < 4u; n++) {
+        let e = lid + 128u * n;
+        Ks[(e / D4) * PAD + e % D4] = rows.k[n];
+        Vs[(e / D4) * PAD + e % D4] = rows.v[n];
+    }
+}
+
+struct QueryRows { q: array<vec4<f32>, 2>, g: array<vec4<f32>, 2>, lse: f32, dr: f32 }
+
+fn load_queries(hd: Head, t0: u32, lid: u32) -> QueryRows {
+    var out: QueryRows;
+    for (var n = 0u; n < 2u; n++) {
+        let e = lid + 128u * n;
+        let t = hd.b * hd.T + t0 + e / D4;
+        out.q[n] = QKV[t * hd.row4 + hd.h * D4 + e % D4];
+        out.g[n] = G[t * hd.C4 + hd.h * D4 + e % D4];
+    }
+    if (lid < BQ) {
+        out.lse = LSE[hd.bh * hd.T + t0 + lid];
+        out.dr = DR[(hd.b * hd.T + t0 + lid) * P[2] + hd.h];
+    }
+    return out;
+}
+
+fn store_queries(lid: u32, rows: QueryRows) {
+    Qs[lid] = rows.q[0];
+    Qs[lid + 128u] = rows.q[1];
+    Gs[lid] = rows.g[0];
+    Gs[lid + 128u] = rows.g[1];
+    if (lid < BQ) {
+        Ls[lid] = rows.lse;
+        Ds[lid] = rows.dr;
     }
 }
 
 // The thread's four dot products of head rows: queries 2 ty + e of Qs (or of Gs) with keys tx + 16 f of Ks (or
 // of Vs): [e][f]. With q, k: the scores; with dy, v: the gradient of the dropped weights.
+// (Each dot product is kept as four lane sums until the end: dot() per vec4 would compile to a multiply, three
+// dependent FMAs and an add.)
 fn dots(scores: bool, ty: u32, tx: u32) -> array<vec2<f32>, 2> {
-    var out = array<vec2<f32>, 2>(vec2<f32>(0.0), vec2<f32>(0.0));
+    var a00 = vec4<f32>(0.0);
+    var a01 = vec4<f32>(0.0);
+    var a10 = vec4<f32>(0.0);
+    var a11 = vec4<f32>(0.0);
     for (var d4 = 0u; d4 < D4; d4++) {
         var x0: vec4<f32>;
         var x1: vec4<f32>;
@@ -104,10 +156,13 @@ fn dots(scores: bool, ty: u32, tx: u32) -> array<vec2<f32>, 2> {
             y0 = Vs[tx * PAD + d4];
             y1 = Vs[(tx + 16u) * PAD + d4];
         }
-        out[0] += vec2<f32>(dot(x0, y0), dot(x0, y1));
-        out[1] += vec2<f32>(dot(x1, y0), dot(x1, y1));
+        a00 += x0 * y0;
+        a01 += x0 * y1;
+        a10 += x1 * y0;
+        a11 += x1 * y1;
     }
-    return out;
+    let one = vec4<f32>(1.0);
+    return array<vec2<f32>, 2>(vec2<f32>(dot(a00, one), dot(a01, one)), vec2<f32>(dot(a10, one), dot(a11, one)));
 }
 
 // The 16 partials of query row 2 ty + e (in red) combined: their max, or their sum.
@@ -140,8 +195,11 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     var l = vec2<f32>(0.0);
     var o0 = vec4<f32>(0.0);
     var o1 = vec4<f32>(0.0);
+    stage_keys(hd, 0u, lid);
     for (var j0 = 0u; j0 < i0 + BQ; j0 += BK) {
-        stage_keys(hd, j0, lid);
+        let more = j0 + BK < i0 + BQ;
+        var next: KeyRows;
+        if (more) { next = load_keys(hd, j0 + BK, lid); }
         workgroupBarrier();
         var s = dots(true, ty, tx);
         for (var e = 0u; e < 2u; e++) {
@@ -179,6 +237,7 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             o1 += a.y * v;
         }
         workgroupBarrier();
+        if (more) { store_keys(lid, next); }
     }
     put_partial(ty, tx, 0u, l.x);
     put_partial(ty, tx, 1u, l.y);
@@ -228,8 +287,11 @@ fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     stage_keys(hd, j0, lid);
     var dk = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     var dv = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    store_queries(lid, load_queries(hd, j0, lid));
     for (var i0 = j0; i0 < hd.T; i0 += BQ) {
-        stage_queries(hd, i0, lid, true);
+        let more = i0 + BQ < hd.T;
+        var next: QueryRows;
+        if (more) { next = load_queries(hd, i0 + BQ, lid); }
         workgroupBarrier();
         let gr = block_grads(hd, dots(true, ty, tx), dots(false, ty, tx), ty, tx, i0, j0);
         for (var e = 0u; e < 2u; e++) {
@@ -255,6 +317,7 @@ fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             dk[3] += b.w * x;
         }
         workgroupBarrier();
+        if (more) { store_queries(lid, next); }
     }
     let scale = bitcast<f32>(P[4]);
     for (var e = 0u; e < 4u; e++) {
@@ -273,8 +336,11 @@ fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     stage_queries(hd, i0, lid, true);
     var dq0 = vec4<f32>(0.0);
     var dq1 = vec4<f32>(0.0);
+    stage_keys(hd, 0u, lid);
     for (var j0 = 0u; j0 < i0 + BQ; j0 += BK) {
-        stage_keys(hd, j0, lid);
+        let more = j0 + BK < i0 + BQ;
+        var next: KeyRows;
+        if (more) { next = load_keys(hd, j0 + BK, lid); }
         workgroupBarrier();
         let gr = block_grads(hd, dots(true, ty, tx), dots(false, ty, tx), ty, tx, i0, j0);
         Pw[tx * 8u + ty] = vec2<f32>(gr.ds[0].x, gr.ds[1].x);
@@ -287,9 +353,22 @@ fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             dq1 += a.y * k;
         }
         workgroupBarrier();
+        if (more) { store_keys(lid, next); }
     }
     let scale = bitcast<f32>(P[4]);
     let t = hd.b * hd.T + i0 + 2u * ty;
     OUT[t * hd.row4 + hd.h * D4 + tx] = dq0 * scale;
     OUT[(t + 1u) * hd.row4 + hd.h * D4 + tx] = dq1 * scale;
+}
+
+@compute @workgroup_size(128)
+fn delta_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 128u + lid;    // (b T + t) H + h
+    let H = P[2];
+    if (i >= P[0] * P[1] * H) { return; }
+    let at = (i / H) * (P[3] / 4u) + (i % H) * D4;
+    var acc = vec4<f32>(0.0);
+    for (var d4 = 0u; d4 < D4; d4++) { acc += G[at + d4] * OUT[at + d4]; }
+    DR[i] = acc.x + acc.y + acc.z + acc.w;
 }

@@ -951,9 +951,9 @@ class WgpuBackend(Backend):
 
     # Causal self-attention by attention.wgsl's fused kernels where they apply: off unless LAB_FLASH_ATTENTION=1.
     # They keep the (B, H, T, T) weights out of memory (gpt2-small's are 400 MB a layer, several times over in
-    # the composed backward) but are not faster yet: on the H200 a shakespeare-char step took 39.3 ms with them
-    # against 37.2 composed (the three kernels run at 7.5-12 TFLOP/s, against 45 for the tiled matmuls, with
-    # 16 x 32 score blocks to fit lavapipe's 32 KiB of workgroup memory), gpt2-small 239 against 215.
+    # the composed backward) but are not faster: on the H200 a shakespeare-char step (T = 256) took 37.0 ms with
+    # them against 37.2 composed, a gpt2-small step (T = 1024) 230 against 215 (their 16 x 32 score blocks, set
+    # by lavapipe's 32 KiB of workgroup memory, run at a quarter of the tiled matmuls' rate).
     FLASH_ATTENTION = os.environ.get("LAB_FLASH_ATTENTION", "") not in ("", "0")
 
     def flash_attention_fits(self, qkv_shape, n_head):
@@ -976,7 +976,10 @@ class WgpuBackend(Backend):
     def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed):
         """dqkv (B, T, 3C) for flash_attention's y = f(qkv) and its output gradient g (B, T, C)."""
         Bsz, T, C3 = qkv.shape
-        dr = self.reduce("sum", self.reshape(self.binary("mul", g, y), (Bsz * T * n_head, 64)), 1)
+        n = Bsz * T * n_head
+        dr = self._alloc((n,), "float32")
+        self._dispatch("attention", "delta_main", self._attention_params(qkv.shape, n_head, scale, p, None),
+                       [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n)
         dqkv = self._alloc(qkv.shape, "float32")  # the two kernels write disjoint parts, every element
         binds = [qkv, g, lse, dr, dqkv]
         self._attention("bwd_kv_main", qkv, n_head, scale, p, seed, binds, (T // 32, Bsz * n_head),
@@ -985,16 +988,19 @@ class WgpuBackend(Backend):
                         f"attention bwd dq {Bsz}x{n_head}x{T}")
         return dqkv
 
-    def _attention(self, entry, qkv, n_head, scale, p, seed, binds, grid, label):
-        Bsz, T, C3 = qkv.shape
+    @staticmethod
+    def _attention_params(shape, n_head, scale, p, seed):
+        Bsz, T, C3 = shape
+        drop = seed is not None and p > 0
+        return [Bsz, T, n_head, C3 // 3, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
+                _f32bits(1.0 / (1.0 - p))]
 
-        def params(seed):
-            drop = seed is not None and p > 0
-            return [Bsz, T, n_head, C3 // 3, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
-                    _f32bits(1.0 / (1.0 - p))]
+    def _attention(self, entry, qkv, n_head, scale, p, seed, binds, grid, label):
+        shape = qkv.shape
         if self._capture is not None and seed is not None:  # a replay draws the step's seeds anew
-            self._patch = lambda step: params(step["seeds"].get(seed, seed))
-        self._dispatch("attention", entry, params(seed), binds, grid, qkv.size, label=label)
+            self._patch = lambda step: self._attention_params(shape, n_head, scale, p, step["seeds"].get(seed, seed))
+        self._dispatch("attention", entry, self._attention_params(shape, n_head, scale, p, seed), binds, grid,
+                       qkv.size, label=label)
 
     def lora_down(self, x, a):
         (M, K), r = x.shape, a.shape[0]
