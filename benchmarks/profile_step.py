@@ -1,5 +1,6 @@
 """Profile one training step of a preset: host recording time, device time, and lab.profile()'s kernel table.
-Usage: python benchmarks/profile_step.py PRESET BATCH  (LAB_BACKEND picks the backend)."""
+Usage: python benchmarks/profile_step.py PRESET BATCH [LORA_RANK]  (LAB_BACKEND picks the backend; with a rank,
+LoRA adapters on c_attn, c_proj and c_fc are trained instead of the whole model)."""
 import sys
 import time
 from dataclasses import replace
@@ -13,7 +14,11 @@ preset, batch = sys.argv[1], int(sys.argv[2])
 tok, train_ids, val_ids = char_dataset()
 cfg = replace(PRESETS[preset], vocab_size=tok.vocab_size)
 lab.manual_seed(0)
-trainer = Trainer(TransformerLM(cfg), train_ids, val_ids, TrainConfig(steps=10**9, batch_size=batch))
+model = TransformerLM(cfg)
+if len(sys.argv) > 3:
+    from lab import lora
+    lora.apply(model, r=int(sys.argv[3]))
+trainer = Trainer(model, train_ids, val_ids, TrainConfig(steps=10**9, batch_size=batch))
 for _ in range(3):
     trainer.train_step()
 lab.sync()
