@@ -102,11 +102,16 @@ def profile_device(backend=None, refresh=False):
         t_ew = best_seconds(lambda: box.__setitem__("t", x + x), sync_of(box))
         one = tensor(np.ones(1, dtype=np.float32), backend=b)
         t_op = best_seconds(lambda: box.__setitem__("t", one + one), sync_of(box))
-        t_drop = best_seconds(lambda: box.__setitem__("t", F.dropout(x, 0.1, seed=1)), sync_of(box))
+        # dropout on the CPU over an array of a small model's activation size (training's are cache-sized there;
+        # over 16 MB arrays the mask's cost per float measured 1.5-2x and with the page faults of fresh outputs
+        # in a long-running process up to 3x what a step sees); on a GPU over the large array, as the others
+        drop_n = 1 << 18 if b.name == "numpy" else 1 << 22
+        xd = tensor(rng.standard_normal(drop_n).astype(np.float32), backend=b)
+        t_drop = best_seconds(lambda: box.__setitem__("t", F.dropout(xd, 0.1, seed=1)), sync_of(box))
     lim = limits_profile(b)
     prof = DeviceProfile(lim.name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
                          3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, lim.memory_bytes, lim.max_buffer_size,
-                         lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / (1 << 22))
+                         lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / drop_n)
     prof.elementwise_s_per_float = _probe_elementwise_cost(b, prof)
     _measured[key] = prof
     return prof
