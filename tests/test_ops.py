@@ -115,6 +115,9 @@ def test_kernels_compile_without_runtime_checks_unless_asked(wgpu_backend, monke
     assert trusted(source("copy"), "copy").__class__.__name__ == "GPUShaderModule"
     monkeypatch.setattr(wgpu_backend, "SHADER_CHECKS", True)
     assert wgpu_backend._shader_module(source("copy"), "copy") is not None and made == ["copy"]
+    # a kernel that does not compile says why, as through the checked entry point
+    with pytest.raises(Exception, match="parsing error"):
+        trusted("@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }", "broken")
 
 
 def test_profile_times_every_dispatch(wgpu_backend):

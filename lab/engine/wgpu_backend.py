@@ -423,23 +423,24 @@ class WgpuBackend(Backend):
 
     def _trusted_module(self, source, label):
         """A shader module made by wgpu-native's wgpuDeviceCreateShaderModuleTrusted with no runtime checks;
-        None where this wgpu does not expose it (as 0.32 with wgpu-native 29 does)."""
+        None where this wgpu does not expose it (as 0.32 with wgpu-native 29 does). Called through wgpu's
+        error-capturing wrappers, so a kernel that does not compile raises wgpu's error with naga's message."""
         try:
             from wgpu.backends.wgpu_native import _api
-            create = _api.lib.wgpuDeviceCreateShaderModuleTrusted
+            create = _api.libf.wgpuDeviceCreateShaderModuleTrusted
+            ffi, new_struct_p, string_view, module = (_api.ffi, _api.new_struct_p, _api.to_c_string_view,
+                                                      _api.GPUShaderModule)
         except (ImportError, AttributeError):
             return None
-        ffi = _api.ffi
-        wgsl = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(source))
+        wgsl = new_struct_p("WGPUShaderSourceWGSL *", code=string_view(source))
         wgsl[0].chain.next = ffi.NULL
         wgsl[0].chain.sType = _api.lib.WGPUSType_ShaderSourceWGSL
-        descriptor = _api.new_struct_p("WGPUShaderModuleDescriptor *",
-                                       nextInChain=ffi.cast("WGPUChainedStruct *", wgsl),
-                                       label=_api.to_c_string_view(label))
+        descriptor = new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=ffi.cast("WGPUChainedStruct *", wgsl),
+                                  label=string_view(label))
         handle = create(self.device._internal, descriptor, 0)  # WGPUShaderRuntimeChecks_None
         if handle == ffi.NULL:
             raise RuntimeError(f"{label}: shader module creation failed")
-        return _api.GPUShaderModule(label, handle, self.device)
+        return module(label, handle, self.device)
 
     def _dispatch(self, kernel, entry, params, bindings, grid, work=1, subs=(), label=None):
         """Record one dispatch. bindings[i] is bound at @binding(i + 1); None skips a binding number.
