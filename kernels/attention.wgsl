@@ -61,17 +61,11 @@ fn kept(hd: Head, hashed_seed: u32, t: u32, s: u32) -> bool {
     return f32(pcg(i ^ hashed_seed) >> 8u) * (1.0 / 16777216.0) >= bitcast<f32>(P[7]);
 }
 
-// Queries t0 .. t0 + 15 of q into Qs (and, with grad, of dy into Gs and their LSE and DR into Ls, Ds).
-fn stage_queries(hd: Head, t0: u32, lid: u32, grad: bool) {
+// Queries t0 .. t0 + 15 of q into Qs (the backward stages dy, LSE and DR with them: load_queries).
+fn stage_queries(hd: Head, t0: u32, lid: u32) {
     for (var n = 0u; n < 2u; n++) {
         let e = lid + 128u * n;
-        let t = hd.b * hd.T + t0 + e / D4;
-        Qs[e] = QKV[t * hd.row4 + hd.h * D4 + e % D4];
-        if (grad) { Gs[e] = G[t * hd.C4 + hd.h * D4 + e % D4]; }
-    }
-    if (grad && lid < BQ) {
-        Ls[lid] = LSE[hd.bh * hd.T + t0 + lid];
-        Ds[lid] = DR[(hd.b * hd.T + t0 + lid) * P[2] + hd.h];
+        Qs[e] = QKV[(hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4];
     }
 }
 
@@ -176,6 +170,31 @@ fn row_total(ty: u32, e: u32, is_max: bool) -> f32 {
     return acc.x + acc.y + acc.z + acc.w;
 }
 
+// A score block's values (as dots returns them) into Pw, a column of two queries per key.
+fn put_pairs(ty: u32, tx: u32, v: array<vec2<f32>, 2>) {
+    Pw[tx * 8u + ty] = vec2<f32>(v[0].x, v[1].x);
+    Pw[(tx + 16u) * 8u + ty] = vec2<f32>(v[0].y, v[1].y);
+}
+
+// acc0, acc1 (queries 2 ty, 2 ty + 1, vec4 tx of the head row) += Pw's block times the staged rows of v (or k).
+fn pairs_times_rows(by_v: bool, ty: u32, tx: u32, acc0: ptr<function, vec4<f32>>, acc1: ptr<function, vec4<f32>>) {
+    for (var c = 0u; c < BK; c++) {
+        let a = Pw[c * 8u + ty];
+        var row: vec4<f32>;
+        if (by_v) { row = Vs[c * PAD + tx]; } else { row = Ks[c * PAD + tx]; }
+        *acc0 += a.x * row;
+        *acc1 += a.y * row;
+    }
+}
+
+// acc[e] (key 4 ty + e, vec4 tx) += a[e] x: one query's contribution to dk or dv.
+fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, x: vec4<f32>) {
+    (*acc)[0] += a.x * x;
+    (*acc)[1] += a.y * x;
+    (*acc)[2] += a.z * x;
+    (*acc)[3] += a.w * x;
+}
+
 fn put_partial(ty: u32, tx: u32, e: u32, v: f32) {
     red[(2u * ty + e) * 4u + tx / 4u][tx % 4u] = v;
 }
@@ -190,7 +209,7 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let drop = P[6] != 0u;
     let hashed_seed = pcg(P[5]);
     let keep_scale = bitcast<f32>(P[8]);
-    stage_queries(hd, i0, lid, false);
+    stage_queries(hd, i0, lid);
     var m = vec2<f32>(NEG);
     var l = vec2<f32>(0.0);
     var o0 = vec4<f32>(0.0);
@@ -227,15 +246,9 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         }
         o0 *= alpha.x;
         o1 *= alpha.y;
-        Pw[tx * 8u + ty] = vec2<f32>(pd[0].x, pd[1].x);
-        Pw[(tx + 16u) * 8u + ty] = vec2<f32>(pd[0].y, pd[1].y);
+        put_pairs(ty, tx, pd);
         workgroupBarrier();
-        for (var c = 0u; c < BK; c++) {
-            let a = Pw[c * 8u + ty];
-            let v = Vs[c * PAD + tx];
-            o0 += a.x * v;
-            o1 += a.y * v;
-        }
+        pairs_times_rows(true, ty, tx, &o0, &o1);
         workgroupBarrier();
         if (more) { store_keys(lid, next); }
     }
@@ -303,18 +316,8 @@ fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         }
         workgroupBarrier();
         for (var q = 0u; q < BQ; q++) {
-            let a = Pt[q * 8u + ty];     // keys 4 ty .. + 3
-            let g = Gs[q * D4 + tx];
-            dv[0] += a.x * g;
-            dv[1] += a.y * g;
-            dv[2] += a.z * g;
-            dv[3] += a.w * g;
-            let b = St[q * 8u + ty];
-            let x = Qs[q * D4 + tx];
-            dk[0] += b.x * x;
-            dk[1] += b.y * x;
-            dk[2] += b.z * x;
-            dk[3] += b.w * x;
+            outer4(&dv, Pt[q * 8u + ty], Gs[q * D4 + tx]);     // keys 4 ty .. + 3
+            outer4(&dk, St[q * 8u + ty], Qs[q * D4 + tx]);
         }
         workgroupBarrier();
         if (more) { store_queries(lid, next); }
@@ -333,7 +336,7 @@ fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let tx = lid % 16u;
     let ty = lid / 16u;
     let i0 = wid.x * BQ;
-    stage_queries(hd, i0, lid, true);
+    store_queries(lid, load_queries(hd, i0, lid));
     var dq0 = vec4<f32>(0.0);
     var dq1 = vec4<f32>(0.0);
     stage_keys(hd, 0u, lid);
@@ -343,15 +346,9 @@ fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         if (more) { next = load_keys(hd, j0 + BK, lid); }
         workgroupBarrier();
         let gr = block_grads(hd, dots(true, ty, tx), dots(false, ty, tx), ty, tx, i0, j0);
-        Pw[tx * 8u + ty] = vec2<f32>(gr.ds[0].x, gr.ds[1].x);
-        Pw[(tx + 16u) * 8u + ty] = vec2<f32>(gr.ds[0].y, gr.ds[1].y);
+        put_pairs(ty, tx, gr.ds);
         workgroupBarrier();
-        for (var c = 0u; c < BK; c++) {
-            let a = Pw[c * 8u + ty];
-            let k = Ks[c * PAD + tx];
-            dq0 += a.x * k;
-            dq1 += a.y * k;
-        }
+        pairs_times_rows(false, ty, tx, &dq0, &dq1);
         workgroupBarrier();
         if (more) { store_keys(lid, next); }
     }
