@@ -789,13 +789,13 @@ class WgpuBackend(Backend):
             self._flat("copy", "fill_main", [out.size, 0], [None, out], out.size)
             return (out if bias is None else self.binary("add", out, bias)), None, False
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
+        wide_shape = M % 128 == 0 and N % 128 == 0 and K % 16 == 0  # whole 128 x 128 tiles
         S = 1
         if tiles < self.SPLIT_K_TILES and K >= 256:  # chunks of at least 128 along K
             # as many chunks as fill the device with tiles of 64 x 64 or, where M and N allow, of 128 x 128:
             # the weight gradients' long K then runs at the 128 x 128 tiles' full rate (45.9 TFLOP/s in 32
             # chunks against 34.0 in 8 for 384 x 1536 x 16384 on the H200), well worth summing the chunks after
-            wide = M % 128 == 0 and N % 128 == 0 and K % 16 == 0
-            S = min(math.ceil(self.SPLIT_K_TILES / (tiles // 4 if wide else tiles)), K // 128)
+            S = min(math.ceil(self.SPLIT_K_TILES / (tiles // 4 if wide_shape else tiles)), K // 128)
         kc = math.ceil(math.ceil(K / S) / 16) * 16   # chunks of whole TK steps
         S = math.ceil(K / kc)
         out = self._alloc((S * batch, M, N), "float32")
@@ -806,7 +806,7 @@ class WgpuBackend(Backend):
         grid = (math.ceil(N / 64), math.ceil(M / 64), batch * S)
         layout = ("t" if trans_a else "n") + ("t" if trans_b else "n")
         aligned = self.MATMUL_ALIGNED and M % 64 == 0 and N % 64 == 0 and K % 16 == 0
-        wide = aligned and M % 128 == 0 and N % 128 == 0 and M * N * batch * S >= self.WIDE_MIN_TILES << 14
+        wide = self.MATMUL_ALIGNED and wide_shape and M * N * batch * S >= self.WIDE_MIN_TILES << 14
         if aligned and not wide and layout in ("nt", "tt"):
             # A transposed B is staged badly by the 64-column kernels (its rows run along k); transposing it first
             # costs one copy of B, far less than the product it speeds up (measured: README, Performance). The
