@@ -8,10 +8,11 @@ cost per op (31 + 80 ops per layer per step, counted on the engine). tests/test_
 the engine's measured peak bytes and step times.
 """
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .profiles import get_profile, limits_profile
+from .profiles import get_profile, limits_profile, profile_device
 
 F32 = 4
 
@@ -321,3 +322,26 @@ def _check_devices(plan, prof):
                          f"{DDP_SCALING:.0%} scaling). Export the run (`python -m lab export --checkpoint DIR "
                          f"--format hf --out OUT`), train with `torchrun --nproc_per_node {n} -m lab.scale.ddp_train "
                          f"--model OUT --out OUT-ddp`, and bring it back with `python -m lab import OUT-ddp`")
+
+
+def predict_and_measure(trainer, steps=15, attempts=2, within=0.35):
+    """Check the plan against this machine: profile the trainer's backend now, predict one step of its model and
+    batch, then time `steps` real steps (their best, as the profile's timings are best-of-rounds). A busy machine
+    can slow a profile for seconds at a time and predict a machine slower than the steps then meet, so a miss by
+    more than `within` is profiled and measured again, `attempts` times at most. Returns [(predicted_s,
+    measured_s), ...], one pair per attempt; the last is the one to judge (a wrong prediction misses every time)."""
+    cfg = trainer.model.config
+    batch = trainer.cfg.batch_size * trainer.cfg.grad_accum_steps  # the sequences one step trains on
+    out = []
+    for _ in range(attempts):
+        profile = profile_device(trainer.optimizer.backend, refresh=True)
+        predicted = estimate(cfg, batch=batch, seq=cfg.block_size, device=profile).step_time_s
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            trainer.train_step()[0].item()
+            times.append(time.perf_counter() - t0)
+        out.append((predicted, min(times)))
+        if abs(predicted / min(times) - 1) < within:
+            break
+    return out
