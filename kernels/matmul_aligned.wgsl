@@ -15,10 +15,15 @@
 // Every multiply-add is a statement of its own (c += a.x * b0; c += a.y * b1; ...): written as one sum of four
 // products added to c, it compiles to a multiply, three FMAs and an add, five ops for four (nn128 on the H200:
 // 32.1 TFLOP/s that way, 35.8 this way).
-// Bindings: @binding(0) P = [M, N, K, stride_a, stride_b, stride_c, batch, kc, has_bias, triangle, gelu] (strides
-// in floats), @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row
-// as the tile is stored (a Linear layer's bias, without a pass of its own), @binding(5) PRE: with gelu, the
-// product (+ bias) before the activation (see put). Dispatch: (N / 64, M / 64, batch * S).
+// Bindings: @binding(0) P = [M, N, K, outer_a, outer_b, outer_c, batch, kc, has_bias, triangle, gelu, lda, ldb,
+// ldc, heads, inner_a, inner_b, inner_c, offset_a, offset_b, offset_c, split_c] (all in floats, multiples of 4),
+// @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row as the tile
+// is stored (a Linear layer's bias, without a pass of its own), @binding(5) PRE: with gelu, the product (+ bias)
+// before the activation (see put). Dispatch: (N / 64, M / 64, batch * S).
+// Operand X's matrix of batch b starts at offset_x + (b / heads) outer_x + (b % heads) inner_x, its rows ld_x
+// apart (split-K chunk s of C adds s split_c): plain stacks (heads 1, ld the row's length) and attention's
+// per-head matrices read and written in place inside the (B, T, 3C) and (B, T, C) activations (heads H, ld the
+// row width, inner the head's width), which saves the copies that split and merge the heads.
 
 const TN: u32 = 64u;
 const TK: u32 = 16u;
@@ -35,7 +40,8 @@ const TK: u32 = 16u;
 var<workgroup> Ta: array<vec4<f32>, 512>;
 var<workgroup> Tb: array<vec4<f32>, 512>;   // (the wide kernels double-buffer 256)
 
-struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_end: u32, m0: u32, n0: u32 }
+struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_end: u32, m0: u32, n0: u32,
+              lda: u32, ldb: u32, ldc: u32 }   // a, b, c, ld*: in vec4s
 
 // Causal attention's products skip the work a triangle makes zero (triangle, P[9]; square products, tiles of
 // whole TK steps): 1, only C's lower triangle is wanted: tiles wholly above the diagonal are stored as zeros;
@@ -55,7 +61,12 @@ fn tile_of(wid: vec3<u32>, tm: u32, tn: u32) -> Tile {
     if (triangle == 1u && n0 >= m0 + tm) { k_end = k_begin; }
     if (triangle == 2u) { k_end = min(k_end, m0 + tm); }
     if (triangle == 3u) { k_begin = max(k_begin, m0); }
-    return Tile(P[0], P[1], P[2], batch * P[3] / 4u, batch * P[4] / 4u, wid.z * P[5] / 4u, k_begin, k_end, m0, n0);
+    let outer = batch / P[14];
+    let inner = batch % P[14];
+    let a = P[18] + outer * P[3] + inner * P[15];
+    let b = P[19] + outer * P[4] + inner * P[16];
+    let c = P[20] + outer * P[5] + inner * P[17] + (wid.z / P[6]) * P[21];
+    return Tile(P[0], P[1], P[2], a / 4u, b / 4u, c / 4u, k_begin, k_end, m0, n0, P[11] / 4u, P[12] / 4u, P[13] / 4u);
 }
 
 // The bias to add to columns n0 + 4 tx .. + 3 (zero without one).
@@ -67,7 +78,7 @@ fn bias(t: Tile, tx: u32) -> vec4<f32> {
 // C row `row`, columns n0 + 4 tx .. + 3. With the GELU epilogue (P[10] = 1) C gets gelu(v) and PRE gets v (the
 // backward's input): an MLP's first layer without a pass of its own for the activation.
 fn put(t: Tile, row: u32, tx: u32, v: vec4<f32>) {
-    let i = t.c + row * (t.N / 4u) + t.n0 / 4u + tx;
+    let i = t.c + row * t.ldc + t.n0 / 4u + tx;
     if (P[10] == 1u) {
         PRE[i] = v;
         C[i] = vec4<f32>(u_gelu(v.x), u_gelu(v.y), u_gelu(v.z), u_gelu(v.w));
@@ -91,15 +102,13 @@ fn nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     let t = tile(wid, 64u);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    let k4 = t.K / 4u;
-    let n4 = t.N / 4u;
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = A[t.a + (t.m0 + lid / 4u) * k4 + k0 / 4u + lid % 4u];        // Ar[m * 4 + q]
-        Tb[lid] = B[t.b + (k0 + lid / 16u) * n4 + t.n0 / 4u + lid % 16u];      // Bs[k * 16 + j]
+        Ta[lid] = A[t.a + (t.m0 + lid / 4u) * t.lda + k0 / 4u + lid % 4u];        // Ar[m * 4 + q]
+        Tb[lid] = B[t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u];      // Bs[k * 16 + j]
         workgroupBarrier();
         for (var q = 0u; q < 4u; q++) {
             let b0 = Tb[(4u * q) * 16u + tx];
@@ -137,15 +146,13 @@ fn tn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     let t = tile(wid, 64u);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    let m4 = t.M / 4u;
-    let n4 = t.N / 4u;
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = A[t.a + (k0 + lid / 16u) * m4 + t.m0 / 4u + lid % 16u];      // As[k * 16 + i]
-        Tb[lid] = B[t.b + (k0 + lid / 16u) * n4 + t.n0 / 4u + lid % 16u];      // Bs[k * 16 + j]
+        Ta[lid] = A[t.a + (k0 + lid / 16u) * t.lda + t.m0 / 4u + lid % 16u];      // As[k * 16 + i]
+        Tb[lid] = B[t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u];      // Bs[k * 16 + j]
         workgroupBarrier();
         for (var k = 0u; k < TK; k++) {
             let a = Ta[k * 16u + ty];
@@ -166,8 +173,6 @@ fn nn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let t = tile(wid, 128u);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    let k4 = t.K / 4u;
-    let n4 = t.N / 4u;
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
@@ -176,12 +181,12 @@ fn nn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     var c5 = vec4<f32>(0.0);
     var c6 = vec4<f32>(0.0);
     var c7 = vec4<f32>(0.0);
-    let ia = t.a + (t.m0 + lid / 4u) * k4 + lid % 4u;       // rows lid / 4 and 64 + lid / 4
-    let ib = t.b + (lid / 16u) * n4 + t.n0 / 4u + lid % 16u;
+    let ia = t.a + (t.m0 + lid / 4u) * t.lda + lid % 4u;       // rows lid / 4 and 64 + lid / 4
+    let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
         Ta[lid] = A[ia + k0 / 4u];
-        Ta[lid + 256u] = A[ia + 64u * k4 + k0 / 4u];
-        Tb[lid] = B[ib + k0 * n4];
+        Ta[lid + 256u] = A[ia + 64u * t.lda + k0 / 4u];
+        Tb[lid] = B[ib + k0 * t.ldb];
         workgroupBarrier();
         for (var q = 0u; q < 4u; q++) {
             let b0 = Tb[(4u * q) * 16u + tx];
@@ -249,8 +254,6 @@ fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let t = tile(wid, 128u);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    let m4 = t.M / 4u;
-    let n4 = t.N / 4u;
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
@@ -259,12 +262,12 @@ fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     var c5 = vec4<f32>(0.0);
     var c6 = vec4<f32>(0.0);
     var c7 = vec4<f32>(0.0);
-    let ia = t.a + (lid / 32u) * m4 + t.m0 / 4u + lid % 32u;  // k rows lid / 32 and 8 + lid / 32
-    let ib = t.b + (lid / 16u) * n4 + t.n0 / 4u + lid % 16u;
+    let ia = t.a + (lid / 32u) * t.lda + t.m0 / 4u + lid % 32u;  // k rows lid / 32 and 8 + lid / 32
+    let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = A[ia + k0 * m4];
-        Ta[lid + 256u] = A[ia + (k0 + 8u) * m4];
-        Tb[lid] = B[ib + k0 * n4];
+        Ta[lid] = A[ia + k0 * t.lda];
+        Ta[lid + 256u] = A[ia + (k0 + 8u) * t.lda];
+        Tb[lid] = B[ib + k0 * t.ldb];
         workgroupBarrier();
         for (var k = 0u; k < TK; k++) {
             let lo = Ta[k * 32u + 2u * ty];
@@ -390,8 +393,8 @@ fn wide_stage(is_a: bool, along_k: bool, half: u32, lid: u32, v: vec4<f32>) {
 fn wide(t: Tile, lid: u32, a_along_k: bool, b_along_k: bool) {
     let tx = lid % 16u;
     let ty = lid / 16u;
-    let sa = select(t.M, t.K, a_along_k) / 4u;
-    let sb = select(t.N, t.K, b_along_k) / 4u;
+    let sa = t.lda;
+    let sb = t.ldb;
     let ia = wide_start(t.a, a_along_k, sa, t.m0, lid);
     let ib = wide_start(t.b, b_along_k, sb, t.n0, lid);
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }

@@ -187,6 +187,77 @@ def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
 
 
+def _heads_of(x, offset, heads, dim):
+    """The (B * heads, T, dim) stack of head matrices inside x (B, T, W), taken apart plainly in numpy."""
+    Bsz, T, _ = x.shape
+    part = x[:, :, offset:offset + heads * dim].reshape(Bsz, T, heads, dim)
+    return part.transpose(0, 2, 1, 3).reshape(Bsz * heads, T, dim)
+
+
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
+@pytest.mark.parametrize("T,D,tiles", [(128, 128, "_wide"), (128, 64, "128"), (192, 64, "")],
+                         ids=["128x128-tiles", "128-row-tiles", "64-row-tiles"])
+def test_matmul_reads_and_writes_heads_in_place(any_backend, layout, T, D, tiles, monkeypatch):
+    """Attention's products on HeadViews: q, k, v read where they lie in a packed (B, T, 3C) buffer, the product
+    written into its heads' columns of a (B, T, C) one (every other column untouched), with no copies on wgpu
+    except the transposed B the 64-column kernels take. Shapes as attention's: A (T, T) with B a view (T, D) and
+    the result a view (nn, tn), or A and B both views (T, D), B transposed, and the result (T, T) (nt, tt)."""
+    import lab
+    from lab.engine.backend import HeadView
+    B_ = any_backend
+    if B_.name == "wgpu":
+        monkeypatch.setattr(B_, "ROW128_MIN_TILES", 0)
+        monkeypatch.setattr(B_, "WIDE_MIN_TILES", 0 if tiles == "_wide" else 1 << 30)
+    rng = np.random.default_rng(13)
+    Bsz, H = 2, 2
+    trans_a, trans_b = layout[0] == "t", layout[1] == "t"
+    packed = rng.standard_normal((Bsz, T, 3 * H * D + 4)).astype(np.float32)  # 4 spare columns at the end
+    C = H * D
+    square = np.tril(rng.standard_normal((Bsz * H, T, T))).astype(np.float32)
+    up = B_.from_numpy
+    packed_d = up(packed)
+    q, k, v = (HeadView(packed_d, i * C, H, D) for i in range(3))
+    with lab.profile(B_) as prof:
+        if trans_b:   # q k^T: both operands in place
+            a = q if not trans_a else None
+            if trans_a:  # A stored (K, M) = (D, T) per head: a plain stack, as a layout test of tt
+                a_np = np.ascontiguousarray(_heads_of(packed, 0, H, D).transpose(0, 2, 1))
+                a = up(a_np)
+            got = B_.to_numpy(B_.matmul(a, k, trans_a, True))
+            want = _heads_of(packed, 0, H, D) @ _heads_of(packed, C, H, D).transpose(0, 2, 1)
+        else:         # att v into y's columns: the result in place
+            dest_np = np.full((Bsz, T, C + 8), 7.0, np.float32)
+            dest = up(dest_np)
+            B_.matmul(up(square), v, trans_a, False, out=HeadView(dest, 4, H, D))
+            got_full = B_.to_numpy(dest)
+            a_np = square.transpose(0, 2, 1) if trans_a else square
+            want = a_np @ _heads_of(packed, 2 * C, H, D)
+            got = _heads_of(got_full, 4, H, D)
+            assert (got_full[:, :, :4] == 7).all() and (got_full[:, :, 4 + C:] == 7).all(), "columns outside the heads"
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+    if B_.name == "wgpu":
+        names = [name for name, _, _ in prof.records]
+        entry = layout[0] + ("t" if trans_b and tiles == "_wide" else "n") + tiles
+        assert f"matmul_aligned:{entry}" in names, names
+        copies = [n for n in names if n.startswith("copy")]
+        assert len(copies) == (trans_b and tiles != "_wide"), names
+
+
+def test_matmul_on_heads_that_no_whole_tile_kernel_takes_copies_them(wgpu_backend, numpy_backend):
+    """Ragged shapes (T 40, heads of 12) gather the heads, run the bounds-checked kernel and scatter the result."""
+    from lab.engine.backend import HeadView
+    rng = np.random.default_rng(14)
+    packed = rng.standard_normal((3, 40, 72)).astype(np.float32)
+    square = rng.standard_normal((6, 40, 40)).astype(np.float32)
+    results = []
+    for B_ in (wgpu_backend, numpy_backend):
+        dest = B_.from_numpy(np.zeros((3, 40, 24), np.float32))
+        B_.matmul(B_.from_numpy(square), HeadView(B_.from_numpy(packed), 48, 2, 12), out=HeadView(dest, 0, 2, 12))
+        results.append(B_.to_numpy(dest))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_heads_of(results[1], 0, 2, 12), square @ _heads_of(packed, 48, 2, 12), rtol=1e-5)
+
+
 @pytest.mark.parametrize("n", [7, 384, 1500], ids=["short", "model", "long"])
 def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, numpy_backend, n):
     """Rows up to 1024 run on 64 threads, longer ones on 256 (softmax, layernorm, cross-entropy)."""

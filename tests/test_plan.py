@@ -153,6 +153,30 @@ def test_op_count_matches_the_engine(wgpu_backend, dropout, lora_rank):
         assert wgpu_backend.stats()["dispatches"] - before == plan.estimator.op_count(cfg, lora_rank), (n_layer, dropout)
 
 
+def test_heads_in_place_save_the_op_count_says(wgpu_backend, monkeypatch):
+    """Heads of 64 over sequences of 64: attention's products read and write the heads in place, 8 copies a layer
+    fewer than when they are copied out and back (forced here), as op_count counts them."""
+    cfg = TransformerConfig(vocab_size=73, block_size=64, n_layer=2, n_head=2, n_embd=128)
+
+    def dispatches():
+        with lab.engine.backend.using_backend(wgpu_backend):
+            lab.manual_seed(0)
+            t = Trainer(TransformerLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=2))
+            t.train_step()
+            lab.sync()
+            before = wgpu_backend.stats()["dispatches"]
+            t.train_step()
+            lab.sync()
+        return wgpu_backend.stats()["dispatches"] - before
+
+    in_place = dispatches()
+    monkeypatch.setattr(wgpu_backend, "heads_in_place", lambda seq, dim: False)
+    copied = dispatches()
+    counted = [plan.estimator.op_count(cfg, heads_in_place=h) for h in (True, False)]
+    assert copied - in_place == counted[1] - counted[0] == 8 * cfg.n_layer, (in_place, copied, counted)
+    assert plan.estimator.op_count(cfg) == counted[0]
+
+
 @pytest.mark.parametrize("preset", ["tiny", "shakespeare-char", "gpt2-small"])
 def test_h200_profile_predicts_the_recorded_h200_steps(preset):
     """The spec-derived H200 profile against the training steps measured on an H200 (benchmarks/, recorded with

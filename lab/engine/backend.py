@@ -49,10 +49,17 @@ class Backend:
     def write_view(self, dst, offset, strides, src): raise NotImplementedError  # in place into dst
 
     # -- fused --
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None): raise NotImplementedError
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None):
+        raise NotImplementedError
     # 3D, batch may broadcast; bias (N,) is added to every row of the product (fused where the kernel allows).
     # triangle, a hint for causal attention's square products that a backend may ignore: "out", only the lower
-    # triangle of the product is used (the rest may come back as zeros); "a", A as stored is lower triangular
+    # triangle of the product is used (the rest may come back as zeros); "a", A as stored is lower triangular.
+    # a and b may be HeadViews, and out= a HeadView the product is written into (then returned): attention's
+    # per-head matrices read and written in place in the activations (gather_heads / scatter_heads copy them,
+    # for a backend or a kernel that cannot)
+    def heads_in_place(self, seq, dim): return False
+    # whether attention's products over heads of `dim` and sequences of `seq` take HeadViews without copying them
+    # (where not, attention copies each head stack once rather than each product copying its operands)
     # optional: matmul_gelu(a, b, bias, keep_pre) -> (gelu(a @ b + bias), a @ b + bias or None), where the product's
     # store can apply the activation (an MLP's first layer without a pass of its own for it)
     # optional: flash_attention_fits(qkv_shape, n_head), flash_attention(qkv, n_head, scale, p, seed) -> (y, saved)
@@ -79,6 +86,50 @@ class Backend:
     def sgd_(self, p, g, buf, lr, momentum, wd, guard=None, max_norm=0.0): raise NotImplementedError
     def sumsq_into(self, a, out, slot): raise NotImplementedError   # out[slot] = sum(a * a)
     def clip_(self, g, normsq, max_norm): raise NotImplementedError
+
+
+class HeadView:
+    """Attention's per-head matrices where they lie inside an activation: the (B * heads, T, dim) stack whose matrix
+    b * heads + h is columns offset + h * dim .. + dim - 1 of rows (b, 0 .. T - 1) of `data`, a (B, T, W) array
+    (q, k or v inside the packed (B, T, 3C) projection; y or its gradient inside (B, T, C))."""
+    __slots__ = ("data", "offset", "heads", "dim")
+
+    def __init__(self, data, offset, heads, dim):
+        Bsz, T, W = data.shape
+        if offset < 0 or offset + heads * dim > W:
+            raise ValueError(f"HeadView: {heads} heads of {dim} from column {offset} do not fit rows of width {W}")
+        self.data, self.offset, self.heads, self.dim = data, offset, heads, dim
+
+    @property
+    def shape(self):
+        Bsz, T, _ = self.data.shape
+        return (Bsz * self.heads, T, self.dim)
+
+    @property
+    def width(self):
+        return self.data.shape[2]
+
+    def strides(self):
+        """Element strides of the (B, heads, T, dim) view."""
+        T, W = self.data.shape[1], self.data.shape[2]
+        return (T * W, self.dim, W, 1)
+
+    def shape4(self):
+        Bsz, T, _ = self.data.shape
+        return (Bsz, self.heads, T, self.dim)
+
+
+def gather_heads(backend, x):
+    """x as a contiguous (B * heads, T, dim) array (a copy) if it is a HeadView, else x."""
+    if not isinstance(x, HeadView):
+        return x
+    return backend.reshape(backend.copy_view(x.data, x.offset, x.shape4(), x.strides()), x.shape)
+
+
+def scatter_heads(backend, view, src):
+    """Write the (B * heads, T, dim) array src into the HeadView `view`; returns the view."""
+    backend.write_view(view.data, view.offset, view.strides(), backend.reshape(src, view.shape4()))
+    return view
 
 
 def broadcast_strides(shape, out_shape):

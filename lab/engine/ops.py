@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from .backend import contiguous_strides
+from .backend import HeadView, contiguous_strides, gather_heads, scatter_heads
 from .tensor import Tensor, is_grad_enabled, tensor
 from . import random as _random
 
@@ -587,9 +587,9 @@ def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0, training=T
 
 def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weights=False):
     """Multi-head causal self-attention from the packed projection qkv (B, T, 3C) (q, k, v side by side, as GPT-2's
-    c_attn makes it) to y (B, T, C), heads merged. One autograd node: the head split and merge are single strided
-    copies from and to the packed layouts, and the backward writes dq, dk, dv straight into one gradient buffer
-    (no zero fills, no adds), where split + permute + attention + permute would do three of each. The same
+    c_attn makes it) to y (B, T, C), heads merged. One autograd node: the products read q, k, v where they lie in
+    the packed projection and write y (and, backward, dq, dk, dv) straight into the merged layouts (HeadView; where
+    a backend's kernel cannot, it copies), where split + permute + attention + permute would copy each of them. The same
     arithmetic as scaled_dot_product_attention, the same dropout mask. With return_weights=True also returns the
     attention weights (B, H, T, T) before dropout (no gradient flows through them)."""
     if qkv.ndim != 3 or qkv.shape[2] % 3 or (qkv.shape[2] // 3) % n_head:
@@ -609,27 +609,34 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
         y, lse = Bk.flash_attention(qkv.data, H, scale, dropout_p, seed)
         return Tensor._make(y, Bk, (qkv,), lambda g: (
             Bk.flash_attention_bwd(qkv.data, y, lse, g, H, scale, dropout_p, seed),))
-    packed = (T * C3, D, C3, 1)                            # (b, h, t, d) of one part inside (B, T, 3C)
-    q, k, v = (Bk.reshape(Bk.copy_view(qkv.data, i * C, (Bsz, H, T, D), packed), (Bsz * H, T, D)) for i in range(3))
+    # q, k, v (B * H, T, D) where they lie in qkv, and y written straight into the merged (B, T, C) layout; a
+    # backend whose kernels cannot take these views for this shape gets each head stack copied once instead
+    in_place = Bk.heads_in_place(T, D)
+    heads = (lambda x: x) if in_place else (lambda x: gather_heads(Bk, x))
+
+    def product_into(view, a, b, trans_a=False, trans_b=False):
+        if in_place:
+            return Bk.matmul(a, b, trans_a, trans_b, triangle="a", out=view)
+        return scatter_heads(Bk, view, Bk.matmul(a, b, trans_a, trans_b, triangle="a"))
+
+    q, k, v = (heads(HeadView(qkv.data, i * C, H, D)) for i in range(3))
     # the triangle hints let the GPU skip what the causal mask zeroes (about half of each product)
     att = Bk.softmax(Bk.matmul(q, k, False, True, triangle="out"), scale, True)  # (BH, T, T)
     seed = _random.next_seed() if training and dropout_p > 0 else None
     att_d = Bk.dropout(att, dropout_p, seed) if seed is not None else att
-    y = Bk.matmul(att_d, v, triangle="a")                                        # (BH, T, D)
-    merged = (H * T * D, D, T * D, 1)                      # (b, t, h, d) of y viewed as (B, H, T, D)
-    out = Bk.reshape(Bk.copy_view(y, 0, (Bsz, T, H, D), merged), (Bsz, T, C))
+    out = Bk.empty((Bsz, T, C), qkv.data.dtype)
+    product_into(HeadView(out, 0, H, D), att_d, v)                                  # y
 
     def backward(g):
-        gy = Bk.reshape(Bk.copy_view(g, 0, (Bsz, H, T, D), (T * C, D, C, 1)), (Bsz * H, T, D))
+        gy = heads(HeadView(g, 0, H, D))
         g_att = Bk.matmul(gy, v, False, True, triangle="out")  # its upper triangle meets att's zeros
-        gv = Bk.matmul(att_d, gy, True, False, triangle="a")
+        gqkv = Bk.empty((Bsz, T, C3), g.dtype)                   # the three products below write every element
+        product_into(HeadView(gqkv, 2 * C, H, D), att_d, gy, True, False)        # dv
         if seed is not None:
             g_att = Bk.dropout(g_att, dropout_p, seed)
         gs = Bk.softmax_bwd(att, g_att, scale)
-        gq, gk = Bk.matmul(gs, k, triangle="a"), Bk.matmul(gs, q, True, False, triangle="a")
-        gqkv = Bk.empty((Bsz, T, C3))                      # the three writes below cover every element
-        for i, part in enumerate((gq, gk, gv)):
-            Bk.write_view(gqkv, i * C, packed, Bk.reshape(part, (Bsz, H, T, D)))
+        product_into(HeadView(gqkv, 0, H, D), gs, k)                              # dq
+        product_into(HeadView(gqkv, C, H, D), gs, q, True, False)                 # dk
         return (gqkv,)
     y_t = Tensor._make(out, Bk, (qkv,), backward)
     if return_weights:

@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from .backend import MAXDIM, Backend, broadcast_strides, contiguous_strides
+from .backend import MAXDIM, Backend, HeadView, broadcast_strides, contiguous_strides, gather_heads, scatter_heads
 from .kernels import specialize
 
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
@@ -68,6 +68,23 @@ def list_adapters():
 
 def _u32(x):
     return int(x) & 0xFFFFFFFF
+
+
+def _storage(x):
+    """The buffer behind an operand (a HeadView's activation)."""
+    return x.data if isinstance(x, HeadView) else x
+
+
+def _operand_layout(x, heads):
+    """(offset, outer, inner, row stride) in floats of matmul_aligned.wgsl's operand addressing (see its header):
+    matrix b at offset + (b / heads) outer + (b % heads) inner, rows `row stride` apart."""
+    if isinstance(x, HeadView):
+        outer, inner, row, _ = x.strides()
+        return x.offset, outer, inner, row
+    n, rows, cols = x.shape
+    if n == 1:  # one matrix for the whole batch
+        return 0, 0, 0, cols
+    return 0, heads * rows * cols, rows * cols, cols
 
 
 def _f32bits(x):
@@ -774,16 +791,25 @@ class WgpuBackend(Backend):
             return out, pre
         return self.unary("gelu", out), out if keep_pre else None
 
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None):
-        return self._matmul(a, b, trans_a, trans_b, bias, triangle)[0]
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None):
+        return self._matmul(a, b, trans_a, trans_b, bias, triangle, into=out)[0]
 
-    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, gelu=None):
+    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, gelu=None, into=None):
         """(out, pre, fused): gelu None, the product (+ bias); "keep" or "drop", where the whole-tile kernel takes the
-        product in one piece, its GELU with fused=True (and with "keep" the product in pre), else the product."""
+        product in one piece, its GELU with fused=True (and with "keep" the product in pre), else the product.
+        a, b may be HeadViews and `into` a HeadView to write the product into (out is then that view): read and
+        written in place by the whole-tile kernels, gathered and scattered by copies for the others."""
+        views = [x for x in (a, b, into) if isinstance(x, HeadView)]
+        heads = views[0].heads if views else 1
+        if any(v.heads != heads or v.shape[0] != views[0].shape[0] for v in views) or (
+                views and (bias is not None or gelu is not None)):
+            raise ValueError("matmul: HeadView operands must share batch and heads, and take no bias or activation")
         ba, bb = a.shape[0], b.shape[0]
         M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
         N = b.shape[1] if trans_b else b.shape[2]
         batch = max(ba, bb)
+        if K == 0 and views:
+            return self._matmul_gathered(a, b, trans_a, trans_b, triangle, into)
         if K == 0:
             out = self._alloc((batch, M, N), "float32")
             self._flat("copy", "fill_main", [out.size, 0], [None, out], out.size)
@@ -791,27 +817,35 @@ class WgpuBackend(Backend):
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
         wide_shape = M % 128 == 0 and N % 128 == 0 and K % 16 == 0  # whole 128 x 128 tiles
         S = 1
-        if tiles < self.SPLIT_K_TILES and K >= 256:  # chunks of at least 128 along K
+        if tiles < self.SPLIT_K_TILES and K >= 256 and into is None:  # chunks of at least 128 along K
             # as many chunks as fill the device with tiles of 64 x 64 or, where M and N allow, of 128 x 128:
             # the weight gradients' long K then runs at the 128 x 128 tiles' full rate (45.9 TFLOP/s in 32
             # chunks against 34.0 in 8 for 384 x 1536 x 16384 on the H200), well worth summing the chunks after
             S = min(math.ceil(self.SPLIT_K_TILES / (tiles // 4 if wide_shape else tiles)), K // 128)
         kc = math.ceil(math.ceil(K / S) / 16) * 16   # chunks of whole TK steps
         S = math.ceil(K / kc)
-        out = self._alloc((S * batch, M, N), "float32")
+        aligned = self.MATMUL_ALIGNED and M % 64 == 0 and N % 64 == 0 and K % 16 == 0
+        wide = self.MATMUL_ALIGNED and wide_shape and M * N * batch * S >= self.WIDE_MIN_TILES << 14
+        if views and not (aligned and all(v.offset % 4 == 0 and v.width % 4 == 0 and v.dim % 4 == 0
+                                          for v in views)):
+            return self._matmul_gathered(a, b, trans_a, trans_b, triangle, into)
+        out = self._alloc((S * batch, M, N), "float32") if into is None else into
         params = [M, N, K, M * K if ba > 1 else 0, K * N if bb > 1 else 0, M * N, batch, kc]
         subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))
         label = f"matmul {'T' if trans_a else 'N'}{'T' if trans_b else 'N'} {batch}x{M}x{N}x{K}" + (
             f" split {S}" if S > 1 else "")
         grid = (math.ceil(N / 64), math.ceil(M / 64), batch * S)
         layout = ("t" if trans_a else "n") + ("t" if trans_b else "n")
-        aligned = self.MATMUL_ALIGNED and M % 64 == 0 and N % 64 == 0 and K % 16 == 0
-        wide = self.MATMUL_ALIGNED and wide_shape and M * N * batch * S >= self.WIDE_MIN_TILES << 14
         if aligned and not wide and layout in ("nt", "tt"):
             # A transposed B is staged badly by the 64-column kernels (its rows run along k); transposing it first
             # costs one copy of B, far less than the product it speeds up (measured: README, Performance). The
             # 128 x 128 kernels transpose it as they stage it.
-            b = self.copy_view(b, 0, (bb, K, N), (N * K, 1, K))
+            if isinstance(b, HeadView):
+                outer, inner, row, _ = b.strides()
+                b = self.reshape(self.copy_view(b.data, b.offset, (bb // heads, heads, K, N), (outer, inner, 1, row)),
+                                 (bb, K, N))
+            else:
+                b = self.copy_view(b, 0, (bb, K, N), (N * K, 1, K))
             layout = layout[0] + "n"
         if aligned:
             # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here); a bias is added
@@ -830,10 +864,14 @@ class WgpuBackend(Backend):
                 tri = 1
             elif triangle == "a" and M == K:
                 tri = 3 if trans_a else 2
-            self._dispatch("matmul_aligned", entry, params + [int(fused), tri, act],
-                           [a, b, out, bias if fused else None, pre], grid, out.size,
-                           label=label + " aligned" + (" +bias" if fused else "") + (" +gelu" if act else "") + (
-                               f" {triangle}-triangle" if tri else ""))
+            la, lb, lc = (_operand_layout(x, heads) for x in (a, b, out))
+            params = [M, N, K, la[1], lb[1], lc[1], batch, kc, int(fused), tri, act, la[3], lb[3], lc[3], heads,
+                      la[2], lb[2], lc[2], la[0], lb[0], lc[0], batch * M * N]
+            self._dispatch("matmul_aligned", entry, params,
+                           [_storage(a), _storage(b), _storage(out), bias if fused else None, pre], grid,
+                           batch * M * N * S, label=label + " aligned" + (" +bias" if fused else "")
+                           + (" +gelu" if act else "") + (f" {triangle}-triangle" if tri else "")
+                           + (" in place" if views else ""))
             if act:
                 return out, pre, True
             if fused:
@@ -844,6 +882,16 @@ class WgpuBackend(Backend):
         if S > 1:
             out = self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
         return (out if bias is None else self.binary("add", out, bias)), None, False
+
+    def heads_in_place(self, seq, dim):
+        """Attention's six products all take the whole-tile kernels: T (M, N or K) a multiple of 64, and the head
+        width (N or K) too."""
+        return self.MATMUL_ALIGNED and seq % 64 == 0 and dim % 64 == 0
+
+    def _matmul_gathered(self, a, b, trans_a, trans_b, triangle, into):
+        """A product with HeadViews through contiguous copies of them (for the kernels that take plain stacks)."""
+        out = self.matmul(gather_heads(self, a), gather_heads(self, b), trans_a, trans_b, triangle=triangle)
+        return (out if into is None else scatter_heads(self, into, out)), None, False
 
     def _rows(self, shape):
         return math.prod(shape[:-1]), shape[-1]

@@ -122,11 +122,12 @@ def activation_floats(c, b, T, training=True):
     N, C, H, L, V = b * T, c.n_embd, c.n_head, c.n_layer, c.vocab_size
     drop = c.dropout > 0 and training
     att = b * H * T * T
-    # per layer, in units of N*C: ln_1 1, c_attn 3 (bias fused into the matmul), q k v heads 3, merged heads 1,
-    # c_proj 1, residual 1, ln_2 1, c_fc 4, gelu 4, mlp c_proj 1, residual 1 = 21 (F.linear and
-    # F.causal_self_attention keep no split, permute or bias-add copies); dropout adds 2 (residual paths);
-    # attention holds the softmax (and its dropped copy)
-    per_layer = (21 + (2 if drop else 0)) * N * C + (1 + (1 if drop else 0)) * att + 4 * N
+    # per layer, in units of N*C: ln_1 1, c_attn 3 (bias fused into the matmul), merged heads 1, c_proj 1,
+    # residual 1, ln_2 1, c_fc 4, gelu 4, mlp c_proj 1, residual 1 = 18 (F.linear and F.causal_self_attention
+    # keep no split, permute or bias-add copies: attention's products read the heads inside c_attn's output);
+    # dropout adds 4 (measured: lab.stats() peaks of 2- and 3-layer models); attention holds the softmax (and its
+    # dropped copy)
+    per_layer = (18 + (4 if drop else 0)) * N * C + (1 + (1 if drop else 0)) * att + 4 * N
     embed = (2 + (1 if drop else 0)) * N * C + T * C
     head = N * C + N * V + 3 * N + 2 * N                  # ln_f, logits, cross-entropy rows, ln_f stats
     total = embed + L * per_layer + head
@@ -143,11 +144,16 @@ def dropout_floats(c, b, T):
     return 2 * (N * c.n_embd + c.n_layer * (2 * N * c.n_embd + b * c.n_head * T * T))
 
 
-def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
+def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None):
     """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 31 + 80 per
-    layer (gradient clipping runs inside the optimizer's kernel), dropout 2 + 6 per layer more; LoRA adds 4 per
-    adapted module per layer ("c_proj" names two modules of a block) and saves 22 updates of frozen parameters."""
-    ops = 31 + 80 * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
+    layer (gradient clipping runs inside the optimizer's kernel), of which 8 copy attention's heads out of and
+    into the activations unless its products take them in place (heads_in_place; None: as the wgpu backend
+    decides, sequences and heads multiples of 64); dropout 2 + 6 per layer more; LoRA adds 4 per adapted module
+    per layer ("c_proj" names two modules of a block) and saves 22 updates of frozen parameters."""
+    if heads_in_place is None:
+        heads_in_place = c.block_size % 64 == 0 and (c.n_embd // c.n_head) % 64 == 0
+    per_layer = 72 if heads_in_place else 80
+    ops = 31 + per_layer * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
     if lora_rank:
         modules = sum(2 if t == "c_proj" else 1 for t in lora_targets)
         ops += c.n_layer * 4 * modules - 22
@@ -178,9 +184,13 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     params, trainable = count_params(c, lora_rank, lora_targets)
     acts, per_layer, largest, parts = activation_floats(c, batch, seq)
     opt_floats = (2 if optimizer == "adamw" else 1) * trainable
-    # backward working set, measured on the engine: dlogits plus about 10 x (B, T, C) of gradients alive while
-    # the last block's MLP is differentiated (its 4C-wide output and GELU gradients, the residual's gradient)
-    backward = batch * seq * c.vocab_size + 10 * batch * seq * c.n_embd
+    # backward working set, measured on the engine (lab.stats() peaks of 2- and 3-layer models, the part that does
+    # not grow with depth): dlogits, about 25 x (B, T, C) of gradients and temporaries alive while the last block
+    # is differentiated (its MLP's 4C-wide output and GELU gradients, the residual's gradient, dq|dk|dv) and 1.5
+    # attention matrices (2.5 with dropout: the scores' gradient, before and after dropout, and the softmax's)
+    att = batch * c.n_head * seq * seq
+    backward = int(batch * seq * c.vocab_size + 25 * batch * seq * c.n_embd
+                  + (2.5 if c.dropout > 0 else 1.5) * att)
     memory = {
         "weights": params * F32, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
         f"activations: {c.n_layer} layers": parts["layers"] * F32, "activations: embeddings": parts["embeddings"] * F32,
