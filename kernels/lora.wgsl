@@ -3,7 +3,10 @@
 //   down_main:   H[m, j] = sum_k X[m, k] A[j, k]                     H = x A^T: (M, r), one thread per (m, j)
 //   up_add_main: Y[m, n] = BASE[m, n] + s * sum_j H[m, j] B[n, j]    one thread per (m, n): the up-projection
 //                and the addition to the base output in a single pass over Y, r (<= 64 or so) FMAs per element
-// The backward (dA, dB, dx) is four matmuls with a K as large as M or N, which the tiled matmul kernel serves.
+//   up_add_t_main: the same from B transposed (r, N), which the backend copies first (N r floats): neighbouring
+//                threads then read neighbouring floats of it
+// The backward (dA, dB, dx) is four matmuls with a K as large as M or N, which the tiled matmul kernel serves;
+// the backend computes H = x A^T by the matmul kernels too (down_main stays as the plain reference kernel).
 // Bindings: P = [M, K, N, r, s bits], @binding(1) IN (X or H), @binding(2) W (A or B), @binding(3) BASE, @binding(4) OUT.
 
 const WG: u32 = 256u;
@@ -43,5 +46,22 @@ fn up_add_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let n = e % N;
     var acc = 0.0;
     for (var j = 0u; j < r; j++) { acc += IN[m * r + j] * W[n * r + j]; }
+    OUT[e] = BASE[e] + bitcast<f32>(P[4]) * acc;
+}
+
+// up_add_main with B given transposed, BT: (r, N): a warp's 32 outputs of one row read 32 neighbouring floats
+// of BT per j (one row of H, the same for all of them), where B (N, r) has them r floats apart.
+@compute @workgroup_size(WG)
+fn up_add_t_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let e = flat(wid, nwg, lid);
+    let M = P[0];
+    let N = P[2];
+    let r = P[3];
+    if (e >= M * N) { return; }
+    let m = e / N;
+    let n = e % N;
+    var acc = 0.0;
+    for (var j = 0u; j < r; j++) { acc += IN[m * r + j] * W[j * N + n]; }
     OUT[e] = BASE[e] + bitcast<f32>(P[4]) * acc;
 }

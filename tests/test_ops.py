@@ -258,6 +258,27 @@ def test_matmul_on_heads_that_no_whole_tile_kernel_takes_copies_them(wgpu_backen
     np.testing.assert_allclose(_heads_of(results[1], 0, 2, 12), square @ _heads_of(packed, 48, 2, 12), rtol=1e-5)
 
 
+@pytest.mark.parametrize("down_matmul,up_t", [(False, False), (True, True)], ids=["lora-kernels", "tiled-and-bt"])
+def test_lora_forward_kernels_match_numpy(wgpu_backend, numpy_backend, monkeypatch, down_matmul, up_t):
+    """LoRA's forward both ways: lora.wgsl's kernels on A and B as stored, and (the default) H = x A^T by the
+    matmul kernels with the up-projection reading B transposed; on ragged and whole shapes."""
+    import lab
+    monkeypatch.setattr(wgpu_backend, "LORA_DOWN_MATMUL", down_matmul)
+    monkeypatch.setattr(wgpu_backend, "LORA_UP_TRANSPOSED", up_t)
+    rng = np.random.default_rng(15)
+    for M, K, N, r in ((37, 29, 44, 3), (256, 384, 1152, 8)):
+        x, a, b, base = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (r, K), (N, r), (M, N)))
+        up, down = wgpu_backend.from_numpy, wgpu_backend.to_numpy
+        with lab.profile(wgpu_backend) as prof:
+            h = wgpu_backend.lora_down(up(x), up(a))
+            y = down(wgpu_backend.lora_up_add(up(base), h, up(b), 0.5))
+        names = [name for name, _, _ in prof.records]
+        assert ("lora:down_main" in names) != down_matmul and ("lora:up_add_t_main" in names) == up_t, names
+        np.testing.assert_allclose(down(h), numpy_backend.lora_down(x, a), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y, numpy_backend.lora_up_add(base, numpy_backend.lora_down(x, a), b, 0.5),
+                                   rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("n", [7, 384, 1500], ids=["short", "model", "long"])
 def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, numpy_backend, n):
     """Rows up to 1024 run on 64 threads, longer ones on 256 (softmax, layernorm, cross-entropy)."""

@@ -82,7 +82,7 @@ CASES = [
     Case("dropout", lambda a: F.dropout(a, 0.3, seed=1234), [(_x(4, 9),), (_x(3001,),)]),
     Case("lora_add", lambda y, x, a, b: F.lora_add(y, x, a, b, 2.0),
          [(_x(3, 4, 5), _x(3, 4, 6), _x(2, 6), _x(5, 2)), (_x(300, 67), _x(300, 33), _x(8, 33), _x(67, 8)),
-          (_x(1, 1), _x(1, 1), _x(1, 1), _x(1, 1))], fwd_tol=1e-5),
+          (_x(1, 1), _x(1, 1), _x(1, 1), _x(1, 1)), (_x(2, 40, 48), _x(2, 40, 36), _x(4, 36), _x(48, 4))], fwd_tol=1e-5),
     Case("attention", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(_x(2, 2, 5, 3),) * 3, (_x(1, 3, 33, 8),) * 3]),
     Case("linear", lambda x, w, b: F.linear(x, w, b),
          [(_x(2, 3, 4), _x(4, 5), _x(5,)), (_x(2, 64, 32), _x(32, 128), _x(128,)), (_x(130, 48), _x(48, 72), _x(72,))],

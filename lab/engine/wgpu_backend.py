@@ -1051,16 +1051,29 @@ class WgpuBackend(Backend):
         self._dispatch("attention", entry, self._attention_params(shape, n_head, scale, p, seed), binds, grid,
                        qkv.size, label=label)
 
+    LORA_DOWN_MATMUL = True  # H = x A^T by the matmul kernels (tiled, split along K), not lora.wgsl's down_main
+
     def lora_down(self, x, a):
         (M, K), r = x.shape, a.shape[0]
+        if self.LORA_DOWN_MATMUL:
+            # one thread per output reading a whole row of x (down_main) ran 2-3x slower on the H200 than the
+            # tiled kernels on the same shapes (the backward's rank-r products)
+            return self.reshape(self.matmul(self.reshape(x, (1, M, K)), self.reshape(a, (1, r, K)), False, True),
+                                (M, r))
         out = self._alloc((M, r), "float32")
         self._flat("lora", "down_main", [M, K, 0, r, 0], [x, a, None, out], M * r)
         return out
 
+    LORA_UP_TRANSPOSED = True  # the up-projection reads B transposed (lora.wgsl up_add_t_main)
+
     def lora_up_add(self, base, h, b, scale):
         (M, N), r = base.shape, h.shape[1]
         out = self._alloc((M, N), "float32")
-        self._flat("lora", "up_add_main", [M, 0, N, r, _f32bits(scale)], [h, b, base, out], M * N)
+        if self.LORA_UP_TRANSPOSED:
+            bt = self.copy_view(b, 0, (r, N), (1, r))
+            self._flat("lora", "up_add_t_main", [M, 0, N, r, _f32bits(scale)], [h, bt, base, out], M * N)
+        else:
+            self._flat("lora", "up_add_main", [M, 0, N, r, _f32bits(scale)], [h, b, base, out], M * N)
         return out
 
     # ------------------------------------------------------------------ optimizers (in place)

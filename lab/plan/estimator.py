@@ -148,15 +148,16 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
     """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 31 + 80 per
     layer (gradient clipping runs inside the optimizer's kernel), of which 8 copy attention's heads out of and
     into the activations unless its products take them in place (heads_in_place; None: as the wgpu backend
-    decides, sequences and heads multiples of 64); dropout 2 + 6 per layer more; LoRA adds 4 per adapted module
-    per layer ("c_proj" names two modules of a block) and saves 22 updates of frozen parameters."""
+    decides, sequences and heads multiples of 64); dropout 2 + 6 per layer more; LoRA adds 5 per adapted module
+    per layer ("c_proj" names two modules of a block; each of its products long enough to be split along K adds
+    one more, for the sum) and saves 22 updates of frozen parameters."""
     if heads_in_place is None:
         heads_in_place = c.block_size % 64 == 0 and (c.n_embd // c.n_head) % 64 == 0
     per_layer = 72 if heads_in_place else 80
     ops = 31 + per_layer * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
     if lora_rank:
         modules = sum(2 if t == "c_proj" else 1 for t in lora_targets)
-        ops += c.n_layer * 4 * modules - 22
+        ops += c.n_layer * 5 * modules - 22
     return ops
 
 
