@@ -106,3 +106,43 @@ def test_step_with_max_norm_needs_the_norm(use_backend):
     p.grad = lab.tensor(np.ones(3, np.float32))
     with pytest.raises(ValueError, match="guard"):
         AdamW([p]).step(max_norm=1.0)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_adamw_in_few_dispatches_equals_one_per_parameter(wgpu_backend, monkeypatch, max_norm):
+    """wgpu's AdamW over many parameters (optim_many.wgsl: several parameters per dispatch, as many as the
+    device's bindings allow; 3 per dispatch here so that 11 parameters take 4, the last part-full) against the
+    one-per-parameter kernel: the same weights, moments and clipped gradients, over two steps with different
+    weight decays and sizes (1 element to several workgroups); a NaN norm leaves everything as it was."""
+    from lab.engine.backend import using_backend
+    from lab.train import grad_norm
+    rng = np.random.default_rng(4)
+    shapes = [(1,), (3, 5), (700,), (2, 257), (64,), (5,), (1000,), (9, 9), (256,), (2,), (513,)]
+    values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
+    monkeypatch.setattr(type(wgpu_backend), "MAX_OPTIMIZER_SLOTS", 3)
+    results = []
+    for many in (True, False):
+        if not many:
+            monkeypatch.setattr(type(wgpu_backend), "adamw_many_", None)
+        with using_backend(wgpu_backend):
+            ps = [lab.tensor(v, requires_grad=True) for v in values]
+            opt = AdamW([{"params": ps[:6], "weight_decay": 0.1}, {"params": ps[6:], "weight_decay": 0.0}], lr=0.01)
+            with lab.profile(wgpu_backend) as prof:
+                for step_grads in grads:
+                    for p, g in zip(ps, step_grads):
+                        p.grad = lab.tensor(g)
+                    opt.step(guard=grad_norm(ps), max_norm=max_norm)
+            names = [n for n, _, _ in prof.records if n.startswith("optim")]
+            assert names == (["optim_many:adamw_many_main"] * 8 if many else ["optim:adamw_main"] * 22), names
+            clipped = [p.grad.numpy() for p in ps]    # the update leaves the clipped gradients in .grad
+            for p in ps:
+                p.grad = lab.tensor(np.full(p.shape, np.nan, np.float32))
+            before = [p.numpy() for p in ps]
+            opt.step(guard=grad_norm(ps), max_norm=max_norm)   # a NaN norm: skipped on the device
+            for p, b in zip(ps, before):
+                np.testing.assert_array_equal(p.numpy(), b)
+            results.append([p.numpy() for p in ps] + clipped + [wgpu_backend.to_numpy(a)
+                                                              for a in opt.state_arrays().values()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

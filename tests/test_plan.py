@@ -150,7 +150,8 @@ def test_op_count_matches_the_engine(wgpu_backend, dropout, lora_rank):
             before = wgpu_backend.stats()["dispatches"]
             t.train_step()
             lab.sync()
-        assert wgpu_backend.stats()["dispatches"] - before == plan.estimator.op_count(cfg, lora_rank), (n_layer, dropout)
+        counted = plan.estimator.op_count(cfg, lora_rank, update_slots=wgpu_backend.optimizer_slots())
+        assert wgpu_backend.stats()["dispatches"] - before == counted, (n_layer, dropout)
 
 
 def test_heads_in_place_save_the_op_count_says(wgpu_backend, monkeypatch):
@@ -172,9 +173,10 @@ def test_heads_in_place_save_the_op_count_says(wgpu_backend, monkeypatch):
     in_place = dispatches()
     monkeypatch.setattr(wgpu_backend, "heads_in_place", lambda seq, dim: False)
     copied = dispatches()
-    counted = [plan.estimator.op_count(cfg, heads_in_place=h) for h in (True, False)]
+    slots = wgpu_backend.optimizer_slots()
+    counted = [plan.estimator.op_count(cfg, heads_in_place=h, update_slots=slots) for h in (True, False)]
     assert copied - in_place == counted[1] - counted[0] == 8 * cfg.n_layer, (in_place, copied, counted)
-    assert plan.estimator.op_count(cfg) == counted[0]
+    assert plan.estimator.op_count(cfg, update_slots=slots) == counted[0]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "shakespeare-char", "gpt2-small"])

@@ -83,6 +83,8 @@ class Backend:
     # guard: a one-element array (the step's gradient norm); when it is not finite the update is skipped;
     # max_norm > 0 first clips g in place to that global norm (as clip_ would), in the same pass
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None, max_norm=0.0): raise NotImplementedError
+    # optional: adamw_many_(slots, lr, b1, b2, eps, step, guard, max_norm), adamw_ on every (p, g, m, v, wd) of
+    # slots together (wgpu: one dispatch for as many parameters as a shader stage can bind)
     def sgd_(self, p, g, buf, lr, momentum, wd, guard=None, max_norm=0.0): raise NotImplementedError
     def sumsq_into(self, a, out, slot): raise NotImplementedError   # out[slot] = sum(a * a)
     def clip_(self, g, normsq, max_norm): raise NotImplementedError

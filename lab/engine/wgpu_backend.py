@@ -270,6 +270,7 @@ class WgpuBackend(Backend):
         self._pipelines = {}       # (kernel, entry, specialization) -> (pipeline, bind group layout, slots)
         self._layouts = {}
         self._dummies = {}
+        self._tables, self._opt_subs = {}, {}  # adamw_many_'s slot tables (by layout) and generated sources
         self._bind_groups = {}
         self._arena = self.device.create_buffer(size=ARENA_BYTES, usage=self._usage)
         self._arena_host = bytearray(ARENA_BYTES)
@@ -1093,6 +1094,62 @@ class WgpuBackend(Backend):
         if self._capture is not None:
             self._patch = lambda s: params(s["lr"], s["step"])
         self._flat("optim", "adamw_main", params(lr, step), [p, g, m, v, self._guard(guard)], p.size)
+
+    def optimizer_slots(self):
+        """Parameters one adamw_many_ dispatch updates: four bindings each, beside the params, guard and table."""
+        bindings = min(self.limits.get("max-storage-buffers-per-shader-stage", 8),
+                       self.limits.get("max-bindings-per-bind-group", 1000) - 1)
+        return max(1, min(self.MAX_OPTIMIZER_SLOTS, (bindings - 2) // 4))
+
+    MAX_OPTIMIZER_SLOTS = 128
+
+    def adamw_many_(self, slots, lr, b1, b2, eps, step, guard=None, max_norm=0.0):
+        """adamw_ on every (p, g, m, v, wd) of `slots` in as few dispatches as the device's bindings allow
+        (optim_many.wgsl), with the same arithmetic."""
+        if max_norm > 0 and guard is None:
+            raise ValueError("adamw_many_: clipping to max_norm needs the gradient norm as guard")
+        per = self.optimizer_slots()
+        for start in range(0, len(slots), per):
+            chunk = slots[start:start + per]
+            table, rows, first = self._optimizer_table(chunk)
+
+            def params(lr, step, n=len(chunk)):
+                return [n] + [_f32bits(x) for x in (lr, b1, b2, eps, 1 - b1 ** step, 1 - b2 ** step, max_norm)]
+            if self._capture is not None:
+                self._patch = lambda s, params=params: params(s["lr"], s["step"])
+            arrays = [a for p, g, m, v, _ in chunk for a in (p, g, m, v)]
+            self._dispatch("optim_many", "adamw_many_main", params(lr, step),
+                           [self._guard(guard), table] + arrays, _grid(first), rows,
+                           subs=self._optimizer_subs(len(chunk)), label=f"adamw x{len(chunk)}")
+
+    def _optimizer_table(self, chunk):
+        """The slots' [first workgroup, elements, weight decay] table on the device (made once per layout), the
+        elements in all and the workgroups in all."""
+        key = tuple((p.size, float(wd)) for p, _, _, _, wd in chunk)
+        hit = self._tables.get(key)
+        if hit is None:
+            rows, first, entries = 0, 0, []
+            for n, wd in key:
+                entries += [first, n, _f32bits(wd)]
+                first += math.ceil(n / WG)
+                rows += n
+            table = self._alloc((len(entries),), "int32", upload=True)  # (not a buffer recorded work still reads)
+            self.queue.write_buffer(table.buffer, 0, np.array(entries, dtype=np.uint32))
+            hit = self._tables[key] = (table, rows, first)
+        return hit
+
+    def _optimizer_subs(self, n):
+        """optim_many.wgsl's generated declarations and switch cases for n slots."""
+        if n in self._opt_subs:
+            return self._opt_subs[n]
+        bindings, cases = [], []
+        for k in range(n):
+            for j, name in enumerate("WGMV"):
+                bindings.append(f"@group(0) @binding({3 + 4 * k + j}) var<storage, read_write> {name}{k}: array<f32>;")
+            cases.append(f"        case {k}u: {{ var g = G{k}[i]; if (max_norm > 0.0) {{ g = g * clip; G{k}[i] = g; }} "
+                         f"let r = adamw(W{k}[i], g, M{k}[i], V{k}[i], wd); W{k}[i] = r.x; M{k}[i] = r.y; V{k}[i] = r.z; }}")
+        subs = self._opt_subs[n] = (("BINDINGS", "\n".join(bindings)), ("CASES", "\n".join(cases)))
+        return subs
 
     def sgd_(self, p, g, buf, lr, momentum, wd, guard=None, max_norm=0.0):
         if max_norm > 0 and guard is None:

@@ -144,13 +144,14 @@ def dropout_floats(c, b, T):
     return 2 * (N * c.n_embd + c.n_layer * (2 * N * c.n_embd + b * c.n_head * T * T))
 
 
-def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None):
+def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None, update_slots=1):
     """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 31 + 80 per
     layer (gradient clipping runs inside the optimizer's kernel), of which 8 copy attention's heads out of and
     into the activations unless its products take them in place (heads_in_place; None: as the wgpu backend
     decides, sequences and heads multiples of 64); dropout 2 + 6 per layer more; LoRA adds 5 per adapted module
     per layer ("c_proj" names two modules of a block; each of its products long enough to be split along K adds
-    one more, for the sum) and saves 22 updates of frozen parameters."""
+    one more, for the sum) and saves 22 updates of frozen parameters. Those counts are of one update dispatch per
+    trained tensor; update_slots > 1 counts one per that many (wgpu's adamw_many_)."""
     if heads_in_place is None:
         heads_in_place = c.block_size % 64 == 0 and (c.n_embd // c.n_head) % 64 == 0
     per_layer = 72 if heads_in_place else 80
@@ -158,7 +159,8 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
     if lora_rank:
         modules = sum(2 if t == "c_proj" else 1 for t in lora_targets)
         ops += c.n_layer * 5 * modules - 22
-    return ops
+    tensors = 2 * modules * c.n_layer if lora_rank else 4 + 12 * c.n_layer   # what the optimizer updates
+    return ops - tensors + math.ceil(tensors / update_slots)
 
 
 def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
@@ -204,7 +206,7 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     flops_per_token = 6 * params + 12 * c.n_layer * c.n_embd * seq
     if lora_rank:  # no weight gradients for the frozen base: about 4 of the 6 FLOPs per parameter remain
         flops_per_token = 4 * (params - trainable) + 6 * trainable + 12 * c.n_layer * c.n_embd * seq
-    ops = op_count(c, lora_rank, lora_targets)
+    ops = op_count(c, lora_rank, lora_targets, update_slots=prof.update_slots)
     # elementwise work scales with the activation floats (the profile says what one costs on the device); the
     # optimizer reads and writes parameter, gradient and two moments of every trainable float
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops + acts * prof.elementwise_s_per_float

@@ -33,6 +33,7 @@ class DeviceProfile:
     max_binding_size: int
     elementwise_s_per_float: float = 0.0  # training-step time per activation float beyond matmuls and op costs
     dropout_s_per_float: float = 0.0      # one dropout (its mask from the counter-based RNG) per element
+    update_slots: int = 1         # parameters one optimizer dispatch updates (wgpu: as many as a stage binds)
 
     def to_dict(self):
         return asdict(self)
@@ -45,13 +46,16 @@ NUMPY_BYTES_PER_ACTIVATION_FLOAT = 6 * 3 * 4
 DROPOUT_BYTES_PER_FLOAT = 2 * 4  # on a GPU the mask is computed in registers: one read, one write
 
 
+GPU_UPDATE_SLOTS = 128  # a GPU's Vulkan driver binds far more buffers per stage than a model has parameters
+
+
 def _spec(name, tflops, gbs, mem_gib, note, max_buffer=None, max_binding=None):
     mem = int(mem_gib * 2 ** 30)
     bandwidth = gbs * 1e9 * BANDWIDTH_EFFICIENCY
     return DeviceProfile(name, f"spec-derived: {note}", tflops * 1e12 * MATMUL_EFFICIENCY, bandwidth,
                          SPEC_OP_OVERHEAD_S, mem, max_buffer or min(mem, 2 ** 32 - 1),
                          max_binding or min(mem, 2 ** 31 - 4), SPEC_BYTES_PER_ACTIVATION_FLOAT / bandwidth,
-                         DROPOUT_BYTES_PER_FLOAT / bandwidth)
+                         DROPOUT_BYTES_PER_FLOAT / bandwidth, GPU_UPDATE_SLOTS)
 
 
 PROFILES = {
@@ -111,7 +115,8 @@ def profile_device(backend=None, refresh=False):
     lim = limits_profile(b)
     prof = DeviceProfile(lim.name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
                          3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, lim.memory_bytes, lim.max_buffer_size,
-                         lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / drop_n)
+                         lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / drop_n,
+                         b.optimizer_slots() if hasattr(b, "optimizer_slots") else 1)
     prof.elementwise_s_per_float = _probe_elementwise_cost(b, prof)
     _measured[key] = prof
     return prof
@@ -136,7 +141,7 @@ def _probe_elementwise_cost(backend, prof):
     finally:
         set_state(rng_state)
     matmul = model.flops_per_token() * batch * cfg.block_size / prof.matmul_flops
-    rest = best - matmul - op_count(cfg) * prof.op_overhead_s
+    rest = best - matmul - op_count(cfg, update_slots=prof.update_slots) * prof.op_overhead_s
     acts = activation_floats(cfg, batch, cfg.block_size)[0]
     return max(rest, 0.1 * best) / acts
 

@@ -65,10 +65,14 @@ class AdamW(Optimizer):
         B = self.backend
         g = guard.data if guard is not None else None
         clip = _max_norm(max_norm, guard)
-        for p, m, v, wd in zip(self.params, self.m, self.v, self.decay):
-            if p.grad is not None:
-                B.adamw_(p.data, p.grad.data, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count, guard=g,
-                         max_norm=clip)
+        slots = [(p.data, p.grad.data, m, v, wd) for p, m, v, wd in zip(self.params, self.m, self.v, self.decay)
+                 if p.grad is not None]
+        many = getattr(B, "adamw_many_", None)
+        if many is not None and len(slots) > 1:  # the whole update in one dispatch, or a few (wgpu)
+            many(slots, lr, self.b1, self.b2, self.eps, self.step_count, guard=g, max_norm=clip)
+            return
+        for p, gr, m, v, wd in slots:
+            B.adamw_(p, gr, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count, guard=g, max_norm=clip)
 
     def state_arrays(self):
         out = {}
