@@ -1,8 +1,10 @@
 // Fused LayerNorm over the last axis (n features), rows independent.
 //   forward_main:    mean, rstd = 1/sqrt(var + eps);  y = (x - mean) * rstd * w + b   (one workgroup per row)
+//                    with a residual (P[3] = 1) x is X + RES, written to SUM as it is read: a residual add and
+//                    the LayerNorm after it in one pass (a block's x + attn(...) and ln_2)
 // The backward kernels, which bind a different set of buffers, are in layernorm_backward.wgsl.
 // Variance is the biased one (divide by n), as GPT-2 and PyTorch's LayerNorm use.
-// Bindings (forward):  P = [rows, n, eps bits], X, W, Bias, Y, MEAN, RSTD
+// Bindings (forward):  P = [rows, n, eps bits, has_residual], X, W, Bias, Y, MEAN, RSTD, RES, SUM
 
 const RWG: u32 = {{RWG}}u;   // threads per row (the host picks 64 or 256 by row length)
 
@@ -13,6 +15,14 @@ const RWG: u32 = {{RWG}}u;   // threads per row (the host picks 64 or 256 by row
 @group(0) @binding(4) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(5) var<storage, read_write> MEAN: array<f32>;
 @group(0) @binding(6) var<storage, read_write> RSTD: array<f32>;
+@group(0) @binding(7) var<storage, read> RES: array<f32>;
+@group(0) @binding(8) var<storage, read_write> SUM: array<f32>;
+
+// Element i of the normalized input: X, or X + RES with a residual (uniform: P[3] is the same for every thread).
+fn x_at(i: u32) -> f32 {
+    if (P[3] == 1u) { return X[i] + RES[i]; }
+    return X[i];
+}
 
 #include workgroup_reduce
 
@@ -25,11 +35,15 @@ fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let eps = bitcast<f32>(P[2]);
     let base = r * n;
     var s = 0.0;
-    for (var j = lid; j < n; j += RWG) { s += X[base + j]; }
+    for (var j = lid; j < n; j += RWG) {
+        let x = x_at(base + j);
+        if (P[3] == 1u) { SUM[base + j] = x; }
+        s += x;
+    }
     let mean = wg_sum(s, lid) / f32(n);
     var v = 0.0;
-    for (var j = lid; j < n; j += RWG) { let d = X[base + j] - mean; v += d * d; }
+    for (var j = lid; j < n; j += RWG) { let d = x_at(base + j) - mean; v += d * d; }
     let rstd = inverseSqrt(wg_sum(v, lid) / f32(n) + eps);
-    for (var j = lid; j < n; j += RWG) { Y[base + j] = (X[base + j] - mean) * rstd * W[j] + Bias[j]; }
+    for (var j = lid; j < n; j += RWG) { Y[base + j] = (x_at(base + j) - mean) * rstd * W[j] + Bias[j]; }
     if (lid == 0u) { MEAN[r] = mean; RSTD[r] = rstd; }
 }

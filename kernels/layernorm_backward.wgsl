@@ -1,9 +1,11 @@
 // Backward of the fused LayerNorm (forward and the math: layernorm.wgsl).
 //   backward_x_main:  dx = rstd * (gx - mean_j(gx) - xhat * mean_j(gx * xhat)),  gx = g * w   (workgroup per row)
+//                     with P[4] = 1, + ACC: the input's gradient from its other uses (the residual stream's),
+//                     added here instead of by a pass of its own
 //   backward_wb_main: partial column sums over chunks of rows, one thread per (chunk s, feature j):
 //                     OUT0[s, j] = sum_{rows r in chunk s} g * xhat,  OUT1[s, j] = sum g
 //                     (the host sums the S partials into dw, db; S = 1 writes them directly)
-// Bindings: P = [rows, n, S, chunk], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw) and OUT1 (db).
+// Bindings: P = [rows, n, S, chunk, accumulate], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw), OUT1 (db), ACC.
 
 const WG: u32 = 256u;
 const RWG: u32 = {{RWG}}u;   // threads per row of backward_x_main (the host picks 64 or 256)
@@ -16,6 +18,7 @@ const RWG: u32 = {{RWG}}u;   // threads per row of backward_x_main (the host pic
 @group(0) @binding(5) var<storage, read> G: array<f32>;
 @group(0) @binding(6) var<storage, read_write> OUT0: array<f32>;
 @group(0) @binding(7) var<storage, read_write> OUT1: array<f32>;
+@group(0) @binding(8) var<storage, read> ACC: array<f32>;
 
 #include workgroup_reduce
 
@@ -39,7 +42,9 @@ fn backward_x_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let m2 = wg_sum(s2, lid) / f32(n);
     for (var j = lid; j < n; j += RWG) {
         let xhat = (X[base + j] - mean) * rstd;
-        OUT0[base + j] = rstd * (G[base + j] * W[j] - m1 - xhat * m2);
+        var dx = rstd * (G[base + j] * W[j] - m1 - xhat * m2);
+        if (P[4] == 1u) { dx += ACC[base + j]; }
+        OUT0[base + j] = dx;
     }
 }
 

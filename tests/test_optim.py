@@ -146,3 +146,26 @@ def test_adamw_in_few_dispatches_equals_one_per_parameter(wgpu_backend, monkeypa
                                                               for a in opt.state_arrays().values()])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("slots", [1, 128], ids=["4-per-dispatch", "all-in-one"])
+def test_grad_norm_in_few_dispatches_matches_numpy(wgpu_backend, monkeypatch, slots):
+    """wgpu's gradient norm (sumsq_many.wgsl: per-workgroup partial sums of many arrays in one dispatch, or of 4
+    per dispatch here, the partials then summed) against float64 numpy, on sizes around its 4096-element
+    workgroups."""
+    from lab.engine.backend import using_backend
+    from lab.train import grad_norm
+    monkeypatch.setattr(type(wgpu_backend), "MAX_OPTIMIZER_SLOTS", slots)
+    rng = np.random.default_rng(5)
+    shapes = [(1,), (4095,), (4096,), (4097,), (3, 7), (70000,), (2,), (8192,), (5, 5), (1,), (12289,)]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    with using_backend(wgpu_backend):
+        ps = [lab.tensor(np.zeros(s, np.float32), requires_grad=True) for s in shapes]
+        for p, g in zip(ps, grads):
+            p.grad = lab.tensor(g)
+        with lab.profile(wgpu_backend) as prof:
+            norm = grad_norm(ps).item()
+    dispatches = [n for n, _, _ in prof.records if n.startswith("sumsq_many")]
+    assert len(dispatches) == (3 if slots == 1 else 1), dispatches
+    want = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
+    assert norm == pytest.approx(want, rel=1e-5)

@@ -69,8 +69,10 @@ class Backend:
     def softmax_bwd(self, y, g, scale=1.0): raise NotImplementedError
     def log_softmax(self, a): raise NotImplementedError
     def log_softmax_bwd(self, y, g): raise NotImplementedError
-    def layernorm(self, x, w, b, eps): raise NotImplementedError    # -> y, mean, rstd
-    def layernorm_bwd(self, x, w, mean, rstd, g): raise NotImplementedError  # -> dx, dw, db
+    def layernorm(self, x, w, b, eps, residual=None): raise NotImplementedError
+    # -> y, mean, rstd; with residual, the LayerNorm of x + residual -> y, mean, rstd, x + residual
+    def layernorm_bwd(self, x, w, mean, rstd, g, acc=None): raise NotImplementedError
+    # -> dx, dw, db; with acc (x's gradient from its other uses) dx + acc
     def embedding(self, w, idx): raise NotImplementedError
     def embedding_bwd(self, idx, g, num_embeddings): raise NotImplementedError
     def cross_entropy(self, logits, targets, ignore_index): raise NotImplementedError  # -> loss, saved

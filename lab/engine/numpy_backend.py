@@ -328,7 +328,10 @@ class NumpyBackend(Backend):
     def log_softmax_bwd(self, y, g):
         return g - np.exp(y) * g.sum(axis=-1, keepdims=True)
 
-    def layernorm(self, x, w, b, eps):
+    def layernorm(self, x, w, b, eps, residual=None):
+        if residual is not None:  # the residual add fused in: LayerNorm of x + residual, and that sum
+            total = x + residual
+            return self.layernorm(total, w, b, eps) + (total,)
         n = x.shape[-1]
         mean = _row_sum(x) / x.dtype.type(n)
         xhat = x - mean
@@ -339,7 +342,7 @@ class NumpyBackend(Backend):
         xhat += b
         return xhat, mean[..., 0], rstd[..., 0]
 
-    def layernorm_bwd(self, x, w, mean, rstd, g):
+    def layernorm_bwd(self, x, w, mean, rstd, g, acc=None):
         n = x.shape[-1]
         xhat = x - mean[..., None]
         xhat *= rstd[..., None]
@@ -347,6 +350,8 @@ class NumpyBackend(Backend):
         dx = gx - _row_sum(gx) / gx.dtype.type(n)
         dx -= xhat * (_row_dot(gx, xhat) / gx.dtype.type(n))
         dx *= rstd[..., None]
+        if acc is not None:  # the input's gradient from its other uses, added in
+            dx += acc
         g2, xhat2 = g.reshape(-1, n), xhat.reshape(-1, n)
         ones = np.ones(len(g2), dtype=g.dtype)
         return dx, np.einsum("ij,ij->j", g2, xhat2), ones @ g2

@@ -478,12 +478,37 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     B = x.backend
     bias_data = bias.data if bias is not None else B.full((C,), 0.0)
     y, mean, rstd = B.layernorm(x.data, weight.data, bias_data, eps)
+    return _layer_norm_node(y, x, weight, bias, mean, rstd)
 
-    def backward(g):
-        dx, dw, db = B.layernorm_bwd(x.data, weight.data, mean, rstd, g)
-        return dx, dw, db
+
+def _layer_norm_node(y, x, weight, bias, mean, rstd):
+    """The autograd node of y = LayerNorm(x). Its backward adds x's gradient from x's other uses (in a
+    transformer, the residual stream that also carries x) into dx in the same kernel: absorbs=0."""
+    B = x.backend
+
+    def backward(g, acc):
+        return B.layernorm_bwd(x.data, weight.data, mean, rstd, g, acc)
     parents = (x, weight) + ((bias,) if bias is not None else ())
-    return Tensor._make(y, B, parents, backward)
+    return Tensor._make(y, B, parents, backward, absorbs=0)
+
+
+def add_layer_norm(x, y, weight, bias=None, eps=1e-5):
+    """(x + y, layer_norm(x + y)) in one pass over the rows: a residual add and the LayerNorm that follows it
+    (a transformer block's x + attn(ln_1(x)) then ln_2). Gradients as the two ops give them."""
+    _check_float(x, "add_layer_norm")
+    _check_float(y, "add_layer_norm")
+    if x.shape != y.shape:
+        raise ValueError(f"add_layer_norm: x and y must have the same shape, got {_shape_str(x.shape)} and "
+                         f"{_shape_str(y.shape)}")
+    C = x.shape[-1]
+    if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
+        raise ValueError(f"add_layer_norm: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
+                         f"{_shape_str(weight.shape)}" + (f" and {_shape_str(bias.shape)}" if bias is not None else ""))
+    B = x.backend
+    bias_data = bias.data if bias is not None else B.full((C,), 0.0)
+    h, mean, rstd, total = B.layernorm(x.data, weight.data, bias_data, eps, residual=y.data)
+    s = Tensor._make(total, B, (x, y), lambda g: (g, g))
+    return s, _layer_norm_node(h, s, weight, bias, mean, rstd)
 
 
 def _index_tensor(idx, like, limit, what):

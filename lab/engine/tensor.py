@@ -30,7 +30,8 @@ def no_grad():
 
 
 class Tensor:
-    __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "name", "__weakref__")
+    __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "_absorbs", "name",
+                 "__weakref__")
     __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
 
     def __init__(self, data, backend, requires_grad=False, name=None):
@@ -40,16 +41,20 @@ class Tensor:
         self.grad = None
         self._parents = ()
         self._backward = None
+        self._absorbs = None
         self.name = name
 
     @classmethod
-    def _make(cls, data, backend, parents, backward):
-        """The result of an op. Records the graph only when a parent needs gradients and grad is enabled."""
+    def _make(cls, data, backend, parents, backward, absorbs=None):
+        """The result of an op. Records the graph only when a parent needs gradients and grad is enabled.
+        absorbs=i: backward(g, acc) takes parent i's gradient accumulated so far from its other uses (None if
+        none) and returns that parent's gradient with acc added (in its own kernel: no pass to add them)."""
         out = cls(data, backend)
         if is_grad_enabled() and any(p.requires_grad for p in parents):
             out.requires_grad = True
             out._parents = parents
             out._backward = backward
+            out._absorbs = absorbs
         return out
 
     # -- properties --
@@ -136,14 +141,18 @@ class Tensor:
             if node._backward is None:  # a leaf
                 node.grad = Tensor(g, B) if node.grad is None else Tensor(B.binary("add", node.grad.data, g), B)
                 continue
-            parent_grads = node._backward(g)
+            if node._absorbs is None:
+                parent_grads = node._backward(g)
+            else:  # the parent's gradient so far goes into the node's backward, which returns the sum
+                p = node._parents[node._absorbs]
+                parent_grads = node._backward(g, grads.pop(id(p), None) if p.requires_grad else None)
             for p, pg in zip(node._parents, parent_grads):
                 if pg is None or not p.requires_grad:
                     continue
                 prev = grads.get(id(p))
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
             if not retain_graph:
-                node._backward, node._parents = None, ()
+                node._backward, node._parents, node._absorbs = None, (), None
                 node.requires_grad = False
 
 

@@ -926,20 +926,21 @@ class WgpuBackend(Backend):
                        _row_subs(n))
         return out
 
-    def layernorm(self, x, w, b, eps):
+    def layernorm(self, x, w, b, eps, residual=None):
         rows, n = self._rows(x.shape)
         y = self._alloc(x.shape, "float32")
         mean = self._alloc(x.shape[:-1], "float32")
         rstd = self._alloc(x.shape[:-1], "float32")
-        self._dispatch("layernorm", "forward_main", [rows, n, _f32bits(eps)], [x, w, b, y, mean, rstd], _grid(rows),
-                       rows * n, _row_subs(n))
-        return y, mean, rstd
+        total = self._alloc(x.shape, "float32") if residual is not None else None
+        self._dispatch("layernorm", "forward_main", [rows, n, _f32bits(eps), int(residual is not None)],
+                       [x, w, b, y, mean, rstd, residual, total], _grid(rows), rows * n, _row_subs(n))
+        return (y, mean, rstd) if residual is None else (y, mean, rstd, total)
 
-    def layernorm_bwd(self, x, w, mean, rstd, g):
+    def layernorm_bwd(self, x, w, mean, rstd, g, acc=None):
         rows, n = self._rows(x.shape)
         dx = self._alloc(x.shape, "float32")
-        self._dispatch("layernorm_backward", "backward_x_main", [rows, n, 1, rows], [x, w, mean, rstd, g, dx],
-                       _grid(rows), rows * n, _row_subs(n))
+        self._dispatch("layernorm_backward", "backward_x_main", [rows, n, 1, rows, int(acc is not None)],
+                       [x, w, mean, rstd, g, dx, None, acc], _grid(rows), rows * n, _row_subs(n))
         # dw, db are column sums over all rows: partial sums over row chunks first, so that enough threads run.
         S, chunk = _split(rows, 16, math.ceil(131072 / max(n, 1)))
         dw_parts, db_parts = self._alloc((S, n), "float32"), self._alloc((S, n), "float32")
@@ -1122,16 +1123,52 @@ class WgpuBackend(Backend):
                            [self._guard(guard), table] + arrays, _grid(first), rows,
                            subs=self._optimizer_subs(len(chunk)), label=f"adamw x{len(chunk)}")
 
-    def _optimizer_table(self, chunk):
+    SUMSQ_PER_WORKGROUP = WG * 16  # sumsq_many.wgsl: 256 threads x PER elements
+
+    def sumsq_many(self, arrays):
+        """sum(a * a) over all of `arrays` as a (1,) array: per-workgroup partial sums of as many arrays per
+        dispatch as the device binds (sumsq_many.wgsl), then one reduction of the partials."""
+        per = self.optimizer_slots() * 4   # one binding per array here
+        parts = []
+        for start in range(0, len(arrays), per):
+            chunk = arrays[start:start + per]
+            table, _, groups = self._optimizer_table([(a, None, None, None, 0.0) for a in chunk],
+                                                     self.SUMSQ_PER_WORKGROUP)
+            partial = self._alloc((groups,), "float32")
+            self._dispatch("sumsq_many", "sumsq_many_main", [len(chunk)], [partial, table] + list(chunk),
+                           _grid(groups), sum(a.size for a in chunk), subs=self._sumsq_subs(len(chunk)),
+                           label=f"sumsq x{len(chunk)}")
+            parts.append(partial)
+        total = parts[0] if len(parts) == 1 else self._concat_flat(parts)
+        return self.reshape(self.reduce("sum", total, 0), (1,))
+
+    def _concat_flat(self, parts):
+        out = self._alloc((sum(p.size for p in parts),), "float32")
+        at = 0
+        for p in parts:
+            self._copy(p, 0, [1], out, at, [1], p.shape)
+            at += p.size
+        return out
+
+    def _sumsq_subs(self, n):
+        """sumsq_many.wgsl's generated declarations and switch cases for n arrays."""
+        key = ("sumsq", n)
+        if key not in self._opt_subs:
+            bindings = [f"@group(0) @binding({3 + k}) var<storage, read> G{k}: array<f32>;" for k in range(n)]
+            reads = [f"        case {k}u: {{ return G{k}[i]; }}" for k in range(n)]
+            self._opt_subs[key] = (("BINDINGS", "\n".join(bindings)), ("READS", "\n".join(reads)))
+        return self._opt_subs[key]
+
+    def _optimizer_table(self, chunk, per_workgroup=WG):
         """The slots' [first workgroup, elements, weight decay] table on the device (made once per layout), the
-        elements in all and the workgroups in all."""
-        key = tuple((p.size, float(wd)) for p, _, _, _, wd in chunk)
+        elements in all and the workgroups in all (each workgroup taking per_workgroup elements)."""
+        key = (per_workgroup,) + tuple((p.size, float(wd)) for p, _, _, _, wd in chunk)
         hit = self._tables.get(key)
         if hit is None:
             rows, first, entries = 0, 0, []
-            for n, wd in key:
+            for n, wd in key[1:]:
                 entries += [first, n, _f32bits(wd)]
-                first += math.ceil(n / WG)
+                first += math.ceil(n / per_workgroup)
                 rows += n
             table = self._alloc((len(entries),), "int32", upload=True)  # (not a buffer recorded work still reads)
             self.queue.write_buffer(table.buffer, 0, np.array(entries, dtype=np.uint32))

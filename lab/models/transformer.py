@@ -106,8 +106,14 @@ class Block(nn.Module):
 
     def forward(self, x, return_weights=False):
         a, att = self.attn(self.ln_1(x), return_weights=True) if return_weights else (self.attn(self.ln_1(x)), None)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
+        ln_2 = self.ln_2
+        if type(ln_2) is nn.LayerNorm and "forward" not in vars(ln_2):
+            # the plain layer: the residual add and ln_2 in one pass (F.add_layer_norm)
+            x, h = F.add_layer_norm(x, a, ln_2.weight, ln_2.bias, ln_2.eps)
+        else:  # a wrapped or patched LayerNorm computes its own output
+            x = x + a
+            h = ln_2(x)
+        x = x + self.mlp(h)
         return (x, att) if return_weights else x
 
     def forward_cached(self, x, cache, pos):

@@ -115,6 +115,9 @@ def _sumsq(params, what):
     if not params:
         raise ValueError(f"{what}: no parameter has a gradient")
     B = params[0].backend
+    many = getattr(B, "sumsq_many", None)
+    if many is not None and len(params) > 1:  # every gradient in one dispatch, or a few (wgpu)
+        return params, B, many([p.grad.data for p in params])
     partial = B.full((len(params),), 0.0)
     for i, p in enumerate(params):
         B.sumsq_into(p.grad.data, partial, i)
