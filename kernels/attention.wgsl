@@ -49,16 +49,11 @@ fn head(wid: vec3<u32>) -> Head {
     return Head(wid.y / P[2], wid.y % P[2], wid.y, P[1], C4, 3u * C4);
 }
 
-fn pcg(x: u32) -> u32 {
-    let s = x * 747796405u + 2891336453u;
-    let w = ((s >> ((s >> 28u) + 4u)) ^ s) * 277803737u;
-    return (w >> 22u) ^ w;
-}
+#include dropout_mask
 
 // dropout.wgsl's decision for weight (t, s) of head bh: kept iff u >= p.
 fn kept(hd: Head, hashed_seed: u32, t: u32, s: u32) -> bool {
-    let i = (hd.bh * hd.T + t) * hd.T + s;
-    return f32(pcg(i ^ hashed_seed) >> 8u) * (1.0 / 16777216.0) >= bitcast<f32>(P[7]);
+    return keep((hd.bh * hd.T + t) * hd.T + s, hashed_seed, bitcast<f32>(P[7]));
 }
 
 // Queries t0 .. t0 + 15 of q into Qs (the backward stages dy, LSE and DR with them: load_queries).

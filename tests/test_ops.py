@@ -304,14 +304,15 @@ def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, numpy_backend, n):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_fused_self_attention_equals_the_composed_ops(any_backend, dropout_p):
-    """causal_self_attention (one node, packed qkv) against split + permute + attention + permute, forward and
-    backward, with the same dropout mask."""
+@pytest.mark.parametrize("B,T,C,H", [(2, 7, 12, 3), (2, 64, 128, 2)], ids=["ragged", "heads-in-place"])
+def test_fused_self_attention_equals_the_composed_ops(any_backend, dropout_p, B, T, C, H):
+    """causal_self_attention (one node, packed qkv; the heads read in place where the kernels allow, the dropout
+    applied by the softmax kernels) against split + permute + attention + permute (softmax, then dropout by a
+    pass of its own), forward and backward, with the same dropout mask."""
     import lab
     from lab.engine import ops as F
     from lab.engine.random import get_state, set_state
     rng = np.random.default_rng(9)
-    B, T, C, H = 2, 7, 12, 3
     x = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
     g = rng.standard_normal((B, T, C)).astype(np.float32)
     state = get_state()

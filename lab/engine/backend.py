@@ -65,8 +65,10 @@ class Backend:
     # optional: flash_attention_fits(qkv_shape, n_head), flash_attention(qkv, n_head, scale, p, seed) -> (y, saved)
     # and flash_attention_bwd(qkv, y, saved, g, n_head, scale, p, seed) -> dqkv: causal self-attention fused, the
     # same result as the composed ops
-    def softmax(self, a, scale=1.0, causal=False): raise NotImplementedError
-    def softmax_bwd(self, y, g, scale=1.0): raise NotImplementedError
+    def softmax(self, a, scale=1.0, causal=False, dropout=None): raise NotImplementedError
+    # dropout=(p, seed): -> (y, dropout(y, p, seed)) (attention's weights, and the dropped ones its product uses)
+    def softmax_bwd(self, y, g, scale=1.0, dropout=None): raise NotImplementedError
+    # dropout=(p, seed): g is the gradient of dropout(y), taken back through the same mask first
     def log_softmax(self, a): raise NotImplementedError
     def log_softmax_bwd(self, y, g): raise NotImplementedError
     def layernorm(self, x, w, b, eps, residual=None): raise NotImplementedError

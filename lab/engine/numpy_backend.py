@@ -291,7 +291,10 @@ class NumpyBackend(Backend):
         np.matmul(a, b, out=_heads4(out, Bsz, H))
         return out
 
-    def softmax(self, a, scale=1.0, causal=False):
+    def softmax(self, a, scale=1.0, causal=False, dropout=None):
+        if dropout is not None:  # (y, dropout(y)): attention's weights and what its product uses
+            y = self.softmax(a, scale, causal)
+            return y, self.dropout(y, *dropout)
         x = np.multiply(a, a.dtype.type(scale))
         # exp(x - c) / sum for any c: the row max keeps exp from overflowing and a row's sum from vanishing, but
         # finding it row by row is 40% of the time on attention's short rows. Two whole-array reductions bound
@@ -314,7 +317,9 @@ class NumpyBackend(Backend):
             self._masks[key] = np.triu(np.full((rows, cols), -np.inf, dtype=dtype), 1)
         return self._masks[key]
 
-    def softmax_bwd(self, y, g, scale=1.0):
+    def softmax_bwd(self, y, g, scale=1.0, dropout=None):
+        if dropout is not None:  # g is the gradient of dropout(y): through dropout's backward first
+            g = self.dropout(g, *dropout)
         d = g - _row_dot(g, y)
         d *= y
         if scale != 1.0:

@@ -646,9 +646,13 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
 
     q, k, v = (heads(HeadView(qkv.data, i * C, H, D)) for i in range(3))
     # the triangle hints let the GPU skip what the causal mask zeroes (about half of each product)
-    att = Bk.softmax(Bk.matmul(q, k, False, True, triangle="out"), scale, True)  # (BH, T, T)
+    scores = Bk.matmul(q, k, False, True, triangle="out")                       # (BH, T, T)
     seed = _random.next_seed() if training and dropout_p > 0 else None
-    att_d = Bk.dropout(att, dropout_p, seed) if seed is not None else att
+    drop = (dropout_p, seed) if seed is not None else None
+    if drop is None:
+        att = att_d = Bk.softmax(scores, scale, True)
+    else:  # the weights and their dropped copy from one pass (the same mask as dropout())
+        att, att_d = Bk.softmax(scores, scale, True, dropout=drop)
     out = Bk.empty((Bsz, T, C), qkv.data.dtype)
     product_into(HeadView(out, 0, H, D), att_d, v)                                  # y
 
@@ -657,9 +661,7 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
         g_att = Bk.matmul(gy, v, False, True, triangle="out")  # its upper triangle meets att's zeros
         gqkv = Bk.empty((Bsz, T, C3), g.dtype)                   # the three products below write every element
         product_into(HeadView(gqkv, 2 * C, H, D), att_d, gy, True, False)        # dv
-        if seed is not None:
-            g_att = Bk.dropout(g_att, dropout_p, seed)
-        gs = Bk.softmax_bwd(att, g_att, scale)
+        gs = Bk.softmax_bwd(att, g_att, scale, dropout=drop)  # (through dropout's mask first, in the same pass)
         product_into(HeadView(gqkv, 0, H, D), gs, k)                              # dq
         product_into(HeadView(gqkv, C, H, D), gs, q, True, False)                 # dk
         return (gqkv,)

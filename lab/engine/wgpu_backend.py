@@ -897,33 +897,48 @@ class WgpuBackend(Backend):
     def _rows(self, shape):
         return math.prod(shape[:-1]), shape[-1]
 
-    def softmax(self, a, scale=1.0, causal=False):
+    def _softmax_params(self, head, dropout):
+        """softmax.wgsl's params: head = [rows, n, T, scale bits, causal], then the dropout riding along (p, seed)
+        or none; while capturing, a replay's new seed is patched in."""
+        if dropout is None:
+            return head + [0, 0, 0, 0]
+        p, seed = dropout
+
+        def params(seed):
+            return head + [1, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))]
+        if self._capture is not None:  # a replay draws the step's seeds anew: the captured seed maps to its new one
+            self._patch = lambda step: params(step["seeds"].get(seed, seed))
+        return params(seed)
+
+    def softmax(self, a, scale=1.0, causal=False, dropout=None):
         rows, n = self._rows(a.shape)
         out = self._alloc(a.shape, "float32")
+        dropped = self._alloc(a.shape, "float32") if dropout is not None else None
         T = a.shape[-2] if causal else 1
-        self._dispatch("softmax", "softmax_main", [rows, n, T, _f32bits(scale), int(causal)], [a, None, out],
-                       _grid(rows), rows * n, _row_subs(n))
-        return out
+        self._dispatch("softmax", "softmax_main", self._softmax_params([rows, n, T, _f32bits(scale), int(causal)],
+                                                                       dropout),
+                       [a, None, out, dropped], _grid(rows), rows * n, _row_subs(n))
+        return out if dropout is None else (out, dropped)
 
-    def softmax_bwd(self, y, g, scale=1.0):
+    def softmax_bwd(self, y, g, scale=1.0, dropout=None):
         rows, n = self._rows(y.shape)
         out = self._alloc(y.shape, "float32")
-        self._dispatch("softmax", "softmax_bwd_main", [rows, n, 1, _f32bits(scale), 0], [y, g, out], _grid(rows),
-                       rows * n, _row_subs(n))
+        self._dispatch("softmax", "softmax_bwd_main", self._softmax_params([rows, n, 1, _f32bits(scale), 0], dropout),
+                       [y, g, out], _grid(rows), rows * n, _row_subs(n))
         return out
 
     def log_softmax(self, a):
         rows, n = self._rows(a.shape)
         out = self._alloc(a.shape, "float32")
-        self._dispatch("softmax", "log_softmax_main", [rows, n, 1, 0, 0], [a, None, out], _grid(rows), rows * n,
-                       _row_subs(n))
+        self._dispatch("softmax", "log_softmax_main", self._softmax_params([rows, n, 1, 0, 0], None), [a, None, out],
+                       _grid(rows), rows * n, _row_subs(n))
         return out
 
     def log_softmax_bwd(self, y, g):
         rows, n = self._rows(y.shape)
         out = self._alloc(y.shape, "float32")
-        self._dispatch("softmax", "log_softmax_bwd_main", [rows, n, 1, 0, 0], [y, g, out], _grid(rows), rows * n,
-                       _row_subs(n))
+        self._dispatch("softmax", "log_softmax_bwd_main", self._softmax_params([rows, n, 1, 0, 0], None), [y, g, out],
+                       _grid(rows), rows * n, _row_subs(n))
         return out
 
     def layernorm(self, x, w, b, eps, residual=None):
@@ -1002,9 +1017,9 @@ class WgpuBackend(Backend):
 
     # Causal self-attention by attention.wgsl's fused kernels where they apply: off unless LAB_FLASH_ATTENTION=1.
     # They keep the (B, H, T, T) weights out of memory (gpt2-small's are 400 MB a layer, several times over in
-    # the composed backward) but are not faster: on the H200 a shakespeare-char step (T = 256) took 37.0 ms with
-    # them against 37.2 composed, a gpt2-small step (T = 1024) 230 against 215 (their 16 x 32 score blocks, set
-    # by lavapipe's 32 KiB of workgroup memory, run at a quarter of the tiled matmuls' rate).
+    # the composed backward) but are not faster: on the H200 a shakespeare-char step (T = 256) takes 35.7 ms with
+    # them against 33.0 composed, a gpt2-small step (T = 1024) took 230 against 215 (their 16 x 32 score blocks,
+    # set by lavapipe's 32 KiB of workgroup memory, run at a quarter of the tiled matmuls' rate).
     FLASH_ATTENTION = os.environ.get("LAB_FLASH_ATTENTION", "") not in ("", "0")
 
     def flash_attention_fits(self, qkv_shape, n_head):

@@ -147,17 +147,18 @@ def dropout_floats(c, b, T):
 def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None, update_slots=1):
     """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 31 + 77 per
     layer (gradient clipping runs inside the optimizer's kernel; the residual adds before ln_2 and the residual
-    stream's gradient sums ride in the LayerNorm kernels), of which 8 copy attention's heads out of and
-    into the activations unless its products take them in place (heads_in_place; None: as the wgpu backend
-    decides, sequences and heads multiples of 64); dropout 2 + 6 per layer more; LoRA adds 5 per adapted module
-    per layer ("c_proj" names two modules of a block; each of its products long enough to be split along K adds
-    one more, for the sum) and saves 22 updates of frozen parameters. Those counts are of one update dispatch and
-    one sum of squares (the gradient norm) per trained tensor; update_slots > 1 counts wgpu's adamw_many_ and
-    sumsq_many, which take that many parameters (and four times as many gradients) per dispatch."""
+    stream's gradient sums ride in the LayerNorm kernels), of which 8 copy attention's heads out of and into the
+    activations unless its products take them in place (heads_in_place; None: as the wgpu backend decides,
+    sequences and heads multiples of 64); dropout 2 + 4 per layer more (attention's rides in its softmax); LoRA
+    adds 5 per adapted module per layer ("c_proj" names two modules of a block; each of its products long enough
+    to be split along K adds one more, for the sum) and saves 22 updates of frozen parameters. Those counts are of
+    one update dispatch and one sum of squares (the gradient norm) per trained tensor; update_slots > 1 counts
+    wgpu's adamw_many_ and sumsq_many, which take that many parameters (and four times as many gradients) per
+    dispatch."""
     if heads_in_place is None:
         heads_in_place = c.block_size % 64 == 0 and (c.n_embd // c.n_head) % 64 == 0
     per_layer = 69 if heads_in_place else 77
-    ops = 31 + per_layer * c.n_layer + ((2 + 6 * c.n_layer) if c.dropout > 0 else 0)
+    ops = 31 + per_layer * c.n_layer + ((2 + 4 * c.n_layer) if c.dropout > 0 else 0)
     if lora_rank:
         modules = sum(2 if t == "c_proj" else 1 for t in lora_targets)
         ops += c.n_layer * 5 * modules - (22 if c.dropout > 0 else 21)  # (measured, as all these counts)
