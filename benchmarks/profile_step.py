@@ -12,7 +12,9 @@ from lab.train import TrainConfig, Trainer
 
 preset, batch = sys.argv[1], int(sys.argv[2])
 tok, train_ids, val_ids = char_dataset()
-cfg = replace(PRESETS[preset], vocab_size=tok.vocab_size)
+# as `python -m lab bench train` does: GPT-2 presets keep GPT-2's vocabulary (and its output layer's size)
+vocab = max(tok.vocab_size, PRESETS[preset].vocab_size) if preset.startswith("gpt2") else tok.vocab_size
+cfg = replace(PRESETS[preset], vocab_size=vocab)
 lab.manual_seed(0)
 model = TransformerLM(cfg)
 if len(sys.argv) > 3:

@@ -2,9 +2,11 @@
 //   copy_main: DST[dst_off + sum_k c_k * dst_stride_k] = SRC[src_off + sum_k c_k * src_stride_k]
 //              for every coordinate c of `shape` (row-major enumeration).
 //   fill_main: DST[i] = value for i < n.
+//   pad_main:  DST (batch, R, C) = SRC (batch, r, c) in its top-left corner, zeros elsewhere (one pass: a
+//              ragged matmul operand made whole tiles).
 // Bindings: @binding(0) P, @binding(1) SRC (copy only), @binding(2) DST.
 // Params: copy: [n, ndim, src_off, dst_off, shape[MAXDIM], src_stride[MAXDIM], dst_stride[MAXDIM]];
-//         fill: [n, value bits].
+//         fill: [n, value bits]; pad: [n (= batch R C), R, C, r, c].
 // Works on 32-bit words, so it moves int32 tensors too.
 
 const WG: u32 = 256u;
@@ -32,6 +34,23 @@ fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         di += coord * P[4u + 2u * MAXDIM + k];
     }
     DST[di] = SRC[si];
+}
+
+@compute @workgroup_size(WG)
+fn pad_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (i >= P[0]) { return; }
+    let R = P[1];
+    let C = P[2];
+    let r = P[3];
+    let c = P[4];
+    let b = i / (R * C);
+    let row = (i / C) % R;
+    let col = i % C;
+    var v = 0u;
+    if (row < r && col < c) { v = SRC[(b * r + row) * c + col]; }
+    DST[i] = v;
 }
 
 @compute @workgroup_size(WG)

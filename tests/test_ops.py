@@ -187,6 +187,31 @@ def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("batch_a,batch_b,M,N,K", [(1, 1, 250, 381, 300), (2, 2, 256, 130, 70), (1, 1, 200, 128, 64),
+                                                   (3, 1, 128, 256, 77)],
+                         ids=["all-ragged", "batched", "rows-only", "k-only-broadcast"])
+def test_large_ragged_matmul_runs_padded_to_whole_tiles(wgpu_backend, numpy_backend, monkeypatch, trans_a, trans_b,
+                                                        batch_a, batch_b, M, N, K):
+    """A large product whose sizes are not whole tiles (a GPT-2 output layer: N = 50257) runs as its zero-padded
+    whole-tile product and is cut back (here with the size threshold lowered): the same values as numpy, with a
+    bias, whichever of M, N, K is ragged, batched or with B shared by the batch."""
+    import lab
+    monkeypatch.setattr(wgpu_backend, "PAD_MIN_VOLUME", 0)
+    monkeypatch.setattr(wgpu_backend, "PAD_MAX_WORK", 100.0)
+    rng = np.random.default_rng(16)
+    a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
+    b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    up = wgpu_backend.from_numpy
+    with lab.profile(wgpu_backend) as prof:
+        got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias)))
+    assert got.shape == (max(batch_a, batch_b), M, N)
+    assert any(name.startswith("matmul_aligned") for name, _, _ in prof.records), [n for n, _, _ in prof.records]
+    assert not any(name.startswith("matmul:") for name, _, _ in prof.records)
+    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
+
+
 def _heads_of(x, offset, heads, dim):
     """The (B * heads, T, dim) stack of head matrices inside x (B, T, W), taken apart plainly in numpy."""
     Bsz, T, _ = x.shape
