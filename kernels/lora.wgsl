@@ -4,10 +4,12 @@
 //   up_add_main: Y[m, n] = BASE[m, n] + s * sum_j H[m, j] B[n, j]    one thread per (m, n): the up-projection
 //                and the addition to the base output in a single pass over Y, r (<= 64 or so) FMAs per element
 //   up_add_t_main: the same from B transposed (r, N), which the backend copies first (N r floats): neighbouring
-//                threads then read neighbouring floats of it
+//                threads then read neighbouring floats of it; with P[5] = 1 without BASE: any product with a
+//                short K, H (M, r) times BT (r, N) (the backend's thin-K matmuls: LoRA's dx = dh A)
 // The backward (dA, dB, dx) is four matmuls with a K as large as M or N, which the tiled matmul kernel serves;
 // the backend computes H = x A^T by the matmul kernels too (down_main stays as the plain reference kernel).
-// Bindings: P = [M, K, N, r, s bits], @binding(1) IN (X or H), @binding(2) W (A or B), @binding(3) BASE, @binding(4) OUT.
+// Bindings: P = [M, K, N, r, s bits, no base], @binding(1) IN (X or H), @binding(2) W (A or B), @binding(3) BASE,
+// @binding(4) OUT.
 
 const WG: u32 = 256u;
 
@@ -63,5 +65,7 @@ fn up_add_t_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let n = e % N;
     var acc = 0.0;
     for (var j = 0u; j < r; j++) { acc += IN[m * r + j] * W[j * N + n]; }
-    OUT[e] = BASE[e] + bitcast<f32>(P[4]) * acc;
+    var base = 0.0;
+    if (P[5] == 0u) { base = BASE[e]; }
+    OUT[e] = base + bitcast<f32>(P[4]) * acc;
 }

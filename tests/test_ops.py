@@ -212,6 +212,30 @@ def test_large_ragged_matmul_runs_padded_to_whole_tiles(wgpu_backend, numpy_back
     np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("M,N,K", [(700, 8, 384), (130, 3, 5000), (8, 300, 2000), (16, 70, 33), (900, 500, 8),
+                                   (37, 29, 5)],
+                         ids=["thin-n", "thin-n-split", "thin-m-split", "thin-m", "thin-k", "thin-k-ragged"])
+def test_thin_matmuls_match_numpy(wgpu_backend, numpy_backend, monkeypatch, trans_a, trans_b, M, N, K):
+    """Products with M, N or K up to 16 (LoRA's rank-r products) take the thin kernels (here from any size): N or
+    M thin by matmul_thin.wgsl through strides (M thin computed transposed), split along a long K; K thin (not
+    transposed) by lora.wgsl's up_add_t_main without its base."""
+    import lab
+    monkeypatch.setattr(wgpu_backend, "THIN_MIN_VOLUME", 0)
+    rng = np.random.default_rng(17)
+    a = rng.standard_normal((1,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
+    b = rng.standard_normal((1,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+    up = wgpu_backend.from_numpy
+    with lab.profile(wgpu_backend) as prof:
+        got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b))
+    names = [name for name, _, _ in prof.records]
+    if min(M, N) <= 16:
+        assert "matmul_thin:main" in names, names
+    elif not (trans_a or trans_b):
+        assert "lora:up_add_t_main" in names, names
+    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b), rtol=1e-4, atol=1e-3)
+
+
 def _heads_of(x, offset, heads, dim):
     """The (B * heads, T, dim) stack of head matrices inside x (B, T, W), taken apart plainly in numpy."""
     Bsz, T, _ = x.shape

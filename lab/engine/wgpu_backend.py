@@ -821,6 +821,13 @@ class WgpuBackend(Backend):
             return (out if bias is None else self.binary("add", out, bias)), None, False
         if not views and gelu is None and self._pads_to_tiles(M, N, K, batch):
             return self._matmul_padded(a, b, trans_a, trans_b, bias, M, N, K), None, False
+        if not views and gelu is None and bias is None and ba == bb == 1 and M * N * K >= self.THIN_MIN_VOLUME:
+            if min(M, N) <= self.THIN_MAX:
+                return self._matmul_thin(a, b, trans_a, trans_b, M, N, K), None, False
+            if K <= self.THIN_MAX and not trans_a and not trans_b:
+                out = self._alloc((1, M, N), "float32")
+                self._flat("lora", "up_add_t_main", [M, 0, N, K, _f32bits(1.0), 1], [a, b, None, out], M * N)
+                return out, None, False
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
         wide_shape = M % 128 == 0 and N % 128 == 0 and K % 16 == 0  # whole 128 x 128 tiles
         S = 1
@@ -890,8 +897,35 @@ class WgpuBackend(Backend):
             out = self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
         return (out if bias is None else self.binary("add", out, bias)), None, False
 
+    THIN_MAX = 16              # products with M, N or K up to this take the thin kernels (matmul_thin.wgsl; K:
+    THIN_MIN_VOLUME = 1 << 20  # lora.wgsl up_add_t_main) when M N K is at least this
     PAD_MIN_VOLUME = 1 << 28  # M N K from which a ragged product is padded to whole tiles (see _pads_to_tiles)
     PAD_MAX_WORK = 1.05       # ... if the padded product is at most this much more work
+
+    def _matmul_thin(self, a, b, trans_a, trans_b, M, N, K):
+        """A single product with N (or M) <= 16: matmul_thin.wgsl on the operands as stored (a thin M computes
+        C^T = B^T A^T, written through C's strides), K split into chunks while too few row blocks fill the GPU."""
+        a_row, a_k = (1, M) if trans_a else (K, 1)    # element strides of A (m, k) and B (k, n) as stored
+        b_k, b_col = (1, K) if trans_b else (N, 1)
+        if N <= self.THIN_MAX:
+            first, second, rows, cols = a, b, M, N
+            strides = [a_row, a_k, b_k, b_col, N, 1]
+        else:
+            first, second, rows, cols = b, a, N, M
+            strides = [b_col, b_k, a_k, a_row, 1, N]
+        blocks = math.ceil(rows / 64)
+        S = min(math.ceil(1024 / blocks), max(K // 128, 1)) if blocks < 1024 else 1
+        kc = math.ceil(math.ceil(K / S) / 32) * 32
+        S = math.ceil(K / kc)
+        out = self._alloc((S, M, N), "float32")
+        params = [rows, cols, K, kc, 0, strides[0], strides[1], 0, strides[2], strides[3], 0, strides[4], strides[5],
+                  M * N]
+        label = f"matmul {'T' if trans_a else 'N'}{'T' if trans_b else 'N'} 1x{M}x{N}x{K} thin" + (
+            f" split {S}" if S > 1 else "")
+        self._dispatch("matmul_thin", "main", params, [first, second, out], (blocks, 1, S), M * N * K, label=label)
+        if S > 1:
+            out = self.reshape(self.reduce("sum", self.reshape(out, (S, M * N)), 0), (1, M, N))
+        return out
 
     def _pads_to_tiles(self, M, N, K, batch):
         """Whether to run a ragged product as its zero-padded whole-tile one: large (a GPT-2 output layer, 8192 x
@@ -1130,9 +1164,9 @@ class WgpuBackend(Backend):
         out = self._alloc((M, N), "float32")
         if self.LORA_UP_TRANSPOSED:
             bt = self.copy_view(b, 0, (r, N), (1, r))
-            self._flat("lora", "up_add_t_main", [M, 0, N, r, _f32bits(scale)], [h, bt, base, out], M * N)
+            self._flat("lora", "up_add_t_main", [M, 0, N, r, _f32bits(scale), 0], [h, bt, base, out], M * N)
         else:
-            self._flat("lora", "up_add_main", [M, 0, N, r, _f32bits(scale)], [h, b, base, out], M * N)
+            self._flat("lora", "up_add_main", [M, 0, N, r, _f32bits(scale), 0], [h, b, base, out], M * N)
         return out
 
     # ------------------------------------------------------------------ optimizers (in place)
