@@ -36,10 +36,8 @@ fn down_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     OUT[e] = acc;
 }
 
-@compute @workgroup_size(WG)
-fn up_add_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let e = flat(wid, nwg, lid);
+// Output element e = (m, n) of the up-projection: W holds B (N, r), or with transposed B^T (r, N).
+fn up_add(e: u32, transposed: bool) {
     let M = P[0];
     let N = P[2];
     let r = P[3];
@@ -47,8 +45,16 @@ fn up_add_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let m = e / N;
     let n = e % N;
     var acc = 0.0;
-    for (var j = 0u; j < r; j++) { acc += IN[m * r + j] * W[n * r + j]; }
-    OUT[e] = BASE[e] + bitcast<f32>(P[4]) * acc;
+    for (var j = 0u; j < r; j++) { acc += IN[m * r + j] * W[select(n * r + j, j * N + n, transposed)]; }
+    var base = 0.0;
+    if (P[5] == 0u) { base = BASE[e]; }
+    OUT[e] = base + bitcast<f32>(P[4]) * acc;
+}
+
+@compute @workgroup_size(WG)
+fn up_add_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    up_add(flat(wid, nwg, lid), false);
 }
 
 // up_add_main with B given transposed, BT: (r, N): a warp's 32 outputs of one row read 32 neighbouring floats
@@ -56,16 +62,5 @@ fn up_add_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(WG)
 fn up_add_t_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let e = flat(wid, nwg, lid);
-    let M = P[0];
-    let N = P[2];
-    let r = P[3];
-    if (e >= M * N) { return; }
-    let m = e / N;
-    let n = e % N;
-    var acc = 0.0;
-    for (var j = 0u; j < r; j++) { acc += IN[m * r + j] * W[j * N + n]; }
-    var base = 0.0;
-    if (P[5] == 0u) { base = BASE[e]; }
-    OUT[e] = base + bitcast<f32>(P[4]) * acc;
+    up_add(flat(wid, nwg, lid), true);
 }

@@ -14,7 +14,7 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read> TABLE: array<u32>;
 {{BINDINGS}}
 
-var<workgroup> wg_slot: u32;
+#include slot_table
 
 fn f(k: u32) -> f32 { return bitcast<f32>(P[k]); }
 
@@ -34,16 +34,7 @@ fn adamw(p0: f32, g: f32, m0: f32, v0: f32, wd: f32) -> vec3<f32> {
 fn adamw_many_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let w = wid.y * nwg.x + wid.x;
-    if (lid == 0u) {   // binary search of the slots' first workgroups, once per workgroup
-        var lo = 0u;
-        var hi = P[0] - 1u;
-        while (lo < hi) {
-            let mid = (lo + hi + 1u) / 2u;
-            if (TABLE[3u * mid] <= w) { lo = mid; } else { hi = mid - 1u; }
-        }
-        wg_slot = lo;
-    }
-    let slot = workgroupUniformLoad(&wg_slot);
+    let slot = slot_of(w, lid);
     let i = (w - TABLE[3u * slot]) * WG + lid;
     // a non-finite norm skips the update (comparisons with NaN are false)
     if (i >= TABLE[3u * slot + 1u] || !(abs(GUARD[0]) <= 3.4028235e38)) { return; }

@@ -16,7 +16,7 @@ const PER: u32 = 16u;   // elements per thread
 
 #include workgroup_reduce
 
-var<workgroup> wg_slot: u32;
+#include slot_table
 
 // element i of the array in `slot` (the caller keeps i in range)
 fn element(slot: u32, i: u32) -> f32 {
@@ -30,16 +30,7 @@ fn element(slot: u32, i: u32) -> f32 {
 fn sumsq_many_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let w = wid.y * nwg.x + wid.x;
-    if (lid == 0u) {   // the last slot whose first workgroup is <= w (binary search)
-        var lo = 0u;
-        var hi = P[0] - 1u;
-        while (lo < hi) {
-            let mid = (lo + hi + 1u) / 2u;
-            if (TABLE[3u * mid] <= w) { lo = mid; } else { hi = mid - 1u; }
-        }
-        wg_slot = lo;
-    }
-    let slot = workgroupUniformLoad(&wg_slot);
+    let slot = slot_of(w, lid);
     let n = TABLE[3u * slot + 1u];
     let base = (w - TABLE[3u * slot]) * RWG * PER;
     var acc = 0.0;

@@ -169,22 +169,28 @@ def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     """Whole-tile shapes take the unchecked vec4 kernels (matmul_aligned.wgsl): 128 x 128 or 128-row tiles where M
     and N allow (and, on a GPU, the product is large), else 64; a long K also splits; a bias is added as tiles are
     stored; a transposed B is staged transposed by the 128 x 128 kernels, copied transposed for the others."""
-    import lab
     monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
     monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if tiles == "_wide" else 1 << 30)
-    rng = np.random.default_rng(7)
+    got, want, prof = _matmul_with_bias(wgpu_backend, numpy_backend, 7, trans_a, trans_b, batch_a, batch_b, M, N, K)
+    # the 128 x 128 kernels stage a transposed B themselves; the others take a transposed copy of it
+    entry = ("t" if trans_a else "n") + ("t" if trans_b and tiles == "_wide" else "n") + tiles
+    assert any(name == f"matmul_aligned:{entry}" for name, _, _ in prof.records), [n for n, _, _ in prof.records]
+    copies = [name for name, _, _ in prof.records if name.startswith("copy")]
+    assert len(copies) == (trans_b and tiles != "_wide"), copies
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+
+
+def _matmul_with_bias(wgpu_backend, numpy_backend, seed, trans_a, trans_b, batch_a, batch_b, M, N, K):
+    """(wgpu's a @ b + bias, numpy's, the profile of wgpu's) for random operands stored as the flags say."""
+    import lab
+    rng = np.random.default_rng(seed)
     a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
     b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
     up = wgpu_backend.from_numpy
     with lab.profile(wgpu_backend) as prof:
         got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias)))
-    # the 128 x 128 kernels stage a transposed B themselves; the others take a transposed copy of it
-    entry = ("t" if trans_a else "n") + ("t" if trans_b and tiles == "_wide" else "n") + tiles
-    assert any(name == f"matmul_aligned:{entry}" for name, _, _ in prof.records), [n for n, _, _ in prof.records]
-    copies = [name for name, _, _ in prof.records if name.startswith("copy")]
-    assert len(copies) == (trans_b and tiles != "_wide"), copies
-    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
+    return got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), prof
 
 
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
@@ -196,20 +202,13 @@ def test_large_ragged_matmul_runs_padded_to_whole_tiles(wgpu_backend, numpy_back
     """A large product whose sizes are not whole tiles (a GPT-2 output layer: N = 50257) runs as its zero-padded
     whole-tile product and is cut back (here with the size threshold lowered): the same values as numpy, with a
     bias, whichever of M, N, K is ragged, batched or with B shared by the batch."""
-    import lab
     monkeypatch.setattr(wgpu_backend, "PAD_MIN_VOLUME", 0)
     monkeypatch.setattr(wgpu_backend, "PAD_MAX_WORK", 100.0)
-    rng = np.random.default_rng(16)
-    a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
-    b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
-    bias = rng.standard_normal(N).astype(np.float32)
-    up = wgpu_backend.from_numpy
-    with lab.profile(wgpu_backend) as prof:
-        got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias)))
+    got, want, prof = _matmul_with_bias(wgpu_backend, numpy_backend, 16, trans_a, trans_b, batch_a, batch_b, M, N, K)
     assert got.shape == (max(batch_a, batch_b), M, N)
     assert any(name.startswith("matmul_aligned") for name, _, _ in prof.records), [n for n, _, _ in prof.records]
     assert not any(name.startswith("matmul:") for name, _, _ in prof.records)
-    np.testing.assert_allclose(got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
 
 
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])

@@ -469,15 +469,18 @@ def log_softmax(x, axis=-1):
     return Tensor._make(out, B, (x,), lambda g: (B.log_softmax_bwd(out, g),))
 
 
-def layer_norm(x, weight, bias=None, eps=1e-5):
-    """LayerNorm over the last axis (fused forward and backward)."""
+def _norm_bias(x, weight, bias, op):
+    """The bias data of a LayerNorm over x's last axis (zeros without one), its parameters' shapes checked."""
     C = x.shape[-1]
     if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
-        raise ValueError(f"layer_norm: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
+        raise ValueError(f"{op}: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
                          f"{_shape_str(weight.shape)}" + (f" and {_shape_str(bias.shape)}" if bias is not None else ""))
-    B = x.backend
-    bias_data = bias.data if bias is not None else B.full((C,), 0.0)
-    y, mean, rstd = B.layernorm(x.data, weight.data, bias_data, eps)
+    return bias.data if bias is not None else x.backend.full((C,), 0.0)
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm over the last axis (fused forward and backward)."""
+    y, mean, rstd = x.backend.layernorm(x.data, weight.data, _norm_bias(x, weight, bias, "layer_norm"), eps)
     return _layer_norm_node(y, x, weight, bias, mean, rstd)
 
 
@@ -500,13 +503,9 @@ def add_layer_norm(x, y, weight, bias=None, eps=1e-5):
     if x.shape != y.shape:
         raise ValueError(f"add_layer_norm: x and y must have the same shape, got {_shape_str(x.shape)} and "
                          f"{_shape_str(y.shape)}")
-    C = x.shape[-1]
-    if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
-        raise ValueError(f"add_layer_norm: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
-                         f"{_shape_str(weight.shape)}" + (f" and {_shape_str(bias.shape)}" if bias is not None else ""))
     B = x.backend
-    bias_data = bias.data if bias is not None else B.full((C,), 0.0)
-    h, mean, rstd, total = B.layernorm(x.data, weight.data, bias_data, eps, residual=y.data)
+    h, mean, rstd, total = B.layernorm(x.data, weight.data, _norm_bias(x, weight, bias, "add_layer_norm"), eps,
+                                       residual=y.data)
     s = Tensor._make(total, B, (x, y), lambda g: (g, g))
     return s, _layer_norm_node(h, s, weight, bias, mean, rstd)
 
