@@ -381,6 +381,23 @@ def test_fused_self_attention_equals_the_composed_ops(any_backend, dropout_p, B,
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_embedding_backward_of_a_large_table(wgpu_backend, numpy_backend):
+    """A table beyond the per-chunk kernel's size (V C > 2^20, as GPT-2's 50257 x 768): embedding.wgsl's
+    backward_main, a thread per column walking the positions in order; repeated tokens, tokens at both ends of
+    the table, a negative index skipped."""
+    rng = np.random.default_rng(18)
+    V, C, N = 4099, 260, 700
+    idx = rng.integers(0, V, N).astype(np.int32)
+    idx[:40] = 7                                   # one token many times
+    idx[40], idx[41], idx[42] = 0, V - 1, -1
+    g = rng.standard_normal((N, C)).astype(np.float32)
+    got = wgpu_backend.to_numpy(wgpu_backend.embedding_bwd(wgpu_backend.from_numpy(idx), wgpu_backend.from_numpy(g), V))
+    want = np.zeros((V, C), np.float32)
+    keep = idx >= 0
+    np.add.at(want, idx[keep], g[keep])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # The numpy backend's fast paths (BLAS reductions, one-hot and sorted embedding gradients, in-place AdamW) against
 # the plain numpy formulas they replace; the finite-difference checks above cover only small shapes.
 @pytest.mark.parametrize("V,N", [(73, 700), (5000, 900)], ids=["one-hot", "sorted-runs"])
