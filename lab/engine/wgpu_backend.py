@@ -819,8 +819,9 @@ class WgpuBackend(Backend):
             out = self._alloc((batch, M, N), "float32")
             self._flat("copy", "fill_main", [out.size, 0], [None, out], out.size)
             return (out if bias is None else self.binary("add", out, bias)), None, False
-        if not views and gelu is None and self._pads_to_tiles(M, N, K, batch):
-            return self._matmul_padded(a, b, trans_a, trans_b, bias, M, N, K), None, False
+        padded = None if views or gelu is not None else self._padded_to_tiles(M, N, K, batch)
+        if padded:
+            return self._matmul_padded(a, b, trans_a, trans_b, bias, M, N, padded), None, False
         if not views and gelu is None and bias is None and ba == bb == 1 and M * N * K >= self.THIN_MIN_VOLUME:
             if min(M, N) <= self.THIN_MAX:
                 return self._matmul_thin(a, b, trans_a, trans_b, M, N, K), None, False
@@ -844,8 +845,6 @@ class WgpuBackend(Backend):
                                           for v in views)):
             return self._matmul_gathered(a, b, trans_a, trans_b, triangle, into)
         out = self._alloc((S * batch, M, N), "float32") if into is None else into
-        params = [M, N, K, M * K if ba > 1 else 0, K * N if bb > 1 else 0, M * N, batch, kc]
-        subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))
         label = f"matmul {'T' if trans_a else 'N'}{'T' if trans_b else 'N'} {batch}x{M}x{N}x{K}" + (
             f" split {S}" if S > 1 else "")
         grid = (math.ceil(N / 64), math.ceil(M / 64), batch * S)
@@ -892,6 +891,8 @@ class WgpuBackend(Backend):
                 return out, None, False
         else:
             entry = "main_rows" if self.MATMUL_ROWS and not trans_a else "main"
+            params = [M, N, K, M * K if ba > 1 else 0, K * N if bb > 1 else 0, M * N, batch, kc]
+            subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))
             self._dispatch("matmul", entry, params, [a, b, out], grid, out.size, subs, label=label)
         if S > 1:
             out = self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
@@ -899,7 +900,7 @@ class WgpuBackend(Backend):
 
     THIN_MAX = 16              # products with M, N or K up to this take the thin kernels (matmul_thin.wgsl; K:
     THIN_MIN_VOLUME = 1 << 20  # lora.wgsl up_add_t_main) when M N K is at least this
-    PAD_MIN_VOLUME = 1 << 28  # M N K from which a ragged product is padded to whole tiles (see _pads_to_tiles)
+    PAD_MIN_VOLUME = 1 << 28  # M N K from which a ragged product is padded to whole tiles (see _padded_to_tiles)
     PAD_MAX_WORK = 1.05       # ... if the padded product is at most this much more work
 
     def _matmul_thin(self, a, b, trans_a, trans_b, M, N, K):
@@ -927,20 +928,22 @@ class WgpuBackend(Backend):
             out = self.reshape(self.reduce("sum", self.reshape(out, (S, M * N)), 0), (1, M, N))
         return out
 
-    def _pads_to_tiles(self, M, N, K, batch):
-        """Whether to run a ragged product as its zero-padded whole-tile one: large (a GPT-2 output layer, 8192 x
-        50257 x 768: the bounds-checked kernels ran its three products at about 25 TFLOP/s, 76 of a 209 ms step),
-        and padding adds at most 5% to the work (PAD_MAX_WORK); the copies in and out cost far less than the rate
-        gained."""
+    def _padded_to_tiles(self, M, N, K, batch):
+        """(Mp, Np, Kp), M and N rounded up to 128 and K to 16, where a ragged product is to run as its zero-padded
+        whole-tile one (else None): large (a GPT-2 output layer, 8192 x 50257 x 768: the bounds-checked kernels ran
+        its three products at about 25 TFLOP/s, 76 of a 209 ms step), and padding adds at most 5% to the work
+        (PAD_MAX_WORK); the copies in and out cost far less than the rate gained."""
         if not self.MATMUL_ALIGNED or (M % 128 == 0 and N % 128 == 0 and K % 16 == 0):
-            return False
+            return None
         Mp, Np, Kp = _round_up(M, 128), _round_up(N, 128), _round_up(K, 16)
-        return batch * M * N * K >= self.PAD_MIN_VOLUME and Mp * Np * Kp <= self.PAD_MAX_WORK * M * N * K
+        if batch * M * N * K >= self.PAD_MIN_VOLUME and Mp * Np * Kp <= self.PAD_MAX_WORK * M * N * K:
+            return Mp, Np, Kp
+        return None
 
-    def _matmul_padded(self, a, b, trans_a, trans_b, bias, M, N, K):
-        """a @ b through zero-padded copies whose M and N are multiples of 128 and K of 16 (zeros add nothing to
-        the product), the result cut back to (batch, M, N): a view of its first rows where only M was padded."""
-        Mp, Np, Kp = _round_up(M, 128), _round_up(N, 128), _round_up(K, 16)
+    def _matmul_padded(self, a, b, trans_a, trans_b, bias, M, N, padded):
+        """a @ b through zero-padded copies of sizes `padded` (zeros add nothing to the product), the result cut
+        back to (batch, M, N): a view of its first rows where only M was padded."""
+        Mp, Np, Kp = padded
         a = self._zero_padded(a, (Kp, Mp) if trans_a else (Mp, Kp))
         b = self._zero_padded(b, (Np, Kp) if trans_b else (Kp, Np))
         bias = self._zero_padded(self.reshape(bias, (1, 1, N)), (1, Np)) if bias is not None else None
@@ -1203,7 +1206,7 @@ class WgpuBackend(Backend):
         per = self.optimizer_slots()
         for start in range(0, len(slots), per):
             chunk = slots[start:start + per]
-            table, rows, first = self._optimizer_table(chunk)
+            table, rows, first = self._slot_table([(p.size, wd) for p, _, _, _, wd in chunk], WG)
 
             def params(lr, step, n=len(chunk)):
                 return [n] + [_f32bits(x) for x in (lr, b1, b2, eps, 1 - b1 ** step, 1 - b2 ** step, max_norm)]
@@ -1223,8 +1226,7 @@ class WgpuBackend(Backend):
         parts = []
         for start in range(0, len(arrays), per):
             chunk = arrays[start:start + per]
-            table, _, groups = self._optimizer_table([(a, None, None, None, 0.0) for a in chunk],
-                                                     self.SUMSQ_PER_WORKGROUP)
+            table, _, groups = self._slot_table([(a.size, 0.0) for a in chunk], self.SUMSQ_PER_WORKGROUP)
             partial = self._alloc((groups,), "float32")
             self._dispatch("sumsq_many", "sumsq_many_main", [len(chunk)], [partial, table] + list(chunk),
                            _grid(groups), sum(a.size for a in chunk), subs=self._sumsq_subs(len(chunk)),
@@ -1237,7 +1239,7 @@ class WgpuBackend(Backend):
         out = self._alloc((sum(p.size for p in parts),), "float32")
         at = 0
         for p in parts:
-            self._copy(p, 0, [1], out, at, [1], p.shape)
+            self.write_view(out, at, [1], p)
             at += p.size
         return out
 
@@ -1250,10 +1252,10 @@ class WgpuBackend(Backend):
             self._opt_subs[key] = (("BINDINGS", "\n".join(bindings)), ("READS", "\n".join(reads)))
         return self._opt_subs[key]
 
-    def _optimizer_table(self, chunk, per_workgroup=WG):
+    def _slot_table(self, sizes_and_decays, per_workgroup):
         """The slots' [first workgroup, elements, weight decay] table on the device (made once per layout), the
         elements in all and the workgroups in all (each workgroup taking per_workgroup elements)."""
-        key = (per_workgroup,) + tuple((p.size, float(wd)) for p, _, _, _, wd in chunk)
+        key = (per_workgroup,) + tuple((n, float(wd)) for n, wd in sizes_and_decays)
         hit = self._tables.get(key)
         if hit is None:
             rows, first, entries = 0, 0, []
