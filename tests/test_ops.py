@@ -327,9 +327,34 @@ def test_lora_forward_kernels_match_numpy(wgpu_backend, numpy_backend, monkeypat
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def tree_reductions(wgpu_backend):
+    """A second wgpu backend whose row kernels reduce through the shared-memory tree (as on devices without the
+    `subgroup` feature), beside the session's, which uses subgroup operations where the device has them."""
+    from lab.engine.wgpu_backend import WgpuBackend
+
+    class TreeReductions(WgpuBackend):
+        SUBGROUPS = False
+    return TreeReductions()
+
+
+def test_subgroup_reductions_where_the_device_has_them(wgpu_backend, tree_reductions):
+    """lavapipe has the `subgroup` feature with its subgroups over consecutive invocations (subgroup_probe.wgsl),
+    so CI's kernel tests run the subgroup reductions; the tree variant is the other backend's."""
+    assert wgpu_backend.subgroup_reductions == ("subgroup" in wgpu_backend.features)
+    assert not tree_reductions.subgroup_reductions and tree_reductions._includes == ()
+    if wgpu_backend.subgroup_reductions:
+        from lab.engine.kernels import specialize
+        assert "subgroupAdd" in specialize("softmax", wgpu_backend._includes, RWG=64)
+        assert "subgroupAdd" not in specialize("softmax", RWG=64)
+
+
+@pytest.mark.parametrize("reduction", ["device", "tree"])
 @pytest.mark.parametrize("n", [7, 384, 1500], ids=["short", "model", "long"])
-def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, numpy_backend, n):
-    """Rows up to 1024 run on 64 threads, longer ones on 256 (softmax, layernorm, cross-entropy)."""
+def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, tree_reductions, numpy_backend, n, reduction):
+    """Rows up to 1024 run on 64 threads, longer ones on 256 (softmax, layernorm, cross-entropy), reducing through
+    subgroup operations (where the device has them) or the shared-memory tree."""
+    wgpu_backend = wgpu_backend if reduction == "device" else tree_reductions
     rng = np.random.default_rng(8)
     x = rng.standard_normal((5, n)).astype(np.float32)
     g = rng.standard_normal((5, n)).astype(np.float32)

@@ -16,16 +16,20 @@ def kernel_dir():
 
 
 @functools.lru_cache(maxsize=None)
-def source(name):
+def source(name, includes=()):
     """kernels/<name>.wgsl with every `#include other` line replaced by kernels/other.wgsl (WGSL has no
-    includes; module-scope declarations may come in any order, so placement does not matter)."""
+    includes; module-scope declarations may come in any order, so placement does not matter). `includes`,
+    (other, instead) pairs, swaps an included file for a variant of it (e.g. a device's subgroup reductions)."""
     text = (kernel_dir() / f"{name}.wgsl").read_text()
-    return re.sub(r"^#include (\w+)$", lambda m: source(m.group(1)), text, flags=re.M)
+    instead = dict(includes)
+    return re.sub(r"^#include (\w+)$", lambda m: source(instead.get(m.group(1), m.group(1)), includes), text,
+                  flags=re.M)
 
 
-def specialize(name, **subs):
-    """The source of kernels/<name>.wgsl with every {{KEY}} replaced; a placeholder left over is an error."""
-    text = source(name)
+def specialize(name, includes=(), **subs):
+    """The source of kernels/<name>.wgsl (with `includes` as for source()) with every {{KEY}} replaced; a
+    placeholder left over is an error."""
+    text = source(name, tuple(includes))
     for key, value in subs.items():
         text = text.replace("{{" + key + "}}", str(value))
     left = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)))

@@ -292,6 +292,29 @@ class WgpuBackend(Backend):
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
                            bind_group_hits=0, bind_group_misses=0,
                            bytes_in_use=0, peak_bytes_in_use=0, bytes_reserved=0)
+        self._includes = ()        # include swaps for every kernel (kernels.source): the device's variants
+        self.subgroup_reductions = self._subgroups_usable()
+        if self.subgroup_reductions:
+            self._includes = (("workgroup_reduce", "workgroup_reduce_subgroup"),)
+        self._stats.update(dispatches=0, submits=0, readbacks=0, pipelines=0)
+
+    # Row kernels (softmax, LayerNorm, cross-entropy, sums of squares) reduce through subgroup operations where the
+    # device has them: two barriers a reduction instead of the shared-memory tree's 8 (RWG 256) or 7 (64).
+    # LAB_SUBGROUPS=0 keeps the tree (to compare them).
+    SUBGROUPS = os.environ.get("LAB_SUBGROUPS", "1") not in ("", "0")
+
+    def _subgroups_usable(self):
+        """Whether workgroup_reduce_subgroup.wgsl may stand in for the tree: the `subgroup` feature, and subgroups
+        laid over consecutive invocation indices at both row widths (subgroup_probe.wgsl; Vulkan allows other
+        layouts, so it is asked rather than assumed)."""
+        if not self.SUBGROUPS or "subgroup" not in self.features:
+            return False
+        for rwg in (64, 256):
+            out = self._alloc((rwg,), "int32")
+            self._dispatch("subgroup_probe", "probe_main", [0], [out], (1, 1, 1), rwg, (("RWG", rwg),))
+            if not self.to_numpy(out).all():
+                return False
+        return True
 
     # ------------------------------------------------------------------ memory
     def _alloc(self, shape, dtype, upload=False):
@@ -392,7 +415,7 @@ class WgpuBackend(Backend):
         layout = self._layouts.get(key)
         if layout is None:
             wgpu = self.wgpu
-            source = specialize(kernel, **dict(subs))
+            source = specialize(kernel, self._includes, **dict(subs))
             slots = sorted({(int(b), mode) for b, mode in _BINDING_RE.findall(source)})
             entries = [{"binding": b, "visibility": wgpu.ShaderStage.COMPUTE,
                         "buffer": {"type": wgpu.BufferBindingType.read_only_storage if mode == "read"
