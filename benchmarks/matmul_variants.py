@@ -13,6 +13,7 @@ import numpy as np
 
 import lab
 from lab.engine.backend import backend_instance
+from lab.engine.wgpu_backend import _aligned_subs
 
 B = backend_instance("wgpu")
 rng = np.random.default_rng(0)
@@ -37,12 +38,18 @@ VARIANTS = {"nn": [("matmul_aligned", "nn128", 128, 64, True), ("matmul_aligned"
             "nt": [("matmul_aligned", "nt_wide", 128, 128, False)],
             "tt": [("matmul_aligned", "tt_wide", 128, 128, False)]}
 CHECKED = (("CHECKED", "1"),)  # a substitution no source uses: a pipeline of its own, built with the checks
+# HALF=1: the f16-storage products instead (A and B stored as float16, or B alone, against both float32), on the
+# 128 x 128 kernels the engine runs the model's products on
+HALF = bool(os.environ.get("HALF"))
+if HALF:
+    VARIANTS = {k: [v for v in vs if v[1].endswith("_wide")] for k, vs in VARIANTS.items()}
 
 
 def dispatch(kernel, entry, params, binds, grid, size, checked):
     B.SHADER_CHECKS = checked
     try:
-        B._dispatch(kernel, entry, params, binds, grid, size, subs=CHECKED if checked else ())
+        B._dispatch(kernel, entry, params, binds, grid, size, subs=_aligned_subs(binds[0], binds[1])
+                    + (CHECKED if checked else ()))
     finally:
         del B.SHADER_CHECKS
 
@@ -51,20 +58,24 @@ for name, layout, M, N, K, S in CASES:
     b_np = rng.standard_normal((K, N) if layout[1] == "n" else (N, K)).astype(np.float32)
     rows = (a_np[:8] if layout[0] == "n" else a_np[:, :8].T).astype(np.float64) @ (
         b_np if layout[1] == "n" else b_np.T).astype(np.float64)
-    a, b = B.from_numpy(a_np), B.from_numpy(b_np)
+    stored = [("f32", B.from_numpy(a_np), B.from_numpy(b_np))]
+    if HALF:
+        stored += [("f16 B", stored[0][1], B.from_numpy(b_np.astype(np.float16))),
+                   ("f16 A,B", B.from_numpy(a_np.astype(np.float16)), B.from_numpy(b_np.astype(np.float16)))]
     kc = -(-K // S // 16) * 16 if S > 1 else K
     S = -(-K // kc)
     runs = []
-    for kernel, entry, tm, tn, checked in VARIANTS[layout]:
+    for (kernel, entry, tm, tn, checked), (storage, a, b) in ((v, s) for v in VARIANTS[layout] for s in stored):
         if M % tm or N % tn:
             continue
         out = B.empty((S, M, N))
-        params = [M, N, K, 0, 0, M * N, 1, kc, 0, 0, 0]
+        lda, ldb = (K if layout[0] == "n" else M), (N if layout[1] == "n" else K)   # rows as stored
+        params = [M, N, K, 0, 0, M * N, 1, kc, 0, 0, 0, lda, ldb, N, 1, 0, 0, 0, 0, 0, 0, M * N]
         grid = (N // tn, M // tm, S)
         dispatch(kernel, entry, params, [a, b, out, None, None], grid, out.size, checked)
         got = B.to_numpy(out).sum(0)[:8]
         err = np.abs(got - rows).max() / np.abs(rows).max()
-        tag = entry + ("(checked)" if checked else "")
+        tag = entry + ("(checked)" if checked else "") + (f"[{storage}]" if HALF else "")
         runs.append((tag, kernel, entry, params, [a, b, out, None, None], grid, out.size, checked, err, []))
     for _ in range(int(os.environ.get("ROUNDS", 6))):
         for tag, kernel, entry, params, binds, grid, size, checked, err, times in runs:
@@ -74,5 +85,6 @@ for name, layout, M, N, K, S in CASES:
             times.append(statistics.median(t for _, _, t in prof.records))
     line = f"{name:10s} {M}x{N}x{K} split {S}:"
     for tag, kernel, entry, params, binds, grid, size, checked, err, times in runs:
-        line += f"  {tag} {2 * M * N * K / min(times) / 1e3:5.1f}" + (f" (ERR {err:.0e})" if err > 1e-4 else "")
+        line += f"  {tag} {2 * M * N * K / min(times) / 1e3:5.1f}" + (
+            f" (ERR {err:.0e})" if err > (5e-3 if "f16" in tag else 1e-4) else "")
     print(line + " TF/s", flush=True)

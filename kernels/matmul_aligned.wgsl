@@ -25,17 +25,23 @@
 // per-head matrices read and written in place inside the (B, T, 3C) and (B, T, C) activations (heads H, ld the
 // row width, inner the head's width), which saves the copies that split and merge the heads.
 
+{{ENABLE}}
 const TN: u32 = 64u;
 const TK: u32 = 16u;
 
+// A and B as stored: vec4<f32>, or vec4<f16> for the f16-storage products (ENABLE `enable f16;`, on devices with
+// shader-f16): read through a(), b(), which widen to f32 as they load, so tiles, products and sums stay f32.
 @group(0) @binding(0) var<storage, read> P: array<u32>;
-@group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> A: array<vec4<{{A_ELEM}}>>;
+@group(0) @binding(2) var<storage, read> B: array<vec4<{{B_ELEM}}>>;
 @group(0) @binding(3) var<storage, read_write> C: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> BIAS: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> PRE: array<vec4<f32>>;
 
 #include activation
+
+fn a_at(i: u32) -> vec4<f32> { return vec4<f32>(A[i]); }
+fn b_at(i: u32) -> vec4<f32> { return vec4<f32>(B[i]); }
 
 var<workgroup> Ta: array<vec4<f32>, 512>;
 var<workgroup> Tb: array<vec4<f32>, 512>;   // (the wide kernels double-buffer 256)
@@ -107,8 +113,8 @@ fn nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = A[t.a + (t.m0 + lid / 4u) * t.lda + k0 / 4u + lid % 4u];        // Ar[m * 4 + q]
-        Tb[lid] = B[t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u];      // Bs[k * 16 + j]
+        Ta[lid] = a_at(t.a + (t.m0 + lid / 4u) * t.lda + k0 / 4u + lid % 4u);        // Ar[m * 4 + q]
+        Tb[lid] = b_at(t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u);      // Bs[k * 16 + j]
         workgroupBarrier();
         for (var q = 0u; q < 4u; q++) {
             let b0 = Tb[(4u * q) * 16u + tx];
@@ -151,8 +157,8 @@ fn tn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = A[t.a + (k0 + lid / 16u) * t.lda + t.m0 / 4u + lid % 16u];      // As[k * 16 + i]
-        Tb[lid] = B[t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u];      // Bs[k * 16 + j]
+        Ta[lid] = a_at(t.a + (k0 + lid / 16u) * t.lda + t.m0 / 4u + lid % 16u);      // As[k * 16 + i]
+        Tb[lid] = b_at(t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u);      // Bs[k * 16 + j]
         workgroupBarrier();
         for (var k = 0u; k < TK; k++) {
             let a = Ta[k * 16u + ty];
@@ -184,9 +190,9 @@ fn nn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let ia = t.a + (t.m0 + lid / 4u) * t.lda + lid % 4u;       // rows lid / 4 and 64 + lid / 4
     let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = A[ia + k0 / 4u];
-        Ta[lid + 256u] = A[ia + 64u * t.lda + k0 / 4u];
-        Tb[lid] = B[ib + k0 * t.ldb];
+        Ta[lid] = a_at(ia + k0 / 4u);
+        Ta[lid + 256u] = a_at(ia + 64u * t.lda + k0 / 4u);
+        Tb[lid] = b_at(ib + k0 * t.ldb);
         workgroupBarrier();
         for (var q = 0u; q < 4u; q++) {
             let b0 = Tb[(4u * q) * 16u + tx];
@@ -265,9 +271,9 @@ fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let ia = t.a + (lid / 32u) * t.lda + t.m0 / 4u + lid % 32u;  // k rows lid / 32 and 8 + lid / 32
     let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = A[ia + k0 * t.lda];
-        Ta[lid + 256u] = A[ia + (k0 + 8u) * t.lda];
-        Tb[lid] = B[ib + k0 * t.ldb];
+        Ta[lid] = a_at(ia + k0 * t.lda);
+        Ta[lid + 256u] = a_at(ia + (k0 + 8u) * t.lda);
+        Tb[lid] = b_at(ib + k0 * t.ldb);
         workgroupBarrier();
         for (var k = 0u; k < TK; k++) {
             let lo = Ta[k * 32u + 2u * ty];
@@ -399,8 +405,8 @@ fn wide(t: Tile, lid: u32, a_along_k: bool, b_along_k: bool) {
     let ib = wide_start(t.b, b_along_k, sb, t.n0, lid);
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
     if (t.k_begin < t.k_end) {    // (uniform: the same for the whole workgroup)
-        wide_stage(true, a_along_k, 0u, lid, A[ia + wide_offset(a_along_k, sa, t.k_begin)]);
-        wide_stage(false, b_along_k, 0u, lid, B[ib + wide_offset(b_along_k, sb, t.k_begin)]);
+        wide_stage(true, a_along_k, 0u, lid, a_at(ia + wide_offset(a_along_k, sa, t.k_begin)));
+        wide_stage(false, b_along_k, 0u, lid, b_at(ib + wide_offset(b_along_k, sb, t.k_begin)));
     }
     workgroupBarrier();
     var half = 0u;
@@ -409,8 +415,8 @@ fn wide(t: Tile, lid: u32, a_along_k: bool, b_along_k: bool) {
         var a = vec4<f32>(0.0);
         var b = vec4<f32>(0.0);
         if (more) {
-            a = A[ia + wide_offset(a_along_k, sa, k0 + TKW)];
-            b = B[ib + wide_offset(b_along_k, sb, k0 + TKW)];
+            a = a_at(ia + wide_offset(a_along_k, sa, k0 + TKW));
+            b = b_at(ib + wide_offset(b_along_k, sb, k0 + TKW));
         }
         wide_step(half, tx, ty);
         half = 256u - half;

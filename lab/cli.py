@@ -80,7 +80,8 @@ def _bench(args):
     if args.suite == "lora":
         from lab.bench.lora import run_lora_bench
         out = args.out or f"bench-results/lora-{args.preset}-{name}.json"
-        run_lora_bench(args.preset, name, r=args.rank, batch_size=args.batch_size, steps=args.steps, out_path=out)
+        run_lora_bench(args.preset, name, r=args.rank, batch_size=args.batch_size, steps=args.steps, out_path=out,
+                       base_dtype=args.base_dtype)
         return 0
     if args.suite == "train":
         from lab.bench.train import run_train_bench
@@ -183,6 +184,8 @@ def main(argv=None):
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
     b.add_argument("suite", help="kernels, train, lora or diagnostics")
     b.add_argument("--rank", type=int, default=8, help="lora: adapter rank")
+    b.add_argument("--base-dtype", default="float32", choices=("float32", "float16"),
+                   help="lora: storage of the frozen linear weights (float16: also runs a float32 base to compare)")
     b.add_argument("--preset", default="tiny", help="train, lora: model preset")
     b.add_argument("--batch-size", type=int, help="train, lora: batch size (default 12, 64 for shakespeare-char)")
     b.add_argument("--steps", type=int, default=20, help="train, lora: timed steps")

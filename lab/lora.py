@@ -4,7 +4,9 @@
 freezes everything else, and leaves A (r, in) and B (out, r) as the only trainable tensors. A starts as PEFT's
 Kaiming-uniform, B at zero, so an untrained adapter changes nothing. Adapters can be switched off and on
 (`model.use_adapter(False)`), merged into the base weights and unmerged, and saved / loaded as PEFT's
-adapter_model.safetensors + adapter_config.json.
+adapter_model.safetensors + adapter_config.json. With base_dtype="float16" the frozen linear weights are stored
+as float16 (half their memory; on wgpu where the device has shader-f16) and read in float32 arithmetic: the
+adapters train against the base rounded to float16, as PEFT does on a half-precision base.
 """
 import contextlib
 import json
@@ -51,13 +53,18 @@ class LoRALinear(nn.Linear):
 
     def merge(self):
         if not self.merged:
-            self.weight.data = self.weight.backend.from_numpy(self.weight.numpy() + self._delta().astype(np.float32))
+            self._set_weight(self.weight.numpy() + self._delta())
             self.merged = True
 
     def unmerge(self):
         if self.merged:
-            self.weight.data = self.weight.backend.from_numpy(self.weight.numpy() - self._delta().astype(np.float32))
+            self._set_weight(self.weight.numpy() - self._delta())
             self.merged = False
+
+    def _set_weight(self, values):
+        """The base weight replaced, in its own dtype (a float16 base is rounded again: unmerge then restores it
+        to within float16's rounding, not bit for bit)."""
+        self.weight.data = self.weight.backend.from_numpy(values.astype(self.weight.numpy().dtype))
 
 
 def linear_names(model):
@@ -65,9 +72,12 @@ def linear_names(model):
     return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear) and path})
 
 
-def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
+def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype="float32"):
     """Wrap every linear layer whose name is in `targets` with a LoRA adapter; freeze all other parameters.
-    Returns the model (changed in place)."""
+    base_dtype "float16" stores every frozen linear weight as float16 (embeddings, LayerNorms and biases stay
+    float32). Returns the model (changed in place)."""
+    if base_dtype not in ("float32", "float16"):
+        raise ValueError(f"LoRA base_dtype must be 'float32' or 'float16', got {base_dtype!r}")
     targets = [targets] if isinstance(targets, str) else list(targets)
     existing = linear_names(model)
     unknown = [t for t in targets if t not in existing]
@@ -88,8 +98,15 @@ def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
                     raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of "
                                      f"{path + '.' if path else ''}{name} ({n_in} -> {n_out})")
                 sites.append((module, name, child))
+    half = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] if base_dtype == "float16" else []
+    for w in half:
+        if not getattr(w.backend, "half_storage", True):
+            raise ValueError(f"base_dtype='float16' needs the shader-f16 feature, which this device "
+                             f"({w.backend.device_info['device']}) does not have: use base_dtype='float32'")
     for p in model.parameters():
         p.requires_grad = False
+    for w in half:
+        w.data = w.backend.from_numpy(w.numpy().astype(np.float16))
     for module, name, child in sites:
         setattr(module, name, LoRALinear(child, r, alpha, dropout))
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets}

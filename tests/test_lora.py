@@ -86,6 +86,48 @@ def test_merge_unmerge_and_switching(use_backend):
     assert lora.adapters(m)[0][1].enabled
 
 
+@pytest.mark.parametrize("n_embd,block", [(24, 12), (64, 64)], ids=["ragged", "whole-tiles"])
+def test_float16_base_trains_the_adapters_as_a_float32_base_of_the_same_values(use_backend, n_embd, block):
+    """base_dtype="float16" stores every frozen linear weight as float16 (embeddings, LayerNorms, biases and the
+    adapters stay float32); the products widen those weights to float32 arithmetic, so the loss and the
+    adapters' gradients are those of a float32 base holding the same (rounded) values, on the whole-tile
+    kernels (read as they are) and the others (a widened copy) alike. Merge and unmerge keep the base float16."""
+    if not getattr(lab.get_backend(), "half_storage", True):
+        pytest.skip("this device has no shader-f16")
+    cfg = replace(PRESETS["tiny"], vocab_size=40, block_size=block, n_layer=2, n_head=2, n_embd=n_embd)
+    lab.manual_seed(0)
+    half = lora.apply(TransformerLM(cfg), r=4, alpha=8, base_dtype="float16")
+    lab.manual_seed(0)
+    ref = TransformerLM(cfg)
+    for m in ref.modules():
+        if isinstance(m, lab.nn.Linear):
+            m.weight.data = m.weight.backend.from_numpy(m.weight.numpy().astype(np.float16).astype(np.float32))
+    lora.apply(ref, r=4, alpha=8)
+    linear = {f"{p}.weight" for p, m in half.named_modules() if isinstance(m, lab.nn.Linear)}
+    dtypes = {n: p.dtype for n, p in half.named_parameters()}
+    assert {n for n, d in dtypes.items() if d == "float16"} == linear and len(linear) == 2 * 4
+    for m in (half, ref):
+        _randomize_B(m)
+    idx = np.random.default_rng(3).integers(0, 40, (2, block))
+    grads = []
+    for m in (half, ref):
+        _, loss = m.train()(idx, idx)
+        loss.backward()
+        grads.append({n: p.grad.numpy() for n, p in m.named_parameters() if p.requires_grad})
+        grads[-1]["loss"] = loss.numpy()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 8 + 1
+    for n in grads[0]:
+        np.testing.assert_allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, err_msg=n)
+    half.merge_adapter()
+    merged = half.h[0].mlp.c_fc.weight
+    assert merged.dtype == "float16"
+    half.unmerge_adapter()
+    np.testing.assert_allclose(half.h[0].mlp.c_fc.weight.numpy().astype(np.float32),
+                               ref.h[0].mlp.c_fc.weight.numpy(), atol=5e-4)
+    with pytest.raises(ValueError, match="base_dtype must be"):
+        lora.apply(_model(), base_dtype="bfloat16")
+
+
 def test_save_and_load_adapter_round_trip(use_backend, tmp_path):
     m = _model()
     lora.apply(m, r=4, alpha=16, targets=["c_attn"])

@@ -180,17 +180,64 @@ def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
 
 
-def _matmul_with_bias(wgpu_backend, numpy_backend, seed, trans_a, trans_b, batch_a, batch_b, M, N, K):
+def _matmul_with_bias(wgpu_backend, numpy_backend, seed, trans_a, trans_b, batch_a, batch_b, M, N, K,
+                      dtypes=(np.float32, np.float32)):
     """(wgpu's a @ b + bias, numpy's, the profile of wgpu's) for random operands stored as the flags say."""
     import lab
     rng = np.random.default_rng(seed)
-    a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
-    b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+    a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(dtypes[0])
+    b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(dtypes[1])
     bias = rng.standard_normal(N).astype(np.float32)
     up = wgpu_backend.from_numpy
     with lab.profile(wgpu_backend) as prof:
         got = wgpu_backend.to_numpy(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias)))
     return got, numpy_backend.matmul(a, b, trans_a, trans_b, bias=bias), prof
+
+
+@pytest.mark.parametrize("path,trans_a,trans_b,M,N,K,direct", [
+    ("128x128-tiles", False, False, 256, 128, 48, True), ("128x128-tiles", False, True, 256, 128, 48, True),
+    ("128x128-tiles", True, False, 256, 128, 48, True), ("128-row-tiles", False, False, 128, 64, 32, True),
+    ("64-row-tiles-split-k", True, False, 192, 64, 2064, True),
+    ("transposed-copy", False, True, 128, 64, 32, False), ("bounds-checked", False, True, 70, 50, 33, False),
+    ("thin", False, False, 4096, 8, 64, False), ("padded", False, True, 250, 130, 70, False)])
+@pytest.mark.parametrize("half", ["b", "a-and-b"])
+def test_f16_storage_matmul_matches_numpy(wgpu_backend, numpy_backend, monkeypatch, path, trans_a, trans_b, M, N, K,
+                                          direct, half):
+    """float16 operands (frozen weights stored at half the memory) multiply in float32 arithmetic: the whole-tile
+    kernels read them as they are (matmul_aligned.wgsl with f16 A_ELEM / B_ELEM), every other path through a
+    widened float32 copy (cast.wgsl); numpy's reference widens them likewise. Skipped without shader-f16."""
+    if not wgpu_backend.half_storage:
+        pytest.skip("this device has no shader-f16")
+    monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
+    monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if path == "128x128-tiles" else 1 << 30)
+    if path == "padded":
+        monkeypatch.setattr(wgpu_backend, "PAD_MIN_VOLUME", 0)
+        monkeypatch.setattr(wgpu_backend, "PAD_MAX_WORK", 100.0)
+    dtypes = (np.float16 if half == "a-and-b" else np.float32, np.float16)
+    got, want, prof = _matmul_with_bias(wgpu_backend, numpy_backend, 21, trans_a, trans_b, 1, 1, M, N, K, dtypes)
+    names = [name for name, _, _ in prof.records]
+    widened = names.count("cast:widen_main")
+    # the transposed copy widens B only (A is read as it is); the other indirect paths widen every f16 operand
+    assert widened == (0 if direct else 1 if path == "transposed-copy" else len(half.split("-and-"))), names
+    if direct:
+        assert ("matmul_aligned", names[0].split(":")[1], (("ENABLE", "enable f16;"), ("A_ELEM", "f16" if half ==
+                "a-and-b" else "f32"), ("B_ELEM", "f16"))) in wgpu_backend._pipelines, names
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+
+
+def test_f16_storage_is_for_frozen_weights_only(wgpu_backend):
+    """A float16 tensor cannot require gradients, and a kernel that reads 32-bit values refuses one by name
+    (rather than reading its halves as floats)."""
+    import lab
+    with pytest.raises(ValueError, match="cannot require gradients"):
+        lab.tensor(np.ones(3), dtype="float16", requires_grad=True, backend=wgpu_backend)
+    if not wgpu_backend.half_storage:
+        pytest.skip("this device has no shader-f16")
+    w = lab.tensor(np.arange(7) / 8, dtype="float16", backend=wgpu_backend)
+    assert w.dtype == "float16" and w.data.storage.nbytes == 256   # 14 bytes, in the pool's smallest buffer
+    np.testing.assert_array_equal(w.numpy(), (np.arange(7) / 8).astype(np.float16))
+    with pytest.raises(ValueError, match="float16 tensors are storage for frozen weights"):
+        (w * 2.0).numpy()
 
 
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])

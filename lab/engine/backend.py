@@ -243,4 +243,7 @@ def np_dtype(dtype):
         return np.int32
     if dtype in ("float64", np.float64):
         return np.float64
-    raise ValueError(f"unsupported dtype {dtype!r}: expected 'float32' or 'int32' ('float64' on numpy only)")
+    if dtype in ("float16", np.float16):
+        return np.float16
+    raise ValueError(f"unsupported dtype {dtype!r}: expected 'float32' or 'int32' ('float64' on numpy only, "
+                     f"'float16' as storage for frozen weights)")

@@ -263,6 +263,8 @@ class NumpyBackend(Backend):
     def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None):  # (no use for hints)
         if isinstance(a, HeadView) or isinstance(b, HeadView) or out is not None:
             return self._matmul_heads(a, b, trans_a, trans_b, out)
+        # float16 operands are storage (frozen weights): the product is float32 arithmetic, as on the GPU
+        a, b = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (a, b))
         a = a.swapaxes(-1, -2) if trans_a else a
         b = b.swapaxes(-1, -2) if trans_b else b
         if trans_b and b.ndim == 3 and b.shape[0] > 1:

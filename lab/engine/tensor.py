@@ -173,6 +173,13 @@ def tensor(data, requires_grad=False, dtype=None, backend=None):
         raise ValueError("float64 tensors exist on the numpy backend only (WGSL has no portable f64)")
     if requires_grad and dtype == "int32":
         raise ValueError("only floating-point tensors can require gradients")
+    if dtype == "float16":
+        if requires_grad:
+            raise ValueError("float16 tensors are storage for frozen weights (read by linear and matmul in float32 "
+                             "arithmetic) and cannot require gradients: train float32 tensors")
+        if not getattr(b, "half_storage", True):
+            raise ValueError(f"float16 storage needs the shader-f16 feature, which this device "
+                             f"({b.device_info['device']}) does not have: keep the weights float32")
     return Tensor(b.from_numpy(arr.astype(np_dtype(dtype), copy=False)), b, requires_grad=requires_grad)
 
 

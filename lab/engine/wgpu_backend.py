@@ -39,6 +39,7 @@ ARENA_BYTES = 4 << 20
 PARAMS_BYTES = 256   # the window of the params arena a dispatch sees (its offset is dynamic)
 # storage bindings a kernel module declares: (binding number, access)
 _BINDING_RE = re.compile(r"@group\(0\)\s*@binding\((\d+)\)\s*var<storage,\s*(read_write|read)>")
+_HALF_BINDING_RE = re.compile(r"@group\(0\)\s*@binding\((\d+)\)\s*var<storage,\s*\w+>\s*\w+\s*:\s*array<[^;]*f16")
 INSTALL_HINT = ("no WebGPU adapter found. On a CPU-only Debian/Ubuntu machine install Mesa's software Vulkan "
                 "driver: `apt-get install mesa-vulkan-drivers` (as root); on a GPU machine install the vendor's "
                 "Vulkan driver. Or use the numpy backend: LAB_BACKEND=numpy / lab.set_backend('numpy').")
@@ -74,9 +75,25 @@ def _round_up(n, m):
     return -(-n // m) * m
 
 
+_HOST_DTYPES = {"float32": np.float32, "int32": np.int32, "float16": np.float16}
+
+
+def _whole_words(x):
+    """x's bytes padded to whole 4-byte words (queue writes take multiples of 4: an odd count of float16s)."""
+    if x.nbytes % 4 == 0:
+        return x
+    return x.tobytes() + bytes(-x.nbytes % 4)
+
+
 def _storage(x):
     """The buffer behind an operand (a HeadView's activation)."""
     return x.data if isinstance(x, HeadView) else x
+
+
+def _aligned_subs(a, b):
+    """matmul_aligned.wgsl's operand types: f32, or f16 for a float16 array (the f16-storage products)."""
+    elems = ["f16" if getattr(x, "dtype", None) == "float16" else "f32" for x in (a, b)]
+    return (("ENABLE", "enable f16;" if "f16" in elems else ""), ("A_ELEM", elems[0]), ("B_ELEM", elems[1]))
 
 
 def _operand_layout(x, heads):
@@ -254,6 +271,7 @@ class WgpuBackend(Backend):
         self.queue = self.device.queue
         self.limits = dict(self.device.limits)
         self.features = sorted(str(f) for f in self.device.features)
+        self.half_storage = "shader-f16" in self.features   # float16 arrays: storage for frozen weights
         self.device_info = {
             "device": chosen.get("device", ""), "vendor": chosen.get("vendor", ""),
             "adapter_type": chosen.get("adapter_type", ""), "backend_type": chosen.get("backend_type", ""),
@@ -318,7 +336,7 @@ class WgpuBackend(Backend):
 
     # ------------------------------------------------------------------ memory
     def _alloc(self, shape, dtype, upload=False):
-        nbytes = max(4, math.prod(shape) * 4)
+        nbytes = max(4, (math.prod(shape) * (2 if dtype == "float16" else 4) + 3) // 4 * 4)
         if nbytes > self.max_binding:
             raise ValueError(
                 f"tensor of shape {tuple(shape)} needs {nbytes} bytes, more than this device's "
@@ -361,11 +379,14 @@ class WgpuBackend(Backend):
     def from_numpy(self, x):
         x = np.ascontiguousarray(x)
         dtype = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32"}.get(x.dtype)
+        if x.dtype == np.float16 and self.half_storage:
+            dtype = "float16"
         if dtype is None:
-            raise ValueError(f"wgpu backend stores float32 and int32 tensors, got dtype {x.dtype}")
+            raise ValueError(f"wgpu backend stores float32 and int32 tensors (and float16 on devices with "
+                             f"shader-f16), got dtype {x.dtype}")
         a = self._alloc(x.shape, dtype, upload=True)
         if x.size:
-            self.queue.write_buffer(a.buffer, 0, x)
+            self.queue.write_buffer(a.buffer, 0, _whole_words(x))
             self._stats["uploads"] += 1
         if self._capture is not None:
             self._capture.uploads.append((a, x.tobytes()))
@@ -373,26 +394,26 @@ class WgpuBackend(Backend):
 
     def write(self, a, x):
         """Overwrite array `a` with host values x (same size) before the work recorded next runs."""
-        x = np.ascontiguousarray(x, dtype=np.float32 if a.dtype == "float32" else np.int32)
+        x = np.ascontiguousarray(x, dtype=_HOST_DTYPES[a.dtype])
         if x.size != a.size:
             raise ValueError(f"write: {x.size} values for an array of shape {a.shape}")
         if x.size:
-            self.queue.write_buffer(a.buffer, 0, x)
+            self.queue.write_buffer(a.buffer, 0, _whole_words(x))
             self._stats["uploads"] += 1
 
     def to_numpy(self, a):
         if self._capture is not None:
             self._capture.broken = "the step reads a value back from the device"
         self.sync()
-        dt = np.float32 if a.dtype == "float32" else np.int32
+        dt = _HOST_DTYPES[a.dtype]
         if a.size == 0:
             return np.zeros(a.shape, dtype=dt)
         try:
-            data = self.queue.read_buffer(a.buffer, 0, a.size * 4)
+            data = self.queue.read_buffer(a.buffer, 0, (a.size * np.dtype(dt).itemsize + 3) // 4 * 4)
         except self.wgpu.GPUError as e:
             raise _lost(self, e) from None
         self._stats["readbacks"] += 1
-        return np.frombuffer(data, dtype=dt).reshape(a.shape).copy()
+        return np.frombuffer(data, dtype=dt)[:a.size].reshape(a.shape).copy()
 
     def full(self, shape, value, dtype="float32"):
         a = self._alloc(shape, dtype)
@@ -423,7 +444,7 @@ class WgpuBackend(Backend):
                        for b, mode in slots]
             bgl = self.device.create_bind_group_layout(entries=entries)
             layout = (source, bgl, self.device.create_pipeline_layout(bind_group_layouts=[bgl]),
-                      tuple(b for b, _ in slots if b > 0))
+                      tuple(b for b, _ in slots if b > 0), {int(b) for b in _HALF_BINDING_RE.findall(source)})
             self._layouts[key] = layout
         return layout
 
@@ -439,12 +460,12 @@ class WgpuBackend(Backend):
         key = (kernel, entry, subs)
         p = self._pipelines.get(key)
         if p is None:
-            source, bgl, pipeline_layout, slots = self._layout(kernel, subs)
+            source, bgl, pipeline_layout, slots, half_slots = self._layout(kernel, subs)
             module = self._shader_module(source, kernel)
             p = self.device.create_compute_pipeline(layout=pipeline_layout,
                                                     compute={"module": module, "entry_point": entry},
                                                     label=f"{kernel}:{entry}")
-            p = (p, bgl, slots)
+            p = (p, bgl, slots, half_slots)
             self._pipelines[key] = p
             self._stats["pipelines"] += 1
         return p
@@ -508,7 +529,12 @@ class WgpuBackend(Backend):
             self._arena_host[offset:offset + len(params)] = params
             self._arena_used = offset + PARAMS_BYTES
             self._arena_index[params] = offset
-        pipeline, bgl, slots = self._pipeline(kernel, entry, subs)
+        pipeline, bgl, slots, half_slots = self._pipeline(kernel, entry, subs)
+        for i, a in enumerate(bindings):
+            if a is not None and (a.dtype == "float16") != (i + 1 in half_slots):
+                raise ValueError(f"{kernel}:{entry} binding {i + 1} holds {'float16' if i + 1 in half_slots else '32-bit'}"
+                                 f" values, given a {a.dtype} array: float16 tensors are storage for frozen weights, "
+                                 f"read by linear and matmul only")
         key = (id(pipeline),) + tuple(id(a.storage.buffer) if a is not None else 0 for a in bindings)
         bg = self._bind_groups.get(key)
         if bg is None:
@@ -847,10 +873,11 @@ class WgpuBackend(Backend):
             return self._matmul_padded(a, b, trans_a, trans_b, bias, M, N, padded), None, False
         if not views and gelu is None and bias is None and ba == bb == 1 and M * N * K >= self.THIN_MIN_VOLUME:
             if min(M, N) <= self.THIN_MAX:
-                return self._matmul_thin(a, b, trans_a, trans_b, M, N, K), None, False
+                return self._matmul_thin(self._f32(a), self._f32(b), trans_a, trans_b, M, N, K), None, False
             if K <= self.THIN_MAX and not trans_a and not trans_b:
                 out = self._alloc((1, M, N), "float32")
-                self._flat("lora", "up_add_t_main", [M, 0, N, K, _f32bits(1.0), 1], [a, b, None, out], M * N)
+                self._flat("lora", "up_add_t_main", [M, 0, N, K, _f32bits(1.0), 1], [self._f32(a), self._f32(b), None,
+                                                                                     out], M * N)
                 return out, None, False
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
         wide_shape = M % 128 == 0 and N % 128 == 0 and K % 16 == 0  # whole 128 x 128 tiles
@@ -863,6 +890,8 @@ class WgpuBackend(Backend):
         kc = math.ceil(math.ceil(K / S) / 16) * 16   # chunks of whole TK steps
         S = math.ceil(K / kc)
         aligned = self.MATMUL_ALIGNED and M % 64 == 0 and N % 64 == 0 and K % 16 == 0
+        if not aligned:
+            a, b = self._f32(a), self._f32(b)
         wide = self.MATMUL_ALIGNED and wide_shape and M * N * batch * S >= self.WIDE_MIN_TILES << 14
         if views and not (aligned and all(v.offset % 4 == 0 and v.width % 4 == 0 and v.dim % 4 == 0
                                           for v in views)):
@@ -881,7 +910,7 @@ class WgpuBackend(Backend):
                 b = self.reshape(self.copy_view(b.data, b.offset, (bb // heads, heads, K, N), (outer, inner, 1, row)),
                                  (bb, K, N))
             else:
-                b = self.copy_view(b, 0, (bb, K, N), (N * K, 1, K))
+                b = self.copy_view(self._f32(b), 0, (bb, K, N), (N * K, 1, K))
             layout = layout[0] + "n"
         if aligned:
             # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here); a bias is added
@@ -905,7 +934,7 @@ class WgpuBackend(Backend):
                       la[2], lb[2], lc[2], la[0], lb[0], lc[0], batch * M * N]
             self._dispatch("matmul_aligned", entry, params,
                            [_storage(a), _storage(b), _storage(out), bias if fused else None, pre], grid,
-                           batch * M * N * S, label=label + " aligned" + (" +bias" if fused else "")
+                           batch * M * N * S, _aligned_subs(a, b), label=label + " aligned" + (" +bias" if fused else "")
                            + (" +gelu" if act else "") + (f" {triangle}-triangle" if tri else "")
                            + (" in place" if views else ""))
             if act:
@@ -967,14 +996,23 @@ class WgpuBackend(Backend):
         """a @ b through zero-padded copies of sizes `padded` (zeros add nothing to the product), the result cut
         back to (batch, M, N): a view of its first rows where only M was padded."""
         Mp, Np, Kp = padded
-        a = self._zero_padded(a, (Kp, Mp) if trans_a else (Mp, Kp))
-        b = self._zero_padded(b, (Np, Kp) if trans_b else (Kp, Np))
+        a = self._zero_padded(self._f32(a), (Kp, Mp) if trans_a else (Mp, Kp))
+        b = self._zero_padded(self._f32(b), (Np, Kp) if trans_b else (Kp, Np))
         bias = self._zero_padded(self.reshape(bias, (1, 1, N)), (1, Np)) if bias is not None else None
         out = self._matmul(a, b, trans_a, trans_b, self.reshape(bias, (Np,)) if bias is not None else None)[0]
         batch = out.shape[0]
         if Np == N and (batch == 1 or Mp == M):  # the wanted rows are a prefix of the padded result
             return GPUArray(out.storage, (batch, M, N), out.dtype)
         return self.copy_view(out, 0, (batch, M, N), (Mp * Np, Np, 1))
+
+    def _f32(self, x):
+        """x, or a float32 copy of a float16 array (for the kernels that read float32 only: everything but the
+        whole-tile matmuls)."""
+        if isinstance(x, HeadView) or x.dtype != "float16":
+            return x
+        out = self._alloc(x.shape, "float32")
+        self._flat("cast", "widen_main", [x.size], [x, out], x.size)
+        return out
 
     def _zero_padded(self, x, rows_cols):
         """x (n, r, c) in the top-left corner of a zeroed (n, R, C) array (x itself when it is that size)."""
