@@ -103,7 +103,7 @@ def _plan(args):
         lab.set_backend(args.backend)
     p = plan.estimate(model, batch=args.batch_size, seq=args.seq, tokens=args.tokens, steps=args.steps,
                       lora_rank=args.lora_rank, device=args.device, optimizer=args.optimizer,
-                      vocab_size=args.vocab_size)
+                      vocab_size=args.vocab_size, lora_base_dtype=args.lora_base_dtype)
     print(p)
     if args.minutes is not None:
         ok = p.fits and p.total_time_s <= args.minutes * 60
@@ -205,6 +205,8 @@ def main(argv=None):
     pl.add_argument("--tokens", type=float, help="training tokens (default 1e6)")
     pl.add_argument("--steps", type=int, help="training steps (instead of --tokens)")
     pl.add_argument("--lora-rank", type=int, help="plan LoRA fine-tuning with this rank (default: full training)")
+    pl.add_argument("--lora-base-dtype", default="float32", choices=("float32", "float16"),
+                    help="with --lora-rank: storage of the frozen linear weights")
     pl.add_argument("--optimizer", default="adamw", help="adamw or sgd")
     pl.add_argument("--vocab-size", type=int, help="vocabulary size (default: the preset's)")
     pl.add_argument("--device", default="this", help="'this' (measured) or a profile: m1, rtx4090, h100, h200, cpu-2core")

@@ -375,33 +375,33 @@ def test_lora_forward_kernels_match_numpy(wgpu_backend, numpy_backend, monkeypat
 
 
 @pytest.fixture(scope="module")
-def tree_reductions(wgpu_backend):
-    """A second wgpu backend whose row kernels reduce through the shared-memory tree (as on devices without the
-    `subgroup` feature), beside the session's, which uses subgroup operations where the device has them."""
+def subgroup_reductions(wgpu_backend):
+    """A second wgpu backend whose row kernels reduce through subgroup operations (LAB_SUBGROUPS=1), beside the
+    session's, which uses the shared-memory tree (the default)."""
     from lab.engine.wgpu_backend import WgpuBackend
 
-    class TreeReductions(WgpuBackend):
-        SUBGROUPS = False
-    return TreeReductions()
+    class SubgroupReductions(WgpuBackend):
+        SUBGROUPS = True
+    return SubgroupReductions()
 
 
-def test_subgroup_reductions_where_the_device_has_them(wgpu_backend, tree_reductions):
+def test_subgroup_reductions_where_asked_and_the_device_has_them(wgpu_backend, subgroup_reductions):
     """lavapipe has the `subgroup` feature with its subgroups over consecutive invocations (subgroup_probe.wgsl),
-    so CI's kernel tests run the subgroup reductions; the tree variant is the other backend's."""
-    assert wgpu_backend.subgroup_reductions == ("subgroup" in wgpu_backend.features)
-    assert not tree_reductions.subgroup_reductions and tree_reductions._includes == ()
-    if wgpu_backend.subgroup_reductions:
+    so CI tests the subgroup reductions as well as the default tree."""
+    assert not wgpu_backend.subgroup_reductions and wgpu_backend._includes == ()
+    assert subgroup_reductions.subgroup_reductions == ("subgroup" in subgroup_reductions.features)
+    if subgroup_reductions.subgroup_reductions:
         from lab.engine.kernels import specialize
-        assert "subgroupAdd" in specialize("softmax", wgpu_backend._includes, RWG=64)
+        assert "subgroupAdd" in specialize("softmax", subgroup_reductions._includes, RWG=64)
         assert "subgroupAdd" not in specialize("softmax", RWG=64)
 
 
-@pytest.mark.parametrize("reduction", ["device", "tree"])
+@pytest.mark.parametrize("reduction", ["tree", "subgroup"])
 @pytest.mark.parametrize("n", [7, 384, 1500], ids=["short", "model", "long"])
-def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, tree_reductions, numpy_backend, n, reduction):
+def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, subgroup_reductions, numpy_backend, n, reduction):
     """Rows up to 1024 run on 64 threads, longer ones on 256 (softmax, layernorm, cross-entropy), reducing through
-    subgroup operations (where the device has them) or the shared-memory tree."""
-    wgpu_backend = wgpu_backend if reduction == "device" else tree_reductions
+    the shared-memory tree or (where the device has them) subgroup operations."""
+    wgpu_backend = wgpu_backend if reduction == "tree" else subgroup_reductions
     rng = np.random.default_rng(8)
     x = rng.standard_normal((5, n)).astype(np.float32)
     g = rng.standard_normal((5, n)).astype(np.float32)
@@ -421,6 +421,8 @@ def test_row_kernels_at_both_workgroup_sizes(wgpu_backend, tree_reductions, nump
     t = rng.integers(0, n, 5).astype(np.int32)
     loss, _ = wgpu_backend.cross_entropy(up(x), up(t), -100)
     np.testing.assert_allclose(down(loss), numpy_backend.cross_entropy(x, t, -100)[0], rtol=1e-5)
+    total = down(wgpu_backend.sumsq_many([up(x), up(g), up(w)]))   # the gradient norm's partial sums
+    np.testing.assert_allclose(total, [sum(np.square(v.astype(np.float64)).sum() for v in (x, g, w))], rtol=1e-5)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])

@@ -171,9 +171,12 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
 
 
 def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
-             lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), device=None, vocab_size=None):
+             lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), device=None, vocab_size=None,
+             lora_base_dtype="float32"):
     """A Plan for training `config_or_preset` with this batch, sequence length and token budget on `device`
-    (None/'this': the measured current backend; or a named profile such as 'm1', 'rtx4090', 'h200')."""
+    (None/'this': the measured current backend; or a named profile such as 'm1', 'rtx4090', 'h200').
+    lora_base_dtype "float16": LoRA on a base whose linear weights are stored as float16 (lora.apply's
+    base_dtype), 2 bytes each instead of 4."""
     c = _config(config_or_preset)
     if vocab_size:
         c = replace(c, vocab_size=vocab_size)
@@ -186,6 +189,9 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     if batch < 1 or seq < 1:
         raise ValueError(f"batch and seq must be >= 1, got {batch} and {seq}")
+    if lora_base_dtype not in ("float32", "float16") or (lora_base_dtype == "float16" and not lora_rank):
+        raise ValueError(f"lora_base_dtype must be 'float32' or 'float16' (float16 with a lora_rank: a frozen base "
+                         f"only), got {lora_base_dtype!r}" + ("" if lora_rank else " without a lora_rank"))
     prof = get_profile(device)
     tokens_per_step = batch * seq
     if steps is None:
@@ -201,8 +207,9 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     att = batch * c.n_head * seq * seq
     backward = int(batch * seq * c.vocab_size + 25 * batch * seq * c.n_embd
                   + (2.5 if c.dropout > 0 else 1.5) * att)
+    half_floats = 12 * c.n_layer * c.n_embd ** 2 if lora_base_dtype == "float16" else 0  # the linear weights
     memory = {
-        "weights": params * F32, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
+        "weights": params * F32 - half_floats * 2, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
         f"activations: {c.n_layer} layers": parts["layers"] * F32, "activations: embeddings": parts["embeddings"] * F32,
         "activations: logits and loss": parts["logits and loss"] * F32, "backward working set": backward * F32,
     }
@@ -297,8 +304,13 @@ def _check_fit(plan, c, prof):
         if not plan.lora_rank:
             plan.suggestions.append("fine-tune a LoRA adapter (e.g. lora_rank=8): no gradients or optimizer state "
                                     "for the base weights")
-        elif plan.lora_rank > 4:
-            plan.suggestions.append(f"a smaller LoRA rank than {plan.lora_rank} cuts adapter memory")
+        else:
+            if plan.lora_rank > 4:
+                plan.suggestions.append(f"a smaller LoRA rank than {plan.lora_rank} cuts adapter memory")
+            half = 12 * c.n_layer * c.n_embd ** 2 * 2
+            if plan.memory["weights"] >= plan.params * F32:   # a float32 base
+                plan.suggestions.append(f"store the frozen base as float16 (lora.apply(..., base_dtype='float16')): "
+                                        f"{half / 2 ** 20:,.0f} MiB less")
         if plan.seq > 64:
             plan.suggestions.append(f"a shorter context than {plan.seq} shrinks activations and attention weights "
                                     f"(quadratic in the context)")
