@@ -608,3 +608,32 @@ def test_fused_attention_equals_the_composed_ops(wgpu_backend, numpy_backend, T,
     assert w.shape == (2, 2, T, T) and not any(n.startswith("attention") for n, _, _ in prof.records)
     plain = F.causal_self_attention(lab.tensor(qkv_np, backend=numpy_backend), 2).numpy()  # no dropout here
     np.testing.assert_allclose(y.numpy(), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_whose_weights_exceed_a_buffer_takes_the_fused_kernels(wgpu_backend, numpy_backend, monkeypatch):
+    """Without LAB_FLASH_ATTENTION, a shape whose (B, H, T, T) weights would be larger than the device's
+    max-storage-buffer-binding-size (here lowered to between the qkv's bytes and the weights') runs on the fused
+    kernels, which never hold them, and gives numpy's output and gradient; asking for the weights then fails
+    with the limit named."""
+    import lab
+    from lab.engine import ops as F
+    rng = np.random.default_rng(17)
+    qkv_np = rng.standard_normal((1, 256, 3 * 64)).astype(np.float32)     # 196,608 bytes; weights 262,144
+    g_np = rng.standard_normal((1, 256, 64)).astype(np.float32)
+    assert not wgpu_backend.flash_attention_fits(qkv_np.shape, 1)
+    monkeypatch.setattr(wgpu_backend, "max_binding", 200_000)
+    assert wgpu_backend.flash_attention_fits(qkv_np.shape, 1)
+    got = {}
+    for backend in (wgpu_backend, numpy_backend):
+        qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
+        with lab.profile(backend) as prof:
+            y = F.causal_self_attention(qkv, 1)
+            (y * lab.tensor(g_np, backend=backend)).sum().backward()
+        got[backend.name] = (y.numpy(), qkv.grad.numpy())
+        if backend is wgpu_backend:
+            names = {name for name, _, _ in prof.records}
+            assert {"attention:fwd_main", "attention:bwd_q_main"} <= names and "softmax:softmax_main" not in names
+    for a, b in zip(got["wgpu"], got["numpy"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="max-storage-buffer-binding-size"):
+        F.causal_self_attention(lab.tensor(qkv_np, backend=wgpu_backend), 1, return_weights=True)

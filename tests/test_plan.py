@@ -1,6 +1,7 @@
 """The plan estimator against the engine: predicted memory vs lab.stats() peak bytes, predicted step time vs the
 measured one (with the measured profile of this machine), and the planning answers."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -95,6 +96,23 @@ def test_plan_that_does_not_fit_names_the_tensor_and_suggests_fixes():
     assert not any("base_dtype" in s for s in half.suggestions)   # already float16
     small = plan.estimate("tiny", batch=12, device="h200")
     assert small.fits and not small.reasons
+
+
+def test_attention_weights_above_the_binding_limit_are_planned_on_the_fused_kernels():
+    """Where one layer's (B, H, T, T) weights exceed the device's binding limit and the heads are 64 wide, the
+    engine runs attention on its fused kernels (WgpuBackend.flash_attention_fits): the plan then counts a
+    log-sum-exp per row instead of the weights, and they are not the buffer that stops it."""
+    cfg = TransformerConfig(vocab_size=65, block_size=1024, n_layer=2, n_head=2, n_embd=128)
+    prof = plan.PROFILES["rtx4090"]
+    att_bytes = 8 * 2 * 1024 * 1024 * 4                                  # 64 MiB a layer
+    roomy = plan.estimate(cfg, batch=8, device=prof)
+    tight = plan.estimate(cfg, batch=8, device=plan.DeviceProfile(**{**prof.to_dict(), "max_binding_size": 32 << 20}))
+    assert roomy.largest_buffer == ("attention weights (B, H, T, T)", att_bytes)
+    assert tight.fits and tight.largest_buffer[0] != roomy.largest_buffer[0]
+    assert roomy.memory["activations per layer"] - tight.memory["activations per layer"] == att_bytes - 8 * 2 * 1024 * 4
+    narrow = replace(cfg, n_embd=96, n_head=2)                           # heads of 48: no fused kernels
+    assert not plan.estimate(narrow, batch=8, device=plan.DeviceProfile(
+        **{**prof.to_dict(), "max_binding_size": 32 << 20})).fits
 
 
 def test_largest_buffer_above_binding_limit_is_named():

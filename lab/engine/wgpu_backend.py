@@ -1156,18 +1156,21 @@ class WgpuBackend(Backend):
         self._flat("dropout", "main", params(seed), [x, out], x.size)
         return out
 
-    # Causal self-attention by attention.wgsl's fused kernels where they apply: off unless LAB_FLASH_ATTENTION=1.
-    # They keep the (B, H, T, T) weights out of memory (gpt2-small's are 400 MB a layer, several times over in
-    # the composed backward) but are not faster: on the H200 a shakespeare-char step (T = 256) takes 35.7 ms with
-    # them against 33.0 composed, a gpt2-small step (T = 1024) took 230 against 215 (their 16 x 32 score blocks,
-    # set by lavapipe's 32 KiB of workgroup memory, run at a quarter of the tiled matmuls' rate).
+    # Causal self-attention by attention.wgsl's fused kernels where they apply, for the shapes whose (B, H, T, T)
+    # weights cannot be one buffer (above the device's max-storage-buffer-binding-size: the composed path cannot
+    # run them at all), and for every shape with LAB_FLASH_ATTENTION=1. They keep the weights out of memory
+    # (gpt2-small's are 400 MB a layer, several times over in the composed backward) but are not faster: on the
+    # H200 a shakespeare-char step (T = 256) takes 35.7 ms with them against 33.0 composed, gpt2-small (T = 1024)
+    # 0.69x PyTorch against 0.89x (their 16 x 32 score blocks, set by lavapipe's 32 KiB of workgroup memory, run
+    # at a quarter of the tiled matmuls' rate).
     FLASH_ATTENTION = os.environ.get("LAB_FLASH_ATTENTION", "") not in ("", "0")
 
     def flash_attention_fits(self, qkv_shape, n_head):
-        """Whether attention.wgsl's kernels take this packed qkv (B, T, 3C): heads of 64, T a multiple of 32, at
-        most 65535 heads in all (one workgroup row each)."""
+        """Whether attention.wgsl's kernels take this packed qkv (B, T, 3C) (heads of 64, T a multiple of 32, at
+        most 65535 heads in all: one workgroup row each) and are to: asked for, or the weights too big a buffer."""
         Bsz, T, C3 = qkv_shape
-        return self.FLASH_ATTENTION and C3 == 3 * 64 * n_head and T % 32 == 0 and Bsz * n_head <= 65535
+        takes = C3 == 3 * 64 * n_head and T % 32 == 0 and Bsz * n_head <= 65535
+        return takes and (self.FLASH_ATTENTION or Bsz * n_head * T * T * 4 > self.max_binding)
 
     def flash_attention(self, qkv, n_head, scale, p, seed):
         """Causal self-attention from the packed qkv (B, T, 3C) by attention.wgsl's fused kernels: (y (B, T, C),

@@ -116,18 +116,20 @@ def count_params(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
     return total, trainable
 
 
-def activation_floats(c, b, T, training=True):
+def activation_floats(c, b, T, training=True, fused_attention=False):
     """Floats of the forward intermediates the engine keeps until backward: the total, one layer's, the largest
-    single tensor (name, floats), and the total split into embeddings, layers, logits and loss."""
+    single tensor (name, floats), and the total split into embeddings, layers, logits and loss. fused_attention:
+    attention by the fused kernels, which keep a log-sum-exp per row instead of the (B, H, T, T) weights."""
     N, C, H, L, V = b * T, c.n_embd, c.n_head, c.n_layer, c.vocab_size
     drop = c.dropout > 0 and training
-    att = b * H * T * T
+    att = 0 if fused_attention else b * H * T * T
     # per layer, in units of N*C: ln_1 1, c_attn 3 (bias fused into the matmul), merged heads 1, c_proj 1,
     # residual 1, ln_2 1, c_fc 4, gelu 4, mlp c_proj 1, residual 1 = 18 (F.linear and F.causal_self_attention
     # keep no split, permute or bias-add copies: attention's products read the heads inside c_attn's output);
     # dropout adds 4 (measured: lab.stats() peaks of 2- and 3-layer models); attention holds the softmax (and its
     # dropped copy)
-    per_layer = (18 + (4 if drop else 0)) * N * C + (1 + (1 if drop else 0)) * att + 4 * N
+    per_layer = (18 + (4 if drop else 0)) * N * C + (1 + (1 if drop else 0)) * att + 4 * N + (
+        b * H * T if fused_attention else 0)
     embed = (2 + (1 if drop else 0)) * N * C + T * C
     head = N * C + N * V + 3 * N + 2 * N                  # ln_f, logits, cross-entropy rows, ln_f stats
     total = embed + L * per_layer + head
@@ -172,7 +174,7 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
 
 def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
              lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), device=None, vocab_size=None,
-             lora_base_dtype="float32"):
+             lora_base_dtype="float32", _devices=True):
     """A Plan for training `config_or_preset` with this batch, sequence length and token budget on `device`
     (None/'this': the measured current backend; or a named profile such as 'm1', 'rtx4090', 'h200').
     lora_base_dtype "float16": LoRA on a base whose linear weights are stored as float16 (lora.apply's
@@ -198,13 +200,17 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
         steps = math.ceil((tokens or 1e6) / tokens_per_step)
     tokens = steps * tokens_per_step
     params, trainable = count_params(c, lora_rank, lora_targets)
-    acts, per_layer, largest, parts = activation_floats(c, batch, seq)
+    # the engine runs attention on its fused kernels where the weights would exceed one buffer (wgpu, heads of 64,
+    # T a multiple of 32: WgpuBackend.flash_attention_fits)
+    fused = (c.n_embd == 64 * c.n_head and seq % 32 == 0
+             and batch * c.n_head * seq * seq * F32 > prof.max_binding_size)
+    acts, per_layer, largest, parts = activation_floats(c, batch, seq, fused_attention=fused)
     opt_floats = (2 if optimizer == "adamw" else 1) * trainable
     # backward working set, measured on the engine (lab.stats() peaks of 2- and 3-layer models, the part that does
     # not grow with depth): dlogits, about 25 x (B, T, C) of gradients and temporaries alive while the last block
     # is differentiated (its MLP's 4C-wide output and GELU gradients, the residual's gradient, dq|dk|dv) and 1.5
     # attention matrices (2.5 with dropout: the scores' gradient, before and after dropout, and the softmax's)
-    att = batch * c.n_head * seq * seq
+    att = 0 if fused else batch * c.n_head * seq * seq
     backward = int(batch * seq * c.vocab_size + 25 * batch * seq * c.n_embd
                   + (2.5 if c.dropout > 0 else 1.5) * att)
     half_floats = 12 * c.n_layer * c.n_embd ** 2 if lora_base_dtype == "float16" else 0  # the linear weights
@@ -231,7 +237,11 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
                 trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
                 flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
                 total_time_s=step_time * steps)
-    _check_fit(plan, c, prof)
+    def share_bytes(b):  # one device's memory (with DDP's gradient buckets) for a share of b sequences
+        share = estimate(c, b, seq, None, 1, precision, optimizer, lora_rank, lora_targets, prof,
+                         lora_base_dtype=lora_base_dtype, _devices=False)
+        return share.memory["total"] + share.memory["gradients"]
+    _check_fit(plan, c, prof, share_bytes if _devices else None)
     return plan
 
 
@@ -280,7 +290,7 @@ def check_model_fits(config, backend):
                               None)
 
 
-def _check_fit(plan, c, prof):
+def _check_fit(plan, c, prof, share_bytes=None):
     total = plan.memory["total"]
     if total > prof.memory_bytes:
         plan.fits = False
@@ -314,17 +324,20 @@ def _check_fit(plan, c, prof):
         if plan.seq > 64:
             plan.suggestions.append(f"a shorter context than {plan.seq} shrinks activations and attention weights "
                                     f"(quadratic in the context)")
-    _check_devices(plan, prof)
+    if share_bytes is not None:
+        _check_devices(plan, prof, share_bytes)
 
 
 DDP_SCALING = 0.9   # tokens/s on N devices over N x one device's, for DDP on one host (README: measured on H200s)
 DAY_S = 24 * 3600
 
 
-def _check_devices(plan, prof):
+def _check_devices(plan, prof, share_bytes):
     """How many devices of this kind the run needs (to fit, or to finish within a day), and how long it takes on
     them with DDP: every device holds the whole model, gradients, optimizer state and DDP's gradient buckets,
-    and a 1/N share of the batch's activations."""
+    and a 1/N share of the batch's activations (share_bytes(b): one device's bytes for b sequences, which checks
+    the count: a share can cross a threshold the whole batch did not, e.g. attention weights small enough to be
+    held again)."""
     m = plan.memory
     fixed = m["weights"] + 2 * m["gradients"] + m["optimizer state"]
     acts = m["activations"] + m["backward working set"]
@@ -336,6 +349,8 @@ def _check_devices(plan, prof):
                                  "or use LoRA")
             return
         n_memory = math.ceil(acts / (prof.memory_bytes - fixed))
+        while n_memory <= plan.batch and share_bytes(math.ceil(plan.batch / n_memory)) > prof.memory_bytes:
+            n_memory += 1
         if n_memory > plan.batch:
             plan.multi_device = (f"even one sequence per device does not fit: {plan.batch} devices are not enough")
             return
