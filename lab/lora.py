@@ -6,7 +6,7 @@ Kaiming-uniform, B at zero, so an untrained adapter changes nothing. Adapters ca
 (`model.use_adapter(False)`), merged into the base weights and unmerged, and saved / loaded as PEFT's
 adapter_model.safetensors + adapter_config.json. With base_dtype="float16" the frozen linear weights are stored
 as float16 (half their memory; on wgpu where the device has shader-f16) and read in float32 arithmetic: the
-adapters train against the base rounded to float16, as PEFT does on a half-precision base.
+adapters train against the base rounded to float16.
 """
 import contextlib
 import json
@@ -109,7 +109,8 @@ def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype
         w.data = w.backend.from_numpy(w.numpy().astype(np.float16))
     for module, name, child in sites:
         setattr(module, name, LoRALinear(child, r, alpha, dropout))
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets}
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
+                         "base_dtype": base_dtype}
     return model
 
 

@@ -124,6 +124,10 @@ def test_float16_base_trains_the_adapters_as_a_float32_base_of_the_same_values(u
     half.unmerge_adapter()
     np.testing.assert_allclose(half.h[0].mlp.c_fc.weight.numpy().astype(np.float32),
                                ref.h[0].mlp.c_fc.weight.numpy(), atol=5e-4)
+    state = half.state_dict()
+    half.load_state_dict(state)   # a checkpoint's values go back in each parameter's own dtype
+    assert {n: p.dtype for n, p in half.named_parameters()} == dtypes
+    assert half.lora_config["base_dtype"] == "float16"
     with pytest.raises(ValueError, match="base_dtype must be"):
         lora.apply(_model(), base_dtype="bfloat16")
 

@@ -533,9 +533,9 @@ class WgpuBackend(Backend):
         pipeline, bgl, slots, half_slots = self._pipeline(kernel, entry, subs)
         for i, a in enumerate(bindings):
             if a is not None and (a.dtype == "float16") != (i + 1 in half_slots):
-                raise ValueError(f"{kernel}:{entry} binding {i + 1} holds {'float16' if i + 1 in half_slots else '32-bit'}"
-                                 f" values, given a {a.dtype} array: float16 tensors are storage for frozen weights, "
-                                 f"read by linear and matmul only")
+                holds = "float16" if i + 1 in half_slots else "32-bit"
+                raise ValueError(f"{kernel}:{entry} binding {i + 1} holds {holds} values, given a {a.dtype} array: "
+                                 f"float16 tensors are storage for frozen weights, read by linear and matmul only")
         key = (id(pipeline),) + tuple(id(a.storage.buffer) if a is not None else 0 for a in bindings)
         bg = self._bind_groups.get(key)
         if bg is None:
@@ -935,9 +935,9 @@ class WgpuBackend(Backend):
                       la[2], lb[2], lc[2], la[0], lb[0], lc[0], batch * M * N]
             self._dispatch("matmul_aligned", entry, params,
                            [_storage(a), _storage(b), _storage(out), bias if fused else None, pre], grid,
-                           batch * M * N * S, _aligned_subs(a, b), label=label + " aligned" + (" +bias" if fused else "")
-                           + (" +gelu" if act else "") + (f" {triangle}-triangle" if tri else "")
-                           + (" in place" if views else ""))
+                           batch * M * N * S, _aligned_subs(a, b),
+                           label=label + " aligned" + (" +bias" if fused else "") + (" +gelu" if act else "")
+                           + (f" {triangle}-triangle" if tri else "") + (" in place" if views else ""))
             if act:
                 return out, pre, True
             if fused:

@@ -84,8 +84,9 @@ class Module:
         return {name: p.numpy() for name, p in self.named_parameters()}
 
     def load_state_dict(self, state, source="state dict", error=ValueError):
-        """Copy arrays into this module's parameters; names and shapes must match exactly (else `error`, naming
-        `source` and the tensor). Nothing is copied unless everything matches."""
+        """Copy arrays into this module's parameters, each in the parameter's dtype (float32, or float16 for a
+        frozen base stored so); names and shapes must match exactly (else `error`, naming `source` and the
+        tensor). Nothing is copied unless everything matches."""
         own = dict(self.named_parameters())
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
@@ -95,7 +96,7 @@ class Module:
             if tuple(values[name].shape) != p.shape:
                 raise error(f"{source}: tensor {name!r} has shape {tuple(values[name].shape)}, the model expects {p.shape}")
         for name, p in own.items():
-            p.data = p.backend.from_numpy(values[name].astype(np.float32))
+            p.data = p.backend.from_numpy(values[name].astype(np.float16 if p.dtype == "float16" else np.float32))
 
 
 class Linear(Module):

@@ -254,11 +254,12 @@ class DoesNotFitError(ValueError):
         self.plan = plan
 
 
-def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adamw"):
+def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adamw", lora_base_dtype="float32"):
     """Raise DoesNotFitError, with the plan estimator's reasons and suggestions, when training `config` at this
     batch would not fit `backend`'s device: called before a run allocates anything for its steps."""
     prof = limits_profile(backend)
-    plan = estimate(config, batch=batch, seq=seq, steps=1, lora_rank=lora_rank, device=prof, optimizer=optimizer)
+    plan = estimate(config, batch=batch, seq=seq, steps=1, lora_rank=lora_rank, device=prof, optimizer=optimizer,
+                    lora_base_dtype=lora_base_dtype)
     if plan.fits:
         return plan
     lines = [f"this training plan does not fit {prof.name}: " + "; ".join(plan.reasons)]

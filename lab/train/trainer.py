@@ -121,7 +121,8 @@ class Trainer:
         if isinstance(config, TransformerConfig):
             lora = getattr(self.model, "lora_config", None)
             check_fits(config, self.cfg.batch_size, self.model.wte.weight.backend,
-                       lora_rank=lora["r"] if lora else None)
+                       lora_rank=lora["r"] if lora else None,
+                       lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32")
 
     @classmethod
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
