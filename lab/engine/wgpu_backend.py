@@ -1120,8 +1120,10 @@ class WgpuBackend(Backend):
             parts = self._alloc((S, V, C), "float32")
             self._flat("embedding", "backward_vocab_main", [N, C, V, S, chunk], [idx, g, parts], S * V * C)
             return self.reshape(parts, (V, C)) if S == 1 else self.reduce("sum", parts, 0)
-        dw = self._alloc((V, C), "float32")
-        self._dispatch("embedding", "backward_main", [N, C, V, 0, 0], [idx, g, dw], (math.ceil(C / 64), 1, 1), C)
+        dw = self.full((V, C), 0.0)   # rows of tokens not in the batch
+        links = self._alloc((N,), "int32")
+        self._flat("embedding", "links_main", [N, C, V, 0, 0], [idx, None, None, links], N)
+        self._flat("embedding", "chain_main", [N, C, V, 0, 0], [idx, g, dw, links], N * C)
         return dw
 
     def cross_entropy(self, logits, targets, ignore_index):
@@ -1142,8 +1144,9 @@ class WgpuBackend(Backend):
         lse, valid, count = saved
         rows, V = logits.shape
         dx = self._alloc(logits.shape, "float32")
-        self._flat("cross_entropy_reduce", "backward_main", [rows, V, ignore_index],
-                   [logits, targets, lse, None, valid, dx, count, g], rows * V)
+        self._dispatch("cross_entropy_reduce", "backward_main", [rows, V, ignore_index],
+                       [logits, targets, lse, None, valid, dx, count, g],
+                       (math.ceil(V / WG), min(rows, 65535), math.ceil(rows / 65535)), rows * V)
         return dx
 
     def dropout(self, x, p, seed):
