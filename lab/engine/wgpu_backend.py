@@ -1144,9 +1144,8 @@ class WgpuBackend(Backend):
         lse, valid, count = saved
         rows, V = logits.shape
         dx = self._alloc(logits.shape, "float32")
-        self._dispatch("cross_entropy_reduce", "backward_main", [rows, V, ignore_index],
-                       [logits, targets, lse, None, valid, dx, count, g],
-                       (math.ceil(V / WG), min(rows, 65535), math.ceil(rows / 65535)), rows * V)
+        self._flat("cross_entropy_reduce", "backward_main", [rows, V, ignore_index],
+                   [logits, targets, lse, None, valid, dx, count, g], rows * V)
         return dx
 
     def dropout(self, x, p, seed):
