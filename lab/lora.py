@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from . import nn
 from .checkpoint import CheckpointError, _AtomicDir, read_json, read_safetensors
 from .engine import ops as F
+from .engine.backend import require_half_storage
 from .engine.random import generator
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -53,18 +54,19 @@ class LoRALinear(nn.Linear):
 
     def merge(self):
         if not self.merged:
-            self._set_weight(self.weight.numpy() + self._delta())
+            self._shift_weight(1.0)
             self.merged = True
 
     def unmerge(self):
         if self.merged:
-            self._set_weight(self.weight.numpy() - self._delta())
+            self._shift_weight(-1.0)
             self.merged = False
 
-    def _set_weight(self, values):
-        """The base weight replaced, in its own dtype (a float16 base is rounded again: unmerge then restores it
-        to within float16's rounding, not bit for bit)."""
-        self.weight.data = self.weight.backend.from_numpy(values.astype(self.weight.numpy().dtype))
+    def _shift_weight(self, sign):
+        """The base weight plus sign times the update, kept in its own dtype (a float16 base is rounded again:
+        unmerge then restores it to within float16's rounding, not bit for bit)."""
+        w = self.weight.numpy()
+        self.weight.data = self.weight.backend.from_numpy((w + sign * self._delta()).astype(w.dtype))
 
 
 def linear_names(model):
@@ -100,9 +102,7 @@ def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype
                 sites.append((module, name, child))
     half = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] if base_dtype == "float16" else []
     for w in half:
-        if not getattr(w.backend, "half_storage", True):
-            raise ValueError(f"base_dtype='float16' needs the shader-f16 feature, which this device "
-                             f"({w.backend.device_info['device']}) does not have: use base_dtype='float32'")
+        require_half_storage(w.backend, "use base_dtype='float32'")
     for p in model.parameters():
         p.requires_grad = False
     for w in half:

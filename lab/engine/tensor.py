@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from .backend import backend_instance, get_backend, np_dtype
+from .backend import backend_instance, get_backend, np_dtype, require_half_storage
 
 _grad_state = threading.local()
 
@@ -177,9 +177,7 @@ def tensor(data, requires_grad=False, dtype=None, backend=None):
         if requires_grad:
             raise ValueError("float16 tensors are storage for frozen weights (read by linear and matmul in float32 "
                              "arithmetic) and cannot require gradients: train float32 tensors")
-        if not getattr(b, "half_storage", True):
-            raise ValueError(f"float16 storage needs the shader-f16 feature, which this device "
-                             f"({b.device_info['device']}) does not have: keep the weights float32")
+        require_half_storage(b, "keep the weights float32")
     return Tensor(b.from_numpy(arr.astype(np_dtype(dtype), copy=False)), b, requires_grad=requires_grad)
 
 

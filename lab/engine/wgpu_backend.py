@@ -272,6 +272,7 @@ class WgpuBackend(Backend):
         self.limits = dict(self.device.limits)
         self.features = sorted(str(f) for f in self.device.features)
         self.half_storage = "shader-f16" in self.features   # float16 arrays: storage for frozen weights
+        self._half_made = False    # whether any float16 array was made (only then do dispatches check for them)
         self.device_info = {
             "device": chosen.get("device", ""), "vendor": chosen.get("vendor", ""),
             "adapter_type": chosen.get("adapter_type", ""), "backend_type": chosen.get("backend_type", ""),
@@ -314,7 +315,6 @@ class WgpuBackend(Backend):
         self.subgroup_reductions = self._subgroups_usable()
         if self.subgroup_reductions:
             self._includes = (("workgroup_reduce", "workgroup_reduce_subgroup"),)
-        self._stats.update(dispatches=0, submits=0, readbacks=0, pipelines=0)
 
     # LAB_SUBGROUPS=1: the row kernels (softmax, LayerNorm, cross-entropy, sums of squares) reduce through subgroup
     # operations where the device has them, two barriers a reduction instead of the shared-memory tree's 7 (RWG 64)
@@ -331,13 +331,17 @@ class WgpuBackend(Backend):
         for rwg in (64, 256):
             out = self._alloc((rwg,), "int32")
             self._dispatch("subgroup_probe", "probe_main", [0], [out], (1, 1, 1), rwg, (("RWG", rwg),))
-            if not self.to_numpy(out).all():
+            usable = self.to_numpy(out).all()
+            self._stats.update(dispatches=0, submits=0, readbacks=0, pipelines=0)   # (not the user's work)
+            if not usable:
                 return False
         return True
 
     # ------------------------------------------------------------------ memory
     def _alloc(self, shape, dtype, upload=False):
-        nbytes = max(4, (math.prod(shape) * (2 if dtype == "float16" else 4) + 3) // 4 * 4)
+        if dtype == "float16":
+            self._half_made = True
+        nbytes = max(4, _round_up(math.prod(shape) * (2 if dtype == "float16" else 4), 4))
         if nbytes > self.max_binding:
             raise ValueError(
                 f"tensor of shape {tuple(shape)} needs {nbytes} bytes, more than this device's "
@@ -410,7 +414,7 @@ class WgpuBackend(Backend):
         if a.size == 0:
             return np.zeros(a.shape, dtype=dt)
         try:
-            data = self.queue.read_buffer(a.buffer, 0, (a.size * np.dtype(dt).itemsize + 3) // 4 * 4)
+            data = self.queue.read_buffer(a.buffer, 0, _round_up(a.size * np.dtype(dt).itemsize, 4))
         except self.wgpu.GPUError as e:
             raise _lost(self, e) from None
         self._stats["readbacks"] += 1
@@ -531,11 +535,8 @@ class WgpuBackend(Backend):
             self._arena_used = offset + PARAMS_BYTES
             self._arena_index[params] = offset
         pipeline, bgl, slots, half_slots = self._pipeline(kernel, entry, subs)
-        for i, a in enumerate(bindings):
-            if a is not None and (a.dtype == "float16") != (i + 1 in half_slots):
-                holds = "float16" if i + 1 in half_slots else "32-bit"
-                raise ValueError(f"{kernel}:{entry} binding {i + 1} holds {holds} values, given a {a.dtype} array: "
-                                 f"float16 tensors are storage for frozen weights, read by linear and matmul only")
+        if self._half_made:  # (a float16 binding is chosen only for a float16 array, so none can be wrong before)
+            self._check_half(kernel, entry, bindings, half_slots)
         key = (id(pipeline),) + tuple(id(a.storage.buffer) if a is not None else 0 for a in bindings)
         bg = self._bind_groups.get(key)
         if bg is None:
@@ -571,6 +572,15 @@ class WgpuBackend(Backend):
         self._pass.set_bind_group(0, bg, [offset])
         self._pass.dispatch_workgroups(*grid)
         self._stats["dispatches"] += 1
+
+    @staticmethod
+    def _check_half(kernel, entry, bindings, half_slots):
+        """Every float16 array bound where the kernel declares f16 values, and only there."""
+        for i, a in enumerate(bindings):
+            if a is not None and (a.dtype == "float16") != (i + 1 in half_slots):
+                holds = "float16" if i + 1 in half_slots else "32-bit"
+                raise ValueError(f"{kernel}:{entry} binding {i + 1} holds {holds} values, given a {a.dtype} array: "
+                                 f"float16 tensors are storage for frozen weights, read by linear and matmul only")
 
     def _profiled_dispatch(self, pipeline, bg, offset, grid, name, label):
         # Timestamps can only be written at pass boundaries (without a native extension), so a profiled dispatch
@@ -877,8 +887,8 @@ class WgpuBackend(Backend):
                 return self._matmul_thin(self._f32(a), self._f32(b), trans_a, trans_b, M, N, K), None, False
             if K <= self.THIN_MAX and not trans_a and not trans_b:
                 out = self._alloc((1, M, N), "float32")
-                self._flat("lora", "up_add_t_main", [M, 0, N, K, _f32bits(1.0), 1], [self._f32(a), self._f32(b), None,
-                                                                                     out], M * N)
+                self._flat("lora", "up_add_t_main", [M, 0, N, K, _f32bits(1.0), 1],
+                           [self._f32(a), self._f32(b), None, out], M * N)
                 return out, None, False
         tiles = math.ceil(M / 64) * math.ceil(N / 64) * batch
         wide_shape = M % 128 == 0 and N % 128 == 0 and K % 16 == 0  # whole 128 x 128 tiles

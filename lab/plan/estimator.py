@@ -116,6 +116,12 @@ def count_params(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
     return total, trainable
 
 
+def _linear_weight_floats(c):
+    """Floats of the blocks' linear weights (c_attn, attention's c_proj, c_fc, the MLP's c_proj): what a LoRA
+    base with base_dtype="float16" stores at 2 bytes each."""
+    return 12 * c.n_layer * c.n_embd ** 2
+
+
 def activation_floats(c, b, T, training=True, fused_attention=False):
     """Floats of the forward intermediates the engine keeps until backward: the total, one layer's, the largest
     single tensor (name, floats), and the total split into embeddings, layers, logits and loss. fused_attention:
@@ -213,7 +219,7 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     att = 0 if fused else batch * c.n_head * seq * seq
     backward = int(batch * seq * c.vocab_size + 25 * batch * seq * c.n_embd
                   + (2.5 if c.dropout > 0 else 1.5) * att)
-    half_floats = 12 * c.n_layer * c.n_embd ** 2 if lora_base_dtype == "float16" else 0  # the linear weights
+    half_floats = _linear_weight_floats(c) if lora_base_dtype == "float16" else 0
     memory = {
         "weights": params * F32 - half_floats * 2, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
         f"activations: {c.n_layer} layers": parts["layers"] * F32, "activations: embeddings": parts["embeddings"] * F32,
@@ -318,7 +324,7 @@ def _check_fit(plan, c, prof, share_bytes=None):
         else:
             if plan.lora_rank > 4:
                 plan.suggestions.append(f"a smaller LoRA rank than {plan.lora_rank} cuts adapter memory")
-            half = 12 * c.n_layer * c.n_embd ** 2 * 2
+            half = _linear_weight_floats(c) * 2
             if plan.memory["weights"] >= plan.params * F32:   # a float32 base
                 plan.suggestions.append(f"store the frozen base as float16 (lora.apply(..., base_dtype='float16')): "
                                         f"{half / 2 ** 20:,.0f} MiB less")
