@@ -138,6 +138,11 @@ def _config_from_hf(data, path):
             raise CheckpointError(f"{path}: layer_norm_epsilon {eps} is not supported (lab uses 1e-5)")
         if data.get("tie_word_embeddings", True) is False:
             raise CheckpointError(f"{path}: untied output heads are not supported (lab ties the head to wte)")
+        # lab's attention always scales scores by 1/sqrt(head_dim): other scalings would load with wrong logits
+        for flag, lab_value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+            if data.get(flag, lab_value) is not lab_value:
+                raise CheckpointError(f"{path}: {flag}={json.dumps(data[flag])} is not supported (lab's attention "
+                                      f"computes {flag}={json.dumps(lab_value)}: scores scaled by 1/sqrt(head_dim))")
         return TransformerConfig(vocab_size=data["vocab_size"], block_size=data["n_positions"], n_layer=data["n_layer"],
                                  n_head=data["n_head"], n_embd=n_embd, dropout=data.get("resid_pdrop") or 0.0,
                                  bias=True, positions="learned")

@@ -50,6 +50,32 @@ def test_gpt2_saved_by_transformers_loads_in_lab_with_the_same_logits(use_backen
         np.testing.assert_allclose(m(idx).numpy(), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("flags, refused", [
+    ({"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}, None),
+    ({"reorder_and_upcast_attn": True}, None),                  # only the order of float32 operations changes
+    ({"scale_attn_weights": False}, "scale_attn_weights=false"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
+])
+def test_gpt2_scale_attn_flags_match_transformers_or_refused(use_backend, tmp_path, flags, refused):
+    from lab.checkpoint import CheckpointError
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+        attn_implementation="eager", **flags)).eval()
+    hf.save_pretrained(tmp_path)
+    if refused:
+        with pytest.raises(CheckpointError, match=f"config.json: {refused} is not supported"):
+            TransformerLM.from_pretrained(tmp_path)
+        return
+    m = TransformerLM.from_pretrained(tmp_path)
+    idx = np.random.default_rng(3).integers(0, 50, (2, 16))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(idx)).logits.numpy()
+    with lab.no_grad():
+        np.testing.assert_allclose(m(idx).numpy(), ref, atol=1e-4)
+
+
 class TorchGPT(torch.nn.Module):
     """GPT-2 in plain PyTorch, written from the paper's description, independent of lab's code."""
 
