@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import lab
+from lab.train import SGD, AdamW, clip_grad_norm_
 
 
 def test_readme_example_runs_and_matches_manual_gradient(use_backend):
@@ -61,3 +62,110 @@ def test_deep_graph_does_not_hit_recursion_limit(use_backend):
         y = y * 1.0
     y.sum().backward()
     assert x.grad.item() == 1.0
+
+
+def test_second_backward_through_a_freed_graph_raises_and_leaves_grads_alone(use_backend):
+    x = lab.tensor([1.0, 2.0], requires_grad=True)
+    h = x * 3.0
+    l1, l2 = h.sum(), (h * h).sum()
+    l1.backward()
+    with pytest.raises(RuntimeError, match="already freed.*retain_graph=True"):
+        l2.backward()  # would have dropped the 18x that flows through h
+    with pytest.raises(RuntimeError, match="already freed"):
+        l1.backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        (h * 5.0).sum().backward()  # h reused in a new op after its graph was freed
+    np.testing.assert_allclose(x.grad.numpy(), [3.0, 3.0])  # the failed calls changed nothing
+
+
+def test_retain_graph_lets_a_shared_node_pass_its_whole_gradient_twice(use_backend):
+    x = lab.tensor([1.0, 2.0], requires_grad=True)
+    h = x * 3.0
+    l1, l2 = h.sum(), (h * h).sum()
+    l1.backward(retain_graph=True)
+    l2.backward()
+    np.testing.assert_allclose(x.grad.numpy(), 3.0 + 18.0 * np.array([1.0, 2.0]))  # d/dx (3x + 9x^2)
+
+
+def _torch_clipped_step(values, loss_fn, opt_cls, **opt_kw):
+    import torch
+    ts = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
+    loss_fn(*ts).backward()
+    for t in ts:  # PyTorch itself may leave b.grad and c.grad in one storage here (its accumulator steals views)
+        t.grad = t.grad.clone()
+    torch.nn.utils.clip_grad_norm_(ts, 1.0)
+    opt = opt_cls(ts, **opt_kw)
+    opt.step()
+    return [t.detach().numpy() for t in ts]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "clip_grad_norm_"])
+def test_leaf_gradients_never_share_memory_so_clipping_scales_each_once(use_backend, opt):
+    import torch
+    from lab.train import grad_norm
+    values = [np.array([1.0, 2.0, -0.5]), np.array([3.0, -1.0, 0.25]), np.array([[0.5], [1.5], [-2.0]])]
+    # add hands its gradient to both sides, reshape a view of it to c: three leaves, one incoming array
+    loss = lambda a, b, c: ((a + b + c.reshape(3)) * 10.0).sum()
+    ps = [lab.tensor(v, requires_grad=True) for v in values]
+    loss(*ps).backward()
+    storages = {id(use_backend.storage(p.grad.data)) for p in ps}
+    assert len(storages) == 3
+    if opt == "sgd":
+        SGD(ps, lr=0.1).step(guard=grad_norm(ps), max_norm=1.0)
+        want = _torch_clipped_step(values, loss, torch.optim.SGD, lr=0.1)
+    elif opt == "adamw":
+        AdamW(ps, lr=0.1, weight_decay=0.0).step(guard=grad_norm(ps), max_norm=1.0)
+        want = _torch_clipped_step(values, loss, torch.optim.AdamW, lr=0.1, weight_decay=0.0)
+    else:
+        clip_grad_norm_(ps, 1.0)
+        SGD(ps, lr=0.1).step()
+        want = _torch_clipped_step(values, loss, torch.optim.SGD, lr=0.1)
+    for p, w in zip(ps, want):
+        np.testing.assert_allclose(p.numpy(), w, rtol=1e-5, atol=1e-6)  # float32 against float64
+
+
+def test_backward_does_not_take_over_the_callers_gradient_array(use_backend):
+    x = lab.tensor([1.0, 2.0], requires_grad=True)
+    g = lab.tensor([0.5, 4.0])
+    (x + 1.0).backward(g)  # the scalar add passes g straight through to the leaf
+    clip_grad_norm_([x], 1.0)
+    np.testing.assert_allclose(g.numpy(), [0.5, 4.0])
+    assert use_backend.storage(x.grad.data) is not use_backend.storage(g.data)
+
+
+def test_backward_rejects_a_gradient_of_the_wrong_shape_or_dtype(use_backend):
+    x = lab.tensor(np.ones((3, 4)), requires_grad=True)
+    y = x * 2.0
+    with pytest.raises(ValueError, match=r"gradient has shape \(4,\), the tensor \(3, 4\)"):
+        y.backward(lab.ones(4))
+    with pytest.raises(ValueError, match=r"gradient has shape \(4, 3\), the tensor \(3, 4\)"):
+        y.backward(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="gradient has dtype int32, the tensor float32"):
+        y.backward(lab.tensor(np.ones((3, 4), dtype=np.int64)))
+    with pytest.raises(ValueError, match="must hold numbers"):
+        y.backward(np.array([["a"] * 4] * 3))
+    assert x.grad is None
+    y.backward(np.full((3, 4), 0.5))  # a numpy array (float64 here) is taken in the tensor's dtype
+    np.testing.assert_allclose(x.grad.numpy(), np.ones((3, 4)))
+    assert x.grad.dtype == "float32"
+
+
+def test_max_over_all_axes_as_numpy_with_gradient_to_the_maximum(use_backend):
+    v = np.array([[0.5, -2.0, 3.5], [1.0, 2.0, -1.0]], dtype=np.float32)
+    x = lab.tensor(v, requires_grad=True)
+    m = x.max(axis=None)
+    assert m.shape == () and m.item() == 3.5
+    assert x.max(axis=(0, 1), keepdims=True).shape == (1, 1)
+    np.testing.assert_allclose(x.max(axis=(1,)).numpy(), v.max(axis=1))
+    m.backward()
+    np.testing.assert_allclose(x.grad.numpy(), [[0, 0, 1], [0, 0, 0]])
+
+
+def test_split_rejects_sizes_that_are_not_positive(use_backend):
+    from lab.engine.ops import split
+    x = lab.tensor(np.ones((4, 2)))
+    with pytest.raises(ValueError, match="piece size must be a positive integer, got 0"):
+        split(x, 0)
+    with pytest.raises(ValueError, match=r"sizes must be non-negative integers, got \[5, -1\]"):
+        split(x, [5, -1])
+    assert [p.shape for p in split(x, 3)] == [(3, 2), (1, 2)]

@@ -14,6 +14,36 @@ import numpy as np
 MAXDIM = 6  # the strided kernels (broadcast, copy) index at most this many dimensions
 
 
+class IndexRangeError(IndexError, ValueError):
+    """An embedding index or cross-entropy target outside its table or classes: an IndexError as numpy and torch
+    raise for one, and a ValueError as lab raises for bad input."""
+
+
+INDEXED = {"embedding": ("index", "a table of {} rows"), "cross_entropy": ("target", "{} classes")}
+
+
+def index_range_error(op, lowest, highest, limit, ignore_index=None):
+    """The one error for out-of-range indices, worded alike whichever backend (or the host) found them: the op
+    (of INDEXED), the lowest and highest bad index, the size they index."""
+    noun, what = INDEXED[op]
+    allowed = f"allowed 0..{limit - 1}" + (f", or ignore_index={ignore_index}" if ignore_index is not None else "")
+    if lowest == highest:
+        return IndexRangeError(f"{op}: {noun} {lowest} is out of range for {what.format(limit)} ({allowed})")
+    return IndexRangeError(f"{op}: {noun}s out of range for {what.format(limit)}, the lowest {lowest} and the highest "
+                           f"{highest} ({allowed})")
+
+
+def check_index_range(idx, limit, op, ignore_index=None):
+    """Raise index_range_error for host indices `idx` (a numpy array) outside 0..limit-1 (ignore_index exempt)."""
+    if idx.size == 0 or (idx.min() >= 0 and idx.max() < limit):
+        return
+    bad = (idx < 0) | (idx >= limit)
+    if ignore_index is not None:
+        bad &= idx != ignore_index
+    if bad.any():
+        raise index_range_error(op, int(idx[bad].min()), int(idx[bad].max()), limit, ignore_index)
+
+
 class Backend:
     """Primitives every backend implements. Arrays are contiguous, row-major; `shape` is a tuple."""
 
@@ -33,6 +63,7 @@ class Backend:
     def full(self, shape, value, dtype="float32"): raise NotImplementedError
     def empty(self, shape, dtype="float32"): raise NotImplementedError     # contents undefined: for full overwrites
     def reshape(self, a, shape): raise NotImplementedError          # a view: shares storage
+    def storage(self, a): raise NotImplementedError                # the object a and its views share: memory identity
     def sync(self, wait=False): pass
     def stats(self): return {}
     def reset_peak(self): pass
@@ -75,9 +106,11 @@ class Backend:
     # -> y, mean, rstd; with residual, the LayerNorm of x + residual -> y, mean, rstd, x + residual
     def layernorm_bwd(self, x, w, mean, rstd, g, acc=None): raise NotImplementedError
     # -> dx, dw, db; with acc (x's gradient from its other uses) dx + acc
-    def embedding(self, w, idx): raise NotImplementedError
+    def embedding(self, w, idx, checked=False): raise NotImplementedError
+    # embedding and cross_entropy raise index_range_error for an index outside the table or the classes: at once
+    # (host memory) or at the next read from the device. checked=True: the host has checked these indices already
     def embedding_bwd(self, idx, g, num_embeddings): raise NotImplementedError
-    def cross_entropy(self, logits, targets, ignore_index): raise NotImplementedError  # -> loss, saved
+    def cross_entropy(self, logits, targets, ignore_index, checked=False): raise NotImplementedError  # -> loss, saved
     def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index): raise NotImplementedError
     def dropout(self, x, p, seed): raise NotImplementedError
     def lora_down(self, x, a): raise NotImplementedError           # x (M, K) @ a (r, K)^T -> (M, r)

@@ -9,13 +9,17 @@ import sys
 
 import numpy as np
 
-from .backend import Backend, HeadView
+from .backend import Backend, HeadView, check_index_range
 
 SQRT_2_OVER_PI = 0.7978845608028654
 GELU_C = 0.044715
 SHIFT_FREE = 64.0  # softmax: exp of scores in (-64, 64) neither overflows float32 (a sum of up to 10^9 of them)
 # nor leaves a row whose sum underflows (each row's largest term is above exp(-64))
 ONE_HOT_LIMIT = 1 << 22  # embedding backward through a one-hot matrix up to this many elements (16 MiB)
+
+
+def _at_least_1d(a):
+    return a.reshape(1) if a.ndim == 0 else a
 
 
 def _row_sum(a):
@@ -217,41 +221,49 @@ class NumpyBackend(Backend):
     def reshape(self, a, shape):
         return a.reshape(shape)
 
+    def storage(self, a):
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return a
+
     def stats(self):
         return dict(self._stats, bytes_in_use=None, peak_bytes_in_use=None)
 
     # -- elementwise --
+    # numpy turns arithmetic on 0-D arrays into scalars, which have no out= and no in-place update: the elementwise
+    # primitives work on a 0-D input as shape (1,) and give the result back its shape ()
     def unary(self, op, a):
         with np.errstate(all="ignore"):
-            return UNARY[op](a).astype(a.dtype, copy=False)
+            return UNARY[op](_at_least_1d(a)).astype(a.dtype, copy=False).reshape(a.shape)
 
     def scalar(self, op, a, c):
         with np.errstate(all="ignore"):
-            return SCALAR[op](a, a.dtype.type(c)).astype(a.dtype, copy=False)
+            return SCALAR[op](_at_least_1d(a), a.dtype.type(c)).astype(a.dtype, copy=False).reshape(a.shape)
 
     def gelu_and_grad(self, x):
         with np.errstate(all="ignore"):
-            return _gelu_and_grad(x)
+            return tuple(r.reshape(x.shape) for r in _gelu_and_grad(_at_least_1d(x)))
 
     def binary(self, op, a, b):
         with np.errstate(all="ignore"):
-            return np.ascontiguousarray(BINARY[op](a, b))
+            out = np.ascontiguousarray(BINARY[op](_at_least_1d(a), _at_least_1d(b)))
+        return out.reshape(()) if a.ndim == 0 and b.ndim == 0 else out
 
     # -- reductions and data movement --
-    def reduce(self, op, a, axis):
+    def reduce(self, op, a, axis):  # (a reduction to shape () is a numpy scalar: made a 0-D array)
         if op == "sum":
-            return _sum(a, axis)
+            return np.asarray(_sum(a, axis))
         if op == "max":
-            return a.max(axis=axis)
+            return np.asarray(a.max(axis=axis))
         if op == "sumsq":
-            return (a * a).sum(axis=axis)
+            return np.asarray((a * a).sum(axis=axis))
         raise ValueError(f"unknown reduction {op!r}")
 
     def copy_view(self, a, offset, shape, strides):
         item = a.itemsize
         view = np.lib.stride_tricks.as_strided(a.reshape(-1)[offset:], shape=shape,
                                                strides=[s * item for s in strides])
-        return np.ascontiguousarray(view)
+        return np.array(view, copy=True, order="C")  # a copy even where the view is contiguous, as on wgpu
 
     def write_view(self, dst, offset, strides, src):
         item = dst.itemsize
@@ -363,7 +375,9 @@ class NumpyBackend(Backend):
         ones = np.ones(len(g2), dtype=g.dtype)
         return dx, np.einsum("ij,ij->j", g2, xhat2), ones @ g2
 
-    def embedding(self, w, idx):
+    def embedding(self, w, idx, checked=False):
+        if not checked:  # (numpy would wrap a negative index)
+            check_index_range(idx, w.shape[0], "embedding")
         return w[idx]
 
     def embedding_bwd(self, idx, g, num_embeddings):
@@ -381,7 +395,9 @@ class NumpyBackend(Backend):
             dw[tokens[starts]] = np.add.reduceat(g[order], starts, axis=0)
         return dw
 
-    def cross_entropy(self, logits, targets, ignore_index):
+    def cross_entropy(self, logits, targets, ignore_index, checked=False):
+        if not checked:
+            check_index_range(targets, logits.shape[1], "cross_entropy", ignore_index)
         m = logits.max(axis=-1, keepdims=True)
         lse = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
         valid = (targets != ignore_index) & (targets >= 0) & (targets < logits.shape[1])

@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from .backend import HeadView, contiguous_strides, gather_heads, scatter_heads
+from .backend import HeadView, check_index_range, contiguous_strides, gather_heads, scatter_heads
 from .tensor import Tensor, is_grad_enabled, tensor
 from . import random as _random
 
@@ -179,16 +179,25 @@ def gelu(a):
 # ---------------------------------------------------------------------------------------------------- reductions
 
 
+def normalize_axis(axis, ndim, op):
+    """`axis` of an `ndim`-D tensor as an index 0..ndim-1: the one check of every op that takes an axis (taken modulo
+    ndim, an axis out of range would silently name another one)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise ValueError(f"{op}: axis must be an integer, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        allowed = f"allowed {-ndim}..{ndim - 1}" if ndim else "a 0-D tensor has no axes"
+        raise ValueError(f"{op}: axis {axis} is out of range for a {ndim}-D tensor ({allowed})")
+    return int(axis) % ndim
+
+
 def _axes(axis, ndim, op):
     if axis is None:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
-    out = []
-    for ax in axes:
-        if not -ndim <= ax < _builtins.max(ndim, 1):
-            raise ValueError(f"{op}: axis {ax} is out of range for a tensor with {ndim} dimensions")
-        out.append(ax % _builtins.max(ndim, 1))
-    return tuple(sorted(set(out)))
+    out = [normalize_axis(ax, ndim, op) for ax in axes]
+    if len(set(out)) != len(out):
+        raise ValueError(f"{op}: axis {tuple(axes)} names an axis twice")
+    return tuple(sorted(out))
 
 
 def _keep_shape(shape, axes):
@@ -214,11 +223,14 @@ def mean(a, axis=None, keepdims=False):
 
 
 def max(a, axis=-1, keepdims=False):
-    """Maximum along one axis. On ties, every maximal element receives the gradient."""
+    """Maximum along `axis`: an int, a tuple, or None for all elements (as numpy). On ties, every maximal element
+    receives the gradient."""
     B = a.backend
-    (ax,) = _axes(axis, a.ndim, "max")
-    out = B.reduce("max", a.data, ax)
-    keep = _keep_shape(a.shape, (ax,))
+    axes = _axes(axis, a.ndim, "max")
+    out = a.data
+    for ax in reversed(axes):
+        out = B.reduce("max", out, ax)
+    keep = _keep_shape(a.shape, axes)
 
     def backward(g):
         mask = B.binary("eq", a.data, B.reshape(out, keep))
@@ -230,8 +242,8 @@ def max(a, axis=-1, keepdims=False):
 
 def reshape(a, *shape):
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
-    if shape.count(-1) > 1:
-        raise ValueError(f"reshape: at most one -1 allowed, got {shape}")
+    if shape.count(-1) > 1 or any(not isinstance(s, numbers.Integral) or s < -1 for s in shape):
+        raise ValueError(f"reshape: sizes must be integers >= 0 with at most one -1, got {shape}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if known == 0 or a.size % known:
@@ -245,10 +257,10 @@ def reshape(a, *shape):
 
 
 def permute(a, *axes):
-    axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else tuple(axes)
-    if sorted(ax % a.ndim for ax in axes) != list(range(a.ndim)) or len(axes) != a.ndim:
-        raise ValueError(f"permute: {axes} is not a permutation of the {a.ndim} axes of {_shape_str(a.shape)}")
-    axes = tuple(ax % a.ndim for ax in axes)
+    given = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else tuple(axes)
+    axes = tuple(normalize_axis(ax, a.ndim, "permute") for ax in given)
+    if sorted(axes) != list(range(a.ndim)):
+        raise ValueError(f"permute: {given} is not a permutation of the {a.ndim} axes of {_shape_str(a.shape)}")
     B = a.backend
     st = contiguous_strides(a.shape)
     out = B.copy_view(a.data, 0, tuple(a.shape[k] for k in axes), [st[k] for k in axes])
@@ -261,6 +273,7 @@ def permute(a, *axes):
 
 
 def transpose(a, dim0=-2, dim1=-1):
+    dim0, dim1 = (normalize_axis(d, a.ndim, "transpose") for d in (dim0, dim1))
     axes = list(range(a.ndim))
     axes[dim0], axes[dim1] = axes[dim1], axes[dim0]
     return permute(a, axes)
@@ -319,7 +332,9 @@ def concat(tensors, axis=0):
     if not tensors:
         raise ValueError("concat: need at least one tensor")
     first = tensors[0]
-    ax = axis % first.ndim
+    if first.ndim == 0:  # as numpy: there is no axis to join along
+        raise ValueError("concat: 0-D tensors cannot be concatenated (they have no axis); stack() them")
+    ax = normalize_axis(axis, first.ndim, "concat")
     for t in tensors[1:]:
         if t.ndim != first.ndim or any(t.shape[k] != first.shape[k] for k in range(first.ndim) if k != ax):
             raise ValueError(f"concat: shapes {_shape_str(first.shape)} and {_shape_str(t.shape)} differ outside "
@@ -342,10 +357,14 @@ def concat(tensors, axis=0):
 
 def split(a, sizes, axis=0):
     """Split into pieces of `sizes` (a list) or into equal pieces of size `sizes` (an int) along `axis`."""
-    ax = axis % a.ndim
+    ax = normalize_axis(axis, a.ndim, "split")
     n = a.shape[ax]
     if isinstance(sizes, numbers.Integral):
+        if sizes <= 0:
+            raise ValueError(f"split: the piece size must be a positive integer, got {sizes}")
         sizes = [sizes] * (n // sizes) + ([n % sizes] if n % sizes else [])
+    if any(not isinstance(s, numbers.Integral) or s < 0 for s in sizes):
+        raise ValueError(f"split: sizes must be non-negative integers, got {list(sizes)}")
     if _builtins.sum(sizes) != n:
         raise ValueError(f"split: sizes {list(sizes)} do not add up to {n} (axis {ax} of {_shape_str(a.shape)})")
     out, at = [], 0
@@ -355,6 +374,18 @@ def split(a, sizes, axis=0):
         at += s
     return out
 
+
+def stack(tensors, axis=0):
+    """Tensors of one shape joined along a new axis `axis` (0-D tensors too, which concat refuses)."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack: need at least one tensor")
+    shape = tensors[0].shape
+    for t in tensors[1:]:
+        if t.shape != shape:
+            raise ValueError(f"stack: shapes {_shape_str(shape)} and {_shape_str(t.shape)} differ; stack needs one shape")
+    ax = normalize_axis(axis, len(shape) + 1, "stack")
+    return concat([reshape(t, shape[:ax] + (1,) + shape[ax:]) for t in tensors], ax)
 
 
 # ---------------------------------------------------------------------------------------------------- matmul
@@ -448,7 +479,7 @@ def linear(x, weight, bias=None, activation=None):
 
 
 def _last_axis(axis, x, op):
-    if axis not in (-1, x.ndim - 1):
+    if normalize_axis(axis, x.ndim, op) != x.ndim - 1:
         raise ValueError(f"{op}: only the last axis is supported, got axis={axis} for shape {_shape_str(x.shape)}")
 
 
@@ -510,28 +541,30 @@ def add_layer_norm(x, y, weight, bias=None, eps=1e-5):
     return s, _layer_norm_node(h, s, weight, bias, mean, rstd)
 
 
-def _index_tensor(idx, like, limit, what):
-    """Upload host indices (checking their range) or pass a device int32 tensor through."""
+def _index_tensor(idx, like, limit, op, ignore_index=None):
+    """(indices as an int32 tensor on `like`'s backend, whether they were checked): host indices are checked
+    against 0..limit-1 here, before the upload (cheap, and before int32 could wrap them); a tensor's are left to
+    the backend's primitive, which checks them where they live (see WgpuBackend.check_indices)."""
     if isinstance(idx, Tensor):
         if idx.dtype != "int32":
-            raise ValueError(f"{what}: indices must be int32, got {idx.dtype}")
-        return idx
+            raise ValueError(f"{op}: indices must be int32, got {idx.dtype}")
+        if idx.backend is not like.backend:
+            raise ValueError(f"{op}: the indices live on the {idx.backend.name} backend and the tensor on "
+                             f"{like.backend.name}; move one with .to(...)")
+        return idx, False
     arr = np.asarray(idx)
     if arr.dtype.kind not in "iu":
-        raise ValueError(f"{what}: indices must be integers, got dtype {arr.dtype}")
-    return tensor(arr.astype(np.int32), backend=like.backend)
+        raise ValueError(f"{op}: indices must be integers, got dtype {arr.dtype}")
+    check_index_range(arr, limit, op, ignore_index)
+    return tensor(arr.astype(np.int32), backend=like.backend), True
 
 
 def embedding(idx, weight):
     """weight[idx]: (V, C) table, integer idx of any shape -> idx.shape + (C,)."""
     V = weight.shape[0]
-    if not isinstance(idx, Tensor):
-        arr = np.asarray(idx)
-        if arr.size and (arr.min() < 0 or arr.max() >= V):
-            raise ValueError(f"embedding: index out of range [0, {V}): min {arr.min()}, max {arr.max()}")
-    idx = _index_tensor(idx, weight, V, "embedding")
+    idx, checked = _index_tensor(idx, weight, V, "embedding")
     B = weight.backend
-    out = B.embedding(weight.data, idx.data)
+    out = B.embedding(weight.data, idx.data, checked=checked)
     return Tensor._make(out, B, (weight,), lambda g: (B.embedding_bwd(idx.data, g, V),))
 
 
@@ -542,17 +575,11 @@ def cross_entropy(logits, targets, ignore_index=-100):
     if tuple(tshape) != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets of shape {_shape_str(tshape)} do not match logits "
                          f"{_shape_str(logits.shape)} (expected {_shape_str(logits.shape[:-1])})")
-    if not isinstance(targets, Tensor):
-        arr = np.asarray(targets)
-        bad = (arr != ignore_index) & ((arr < 0) | (arr >= V))
-        if bad.any():
-            raise ValueError(f"cross_entropy: target {arr[bad].reshape(-1)[0]} out of range [0, {V}) "
-                             f"(ignore_index={ignore_index})")
-    t = _index_tensor(targets, logits, V, "cross_entropy")
+    t, checked = _index_tensor(targets, logits, V, "cross_entropy", ignore_index)
     B = logits.backend
     x2 = B.reshape(logits.data, (math.prod(logits.shape[:-1]), V))
     t1 = B.reshape(t.data, (math.prod(logits.shape[:-1]),))
-    loss, saved = B.cross_entropy(x2, t1, ignore_index)
+    loss, saved = B.cross_entropy(x2, t1, ignore_index, checked=checked)
 
     def backward(g):
         return (B.reshape(B.cross_entropy_bwd(x2, t1, saved, g, ignore_index), logits.shape),)

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from .backend import backend_instance, get_backend, np_dtype, require_half_storage
+from .backend import backend_instance, contiguous_strides, get_backend, np_dtype, require_half_storage
 
 _grad_state = threading.local()
 
@@ -109,15 +109,19 @@ class Tensor:
 
     # -- autograd --
     def backward(self, grad=None, retain_graph=False):
-        """Accumulate d(self)/d(leaf) into every leaf's .grad. `grad` defaults to 1 for a one-element tensor."""
+        """Accumulate d(self)/d(leaf) into every leaf's .grad. `grad` (a Tensor or array of self's shape) defaults
+        to 1 for a one-element tensor. Without retain_graph the graph is freed as it is walked: a second
+        backward() through any of its nodes raises rather than silently dropping their share of the gradient."""
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (no input had requires_grad=True)")
+        B = self.backend
+        given = isinstance(grad, Tensor)  # the caller's array: memory a leaf must not take over
         if grad is None:
             if self.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a one-element tensor, got shape {self.shape}")
-            grad = self.backend.full(self.shape, 1.0)
-        elif isinstance(grad, Tensor):
-            grad = grad.data
+            grad = B.full(self.shape, 1.0)
+        else:
+            grad = self._check_grad(grad)
         topo, seen = [], set()
         stack = [(self, False)]
         while stack:  # iterative DFS: deep graphs (many layers, long sequences) must not hit the recursion limit
@@ -127,19 +131,33 @@ class Tensor:
                 continue
             if id(node) in seen:
                 continue
+            if node._backward is _freed:  # checked before any .grad changes: nothing half-accumulated
+                raise RuntimeError(
+                    f"backward() through a graph that was already freed: an intermediate tensor of shape "
+                    f"{node.shape} took part in an earlier backward() without retain_graph=True, which freed what "
+                    f"its gradient needs. Pass retain_graph=True to the earlier backward(), or add the losses "
+                    f"and call backward() once")
             seen.add(id(node))
             stack.append((node, True))
             for p in node._parents:
                 if p.requires_grad and id(p) not in seen:
                     stack.append((p, False))
         grads = {id(self): grad}
-        B = self.backend
+        # Backwards may hand one array to several parents (add gives g to both sides, reshape a view of it) and the
+        # caller keeps `grad`: a leaf gets a copy of any memory already handed out, since clipping and the
+        # optimizers scale .grad in place and must scale each gradient once.
+        claimed = {id(B.storage(grad)): grad} if given else {}
         for node in reversed(topo):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             if node._backward is None:  # a leaf
-                node.grad = Tensor(g, B) if node.grad is None else Tensor(B.binary("add", node.grad.data, g), B)
+                if node.grad is not None:
+                    g = B.binary("add", node.grad.data, g)
+                elif id(B.storage(g)) in claimed:
+                    g = B.copy_view(g, 0, g.shape, contiguous_strides(g.shape))
+                claimed[id(B.storage(g))] = g
+                node.grad = Tensor(g, B)
                 continue
             if node._absorbs is None:
                 parent_grads = node._backward(g)
@@ -151,9 +169,33 @@ class Tensor:
                     continue
                 prev = grads.get(id(p))
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
-            if not retain_graph:
-                node._backward, node._parents, node._absorbs = None, (), None
-                node.requires_grad = False
+            if not retain_graph:  # requires_grad stays: a later use of the node must reach the check above
+                node._backward, node._parents, node._absorbs = _freed, (), None
+
+    def _check_grad(self, grad):
+        """backward()'s `grad` as an array on this tensor's backend, checked against this tensor."""
+        if isinstance(grad, Tensor):
+            if grad.backend is not self.backend:
+                raise ValueError(f"backward(): the gradient lives on the {grad.backend.name} backend and the tensor "
+                                 f"on {self.backend.name}; move it with .to(...)")
+            if grad.dtype != self.dtype:
+                raise ValueError(f"backward(): the gradient has dtype {grad.dtype}, the tensor {self.dtype}: they "
+                                 "must match")
+            data = grad.data
+        else:
+            arr = np.asarray(grad)
+            if arr.dtype.kind not in "fiu":
+                raise ValueError(f"backward(): the gradient must hold numbers, got dtype {arr.dtype}")
+            data = arr  # converted to the tensor's dtype below, once the shape is known to fit
+        if tuple(data.shape) != self.shape:
+            raise ValueError(f"backward(): the gradient has shape {tuple(data.shape)}, the tensor {self.shape}: "
+                             "they must match")
+        return data if isinstance(grad, Tensor) else self.backend.from_numpy(data.astype(np_dtype(self.dtype)))
+
+
+def _freed(*_):
+    """The backward of a node whose graph a backward() without retain_graph freed (never called: see backward)."""
+    raise RuntimeError("backward() through a freed graph")
 
 
 def tensor(data, requires_grad=False, dtype=None, backend=None):

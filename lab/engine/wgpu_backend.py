@@ -15,15 +15,19 @@ pipelines, bind groups and params, can be recorded again into a new pass without
 host's cost per dispatch falls from the op's Python (autograd, shape checks, packing) to three wgpu calls. The
 buffers such a capture binds are held out of the pool while it lives, so replays find them as they left them.
 """
+import functools
+import inspect
 import math
 import os
 import re
 import struct
 import tempfile
+import threading
 
 import numpy as np
 
-from .backend import MAXDIM, Backend, HeadView, broadcast_strides, contiguous_strides, gather_heads, scatter_heads
+from .backend import (MAXDIM, Backend, HeadView, broadcast_strides, contiguous_strides, gather_heads, index_range_error,
+                      scatter_heads)
 from .kernels import specialize
 
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
@@ -76,6 +80,8 @@ def _round_up(n, m):
 
 
 _HOST_DTYPES = {"float32": np.float32, "int32": np.int32, "float16": np.float16}
+_NO_INDEX_ERROR = np.array([0, 2**31 - 1, -2**31, 0], dtype=np.int32).tobytes()  # index_check.wgsl's ERR, clear
+_INDEX_OPS = {1: "embedding", 2: "cross_entropy"}                                # its op codes
 
 
 def _whole_words(x):
@@ -307,7 +313,19 @@ class WgpuBackend(Backend):
         self._patch = None         # how the next dispatch's params follow the step (set by adamw_, sgd_, dropout)
         self._reserved = {}        # id(buffer) -> number of live captures binding it: kept out of the pool
         self._held = {}            # id(buffer) -> (buffer, size): reserved buffers no array owns any more
+        # Two Python threads (a panel's training thread, generation in the kernel's) share the recording: the open
+        # encoder and pass, the params arena, the pools, the caches. Every public method holds this lock, so each
+        # op records whole; a capture holds it from capture_begin to capture_end (see there).
+        self._lock = threading.RLock()
         self.lost = False
+        # Indices that live on the device are checked there: embedding.wgsl and cross_entropy.wgsl clamp a bad one
+        # and record it in this buffer (index_check.wgsl); check_indices reads it at the next readback after a
+        # dispatch given unchecked indices. Reading the indices back at every op instead would stall each step,
+        # and host indices (every training batch, replays included) are checked before their upload.
+        self._index_errors = GPUArray(_Storage(self.device.create_buffer(size=256, usage=self._usage), 256, self),
+                                      (4,), "int32")
+        self.queue.write_buffer(self._index_errors.buffer, 0, _NO_INDEX_ERROR)
+        self._indices_unchecked = False  # an unchecked index was used since ERR was last read
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
                            bind_group_hits=0, bind_group_misses=0,
                            bytes_in_use=0, peak_bytes_in_use=0, bytes_reserved=0)
@@ -382,7 +400,7 @@ class WgpuBackend(Backend):
         self._pool.clear()
 
     def from_numpy(self, x):
-        x = np.ascontiguousarray(x)
+        x = np.ascontiguousarray(x).reshape(np.shape(x))  # (ascontiguousarray makes a 0-D array 1-D)
         dtype = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32"}.get(x.dtype)
         if x.dtype == np.float16 and self.half_storage:
             dtype = "float16"
@@ -410,6 +428,7 @@ class WgpuBackend(Backend):
         if self._capture is not None:
             self._capture.broken = "the step reads a value back from the device"
         self.sync()
+        self.check_indices()
         dt = _HOST_DTYPES[a.dtype]
         if a.size == 0:
             return np.zeros(a.shape, dtype=dt)
@@ -431,6 +450,9 @@ class WgpuBackend(Backend):
 
     def reshape(self, a, shape):
         return GPUArray(a.storage, shape, a.dtype)
+
+    def storage(self, a):
+        return a.storage
 
     # ------------------------------------------------------------------ recording
     def _layout(self, kernel, subs):
@@ -618,16 +640,24 @@ class WgpuBackend(Backend):
 
     # ------------------------------------------------------------------ step capture
     def capture_begin(self):
-        """Start recording a step for replay (its dispatches still run as usual)."""
+        """Start recording a step for replay (its dispatches still run as usual). The calling thread owns the
+        backend until capture_end: another thread's ops wait for the step boundary, as they must not be recorded
+        into the capture nor submit half of it (a per-op lock would allow both between two of the step's ops)."""
         if self._profile is not None:
             raise RuntimeError("cannot capture a step while lab.profile() is active")
+        if self._capture is not None:
+            raise RuntimeError("a step is already being captured: capture_end() it first")
         self.sync()
+        self._lock.acquire()
         self._capture = Capture()
 
     def capture_end(self):
         """Stop recording and submit the step. Returns the Capture; its buffers stay out of the pool until
         release_capture (check capture.broken before replaying it)."""
+        if self._capture is None:
+            raise RuntimeError("capture_end() without capture_begin()")
         capture, self._capture = self._capture, None
+        self._lock.release()  # capture_begin's hold (this method's own keeps the backend until it returns)
         self._patch = None
         capture.arena = bytes(self._arena_host[:self._arena_used])
         self.sync()
@@ -714,9 +744,10 @@ class WgpuBackend(Backend):
             return None
 
     def sync(self, wait=False):
-        """Submit everything recorded so far; with wait=True also block until the device has finished it."""
+        """Submit everything recorded so far; with wait=True also block until the device has finished it (and
+        raise for an out-of-range index it met: check_indices)."""
         if self._encoder is None:
-            if wait:
+            if wait and not self.check_indices():
                 self._wait()
             return
         # Detach the recording first: an exception or KeyboardInterrupt below must not leave an ended pass in
@@ -742,8 +773,27 @@ class WgpuBackend(Backend):
         for size, buffers in self._recent.items():
             self._pool.setdefault(size, []).extend(buffers)
         self._recent.clear()
-        if wait:
+        if wait and not self.check_indices():
             self._wait()
+
+    def check_indices(self):
+        """Raise index_range_error for an out-of-range index an embedding or cross-entropy kernel met (recorded in
+        ERR: index_check.wgsl) since the last check. Reads ERR (which waits for the submitted work) only when a
+        dispatch was given indices the host had not checked; returns whether it read."""
+        if not self._indices_unchecked:
+            return False
+        self._indices_unchecked = False
+        try:
+            err = np.frombuffer(self.queue.read_buffer(self._index_errors.buffer, 0, 16), dtype=np.int32)
+        except self.wgpu.GPUError as e:
+            raise _lost(self, e) from None
+        self._stats["readbacks"] += 1
+        tag, lowest, highest, ignore_index = (int(v) for v in err)
+        if tag:
+            self.queue.write_buffer(self._index_errors.buffer, 0, _NO_INDEX_ERROR)
+            op = _INDEX_OPS[tag & 3]
+            raise index_range_error(op, lowest, highest, tag >> 2, ignore_index if op == "cross_entropy" else None)
+        return True
 
     def _wait(self):
         # A 4-byte readback completes only after all earlier submitted work (wgpu 0.32's
@@ -1116,11 +1166,12 @@ class WgpuBackend(Backend):
             return dx, self.reshape(dw_parts, (n,)), self.reshape(db_parts, (n,))
         return dx, self.reduce("sum", dw_parts, 0), self.reduce("sum", db_parts, 0)
 
-    def embedding(self, w, idx):
+    def embedding(self, w, idx, checked=False):
         V, C = w.shape
         N = idx.size
         out = self._alloc(idx.shape + (C,), "float32")
-        self._flat("embedding", "forward_main", [N, C, V], [idx, w, out], N * C)
+        self._flat("embedding", "forward_main", [N, C, V], [idx, w, out, None, self._index_errors], N * C)
+        self._indices_unchecked |= not checked and N > 0
         return out
 
     def embedding_bwd(self, idx, g, num_embeddings):
@@ -1136,7 +1187,7 @@ class WgpuBackend(Backend):
         self._flat("embedding", "chain_main", [N, C, V, 0, 0], [idx, g, dw, links], N * C)
         return dw
 
-    def cross_entropy(self, logits, targets, ignore_index):
+    def cross_entropy(self, logits, targets, ignore_index, checked=False):
         rows, V = logits.shape
         lse = self._alloc((rows,), "float32")
         loss_rows = self._alloc((rows,), "float32")
@@ -1144,8 +1195,9 @@ class WgpuBackend(Backend):
         loss = self._alloc((), "float32")
         count = self._alloc((1,), "float32")
         params = [rows, V, ignore_index]
-        self._dispatch("cross_entropy", "rows_main", params, [logits, targets, lse, loss_rows, valid], _grid(rows),
-                       rows, _row_subs(V))
+        self._dispatch("cross_entropy", "rows_main", params,
+                       [logits, targets, lse, loss_rows, valid, self._index_errors], _grid(rows), rows, _row_subs(V))
+        self._indices_unchecked |= not checked and rows > 0
         self._dispatch("cross_entropy_reduce", "mean_main", params, [None, None, None, loss_rows, valid, loss, count],
                        (1, 1, 1))
         return loss, (lse, valid, count)
@@ -1373,3 +1425,17 @@ class WgpuBackend(Backend):
 
     def clip_(self, g, normsq, max_norm):
         self._flat("optim", "clip_main", [g.size, _f32bits(max_norm)], [g, normsq], g.size)
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
+# Every public method, and _release (a finalizer, run in whichever thread drops an array's last reference).
+for _name, _method in list(vars(WgpuBackend).items()):
+    if inspect.isfunction(_method) and (not _name.startswith("_") or _name == "_release"):
+        setattr(WgpuBackend, _name, _locked(_method))
