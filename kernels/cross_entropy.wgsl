@@ -11,8 +11,10 @@ const RWG: u32 = {{RWG}}u;   // threads per row (the host picks 64 or 256 by row
 @group(0) @binding(3) var<storage, read_write> LSE: array<f32>;
 @group(0) @binding(4) var<storage, read_write> LOSS: array<f32>;
 @group(0) @binding(5) var<storage, read_write> VALID: array<f32>;
+@group(0) @binding(6) var<storage, read_write> ERR: array<atomic<i32>, 4>;   // out-of-range targets (index_check)
 
 #include workgroup_reduce
+#include index_check
 
 @compute @workgroup_size(RWG)
 fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -30,7 +32,9 @@ fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (lid == 0u) {
         let lse = m + log(s);
         let t = T[r];
-        let ok = t != bitcast<i32>(P[2]) && t >= 0 && u32(t) < V;
+        let ignored = t == bitcast<i32>(P[2]);
+        let ok = !ignored && t >= 0 && u32(t) < V;
+        if (!ignored && !ok) { record_bad_index(2u, V, t, bitcast<i32>(P[2])); }
         LSE[r] = lse;
         LOSS[r] = select(0.0, lse - X[base + u32(max(t, 0))], ok);
         VALID[r] = select(0.0, 1.0, ok);

@@ -12,10 +12,10 @@
 //                  threads fit (small vocabularies), because it runs V * S times more threads in parallel.
 // The backward is a scatter-add; WGSL has no float atomics, so each thread owns its outputs and walks
 // positions in order: race-free and deterministic (same sum order on every run).
-// Indices are validated on the host; out-of-range ones are clamped (forward) or skipped (backward)
-// so a bad index can never read or write outside the buffers.
+// Out-of-range indices are clamped (forward) or skipped (backward), so a bad index can never read or write outside
+// the buffers; the forward records them in ERR for the host to raise (index_check.wgsl).
 // Bindings: P = [N, C, V, S, chunk], @binding(1) IDX (i32), @binding(2) SRC (W or g), @binding(3) DST (out or dW),
-// @binding(4) LINK (N,) u32.
+// @binding(4) LINK (N,) u32, @binding(5) ERR (4,) i32.
 
 const WG: u32 = 256u;
 
@@ -24,6 +24,9 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read> SRC: array<f32>;
 @group(0) @binding(3) var<storage, read_write> DST: array<f32>;
 @group(0) @binding(4) var<storage, read_write> LINK: array<u32>;
+@group(0) @binding(5) var<storage, read_write> ERR: array<atomic<i32>, 4>;
+
+#include index_check
 
 const FIRST: u32 = 0x80000000u;
 
@@ -37,7 +40,9 @@ fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (e >= N * C) { return; }
     let i = e / C;
     let c = e % C;
-    let v = u32(clamp(IDX[i], 0, i32(V) - 1));
+    let t = IDX[i];
+    if (c == 0u && (t < 0 || u32(t) >= V)) { record_bad_index(1u, V, t, 0); }
+    let v = u32(clamp(t, 0, i32(V) - 1));
     DST[e] = SRC[v * C + c];
 }
 

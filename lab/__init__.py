@@ -3,7 +3,7 @@ from .engine.backend import backend_reason, get_backend, set_backend
 from .engine.random import manual_seed
 from .engine.tensor import Tensor, no_grad, ones, tensor, zeros
 from .engine import ops as functional
-from .engine.ops import concat, split, matmul
+from .engine.ops import concat, split, stack, matmul
 from .engine.profile import profile
 from .models import PRESETS, ProNeuralConfig, ProNeuralLM, TransformerConfig, TransformerLM
 from .data import CharTokenizer, load_corpus

@@ -19,17 +19,17 @@ class IndexRangeError(IndexError, ValueError):
     raise for one, and a ValueError as lab raises for bad input."""
 
 
-INDEXED = {"embedding": ("index", "a table of {} rows"), "cross_entropy": ("target", "{} classes")}
+INDEXED = {"embedding": ("index", "indices", "a table of {} rows"), "cross_entropy": ("target", "targets", "{} classes")}
 
 
 def index_range_error(op, lowest, highest, limit, ignore_index=None):
     """The one error for out-of-range indices, worded alike whichever backend (or the host) found them: the op
     (of INDEXED), the lowest and highest bad index, the size they index."""
-    noun, what = INDEXED[op]
+    noun, nouns, what = INDEXED[op]
     allowed = f"allowed 0..{limit - 1}" + (f", or ignore_index={ignore_index}" if ignore_index is not None else "")
     if lowest == highest:
         return IndexRangeError(f"{op}: {noun} {lowest} is out of range for {what.format(limit)} ({allowed})")
-    return IndexRangeError(f"{op}: {noun}s out of range for {what.format(limit)}, the lowest {lowest} and the highest "
+    return IndexRangeError(f"{op}: {nouns} out of range for {what.format(limit)}, the lowest {lowest} and the highest "
                            f"{highest} ({allowed})")
 
 

@@ -428,7 +428,8 @@ class WgpuBackend(Backend):
         if self._capture is not None:
             self._capture.broken = "the step reads a value back from the device"
         self.sync()
-        self.check_indices()
+        if self.check_indices():
+            self._stats["readbacks"] += 1  # (in sync(wait=True) the same read stands in for the wait's own)
         dt = _HOST_DTYPES[a.dtype]
         if a.size == 0:
             return np.zeros(a.shape, dtype=dt)
@@ -787,7 +788,6 @@ class WgpuBackend(Backend):
             err = np.frombuffer(self.queue.read_buffer(self._index_errors.buffer, 0, 16), dtype=np.int32)
         except self.wgpu.GPUError as e:
             raise _lost(self, e) from None
-        self._stats["readbacks"] += 1
         tag, lowest, highest, ignore_index = (int(v) for v in err)
         if tag:
             self.queue.write_buffer(self._index_errors.buffer, 0, _NO_INDEX_ERROR)

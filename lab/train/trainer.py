@@ -8,14 +8,16 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..data import get_batch
-from ..engine.random import generator
+from ..checks import choice, integer, real, show
+from ..data import get_batch, min_tokens
+from ..engine.random import draw_from, generator, own_stream
 from ..engine.tensor import no_grad
+from ..nn import evaluating
 from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, grad_norm
 from .replay import Recorded, StepReplay, recording_seeds, upload_batches
@@ -45,15 +47,21 @@ class TrainConfig:
     replay_steps: bool = True          # wgpu: capture a step's dispatches, replay them for later steps (replay.py)
 
     def __post_init__(self):
+        """Every field checked (and 3.0 made 3): the one validation a TrainConfig, a resumed run and a panel's
+        inputs (Trainer.reconfigure) all go through."""
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
-        if self.check_finite_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("check_finite_every and checkpoint_every must be >= 0")
+            setattr(self, name, integer(name, getattr(self, name), low=1))
+        for name in ("warmup_steps", "early_stopping_patience", "check_finite_every", "checkpoint_every"):
+            setattr(self, name, integer(name, getattr(self, name), low=0))
+        self.lr = real("lr", self.lr, low=0, low_open=True)
+        for name in ("min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta", "max_seconds"):
+            setattr(self, name, real(name, getattr(self, name), low=0))
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {show(self.betas)}")
+        self.betas = tuple(real(f"betas[{i}]", b, low=0, high=1) for i, b in enumerate(self.betas))
+        if 1 in self.betas:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {show(self.betas)}")
+        choice("nonfinite", self.nonfinite, ("stop", "skip"))
 
 
 def _check_tokens(x, vocab_size):
@@ -95,6 +103,7 @@ class Trainer:
         self.model, self.cfg = model, cfg or TrainConfig()
         self.train_ids, self.val_ids = train_ids, val_ids
         self._check_fits()
+        self._check_splits()
         self.optimizer = AdamW(model.optimizer_groups(self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas)
         self.callbacks = list(callbacks)
         self.step_num = 0
@@ -109,20 +118,52 @@ class Trainer:
         self._running = threading.Event()  # cleared while paused
         self._running.set()
         self.rng = np.random.default_rng(generator().integers(2**32))
+        # the dropout seeds' own stream: generation or a model made in another thread meanwhile draws from the
+        # global generator and leaves this run's masks, and so its losses, as they would be alone
+        self.seed_rng = own_stream()
         backend = self.optimizer.backend
         self.replay = StepReplay(backend) if hasattr(backend, "capture_begin") else None
 
-    def _check_fits(self):
+    def _check_fits(self, cfg=None):
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
         says why and what would fit)."""
+        cfg = cfg or self.cfg
         from ..models.transformer import TransformerConfig
         from ..plan.estimator import check_fits
         config = self.model.config
         if isinstance(config, TransformerConfig):
             lora = getattr(self.model, "lora_config", None)
-            check_fits(config, self.cfg.batch_size, self.model.wte.weight.backend,
+            check_fits(config, cfg.batch_size, self.model.wte.weight.backend,
                        lora_rank=lora["r"] if lora else None,
                        lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32")
+
+    def reconfigure(self, **values):
+        """Change TrainConfig fields of this trainer (between runs, or during one: applied from the next step).
+        The new values go through TrainConfig's own checks and the fit check first; a refused value raises
+        ValueError (DoesNotFitError for a batch the device cannot hold) and changes nothing."""
+        unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {show(unknown)}")
+        if {"weight_decay", "betas"} & set(values):  # the optimizer built from them keeps its own copies
+            raise ValueError("weight_decay and betas are fixed once the trainer has built its optimizer")
+        new = replace(self.cfg, **values)
+        if new.batch_size != self.cfg.batch_size:
+            self._check_fits(new)
+        for name in values:  # the same object: a running loop reads self.cfg's fields each step
+            setattr(self.cfg, name, getattr(new, name))
+        if "lr" in values:
+            self.optimizer.lr = self.cfg.lr
+        return self.cfg
+
+    def _check_splits(self):
+        """Refuse splits too short to draw a block from now, not at the first evaluation after the training time."""
+        block, need = self.model.config.block_size, min_tokens(self.model.config.block_size)
+        n_train, n_val = len(self.train_ids), len(self.val_ids)
+        if min(n_train, n_val) < need:
+            short = " and ".join(k for k, n in (("train", n_train), ("validation", n_val)) if n < need)
+            raise ValueError(f"the {short} split is too short for block_size {block}: train has {n_train} tokens, "
+                             f"validation {n_val}, each needs at least {need}; use a longer text, a larger "
+                             f"validation fraction, or a model with a smaller block_size")
 
     @classmethod
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
@@ -163,7 +204,8 @@ class Trainer:
         takes effect after it, so a step is never left half done. On wgpu, steps after the first two are
         replays of a captured step when nothing they depend on changed (TrainConfig.replay_steps, replay.py)."""
         # numpy's overflow/invalid warnings would repeat what check_finite reports, once per op
-        with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                draw_from(self.seed_rng):
             return self._train_step()
 
     def _train_step(self):
@@ -179,8 +221,9 @@ class Trainer:
         replaying = replay is not None and replay.use_replay(self)
         capturing = not replaying and replay is not None and replay.want_capture(self)
         if replaying or capturing:  # the batches go to the device as int32 tensors, past the embedding's check
-            for x, _ in self._last_batches:
+            for x, y in self._last_batches:
                 _check_tokens(x, model.config.vocab_size)
+                _check_tokens(y, model.config.vocab_size)
         if replaying:
             self.optimizer.step_count += 1
             loss, norm = replay.replay_step(self, self._last_batches, lr, self.optimizer.step_count)
@@ -233,24 +276,25 @@ class Trainer:
         where = first_nonfinite(self.model, self._last_batches[0]) or "the loss or gradient norm"
         raise NonFiniteError(self.step_num, where)
 
-    def _save(self):
-        from ..checkpoint import save_checkpoint
+    def _save(self, say=print):
+        from ..checkpoint import NonFiniteSaveError, save_checkpoint
         if self.tokenizer is None:
             raise ValueError("TrainConfig.checkpoint_dir is set but the trainer has no tokenizer: set "
                              "trainer.tokenizer (it is saved with the checkpoint)")
-        save_checkpoint(self.cfg.checkpoint_dir, self.model, self.tokenizer, self)
+        try:
+            save_checkpoint(self.cfg.checkpoint_dir, self.model, self.tokenizer, self)
+        except NonFiniteSaveError as e:  # the run goes on; its last good checkpoint stays what resuming finds
+            say(f"lab: step {self.step_num}: checkpoint not saved: {e}")
 
     def evaluate(self, batches=None):
         """Mean loss over `batches` random validation blocks (fixed seed: comparable across calls)."""
         model, cfg = self.model, self.cfg
         rng = np.random.default_rng(1234)
-        model.eval()
         losses = []
-        with no_grad():
+        with no_grad(), evaluating():  # called from the kernel while a panel trains: the steps keep their dropout
             for _ in range(batches or cfg.eval_batches):
                 x, y = get_batch(self.val_ids, cfg.batch_size, model.config.block_size, rng)
                 losses.append(model(x, y)[1].item())
-        model.train()
         return float(np.mean(losses))
 
     def run(self, progress=True, log_evals=True):
@@ -320,14 +364,14 @@ class Trainer:
                                     val=f"{val_loss:.3f}" if val_loss is not None else "-",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    self._save()
+                    self._save(say)
                 bar.update(1)
         except KeyboardInterrupt:  # steps finish before an interrupt lands (train_step): stop here, usable, resumable
             self._stop, self.stop_reason = True, f"interrupted (KeyboardInterrupt) after step {self.step_num}"
             say(f"lab: {self.stop_reason}")
         bar.close()
         if cfg.checkpoint_dir and self.fault is None:  # a run stopped by NaN/Inf keeps its last good checkpoint
-            self._save()
+            self._save(say)
         if self._stop and self.stop_reason is None:
             self.stop_reason = "stop requested"
         self._stop = False
