@@ -5,108 +5,305 @@ Hugging Face's GPT-2 layout (loadable by transformers' GPT2LMHeadModel). A train
 tokenizer, the optimizer state and trainer_state.json (step, RNG states, config, history), so a resumed run
 continues with exactly the losses of an uninterrupted one.
 
-Writes are atomic per directory: everything goes to a temporary sibling directory which then takes the target's
-place, so an interrupted save leaves the previous checkpoint whole.
+A save writes and replaces only its own files inside the directory (atomic_files), as transformers does: other
+files there, and the directory itself, stay as they were; an interrupted save leaves either the previous files or
+the new ones, all of them from one save.
 """
+import contextlib
+import glob
 import json
+import math
 import os
-import shutil
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from .checks import integer, show
+
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 TOKENIZER_FILE, OPTIMIZER_FILE, STATE_FILE = "tokenizer.json", "optimizer.safetensors", "trainer_state.json"
+JOURNAL_FILE = ".lab-save.json"   # present only while a save moves its files in (atomic_files)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match the model."""
 
 
+class NonFiniteSaveError(CheckpointError):
+    """A save refused because a tensor holds NaN or Inf: no file was changed."""
+
+
 # ------------------------------------------------------------------------------------------------ atomic writes
+#
+# Each new file is written under a temporary name inside the target directory and fsynced; then a journal naming
+# them is written (atomically: temp + rename), then each file is renamed over its own name, then the journal goes.
+# The journal is what makes several per-file renames one step: a kill before it exists leaves the previous files
+# (plus temporaries the next save of those names deletes); a kill after it leaves a journal that the next load or
+# save finishes, so model.safetensors is never from one save and trainer_state.json from another.
 
-class _AtomicDir:
-    """Context manager: yields a temporary directory; on success it replaces `target`."""
-
-    def __init__(self, target):
-        self.target = Path(target)
-
-    def __enter__(self):
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        recover_interrupted_save(self.target)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.tmp-"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def recover_interrupted_save(target):
-    """A save killed between moving the previous directory aside and moving the new one in leaves the previous
-    one as .NAME.old-PID next to where it was: put it back. (A save killed earlier leaves the target untouched.)"""
-    target = Path(target)
-    if target.exists():
+def _plain_name(name):
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+
+
+class _Staging:
+    """The new files of one save, under temporary names in the target directory until the save commits."""
+
+    def __init__(self, directory):
+        self.directory, self.files, self.committed, self.mode = directory, {}, False, None
+
+    def path(self, name):
+        """Where the new content of `name` is written (any writer may use it)."""
+        if name not in self.files:
+            if not _plain_name(name) or name == JOURNAL_FILE:
+                raise ValueError(f"atomic_files: {name!r} is not a plain file name")
+            for stale in self.directory.glob(f".{glob.escape(name)}.tmp-*"):  # left by a save killed earlier
+                stale.unlink(missing_ok=True)
+            tmp = self.directory / f".{name}.tmp-{secrets.token_hex(6)}"
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            self.mode = self.mode or os.stat(tmp).st_mode & 0o777   # the usual mode, under the umask
+            self.files[name] = tmp
+        return self.files[name]
+
+    def write_text(self, name, text):
+        self.path(name).write_text(text, encoding="utf-8")
+
+    def write_json(self, name, data):
+        _write_json(self.path(name), data)
+
+    def write_tensors(self, name, tensors, metadata=None):
+        """Tensors as safetensors; a NaN or Inf refuses the whole save (a loader would refuse the file, and a run
+        must not replace its last good checkpoint by a broken one)."""
+        for key, value in tensors.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise NonFiniteSaveError(f"{self.directory / name}: tensor {key!r} contains NaN or Inf: not saved, "
+                                         f"the files already in {self.directory} are kept")
+        save_file(tensors, str(self.path(name)), metadata=metadata)
+
+
+def check_save_target(directory):
+    """Refuse a save target that cannot be a directory (a file, a link to one, a broken link), before any work
+    whose result the save would then lose. Returns it as a Path."""
+    d = Path(directory)
+    if d.is_symlink() and not d.exists():
+        raise CheckpointError(f"{d}: is a broken symlink (to {os.readlink(d)}): a save needs a directory")
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d}: is a file, not a directory: a save writes its files into a directory")
+    return d
+
+
+def _target_directory(directory):
+    """The directory a save writes into, created (with the usual mode) if missing."""
+    d = check_save_target(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise CheckpointError(f"{d}: cannot create the directory: {e.filename} is not a directory") from None
+    finish_interrupted_save(d)
+    return d
+
+
+@contextlib.contextmanager
+def atomic_files(directory, remove=()):
+    """Context manager for one save into `directory`: yields a staging object whose write_text / write_json /
+    write_tensors (or path(name) for any other writer) give the new content of each file; on success every staged
+    file replaces its own name at once, and the files named in `remove` (stale parts of an earlier save) go. Any
+    other file in the directory, and the directory's mode, are left alone. On an error nothing changes."""
+    d = _target_directory(directory)
+    staging = _Staging(d)
+    try:
+        yield staging
+        _commit(staging, [n for n in remove if n not in staging.files])
+    finally:
+        if not staging.committed:   # after the commit the journal owns the temporaries
+            for tmp in staging.files.values():
+                tmp.unlink(missing_ok=True)
+
+
+def _commit(staging, remove):
+    d, files = staging.directory, staging.files
+    for name in [*files, *remove]:
+        if (d / name).is_dir() and not (d / name).is_symlink():
+            raise CheckpointError(f"{d / name}: is a directory, where the save needs to write a file")
+    for tmp in files.values():
+        os.chmod(tmp, staging.mode)   # safetensors' writer recreates its file 0600
+        _fsync(tmp)
+    journal = {"replace": {name: tmp.name for name, tmp in files.items()}, "remove": list(remove)}
+    tmp = d / f".{JOURNAL_FILE}.tmp-{secrets.token_hex(6)}"
+    try:
+        tmp.write_text(json.dumps(journal), encoding="utf-8")
+        _fsync(tmp)
+        os.replace(tmp, d / JOURNAL_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    staging.committed = True
+    _fsync(d, directory=True)
+    _apply_journal(d, journal)
+
+
+def _apply_journal(d, journal):
+    for name, tmp in journal["replace"].items():
+        with contextlib.suppress(FileNotFoundError):   # moved in already, before an interruption
+            os.replace(d / tmp, d / name)
+    for name in journal["remove"]:
+        (d / name).unlink(missing_ok=True)
+    _fsync(d, directory=True)
+    (d / JOURNAL_FILE).unlink(missing_ok=True)
+    _fsync(d, directory=True)
+
+
+def finish_interrupted_save(directory):
+    """Complete a save that was interrupted while it moved its files in (its journal is still there), so the
+    directory holds that save whole. Loaders call it before reading; a save calls it before writing."""
+    d = Path(directory)
+    path = d / JOURNAL_FILE
+    if not path.is_file():
         return
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        os.replace(olds[-1], target)
+    try:
+        journal = json.loads(path.read_text(encoding="utf-8"))
+        replace, remove = journal["replace"], journal["remove"]
+        ok = (isinstance(replace, dict) and isinstance(remove, list) and all(map(_plain_name, remove))
+              and all(_plain_name(n) and isinstance(t, str) and _plain_name(t) and t.startswith(f".{n}.tmp-")
+                      for n, t in replace.items()))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        ok, replace = False, e
+    if not ok:
+        raise CheckpointError(f"{path}: damaged save journal: the files of {d} may be from two saves (delete the "
+                              f"journal to use them anyway)")
+    try:
+        _apply_journal(d, journal)
+    except OSError as e:
+        raise CheckpointError(f"{d}: holds an interrupted save that could not be completed ({e})") from None
+
+
+def _finite_json(data):
+    """JSON has no NaN or Inf: write them as null, as JavaScript does (a NaN loss in the history must not make
+    the checkpoint unreadable); read_json refuses the NaN literals other writers emit."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_json(v) for v in data]
+    return data
 
 
 def _write_json(path, data):
-    Path(path).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    Path(path).write_text(json.dumps(_finite_json(data), indent=2, allow_nan=False), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ reading
 
+def _refuse_nonfinite(text):
+    raise ValueError(f"{text} is not a number JSON allows")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a float")
+    return value
+
+
 def read_json(path, what):
     path = Path(path)
+    finish_interrupted_save(path.parent)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected the {what} file")
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    try:   # json.loads would take NaN, Infinity and 1e999 and hand them on as numbers
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_nonfinite,
+                          parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
+def _widened(path, header_size, info):
+    """A bfloat16 or float16 tensor's raw bytes as float32, exactly: a bfloat16 is the top half of a float32."""
+    start, end = info["data_offsets"]
+    raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + header_size + start)
+    if info["dtype"] == "F16":
+        return raw.view("<f2").astype(np.float32).reshape(info["shape"])
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
 def read_safetensors(path):
-    """All tensors of a safetensors file as float32/int numpy arrays; errors name the file and the tensor."""
+    """All tensors of a safetensors file as numpy arrays, floats as float32 (bfloat16 and float16 widened
+    exactly). A file is not trusted: every float must be finite in float32 (a NaN loaded into the optimizer's
+    moments would turn the next step's weights into NaN). Errors name the file and the tensor."""
     path = Path(path)
+    finish_interrupted_save(path.parent)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a safetensors file")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     out = {}
     try:
-        with safe_open(str(path), framework="np") as f:
+        with safe_open(str(path), framework="np") as f:   # validates the header and the offsets
+            header = None
             for key in f.keys():
-                out[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError) as e:
+                dtype = f.get_slice(key).get_dtype()
+                if dtype in ("BF16", "F16"):   # numpy has no bfloat16: read the raw bytes where the header says
+                    if header is None:
+                        with open(path, "rb") as fh:
+                            size = int.from_bytes(fh.read(8), "little")
+                            header = json.loads(fh.read(size))
+                    out[key] = _widened(path, size, header[key])
+                elif dtype in ("F32", "F64") or not dtype.startswith("F"):
+                    out[key] = f.get_tensor(key)
+                else:
+                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype}, lab reads F64, F32, F16, BF16 "
+                                          f"and integer tensors")
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    for key, value in out.items():
+        if value.dtype.kind != "f":
+            continue
+        with np.errstate(over="ignore"):
+            narrow = value.astype(np.float32)
+        if not np.isfinite(narrow).all():
+            beyond = np.isfinite(value).all()
+            raise CheckpointError(f"{path}: tensor {key!r} " + ("has values beyond float32's range (largest "
+                                  f"{np.abs(value).max():g})" if beyond else "contains NaN or Inf"))
+        out[key] = narrow
     return out
 
 
-def _load_into(model, tensors, path):
-    """Copy a file's tensors into the model: they must be finite floats (a file is not trusted), then names and
-    shapes must match (Module.load_state_dict); every error names the file and the tensor."""
+def check_floats(tensors, path):
+    """Weights and optimizer moments must be floats (read_safetensors passes integer tensors on, and has checked
+    that floats are finite); the error names the file and the tensor."""
     for name, value in tensors.items():
         if value.dtype.kind != "f":
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {value.dtype}, expected a float type")
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf")
+
+
+def mismatch(expected, found):
+    """"missing [...], unexpected [...]": every name of `expected` absent from `found` and the reverse, all of them
+    (a shortened list can hide the one that differs); "" when the two agree."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    return ", ".join(f"{what} {names}" for what, names in (("missing", missing), ("unexpected", extra)) if names)
+
+
+def _load_into(model, tensors, path):
+    """Copy a file's tensors (finite, read_safetensors checked) into the model: they must be floats, then names
+    and shapes must match (Module.load_state_dict); every error names the file and the tensor."""
+    check_floats(tensors, path)
     model.load_state_dict(tensors, source=str(path), error=CheckpointError)
 
 
@@ -128,13 +325,13 @@ def _config_from_hf(data, path):
     from .models.transformer import TransformerConfig
     try:
         n_embd = data["n_embd"]
-        if not isinstance(n_embd, int) or data.get("n_inner") not in (None, 4 * n_embd):
+        if data.get("n_inner") is not None and data["n_inner"] != 4 * n_embd:
             raise CheckpointError(f"{path}: n_inner={data['n_inner']} is not supported (lab's MLP is 4 x n_embd)")
         act = data.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise CheckpointError(f"{path}: activation_function {act!r} is not supported (lab uses gelu_new)")
         eps = data.get("layer_norm_epsilon", 1e-5)
-        if abs(eps - 1e-5) > 1e-12:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
             raise CheckpointError(f"{path}: layer_norm_epsilon {eps} is not supported (lab uses 1e-5)")
         if data.get("tie_word_embeddings", True) is False:
             raise CheckpointError(f"{path}: untied output heads are not supported (lab ties the head to wte)")
@@ -146,6 +343,8 @@ def _config_from_hf(data, path):
         return TransformerConfig(vocab_size=data["vocab_size"], block_size=data["n_positions"], n_layer=data["n_layer"],
                                  n_head=data["n_head"], n_embd=n_embd, dropout=data.get("resid_pdrop") or 0.0,
                                  bias=True, positions="learned")
+    except CheckpointError:  # already names the file (it is a ValueError: keep it from being wrapped again)
+        raise
     except KeyError as e:
         raise CheckpointError(f"{path}: GPT-2 config is missing the field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -171,19 +370,23 @@ def save_pretrained(model, directory, format="lab"):
     """Write model.safetensors + config.json. format="hf" writes the GPT-2 layout transformers loads."""
     if format not in ("lab", "hf"):
         raise ValueError(f"unknown format {format!r}: expected 'lab' or 'hf'")
-    with _AtomicDir(directory) as tmp:
-        _write_model(model, tmp, format)
+    with atomic_files(directory) as files:
+        _write_model(model, files, format)
     return Path(directory)
 
 
-def _write_model(model, d, format):
+def _write_model(model, files, format):
+    """Lab's layout holds the whole model: LoRA adapters too, their settings and mode in config.json's "lora", so
+    a checkpoint resumes a LoRA run. The GPT-2 layout holds the base only (transformers has no adapters; PEFT's
+    format, lab.lora.save_adapter, does), with a merged adapter's update inside its weights."""
+    from .lora import checkpoint_config
     cfg = model.config
-    # the base model only: LoRA adapters travel separately (lab.lora.save_adapter), and a merged adapter's
-    # update is inside the base weights already
-    tensors = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    lora = checkpoint_config(model) if format == "lab" else None
+    tensors = {k: v for k, v in model.state_dict().items() if lora or ".lora_" not in k}
     if format == "lab":
-        save_file(tensors, str(d / MODEL_FILE), metadata={"format": "pt"})
-        _write_json(d / CONFIG_FILE, {"model_type": "lab-transformer", **cfg.to_dict()})
+        files.write_tensors(MODEL_FILE, tensors, metadata={"format": "pt"})
+        files.write_json(CONFIG_FILE, {"model_type": "lab-transformer", **cfg.to_dict(), **({"lora": lora} if lora
+                                                                                              else {})})
         return
     out = {f"transformer.{k}": v for k, v in tensors.items()}
     if cfg.positions == "sinusoidal":  # GPT-2 has a learned table: export the fixed one's values
@@ -192,15 +395,17 @@ def _write_model(model, d, format):
         for name, p in model.named_parameters():
             if name.endswith(".weight") and name.rsplit(".", 2)[-2] in ("ln_1", "ln_2", "ln_f", "c_attn", "c_proj", "c_fc"):
                 out[f"transformer.{name[:-len('weight')]}bias"] = np.zeros(p.shape[-1], dtype=np.float32)
-    save_file(out, str(d / MODEL_FILE), metadata={"format": "pt"})
-    _write_json(d / CONFIG_FILE, hf_config(cfg))
+    files.write_tensors(MODEL_FILE, out, metadata={"format": "pt"})
+    files.write_json(CONFIG_FILE, hf_config(cfg))
 
 
 def load_pretrained(directory):
     """A TransformerLM, in eval mode, from a directory in lab's layout or the GPT-2 layout (from config.json)."""
     from .models.transformer import TransformerConfig, TransformerLM
     d = Path(directory)
-    recover_interrupted_save(d)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d}: is a file, not a checkpoint directory (one holding {CONFIG_FILE} and "
+                              f"{MODEL_FILE})")
     if not d.is_dir():
         raise CheckpointError(f"{d}: no such checkpoint directory")
     data = read_json(d / CONFIG_FILE, "model config")
@@ -222,6 +427,9 @@ def load_pretrained(directory):
         raise CheckpointError(f"{d / CONFIG_FILE}: unknown model_type {kind!r} (expected 'lab-transformer' or 'gpt2')")
     _check_size(cfg, tensors, d)
     model = TransformerLM(cfg)
+    if kind == "lab-transformer" and data.get("lora") is not None:   # a LoRA run: its adapters are in the file
+        from .lora import apply_config
+        apply_config(model, data["lora"], d / CONFIG_FILE)
     _load_into(model, tensors, d / MODEL_FILE)
     return model.eval()  # as transformers does: dropout stays off until model.train()
 
@@ -229,18 +437,20 @@ def load_pretrained(directory):
 # ------------------------------------------------------------------------------------------------ training runs
 
 def save_checkpoint(directory, model, tokenizer, trainer=None):
-    """Model, tokenizer and (with a trainer) optimizer state, step, RNG states and history, atomically."""
+    """Model, tokenizer and (with a trainer) optimizer state, step, RNG states and history, atomically. Without a
+    trainer, the optimizer and trainer state of an earlier save there are removed: they belong to other weights."""
     from .engine.random import get_state
-    with _AtomicDir(directory) as tmp:
-        _write_model(model, tmp, "lab")
-        (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+    with atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE)) as files:
+        _write_model(model, files, "lab")
+        files.write_text(TOKENIZER_FILE, tokenizer.to_json())
         if trainer is not None:
             opt = trainer.optimizer
             arrays = {k: opt.backend.to_numpy(a) for k, a in opt.state_arrays().items()}
-            save_file(arrays, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt", "step": str(opt.step_count)})
-            _write_json(tmp / STATE_FILE, {
+            files.write_tensors(OPTIMIZER_FILE, arrays, metadata={"format": "pt", "step": str(opt.step_count)})
+            files.write_json(STATE_FILE, {
                 "step": trainer.step_num, "optimizer_step": opt.step_count, "train_config": trainer.config_dict(),
-                "batch_rng": trainer.rng.bit_generator.state, "global_rng": get_state(), "history": trainer.history,
+                "batch_rng": trainer.rng.bit_generator.state, "global_rng": get_state(),
+                "seed_rng": trainer.seed_rng.bit_generator.state, "history": trainer.history,
             })
     return Path(directory)
 
@@ -269,26 +479,61 @@ def load_checkpoint(directory):
 
 
 def restore_trainer(trainer, directory, state):
-    """Put optimizer moments, step counters, RNG states and history from a checkpoint into `trainer`."""
+    """Put optimizer moments, step counters, RNG states and history from a checkpoint into `trainer`: all of it is
+    checked first, so a checkpoint that does not fit leaves the trainer as it was."""
     from .engine.random import set_state
     d = Path(directory)
-    arrays = read_safetensors(d / OPTIMIZER_FILE)
     opt = trainer.optimizer
+    arrays = _named_state(read_safetensors(d / OPTIMIZER_FILE), opt)
+    check_floats(arrays, d / OPTIMIZER_FILE)
     own = opt.state_arrays()
-    if set(arrays) != set(own):
-        raise CheckpointError(f"{d / OPTIMIZER_FILE}: optimizer state has tensors {sorted(arrays)[:4]}..., "
-                              f"this optimizer needs {sorted(own)[:4]}...")
+    diff = mismatch(own, arrays)
+    if diff:
+        raise CheckpointError(f"{d / OPTIMIZER_FILE}: the optimizer state does not match this optimizer's "
+                              f"parameters: {diff}")
     for name, target in own.items():
-        value = arrays[name]
-        if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointError(f"{d / OPTIMIZER_FILE}: tensor {name!r} has shape {tuple(value.shape)}, "
+        if tuple(arrays[name].shape) != tuple(target.shape):
+            raise CheckpointError(f"{d / OPTIMIZER_FILE}: tensor {name!r} has shape {tuple(arrays[name].shape)}, "
                                   f"expected {tuple(target.shape)}")
-        opt.load_state_array(name, value)
     try:
-        opt.step_count = int(state["optimizer_step"])
-        trainer.step_num = int(state["step"])
-        trainer.rng.bit_generator.state = state["batch_rng"]
-        set_state(state["global_rng"])
-        trainer.history = list(state.get("history", []))
-    except (KeyError, TypeError, ValueError) as e:
+        steps = _checked_steps(state)
+        batch_rng, global_rng, seed_rng = (np.random.default_rng() for _ in range(3))
+        batch_rng.bit_generator.state, global_rng.bit_generator.state = state["batch_rng"], state["global_rng"]
+        # the dropout seeds' stream; a checkpoint saved before trainers had one drew them from the global generator
+        seed_rng.bit_generator.state = state.get("seed_rng", state["global_rng"])
+        history = state.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise ValueError(f"history must be a list of records, got {show(history)}")
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"{d / STATE_FILE}: incomplete or invalid trainer state ({e})") from None
+    for name in own:
+        opt.load_state_array(name, arrays[name])
+    (opt.step_count, trainer.step_num), trainer.history = steps, history
+    trainer.rng.bit_generator.state = batch_rng.bit_generator.state
+    trainer.seed_rng.bit_generator.state = seed_rng.bit_generator.state
+    set_state(global_rng.bit_generator.state)
+
+
+def _checked_steps(state):
+    """(optimizer_step, step): counts of steps taken, so non-negative integers, and the optimizer steps once per
+    trainer step at most (a damaged -1 would make Adam's bias correction divide by zero)."""
+    step = integer("step", state["step"], low=0)
+    optimizer_step = integer("optimizer_step", state["optimizer_step"], low=0)
+    if optimizer_step > step:
+        raise ValueError(f"optimizer_step must be <= step, got optimizer_step {optimizer_step} and step {step}")
+    for name in ("batch_rng", "global_rng", "seed_rng"):
+        rng = state.get(name, {"bit_generator": "PCG64", "state": {"state": 0, "inc": 1}})
+        words = rng.get("state") if isinstance(rng, dict) else None
+        if (not isinstance(words, dict) or rng.get("bit_generator") != "PCG64"
+                or not all(isinstance(words.get(k), int) and 0 <= words[k] < 2**128 for k in ("state", "inc"))):
+            raise ValueError(f"{name} must be a numpy PCG64 state, got {show(rng)}")
+    return optimizer_step, step
+
+
+def _named_state(arrays, opt):
+    """Checkpoints written before the optimizer state was keyed by parameter name hold m.0, v.0, ... in the
+    optimizer's order of parameters (unchanged since): that order gives each its name."""
+    keys = [k.split(".", 1) for k in arrays]
+    if all(len(k) == 2 and k[1].isdecimal() and int(k[1]) < len(opt.names) for k in keys):
+        return {f"{kind}.{opt.names[int(i)]}": v for (kind, i), v in zip(keys, arrays.values())}
+    return arrays

@@ -2,21 +2,51 @@
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
+
+from .checks import integer, parse_number, real
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is one line on stderr (argparse adds the usage block): the message says what was wrong."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, **limits):
+    """An argparse type: the flag's text as a number checked by lab.checks (kind: integer or real), refused in
+    one line that argparse prefixes with the flag's name."""
+    def parse(text):
+        try:
+            return kind("value", parse_number("value", text), **limits)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+    return parse
+
+
+def _ints(text):
+    """--sizes: comma-separated positive integers."""
+    return [_number(integer, low=1)(t) for t in text.split(",")]
 
 
 def _train(args):
+    import numpy as np
     import lab
     from lab.data import char_dataset
     from lab.models import PRESETS, TransformerConfig, TransformerLM
     from lab.train import TrainConfig, Trainer
     from dataclasses import replace
 
+    if args.out:   # before training, whose result a refused save would lose
+        from lab.checkpoint import check_save_target
+        check_save_target(args.out)
     if args.backend:
         lab.set_backend(args.backend)
     lab.manual_seed(args.seed)
     tok, train_ids, val_ids = char_dataset(args.corpus)
     if args.preset not in PRESETS:
-        raise SystemExit(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
     mcfg: TransformerConfig = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
     model = TransformerLM(mcfg)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
@@ -26,18 +56,35 @@ def _train(args):
           f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
           f"{len(train_ids) + len(val_ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
     trainer = Trainer(model, train_ids, val_ids, tcfg)
+    t0 = time.perf_counter()
     history = trainer.run(progress=not args.no_progress)
-    final = trainer.evaluate()
-    first = history[0]["loss"] if history else float("nan")
-    elapsed = history[-1]["elapsed"] if history else 0.0
-    print(f"done: {trainer.step_num} steps in {elapsed:.0f} s, train loss {first:.3f} -> {history[-1]['loss']:.3f}, "
-          f"val loss {final:.3f}, {history[-1]['tokens_per_s']:.0f} tokens/s"
-          + (f" ({trainer.stop_reason})" if trainer.stop_reason else ""))
-    if args.out:
+    seconds = time.perf_counter() - t0
+    # a run may stop before its first log (Ctrl-C, NaN/Inf, --time-limit): report and save what there is. The step
+    # that hit NaN/Inf was skipped on the device, so it changed no weights
+    fault, interrupted = trainer.fault, (trainer.stop_reason or "").startswith("interrupted")
+    updated = trainer.step_num - (fault is not None)
+    finite = all(np.isfinite(v).all() for v in model.state_dict().values())
+    if args.out:  # before the evaluation: a second Ctrl-C there must not cost the checkpoint
         from lab.checkpoint import save_checkpoint
-        save_checkpoint(args.out, model, tok, trainer)
-        print(f"saved checkpoint to {args.out}")
-    return 0
+        if not updated:
+            print(f"nothing saved to {args.out}: no step changed the weights")
+        elif not finite:
+            print(f"nothing saved to {args.out}: the weights hold NaN/Inf (a previous checkpoint there is kept)")
+        else:
+            save_checkpoint(args.out, model, tok, trainer)
+            print(f"saved checkpoint to {args.out} (step {trainer.step_num})")
+    parts = [f"{trainer.step_num} steps in {seconds:.0f} s"]
+    parts.append(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}" if history
+                 else f"no train loss logged (logged every {tcfg.log_every} steps)")
+    if updated and finite and not interrupted:
+        parts.append(f"val loss {trainer.evaluate():.3f}")
+    if updated:
+        parts.append(f"{updated * args.batch_size * mcfg.block_size / max(seconds, 1e-9):.0f} tokens/s")
+    reason = f"stopped at step {fault.step}: NaN/Inf in {fault.tensor}" if fault else trainer.stop_reason
+    print("done: " + ", ".join(parts) + (f" ({reason})" if reason else ""))
+    if fault is not None or not finite:
+        return 1
+    return 130 if interrupted else 0
 
 
 def _generate(args):
@@ -69,7 +116,7 @@ def _selftest(args):
 
 def _bench(args):
     if args.suite not in ("kernels", "train", "lora", "diagnostics"):
-        raise SystemExit(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics")
+        raise ValueError(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics")
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name
     if args.suite == "diagnostics":
@@ -89,7 +136,7 @@ def _bench(args):
         run_train_bench(args.preset, name, batch_size=args.batch_size, steps=args.steps, out_path=out)
         return 0
     from lab.bench.kernels import MATMUL_SIZES, run_kernels
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else MATMUL_SIZES
+    sizes = args.sizes or MATMUL_SIZES
     out = args.out or f"bench-results/kernels-{name}.json"
     run_kernels(name, sizes=sizes, out_path=out, budget_s=args.budget, model_shapes=args.model_shapes)
     return 0
@@ -142,19 +189,21 @@ def _info(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lab", description="Train small GPT-style models on wgpu or numpy.")
+    p = _Parser(prog="python -m lab", description="Train small GPT-style models on wgpu or numpy.")
+    count, positive = _number(integer, low=1), _number(real, low=0, low_open=True)
+    seed = _number(integer, low=0, high=2**32 - 1)
     sub = p.add_subparsers(dest="command", required=True)
     backend_help = "wgpu, numpy or auto (default: $LAB_BACKEND, else auto)"
 
     t = sub.add_parser("train", help="train a model on a bundled corpus, with a progress bar")
     t.add_argument("--preset", default="tiny", help="model preset: tiny or shakespeare-char")
     t.add_argument("--corpus", default="kjv", help="bundled corpus name or a text file path")
-    t.add_argument("--steps", type=int, default=600)
-    t.add_argument("--batch-size", type=int, default=12)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
+    t.add_argument("--steps", type=count, default=600)
+    t.add_argument("--batch-size", type=count, default=12)
+    t.add_argument("--lr", type=positive, default=1e-3)
+    t.add_argument("--eval-every", type=count, default=100)
+    t.add_argument("--seed", type=seed, default=1337)
+    t.add_argument("--time-limit", type=positive, help="stop after this many seconds of training")
     t.add_argument("--no-replay", action="store_true",
                    help="wgpu: run every step through Python instead of replaying a captured step")
     t.add_argument("--backend", help=backend_help)
@@ -165,15 +214,15 @@ def main(argv=None):
     g = sub.add_parser("generate", help="generate text from a checkpoint saved by `train --out`")
     g.add_argument("--checkpoint", required=True, help="checkpoint directory")
     g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=_number(integer, low=0), default=200)
+    g.add_argument("--temperature", type=_number(real, low=1e-6), default=0.8)
+    g.add_argument("--top-k", type=count)
+    g.add_argument("--top-p", type=_number(real, low=0, low_open=True, high=1))
+    g.add_argument("--repetition-penalty", type=positive, default=1.0)
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--beams", type=count, default=1, help="beam search with this many beams")
     g.add_argument("--stop", help="stop once the text ends with this string")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=seed)
     g.add_argument("--backend", help=backend_help)
     g.set_defaults(fn=_generate)
 
@@ -183,15 +232,15 @@ def main(argv=None):
 
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
     b.add_argument("suite", help="kernels, train, lora or diagnostics")
-    b.add_argument("--rank", type=int, default=8, help="lora: adapter rank")
+    b.add_argument("--rank", type=count, default=8, help="lora: adapter rank")
     b.add_argument("--base-dtype", default="float32", choices=("float32", "float16"),
                    help="lora: storage of the frozen linear weights (float16: also runs a float32 base to compare)")
     b.add_argument("--preset", default="tiny", help="train, lora: model preset")
-    b.add_argument("--batch-size", type=int, help="train, lora: batch size (default 12, 64 for shakespeare-char)")
-    b.add_argument("--steps", type=int, default=20, help="train, lora: timed steps")
+    b.add_argument("--batch-size", type=count, help="train, lora: batch size (default 12, 64 for shakespeare-char)")
+    b.add_argument("--steps", type=count, default=20, help="train, lora: timed steps")
     b.add_argument("--backend", help=backend_help)
-    b.add_argument("--sizes", help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
-    b.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")
+    b.add_argument("--sizes", type=_ints, help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
+    b.add_argument("--budget", type=positive, default=0.5, help="seconds of timed repetitions per measurement")
     b.add_argument("--model-shapes", action="store_true",
                    help="kernels: also time the matmul shapes of a shakespeare-char training step")
     b.add_argument("--out", help="JSON output path (default bench-results/kernels-<backend>.json)")
@@ -200,17 +249,17 @@ def main(argv=None):
     pl = sub.add_parser("plan", help="will a training plan fit a device, and how long will it take?")
     pl.add_argument("--preset", default="tiny", help="model preset (or --config)")
     pl.add_argument("--config", help="a config.json (lab or GPT-2) or a checkpoint directory")
-    pl.add_argument("--batch-size", type=int, default=12)
-    pl.add_argument("--seq", type=int, help="sequence length (default: the model's block_size)")
-    pl.add_argument("--tokens", type=float, help="training tokens (default 1e6)")
-    pl.add_argument("--steps", type=int, help="training steps (instead of --tokens)")
-    pl.add_argument("--lora-rank", type=int, help="plan LoRA fine-tuning with this rank (default: full training)")
+    pl.add_argument("--batch-size", type=count, default=12)
+    pl.add_argument("--seq", type=count, help="sequence length (default: the model's block_size)")
+    pl.add_argument("--tokens", type=positive, help="training tokens (default 1e6)")
+    pl.add_argument("--steps", type=count, help="training steps (instead of --tokens)")
+    pl.add_argument("--lora-rank", type=count, help="plan LoRA fine-tuning with this rank (default: full training)")
     pl.add_argument("--lora-base-dtype", default="float32", choices=("float32", "float16"),
                     help="with --lora-rank: storage of the frozen linear weights")
     pl.add_argument("--optimizer", default="adamw", help="adamw or sgd")
-    pl.add_argument("--vocab-size", type=int, help="vocabulary size (default: the preset's)")
+    pl.add_argument("--vocab-size", type=count, help="vocabulary size (default: the preset's)")
     pl.add_argument("--device", default="this", help="'this' (measured) or a profile: m1, rtx4090, h100, h200, cpu-2core")
-    pl.add_argument("--minutes", type=float, help="also answer: does it fit and finish within this many minutes?")
+    pl.add_argument("--minutes", type=positive, help="also answer: does it fit and finish within this many minutes?")
     pl.add_argument("--backend", help=backend_help + " (for --device this)")
     pl.set_defaults(fn=_plan)
 
@@ -231,12 +280,16 @@ def main(argv=None):
     i.set_defaults(fn=_info)
 
     args = p.parse_args(argv)
-    from lab.checkpoint import CheckpointError
     try:
         return args.fn(args)
-    except (CheckpointError, FileNotFoundError) as e:  # a bad or missing file: say which, without a traceback
+    # lab's messages for bad input (a file, a corpus, a config: CheckpointError is a ValueError) name the value and
+    # what is allowed; a traceback would bury them
+    except (ValueError, OSError) as e:
         print(f"lab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training step (those finish, then stop): nothing half-written
+        print(f"lab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

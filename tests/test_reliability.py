@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lab.checkpoint import load_checkpoint
 
@@ -151,25 +152,38 @@ def test_a_lost_gpu_device_gives_a_clear_error_with_the_way_to_continue():
     assert b.lost
 
 
-def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path, numpy_backend):
-    """The one moment a SIGKILL can leave no directory under the target's name: the previous checkpoint has been
-    moved aside (.NAME.old-PID) and the new one not yet moved in. Loading and saving put the previous one back."""
+def test_a_save_interrupted_while_moving_its_files_in_is_finished_by_the_next_load(tmp_path, numpy_backend,
+                                                                                    monkeypatch):
+    """The moment per-file renames could mix two saves: some files of the new save are in, some are not. The journal
+    written before the first rename lets the next load finish the save, so every tensor is from the new one."""
     import lab
-    from lab.checkpoint import save_checkpoint
+    import lab.checkpoint as C
     from lab.data import CharTokenizer
     from lab.models import PRESETS, TransformerLM
     from dataclasses import replace
     with lab.engine.backend.using_backend(numpy_backend):
         lab.manual_seed(0)
         model = TransformerLM(replace(PRESETS["tiny"], vocab_size=4, block_size=8, n_layer=1, n_head=2, n_embd=8))
-        save_checkpoint(tmp_path / "ck", model, CharTokenizer("abcd"))
-        want = {k: v.numpy() for k, v in model.named_parameters()}
-        os.replace(tmp_path / "ck", tmp_path / ".ck.old-12345")     # the state a kill leaves
-        (tmp_path / ".ck.tmp-abcdef").mkdir()                        # with a half-written new one beside it
+        C.save_checkpoint(tmp_path / "ck", model, CharTokenizer("abcd"))
+        for p in model.parameters():
+            p.data = p.backend.from_numpy(np.full(p.shape, 2.0, dtype=np.float32))
+        real, calls = os.replace, []
+
+        def killed_after_one_rename(src, dst):
+            if Path(dst).name != C.JOURNAL_FILE:
+                if calls:
+                    raise KeyboardInterrupt    # stands for a SIGKILL: nothing after this point of the save runs
+                calls.append(dst)
+            real(src, dst)
+        monkeypatch.setattr(C.os, "replace", killed_after_one_rename)
+        with pytest.raises(KeyboardInterrupt):
+            C.save_checkpoint(tmp_path / "ck", model, CharTokenizer("abcd"))
+        monkeypatch.setattr(C.os, "replace", real)
+        assert len(calls) == 1 and (tmp_path / "ck" / C.JOURNAL_FILE).exists()   # mixed, until the next load
         loaded, _, _ = load_checkpoint(tmp_path / "ck")
-        for k, v in loaded.named_parameters():
-            np.testing.assert_array_equal(v.numpy(), want[k])
-        assert (tmp_path / "ck").is_dir() and not (tmp_path / ".ck.old-12345").exists()
+        assert {float(v) for p in loaded.parameters() for v in np.unique(p.numpy())} == {2.0}
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors",
+                                                                        "tokenizer.json"]
 
 
 TRAINER_SCRIPT = r"""
@@ -206,7 +220,7 @@ def test_resuming_after_sigkill_gives_the_losses_of_an_uninterrupted_run(tmp_pat
             proc = subprocess.Popen([sys.executable, "-c", TRAINER_SCRIPT, str(target)], stdout=subprocess.PIPE,
                                     text=True, env=env)
             assert proc.stdout.readline().strip() == "training"
-            while not target.exists():
+            while not (target / "trainer_state.json").exists():   # the first checkpoint is in
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 1.0))
             proc.send_signal(signal.SIGKILL)

@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..checkpoint import (CheckpointError, _AtomicDir, _write_json, _write_model, load_checkpoint,
-                          load_pretrained, load_tokenizer, save_checkpoint)
+from ..checkpoint import (CheckpointError, _write_model, atomic_files, load_checkpoint, load_pretrained,
+                          load_tokenizer, save_checkpoint)
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
 HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format
@@ -54,16 +54,19 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     adapter_dir = _find_adapter(checkpoint, adapter)
     if adapter_dir is not None:
         lora.load_adapter(model, adapter_dir)   # checks that the adapter fits this base before anything is written
+    has_adapter = bool(lora.adapters(model))    # the one given, or a LoRA run's own (its checkpoint holds it)
+    if has_adapter:
+        lora.unmerge(model)   # the base goes out without the update: adapter/ carries it
     out = Path(out)
-    with _AtomicDir(out) as tmp:
-        _write_model(model, tmp, "hf")
-        (tmp / LAB_TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+    with atomic_files(out) as files:
+        _write_model(model, files, "hf")
+        files.write_text(LAB_TOKENIZER_FILE, tokenizer.to_json())
         hf_tok = hf_tokenizer_json(tokenizer)
         if hf_tok is not None:
-            _write_json(tmp / HF_TOKENIZER_FILE, hf_tok)
-            _write_json(tmp / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
-                                                         "model_max_length": model.config.block_size})
-    if adapter_dir is not None:
+            files.write_json(HF_TOKENIZER_FILE, hf_tok)
+            files.write_json("tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                       "model_max_length": model.config.block_size})
+    if has_adapter:
         # The adapter names the exported directory as its base, as PEFT expects.
         lora.save_adapter(model, out / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
     return out
@@ -113,6 +116,8 @@ def import_model(directory, out=None):
         lora.load_adapter(model, adapter_dir)
     if out is not None:
         save_checkpoint(out, model, tokenizer)
-        if (adapter_dir / "adapter_config.json").is_file():
-            shutil.copytree(adapter_dir, Path(out) / ADAPTER_DIR, dirs_exist_ok=True)
+        if (adapter_dir / "adapter_config.json").is_file():   # the two files as they are, nothing else there
+            with atomic_files(Path(out) / ADAPTER_DIR) as files:
+                for name in (lora.ADAPTER_FILE, lora.ADAPTER_CONFIG):
+                    shutil.copyfile(adapter_dir / name, files.path(name))
     return model, tokenizer

@@ -160,8 +160,8 @@ class Trainer:
         block, need = self.model.config.block_size, min_tokens(self.model.config.block_size)
         n_train, n_val = len(self.train_ids), len(self.val_ids)
         if min(n_train, n_val) < need:
-            short = " and ".join(k for k, n in (("train", n_train), ("validation", n_val)) if n < need)
-            raise ValueError(f"the {short} split is too short for block_size {block}: train has {n_train} tokens, "
+            short = [k for k, n in (("train", n_train), ("validation", n_val)) if n < need]
+            raise ValueError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for block_size {block}: train has {n_train} tokens, "
                              f"validation {n_val}, each needs at least {need}; use a longer text, a larger "
                              f"validation fraction, or a model with a smaller block_size")
 

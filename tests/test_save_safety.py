@@ -1,0 +1,315 @@
+"""A save writes and replaces only its own files inside a directory; loaders refuse what a run must not continue
+from (non-finite tensors, a damaged trainer state) and read the float types the Hub uses, naming the file."""
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import lab
+from lab import lora
+from lab.checkpoint import (JOURNAL_FILE, CheckpointError, load_checkpoint, load_pretrained, read_safetensors,
+                            restore_trainer, save_checkpoint)
+from lab.data import CharTokenizer
+from lab.models import PRESETS, TransformerLM
+from lab.scale import export_checkpoint, import_model
+from lab.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "And God said, Let there be light: and there was light.\n" * 20
+
+
+def _model(vocab_size):
+    lab.manual_seed(0)
+    return TransformerLM(replace(PRESETS["tiny"], vocab_size=vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8))
+
+
+def _trainer(**cfg):
+    tok = CharTokenizer.from_text(TEXT)
+    ids = tok.encode(TEXT)
+    t = Trainer(_model(tok.vocab_size), ids, ids,
+                TrainConfig(**{"steps": 2, "batch_size": 2, "eval_every": 10**6, "log_every": 10**6, **cfg}))
+    t.tokenizer = tok
+    return t
+
+
+def _checkpoint(d):
+    t = _trainer()
+    t.train_step()
+    save_checkpoint(d, t.model, t.tokenizer, t)
+    return t
+
+
+def _export(d, tmp):
+    _checkpoint(tmp / "ck")
+    export_checkpoint(tmp / "ck", d)
+
+
+def _import(d, tmp):
+    _export(tmp / "hf", tmp)
+    import_model(tmp / "hf", out=d)
+
+
+def _cli_train(d, tmp):
+    r = subprocess.run([sys.executable, "-m", "lab", "train", "--steps", "1", "--backend", "numpy", "--no-progress",
+                        "--out", str(d)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if r.returncode:
+        raise CheckpointError(r.stderr)
+
+
+def _adapter(d, tmp):
+    t = _trainer()
+    lora.apply(t.model, r=2, alpha=4)
+    lora.save_adapter(t.model, d)
+
+
+SAVERS = {  # name: (save into d, the files it writes)
+    "save_pretrained": (lambda d, tmp: _trainer().model.save_pretrained(d), {"config.json", "model.safetensors"}),
+    "save_pretrained_hf": (lambda d, tmp: _trainer().model.save_pretrained(d, format="hf"),
+                           {"config.json", "model.safetensors"}),
+    "save_checkpoint": (lambda d, tmp: _checkpoint(d), {"config.json", "model.safetensors", "tokenizer.json",
+                                                         "optimizer.safetensors", "trainer_state.json"}),
+    "save_adapter": (_adapter, {"adapter_model.safetensors", "adapter_config.json"}),
+    "export": (_export, {"config.json", "model.safetensors", "lab_tokenizer.json", "tokenizer.json",
+                         "tokenizer_config.json"}),
+    "import": (_import, {"config.json", "model.safetensors", "tokenizer.json"}),
+    "cli_train_out": (_cli_train, {"config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors",
+                                   "trainer_state.json"}),
+}
+
+
+@pytest.mark.parametrize("saver", sorted(SAVERS))
+def test_save_keeps_other_files_in_directory(saver, tmp_path, numpy_backend):
+    save, own = SAVERS[saver]
+    d = tmp_path / "d"
+    (d / "data").mkdir(parents=True)
+    (d / "notes.txt").write_text("x")
+    (d / "data" / "rows.csv").write_text("1,2\n")
+    (d / ".notes.txt.tmp-keep").write_text("not a temporary of any file a save writes")
+    save(d, tmp_path)
+    assert (d / "notes.txt").read_text() == "x" and (d / "data" / "rows.csv").read_text() == "1,2\n"
+    assert {p.name for p in d.iterdir()} == own | {"notes.txt", "data", ".notes.txt.tmp-keep"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "nothing moved aside next to it"
+
+
+@pytest.mark.parametrize("saver", ["save_pretrained", "save_checkpoint", "save_adapter", "export"])
+def test_save_keeps_directory_mode(saver, tmp_path, numpy_backend):
+    save, _ = SAVERS[saver]
+    d = tmp_path / "d"
+    d.mkdir()
+    d.chmod(0o751)
+    save(d, tmp_path)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o751
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save(tmp_path / "new", tmp_path)   # a directory the save creates, and the files, get the usual modes
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "new").iterdir()} == {0o666 & ~umask}
+
+
+@pytest.mark.parametrize("saver", sorted(SAVERS))
+@pytest.mark.parametrize("kind", ["file", "symlink to a file", "broken symlink"])
+def test_save_refuses_regular_file_target(saver, kind, tmp_path, numpy_backend):
+    save, _ = SAVERS[saver]
+    (tmp_path / "real").write_text("precious")
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_text("precious")
+    else:
+        target.symlink_to(tmp_path / ("real" if kind == "symlink to a file" else "missing"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match=r"target: is a (file, not a directory|broken symlink)"):
+        save(target, tmp_path)
+    assert (tmp_path / "real").read_text() == "precious"
+    assert kind != "file" or target.read_text() == "precious"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert set(before) <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_save_through_a_symlink_to_a_directory_writes_into_it(tmp_path, numpy_backend):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    _trainer().model.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+
+
+def test_save_refuses_a_directory_where_its_file_goes_and_changes_nothing(tmp_path, numpy_backend):
+    t = _checkpoint(tmp_path / "ck")
+    before = (tmp_path / "ck" / "config.json").read_bytes()
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    (tmp_path / "ck" / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is a directory"):
+        save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, t)
+    assert (tmp_path / "ck" / "config.json").read_bytes() == before
+    assert not [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]
+
+
+def test_loading_a_regular_file_says_it_is_a_file(tmp_path, numpy_backend):
+    (tmp_path / "ck").write_text("x")
+    with pytest.raises(CheckpointError, match=r"ck: is a file, not a checkpoint directory"):
+        load_checkpoint(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"ck/adapter_config.json: .*not found|ck: is a file"):
+        lora.load_adapter(_trainer().model, tmp_path / "ck")
+
+
+def test_a_save_removes_the_stale_temporaries_of_its_own_files_only(tmp_path, numpy_backend):
+    t = _checkpoint(tmp_path / "ck")
+    for name in (".model.safetensors.tmp-0badc0ffee00", ".trainer_state.json.tmp-0badc0ffee00", ".other.tmp-1"):
+        (tmp_path / "ck" / name).write_text("left by a killed save")
+    save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, t)
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == [".other.tmp-1"]
+
+
+def test_a_checkpoint_saved_without_trainer_drops_the_old_trainer_state(tmp_path, numpy_backend):
+    t = _checkpoint(tmp_path / "ck")
+    save_checkpoint(tmp_path / "ck", t.model, t.tokenizer)   # the old optimizer state belongs to other weights
+    assert load_checkpoint(tmp_path / "ck")[2] is None and not (tmp_path / "ck" / "optimizer.safetensors").exists()
+
+
+@pytest.mark.parametrize("journal", ["{not json", '{"replace": {"../x": ".x.tmp-1"}, "remove": []}',
+                                     '{"replace": {}, "remove": ["/etc/passwd"]}'])
+def test_a_damaged_save_journal_is_refused_and_touches_nothing_outside(journal, tmp_path, numpy_backend):
+    _checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / JOURNAL_FILE).write_text(journal)
+    with pytest.raises(CheckpointError, match=r"\.lab-save\.json: damaged save journal"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_nan_in_the_history_keeps_the_checkpoint_readable(tmp_path, numpy_backend):
+    t = _trainer()
+    t.train_step()
+    t.history.append({"step": 1, "loss": float("nan"), "val_loss": float("inf")})
+    save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, t)
+    assert load_checkpoint(tmp_path / "ck")[2]["history"] == [{"step": 1, "loss": None, "val_loss": None}]
+
+
+# ------------------------------------------------------------------------------------------------ non-finite values
+
+def test_nonfinite_optimizer_state_refused_at_load(tmp_path, use_backend):
+    t = _checkpoint(tmp_path / "ck")
+    path = tmp_path / "ck" / "optimizer.safetensors"
+    arrays = read_safetensors(path)
+    name = sorted(arrays)[1]
+    arrays[name].flat[3] = np.nan
+    save_file(arrays, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"optimizer\.safetensors: tensor '{name}' contains NaN or Inf"):
+        Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+    fresh = _trainer()
+    m0 = [a.copy() for a in map(fresh.optimizer.backend.to_numpy, fresh.optimizer.state_arrays().values())]
+    with pytest.raises(CheckpointError):
+        restore_trainer(fresh, tmp_path / "ck", load_checkpoint(tmp_path / "ck")[2])
+    for a, b in zip(m0, map(fresh.optimizer.backend.to_numpy, fresh.optimizer.state_arrays().values())):
+        np.testing.assert_array_equal(a, b)   # the trainer is as it was
+    assert fresh.step_num == 0
+
+
+@pytest.mark.parametrize("value", [1e300, -1e39])
+def test_float64_values_beyond_float32_are_refused(value, tmp_path, numpy_backend):
+    t = _trainer()
+    t.model.save_pretrained(tmp_path / "m")
+    tensors = read_safetensors(tmp_path / "m" / "model.safetensors")
+    tensors = {k: v.astype(np.float64) for k, v in tensors.items()}
+    tensors["wte.weight"][0, 0] = value
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'wte\.weight' has values beyond float32"):
+        load_pretrained(tmp_path / "m")
+
+
+def test_nonfinite_adapter_tensors_and_alpha_are_refused(tmp_path, use_backend):
+    t = _trainer()
+    lora.apply(t.model, r=2, alpha=4)
+    lora.save_adapter(t.model, tmp_path / "a")
+    cfg_path, file = tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "adapter_model.safetensors"
+    good_cfg, tensors = cfg_path.read_text(), read_safetensors(file)
+    for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
+        cfg_path.write_text(good_cfg.replace('"lora_alpha": 4', f'"lora_alpha": {literal}'))
+        with pytest.raises(CheckpointError, match=r"adapter_config\.json: not valid JSON"):
+            lora.load_adapter(_trainer().model, tmp_path / "a")
+    cfg_path.write_text(good_cfg)
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = np.inf
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"adapter_model\.safetensors: tensor '{name}' contains NaN or Inf"):
+        lora.load_adapter(_trainer().model, tmp_path / "a")
+
+
+def test_a_run_never_replaces_its_last_good_checkpoint_with_nonfinite_weights(tmp_path, use_backend, capsys):
+    t = _trainer(steps=3, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=1, check_finite_every=0)
+    t.run(progress=False, log_evals=False)
+    good = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    name = next(iter(t.optimizer.state_arrays()))
+    moment = t.optimizer.backend.to_numpy(t.optimizer.state_arrays()[name]).copy()
+    moment.flat[0] = np.nan                                 # the weights turn NaN at the next step
+    t.optimizer.load_state_array(name, moment)
+    t.cfg = replace(t.cfg, steps=5)
+    t.run(progress=False, log_evals=False)
+    assert "checkpoint not saved" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == good
+    assert Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids).step_num == 3
+
+
+# ------------------------------------------------------------------------------------------------ float types
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bfloat16_checkpoint_from_transformers_loads(dtype, tmp_path, use_backend):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=21, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    hf = transformers.GPT2LMHeadModel(cfg).to(getattr(torch, dtype))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = load_pretrained(tmp_path / "hf")
+    hf = hf.float().eval()     # the same bfloat16 / float16 values, exactly, in float32 arithmetic
+    idx = np.random.default_rng(0).integers(0, 21, (2, 8))
+    with torch.no_grad():
+        want = hf(torch.tensor(idx)).logits.numpy()
+    with lab.no_grad():
+        got = model(idx).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)   # float32 sums in another order
+    for name, p in hf.transformer.named_parameters():
+        if name in dict(model.named_parameters()):
+            np.testing.assert_array_equal(dict(model.named_parameters())[name].numpy(), p.detach().numpy())
+
+
+def test_float_types_lab_cannot_read_are_named(tmp_path):
+    path = tmp_path / "x.safetensors"
+    header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0")
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: tensor 'w' has dtype F8_E4M3"):
+        read_safetensors(path)
+
+
+# ------------------------------------------------------------------------------------------------ trainer state
+
+DAMAGES = {
+    "optimizer_step": (-1, r"optimizer_step must be an integer >= 0, got -1"),
+    "step": ("3", r"step must be an integer >= 0, got '3'"),
+    "history": ({}, r"history must be a list of records"),
+    "batch_rng": ({"bit_generator": "PCG64", "state": {"state": -1, "inc": 1}}, r"batch_rng must be a numpy PCG64"),
+    "global_rng": ("seed", r"global_rng must be a numpy PCG64"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(DAMAGES))
+def test_trainer_state_negative_step_refused(field, tmp_path, use_backend):
+    t = _checkpoint(tmp_path / "ck")
+    path = tmp_path / "ck" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state[field], message = DAMAGES[field]
+    path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"trainer_state\.json: .*{message}"):
+        Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+
+
+def test_trainer_state_with_more_optimizer_steps_than_steps_is_refused(tmp_path, numpy_backend):
+    t = _checkpoint(tmp_path / "ck")
+    path = tmp_path / "ck" / "trainer_state.json"
+    path.write_text(path.read_text().replace('"optimizer_step": 1', '"optimizer_step": 7'))
+    with pytest.raises(CheckpointError, match=r"optimizer_step must be <= step, got optimizer_step 7 and step 1"):
+        Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
