@@ -205,3 +205,18 @@ def test_concat_of_zero_dim_refused_stack_joins_them(use_backend):
     np.testing.assert_array_equal(v.grad.numpy(), [1.0, 0.0, 10.0])
     with pytest.raises(ValueError, match=r"^stack: shapes \(\) and \(3,\) differ"):
         F.stack([v[0], v])
+
+
+def test_concat_refuses_mixed_dtypes_and_backends(wgpu_backend, numpy_backend):
+    for b in (numpy_backend, wgpu_backend):
+        x = lab.tensor(np.ones((2, 3), np.float32), backend=b)
+        with pytest.raises(ValueError, match=rf"^concat: tensors on {b.name} \(float32\) and {b.name} \(int32\)"):
+            F.concat([x, lab.tensor(np.ones((2, 3), np.int32), backend=b)])
+    with pytest.raises(ValueError, match=r"^concat: tensors on numpy \(float32\) and wgpu \(float32\)"):
+        F.concat([lab.tensor(np.ones(2, np.float32), backend=numpy_backend),
+                  lab.tensor(np.ones(2, np.float32), backend=wgpu_backend)])
+
+
+def test_len_of_zero_dim_tensor_is_a_type_error(use_backend):
+    with pytest.raises(TypeError, match=r"len\(\) of a 0-D tensor"):
+        len(lab.tensor(np.float32(1)))

@@ -336,6 +336,9 @@ def concat(tensors, axis=0):
         raise ValueError("concat: 0-D tensors cannot be concatenated (they have no axis); stack() them")
     ax = normalize_axis(axis, first.ndim, "concat")
     for t in tensors[1:]:
+        if t.backend is not first.backend or t.dtype != first.dtype:
+            raise ValueError(f"concat: tensors on {first.backend.name} ({first.dtype}) and {t.backend.name} "
+                             f"({t.dtype}): all must share one backend and dtype")
         if t.ndim != first.ndim or any(t.shape[k] != first.shape[k] for k in range(first.ndim) if k != ax):
             raise ValueError(f"concat: shapes {_shape_str(first.shape)} and {_shape_str(t.shape)} differ outside "
                              f"axis {ax}")

@@ -75,6 +75,8 @@ class Tensor:
         return str(self.data.dtype)
 
     def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-D tensor (it has no first axis)")
         return self.shape[0]
 
     def __repr__(self):

@@ -789,6 +789,7 @@ class WgpuBackend(Backend):
         except self.wgpu.GPUError as e:
             raise _lost(self, e) from None
         tag, lowest, highest, ignore_index = (int(v) for v in err)
+        tag &= 0xFFFFFFFF  # (written as i32: a limit of 2^29 or more sets the sign bit)
         if tag:
             self.queue.write_buffer(self._index_errors.buffer, 0, _NO_INDEX_ERROR)
             op = _INDEX_OPS[tag & 3]
