@@ -9,15 +9,14 @@ as float16 (half their memory; on wgpu where the device has shader-f16) and read
 adapters train against the base rounded to float16.
 """
 import contextlib
-import json
 import math
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from . import nn
-from .checkpoint import CheckpointError, _AtomicDir, read_json, read_safetensors
+from .checkpoint import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors
+from .checks import choice, integer, real, show
 from .engine import ops as F
 from .engine.backend import require_half_storage
 from .engine.random import generator
@@ -74,43 +73,117 @@ def linear_names(model):
     return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear) and path})
 
 
-def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype="float32"):
-    """Wrap every linear layer whose name is in `targets` with a LoRA adapter; freeze all other parameters.
-    base_dtype "float16" stores every frozen linear weight as float16 (embeddings, LayerNorms and biases stay
-    float32). Returns the model (changed in place)."""
-    if base_dtype not in ("float32", "float16"):
-        raise ValueError(f"LoRA base_dtype must be 'float32' or 'float16', got {base_dtype!r}")
-    targets = [targets] if isinstance(targets, str) else list(targets)
+_ARGUMENTS = {"r": "LoRA rank r", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+              "target_modules": "LoRA targets", "base_dtype": "LoRA base_dtype"}
+
+
+def _check_settings(cfg, name=_ARGUMENTS.get):
+    """The settings as model.lora_config holds them, checked: one check for apply's arguments, adapter_config.json
+    and a checkpoint's config.json (`name` says how the message names each field). Returns them normalized."""
+    r = integer(name("r"), cfg["r"], low=1)
+    alpha = real(name("lora_alpha"), cfg["lora_alpha"], low=0, low_open=True)
+    try:
+        dropout = real(name("lora_dropout"), cfg["lora_dropout"], low=0, high=1)
+    except ValueError:
+        dropout = 1.0
+    if dropout == 1:   # 1 would drop every input
+        raise ValueError(f"{name('lora_dropout')} must be a number in [0, 1), got {show(cfg['lora_dropout'])}")
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else sorted(targets) if isinstance(targets, (set, frozenset)) \
+        else targets
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{name('target_modules')} must be a module name or a list of them, got {show(targets)}")
+    return {"r": r, "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": dropout,
+            "target_modules": list(targets), "base_dtype": choice(name("base_dtype"), cfg["base_dtype"],
+                                                                  ("float32", "float16"))}
+
+
+def _sites(model, r, targets):
+    """(path, parent, attribute, Linear) of every layer apply() wraps; refuses targets that match nothing and a
+    rank above a layer's size. Changes nothing."""
     existing = linear_names(model)
     unknown = [t for t in targets if t not in existing]
-    if unknown:
-        raise ValueError(f"unknown target module(s) {unknown}: this model's linear layers are {existing}")
-    if not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    if adapters(model):
-        raise ValueError("the model already has LoRA adapters (load_adapter replaces their values)")
+    if unknown or not targets:  # no targets would freeze the whole model and train nothing
+        raise ValueError(f"{f'unknown target module(s) {unknown}' if unknown else 'no target modules given'}: "
+                         f"this model's linear layers are {existing}")
     sites = []
     for path, module in list(model.named_modules()):
         for name, child in list(vars(module).items()):
             if isinstance(child, nn.Linear) and name in targets:
+                full = f"{path}.{name}" if path else name
                 n_in, n_out = child.weight.shape
                 if r > min(n_in, n_out):
-                    raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of "
-                                     f"{path + '.' if path else ''}{name} ({n_in} -> {n_out})")
-                sites.append((module, name, child))
-    half = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] if base_dtype == "float16" else []
+                    raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {full} "
+                                     f"({n_in} -> {n_out})")
+                sites.append((full, module, name, child))
+    return sites
+
+
+def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype="float32"):
+    """Wrap every linear layer whose name is in `targets` with a LoRA adapter; freeze all other parameters.
+    base_dtype "float16" stores every frozen linear weight as float16 (embeddings, LayerNorms and biases stay
+    float32). Returns the model (changed in place)."""
+    return _apply(model, _check_settings({"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                                          "target_modules": targets, "base_dtype": base_dtype}))
+
+
+def _apply(model, cfg):
+    if adapters(model):
+        raise ValueError("the model already has LoRA adapters (load_adapter replaces their values)")
+    sites = _sites(model, cfg["r"], cfg["target_modules"])
+    half = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] if cfg["base_dtype"] == "float16" else []
     for w in half:
         require_half_storage(w.backend, "use base_dtype='float32'")
     for p in model.parameters():
         p.requires_grad = False
     for w in half:
         w.data = w.backend.from_numpy(w.numpy().astype(np.float16))
-    for module, name, child in sites:
-        setattr(module, name, LoRALinear(child, r, alpha, dropout))
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
-                         "base_dtype": base_dtype}
+    for _, module, name, child in sites:
+        setattr(module, name, LoRALinear(child, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]))
+    model.lora_config = cfg
+    return model
+
+
+def _file_settings(cfg, path, prefix=""):
+    """_check_settings on a file's fields; errors name the file and the field."""
+    try:
+        return _check_settings(cfg, name=lambda key: f"field {prefix + key!r}")
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {prefix + e.args[0]!r}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def checkpoint_config(model):
+    """What a checkpoint's config.json records of the model's LoRA adapters (None without): the settings and
+    their mode (merged, enabled)."""
+    found = adapters(model)
+    if not found:
+        return None
+    modes = {(m.merged, m.enabled) for _, m in found}
+    if len(modes) > 1:
+        raise ValueError("LoRA adapters are merged or switched off in some layers only: lab.lora.merge / unmerge / "
+                         "use_adapter set them all alike; do that before saving")
+    (merged, enabled), = modes
+    return {**model.lora_config, "merged": merged, "enabled": enabled}
+
+
+def apply_config(model, cfg, path):
+    """apply() as checkpoint_config recorded it, in the recorded mode (a merged adapter's update is already in the
+    base weights the checkpoint holds, which are loaded next). Errors name `path` and the field."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: field 'lora' must be an object, got {show(cfg)}")
+    settings = _file_settings({"lora_dropout": 0.0, "base_dtype": "float32", **cfg}, path, "lora.")
+    modes = [cfg.get("merged", False), cfg.get("enabled", True)]
+    for key, value in zip(("merged", "enabled"), modes):
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{path}: field 'lora.{key}' must be true or false, got {show(value)}")
+    try:
+        _apply(model, settings)
+    except ValueError as e:  # settings that do not fit this model
+        raise CheckpointError(f"{path}: {e}") from None
+    for _, m in adapters(model):
+        m.merged, m.enabled = modes
     return model
 
 
@@ -182,53 +255,73 @@ def save_adapter(model, directory, base_model_name_or_path=None):
         "bias": "none", "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
     }
-    with _AtomicDir(directory) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    with atomic_files(directory) as files:
+        files.write_tensors(ADAPTER_FILE, tensors, metadata={"format": "pt"})
+        files.write_json(ADAPTER_CONFIG, config)
     return Path(directory)
 
 
 def load_adapter(model, directory):
-    """Load a PEFT LoRA adapter (saved by lab or by PEFT) into `model`, applying LoRA first if needed.
-    Shape mismatches (an adapter for another base) name the tensor."""
+    """Load a PEFT LoRA adapter (saved by lab or by PEFT) into `model`, applying LoRA first if needed. The config
+    and every tensor (name, shape, dtype, finite values) are checked before anything changes, so a failed load
+    leaves the model as it was. The adapters keep their mode: on a merged model the old update is taken out of
+    the base weights and the loaded one folded in."""
     d = Path(directory)
-    cfg = read_json(d / ADAPTER_CONFIG, "adapter config")
+    cpath, tpath = d / ADAPTER_CONFIG, d / ADAPTER_FILE
+    cfg = read_json(cpath, "adapter config")
     if cfg.get("peft_type") != "LORA":
-        raise CheckpointError(f"{d / ADAPTER_CONFIG}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+        raise CheckpointError(f"{cpath}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
     unsupported = [k for k in ("use_rslora", "use_dora") if cfg.get(k)]
     if unsupported or cfg.get("bias", "none") != "none":
-        raise CheckpointError(f"{d / ADAPTER_CONFIG}: unsupported options {unsupported or ['bias']}")
-    try:
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-        dropout = float(cfg.get("lora_dropout") or 0.0)
-        targets = cfg["target_modules"]
-        targets = [targets] if isinstance(targets, str) else list(targets)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{d / ADAPTER_CONFIG}: missing or invalid field ({e})") from None
-    tensors = read_safetensors(d / ADAPTER_FILE)
-    if not adapters(model):
-        try:
-            apply(model, r=r, alpha=alpha, dropout=dropout, targets=targets)
-        except (TypeError, ValueError) as e:  # an adapter config that does not fit this model
-            raise CheckpointError(f"{d / ADAPTER_CONFIG}: {e}") from None
-    prefix = _peft_prefix(model)
+        raise CheckpointError(f"{cpath}: unsupported options {unsupported or ['bias']}")
     found = adapters(model)
-    expected = {f"{prefix}{path}.lora_{ab}.weight" for path, _ in found for ab in "AB"}
-    names = {k.replace(".default.weight", ".weight") for k in tensors}
-    if names != expected:
-        missing, extra = sorted(expected - names)[:4], sorted(names - expected)[:4]
-        raise CheckpointError(f"{d / ADAPTER_FILE}: adapter tensors do not match the model: missing {missing}, "
-                              f"unexpected {extra}")
-    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
-    for path, m in found:
-        m.scale = alpha / r
-        for ab, param in (("A", m.lora_A), ("B", m.lora_B)):
-            key = f"{prefix}{path}.lora_{ab}.weight"
-            value = tensors[key]
-            if tuple(value.shape) != param.shape:
-                raise CheckpointError(f"{d / ADAPTER_FILE}: tensor {key!r} has shape {tuple(value.shape)}, this "
-                                      f"model needs {param.shape} (an adapter for a different base?)")
-            param.data = param.backend.from_numpy(np.asarray(value, dtype=np.float32))
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                         "target_modules": targets}
+    base_dtype = model.lora_config.get("base_dtype", "float32") if found else "float32"
+    settings = _file_settings({**cfg, "lora_dropout": cfg.get("lora_dropout") or 0.0, "base_dtype": base_dtype},
+                              cpath)
+    r, prefix = settings["r"], _peft_prefix(model)
+    if found:
+        shapes = {f"{prefix}{path}.lora_{ab}.weight": getattr(m, f"lora_{ab}").shape for path, m in found
+                  for ab in "AB"}
+    else:
+        try:
+            sites = _sites(model, r, settings["target_modules"])
+        except ValueError as e:  # an adapter config that does not fit this model
+            raise CheckpointError(f"{cpath}: {e}") from None
+        shapes = {}
+        for path, _, _, linear in sites:
+            n_in, n_out = linear.weight.shape
+            shapes[f"{prefix}{path}.lora_A.weight"], shapes[f"{prefix}{path}.lora_B.weight"] = (r, n_in), (n_out, r)
+    values = _adapter_tensors(read_safetensors(tpath), shapes, tpath)
+    if not found:
+        _apply(model, settings)
+    # every upload first, so the swaps below do not stop halfway on a device error
+    new = [(m, *(m.lora_A.backend.from_numpy(values[f"{prefix}{path}.lora_{ab}.weight"]) for ab in "AB"))
+           for path, m in adapters(model)]
+    for m, a, b in new:
+        merged = m.merged
+        m.unmerge()
+        m.lora_A.data, m.lora_B.data = a, b
+        m.alpha, m.dropout, m.scale = settings["lora_alpha"], settings["lora_dropout"], settings["lora_alpha"] / r
+        if merged:
+            m.merge()
+    model.lora_config = settings
     return model
+
+
+def _adapter_tensors(tensors, shapes, path):
+    """The file's tensors under lab's names, as float32, once every name, shape, dtype and value is right."""
+    named = {}
+    for key, value in tensors.items():
+        name = key.replace(".default.weight", ".weight")  # PEFT names the adapter ("default") in some versions
+        if name in named:
+            raise CheckpointError(f"{path}: two tensors for {name!r} (with and without '.default')")
+        named[name] = value
+    diff = mismatch(shapes, named)
+    if diff:
+        raise CheckpointError(f"{path}: adapter tensors do not match the model: {diff}")
+    check_floats(named, path)
+    for name, shape in shapes.items():
+        if tuple(named[name].shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(named[name].shape)}, this model needs "
+                                  f"{shape} (an adapter for a different base?)")
+    return {name: np.asarray(value, dtype=np.float32) for name, value in named.items()}

@@ -38,6 +38,22 @@ def test_resume_continues_with_exactly_the_same_losses(use_backend, data, tmp_pa
     assert first + rest == uninterrupted        # bitwise: same kernels, same batches, same dropout masks
 
 
+def test_resume_of_a_checkpoint_without_a_seed_stream_keeps_its_dropout_masks(use_backend, data, tmp_path):
+    """Checkpoints saved before trainers had their own dropout stream kept it as global_rng: resuming one goes on
+    with the same masks."""
+    t = _trainer(data)
+    uninterrupted = [t.train_step()[0].item() for _ in range(6)]
+    t = _trainer(data)
+    first = [t.train_step()[0].item() for _ in range(3)]
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    path = tmp_path / "ck" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state["global_rng"] = state.pop("seed_rng")  # the older layout
+    path.write_text(json.dumps(state))
+    resumed = Trainer.resume(tmp_path / "ck", data[1], data[2])
+    assert first + [resumed.train_step()[0].item() for _ in range(3)] == uninterrupted
+
+
 def test_checkpoint_files_and_metadata(data, tmp_path, use_backend):
     from safetensors import safe_open
     t = _trainer(data)
@@ -101,3 +117,80 @@ def test_save_pretrained_round_trip_both_formats(use_backend, tmp_path):
             m2 = TransformerLM.from_pretrained(m.save_pretrained(tmp_path / f"{positions}-{fmt}", format=fmt))
             with lab.no_grad():
                 np.testing.assert_allclose(m2(idx).numpy(), ref, atol=1e-6, err_msg=f"{positions} {fmt}")
+
+
+def _lora_trainer(data, dropout=0.1, **lora_kw):
+    from lab import lora
+    t = _trainer(data, dropout=dropout)
+    lora.apply(t.model, **{"r": 2, "alpha": 4, "dropout": 0.1, "targets": ["c_attn", "c_fc"], **lora_kw})
+    return Trainer(t.model, data[1], data[2], t.cfg)
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged", "disabled"])
+def test_lora_checkpoint_holds_adapters(use_backend, data, tmp_path, mode):
+    from lab import lora
+    t = _lora_trainer(data)
+    for _ in range(2):
+        t.train_step()   # B leaves zero: the adapter changes the logits
+    if mode == "merged":
+        lora.merge(t.model)
+    if mode == "disabled":
+        lora.use_adapter(t.model, False)
+    idx = np.random.default_rng(0).integers(0, data[0].vocab_size, (2, 16))
+    with lab.no_grad():
+        ref = t.model.eval()(idx).numpy()
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    model, _, _ = load_checkpoint(tmp_path / "ck")
+    assert model.lora_config == {"r": 2, "lora_alpha": 4, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_fc"],
+                                 "base_dtype": "float32"}
+    assert [(p, a.merged, a.enabled) for p, a in lora.adapters(model)] == \
+        [(p, a.merged, a.enabled) for p, a in lora.adapters(t.model)]
+    saved = dict(t.model.named_parameters())
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(p.numpy(), saved[name].numpy(), err_msg=name)
+        assert p.requires_grad == saved[name].requires_grad, name
+    with lab.no_grad():
+        np.testing.assert_array_equal(model(idx).numpy(), ref)
+    if mode == "unmerged":   # and the adapter is what makes these logits: the base alone gives others
+        with lora.adapter_enabled(model, False), lab.no_grad():
+            assert np.abs(model(idx).numpy() - ref).max() > 1e-4
+
+
+def test_lora_checkpoint_keeps_a_float16_base(numpy_backend, data, tmp_path):
+    t = _lora_trainer(data, base_dtype="float16")
+    t.train_step()
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    model, _, _ = load_checkpoint(tmp_path / "ck")
+    assert model.lora_config["base_dtype"] == "float16" and model.h[0].attn.c_attn.weight.dtype == "float16"
+    np.testing.assert_array_equal(model.h[0].attn.c_attn.weight.numpy(), t.model.h[0].attn.c_attn.weight.numpy())
+
+
+def test_lora_resume_matches_uninterrupted_losses(use_backend, data, tmp_path):
+    t = _lora_trainer(data)
+    uninterrupted = [t.train_step()[0].item() for _ in range(8)]
+    t = _lora_trainer(data)
+    first = [t.train_step()[0].item() for _ in range(4)]
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    lab.manual_seed(12345)                      # resuming must not depend on the RNG state at load time
+    resumed = Trainer.resume(tmp_path / "ck", data[1], data[2])
+    assert sorted(resumed.optimizer.names) == sorted(n for n, p in t.model.named_parameters() if p.requires_grad)
+    rest = [resumed.train_step()[0].item() for _ in range(4)]
+    assert first + rest == uninterrupted        # bitwise, with the base's and the adapters' dropout on
+
+
+def test_lora_checkpoint_with_a_bad_lora_entry_names_the_field(numpy_backend, data, tmp_path):
+    t = _lora_trainer(data)
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    path = tmp_path / "ck" / "config.json"
+    good = json.loads(path.read_text())
+    for field, value, message in (
+            ("r", 2.5, r"field 'lora\.r' must be an integer >= 1, got 2\.5"),
+            ("merged", "yes", r"field 'lora\.merged' must be true or false, got 'yes'"),
+            ("target_modules", ["q_proj"], r"unknown target module\(s\) \['q_proj'\]"),
+            ("lora_dropout", 1.0, r"field 'lora\.lora_dropout' must be a number in \[0, 1\), got 1\.0")):
+        path.write_text(json.dumps({**good, "lora": {**good["lora"], field: value}}))
+        with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+            load_checkpoint(tmp_path / "ck")
+    path.write_text(json.dumps({**good, "lora": {k: v for k, v in good["lora"].items() if k != "r"}}))
+    with pytest.raises(CheckpointError, match=r"config\.json: missing field 'lora\.r'"):
+        load_checkpoint(tmp_path / "ck")

@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -153,7 +154,7 @@ def test_save_and_load_adapter_round_trip(use_backend, tmp_path):
 def test_bad_input_gives_clear_errors(use_backend, tmp_path):
     with pytest.raises(ValueError, match=r"unknown target module\(s\) \['q_proj'\]: this model's linear layers are \['c_attn', 'c_fc', 'c_proj'\]"):
         lora.apply(_model(), targets=["q_proj"])
-    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+    with pytest.raises(ValueError, match=r"LoRA rank r must be an integer >= 1, got 0"):
         lora.apply(_model(), r=0)
     with pytest.raises(ValueError, match=r"r=25 exceeds min\(in, out\) = 24"):
         lora.apply(_model(), r=25)
@@ -235,3 +236,122 @@ def test_fine_tuning_workflow_shifts_the_model_toward_the_second_corpus(numpy_ba
     def toward_b(text):  # how much more B-like than A-like the text's bigrams are
         return _bigram_logprob(text, b_text, tok.chars) - _bigram_logprob(text, a_text, tok.chars)
     assert toward_b(samples[True]) > toward_b(samples[False]) + 0.05, samples
+
+
+def _state(m):
+    """Everything load_adapter could change: every parameter's values and trainability, the adapters' modes."""
+    return ({n: (p.numpy().copy(), p.requires_grad) for n, p in m.named_parameters()},
+            [(path, a.merged, a.enabled, a.scale, a.dropout) for path, a in lora.adapters(m)],
+            dict(getattr(m, "lora_config", {})))
+
+
+def _assert_same_state(m, before):
+    params, modes, config = _state(m)
+    assert params.keys() == before[0].keys() and (modes, config) == before[1:]
+    for n, (value, trainable) in params.items():
+        np.testing.assert_array_equal(value, before[0][n][0], err_msg=n)
+        assert trainable == before[0][n][1], n
+
+
+def _rewrite_adapter(directory, change):
+    """The adapter file with `change(tensors)` applied (tensors: name -> array, changed in place)."""
+    from safetensors.numpy import load_file, save_file
+    path = str(directory / "adapter_model.safetensors")
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_failed_load_adapter_leaves_model_unchanged(use_backend, tmp_path):
+    m = _model()
+    lora.apply(m, r=2, alpha=4)
+    _randomize_B(m)
+    m.save_adapter(tmp_path / "ad")
+    wider = TransformerLM(replace(m.config, n_embd=32, n_head=2)).eval()   # no adapters yet: none may be attached
+    before = _state(wider)
+    with pytest.raises(CheckpointError, match=r"has shape \(2, 24\), this model needs \(2, 32\)"):
+        lora.load_adapter(wider, tmp_path / "ad")
+    _assert_same_state(wider, before)
+    assert not lora.adapters(wider)
+
+    target = _model()
+    lora.apply(target, r=2, alpha=4)
+    _randomize_B(target, seed=9)
+    before = _state(target)
+    last = "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight"   # the last one loaded: all others pass
+    bad_files = {
+        "shape": lambda t: t.__setitem__(last, np.zeros((24, 3), np.float32)),
+        "dtype": lambda t: t.__setitem__(last, t[last].astype(np.int32)),
+        "nan": lambda t: t[last].__setitem__((0, 0), np.nan),
+        "missing": lambda t: t.pop(last),
+        "extra": lambda t: t.__setitem__("base_model.model.transformer.h.1.mlp.c_fc.lora_C.weight", t[last]),
+    }
+    for what, change in bad_files.items():
+        m.save_adapter(tmp_path / what)
+        _rewrite_adapter(tmp_path / what, change)
+        with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+            lora.load_adapter(target, tmp_path / what)
+        _assert_same_state(target, before)
+    lora.load_adapter(target, tmp_path / "ad")   # the good file still loads after all of that
+    np.testing.assert_allclose(_logits(target), _logits(m), atol=1e-6)
+
+
+def test_load_adapter_names_every_missing_and_unexpected_tensor(numpy_backend, tmp_path):
+    m = _model()
+    lora.apply(m, r=2, alpha=4, targets=["c_attn", "c_fc"])
+    m.save_adapter(tmp_path / "ad")
+    other = _model()
+    lora.apply(other, r=2, alpha=4, targets=["c_attn", "c_proj"])
+    expected = sorted(f"base_model.model.transformer.h.{i}.{site}.lora_{ab}.weight" for i in (0, 1)
+                      for site in ("attn.c_proj", "mlp.c_proj") for ab in "AB")
+    unexpected = sorted(f"base_model.model.transformer.h.{i}.mlp.c_fc.lora_{ab}.weight" for i in (0, 1) for ab in "AB")
+    with pytest.raises(CheckpointError) as e:
+        lora.load_adapter(other, tmp_path / "ad")
+    assert f"missing {expected}, unexpected {unexpected}" in str(e.value)
+
+
+def test_load_adapter_on_merged_model_replaces_the_merged_update(use_backend, tmp_path):
+    """A merged model keeps its mode: the old update is taken out of the base weights and the loaded one folded
+    in, never both (the old one used to stay in the base)."""
+    source = _model()
+    lora.apply(source, r=2, alpha=4)
+    _randomize_B(source, seed=7)
+    source.save_adapter(tmp_path / "new")
+    m = _model()
+    base = _logits(m)
+    lora.apply(m, r=2, alpha=4)
+    _randomize_B(m, seed=3)
+    m.merge_adapter()
+    lora.load_adapter(m, tmp_path / "new")
+    assert all(a.merged for _, a in lora.adapters(m))
+    np.testing.assert_allclose(_logits(m), _logits(source), atol=1e-5)   # float32 rounding of the two shifts
+    m.unmerge_adapter()
+    np.testing.assert_allclose(_logits(m), _logits(source), atol=1e-5)
+    with lora.adapter_enabled(m, False):
+        np.testing.assert_allclose(_logits(m), base, atol=1e-5)
+
+
+def test_apply_refuses_empty_targets(numpy_backend):
+    m = _model()
+    before = _state(m)
+    with pytest.raises(ValueError, match=r"no target modules given: this model's linear layers are "
+                                         r"\['c_attn', 'c_fc', 'c_proj'\]"):
+        lora.apply(m, targets=[])
+    _assert_same_state(m, before)   # nothing frozen
+
+
+@pytest.mark.parametrize("r", [4.9, True, "4", 0, -1, None, [4]], ids=repr)
+def test_adapter_config_fractional_rank_refused(numpy_backend, tmp_path, r):
+    m = _model()
+    lora.apply(m, r=4, alpha=8)
+    m.save_adapter(tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": r}))
+    fresh = _model()
+    before = _state(fresh)
+    with pytest.raises(CheckpointError, match=rf"adapter_config\.json: field 'r' must be an integer >= 1, got "
+                                              rf"{re.escape(repr(r))}"):
+        lora.load_adapter(fresh, tmp_path / "ad")
+    _assert_same_state(fresh, before)
+    with pytest.raises(ValueError, match=rf"LoRA rank r must be an integer >= 1, got {re.escape(repr(r))}"):
+        lora.apply(_model(), r=r)

@@ -76,6 +76,24 @@ def test_lora_run_exports_its_adapter_and_imports_with_it(tmp_path, numpy_backen
         assert np.abs(_logits(back, idx) - want).max() > 1e-3  # the adapter really is part of the import
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_lora_checkpoint_exports_the_adapter_it_holds(tmp_path, numpy_backend, merged):
+    """A LoRA run's checkpoint holds its adapter (no adapter/ directory needed); the export writes the base
+    without the update (unmerged first) and the adapter beside it, so the import gives the same logits."""
+    model, tok = _checkpoint(tmp_path / "ck")
+    lora.apply(model, r=4, alpha=8)
+    rng = np.random.default_rng(1)
+    for _, a in lora.adapters(model):
+        a.lora_B.data = numpy_backend.from_numpy(rng.normal(0, 0.1, a.lora_B.shape).astype(np.float32))
+    if merged:
+        lora.merge(model)
+    save_checkpoint(tmp_path / "ck", model, tok)
+    idx = tok.encode("And Noah")[None]
+    back, _ = import_model(export_checkpoint(tmp_path / "ck", tmp_path / "hf"))
+    assert lora.adapters(back) and not any(a.merged for _, a in lora.adapters(back))
+    np.testing.assert_allclose(_logits(back, idx), _logits(model, idx), rtol=1e-5, atol=1e-5)
+
+
 def test_cli_export_and_import_errors_name_the_problem(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), LAB_BACKEND="numpy")
     r = subprocess.run([sys.executable, "-m", "lab", "export", "--checkpoint", str(tmp_path / "nope"),

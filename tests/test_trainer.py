@@ -1,3 +1,4 @@
+import json
 import threading
 from dataclasses import replace
 
@@ -98,3 +99,53 @@ def test_long_runs_keep_a_bounded_history_with_every_evaluation(numpy_backend, m
     assert len(steps) <= 41 + 300 // 25 and steps == sorted(steps) and steps[-1] == 300  # limit + evaluations
     assert {s for s in range(25, 301, 25)} <= set(steps)        # every evaluation is still there
     assert steps[-20:] == list(range(281, 301))                  # the recent steps one by one
+
+
+def test_optimizer_state_mismatch_names_entries(numpy_backend, data, tmp_path):
+    """The optimizer state is keyed by parameter name: a checkpoint of other parameters says exactly which differ
+    (it used to print the first four positional keys of each side, which looked the same)."""
+    from lab import lora
+    from lab.checkpoint import CheckpointError, restore_trainer, save_checkpoint
+    t = _trainer(data)
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    state = json.loads((tmp_path / "ck" / "trainer_state.json").read_text())
+    adapted = _trainer(data)
+    lora.apply(adapted.model, r=2, alpha=4, targets=["c_fc"])
+    adapted = Trainer(adapted.model, data[1], data[2], adapted.cfg)
+    full = [n for n, _ in t.model.named_parameters()]
+    missing = sorted(f"{k}.h.0.mlp.c_fc.lora_{ab}" for k in "mv" for ab in "AB")
+    unexpected = sorted(f"{k}.{n}" for k in "mv" for n in full)
+    with pytest.raises(CheckpointError) as e:
+        restore_trainer(adapted, tmp_path / "ck", state)
+    assert str(e.value).endswith(f"optimizer.safetensors: the optimizer state does not match this optimizer's "
+                                 f"parameters: missing {missing}, unexpected {unexpected}")
+    assert adapted.step_num == 0 and adapted.optimizer.step_count == 0   # nothing restored
+
+
+def test_optimizer_state_of_old_checkpoints_with_positional_keys_still_loads(numpy_backend, data, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from lab.checkpoint import save_checkpoint
+    t = _trainer(data)
+    for _ in range(2):
+        t.train_step()
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    path = str(tmp_path / "ck" / "optimizer.safetensors")
+    named = load_file(path)
+    save_file({f"{k}.{i}": named[f"{k}.{n}"] for i, n in enumerate(t.optimizer.names) for k in "mv"}, path,
+              metadata={"format": "pt"})   # the layout before names: m.0, v.0, ... in the optimizer's order
+    resumed = Trainer.resume(tmp_path / "ck", data[1], data[2])
+    B, own = t.optimizer.backend, resumed.optimizer.state_arrays()
+    for name, a in t.optimizer.state_arrays().items():
+        np.testing.assert_array_equal(B.to_numpy(own[name]), B.to_numpy(a), err_msg=name)
+
+
+def test_short_validation_split_refused_before_training(use_backend):
+    cfg = replace(PRESETS["tiny"], vocab_size=5, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    ids = np.arange(60, dtype=np.int32) % 5
+    model = TransformerLM(cfg)
+    with pytest.raises(ValueError, match="the validation split is too short for block_size 16: train has 60 tokens, "
+                                         "validation 17, each needs at least 18"):
+        Trainer(model, ids, ids[:17], TrainConfig(steps=5, batch_size=2))
+    with pytest.raises(ValueError, match="the train and validation splits are too short"):
+        Trainer(model, ids[:3], ids[:0], TrainConfig(steps=5, batch_size=2))
+    Trainer(model, ids, ids[:18], TrainConfig(steps=1, batch_size=2, eval_every=1)).run(progress=False)  # the least

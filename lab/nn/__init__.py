@@ -1,10 +1,28 @@
 """Layers: Module, Linear, Embedding, LayerNorm, Dropout."""
 
+import contextlib
+import threading
+
 import numpy as np
 
 from ..engine import ops as F
 from ..engine.random import generator
 from ..engine.tensor import Tensor, tensor
+
+
+_modes = threading.local()
+
+
+@contextlib.contextmanager
+def evaluating():
+    """Every module called in this thread inside the block runs as in eval() (no dropout), without switching the
+    mode other threads see: generating from a model that a training thread is stepping leaves its steps as they
+    were."""
+    previous, _modes.evaluating = getattr(_modes, "evaluating", False), True
+    try:
+        yield
+    finally:
+        _modes.evaluating = previous
 
 
 def parameter(values):
@@ -15,7 +33,16 @@ def parameter(values):
 class Module:
     """Every public Tensor attribute is a parameter, trainable or frozen (requires_grad False); tensors that are
     constants of the computation (fixed position tables, masks) live in attributes named with a leading '_'."""
-    training = True
+    _training = True
+
+    @property
+    def training(self):
+        """The mode set by train()/eval(), except inside evaluating() in the calling thread."""
+        return self._training and not getattr(_modes, "evaluating", False)
+
+    @training.setter
+    def training(self, mode):
+        self._training = mode
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -71,10 +98,11 @@ class Module:
         return lora.unmerge(self)
 
     def optimizer_groups(self, weight_decay):
-        """Weight decay on matrices and embedding tables (2D and up), never on biases or LayerNorm gains (nanoGPT)."""
-        params = self.parameters()
-        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        """Weight decay on matrices and embedding tables (2D and up), never on biases or LayerNorm gains (nanoGPT).
+        The parameters come named, so the optimizer's state is keyed by name."""
+        params = list(self.named_parameters())
+        return [{"params": [(n, p) for n, p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [(n, p) for n, p in params if p.ndim < 2], "weight_decay": 0.0}]
 
     def num_parameters(self, trainable_only=False):
         return sum(p.size for p in (self.trainable_parameters() if trainable_only else self.parameters()))
@@ -90,7 +118,8 @@ class Module:
         own = dict(self.named_parameters())
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise error(f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+            raise error(f"{source}: " + ", ".join(f"{what} tensors {names}" for what, names in
+                                                  (("missing", missing), ("unexpected", unexpected)) if names))
         values = {name: np.asarray(state[name]) for name in own}
         for name, p in own.items():
             if tuple(values[name].shape) != p.shape:

@@ -4,6 +4,7 @@ State (moments, momentum) lives in backend arrays next to the parameters; gradie
 global norm on the device and scales the gradients there, so a training step never waits on the host.
 """
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -11,17 +12,25 @@ from ..engine.tensor import Tensor
 
 
 class Optimizer:
-    """`params` is a list of tensors, or of groups {"params": [...], "weight_decay": x} (as in PyTorch)."""
+    """`params` is a list of tensors or of (name, tensor) pairs (model.named_parameters()), or of groups
+    {"params": [...], "weight_decay": x} holding either (as in PyTorch). With names, the state is keyed by them
+    (m.h.0.attn.c_attn.weight), so a checkpoint that does not fit says which parameters differ; without, by
+    position (m.0)."""
 
     def __init__(self, params, lr, weight_decay):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        self.params, self.decay = [], []
+        self.params, self.decay, self.names = [], [], []
         for group in groups:
             for p in group["params"]:
+                name, p = p if isinstance(p, tuple) else (None, p)
                 if p.requires_grad:
+                    self.names.append(str(len(self.params)) if name is None else name)
                     self.params.append(p)
                     self.decay.append(group.get("weight_decay", weight_decay))
+        repeated = sorted(n for n, c in Counter(self.names).items() if c > 1)
+        if repeated:
+            raise ValueError(f"optimizer got these parameter names more than once: {repeated}")
         if not self.params:
             raise ValueError("optimizer got no parameters that require gradients")
         self.lr = lr
@@ -38,8 +47,8 @@ class Optimizer:
 
     def load_state_array(self, name, value):
         """Replace the state array called `name` (as state_arrays() names it) with host values."""
-        kind, i = name.rsplit(".", 1)
-        getattr(self, kind)[int(i)] = self.backend.from_numpy(np.asarray(value, dtype=np.float32))
+        kind, param = name.split(".", 1)
+        getattr(self, kind)[self.names.index(param)] = self.backend.from_numpy(np.asarray(value, dtype=np.float32))
 
     def state_bytes(self):
         return sum(math.prod(a.shape) * 4 for a in self.state_arrays().values())
@@ -76,8 +85,8 @@ class AdamW(Optimizer):
 
     def state_arrays(self):
         out = {}
-        for i, (m, v) in enumerate(zip(self.m, self.v)):
-            out[f"m.{i}"], out[f"v.{i}"] = m, v
+        for name, m, v in zip(self.names, self.m, self.v):
+            out[f"m.{name}"], out[f"v.{name}"] = m, v
         return out
 
 
@@ -99,7 +108,7 @@ class SGD(Optimizer):
                 self.backend.sgd_(p.data, p.grad.data, buf, lr, self.momentum, wd, guard=g, max_norm=clip)
 
     def state_arrays(self):
-        return {f"buf.{i}": b for i, b in enumerate(self.buf)}
+        return {f"buf.{name}": b for name, b in zip(self.names, self.buf)}
 
 
 def _max_norm(max_norm, guard):
