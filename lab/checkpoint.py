@@ -17,6 +17,11 @@ import os
 import secrets
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:   # Windows: no advisory locks; saves into one directory must not overlap
+    fcntl = None
+
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -45,6 +50,8 @@ class NonFiniteSaveError(CheckpointError):
 # save finishes, so model.safetensors is never from one save and trainer_state.json from another.
 
 def _fsync(path, directory=False):
+    if directory and not hasattr(os, "O_DIRECTORY"):   # Windows: a directory cannot be opened, nor needs to be
+        return
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
@@ -102,15 +109,19 @@ def check_save_target(directory):
     return d
 
 
-def _target_directory(directory):
-    """The directory a save writes into, created (with the usual mode) if missing."""
-    d = check_save_target(directory)
+@contextlib.contextmanager
+def _locked(d):
+    """Saves into one directory (from two threads or processes) take turns: each would delete the other's
+    temporaries and journal. The lock is on the directory itself, so it leaves no file behind."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(d, os.O_RDONLY)
     try:
-        d.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise CheckpointError(f"{d}: cannot create the directory: {e.filename} is not a directory") from None
-    finish_interrupted_save(d)
-    return d
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
 
 
 @contextlib.contextmanager
@@ -119,15 +130,25 @@ def atomic_files(directory, remove=()):
     write_tensors (or path(name) for any other writer) give the new content of each file; on success every staged
     file replaces its own name at once, and the files named in `remove` (stale parts of an earlier save) go. Any
     other file in the directory, and the directory's mode, are left alone. On an error nothing changes."""
-    d = _target_directory(directory)
+    d = check_save_target(directory)
+    created = not d.exists()
+    try:
+        d.mkdir(parents=True, exist_ok=True)   # the usual mode, under the umask
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(f"{d}: cannot create the directory: a part of that path is a file") from None
     staging = _Staging(d)
     try:
-        yield staging
-        _commit(staging, [n for n in remove if n not in staging.files])
+        with _locked(d):
+            _finish_journal(d)
+            yield staging
+            _commit(staging, [n for n in remove if n not in staging.files])
     finally:
         if not staging.committed:   # after the commit the journal owns the temporaries
             for tmp in staging.files.values():
                 tmp.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
 def _commit(staging, remove):
@@ -139,7 +160,9 @@ def _commit(staging, remove):
         os.chmod(tmp, staging.mode)   # safetensors' writer recreates its file 0600
         _fsync(tmp)
     journal = {"replace": {name: tmp.name for name, tmp in files.items()}, "remove": list(remove)}
-    tmp = d / f".{JOURNAL_FILE}.tmp-{secrets.token_hex(6)}"
+    for stale in d.glob(f"{JOURNAL_FILE}.tmp-*"):   # a save killed while writing its journal
+        stale.unlink(missing_ok=True)
+    tmp = d / f"{JOURNAL_FILE}.tmp-{secrets.token_hex(6)}"
     try:
         tmp.write_text(json.dumps(journal), encoding="utf-8")
         _fsync(tmp)
@@ -166,8 +189,14 @@ def finish_interrupted_save(directory):
     """Complete a save that was interrupted while it moved its files in (its journal is still there), so the
     directory holds that save whole. Loaders call it before reading; a save calls it before writing."""
     d = Path(directory)
+    if (d / JOURNAL_FILE).is_file():
+        with _locked(d):
+            _finish_journal(d)
+
+
+def _finish_journal(d):
     path = d / JOURNAL_FILE
-    if not path.is_file():
+    if not path.is_file():   # finished by a save that held the lock first
         return
     try:
         journal = json.loads(path.read_text(encoding="utf-8"))
@@ -175,8 +204,8 @@ def finish_interrupted_save(directory):
         ok = (isinstance(replace, dict) and isinstance(remove, list) and all(map(_plain_name, remove))
               and all(_plain_name(n) and isinstance(t, str) and _plain_name(t) and t.startswith(f".{n}.tmp-")
                       for n, t in replace.items()))
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
-        ok, replace = False, e
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        ok = False
     if not ok:
         raise CheckpointError(f"{path}: damaged save journal: the files of {d} may be from two saves (delete the "
                               f"journal to use them anyway)")
@@ -225,8 +254,8 @@ def read_json(path, what):
     try:   # json.loads would take NaN, Infinity and 1e999 and hand them on as numbers
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_nonfinite,
                           parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

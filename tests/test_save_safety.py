@@ -160,7 +160,8 @@ def test_loading_a_regular_file_says_it_is_a_file(tmp_path, numpy_backend):
 
 def test_a_save_removes_the_stale_temporaries_of_its_own_files_only(tmp_path, numpy_backend):
     t = _checkpoint(tmp_path / "ck")
-    for name in (".model.safetensors.tmp-0badc0ffee00", ".trainer_state.json.tmp-0badc0ffee00", ".other.tmp-1"):
+    for name in (".model.safetensors.tmp-0badc0ffee00", ".trainer_state.json.tmp-0badc0ffee00",
+                 f"{JOURNAL_FILE}.tmp-0badc0ffee00", ".other.tmp-1"):
         (tmp_path / "ck" / name).write_text("left by a killed save")
     save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, t)
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == [".other.tmp-1"]
@@ -313,3 +314,46 @@ def test_trainer_state_with_more_optimizer_steps_than_steps_is_refused(tmp_path,
     path.write_text(path.read_text().replace('"optimizer_step": 1', '"optimizer_step": 7'))
     with pytest.raises(CheckpointError, match=r"optimizer_step must be <= step, got optimizer_step 7 and step 1"):
         Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+
+
+def test_export_or_import_onto_its_own_source_is_refused(tmp_path, numpy_backend):
+    _checkpoint(tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    with pytest.raises(ValueError, match=r"is the directory being converted"):
+        export_checkpoint(tmp_path / "ck", tmp_path / "ck" / ".." / "ck")
+    export_checkpoint(tmp_path / "ck", tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"is the directory being converted"):
+        import_model(tmp_path / "hf", out=tmp_path / "hf")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
+
+
+def test_concurrent_saves_into_one_directory_each_land_whole(tmp_path, numpy_backend):
+    import threading
+    t = _checkpoint(tmp_path / "ck")
+    errors = []
+
+    def save():
+        try:
+            for _ in range(5):
+                save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, t)
+        except Exception as e:   # a save deleting another's temporaries would surface here
+            errors.append(e)
+    threads = [threading.Thread(target=save) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert not [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]
+    load_checkpoint(tmp_path / "ck")
+
+
+def test_a_failed_save_into_a_new_directory_leaves_no_directory(tmp_path, numpy_backend):
+    t = _trainer()
+    p = next(iter(t.model.parameters()))
+    bad = p.numpy().copy()
+    bad.flat[0] = np.nan
+    p.data = p.backend.from_numpy(bad)
+    with pytest.raises(CheckpointError, match=r"contains NaN or Inf: not saved"):
+        t.model.save_pretrained(tmp_path / "new" / "m")
+    assert not (tmp_path / "new" / "m").exists()

@@ -45,10 +45,19 @@ def _find_adapter(checkpoint, adapter):
     return None
 
 
+def _apart(source, out):
+    """The two layouts share file names (model.safetensors, config.json, tokenizer.json in another format):
+    converting a directory onto itself would overwrite the files it is read from."""
+    if Path(out).resolve() == Path(source).resolve():
+        raise ValueError(f"out {out} is the directory being converted ({source}): its files would be overwritten "
+                         f"in the other layout; choose another directory")
+
+
 def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     """Write a lab checkpoint (and its LoRA adapter, if any) in the Hugging Face GPT-2 layout. Returns `out`."""
     if format != "hf":
         raise ValueError(f"unknown export format {format!r}: the supported format is 'hf' (GPT-2 layout)")
+    _apart(checkpoint, out)
     from .. import lora
     model, tokenizer, _ = load_checkpoint(checkpoint)
     adapter_dir = _find_adapter(checkpoint, adapter)
@@ -106,6 +115,8 @@ def import_model(directory, out=None):
     `python -m lab generate --checkpoint` and the widgets use."""
     from .. import lora
     d = Path(directory)
+    if out is not None:
+        _apart(d, out)
     model = load_pretrained(d)
     tokenizer = _tokenizer_of(d)
     if tokenizer.vocab_size != model.config.vocab_size:
