@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import GPT2LMHeadModel
 
-from lab.checkpoint import load_tokenizer
+from lab.checkpoint import atomic_files, load_tokenizer
 from lab.data import get_batch, load_corpus, train_val_split
 
 TOKENIZER_FILES = ("lab_tokenizer.json", "tokenizer.json", "tokenizer_config.json")
@@ -111,9 +111,10 @@ def main(argv=None):
     if rank == 0:
         out = Path(args.out)
         model.save_pretrained(out)
-        for name in TOKENIZER_FILES:
-            if (Path(args.model) / name).is_file():
-                shutil.copy(Path(args.model) / name, out / name)
+        with atomic_files(out) as files:   # whole or not at all, like the model files transformers just wrote
+            for name in TOKENIZER_FILES:
+                if (Path(args.model) / name).is_file():
+                    shutil.copyfile(Path(args.model) / name, files.path(name))
         print(f"{world} process(es) on {device.type}: {history['tokens_per_s']:,.0f} tokens/s; val loss "
               f"{history['val_loss_before']:.4f} -> {history['val_loss_after']:.4f}; saved {out}", flush=True)
         if args.metrics:
