@@ -169,3 +169,16 @@ def test_split_rejects_sizes_that_are_not_positive(use_backend):
     with pytest.raises(ValueError, match=r"sizes must be non-negative integers, got \[5, -1\]"):
         split(x, [5, -1])
     assert [p.shape for p in split(x, 3)] == [(3, 2), (1, 2)]
+
+
+def test_float64_gradients_stay_float64(numpy_backend):
+    from lab.engine.ops import concat
+    x = lab.tensor(np.full((3, 2), 1.0 + 1e-12), dtype="float64", requires_grad=True, backend=numpy_backend)
+    # the default gradient of backward() and getitem's zeros were float32: 1e-12 steps vanished there
+    for f in (lambda x: x[1:] * (1.0 + 1e-12), lambda x: x.sum(0), lambda x: concat([x, x]).mean()):
+        x.grad = None
+        f(x).sum().backward()
+        assert x.grad.dtype == "float64"
+    x.grad = None
+    (x[1:] * (1.0 + 1e-12)).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [[0.0, 0.0], [1.0 + 1e-12] * 2, [1.0 + 1e-12] * 2])

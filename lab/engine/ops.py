@@ -321,7 +321,7 @@ def getitem(a, index):
     out = B.copy_view(a.data, offset, shape, strides)
 
     def backward(g):
-        full = B.full(a.shape, 0.0)
+        full = B.full(a.shape, 0.0, a.dtype)  # a's dtype: a float64 gradient must not pass through float32
         B.write_view(full, offset, strides, B.reshape(g, shape))
         return (full,)
     return Tensor._make(out, B, (a,), backward)

@@ -121,7 +121,7 @@ class Tensor:
         if grad is None:
             if self.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a one-element tensor, got shape {self.shape}")
-            grad = B.full(self.shape, 1.0)
+            grad = B.full(self.shape, 1.0, self.dtype)
         else:
             grad = self._check_grad(grad)
         topo, seen = [], set()

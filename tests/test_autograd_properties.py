@@ -1,0 +1,312 @@
+"""Property test of the autograd engine: random small op graphs against PyTorch in float64.
+
+Each example builds a random expression over a few leaves: elementwise ops, broadcasting binaries, reductions over
+axes, matmul (batched, transposed), linear (with its fused gelu), reshape/transpose/permute/indexing/concat,
+softmax, log_softmax, layer_norm and add_layer_norm (the absorbing backward). A node of a shape already built is
+often reused, so nodes feed several consumers (shared subgraphs). Then, on both lab and PyTorch:
+  1. root.backward(g, retain_graph=True) with a random gradient: forward values and every leaf's gradient match;
+  2. a second backward from another node of the same graph (shared nodes): the accumulated gradients match;
+  3. root.backward(g) again: if the second backward freed a node of root's graph, lab must refuse (and change no
+     gradient); otherwise the gradients accumulate as PyTorch's.
+Tolerances: float64 lab (numpy backend) within 1e-9: the same arithmetic in another order. float32 lab (eps 1.2e-7)
+through graphs of up to ~40 ops whose sums cancel: rtol 2e-4 plus an absolute 2e-4 of the largest reference
+magnitude (cancellation loses relative precision in the small entries, not in the large ones); wgpu's exp/tanh are
+the GPU's (a few ulp worse), covered by the same bound. max and maximum are compared with lab's rule for ties (every
+tied maximum, or maximum's first operand, gets the gradient; PyTorch splits it), since broadcasting makes exact ties
+common.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import lab
+from lab.engine import ops
+
+TOL = {"float32": 2e-4, "float64": 1e-9}
+
+UNARY = {
+    "neg": (lambda a: -a, lambda t: -t),
+    "relu": (lambda a: a.relu(), lambda t: torch.relu(t)),
+    "tanh": (lambda a: a.tanh(), lambda t: t.tanh()),
+    "exp": (lambda a: a.tanh().exp(), lambda t: t.tanh().exp()),          # tanh first: exp stays bounded
+    "gelu": (lambda a: a.gelu(), lambda t: TF.gelu(t, approximate="tanh")),
+    "log": (lambda a: (a * a + 0.5).log(), lambda t: (t * t + 0.5).log()),  # of a positive value
+    "sqrt": (lambda a: (a * a + 0.5).sqrt(), lambda t: (t * t + 0.5).sqrt()),
+    "pow": (lambda a: a ** 3, lambda t: t ** 3),
+    "affine": (lambda a: a * 1.7 + 0.3, lambda t: t * 1.7 + 0.3),
+    "rsub": (lambda a: 0.5 - a, lambda t: 0.5 - t),
+    "rdiv": (lambda a: 1.0 / (a * a + 0.5), lambda t: 1.0 / (t * t + 0.5)),
+    "softmax": (lambda a: a.softmax(), lambda t: torch.softmax(t, -1)),
+    "log_softmax": (lambda a: a.log_softmax(), lambda t: torch.log_softmax(t, -1)),
+}
+BINARY = {
+    "add": (lambda a, b: a + b, lambda s, t: s + t),
+    "sub": (lambda a, b: a - b, lambda s, t: s - t),
+    "mul": (lambda a, b: a * b, lambda s, t: s * t),
+    "div": (lambda a, b: a / (b * b + 0.5), lambda s, t: s / (t * t + 0.5)),
+    "maximum": (lambda a, b: a.maximum(b), lambda s, t: torch.where(s >= t, s, t)),  # ties: all to a, as lab
+}
+NEEDS_AXIS = {"softmax", "log_softmax"}
+
+
+def _torch_max(t, dim=None, keepdim=False):
+    """max as lab defines its gradient: every tied maximal element receives it (torch.amax would split it)."""
+    m = t.amax() if dim is None else t.amax(dim=dim, keepdim=True)
+    mask = (t == m).detach().to(t.dtype)
+    out = m.detach() + ((t - t.detach()) * mask).sum(dim=dim, keepdim=True) if dim is not None else \
+        m.detach() + ((t - t.detach()) * mask).sum()
+    return out if keepdim or dim is None else out.squeeze(dim)
+
+
+class Graph:
+    """Builds a random graph twice, in lab (float32) and in PyTorch (float64, the same starting values)."""
+
+    def __init__(self, rng, dtype="float32"):
+        self.rng, self.dtype = rng, dtype
+        self.leaves, self.pool = [], {}
+
+    def pick(self, options):
+        return options[self.rng.integers(len(options))]
+
+    def int(self, lo, hi):
+        return int(self.rng.integers(lo, hi + 1))
+
+    def flip(self):
+        return bool(self.rng.integers(2))
+
+    def node(self, shape, depth):
+        shape = tuple(shape)
+        if self.pool.get(shape) and self.int(0, 2) == 0:  # reuse: a node with several consumers
+            return self.pick(self.pool[shape])
+        kinds = ["leaf"] if depth <= 0 else ["unary", "binary", "reduce", "reshape", "index", "leaf"]
+        if depth > 0 and len(shape) >= 2:
+            kinds += ["matmul", "transpose"]
+        if depth > 0 and shape and shape[-1] >= 2:
+            kinds += ["linear", "layer_norm", "concat"]
+        out = getattr(self, self.pick(kinds))(shape, depth - 1)
+        self.pool.setdefault(shape, []).append(out)
+        return out
+
+    def leaf(self, shape, depth=0):
+        v = self.rng.uniform(-1.5, 1.5, size=shape).astype(np.float32)
+        pair = (lab.tensor(v, requires_grad=True, dtype=self.dtype),
+                torch.tensor(v.astype(np.float64), requires_grad=True))
+        self.leaves.append(pair)
+        return pair
+
+    def unary(self, shape, depth):
+        names = [n for n in UNARY if shape or n not in NEEDS_AXIS]
+        f, g = UNARY[self.pick(names)]
+        a, t = self.node(shape, depth)
+        return f(a), g(t)
+
+    def binary(self, shape, depth):
+        x = self.node(shape, depth)
+        # the other operand broadcasts: leading dims dropped, some dims 1
+        cut = self.int(0, len(shape))
+        sub = tuple(1 if self.flip() else s for s in shape[cut:])
+        y = self.node(sub, depth)
+        name = self.pick(list(BINARY))
+        if name in ("sub", "maximum") and y is x:
+            name = "add"  # x - x is all zeros and max(x, x) all ties: both fine, but they make later max() ties
+        if self.flip():
+            x, y = y, x
+        f, g = BINARY[name]
+        return f(x[0], y[0]), g(x[1], y[1])
+
+    def reduce(self, shape, depth):
+        op = self.pick(["sum", "mean", "max"])
+        k = self.int(2, 3)
+        ones = [i for i, s in enumerate(shape) if s == 1]
+        if ones and self.flip():  # keepdims: the 1 was the reduced axis
+            ax = self.pick(ones)
+            src = shape[:ax] + (k,) + shape[ax + 1:]
+            a, t = self.node(src, depth)
+            want = _torch_max(t, ax, True) if op == "max" else getattr(t, op)(dim=ax, keepdim=True)
+            return getattr(a, op)(axis=ax, keepdims=True), want
+        if len(shape) >= 3:
+            return self.leaf(shape)
+        ax = self.int(0, len(shape))
+        a, t = self.node(shape[:ax] + (k,) + shape[ax:], depth)
+        if op == "max" and self.flip() and not shape:
+            return a.max(axis=None), _torch_max(t)
+        return getattr(a, op)(axis=ax), _torch_max(t, ax) if op == "max" else getattr(t, op)(dim=ax)
+
+    def reshape(self, shape, depth):
+        size = int(np.prod(shape))
+        options = [s for s in [(size,), tuple(reversed(shape)), shape + (1,)] if s != shape and len(s) <= 3]
+        if not options:
+            return self.leaf(shape)
+        a, t = self.node(self.pick(options), depth)
+        return a.reshape(shape), t.reshape(shape)
+
+    def transpose(self, shape, depth):
+        if len(shape) == 3 and self.flip():
+            perm = self.pick([(1, 2, 0), (2, 0, 1), (1, 0, 2)])
+            inv = tuple(int(i) for i in np.argsort(perm))
+            a, t = self.node(tuple(shape[i] for i in inv), depth)
+            return a.permute(perm), t.permute(perm)
+        a, t = self.node(shape[:-2] + (shape[-1], shape[-2]), depth)
+        return a.transpose(-2, -1), t.transpose(-2, -1)
+
+    def index(self, shape, depth):
+        if shape and self.flip():
+            a, t = self.node((shape[0] + 1,) + shape[1:], depth)
+            return a[1:], t[1:]
+        if len(shape) >= 3:
+            return self.leaf(shape)
+        a, t = self.node((2,) + shape, depth)
+        return a[1], t[1]
+
+    def concat(self, shape, depth):
+        ax = len(shape) - 1
+        first = self.int(1, shape[ax] - 1)
+        x = self.node(shape[:ax] + (first,), depth)
+        y = self.node(shape[:ax] + (shape[ax] - first,), depth)
+        return ops.concat([x[0], y[0]], axis=ax), torch.cat([x[1], y[1]], dim=ax)
+
+    def matmul(self, shape, depth):
+        *lead, m, n = shape
+        lead, k = tuple(lead), self.int(1, 3)
+        a_lead, b_lead = self.pick([(lead, ()), (lead, lead), ((), lead)] if lead else [((), ())])
+        a = self.node(a_lead + (m, k), depth)
+        if self.flip():
+            b = self.node(b_lead + (n, k), depth)
+            return ops.matmul(a[0], b[0], transpose_b=True), a[1] @ b[1].transpose(-2, -1)
+        b = self.node(b_lead + (k, n), depth)
+        return a[0] @ b[0], a[1] @ b[1]
+
+    def linear(self, shape, depth):
+        n, k = shape[-1], self.int(1, 3)
+        x, w = self.node(shape[:-1] + (k,), depth), self.node((k, n), depth)
+        bias = self.node((n,), depth) if self.flip() else None
+        act = self.pick([None, "gelu"])
+        out = ops.linear(x[0], w[0], None if bias is None else bias[0], activation=act)
+        want = x[1] @ w[1] + (0 if bias is None else bias[1])
+        return out, TF.gelu(want, approximate="tanh") if act else want
+
+    def layer_norm(self, shape, depth):
+        c = shape[-1]
+        x, w, b = self.node(shape, depth), self.node((c,), depth), self.node((c,), depth)
+        # a constant row (concat(x, x)) has variance 0: rstd = 1/sqrt(eps) amplifies float32 rounding 300x; a ramp
+        # added (a numpy array: lifted to a tensor) keeps the rows apart
+        ramp = np.linspace(-1.0, 1.0, c).astype(np.float32)
+        x = (x[0] + ramp, x[1] + torch.tensor(ramp, dtype=torch.float64))
+        if self.flip():
+            return ops.layer_norm(x[0], w[0], b[0]), TF.layer_norm(x[1], (c,), w[1], b[1], eps=1e-5)
+        y = self.node(shape, depth)
+        s, h = ops.add_layer_norm(x[0], y[0], w[0], b[0])
+        ts = x[1] + y[1]
+        self.pool.setdefault(shape, []).append((s, ts))  # the sum feeds later nodes too: its gradient is absorbed
+        return h, TF.layer_norm(ts, (c,), w[1], b[1], eps=1e-5)
+
+
+def _close(got, want, what, tol):
+    want = want.detach().numpy() if isinstance(want, torch.Tensor) else want
+    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def _graph_nodes(t):
+    """ids of the non-leaf nodes of t's graph (walked before a backward frees it)."""
+    seen, stack = set(), [t]
+    while stack:
+        n = stack.pop()
+        if n._backward is not None and id(n) not in seen:
+            seen.add(id(n))
+            stack.extend(n._parents)
+    return seen
+
+
+def _torch_backward(g, t, grad=None, retain_graph=False):
+    t.backward(grad, retain_graph=retain_graph)
+    for _, leaf in g.leaves:  # PyTorch may leave two leaves' .grad in one storage, and its next backward adds in
+        if leaf.grad is not None:  # place: both would then count each other's share (seen as 2x gradients)
+            leaf.grad = leaf.grad.clone()
+
+
+def _check_grads(g, what, tol):
+    for i, (a, t) in enumerate(g.leaves):
+        if t.grad is None:
+            assert a.grad is None, f"{what}: leaf {i} got a gradient PyTorch does not give it"
+        else:
+            assert a.grad is not None, f"{what}: leaf {i} got no gradient"
+            assert a.grad.dtype == a.dtype, f"{what}: leaf {i} is {a.dtype}, its gradient {a.grad.dtype}"
+            _close(a.grad.numpy(), t.grad, f"{what}: leaf {i} {tuple(t.shape)}", tol)
+
+
+def _run(seed, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    g = Graph(rng, dtype)
+    tol = TOL[dtype]
+    shape = g.pick([(2, 3), (3,), (2, 2, 3), (1, 3), (3, 1), ()])
+    root, troot = g.node(shape, g.int(1, 5))
+    _close(root.numpy(), troot, "forward", tol)
+    if not troot.requires_grad:
+        return
+    gv = rng.standard_normal(shape).astype(np.float32)
+    root_nodes = _graph_nodes(root)
+    root.backward(gv, retain_graph=True)                         # 1. a given gradient, graph kept
+    _torch_backward(g, troot, torch.tensor(gv, dtype=torch.float64), retain_graph=True)
+    _check_grads(g, "first backward", tol)
+
+    other, tother = g.pick([p for ps in g.pool.values() for p in ps])  # 2. another loss through shared nodes
+    other_nodes = _graph_nodes(other)
+    (other * other).sum().backward()
+    _torch_backward(g, (tother * tother).sum())
+    _check_grads(g, "second backward (shared nodes)", tol)
+
+    before = [None if a.grad is None else a.grad.numpy() for a, _ in g.leaves]
+    if root_nodes & other_nodes:                                 # 3. the second call freed part of root's graph
+        with pytest.raises(RuntimeError, match="already freed"):
+            root.backward(gv)
+        for (a, _), b in zip(g.leaves, before):
+            assert (a.grad is None) == (b is None) and (b is None or np.array_equal(a.grad.numpy(), b))
+    else:
+        root.backward(gv)
+        _torch_backward(g, troot, torch.tensor(gv, dtype=torch.float64))
+        _check_grads(g, "third backward (graph retained)", tol)
+
+
+COMMON = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                       HealthCheck.too_slow])
+
+
+@settings(max_examples=300, **COMMON)
+@given(seed=st.integers(0, 2 ** 32 - 1))  # the seed decides the whole graph and its values
+def test_random_graphs_match_pytorch_numpy(numpy_backend, seed):
+    with _active(numpy_backend):
+        _run(seed)
+
+
+@settings(max_examples=200, **COMMON)
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_random_graphs_match_pytorch_numpy_float64(numpy_backend, seed):
+    """float64 on both sides: any gradient that loses precision on the way (a float32 buffer) shows at 1e-9."""
+    with _active(numpy_backend):
+        _run(seed, "float64")
+
+
+@settings(max_examples=60, **COMMON)
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_random_graphs_match_pytorch_wgpu(wgpu_backend, seed):
+    with _active(wgpu_backend):
+        _run(seed)
+
+
+class _active:
+    """Make a backend the active one for a block (the fixtures are session-scoped; hypothesis runs many examples)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __enter__(self):
+        from lab.engine import backend as B
+        self.prev = dict(B._state)
+        B._state["backend"], B._state["reason"] = self.backend, "test"
+
+    def __exit__(self, *exc):
+        from lab.engine import backend as B
+        B._state.update(self.prev)
