@@ -6,7 +6,8 @@ Kaiming-uniform, B at zero, so an untrained adapter changes nothing. Adapters ca
 (`model.use_adapter(False)`), merged into the base weights and unmerged, and saved / loaded as PEFT's
 adapter_model.safetensors + adapter_config.json. With base_dtype="float16" the frozen linear weights are stored
 as float16 (half their memory; on wgpu where the device has shader-f16) and read in float32 arithmetic: the
-adapters train against the base rounded to float16.
+adapters train against the base rounded to float16. A lab-layout checkpoint holds the adapters and their settings
+too (checkpoint_config / apply_config), so a LoRA run resumes like any other.
 """
 import contextlib
 import math
