@@ -90,8 +90,8 @@ def _check_settings(cfg, name=_ARGUMENTS.get):
     if dropout == 1:   # 1 would drop every input
         raise ValueError(f"{name('lora_dropout')} must be a number in [0, 1), got {show(cfg['lora_dropout'])}")
     targets = cfg["target_modules"]
-    targets = [targets] if isinstance(targets, str) else sorted(targets) if isinstance(targets, (set, frozenset)) \
-        else targets
+    if isinstance(targets, (str, set, frozenset)):   # one name, or names in no order: sorted for a stable config
+        targets = [targets] if isinstance(targets, str) else sorted(targets, key=str)
     if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{name('target_modules')} must be a module name or a list of them, got {show(targets)}")
     return {"r": r, "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": dropout,
