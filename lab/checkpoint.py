@@ -244,13 +244,20 @@ def _finite_float(text):
     return value
 
 
-def read_json(path, what):
-    path = Path(path)
+def _expect_file(path, what):
+    """The one check every reader starts with: `path` is a file, in a directory whose interrupted save is done."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CheckpointError(f"{path.parent}: is a file, not a directory (looked for {path.name} in it)")
     finish_interrupted_save(path.parent)
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected the {what} file")
+        raise CheckpointError(f"{path}: is a directory, expected a file")
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} not found")
+
+
+def read_json(path, what):
+    path = Path(path)
+    _expect_file(path, what)
     try:   # json.loads would take NaN, Infinity and 1e999 and hand them on as numbers
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_nonfinite,
                           parse_float=_finite_float)
@@ -275,11 +282,7 @@ def read_safetensors(path):
     exactly). A file is not trusted: every float must be finite in float32 (a NaN loaded into the optimizer's
     moments would turn the next step's weights into NaN). Errors name the file and the tensor."""
     path = Path(path)
-    finish_interrupted_save(path.parent)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected a safetensors file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+    _expect_file(path, "file")
     out = {}
     try:
         with safe_open(str(path), framework="np") as f:   # validates the header and the offsets

@@ -1,31 +1,40 @@
 """Text generation: greedy, temperature, top-k, top-p (nucleus), repetition penalty and beam search, with a KV
 cache on the device so each new token costs one small forward pass instead of a full recomputation."""
 
+import codecs
 import contextlib
 
 import numpy as np
 
+from .checks import integer, real, show
+
 from .engine.random import generator
 from .engine.tensor import no_grad
+from .nn import evaluating
 
 
 def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy):
-    block = model.config.block_size
+    block, vocab = model.config.block_size, model.config.vocab_size
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError(f"prompt must be a non-empty 1D sequence of token ids, got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":  # 2.7 is no token id: truncating it would generate from a different prompt
+        raise ValueError(f"prompt token ids must be integers, got {ids.dtype} values {show(ids[:4].tolist())}")
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}) for this model, got {ids.min()}..{ids.max()}")
     if ids.size > block:
         raise ValueError(f"prompt of {ids.size} tokens is longer than the model's block_size {block}; "
                          f"shorten it (the model only ever sees the last {block} tokens)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use greedy=True for argmax)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    integer("max_new_tokens", max_new_tokens, low=0)
+    if not greedy:  # below 1e-6 the logits overflow float64 once divided: greedy=True is the limit asked for
+        try:
+            real("temperature", temperature, low=1e-6)
+        except ValueError as e:
+            raise ValueError(f"{e} (use greedy=True for argmax)") from None
+    if top_p is not None:
+        real("top_p", top_p, low=0, low_open=True, high=1)
+    if top_k is not None:
+        integer("top_k", top_k, low=1)
+    real("repetition_penalty", repetition_penalty, low=0, low_open=True)
 
 
 def _adapter_switch(model, adapter):
@@ -42,7 +51,7 @@ def _prompt_ids(prompt, tokenizer):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
         return np.asarray(tokenizer.encode(prompt), dtype=np.int64), True
-    return np.asarray(prompt, dtype=np.int64).reshape(-1), False
+    return np.asarray(prompt), False  # as given: _check_args refuses float ids and 2D prompts, never casts them
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -88,45 +97,47 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if stop is not None and tokenizer is None:
         raise ValueError("a stop string needs a tokenizer")
+    if stop is not None and not (isinstance(stop, str) and stop):
+        raise ValueError(f"stop must be a non-empty string, got {show(stop)}")
+    # the tokens' bytes go through one incremental decoder: a character split across tokens is held back until
+    # its last byte arrives, so no piece ever shows U+FFFD for it
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     rng = np.random.default_rng(seed) if seed is not None else generator()
     block = model.config.block_size
-    was_training = model.training
-    model.eval()
     out, text = [], ""
-    try:
-        with no_grad(), _adapter_switch(model, adapter):
-            cache = model.new_cache(1) if use_cache else None
-            seq = list(ids)
-            logits = _step_logits(model, seq, cache, 0) if use_cache else _full_logits(model, seq, block)
-            pos = len(seq)
-            for _ in range(max_new_tokens):
-                scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
-                if greedy:
-                    nxt = int(np.argmax(scores))
-                else:
-                    p = sample_distribution(scores, temperature, top_k, top_p)
-                    nxt = int(rng.choice(p.size, p=p))
-                seq.append(nxt)
-                out.append(nxt)
-                piece = tokenizer.decode([nxt]) if tokenizer is not None else None
-                if on_token is not None:
-                    on_token(nxt, piece)
-                if stop is not None:
-                    text += piece
-                    if text.endswith(stop):
-                        break
-                if len(out) == max_new_tokens:
-                    break
-                if use_cache and pos < block:
-                    logits = _step_logits(model, [nxt], cache, pos)
-                    pos += 1
-                else:  # the window is full: positions shift, so recompute over the last block_size tokens
-                    logits = _full_logits(model, seq, block)
-    finally:
-        model.train(was_training)
-    if as_text:
-        text = tokenizer.decode(out)
-        return text[: -len(stop)] if stop is not None and text.endswith(stop) else text
+    # evaluating(), not model.eval(): a training thread may be stepping this model (TrainingPanel.start())
+    with no_grad(), evaluating(), _adapter_switch(model, adapter):
+        cache = model.new_cache(1) if use_cache else None
+        seq = list(ids)
+        logits = _step_logits(model, seq, cache, 0) if use_cache else _full_logits(model, seq, block)
+        pos = len(seq)
+        for _ in range(max_new_tokens):
+            scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
+            if greedy:
+                nxt = int(np.argmax(scores))
+            else:
+                p = sample_distribution(scores, temperature, top_k, top_p)
+                nxt = int(rng.choice(p.size, p=p))
+            seq.append(nxt)
+            out.append(nxt)
+            piece = None
+            if tokenizer is not None:
+                piece = decoder.decode(tokenizer.decode_bytes([nxt]), final=len(out) == max_new_tokens)
+                text += piece
+            if on_token is not None:
+                on_token(nxt, piece)
+            # a piece may hold several characters: look for the stop string across its whole extent
+            if stop is not None and text.find(stop, max(0, len(text) - len(piece) - len(stop) + 1)) >= 0:
+                break
+            if len(out) == max_new_tokens:
+                break
+            if use_cache and pos < block:
+                logits = _step_logits(model, [nxt], cache, pos)
+                pos += 1
+            else:  # the window is full: positions shift, so recompute over the last block_size tokens
+                logits = _full_logits(model, seq, block)
+    if as_text:  # what was streamed, cut where the stop string begins (bytes held after it are dropped)
+        return text[:text.find(stop)] if stop is not None and stop in text else text
     return np.asarray(out, dtype=np.int64)
 
 
@@ -145,27 +156,22 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     Returns ids (or text for a text prompt). adapter=True/False: LoRA adapters on/off for this call only."""
     ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    integer("num_beams", num_beams, low=1)
+    real("length_penalty", length_penalty)
     block = model.config.block_size
     beams = [(0.0, list(ids))]
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad(), _adapter_switch(model, adapter):
-            for _ in range(max_new_tokens):
-                window = np.asarray([s[-block:] for _, s in beams], dtype=np.int32)  # (beams, T)
-                logits = model(window)[:, -1].numpy().astype(np.float64)           # (beams, V)
-                logp = logits - logits.max(1, keepdims=True)
-                logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-                cand = []
-                for (score, seq), lp in zip(beams, logp):
-                    for tok in np.argsort(-lp)[:num_beams]:
-                        cand.append((score + lp[tok], seq + [int(tok)]))
-                cand.sort(key=lambda c: -c[0])
-                beams = cand[:num_beams]
-    finally:
-        model.train(was_training)
+    with no_grad(), evaluating(), _adapter_switch(model, adapter):
+        for _ in range(max_new_tokens):
+            window = np.asarray([s[-block:] for _, s in beams], dtype=np.int32)  # (beams, T)
+            logits = model(window)[:, -1].numpy().astype(np.float64)           # (beams, V)
+            logp = logits - logits.max(1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+            cand = []
+            for (score, seq), lp in zip(beams, logp):
+                for tok in np.argsort(-lp)[:num_beams]:
+                    cand.append((score + lp[tok], seq + [int(tok)]))
+            cand.sort(key=lambda c: -c[0])
+            beams = cand[:num_beams]
     n = max_new_tokens
     best = max(beams, key=lambda b: b[0] / (max(n, 1) ** length_penalty))[1][len(ids):]
     return tokenizer.decode(best) if as_text else np.asarray(best, dtype=np.int64)

@@ -65,6 +65,7 @@ class Backend:
     def reshape(self, a, shape): raise NotImplementedError          # a view: shares storage
     def storage(self, a): raise NotImplementedError                # the object a and its views share: memory identity
     def sync(self, wait=False): pass
+    def exclusive(self): return contextlib.nullcontext()   # held across a block, other threads' ops wait for its end
     def stats(self): return {}
     def reset_peak(self): pass
 

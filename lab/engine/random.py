@@ -1,9 +1,13 @@
-"""The lab's random state: one numpy Generator seeds parameter init and every dropout mask."""
+"""The lab's random state: one numpy Generator seeds parameter init and, by default, every dropout mask. A consumer
+that must not be disturbed by other threads (a trainer's dropout seeds) takes its own stream (own_stream) and
+draws from it inside draw_from()."""
 import contextlib
+import threading
 
 import numpy as np
 
-_rng = {"gen": np.random.default_rng(0), "drawn": None}
+_rng = {"gen": np.random.default_rng(0)}
+_local = threading.local()  # per thread: the stream next_seed draws from (None: the global one), the seeds recorded
 
 
 def manual_seed(seed):
@@ -15,21 +19,42 @@ def generator():
     return _rng["gen"]
 
 
+def own_stream():
+    """The global generator as it stands, handed over to one consumer; the global one jumps 2**127 draws ahead, so
+    nothing drawn elsewhere afterwards can repeat or shift the consumer's numbers (a single-threaded run's dropout
+    seeds are exactly those the global generator gave before streams existed)."""
+    g = _rng["gen"]
+    _rng["gen"] = np.random.Generator(g.bit_generator.jumped())
+    return g
+
+
+@contextlib.contextmanager
+def draw_from(stream):
+    """next_seed() in this thread draws from `stream` inside the block (other threads are unaffected)."""
+    previous, _local.stream = getattr(_local, "stream", None), stream
+    try:
+        yield
+    finally:
+        _local.stream = previous
+
+
 def next_seed():
-    seed = int(_rng["gen"].integers(0, 2**32 - 1))
-    if _rng["drawn"] is not None:
-        _rng["drawn"].append(seed)
+    seed = int((getattr(_local, "stream", None) or _rng["gen"]).integers(0, 2**32 - 1))
+    drawn = getattr(_local, "drawn", None)
+    if drawn is not None:
+        drawn.append(seed)
     return seed
 
 
 @contextlib.contextmanager
 def recording_seeds():
-    """Collect the seeds next_seed() draws inside the block, in order (a step capture maps them to new ones)."""
-    previous, _rng["drawn"] = _rng["drawn"], []
+    """Collect the seeds next_seed() draws in this thread inside the block, in order (a step capture maps them to
+    new ones)."""
+    previous, _local.drawn = getattr(_local, "drawn", None), []
     try:
-        yield _rng["drawn"]
+        yield _local.drawn
     finally:
-        _rng["drawn"] = previous
+        _local.drawn = previous
 
 
 def get_state():

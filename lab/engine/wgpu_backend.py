@@ -315,7 +315,8 @@ class WgpuBackend(Backend):
         self._held = {}            # id(buffer) -> (buffer, size): reserved buffers no array owns any more
         # Two Python threads (a panel's training thread, generation in the kernel's) share the recording: the open
         # encoder and pass, the params arena, the pools, the caches. Every public method holds this lock, so each
-        # op records whole; a capture holds it from capture_begin to capture_end (see there).
+        # op records whole; a capture holds it from capture_begin to capture_end, a trainer's step through
+        # exclusive() (see there).
         self._lock = threading.RLock()
         self.lost = False
         # Indices that live on the device are checked there: embedding.wgsl and cross_entropy.wgsl clamp a bad one
@@ -795,6 +796,12 @@ class WgpuBackend(Backend):
             op = _INDEX_OPS[tag & 3]
             raise index_range_error(op, lowest, highest, tag >> 2, ignore_index if op == "cross_entropy" else None)
         return True
+
+    def exclusive(self):
+        """Hold the backend across a block: a trainer's step, recorded as one submit and captured or replayed
+        after checks (profiling, the capture's signature) that must still hold when it records. Another thread's
+        op waits for the step boundary rather than joining or splitting the step's recording."""
+        return self._lock
 
     def _wait(self):
         # A 4-byte readback completes only after all earlier submitted work (wgpu 0.32's

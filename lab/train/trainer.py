@@ -204,8 +204,9 @@ class Trainer:
         takes effect after it, so a step is never left half done. On wgpu, steps after the first two are
         replays of a captured step when nothing they depend on changed (TrainConfig.replay_steps, replay.py)."""
         # numpy's overflow/invalid warnings would repeat what check_finite reports, once per op
+        # the step holds the backend (exclusive): generation in another thread waits for the step boundary
         with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-                draw_from(self.seed_rng):
+                draw_from(self.seed_rng), self.optimizer.backend.exclusive():
             return self._train_step()
 
     def _train_step(self):

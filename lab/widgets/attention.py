@@ -4,20 +4,16 @@ import numpy as np
 import traitlets as t
 
 from ..engine.tensor import no_grad
+from ..nn import evaluating
 from .base import Panel, module_source, panel_css
 
 
 def attention_weights(model, ids):
     """(L, H, T, T) float32 attention weights of the model on token ids (T <= block_size), in eval mode."""
     ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            _, att = model(ids, return_attention=True)
-        return np.stack([a.numpy()[0] for a in att]).astype(np.float32)
-    finally:
-        model.train(was_training)
+    with no_grad(), evaluating():  # not model.eval(): a panel's training thread may be stepping this model
+        _, att = model(ids, return_attention=True)
+    return np.stack([a.numpy()[0] for a in att]).astype(np.float32)
 
 
 class AttentionHeatmap(Panel):
@@ -30,6 +26,7 @@ class AttentionHeatmap(Panel):
     weights = t.Bytes(b"").tag(sync=True)        # float32, shape (n_layer, n_head, T, T), row = query
     layer = t.Int(0).tag(sync=True)
     head = t.Int(0).tag(sync=True)
+    _settable = ("layer", "head")
 
     def __init__(self, model, text, tokenizer, **kwargs):
         super().__init__(**kwargs)

@@ -1,0 +1,113 @@
+"""A TrainingPanel trains in a background thread while the kernel stays free: generation in the main thread, on
+the model being trained and on another, must neither fail nor change a single bit of the training's losses."""
+import threading
+
+import numpy as np
+
+import lab
+from lab.data import CharTokenizer
+from lab.engine.random import manual_seed
+from lab.models import TransformerConfig, TransformerLM
+from lab.train import TrainConfig, Trainer
+from lab.widgets import TrainingPanel
+
+TEXT = "and god said let there be light and there was light " * 20
+STEPS = 30
+
+
+def _trainer(seed=0):
+    manual_seed(seed)
+    tok = CharTokenizer.from_text(TEXT)
+    # dropout on: the training's dropout seeds must not be drawn by anyone else
+    model = TransformerLM(TransformerConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2,
+                                            n_embd=8, dropout=0.1))
+    ids = np.asarray(tok.encode(TEXT))
+    cfg = TrainConfig(steps=STEPS, batch_size=2, warmup_steps=2, eval_every=10_000, log_every=1)
+    return Trainer(model, ids[:800], ids[800:], cfg), tok
+
+
+def _losses(trainer):
+    return [r["loss"] for r in trainer.history]
+
+
+def _generate_while(thread, model, other, tok):
+    """Generate on both models (sampling with the lab generator, greedy, seeded) until `thread` ends."""
+    outputs = []
+    while thread.is_alive() or not outputs:
+        for m in (model, other):
+            outputs.append(lab.generate(m, "god", 6, tokenizer=tok, temperature=0.9, top_k=5))
+            outputs.append(lab.generate(m, [1, 2], 4, greedy=True))
+            outputs.append(lab.generate(m, "let", 5, tokenizer=tok, seed=1, use_cache=False))
+    return outputs
+
+
+def _check_outputs(outputs, tok):
+    for out in outputs:
+        if isinstance(out, str):
+            assert len(out) and set(out) <= set(TEXT), out
+        else:
+            assert out.dtype == np.int64 and ((0 <= out) & (out < tok.vocab_size)).all(), out
+
+
+def test_training_thread_and_generation_in_main_thread(use_backend):
+    alone, _ = _trainer()
+    alone.run(progress=False, log_evals=False)
+    trainer, tok = _trainer()
+    other, _ = _trainer(seed=1)
+    errors = []
+
+    def train():
+        try:
+            trainer.run(progress=False, log_evals=False)
+        except BaseException as e:  # re-raised below, in the test's thread
+            errors.append(e)
+    thread = threading.Thread(target=train)
+    thread.start()
+    outputs = _generate_while(thread, trainer.model, other.model, tok)
+    thread.join()
+    assert not errors, errors
+    assert trainer.step_num == STEPS
+    assert _losses(trainer) == _losses(alone)  # bitwise: nothing beside the training changes it
+    if trainer.replay is not None:  # wgpu: no generation op got into a captured step, so the steps still replay
+        assert trainer.replay.off is None and trainer.replay.replayed > 0, trainer.replay.off
+    _check_outputs(outputs, tok)
+
+
+def test_training_panel_start_leaves_generation_free_and_losses_unchanged(use_backend):
+    alone, _ = _trainer()
+    TrainingPanel(alone, sample_every=0).run(wait=True)
+    trainer, tok = _trainer()
+    other, _ = _trainer(seed=1)
+    panel = TrainingPanel(trainer, tokenizer=tok, sample_every=3, sample_prompt="the", sample_tokens=4)
+    assert panel.start()
+    outputs = _generate_while(panel._thread, trainer.model, other.model, tok)
+    panel.wait()
+    assert panel.status == "done", panel.error
+    assert _losses(trainer) == _losses(alone)
+    assert panel.sample and not panel.sample.startswith("(no sample")
+    _check_outputs(outputs, tok)
+
+
+def test_profiling_in_main_thread_leaves_the_training_thread_running(use_backend):
+    """lab.profile() beginning between a step's check for profiling and its capture or replay stopped the
+    training with 'cannot capture a step while lab.profile() is active' (the step now holds the backend)."""
+    alone, _ = _trainer()
+    alone.run(progress=False, log_evals=False)
+    trainer, tok = _trainer()
+    errors = []
+
+    def train():
+        try:
+            trainer.run(progress=False, log_evals=False)
+        except BaseException as e:
+            errors.append(e)
+    thread = threading.Thread(target=train)
+    thread.start()
+    profiles = 0
+    while thread.is_alive() or not profiles:
+        with lab.profile():
+            lab.generate(trainer.model, [1, 2], 2, greedy=True)
+        profiles += 1
+    thread.join()
+    assert not errors, errors
+    assert trainer.step_num == STEPS and _losses(trainer) == _losses(alone)
