@@ -166,8 +166,10 @@ def test_split_rejects_sizes_that_are_not_positive(use_backend):
     x = lab.tensor(np.ones((4, 2)))
     with pytest.raises(ValueError, match="piece size must be a positive integer, got 0"):
         split(x, 0)
-    with pytest.raises(ValueError, match=r"sizes must be non-negative integers, got \[5, -1\]"):
+    with pytest.raises(ValueError, match=r"list of non-negative integers, got \[5, -1\]"):
         split(x, [5, -1])
+    with pytest.raises(ValueError, match="list of non-negative integers, got 1.5"):
+        split(x, 1.5)
     assert [p.shape for p in split(x, 3)] == [(3, 2), (1, 2)]
 
 

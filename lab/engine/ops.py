@@ -362,12 +362,13 @@ def split(a, sizes, axis=0):
     """Split into pieces of `sizes` (a list) or into equal pieces of size `sizes` (an int) along `axis`."""
     ax = normalize_axis(axis, a.ndim, "split")
     n = a.shape[ax]
-    if isinstance(sizes, numbers.Integral):
+    if isinstance(sizes, numbers.Integral) and not isinstance(sizes, bool):
         if sizes <= 0:
             raise ValueError(f"split: the piece size must be a positive integer, got {sizes}")
         sizes = [sizes] * (n // sizes) + ([n % sizes] if n % sizes else [])
-    if any(not isinstance(s, numbers.Integral) or s < 0 for s in sizes):
-        raise ValueError(f"split: sizes must be non-negative integers, got {list(sizes)}")
+    if not isinstance(sizes, (list, tuple, range, np.ndarray)) or any(
+            not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 0 for s in sizes):
+        raise ValueError(f"split: sizes must be a positive integer or a list of non-negative integers, got {sizes!r}")
     if _builtins.sum(sizes) != n:
         raise ValueError(f"split: sizes {list(sizes)} do not add up to {n} (axis {ax} of {_shape_str(a.shape)})")
     out, at = [], 0
