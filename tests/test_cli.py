@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _lab(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "lab", *args], capture_output=True, text=True, timeout=timeout)
@@ -74,3 +76,123 @@ def test_plan_answers_the_m1_question_in_one_command():
     assert r.stdout.strip().splitlines()[-1].startswith("answer: yes")
     bad = _lab("plan", "--device", "tpu")
     assert bad.returncode != 0 and "unknown device profile 'tpu'" in bad.stderr
+
+
+def _one_error_line(r, *parts):
+    """The run failed with exit 2 and one `lab ...: error:` line holding every part, without a traceback."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and all(p in errors[0] for p in parts), r.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--lr", "nan", "a finite number > 0"), ("--lr", "inf", "a finite number > 0"), ("--lr", "-1", "a finite number > 0"),
+    ("--steps", "-1", "an integer >= 1"), ("--batch-size", "0", "an integer >= 1"),
+    ("--time-limit", "-5", "a finite number > 0"), ("--eval-every", "2.5", "an integer >= 1"),
+])
+def test_cli_train_nan_lr_refused(flag, value, allowed):
+    r = _lab("train", flag, value, "--backend", "numpy", "--no-progress")
+    _one_error_line(r, f"argument {flag}: must be {allowed}, got {value}")
+
+
+@pytest.mark.parametrize("args, parts", [
+    (["generate", "--checkpoint", "x", "--top-k", "2.5"], ["--top-k", "2.5"]),
+    (["generate", "--checkpoint", "x", "--top-p", "1.5"], ["--top-p", "> 0 and <= 1", "1.5"]),
+    (["generate", "--checkpoint", "x", "--temperature", "nan"], ["--temperature", "nan"]),
+    (["generate", "--checkpoint", "x", "--max-new-tokens", "-3"], ["--max-new-tokens", "-3"]),
+    (["generate", "--checkpoint", "x", "--beams", "0"], ["--beams", "0"]),
+    (["bench", "kernels", "--sizes", "64,x"], ["--sizes", "'x'"]),
+    (["bench", "kernels", "--budget", "-1"], ["--budget", "-1"]),
+    (["bench", "nope"], ["unknown benchmark suite 'nope'"]),
+    (["plan", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["plan", "--minutes", "nan"], ["--minutes", "nan"]),
+    (["generate"], ["required: --checkpoint"]),
+])
+def test_cli_bad_values_are_one_line_errors(args, parts):
+    _one_error_line(_lab(*args), *parts)
+
+
+def test_cli_corpus_errors_name_the_file_and_the_problem(tmp_path):
+    cases = {"empty.txt": (b"", "the file is empty"),
+             "binary.bin": (b"\x7fELF\x02\x01\x01\x00\x00", "a binary file, not UTF-8 text (NUL byte at offset 7)"),
+             "latin1.txt": ("In the beginning: café".encode("latin-1"), "byte 0xe9 at offset 21")}
+    for name, (data, problem) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        r = _lab("train", "--corpus", str(tmp_path / name), "--backend", "numpy", "--no-progress")
+        _one_error_line(r, str(tmp_path / name), problem)
+
+
+def test_cli_short_validation_split_refused_before_training(tmp_path):
+    (tmp_path / "short.txt").write_text("And God said, Let there be light: and there was light." * 10)  # 540 chars
+    r = _lab("train", "--corpus", str(tmp_path / "short.txt"), "--steps", "100", "--backend", "numpy",
+             "--no-progress", "--out", str(tmp_path / "ck"))
+    _one_error_line(r, "validation split is too short for block_size 64", "train has 486 tokens, validation 54")
+    assert "step" not in r.stdout and not (tmp_path / "ck").exists()
+
+
+def test_cli_config_error_names_the_path_once(tmp_path):
+    cfg = {"model_type": "gpt2", "vocab_size": 10, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2,
+           "activation_function": "relu"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    line = _one_error_line(_lab("plan", "--config", str(tmp_path)), "activation_function 'relu' is not supported")
+    assert line.count(str(tmp_path)) == 1
+
+
+INTERRUPT_AT_STEP_3 = """
+import os, signal, sys
+from lab.train import trainer as T
+step = T.Trainer._train_step
+def interrupted(self):  # a real SIGINT, arriving in the middle of step 3 (as a Ctrl-C would)
+    if self.step_num == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return step(self)
+T.Trainer._train_step = interrupted
+from lab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_train_interrupted_before_first_log_writes_checkpoint(tmp_path, any_backend):
+    out = tmp_path / "ck"  # on wgpu, step 3 replays the step captured before it
+    r = subprocess.run([sys.executable, "-c", INTERRUPT_AT_STEP_3, "train", "--steps", "50", "--backend", any_backend.name,
+                        "--no-progress", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr
+    done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "3 steps" in done[0] and "no train loss logged" in done[0]
+    assert "interrupted (KeyboardInterrupt) after step 3" in done[0]
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
+    g = _lab("generate", "--checkpoint", str(out), "--prompt", "And", "--max-new-tokens", "5", "--backend", "numpy")
+    assert g.returncode == 0, g.stderr
+
+
+def test_cli_train_stopped_by_nan_before_first_log_reports_and_saves(tmp_path):
+    out = tmp_path / "ck"
+    r = _lab("train", "--lr", "1e9", "--steps", "50", "--backend", "numpy", "--no-progress", "--out", str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "(stopped at step 2: NaN/Inf in" in done[0]
+    # the NaN step's update was skipped: the checkpoint holds step 1's finite weights
+    assert f"saved checkpoint to {out} (step 2)" in r.stdout and (out / "model.safetensors").is_file()
+
+
+def test_cli_train_nonfinite_weights_keep_previous_checkpoint(tmp_path, any_backend):
+    out = tmp_path / "ck"
+    assert _lab("train", "--steps", "2", "--backend", "numpy", "--no-progress", "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # weight decay at lr 1e300 overflows the weights in step 1, with a finite loss and gradient norm
+    r = _lab("train", "--lr", "1e300", "--steps", "50", "--backend", any_backend.name, "--no-progress", "--out", str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"nothing saved to {out}: the weights hold NaN/Inf (a previous checkpoint there is kept)" in r.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_cli_train_time_limit_before_first_log_summarizes(tmp_path):
+    r = _lab("train", "--time-limit", "0.001", "--steps", "50", "--backend", "numpy", "--no-progress",
+             "--out", str(tmp_path / "ck"))
+    assert r.returncode == 0, r.stderr
+    done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "1 steps" in done[0] and "(time limit of 0.001 s reached)" in done[0]
+    assert (tmp_path / "ck" / "model.safetensors").is_file()

@@ -80,11 +80,117 @@ def test_beam_search_beats_or_ties_greedy_in_log_probability(model):
 
 
 def test_bad_arguments_are_clear_errors(model):
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 1e-06, got 0"):
         generate(model, [1], 5, temperature=0)
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match="top_p must be a finite number > 0 and <= 1, got 1.5"):
         generate(model, [1], 5, top_p=1.5)
     with pytest.raises(ValueError, match="longer than the model's block_size 16"):
         generate(model, list(range(17)), 5)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         generate(model, "hello", 5)
+
+
+def test_generate_refuses_float_token_ids(model):
+    for prompt in ([1.0, 2.0], [1.7], np.array([3.5, 1])):  # never truncated to other ids
+        with pytest.raises(ValueError, match="prompt token ids must be integers, got float64"):
+            generate(model, prompt, 3, greedy=True)
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 30\) for this model, got -1..4"):
+        generate(model, [4, -1], 3, greedy=True)
+
+
+def test_generate_refuses_2d_prompt(model):
+    with pytest.raises(ValueError, match=r"1D sequence of token ids, got shape \(2, 3\)"):
+        generate(model, [[1, 2, 3], [4, 5, 6]], 3, greedy=True)   # not flattened into one 6-token prompt
+    with pytest.raises(ValueError, match=r"got shape \(2, 2\)"):
+        beam_search(model, np.ones((2, 2), dtype=np.int64), 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 1e-06, got nan"),
+    ({"temperature": 1e-7}, "temperature must be a finite number >= 1e-06, got 1e-07 .use greedy=True"),
+    ({"top_k": 2.5}, "top_k must be an integer >= 1, got 2.5"),
+    ({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
+    ({"top_p": 0.0}, "top_p must be a finite number > 0 and <= 1, got 0.0"),
+    ({"top_p": float("nan")}, "top_p must be a finite number > 0 and <= 1, got nan"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty must be a finite number > 0, got -1.0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 0, got 2.5"),
+])
+def test_generate_argument_errors_name_value_and_range(model, kwargs, message):
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, [1], args.pop("max_new_tokens"), **args)
+
+
+def test_generate_greedy_ignores_temperature(model):
+    np.testing.assert_array_equal(generate(model, [1], 4, greedy=True, temperature=0.0),
+                                  generate(model, [1], 4, greedy=True))
+
+
+def test_generate_refuses_empty_stop_string(use_backend):
+    from lab.data import CharTokenizer
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=4, n_layer=1, n_embd=16, n_head=2, block_size=16))
+    for stop in ("", 3):
+        with pytest.raises(ValueError, match=f"stop must be a non-empty string, got {stop!r}"):
+            generate(m, "ab", 5, tokenizer=CharTokenizer("abc."), stop=stop)
+
+
+TEXT = "héllo 日本語 🙂\n"
+
+
+def _spelling_model(ids):
+    """A real TransformerLM whose weights make greedy decoding emit `ids` in order: one-hot token embeddings
+    (tied head), each position's embedding pointing at the next id, blocks whose output projections are zero."""
+    vocab = 260
+    cfg = replace(PRESETS["tiny"], vocab_size=vocab, n_layer=1, n_head=4, n_embd=264, block_size=len(ids), dropout=0.0)
+    m = TransformerLM(cfg)
+    sd = {k: v.copy() for k, v in m.state_dict().items()}
+    sd["wte.weight"] = np.eye(vocab, cfg.n_embd, dtype=np.float32)
+    sd["wpe.weight"] = np.zeros((len(ids), cfg.n_embd), np.float32)
+    for p, nxt in enumerate(ids[1:]):
+        sd["wpe.weight"][p, nxt] = 10.0
+    for k in sd:
+        if ".c_proj." in k:
+            sd[k][...] = 0.0
+    m.load_state_dict(sd)
+    return m.eval()
+
+
+def _bpe_and_ids():
+    tok = lab.BPETokenizer.train(TEXT * 20, vocab_size=260)
+    ids = [int(i) for i in tok.encode("\n")] + [int(i) for i in tok.encode(TEXT * 2)]  # the prompt, then TEXT
+    split = [i for i in ids if "\ufffd" in tok.decode([i])]
+    assert split, "no token of this BPE splits a character: the test would prove nothing"
+    return tok, ids
+
+
+def test_streaming_never_shows_replacement_character(use_backend):
+    tok, ids = _bpe_and_ids()
+    m = _spelling_model(ids)
+    pieces = []
+    text = generate(m, "\n", len(ids) - 1, tokenizer=tok, greedy=True, on_token=lambda i, s: pieces.append(s))
+    assert text == TEXT * 2
+    assert "".join(pieces) == text and not any("\ufffd" in s for s in pieces)
+    assert "" in pieces  # some tokens' bytes were held back until their character completed
+    # cut inside a character: the held bytes are flushed at the end, as the full decode shows them
+    n = next(n for n in range(1, len(ids)) if tok.decode(ids[1:n + 1]).endswith("\ufffd"))
+    pieces = []
+    cut = generate(m, "\n", n, tokenizer=tok, greedy=True, on_token=lambda i, s: pieces.append(s))
+    assert "".join(pieces) == cut == tok.decode(ids[1:n + 1]) and cut.endswith("\ufffd")
+    # a stop string ending inside a piece of several characters ("él" in "é" + "ll") still stops there
+    seen = []
+    stop = generate(m, "\n", len(ids) - 1, tokenizer=tok, greedy=True, stop="él", on_token=lambda i, s: seen.append(s))
+    assert stop == "h" and "".join(seen) == "héll"
+
+
+def test_cli_generate_prints_whole_characters(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from lab.checkpoint import save_checkpoint
+    tok, ids = _bpe_and_ids()
+    save_checkpoint(tmp_path / "ck", _spelling_model(ids), tok)
+    r = subprocess.run([sys.executable, "-m", "lab", "generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "\n",
+                        "--greedy", "--max-new-tokens", str(len(ids) - 1), "--backend", "numpy"],
+                       capture_output=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode("utf-8") == "\n" + TEXT * 2 + "\n"

@@ -18,7 +18,20 @@ def load_corpus(name="kjv"):
         path = CORPUS_DIR / f"{name}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"no corpus {name!r}: not a file, and not one of the bundled corpora {list_corpora()}")
-    return path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"corpus {path}: the file is empty (a corpus needs text to learn from)")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ValueError(f"corpus {path}: UTF-16 text (byte-order mark at offset 0), not UTF-8: convert it to UTF-8, "
+                         f"e.g. iconv -f utf-16 -t utf-8")
+    nul = data.find(b"\0")
+    if nul >= 0:  # NUL is valid UTF-8, so a binary file (or UTF-16 text) could otherwise pass as text
+        raise ValueError(f"corpus {path}: a binary file, not UTF-8 text (NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus {path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason}); "
+                         f"lab reads corpora as UTF-8: convert the file (Latin-1 text: iconv -f latin1 -t utf-8)") from None
 
 
 class CharTokenizer:
@@ -45,6 +58,10 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
+
+    def decode_bytes(self, ids):
+        """UTF-8 bytes of decode(ids) (the interface streaming decodes through: BPETokenizer.decode_bytes)."""
+        return self.decode(ids).encode("utf-8")
 
     def to_json(self):
         return json.dumps({"type": "char", "chars": "".join(self.chars)})
@@ -84,10 +101,16 @@ def char_dataset(corpus="kjv", val_fraction=0.1):
     return tok, train_ids, val_ids
 
 
+def min_tokens(block_size):
+    """The shortest id sequence get_batch draws blocks from (a start is drawn from [0, len - block_size - 1))."""
+    return block_size + 2
+
+
 def get_batch(ids, batch_size, block_size, rng):
     """Random contiguous blocks: x = ids[i : i+T], y = ids[i+1 : i+T+1]. Deterministic given rng's state."""
-    if len(ids) <= block_size + 1:
-        raise ValueError(f"text of {len(ids)} tokens is too short for block_size {block_size}")
+    if len(ids) < min_tokens(block_size):
+        raise ValueError(f"text of {len(ids)} tokens is too short for block_size {block_size} "
+                         f"(needs at least {min_tokens(block_size)})")
     starts = rng.integers(0, len(ids) - block_size - 1, size=batch_size)
     x = np.stack([ids[s:s + block_size] for s in starts])
     y = np.stack([ids[s + 1:s + block_size + 1] for s in starts])

@@ -76,13 +76,16 @@ class BPETokenizer:
             out.extend(self._encode_chunk(chunk))
         return np.asarray(out, dtype=np.int32)
 
-    def decode(self, ids):
-        """Text of the ids; a sequence cut inside a multi-byte character shows U+FFFD there."""
+    def decode_bytes(self, ids):
+        """The UTF-8 bytes of the ids, which may end inside a character (a stream decodes them incrementally)."""
         try:
-            data = b"".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
+            return b"".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
         except KeyError as e:
             raise ValueError(f"token id {e.args[0]} is outside this tokenizer's vocabulary of {self.vocab_size}") from None
-        return data.decode("utf-8", errors="replace")
+
+    def decode(self, ids):
+        """Text of the ids; a sequence cut inside a multi-byte character shows U+FFFD there."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def to_json(self):
         return json.dumps({"type": "bpe", "pattern": self.pattern, "merges": [list(m) for m in self.merges]})

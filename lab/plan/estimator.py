@@ -12,9 +12,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..checks import choice, integer, real, show
 from .profiles import get_profile, limits_profile, profile_device
 
 F32 = 4
+MAX_SIZE = 2 ** 40      # the largest batch, sequence, step count or model dimension a plan takes
+MAX_TOKENS = 1e18
 
 
 @dataclass
@@ -93,11 +96,14 @@ def _config(config_or_preset):
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        from ..checkpoint import _config_from_hf, read_json
+        from ..checkpoint import CheckpointError, _config_from_hf, read_json
         data = read_json(path, "model config")
         if data.get("model_type") == "gpt2":
             return _config_from_hf(data, path)
-        return TransformerConfig(**{k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__})
+        try:
+            return TransformerConfig(**{k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: invalid model config ({e})") from None
     raise ValueError(f"unknown model {config_or_preset!r}: a TransformerConfig, a preset ({sorted(PRESETS)}), or a "
                      f"config.json (lab or GPT-2)")
 
@@ -186,24 +192,29 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     lora_base_dtype "float16": LoRA on a base whose linear weights are stored as float16 (lora.apply's
     base_dtype), 2 bytes each instead of 4."""
     c = _config(config_or_preset)
-    if vocab_size:
-        c = replace(c, vocab_size=vocab_size)
-    seq = seq or c.block_size
+    # every size at most 2**40 and tokens at most 1e18: the plan's products (attention matrices, total FLOPs)
+    # then stay far inside a float, so no size overflows into an OverflowError or an infinite time
+    if vocab_size is not None:
+        c = replace(c, vocab_size=integer("vocab_size", vocab_size, 1, MAX_SIZE))
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        integer(name, getattr(c, name), 1, MAX_SIZE)
+    batch = integer("batch", batch, 1, MAX_SIZE)
+    seq = c.block_size if seq is None else integer("seq", seq, 1, MAX_SIZE)
+    tokens = None if tokens is None else real("tokens", tokens, low=0, low_open=True, high=MAX_TOKENS)
+    steps = None if steps is None else integer("steps", steps, 1, MAX_SIZE)
+    lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, MAX_SIZE) or None
     if seq > c.block_size:
         c = replace(c, block_size=seq)
     if precision != "fp32":
-        raise ValueError(f"precision {precision!r} is not supported yet: lab trains in fp32")
-    if optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    if batch < 1 or seq < 1:
-        raise ValueError(f"batch and seq must be >= 1, got {batch} and {seq}")
+        raise ValueError(f"precision {show(precision)} is not supported yet: lab trains in fp32")
+    choice("optimizer", optimizer, ("adamw", "sgd"))
     if lora_base_dtype not in ("float32", "float16") or (lora_base_dtype == "float16" and not lora_rank):
         raise ValueError(f"lora_base_dtype must be 'float32' or 'float16' (float16 with a lora_rank: a frozen base "
-                         f"only), got {lora_base_dtype!r}" + ("" if lora_rank else " without a lora_rank"))
+                         f"only), got {show(lora_base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
     prof = get_profile(device)
     tokens_per_step = batch * seq
     if steps is None:
-        steps = math.ceil((tokens or 1e6) / tokens_per_step)
+        steps = math.ceil((tokens or 1e6) / tokens_per_step)  # (tokens is None or > 0)
     tokens = steps * tokens_per_step
     params, trainable = count_params(c, lora_rank, lora_targets)
     # the engine runs attention on its fused kernels where the weights would exceed one buffer (wgpu, heads of 64,
@@ -356,8 +367,8 @@ def _check_devices(plan, prof, share_bytes):
                                  "or use LoRA")
             return
         n_memory = math.ceil(acts / (prof.memory_bytes - fixed))
-        while n_memory <= plan.batch and share_bytes(math.ceil(plan.batch / n_memory)) > prof.memory_bytes:
-            n_memory += 1
+        n_memory = _first_fitting(n_memory, plan.batch,
+                                  lambda n: share_bytes(math.ceil(plan.batch / n)) <= prof.memory_bytes)
         if n_memory > plan.batch:
             plan.multi_device = (f"even one sequence per device does not fit: {plan.batch} devices are not enough")
             return
@@ -376,6 +387,26 @@ def _check_devices(plan, prof, share_bytes):
                          f"{DDP_SCALING:.0%} scaling). Export the run (`python -m lab export --checkpoint DIR "
                          f"--format hf --out OUT`), train with `torchrun --nproc_per_node {n} -m lab.scale.ddp_train "
                          f"--model OUT --out OUT-ddp`, and bring it back with `python -m lab import OUT-ddp`")
+
+
+def _first_fitting(n, limit, fits):
+    """The first n' >= n with fits(n'), or a number above `limit` where none up to it fits. One by one at first (a
+    share can cross a threshold, so fitting need not be monotonic in n), then by doubling and bisection: a huge
+    batch (a typo in a form) costs a few dozen estimates, not one per device."""
+    for _ in range(64):
+        if n > limit or fits(n):
+            return n
+        n += 1
+    bad, step = n - 1, 1
+    while True:
+        n = min(bad + step, limit + 1)
+        if n > limit or fits(n):
+            break
+        bad, step = n, 2 * step
+    while n - bad > 1:   # bad does not fit, n does (or is past the limit)
+        mid = (bad + n) // 2
+        bad, n = (bad, mid) if fits(mid) else (mid, n)
+    return n
 
 
 def predict_and_measure(trainer, steps=15, attempts=2, within=0.35):
