@@ -154,7 +154,7 @@ def test_loading_a_regular_file_says_it_is_a_file(tmp_path, numpy_backend):
     (tmp_path / "ck").write_text("x")
     with pytest.raises(CheckpointError, match=r"ck: is a file, not a checkpoint directory"):
         load_checkpoint(tmp_path / "ck")
-    with pytest.raises(CheckpointError, match=r"ck/adapter_config.json: .*not found|ck: is a file"):
+    with pytest.raises(CheckpointError, match=r"ck: is a file, not a directory \(looked for adapter_config.json"):
         lora.load_adapter(_trainer().model, tmp_path / "ck")
 
 
