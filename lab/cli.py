@@ -98,11 +98,15 @@ def _generate(args):
     if args.beams > 1:
         print(prompt + beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok))
         return 0
-    print(prompt, end="", flush=True)
+    shown = []
+
+    def show(_, piece):  # the prompt goes out with the first token: a refused argument leaves stdout empty
+        print(piece if shown else prompt + piece, end="", flush=True)
+        shown.append(True)
     generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy, stop=args.stop,
-             seed=args.seed, on_token=lambda _, piece: print(piece, end="", flush=True))
-    print()
+             seed=args.seed, on_token=show)
+    print("" if shown else prompt)
     return 0
 
 

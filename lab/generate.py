@@ -29,7 +29,8 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
         try:
             real("temperature", temperature, low=1e-6)
         except ValueError as e:
-            raise ValueError(f"{e} (use greedy=True for argmax)") from None
+            small = isinstance(temperature, (int, float)) and temperature < 1e-6
+            raise ValueError(f"{e}{' (use greedy=True for argmax)' if small else ''}") from None
     if top_p is not None:
         real("top_p", top_p, low=0, low_open=True, high=1)
     if top_k is not None:

@@ -106,6 +106,7 @@ def test_cli_train_nan_lr_refused(flag, value, allowed):
     (["bench", "kernels", "--sizes", "64,x"], ["--sizes", "'x'"]),
     (["bench", "kernels", "--budget", "-1"], ["--budget", "-1"]),
     (["bench", "nope"], ["unknown benchmark suite 'nope'"]),
+    (["bench", "diagnostics", "--preset", "huge", "--backend", "numpy"], ["unknown preset 'huge'"]),
     (["plan", "--batch-size", "0"], ["--batch-size", "0"]),
     (["plan", "--minutes", "nan"], ["--minutes", "nan"]),
     (["generate"], ["required: --checkpoint"]),

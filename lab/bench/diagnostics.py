@@ -14,6 +14,8 @@ from ..train import TrainConfig, Trainer
 
 
 def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=None, print_fn=print):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     backend = backend_instance(backend_name)
     with using_backend(backend):
         tok, tr, va = char_dataset()
