@@ -357,3 +357,11 @@ def test_a_failed_save_into_a_new_directory_leaves_no_directory(tmp_path, numpy_
     with pytest.raises(CheckpointError, match=r"contains NaN or Inf: not saved"):
         t.model.save_pretrained(tmp_path / "new" / "m")
     assert not (tmp_path / "new" / "m").exists()
+
+
+def test_a_run_whose_checkpoint_dir_is_a_file_is_refused_before_training(tmp_path, numpy_backend):
+    (tmp_path / "ck").write_text("precious")
+    t = _trainer(checkpoint_dir=str(tmp_path / "ck"))
+    with pytest.raises(CheckpointError, match=r"ck: is a file, not a directory"):
+        t.run(progress=False, log_evals=False)
+    assert t.step_num == 0 and (tmp_path / "ck").read_text() == "precious"
