@@ -11,6 +11,7 @@ too (checkpoint_config / apply_config), so a LoRA run resumes like any other.
 """
 import contextlib
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,15 @@ class LoRALinear(nn.Linear):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scale = alpha / r
         self.enabled, self.merged = True, False
+
+    @property
+    def enabled(self):
+        """use_adapter's setting, or adapter_enabled's inside its block in the calling thread."""
+        return getattr(_switches, "on", {}).get(id(self), self._enabled)
+
+    @enabled.setter
+    def enabled(self, value):
+        self._enabled = value
 
     def forward(self, x):
         y = super().forward(x)
@@ -200,25 +210,34 @@ def _require_adapters(model):
     return found
 
 
+def _switchable(model, enabled):
+    found = [m for _, m in _require_adapters(model)]
+    if not enabled and any(m.merged for m in found):
+        raise ValueError("adapters are merged into the base weights: unmerge first to switch them off")
+    return found
+
+
 def use_adapter(model, enabled=True):
     """Switch every adapter on or off (the base weights are untouched either way)."""
-    for _, m in _require_adapters(model):
-        if m.merged and not enabled:
-            raise ValueError("adapters are merged into the base weights: unmerge first to switch them off")
+    for m in _switchable(model, enabled):
         m.enabled = bool(enabled)
     return model
 
 
+_switches = threading.local()  # adapter_enabled's switches in this thread: id(adapter module) -> on
+
+
 @contextlib.contextmanager
 def adapter_enabled(model, enabled):
-    """Temporarily switch adapters on or off, e.g. to compare base and adapter answers to one prompt."""
-    previous = [m.enabled for _, m in _require_adapters(model)]
-    use_adapter(model, enabled)
+    """Switch adapters on or off for the block, e.g. to compare base and adapter answers to one prompt. Only in the
+    calling thread: a training thread stepping the same model meanwhile (TrainingPanel.start()) keeps them as set."""
+    found = _switchable(model, enabled)
+    previous = getattr(_switches, "on", {})
+    _switches.on = {**previous, **{id(m): bool(enabled) for m in found}}
     try:
         yield model
     finally:
-        for (_, m), e in zip(adapters(model), previous):
-            m.enabled = e
+        _switches.on = previous
 
 
 def merge(model):

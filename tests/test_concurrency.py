@@ -111,3 +111,35 @@ def test_profiling_in_main_thread_leaves_the_training_thread_running(use_backend
     thread.join()
     assert not errors, errors
     assert trainer.step_num == STEPS and _losses(trainer) == _losses(alone)
+
+
+def test_lora_training_thread_keeps_its_adapters_while_generation_switches_them(use_backend):
+    """generate(adapter=False) switched the adapters off for every thread: the training thread's steps then had
+    nothing to train (backward() on a tensor that does not require grad)."""
+    from lab import lora
+
+    def lora_trainer():
+        base, tok = _trainer()
+        lora.apply(base.model, r=2, alpha=4, targets=["c_attn", "c_fc"])
+        return Trainer(base.model, base.train_ids, base.val_ids, base.cfg), tok
+    alone, _ = lora_trainer()
+    alone.run(progress=False, log_evals=False)
+    trainer, tok = lora_trainer()
+    errors = []
+
+    def train():
+        try:
+            trainer.run(progress=False, log_evals=False)
+        except BaseException as e:
+            errors.append(e)
+    thread = threading.Thread(target=train)
+    thread.start()
+    outputs = []
+    while thread.is_alive() or not outputs:
+        for adapter in (False, True):
+            outputs.append(lab.generate(trainer.model, "god", 4, tokenizer=tok, adapter=adapter, seed=2))
+    thread.join()
+    assert not errors, errors
+    assert _losses(trainer) == _losses(alone)
+    assert all(m.enabled for _, m in lora.adapters(trainer.model))  # as set, after all the switching
+    _check_outputs(outputs, tok)
