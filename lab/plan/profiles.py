@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..bench.timing import best_seconds
+from ..checks import show
 from ..engine.backend import backend_instance, get_backend, using_backend
 from ..engine.tensor import no_grad, tensor
 
@@ -179,6 +180,7 @@ def get_profile(device=None):
         return profile_device()
     if isinstance(device, DeviceProfile):
         return device
-    if device not in PROFILES:
-        raise ValueError(f"unknown device profile {device!r}: choose 'this' (measured) or one of {sorted(PROFILES)}")
+    if not isinstance(device, str) or device not in PROFILES:
+        raise ValueError(f"unknown device profile {show(device)}: choose 'this' (measured) or one of "
+                         f"{sorted(PROFILES)}")
     return PROFILES[device]

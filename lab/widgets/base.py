@@ -5,6 +5,8 @@ from pathlib import Path
 import anywidget
 import traitlets as t
 
+from ..checks import show
+
 _HERE = Path(__file__).resolve().parent
 _ASSET_DIRS = [_HERE.parent / "static" / "widgets", _HERE.parents[1] / "widgets"]
 
@@ -44,15 +46,59 @@ class Panel(anywidget.AnyWidget):
     compares text/html but not images, so notebooks stay comparable."""
 
     error = t.Unicode("").tag(sync=True)   # shown in the panel: bad input from the browser never raises in the kernel
+    _settable = ()                         # the panel's own traits the browser may set; the rest are outputs
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.on_msg(self._on_message)
 
     def set_state(self, sync_data):
-        """Values from the browser. One a trait refuses (wrong type, out of range) shows in the panel's error line,
-        and the browser gets the kernel's valid values back; the kernel never sees an exception."""
+        """Values from the browser. One a trait refuses (wrong type, out of range), or one the browser may not set
+        (an output such as `error` or a result), shows in the panel's error line, and the browser gets the kernel's
+        valid values back; the kernel never sees an exception."""
         try:
+            if not isinstance(sync_data, dict):
+                raise TypeError(f"expected an object of trait values, got {show(sync_data)}")
+            own = set(self.trait_names(sync=True)) - set(anywidget.AnyWidget.class_trait_names(sync=True))
+            refused = sorted(k for k in sync_data if k in own and k not in self._settable)
+            if refused:
+                raise ValueError(f"{show(refused)} cannot be set from the panel: settable are {list(self._settable)}")
+            for key in own & set(sync_data):   # checked before any is set, in a message of bounded length
+                trait = self.traits()[key]
+                try:
+                    trait._validate(self, sync_data[key])
+                except t.TraitError:
+                    raise ValueError(f"{key} must be {trait.info()}, got {show(sync_data[key])}") from None
             super().set_state(sync_data)
         except (t.TraitError, TypeError, ValueError) as e:
             self.error = f"invalid value from the panel: {e}"
-            self.send_state([k for k in sync_data if k in self.keys])
+            if isinstance(sync_data, dict):
+                self.send_state([k for k in sync_data if k in self.keys])
+
+    def _commands(self):
+        """{name: handler(message)} for the browser's {"cmd": name, ...} messages."""
+        return {}
+
+    @staticmethod
+    def _values(message, example):
+        """The {field: value} object of a "set" message."""
+        values = message.get("values")
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise TypeError(f"'set' needs its values as an object of named fields, e.g. {example}, got {show(values)}")
+        return values
+
+    def _on_message(self, widget, content, buffers):
+        try:
+            if not isinstance(content, dict):
+                raise TypeError(f"expected a message object {{\"cmd\": ...}}, got {show(content)}")
+            commands = self._commands()
+            cmd = content.get("cmd")
+            if not isinstance(cmd, str) or cmd not in commands:
+                raise ValueError(f"unknown command {show(cmd)}: " + (f"expected one of {sorted(commands)}" if commands
+                                                                     else "this panel takes no commands"))
+            commands[cmd](content)
+        except Exception as e:  # a bad message shows in the panel and never takes the kernel down
+            self.error = f"{type(e).__name__}: {e}"
 
     def _static_html(self):
         return ""

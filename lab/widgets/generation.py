@@ -20,11 +20,12 @@ class GenerationPanel(Panel):
     max_tokens = t.Int(120).tag(sync=True)
     beams = t.Int(1).tag(sync=True)             # > 1: beam search
     has_adapter = t.Bool(False).tag(sync=True)
-    adapter_mode = t.Unicode("adapter").tag(sync=True)   # adapter, base, or both
+    adapter_mode = t.Enum(("adapter", "base", "both"), "adapter").tag(sync=True)
     output = t.Unicode("").tag(sync=True)
     base_output = t.Unicode("").tag(sync=True)
     running = t.Bool(False).tag(sync=True)
     error = t.Unicode("").tag(sync=True)
+    _settable = ("prompt", "temperature", "top_k", "top_p", "max_tokens", "beams", "adapter_mode")
 
     def __init__(self, model, tokenizer, prompt="", **kwargs):
         super().__init__(**kwargs)
@@ -33,18 +34,9 @@ class GenerationPanel(Panel):
         self.prompt = prompt
         self.has_adapter = bool(adapters(model))
         self._thread = None
-        self.on_msg(self._on_message)
 
-    def _on_message(self, widget, content, buffers):
-        try:
-            if not isinstance(content, dict):
-                raise TypeError(f"expected a message object, got {type(content).__name__}")
-            if content.get("cmd") == "generate":
-                self.generate(wait=False)
-            elif content.get("cmd") is not None:
-                raise ValueError(f"unknown command {content.get('cmd')!r}")
-        except Exception as e:  # a bad message shows in the panel and never takes the kernel down
-            self.error = f"{type(e).__name__}: {e}"
+    def _commands(self):
+        return {"generate": lambda message: self.generate(wait=False)}
 
     def generate(self, wait=True, seed=None):
         """Generate from the current prompt and controls; streams into `output` (and `base_output`)."""

@@ -2,9 +2,11 @@
 generated sample every N steps, hyperparameter inputs, and Start / Pause / Resume / Stop while training runs."""
 import threading
 import time
+from dataclasses import replace
 
 import traitlets as t
 
+from ..checks import choice, integer, parse_number, real, show
 from .base import Panel, module_source, panel_css
 
 MAX_POINTS = 400  # points of history sent to the browser (the full history stays in trainer.history)
@@ -38,14 +40,17 @@ class TrainingPanel(Panel):
                  max_updates_per_s=10.0, preset="", **kwargs):
         super().__init__(**kwargs)
         self.tokenizer = tokenizer
-        self.sample_every, self.sample_prompt, self.sample_tokens = sample_every, sample_prompt, sample_tokens
-        self._min_interval = 1.0 / max_updates_per_s
+        self.sample_every = integer("sample_every", sample_every, low=0)   # 0: no samples
+        if not isinstance(sample_prompt, str):
+            raise ValueError(f"sample_prompt must be text, got {show(sample_prompt)}")
+        self.sample_prompt = sample_prompt
+        self.sample_tokens = integer("sample_tokens", sample_tokens, low=1)
+        self._min_interval = 1.0 / real("max_updates_per_s", max_updates_per_s, low=0, low_open=True)
         self._last_push = 0.0
         self._thread = None
         self._build = None
         self._lock = threading.Lock()
         self._attach(trainer, preset)
-        self.on_msg(self._on_message)
 
     @classmethod
     def for_preset(cls, preset="tiny", corpus="kjv", steps=600, batch_size=12, lr=1e-3, seed=0, **kwargs):
@@ -121,54 +126,38 @@ class TrainingPanel(Panel):
 
     def set_hparams(self, **values):
         """Change lr, batch_size or steps (applied from the next step), or the preset (between runs, on a panel
-        made by for_preset: a new model)."""
-        preset = values.pop("preset", None)
+        made by for_preset: a new model). Numbers may come as text (the browser's inputs). They are checked as any
+        TrainConfig is, and a batch by the fit check (Trainer.reconfigure); a refused value raises ValueError and
+        changes nothing."""
+        unknown = sorted(set(values) - {"lr", "batch_size", "steps", "preset"})
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {show(unknown)}: expected lr, batch_size, steps or preset")
+        numbers = {k: parse_number(k, v) for k, v in values.items() if k != "preset"}
+        preset = values.get("preset")
         if preset is not None and preset != self.hparams.get("preset"):
             if self._build is None:
                 raise ValueError("this panel trains a model it was given; TrainingPanel.for_preset(...) makes one "
                                  "whose preset can be switched")
             if self.status in ("running", "paused"):
                 raise ValueError("stop training before switching the preset")
-            cfg = self.trainer.cfg
+            choice("preset", preset, self.presets)
+            cfg = replace(self.trainer.cfg, **numbers)
             self._attach(self._build(preset, cfg.steps, cfg.batch_size, cfg.lr), preset)
+        else:
+            self.trainer.reconfigure(**numbers)
         cfg = self.trainer.cfg
-        for key, value in values.items():
-            if key == "lr":
-                value = float(value)
-                if not value > 0:
-                    raise ValueError(f"lr must be > 0, got {value}")
-                cfg.lr = value
-                self.trainer.optimizer.lr = value
-            elif key in ("batch_size", "steps"):
-                value = int(value)
-                if value < 1:
-                    raise ValueError(f"{key} must be >= 1, got {value}")
-                setattr(cfg, key, value)
-                if key == "steps":
-                    self.total_steps = value
-            else:
-                raise ValueError(f"unknown hyperparameter {key!r}: expected lr, batch_size or steps")
+        self.total_steps = cfg.steps
         self.hparams = {**self.hparams, **{k: getattr(cfg, k) for k in ("lr", "batch_size", "steps")}}
 
-    def _on_message(self, widget, content, buffers):
-        try:
-            cmd = content.get("cmd")
-            if cmd == "start":
-                self.start()
-            elif cmd == "pause":
-                self.pause()
-            elif cmd == "resume":
-                self.resume()
-            elif cmd == "stop":
-                self.stop()
-            elif cmd == "set":
-                self.set_hparams(**content.get("values", {}))
-            elif cmd == "log_scale":
-                self.log_scale = bool(content.get("value"))
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-        except Exception as e:  # a bad message shows in the panel and never takes the kernel down
-            self.error = f"{type(e).__name__}: {e}"
+    def _commands(self):
+        def set_values(message):
+            self.set_hparams(**self._values(message, '{"lr": 0.001}'))
+            self.error = ""
+
+        def log_scale(message):
+            self.log_scale = choice("log_scale value", message.get("value"), (True, False))
+        return {"start": lambda m: self.start(), "pause": lambda m: self.pause(), "resume": lambda m: self.resume(),
+                "stop": lambda m: self.stop(), "set": set_values, "log_scale": log_scale}
 
     # -- the training loop side --
     def _run(self):
