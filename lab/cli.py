@@ -73,7 +73,7 @@ def _train(args):
         else:
             save_checkpoint(args.out, model, tok, trainer)
             print(f"saved checkpoint to {args.out} (step {trainer.step_num})")
-    parts = [f"{trainer.step_num} steps in {seconds:.0f} s"]
+    parts = [f"{trainer.step_num} step{'' if trainer.step_num == 1 else 's'} in {seconds:.0f} s"]
     parts.append(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}" if history
                  else f"no train loss logged (logged every {tcfg.log_every} steps)")
     if updated and finite and not interrupted:

@@ -195,5 +195,5 @@ def test_cli_train_time_limit_before_first_log_summarizes(tmp_path):
              "--out", str(tmp_path / "ck"))
     assert r.returncode == 0, r.stderr
     done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
-    assert len(done) == 1 and "1 steps" in done[0] and "(time limit of 0.001 s reached)" in done[0]
+    assert len(done) == 1 and "1 step in" in done[0] and "(time limit of 0.001 s reached)" in done[0]
     assert (tmp_path / "ck" / "model.safetensors").is_file()
