@@ -232,6 +232,24 @@ def test_panel_constructor_arguments_refused_with_value_error(setup, numpy_backe
             make(trainer)
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda m, tok: GenerationPanel(m, tok, prompt=5), "prompt must be a unicode string, got 5"),
+    (lambda m, tok: GenerationPanel(m, tok, temperature="x" * 10_000), "temperature must be a float, got 'xxx"),
+    (lambda m, tok: GenerationPanel(m, tok, adapter_mode="bogus"), "adapter_mode must be any of"),
+    (lambda m, tok: AttentionHeatmap(m, 123, tok), "needs a text, got 123"),
+    (lambda m, tok: AttentionHeatmap(m, "And", tok, layer="second"), "layer must be an int"),
+    (lambda m, tok: EdgeDiagnosticsPanel(reports=[1], surface=False), "reports must be a list of"),
+    (lambda m, tok: EdgeDiagnosticsPanel(monitor=5, surface=False), "monitor must be a lab.diagnostics"),
+    (lambda m, tok: TrainingPanel(5), "TrainingPanel follows a lab.train.Trainer, got 5"),
+])
+def test_other_panels_constructor_arguments_refused_with_value_error(setup, numpy_backend, make, message):
+    model, tok, _, _ = setup
+    with lab.engine.backend.using_backend(numpy_backend):
+        with pytest.raises(ValueError, match=message) as info:
+            make(model, tok)
+    assert _clear(str(info.value))
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"tokens": -5}, "tokens must be a finite number > 0"), ({"tokens": float("inf")}, "tokens must be a finite"),
     ({"tokens": 0}, "tokens must be"), ({"batch": 0}, "batch must be an integer >= 1"),

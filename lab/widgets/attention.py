@@ -3,6 +3,7 @@ of thumbnails; the weights travel to the browser as one binary float32 buffer, n
 import numpy as np
 import traitlets as t
 
+from ..checks import show
 from ..engine.tensor import no_grad
 from ..nn import evaluating
 from .base import Panel, module_source, panel_css
@@ -28,8 +29,11 @@ class AttentionHeatmap(Panel):
     head = t.Int(0).tag(sync=True)
     _settable = ("layer", "head")
 
-    def __init__(self, model, text, tokenizer, **kwargs):
+    def __init__(self, model, text, tokenizer, layer=0, head=0, **kwargs):
         super().__init__(**kwargs)
+        self._check_traits({"layer": layer, "head": head})   # set once the counts they are clamped to are known
+        if not isinstance(text, str):
+            raise ValueError(f"AttentionHeatmap needs a text, got {show(text)}")
         ids = tokenizer.encode(text)
         block = model.config.block_size
         if len(ids) == 0:
@@ -42,6 +46,7 @@ class AttentionHeatmap(Panel):
             self.tokens = [tokenizer.decode([int(i)]) for i in ids]
             self.n_layer, self.n_head = att.shape[0], att.shape[1]
             self.weights = att.tobytes()
+            self.layer, self.head = layer, head
 
     @t.validate("layer")
     def _valid_layer(self, proposal):

@@ -49,8 +49,22 @@ class Panel(anywidget.AnyWidget):
     _settable = ()                         # the panel's own traits the browser may set; the rest are outputs
 
     def __init__(self, **kwargs):
+        self._check_traits(kwargs)   # a bad argument is a ValueError naming it, as from any other Python call
         super().__init__(**kwargs)
         self.on_msg(self._on_message)
+
+    def _check_traits(self, values):
+        """Each of the panel's own traits in `values` validated before any is set, refused in a message of bounded
+        length (traitlets' own quote the whole value)."""
+        for key in self._own_traits() & set(values):
+            trait = self.traits()[key]
+            try:
+                trait._validate(self, values[key])
+            except t.TraitError:
+                raise ValueError(f"{key} must be {trait.info()}, got {show(values[key])}") from None
+
+    def _own_traits(self):
+        return set(self.trait_names(sync=True)) - set(anywidget.AnyWidget.class_trait_names(sync=True))
 
     def set_state(self, sync_data):
         """Values from the browser. One a trait refuses (wrong type, out of range), or one the browser may not set
@@ -59,16 +73,10 @@ class Panel(anywidget.AnyWidget):
         try:
             if not isinstance(sync_data, dict):
                 raise TypeError(f"expected an object of trait values, got {show(sync_data)}")
-            own = set(self.trait_names(sync=True)) - set(anywidget.AnyWidget.class_trait_names(sync=True))
-            refused = sorted(k for k in sync_data if k in own and k not in self._settable)
+            refused = sorted(k for k in sync_data if k in self._own_traits() and k not in self._settable)
             if refused:
                 raise ValueError(f"{show(refused)} cannot be set from the panel: settable are {list(self._settable)}")
-            for key in own & set(sync_data):   # checked before any is set, in a message of bounded length
-                trait = self.traits()[key]
-                try:
-                    trait._validate(self, sync_data[key])
-                except t.TraitError:
-                    raise ValueError(f"{key} must be {trait.info()}, got {show(sync_data[key])}") from None
+            self._check_traits(sync_data)
             super().set_state(sync_data)
         except (t.TraitError, TypeError, ValueError) as e:
             self.error = f"invalid value from the panel: {e}"

@@ -3,6 +3,7 @@ scale, edge band %, efficiency products, flat-region flag) with colour-coded sta
 the efficiency-surface plots of the on-the-edge model."""
 import traitlets as t
 
+from ..checks import show
 from .base import Panel, figure_png, module_source, panel_css
 
 REPORT_KEYS = ("step", "lr", "sharpness", "threshold", "fisher_trace", "noise_scale", "batch_size",
@@ -19,6 +20,9 @@ class EdgeDiagnosticsPanel(Panel):
 
     def __init__(self, monitor=None, reports=None, surface=True, **kwargs):
         super().__init__(**kwargs)
+        from ..diagnostics import DiagnosticsMonitor
+        if monitor is not None and not isinstance(monitor, DiagnosticsMonitor):
+            raise ValueError(f"monitor must be a lab.diagnostics.DiagnosticsMonitor, got {show(monitor)}")
         self.monitor = monitor
         if reports:
             self.add_reports(reports)
@@ -32,6 +36,8 @@ class EdgeDiagnosticsPanel(Panel):
             self.surface_png = figure_png(plot_surface(r))
 
     def add_reports(self, reports):
+        if not isinstance(reports, (list, tuple)) or not all(isinstance(r, dict) for r in reports):
+            raise ValueError(f"reports must be a list of DiagnosticsMonitor reports (dicts), got {show(reports)}")
         clean = [{k: _jsonable(r.get(k)) for k in REPORT_KEYS} for r in reports]
         self.reports = self.reports + clean
 

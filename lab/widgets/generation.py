@@ -28,10 +28,9 @@ class GenerationPanel(Panel):
     _settable = ("prompt", "temperature", "top_k", "top_p", "max_tokens", "beams", "adapter_mode")
 
     def __init__(self, model, tokenizer, prompt="", **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(prompt=prompt, **kwargs)
         from ..lora import adapters
         self.model, self.tokenizer = model, tokenizer
-        self.prompt = prompt
         self.has_adapter = bool(adapters(model))
         self._thread = None
 

@@ -39,6 +39,9 @@ class TrainingPanel(Panel):
     def __init__(self, trainer, tokenizer=None, sample_every=100, sample_prompt="\n", sample_tokens=120,
                  max_updates_per_s=10.0, preset="", **kwargs):
         super().__init__(**kwargs)
+        from ..train import Trainer
+        if not isinstance(trainer, Trainer):
+            raise ValueError(f"TrainingPanel follows a lab.train.Trainer, got {show(trainer)}")
         self.tokenizer = tokenizer
         self.sample_every = integer("sample_every", sample_every, low=0)   # 0: no samples
         if not isinstance(sample_prompt, str):
