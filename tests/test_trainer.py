@@ -149,3 +149,28 @@ def test_short_validation_split_refused_before_training(use_backend):
     with pytest.raises(ValueError, match="the train and validation splits are too short"):
         Trainer(model, ids[:3], ids[:0], TrainConfig(steps=5, batch_size=2))
     Trainer(model, ids, ids[:18], TrainConfig(steps=1, batch_size=2, eval_every=1)).run(progress=False)  # the least
+
+
+@pytest.mark.parametrize("field,bad", [("steps", 2.9), ("steps", True), ("batch_size", "12"), ("lr", float("inf")),
+                                       ("lr", float("nan")), ("lr", 0), ("min_lr", -1e-3), ("warmup_steps", -1),
+                                       ("grad_clip", float("inf")), ("max_seconds", float("nan")),
+                                       ("betas", (0.9, 1.0)), ("betas", (float("nan"), 0.9)), ("nonfinite", "ignore")])
+def test_train_config_refuses_each_bad_field_by_name(field, bad):
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        TrainConfig(**{field: bad})
+
+
+def test_train_config_takes_integral_floats_as_ints():
+    cfg = TrainConfig(steps=3.0, batch_size=np.int64(4), betas=[0.9, 0.95])
+    assert (cfg.steps, cfg.batch_size, cfg.betas) == (3, 4, (0.9, 0.95)) and type(cfg.steps) is int
+
+
+def test_reconfigure_refused_changes_nothing(data):
+    t = _trainer(data)
+    before = dict(vars(t.cfg))
+    for values in ({"steps": 10, "lr": float("inf")}, {"batch_size": 10 ** 8}, {"bogus": 1}, {"betas": (0.8, 0.9)}):
+        with pytest.raises(ValueError):
+            t.reconfigure(**values)
+        assert vars(t.cfg) == before and t.optimizer.lr == before["lr"]
+    t.reconfigure(steps=30.0, lr=2e-3)
+    assert t.cfg.steps == 30 and t.cfg.lr == 2e-3 and t.optimizer.lr == 2e-3

@@ -56,11 +56,12 @@ class TrainConfig:
         self.lr = real("lr", self.lr, low=0, low_open=True)
         for name in ("min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta", "max_seconds"):
             setattr(self, name, real(name, getattr(self, name), low=0))
-        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {show(self.betas)}")
-        self.betas = tuple(real(f"betas[{i}]", b, low=0, high=1) for i, b in enumerate(self.betas))
-        if 1 in self.betas:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {show(self.betas)}")
+        try:
+            if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2) or 1 in self.betas:
+                raise ValueError
+            self.betas = tuple(real("betas", b, low=0, high=1) for b in self.betas)
+        except ValueError:
+            raise ValueError(f"betas must be two finite numbers in [0, 1), got {show(self.betas)}") from None
         choice("nonfinite", self.nonfinite, ("stop", "skip"))
 
 
