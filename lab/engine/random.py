@@ -21,8 +21,8 @@ def generator():
 
 def own_stream():
     """The global generator as it stands, handed over to one consumer; the global one jumps 2**127 draws ahead, so
-    nothing drawn elsewhere afterwards can repeat or shift the consumer's numbers (a single-threaded run's dropout
-    seeds are exactly those the global generator gave before streams existed)."""
+    nothing drawn elsewhere afterwards can repeat or shift the consumer's numbers (a run that nothing else draws
+    beside gets the very seeds it drew from the global generator before streams existed)."""
     g = _rng["gen"]
     _rng["gen"] = np.random.Generator(g.bit_generator.jumped())
     return g
