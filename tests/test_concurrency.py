@@ -143,3 +143,24 @@ def test_lora_training_thread_keeps_its_adapters_while_generation_switches_them(
     assert _losses(trainer) == _losses(alone)
     assert all(m.enabled for _, m in lora.adapters(trainer.model))  # as set, after all the switching
     _check_outputs(outputs, tok)
+
+
+def test_an_array_freed_while_another_thread_holds_the_backend_does_not_wait_for_it(wgpu_backend):
+    """A finalizer runs wherever the last reference goes, even inside code another thread waits on: it must not
+    take the backend's lock (here the holder waits for the freeing thread, which waited for the holder)."""
+    x = wgpu_backend.from_numpy(np.ones(1000, np.float32))
+    in_use = wgpu_backend.stats()["bytes_in_use"]
+    held, freed, waited_out = threading.Event(), threading.Event(), []
+
+    def hold():
+        with wgpu_backend.exclusive():
+            held.set()
+            waited_out.append(not freed.wait(10))
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    del x
+    freed.set()
+    holder.join()
+    assert waited_out == [False]
+    assert wgpu_backend.stats()["bytes_in_use"] == in_use - 4096  # taken back at the next call (1000 floats: 4096 B)

@@ -15,6 +15,7 @@ pipelines, bind groups and params, can be recorded again into a new pass without
 host's cost per dispatch falls from the op's Python (autograd, shape checks, packing) to three wgpu calls. The
 buffers such a capture binds are held out of the pool while it lives, so replays find them as they left them.
 """
+import collections
 import functools
 import inspect
 import math
@@ -172,8 +173,10 @@ class _Storage:
         self.buffer, self.nbytes, self.backend = buffer, nbytes, backend
 
     def __del__(self):
+        # No lock here: a finalizer runs in whichever thread drops the last reference, at any point of it (inside
+        # other locks; interruptible while it waited); the backend takes the buffer back at its next locked call.
         try:
-            self.backend._release(self.buffer, self.nbytes)
+            self.backend._freed.append((self.buffer, self.nbytes))
         except Exception:  # interpreter shutdown
             pass
 
@@ -318,6 +321,7 @@ class WgpuBackend(Backend):
         # op records whole; a capture holds it from capture_begin to capture_end, a trainer's step through
         # exclusive() (see there).
         self._lock = threading.RLock()
+        self._freed = collections.deque()  # (buffer, size) of arrays freed since the last locked call
         self.lost = False
         # Indices that live on the device are checked there: embedding.wgsl and cross_entropy.wgsl clamp a bad one
         # and record it in this buffer (index_check.wgsl); check_indices reads it at the next readback after a
@@ -366,6 +370,7 @@ class WgpuBackend(Backend):
                 f"tensor of shape {tuple(shape)} needs {nbytes} bytes, more than this device's "
                 f"max-storage-buffer-binding-size of {self.max_binding} bytes ({self.device_info['device']})")
         size = (nbytes + 255) // 256 * 256
+        self._take_back_freed()  # (an op's own temporaries, freed since the op began)
         free = self._pool.get(size) if upload else (self._recent.get(size) or self._pool.get(size))
         if free:
             buffer = free.pop()
@@ -380,6 +385,10 @@ class WgpuBackend(Backend):
         s["bytes_in_use"] += size
         s["peak_bytes_in_use"] = max(s["peak_bytes_in_use"], s["bytes_in_use"])
         return GPUArray(_Storage(buffer, size, self), shape, dtype)
+
+    def _take_back_freed(self):
+        while self._freed:
+            self._release(*self._freed.popleft())
 
     def _release(self, buffer, size):
         if id(buffer) in self._reserved:  # a capture binds it: still in use, keeping what the step left there
@@ -1439,11 +1448,12 @@ def _locked(method):
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._lock:
+            if self._freed:
+                self._take_back_freed()
             return method(self, *args, **kwargs)
     return locked
 
 
-# Every public method, and _release (a finalizer, run in whichever thread drops an array's last reference).
 for _name, _method in list(vars(WgpuBackend).items()):
-    if inspect.isfunction(_method) and (not _name.startswith("_") or _name == "_release"):
+    if inspect.isfunction(_method) and not _name.startswith("_"):
         setattr(WgpuBackend, _name, _locked(_method))
