@@ -9,12 +9,13 @@ often reused, so nodes feed several consumers (shared subgraphs). Then, on both 
   3. root.backward(g) again: if the second backward freed a node of root's graph, lab must refuse (and change no
      gradient); otherwise the gradients accumulate as PyTorch's.
 Tolerances: float64 lab (numpy backend) within 1e-9: the same arithmetic in another order. float32 lab (eps 1.2e-7)
-through graphs of up to ~40 ops whose sums cancel: rtol 2e-4 plus an absolute 2e-4 of the largest reference
-magnitude (cancellation loses relative precision in the small entries, not in the large ones); wgpu's exp/tanh are
-the GPU's (a few ulp worse), covered by the same bound. max and maximum are compared with lab's rule for ties (every
-tied maximum, or maximum's first operand, gets the gradient; PyTorch splits it), since broadcasting makes exact ties
-common.
+through graphs of up to ~40 ops whose sums cancel: rtol 2e-4 plus an absolute 2e-4 of the largest reference gradient
+of the example (cancellation loses relative precision in the small entries, not in the large ones); wgpu's exp/tanh
+are the GPU's (a few ulp worse), covered by the same bound. Inputs of max get a ramp along the reduced axis
+(Graph.apart): which of two copies of a value is larger is decided by rounding, not by the engine.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,8 @@ import lab
 from lab.engine import ops
 
 TOL = {"float32": 2e-4, "float64": 1e-9}
+# examples of the float32 numpy test (1000 in CI); the float64 one runs 2/3 of it, wgpu 1/5 (lavapipe is slow)
+EXAMPLES = int(os.environ.get("LAB_AUTOGRAD_EXAMPLES", 1000))
 
 UNARY = {
     "neg": (lambda a: -a, lambda t: -t),
@@ -46,18 +49,11 @@ BINARY = {
     "sub": (lambda a, b: a - b, lambda s, t: s - t),
     "mul": (lambda a, b: a * b, lambda s, t: s * t),
     "div": (lambda a, b: a / (b * b + 0.5), lambda s, t: s / (t * t + 0.5)),
-    "maximum": (lambda a, b: a.maximum(b), lambda s, t: torch.where(s >= t, s, t)),  # ties: all to a, as lab
+    # b shifted: two nodes of equal values (constants) tie only to an ulp in PyTorch (see Graph.apart)
+    "maximum": (lambda a, b: a.maximum(b + 0.0371), lambda s, t: torch.maximum(s, t + 0.0371)),
 }
-NEEDS_AXIS = {"softmax", "log_softmax"}
-
-
-def _torch_max(t, dim=None, keepdim=False):
-    """max as lab defines its gradient: every tied maximal element receives it (torch.amax would split it)."""
-    m = t.amax() if dim is None else t.amax(dim=dim, keepdim=True)
-    mask = (t == m).detach().to(t.dtype)
-    out = m.detach() + ((t - t.detach()) * mask).sum(dim=dim, keepdim=True) if dim is not None else \
-        m.detach() + ((t - t.detach()) * mask).sum()
-    return out if keepdim or dim is None else out.squeeze(dim)
+NEEDS_AXIS = {"softmax", "log_softmax"}  # and a last axis longer than 1: over one element they are constants
+_TORCH = {"max": "amax"}
 
 
 class Graph:
@@ -80,7 +76,7 @@ class Graph:
         shape = tuple(shape)
         if self.pool.get(shape) and self.int(0, 2) == 0:  # reuse: a node with several consumers
             return self.pick(self.pool[shape])
-        kinds = ["leaf"] if depth <= 0 else ["unary", "binary", "reduce", "reshape", "index", "leaf"]
+        kinds = ["leaf"] if depth <= 0 else ["unary", "binary", "reduce", "reshape", "index"]
         if depth > 0 and len(shape) >= 2:
             kinds += ["matmul", "transpose"]
         if depth > 0 and shape and shape[-1] >= 2:
@@ -97,7 +93,7 @@ class Graph:
         return pair
 
     def unary(self, shape, depth):
-        names = [n for n in UNARY if shape or n not in NEEDS_AXIS]
+        names = [n for n in UNARY if (shape and shape[-1] > 1) or n not in NEEDS_AXIS]
         f, g = UNARY[self.pick(names)]
         a, t = self.node(shape, depth)
         return f(a), g(t)
@@ -123,16 +119,26 @@ class Graph:
         if ones and self.flip():  # keepdims: the 1 was the reduced axis
             ax = self.pick(ones)
             src = shape[:ax] + (k,) + shape[ax + 1:]
-            a, t = self.node(src, depth)
-            want = _torch_max(t, ax, True) if op == "max" else getattr(t, op)(dim=ax, keepdim=True)
-            return getattr(a, op)(axis=ax, keepdims=True), want
+            a, t = self.apart(self.node(src, depth), ax) if op == "max" else self.node(src, depth)
+            return getattr(a, op)(axis=ax, keepdims=True), getattr(t, _TORCH.get(op, op))(dim=ax, keepdim=True)
         if len(shape) >= 3:
             return self.leaf(shape)
         ax = self.int(0, len(shape))
         a, t = self.node(shape[:ax] + (k,) + shape[ax:], depth)
-        if op == "max" and self.flip() and not shape:
-            return a.max(axis=None), _torch_max(t)
-        return getattr(a, op)(axis=ax), _torch_max(t, ax) if op == "max" else getattr(t, op)(dim=ax)
+        if op == "max":
+            a, t = self.apart((a, t), ax)
+            if not shape and self.flip():
+                return a.max(axis=None), t.amax()
+        return getattr(a, op)(axis=ax), getattr(t, _TORCH.get(op, op))(dim=ax)
+
+    @staticmethod
+    def apart(pair, axis):
+        """pair plus a ramp along `axis`: copies of one value (concat(x, x), broadcasting) would tie exactly in
+        lab but only to an ulp in PyTorch, whose vectorized loops round equal inputs differently by position."""
+        a, t = pair
+        k = a.shape[axis]
+        ramp = np.linspace(0.0, 0.25, k).reshape((k,) + (1,) * (a.ndim - axis - 1)).astype(np.float32)
+        return a + ramp, t + torch.tensor(ramp, dtype=torch.float64)
 
     def reshape(self, shape, depth):
         size = int(np.prod(shape))
@@ -190,9 +196,10 @@ class Graph:
     def layer_norm(self, shape, depth):
         c = shape[-1]
         x, w, b = self.node(shape, depth), self.node((c,), depth), self.node((c,), depth)
-        # a constant row (concat(x, x)) has variance 0: rstd = 1/sqrt(eps) amplifies float32 rounding 300x; a ramp
-        # added (a numpy array: lifted to a tensor) keeps the rows apart
-        ramp = np.linspace(-1.0, 1.0, c).astype(np.float32)
+        # a near-constant row (concat(x, x)) makes layer_norm ill-conditioned: float32 rounding grows by 1/spread.
+        # A ramp (a numpy array: lifted to a tensor) steeper than x's own spread keeps rows apart
+        spread = max(1.0, 2 * float(x[1].detach().abs().max())) if x[1].numel() else 1.0
+        ramp = (np.linspace(-1.0, 1.0, c) * spread).astype(np.float32)
         x = (x[0] + ramp, x[1] + torch.tensor(ramp, dtype=torch.float64))
         if self.flip():
             return ops.layer_norm(x[0], w[0], b[0]), TF.layer_norm(x[1], (c,), w[1], b[1], eps=1e-5)
@@ -203,9 +210,9 @@ class Graph:
         return h, TF.layer_norm(ts, (c,), w[1], b[1], eps=1e-5)
 
 
-def _close(got, want, what, tol):
+def _close(got, want, what, tol, scale=0.0):
     want = want.detach().numpy() if isinstance(want, torch.Tensor) else want
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    scale = max(1.0, scale, float(np.abs(want).max()) if want.size else 0.0)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
 
 
@@ -228,13 +235,15 @@ def _torch_backward(g, t, grad=None, retain_graph=False):
 
 
 def _check_grads(g, what, tol):
+    # a gradient that cancels to ~0 (a shift into a layer_norm) is a sum of the others' size: their scale applies
+    scale = max([float(t.grad.abs().max()) for _, t in g.leaves if t.grad is not None and t.grad.numel()] + [0.0])
     for i, (a, t) in enumerate(g.leaves):
         if t.grad is None:
             assert a.grad is None, f"{what}: leaf {i} got a gradient PyTorch does not give it"
         else:
             assert a.grad is not None, f"{what}: leaf {i} got no gradient"
             assert a.grad.dtype == a.dtype, f"{what}: leaf {i} is {a.dtype}, its gradient {a.grad.dtype}"
-            _close(a.grad.numpy(), t.grad, f"{what}: leaf {i} {tuple(t.shape)}", tol)
+            _close(a.grad.numpy(), t.grad, f"{what}: leaf {i} {tuple(t.shape)}", tol, scale)
 
 
 def _run(seed, dtype="float32"):
@@ -242,7 +251,7 @@ def _run(seed, dtype="float32"):
     g = Graph(rng, dtype)
     tol = TOL[dtype]
     shape = g.pick([(2, 3), (3,), (2, 2, 3), (1, 3), (3, 1), ()])
-    root, troot = g.node(shape, g.int(1, 5))
+    root, troot = g.node(shape, g.int(1, 6))
     _close(root.numpy(), troot, "forward", tol)
     if not troot.requires_grad:
         return
@@ -274,14 +283,14 @@ COMMON = dict(derandomize=True, deadline=None, suppress_health_check=[HealthChec
                                                                        HealthCheck.too_slow])
 
 
-@settings(max_examples=300, **COMMON)
+@settings(max_examples=EXAMPLES, **COMMON)
 @given(seed=st.integers(0, 2 ** 32 - 1))  # the seed decides the whole graph and its values
 def test_random_graphs_match_pytorch_numpy(numpy_backend, seed):
     with _active(numpy_backend):
         _run(seed)
 
 
-@settings(max_examples=200, **COMMON)
+@settings(max_examples=max(1, EXAMPLES * 2 // 3), **COMMON)
 @given(seed=st.integers(0, 2 ** 32 - 1))
 def test_random_graphs_match_pytorch_numpy_float64(numpy_backend, seed):
     """float64 on both sides: any gradient that loses precision on the way (a float32 buffer) shows at 1e-9."""
@@ -289,7 +298,7 @@ def test_random_graphs_match_pytorch_numpy_float64(numpy_backend, seed):
         _run(seed, "float64")
 
 
-@settings(max_examples=60, **COMMON)
+@settings(max_examples=max(1, EXAMPLES // 5), **COMMON)
 @given(seed=st.integers(0, 2 ** 32 - 1))
 def test_random_graphs_match_pytorch_wgpu(wgpu_backend, seed):
     with _active(wgpu_backend):
