@@ -145,8 +145,12 @@ def test_plan_estimator_survives_overflowing_input():
         _send(panel, {"cmd": "set", "values": {"batch": bad}})   # used to raise OverflowError out of the comm
         assert panel.error.startswith("batch must be an integer >= 1") and panel.form["batch"] == 12
         assert panel.result == before
-    panel.update(batch=24)   # and the next valid change computes again
-    assert panel.error == "" and panel.form["batch"] == 24 and panel.result["steps"] < before["steps"]
+    panel.update(batch="inf")   # from Python too: shown, not raised
+    assert panel.error.startswith("batch must be")
+    panel.update(tokens=2e6)    # a later change of another field computes (the bad batch did not stick)
+    assert panel.error == "" and panel.result["steps"] > before["steps"]
+    panel.update(batch=24)
+    assert panel.error == "" and panel.form["batch"] == 24 and panel.result["steps"] < 2 * before["steps"]
 
 
 def test_panel_refuses_fractional_steps(setup, numpy_backend):
