@@ -88,12 +88,14 @@ def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
 
 def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, top_p=None,
              repetition_penalty=1.0, greedy=False, tokenizer=None, stop=None, on_token=None, seed=None,
-             use_cache=True, adapter=None):
+             use_cache=True, adapter=None, should_stop=None):
     """Continue `prompt` (token ids, or a string with `tokenizer`). Returns the generated ids (prompt excluded),
     or the generated text when the prompt was a string. Stops after max_new_tokens, or once the text ends with
     `stop` (which is then cut off). on_token(id, text_or_None) is called for every new token as it is made.
     Past block_size tokens the context slides (the model sees the last block_size tokens), as in training.
-    adapter=True/False generates with the model's LoRA adapters switched on/off for this call only."""
+    adapter=True/False generates with the model's LoRA adapters switched on/off for this call only.
+    should_stop() (e.g. an Event's is_set) is asked before each token; once it says True, what was made is
+    returned (a panel's Stop button)."""
     ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if stop is not None and tokenizer is None:
@@ -113,6 +115,9 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
         logits = _step_logits(model, seq, cache, 0) if use_cache else _full_logits(model, seq, block)
         pos = len(seq)
         for _ in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                text += decoder.decode(b"", final=True)  # bytes held for a split character: as U+FFFD, not lost
+                break
             scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
             if greedy:
                 nxt = int(np.argmax(scores))
@@ -152,17 +157,23 @@ def _full_logits(model, seq, block):
     return model(x)[0, -1].numpy()
 
 
-def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None):
+def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None,
+                should_stop=None):
     """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
-    Returns ids (or text for a text prompt). adapter=True/False: LoRA adapters on/off for this call only."""
+    Returns ids (or text for a text prompt). adapter=True/False: LoRA adapters on/off for this call only.
+    should_stop() is asked before each step; once it says True, the best beam so far is returned."""
     ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
     integer("num_beams", num_beams, low=1)
     real("length_penalty", length_penalty)
     block = model.config.block_size
     beams = [(0.0, list(ids))]
+    n = 0  # tokens decoded: max_new_tokens unless stopped early
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
         for _ in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                break
+            n += 1
             window = np.asarray([s[-block:] for _, s in beams], dtype=np.int32)  # (beams, T)
             logits = model(window)[:, -1].numpy().astype(np.float64)           # (beams, V)
             logp = logits - logits.max(1, keepdims=True)
@@ -173,6 +184,5 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
                     cand.append((score + lp[tok], seq + [int(tok)]))
             cand.sort(key=lambda c: -c[0])
             beams = cand[:num_beams]
-    n = max_new_tokens
     best = max(beams, key=lambda b: b[0] / (max(n, 1) ** length_penalty))[1][len(ids):]
     return tokenizer.decode(best) if as_text else np.asarray(best, dtype=np.int64)

@@ -406,7 +406,7 @@ def test_fuzz_generation_panel_state_and_messages(setup, numpy_backend, state, m
             panel.generate(wait=True, seed=0)   # what a Generate click runs, in this thread
 
     def still_works():
-        _send(panel, message if isinstance(message, dict) and message.get("cmd") != "generate" else None)
+        _send(panel, message if isinstance(message, dict) and message.get("cmd") not in ("generate", "stop") else None)
         assert panel.error and _clear(panel.error)
         panel.set_state({"prompt": "And", "temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_tokens": 3, "beams": 1,
                          "adapter_mode": "adapter"})
@@ -442,3 +442,70 @@ def test_fuzz_counts_reported():
     """Prints the fuzz tests' case counts (pytest -s shows them; RELIABILITY.md records them)."""
     for name, (cases, accepted, refused) in sorted(COUNTS.items()):
         print(f"fuzz {name}: {cases} cases, {accepted} accepted, {refused} refused with an error shown")
+
+
+# -- Stop and the max_tokens cap (a Generate with max_tokens 10**9 ran for days, the panel only said "already
+# running") --
+
+def _tiny_generation_model(tok):
+    lab.manual_seed(0)
+    return TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, n_layer=1, n_embd=8, n_head=2,
+                                 block_size=8))
+
+
+def _wait_for(condition, timeout=60):
+    import time
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generation_panel_stop_ends_a_long_generation_and_keeps_its_text(setup, use_backend, beams):
+    from lab.widgets.generation import MAX_TOKENS
+    tok = setup[1]
+    panel = GenerationPanel(_tiny_generation_model(tok), tok, prompt="And", max_tokens=MAX_TOKENS, beams=beams)
+    _send(panel, {"cmd": "generate"})
+    if beams == 1:   # streamed: stop once some text has arrived, and that text stays
+        _wait_for(lambda: panel.output)
+    _send(panel, {"cmd": "generate"})
+    assert "already running" in panel.error and "Stop" in panel.error
+    _send(panel, {"cmd": "stop"})
+    panel._thread.join(60)
+    assert not panel._thread.is_alive() and not panel.running
+    assert 0 < len(panel.output) < MAX_TOKENS or beams > 1
+    assert not panel.error.startswith("ValueError")
+    panel.max_tokens, panel.beams = 3, 1   # the Stop is spent: the next Generate runs to its end
+    panel.generate(wait=True, seed=0)
+    assert panel.error == "" and len(panel.output) == 3
+
+
+def test_generation_panel_stop_right_after_generate_is_not_lost(setup, numpy_backend):
+    from lab.widgets.generation import MAX_TOKENS
+    tok = setup[1]
+    with lab.engine.backend.using_backend(numpy_backend):
+        panel = GenerationPanel(_tiny_generation_model(tok), tok, prompt="And", max_tokens=MAX_TOKENS)
+    for _ in range(3):
+        _send(panel, {"cmd": "generate"})
+        _send(panel, {"cmd": "stop"})   # before the thread has made a token
+        panel._thread.join(60)
+        assert not panel._thread.is_alive() and not panel.running and len(panel.output) < MAX_TOKENS
+    _send(panel, {"cmd": "stop"})   # nothing running: nothing to do, no error
+    assert panel.error == ""
+
+
+def test_generation_panel_refuses_max_tokens_and_beams_beyond_the_cap(setup, numpy_backend):
+    from lab.widgets.generation import MAX_BEAMS, MAX_TOKENS
+    tok = setup[1]
+    model = _tiny_generation_model(tok)
+    panel = GenerationPanel(model, tok, prompt="And")
+    panel.set_state({"max_tokens": 10**9})   # as the browser's number field sends it
+    _send(panel, {"cmd": "generate"})
+    assert panel.error == f"max_tokens must be an integer <= {MAX_TOKENS:,}, got 1000000000"
+    assert not panel.running and panel._thread is None
+    panel.max_tokens, panel.beams = 5, 10**6
+    _send(panel, {"cmd": "generate"})
+    assert panel.error == f"beams must be an integer <= {MAX_BEAMS:,}, got 1000000" and not panel.running
+    with pytest.raises(ValueError, match="max_tokens must be an integer <= 10,000"):
+        GenerationPanel(model, tok, prompt="And", max_tokens=10**9)

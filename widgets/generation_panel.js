@@ -1,5 +1,6 @@
 // GenerationPanel front end. Synced: prompt, temperature, top_k, top_p, max_tokens, beams, has_adapter,
-// adapter_mode, output, base_output, running, error. "Generate" sends {cmd: "generate"}; output streams in.
+// adapter_mode, output, base_output, running, error. "Generate" sends {cmd: "generate"}; output streams in;
+// "Stop" sends {cmd: "stop"} and the text made so far stays.
 
 function renderGeneration({ model, el: root }) {
   root.classList.add("lab-panel", "lab-generation");
@@ -19,12 +20,13 @@ function renderGeneration({ model, el: root }) {
   mode.onchange = () => { model.set("adapter_mode", mode.value); model.save_changes(); };
   const modeL = el("label", {}, "LoRA ", mode);
   const go = el("button", { class: "lab-btn lab-generate", onclick: () => model.send({ cmd: "generate" }) }, "Generate");
+  const stop = el("button", { class: "lab-btn lab-stop", onclick: () => model.send({ cmd: "stop" }) }, "Stop");
   const out = el("pre", { class: "lab-output" });
   const baseOut = el("pre", { class: "lab-output lab-output-base" });
   const outs = el("div", { class: "lab-row" });
   const error = el("div", { class: "lab-error" });
   root.append(el("div", { class: "lab-header" }, el("b", {}, "Generate")), prompt,
-    el("div", { class: "lab-controls" }, tempL, topkL, toppL, maxtL, beamsL, modeL, go), outs, error);
+    el("div", { class: "lab-controls" }, tempL, topkL, toppL, maxtL, beamsL, modeL, go, stop), outs, error);
 
   function update() {
     if (document.activeElement !== prompt) prompt.value = model.get("prompt");
@@ -39,6 +41,7 @@ function renderGeneration({ model, el: root }) {
     outs.replaceChildren(...(both ? [el("div", {}, el("div", { class: "lab-caption" }, "with adapter"), out),
       el("div", {}, el("div", { class: "lab-caption" }, "base"), baseOut)] : [out]));
     go.disabled = model.get("running");
+    stop.disabled = !model.get("running");
     error.textContent = model.get("error") || "";
   }
   const keys = ["prompt", "temperature", "top_k", "top_p", "max_tokens", "beams", "has_adapter", "adapter_mode", "output", "base_output", "running", "error"];

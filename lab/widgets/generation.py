@@ -5,8 +5,14 @@ import time
 
 import traitlets as t
 
+from ..checks import integer
 from ..generate import beam_search, generate
 from .base import Panel, module_source, panel_css
+
+# The most a panel generates in one go: the browser's number field takes anything, and 10**9 tokens is days of
+# work holding the backend; past a few thousand tokens a script (lab.generate) is the better tool anyway.
+MAX_TOKENS = 10_000
+MAX_BEAMS = 64   # each step runs all beams as one batch and ranks beams**2 candidates
 
 
 class GenerationPanel(Panel):
@@ -29,23 +35,42 @@ class GenerationPanel(Panel):
 
     def __init__(self, model, tokenizer, prompt="", **kwargs):
         super().__init__(prompt=prompt, **kwargs)
+        self._check_limits()   # max_tokens=10**9 from Python: refused here as from the panel
         from ..lora import adapters
         self.model, self.tokenizer = model, tokenizer
         self.has_adapter = bool(adapters(model))
         self._thread = None
+        self._lock = threading.Lock()       # two Generate clicks (or calls from two threads): one run
+        self._stop = threading.Event()      # set by Stop; the running generation ends at its next token
+
+    def _check_limits(self):
+        integer("max_tokens", self.max_tokens, high=MAX_TOKENS)
+        integer("beams", self.beams, high=MAX_BEAMS)
 
     def _commands(self):
-        return {"generate": lambda message: self.generate(wait=False)}
+        return {"generate": lambda message: self.generate(wait=False), "stop": lambda message: self.stop()}
+
+    def stop(self):
+        """End the running generation at its next token; the text made so far stays in the output."""
+        self._stop.set()
 
     def generate(self, wait=True, seed=None):
         """Generate from the current prompt and controls; streams into `output` (and `base_output`)."""
-        if self.running:
-            self.error = "generation is already running"
-            return
-        if not self.prompt:
-            self.error = "enter a prompt first"
-            return
-        self.error, self.running = "", True
+        with self._lock:
+            if self.running:
+                self.error = "generation is already running (Stop ends it)"
+                return
+            if not self.prompt:
+                self.error = "enter a prompt first"
+                return
+            try:
+                self._check_limits()
+            except ValueError as e:
+                self.error = str(e)
+                return
+            # cleared here, not in the thread: a Stop sent right after Generate must not be lost
+            self._stop.clear()
+            self.error, self.running = "", True
         if wait:
             self._run(seed)
         else:
@@ -57,6 +82,8 @@ class GenerationPanel(Panel):
             modes = {"adapter": [True], "base": [False], "both": [True, False]}[self.adapter_mode] \
                 if self.has_adapter else [None]
             for flag in modes:
+                if self._stop.is_set():  # stopped during the adapter's pass: no base pass
+                    break
                 target = "base_output" if flag is False and len(modes) > 1 else "output"
                 self._generate_into(target, flag, seed)
         except Exception as e:  # bad settings show in the panel; the kernel stays alive
@@ -68,7 +95,8 @@ class GenerationPanel(Panel):
         setattr(self, target, "")
         if self.beams > 1:
             setattr(self, target, beam_search(self.model, self.prompt, self.max_tokens, self.beams,
-                                              tokenizer=self.tokenizer, adapter=adapter))
+                                              tokenizer=self.tokenizer, adapter=adapter,
+                                              should_stop=self._stop.is_set))
             return
         pieces, last = [], [0.0]
 
@@ -80,7 +108,8 @@ class GenerationPanel(Panel):
                 setattr(self, target, "".join(pieces))
         text = generate(self.model, self.prompt, self.max_tokens, tokenizer=self.tokenizer,
                         temperature=self.temperature, top_k=self.top_k or None,
-                        top_p=None if self.top_p == 1 else self.top_p, on_token=on_token, seed=seed, adapter=adapter)
+                        top_p=None if self.top_p == 1 else self.top_p, on_token=on_token, seed=seed, adapter=adapter,
+                        should_stop=self._stop.is_set)
         setattr(self, target, text)
 
     def _static_html(self):
