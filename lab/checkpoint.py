@@ -472,7 +472,16 @@ def save_checkpoint(directory, model, tokenizer, trainer=None):
     """Model, tokenizer and (with a trainer) optimizer state, step, RNG states and history, atomically. Without a
     trainer, the optimizer and trainer state of an earlier save there are removed: they belong to other weights."""
     from .engine.random import get_state
-    with atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE)) as files:
+    if not callable(getattr(tokenizer, "to_json", None)):
+        raise ValueError(f"save_checkpoint: tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer: a "
+                         f"checkpoint holds the tokenizer its model was trained with), got {show(tokenizer)}")
+    if trainer is not None and getattr(trainer, "model", None) is not model:
+        raise ValueError(f"save_checkpoint: trainer must be the Trainer training this model (its optimizer state "
+                         f"belongs to the trainer's model), got {show(trainer)}")
+    # with a trainer, between its steps (its step lock): a trainer stepping in another thread (a panel's) would
+    # otherwise change the weights or moments while they are read, mixing step k and step k+1
+    with (trainer.step_lock if trainer is not None else contextlib.nullcontext()), \
+            atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE)) as files:
         _write_model(model, files, "lab")
         files.write_text(TOKENIZER_FILE, tokenizer.to_json())
         if trainer is not None:

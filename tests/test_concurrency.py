@@ -1,6 +1,7 @@
 """A TrainingPanel trains in a background thread while the kernel stays free: generation in the main thread, on
 the model being trained and on another, must neither fail nor change a single bit of the training's losses."""
 import threading
+import time
 
 import numpy as np
 
@@ -164,3 +165,43 @@ def test_an_array_freed_while_another_thread_holds_the_backend_does_not_wait_for
     holder.join()
     assert waited_out == [False]
     assert wgpu_backend.stats()["bytes_in_use"] == in_use - 4096  # taken back at the next call (1000 floats: 4096 B)
+
+
+def test_checkpoint_saved_beside_a_training_thread_is_of_one_step(use_backend, tmp_path, monkeypatch):
+    """save_checkpoint(dir, model, tok, trainer) from the kernel while a panel's thread trains: each checkpoint's
+    weights, optimizer moments and step are those of one step boundary (the trainer's step lock), bitwise those of
+    a run alone after that many steps, never weights of step k with moments of step k+1."""
+    from lab import checkpoint as C
+    alone, _ = _trainer()
+    opt = alone.optimizer
+
+    def snapshot():
+        return alone.model.state_dict(), {k: opt.backend.to_numpy(a) for k, a in opt.state_arrays().items()}
+    at_step = {0: snapshot()}
+    for _ in range(STEPS):
+        alone.train_step()
+        at_step[alone.step_num] = snapshot()
+
+    write_tensors = C._Staging.write_tensors
+
+    def slow_disk(self, name, tensors, metadata=None):   # a slow disk: a step fits between two files' reads
+        time.sleep(0.02)
+        return write_tensors(self, name, tensors, metadata)
+    monkeypatch.setattr(C._Staging, "write_tensors", slow_disk)
+    trainer, tok = _trainer()
+    thread = threading.Thread(target=trainer.run, kwargs=dict(progress=False, log_evals=False))
+    thread.start()
+    saved = []
+    while thread.is_alive():
+        saved.append(C.save_checkpoint(tmp_path / f"ck{len(saved)}", trainer.model, tok, trainer))
+    thread.join()
+    assert trainer.step_num == STEPS and len(saved) > 2
+    for d in saved:
+        model, _, state = C.load_checkpoint(d)
+        moments = C._named_state(C.read_safetensors(d / C.OPTIMIZER_FILE), opt)
+        weights_then, moments_then = at_step[state["step"]]
+        assert state["optimizer_step"] == state["step"]
+        for name, value in model.state_dict().items():
+            assert np.array_equal(value, weights_then[name]), (d, state["step"], name)
+        for name, value in moments.items():
+            assert np.array_equal(value, moments_then[name]), (d, state["step"], name)

@@ -173,6 +173,15 @@ def test_a_checkpoint_saved_without_trainer_drops_the_old_trainer_state(tmp_path
     assert load_checkpoint(tmp_path / "ck")[2] is None and not (tmp_path / "ck" / "optimizer.safetensors").exists()
 
 
+def test_save_checkpoint_without_a_tokenizer_or_with_another_models_trainer_is_refused(tmp_path, numpy_backend):
+    t, other = _trainer(), _trainer()
+    with pytest.raises(ValueError, match=r"tokenizer must be a lab tokenizer .* got None"):
+        save_checkpoint(tmp_path / "ck", t.model, None)
+    with pytest.raises(ValueError, match=r"trainer must be the Trainer training this model"):
+        save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, other)   # its moments belong to other weights
+    assert not (tmp_path / "ck").exists()
+
+
 @pytest.mark.parametrize("journal", ["{not json", '{"replace": {"../x": ".x.tmp-1"}, "remove": []}',
                                      '{"replace": {}, "remove": ["/etc/passwd"]}'])
 def test_a_damaged_save_journal_is_refused_and_touches_nothing_outside(journal, tmp_path, numpy_backend):

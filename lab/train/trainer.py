@@ -118,6 +118,10 @@ class Trainer:
         self._stop = False
         self._running = threading.Event()  # cleared while paused
         self._running.set()
+        # held for a whole step (train_step; run() holds it across a step and its bookkeeping): save_checkpoint
+        # takes it, so a checkpoint taken from another thread never holds the weights of step k with the
+        # optimizer moments of step k+1. Re-entrant: run() saves its own checkpoints while holding it
+        self.step_lock = threading.RLock()
         self.rng = np.random.default_rng(generator().integers(2**32))
         # the dropout seeds' own stream: generation or a model made in another thread meanwhile draws from the
         # global generator and leaves this run's masks, and so its losses, as they would be alone
@@ -206,8 +210,9 @@ class Trainer:
         replays of a captured step when nothing they depend on changed (TrainConfig.replay_steps, replay.py)."""
         # numpy's overflow/invalid warnings would repeat what check_finite reports, once per op
         # the step holds the backend (exclusive): generation in another thread waits for the step boundary
+        # the step lock before the backend's: a save (step lock, then the backend for each readback) cannot deadlock
         with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-                draw_from(self.seed_rng), self.optimizer.backend.exclusive():
+                self.step_lock, draw_from(self.seed_rng), self.optimizer.backend.exclusive():
             return self._train_step()
 
     def _train_step(self):
@@ -325,52 +330,56 @@ class Trainer:
                     last_t += time.perf_counter() - paused_at
                     if self._stop:
                         break
-                loss, norm = self.train_step()
-                step = self.step_num
-                if cfg.check_finite_every and step % cfg.check_finite_every == 0:
-                    try:
-                        self.check_finite(loss, norm)
-                    except NonFiniteError as e:
-                        say(f"lab: {e}")
-                        if cfg.nonfinite == "stop":
-                            self._stop, self.stop_reason, self.fault = True, str(e), e
-                            break
-                        self.skipped_steps.append((step, str(e)))
-                        bar.update(1)
-                        continue
-                out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
-                if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-                    if self.replay is not None:
-                        self.replay.suspend()  # the evaluation reuses the step's buffers; recaptured after it
-                    val_loss = self.evaluate()
-                    self._early_stopping(val_loss)
-                    if log_evals:
-                        say(
-                            f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
-                            f"{time.perf_counter() - t0:.0f} s")
-                if out_of_time and not self._stop:
-                    self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    now = time.perf_counter()
-                    record = {
-                        "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
-                        "lr": cosine_lr(step - 1, cfg),
-                        "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_t, 1e-9),
-                        "elapsed": now - t0,
-                    }
-                    record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
-                    last_t, last_step = now, step
-                    self.history.append(record)
-                    if len(self.history) > HISTORY_LIMIT:
-                        self._thin_history()
-                    for cb in self.callbacks:
-                        cb(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                    val=f"{val_loss:.3f}" if val_loss is not None else "-",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                if cfg.checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    self._save(say)
-                bar.update(1)
+                # the whole step, its check, evaluation, log record and checkpoint under the step lock: a
+                # save_checkpoint from another thread (the kernel, beside a panel's training thread) waits
+                # for the boundary and finds weights, moments, counters, RNG states and history of one step
+                with self.step_lock:
+                    loss, norm = self.train_step()
+                    step = self.step_num
+                    if cfg.check_finite_every and step % cfg.check_finite_every == 0:
+                        try:
+                            self.check_finite(loss, norm)
+                        except NonFiniteError as e:
+                            say(f"lab: {e}")
+                            if cfg.nonfinite == "stop":
+                                self._stop, self.stop_reason, self.fault = True, str(e), e
+                                break
+                            self.skipped_steps.append((step, str(e)))
+                            bar.update(1)
+                            continue
+                    out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
+                    if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+                        if self.replay is not None:
+                            self.replay.suspend()  # the evaluation reuses the step's buffers; recaptured after it
+                        val_loss = self.evaluate()
+                        self._early_stopping(val_loss)
+                        if log_evals:
+                            say(
+                                f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
+                                f"{time.perf_counter() - t0:.0f} s")
+                    if out_of_time and not self._stop:
+                        self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        now = time.perf_counter()
+                        record = {
+                            "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
+                            "lr": cosine_lr(step - 1, cfg),
+                            "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_t, 1e-9),
+                            "elapsed": now - t0,
+                        }
+                        record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
+                        last_t, last_step = now, step
+                        self.history.append(record)
+                        if len(self.history) > HISTORY_LIMIT:
+                            self._thin_history()
+                        for cb in self.callbacks:
+                            cb(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                        val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                    if cfg.checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        self._save(say)
+                    bar.update(1)
         except KeyboardInterrupt:  # steps finish before an interrupt lands (train_step): stop here, usable, resumable
             self._stop, self.stop_reason = True, f"interrupted (KeyboardInterrupt) after step {self.step_num}"
             say(f"lab: {self.stop_reason}")
