@@ -10,6 +10,7 @@ adapters train against the base rounded to float16. A lab-layout checkpoint hold
 too (checkpoint_config / apply_config), so a LoRA run resumes like any other.
 """
 import contextlib
+import functools
 import math
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import nn
-from .checkpoint import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors
+from .checkpoint import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors, reading
 from .checks import choice, integer, real, show
 from .engine import ops as F
 from .engine.backend import require_half_storage
@@ -130,6 +131,19 @@ def _sites(model, r, targets):
     return sites
 
 
+def _holding(what, hint=""):
+    """The function changes the model's parameters, their set or which of them train: refused while another
+    thread trains the model (nn.in_use), instead of changing them under its step."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def held(model, *args, **kwargs):
+            with nn.in_use(model, what, hint):
+                return fn(model, *args, **kwargs)
+        return held
+    return wrap
+
+
+@_holding("lora.apply")
 def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype="float32"):
     """Wrap every linear layer whose name is in `targets` with a LoRA adapter; freeze all other parameters.
     base_dtype "float16" stores every frozen linear weight as float16 (embeddings, LayerNorms and biases stay
@@ -217,6 +231,7 @@ def _switchable(model, enabled):
     return found
 
 
+@_holding("lora.use_adapter", "; `with lora.adapter_enabled(model, on):` switches them in this thread only")
 def use_adapter(model, enabled=True):
     """Switch every adapter on or off (the base weights are untouched either way)."""
     for m in _switchable(model, enabled):
@@ -240,6 +255,7 @@ def adapter_enabled(model, enabled):
         _switches.on = previous
 
 
+@_holding("lora.merge")
 def merge(model):
     """Fold scale * A^T B^T into each base weight: same outputs, no adapter cost at inference."""
     for _, m in _require_adapters(model):
@@ -247,6 +263,7 @@ def merge(model):
     return model
 
 
+@_holding("lora.unmerge")
 def unmerge(model):
     for _, m in _require_adapters(model):
         m.unmerge()
@@ -281,6 +298,7 @@ def save_adapter(model, directory, base_model_name_or_path=None):
     return Path(directory)
 
 
+@_holding("lora.load_adapter")
 def load_adapter(model, directory):
     """Load a PEFT LoRA adapter (saved by lab or by PEFT) into `model`, applying LoRA first if needed. The config
     and every tensor (name, shape, dtype, finite values) are checked before anything changes, so a failed load
@@ -288,7 +306,8 @@ def load_adapter(model, directory):
     the base weights and the loaded one folded in."""
     d = Path(directory)
     cpath, tpath = d / ADAPTER_CONFIG, d / ADAPTER_FILE
-    cfg = read_json(cpath, "adapter config")
+    with reading(d):   # the config and the tensors of one save_adapter, not of two
+        cfg, tensors = read_json(cpath, "adapter config"), read_safetensors(tpath)
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cpath}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
     unsupported = [k for k in ("use_rslora", "use_dora") if cfg.get(k)]
@@ -311,7 +330,7 @@ def load_adapter(model, directory):
         for path, _, _, linear in sites:
             n_in, n_out = linear.weight.shape
             shapes[f"{prefix}{path}.lora_A.weight"], shapes[f"{prefix}{path}.lora_B.weight"] = (r, n_in), (n_out, r)
-    values = _adapter_tensors(read_safetensors(tpath), shapes, tpath)
+    values = _adapter_tensors(tensors, shapes, tpath)
     if not found:
         _apply(model, settings)
     # every upload first, so the swaps below do not stop halfway on a device error

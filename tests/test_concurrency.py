@@ -205,3 +205,69 @@ def test_checkpoint_saved_beside_a_training_thread_is_of_one_step(use_backend, t
             assert np.array_equal(value, weights_then[name]), (d, state["step"], name)
         for name, value in moments.items():
             assert np.array_equal(value, moments_then[name]), (d, state["step"], name)
+
+
+def _refused_while_training(trainer, attempts):
+    """Pause `trainer`'s panel run in its thread, try each attempt from this thread, resume; returns the messages."""
+    panel = TrainingPanel(trainer, sample_every=0)
+    assert panel.start()
+    panel.pause()   # the thread waits inside run(), between two steps: the model is still in use there
+    messages = []
+    for name, attempt in attempts:
+        try:
+            attempt()
+        except RuntimeError as e:
+            messages.append(str(e))
+            assert str(e).startswith(f"{name}: the model is in use in thread 'lab-training'"), e
+            assert "stop it first" in str(e)
+        else:
+            raise AssertionError(f"{name} was not refused while the model trains in another thread")
+    panel.resume()
+    panel.wait()
+    assert panel.status == "done", panel.error
+    return messages
+
+
+def test_changing_a_model_that_trains_in_another_thread_is_refused(use_backend, tmp_path):
+    """lora.apply on the model a panel trains froze its parameters under the run (which stopped with 'grad_norm:
+    no parameter has a gradient'); eval() turned its dropout off mid-run; load_state_dict, a second Trainer or a
+    train_step from the kernel stepped or replaced its weights beside the run. Each is refused, naming itself,
+    and the run's losses stay those of a run alone; once it ends the same calls work."""
+    from lab import lora
+    alone, _ = _trainer()
+    alone.run(progress=False, log_evals=False)
+    trainer, tok = _trainer()
+    model = trainer.model
+    state = model.state_dict()
+    _refused_while_training(trainer, [
+        ("lora.apply", lambda: lora.apply(model, r=2)),
+        ("load_state_dict", lambda: model.load_state_dict(state)),
+        ("model.eval()", model.eval),
+        ("Trainer.run", lambda: Trainer(model, trainer.train_ids, trainer.val_ids, trainer.cfg).run(progress=False)),
+        ("Trainer.train_step", trainer.train_step)])
+    assert _losses(trainer) == _losses(alone)
+    assert model.training and not lora.adapters(model)
+    model.eval()
+    lora.apply(model, r=2)   # the run is over: allowed again
+    assert lora.adapters(model)
+
+
+def test_changing_adapters_of_a_lora_model_that_trains_in_another_thread_is_refused(use_backend, tmp_path):
+    from lab import lora
+
+    def lora_trainer():
+        base, tok = _trainer()
+        lora.apply(base.model, r=2, alpha=4, targets=["c_attn"])
+        return Trainer(base.model, base.train_ids, base.val_ids, base.cfg)
+    alone = lora_trainer()
+    alone.run(progress=False, log_evals=False)
+    lora.save_adapter(alone.model, tmp_path / "adapter")
+    trainer = lora_trainer()
+    model = trainer.model
+    _refused_while_training(trainer, [
+        ("lora.merge", lambda: lora.merge(model)), ("lora.unmerge", lambda: lora.unmerge(model)),
+        ("lora.use_adapter", lambda: lora.use_adapter(model, False)),
+        ("lora.load_adapter", lambda: lora.load_adapter(model, tmp_path / "adapter"))])
+    assert _losses(trainer) == _losses(alone)
+    assert all(m.enabled and not m.merged for _, m in lora.adapters(model))
+    lora.load_adapter(model, tmp_path / "adapter")   # the run is over: allowed again

@@ -2,6 +2,7 @@
 
 import contextlib
 import threading
+import weakref
 
 import numpy as np
 
@@ -23,6 +24,39 @@ def evaluating():
         yield
     finally:
         _modes.evaluating = previous
+
+
+_users = weakref.WeakKeyDictionary()   # model -> [thread that has it in use (training or changing it), depth]
+_users_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def in_use(model, what, hint=""):
+    """Hold `model` for this thread inside the block: a Trainer's run or step, or a change of the model's
+    parameters (lora.apply/merge/unmerge/load_adapter/use_adapter, load_state_dict, train()/eval()). Another
+    thread that tries either meanwhile gets one clear error naming what it tried, instead of changing the
+    parameters or their set under a step in progress (a TrainingPanel's training thread: it stopped with 'no
+    parameter has a gradient' after lora.apply, or trained on with other weights or without dropout). Re-entrant
+    in the holding thread (a training callback may still change the model). Reading the model (generation,
+    attention weights, save_checkpoint) stays free: it runs in evaluating() and sees whole steps."""
+    me = threading.current_thread()
+    with _users_lock:
+        user = _users.get(model)
+        if user is not None and user[0] is not me:
+            raise RuntimeError(
+                f"{what}: the model is in use in thread {user[0].name!r} (a Trainer running there, e.g. a "
+                f"TrainingPanel's training); stop it first (panel.stop(); panel.wait(), or trainer.request_stop()) "
+                f"and try again{hint}")
+        if user is None:
+            user = _users[model] = [me, 0]
+        user[1] += 1
+    try:
+        yield model
+    finally:
+        with _users_lock:
+            user[1] -= 1
+            if user[1] == 0:
+                del _users[model]
 
 
 def parameter(values):
@@ -73,8 +107,12 @@ class Module:
         return [p for p in self.parameters() if p.requires_grad]
 
     def train(self, mode=True):
-        for m in self.modules():
-            m.training = mode
+        # not under a training thread's step: dropout would go off (or on) for it mid-run; evaluating() is the
+        # per-thread way to run without dropout
+        with in_use(self, f"model.{'train' if mode else 'eval'}()",
+                    "; to run without dropout in this thread only, use `with lab.nn.evaluating(): ...`"):
+            for m in self.modules():
+                m.training = mode
         return self
 
     def eval(self):
@@ -115,6 +153,10 @@ class Module:
         """Copy arrays into this module's parameters, each in the parameter's dtype (float32, or float16 for a
         frozen base stored so); names and shapes must match exactly (else `error`, naming `source` and the
         tensor). Nothing is copied unless everything matches."""
+        with in_use(self, "load_state_dict"):
+            self._load_state_dict(state, source, error)
+
+    def _load_state_dict(self, state, source, error):
         own = dict(self.named_parameters())
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:

@@ -17,7 +17,7 @@ from ..checks import choice, integer, real, show
 from ..data import get_batch, min_tokens
 from ..engine.random import draw_from, generator, own_stream
 from ..engine.tensor import no_grad
-from ..nn import evaluating
+from ..nn import evaluating, in_use
 from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, grad_norm
 from .replay import Recorded, StepReplay, recording_seeds, upload_batches
@@ -212,7 +212,8 @@ class Trainer:
         # the step holds the backend (exclusive): generation in another thread waits for the step boundary
         # the step lock before the backend's: a save (step lock, then the backend for each readback) cannot deadlock
         with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-                self.step_lock, draw_from(self.seed_rng), self.optimizer.backend.exclusive():
+                in_use(self.model, "Trainer.train_step"), self.step_lock, draw_from(self.seed_rng), \
+                self.optimizer.backend.exclusive():
             return self._train_step()
 
     def _train_step(self):
@@ -305,6 +306,14 @@ class Trainer:
         return float(np.mean(losses))
 
     def run(self, progress=True, log_evals=True):
+        """Train for cfg.steps steps (from the current step); see _run. The model is held for the whole run
+        (nn.in_use): another thread's lora.apply, load_state_dict, eval() or second Trainer on it is refused
+        with one clear error, not applied under a step (or between steps, with the optimizer holding the old
+        parameters)."""
+        with in_use(self.model, "Trainer.run"):
+            return self._run(progress, log_evals)
+
+    def _run(self, progress=True, log_evals=True):
         """Train for cfg.steps steps (from the current step). Returns the history of logged steps. With
         log_evals, each evaluation prints a line (through the progress bar when there is one)."""
         from tqdm.auto import tqdm
