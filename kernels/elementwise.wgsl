@@ -22,7 +22,7 @@ fn u_neg(x: f32) -> f32 { return -x; }
 fn u_exp(x: f32) -> f32 { return exp(x); }
 fn u_log(x: f32) -> f32 { return log(x); }
 fn u_sqrt(x: f32) -> f32 { return sqrt(x); }
-fn u_relu(x: f32) -> f32 { return max(x, 0.0); }
+fn u_relu(x: f32) -> f32 { return select(x, 0.0, x < 0.0); }  // a NaN passes (max(x, 0) may drop it), as in numpy
 
 // ---- scalar ----
 fn s_add(x: f32, c: f32) -> f32 { return x + c; }
@@ -42,7 +42,9 @@ fn b_add(a: f32, b: f32) -> f32 { return a + b; }
 fn b_sub(a: f32, b: f32) -> f32 { return a - b; }
 fn b_mul(a: f32, b: f32) -> f32 { return a * b; }
 fn b_div(a: f32, b: f32) -> f32 { return a / b; }
-fn b_maximum(a: f32, b: f32) -> f32 { return max(a, b); }
+// NaN passes (found from the bits: the compiler may fold a != a to false), as numpy's maximum passes it
+fn is_nan(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }
+fn b_maximum(a: f32, b: f32) -> f32 { return select(max(a, b), a + b, is_nan(a) || is_nan(b)); }
 fn b_eq(a: f32, b: f32) -> f32 { return select(0.0, 1.0, a == b); }
 // Backward helpers: a is the saved forward value (x or y), b the incoming gradient.
 fn b_relu_bwd(x: f32, g: f32) -> f32 { return select(0.0, g, x > 0.0); }

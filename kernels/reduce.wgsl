@@ -18,7 +18,11 @@ const WG: u32 = 256u;
 var<workgroup> partial: array<f32, WG>;
 
 fn r_add(a: f32, b: f32) -> f32 { return a + b; }
-fn r_max(a: f32, b: f32) -> f32 { return max(a, b); }
+// WGSL leaves max() with a NaN operand to the implementation (lavapipe drops the NaN): a NaN is passed on here, as
+// numpy's and PyTorch's max do, so a NaN in a tensor is never reduced away into a finite maximum. NaN is found from
+// the bits: the compiler may fold a != a to false (lavapipe does).
+fn is_nan(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }
+fn r_max(a: f32, b: f32) -> f32 { return select(max(a, b), a + b, is_nan(a) || is_nan(b)); }
 fn m_id(x: f32) -> f32 { return x; }
 fn m_square(x: f32) -> f32 { return x * x; }
 

@@ -184,3 +184,44 @@ def test_float64_gradients_stay_float64(numpy_backend):
     x.grad = None
     (x[1:] * (1.0 + 1e-12)).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [[0.0, 0.0], [1.0 + 1e-12] * 2, [1.0 + 1e-12] * 2])
+
+
+@pytest.mark.parametrize("axis,keepdims", [(None, False), (-1, False), (0, True), ((0, 1), False)])
+def test_max_splits_the_gradient_evenly_among_tied_maxima_as_pytorch_amax(use_backend, axis, keepdims):
+    import torch
+    # rows with 1, 2 and 3 tied maxima (and a tie at the top of the whole tensor): the shares of each maximum must
+    # add up to its incoming gradient, as amax's do, not count * gradient
+    v = np.array([[1.0, 3.0, 3.0, -2.0], [5.0, 5.0, 5.0, 0.5], [5.0, 0.0, -1.0, 2.0]], dtype=np.float32)
+    x, t = lab.tensor(v, requires_grad=True), torch.tensor(v.astype(np.float64), requires_grad=True)
+    m = x.max(axis=axis, keepdims=keepdims)
+    tm = t.amax(dim=() if axis is None else axis, keepdim=keepdims)
+    g = np.arange(1, m.size + 1, dtype=np.float32).reshape(m.shape)
+    m.backward(g)
+    tm.backward(torch.tensor(g, dtype=torch.float64))
+    np.testing.assert_allclose(m.numpy(), tm.detach().numpy())
+    np.testing.assert_allclose(x.grad.numpy(), t.grad.numpy(), rtol=1e-6)
+    assert np.isclose(x.grad.numpy().sum(), g.sum())
+
+
+def test_backward_interrupted_midway_changes_no_gradient(use_backend):
+    """An exception inside one node's backward (a Ctrl-C, a device error) leaves every leaf's .grad as it was:
+    leaves reached before the failing node must not keep this call's share while the others miss theirs."""
+    from lab.engine.tensor import Tensor
+
+    def failing(x):  # an op whose backward raises, like a KeyboardInterrupt landing there
+        def backward(g):
+            raise KeyboardInterrupt("interrupted in the middle of backward()")
+        return Tensor._make(x.backend.unary("neg", x.data), x.backend, (x,), backward)
+
+    for order in (0, 1):  # the walk reaches a's leaf before or after the failing node depending on the order
+        a = lab.tensor([1.0, 2.0], requires_grad=True)
+        b = lab.tensor([3.0, 4.0], requires_grad=True)
+        a.grad = lab.tensor([10.0, 20.0])
+        parts = [(a * 2.0).sum(), failing(b * 3.0).sum()]
+        loss = parts[order] + parts[1 - order]
+        with pytest.raises(KeyboardInterrupt):
+            loss.backward()
+        np.testing.assert_array_equal(a.grad.numpy(), [10.0, 20.0])
+        assert b.grad is None
+        with pytest.raises(RuntimeError, match="already freed"):  # a retry says why it cannot go on
+            loss.backward()

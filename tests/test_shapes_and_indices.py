@@ -220,3 +220,77 @@ def test_concat_refuses_mixed_dtypes_and_backends(wgpu_backend, numpy_backend):
 def test_len_of_zero_dim_tensor_is_a_type_error(use_backend):
     with pytest.raises(TypeError, match=r"len\(\) of a 0-D tensor"):
         len(lab.tensor(np.float32(1)))
+
+
+def test_transpose_property_of_0d_and_1d_tensors_returns_them_unchanged(use_backend):
+    for v in (np.float32(2.5), np.array([1.0, 2.0, 3.0], dtype=np.float32)):
+        x = lab.tensor(v, requires_grad=True)
+        y = x.T  # numpy: a.T of a 0-D or 1-D array is the array itself
+        assert y.shape == v.T.shape
+        np.testing.assert_array_equal(y.numpy(), v.T)
+        (y * 2.0).sum().backward()
+        np.testing.assert_array_equal(x.grad.numpy(), np.full(v.shape, 2.0))
+    assert lab.tensor(np.zeros((2, 3, 4))).T.shape == (2, 4, 3)  # lab's .T swaps the last two axes
+
+
+@pytest.mark.parametrize("op", ["sum", "max"])
+def test_reduction_over_no_axes_returns_a_copy_not_the_input(use_backend, op):
+    x = lab.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = getattr(x, op)(axis=())
+    np.testing.assert_array_equal(y.numpy(), [1.0, -2.0, 3.0])  # numpy: a reduction over () copies
+    assert use_backend.storage(y.data) is not use_backend.storage(x.data)
+    y.backward(np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(x.grad.numpy(), [1.0, 2.0, 3.0])  # no ties to split: every element is its max
+
+
+def test_max_over_an_empty_axis_is_refused(use_backend):
+    x = lab.tensor(np.zeros((0, 3)))
+    for axis in (0, None, (0, 1)):  # the GPU would have returned its identity as if it were a maximum
+        with pytest.raises(ValueError, match=r"max: axis 0 of \(0, 3\) is empty"):
+            x.max(axis=axis)
+    assert x.max(axis=1).shape == (0,)  # an empty result over a non-empty axis is fine, as in numpy
+
+
+def test_max_maximum_and_relu_pass_nan_and_extreme_values_as_numpy(use_backend):
+    nan, big = np.float32(np.nan), np.finfo(np.float32).max
+    v = np.array([[1.0, nan, 2.0], [-np.inf, -np.inf, -np.inf], [-big, -big, -big]], dtype=np.float32)
+    np.testing.assert_array_equal(lab.tensor(v).max(axis=1).numpy(), v.max(axis=1))  # nan, -inf, -FLT_MAX
+    a = np.array([1.0, nan, nan, -1.0], dtype=np.float32)
+    b = np.array([nan, 1.0, nan, 0.0], dtype=np.float32)
+    np.testing.assert_array_equal(lab.tensor(a).maximum(lab.tensor(b)).numpy(), np.maximum(a, b))
+    np.testing.assert_array_equal(lab.tensor(a).relu().numpy(), np.maximum(a, 0))
+
+
+def test_arithmetic_on_int_tensors_is_refused_naming_the_dtype(use_backend):
+    i = lab.tensor([1, 2, 3])  # on the GPU its bits were read as floats (1 -> 1.4e-45); numpy cut 2.5 to 2
+    for f in (lambda: i + 1, lambda: i * 2.5, lambda: 1.0 - i, lambda: 2.0 / i, lambda: i ** 2, lambda: -i,
+              lambda: i.exp(), lambda: i.relu(), lambda: i.gelu(), lambda: i.sum(), lambda: i.mean(),
+              lambda: i.max(), lambda: i.softmax()):
+        with pytest.raises(ValueError, match="expected a floating-point tensor, got dtype int32"):
+            f()
+    np.testing.assert_array_equal(i[1:].numpy(), [2, 3])  # moving int values (indexing, reshape) is fine
+
+
+def test_boolean_index_and_two_ellipses_are_refused(use_backend):
+    x = lab.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(IndexError, match="boolean indices are not supported"):
+        x[True]  # a bool is an int to Python: this read x[1]
+    with pytest.raises(IndexError, match="single ellipsis"):
+        x[..., ...]
+    with pytest.raises(ValueError, match="axis must be None, an integer or a tuple of integers, got 1.0"):
+        x.sum(axis=1.0)
+
+
+def test_empty_products_and_reductions_give_gradients_of_their_inputs_shapes(use_backend):
+    for sa, sb in [((2, 3), (3, 0)), ((0, 2, 3), (0, 3, 4)), ((2, 2, 3), (2, 3, 0))]:
+        a, b = lab.tensor(np.ones(sa), requires_grad=True), lab.tensor(np.ones(sb), requires_grad=True)
+        out = a @ b
+        assert out.shape == np.matmul(np.ones(sa), np.ones(sb)).shape
+        out.backward(np.ones(out.shape))
+        assert a.grad.shape == sa and b.grad.shape == sb
+        assert not a.grad.numpy().any() and not b.grad.numpy().any()
+    x = lab.tensor(np.ones((2, 0)), requires_grad=True)
+    y = x.sum(axis=0)
+    assert y.shape == (0,)
+    y.backward(np.ones((0,)))
+    assert x.grad.shape == (2, 0)

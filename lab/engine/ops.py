@@ -46,8 +46,13 @@ def _expand(B, g, keep_shape, shape):
 
 
 def _check_float(x, op):
+    """Arithmetic needs float32 or float64: the GPU kernels read every buffer as f32, so an int32 tensor's bits would
+    be taken as floats there (1 read as 1.4e-45), and numpy would round a float constant to the int type."""
+    if x.dtype == "float16":
+        raise ValueError(f"{op}: float16 tensors are storage for frozen weights, read by linear and matmul only")
     if x.dtype not in ("float32", "float64"):
-        raise ValueError(f"{op}: expected a floating-point tensor, got dtype {x.dtype}")
+        raise ValueError(f"{op}: expected a floating-point tensor, got dtype {x.dtype} (allowed: float32, and float64 "
+                         "on numpy; lab.tensor(t.numpy(), dtype='float32') makes a float copy)")
 
 # ---------------------------------------------------------------------------------------------------- elementwise
 
@@ -66,6 +71,7 @@ def _binary(op, a, b):
 
 def add(a, b):
     if isinstance(b, numbers.Number):
+        _check_float(a, "add")
         return Tensor._make(a.backend.scalar("add", a.data, b), a.backend, (a,), lambda g: (g,))
     B, b, out = _binary("add", a, b)
     return Tensor._make(out, B, (a, b), lambda g: (_unbroadcast(B, g, a.shape), _unbroadcast(B, g, b.shape)))
@@ -80,12 +86,14 @@ def sub(a, b):
 
 
 def rsub(a, c):  # c - a
+    _check_float(a, "rsub")
     B = a.backend
     return Tensor._make(B.scalar("rsub", a.data, c), B, (a,), lambda g: (B.unary("neg", g),))
 
 
 def mul(a, b):
     if isinstance(b, numbers.Number):
+        _check_float(a, "mul")
         B = a.backend
         return Tensor._make(B.scalar("mul", a.data, b), B, (a,), lambda g: (B.scalar("mul", g, b),))
     B, b, out = _binary("mul", a, b)
@@ -111,6 +119,7 @@ def div(a, b):
 
 
 def rdiv(a, c):  # c / a;  d/da = -c/a^2 = -out/a
+    _check_float(a, "rdiv")
     B = a.backend
     out = B.scalar("rdiv", a.data, c)
     return Tensor._make(out, B, (a,), lambda g: (B.unary("neg", B.binary("div", B.binary("mul", g, out), a.data)),))
@@ -119,6 +128,7 @@ def rdiv(a, c):  # c / a;  d/da = -c/a^2 = -out/a
 def pow(a, c):
     if not isinstance(c, numbers.Number):
         raise ValueError("pow: the exponent must be a Python number")
+    _check_float(a, "pow")
     B = a.backend
     out = B.scalar("pow", a.data, c)
     return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, B.scalar("mul", B.scalar("pow", a.data, c - 1), c)),))
@@ -135,34 +145,40 @@ def maximum(a, b):
 
 
 def neg(a):
+    _check_float(a, "neg")
     B = a.backend
     return Tensor._make(B.unary("neg", a.data), B, (a,), lambda g: (B.unary("neg", g),))
 
 
 def exp(a):
+    _check_float(a, "exp")
     B = a.backend
     out = B.unary("exp", a.data)
     return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, out),))
 
 
 def log(a):
+    _check_float(a, "log")
     B = a.backend
     return Tensor._make(B.unary("log", a.data), B, (a,), lambda g: (B.binary("div", g, a.data),))
 
 
 def sqrt(a):
+    _check_float(a, "sqrt")
     B = a.backend
     out = B.unary("sqrt", a.data)
     return Tensor._make(out, B, (a,), lambda g: (B.binary("sqrt_bwd", out, g),))
 
 
 def tanh(a):
+    _check_float(a, "tanh")
     B = a.backend
     out = B.unary("tanh", a.data)
     return Tensor._make(out, B, (a,), lambda g: (B.binary("tanh_bwd", out, g),))
 
 
 def relu(a):
+    _check_float(a, "relu")
     B = a.backend
     return Tensor._make(B.unary("relu", a.data), B, (a,), lambda g: (B.binary("relu_bwd", a.data, g),))
 
@@ -170,6 +186,7 @@ def relu(a):
 def gelu(a):
     """GELU, tanh approximation (GPT-2). A backend with gelu_and_grad (numpy) computes the derivative in the
     forward when a gradient will be needed; the others recompute it from the input in the backward."""
+    _check_float(a, "gelu")
     B = a.backend
     if a.requires_grad and is_grad_enabled() and hasattr(B, "gelu_and_grad"):
         out, slope = B.gelu_and_grad(a.data)
@@ -193,7 +210,12 @@ def normalize_axis(axis, ndim, op):
 def _axes(axis, ndim, op):
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    if isinstance(axis, numbers.Integral):
+        axes = (axis,)
+    elif isinstance(axis, (tuple, list, range)):
+        axes = tuple(axis)
+    else:
+        raise ValueError(f"{op}: axis must be None, an integer or a tuple of integers, got {axis!r}")
     out = [normalize_axis(ax, ndim, op) for ax in axes]
     if len(set(out)) != len(out):
         raise ValueError(f"{op}: axis {tuple(axes)} names an axis twice")
@@ -204,12 +226,21 @@ def _keep_shape(shape, axes):
     return tuple(1 if k in axes else s for k, s in enumerate(shape))
 
 
+def _reduced(B, op, data, axes):
+    """data reduced by `op` over `axes`, always a new array: with axes=() (nothing to reduce) a copy, as numpy
+    gives, so that writing into the result (an optimizer's in-place update of a .grad) never changes the input."""
+    if not axes:
+        return B.copy_view(data, 0, tuple(data.shape), contiguous_strides(data.shape))
+    for ax in reversed(axes):
+        data = B.reduce(op, data, ax)
+    return data
+
+
 def sum(a, axis=None, keepdims=False):
+    _check_float(a, "sum")
     B = a.backend
     axes = _axes(axis, a.ndim, "sum")
-    out = a.data
-    for ax in reversed(axes):
-        out = B.reduce("sum", out, ax)
+    out = _reduced(B, "sum", a.data, axes)
     keep = _keep_shape(a.shape, axes)
     if keepdims:
         out = B.reshape(out, keep)
@@ -223,18 +254,23 @@ def mean(a, axis=None, keepdims=False):
 
 
 def max(a, axis=-1, keepdims=False):
-    """Maximum along `axis`: an int, a tuple, or None for all elements (as numpy). On ties, every maximal element
-    receives the gradient."""
+    """Maximum along `axis`: an int, a tuple, or None for all elements (as numpy). On ties the gradient is split
+    evenly among the maximal elements (PyTorch's amax): each gets g / count, so the shares add up to g (giving
+    each the whole g would make a gradient that sums to count * g, not a subgradient)."""
+    _check_float(a, "max")
     B = a.backend
     axes = _axes(axis, a.ndim, "max")
-    out = a.data
-    for ax in reversed(axes):
-        out = B.reduce("max", out, ax)
+    empty = [ax for ax in axes if a.shape[ax] == 0]
+    if empty:  # numpy refuses too; the GPU's reduction would return its identity, -inf, as if it were a value
+        raise ValueError(f"max: axis {empty[0]} of {_shape_str(a.shape)} is empty, and the maximum of no elements "
+                         "is undefined; reduce over non-empty axes")
+    out = _reduced(B, "max", a.data, axes)
     keep = _keep_shape(a.shape, axes)
 
     def backward(g):
-        mask = B.binary("eq", a.data, B.reshape(out, keep))
-        return (B.binary("mul", mask, _expand(B, g, keep, a.shape)),)
+        mask = B.binary("eq", a.data, B.reshape(out, keep))  # 1 on each maximal element
+        count = B.reshape(_reduced(B, "sum", mask, axes), keep)
+        return (B.binary("mul", mask, _expand(B, B.binary("div", B.reshape(g, keep), count), keep, a.shape)),)
     return Tensor._make(B.reshape(out, keep) if keepdims else out, B, (a,), backward)
 
 # ---------------------------------------------------------------------------------------------------- shapes
@@ -283,6 +319,12 @@ def _view_of_index(shape, index):
     """(offset, shape, strides) of a[index] for ints, slices with step > 0, Ellipsis and None."""
     if not isinstance(index, tuple):
         index = (index,)
+    for ix in index:  # a bool is an Integral: True would silently read element 1, where numpy adds an axis
+        if isinstance(ix, (bool, np.bool_)):
+            raise IndexError(f"unsupported index {ix!r}: boolean indices are not supported; use ints, slices, ... "
+                             "or None")
+    if _builtins.sum(ix is Ellipsis for ix in index) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
     n_real = len([i for i in index if i is not None and i is not Ellipsis])
     if n_real > len(shape):
         raise IndexError(f"too many indices ({n_real}) for a tensor of shape {_shape_str(shape)}")
@@ -424,7 +466,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 
     def backward(g):
         batch = _builtins.max(a3.shape[0], b3.shape[0])
-        g3 = B.reshape(g, (batch, math.prod(g.shape) // (batch * N), N))
+        # rows per batch as the forward's product had them (a's batch folded in or not), not size // N: N or the
+        # batch may be 0 (an empty product)
+        g3 = B.reshape(g, (batch, a3.shape[-1] if transpose_a else a3.shape[-2], N))
         ga = gb = None
         if a.requires_grad:
             ga = B.matmul(b3, g3, transpose_b, True) if transpose_a else B.matmul(g3, b3, False, not transpose_b)
@@ -489,6 +533,7 @@ def _last_axis(axis, x, op):
 
 def softmax(x, axis=-1, scale=1.0, causal=False):
     """softmax(scale * x) over the last axis; `causal` masks column j > row i of the last two dims."""
+    _check_float(x, "softmax")
     _last_axis(axis, x, "softmax")
     if causal and (x.ndim < 2 or x.shape[-1] != x.shape[-2]):
         raise ValueError(f"softmax: causal masking needs square trailing dims (T, T), got {_shape_str(x.shape)}")
@@ -498,6 +543,7 @@ def softmax(x, axis=-1, scale=1.0, causal=False):
 
 
 def log_softmax(x, axis=-1):
+    _check_float(x, "log_softmax")
     _last_axis(axis, x, "log_softmax")
     B = x.backend
     out = B.log_softmax(x.data)
@@ -723,7 +769,8 @@ def _install():
                  "transpose", "softmax", "log_softmax", "matmul", "maximum"):
         setattr(T, name, globals()[name])
     T.view = reshape
-    T.T = property(lambda a: transpose(a, -2, -1))
+    # the last two axes swapped; a 0-D or 1-D tensor unchanged (a new node), as numpy's .T leaves it
+    T.T = property(lambda a: transpose(a, -2, -1) if a.ndim >= 2 else reshape(a, a.shape))
 
 
 _install()

@@ -149,6 +149,11 @@ class Tensor:
         # caller keeps `grad`: a leaf gets a copy of any memory already handed out, since clipping and the
         # optimizers scale .grad in place and must scale each gradient once.
         claimed = {id(B.storage(grad)): grad} if given else {}
+        # Leaves get their gradients only once every node's backward has run: an exception (a Ctrl-C, a backend's error)
+        # in the middle then changes no .grad, rather than leaving some leaves with this call's
+        # share and others without. (Nodes walked before it are freed as usual, so that their saved activations go
+        # as the walk proceeds: a retry without retain_graph says the graph was freed.)
+        done = []
         for node in reversed(topo):
             g = grads.pop(id(node), None)
             if g is None:
@@ -159,7 +164,7 @@ class Tensor:
                 elif id(B.storage(g)) in claimed:
                     g = B.copy_view(g, 0, g.shape, contiguous_strides(g.shape))
                 claimed[id(B.storage(g))] = g
-                node.grad = Tensor(g, B)
+                done.append((node, Tensor(g, B)))
                 continue
             if node._absorbs is None:
                 parent_grads = node._backward(g)
@@ -173,6 +178,8 @@ class Tensor:
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
             if not retain_graph:  # requires_grad stays: a later use of the node must reach the check above
                 node._backward, node._parents, node._absorbs = _freed, (), None
+        for node, g in done:
+            node.grad = g
 
     def _check_grad(self, grad):
         """backward()'s `grad` as an array on this tensor's backend, checked against this tensor."""

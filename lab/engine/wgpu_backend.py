@@ -858,11 +858,14 @@ class WgpuBackend(Backend):
         return out
 
     # ------------------------------------------------------------------ reductions and data movement
-    _REDUCE = {"sum": ("r_add", "m_id", "0.0"), "max": ("r_max", "m_id", "-3.4e38"),
+    # max starts from -inf (bits 0xff800000): -3.4e38 is above -FLT_MAX and came back as the maximum of -inf entries
+    _REDUCE = {"sum": ("r_add", "m_id", "0.0"), "max": ("r_max", "m_id", "bitcast<f32>(0xff800000u)"),
                "sumsq": ("r_add", "m_square", "0.0")}
 
     def _reduce_into(self, op, a, axis, out, out_offset):
         outer, n, inner = math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1:])
+        if outer * inner == 0:  # an empty result (a (2, 0) summed over axis 0): nothing to compute or to write
+            return
         self._reduce_passes(op, a, outer, n, inner, out, out_offset)
 
     def _reduce_passes(self, op, src, outer, n, inner, out, out_offset):
