@@ -509,3 +509,29 @@ def test_generation_panel_refuses_max_tokens_and_beams_beyond_the_cap(setup, num
     assert panel.error == f"beams must be an integer <= {MAX_BEAMS:,}, got 1000000" and not panel.running
     with pytest.raises(ValueError, match="max_tokens must be an integer <= 10,000"):
         GenerationPanel(model, tok, prompt="And", max_tokens=10**9)
+
+
+@pytest.mark.parametrize("click", ["pause", "stop"])
+def test_a_click_as_the_run_ends_does_not_hold_up_the_next_start(setup, numpy_backend, click):
+    """A Pause or Stop that arrived after the run's last step but before the panel said 'done' stayed with the
+    trainer: the next Start then showed 'running' and waited paused for ever, or stopped before its first step."""
+    model, tok, tr, va = setup
+    with lab.engine.backend.using_backend(numpy_backend):
+        trainer = Trainer(model, tr, va, TrainConfig(steps=2, batch_size=2))
+        panel = TrainingPanel(trainer, sample_every=0)
+        run = trainer.run
+
+        def run_then_click(**kwargs):
+            history = run(**kwargs)
+            _send(panel, {"cmd": click})   # the click lands here, while the status still says running
+            return history
+        trainer.run = run_then_click
+        panel.start()
+        panel.wait(60)
+        assert panel.status == "done" and not trainer.paused
+        del trainer.run
+        steps = trainer.step_num
+        _send(panel, {"cmd": "set", "values": {"steps": steps + 3}})
+        _send(panel, {"cmd": "start"})
+        panel.wait(60)
+    assert not panel._thread.is_alive() and panel.status == "done" and trainer.step_num == steps + 3

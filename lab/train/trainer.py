@@ -199,6 +199,12 @@ class Trainer:
     def resume_training(self):
         self._running.set()
 
+    def clear_requests(self):
+        """Forget a stop or pause requested after the last run's last step (a panel's button clicked as the run
+        ended): the next run() would otherwise wait paused, or stop before its first step."""
+        self._stop = False
+        self._running.set()
+
     @property
     def paused(self):
         return not self._running.is_set()

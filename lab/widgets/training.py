@@ -109,19 +109,24 @@ class TrainingPanel(Panel):
         self._run()
         return True
 
+    # pause/resume/stop take the lock that the run's end takes: a click landing as the run ends either reaches
+    # the run or is forgotten with it, never left for the next Start (which then hung paused or stopped at once)
     def pause(self):
-        if self.status == "running":
-            self.trainer.pause()
-            self.status = "paused"
+        with self._lock:
+            if self.status == "running":
+                self.trainer.pause()
+                self.status = "paused"
 
     def resume(self):
-        if self.status == "paused":
-            self.trainer.resume_training()
-            self.status = "running"
+        with self._lock:
+            if self.status == "paused":
+                self.trainer.resume_training()
+                self.status = "running"
 
     def stop(self):
-        if self.status in ("running", "paused"):
-            self.trainer.request_stop()
+        with self._lock:
+            if self.status in ("running", "paused"):
+                self.trainer.request_stop()
 
     def wait(self, timeout=None):
         if self._thread is not None:
@@ -168,9 +173,14 @@ class TrainingPanel(Panel):
         try:
             self.trainer.run(progress=False, log_evals=False)  # the panel shows the numbers itself
             self._push(force=True)
-            self.status = "stopped" if self.trainer.stop_reason == "stop requested" else "done"
+            status, error = "stopped" if self.trainer.stop_reason == "stop requested" else "done", ""
         except Exception as e:
-            self.status, self.error = "error", f"{type(e).__name__}: {e}"
+            status, error = "error", f"{type(e).__name__}: {e}"
+        with self._lock:
+            self.trainer.clear_requests()   # a Pause or Stop that came after the last step
+            self.status = status
+            if error:
+                self.error = error
 
     def _on_record(self, record):
         if self.sample_every and record["step"] % self.sample_every == 0 and self.tokenizer is not None:
