@@ -15,6 +15,7 @@ import json
 import math
 import os
 import secrets
+import threading
 from pathlib import Path
 
 try:
@@ -110,18 +111,51 @@ def check_save_target(directory):
 
 
 @contextlib.contextmanager
-def _locked(d):
+def _locked(d, shared=False):
     """Saves into one directory (from two threads or processes) take turns: each would delete the other's
-    temporaries and journal. The lock is on the directory itself, so it leaves no file behind."""
+    temporaries and journal. The lock is on the directory itself, so it leaves no file behind. Loads that read
+    several files hold it shared (reading): they wait for a save to finish, and a save waits for them."""
     if fcntl is None:
         yield
         return
     fd = os.open(d, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)   # releases the lock
+
+
+_reading = threading.local()   # the directories this thread holds shared (reading), as real paths
+
+
+def _read_held(d):
+    return os.path.realpath(d) in getattr(_reading, "dirs", ())
+
+
+@contextlib.contextmanager
+def reading(directory):
+    """Hold `directory` against saves for a load that reads several of its files (config and weights, model and
+    optimizer state): without it a save landing between two reads (a run checkpointing in another process) gives
+    config.json of one save with model.safetensors of the next, or weights of step k with moments of step k+1.
+    An interrupted save is finished first. Re-entrant within a thread (load_checkpoint calls load_pretrained)."""
+    d = Path(directory)
+    if fcntl is None or _read_held(d) or not d.is_dir():   # a missing directory: the reader says so itself
+        yield
+        return
+    held = _reading.__dict__.setdefault("dirs", set())
+    while True:
+        finish_interrupted_save(d)
+        with _locked(d, shared=True):
+            if (d / JOURNAL_FILE).is_file():   # a save killed after its journal, between the two calls above
+                continue
+            key = os.path.realpath(d)
+            held.add(key)
+            try:
+                yield
+            finally:
+                held.discard(key)
+            return
 
 
 @contextlib.contextmanager
@@ -131,6 +165,9 @@ def atomic_files(directory, remove=()):
     file replaces its own name at once, and the files named in `remove` (stale parts of an earlier save) go. Any
     other file in the directory, and the directory's mode, are left alone. On an error nothing changes."""
     d = check_save_target(directory)
+    if _read_held(d):   # the save would wait for this thread's own read lock: forever
+        raise CheckpointError(f"{d}: is being read by this thread (lab.checkpoint.reading): a save there must wait "
+                              f"until the load is done")
     created = not d.exists()
     try:
         d.mkdir(parents=True, exist_ok=True)   # the usual mode, under the umask
@@ -189,7 +226,7 @@ def finish_interrupted_save(directory):
     """Complete a save that was interrupted while it moved its files in (its journal is still there), so the
     directory holds that save whole. Loaders call it before reading; a save calls it before writing."""
     d = Path(directory)
-    if (d / JOURNAL_FILE).is_file():
+    if (d / JOURNAL_FILE).is_file() and not _read_held(d):   # held: no save can be half done (saves wait for it)
         with _locked(d):
             _finish_journal(d)
 
@@ -433,13 +470,18 @@ def _write_model(model, files, format):
 
 def load_pretrained(directory):
     """A TransformerLM, in eval mode, from a directory in lab's layout or the GPT-2 layout (from config.json)."""
-    from .models.transformer import TransformerConfig, TransformerLM
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise CheckpointError(f"{d}: is a file, not a checkpoint directory (one holding {CONFIG_FILE} and "
                               f"{MODEL_FILE})")
     if not d.is_dir():
         raise CheckpointError(f"{d}: no such checkpoint directory")
+    with reading(d):   # config.json and model.safetensors of one save
+        return _load_pretrained(d)
+
+
+def _load_pretrained(d):
+    from .models.transformer import TransformerConfig, TransformerLM
     data = read_json(d / CONFIG_FILE, "model config")
     kind = data.get("model_type")
     tensors = read_safetensors(d / MODEL_FILE)
@@ -508,8 +550,13 @@ def load_tokenizer(path):
 
 
 def load_checkpoint(directory):
-    """(model, tokenizer, state) of a training checkpoint; state is None when it holds no trainer state."""
-    d = Path(directory)
+    """(model, tokenizer, state) of a training checkpoint; state is None when it holds no trainer state. A
+    caller reading more of it (the optimizer state: Trainer.resume) holds reading(directory) across both."""
+    with reading(directory):   # model, tokenizer and trainer state of one save
+        return _load_checkpoint(Path(directory))
+
+
+def _load_checkpoint(d):
     model = load_pretrained(d)
     tokenizer = load_tokenizer(d / TOKENIZER_FILE)
     if tokenizer.vocab_size != model.config.vocab_size:

@@ -374,3 +374,81 @@ def test_a_run_whose_checkpoint_dir_is_a_file_is_refused_before_training(tmp_pat
     with pytest.raises(CheckpointError, match=r"ck: is a file, not a directory"):
         t.run(progress=False, log_evals=False)
     assert t.step_num == 0 and (tmp_path / "ck").read_text() == "precious"
+
+
+SAVE_STEPS_FOREVER = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_save_safety import _trainer
+from lab.checkpoint import save_checkpoint
+t = _trainer(); t.train_step(); opt = t.optimizer
+k = 1
+while True:   # checkpoint k: every weight, every moment and both step counters are k
+    t.model.load_state_dict({{n: np.full(p.shape, k, np.float32) for n, p in t.model.named_parameters()}})
+    for n, a in opt.state_arrays().items():
+        opt.load_state_array(n, np.full(a.shape, k, np.float32))
+    t.step_num = opt.step_count = k
+    save_checkpoint(sys.argv[1], t.model, t.tokenizer, t)
+    print(k, flush=True)
+    k += 1
+"""
+
+
+def test_loading_while_another_process_saves_gives_one_save(tmp_path, numpy_backend):
+    """A notebook resuming from (or loading) a checkpoint that a run in another process keeps saving: every load
+    gets config, weights, trainer state and optimizer moments of one save (reading() against the saves' lock)."""
+    import time
+    d = tmp_path / "ck"
+    saver = subprocess.Popen([sys.executable, "-c", SAVE_STEPS_FOREVER.format(tests=str(ROOT / "tests")), str(d)],
+                             stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT), LAB_BACKEND="numpy"))
+    try:
+        assert saver.stdout.readline()   # the first save is there
+        ids = CharTokenizer.from_text(TEXT).encode(TEXT)
+        loads, deadline = 0, time.monotonic() + 4
+        while time.monotonic() < deadline or loads < 5:
+            t = Trainer.resume(d, ids, ids)
+            k = t.step_num
+            weights = {float(v) for a in t.model.state_dict().values() for v in np.unique(a)}
+            moments = {float(v) for a in t.optimizer.state_arrays().values() for v in np.unique(t.optimizer.backend.to_numpy(a))}
+            assert weights == moments == {k} and t.optimizer.step_count == k, (loads, k, weights, moments)
+            loads += 1
+    finally:
+        saver.kill()
+        saver.wait()
+
+
+def test_a_save_into_a_directory_this_thread_is_reading_is_refused_not_deadlocked(tmp_path, numpy_backend):
+    from lab.checkpoint import reading
+    t = _checkpoint(tmp_path / "ck")
+    with reading(tmp_path / "ck"), pytest.raises(CheckpointError, match=r"is being read by this thread"):
+        save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, t)
+    load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("convert", ["export", "import"])
+def test_a_conversion_without_adapter_removes_the_adapter_an_earlier_one_left(convert, tmp_path, numpy_backend):
+    """export/import of a model without adapter into a directory that holds an earlier LoRA conversion's adapter/:
+    that adapter belongs to other weights, and loading the directory must not put it on this model."""
+    t = _trainer()
+    lora.apply(t.model, r=2, alpha=4)
+    for _, m in lora.adapters(t.model):   # a trained adapter: B no longer zero, so it changes the logits
+        m.lora_B.data = m.lora_B.backend.from_numpy(np.ones(m.lora_B.shape, np.float32))
+    save_checkpoint(tmp_path / "lora_ck", t.model, t.tokenizer)
+    export_checkpoint(tmp_path / "lora_ck", tmp_path / "lora_hf")
+    base = _checkpoint(tmp_path / "base_ck")
+    export_checkpoint(tmp_path / "base_ck", tmp_path / "base_hf")
+    if convert == "export":
+        export_checkpoint(tmp_path / "lora_ck", tmp_path / "out")
+        (tmp_path / "out" / "adapter" / "notes.txt").write_text("mine")   # a file of the user's there stays
+        export_checkpoint(tmp_path / "base_ck", tmp_path / "out")
+        model, _ = import_model(tmp_path / "out")
+    else:
+        import_model(tmp_path / "lora_hf", out=tmp_path / "out")
+        (tmp_path / "out" / "adapter" / "notes.txt").write_text("mine")   # a file of the user's there stays
+        import_model(tmp_path / "base_hf", out=tmp_path / "out")
+        export_checkpoint(tmp_path / "out", tmp_path / "out_hf")   # export looks for out/adapter
+        model, _ = import_model(tmp_path / "out_hf")
+    assert [p.name for p in (tmp_path / "out" / "adapter").iterdir()] == ["notes.txt"]
+    assert not lora.adapters(model)
+    x = np.array([[1, 2, 3]])
+    assert np.array_equal(model(x)[0].numpy(), base.model.eval()(x)[0].numpy())

@@ -10,11 +10,10 @@ that transformers' PreTrainedTokenizerFast loads (character tokenizers), lab's o
 tokenizer and adapter, so generation, the attention heatmap and the diagnostics work on the result.
 """
 import json
-import shutil
 from pathlib import Path
 
 from ..checkpoint import (CheckpointError, _write_model, atomic_files, load_checkpoint, load_pretrained,
-                          load_tokenizer, save_checkpoint)
+                          load_tokenizer, reading, save_checkpoint)
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
 HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format
@@ -59,10 +58,11 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
         raise ValueError(f"unknown export format {format!r}: the supported format is 'hf' (GPT-2 layout)")
     _apart(checkpoint, out)
     from .. import lora
-    model, tokenizer, _ = load_checkpoint(checkpoint)
-    adapter_dir = _find_adapter(checkpoint, adapter)
-    if adapter_dir is not None:
-        lora.load_adapter(model, adapter_dir)   # checks that the adapter fits this base before anything is written
+    with reading(checkpoint):   # the model, tokenizer and adapter of one save
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+        adapter_dir = _find_adapter(checkpoint, adapter)
+        if adapter_dir is not None:
+            lora.load_adapter(model, adapter_dir)   # checks that the adapter fits this base before anything is written
     has_adapter = bool(lora.adapters(model))    # the one given, or a LoRA run's own (its checkpoint holds it)
     if has_adapter:
         lora.unmerge(model)   # the base goes out without the update: adapter/ carries it
@@ -78,7 +78,19 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     if has_adapter:
         # The adapter names the exported directory as its base, as PEFT expects.
         lora.save_adapter(model, out / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
+    else:
+        _remove_stale_adapter(out)
     return out
+
+
+def _remove_stale_adapter(out):
+    """adapter/ of an earlier export or import into `out` (of a LoRA run) belongs to other weights: import_model
+    and export_checkpoint would put it on this model, silently changing its logits. Its two files go (only them)."""
+    from .. import lora
+    d = Path(out) / ADAPTER_DIR
+    if d.is_dir() and any((d / name).exists() for name in (lora.ADAPTER_FILE, lora.ADAPTER_CONFIG)):
+        with atomic_files(d, remove=(lora.ADAPTER_FILE, lora.ADAPTER_CONFIG)):
+            pass
 
 
 def _tokenizer_of(directory):
@@ -117,18 +129,25 @@ def import_model(directory, out=None):
     d = Path(directory)
     if out is not None:
         _apart(d, out)
-    model = load_pretrained(d)
-    tokenizer = _tokenizer_of(d)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise CheckpointError(f"{d}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
-                              f"{model.config.vocab_size}")
-    adapter_dir = d / ADAPTER_DIR
-    if (adapter_dir / "adapter_config.json").is_file():
-        lora.load_adapter(model, adapter_dir)
+    with reading(d):   # the model, tokenizer and adapter of one export
+        model = load_pretrained(d)
+        tokenizer = _tokenizer_of(d)
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise CheckpointError(f"{d}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                                  f"{model.config.vocab_size}")
+        adapter_dir = d / ADAPTER_DIR
+        adapter_files = {}
+        if (adapter_dir / "adapter_config.json").is_file():
+            with reading(adapter_dir):   # the bytes copied to `out` are those loaded
+                lora.load_adapter(model, adapter_dir)
+                adapter_files = {name: (adapter_dir / name).read_bytes() for name in (lora.ADAPTER_FILE,
+                                                                                       lora.ADAPTER_CONFIG)}
     if out is not None:
         save_checkpoint(out, model, tokenizer)
-        if (adapter_dir / "adapter_config.json").is_file():   # the two files as they are, nothing else there
+        if adapter_files:   # the two files as they were loaded, nothing else there
             with atomic_files(Path(out) / ADAPTER_DIR) as files:
-                for name in (lora.ADAPTER_FILE, lora.ADAPTER_CONFIG):
-                    shutil.copyfile(adapter_dir / name, files.path(name))
+                for name, content in adapter_files.items():
+                    files.path(name).write_bytes(content)
+        else:
+            _remove_stale_adapter(out)
     return model, tokenizer

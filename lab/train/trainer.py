@@ -174,16 +174,17 @@ class Trainer:
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
         """A trainer that continues the run saved in `directory` (lab.checkpoint.save_checkpoint) exactly where
         it stopped: same model and optimizer state, same step, same batch and dropout random streams."""
-        from ..checkpoint import STATE_FILE, CheckpointError, load_checkpoint, restore_trainer
-        model, tokenizer, state = load_checkpoint(directory)
-        if state is None:
-            raise CheckpointError(f"{directory}: holds a model but no trainer state (trainer_state.json)")
-        try:
-            cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{Path(directory) / STATE_FILE}: invalid train_config ({e})") from None
-        trainer = cls(model.train(), train_ids, val_ids, cfg, callbacks)
-        restore_trainer(trainer, directory, state)
+        from ..checkpoint import STATE_FILE, CheckpointError, load_checkpoint, reading, restore_trainer
+        with reading(directory):   # weights, trainer state and optimizer moments of one save, not of two
+            model, tokenizer, state = load_checkpoint(directory)
+            if state is None:
+                raise CheckpointError(f"{directory}: holds a model but no trainer state (trainer_state.json)")
+            try:
+                cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"{Path(directory) / STATE_FILE}: invalid train_config ({e})") from None
+            trainer = cls(model.train(), train_ids, val_ids, cfg, callbacks)
+            restore_trainer(trainer, directory, state)
         trainer.tokenizer = tokenizer
         return trainer
 
