@@ -29,12 +29,21 @@ fn s_add(x: f32, c: f32) -> f32 { return x + c; }
 fn s_mul(x: f32, c: f32) -> f32 { return x * c; }
 fn s_rsub(x: f32, c: f32) -> f32 { return c - x; }
 fn s_rdiv(x: f32, c: f32) -> f32 { return c / x; }
-// x^c for any sign of x when c is an integer, as numpy does; pow() alone is NaN for x < 0.
+fn s_div(x: f32, c: f32) -> f32 { return x / c; }
+// x^c as numpy computes it: WGSL's pow() is exp2(c log2 x), undefined for x <= 0, and on lavapipe pow(0, -1) is 0 and
+// pow(NaN, c) is 0. So: x^0 = 1 for every x; NaN passes; a finite negative x with a non-integer c is NaN; 0 and inf are
+// taken apart (0^-1 = inf, inf^-1 = 0); the sign comes back for a negative x and an odd c.
 fn s_pow(x: f32, c: f32) -> f32 {
-    let m = pow(abs(x), c);
-    if (x < 0.0 && fract(c * 0.5) != 0.0 && fract(c) == 0.0) { return -m; }
-    if (x == 0.0 && c == 0.0) { return 1.0; }
-    return m;
+    let inf = bitcast<f32>(0x7f800000u);
+    let integral = fract(c) == 0.0;
+    let odd = integral && fract(c * 0.5) != 0.0;
+    let ax = abs(x);
+    var m = pow(ax, c);
+    if (ax == 0.0) { m = select(0.0, inf, c < 0.0); }
+    if (ax == inf) { m = select(0.0, inf, c > 0.0); }
+    if (x < 0.0 && odd) { m = -m; }
+    if ((x < 0.0 && ax != inf && !integral) || is_nan(x)) { m = bitcast<f32>(0x7fc00000u); }  // (-inf)^1.5 = inf (C99)
+    return select(m, 1.0, c == 0.0);
 }
 
 // ---- binary ----
@@ -42,12 +51,11 @@ fn b_add(a: f32, b: f32) -> f32 { return a + b; }
 fn b_sub(a: f32, b: f32) -> f32 { return a - b; }
 fn b_mul(a: f32, b: f32) -> f32 { return a * b; }
 fn b_div(a: f32, b: f32) -> f32 { return a / b; }
-// NaN passes (found from the bits: the compiler may fold a != a to false), as numpy's maximum passes it
-fn is_nan(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }
+// NaN passes (is_nan: activation.wgsl), as numpy's maximum passes it
 fn b_maximum(a: f32, b: f32) -> f32 { return select(max(a, b), a + b, is_nan(a) || is_nan(b)); }
 fn b_eq(a: f32, b: f32) -> f32 { return select(0.0, 1.0, a == b); }
 // Backward helpers: a is the saved forward value (x or y), b the incoming gradient.
-fn b_relu_bwd(x: f32, g: f32) -> f32 { return select(0.0, g, x > 0.0); }
+fn b_relu_bwd(x: f32, g: f32) -> f32 { return select(g, 0.0, x <= 0.0); }  // a NaN input passes g on, as PyTorch's
 fn b_tanh_bwd(y: f32, g: f32) -> f32 { return g * (1.0 - y * y); }
 fn b_sqrt_bwd(y: f32, g: f32) -> f32 { return g * 0.5 / y; }
 fn b_gelu_bwd(x: f32, g: f32) -> f32 {

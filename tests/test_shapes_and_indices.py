@@ -294,3 +294,26 @@ def test_empty_products_and_reductions_give_gradients_of_their_inputs_shapes(use
     assert y.shape == (0,)
     y.backward(np.ones((0,)))
     assert x.grad.shape == (2, 0)
+
+
+def test_pow_tanh_and_scalar_division_at_special_values_match_numpy(use_backend):
+    """WGSL's pow() is exp2(c log2 x) (lavapipe: 0^-1 = 0, NaN^2 = 0, (-1)^0.5 = 1), clamp() turned a NaN into a
+    finite tanh, and a / 0.0 raised ZeroDivisionError: each value as numpy gives it."""
+    with np.errstate(all="ignore"):
+        v = np.array([0.0, 1.0, -1.0, -0.5, 2.0, 1e30, np.inf, -np.inf, np.nan], dtype=np.float32)
+        x = lab.tensor(v)
+        for c in (0, 2, 3, -1, -2, 1.5, 0.25):
+            # (rtol: the GPU's pow is exp2(c log2 x), some ulp off numpy's)
+            np.testing.assert_allclose((x ** c).numpy(), v ** np.float32(c), rtol=1e-5, err_msg=f"x ** {c}")
+        np.testing.assert_allclose(x.tanh().numpy(), np.tanh(v), rtol=1e-6, atol=0)  # (the GPU's: 1-2 ulp off)
+        for c in (0.0, 3.0, 1e-40):
+            np.testing.assert_allclose((x / c).numpy(), v / np.float32(c), rtol=1e-6, err_msg=f"x / {c}")
+
+
+def test_pow_zero_and_relu_gradients_at_zero_and_nan_as_pytorch(use_backend):
+    x = lab.tensor([0.0, 2.0, np.nan], requires_grad=True)
+    (x ** 0).sum().backward()  # constant: 0 everywhere (0 * x^-1 was NaN at 0)
+    np.testing.assert_array_equal(x.grad.numpy(), [0.0, 0.0, 0.0])
+    x.grad = None
+    x.relu().backward(np.ones(3))  # PyTorch passes the gradient at a NaN input
+    np.testing.assert_array_equal(x.grad.numpy(), [0.0, 1.0, 1.0])

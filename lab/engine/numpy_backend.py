@@ -110,7 +110,7 @@ UNARY = {
 }
 SCALAR = {
     "add": lambda x, c: x + c, "mul": lambda x, c: x * c, "rsub": lambda x, c: c - x,
-    "rdiv": lambda x, c: c / x, "pow": lambda x, c: x ** c,
+    "rdiv": lambda x, c: c / x, "div": lambda x, c: x / c, "pow": lambda x, c: x ** c,
 }
 
 
@@ -157,7 +157,7 @@ def _gelu_and_grad(x):
 BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "maximum": np.maximum,
     "eq": lambda a, b: (a == b).astype(np.result_type(a, b)),
-    "relu_bwd": lambda x, g: np.where(x > 0, g, 0).astype(g.dtype),
+    "relu_bwd": lambda x, g: np.where(x <= 0, 0, g).astype(g.dtype),  # (a NaN input passes g on, as PyTorch's)
     "tanh_bwd": lambda y, g: g * (1 - y * y),
     "sqrt_bwd": lambda y, g: g * 0.5 / y,
     "gelu_bwd": _gelu_bwd,

@@ -105,8 +105,10 @@ def mul(a, b):
 
 
 def div(a, b):
-    if isinstance(b, numbers.Number):
-        return mul(a, 1.0 / b)
+    if isinstance(b, numbers.Number):  # divided, not multiplied by 1/b: b = 0 gives inf as numpy, 1/1e-40 overflows
+        _check_float(a, "div")
+        B = a.backend
+        return Tensor._make(B.scalar("div", a.data, b), B, (a,), lambda g: (B.scalar("div", g, b),))
     B, b, out = _binary("div", a, b)
 
     def backward(g):  # d(a/b)/db = -(a/b)/b
@@ -131,6 +133,8 @@ def pow(a, c):
     _check_float(a, "pow")
     B = a.backend
     out = B.scalar("pow", a.data, c)
+    if c == 0:  # x^0 is constant: its gradient is 0 everywhere, not 0 * x^-1 (NaN at x = 0)
+        return Tensor._make(out, B, (a,), lambda g: (B.full(a.shape, 0.0, a.dtype),))
     return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, B.scalar("mul", B.scalar("pow", a.data, c - 1), c)),))
 
 
