@@ -535,3 +535,31 @@ def test_a_click_as_the_run_ends_does_not_hold_up_the_next_start(setup, numpy_ba
         _send(panel, {"cmd": "start"})
         panel.wait(60)
     assert not panel._thread.is_alive() and panel.status == "done" and trainer.step_num == steps + 3
+
+
+def test_panels_send_non_finite_numbers_as_null(setup, numpy_backend):
+    """A NaN or inf in a panel's synced numbers (a diverging run's gradient norm, a diagnostics report's float32
+    sharpness) made the kernel's JSON refuse the update: it went out after a warning with the strings 'nan'/'inf',
+    which the charts cannot draw. They go out as null (a gap), as every other missing number does."""
+    import json
+    import math
+    import numpy as np
+    model, tok, tr, va = setup
+    with lab.engine.backend.using_backend(numpy_backend):
+        diverging = replace(model.config, dropout=0.0)
+        lab.manual_seed(0)
+        trainer = Trainer(TransformerLM(diverging), tr, va,
+                          TrainConfig(steps=6, batch_size=2, lr=1e9, warmup_steps=0, check_finite_every=0))
+        panel = TrainingPanel(trainer, sample_every=0)
+        panel.run()
+    assert any(not math.isfinite(r[k]) for r in trainer.history for k in ("loss", "grad_norm"))  # the case itself
+    sent = json.loads(json.dumps(panel.get_state()["history"], allow_nan=False))   # the kernel's rule
+    assert len(sent) == len(trainer.history)
+    for r, s in zip(trainer.history, sent):
+        assert s["grad_norm"] == (r["grad_norm"] if math.isfinite(r["grad_norm"]) else None)
+    edge = EdgeDiagnosticsPanel(reports=[{"step": 1, "sharpness": np.float32("nan"), "noise_scale": np.float64("inf"),
+                                          "efficiency": {"h": np.float32("-inf"), "w": np.float32(0.5)},
+                                          "loss_slope": (1.0, float("nan"))}], surface=False)
+    report = json.loads(json.dumps(edge.get_state()["reports"], allow_nan=False))[0]
+    assert report["sharpness"] is None and report["noise_scale"] is None and report["loss_slope"] == [1.0, None]
+    assert report["efficiency"] == {"h": None, "w": 0.5}

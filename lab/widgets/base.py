@@ -1,5 +1,6 @@
 """What every panel shares: where its front-end files are, a static HTML fallback, and a stable repr."""
 import html
+import math
 from pathlib import Path
 
 import anywidget
@@ -27,6 +28,21 @@ def module_source(name):
 
 def panel_css():
     return asset("panels.css").read_text(encoding="utf-8")
+
+
+def jsonable(value):
+    """`value` as the browser may receive it: NaN and +-inf (numpy's or Python's, inside dicts, lists and tuples)
+    become None, numpy scalars Python numbers. The kernel's JSON refuses non-finite floats: such a message is sent
+    only after a warning, with the numbers as the strings 'nan' / 'inf', and a chart fed those draws nothing."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:   # a numpy scalar or one-element array
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def figure_png(fig):

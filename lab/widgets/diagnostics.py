@@ -4,7 +4,7 @@ the efficiency-surface plots of the on-the-edge model."""
 import traitlets as t
 
 from ..checks import show
-from .base import Panel, figure_png, module_source, panel_css
+from .base import Panel, figure_png, jsonable, module_source, panel_css
 
 REPORT_KEYS = ("step", "lr", "sharpness", "threshold", "fisher_trace", "noise_scale", "batch_size",
                "edge_band_pct", "flat", "loss_slope", "efficiency", "recommendation")
@@ -38,7 +38,7 @@ class EdgeDiagnosticsPanel(Panel):
     def add_reports(self, reports):
         if not isinstance(reports, (list, tuple)) or not all(isinstance(r, dict) for r in reports):
             raise ValueError(f"reports must be a list of DiagnosticsMonitor reports (dicts), got {show(reports)}")
-        clean = [{k: _jsonable(r.get(k)) for k in REPORT_KEYS} for r in reports]
+        clean = [{k: jsonable(r.get(k)) for k in REPORT_KEYS} for r in reports]
         self.reports = self.reports + clean
 
     def _sync_from_monitor(self, record):
@@ -50,14 +50,3 @@ class EdgeDiagnosticsPanel(Panel):
 
     def _static_png(self):
         return self.surface_png
-
-
-def _jsonable(v):
-    import math
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if hasattr(v, "item"):
-        return v.item()
-    return v

@@ -7,7 +7,7 @@ from dataclasses import replace
 import traitlets as t
 
 from ..checks import choice, integer, parse_number, real, show
-from .base import Panel, module_source, panel_css
+from .base import Panel, jsonable, module_source, panel_css
 
 MAX_POINTS = 400  # points of history sent to the browser (the full history stays in trainer.history)
 
@@ -206,7 +206,7 @@ class TrainingPanel(Panel):
         last = h[-1]
         keys = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
         with self.hold_sync():
-            self.history = [{k: r.get(k) for k in keys} for r in _downsample(h)]
+            self.history = [{k: jsonable(r.get(k)) for k in keys} for r in _downsample(h)]  # NaN: a gap
             self.step, self.tokens_per_s = last["step"], last["tokens_per_s"]
             self.eta_s, self.elapsed_s = last["eta"], last["elapsed"]
 
