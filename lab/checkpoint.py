@@ -32,6 +32,10 @@ from .checks import integer, show
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 TOKENIZER_FILE, OPTIMIZER_FILE, STATE_FILE = "tokenizer.json", "optimizer.safetensors", "trainer_state.json"
 JOURNAL_FILE = ".lab-save.json"   # present only while a save moves its files in (atomic_files)
+# the only names a save removes (stale parts of an earlier save: trainer state without a trainer, an adapter
+# without adapters, lora.ADAPTER_FILE and ADAPTER_CONFIG): a journal naming any other file is refused, so a
+# planted journal cannot delete a user's files beside a checkpoint
+REMOVABLE = frozenset({OPTIMIZER_FILE, STATE_FILE, "adapter_model.safetensors", "adapter_config.json"})
 
 
 class CheckpointError(ValueError):
@@ -61,7 +65,8 @@ def _fsync(path, directory=False):
 
 
 def _plain_name(name):
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+            and "\0" not in name)
 
 
 class _Staging:
@@ -165,6 +170,8 @@ def atomic_files(directory, remove=()):
     file replaces its own name at once, and the files named in `remove` (stale parts of an earlier save) go. Any
     other file in the directory, and the directory's mode, are left alone. On an error nothing changes."""
     d = check_save_target(directory)
+    if not REMOVABLE.issuperset(remove):
+        raise ValueError(f"atomic_files: remove={sorted(remove)!r}: a save removes only {sorted(REMOVABLE)}")
     if _read_held(d):   # the save would wait for this thread's own read lock: forever
         raise CheckpointError(f"{d}: is being read by this thread (lab.checkpoint.reading): a save there must wait "
                               f"until the load is done")
@@ -179,6 +186,12 @@ def atomic_files(directory, remove=()):
             _finish_journal(d)
             yield staging
             _commit(staging, [n for n in remove if n not in staging.files])
+    except (OSError, SafetensorError) as e:   # a full disk, a read-only directory: say which save, and what is left
+        left = ("its journal is written: the next load or save there completes it" if staging.committed else
+                "the files already there are as they were")
+        error, reason = (type(e), e.strerror or e) if isinstance(e, OSError) else (OSError, e)
+        raise error(*((e.errno,) if getattr(e, "errno", None) else ()), f"{d}: save failed ({reason}); {left}") \
+            from None
     finally:
         if not staging.committed:   # after the commit the journal owns the temporaries
             for tmp in staging.files.values():
@@ -239,9 +252,10 @@ def _finish_journal(d):
         journal = json.loads(path.read_text(encoding="utf-8"))
         replace, remove = journal["replace"], journal["remove"]
         ok = (isinstance(replace, dict) and isinstance(remove, list) and all(map(_plain_name, remove))
+              and REMOVABLE.issuperset(remove)
               and all(_plain_name(n) and isinstance(t, str) and _plain_name(t) and t.startswith(f".{n}.tmp-")
                       for n, t in replace.items()))
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
         ok = False
     if not ok:
         raise CheckpointError(f"{path}: damaged save journal: the files of {d} may be from two saves (delete the "

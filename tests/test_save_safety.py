@@ -191,6 +191,40 @@ def test_a_damaged_save_journal_is_refused_and_touches_nothing_outside(journal, 
         load_checkpoint(tmp_path / "ck")
 
 
+@pytest.mark.parametrize("journal", ['{"replace": {}, "remove": ["notes.txt"]}', '{"replace": {}, "remove": ["a\\u0000b"]}',
+                                     "[" * 100_000])
+def test_a_planted_save_journal_cannot_delete_a_users_file(journal, tmp_path, numpy_backend):
+    """A journal removes only names a save removes (stale trainer state or adapter files): one planted in a
+    downloaded checkpoint must not delete the user's notes beside it, nor crash the loader (NUL, deep nesting)."""
+    _checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    (tmp_path / "ck" / JOURNAL_FILE).write_text(journal)
+    with pytest.raises(CheckpointError, match=r"\.lab-save\.json: damaged save journal"):
+        load_checkpoint(tmp_path / "ck")
+    assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("saver", ["save_pretrained", "save_checkpoint", "save_adapter"])
+def test_a_full_disk_names_the_directory_and_keeps_its_files(saver, tmp_path, numpy_backend, monkeypatch):
+    """No space left (reported at fsync, as NFS does): one OSError naming the directory and saying its files are
+    as they were; they are, and no temporary is left."""
+    import errno
+    from lab import checkpoint
+    save, _ = SAVERS[saver]
+    d = tmp_path / "d"
+    save(d, tmp_path)
+    (d / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def no_space(path, directory=False):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpoint, "_fsync", no_space)
+    with pytest.raises(OSError, match=rf"^\[Errno {errno.ENOSPC}\] {d}: save failed \(No space left on device\); "
+                                      r"the files already there are as they were$"):
+        save(d, tmp_path)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
 def test_nan_in_the_history_keeps_the_checkpoint_readable(tmp_path, numpy_backend):
     t = _trainer()
     t.train_step()
