@@ -225,3 +225,30 @@ def test_backward_interrupted_midway_changes_no_gradient(use_backend):
         assert b.grad is None
         with pytest.raises(RuntimeError, match="already freed"):  # a retry says why it cannot go on
             loss.backward()
+
+
+def test_a_leaf_grad_set_by_hand_must_fit_the_leaf(use_backend, numpy_backend):
+    """x.grad of another shape was broadcast into it ((3, 1) + (3,) made a (3, 3) gradient); a numpy array or a
+    tensor on another backend gave an AttributeError or a float64 gradient. Refused before any .grad changes."""
+    other = "wgpu" if use_backend is numpy_backend else "numpy"
+    for bad in (lab.tensor(np.zeros((3, 1))), np.zeros(3), lab.tensor(np.zeros(3), dtype="int32")):
+        x = lab.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        y = lab.tensor([1.0, 1.0, 1.0], requires_grad=True)
+        x.grad = bad
+        with pytest.raises(ValueError, match=r"a leaf's .grad holds .*needs a Tensor of that shape, dtype and backend"):
+            (x * 2.0 + y).sum().backward()
+        assert x.grad is bad and y.grad is None
+    try:
+        lab.tensor([0.0], backend=other)
+    except Exception:
+        return  # (no wgpu adapter)
+    x = lab.tensor([1.0], requires_grad=True)
+    x.grad = lab.tensor([0.0], backend=other)
+    with pytest.raises(ValueError, match=f"on {other}"):
+        (x * 2.0).sum().backward()
+
+
+def test_requires_grad_on_an_int_tensor_is_refused(use_backend):
+    with pytest.raises(ValueError, match="only floating-point tensors can require gradients, this one is int32"):
+        lab.tensor([1, 2]).requires_grad_()
+    assert lab.tensor([1.0]).requires_grad_().requires_grad

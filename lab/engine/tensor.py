@@ -99,11 +99,15 @@ class Tensor:
         return Tensor(self.data, self.backend)
 
     def requires_grad_(self, flag=True):
-        self.requires_grad = flag
+        if flag and self.dtype not in ("float32", "float64"):  # the same rule as tensor(requires_grad=True)
+            raise ValueError(f"only floating-point tensors can require gradients, this one is {self.dtype}"
+                             + (" (float16 is storage for frozen weights)" if self.dtype == "float16" else ""))
+        self.requires_grad = bool(flag)
         return self
 
     def to(self, backend):
-        """This tensor's values on another backend ('numpy', 'wgpu', or a Backend)."""
+        """This tensor's values on another backend ('numpy', 'wgpu', or a Backend). The copy is a new leaf (it keeps
+        requires_grad): gradients reach it, not this tensor, so move tensors before building a graph on them."""
         target = backend_instance(backend)
         if target is self.backend:
             return self
@@ -139,6 +143,8 @@ class Tensor:
                     f"{node.shape} took part in an earlier backward() without retain_graph=True, which freed what "
                     f"its gradient needs. Pass retain_graph=True to the earlier backward(), or add the losses "
                     f"and call backward() once")
+            if node._backward is None and node.grad is not None:
+                node._check_own_grad()
             seen.add(id(node))
             stack.append((node, True))
             for p in node._parents:
@@ -180,6 +186,16 @@ class Tensor:
                 node._backward, node._parents, node._absorbs = _freed, (), None
         for node, g in done:
             node.grad = g
+
+    def _check_own_grad(self):
+        """A .grad the caller assigned must be one this leaf's gradient can be added to: the same shape (else the
+        add broadcasts it to another shape), dtype and backend, as a Tensor. Checked before any .grad changes."""
+        g = self.grad
+        if not isinstance(g, Tensor) or g.backend is not self.backend or g.shape != self.shape or g.dtype != self.dtype:
+            got = (f"a {type(g).__name__}" if not isinstance(g, Tensor) else
+                   f"shape {g.shape}, dtype {g.dtype} on {g.backend.name}")
+            raise ValueError(f"backward(): a leaf's .grad holds {got}; a leaf of shape {self.shape}, dtype {self.dtype} "
+                             f"on {self.backend.name} needs a Tensor of that shape, dtype and backend (or None)")
 
     def _check_grad(self, grad):
         """backward()'s `grad` as an array on this tensor's backend, checked against this tensor."""
