@@ -563,3 +563,27 @@ def test_panels_send_non_finite_numbers_as_null(setup, numpy_backend):
     report = json.loads(json.dumps(edge.get_state()["reports"], allow_nan=False))[0]
     assert report["sharpness"] is None and report["noise_scale"] is None and report["loss_slope"] == [1.0, None]
     assert report["efficiency"] == {"h": None, "w": 0.5}
+
+
+def test_training_panel_says_why_a_run_ended_early(setup, numpy_backend):
+    """A run stopped by a NaN at step 2 of 5, or by its time limit, showed 'done' and no word in the panel (the
+    reason was printed in the training thread only)."""
+    model, tok, tr, va = setup
+    with lab.engine.backend.using_backend(numpy_backend):
+        lab.manual_seed(0)
+        nan_run = Trainer(TransformerLM(model.config), tr, va, TrainConfig(steps=5, batch_size=2, lr=1e9,
+                                                                            warmup_steps=0))
+        panel = TrainingPanel(nan_run, sample_every=0)
+        panel.run()
+        assert nan_run.step_num < 5 and nan_run.fault is not None
+        assert panel.status == "error" and panel.error == nan_run.stop_reason and "non-finite" in panel.error
+        timed = Trainer(model, tr, va, TrainConfig(steps=5, batch_size=2, max_seconds=1e-9))
+        panel = TrainingPanel(timed, sample_every=0)
+        panel.start()
+        panel.wait(60)
+        assert panel.status == "stopped" and panel.error == "stopped early: time limit of 1e-09 s reached"
+        _send(panel, {"cmd": "set", "values": {"steps": timed.step_num + 1}})
+        timed.cfg = replace(timed.cfg, max_seconds=0.0)
+        panel.start()   # and a run to its end after it says nothing more
+        panel.wait(60)
+        assert panel.status == "done" and panel.error == ""

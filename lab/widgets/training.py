@@ -173,7 +173,7 @@ class TrainingPanel(Panel):
         try:
             self.trainer.run(progress=False, log_evals=False)  # the panel shows the numbers itself
             self._push(force=True)
-            status, error = "stopped" if self.trainer.stop_reason == "stop requested" else "done", ""
+            status, error = self._outcome()
         except Exception as e:
             status, error = "error", f"{type(e).__name__}: {e}"
         with self._lock:
@@ -181,6 +181,16 @@ class TrainingPanel(Panel):
             self.status = status
             if error:
                 self.error = error
+
+    def _outcome(self):
+        """(status, error line) of a run that returned: a NaN/Inf that stopped it is an error, a time limit or
+        early stopping is said (they printed only in the training thread: the panel said 'done' at step 2 of 30)."""
+        reason = self.trainer.stop_reason
+        if self.trainer.fault is not None:
+            return "error", reason
+        if reason is None:
+            return "done", ""
+        return "stopped", "" if reason == "stop requested" else f"stopped early: {reason}"
 
     def _on_record(self, record):
         if self.sample_every and record["step"] % self.sample_every == 0 and self.tokenizer is not None:
