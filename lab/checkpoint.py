@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .checks import integer, show
+from .checks import integer, real, show
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 TOKENIZER_FILE, OPTIMIZER_FILE, STATE_FILE = "tokenizer.json", "optimizer.safetensors", "trainer_state.json"
@@ -548,6 +548,9 @@ def save_checkpoint(directory, model, tokenizer, trainer=None):
                 "step": trainer.step_num, "optimizer_step": opt.step_count, "train_config": trainer.config_dict(),
                 "batch_rng": trainer.rng.bit_generator.state, "global_rng": get_state(),
                 "seed_rng": trainer.seed_rng.bit_generator.state, "history": trainer.history,
+                # a resumed run with early stopping stops where the uninterrupted one would (None: no evaluation yet)
+                "early_stopping": {"best_val_loss": trainer.best_val_loss,
+                                   "evals_without_gain": trainer._evals_without_gain},
             })
     return Path(directory)
 
@@ -606,11 +609,16 @@ def restore_trainer(trainer, directory, state):
         history = state.get("history", [])
         if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
             raise ValueError(f"history must be a list of records, got {show(history)}")
+        stopping = state.get("early_stopping", {"best_val_loss": None, "evals_without_gain": 0})   # older: none
+        best = stopping["best_val_loss"]   # JSON has no Infinity: None before the first evaluation
+        best = math.inf if best is None else real("early_stopping.best_val_loss", best)
+        without_gain = integer("early_stopping.evals_without_gain", stopping["evals_without_gain"], low=0)
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"{d / STATE_FILE}: incomplete or invalid trainer state ({e})") from None
     for name in own:
         opt.load_state_array(name, arrays[name])
     (opt.step_count, trainer.step_num), trainer.history = steps, history
+    trainer.best_val_loss, trainer._evals_without_gain = best, without_gain
     trainer.rng.bit_generator.state = batch_rng.bit_generator.state
     trainer.seed_rng.bit_generator.state = seed_rng.bit_generator.state
     set_state(global_rng.bit_generator.state)

@@ -194,3 +194,28 @@ def test_lora_checkpoint_with_a_bad_lora_entry_names_the_field(numpy_backend, da
     path.write_text(json.dumps({**good, "lora": {k: v for k, v in good["lora"].items() if k != "r"}}))
     with pytest.raises(CheckpointError, match=r"config\.json: missing field 'lora\.r'"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_resume_stops_early_where_the_uninterrupted_run_stops(numpy_backend, data, tmp_path):
+    """Early stopping's state (best validation loss, evaluations without gain) is in the checkpoint: a resumed
+    run stops at the step the uninterrupted one stops at, not `patience` evaluations later."""
+    kw = dict(steps=12, eval_every=1, eval_batches=1, early_stopping_patience=3, early_stopping_min_delta=1.0)
+    t = _trainer(data)
+    t.cfg = TrainConfig(**{**t.config_dict(), **kw})
+    t.run(progress=False, log_evals=False)
+    assert t.stop_reason.startswith("early stopping") and t.step_num == 4   # no gain of 1.0 after the first
+    t = _trainer(data)
+    t.cfg = TrainConfig(**{**t.config_dict(), **kw, "steps": 2})
+    t.run(progress=False, log_evals=False)
+    save_checkpoint(tmp_path / "ck", t.model, data[0], t)
+    resumed = Trainer.resume(tmp_path / "ck", data[1], data[2])
+    resumed.cfg.steps = 12
+    resumed.run(progress=False, log_evals=False)
+    assert resumed.stop_reason.startswith("early stopping") and resumed.step_num == 4
+    path = tmp_path / "ck" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    for bad in ({"best_val_loss": "low", "evals_without_gain": 0}, {"best_val_loss": 1.0, "evals_without_gain": -1}):
+        path.write_text(json.dumps({**state, "early_stopping": bad}))
+        with pytest.raises(CheckpointError, match=r"trainer_state\.json: incomplete or invalid trainer state "
+                                                  r"\(early_stopping\.(best_val_loss|evals_without_gain) must be"):
+            Trainer.resume(tmp_path / "ck", data[1], data[2])
