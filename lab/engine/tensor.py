@@ -184,8 +184,14 @@ class Tensor:
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
             if not retain_graph:  # requires_grad stays: a later use of the node must reach the check above
                 node._backward, node._parents, node._absorbs = _freed, (), None
-        for node, g in done:
-            node.grad = g
+        before = [(node, node.grad) for node, _ in done]
+        try:
+            for node, g in done:
+                node.grad = g
+        except BaseException:  # a Ctrl-C between two of these assignments: all or none of the leaves take theirs
+            for node, g in before:
+                node.grad = g
+            raise
 
     def _check_own_grad(self):
         """A .grad the caller assigned must be one this leaf's gradient can be added to: the same shape (else the
