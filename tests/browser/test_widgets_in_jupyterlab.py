@@ -114,6 +114,24 @@ def test_generation_streams_text(page):
     _shot(page, ".lab-generation", "generation_panel")
 
 
+def test_generation_stop_button_ends_a_long_generation(page):
+    """max tokens 10000 and Generate, then Stop: the run ends (Generate enabled again) and the text made stays."""
+    gen = ".lab-generation"
+    page.wait_for_selector(f"{gen} .lab-generate:not([disabled])", timeout=120_000)
+    page.fill(f"{gen} .lab-input-max_tokens", "10000")
+    page.dispatch_event(f"{gen} .lab-input-max_tokens", "change")
+    page.click(f"{gen} .lab-generate")
+    page.wait_for_selector(f"{gen} .lab-stop:not([disabled])", timeout=30_000)
+    page.wait_for_function(f"document.querySelector('{gen} .lab-output').textContent.length > 'And God said'.length + 5",
+                           timeout=60_000)
+    page.click(f"{gen} .lab-stop")
+    page.wait_for_selector(f"{gen} .lab-generate:not([disabled])", timeout=30_000)
+    assert page.locator(f"{gen} .lab-stop").is_disabled()
+    text = page.locator(f"{gen} .lab-output").inner_text()
+    assert len("And God said") < len(text) < len("And God said") + 10_000
+    assert page.locator(f"{gen} .lab-error").inner_text() == ""
+
+
 def test_edge_diagnostics_show_reports_and_the_surface(page):
     page.wait_for_selector(".lab-edge .lab-latest table", timeout=180_000)
     assert "sharpness" in page.locator(".lab-edge .lab-latest").inner_text()
