@@ -1,8 +1,11 @@
 """Property test of the autograd engine: random small op graphs against PyTorch in float64.
 
-Each example builds a random expression over a few leaves: elementwise ops, broadcasting binaries, reductions over
-axes, matmul (batched, transposed), linear (with its fused gelu), reshape/transpose/permute/indexing/concat,
-softmax, log_softmax, layer_norm and add_layer_norm (the absorbing backward). A node of a shape already built is
+Each example builds a random expression over a few leaves: elementwise ops (pow and division by a constant too),
+broadcasting binaries, reductions over axes (max over exactly tied values: the gradient split as amax splits it),
+matmul (batched, transposed), linear (with its fused gelu), reshape/transpose/permute/indexing (strided too)/concat/
+stack/split, softmax (causal, scaled), log_softmax, layer_norm and add_layer_norm (the absorbing backward),
+embedding, cross_entropy (with ignored targets), dropout (its mask rebuilt for PyTorch from the seed), lora_add and
+causal_self_attention. A node of a shape already built is
 often reused, so nodes feed several consumers (shared subgraphs). Then, on both lab and PyTorch:
   1. root.backward(g, retain_graph=True) with a random gradient: forward values and every leaf's gradient match;
   2. a second backward from another node of the same graph (shared nodes): the accumulated gradients match;
@@ -41,6 +44,9 @@ UNARY = {
     "affine": (lambda a: a * 1.7 + 0.3, lambda t: t * 1.7 + 0.3),
     "rsub": (lambda a: 0.5 - a, lambda t: 0.5 - t),
     "rdiv": (lambda a: 1.0 / (a * a + 0.5), lambda t: 1.0 / (t * t + 0.5)),
+    "div": (lambda a: a / -2.5, lambda t: t / -2.5),
+    "pow-1.5": (lambda a: (a * a + 0.5) ** -1.5, lambda t: (t * t + 0.5) ** -1.5),
+    "pow0": (lambda a: a ** 0, lambda t: t ** 0),
     "softmax": (lambda a: a.softmax(), lambda t: torch.softmax(t, -1)),
     "log_softmax": (lambda a: a.log_softmax(), lambda t: torch.log_softmax(t, -1)),
 }
@@ -76,7 +82,7 @@ class Graph:
         shape = tuple(shape)
         if self.pool.get(shape) and self.int(0, 2) == 0:  # reuse: a node with several consumers
             return self.pick(self.pool[shape])
-        kinds = ["leaf"] if depth <= 0 else ["unary", "binary", "reduce", "reshape", "index"]
+        kinds = ["leaf"] if depth <= 0 else ["unary", "binary", "reduce", "reshape", "index", "join", "fused"]
         if depth > 0 and len(shape) >= 2:
             kinds += ["matmul", "transpose"]
         if depth > 0 and shape and shape[-1] >= 2:
@@ -112,7 +118,23 @@ class Graph:
         f, g = BINARY[name]
         return f(x[0], y[0]), g(x[1], y[1])
 
+    def tied_max(self, shape):
+        """max of a leaf whose values repeat exactly (drawn from three): both sides see the same ties, and each
+        tie gets an even share of the gradient."""
+        ax = self.int(0, len(shape)) if shape and self.flip() else None
+        src = shape[:ax] + (self.int(2, 4),) + shape[ax:] if ax is not None else (self.int(2, 3),) * (len(shape) or 1)
+        v = self.rng.choice(np.array([-1.0, 0.5, 1.0], dtype=np.float32), size=src)
+        pair = (lab.tensor(v, requires_grad=True, dtype=self.dtype), torch.tensor(v.astype(np.float64), requires_grad=True))
+        self.leaves.append(pair)
+        if ax is None:
+            if shape:
+                return self.leaf(shape)
+            return pair[0].max(axis=None), pair[1].amax()
+        return pair[0].max(axis=ax), pair[1].amax(dim=ax)
+
     def reduce(self, shape, depth):
+        if self.int(0, 4) == 0:
+            return self.tied_max(shape)
         op = self.pick(["sum", "mean", "max"])
         k = self.int(2, 3)
         ones = [i for i, s in enumerate(shape) if s == 1]
@@ -165,6 +187,75 @@ class Graph:
             return self.leaf(shape)
         a, t = self.node((2,) + shape, depth)
         return a[1], t[1]
+
+    def join(self, shape, depth):
+        """stack, split, or a strided slice."""
+        if not shape:
+            return self.leaf(shape)
+        ax = self.int(0, len(shape) - 1)
+        how = self.pick(["stack", "split", "stride"])
+        if how == "stack":
+            sub = shape[:ax] + shape[ax + 1:]
+            parts = [self.node(sub, depth) for _ in range(shape[ax])]
+            return lab.stack([p[0] for p in parts], axis=ax), torch.stack([p[1] for p in parts], dim=ax)
+        if how == "split":
+            extra = self.int(1, 2)
+            a, t = self.node(shape[:ax] + (shape[ax] + extra,) + shape[ax + 1:], depth)
+            sizes, k = ([shape[ax], extra], 0) if self.flip() else ([extra, shape[ax]], 1)
+            return lab.split(a, sizes, axis=ax)[k], torch.split(t, sizes, dim=ax)[k]
+        a, t = self.node((2 * shape[0],) + shape[1:], depth)
+        return a[1::2], t[1::2]
+
+    def fused(self, shape, depth):
+        """The model's ops: embedding, cross_entropy, causal softmax, dropout, lora_add, causal_self_attention."""
+        options = ["dropout"]
+        if shape:
+            options += ["embedding", "lora"]
+        else:
+            options += ["cross_entropy"]
+        if len(shape) >= 2 and shape[-1] == shape[-2]:
+            options.append("causal")
+        if len(shape) == 3:
+            options.append("attention")
+        how = self.pick(options)
+        if how == "dropout":
+            from lab.engine.numpy_backend import dropout_keep_mask
+            a, t = self.node(shape, depth)
+            p, seed = 0.3, self.int(0, 2 ** 31)
+            keep = dropout_keep_mask(int(np.prod(shape)), p, seed).reshape(shape).astype(np.float64)
+            return ops.dropout(a, p, seed=seed), t * torch.tensor(keep) / (1 - p)
+        if how == "embedding":
+            V = self.int(2, 4)
+            idx = self.rng.integers(0, V, size=shape[:-1])
+            w, tw = self.node((V, shape[-1]), depth)
+            return ops.embedding(idx, w), TF.embedding(torch.tensor(idx, dtype=torch.long), tw)
+        if how == "cross_entropy":
+            lead, V = self.pick([(), (3,), (2, 2)]), self.int(2, 4)
+            x, t = self.node(lead + (V,), depth)
+            target = self.rng.integers(0, V, size=lead)
+            if lead and self.flip():  # some targets ignored (never all: PyTorch's mean over none is NaN)
+                target.reshape(-1)[: target.size - 1] = np.where(self.rng.random(target.size - 1) < 0.5, -100,
+                                                                 target.reshape(-1)[: target.size - 1])
+            want = TF.cross_entropy(t.reshape(-1, V), torch.tensor(target.reshape(-1), dtype=torch.long),
+                                    ignore_index=-100)
+            return ops.cross_entropy(x, target), want
+        if how == "causal":
+            T, scale = shape[-1], self.pick([1.0, 0.5])
+            a, t = self.node(shape, depth)
+            mask = torch.triu(torch.full((T, T), float("-inf"), dtype=torch.float64), 1)
+            return ops.softmax(a, scale=scale, causal=True), torch.softmax(t * scale + mask, -1)
+        if how == "lora":
+            N, K, r, scale = shape[-1], self.int(1, 3), self.int(1, 2), self.pick([0.5, 2.0])
+            base, x = self.node(shape, depth), self.node(shape[:-1] + (K,), depth)
+            A, Bm = self.node((r, K), depth), self.node((N, r), depth)
+            want = base[1] + scale * (x[1] @ A[1].T) @ Bm[1].T
+            return ops.lora_add(base[0], x[0], A[0], Bm[0], scale), want
+        Bsz, T, C = shape  # attention: heads of C // H from the packed (B, T, 3C) projection
+        H = self.pick([h for h in (1, 2, 3) if C % h == 0])
+        qkv, tq = self.node((Bsz, T, 3 * C), depth)
+        q, k, v = (x.reshape(Bsz, T, H, C // H).transpose(1, 2) for x in tq.split(C, -1))
+        want = TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(Bsz, T, C)
+        return ops.causal_self_attention(qkv, H), want
 
     def concat(self, shape, depth):
         ax = len(shape) - 1
