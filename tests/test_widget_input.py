@@ -227,6 +227,7 @@ def test_panels_refuse_outputs_set_from_the_browser(setup, numpy_backend, state)
     (lambda s: TrainingPanel(s, sample_every=2.5), "sample_every must be an integer >= 0"),
     (lambda s: TrainingPanel(s, sample_tokens=0), "sample_tokens must be an integer >= 1"),
     (lambda s: TrainingPanel(s, sample_prompt=7), "sample_prompt must be text"),
+    (lambda s: TrainingPanel(s, tokenizer="abc"), "TrainingPanel needs a tokenizer with encode"),
 ])
 def test_panel_constructor_arguments_refused_with_value_error(setup, numpy_backend, make, message):
     model, tok, tr, va = setup
@@ -245,6 +246,13 @@ def test_panel_constructor_arguments_refused_with_value_error(setup, numpy_backe
     (lambda m, tok: EdgeDiagnosticsPanel(reports=[1], surface=False), "reports must be a list of"),
     (lambda m, tok: EdgeDiagnosticsPanel(monitor=5, surface=False), "monitor must be a lab.diagnostics"),
     (lambda m, tok: TrainingPanel(5), "TrainingPanel follows a lab.train.Trainer, got 5"),
+    # a model or tokenizer of the wrong kind: an AttributeError ('str' object has no attribute 'named_modules'), or
+    # str.encode taking the prompt for a codec name ('unknown encoding: And')
+    (lambda m, tok: GenerationPanel("gpt2", tok), "GenerationPanel needs a lab language model .*, got 'gpt2'"),
+    (lambda m, tok: GenerationPanel(m, "abc", prompt="And"), "GenerationPanel needs a tokenizer with encode"),
+    (lambda m, tok: GenerationPanel(m, None), "GenerationPanel needs a tokenizer with encode"),
+    (lambda m, tok: AttentionHeatmap(m.config, "And", tok), "AttentionHeatmap needs a lab language model"),
+    (lambda m, tok: AttentionHeatmap(m, "And", None), "AttentionHeatmap needs a tokenizer with encode"),
 ])
 def test_other_panels_constructor_arguments_refused_with_value_error(setup, numpy_backend, make, message):
     model, tok, _, _ = setup
@@ -271,7 +279,8 @@ def test_plan_refuses_nonpositive_or_nonfinite_numbers(kwargs, message):
 def test_plan_of_a_huge_batch_answers_quickly():
     import time
     t0 = time.perf_counter()
-    p = planner.estimate("tiny", batch=2 ** 40, seq=4096, device="m1")   # searched one device at a time: hours
+    long_context = replace(PRESETS["tiny"], block_size=4096)              # (seq may not exceed block_size)
+    p = planner.estimate(long_context, batch=2 ** 40, seq=4096, device="m1")   # searched one device at a time: hours
     assert time.perf_counter() - t0 < 5 and not p.fits and p.devices_needed > 1
 
 

@@ -6,7 +6,7 @@ import traitlets as t
 from ..checks import show
 from ..engine.tensor import no_grad
 from ..nn import evaluating
-from .base import Panel, module_source, panel_css
+from .base import Panel, module_source, panel_css, require_model, require_tokenizer
 
 
 def attention_weights(model, ids):
@@ -34,6 +34,8 @@ class AttentionHeatmap(Panel):
         self._check_traits({"layer": layer, "head": head})   # set once the counts they are clamped to are known
         if not isinstance(text, str):
             raise ValueError(f"AttentionHeatmap needs a text, got {show(text)}")
+        require_model("AttentionHeatmap", model)
+        require_tokenizer("AttentionHeatmap", tokenizer)
         ids = tokenizer.encode(text)
         block = model.config.block_size
         if len(ids) == 0:

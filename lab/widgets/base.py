@@ -45,6 +45,23 @@ def jsonable(value):
     return value
 
 
+def require_model(panel, model):
+    """A panel's model argument: a lab model (an nn.Module with a config), else one error saying so, not an
+    AttributeError from deep inside the first generation."""
+    from ..nn import Module
+    if not (isinstance(model, Module) and hasattr(getattr(model, "config", None), "block_size")):
+        raise ValueError(f"{panel} needs a lab language model (e.g. lab.models.TransformerLM), got {show(model)}")
+    return model
+
+
+def require_tokenizer(panel, tokenizer):
+    """A panel's tokenizer argument: anything with encode() and decode() (a str has encode: 'unknown encoding')."""
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
+        raise ValueError(f"{panel} needs a tokenizer with encode() and decode() (e.g. lab.data.CharTokenizer), "
+                         f"got {show(tokenizer)}")
+    return tokenizer
+
+
 def figure_png(fig):
     """A matplotlib figure as base64 PNG (closed afterwards)."""
     import base64

@@ -7,7 +7,7 @@ import traitlets as t
 
 from ..checks import integer
 from ..generate import beam_search, generate
-from .base import Panel, module_source, panel_css
+from .base import Panel, module_source, panel_css, require_model, require_tokenizer
 
 # The most a panel generates in one go: the browser's number field takes anything, and 10**9 tokens is days of
 # work holding the backend; past a few thousand tokens a script (lab.generate) is the better tool anyway.
@@ -37,7 +37,8 @@ class GenerationPanel(Panel):
         super().__init__(prompt=prompt, **kwargs)
         self._check_limits()   # max_tokens=10**9 from Python: refused here as from the panel
         from ..lora import adapters
-        self.model, self.tokenizer = model, tokenizer
+        self.model = require_model("GenerationPanel", model)
+        self.tokenizer = require_tokenizer("GenerationPanel", tokenizer)
         self.has_adapter = bool(adapters(model))
         self._thread = None
         self._lock = threading.Lock()       # two Generate clicks (or calls from two threads): one run

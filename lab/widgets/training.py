@@ -7,7 +7,7 @@ from dataclasses import replace
 import traitlets as t
 
 from ..checks import choice, integer, parse_number, real, show
-from .base import Panel, jsonable, module_source, panel_css
+from .base import Panel, jsonable, module_source, panel_css, require_tokenizer
 
 MAX_POINTS = 400  # points of history sent to the browser (the full history stays in trainer.history)
 
@@ -42,7 +42,7 @@ class TrainingPanel(Panel):
         from ..train import Trainer
         if not isinstance(trainer, Trainer):
             raise ValueError(f"TrainingPanel follows a lab.train.Trainer, got {show(trainer)}")
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is None else require_tokenizer("TrainingPanel", tokenizer)
         self.sample_every = integer("sample_every", sample_every, low=0)   # 0: no samples
         if not isinstance(sample_prompt, str):
             raise ValueError(f"sample_prompt must be text, got {show(sample_prompt)}")
