@@ -38,8 +38,10 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad = False
         bound = 1.0 / math.sqrt(n_in)  # PEFT: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        self.lora_A = nn.parameter(generator().uniform(-bound, bound, size=(r, n_in)))
-        self.lora_B = nn.parameter(np.zeros((n_out, r)))
+        # on the base's backend, not the active one: after lab.set_backend("numpy") a wgpu model got numpy
+        # adapters, and its first step failed inside the optimizer ('numpy.ndarray' object has no attribute ...)
+        self.lora_A = nn.parameter(generator().uniform(-bound, bound, size=(r, n_in)), backend=base.weight.backend)
+        self.lora_B = nn.parameter(np.zeros((n_out, r)), backend=base.weight.backend)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scale = alpha / r
         self.enabled, self.merged = True, False

@@ -355,3 +355,21 @@ def test_adapter_config_fractional_rank_refused(numpy_backend, tmp_path, r):
     _assert_same_state(fresh, before)
     with pytest.raises(ValueError, match=rf"LoRA rank r must be an integer >= 1, got {re.escape(repr(r))}"):
         lora.apply(_model(), r=r)
+
+
+@pytest.mark.parametrize("model_on,active", [("wgpu", "numpy"), ("numpy", "wgpu")])
+def test_adapters_live_on_the_models_backend_not_the_active_one(request, model_on, active):
+    """lora.apply after lab.set_backend(<the other one>) (a notebook that switched backends after building its
+    model) made the adapters on the active backend: the model mixed backends and its first training step failed
+    inside the optimizer with "'numpy.ndarray' object has no attribute 'storage'"."""
+    from lab.engine import backend as B
+    model_backend, active_backend = (request.getfixturevalue(f"{n}_backend") for n in (model_on, active))
+    with B.using_backend(model_backend):
+        m = _model()
+    with B.using_backend(active_backend):
+        lora.apply(m, r=2, alpha=4, targets=["c_attn"])
+        assert {p.backend for p in m.parameters()} == {model_backend}
+        cfg = TrainConfig(steps=1, batch_size=2, warmup_steps=1)
+        ids = np.arange(200) % 40
+        loss, _ = Trainer(m.train(), ids, ids, cfg).train_step()
+    assert np.isfinite(loss.item())

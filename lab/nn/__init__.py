@@ -59,9 +59,9 @@ def in_use(model, what, hint=""):
                 del _users[model]
 
 
-def parameter(values):
-    """A trainable tensor on the active backend."""
-    return tensor(np.asarray(values, dtype=np.float32), requires_grad=True)
+def parameter(values, backend=None):
+    """A trainable tensor on `backend` (default: the active one)."""
+    return tensor(np.asarray(values, dtype=np.float32), requires_grad=True, backend=backend)
 
 
 class Module:
