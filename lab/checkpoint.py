@@ -69,20 +69,48 @@ def _plain_name(name):
             and "\0" not in name)
 
 
+def _save_name(name):
+    """A name a save writes or removes: a plain file name, or one in a subdirectory ("adapter/config.json": export
+    writes the adapter with the base in one save, so an interrupted export never pairs a base with another's
+    adapter). One level, no '..', no absolute path: a journal cannot reach outside its directory."""
+    parts = name.split("/") if isinstance(name, str) else [None]
+    return len(parts) <= 2 and all(map(_plain_name, parts)) and name != JOURNAL_FILE
+
+
+def _removable(name):
+    return _save_name(name) and name.rpartition("/")[2] in REMOVABLE
+
+
+def _journal_pair(name, tmp):
+    """A journal's replace entry: the temporary sits beside its file and is named after it."""
+    if not (_save_name(name) and _save_name(tmp)):
+        return False
+    (where, _, base), (tmp_where, _, tmp_base) = name.rpartition("/"), tmp.rpartition("/")
+    return where == tmp_where and tmp_base.startswith(f".{base}.tmp-")
+
+
 class _Staging:
     """The new files of one save, under temporary names in the target directory until the save commits."""
 
     def __init__(self, directory):
         self.directory, self.files, self.committed, self.mode = directory, {}, False, None
+        self.created = []   # subdirectories this save made (removed again if it fails)
 
     def path(self, name):
         """Where the new content of `name` is written (any writer may use it)."""
         if name not in self.files:
-            if not _plain_name(name) or name == JOURNAL_FILE:
-                raise ValueError(f"atomic_files: {name!r} is not a plain file name")
-            for stale in self.directory.glob(f".{glob.escape(name)}.tmp-*"):  # left by a save killed earlier
+            if not _save_name(name):
+                raise ValueError(f"atomic_files: {name!r} is not a file name, nor one in a subdirectory")
+            sub, _, base = name.rpartition("/")
+            where = self.directory / sub if sub else self.directory
+            if sub and (where.is_symlink() or (where.exists() and not where.is_dir())):
+                raise CheckpointError(f"{where}: is not a directory, where the save needs to write {base}")
+            if not where.exists():
+                where.mkdir()
+                self.created.append(where)
+            for stale in where.glob(f".{glob.escape(base)}.tmp-*"):  # left by a save killed earlier
                 stale.unlink(missing_ok=True)
-            tmp = self.directory / f".{name}.tmp-{secrets.token_hex(6)}"
+            tmp = where / f".{base}.tmp-{secrets.token_hex(6)}"
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             self.mode = self.mode or os.stat(tmp).st_mode & 0o777   # the usual mode, under the umask
             self.files[name] = tmp
@@ -170,7 +198,7 @@ def atomic_files(directory, remove=()):
     file replaces its own name at once, and the files named in `remove` (stale parts of an earlier save) go. Any
     other file in the directory, and the directory's mode, are left alone. On an error nothing changes."""
     d = check_save_target(directory)
-    if not REMOVABLE.issuperset(remove):
+    if not all(map(_removable, remove)):
         raise ValueError(f"atomic_files: remove={sorted(remove)!r}: a save removes only {sorted(REMOVABLE)}")
     if _read_held(d):   # the save would wait for this thread's own read lock: forever
         raise CheckpointError(f"{d}: is being read by this thread (lab.checkpoint.reading): a save there must wait "
@@ -196,6 +224,9 @@ def atomic_files(directory, remove=()):
         if not staging.committed:   # after the commit the journal owns the temporaries
             for tmp in staging.files.values():
                 tmp.unlink(missing_ok=True)
+            for sub in staging.created:
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
             if created:
                 with contextlib.suppress(OSError):
                     d.rmdir()
@@ -209,7 +240,7 @@ def _commit(staging, remove):
     for tmp in files.values():
         os.chmod(tmp, staging.mode)   # safetensors' writer recreates its file 0600
         _fsync(tmp)
-    journal = {"replace": {name: tmp.name for name, tmp in files.items()}, "remove": list(remove)}
+    journal = {"replace": {name: tmp.relative_to(d).as_posix() for name, tmp in files.items()}, "remove": list(remove)}
     for stale in d.glob(f"{JOURNAL_FILE}.tmp-*"):   # a save killed while writing its journal
         stale.unlink(missing_ok=True)
     tmp = d / f"{JOURNAL_FILE}.tmp-{secrets.token_hex(6)}"
@@ -230,6 +261,9 @@ def _apply_journal(d, journal):
             os.replace(d / tmp, d / name)
     for name in journal["remove"]:
         (d / name).unlink(missing_ok=True)
+    for where in {(d / name).parent for name in [*journal["replace"], *journal["remove"]]} - {d}:
+        with contextlib.suppress(FileNotFoundError):   # a subdirectory whose only files were removed, or none
+            _fsync(where, directory=True)
     _fsync(d, directory=True)
     (d / JOURNAL_FILE).unlink(missing_ok=True)
     _fsync(d, directory=True)
@@ -251,10 +285,8 @@ def _finish_journal(d):
     try:
         journal = json.loads(path.read_text(encoding="utf-8"))
         replace, remove = journal["replace"], journal["remove"]
-        ok = (isinstance(replace, dict) and isinstance(remove, list) and all(map(_plain_name, remove))
-              and REMOVABLE.issuperset(remove)
-              and all(_plain_name(n) and isinstance(t, str) and _plain_name(t) and t.startswith(f".{n}.tmp-")
-                      for n, t in replace.items()))
+        ok = (isinstance(replace, dict) and isinstance(remove, list) and all(map(_removable, remove))
+              and all(_journal_pair(n, t) for n, t in replace.items()))
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
         ok = False
     if not ok:
@@ -527,6 +559,15 @@ def _load_pretrained(d):
 def save_checkpoint(directory, model, tokenizer, trainer=None):
     """Model, tokenizer and (with a trainer) optimizer state, step, RNG states and history, atomically. Without a
     trainer, the optimizer and trainer state of an earlier save there are removed: they belong to other weights."""
+    with checkpoint_files(directory, model, tokenizer, trainer):
+        pass
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
+    """save_checkpoint as a save the caller adds files to (atomic_files' staging, yielded), all landing at once:
+    import_model writes the adapter beside the model in the same save."""
     from .engine.random import get_state
     if not callable(getattr(tokenizer, "to_json", None)):
         raise ValueError(f"save_checkpoint: tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer: a "
@@ -537,7 +578,7 @@ def save_checkpoint(directory, model, tokenizer, trainer=None):
     # with a trainer, between its steps (its step lock): a trainer stepping in another thread (a panel's) would
     # otherwise change the weights or moments while they are read, mixing step k and step k+1
     with (trainer.step_lock if trainer is not None else contextlib.nullcontext()), \
-            atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE)) as files:
+            atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE, *remove)) as files:
         _write_model(model, files, "lab")
         files.write_text(TOKENIZER_FILE, tokenizer.to_json())
         if trainer is not None:
@@ -552,7 +593,7 @@ def save_checkpoint(directory, model, tokenizer, trainer=None):
                 "early_stopping": {"best_val_loss": trainer.best_val_loss,
                                    "evals_without_gain": trainer._evals_without_gain},
             })
-    return Path(directory)
+        yield files
 
 
 def load_tokenizer(path):

@@ -280,6 +280,16 @@ def _peft_prefix(model):
 def save_adapter(model, directory, base_model_name_or_path=None):
     """Write adapter_model.safetensors and adapter_config.json in PEFT's format (loadable by
     peft.PeftModel.from_pretrained on the model exported with save_pretrained(format="hf"))."""
+    _require_adapters(model)   # before the directory is made
+    with atomic_files(directory) as files:
+        write_adapter(model, files, base_model_name_or_path)
+    return Path(directory)
+
+
+def write_adapter(model, files, base_model_name_or_path=None, subdir=""):
+    """The adapter's two files into a save's staging (checkpoint.atomic_files), in `subdir`/ when given: export
+    writes the adapter with the base in one save, so an interrupted export never pairs a base with another's
+    adapter."""
     found = _require_adapters(model)
     prefix = _peft_prefix(model)
     tensors = {}
@@ -294,10 +304,9 @@ def save_adapter(model, directory, base_model_name_or_path=None):
         "bias": "none", "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
     }
-    with atomic_files(directory) as files:
-        files.write_tensors(ADAPTER_FILE, tensors, metadata={"format": "pt"})
-        files.write_json(ADAPTER_CONFIG, config)
-    return Path(directory)
+    where = f"{subdir}/" if subdir else ""
+    files.write_tensors(where + ADAPTER_FILE, tensors, metadata={"format": "pt"})
+    files.write_json(where + ADAPTER_CONFIG, config)
 
 
 @_holding("lora.load_adapter")

@@ -1,5 +1,6 @@
 """A save writes and replaces only its own files inside a directory; loaders refuse what a run must not continue
 from (non-finite tensors, a damaged trainer state) and read the float types the Hub uses, naming the file."""
+import contextlib
 import json
 import os
 import stat
@@ -192,6 +193,8 @@ def test_a_damaged_save_journal_is_refused_and_touches_nothing_outside(journal, 
 
 
 @pytest.mark.parametrize("journal", ['{"replace": {}, "remove": ["notes.txt"]}', '{"replace": {}, "remove": ["a\\u0000b"]}',
+                                     '{"replace": {}, "remove": ["adapter/../notes.txt"]}',
+                                     '{"replace": {"adapter/config.json": "../.config.json.tmp-1"}, "remove": []}',
                                      "[" * 100_000])
 def test_a_planted_save_journal_cannot_delete_a_users_file(journal, tmp_path, numpy_backend):
     """A journal removes only names a save removes (stale trainer state or adapter files): one planted in a
@@ -486,3 +489,58 @@ def test_a_conversion_without_adapter_removes_the_adapter_an_earlier_one_left(co
     assert not lora.adapters(model)
     x = np.array([[1, 2, 3]])
     assert np.array_equal(model(x)[0].numpy(), base.model.eval()(x)[0].numpy())
+
+
+def _lora_checkpoint(d, value):
+    """A LoRA checkpoint whose base weights are all `value` and whose adapters' B are all 100 * value."""
+    t = _trainer()
+    t.model.load_state_dict({n: np.full(p.shape, value, np.float32) for n, p in t.model.named_parameters()})
+    lora.apply(t.model, r=2, alpha=4)
+    for _, m in lora.adapters(t.model):
+        m.lora_B.data = m.lora_B.backend.from_numpy(np.full(m.lora_B.shape, 100 * value, np.float32))
+    save_checkpoint(d, t.model, t.tokenizer)
+
+
+def _base_and_adapter(directory):
+    from lab.scale import import_model
+    model, _ = import_model(directory)
+    values = {n: set(np.unique(v).tolist()) for n, v in model.state_dict().items()}
+    return (set().union(*(v for n, v in values.items() if ".lora_" not in n)),
+            set().union(*(v for n, v in values.items() if ".lora_B" in n)))
+
+
+def test_an_interrupted_export_never_pairs_a_base_with_another_exports_adapter(tmp_path, numpy_backend, monkeypatch):
+    """export writes the base and adapter/ in one save (one journal): interrupted before its journal, the directory
+    keeps the previous export whole; interrupted after any rename, the next load completes the new one."""
+    import lab.checkpoint as C
+    _lora_checkpoint(tmp_path / "a", 0.5)
+    _lora_checkpoint(tmp_path / "b", 0.25)
+    export_checkpoint(tmp_path / "a", tmp_path / "out")
+    assert _base_and_adapter(tmp_path / "out") == ({0.5}, {50.0})
+    write_tensors = C._Staging.write_tensors
+
+    def interrupted_at_the_adapter(self, name, tensors, metadata=None):
+        if name.endswith("adapter_model.safetensors"):
+            raise KeyboardInterrupt   # Ctrl-C (or a kill) while the adapter is written
+        return write_tensors(self, name, tensors, metadata)
+    monkeypatch.setattr(C._Staging, "write_tensors", interrupted_at_the_adapter)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(tmp_path / "b", tmp_path / "out")
+    monkeypatch.undo()
+    assert _base_and_adapter(tmp_path / "out") == ({0.5}, {50.0})
+    real = os.replace
+    for renames in range(7):   # seven files: killed before the first rename, ..., before the last
+        export_checkpoint(tmp_path / "a", tmp_path / "out")
+        calls = []
+
+        def killed_after(src, dst):
+            if Path(dst).name != JOURNAL_FILE:
+                if len(calls) == renames:
+                    raise KeyboardInterrupt   # stands for a SIGKILL: nothing after this point of the save runs
+                calls.append(dst)
+            real(src, dst)
+        monkeypatch.setattr(C.os, "replace", killed_after)
+        with contextlib.suppress(KeyboardInterrupt):
+            export_checkpoint(tmp_path / "b", tmp_path / "out")
+        monkeypatch.undo()
+        assert _base_and_adapter(tmp_path / "out") == ({0.25}, {25.0}), renames

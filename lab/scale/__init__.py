@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import (CheckpointError, _write_model, atomic_files, load_checkpoint, load_pretrained,
-                          load_tokenizer, reading, save_checkpoint)
+                          checkpoint_files, load_tokenizer, reading)
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
 HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format
@@ -67,7 +67,9 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     if has_adapter:
         lora.unmerge(model)   # the base goes out without the update: adapter/ carries it
     out = Path(out)
-    with atomic_files(out) as files:
+    # one save: the base with its adapter, or with an earlier export's adapter removed (it belongs to other weights:
+    # import would put it on this base), so that no interruption pairs one base with another's adapter
+    with atomic_files(out, remove=() if has_adapter else _adapter_names()) as files:
         _write_model(model, files, "hf")
         files.write_text(LAB_TOKENIZER_FILE, tokenizer.to_json())
         hf_tok = hf_tokenizer_json(tokenizer)
@@ -75,22 +77,16 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
             files.write_json(HF_TOKENIZER_FILE, hf_tok)
             files.write_json("tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
                                                        "model_max_length": model.config.block_size})
-    if has_adapter:
-        # The adapter names the exported directory as its base, as PEFT expects.
-        lora.save_adapter(model, out / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
-    else:
-        _remove_stale_adapter(out)
+        if has_adapter:
+            # The adapter names the exported directory as its base, as PEFT expects.
+            lora.write_adapter(model, files, base_model_name_or_path=str(out.resolve()), subdir=ADAPTER_DIR)
     return out
 
 
-def _remove_stale_adapter(out):
-    """adapter/ of an earlier export or import into `out` (of a LoRA run) belongs to other weights: import_model
-    and export_checkpoint would put it on this model, silently changing its logits. Its two files go (only them)."""
+def _adapter_names():
+    """adapter/'s two files, as names in the directory above it (one save writes or removes them with the base)."""
     from .. import lora
-    d = Path(out) / ADAPTER_DIR
-    if d.is_dir() and any((d / name).exists() for name in (lora.ADAPTER_FILE, lora.ADAPTER_CONFIG)):
-        with atomic_files(d, remove=(lora.ADAPTER_FILE, lora.ADAPTER_CONFIG)):
-            pass
+    return tuple(f"{ADAPTER_DIR}/{name}" for name in (lora.ADAPTER_FILE, lora.ADAPTER_CONFIG))
 
 
 def _tokenizer_of(directory):
@@ -142,12 +138,8 @@ def import_model(directory, out=None):
                 lora.load_adapter(model, adapter_dir)
                 adapter_files = {name: (adapter_dir / name).read_bytes() for name in (lora.ADAPTER_FILE,
                                                                                        lora.ADAPTER_CONFIG)}
-    if out is not None:
-        save_checkpoint(out, model, tokenizer)
-        if adapter_files:   # the two files as they were loaded, nothing else there
-            with atomic_files(Path(out) / ADAPTER_DIR) as files:
-                for name, content in adapter_files.items():
-                    files.path(name).write_bytes(content)
-        else:
-            _remove_stale_adapter(out)
+    if out is not None:   # the checkpoint and the adapter's two files as they were loaded, in one save
+        with checkpoint_files(out, model, tokenizer, remove=() if adapter_files else _adapter_names()) as files:
+            for name, content in adapter_files.items():
+                files.path(f"{ADAPTER_DIR}/{name}").write_bytes(content)
     return model, tokenizer
