@@ -23,7 +23,7 @@ fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (r >= P[0]) { return; }
     let V = P[1];
     let base = r * V;
-    var m = -3.4e38;
+    var m = bitcast<f32>(0xff800000u);  // -inf: -3.4e38 is above -FLT_MAX
     for (var j = lid; j < V; j += RWG) { m = max(m, X[base + j]); }
     m = wg_max(m, lid);
     var s = 0.0;

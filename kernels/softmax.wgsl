@@ -46,7 +46,7 @@ fn softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let scale = bitcast<f32>(P[3]);
     let lim = row_limit(r, n);
     let base = r * n;
-    var m = -3.4e38;
+    var m = bitcast<f32>(0xff800000u);  // -inf: -3.4e38 is above -FLT_MAX
     for (var j = lid; j < lim; j += RWG) { m = max(m, scale * X[base + j]); }
     m = wg_max(m, lid);
     var s = 0.0;
@@ -68,14 +68,14 @@ fn log_softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (r >= P[0]) { return; }
     let n = P[1];
     let base = r * n;
-    var m = -3.4e38;
+    var m = bitcast<f32>(0xff800000u);  // -inf: -3.4e38 is above -FLT_MAX
     for (var j = lid; j < n; j += RWG) { m = max(m, X[base + j]); }
     m = wg_max(m, lid);
     var s = 0.0;
     for (var j = lid; j < n; j += RWG) { s += exp(X[base + j] - m); }
     s = wg_sum(s, lid);
-    let lse = m + log(s);
-    for (var j = lid; j < n; j += RWG) { OUT[base + j] = X[base + j] - lse; }
+    let ls = log(s);  // (x - m) - log(s), as numpy's: x - (m + log(s)) loses log(s) when |m| dwarfs it (-FLT_MAX rows)
+    for (var j = lid; j < n; j += RWG) { OUT[base + j] = (X[base + j] - m) - ls; }
 }
 
 @compute @workgroup_size(RWG)

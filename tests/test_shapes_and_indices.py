@@ -83,8 +83,9 @@ def test_training_batches_with_out_of_range_tokens_refused(use_backend):
     from lab.train import Trainer, TrainConfig
     lab.manual_seed(0)
     model = lab.TransformerLM(lab.TransformerConfig(vocab_size=5, n_layer=1, n_head=1, n_embd=8, block_size=4))
-    ids = np.array([0, 1, 2, 3, 5, 0])  # every batch: x = ids[0:4], y = ids[1:5], the 5 a target only
+    ids = np.array([0, 1, 2, 3, 4, 0])  # every batch: x = ids[0:4], y = ids[1:5]
     trainer = Trainer(model, ids, ids, TrainConfig(steps=3, batch_size=1, eval_every=1000, log_every=1000))
+    ids[4] = 5  # changed after the Trainer checked its splits: the 5 a target only
     with pytest.raises(ValueError, match=r"(target|token).* 5"):
         trainer.check_finite(*trainer.train_step())
     ids[4] = 4
@@ -317,3 +318,40 @@ def test_pow_zero_and_relu_gradients_at_zero_and_nan_as_pytorch(use_backend):
     x.grad = None
     x.relu().backward(np.ones(3))  # PyTorch passes the gradient at a NaN input
     np.testing.assert_array_equal(x.grad.numpy(), [0.0, 1.0, 1.0])
+
+
+def test_fused_ops_refuse_int_tables_weights_and_bad_settings_with_one_clear_error(use_backend):
+    """An int table, weight or dropout input had its bits read as floats on the GPU (1 -> 1.4e-45); a dropout seed
+    outside 32 bits raised OverflowError on numpy and wrapped on the GPU; p='0.5' was a TypeError; a negative eps
+    made NaN rows; a 1-D linear weight an unpacking error."""
+    f = lab.tensor(np.ones((2, 3)))
+    i = lab.tensor(np.ones((2, 3), dtype=np.int32))
+    float_needed = [lambda: F.embedding(np.array([1]), i), lambda: F.linear(f, lab.tensor(np.ones((3, 2), np.int32))),
+                    lambda: F.layer_norm(f, lab.tensor(np.ones(3, np.int32))), lambda: F.dropout(i, 0.5, seed=1)]
+    for call in float_needed:
+        with pytest.raises(ValueError, match="expected a floating-point tensor, got dtype int32"):
+            call()
+    for seed in (-1, 2 ** 32, 1.5):
+        with pytest.raises(ValueError, match=r"dropout: seed must be an integer >= 0 and <= 4,294,967,295"):
+            F.dropout(f, 0.5, seed=seed)
+    for p in ("0.5", float("nan"), 1.0, True):
+        with pytest.raises(ValueError, match=r"dropout: p must be a number in \[0, 1\)"):
+            F.dropout(f, p)
+    with pytest.raises(ValueError, match="layer_norm: eps must be a finite number >= 0, got -1"):
+        F.layer_norm(f, lab.tensor(np.ones(3)), eps=-1.0)
+    with pytest.raises(ValueError, match=r"linear: the weight must be 2-D \(K, N\), got shape \(3,\)"):
+        F.linear(f, lab.tensor(np.ones(3)))
+    with pytest.raises(ValueError, match="reshape: sizes must be integers"):
+        lab.tensor(np.ones(1)).reshape(True)
+
+
+def test_softmax_of_extreme_rows_and_mean_of_nothing_as_numpy(use_backend):
+    big = np.finfo(np.float32).max
+    rows = np.array([[-big, -big, -big], [0.0, -np.inf, 1.0]], dtype=np.float32)
+    e = np.exp(rows - rows.max(-1, keepdims=True))
+    np.testing.assert_allclose(lab.tensor(rows).softmax().numpy(), e / e.sum(-1, keepdims=True), rtol=1e-6)
+    with np.errstate(divide="ignore"):  # (log 0 = -inf, expected)
+        np.testing.assert_allclose(lab.tensor(rows).log_softmax().numpy(), np.log(e / e.sum(-1, keepdims=True)),
+                                   rtol=1e-6)
+    assert np.isnan(lab.tensor(np.zeros((0, 3))).mean().item())  # numpy and PyTorch: NaN, not 0
+    assert lab.tensor(np.zeros((2, 0))).log_softmax().shape == (2, 0)

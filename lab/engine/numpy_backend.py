@@ -341,6 +341,8 @@ class NumpyBackend(Backend):
         return d
 
     def log_softmax(self, a):
+        if a.size == 0:  # (an empty row has no max; the result is as empty as the input, as on wgpu)
+            return a.copy()
         m = a.max(axis=-1, keepdims=True)
         return a - m - np.log(np.exp(a - m).sum(axis=-1, keepdims=True))
 

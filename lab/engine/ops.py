@@ -6,6 +6,7 @@ import numbers
 
 import numpy as np
 
+from .. import checks
 from .backend import HeadView, check_index_range, contiguous_strides, gather_heads, scatter_heads
 from .tensor import Tensor, is_grad_enabled, tensor
 from . import random as _random
@@ -254,7 +255,7 @@ def sum(a, axis=None, keepdims=False):
 def mean(a, axis=None, keepdims=False):
     axes = _axes(axis, a.ndim, "mean")
     n = math.prod(a.shape[k] for k in axes)
-    return mul(sum(a, axes, keepdims), 1.0 / _builtins.max(n, 1))
+    return mul(sum(a, axes, keepdims), 1.0 / n if n else math.nan)  # the mean of no elements is NaN (numpy, PyTorch)
 
 
 def max(a, axis=-1, keepdims=False):
@@ -282,7 +283,7 @@ def max(a, axis=-1, keepdims=False):
 
 def reshape(a, *shape):
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
-    if shape.count(-1) > 1 or any(not isinstance(s, numbers.Integral) or s < -1 for s in shape):
+    if shape.count(-1) > 1 or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < -1 for s in shape):
         raise ValueError(f"reshape: sizes must be integers >= 0 with at most one -1, got {shape}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
@@ -493,6 +494,12 @@ def linear(x, weight, bias=None, activation=None):
     gelu(x @ weight + bias), applied as the tiles are stored on a backend with matmul_gelu (wgpu), else by gelu()."""
     if activation not in (None, "gelu"):
         raise ValueError(f"linear: activation must be None or 'gelu', got {activation!r}")
+    if weight.ndim != 2:
+        raise ValueError(f"linear: the weight must be 2-D (K, N), got shape {_shape_str(weight.shape)}")
+    if weight.dtype != "float16":  # (a float16 weight is storage the matmul reads as it is)
+        _check_float(weight, "linear")
+    if bias is not None:
+        _check_float(bias, "linear")
     K, N = weight.shape
     if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
         raise ValueError(f"linear: input {_shape_str(x.shape)}, weight {_shape_str(weight.shape)} and bias "
@@ -556,7 +563,9 @@ def log_softmax(x, axis=-1):
 
 def _norm_bias(x, weight, bias, op):
     """The bias data of a LayerNorm over x's last axis (zeros without one), its parameters' shapes checked."""
-    C = x.shape[-1]
+    for t in (x, weight) + ((bias,) if bias is not None else ()):
+        _check_float(t, op)
+    C = x.shape[-1] if x.ndim else None
     if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
         raise ValueError(f"{op}: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
                          f"{_shape_str(weight.shape)}" + (f" and {_shape_str(bias.shape)}" if bias is not None else ""))
@@ -565,6 +574,7 @@ def _norm_bias(x, weight, bias, op):
 
 def layer_norm(x, weight, bias=None, eps=1e-5):
     """LayerNorm over the last axis (fused forward and backward)."""
+    eps = checks.real("layer_norm: eps", eps, 0.0)  # a negative eps made NaN rows (sqrt of a negative variance)
     y, mean, rstd = x.backend.layernorm(x.data, weight.data, _norm_bias(x, weight, bias, "layer_norm"), eps)
     return _layer_norm_node(y, x, weight, bias, mean, rstd)
 
@@ -585,6 +595,7 @@ def add_layer_norm(x, y, weight, bias=None, eps=1e-5):
     (a transformer block's x + attn(ln_1(x)) then ln_2). Gradients as the two ops give them."""
     _check_float(x, "add_layer_norm")
     _check_float(y, "add_layer_norm")
+    eps = checks.real("add_layer_norm: eps", eps, 0.0)
     if x.shape != y.shape:
         raise ValueError(f"add_layer_norm: x and y must have the same shape, got {_shape_str(x.shape)} and "
                          f"{_shape_str(y.shape)}")
@@ -615,6 +626,9 @@ def _index_tensor(idx, like, limit, op, ignore_index=None):
 
 def embedding(idx, weight):
     """weight[idx]: (V, C) table, integer idx of any shape -> idx.shape + (C,)."""
+    _check_float(weight, "embedding")  # (an int table's bits were read as floats on the GPU)
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: the table must be 2-D (V, C), got shape {_shape_str(weight.shape)}")
     V = weight.shape[0]
     idx, checked = _index_tensor(idx, weight, V, "embedding")
     B = weight.backend
@@ -643,12 +657,15 @@ def cross_entropy(logits, targets, ignore_index=-100):
 def dropout(x, p=0.1, training=True, seed=None):
     """Zero each element with probability p and scale the rest by 1/(1-p). The mask comes from a counter-based
     RNG keyed by `seed` (drawn from lab.manual_seed's generator if None), so backward re-derives it."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be a number in [0, 1), got {checks.show(p)}")
+    _check_float(x, "dropout")
     if not training or p == 0.0:
         return x
     if seed is None:
         seed = _random.next_seed()
+    else:  # the mask's key is 32 bits: numpy raised OverflowError outside them, the GPU wrapped the seed silently
+        seed = checks.integer("dropout: seed", seed, 0, 2 ** 32 - 1)
     B = x.backend
     return Tensor._make(B.dropout(x.data, p, seed), B, (x,), lambda g: (B.dropout(g, p, seed),))
 
