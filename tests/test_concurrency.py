@@ -234,6 +234,7 @@ def test_changing_a_model_that_trains_in_another_thread_is_refused(use_backend, 
     train_step from the kernel stepped or replaced its weights beside the run. Each is refused, naming itself,
     and the run's losses stay those of a run alone; once it ends the same calls work."""
     from lab import lora
+    from lab.diagnostics import DiagnosticsMonitor
     alone, _ = _trainer()
     alone.run(progress=False, log_evals=False)
     trainer, tok = _trainer()
@@ -244,7 +245,10 @@ def test_changing_a_model_that_trains_in_another_thread_is_refused(use_backend, 
         ("load_state_dict", lambda: model.load_state_dict(state)),
         ("model.eval()", model.eval),
         ("Trainer.run", lambda: Trainer(model, trainer.train_ids, trainer.val_ids, trainer.cfg).run(progress=False)),
-        ("Trainer.train_step", trainer.train_step)])
+        ("Trainer.train_step", trainer.train_step),
+        # its gradients go through the model's parameters: into the run's step, had it been let through
+        ("DiagnosticsMonitor.run", DiagnosticsMonitor(Trainer(model, trainer.train_ids, trainer.val_ids, trainer.cfg),
+                                                      every=10, power_iters=1).run)])
     assert _losses(trainer) == _losses(alone)
     assert model.training and not lora.adapters(model)
     model.eval()

@@ -257,7 +257,14 @@ class DiagnosticsMonitor:
         self.seconds += time.perf_counter() - t0
 
     def run(self, step=None):
-        """One full diagnostics report now."""
+        """One full diagnostics report now. Its gradients go through the model's parameters, so it holds the model
+        (nn.in_use): called from the kernel while a panel's thread trains that model, it is refused by name
+        instead of mixing its gradients into a step."""
+        from ..nn import in_use
+        with in_use(self.trainer.model, "DiagnosticsMonitor.run"):
+            return self._report(step)
+
+    def _report(self, step):
         from ..data import get_batch
         tr, model = self.trainer, self.trainer.model
         cfg, block = tr.cfg, model.config.block_size
