@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .checks import integer, real, show
+from .checks import InputError, integer, real, show
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 TOKENIZER_FILE, OPTIMIZER_FILE, STATE_FILE = "tokenizer.json", "optimizer.safetensors", "trainer_state.json"
@@ -38,7 +38,7 @@ JOURNAL_FILE = ".lab-save.json"   # present only while a save moves its files in
 REMOVABLE = frozenset({OPTIMIZER_FILE, STATE_FILE, "adapter_model.safetensors", "adapter_config.json"})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, corrupt, or does not match the model."""
 
 
@@ -334,6 +334,8 @@ def _expect_file(path, what):
     finish_interrupted_save(path.parent)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a file")
+    if path.exists() and not path.is_file():   # a FIFO would block the reader, a device read forever
+        raise CheckpointError(f"{path}: is not a regular file, expected the {what}")
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} not found")
 
@@ -398,6 +400,15 @@ def read_safetensors(path):
                                   f"{np.abs(value).max():g})" if beyond else "contains NaN or Inf"))
         out[key] = narrow
     return out
+
+
+def _metadata(path):
+    """A safetensors file's metadata (read_safetensors has checked the file)."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def check_floats(tensors, path):
@@ -643,6 +654,14 @@ def restore_trainer(trainer, directory, state):
                                   f"expected {tuple(target.shape)}")
     try:
         steps = _checked_steps(state)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{d / STATE_FILE}: incomplete or invalid trainer state ({e})") from None
+    saved_at = _metadata(d / OPTIMIZER_FILE).get("step")   # written by save_checkpoint since the first version
+    if saved_at is not None and saved_at != str(steps[0]):
+        raise CheckpointError(f"{d / OPTIMIZER_FILE}: optimizer state of optimizer step {saved_at}, but "
+                              f"{d / STATE_FILE} is at optimizer step {steps[0]}: the two files are from different "
+                              f"saves (copied from another checkpoint?)")
+    try:
         batch_rng, global_rng, seed_rng = (np.random.default_rng() for _ in range(3))
         batch_rng.bit_generator.state, global_rng.bit_generator.state = state["batch_rng"], state["global_rng"]
         # the dropout seeds' stream; a checkpoint saved before trainers had one drew them from the global generator

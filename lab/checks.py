@@ -3,7 +3,13 @@
 import math
 import numbers
 
-__all__ = ["integer", "real", "choice", "parse_number", "show"]
+__all__ = ["InputError", "integer", "real", "choice", "parse_number", "show"]
+
+
+class InputError(ValueError):
+    """Bad input from the user: an argument, a file, a config, a prompt. The message says what was wrong and what is
+    allowed, so `python -m lab` prints it as one line; any other exception is a bug and keeps its traceback. A
+    ValueError, so code that catches ValueError for bad input keeps working."""
 
 
 def show(value, limit=60):
@@ -25,12 +31,12 @@ def integer(name, value, low=None, high=None):
     bools and non-numbers are refused."""
     allowed = "an integer" + (f" {_range(low, high)}" if low is not None or high is not None else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {allowed}, got {show(value)}")
+        raise InputError(f"{name} must be {allowed}, got {show(value)}")
     if not isinstance(value, numbers.Integral):
         if not (math.isfinite(value) and float(value).is_integer()):
-            raise ValueError(f"{name} must be {allowed}, got {show(value)}")
+            raise InputError(f"{name} must be {allowed}, got {show(value)}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be {allowed}, got {show(value)}")
+        raise InputError(f"{name} must be {allowed}, got {show(value)}")
     return int(value)
 
 
@@ -39,14 +45,14 @@ def real(name, value, low=None, high=None, low_open=False):
     refused."""
     allowed = "a finite number" + (f" {_range(low, high, low_open)}" if low is not None or high is not None else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {allowed}, got {show(value)}")
+        raise InputError(f"{name} must be {allowed}, got {show(value)}")
     try:
         f = float(value)
     except OverflowError:  # an int too large for a float
         f = math.inf
     if (not math.isfinite(f) or (low is not None and (f <= low if low_open else f < low))
             or (high is not None and f > high)):
-        raise ValueError(f"{name} must be {allowed}, got {show(value)}")
+        raise InputError(f"{name} must be {allowed}, got {show(value)}")
     return f
 
 
@@ -57,7 +63,7 @@ def choice(name, value, allowed):
     except TypeError:  # an unhashable value against a set or dict
         ok = False
     if not ok:
-        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {show(value)}")
+        raise InputError(f"{name} must be one of {sorted(allowed)}, got {show(value)}")
     return value
 
 
@@ -74,4 +80,4 @@ def parse_number(name, value):
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {show(value)}") from None
+        raise InputError(f"{name} must be a number, got {show(value)}") from None

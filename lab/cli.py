@@ -1,11 +1,12 @@
 """The command line: python -m lab {train, selftest, bench, info} ... (--help on each)."""
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .checks import integer, parse_number, real
+from .checks import InputError, integer, parse_number, real
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,16 +47,17 @@ def _train(args):
     lab.manual_seed(args.seed)
     tok, train_ids, val_ids = char_dataset(args.corpus)
     if args.preset not in PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
     mcfg: TransformerConfig = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
     model = TransformerLM(mcfg)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                        warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0,
                        replay_steps=not args.no_replay)
+    trainer = Trainer(model, train_ids, val_ids, tcfg)  # refuses a batch or split that cannot train, in one line
+    _print_notices(args)  # every check passed: the backend's notice now, not at the end of the run
     print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
           f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
           f"{len(train_ids) + len(val_ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
-    trainer = Trainer(model, train_ids, val_ids, tcfg)
     t0 = time.perf_counter()
     history = trainer.run(progress=not args.no_progress)
     seconds = time.perf_counter() - t0
@@ -74,8 +76,13 @@ def _train(args):
             save_checkpoint(args.out, model, tok, trainer)
             print(f"saved checkpoint to {args.out} (step {trainer.step_num})")
     parts = [f"{trainer.step_num} step{'' if trainer.step_num == 1 else 's'} in {seconds:.0f} s"]
-    parts.append(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}" if history
-                 else f"no train loss logged (logged every {tcfg.log_every} steps)")
+    if history:
+        parts.append(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
+    elif trainer.last_loss is not None:  # stopped before the first log (every log_every steps): the last step's
+        parts.append(f"train loss {trainer.last_loss:.3f} at step {trainer.step_num} "
+                     f"(no step logged: logged every {tcfg.log_every} steps)")
+    else:
+        parts.append("no train loss: no step taken")
     if updated and finite and not interrupted:
         parts.append(f"val loss {trainer.evaluate():.3f}")
     if updated:
@@ -95,6 +102,12 @@ def _generate(args):
         lab.set_backend(args.backend)
     model, tok, _ = load_checkpoint(args.checkpoint)
     prompt = args.prompt if args.prompt else "\n"
+    if not args.prompt:  # the default prompt: a vocabulary without a newline needs one given
+        try:
+            tok.encode(prompt)
+        except ValueError:
+            raise InputError(f"no --prompt given, and the default prompt (a newline) is not in the vocabulary of "
+                             f"{args.checkpoint}: give a --prompt in the text it was trained on") from None
     if args.beams > 1:
         print(prompt + beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok))
         return 0
@@ -120,7 +133,7 @@ def _selftest(args):
 
 def _bench(args):
     if args.suite not in ("kernels", "train", "lora", "diagnostics"):
-        raise ValueError(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics")
+        raise InputError(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics")
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name
     if args.suite == "diagnostics":
@@ -192,12 +205,20 @@ def _info(args):
     return 0
 
 
+def _print_notices(args):
+    """The backend's notices held back so far (backend.held_notices), on stderr."""
+    for line in args.notices:
+        print(line, file=sys.stderr)
+    args.notices.clear()
+
+
 def main(argv=None):
     p = _Parser(prog="python -m lab", description="Train small GPT-style models on wgpu or numpy.")
     count, positive = _number(integer, low=1), _number(real, low=0, low_open=True)
     seed = _number(integer, low=0, high=2**32 - 1)
     sub = p.add_subparsers(dest="command", required=True)
     backend_help = "wgpu, numpy or auto (default: $LAB_BACKEND, else auto)"
+    BACKENDS = ("wgpu", "numpy", "auto")
 
     t = sub.add_parser("train", help="train a model on a bundled corpus, with a progress bar")
     t.add_argument("--preset", default="tiny", help="model preset: tiny or shakespeare-char")
@@ -210,7 +231,7 @@ def main(argv=None):
     t.add_argument("--time-limit", type=positive, help="stop after this many seconds of training")
     t.add_argument("--no-replay", action="store_true",
                    help="wgpu: run every step through Python instead of replaying a captured step")
-    t.add_argument("--backend", help=backend_help)
+    t.add_argument("--backend", choices=BACKENDS, help=backend_help)
     t.add_argument("--out", help="directory to save the trained checkpoint in")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.set_defaults(fn=_train)
@@ -227,11 +248,11 @@ def main(argv=None):
     g.add_argument("--beams", type=count, default=1, help="beam search with this many beams")
     g.add_argument("--stop", help="stop once the text ends with this string")
     g.add_argument("--seed", type=seed)
-    g.add_argument("--backend", help=backend_help)
+    g.add_argument("--backend", choices=BACKENDS, help=backend_help)
     g.set_defaults(fn=_generate)
 
     s = sub.add_parser("selftest", help="check every op's forward and backward against numpy")
-    s.add_argument("--backend", help=backend_help)
+    s.add_argument("--backend", choices=BACKENDS, help=backend_help)
     s.set_defaults(fn=_selftest)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
@@ -242,7 +263,7 @@ def main(argv=None):
     b.add_argument("--preset", default="tiny", help="train, lora: model preset")
     b.add_argument("--batch-size", type=count, help="train, lora: batch size (default 12, 64 for shakespeare-char)")
     b.add_argument("--steps", type=count, default=20, help="train, lora: timed steps")
-    b.add_argument("--backend", help=backend_help)
+    b.add_argument("--backend", choices=BACKENDS, help=backend_help)
     b.add_argument("--sizes", type=_ints, help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
     b.add_argument("--budget", type=positive, default=0.5, help="seconds of timed repetitions per measurement")
     b.add_argument("--model-shapes", action="store_true",
@@ -264,7 +285,7 @@ def main(argv=None):
     pl.add_argument("--vocab-size", type=count, help="vocabulary size (default: the preset's)")
     pl.add_argument("--device", default="this", help="'this' (measured) or a profile: m1, rtx4090, h100, h200, cpu-2core")
     pl.add_argument("--minutes", type=positive, help="also answer: does it fit and finish within this many minutes?")
-    pl.add_argument("--backend", help=backend_help + " (for --device this)")
+    pl.add_argument("--backend", choices=BACKENDS, help=backend_help + " (for --device this)")
     pl.set_defaults(fn=_plan)
 
     ex = sub.add_parser("export", help="write a checkpoint in the Hugging Face GPT-2 layout (for PyTorch DDP)")
@@ -280,20 +301,33 @@ def main(argv=None):
     im.set_defaults(fn=_import)
 
     i = sub.add_parser("info", help="print the backend, the device, its limits and features")
-    i.add_argument("--backend", help=backend_help)
+    i.add_argument("--backend", choices=BACKENDS, help=backend_help)
     i.set_defaults(fn=_info)
 
     args = p.parse_args(argv)
+    from .engine.backend import held_notices
     try:
-        return args.fn(args)
-    # lab's messages for bad input (a file, a corpus, a config: CheckpointError is a ValueError) name the value and
-    # what is allowed; a traceback would bury them
-    except (ValueError, OSError) as e:
+        # the backend's notice waits until the command is under way: a refused input stays one line on stderr
+        with held_notices() as args.notices:
+            code = args.fn(args)
+    # lab's messages for bad input (an argument, a file, a corpus, a config: InputError, CheckpointError) and the
+    # system's for files (OSError) name the value and what is allowed; a traceback would bury them. Any other
+    # exception, a ValueError from inside an op included, is a bug: it keeps its traceback
+    except BrokenPipeError:  # stdout closed early (`| head`): not an error of the command; nothing more to say
+        sys.stdout = open(os.devnull, "w")
+        return 1
+    except (InputError, OSError) as e:
         print(f"lab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a training step (those finish, then stop): nothing half-written
+        _print_notices(args)
         print(f"lab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        _print_notices(args)
+        raise
+    _print_notices(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 
-from .checks import integer, real, show
+from .checks import InputError, integer, real, show
 
 from .engine.random import generator
 from .engine.tensor import no_grad
@@ -16,13 +16,13 @@ from .nn import evaluating
 def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy):
     block, vocab = model.config.block_size, model.config.vocab_size
     if ids.ndim != 1 or ids.size == 0:
-        raise ValueError(f"prompt must be a non-empty 1D sequence of token ids, got shape {ids.shape}")
+        raise InputError(f"prompt must be a non-empty 1D sequence of token ids, got shape {ids.shape}")
     if ids.dtype.kind not in "iu":  # 2.7 is no token id: truncating it would generate from a different prompt
-        raise ValueError(f"prompt token ids must be integers, got {ids.dtype} values {show(ids[:4].tolist())}")
+        raise InputError(f"prompt token ids must be integers, got {ids.dtype} values {show(ids[:4].tolist())}")
     if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(f"prompt token ids must be in [0, {vocab}) for this model, got {ids.min()}..{ids.max()}")
+        raise InputError(f"prompt token ids must be in [0, {vocab}) for this model, got {ids.min()}..{ids.max()}")
     if ids.size > block:
-        raise ValueError(f"prompt of {ids.size} tokens is longer than the model's block_size {block}; "
+        raise InputError(f"prompt of {ids.size} tokens is longer than the model's block_size {block}; "
                          f"shorten it (the model only ever sees the last {block} tokens)")
     integer("max_new_tokens", max_new_tokens, low=0)
     if not greedy:  # below 1e-6 the logits overflow float64 once divided: greedy=True is the limit asked for
@@ -30,7 +30,7 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
             real("temperature", temperature, low=1e-6)
         except ValueError as e:
             small = isinstance(temperature, (int, float)) and temperature < 1e-6
-            raise ValueError(f"{e}{' (use greedy=True for argmax)' if small else ''}") from None
+            raise InputError(f"{e}{' (use greedy=True for argmax)' if small else ''}") from None
     if top_p is not None:
         real("top_p", top_p, low=0, low_open=True, high=1)
     if top_k is not None:
@@ -50,8 +50,13 @@ def _prompt_ids(prompt, tokenizer):
     """(token ids, whether the prompt was text)."""
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
-        return np.asarray(tokenizer.encode(prompt), dtype=np.int64), True
+            raise InputError("a text prompt needs a tokenizer (or pass token ids)")
+        if not prompt:  # said as text: an empty prompt is no "shape (0,)" to whoever typed it
+            raise InputError("prompt is empty: the model needs some text to continue from (e.g. \"\\n\")")
+        try:
+            return np.asarray(tokenizer.encode(prompt), dtype=np.int64), True
+        except ValueError as e:  # a character the tokenizer never saw: say it was the prompt's
+            raise InputError(f"prompt {show(prompt)}: {e}") from None
     return np.asarray(prompt), False  # as given: _check_args refuses float ids and 2D prompts, never casts them
 
 
@@ -99,9 +104,9 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     ids, as_text = _prompt_ids(prompt, tokenizer)
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if stop is not None and tokenizer is None:
-        raise ValueError("a stop string needs a tokenizer")
+        raise InputError("a stop string needs a tokenizer")
     if stop is not None and not (isinstance(stop, str) and stop):
-        raise ValueError(f"stop must be a non-empty string, got {show(stop)}")
+        raise InputError(f"stop must be a non-empty string, got {show(stop)}")
     # the tokens' bytes go through one incremental decoder: a character split across tokens is held back until
     # its last byte arrives, so no piece ever shows U+FFFD for it
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

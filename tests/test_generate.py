@@ -134,6 +134,22 @@ def test_generate_refuses_empty_stop_string(use_backend):
             generate(m, "ab", 5, tokenizer=CharTokenizer("abc."), stop=stop)
 
 
+def test_text_prompt_errors_speak_of_text(use_backend):
+    """An empty text prompt said 'prompt must be a non-empty 1D sequence of token ids, got shape (0,)', and a
+    character outside the vocabulary did not say it was the prompt's: both are said as text."""
+    from lab.checks import InputError
+    from lab.data import CharTokenizer
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=4, n_layer=1, n_embd=16, n_head=2, block_size=16))
+    tok = CharTokenizer("abc.")
+    for call in (generate, beam_search):
+        with pytest.raises(InputError, match=r"^prompt is empty: the model needs some text") as info:
+            call(m, "", 5, tokenizer=tok)
+        assert "token ids" not in str(info.value) and "shape" not in str(info.value)
+        with pytest.raises(InputError, match=r"^prompt 'ab\u2603': character '\u2603' is not in this tokenizer's "
+                                             r"vocabulary of 4 characters"):
+            call(m, "ab\u2603", 5, tokenizer=tok)
+
+
 TEXT = "héllo 日本語 🙂\n"
 
 

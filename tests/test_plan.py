@@ -218,3 +218,25 @@ def test_h200_profile_predicts_the_recorded_h200_steps(preset):
     vocab = 50257 if preset == "gpt2-small" else 73
     predicted = plan.estimate(preset, batch=record["batch_size"], device="h200", vocab_size=vocab).step_time_s
     assert abs(predicted / (record["lab_ms_per_step"] / 1e3) - 1) < 0.35, (predicted, record["lab_ms_per_step"])
+
+
+def test_plan_refuses_a_sequence_longer_than_the_block_size():
+    """plan --seq 100000 for tiny (block_size 64) planned a different model (a 100,000-row position table: 13.6M
+    parameters instead of 0.8M) without a word: a step never trains on more than block_size tokens."""
+    from lab.checks import InputError
+    with pytest.raises(InputError, match=r"^seq 100,000 is longer than the model's block_size 64: .*block_size=100000"):
+        plan.estimate("tiny", seq=100_000, device="m1")
+    assert plan.estimate("tiny", seq=64, device="m1").params == plan.estimate("tiny", device="m1").params
+
+
+def test_a_refused_training_plan_is_one_line_without_nan(numpy_backend):
+    """The check before a run (a limits profile, without timings) said 'about nan h on 15 of them' over four lines;
+    the command line prints it as its one error line."""
+    from lab.models import PRESETS
+    from lab.plan.estimator import DoesNotFitError, check_fits
+    with pytest.raises(DoesNotFitError) as info:
+        check_fits(PRESETS["tiny"], 10 ** 8, numpy_backend)
+    message = str(info.value)
+    assert "\n" not in message and "nan" not in message.lower(), message
+    assert message.startswith("this training plan does not fit this CPU (numpy backend): needs ")
+    assert "Suggestions: batch " in message and "More devices: this needs more than one device (to fit the batch): " in message

@@ -174,3 +174,38 @@ def test_reconfigure_refused_changes_nothing(data):
         assert vars(t.cfg) == before and t.optimizer.lr == before["lr"]
     t.reconfigure(steps=30.0, lr=2e-3)
     assert t.cfg.steps == 30 and t.cfg.lr == 2e-3 and t.optimizer.lr == 2e-3
+
+
+def test_trainer_refuses_each_bad_argument_by_name(numpy_backend):
+    """Trainer(model, ids, None) raised a bare TypeError from len(None); each argument is checked and named, as an
+    InputError (a ValueError) saying what is allowed."""
+    from lab.checks import InputError
+    cfg = replace(PRESETS["tiny"], vocab_size=7, n_layer=1, n_embd=16, n_head=2, block_size=8)
+    model, ids = TransformerLM(cfg), np.arange(100, dtype=np.int32) % 7
+    cases = [((model, ids, None), {}, "^val_ids must be a 1-D sequence of integer token ids.*got None"),
+             ((model, None, ids), {}, "^train_ids must be a 1-D sequence"),
+             ((model, ids * 0.5, ids), {}, r"^train_ids .*got shape \(100,\), dtype float64"),
+             ((model, ids.reshape(10, 10), ids), {}, r"^train_ids .*got shape \(10, 10\)"),
+             ((model, ids, "some text"), {}, "^val_ids .*got 'some text'"),
+             ((model, ids, [[1, 2], [3]]), {}, "^val_ids .*got"),
+             ((model, ids + 1, ids), {}, r"^train_ids holds token ids 1..7, the model's vocabulary is \[0, 7\)"),
+             ((None, ids, ids), {}, "^model must be a lab language model"),
+             ((model, ids, ids, {"steps": 3}), {}, "^cfg must be a TrainConfig"),
+             ((model, ids, ids), {"callbacks": print}, "^callbacks must be a list of functions"),
+             ((model, ids, ids), {"callbacks": [1]}, "^callbacks must be a list of functions")]
+    for args, kw, message in cases:
+        with pytest.raises(InputError, match=message):
+            Trainer(*args, **kw)
+    t = Trainer(model, list(ids), ids, TrainConfig(steps=1), callbacks=(print,))   # any 1-D sequence of ints
+    assert isinstance(t.train_ids, np.ndarray) and t.val_ids is ids and t.callbacks == [print]
+
+
+def test_last_step_loss_kept_when_no_step_was_logged(use_backend, data):
+    """A run that ends before its first log (Ctrl-C, a time limit, steps < log_every) still has its last step's
+    loss: the same value a run logging every step records."""
+    quiet = _trainer(data, log_every=10, max_seconds=1e-9)   # out of time after step 1, before any log
+    assert quiet.last_loss is None
+    assert quiet.run(progress=False, log_evals=False) == [] and quiet.step_num == 1
+    logged = _trainer(data, log_every=1, max_seconds=1e-9)
+    logged.run(progress=False, log_evals=False)
+    assert quiet.last_loss == logged.history[-1]["loss"] and np.isfinite(quiet.last_loss)

@@ -5,6 +5,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..checks import InputError
 from ..data import char_dataset
 from ..diagnostics.live import DiagnosticsMonitor
 from ..engine.backend import backend_instance, using_backend
@@ -15,7 +16,7 @@ from ..train import TrainConfig, Trainer
 
 def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=None, print_fn=print):
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     backend = backend_instance(backend_name)
     with using_backend(backend):
         tok, tr, va = char_dataset()

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import lora, nn
+from ..checks import InputError
 from ..data import CharTokenizer, load_corpus
 from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
@@ -27,7 +28,7 @@ def _adapter_run(cfg, ids, tcfg, r, steps, base_dtype, backend):
 def run_lora_bench(preset, backend_name, r=8, batch_size=None, steps=20, out_path=None, print_fn=print,
                    base_dtype="float32"):
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     backend = backend_instance(backend_name)
     with using_backend(backend):
         base_text, tune_text = load_corpus("kjv"), load_corpus("sonnets")

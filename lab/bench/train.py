@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import InputError
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
@@ -30,7 +31,7 @@ def measure_steps(trainer, steps):
 
 def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=None, dropout=None, print_fn=print):
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     backend = backend_instance(backend_name)
     with using_backend(backend):
         text = load_corpus()

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import InputError
+
 CORPUS_DIR = Path(__file__).resolve().parent / "corpora"
 
 
@@ -20,17 +22,17 @@ def load_corpus(name="kjv"):
         raise FileNotFoundError(f"no corpus {name!r}: not a file, and not one of the bundled corpora {list_corpora()}")
     data = path.read_bytes()
     if not data:
-        raise ValueError(f"corpus {path}: the file is empty (a corpus needs text to learn from)")
+        raise InputError(f"corpus {path}: the file is empty (a corpus needs text to learn from)")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise ValueError(f"corpus {path}: UTF-16 text (byte-order mark at offset 0), not UTF-8: convert it to UTF-8, "
+        raise InputError(f"corpus {path}: UTF-16 text (byte-order mark at offset 0), not UTF-8: convert it to UTF-8, "
                          f"e.g. iconv -f utf-16 -t utf-8")
     nul = data.find(b"\0")
     if nul >= 0:  # NUL is valid UTF-8, so a binary file (or UTF-16 text) could otherwise pass as text
-        raise ValueError(f"corpus {path}: a binary file, not UTF-8 text (NUL byte at offset {nul})")
+        raise InputError(f"corpus {path}: a binary file, not UTF-8 text (NUL byte at offset {nul})")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"corpus {path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason}); "
+        raise InputError(f"corpus {path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason}); "
                          f"lab reads corpora as UTF-8: convert the file (Latin-1 text: iconv -f latin1 -t utf-8)") from None
 
 
@@ -53,7 +55,7 @@ class CharTokenizer:
         try:
             return np.fromiter((self.stoi[c] for c in text), dtype=np.int32, count=len(text))
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in this tokenizer's vocabulary of "
+            raise InputError(f"character {e.args[0]!r} is not in this tokenizer's vocabulary of "
                              f"{self.vocab_size} characters") from None
 
     def decode(self, ids):
@@ -109,7 +111,7 @@ def min_tokens(block_size):
 def get_batch(ids, batch_size, block_size, rng):
     """Random contiguous blocks: x = ids[i : i+T], y = ids[i+1 : i+T+1]. Deterministic given rng's state."""
     if len(ids) < min_tokens(block_size):
-        raise ValueError(f"text of {len(ids)} tokens is too short for block_size {block_size} "
+        raise InputError(f"text of {len(ids)} tokens is too short for block_size {block_size} "
                          f"(needs at least {min_tokens(block_size)})")
     starts = rng.integers(0, len(ids) - block_size - 1, size=batch_size)
     x = np.stack([ids[s:s + block_size] for s in starts])

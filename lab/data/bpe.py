@@ -7,6 +7,8 @@ from collections import Counter
 
 import numpy as np
 
+from ..checks import InputError
+
 # Every character is \w, \s or neither, so the chunks cover the text completely.
 SPLIT = r" ?\w+| ?[^\s\w]+|\s+(?!\S)|\s+"
 
@@ -81,7 +83,7 @@ class BPETokenizer:
         try:
             return b"".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
         except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is outside this tokenizer's vocabulary of {self.vocab_size}") from None
+            raise InputError(f"token id {e.args[0]} is outside this tokenizer's vocabulary of {self.vocab_size}") from None
 
     def decode(self, ids):
         """Text of the ids; a sequence cut inside a multi-byte character shows U+FFFD there."""

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from ..checks import InputError, show
+
 MAXDIM = 6  # the strided kernels (broadcast, copy) index at most this many dimensions
 
 
@@ -195,12 +197,28 @@ def contiguous_strides(shape):
 
 _state = {"backend": None, "reason": None}
 _ANNOUNCED = set()
+_held = []   # while held_notices() runs: the lists its notices go to instead of stderr
 
 
 def _announce(line):
     if line not in _ANNOUNCED:
         _ANNOUNCED.add(line)
-        print(f"lab: {line}", file=sys.stderr)
+        if _held:
+            _held[-1].append(f"lab: {line}")
+        else:
+            print(f"lab: {line}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def held_notices():
+    """Collect the backend's notices ("lab: using numpy ...") in the list yielded instead of printing them: the
+    command line prints them once a command is under way, so a refused argument stays one line on stderr."""
+    notices = []
+    _held.append(notices)
+    try:
+        yield notices
+    finally:
+        _held.remove(notices)
 
 
 def _auto_choice():
@@ -222,7 +240,7 @@ def _auto_choice():
 def set_backend(name="auto"):
     """Select the backend for new tensors: 'wgpu', 'numpy' or 'auto'. Returns the backend."""
     if name not in ("wgpu", "numpy", "auto"):
-        raise ValueError(f"unknown backend {name!r}: expected 'wgpu', 'numpy' or 'auto'")
+        raise InputError(f"unknown backend {name!r}: expected 'wgpu', 'numpy' or 'auto'")
     if name == "auto":
         name, reason = _auto_choice()
     else:
@@ -245,7 +263,7 @@ def backend_instance(name):
     if name == "numpy":
         from .numpy_backend import NumpyBackend
         return NumpyBackend.instance()
-    raise ValueError(f"unknown backend {name!r}: expected 'wgpu' or 'numpy'")
+    raise InputError(f"unknown backend {name!r}: expected 'wgpu' or 'numpy'")
 
 
 @contextlib.contextmanager
@@ -261,7 +279,11 @@ def using_backend(backend):
 
 def get_backend():
     if _state["backend"] is None:
-        set_backend(os.environ.get("LAB_BACKEND", "auto").strip().lower() or "auto")
+        name = os.environ.get("LAB_BACKEND", "auto").strip().lower() or "auto"
+        if name not in ("wgpu", "numpy", "auto"):  # say where the name came from: no argument named it
+            raise InputError(f"environment variable LAB_BACKEND={show(name)}: unknown backend, expected 'wgpu', "
+                             f"'numpy' or 'auto'")
+        set_backend(name)
     return _state["backend"]
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checks import choice, integer, real, show
+from ..checks import InputError, choice, integer, real, show
 from .profiles import get_profile, limits_profile, profile_device
 
 F32 = 4
@@ -104,7 +104,7 @@ def _config(config_or_preset):
             return TransformerConfig(**{k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__})
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: invalid model config ({e})") from None
-    raise ValueError(f"unknown model {config_or_preset!r}: a TransformerConfig, a preset ({sorted(PRESETS)}), or a "
+    raise InputError(f"unknown model {config_or_preset!r}: a TransformerConfig, a preset ({sorted(PRESETS)}), or a "
                      f"config.json (lab or GPT-2)")
 
 
@@ -203,13 +203,15 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     tokens = None if tokens is None else real("tokens", tokens, low=0, low_open=True, high=MAX_TOKENS)
     steps = None if steps is None else integer("steps", steps, 1, MAX_SIZE)
     lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, MAX_SIZE) or None
-    if seq > c.block_size:
-        c = replace(c, block_size=seq)
+    if seq > c.block_size:  # the model never sees more than block_size tokens (its position table ends there)
+        raise InputError(f"seq {seq:,} is longer than the model's block_size {c.block_size:,}: a step trains on at "
+                         f"most block_size tokens; plan a config with a larger block_size (lab plan --config "
+                         f"config.json, or TransformerConfig(..., block_size={seq}) in Python)")
     if precision != "fp32":
-        raise ValueError(f"precision {show(precision)} is not supported yet: lab trains in fp32")
+        raise InputError(f"precision {show(precision)} is not supported yet: lab trains in fp32")
     choice("optimizer", optimizer, ("adamw", "sgd"))
     if lora_base_dtype not in ("float32", "float16") or (lora_base_dtype == "float16" and not lora_rank):
-        raise ValueError(f"lora_base_dtype must be 'float32' or 'float16' (float16 with a lora_rank: a frozen base "
+        raise InputError(f"lora_base_dtype must be 'float32' or 'float16' (float16 with a lora_rank: a frozen base "
                          f"only), got {show(lora_base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
     prof = get_profile(device)
     tokens_per_step = batch * seq
@@ -262,7 +264,7 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     return plan
 
 
-class DoesNotFitError(ValueError):
+class DoesNotFitError(InputError):
     """A training plan needs more memory (or a bigger buffer) than the device has; the message says why and what
     would fit. `plan` is the estimate behind it."""
 
@@ -279,11 +281,13 @@ def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adam
                     lora_base_dtype=lora_base_dtype)
     if plan.fits:
         return plan
-    lines = [f"this training plan does not fit {prof.name}: " + "; ".join(plan.reasons)]
-    lines += [f"  suggestion: {s}" for s in plan.suggestions]
+    # one line (the command line prints it as its one error line): the reasons, then what would fit
+    message = f"this training plan does not fit {prof.name}: " + "; ".join(plan.reasons)
+    if plan.suggestions:
+        message += ". Suggestions: " + "; ".join(plan.suggestions)
     if plan.multi_device:
-        lines.append(f"  more devices: {plan.multi_device}")
-    raise DoesNotFitError("\n".join(lines), plan)
+        message += f". More devices: {plan.multi_device}"
+    raise DoesNotFitError(message, plan)
 
 
 def check_model_fits(config, backend):
@@ -382,7 +386,10 @@ def _check_devices(plan, prof, share_bytes):
     plan.devices_needed = n
     plan.multi_device_time_s = plan.total_time_s / (n * DDP_SCALING)
     why = "to fit the batch" if n_memory >= n_time else "to finish within a day"
-    plan.multi_device = (f"this needs more than one device ({why}): about {_duration(plan.multi_device_time_s)} on "
+    # a limits profile (the check before a run) has no timings: the time is NaN, and said only when known
+    when = (f"about {_duration(plan.multi_device_time_s)} on " if math.isfinite(plan.multi_device_time_s)
+            else "")
+    plan.multi_device = (f"this needs more than one device ({why}): {when}"
                          f"{n} of them with PyTorch DDP (batch {math.ceil(plan.batch / n)} per device, "
                          f"{DDP_SCALING:.0%} scaling). Export the run (`python -m lab export --checkpoint DIR "
                          f"--format hf --out OUT`), train with `torchrun --nproc_per_node {n} -m lab.scale.ddp_train "

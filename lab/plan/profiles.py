@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..bench.timing import best_seconds
-from ..checks import show
+from ..checks import InputError, show
 from ..engine.backend import backend_instance, get_backend, using_backend
 from ..engine.tensor import no_grad, tensor
 
@@ -181,6 +181,6 @@ def get_profile(device=None):
     if isinstance(device, DeviceProfile):
         return device
     if not isinstance(device, str) or device not in PROFILES:
-        raise ValueError(f"unknown device profile {show(device)}: choose 'this' (measured) or one of "
+        raise InputError(f"unknown device profile {show(device)}: choose 'this' (measured) or one of "
                          f"{sorted(PROFILES)}")
     return PROFILES[device]

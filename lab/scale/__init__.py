@@ -12,6 +12,7 @@ tokenizer and adapter, so generation, the attention heatmap and the diagnostics 
 import json
 from pathlib import Path
 
+from ..checks import InputError
 from ..checkpoint import (CheckpointError, _write_model, atomic_files, load_checkpoint, load_pretrained,
                           checkpoint_files, load_tokenizer, reading)
 
@@ -48,14 +49,14 @@ def _apart(source, out):
     """The two layouts share file names (model.safetensors, config.json, tokenizer.json in another format):
     converting a directory onto itself would overwrite the files it is read from."""
     if Path(out).resolve() == Path(source).resolve():
-        raise ValueError(f"out {out} is the directory being converted ({source}): its files would be overwritten "
+        raise InputError(f"out {out} is the directory being converted ({source}): its files would be overwritten "
                          f"in the other layout; choose another directory")
 
 
 def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     """Write a lab checkpoint (and its LoRA adapter, if any) in the Hugging Face GPT-2 layout. Returns `out`."""
     if format != "hf":
-        raise ValueError(f"unknown export format {format!r}: the supported format is 'hf' (GPT-2 layout)")
+        raise InputError(f"unknown export format {format!r}: the supported format is 'hf' (GPT-2 layout)")
     _apart(checkpoint, out)
     from .. import lora
     with reading(checkpoint):   # the model, tokenizer and adapter of one save

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checks import choice, integer, real, show
+from ..checks import InputError, choice, integer, real, show
 from ..data import get_batch, min_tokens
 from ..engine.random import draw_from, generator, own_stream
 from ..engine.tensor import no_grad
@@ -61,14 +61,31 @@ class TrainConfig:
                 raise ValueError
             self.betas = tuple(real("betas", b, low=0, high=1) for b in self.betas)
         except ValueError:
-            raise ValueError(f"betas must be two finite numbers in [0, 1), got {show(self.betas)}") from None
+            raise InputError(f"betas must be two finite numbers in [0, 1), got {show(self.betas)}") from None
         choice("nonfinite", self.nonfinite, ("stop", "skip"))
 
 
 def _check_tokens(x, vocab_size):
     """Batches go to the device as int32 tensors here, past the embedding's own range check: check them first."""
     if x.size and (x.min() < 0 or x.max() >= vocab_size):
-        raise ValueError(f"token ids must be in [0, {vocab_size}) for this model, the batch has {x.min()}..{x.max()}")
+        raise InputError(f"token ids must be in [0, {vocab_size}) for this model, the batch has {x.min()}..{x.max()}")
+
+
+def _token_ids(name, ids, vocab_size):
+    """A split as a 1-D integer array whose ids are all in the model's vocabulary (an array given stays that
+    array)."""
+    try:
+        arr = None if ids is None or isinstance(ids, (str, bytes)) else np.asarray(ids)
+    except ValueError:  # a ragged nested list
+        arr = None
+    if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        what = f"shape {arr.shape}, dtype {arr.dtype}" if arr is not None else show(ids)
+        raise InputError(f"{name} must be a 1-D sequence of integer token ids (e.g. tokenizer.encode(text)), got "
+                         f"{what}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise InputError(f"{name} holds token ids {arr.min()}..{arr.max()}, the model's vocabulary is "
+                         f"[0, {vocab_size}): encode the text with the tokenizer the model was made for")
+    return arr
 
 
 @contextlib.contextmanager
@@ -101,12 +118,26 @@ def cosine_lr(step, cfg):
 
 class Trainer:
     def __init__(self, model, train_ids, val_ids, cfg=None, callbacks=()):
+        # the arguments checked here, each named: a wrong one otherwise surfaced as an AttributeError or a bare
+        # TypeError from deep inside (e.g. len(None)) at construction, or as an embedding error at some later step
+        if not (hasattr(model, "optimizer_groups") and hasattr(getattr(model, "config", None), "vocab_size")):
+            raise InputError(f"model must be a lab language model (TransformerLM, ProNeuralLM), got {show(model)}")
+        if cfg is not None and not isinstance(cfg, TrainConfig):
+            raise InputError(f"cfg must be a TrainConfig (e.g. TrainConfig(steps=100)), got {show(cfg)}")
+        given = callbacks
+        try:
+            callbacks = list(callbacks)
+        except TypeError:  # e.g. callbacks=print, not [print]
+            callbacks = [None]
+        if not all(callable(cb) for cb in callbacks):
+            raise InputError(f"callbacks must be a list of functions taking a record (e.g. [print]), got {show(given)}")
         self.model, self.cfg = model, cfg or TrainConfig()
-        self.train_ids, self.val_ids = train_ids, val_ids
+        vocab = model.config.vocab_size
+        self.train_ids, self.val_ids = _token_ids("train_ids", train_ids, vocab), _token_ids("val_ids", val_ids, vocab)
         self._check_fits()
         self._check_splits()
         self.optimizer = AdamW(model.optimizer_groups(self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas)
-        self.callbacks = list(callbacks)
+        self.callbacks = callbacks
         self.step_num = 0
         self.history = []          # one dict per logged step
         self.best_val_loss, self._evals_without_gain = math.inf, 0
@@ -114,6 +145,8 @@ class Trainer:
         self.skipped_steps = []    # (step, message) of steps skipped for NaN/Inf
         self.tokenizer = None      # saved with run()'s checkpoints when set
         self.fault = None          # the NonFiniteError that stopped the last run()
+        self.last_loss = None      # the training loss of the last step run() took (logged or not; NaN after a fault)
+        self._step_loss = None     # ... as the tensor train_step returned, read once when run() ends
         self._last_batches = []
         self._stop = False
         self._running = threading.Event()  # cleared while paused
@@ -148,9 +181,9 @@ class Trainer:
         ValueError (DoesNotFitError for a batch the device cannot hold) and changes nothing."""
         unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
         if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {show(unknown)}")
+            raise InputError(f"unknown TrainConfig field(s) {show(unknown)}")
         if {"weight_decay", "betas"} & set(values):  # the optimizer built from them keeps its own copies
-            raise ValueError("weight_decay and betas are fixed once the trainer has built its optimizer")
+            raise InputError("weight_decay and betas are fixed once the trainer has built its optimizer")
         new = replace(self.cfg, **values)
         if new.batch_size != self.cfg.batch_size:
             self._check_fits(new)
@@ -166,7 +199,7 @@ class Trainer:
         n_train, n_val = len(self.train_ids), len(self.val_ids)
         if min(n_train, n_val) < need:
             short = [k for k, n in (("train", n_train), ("validation", n_val)) if n < need]
-            raise ValueError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for block_size {block}: train has {n_train} tokens, "
+            raise InputError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for block_size {block}: train has {n_train} tokens, "
                              f"validation {n_val}, each needs at least {need}; use a longer text, a larger "
                              f"validation fraction, or a model with a smaller block_size")
 
@@ -221,7 +254,10 @@ class Trainer:
         with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
                 in_use(self.model, "Trainer.train_step"), self.step_lock, draw_from(self.seed_rng), \
                 self.optimizer.backend.exclusive():
-            return self._train_step()
+            # kept for last_loss: a Ctrl-C raised as this block ends drops the return value of a finished step
+            loss, norm = self._train_step()
+            self._step_loss = loss
+            return loss, norm
 
     def _train_step(self):
         cfg, model = self.cfg, self.model
@@ -400,6 +436,8 @@ class Trainer:
             self._stop, self.stop_reason = True, f"interrupted (KeyboardInterrupt) after step {self.step_num}"
             say(f"lab: {self.stop_reason}")
         bar.close()
+        if self._step_loss is not None:  # one read, after the loop: the summary's loss when no step was logged
+            self.last_loss, self._step_loss = float(self._step_loss.item()), None
         if cfg.checkpoint_dir and self.fault is None:  # a run stopped by NaN/Inf keeps its last good checkpoint
             self._save(say)
         if self._stop and self.stop_reason is None:
