@@ -544,3 +544,23 @@ def test_an_interrupted_export_never_pairs_a_base_with_another_exports_adapter(t
             export_checkpoint(tmp_path / "b", tmp_path / "out")
         monkeypatch.undo()
         assert _base_and_adapter(tmp_path / "out") == ({0.25}, {25.0}), renames
+
+
+def test_optimizer_state_copied_from_another_save_is_refused(tmp_path, numpy_backend):
+    """Same parameter names and shapes, another step: the moments would go on with weights they do not belong to."""
+    t = _checkpoint(tmp_path / "ck")   # one step
+    t.train_step()
+    save_checkpoint(tmp_path / "later", t.model, t.tokenizer, t)
+    (tmp_path / "ck" / "optimizer.safetensors").write_bytes((tmp_path / "later" / "optimizer.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors: optimizer state of optimizer step 2, but "
+                                              r".*trainer_state\.json is at optimizer step 1: the two files are from "
+                                              r"different saves"):
+        Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+
+
+def test_a_fifo_in_place_of_a_checkpoint_file_is_named_not_read(tmp_path, numpy_backend):
+    _checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    os.mkfifo(tmp_path / "ck" / "model.safetensors")   # reading it would block forever
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is not a regular file"):
+        load_checkpoint(tmp_path / "ck")
