@@ -252,3 +252,20 @@ def test_requires_grad_on_an_int_tensor_is_refused(use_backend):
     with pytest.raises(ValueError, match="only floating-point tensors can require gradients, this one is int32"):
         lab.tensor([1, 2]).requires_grad_()
     assert lab.tensor([1.0]).requires_grad_().requires_grad
+
+
+def test_arrays_and_constants_join_a_tensor_in_its_dtype(use_backend):
+    """A float64 array lifted into an op went through float32 (a float64 gradient check lost 1e-12 steps); a list of
+    ints became an int32 tensor the op refused; a complex or too-large constant failed differently per backend."""
+    x = lab.tensor([1.0, 2.0], requires_grad=True)
+    np.testing.assert_array_equal((x + [1, 2]).numpy(), [2.0, 4.0])
+    np.testing.assert_array_equal((np.array([3, 4]) - x).numpy(), [2.0, 2.0])
+    np.testing.assert_array_equal((x * 10 ** 400).numpy(), [np.inf, np.inf])
+    np.testing.assert_array_equal((x - 10 ** 400).numpy(), [-np.inf, -np.inf])
+    for f in (lambda: x + 1j, lambda: x ** 1j, lambda: 1j - x):
+        with pytest.raises(ValueError, match="the constant must be a real number, got 1j"):
+            f()
+    if use_backend.name == "numpy":
+        x64 = lab.tensor([1.0, 2.0], dtype="float64", requires_grad=True)
+        (x64 * np.array([1.0 + 1e-12, 3e-9])).sum().backward()
+        np.testing.assert_array_equal(x64.grad.numpy(), [1.0 + 1e-12, 3e-9])

@@ -19,13 +19,29 @@ def _shape_str(s):
 
 
 def _lift(x, like):
-    """Tensors pass through; numpy arrays become tensors on `like`'s backend."""
+    """Tensors pass through; arrays and lists become tensors on `like`'s backend. Numbers (bools, ints, floats) join
+    a float tensor in its dtype, as PyTorch's do: a float64 array went through float32 (1e-12 steps lost), and a
+    list of ints became an int32 tensor that the op then refused."""
     if isinstance(x, Tensor):
         if x.backend is not like.backend:
             raise ValueError(f"tensors live on different backends: {like.backend.name} and {x.backend.name}; "
                              "move one with .to(...)")
         return x
-    return tensor(np.asarray(x, dtype=np.float32) if np.asarray(x).dtype.kind == "f" else x, backend=like.backend)
+    arr = np.asarray(x)
+    if arr.dtype.kind in "biuf" and like.dtype in ("float32", "float64"):
+        return tensor(arr, dtype=like.dtype, backend=like.backend)
+    return tensor(np.asarray(arr, dtype=np.float32) if arr.dtype.kind == "f" else arr, backend=like.backend)
+
+
+def _constant(c, op):
+    """A number a scalar op takes, as a float: complex refused with the op named (each backend failed its own way);
+    an int beyond the float range is +-inf, as float32 rounds it (10**400 raised OverflowError)."""
+    if not isinstance(c, numbers.Real):
+        raise ValueError(f"{op}: the constant must be a real number, got {c!r}")
+    try:
+        return float(c)
+    except OverflowError:
+        return math.inf if c > 0 else -math.inf
 
 
 def _unbroadcast(B, g, shape):
@@ -73,6 +89,7 @@ def _binary(op, a, b):
 def add(a, b):
     if isinstance(b, numbers.Number):
         _check_float(a, "add")
+        b = _constant(b, "add")
         return Tensor._make(a.backend.scalar("add", a.data, b), a.backend, (a,), lambda g: (g,))
     B, b, out = _binary("add", a, b)
     return Tensor._make(out, B, (a, b), lambda g: (_unbroadcast(B, g, a.shape), _unbroadcast(B, g, b.shape)))
@@ -80,7 +97,7 @@ def add(a, b):
 
 def sub(a, b):
     if isinstance(b, numbers.Number):
-        return add(a, -b)
+        return add(a, -_constant(b, "sub"))
     B, b, out = _binary("sub", a, b)
     return Tensor._make(out, B, (a, b),
                         lambda g: (_unbroadcast(B, g, a.shape), _unbroadcast(B, B.unary("neg", g), b.shape)))
@@ -88,6 +105,7 @@ def sub(a, b):
 
 def rsub(a, c):  # c - a
     _check_float(a, "rsub")
+    c = _constant(c, "rsub")
     B = a.backend
     return Tensor._make(B.scalar("rsub", a.data, c), B, (a,), lambda g: (B.unary("neg", g),))
 
@@ -95,6 +113,7 @@ def rsub(a, c):  # c - a
 def mul(a, b):
     if isinstance(b, numbers.Number):
         _check_float(a, "mul")
+        b = _constant(b, "mul")
         B = a.backend
         return Tensor._make(B.scalar("mul", a.data, b), B, (a,), lambda g: (B.scalar("mul", g, b),))
     B, b, out = _binary("mul", a, b)
@@ -108,6 +127,7 @@ def mul(a, b):
 def div(a, b):
     if isinstance(b, numbers.Number):  # divided, not multiplied by 1/b: b = 0 gives inf as numpy, 1/1e-40 overflows
         _check_float(a, "div")
+        b = _constant(b, "div")
         B = a.backend
         return Tensor._make(B.scalar("div", a.data, b), B, (a,), lambda g: (B.scalar("div", g, b),))
     B, b, out = _binary("div", a, b)
@@ -123,6 +143,7 @@ def div(a, b):
 
 def rdiv(a, c):  # c / a;  d/da = -c/a^2 = -out/a
     _check_float(a, "rdiv")
+    c = _constant(c, "rdiv")
     B = a.backend
     out = B.scalar("rdiv", a.data, c)
     return Tensor._make(out, B, (a,), lambda g: (B.unary("neg", B.binary("div", B.binary("mul", g, out), a.data)),))
@@ -132,6 +153,7 @@ def pow(a, c):
     if not isinstance(c, numbers.Number):
         raise ValueError("pow: the exponent must be a Python number")
     _check_float(a, "pow")
+    c = _constant(c, "pow")
     B = a.backend
     out = B.scalar("pow", a.data, c)
     if c == 0:  # x^0 is constant: its gradient is 0 everywhere, not 0 * x^-1 (NaN at x = 0)
