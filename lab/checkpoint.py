@@ -135,6 +135,8 @@ class _Staging:
 def check_save_target(directory):
     """Refuse a save target that cannot be a directory (a file, a link to one, a broken link), before any work
     whose result the save would then lose. Returns it as a Path."""
+    if not isinstance(directory, (str, os.PathLike)) or directory == "":   # "" would save into the cwd, unasked
+        raise ValueError(f"a save needs a directory path (a str or pathlib.Path), got {show(directory)}")
     d = Path(directory)
     if d.is_symlink() and not d.exists():
         raise CheckpointError(f"{d}: is a broken symlink (to {os.readlink(d)}): a save needs a directory")

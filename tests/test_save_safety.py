@@ -564,3 +564,11 @@ def test_a_fifo_in_place_of_a_checkpoint_file_is_named_not_read(tmp_path, numpy_
     os.mkfifo(tmp_path / "ck" / "model.safetensors")   # reading it would block forever
     with pytest.raises(CheckpointError, match=r"model\.safetensors: is not a regular file"):
         load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("target", ["", None, b"bytes"])
+def test_a_save_target_that_is_not_a_path_is_refused(target, tmp_path, numpy_backend, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # "" saved into the working directory, unasked
+    with pytest.raises(ValueError, match=r"a save needs a directory path \(a str or pathlib\.Path\), got "):
+        _trainer().model.save_pretrained(target)
+    assert not list(tmp_path.iterdir())
