@@ -98,6 +98,14 @@ def _generate(args):
     import lab
     from lab.checkpoint import load_checkpoint
     from lab.generate import beam_search, generate
+    sampling = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                         ("--top-p", args.top_p), ("--repetition-penalty", args.repetition_penalty),
+                                         ("--stop", args.stop), ("--seed", args.seed), ("--greedy", args.greedy or None))
+                if value is not None]
+    if args.beams > 1 and sampling:  # beam search takes none of them: refused, not silently ignored
+        raise InputError(f"{', '.join(sampling)} set{'s' if len(sampling) == 1 else ''} how tokens are sampled, but "
+                         f"--beams {args.beams} searches for the most likely continuation instead: drop "
+                         f"{'it' if len(sampling) == 1 else 'them'} or --beams")
     if args.backend:
         lab.set_backend(args.backend)
     model, tok, _ = load_checkpoint(args.checkpoint)
@@ -116,8 +124,8 @@ def _generate(args):
     def show(_, piece):  # the prompt goes out with the first token: a refused argument leaves stdout empty
         print(piece if shown else prompt + piece, end="", flush=True)
         shown.append(True)
-    generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy, stop=args.stop,
+    generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature or 0.8,
+             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty or 1.0, greedy=args.greedy, stop=args.stop,
              seed=args.seed, on_token=show)
     print("" if shown else prompt)
     return 0
@@ -240,10 +248,10 @@ def main(argv=None):
     g.add_argument("--checkpoint", required=True, help="checkpoint directory")
     g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     g.add_argument("--max-new-tokens", type=_number(integer, low=0), default=200)
-    g.add_argument("--temperature", type=_number(real, low=1e-6), default=0.8)
+    g.add_argument("--temperature", type=_number(real, low=1e-6), help="sampling temperature (default 0.8)")
     g.add_argument("--top-k", type=count)
     g.add_argument("--top-p", type=_number(real, low=0, low_open=True, high=1))
-    g.add_argument("--repetition-penalty", type=positive, default=1.0)
+    g.add_argument("--repetition-penalty", type=positive, help="divides the logits of tokens seen (default 1: none)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--beams", type=count, default=1, help="beam search with this many beams")
     g.add_argument("--stop", help="stop once the text ends with this string")

@@ -65,15 +65,20 @@ def apply_repetition_penalty(logits, seen, penalty):
     if penalty == 1.0 or not len(seen):
         return logits
     idx = np.unique(seen)
+    logits = logits.astype(np.float64)  # a copy, wide enough for a penalty of 1e-300 or 1e300
     vals = logits[idx]
-    logits = logits.copy()
-    logits[idx] = np.where(vals > 0, vals / penalty, vals * penalty)
+    with np.errstate(over="ignore"):  # beyond float64: +-inf, which sample_distribution takes as it means
+        logits[idx] = np.where(vals > 0, vals / penalty, vals * penalty)
     return logits
 
 
 def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
     """The probabilities sampling draws from, after temperature, top-k and top-p filtering."""
-    z = logits.astype(np.float64) / temperature
+    with np.errstate(over="ignore"):
+        z = logits.astype(np.float64) / temperature
+    top = z == np.inf
+    if top.any():  # logits past float64 (a tiny repetition penalty): those tokens alone, evenly (inf - inf is NaN)
+        z = np.where(top, 0.0, -np.inf)
     if top_k is not None and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)

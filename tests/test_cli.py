@@ -253,3 +253,19 @@ def test_cli_internal_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(lab.data, "char_dataset", broken)
     with pytest.raises(ValueError, match="could not be broadcast"):
         main(["train", "--steps", "1", "--backend", "numpy", "--no-progress"])
+
+
+def test_cli_beam_search_refuses_sampling_flags(tmp_path, capsys):
+    """generate --beams 3 --stop x (or --temperature, --top-k, --top-p, --repetition-penalty, --seed, --greedy)
+    ignored the flag without a word: beam search takes none of them, so they are refused by name."""
+    from lab.cli import main
+    ck = str(_tiny_checkpoint(tmp_path / "ck"))
+    capsys.readouterr()  # (the backend's notice, printed by set_backend outside the command line)
+    for flags, named in ((["--stop", "x"], "--stop sets"), (["--temperature", "0.5", "--top-k", "3"],
+                         "--temperature, --top-k set"), (["--greedy"], "--greedy sets"), (["--seed", "1"], "--seed")):
+        assert main(["generate", "--checkpoint", ck, "--prompt", "ab", "--beams", "3", *flags]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.strip().splitlines()) == 1, out
+        assert named in out.err and "--beams 3 searches for the most likely continuation" in out.err, out.err
+    assert main(["generate", "--checkpoint", ck, "--prompt", "ab", "--beams", "3", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("ab")

@@ -150,6 +150,25 @@ def test_text_prompt_errors_speak_of_text(use_backend):
             call(m, "ab\u2603", 5, tokenizer=tok)
 
 
+def test_extreme_repetition_penalty_samples_without_nan_or_warning(model):
+    """repetition_penalty=1e-300 made a seen token's logit overflow to inf, the distribution NaN and
+    rng.choice raise 'Probabilities contain NaN'; 1e308 warned 'overflow encountered in cast'. Past float64 a
+    seen token's logit is +-inf, and the +inf ones share the probability."""
+    import warnings
+    from lab.generate import apply_repetition_penalty
+    logits = np.array([1.0, -1.0, 2.0, 0.5], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny = sample_distribution(apply_repetition_penalty(logits, np.array([0, 1, 0]), 1e-320))
+        np.testing.assert_array_equal(tiny, [1.0, 0.0, 0.0, 0.0])   # the seen positive logit only
+        huge = sample_distribution(apply_repetition_penalty(logits, np.array([0, 1]), 1e308))
+        # the seen negative logit * 1e308 is -inf (probability 0), the seen positive one / 1e308 is 0.0
+        np.testing.assert_allclose(huge, np.exp([0.0, -np.inf, 2.0, 0.5]) / np.exp([0.0, 2.0, 0.5]).sum())
+        for penalty in (1e-320, 1e-300, 1e308):
+            out = generate(model, [1, 2, 3], 6, repetition_penalty=penalty, seed=0)
+            assert out.shape == (6,) and ((0 <= out) & (out < 30)).all()
+
+
 TEXT = "héllo 日本語 🙂\n"
 
 
