@@ -10,6 +10,7 @@ files there, and the directory itself, stay as they were; an interrupted save le
 the new ones, all of them from one save.
 """
 import contextlib
+import errno
 import glob
 import json
 import math
@@ -153,12 +154,25 @@ def _locked(d, shared=False):
     if fcntl is None:
         yield
         return
-    fd = os.open(d, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        fd = os.open(d, os.O_RDONLY)
+    except PermissionError:   # a directory one may read files from but not list (mode 0711): load unlocked
+        if not shared:
+            raise
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError as e:   # a file system without locks (some FUSE and NFS mounts): turns are not kept
+            if e.errno not in _NO_LOCKS:
+                raise
         yield
     finally:
         os.close(fd)   # releases the lock
+
+
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 _reading = threading.local()   # the directories this thread holds shared (reading), as real paths

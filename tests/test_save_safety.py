@@ -572,3 +572,26 @@ def test_a_save_target_that_is_not_a_path_is_refused(target, tmp_path, numpy_bac
     with pytest.raises(ValueError, match=r"a save needs a directory path \(a str or pathlib\.Path\), got "):
         _trainer().model.save_pretrained(target)
     assert not list(tmp_path.iterdir())
+
+
+def test_loads_and_saves_work_where_the_directory_cannot_be_locked(tmp_path, numpy_backend, monkeypatch):
+    """A file system without flock (some FUSE and NFS mounts), or a directory one may read files from but not open
+    (mode 0711, for another user): loading works as before the lock existed, unlocked; saving too on the former."""
+    import errno
+    import lab.checkpoint as C
+    t = _checkpoint(tmp_path / "ck")
+
+    def no_locks(fd, op):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    monkeypatch.setattr(C.fcntl, "flock", no_locks)
+    save_checkpoint(tmp_path / "ck", t.model, t.tokenizer, t)
+    Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+    monkeypatch.undo()
+    real_open = os.open
+
+    def unlistable(path, flags, *args):
+        if Path(path) == tmp_path / "ck" and not flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(C.os, "open", unlistable)
+    Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
