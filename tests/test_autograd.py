@@ -269,3 +269,15 @@ def test_arrays_and_constants_join_a_tensor_in_its_dtype(use_backend):
         x64 = lab.tensor([1.0, 2.0], dtype="float64", requires_grad=True)
         (x64 * np.array([1.0 + 1e-12, 3e-9])).sum().backward()
         np.testing.assert_array_equal(x64.grad.numpy(), [1.0 + 1e-12, 3e-9])
+
+
+def test_maximum_splits_the_gradient_of_ties_between_its_inputs_as_pytorch(use_backend):
+    import torch
+    av, bv = np.array([[1.0], [2.0]], dtype=np.float32), np.array([2.0, 0.0, 2.0, 1.0], dtype=np.float32)
+    a, b = lab.tensor(av, requires_grad=True), lab.tensor(bv, requires_grad=True)
+    ta, tb = (torch.tensor(v.astype(np.float64), requires_grad=True) for v in (av, bv))
+    g = np.arange(1.0, 9.0, dtype=np.float32).reshape(2, 4)
+    a.maximum(b).backward(g)
+    torch.maximum(ta, tb).backward(torch.tensor(g, dtype=torch.float64))
+    np.testing.assert_array_equal(a.grad.numpy(), ta.grad.numpy())  # ties (1 = 1, 2 = 2, 2 = 2) give half each
+    np.testing.assert_array_equal(b.grad.numpy(), tb.grad.numpy())

@@ -164,10 +164,10 @@ def pow(a, c):
 def maximum(a, b):
     B, b, out = _binary("maximum", a, b)
 
-    def backward(g):  # the gradient goes to the larger input (to a on ties)
-        ga = B.binary("mul", g, B.binary("eq", out, a.data))
-        gb = B.binary("sub", g, ga)
-        return _unbroadcast(B, ga, a.shape), _unbroadcast(B, gb, b.shape)
+    def backward(g):  # the gradient goes to the larger input, half to each on ties (PyTorch's rule; all to a before)
+        wa, wb = B.binary("eq", out, a.data), B.binary("eq", out, b.data)  # 1 where each is the maximum
+        share = B.binary("div", g, B.binary("maximum", B.binary("add", wa, wb), B.full((), 1.0, g.dtype)))
+        return _unbroadcast(B, B.binary("mul", share, wa), a.shape), _unbroadcast(B, B.binary("mul", share, wb), b.shape)
     return Tensor._make(out, B, (a, b), backward)
 
 
