@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,11 +60,24 @@ def _train(args):
           f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
           f"{len(train_ids) + len(val_ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
     t0 = time.perf_counter()
-    history = trainer.run(progress=not args.no_progress)
+    # SIGTERM (a job scheduler's or `docker stop`'s way of ending a run) stops like a Ctrl-C: after the step in
+    # flight, with the checkpoint saved, instead of killing the process and losing the run
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        trainer.request_stop()
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        history = trainer.run(progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if terminated and not (trainer.stop_reason or "").startswith("interrupted"):
+        trainer.stop_reason = f"terminated (SIGTERM) after step {trainer.step_num}"
     seconds = time.perf_counter() - t0
     # a run may stop before its first log (Ctrl-C, NaN/Inf, --time-limit): report and save what there is. The step
     # that hit NaN/Inf was skipped on the device, so it changed no weights
-    fault, interrupted = trainer.fault, (trainer.stop_reason or "").startswith("interrupted")
+    fault, interrupted = trainer.fault, (trainer.stop_reason or "").startswith(("interrupted", "terminated"))
     updated = trainer.step_num - (fault is not None)
     finite = all(np.isfinite(v).all() for v in model.state_dict().values())
     if args.out:  # before the evaluation: a second Ctrl-C there must not cost the checkpoint
@@ -91,7 +105,7 @@ def _train(args):
     print("done: " + ", ".join(parts) + (f" ({reason})" if reason else ""))
     if fault is not None or not finite:
         return 1
-    return 130 if interrupted else 0
+    return (143 if terminated else 130) if interrupted else 0   # 128 + the signal's number, as a shell reports it
 
 
 def _generate(args):
@@ -124,9 +138,14 @@ def _generate(args):
     def show(_, piece):  # the prompt goes out with the first token: a refused argument leaves stdout empty
         print(piece if shown else prompt + piece, end="", flush=True)
         shown.append(True)
-    generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature or 0.8,
-             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty or 1.0, greedy=args.greedy, stop=args.stop,
-             seed=args.seed, on_token=show)
+    try:
+        generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature or 0.8,
+                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty or 1.0,
+                 greedy=args.greedy, stop=args.stop, seed=args.seed, on_token=show)
+    except KeyboardInterrupt:  # the shell's prompt goes on a line of its own after the text cut short
+        if shown:
+            print(flush=True)
+        raise
     print("" if shown else prompt)
     return 0
 

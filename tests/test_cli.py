@@ -269,3 +269,16 @@ def test_cli_beam_search_refuses_sampling_flags(tmp_path, capsys):
         assert named in out.err and "--beams 3 searches for the most likely continuation" in out.err, out.err
     assert main(["generate", "--checkpoint", ck, "--prompt", "ab", "--beams", "3", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("ab")
+
+
+def test_cli_train_sigterm_stops_after_the_step_and_saves(tmp_path):
+    """SIGTERM (a job scheduler ending the run, `docker stop`) killed the process: no checkpoint, no summary. It now
+    stops like a Ctrl-C after the step in flight, saves, summarizes and exits 143 (128 + 15)."""
+    out = tmp_path / "ck"
+    script = INTERRUPT_AT_STEP_3.replace("signal.SIGINT", "signal.SIGTERM")
+    r = subprocess.run([sys.executable, "-c", script, "train", "--steps", "50", "--backend", "numpy", "--no-progress",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 143 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "(terminated (SIGTERM) after step 3)" in done[0], r.stdout
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
