@@ -355,3 +355,10 @@ def test_softmax_of_extreme_rows_and_mean_of_nothing_as_numpy(use_backend):
                                    rtol=1e-6)
     assert np.isnan(lab.tensor(np.zeros((0, 3))).mean().item())  # numpy and PyTorch: NaN, not 0
     assert lab.tensor(np.zeros((2, 0))).log_softmax().shape == (2, 0)
+
+
+def test_integers_beyond_int32_are_refused_not_wrapped(use_backend):
+    for v in (np.array([2 ** 40]), np.array([2 ** 31 + 5], np.uint32), np.array([-2 ** 31 - 1])):
+        with pytest.raises(ValueError, match=r"do not fit an int32 tensor \(allowed -2147483648\.\.2147483647\)"):
+            lab.tensor(v)  # was 0, and -2147483643
+    np.testing.assert_array_equal(lab.tensor(np.array([-2 ** 31, 2 ** 31 - 1])).numpy(), [-2 ** 31, 2 ** 31 - 1])

@@ -251,6 +251,10 @@ def tensor(data, requires_grad=False, dtype=None, backend=None):
             raise ValueError("float16 tensors are storage for frozen weights (read by linear and matmul in float32 "
                              "arithmetic) and cannot require gradients: train float32 tensors")
         require_half_storage(b, "keep the weights float32")
+    if np_dtype(dtype) is np.int32 and arr.dtype.kind in "iu" and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())  # astype would wrap them silently (2**40 -> 0, 2**31 + 5 negative)
+        if lo < -2 ** 31 or hi >= 2 ** 31:
+            raise ValueError(f"integers {lo}..{hi} do not fit an int32 tensor (allowed -2147483648..2147483647)")
     return Tensor(b.from_numpy(arr.astype(np_dtype(dtype), copy=False)), b, requires_grad=requires_grad)
 
 
