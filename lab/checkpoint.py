@@ -512,7 +512,8 @@ def save_pretrained(model, directory, format="lab"):
     """Write model.safetensors + config.json. format="hf" writes the GPT-2 layout transformers loads."""
     if format not in ("lab", "hf"):
         raise ValueError(f"unknown format {format!r}: expected 'lab' or 'hf'")
-    with atomic_files(directory) as files:
+    from .nn import step_lock
+    with step_lock(model), atomic_files(directory) as files:   # between a training thread's steps
         _write_model(model, files, format)
     return Path(directory)
 
@@ -602,10 +603,10 @@ def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
     if trainer is not None and getattr(trainer, "model", None) is not model:
         raise ValueError(f"save_checkpoint: trainer must be the Trainer training this model (its optimizer state "
                          f"belongs to the trainer's model), got {show(trainer)}")
-    # with a trainer, between its steps (its step lock): a trainer stepping in another thread (a panel's) would
-    # otherwise change the weights or moments while they are read, mixing step k and step k+1
-    with (trainer.step_lock if trainer is not None else contextlib.nullcontext()), \
-            atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE, *remove)) as files:
+    # between the steps of the model's trainers (nn.step_lock): a trainer stepping in another thread (a panel's)
+    # would otherwise change the weights or moments while they are read, mixing step k and step k+1
+    from .nn import step_lock
+    with step_lock(model), atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE, *remove)) as files:
         _write_model(model, files, "lab")
         files.write_text(TOKENIZER_FILE, tokenizer.to_json())
         if trainer is not None:

@@ -281,7 +281,7 @@ def save_adapter(model, directory, base_model_name_or_path=None):
     """Write adapter_model.safetensors and adapter_config.json in PEFT's format (loadable by
     peft.PeftModel.from_pretrained on the model exported with save_pretrained(format="hf"))."""
     _require_adapters(model)   # before the directory is made
-    with atomic_files(directory) as files:
+    with nn.step_lock(model), atomic_files(directory) as files:   # A and B of one step of a training thread
         write_adapter(model, files, base_model_name_or_path)
     return Path(directory)
 

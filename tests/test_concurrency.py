@@ -275,3 +275,34 @@ def test_changing_adapters_of_a_lora_model_that_trains_in_another_thread_is_refu
     assert _losses(trainer) == _losses(alone)
     assert all(m.enabled and not m.merged for _, m in lora.adapters(model))
     lora.load_adapter(model, tmp_path / "adapter")   # the run is over: allowed again
+
+
+def test_save_pretrained_beside_a_training_thread_holds_one_steps_weights(use_backend, tmp_path):
+    """save_pretrained knows no trainer: it takes the model's step lock (nn.step_lock), so a save from the kernel
+    while a panel trains holds every weight of one step boundary, never some from before a step and some after."""
+    from lab.checkpoint import load_pretrained
+    alone, _ = _trainer()
+    at_step = [alone.model.state_dict()]
+    for _ in range(STEPS):
+        alone.train_step()
+        at_step.append(alone.model.state_dict())
+    trainer, _ = _trainer()
+    model = trainer.model
+
+    def slow_read():   # a big model: a step fits between the first parameter read and the last
+        out = {}
+        for name, p in model.named_parameters():
+            out[name] = p.numpy()
+            time.sleep(0.002)
+        return out
+    model.state_dict = slow_read
+    thread = threading.Thread(target=trainer.run, kwargs=dict(progress=False, log_evals=False))
+    thread.start()
+    saved = []
+    while thread.is_alive():
+        saved.append(model.save_pretrained(tmp_path / f"m{len(saved)}"))
+    thread.join()
+    assert trainer.step_num == STEPS and len(saved) > 2
+    for d in saved:
+        weights = load_pretrained(d).state_dict()
+        assert any(all(np.array_equal(weights[n], then[n]) for n in weights) for then in at_step), d

@@ -30,6 +30,17 @@ _users = weakref.WeakKeyDictionary()   # model -> [thread that has it in use (tr
 _users_lock = threading.Lock()
 
 
+_step_locks = weakref.WeakKeyDictionary()   # model -> the lock its trainers hold across each step
+
+
+def step_lock(model):
+    """The re-entrant lock every Trainer of `model` holds across each of its steps. A save from another thread
+    (save_pretrained, save_checkpoint, save_adapter beside a TrainingPanel's run) takes it to read the weights of
+    one step boundary, not some parameters before a step and the others after it."""
+    with _users_lock:
+        return _step_locks.setdefault(model, threading.RLock())
+
+
 @contextlib.contextmanager
 def in_use(model, what, hint=""):
     """Hold `model` for this thread inside the block: a Trainer's run or step, or a change of the model's

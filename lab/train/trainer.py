@@ -17,7 +17,7 @@ from ..checks import InputError, choice, integer, real, show
 from ..data import get_batch, min_tokens
 from ..engine.random import draw_from, generator, own_stream
 from ..engine.tensor import no_grad
-from ..nn import evaluating, in_use
+from ..nn import evaluating, in_use, step_lock
 from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, grad_norm
 from .replay import Recorded, StepReplay, recording_seeds, upload_batches
@@ -151,10 +151,11 @@ class Trainer:
         self._stop = False
         self._running = threading.Event()  # cleared while paused
         self._running.set()
-        # held for a whole step (train_step; run() holds it across a step and its bookkeeping): save_checkpoint
-        # takes it, so a checkpoint taken from another thread never holds the weights of step k with the
-        # optimizer moments of step k+1. Re-entrant: run() saves its own checkpoints while holding it
-        self.step_lock = threading.RLock()
+        # held for a whole step (train_step; run() holds it across a step and its bookkeeping): the saves take
+        # it, so a checkpoint taken from another thread never holds the weights of step k with the optimizer
+        # moments of step k+1. The model's own (nn.step_lock): save_pretrained, which knows no trainer, takes it
+        # too. Re-entrant: run() saves its own checkpoints while holding it
+        self.step_lock = step_lock(model)
         self.rng = np.random.default_rng(generator().integers(2**32))
         # the dropout seeds' own stream: generation or a model made in another thread meanwhile draws from the
         # global generator and leaves this run's masks, and so its losses, as they would be alone
