@@ -133,20 +133,30 @@ def _generate(args):
     if args.beams > 1:
         print(prompt + beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok))
         return 0
-    shown = []
+    shown, stop = {"text": "", "out": 0, "prompt": False}, args.stop
 
-    def show(_, piece):  # the prompt goes out with the first token: a refused argument leaves stdout empty
-        print(piece if shown else prompt + piece, end="", flush=True)
-        shown.append(True)
+    def emit(text):  # the prompt goes out with the first token: a refused argument leaves stdout empty
+        print(text if shown["prompt"] else prompt + text, end="", flush=True)
+        shown["prompt"] = True
+
+    def show(_, piece):
+        # the stop string is cut from the text, as generate() returns it: text that may be its beginning is held
+        # until the next pieces show it is not (the stop string can span tokens)
+        shown["text"] += piece
+        text = shown["text"]
+        end = text.find(stop) if stop and stop in text else len(text) - (len(stop) - 1 if stop else 0)
+        if end > shown["out"] or not shown["prompt"]:
+            emit(text[shown["out"]:max(end, shown["out"])])
+            shown["out"] = max(end, shown["out"])
     try:
-        generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature or 0.8,
-                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty or 1.0,
-                 greedy=args.greedy, stop=args.stop, seed=args.seed, on_token=show)
+        text = generate(model, prompt, args.max_new_tokens, tokenizer=tok, temperature=args.temperature or 0.8,
+                        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty or 1.0,
+                        greedy=args.greedy, stop=args.stop, seed=args.seed, on_token=show)
     except KeyboardInterrupt:  # the shell's prompt goes on a line of its own after the text cut short
-        if shown:
+        if shown["prompt"]:
             print(flush=True)
         raise
-    print("" if shown else prompt)
+    emit(text[shown["out"]:] + "\n")   # what was held back and is not the stop string
     return 0
 
 

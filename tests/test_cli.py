@@ -282,3 +282,20 @@ def test_cli_train_sigterm_stops_after_the_step_and_saves(tmp_path):
     done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
     assert len(done) == 1 and "(terminated (SIGTERM) after step 3)" in done[0], r.stdout
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_cli_generate_prints_the_text_cut_at_the_stop_string(tmp_path, capsys):
+    """generate --stop printed the stop string (streamed as it arrived) although generate() returns the text cut
+    where it begins: stdout is now prompt + that text, also for a stop string spanning tokens."""
+    from lab.checkpoint import load_checkpoint
+    from lab.cli import main
+    from lab.generate import generate
+    ck = str(_tiny_checkpoint(tmp_path / "ck"))
+    model, tok, _ = load_checkpoint(ck)
+    full = generate(model, "ab", 12, tokenizer=tok, greedy=True)
+    capsys.readouterr()
+    for stop in (full[2:4], full[5], full[:3], "never there"):   # two tokens, one, from the first token, none
+        assert main(["generate", "--checkpoint", ck, "--prompt", "ab", "--max-new-tokens", "12", "--greedy",
+                     "--stop", stop, "--backend", "numpy"]) == 0
+        cut = full[:full.find(stop)] if stop in full else full
+        assert capsys.readouterr().out == "ab" + cut + "\n", (stop, full)
