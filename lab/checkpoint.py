@@ -302,7 +302,9 @@ def _finish_journal(d):
         journal = json.loads(path.read_text(encoding="utf-8"))
         replace, remove = journal["replace"], journal["remove"]
         ok = (isinstance(replace, dict) and isinstance(remove, list) and all(map(_removable, remove))
-              and all(_journal_pair(n, t) for n, t in replace.items()))
+              and all(_journal_pair(n, t) for n, t in replace.items())
+              # a save's temporaries are files it wrote; a planted link would make config.json a file elsewhere
+              and not any((d / t).is_symlink() for t in replace.values()))
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
         ok = False
     if not ok:

@@ -595,3 +595,13 @@ def test_loads_and_saves_work_where_the_directory_cannot_be_locked(tmp_path, num
         return real_open(path, flags, *args)
     monkeypatch.setattr(C.os, "open", unlistable)
     Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+
+
+def test_a_planted_journal_cannot_link_a_checkpoint_file_to_one_outside(tmp_path, numpy_backend):
+    _checkpoint(tmp_path / "ck")
+    (tmp_path / "secret.json").write_text('{"model_type": "lab-transformer"}')
+    (tmp_path / "ck" / ".config.json.tmp-1").symlink_to(tmp_path / "secret.json")
+    (tmp_path / "ck" / JOURNAL_FILE).write_text('{"replace": {"config.json": ".config.json.tmp-1"}, "remove": []}')
+    with pytest.raises(CheckpointError, match=r"\.lab-save\.json: damaged save journal"):
+        load_checkpoint(tmp_path / "ck")
+    assert not (tmp_path / "ck" / "config.json").is_symlink()
