@@ -335,6 +335,9 @@ def _check_grads(g, what, tol):
             assert a.grad is not None, f"{what}: leaf {i} got no gradient"
             assert a.grad.dtype == a.dtype, f"{what}: leaf {i} is {a.dtype}, its gradient {a.grad.dtype}"
             _close(a.grad.numpy(), t.grad, f"{what}: leaf {i} {tuple(t.shape)}", tol, scale)
+    # no two leaves share gradient memory: clipping and the optimizers scale each .grad in place, once
+    storages = [id(a.backend.storage(a.grad.data)) for a, _ in g.leaves if a.grad is not None]
+    assert len(storages) == len(set(storages)), f"{what}: two leaves' gradients share one array"
 
 
 def _run(seed, dtype="float32"):
