@@ -3,6 +3,7 @@ cache on the device so each new token costs one small forward pass instead of a 
 
 import codecs
 import contextlib
+import numbers
 
 import numpy as np
 
@@ -24,7 +25,7 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
     if ids.size > block:
         raise InputError(f"prompt of {ids.size} tokens is longer than the model's block_size {block}; "
                          f"shorten it (the model only ever sees the last {block} tokens)")
-    integer("max_new_tokens", max_new_tokens, low=0)
+    max_new_tokens = integer("max_new_tokens", max_new_tokens, low=0)   # an int: 1e3 is 1000 steps, not range(1e3)
     if not greedy:  # below 1e-6 the logits overflow float64 once divided: greedy=True is the limit asked for
         try:
             real("temperature", temperature, low=1e-6)
@@ -36,6 +37,7 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
     if top_k is not None:
         integer("top_k", top_k, low=1)
     real("repetition_penalty", repetition_penalty, low=0, low_open=True)
+    return max_new_tokens
 
 
 def _adapter_switch(model, adapter):
@@ -46,8 +48,15 @@ def _adapter_switch(model, adapter):
     return adapter_enabled(model, adapter)
 
 
-def _prompt_ids(prompt, tokenizer):
-    """(token ids, whether the prompt was text)."""
+def _prompt_ids(prompt, tokenizer, model):
+    """(token ids, whether the prompt was text). The model and tokenizer are checked first: a wrong one gave an
+    AttributeError, or str.encode's 'unknown encoding' for a tokenizer given as text."""
+    if not (callable(model) and hasattr(getattr(model, "config", None), "block_size")):
+        raise InputError(f"model must be a lab language model (TransformerLM, ProNeuralLM), got {show(model)}")
+    if tokenizer is not None and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode_bytes")):
+        raise InputError(f"tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer), got {show(tokenizer)}")
+    if prompt is None or isinstance(prompt, (bytes, numbers.Number)):
+        raise InputError(f"prompt must be text (with a tokenizer) or a 1-D sequence of token ids, got {show(prompt)}")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise InputError("a text prompt needs a tokenizer (or pass token ids)")
@@ -106,8 +115,12 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     adapter=True/False generates with the model's LoRA adapters switched on/off for this call only.
     should_stop() (e.g. an Event's is_set) is asked before each token; once it says True, what was made is
     returned (a panel's Stop button)."""
-    ids, as_text = _prompt_ids(prompt, tokenizer)
-    _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
+    ids, as_text = _prompt_ids(prompt, tokenizer, model)
+    max_new_tokens = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
+    if on_token is not None and not callable(on_token):  # found before a token is made, not after the first
+        raise InputError(f"on_token must be a function on_token(id, text), got {show(on_token)}")
+    if seed is not None:
+        seed = integer("seed", seed, low=0)
     if stop is not None and tokenizer is None:
         raise InputError("a stop string needs a tokenizer")
     if stop is not None and not (isinstance(stop, str) and stop):
@@ -172,8 +185,8 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
     Returns ids (or text for a text prompt). adapter=True/False: LoRA adapters on/off for this call only.
     should_stop() is asked before each step; once it says True, the best beam so far is returned."""
-    ids, as_text = _prompt_ids(prompt, tokenizer)
-    _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
+    ids, as_text = _prompt_ids(prompt, tokenizer, model)
+    max_new_tokens = _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
     integer("num_beams", num_beams, low=1)
     real("length_penalty", length_penalty)
     block = model.config.block_size

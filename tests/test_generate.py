@@ -229,3 +229,26 @@ def test_cli_generate_prints_whole_characters(tmp_path):
                        capture_output=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode("utf-8") == "\n" + TEXT * 2 + "\n"
+
+
+def test_generate_refuses_wrong_model_tokenizer_seed_and_callback_up_front(model):
+    """Misused arguments surfaced deep inside: tokenizer='x' as str.encode's 'unknown encoding: ab', seed=-1 or
+    1.5 as numpy's SeedSequence errors, on_token=5 as a TypeError after the first token was made, model=None as
+    an AttributeError, prompt=None as 'got shape ()'. Each is one InputError naming the argument; and
+    max_new_tokens=1e3 (integral) generates as 1000, not TypeError from range()."""
+    from lab.checks import InputError
+    from lab.data import CharTokenizer
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,;")   # 30 characters: the fixture's vocabulary
+    made = []
+    cases = [(dict(tokenizer="x"), "^tokenizer must be a lab tokenizer"), (dict(seed=-1), "^seed must be an integer >= 0"),
+             (dict(seed=1.5), "^seed must be an integer"), (dict(on_token=5), "^on_token must be a function")]
+    for kw, message in cases:
+        with pytest.raises(InputError, match=message):
+            generate(model, "ab", 3, **{"tokenizer": tok, **kw})
+    for prompt in (None, 5, b"ab"):
+        with pytest.raises(InputError, match="^prompt must be text .*or a 1-D sequence of token ids"):
+            generate(model, prompt, 3, tokenizer=tok, on_token=lambda *a: made.append(a))
+    with pytest.raises(InputError, match="^model must be a lab language model"):
+        generate(None, [1], 3)
+    assert made == []
+    assert len(generate(model, [1], 1e1, greedy=True)) == 10
