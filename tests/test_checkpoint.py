@@ -219,3 +219,20 @@ def test_resume_stops_early_where_the_uninterrupted_run_stops(numpy_backend, dat
         with pytest.raises(CheckpointError, match=r"trainer_state\.json: incomplete or invalid trainer state "
                                                   r"\(early_stopping\.(best_val_loss|evals_without_gain) must be"):
             Trainer.resume(tmp_path / "ck", data[1], data[2])
+
+
+def test_a_resumed_run_saves_where_it_resumed_from_not_where_the_file_says(numpy_backend, data, tmp_path):
+    """trainer_state.json names the directory the run saved to; a copy resumed elsewhere (or a downloaded one
+    naming any path) must not write its checkpoints over that directory's."""
+    t = _trainer(data)
+    t.cfg.checkpoint_dir, t.tokenizer = str(tmp_path / "original"), data[0]
+    t.cfg.steps = 2
+    t.run(progress=False, log_evals=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "original").iterdir()}
+    import shutil
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    resumed = Trainer.resume(tmp_path / "copy", data[1], data[2])
+    resumed.cfg.steps = 3
+    resumed.run(progress=False, log_evals=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "original").iterdir()} == before
+    assert load_checkpoint(tmp_path / "copy")[2]["step"] == 3

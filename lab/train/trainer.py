@@ -217,6 +217,8 @@ class Trainer:
                 cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise CheckpointError(f"{Path(directory) / STATE_FILE}: invalid train_config ({e})") from None
+            if cfg.checkpoint_dir:   # saves go on where the run resumed from, not to a path a file names (a copied
+                cfg.checkpoint_dir = str(directory)   # or downloaded checkpoint would overwrite another run's)
             trainer = cls(model.train(), train_ids, val_ids, cfg, callbacks)
             restore_trainer(trainer, directory, state)
         trainer.tokenizer = tokenizer
