@@ -362,3 +362,16 @@ def test_integers_beyond_int32_are_refused_not_wrapped(use_backend):
         with pytest.raises(ValueError, match=r"do not fit an int32 tensor \(allowed -2147483648\.\.2147483647\)"):
             lab.tensor(v)  # was 0, and -2147483643
     np.testing.assert_array_equal(lab.tensor(np.array([-2 ** 31, 2 ** 31 - 1])).numpy(), [-2 ** 31, 2 ** 31 - 1])
+
+
+def test_zeros_and_ones_check_their_shape_dtype_and_gradient_flag(use_backend):
+    for shape in ((-1,), (2.5,), (True, 2)):
+        with pytest.raises(ValueError, match=r"zeros: sizes must be integers >= 0"):
+            lab.zeros(*shape)  # the GPU made a tensor of shape (-1,) or (2.5,)
+    with pytest.raises(ValueError, match="only floating-point tensors can require gradients, got dtype int32"):
+        lab.ones(2, dtype="int32", requires_grad=True)
+    assert lab.zeros((2, 0)).shape == (2, 0) and lab.ones(()).shape == ()
+    with pytest.raises(ValueError, match="layer_norm: the input needs at least one axis"):
+        F.layer_norm(lab.tensor(1.0), lab.tensor(np.ones(1)))
+    with pytest.raises(ValueError, match=r"cross_entropy: logits need a class axis"):
+        F.cross_entropy(lab.tensor(1.0), np.array(0))

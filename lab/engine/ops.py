@@ -587,7 +587,9 @@ def _norm_bias(x, weight, bias, op):
     """The bias data of a LayerNorm over x's last axis (zeros without one), its parameters' shapes checked."""
     for t in (x, weight) + ((bias,) if bias is not None else ()):
         _check_float(t, op)
-    C = x.shape[-1] if x.ndim else None
+    if x.ndim == 0:
+        raise ValueError(f"{op}: the input needs at least one axis to normalize over, got a 0-D tensor")
+    C = x.shape[-1]
     if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
         raise ValueError(f"{op}: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
                          f"{_shape_str(weight.shape)}" + (f" and {_shape_str(bias.shape)}" if bias is not None else ""))
@@ -660,6 +662,9 @@ def embedding(idx, weight):
 
 def cross_entropy(logits, targets, ignore_index=-100):
     """Mean cross-entropy of logits (..., V) against integer targets (...), skipping ignore_index."""
+    _check_float(logits, "cross_entropy")
+    if logits.ndim == 0:
+        raise ValueError("cross_entropy: logits need a class axis (..., V), got a 0-D tensor")
     V = logits.shape[-1]
     tshape = targets.shape if isinstance(targets, Tensor) else np.shape(targets)
     if tuple(tshape) != logits.shape[:-1]:

@@ -5,6 +5,7 @@ their parents and a backward closure; `backward()` walks that graph in reverse t
 """
 import contextlib
 import math
+import numbers
 import threading
 
 import numpy as np
@@ -258,13 +259,26 @@ def tensor(data, requires_grad=False, dtype=None, backend=None):
     return Tensor(b.from_numpy(arr.astype(np_dtype(dtype), copy=False)), b, requires_grad=requires_grad)
 
 
-def zeros(*shape, requires_grad=False, dtype="float32"):
-    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+def _filled(name, shape, value, requires_grad, dtype):
+    """zeros/ones: the shape and dtype checked as tensor() checks its data (the GPU made a tensor of shape (-1,) or
+    (2.5,), and an int32 or float16 one that required gradients)."""
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in shape):
+        raise ValueError(f"{name}: sizes must be integers >= 0, got {shape}")
+    dtype = str(np.dtype(np_dtype(dtype)))
+    if requires_grad and dtype not in ("float32", "float64"):
+        raise ValueError(f"{name}: only floating-point tensors can require gradients, got dtype {dtype}")
     b = get_backend()
-    return Tensor(b.full(tuple(shape), 0, dtype), b, requires_grad=requires_grad)
+    if dtype == "float64" and b.name != "numpy":
+        raise ValueError("float64 tensors exist on the numpy backend only (WGSL has no portable f64)")
+    if dtype == "float16":
+        require_half_storage(b, "keep the weights float32")
+    return Tensor(b.full(tuple(int(s) for s in shape), value, dtype), b, requires_grad=requires_grad)
+
+
+def zeros(*shape, requires_grad=False, dtype="float32"):
+    return _filled("zeros", shape, 0, requires_grad, dtype)
 
 
 def ones(*shape, requires_grad=False, dtype="float32"):
-    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-    b = get_backend()
-    return Tensor(b.full(tuple(shape), 1, dtype), b, requires_grad=requires_grad)
+    return _filled("ones", shape, 1, requires_grad, dtype)
