@@ -72,3 +72,28 @@ def test_char_dataset_is_the_split_encoded_corpus():
     tok, train, val = char_dataset("sonnets")
     text = load_corpus("sonnets")
     assert tok.decode(np.concatenate([train, val])) == text and len(val) == len(text) - int(len(text) * 0.9)
+
+
+def test_utf8_byte_order_mark_is_not_a_character(tmp_path):
+    """A corpus saved with a UTF-8 byte-order mark (Notepad) trained a vocabulary holding U+FEFF; it is dropped,
+    and offsets in errors still count from the file's first byte."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfIn the beginning")
+    assert load_corpus(str(tmp_path / "bom.txt")) == "In the beginning"
+    (tmp_path / "bad.txt").write_bytes(b"\xef\xbb\xbfcaf\xe9")
+    with pytest.raises(ValueError, match="byte 0xe9 at offset 6"):
+        load_corpus(str(tmp_path / "bad.txt"))
+
+
+def test_corpus_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="a directory, not a text file, and not one of the bundled corpora"):
+        load_corpus(str(tmp_path))
+
+
+def test_bpe_train_refuses_a_fractional_vocab_size_and_non_text():
+    """vocab_size=300.5 raised TypeError from range(), bytes a regular-expression TypeError: both are InputErrors."""
+    from lab.checks import InputError
+    with pytest.raises(InputError, match=r"^vocab_size must be an integer >= 256, got 300.5 \(one token per byte"):
+        BPETokenizer.train("ab " * 50, 300.5)
+    with pytest.raises(InputError, match="^text must be a str"):
+        BPETokenizer.train(b"ab " * 50, 300)
+    assert BPETokenizer.train("ab " * 50, 300.0).vocab_size <= 300

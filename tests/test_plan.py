@@ -240,3 +240,11 @@ def test_a_refused_training_plan_is_one_line_without_nan(numpy_backend):
     assert "\n" not in message and "nan" not in message.lower(), message
     assert message.startswith("this training plan does not fit this CPU (numpy backend): needs ")
     assert "Suggestions: batch " in message and "More devices: this needs more than one device (to fit the batch): " in message
+
+
+def test_plan_refuses_a_lora_rank_above_the_layers():
+    """plan --lora-rank 100000 planned adapters wider than tiny's 128-wide layers (lora.apply refuses them)."""
+    from lab.checks import InputError
+    with pytest.raises(InputError, match=r"^lora_rank must be an integer >= 0 and <= 128, got 129"):
+        plan.estimate("tiny", lora_rank=129, device="m1")
+    assert plan.estimate("tiny", lora_rank=128, device="m1").lora_rank == 128

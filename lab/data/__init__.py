@@ -19,8 +19,12 @@ def load_corpus(name="kjv"):
     if not path.is_file():
         path = CORPUS_DIR / f"{name}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"no corpus {name!r}: not a file, and not one of the bundled corpora {list_corpora()}")
+        what = "a directory, not a text file" if Path(name).is_dir() else "not a file"
+        raise FileNotFoundError(f"no corpus {name!r}: {what}, and not one of the bundled corpora {list_corpora()}")
     data = path.read_bytes()
+    # the UTF-8 byte-order mark some editors write is no text: kept, it became a character of the vocabulary
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    data = data[bom:]
     if not data:
         raise InputError(f"corpus {path}: the file is empty (a corpus needs text to learn from)")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -28,11 +32,11 @@ def load_corpus(name="kjv"):
                          f"e.g. iconv -f utf-16 -t utf-8")
     nul = data.find(b"\0")
     if nul >= 0:  # NUL is valid UTF-8, so a binary file (or UTF-16 text) could otherwise pass as text
-        raise InputError(f"corpus {path}: a binary file, not UTF-8 text (NUL byte at offset {nul})")
+        raise InputError(f"corpus {path}: a binary file, not UTF-8 text (NUL byte at offset {bom + nul})")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"corpus {path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason}); "
+        raise InputError(f"corpus {path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {bom + e.start} ({e.reason}); "
                          f"lab reads corpora as UTF-8: convert the file (Latin-1 text: iconv -f latin1 -t utf-8)") from None
 
 

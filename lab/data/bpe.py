@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..checks import InputError
+from ..checks import InputError, integer, show
 
 # Every character is \w, \s or neither, so the chunks cover the text completely.
 SPLIT = r" ?\w+| ?[^\s\w]+|\s+(?!\S)|\s+"
@@ -39,8 +39,12 @@ class BPETokenizer:
     @classmethod
     def train(cls, text, vocab_size, pattern=SPLIT):
         """Learn vocab_size - 256 merges from `text`, most frequent pair first (ties: the smaller pair)."""
-        if vocab_size < 256:
-            raise ValueError(f"vocab_size must be >= 256 (one token per byte), got {vocab_size}")
+        try:
+            vocab_size = integer("vocab_size", vocab_size, low=256)
+        except InputError as e:
+            raise InputError(f"{e} (one token per byte, then the merges)") from None
+        if not isinstance(text, str):  # bytes or a list would fail inside re.findall with a message about patterns
+            raise InputError(f"text must be a str to learn merges from, got {show(text)}")
         words = Counter(tuple(m.encode("utf-8")) for m in re.findall(pattern, text))
         merges = []
         for new in range(256, vocab_size):

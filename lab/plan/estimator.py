@@ -202,7 +202,8 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     seq = c.block_size if seq is None else integer("seq", seq, 1, MAX_SIZE)
     tokens = None if tokens is None else real("tokens", tokens, low=0, low_open=True, high=MAX_TOKENS)
     steps = None if steps is None else integer("steps", steps, 1, MAX_SIZE)
-    lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, MAX_SIZE) or None
+    # as lora.apply: a rank above the adapted layers' smaller side (n_embd for every target) adds no capacity
+    lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, c.n_embd) or None
     if seq > c.block_size:  # the model never sees more than block_size tokens (its position table ends there)
         raise InputError(f"seq {seq:,} is longer than the model's block_size {c.block_size:,}: a step trains on at "
                          f"most block_size tokens; plan a config with a larger block_size (lab plan --config "
