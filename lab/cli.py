@@ -90,15 +90,17 @@ def _train(args):
             save_checkpoint(args.out, model, tok, trainer)
             print(f"saved checkpoint to {args.out} (step {trainer.step_num})")
     parts = [f"{trainer.step_num} step{'' if trainer.step_num == 1 else 's'} in {seconds:.0f} s"]
+    def loss(v):  # a diverging run's 1.06e+18, not 1056755812459872256.000
+        return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}"
     if history:
-        parts.append(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
+        parts.append(f"train loss {loss(history[0]['loss'])} -> {loss(history[-1]['loss'])}")
     elif trainer.last_loss is not None:  # stopped before the first log (every log_every steps): the last step's
-        parts.append(f"train loss {trainer.last_loss:.3f} at step {trainer.step_num} "
+        parts.append(f"train loss {loss(trainer.last_loss)} at step {trainer.step_num} "
                      f"(no step logged: logged every {tcfg.log_every} steps)")
     else:
         parts.append("no train loss: no step taken")
     if updated and finite and not interrupted:
-        parts.append(f"val loss {trainer.evaluate():.3f}")
+        parts.append(f"val loss {loss(trainer.evaluate())}")
     if updated:
         parts.append(f"{updated * args.batch_size * mcfg.block_size / max(seconds, 1e-9):.0f} tokens/s")
     reason = f"stopped at step {fault.step}: NaN/Inf in {fault.tensor}" if fault else trainer.stop_reason

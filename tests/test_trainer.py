@@ -209,3 +209,13 @@ def test_last_step_loss_kept_when_no_step_was_logged(use_backend, data):
     logged = _trainer(data, log_every=1, max_seconds=1e-9)
     logged.run(progress=False, log_evals=False)
     assert quiet.last_loss == logged.history[-1]["loss"] and np.isfinite(quiet.last_loss)
+
+
+def test_evaluate_refuses_a_batch_count_that_is_not_a_positive_integer(data):
+    """evaluate(-1) returned NaN (a mean of no losses, with a RuntimeWarning), evaluate(2.5) a TypeError."""
+    from lab.checks import InputError
+    t = _trainer(data)
+    for bad in (-1, 0, 2.5, "x"):
+        with pytest.raises(InputError, match=f"^batches must be an integer >= 1, got {bad!r}"):
+            t.evaluate(bad)
+    assert t.evaluate(2.0) == t.evaluate(2) and np.isfinite(t.evaluate())

@@ -343,10 +343,12 @@ class Trainer:
     def evaluate(self, batches=None):
         """Mean loss over `batches` random validation blocks (fixed seed: comparable across calls)."""
         model, cfg = self.model, self.cfg
+        # checked: -1 gave NaN from a mean of no losses (with a warning), 2.5 a TypeError from range()
+        batches = cfg.eval_batches if batches is None else integer("batches", batches, low=1)
         rng = np.random.default_rng(1234)
         losses = []
         with no_grad(), evaluating():  # called from the kernel while a panel trains: the steps keep their dropout
-            for _ in range(batches or cfg.eval_batches):
+            for _ in range(batches):
                 x, y = get_batch(self.val_ids, cfg.batch_size, model.config.block_size, rng)
                 losses.append(model(x, y)[1].item())
         return float(np.mean(losses))
