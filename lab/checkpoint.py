@@ -16,6 +16,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 import threading
 from pathlib import Path
 
@@ -133,9 +134,11 @@ class _Staging:
         save_file(tensors, str(self.path(name)), metadata=metadata)
 
 
-def check_save_target(directory):
+def check_save_target(directory, writable=False):
     """Refuse a save target that cannot be a directory (a file, a link to one, a broken link), before any work
-    whose result the save would then lose. Returns it as a Path."""
+    whose result the save would then lose. Returns it as a Path. writable=True (before a training run) also
+    makes sure a directory can be made and written there: a parent that is a file, a read-only place or /proc
+    failed only at the save after the training."""
     if not isinstance(directory, (str, os.PathLike)) or directory == "":   # "" would save into the cwd, unasked
         raise ValueError(f"a save needs a directory path (a str or pathlib.Path), got {show(directory)}")
     d = Path(directory)
@@ -143,7 +146,24 @@ def check_save_target(directory):
         raise CheckpointError(f"{d}: is a broken symlink (to {os.readlink(d)}): a save needs a directory")
     if d.exists() and not d.is_dir():
         raise CheckpointError(f"{d}: is a file, not a directory: a save writes its files into a directory")
+    if writable:
+        _probe_writable(d)
     return d
+
+
+def _probe_writable(d):
+    """Make and remove a hidden directory in `d`, or in its nearest existing ancestor when `d` is still to be
+    made: what the save will do there, tried now (permissions alone miss a read-only mount, /proc, root's view)."""
+    place = d.absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise CheckpointError(f"{d}: cannot be made: {place} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lab-probe-", dir=place))
+    except OSError as e:
+        raise CheckpointError(f"{d}: cannot save there: making a directory in {place} failed "
+                              f"({e.strerror or type(e).__name__})") from None
 
 
 @contextlib.contextmanager

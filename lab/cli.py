@@ -42,7 +42,7 @@ def _train(args):
 
     if args.out:   # before training, whose result a refused save would lose
         from lab.checkpoint import check_save_target
-        check_save_target(args.out)
+        check_save_target(args.out, writable=True)
     if args.backend:
         lab.set_backend(args.backend)
     lab.manual_seed(args.seed)

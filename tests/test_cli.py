@@ -299,3 +299,30 @@ def test_cli_generate_prints_the_text_cut_at_the_stop_string(tmp_path, capsys):
                      "--stop", stop, "--backend", "numpy"]) == 0
         cut = full[:full.find(stop)] if stop in full else full
         assert capsys.readouterr().out == "ab" + cut + "\n", (stop, full)
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_cli_train_out_that_cannot_be_made_is_refused_before_training(tmp_path, where):
+    """--out under a regular file, or where no directory can be made (/proc, a read-only mount), trained first and
+    lost the run at the save ('[Errno 2] No such file or directory'); it is refused before the first step."""
+    (tmp_path / "notes.txt").write_text("x")
+    out = str(tmp_path / "notes.txt" / "ck") if where == "under a file" else "/proc/lab-no-such/ck"
+    r = _lab("train", "--steps", "50", "--backend", "numpy", "--no-progress", "--out", out)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert out in r.stderr and ("is a file, not a directory" in r.stderr or "making a directory in /proc failed"
+                                in r.stderr), r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lab-probe")]
+
+
+def test_trainer_checkpoint_dir_that_cannot_be_made_is_refused_before_training(tmp_path, numpy_backend):
+    import numpy as np
+    import lab
+    from lab.checkpoint import CheckpointError
+    from lab.train import TrainConfig, Trainer
+    (tmp_path / "notes.txt").write_text("x")
+    model = lab.TransformerLM(lab.TransformerConfig(vocab_size=5, n_layer=1, n_head=2, n_embd=8, block_size=8))
+    ids = np.arange(100) % 5
+    t = Trainer(model, ids, ids, TrainConfig(steps=3, checkpoint_dir=str(tmp_path / "notes.txt" / "ck")))
+    with pytest.raises(CheckpointError, match="cannot be made: .*notes.txt is a file"):
+        t.run(progress=False)
+    assert t.step_num == 0

@@ -368,7 +368,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint_dir:  # refused now, not after the training that a refused save would lose
             from ..checkpoint import check_save_target
-            check_save_target(cfg.checkpoint_dir)
+            check_save_target(cfg.checkpoint_dir, writable=True)
         tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.model.config.block_size
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
         say = bar.write if progress else print
