@@ -140,7 +140,7 @@ def check_save_target(directory, writable=False):
     makes sure a directory can be made and written there: a parent that is a file, a read-only place or /proc
     failed only at the save after the training."""
     if not isinstance(directory, (str, os.PathLike)) or directory == "":   # "" would save into the cwd, unasked
-        raise ValueError(f"a save needs a directory path (a str or pathlib.Path), got {show(directory)}")
+        raise InputError(f"a save needs a directory path (a str or pathlib.Path), got {show(directory)}")
     d = Path(directory)
     if d.is_symlink() and not d.exists():
         raise CheckpointError(f"{d}: is a broken symlink (to {os.readlink(d)}): a save needs a directory")
@@ -533,7 +533,7 @@ def _check_size(cfg, tensors, d):
 def save_pretrained(model, directory, format="lab"):
     """Write model.safetensors + config.json. format="hf" writes the GPT-2 layout transformers loads."""
     if format not in ("lab", "hf"):
-        raise ValueError(f"unknown format {format!r}: expected 'lab' or 'hf'")
+        raise InputError(f"unknown format {format!r}: expected 'lab' or 'hf'")
     from .nn import step_lock
     with step_lock(model), atomic_files(directory) as files:   # between a training thread's steps
         _write_model(model, files, format)
@@ -620,10 +620,10 @@ def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
     import_model writes the adapter beside the model in the same save."""
     from .engine.random import get_state
     if not callable(getattr(tokenizer, "to_json", None)):
-        raise ValueError(f"save_checkpoint: tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer: a "
+        raise InputError(f"save_checkpoint: tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer: a "
                          f"checkpoint holds the tokenizer its model was trained with), got {show(tokenizer)}")
     if trainer is not None and getattr(trainer, "model", None) is not model:
-        raise ValueError(f"save_checkpoint: trainer must be the Trainer training this model (its optimizer state "
+        raise InputError(f"save_checkpoint: trainer must be the Trainer training this model (its optimizer state "
                          f"belongs to the trainer's model), got {show(trainer)}")
     # between the steps of the model's trainers (nn.step_lock): a trainer stepping in another thread (a panel's)
     # would otherwise change the weights or moments while they are read, mixing step k and step k+1

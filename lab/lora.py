@@ -19,7 +19,7 @@ import numpy as np
 
 from . import nn
 from .checkpoint import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors, reading
-from .checks import choice, integer, real, show
+from .checks import InputError, choice, integer, real, show
 from .engine import ops as F
 from .engine.backend import require_half_storage
 from .engine.random import generator
@@ -101,12 +101,12 @@ def _check_settings(cfg, name=_ARGUMENTS.get):
     except ValueError:
         dropout = 1.0
     if dropout == 1:   # 1 would drop every input
-        raise ValueError(f"{name('lora_dropout')} must be a number in [0, 1), got {show(cfg['lora_dropout'])}")
+        raise InputError(f"{name('lora_dropout')} must be a number in [0, 1), got {show(cfg['lora_dropout'])}")
     targets = cfg["target_modules"]
     if isinstance(targets, (str, set, frozenset)):   # one name, or names in no order: sorted for a stable config
         targets = [targets] if isinstance(targets, str) else sorted(targets, key=str)
     if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"{name('target_modules')} must be a module name or a list of them, got {show(targets)}")
+        raise InputError(f"{name('target_modules')} must be a module name or a list of them, got {show(targets)}")
     return {"r": r, "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": dropout,
             "target_modules": list(targets), "base_dtype": choice(name("base_dtype"), cfg["base_dtype"],
                                                                   ("float32", "float16"))}
@@ -118,7 +118,7 @@ def _sites(model, r, targets):
     existing = linear_names(model)
     unknown = [t for t in targets if t not in existing]
     if unknown or not targets:  # no targets would freeze the whole model and train nothing
-        raise ValueError(f"{f'unknown target module(s) {unknown}' if unknown else 'no target modules given'}: "
+        raise InputError(f"{f'unknown target module(s) {unknown}' if unknown else 'no target modules given'}: "
                          f"this model's linear layers are {existing}")
     sites = []
     for path, module in list(model.named_modules()):
@@ -127,7 +127,7 @@ def _sites(model, r, targets):
                 full = f"{path}.{name}" if path else name
                 n_in, n_out = child.weight.shape
                 if r > min(n_in, n_out):
-                    raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {full} "
+                    raise InputError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {full} "
                                      f"({n_in} -> {n_out})")
                 sites.append((full, module, name, child))
     return sites
@@ -156,7 +156,7 @@ def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype
 
 def _apply(model, cfg):
     if adapters(model):
-        raise ValueError("the model already has LoRA adapters (load_adapter replaces their values)")
+        raise InputError("the model already has LoRA adapters (load_adapter replaces their values)")
     sites = _sites(model, cfg["r"], cfg["target_modules"])
     half = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] if cfg["base_dtype"] == "float16" else []
     for w in half:
@@ -189,7 +189,7 @@ def checkpoint_config(model):
         return None
     modes = {(m.merged, m.enabled) for _, m in found}
     if len(modes) > 1:
-        raise ValueError("LoRA adapters are merged or switched off in some layers only: lab.lora.merge / unmerge / "
+        raise InputError("LoRA adapters are merged or switched off in some layers only: lab.lora.merge / unmerge / "
                          "use_adapter set them all alike; do that before saving")
     (merged, enabled), = modes
     return {**model.lora_config, "merged": merged, "enabled": enabled}
@@ -222,14 +222,14 @@ def adapters(model):
 def _require_adapters(model):
     found = adapters(model)
     if not found:
-        raise ValueError("the model has no LoRA adapters: call lab.lora.apply(model, ...) first")
+        raise InputError("the model has no LoRA adapters: call lab.lora.apply(model, ...) first")
     return found
 
 
 def _switchable(model, enabled):
     found = [m for _, m in _require_adapters(model)]
     if not enabled and any(m.merged for m in found):
-        raise ValueError("adapters are merged into the base weights: unmerge first to switch them off")
+        raise InputError("adapters are merged into the base weights: unmerge first to switch them off")
     return found
 
 

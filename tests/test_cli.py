@@ -326,3 +326,29 @@ def test_trainer_checkpoint_dir_that_cannot_be_made_is_refused_before_training(t
     with pytest.raises(CheckpointError, match="cannot be made: .*notes.txt is a file"):
         t.run(progress=False)
     assert t.step_num == 0
+
+
+def test_cli_lab_refusals_from_deeper_modules_stay_one_line(tmp_path):
+    """Once only InputError is a one-liner, every refusal of user input must be one: bench lora --rank 1000 (lora's
+    rank check) printed a traceback after the ValueError narrowing."""
+    r = _lab("bench", "lora", "--rank", "1000", "--backend", "numpy", "--steps", "1", "--out", str(tmp_path / "l.json"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "LoRA rank r=1000 exceeds min(in, out) = 128" in r.stderr
+
+
+def test_user_facing_refusals_are_input_errors():
+    """The refusals a user's input reaches (configs, LoRA settings, optimizer and model misuse) are InputErrors,
+    the type the command line prints as one line; a plain ValueError is kept for bugs."""
+    import numpy as np
+    import lab
+    from lab import lora
+    from lab.checks import InputError
+    from lab.train.optim import AdamW
+    lab.set_backend("numpy")
+    model = lab.TransformerLM(lab.TransformerConfig(vocab_size=5, n_layer=1, n_head=2, n_embd=8, block_size=4))
+    for call in (lambda: lab.TransformerConfig(n_embd=10, n_head=3), lambda: lab.TransformerConfig(dropout=1.5),
+                 lambda: lora.apply(model, r=100), lambda: lora.apply(model, r=2, targets=["nope"]),
+                 lambda: model(np.zeros((1, 9), np.int32)), lambda: AdamW([]),
+                 lambda: lab.data.load_tokenizer_json('{"type": "x"}')):
+        with pytest.raises(InputError):
+            call()

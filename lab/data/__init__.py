@@ -76,7 +76,7 @@ class CharTokenizer:
     def from_json(cls, text):
         data = json.loads(text)
         if data.get("type") != "char" or not isinstance(data.get("chars"), str):
-            raise ValueError("not a character tokenizer file: expected {\"type\": \"char\", \"chars\": \"...\"}")
+            raise InputError("not a character tokenizer file: expected {\"type\": \"char\", \"chars\": \"...\"}")
         return cls(data["chars"])
 
 
@@ -85,13 +85,13 @@ def load_tokenizer_json(text):
     try:
         kind = json.loads(text).get("type")
     except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"not a tokenizer file: {e}") from None
+        raise InputError(f"not a tokenizer file: {e}") from None
     if kind == "char":
         return CharTokenizer.from_json(text)
     if kind == "bpe":
         from .bpe import BPETokenizer
         return BPETokenizer.from_json(text)
-    raise ValueError(f"unknown tokenizer type {kind!r}: expected 'char' or 'bpe'")
+    raise InputError(f"unknown tokenizer type {kind!r}: expected 'char' or 'bpe'")
 
 
 def train_val_split(ids, val_fraction=0.1):

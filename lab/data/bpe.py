@@ -101,15 +101,15 @@ class BPETokenizer:
         data = json.loads(text)
         merges = data.get("merges")
         if data.get("type") != "bpe" or not isinstance(merges, list):
-            raise ValueError('not a BPE tokenizer file: expected {"type": "bpe", "merges": [[a, b], ...]}')
+            raise InputError('not a BPE tokenizer file: expected {"type": "bpe", "merges": [[a, b], ...]}')
         for i, m in enumerate(merges):
             if not (isinstance(m, list) and len(m) == 2 and all(isinstance(t, int) and 0 <= t < 256 + i for t in m)):
-                raise ValueError(f"BPE merge {i} is {m!r}: expected two token ids below {256 + i}")
+                raise InputError(f"BPE merge {i} is {m!r}: expected two token ids below {256 + i}")
         pattern = data.get("pattern", SPLIT)
         if not isinstance(pattern, str):
-            raise ValueError(f"BPE pattern must be a regular expression string, got {pattern!r}")
+            raise InputError(f"BPE pattern must be a regular expression string, got {pattern!r}")
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"BPE pattern {pattern!r} is not a valid regular expression ({e})") from None
+            raise InputError(f"BPE pattern {pattern!r} is not a valid regular expression ({e})") from None
         return cls(merges, pattern)

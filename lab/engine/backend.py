@@ -295,7 +295,7 @@ def backend_reason():
 def require_half_storage(backend, instead):
     """Raise, saying what to do `instead`, where `backend` cannot store float16 arrays (wgpu without shader-f16)."""
     if not getattr(backend, "half_storage", True):
-        raise ValueError(f"float16 storage needs the shader-f16 feature, which this device "
+        raise InputError(f"float16 storage needs the shader-f16 feature, which this device "
                          f"({backend.device_info['device']}) does not have: {instead}")
 
 

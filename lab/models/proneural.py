@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import nn
+from ..checks import InputError
 from ..engine import ops as F
 from ..engine.tensor import tensor
 
@@ -27,7 +28,7 @@ class ProNeuralConfig:
 
     def __post_init__(self):
         if self.context < 1:
-            raise ValueError(f"context must be >= 1, got {self.context}")
+            raise InputError(f"context must be >= 1, got {self.context}")
 
     def to_dict(self):
         return asdict(self)
@@ -58,7 +59,7 @@ class ProNeuralLM(nn.Module):
     def forward(self, idx, targets=None):
         T = idx.shape[1]
         if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            raise InputError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         h = self._average(T) @ self.wte(idx)                          # (T, T) @ (B, T, C) -> (B, T, C)
         logits = self.out(self.drop(self.hidden(h).relu()))           # (B, T, vocab)
         if targets is None:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import nn
+from ..checks import InputError
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides
 from ..engine.tensor import Tensor, tensor
@@ -29,15 +30,15 @@ class TransformerConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise InputError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
-            raise ValueError(f"bias must be true or false, got {self.bias!r}")
+            raise InputError(f"bias must be true or false, got {self.bias!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise InputError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.positions not in ("learned", "sinusoidal"):
-            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
+            raise InputError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
 
     def to_dict(self):
         return asdict(self)
@@ -139,10 +140,10 @@ class TransformerLM(nn.Module):
     def _embed(self, idx, start=0):
         shape = idx.shape
         if len(shape) != 2:
-            raise ValueError(f"TransformerLM expects token ids of shape (B, T), got {tuple(shape)}")
+            raise InputError(f"TransformerLM expects token ids of shape (B, T), got {tuple(shape)}")
         end = start + shape[1]
         if end > self.config.block_size:
-            raise ValueError(f"sequence length {end} exceeds block_size {self.config.block_size}")
+            raise InputError(f"sequence length {end} exceeds block_size {self.config.block_size}")
         tok = self.wte(idx)                                                    # (B, T, C)
         table = self.wpe.weight if self.config.positions == "learned" else self._positions
         return self.drop(tok + table[start:end])                               # + (T, C)

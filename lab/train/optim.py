@@ -8,6 +8,8 @@ from collections import Counter
 
 import numpy as np
 
+from ..checks import InputError
+
 from ..engine.tensor import Tensor
 
 
@@ -30,9 +32,9 @@ class Optimizer:
                     self.decay.append(group.get("weight_decay", weight_decay))
         repeated = sorted(n for n, c in Counter(self.names).items() if c > 1)
         if repeated:
-            raise ValueError(f"optimizer got these parameter names more than once: {repeated}")
+            raise InputError(f"optimizer got these parameter names more than once: {repeated}")
         if not self.params:
-            raise ValueError("optimizer got no parameters that require gradients")
+            raise InputError("optimizer got no parameters that require gradients")
         self.lr = lr
         self.step_count = 0
         self.backend = self.params[0].backend
@@ -115,14 +117,14 @@ def _max_norm(max_norm, guard):
     if max_norm is None or max_norm <= 0:
         return 0.0
     if guard is None:
-        raise ValueError("step(max_norm=...) clips to the global gradient norm: pass it as guard (grad_norm(params))")
+        raise InputError("step(max_norm=...) clips to the global gradient norm: pass it as guard (grad_norm(params))")
     return float(max_norm)
 
 
 def _sumsq(params, what):
     params = [p for p in params if p.grad is not None]
     if not params:
-        raise ValueError(f"{what}: no parameter has a gradient")
+        raise InputError(f"{what}: no parameter has a gradient")
     B = params[0].backend
     many = getattr(B, "sumsq_many", None)
     if many is not None and len(params) > 1:  # every gradient in one dispatch, or a few (wgpu)

@@ -333,7 +333,7 @@ class Trainer:
     def _save(self, say=print):
         from ..checkpoint import NonFiniteSaveError, save_checkpoint
         if self.tokenizer is None:
-            raise ValueError("TrainConfig.checkpoint_dir is set but the trainer has no tokenizer: set "
+            raise InputError("TrainConfig.checkpoint_dir is set but the trainer has no tokenizer: set "
                              "trainer.tokenizer (it is saved with the checkpoint)")
         try:
             save_checkpoint(self.cfg.checkpoint_dir, self.model, self.tokenizer, self)
