@@ -13,6 +13,7 @@ import numpy as np
 from .backend import backend_instance, contiguous_strides, get_backend, np_dtype, require_half_storage
 
 _grad_state = threading.local()
+_accumulating = threading.Lock()  # held while backward() adds into leaves' .grad (see Tensor.backward)
 
 
 def is_grad_enabled():
@@ -165,13 +166,8 @@ class Tensor:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
-            if node._backward is None:  # a leaf
-                if node.grad is not None:
-                    g = B.binary("add", node.grad.data, g)
-                elif id(B.storage(g)) in claimed:
-                    g = B.copy_view(g, 0, g.shape, contiguous_strides(g.shape))
-                claimed[id(B.storage(g))] = g
-                done.append((node, Tensor(g, B)))
+            if node._backward is None:  # a leaf: its .grad is updated once the walk is done
+                done.append((node, g))
                 continue
             if node._absorbs is None:
                 parent_grads = node._backward(g)
@@ -185,14 +181,26 @@ class Tensor:
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
             if not retain_graph:  # requires_grad stays: a later use of the node must reach the check above
                 node._backward, node._parents, node._absorbs = _freed, (), None
-        before = [(node, node.grad) for node, _ in done]
-        try:
+        # Reading a leaf's .grad, adding and storing the sum is one step for concurrent backward() calls into shared
+        # leaves (threads lost each other's contributions: 389 of 8000 on numpy). The backend is taken first, in the
+        # order a trainer's step (holding it, then calling backward) takes them, so the two locks cannot deadlock.
+        with B.exclusive(), _accumulating:
+            before = [(node, node.grad) for node, _ in done]
+            sums = []
             for node, g in done:
-                node.grad = g
-        except BaseException:  # a Ctrl-C between two of these assignments: all or none of the leaves take theirs
-            for node, g in before:
-                node.grad = g
-            raise
+                if node.grad is not None:
+                    g = B.binary("add", node.grad.data, g)
+                elif id(B.storage(g)) in claimed:
+                    g = B.copy_view(g, 0, g.shape, contiguous_strides(g.shape))
+                claimed[id(B.storage(g))] = g
+                sums.append((node, Tensor(g, B)))
+            try:
+                for node, g in sums:
+                    node.grad = g
+            except BaseException:  # a Ctrl-C between two of these assignments: all or none of the leaves take theirs
+                for node, g in before:
+                    node.grad = g
+                raise
 
     def _check_own_grad(self):
         """A .grad the caller assigned must be one this leaf's gradient can be added to: the same shape (else the
