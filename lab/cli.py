@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,11 +68,13 @@ def _train(args):
     def on_sigterm(signum, frame):
         terminated.append(signum)
         trainer.request_stop()
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()  # (only it may set a signal handler)
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         history = trainer.run(progress=not args.no_progress)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if terminated and not (trainer.stop_reason or "").startswith("interrupted"):
         trainer.stop_reason = f"terminated (SIGTERM) after step {trainer.step_num}"
     seconds = time.perf_counter() - t0

@@ -352,3 +352,17 @@ def test_user_facing_refusals_are_input_errors():
                  lambda: lab.data.load_tokenizer_json('{"type": "x"}')):
         with pytest.raises(InputError):
             call()
+
+
+def test_cli_main_trains_from_a_thread_other_than_the_main_one(capsys):
+    """main(['train', ...]) in a thread (a notebook's worker, a test runner): the SIGTERM handler only the main
+    thread may install is skipped there instead of failing with 'signal only works in main thread'."""
+    import threading
+    from lab.cli import main
+    codes = []
+    t = threading.Thread(target=lambda: codes.append(main(["train", "--steps", "2", "--backend", "numpy",
+                                                           "--no-progress", "--eval-every", "2"])))
+    t.start()
+    t.join(timeout=120)
+    assert codes == [0], capsys.readouterr()
+    assert "done: 2 steps" in capsys.readouterr().out
