@@ -129,6 +129,8 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     # its last byte arrives, so no piece ever shows U+FFFD for it
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     rng = np.random.default_rng(seed) if seed is not None else generator()
+    # ProNeuralLM keeps no KV cache (an AttributeError before): each token recomputes over the last block_size
+    use_cache = use_cache and hasattr(model, "new_cache")
     block = model.config.block_size
     out, text = [], ""
     # evaluating(), not model.eval(): a training thread may be stepping this model (TrainingPanel.start())

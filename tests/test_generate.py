@@ -252,3 +252,12 @@ def test_generate_refuses_wrong_model_tokenizer_seed_and_callback_up_front(model
         generate(None, [1], 3)
     assert made == []
     assert len(generate(model, [1], 1e1, greedy=True)) == 10
+
+
+def test_generate_with_a_model_without_kv_cache_recomputes(use_backend):
+    """generate(ProNeuralLM, ...) failed with AttributeError 'new_cache' unless use_cache=False was passed."""
+    from lab.models.proneural import ProNeuralConfig, ProNeuralLM
+    lab.manual_seed(0)
+    m = ProNeuralLM(ProNeuralConfig(vocab_size=7, block_size=8)).eval()
+    np.testing.assert_array_equal(generate(m, [1, 2], 12, greedy=True), generate(m, [1, 2], 12, greedy=True,
+                                                                                  use_cache=False))
