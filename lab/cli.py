@@ -358,8 +358,8 @@ def main(argv=None):
     except BrokenPipeError:  # stdout closed early (`| head`): not an error of the command; nothing more to say
         sys.stdout = open(os.devnull, "w")
         return 1
-    except (InputError, OSError) as e:
-        print(f"lab {args.command}: error: {e}", file=sys.stderr)
+    except (InputError, OSError) as e:  # one line even where a message quotes text with line breaks
+        print(f"lab {args.command}: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a training step (those finish, then stop): nothing half-written
         _print_notices(args)
