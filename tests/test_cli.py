@@ -366,3 +366,15 @@ def test_cli_main_trains_from_a_thread_other_than_the_main_one(capsys):
     t.join(timeout=120)
     assert codes == [0], capsys.readouterr()
     assert "done: 2 steps" in capsys.readouterr().out
+
+
+def test_cli_error_with_a_line_break_is_printed_on_one_line(monkeypatch, capsys):
+    import lab.data
+    from lab.checks import InputError
+    from lab.cli import main
+
+    def refuse(*args, **kwargs):
+        raise InputError("corpus x: the first line\nand the second")
+    monkeypatch.setattr(lab.data, "char_dataset", refuse)
+    assert main(["train", "--backend", "numpy", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "lab train: error: corpus x: the first line and the second\n"
