@@ -22,7 +22,9 @@ fn u_neg(x: f32) -> f32 { return -x; }
 fn u_exp(x: f32) -> f32 { return exp(x); }
 fn u_log(x: f32) -> f32 { return log(x); }
 fn u_sqrt(x: f32) -> f32 { return sqrt(x); }
-fn u_relu(x: f32) -> f32 { return select(x, 0.0, x < 0.0); }  // a NaN passes (max(x, 0) may drop it), as in numpy
+// a NaN passes, as in numpy: found from the bits, since NVIDIA's compiler turns select(x, 0, x < 0) into a max()
+// that drops it, as lavapipe's max() does
+fn u_relu(x: f32) -> f32 { return select(max(x, 0.0), x, is_nan(x)); }
 
 // ---- scalar ----
 fn s_add(x: f32, c: f32) -> f32 { return x + c; }
