@@ -4,6 +4,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 import lab
 from lab.data import CharTokenizer
@@ -306,3 +307,37 @@ def test_save_pretrained_beside_a_training_thread_holds_one_steps_weights(use_ba
     for d in saved:
         weights = load_pretrained(d).state_dict()
         assert any(all(np.array_equal(weights[n], then[n]) for n in weights) for then in at_step), d
+
+
+def test_step_lock_serves_a_waiting_thread_before_the_holder_takes_it_again():
+    """A training loop releases the step lock and takes it again for its next step; a save waiting for it must get
+    it at that release. Python's own locks are not fair: depending on the scheduling the loop took it back step
+    after step and a save from the kernel waited for the end of the run (a test's 30-step run made one save)."""
+    from lab.nn import FairLock
+
+    def busy(seconds):   # holding the GIL, as a step's Python does
+        t = time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            pass
+    lock, done, order = FairLock(), threading.Event(), []
+
+    def loop():
+        for _ in range(50):
+            with lock:
+                with lock:          # re-entrant, as Trainer.run holds it around train_step
+                    order.append("step")
+                    busy(0.001)
+        done.set()
+    t = threading.Thread(target=loop)
+    t.start()
+    while not done.is_set():
+        with lock:
+            order.append("save")
+            busy(0.001)
+    t.join()
+    # served in turn: a step followed by a step only where the saver had not yet asked again (threading.RLock: 47
+    # to 49 of 50 steps here, or the saver's turns all taken before the loop's)
+    assert sum(a == b == "step" for a, b in zip(order, order[1:])) <= 15, order
+    assert 35 <= order.count("save") <= 60, order.count("save")
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        lock.release()

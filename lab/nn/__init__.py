@@ -1,5 +1,6 @@
 """Layers: Module, Linear, Embedding, LayerNorm, Dropout."""
 
+import collections
 import contextlib
 import threading
 import weakref
@@ -33,12 +34,56 @@ _users_lock = threading.Lock()
 _step_locks = weakref.WeakKeyDictionary()   # model -> the lock its trainers hold across each step
 
 
+class FairLock:
+    """A re-entrant lock granted in the order it was asked for. Python's locks are not fair: a training loop that
+    releases the step lock and takes it again for the next step got it back at once, every time, and a save from
+    the kernel waited for the end of the run. Here a thread that asked while the lock was held is served at the
+    next release, before the releasing thread can have it again."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner, self._depth, self._queue = None, 0, collections.deque()
+
+    def acquire(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            ticket = object()
+            self._queue.append(ticket)
+            try:
+                while self._owner is not None or self._queue[0] is not ticket:
+                    self._cond.wait()
+            except BaseException:   # (a Ctrl-C while waiting): give the place in the queue up
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+                raise
+            self._queue.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self):
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("FairLock.release() by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def step_lock(model):
     """The re-entrant lock every Trainer of `model` holds across each of its steps. A save from another thread
     (save_pretrained, save_checkpoint, save_adapter beside a TrainingPanel's run) takes it to read the weights of
     one step boundary, not some parameters before a step and the others after it."""
     with _users_lock:
-        return _step_locks.setdefault(model, threading.RLock())
+        return _step_locks.setdefault(model, FairLock())
 
 
 @contextlib.contextmanager
