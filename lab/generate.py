@@ -121,6 +121,11 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
         raise InputError(f"on_token must be a function on_token(id, text), got {show(on_token)}")
     if seed is not None:
         seed = integer("seed", seed, low=0)
+    for flag, value in (("use_cache", use_cache), ("greedy", greedy)):
+        if not isinstance(value, (bool, np.bool_)):  # ("no" is a true value: it turned the cache on)
+            raise InputError(f"{flag} must be True or False, got {show(value)}")
+    if adapter is not None and not isinstance(adapter, (bool, np.bool_)):
+        raise InputError(f"adapter must be True, False or None, got {show(adapter)}")
     if stop is not None and tokenizer is None:
         raise InputError("a stop string needs a tokenizer")
     if stop is not None and not (isinstance(stop, str) and stop):

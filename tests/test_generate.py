@@ -250,6 +250,9 @@ def test_generate_refuses_wrong_model_tokenizer_seed_and_callback_up_front(model
             generate(model, prompt, 3, tokenizer=tok, on_token=lambda *a: made.append(a))
     with pytest.raises(InputError, match="^model must be a lab language model"):
         generate(None, [1], 3)
+    for kw in (dict(use_cache="no"), dict(greedy="yes"), dict(adapter="yes")):   # "no" was a true value
+        with pytest.raises(InputError, match=f"^{next(iter(kw))} must be True"):
+            generate(model, [1], 3, **kw)
     assert made == []
     assert len(generate(model, [1], 1e1, greedy=True)) == 10
 
