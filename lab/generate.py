@@ -11,7 +11,7 @@ from .checks import InputError, integer, real, show
 
 from .engine.random import generator
 from .engine.tensor import no_grad
-from .nn import evaluating
+from .nn import evaluating, step_lock
 
 
 def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy):
@@ -53,7 +53,7 @@ def _prompt_ids(prompt, tokenizer, model):
     AttributeError, or str.encode's 'unknown encoding' for a tokenizer given as text."""
     if not (callable(model) and hasattr(getattr(model, "config", None), "block_size")):
         raise InputError(f"model must be a lab language model (TransformerLM, ProNeuralLM), got {show(model)}")
-    if tokenizer is not None and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode_bytes")):
+    if tokenizer is not None and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")):
         raise InputError(f"tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer), got {show(tokenizer)}")
     if prompt is None or isinstance(prompt, (bytes, numbers.Number)):
         raise InputError(f"prompt must be text (with a tokenizer) or a 1-D sequence of token ids, got {show(prompt)}")
@@ -158,7 +158,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
             out.append(nxt)
             piece = None
             if tokenizer is not None:
-                piece = decoder.decode(tokenizer.decode_bytes([nxt]), final=len(out) == max_new_tokens)
+                piece = decoder.decode(_token_bytes(tokenizer, nxt), final=len(out) == max_new_tokens)
                 text += piece
             if on_token is not None:
                 on_token(nxt, piece)
@@ -177,14 +177,34 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     return np.asarray(out, dtype=np.int64)
 
 
+def _token_bytes(tokenizer, token_id):
+    """A token's bytes: lab's tokenizers give them (a piece may be part of a character); another tokenizer's
+    decoded text stands in (a split character then shows as U+FFFD in its piece)."""
+    if hasattr(tokenizer, "decode_bytes"):
+        return tokenizer.decode_bytes([token_id])
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+@contextlib.contextmanager
+def _between_steps(model):
+    """One forward of a model that a training thread may be stepping (TrainingPanel.start()): under the model's
+    step lock, so it reads every weight of one step, and holding the backend for the whole forward, so on wgpu the
+    token takes one turn at a step boundary instead of one turn per op (both locks are fair)."""
+    params = model.parameters()
+    with step_lock(model), (params[0].backend.exclusive() if params else contextlib.nullcontext()):
+        yield
+
+
 def _step_logits(model, new_ids, cache, pos):
     x = np.asarray(new_ids, dtype=np.int32).reshape(1, -1)
-    return model.forward_cached(x, cache, pos)[0, -1].numpy()
+    with _between_steps(model):
+        return model.forward_cached(x, cache, pos)[0, -1].numpy()
 
 
 def _full_logits(model, seq, block):
     x = np.asarray(seq[-block:], dtype=np.int32).reshape(1, -1)
-    return model(x)[0, -1].numpy()
+    with _between_steps(model):
+        return model(x)[0, -1].numpy()
 
 
 def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None,
@@ -205,7 +225,8 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
                 break
             n += 1
             window = np.asarray([s[-block:] for _, s in beams], dtype=np.int32)  # (beams, T)
-            logits = model(window)[:, -1].numpy().astype(np.float64)           # (beams, V)
+            with _between_steps(model):
+                logits = model(window)[:, -1].numpy().astype(np.float64)       # (beams, V)
             logp = logits - logits.max(1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(1, keepdims=True))
             cand = []

@@ -135,11 +135,12 @@ def _sites(model, r, targets):
 
 def _holding(what, hint=""):
     """The function changes the model's parameters, their set or which of them train: refused while another
-    thread trains the model (nn.in_use), instead of changing them under its step."""
+    thread trains the model (nn.in_use), instead of changing them under its step; and made between two saves of
+    another thread (nn.step_lock), which read the weights of one whole state, never half merged."""
     def wrap(fn):
         @functools.wraps(fn)
         def held(model, *args, **kwargs):
-            with nn.in_use(model, what, hint):
+            with nn.in_use(model, what, hint), nn.step_lock(model):
                 return fn(model, *args, **kwargs)
         return held
     return wrap

@@ -30,6 +30,7 @@ import numpy as np
 from .backend import (MAXDIM, Backend, HeadView, broadcast_strides, contiguous_strides, gather_heads, index_range_error,
                       scatter_heads)
 from .kernels import specialize
+from .locks import FairLock
 
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 _FEATURES_WANTED = ("shader-f16", "timestamp-query", "subgroup")
@@ -320,7 +321,7 @@ class WgpuBackend(Backend):
         # encoder and pass, the params arena, the pools, the caches. Every public method holds this lock, so each
         # op records whole; a capture holds it from capture_begin to capture_end, a trainer's step through
         # exclusive() (see there).
-        self._lock = threading.RLock()
+        self._lock = FairLock()   # (fair: a panel's training step after step must not starve the kernel's cells)
         self._freed = collections.deque()  # (buffer, size) of arrays freed since the last locked call
         self.lost = False
         # Indices that live on the device are checked there: embedding.wgsl and cross_entropy.wgsl clamp a bad one
@@ -330,7 +331,9 @@ class WgpuBackend(Backend):
         self._index_errors = GPUArray(_Storage(self.device.create_buffer(size=256, usage=self._usage), 256, self),
                                       (4,), "int32")
         self.queue.write_buffer(self._index_errors.buffer, 0, _NO_INDEX_ERROR)
-        self._indices_unchecked = False  # an unchecked index was used since ERR was last read
+        # threads that gave a kernel unchecked indices since they last read ERR: a bad index is raised in the
+        # thread that used it (a panel's training thread must not stop for an index the kernel's cell got wrong)
+        self._indices_unchecked = set()
         self._stats = dict(dispatches=0, submits=0, readbacks=0, uploads=0, pipelines=0,
                            bind_group_hits=0, bind_group_misses=0,
                            bytes_in_use=0, peak_bytes_in_use=0, bytes_reserved=0)
@@ -790,10 +793,12 @@ class WgpuBackend(Backend):
     def check_indices(self):
         """Raise index_range_error for an out-of-range index an embedding or cross-entropy kernel met (recorded in
         ERR: index_check.wgsl) since the last check. Reads ERR (which waits for the submitted work) only when a
-        dispatch was given indices the host had not checked; returns whether it read."""
-        if not self._indices_unchecked:
+        dispatch was given indices the host had not checked; returns whether it read. Raised in the thread that gave
+        the unchecked indices (where two threads both did since the last read, in the first of them to read)."""
+        me = threading.get_ident()
+        if me not in self._indices_unchecked:
             return False
-        self._indices_unchecked = False
+        self._indices_unchecked.discard(me)
         try:
             err = np.frombuffer(self.queue.read_buffer(self._index_errors.buffer, 0, 16), dtype=np.int32)
         except self.wgpu.GPUError as e:
@@ -1191,7 +1196,8 @@ class WgpuBackend(Backend):
         N = idx.size
         out = self._alloc(idx.shape + (C,), "float32")
         self._flat("embedding", "forward_main", [N, C, V], [idx, w, out, None, self._index_errors], N * C)
-        self._indices_unchecked |= not checked and N > 0
+        if not checked and N > 0:
+            self._indices_unchecked.add(threading.get_ident())
         return out
 
     def embedding_bwd(self, idx, g, num_embeddings):
@@ -1217,7 +1223,8 @@ class WgpuBackend(Backend):
         params = [rows, V, ignore_index]
         self._dispatch("cross_entropy", "rows_main", params,
                        [logits, targets, lse, loss_rows, valid, self._index_errors], _grid(rows), rows, _row_subs(V))
-        self._indices_unchecked |= not checked and rows > 0
+        if not checked and rows > 0:
+            self._indices_unchecked.add(threading.get_ident())
         self._dispatch("cross_entropy_reduce", "mean_main", params, [None, None, None, loss_rows, valid, loss, count],
                        (1, 1, 1))
         return loss, (lse, valid, count)

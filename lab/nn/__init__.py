@@ -1,6 +1,5 @@
 """Layers: Module, Linear, Embedding, LayerNorm, Dropout."""
 
-import collections
 import contextlib
 import threading
 import weakref
@@ -8,6 +7,7 @@ import weakref
 import numpy as np
 
 from ..engine import ops as F
+from ..engine.locks import FairLock
 from ..engine.random import generator
 from ..engine.tensor import Tensor, tensor
 
@@ -34,50 +34,6 @@ _users_lock = threading.Lock()
 _step_locks = weakref.WeakKeyDictionary()   # model -> the lock its trainers hold across each step
 
 
-class FairLock:
-    """A re-entrant lock granted in the order it was asked for. Python's locks are not fair: a training loop that
-    releases the step lock and takes it again for the next step got it back at once, every time, and a save from
-    the kernel waited for the end of the run. Here a thread that asked while the lock was held is served at the
-    next release, before the releasing thread can have it again."""
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._owner, self._depth, self._queue = None, 0, collections.deque()
-
-    def acquire(self):
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:
-                self._depth += 1
-                return True
-            ticket = object()
-            self._queue.append(ticket)
-            try:
-                while self._owner is not None or self._queue[0] is not ticket:
-                    self._cond.wait()
-            except BaseException:   # (a Ctrl-C while waiting): give the place in the queue up
-                self._queue.remove(ticket)
-                self._cond.notify_all()
-                raise
-            self._queue.popleft()
-            self._owner, self._depth = me, 1
-            return True
-
-    def release(self):
-        with self._cond:
-            if self._owner != threading.get_ident():
-                raise RuntimeError("FairLock.release() by a thread that does not hold it")
-            self._depth -= 1
-            if self._depth == 0:
-                self._owner = None
-                self._cond.notify_all()
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 def step_lock(model):
     """The re-entrant lock every Trainer of `model` holds across each of its steps. A save from another thread
     (save_pretrained, save_checkpoint, save_adapter beside a TrainingPanel's run) takes it to read the weights of
@@ -93,8 +49,9 @@ def in_use(model, what, hint=""):
     thread that tries either meanwhile gets one clear error naming what it tried, instead of changing the
     parameters or their set under a step in progress (a TrainingPanel's training thread: it stopped with 'no
     parameter has a gradient' after lora.apply, or trained on with other weights or without dropout). Re-entrant
-    in the holding thread (a training callback may still change the model). Reading the model (generation,
-    attention weights, save_checkpoint) stays free: it runs in evaluating() and sees whole steps."""
+    in the holding thread (a training callback may still change the model). Reading the model stays free: saves
+    and generation's forwards take the step lock (step_lock), so each sees the weights of one step boundary;
+    other reads (a plain model(x), attention weights) may see a step half applied."""
     me = threading.current_thread()
     with _users_lock:
         user = _users.get(model)
@@ -209,7 +166,7 @@ class Module:
         """Copy arrays into this module's parameters, each in the parameter's dtype (float32, or float16 for a
         frozen base stored so); names and shapes must match exactly (else `error`, naming `source` and the
         tensor). Nothing is copied unless everything matches."""
-        with in_use(self, "load_state_dict"):
+        with in_use(self, "load_state_dict"), step_lock(self):   # (not under another thread's save)
             self._load_state_dict(state, source, error)
 
     def _load_state_dict(self, state, source, error):

@@ -188,10 +188,12 @@ class Trainer:
         new = replace(self.cfg, **values)
         if new.batch_size != self.cfg.batch_size:
             self._check_fits(new)
-        for name in values:  # the same object: a running loop reads self.cfg's fields each step
-            setattr(self.cfg, name, getattr(new, name))
-        if "lr" in values:
-            self.optimizer.lr = self.cfg.lr
+        # between two steps (the step lock): a step reads cfg's fields as it goes (grad_accum_steps per micro-batch)
+        with self.step_lock:
+            for name in values:  # the same object: a running loop reads self.cfg's fields each step
+                setattr(self.cfg, name, getattr(new, name))
+            if "lr" in values:
+                self.optimizer.lr = self.cfg.lr
         return self.cfg
 
     def _check_splits(self):
