@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from . import nn
-from .checkpoint import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors, reading
 from .checks import InputError, choice, integer, real, show
 from .engine import ops as F
 from .engine.backend import require_half_storage
 from .engine.random import generator
+from .io import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors, reading
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -288,7 +288,7 @@ def save_adapter(model, directory, base_model_name_or_path=None):
 
 
 def write_adapter(model, files, base_model_name_or_path=None, subdir=""):
-    """The adapter's two files into a save's staging (checkpoint.atomic_files), in `subdir`/ when given: export
+    """The adapter's two files into a save's staging (io.atomic_files), in `subdir`/ when given: export
     writes the adapter with the base in one save, so an interrupted export never pairs a base with another's
     adapter."""
     found = _require_adapters(model)

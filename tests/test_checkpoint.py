@@ -75,8 +75,8 @@ def test_failed_save_leaves_previous_checkpoint_intact(data, tmp_path, monkeypat
     save_checkpoint(tmp_path / "ck", t.model, data[0], t)
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
     t.train_step()
-    import lab.checkpoint as C
-    monkeypatch.setattr(C, "_write_json", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    import lab.io
+    monkeypatch.setattr(lab.io, "_write_json", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "ck", t.model, data[0], t)
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before

@@ -172,7 +172,7 @@ def test_checkpoint_saved_beside_a_training_thread_is_of_one_step(use_backend, t
     """save_checkpoint(dir, model, tok, trainer) from the kernel while a panel's thread trains: each checkpoint's
     weights, optimizer moments and step are those of one step boundary (the trainer's step lock), bitwise those of
     a run alone after that many steps, never weights of step k with moments of step k+1."""
-    from lab import checkpoint as C
+    from lab import checkpoint as C, io
     alone, _ = _trainer()
     opt = alone.optimizer
 
@@ -183,12 +183,12 @@ def test_checkpoint_saved_beside_a_training_thread_is_of_one_step(use_backend, t
         alone.train_step()
         at_step[alone.step_num] = snapshot()
 
-    write_tensors = C._Staging.write_tensors
+    write_tensors = io._Staging.write_tensors
 
     def slow_disk(self, name, tensors, metadata=None):   # a slow disk: a step fits between two files' reads
         time.sleep(0.02)
         return write_tensors(self, name, tensors, metadata)
-    monkeypatch.setattr(C._Staging, "write_tensors", slow_disk)
+    monkeypatch.setattr(io._Staging, "write_tensors", slow_disk)
     trainer, tok = _trainer()
     thread = threading.Thread(target=trainer.run, kwargs=dict(progress=False, log_evals=False))
     thread.start()

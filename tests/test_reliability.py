@@ -175,10 +175,10 @@ def test_a_save_interrupted_while_moving_its_files_in_is_finished_by_the_next_lo
                     raise KeyboardInterrupt    # stands for a SIGKILL: nothing after this point of the save runs
                 calls.append(dst)
             real(src, dst)
-        monkeypatch.setattr(C.os, "replace", killed_after_one_rename)
+        monkeypatch.setattr(os, "replace", killed_after_one_rename)
         with pytest.raises(KeyboardInterrupt):
             C.save_checkpoint(tmp_path / "ck", model, CharTokenizer("abcd"))
-        monkeypatch.setattr(C.os, "replace", real)
+        monkeypatch.setattr(os, "replace", real)
         assert len(calls) == 1 and (tmp_path / "ck" / C.JOURNAL_FILE).exists()   # mixed, until the next load
         loaded, _, _ = load_checkpoint(tmp_path / "ck")
         assert {float(v) for p in loaded.parameters() for v in np.unique(p.numpy())} == {2.0}

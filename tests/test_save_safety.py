@@ -212,7 +212,7 @@ def test_a_full_disk_names_the_directory_and_keeps_its_files(saver, tmp_path, nu
     """No space left (reported at fsync, as NFS does): one OSError naming the directory and saying its files are
     as they were; they are, and no temporary is left."""
     import errno
-    from lab import checkpoint
+    from lab import io
     save, _ = SAVERS[saver]
     d = tmp_path / "d"
     save(d, tmp_path)
@@ -221,7 +221,7 @@ def test_a_full_disk_names_the_directory_and_keeps_its_files(saver, tmp_path, nu
 
     def no_space(path, directory=False):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(checkpoint, "_fsync", no_space)
+    monkeypatch.setattr(io, "_fsync", no_space)
     with pytest.raises(OSError, match=rf"^\[Errno {errno.ENOSPC}\] {d}: save failed \(No space left on device\); "
                                       r"the files already there are as they were$"):
         save(d, tmp_path)
@@ -512,7 +512,7 @@ def _base_and_adapter(directory):
 def test_an_interrupted_export_never_pairs_a_base_with_another_exports_adapter(tmp_path, numpy_backend, monkeypatch):
     """export writes the base and adapter/ in one save (one journal): interrupted before its journal, the directory
     keeps the previous export whole; interrupted after any rename, the next load completes the new one."""
-    import lab.checkpoint as C
+    import lab.io as C
     _lora_checkpoint(tmp_path / "a", 0.5)
     _lora_checkpoint(tmp_path / "b", 0.25)
     export_checkpoint(tmp_path / "a", tmp_path / "out")
@@ -578,7 +578,7 @@ def test_loads_and_saves_work_where_the_directory_cannot_be_locked(tmp_path, num
     """A file system without flock (some FUSE and NFS mounts), or a directory one may read files from but not open
     (mode 0711, for another user): loading works as before the lock existed, unlocked; saving too on the former."""
     import errno
-    import lab.checkpoint as C
+    import lab.io as C
     t = _checkpoint(tmp_path / "ck")
 
     def no_locks(fd, op):

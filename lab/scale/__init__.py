@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from ..checks import InputError
-from ..checkpoint import (CheckpointError, _write_model, atomic_files, load_checkpoint, load_pretrained,
-                          checkpoint_files, load_tokenizer, reading)
+from ..checkpoint import _write_model, checkpoint_files, load_checkpoint, load_pretrained, load_tokenizer
+from ..io import CheckpointError, atomic_files, reading
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
 HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format

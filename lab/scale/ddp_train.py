@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import GPT2LMHeadModel
 
-from lab.checkpoint import atomic_files, load_tokenizer
+from lab.checkpoint import load_tokenizer
 from lab.data import get_batch, load_corpus, train_val_split
+from lab.io import atomic_files
 
 TOKENIZER_FILES = ("lab_tokenizer.json", "tokenizer.json", "tokenizer_config.json")
 
