@@ -19,7 +19,11 @@ def test_wheel_install_in_fresh_venv_runs_selftest(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = ("import lab, pathlib; lab.selftest(backend='wgpu', verbose=False); "
-            "from lab.engine.kernels import kernel_dir; print(kernel_dir())")
+            "from lab.engine.kernels import kernel_dir; print(kernel_dir()); "
+            "from lab.widgets import TrainingPanel as P; print(P._esm.path); assert 'base64,' in str(P._esm)")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=elsewhere, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert str(venv) in r.stdout, f"kernels must load from the installed package, got {r.stdout}"
+    kernels, panel = r.stdout.splitlines()[-2:]
+    assert str(venv) in kernels, f"kernels must load from the installed package, got {r.stdout}"
+    assert str(venv) in panel, f"the panels' modules (linked to common.js) must load from the installed package, " \
+                               f"got {r.stdout}"

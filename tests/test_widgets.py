@@ -194,3 +194,98 @@ def test_preset_switch_rebuilds_the_model_between_runs(numpy_backend, monkeypatc
     given = TrainingPanel(panel.trainer)
     _send(given, cmd="set", values={"preset": "tiny"})
     assert "TrainingPanel.for_preset" in given.error
+
+
+PANEL_FILES = {TrainingPanel: "training_panel.js", AttentionHeatmap: "attention_heatmap.js",
+               PlanEstimator: "plan_estimator.js", GenerationPanel: "generation_panel.js",
+               EdgeDiagnosticsPanel: "edge_diagnostics.js"}
+
+
+def _data_imports(source):
+    """{names imported: the module's source} for each import from a data: URL in `source`."""
+    import base64
+    import re
+    return {tuple(n.strip() for n in names.split(",")): base64.b64decode(data).decode("utf-8") for names, data in
+            re.findall(r'import \{([^}]*)\} from "data:text/javascript;base64,([A-Za-z0-9+/=]*)"', source)}
+
+
+@pytest.mark.parametrize("panel", list(PANEL_FILES), ids=lambda p: p.__name__)
+def test_each_panels_module_imports_the_shared_helpers_instead_of_a_pasted_copy(panel):
+    import re
+    from lab.widgets.base import asset
+    path, common = asset(PANEL_FILES[panel]), asset("common.js").read_text(encoding="utf-8")
+    helpers = re.findall(r"^export function (\w+)", common, re.M)
+    assert panel._esm.path == path   # the file itself, which anywidget watches under ANYWIDGET_HMR=1
+    assert panel._css._path == asset("panels.css")   # anywidget reads and watches the stylesheet itself
+    assert 'from "./common.js"' in path.read_text(encoding="utf-8")   # a plain ES module on disk
+    served = str(panel._esm)
+    imports = _data_imports(served)
+    assert len(imports) == 1 and list(imports.values()) == [common]   # common.js whole, as its own module
+    (names,) = imports
+    outside = re.sub(r'"data:[^"]*"', '""', served)
+    assert not any(f"function {h}(" in outside for h in helpers), "a helper was pasted into the panel's module"
+    used = {h for h in helpers if re.search(rf"\b{h}\(", outside)}
+    assert used and used <= set(names) <= set(helpers), (used, names)
+    if panel is PlanEstimator:   # what an instance sends the browser is the same linked module
+        assert panel()._esm == served
+
+
+def test_a_panel_module_that_cannot_be_linked_is_refused_naming_the_import(tmp_path):
+    import re
+    from lab.widgets.base import linked_source
+    (tmp_path / "a.js").write_text('import { b } from "./b.js";\nexport const a = 1;\n')
+    (tmp_path / "b.js").write_text('import { a } from "./a.js";\nexport const b = 2;\n')
+    with pytest.raises(ValueError, match=r"in a circle: a.js -> b.js -> a.js"):
+        linked_source(tmp_path / "a.js")
+    for spec in ("./missing.js", "../common.js", "lodash", "./sub/x.js"):
+        (tmp_path / "p.js").write_text(f'import {{ x }} from "{spec}";\nexport default {{}};\n')
+        with pytest.raises(ValueError, match=rf"p.js: cannot link import '{re.escape(spec)}'.*beside it"):
+            linked_source(tmp_path / "p.js")
+    (tmp_path / "u.js").write_text('import * as d3 from "https://example.invalid/d3.js";\nexport * from "./b2.js";\n')
+    (tmp_path / "b2.js").write_text("export const b2 = 2;\n")
+    linked = linked_source(tmp_path / "u.js")
+    assert '"https://example.invalid/d3.js"' in linked and 'export * from "data:text/javascript;base64,' in linked
+
+
+def _wait_for(condition, write, attempts=20):
+    # the watcher starts in its thread: write again until a change is seen
+    for _ in range(attempts):
+        write()
+        deadline = time.time() + 1.0
+        while time.time() < deadline:
+            if condition():
+                return True
+            time.sleep(0.02)
+    return False
+
+
+def test_anywidget_hmr_resends_a_panel_when_its_file_or_a_helper_it_imports_changes(tmp_path, monkeypatch):
+    pytest.importorskip("watchfiles")
+    from lab.widgets.base import Panel, PanelModule
+    (tmp_path / "common.js").write_text("export function el() { return 1; }\n")
+    (tmp_path / "panel.js").write_text('import { el } from "./common.js";\nexport default { render() { el(); } };\n')
+    (tmp_path / "other.js").write_text("export const unrelated = 1;\n")
+    assert not PanelModule(tmp_path / "panel.js")._background_thread   # without ANYWIDGET_HMR=1: no watcher
+    monkeypatch.setenv("ANYWIDGET_HMR", "1")
+
+    class Hot(Panel):
+        _esm = PanelModule(tmp_path / "panel.js")
+
+    try:
+        assert Hot._esm.path == tmp_path / "panel.js" and Hot._esm._background_thread
+        panel, sent = Hot(), []
+        Hot._esm.changed.connect(sent.append)
+        assert _wait_for(lambda: "return 2" in "".join(_data_imports(panel._esm).values()),
+                         lambda: (tmp_path / "common.js").write_text("export function el() { return 2; }\n"))
+        assert _wait_for(lambda: "render(v)" in panel._esm, lambda: (tmp_path / "panel.js").write_text(
+            'import { el } from "./common.js";\nexport default { render(v) { el(); } };\n'))
+        n = len(sent)
+        (tmp_path / "other.js").write_text("export const unrelated = 2;\n")   # not imported: nothing is re-sent
+        time.sleep(1.0)
+        assert len(sent) == n and sent[-1] == panel._esm
+    finally:
+        Hot._esm.stop_thread()
+    # an installed package's copies are never watched
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "panel.js").write_text("export default {};\n")
+    assert not PanelModule(tmp_path / "site-packages" / "panel.js")._background_thread

@@ -2,6 +2,8 @@
 // The main heatmap shows one head (rows: queries, columns: keys); hovering a cell highlights its row and column
 // and shows the weight; the grid of thumbnails shows every layer x head, and clicking one opens it.
 
+import { setupCanvas, el } from "./common.js";
+
 function renderAttention({ model, el: root }) {
   root.classList.add("lab-panel", "lab-attention");
   const layerSel = el("select", { class: "lab-layer" });

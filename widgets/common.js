@@ -1,4 +1,5 @@
-// Shared drawing helpers for lab's panels (imported by each panel's module; plain ESM, no dependencies).
+// Shared drawing helpers for lab's panels: each panel's module imports them from "./common.js" (plain ESM, no
+// dependencies; lab/widgets/base.py links the import for anywidget, see linked_source).
 
 export function setupCanvas(canvas, width, height) {
   const ratio = window.devicePixelRatio || 1;

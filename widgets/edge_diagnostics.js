@@ -2,6 +2,8 @@
 // Shows sharpness against its edge-of-stability threshold over training, the latest numbers colour-coded,
 // the efficiency products, the recommendation, and the efficiency-surface figure.
 
+import { formatNumber, lineChart, el } from "./common.js";
+
 function renderEdge({ model, el: root }) {
   root.classList.add("lab-panel", "lab-edge");
   const chart = el("canvas", { class: "lab-chart" });

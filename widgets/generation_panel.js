@@ -2,6 +2,8 @@
 // adapter_mode, output, base_output, running, error. "Generate" sends {cmd: "generate"}; output streams in;
 // "Stop" sends {cmd: "stop"} and the text made so far stays.
 
+import { el } from "./common.js";
+
 function renderGeneration({ model, el: root }) {
   root.classList.add("lab-panel", "lab-generation");
   const prompt = el("textarea", { class: "lab-prompt", rows: 3, cols: 60 });

@@ -1,6 +1,8 @@
 // PlanEstimator front end. Synced: presets, devices, form (the plan's inputs), result (the plan), error.
 // Every change of an input sends {cmd: "set", values: {...}}; Python recomputes and updates `result`.
 
+import { formatDuration, el } from "./common.js";
+
 function renderPlan({ model, el: root }) {
   root.classList.add("lab-panel", "lab-plan");
   const inputs = {};

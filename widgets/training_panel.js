@@ -1,6 +1,8 @@
-// TrainingPanel front end. Helpers (lineChart, sparkline, el, format*) come from common.js, prepended by Python.
+// TrainingPanel front end.
 // Synced state: history, status, step, total_steps, tokens_per_s, eta_s, elapsed_s, sample, hparams, log_scale, error.
 // Commands go back as custom messages: {cmd: "start" | "pause" | "resume" | "stop" | "set" | "log_scale"}.
+
+import { formatNumber, formatDuration, lineChart, sparkline, el } from "./common.js";
 
 function renderTraining({ model, el: root }) {
   root.classList.add("lab-panel", "lab-training");

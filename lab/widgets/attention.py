@@ -6,7 +6,7 @@ import traitlets as t
 from ..checks import show
 from ..engine.tensor import no_grad
 from ..nn import evaluating
-from .base import Panel, module_source, panel_css, require_model, require_tokenizer
+from .base import Panel, panel_css, panel_module, require_model, require_tokenizer
 
 
 def attention_weights(model, ids):
@@ -18,7 +18,7 @@ def attention_weights(model, ids):
 
 
 class AttentionHeatmap(Panel):
-    _esm = module_source("attention_heatmap.js")
+    _esm = panel_module("attention_heatmap.js")
     _css = panel_css()
 
     tokens = t.List(t.Unicode()).tag(sync=True)

@@ -1,10 +1,15 @@
 """What every panel shares: where its front-end files are, a static HTML fallback, and a stable repr."""
+import base64
 import html
 import math
+import os
+import re
+import warnings
 from pathlib import Path
 
 import anywidget
 import traitlets as t
+from anywidget._file_contents import FileContents  # what anywidget hot-reloads; it has no public name
 
 from ..checks import show
 
@@ -20,14 +25,104 @@ def asset(name):
     raise FileNotFoundError(f"widget front-end file {name!r} not found in {[str(d) for d in _ASSET_DIRS]}")
 
 
-def module_source(name):
-    """A panel's ESM module: the shared helpers of common.js, then the panel's own code (anywidget loads one
-    module per widget, so the helpers travel inside it instead of being imported)."""
-    return asset("common.js").read_text(encoding="utf-8") + "\n" + asset(name).read_text(encoding="utf-8")
+# a static import or re-export: `import {a} from "x"`, `import * as m from "x"`, `export {a} from "x"`, `import "x"`
+_IMPORT = re.compile(r"""(\b(?:import|export)\b[^;'"]*?\bfrom\s*|\bimport\s*)(["'])([^"'\n]*)\2""")
+_SIBLING = re.compile(r"\./[\w.-]+\.js")
+
+
+def linked_source(path, _importers=()):
+    """`path`'s ES module with each sibling import "./name.js" pointing at that module's own linked source as a
+    data: URL. anywidget imports a widget's module from a blob: URL, against which a relative specifier does not
+    resolve; a data: URL does, offline, and the browser still links it as a separate module (one instance per
+    page, as the module map is keyed by URL)."""
+    path = Path(path)
+    if path in _importers:
+        raise ValueError(f"widget modules import each other in a circle: "
+                         f"{' -> '.join(p.name for p in (*_importers, path))}")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: a widget module must be UTF-8 text: {e}") from None
+
+    def link(match):
+        spec = match.group(3)
+        if spec.startswith(("data:", "http://", "https://")):
+            return match.group(0)
+        target = path.parent / spec[2:]
+        if not _SIBLING.fullmatch(spec) or not target.is_file():
+            raise ValueError(f"{path}: cannot link import {spec!r}: a panel's module may import only modules beside "
+                             f"it in {path.parent}, as './name.js', or absolute URLs")
+        data = base64.b64encode(linked_source(target, (*_importers, path)).encode("utf-8")).decode("ascii")
+        return f"{match.group(1)}{match.group(2)}data:text/javascript;base64,{data}{match.group(2)}"
+
+    return _IMPORT.sub(link, source)
+
+
+class PanelModule(FileContents):
+    """A panel's ES module as anywidget's `_esm`: the file at `path`, served linked (see linked_source). With
+    ANYWIDGET_HMR=1 it watches the file and every module it imports, and each change re-sends the linked module
+    (anywidget re-renders the panel); files in an installed package are not watched."""
+
+    def __init__(self, path):
+        path = Path(path).resolve()   # as the watcher reports changed files
+        super().__init__(path, start_thread=_hot_reload(path))
+
+    @property
+    def path(self):
+        return self._path
+
+    def files(self):
+        """The module's file and those it imports, directly or through another."""
+        seen, todo = [], [self._path]
+        while todo:
+            p = todo.pop()
+            if p not in seen and p.is_file():
+                seen.append(p)
+                todo += [p.parent / m.group(3)[2:] for m in _IMPORT.finditer(p.read_text(encoding="utf-8"))
+                         if _SIBLING.fullmatch(m.group(3))]
+        return seen
+
+    def watch(self):
+        import watchfiles
+        # the folder, not the files: an editor's save that replaces a file ends a watch on the file itself
+        for changes in watchfiles.watch(self._path.parent, stop_event=self._stop_event):
+            try:
+                if not {Path(p).resolve() for _, p in changes} & set(self.files()):
+                    continue
+                self._contents = linked_source(self._path)
+            except (OSError, ValueError) as e:  # a module mid-edit: the panel stays as it was until it links
+                warnings.warn(f"hot reload of {self._path.name} skipped: {e}", stacklevel=1)
+                continue
+            self.changed.emit(self._contents)
+            yield changes
+
+    def __str__(self):
+        if self._contents is None:
+            self._contents = linked_source(self._path)
+        return self._contents
+
+
+def _hot_reload(path):
+    # as anywidget decides for its own files: an installed package's copies are not what a developer edits
+    if os.environ.get("ANYWIDGET_HMR") != "1" or {"site-packages", "dist-packages"} & set(path.parts):
+        return False
+    try:
+        import watchfiles  # noqa: F401
+    except ImportError:
+        warnings.warn("ANYWIDGET_HMR=1: the panels do not hot-reload without the watchfiles package "
+                      "(pip install watchfiles)", stacklevel=3)
+        return False
+    return True
+
+
+def panel_module(name):
+    """A panel's `_esm`: its file in widgets/, linked to the shared helpers it imports."""
+    return PanelModule(asset(name))
 
 
 def panel_css():
-    return asset("panels.css").read_text(encoding="utf-8")
+    """The panels' stylesheet as a path: anywidget serves the file, and hot-reloads it under ANYWIDGET_HMR=1."""
+    return asset("panels.css")
 
 
 def jsonable(value):

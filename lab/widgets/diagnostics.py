@@ -4,14 +4,14 @@ the efficiency-surface plots of the on-the-edge model."""
 import traitlets as t
 
 from ..checks import show
-from .base import Panel, figure_png, jsonable, module_source, panel_css
+from .base import Panel, figure_png, jsonable, panel_css, panel_module
 
 REPORT_KEYS = ("step", "lr", "sharpness", "threshold", "fisher_trace", "noise_scale", "batch_size",
                "edge_band_pct", "flat", "loss_slope", "efficiency", "recommendation")
 
 
 class EdgeDiagnosticsPanel(Panel):
-    _esm = module_source("edge_diagnostics.js")
+    _esm = panel_module("edge_diagnostics.js")
     _css = panel_css()
 
     reports = t.List([]).tag(sync=True)

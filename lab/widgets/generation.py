@@ -7,7 +7,7 @@ import traitlets as t
 
 from ..checks import integer
 from ..generate import beam_search, generate
-from .base import Panel, module_source, panel_css, require_model, require_tokenizer
+from .base import Panel, panel_css, panel_module, require_model, require_tokenizer
 
 # The most a panel generates in one go: the browser's number field takes anything, and 10**9 tokens is days of
 # work holding the backend; past a few thousand tokens a script (lab.generate) is the better tool anyway.
@@ -16,7 +16,7 @@ MAX_BEAMS = 64   # each step runs all beams as one batch and ranks beams**2 cand
 
 
 class GenerationPanel(Panel):
-    _esm = module_source("generation_panel.js")
+    _esm = panel_module("generation_panel.js")
     _css = panel_css()
 
     prompt = t.Unicode("").tag(sync=True)

@@ -6,14 +6,14 @@ from .. import plan as planner
 from ..checks import choice, integer, parse_number, real, show
 from ..models.transformer import PRESETS, TransformerConfig
 from ..plan.estimator import MAX_SIZE, MAX_TOKENS
-from .base import Panel, module_source, panel_css
+from .base import Panel, panel_css, panel_module
 
 FORM_KEYS = ("preset", "n_layer", "n_head", "n_embd", "vocab_size", "block_size", "batch", "seq", "tokens",
              "precision", "mode", "lora_rank", "device")
 
 
 class PlanEstimator(Panel):
-    _esm = module_source("plan_estimator.js")
+    _esm = panel_module("plan_estimator.js")
     _css = panel_css()
 
     presets = t.List(t.Unicode()).tag(sync=True)

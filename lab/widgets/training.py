@@ -7,7 +7,7 @@ from dataclasses import replace
 import traitlets as t
 
 from ..checks import choice, integer, parse_number, real, show
-from .base import Panel, jsonable, module_source, panel_css, require_tokenizer
+from .base import Panel, jsonable, panel_css, panel_module, require_tokenizer
 
 MAX_POINTS = 400  # points of history sent to the browser (the full history stays in trainer.history)
 
@@ -20,7 +20,7 @@ def _downsample(records, limit=MAX_POINTS):
 
 
 class TrainingPanel(Panel):
-    _esm = module_source("training_panel.js")
+    _esm = panel_module("training_panel.js")
     _css = panel_css()
 
     history = t.List([]).tag(sync=True)          # logged steps: step, loss, val_loss, lr, grad_norm, tokens_per_s

@@ -38,6 +38,18 @@ small = Trainer(model, tr, va, TrainConfig(steps=20, batch_size=4, log_every=5, 
 mon = DiagnosticsMonitor(small, every=10, snapshot_every=5, power_iters=2)
 small.run(progress=False)
 EdgeDiagnosticsPanel(mon)""",
+    # a panel hot-reloaded from its files: its module and the helper module it imports live in hot/
+    """import os, pathlib
+from lab.widgets.base import Panel, PanelModule
+hot = pathlib.Path("hot"); hot.mkdir(exist_ok=True)
+(hot / "common.js").write_text('export function label() { return "helper 1"; }\\n')
+(hot / "hot.js").write_text('import { label } from "./common.js";\\n'
+                            'export default { render({ el }) { el.innerHTML = `<b class="lab-hot">${label()}</b>`; } };\\n')
+os.environ["ANYWIDGET_HMR"] = "1"
+class HotPanel(Panel):
+    _esm = PanelModule(hot / "hot.js")
+del os.environ["ANYWIDGET_HMR"]
+HotPanel()""",
 ]
 
 
@@ -46,12 +58,12 @@ def jupyterlab_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("lab-browser")
     write_notebook(work / "panels.ipynb", CELLS)
     with jupyterlab(work) as (url, token, _):
-        yield url, token
+        yield url, token, work
 
 
 @pytest.fixture(scope="module")
 def page(jupyterlab_server):
-    url, token = jupyterlab_server
+    url, token, _ = jupyterlab_server
     shots = Path(os.environ.get("LAB_SCREENSHOTS", ROOT / "browser-screenshots")).resolve()
     shots.mkdir(parents=True, exist_ok=True)
     print(f"\nwidget screenshots: {shots}")
@@ -138,3 +150,13 @@ def test_edge_diagnostics_show_reports_and_the_surface(page):
     assert int(page.locator(".lab-edge canvas.lab-chart").get_attribute("data-points")) >= 2
     page.wait_for_function("document.querySelector('.lab-edge img.lab-surface').naturalWidth > 100", timeout=30_000)
     _shot(page, ".lab-edge", "edge_diagnostics")
+
+
+def test_anywidget_hmr_rerenders_a_panel_when_its_file_or_an_imported_helper_is_saved(page, jupyterlab_server):
+    hot, text = jupyterlab_server[2] / "hot", "document.querySelector('.lab-hot')?.textContent"
+    page.wait_for_function(f"{text} === 'helper 1'", timeout=120_000)
+    (hot / "common.js").write_text('export function label() { return "helper 2"; }\n')
+    page.wait_for_function(f"{text} === 'helper 2'", timeout=30_000)
+    (hot / "hot.js").write_text('import { label } from "./common.js";\nexport default { render({ el }) {\n'
+                                '  el.innerHTML = `<b class="lab-hot">panel 2, ${label()}</b>`; } };\n')
+    page.wait_for_function(f"{text} === 'panel 2, helper 2'", timeout=30_000)
