@@ -230,6 +230,11 @@ def test_each_panels_module_imports_the_shared_helpers_instead_of_a_pasted_copy(
         assert panel()._esm == served
 
 
+def test_every_panel_is_checked_for_a_linked_module():
+    from lab.widgets.base import Panel
+    assert {c for c in Panel.__subclasses__() if c.__module__.startswith("lab.")} == set(PANEL_FILES)
+
+
 def test_a_panel_module_that_cannot_be_linked_is_refused_naming_the_import(tmp_path):
     import re
     from lab.widgets.base import linked_source
