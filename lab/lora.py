@@ -274,8 +274,7 @@ def unmerge(model):
 
 
 def _peft_prefix(model):
-    from .models.transformer import TransformerLM
-    return "base_model.model.transformer." if isinstance(model, TransformerLM) else "base_model.model."
+    return getattr(model, "peft_prefix", "base_model.model.")
 
 
 def save_adapter(model, directory, base_model_name_or_path=None):
@@ -376,3 +375,21 @@ def _adapter_tensors(tensors, shapes, path):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(named[name].shape)}, this model needs "
                                   f"{shape} (an adapter for a different base?)")
     return {name: np.asarray(value, dtype=np.float32) for name, value in named.items()}
+
+
+class Adapters:
+    """The adapter methods of a model that supports LoRA (a mixin beside nn.Module): the layers below know nothing
+    of adapters. `peft_prefix` is where PEFT's files name the model's weights."""
+    peft_prefix = "base_model.model."
+
+    def use_adapter(self, enabled=True):
+        return use_adapter(self, enabled)
+
+    def save_adapter(self, directory, base_model_name_or_path=None):
+        return save_adapter(self, directory, base_model_name_or_path)
+
+    def merge_adapter(self):
+        return merge(self)
+
+    def unmerge_adapter(self):
+        return unmerge(self)

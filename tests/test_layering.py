@@ -108,3 +108,14 @@ def test_old_checkpoint_import_paths_name_the_io_objects():
         assert getattr(checkpoint, name) is getattr(io, name), name
     # a save may remove exactly the stale parts checkpoints and adapters leave: io spells their names itself
     assert io.REMOVABLE == {checkpoint.OPTIMIZER_FILE, checkpoint.STATE_FILE, lora.ADAPTER_FILE, lora.ADAPTER_CONFIG}
+
+
+def test_adapter_methods_come_from_lora_not_from_nn():
+    # nn's Module knows nothing of LoRA; the models that support adapters take its methods from lora.Adapters
+    from lab import lora, nn
+    from lab.models import ProNeuralLM, TransformerLM
+    methods = ("use_adapter", "save_adapter", "merge_adapter", "unmerge_adapter")
+    assert not any(hasattr(nn.Module, m) for m in methods)
+    for cls in (TransformerLM, ProNeuralLM):
+        assert issubclass(cls, lora.Adapters) and all(callable(getattr(cls, m)) for m in methods)
+    assert TransformerLM.peft_prefix == "base_model.model.transformer."   # where PEFT's GPT-2 files name weights

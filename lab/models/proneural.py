@@ -15,6 +15,7 @@ from .. import nn
 from ..checks import InputError
 from ..engine import ops as F
 from ..engine.tensor import tensor
+from ..lora import Adapters
 
 
 @dataclass
@@ -41,7 +42,7 @@ def window_average_matrix(T, w):
     return (inside / np.minimum(w, t + 1)).astype(np.float32)
 
 
-class ProNeuralLM(nn.Module):
+class ProNeuralLM(nn.Module, Adapters):
     def __init__(self, cfg):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)

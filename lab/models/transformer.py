@@ -3,8 +3,10 @@
 Token + position embeddings, n_layer pre-LayerNorm blocks of causal self-attention and a 4x GELU MLP, a final
 LayerNorm, and a head tied to the token embedding. Shapes: B batch, T time, C = n_embd, H heads, D = C / H.
 """
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +15,11 @@ from ..checks import InputError
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides
 from ..engine.tensor import Tensor, tensor
+from ..io import CheckpointError, atomic_files, check_floats, read_json, read_safetensors, reading
+from ..lora import Adapters, apply_config, checkpoint_config
+from ..plan.estimator import count_params
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 @dataclass
@@ -122,7 +129,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(nn.Module, Adapters):
+    peft_prefix = "base_model.model.transformer."   # transformers' GPT2LMHeadModel nests the blocks there
+
     def __init__(self, cfg):
         from ..engine.backend import get_backend
         from ..plan.estimator import check_model_fits
@@ -188,19 +197,155 @@ class TransformerLM(nn.Module):
 
     def save_pretrained(self, directory, format="lab"):
         """model.safetensors + config.json; format="hf" writes the GPT-2 layout that transformers loads."""
-        from ..checkpoint import save_pretrained
         return save_pretrained(self, directory, format)
 
     @classmethod
     def from_pretrained(cls, directory):
         """Load a model saved by lab (either format) or by transformers' GPT2LMHeadModel.save_pretrained."""
-        from ..checkpoint import load_pretrained
         return load_pretrained(directory)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * C * T."""
         c = self.config
         return 6 * self.num_parameters() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+# ------------------------------------------------------------------------------------------------ model directories
+#
+# lab's layout, or Hugging Face's GPT-2 layout that transformers' GPT2LMHeadModel loads
+
+def _load_into(model, tensors, path):
+    """Copy a file's tensors (finite, read_safetensors checked) into the model: they must be floats, then names
+    and shapes must match (Module.load_state_dict); every error names the file and the tensor."""
+    check_floats(tensors, path)
+    model.load_state_dict(tensors, source=str(path), error=CheckpointError)
+
+
+# ------------------------------------------------------------------------------------------------ GPT-2 layout
+
+def hf_config(cfg):
+    """config.json of the GPT-2 layout, as transformers' GPT2Config reads it."""
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": True,
+        "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
+    }
+
+
+def _config_from_hf(data, path):
+    try:
+        n_embd = data["n_embd"]
+        if data.get("n_inner") is not None and data["n_inner"] != 4 * n_embd:
+            raise CheckpointError(f"{path}: n_inner={data['n_inner']} is not supported (lab's MLP is 4 x n_embd)")
+        act = data.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise CheckpointError(f"{path}: activation_function {act!r} is not supported (lab uses gelu_new)")
+        eps = data.get("layer_norm_epsilon", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+            raise CheckpointError(f"{path}: layer_norm_epsilon {eps} is not supported (lab uses 1e-5)")
+        if data.get("tie_word_embeddings", True) is False:
+            raise CheckpointError(f"{path}: untied output heads are not supported (lab ties the head to wte)")
+        # lab's attention always scales scores by 1/sqrt(head_dim): other scalings would load with wrong logits
+        for flag, lab_value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+            if data.get(flag, lab_value) is not lab_value:
+                raise CheckpointError(f"{path}: {flag}={json.dumps(data[flag])} is not supported (lab's attention "
+                                      f"computes {flag}={json.dumps(lab_value)}: scores scaled by 1/sqrt(head_dim))")
+        return TransformerConfig(vocab_size=data["vocab_size"], block_size=data["n_positions"], n_layer=data["n_layer"],
+                                 n_head=data["n_head"], n_embd=n_embd, dropout=data.get("resid_pdrop") or 0.0,
+                                 bias=True, positions="learned")
+    except CheckpointError:  # already names the file (it is a ValueError: keep it from being wrapped again)
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{path}: GPT-2 config is missing the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid GPT-2 config ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def _check_size(cfg, tensors, d):
+    """Refuse a config that describes a bigger model than the weights file holds, before allocating it: a damaged
+    or hostile config.json (n_embd = 10^9) must not make lab allocate more than the file justifies."""
+    params, _ = count_params(cfg)
+    if cfg.positions == "sinusoidal":   # a fixed (block_size, n_embd) table, allocated but not stored
+        params += cfg.block_size * cfg.n_embd
+    stored = sum(int(np.prod(v.shape)) for v in tensors.values())
+    if params > 4 * stored + (1 << 20):  # slack for small mismatches, which the per-tensor check names precisely
+        raise CheckpointError(f"{d / CONFIG_FILE}: describes a model of {params:,} parameters, but {d / MODEL_FILE} "
+                              f"holds {stored:,} values: the config does not belong to these weights")
+
+
+def save_pretrained(model, directory, format="lab"):
+    """Write model.safetensors + config.json. format="hf" writes the GPT-2 layout transformers loads."""
+    if format not in ("lab", "hf"):
+        raise InputError(f"unknown format {format!r}: expected 'lab' or 'hf'")
+    with nn.step_lock(model), atomic_files(directory) as files:   # between a training thread's steps
+        _write_model(model, files, format)
+    return Path(directory)
+
+
+def _write_model(model, files, format):
+    """Lab's layout holds the whole model: LoRA adapters too, their settings and mode in config.json's "lora", so
+    a checkpoint resumes a LoRA run. The GPT-2 layout holds the base only (transformers has no adapters; PEFT's
+    format, lab.lora.save_adapter, does), with a merged adapter's update inside its weights."""
+    cfg = model.config
+    lora = checkpoint_config(model) if format == "lab" else None
+    tensors = {k: v for k, v in model.state_dict().items() if lora or ".lora_" not in k}
+    if format == "lab":
+        files.write_tensors(MODEL_FILE, tensors, metadata={"format": "pt"})
+        files.write_json(CONFIG_FILE, {"model_type": "lab-transformer", **cfg.to_dict(), **({"lora": lora} if lora
+                                                                                              else {})})
+        return
+    out = {f"transformer.{k}": v for k, v in tensors.items()}
+    if cfg.positions == "sinusoidal":  # GPT-2 has a learned table: export the fixed one's values
+        out["transformer.wpe.weight"] = model._positions.numpy()
+    if not cfg.bias:                    # GPT-2 always has biases: zeros are the same function
+        for name, p in model.named_parameters():
+            if name.endswith(".weight") and name.rsplit(".", 2)[-2] in ("ln_1", "ln_2", "ln_f", "c_attn", "c_proj", "c_fc"):
+                out[f"transformer.{name[:-len('weight')]}bias"] = np.zeros(p.shape[-1], dtype=np.float32)
+    files.write_tensors(MODEL_FILE, out, metadata={"format": "pt"})
+    files.write_json(CONFIG_FILE, hf_config(cfg))
+
+
+def load_pretrained(directory):
+    """A TransformerLM, in eval mode, from a directory in lab's layout or the GPT-2 layout (from config.json)."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d}: is a file, not a checkpoint directory (one holding {CONFIG_FILE} and "
+                              f"{MODEL_FILE})")
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such checkpoint directory")
+    with reading(d):   # config.json and model.safetensors of one save
+        return _load_pretrained(d)
+
+
+def _load_pretrained(d):
+    data = read_json(d / CONFIG_FILE, "model config")
+    kind = data.get("model_type")
+    tensors = read_safetensors(d / MODEL_FILE)
+    if kind == "gpt2":
+        cfg = _config_from_hf(data, d / CONFIG_FILE)
+        if "lm_head.weight" in tensors and not np.array_equal(tensors["lm_head.weight"], tensors.get("transformer.wte.weight")):
+            raise CheckpointError(f"{d / MODEL_FILE}: lm_head.weight differs from transformer.wte.weight (untied head)")
+        tensors = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in tensors.items()
+                   if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    elif kind == "lab-transformer":
+        fields = {k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__}
+        try:
+            cfg = TransformerConfig(**fields)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{d / CONFIG_FILE}: invalid model config ({e})") from None
+    else:
+        raise CheckpointError(f"{d / CONFIG_FILE}: unknown model_type {kind!r} (expected 'lab-transformer' or 'gpt2')")
+    _check_size(cfg, tensors, d)
+    model = TransformerLM(cfg)
+    if kind == "lab-transformer" and data.get("lora") is not None:   # a LoRA run: its adapters are in the file
+        apply_config(model, data["lora"], d / CONFIG_FILE)
+    _load_into(model, tensors, d / MODEL_FILE)
+    return model.eval()  # as transformers does: dropout stays off until model.train()
 
 
 PRESETS = {

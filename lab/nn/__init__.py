@@ -131,23 +131,6 @@ class Module:
     def eval(self):
         return self.train(False)
 
-    # -- LoRA adapters (lab.lora) --
-    def use_adapter(self, enabled=True):
-        from .. import lora
-        return lora.use_adapter(self, enabled)
-
-    def save_adapter(self, directory, base_model_name_or_path=None):
-        from .. import lora
-        return lora.save_adapter(self, directory, base_model_name_or_path)
-
-    def merge_adapter(self):
-        from .. import lora
-        return lora.merge(self)
-
-    def unmerge_adapter(self):
-        from .. import lora
-        return lora.unmerge(self)
-
     def optimizer_groups(self, weight_decay):
         """Weight decay on matrices and embedding tables (2D and up), never on biases or LayerNorm gains (nanoGPT).
         The parameters come named, so the optimizer's state is keyed by name."""

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 from ..checks import InputError
-from ..checkpoint import _write_model, checkpoint_files, load_checkpoint, load_pretrained, load_tokenizer
+from ..checkpoint import checkpoint_files, load_checkpoint, load_tokenizer
 from ..io import CheckpointError, atomic_files, reading
+from ..models.transformer import _write_model, load_pretrained
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
 HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format
