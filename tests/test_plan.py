@@ -248,3 +248,19 @@ def test_plan_refuses_a_lora_rank_above_the_layers():
     with pytest.raises(InputError, match=r"^lora_rank must be an integer >= 0 and <= 128, got 129"):
         plan.estimate("tiny", lora_rank=129, device="m1")
     assert plan.estimate("tiny", lora_rank=128, device="m1").lora_rank == 128
+
+
+def test_plan_estimate_resolves_presets_and_checks_inputs_before_measuring(monkeypatch):
+    """lab.plan.estimate (measure.py) resolves a preset and a device, then hands the pure estimator the config; the
+    device is measured only once the plan's inputs have passed their checks (a bad batch must not cost a profile)."""
+    from lab.plan import estimator, measure
+
+    def measured():
+        raise AssertionError("measured the device before checking the plan's inputs")
+    monkeypatch.setattr(measure, "profile_device", measured)
+    with pytest.raises(lab.checks.InputError, match="batch"):
+        plan.estimate("tiny", batch=0)
+    ours = plan.estimate("tiny", batch=3, device="h200")
+    assert ours.to_dict() == estimator.estimate(lab.PRESETS["tiny"], batch=3, device="h200").to_dict()
+    with pytest.raises(lab.checks.InputError, match=r"estimator.estimate takes a model config, got 'tiny'"):
+        estimator.estimate("tiny", device="h200")

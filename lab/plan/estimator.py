@@ -8,12 +8,11 @@ cost per op (31 + 80 ops per layer per step, counted on the engine). tests/test_
 the engine's measured peak bytes and step times.
 """
 import math
-import time
+import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from ..checks import InputError, choice, integer, real, show
-from .profiles import get_profile, limits_profile, profile_device
+from .profiles import limits_profile, named_profile
 
 F32 = 4
 MAX_SIZE = 2 ** 40      # the largest batch, sequence, step count or model dimension a plan takes
@@ -84,28 +83,6 @@ def _duration(s):
     if s < 7200:
         return f"{s / 60:,.1f} min"
     return f"{s / 3600:,.1f} h"
-
-
-def _config(config_or_preset):
-    from ..models.transformer import PRESETS, TransformerConfig
-    if isinstance(config_or_preset, TransformerConfig):
-        return config_or_preset
-    if isinstance(config_or_preset, str) and config_or_preset in PRESETS:
-        return PRESETS[config_or_preset]
-    path = Path(str(config_or_preset))
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        from ..checkpoint import CheckpointError, _config_from_hf, read_json
-        data = read_json(path, "model config")
-        if data.get("model_type") == "gpt2":
-            return _config_from_hf(data, path)
-        try:
-            return TransformerConfig(**{k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__})
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: invalid model config ({e})") from None
-    raise InputError(f"unknown model {config_or_preset!r}: a TransformerConfig, a preset ({sorted(PRESETS)}), or a "
-                     f"config.json (lab or GPT-2)")
 
 
 def count_params(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
@@ -184,14 +161,18 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
     return ops
 
 
-def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
+def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
              lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), device=None, vocab_size=None,
              lora_base_dtype="float32", _devices=True):
-    """A Plan for training `config_or_preset` with this batch, sequence length and token budget on `device`
-    (None/'this': the measured current backend; or a named profile such as 'm1', 'rtx4090', 'h200').
+    """A Plan for training `config` (a TransformerConfig) with this batch, sequence length and token budget on
+    `device`: a DeviceProfile, a named profile such as 'm1', 'rtx4090', 'h200', or a function that measures one
+    (lab.plan.estimate, which also takes presets and config.json files, passes measure.profile_device for 'this').
     lora_base_dtype "float16": LoRA on a base whose linear weights are stored as float16 (lora.apply's
     base_dtype), 2 bytes each instead of 4."""
-    c = _config(config_or_preset)
+    if isinstance(config, (str, os.PathLike)):   # resolving a name is lab.plan.estimate's (it loads models, files)
+        raise InputError(f"estimator.estimate takes a model config, got {show(config)}: lab.plan.estimate also "
+                         f"takes a preset name or a config.json")
+    c = config
     # every size at most 2**40 and tokens at most 1e18: the plan's products (attention matrices, total FLOPs)
     # then stay far inside a float, so no size overflows into an OverflowError or an infinite time
     if vocab_size is not None:
@@ -214,7 +195,7 @@ def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, prec
     if lora_base_dtype not in ("float32", "float16") or (lora_base_dtype == "float16" and not lora_rank):
         raise InputError(f"lora_base_dtype must be 'float32' or 'float16' (float16 with a lora_rank: a frozen base "
                          f"only), got {show(lora_base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
-    prof = get_profile(device)
+    prof = device() if callable(device) else named_profile(device)
     tokens_per_step = batch * seq
     if steps is None:
         steps = math.ceil((tokens or 1e6) / tokens_per_step)  # (tokens is None or > 0)
@@ -415,26 +396,3 @@ def _first_fitting(n, limit, fits):
         mid = (bad + n) // 2
         bad, n = (bad, mid) if fits(mid) else (mid, n)
     return n
-
-
-def predict_and_measure(trainer, steps=15, attempts=2, within=0.35):
-    """Check the plan against this machine: profile the trainer's backend now, predict one step of its model and
-    batch, then time `steps` real steps (their best, as the profile's timings are best-of-rounds). A busy machine
-    can slow a profile for seconds at a time and predict a machine slower than the steps then meet, so a miss by
-    more than `within` is profiled and measured again, `attempts` times at most. Returns [(predicted_s,
-    measured_s), ...], one pair per attempt; the last is the one to judge (a wrong prediction misses every time)."""
-    cfg = trainer.model.config
-    batch = trainer.cfg.batch_size * trainer.cfg.grad_accum_steps  # the sequences one step trains on
-    out = []
-    for _ in range(attempts):
-        profile = profile_device(trainer.optimizer.backend, refresh=True)
-        predicted = estimate(cfg, batch=batch, seq=cfg.block_size, device=profile).step_time_s
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            trainer.train_step()[0].item()
-            times.append(time.perf_counter() - t0)
-        out.append((predicted, min(times)))
-        if abs(predicted / min(times) - 1) < within:
-            break
-    return out

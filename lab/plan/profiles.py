@@ -1,7 +1,7 @@
 """Device profiles for the plan estimator: what a device sustains for lab's kernels.
 
-A measured profile times lab's own ops on the current backend: matmuls (forward and the two transposed products
-of a backward), an elementwise op, a one-element op for the fixed cost of an op, and a small probe training step
+A measured profile (measure.profile_device) times lab's own ops on the current backend: matmuls (forward and the
+two transposed products of a backward), an elementwise op, a one-element op for the fixed cost of an op, and a small probe training step
 from which the cost of the engine's elementwise work per activation float follows. Named profiles come from public specifications and are marked spec-derived; they
 assume what the H200 measurements in README.md show for lab's current kernels: 60% of the fp32 peak in matmul,
 elementwise work of about 12 bytes per activation float at 60% of the memory bandwidth, and 6 us per op (a
@@ -13,12 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from ..bench.timing import best_seconds
 from ..checks import InputError, show
-from ..engine.backend import backend_instance, get_backend, using_backend
-from ..engine.tensor import no_grad, tensor
 
 MATMUL_EFFICIENCY, BANDWIDTH_EFFICIENCY, SPEC_OP_OVERHEAD_S = 0.60, 0.60, 6e-6
 
@@ -73,80 +68,6 @@ PROFILES = {
                                115e9, 8e9, 25e-6, 24 * 2 ** 30, 2 ** 62, 2 ** 62, NUMPY_BYTES_PER_ACTIVATION_FLOAT / 8e9, 6e-9),
 }
 
-_measured = {}
-
-
-def profile_device(backend=None, refresh=False):
-    """Measure the current (or given) backend with short micro-benchmarks of lab's own ops; cached per process."""
-    b = backend_instance(backend) if backend is not None else get_backend()
-    key = b.name
-    if key in _measured and not refresh:
-        return _measured[key]
-    rng = np.random.default_rng(0)
-
-    def sync_of(out):
-        def sync():
-            if b.name == "wgpu":
-                b.sync()
-                b.queue.read_buffer(out["t"].data.buffer, 0, 4)
-        return sync
-
-    from ..engine import ops as F
-    with no_grad():
-        box = {}
-        # a training step's matmuls: the forward product and the two transposed ones of its backward
-        a = tensor(rng.standard_normal((1024, 256)).astype(np.float32), backend=b)
-        w = tensor(rng.standard_normal((256, 768)).astype(np.float32), backend=b)
-        g = tensor(rng.standard_normal((1024, 768)).astype(np.float32), backend=b)
-
-        def matmuls():
-            box["t"] = a @ w
-            box["t"] = F.matmul(g, w, transpose_b=True)
-            box["t"] = F.matmul(a, g, transpose_a=True)
-        t_mm = best_seconds(matmuls, sync_of(box)) / 3
-        # an elementwise op on arrays beyond the caches, allocating its output as training's temporaries do
-        x = tensor(rng.standard_normal(1 << 22).astype(np.float32), backend=b)
-        t_ew = best_seconds(lambda: box.__setitem__("t", x + x), sync_of(box))
-        one = tensor(np.ones(1, dtype=np.float32), backend=b)
-        t_op = best_seconds(lambda: box.__setitem__("t", one + one), sync_of(box))
-        # dropout on the CPU over an array of a small model's activation size (training's are cache-sized there;
-        # over 16 MB arrays the mask's cost per float measured 1.5-2x and with the page faults of fresh outputs
-        # in a long-running process up to 3x what a step sees); on a GPU over the large array, as the others
-        drop_n = 1 << 18 if b.name == "numpy" else 1 << 22
-        xd = tensor(rng.standard_normal(drop_n).astype(np.float32), backend=b)
-        t_drop = best_seconds(lambda: box.__setitem__("t", F.dropout(xd, 0.1, seed=1)), sync_of(box))
-    lim = limits_profile(b)
-    prof = DeviceProfile(lim.name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
-                         3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, lim.memory_bytes, lim.max_buffer_size,
-                         lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / drop_n,
-                         b.optimizer_slots() if hasattr(b, "optimizer_slots") else 1)
-    prof.elementwise_s_per_float = _probe_elementwise_cost(b, prof)
-    _measured[key] = prof
-    return prof
-
-
-def _probe_elementwise_cost(backend, prof):
-    """Time a small training step (best of several) and attribute what matmuls and per-op costs do not explain to
-    the step's activation floats: the cost of the engine's elementwise work per float, on this device."""
-    from ..engine.random import get_state, manual_seed, set_state
-    from ..models.transformer import TransformerConfig, TransformerLM
-    from ..train import TrainConfig, Trainer
-    from .estimator import activation_floats, op_count
-    cfg, batch = TransformerConfig(vocab_size=64, block_size=48, n_layer=2, n_head=4, n_embd=112), 6
-    rng_state = get_state()
-    try:
-        manual_seed(0)
-        ids = np.random.default_rng(0).integers(0, 64, 5000).astype(np.int32)
-        with using_backend(backend):
-            model = TransformerLM(cfg)
-            trainer = Trainer(model, ids, ids, TrainConfig(steps=100, batch_size=batch))
-            best = best_seconds(lambda: trainer.train_step()[0].item(), lambda: None, budget=60, rounds=9, max_reps=1)
-    finally:
-        set_state(rng_state)
-    matmul = model.flops_per_token() * batch * cfg.block_size / prof.matmul_flops
-    rest = best - matmul - op_count(cfg, update_slots=prof.update_slots) * prof.op_overhead_s
-    acts = activation_floats(cfg, batch, cfg.block_size)[0]
-    return max(rest, 0.1 * best) / acts
 
 
 def _host_memory():
@@ -174,10 +95,8 @@ def limits_profile(backend):
                          2 ** 62, 2 ** 62)
 
 
-def get_profile(device=None):
-    """A DeviceProfile: None or "this" measures the current backend; a name picks a spec-derived profile."""
-    if device is None or device == "this":
-        return profile_device()
+def named_profile(device):
+    """A DeviceProfile as it is, or the spec-derived profile of that name (measuring one is plan.measure's)."""
     if isinstance(device, DeviceProfile):
         return device
     if not isinstance(device, str) or device not in PROFILES:
