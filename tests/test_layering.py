@@ -115,3 +115,27 @@ def test_adapter_methods_come_from_lora_not_from_nn():
     for cls in (TransformerLM, ProNeuralLM):
         assert issubclass(cls, lora.Adapters) and all(callable(getattr(cls, m)) for m in methods)
     assert TransformerLM.peft_prefix == "base_model.model.transformer."   # where PEFT's GPT-2 files name weights
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for t in graph[todo.pop()]:
+            if t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return seen
+
+
+def test_lower_layers_import_nothing_above_them():
+    # the planner's arithmetic is called by models and trainers; file I/O by models, checkpoints and adapters
+    graph = import_graph()
+    engine = {m for m in graph if m.startswith("lab.engine.") or m == "lab.engine"}
+    allowed = {
+        "lab.plan.estimator": {"lab.checks", "lab.plan.profiles"} | engine,
+        "lab.plan.profiles": {"lab.checks"} | engine,
+        "lab.io": {"lab.checks"},
+        "lab.nn": {"lab.checks"} | engine,
+    }
+    for module, below in allowed.items():
+        assert _reachable(graph, module) <= below, (module, sorted(_reachable(graph, module) - below))

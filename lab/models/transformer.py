@@ -13,11 +13,11 @@ import numpy as np
 from .. import nn
 from ..checks import InputError
 from ..engine import ops as F
-from ..engine.backend import contiguous_strides
+from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
 from ..io import CheckpointError, atomic_files, check_floats, read_json, read_safetensors, reading
 from ..lora import Adapters, apply_config, checkpoint_config
-from ..plan.estimator import count_params
+from ..plan.estimator import check_model_fits, count_params
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
@@ -133,8 +133,6 @@ class TransformerLM(nn.Module, Adapters):
     peft_prefix = "base_model.model.transformer."   # transformers' GPT2LMHeadModel nests the blocks there
 
     def __init__(self, cfg):
-        from ..engine.backend import get_backend
-        from ..plan.estimator import check_model_fits
         check_model_fits(cfg, get_backend())   # before any weight is allocated
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
