@@ -253,6 +253,8 @@ def test_plan_refuses_a_lora_rank_above_the_layers():
 def test_plan_estimate_resolves_presets_and_checks_inputs_before_measuring(monkeypatch):
     """lab.plan.estimate (measure.py) resolves a preset and a device, then hands the pure estimator the config; the
     device is measured only once the plan's inputs have passed their checks (a bad batch must not cost a profile)."""
+    import re
+    from lab.checks import show
     from lab.plan import estimator, measure
 
     def measured():
@@ -262,5 +264,7 @@ def test_plan_estimate_resolves_presets_and_checks_inputs_before_measuring(monke
         plan.estimate("tiny", batch=0)
     ours = plan.estimate("tiny", batch=3, device="h200")
     assert ours.to_dict() == estimator.estimate(lab.PRESETS["tiny"], batch=3, device="h200").to_dict()
-    with pytest.raises(lab.checks.InputError, match=r"estimator.estimate takes a model config, got 'tiny'"):
-        estimator.estimate("tiny", device="h200")
+    for wrong in ("tiny", {"n_layer": 2}, None):
+        with pytest.raises(lab.checks.InputError, match=rf"estimator.estimate takes a model config \(a "
+                                                       rf"TransformerConfig\), got {re.escape(show(wrong))}"):
+            estimator.estimate(wrong, device="h200")

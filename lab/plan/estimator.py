@@ -8,7 +8,6 @@ cost per op (31 + 80 ops per layer per step, counted on the engine). tests/test_
 the engine's measured peak bytes and step times.
 """
 import math
-import os
 from dataclasses import dataclass, field, replace
 
 from ..checks import InputError, choice, integer, real, show
@@ -169,9 +168,10 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     (lab.plan.estimate, which also takes presets and config.json files, passes measure.profile_device for 'this').
     lora_base_dtype "float16": LoRA on a base whose linear weights are stored as float16 (lora.apply's
     base_dtype), 2 bytes each instead of 4."""
-    if isinstance(config, (str, os.PathLike)):   # resolving a name is lab.plan.estimate's (it loads models, files)
-        raise InputError(f"estimator.estimate takes a model config, got {show(config)}: lab.plan.estimate also "
-                         f"takes a preset name or a config.json")
+    if not all(hasattr(config, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")):
+        # resolving a preset or a file is lab.plan.estimate's: it loads models and files, which sit above the planner
+        raise InputError(f"estimator.estimate takes a model config (a TransformerConfig), got {show(config)}: "
+                         f"lab.plan.estimate also takes a preset name or a config.json")
     c = config
     # every size at most 2**40 and tokens at most 1e18: the plan's products (attention matrices, total FLOPs)
     # then stay far inside a float, so no size overflows into an OverflowError or an infinite time
