@@ -1,4 +1,4 @@
-"""Corpora bundled with the package, tokenizers, and batching."""
+"""Text: the corpora bundled with the package (corpora/), the character and BPE (bpe.py) tokenizers, and batching."""
 import json
 from pathlib import Path
 
