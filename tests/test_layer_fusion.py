@@ -1,0 +1,78 @@
+"""Fusion as a layer capability: the fused kernels a training step dispatches, and its losses, stay as they were
+when the choice moved from type inspection in the blocks onto the layers and the backend's declared capabilities."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import lab
+from lab import lora
+from lab.data import CharTokenizer, load_corpus, train_val_split
+from lab.models import PRESETS, TransformerLM
+from lab.train import TrainConfig, Trainer
+
+
+def _step(backend, adapters):
+    """Two eager training steps of a one-layer TransformerLM (no replay: every dispatch is recorded anew);
+    the kernels of the second, per kernel:entry, and both losses."""
+    from lab.engine import backend as B
+    prev = dict(B._state)
+    B._state["backend"], B._state["reason"] = backend, "test"
+    try:
+        lab.manual_seed(0)
+        text = load_corpus()
+        tok = CharTokenizer.from_text(text)
+        train_ids, val_ids = train_val_split(tok.encode(text))
+        cfg = replace(PRESETS["tiny"], vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, block_size=16)
+        model = TransformerLM(cfg)
+        if adapters:
+            lora.apply(model, r=4, alpha=8, targets=["c_attn", "c_proj", "c_fc"])
+        trainer = Trainer(model, train_ids, val_ids, TrainConfig(steps=10, batch_size=2, replay_steps=False))
+        first, _ = trainer.train_step()
+        lab.sync()
+        with lab.profile(backend) as prof:
+            second, _ = trainer.train_step()
+            lab.sync()
+        counts = {r["name"]: r["calls"] for r in prof.by_kernel()}
+        return counts, (first.item(), second.item())
+    finally:
+        B._state.update(prev)
+
+
+# Recorded from the code before fusion moved onto the layers (commit 1cf3ab7: MLP and Block chose the fused
+# kernels by `type(fc) is nn.Linear`, ops found matmul_gelu with hasattr), on lavapipe.
+DISPATCHES = {
+    False: {
+        'copy:copy_main': 10, 'copy:fill_main': 2, 'cross_entropy:rows_main': 1,
+        'cross_entropy_reduce:backward_main': 1, 'cross_entropy_reduce:mean_main': 1, 'elementwise:binary_main': 8,
+        'elementwise:unary_main': 2, 'embedding:backward_vocab_main': 1, 'embedding:forward_main': 1,
+        'layernorm:forward_main': 3, 'layernorm_backward:backward_wb_main': 3, 'layernorm_backward:backward_x_main': 3,
+        'matmul:main': 7, 'matmul:main_rows': 14, 'optim_many:adamw_many_main': 3,
+        'reduce:columns_main': 15, 'reduce:rows_main': 1, 'softmax:softmax_bwd_main': 1,
+        'softmax:softmax_main': 1, 'sumsq_many:sumsq_many_main': 1,
+    },
+    True: {
+        'copy:copy_main': 13, 'copy:fill_main': 1, 'cross_entropy:rows_main': 1,
+        'cross_entropy_reduce:backward_main': 1, 'cross_entropy_reduce:mean_main': 1, 'elementwise:binary_main': 10,
+        'elementwise:scalar_main': 8, 'elementwise:unary_main': 2, 'embedding:forward_main': 1,
+        'layernorm:forward_main': 3, 'layernorm_backward:backward_wb_main': 2, 'layernorm_backward:backward_x_main': 2,
+        'lora:up_add_t_main': 4, 'matmul:main': 10, 'matmul:main_rows': 24,
+        'optim_many:adamw_many_main': 2, 'reduce:columns_main': 4, 'reduce:rows_main': 1,
+        'softmax:softmax_bwd_main': 1, 'softmax:softmax_main': 1, 'sumsq_many:sumsq_many_main': 1,
+    },
+}
+LOSSES_WGPU = {False: (4.298948287963867, 4.289337158203125), True: (4.313163757324219, 4.275586128234863)}
+LOSSES_NUMPY = {False: (4.298948287963867, 4.289337158203125), True: (4.313163757324219, 4.275586128234863)}
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["plain", "lora"])
+def test_training_step_dispatch_counts_unchanged(wgpu_backend, adapters):
+    counts, losses = _step(wgpu_backend, adapters)
+    assert counts == DISPATCHES[adapters]
+    # the same kernels in the same order give the same floats
+    assert losses == LOSSES_WGPU[adapters]
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["plain", "lora"])
+def test_training_step_losses_unchanged_on_numpy(numpy_backend, adapters):
+    assert _step(numpy_backend, adapters)[1] == LOSSES_NUMPY[adapters]
