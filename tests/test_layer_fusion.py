@@ -76,3 +76,40 @@ def test_training_step_dispatch_counts_unchanged(wgpu_backend, adapters):
 @pytest.mark.parametrize("adapters", [False, True], ids=["plain", "lora"])
 def test_training_step_losses_unchanged_on_numpy(numpy_backend, adapters):
     assert _step(numpy_backend, adapters)[1] == LOSSES_NUMPY[adapters]
+
+
+def test_optional_backend_capabilities_fall_back_to_composed_primitives(use_backend, monkeypatch):
+    """A backend without a fused capability (Backend's declared defaults) gives the fused one's results."""
+    from lab.engine.backend import Backend
+    b = use_backend
+    rng = np.random.default_rng(7)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(3,), (5, 7), (300,)]]
+    fused = b.to_numpy(b.sumsq_many([b.from_numpy(a) for a in arrays]))
+    composed = b.to_numpy(Backend.sumsq_many(b, [b.from_numpy(a) for a in arrays]))
+    np.testing.assert_allclose(composed, fused, rtol=1e-5)   # (summation order differs)
+    np.testing.assert_allclose(fused, [sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)], rtol=1e-5)
+    x = lab.tensor(rng.standard_normal((3, 5)).astype(np.float32), requires_grad=True)
+    w = lab.tensor(rng.standard_normal((5, 4)).astype(np.float32), requires_grad=True)
+    from lab.engine import ops as F
+    results = []
+    for fused_gelu, keeps in ((b.fused_matmul_gelu, b.gelu_keeps_grad), (False, False)):
+        monkeypatch.setattr(b, "fused_matmul_gelu", fused_gelu)
+        monkeypatch.setattr(b, "gelu_keeps_grad", keeps)
+        x.grad = w.grad = None
+        y = F.linear(x, w, activation="gelu")
+        y.sum().backward()
+        results.append((y.numpy(), x.grad.numpy(), w.grad.numpy()))
+    for a, c in zip(*results):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_no_backend_capability_is_probed_with_hasattr():
+    """Optional capabilities are declared on Backend (lab/engine/backend.py), never discovered by probing."""
+    import pathlib
+    import re
+    target = r"(B|b|Bk|backend|self\.backend)\s*,"
+    probe = re.compile(rf"\bhasattr\({target}|\bgetattr\({target}\s*[^,()]+,")   # (getattr with a default)
+    root = pathlib.Path(lab.__file__).parent
+    found = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
+    assert not found, found

@@ -114,7 +114,7 @@ def test_adamw_in_few_dispatches_equals_one_per_parameter(wgpu_backend, monkeypa
     device's bindings allow; 3 per dispatch here so that 11 parameters take 4, the last part-full) against the
     one-per-parameter kernel: the same weights, moments and clipped gradients, over two steps with different
     weight decays and sizes (1 element to several workgroups); a NaN norm leaves everything as it was."""
-    from lab.engine.backend import using_backend
+    from lab.engine.backend import Backend, using_backend
     from lab.train import grad_norm
     rng = np.random.default_rng(4)
     shapes = [(1,), (3, 5), (700,), (2, 257), (64,), (5,), (1000,), (9, 9), (256,), (2,), (513,)]
@@ -124,7 +124,7 @@ def test_adamw_in_few_dispatches_equals_one_per_parameter(wgpu_backend, monkeypa
     results = []
     for many in (True, False):
         if not many:
-            monkeypatch.setattr(type(wgpu_backend), "adamw_many_", None)
+            monkeypatch.setattr(type(wgpu_backend), "adamw_many_", Backend.adamw_many_)  # the composed fallback
         with using_backend(wgpu_backend):
             ps = [lab.tensor(v, requires_grad=True) for v in values]
             opt = AdamW([{"params": ps[:6], "weight_decay": 0.1}, {"params": ps[6:], "weight_decay": 0.0}], lr=0.01)

@@ -73,7 +73,6 @@ class Backend:
 
     # -- elementwise --
     def unary(self, op, a): raise NotImplementedError               # neg exp log sqrt tanh relu gelu
-    # optional: gelu_and_grad(x) -> (gelu(x), gelu'(x)), where keeping the derivative beats recomputing it
     def scalar(self, op, a, c): raise NotImplementedError           # add mul rsub rdiv pow
     def binary(self, op, a, b): raise NotImplementedError           # add sub mul div maximum eq *_bwd, broadcasting
 
@@ -94,11 +93,6 @@ class Backend:
     def heads_in_place(self, seq, dim): return False
     # whether attention's products over heads of `dim` and sequences of `seq` take HeadViews without copying them
     # (where not, attention copies each head stack once rather than each product copying its operands)
-    # optional: matmul_gelu(a, b, bias, keep_pre) -> (gelu(a @ b + bias), a @ b + bias or None), where the product's
-    # store can apply the activation (an MLP's first layer without a pass of its own for it)
-    # optional: flash_attention_fits(qkv_shape, n_head), flash_attention(qkv, n_head, scale, p, seed) -> (y, saved)
-    # and flash_attention_bwd(qkv, y, saved, g, n_head, scale, p, seed) -> dqkv: causal self-attention fused, the
-    # same result as the composed ops
     def softmax(self, a, scale=1.0, causal=False, dropout=None): raise NotImplementedError
     # dropout=(p, seed): -> (y, dropout(y, p, seed)) (attention's weights, and the dropped ones its product uses)
     def softmax_bwd(self, y, g, scale=1.0, dropout=None): raise NotImplementedError
@@ -123,11 +117,41 @@ class Backend:
     # guard: a one-element array (the step's gradient norm); when it is not finite the update is skipped;
     # max_norm > 0 first clips g in place to that global norm (as clip_ would), in the same pass
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None, max_norm=0.0): raise NotImplementedError
-    # optional: adamw_many_(slots, lr, b1, b2, eps, step, guard, max_norm), adamw_ on every (p, g, m, v, wd) of
-    # slots together (wgpu: one dispatch for as many parameters as a shader stage can bind)
     def sgd_(self, p, g, buf, lr, momentum, wd, guard=None, max_norm=0.0): raise NotImplementedError
     def sumsq_into(self, a, out, slot): raise NotImplementedError   # out[slot] = sum(a * a)
     def clip_(self, g, normsq, max_norm): raise NotImplementedError
+
+    # -- optional capabilities --
+    # Declared here, so the layers above ask the interface and never probe a backend with hasattr. A flag says
+    # whether the methods under it exist (the caller composes the result from the primitives above where not);
+    # a method with a body is a composed fallback a backend overrides with a faster one.
+    half_storage = True       # float16 arrays hold frozen weights that linear and matmul read (wgpu: shader-f16)
+    gelu_keeps_grad = False   # gelu_and_grad: keeping the derivative beats recomputing it in the backward
+    def gelu_and_grad(self, x): raise NotImplementedError           # -> gelu(x), gelu'(x)
+    fused_matmul_gelu = False  # matmul_gelu: the product's store applies the activation (an MLP's first layer)
+    def matmul_gelu(self, a, b, bias=None, keep_pre=True): raise NotImplementedError
+    # -> gelu(a @ b + bias), and a @ b + bias when keep_pre (for the backward) else None
+    def flash_attention_fits(self, qkv_shape, n_head): return False
+    # whether flash_attention(qkv, n_head, scale, p, seed) -> (y, saved) and flash_attention_bwd(qkv, y, saved, g,
+    # n_head, scale, p, seed) -> dqkv, causal self-attention fused with the composed ops' result, take this shape
+    def flash_attention(self, qkv, n_head, scale, p, seed): raise NotImplementedError
+    def flash_attention_bwd(self, qkv, y, saved, g, n_head, scale, p, seed): raise NotImplementedError
+    supports_capture = False  # capture_begin / capture_end / replay: a training step recorded once, replayed
+    # (train/replay.py)
+
+    def optimizer_slots(self): return 1                             # parameters one adamw_many_ call updates at once
+
+    def adamw_many_(self, slots, lr, b1, b2, eps, step, guard=None, max_norm=0.0):
+        """adamw_ on every (p, g, m, v, wd) of `slots` (wgpu: one dispatch for as many as a shader stage binds)."""
+        for p, g, m, v, wd in slots:
+            self.adamw_(p, g, m, v, lr, b1, b2, eps, wd, step, guard=guard, max_norm=max_norm)
+
+    def sumsq_many(self, arrays):
+        """The sum of squares of all `arrays` together, a (1,) array (a gradient norm's square)."""
+        partial = self.full((len(arrays),), 0.0)
+        for i, a in enumerate(arrays):
+            self.sumsq_into(a, partial, i)
+        return self.reshape(self.reduce("sum", partial, 0), (1,))
 
 
 class HeadView:
@@ -294,7 +318,7 @@ def backend_reason():
 
 def require_half_storage(backend, instead):
     """Raise, saying what to do `instead`, where `backend` cannot store float16 arrays (wgpu without shader-f16)."""
-    if not getattr(backend, "half_storage", True):
+    if not backend.half_storage:
         raise InputError(f"float16 storage needs the shader-f16 feature, which this device "
                          f"({backend.device_info['device']}) does not have: {instead}")
 

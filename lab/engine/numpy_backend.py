@@ -240,6 +240,8 @@ class NumpyBackend(Backend):
         with np.errstate(all="ignore"):
             return SCALAR[op](_at_least_1d(a), a.dtype.type(c)).astype(a.dtype, copy=False).reshape(a.shape)
 
+    gelu_keeps_grad = True   # (recomputing tanh in the backward costs more on the host than keeping the slope)
+
     def gelu_and_grad(self, x):
         with np.errstate(all="ignore"):
             return tuple(r.reshape(x.shape) for r in _gelu_and_grad(_at_least_1d(x)))

@@ -211,11 +211,12 @@ def relu(a):
 
 
 def gelu(a):
-    """GELU, tanh approximation (GPT-2). A backend with gelu_and_grad (numpy) computes the derivative in the
-    forward when a gradient will be needed; the others recompute it from the input in the backward."""
+    """GELU, tanh approximation (GPT-2). A backend that keeps the derivative (Backend.gelu_keeps_grad: numpy)
+    computes it in the forward when a gradient will be needed; the others recompute it from the input in the
+    backward."""
     _check_float(a, "gelu")
     B = a.backend
-    if a.requires_grad and is_grad_enabled() and hasattr(B, "gelu_and_grad"):
+    if a.requires_grad and is_grad_enabled() and B.gelu_keeps_grad:
         out, slope = B.gelu_and_grad(a.data)
         return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, slope),))
     return Tensor._make(B.unary("gelu", a.data), B, (a,), lambda g: (B.binary("gelu_bwd", a.data, g),))
@@ -529,7 +530,7 @@ def linear(x, weight, bias=None, activation=None):
                          f"({K}, N), (N,))")
     _check_float(x, "linear")
     B = x.backend
-    if activation == "gelu" and not hasattr(B, "matmul_gelu"):
+    if activation == "gelu" and not B.fused_matmul_gelu:
         return gelu(linear(x, weight, bias))
     M = math.prod(x.shape[:-1])
     x3, w3 = B.reshape(x.data, (1, M, K)), B.reshape(weight.data, (1, K, N))
@@ -751,8 +752,7 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
     C, H = C3 // 3, n_head
     D = C // H
     scale = 1.0 / math.sqrt(D)
-    fits = getattr(Bk, "flash_attention_fits", None)
-    if not return_weights and fits is not None and fits(qkv.shape, H):
+    if not return_weights and Bk.flash_attention_fits(qkv.shape, H):
         # fused kernels, the weights never in memory (wgpu, heads of 64); the seed is drawn as below
         seed = _random.next_seed() if training and dropout_p > 0 else None
         y, lse = Bk.flash_attention(qkv.data, H, scale, dropout_p, seed)

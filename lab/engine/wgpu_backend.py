@@ -267,6 +267,7 @@ class Capture:
 
 class WgpuBackend(Backend):
     name = "wgpu"
+    fused_matmul_gelu = supports_capture = True
     def __init__(self):
         wgpu = _import_wgpu()
         self.wgpu = wgpu
@@ -1359,6 +1360,8 @@ class WgpuBackend(Backend):
         (optim_many.wgsl), with the same arithmetic."""
         if max_norm > 0 and guard is None:
             raise ValueError("adamw_many_: clipping to max_norm needs the gradient norm as guard")
+        if len(slots) < 2:  # one parameter: the plain kernel, without a table of slots to build and upload
+            return super().adamw_many_(slots, lr, b1, b2, eps, step, guard, max_norm)
         per = self.optimizer_slots()
         for start in range(0, len(slots), per):
             chunk = slots[start:start + per]
@@ -1378,6 +1381,8 @@ class WgpuBackend(Backend):
     def sumsq_many(self, arrays):
         """sum(a * a) over all of `arrays` as a (1,) array: per-workgroup partial sums of as many arrays per
         dispatch as the device binds (sumsq_many.wgsl), then one reduction of the partials."""
+        if len(arrays) < 2:  # one array: the plain kernel, without a table of slots to build and upload
+            return super().sumsq_many(arrays)
         per = self.optimizer_slots() * 4   # one binding per array here
         parts = []
         for start in range(0, len(arrays), per):

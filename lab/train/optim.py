@@ -78,12 +78,8 @@ class AdamW(Optimizer):
         clip = _max_norm(max_norm, guard)
         slots = [(p.data, p.grad.data, m, v, wd) for p, m, v, wd in zip(self.params, self.m, self.v, self.decay)
                  if p.grad is not None]
-        many = getattr(B, "adamw_many_", None)
-        if many is not None and len(slots) > 1:  # the whole update in one dispatch, or a few (wgpu)
-            many(slots, lr, self.b1, self.b2, self.eps, self.step_count, guard=g, max_norm=clip)
-            return
-        for p, gr, m, v, wd in slots:
-            B.adamw_(p, gr, m, v, lr, self.b1, self.b2, self.eps, wd, self.step_count, guard=g, max_norm=clip)
+        # the whole update in one dispatch, or a few (wgpu); one adamw_ per parameter where a backend has no more
+        B.adamw_many_(slots, lr, self.b1, self.b2, self.eps, self.step_count, guard=g, max_norm=clip)
 
     def state_arrays(self):
         out = {}
@@ -126,13 +122,7 @@ def _sumsq(params, what):
     if not params:
         raise InputError(f"{what}: no parameter has a gradient")
     B = params[0].backend
-    many = getattr(B, "sumsq_many", None)
-    if many is not None and len(params) > 1:  # every gradient in one dispatch, or a few (wgpu)
-        return params, B, many([p.grad.data for p in params])
-    partial = B.full((len(params),), 0.0)
-    for i, p in enumerate(params):
-        B.sumsq_into(p.grad.data, partial, i)
-    return params, B, B.reshape(B.reduce("sum", partial, 0), (1,))
+    return params, B, B.sumsq_many([p.grad.data for p in params])  # every gradient in one dispatch, or a few (wgpu)
 
 
 def grad_norm(params):

@@ -161,7 +161,7 @@ class Trainer:
         # global generator and leaves this run's masks, and so its losses, as they would be alone
         self.seed_rng = own_stream()
         backend = self.optimizer.backend
-        self.replay = StepReplay(backend) if hasattr(backend, "capture_begin") else None
+        self.replay = StepReplay(backend) if backend.supports_capture else None
 
     def _check_fits(self, cfg=None):
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
