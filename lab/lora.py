@@ -55,11 +55,12 @@ class LoRALinear(nn.Linear):
     def enabled(self, value):
         self._enabled = value
 
-    def forward(self, x):
-        y = super().forward(x)
-        if not self.enabled or self.merged:
-            return y
-        return F.lora_add(y, F.dropout(x, self.dropout, self.training), self.lora_A, self.lora_B, self.scale)
+    def forward(self, x, activation=None):
+        if not self.enabled or self.merged:  # the base layer alone, its activation fused as a plain Linear's
+            return super().forward(x, activation)
+        y = F.lora_add(super().forward(x), F.dropout(x, self.dropout, self.training), self.lora_A, self.lora_B,
+                       self.scale)
+        return F.activate(y, activation)   # on base + adapter, not on the base's product alone
 
     def _delta(self):
         """The update as a weight in the (in, out) layout: scale * A^T B^T."""

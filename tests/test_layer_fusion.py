@@ -113,3 +113,84 @@ def test_no_backend_capability_is_probed_with_hasattr():
     found = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
     assert not found, found
+
+
+def _torch_gelu(t):
+    import torch
+    return torch.nn.functional.gelu(t, approximate="tanh")
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["adapter", "base"])
+def test_lora_linear_applies_activation_after_the_adapter(use_backend, enabled):
+    """LoRALinear(x, activation="gelu") is gelu(base(x) + adapter(x)) (the base alone when the adapter is off),
+    with PyTorch's gradients."""
+    import torch
+    from lab import nn
+    rng = np.random.default_rng(3)
+    base = nn.Linear(5, 6)
+    layer = lora.LoRALinear(base, r=2, alpha=4, dropout=0.0)
+    layer.lora_B = nn.parameter(rng.standard_normal((6, 2)))   # (zeros at init would hide the adapter)
+    layer.enabled = enabled
+    xn = rng.standard_normal((3, 5)).astype(np.float32)
+    x = lab.tensor(xn, requires_grad=True)
+    y = layer(x, activation="gelu")
+    (y * y).sum().backward()
+    tx = torch.tensor(xn, requires_grad=True)
+    ta, tb = (torch.tensor(p.numpy(), requires_grad=True) for p in (layer.lora_A, layer.lora_B))
+    pre = tx @ torch.tensor(base.weight.numpy()) + torch.tensor(base.bias.numpy())
+    if enabled:
+        pre = pre + layer.scale * (tx @ ta.T) @ tb.T
+    ty = _torch_gelu(pre)
+    (ty * ty).sum().backward()
+    np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x.grad.numpy(), tx.grad.numpy(), rtol=1e-4, atol=1e-5)
+    if enabled:
+        np.testing.assert_allclose(layer.lora_B.grad.numpy(), tb.grad.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.lora_A.grad.numpy(), ta.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_layer_norm_residual_forward_is_add_then_norm(use_backend):
+    import torch
+    from lab import nn
+    rng = np.random.default_rng(5)
+    ln = nn.LayerNorm(7)
+    ln.weight = nn.parameter(rng.standard_normal(7))
+    ln.bias = nn.parameter(rng.standard_normal(7))
+    xn, rn = (rng.standard_normal((2, 3, 7)).astype(np.float32) for _ in range(2))
+    x, r = lab.tensor(xn, requires_grad=True), lab.tensor(rn, requires_grad=True)
+    s, h = ln.residual_forward(x, r)
+    ((s * s).sum() + (h * h * h).sum()).backward()
+    tx, tr = torch.tensor(xn, requires_grad=True), torch.tensor(rn, requires_grad=True)
+    tw, tb = torch.tensor(ln.weight.numpy(), requires_grad=True), torch.tensor(ln.bias.numpy(), requires_grad=True)
+    ts = tx + tr
+    th = torch.nn.functional.layer_norm(ts, (7,), tw, tb, 1e-5)
+    ((ts * ts).sum() + (th ** 3).sum()).backward()
+    for ours, theirs in ((s, ts), (h, th), (x.grad, tx.grad), (r.grad, tr.grad), (ln.weight.grad, tw.grad),
+                         (ln.bias.grad, tb.grad)):
+        np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_layers_refuse_an_unknown_activation(use_backend):
+    from lab import nn
+    x = lab.tensor(np.ones((2, 4), np.float32))
+    for layer in (nn.Linear(4, 3), lora.LoRALinear(nn.Linear(4, 3), r=2, alpha=2, dropout=0.0)):
+        with pytest.raises(ValueError, match=r"linear: activation must be None or 'gelu', got 'relu'"):
+            layer(x, activation="relu")
+
+
+def test_residual_forward_keeps_a_replaced_norm_forward(use_backend):
+    """A LayerNorm whose forward was replaced (a patch, a subclass) still runs it after the residual add: the
+    fused kernel must not bypass it."""
+    from lab import nn
+
+    class Doubled(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+    x, r = (lab.tensor(np.random.default_rng(i).standard_normal((2, 5)).astype(np.float32)) for i in (1, 2))
+    plain = nn.LayerNorm(5).residual_forward(x, r)[1].numpy()
+    np.testing.assert_allclose(Doubled(5).residual_forward(x, r)[1].numpy(), 2 * plain, rtol=1e-5, atol=1e-6)
+    patched = nn.LayerNorm(5)
+    object.__setattr__(patched, "forward", lambda t: nn.LayerNorm.forward(patched, t) * 3.0)
+    s, h = patched.residual_forward(x, r)
+    np.testing.assert_allclose(h.numpy(), 3 * plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.numpy(), x.numpy() + r.numpy(), rtol=1e-6)

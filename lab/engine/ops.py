@@ -511,12 +511,23 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
         return ga, gb
     return Tensor._make(out, B, (a, b), backward)
 
+def _check_activation(activation):
+    if activation not in (None, "gelu"):
+        raise ValueError(f"linear: activation must be None or 'gelu', got {activation!r}")
+
+
+def activate(x, activation):
+    """x with linear's `activation` (None or "gelu") applied by its own op: for a layer whose output is not one
+    product the matmul's store could apply it to (a LoRA layer's base + adapter)."""
+    _check_activation(activation)
+    return x if activation is None else gelu(x)
+
+
 def linear(x, weight, bias=None, activation=None):
     """x @ weight + bias for x (..., K), weight (K, N), bias (N,): one node, the bias added by the matmul kernel
     as it stores its tiles where it can (a pass over the output saved per layer). activation="gelu" returns
     gelu(x @ weight + bias), applied as the tiles are stored on a backend with matmul_gelu (wgpu), else by gelu()."""
-    if activation not in (None, "gelu"):
-        raise ValueError(f"linear: activation must be None or 'gelu', got {activation!r}")
+    _check_activation(activation)
     if weight.ndim != 2:
         raise ValueError(f"linear: the weight must be 2-D (K, N), got shape {_shape_str(weight.shape)}")
     if weight.dtype != "float16":  # (a float16 weight is storage the matmul reads as it is)
@@ -531,7 +542,7 @@ def linear(x, weight, bias=None, activation=None):
     _check_float(x, "linear")
     B = x.backend
     if activation == "gelu" and not B.fused_matmul_gelu:
-        return gelu(linear(x, weight, bias))
+        return activate(linear(x, weight, bias), activation)
     M = math.prod(x.shape[:-1])
     x3, w3 = B.reshape(x.data, (1, M, K)), B.reshape(weight.data, (1, K, N))
     b = bias.data if bias is not None else None

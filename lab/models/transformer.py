@@ -96,13 +96,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        fc = self.c_fc
-        if type(fc) is nn.Linear and "forward" not in vars(fc):
-            # the plain layer: GELU applied by the matmul as it stores the product (F.linear's epilogue)
-            h = F.linear(x, fc.weight, fc.bias, activation="gelu")
-        else:  # a wrapped or patched layer (a LoRA adapter) computes its own output first
-            h = fc(x).gelu()
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(self.c_fc(x, activation="gelu")))
 
 
 class Block(nn.Module):
@@ -114,13 +108,7 @@ class Block(nn.Module):
 
     def forward(self, x, return_weights=False):
         a, att = self.attn(self.ln_1(x), return_weights=True) if return_weights else (self.attn(self.ln_1(x)), None)
-        ln_2 = self.ln_2
-        if type(ln_2) is nn.LayerNorm and "forward" not in vars(ln_2):
-            # the plain layer: the residual add and ln_2 in one pass (F.add_layer_norm)
-            x, h = F.add_layer_norm(x, a, ln_2.weight, ln_2.bias, ln_2.eps)
-        else:  # a wrapped or patched LayerNorm computes its own output
-            x = x + a
-            h = ln_2(x)
+        x, h = self.ln_2.residual_forward(x, a)     # x + a, and ln_2 of it
         x = x + self.mlp(h)
         return (x, att) if return_weights else x
 
