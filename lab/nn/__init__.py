@@ -173,7 +173,9 @@ class Module:
 
 
 class Linear(Module):
-    """y = x @ W + b with W stored (in, out): GPT-2's Conv1D layout, so checkpoints map one to one."""
+    """y = x @ W + b with W stored (in, out): GPT-2's Conv1D layout, so checkpoints map one to one. forward takes
+    the activation that follows the layer (MLP's GELU), so a layer applies it the fastest way it has: a subclass
+    overriding forward accepts `activation` too (F.activate applies it after the layer's own output)."""
 
     def __init__(self, n_in, n_out, bias=True, std=0.02):
         self.weight = parameter(generator().normal(0.0, std, size=(n_in, n_out)))
