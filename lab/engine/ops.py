@@ -65,11 +65,13 @@ def _expand(B, g, keep_shape, shape):
 def _check_float(x, op):
     """Arithmetic needs float32 or float64: the GPU kernels read every buffer as f32, so an int32 tensor's bits would
     be taken as floats there (1 read as 1.4e-45), and numpy would round a float constant to the int type."""
-    if x.dtype == "float16":
+    dtype = x.dtype   # (a str made from the array's dtype: read once, this runs for every op of a step)
+    if dtype in ("float32", "float64"):
+        return
+    if dtype == "float16":
         raise ValueError(f"{op}: float16 tensors are storage for frozen weights, read by linear and matmul only")
-    if x.dtype not in ("float32", "float64"):
-        raise ValueError(f"{op}: expected a floating-point tensor, got dtype {x.dtype} (allowed: float32, and float64 "
-                         "on numpy; lab.tensor(t.numpy(), dtype='float32') makes a float copy)")
+    raise ValueError(f"{op}: expected a floating-point tensor, got dtype {dtype} (allowed: float32, and float64 "
+                     "on numpy; lab.tensor(t.numpy(), dtype='float32') makes a float copy)")
 
 # ---------------------------------------------------------------------------------------------------- elementwise
 
