@@ -262,3 +262,27 @@ def test_a_model_too_big_for_the_device_is_refused_before_its_weights_exist(any_
     with lab.engine.backend.using_backend(any_backend):
         with pytest.raises(DoesNotFitError, match=r"this model does not fit .*weights need [\d.]+ GiB"):
             TransformerLM(TransformerConfig(vocab_size=65, block_size=64, n_layer=4000, n_head=8, n_embd=8192))
+
+
+def test_keyboard_interrupt_landing_in_a_finalizer_between_steps_still_stops_the_run(use_backend):
+    """A Ctrl-C between steps was raised wherever the run was; landing inside a finalizer (a GPU buffer's __del__)
+    Python printed "Exception ignored" and dropped it, and the run trained on to its time limit (a CI run of the
+    test above). The run now takes Ctrl-C as a stop request for its whole length."""
+    import gc
+    t = _small_trainer()
+    t.cfg.steps, t.cfg.max_seconds, t.cfg.log_every = 6, 0, 1
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):   # bytecode for the handler to run on, still inside __del__
+                pass
+
+    def at_step(record):
+        if record["step"] == 2:
+            SignalsWhenCollected()
+            gc.collect()
+    t.callbacks.append(at_step)
+    t.run(progress=False, log_evals=False)
+    assert t.stop_reason == "interrupted (KeyboardInterrupt) after step 2", t.stop_reason
+    assert t.step_num == 2

@@ -105,6 +105,27 @@ def _interrupt_after_step():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _interrupt_stops(trainer):
+    """For a whole run in the main thread: a Ctrl-C between steps asks the loop to stop after the step (as
+    request_stop does) instead of raising KeyboardInterrupt wherever the run is. Raised there, it could land in a
+    finalizer (a GPU buffer's __del__), where Python prints "Exception ignored" and drops it: the run trained on to
+    its time limit. Yields a list that holds the signal once one arrived. (Within a step, train_step holds it.)"""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum, frame):
+        received.append(signum)
+        trainer.request_stop()
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 HISTORY_LIMIT = 20_000   # logged records kept in full; beyond, older ones are thinned (memory stays flat)
 
 
@@ -380,67 +401,71 @@ class Trainer:
         self.stop_reason, self.fault = None, None
         if self.replay is not None:
             self.replay.reset()
-        try:
-            while self.step_num < cfg.steps and not self._stop:
-                if not self._running.is_set():
-                    paused_at = time.perf_counter()
-                    self._running.wait()
-                    t0 += time.perf_counter() - paused_at   # a pause is not training time
-                    last_t += time.perf_counter() - paused_at
-                    if self._stop:
-                        break
-                # the whole step, its check, evaluation, log record and checkpoint under the step lock: a
-                # save_checkpoint from another thread (the kernel, beside a panel's training thread) waits
-                # for the boundary and finds weights, moments, counters, RNG states and history of one step
-                with self.step_lock:
-                    loss, norm = self.train_step()
-                    step = self.step_num
-                    if cfg.check_finite_every and step % cfg.check_finite_every == 0:
-                        try:
-                            self.check_finite(loss, norm)
-                        except NonFiniteError as e:
-                            say(f"lab: {e}")
-                            if cfg.nonfinite == "stop":
-                                self._stop, self.stop_reason, self.fault = True, str(e), e
-                                break
-                            self.skipped_steps.append((step, str(e)))
-                            bar.update(1)
-                            continue
-                    out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
-                    if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-                        if self.replay is not None:
-                            self.replay.suspend()  # the evaluation reuses the step's buffers; recaptured after it
-                        val_loss = self.evaluate()
-                        self._early_stopping(val_loss)
-                        if log_evals:
-                            say(
-                                f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
-                                f"{time.perf_counter() - t0:.0f} s")
-                    if out_of_time and not self._stop:
-                        self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
-                    if step % cfg.log_every == 0 or step == cfg.steps:
-                        now = time.perf_counter()
-                        record = {
-                            "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
-                            "lr": cosine_lr(step - 1, cfg),
-                            "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_t, 1e-9),
-                            "elapsed": now - t0,
-                        }
-                        record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
-                        last_t, last_step = now, step
-                        self.history.append(record)
-                        if len(self.history) > HISTORY_LIMIT:
-                            self._thin_history()
-                        for cb in self.callbacks:
-                            cb(record)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                        val=f"{val_loss:.3f}" if val_loss is not None else "-",
-                                        tok_s=f"{record['tokens_per_s']:.0f}")
-                    if cfg.checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                        self._save(say)
-                    bar.update(1)
-        except KeyboardInterrupt:  # steps finish before an interrupt lands (train_step): stop here, usable, resumable
-            self._stop, self.stop_reason = True, f"interrupted (KeyboardInterrupt) after step {self.step_num}"
+        with _interrupt_stops(self) as interrupted:
+            try:
+                while self.step_num < cfg.steps and not self._stop:
+                    if not self._running.is_set():
+                        paused_at = time.perf_counter()
+                        self._running.wait()
+                        t0 += time.perf_counter() - paused_at   # a pause is not training time
+                        last_t += time.perf_counter() - paused_at
+                        if self._stop:
+                            break
+                    # the whole step, its check, evaluation, log record and checkpoint under the step lock: a
+                    # save_checkpoint from another thread (the kernel, beside a panel's training thread) waits
+                    # for the boundary and finds weights, moments, counters, RNG states and history of one step
+                    with self.step_lock:
+                        loss, norm = self.train_step()
+                        step = self.step_num
+                        if cfg.check_finite_every and step % cfg.check_finite_every == 0:
+                            try:
+                                self.check_finite(loss, norm)
+                            except NonFiniteError as e:
+                                say(f"lab: {e}")
+                                if cfg.nonfinite == "stop":
+                                    self._stop, self.stop_reason, self.fault = True, str(e), e
+                                    break
+                                self.skipped_steps.append((step, str(e)))
+                                bar.update(1)
+                                continue
+                        out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
+                        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+                            if self.replay is not None:
+                                self.replay.suspend()  # the evaluation reuses the step's buffers; recaptured after it
+                            val_loss = self.evaluate()
+                            self._early_stopping(val_loss)
+                            if log_evals:
+                                say(
+                                    f"step {step}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
+                                    f"{time.perf_counter() - t0:.0f} s")
+                        if out_of_time and not self._stop:
+                            self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
+                        if step % cfg.log_every == 0 or step == cfg.steps:
+                            now = time.perf_counter()
+                            record = {
+                                "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
+                                "lr": cosine_lr(step - 1, cfg),
+                                "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_t, 1e-9),
+                                "elapsed": now - t0,
+                            }
+                            record["eta"] = (cfg.steps - step) * (now - last_t) / max(step - last_step, 1)
+                            last_t, last_step = now, step
+                            self.history.append(record)
+                            if len(self.history) > HISTORY_LIMIT:
+                                self._thin_history()
+                            for cb in self.callbacks:
+                                cb(record)
+                            bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                            val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                                            tok_s=f"{record['tokens_per_s']:.0f}")
+                        if cfg.checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                            self._save(say)
+                        bar.update(1)
+            except KeyboardInterrupt:  # held to the step's end (train_step): stop here, usable, resumable
+                self._stop, self.stop_reason = True, f"interrupted (KeyboardInterrupt) after step {self.step_num}"
+                say(f"lab: {self.stop_reason}")
+        if interrupted and self.stop_reason is None:   # (a Ctrl-C between steps: the loop stopped after the step)
+            self.stop_reason = f"interrupted (KeyboardInterrupt) after step {self.step_num}"
             say(f"lab: {self.stop_reason}")
         bar.close()
         if self._step_loss is not None:  # one read, after the loop: the summary's loss when no step was logged
