@@ -12,8 +12,9 @@
 // made the 8 x 8 tiles pay (they ran slower than 8 x 4 with the clamps).
 // (A B-transposed entry with both tiles along k and 4-wide dot products measured 6.9 TFLOP/s on the H200 against
 // 17.6 for matmul.wgsl's main_rows, so transposed B stays there.)
-// Every multiply-add is a statement of its own (c += a.x * b0; c += a.y * b1; ...): written as one sum of four
-// products added to c, it compiles to a multiply, three FMAs and an add, five ops for four (nn128 on the H200:
+// One function per tiling, narrow() and wide(), takes the layout as constant flags; the entry points are a call
+// each. Every multiply-add is a statement of its own (acc[r] += a.x * b0; acc[r] += a.y * b1; ..., in loops over
+// constant bounds, which unroll): written as one sum of four products added to c, it compiles to a multiply, three FMAs and an add, five ops for four (nn128 on the H200:
 // 32.1 TFLOP/s that way, 35.8 this way).
 // Bindings: @binding(0) P = [M, N, K, outer_a, outer_b, outer_c, batch, kc, has_bias, triangle, gelu, lda, ldb,
 // ldc, heads, inner_a, inner_b, inner_c, offset_a, offset_b, offset_c, split_c] (all in floats, multiples of 4),
@@ -45,6 +46,8 @@ fn b_at(i: u32) -> vec4<f32> { return vec4<f32>(B[i]); }
 
 var<workgroup> Ta: array<vec4<f32>, 512>;
 var<workgroup> Tb: array<vec4<f32>, 512>;   // (the wide kernels double-buffer 256)
+// A thread's outputs (every index into acc is a constant once the loops over rows unroll, so acc lives in registers).
+var<private> acc: array<vec4<f32>, 16>;
 
 struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_end: u32, m0: u32, n0: u32,
               lda: u32, ldb: u32, ldc: u32 }   // a, b, c, ld*: in vec4s
@@ -93,213 +96,77 @@ fn put(t: Tile, row: u32, tx: u32, v: vec4<f32>) {
     }
 }
 
-// C rows m0 + 4 ty .. + 3, columns n0 + 4 tx .. + 3 (one vec4 per row).
-fn store(t: Tile, tx: u32, ty: u32, r0: vec4<f32>, r1: vec4<f32>, r2: vec4<f32>, r3: vec4<f32>) {
-    let row = t.m0 + 4u * ty;
+// The narrow tiles, tm (64 or 128) x 64, TK = 16, R = tm / 16 rows x 4 columns per thread (rows m0 + R ty ..
+// + R - 1 in acc[0 .. R - 1], columns n0 + 4 tx .. + 3). a_along_k: A stored (M, K), staged along its rows
+// (Ta[m * 4 + q] = A(m0 + m, k0 + 4 q .. + 3)), each row's k in steps of four against Tb's rows k .. k + 3; else
+// A stored (K, M), staged as it stands (Ta[k * tm / 4 + i] = A(k0 + k, m0 + 4 i .. + 3)). Tb[k * 16 + j] =
+// B(k0 + k, n0 + 4 j .. + 3). A's tile takes tm / 64 loads per thread, 256 vec4s apart. Every entry point passes
+// constants, so the compiler drops the untaken branch and unrolls the loops over rows: one FMA per statement.
+fn narrow(wid: vec3<u32>, lid: u32, a_along_k: bool, tm: u32) {
+    let t = tile(wid, tm);
+    let R = tm / 16u;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    for (var r = 0u; r < R; r++) { acc[r] = vec4<f32>(0.0); }
+    var ia = t.a + (lid / (4u * R)) * t.lda + t.m0 / 4u + lid % (4u * R);    // k rows lid / (4 R) + 64 j / R
+    if (a_along_k) { ia = t.a + (t.m0 + lid / 4u) * t.lda + lid % 4u; }     // rows lid / 4 + 64 j
+    let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
+        for (var j = 0u; j < R / 4u; j++) {
+            Ta[lid + 256u * j] = a_at(ia + select((k0 + 64u * j / R) * t.lda, 64u * j * t.lda + k0 / 4u, a_along_k));
+        }
+        Tb[lid] = b_at(ib + k0 * t.ldb);
+        workgroupBarrier();
+        if (a_along_k) {
+            for (var q = 0u; q < 4u; q++) {
+                let b0 = Tb[(4u * q) * 16u + tx];
+                let b1 = Tb[(4u * q + 1u) * 16u + tx];
+                let b2 = Tb[(4u * q + 2u) * 16u + tx];
+                let b3 = Tb[(4u * q + 3u) * 16u + tx];
+                for (var r = 0u; r < R; r++) {
+                    let a = Ta[(R * ty + r) * 4u + q];
+                    acc[r] += a.x * b0;
+                    acc[r] += a.y * b1;
+                    acc[r] += a.z * b2;
+                    acc[r] += a.w * b3;
+                }
+            }
+        } else {
+            for (var k = 0u; k < TK; k++) {
+                let b = Tb[k * 16u + tx];
+                for (var i = 0u; i < R / 4u; i++) {
+                    let a = Ta[k * 4u * R + (R / 4u) * ty + i];
+                    acc[4u * i] += a.x * b;
+                    acc[4u * i + 1u] += a.y * b;
+                    acc[4u * i + 2u] += a.z * b;
+                    acc[4u * i + 3u] += a.w * b;
+                }
+            }
+        }
+        workgroupBarrier();
+    }
     let b = bias(t, tx);
-    put(t, row, tx, r0 + b);
-    put(t, row + 1u, tx, r1 + b);
-    put(t, row + 2u, tx, r2 + b);
-    put(t, row + 3u, tx, r3 + b);
+    for (var r = 0u; r < R; r++) { put(t, t.m0 + R * ty + r, tx, acc[r] + b); }
 }
 
 @compute @workgroup_size(256)
 fn nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile(wid, 64u);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
-    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = a_at(t.a + (t.m0 + lid / 4u) * t.lda + k0 / 4u + lid % 4u);        // Ar[m * 4 + q]
-        Tb[lid] = b_at(t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u);      // Bs[k * 16 + j]
-        workgroupBarrier();
-        for (var q = 0u; q < 4u; q++) {
-            let b0 = Tb[(4u * q) * 16u + tx];
-            let b1 = Tb[(4u * q + 1u) * 16u + tx];
-            let b2 = Tb[(4u * q + 2u) * 16u + tx];
-            let b3 = Tb[(4u * q + 3u) * 16u + tx];
-            let a0 = Ta[(4u * ty) * 4u + q];
-            let a1 = Ta[(4u * ty + 1u) * 4u + q];
-            let a2 = Ta[(4u * ty + 2u) * 4u + q];
-            let a3 = Ta[(4u * ty + 3u) * 4u + q];
-            c0 += a0.x * b0;
-            c0 += a0.y * b1;
-            c0 += a0.z * b2;
-            c0 += a0.w * b3;
-            c1 += a1.x * b0;
-            c1 += a1.y * b1;
-            c1 += a1.z * b2;
-            c1 += a1.w * b3;
-            c2 += a2.x * b0;
-            c2 += a2.y * b1;
-            c2 += a2.z * b2;
-            c2 += a2.w * b3;
-            c3 += a3.x * b0;
-            c3 += a3.y * b1;
-            c3 += a3.z * b2;
-            c3 += a3.w * b3;
-        }
-        workgroupBarrier();
-    }
-    store(t, tx, ty, c0, c1, c2, c3);
+    narrow(wid, lid, true, 64u);
 }
 
 @compute @workgroup_size(256)
 fn tn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile(wid, 64u);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
-    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = a_at(t.a + (k0 + lid / 16u) * t.lda + t.m0 / 4u + lid % 16u);      // As[k * 16 + i]
-        Tb[lid] = b_at(t.b + (k0 + lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u);      // Bs[k * 16 + j]
-        workgroupBarrier();
-        for (var k = 0u; k < TK; k++) {
-            let a = Ta[k * 16u + ty];
-            let b = Tb[k * 16u + tx];
-            c0 += a.x * b;
-            c1 += a.y * b;
-            c2 += a.z * b;
-            c3 += a.w * b;
-        }
-        workgroupBarrier();
-    }
-    store(t, tx, ty, c0, c1, c2, c3);
+    narrow(wid, lid, false, 64u);
 }
 
-// C rows m0 + 8 ty .. + 7: A's tile is 128 rows x 4 vec4 (two loads per thread), B's as in nn.
 @compute @workgroup_size(256)
 fn nn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile(wid, 128u);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0);
-    var c5 = vec4<f32>(0.0);
-    var c6 = vec4<f32>(0.0);
-    var c7 = vec4<f32>(0.0);
-    let ia = t.a + (t.m0 + lid / 4u) * t.lda + lid % 4u;       // rows lid / 4 and 64 + lid / 4
-    let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
-    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = a_at(ia + k0 / 4u);
-        Ta[lid + 256u] = a_at(ia + 64u * t.lda + k0 / 4u);
-        Tb[lid] = b_at(ib + k0 * t.ldb);
-        workgroupBarrier();
-        for (var q = 0u; q < 4u; q++) {
-            let b0 = Tb[(4u * q) * 16u + tx];
-            let b1 = Tb[(4u * q + 1u) * 16u + tx];
-            let b2 = Tb[(4u * q + 2u) * 16u + tx];
-            let b3 = Tb[(4u * q + 3u) * 16u + tx];
-            let a0 = Ta[(8u * ty + 0u) * 4u + q];
-            c0 += a0.x * b0;
-            c0 += a0.y * b1;
-            c0 += a0.z * b2;
-            c0 += a0.w * b3;
-            let a1 = Ta[(8u * ty + 1u) * 4u + q];
-            c1 += a1.x * b0;
-            c1 += a1.y * b1;
-            c1 += a1.z * b2;
-            c1 += a1.w * b3;
-            let a2 = Ta[(8u * ty + 2u) * 4u + q];
-            c2 += a2.x * b0;
-            c2 += a2.y * b1;
-            c2 += a2.z * b2;
-            c2 += a2.w * b3;
-            let a3 = Ta[(8u * ty + 3u) * 4u + q];
-            c3 += a3.x * b0;
-            c3 += a3.y * b1;
-            c3 += a3.z * b2;
-            c3 += a3.w * b3;
-            let a4 = Ta[(8u * ty + 4u) * 4u + q];
-            c4 += a4.x * b0;
-            c4 += a4.y * b1;
-            c4 += a4.z * b2;
-            c4 += a4.w * b3;
-            let a5 = Ta[(8u * ty + 5u) * 4u + q];
-            c5 += a5.x * b0;
-            c5 += a5.y * b1;
-            c5 += a5.z * b2;
-            c5 += a5.w * b3;
-            let a6 = Ta[(8u * ty + 6u) * 4u + q];
-            c6 += a6.x * b0;
-            c6 += a6.y * b1;
-            c6 += a6.z * b2;
-            c6 += a6.w * b3;
-            let a7 = Ta[(8u * ty + 7u) * 4u + q];
-            c7 += a7.x * b0;
-            c7 += a7.y * b1;
-            c7 += a7.z * b2;
-            c7 += a7.w * b3;
-        }
-        workgroupBarrier();
-    }
-    let row = t.m0 + 8u * ty;
-    let b = bias(t, tx);
-    put(t, row + 0u, tx, c0 + b);
-    put(t, row + 1u, tx, c1 + b);
-    put(t, row + 2u, tx, c2 + b);
-    put(t, row + 3u, tx, c3 + b);
-    put(t, row + 4u, tx, c4 + b);
-    put(t, row + 5u, tx, c5 + b);
-    put(t, row + 6u, tx, c6 + b);
-    put(t, row + 7u, tx, c7 + b);
+    narrow(wid, lid, true, 128u);
 }
 
-// A (K, M): A's tile is 16 k x 32 vec4 of m (two loads per thread); a thread's 8 rows are two vec4 of it.
 @compute @workgroup_size(256)
 fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile(wid, 128u);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0);
-    var c5 = vec4<f32>(0.0);
-    var c6 = vec4<f32>(0.0);
-    var c7 = vec4<f32>(0.0);
-    let ia = t.a + (lid / 32u) * t.lda + t.m0 / 4u + lid % 32u;  // k rows lid / 32 and 8 + lid / 32
-    let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
-    for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        Ta[lid] = a_at(ia + k0 * t.lda);
-        Ta[lid + 256u] = a_at(ia + (k0 + 8u) * t.lda);
-        Tb[lid] = b_at(ib + k0 * t.ldb);
-        workgroupBarrier();
-        for (var k = 0u; k < TK; k++) {
-            let lo = Ta[k * 32u + 2u * ty];
-            let hi = Ta[k * 32u + 2u * ty + 1u];
-            let b = Tb[k * 16u + tx];
-            c0 += lo.x * b;
-            c1 += lo.y * b;
-            c2 += lo.z * b;
-            c3 += lo.w * b;
-            c4 += hi.x * b;
-            c5 += hi.y * b;
-            c6 += hi.z * b;
-            c7 += hi.w * b;
-        }
-        workgroupBarrier();
-    }
-    let row = t.m0 + 8u * ty;
-    let b = bias(t, tx);
-    put(t, row + 0u, tx, c0 + b);
-    put(t, row + 1u, tx, c1 + b);
-    put(t, row + 2u, tx, c2 + b);
-    put(t, row + 3u, tx, c3 + b);
-    put(t, row + 4u, tx, c4 + b);
-    put(t, row + 5u, tx, c5 + b);
-    put(t, row + 6u, tx, c6 + b);
-    put(t, row + 7u, tx, c7 + b);
+    narrow(wid, lid, false, 128u);
 }
 
 // 128 x 128 tiles, 8 x 8 outputs per thread, TK = 8 (nn_wide, tn_wide; M and N multiples of 128): a quarter of
@@ -310,9 +177,8 @@ fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
 // and 48.3 for tn at 4096 (32.1 and 37.3 with the 128 x 64 tiles); 42-48 on the model's shapes.
 // A thread's rows are 4 ty .. + 3 and 64 + 4 ty .. + 3 (wide_row), its columns 4 tx .. + 3 and 64 + 4 tx .. + 3:
 // the halves keep a warp's shared-memory reads on distinct banks. acc[2 i], acc[2 i + 1]: row i's two column
-// vec4s (every index into acc is a constant once the loops over i unroll, so acc lives in registers).
+// vec4s.
 const TKW: u32 = 8u;
-var<private> acc: array<vec4<f32>, 16>;
 
 fn wide_row(ty: u32, i: u32) -> u32 {
     return select(4u * ty + i, 60u + 4u * ty + i, i >= 4u);
@@ -340,22 +206,12 @@ fn wide_step(half: u32, tx: u32, ty: u32) {
         let hi = Ta[half + k * 32u + 16u + ty];
         let b0 = Tb[half + k * 32u + tx];
         let b1 = Tb[half + k * 32u + 16u + tx];
-        acc[0] += lo.x * b0;
-        acc[1] += lo.x * b1;
-        acc[2] += lo.y * b0;
-        acc[3] += lo.y * b1;
-        acc[4] += lo.z * b0;
-        acc[5] += lo.z * b1;
-        acc[6] += lo.w * b0;
-        acc[7] += lo.w * b1;
-        acc[8] += hi.x * b0;
-        acc[9] += hi.x * b1;
-        acc[10] += hi.y * b0;
-        acc[11] += hi.y * b1;
-        acc[12] += hi.z * b0;
-        acc[13] += hi.z * b1;
-        acc[14] += hi.w * b0;
-        acc[15] += hi.w * b1;
+        for (var i = 0u; i < 4u; i++) {
+            acc[2u * i] += lo[i] * b0;
+            acc[2u * i + 1u] += lo[i] * b1;
+            acc[2u * i + 8u] += hi[i] * b0;
+            acc[2u * i + 9u] += hi[i] * b1;
+        }
     }
 }
 
