@@ -5,16 +5,14 @@
 // Bindings: @binding(0) P = [n], @binding(1) SRC (n,) f16, @binding(2) DST (n,) f32.
 enable f16;
 
-const WG: u32 = 256u;
+#include flat
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> SRC: array<f16>;
 @group(0) @binding(2) var<storage, read_write> DST: array<f32>;
 
 @compute @workgroup_size(WG)
-fn widen_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+fn widen_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     DST[i] = f32(SRC[i]);
 }

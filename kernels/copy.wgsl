@@ -9,17 +9,15 @@
 //         fill: [n, value bits]; pad: [n (= batch R C), R, C, r, c].
 // Works on 32-bit words, so it moves int32 tensors too.
 
-const WG: u32 = 256u;
+#include flat
 const MAXDIM: u32 = 6u;
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> SRC: array<u32>;
 @group(0) @binding(2) var<storage, read_write> DST: array<u32>;
 
 @compute @workgroup_size(WG)
-fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+fn copy_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     let ndim = P[1];
     var rem = i;
@@ -37,9 +35,8 @@ fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 }
 
 @compute @workgroup_size(WG)
-fn pad_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+fn pad_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     let R = P[1];
     let C = P[2];
@@ -54,9 +51,8 @@ fn pad_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 }
 
 @compute @workgroup_size(WG)
-fn fill_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+fn fill_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     DST[i] = P[1];
 }

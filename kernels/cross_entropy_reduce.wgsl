@@ -3,9 +3,8 @@
 //   backward_main: dx[r, j] = g * (exp(x[r, j] - lse[r]) - [j == t[r]]) / max(1, count)   (0 for ignored rows)
 // Bindings: P = [rows, V, ignore_index bits]; mean: LOSS, VALID, OUT, COUNT; backward: X, T, LSE, VALID, COUNT, G, DX.
 
-const WG: u32 = 256u;
+#include flat
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read> T: array<i32>;
 @group(0) @binding(3) var<storage, read> LSE: array<f32>;
@@ -38,9 +37,8 @@ fn mean_main(@builtin(local_invocation_index) lid: u32) {
 }
 
 @compute @workgroup_size(WG)
-fn backward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+fn backward_main(inv: Invocation) {
+    let e = flat(inv);
     let rows = P[0];
     let V = P[1];
     if (e >= rows * V) { return; }

@@ -5,12 +5,10 @@
 // Specialized per op by substituting {{UNARY}}, {{SCALAR}}, {{BINARY}} with one of the fns below.
 // Bindings: @binding(0) P: params (u32), @binding(1) a, @binding(2) b (binary only), @binding(3) y.
 // Params: unary/scalar: [n, c]; binary: [n, ndim, shape[MAXDIM], astride[MAXDIM], bstride[MAXDIM]].
-// The grid is 2D (x * y workgroups) so that n may exceed 65535 * WG.
 
-const WG: u32 = 256u;
+#include flat
 const MAXDIM: u32 = 6u;
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> A: array<f32>;
 @group(0) @binding(2) var<storage, read> B: array<f32>;
 @group(0) @binding(3) var<storage, read_write> Y: array<f32>;
@@ -67,30 +65,23 @@ fn b_gelu_bwd(x: f32, g: f32) -> f32 {
     return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
 }
 
-fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid;
-}
-
 @compute @workgroup_size(WG)
-fn unary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
+fn unary_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     Y[i] = {{UNARY}}(A[i]);
 }
 
 @compute @workgroup_size(WG)
-fn scalar_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
+fn scalar_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     Y[i] = {{SCALAR}}(A[i], bitcast<f32>(P[1]));
 }
 
 @compute @workgroup_size(WG)
-fn binary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
+fn binary_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     let ndim = P[1];
     var rem = i;

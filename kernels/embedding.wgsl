@@ -17,9 +17,8 @@
 // Bindings: P = [N, C, V, S, chunk], @binding(1) IDX (i32), @binding(2) SRC (W or g), @binding(3) DST (out or dW),
 // @binding(4) LINK (N,) u32, @binding(5) ERR (4,) i32.
 
-const WG: u32 = 256u;
+#include flat
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> IDX: array<i32>;
 @group(0) @binding(2) var<storage, read> SRC: array<f32>;
 @group(0) @binding(3) var<storage, read_write> DST: array<f32>;
@@ -31,9 +30,8 @@ const WG: u32 = 256u;
 const FIRST: u32 = 0x80000000u;
 
 @compute @workgroup_size(WG)
-fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+fn forward_main(inv: Invocation) {
+    let e = flat(inv);
     let N = P[0];
     let C = P[1];
     let V = P[2];
@@ -47,9 +45,8 @@ fn forward_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 @compute @workgroup_size(WG)
-fn links_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+fn links_main(inv: Invocation) {
+    let i = flat(inv);
     let N = P[0];
     if (i >= N) { return; }
     let v = IDX[i];
@@ -69,9 +66,8 @@ fn links_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 }
 
 @compute @workgroup_size(WG)
-fn chain_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+fn chain_main(inv: Invocation) {
+    let e = flat(inv);
     let N = P[0];
     let C = P[1];
     if (e >= N * C) { return; }
@@ -89,9 +85,8 @@ fn chain_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 }
 
 @compute @workgroup_size(WG)
-fn backward_vocab_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                       @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+fn backward_vocab_main(inv: Invocation) {
+    let e = flat(inv);
     let N = P[0];
     let C = P[1];
     let V = P[2];

@@ -7,10 +7,9 @@
 //                     (the host sums the S partials into dw, db; S = 1 writes them directly)
 // Bindings: P = [rows, n, S, chunk, accumulate], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw), OUT1 (db), ACC.
 
-const WG: u32 = 256u;
+#include flat
 const RWG: u32 = {{RWG}}u;   // threads per row of backward_x_main (the host picks 64 or 256)
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read> W: array<f32>;
 @group(0) @binding(3) var<storage, read> MEAN: array<f32>;
@@ -49,9 +48,8 @@ fn backward_x_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 }
 
 @compute @workgroup_size(WG)
-fn backward_wb_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.y * nwg.x + wid.x) * WG + lid;
+fn backward_wb_main(inv: Invocation) {
+    let e = flat(inv);
     let rows = P[0];
     let n = P[1];
     let S = P[2];

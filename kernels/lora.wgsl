@@ -11,20 +11,16 @@
 // Bindings: P = [M, K, N, r, s bits, no base], @binding(1) IN (X or H), @binding(2) W (A or B), @binding(3) BASE,
 // @binding(4) OUT.
 
-const WG: u32 = 256u;
+#include flat
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> IN: array<f32>;
 @group(0) @binding(2) var<storage, read> W: array<f32>;
 @group(0) @binding(3) var<storage, read> BASE: array<f32>;
 @group(0) @binding(4) var<storage, read_write> OUT: array<f32>;
 
-fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 { return (wid.y * nwg.x + wid.x) * WG + lid; }
-
 @compute @workgroup_size(WG)
-fn down_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let e = flat(wid, nwg, lid);
+fn down_main(inv: Invocation) {
+    let e = flat(inv);
     let M = P[0];
     let K = P[1];
     let r = P[3];
@@ -52,15 +48,13 @@ fn up_add(e: u32, transposed: bool) {
 }
 
 @compute @workgroup_size(WG)
-fn up_add_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    up_add(flat(wid, nwg, lid), false);
+fn up_add_main(inv: Invocation) {
+    up_add(flat(inv), false);
 }
 
 // up_add_main with B given transposed, BT: (r, N): a warp's 32 outputs of one row read 32 neighbouring floats
 // of BT per j (one row of H, the same for all of them), where B (N, r) has them r floats apart.
 @compute @workgroup_size(WG)
-fn up_add_t_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) lid: u32) {
-    up_add(flat(wid, nwg, lid), true);
+fn up_add_t_main(inv: Invocation) {
+    up_add(flat(inv), true);
 }

@@ -9,9 +9,8 @@
 // would, and stored back, before the update uses it: one dispatch per parameter instead of two.
 // Bindings: P = [n, hyperparameters as f32 bits...], then per entry (see the declarations).
 
-const WG: u32 = 256u;
+#include flat
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read_write> PARAM: array<f32>;   // clip: the gradient being scaled
 @group(0) @binding(2) var<storage, read_write> GRAD: array<f32>;    // clip: NORMSQ
 @group(0) @binding(3) var<storage, read_write> S1: array<f32>;      // adamw: m;  sgd: momentum buffer
@@ -25,8 +24,6 @@ fn guard_ok() -> bool { return abs(GUARD[0]) <= 3.4028235e38; }
 
 fn f(k: u32) -> f32 { return bitcast<f32>(P[k]); }
 
-fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 { return (wid.y * nwg.x + wid.x) * WG + lid; }
-
 // Gradient element i, clipped to the global norm max_norm (0: not clipped) and stored back as clipped.
 fn clipped_grad(i: u32, max_norm: f32) -> f32 {
     if (max_norm <= 0.0) { return GRAD[i]; }
@@ -37,9 +34,8 @@ fn clipped_grad(i: u32, max_norm: f32) -> f32 {
 
 // P = [n, lr, b1, b2, eps, wd, bc1, bc2, max_norm]
 @compute @workgroup_size(WG)
-fn adamw_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = flat(wid, nwg, lid);
+fn adamw_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0] || !guard_ok()) { return; }
     let lr = f(1u);
     let b1 = f(2u);
@@ -56,9 +52,8 @@ fn adamw_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 
 // P = [n, lr, momentum, wd, max_norm]
 @compute @workgroup_size(WG)
-fn sgd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let i = flat(wid, nwg, lid);
+fn sgd_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0] || !guard_ok()) { return; }
     let p = PARAM[i];
     let g = clipped_grad(i, f(4u)) + f(3u) * p;
@@ -69,9 +64,8 @@ fn sgd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 
 // P = [n, max_norm]
 @compute @workgroup_size(WG)
-fn clip_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let i = flat(wid, nwg, lid);
+fn clip_main(inv: Invocation) {
+    let i = flat(inv);
     if (i >= P[0]) { return; }
     let coef = min(1.0, f(1u) / (sqrt(GRAD[0]) + 1e-6));
     PARAM[i] = PARAM[i] * coef;

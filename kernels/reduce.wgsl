@@ -9,9 +9,8 @@
 // Bindings: @binding(0) P = [outer, n, inner, out_offset, S, chunk], @binding(1) X, @binding(2) Y.
 // out_offset lets several reductions write into one buffer (per-parameter squared norms for clipping).
 
-const WG: u32 = 256u;
+#include flat
 
-@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 
@@ -54,14 +53,13 @@ fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 }
 
 @compute @workgroup_size(WG)
-fn columns_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
+fn columns_main(inv: Invocation) {
     let outer = P[0];
     let n = P[1];
     let inner = P[2];
     let S = P[4];
     let chunk = P[5];
-    let e = (wid.y * nwg.x + wid.x) * WG + lid;   // (o, s, j)
+    let e = flat(inv);   // (o, s, j)
     if (e >= outer * S * inner) { return; }
     let j = e % inner;
     let s = (e / inner) % S;

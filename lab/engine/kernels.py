@@ -18,12 +18,26 @@ def kernel_dir():
 @functools.lru_cache(maxsize=None)
 def source(name, includes=()):
     """kernels/<name>.wgsl with every `#include other` line replaced by kernels/other.wgsl (WGSL has no
-    includes; module-scope declarations may come in any order, so placement does not matter). `includes`,
+    includes; module-scope declarations may come in any order, so placement does not matter). A file comes in
+    once per module (a second `#include` of it is dropped: its declarations would be duplicates). `includes`,
     (other, instead) pairs, swaps an included file for a variant of it (e.g. a device's subgroup reductions)."""
-    text = (kernel_dir() / f"{name}.wgsl").read_text()
-    instead = dict(includes)
-    return re.sub(r"^#include (\w+)$", lambda m: source(instead.get(m.group(1), m.group(1)), includes), text,
-                  flags=re.M)
+    return _expand(name, dict(includes), (), set())
+
+
+def _expand(name, instead, chain, done):
+    path = kernel_dir() / f"{name}.wgsl"
+    if not path.is_file():
+        raise FileNotFoundError(f"kernel {chain[-1]}.wgsl: `#include {name}`: no {path}" if chain
+                                else f"no kernel {name!r}: {path} does not exist")
+    done.add(name)
+
+    def include(m):
+        other = instead.get(m.group(1), m.group(1))
+        if other in chain + (name,):
+            raise ValueError(f"kernel {name}.wgsl: `#include {other}` is circular: "
+                             + " -> ".join(chain + (name, other)))
+        return "" if other in done else _expand(other, instead, chain + (name,), done)
+    return re.sub(r"^#include (\w+)$", include, path.read_text(), flags=re.M)
 
 
 def specialize(name, includes=(), **subs):

@@ -1,0 +1,71 @@
+"""The WGSL sources' assembly (lab/engine/kernels.py: `#include`, {{NAME}} placeholders) and that every module
+compiles, every entry point of it, on the device: an entry point no op test reaches still has to build."""
+import re
+
+import pytest
+
+from lab.engine import kernels
+
+# a value for each placeholder the backend fills (optim_many's and sumsq_many's BINDINGS are generated per use)
+SUBS = {"ENABLE": "", "A_ELEM": "f32", "B_ELEM": "f32", "TRANS_A": "false", "TRANS_B": "true", "UNARY": "u_gelu",
+        "SCALAR": "s_pow", "BINARY": "b_maximum", "COMBINE": "r_max", "MAP": "m_square", "IDENTITY": "0.0",
+        "RWG": 64}
+
+
+def _kernel_files():
+    return sorted(p.stem for p in kernels.kernel_dir().glob("*.wgsl") if "@compute" in p.read_text())
+
+
+@pytest.mark.parametrize("kernel", [k for k in _kernel_files() if k not in ("optim_many", "sumsq_many")])
+def test_every_kernel_entry_point_compiles(wgpu_backend, kernel):
+    text = kernels.source(kernel, wgpu_backend._includes)
+    subs = tuple((k, SUBS[k]) for k in sorted(set(re.findall(r"\{\{(\w+)\}\}", text))))
+    entries = re.findall(r"@compute @workgroup_size\([^)]*\)\s*fn (\w+)", text)
+    assert entries, f"{kernel}.wgsl: no entry point found"
+    for entry in entries:
+        wgpu_backend._pipeline(kernel, entry, subs)
+
+
+def _dir(tmp_path, monkeypatch, **files):
+    for name, text in files.items():
+        (tmp_path / f"{name}.wgsl").write_text(text)
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    kernels.source.cache_clear()
+
+
+@pytest.fixture
+def fresh_cache():
+    kernels.source.cache_clear()
+    yield
+    kernels.source.cache_clear()   # the real sources again for the tests after
+
+
+def test_a_file_included_twice_comes_into_the_module_once(tmp_path, monkeypatch, fresh_cache):
+    _dir(tmp_path, monkeypatch, flat="const WG: u32 = 256u;\n", helper="#include flat\nfn h() {}\n",
+         k="#include flat\n#include helper\n@compute @workgroup_size(WG) fn main() {}\n")
+    text = kernels.source("k")
+    assert text.count("const WG") == 1 and "fn h()" in text, text
+
+
+def test_a_missing_include_names_the_file_that_includes_it(tmp_path, monkeypatch, fresh_cache):
+    _dir(tmp_path, monkeypatch, k="#include nosuch\n")
+    with pytest.raises(FileNotFoundError, match=r"kernel k\.wgsl: `#include nosuch`: no .*nosuch\.wgsl"):
+        kernels.source("k")
+    with pytest.raises(FileNotFoundError, match=r"no kernel 'absent'"):
+        kernels.source("absent")
+
+
+def test_a_circular_include_is_an_error_that_shows_the_chain(tmp_path, monkeypatch, fresh_cache):
+    _dir(tmp_path, monkeypatch, a="#include b\n", b="#include c\n", c="#include a\n")
+    with pytest.raises(ValueError, match=r"circular: a -> b -> c -> a"):
+        kernels.source("a")
+    _dir(tmp_path, monkeypatch, s="#include s\n")
+    with pytest.raises(ValueError, match=r"circular: s -> s"):
+        kernels.source("s")
+
+
+def test_a_placeholder_without_a_value_is_an_error(tmp_path, monkeypatch, fresh_cache):
+    _dir(tmp_path, monkeypatch, k="const R: u32 = {{RWG}}u;\nfn f() -> u32 { return {{X}}; }\n")
+    assert "64u" in kernels.specialize("k", RWG=64, X=1)
+    with pytest.raises(ValueError, match=r"kernel k\.wgsl: no value given for placeholder\(s\) \['X'\]"):
+        kernels.specialize("k", RWG=64)
