@@ -13,7 +13,7 @@ import numpy as np
 
 import lab
 from lab.engine.backend import backend_instance
-from lab.engine.wgpu_backend import _aligned_subs
+from lab.engine.wgpu.matmul import _aligned_subs
 
 B = backend_instance("wgpu")
 rng = np.random.default_rng(0)

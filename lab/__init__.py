@@ -5,10 +5,11 @@ from .engine.tensor import Tensor, no_grad, ones, tensor, zeros
 from .engine import ops as functional
 from .engine.ops import concat, split, stack, matmul
 from .engine.profile import profile
-from .models import PRESETS, ProNeuralConfig, ProNeuralLM, TransformerConfig, TransformerLM
+from .models import LlamaConfig, LlamaLM, PRESETS, ProNeuralConfig, ProNeuralLM, TransformerConfig, TransformerLM
 from .data import CharTokenizer, load_corpus
 from .data.bpe import BPETokenizer
 from .generate import beam_search, generate
+from .pretrained import from_pretrained
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,7 @@ def stats():
 def device():
     """The wgpu device lab uses: the best adapter (discrete GPU, integrated, then CPU/lavapipe), with its real
     limits and features requested. Returns a dict: device, adapter_type, backend_type, limits, features."""
-    from .engine.wgpu_backend import WgpuBackend
+    from .engine.wgpu import WgpuBackend
     return dict(WgpuBackend.instance().device_info)
 
 

@@ -14,7 +14,7 @@ def _run(code, **env):
 
 
 def test_auto_prefers_numpy_when_the_only_adapter_is_a_cpu(monkeypatch):
-    import lab.engine.wgpu_backend as W
+    import lab.engine.wgpu.device as W
     monkeypatch.setattr(W, "list_adapters", lambda: [{"device": "llvmpipe", "adapter_type": "CPU", "backend_type": "Vulkan"}])
     assert B._auto_choice()[0] == "numpy"
     assert "CPU adapter" in B._auto_choice()[1]
@@ -33,18 +33,19 @@ def test_env_variable_selects_backend_and_says_why(wgpu_backend):
 
 
 def test_wgpu_without_adapter_explains_how_to_install_one(monkeypatch):
-    import lab.engine.wgpu_backend as W
+    import lab.engine.wgpu.device as W
+    from lab.engine.wgpu import WgpuBackend
     monkeypatch.setattr(W, "list_adapters", lambda: [])
-    monkeypatch.setattr(W.WgpuBackend, "_instance", None)
+    monkeypatch.setattr(WgpuBackend, "_instance", None)
     with pytest.raises(RuntimeError, match="mesa-vulkan-drivers"):
-        W.WgpuBackend.instance()
+        WgpuBackend.instance()
 
 
 def test_device_reports_real_limits_and_features(wgpu_backend):
     info = lab.device()
     assert info["device"] and info["adapter_type"] in ("DiscreteGPU", "IntegratedGPU", "VirtualGPU", "CPU")
     # the device got the adapter's limits, not WebGPU's defaults (128 MiB per binding, 256 MiB per buffer)
-    import lab.engine.wgpu_backend as W
+    import lab.engine.wgpu.device as W
     adapter = W.list_adapters()[0]["_adapter"]
     for key in ("max-buffer-size", "max-storage-buffer-binding-size"):
         assert info["limits"][key] == adapter.limits[key]

@@ -378,7 +378,7 @@ def test_lora_forward_kernels_match_numpy(wgpu_backend, numpy_backend, monkeypat
 def subgroup_reductions(wgpu_backend):
     """A second wgpu backend whose row kernels reduce through subgroup operations (LAB_SUBGROUPS=1), beside the
     session's, which uses the shared-memory tree (the default)."""
-    from lab.engine.wgpu_backend import WgpuBackend
+    from lab.engine.wgpu import WgpuBackend
 
     class SubgroupReductions(WgpuBackend):
         SUBGROUPS = True
@@ -545,7 +545,7 @@ def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, tran
 
 
 def test_f32bits_matches_numpy_including_out_of_range():
-    from lab.engine.wgpu_backend import _f32bits
+    from lab.engine.wgpu.common import _f32bits
     for x in (0.1, 1e-3, -2.5, 3, float("inf"), -float("inf"), 1e39, -1e39, 3.4028235e38, 1e-45, 0.0, -0.0):
         with np.errstate(over="ignore"):
             assert _f32bits(x) == int(np.array([x], dtype=np.float32).view(np.uint32)[0]), x

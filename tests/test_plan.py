@@ -41,7 +41,7 @@ def test_predicted_memory_within_20_percent_of_measured_peak(cfg, batch, wgpu_ba
 
 def _settle_wgpu():
     """Wait for work earlier tests left on the wgpu device: on lavapipe it runs on these same CPU cores."""
-    from lab.engine.wgpu_backend import WgpuBackend
+    from lab.engine.wgpu import WgpuBackend
     if WgpuBackend.__dict__.get("_instance") is not None:
         WgpuBackend._instance.sync(wait=True)
 

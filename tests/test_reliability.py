@@ -139,7 +139,7 @@ def test_a_batch_that_cannot_fit_is_refused_before_any_step(wgpu_backend):
 def test_a_lost_gpu_device_gives_a_clear_error_with_the_way_to_continue():
     import pytest
     try:
-        from lab.engine.wgpu_backend import DeviceLostError, WgpuBackend
+        from lab.engine.wgpu import DeviceLostError, WgpuBackend
         b = WgpuBackend()  # a device of its own: this test destroys it
     except Exception as e:
         if os.environ.get("LAB_REQUIRE_WGPU") == "1":

@@ -248,7 +248,7 @@ def held_notices():
 def _auto_choice():
     """wgpu on a real GPU, numpy when the only adapter is a CPU one (lavapipe is far slower than numpy)."""
     try:
-        from .wgpu_backend import list_adapters
+        from .wgpu.device import list_adapters
         adapters = list_adapters()
     except Exception as e:  # wgpu missing or no Vulkan loader
         return "numpy", f"no wgpu adapter available ({type(e).__name__}: {e}); using numpy"
@@ -282,7 +282,7 @@ def backend_instance(name):
     if isinstance(name, Backend):
         return name
     if name == "wgpu":
-        from .wgpu_backend import WgpuBackend
+        from .wgpu import WgpuBackend
         return WgpuBackend.instance()
     if name == "numpy":
         from .numpy_backend import NumpyBackend

@@ -1,0 +1,217 @@
+"""Neural-network kernels: softmax, LayerNorm, embedding, cross-entropy, dropout, fused attention, LoRA."""
+import math
+import os
+import threading
+
+from .common import _f32bits, _grid, _row_subs, _split
+
+
+class NNOps:
+    """WgpuBackend's row kernels, embedding, cross-entropy, dropout, attention and LoRA kernels."""
+    def _rows(self, shape):
+        return math.prod(shape[:-1]), shape[-1]
+
+    def _softmax_params(self, head, dropout):
+        """softmax.wgsl's params: head = [rows, n, T, scale bits, causal], then the dropout riding along (p, seed)
+        or none; while capturing, a replay's new seed is patched in."""
+        if dropout is None:
+            return head + [0, 0, 0, 0]
+        p, seed = dropout
+
+        def params(seed):
+            return head + [1, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))]
+        if self._capture is not None:  # a replay draws the step's seeds anew: the captured seed maps to its new one
+            self._patch = lambda step: params(step["seeds"].get(seed, seed))
+        return params(seed)
+
+    def softmax(self, a, scale=1.0, causal=False, dropout=None):
+        rows, n = self._rows(a.shape)
+        out = self._alloc(a.shape, "float32")
+        dropped = self._alloc(a.shape, "float32") if dropout is not None else None
+        T = a.shape[-2] if causal else 1
+        self._dispatch("softmax", "softmax_main", self._softmax_params([rows, n, T, _f32bits(scale), int(causal)],
+                                                                       dropout),
+                       [a, None, out, dropped], _grid(rows), rows * n, _row_subs(n))
+        return out if dropout is None else (out, dropped)
+
+    def softmax_bwd(self, y, g, scale=1.0, dropout=None):
+        rows, n = self._rows(y.shape)
+        out = self._alloc(y.shape, "float32")
+        self._dispatch("softmax", "softmax_bwd_main", self._softmax_params([rows, n, 1, _f32bits(scale), 0], dropout),
+                       [y, g, out], _grid(rows), rows * n, _row_subs(n))
+        return out
+
+    def log_softmax(self, a):
+        rows, n = self._rows(a.shape)
+        out = self._alloc(a.shape, "float32")
+        self._dispatch("softmax", "log_softmax_main", self._softmax_params([rows, n, 1, 0, 0], None), [a, None, out],
+                       _grid(rows), rows * n, _row_subs(n))
+        return out
+
+    def log_softmax_bwd(self, y, g):
+        rows, n = self._rows(y.shape)
+        out = self._alloc(y.shape, "float32")
+        self._dispatch("softmax", "log_softmax_bwd_main", self._softmax_params([rows, n, 1, 0, 0], None), [y, g, out],
+                       _grid(rows), rows * n, _row_subs(n))
+        return out
+
+    def layernorm(self, x, w, b, eps, residual=None):
+        rows, n = self._rows(x.shape)
+        y = self._alloc(x.shape, "float32")
+        mean = self._alloc(x.shape[:-1], "float32")
+        rstd = self._alloc(x.shape[:-1], "float32")
+        total = self._alloc(x.shape, "float32") if residual is not None else None
+        self._dispatch("layernorm", "forward_main", [rows, n, _f32bits(eps), int(residual is not None)],
+                       [x, w, b, y, mean, rstd, residual, total], _grid(rows), rows * n, _row_subs(n))
+        return (y, mean, rstd) if residual is None else (y, mean, rstd, total)
+
+    def layernorm_bwd(self, x, w, mean, rstd, g, acc=None):
+        rows, n = self._rows(x.shape)
+        dx = self._alloc(x.shape, "float32")
+        self._dispatch("layernorm_backward", "backward_x_main", [rows, n, 1, rows, int(acc is not None)],
+                       [x, w, mean, rstd, g, dx, None, acc], _grid(rows), rows * n, _row_subs(n))
+        # dw, db are column sums over all rows: partial sums over row chunks first, so that enough threads run.
+        S, chunk = _split(rows, 16, math.ceil(131072 / max(n, 1)))
+        dw_parts, db_parts = self._alloc((S, n), "float32"), self._alloc((S, n), "float32")
+        self._flat("layernorm_backward", "backward_wb_main", [rows, n, S, chunk],
+                   [x, None, mean, rstd, g, dw_parts, db_parts], S * n, _row_subs(n))
+        if S == 1:
+            return dx, self.reshape(dw_parts, (n,)), self.reshape(db_parts, (n,))
+        return dx, self.reduce("sum", dw_parts, 0), self.reduce("sum", db_parts, 0)
+
+    def embedding(self, w, idx, checked=False):
+        V, C = w.shape
+        N = idx.size
+        out = self._alloc(idx.shape + (C,), "float32")
+        self._flat("embedding", "forward_main", [N, C, V], [idx, w, out, None, self._index_errors], N * C)
+        if not checked and N > 0:
+            self._indices_unchecked.add(threading.get_ident())
+        return out
+
+    def embedding_bwd(self, idx, g, num_embeddings):
+        C, V, N = g.shape[-1], num_embeddings, idx.size
+        if V * C <= (1 << 20):  # small vocabulary: a thread per (chunk, row, column), then sum the chunks
+            S, chunk = _split(N, 64, (1 << 21) // max(V * C, 1))
+            parts = self._alloc((S, V, C), "float32")
+            self._flat("embedding", "backward_vocab_main", [N, C, V, S, chunk], [idx, g, parts], S * V * C)
+            return self.reshape(parts, (V, C)) if S == 1 else self.reduce("sum", parts, 0)
+        dw = self.full((V, C), 0.0)   # rows of tokens not in the batch
+        links = self._alloc((N,), "int32")
+        self._flat("embedding", "links_main", [N, C, V, 0, 0], [idx, None, None, links], N)
+        self._flat("embedding", "chain_main", [N, C, V, 0, 0], [idx, g, dw, links], N * C)
+        return dw
+
+    def cross_entropy(self, logits, targets, ignore_index, checked=False):
+        rows, V = logits.shape
+        lse = self._alloc((rows,), "float32")
+        loss_rows = self._alloc((rows,), "float32")
+        valid = self._alloc((rows,), "float32")
+        loss = self._alloc((), "float32")
+        count = self._alloc((1,), "float32")
+        params = [rows, V, ignore_index]
+        self._dispatch("cross_entropy", "rows_main", params,
+                       [logits, targets, lse, loss_rows, valid, self._index_errors], _grid(rows), rows, _row_subs(V))
+        if not checked and rows > 0:
+            self._indices_unchecked.add(threading.get_ident())
+        self._dispatch("cross_entropy_reduce", "mean_main", params, [None, None, None, loss_rows, valid, loss, count],
+                       (1, 1, 1))
+        return loss, (lse, valid, count)
+
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index):
+        lse, valid, count = saved
+        rows, V = logits.shape
+        dx = self._alloc(logits.shape, "float32")
+        self._flat("cross_entropy_reduce", "backward_main", [rows, V, ignore_index],
+                   [logits, targets, lse, None, valid, dx, count, g], rows * V)
+        return dx
+
+    def dropout(self, x, p, seed):
+        out = self._alloc(x.shape, "float32")
+
+        def params(seed):
+            return [x.size, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))]
+        if self._capture is not None:  # a replay draws the step's seeds anew: the captured seed maps to its new one
+            self._patch = lambda step: params(step["seeds"].get(seed, seed))
+        self._flat("dropout", "main", params(seed), [x, out], x.size)
+        return out
+
+    # Causal self-attention by attention.wgsl's fused kernels where they apply, for the shapes whose (B, H, T, T)
+    # weights cannot be one buffer (above the device's max-storage-buffer-binding-size: the composed path cannot
+    # run them at all), and for every shape with LAB_FLASH_ATTENTION=1. They keep the weights out of memory
+    # (gpt2-small's are 400 MB a layer, several times over in the composed backward) but are not faster: on the
+    # H200 a shakespeare-char step (T = 256) takes 35.7 ms with them against 33.0 composed, gpt2-small (T = 1024)
+    # 0.69x PyTorch against 0.89x (their 16 x 32 score blocks, set by lavapipe's 32 KiB of workgroup memory, run
+    # at a quarter of the tiled matmuls' rate).
+    FLASH_ATTENTION = os.environ.get("LAB_FLASH_ATTENTION", "") not in ("", "0")
+
+    def flash_attention_fits(self, qkv_shape, n_head):
+        """Whether attention.wgsl's kernels take this packed qkv (B, T, 3C) (heads of 64, T a multiple of 32, at
+        most 65535 heads in all: one workgroup row each) and are to: asked for, or the weights too big a buffer."""
+        Bsz, T, C3 = qkv_shape
+        takes = C3 == 3 * 64 * n_head and T % 32 == 0 and Bsz * n_head <= 65535
+        return takes and (self.FLASH_ATTENTION or Bsz * n_head * T * T * 4 > self.max_binding)
+
+    def flash_attention(self, qkv, n_head, scale, p, seed):
+        """Causal self-attention from the packed qkv (B, T, 3C) by attention.wgsl's fused kernels: (y (B, T, C),
+        lse (B H, T)), the weights never in memory (flash_attention_fits says where they apply)."""
+        Bsz, T, C3 = qkv.shape
+        C = C3 // 3
+        y = self._alloc((Bsz, T, C), "float32")
+        lse = self._alloc((Bsz * n_head, T), "float32")
+        self._attention("fwd_main", qkv, n_head, scale, p, seed, [qkv, None, lse, None, y], (T // 16, Bsz * n_head),
+                        f"attention fwd {Bsz}x{n_head}x{T}")
+        return y, lse
+
+    def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed):
+        """dqkv (B, T, 3C) for flash_attention's y = f(qkv) and its output gradient g (B, T, C)."""
+        Bsz, T, C3 = qkv.shape
+        n = Bsz * T * n_head
+        dr = self._alloc((n,), "float32")
+        self._dispatch("attention", "delta_main", self._attention_params(qkv.shape, n_head, scale, p, None),
+                       [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n)
+        dqkv = self._alloc(qkv.shape, "float32")  # the two kernels write disjoint parts, every element
+        binds = [qkv, g, lse, dr, dqkv]
+        self._attention("bwd_kv_main", qkv, n_head, scale, p, seed, binds, (T // 32, Bsz * n_head),
+                        f"attention bwd dk dv {Bsz}x{n_head}x{T}")
+        self._attention("bwd_q_main", qkv, n_head, scale, p, seed, binds, (T // 16, Bsz * n_head),
+                        f"attention bwd dq {Bsz}x{n_head}x{T}")
+        return dqkv
+
+    @staticmethod
+    def _attention_params(shape, n_head, scale, p, seed):
+        Bsz, T, C3 = shape
+        drop = seed is not None and p > 0
+        return [Bsz, T, n_head, C3 // 3, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
+                _f32bits(1.0 / (1.0 - p))]
+
+    def _attention(self, entry, qkv, n_head, scale, p, seed, binds, grid, label):
+        shape = qkv.shape
+        if self._capture is not None and seed is not None:  # a replay draws the step's seeds anew
+            self._patch = lambda step: self._attention_params(shape, n_head, scale, p, step["seeds"].get(seed, seed))
+        self._dispatch("attention", entry, self._attention_params(shape, n_head, scale, p, seed), binds, grid,
+                       qkv.size, label=label)
+
+    LORA_DOWN_MATMUL = True  # H = x A^T by the matmul kernels (tiled, split along K), not lora.wgsl's down_main
+
+    def lora_down(self, x, a):
+        (M, K), r = x.shape, a.shape[0]
+        if self.LORA_DOWN_MATMUL:
+            # one thread per output reading a whole row of x (down_main) ran 2-3x slower on the H200 than the
+            # tiled kernels on the same shapes (the backward's rank-r products)
+            return self.reshape(self.matmul(self.reshape(x, (1, M, K)), self.reshape(a, (1, r, K)), False, True),
+                                (M, r))
+        out = self._alloc((M, r), "float32")
+        self._flat("lora", "down_main", [M, K, 0, r, 0], [x, a, None, out], M * r)
+        return out
+
+    LORA_UP_TRANSPOSED = True  # the up-projection reads B transposed (lora.wgsl up_add_t_main)
+
+    def lora_up_add(self, base, h, b, scale):
+        (M, N), r = base.shape, h.shape[1]
+        out = self._alloc((M, N), "float32")
+        if self.LORA_UP_TRANSPOSED:
+            bt = self.copy_view(b, 0, (r, N), (1, r))
+            self._flat("lora", "up_add_t_main", [M, 0, N, r, _f32bits(scale), 0], [h, bt, base, out], M * N)
+        else:
+            self._flat("lora", "up_add_main", [M, 0, N, r, _f32bits(scale), 0], [h, b, base, out], M * N)
+        return out
