@@ -22,7 +22,8 @@ from .io import (JOURNAL_FILE, REMOVABLE, CheckpointError, NonFiniteSaveError, _
                  reading)
 # a model directory (config.json + model.safetensors) belongs to the model family, which reads and writes it
 from .models.transformer import (CONFIG_FILE, MODEL_FILE, _config_from_hf, _load_into, _write_model,  # noqa: F401
-                                 hf_config, load_pretrained, save_pretrained)
+                                 hf_config, save_pretrained)
+from .models import load_pretrained   # any family, by config.json
 
 TOKENIZER_FILE, OPTIMIZER_FILE, STATE_FILE = "tokenizer.json", "optimizer.safetensors", "trainer_state.json"
 
@@ -41,10 +42,12 @@ def save_checkpoint(directory, model, tokenizer, trainer=None):
 def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
     """save_checkpoint as a save the caller adds files to (atomic_files' staging, yielded), all landing at once:
     import_model writes the adapter beside the model in the same save."""
+    from .data import write_tokenizer
     from .engine.random import get_state
-    if not callable(getattr(tokenizer, "to_json", None)):
-        raise InputError(f"save_checkpoint: tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer: a "
-                         f"checkpoint holds the tokenizer its model was trained with), got {show(tokenizer)}")
+    if not callable(getattr(tokenizer, "write", None)) and not callable(getattr(tokenizer, "save", None)):
+        raise InputError(f"save_checkpoint: tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer) or a "
+                         f"pretrained one (lab.load_tokenizer): a checkpoint holds the tokenizer its model was "
+                         f"trained with, got {show(tokenizer)}")
     if trainer is not None and getattr(trainer, "model", None) is not model:
         raise InputError(f"save_checkpoint: trainer must be the Trainer training this model (its optimizer state "
                          f"belongs to the trainer's model), got {show(trainer)}")
@@ -52,8 +55,8 @@ def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
     # would otherwise change the weights or moments while they are read, mixing step k and step k+1
     from .nn import step_lock
     with step_lock(model), atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE, *remove)) as files:
-        _write_model(model, files, "lab")
-        files.write_text(TOKENIZER_FILE, tokenizer.to_json())
+        model.write_files(files, "lab")   # in its family's layout
+        write_tokenizer(files, tokenizer)
         if trainer is not None:
             opt = trainer.optimizer
             arrays = {k: opt.backend.to_numpy(a) for k, a in opt.state_arrays().items()}
@@ -80,6 +83,21 @@ def load_tokenizer(path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def tokenizer_of(directory, model):
+    """The tokenizer `directory` carries (lab.data.tokenizer_from_directory), checked against the model: lab's own
+    have exactly the model's vocabulary; a pretrained one may have fewer ids than the model has embeddings."""
+    from .data import CharTokenizer, tokenizer_from_directory
+    from .data.bpe import BPETokenizer
+    d = Path(directory)
+    tokenizer = tokenizer_from_directory(d)
+    n, vocab = getattr(tokenizer, "vocab_size", None), model.config.vocab_size
+    own = isinstance(tokenizer, (CharTokenizer, BPETokenizer))
+    if isinstance(n, int) and (n > vocab or own and n != vocab):
+        raise CheckpointError(f"{d}: the tokenizer has a vocabulary of {n} tokens, but the model has vocab_size "
+                              f"{vocab}")
+    return tokenizer
+
+
 def load_checkpoint(directory):
     """(model, tokenizer, state) of a training checkpoint; state is None when it holds no trainer state. A
     caller reading more of it (the optimizer state: Trainer.resume) holds reading(directory) across both."""
@@ -89,10 +107,7 @@ def load_checkpoint(directory):
 
 def _load_checkpoint(d):
     model = load_pretrained(d)
-    tokenizer = load_tokenizer(d / TOKENIZER_FILE)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise CheckpointError(f"{d / TOKENIZER_FILE}: vocabulary of {tokenizer.vocab_size} tokens, but the model "
-                              f"has vocab_size {model.config.vocab_size}")
+    tokenizer = tokenizer_of(d, model)
     state = read_json(d / STATE_FILE, "trainer state") if (d / STATE_FILE).exists() else None
     return model, tokenizer, state
 

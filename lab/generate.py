@@ -52,7 +52,7 @@ def _prompt_ids(prompt, tokenizer, model):
     """(token ids, whether the prompt was text). The model and tokenizer are checked first: a wrong one gave an
     AttributeError, or str.encode's 'unknown encoding' for a tokenizer given as text."""
     if not (callable(model) and hasattr(getattr(model, "config", None), "block_size")):
-        raise InputError(f"model must be a lab language model (TransformerLM, ProNeuralLM), got {show(model)}")
+        raise InputError(f"model must be a lab language model (TransformerLM, LlamaLM, ProNeuralLM), got {show(model)}")
     if tokenizer is not None and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")):
         raise InputError(f"tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer), got {show(tokenizer)}")
     if prompt is None or isinstance(prompt, (bytes, numbers.Number)):
@@ -107,14 +107,15 @@ def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
 
 def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, top_p=None,
              repetition_penalty=1.0, greedy=False, tokenizer=None, stop=None, on_token=None, seed=None,
-             use_cache=True, adapter=None, should_stop=None):
+             use_cache=True, adapter=None, should_stop=None, eos_token_id=None):
     """Continue `prompt` (token ids, or a string with `tokenizer`). Returns the generated ids (prompt excluded),
     or the generated text when the prompt was a string. Stops after max_new_tokens, or once the text ends with
     `stop` (which is then cut off). on_token(id, text_or_None) is called for every new token as it is made.
     Past block_size tokens the context slides (the model sees the last block_size tokens), as in training.
     adapter=True/False generates with the model's LoRA adapters switched on/off for this call only.
     should_stop() (e.g. an Event's is_set) is asked before each token; once it says True, what was made is
-    returned (a panel's Stop button)."""
+    returned (a panel's Stop button). Generation also ends at an end-of-sequence token, which is not returned:
+    eos_token_id (an id or a list of ids; [] for none), by default the model config's (a pretrained model's)."""
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
     max_new_tokens = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if on_token is not None and not callable(on_token):  # found before a token is made, not after the first
@@ -130,6 +131,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
         raise InputError("a stop string needs a tokenizer")
     if stop is not None and not (isinstance(stop, str) and stop):
         raise InputError(f"stop must be a non-empty string, got {show(stop)}")
+    eos = _eos_ids(model, eos_token_id)
     # the tokens' bytes go through one incremental decoder: a character split across tokens is held back until
     # its last byte arrives, so no piece ever shows U+FFFD for it
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -154,6 +156,9 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
             else:
                 p = sample_distribution(scores, temperature, top_k, top_p)
                 nxt = int(rng.choice(p.size, p=p))
+            if nxt in eos:
+                text += decoder.decode(b"", final=True)
+                break
             seq.append(nxt)
             out.append(nxt)
             piece = None
@@ -175,6 +180,17 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     if as_text:  # what was streamed, cut where the stop string begins (bytes held after it are dropped)
         return text[:text.find(stop)] if stop is not None and stop in text else text
     return np.asarray(out, dtype=np.int64)
+
+
+def _eos_ids(model, eos_token_id):
+    """The end-of-sequence ids generation stops at: the caller's, else the model config's (None: no such id)."""
+    given = eos_token_id is not None
+    ids = eos_token_id if given else getattr(model.config, "eos_token_id", None)
+    ids = [] if ids is None else ids if isinstance(ids, (list, tuple)) else [ids]
+    vocab = model.config.vocab_size
+    for i in ids:
+        integer("eos_token_id" if given else "model.config.eos_token_id", i, low=0, high=vocab - 1)
+    return {int(i) for i in ids}
 
 
 def _token_bytes(tokenizer, token_id):
@@ -208,32 +224,35 @@ def _full_logits(model, seq, block):
 
 
 def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None,
-                should_stop=None):
+                should_stop=None, eos_token_id=None):
     """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
     Returns ids (or text for a text prompt). adapter=True/False: LoRA adapters on/off for this call only.
-    should_stop() is asked before each step; once it says True, the best beam so far is returned."""
+    should_stop() is asked before each step; once it says True, the best beam so far is returned. A beam ends at
+    an end-of-sequence token (eos_token_id, by default the model config's; not returned), as transformers' do."""
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
     max_new_tokens = _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
     integer("num_beams", num_beams, low=1)
     real("length_penalty", length_penalty)
+    eos = _eos_ids(model, eos_token_id)
     block = model.config.block_size
-    beams = [(0.0, list(ids))]
-    n = 0  # tokens decoded: max_new_tokens unless stopped early
+    beams = [(0.0, list(ids), False)]   # (log-probability, tokens, ended)
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
         for _ in range(max_new_tokens):
-            if should_stop is not None and should_stop():
+            live = [b for b in beams if not b[2]]
+            if not live or (should_stop is not None and should_stop()):
                 break
-            n += 1
-            window = np.asarray([s[-block:] for _, s in beams], dtype=np.int32)  # (beams, T)
+            window = np.asarray([s[-block:] for _, s, _ in live], dtype=np.int32)  # (beams, T)
             with _between_steps(model):
                 logits = model(window)[:, -1].numpy().astype(np.float64)       # (beams, V)
             logp = logits - logits.max(1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-            cand = []
-            for (score, seq), lp in zip(beams, logp):
+            cand = [b for b in beams if b[2]]   # ended beams compete on as they are
+            for (score, seq, _), lp in zip(live, logp):
                 for tok in np.argsort(-lp)[:num_beams]:
-                    cand.append((score + lp[tok], seq + [int(tok)]))
+                    cand.append((score + lp[tok], seq + [int(tok)], int(tok) in eos))
             cand.sort(key=lambda c: -c[0])
             beams = cand[:num_beams]
-    best = max(beams, key=lambda b: b[0] / (max(n, 1) ** length_penalty))[1][len(ids):]
+    # each beam's score normalized by its own length (an ended beam is shorter)
+    best = max(beams, key=lambda b: b[0] / (max(len(b[1]) - len(ids), 1) ** length_penalty))
+    best = best[1][len(ids):len(best[1]) - best[2]]   # without its end-of-sequence token
     return tokenizer.decode(best) if as_text else np.asarray(best, dtype=np.int64)

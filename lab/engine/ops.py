@@ -223,6 +223,34 @@ def gelu(a):
         return Tensor._make(out, B, (a,), lambda g: (B.binary("mul", g, slope),))
     return Tensor._make(B.unary("gelu", a.data), B, (a,), lambda g: (B.binary("gelu_bwd", a.data, g),))
 
+
+def silu(x):
+    """x * sigmoid(x) (SiLU, the Llama MLP's gate), composed as x * (1 + tanh(x/2)) / 2: no exp that overflows for
+    large |x| (tanh saturates; the backends' tanh is stable at both ends). A fused kernel may take its place."""
+    _check_float(x, "silu")
+    return x * (tanh(x * 0.5) + 1.0) * 0.5
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """RMSNorm over the last axis (Llama): x / sqrt(mean(x^2) + eps) * weight, as transformers' LlamaRMSNorm.
+    Composed of existing ops; a fused kernel may take its place."""
+    eps = checks.real("rms_norm: eps", eps, 0.0)
+    _norm_bias(x, weight, None, "rms_norm")
+    return x / sqrt(mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def rotary(x, cos, sin):
+    """Rotary position embedding in transformers' rotate-half form: x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = concat(-x2, x1) of x's two halves. x (..., T, D), cos and sin (T, D)."""
+    for t in (x, cos, sin):
+        _check_float(t, "rotary")
+    D = x.shape[-1] if x.ndim else 0
+    if x.ndim < 2 or D % 2 or cos.shape != sin.shape or cos.shape != x.shape[-2:]:
+        raise ValueError(f"rotary: x must be (..., T, D) with D even and cos, sin (T, D), got x {_shape_str(x.shape)}, "
+                         f"cos {_shape_str(cos.shape)}, sin {_shape_str(sin.shape)}")
+    x1, x2 = split(x, D // 2, axis=-1)
+    return x * cos + concat([-x2, x1], axis=-1) * sin
+
 # ---------------------------------------------------------------------------------------------------- reductions
 
 

@@ -15,7 +15,7 @@ from ..checks import InputError
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from ..io import CheckpointError, atomic_files, check_floats, read_json, read_safetensors, reading
+from ..io import CheckpointError, atomic_files, check_floats, read_json, read_weights, reading
 from ..lora import Adapters, apply_config, checkpoint_config
 from ..plan.estimator import check_model_fits, count_params
 
@@ -190,6 +190,10 @@ class TransformerLM(nn.Module, Adapters):
         """Load a model saved by lab (either format) or by transformers' GPT2LMHeadModel.save_pretrained."""
         return load_pretrained(directory)
 
+    def write_files(self, files, format="lab"):
+        """config.json + model.safetensors into an atomic_files staging (a checkpoint's model)."""
+        _write_model(self, files, format)
+
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * C * T."""
         c = self.config
@@ -311,7 +315,7 @@ def load_pretrained(directory):
 def _load_pretrained(d):
     data = read_json(d / CONFIG_FILE, "model config")
     kind = data.get("model_type")
-    tensors = read_safetensors(d / MODEL_FILE)
+    tensors = read_weights(d)   # model.safetensors or the shards of transformers' index
     if kind == "gpt2":
         cfg = _config_from_hf(data, d / CONFIG_FILE)
         if "lm_head.weight" in tensors and not np.array_equal(tensors["lm_head.weight"], tensors.get("transformer.wte.weight")):

@@ -1,0 +1,494 @@
+"""LlamaLM: the Llama family (Llama, Qwen2, Mistral without sliding window), readable in one sitting.
+
+Token embedding, num_hidden_layers pre-RMSNorm blocks of grouped-query causal self-attention with rotary position
+embeddings and a SwiGLU MLP, a final RMSNorm and an output head (tied to the embedding or its own). Module names
+mirror transformers' LlamaForCausalLM, so its checkpoints map name for name. Shapes: B batch, T time, C hidden,
+H query heads, Hkv key-value heads, G = H / Hkv query heads per key-value head, D head_dim.
+"""
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import nn
+from ..checks import InputError, integer, real, show
+from ..engine import ops as F
+from ..engine.backend import contiguous_strides, get_backend
+from ..engine.tensor import Tensor, tensor
+from ..io import (INDEX_FILE, CheckpointError, atomic_files, check_floats, read_json, read_weights, reading,
+                  with_generation_config)
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = None       # default: num_attention_heads (plain multi-head attention)
+    head_dim: int = None                  # default: hidden_size // num_attention_heads
+    max_position_embeddings: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None             # None, {"rope_type": "linear", "factor"} or llama3's, as in config.json
+    attention_bias: bool = False          # Llama's bias on q, k, v and o (Qwen2 has q/k/v biases by architecture)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int = None
+    eos_token_id: object = None           # an int, a list of ints (any of them ends generation) or None
+    dropout: float = 0.0                  # on the attention weights while training (HF's attention_dropout)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            integer(name, getattr(self, name), low=1)
+        if self.hidden_size % self.num_attention_heads:   # (transformers refuses it even with head_dim given)
+            raise InputError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        integer("head_dim", self.head_dim, low=2)
+        if self.head_dim % 2:  # rotary embeddings rotate pairs of dimensions
+            raise InputError(f"head_dim must be even (rotary embeddings rotate halves), got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise InputError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                             f"({self.num_attention_heads})")
+        real("rms_norm_eps", self.rms_norm_eps, low=0, low_open=True)
+        real("rope_theta", self.rope_theta, low=0, low_open=True)
+        real("dropout", self.dropout, low=0, high=1)
+        if self.dropout == 1:
+            raise InputError("dropout must be a number in [0, 1), got 1")
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {show(getattr(self, name))}")
+        if self.architecture not in MODEL_TYPES:
+            raise InputError(f"architecture must be one of {list(MODEL_TYPES)}, got {show(self.architecture)}")
+        if self.architecture != "LlamaForCausalLM" and (self.attention_bias or self.mlp_bias):
+            # transformers' Qwen2/Mistral have fixed biases: a saved model would not load with these
+            raise InputError(f"{self.architecture} has no attention_bias/mlp_bias option (got "
+                             f"attention_bias={self.attention_bias}, mlp_bias={self.mlp_bias}); use LlamaForCausalLM")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, (list, tuple)) and name == "eos_token_id" else [value]
+            for v in ids:
+                if v is not None:
+                    integer(name, v, low=0, high=self.vocab_size - 1)
+        if isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+
+    @property
+    def block_size(self):
+        """The longest sequence the model takes (generate and the Trainer read it)."""
+        return self.max_position_embeddings
+
+    @property
+    def qkv_bias(self):
+        return self.attention_bias or self.architecture == "Qwen2ForCausalLM"
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_hf(cls, data, source=None):
+        """From a transformers config.json dict; `source` (its path) is named in every error."""
+        where = f"{source}: " if source is not None else "config.json: "
+        try:
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{where}expected a JSON object, got {show(data)}")
+            archs = data.get("architectures") or []
+            arch = archs[0] if isinstance(archs, list) and archs else None
+            if arch not in MODEL_TYPES:
+                raise CheckpointError(f"{where}architecture {show(arch)} is not supported by LlamaLM (supported: "
+                                      f"{', '.join(MODEL_TYPES)})")
+            act = data.get("hidden_act", "silu")
+            if act != "silu":
+                raise CheckpointError(f"{where}hidden_act {show(act)} is not supported (the Llama family uses silu)")
+            window = data.get("sliding_window")
+            uses_window = data.get("use_sliding_window", arch == "MistralForCausalLM")
+            if uses_window and window is not None and window < data.get("max_position_embeddings", 0):
+                raise CheckpointError(f"{where}sliding_window={window} is smaller than max_position_embeddings="
+                                      f"{data.get('max_position_embeddings')}: sliding-window attention is not "
+                                      "supported")
+            # transformers 5 writes rope_parameters {"rope_type", "rope_theta", ...}; older files rope_theta and
+            # rope_scaling
+            rope = dict(data.get("rope_parameters") or {})
+            theta = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
+            scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+            if scaling is None and data.get("rope_scaling"):
+                scaling = data["rope_scaling"]
+            fields = dict(
+                vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+                intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
+                num_attention_heads=data["num_attention_heads"],
+                num_key_value_heads=data.get("num_key_value_heads"), head_dim=data.get("head_dim"),
+                max_position_embeddings=data.get("max_position_embeddings", 2048),
+                rms_norm_eps=data.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                attention_bias=data.get("attention_bias", False) if arch == "LlamaForCausalLM" else False,
+                mlp_bias=data.get("mlp_bias", False) if arch == "LlamaForCausalLM" else False,
+                tie_word_embeddings=data.get("tie_word_embeddings", arch != "MistralForCausalLM"),
+                architecture=arch, bos_token_id=data.get("bos_token_id"), eos_token_id=data.get("eos_token_id"),
+                dropout=data.get("attention_dropout", 0.0))
+            return cls(**fields)
+        except CheckpointError:
+            raise
+        except KeyError as e:
+            raise CheckpointError(f"{where}the config is missing the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}invalid {data.get('architectures')} config ({e})") from None
+
+    def to_hf(self):
+        """The config.json dict transformers loads for this architecture."""
+        out = {"architectures": [self.architecture], "model_type": MODEL_TYPES[self.architecture],
+               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+               "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+               "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+               "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
+               "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+               "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu", "initializer_range": 0.02,
+               "attention_dropout": self.dropout, "bos_token_id": self.bos_token_id,
+               "eos_token_id": self.eos_token_id, "torch_dtype": "float32", "use_cache": True}
+        if self.architecture == "LlamaForCausalLM":
+            out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        else:
+            out.update(sliding_window=None, use_sliding_window=False)
+        return out
+
+
+def _check_rope_scaling(scaling):
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise InputError(f"rope_scaling must be None or a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, "
+                         f"got {show(scaling)}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_TYPES:
+        raise InputError(f"rope_scaling: unknown rope_type {show(kind)} (supported: {', '.join(ROPE_TYPES)})")
+    need = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[kind]
+    for key in need:
+        if key not in scaling:
+            raise InputError(f"rope_scaling of type {kind!r} needs {key!r}, got {show(scaling)}")
+        real(f"rope_scaling[{key!r}]", scaling[key], low=0, low_open=True)
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise InputError(f"rope_scaling: high_freq_factor ({scaling['high_freq_factor']}) must be above "
+                         f"low_freq_factor ({scaling['low_freq_factor']})")
+    return {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": kind}
+
+
+def rope_tables(cfg):
+    """cos and sin (max_position_embeddings, head_dim) as transformers' ROPE_INIT_FUNCTIONS and LlamaRotaryEmbedding
+    compute them, in float32 as it does (so positions far out round the same way)."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / D))
+    scaling = cfg.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif scaling["rope_type"] == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths (beyond the original context) slowed by factor, short ones kept, smooth between
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    freqs = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
+    emb = np.concatenate([freqs, freqs], axis=-1)                              # (T, D)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        self.weight = nn.parameter(np.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg):
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, D = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(C, self.n_head * D, cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * D, cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * D, cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * D, C, cfg.attention_bias)
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache=None, pos=0, return_weights=False):
+        """x (B, T, C) at positions pos..pos+T-1; cos, sin (T, D) of those positions. With a cache (keys and
+        values (B, Hkv, block, D)) the new keys and values are written into it and attention reads all pos+T."""
+        Bsz, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        G = H // Hkv
+        # query heads grouped under the key-value head they share (transformers' repeat_kv: head h reads kv head
+        # h // G), so one batched product per kv head serves its G query heads: keys and values are never repeated
+        q = self.q_proj(x).reshape(Bsz, T, Hkv, G, D).permute(0, 2, 3, 1, 4)      # (B, Hkv, G, T, D)
+        k = self.k_proj(x).reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)            # (B, Hkv, T, D)
+        v = self.v_proj(x).reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)            # (B, Hkv, T, D)
+        q, k = F.rotary(q, cos, sin), F.rotary(k, cos, sin)
+        if cache is not None:
+            k, v = _extend_cache(cache, k, v, pos)                                # (B, Hkv, S, D), S = pos + T
+        S = k.shape[2]
+        scores = F.matmul(q.reshape(Bsz, Hkv, G * T, D), k, transpose_b=True)    # (B, Hkv, G*T, S)
+        scores = scores.reshape(Bsz, Hkv, G, T, S)
+        if T > 1 and S > T:   # new tokens after cached ones: token i sees positions up to pos + i
+            scores = scores + _offset_mask(T, S)
+        att = F.softmax(scores, scale=1.0 / math.sqrt(D), causal=T == S and T > 1)
+        y = F.matmul(F.dropout(att, self.attn_dropout, self.training).reshape(Bsz, Hkv, G * T, S), v)
+        y = y.reshape(Bsz, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(Bsz, T, H * D)   # heads merged
+        y = self.o_proj(y)
+        return (y, att.reshape(Bsz, H, T, S)) if return_weights else y
+
+
+def _offset_mask(T, S):
+    """Additive mask (T, S) for T new tokens after S - T cached ones: a large negative above the shifted diagonal
+    (finite, as GPU kernels may not take infinities)."""
+    return np.triu(np.full((T, S), -1e30, dtype=np.float32), S - T + 1)
+
+
+def _extend_cache(cache, k, v, pos):
+    """Write k, v (B, Hkv, T, D) into the layer's cache at pos.. in place; the cached keys and values 0..pos+T."""
+    cache_k, cache_v = cache
+    D, T = k.shape[-1], k.shape[2]
+    strides = contiguous_strides(cache_k.shape)
+    for buf, new in ((cache_k, k), (cache_v, v)):                              # cache[:, :, pos:pos+T] = new
+        buf.backend.write_view(buf.data, pos * D, strides, new.data)
+    return cache_k[:, :, :pos + T], cache_v[:, :, :pos + T]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(C, I, cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, I, cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, C, cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))     # SwiGLU
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, rope, cache=None, pos=0, return_weights=False):
+        a = self.self_attn(self.input_layernorm(x), *rope, cache, pos, return_weights)
+        a, att = a if return_weights else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, att) if return_weights else x
+
+
+class LlamaModel(nn.Module):
+    """The decoder without its head: transformers' LlamaModel (named `model` inside LlamaForCausalLM)."""
+
+    def __init__(self, cfg):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaLM(nn.Module):
+    def __init__(self, cfg):
+        if not isinstance(cfg, LlamaConfig):
+            raise InputError(f"LlamaLM takes a LlamaConfig, got {show(cfg)}")
+        _check_fits(cfg, get_backend())   # before any weight is allocated
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg)
+        self._cos, self._sin = tensor(cos), tensor(sin)   # constants of the computation, not parameters
+
+    def _head(self, x):
+        if self.config.tie_word_embeddings:
+            return F.matmul(x, self.model.embed_tokens.weight, transpose_b=True)   # (B, T, vocab)
+        return self.lm_head(x)
+
+    def _run(self, idx, caches, pos, return_attention=False):
+        shape = getattr(idx, "shape", np.shape(idx))
+        if len(shape) != 2:
+            raise InputError(f"LlamaLM expects token ids of shape (B, T), got {tuple(shape)}")
+        end = pos + shape[1]
+        if end > self.config.block_size:
+            raise InputError(f"sequence length {end} exceeds max_position_embeddings {self.config.block_size}")
+        rope = (self._cos[pos:end], self._sin[pos:end])                           # (T, D) each
+        x = self.model.embed_tokens(idx)                                           # (B, T, C)
+        attentions = []
+        for layer, cache in zip(self.model.layers, caches):
+            if return_attention:
+                x, att = layer(x, rope, cache, pos, return_weights=True)
+                attentions.append(att)
+            else:
+                x = layer(x, rope, cache, pos)
+        return self._head(self.model.norm(x)), attentions
+
+    def forward(self, idx, targets=None, return_attention=False):
+        """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
+        with return_attention the attention weights of every layer [(B, H, T, T)]. Extras come in that order."""
+        logits, attentions = self._run(idx, [None] * self.config.num_hidden_layers, 0, return_attention)
+        out = [logits]
+        if targets is not None:
+            out.append(F.cross_entropy(logits, targets))
+        if return_attention:
+            out.append(attentions)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def new_cache(self, batch_size):
+        """An empty KV cache on the device: per layer, keys and values (B, Hkv, block_size, D), the key-value
+        heads held once (not once per query head)."""
+        c = self.config
+        shape = (integer("batch_size", batch_size, low=1), c.num_key_value_heads, c.block_size, c.head_dim)
+        backend = self.model.embed_tokens.weight.backend
+        return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
+                for _ in self.model.layers]
+
+    def forward_cached(self, idx, cache, pos):
+        """Logits (B, Tn, vocab) for tokens idx (B, Tn) at positions pos.., extending `cache` in place."""
+        return self._run(idx, cache, pos)[0]
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * H * D * T."""
+        c = self.config
+        return 6 * self.num_parameters() + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * c.block_size
+
+    # ------------------------------------------------------------------------------------ transformers' layout
+
+    def hf_weights(self):
+        """The weights under transformers' names and layout (float32): linear weights (out, in), lab's (in, out)."""
+        return {name: _to_hf(name, p.numpy()) for name, p in self.named_parameters()}
+
+    def load_hf_weights(self, tensors, source=None):
+        """Load weights named and laid out as transformers' (a checkpoint's tensors), as float32. Every name and
+        shape is checked before anything is copied; one CheckpointError names the file, the tensor and shapes."""
+        where = source if source is not None else "weights"
+        tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old files: a buffer
+        check_floats(tensors, where)
+        expected = {n: _to_hf(n, np.empty(p.shape, np.bool_)).shape for n, p in self.named_parameters()}
+        if self.config.tie_word_embeddings and "lm_head.weight" in tensors:
+            head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
+            if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+                raise CheckpointError(f"{where}: lm_head.weight differs from model.embed_tokens.weight, but the config "
+                                      "ties them (tie_word_embeddings: true)")
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{where}: " + ", ".join(f"{what} tensors {names}" for what, names in
+                                                         (("missing", missing), ("unexpected", unexpected)) if names))
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != tuple(shape):
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model "
+                                      f"expects {tuple(shape)}")
+        state = {n: _from_hf(n, np.asarray(tensors[n], dtype=np.float32)) for n, _ in self.named_parameters()}
+        self.load_state_dict(state, source=str(where), error=CheckpointError)
+        return self
+
+    def save_pretrained(self, directory):
+        """config.json + model.safetensors in transformers' layout (its LlamaForCausalLM & co. load them)."""
+        with nn.step_lock(self), atomic_files(directory) as files:   # between a training thread's steps
+            self.write_files(files)
+        return Path(directory)
+
+    def write_files(self, files, format="lab"):
+        """Into an atomic_files staging: lab's layout for this family is transformers' (a checkpoint's model)."""
+        if format not in ("lab", "hf"):
+            raise InputError(f"unknown format {format!r}: expected 'lab' or 'hf'")
+        files.write_tensors(MODEL_FILE, self.hf_weights(), metadata={"format": "pt"})
+        files.write_json(CONFIG_FILE, self.config.to_hf())
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        """A LlamaLM, in eval mode, from a directory in transformers' layout (config.json + model.safetensors or
+        a sharded index, generation_config.json's token ids)."""
+        return load_pretrained(directory)
+
+    @classmethod
+    def from_hf(cls, data, tensors, config_source=None, weights_source=None):
+        """A LlamaLM, in eval mode, from a config.json dict and HF-named tensors (a directory's, or a GGUF's),
+        checked before anything is allocated; each source (a path) is named in the errors about it."""
+        cfg = LlamaConfig.from_hf(data, config_source)
+        _check_size(cfg, tensors, config_source, weights_source)
+        return cls(cfg).load_hf_weights(tensors, weights_source).eval()
+
+
+def _is_linear(name):
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def _to_hf(name, value):
+    # lab's Linear stores (in, out) (GPT-2's Conv1D); torch.nn.Linear (out, in)
+    return np.ascontiguousarray(value.T) if _is_linear(name) else value
+
+
+_from_hf = _to_hf   # a transpose is its own inverse
+
+
+def load_pretrained(directory):
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such model directory (one holding {CONFIG_FILE} and {MODEL_FILE})")
+    with reading(d):   # config.json, generation_config.json and the weights of one save
+        data = with_generation_config(read_json(d / CONFIG_FILE, "model config"), d)
+        tensors = read_weights(d)   # model.safetensors or the shards of transformers' index
+    weights = d / MODEL_FILE if (d / MODEL_FILE).exists() else d / INDEX_FILE
+    return LlamaLM.from_hf(data, tensors, d / CONFIG_FILE, weights)
+
+
+def num_params(cfg):
+    """Parameters of a LlamaLM with this config, without building it."""
+    C, I, L, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.head_dim
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    attn = C * (H + 2 * Hkv) * D + H * D * C + (H + 2 * Hkv) * D * cfg.qkv_bias + C * cfg.attention_bias
+    mlp = 3 * C * I + (2 * I + C) * cfg.mlp_bias
+    return V * C * (1 if cfg.tie_word_embeddings else 2) + L * (attn + mlp + 2 * C) + C
+
+
+def _check_size(cfg, tensors, config_source, weights_source):
+    """A config describing a much bigger model than the weights file holds is refused before allocating it."""
+    stored = sum(int(np.prod(v.shape)) for v in tensors.values())
+    if num_params(cfg) > 4 * stored + (1 << 20):
+        raise CheckpointError(f"{config_source}: describes a model of {num_params(cfg):,} parameters, but "
+                              f"{weights_source} holds {stored:,} values: the config does not belong to these weights")
+
+
+def _check_fits(cfg, backend):
+    """The weights alone must fit the device: their total and the largest one (the embedding, or an MLP matrix)."""
+    from ..plan.estimator import DoesNotFitError
+    from ..plan.profiles import limits_profile
+    prof = limits_profile(backend)
+    params, F32 = num_params(cfg), 4
+    largest = max(cfg.vocab_size * cfg.hidden_size, cfg.hidden_size * cfg.intermediate_size,
+                  cfg.max_position_embeddings * cfg.head_dim)
+    limit = min(prof.max_binding_size, prof.max_buffer_size)
+    if params * F32 > prof.memory_bytes or largest * F32 > limit:
+        raise DoesNotFitError(f"this model does not fit {prof.name}: {params:,} weights need "
+                              f"{params * F32 / 2 ** 30:.2f} GiB of {prof.memory_bytes / 2 ** 30:.2f} GiB, the largest "
+                              f"{largest * F32 / 2 ** 20:,.0f} MiB of a {limit / 2 ** 20:,.0f} MiB buffer limit", None)
+
+
+PRESETS = {
+    # a few seconds per hundred steps on a 2-core CPU: grouped-query attention 4/2, a small vocabulary
+    "llama-tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    # SmolLM2-135M's architecture (random init)
+    "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                                rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192,
+                                bos_token_id=0, eos_token_id=0),
+}

@@ -1,0 +1,231 @@
+"""The Llama family (LlamaLM) against transformers' LlamaForCausalLM / Qwen2ForCausalLM, on both backends.
+
+Configs are small and odd on purpose: query/key-value head ratios 1, 2 and 3 with odd head counts, head_dim not
+hidden / heads, tied and untied heads, llama3 and linear rope scaling, Qwen2's q/k/v biases, Llama's biases.
+Tolerance 1e-4 on logits: float32 through two layers, summed in another order than PyTorch's."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import lab
+from lab.checks import InputError
+from lab.io import CheckpointError
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8}   # a short original context: every frequency band occurs at T < 16
+CONFIGS = {
+    "mha-tied": ("llama", dict(hidden_size=12, num_attention_heads=3, num_key_value_heads=3)),
+    "gqa2-untied-headdim": ("llama", dict(hidden_size=8, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+                                          tie_word_embeddings=False)),
+    "gqa3-llama3-headdim": ("llama", dict(hidden_size=12, num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+                                          rope_scaling=LLAMA3)),
+    "mqa3-linear-biases": ("llama", dict(hidden_size=12, num_attention_heads=3, num_key_value_heads=1,
+                                         attention_bias=True, mlp_bias=True,
+                                         rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "qwen2-gqa3": ("qwen2", dict(hidden_size=12, num_attention_heads=3, num_key_value_heads=1,
+                                 tie_word_embeddings=False)),
+}
+VOCAB = 37
+
+
+def hf_model(name, seed=0):
+    """A transformers model of CONFIGS[name] with every weight random (norm gains and biases too: HF's init leaves
+    them 1 and 0, where a mix-up between them would not show)."""
+    family, kw = CONFIGS[name]
+    base = dict(vocab_size=VOCAB, intermediate_size=20, num_hidden_layers=2, max_position_embeddings=16,
+                rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=True, bos_token_id=None,
+                eos_token_id=None, pad_token_id=None)
+    base.update(kw, architectures=[f"{'Llama' if family == 'llama' else 'Qwen2'}ForCausalLM"])
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**base))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in pname else 0.3 * torch.randn_like(p))
+    return model.float().eval()
+
+
+def lab_model(hf):
+    cfg = lab.LlamaConfig.from_hf(json.loads(hf.config.to_json_string()))
+    return lab.LlamaLM(cfg).load_hf_weights({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+
+
+def tokens(shape, seed=1):
+    return np.random.default_rng(seed).integers(0, VOCAB, shape)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name, use_backend):
+    hf = hf_model(name)
+    model = lab_model(hf)
+    ids = tokens((2, 7))
+    want = hf(torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(model(ids).numpy(), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gqa3-llama3-headdim", "mqa3-linear-biases", "qwen2-gqa3", "gqa2-untied-headdim"])
+def test_gradients_match_pytorch(name, use_backend):
+    hf = hf_model(name).train()
+    model = lab_model(hf)
+    ids, targets = tokens((2, 5)), tokens((2, 5), seed=2)
+    logits = hf(torch.tensor(ids)).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(targets).reshape(-1)).backward()
+    _, loss = model(ids, targets)
+    loss.backward()
+    want = {k: p.grad.numpy() for k, p in hf.named_parameters()}
+    got = {k: (g.T if k.endswith("_proj.weight") or k == "lm_head.weight" else g)
+           for k, g in ((k, p.grad.numpy()) for k, p in model.named_parameters())}
+    assert sorted(got) == sorted(k for k in want if not (k == "lm_head.weight" and model.config.tie_word_embeddings))
+    for k, g in got.items():   # absolute slack scaled to each gradient: float32 sums in another order
+        np.testing.assert_allclose(g, want[k], rtol=1e-4, atol=1e-5 * np.abs(want[k]).max() + 1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["gqa3-llama3-headdim", "qwen2-gqa3"])
+def test_kv_cache_matches_full_recompute(name, use_backend):
+    model = lab_model(hf_model(name))
+    ids = tokens((2, 9))
+    full = model(ids).numpy()
+    cache = model.new_cache(2)
+    assert cache[0][0].shape == (2, model.config.num_key_value_heads, 16, model.config.head_dim)   # kv heads once
+    # a prefill, a chunk of several tokens after cached ones (the offset mask), then one token at a time
+    parts = [model.forward_cached(ids[:, :4], cache, 0), model.forward_cached(ids[:, 4:7], cache, 4),
+             model.forward_cached(ids[:, 7:8], cache, 7), model.forward_cached(ids[:, 8:], cache, 8)]
+    np.testing.assert_allclose(np.concatenate([p.numpy() for p in parts], axis=1), full, atol=1e-5, rtol=0)
+    cached = lab.generate(model, ids[0, :3], 8, greedy=True)
+    assert np.array_equal(cached, lab.generate(model, ids[0, :3], 8, greedy=True, use_cache=False))
+
+
+@pytest.mark.parametrize("name", ["gqa3-llama3-headdim", "qwen2-gqa3"])
+def test_greedy_generation_matches_transformers(name, use_backend):
+    hf = hf_model(name)
+    model = lab_model(hf)
+    prompt = tokens((1, 4))
+    want = hf.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(
+        torch.tensor(prompt)), pad_token_id=0)[0, 4:].numpy()
+    assert np.array_equal(lab.generate(model, prompt[0], 10, greedy=True), want)
+
+
+def test_generation_stops_at_the_configs_eos_token(use_backend):
+    model = lab_model(hf_model("mha-tied"))
+    prompt = tokens(4)
+    free = lab.generate(model, prompt, 10, greedy=True)
+    eos = int(free[3])
+    first = int(np.flatnonzero(free == eos)[0])   # generation stops at the first time it is made
+    model.config.eos_token_id = [VOCAB - 1, eos]   # any id of a list
+    assert np.array_equal(lab.generate(model, prompt, 10, greedy=True), free[:first])
+    assert np.array_equal(lab.generate(model, prompt, 10, greedy=True, eos_token_id=[]), free)   # the caller's wins
+    assert np.array_equal(lab.generate(model, prompt, 10, greedy=True, use_cache=False), free[:first])
+    beam = lab.beam_search(model, prompt, 10, num_beams=1)
+    assert np.array_equal(beam, free[:first])   # one beam is greedy search; it ends at the eos too
+    with pytest.raises(InputError, match=r"eos_token_id must be an integer >= 0 and <= 36, got 99"):
+        lab.generate(model, prompt, 3, eos_token_id=99)
+
+
+def test_hf_weights_round_trip(use_backend):
+    hf = hf_model("gqa2-untied-headdim")
+    model = lab_model(hf)
+    weights = model.hf_weights()
+    want = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    assert sorted(weights) == sorted(want)
+    for k, v in weights.items():
+        assert v.dtype == np.float32 and np.array_equal(v, want[k]), k
+    other = lab.LlamaLM(model.config).load_hf_weights(weights)
+    np.testing.assert_array_equal(other(tokens((1, 5))).numpy(), model(tokens((1, 5))).numpy())
+    tied = lab_model(hf_model("mha-tied"))
+    assert "lm_head.weight" not in tied.hf_weights()   # the head is the embedding, as transformers saves it
+
+
+@pytest.mark.parametrize("name", ["gqa3-llama3-headdim", "mqa3-linear-biases", "qwen2-gqa3"])
+def test_save_pretrained_loads_in_transformers_with_equal_logits(name, tmp_path):
+    model = lab_model(hf_model(name))
+    (tmp_path / "other.txt").write_text("kept")
+    model.save_pretrained(tmp_path)
+    ids = tokens((1, 6))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    assert type(loaded).__name__ == model.config.architecture
+    np.testing.assert_allclose(loaded(torch.tensor(ids)).logits.detach().numpy(), model(ids).numpy(), atol=1e-5)
+    again = lab.LlamaLM.from_pretrained(tmp_path)
+    assert again.config == model.config and not again.training
+    np.testing.assert_array_equal(again(ids).numpy(), model(ids).numpy())
+    assert (tmp_path / "other.txt").read_text() == "kept"
+
+
+def test_init_is_transformers_init():
+    model = lab.LlamaLM(lab.LlamaConfig(vocab_size=300, hidden_size=64, num_attention_heads=4, attention_bias=True))
+    params = dict(model.named_parameters())
+    assert np.all(params["model.norm.weight"].numpy() == 1)
+    assert np.all(params["model.layers.0.self_attn.q_proj.bias"].numpy() == 0)
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert abs(params[name].numpy().std() - 0.02) < 0.002, name
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_attention_heads=6, num_key_value_heads=4, hidden_size=12),
+     r"num_key_value_heads \(4\) must divide num_attention_heads \(6\)"),
+    (dict(hidden_size=10, num_attention_heads=3), r"hidden_size \(10\) must be divisible by num_attention_heads \(3\)"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"unknown rope_type 'yarn' \(supported: default, "
+                                                              r"linear, llama3\)"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"needs 'low_freq_factor'"),
+    (dict(head_dim=5), r"head_dim must be even"),
+    (dict(num_key_value_heads=0), r"num_key_value_heads must be an integer >= 1, got 0"),
+    (dict(eos_token_id=[2, 300]), r"eos_token_id must be an integer >= 0 and <= 255, got 300"),
+    (dict(architecture="GPT2LMHeadModel"), r"architecture must be one of"),
+])
+def test_config_refuses_bad_fields_naming_them(fields, message):
+    with pytest.raises(InputError, match=message):
+        lab.LlamaConfig(**fields)
+
+
+def test_from_hf_names_the_file_in_each_error(tmp_path):
+    source = tmp_path / "config.json"
+    good = lab.LlamaConfig().to_hf()
+    assert lab.LlamaConfig.from_hf(good, source) == lab.LlamaConfig()
+    with pytest.raises(CheckpointError, match=r"config.json: architecture 'BertModel' is not supported by LlamaLM "
+                                              r"\(supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM\)"):
+        lab.LlamaConfig.from_hf({**good, "architectures": ["BertModel"]}, source)
+    mistral = {**good, "architectures": ["MistralForCausalLM"], "sliding_window": 32}
+    with pytest.raises(CheckpointError, match=r"config.json: sliding_window=32 is smaller than max_position_embeddings"):
+        lab.LlamaConfig.from_hf(mistral, source)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}.*num_key_value_heads \(3\) must divide"):
+        lab.LlamaConfig.from_hf({**good, "num_key_value_heads": 3}, source)
+    with pytest.raises(CheckpointError, match=r"config.json: the config is missing the field 'hidden_size'"):
+        lab.LlamaConfig.from_hf({k: v for k, v in good.items() if k != "hidden_size"}, source)
+
+
+def test_load_hf_weights_refuses_wrong_names_and_shapes_naming_the_tensor():
+    model = lab.LlamaLM(lab.LlamaConfig(tie_word_embeddings=False))
+    weights = model.hf_weights()
+    before = model.hf_weights()
+    bad = {**weights, "model.layers.1.self_attn.k_proj.weight": np.zeros((64, 63), np.float32)}
+    with pytest.raises(CheckpointError, match=r"w.safetensors: tensor 'model.layers.1.self_attn.k_proj.weight' has "
+                                              r"shape \(64, 63\), the model expects \(64, 64\)"):
+        model.load_hf_weights(bad, "w.safetensors")
+    del bad["model.norm.weight"]
+    bad["model.extra"] = np.zeros(3, np.float32)
+    with pytest.raises(CheckpointError, match=r"missing tensors \['model.norm.weight'\], unexpected tensors "
+                                              r"\['model.extra'\]"):
+        model.load_hf_weights(bad, "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight' has dtype int32"):
+        model.load_hf_weights({**weights, "lm_head.weight": weights["lm_head.weight"].astype(np.int32)})
+    for k, v in model.hf_weights().items():   # nothing was copied by a refused load
+        assert np.array_equal(v, before[k])
+    tied = lab.LlamaLM(lab.LlamaConfig())
+    tw = tied.hf_weights()
+    tied.load_hf_weights({**tw, "lm_head.weight": tw["model.embed_tokens.weight"]})   # a tied head, saved: fine
+    with pytest.raises(CheckpointError, match=r"lm_head.weight differs from model.embed_tokens.weight"):
+        tied.load_hf_weights({**tw, "lm_head.weight": tw["model.embed_tokens.weight"] + 1})
+
+
+def test_presets_build_the_architectures():
+    smol = lab.PRESETS["smollm2-135m"]
+    assert (smol.num_attention_heads, smol.num_key_value_heads, smol.head_dim, smol.tie_word_embeddings) == (9, 3, 64,
+                                                                                                                True)
+    from lab.models.llama import num_params
+    assert num_params(smol) == 134_515_008   # SmolLM2-135M's parameter count
+    tiny = lab.LlamaLM(lab.PRESETS["llama-tiny"])
+    assert tiny.num_parameters() == num_params(lab.PRESETS["llama-tiny"])
