@@ -8,6 +8,7 @@ from .engine.profile import profile
 from .models import LlamaConfig, LlamaLM, PRESETS, ProNeuralConfig, ProNeuralLM, TransformerConfig, TransformerLM
 from .data import CharTokenizer, load_corpus
 from .data.bpe import BPETokenizer
+from .data.pretrained import PretrainedTokenizer, load_tokenizer
 from .generate import beam_search, generate
 from .pretrained import from_pretrained
 

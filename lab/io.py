@@ -25,14 +25,23 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .checks import InputError, show
+from .checks import InputError, integer, show
 
 JOURNAL_FILE = ".lab-save.json"   # present only while a save moves its files in (atomic_files)
 # the only names a save removes (stale parts of an earlier save: checkpoint.OPTIMIZER_FILE and STATE_FILE without a
 # trainer, lora.ADAPTER_FILE and ADAPTER_CONFIG without adapters): a journal naming any other file is refused, so a
 # planted journal cannot delete a user's files beside a checkpoint
 REMOVABLE = frozenset({"optimizer.safetensors", "trainer_state.json", "adapter_model.safetensors",
-                       "adapter_config.json"})
+                       "adapter_config.json",
+                       # a pretrained tokenizer's files that transformers reads over tokenizer_config.json: a save of
+                       # a tokenizer without them removes an earlier tokenizer's (lab.data.pretrained)
+                       "chat_template.jinja", "special_tokens_map.json"})
+
+
+# a model directory in Hugging Face's layout holds its weights in one of these (read_weights)
+WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+GENERATION_FILE = "generation_config.json"
 
 
 class CheckpointError(InputError):
@@ -372,12 +381,21 @@ def _expect_file(path, what):
         raise CheckpointError(f"{path}: {what} not found")
 
 
-def read_json(path, what):
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice in one object")
+    return dict(pairs)
+
+
+def read_json(path, what, unique_keys=False):
+    """A JSON object from `path`; unique_keys refuses an object naming a key twice (json keeps the last silently:
+    a weight map naming a tensor twice would hide which shard holds it)."""
     path = Path(path)
     _expect_file(path, what)
     try:   # json.loads would take NaN, Infinity and 1e999 and hand them on as numbers
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_nonfinite,
-                          parse_float=_finite_float)
+                          parse_float=_finite_float, object_pairs_hook=_unique_keys if unique_keys else None)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
@@ -431,6 +449,67 @@ def read_safetensors(path):
             raise CheckpointError(f"{path}: tensor {key!r} " + ("has values beyond float32's range (largest "
                                   f"{np.abs(value).max():g})" if beyond else "contains NaN or Inf"))
         out[key] = narrow
+    return out
+
+
+def read_weights(directory):
+    """The tensors of a model directory in Hugging Face's layout, by HF name: model.safetensors, or else the shards
+    that model.safetensors.index.json maps (transformers' precedence). The index is checked against the shards
+    before anything is handed on: every shard it names exists (a plain file name beside it), every tensor it maps
+    is in that shard, no shard holds a tensor the index does not map to it. Errors name the file."""
+    d = Path(directory)
+    if (d / WEIGHTS_FILE).exists() or not (d / INDEX_FILE).exists():
+        if not (d / WEIGHTS_FILE).exists() and any((d / name).exists() for name in PICKLE_WEIGHTS):
+            found = next(name for name in PICKLE_WEIGHTS if (d / name).exists())
+            raise CheckpointError(f"{d / found}: PyTorch pickle weights are not loaded (unpickling a file can run "
+                                  f"any code in it); convert them to safetensors where you trust the file, e.g. "
+                                  f"transformers' AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out), "
+                                  f"which writes {WEIGHTS_FILE}")
+        return read_safetensors(d / WEIGHTS_FILE)
+    index = d / INDEX_FILE
+    weight_map = read_json(index, "sharded weights index", unique_keys=True).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: expected a non-empty object \"weight_map\" (tensor name -> shard file), "
+                              f"got {show(weight_map)}")
+    shards = {}
+    for name, shard in weight_map.items():
+        if not (_plain_name(shard) and shard.endswith(".safetensors")):   # never a path out of the directory
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {show(shard)}, expected the file name of a "
+                                  f".safetensors shard in {d}")
+        shards.setdefault(shard, set()).add(name)
+    missing = sorted(s for s in shards if not (d / s).exists())
+    if missing:
+        raise CheckpointError(f"{index}: names shards that are not in {d}: {missing}")
+    out = {}
+    for shard, names in shards.items():
+        tensors = read_safetensors(d / shard)
+        if set(tensors) != names:
+            raise CheckpointError(f"{d / shard}: does not hold the tensors {index.name} maps to it: "
+                                  f"{mismatch(names, tensors)}")
+        out.update(tensors)
+    return out
+
+
+def with_generation_config(data, directory):
+    """config.json's fields with generation_config.json's token ids: its eos_token_id (an id or a list) is what
+    transformers' generate stops at, so it replaces config.json's; bos and pad fill in what config.json lacks.
+    The model keeps them in model.config, where lab.generate reads them."""
+    path = Path(directory) / GENERATION_FILE
+    if not path.exists():
+        return data
+    gen = read_json(path, "generation config")
+    vocab = data.get("vocab_size")
+    bound = vocab - 1 if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
+    out = dict(data)
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = gen.get(key)
+        if value is None or (key != "eos_token_id" and data.get(key) is not None):
+            continue
+        try:
+            ids = [integer(key, v, 0, bound) for v in (value if isinstance(value, list) and value else [value])]
+        except InputError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        out[key] = ids if isinstance(value, list) else ids[0]
     return out
 
 

@@ -1,0 +1,128 @@
+"""lab.from_pretrained: a model from one name, whatever holds it.
+
+A local directory in Hugging Face's layout (config.json with model.safetensors or a sharded index; GPT-2 and lab's
+own layout through TransformerLM's loader), a .gguf file or a directory holding one, the shipped model's short
+name, or a Hub id ("org/name") fetched through huggingface_hub's cache (only the files a model needs; offline with
+HF_HUB_OFFLINE=1 or local_files_only=True). The family comes from config.json's "architectures"
+(lab.models.ARCHITECTURES). Every loader checks the whole file set before it builds the model.
+"""
+import os
+import re
+from pathlib import Path
+
+from .checks import InputError, show
+from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError
+
+# what a Hub snapshot needs: config, weights, tokenizer, chat template, generation settings (never pickles, and
+# never a GGUF repo's dozen quantizations: a GGUF is loaded from its file's path)
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja"]
+# HF's rule for a repo id, one namespace required: a bare word is far likelier a mistyped short name
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}")
+
+
+def from_pretrained(name_or_path, revision=None, local_files_only=None):
+    """The model `name_or_path` names, in eval mode: a directory in Hugging Face's layout, a .gguf file or a
+    directory holding one, a shipped model's short name (lab.shipped), or a Hub id "org/name" (`revision`: a
+    branch, tag or commit; `local_files_only`, default HF_HUB_OFFLINE, reads only the local Hub cache)."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise InputError(f"from_pretrained: name_or_path must be a path, a shipped model's name or a Hub id "
+                         f"('org/name'), got {show(name_or_path)}")
+    if revision is not None and not (isinstance(revision, str) and revision):
+        raise InputError(f"from_pretrained: revision must be a branch, tag or commit name, got {show(revision)}")
+    if local_files_only not in (None, True, False):
+        raise InputError(f"from_pretrained: local_files_only must be True, False or None, got "
+                         f"{show(local_files_only)}")
+    path = Path(name_or_path).expanduser()
+    if path.exists() or isinstance(name_or_path, os.PathLike):
+        if revision is not None:
+            raise InputError(f"from_pretrained: revision={revision!r} names a Hub revision, but {path} is a local "
+                             f"path (its files are what loads)")
+        return load_local(path)
+    from . import shipped
+    name = str(name_or_path)
+    if name in shipped.SHIPPED:
+        return load_local(shipped.path(name))
+    if not REPO_ID.fullmatch(name) or ".." in name:
+        raise InputError(f"from_pretrained: {name!r} is not a local path, a shipped model ({', '.join(shipped.SHIPPED)}) "
+                         f"nor a Hub id ('org/name')")
+    return load_local(_hub_snapshot(name, revision, local_files_only))
+
+
+def load_local(path):
+    """A model from a local directory or .gguf file."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
+        return _load_gguf(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model directory or .gguf file")
+    if not any((path / name).exists() for name in (WEIGHTS_FILE, INDEX_FILE, *PICKLE_WEIGHTS)):
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(path / ggufs[0])
+        if ggufs:
+            raise CheckpointError(f"{path}: holds several .gguf files, {ggufs}: pass the path of the one to load")
+        raise CheckpointError(f"{path}: holds no model: expected config.json with {WEIGHTS_FILE} or {INDEX_FILE} "
+                              f"(Hugging Face's layout), or a .gguf file")
+    from .models import load_pretrained
+    return load_pretrained(path)
+
+
+def _load_gguf(path):
+    from . import gguf
+    from .models import family
+    data, weights = gguf.read_gguf(path)
+    return family(data, path).from_hf(data, weights, config_source=path, weights_source=path)
+
+
+# ------------------------------------------------------------------------------------------------ the Hub
+
+def _hub_cache():
+    """The cache huggingface_hub would use, read now (its constants are read once, at import): HF_HUB_CACHE, else
+    HF_HOME/hub."""
+    from huggingface_hub import constants
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _offline():
+    from huggingface_hub import constants
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any((v or "").upper() in ("1", "ON", "YES", "TRUE") for v in flags)
+
+
+def _hub_snapshot(repo_id, revision=None, local_files_only=None):
+    """The local directory of `repo_id` at `revision` in the Hub cache, downloading the model's files (HUB_FILES)
+    unless offline. One CheckpointError naming the id and the revision when it cannot be had."""
+    try:
+        from huggingface_hub import errors, snapshot_download
+    except ImportError:
+        raise InputError(f"from_pretrained: {repo_id!r} is a Hub id, and loading from the Hub needs the package "
+                         f"huggingface_hub (pip install huggingface_hub)") from None
+    offline = _offline() if local_files_only is None else local_files_only
+    rev = revision or "main"
+    get = (f"run once online (without HF_HUB_OFFLINE=1 or local_files_only=True), or `huggingface-cli download "
+           f"{repo_id}" + (f" --revision {revision}" if revision else "") + "`, or pass a local directory")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
+                                      local_files_only=offline, cache_dir=_hub_cache()))
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id}: the Hub has no revision {rev!r} of this model") from None
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+        raise CheckpointError(f"{repo_id}: not found on the Hub, or it needs access you have not been granted "
+                              f"(huggingface-cli login) ({type(e).__name__})") from None
+    except errors.IncompleteSnapshotError as e:
+        raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy is incomplete and the Hub cannot be "
+                              f"reached ({e}); {get}") from None
+    except errors.LocalEntryNotFoundError:
+        where = "offline (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub cannot be reached"
+        raise CheckpointError(f"{repo_id} (revision {rev!r}): no local path of that name, not in the Hub cache "
+                              f"{_hub_cache()} and {where}; {get}") from None
+    except (errors.HFValidationError, errors.HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"{repo_id} (revision {rev!r}): could not be fetched from the Hub "
+                              f"({type(e).__name__}: {e}); {get}") from None

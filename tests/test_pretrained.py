@@ -1,0 +1,332 @@
+"""lab.from_pretrained: HF directories (single and sharded, float32/16 and bfloat16), the Hub cache offline, the
+shipped model, generation_config.json, and one clear error per bad input naming the file. No test uses the network:
+each Hub test lays out a cache on disk and sets HF_HUB_OFFLINE=1."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lab
+from lab.checks import InputError
+from lab.io import CheckpointError, read_weights, with_generation_config
+from lab.pretrained import from_pretrained
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=1000, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3,
+            num_key_value_heads=1, head_dim=10, max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def _hf_model(kind="llama", tie=False, **over):
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**{**TINY, **over}, tie_word_embeddings=tie)
+        return transformers.Qwen2ForCausalLM(cfg).eval()
+    cfg = transformers.LlamaConfig(**{**TINY, **over}, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _state(model):
+    return {k: v.float().numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Directories transformers itself wrote: a single float32 file, and sharded ones (200KB shards) in float32,
+    float16 and bfloat16; with the model that wrote each."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, dtype, shard, kind in (("single", torch.float32, None, "llama"), ("sharded", torch.float32, "200KB", "llama"),
+                                     ("f16", torch.float16, "200KB", "llama"), ("bf16", torch.bfloat16, None, "qwen2")):
+        model = _hf_model(kind).to(dtype)
+        kw = {"max_shard_size": shard} if shard else {}
+        model.save_pretrained(root / name, **kw)
+        out[name] = (root / name, model)
+    return out
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+@pytest.mark.parametrize("name", ["single", "sharded", "f16", "bf16"])
+def test_read_weights_gives_every_tensor_of_single_and_sharded_directories_exactly(hf_dirs, name):
+    d, model = hf_dirs[name]
+    if name in ("sharded", "f16"):
+        assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("*.safetensors"))) >= 2
+    got, want = read_weights(d), _state(model)
+    want.pop("lm_head.weight", None) if "lm_head.weight" not in got else None
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():   # f16 and bf16 widen exactly: equal bit for bit to torch's own widening
+        assert got[k].dtype == np.float32 and np.array_equal(got[k], v), k
+
+
+def _index(d):
+    return json.loads((d / "model.safetensors.index.json").read_text())
+
+
+def _write_index(d, index):
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_index_naming_a_missing_shard_is_refused_naming_it(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    shard = sorted(set(_index(d)["weight_map"].values()))[1]
+    (d / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: names shards that are not in .*{shard}"):
+        read_weights(d)
+
+
+def test_sharded_index_mapping_a_tensor_its_shard_lacks_is_refused(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    index = _index(d)
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][name] = shards[1]   # moved in the index only: shard 1 lacks it, shard 0 holds it unmapped
+    _write_index(d, index)
+    # whichever shard is read first is named: shard 0 holds it unmapped, shard 1 lacks it
+    with pytest.raises(CheckpointError, match=rf"({shards[0]}|{shards[1]}): does not hold the tensors .*'{name}'"):
+        read_weights(d)
+
+
+def test_sharded_index_with_a_shard_holding_an_unmapped_tensor_is_refused(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    index = _index(d)
+    name = sorted(index["weight_map"])[3]
+    shard = index["weight_map"].pop(name)
+    _write_index(d, index)
+    with pytest.raises(CheckpointError, match=rf"{shard}: does not hold the tensors .*unexpected \['{name}'\]"):
+        read_weights(d)
+
+
+def test_sharded_index_naming_a_tensor_twice_is_refused(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    text = (d / "model.safetensors.index.json").read_text()
+    name, shard = next(iter(_index(d)["weight_map"].items()))
+    other = sorted(set(_index(d)["weight_map"].values()) - {shard})[0]
+    text = text.replace('"weight_map": {', f'"weight_map": {{"{name}": "{other}", ', 1)
+    (d / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"index.json: not valid JSON .*{name}.* appears twice"):
+        read_weights(d)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "x.bin", 3, None])
+def test_sharded_index_naming_a_file_outside_its_directory_or_not_a_shard_is_refused(hf_dirs, tmp_path, shard):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    index = _index(d)
+    index["weight_map"][next(iter(index["weight_map"]))] = shard
+    _write_index(d, index)
+    with pytest.raises(CheckpointError, match="index.json: tensor .* expected the file name of a .safetensors shard"):
+        read_weights(d)
+
+
+@pytest.mark.parametrize("weight_map", [None, {}, [], "model.safetensors"])
+def test_sharded_index_without_a_weight_map_is_refused(hf_dirs, tmp_path, weight_map):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    _write_index(d, {"metadata": {}, **({} if weight_map is None else {"weight_map": weight_map})})
+    with pytest.raises(CheckpointError, match='index.json: expected a non-empty object "weight_map"'):
+        read_weights(d)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "pytorch_model.bin.index.json"])
+def test_pickle_only_directory_is_refused_saying_to_convert_to_safetensors(hf_dirs, tmp_path, name):
+    d = _copy(hf_dirs["single"][0], tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / name).write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match=f"{name}: PyTorch pickle weights are not loaded .*safetensors"):
+        from_pretrained(d)
+
+
+# ------------------------------------------------------------------------------------------------ bad configs
+
+def test_config_that_is_not_json_is_refused_naming_the_file(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["single"][0], tmp_path)
+    (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        from_pretrained(d)
+
+
+def test_directory_without_a_model_is_refused_naming_what_it_looked_for(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: holds no model: expected config.json with "
+                                              f"model.safetensors or model.safetensors.index.json"):
+        from_pretrained(tmp_path)
+
+
+def test_directory_with_several_gguf_files_asks_which(tmp_path):
+    for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"several .gguf files, \['a.Q4_0.gguf', 'a.Q8_0.gguf'\]"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [3, None, "", b"org/name", ["org/name"]])
+def test_name_that_is_not_a_string_or_path_is_refused(bad):
+    with pytest.raises(InputError, match="name_or_path must be a path, a shipped model's name or a Hub id"):
+        from_pretrained(bad)
+
+
+def test_revision_given_with_a_local_path_is_refused(hf_dirs):
+    with pytest.raises(InputError, match="revision='v2' names a Hub revision, but .* is a local path"):
+        from_pretrained(hf_dirs["single"][0], revision="v2")
+
+
+# ------------------------------------------------------------------------------------------------ the Hub cache
+
+def _hub_cache(root, repo_id, snapshots, refs):
+    """A Hub cache as huggingface_hub lays it out: blobs, snapshots/<commit>/ of links to them, refs/<name>."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    for commit, files in snapshots.items():
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for src in files:
+            blob = repo / "blobs" / f"{commit[:8]}-{src.name}"
+            blob.parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, blob)
+            (snap / src.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    for ref, commit in refs.items():
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return repo
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+A, B = "a" * 40, "b" * 40
+
+
+def test_hub_id_resolves_to_its_cached_snapshot_offline_and_a_revision_to_another(hf_dirs, offline_cache):
+    from lab.pretrained import _hub_snapshot
+    single, sharded = hf_dirs["single"][0], hf_dirs["sharded"][0]
+    _hub_cache(offline_cache, "org/tiny", {A: sorted(single.iterdir()), B: sorted(sharded.iterdir())},
+               {"main": A, "v2": B})
+    assert _hub_snapshot("org/tiny") == offline_cache / "models--org--tiny" / "snapshots" / A
+    assert _hub_snapshot("org/tiny", revision="v2") == offline_cache / "models--org--tiny" / "snapshots" / B
+    assert _hub_snapshot("org/tiny", revision=B) == offline_cache / "models--org--tiny" / "snapshots" / B
+    got = read_weights(_hub_snapshot("org/tiny", revision="v2"))
+    assert np.array_equal(got["model.norm.weight"], _state(hf_dirs["sharded"][1])["model.norm.weight"])
+
+
+@pytest.mark.parametrize("revision", [None, "v9"])
+def test_hub_id_not_in_the_cache_offline_is_one_error_naming_the_id_and_how_to_get_it(offline_cache, revision):
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained("org/absent", revision=revision)
+    msg = str(e.value)
+    for part in ("org/absent", f"revision {revision or 'main'!r}", "not in the Hub cache", str(offline_cache),
+                 "HF_HUB_OFFLINE=1", f"huggingface-cli download org/absent", "or pass a local directory"):
+        assert part in msg, (part, msg)
+
+
+def test_local_files_only_reads_the_cache_without_hf_hub_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="org/absent .*not in the Hub cache .*local_files_only=True"):
+        from_pretrained("org/absent", local_files_only=True)
+
+
+@pytest.mark.parametrize("name", ["smolm2", "not/a/repo", "org/..", "-org/x", "org/name with space"])
+def test_name_neither_path_nor_hub_id_is_refused_listing_the_shipped_models(name, offline_cache):
+    from lab import shipped
+    with pytest.raises(InputError, match="is not a local path, a shipped model") as e:
+        from_pretrained(name)
+    assert all(short in str(e.value) for short in shipped.SHIPPED)
+
+
+# ------------------------------------------------------------------------------------------------ generation config
+
+def test_generation_config_eos_replaces_config_eos_and_fills_bos_and_pad(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1,
+                                                                  "pad_token_id": 5, "temperature": 0.7}))
+    data = {"vocab_size": 61, "bos_token_id": 0, "eos_token_id": 2}
+    assert with_generation_config(data, tmp_path) == {"vocab_size": 61, "bos_token_id": 0, "eos_token_id": [2, 7],
+                                                       "pad_token_id": 5}
+    assert with_generation_config(data, tmp_path / "none") is data
+
+
+@pytest.mark.parametrize("bad", [61, -1, "2", [2, None], 1.5, True])
+def test_generation_config_with_a_bad_token_id_is_refused_naming_the_file(tmp_path, bad):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+    with pytest.raises(CheckpointError, match="generation_config.json: eos_token_id must be an integer >= 0 and <= 60"):
+        with_generation_config({"vocab_size": 61}, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def _logits_equal(model, hf, ids, atol=1e-4):
+    logits = model(lab.tensor(ids))   # without targets: the logits alone
+    with torch.no_grad():
+        want = hf.float()(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(logits.numpy(), want, atol=atol, rtol=0)   # float32 sums in another order
+
+
+IDS = np.array([[3, 17, 999, 0, 42, 5, 7]])
+
+
+@pytest.mark.parametrize("name", ["single", "sharded", "f16", "bf16"])
+def test_from_pretrained_loads_what_transformers_wrote_with_equal_logits(hf_dirs, name, numpy_backend):
+    d, hf = hf_dirs[name]
+    with lab.engine.backend.using_backend(numpy_backend):
+        model = from_pretrained(d)
+        assert type(model) is lab.LlamaLM and model.config.architecture == type(hf).__name__
+        _logits_equal(model, hf, IDS)
+
+
+def test_from_pretrained_of_a_sharded_directory_on_both_backends(hf_dirs, use_backend):
+    d, hf = hf_dirs["sharded"]
+    _logits_equal(from_pretrained(d), hf, IDS[:, :4])
+
+
+def test_save_pretrained_round_trips_through_transformers_with_equal_logits(hf_dirs, tmp_path, numpy_backend):
+    with lab.engine.backend.using_backend(numpy_backend):
+        model = from_pretrained(hf_dirs["bf16"][0])
+        model.save_pretrained(tmp_path / "out")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        _logits_equal(model, back, IDS)
+        _logits_equal(from_pretrained(tmp_path / "out"), back, IDS)
+
+
+def test_hub_id_loads_from_the_cache_offline_with_a_revision(hf_dirs, offline_cache, numpy_backend):
+    single, sharded = hf_dirs["single"], hf_dirs["bf16"]
+    _hub_cache(offline_cache, "org/tiny", {A: sorted(single[0].iterdir()), B: sorted(sharded[0].iterdir())},
+               {"main": A, "v2": B})
+    with lab.engine.backend.using_backend(numpy_backend):
+        _logits_equal(from_pretrained("org/tiny"), single[1], IDS)
+        _logits_equal(from_pretrained("org/tiny", revision="v2"), sharded[1], IDS)
+
+
+def test_generation_config_eos_reaches_the_loaded_models_config(hf_dirs, tmp_path, numpy_backend):
+    d = _copy(hf_dirs["single"][0], tmp_path)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1}))
+    with lab.engine.backend.using_backend(numpy_backend):
+        assert from_pretrained(d).config.eos_token_id == [2, 7]
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"architectures": ["BertForMaskedLM"]}, "architecture BertForMaskedLM is not supported: lab loads LlamaForCausalLM"),
+    ({"architectures": "LlamaForCausalLM"}, '"architectures" must be a list of model class names'),
+    ({"num_attention_heads": 5}, "num_attention_heads"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"hidden_size": 3 * 10 ** 6}, "describes a model of .* parameters, but .*model.safetensors holds"),
+])
+def test_bad_config_is_one_error_naming_the_file(hf_dirs, tmp_path, edit, message):
+    d = _copy(hf_dirs["single"][0], tmp_path)
+    data = {**json.loads((d / "config.json").read_text()), **edit}
+    data.pop("head_dim") if "num_attention_heads" in edit else None   # head_dim would hide the division
+    (d / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=message) as e:
+        from_pretrained(d)
+    assert str(d / "config.json") in str(e.value)
