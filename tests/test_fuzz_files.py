@@ -1,5 +1,5 @@
 """Fuzzing every file lab reads: truncated, bit-flipped, wrong-dtype, wrong-shape, huge-header and missing-key
-variants of checkpoint, optimizer, tokenizer, BPE, PEFT adapter and GPT-2 files. Every case must either load or
+variants of checkpoint, optimizer, tokenizer, BPE, PEFT adapter, GPT-2 and sharded (index and shard) files. Every case must either load or
 end in a lab CheckpointError that names the file; none may raise anything else, hang, or allocate more memory than
 the file could justify. Fixed seed (derandomized) and LAB_FUZZ_EXAMPLES cases per file in CI (default 25); set
 it higher to fuzz longer."""
@@ -17,6 +17,7 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 
 import lab  # noqa: E402
 from lab import lora  # noqa: E402
@@ -52,7 +53,23 @@ def originals(tmp_path_factory):
         model = _model(tok.vocab_size)
         lora.apply(model, r=2, alpha=4)
         lora.save_adapter(model, root / "adapter")
+        _sharded(root / "sharded")
     return root, ids, tok.vocab_size
+
+
+def _sharded(d):
+    """A small Llama in transformers' sharded layout: two shards and the index mapping each tensor to one."""
+    lab.manual_seed(0)
+    model = lab.LlamaLM(lab.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
+    model.save_pretrained(d)
+    (d / "model.safetensors").unlink()
+    tensors, weight_map = model.hf_weights(), {}
+    for i, half in enumerate((sorted(tensors)[::2], sorted(tensors)[1::2])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in half}, str(d / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(half, name))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def _loaders(ids, vocab):
@@ -64,6 +81,7 @@ def _loaders(ids, vocab):
         "hf": lambda d: import_model(d),
         "bpe": lambda d: load_tokenizer(d / "bpe.json"),
         "adapter": adapter,
+        "sharded": lambda d: lab.from_pretrained(d),
     }
 
 
@@ -74,6 +92,7 @@ TARGETS = [
     ("model.safetensors", "hf", "hf"), ("config.json", "hf", "hf"), ("lab_tokenizer.json", "hf", "hf"),
     ("bpe.json", ".", "bpe"),
     ("adapter_model.safetensors", "adapter", "adapter"), ("adapter_config.json", "adapter", "adapter"),
+    ("model.safetensors.index.json", "sharded", "sharded"), ("model-00001-of-00002.safetensors", "sharded", "sharded"),
 ]
 
 
@@ -94,7 +113,7 @@ def mutations(draw, data, is_safetensors):
     if is_safetensors:
         kinds += ["dtype", "shape", "huge_header", "missing_key", "offsets"]
     else:
-        kinds += ["json_drop", "json_type", "json_huge"]
+        kinds += ["json_drop", "json_type", "json_huge", "json_nested"]
     kind = draw(st.sampled_from(kinds))
     if kind == "truncate":
         n = draw(st.integers(0, max(len(data) - 1, 0)))
@@ -134,7 +153,17 @@ def mutations(draw, data, is_safetensors):
     if not keys:
         return data[: len(data) // 2], "truncated to half"
     key = draw(st.sampled_from(keys))
-    if kind == "json_drop":
+    if kind == "json_nested" and isinstance(doc[key], dict) and doc[key]:
+        # inside an object (an index's weight_map, rope_scaling): drop an entry, or point it elsewhere
+        inner = draw(st.sampled_from(sorted(doc[key])))
+        values = sorted({json.dumps(v) for v in doc[key].values()})
+        value = draw(st.sampled_from([None, "", "../x.safetensors", "/etc/passwd", 7] + [json.loads(v) for v in values]))
+        if draw(st.booleans()):
+            del doc[key][inner]
+            return json.dumps(doc).encode(), f"{key}.{inner!r} removed"
+        doc[key][inner] = value
+        return json.dumps(doc).encode(), f"{key}.{inner!r} -> {value!r}"
+    if kind in ("json_drop", "json_nested"):
         del doc[key]
         return json.dumps(doc).encode(), f"key {key!r} removed"
     if kind == "json_type":
