@@ -37,7 +37,7 @@ def _train(args):
     import numpy as np
     import lab
     from lab.data import char_dataset
-    from lab.models import PRESETS, TransformerConfig, TransformerLM
+    from lab.models import MODELS, PRESETS, TransformerConfig
     from lab.train import TrainConfig, Trainer
     from dataclasses import replace
 
@@ -50,15 +50,18 @@ def _train(args):
     tok, train_ids, val_ids = char_dataset(args.corpus)
     if args.preset not in PRESETS:
         raise InputError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
-    mcfg: TransformerConfig = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
-    model = TransformerLM(mcfg)
+    mcfg = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
+    model = MODELS[type(mcfg)](mcfg)   # the preset's family
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                        warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0,
                        replay_steps=not args.no_replay)
     trainer = Trainer(model, train_ids, val_ids, tcfg)  # refuses a batch or split that cannot train, in one line
     _print_notices(args)  # every check passed: the backend's notice now, not at the end of the run
-    print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
-          f"{mcfg.n_head} heads, {mcfg.n_embd} dims, block {mcfg.block_size}; corpus {args.corpus}: "
+    shape = (f"{mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} dims" if isinstance(mcfg, TransformerConfig)
+             else f"{mcfg.num_hidden_layers} layers, {mcfg.num_attention_heads} heads ({mcfg.num_key_value_heads} "
+                  f"key-value), {mcfg.hidden_size} dims")
+    print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {shape}, "
+          f"block {mcfg.block_size}; corpus {args.corpus}: "
           f"{len(train_ids) + len(val_ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
     t0 = time.perf_counter()
     # SIGTERM (a job scheduler's or `docker stop`'s way of ending a run) stops like a Ctrl-C: after the step in
@@ -263,7 +266,7 @@ def main(argv=None):
     BACKENDS = ("wgpu", "numpy", "auto")
 
     t = sub.add_parser("train", help="train a model on a bundled corpus, with a progress bar")
-    t.add_argument("--preset", default="tiny", help="model preset: tiny or shakespeare-char")
+    t.add_argument("--preset", default="tiny", help="model preset: tiny, shakespeare-char, llama-tiny, ...")
     t.add_argument("--corpus", default="kjv", help="bundled corpus name or a text file path")
     t.add_argument("--steps", type=count, default=600)
     t.add_argument("--batch-size", type=count, default=12)

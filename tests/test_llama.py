@@ -229,3 +229,40 @@ def test_presets_build_the_architectures():
     assert num_params(smol) == 134_515_008   # SmolLM2-135M's parameter count
     tiny = lab.LlamaLM(lab.PRESETS["llama-tiny"])
     assert tiny.num_parameters() == num_params(lab.PRESETS["llama-tiny"])
+
+
+def _llama_trainer(text, seed=0, **cfg):
+    from lab.train import TrainConfig, Trainer
+    tok = lab.CharTokenizer.from_text(text)
+    ids = np.asarray(tok.encode(text))
+    lab.manual_seed(seed)
+    config = lab.LlamaConfig(**{**lab.PRESETS["llama-tiny"].to_dict(), "vocab_size": tok.vocab_size,
+                                "max_position_embeddings": 16, "dropout": 0.1})
+    train = TrainConfig(**{"steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0, "eval_every": 1000,
+                           "log_every": 1000, **cfg})
+    return tok, Trainer(lab.LlamaLM(config), ids[:1500], ids[1500:], train)
+
+
+def test_trainer_trains_a_llama_model_with_falling_loss(use_backend):
+    text = lab.load_corpus("kjv")[:2000]
+    _, trainer = _llama_trainer(text, steps=25)
+    losses = [trainer.train_step()[0].item() for _ in range(25)]
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    assert trainer.model.flops_per_token() > 6 * trainer.model.num_parameters()
+
+
+def test_llama_checkpoint_resumes_with_exactly_the_same_losses(use_backend, tmp_path):
+    from lab.checkpoint import load_checkpoint, save_checkpoint
+    from lab.train import Trainer
+    text = lab.load_corpus("kjv")[:2000]
+    tok, t = _llama_trainer(text)
+    uninterrupted = [t.train_step()[0].item() for _ in range(6)]
+    tok, t = _llama_trainer(text)
+    first = [t.train_step()[0].item() for _ in range(3)]
+    save_checkpoint(tmp_path / "ck", t.model, tok, t)
+    model, _, _ = load_checkpoint(tmp_path / "ck")
+    assert isinstance(model, lab.LlamaLM) and model.config == t.model.config
+    lab.manual_seed(999)
+    resumed = Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+    assert first + [resumed.train_step()[0].item() for _ in range(3)] == uninterrupted   # bitwise

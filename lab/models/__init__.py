@@ -11,6 +11,7 @@ from .llama import PRESETS as _LLAMA_PRESETS, LlamaConfig, LlamaLM
 from .transformer import CONFIG_FILE, PRESETS as _GPT2_PRESETS, TransformerConfig, TransformerLM
 
 PRESETS = {**_GPT2_PRESETS, **_LLAMA_PRESETS}   # every family's, by name
+MODELS = {TransformerConfig: TransformerLM, LlamaConfig: LlamaLM, ProNeuralConfig: ProNeuralLM}   # by config
 # the model family of a transformers config.json's "architectures" (lab.from_pretrained picks with it)
 ARCHITECTURES = {"LlamaForCausalLM": LlamaLM, "Qwen2ForCausalLM": LlamaLM, "MistralForCausalLM": LlamaLM,
                  "GPT2LMHeadModel": TransformerLM}

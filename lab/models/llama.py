@@ -399,16 +399,17 @@ class LlamaLM(nn.Module):
         self.load_state_dict(state, source=str(where), error=CheckpointError)
         return self
 
-    def save_pretrained(self, directory):
-        """config.json + model.safetensors in transformers' layout (its LlamaForCausalLM & co. load them)."""
+    def save_pretrained(self, directory, format="lab"):
+        """config.json + model.safetensors in transformers' layout (its LlamaForCausalLM & co. load them); for this
+        family lab's layout ("lab") is transformers' ("hf")."""
+        _check_format(format)   # before the directory is touched
         with nn.step_lock(self), atomic_files(directory) as files:   # between a training thread's steps
-            self.write_files(files)
+            self.write_files(files, format)
         return Path(directory)
 
     def write_files(self, files, format="lab"):
-        """Into an atomic_files staging: lab's layout for this family is transformers' (a checkpoint's model)."""
-        if format not in ("lab", "hf"):
-            raise InputError(f"unknown format {format!r}: expected 'lab' or 'hf'")
+        """Into an atomic_files staging (a checkpoint's model)."""
+        _check_format(format)
         files.write_tensors(MODEL_FILE, self.hf_weights(), metadata={"format": "pt"})
         files.write_json(CONFIG_FILE, self.config.to_hf())
 
@@ -425,6 +426,11 @@ class LlamaLM(nn.Module):
         cfg = LlamaConfig.from_hf(data, config_source)
         _check_size(cfg, tensors, config_source, weights_source)
         return cls(cfg).load_hf_weights(tensors, weights_source).eval()
+
+
+def _check_format(format):
+    if format not in ("lab", "hf"):
+        raise InputError(f"unknown format {show(format)}: expected 'lab' or 'hf' (the same layout for LlamaLM)")
 
 
 def _is_linear(name):

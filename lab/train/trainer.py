@@ -142,7 +142,7 @@ class Trainer:
         # the arguments checked here, each named: a wrong one otherwise surfaced as an AttributeError or a bare
         # TypeError from deep inside (e.g. len(None)) at construction, or as an embedding error at some later step
         if not (hasattr(model, "optimizer_groups") and hasattr(getattr(model, "config", None), "vocab_size")):
-            raise InputError(f"model must be a lab language model (TransformerLM, ProNeuralLM), got {show(model)}")
+            raise InputError(f"model must be a lab language model (TransformerLM, LlamaLM, ProNeuralLM), got {show(model)}")
         if cfg is not None and not isinstance(cfg, TrainConfig):
             raise InputError(f"cfg must be a TrainConfig (e.g. TrainConfig(steps=100)), got {show(cfg)}")
         given = callbacks
