@@ -467,16 +467,7 @@ def read_weights(directory):
                                   f"which writes {WEIGHTS_FILE}")
         return read_safetensors(d / WEIGHTS_FILE)
     index = d / INDEX_FILE
-    weight_map = read_json(index, "sharded weights index", unique_keys=True).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: expected a non-empty object \"weight_map\" (tensor name -> shard file), "
-                              f"got {show(weight_map)}")
-    shards = {}
-    for name, shard in weight_map.items():
-        if not (_plain_name(shard) and shard.endswith(".safetensors")):   # never a path out of the directory
-            raise CheckpointError(f"{index}: tensor {name!r} maps to {show(shard)}, expected the file name of a "
-                                  f".safetensors shard in {d}")
-        shards.setdefault(shard, set()).add(name)
+    shards = index_shards(index)
     missing = sorted(s for s in shards if not (d / s).exists())
     if missing:
         raise CheckpointError(f"{index}: names shards that are not in {d}: {missing}")
@@ -488,6 +479,22 @@ def read_weights(directory):
                                   f"{mismatch(names, tensors)}")
         out.update(tensors)
     return out
+
+
+def index_shards(index):
+    """{shard file name: the tensor names it holds} of a sharded index, each shard a plain .safetensors name beside
+    the index (never a path out of its directory)."""
+    weight_map = read_json(index, "sharded weights index", unique_keys=True).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: expected a non-empty object \"weight_map\" (tensor name -> shard file), "
+                              f"got {show(weight_map)}")
+    shards = {}
+    for name, shard in weight_map.items():
+        if not (_plain_name(shard) and shard.endswith(".safetensors")):
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {show(shard)}, expected the file name of a "
+                                  f".safetensors shard in {Path(index).parent}")
+        shards.setdefault(shard, set()).add(name)
+    return shards
 
 
 def with_generation_config(data, directory):

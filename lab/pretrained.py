@@ -6,16 +6,17 @@ name, or a Hub id ("org/name") fetched through huggingface_hub's cache (only the
 HF_HUB_OFFLINE=1 or local_files_only=True). The family comes from config.json's "architectures"
 (lab.models.ARCHITECTURES). Every loader checks the whole file set before it builds the model.
 """
+import glob
 import os
 import re
 from pathlib import Path
 
 from .checks import InputError, show
-from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError
+from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError, index_shards
 
-# what a Hub snapshot needs: config, weights, tokenizer, chat template, generation settings (never pickles, and
-# never a GGUF repo's dozen quantizations: a GGUF is loaded from its file's path)
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+# what a Hub snapshot needs: config, weights (then the shards an index names), tokenizer, chat template, generation
+# settings; never pickles, nor a GGUF repo's dozen quantizations (a GGUF is loaded from its file's path)
+HUB_FILES = ["config.json", "generation_config.json", WEIGHTS_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja"]
 # HF's rule for a repo id, one namespace required: a bare word is far likelier a mistyped short name
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}")
@@ -108,21 +109,33 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None):
     rev = revision or "main"
     get = (f"run once online (without HF_HUB_OFFLINE=1 or local_files_only=True), or `huggingface-cli download "
            f"{repo_id}" + (f" --revision {revision}" if revision else "") + "`, or pass a local directory")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
-                                      local_files_only=offline, cache_dir=_hub_cache()))
-    except errors.RevisionNotFoundError:
-        raise CheckpointError(f"{repo_id}: the Hub has no revision {rev!r} of this model") from None
-    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-        raise CheckpointError(f"{repo_id}: not found on the Hub, or it needs access you have not been granted "
-                              f"(huggingface-cli login) ({type(e).__name__})") from None
-    except errors.IncompleteSnapshotError as e:
-        raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy is incomplete and the Hub cannot be "
-                              f"reached ({e}); {get}") from None
-    except errors.LocalEntryNotFoundError:
-        where = "offline (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub cannot be reached"
-        raise CheckpointError(f"{repo_id} (revision {rev!r}): no local path of that name, not in the Hub cache "
-                              f"{_hub_cache()} and {where}; {get}") from None
-    except (errors.HFValidationError, errors.HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"{repo_id} (revision {rev!r}): could not be fetched from the Hub "
-                              f"({type(e).__name__}: {e}); {get}") from None
+
+    def download(patterns):
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                          local_files_only=offline, cache_dir=_hub_cache()))
+        except errors.RevisionNotFoundError:
+            raise CheckpointError(f"{repo_id}: the Hub has no revision {rev!r} of this model") from None
+        except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+            raise CheckpointError(f"{repo_id}: no local path of that name, and not found on the Hub, or it needs "
+                                  f"access you have not been granted (huggingface-cli login) ({type(e).__name__})") from None
+        except errors.IncompleteSnapshotError as e:
+            raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy is incomplete and the Hub cannot "
+                                  f"be reached ({e}); {get}") from None
+        except errors.LocalEntryNotFoundError:
+            where = "offline (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub cannot be reached"
+            raise CheckpointError(f"{repo_id} (revision {rev!r}): no local path of that name, not in the Hub cache "
+                                  f"{_hub_cache()} and {where}; {get}") from None
+        except (errors.HFValidationError, errors.HfHubHTTPError, OSError) as e:
+            raise CheckpointError(f"{repo_id} (revision {rev!r}): could not be fetched from the Hub "
+                                  f"({type(e).__name__}: {e}); {get}") from None
+
+    d = download(HUB_FILES)
+    if (d / INDEX_FILE).is_file() and not (d / WEIGHTS_FILE).exists():
+        # then the shards the index names, and no other .safetensors (a repo may also hold a consolidated copy)
+        d = download(sorted(glob.escape(name) for name in index_shards(d / INDEX_FILE)))
+    if not any((d / name).exists() for name in (WEIGHTS_FILE, INDEX_FILE)) and not any(d.glob("*.gguf")):
+        raise CheckpointError(f"{repo_id} (revision {rev!r}): the Hub repo holds no {WEIGHTS_FILE} or {INDEX_FILE}; "
+                              f"for a repo of GGUF files pass the path of one: lab.from_pretrained("
+                              f"huggingface_hub.hf_hub_download({repo_id!r}, 'NAME.gguf'))")
+    return d

@@ -36,11 +36,11 @@ def _state(model):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """Directories transformers itself wrote: a single float32 file, and sharded ones (200KB shards) in float32,
-    float16 and bfloat16; with the model that wrote each."""
+    float16 (Llama) and bfloat16 (Qwen2, untied); with the model that wrote each."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
     for name, dtype, shard, kind in (("single", torch.float32, None, "llama"), ("sharded", torch.float32, "200KB", "llama"),
-                                     ("f16", torch.float16, "200KB", "llama"), ("bf16", torch.bfloat16, None, "qwen2")):
+                                     ("f16", torch.float16, "200KB", "llama"), ("bf16", torch.bfloat16, "200KB", "qwen2")):
         model = _hf_model(kind).to(dtype)
         kw = {"max_shard_size": shard} if shard else {}
         model.save_pretrained(root / name, **kw)
@@ -59,7 +59,7 @@ def _copy(src, tmp_path):
 @pytest.mark.parametrize("name", ["single", "sharded", "f16", "bf16"])
 def test_read_weights_gives_every_tensor_of_single_and_sharded_directories_exactly(hf_dirs, name):
     d, model = hf_dirs[name]
-    if name in ("sharded", "f16"):
+    if name in ("sharded", "f16", "bf16"):
         assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("*.safetensors"))) >= 2
     got, want = read_weights(d), _state(model)
     want.pop("lm_head.weight", None) if "lm_head.weight" not in got else None
@@ -330,3 +330,77 @@ def test_bad_config_is_one_error_naming_the_file(hf_dirs, tmp_path, edit, messag
     with pytest.raises(CheckpointError, match=message) as e:
         from_pretrained(d)
     assert str(d / "config.json") in str(e.value)
+
+
+def test_generate_stops_at_the_eos_of_generation_config(hf_dirs, tmp_path, numpy_backend):
+    d = _copy(hf_dirs["single"][0], tmp_path)
+    with lab.engine.backend.using_backend(numpy_backend):
+        free = list(lab.generate(from_pretrained(d), [3, 17], 8, greedy=True, eos_token_id=[]))
+        eos = next(t for i, t in enumerate(free) if t not in free[:i] and i >= 2)
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [int(eos)]}))
+        assert list(lab.generate(from_pretrained(d), [3, 17], 8, greedy=True)) == free[:free.index(eos)]
+
+
+def test_gpt2_directories_load_as_transformer_lm(tmp_path, numpy_backend):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                                                              n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "gpt2", max_shard_size="20KB")   # sharded: the GPT-2 loader reads the index too
+    assert (tmp_path / "gpt2" / "model.safetensors.index.json").exists()
+    with lab.engine.backend.using_backend(numpy_backend):
+        model = from_pretrained(tmp_path / "gpt2")
+        assert type(model) is lab.TransformerLM
+        _logits_equal(model, hf, IDS[:, :5] % 50)
+
+
+def test_hub_snapshot_fetches_the_model_files_then_only_the_shards_its_index_names(hf_dirs, tmp_path, monkeypatch):
+    import fnmatch
+    import huggingface_hub
+    from lab.pretrained import HUB_FILES, _hub_snapshot
+    remote = _copy(hf_dirs["sharded"][0], tmp_path)
+    for extra in ("consolidated.safetensors", "pytorch_model.bin", "model.Q4_0.gguf", "README.md"):
+        (remote / extra).write_bytes(b"not fetched")
+    asked = []
+
+    def snapshot_download(repo_id, revision, allow_patterns, local_files_only, cache_dir):   # the Hub, as files
+        asked.append(allow_patterns)
+        snap = tmp_path / "snap"
+        snap.mkdir(exist_ok=True)
+        for f in remote.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copyfile(f, snap / f.name)
+        return str(snap)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    d = _hub_snapshot("org/tiny", local_files_only=False)
+    assert asked == [HUB_FILES, sorted(set(_index(remote)["weight_map"].values()))]
+    assert sorted(f.name for f in d.iterdir()) == sorted(f.name for f in hf_dirs["sharded"][0].iterdir())
+
+
+def test_hub_repo_without_safetensors_weights_says_how_to_load_its_gguf(hf_dirs, offline_cache):
+    _hub_cache(offline_cache, "org/gguf-only", {A: [hf_dirs["single"][0] / "config.json"]}, {"main": A})
+    with pytest.raises(CheckpointError, match=r"org/gguf-only \(revision 'main'\): the Hub repo holds no "
+                                              r"model.safetensors .*hf_hub_download\('org/gguf-only', 'NAME.gguf'\)"):
+        from_pretrained("org/gguf-only")
+
+
+@pytest.fixture(scope="module")
+def shipped_model():
+    from lab import shipped
+    try:
+        path = shipped.path("smollm2-135m-instruct")
+    except InputError as e:
+        pytest.skip(str(e))
+    with lab.engine.backend.using_backend(lab.engine.backend.backend_instance("numpy")):
+        return path, from_pretrained("smollm2-135m-instruct")
+
+
+def test_shipped_short_name_and_a_directory_holding_its_gguf_load_the_same_model(shipped_model, tmp_path,
+                                                                                  numpy_backend):
+    path, model = shipped_model
+    assert type(model) is lab.LlamaLM and model.config.num_key_value_heads == 3 and model.config.vocab_size == 49152
+    (tmp_path / path.name).symlink_to(path)
+    with lab.engine.backend.using_backend(numpy_backend):
+        again = from_pretrained(tmp_path)
+    assert again.config == model.config
+    for name in ("model.embed_tokens.weight", "model.layers.29.mlp.down_proj.weight"):
+        assert np.array_equal(again.hf_weights()[name], model.hf_weights()[name])
