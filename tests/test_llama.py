@@ -120,6 +120,7 @@ def test_generation_stops_at_the_configs_eos_token(use_backend):
     assert np.array_equal(lab.generate(model, prompt, 10, greedy=True), free[:first])
     assert np.array_equal(lab.generate(model, prompt, 10, greedy=True, eos_token_id=[]), free)   # the caller's wins
     assert np.array_equal(lab.generate(model, prompt, 10, greedy=True, use_cache=False), free[:first])
+    assert np.array_equal(lab.generate(model, prompt, 10, greedy=True, eos_token_id=np.array([eos])), free[:first])
     beam = lab.beam_search(model, prompt, 10, num_beams=1)
     assert np.array_equal(beam, free[:first])   # one beam is greedy search; it ends at the eos too
     with pytest.raises(InputError, match=r"eos_token_id must be an integer >= 0 and <= 36, got 99"):
@@ -185,7 +186,7 @@ def test_from_hf_names_the_file_in_each_error(tmp_path):
     source = tmp_path / "config.json"
     good = lab.LlamaConfig().to_hf()
     assert lab.LlamaConfig.from_hf(good, source) == lab.LlamaConfig()
-    with pytest.raises(CheckpointError, match=r"config.json: architecture 'BertModel' is not supported by LlamaLM "
+    with pytest.raises(CheckpointError, match=r"config.json: architectures \['BertModel'\] is not supported by LlamaLM "
                                               r"\(supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM\)"):
         lab.LlamaConfig.from_hf({**good, "architectures": ["BertModel"]}, source)
     mistral = {**good, "architectures": ["MistralForCausalLM"], "sliding_window": 32}
@@ -266,3 +267,42 @@ def test_llama_checkpoint_resumes_with_exactly_the_same_losses(use_backend, tmp_
     lab.manual_seed(999)
     resumed = Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
     assert first + [resumed.train_step()[0].item() for _ in range(3)] == uninterrupted   # bitwise
+
+
+def test_silu_matches_torch_and_saturates_without_overflow(use_backend):
+    from lab.engine import ops as F
+    values = np.array([3e38, -3e38, 100.0, -100.0, -20.0, 0.0, 0.5, -1.5], np.float32)
+    x = lab.tensor(values, requires_grad=True)
+    y = F.silu(x)
+    y.sum().backward()
+    t = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.silu(t).sum().backward()
+    assert np.all(np.isfinite(y.numpy())) and np.all(np.isfinite(x.grad.numpy()))   # x * (1 + tanh) overflowed
+    np.testing.assert_allclose(y.numpy(), torch.nn.functional.silu(t).detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(x.grad.numpy(), t.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_composed_ops_refuse_bad_shapes_naming_them(use_backend):
+    from lab.engine import ops as F
+    ones = lambda *s: lab.tensor(np.ones(s, np.float32))
+    with pytest.raises(ValueError, match=r"rms_norm: weight/bias must have shape \(4,\) for input \(2, 4\), got \(3,\)"):
+        F.rms_norm(ones(2, 4), ones(3))
+    with pytest.raises(ValueError, match=r"rotary: x must be \(..., T, D\) with D even and cos, sin \(T, D\), got x "
+                                         r"\(2, 4\), cos \(3, 4\)"):
+        F.rotary(ones(2, 4), ones(3, 4), ones(3, 4))
+
+
+def test_cache_misuse_and_bad_weights_are_one_clear_error():
+    model = lab.LlamaLM(lab.LlamaConfig(max_position_embeddings=8))
+    cache = model.new_cache(1)
+    with pytest.raises(InputError, match=r"pos must be an integer >= 0, got -2"):
+        model.forward_cached(np.zeros((1, 2), np.int64), cache, -2)
+    with pytest.raises(InputError, match=r"cache must be model.new_cache\(batch_size\) for tokens \(2, 3\)"):
+        model.forward_cached(np.zeros((2, 3), np.int64), cache, 0)
+    with pytest.raises(InputError, match=r"sequence length 9 exceeds max_position_embeddings 8"):
+        model.forward_cached(np.zeros((1, 3), np.int64), cache, 6)
+    weights = model.hf_weights()
+    with pytest.raises(CheckpointError, match=r"f.safetensors: tensor 'model.norm.weight' holds NaN or Inf"):
+        model.load_hf_weights({**weights, "model.norm.weight": np.full(64, np.nan, np.float32)}, "f.safetensors")
+    assert lab.LlamaConfig(hidden_size=64.0).hidden_size == 64 and isinstance(lab.LlamaConfig(hidden_size=64.0)
+                                                                              .hidden_size, int)

@@ -228,7 +228,8 @@ def silu(x):
     """x * sigmoid(x) (SiLU, the Llama MLP's gate), composed as x * (1 + tanh(x/2)) / 2: no exp that overflows for
     large |x| (tanh saturates; the backends' tanh is stable at both ends). A fused kernel may take its place."""
     _check_float(x, "silu")
-    return x * (tanh(x * 0.5) + 1.0) * 0.5
+    half = x * 0.5   # halved first: x * (1 + tanh) would overflow float32 for x above 1.7e38
+    return half * (tanh(half) + 1.0)
 
 
 def rms_norm(x, weight, eps=1e-6):

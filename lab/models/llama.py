@@ -50,21 +50,21 @@ class LlamaConfig:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
-            integer(name, getattr(self, name), low=1)
+            setattr(self, name, integer(name, getattr(self, name), low=1))   # (4.0 is 4; a shape needs an int)
         if self.hidden_size % self.num_attention_heads:   # (transformers refuses it even with head_dim given)
             raise InputError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        integer("head_dim", self.head_dim, low=2)
+        self.head_dim = integer("head_dim", self.head_dim, low=2)
         if self.head_dim % 2:  # rotary embeddings rotate pairs of dimensions
             raise InputError(f"head_dim must be even (rotary embeddings rotate halves), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise InputError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                              f"({self.num_attention_heads})")
-        real("rms_norm_eps", self.rms_norm_eps, low=0, low_open=True)
-        real("rope_theta", self.rope_theta, low=0, low_open=True)
-        real("dropout", self.dropout, low=0, high=1)
+        self.rms_norm_eps = real("rms_norm_eps", self.rms_norm_eps, low=0, low_open=True)
+        self.rope_theta = real("rope_theta", self.rope_theta, low=0, low_open=True)
+        self.dropout = real("dropout", self.dropout, low=0, high=1)
         if self.dropout == 1:
             raise InputError("dropout must be a number in [0, 1), got 1")
         for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
@@ -108,8 +108,8 @@ class LlamaConfig:
             archs = data.get("architectures") or []
             arch = archs[0] if isinstance(archs, list) and archs else None
             if arch not in MODEL_TYPES:
-                raise CheckpointError(f"{where}architecture {show(arch)} is not supported by LlamaLM (supported: "
-                                      f"{', '.join(MODEL_TYPES)})")
+                raise CheckpointError(f"{where}architectures {show(data.get('architectures'))} is not supported by "
+                                      f"LlamaLM (supported: {', '.join(MODEL_TYPES)})")
             act = data.get("hidden_act", "silu")
             if act != "silu":
                 raise CheckpointError(f"{where}hidden_act {show(act)} is not supported (the Llama family uses silu)")
@@ -361,6 +361,12 @@ class LlamaLM(nn.Module):
 
     def forward_cached(self, idx, cache, pos):
         """Logits (B, Tn, vocab) for tokens idx (B, Tn) at positions pos.., extending `cache` in place."""
+        pos = integer("pos", pos, low=0)
+        shape = tuple(getattr(idx, "shape", np.shape(idx)))
+        if not isinstance(cache, list) or len(cache) != len(self.model.layers) or (
+                len(shape) == 2 and cache[0][0].shape[0] != shape[0]):
+            raise InputError(f"forward_cached: cache must be model.new_cache(batch_size) for tokens {shape} "
+                             f"({len(self.model.layers)} layers, batch {shape[0] if shape else '?'})")
         return self._run(idx, cache, pos)[0]
 
     def flops_per_token(self):
@@ -378,6 +384,8 @@ class LlamaLM(nn.Module):
         """Load weights named and laid out as transformers' (a checkpoint's tensors), as float32. Every name and
         shape is checked before anything is copied; one CheckpointError names the file, the tensor and shapes."""
         where = source if source is not None else "weights"
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"{where}: expected a dict of tensor name -> array, got {show(tensors)}")
         tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old files: a buffer
         check_floats(tensors, where)
         expected = {n: _to_hf(n, np.empty(p.shape, np.bool_)).shape for n, p in self.named_parameters()}
@@ -395,6 +403,8 @@ class LlamaLM(nn.Module):
             if tuple(tensors[name].shape) != tuple(shape):
                 raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model "
                                       f"expects {tuple(shape)}")
+            if not np.isfinite(tensors[name]).all():   # (a file's were checked as read; a dequantized one's not)
+                raise CheckpointError(f"{where}: tensor {name!r} holds NaN or Inf")
         state = {n: _from_hf(n, np.asarray(tensors[n], dtype=np.float32)) for n, _ in self.named_parameters()}
         self.load_state_dict(state, source=str(where), error=CheckpointError)
         return self
@@ -482,10 +492,16 @@ def _check_fits(cfg, backend):
     largest = max(cfg.vocab_size * cfg.hidden_size, cfg.hidden_size * cfg.intermediate_size,
                   cfg.max_position_embeddings * cfg.head_dim)
     limit = min(prof.max_binding_size, prof.max_buffer_size)
-    if params * F32 > prof.memory_bytes or largest * F32 > limit:
-        raise DoesNotFitError(f"this model does not fit {prof.name}: {params:,} weights need "
-                              f"{params * F32 / 2 ** 30:.2f} GiB of {prof.memory_bytes / 2 ** 30:.2f} GiB, the largest "
-                              f"{largest * F32 / 2 ** 20:,.0f} MiB of a {limit / 2 ** 20:,.0f} MiB buffer limit", None)
+    reasons = []
+    if params * F32 > prof.memory_bytes:
+        reasons.append(f"its {params:,} weights need {params * F32 / 2 ** 30:.2f} GiB, the device has "
+                       f"{prof.memory_bytes / 2 ** 30:.2f} GiB")
+    if largest * F32 > limit:
+        reasons.append(f"its largest weight needs {largest * F32 / 2 ** 20:,.0f} MiB, above the device's largest "
+                       f"buffer binding of {limit / 2 ** 20:,.0f} MiB")
+    if reasons:
+        raise DoesNotFitError(f"this model does not fit {prof.name}: " + "; ".join(reasons) + ". A smaller "
+                              "vocab_size, hidden_size, intermediate_size or num_hidden_layers would", None)
 
 
 PRESETS = {
