@@ -470,7 +470,8 @@ def read_weights(directory):
     shards = index_shards(index)
     missing = sorted(s for s in shards if not (d / s).exists())
     if missing:
-        raise CheckpointError(f"{index}: names shards that are not in {d}: {missing}")
+        more = f" and {len(missing) - 20:,} more" if len(missing) > 20 else ""   # a hostile index may name 10^5
+        raise CheckpointError(f"{index}: names shards that are not in {d}: {missing[:20]}{more}")
     out = {}
     for shard, names in shards.items():
         tensors = read_safetensors(d / shard)

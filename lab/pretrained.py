@@ -123,7 +123,8 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None):
             raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy is incomplete and the Hub cannot "
                                   f"be reached ({e}); {get}") from None
         except errors.LocalEntryNotFoundError:
-            where = "offline (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub cannot be reached"
+            where = ("offline (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline or _offline()
+                     else "the Hub cannot be reached")
             raise CheckpointError(f"{repo_id} (revision {rev!r}): no local path of that name, not in the Hub cache "
                                   f"{_hub_cache()} and {where}; {get}") from None
         except (errors.HFValidationError, errors.HfHubHTTPError, OSError) as e:

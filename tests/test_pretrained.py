@@ -84,6 +84,13 @@ def test_sharded_index_naming_a_missing_shard_is_refused_naming_it(hf_dirs, tmp_
         read_weights(d)
 
 
+def test_sharded_index_naming_many_missing_shards_lists_twenty_and_counts_the_rest(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    _write_index(d, {"weight_map": {f"t{i}": f"s{i:05}.safetensors" for i in range(10 ** 4)}})
+    with pytest.raises(CheckpointError, match=r"names shards that are not in .*'s00019.safetensors'\] and 9,980 more$"):
+        read_weights(d)
+
+
 def test_sharded_index_mapping_a_tensor_its_shard_lacks_is_refused(hf_dirs, tmp_path):
     d = _copy(hf_dirs["sharded"][0], tmp_path)
     index = _index(d)
@@ -318,6 +325,7 @@ def test_generation_config_eos_reaches_the_loaded_models_config(hf_dirs, tmp_pat
 @pytest.mark.parametrize("edit,message", [
     ({"architectures": ["BertForMaskedLM"]}, "architecture BertForMaskedLM is not supported: lab loads LlamaForCausalLM"),
     ({"architectures": "LlamaForCausalLM"}, '"architectures" must be a list of model class names'),
+    ({"architectures": ["Foo", "LlamaForCausalLM"]}, "architecture Foo is not supported"),   # the first counts
     ({"num_attention_heads": 5}, "num_attention_heads"),
     ({"num_key_value_heads": 2}, "num_key_value_heads"),
     ({"hidden_size": 3 * 10 ** 6}, "describes a model of .* parameters, but .*model.safetensors holds"),

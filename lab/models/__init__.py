@@ -36,8 +36,7 @@ def family(data, source):
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise CheckpointError(f"{source}: \"architectures\" must be a list of model class names, got {show(names)} "
                               f"(lab loads {', '.join(ARCHITECTURES)})")
-    known = [n for n in names if n in ARCHITECTURES]
-    if not known:
-        raise CheckpointError(f"{source}: architecture {', '.join(names)} is not supported: lab loads "
+    if names[0] not in ARCHITECTURES:   # the first names the model class, as transformers reads it
+        raise CheckpointError(f"{source}: architecture {names[0]} is not supported: lab loads "
                               f"{', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[known[0]]
+    return ARCHITECTURES[names[0]]
