@@ -134,7 +134,12 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None):
     d = download(HUB_FILES)
     if (d / INDEX_FILE).is_file() and not (d / WEIGHTS_FILE).exists():
         # then the shards the index names, and no other .safetensors (a repo may also hold a consolidated copy)
-        d = download(sorted(glob.escape(name) for name in index_shards(d / INDEX_FILE)))
+        shards = sorted(index_shards(d / INDEX_FILE))
+        d = download([glob.escape(name) for name in shards])
+        missing = [name for name in shards if not (d / name).exists()]
+        if missing:   # offline, with a download interrupted before the tree listing was cached
+            raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy lacks {len(missing)} of the "
+                                  f"{len(shards)} shards its index names ({missing[0]}, ...); {get}")
     if not any((d / name).exists() for name in (WEIGHTS_FILE, INDEX_FILE)) and not any(d.glob("*.gguf")):
         raise CheckpointError(f"{repo_id} (revision {rev!r}): the Hub repo holds no {WEIGHTS_FILE} or {INDEX_FILE}; "
                               f"for a repo of GGUF files pass the path of one: lab.from_pretrained("

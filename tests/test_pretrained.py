@@ -412,3 +412,13 @@ def test_shipped_short_name_and_a_directory_holding_its_gguf_load_the_same_model
     assert again.config == model.config
     for name in ("model.embed_tokens.weight", "model.layers.29.mlp.down_proj.weight"):
         assert np.array_equal(again.hf_weights()[name], model.hf_weights()[name])
+
+
+def test_hub_snapshot_missing_a_shard_offline_says_how_to_get_it(hf_dirs, offline_cache):
+    files = sorted(hf_dirs["sharded"][0].iterdir())
+    shard = next(f for f in files if f.name.startswith("model-00002"))
+    _hub_cache(offline_cache, "org/partial", {A: [f for f in files if f != shard]}, {"main": A})
+    with pytest.raises(CheckpointError, match=r"org/partial \(revision 'main'\): the cached copy lacks 1 of the \d "
+                                              r"shards its index names \(model-00002-of-\d+.safetensors, ...\); run once "
+                                              r"online .*huggingface-cli download org/partial"):
+        from_pretrained("org/partial")
