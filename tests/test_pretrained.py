@@ -315,11 +315,16 @@ def test_hub_id_loads_from_the_cache_offline_with_a_revision(hf_dirs, offline_ca
         _logits_equal(from_pretrained("org/tiny", revision="v2"), sharded[1], IDS)
 
 
-def test_generation_config_eos_reaches_the_loaded_models_config(hf_dirs, tmp_path, numpy_backend):
+def test_generation_config_eos_reaches_the_loaded_models_config_and_survives_a_save(hf_dirs, tmp_path, numpy_backend):
     d = _copy(hf_dirs["single"][0], tmp_path)
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1}))
     with lab.engine.backend.using_backend(numpy_backend):
-        assert from_pretrained(d).config.eos_token_id == [2, 7]
+        model = from_pretrained(d)
+        assert model.config.eos_token_id == [2, 7]
+        model.save_pretrained(tmp_path / "out")
+        assert from_pretrained(tmp_path / "out").config.eos_token_id == [2, 7]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.generation_config.eos_token_id == [2, 7]   # transformers' generate stops there too
 
 
 @pytest.mark.parametrize("edit,message", [
