@@ -306,3 +306,38 @@ def test_cache_misuse_and_bad_weights_are_one_clear_error():
         model.load_hf_weights({**weights, "model.norm.weight": np.full(64, np.nan, np.float32)}, "f.safetensors")
     assert lab.LlamaConfig(hidden_size=64.0).hidden_size == 64 and isinstance(lab.LlamaConfig(hidden_size=64.0)
                                                                               .hidden_size, int)
+
+
+def test_training_memory_estimate_is_close_to_the_measured_peak(wgpu_backend):
+    """The Trainer's fit check for the family (llama.training_bytes) against the device's measured peak: above
+    it (a refusal errs on the safe side) by at most 25%."""
+    from lab.engine import backend as B
+    from lab.models.llama import training_bytes
+    from lab.train import TrainConfig, Trainer
+    prev = dict(B._state)
+    B._state["backend"] = wgpu_backend
+    try:
+        cfg = lab.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        ids = np.random.default_rng(0).integers(0, 300, 4000)
+        wgpu_backend.sync(wait=True)
+        base = wgpu_backend.stats()["bytes_in_use"]
+        wgpu_backend.reset_peak()
+        trainer = Trainer(lab.LlamaLM(cfg), ids[:3000], ids[3000:], TrainConfig(steps=2, batch_size=6,
+                                                                                  replay_steps=False))
+        trainer.train_step()
+        wgpu_backend.sync(wait=True)
+        peak = wgpu_backend.stats()["peak_bytes_in_use"] - base
+    finally:
+        B._state.update(prev)
+    assert peak <= training_bytes(cfg, 6) <= 1.25 * peak, (peak, training_bytes(cfg, 6))
+
+
+def test_trainer_refuses_a_llama_batch_that_cannot_fit():
+    from lab.plan.estimator import DoesNotFitError
+    from lab.train import TrainConfig, Trainer
+    model = lab.LlamaLM(lab.LlamaConfig(vocab_size=5000, max_position_embeddings=64))
+    ids = np.arange(4000) % 5000
+    with pytest.raises(DoesNotFitError, match=r"a training batch of 1000000 x 64 tokens needs about .* GiB .*: a "
+                                              r"batch_size of at most \d+ fits"):
+        Trainer(model, ids[:3000], ids[3000:], TrainConfig(batch_size=1_000_000))

@@ -504,6 +504,34 @@ def _check_fits(cfg, backend):
                               "vocab_size, hidden_size, intermediate_size or num_hidden_layers would", None)
 
 
+def training_bytes(cfg, batch_size):
+    """Memory of a training step, estimated: weights, gradients and AdamW's two moments, plus what autograd keeps
+    of a batch of block_size tokens: per token and layer the outputs of LlamaLM's composed ops (counted from the
+    code: ~12 C for the norms and residuals, ~9 (H + 2 Hkv) D for projections, head permutes and rotary, 3 H T for
+    scores and weights, 7 I for SwiGLU), and three copies of the logits. 2-18% above the peak measured on lavapipe
+    (tests/test_llama.py::test_training_memory_estimate_is_close_to_the_measured_peak)."""
+    C, I, L, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim
+    H, Hkv, T = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.block_size
+    tokens = batch_size * T
+    per_token = L * (12 * C + 9 * (H + 2 * Hkv) * D + 3 * H * T + 7 * I) + 3 * cfg.vocab_size
+    return 4 * (tokens * per_token + 4 * num_params(cfg))
+
+
+def check_batch_fits(cfg, batch_size, backend):
+    """Refuse, before a step allocates its activations, a training batch the device cannot hold."""
+    from ..plan.estimator import DoesNotFitError
+    from ..plan.profiles import limits_profile
+    prof = limits_profile(backend)
+    need = training_bytes(cfg, batch_size)
+    if need > prof.memory_bytes:
+        fits = max(0, int((prof.memory_bytes - training_bytes(cfg, 0)) // (training_bytes(cfg, 1) - training_bytes(cfg, 0))))
+        raise DoesNotFitError(f"a training batch of {batch_size} x {cfg.block_size} tokens needs about "
+                              f"{need / 2 ** 30:.2f} GiB (weights, gradients, AdamW moments, activations), "
+                              f"{prof.name} has {prof.memory_bytes / 2 ** 30:.2f} GiB: " +
+                              (f"a batch_size of at most {fits} fits" if fits else "not even a batch of 1 fits; a "
+                               "smaller max_position_embeddings or model would"), None)
+
+
 PRESETS = {
     # a few seconds per hundred steps on a 2-core CPU: grouped-query attention 4/2, a small vocabulary
     "llama-tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,

@@ -188,6 +188,7 @@ class Trainer:
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
         says why and what would fit)."""
         cfg = cfg or self.cfg
+        from ..models.llama import LlamaConfig, check_batch_fits
         from ..models.transformer import TransformerConfig
         from ..plan.estimator import check_fits
         config = self.model.config
@@ -196,6 +197,8 @@ class Trainer:
             check_fits(config, cfg.batch_size, self.model.wte.weight.backend,
                        lora_rank=lora["r"] if lora else None,
                        lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32")
+        elif isinstance(config, LlamaConfig):
+            check_batch_fits(config, cfg.batch_size, self.model.model.embed_tokens.weight.backend)
 
     def reconfigure(self, **values):
         """Change TrainConfig fields of this trainer (between runs, or during one: applied from the next step).
