@@ -119,7 +119,7 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None):
         except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
             raise CheckpointError(f"{repo_id}: no local path of that name, and not found on the Hub, or it needs "
                                   f"access you have not been granted (huggingface-cli login) ({type(e).__name__})") from None
-        except errors.IncompleteSnapshotError as e:
+        except getattr(errors, "IncompleteSnapshotError", ()) as e:   # newer huggingface_hub only (pyproject: >=0.30)
             raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy is incomplete and the Hub cannot "
                                   f"be reached ({e}); {get}") from None
         except errors.LocalEntryNotFoundError:

@@ -427,3 +427,15 @@ def test_hub_snapshot_missing_a_shard_offline_says_how_to_get_it(hf_dirs, offlin
                                               r"shards its index names \(model-00002-of-\d+.safetensors, ...\); run once "
                                               r"online .*huggingface-cli download org/partial"):
         from_pretrained("org/partial")
+
+
+def test_hub_snapshot_that_its_cached_file_list_shows_incomplete_is_one_error_saying_how_to_get_it(hf_dirs,
+                                                                                                  offline_cache):
+    tree = pytest.importorskip("huggingface_hub._tree_cache")
+    repo = _hub_cache(offline_cache, "org/cut", {A: sorted(hf_dirs["single"][0].iterdir())}, {"main": A})
+    names = [f.name for f in hf_dirs["single"][0].iterdir()] + ["tokenizer.json"]   # listed, never downloaded
+    tree.write_tree_cache(str(repo), A, {n: tree.TreeCacheEntry(size=1, blob_id="0" * 40, lfs_sha256=None,
+                                                                lfs_size=None, xet_hash=None) for n in names})
+    with pytest.raises(CheckpointError, match=r"org/cut \(revision 'main'\): the cached copy is incomplete .*"
+                                              r"tokenizer.json.*huggingface-cli download org/cut"):
+        from_pretrained("org/cut")
