@@ -12,9 +12,10 @@
 // made the 8 x 8 tiles pay (they ran slower than 8 x 4 with the clamps).
 // (A B-transposed entry with both tiles along k and 4-wide dot products measured 6.9 TFLOP/s on the H200 against
 // 17.6 for matmul.wgsl's main_rows, so transposed B stays there.)
-// One function per tiling, narrow() and wide(), takes the layout as constant flags; the entry points are a call
-// each. Every multiply-add is a statement of its own (acc[r] += a.x * b0; acc[r] += a.y * b1; ..., in loops over
-// constant bounds, which unroll): written as one sum of four products added to c, it compiles to a multiply, three FMAs and an add, five ops for four (nn128 on the H200:
+// One function per tiling, narrow (narrow4, narrow8) and wide, takes the layout as constant flags; the entry
+// points are a call each. Every multiply-add is a statement of its own with constant indices (acc[0] += a0.x * b0;
+// acc[0] += a0.y * b1; ..., written out by #unroll, lab/engine/kernels.py): written as one sum of four products
+// added to c, it compiles to a multiply, three FMAs and an add, five ops for four (nn128 on the H200:
 // 32.1 TFLOP/s that way, 35.8 this way).
 // Bindings: @binding(0) P = [M, N, K, outer_a, outer_b, outer_c, batch, kc, has_bias, triangle, gelu, lda, ldb,
 // ldc, heads, inner_a, inner_b, inner_c, offset_a, offset_b, offset_c, split_c] (all in floats, multiples of 4),
@@ -46,7 +47,7 @@ fn b_at(i: u32) -> vec4<f32> { return vec4<f32>(B[i]); }
 
 var<workgroup> Ta: array<vec4<f32>, 512>;
 var<workgroup> Tb: array<vec4<f32>, 512>;   // (the wide kernels double-buffer 256)
-// A thread's outputs (every index into acc is a constant once the loops over rows unroll, so acc lives in registers).
+// A thread's outputs: every index into acc is a constant (#unroll), so acc lives in registers.
 var<private> acc: array<vec4<f32>, 16>;
 
 struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_end: u32, m0: u32, n0: u32,
@@ -96,25 +97,28 @@ fn put(t: Tile, row: u32, tx: u32, v: vec4<f32>) {
     }
 }
 
-// The narrow tiles, tm (64 or 128) x 64, TK = 16, R = tm / 16 rows x 4 columns per thread (rows m0 + R ty ..
-// + R - 1 in acc[0 .. R - 1], columns n0 + 4 tx .. + 3). a_along_k: A stored (M, K), staged along its rows
-// (Ta[m * 4 + q] = A(m0 + m, k0 + 4 q .. + 3)), each row's k in steps of four against Tb's rows k .. k + 3; else
-// A stored (K, M), staged as it stands (Ta[k * tm / 4 + i] = A(k0 + k, m0 + 4 i .. + 3)). Tb[k * 16 + j] =
-// B(k0 + k, n0 + 4 j .. + 3). A's tile takes tm / 64 loads per thread, 256 vec4s apart. Every entry point passes
-// constants, so the compiler drops the untaken branch and unrolls the loops over rows: one FMA per statement.
-fn narrow(wid: vec3<u32>, lid: u32, a_along_k: bool, tm: u32) {
-    let t = tile(wid, tm);
-    let R = tm / 16u;
+// The narrow tiles, 16 R x 64 (R = 4: nn, tn; R = 8: nn128, tn128), TK = 16, R rows x 4 columns per thread (rows
+// m0 + R ty .. + R - 1 in acc[0 .. R - 1], columns n0 + 4 tx .. + 3). a_along_k: A stored (M, K), staged along its
+// rows (Ta[m * 4 + q] = A(m0 + m, k0 + 4 q .. + 3)), each row's k in steps of four against Tb's rows k .. k + 3;
+// else A stored (K, M), staged as it stands (Ta[k * 4 R + i] = A(k0 + k, m0 + 4 i .. + 3)). Tb[k * 16 + j] =
+// B(k0 + k, n0 + 4 j .. + 3). A's tile takes R / 4 loads per thread, 256 vec4s apart. Each entry point passes a
+// constant a_along_k, so the compiler drops the untaken branch.
+#unroll R in 4 8
+fn narrow$R(wid: vec3<u32>, lid: u32, a_along_k: bool) {
+    let t = tile(wid, 16u * ${R}u);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    for (var r = 0u; r < R; r++) { acc[r] = vec4<f32>(0.0); }
-    var ia = t.a + (lid / (4u * R)) * t.lda + t.m0 / 4u + lid % (4u * R);    // k rows lid / (4 R) + 64 j / R
-    if (a_along_k) { ia = t.a + (t.m0 + lid / 4u) * t.lda + lid % 4u; }     // rows lid / 4 + 64 j
+    #unroll r < $R
+    acc[$r] = vec4<f32>(0.0);
+    #end
+    var ia = t.a + (lid / (4u * ${R}u)) * t.lda + t.m0 / 4u + lid % (4u * ${R}u);  // k rows lid / 4 R (+ 64 / R)
+    if (a_along_k) { ia = t.a + (t.m0 + lid / 4u) * t.lda + lid % 4u; }        // rows lid / 4 (+ 64)
     let ib = t.b + (lid / 16u) * t.ldb + t.n0 / 4u + lid % 16u;
     for (var k0 = t.k_begin; k0 < t.k_end; k0 += TK) {
-        for (var j = 0u; j < R / 4u; j++) {
-            Ta[lid + 256u * j] = a_at(ia + select((k0 + 64u * j / R) * t.lda, 64u * j * t.lda + k0 / 4u, a_along_k));
-        }
+        #unroll j < $R / 4
+        Ta[lid + 256u * ${j}u] = a_at(ia + select((k0 + 64u * ${j}u / ${R}u) * t.lda, 64u * ${j}u * t.lda + k0 / 4u,
+                                                  a_along_k));
+        #end
         Tb[lid] = b_at(ib + k0 * t.ldb);
         workgroupBarrier();
         if (a_along_k) {
@@ -123,50 +127,53 @@ fn narrow(wid: vec3<u32>, lid: u32, a_along_k: bool, tm: u32) {
                 let b1 = Tb[(4u * q + 1u) * 16u + tx];
                 let b2 = Tb[(4u * q + 2u) * 16u + tx];
                 let b3 = Tb[(4u * q + 3u) * 16u + tx];
-                for (var r = 0u; r < R; r++) {
-                    let a = Ta[(R * ty + r) * 4u + q];
-                    acc[r] += a.x * b0;
-                    acc[r] += a.y * b1;
-                    acc[r] += a.z * b2;
-                    acc[r] += a.w * b3;
-                }
+                #unroll r < $R
+                let a$r = Ta[(${R}u * ty + ${r}u) * 4u + q];
+                acc[$r] += a$r.x * b0;
+                acc[$r] += a$r.y * b1;
+                acc[$r] += a$r.z * b2;
+                acc[$r] += a$r.w * b3;
+                #end
             }
         } else {
             for (var k = 0u; k < TK; k++) {
                 let b = Tb[k * 16u + tx];
-                for (var i = 0u; i < R / 4u; i++) {
-                    let a = Ta[k * 4u * R + (R / 4u) * ty + i];
-                    acc[4u * i] += a.x * b;
-                    acc[4u * i + 1u] += a.y * b;
-                    acc[4u * i + 2u] += a.z * b;
-                    acc[4u * i + 3u] += a.w * b;
-                }
+                #unroll i < $R / 4
+                let a$i = Ta[k * 4u * ${R}u + ${R}u / 4u * ty + ${i}u];
+                acc[4 * $i] += a$i.x * b;
+                acc[4 * $i + 1] += a$i.y * b;
+                acc[4 * $i + 2] += a$i.z * b;
+                acc[4 * $i + 3] += a$i.w * b;
+                #end
             }
         }
         workgroupBarrier();
     }
     let b = bias(t, tx);
-    for (var r = 0u; r < R; r++) { put(t, t.m0 + R * ty + r, tx, acc[r] + b); }
+    #unroll r < $R
+    put(t, t.m0 + ${R}u * ty + ${r}u, tx, acc[$r] + b);
+    #end
 }
+#end
 
 @compute @workgroup_size(256)
 fn nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    narrow(wid, lid, true, 64u);
+    narrow4(wid, lid, true);
 }
 
 @compute @workgroup_size(256)
 fn tn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    narrow(wid, lid, false, 64u);
+    narrow4(wid, lid, false);
 }
 
 @compute @workgroup_size(256)
 fn nn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    narrow(wid, lid, true, 128u);
+    narrow8(wid, lid, true);
 }
 
 @compute @workgroup_size(256)
 fn tn128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    narrow(wid, lid, false, 128u);
+    narrow8(wid, lid, false);
 }
 
 // 128 x 128 tiles, 8 x 8 outputs per thread, TK = 8 (nn_wide, tn_wide; M and N multiples of 128): a quarter of
@@ -206,12 +213,14 @@ fn wide_step(half: u32, tx: u32, ty: u32) {
         let hi = Ta[half + k * 32u + 16u + ty];
         let b0 = Tb[half + k * 32u + tx];
         let b1 = Tb[half + k * 32u + 16u + tx];
-        for (var i = 0u; i < 4u; i++) {
-            acc[2u * i] += lo[i] * b0;
-            acc[2u * i + 1u] += lo[i] * b1;
-            acc[2u * i + 8u] += hi[i] * b0;
-            acc[2u * i + 9u] += hi[i] * b1;
-        }
+        #unroll i < 4
+        acc[2 * $i] += lo[$i] * b0;
+        acc[2 * $i + 1] += lo[$i] * b1;
+        #end
+        #unroll i < 4
+        acc[8 + 2 * $i] += hi[$i] * b0;
+        acc[9 + 2 * $i] += hi[$i] * b1;
+        #end
     }
 }
 

@@ -69,3 +69,36 @@ def test_a_placeholder_without_a_value_is_an_error(tmp_path, monkeypatch, fresh_
     assert "64u" in kernels.specialize("k", RWG=64, X=1)
     with pytest.raises(ValueError, match=r"kernel k\.wgsl: no value given for placeholder\(s\) \['X'\]"):
         kernels.specialize("k", RWG=64)
+
+
+def test_unroll_writes_a_block_out_once_per_value_and_nests():
+    text = ("#unroll R in 4 8\nfn f$R() {\n    #unroll r < $R / 4\n    acc[$r] += a$r * ${R}u;\n    #end\n}\n"
+            "#end\n")
+    assert kernels.unroll(text) == ("fn f4() {\n    acc[0] += a0 * 4u;\n}\n"
+                                    "fn f8() {\n    acc[0] += a0 * 8u;\n    acc[1] += a1 * 8u;\n}\n")
+    assert kernels.unroll("#unroll i < 0\nx\n#end\ny\n") == "y\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("#unroll r < 2\nx\n", r"`#unroll r < 2` has no #end"),
+    ("x\n#end\n", r"an #end without its #unroll"),
+    ("#unroll r < 2\n$q\n#end\n", r"\$q outside an #unroll of that name"),
+    ("a ${r}\n", r"\$\{r\} outside an #unroll"),
+    ("#unroll r < len(x)\n#end\n", r"`#unroll r < len\(x\)`: the bound must be integer arithmetic giving 0..1024"),
+    ("#unroll r < 9**9**9\n#end\n", r"integer arithmetic giving 0..1024"),
+    ("#unroll r < 2000\n#end\n", r"integer arithmetic giving 0..1024"),
+    ("#unroll r < 4 / 0\n#end\n", r"integer arithmetic giving 0..1024"),
+    ("#unroll r < (2\n#end\n", r"integer arithmetic giving 0..1024"),
+])
+def test_a_malformed_unroll_is_one_error_that_says_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=r"^kernel k\.wgsl: .*" + message):
+        kernels.unroll(text, "kernel k.wgsl")
+
+
+def test_the_matmul_inner_loops_index_their_accumulators_by_constants():
+    """The 35.8 against 32.1 TFLOP/s of the header: one FMA per statement, and no accumulator indexed by a loop
+    variable (in loops over rows, naga's index clamps kept them out of registers on the H200)."""
+    text = kernels.specialize("matmul_aligned", ENABLE="", A_ELEM="f32", B_ELEM="f32")
+    fmas = re.findall(r"^\s*acc\[([^\]]*)\] \+= (.*);$", text, flags=re.M)
+    assert len(fmas) == 4 * 4 + 4 * 8 + 4 + 8 + 16, len(fmas)   # nn, nn128 | tn, tn128 | wide
+    assert all(re.fullmatch(r"[\d +*]+", i) and expr.count("*") == 1 and "+" not in expr for i, expr in fmas), fmas
