@@ -17,6 +17,7 @@ import numpy as np
 
 from .checks import InputError, integer, real, show
 # the file I/O moved to lab.io; its names stay importable from here, where users and tests have always found them
+from .data import load_tokenizer_file as load_tokenizer  # noqa: F401  (its name here since the first version)
 from .io import (JOURNAL_FILE, REMOVABLE, CheckpointError, NonFiniteSaveError, _metadata, atomic_files,  # noqa: F401
                  check_floats, check_save_target, finish_interrupted_save, mismatch, read_json, read_safetensors,
                  reading)
@@ -54,7 +55,11 @@ def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
     # between the steps of the model's trainers (nn.step_lock): a trainer stepping in another thread (a panel's)
     # would otherwise change the weights or moments while they are read, mixing step k and step k+1
     from .nn import step_lock
-    with step_lock(model), atomic_files(directory, remove=(OPTIMIZER_FILE, STATE_FILE, *remove)) as files:
+    from .data.pretrained import SPECIAL_TOKENS_FILE, TEMPLATE_FILE
+    # a pretrained tokenizer's side files go unless this tokenizer writes its own: transformers reads them over
+    # tokenizer_config.json, so they would dress the new tokenizer in the old one's template and special tokens
+    remove = (OPTIMIZER_FILE, STATE_FILE, SPECIAL_TOKENS_FILE, TEMPLATE_FILE, *remove)
+    with step_lock(model), atomic_files(directory, remove=remove) as files:
         model.write_files(files, "lab")   # in its family's layout
         write_tokenizer(files, tokenizer)
         if trainer is not None:
@@ -72,24 +77,17 @@ def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
         yield files
 
 
-def load_tokenizer(path):
-    from .data import load_tokenizer_json
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: tokenizer file not found")
-    try:
-        return load_tokenizer_json(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
 def tokenizer_of(directory, model):
     """The tokenizer `directory` carries (lab.data.tokenizer_from_directory), checked against the model: lab's own
     have exactly the model's vocabulary; a pretrained one may have fewer ids than the model has embeddings."""
-    from .data import CharTokenizer, tokenizer_from_directory
+    from .data import CharTokenizer, lab_tokenizer_file, tokenizer_from_directory
     from .data.bpe import BPETokenizer
     d = Path(directory)
-    tokenizer = tokenizer_from_directory(d)
+    if lab_tokenizer_file(d) is None and (d / "tokenizer_config.json").is_file():
+        from .data.pretrained import load_tokenizer as load_pretrained_tokenizer
+        tokenizer = load_pretrained_tokenizer(d)
+    else:
+        tokenizer = tokenizer_from_directory(d)
     n, vocab = getattr(tokenizer, "vocab_size", None), model.config.vocab_size
     own = isinstance(tokenizer, (CharTokenizer, BPETokenizer))
     if isinstance(n, int) and (n > vocab or own and n != vocab):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checks import InputError
+from ..checks import InputError, show
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpora"
 
@@ -75,23 +75,121 @@ class CharTokenizer:
     @classmethod
     def from_json(cls, text):
         data = json.loads(text)
-        if data.get("type") != "char" or not isinstance(data.get("chars"), str):
+        if isinstance(data, dict) and "model" in data:
+            return cls._from_word_level(data)
+        if not isinstance(data, dict) or data.get("type") != "char" or not isinstance(data.get("chars"), str):
             raise InputError("not a character tokenizer file: expected {\"type\": \"char\", \"chars\": \"...\"}")
         return cls(data["chars"])
 
+    @classmethod
+    def _from_word_level(cls, data):
+        """From the `tokenizers` WordLevel vocabulary of single characters that export writes (tokenizer.json)."""
+        vocab = data["model"].get("vocab") if isinstance(data["model"], dict) else None
+        if isinstance(vocab, dict) and all(isinstance(c, str) and len(c) == 1 for c in vocab):
+            tok = cls(vocab)
+            if tok.stoi == vocab:
+                return tok
+        raise InputError("not a character tokenizer: tokenizer.json's vocabulary must map single characters, in "
+                         "sorted order, to 0, 1, 2, ...")
+
+    def save(self, directory):
+        """tokenizer.json (lab's character format) into `directory` in one save; other files there are kept."""
+        from ..io import atomic_files
+        with atomic_files(directory) as files:
+            self.write(files)
+        return Path(directory)
+
+    def write(self, files):
+        """Stage this tokenizer's file in a save (lab.io.atomic_files): a checkpoint writes it with its model."""
+        files.write_text(TOKENIZER_FILE, self.to_json())
+
+
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+LAB_TOKENIZER_FILE = "lab_tokenizer.json"   # lab's tokenizer beside the Hugging Face files of an export
+
 
 def load_tokenizer_json(text):
-    """A tokenizer from the JSON its to_json() wrote (the "type" field says which kind)."""
-    try:
-        kind = json.loads(text).get("type")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise InputError(f"not a tokenizer file: {e}") from None
+    """A lab tokenizer from its JSON: lab's {"type": "char" | "bpe"} files, or tokenizer.json (the `tokenizers`
+    format) of a byte-level BPE or of export's single-character vocabulary."""
+    from .bpe import BPETokenizer, json_object
+    data = json_object(text)
+    kind = data.get("type")
     if kind == "char":
         return CharTokenizer.from_json(text)
     if kind == "bpe":
-        from .bpe import BPETokenizer
         return BPETokenizer.from_json(text)
-    raise InputError(f"unknown tokenizer type {kind!r}: expected 'char' or 'bpe'")
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("type") == "WordLevel":
+        return CharTokenizer.from_json(text)
+    if isinstance(model, dict) and model.get("type", "BPE") == "BPE":
+        return BPETokenizer.from_json(text)
+    if model is not None:
+        raise InputError(f"tokenizer.json with a {show(model.get('type') if isinstance(model, dict) else model)} "
+                         f"model: lab's own tokenizers are byte-level BPE and single characters (lab.load_tokenizer "
+                         f"loads pretrained ones)")
+    raise InputError(f"unknown tokenizer type {kind!r}: expected 'char' or 'bpe', or tokenizer.json with a model")
+
+
+def write_tokenizer(files, tokenizer):
+    """Stage `tokenizer`'s files in a save (lab.io.atomic_files' staging), so that they land with the model: lab's
+    tokenizers write them themselves; any other with save(directory) (a pretrained one) saves into a scratch
+    directory whose files are copied in."""
+    import tempfile
+    if callable(getattr(tokenizer, "write", None)):
+        return tokenizer.write(files)
+    if not callable(getattr(tokenizer, "save", None)):
+        raise InputError(f"tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer) or one with "
+                         f"save(directory) (lab.load_tokenizer's), got {show(tokenizer)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save(scratch)
+        for path in sorted(Path(scratch).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                files.path(path.name).write_bytes(path.read_bytes())
+
+
+def lab_tokenizer_file(directory):
+    """The file of lab's own tokenizer in a model directory, checkpoint or export: lab_tokenizer.json (an export's),
+    or tokenizer.json in lab's character or BPE format or marked lab's by tokenizer_config.json's "lab_tokenizer".
+    None when the directory holds no such file (a pretrained tokenizer's files, or none)."""
+    from ..io import read_json
+    d = Path(directory)
+    path, config = d / TOKENIZER_FILE, d / TOKENIZER_CONFIG_FILE
+    if (d / LAB_TOKENIZER_FILE).is_file():
+        return d / LAB_TOKENIZER_FILE
+    if path.is_file() and read_json(path, "tokenizer").get("type") in ("char", "bpe"):
+        return path
+    if config.is_file() and "lab_tokenizer" in read_json(config, "tokenizer config") or path.is_file() and \
+            not config.is_file():   # tokenizer.json alone: lab's BPE or export's characters, or an error naming it
+        return path
+    return None
+
+
+def tokenizer_from_directory(directory):
+    """lab's own tokenizer (CharTokenizer, BPETokenizer) from a model directory, checkpoint or export
+    (lab_tokenizer_file). A pretrained tokenizer there, or a missing or damaged file, is a CheckpointError naming
+    it: lab.load_tokenizer (lab.data.pretrained) loads every kind, handing lab's own here."""
+    from ..io import CheckpointError
+    d = Path(directory)
+    path = lab_tokenizer_file(d)
+    if path is not None:
+        return load_tokenizer_file(path)
+    if (d / TOKENIZER_CONFIG_FILE).is_file():
+        raise CheckpointError(f"{d}: holds a pretrained tokenizer ({TOKENIZER_CONFIG_FILE} without lab's mark), "
+                              f"not one of lab's own: load it with lab.load_tokenizer")
+    raise CheckpointError(f"{d}: no tokenizer found (looked for {LAB_TOKENIZER_FILE}, {TOKENIZER_FILE}, "
+                          f"{TOKENIZER_CONFIG_FILE})")
+
+
+def load_tokenizer_file(path):
+    """lab's tokenizer from its file; a missing or damaged file is a CheckpointError naming it."""
+    from ..io import CheckpointError
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer file not found")
+    try:
+        return load_tokenizer_json(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def train_val_split(ids, val_fraction=0.1):

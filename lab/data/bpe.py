@@ -1,86 +1,160 @@
-"""Byte-level BPE (as GPT-2): text is split into chunks (words with their leading space, digit runs, punctuation
-runs, whitespace), each chunk is a sequence of UTF-8 bytes, and learned merges join frequent adjacent pairs.
-Every byte is a token, so any UTF-8 text round-trips exactly."""
+"""Byte-level BPE (as GPT-2), trained and run by the `tokenizers` library: text is split into chunks (words with
+their leading space, digit runs, punctuation runs, whitespace), each chunk is a sequence of UTF-8 bytes, and learned
+merges join frequent adjacent pairs. Ids 0-255 are the bytes, so any UTF-8 text round-trips exactly.
+
+Saved as tokenizer.json, the `tokenizers` format that transformers loads. Files of lab's earlier format
+({"type": "bpe", "merges": [[a, b], ...]}, merge i making token 256 + i) load and encode as they did."""
 import json
-import re
-from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from ..checks import InputError, integer, show
 
-# Every character is \w, \s or neither, so the chunks cover the text completely.
+# Python `re` syntax. Every character is \w, \s or neither, so the chunks cover the text completely.
 SPLIT = r" ?\w+| ?[^\s\w]+|\s+(?!\S)|\s+"
+TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+
+# `tokenizers` runs Oniguruma, whose \w also takes combining marks and whose \s lacks the separators \x1c-\x1f that
+# Python counts as space; these classes agree with Python's on every code point (test_bpe_split_classes_match_python)
+_CLASSES = {"w": r"\p{L}\p{N}_", "s": r"\s\x1c-\x1f"}
 
 
-def _merge(seq, pair, new):
-    out, i = [], 0
-    while i < len(seq):
-        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
-            out.append(new)
+def _onig(pattern):
+    """A Python `re` pattern in the Oniguruma syntax `tokenizers` runs, matching the same chunks."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if e.lower() in _CLASSES:
+                body = _CLASSES[e.lower()]
+                negated = e.isupper()
+                # inside a set, a negated class is a nested set (Oniguruma nests them; Python's sets do not)
+                out.append(f"[^{body}]" if negated else (body if in_class else f"[{body}]"))
+            else:
+                out.append(pattern[i:i + 2])
             i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return tuple(out)
+            continue
+        if not in_class and c == "[":
+            in_class = True
+            j = i + 1 + (pattern[i + 1:i + 2] == "^")
+            j += pattern[j:j + 1] == "]"   # a ] right after [ or [^ is a literal in both syntaxes
+            out.append(pattern[i:j].replace("]", r"\]"))
+            i = j
+            continue
+        if in_class and c == "]":
+            in_class = False
+        out.append(r"\[" if in_class and c == "[" else c)
+        i += 1
+    return "".join(out)
+
+
+def _byte_chars():
+    """GPT-2's printable stand-in character for each byte, as the `tokenizers` ByteLevel pre-tokenizer writes it."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+BYTE_CHARS = _byte_chars()
+_CHAR_BYTE = {c: b for b, c in enumerate(BYTE_CHARS)}
+
+
+def json_object(text):
+    """The JSON object a tokenizer file holds, or an InputError saying what it holds instead."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"not a tokenizer file: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"not a tokenizer file: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _tokenizer(vocab, merges, pattern):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    if not isinstance(pattern, str):
+        raise InputError(f"BPE pattern must be a regular expression string, got {show(pattern)}")
+    try:
+        split = Regex(_onig(pattern))
+    except Exception as e:   # the regex engine's own error type
+        raise InputError(f"BPE pattern {pattern!r} is not a valid regular expression ({e})") from None
+    tok = Tokenizer(models.BPE(vocab, merges) if vocab is not None else models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(split, behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 class BPETokenizer:
     def __init__(self, merges, pattern=SPLIT):
-        self.merges = [tuple(m) for m in merges]
-        self.pattern = pattern
-        self._re = re.compile(pattern)
-        self.ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}
-        self.vocab = {i: bytes([i]) for i in range(256)}
-        for (a, b), new in self.ranks.items():
-            self.vocab[new] = self.vocab[a] + self.vocab[b]
-        self._cache = {}
+        """From merges of token ids, lab's earlier format: ids 0-255 are the bytes, merge i makes token 256 + i."""
+        vocab = {i: bytes([i]) for i in range(256)}
+        for i, (a, b) in enumerate(merges):
+            vocab[256 + i] = vocab[a] + vocab[b]
+        strings = {self._chars(v): i for i, v in vocab.items()}
+        if len(strings) < len(vocab):   # `tokenizers` keys its vocabulary by string: one id per byte sequence
+            seen = {}
+            for i, v in vocab.items():
+                if v in seen:
+                    raise InputError(f"BPE merge {i - 256} makes token {i} with the bytes {v!r} of token {seen[v]}: "
+                                     f"a vocabulary holds each byte sequence once")
+                seen[v] = i
+        pairs = [(self._chars(vocab[a]), self._chars(vocab[b])) for a, b in merges]
+        self._set(_tokenizer(strings, pairs, pattern))
+
+    @staticmethod
+    def _chars(data):
+        return "".join(BYTE_CHARS[b] for b in data)
+
+    def _set(self, tok):
+        """Take a `tokenizers.Tokenizer` whose vocabulary holds all 256 bytes at ids 0-255."""
+        self._tok = tok
+        vocab = tok.get_vocab(with_added_tokens=False)
+        self.vocab = {i: bytes(_CHAR_BYTE[c] for c in s) for s, i in vocab.items()}
+        # the merges as id pairs in rank order, and the token each makes, as in the earlier format
+        pairs = [m.split(" ") if isinstance(m, str) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+        self.merges = [(vocab[a], vocab[b]) for a, b in pairs]
+        self.ranks = {(vocab[a], vocab[b]): vocab[a + b] for a, b in pairs}
+
+    @classmethod
+    def _wrap(cls, tok):
+        self = cls.__new__(cls)
+        self._set(tok)
+        return self
 
     @classmethod
     def train(cls, text, vocab_size, pattern=SPLIT):
-        """Learn vocab_size - 256 merges from `text`, most frequent pair first (ties: the smaller pair)."""
+        """Learn up to vocab_size - 256 merges from `text`, most frequent pair first (`tokenizers`' BpeTrainer:
+        ties go to the pair of smaller ids, so the same text always gives the same vocabulary)."""
+        from tokenizers import trainers
         try:
             vocab_size = integer("vocab_size", vocab_size, low=256)
         except InputError as e:
             raise InputError(f"{e} (one token per byte, then the merges)") from None
-        if not isinstance(text, str):  # bytes or a list would fail inside re.findall with a message about patterns
+        if not isinstance(text, str):
             raise InputError(f"text must be a str to learn merges from, got {show(text)}")
-        words = Counter(tuple(m.encode("utf-8")) for m in re.findall(pattern, text))
-        merges = []
-        for new in range(256, vocab_size):
-            pairs = Counter()
-            for w, n in words.items():
-                for pair in zip(w, w[1:]):
-                    pairs[pair] += n
-            if not pairs:
-                break
-            best = min(pairs, key=lambda p: (-pairs[p], p))
-            merges.append(best)
-            words = Counter({_merge(w, best, new) if best[0] in w else w: n for w, n in words.items()})
-        return cls(merges, pattern)
+        tok = _tokenizer(None, None, pattern)
+        tok.train_from_iterator([text], trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=0, show_progress=False, initial_alphabet=BYTE_CHARS))
+        data = json.loads(tok.to_str())["model"]
+        # the trainer numbers the bytes in order of their stand-in characters: renumber them as the bytes, so that
+        # ids 0-255 are bytes 0-255 whatever the corpus (the merges' tokens keep their order after them)
+        learned = sorted((i, s) for s, i in data["vocab"].items() if s not in _CHAR_BYTE)
+        vocab = {**{c: b for b, c in enumerate(BYTE_CHARS)}, **{s: 256 + k for k, (_, s) in enumerate(learned)}}
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["merges"]]
+        return cls._wrap(_tokenizer(vocab, merges, pattern))
 
     @property
     def vocab_size(self):
-        return 256 + len(self.merges)
-
-    def _encode_chunk(self, chunk):
-        ids = self._cache.get(chunk)
-        if ids is None:
-            ids = tuple(chunk.encode("utf-8"))
-            while len(ids) > 1:
-                pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, 1 << 30))
-                if pair not in self.ranks:
-                    break
-                ids = _merge(ids, pair, self.ranks[pair])
-            if len(self._cache) < 100_000:
-                self._cache[chunk] = ids
-        return ids
+        return len(self.vocab)
 
     def encode(self, text):
-        out = []
-        for chunk in self._re.findall(text):
-            out.extend(self._encode_chunk(chunk))
-        return np.asarray(out, dtype=np.int32)
+        if not isinstance(text, str):
+            raise InputError(f"encode: text must be a str, got {show(text)}")
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def decode_bytes(self, ids):
         """The UTF-8 bytes of the ids, which may end inside a character (a stream decodes them incrementally)."""
@@ -94,22 +168,76 @@ class BPETokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def to_json(self):
-        return json.dumps({"type": "bpe", "pattern": self.pattern, "merges": [list(m) for m in self.merges]})
+        """tokenizer.json: the `tokenizers` library's format (transformers' PreTrainedTokenizerFast loads it)."""
+        return self._tok.to_str()
 
     @classmethod
     def from_json(cls, text):
-        data = json.loads(text)
+        """From tokenizer.json (a byte-level BPE) or lab's earlier {"type": "bpe", "merges": ...} file."""
+        data = json_object(text)
+        if "model" in data:
+            return cls._from_tokenizers(data, text)
         merges = data.get("merges")
         if data.get("type") != "bpe" or not isinstance(merges, list):
-            raise InputError('not a BPE tokenizer file: expected {"type": "bpe", "merges": [[a, b], ...]}')
+            raise InputError('not a BPE tokenizer file: expected tokenizer.json (the `tokenizers` format) or lab\'s '
+                             '{"type": "bpe", "merges": [[a, b], ...]}')
         for i, m in enumerate(merges):
-            if not (isinstance(m, list) and len(m) == 2 and all(isinstance(t, int) and 0 <= t < 256 + i for t in m)):
+            if not (isinstance(m, list) and len(m) == 2 and all(type(t) is int and 0 <= t < 256 + i for t in m)):
                 raise InputError(f"BPE merge {i} is {m!r}: expected two token ids below {256 + i}")
-        pattern = data.get("pattern", SPLIT)
-        if not isinstance(pattern, str):
-            raise InputError(f"BPE pattern must be a regular expression string, got {pattern!r}")
+        return cls(merges, data.get("pattern", SPLIT))
+
+    @classmethod
+    def _from_tokenizers(cls, data, text):
+        from tokenizers import Tokenizer, models
+        model = data["model"]
+        if isinstance(model, dict) and model.get("type", "BPE") == "BPE" and not isinstance(model.get("merges"), list):
+            raise InputError("BPE tokenizer without merges: model.merges must be a list of token pairs")
         try:
-            re.compile(pattern)
-        except re.error as e:
-            raise InputError(f"BPE pattern {pattern!r} is not a valid regular expression ({e})") from None
-        return cls(merges, pattern)
+            tok = Tokenizer.from_str(text)
+        except BaseException as e:   # its errors, and its Rust panics: pyo3's PanicException is no Exception
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise InputError(f"not a tokenizer the `tokenizers` library reads ({e})") from None
+        if not isinstance(tok.model, models.BPE):
+            raise InputError(f"not a BPE tokenizer: its model is {type(tok.model).__name__}")
+        added = [t.content for t in tok.get_added_tokens_decoder().values()]
+        if added:
+            raise InputError(f"a BPE tokenizer with added tokens {added[:5]} is a pretrained one, not lab's own: "
+                             f"load it with lab.load_tokenizer")
+        parsed = json.loads(tok.to_str())
+        if parsed["normalizer"] is not None or '"ByteLevel"' not in json.dumps(parsed["pre_tokenizer"]):
+            raise InputError("not a lab byte-level BPE tokenizer: it must have no normalizer and a ByteLevel "
+                             "pre-tokenizer (every byte of the text a token before the merges)")
+        vocab = tok.get_vocab(with_added_tokens=False)
+        if not all(s and set(s) <= _CHAR_BYTE.keys() for s in vocab):
+            raise InputError("not a byte-level BPE tokenizer: its vocabulary has tokens that are not byte sequences")
+        if [vocab.get(c) for c in BYTE_CHARS] != list(range(256)) or sorted(vocab.values()) != list(range(len(vocab))):
+            raise InputError(f"not a lab byte-level BPE tokenizer: ids 0-255 must be the 256 bytes, and the ids "
+                             f"0 to {len(vocab) - 1} each a token")
+        return cls._wrap(tok)
+
+    def save(self, directory):
+        """tokenizer.json and tokenizer_config.json into `directory` in one save (other files there are kept):
+        `tokenizers`, transformers' AutoTokenizer and lab.load_tokenizer load it."""
+        from ..io import atomic_files
+        with atomic_files(directory) as files:
+            self.write(files)
+        return Path(directory)
+
+    def write(self, files):
+        """Stage this tokenizer's files in a save (lab.io.atomic_files): a checkpoint writes them with its model."""
+        files.write_text(TOKENIZER_FILE, self.to_json())
+        files.write_json(CONFIG_FILE, {"tokenizer_class": "PreTrainedTokenizerFast", "lab_tokenizer": "bpe"})
+
+    @classmethod
+    def load(cls, path):
+        """From a tokenizer file or a directory holding tokenizer.json; a damaged file is a CheckpointError."""
+        from ..io import CheckpointError
+        path = Path(path)
+        path = path / TOKENIZER_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise CheckpointError(f"{path}: tokenizer file not found")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None

@@ -5,16 +5,17 @@
     python -m lab import runs/hf-ddp --out runs/back
 
 The exported directory is the Hugging Face GPT-2 layout (model.safetensors, config.json), a `tokenizer.json`
-that transformers' PreTrainedTokenizerFast loads (character tokenizers), lab's own tokenizer file
-(lab_tokenizer.json), and, for LoRA runs, the PEFT adapter in adapter/. Importing gives back a lab model,
+that transformers' PreTrainedTokenizerFast loads, lab's own tokenizer file
+(lab_tokenizer.json; a pretrained tokenizer brings its own files instead), and, for LoRA runs, the PEFT adapter in adapter/. Importing gives back a lab model,
 tokenizer and adapter, so generation, the attention heatmap and the diagnostics work on the result.
 """
 import json
 from pathlib import Path
 
 from ..checks import InputError
-from ..checkpoint import checkpoint_files, load_checkpoint, load_tokenizer
-from ..io import CheckpointError, atomic_files, reading
+from ..checkpoint import checkpoint_files, load_checkpoint, tokenizer_of
+from ..data import write_tokenizer
+from ..io import atomic_files, reading
 from ..models.transformer import _write_model, load_pretrained
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
@@ -23,11 +24,11 @@ ADAPTER_DIR = "adapter"
 
 
 def hf_tokenizer_json(tokenizer):
-    """A character tokenizer as the `tokenizers` library's JSON: every character is one piece (a Split on any
-    character, kept isolated), looked up in a WordLevel vocabulary, and decoded by concatenation (Fuse)."""
+    """A lab tokenizer as the `tokenizers` library's JSON. A BPE one is in that format already; a character one
+    becomes a Split on any character (kept isolated), a WordLevel vocabulary, and a decoder that concatenates."""
     from ..data import CharTokenizer
     if not isinstance(tokenizer, CharTokenizer):
-        return None
+        return json.loads(tokenizer.to_json())
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False},
@@ -71,14 +72,18 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     out = Path(out)
     # one save: the base with its adapter, or with an earlier export's adapter removed (it belongs to other weights:
     # import would put it on this base), so that no interruption pairs one base with another's adapter
-    with atomic_files(out, remove=() if has_adapter else _adapter_names()) as files:
+    from ..data.pretrained import SPECIAL_TOKENS_FILE, TEMPLATE_FILE   # an earlier export's tokenizer's, as in checkpoints
+    with atomic_files(out, remove=(SPECIAL_TOKENS_FILE, TEMPLATE_FILE, *(() if has_adapter else _adapter_names()))) \
+            as files:
         _write_model(model, files, "hf")
-        files.write_text(LAB_TOKENIZER_FILE, tokenizer.to_json())
-        hf_tok = hf_tokenizer_json(tokenizer)
-        if hf_tok is not None:
-            files.write_json(HF_TOKENIZER_FILE, hf_tok)
+        if callable(getattr(tokenizer, "to_json", None)):   # lab's own: its file, and the same for transformers
+            files.write_text(LAB_TOKENIZER_FILE, tokenizer.to_json())
+            files.write_json(HF_TOKENIZER_FILE, hf_tokenizer_json(tokenizer))
             files.write_json("tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
-                                                       "model_max_length": model.config.block_size})
+                                                       "model_max_length": model.config.block_size,
+                                                       "lab_tokenizer": type(tokenizer).__name__})
+        else:   # a pretrained tokenizer: its own files
+            write_tokenizer(files, tokenizer)
         if has_adapter:
             # The adapter names the exported directory as its base, as PEFT expects.
             lora.write_adapter(model, files, base_model_name_or_path=str(out.resolve()), subdir=ADAPTER_DIR)
@@ -91,34 +96,6 @@ def _adapter_names():
     return tuple(f"{ADAPTER_DIR}/{name}" for name in (lora.ADAPTER_FILE, lora.ADAPTER_CONFIG))
 
 
-def _tokenizer_of(directory):
-    """lab's tokenizer file when the directory has one; else tokenizer.json, in lab's format (a lab checkpoint) or
-    as the `tokenizers` library's WordLevel vocabulary of single characters that export writes."""
-    from ..data import CharTokenizer
-    d = Path(directory)
-    if (d / LAB_TOKENIZER_FILE).is_file():
-        return load_tokenizer(d / LAB_TOKENIZER_FILE)
-    path = d / HF_TOKENIZER_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{d}: no tokenizer found (looked for {LAB_TOKENIZER_FILE}, {HF_TOKENIZER_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a tokenizer lab can read ({e})") from None
-    if isinstance(data, dict) and data.get("type") in ("char", "bpe"):
-        return load_tokenizer(path)
-    try:
-        vocab = data["model"]["vocab"]
-        chars = sorted(vocab, key=vocab.get)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a tokenizer lab can read ({e})") from None
-    if all(isinstance(c, str) and len(c) == 1 for c in chars) and [vocab[c] for c in chars] == sorted(vocab.values()):
-        tok = CharTokenizer(chars)
-        if tok.stoi == vocab:
-            return tok
-    raise CheckpointError(f"{path}: only character-level vocabularies can be imported without {LAB_TOKENIZER_FILE}")
-
-
 def import_model(directory, out=None):
     """(model, tokenizer) from a directory in the GPT-2 layout (exported by lab, or trained by PyTorch / transformers
     from one), with its adapter/ loaded when present. With `out`, also saves a lab checkpoint there that
@@ -129,10 +106,7 @@ def import_model(directory, out=None):
         _apart(d, out)
     with reading(d):   # the model, tokenizer and adapter of one export
         model = load_pretrained(d)
-        tokenizer = _tokenizer_of(d)
-        if tokenizer.vocab_size != model.config.vocab_size:
-            raise CheckpointError(f"{d}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
-                                  f"{model.config.vocab_size}")
+        tokenizer = tokenizer_of(d, model)
         adapter_dir = d / ADAPTER_DIR
         adapter_files = {}
         if (adapter_dir / "adapter_config.json").is_file():
