@@ -452,6 +452,13 @@ def read_safetensors(path):
     return out
 
 
+def weights_file(directory):
+    """The file read_weights reads first in `directory` (model.safetensors, else the sharded index): the one its
+    callers name in errors about the weights."""
+    d = Path(directory)
+    return d / INDEX_FILE if not (d / WEIGHTS_FILE).exists() and (d / INDEX_FILE).exists() else d / WEIGHTS_FILE
+
+
 def read_weights(directory):
     """The tensors of a model directory in Hugging Face's layout, by HF name: model.safetensors, or else the shards
     that model.safetensors.index.json maps (transformers' precedence). The index is checked against the shards

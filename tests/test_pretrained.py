@@ -439,3 +439,18 @@ def test_hub_snapshot_that_its_cached_file_list_shows_incomplete_is_one_error_sa
     with pytest.raises(CheckpointError, match=r"org/cut \(revision 'main'\): the cached copy is incomplete .*"
                                               r"tokenizer.json.*huggingface-cli download org/cut"):
         from_pretrained("org/cut")
+
+
+def test_errors_about_sharded_weights_name_the_index(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    data = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**data, "num_hidden_layers": 4}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: missing tensors \['model.layers.3."):
+        from_pretrained(d)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                                                         n_head=2)).save_pretrained(tmp_path / "g", max_shard_size="20KB")
+    data = json.loads((tmp_path / "g" / "config.json").read_text())
+    (tmp_path / "g" / "config.json").write_text(json.dumps({**data, "n_layer": 3}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: .*missing .*'h.2."):
+        from_pretrained(tmp_path / "g")

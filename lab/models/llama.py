@@ -16,12 +16,13 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from ..io import (INDEX_FILE, CheckpointError, atomic_files, check_floats, read_json, read_weights, reading,
-                  with_generation_config)
+from ..io import (CheckpointError, atomic_files, check_floats, read_json, read_weights, reading,
+                  weights_file, with_generation_config)
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 ROPE_TYPES = ("default", "linear", "llama3")
+MAX_POSITIONS = {"LlamaForCausalLM": 2048, "Qwen2ForCausalLM": 32768, "MistralForCausalLM": 131072}   # HF's defaults
 
 
 @dataclass
@@ -113,12 +114,14 @@ class LlamaConfig:
             act = data.get("hidden_act", "silu")
             if act != "silu":
                 raise CheckpointError(f"{where}hidden_act {show(act)} is not supported (the Llama family uses silu)")
-            window = data.get("sliding_window")
-            uses_window = data.get("use_sliding_window", arch == "MistralForCausalLM")
-            if uses_window and window is not None and window < data.get("max_position_embeddings", 0):
+            # a field the file leaves out takes transformers' default for the architecture
+            mistral = arch == "MistralForCausalLM"
+            max_positions = data.get("max_position_embeddings", MAX_POSITIONS[arch])
+            window = data.get("sliding_window", 4096 if mistral else None)
+            uses_window = mistral or data.get("use_sliding_window", False)   # (Mistral has no such switch)
+            if uses_window and window is not None and window < max_positions:
                 raise CheckpointError(f"{where}sliding_window={window} is smaller than max_position_embeddings="
-                                      f"{data.get('max_position_embeddings')}: sliding-window attention is not "
-                                      "supported")
+                                      f"{max_positions}: sliding-window attention is not supported")
             # transformers 5 writes rope_parameters {"rope_type", "rope_theta", ...}; older files rope_theta and
             # rope_scaling
             rope = dict(data.get("rope_parameters") or {})
@@ -131,11 +134,11 @@ class LlamaConfig:
                 intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
                 num_attention_heads=data["num_attention_heads"],
                 num_key_value_heads=data.get("num_key_value_heads"), head_dim=data.get("head_dim"),
-                max_position_embeddings=data.get("max_position_embeddings", 2048),
+                max_position_embeddings=max_positions,
                 rms_norm_eps=data.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
                 attention_bias=data.get("attention_bias", False) if arch == "LlamaForCausalLM" else False,
                 mlp_bias=data.get("mlp_bias", False) if arch == "LlamaForCausalLM" else False,
-                tie_word_embeddings=data.get("tie_word_embeddings", arch != "MistralForCausalLM"),
+                tie_word_embeddings=data.get("tie_word_embeddings", False),
                 architecture=arch, bos_token_id=data.get("bos_token_id"), eos_token_id=data.get("eos_token_id"),
                 dropout=data.get("attention_dropout", 0.0))
             return cls(**fields)
@@ -462,8 +465,7 @@ def load_pretrained(directory):
     with reading(d):   # config.json, generation_config.json and the weights of one save
         data = with_generation_config(read_json(d / CONFIG_FILE, "model config"), d)
         tensors = read_weights(d)   # model.safetensors or the shards of transformers' index
-    weights = d / MODEL_FILE if (d / MODEL_FILE).exists() else d / INDEX_FILE
-    return LlamaLM.from_hf(data, tensors, d / CONFIG_FILE, weights)
+    return LlamaLM.from_hf(data, tensors, d / CONFIG_FILE, weights_file(d))
 
 
 def num_params(cfg):

@@ -15,7 +15,7 @@ from ..checks import InputError
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from ..io import CheckpointError, atomic_files, check_floats, read_json, read_weights, reading
+from ..io import CheckpointError, atomic_files, check_floats, read_json, read_weights, reading, weights_file
 from ..lora import Adapters, apply_config, checkpoint_config
 from ..plan.estimator import check_model_fits, count_params
 
@@ -264,7 +264,7 @@ def _check_size(cfg, tensors, d):
         params += cfg.block_size * cfg.n_embd
     stored = sum(int(np.prod(v.shape)) for v in tensors.values())
     if params > 4 * stored + (1 << 20):  # slack for small mismatches, which the per-tensor check names precisely
-        raise CheckpointError(f"{d / CONFIG_FILE}: describes a model of {params:,} parameters, but {d / MODEL_FILE} "
+        raise CheckpointError(f"{d / CONFIG_FILE}: describes a model of {params:,} parameters, but {weights_file(d)} "
                               f"holds {stored:,} values: the config does not belong to these weights")
 
 
@@ -319,7 +319,7 @@ def _load_pretrained(d):
     if kind == "gpt2":
         cfg = _config_from_hf(data, d / CONFIG_FILE)
         if "lm_head.weight" in tensors and not np.array_equal(tensors["lm_head.weight"], tensors.get("transformer.wte.weight")):
-            raise CheckpointError(f"{d / MODEL_FILE}: lm_head.weight differs from transformer.wte.weight (untied head)")
+            raise CheckpointError(f"{weights_file(d)}: lm_head.weight differs from transformer.wte.weight (untied head)")
         tensors = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in tensors.items()
                    if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))}
     elif kind == "lab-transformer":
@@ -334,7 +334,7 @@ def _load_pretrained(d):
     model = TransformerLM(cfg)
     if kind == "lab-transformer" and data.get("lora") is not None:   # a LoRA run: its adapters are in the file
         apply_config(model, data["lora"], d / CONFIG_FILE)
-    _load_into(model, tensors, d / MODEL_FILE)
+    _load_into(model, tensors, weights_file(d))
     return model.eval()  # as transformers does: dropout stays off until model.train()
 
 
