@@ -52,9 +52,9 @@ def _reader_class():
                                    f"supported: {', '.join(DEQUANTIZED_TYPES)}")
                 dims = [int(d) for d in dims]   # python ints: numpy's product of uint64 wraps silently
                 block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
-                if not dims or dims[0] % block:
-                    raise _Damaged(f"tensor {name} of type {kind} has dims {dims}: the first must be a multiple "
-                                   f"of its block of {block} values")
+                if not dims or min(dims) < 1 or dims[0] % block:
+                    raise _Damaged(f"tensor {name} of type {kind} has dims {dims}: each must be positive and the "
+                                   f"first a multiple of its block of {block} values")
                 nbytes = math.prod(dims) // block * block_bytes
                 start = start_offs + int(offset[0])
                 if start + nbytes > size:
@@ -213,7 +213,8 @@ def read_gguf(path):
     cfg = _config(reader, path)
 
     def floats(t):
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        with np.errstate(all="ignore"):   # a damaged scale gives Inf or NaN: refused below, by name
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if not np.isfinite(w).all():
             raise CheckpointError(f"{path}: tensor {t.name} holds NaN or Inf")
         return w.reshape([int(d) for d in reversed(t.shape)])

@@ -66,8 +66,6 @@ def write_gguf(path, tensors, arch="llama", heads=4, kv_heads=2, qtype="F32", co
     w.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
     w.add_float32(f"{arch}.rope.freq_base", theta)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", eps)
-    for key, value in (extra or {}).items():
-        (w.add_string if isinstance(value, str) else w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     if tokenizer:
         tokens = (BYTE_TOKENS + ["hi", "\u0120hi"] + SPECIALS + [f"<extra_{i}>" for i in range(vocab)])[:vocab]
@@ -79,6 +77,8 @@ def write_gguf(path, tensors, arch="llama", heads=4, kv_heads=2, qtype="F32", co
         w.add_uint32("tokenizer.ggml.bos_token_id", 258)
         w.add_uint32("tokenizer.ggml.eos_token_id", 260)
         w.add_chat_template(TEMPLATE)
+    for key, value in (extra or {}).items():   # after the defaults: gguf's writer keeps a repeated key's last value
+        (w.add_string if isinstance(value, str) else w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
     q = getattr(GGMLQuantizationType, qtype)
     for name, x in tensors.items():
         if arch == "llama" and ".q_proj." in name:

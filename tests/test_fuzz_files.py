@@ -1,5 +1,7 @@
 """Fuzzing every file lab reads: truncated, bit-flipped, wrong-dtype, wrong-shape, huge-header and missing-key
-variants of checkpoint, optimizer, tokenizer, BPE, PEFT adapter, GPT-2 and sharded (index and shard) files. Every case must either load or
+variants of checkpoint, optimizer, tokenizer, BPE, PEFT adapter, GPT-2 and sharded (index and shard) files, GGUF
+files (wrong magic, tensors past the end, huge dims, unknown quantization types and architectures) and pretrained
+tokenizer files (tokenizer.json, tokenizer_config.json, chat templates). Every case must either load or
 end in a lab CheckpointError that names the file; none may raise anything else, hang, or allocate more memory than
 the file could justify. Fixed seed (derandomized) and LAB_FUZZ_EXAMPLES cases per file in CI (default 25); set
 it higher to fuzz longer."""
@@ -21,7 +23,9 @@ from safetensors.numpy import save_file  # noqa: E402
 
 import lab  # noqa: E402
 from lab import lora  # noqa: E402
+from ggufs import hf_tensors, write_gguf  # noqa: E402
 from lab.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, save_checkpoint  # noqa: E402
+from lab.checks import InputError  # noqa: E402
 from lab.data import CharTokenizer  # noqa: E402
 from lab.data.bpe import BPETokenizer  # noqa: E402
 from lab.models import PRESETS, TransformerLM  # noqa: E402
@@ -54,6 +58,10 @@ def originals(tmp_path_factory):
         lora.apply(model, r=2, alpha=4)
         lora.save_adapter(model, root / "adapter")
         _sharded(root / "sharded")
+        (root / "gguf").mkdir()
+        write_gguf(root / "gguf" / "model.gguf", hf_tensors(layers=1, hidden=32, heads=4, kv_heads=2, inter=64),
+                   qtype="Q8_0")
+        lab.load_tokenizer(root / "gguf" / "model.gguf").save(root / "ptok")
     return root, ids, tok.vocab_size
 
 
@@ -75,6 +83,13 @@ def _sharded(d):
 def _loaders(ids, vocab):
     def adapter(d):
         lora.load_adapter(_model(vocab), d)
+
+    def chat(d):
+        tok = lab.load_tokenizer(d)
+        try:
+            tok.apply_chat_template([{"role": "user", "content": "hi é"}], add_generation_prompt=True)
+        except InputError as e:   # a template's raise_exception refuses the messages, naming its file: as clear
+            raise CheckpointError(str(e)) from None
     return {
         "ck": lambda d: load_checkpoint(d),
         "ck-resume": lambda d: Trainer.resume(d, ids, ids),
@@ -82,6 +97,9 @@ def _loaders(ids, vocab):
         "bpe": lambda d: load_tokenizer(d / "bpe.json"),
         "adapter": adapter,
         "sharded": lambda d: lab.from_pretrained(d),
+        "gguf": lambda d: lab.from_pretrained(d / "model.gguf"),
+        "gguf-tok": lambda d: lab.load_tokenizer(d / "model.gguf"),
+        "ptok": chat,
     }
 
 
@@ -93,6 +111,8 @@ TARGETS = [
     ("bpe.json", ".", "bpe"),
     ("adapter_model.safetensors", "adapter", "adapter"), ("adapter_config.json", "adapter", "adapter"),
     ("model.safetensors.index.json", "sharded", "sharded"), ("model-00001-of-00002.safetensors", "sharded", "sharded"),
+    ("model.gguf", "gguf", "gguf"), ("model.gguf", "gguf", "gguf-tok"),
+    ("tokenizer.json", "ptok", "ptok"), ("tokenizer_config.json", "ptok", "ptok"), ("chat_template.jinja", "ptok", "ptok"),
 ]
 
 
@@ -106,11 +126,50 @@ def _pack(header, body):
     return struct.pack("<Q", len(raw)) + raw + body
 
 
+def _gguf_layout(path):
+    """Where a GGUF's fields lie: (architecture value's offset and length, [(tensor, dims offset, number of dims,
+    type offset, data offset's offset)]), from gguf's reader, whose parts are views of the mapped file."""
+    from gguf import GGUFReader
+    r = GGUFReader(path)
+    at = lambda part: part.ctypes.data - r.data.ctypes.data  # noqa: E731
+    arch = r.fields["general.architecture"].parts[-1]
+    return (at(arch), len(arch)), [(t.name, at(t.field.parts[3]), len(t.field.parts[3]), at(t.field.parts[4]),
+                                    at(t.field.parts[5])) for t in r.tensors]
+
+
+def _gguf_mutation(draw, data, layout):
+    (arch_at, arch_len), tensors = layout
+    out = bytearray(data)
+    kind = draw(st.sampled_from(["magic", "offset", "dims", "type", "architecture"]))
+    if kind == "magic":
+        out[:4] = draw(st.sampled_from([b"GGML", b"\0\0\0\0", b"FUGG", b"GGUf"]))
+        return bytes(out), f"magic -> {bytes(out[:4])!r}"
+    if kind == "architecture":
+        arch = draw(st.sampled_from(["gemma", "bloom", "gpt2x", "\0\0\0\0\0", "LLAMA"]))[:arch_len].ljust(arch_len)
+        out[arch_at:arch_at + arch_len] = arch.encode()
+        return bytes(out), f"architecture -> {arch!r}"
+    name, dims_at, n_dims, type_at, offset_at = draw(st.sampled_from(tensors))
+    if kind == "offset":
+        value = draw(st.sampled_from([len(data), 2 ** 40, 2 ** 64 - 32, 32]))
+        out[offset_at:offset_at + 8] = struct.pack("<Q", value)
+        return bytes(out), f"{name} data offset -> {value}"
+    if kind == "dims":
+        i = draw(st.integers(0, n_dims - 1))
+        value = draw(st.sampled_from([0, 2 ** 31, 2 ** 40, 2 ** 63, 2 ** 64 - 1, 3]))
+        out[dims_at + 8 * i:dims_at + 8 * i + 8] = struct.pack("<Q", value)
+        return bytes(out), f"{name} dim {i} -> {value}"
+    value = draw(st.sampled_from([2, 3, 6, 10, 12, 39, 99, 2 ** 31]))   # Q4_1..., Q5_0, Q2_K, Q4_K, MXFP4, unknown
+    out[type_at:type_at + 4] = struct.pack("<I", value)
+    return bytes(out), f"{name} type -> {value}"
+
+
 @st.composite
-def mutations(draw, data, is_safetensors):
+def mutations(draw, data, is_safetensors, gguf_layout=None):
     """A damaged copy of `data` and a description of the damage."""
     kinds = ["truncate", "bitflip", "garbage"]
-    if is_safetensors:
+    if gguf_layout is not None:
+        kinds += ["gguf"] * 5   # the damage only a GGUF can have, as often as the rest together
+    elif is_safetensors:
         kinds += ["dtype", "shape", "huge_header", "missing_key", "offsets"]
     else:
         kinds += ["json_drop", "json_type", "json_huge", "json_nested"]
@@ -126,6 +185,13 @@ def mutations(draw, data, is_safetensors):
         return bytes(out), f"bits {flips} flipped"
     if kind == "garbage":
         return draw(st.binary(min_size=0, max_size=64)), "replaced by random bytes"
+    if kind == "gguf":
+        return _gguf_mutation(draw, data, gguf_layout)
+    if not data.lstrip().startswith((b"{\"", b"[")):   # a chat template: broken Jinja, or code that fails as it runs
+        snippet = draw(st.sampled_from([b"{% for %}", b"{{ 1 / 0 }}", b"{{ messages[9] }}", b"{% endif %}",
+                                        b"{{ raise_exception('no') }}", b"{{ messages[0].content + 1 }}", b"\xff"]))
+        at = draw(st.integers(0, len(data)))
+        return data[:at] + snippet + data[at:], f"{snippet!r} inserted at {at}"
     if is_safetensors:
         header, body = _safetensors_parts(data)
         names = sorted(k for k in header if k != "__metadata__")
@@ -189,6 +255,7 @@ def test_damaged_files_give_clear_errors(originals, tmp_path_factory, numpy_back
     load = _loaders(ids, vocab)[loader]
     original = (root / where / filename).read_bytes()
     is_st = filename.endswith(".safetensors")
+    layout = _gguf_layout(root / where / filename) if filename.endswith(".gguf") else None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     outcomes = {"loaded": 0, "clear error": 0}
 
@@ -196,7 +263,7 @@ def test_damaged_files_give_clear_errors(originals, tmp_path_factory, numpy_back
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def case(data):
-        damaged, what = data.draw(mutations(original, is_st))
+        damaged, what = data.draw(mutations(original, is_st, layout))
         work = tmp_path_factory.mktemp("case")
         shutil.copytree(root / where, work / "d") if where != "." else (work / "d").mkdir()
         if where == ".":

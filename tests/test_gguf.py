@@ -184,3 +184,31 @@ def test_shipped_gguf_tensors_equal_transformers_loading(smollm2):
     packed = lg.read_packed(smollm2)
     assert {kind for _, kind, _ in packed.values()} == {"Q4_1", "Q8_0"}
     assert packed["model.embed_tokens.weight"][1:] == ("Q8_0", (49152, 576))
+
+
+def test_gguf_model_logits_equal_transformers_loading_the_same_file(tmp_path, use_backend):
+    # end to end through lab.from_pretrained: q/k row order, tied head and metadata all show in the logits
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    import lab
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors(layers=2, hidden=32, heads=4, kv_heads=2, inter=64, seed=5),
+                      qtype="Q8_0")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    ids = np.array([[258, 104, 105, 32, 256, 257, 7, 200]])
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(ids)).logits.numpy()
+    model = lab.from_pretrained(path)
+    got = model(ids).numpy()
+    assert np.allclose(got, want, atol=1e-4), np.abs(got - want).max()   # float32 sums in another order
+
+
+def test_zero_dim_tensor_is_refused_by_name(tmp_path):
+    # found by the fuzz suite: dim 0 -> 0 passed the block check and failed inside gguf's dequantize
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors())
+    data = bytearray(path.read_bytes())
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4
+    data[at:at + 8] = struct.pack("<Q", 0)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"m.gguf: tensor token_embd.weight of type F32 has dims \[0, 264\]: "
+                                              r"each must be positive"):
+        lg.read_gguf(path)

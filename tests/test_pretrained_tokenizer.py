@@ -183,6 +183,9 @@ def test_chat_template_that_fails_names_the_file(tmp_path, tiny_gguf):
     with pytest.raises(InputError, match=r"chat_template.jinja: the chat template refused these messages .*a "
                                          r"system message must come first"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
+    (d / "chat_template.jinja").write_text("{{ messages[0].content + 1 }}")
+    with pytest.raises(CheckpointError, match=r"chat_template.jinja: the chat template failed \(TypeError"):
+        lab.load_tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}])
     (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
     with pytest.raises(CheckpointError, match=r"chat_template.jinja: not UTF-8 text"):
         lab.load_tokenizer(d)

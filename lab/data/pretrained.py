@@ -185,6 +185,9 @@ class PretrainedTokenizer:
         except TemplateError as e:   # the template's raise_exception: these messages are not what it accepts
             raise InputError(f"{self.template_source}: the chat template refused these messages "
                              f"({type(e).__name__}: {e})") from None
+        except Exception as e:   # noqa: BLE001: a template runs code ({{ 1 / 0 }}, a str + int): the file is wrong
+            raise CheckpointError(f"{self.template_source}: the chat template failed ({type(e).__name__}: "
+                                  f"{str(e)[:300]})") from None
         return [int(i) for i in out] if tokenize else out
 
     def save(self, directory):
