@@ -192,6 +192,12 @@ def test_from_hf_names_the_file_in_each_error(tmp_path):
     mistral = {**good, "architectures": ["MistralForCausalLM"], "sliding_window": 32}
     with pytest.raises(CheckpointError, match=r"config.json: sliding_window=32 is smaller than max_position_embeddings"):
         lab.LlamaConfig.from_hf(mistral, source)
+    no_window = {k: v for k, v in mistral.items() if k != "sliding_window"}   # transformers' default: 4096 of 131072
+    with pytest.raises(CheckpointError, match=r"sliding_window=4096 is smaller than max_position_embeddings=131072"):
+        lab.LlamaConfig.from_hf({k: v for k, v in no_window.items() if k != "max_position_embeddings"}, source)
+    assert lab.LlamaConfig.from_hf({**mistral, "sliding_window": None}, source).architecture == "MistralForCausalLM"
+    untied = {k: v for k, v in good.items() if k != "tie_word_embeddings"}
+    assert lab.LlamaConfig.from_hf(untied, source).tie_word_embeddings is False   # transformers' default
     with pytest.raises(CheckpointError, match=rf"{tmp_path}.*num_key_value_heads \(3\) must divide"):
         lab.LlamaConfig.from_hf({**good, "num_key_value_heads": 3}, source)
     with pytest.raises(CheckpointError, match=r"config.json: the config is missing the field 'hidden_size'"):
@@ -341,3 +347,16 @@ def test_trainer_refuses_a_llama_batch_that_cannot_fit():
     with pytest.raises(DoesNotFitError, match=r"a training batch of 1000000 x 64 tokens needs about .* GiB .*: a "
                                               r"batch_size of at most \d+ fits"):
         Trainer(model, ids[:3000], ids[3000:], TrainConfig(batch_size=1_000_000))
+
+
+def test_a_mistral_model_saved_loads_in_transformers_with_equal_logits(tmp_path):
+    cfg = lab.LlamaConfig(vocab_size=VOCAB, hidden_size=12, intermediate_size=20, num_attention_heads=3,
+                          num_key_value_heads=1, max_position_embeddings=16, architecture="MistralForCausalLM",
+                          tie_word_embeddings=False, rope_theta=1e6)
+    model = lab.LlamaLM(cfg)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "MistralForCausalLM"
+    ids = tokens((2, 9))
+    np.testing.assert_allclose(loaded(torch.tensor(ids)).logits.detach().numpy(), model(ids).numpy(), atol=1e-5)
+    assert lab.LlamaLM.from_pretrained(tmp_path).config == cfg
