@@ -34,14 +34,14 @@ def from_pretrained(name_or_path, revision=None, local_files_only=None):
     if local_files_only not in (None, True, False):
         raise InputError(f"from_pretrained: local_files_only must be True, False or None, got "
                          f"{show(local_files_only)}")
-    path = Path(name_or_path).expanduser()
-    if path.exists() or isinstance(name_or_path, os.PathLike):
-        if revision is not None:
-            raise InputError(f"from_pretrained: revision={revision!r} names a Hub revision, but {path} is a local "
-                             f"path (its files are what loads)")
-        return load_local(path)
     from . import shipped
-    name = str(name_or_path)
+    path, name = Path(name_or_path).expanduser(), str(name_or_path)
+    local = path.exists() or isinstance(name_or_path, os.PathLike)
+    if revision is not None and (local or name in shipped.SHIPPED):
+        raise InputError(f"from_pretrained: revision={revision!r} names a Hub revision, but {name!r} is a "
+                         f"{'local path' if local else 'shipped model'} (its files are what loads)")
+    if local:
+        return load_local(path)
     if name in shipped.SHIPPED:
         return load_local(shipped.path(name))
     if not REPO_ID.fullmatch(name) or ".." in name:

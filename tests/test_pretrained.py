@@ -180,9 +180,12 @@ def test_name_that_is_not_a_string_or_path_is_refused(bad):
         from_pretrained(bad)
 
 
-def test_revision_given_with_a_local_path_is_refused(hf_dirs):
+def test_revision_given_with_a_local_path_or_a_shipped_model_is_refused(hf_dirs):
     with pytest.raises(InputError, match="revision='v2' names a Hub revision, but .* is a local path"):
         from_pretrained(hf_dirs["single"][0], revision="v2")
+    with pytest.raises(InputError, match="revision='v2' names a Hub revision, but 'smollm2-135m-instruct' is a "
+                                         "shipped model"):
+        from_pretrained("smollm2-135m-instruct", revision="v2")
 
 
 # ------------------------------------------------------------------------------------------------ the Hub cache
