@@ -52,7 +52,7 @@ def gguf_name(hf):
 
 
 def write_gguf(path, tensors, arch="llama", heads=4, kv_heads=2, qtype="F32", context=128, eps=1e-5, theta=1e4,
-               tokenizer=True, extra=None):
+               tokenizer=True, extra=None, raw_tensors=None):
     """`tensors` (HF names, HF layout) into a GGUF at `path`: 2-D weights stored as `qtype`, norms and biases as
     F32 (as llama.cpp stores them); llama's q/k rows permuted as its converter does."""
     w = GGUFWriter(str(path), arch)
@@ -89,6 +89,8 @@ def write_gguf(path, tensors, arch="llama", heads=4, kv_heads=2, qtype="F32", co
             w.add_tensor(gguf_name(name), quantize(x, q), raw_dtype=q)
         else:
             w.add_tensor(gguf_name(name), x)
+    for name, x in (raw_tensors or {}).items():   # under their GGUF names, as they are
+        w.add_tensor(name, x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -100,6 +100,12 @@ def test_unsupported_rope_scaling_is_refused_by_name(tmp_path):
     _bad(tmp_path, r"rope scaling type 'yarn' is not supported", extra={"llama.rope.scaling.type": "yarn"})
 
 
+def test_llama3_rope_frequency_factors_are_refused_by_name(tmp_path):
+    # llama.cpp stores Llama 3.x's rope scaling as factors per frequency, which HF's config cannot say
+    _bad(tmp_path, r"rope_freqs.weight \(llama3 rope scaling stored as frequency factors\) is not supported yet",
+         raw_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
+
+
 def test_missing_metadata_is_named(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", hf_tensors())
     data = path.read_bytes().replace(b"llama.block_count", b"llama.block_cOunt")
@@ -186,13 +192,14 @@ def test_shipped_gguf_tensors_equal_transformers_loading(smollm2):
     assert packed["model.embed_tokens.weight"][1:] == ("Q8_0", (49152, 576))
 
 
-def test_gguf_model_logits_equal_transformers_loading_the_same_file(tmp_path, use_backend):
-    # end to end through lab.from_pretrained: q/k row order, tied head and metadata all show in the logits
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_model_logits_equal_transformers_loading_the_same_file(tmp_path, use_backend, arch):
+    # end to end through lab.from_pretrained: q/k row order, biases, tied head and metadata all show in the logits
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     import lab
-    path = write_gguf(tmp_path / "m.gguf", hf_tensors(layers=2, hidden=32, heads=4, kv_heads=2, inter=64, seed=5),
-                      qtype="Q8_0")
+    t = hf_tensors(layers=2, hidden=32, heads=4, kv_heads=2, inter=64, seed=5, bias=arch == "qwen2")
+    path = write_gguf(tmp_path / "m.gguf", t, arch=arch, qtype="Q8_0")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
     ids = np.array([[258, 104, 105, 32, 256, 257, 7, 200]])
     with torch.no_grad():
