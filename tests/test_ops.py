@@ -2,12 +2,19 @@
 gradients against float64 central finite differences. The cases (shapes: odd sizes, size 1, shapes beyond one
 64x64 matmul tile, K > 1024, rows longer than a workgroup) live in lab/engine/opcheck.py so that
 lab.selftest() runs exactly the same checks."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 from lab.engine.opcheck import CASES, check_case
 
 CASE_SPECS = [(c, k) for c in CASES for k in range(len(c.shapes))]
+
+
+def _tune(monkeypatch, backend, **changes):
+    """Change the wgpu backend's matmul tuning (lab.engine.wgpu.matmul_plan.Tuning) for one test."""
+    monkeypatch.setattr(backend, "matmul_tuning", dataclasses.replace(backend.matmul_tuning, **changes))
 
 
 @pytest.mark.parametrize("case,spec", CASE_SPECS, ids=[f"{c.name}-{k}" for c, k in CASE_SPECS])
@@ -87,6 +94,19 @@ def test_embedding_backward_paths_match_numpy(wgpu_backend, numpy_backend, V, C,
     np.testing.assert_allclose(got, numpy_backend.embedding_bwd(idx, g, V), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("M, N", [(0, 64), (64, 0), (0, 0)])
+def test_a_product_with_no_rows_or_columns_is_empty_and_so_are_its_gradients(use_backend, M, N):
+    # a K long enough to split was planned with a division by the (zero) count of output tiles
+    import lab
+    a = lab.tensor(np.ones((M, 512), np.float32), requires_grad=True)
+    b = lab.tensor(np.ones((512, N), np.float32), requires_grad=True)
+    y = a @ b
+    assert y.numpy().shape == (M, N)
+    y.sum().backward()
+    np.testing.assert_array_equal(a.grad.numpy(), np.zeros((M, 512)))
+    np.testing.assert_array_equal(b.grad.numpy(), np.zeros((512, N)))
+
+
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("batch_a,batch_b", [(1, 1), (3, 1), (3, 3)])
 def test_split_k_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b):
@@ -149,7 +169,7 @@ def test_numpy_profile_times_primitives(numpy_backend):
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
 def test_matmul_entry_points_match_numpy(wgpu_backend, numpy_backend, monkeypatch, rows, trans_a, trans_b):
     """Both A-staging variants on ragged shapes (no dimension a multiple of the tile)."""
-    monkeypatch.setattr(wgpu_backend, "MATMUL_ROWS", rows)
+    _tune(monkeypatch, wgpu_backend, MATMUL_ROWS=rows)
     rng = np.random.default_rng(5)
     M, N, K = 139, 71, 53
     a = rng.standard_normal((2,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
@@ -169,8 +189,7 @@ def test_aligned_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, tran
     """Whole-tile shapes take the unchecked vec4 kernels (matmul_aligned.wgsl): 128 x 128 or 128-row tiles where M
     and N allow (and, on a GPU, the product is large), else 64; a long K also splits; a bias is added as tiles are
     stored; a transposed B is staged transposed by the 128 x 128 kernels, copied transposed for the others."""
-    monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
-    monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if tiles == "_wide" else 1 << 30)
+    _tune(monkeypatch, wgpu_backend, ROW128_MIN_TILES=0, WIDE_MIN_TILES=0 if tiles == "_wide" else 1 << 30)
     got, want, prof = _matmul_with_bias(wgpu_backend, numpy_backend, 7, trans_a, trans_b, batch_a, batch_b, M, N, K)
     # the 128 x 128 kernels stage a transposed B themselves; the others take a transposed copy of it
     entry = ("t" if trans_a else "n") + ("t" if trans_b and tiles == "_wide" else "n") + tiles
@@ -208,11 +227,9 @@ def test_f16_storage_matmul_matches_numpy(wgpu_backend, numpy_backend, monkeypat
     widened float32 copy (cast.wgsl); numpy's reference widens them likewise. Skipped without shader-f16."""
     if not wgpu_backend.half_storage:
         pytest.skip("this device has no shader-f16")
-    monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
-    monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if path == "128x128-tiles" else 1 << 30)
+    _tune(monkeypatch, wgpu_backend, ROW128_MIN_TILES=0, WIDE_MIN_TILES=0 if path == "128x128-tiles" else 1 << 30)
     if path == "padded":
-        monkeypatch.setattr(wgpu_backend, "PAD_MIN_VOLUME", 0)
-        monkeypatch.setattr(wgpu_backend, "PAD_MAX_WORK", 100.0)
+        _tune(monkeypatch, wgpu_backend, PAD_MIN_VOLUME=0, PAD_MAX_WORK=100.0)
     dtypes = (np.float16 if half == "a-and-b" else np.float32, np.float16)
     got, want, prof = _matmul_with_bias(wgpu_backend, numpy_backend, 21, trans_a, trans_b, 1, 1, M, N, K, dtypes)
     names = [name for name, _, _ in prof.records]
@@ -249,8 +266,7 @@ def test_large_ragged_matmul_runs_padded_to_whole_tiles(wgpu_backend, numpy_back
     """A large product whose sizes are not whole tiles (a GPT-2 output layer: N = 50257) runs as its zero-padded
     whole-tile product and is cut back (here with the size threshold lowered): the same values as numpy, with a
     bias, whichever of M, N, K is ragged, batched or with B shared by the batch."""
-    monkeypatch.setattr(wgpu_backend, "PAD_MIN_VOLUME", 0)
-    monkeypatch.setattr(wgpu_backend, "PAD_MAX_WORK", 100.0)
+    _tune(monkeypatch, wgpu_backend, PAD_MIN_VOLUME=0, PAD_MAX_WORK=100.0)
     got, want, prof = _matmul_with_bias(wgpu_backend, numpy_backend, 16, trans_a, trans_b, batch_a, batch_b, M, N, K)
     assert got.shape == (max(batch_a, batch_b), M, N)
     assert any(name.startswith("matmul_aligned") for name, _, _ in prof.records), [n for n, _, _ in prof.records]
@@ -267,7 +283,7 @@ def test_thin_matmuls_match_numpy(wgpu_backend, numpy_backend, monkeypatch, tran
     M thin by matmul_thin.wgsl through strides (M thin computed transposed), split along a long K; K thin (not
     transposed) by lora.wgsl's up_add_t_main without its base."""
     import lab
-    monkeypatch.setattr(wgpu_backend, "THIN_MIN_VOLUME", 0)
+    _tune(monkeypatch, wgpu_backend, THIN_MIN_VOLUME=0)
     rng = np.random.default_rng(17)
     a = rng.standard_normal((1,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
     b = rng.standard_normal((1,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
@@ -301,8 +317,7 @@ def test_matmul_reads_and_writes_heads_in_place(any_backend, layout, T, D, tiles
     from lab.engine.backend import HeadView
     B_ = any_backend
     if B_.name == "wgpu":
-        monkeypatch.setattr(B_, "ROW128_MIN_TILES", 0)
-        monkeypatch.setattr(B_, "WIDE_MIN_TILES", 0 if tiles == "_wide" else 1 << 30)
+        _tune(monkeypatch, B_, ROW128_MIN_TILES=0, WIDE_MIN_TILES=0 if tiles == "_wide" else 1 << 30)
     rng = np.random.default_rng(13)
     Bsz, H = 2, 2
     trans_a, trans_b = layout[0] == "t", layout[1] == "t"
@@ -522,8 +537,7 @@ def test_triangle_hints_skip_only_what_is_zero(wgpu_backend, numpy_backend, tran
     """Causal attention's products: with A lower triangular the skipped tiles are exactly the zero ones; with
     triangle="out" the lower triangle is exact and the tiles above the diagonal come back as zeros."""
     import lab
-    monkeypatch.setattr(wgpu_backend, "ROW128_MIN_TILES", 0)
-    monkeypatch.setattr(wgpu_backend, "WIDE_MIN_TILES", 0 if tn == 128 else 1 << 30)
+    _tune(monkeypatch, wgpu_backend, ROW128_MIN_TILES=0, WIDE_MIN_TILES=0 if tn == 128 else 1 << 30)
     rng = np.random.default_rng(11)
     lower = np.tril(rng.standard_normal((3, T, T))).astype(np.float32)
     v = rng.standard_normal((3, T, 64)).astype(np.float32)

@@ -1,0 +1,166 @@
+"""The wgpu matmul planner's choices, without a GPU: lab.engine.wgpu.matmul_plan is arithmetic on shapes, limits and
+tuning (the kernels it names are checked against numpy in test_ops.py)."""
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab.engine.kernels import source
+from lab.engine.wgpu.matmul_plan import STORAGE, Limits, Tuning, heads_in_place, plan
+
+dims = st.integers(1, 70_000)
+
+
+def test_planning_needs_no_device():
+    code = "import sys, lab.engine.wgpu.matmul_plan as P; P.plan(300, 200, 1000); print('wgpu' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
+
+
+@pytest.mark.parametrize("trans_a, trans_b, entry, transpose_b", [
+    (False, False, "nn", False), (True, False, "tn", False), (False, True, "nn", True), (True, True, "tn", True)])
+def test_whole_64_tiles_take_the_aligned_kernel_and_b_transposed_first(trans_a, trans_b, entry, transpose_b):
+    p = plan(64, 192, 48, 1, 1, trans_a, trans_b)
+    assert (p.path, p.kernel, p.entry, p.transpose_b) == ("aligned", "matmul_aligned", entry, transpose_b)
+    assert not p.cast  # float16 operands are read as they are
+    assert p.grid == (3, 1, 1) and p.split == 1 and p.k_chunk == 48
+
+
+@pytest.mark.parametrize("trans_a, entry", [(False, "main_rows"), (True, "main")])
+def test_ragged_shapes_take_the_bounds_checked_kernel_on_float32(trans_a, entry):
+    p = plan(100, 70, 33, 3, 1, trans_a, True, bias=True)
+    assert (p.path, p.kernel, p.entry, p.cast, p.transpose_b, p.fused_bias) == ("tiled", "matmul", entry, True, False,
+                                                                               False)
+    assert p.grid == (2, 2, 3)
+    assert plan(100, 70, 33, tuning=Tuning(MATMUL_ROWS=False)).entry == "main"
+    assert plan(64, 64, 16, tuning=Tuning(MATMUL_ALIGNED=False)).path == "tiled"
+
+
+def test_wide_products_take_128_by_128_tiles_that_transpose_b_themselves():
+    p = plan(2048, 2048, 1024, 1, 1, False, True)
+    assert (p.entry, p.grid, p.transpose_b) == ("nt_wide", (16, 16, 1), False)
+    assert plan(2048, 1024, 128).entry == "nn128"  # 2 Mi outputs: half of WIDE_MIN_TILES 128 x 128 tiles
+    assert plan(2048, 2048, 1024, tuning=Tuning(WIDE_MIN_TILES=1 << 30)).entry == "nn128"
+
+
+def test_128_row_tiles_only_where_enough_workgroups_remain():
+    p = plan(1024, 2112, 64)            # 16 x 33 = 528 tiles of 64 x 64: at least 2 x ROW128_MIN_TILES
+    assert (p.entry, p.grid) == ("nn128", (33, 8, 1))
+    assert plan(1024, 1984, 64).entry == "nn"   # 496 tiles
+    assert plan(1088, 2112, 64).entry == "nn"   # M not a multiple of 128
+
+
+@pytest.mark.parametrize("M, N, K, split", [(64, 64, 16384, 128), (128, 128, 16384, 128), (64, 256, 2048, 16),
+                                            (2048, 2048, 4096, 1), (64, 64, 240, 1)])
+def test_split_k_when_k_is_long_and_the_output_small(M, N, K, split):
+    p = plan(M, N, K, bias=True)
+    assert p.split == split and p.k_chunk * split >= K > p.k_chunk * (split - 1) and p.k_chunk % 16 == 0
+    assert p.grid[2] == split
+    assert p.fused_bias == (split == 1)  # a bias is added after the chunks are summed
+    assert plan(M, N, K, into=True).split == 1  # written in place: no partial products
+
+
+def test_gelu_is_fused_only_into_a_product_in_one_piece():
+    assert plan(256, 256, 64, gelu=True).gelu and not plan(64, 64, 4096, gelu=True).gelu
+
+
+def test_split_never_takes_more_chunks_than_the_grid_holds():
+    p = plan(64, 64, 16384, 600, 600, limits=Limits(max_workgroups=1000))
+    assert p.split == 1 and p.grid == (1, 1, 600)
+    assert plan(64, 64, 16384, 60, 60, limits=Limits(max_workgroups=1000)).split == 16
+
+
+@settings(max_examples=300, deadline=None)
+@given(M=dims, N=dims, K=st.integers(0, 70_000), batch=st.sampled_from([1, 2, 12, 48]), ta=st.booleans(),
+       tb=st.booleans(), limit=st.sampled_from([65535, 4096, 256]))
+def test_grids_never_exceed_the_devices_workgroups_per_dimension(M, N, K, batch, ta, tb, limit):
+    try:
+        p = plan(M, N, K, batch, 1, ta, tb, limits=Limits(max_workgroups=limit))
+    except ValueError as e:
+        assert f"max-compute-workgroups-per-dimension of {limit}" in str(e) and f"{M} x {K} @ {K} x {N}" in str(e)
+        return
+    assert max(p.grid) <= limit
+    if p.path in ("aligned", "tiled", "thin"):
+        assert p.split == math.ceil(K / p.k_chunk)
+
+
+def test_a_grid_too_large_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"needs a grid of \(1, 2, 1\) workgroups, more than this device's "
+                                         r"max-compute-workgroups-per-dimension of 1"):
+        plan(128, 64, 16, limits=Limits(max_workgroups=1))
+
+
+def test_storage_matches_the_kernels_workgroup_arrays():
+    sizes = {"f32": 4, "vec4<f32>": 16}
+    for kernel, want in STORAGE.items():
+        arrays = re.findall(r"var<workgroup>\s*\w+\s*:\s*array<(f32|vec4<f32>),\s*(\d+)>", source(kernel))
+        assert arrays and sum(sizes[t] * int(n) for t, n in arrays) == want, kernel
+
+
+def test_a_tile_never_exceeds_the_workgroup_storage_limit():
+    for storage in (16384, 32768, 49152):
+        p = plan(256, 256, 256, limits=Limits(workgroup_storage=storage))
+        assert STORAGE[p.kernel] <= storage
+    small = Limits(workgroup_storage=STORAGE["matmul"])   # too small for the whole-tile kernel
+    assert plan(256, 256, 256, limits=small).kernel == "matmul"
+    assert not heads_in_place(256, 64, small) and heads_in_place(256, 64)
+    with pytest.raises(ValueError, match="max-compute-workgroup-storage-size of 1024"):
+        plan(256, 256, 256, limits=Limits(workgroup_storage=1024))
+
+
+@settings(max_examples=200, deadline=None)
+@given(M=st.integers(1, 20_000), N=st.integers(1, 60_000), K=st.integers(1, 5000))
+def test_padding_is_to_exactly_the_next_whole_tiles_and_at_most_5_percent_more_work(M, N, K):
+    p = plan(M, N, K)
+    if p.path != "padded":
+        return
+    Mp, Np, Kp = p.padded
+    assert (Mp - M, Np - N, Kp - K) == (-M % 128, -N % 128, -K % 16)
+    assert Mp * Np * Kp <= 1.05 * M * N * K and M * N * K >= Tuning().PAD_MIN_VOLUME
+
+
+def test_gpt2_output_layer_is_padded_and_small_or_wasteful_ones_are_not():
+    assert plan(8192, 50257, 768).padded == (8192, 50304, 768)
+    assert plan(8192, 50257, 768, 1, 1, True, False).padded == (8192, 50304, 768)
+    assert plan(8192, 129, 1 << 18).path != "padded"      # 98% more work
+    assert plan(1000, 1000, 100).path == "tiled"           # too small to be worth the copies
+    assert plan(8192, 50257, 768, gelu=True).path != "padded"
+
+
+def test_thin_products():
+    p = plan(8, 4096, 4096)                       # a thin M: C^T = B^T A^T
+    assert (p.path, p.swap, p.grid, p.split, p.k_chunk, p.cast) == ("thin", True, (64, 1, 16), 16, 256, True)
+    p = plan(4096, 16, 4096, 1, 1, True, True)    # a thin N, operands read as stored
+    assert (p.path, p.swap, p.grid) == ("thin", False, (64, 1, 16))
+    assert plan(1024, 1024, 8).path == "thin_k" and plan(1024, 1024, 8, 1, 1, False, True).path == "tiled"
+    for not_thin in (plan(8, 4096, 4096, bias=True), plan(8, 4096, 4096, 2, 1), plan(8, 64, 64)):
+        assert not_thin.path != "thin"
+
+
+@pytest.mark.parametrize("triangle, M, N, K, trans_a, code", [
+    ("out", 128, 128, 64, False, 1), ("out", 128, 64, 64, False, 0), ("a", 128, 64, 128, False, 2),
+    ("a", 128, 64, 128, True, 3), ("a", 128, 64, 64, False, 0), (None, 128, 128, 128, False, 0)])
+def test_triangle_codes(triangle, M, N, K, trans_a, code):
+    assert plan(M, N, K, 1, 1, trans_a, False, triangle=triangle).triangle == code
+
+
+def test_head_views_run_in_place_only_on_whole_vec4_tiles():
+    assert plan(256, 64, 256, 8, 8, views=True).path == "aligned"
+    assert plan(256, 64, 256, 8, 8, views=True, views_vec4=False).path == "gathered"
+    assert plan(250, 64, 250, 8, 8, views=True).path == "gathered"
+    assert plan(256, 64, 0, 8, 8, views=True).path == "gathered" and plan(256, 64, 0).path == "zeros"
+
+
+def test_an_empty_product_plans_no_split():
+    for M, N in ((0, 64), (64, 0), (0, 0)):
+        p = plan(M, N, 4096)
+        assert p.split == 1 and p.grid[0] * p.grid[1] == 0
+
+
+def test_a_split_chunk_below_one_is_refused():
+    with pytest.raises(ValueError, match="SPLIT_K_MIN_CHUNK must be at least 1, got 0"):
+        Tuning(SPLIT_K_MIN_CHUNK=0)
