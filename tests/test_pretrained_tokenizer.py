@@ -217,3 +217,22 @@ def test_ids_array_of_any_integer_dtype_decodes(tiny_gguf):
     for dtype in (np.int32, np.int64, np.uint16):
         assert tok.decode(ids.astype(dtype)) == "hi hi"
     assert tok.decode([]) == "" and tok.decode_bytes([]) == b""
+
+
+def test_hub_id_loads_its_tokenizer_from_the_cache_offline(tmp_path, tiny_gguf, monkeypatch):
+    # huggingface_hub's cache layout: models--org--name/refs/<branch> holds a commit, snapshots/<commit>/ the files
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for commit, text in (("a" * 40, "hi"), ("b" * 40, "hi hi")):
+        lab.load_tokenizer(tiny_gguf).save(repo / "snapshots" / commit)
+        (repo / "snapshots" / commit / "chat_template.jinja").write_text(text)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v2").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert lab.load_tokenizer("org/tiny").chat_template == "hi"
+    assert lab.load_tokenizer("org/tiny", revision="v2").chat_template == "hi hi"
+    with pytest.raises(CheckpointError, match=r"org/other \(revision 'main'\): .*not in the Hub cache"):
+        lab.load_tokenizer("org/other")
+    with pytest.raises(InputError, match=r"revision='v2' names a Hub revision, but .*tiny.gguf' is not a Hub id"):
+        lab.load_tokenizer(tiny_gguf, revision="v2")

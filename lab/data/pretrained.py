@@ -19,11 +19,12 @@ TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 TEMPLATE_FILE, SPECIAL_TOKENS_FILE = "chat_template.jinja", "special_tokens_map.json"
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, revision=None, local_files_only=None):
     """The tokenizer of a directory (tokenizer.json with tokenizer_config.json, special_tokens_map.json and
     chat_template.jinja where present), of a .gguf file or a directory holding one, of a shipped model
-    ("smollm2-135m-instruct") or of a Hub id (lab.from_pretrained's cache and offline rules). A directory holding
-    one of lab's own tokenizers gives that tokenizer back (lab.data.tokenizer_from_directory)."""
+    ("smollm2-135m-instruct") or of a Hub id (its tokenizer files alone, under lab.from_pretrained's cache and
+    offline rules; `revision`, `local_files_only` as there). A directory holding one of lab's own tokenizers gives
+    that tokenizer back (lab.data.tokenizer_from_directory)."""
     from .. import shipped
     if not isinstance(name_or_path, (str, Path)):
         raise InputError(f"load_tokenizer: name_or_path must be a path, a shipped model's name or a Hub id, "
@@ -33,8 +34,12 @@ def load_tokenizer(name_or_path):
         path = shipped.path(str(name_or_path))
     elif not path.exists() and "/" in str(name_or_path) and not path.is_absolute():
         from ..pretrained import REPO_ID, _hub_snapshot
-        if REPO_ID.fullmatch(str(name_or_path)):
-            path = _hub_snapshot(str(name_or_path))
+        if REPO_ID.fullmatch(str(name_or_path)) and ".." not in str(name_or_path):
+            path = _hub_snapshot(str(name_or_path), revision, local_files_only, weights=False)
+            revision = None
+    if revision is not None:
+        raise InputError(f"load_tokenizer: revision={revision!r} names a Hub revision, but {str(name_or_path)!r} "
+                         f"is not a Hub id (its files are what loads)")
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: expected a tokenizer directory (tokenizer.json, tokenizer_config.json) "
