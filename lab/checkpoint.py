@@ -43,7 +43,7 @@ def save_checkpoint(directory, model, tokenizer, trainer=None):
 def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
     """save_checkpoint as a save the caller adds files to (atomic_files' staging, yielded), all landing at once:
     import_model writes the adapter beside the model in the same save."""
-    from .data import write_tokenizer
+    from .data import TOKENIZER_SIDE_FILES, write_tokenizer
     from .engine.random import get_state
     if not callable(getattr(tokenizer, "write", None)) and not callable(getattr(tokenizer, "save", None)):
         raise InputError(f"save_checkpoint: tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer) or a "
@@ -55,10 +55,9 @@ def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
     # between the steps of the model's trainers (nn.step_lock): a trainer stepping in another thread (a panel's)
     # would otherwise change the weights or moments while they are read, mixing step k and step k+1
     from .nn import step_lock
-    from .data.pretrained import SPECIAL_TOKENS_FILE, TEMPLATE_FILE
     # a pretrained tokenizer's side files go unless this tokenizer writes its own: transformers reads them over
     # tokenizer_config.json, so they would dress the new tokenizer in the old one's template and special tokens
-    remove = (OPTIMIZER_FILE, STATE_FILE, SPECIAL_TOKENS_FILE, TEMPLATE_FILE, *remove)
+    remove = (OPTIMIZER_FILE, STATE_FILE, *TOKENIZER_SIDE_FILES, *remove)
     with step_lock(model), atomic_files(directory, remove=remove) as files:
         model.write_files(files, "lab")   # in its family's layout
         write_tokenizer(files, tokenizer)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lab
 from lab.checks import InputError
@@ -55,6 +57,14 @@ def test_bpe_round_trip_of_unicode_emoji_whitespace_and_empty_text(bpe, text):
     ids = bpe.encode(text)
     assert ids.dtype == np.int32 and bpe.decode(ids) == text
     assert bpe.decode_bytes(ids) == text.encode("utf-8")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(codec="utf-8"), max_size=200) | st.text(alphabet=" \n\t\x1cab'é😀²_", max_size=60))
+def test_bpe_encode_gives_the_ids_the_tokenizers_library_gives(bpe, text):
+    """lab's encode cuts chunks with Python's regex and encodes each distinct one once; transformers runs the saved
+    tokenizer.json through the library whole: the ids must be the same."""
+    assert bpe.encode(text).tolist() == bpe._tok.encode(text).ids
 
 
 def test_bpe_ids_0_to_255_are_the_bytes_whatever_the_corpus():
@@ -197,3 +207,8 @@ def test_bpe_refuses_bad_arguments_clearly(bpe):
         bpe.decode([-1])
     with pytest.raises(InputError, match="not a valid regular expression"):
         BPETokenizer.train("abc", 300, pattern="((")
+    with pytest.raises(InputError, match=r"token ids must be integers, got \['a'\]"):
+        bpe.decode(["a"])
+    for call in (bpe.encode, lambda t: BPETokenizer.train(t, 300)):
+        with pytest.raises(InputError, match=r"lone surrogate '\\ud800' at position 1"):
+            call("a\ud800b")

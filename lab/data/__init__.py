@@ -106,6 +106,9 @@ class CharTokenizer:
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"   # lab's tokenizer beside the Hugging Face files of an export
+# a pretrained tokenizer's files beside those two, which transformers reads over tokenizer_config.json: a save of
+# another tokenizer removes them (lab.io.REMOVABLE)
+TOKENIZER_SIDE_FILES = ("special_tokens_map.json", "chat_template.jinja")
 
 
 def load_tokenizer_json(text):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..checks import InputError
 from ..checkpoint import checkpoint_files, load_checkpoint, tokenizer_of
-from ..data import write_tokenizer
+from ..data import TOKENIZER_SIDE_FILES, write_tokenizer
 from ..io import atomic_files, reading
 from ..models.transformer import _write_model, load_pretrained
 
@@ -72,9 +72,7 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     out = Path(out)
     # one save: the base with its adapter, or with an earlier export's adapter removed (it belongs to other weights:
     # import would put it on this base), so that no interruption pairs one base with another's adapter
-    from ..data.pretrained import SPECIAL_TOKENS_FILE, TEMPLATE_FILE   # an earlier export's tokenizer's, as in checkpoints
-    with atomic_files(out, remove=(SPECIAL_TOKENS_FILE, TEMPLATE_FILE, *(() if has_adapter else _adapter_names()))) \
-            as files:
+    with atomic_files(out, remove=(*TOKENIZER_SIDE_FILES, *(() if has_adapter else _adapter_names()))) as files:
         _write_model(model, files, "hf")
         if callable(getattr(tokenizer, "to_json", None)):   # lab's own: its file, and the same for transformers
             files.write_text(LAB_TOKENIZER_FILE, tokenizer.to_json())
