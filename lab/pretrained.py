@@ -16,8 +16,8 @@ from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError, index
 
 # what a Hub snapshot needs: config, weights (then the shards an index names), tokenizer, chat template, generation
 # settings; never pickles, nor a GGUF repo's dozen quantizations (a GGUF is loaded from its file's path)
-HUB_FILES = ["config.json", "generation_config.json", WEIGHTS_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "chat_template.jinja"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+HUB_FILES = ["config.json", "generation_config.json", WEIGHTS_FILE, INDEX_FILE, *TOKENIZER_FILES]
 # HF's rule for a repo id, one namespace required: a bare word is far likelier a mistyped short name
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}")
 
@@ -97,9 +97,10 @@ def _offline():
     return constants.HF_HUB_OFFLINE or any((v or "").upper() in ("1", "ON", "YES", "TRUE") for v in flags)
 
 
-def _hub_snapshot(repo_id, revision=None, local_files_only=None):
-    """The local directory of `repo_id` at `revision` in the Hub cache, downloading the model's files (HUB_FILES)
-    unless offline. One CheckpointError naming the id and the revision when it cannot be had."""
+def _hub_snapshot(repo_id, revision=None, local_files_only=None, weights=True):
+    """The local directory of `repo_id` at `revision` in the Hub cache, downloading the model's files (HUB_FILES;
+    weights=False: the tokenizer's alone) unless offline. One CheckpointError naming the id and the revision when
+    it cannot be had."""
     try:
         from huggingface_hub import errors, snapshot_download
     except ImportError:
@@ -131,6 +132,8 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None):
             raise CheckpointError(f"{repo_id} (revision {rev!r}): could not be fetched from the Hub "
                                   f"({type(e).__name__}: {e}); {get}") from None
 
+    if not weights:   # a tokenizer: never a model's gigabytes
+        return download(TOKENIZER_FILES)
     d = download(HUB_FILES)
     if (d / INDEX_FILE).is_file() and not (d / WEIGHTS_FILE).exists():
         # then the shards the index names, and no other .safetensors (a repo may also hold a consolidated copy)

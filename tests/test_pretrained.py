@@ -392,6 +392,19 @@ def test_hub_snapshot_fetches_the_model_files_then_only_the_shards_its_index_nam
     assert sorted(f.name for f in d.iterdir()) == sorted(f.name for f in hf_dirs["sharded"][0].iterdir())
 
 
+def test_hub_snapshot_for_a_tokenizer_fetches_the_tokenizer_files_alone(hf_dirs, tmp_path, monkeypatch):
+    import huggingface_hub
+    from lab.pretrained import TOKENIZER_FILES, _hub_snapshot
+    asked = []
+
+    def snapshot_download(repo_id, revision, allow_patterns, local_files_only, cache_dir):
+        asked.append(allow_patterns)
+        return str(tmp_path)   # holds no weights: a tokenizer needs none
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert _hub_snapshot("org/tiny", local_files_only=False, weights=False) == tmp_path
+    assert asked == [TOKENIZER_FILES]
+
+
 def test_hub_repo_without_safetensors_weights_says_how_to_load_its_gguf(hf_dirs, offline_cache):
     _hub_cache(offline_cache, "org/gguf-only", {A: [hf_dirs["single"][0] / "config.json"]}, {"main": A})
     with pytest.raises(CheckpointError, match=r"org/gguf-only \(revision 'main'\): the Hub repo holds no "
