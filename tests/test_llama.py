@@ -360,3 +360,33 @@ def test_a_mistral_model_saved_loads_in_transformers_with_equal_logits(tmp_path)
     ids = tokens((2, 9))
     np.testing.assert_allclose(loaded(torch.tensor(ids)).logits.detach().numpy(), model(ids).numpy(), atol=1e-5)
     assert lab.LlamaLM.from_pretrained(tmp_path).config == cfg
+
+
+def test_lora_on_llama_resumes_and_loads_in_peft(use_backend, tmp_path):
+    import peft
+    from lab import lora
+    from lab.checkpoint import save_checkpoint
+    from lab.train import Trainer
+    text = lab.load_corpus("kjv")[:2000]
+
+    def run():
+        tok, t = _llama_trainer(text)
+        lora.apply(t.model, r=2, alpha=4, targets=["q_proj", "v_proj", "down_proj"])
+        return tok, Trainer(t.model, t.train_ids, t.val_ids, t.cfg)
+    tok, t = run()
+    uninterrupted = [t.train_step()[0].item() for _ in range(4)]
+    tok, t = run()
+    first = [t.train_step()[0].item() for _ in range(2)]
+    save_checkpoint(tmp_path / "ck", t.model, tok, t)
+    resumed = Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+    assert sorted(resumed.optimizer.names) == sorted(n for n, p in t.model.named_parameters() if p.requires_grad)
+    assert first + [resumed.train_step()[0].item() for _ in range(2)] == uninterrupted
+    # the base in transformers' layout plus the adapter in PEFT's: PEFT gives the same logits
+    model = t.model.eval()
+    model.save_pretrained(tmp_path / "base", format="hf")
+    model.save_adapter(tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval()
+    ids = np.asarray(tok.encode(text[:12]))[None]
+    with torch.no_grad():
+        np.testing.assert_allclose(pm(torch.tensor(ids)).logits.numpy(), model(ids).numpy(), atol=1e-4)

@@ -18,6 +18,7 @@ from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
 from ..io import (CheckpointError, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
+from ..lora import Adapters, apply_config, checkpoint_config
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -307,7 +308,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LlamaLM(nn.Module):
+class LlamaLM(nn.Module, Adapters):
+    # (PEFT names transformers' weights under base_model.model.: model.layers.0.self_attn.q_proj, as lab does)
+
     def __init__(self, cfg):
         if not isinstance(cfg, LlamaConfig):
             raise InputError(f"LlamaLM takes a LlamaConfig, got {show(cfg)}")
@@ -380,8 +383,9 @@ class LlamaLM(nn.Module):
     # ------------------------------------------------------------------------------------ transformers' layout
 
     def hf_weights(self):
-        """The weights under transformers' names and layout (float32): linear weights (out, in), lab's (in, out)."""
-        return {name: _to_hf(name, p.numpy()) for name, p in self.named_parameters()}
+        """The weights under transformers' names and layout (float32): linear weights (out, in), lab's (in, out).
+        LoRA adapters' lora_A (r, in) and lora_B (out, r) come under their own names, in PEFT's layout."""
+        return {name: _to_hf(name, p.numpy().astype(np.float32, copy=False)) for name, p in self.named_parameters()}
 
     def load_hf_weights(self, tensors, source=None):
         """Load weights named and laid out as transformers' (a checkpoint's tensors), as float32. Every name and
@@ -421,10 +425,14 @@ class LlamaLM(nn.Module):
         return Path(directory)
 
     def write_files(self, files, format="lab"):
-        """Into an atomic_files staging (a checkpoint's model)."""
+        """Into an atomic_files staging (a checkpoint's model). Lab's layout holds LoRA adapters too, their settings
+        and mode in config.json's "lora" (a checkpoint resumes a LoRA run); transformers' holds the base only (with
+        a merged adapter's update inside its weights; save_adapter writes the adapter in PEFT's format)."""
         _check_format(format)
-        files.write_tensors(MODEL_FILE, self.hf_weights(), metadata={"format": "pt"})
-        files.write_json(CONFIG_FILE, self.config.to_hf())
+        lora = checkpoint_config(self) if format == "lab" else None
+        tensors = {k: v for k, v in self.hf_weights().items() if lora or ".lora_" not in k}
+        files.write_tensors(MODEL_FILE, tensors, metadata={"format": "pt"})
+        files.write_json(CONFIG_FILE, {**self.config.to_hf(), **({"lora": lora} if lora else {})})
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -438,7 +446,10 @@ class LlamaLM(nn.Module):
         checked before anything is allocated; each source (a path) is named in the errors about it."""
         cfg = LlamaConfig.from_hf(data, config_source)
         _check_size(cfg, tensors, config_source, weights_source)
-        return cls(cfg).load_hf_weights(tensors, weights_source).eval()
+        model = cls(cfg)
+        if data.get("lora") is not None:   # lab's checkpoint of a LoRA run: its adapters are in the weights
+            apply_config(model, data["lora"], config_source)
+        return model.load_hf_weights(tensors, weights_source).eval()
 
 
 def _check_format(format):
