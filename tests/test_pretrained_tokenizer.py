@@ -236,3 +236,27 @@ def test_hub_id_loads_its_tokenizer_from_the_cache_offline(tmp_path, tiny_gguf, 
         lab.load_tokenizer("org/other")
     with pytest.raises(InputError, match=r"revision='v2' names a Hub revision, but .*tiny.gguf' is not a Hub id"):
         lab.load_tokenizer(tiny_gguf, revision="v2")
+
+
+def test_sentencepiece_byte_fallback_streams_whole_characters(tmp_path):
+    # Llama 2 / Mistral style: ▁ for a space, <0xNN> tokens for bytes not in the vocabulary
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁", "h", "i", "▁h", "▁hi", "é", "l", "o"):
+        vocab.setdefault(piece, len(vocab))
+    tk = Tokenizer(models.BPE(vocab, [("▁", "h"), ("▁h", "i")], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                "unk_token": "<unk>"}))
+    tok, theirs = lab.load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "hi héllo 😀 世界"
+    ids = tok.encode(text)
+    assert ids.tolist() == theirs.encode(text) and tok.decode(ids) == text
+    assert any(tok.decode_bytes([i]) in (b"\xf0", b"\xe4") for i in ids)   # emoji and CJK arrive as single bytes
+    stream = codecs.getincrementaldecoder("utf-8")()
+    shown = [stream.decode(tok.decode_bytes([i])) for i in ids]
+    # each piece whole characters; the text's first ▁ is the space sentencepiece's decoder strips at the start
+    assert not any("\ufffd" in s for s in shown) and "".join(shown) == " " + text
