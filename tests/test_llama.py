@@ -390,3 +390,20 @@ def test_lora_on_llama_resumes_and_loads_in_peft(use_backend, tmp_path):
     ids = np.asarray(tok.encode(text[:12]))[None]
     with torch.no_grad():
         np.testing.assert_allclose(pm(torch.tensor(ids)).logits.numpy(), model(ids).numpy(), atol=1e-4)
+
+
+def test_attention_weights_and_hidden_states_match_transformers(use_backend):
+    """return_attention gives every query head in transformers' order (a GQA model's heads that share a key-value
+    head side by side), as AttentionHeatmap shows them; return_hidden the residual stream."""
+    hf = hf_model("gqa3-llama3-headdim")
+    hf.config._attn_implementation = "eager"   # (the implementation that returns the weights)
+    model = lab_model(hf)
+    ids = tokens((2, 6))
+    want = hf(torch.tensor(ids), output_attentions=True, output_hidden_states=True)
+    logits, attentions, hidden = model(ids, return_attention=True, return_hidden=True)
+    assert len(attentions) == 2 and attentions[0].shape == (2, 6, 6, 6)
+    for ours, theirs in zip(attentions, want.attentions):
+        np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), atol=1e-5, rtol=0)
+    assert len(hidden) == 3
+    for ours, theirs in zip(hidden[:-1], want.hidden_states[:-1]):   # (transformers' last is after the norm)
+        np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), atol=1e-4, rtol=0)

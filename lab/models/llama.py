@@ -336,24 +336,29 @@ class LlamaLM(nn.Module, Adapters):
             raise InputError(f"sequence length {end} exceeds max_position_embeddings {self.config.block_size}")
         rope = (self._cos[pos:end], self._sin[pos:end])                           # (T, D) each
         x = self.model.embed_tokens(idx)                                           # (B, T, C)
-        attentions = []
+        attentions, hidden = [], [x]
         for layer, cache in zip(self.model.layers, caches):
             if return_attention:
                 x, att = layer(x, rope, cache, pos, return_weights=True)
                 attentions.append(att)
             else:
                 x = layer(x, rope, cache, pos)
-        return self._head(self.model.norm(x)), attentions
+            hidden.append(x)
+        return self._head(self.model.norm(x)), attentions, hidden
 
-    def forward(self, idx, targets=None, return_attention=False):
+    def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
         """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
-        with return_attention the attention weights of every layer [(B, H, T, T)]. Extras come in that order."""
-        logits, attentions = self._run(idx, [None] * self.config.num_hidden_layers, 0, return_attention)
+        with return_attention the attention weights of every layer [(B, H, T, T)], every query head (a GQA
+        model's heads sharing a key-value head side by side); with return_hidden the residual stream after the
+        embedding and after every layer [(B, T, C)]. Extras come in that order, as TransformerLM's."""
+        logits, attentions, hidden = self._run(idx, [None] * self.config.num_hidden_layers, 0, return_attention)
         out = [logits]
         if targets is not None:
             out.append(F.cross_entropy(logits, targets))
         if return_attention:
             out.append(attentions)
+        if return_hidden:
+            out.append(hidden)
         return out[0] if len(out) == 1 else tuple(out)
 
     def new_cache(self, batch_size):
@@ -416,12 +421,15 @@ class LlamaLM(nn.Module, Adapters):
         self.load_state_dict(state, source=str(where), error=CheckpointError)
         return self
 
-    def save_pretrained(self, directory, format="lab"):
+    def save_pretrained(self, directory, format="lab", tokenizer=None):
         """config.json + model.safetensors in transformers' layout (its LlamaForCausalLM & co. load them); for this
-        family lab's layout ("lab") is transformers' ("hf")."""
+        family lab's layout ("lab") is transformers' ("hf"). With a tokenizer, its files go into the same save."""
+        from ..data import write_tokenizer
         _check_format(format)   # before the directory is touched
         with nn.step_lock(self), atomic_files(directory) as files:   # between a training thread's steps
             self.write_files(files, format)
+            if tokenizer is not None:
+                write_tokenizer(files, tokenizer)
         return Path(directory)
 
     def write_files(self, files, format="lab"):
@@ -552,6 +560,7 @@ PRESETS = {
     # SmolLM2-135M's architecture (random init)
     "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                                rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192,
-                                bos_token_id=0, eos_token_id=0),
+                                rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192),
+    # (no bos/eos ids: those belong to SmolLM2's tokenizer; a preset trains from scratch with lab's tokenizers,
+    # where id 0 is an ordinary token that must not end generation)
 }
