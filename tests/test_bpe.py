@@ -212,3 +212,21 @@ def test_bpe_refuses_bad_arguments_clearly(bpe):
     for call in (bpe.encode, lambda t: BPETokenizer.train(t, 300)):
         with pytest.raises(InputError, match=r"lone surrogate '\\ud800' at position 1"):
             call("a\ud800b")
+
+
+def test_model_directory_carries_its_tokenizer_in_the_same_save(tmp_path, use_backend, bpe):
+    transformers = pytest.importorskip("transformers")
+    llama = lab.LlamaLM(lab.LlamaConfig(vocab_size=bpe.vocab_size, hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=8))
+    for name, model, fmt in (("gpt", _model(bpe.vocab_size), "lab"), ("gpt-hf", _model(bpe.vocab_size), "hf"),
+                             ("llama", llama, "lab")):
+        d = model.save_pretrained(tmp_path / name, format=fmt, tokenizer=bpe)
+        assert tokenizer_from_directory(d).to_json() == bpe.to_json()
+        assert transformers.AutoTokenizer.from_pretrained(str(d))(TEXTS[4])["input_ids"] == bpe.encode(TEXTS[4]).tolist()
+    char = CharTokenizer("abc")
+    _model(3).save_pretrained(tmp_path / "char", tokenizer=char)
+    assert tokenizer_from_directory(tmp_path / "char").chars == ["a", "b", "c"]
+    with pytest.raises(InputError, match="tokenizer must be a lab tokenizer .* got 'abc'"):
+        _model(3).save_pretrained(tmp_path / "bad", tokenizer="abc")
+    assert not (tmp_path / "bad").exists()   # nothing half-written

@@ -181,9 +181,10 @@ class TransformerLM(nn.Module, Adapters):
             x = block.forward_cached(x, layer_cache, pos)
         return F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)
 
-    def save_pretrained(self, directory, format="lab"):
-        """model.safetensors + config.json; format="hf" writes the GPT-2 layout that transformers loads."""
-        return save_pretrained(self, directory, format)
+    def save_pretrained(self, directory, format="lab", tokenizer=None):
+        """model.safetensors + config.json; format="hf" writes the GPT-2 layout that transformers loads. With a
+        tokenizer, its files go into the same save (lab.load_tokenizer(directory) gives it back)."""
+        return save_pretrained(self, directory, format, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -268,12 +269,16 @@ def _check_size(cfg, tensors, d):
                               f"holds {stored:,} values: the config does not belong to these weights")
 
 
-def save_pretrained(model, directory, format="lab"):
-    """Write model.safetensors + config.json. format="hf" writes the GPT-2 layout transformers loads."""
+def save_pretrained(model, directory, format="lab", tokenizer=None):
+    """Write model.safetensors + config.json (and the tokenizer's files, when given). format="hf" writes the GPT-2
+    layout transformers loads."""
+    from ..data import write_tokenizer
     if format not in ("lab", "hf"):
         raise InputError(f"unknown format {format!r}: expected 'lab' or 'hf'")
     with nn.step_lock(model), atomic_files(directory) as files:   # between a training thread's steps
         _write_model(model, files, format)
+        if tokenizer is not None:
+            write_tokenizer(files, tokenizer)
     return Path(directory)
 
 
