@@ -300,9 +300,10 @@ def test_from_pretrained_of_a_sharded_directory_on_both_backends(hf_dirs, use_ba
     _logits_equal(from_pretrained(d), hf, IDS[:, :4])
 
 
-def test_save_pretrained_round_trips_through_transformers_with_equal_logits(hf_dirs, tmp_path, numpy_backend):
+@pytest.mark.parametrize("name", ["f16", "bf16"])   # Llama and Qwen2, both sharded by transformers
+def test_save_pretrained_round_trips_through_transformers_with_equal_logits(hf_dirs, tmp_path, numpy_backend, name):
     with lab.engine.backend.using_backend(numpy_backend):
-        model = from_pretrained(hf_dirs["bf16"][0])
+        model = from_pretrained(hf_dirs[name][0])
         model.save_pretrained(tmp_path / "out")
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
         _logits_equal(model, back, IDS)
