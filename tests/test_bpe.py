@@ -230,3 +230,15 @@ def test_model_directory_carries_its_tokenizer_in_the_same_save(tmp_path, use_ba
     with pytest.raises(InputError, match="tokenizer must be a lab tokenizer .* got 'abc'"):
         _model(3).save_pretrained(tmp_path / "bad", tokenizer="abc")
     assert not (tmp_path / "bad").exists()   # nothing half-written
+
+
+def test_a_tokenizer_writing_the_models_files_is_refused_and_nothing_changes(tmp_path, numpy_backend, bpe):
+    class Rogue:
+        def save(self, directory):
+            (Path(directory) / "config.json").write_text("{}")
+
+    save_checkpoint(tmp_path, _model(bpe.vocab_size), bpe)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(InputError, match="tokenizer.save wrote config.json, a file of the save it is part of"):
+        save_checkpoint(tmp_path, _model(bpe.vocab_size), Rogue())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

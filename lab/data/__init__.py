@@ -147,6 +147,9 @@ def write_tokenizer(files, tokenizer):
         tokenizer.save(scratch)
         for path in sorted(Path(scratch).iterdir()):
             if path.is_file() and not path.name.startswith("."):
+                if path.name in files.files:   # the model's config.json or weights, staged before
+                    raise InputError(f"tokenizer.save wrote {path.name}, a file of the save it is part of: a "
+                                     f"tokenizer's files are its own")
                 files.path(path.name).write_bytes(path.read_bytes())
 
 
