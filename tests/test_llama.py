@@ -407,3 +407,17 @@ def test_attention_weights_and_hidden_states_match_transformers(use_backend):
     assert len(hidden) == 3
     for ours, theirs in zip(hidden[:-1], want.hidden_states[:-1]):   # (transformers' last is after the norm)
         np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_rotary_tables_grow_with_the_positions_used_and_match_the_full_tables():
+    from lab.models.llama import rope_tables
+    cfg = lab.LlamaConfig(max_position_embeddings=4096, rope_scaling=LLAMA3)
+    model = lab.LlamaLM(cfg)
+    cache = model.new_cache(1)
+    model.forward_cached(np.zeros((1, 3), np.int64), cache, 0)
+    assert model._rope_tables[0].shape == (256, cfg.head_dim)   # not 4096 rows for three tokens
+    model.forward_cached(np.zeros((1, 1), np.int64), cache, 300)
+    cos, sin = rope_tables(cfg)
+    assert model._rope_tables[0].shape == (512, cfg.head_dim)
+    np.testing.assert_array_equal(model._rope_tables[0].numpy(), cos[:512])   # a prefix of the full tables, exactly
+    np.testing.assert_array_equal(model._rope_tables[1].numpy(), sin[:512])

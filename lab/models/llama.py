@@ -189,9 +189,10 @@ def _check_rope_scaling(scaling):
     return {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": kind}
 
 
-def rope_tables(cfg):
-    """cos and sin (max_position_embeddings, head_dim) as transformers' ROPE_INIT_FUNCTIONS and LlamaRotaryEmbedding
-    compute them, in float32 as it does (so positions far out round the same way)."""
+def rope_tables(cfg, n=None):
+    """cos and sin (n, head_dim) of positions 0..n-1 (n: max_position_embeddings) as transformers'
+    ROPE_INIT_FUNCTIONS and LlamaRotaryEmbedding compute them, in float32 as it does (so positions far out round
+    the same way)."""
     D = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / D))
     scaling = cfg.rope_scaling or {"rope_type": "default"}
@@ -207,7 +208,7 @@ def rope_tables(cfg):
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
         inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
-    freqs = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
+    freqs = np.arange(cfg.max_position_embeddings if n is None else n, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
     emb = np.concatenate([freqs, freqs], axis=-1)                              # (T, D)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
@@ -319,8 +320,7 @@ class LlamaLM(nn.Module, Adapters):
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg)
-        self._cos, self._sin = tensor(cos), tensor(sin)   # constants of the computation, not parameters
+        self._rope_tables = None   # (cos, sin): constants of the computation, made as positions are used
 
     def _head(self, x):
         if self.config.tie_word_embeddings:
@@ -334,7 +334,7 @@ class LlamaLM(nn.Module, Adapters):
         end = pos + shape[1]
         if end > self.config.block_size:
             raise InputError(f"sequence length {end} exceeds max_position_embeddings {self.config.block_size}")
-        rope = (self._cos[pos:end], self._sin[pos:end])                           # (T, D) each
+        rope = self._rope(pos, end)                                                # (T, D) each
         x = self.model.embed_tokens(idx)                                           # (B, T, C)
         attentions, hidden = [], [x]
         for layer, cache in zip(self.model.layers, caches):
@@ -345,6 +345,16 @@ class LlamaLM(nn.Module, Adapters):
                 x = layer(x, rope, cache, pos)
             hidden.append(x)
         return self._head(self.model.norm(x)), attentions, hidden
+
+    def _rope(self, start, end):
+        """cos, sin of positions start..end-1. The tables cover the positions used so far, doubling as needed: a
+        131072-position model's full tables would hold 64 MiB that short sequences never read."""
+        tables = self._rope_tables   # (one read: another thread may replace the pair meanwhile)
+        if tables is None or tables[0].shape[0] < end:
+            n = min(self.config.max_position_embeddings, max(256, 1 << (end - 1).bit_length()))
+            backend = self.model.embed_tokens.weight.backend
+            tables = self._rope_tables = tuple(tensor(t, backend=backend) for t in rope_tables(self.config, n))
+        return tables[0][start:end], tables[1][start:end]
 
     def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
         """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
