@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 
 from .checks import InputError, show
+from . import gguf, shipped
 from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError, index_shards
+from .models import family, load_pretrained
 
 # what a Hub snapshot needs: config, weights (then the shards an index names), tokenizer, chat template, generation
 # settings; never pickles, nor a GGUF repo's dozen quantizations (a GGUF is loaded from its file's path)
@@ -34,7 +36,6 @@ def from_pretrained(name_or_path, revision=None, local_files_only=None):
     if local_files_only not in (None, True, False):
         raise InputError(f"from_pretrained: local_files_only must be True, False or None, got "
                          f"{show(local_files_only)}")
-    from . import shipped
     path, name = Path(name_or_path).expanduser(), str(name_or_path)
     local = path.exists() or isinstance(name_or_path, os.PathLike)
     if revision is not None and (local or name in shipped.SHIPPED):
@@ -67,13 +68,10 @@ def load_local(path):
             raise CheckpointError(f"{path}: holds several .gguf files, {ggufs}: pass the path of the one to load")
         raise CheckpointError(f"{path}: holds no model: expected config.json with {WEIGHTS_FILE} or {INDEX_FILE} "
                               f"(Hugging Face's layout), or a .gguf file")
-    from .models import load_pretrained
     return load_pretrained(path)
 
 
 def _load_gguf(path):
-    from . import gguf
-    from .models import family
     data, weights = gguf.read_gguf(path)
     return family(data, path).from_hf(data, weights, config_source=path, weights_source=path)
 
