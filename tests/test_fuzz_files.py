@@ -78,6 +78,7 @@ def _sharded(d):
         save_file({k: tensors[k] for k in half}, str(d / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(half, name))
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 2]}))
 
 
 def _loaders(ids, vocab):
@@ -111,6 +112,7 @@ TARGETS = [
     ("bpe.json", ".", "bpe"),
     ("adapter_model.safetensors", "adapter", "adapter"), ("adapter_config.json", "adapter", "adapter"),
     ("model.safetensors.index.json", "sharded", "sharded"), ("model-00001-of-00002.safetensors", "sharded", "sharded"),
+    ("generation_config.json", "sharded", "sharded"),
     ("model.gguf", "gguf", "gguf"), ("model.gguf", "gguf", "gguf-tok"),
     ("tokenizer.json", "ptok", "ptok"), ("tokenizer_config.json", "ptok", "ptok"), ("chat_template.jinja", "ptok", "ptok"),
 ]
