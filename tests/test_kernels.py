@@ -89,6 +89,7 @@ def test_unroll_writes_a_block_out_once_per_value_and_nests():
     ("#unroll r < 2000\n#end\n", r"integer arithmetic giving 0..1024"),
     ("#unroll r < 4 / 0\n#end\n", r"integer arithmetic giving 0..1024"),
     ("#unroll r < (2\n#end\n", r"integer arithmetic giving 0..1024"),
+    ("#unroll r < 2\n#unroll r < 3\n$r\n#end\n#end\n", r"an #unroll r inside another"),
 ])
 def test_a_malformed_unroll_is_one_error_that_says_what_is_wrong(text, message):
     with pytest.raises(ValueError, match=r"^kernel k\.wgsl: .*" + message):

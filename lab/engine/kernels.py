@@ -38,11 +38,11 @@ def _expand(name, instead, chain, done):
             raise ValueError(f"kernel {name}.wgsl: `#include {other}` is circular: "
                              + " -> ".join(chain + (name, other)))
         return "" if other in done else _expand(other, instead, chain + (name,), done)
-    return re.sub(r"^#include (\w+)$", include, path.read_text(), flags=re.M)
+    return re.sub(r"^#include (\w+)\r?$", include, path.read_text(), flags=re.M)
 
 
-_UNROLL = re.compile(r"^[ \t]*#unroll (\w+) (in|<) (.*)\n", re.M)
-_END = re.compile(r"^[ \t]*#end[ \t]*\n", re.M)
+_UNROLL = re.compile(r"^[ \t]*#unroll (\w+) (in|<) (.*?)\r?\n", re.M)
+_END = re.compile(r"^[ \t]*#end[ \t\r]*\n", re.M)
 
 
 def unroll(text, where="kernel"):
@@ -79,6 +79,8 @@ def unroll(text, where="kernel"):
             raise ValueError(f"{where}: `#unroll {name} < {spec}`: the bound must be integer arithmetic giving 0..1024")
         values = range(n)
     body = text[m.end():end.start()]
+    if re.search(r"^[ \t]*#unroll " + name + " ", body, flags=re.M):
+        raise ValueError(f"{where}: an #unroll {name} inside another (the outer {name} would replace the inner's)")
     name_re = re.compile(r"\$\{" + name + r"\}|\$" + name + r"\b")
     return unroll(text[:m.start()] + "".join(name_re.sub(str(v), body) for v in values) + text[end.end():], where)
 
