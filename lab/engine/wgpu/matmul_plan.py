@@ -4,7 +4,9 @@ arrays), so every choice can be tested without a GPU; matmul.py carries a plan o
 import dataclasses
 import functools
 import math
+import re
 
+from ..kernels import source
 from .common import WG, _grid, _round_up
 
 # The kernels' geometry, fixed by their sources (kernels/matmul*.wgsl), not tuned:
@@ -13,8 +15,8 @@ TILE_WIDE = 128  # matmul_aligned.wgsl's *128 tiles (128 rows x 64) and *_wide t
 TK = 16          # the tiled kernels' step along K: split-K chunks and whole-tile K are multiples of it
 THIN_ROWS = 64   # matmul_thin.wgsl's rows (of the product or, for a thin M, of its transpose) per workgroup
 THIN_TK = 32     # matmul_thin.wgsl's step along K
-# bytes of workgroup memory each kernel module declares (its var<workgroup> arrays)
-STORAGE = {"matmul_aligned": 2 * 512 * 16, "matmul": 3 * 256 * 16, "matmul_thin": (2112 + 512) * 4}
+_WORKGROUP_ARRAY = re.compile(r"var<workgroup>\s*\w+\s*:\s*array<\s*([\w<>]+)\s*,\s*(\d+)\s*>")
+_ELEMENT_BYTES = {"f32": 4, "u32": 4, "i32": 4, "vec2<f32>": 8, "vec4<f32>": 16, "vec4<u32>": 16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +84,24 @@ class Plan:
     swap: bool = False
 
 
+def declared_storage(wgsl):
+    """Bytes of workgroup memory a WGSL module declares (every var<workgroup> array: an upper bound for each entry)."""
+    total = 0
+    for element, count in _WORKGROUP_ARRAY.findall(wgsl):
+        if element not in _ELEMENT_BYTES:
+            raise ValueError(f"matmul_plan: workgroup array of {element}, not one of {sorted(_ELEMENT_BYTES)}")
+        total += _ELEMENT_BYTES[element] * int(count)
+    return total
+
+
+@functools.cache
+def storage(kernel):
+    """Bytes of workgroup memory kernels/<kernel>.wgsl declares (read from the source, so it follows its edits)."""
+    return declared_storage(source(kernel))
+
+
 def fits(kernel, limits):
-    return STORAGE[kernel] <= limits.workgroup_storage
+    return storage(kernel) <= limits.workgroup_storage
 
 
 def heads_in_place(seq, dim, limits=Limits(), tuning=Tuning()):
@@ -131,7 +149,7 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
     grid = (math.ceil(N / TILE), math.ceil(M / TILE), batch * S)
     if not aligned:
         if not fits("matmul", limits):
-            raise ValueError(f"matmul: the tiled kernel needs {STORAGE['matmul']} bytes of workgroup memory, more "
+            raise ValueError(f"matmul: the tiled kernel needs {storage('matmul')} bytes of workgroup memory, more "
                              f"than this device's max-compute-workgroup-storage-size of {limits.workgroup_storage}")
         entry = "main_rows" if tuning.MATMUL_ROWS and not trans_a else "main"
         return _checked(Plan("tiled", "matmul", entry, grid, S, kc, cast=True, layout=layout), M, N, K, limits)
