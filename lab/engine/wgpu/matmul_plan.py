@@ -1,6 +1,7 @@
 """The matmul planner: which kernel, entry point, tiles, grid, split along K, padding and operand copies a product
 takes, from its shapes, transpositions, the device's limits and the tuning below. Pure arithmetic (no device, no
-arrays), so every choice can be tested without a GPU; matmul.py carries a plan out."""
+arrays; the kernels' workgroup memory is read from their WGSL), so every choice can be tested without a GPU;
+matmul.py carries a plan out."""
 import dataclasses
 import functools
 import math
@@ -21,7 +22,7 @@ _ELEMENT_BYTES = {"f32": 4, "u32": 4, "i32": 4, "vec2<f32>": 8, "vec4<f32>": 16,
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Every tuning constant of the matmul choice (measured on the H200 unless said otherwise)."""
+    """Every tuning constant of the matmul choice, each with its reason (the measurements were on the H200)."""
     SPLIT_K_TILES: int = 1024       # split K while the output has fewer 64 x 64 tiles than this (enough to fill a
     #                                 large GPU; 128 x 128 tiles count four each)
     SPLIT_K_MIN_K: int = 256        # ... and K is at least this long
