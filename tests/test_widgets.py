@@ -116,6 +116,59 @@ def test_attention_heatmap_ships_the_models_weights_as_bytes(data, use_backend):
         AttentionHeatmap(m, "", tok)
 
 
+def _gguf_llama(tmp_path, heads=6, kv_heads=2):
+    """A small Llama model and its byte-level BPE tokenizer, both from one GGUF file (tests/ggufs.py)."""
+    pytest.importorskip("gguf")
+    from ggufs import hf_tensors, write_gguf
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors(hidden=8 * heads, heads=heads, kv_heads=kv_heads),
+                      heads=heads, kv_heads=kv_heads)
+    return path, lab.from_pretrained(path), lab.load_tokenizer(path)
+
+
+def test_attention_heatmap_shows_each_query_head_of_a_gqa_model_under_its_kv_head(tmp_path, use_backend):
+    torch, transformers = pytest.importorskip("torch"), pytest.importorskip("transformers")
+    path, model, tok = _gguf_llama(tmp_path)   # 6 query heads reading 2 key-value heads: 3 each
+    text = "hi hi é hi"
+    w = AttentionHeatmap(model, text, tok, head=5)
+    ids = tok.encode(text)
+    T = len(ids)
+    assert (w.n_layer, w.n_head, w.n_kv_head, w.head) == (2, 6, 2, 5)
+    assert [w.kv_head(h) for h in range(6)] == [0, 0, 0, 1, 1, 1]   # transformers' repeat_kv order
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                               attn_implementation="eager",
+                                                               torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = theirs(torch.tensor(ids[None], dtype=torch.long), output_attentions=True).attentions
+    arr = np.frombuffer(w.weights, dtype=np.float32).reshape(2, 6, T, T)
+    for layer in range(2):   # (float32 softmax of scores that differ in summation order)
+        np.testing.assert_allclose(arr[layer], want[layer][0].numpy(), atol=1e-5, rtol=0)
+    assert w._static_html() == ("<b>AttentionHeatmap</b>: 2 layers x 6 query heads (2 key-value heads, each shared "
+                                f"by 3) over {T} tokens, showing layer 0, head 5")
+
+
+def test_attention_heatmap_labels_tokens_that_split_a_character_with_their_bytes(tmp_path, numpy_backend,
+                                                                                   monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    _, model, tok = _gguf_llama(tmp_path, heads=4, kv_heads=4)
+    w = AttentionHeatmap(model, "hi é\n😀", tok)   # no merges beyond "hi": é and 😀 arrive byte by byte
+    assert w.tokens == ["hi", " ", "<0xC3>", "<0xA9>", "\n", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert w.n_kv_head == w.n_head == 4 and "key-value" not in w._static_html()
+    char = CharTokenizer.from_text("aé😀")   # a tokenizer of whole characters shows them
+    assert AttentionHeatmap(model, "é😀a", char).tokens == ["é", "😀", "a"]
+
+
+def test_attention_heatmap_keeps_the_last_max_tokens_and_says_so(tmp_path, numpy_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    _, model, tok = _gguf_llama(tmp_path)   # its block is 128 positions: max_tokens bounds the L x H x T x T weights
+    text = " ".join(["hi"] * 100)
+    w = AttentionHeatmap(model, text, tok, max_tokens=7)
+    assert w.tokens == [" hi"] * 7 and len(w.weights) == 2 * 6 * 7 * 7 * 4
+    assert "over the last 7 of 100 tokens" in w._static_html()
+    assert len(AttentionHeatmap(model, text * 2, tok).tokens) == 128   # the model's block when it is the smaller
+
+
 def test_plan_estimator_recomputes_on_every_change():
     w = PlanEstimator(preset="tiny", batch=12, tokens=1e6, device="m1")
     first = dict(w.result)
@@ -183,12 +236,16 @@ def test_preset_switch_rebuilds_the_model_between_runs(numpy_backend, monkeypatc
     monkeypatch.setitem(B._state, "backend", numpy_backend)
     panel = TrainingPanel.for_preset("tiny", steps=2, batch_size=2)
     assert panel.presets == sorted(PRESETS) and panel.hparams["preset"] == "tiny"
+    data_vocab = panel.trainer.model.config.vocab_size
     panel.run(wait=True)
     assert panel.history
     _send(panel, cmd="set", values={"preset": "shakespeare-char"})
     assert panel.error == "" and panel.hparams["preset"] == "shakespeare-char"
     assert panel.trainer.model.config.n_embd == 384 and panel.history == [] and panel.status == "idle"
     assert panel.hparams["parameters"] == panel.trainer.model.num_parameters()
+    _send(panel, cmd="set", values={"preset": "llama-tiny"})   # a preset of another family builds that family
+    assert panel.error == "" and isinstance(panel.trainer.model, lab.LlamaLM)
+    assert panel.trainer.model.config.vocab_size == data_vocab and panel.run(wait=True) and panel.history
     _send(panel, cmd="set", values={"preset": "huge"})
     assert "preset must be one of" in panel.error and "'huge'" in panel.error
     given = TrainingPanel(panel.trainer)

@@ -1,6 +1,8 @@
-// AttentionHeatmap front end. Synced: tokens, n_layer, n_head, weights (float32 bytes, (L, H, T, T)), layer, head.
-// The main heatmap shows one head (rows: queries, columns: keys); hovering a cell highlights its row and column
-// and shows the weight; the grid of thumbnails shows every layer x head, and clicking one opens it.
+// AttentionHeatmap front end. Synced: tokens, n_layer, n_head, n_kv_head, weights (float32 bytes, (L, H, T, T)),
+// layer, head. The main heatmap shows one query head (rows: queries, columns: keys); hovering a cell highlights its
+// row and column and shows the weight; the grid of thumbnails shows every layer x head, and clicking one opens it.
+// With grouped-query attention (n_kv_head < n_head) each run of n_head / n_kv_head query heads reads one key-value
+// head: the grid groups them under it and the head menu names it.
 
 import { setupCanvas, el } from "./common.js";
 
@@ -11,8 +13,9 @@ function renderAttention({ model, el: root }) {
   const main = el("canvas", { class: "lab-heatmap" });
   const tip = el("div", { class: "lab-tooltip" });
   const thumbs = el("div", { class: "lab-heat-thumbs" });
+  const caption = el("div", { class: "lab-caption" });
   root.append(el("div", { class: "lab-header" }, el("b", {}, "Attention"), el("label", {}, "layer ", layerSel),
-    el("label", {}, "head ", headSel)), main, tip, el("div", { class: "lab-caption" }, "every layer x head (click to open)"), thumbs);
+    el("label", {}, "head ", headSel)), main, tip, caption, thumbs);
 
   let data = new Float32Array(0), T = 0, hover = null;
   const select = (layer, head) => { model.set("layer", layer); model.set("head", head); model.save_changes(); };
@@ -78,14 +81,23 @@ function renderAttention({ model, el: root }) {
     data = dv && dv.byteLength ? new Float32Array(dv.buffer.slice(dv.byteOffset, dv.byteOffset + dv.byteLength)) : new Float32Array(0);
     T = model.get("tokens").length;
     const L = model.get("n_layer"), H = model.get("n_head");
+    const KV = model.get("n_kv_head") || H, G = H / KV, grouped = KV < H;
+    const kvOf = (h) => Math.floor(h / G), span = (g) => `${g * G}–${g * G + G - 1}`;
     layerSel.replaceChildren(...Array.from({ length: L }, (_, i) => el("option", { value: i }, String(i))));
-    headSel.replaceChildren(...Array.from({ length: H }, (_, i) => el("option", { value: i }, String(i))));
+    headSel.replaceChildren(...Array.from({ length: H }, (_, h) =>
+      el("option", { value: h }, grouped ? `${h} (kv ${kvOf(h)})` : String(h))));
+    caption.textContent = grouped
+      ? "every layer x query head; the heads under one kv head share its keys and values (click to open)"
+      : "every layer x head (click to open)";
     thumbs.style.gridTemplateColumns = `repeat(${H}, auto)`;
-    thumbs.replaceChildren();
+    thumbs.replaceChildren(...(grouped ? Array.from({ length: KV }, (_, g) =>
+      el("div", { class: "lab-kv-group", style: `grid-column: span ${G}` }, `kv head ${g}: heads ${span(g)}`)) : []));
     for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
-      const c = el("canvas", { class: "lab-heat-thumb", title: `layer ${l}, head ${h}` });
+      const title = `layer ${l}, head ${h}` + (grouped ? `, reads kv head ${kvOf(h)} with heads ${span(kvOf(h))}` : "");
+      const c = el("canvas", { class: "lab-heat-thumb" + (grouped && h % G === 0 && h ? " lab-kv-start" : ""), title });
       c.dataset.layer = String(l);
       c.dataset.head = String(h);
+      c.dataset.kvHead = String(kvOf(h));
       c.addEventListener("click", () => select(l, h));
       paint(c, weightsOf(l, h), 56, null);
       thumbs.append(c);
@@ -95,7 +107,7 @@ function renderAttention({ model, el: root }) {
   function refresh() {
     layerSel.value = model.get("layer");
     headSel.value = model.get("head");
-    for (const c of thumbs.children) {
+    for (const c of thumbs.querySelectorAll("canvas")) {
       c.classList.toggle("selected", +c.dataset.layer === model.get("layer") && +c.dataset.head === model.get("head"));
     }
     drawMain();

@@ -61,7 +61,7 @@ class TrainingPanel(Panel):
         from dataclasses import replace
         from ..data import char_dataset
         from ..engine.random import manual_seed
-        from ..models.transformer import PRESETS, TransformerLM
+        from ..models import MODELS, PRESETS
         from ..train import TrainConfig, Trainer
         tok, train_ids, val_ids = char_dataset(corpus)
 
@@ -69,7 +69,8 @@ class TrainingPanel(Panel):
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
             manual_seed(seed)
-            model = TransformerLM(replace(PRESETS[preset], vocab_size=tok.vocab_size))
+            config = replace(PRESETS[preset], vocab_size=tok.vocab_size)
+            model = MODELS[type(config)](config)   # the preset's family
             return Trainer(model, train_ids, val_ids, TrainConfig(steps=steps, batch_size=batch_size, lr=lr))
         panel = cls(build(preset, steps, batch_size, lr), tokenizer=tok, preset=preset, **kwargs)
         panel._build = build
