@@ -31,6 +31,10 @@ model = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, n_laye
 trainer = Trainer(model, tr, va, TrainConfig(steps=100_000, batch_size=8, log_every=2, eval_every=20))""",
     "panel = TrainingPanel(trainer, tokenizer=tok, sample_every=10, preset='tiny (2 layers)'); panel",
     "heat = AttentionHeatmap(model, 'In the beginning God created the heaven', tok); heat",
+    # grouped-query attention: 6 query heads reading 2 key-value heads
+    """gqa = lab.LlamaLM(lab.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=24, num_attention_heads=6,
+                                    num_key_value_heads=2, max_position_embeddings=32))
+AttentionHeatmap(gqa, 'And God said', tok)""",
     "PlanEstimator(preset='tiny', batch=12, tokens=1e6, device='m1')",
     "GenerationPanel(model, tok, prompt='And God said')",
     """from lab.diagnostics import DiagnosticsMonitor
@@ -92,18 +96,35 @@ def test_training_panel_plots_and_stop_stops_training(page):
     assert int(page.locator(".lab-training canvas.lab-chart").get_attribute("data-points")) == points, "still training"
 
 
+MHA, GQA = ".lab-attention:not(:has(.lab-kv-group))", ".lab-attention:has(.lab-kv-group)"
+
+
 def test_heatmap_has_every_cell_and_a_thumbnail_switches_the_head(page):
-    page.wait_for_selector(".lab-attention canvas.lab-heatmap[data-cells]", timeout=120_000)
-    cells = int(page.locator(".lab-attention canvas.lab-heatmap").get_attribute("data-cells"))
+    page.wait_for_selector(f"{MHA} canvas.lab-heatmap[data-cells]", timeout=120_000)
+    cells = int(page.locator(f"{MHA} canvas.lab-heatmap").get_attribute("data-cells"))
     assert cells == 32 * 32  # the text is cropped to block_size 32
-    assert page.locator(".lab-attention canvas.lab-heat-thumb").count() == 2 * 4
-    page.click(".lab-attention canvas.lab-heat-thumb[data-layer='1'][data-head='2']")
-    page.wait_for_function("(() => { const c = document.querySelector('.lab-attention canvas.lab-heatmap');"
+    assert page.locator(f"{MHA} canvas.lab-heat-thumb").count() == 2 * 4
+    page.click(f"{MHA} canvas.lab-heat-thumb[data-layer='1'][data-head='2']")
+    page.wait_for_function(f"(() => {{ const c = document.querySelector('{MHA} canvas.lab-heatmap');"
                            " return c.dataset.layer === '1' && c.dataset.head === '2'; })()", timeout=10_000)
-    box = page.locator(".lab-attention canvas.lab-heatmap").bounding_box()
+    box = page.locator(f"{MHA} canvas.lab-heatmap").bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.8)
-    page.wait_for_function("document.querySelector('.lab-attention .lab-tooltip').textContent.includes('query')")
-    _shot(page, ".lab-attention", "attention_heatmap")
+    page.wait_for_function(f"document.querySelector('{MHA} .lab-tooltip').textContent.includes('query')")
+    _shot(page, MHA, "attention_heatmap")
+
+
+def test_gqa_heatmap_groups_the_query_heads_under_their_kv_head(page):
+    page.wait_for_selector(f"{GQA} canvas.lab-heatmap[data-cells]", timeout=120_000)
+    assert page.locator(f"{GQA} .lab-kv-group").all_text_contents() == ["kv head 0: heads 0–2", "kv head 1: heads 3–5"]
+    assert page.locator(f"{GQA} canvas.lab-heat-thumb").count() == 2 * 6
+    assert page.locator(f"{GQA} select.lab-head option").all_text_contents() == [
+        "0 (kv 0)", "1 (kv 0)", "2 (kv 0)", "3 (kv 1)", "4 (kv 1)", "5 (kv 1)"]
+    thumb = f"{GQA} canvas.lab-heat-thumb[data-layer='1'][data-head='4']"
+    assert page.locator(thumb).get_attribute("title") == "layer 1, head 4, reads kv head 1 with heads 3–5"
+    page.click(thumb)
+    page.wait_for_function(f"(() => {{ const c = document.querySelector('{GQA} canvas.lab-heatmap');"
+                           " return c.dataset.layer === '1' && c.dataset.head === '4'; })()", timeout=10_000)
+    _shot(page, GQA, "attention_heatmap_gqa")
 
 
 def test_plan_shows_numbers_and_recomputes(page):
