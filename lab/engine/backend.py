@@ -136,6 +136,17 @@ class Backend:
     # n_head, scale, p, seed) -> dqkv, causal self-attention fused with the composed ops' result, take this shape
     def flash_attention(self, qkv, n_head, scale, p, seed): raise NotImplementedError
     def flash_attention_bwd(self, qkv, y, saved, g, n_head, scale, p, seed): raise NotImplementedError
+    fused_rms_norm = False   # rms_norm / rms_norm_bwd: RMSNorm (residual add fused in) in one pass over the rows
+    def rms_norm(self, x, w, eps, residual=None): raise NotImplementedError
+    # -> y, rstd; with residual, the RMSNorm of x + residual -> y, rstd, x + residual
+    def rms_norm_bwd(self, x, w, rstd, g, acc=None): raise NotImplementedError
+    # -> dx, dw; with acc (x's gradient from its other uses) dx + acc
+    fused_swiglu = False     # swiglu / swiglu_bwd: silu(gate) * up (Llama's MLP) in one elementwise pass
+    def swiglu(self, gate, up): raise NotImplementedError
+    def swiglu_bwd(self, gate, up, g): raise NotImplementedError   # -> dgate, dup
+    fused_rotary = False     # rotary: rotate-half rotary embedding of x (..., T, D) in one pass
+    def rotary(self, x, cos, sin, pos, inverse=False): raise NotImplementedError
+    # x's rows t use rows pos + t of cos, sin (P, D); inverse: the transposed rotation (the backward, by -theta)
     supports_capture = False  # capture_begin / capture_end / replay: a training step recorded once, replayed
     # (train/replay.py)
 

@@ -379,6 +379,53 @@ class NumpyBackend(Backend):
         ones = np.ones(len(g2), dtype=g.dtype)
         return dx, np.einsum("ij,ij->j", g2, xhat2), ones @ g2
 
+    fused_rms_norm = fused_swiglu = fused_rotary = True   # (fewer temporaries than the composed ops)
+
+    def rms_norm(self, x, w, eps, residual=None):
+        if residual is not None:  # the residual add fused in: RMSNorm of x + residual, and that sum
+            total = x + residual
+            return self.rms_norm(total, w, eps) + (total,)
+        with np.errstate(all="ignore"):   # (rows beyond float32's range: as the composed ops, 0 or NaN)
+            rstd = 1.0 / np.sqrt(_row_dot(x, x) / x.dtype.type(x.shape[-1]) + x.dtype.type(eps))
+            y = x * rstd
+        y *= w
+        return y, rstd[..., 0]
+
+    def rms_norm_bwd(self, x, w, rstd, g, acc=None):
+        n = x.shape[-1]
+        xhat = x * rstd[..., None]
+        gx = g * w
+        dx = gx - xhat * (_row_dot(gx, xhat) / gx.dtype.type(n))
+        dx *= rstd[..., None]
+        if acc is not None:  # the input's gradient from its other uses, added in
+            dx += acc
+        return dx, np.einsum("ij,ij->j", g.reshape(-1, n), xhat.reshape(-1, n))
+
+    def _sigmoid_silu(self, gate):
+        with np.errstate(over="ignore"):   # exp(-x) = inf for x < -88 (float32): sigmoid 0, silu -0
+            s = 1.0 / (1.0 + np.exp(-gate))
+        return s, gate * s
+
+    def swiglu(self, gate, up):
+        return np.asarray(self._sigmoid_silu(gate)[1] * up)
+
+    def swiglu_bwd(self, gate, up, g):
+        s, silu = self._sigmoid_silu(gate)
+        return np.asarray(g * up * (s + silu * (1.0 - s))), np.asarray(g * silu)
+
+    def rotary(self, x, cos, sin, pos, inverse=False):
+        T, D = x.shape[-2:]
+        h = D // 2
+        c, s = cos[pos:pos + T], sin[pos:pos + T]
+        out = x * c
+        if inverse:   # the transposed rotation: x's halves meet the sines of their partners' columns
+            out[..., :h] += x[..., h:] * s[:, h:]
+            out[..., h:] -= x[..., :h] * s[:, :h]
+        else:
+            out[..., :h] -= x[..., h:] * s[:, :h]
+            out[..., h:] += x[..., :h] * s[:, h:]
+        return out
+
     def embedding(self, w, idx, checked=False):
         if not checked:  # (numpy would wrap a negative index)
             check_index_range(idx, w.shape[0], "embedding")

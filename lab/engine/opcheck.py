@@ -83,6 +83,18 @@ CASES = [
          [(_x(3, 5, 7), _x(3, 5, 7), _x(7,), _x(7,)), (_x(9, 1000), _x(9, 1000), _x(1000,), _x(1000,)),
           (_x(300, 3), _x(300, 3), _x(3,), _x(3,))], fwd_tol=1e-4,
          note="a residual add and the LayerNorm after it in one kernel, the sum also used (as a block's stream)"),
+    Case("rms_norm", lambda x, w: F.rms_norm(x, w), [(_x(3, 5, 6), _x(6,)), (_x(2, 1000), _x(1000,)), (_x(300, 13), _x(13,))],
+         fwd_tol=1e-4),
+    Case("rms_norm_residual", lambda x, w: x * 1.5 + F.rms_norm(x, w), [(_x(3, 5, 10), _x(10,)), (_x(9, 1000), _x(1000,))],
+         fwd_tol=1e-4, note="x's gradient from its other use is added inside the RMSNorm's backward"),
+    Case("add_rms_norm", lambda x, y, w: (lambda s, h: s + h.tanh())(*F.add_rms_norm(x, y, w)),
+         [(_x(3, 5, 7), _x(3, 5, 7), _x(7,)), (_x(9, 1000), _x(9, 1000), _x(1000,)), (_x(1, 1, 6), _x(1, 1, 6), _x(6,))],
+         fwd_tol=1e-4, note="a Llama layer's residual add and the RMSNorm after it in one kernel, the sum also used"),
+    Case("swiglu", lambda g, u: F.swiglu(g, u), [(_x(3, 7), _x(3, 7)), (_x(2, 129, 5), _x(2, 129, 5)), (_x(70001,), _x(70001,))]),
+    Case("rotary", lambda x, c, s: F.rotary(x, c, s, 2),
+         [(_x(2, 2, 3, 5, 6), _x(8, 6), _x(8, 6)), (_x(1, 1, 1, 10), _x(3, 10), _x(3, 10)), (_x(2, 3, 33, 64), _x(40, 64), _x(40, 64))],
+         grads=(True, False, False), note="(B, Hkv, G, T, D) at positions 2..T+1 of the tables; any tables, so the "
+                                          "backward is checked as the rotation's transpose"),
     Case("embedding", lambda i, w: F.embedding(i, w), [(_x(2, 5), _x(7, 4)), (_x(300,), _x(65, 33))], kinds=("index:0", "normal")),
     Case("cross_entropy", lambda x, t: F.cross_entropy(x, t), [(_x(6, 9), _x(6)), (_x(2, 50, 65), _x(2, 50)), (_x(7, 3001), _x(7))],
          kinds=("normal", "target:-1"), fwd_tol=1e-5),
@@ -126,9 +138,10 @@ def _make_inputs(case, spec, rng):
 def _run(case, arrays, backend, dtype, weights=None):
     """Returns (output, grads, loss) where loss = sum(output * weights)."""
     ts = []
-    for a in arrays:
+    for k, a in enumerate(arrays):
         if a.dtype.kind == "f":
-            ts.append(tensor(a.astype(dtype), requires_grad=True, dtype=np.dtype(dtype).name, backend=backend))
+            ts.append(tensor(a.astype(dtype), requires_grad=_checks_grad(case, k), dtype=np.dtype(dtype).name,
+                             backend=backend))
         else:
             ts.append(tensor(a, backend=backend))
     out = case.fn(*ts)
@@ -137,8 +150,15 @@ def _run(case, arrays, backend, dtype, weights=None):
     w = tensor(weights.astype(dtype), dtype=np.dtype(dtype).name, backend=backend)
     loss = (out * w).sum()
     loss.backward()
-    grads = [t.grad.numpy() if t.grad is not None else np.zeros(t.shape) for t in ts if t.dtype != "int32"]
+    grads = [t.grad.numpy() if t.grad is not None else np.zeros(t.shape) for k, t in enumerate(ts)
+             if t.dtype != "int32" and _checks_grad(case, k)]
     return out.numpy(), grads, loss.item()
+
+
+def _checks_grad(case, k):
+    """Whether input k's gradient is taken and checked (Case.grads; all by default). An input left out is a
+    constant, as rotary's tables are: a fused op may differentiate only what a model trains."""
+    return case.grads[k] if k < len(case.grads) else True
 
 
 def _rel_err(got, ref):
@@ -176,8 +196,8 @@ def _finite_difference_error(case, arrays, weights, eps):
     ref = backend_instance("numpy")
     _, grads, _ = _run(case, arrays, ref, np.float64, weights)
     worst, gi = 0.0, 0
-    for a in arrays:
-        if a.dtype.kind != "f":
+    for k, a in enumerate(arrays):
+        if a.dtype.kind != "f" or not _checks_grad(case, k):
             continue
         fd = np.zeros_like(a)
         for i in range(a.size):

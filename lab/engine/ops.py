@@ -232,23 +232,87 @@ def silu(x):
     return half * (tanh(half) + 1.0)
 
 
+def swiglu(gate, up):
+    """silu(gate) * up: the gated unit of Llama's MLP (SwiGLU). One elementwise pass forward and one backward
+    (dgate, dup) where the backend fuses it (Backend.fused_swiglu); composed of silu and mul elsewhere."""
+    _check_float(gate, "swiglu")
+    up = _lift(up, gate)
+    _check_float(up, "swiglu")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate and up must have the same shape, got {_shape_str(gate.shape)} and "
+                         f"{_shape_str(up.shape)}")
+    B = gate.backend
+    if not B.fused_swiglu:
+        return silu(gate) * up
+    return Tensor._make(B.swiglu(gate.data, up.data), B, (gate, up), lambda g: B.swiglu_bwd(gate.data, up.data, g))
+
+
 def rms_norm(x, weight, eps=1e-6):
     """RMSNorm over the last axis (Llama): x / sqrt(mean(x^2) + eps) * weight, as transformers' LlamaRMSNorm.
-    Composed of existing ops; a fused kernel may take its place."""
+    One pass over the rows forward and one backward where the backend fuses it (Backend.fused_rms_norm)."""
     eps = checks.real("rms_norm: eps", eps, 0.0)
-    _norm_bias(x, weight, None, "rms_norm")
-    return x / sqrt(mean(x * x, axis=-1, keepdims=True) + eps) * weight
+    _check_norm(x, weight, None, "rms_norm")
+    if not x.backend.fused_rms_norm:
+        return x / sqrt(mean(x * x, axis=-1, keepdims=True) + eps) * weight
+    y, rstd = x.backend.rms_norm(x.data, weight.data, eps)
+    return _rms_norm_node(y, x, weight, rstd)
 
 
-def rotary(x, cos, sin):
+def _rms_norm_node(y, x, weight, rstd):
+    """The autograd node of y = RMSNorm(x); like LayerNorm's, its backward adds x's gradient from the residual
+    stream into dx in the same kernel (absorbs=0)."""
+    B = x.backend
+
+    def backward(g, acc):
+        return B.rms_norm_bwd(x.data, weight.data, rstd, g, acc)
+    return Tensor._make(y, B, (x, weight), backward, absorbs=0)
+
+
+def add_rms_norm(x, y, weight, eps=1e-6):
+    """(x + y, rms_norm(x + y)) in one pass over the rows: a Llama layer's residual add and the RMSNorm after it,
+    as add_layer_norm is for LayerNorm. Gradients as the two ops give them."""
+    _check_float(x, "add_rms_norm")
+    _check_float(y, "add_rms_norm")
+    eps = checks.real("add_rms_norm: eps", eps, 0.0)
+    if x.shape != y.shape:
+        raise ValueError(f"add_rms_norm: x and y must have the same shape, got {_shape_str(x.shape)} and "
+                         f"{_shape_str(y.shape)}")
+    _check_norm(x, weight, None, "add_rms_norm")
+    B = x.backend
+    if not B.fused_rms_norm:
+        s = x + y
+        return s, rms_norm(s, weight, eps)
+    h, rstd, total = B.rms_norm(x.data, weight.data, eps, residual=y.data)
+    s = Tensor._make(total, B, (x, y), lambda g: (g, g))
+    return s, _rms_norm_node(h, s, weight, rstd)
+
+
+def rotary(x, cos, sin, pos=None):
     """Rotary position embedding in transformers' rotate-half form: x * cos + rotate_half(x) * sin, where
-    rotate_half(x) = concat(-x2, x1) of x's two halves. x (..., T, D), cos and sin (T, D)."""
+    rotate_half(x) = concat(-x2, x1) of x's two halves. x (..., T, D); cos and sin (T, D), or with `pos` the
+    tables of positions 0..P-1 (P, D), of which rows pos..pos+T-1 are used (tokens after a KV cache's pos).
+    One pass where the backend fuses it (Backend.fused_rotary): the backward is the transposed rotation (by
+    -theta); gradients reach cos and sin only through the composed path, taken when they need them."""
     for t in (x, cos, sin):
         _check_float(t, "rotary")
     D = x.shape[-1] if x.ndim else 0
-    if x.ndim < 2 or D % 2 or cos.shape != sin.shape or cos.shape != x.shape[-2:]:
-        raise ValueError(f"rotary: x must be (..., T, D) with D even and cos, sin (T, D), got x {_shape_str(x.shape)}, "
-                         f"cos {_shape_str(cos.shape)}, sin {_shape_str(sin.shape)}")
+    T = x.shape[-2] if x.ndim >= 2 else 0
+    if pos is None:
+        fits = cos.shape == x.shape[-2:]
+        want = "(T, D)"
+    else:
+        pos = checks.integer("rotary: pos", pos, low=0)
+        fits = cos.ndim == 2 and cos.shape[1] == D and cos.shape[0] >= pos + T
+        want = f"(P, D) with P >= pos + T = {pos + T}"
+    if x.ndim < 2 or D % 2 or cos.shape != sin.shape or not fits:
+        raise ValueError(f"rotary: x must be (..., T, D) with D even and cos, sin {want}, got x "
+                         f"{_shape_str(x.shape)}, cos {_shape_str(cos.shape)}, sin {_shape_str(sin.shape)}")
+    B = x.backend
+    if B.fused_rotary and not (is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
+        return Tensor._make(B.rotary(x.data, cos.data, sin.data, pos or 0), B, (x,),
+                            lambda g: (B.rotary(g, cos.data, sin.data, pos or 0, inverse=True),))
+    if pos is not None and (pos or cos.shape[0] != T):
+        cos, sin = cos[pos:pos + T], sin[pos:pos + T]
     x1, x2 = split(x, D // 2, axis=-1)
     return x * cos + concat([-x2, x1], axis=-1) * sin
 
@@ -628,6 +692,11 @@ def log_softmax(x, axis=-1):
 
 def _norm_bias(x, weight, bias, op):
     """The bias data of a LayerNorm over x's last axis (zeros without one), its parameters' shapes checked."""
+    _check_norm(x, weight, bias, op)
+    return bias.data if bias is not None else x.backend.full((x.shape[-1],), 0.0)
+
+
+def _check_norm(x, weight, bias, op):
     for t in (x, weight) + ((bias,) if bias is not None else ()):
         _check_float(t, op)
     if x.ndim == 0:
@@ -636,7 +705,6 @@ def _norm_bias(x, weight, bias, op):
     if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
         raise ValueError(f"{op}: weight/bias must have shape ({C},) for input {_shape_str(x.shape)}, got "
                          f"{_shape_str(weight.shape)}" + (f" and {_shape_str(bias.shape)}" if bias is not None else ""))
-    return bias.data if bias is not None else x.backend.full((C,), 0.0)
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5):

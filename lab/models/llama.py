@@ -221,6 +221,14 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return F.rms_norm(x, self.weight, self.eps)
 
+    def residual_forward(self, x, r):
+        """(x + r, this norm of x + r) in one pass over the rows (F.add_rms_norm): a layer's residual add and the
+        RMSNorm after it."""
+        if type(self).forward is not RMSNorm.forward or "forward" in vars(self):
+            # a forward of its own (a subclass's, a patched one) must not be bypassed by the fused kernel
+            return super().residual_forward(x, r)
+        return F.add_rms_norm(x, r, self.weight, self.eps)
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg):
@@ -233,8 +241,9 @@ class LlamaAttention(nn.Module):
         self.attn_dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache=None, pos=0, return_weights=False):
-        """x (B, T, C) at positions pos..pos+T-1; cos, sin (T, D) of those positions. With a cache (keys and
-        values (B, Hkv, block, D)) the new keys and values are written into it and attention reads all pos+T."""
+        """x (B, T, C) at positions pos..pos+T-1; cos, sin (P, D) of positions 0..P-1, P >= pos + T. With a cache
+        (keys and values (B, Hkv, block, D)) the new keys and values are written into it and attention reads all
+        pos+T."""
         Bsz, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         G = H // Hkv
@@ -243,7 +252,7 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).reshape(Bsz, T, Hkv, G, D).permute(0, 2, 3, 1, 4)      # (B, Hkv, G, T, D)
         k = self.k_proj(x).reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)            # (B, Hkv, T, D)
         v = self.v_proj(x).reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)            # (B, Hkv, T, D)
-        q, k = F.rotary(q, cos, sin), F.rotary(k, cos, sin)
+        q, k = F.rotary(q, cos, sin, pos), F.rotary(k, cos, sin, pos)
         if cache is not None:
             k, v = _extend_cache(cache, k, v, pos)                                # (B, Hkv, S, D), S = pos + T
         S = k.shape[2]
@@ -282,7 +291,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(I, C, cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))     # SwiGLU
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))   # SwiGLU
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -295,8 +304,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, rope, cache=None, pos=0, return_weights=False):
         a = self.self_attn(self.input_layernorm(x), *rope, cache, pos, return_weights)
         a, att = a if return_weights else (a, None)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.residual_forward(x, a)   # x + a, and its norm
+        x = x + self.mlp(h)
         return (x, att) if return_weights else x
 
 
@@ -334,7 +343,7 @@ class LlamaLM(nn.Module, Adapters):
         end = pos + shape[1]
         if end > self.config.block_size:
             raise InputError(f"sequence length {end} exceeds max_position_embeddings {self.config.block_size}")
-        rope = self._rope(pos, end)                                                # (T, D) each
+        rope = self._rope(end)                                                     # (P, D) each, P >= end
         x = self.model.embed_tokens(idx)                                           # (B, T, C)
         attentions, hidden = [], [x]
         for layer, cache in zip(self.model.layers, caches):
@@ -346,15 +355,16 @@ class LlamaLM(nn.Module, Adapters):
             hidden.append(x)
         return self._head(self.model.norm(x)), attentions, hidden
 
-    def _rope(self, start, end):
-        """cos, sin of positions start..end-1. The tables cover the positions used so far, doubling as needed: a
-        131072-position model's full tables would hold 64 MiB that short sequences never read."""
+    def _rope(self, end):
+        """cos, sin of positions 0..P-1, P >= end (F.rotary reads the rows of its tokens' positions). The tables
+        cover the positions used so far, doubling as needed: a 131072-position model's full tables would hold
+        64 MiB that short sequences never read."""
         tables = self._rope_tables   # (one read: another thread may replace the pair meanwhile)
         if tables is None or tables[0].shape[0] < end:
             n = min(self.config.max_position_embeddings, max(256, 1 << (end - 1).bit_length()))
             backend = self.model.embed_tokens.weight.backend
             tables = self._rope_tables = tuple(tensor(t, backend=backend) for t in rope_tables(self.config, n))
-        return tables[0][start:end], tables[1][start:end]
+        return tables
 
     def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
         """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
@@ -537,14 +547,14 @@ def _check_fits(cfg, backend):
 
 def training_bytes(cfg, batch_size):
     """Memory of a training step, estimated: weights, gradients and AdamW's two moments, plus what autograd keeps
-    of a batch of block_size tokens: per token and layer the outputs of LlamaLM's composed ops (counted from the
-    code: ~12 C for the norms and residuals, ~9 (H + 2 Hkv) D for projections, head permutes and rotary, 3 H T for
-    scores and weights, 7 I for SwiGLU), and three copies of the logits. 2-18% above the peak measured on lavapipe
-    (tests/test_llama.py::test_training_memory_estimate_is_close_to_the_measured_peak)."""
+    of a batch of block_size tokens: per token and layer the outputs of LlamaLM's ops (counted from the code:
+    ~7 C for the fused norms and residuals, ~5 (H + 2 Hkv) D for projections, head permutes and rotary, 3 H T for
+    scores and weights, 3 I for gate, up and SwiGLU), and three copies of the logits. 11% above the peak measured
+    on lavapipe (tests/test_llama.py::test_training_memory_estimate_is_close_to_the_measured_peak)."""
     C, I, L, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim
     H, Hkv, T = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.block_size
     tokens = batch_size * T
-    per_token = L * (12 * C + 9 * (H + 2 * Hkv) * D + 3 * H * T + 7 * I) + 3 * cfg.vocab_size
+    per_token = L * (7 * C + 5 * (H + 2 * Hkv) * D + 3 * H * T + 3 * I) + 3 * cfg.vocab_size
     return 4 * (tokens * per_token + 4 * num_params(cfg))
 
 

@@ -35,7 +35,7 @@ from .recorder import _NO_INDEX_ERROR, ARENA_BYTES, RecorderMixin
 class WgpuBackend(DeviceMixin, MemoryMixin, RecorderMixin, CaptureMixin, ElementwiseOps, MatmulOps, NNOps,
                   OptimizerOps, Backend):
     name = "wgpu"
-    fused_matmul_gelu = supports_capture = True
+    fused_matmul_gelu = supports_capture = fused_rms_norm = fused_swiglu = fused_rotary = True
     def __init__(self):
         wgpu = device._import_wgpu()
         self.wgpu = wgpu

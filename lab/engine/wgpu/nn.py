@@ -79,6 +79,44 @@ class NNOps:
             return dx, self.reshape(dw_parts, (n,)), self.reshape(db_parts, (n,))
         return dx, self.reduce("sum", dw_parts, 0), self.reduce("sum", db_parts, 0)
 
+    def rms_norm(self, x, w, eps, residual=None):
+        rows, n = self._rows(x.shape)
+        y = self._alloc(x.shape, "float32")
+        rstd = self._alloc(x.shape[:-1], "float32")
+        total = self._alloc(x.shape, "float32") if residual is not None else None
+        self._dispatch("rmsnorm", "forward_main", [rows, n, _f32bits(eps), int(residual is not None)],
+                       [x, w, y, rstd, residual, total], _grid(rows), rows * n, _row_subs(n))
+        return (y, rstd) if residual is None else (y, rstd, total)
+
+    def rms_norm_bwd(self, x, w, rstd, g, acc=None):
+        rows, n = self._rows(x.shape)
+        dx = self._alloc(x.shape, "float32")
+        self._dispatch("rmsnorm_backward", "backward_x_main", [rows, n, 1, rows, int(acc is not None)],
+                       [x, w, rstd, g, dx, acc], _grid(rows), rows * n, _row_subs(n))
+        # dw is a column sum over all rows: partial sums over row chunks first, so that enough threads run
+        S, chunk = _split(rows, 16, math.ceil(131072 / max(n, 1)))
+        parts = self._alloc((S, n), "float32")
+        self._flat("rmsnorm_backward", "backward_w_main", [rows, n, S, chunk, 0], [x, None, rstd, g, parts],
+                   S * n, _row_subs(n))
+        return dx, self.reshape(parts, (n,)) if S == 1 else self.reduce("sum", parts, 0)
+
+    def swiglu(self, gate, up):
+        out = self._alloc(gate.shape, "float32")
+        self._flat("swiglu", "forward_main", [gate.size], [gate, up, None, out], gate.size)
+        return out
+
+    def swiglu_bwd(self, gate, up, g):
+        dgate, dup = self._alloc(gate.shape, "float32"), self._alloc(gate.shape, "float32")
+        self._flat("swiglu", "backward_main", [gate.size], [gate, up, g, dgate, dup], gate.size)
+        return dgate, dup
+
+    def rotary(self, x, cos, sin, pos, inverse=False):
+        out = self._alloc(x.shape, "float32")
+        T, D = x.shape[-2:]
+        self._flat("rotary", "inverse_main" if inverse else "forward_main", [x.size, T, D, pos], [x, cos, sin, out],
+                   x.size)
+        return out
+
     def embedding(self, w, idx, checked=False):
         V, C = w.shape
         N = idx.size
