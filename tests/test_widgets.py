@@ -134,6 +134,8 @@ def test_attention_heatmap_shows_each_query_head_of_a_gqa_model_under_its_kv_hea
     T = len(ids)
     assert (w.n_layer, w.n_head, w.n_kv_head, w.head) == (2, 6, 2, 5)
     assert [w.kv_head(h) for h in range(6)] == [0, 0, 0, 1, 1, 1]   # transformers' repeat_kv order
+    with pytest.raises(ValueError, match=r"head must be an integer >= 0 and <= 5, got 6"):
+        w.kv_head(6)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                                attn_implementation="eager",
                                                                torch_dtype=torch.float32).eval()
@@ -144,6 +146,9 @@ def test_attention_heatmap_shows_each_query_head_of_a_gqa_model_under_its_kv_hea
         np.testing.assert_allclose(arr[layer], want[layer][0].numpy(), atol=1e-5, rtol=0)
     assert w._static_html() == ("<b>AttentionHeatmap</b>: 2 layers x 6 query heads (2 key-value heads, each shared "
                                 f"by 3) over {T} tokens, showing layer 0, head 5")
+    mqa = lab.LlamaLM(lab.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=12, num_attention_heads=3,
+                                      num_key_value_heads=1))
+    assert "3 query heads (one key-value head shared by all)" in AttentionHeatmap(mqa, text, tok)._static_html()
 
 
 def test_attention_heatmap_labels_tokens_that_split_a_character_with_their_bytes(tmp_path, numpy_backend,

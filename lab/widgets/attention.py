@@ -77,13 +77,14 @@ class AttentionHeatmap(Panel):
 
     def kv_head(self, head):
         """The key-value head a query head reads (transformers' repeat_kv: consecutive query heads share one)."""
-        return head // (self.n_head // self.n_kv_head)
+        return integer("head", head, low=0, high=self.n_head - 1) // (self.n_head // self.n_kv_head)
 
     def _static_html(self):
         heads = f"{self.n_head} heads"
         if self.n_kv_head != self.n_head:
-            heads = (f"{self.n_head} query heads ({self.n_kv_head} key-value heads, each shared by "
-                     f"{self.n_head // self.n_kv_head})")
+            shared = ("one key-value head shared by all" if self.n_kv_head == 1 else
+                      f"{self.n_kv_head} key-value heads, each shared by {self.n_head // self.n_kv_head}")
+            heads = f"{self.n_head} query heads ({shared})"
         T = len(self.tokens)
         over = f"{T} tokens" if T == self.n_text_tokens else f"the last {T} of {self.n_text_tokens} tokens"
         return (f"<b>AttentionHeatmap</b>: {self.n_layer} layers x {heads} over {over}, "
