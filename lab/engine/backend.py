@@ -145,8 +145,10 @@ class Backend:
     def swiglu(self, gate, up): raise NotImplementedError
     def swiglu_bwd(self, gate, up, g): raise NotImplementedError   # -> dgate, dup
     fused_rotary = False     # rotary: rotate-half rotary embedding of x (..., T, D) in one pass
-    def rotary(self, x, cos, sin, pos, inverse=False): raise NotImplementedError
-    # x's rows t use rows pos + t of cos, sin (P, D); inverse: the transposed rotation (the backward, by -theta)
+    def rotary(self, x, cos, sin, pos, inverse=False, heads=None): raise NotImplementedError
+    # x's rows t use rows pos + t of cos, sin (P, D); inverse: the transposed rotation (the backward, by -theta).
+    # heads: x is the packed projection (B, T, heads * D) and the result its heads (B, heads, T, D), the head
+    # split in the same pass (with inverse, from the heads back to the packed layout)
     supports_capture = False  # capture_begin / capture_end / replay: a training step recorded once, replayed
     # (train/replay.py)
 

@@ -413,8 +413,14 @@ class NumpyBackend(Backend):
         s, silu = self._sigmoid_silu(gate)
         return np.asarray(g * up * (s + silu * (1.0 - s))), np.asarray(g * silu)
 
-    def rotary(self, x, cos, sin, pos, inverse=False):
-        T, D = x.shape[-2:]
+    def rotary(self, x, cos, sin, pos, inverse=False, heads=None):
+        D = cos.shape[1]
+        if heads is not None and not inverse:   # the packed projection (B, T, heads * D) -> its heads (B, heads, T, D)
+            x = np.ascontiguousarray(x.reshape(x.shape[0], x.shape[1], heads, D).transpose(0, 2, 1, 3))
+        if heads is not None and inverse:
+            out = self.rotary(x, cos, sin, pos, inverse)   # (B, heads, T, D) -> (B, T, heads * D)
+            return np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(x.shape[0], x.shape[2], heads * D)
+        T = x.shape[-2]
         h = D // 2
         c, s = cos[pos:pos + T], sin[pos:pos + T]
         out = x * c

@@ -95,6 +95,9 @@ CASES = [
          [(_x(2, 2, 3, 5, 6), _x(8, 6), _x(8, 6)), (_x(1, 1, 1, 10), _x(3, 10), _x(3, 10)), (_x(2, 3, 33, 64), _x(40, 64), _x(40, 64))],
          grads=(True, False, False), note="(B, Hkv, G, T, D) at positions 2..T+1 of the tables; any tables, so the "
                                           "backward is checked as the rotation's transpose"),
+    Case("rotary_heads", lambda x, c, s: F.rotary(x, c, s, 1, heads=3),
+         [(_x(2, 5, 18), _x(7, 6), _x(7, 6)), (_x(1, 1, 30), _x(2, 10), _x(2, 10)), (_x(2, 33, 192), _x(40, 64), _x(40, 64))],
+         grads=(True, False, False), note="the packed projection (B, T, 3 * D) in, its heads (B, 3, T, D) out"),
     Case("embedding", lambda i, w: F.embedding(i, w), [(_x(2, 5), _x(7, 4)), (_x(300,), _x(65, 33))], kinds=("index:0", "normal")),
     Case("cross_entropy", lambda x, t: F.cross_entropy(x, t), [(_x(6, 9), _x(6)), (_x(2, 50, 65), _x(2, 50)), (_x(7, 3001), _x(7))],
          kinds=("normal", "target:-1"), fwd_tol=1e-5),

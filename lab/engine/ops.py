@@ -287,18 +287,24 @@ def add_rms_norm(x, y, weight, eps=1e-6):
     return s, _rms_norm_node(h, s, weight, rstd)
 
 
-def rotary(x, cos, sin, pos=None):
+def rotary(x, cos, sin, pos=None, heads=None):
     """Rotary position embedding in transformers' rotate-half form: x * cos + rotate_half(x) * sin, where
     rotate_half(x) = concat(-x2, x1) of x's two halves. x (..., T, D); cos and sin (T, D), or with `pos` the
     tables of positions 0..P-1 (P, D), of which rows pos..pos+T-1 are used (tokens after a KV cache's pos).
-    One pass where the backend fuses it (Backend.fused_rotary): the backward is the transposed rotation (by
-    -theta); gradients reach cos and sin only through the composed path, taken when they need them."""
+    With `heads`, x is a packed projection (B, T, heads * D) and the result its heads (B, heads, T, D): the head
+    split rides along. One pass where the backend fuses it (Backend.fused_rotary); the backward is the transposed
+    rotation (by -theta). Gradients reach cos and sin only through the composed path, taken when they need them."""
     for t in (x, cos, sin):
         _check_float(t, "rotary")
-    D = x.shape[-1] if x.ndim else 0
-    T = x.shape[-2] if x.ndim >= 2 else 0
+    D = cos.shape[-1] if heads is not None and cos.ndim else x.shape[-1] if x.ndim else 0
+    if heads is not None:
+        heads = checks.integer("rotary: heads", heads, low=1)
+        if x.ndim != 3 or x.shape[2] != heads * D:
+            raise ValueError(f"rotary: with heads={heads}, x must be (B, T, heads * D) = (B, T, {heads * D}) for "
+                             f"tables of D={D} columns, got x {_shape_str(x.shape)}")
+    T = x.shape[-2] if heads is None and x.ndim >= 2 else x.shape[1] if heads is not None else 0
     if pos is None:
-        fits = cos.shape == x.shape[-2:]
+        fits = cos.shape == (T, D)
         want = "(T, D)"
     else:
         pos = checks.integer("rotary: pos", pos, low=0)
@@ -309,8 +315,10 @@ def rotary(x, cos, sin, pos=None):
                          f"{_shape_str(x.shape)}, cos {_shape_str(cos.shape)}, sin {_shape_str(sin.shape)}")
     B = x.backend
     if B.fused_rotary and not (is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
-        return Tensor._make(B.rotary(x.data, cos.data, sin.data, pos or 0), B, (x,),
-                            lambda g: (B.rotary(g, cos.data, sin.data, pos or 0, inverse=True),))
+        return Tensor._make(B.rotary(x.data, cos.data, sin.data, pos or 0, heads=heads), B, (x,),
+                            lambda g: (B.rotary(g, cos.data, sin.data, pos or 0, inverse=True, heads=heads),))
+    if heads is not None:
+        x = x.reshape(x.shape[0], T, heads, D).permute(0, 2, 1, 3)                # (B, heads, T, D)
     if pos is not None and (pos or cos.shape[0] != T):
         cos, sin = cos[pos:pos + T], sin[pos:pos + T]
     x1, x2 = split(x, D // 2, axis=-1)

@@ -249,10 +249,10 @@ class LlamaAttention(nn.Module):
         G = H // Hkv
         # query heads grouped under the key-value head they share (transformers' repeat_kv: head h reads kv head
         # h // G), so one batched product per kv head serves its G query heads: keys and values are never repeated
-        q = self.q_proj(x).reshape(Bsz, T, Hkv, G, D).permute(0, 2, 3, 1, 4)      # (B, Hkv, G, T, D)
-        k = self.k_proj(x).reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)            # (B, Hkv, T, D)
+        # (rotary splits the heads off the projections in its pass: heads h = kv * G + g in q's columns)
+        q = F.rotary(self.q_proj(x), cos, sin, pos, heads=H).reshape(Bsz, Hkv, G, T, D)   # (B, Hkv, G, T, D)
+        k = F.rotary(self.k_proj(x), cos, sin, pos, heads=Hkv)                   # (B, Hkv, T, D)
         v = self.v_proj(x).reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)            # (B, Hkv, T, D)
-        q, k = F.rotary(q, cos, sin, pos), F.rotary(k, cos, sin, pos)
         if cache is not None:
             k, v = _extend_cache(cache, k, v, pos)                                # (B, Hkv, S, D), S = pos + T
         S = k.shape[2]
@@ -548,13 +548,13 @@ def _check_fits(cfg, backend):
 def training_bytes(cfg, batch_size):
     """Memory of a training step, estimated: weights, gradients and AdamW's two moments, plus what autograd keeps
     of a batch of block_size tokens: per token and layer the outputs of LlamaLM's ops (counted from the code:
-    ~7 C for the fused norms and residuals, ~5 (H + 2 Hkv) D for projections, head permutes and rotary, 3 H T for
-    scores and weights, 3 I for gate, up and SwiGLU), and three copies of the logits. 11% above the peak measured
-    on lavapipe (tests/test_llama.py::test_training_memory_estimate_is_close_to_the_measured_peak)."""
+    ~7 C for the fused norms and residuals, ~4 (H + 2 Hkv) D for projections, rotary (which splits the heads) and
+    head merges, 3 H T for scores and weights, 3 I for gate, up and SwiGLU), and three copies of the logits. 10%
+    above the peak measured on lavapipe (tests/test_llama.py::test_training_memory_estimate_is_close_to_the_measured_peak)."""
     C, I, L, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim
     H, Hkv, T = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.block_size
     tokens = batch_size * T
-    per_token = L * (7 * C + 5 * (H + 2 * Hkv) * D + 3 * H * T + 3 * I) + 3 * cfg.vocab_size
+    per_token = L * (7 * C + 4 * (H + 2 * Hkv) * D + 3 * H * T + 3 * I) + 3 * cfg.vocab_size
     return 4 * (tokens * per_token + 4 * num_params(cfg))
 
 

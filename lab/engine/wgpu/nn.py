@@ -110,11 +110,17 @@ class NNOps:
         self._flat("swiglu", "backward_main", [gate.size], [gate, up, g, dgate, dup], gate.size)
         return dgate, dup
 
-    def rotary(self, x, cos, sin, pos, inverse=False):
-        out = self._alloc(x.shape, "float32")
-        T, D = x.shape[-2:]
-        self._flat("rotary", "inverse_main" if inverse else "forward_main", [x.size, T, D, pos], [x, cos, sin, out],
-                   x.size)
+    def rotary(self, x, cos, sin, pos, inverse=False, heads=None):
+        D = cos.shape[1]
+        if heads is None:
+            shape, T, H, layout = x.shape, x.shape[-2], 1, 0
+        elif inverse:   # (B, heads, T, D) -> (B, T, heads * D)
+            shape, T, H, layout = (x.shape[0], x.shape[2], heads * D), x.shape[2], heads, 2
+        else:           # (B, T, heads * D) -> (B, heads, T, D)
+            shape, T, H, layout = (x.shape[0], heads, x.shape[1], D), x.shape[1], heads, 1
+        out = self._alloc(shape, "float32")
+        self._flat("rotary", "inverse_main" if inverse else "forward_main", [x.size, T, D, pos, H, layout],
+                   [x, cos, sin, out], x.size)
         return out
 
     def embedding(self, w, idx, checked=False):
