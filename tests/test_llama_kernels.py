@@ -187,6 +187,26 @@ def test_fused_ops_refuse_bad_input_naming_it(use_backend):
         F.swiglu(lab.tensor(np.ones(3, np.int32)), ones(3))
 
 
+def test_fused_ops_refuse_tensors_of_another_backend(numpy_backend, wgpu_backend):
+    """A weight, residual or table on the other backend is one clear error, not a failure inside a kernel."""
+    ones = lambda backend, *s: lab.tensor(np.ones(s, np.float32), backend=backend)
+    for here, there in ((numpy_backend, wgpu_backend), (wgpu_backend, numpy_backend)):
+        x = ones(here, 2, 4)
+        for call in (lambda: F.rms_norm(x, ones(there, 4)), lambda: F.add_rms_norm(x, ones(there, 2, 4), ones(here, 4)),
+                     lambda: F.add_rms_norm(x, x, ones(there, 4)), lambda: F.add_layer_norm(x, ones(there, 2, 4), ones(here, 4)),
+                     lambda: F.rotary(x, ones(there, 2, 4), ones(here, 2, 4)), lambda: F.swiglu(x, ones(there, 2, 4))):
+            with pytest.raises(ValueError, match="tensors live on different backends"):
+                call()
+
+
+def test_rms_norm_with_a_forward_of_its_own_is_not_bypassed_by_the_fused_residual(use_backend):
+    from lab.models.llama import RMSNorm
+    norm = RMSNorm(4, 1e-6)
+    norm.forward = lambda x: x * 3.0
+    s, h = norm.residual_forward(_t(np.ones((2, 4))), _t(np.ones((2, 4))))
+    np.testing.assert_array_equal(h.numpy(), np.full((2, 4), 6.0))
+
+
 def _llama_step(backend, monkeypatch, fused):
     """Two eager training steps of llama-tiny (16 positions); the second's dispatches per kernel:entry, and the
     losses."""

@@ -271,6 +271,7 @@ def _rms_norm_node(y, x, weight, rstd):
 def add_rms_norm(x, y, weight, eps=1e-6):
     """(x + y, rms_norm(x + y)) in one pass over the rows: a Llama layer's residual add and the RMSNorm after it,
     as add_layer_norm is for LayerNorm. Gradients as the two ops give them."""
+    y = _lift(y, x)
     _check_float(x, "add_rms_norm")
     _check_float(y, "add_rms_norm")
     eps = checks.real("add_rms_norm: eps", eps, 0.0)
@@ -294,6 +295,7 @@ def rotary(x, cos, sin, pos=None, heads=None):
     With `heads`, x is a packed projection (B, T, heads * D) and the result its heads (B, heads, T, D): the head
     split rides along. One pass where the backend fuses it (Backend.fused_rotary); the backward is the transposed
     rotation (by -theta). Gradients reach cos and sin only through the composed path, taken when they need them."""
+    cos, sin = _lift(cos, x), _lift(sin, x)
     for t in (x, cos, sin):
         _check_float(t, "rotary")
     D = cos.shape[-1] if heads is not None and cos.ndim else x.shape[-1] if x.ndim else 0
@@ -705,6 +707,9 @@ def _norm_bias(x, weight, bias, op):
 
 
 def _check_norm(x, weight, bias, op):
+    for t in (weight, bias):   # (a kernel handed another backend's array failed inside it)
+        if t is not None:
+            _lift(t, x)
     for t in (x, weight) + ((bias,) if bias is not None else ()):
         _check_float(t, op)
     if x.ndim == 0:
@@ -736,6 +741,7 @@ def _layer_norm_node(y, x, weight, bias, mean, rstd):
 def add_layer_norm(x, y, weight, bias=None, eps=1e-5):
     """(x + y, layer_norm(x + y)) in one pass over the rows: a residual add and the LayerNorm that follows it
     (a transformer block's x + attn(ln_1(x)) then ln_2). Gradients as the two ops give them."""
+    y = _lift(y, x)
     _check_float(x, "add_layer_norm")
     _check_float(y, "add_layer_norm")
     eps = checks.real("add_layer_norm: eps", eps, 0.0)
