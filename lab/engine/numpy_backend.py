@@ -132,6 +132,12 @@ def _gelu_bwd(x, g):
     return d
 
 
+def _sigmoid_and_silu(x):
+    with np.errstate(over="ignore"):   # exp(-x) = inf for x < -88 (float32): sigmoid 0, silu -0
+        s = 1.0 / (1.0 + np.exp(-x))
+    return s, x * s
+
+
 def _gelu_and_grad(x):
     """gelu(x) and gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) u' together, while x is still in the cache from the
     product that made it: the backward is then one multiply, where recomputing t from a long-evicted x cost twice
@@ -401,16 +407,11 @@ class NumpyBackend(Backend):
             dx += acc
         return dx, np.einsum("ij,ij->j", g.reshape(-1, n), xhat.reshape(-1, n))
 
-    def _sigmoid_silu(self, gate):
-        with np.errstate(over="ignore"):   # exp(-x) = inf for x < -88 (float32): sigmoid 0, silu -0
-            s = 1.0 / (1.0 + np.exp(-gate))
-        return s, gate * s
-
     def swiglu(self, gate, up):
-        return np.asarray(self._sigmoid_silu(gate)[1] * up)
+        return np.asarray(_sigmoid_and_silu(gate)[1] * up)
 
     def swiglu_bwd(self, gate, up, g):
-        s, silu = self._sigmoid_silu(gate)
+        s, silu = _sigmoid_and_silu(gate)
         return np.asarray(g * up * (s + silu * (1.0 - s))), np.asarray(g * silu)
 
     def rotary(self, x, cos, sin, pos, inverse=False, heads=None):
