@@ -6,6 +6,8 @@ this model carries one channel near 25000, whose float32 spacing is 2e-3: transf
 7e-5 from its float64 forward, lab's 1.4e-4, so two float32 implementations summing in other orders differ by
 about 1e-4 at the largest logits (~37); wgpu against numpy alike."""
 import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +91,16 @@ def test_wgpu_logits_equal_numpy_on_a_short_prompt(ours, tok, numpy_backend, wgp
         got = _logits(model, ids)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_loading_the_tokenizer_without_torch_prints_nothing():
+    # Binder installs lab without PyTorch: transformers' first import there advised on stderr that PyTorch was not
+    # found, into the notebook's output (lab imports it for the tokenizer alone, which needs no torch)
+    code = ("import sys; sys.modules['torch'] = None\n"   # what importing looks like where torch is not installed
+            "import lab\n"
+            "tok = lab.load_tokenizer('smollm2-135m-instruct')\n"
+            "import transformers, logging; assert not transformers.is_torch_available()\n"
+            "print(tok.decode(tok.encode('Paris')), logging.getLogger('transformers').level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (out.stdout, out.stderr) == ("Paris 30\n", "")   # and transformers' own level (WARNING) is left as it set it

@@ -62,14 +62,25 @@ def _lab_own(d):
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """transformers logs its own advice (to install sentencepiece, about GGUF keys it skipped): not lab's."""
+    """transformers logs its own advice (to install sentencepiece, about GGUF keys it skipped; at its first import
+    without torch, as on Binder, that PyTorch was not found): not lab's. The level quiets its modules' loggers; the
+    filter, its own, whose level its first import resets."""
     log = logging.getLogger("transformers")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    log.addFilter(_errors_only)
     try:
-        yield
+        import transformers  # noqa: F401  (then the level it configures is the one put back)
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            log.setLevel(level)
     finally:
-        log.setLevel(level)
+        log.removeFilter(_errors_only)
+
+
+def _errors_only(record):
+    return record.levelno >= logging.ERROR
 
 
 class PretrainedTokenizer:
@@ -127,7 +138,8 @@ class PretrainedTokenizer:
 
     @staticmethod
     def _load(d, named, **kwargs):
-        from transformers import AutoTokenizer
+        with _quiet_transformers():
+            from transformers import AutoTokenizer
         try:
             with _quiet_transformers():
                 return AutoTokenizer.from_pretrained(str(d), local_files_only=True, **kwargs)
@@ -217,8 +229,9 @@ def _gguf_tokenizer(reader, path):
     """transformers' tokenizer of a GGUF vocabulary, as AutoTokenizer.from_pretrained(..., gguf_file=) builds it
     (get_gguf_tokenizer, convert_gguf_tokenizer) but from lab's checked reader: transformers' own GGUF reader
     needs torch, and would read the file a second time."""
-    from transformers import TokenizersBackend
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    with _quiet_transformers():
+        from transformers import TokenizersBackend
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     try:
         meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
         arch = reader.fields["general.architecture"].contents()
