@@ -52,7 +52,7 @@ def _train(args):
         raise InputError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
     mcfg = replace(PRESETS[args.preset], vocab_size=tok.vocab_size)
     model = MODELS[type(mcfg)](mcfg)   # the preset's family
-    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, block_size=args.block_size or 0, lr=args.lr, eval_every=args.eval_every,
                        warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0,
                        replay_steps=not args.no_replay)
     trainer = Trainer(model, train_ids, val_ids, tcfg)  # refuses a batch or split that cannot train, in one line
@@ -61,7 +61,7 @@ def _train(args):
              else f"{mcfg.num_hidden_layers} layers, {mcfg.num_attention_heads} heads ({mcfg.num_key_value_heads} "
                   f"key-value), {mcfg.hidden_size} dims")
     print(f"model {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {shape}, "
-          f"block {mcfg.block_size}; corpus {args.corpus}: "
+          f"block {trainer.block_size}; corpus {args.corpus}: "
           f"{len(train_ids) + len(val_ids)} characters, vocab {tok.vocab_size}; backend {lab.get_backend().name}")
     t0 = time.perf_counter()
     # SIGTERM (a job scheduler's or `docker stop`'s way of ending a run) stops like a Ctrl-C: after the step in
@@ -108,7 +108,7 @@ def _train(args):
     if updated and finite and not interrupted:
         parts.append(f"val loss {loss(trainer.evaluate())}")
     if updated:
-        parts.append(f"{updated * args.batch_size * mcfg.block_size / max(seconds, 1e-9):.0f} tokens/s")
+        parts.append(f"{updated * args.batch_size * trainer.block_size / max(seconds, 1e-9):.0f} tokens/s")
     reason = f"stopped at step {fault.step}: NaN/Inf in {fault.tensor}" if fault else trainer.stop_reason
     print("done: " + ", ".join(parts) + (f" ({reason})" if reason else ""))
     if fault is not None or not finite:
@@ -128,23 +128,36 @@ def _generate(args):
         raise InputError(f"{', '.join(sampling)} set{'s' if len(sampling) == 1 else ''} how tokens are sampled, but "
                          f"--beams {args.beams} searches for the most likely continuation instead: drop "
                          f"{'it' if len(sampling) == 1 else 'them'} or --beams")
+    if args.chat and not args.prompt:
+        raise InputError("--chat needs a --prompt: the user's message the model answers")
     if args.backend:
         lab.set_backend(args.backend)
-    model, tok, _ = load_checkpoint(args.checkpoint)
-    prompt = args.prompt if args.prompt else "\n"
+    if args.model:   # a pretrained model by name or path, with its own tokenizer
+        model, tok = lab.from_pretrained(args.model), lab.load_tokenizer(args.model)
+    else:
+        model, tok, _ = load_checkpoint(args.checkpoint)
+    source = args.model or args.checkpoint
+    if args.chat:   # the message in the model's chat template; the reply alone is printed
+        if not callable(getattr(tok, "apply_chat_template", None)):
+            raise InputError(f"--chat: the tokenizer of {source} ({type(tok).__name__}) has no chat template")
+        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    else:
+        prompt = args.prompt if args.prompt else "\n"
+    shown_prompt = "" if args.chat else prompt
     if not args.prompt:  # the default prompt: a vocabulary without a newline needs one given
         try:
             tok.encode(prompt)
         except ValueError:
             raise InputError(f"no --prompt given, and the default prompt (a newline) is not in the vocabulary of "
-                             f"{args.checkpoint}: give a --prompt in the text it was trained on") from None
+                             f"{source}: give a --prompt in the text it was trained on") from None
     if args.beams > 1:
-        print(prompt + beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok))
+        print(shown_prompt + beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok))
         return 0
     shown, stop = {"text": "", "out": 0, "prompt": False}, args.stop
 
     def emit(text):  # the prompt goes out with the first token: a refused argument leaves stdout empty
-        print(text if shown["prompt"] else prompt + text, end="", flush=True)
+        print(text if shown["prompt"] else shown_prompt + text, end="", flush=True)
         shown["prompt"] = True
 
     def show(_, piece):
@@ -270,6 +283,8 @@ def main(argv=None):
     t.add_argument("--corpus", default="kjv", help="bundled corpus name or a text file path")
     t.add_argument("--steps", type=count, default=600)
     t.add_argument("--batch-size", type=count, default=12)
+    t.add_argument("--block-size", type=count, help="tokens per training sequence (default: the preset's block "
+                                                    "size; for a Llama preset its max_position_embeddings)")
     t.add_argument("--lr", type=positive, default=1e-3)
     t.add_argument("--eval-every", type=count, default=100)
     t.add_argument("--seed", type=seed, default=1337)
@@ -281,9 +296,14 @@ def main(argv=None):
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.set_defaults(fn=_train)
 
-    g = sub.add_parser("generate", help="generate text from a checkpoint saved by `train --out`")
-    g.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    g = sub.add_parser("generate", help="generate text from a checkpoint saved by `train --out` or a pretrained model")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint directory")
+    which.add_argument("--model", help="a pretrained model: a shipped model's name (smollm2-135m-instruct), a "
+                                       "directory in Hugging Face's layout, a .gguf or a Hub id")
+    g.add_argument("--prompt", default="", help="text to continue (default: a newline); with --chat, the message")
+    g.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user's message in the model's chat template and print the reply")
     g.add_argument("--max-new-tokens", type=_number(integer, low=0), default=200)
     g.add_argument("--temperature", type=_number(real, low=1e-6), help="sampling temperature (default 0.8)")
     g.add_argument("--top-k", type=count)
@@ -318,9 +338,12 @@ def main(argv=None):
 
     pl = sub.add_parser("plan", help="will a training plan fit a device, and how long will it take?")
     pl.add_argument("--preset", default="tiny", help="model preset (or --config)")
-    pl.add_argument("--config", help="a config.json (lab or GPT-2) or a checkpoint directory")
+    pl.add_argument("--config", help="a preset, a config.json (lab's, GPT-2's, Llama/Qwen2/Mistral's), a model or "
+                                     "checkpoint directory, a .gguf, a shipped model's name or a Hub id (its config "
+                                     "only: no weights are read)")
     pl.add_argument("--batch-size", type=count, default=12)
-    pl.add_argument("--seq", type=count, help="sequence length (default: the model's block_size)")
+    pl.add_argument("--seq", "--block-size", dest="seq", type=count,
+                    help="training sequence length (default: the model's block_size)")
     pl.add_argument("--tokens", type=positive, help="training tokens (default 1e6)")
     pl.add_argument("--steps", type=count, help="training steps (instead of --tokens)")
     pl.add_argument("--lora-rank", type=count, help="plan LoRA fine-tuning with this rank (default: full training)")

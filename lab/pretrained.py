@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checks import InputError, show
 from . import gguf, shipped
-from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError, index_shards
+from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError, index_shards, read_json
 from .models import family, load_pretrained
 
 # what a Hub snapshot needs: config, weights (then the shards an index names), tokenizer, chat template, generation
@@ -28,6 +28,29 @@ def from_pretrained(name_or_path, revision=None, local_files_only=None):
     """The model `name_or_path` names, in eval mode: a directory in Hugging Face's layout, a .gguf file or a
     directory holding one, a shipped model's short name (lab.shipped), or a Hub id "org/name" (`revision`: a
     branch, tag or commit; `local_files_only`, default HF_HUB_OFFLINE, reads only the local Hub cache)."""
+    return load_local(_locate(name_or_path, revision, local_files_only))
+
+
+def read_config(name_or_path, revision=None, local_files_only=None):
+    """The config.json dict of the model `name_or_path` names (as from_pretrained takes it) and the file it came
+    from, reading no weights: a Hub id fetches its config alone, a .gguf its metadata."""
+    path = _locate(name_or_path, revision, local_files_only, weights=False)
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise CheckpointError(f"{path}: holds no config.json" + (
+                f" and several .gguf files, {[g.name for g in ggufs]}: pass the path of one" if ggufs else
+                " nor a .gguf file"))
+        path = ggufs[0]
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf.read_config(path), path
+    source = path / "config.json" if path.is_dir() else path
+    return read_json(source, "model config"), source
+
+
+def _locate(name_or_path, revision=None, local_files_only=None, weights=True):
+    """The local directory or file of a model name (checked by from_pretrained); a Hub id is fetched into the
+    cache (weights=False: its config alone)."""
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise InputError(f"from_pretrained: name_or_path must be a path, a shipped model's name or a Hub id "
                          f"('org/name'), got {show(name_or_path)}")
@@ -42,13 +65,13 @@ def from_pretrained(name_or_path, revision=None, local_files_only=None):
         raise InputError(f"from_pretrained: revision={revision!r} names a Hub revision, but {name!r} is a "
                          f"{'local path' if local else 'shipped model'} (its files are what loads)")
     if local:
-        return load_local(path)
+        return path
     if name in shipped.SHIPPED:
-        return load_local(shipped.path(name))
+        return shipped.path(name)
     if not REPO_ID.fullmatch(name) or ".." in name:
         raise InputError(f"from_pretrained: {name!r} is not a local path, a shipped model ({', '.join(shipped.SHIPPED)}) "
                          f"nor a Hub id ('org/name')")
-    return load_local(_hub_snapshot(name, revision, local_files_only))
+    return _hub_snapshot(name, revision, local_files_only, weights=weights, config=not weights)
 
 
 def load_local(path):
@@ -95,7 +118,7 @@ def _offline():
     return constants.HF_HUB_OFFLINE or any((v or "").upper() in ("1", "ON", "YES", "TRUE") for v in flags)
 
 
-def _hub_snapshot(repo_id, revision=None, local_files_only=None, weights=True):
+def _hub_snapshot(repo_id, revision=None, local_files_only=None, weights=True, config=False):
     """The local directory of `repo_id` at `revision` in the Hub cache, downloading the model's files (HUB_FILES;
     weights=False: the tokenizer's alone) unless offline. One CheckpointError naming the id and the revision when
     it cannot be had."""
@@ -130,8 +153,8 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None, weights=True):
             raise CheckpointError(f"{repo_id} (revision {rev!r}): could not be fetched from the Hub "
                                   f"({type(e).__name__}: {e}); {get}") from None
 
-    if not weights:   # a tokenizer: never a model's gigabytes
-        return download(TOKENIZER_FILES)
+    if not weights:   # a tokenizer or a config: never a model's gigabytes
+        return download(["config.json"] if config else TOKENIZER_FILES)
     d = download(HUB_FILES)
     if (d / INDEX_FILE).is_file() and not (d / WEIGHTS_FILE).exists():
         # then the shards the index names, and no other .safetensors (a repo may also hold a consolidated copy)

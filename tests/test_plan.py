@@ -266,5 +266,5 @@ def test_plan_estimate_resolves_presets_and_checks_inputs_before_measuring(monke
     assert ours.to_dict() == estimator.estimate(lab.PRESETS["tiny"], batch=3, device="h200").to_dict()
     for wrong in ("tiny", {"n_layer": 2}, None):
         with pytest.raises(lab.checks.InputError, match=rf"estimator.estimate takes a model config \(a "
-                                                       rf"TransformerConfig\), got {re.escape(show(wrong))}"):
+                                                       rf"TransformerConfig or LlamaConfig\), got {re.escape(show(wrong))}"):
             estimator.estimate(wrong, device="h200")

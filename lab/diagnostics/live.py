@@ -267,7 +267,7 @@ class DiagnosticsMonitor:
     def _report(self, step):
         from ..data import get_batch
         tr, model = self.trainer, self.trainer.model
-        cfg, block = tr.cfg, model.config.block_size
+        cfg, block = tr.cfg, tr.block_size
         rng = np.random.default_rng(step or 0)
         params = [p for ps in self.groups.values() for p in ps]
         small = max(1, cfg.batch_size // 4)

@@ -509,11 +509,8 @@ def load_pretrained(directory):
 
 def num_params(cfg):
     """Parameters of a LlamaLM with this config, without building it."""
-    C, I, L, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.head_dim
-    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    attn = C * (H + 2 * Hkv) * D + H * D * C + (H + 2 * Hkv) * D * cfg.qkv_bias + C * cfg.attention_bias
-    mlp = 3 * C * I + (2 * I + C) * cfg.mlp_bias
-    return V * C * (1 if cfg.tie_word_embeddings else 2) + L * (attn + mlp + 2 * C) + C
+    from ..plan.estimator import llama_params
+    return llama_params(cfg)
 
 
 def _check_size(cfg, tensors, config_source, weights_source):
@@ -545,32 +542,29 @@ def _check_fits(cfg, backend):
                               "vocab_size, hidden_size, intermediate_size or num_hidden_layers would", None)
 
 
-def training_bytes(cfg, batch_size):
-    """Memory of a training step, estimated: weights, gradients and AdamW's two moments, plus what autograd keeps
-    of a batch of block_size tokens: per token and layer the outputs of LlamaLM's ops (counted from the code:
-    ~7 C for the fused norms and residuals, ~4 (H + 2 Hkv) D for projections, rotary (which splits the heads) and
-    head merges, 3 H T for scores and weights, 3 I for gate, up and SwiGLU), and three copies of the logits. 10%
-    above the peak measured on lavapipe (tests/test_llama.py::test_training_memory_estimate_is_close_to_the_measured_peak)."""
-    C, I, L, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim
-    H, Hkv, T = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.block_size
-    tokens = batch_size * T
-    per_token = L * (7 * C + 4 * (H + 2 * Hkv) * D + 3 * H * T + 3 * I) + 3 * cfg.vocab_size
-    return 4 * (tokens * per_token + 4 * num_params(cfg))
+def training_bytes(cfg, batch_size, seq=None, host_temporaries=False):
+    """Memory of a training step on batch_size sequences of seq tokens (default: block_size), as the planner
+    estimates it (lab.plan.estimator.llama_activation_floats): weights, gradients, AdamW's two moments and what the
+    step holds at its peak (host_temporaries: numpy's)."""
+    from ..plan.estimator import llama_activation_floats, llama_params
+    parts = llama_activation_floats(cfg, batch_size, seq or cfg.block_size, host_temporaries)[2]
+    return 4 * (sum(parts.values()) + 4 * llama_params(cfg))
 
 
-def check_batch_fits(cfg, batch_size, backend):
+def check_batch_fits(cfg, batch_size, backend, seq=None):
     """Refuse, before a step allocates its activations, a training batch the device cannot hold."""
     from ..plan.estimator import DoesNotFitError
     from ..plan.profiles import limits_profile
-    prof = limits_profile(backend)
-    need = training_bytes(cfg, batch_size)
+    prof, seq = limits_profile(backend), seq or cfg.block_size
+    need = training_bytes(cfg, batch_size, seq, prof.host_temporaries)
     if need > prof.memory_bytes:
-        fits = max(0, int((prof.memory_bytes - training_bytes(cfg, 0)) // (training_bytes(cfg, 1) - training_bytes(cfg, 0))))
-        raise DoesNotFitError(f"a training batch of {batch_size} x {cfg.block_size} tokens needs about "
+        empty, one = (training_bytes(cfg, n, seq, prof.host_temporaries) for n in (0, 1))
+        fits = max(0, int((prof.memory_bytes - empty) // (one - empty)))
+        raise DoesNotFitError(f"a training batch of {batch_size} x {seq} tokens needs about "
                               f"{need / 2 ** 30:.2f} GiB (weights, gradients, AdamW moments, activations), "
                               f"{prof.name} has {prof.memory_bytes / 2 ** 30:.2f} GiB: " +
                               (f"a batch_size of at most {fits} fits" if fits else "not even a batch of 1 fits; a "
-                               "smaller max_position_embeddings or model would"), None)
+                               "shorter block_size (TrainConfig.block_size) or a smaller model would"), None)
 
 
 PRESETS = {

@@ -47,9 +47,13 @@ class Plan:
     def __repr__(self):
         gib = 2 ** 30
         mode = f"LoRA r={self.lora_rank}" if self.lora_rank else "full training"
+        c = self.config
+        model = (f"{c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} dims" if "n_layer" in c else
+                 f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} heads ({c['num_key_value_heads']} "
+                 f"key-value, head_dim {c['head_dim']}), {c['hidden_size']} dims, SwiGLU {c['intermediate_size']}, "
+                 f"{'tied' if c['tie_word_embeddings'] else 'untied'} head")
         rows = [
-            ("model", f"{self.config['n_layer']} layers, {self.config['n_head']} heads, {self.config['n_embd']} dims, "
-                      f"vocab {self.config['vocab_size']}"),
+            ("model", f"{model}, vocab {c['vocab_size']}"),
             ("plan", f"{mode}, batch {self.batch} x seq {self.seq}, {self.tokens:,.0f} tokens = {self.steps:,} steps, "
                      f"{self.precision}, {self.optimizer}"),
             ("device", f"{self.device.name} ({self.device.source.split(':')[0]})"),
@@ -96,6 +100,46 @@ def count_params(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
         lora = L * sum(lora_rank * (i + o) for t in lora_targets for i, o in shapes[t])
         total, trainable = total + lora, lora
     return total, trainable
+
+
+def is_llama(c):
+    """A config of the Llama family (LlamaConfig's fields; the planner imports nothing from the models)."""
+    return all(hasattr(c, f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"))
+
+
+def llama_params(c):
+    """Parameters of a LlamaLM with config c: q/k/v/o with key-value heads (and their optional biases), SwiGLU's
+    three matrices, two RMSNorms per layer and the final one, the embedding and an untied head."""
+    C, I, L, V, D = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, c.head_dim
+    H, Hkv = c.num_attention_heads, c.num_key_value_heads
+    qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
+    attn = C * (H + 2 * Hkv) * D + H * D * C + (H + 2 * Hkv) * D * qkv_bias + C * c.attention_bias
+    mlp = 3 * C * I + (2 * I + C) * c.mlp_bias
+    return V * C * (1 if c.tie_word_embeddings else 2) + L * (attn + mlp + 2 * C) + C
+
+
+def llama_activation_floats(c, b, T, host_temporaries=False):
+    """What a LlamaLM's training step on b sequences of T tokens holds beyond weights, gradients and optimizer
+    state at its peak, in floats: per token and layer about 6 C (norms, residuals, attention and MLP outputs),
+    3 (H + 2 Hkv) D (q, k, v and their rotated heads, merged heads), 2.75 H T (attention scores, weights and their
+    gradient), 2 I (gate, up, SwiGLU); per token 9 C (embedding, final norm, the residual's gradient) and 2.5 V
+    (logits, softmax rows, their gradient). host_temporaries (numpy): the whole-array temporaries numpy's ops make
+    in the largest ones (cross-entropy's exp over the vocabulary, SwiGLU's sigmoid, the norms), 2.5 V + L (1.5 I +
+    1.5 C) per token. Fitted to the peaks of 16 random configs (GQA ratios, head dims, tied and untied, 1-3 layers,
+    T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within 0%/+19%
+    (tests/test_training_length_and_plan.py). Returns the floats of one layer, the largest single tensor (name,
+    floats) and the total split into parts."""
+    C, I, L, D, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim, c.vocab_size
+    H, Hkv, N = c.num_attention_heads, c.num_key_value_heads, b * T
+    per_layer = N * (6 * C + 3 * (H + 2 * Hkv) * D + 2.75 * H * T + 2 * I)
+    largest = max([("logits (B, T, vocab)", N * V), ("attention weights (B, H, T, T)", b * H * T * T),
+                   ("MLP hidden (B, T, intermediate)", N * I), ("token embedding table", V * C)],
+                  key=lambda kv: kv[1])
+    parts = {"layers": L * per_layer, "embeddings and logits": N * (9 * C + 2.5 * V)}
+    if host_temporaries:
+        parts["op temporaries (numpy)"] = N * (2.5 * V + L * (1.5 * I + 1.5 * C))
+    return per_layer, largest, {k: int(v) for k, v in parts.items()}
 
 
 def _linear_weight_floats(c):
@@ -168,9 +212,13 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     (lab.plan.estimate, which also takes presets and config.json files, passes measure.profile_device for 'this').
     lora_base_dtype "float16": LoRA on a base whose linear weights are stored as float16 (lora.apply's
     base_dtype), 2 bytes each instead of 4."""
+    if is_llama(config):
+        return _estimate_llama(config, batch, seq, tokens, steps, precision, optimizer, lora_rank, device,
+                               vocab_size, _devices)
     if not all(hasattr(config, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")):
         # resolving a preset or a file is lab.plan.estimate's: it loads models and files, which sit above the planner
-        raise InputError(f"estimator.estimate takes a model config (a TransformerConfig), got {show(config)}: "
+        raise InputError(f"estimator.estimate takes a model config (a TransformerConfig or LlamaConfig), got "
+                         f"{show(config)}: "
                          f"lab.plan.estimate also takes a preset name or a config.json")
     c = config
     # every size at most 2**40 and tokens at most 1e18: the plan's products (attention matrices, total FLOPs)
@@ -246,6 +294,86 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     return plan
 
 
+def _plan_inputs(c, batch, seq, tokens, steps, precision, optimizer):
+    """The checks every family's plan makes of its inputs; returns batch, seq, tokens, steps (seq None: the
+    model's block_size)."""
+    batch = integer("batch", batch, 1, MAX_SIZE)
+    seq = c.block_size if seq is None else integer("seq", seq, 1, MAX_SIZE)
+    tokens = None if tokens is None else real("tokens", tokens, low=0, low_open=True, high=MAX_TOKENS)
+    steps = None if steps is None else integer("steps", steps, 1, MAX_SIZE)
+    if seq > c.block_size:
+        raise InputError(f"seq {seq:,} is longer than the model's block_size {c.block_size:,}: a step trains on at "
+                         f"most block_size tokens")
+    if precision != "fp32":
+        raise InputError(f"precision {show(precision)} is not supported yet: lab trains in fp32")
+    choice("optimizer", optimizer, ("adamw", "sgd"))
+    return batch, seq, tokens, steps
+
+
+def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_rank, device, vocab_size, _devices):
+    """estimate() for the Llama family: grouped-query attention (keys and values of num_key_value_heads, in the
+    KV cache too), SwiGLU's three matrices, a vocabulary whose logits, softmax rows and their gradient are often
+    the largest tensors of a step, tied or untied head."""
+    if lora_rank:
+        raise InputError("a LoRA plan is for the GPT-2 family for now; plan full training of a Llama config "
+                         "(leave lora_rank out)")
+    if vocab_size is not None:
+        c = replace(c, vocab_size=integer("vocab_size", vocab_size, 1, MAX_SIZE))
+    for name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
+                 "max_position_embeddings"):
+        integer(name, getattr(c, name), 1, MAX_SIZE)
+    batch, seq, tokens, steps = _plan_inputs(c, batch, seq, tokens, steps, precision, optimizer)
+    prof = device() if callable(device) else named_profile(device)
+    tokens_per_step = batch * seq
+    if steps is None:
+        steps = math.ceil((tokens or 1e6) / tokens_per_step)
+    tokens = steps * tokens_per_step
+    params = llama_params(c)
+    L, H, D = c.num_hidden_layers, c.num_attention_heads, c.head_dim
+    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries)
+    acts = sum(parts.values())
+    memory = {"weights": params * F32, "gradients": params * F32,
+              "optimizer state": (2 if optimizer == "adamw" else 1) * params * F32,
+              **{f"activations: {L} layers" if k == "layers" else f"activations: {k}": v * F32
+                 for k, v in parts.items()}}
+    memory["total"] = sum(memory.values())
+    memory["activations"] = acts * F32
+    memory["activations per layer"] = int(per_layer) * F32
+    # keys and values of the key-value heads only (each serves num_attention_heads / num_key_value_heads queries)
+    memory["KV cache (generation, batch 1)"] = 2 * L * c.num_key_value_heads * D * seq * F32
+    flops_per_token = 6 * params + 12 * L * H * D * seq
+    step_time = (flops_per_token * tokens_per_step / prof.matmul_flops + acts * prof.elementwise_s_per_float
+                 + 4 * 2 * params * F32 / prof.bandwidth
+                 + llama_op_count(c, prof.update_slots) * prof.op_overhead_s)
+    plan = Plan(config=c.to_dict(), batch=batch, seq=seq, tokens=tokens, steps=steps, precision=precision,
+                optimizer=optimizer, lora_rank=0, device=prof, params=params, trainable_params=params,
+                memory=memory, largest_buffer=(largest[0], largest[1] * F32), flops_per_token=flops_per_token,
+                total_flops=flops_per_token * tokens, step_time_s=step_time, total_time_s=step_time * steps)
+
+    def share_bytes(b):
+        share = _estimate_llama(c, b, seq, None, 1, precision, optimizer, None, prof, None, False)
+        return share.memory["total"] + share.memory["gradients"]
+    _check_fit(plan, c, prof, share_bytes if _devices else None)
+    return plan
+
+
+def llama_op_count(c, update_slots=1):
+    """Dispatches of a LlamaLM training step on wgpu (fused norm, rotary and SwiGLU kernels), as counted on the
+    engine (lab.stats()): 15 + 51 per layer (+1 for a tied head: the embedding's two gradients summed), plus the
+    optimizer's: an update and a sum of squares (the gradient
+    norm) per trained tensor and a fill, or with update_slots > 1 one update per update_slots tensors and one sum
+    per 4 x update_slots gradients (and a copy of the partial sums when several), as op_count counts them."""
+    qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
+    tensors = 2 + (not c.tie_word_embeddings) + c.num_hidden_layers * (
+        9 + 3 * qkv_bias + c.attention_bias + 3 * c.mlp_bias)
+    if update_slots > 1:
+        chunks = math.ceil(tensors / (4 * update_slots))
+        optimizer = math.ceil(tensors / update_slots) + chunks + (chunks if chunks > 1 else 0)
+    else:
+        optimizer = 2 * tensors + 1
+    return 15 + bool(c.tie_word_embeddings) + 51 * c.num_hidden_layers + optimizer
+
+
 class DoesNotFitError(InputError):
     """A training plan needs more memory (or a bigger buffer) than the device has; the message says why and what
     would fit. `plan` is the estimate behind it."""
@@ -307,7 +435,7 @@ def _check_fit(plan, c, prof, share_bytes=None):
                                 f"{limit / 2 ** 20:.0f} MiB")
             break
     if not plan.fits:
-        acts = plan.memory["activations"] + plan.memory["backward working set"]  # what scales with the batch
+        acts = plan.memory["activations"] + plan.memory.get("backward working set", 0)  # what scales with the batch
         fixed = total - acts
         if fixed < prof.memory_bytes and plan.batch > 1:
             b = max(1, int(plan.batch * (prof.memory_bytes - fixed) / acts * 0.9))
@@ -344,7 +472,7 @@ def _check_devices(plan, prof, share_bytes):
     held again)."""
     m = plan.memory
     fixed = m["weights"] + 2 * m["gradients"] + m["optimizer state"]
-    acts = m["activations"] + m["backward working set"]
+    acts = m["activations"] + m.get("backward working set", 0)   # (a Llama plan counts it in its activations)
     n_memory = 1
     if plan.memory["total"] > prof.memory_bytes:
         if fixed >= prof.memory_bytes:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bench.timing import best_seconds
-from ..checks import InputError
+from ..checks import InputError, show
 from ..engine.backend import backend_instance, get_backend, using_backend
 from ..engine.tensor import no_grad, tensor
 from ..io import CheckpointError, read_json
@@ -38,24 +38,40 @@ def get_profile(device=None):
 
 
 def _config(config_or_preset):
-    from ..models.transformer import PRESETS, TransformerConfig, _config_from_hf
-    if isinstance(config_or_preset, TransformerConfig):
+    """A model config from a config, a preset of any family, a config.json (lab's, GPT-2's or the Llama
+    family's), a checkpoint or model directory, a .gguf, a shipped model's short name or a Hub id (its config
+    alone: no weights are read)."""
+    from ..models import PRESETS, LlamaConfig, LlamaLM, TransformerConfig, family
+    from ..models.transformer import _config_from_hf
+    if isinstance(config_or_preset, (TransformerConfig, LlamaConfig)):
         return config_or_preset
     if isinstance(config_or_preset, str) and config_or_preset in PRESETS:
         return PRESETS[config_or_preset]
-    path = Path(str(config_or_preset))
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        data = read_json(path, "model config")
-        if data.get("model_type") == "gpt2":
-            return _config_from_hf(data, path)
-        try:
-            return TransformerConfig(**{k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__})
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: invalid model config ({e})") from None
-    raise InputError(f"unknown model {config_or_preset!r}: a TransformerConfig, a preset ({sorted(PRESETS)}), or a "
-                     f"config.json (lab or GPT-2)")
+    if not isinstance(config_or_preset, (str, Path)):
+        raise InputError(f"unknown model {show(config_or_preset)}: a TransformerConfig or LlamaConfig, a preset "
+                         f"({sorted(PRESETS)}), a config.json, a model directory or .gguf, a shipped model or a "
+                         f"Hub id")
+    from .. import shipped
+    from ..pretrained import REPO_ID, read_config
+    path = Path(config_or_preset)
+    if not (path.exists() or str(config_or_preset) in shipped.SHIPPED or REPO_ID.fullmatch(str(config_or_preset))):
+        raise InputError(f"unknown model {str(config_or_preset)!r}: a preset ({', '.join(sorted(PRESETS))}), a "
+                         f"config.json, a model or checkpoint directory, a .gguf, a shipped model "
+                         f"({', '.join(shipped.SHIPPED)}) or a Hub id ('org/name')")
+    if path.is_file() and path.suffix == ".json":
+        data, source = read_json(path, "model config"), path
+    else:
+        data, source = read_config(config_or_preset)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {show(data)}")
+    if family(data, source) is LlamaLM:
+        return LlamaConfig.from_hf(data, source)
+    if data.get("model_type") == "gpt2":
+        return _config_from_hf(data, source)
+    try:
+        return TransformerConfig(**{k: v for k, v in data.items() if k in TransformerConfig.__dataclass_fields__})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid model config ({e})") from None
 
 
 def profile_device(backend=None, refresh=False):
@@ -101,7 +117,7 @@ def profile_device(backend=None, refresh=False):
     prof = DeviceProfile(lim.name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
                          3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, lim.memory_bytes, lim.max_buffer_size,
                          lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / drop_n,
-                         b.optimizer_slots())
+                         b.optimizer_slots(), lim.host_temporaries)
     prof.elementwise_s_per_float = _probe_elementwise_cost(b, prof)
     _measured[key] = prof
     return prof

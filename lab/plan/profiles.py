@@ -31,6 +31,7 @@ class DeviceProfile:
     elementwise_s_per_float: float = 0.0  # training-step time per activation float beyond matmuls and op costs
     dropout_s_per_float: float = 0.0      # one dropout (its mask from the counter-based RNG) per element
     update_slots: int = 1         # parameters one optimizer dispatch updates (wgpu: as many as a stage binds)
+    host_temporaries: bool = False  # numpy: an op's whole-array temporaries (a softmax's exp) are memory too
 
     def to_dict(self):
         return asdict(self)
@@ -65,7 +66,8 @@ PROFILES = {
     "h200": _spec("NVIDIA H200", 67, 4800, 141, "67 TFLOP/s fp32 (no tensor cores), 4.8 TB/s HBM3e, 141 GB"),
     "cpu-2core": DeviceProfile("2-core x86 CPU (numpy backend)", "spec-derived: 2 cores x 3 GHz x 32 fp32 FLOP/cycle "
                                "= 192 GFLOP/s peak, ~60% in BLAS; ~8 GB/s for numpy temporaries; 24 GB",
-                               115e9, 8e9, 25e-6, 24 * 2 ** 30, 2 ** 62, 2 ** 62, NUMPY_BYTES_PER_ACTIVATION_FLOAT / 8e9, 6e-9),
+                               115e9, 8e9, 25e-6, 24 * 2 ** 30, 2 ** 62, 2 ** 62, NUMPY_BYTES_PER_ACTIVATION_FLOAT / 8e9, 6e-9,
+                               host_temporaries=True),
 }
 
 
@@ -92,7 +94,7 @@ def limits_profile(backend):
                              int(_device_memory_guess(backend)), int(limits["max-buffer-size"]),
                              int(limits["max-storage-buffer-binding-size"]))
     return DeviceProfile("this CPU (numpy backend)", "limits", math.nan, math.nan, math.nan, int(_host_memory()),
-                         2 ** 62, 2 ** 62)
+                         2 ** 62, 2 ** 62, host_temporaries=True)
 
 
 def named_profile(device):

@@ -27,6 +27,7 @@ from .replay import Recorded, StepReplay, recording_seeds, upload_batches
 class TrainConfig:
     steps: int = 500
     batch_size: int = 12
+    block_size: int = 0                # tokens per training sequence (0: the model's block_size; at most that)
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
@@ -51,7 +52,8 @@ class TrainConfig:
         inputs (Trainer.reconfigure) all go through."""
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "grad_accum_steps"):
             setattr(self, name, integer(name, getattr(self, name), low=1))
-        for name in ("warmup_steps", "early_stopping_patience", "check_finite_every", "checkpoint_every"):
+        for name in ("block_size", "warmup_steps", "early_stopping_patience", "check_finite_every",
+                     "checkpoint_every"):
             setattr(self, name, integer(name, getattr(self, name), low=0))
         self.lr = real("lr", self.lr, low=0, low_open=True)
         for name in ("min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta", "max_seconds"):
@@ -155,6 +157,7 @@ class Trainer:
         self.model, self.cfg = model, cfg or TrainConfig()
         vocab = model.config.vocab_size
         self.train_ids, self.val_ids = _token_ids("train_ids", train_ids, vocab), _token_ids("val_ids", val_ids, vocab)
+        self._check_block_size()
         self._check_fits()
         self._check_splits()
         self.optimizer = AdamW(model.optimizer_groups(self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas)
@@ -184,21 +187,35 @@ class Trainer:
         backend = self.optimizer.backend
         self.replay = StepReplay(backend) if backend.supports_capture else None
 
+    @property
+    def block_size(self):
+        """Tokens per training sequence: TrainConfig.block_size, or the model's (a Llama model's is its
+        max_position_embeddings, 8192 for SmolLM2: far longer than most runs want)."""
+        return self.cfg.block_size or self.model.config.block_size
+
+    def _check_block_size(self, cfg=None):
+        cfg = cfg or self.cfg
+        limit = self.model.config.block_size
+        if cfg.block_size > limit:
+            raise InputError(f"block_size {cfg.block_size} is longer than the model's block_size {limit}: a "
+                             f"training sequence takes 1..{limit} tokens (0: the model's)")
+
     def _check_fits(self, cfg=None):
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
         says why and what would fit)."""
         cfg = cfg or self.cfg
+        seq = cfg.block_size or self.model.config.block_size
         from ..models.llama import LlamaConfig, check_batch_fits
         from ..models.transformer import TransformerConfig
         from ..plan.estimator import check_fits
         config = self.model.config
         if isinstance(config, TransformerConfig):
             lora = getattr(self.model, "lora_config", None)
-            check_fits(config, cfg.batch_size, self.model.wte.weight.backend,
+            check_fits(config, cfg.batch_size, self.model.wte.weight.backend, seq=seq,
                        lora_rank=lora["r"] if lora else None,
                        lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32")
         elif isinstance(config, LlamaConfig):
-            check_batch_fits(config, cfg.batch_size, self.model.model.embed_tokens.weight.backend)
+            check_batch_fits(config, cfg.batch_size, self.model.model.embed_tokens.weight.backend, seq=seq)
 
     def reconfigure(self, **values):
         """Change TrainConfig fields of this trainer (between runs, or during one: applied from the next step).
@@ -210,8 +227,10 @@ class Trainer:
         if {"weight_decay", "betas"} & set(values):  # the optimizer built from them keeps its own copies
             raise InputError("weight_decay and betas are fixed once the trainer has built its optimizer")
         new = replace(self.cfg, **values)
-        if new.batch_size != self.cfg.batch_size:
+        self._check_block_size(new)
+        if (new.batch_size, new.block_size) != (self.cfg.batch_size, self.cfg.block_size):
             self._check_fits(new)
+            self._check_splits(new.block_size or self.model.config.block_size)
         # between two steps (the step lock): a step reads cfg's fields as it goes (grad_accum_steps per micro-batch)
         with self.step_lock:
             for name in values:  # the same object: a running loop reads self.cfg's fields each step
@@ -220,15 +239,16 @@ class Trainer:
                 self.optimizer.lr = self.cfg.lr
         return self.cfg
 
-    def _check_splits(self):
+    def _check_splits(self, block=None):
         """Refuse splits too short to draw a block from now, not at the first evaluation after the training time."""
-        block, need = self.model.config.block_size, min_tokens(self.model.config.block_size)
+        block = block or self.block_size
+        need = min_tokens(block)
         n_train, n_val = len(self.train_ids), len(self.val_ids)
         if min(n_train, n_val) < need:
             short = [k for k, n in (("train", n_train), ("validation", n_val)) if n < need]
             raise InputError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for block_size {block}: train has {n_train} tokens, "
                              f"validation {n_val}, each needs at least {need}; use a longer text, a larger "
-                             f"validation fraction, or a model with a smaller block_size")
+                             f"validation fraction, or a smaller block_size")
 
     @classmethod
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
@@ -292,7 +312,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         self.optimizer.zero_grad()
-        self._last_batches = [get_batch(self.train_ids, cfg.batch_size, model.config.block_size, self.rng)
+        self._last_batches = [get_batch(self.train_ids, cfg.batch_size, self.block_size, self.rng)
                               for _ in range(cfg.grad_accum_steps)]
         lr = cosine_lr(self.step_num, cfg)
         replay = self.replay if cfg.replay_steps else None
@@ -375,7 +395,7 @@ class Trainer:
         losses = []
         with no_grad(), evaluating():  # called from the kernel while a panel trains: the steps keep their dropout
             for _ in range(batches):
-                x, y = get_batch(self.val_ids, cfg.batch_size, model.config.block_size, rng)
+                x, y = get_batch(self.val_ids, cfg.batch_size, self.block_size, rng)
                 losses.append(model(x, y)[1].item())
         return float(np.mean(losses))
 
@@ -395,7 +415,7 @@ class Trainer:
         if cfg.checkpoint_dir:  # refused now, not after the training that a refused save would lose
             from ..checkpoint import check_save_target
             check_save_target(cfg.checkpoint_dir, writable=True)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.model.config.block_size
+        tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.block_size
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
         say = bar.write if progress else print
         t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
