@@ -1,6 +1,6 @@
 """Tensor and reverse-mode autograd.
 
-A Tensor wraps one backend array. Ops (lab/engine/ops.py) build new tensors with `Tensor._make`, recording
+A Tensor wraps one backend array. Ops (lab/engine/ops/) build new tensors with `Tensor._make`, recording
 their parents and a backward closure; `backward()` walks that graph in reverse topological order.
 """
 import contextlib

@@ -1,0 +1,111 @@
+"""Products: matmul, and linear (x @ weight + bias, with the activation applied as the tiles are stored)."""
+import builtins as _builtins  # sum and max are ops of this package: the builtins are named as such throughout
+import math
+
+from ..tensor import Tensor, is_grad_enabled
+from ._common import _check_float, _lift, _shape_str
+from .elementwise import gelu
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """a @ b with optional transposed operands. Leading (batch) dims must match, or one side is 2D."""
+    if not isinstance(b, Tensor):
+        b = _lift(b, a)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: operands need at least 2 dimensions, got shapes {_shape_str(a.shape)} "
+                         f"and {_shape_str(b.shape)}")
+    _check_float(a, "matmul")
+    _check_float(b, "matmul")
+    B = a.backend
+    M, Ka = (a.shape[-1], a.shape[-2]) if transpose_a else (a.shape[-2], a.shape[-1])
+    Kb, N = (b.shape[-1], b.shape[-2]) if transpose_b else (b.shape[-2], b.shape[-1])
+    if Ka != Kb:
+        raise ValueError(f"matmul: shapes {_shape_str(a.shape)} and {_shape_str(b.shape)} do not align: "
+                         f"{Ka} != {Kb}")
+    lead_a, lead_b = a.shape[:-2], b.shape[:-2]
+    if lead_a and lead_b and lead_a != lead_b:
+        raise ValueError(f"matmul: batch dimensions {lead_a} and {lead_b} differ (shapes {_shape_str(a.shape)} "
+                         f"and {_shape_str(b.shape)}); they must match or one operand must be 2D")
+    lead = lead_a or lead_b
+    if not lead_b and not transpose_a:  # fold a's batch into its rows: one big GEMM instead of many small ones
+        a3 = B.reshape(a.data, (1, math.prod(lead_a) * M, Ka))
+    else:
+        a3 = B.reshape(a.data, (math.prod(lead_a),) + a.shape[-2:])
+    b3 = B.reshape(b.data, (math.prod(lead_b),) + b.shape[-2:])
+    out = B.reshape(B.matmul(a3, b3, transpose_a, transpose_b), lead + (M, N))
+
+    def backward(g):
+        batch = _builtins.max(a3.shape[0], b3.shape[0])
+        # rows per batch as the forward's product had them (a's batch folded in or not), not size // N: N or the
+        # batch may be 0 (an empty product)
+        g3 = B.reshape(g, (batch, a3.shape[-1] if transpose_a else a3.shape[-2], N))
+        ga = gb = None
+        if a.requires_grad:
+            ga = B.matmul(b3, g3, transpose_b, True) if transpose_a else B.matmul(g3, b3, False, not transpose_b)
+            if a3.shape[0] == 1 and ga.shape[0] > 1:
+                ga = B.reduce("sum", ga, 0)
+            ga = B.reshape(ga, a.shape)
+        if b.requires_grad:
+            gb = B.matmul(g3, a3, True, transpose_a) if transpose_b else B.matmul(a3, g3, not transpose_a, False)
+            if b3.shape[0] == 1 and gb.shape[0] > 1:
+                gb = B.reduce("sum", gb, 0)
+            gb = B.reshape(gb, b.shape)
+        return ga, gb
+    return Tensor._make(out, B, (a, b), backward)
+
+
+def _check_activation(activation):
+    if activation not in (None, "gelu"):
+        raise ValueError(f"linear: activation must be None or 'gelu', got {activation!r}")
+
+
+def activate(x, activation):
+    """x with linear's `activation` (None or "gelu") applied by its own op: for a layer whose output is not one
+    product the matmul's store could apply it to (a LoRA layer's base + adapter)."""
+    _check_activation(activation)
+    return x if activation is None else gelu(x)
+
+
+def linear(x, weight, bias=None, activation=None):
+    """x @ weight + bias for x (..., K), weight (K, N), bias (N,): one node, the bias added by the matmul kernel
+    as it stores its tiles where it can (a pass over the output saved per layer). activation="gelu" returns
+    gelu(x @ weight + bias), applied as the tiles are stored on a backend with matmul_gelu (wgpu), else by gelu()."""
+    _check_activation(activation)
+    if weight.ndim != 2:
+        raise ValueError(f"linear: the weight must be 2-D (K, N), got shape {_shape_str(weight.shape)}")
+    if weight.dtype != "float16":  # (a float16 weight is storage the matmul reads as it is)
+        _check_float(weight, "linear")
+    if bias is not None:
+        _check_float(bias, "linear")
+    K, N = weight.shape
+    if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"linear: input {_shape_str(x.shape)}, weight {_shape_str(weight.shape)} and bias "
+                         f"{_shape_str(bias.shape) if bias is not None else None} do not fit (want (..., {K}), "
+                         f"({K}, N), (N,))")
+    _check_float(x, "linear")
+    B = x.backend
+    if activation == "gelu" and not B.fused_matmul_gelu:
+        return activate(linear(x, weight, bias), activation)
+    M = math.prod(x.shape[:-1])
+    x3, w3 = B.reshape(x.data, (1, M, K)), B.reshape(weight.data, (1, K, N))
+    b = bias.data if bias is not None else None
+    pre = None
+    if activation == "gelu":
+        needs_grad = is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        out, pre = B.matmul_gelu(x3, w3, b, keep_pre=needs_grad)
+    else:
+        out = B.matmul(x3, w3, bias=b)
+    out = B.reshape(out, x.shape[:-1] + (N,))
+
+    def backward(g):
+        if pre is not None:
+            g = B.binary("gelu_bwd", B.reshape(pre, g.shape), g)
+        g3 = B.reshape(g, (1, M, N))
+        gx = B.reshape(B.matmul(g3, w3, False, True), x.shape) if x.requires_grad else None
+        gw = B.reshape(B.matmul(x3, g3, True, False), (K, N)) if weight.requires_grad else None
+        grads = (gx, gw)
+        if bias is not None:
+            grads += (B.reduce("sum", B.reshape(g, (M, N)), 0) if bias.requires_grad else None,)
+        return grads
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return Tensor._make(out, B, inputs, backward)
