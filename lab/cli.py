@@ -208,7 +208,8 @@ def _bench(args):
     if args.suite == "train":
         from lab.bench.train import run_train_bench
         out = args.out or f"bench-results/train-{args.preset}-{name}.json"
-        run_train_bench(args.preset, name, batch_size=args.batch_size, steps=args.steps, out_path=out)
+        run_train_bench(args.preset, name, batch_size=args.batch_size, steps=args.steps, out_path=out,
+                        block_size=args.block_size)
         return 0
     from lab.bench.kernels import MATMUL_SIZES, run_kernels
     sizes = args.sizes or MATMUL_SIZES
@@ -237,11 +238,14 @@ def _plan(args):
 
 def _export(args):
     from lab.scale import export_checkpoint
+    from lab.scale import LAB_TOKENIZER_FILE
     out = export_checkpoint(args.checkpoint, args.out, format=args.format, adapter=args.adapter)
-    print(f"exported {args.checkpoint} to {out} (GPT-2 layout"
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {args.checkpoint} to {out} ({architecture} layout"
           + (", with the LoRA adapter in adapter/" if (out / "adapter").is_dir() else "") + ")")
-    print(f"continue training with PyTorch DDP: torchrun --nproc_per_node N -m lab.scale.ddp_train --model {out} "
-          f"--out {out}-ddp")
+    if (out / LAB_TOKENIZER_FILE).is_file():   # ddp_train encodes a bundled corpus with lab's tokenizer
+        print(f"continue training with PyTorch DDP: torchrun --nproc_per_node N -m lab.scale.ddp_train --model "
+              f"{out} --out {out}-ddp")
     return 0
 
 
@@ -326,7 +330,10 @@ def main(argv=None):
     b.add_argument("--base-dtype", default="float32", choices=("float32", "float16"),
                    help="lora: storage of the frozen linear weights (float16: also runs a float32 base to compare)")
     b.add_argument("--preset", default="tiny", help="train, lora: model preset")
-    b.add_argument("--batch-size", type=count, help="train, lora: batch size (default 12, 64 for shakespeare-char)")
+    b.add_argument("--batch-size", type=count, help="train, lora: batch size (default 12, 64 for shakespeare-char, "
+                                                    "8 for gpt2-small and smollm2-135m)")
+    b.add_argument("--block-size", type=count, help="train: tokens per sequence (default: the preset's block size; "
+                                                    "512 for smollm2-135m)")
     b.add_argument("--steps", type=count, default=20, help="train, lora: timed steps")
     b.add_argument("--backend", choices=BACKENDS, help=backend_help)
     b.add_argument("--sizes", type=_ints, help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
@@ -356,15 +363,17 @@ def main(argv=None):
     pl.add_argument("--backend", choices=BACKENDS, help=backend_help + " (for --device this)")
     pl.set_defaults(fn=_plan)
 
-    ex = sub.add_parser("export", help="write a checkpoint in the Hugging Face GPT-2 layout (for PyTorch DDP)")
+    ex = sub.add_parser("export", help="write a checkpoint in Hugging Face's layout of its family (GPT-2, Llama, "
+                                       "Qwen2, Mistral), e.g. for PyTorch DDP")
     ex.add_argument("--checkpoint", required=True, help="a lab checkpoint directory (from train --out)")
-    ex.add_argument("--format", default="hf", choices=["hf"], help="output layout (default hf: GPT-2)")
+    ex.add_argument("--format", default="hf", choices=["hf"], help="output layout (default hf: transformers')")
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--adapter", help="a LoRA adapter directory to export too (default: the checkpoint's own)")
     ex.set_defaults(fn=_export)
 
-    im = sub.add_parser("import", help="bring a GPT-2-layout model (e.g. trained with DDP) back into lab")
-    im.add_argument("directory", help="a directory in the GPT-2 layout, with tokenizer files")
+    im = sub.add_parser("import", help="bring a model in Hugging Face's layout (e.g. trained with DDP) back into lab")
+    im.add_argument("directory", help="a directory in the layout of GPT-2, Llama, Qwen2 or Mistral, with tokenizer "
+                                      "files")
     im.add_argument("--out", help="where to save the lab checkpoint (default DIRECTORY-lab)")
     im.set_defaults(fn=_import)
 

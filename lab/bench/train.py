@@ -1,7 +1,10 @@
 """Training throughput: lab and the same model in PyTorch eager, same config, batch and device class, in one run.
 
 `python -m lab bench train --preset tiny` on a CPU machine compares lab's numpy backend with PyTorch on the CPU;
-with --backend wgpu on a GPU machine, lab's wgpu backend with PyTorch CUDA (fp32, TF32 off)."""
+with --backend wgpu on a GPU machine, lab's wgpu backend with PyTorch CUDA (fp32, TF32 off). A Llama preset
+(llama-tiny, smollm2-135m) runs beside transformers' LlamaForCausalLM (eager attention) holding lab's initial
+weights, on the batches lab drew, with the same AdamW settings."""
+import copy
 import json
 import time
 from dataclasses import replace
@@ -13,7 +16,7 @@ from ..checks import InputError
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
-from ..models import PRESETS, TransformerLM
+from ..models import MODELS, PRESETS, LlamaConfig
 from ..train import TrainConfig, Trainer
 
 
@@ -29,37 +32,51 @@ def measure_steps(trainer, steps):
     return (time.perf_counter() - t) / steps
 
 
-def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=None, dropout=None, print_fn=print):
+# a benchmark's sequence for a Llama preset, whose block_size is its longest context (8192 for SmolLM2)
+BENCH_BLOCK_SIZE = {"smollm2-135m": 512}
+BENCH_BATCH_SIZE = {"shakespeare-char": 64, "gpt2-small": 8, "smollm2-135m": 8}
+
+
+def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=None, dropout=None, print_fn=print,
+                    block_size=None):
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    llama = isinstance(PRESETS[preset], LlamaConfig)
     backend = backend_instance(backend_name)
     with using_backend(backend):
         text = load_corpus()
         tok = CharTokenizer.from_text(text)
         ids = tok.encode(text)
-        # GPT-2 presets keep GPT-2's vocabulary (the corpus's character ids are valid tokens of it), so the
-        # output layer has GPT-2's size; the others take the corpus's
-        vocab = max(tok.vocab_size, PRESETS[preset].vocab_size) if preset.startswith("gpt2") else tok.vocab_size
+        # GPT-2 and Llama presets keep their vocabulary (the corpus's character ids are valid tokens of it), so
+        # the output layer has its real size (49152 for SmolLM2: a large part of a step); the others take the
+        # corpus's
+        keep = preset.startswith("gpt2") or llama
+        vocab = max(tok.vocab_size, PRESETS[preset].vocab_size) if keep else tok.vocab_size
         cfg = replace(PRESETS[preset], vocab_size=vocab)
         if dropout is not None:
             cfg = replace(cfg, dropout=dropout)
-        batch_size = batch_size or {"shakespeare-char": 64, "gpt2-small": 8}.get(preset, 12)
+        batch_size = batch_size or BENCH_BATCH_SIZE.get(preset, 12)
+        block = block_size or BENCH_BLOCK_SIZE.get(preset, 0)
         manual_seed(0)
-        model = TransformerLM(cfg)
-        trainer = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size))
+        model = MODELS[type(cfg)](cfg)
+        tcfg = TrainConfig(steps=10**9, batch_size=batch_size, block_size=block)   # (checks block against the model)
+        trainer = Trainer(model, ids, ids[:10_000], tcfg)
+        block = trainer.block_size
+        if llama:   # what PyTorch starts from: lab's initial weights, and the batches lab's steps draw
+            weights, batch_rng = model.hf_weights(), copy.deepcopy(trainer.rng)
+            lab_first_loss = trainer.train_step()[0].item()
         lab_s = measure_steps(trainer, steps)
         replayed = trainer.replay is not None and trainer.replay.replayed > 0
         if replayed:  # the same steps run eagerly (every op through Python), for the replay's share
-            eager = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch_size,
-                                                                  replay_steps=False))
+            eager = Trainer(model, ids, ids[:10_000], replace(tcfg, replay_steps=False))
             eager_s = measure_steps(eager, steps)
-    tokens = batch_size * cfg.block_size
+    tokens = batch_size * block
     result = {"suite": "train", "preset": preset, "backend": backend.name, "batch_size": batch_size,
-              "block_size": cfg.block_size, "parameters": model.num_parameters(), "steps": steps,
+              "block_size": block, "parameters": model.num_parameters(), "steps": steps,
               "lab_tokens_per_s": tokens / lab_s, "lab_ms_per_step": lab_s * 1e3, "replayed_steps": replayed}
     if backend.name == "wgpu":
         result["device"] = backend.device_info["device"]
-    line = (f"train {preset} ({model.num_parameters() / 1e6:.2f}M params, batch {batch_size} x {cfg.block_size}): "
+    line = (f"train {preset} ({model.num_parameters() / 1e6:.2f}M params, batch {batch_size} x {block}): "
             f"lab {backend.name} {tokens / lab_s:,.0f} tokens/s ({lab_s * 1e3:.1f} ms/step)")
     if replayed:
         result.update(lab_eager_tokens_per_s=tokens / eager_s, lab_eager_ms_per_step=eager_s * 1e3)
@@ -71,9 +88,17 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
         torch = None
     if torch is not None:
         device = "cuda" if backend.name == "wgpu" and torch.cuda.is_available() else "cpu"
-        rng = np.random.default_rng(0)
-        batches = [get_batch(ids, batch_size, cfg.block_size, rng) for _ in range(8)]
-        torch_s, _ = seconds_per_step(cfg, batch_size, steps, device, batches)
+        if llama:   # transformers' LlamaForCausalLM (eager attention) with lab's weights, on lab's batches
+            from .torch_llama import seconds_per_step as llama_seconds_per_step
+            batches = [get_batch(ids, batch_size, block, batch_rng) for _ in range(4 + steps + 1)]
+            torch_s, torch_first_loss = llama_seconds_per_step(cfg, weights, steps, device, batches, tcfg.lr,
+                                                               tcfg.weight_decay, tcfg.betas)
+            result.update(model=f"transformers {cfg.architecture} (eager attention, fp32)",
+                          lab_first_loss=lab_first_loss, torch_first_loss=torch_first_loss)
+        else:
+            rng = np.random.default_rng(0)
+            batches = [get_batch(ids, batch_size, block, rng) for _ in range(8)]
+            torch_s, _ = seconds_per_step(cfg, batch_size, steps, device, batches)
         result.update(torch_device=device, torch_tokens_per_s=tokens / torch_s, torch_threads=torch.get_num_threads(),
                       ratio=(tokens / lab_s) / (tokens / torch_s))
         line += f"; torch eager {device} {tokens / torch_s:,.0f} tokens/s; lab/torch {result['ratio']:.2f}x"

@@ -16,7 +16,7 @@ from ..checks import InputError
 from ..checkpoint import checkpoint_files, load_checkpoint, tokenizer_of
 from ..data import TOKENIZER_SIDE_FILES, write_tokenizer
 from ..io import atomic_files, reading
-from ..models.transformer import _write_model, load_pretrained
+from ..models import load_pretrained
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
 HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format
@@ -56,9 +56,11 @@ def _apart(source, out):
 
 
 def export_checkpoint(checkpoint, out, format="hf", adapter=None):
-    """Write a lab checkpoint (and its LoRA adapter, if any) in the Hugging Face GPT-2 layout. Returns `out`."""
+    """Write a lab checkpoint (and its LoRA adapter, if any) in the Hugging Face layout of its family (GPT-2's, or
+    LlamaForCausalLM's and its kin's). Returns `out`."""
     if format != "hf":
-        raise InputError(f"unknown export format {format!r}: the supported format is 'hf' (GPT-2 layout)")
+        raise InputError(f"unknown export format {format!r}: the supported format is 'hf' (Hugging Face's layout "
+                         f"of the model's family)")
     _apart(checkpoint, out)
     from .. import lora
     with reading(checkpoint):   # the model, tokenizer and adapter of one save
@@ -73,7 +75,7 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     # one save: the base with its adapter, or with an earlier export's adapter removed (it belongs to other weights:
     # import would put it on this base), so that no interruption pairs one base with another's adapter
     with atomic_files(out, remove=(*TOKENIZER_SIDE_FILES, *(() if has_adapter else _adapter_names()))) as files:
-        _write_model(model, files, "hf")
+        model.write_files(files, "hf")
         if callable(getattr(tokenizer, "to_json", None)):   # lab's own: its file, and the same for transformers
             files.write_text(LAB_TOKENIZER_FILE, tokenizer.to_json())
             files.write_json(HF_TOKENIZER_FILE, hf_tokenizer_json(tokenizer))
@@ -95,8 +97,8 @@ def _adapter_names():
 
 
 def import_model(directory, out=None):
-    """(model, tokenizer) from a directory in the GPT-2 layout (exported by lab, or trained by PyTorch / transformers
-    from one), with its adapter/ loaded when present. With `out`, also saves a lab checkpoint there that
+    """(model, tokenizer) from a directory in the Hugging Face layout of a family lab knows (exported by lab, or
+    trained by PyTorch / transformers from one: GPT-2, Llama, Qwen2, Mistral), with its adapter/ loaded when present. With `out`, also saves a lab checkpoint there that
     `python -m lab generate --checkpoint` and the widgets use."""
     from .. import lora
     d = Path(directory)

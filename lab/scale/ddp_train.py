@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m lab.scale.ddp_train --model runs/hf --out runs/hf-ddp        # CPU: gloo
     torchrun --nproc_per_node 8 -m lab.scale.ddp_train --model runs/hf --out runs/hf-ddp        # GPUs: nccl
 
-The model is transformers' GPT2LMHeadModel loaded from the directory `python -m lab export` wrote; the data is the
+The model is transformers' GPT2LMHeadModel (or LlamaForCausalLM & co.) loaded from the directory `python -m lab export` wrote; the data is the
 same bundled corpus, encoded by the same tokenizer (lab_tokenizer.json), split as lab splits it. Every process
 draws its own random batches (seeded by rank); DDP averages the gradients. The result is saved in the same layout,
 with the tokenizer files, so `python -m lab import` brings it back. No communication code here: DDP does it all.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 from lab.checkpoint import load_tokenizer
 from lab.data import get_batch, load_corpus, train_val_split
@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--corpus", default="kjv", help="bundled corpus name or a text file (default kjv)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=12, help="sequences per process per step")
+    p.add_argument("--block-size", type=int, default=0, help="tokens per sequence (default: GPT-2's n_positions, "
+                                                             "a Llama model's max_position_embeddings)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -57,8 +59,9 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(Path(args.model) / "lab_tokenizer.json")
     train_ids, val_ids = train_val_split(tokenizer.encode(load_corpus(args.corpus)), 0.1)
-    model = GPT2LMHeadModel.from_pretrained(args.model, use_safetensors=True).to(device)  # never a pickle
-    block = model.config.n_positions
+    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True).to(device)  # never a pickle
+    # a Llama model's max_position_embeddings is its longest context, not a training length
+    block = args.block_size or getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     ddp = DDP(model, device_ids=[local_rank] if cuda else None)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
