@@ -1,6 +1,7 @@
 """The wgpu matmul planner's choices, without a GPU: lab.engine.wgpu.matmul_plan is arithmetic on shapes, limits and
 tuning (the kernels it names are checked against numpy in test_ops.py)."""
 import math
+import re
 import subprocess
 import sys
 
@@ -163,5 +164,32 @@ def test_an_empty_product_plans_no_split():
 
 
 def test_a_split_chunk_below_one_is_refused():
-    with pytest.raises(ValueError, match="SPLIT_K_MIN_CHUNK must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="SPLIT_K_MIN_CHUNK must be an integer >= 1, got 0"):
         Tuning(SPLIT_K_MIN_CHUNK=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(THIN_MAX=17), "THIN_MAX must be an integer >= 0 and <= 16, got 17"),   # the thin kernel's 16 columns
+    (dict(SPLIT_K_TILES=-1), "SPLIT_K_TILES must be an integer >= 0, got -1"),
+    (dict(SPLIT_K_MIN_K=2.5), "SPLIT_K_MIN_K must be an integer >= 0, got 2.5"),
+    (dict(THIN_MIN_VOLUME=True), "THIN_MIN_VOLUME must be an integer >= 0, got True"),
+    (dict(PAD_MAX_WORK=0.5), "PAD_MAX_WORK must be a finite number >= 1, got 0.5"),
+    (dict(MATMUL_ROWS=1), "MATMUL_ROWS must be True or False, got 1")])
+def test_a_nonsense_tuning_is_one_error_naming_the_field(change, message):
+    with pytest.raises(ValueError, match=re.escape("Tuning: " + message)):
+        Tuning(**change)
+
+
+def test_a_split_threshold_below_one_chunk_plans_one_chunk():
+    """SPLIT_K_MIN_K under SPLIT_K_MIN_CHUNK let K // SPLIT_K_MIN_CHUNK be 0 chunks: ZeroDivisionError."""
+    for M, N, K in ((20, 20, 64), (1, 65, 33), (130, 129, 40), (64, 64, 1)):
+        p = plan(M, N, K, tuning=Tuning(SPLIT_K_MIN_K=0))
+        assert p.split == 1 and p.k_chunk >= K
+    assert plan(0, 5, 7, tuning=Tuning(THIN_MIN_VOLUME=0)).path == "tiled"   # no thin plan of no rows
+
+
+def test_a_thin_product_takes_the_tiled_kernel_where_the_thin_one_does_not_fit():
+    between = Limits(workgroup_storage=(storage("matmul") + storage("matmul_thin")) // 2)
+    assert storage("matmul") <= between.workgroup_storage < storage("matmul_thin")
+    assert plan(1, 4097, 300).kernel == "matmul_thin" and plan(1, 4097, 300, limits=between).kernel == "matmul"
+    assert plan(4097, 3, 300, limits=between).kernel == "matmul"

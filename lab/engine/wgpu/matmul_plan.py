@@ -7,6 +7,7 @@ import functools
 import math
 import re
 
+from ...checks import InputError, integer, real, show
 from ..kernels import source
 from .common import WG, _grid, _round_up
 
@@ -16,6 +17,7 @@ TILE_WIDE = 128  # matmul_aligned.wgsl's *128 tiles (128 rows x 64) and *_wide t
 TK = 16          # the tiled kernels' step along K: split-K chunks and whole-tile K are multiples of it
 THIN_ROWS = 64   # matmul_thin.wgsl's rows (of the product or, for a thin M, of its transpose) per workgroup
 THIN_TK = 32     # matmul_thin.wgsl's step along K
+THIN_COLS = 16   # matmul_thin.wgsl's columns of the product (or, for a thin M, of its transpose)
 _WORKGROUP_ARRAY = re.compile(r"var<workgroup>\s*\w+\s*:\s*array<\s*([\w<>]+)\s*,\s*(\d+)\s*>")
 _ELEMENT_BYTES = {"f32": 4, "u32": 4, "i32": 4, "vec2<f32>": 8, "vec4<f32>": 16, "vec4<u32>": 16}
 
@@ -43,8 +45,18 @@ class Tuning:
     PAD_MAX_WORK: float = 1.05      # ... if the padded product is at most this much more work
 
     def __post_init__(self):
-        if self.SPLIT_K_MIN_CHUNK < 1:
-            raise ValueError(f"Tuning: SPLIT_K_MIN_CHUNK must be at least 1, got {self.SPLIT_K_MIN_CHUNK}")
+        # a threshold below its meaningful range silently means "always" or "never", and THIN_MAX above the thin
+        # kernel's 16 columns wrote only the first 16 of each row: each field is checked against what the kernels do
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type is bool:
+                if not isinstance(value, bool):
+                    raise InputError(f"Tuning: {f.name} must be True or False, got {show(value)}")
+            elif f.name == "PAD_MAX_WORK":
+                object.__setattr__(self, f.name, real(f"Tuning: {f.name}", value, 1.0))
+            else:
+                object.__setattr__(self, f.name, integer(f"Tuning: {f.name}", value, int(f.name == "SPLIT_K_MIN_CHUNK"),
+                                                         THIN_COLS if f.name == "THIN_MAX" else None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +136,8 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
         padded = _padded_to_tiles(M, N, K, batch, limits, tuning)
         if padded:
             return Plan("padded", padded=padded)
-    if not views and not gelu and not bias and batch_a == batch_b == 1 and M * N * K >= tuning.THIN_MIN_VOLUME:
-        if min(M, N) <= tuning.THIN_MAX:
+    if not views and not gelu and not bias and batch_a == batch_b == 1 and M * N * K >= max(tuning.THIN_MIN_VOLUME, 1):
+        if min(M, N) <= tuning.THIN_MAX and fits("matmul_thin", limits):
             return _thin(M, N, K, limits, tuning)
         if K <= tuning.THIN_MAX and not trans_a and not trans_b:
             return _checked(Plan("thin_k", "lora", "up_add_t_main", _grid(math.ceil(M * N / WG)), cast=True), M, N, K,
@@ -137,8 +149,8 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
         # as many chunks as fill the device with tiles of 64 x 64 or, where M and N allow, of 128 x 128: the
         # weight gradients' long K then runs at the 128 x 128 tiles' full rate (45.9 TFLOP/s in 32 chunks against
         # 34.0 in 8 for 384 x 1536 x 16384 on the H200), well worth summing the chunks after
-        S = min(math.ceil(tuning.SPLIT_K_TILES / (tiles // 4 if wide_shape else tiles)), K // tuning.SPLIT_K_MIN_CHUNK,
-                max(1, limits.max_workgroups // batch))
+        S = max(1, min(math.ceil(tuning.SPLIT_K_TILES / (tiles // 4 if wide_shape else tiles)),
+                       K // tuning.SPLIT_K_MIN_CHUNK, limits.max_workgroups // batch))   # (K may be under a chunk)
     kc = math.ceil(math.ceil(K / S) / TK) * TK   # chunks of whole TK steps
     S = math.ceil(K / kc)
     aligned_on = tuning.MATMUL_ALIGNED and fits("matmul_aligned", limits)
