@@ -55,6 +55,16 @@ def test_a_missing_include_names_the_file_that_includes_it(tmp_path, monkeypatch
         kernels.source("absent")
 
 
+def test_a_malformed_include_is_one_error_naming_the_file_and_line(tmp_path, monkeypatch, fresh_cache):
+    """`#include` lines not of the form `#include NAME` were left in the WGSL for the shader compiler to reject."""
+    for line in ("#include ../flat", "#include", "#include flat // prologue", "#include flat helper"):
+        _dir(tmp_path, monkeypatch, flat="const WG: u32 = 1u;\n", k=f"fn f() {{}}\n{line}\n")
+        with pytest.raises(ValueError, match=rf"^kernel k\.wgsl: line 2: `{re.escape(line)}` is not a directive"):
+            kernels.source("k")
+    _dir(tmp_path, monkeypatch, flat="const WG: u32 = 1u;\n", k="    #include flat\n#unroll i < 2\nx$i\n#end")
+    assert kernels.source("k") == "const WG: u32 = 1u;\n\nx0\nx1\n"   # indented; an #end ending the file
+
+
 def test_a_circular_include_is_an_error_that_shows_the_chain(tmp_path, monkeypatch, fresh_cache):
     _dir(tmp_path, monkeypatch, a="#include b\n", b="#include c\n", c="#include a\n")
     with pytest.raises(ValueError, match=r"circular: a -> b -> c -> a"):
@@ -90,6 +100,13 @@ def test_unroll_writes_a_block_out_once_per_value_and_nests():
     ("#unroll r < 4 / 0\n#end\n", r"integer arithmetic giving 0..1024"),
     ("#unroll r < (2\n#end\n", r"integer arithmetic giving 0..1024"),
     ("#unroll r < 2\n#unroll r < 3\n$r\n#end\n#end\n", r"an #unroll r inside another"),
+    # a `#` line that is no directive, named with its line (it was taken for another, or reached the compiler)
+    ("#unroll r\nx$r\n#end\n", r"line 1: `#unroll r` is not a directive; allowed: `#include NAME`"),
+    ("#unroll r from 0 4\nx\n#end\n", r"line 1: `#unroll r from 0 4` is not a directive"),
+    ("#unroll r in\nx\n#end\n", r"line 1: `#unroll r in` is not a directive"),
+    ("#unrol r < 2\nx\n#end\n", r"line 1: `#unrol r < 2` is not a directive"),
+    ("#unroll r < 2\nx\n#end r\n", r"line 3: `#end r` is not a directive"),
+    ("fn f() {}\n#pragma unroll\n", r"line 2: `#pragma unroll` is not a directive"),
 ])
 def test_a_malformed_unroll_is_one_error_that_says_what_is_wrong(text, message):
     with pytest.raises(ValueError, match=r"^kernel k\.wgsl: .*" + message):

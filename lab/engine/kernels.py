@@ -38,11 +38,26 @@ def _expand(name, instead, chain, done):
             raise ValueError(f"kernel {name}.wgsl: `#include {other}` is circular: "
                              + " -> ".join(chain + (name, other)))
         return "" if other in done else _expand(other, instead, chain + (name,), done)
-    return re.sub(r"^#include (\w+)\r?$", include, path.read_text(), flags=re.M)
+    text = path.read_text()
+    _check_directives(text, f"kernel {name}.wgsl")
+    return re.sub(r"^[ \t]*#include (\w+)[ \t]*\r?$", include, text, flags=re.M)
+
+
+_DIRECTIVE = re.compile(r"[ \t]*#(include \w+|unroll \w+ in( +\S+)+|unroll \w+ < .*\S|end)[ \t]*")
+
+
+def _check_directives(text, where):
+    """One error naming the line for a `#` line that is none of the directives: WGSL has no `#`, so such a line
+    (a typo, `#include ../x`, `#unroll i in` with no values, `#end i`) would otherwise be read as a directive it is
+    not, or reach the shader compiler as a syntax error far from its cause."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("#") and not _DIRECTIVE.fullmatch(line):
+            raise ValueError(f"{where}: line {number}: `{line.strip()}` is not a directive; allowed: `#include NAME`, "
+                             "`#unroll NAME in V1 V2 ...`, `#unroll NAME < N` (integer arithmetic), `#end`")
 
 
 _UNROLL = re.compile(r"^[ \t]*#unroll (\w+) (in|<) (.*?)\r?\n", re.M)
-_END = re.compile(r"^[ \t]*#end[ \t\r]*\n", re.M)
+_END = re.compile(r"^[ \t]*#end[ \t\r]*(?:\n|\Z)", re.M)
 
 
 def unroll(text, where="kernel"):
@@ -52,6 +67,11 @@ def unroll(text, where="kernel"):
     of its own with constant indices, whatever the compiler unrolls (in loops over rows, naga's index clamps kept
     the accumulators out of registers: 4-15x slower with LAB_SHADER_CHECKS=1, and the 128 x 128 tiles 1-3%
     slower without, on the H200)."""
+    _check_directives(text, where)
+    return _unroll(text, where)
+
+
+def _unroll(text, where):
     m = _UNROLL.search(text)
     if m is None:
         if "$" in text:
@@ -82,7 +102,7 @@ def unroll(text, where="kernel"):
     if re.search(r"^[ \t]*#unroll " + name + " ", body, flags=re.M):
         raise ValueError(f"{where}: an #unroll {name} inside another (the outer {name} would replace the inner's)")
     name_re = re.compile(r"\$\{" + name + r"\}|\$" + name + r"\b")
-    return unroll(text[:m.start()] + "".join(name_re.sub(str(v), body) for v in values) + text[end.end():], where)
+    return _unroll(text[:m.start()] + "".join(name_re.sub(str(v), body) for v in values) + text[end.end():], where)
 
 
 def specialize(name, includes=(), **subs):
