@@ -142,3 +142,24 @@ def test_lower_layers_import_nothing_above_them():
     }
     for module, below in allowed.items():
         assert _reachable(graph, module) <= below, (module, sorted(_reachable(graph, module) - below))
+
+
+def test_every_op_of_the_ops_modules_is_reachable_from_lab_engine_ops():
+    # ops.py became a package of modules by kind; code reaches the ops as F.name, so __init__ must export each
+    import inspect
+    from lab.engine import ops
+    kinds = ("elementwise", "reductions", "shape", "linalg", "nn", "attention")
+    for kind in kinds:
+        module = getattr(ops, kind)
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ == module.__name__:
+                assert getattr(ops, name, None) is fn, f"lab.engine.ops.{kind}.{name} is not lab.engine.ops.{name}"
+
+
+def test_star_import_of_ops_gives_the_ops_not_its_submodules():
+    # the submodules' names (nn, shape) would shadow a caller's own, as ops.py's star import never did
+    from lab.engine import ops
+    names = {}
+    exec("from lab.engine.ops import *", names)
+    assert names["matmul"] is ops.matmul and names["rms_norm"] is ops.rms_norm
+    assert not {"nn", "shape", "linalg", "attention", "elementwise", "reductions"} & set(names)

@@ -53,3 +53,7 @@ def _install():
 
 
 _install()
+# what `from lab.engine.ops import *` gave when this was one module: every public name but the submodules', which
+# (nn, shape) would shadow the caller's own
+__all__ = [n for n in dir() if not n.startswith("_") and n not in
+           ("elementwise", "reductions", "shape", "linalg", "nn", "attention")]
