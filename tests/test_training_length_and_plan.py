@@ -10,6 +10,7 @@ import pytest
 import lab
 from lab import plan
 from lab.checks import InputError
+from lab.io import CheckpointError
 from lab.models import LlamaConfig, LlamaLM, TransformerConfig, TransformerLM
 from lab.train import TrainConfig, Trainer
 
@@ -83,6 +84,15 @@ def test_resume_continues_at_the_saved_block_size_with_the_same_losses(use_backe
     resumed = Trainer.resume(tmp_path / "ck", IDS[:2000], IDS[2000:])
     assert resumed.block_size == 9
     assert first + [resumed.train_step()[0].item() for _ in range(2)] == uninterrupted
+    state = json.loads((tmp_path / "ck" / "trainer_state.json").read_text())
+    state["train_config"]["block_size"] = 25   # a file edited to a length the model cannot take: named
+    (tmp_path / "ck" / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: invalid train_config \(block_size 25 is longer "
+                                              r"than the model's block_size 24\)"):
+        Trainer.resume(tmp_path / "ck", IDS[:2000], IDS[2000:])
+    del state["train_config"]["block_size"]   # a checkpoint saved before TrainConfig.block_size: the model's
+    (tmp_path / "ck" / "trainer_state.json").write_text(json.dumps(state))
+    assert Trainer.resume(tmp_path / "ck", IDS[:2000], IDS[2000:]).block_size == 24
 
 
 def test_cli_train_block_size(tmp_path, capsys):

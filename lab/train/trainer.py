@@ -263,6 +263,9 @@ class Trainer:
                 cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in state["train_config"].items()})
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise CheckpointError(f"{Path(directory) / STATE_FILE}: invalid train_config ({e})") from None
+            if cfg.block_size > model.config.block_size:   # the file's, not the caller's: named as such
+                raise CheckpointError(f"{Path(directory) / STATE_FILE}: invalid train_config (block_size "
+                                      f"{cfg.block_size} is longer than the model's block_size {model.config.block_size})")
             if cfg.checkpoint_dir:   # saves go on where the run resumed from, not to a path a file names (a copied
                 cfg.checkpoint_dir = str(directory)   # or downloaded checkpoint would overwrite another run's)
             trainer = cls(model.train(), train_ids, val_ids, cfg, callbacks)
@@ -415,7 +418,6 @@ class Trainer:
         if cfg.checkpoint_dir:  # refused now, not after the training that a refused save would lose
             from ..checkpoint import check_save_target
             check_save_target(cfg.checkpoint_dir, writable=True)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.block_size
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
         say = bar.write if progress else print
         t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
@@ -464,7 +466,8 @@ class Trainer:
                         if out_of_time and not self._stop:
                             self._stop, self.stop_reason = True, f"time limit of {cfg.max_seconds:g} s reached"
                         if step % cfg.log_every == 0 or step == cfg.steps:
-                            now = time.perf_counter()
+                            now = time.perf_counter()   # (the batch and length as reconfigure left them)
+                            tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.block_size
                             record = {
                                 "step": step, "loss": loss.item(), "val_loss": val_loss, "grad_norm": norm.item(),
                                 "lr": cosine_lr(step - 1, cfg),
