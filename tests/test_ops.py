@@ -107,6 +107,27 @@ def test_a_product_with_no_rows_or_columns_is_empty_and_so_are_its_gradients(use
     np.testing.assert_array_equal(b.grad.numpy(), np.zeros((512, N)))
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, True), (True, False)])
+@pytest.mark.parametrize("batch_a,batch_b", [(7, 7), (7, 1), (1, 7)])
+def test_a_batch_of_more_products_than_the_grid_has_workgroups_runs_in_chunks(wgpu_backend, numpy_backend, monkeypatch,
+                                                                              trans_a, trans_b, batch_a, batch_b):
+    """A batch beyond max-compute-workgroups-per-dimension (grid z) was one error (70,000 products of 2 x 2); it runs
+    in chunks of that many, here 3 (a limit lowered so that tiny shapes reach it), with and without a bias, split
+    along K too (K = 300)."""
+    from lab.engine.wgpu.matmul_plan import Limits
+    monkeypatch.setitem(wgpu_backend.__dict__, "_matmul_limits", Limits(max_workgroups=3))
+    rng = np.random.default_rng(7)
+    for M, N, K in ((2, 3, 5), (5, 2, 300)):
+        a = rng.standard_normal((batch_a,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
+        b = rng.standard_normal((batch_b,) + ((N, K) if trans_b else (K, N))).astype(np.float32)
+        bias = rng.standard_normal(N).astype(np.float32)
+        up, down = wgpu_backend.from_numpy, wgpu_backend.to_numpy
+        want = numpy_backend.matmul(a, b, trans_a, trans_b)
+        np.testing.assert_allclose(down(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b)), want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(down(wgpu_backend.matmul(up(a), up(b), trans_a, trans_b, bias=up(bias))),
+                                   want + bias, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("batch_a,batch_b", [(1, 1), (3, 1), (3, 3)])
 def test_split_k_matmul_matches_numpy(wgpu_backend, numpy_backend, trans_a, trans_b, batch_a, batch_b):

@@ -63,6 +63,9 @@ class MatmulOps:
         M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
         N = b.shape[1] if trans_b else b.shape[2]
         batch = max(ba, bb)
+        if batch > self._matmul_limits.max_workgroups and not views:
+            out = self._matmul_batches(a, b, trans_a, trans_b, triangle, M, N, self._matmul_limits.max_workgroups)
+            return (out if bias is None else self.binary("add", out, bias)), None, False
         p = plan(M, N, K, ba, bb, trans_a, trans_b, bias=bias is not None, gelu=gelu is not None, triangle=triangle,
                  views=bool(views), views_vec4=all(v.offset % 4 == 0 and v.width % 4 == 0 and v.dim % 4 == 0
                                                    for v in views),
@@ -152,6 +155,19 @@ class MatmulOps:
         if Np == N and (batch == 1 or Mp == M):  # the wanted rows are a prefix of the padded result
             return GPUArray(out.storage, (batch, M, N), out.dtype)
         return self.copy_view(out, 0, (batch, M, N), (Mp * Np, Np, 1))
+
+    def _matmul_batches(self, a, b, trans_a, trans_b, triangle, M, N, chunk):
+        """A batch of more products than a grid has workgroups along z (65,535 on any WebGPU device), `chunk` products
+        at a time through copies of their operands (the kernels take a batch from offset 0)."""
+        a, b = self._f32(a), self._f32(b)
+        batch = max(a.shape[0], b.shape[0])
+        out = self._alloc((batch, M, N), "float32")
+        for i in range(0, batch, chunk):
+            n = min(chunk, batch - i)
+            a_i, b_i = (x if x.shape[0] == 1 else self.copy_view(x, i * x.shape[1] * x.shape[2], (n,) + x.shape[1:],
+                                                                 (x.shape[1] * x.shape[2], x.shape[2], 1)) for x in (a, b))
+            self.write_view(out, i * M * N, (M * N, N, 1), self.matmul(a_i, b_i, trans_a, trans_b, triangle=triangle))
+        return out
 
     def _f32(self, x):
         """x, or a float32 copy of a float16 array (for the kernels that read float32 only: everything but the
