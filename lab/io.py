@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -35,7 +36,11 @@ REMOVABLE = frozenset({"optimizer.safetensors", "trainer_state.json", "adapter_m
                        "adapter_config.json",
                        # a pretrained tokenizer's files that transformers reads over tokenizer_config.json: a save of
                        # a tokenizer without them removes an earlier tokenizer's (lab.data.pretrained)
-                       "chat_template.jinja", "special_tokens_map.json"})
+                       "chat_template.jinja", "special_tokens_map.json",
+                       # a sharded save's index, superseded by a model.safetensors written beside it (_Staging)
+                       "model.safetensors.index.json"})
+# transformers' shard names (model-00001-of-00004.safetensors): its save_pretrained removes those of an earlier save
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 # a model directory in Hugging Face's layout holds its weights in one of these (read_weights)
@@ -83,7 +88,8 @@ def _save_name(name):
 
 
 def _removable(name):
-    return _save_name(name) and name.rpartition("/")[2] in REMOVABLE
+    base = name.rpartition("/")[2] if isinstance(name, str) else None
+    return _save_name(name) and (base in REMOVABLE or bool(SHARD_NAME.fullmatch(base)))
 
 
 def _journal_pair(name, tmp):
@@ -99,6 +105,7 @@ class _Staging:
 
     def __init__(self, directory):
         self.directory, self.files, self.committed, self.mode = directory, {}, False, None
+        self.removed = set()   # stale files this save's content supersedes (removed when it commits)
         self.created = []   # subdirectories this save made (removed again if it fails)
 
     def path(self, name):
@@ -135,6 +142,11 @@ class _Staging:
                 raise NonFiniteSaveError(f"{self.directory / name}: tensor {key!r} contains NaN or Inf: not saved, "
                                          f"the files already in {self.directory} are kept")
         save_file(tensors, str(self.path(name)), metadata=metadata)
+        if name == WEIGHTS_FILE:
+            # an earlier sharded save there is another model's weights: a reader that falls back to the index (or
+            # a user who deletes model.safetensors) must not get them as this model's, and their gigabytes go
+            self.removed.update(p.name for p in self.directory.iterdir()
+                                if p.name == INDEX_FILE or SHARD_NAME.fullmatch(p.name))
 
 
 def check_save_target(directory, writable=False):
@@ -252,7 +264,7 @@ def atomic_files(directory, remove=()):
         with _locked(d):
             _finish_journal(d)
             yield staging
-            _commit(staging, [n for n in remove if n not in staging.files])
+            _commit(staging, [n for n in {*remove, *staging.removed} if n not in staging.files])
     except (OSError, SafetensorError) as e:   # a full disk, a read-only directory: say which save, and what is left
         left = ("its journal is written: the next load or save there completes it" if staging.committed else
                 "the files already there are as they were")

@@ -2,6 +2,7 @@
 shipped model, generation_config.json, and one clear error per bad input naming the file. No test uses the network:
 each Hub test lays out a cache on disk and sets HF_HUB_OFFLINE=1."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -471,3 +472,49 @@ def test_errors_about_sharded_weights_name_the_index(hf_dirs, tmp_path):
     (tmp_path / "g" / "config.json").write_text(json.dumps({**data, "n_layer": 3}))
     with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: .*missing .*'h.2."):
         from_pretrained(tmp_path / "g")
+
+
+# ------------------------------------------------------------------------------------------------ saving over a model
+
+def _small_lab_model(eos=None):
+    return lab.LlamaLM(lab.LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                       eos_token_id=eos))
+
+
+def test_save_over_a_sharded_model_removes_its_index_and_shards(hf_dirs, tmp_path, use_backend):
+    """model.safetensors written where another model's index and shards lie: those are removed in the same save
+    (transformers' save removes an earlier save's shards too), so nothing falls back to them; other files stay."""
+    import lab.io as C
+    d = _copy(hf_dirs["sharded"][0], tmp_path)
+    (d / "notes.txt").write_text("mine")
+    (d / "model-extra.safetensors").write_bytes(b"not a shard name")
+    model = _small_lab_model()
+    real = os.replace
+
+    def killed_after_the_weights(src, dst):   # a kill after the new weights are in, before the shards go
+        real(src, dst)
+        if Path(dst).name == "model.safetensors":
+            raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.os, "replace", killed_after_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            model.save_pretrained(d)
+    loaded = from_pretrained(d)   # completes the save's journal first
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "generation_config.json", "model-extra.safetensors",
+                                                   "model.safetensors", "notes.txt"]
+    assert loaded.config.num_hidden_layers == 1
+    np.testing.assert_array_equal(loaded.model.norm.weight.numpy(), model.model.norm.weight.numpy())
+    model.save_pretrained(d)   # again, with nothing stale: the same files
+    assert len(list(d.iterdir())) == 5
+
+
+def test_save_replaces_an_earlier_models_generation_config(hf_dirs, tmp_path, numpy_backend):
+    """transformers wrote eos_token_id 2 into generation_config.json; a lab model without an eos saved there must
+    not load back stopping at 2 (nor one with eos 7 at 2), here or in transformers."""
+    for eos, expected in ((None, None), (7, 7), ([3, 5], [3, 5])):
+        d = _copy(hf_dirs["single"][0], tmp_path / str(eos))
+        assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] == 2
+        _small_lab_model(eos).save_pretrained(d)
+        assert from_pretrained(d).config.eos_token_id == expected
+        assert transformers.GenerationConfig.from_pretrained(d).eos_token_id == expected

@@ -16,7 +16,7 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from ..io import (CheckpointError, atomic_files, check_floats, read_json, read_weights, reading,
+from ..io import (GENERATION_FILE, CheckpointError, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
 from ..lora import Adapters, apply_config, checkpoint_config
 
@@ -461,6 +461,10 @@ class LlamaLM(nn.Module, Adapters):
         tensors = {k: v for k, v in self.hf_weights().items() if lora or ".lora_" not in k}
         files.write_tensors(MODEL_FILE, tensors, metadata={"format": "pt"})
         files.write_json(CONFIG_FILE, {**self.config.to_hf(), **({"lora": lora} if lora else {})})
+        # always, as transformers' save does: an earlier model's generation_config.json left there would give this
+        # one its eos_token_id on load (with_generation_config reads it over config.json's)
+        ids = {k: getattr(self.config, k) for k in ("bos_token_id", "eos_token_id")}
+        files.write_json(GENERATION_FILE, {**{k: v for k, v in ids.items() if v is not None}, "_from_model_config": True})
 
     @classmethod
     def from_pretrained(cls, directory):
