@@ -260,3 +260,72 @@ def test_sentencepiece_byte_fallback_streams_whole_characters(tmp_path):
     shown = [stream.decode(tok.decode_bytes([i])) for i in ids]
     # each piece whole characters; the text's first ▁ is the space sentencepiece's decoder strips at the start
     assert not any("\ufffd" in s for s in shown) and "".join(shown) == " " + text
+
+
+PARTS_AND_TOOLS = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% elif m.content %}{% for p in m.content %}"
+    "{% if p.type == 'text' %}{{ p.text }}{% else %}[{{ p.type }}]{% endif %}{% endfor %}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{% if m.role == 'assistant' %}{% generation %}{{ '' }}{% endgeneration %}{% endif %}"
+    "{% if not (loop.last and continue_final) %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_template_takes_content_parts_tools_and_template_arguments_as_transformers_does(tmp_path, tiny_gguf):
+    """What transformers' apply_chat_template takes beyond text messages: content as a list of parts, an
+    assistant's tool_calls without content, tools (JSON schemas or functions), continue_final_message, {% generation
+    %} blocks and template variables; each rendered as transformers renders it from the same files."""
+    d = _saved(tmp_path, tiny_gguf)
+    (d / "chat_template.jinja").write_text(PARTS_AND_TOOLS)
+    ours, theirs = lab.load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+
+    def weather(city: str):
+        """The weather in a city.
+
+        Args:
+            city: its name
+        """
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this? 😀"}]},
+             {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                 "name": "weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is"}]
+    schema = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    for kwargs in ({}, {"tools": [schema]}, {"tools": [weather]}, {"continue_final_message": True},
+                   {"continue_final_message": True, "continue_final": True}):
+        for tokenize in (False, True):
+            got = ours.apply_chat_template(parts, tokenize=tokenize, **kwargs)
+            assert got == theirs.apply_chat_template(parts, tokenize=tokenize, return_dict=False, **kwargs), kwargs
+    assert "Tools: [" in ours.apply_chat_template(parts, tools=[weather], tokenize=False)
+    with pytest.raises(InputError, match=r"the chat template refused these messages .*continue_final_message"):
+        ours.apply_chat_template(parts, add_generation_prompt=True, continue_final_message=True)
+    for bad in ({"tools": "f"}, {"tools": [1]}, {"documents": [{"title": "t"}, "x"]}):
+        with pytest.raises(InputError, match=r"apply_chat_template: (tools|documents) must be None or a list of"):
+            ours.apply_chat_template(parts, **bad)
+    for messages in ([{"role": "user", "content": None}], [{"role": "user", "content": ["hi"]}]):
+        with pytest.raises(InputError, match=r"messages must be a non-empty list .*messages\[0\] ="):
+            ours.apply_chat_template(messages)
+
+
+def test_chat_template_written_for_text_given_parts_is_an_input_error_not_a_damaged_file(tmp_path, tiny_gguf):
+    """A template that adds content to a str (SmolLM2's does; transformers raises TypeError there) given a list of
+    parts: the messages do not suit it, the file is not damaged."""
+    d = _saved(tmp_path, tiny_gguf)
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] + '\\n' }}{% endfor %}")
+    tok = lab.load_tokenizer(d)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi\n"
+    with pytest.raises(InputError, match=r"chat_template.jinja: the chat template cannot render these messages "
+                                         r"\(it may take only text content.*TypeError"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", "\udcff", "ok " * 1000 + "\udfff"])
+def test_text_with_an_unpaired_surrogate_is_refused_by_position(tiny_gguf, text):
+    tok = lab.load_tokenizer(tiny_gguf)
+    index = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    with pytest.raises(InputError, match=rf"encode: text holds an unpaired surrogate .* at index {index}: not "
+                                         rf"encodable as UTF-8"):
+        tok.encode(text)
+    with pytest.raises(InputError, match=rf"messages\[1\] content holds an unpaired surrogate .* at index {index}"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "user", "content": text}])

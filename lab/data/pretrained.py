@@ -8,6 +8,7 @@ tokenizer is loaded.
 """
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,7 @@ class PretrainedTokenizer:
     def encode(self, text, add_special_tokens=True):
         if not isinstance(text, str):
             raise InputError(f"encode: text must be a str, got {show(text)}")
+        _check_utf8(text, "encode: text")
         return np.asarray(self._hf.encode(text, add_special_tokens=bool(add_special_tokens)), dtype=np.int32)
 
     def _ids(self, ids):
@@ -185,24 +187,51 @@ class PretrainedTokenizer:
             self._bytes = _token_bytes_table(self._hf)
         return b"".join(self._bytes[i] for i in self._ids(ids))
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
-        """`messages` ([{"role": ..., "content": ...}, ...]) rendered with the tokenizer's chat template: the text
-        (tokenize=False) or its token ids as a list, both what transformers' apply_chat_template gives."""
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, tools=None, documents=None,
+                            continue_final_message=False, **template_kwargs):
+        """`messages` ([{"role": ..., "content": ...}, ...]; content a str, a list of parts such as {"type": "text",
+        "text": ...}, or None beside an assistant's "tool_calls") rendered with the tokenizer's chat template: the
+        text (tokenize=False) or its token ids as a list, both what transformers' apply_chat_template gives.
+        `tools`, `documents`, `continue_final_message` and any other keyword (a template variable) go to the
+        template as there."""
         from jinja2 import TemplateError
         if self.chat_template is None:
             raise InputError(f"{self.source}: this tokenizer has no chat template")
-        if not (isinstance(messages, (list, tuple)) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
-            raise InputError(f"apply_chat_template: messages must be a non-empty list of {{'role': str, 'content': "
-                             f"str}} dicts, got {show(messages)}")
+        what = ("apply_chat_template: messages must be a non-empty list of {'role': str, 'content': str or a list "
+                "of parts} dicts (content None only beside 'tool_calls')")
+        if not (isinstance(messages, (list, tuple)) and messages):
+            raise InputError(f"{what}, got {show(messages)}")
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and (
+                    content is None and "tool_calls" in m or isinstance(content, str) or
+                    isinstance(content, (list, tuple)) and all(isinstance(p, dict) for p in content))):
+                raise InputError(f"{what}, got messages[{i}] = {show(m)}")
+            for text in [content] if isinstance(content, str) else [p.get("text") for p in content or ()]:
+                if isinstance(text, str):
+                    _check_utf8(text, f"apply_chat_template: messages[{i}] content")
+        for name, value in (("tools", tools), ("documents", documents)):
+            if value is not None and not (isinstance(value, (list, tuple)) and all(
+                    isinstance(v, dict) or (name == "tools" and callable(v)) for v in value)):
+                raise InputError(f"apply_chat_template: {name} must be None or a list of "
+                                 f"{'dicts (JSON schemas) or functions' if name == 'tools' else 'dicts'}, got {show(value)}")
+        plain = tools is None and documents is None and all(isinstance(m.get("content"), (str, type(None)))
+                                                            for m in messages)
         try:
-            out = self._hf.apply_chat_template(list(messages), add_generation_prompt=bool(add_generation_prompt),
-                                               tokenize=bool(tokenize), return_dict=False)
-        except TemplateError as e:   # the template's raise_exception: these messages are not what it accepts
+            out = self._hf.apply_chat_template(
+                [dict(m) for m in messages], tools=tools, documents=documents,
+                add_generation_prompt=bool(add_generation_prompt), continue_final_message=continue_final_message,
+                tokenize=bool(tokenize), return_dict=False, **template_kwargs)
+        except (TemplateError, ValueError) as e:
+            # the template's raise_exception, or transformers' own checks (continue_final_message with
+            # add_generation_prompt, a final message that is not the assistant's): not what these messages allow
             raise InputError(f"{self.template_source}: the chat template refused these messages "
                              f"({type(e).__name__}: {e})") from None
-        except Exception as e:   # noqa: BLE001: a template runs code ({{ 1 / 0 }}, a str + int): the file is wrong
+        except Exception as e:   # noqa: BLE001: a template runs code ({{ 1 / 0 }}, a str + int)
+            if not plain:   # a template written for text alone, given parts, tools or documents
+                raise InputError(f"{self.template_source}: the chat template cannot render these messages (it may "
+                                 f"take only text content, and no tools or documents) ({type(e).__name__}: "
+                                 f"{str(e)[:300]})") from None
             raise CheckpointError(f"{self.template_source}: the chat template failed ({type(e).__name__}: "
                                   f"{str(e)[:300]})") from None
         return [int(i) for i in out] if tokenize else out
@@ -223,6 +252,19 @@ class PretrainedTokenizer:
             for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE):
                 if (Path(scratch) / name).is_file():
                     files.write_text(name, (Path(scratch) / name).read_text(encoding="utf-8"))
+
+
+def _check_utf8(text, what):
+    """A str that UTF-8 cannot encode (an unpaired surrogate, as from a bad decode or a JSON escape) is refused by
+    position: `tokenizers` says only that the input is not text."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise InputError(f"{what} holds an unpaired surrogate {bad.group()!r} at index {bad.start()}: not encodable "
+                         f"as UTF-8 (text from bytes decoded with errors='surrogateescape'? decode it with "
+                         f"errors='replace')")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _gguf_tokenizer(reader, path):
