@@ -63,6 +63,7 @@ def test_logits_equal_transformers_on_a_chat_prompt(ours, theirs, tok, numpy_bac
 
 
 def test_greedy_continuation_with_kv_cache_equals_transformers_generate(ours, theirs, tok, numpy_backend):
+    # (at its closest step the top two logits are 0.007 apart, 60 times the implementations' difference)
     ids = _chat(tok, "Write a sentence about the sea.")
     with using_backend(numpy_backend):
         got = lab.generate(ours, ids, 20, greedy=True, use_cache=True).tolist()
