@@ -63,10 +63,23 @@ def _prompt_ids(prompt, tokenizer, model):
         if not prompt:  # said as text: an empty prompt is no "shape (0,)" to whoever typed it
             raise InputError("prompt is empty: the model needs some text to continue from (e.g. \"\\n\")")
         try:
-            return np.asarray(tokenizer.encode(prompt), dtype=np.int64), True
+            return np.asarray(_encode_prompt(tokenizer, prompt), dtype=np.int64), True
         except ValueError as e:  # a character the tokenizer never saw: say it was the prompt's
             raise InputError(f"prompt {show(prompt)}: {e}") from None
     return np.asarray(prompt), False  # as given: _check_args refuses float ids and 2D prompts, never casts them
+
+
+def _encode_prompt(tokenizer, prompt):
+    """The prompt's ids. A pretrained tokenizer that adds a BOS (Llama's) given text that already begins with it
+    (a chat template's {{ bos_token }}) would put it twice, which the model never saw in training: then its special
+    tokens are not added again, as transformers' apply_chat_template(tokenize=True) and chat pipeline encode."""
+    ids = tokenizer.encode(prompt)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+        plain = tokenizer.encode(prompt, add_special_tokens=False)
+        if len(plain) and plain[0] == bos:
+            return plain
+    return ids
 
 
 def apply_repetition_penalty(logits, seen, penalty):

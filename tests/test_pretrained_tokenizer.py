@@ -329,3 +329,33 @@ def test_text_with_an_unpaired_surrogate_is_refused_by_position(tiny_gguf, text)
         tok.encode(text)
     with pytest.raises(InputError, match=rf"messages\[1\] content holds an unpaired surrogate .* at index {index}"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "user", "content": text}])
+
+
+def test_generate_from_chat_text_that_begins_with_bos_does_not_add_a_second(tmp_path, tiny_gguf, use_backend):
+    """A tokenizer adding BOS (Llama's post-processor) and a template beginning with {{ bos_token }}: generate of
+    the rendered text reads the ids transformers' apply_chat_template(tokenize=True) gives (one BOS, not two);
+    text without the BOS still gets one, and text that itself holds two keeps its two (no third)."""
+    d = _saved(tmp_path, tiny_gguf)
+    data = json.loads((d / "tokenizer.json").read_text())
+    data["post_processor"] = {"type": "TemplateProcessing", "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                              "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [258],
+                                                                    "tokens": ["<|endoftext|>"]}}}
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    (d / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    ours, theirs = lab.load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    model = lab.from_pretrained(tiny_gguf)
+    chat = [{"role": "user", "content": "hi hi"}]
+    text = ours.apply_chat_template(chat, tokenize=False)
+    expected = theirs.apply_chat_template(chat, return_dict=False)
+    assert expected[:2] == [258, 256] and ours.encode(text).tolist()[:3] == [258, 258, 256]   # (encode: as theirs)
+    seen = []
+    real_forward = model.forward_cached
+    model.forward_cached = lambda idx, cache, pos: (seen.append(np.asarray(idx.numpy() if hasattr(idx, "numpy")
+                                                                           else idx).tolist()), real_forward(idx, cache, pos))[1]
+    for prompt, ids in ((text, expected), ("hi hi", ours.encode("hi hi").tolist()),
+                        ("<|endoftext|>" + text, ours.encode("<|endoftext|>" + text, add_special_tokens=False).tolist())):
+        seen.clear()
+        lab.generate(model, prompt, 3, tokenizer=ours, greedy=True)
+        assert seen[0] == [ids], prompt   # the prompt's one forward (then one token at a time)
