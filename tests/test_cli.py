@@ -110,7 +110,7 @@ def test_cli_train_nan_lr_refused(flag, value, allowed):
     (["bench", "diagnostics", "--preset", "huge", "--backend", "numpy"], ["unknown preset 'huge'"]),
     (["plan", "--batch-size", "0"], ["--batch-size", "0"]),
     (["plan", "--minutes", "nan"], ["--minutes", "nan"]),
-    (["generate"], ["required: --checkpoint"]),
+    (["generate"], ["one of the arguments --checkpoint --model is required"]),
 ])
 def test_cli_bad_values_are_one_line_errors(args, parts):
     _one_error_line(_lab(*args), *parts)

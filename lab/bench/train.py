@@ -84,6 +84,8 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
     try:
         import torch
         from .torch_gpt import seconds_per_step
+        if llama:   # the same architecture is transformers'
+            import transformers  # noqa: F401
     except ImportError:
         torch = None
     if torch is not None:
@@ -102,6 +104,8 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
         result.update(torch_device=device, torch_tokens_per_s=tokens / torch_s, torch_threads=torch.get_num_threads(),
                       ratio=(tokens / lab_s) / (tokens / torch_s))
         line += f"; torch eager {device} {tokens / torch_s:,.0f} tokens/s; lab/torch {result['ratio']:.2f}x"
+        if llama:   # the same model: the same loss on the same first batch
+            line += f"; first loss lab {lab_first_loss:.5f}, torch {torch_first_loss:.5f}"
     print_fn(line)
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
