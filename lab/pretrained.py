@@ -134,8 +134,12 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None, weights=True, c
 
     def download(patterns):
         try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                          local_files_only=offline, cache_dir=_hub_cache()))
+            d = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                       local_files_only=offline, cache_dir=_hub_cache()))
+            if d.name == "snapshots":   # an empty refs/<rev> gives the cache's snapshots/ itself
+                raise CheckpointError(f"{repo_id} (revision {rev!r}): {Path(_hub_cache()) / ('models--' + repo_id.replace('/', '--'))}"
+                                      f"/refs/{rev} names no snapshot (the file is empty or damaged); {get}")
+            return d
         except errors.RevisionNotFoundError:
             raise CheckpointError(f"{repo_id}: the Hub has no revision {rev!r} of this model") from None
         except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:

@@ -518,3 +518,15 @@ def test_save_replaces_an_earlier_models_generation_config(hf_dirs, tmp_path, nu
         _small_lab_model(eos).save_pretrained(d)
         assert from_pretrained(d).config.eos_token_id == expected
         assert transformers.GenerationConfig.from_pretrained(d).eos_token_id == expected
+
+
+@pytest.mark.parametrize("ref", [""])
+def test_hub_cache_ref_naming_no_snapshot_is_one_error_naming_the_ref_file(hf_dirs, offline_cache, ref):
+    """An empty refs/main made huggingface_hub hand back snapshots/ itself, which lab read as a repo without
+    weights ('the Hub repo holds no model.safetensors'): the damaged ref file is named instead."""
+    repo = _hub_cache(offline_cache, "org/empty", {A: sorted(hf_dirs["single"][0].iterdir())}, {"main": A})
+    (repo / "refs" / "main").write_text(ref)
+    for load in (from_pretrained, lab.load_tokenizer):
+        with pytest.raises(CheckpointError, match=rf"org/empty \(revision 'main'\): {repo}/refs/main names no "
+                                                  rf"snapshot \(the file is empty or damaged\); run once online"):
+            load("org/empty")
