@@ -242,3 +242,16 @@ def test_a_tokenizer_writing_the_models_files_is_refused_and_nothing_changes(tmp
     with pytest.raises(InputError, match="tokenizer.save wrote config.json, a file of the save it is part of"):
         save_checkpoint(tmp_path, _model(bpe.vocab_size), Rogue())
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_bpe_training_with_a_vocab_size_far_beyond_the_text_learns_what_the_text_offers():
+    """The trainer reserved room for vocab_size at once: 10**9 aborted the whole process (Rust out of memory, no
+    exception to catch). A text offers at most one merge per byte, so the result is the same as with that bound."""
+    text = "hello world héllo 😀 " * 20
+    code = ("from lab.data.bpe import BPETokenizer; import sys; "
+            f"t = BPETokenizer.train({text!r}, vocab_size=10**9); print(t.vocab_size, t.encode('héllo 😀').tolist())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]   # in a child: a regression must not take pytest down with it
+    bound = BPETokenizer.train(text, vocab_size=256 + len(text.encode()))
+    assert run.stdout.split(" ", 1) == [str(bound.vocab_size), f"{bound.encode('héllo 😀').tolist()}\n"]
+    assert bound.vocab_size < 256 + len(text.encode())   # (the bound is not what limited it)

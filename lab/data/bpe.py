@@ -155,8 +155,10 @@ class BPETokenizer:
             raise InputError(f"text must be a str to learn merges from, got {show(text)}")
         _refuse_surrogates(text, "train")
         tok = _tokenizer(None, None, pattern)
+        # each merge joins two tokens of the text, so it offers at most one per byte: the trainer reserves room for
+        # vocab_size up front (vocab_size=10**9 aborted the process, out of memory)
         tok.train_from_iterator([text], trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=0, show_progress=False, initial_alphabet=BYTE_CHARS))
+            vocab_size=min(vocab_size, 256 + len(text.encode("utf-8"))), min_frequency=0, show_progress=False, initial_alphabet=BYTE_CHARS))
         data = json.loads(tok.to_str())["model"]
         # the trainer numbers the bytes in order of their stand-in characters: renumber them as the bytes, so that
         # ids 0-255 are bytes 0-255 whatever the corpus (the merges' tokens keep their order after them)

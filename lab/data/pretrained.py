@@ -8,13 +8,13 @@ tokenizer is loaded.
 """
 import contextlib
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 
 from ..checks import InputError, show
 from ..io import CheckpointError, _expect_file, atomic_files, read_json, reading
+from .bpe import _refuse_surrogates
 
 TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 TEMPLATE_FILE, SPECIAL_TOKENS_FILE = "chat_template.jinja", "special_tokens_map.json"
@@ -164,7 +164,7 @@ class PretrainedTokenizer:
     def encode(self, text, add_special_tokens=True):
         if not isinstance(text, str):
             raise InputError(f"encode: text must be a str, got {show(text)}")
-        _check_utf8(text, "encode: text")
+        _refuse_surrogates(text, "encode")
         return np.asarray(self._hf.encode(text, add_special_tokens=bool(add_special_tokens)), dtype=np.int32)
 
     def _ids(self, ids):
@@ -209,7 +209,7 @@ class PretrainedTokenizer:
                 raise InputError(f"{what}, got messages[{i}] = {show(m)}")
             for text in [content] if isinstance(content, str) else [p.get("text") for p in content or ()]:
                 if isinstance(text, str):
-                    _check_utf8(text, f"apply_chat_template: messages[{i}] content")
+                    _refuse_surrogates(text, f"apply_chat_template: messages[{i}] content")
         for name, value in (("tools", tools), ("documents", documents)):
             if value is not None and not (isinstance(value, (list, tuple)) and all(
                     isinstance(v, dict) or (name == "tools" and callable(v)) for v in value)):
@@ -252,19 +252,6 @@ class PretrainedTokenizer:
             for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE):
                 if (Path(scratch) / name).is_file():
                     files.write_text(name, (Path(scratch) / name).read_text(encoding="utf-8"))
-
-
-def _check_utf8(text, what):
-    """A str that UTF-8 cannot encode (an unpaired surrogate, as from a bad decode or a JSON escape) is refused by
-    position: `tokenizers` says only that the input is not text."""
-    bad = _SURROGATE.search(text)
-    if bad:
-        raise InputError(f"{what} holds an unpaired surrogate {bad.group()!r} at index {bad.start()}: not encodable "
-                         f"as UTF-8 (text from bytes decoded with errors='surrogateescape'? decode it with "
-                         f"errors='replace')")
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _gguf_tokenizer(reader, path):
