@@ -27,7 +27,7 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}")
 def from_pretrained(name_or_path, revision=None, local_files_only=None):
     """The model `name_or_path` names, in eval mode: a directory in Hugging Face's layout, a .gguf file or a
     directory holding one, a shipped model's short name (lab.shipped), or a Hub id "org/name" (`revision`: a
-    branch, tag or commit; `local_files_only`, default HF_HUB_OFFLINE, reads only the local Hub cache)."""
+    branch, tag or commit; `local_files_only=True`, or HF_HUB_OFFLINE set, reads only the local Hub cache)."""
     return load_local(_locate(name_or_path, revision, local_files_only))
 
 
@@ -127,7 +127,9 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None, weights=True, c
     except ImportError:
         raise InputError(f"from_pretrained: {repo_id!r} is a Hub id, and loading from the Hub needs the package "
                          f"huggingface_hub (pip install huggingface_hub)") from None
-    offline = _offline() if local_files_only is None else local_files_only
+    # HF_HUB_OFFLINE wins over local_files_only=False, as in transformers (is_offline_mode): a machine set offline
+    # must not reach the network because one call site passed False
+    offline = bool(local_files_only) or _offline()
     rev = revision or "main"
     get = (f"run once online (without HF_HUB_OFFLINE=1 or local_files_only=True), or `huggingface-cli download "
            f"{repo_id}" + (f" --revision {revision}" if revision else "") + "`, or pass a local directory")

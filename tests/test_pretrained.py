@@ -530,3 +530,20 @@ def test_hub_cache_ref_naming_no_snapshot_is_one_error_naming_the_ref_file(hf_di
         with pytest.raises(CheckpointError, match=rf"org/empty \(revision 'main'\): {repo}/refs/main names no "
                                                   rf"snapshot \(the file is empty or damaged\); run once online"):
             load("org/empty")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
+def test_hf_hub_offline_wins_over_local_files_only_false(value, tmp_path, monkeypatch):
+    """transformers reads HF_HUB_OFFLINE over local_files_only=False (is_offline_mode): lab asked the Hub anyway,
+    because the explicit False replaced the environment's answer."""
+    import huggingface_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    asked = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **kw: (asked.append(kw["local_files_only"]), real(*a, **kw))[1])
+    for load in (from_pretrained, lab.load_tokenizer):
+        with pytest.raises(CheckpointError, match=r"org/absent .*not in the Hub cache .*offline \(HF_HUB_OFFLINE=1"):
+            load("org/absent", local_files_only=False)
+    assert asked == [True, True]
