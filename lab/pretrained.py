@@ -34,7 +34,7 @@ def from_pretrained(name_or_path, revision=None, local_files_only=None):
 def read_config(name_or_path, revision=None, local_files_only=None):
     """The config.json dict of the model `name_or_path` names (as from_pretrained takes it) and the file it came
     from, reading no weights: a Hub id fetches its config alone, a .gguf its metadata."""
-    path = _locate(name_or_path, revision, local_files_only, weights=False)
+    path = _locate(name_or_path, revision, local_files_only, fetch="config")
     if path.is_dir() and not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -48,30 +48,30 @@ def read_config(name_or_path, revision=None, local_files_only=None):
     return read_json(source, "model config"), source
 
 
-def _locate(name_or_path, revision=None, local_files_only=None, weights=True):
+def _locate(name_or_path, revision=None, local_files_only=None, fetch="model", caller="from_pretrained"):
     """The local directory or file of a model name (checked by from_pretrained); a Hub id is fetched into the
-    cache (weights=False: its config alone)."""
+    cache: the model's files, or ("config", "tokenizer") those alone. `caller` begins each error."""
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
-        raise InputError(f"from_pretrained: name_or_path must be a path, a shipped model's name or a Hub id "
+        raise InputError(f"{caller}: name_or_path must be a path, a shipped model's name or a Hub id "
                          f"('org/name'), got {show(name_or_path)}")
     if revision is not None and not (isinstance(revision, str) and revision):
-        raise InputError(f"from_pretrained: revision must be a branch, tag or commit name, got {show(revision)}")
+        raise InputError(f"{caller}: revision must be a branch, tag or commit name, got {show(revision)}")
     if local_files_only not in (None, True, False):
-        raise InputError(f"from_pretrained: local_files_only must be True, False or None, got "
+        raise InputError(f"{caller}: local_files_only must be True, False or None, got "
                          f"{show(local_files_only)}")
     path, name = Path(name_or_path).expanduser(), str(name_or_path)
     local = path.exists() or isinstance(name_or_path, os.PathLike)
     if revision is not None and (local or name in shipped.SHIPPED):
-        raise InputError(f"from_pretrained: revision={revision!r} names a Hub revision, but {name!r} is a "
+        raise InputError(f"{caller}: revision={revision!r} names a Hub revision, but {name!r} is a "
                          f"{'local path' if local else 'shipped model'} (its files are what loads)")
     if local:
         return path
     if name in shipped.SHIPPED:
         return shipped.path(name)
     if not REPO_ID.fullmatch(name) or ".." in name:
-        raise InputError(f"from_pretrained: {name!r} is not a local path, a shipped model ({', '.join(shipped.SHIPPED)}) "
+        raise InputError(f"{caller}: {name!r} is not a local path, a shipped model ({', '.join(shipped.SHIPPED)}) "
                          f"nor a Hub id ('org/name')")
-    return _hub_snapshot(name, revision, local_files_only, weights=weights, config=not weights)
+    return _hub_snapshot(name, revision, local_files_only, weights=fetch == "model", config=fetch == "config")
 
 
 def load_local(path):
@@ -95,7 +95,7 @@ def load_local(path):
 
 
 def _load_gguf(path):
-    data, weights = gguf.read_gguf(path)
+    data, weights = gguf.read_tensors(path)   # each read as it is loaded
     return family(data, path).from_hf(data, weights, config_source=path, weights_source=path)
 
 

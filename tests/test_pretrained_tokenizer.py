@@ -2,6 +2,7 @@
 import codecs
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,7 +235,7 @@ def test_hub_id_loads_its_tokenizer_from_the_cache_offline(tmp_path, tiny_gguf, 
     assert lab.load_tokenizer("org/tiny", revision="v2").chat_template == "hi hi"
     with pytest.raises(CheckpointError, match=r"org/other \(revision 'main'\): .*not in the Hub cache"):
         lab.load_tokenizer("org/other")
-    with pytest.raises(InputError, match=r"revision='v2' names a Hub revision, but .*tiny.gguf' is not a Hub id"):
+    with pytest.raises(InputError, match=r"revision='v2' names a Hub revision, but .*tiny.gguf' is a local path"):
         lab.load_tokenizer(tiny_gguf, revision="v2")
 
 
@@ -359,3 +360,27 @@ def test_generate_from_chat_text_that_begins_with_bos_does_not_add_a_second(tmp_
         seen.clear()
         lab.generate(model, prompt, 3, tokenizer=ours, greedy=True)
         assert seen[0] == [ids], prompt   # the prompt's one forward (then one token at a time)
+
+
+def test_load_tokenizer_takes_a_name_revision_and_local_files_only_as_from_pretrained_does(tmp_path, monkeypatch):
+    """load_tokenizer checked its arguments by rules of its own: revision=3 raised a bare TypeError, revision=''
+    and local_files_only='yes' passed silently, '' loaded the working directory and Path('org/x') asked the Hub.
+    It now resolves a name through from_pretrained's rules (lab.pretrained._locate): one error each, naming it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for kwargs, match in ((dict(revision=3), r"load_tokenizer: revision must be a branch, tag or commit name, got 3"),
+                          (dict(revision=""), r"load_tokenizer: revision must be a branch"),
+                          (dict(local_files_only="yes"), r"load_tokenizer: local_files_only must be True, False or "
+                                                         r"None, got 'yes'")):
+        for load in (lab.load_tokenizer, lab.from_pretrained):
+            with pytest.raises(InputError, match=match.replace("load_tokenizer", load.__name__)):
+                load("org/x", **kwargs)
+    for name in ("", None, 3):
+        with pytest.raises(InputError, match=r"load_tokenizer: name_or_path must be a path, a shipped model's name"):
+            lab.load_tokenizer(name)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"org/x: no such tokenizer directory or .gguf file"):
+        lab.load_tokenizer(Path("org/x"))   # a Path is a local path, as from_pretrained takes it
+    with pytest.raises(InputError, match=r"load_tokenizer: 'smolm2' is not a local path, a shipped model "
+                                         r"\(smollm2-135m-instruct\) nor a Hub id"):
+        lab.load_tokenizer("smolm2")

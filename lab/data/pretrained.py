@@ -27,20 +27,8 @@ def load_tokenizer(name_or_path, revision=None, local_files_only=None):
     offline rules; `revision`, `local_files_only` as there). A directory holding one of lab's own tokenizers gives
     that tokenizer back (lab.data.tokenizer_from_directory)."""
     from .. import shipped
-    if not isinstance(name_or_path, (str, Path)):
-        raise InputError(f"load_tokenizer: name_or_path must be a path, a shipped model's name or a Hub id, "
-                         f"got {show(name_or_path)}")
-    path = Path(name_or_path).expanduser()
-    if not path.exists() and str(name_or_path) in shipped.SHIPPED:
-        path = shipped.path(str(name_or_path))
-    elif not path.exists() and "/" in str(name_or_path) and not path.is_absolute():
-        from ..pretrained import REPO_ID, _hub_snapshot
-        if REPO_ID.fullmatch(str(name_or_path)) and ".." not in str(name_or_path):
-            path = _hub_snapshot(str(name_or_path), revision, local_files_only, weights=False)
-            revision = None
-    if revision is not None:
-        raise InputError(f"load_tokenizer: revision={revision!r} names a Hub revision, but {str(name_or_path)!r} "
-                         f"is not a Hub id (its files are what loads)")
+    from ..pretrained import _locate   # from_pretrained's rules for a name, a revision and the Hub cache
+    path = _locate(name_or_path, revision, local_files_only, fetch="tokenizer", caller="load_tokenizer")
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: expected a tokenizer directory (tokenizer.json, tokenizer_config.json) "
