@@ -106,7 +106,7 @@ def test_old_checkpoint_import_paths_name_the_io_objects():
     # a save may remove exactly the stale parts checkpoints, adapters and pretrained tokenizers leave: io spells
     # their names itself
     assert io.REMOVABLE == {checkpoint.OPTIMIZER_FILE, checkpoint.STATE_FILE, lora.ADAPTER_FILE, lora.ADAPTER_CONFIG,
-                            pretrained.TEMPLATE_FILE, pretrained.SPECIAL_TOKENS_FILE}
+                            pretrained.TEMPLATE_FILE, pretrained.SPECIAL_TOKENS_FILE, io.INDEX_FILE}   # (+ io.SHARD_NAME)
 
 
 def test_adapter_methods_come_from_lora_not_from_nn():
