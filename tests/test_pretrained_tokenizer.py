@@ -384,3 +384,24 @@ def test_load_tokenizer_takes_a_name_revision_and_local_files_only_as_from_pretr
     with pytest.raises(InputError, match=r"load_tokenizer: 'smolm2' is not a local path, a shipped model "
                                          r"\(smollm2-135m-instruct\) nor a Hub id"):
         lab.load_tokenizer("smolm2")
+
+
+def test_model_save_with_a_tokenizer_removes_an_earlier_tokenizers_template(tmp_path, tiny_gguf, numpy_backend):
+    """save_pretrained(dir, tokenizer=) of a tokenizer without a chat template (lab's own, or a pretrained one
+    without) over a save whose tokenizer had one: the old chat_template.jinja stayed, and load_tokenizer dressed
+    the new tokenizer in it. Checkpoints removed it already; every save of a tokenizer now does (write_tokenizer)."""
+    with_template = lab.load_tokenizer(tiny_gguf)
+    d = _saved(tmp_path, tiny_gguf)
+    (d / "chat_template.jinja").unlink()
+    without = lab.load_tokenizer(d)
+    assert without.chat_template is None
+    gpt2 = lab.TransformerLM(lab.TransformerConfig(vocab_size=264, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    for model in (lab.from_pretrained(tiny_gguf), gpt2):
+        for new in (without, lab.CharTokenizer.from_text("hi there")):
+            out = tmp_path / f"{type(model).__name__}-{type(new).__name__}"
+            model.save_pretrained(out, tokenizer=with_template)
+            (out / "notes.txt").write_text("mine")
+            model.save_pretrained(out, tokenizer=new)
+            assert not (out / "chat_template.jinja").exists() and (out / "notes.txt").exists()
+            back = lab.load_tokenizer(out)
+            assert getattr(back, "chat_template", None) is None and back.encode("hi").tolist() == new.encode("hi").tolist()

@@ -138,6 +138,9 @@ def write_tokenizer(files, tokenizer):
     tokenizers write them themselves; any other with save(directory) (a pretrained one) saves into a scratch
     directory whose files are copied in."""
     import tempfile
+    # an earlier tokenizer's template and special-token map there would dress this one in them (transformers reads
+    # both over tokenizer_config.json): they go in the same save unless this tokenizer writes its own
+    files.removed.update(TOKENIZER_SIDE_FILES)
     if callable(getattr(tokenizer, "write", None)):
         return tokenizer.write(files)
     if not callable(getattr(tokenizer, "save", None)):
