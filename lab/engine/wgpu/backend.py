@@ -29,11 +29,12 @@ from .matmul import MatmulOps
 from .memory import GPUArray, MemoryMixin, _Storage
 from .nn import NNOps
 from .optim import OptimizerOps
+from .quant import QuantOps
 from .recorder import _NO_INDEX_ERROR, ARENA_BYTES, RecorderMixin
 
 
 class WgpuBackend(DeviceMixin, MemoryMixin, RecorderMixin, CaptureMixin, ElementwiseOps, MatmulOps, NNOps,
-                  OptimizerOps, Backend):
+                  OptimizerOps, QuantOps, Backend):
     name = "wgpu"
     fused_matmul_gelu = supports_capture = fused_rms_norm = fused_swiglu = fused_rotary = True
     def __init__(self):

@@ -1,0 +1,78 @@
+"""Quantized frozen weights on the device: upload_quantized keeps lab.engine.quant's packed words as they are
+(u32 storage, no float copy), quantized_matmul runs kernels/matmul_quant.wgsl, which dequantizes W's tile as it
+stages it into workgroup memory."""
+import math
+
+import numpy as np
+
+from .matmul_plan import storage
+
+KINDS = {"q4_0": 0, "q4_1": 1, "int8": 2}
+
+
+class QuantizedGPUArray:
+    """A packed weight W (out, in) on the device: `words` the quantized values, `meta` q4's (d, m) pairs or int8's
+    float32 scales, both as int32 arrays holding their 32-bit patterns."""
+    __slots__ = ("kind", "shape", "words", "meta")
+
+    def __init__(self, kind, shape, words, meta):
+        self.kind, self.shape, self.words, self.meta = kind, tuple(shape), words, meta
+
+    @property
+    def nbytes(self):
+        return 4 * (self.words.size + self.meta.size)
+
+    def __repr__(self):
+        return f"QuantizedGPUArray(kind={self.kind!r}, shape={self.shape})"
+
+
+def _packed(qa):
+    """(words, meta) of a QuantizedArray as uint32 arrays of the sizes its kind and shape call for."""
+    kind = getattr(qa, "kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"upload_quantized: kind {kind!r} is not one the kernels read: {sorted(KINDS)}")
+    out, n_in = qa.shape
+    if kind == "int8":
+        parts = (("q", qa.q, (out, math.ceil(n_in / 4)), np.uint32), ("scale", qa.scale, (out,), np.float32))
+    else:
+        nb = math.ceil(n_in / 32)
+        parts = (("qs", qa.qs, (out, nb * 4), np.uint32), ("dm", qa.dm, (out, nb), np.uint32))
+    arrays = []
+    for name, a, shape, dtype in parts:
+        a = np.asarray(a)
+        if a.shape != shape or a.dtype != dtype:
+            raise ValueError(f"upload_quantized: a {kind} weight of shape {qa.shape} needs {name} {np.dtype(dtype)} "
+                             f"{shape}, got {a.dtype} {a.shape}")
+        arrays.append(np.ascontiguousarray(a).view(np.int32))
+    return arrays
+
+
+class QuantOps:
+    """WgpuBackend's quantized-weight capability (Backend.upload_quantized, Backend.quantized_matmul)."""
+
+    def upload_quantized(self, qa):
+        words, meta = _packed(qa)
+        return QuantizedGPUArray(qa.kind, qa.shape, self.from_numpy(words), self.from_numpy(meta))
+
+    def quantized_matmul(self, x, qw, transpose=False):
+        """x (N, in) @ W^T -> (N, out), or with transpose x (N, out) @ W -> (N, in), for W = qw (out, in)."""
+        out_dim, in_dim = qw.shape
+        k, cols = (out_dim, in_dim) if transpose else (in_dim, out_dim)
+        if len(x.shape) != 2 or x.dtype != "float32" or x.shape[1] != k:
+            raise ValueError(f"quantized_matmul: x {x.dtype} {tuple(x.shape)} does not align with the {qw.kind} weight "
+                             f"(out, in) = {qw.shape}{' transposed' if transpose else ''}: needs float32 (N, {k})")
+        M = x.shape[0]
+        if not self._matmul_limits.workgroup_storage >= storage("matmul_quant"):
+            raise ValueError(f"quantized_matmul: kernels/matmul_quant.wgsl needs {storage('matmul_quant')} bytes of "
+                             f"workgroup memory, more than this device's {self._matmul_limits.workgroup_storage}")
+        grid = (math.ceil(cols / 64), math.ceil(M / 64), 1)
+        if max(grid) > self._matmul_limits.max_workgroups:
+            raise ValueError(f"quantized_matmul: {M} x {cols} needs a grid of {grid} workgroups, more than this "
+                             f"device's {self._matmul_limits.max_workgroups} per dimension")
+        if k == 0:
+            return self.full((M, cols), 0.0)
+        y = self._alloc((M, cols), "float32")
+        entry = "backward" if transpose else "forward"
+        self._dispatch("matmul_quant", entry, [M, in_dim, out_dim], [x, qw.words, qw.meta, y], grid, M * cols * k,
+                       (("KIND", KINDS[qw.kind]),), label=f"quantized matmul {qw.kind} {entry} {M}x{in_dim}x{out_dim}")
+        return y
