@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from ...checks import InputError
 from .matmul_plan import storage
 
 KINDS = {"q4_0": 0, "q4_1": 1, "int8": 2}
@@ -28,10 +29,12 @@ class QuantizedGPUArray:
 
 def _packed(qa):
     """(words, meta) of a QuantizedArray as uint32 arrays of the sizes its kind and shape call for."""
-    kind = getattr(qa, "kind", None)
+    kind, shape = getattr(qa, "kind", None), getattr(qa, "shape", None)
     if kind not in KINDS:
-        raise ValueError(f"upload_quantized: kind {kind!r} is not one the kernels read: {sorted(KINDS)}")
-    out, n_in = qa.shape
+        raise InputError(f"upload_quantized: kind {kind!r} is not one the kernels read: {sorted(KINDS)}")
+    if not (isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise InputError(f"upload_quantized: shape must be (out, in), two counts, got {shape!r}")
+    out, n_in = shape
     if kind == "int8":
         parts = (("q", qa.q, (out, math.ceil(n_in / 4)), np.uint32), ("scale", qa.scale, (out,), np.float32))
     else:
@@ -39,10 +42,10 @@ def _packed(qa):
         parts = (("qs", qa.qs, (out, nb * 4), np.uint32), ("dm", qa.dm, (out, nb), np.uint32))
     arrays = []
     for name, a, shape, dtype in parts:
-        a = np.asarray(a)
-        if a.shape != shape or a.dtype != dtype:
-            raise ValueError(f"upload_quantized: a {kind} weight of shape {qa.shape} needs {name} {np.dtype(dtype)} "
-                             f"{shape}, got {a.dtype} {a.shape}")
+        got = "none" if a is None else f"{np.asarray(a).dtype} {np.shape(a)}"
+        if a is None or np.shape(a) != shape or np.asarray(a).dtype != dtype:
+            raise InputError(f"upload_quantized: a {kind} weight of shape {qa.shape} needs {name} {np.dtype(dtype)} "
+                             f"{shape}, got {got}")
         arrays.append(np.ascontiguousarray(a).view(np.int32))
     return arrays
 
@@ -56,10 +59,13 @@ class QuantOps:
 
     def quantized_matmul(self, x, qw, transpose=False):
         """x (N, in) @ W^T -> (N, out), or with transpose x (N, out) @ W -> (N, in), for W = qw (out, in)."""
+        if not isinstance(qw, QuantizedGPUArray):
+            raise InputError(f"quantized_matmul: the weight must be upload_quantized's handle on this backend, got "
+                             f"{type(qw).__name__}")
         out_dim, in_dim = qw.shape
         k, cols = (out_dim, in_dim) if transpose else (in_dim, out_dim)
         if len(x.shape) != 2 or x.dtype != "float32" or x.shape[1] != k:
-            raise ValueError(f"quantized_matmul: x {x.dtype} {tuple(x.shape)} does not align with the {qw.kind} weight "
+            raise InputError(f"quantized_matmul: x {x.dtype} {tuple(x.shape)} does not align with the {qw.kind} weight "
                              f"(out, in) = {qw.shape}{' transposed' if transpose else ''}: needs float32 (N, {k})")
         M = x.shape[0]
         if not self._matmul_limits.workgroup_storage >= storage("matmul_quant"):
