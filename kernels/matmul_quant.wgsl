@@ -160,10 +160,14 @@ fn product(wid: vec3<u32>, lid: u32, backward: bool) {
             let b1 = Tb[(4u * q + 1u) * 16u + tx];
             let b2 = Tb[(4u * q + 2u) * 16u + tx];
             let b3 = Tb[(4u * q + 3u) * 16u + tx];
-            for (var r = 0u; r < 4u; r++) {
-                let a = Ta[(4u * ty + r) * 8u + q];
-                acc[r] += a.x * b0 + a.y * b1 + a.z * b2 + a.w * b3;
-            }
+            // (one multiply-add a statement, constant indices: FMAs into registers, as in matmul_aligned.wgsl)
+            #unroll r < 4
+            let a$r = Ta[(4u * ty + ${r}u) * 8u + q];
+            acc[$r] += a$r.x * b0;
+            acc[$r] += a$r.y * b1;
+            acc[$r] += a$r.z * b2;
+            acc[$r] += a$r.w * b3;
+            #end
         }
         workgroupBarrier();
     }
