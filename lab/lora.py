@@ -10,8 +10,10 @@ adapters train against the base rounded to float16. A lab-layout checkpoint hold
 too (checkpoint_config / apply_config), so a LoRA run resumes like any other.
 """
 import contextlib
+import difflib
 import functools
 import math
+import re
 import threading
 from pathlib import Path
 
@@ -21,11 +23,15 @@ from . import nn
 from .checks import InputError, choice, integer, real, show
 from .engine import ops as F
 from .engine.backend import require_half_storage
+from .engine.quant import QuantizedWeight, quantize
 from .engine.random import generator
 from .io import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors, reading
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
+# the frozen base's storage: float32, float16, or packed (quant.py's kinds; "q4" is GGUF's Q4_1)
+BASE_DTYPES, PACKED = ("float32", "float16", "int8", "q4"), {"int8": "int8", "q4": "q4_1"}
+ALL_LINEAR = "all-linear"   # PEFT's name for every linear layer but the output head
 
 
 class LoRALinear(nn.Linear):
@@ -85,7 +91,12 @@ class LoRALinear(nn.Linear):
 
 def linear_names(model):
     """Names of the model's linear layers, as PEFT's target_modules match them (the last path component)."""
-    return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear) and path})
+    return sorted({path.rsplit(".", 1)[-1] for path, _ in _linears(model)})
+
+
+def _linears(model):
+    """(path, Linear) of every linear layer in the model, in module order."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and path]
 
 
 _ARGUMENTS = {"r": "LoRA rank r", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
@@ -104,34 +115,79 @@ def _check_settings(cfg, name=_ARGUMENTS.get):
     if dropout == 1:   # 1 would drop every input
         raise InputError(f"{name('lora_dropout')} must be a number in [0, 1), got {show(cfg['lora_dropout'])}")
     targets = cfg["target_modules"]
-    if isinstance(targets, (str, set, frozenset)):   # one name, or names in no order: sorted for a stable config
-        targets = [targets] if isinstance(targets, str) else sorted(targets, key=str)
-    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
-        raise InputError(f"{name('target_modules')} must be a module name or a list of them, got {show(targets)}")
+    if isinstance(targets, (set, frozenset)):   # names in no order: sorted for a stable config
+        targets = sorted(targets, key=str)
+    if isinstance(targets, (list, tuple)) and ALL_LINEAR in targets:
+        if len(targets) > 1:
+            raise InputError(f"{name('target_modules')}: {ALL_LINEAR!r} stands alone (it names every linear layer "
+                             f"but the output head), got {show(targets)}")
+        targets = ALL_LINEAR
+    # a string is kept as it is: "all-linear", a module name, or (as PEFT reads a string) a pattern of whole paths
+    if not (isinstance(targets, str) or isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in
+                                                                                  targets)):
+        raise InputError(f"{name('target_modules')} must be a module name, a list of them or {ALL_LINEAR!r}, got "
+                         f"{show(targets)}")
     return {"r": r, "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": dropout,
-            "target_modules": list(targets), "base_dtype": choice(name("base_dtype"), cfg["base_dtype"],
-                                                                  ("float32", "float16"))}
+            "target_modules": targets if isinstance(targets, str) else list(targets), "base_dtype": choice(name("base_dtype"), cfg["base_dtype"],
+                                                                  BASE_DTYPES)}
 
 
 def _sites(model, r, targets):
-    """(path, parent, attribute, Linear) of every layer apply() wraps; refuses targets that match nothing and a
-    rank above a layer's size. Changes nothing."""
-    existing = linear_names(model)
-    unknown = [t for t in targets if t not in existing]
-    if unknown or not targets:  # no targets would freeze the whole model and train nothing
-        raise InputError(f"{f'unknown target module(s) {unknown}' if unknown else 'no target modules given'}: "
-                         f"this model's linear layers are {existing}")
+    """(path, parent, attribute, Linear) of every layer apply() wraps, as PEFT chooses them: "all-linear" takes every
+    linear layer but the output head; a name takes each layer whose path is it or ends in "." + it (q_proj,
+    self_attn.q_proj, model.layers.0.self_attn.q_proj); a string that is no such name is a pattern the whole path
+    matches (re.fullmatch, as PEFT reads a string). Refuses targets that match nothing, the head of a model whose
+    head is its embedding, and a rank above a layer's size. Changes nothing."""
+    within = _peft_prefix(model)[len("base_model.model."):]   # matched as PEFT matches: transformers' paths
+    layers = [(within + path, m) for path, m in _linears(model)]
+    head, tied = getattr(model, "peft_head", None), _tied_embedding(model)
+
+    def matches(path, t):
+        return path == t or path.endswith("." + t)
+    if targets == ALL_LINEAR:
+        chosen = [path for path, _ in layers if path != head]
+    else:
+        names = [targets] if isinstance(targets, str) else targets
+        if isinstance(targets, str) and not any(matches(path, targets) for path, _ in layers):
+            chosen = [path for path, _ in layers if _fullmatch(targets, path)]
+            unknown = [] if chosen else names
+        else:
+            chosen = [path for path, _ in layers if any(matches(path, t) for t in names)]
+            unknown = [t for t in names if not any(matches(path, t) for path, _ in layers)]
+        if tied and head and any(t == head or t.endswith("." + head) for t in names):
+            raise InputError(f"target {head!r}: this model's output head is its embedding {tied!r} (one tensor, "
+                             f"tie_word_embeddings), not a linear layer of its own; an adapter there would untie them. "
+                             f"Target the linear layers ({', '.join(linear_names(model))}) or {ALL_LINEAR!r}")
+        if unknown or not names:  # no targets would freeze the whole model and train nothing
+            valid = linear_names(model)
+            near = sorted(valid, key=lambda v: -max(difflib.SequenceMatcher(None, str(t), v).ratio() for t in unknown)) \
+                if unknown else valid
+            raise InputError(f"{f'unknown target module(s) {unknown}' if unknown else 'no target modules given'}: "
+                             f"this model's linear layers are {near}{' (nearest first)' if unknown else ''}; a target is one of them, a "
+                             f"dotted path ending in one, or {ALL_LINEAR!r}")
     sites = []
-    for path, module in list(model.named_modules()):
-        for name, child in list(vars(module).items()):
-            if isinstance(child, nn.Linear) and name in targets:
-                full = f"{path}.{name}" if path else name
+    for path, module in model.named_modules():
+        for name, child in vars(module).items():
+            full = f"{path}.{name}" if path else name
+            if isinstance(child, nn.Linear) and within + full in chosen:
                 n_in, n_out = child.weight.shape
                 if r > min(n_in, n_out):
                     raise InputError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {full} "
-                                     f"({n_in} -> {n_out})")
+                                     f"({n_in} -> {n_out}): r must be at most {min(n_in, n_out)}")
                 sites.append((full, module, name, child))
     return sites
+
+
+def _fullmatch(pattern, path):
+    try:
+        return re.fullmatch(pattern, path) is not None
+    except re.error:   # not a pattern either: an unknown name
+        return False
+
+
+def _tied_embedding(model):
+    """The path of the embedding the model's output head reads as its weight (one tensor), or None."""
+    return model.tied_embedding() if isinstance(model, Adapters) else None
 
 
 def _holding(what, hint=""):
@@ -148,10 +204,15 @@ def _holding(what, hint=""):
 
 
 @_holding("lora.apply")
-def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype="float32"):
-    """Wrap every linear layer whose name is in `targets` with a LoRA adapter; freeze all other parameters.
-    base_dtype "float16" stores every frozen linear weight as float16 (embeddings, LayerNorms and biases stay
-    float32). Returns the model (changed in place)."""
+def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype="float32", modules_to_save=None):
+    """Wrap the linear layers `targets` names with LoRA adapters (PEFT's target_modules: names such as "q_proj",
+    dotted paths, or "all-linear": every linear layer but the output head); freeze all other parameters. `dropout`
+    drops the adapter's input (before A) in training mode, PEFT's lora_dropout. base_dtype "float16" stores every
+    frozen linear weight as float16 (embeddings, norms and biases stay float32). All or nothing: a refused
+    argument leaves the model as it was. Returns the model (changed in place)."""
+    if modules_to_save:
+        raise InputError(f"lora.apply: modules_to_save={show(modules_to_save)} is not supported: lab trains the "
+                         f"adapters alone, the embeddings and head stay frozen (leave it None)")
     return _apply(model, _check_settings({"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                                           "target_modules": targets, "base_dtype": base_dtype}))
 
@@ -160,17 +221,45 @@ def _apply(model, cfg):
     if adapters(model):
         raise InputError("the model already has LoRA adapters (load_adapter replaces their values)")
     sites = _sites(model, cfg["r"], cfg["target_modules"])
-    half = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] if cfg["base_dtype"] == "float16" else []
+    linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # weights already packed (a model loaded with base_dtype "q4" or "int8") stay as they are; the config says so
+    kinds = {m.weight.dtype for _, m in linears if isinstance(m.weight, QuantizedWeight)}
+    if kinds and cfg["base_dtype"] == "float32":
+        cfg = {**cfg, "base_dtype": "int8" if kinds == {"int8"} else "q4"}
+    floats = [(path, m) for path, m in linears if not isinstance(m.weight, QuantizedWeight)]
+    half = [m.weight for _, m in floats] if cfg["base_dtype"] == "float16" else []
     for w in half:
         require_half_storage(w.backend, "use base_dtype='float32'")
-    for p in model.parameters():
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    try:   # every upload before the model changes: a device error half way leaves it as it was
+        wrapped = [LoRALinear(child, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) for *_, child in sites]
+        halves = [w.backend.from_numpy(w.numpy().astype(np.float16)) for w in half]
+        packed = [(m, _packed(path, m, PACKED[cfg["base_dtype"]])) for path, m in floats
+                  if cfg["base_dtype"] in PACKED]
+    except BaseException:
+        for p, flag in trainable:   # (LoRALinear froze its base)
+            p.requires_grad = flag
+        raise
+    for p, _ in trainable:
         p.requires_grad = False
-    for w in half:
-        w.data = w.backend.from_numpy(w.numpy().astype(np.float16))
-    for _, module, name, child in sites:
-        setattr(module, name, LoRALinear(child, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]))
+    for w, data in zip(half, halves):
+        w.data = data
+    for m, weight in packed:
+        m.weight = weight
+    for (_, module, name, child), layer in zip(sites, wrapped):
+        layer.weight = child.weight   # (packed above: the wrapper took the float one)
+        setattr(module, name, layer)
     model.lora_config = cfg
     return model
+
+
+def _packed(path, linear, kind):
+    """linear's weight quantized as `kind` along its input (GPT-2's Conv1D (in, out): per output column)."""
+    n_in, n_out = linear.weight.shape
+    if n_in == 0:
+        raise InputError(f"LoRA base_dtype: layer {path} has no inputs ({n_in} -> {n_out}): there is nothing to "
+                         f"quantize along; use base_dtype 'float32' or 'float16'")
+    return QuantizedWeight(quantize(linear.weight.numpy().T, kind), linear.weight.backend)
 
 
 def _file_settings(cfg, path, prefix=""):
@@ -261,10 +350,25 @@ def adapter_enabled(model, enabled):
 
 @_holding("lora.merge")
 def merge(model):
-    """Fold scale * A^T B^T into each base weight: same outputs, no adapter cost at inference."""
-    for _, m in _require_adapters(model):
+    """Fold scale * A^T B^T into each base weight: same outputs, no adapter cost at inference. Refused, changing
+    nothing, where a base is quantized (quantized_bases)."""
+    found = _require_adapters(model)
+    packed = quantized_bases(model)
+    if packed:
+        raise InputError(f"merge_adapter: refused: the base weights of {len(packed)} adapted layers are quantized "
+                         f"({packed[0]}, ...); folding the update in would need them dequantized to float32 and "
+                         f"quantized again, and the rounding would lose most of the update. Nothing was changed: "
+                         f"keep the adapter unmerged (it runs beside the quantized base), or load the base with "
+                         f"base_dtype='float32' and merge into that")
+    for _, m in found:
         m.merge()
     return model
+
+
+def quantized_bases(model):
+    """Paths of the adapted layers whose frozen base holds packed weights (base_dtype "int8"/"q4"), which merge
+    refuses."""
+    return [path for path, m in adapters(model) if isinstance(m.weight, QuantizedWeight)]
 
 
 @_holding("lora.unmerge")
@@ -280,7 +384,9 @@ def _peft_prefix(model):
 
 def save_adapter(model, directory, base_model_name_or_path=None):
     """Write adapter_model.safetensors and adapter_config.json in PEFT's format (loadable by
-    peft.PeftModel.from_pretrained on the model exported with save_pretrained(format="hf"))."""
+    peft.PeftModel.from_pretrained on the model exported with save_pretrained(format="hf")).
+    base_model_name_or_path defaults to where lab.from_pretrained read the model (model.name_or_path: the Hub id,
+    also for the shipped GGUF of a Hub model, or the local path)."""
     _require_adapters(model)   # before the directory is made
     with nn.step_lock(model), atomic_files(directory) as files:   # A and B of one step of a training thread
         write_adapter(model, files, base_model_name_or_path)
@@ -298,10 +404,16 @@ def write_adapter(model, files, base_model_name_or_path=None, subdir=""):
         tensors[f"{prefix}{path}.lora_A.weight"] = m.lora_A.numpy()
         tensors[f"{prefix}{path}.lora_B.weight"] = m.lora_B.numpy()
     cfg = dict(model.lora_config)
+    targets = cfg["target_modules"]
+    if isinstance(targets, str) and targets != ALL_LINEAR:   # PEFT reads a string as a pattern: the layers it took
+        targets = [prefix[len("base_model.model."):] + path for path, _ in found]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-        "lora_dropout": cfg["lora_dropout"], "target_modules": cfg["target_modules"],
-        "fan_in_fan_out": True,  # GPT-2's Conv1D stores weights (in, out), as lab's Linear does
+        "lora_dropout": cfg["lora_dropout"], "target_modules": targets,
+        # GPT-2's Conv1D stores weights (in, out), as lab's Linear does; torch.nn.Linear (Llama's) (out, in)
+        "fan_in_fan_out": getattr(model, "peft_fan_in_fan_out", False),
         "bias": "none", "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
     }
@@ -322,9 +434,11 @@ def load_adapter(model, directory):
         cfg, tensors = read_json(cpath, "adapter config"), read_safetensors(tpath)
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cpath}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    unsupported = [k for k in ("use_rslora", "use_dora") if cfg.get(k)]
-    if unsupported or cfg.get("bias", "none") != "none":
-        raise CheckpointError(f"{cpath}: unsupported options {unsupported or ['bias']}")
+    unsupported = {k: cfg[k] for k in UNSUPPORTED if cfg.get(k) not in (None, *UNSUPPORTED[k])}
+    if unsupported:   # each would change what the adapter computes: loaded without it, the logits would differ
+        raise CheckpointError(f"{cpath}: unsupported PEFT options {unsupported}: lab loads plain LoRA adapters "
+                              f"(bias 'none', no DoRA/rsLoRA, no modules_to_save or trainable tokens, one rank and "
+                              f"alpha for every layer, target_modules without exclusions or layer selections)")
     found = adapters(model)
     base_dtype = model.lora_config.get("base_dtype", "float32") if found else "float32"
     settings = _file_settings({**cfg, "lora_dropout": cfg.get("lora_dropout") or 0.0, "base_dtype": base_dtype},
@@ -378,10 +492,27 @@ def _adapter_tensors(tensors, shapes, path):
     return {name: np.asarray(value, dtype=np.float32) for name, value in named.items()}
 
 
+# PEFT options lab does not implement -> the values that mean "not used" (None counts as not used too)
+UNSUPPORTED = {"bias": ("none",), "use_rslora": (False,), "use_dora": (False,), "modules_to_save": ([],),
+               "trainable_token_indices": ({}, []), "rank_pattern": ({},), "alpha_pattern": ({},),
+               "layers_to_transform": ([],), "exclude_modules": ([], ""), "target_parameters": ([],),
+               "lora_bias": (False,), "use_qalora": (False,)}
+
+
 class Adapters:
     """The adapter methods of a model that supports LoRA (a mixin beside nn.Module): the layers below know nothing
-    of adapters. `peft_prefix` is where PEFT's files name the model's weights."""
+    of adapters. `peft_prefix` is where PEFT's files name the model's weights, `peft_head` transformers' name of
+    the output head ("all-linear" leaves it out, as PEFT does)."""
     peft_prefix = "base_model.model."
+    peft_head = "lm_head"
+    peft_fan_in_fan_out = False
+
+    peft_embedding = "model.embed_tokens"
+
+    def tied_embedding(self):
+        """The path of the embedding whose weight is also the output head's (transformers' tie_word_embeddings),
+        or None: a head of its own."""
+        return self.peft_embedding if getattr(self.config, "tie_word_embeddings", False) else None
 
     def use_adapter(self, enabled=True):
         return use_adapter(self, enabled)

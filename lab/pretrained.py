@@ -11,9 +11,12 @@ import os
 import re
 from pathlib import Path
 
-from .checks import InputError, show
-from . import gguf, shipped
+from . import gguf, nn, shipped
+from .checks import InputError, choice, show
+from .engine import quant
+from .engine.quant import QuantizedWeight
 from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError, index_shards, read_json
+from .lora import PACKED
 from .models import family, load_pretrained
 
 # what a Hub snapshot needs: config, weights (then the shards an index names), tokenizer, chat template, generation
@@ -24,11 +27,35 @@ HUB_FILES = ["config.json", "generation_config.json", WEIGHTS_FILE, INDEX_FILE, 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}")
 
 
-def from_pretrained(name_or_path, revision=None, local_files_only=None):
+def from_pretrained(name_or_path, revision=None, local_files_only=None, base_dtype="float32"):
     """The model `name_or_path` names, in eval mode: a directory in Hugging Face's layout, a .gguf file or a
     directory holding one, a shipped model's short name (lab.shipped), or a Hub id "org/name" (`revision`: a
-    branch, tag or commit; `local_files_only=True`, or HF_HUB_OFFLINE set, reads only the local Hub cache)."""
-    return load_local(_locate(name_or_path, revision, local_files_only))
+    branch, tag or commit; `local_files_only=True`, or HF_HUB_OFFLINE set, reads only the local Hub cache).
+    The model's `name_or_path` records the source as transformers' does: the Hub id (also for the shipped model's
+    GGUF, by name or by its path), else the local path; save_adapter names it as the adapter's base.
+    base_dtype "q4" or "int8": every linear layer's weight held packed (nn.QuantizedLinear's weight), a GGUF's
+    Q4_0/Q4_1 blocks as they are (no dequantize-requantize), any other weight quantized (q4: as Q4_1)."""
+    choice("from_pretrained: base_dtype", base_dtype, ("float32",) + tuple(PACKED))
+    path = _locate(name_or_path, revision, local_files_only)
+    model = load_local(path, base_dtype)
+    model.name_or_path = source_name(name_or_path, path)
+    return model
+
+
+def source_name(name_or_path, path):
+    """The Hub id of a shipped model (by its short name or its file) or of a Hub id; else the local path."""
+    name = str(name_or_path)
+    if name in shipped.SHIPPED:
+        return shipped.SHIPPED[name].hub_id
+    if not Path(name).expanduser().exists() and REPO_ID.fullmatch(name):
+        return name
+    for model in shipped.SHIPPED.values():
+        try:
+            if Path(path).resolve() == model.path().resolve():
+                return model.hub_id
+        except InputError:   # that package is not installed
+            pass
+    return name
 
 
 def read_config(name_or_path, revision=None, local_files_only=None):
@@ -74,24 +101,40 @@ def _locate(name_or_path, revision=None, local_files_only=None, fetch="model", c
     return _hub_snapshot(name, revision, local_files_only, weights=fetch == "model", config=fetch == "config")
 
 
-def load_local(path):
-    """A model from a local directory or .gguf file."""
+def load_local(path, base_dtype="float32"):
+    """A model from a local directory or .gguf file, its linear weights packed as `base_dtype` (from_pretrained)."""
     path = Path(path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
-        return _load_gguf(path)
+        return _packed_base(_load_gguf(path), base_dtype, path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model directory or .gguf file")
     if not any((path / name).exists() for name in (WEIGHTS_FILE, INDEX_FILE, *PICKLE_WEIGHTS)):
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_gguf(path / ggufs[0])
+            return _packed_base(_load_gguf(path / ggufs[0]), base_dtype, path / ggufs[0])
         if ggufs:
             raise CheckpointError(f"{path}: holds several .gguf files, {ggufs}: pass the path of the one to load")
         raise CheckpointError(f"{path}: holds no model: expected config.json with {WEIGHTS_FILE} or {INDEX_FILE} "
                               f"(Hugging Face's layout), or a .gguf file")
-    return load_pretrained(path)
+    return _packed_base(load_pretrained(path), base_dtype)
+
+
+def _packed_base(model, base_dtype, gguf_path=None):
+    """model with each linear layer's weight packed as base_dtype (lora.PACKED), in place; "float32" leaves it.
+    For q4, a GGUF's Q4_0/Q4_1 tensors are repacked from the file's blocks: the values the float model was just
+    loaded with (gguf.read_gguf dequantizes those same blocks), so nothing is rounded twice."""
+    if base_dtype == "float32":
+        return model
+    blocks = gguf.read_packed(gguf_path) if gguf_path is not None and base_dtype == "q4" else {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedWeight):
+            raw = blocks.get(f"{name}.weight")
+            qa = (quant.from_gguf(*raw) if raw is not None and raw[1] in ("Q4_0", "Q4_1") else
+                  quant.quantize(m.weight.numpy().T, PACKED[base_dtype]))
+            m.weight = QuantizedWeight(qa, m.weight.backend)
+    return model
 
 
 def _load_gguf(path):

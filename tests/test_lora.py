@@ -152,7 +152,7 @@ def test_save_and_load_adapter_round_trip(use_backend, tmp_path):
 
 
 def test_bad_input_gives_clear_errors(use_backend, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown target module\(s\) \['q_proj'\]: this model's linear layers are \['c_attn', 'c_fc', 'c_proj'\]"):
+    with pytest.raises(ValueError, match=r"unknown target module\(s\) \['q_proj'\]: this model's linear layers are \['c_proj', 'c_fc', 'c_attn'\] \(nearest first\)"):
         lora.apply(_model(), targets=["q_proj"])
     with pytest.raises(ValueError, match=r"LoRA rank r must be an integer >= 1, got 0"):
         lora.apply(_model(), r=0)

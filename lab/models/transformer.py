@@ -119,6 +119,10 @@ class Block(nn.Module):
 
 class TransformerLM(nn.Module, Adapters):
     peft_prefix = "base_model.model.transformer."   # transformers' GPT2LMHeadModel nests the blocks there
+    peft_fan_in_fan_out = True   # transformers' GPT-2 Conv1D stores (in, out), as lab's Linear does
+
+    def tied_embedding(self):
+        return "wte"   # the head is always wte's weight
 
     def __init__(self, cfg):
         check_model_fits(cfg, get_backend())   # before any weight is allocated
