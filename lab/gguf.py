@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import CheckpointError, _expect_file
+from .io import CheckpointError, LazyTensor, _expect_file
 
 # What lab reads, in one place: the types dequantized to float32, and those whose packed blocks a kernel can use as
 # they are (a Q4_0/Q4_1 block: a float16 scale (and min) and 32 4-bit values; Q8_0: a float16 scale and 32 int8)
@@ -189,36 +189,69 @@ def _unpermute(rows, heads, name, path):
     return rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _tensors(reader, cfg, path, convert):
-    """{HF name: convert(tensor)} with llama's q/k rows put back in HF order."""
+def _tensors(reader, cfg, path, convert, shape, dtype):
+    """{HF name: LazyTensor of convert(tensor), shape(tensor), dtype} with llama's q/k rows put back in HF order."""
     out = {}
     for t in reader.tensors:
-        name = _hf_name(t.name, path)
-        data = convert(t)
+        heads = None
         if cfg["architectures"] == ["LlamaForCausalLM"] and ".attn_q." in t.name:
-            data = _unpermute(data, cfg["num_attention_heads"], t.name, path)
+            heads = cfg["num_attention_heads"]
         elif cfg["architectures"] == ["LlamaForCausalLM"] and ".attn_k." in t.name:
-            data = _unpermute(data, cfg["num_key_value_heads"], t.name, path)
-        out[name] = data
+            heads = cfg["num_key_value_heads"]
+
+        def read(t=t, heads=heads):
+            data = convert(t)
+            return data if heads is None else _unpermute(data, heads, t.name, path)
+        out[_hf_name(t.name, path)] = LazyTensor(shape(t), dtype, read)
     return out
 
 
-def read_gguf(path):
-    """(config dict as in HF's config.json, {HF tensor name: float32 numpy array in HF's layout}) of a llama or
-    qwen2 GGUF file; quantized tensors are dequantized. GGUF lists dims fastest-moving first: numpy's shape is
-    their reverse, which is HF's (out, in) for a linear layer."""
+def _stored(t, path):
+    """t's data (the reader's view of it: its shape and dtype) read from the file: reading it through the reader's
+    memory map would keep those pages of the file resident beside the floats made from them."""
+    raw = np.fromfile(path, dtype=t.data.dtype, count=t.data.size, offset=t.data_offset)
+    if raw.size != t.data.size:   # (checked against the file's size when opened: it changed since)
+        raise CheckpointError(f"{path}: tensor {t.name} runs past the end of the file (changed while read?)")
+    return raw.reshape(t.data.shape)
+
+
+# values dequantized per call: gguf's dequantize holds its whole output twice (a list of parts, then their
+# concatenation) and widens each part further, so a large tensor goes through it a slab of rows at a time
+_SLAB = 1 << 20
+
+
+def read_tensors(path):
+    """(config dict as in HF's config.json, {HF tensor name: LazyTensor, float32 in HF's layout}) of a llama or
+    qwen2 GGUF file: each tensor is read and dequantized when asked for (np.asarray), refused by name if it holds
+    NaN or Inf. GGUF lists dims fastest-moving first: numpy's shape is their reverse, which is HF's (out, in) for a
+    linear layer."""
     from gguf.quants import dequantize
     path = Path(path)
     reader = _open(path)
     cfg = _config(reader, path)
+    hf_shape = lambda t: [int(d) for d in reversed(t.shape)]   # noqa: E731
 
     def floats(t):
-        with np.errstate(all="ignore"):   # a damaged scale gives Inf or NaN: refused below, by name
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if not np.isfinite(w).all():
-            raise CheckpointError(f"{path}: tensor {t.name} holds NaN or Inf")
-        return w.reshape([int(d) for d in reversed(t.shape)])
-    return cfg, _tensors(reader, cfg, path, floats)
+        raw = _stored(t, path)
+        out = np.empty(hf_shape(t), dtype=np.float32)
+        if raw.ndim < 2:   # a 1-D tensor's blocks are not rows: one slab
+            raw = raw[None]
+        rows = out.reshape(raw.shape[0], -1)
+        step = max(1, _SLAB // rows.shape[1])
+        for i in range(0, rows.shape[0], step):
+            with np.errstate(all="ignore"):   # a damaged scale gives Inf or NaN: refused below, by name
+                w = dequantize(raw[i:i + step], t.tensor_type)
+            if not np.isfinite(w).all():
+                raise CheckpointError(f"{path}: tensor {t.name} holds NaN or Inf")
+            rows[i:i + step] = w.reshape(-1, rows.shape[1])
+        return out
+    return cfg, _tensors(reader, cfg, path, floats, hf_shape, np.float32)
+
+
+def read_gguf(path):
+    """read_tensors with every tensor read: (config dict, {HF tensor name: float32 numpy array in HF's layout})."""
+    cfg, tensors = read_tensors(path)
+    return cfg, {name: np.asarray(t) for name, t in tensors.items()}
 
 
 def read_packed(path):
@@ -228,9 +261,7 @@ def read_packed(path):
     reader = _open(path)
     cfg = _config(reader, path)
     packed = [t for t in reader.tensors if t.tensor_type.name in PACKED_TYPES]
-
-    def blocks(t):
-        return np.array(t.data, dtype=np.uint8)   # a copy: the reader's view dies with its memory map
     kinds = {_hf_name(t.name, path): (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))) for t in packed}
     reader.tensors = packed
-    return {name: (data, *kinds[name]) for name, data in _tensors(reader, cfg, path, blocks).items()}
+    blocks = _tensors(reader, cfg, path, lambda t: _stored(t, path), lambda t: t.data.shape, np.uint8)
+    return {name: (np.asarray(data), *kinds[name]) for name, data in blocks.items()}

@@ -415,6 +415,36 @@ def read_json(path, what, unique_keys=False):
     return data
 
 
+class LazyTensor:
+    """A tensor of a weights file, read when its values are asked for (np.asarray): loaders hand these on so a
+    model's weights go from the file into its parameters one at a time, never all held beside the model. shape and
+    dtype are as it will be read (floats: float32); .T reads its transpose."""
+    __slots__ = ("shape", "dtype", "_read")
+
+    def __init__(self, shape, dtype, read):
+        self.shape, self.dtype, self._read = tuple(int(n) for n in shape), np.dtype(dtype), read
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def T(self):
+        return LazyTensor(self.shape[::-1], self.dtype, lambda: self._read().T)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self._read()   # a new array each time: no copy of anything to avoid
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+# safetensors' integer dtypes (floats are read as float32)
+_INT_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
+               "I32": np.int32, "U64": np.uint64, "I64": np.int64}
+
+
 def _widened(path, header_size, info):
     """A bfloat16 or float16 tensor's raw bytes as float32, exactly: a bfloat16 is the top half of a float32."""
     start, end = info["data_offsets"]
@@ -424,38 +454,54 @@ def _widened(path, header_size, info):
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-def read_safetensors(path):
+def read_safetensors(path, lazy=False):
     """All tensors of a safetensors file as numpy arrays, floats as float32 (bfloat16 and float16 widened
     exactly). A file is not trusted: every float must be finite in float32 (a NaN loaded into the optimizer's
-    moments would turn the next step's weights into NaN). Errors name the file and the tensor."""
+    moments would turn the next step's weights into NaN). Errors name the file and the tensor. lazy=True: the
+    header is checked now and each tensor read (and checked) when asked for (LazyTensor), by its own opening of
+    the file, so only that tensor's pages of the file's memory map are ever resident."""
     path = Path(path)
     _expect_file(path, "file")
-    out = {}
     try:
         with safe_open(str(path), framework="np") as f:   # validates the header and the offsets
-            header = None
-            for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                if dtype in ("BF16", "F16"):   # numpy has no bfloat16: read the raw bytes where the header says
-                    if header is None:
-                        with open(path, "rb") as fh:
-                            size = int.from_bytes(fh.read(8), "little")
-                            header = json.loads(fh.read(size))
-                    out[key] = _widened(path, size, header[key])
-                elif dtype in ("F32", "F64") or not dtype.startswith("F"):
-                    out[key] = f.get_tensor(key)
-                else:
-                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype}, lab reads F64, F32, F16, BF16 "
-                                          f"and integer tensors")
+            kinds = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
+        for key, (dtype, _) in kinds.items():
+            if dtype not in ("F64", "F32", "F16", "BF16") and dtype not in _INT_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype}, lab reads F64, F32, F16, BF16 "
+                                      f"and integer tensors")
+        header = None
+        if any(dtype in ("BF16", "F16") for dtype, _ in kinds.values()):   # numpy has no bfloat16: raw bytes
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = (size, json.loads(fh.read(size)))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if lazy:
+        return {key: LazyTensor(shape, _INT_DTYPES.get(dtype, np.float32),
+                                lambda key=key: _read_tensors(path, [key], header)[key])
+                for key, (dtype, shape) in kinds.items()}
+    return _read_tensors(path, list(kinds), header)
+
+
+def _read_tensors(path, keys, header):
+    """Tensors `keys` of a safetensors file read_safetensors has checked, floats as finite float32."""
+    out = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for key in keys:
+                if f.get_slice(key).get_dtype() in ("BF16", "F16"):
+                    out[key] = _widened(path, header[0], header[1][key])
+                else:
+                    out[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:   # (changed since it was checked)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     for key, value in out.items():
         if value.dtype.kind != "f":
             continue
         with np.errstate(over="ignore"):
-            narrow = value.astype(np.float32)
+            narrow = value.astype(np.float32, copy=False)
         if not np.isfinite(narrow).all():
             beyond = np.isfinite(value).all()
             raise CheckpointError(f"{path}: tensor {key!r} " + ("has values beyond float32's range (largest "
@@ -471,11 +517,12 @@ def weights_file(directory):
     return d / INDEX_FILE if not (d / WEIGHTS_FILE).exists() and (d / INDEX_FILE).exists() else d / WEIGHTS_FILE
 
 
-def read_weights(directory):
+def read_weights(directory, lazy=False):
     """The tensors of a model directory in Hugging Face's layout, by HF name: model.safetensors, or else the shards
     that model.safetensors.index.json maps (transformers' precedence). The index is checked against the shards
     before anything is handed on: every shard it names exists (a plain file name beside it), every tensor it maps
-    is in that shard, no shard holds a tensor the index does not map to it. Errors name the file."""
+    is in that shard, no shard holds a tensor the index does not map to it. Errors name the file. lazy=True:
+    LazyTensors (read_safetensors), read when the loader asks, under the same `reading` hold."""
     d = Path(directory)
     if (d / WEIGHTS_FILE).exists() or not (d / INDEX_FILE).exists():
         if not (d / WEIGHTS_FILE).exists() and any((d / name).exists() for name in PICKLE_WEIGHTS):
@@ -484,7 +531,7 @@ def read_weights(directory):
                                   f"any code in it); convert them to safetensors where you trust the file, e.g. "
                                   f"transformers' AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out), "
                                   f"which writes {WEIGHTS_FILE}")
-        return read_safetensors(d / WEIGHTS_FILE)
+        return read_safetensors(d / WEIGHTS_FILE, lazy)
     index = d / INDEX_FILE
     shards = index_shards(index)
     missing = sorted(s for s in shards if not (d / s).exists())
@@ -493,7 +540,7 @@ def read_weights(directory):
         raise CheckpointError(f"{index}: names shards that are not in {d}: {missing[:20]}{more}")
     out = {}
     for shard, names in shards.items():
-        tensors = read_safetensors(d / shard)
+        tensors = read_safetensors(d / shard, lazy)
         if set(tensors) != names:
             raise CheckpointError(f"{d / shard}: does not hold the tensors {index.name} maps to it: "
                                   f"{mismatch(names, tensors)}")

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType  # noqa: E402
 
 from ggufs import hf_tensors, permute, write_gguf  # noqa: E402
 from lab import gguf as lg  # noqa: E402
+from lab import io as lab_io  # noqa: E402
 from lab import shipped  # noqa: E402
 from lab.checks import InputError  # noqa: E402
 from lab.io import CheckpointError  # noqa: E402
@@ -219,3 +220,29 @@ def test_zero_dim_tensor_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"m.gguf: tensor token_embd.weight of type F32 has dims \[0, 264\]: "
                                               r"each must be positive"):
         lg.read_gguf(path)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_1"])
+def test_tensors_dequantized_a_slab_of_rows_at_a_time_equal_the_whole_tensor_dequantized(tmp_path, monkeypatch,
+                                                                                      qtype):
+    # a large tensor goes through gguf's dequantize in slabs of rows (its whole output held twice was the load's
+    # peak): slabs of 1, 3 and an uneven 7 rows, 1-D norms as one slab, give gguf's own result bit for bit
+    t = hf_tensors(seed=3)
+    path = write_gguf(tmp_path / "m.gguf", t, qtype=qtype)
+    _, whole = lg.read_gguf(path)
+    for rows in (1, 3, 7):
+        monkeypatch.setattr(lg, "_SLAB", rows * 64)   # (each row: 64 values, the hidden size)
+        cfg, lazy = lg.read_tensors(path)
+        assert all(isinstance(v, lab_io.LazyTensor) and v.dtype == np.float32 for v in lazy.values())
+        for name, v in lazy.items():
+            got = np.asarray(v)
+            assert v.shape == got.shape == whole[name].shape and np.array_equal(got, whole[name]), (rows, name)
+
+
+def test_a_tensor_holding_nan_is_refused_by_name_when_read(tmp_path):
+    t = hf_tensors(seed=4)
+    t["model.layers.1.mlp.up_proj.weight"][5, 7] = np.nan
+    _, lazy = lg.read_tensors(write_gguf(tmp_path / "m.gguf", t))
+    np.asarray(lazy["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(CheckpointError, match=r"m.gguf: tensor blk.1.ffn_up.weight holds NaN or Inf"):
+        np.asarray(lazy["model.layers.1.mlp.up_proj.weight"])

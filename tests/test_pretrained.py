@@ -547,3 +547,56 @@ def test_hf_hub_offline_wins_over_local_files_only_false(value, tmp_path, monkey
         with pytest.raises(CheckpointError, match=r"org/absent .*not in the Hub cache .*offline \(HF_HUB_OFFLINE=1"):
             load("org/absent", local_files_only=False)
     assert asked == [True, True]
+
+
+# ------------------------------------------------------------------------------------------------ memory of a load
+
+def test_loading_a_transformers_directory_peaks_near_its_parameter_bytes(tmp_path):
+    # the load held every tensor read, a float64 random init, the transposed copies and load_state_dict's copies
+    # at once; now each tensor goes from its shard into its parameter. Many layers, so that no one tensor (the
+    # peak's remainder) is a large part of the model
+    from peak_memory import load_memory
+    cfg = dict(TINY, vocab_size=4000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    _hf_model(**cfg).save_pretrained(tmp_path, max_shard_size="10MB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    params, peak, resident = load_memory(tmp_path)
+    assert params == sum(p.numel() for p in _hf_model(**cfg).parameters()) * 4
+    assert peak < 1.4 * params and resident < 1.25 * params, (peak / params, resident / params)
+
+
+def test_a_load_failing_at_a_later_tensor_leaves_a_loaded_model_unchanged(hf_dirs, tmp_path, use_backend):
+    # a built model's load reads each tensor when it writes it; a model that already holds weights reads them all
+    # first, so a bad tensor found late changes none of its parameters
+    d = _copy(hf_dirs["single"][0], tmp_path)
+    model = from_pretrained(d)
+    before = model.state_dict()
+    tensors = read_weights(d, lazy=True)
+    name = "model.layers.2.mlp.down_proj.weight"   # read after most others
+    good = tensors[name]
+    tensors[name] = lab.io.LazyTensor(good.shape, good.dtype, lambda: np.full(good.shape, np.nan, np.float32))
+    with pytest.raises(CheckpointError, match="down_proj"):
+        model.load_hf_weights(tensors, source=d)
+    after = model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_model_whose_load_fails_is_never_handed_out_half_loaded(hf_dirs, tmp_path, use_backend):
+    # built without a random init (zeros): a load that fails mid-way raises, and nothing keeps the model
+    from safetensors.numpy import load_file, save_file
+    d = _copy(hf_dirs["single"][0], tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.2.mlp.down_proj.weight"][3, 4] = np.inf
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.2.mlp.down_proj.weight' "
+                                              r"contains NaN or Inf"):
+        from_pretrained(d)
+
+
+def test_built_and_loaded_refuses_a_load_that_leaves_a_parameter_unwritten(use_backend):
+    with pytest.raises(RuntimeError, match=r"the load left 1 parameters unwritten \(\['weight'\]\)"):
+        lab.nn.built_and_loaded(lambda: lab.nn.Linear(3, 2), lambda m: None)
+    w = np.arange(6, dtype=np.float32).reshape(3, 2)
+    model = lab.nn.built_and_loaded(lambda: lab.nn.Linear(3, 2), lambda m: m.load_state_dict({"weight": w, "bias": w[0]}))
+    w[0, 0] = 99   # the caller's array is copied, never shared
+    assert np.array_equal(model.weight.numpy(), np.arange(6).reshape(3, 2)) and model.weight.requires_grad

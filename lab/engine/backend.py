@@ -64,6 +64,8 @@ class Backend:
     def to_numpy(self, a): raise NotImplementedError
     def full(self, shape, value, dtype="float32"): raise NotImplementedError
     def empty(self, shape, dtype="float32"): raise NotImplementedError     # contents undefined: for full overwrites
+    def write(self, a, x): raise NotImplementedError               # a's values := host array x (a's size), in place,
+    # landing before work recorded and not yet submitted (sync() first where that work touches a)
     def reshape(self, a, shape): raise NotImplementedError          # a view: shares storage
     def storage(self, a): raise NotImplementedError                # the object a and its views share: memory identity
     def sync(self, wait=False): pass

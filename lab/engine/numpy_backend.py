@@ -219,10 +219,18 @@ class NumpyBackend(Backend):
         return np.array(a, copy=True)
 
     def full(self, shape, value, dtype="float32"):
+        if value == 0 and not np.signbit(value):   # calloc's zeros: no page is touched until written (a model's
+            return np.zeros(shape, dtype=dtype)     # parameters being loaded, a KV cache's unused positions)
         return np.full(shape, value, dtype=dtype)
 
     def empty(self, shape, dtype="float32"):
         return np.empty(shape, dtype=dtype)
+
+    def write(self, a, x):
+        x = np.asarray(x)
+        if x.size != a.size:
+            raise ValueError(f"write: {x.size} values for an array of shape {a.shape}")
+        np.copyto(a, x.reshape(a.shape), casting="same_kind")
 
     def reshape(self, a, shape):
         return a.reshape(shape)

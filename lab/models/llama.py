@@ -16,7 +16,7 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from ..io import (GENERATION_FILE, CheckpointError, atomic_files, check_floats, read_json, read_weights, reading,
+from ..io import (GENERATION_FILE, CheckpointError, LazyTensor, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
 from ..lora import Adapters, apply_config, checkpoint_config
 
@@ -435,9 +435,15 @@ class LlamaLM(nn.Module, Adapters):
             if tuple(tensors[name].shape) != tuple(shape):
                 raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model "
                                       f"expects {tuple(shape)}")
-            if not np.isfinite(tensors[name]).all():   # (a file's were checked as read; a dequantized one's not)
-                raise CheckpointError(f"{where}: tensor {name!r} holds NaN or Inf")
-        state = {n: _from_hf(n, np.asarray(tensors[n], dtype=np.float32)) for n, _ in self.named_parameters()}
+
+        def finite(name, value):   # checked as load_state_dict reads it (a built model's: into its parameter)
+            def read():
+                a = np.asarray(value)
+                if not np.isfinite(a).all():
+                    raise CheckpointError(f"{where}: tensor {name!r} holds NaN or Inf")
+                return a
+            return LazyTensor(value.shape, value.dtype, read)
+        state = {n: _from_hf(n, finite(n, tensors[n])) for n, _ in self.named_parameters()}
         self.load_state_dict(state, source=str(where), error=CheckpointError)
         return self
 
@@ -478,10 +484,13 @@ class LlamaLM(nn.Module, Adapters):
         checked before anything is allocated; each source (a path) is named in the errors about it."""
         cfg = LlamaConfig.from_hf(data, config_source)
         _check_size(cfg, tensors, config_source, weights_source)
-        model = cls(cfg)
-        if data.get("lora") is not None:   # lab's checkpoint of a LoRA run: its adapters are in the weights
-            apply_config(model, data["lora"], config_source)
-        return model.load_hf_weights(tensors, weights_source).eval()
+
+        def load(model):
+            if data.get("lora") is not None:   # lab's checkpoint of a LoRA run: its adapters are in the weights
+                apply_config(model, data["lora"], config_source)
+            model.load_hf_weights(tensors, weights_source)
+        # no random init of weights about to be replaced; each tensor read straight into its parameter
+        return nn.built_and_loaded(lambda: cls(cfg), load).eval()
 
 
 def _check_format(format):
@@ -498,7 +507,9 @@ def _to_hf(name, value):
     return np.ascontiguousarray(value.T) if _is_linear(name) else value
 
 
-_from_hf = _to_hf   # a transpose is its own inverse
+def _from_hf(name, value):
+    # the transposed view (of an array or a LazyTensor): the parameter's write is the one copy, made as it transposes
+    return value.T if _is_linear(name) else value
 
 
 def load_pretrained(directory):
@@ -507,8 +518,8 @@ def load_pretrained(directory):
         raise CheckpointError(f"{d}: no such model directory (one holding {CONFIG_FILE} and {MODEL_FILE})")
     with reading(d):   # config.json, generation_config.json and the weights of one save
         data = with_generation_config(read_json(d / CONFIG_FILE, "model config"), d)
-        tensors = read_weights(d)   # model.safetensors or the shards of transformers' index
-    return LlamaLM.from_hf(data, tensors, d / CONFIG_FILE, weights_file(d))
+        tensors = read_weights(d, lazy=True)   # model.safetensors or the shards of transformers' index
+        return LlamaLM.from_hf(data, tensors, d / CONFIG_FILE, weights_file(d))   # (read as loaded: still held)
 
 
 def num_params(cfg):

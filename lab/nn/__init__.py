@@ -9,6 +9,7 @@ import numpy as np
 from ..engine import ops as F
 from ..engine.locks import FairLock
 from ..engine.random import generator
+from ..engine.backend import get_backend
 from ..engine.tensor import Tensor, tensor
 
 
@@ -75,6 +76,37 @@ def in_use(model, what, hint=""):
 def parameter(values, backend=None):
     """A trainable tensor on `backend` (default: the active one)."""
     return tensor(np.asarray(values, dtype=np.float32), requires_grad=True, backend=backend)
+
+
+_unset = weakref.WeakSet()   # parameters of a built_and_loaded build its load has not yet written
+
+
+def normal(shape, std):
+    """A parameter drawn from N(0, std^2); inside built_and_loaded's build, zeros its load overwrites: a draw
+    there is wasted time, and made in float64 it held twice the model's size (1 GB for a 135M model)."""
+    if getattr(_modes, "unset", False):
+        b = get_backend()
+        p = Tensor(b.full(shape, 0.0), b, requires_grad=True)
+        _unset.add(p)
+        return p
+    return parameter(generator().normal(0.0, std, size=shape))
+
+
+def built_and_loaded(build, load):
+    """build() with its random draws skipped (normal()'s parameters hold zeros), then load(module), which must
+    write every parameter (load_state_dict): the module, loaded. It is never handed out before: a load that fails
+    drops it, so no model of zeros is trained or run by accident. Its parameters are read straight into their
+    storage (load_state_dict), one at a time: a loader's peak is about the model's own size."""
+    previous, _modes.unset = getattr(_modes, "unset", False), True
+    try:
+        module = build()
+    finally:
+        _modes.unset = previous
+    load(module)
+    left = [name for name, p in module.named_parameters() if p in _unset]
+    if left:
+        raise RuntimeError(f"built_and_loaded: the load left {len(left)} parameters unwritten ({left[:5]})")
+    return module
 
 
 class Module:
@@ -153,8 +185,10 @@ class Module:
 
     def load_state_dict(self, state, source="state dict", error=ValueError):
         """Copy arrays into this module's parameters, each in the parameter's dtype (float32, or float16 for a
-        frozen base stored so); names and shapes must match exactly (else `error`, naming `source` and the
-        tensor). Nothing is copied unless everything matches."""
+        frozen base stored so), copied once (the caller's arrays are never shared); names and shapes must match
+        exactly (else `error`, naming `source` and the tensor). Nothing is copied unless everything matches. Values
+        may be LazyTensors (lab.io): a module being built (built_and_loaded) reads each straight into its
+        parameter's storage, one at a time; any other reads all of them before it changes one."""
         with in_use(self, "load_state_dict"), step_lock(self):   # (not under another thread's save)
             self._load_state_dict(state, source, error)
 
@@ -164,12 +198,26 @@ class Module:
         if missing or unexpected:
             raise error(f"{source}: " + ", ".join(f"{what} tensors {names}" for what, names in
                                                   (("missing", missing), ("unexpected", unexpected)) if names))
-        values = {name: np.asarray(state[name]) for name in own}
         for name, p in own.items():
-            if tuple(values[name].shape) != p.shape:
-                raise error(f"{source}: tensor {name!r} has shape {tuple(values[name].shape)}, the model expects {p.shape}")
+            if tuple(np.shape(state[name])) != p.shape:
+                raise error(f"{source}: tensor {name!r} has shape {tuple(np.shape(state[name]))}, the model expects {p.shape}")
+
+        def host(name, p):   # (no copy when the dtype is right already: the write or upload is the one copy)
+            value = np.asarray(state[name])
+            if value.shape != p.shape:   # a LazyTensor whose values are not of the shape it declared
+                raise error(f"{source}: tensor {name!r} was read with shape {value.shape}, the model expects {p.shape}")
+            return value.astype(np.float16 if p.dtype == "float16" else np.float32, copy=False)
+        building = any(p in _unset for p in own.values())   # nothing to keep if a later read fails
+        values = {} if building else {name: host(name, p) for name, p in own.items()}
+        for backend in {p.backend for p in own.values() if p in _unset}:
+            backend.sync()   # (a write lands before work recorded and not yet submitted: the zeros' fill)
         for name, p in own.items():
-            p.data = p.backend.from_numpy(values[name].astype(np.float16 if p.dtype == "float16" else np.float32))
+            value = host(name, p) if building else values.pop(name)
+            if p in _unset:
+                p.backend.write(p.data, value)
+                _unset.discard(p)
+            else:
+                p.data = p.backend.from_numpy(value)
 
 
 class Linear(Module):
@@ -178,7 +226,7 @@ class Linear(Module):
     overriding forward accepts `activation` too (F.activate applies it after the layer's own output)."""
 
     def __init__(self, n_in, n_out, bias=True, std=0.02):
-        self.weight = parameter(generator().normal(0.0, std, size=(n_in, n_out)))
+        self.weight = normal((n_in, n_out), std)
         self.bias = parameter(np.zeros(n_out)) if bias else None
 
     def forward(self, x, activation=None):
@@ -188,7 +236,7 @@ class Linear(Module):
 
 class Embedding(Module):
     def __init__(self, num, dim, std=0.02):
-        self.weight = parameter(generator().normal(0.0, std, size=(num, dim)))
+        self.weight = normal((num, dim), std)
 
     def forward(self, idx):
         return F.embedding(idx, self.weight)
@@ -228,4 +276,5 @@ def sinusoidal_positions(n_pos, dim):
     return np.where(i % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
 
 
-__all__ = ["Module", "Linear", "Embedding", "LayerNorm", "Dropout", "parameter", "sinusoidal_positions"]
+__all__ = ["Module", "Linear", "Embedding", "LayerNorm", "Dropout", "parameter", "normal", "built_and_loaded",
+           "sinusoidal_positions"]
