@@ -339,7 +339,8 @@ def main(argv=None):
     b.add_argument("--sizes", type=_ints, help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
     b.add_argument("--budget", type=positive, default=0.5, help="seconds of timed repetitions per measurement")
     b.add_argument("--model-shapes", action="store_true",
-                   help="kernels: also time the matmul shapes of a shakespeare-char training step")
+                   help="kernels: also time the matmul shapes of a shakespeare-char training step, and SmolLM2-135M's "
+                        "linear layers with the weight float32, q4_1 and int8 (forward and q4_1's input gradient)")
     b.add_argument("--out", help="JSON output path (default bench-results/kernels-<backend>.json)")
     b.set_defaults(fn=_bench)
 
@@ -354,8 +355,8 @@ def main(argv=None):
     pl.add_argument("--tokens", type=positive, help="training tokens (default 1e6)")
     pl.add_argument("--steps", type=count, help="training steps (instead of --tokens)")
     pl.add_argument("--lora-rank", type=count, help="plan LoRA fine-tuning with this rank (default: full training)")
-    pl.add_argument("--lora-base-dtype", default="float32", choices=("float32", "float16"),
-                    help="with --lora-rank: storage of the frozen linear weights")
+    pl.add_argument("--lora-base-dtype", default="float32", choices=("float32", "float16", "int8", "q4"),
+                    help="with --lora-rank: storage of the frozen linear weights (int8, q4: packed)")
     pl.add_argument("--optimizer", default="adamw", help="adamw or sgd")
     pl.add_argument("--vocab-size", type=count, help="vocabulary size (default: the preset's)")
     pl.add_argument("--device", default="this", help="'this' (measured) or a profile: m1, rtx4090, h100, h200, cpu-2core")

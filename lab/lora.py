@@ -23,8 +23,9 @@ from . import nn
 from .checks import InputError, choice, integer, real, show
 from .engine import ops as F
 from .engine.backend import require_half_storage
-from .engine.quant import QuantizedWeight, quantize
+from .engine.quant import quantize
 from .engine.random import generator
+from .engine.tensor import QuantizedWeight
 from .io import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors, reading
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -160,8 +161,8 @@ def _sites(model, r, targets):
                              f"Target the linear layers ({', '.join(linear_names(model))}) or {ALL_LINEAR!r}")
         if unknown or not names:  # no targets would freeze the whole model and train nothing
             valid = linear_names(model)
-            near = sorted(valid, key=lambda v: -max(difflib.SequenceMatcher(None, str(t), v).ratio() for t in unknown)) \
-                if unknown else valid
+            leaves = [t.rsplit(".", 1)[-1] for t in unknown]   # a dotted path is compared by its layer's name
+            near = sorted(valid, key=lambda v: -max(difflib.SequenceMatcher(None, t, v).ratio() for t in leaves))
             raise InputError(f"{f'unknown target module(s) {unknown}' if unknown else 'no target modules given'}: "
                              f"this model's linear layers are {near}{' (nearest first)' if unknown else ''}; a target is one of them, a "
                              f"dotted path ending in one, or {ALL_LINEAR!r}")
@@ -175,6 +176,9 @@ def _sites(model, r, targets):
                     raise InputError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {full} "
                                      f"({n_in} -> {n_out}): r must be at most {min(n_in, n_out)}")
                 sites.append((full, module, name, child))
+    if not sites:   # ("all-linear" on a model whose one linear layer is its head): nothing would train
+        raise InputError(f"LoRA targets {show(targets)} take no layer of this model: its linear layers are "
+                         f"{linear_names(model)}, the output head {head!r} left out")
     return sites
 
 
@@ -496,7 +500,8 @@ def _adapter_tensors(tensors, shapes, path):
 UNSUPPORTED = {"bias": ("none",), "use_rslora": (False,), "use_dora": (False,), "modules_to_save": ([],),
                "trainable_token_indices": ({}, []), "rank_pattern": ({},), "alpha_pattern": ({},),
                "layers_to_transform": ([],), "exclude_modules": ([], ""), "target_parameters": ([],),
-               "lora_bias": (False,), "use_qalora": (False,)}
+               "lora_bias": (False,), "use_qalora": (False,), "layer_replication": ([],),
+               "alora_invocation_tokens": ([],), "arrow_config": ({},), "use_bdlora": (False,)}
 
 
 class Adapters:

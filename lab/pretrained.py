@@ -14,7 +14,7 @@ from pathlib import Path
 from . import gguf, nn, shipped
 from .checks import InputError, choice, show
 from .engine import quant
-from .engine.quant import QuantizedWeight
+from .engine.tensor import QuantizedWeight
 from .io import INDEX_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, CheckpointError, index_shards, read_json
 from .lora import PACKED
 from .models import family, load_pretrained

@@ -93,7 +93,8 @@ def test_plan_that_does_not_fit_names_the_tensor_and_suggests_fixes():
     tuned = plan.estimate("gpt2-small", batch=64, lora_rank=8, device="m1")   # LoRA that does not fit either
     assert not tuned.fits and any("base_dtype='float16'" in s and "162 MiB less" in s for s in tuned.suggestions)
     half = plan.estimate("gpt2-small", batch=64, lora_rank=8, device="m1", lora_base_dtype="float16")
-    assert not any("base_dtype" in s for s in half.suggestions)   # already float16
+    assert not any("base_dtype='float16'" in s for s in half.suggestions)   # already float16
+    assert any("base_dtype='q4'" in s for s in half.suggestions)            # a packed base is smaller still
     small = plan.estimate("tiny", batch=12, device="h200")
     assert small.fits and not small.reasons
 

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from ..checks import InputError, show
+from . import quant
 
 MAXDIM = 6  # the strided kernels (broadcast, copy) index at most this many dimensions
 
@@ -151,6 +152,28 @@ class Backend:
     # x's rows t use rows pos + t of cos, sin (P, D); inverse: the transposed rotation (the backward, by -theta).
     # heads: x is the packed projection (B, T, heads * D) and the result its heads (B, heads, T, D), the head
     # split in the same pass (with inverse, from the heads back to the packed layout)
+    # Quantized frozen weights (lab/engine/quant.py's QuantizedArray, (out, in)): upload_quantized(qa) -> the
+    # handle quantized_matmul(x, qw, transpose) reads. x (N, in) -> x @ W^T (N, out) (the forward); transpose=True:
+    # g (N, out) -> g @ W (N, in) (the input's gradient). The composed fallback keeps the packed array on the host
+    # and dequantizes a chunk of W's rows at a time for matmul: one chunk's floats beside the packed bytes
+    def upload_quantized(self, qa): return qa
+
+    def quantized_matmul(self, x, qw, transpose=False):
+        n_out, n_in = qw.shape
+        N = x.shape[0]
+        out = self.full((N, n_in), 0.0) if transpose else self.empty((N, n_out))
+        step = quant.chunk_rows(qw)
+        for o in range(0, n_out, step):
+            c = min(step, n_out - o)
+            w = self.reshape(self.from_numpy(quant.dequantize(qw, o, o + c)), (1, c, n_in))
+            if transpose:   # g @ W = the sum over chunks of g's columns o..o+c-1 times W's rows o..o+c-1
+                g = self.reshape(self.copy_view(x, o, (N, c), (n_out, 1)), (1, N, c))
+                out = self.binary("add", out, self.reshape(self.matmul(g, w), (N, n_in)))
+            else:
+                part = self.reshape(self.matmul(self.reshape(x, (1, N, n_in)), w, False, True), (N, c))
+                self.write_view(out, o, (n_out, 1), part)
+        return out
+
     supports_capture = False  # capture_begin / capture_end / replay: a training step recorded once, replayed
     # (train/replay.py)
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from . import quant
 from .backend import Backend, HeadView, check_index_range
 
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -307,6 +308,21 @@ class NumpyBackend(Backend):
 
     def heads_in_place(self, seq, dim):
         return True
+
+    def quantized_matmul(self, x, qw, transpose=False):
+        # a chunk of W's rows dequantized at a time (quant.chunk_rows: 2 MB of floats): a layer's float32 weight is
+        # never whole in memory, only its packed bytes
+        n_out, n_in = qw.shape
+        out = np.zeros((x.shape[0], n_in), np.float32) if transpose else np.empty((x.shape[0], n_out), np.float32)
+        step = quant.chunk_rows(qw)
+        for o in range(0, n_out, step):
+            w = quant.dequantize(qw, o, o + step)
+            if transpose:
+                out += x[:, o:o + step] @ w
+            else:
+                np.matmul(x, w.T, out=out[:, o:o + step])
+            del w   # before the next chunk is made: one chunk's floats at a time
+        return out
 
     def _matmul_heads(self, a, b, trans_a, trans_b, out):
         """Products with HeadView operands or destination: every operand as a (B, heads, rows, cols) view, the

@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 
+from . import quant
 from .backend import backend_instance, contiguous_strides, get_backend, np_dtype, require_half_storage
 
 _grad_state = threading.local()
@@ -290,3 +291,63 @@ def zeros(*shape, requires_grad=False, dtype="float32"):
 
 def ones(*shape, requires_grad=False, dtype="float32"):
     return _filled("ones", shape, 1, requires_grad, dtype)
+
+
+class QuantizedWeight(Tensor):
+    """A frozen linear weight held packed (qa, a QuantizedArray (out, in)) on `backend` (upload_quantized's
+    handle in .data): it reads as the (in, out) weight of an nn.Linear (shape, numpy() dequantized), so code
+    that lists, saves or sizes parameters takes it as one; only quantized_linear multiplies by it."""
+    __slots__ = ("packed",)
+
+    def __init__(self, qa, backend):
+        super().__init__(backend.upload_quantized(qa), backend)
+        self.packed = qa
+
+    @property
+    def shape(self):
+        return self.packed.shape[::-1]
+
+    @property
+    def ndim(self):
+        return 2
+
+    @property
+    def size(self):
+        return self.packed.shape[0] * self.packed.shape[1]
+
+    @property
+    def dtype(self):
+        return self.packed.kind
+
+    @property
+    def nbytes(self):
+        return self.packed.nbytes
+
+    def numpy(self):
+        return np.ascontiguousarray(quant.dequantize(self.packed).T)
+
+    def detach(self):
+        return self
+
+    def assign(self, values):
+        """Hold `values` (in, out) quantized as this weight's kind (a QuantizedArray as it is). Values that are a
+        packed weight's dequantized ones (a checkpoint's) pack again to those same values."""
+        qa = (values if isinstance(values, quant.QuantizedArray) else
+              quant.quantize(np.asarray(values, np.float32).T, self.packed.kind))
+        if qa.shape != self.packed.shape:
+            raise ValueError(f"QuantizedWeight.assign: a ({qa.shape[1]}, {qa.shape[0]}) weight for one of shape "
+                             f"{self.shape}")
+        self.data, self.packed = self.backend.upload_quantized(qa), qa
+
+    def requires_grad_(self, flag=True):
+        if flag:
+            raise ValueError(f"a {self.dtype} weight is frozen: gradients reach its layer's input and adapters only")
+        self.requires_grad = False
+        return self
+
+    def to(self, backend):
+        target = backend_instance(backend)
+        return self if target is self.backend else QuantizedWeight(self.packed, target)
+
+    def __repr__(self):
+        return f"QuantizedWeight(shape={self.shape}, kind={self.dtype}, nbytes={self.nbytes}, backend={self.backend.name})"

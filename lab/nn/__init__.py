@@ -10,7 +10,8 @@ from ..engine import ops as F
 from ..engine.locks import FairLock
 from ..engine.random import generator
 from ..engine.backend import get_backend
-from ..engine.tensor import Tensor, tensor
+from ..engine.quant import quantize
+from ..engine.tensor import QuantizedWeight, Tensor, tensor
 
 
 _modes = threading.local()
@@ -213,7 +214,9 @@ class Module:
             backend.sync()   # (a write lands before work recorded and not yet submitted: the zeros' fill)
         for name, p in own.items():
             value = host(name, p) if building else values.pop(name)
-            if p in _unset:
+            if isinstance(p, QuantizedWeight):   # packed again as its kind (a save holds the dequantized values)
+                p.assign(value)
+            elif p in _unset:
                 p.backend.write(p.data, value)
                 _unset.discard(p)
             else:
@@ -232,6 +235,26 @@ class Linear(Module):
     def forward(self, x, activation=None):
         # activation="gelu": applied as the matmul stores the product where the backend can (F.linear)
         return F.linear(x, self.weight, self.bias, activation=activation)
+
+
+class QuantizedLinear(Linear):
+    """A frozen Linear whose weight stays packed (quant.QuantizedWeight of a QuantizedArray (out, in): q4_0, q4_1,
+    int8), dequantized by the backend as it multiplies. It reads as a Linear (weight.shape (in, out); state_dict
+    and hf_weights give the dequantized values), so LoRA wraps it as any Linear."""
+
+    def __init__(self, qa, bias=None, backend=None):
+        self.weight = QuantizedWeight(qa, backend or get_backend())
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear, kind):
+        """`linear`'s weight quantized as `kind` (quant.quantize along `in`: GPT-2's Conv1D (in, out) weight is
+        quantized per output column, its transpose's rows), its bias kept as it is."""
+        return cls(quantize(linear.weight.numpy().T, kind), linear.bias, linear.weight.backend)
+
+    def dequantized(self):
+        """The weight as a float32 (in, out) Tensor: what a float32 base holding the same values would hold."""
+        return Tensor(self.weight.backend.from_numpy(self.weight.numpy()), self.weight.backend)
 
 
 class Embedding(Module):

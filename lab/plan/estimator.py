@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..checks import InputError, choice, integer, real, show
+from ..engine import quant
 from .profiles import limits_profile, named_profile
 
 F32 = 4
@@ -43,10 +44,11 @@ class Plan:
     multi_device: str = ""
     devices_needed: int = 1
     multi_device_time_s: float = 0.0
+    lora_base_dtype: str = "float32"   # a LoRA plan's frozen base: float32, float16, int8 or q4
 
     def __repr__(self):
         gib = 2 ** 30
-        mode = f"LoRA r={self.lora_rank}" if self.lora_rank else "full training"
+        mode = (f"LoRA r={self.lora_rank}, {self.lora_base_dtype} base" if self.lora_rank else "full training")
         c = self.config
         model = (f"{c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} dims" if "n_layer" in c else
                  f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} heads ({c['num_key_value_heads']} "
@@ -148,6 +150,19 @@ def _linear_weight_floats(c):
     return 12 * c.n_layer * c.n_embd ** 2
 
 
+BASE_DTYPES = {"float32": None, "float16": None, "int8": "int8", "q4": "q4_1"}   # lora.apply's, and quant's kind
+
+
+def _linear_weight_bytes(c, base_dtype):
+    """Bytes of the blocks' linear weights in a LoRA base of `base_dtype`: packed ones as quant lays them out
+    ((out, in) blocks along `in`, per layer c_attn C -> 3C, c_proj C -> C, c_fc C -> 4C, c_proj 4C -> C)."""
+    kind, C = BASE_DTYPES[base_dtype], c.n_embd
+    if kind is None:
+        return _linear_weight_floats(c) * (2 if base_dtype == "float16" else F32)
+    shapes = ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C))
+    return c.n_layer * sum(quant.packed_nbytes(kind, s) for s in shapes)
+
+
 def activation_floats(c, b, T, training=True, fused_attention=False):
     """Floats of the forward intermediates the engine keeps until backward: the total, one layer's, the largest
     single tensor (name, floats), and the total split into embeddings, layers, logits and loss. fused_attention:
@@ -210,8 +225,8 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     """A Plan for training `config` (a TransformerConfig) with this batch, sequence length and token budget on
     `device`: a DeviceProfile, a named profile such as 'm1', 'rtx4090', 'h200', or a function that measures one
     (lab.plan.estimate, which also takes presets and config.json files, passes measure.profile_device for 'this').
-    lora_base_dtype "float16": LoRA on a base whose linear weights are stored as float16 (lora.apply's
-    base_dtype), 2 bytes each instead of 4."""
+    lora_base_dtype "float16", "int8", "q4": LoRA on a base whose linear weights are stored so (lora.apply's
+    base_dtype): 2 bytes each, or their packed bytes (about 1 and 0.63), instead of 4."""
     if is_llama(config):
         return _estimate_llama(config, batch, seq, tokens, steps, precision, optimizer, lora_rank, device,
                                vocab_size, _devices)
@@ -240,9 +255,10 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     if precision != "fp32":
         raise InputError(f"precision {show(precision)} is not supported yet: lab trains in fp32")
     choice("optimizer", optimizer, ("adamw", "sgd"))
-    if lora_base_dtype not in ("float32", "float16") or (lora_base_dtype == "float16" and not lora_rank):
-        raise InputError(f"lora_base_dtype must be 'float32' or 'float16' (float16 with a lora_rank: a frozen base "
-                         f"only), got {show(lora_base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
+    if lora_base_dtype not in BASE_DTYPES or (lora_base_dtype != "float32" and not lora_rank):
+        raise InputError(f"lora_base_dtype must be one of {list(BASE_DTYPES)} (all but float32 with a lora_rank: "
+                         f"a frozen base only), got {show(lora_base_dtype)}" + ("" if lora_rank else
+                                                                                " without a lora_rank"))
     prof = device() if callable(device) else named_profile(device)
     tokens_per_step = batch * seq
     if steps is None:
@@ -262,9 +278,9 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     att = 0 if fused else batch * c.n_head * seq * seq
     backward = int(batch * seq * c.vocab_size + 25 * batch * seq * c.n_embd
                   + (2.5 if c.dropout > 0 else 1.5) * att)
-    half_floats = _linear_weight_floats(c) if lora_base_dtype == "float16" else 0
+    saved = _linear_weight_bytes(c, "float32") - _linear_weight_bytes(c, lora_base_dtype)
     memory = {
-        "weights": params * F32 - half_floats * 2, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
+        "weights": params * F32 - saved, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
         f"activations: {c.n_layer} layers": parts["layers"] * F32, "activations: embeddings": parts["embeddings"] * F32,
         "activations: logits and loss": parts["logits and loss"] * F32, "backward working set": backward * F32,
     }
@@ -285,7 +301,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
                 optimizer=optimizer, lora_rank=lora_rank or 0, device=prof, params=params,
                 trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
                 flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
-                total_time_s=step_time * steps)
+                total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype)
     def share_bytes(b):  # one device's memory (with DDP's gradient buckets) for a share of b sequences
         share = estimate(c, b, seq, None, 1, precision, optimizer, lora_rank, lora_targets, prof,
                          lora_base_dtype=lora_base_dtype, _devices=False)
@@ -449,10 +465,13 @@ def _check_fit(plan, c, prof, share_bytes=None):
         else:
             if plan.lora_rank > 4:
                 plan.suggestions.append(f"a smaller LoRA rank than {plan.lora_rank} cuts adapter memory")
-            half = _linear_weight_floats(c) * 2
-            if plan.memory["weights"] >= plan.params * F32:   # a float32 base
-                plan.suggestions.append(f"store the frozen base as float16 (lora.apply(..., base_dtype='float16')): "
-                                        f"{half / 2 ** 20:,.0f} MiB less")
+            now = _linear_weight_bytes(c, plan.lora_base_dtype)
+            for dtype, how in (("float16", "as float16"), ("int8", "as int8 (per-output-channel absmax)"),
+                               ("q4", "in 4 bits (GGUF's Q4_1 blocks)")):
+                less = now - _linear_weight_bytes(c, dtype)
+                if less > 0:
+                    plan.suggestions.append(f"store the frozen base {how} (lora.apply(..., base_dtype='{dtype}')): "
+                                            f"{less / 2 ** 20:,.0f} MiB less")
         if plan.seq > 64:
             plan.suggestions.append(f"a shorter context than {plan.seq} shrinks activations and attention weights "
                                     f"(quadratic in the context)")

@@ -2,7 +2,7 @@
 import builtins as _builtins  # sum and max are ops of this package: the builtins are named as such throughout
 import math
 
-from ..tensor import Tensor, is_grad_enabled
+from ..tensor import QuantizedWeight, Tensor, is_grad_enabled
 from ._common import _check_float, _lift, _shape_str
 from .elementwise import gelu
 
@@ -69,7 +69,10 @@ def activate(x, activation):
 def linear(x, weight, bias=None, activation=None):
     """x @ weight + bias for x (..., K), weight (K, N), bias (N,): one node, the bias added by the matmul kernel
     as it stores its tiles where it can (a pass over the output saved per layer). activation="gelu" returns
-    gelu(x @ weight + bias), applied as the tiles are stored on a backend with matmul_gelu (wgpu), else by gelu()."""
+    gelu(x @ weight + bias), applied as the tiles are stored on a backend with matmul_gelu (wgpu), else by gelu().
+    A packed weight (quant.QuantizedWeight) goes to quantized_linear: any Linear layer may hold one."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias, activation)
     _check_activation(activation)
     if weight.ndim != 2:
         raise ValueError(f"linear: the weight must be 2-D (K, N), got shape {_shape_str(weight.shape)}")
@@ -109,3 +112,38 @@ def linear(x, weight, bias=None, activation=None):
         return grads
     inputs = (x, weight) if bias is None else (x, weight, bias)
     return Tensor._make(out, B, inputs, backward)
+
+
+def quantized_linear(x, qweight, bias=None, activation=None):
+    """linear(x, qweight, bias, activation) for a packed frozen weight (quant.QuantizedWeight, shape (K, N)): the
+    backend's quantized_matmul dequantizes as it multiplies. Gradients reach x and a trainable bias, never the
+    packed weight, and are what a float32 weight holding the dequantized values gives."""
+    _check_activation(activation)
+    if not isinstance(qweight, QuantizedWeight):
+        raise ValueError(f"quantized_linear: the weight must be a QuantizedWeight (lab.engine.quant), got "
+                         f"{type(qweight).__name__}; a float weight goes to linear")
+    if bias is not None:
+        _check_float(bias, "quantized_linear")
+    K, N = qweight.shape
+    if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"quantized_linear: input {_shape_str(x.shape)}, weight {_shape_str(qweight.shape)} and "
+                         f"bias {_shape_str(bias.shape) if bias is not None else None} do not fit (want (..., {K}), "
+                         f"({K}, N), (N,))")
+    _check_float(x, "quantized_linear")
+    if qweight.backend is not x.backend:
+        raise ValueError(f"quantized_linear: the input is on {x.backend.name}, the weight on {qweight.backend.name}")
+    B = x.backend
+    M = math.prod(x.shape[:-1])
+    out = B.quantized_matmul(B.reshape(x.data, (M, K)), qweight.data, False)   # (M, N)
+    if bias is not None:
+        out = B.binary("add", out, bias.data)
+    out = B.reshape(out, x.shape[:-1] + (N,))
+
+    def backward(g):
+        g2 = B.reshape(g, (M, N))
+        gx = B.reshape(B.quantized_matmul(g2, qweight.data, True), x.shape) if x.requires_grad else None
+        if bias is None:
+            return (gx,)
+        return gx, (B.reduce("sum", g2, 0) if bias.requires_grad else None)
+    inputs = (x,) if bias is None else (x, bias)
+    return activate(Tensor._make(out, B, inputs, backward), activation)
