@@ -162,7 +162,8 @@ def _sites(model, r, targets):
         if unknown or not names:  # no targets would freeze the whole model and train nothing
             valid = linear_names(model)
             leaves = [t.rsplit(".", 1)[-1] for t in unknown]   # a dotted path is compared by its layer's name
-            near = sorted(valid, key=lambda v: -max(difflib.SequenceMatcher(None, t, v).ratio() for t in leaves))
+            near = sorted(valid, key=lambda v: -max(difflib.SequenceMatcher(None, t, v).ratio() for t in leaves)) \
+                if unknown else valid
             raise InputError(f"{f'unknown target module(s) {unknown}' if unknown else 'no target modules given'}: "
                              f"this model's linear layers are {near}{' (nearest first)' if unknown else ''}; a target is one of them, a "
                              f"dotted path ending in one, or {ALL_LINEAR!r}")
@@ -176,9 +177,6 @@ def _sites(model, r, targets):
                     raise InputError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {full} "
                                      f"({n_in} -> {n_out}): r must be at most {min(n_in, n_out)}")
                 sites.append((full, module, name, child))
-    if not sites:   # ("all-linear" on a model whose one linear layer is its head): nothing would train
-        raise InputError(f"LoRA targets {show(targets)} take no layer of this model: its linear layers are "
-                         f"{linear_names(model)}, the output head {head!r} left out")
     return sites
 
 

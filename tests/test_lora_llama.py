@@ -82,6 +82,9 @@ def test_unknown_target_lists_the_models_names_nearest_first_and_changes_nothing
     msg = str(e.value)
     assert msg.startswith("unknown target module(s) ['gate_prj']: this model's linear layers are ['gate_proj', ")
     assert "(nearest first)" in msg and "'all-linear'" in msg and all(n in msg for n in [*LLAMA_LINEAR, "lm_head"])
+    with pytest.raises(InputError, match=r"unknown target module\(s\) \['model\.layers\.9\.self_attn\.q_proj'\]: "
+                                         r"this model's linear layers are \['q_proj', "):
+        lora.apply(m, targets="model.layers.9.self_attn.q_proj")   # no layer 9: nearest by the layer's name
     _assert_same_state(m, before)
     assert not hasattr(m, "lora_config")
 
@@ -243,7 +246,8 @@ def test_peft_options_lab_does_not_implement_are_refused_by_name(tmp_path):
         lora.load_adapter(m, tmp_path / "ad")
     path = tmp_path / "ad" / "adapter_config.json"
     saved = json.loads(path.read_text())
-    for option, value in [("rank_pattern", {"q_proj": 4}), ("use_dora", True), ("layers_to_transform", [0])]:
+    for option, value in [("rank_pattern", {"q_proj": 4}), ("use_dora", True), ("layers_to_transform", [0]),
+                          ("layer_replication", [[0, 1]]), ("alora_invocation_tokens", [5])]:
         path.write_text(json.dumps({**saved, "modules_to_save": None, option: value}))
         with pytest.raises(CheckpointError, match=rf"unsupported PEFT options \{{'{option}'"):
             lora.load_adapter(m, tmp_path / "ad")
