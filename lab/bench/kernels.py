@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import ops as F
+from ..engine import quant
 from ..engine.backend import backend_instance
-from ..engine.tensor import no_grad, tensor
+from ..engine.tensor import Tensor, no_grad, tensor
 from .timing import best_seconds
 
 MATMUL_SIZES = (256, 512, 1024, 2048, 4096)
@@ -22,6 +23,10 @@ MATMUL_SIZES = (256, 512, 1024, 2048, 4096)
 MODEL_SHAPES = (("qkv", 16384, 384, 1152, False, False), ("mlp up", 16384, 384, 1536, False, False),
                 ("mlp down", 16384, 1536, 384, False, False), ("dX mlp up", 16384, 1536, 384, False, True),
                 ("dW mlp up", 384, 16384, 1536, True, False))
+# SmolLM2-135M's linear layers (in, out) at batch 8 x 512 tokens: the float32 product x @ W^T beside the same
+# product with W packed (q4_1, the shipped GGUF's; int8) and, for q4_1, the input gradient g @ W.
+QUANT_TOKENS = 4096
+QUANT_SHAPES = (("q_proj", 576, 576), ("k_proj", 576, 192), ("up_proj", 576, 1536), ("down_proj", 1536, 576))
 
 
 def _lab_timer(backend, fn, *arrays):
@@ -80,7 +85,7 @@ def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, p
         if "torch" in row:
             row["lab/torch"] = row["lab"] / row["torch"]
         rows.append(row)
-        line = f"{label:<22} {unit:<7} lab {row['lab']:>10.1f}   numpy {row['numpy']:>9.1f} ({row['lab/numpy']:>6.2f}x)"
+        line = f"{label:<32} {unit:<7} lab {row['lab']:>10.1f}   numpy {row['numpy']:>9.1f} ({row['lab/numpy']:>6.2f}x)"
         if "torch" in row:
             line += f"   torch-{torch_dev} {row['torch']:>10.1f} ({row['lab/torch']:>5.2f}x)"
         print_fn(line)
@@ -99,6 +104,23 @@ def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, p
         b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
         measure(f"{name} {M}x{K}x{N}", lambda x, y, ta=ta, tb=tb: F.matmul(x, y, transpose_a=ta, transpose_b=tb),
                 "matmul_ta" if ta else "matmul_tb" if tb else "matmul", [a, b], 2.0 * M * N * K, "GFLOP/s")
+    for name, n_in, n_out in (QUANT_SHAPES if model_shapes else ()):
+        x = rng.standard_normal((QUANT_TOKENS, n_in)).astype(np.float32)
+        w = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32)
+        work = 2.0 * QUANT_TOKENS * n_in * n_out
+        shape = f"{QUANT_TOKENS}x{n_in}x{n_out}"
+        measure(f"{name} f32 {shape}", lambda x, w: F.matmul(x, w, transpose_b=True), "matmul_tb", [x, w], work,
+                "GFLOP/s")
+        for kind, transpose in (("q4_1", False), ("q4_1", True), ("int8", False)):
+            packed = quant.quantize(w, kind)
+            handles = {b.name: b.upload_quantized(packed) for b in (backend, numpy_b)}
+
+            def product(t, _, transpose=transpose, handles=handles):   # (the float weight is torch's operand only)
+                return Tensor(t.backend.quantized_matmul(t.data, handles[t.backend.name], transpose), t.backend)
+            a = rng.standard_normal((QUANT_TOKENS, n_out)).astype(np.float32) if transpose else x
+            # torch multiplies the dequantized float32 weight: the product a packed one stands in for
+            measure(f"{name} {kind}{' dX' if transpose else ''} {shape}", product,
+                    "matmul" if transpose else "matmul_tb", [a, quant.dequantize(packed)], work, "GFLOP/s")
     n = 1 << 22
     a = rng.standard_normal(n).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
