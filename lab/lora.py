@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import functools
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -411,6 +412,12 @@ def write_adapter(model, files, base_model_name_or_path=None, subdir=""):
         targets = [prefix[len("base_model.model."):] + path for path, _ in found]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None)
+    elif isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = str(base_model_name_or_path)
+    if base_model_name_or_path is not None and not (isinstance(base_model_name_or_path, str) and
+                                                    base_model_name_or_path):
+        raise InputError(f"save_adapter: base_model_name_or_path must be a Hub id, a path or None, got "
+                         f"{show(base_model_name_or_path)}")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
         "lora_dropout": cfg["lora_dropout"], "target_modules": targets,

@@ -5,6 +5,7 @@ Models are tiny and odd (GQA 4:2 heads, head_dim 6 beside hidden 8, rank 3). Log
 transformers/PEFT: float32 through two layers summed in another order; 1e-5 between lab's own merged and unmerged
 forms (one float32 rounding of W + scale A^T B^T)."""
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -308,3 +309,15 @@ def test_merge_into_a_quantized_base_is_refused_and_changes_nothing(use_backend)
         m.merge_adapter()
     _assert_same_state(m, before)
     np.testing.assert_array_equal(_logits(m, ids), logits)
+
+
+@pytest.mark.parametrize("base", [5, "", ["org/x"]], ids=repr)
+def test_save_adapter_refuses_a_base_name_that_is_no_id_or_path_and_writes_nothing(base, tmp_path):
+    m = lora.apply(_gpt2(), r=2)
+    with pytest.raises(InputError, match=rf"save_adapter: base_model_name_or_path must be a Hub id, a path or None, "
+                                         rf"got {re.escape(repr(base))}"):
+        m.save_adapter(tmp_path / "ad", base_model_name_or_path=base)
+    assert not (tmp_path / "ad").exists()
+    m.save_adapter(tmp_path / "ad", base_model_name_or_path=tmp_path / "base")   # a Path is written as its text
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tmp_path / "base")
