@@ -321,3 +321,25 @@ def test_save_adapter_refuses_a_base_name_that_is_no_id_or_path_and_writes_nothi
     m.save_adapter(tmp_path / "ad", base_model_name_or_path=tmp_path / "base")   # a Path is written as its text
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(tmp_path / "base")
+
+
+def test_lora_dropout_training_repeats_and_resumes_with_the_same_losses(use_backend, tmp_path):
+    """The adapter's dropout masks come from the trainer's seed stream: a run repeats, and a checkpoint resumes,
+    with the same losses; the losses differ from a run without the dropout (the masks are there)."""
+    from lab.checkpoint import save_checkpoint
+    from lab.train import Trainer
+    from test_llama import _llama_trainer
+    text = lab.load_corpus("kjv")[:2000]
+
+    def run(dropout=0.3):
+        tok, t = _llama_trainer(text)
+        lora.apply(t.model, r=2, alpha=4, dropout=dropout, targets="all-linear")
+        return tok, Trainer(t.model, t.train_ids, t.val_ids, t.cfg)
+    losses = [[t.train_step()[0].item() for _ in range(3)] for _, t in (run(), run(), run(0.0))]
+    assert losses[0] == losses[1] != losses[2]
+    tok, t = run()
+    first = [t.train_step()[0].item() for _ in range(2)]
+    save_checkpoint(tmp_path / "ck", t.model, tok, t)
+    resumed = Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+    assert resumed.model.lora_config["lora_dropout"] == 0.3
+    assert first + [resumed.train_step()[0].item()] == losses[0]
