@@ -37,7 +37,8 @@ def from_pretrained(name_or_path, revision=None, local_files_only=None, base_dty
     Q4_0/Q4_1 blocks as they are (no dequantize-requantize), any other weight quantized (q4: as Q4_1)."""
     choice("from_pretrained: base_dtype", base_dtype, ("float32",) + tuple(PACKED))
     path = _locate(name_or_path, revision, local_files_only)
-    model = load_local(path, base_dtype)
+    with nn.packed_weights(PACKED.get(base_dtype)):   # packed as each tensor is read, where the loader builds so
+        model = load_local(path, base_dtype)
     model.name_or_path = source_name(name_or_path, path)
     return model
 
@@ -50,8 +51,8 @@ def source_name(name_or_path, path):
     if not Path(name).expanduser().exists() and REPO_ID.fullmatch(name):
         return name
     for model in shipped.SHIPPED.values():
-        try:
-            if Path(path).resolve() == model.path().resolve():
+        try:   # its file, or the package folder that holds it (load_local takes a folder's one .gguf)
+            if Path(path).resolve() in (model.path().resolve(), model.path().parent.resolve()):
                 return model.hub_id
         except InputError:   # that package is not installed
             pass
@@ -123,16 +124,25 @@ def load_local(path, base_dtype="float32"):
 
 def _packed_base(model, base_dtype, gguf_path=None):
     """model with each linear layer's weight packed as base_dtype (lora.PACKED), in place; "float32" leaves it.
-    For q4, a GGUF's Q4_0/Q4_1 tensors are repacked from the file's blocks: the values the float model was just
-    loaded with (gguf.read_gguf dequantizes those same blocks), so nothing is rounded twice."""
+    A loader that builds with nn.built_and_loaded packed them as it read them (nn.packed_weights); any other's are
+    packed here. For q4, a GGUF's Q4_0/Q4_1 tensors then take the file's own blocks: the values they were read as
+    (gguf.read_gguf dequantizes those same blocks), never rounded twice."""
     if base_dtype == "float32":
         return model
     blocks = gguf.read_packed(gguf_path) if gguf_path is not None and base_dtype == "q4" else {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedWeight):
-            raw = blocks.get(f"{name}.weight")
-            qa = (quant.from_gguf(*raw) if raw is not None and raw[1] in ("Q4_0", "Q4_1") else
-                  quant.quantize(m.weight.numpy().T, PACKED[base_dtype]))
+        if not isinstance(m, nn.Linear):
+            continue
+        raw = blocks.get(f"{name}.weight")
+        if raw is not None and raw[1] in ("Q4_0", "Q4_1"):
+            qa = quant.from_gguf(*raw)
+        elif isinstance(m.weight, QuantizedWeight):
+            continue
+        else:
+            qa = quant.quantize(m.weight.numpy().T, PACKED[base_dtype])
+        if isinstance(m.weight, QuantizedWeight):
+            m.weight.assign(qa)
+        else:
             m.weight = QuantizedWeight(qa, m.weight.backend)
     return model
 

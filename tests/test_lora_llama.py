@@ -266,7 +266,7 @@ def test_save_adapter_names_the_hub_model_the_base_came_from(tmp_path, monkeypat
                                                                        inter=12))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(shipped.SHIPPED, "tiny-shipped", shipped.Shipped("pkg", "tiny.gguf", "org/tiny-original", "-"))
-    for name in ("tiny-shipped", tmp_path / "pkg" / "tiny.gguf", str(tmp_path / "pkg" / "tiny.gguf")):
+    for name in ("tiny-shipped", tmp_path / "pkg" / "tiny.gguf", str(tmp_path / "pkg" / "tiny.gguf"), tmp_path / "pkg"):
         m = lab.from_pretrained(name)
         assert m.name_or_path == "org/tiny-original", name
     lora.apply(m, r=2, targets="all-linear").save_adapter(tmp_path / "ad")
