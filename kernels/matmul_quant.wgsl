@@ -10,8 +10,10 @@
 // column of a forward tile, two per row of a backward tile, so each thread stages whole words. Every staged
 // element is bounds-checked (M, in, out need not be multiples of the block, of 4 or of the tile: the tail block's
 // padding is never read), the inner loop is not.
-// Bindings: @binding(0) P = [M, in, out], @binding(1) X, @binding(2) QS, @binding(3) DM, @binding(4) Y.
-// Dispatch: (ceil(cols of Y / 64), ceil(M / 64), 1).
+// Split-K (few tiles: a short batch, generation's single row): workgroup z sums K's chunk z, kc long (a multiple
+// of TK), into Y + z M cols; the host sums the slices.
+// Bindings: @binding(0) P = [M, in, out, kc], @binding(1) X, @binding(2) QS, @binding(3) DM, @binding(4) Y.
+// Dispatch: (ceil(cols of Y / 64), ceil(M / 64), S).
 
 const KIND: u32 = {{KIND}}u;
 const TK: u32 = 32u;
@@ -150,8 +152,10 @@ fn product(wid: vec3<u32>, lid: u32, backward: bool) {
     let n0 = wid.x * 64u;
     let tx = lid % 16u;
     let ty = lid / 16u;
+    let k_begin = wid.z * P[3];
+    let k_end = min(K, k_begin + P[3]);
     var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var k0 = 0u; k0 < K; k0 += TK) {
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
         stage_x(m0, k0, lid, M, K);
         if (backward) { stage_backward(n0, k0, lid, n_in, n_out); } else { stage_forward(n0, k0, lid, n_in, n_out); }
         workgroupBarrier();
@@ -172,11 +176,12 @@ fn product(wid: vec3<u32>, lid: u32, backward: bool) {
         workgroupBarrier();
     }
     let col = n0 + 4u * tx;
+    let base = wid.z * M * NC;
     for (var r = 0u; r < 4u; r++) {
         let row = m0 + 4u * ty + r;
         if (row >= M) { break; }
         for (var c = 0u; c < 4u; c++) {
-            if (col + c < NC) { Y[row * NC + col + c] = acc[r][c]; }
+            if (col + c < NC) { Y[base + row * NC + col + c] = acc[r][c]; }
         }
     }
 }

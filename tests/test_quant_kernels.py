@@ -140,3 +140,24 @@ def test_kernel_benchmark_times_the_quantized_products_beside_the_float_one(wgpu
                                                   model_shapes=True)["rows"]}
     for op in ("k_proj f32 16x40x24", "k_proj q4_1 16x40x24", "k_proj q4_1 dX 16x40x24", "k_proj int8 16x40x24"):
         assert rows[op]["lab"] > 0 and rows[op]["numpy"] > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_matmul_split_along_k_equals_the_dequantized_product(wgpu_backend, kind, monkeypatch):
+    """Few tiles (a short batch, generation's one row) split K into chunks summed after: chunks of whole steps,
+    the last one short, on odd shapes."""
+    from lab.engine.wgpu.matmul_plan import Tuning
+    monkeypatch.setattr(wgpu_backend, "matmul_tuning", Tuning(SPLIT_K_MIN_K=1, SPLIT_K_MIN_CHUNK=1))
+    rng = np.random.default_rng(3)
+    chunks, dispatch = [], wgpu_backend._dispatch
+
+    def spy(kernel, entry, params, bindings, grid, *args, **kwargs):
+        if kernel == "matmul_quant":
+            chunks.append(grid[2])
+        return dispatch(kernel, entry, params, bindings, grid, *args, **kwargs)
+    monkeypatch.setattr(wgpu_backend, "_dispatch", spy)
+    for n, n_in, n_out in ((1, 70, 65), (3, 33, 7), (17, 100, 97)):
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        _check(wgpu_backend, rng.standard_normal((n, n_in)).astype(np.float32), w, kind, False)
+        _check(wgpu_backend, rng.standard_normal((n, n_out)).astype(np.float32), w, kind, True)
+    assert chunks == [3, 3, 2, 1, 4, 4]   # ceil(K / 32), K = in forward and out backward, chunks of one step

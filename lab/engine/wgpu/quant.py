@@ -6,9 +6,11 @@ import math
 import numpy as np
 
 from ...checks import InputError
+from .common import _round_up, _split
 from .matmul_plan import storage
 
 KINDS = {"q4_0": 0, "q4_1": 1, "int8": 2}
+TILE, TK = 64, 32   # matmul_quant.wgsl's output tiles (64 x 64) and its step along K
 
 
 class QuantizedGPUArray:
@@ -71,14 +73,24 @@ class QuantOps:
         if not self._matmul_limits.workgroup_storage >= storage("matmul_quant"):
             raise ValueError(f"quantized_matmul: kernels/matmul_quant.wgsl needs {storage('matmul_quant')} bytes of "
                              f"workgroup memory, more than this device's {self._matmul_limits.workgroup_storage}")
-        grid = (math.ceil(cols / 64), math.ceil(M / 64), 1)
+        tiles = math.ceil(cols / TILE) * math.ceil(M / TILE)
+        S, kc = 1, max(k, 1)
+        t = self.matmul_tuning
+        if 0 < tiles < t.SPLIT_K_TILES and k >= t.SPLIT_K_MIN_K:   # too few tiles to fill the device: split as matmul
+            S, kc = _split(k, t.SPLIT_K_MIN_CHUNK, math.ceil(t.SPLIT_K_TILES / tiles))
+            kc = _round_up(kc, TK)   # (whole TK steps: no tile straddles two chunks)
+            S = math.ceil(k / kc)
+        grid = (math.ceil(cols / TILE), math.ceil(M / TILE), S)
         if max(grid) > self._matmul_limits.max_workgroups:
             raise ValueError(f"quantized_matmul: {M} x {cols} needs a grid of {grid} workgroups, more than this "
                              f"device's {self._matmul_limits.max_workgroups} per dimension")
         if k == 0:
             return self.full((M, cols), 0.0)
-        y = self._alloc((M, cols), "float32")
+        y = self._alloc((S * M, cols), "float32")
         entry = "backward" if transpose else "forward"
-        self._dispatch("matmul_quant", entry, [M, in_dim, out_dim], [x, qw.words, qw.meta, y], grid, M * cols * k,
-                       (("KIND", KINDS[qw.kind]),), label=f"quantized matmul {qw.kind} {entry} {M}x{in_dim}x{out_dim}")
+        self._dispatch("matmul_quant", entry, [M, in_dim, out_dim, kc], [x, qw.words, qw.meta, y], grid, M * cols * k,
+                       (("KIND", KINDS[qw.kind]),), label=f"quantized matmul {qw.kind} {entry} {M}x{in_dim}x{out_dim}"
+                       + (f" split {S}" if S > 1 else ""))
+        if S > 1:
+            y = self.reshape(self.reduce("sum", self.reshape(y, (S, M * cols)), 0), (M, cols))
         return y
