@@ -12,8 +12,9 @@
 // padding is never read), the inner loop is not.
 // Split-K (few tiles: a short batch, generation's single row): workgroup z sums K's chunk z, kc long (a multiple
 // of TK), into Y + z M cols; the host sums the slices.
-// Bindings: @binding(0) P = [M, in, out, kc], @binding(1) X, @binding(2) QS, @binding(3) DM, @binding(4) Y.
-// Dispatch: (ceil(cols of Y / 64), ceil(M / 64), S).
+// Bindings: @binding(0) P = [M, in, out, kc, first tile column, first tile row], @binding(1) X, @binding(2) QS,
+// @binding(3) DM, @binding(4) Y. Dispatch: (ceil(cols of Y / 64), ceil(M / 64), S), or a part of it from the tile
+// (P[4], P[5]) where the grid would exceed the device's workgroups per dimension.
 
 const KIND: u32 = {{KIND}}u;
 const TK: u32 = 32u;
@@ -148,8 +149,8 @@ fn product(wid: vec3<u32>, lid: u32, backward: bool) {
     let n_out = P[2];
     let K = select(n_in, n_out, backward);
     let NC = select(n_out, n_in, backward);
-    let m0 = wid.y * 64u;
-    let n0 = wid.x * 64u;
+    let m0 = (wid.y + P[5]) * 64u;
+    let n0 = (wid.x + P[4]) * 64u;
     let tx = lid % 16u;
     let ty = lid / 16u;
     let k_begin = wid.z * P[3];

@@ -161,3 +161,15 @@ def test_quantized_matmul_split_along_k_equals_the_dequantized_product(wgpu_back
         _check(wgpu_backend, rng.standard_normal((n, n_in)).astype(np.float32), w, kind, False)
         _check(wgpu_backend, rng.standard_normal((n, n_out)).astype(np.float32), w, kind, True)
     assert chunks == [3, 3, 2, 1, 4, 4]   # ceil(K / 32), K = in forward and out backward, chunks of one step
+
+
+def test_a_product_of_more_tiles_than_the_grid_has_workgroups_runs_in_parts(wgpu_backend, monkeypatch):
+    """Rows or columns beyond the device's workgroups per dimension (4,194,240 rows of 64 on any WebGPU device;
+    numpy computes them) run as several grids, each from its first tile (limit lowered to 2 here)."""
+    from lab.engine.wgpu.matmul_plan import Limits
+    monkeypatch.setattr(wgpu_backend, "_matmul_limits", Limits(max_workgroups=2))
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((200, 45)).astype(np.float32)
+    for kind in KINDS:
+        _check(wgpu_backend, rng.standard_normal((300, 45)).astype(np.float32), w, kind, False)   # 5 x 4 tiles
+        _check(wgpu_backend, rng.standard_normal((150, 200)).astype(np.float32), w, kind, True)   # 3 x 1 tiles

@@ -80,17 +80,19 @@ class QuantOps:
             S, kc = _split(k, t.SPLIT_K_MIN_CHUNK, math.ceil(t.SPLIT_K_TILES / tiles))
             kc = _round_up(kc, TK)   # (whole TK steps: no tile straddles two chunks)
             S = math.ceil(k / kc)
-        grid = (math.ceil(cols / TILE), math.ceil(M / TILE), S)
-        if max(grid) > self._matmul_limits.max_workgroups:
-            raise ValueError(f"quantized_matmul: {M} x {cols} needs a grid of {grid} workgroups, more than this "
-                             f"device's {self._matmul_limits.max_workgroups} per dimension")
         if k == 0:
             return self.full((M, cols), 0.0)
         y = self._alloc((S * M, cols), "float32")
         entry = "backward" if transpose else "forward"
-        self._dispatch("matmul_quant", entry, [M, in_dim, out_dim, kc], [x, qw.words, qw.meta, y], grid, M * cols * k,
-                       (("KIND", KINDS[qw.kind]),), label=f"quantized matmul {qw.kind} {entry} {M}x{in_dim}x{out_dim}"
-                       + (f" split {S}" if S > 1 else ""))
+        label = f"quantized matmul {qw.kind} {entry} {M}x{in_dim}x{out_dim}" + (f" split {S}" if S > 1 else "")
+        # a grid beyond the device's workgroups per dimension runs as several, each from its first tile
+        most = self._matmul_limits.max_workgroups
+        tile_cols, tile_rows = math.ceil(cols / TILE), math.ceil(M / TILE)
+        for c0 in range(0, tile_cols, most):
+            for r0 in range(0, tile_rows, most):
+                grid = (min(most, tile_cols - c0), min(most, tile_rows - r0), S)
+                self._dispatch("matmul_quant", entry, [M, in_dim, out_dim, kc, c0, r0], [x, qw.words, qw.meta, y],
+                               grid, M * cols * k, (("KIND", KINDS[qw.kind]),), label=label)
         if S > 1:
             y = self.reshape(self.reduce("sum", self.reshape(y, (S, M * cols)), 0), (M, cols))
         return y
