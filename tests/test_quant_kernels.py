@@ -173,3 +173,21 @@ def test_a_product_of_more_tiles_than_the_grid_has_workgroups_runs_in_parts(wgpu
     for kind in KINDS:
         _check(wgpu_backend, rng.standard_normal((300, 45)).astype(np.float32), w, kind, False)   # 5 x 4 tiles
         _check(wgpu_backend, rng.standard_normal((150, 200)).astype(np.float32), w, kind, True)   # 3 x 1 tiles
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_weight_takes_its_packed_bytes_on_the_device_and_no_float_copy(wgpu_backend, kind):
+    B = wgpu_backend
+    qa = quantize(np.random.default_rng(5).standard_normal((64, 4096)).astype(np.float32), kind)
+    B.sync()
+    before = B.stats()["bytes_in_use"]
+    qw = B.upload_quantized(qa)
+    assert B.stats()["bytes_in_use"] - before == sum(-(-a.nbytes // 256) * 256 for a in qa.arrays)
+    x, g = B.from_numpy(np.ones((2, 4096), np.float32)), B.from_numpy(np.ones((2, 64), np.float32))
+    B.sync()
+    B.reset_peak()
+    base = B.stats()["bytes_in_use"]
+    B.quantized_matmul(x, qw)
+    B.quantized_matmul(g, qw, True)
+    B.sync()
+    assert B.stats()["peak_bytes_in_use"] - base < 64 * 4096 * 4 // 8   # outputs and split-K slices only
