@@ -191,3 +191,15 @@ def test_a_quantized_weight_takes_its_packed_bytes_on_the_device_and_no_float_co
     B.quantized_matmul(g, qw, True)
     B.sync()
     assert B.stats()["peak_bytes_in_use"] - base < 64 * 4096 * 4 // 8   # outputs and split-K slices only
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_blocks_with_subnormal_float16_scales_are_not_flushed_to_zero(wgpu_backend, kind):
+    """Weights of a few 1e-6 give float16 d (and m) below float16's normal range: unpack2x16float must keep them, as
+    numpy does (a device that flushed them would zero such layers)."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((8, 64)) * 2e-6).astype(np.float32)
+    d = (quantize(w, kind).dm & 0xFFFF).astype(np.uint16).view(np.float16)
+    assert (np.abs(d) < np.finfo(np.float16).tiny).all() and (d != 0).all()
+    _check(wgpu_backend, rng.standard_normal((3, 64)).astype(np.float32), w, kind, False)
+    _check(wgpu_backend, rng.standard_normal((3, 8)).astype(np.float32), w, kind, True)
