@@ -191,6 +191,47 @@ def test_from_pretrained_q4_keeps_the_ggufs_blocks_and_its_logits(tmp_path):
     assert {m.weight.dtype for _, m in i8.named_modules() if isinstance(m, nn.Linear)} == {"int8"}
 
 
+def test_from_pretrained_int8_packs_a_gpt2_directorys_linear_weights(tmp_path):
+    lab.manual_seed(0)
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=20))
+    m.save_pretrained(tmp_path / "gpt2", format="hf")
+    q = lab.from_pretrained(tmp_path / "gpt2", base_dtype="int8")
+    for (name, p), (_, want) in zip(q.named_parameters(), m.named_parameters()):
+        if name.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")):   # per output column: (in, out)
+            assert isinstance(p, QuantizedWeight) and p.dtype == "int8" and p.packed.shape == want.shape[::-1]
+            assert np.array_equal(p.numpy(), quant.dequantize(quant.quantize(want.numpy().T, "int8")).T), name
+        else:
+            assert np.array_equal(p.numpy(), want.numpy()), name
+
+
+_LOAD_PEAK = """
+import sys
+def status(key):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ':'))
+import lab, numpy, gguf, gguf.quants
+lab.engine.backend.get_backend()
+base = status('VmRSS')
+model = lab.from_pretrained('smollm2-135m-instruct', base_dtype=sys.argv[1])
+print(status('VmHWM') - base, sum(p.size * 4 for p in model.parameters()))
+"""
+
+
+@pytest.mark.parametrize("base_dtype", ["q4", "int8"])
+def test_loading_a_packed_base_never_holds_the_float32_linear_weights(base_dtype):
+    import os
+    import subprocess
+    import sys
+    _shipped_path()
+    out = subprocess.run([sys.executable, "-c", _LOAD_PEAK, base_dtype], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "LAB_BACKEND": "numpy"})
+    assert out.returncode == 0, out.stderr
+    peak, float32 = (int(v) for v in out.stdout.split())
+    # packed as each tensor is read: the float32 embedding (113 MiB), the packed linear weights (63 or 102 MiB)
+    # and one tensor in flight; loading the float32 model first peaked above its 522 MiB
+    assert peak < 0.85 * float32, (peak, float32)
+
+
 def test_a_quantized_lora_model_saves_and_loads_its_base_values_unchanged(tmp_path):
     lab.manual_seed(0)
     m = lora.apply(TransformerLM(replace(PRESETS["tiny"], vocab_size=40, block_size=8, n_layer=1, n_head=2,

@@ -112,6 +112,16 @@ def from_gguf(raw, type_name, shape):
     return QuantizedArray(type_name.lower(), (out, n), qs=qs, dm=dm)
 
 
+def zeros(kind, shape):
+    """A QuantizedArray of `kind` and shape (out, in) whose every value is 0 (a weight a load is about to write)."""
+    _check_kind(kind, "zeros")
+    out, n = shape
+    if kind == "int8":
+        return QuantizedArray(kind, shape, q=np.zeros((out, -(-n // 4)), np.uint32), scale=np.zeros(out, np.float32))
+    return QuantizedArray(kind, shape, qs=np.zeros((out, -(-n // BLOCK) * 4), np.uint32),
+                          dm=np.zeros((out, -(-n // BLOCK)), np.uint32))
+
+
 def dequantize(qa, start=0, stop=None):
     """Output rows start..stop-1 (all by default) of qa as float32 (rows, in), computed as gguf's dequantize
     does (d * q + m in float32), so a GGUF's tensor comes out bit for bit as lab.gguf.read_gguf reads it."""

@@ -11,6 +11,7 @@ from ..engine.locks import FairLock
 from ..engine.random import generator
 from ..engine.backend import get_backend
 from ..engine.quant import quantize
+from ..engine.quant import zeros as quant_zeros
 from ..engine.tensor import QuantizedWeight, Tensor, tensor
 
 
@@ -108,6 +109,24 @@ def built_and_loaded(build, load):
     if left:
         raise RuntimeError(f"built_and_loaded: the load left {len(left)} parameters unwritten ({left[:5]})")
     return module
+
+
+@contextlib.contextmanager
+def packed_weights(kind):
+    """Linear layers that built_and_loaded builds inside the block hold their weights packed as `kind` (quant's
+    q4_1, int8; None: float32 as usual), and its load packs each tensor as it is read: a model loaded so never
+    holds its float32 linear weights, only one of them at a time."""
+    previous, _modes.packed = getattr(_modes, "packed", None), kind
+    try:
+        yield
+    finally:
+        _modes.packed = previous
+
+
+def _packed_placeholder(kind, n_in, n_out):
+    p = QuantizedWeight(quant_zeros(kind, (n_out, n_in)), get_backend())
+    _unset.add(p)
+    return p
 
 
 class Module:
@@ -216,6 +235,7 @@ class Module:
             value = host(name, p) if building else values.pop(name)
             if isinstance(p, QuantizedWeight):   # packed again as its kind (a save holds the dequantized values)
                 p.assign(value)
+                _unset.discard(p)
             elif p in _unset:
                 p.backend.write(p.data, value)
                 _unset.discard(p)
@@ -229,7 +249,8 @@ class Linear(Module):
     overriding forward accepts `activation` too (F.activate applies it after the layer's own output)."""
 
     def __init__(self, n_in, n_out, bias=True, std=0.02):
-        self.weight = normal((n_in, n_out), std)
+        kind = getattr(_modes, "packed", None) if getattr(_modes, "unset", False) else None
+        self.weight = _packed_placeholder(kind, n_in, n_out) if kind else normal((n_in, n_out), std)
         self.bias = parameter(np.zeros(n_out)) if bias else None
 
     def forward(self, x, activation=None):
