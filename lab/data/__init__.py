@@ -220,7 +220,10 @@ def min_tokens(block_size):
 
 
 def get_batch(ids, batch_size, block_size, rng):
-    """Random contiguous blocks: x = ids[i : i+T], y = ids[i+1 : i+T+1]. Deterministic given rng's state."""
+    """Random contiguous blocks: x = ids[i : i+T], y = ids[i+1 : i+T+1]. Deterministic given rng's state.
+    From Examples: random whole rows (their own length)."""
+    if isinstance(ids, Examples):
+        return ids.batch(batch_size, rng)
     if len(ids) < min_tokens(block_size):
         raise InputError(f"text of {len(ids)} tokens is too short for block_size {block_size} "
                          f"(needs at least {min_tokens(block_size)})")
@@ -228,3 +231,85 @@ def get_batch(ids, batch_size, block_size, rng):
     x = np.stack([ids[s:s + block_size] for s in starts])
     y = np.stack([ids[s + 1:s + block_size + 1] for s in starts])
     return x, y
+
+
+IGNORE_INDEX = -100   # cross_entropy's ignore_index: a target the loss skips
+
+
+class Examples:
+    """Whole training examples instead of windows of one token stream: `inputs` (n, T) token ids and `targets`
+    (n, T), where a target of -100 adds nothing to the loss (a prompt, the padding). A Trainer given Examples as
+    train_ids / val_ids draws batches of whole rows, T tokens each: instruction tuning with the loss masked to the
+    answers."""
+
+    def __init__(self, inputs, targets):
+        x, y = np.asarray(inputs), np.asarray(targets)
+        if not (x.ndim == 2 and x.shape == y.shape and x.shape[0] > 0 and x.shape[1] > 0
+                and x.dtype.kind in "iu" and y.dtype.kind in "iu"):
+            raise InputError(f"Examples: inputs and targets must be integer arrays of one shape (examples, tokens), "
+                             f"at least (1, 1), got {x.dtype} {x.shape} and {y.dtype} {y.shape}")
+        if not (y != IGNORE_INDEX).any(axis=1).all():
+            rows = np.flatnonzero(~(y != IGNORE_INDEX).any(axis=1))
+            raise InputError(f"Examples: example(s) {rows[:8].tolist()} have every target masked ({IGNORE_INDEX}): "
+                             f"nothing to learn from (a prompt longer than the length?)")
+        self.inputs, self.targets = x.astype(np.int64), y.astype(np.int64)
+
+    def __len__(self):
+        return len(self.inputs)
+
+    @property
+    def width(self):
+        return self.inputs.shape[1]
+
+    def check_vocab(self, name, vocab_size):
+        """Raise InputError unless every input id and every unmasked target is in [0, vocab_size)."""
+        for what, a in (("inputs", self.inputs), ("targets", self.targets[self.targets != IGNORE_INDEX])):
+            if a.min() < 0 or a.max() >= vocab_size:
+                raise InputError(f"{name}: {what} hold token ids {a.min()}..{a.max()}, the model's vocabulary is "
+                                 f"[0, {vocab_size}) (targets may also be {IGNORE_INDEX}: masked)")
+        return self
+
+    def batch(self, batch_size, rng):
+        rows = rng.integers(0, len(self), size=batch_size)
+        return self.inputs[rows], self.targets[rows]
+
+    @classmethod
+    def from_chat(cls, tokenizer, conversations, length=None, pad_id=None):
+        """Examples from conversations ([{"role": ..., "content": ...}, ...], each ending in the assistant's answer)
+        rendered with the tokenizer's chat template; the loss is on the last answer only (its tokens and the
+        template's end-of-turn after it). Rows are padded to `length` (default: the longest) with `pad_id` (default
+        the tokenizer's eos); a longer conversation is an error naming it."""
+        convs = list(conversations)
+        if not convs:
+            raise InputError("Examples.from_chat: no conversations given")
+        rows = []
+        for i, conv in enumerate(convs):
+            if not (isinstance(conv, (list, tuple)) and conv and isinstance(conv[-1], dict)
+                    and conv[-1].get("role") == "assistant"):
+                raise InputError(f"Examples.from_chat: conversation {i} must be a list of messages ending in the "
+                                 f"assistant's answer, got {show(conv)}")
+            prompt = tokenizer.apply_chat_template(list(conv[:-1]), add_generation_prompt=True)
+            ids = tokenizer.apply_chat_template(list(conv))
+            if ids[:len(prompt)] != prompt:  # a template that renders history differently once answered
+                raise InputError(f"Examples.from_chat: conversation {i}: the chat template does not render the "
+                                 f"prompt as the start of the whole conversation; cannot tell where the answer starts")
+            # the template may close the turn with a newline after the end-of-turn token; it is no answer token
+            end = len(ids)
+            while end > len(prompt) + 1 and tokenizer.decode([ids[end - 1]]).isspace():
+                end -= 1
+            rows.append((ids[:end], len(prompt)))
+        longest = max(len(ids) for ids, _ in rows)
+        length = longest if length is None else length
+        if longest > length:
+            i = max(range(len(rows)), key=lambda k: len(rows[k][0]))
+            raise InputError(f"Examples.from_chat: conversation {i} is {longest} tokens, longer than length {length}")
+        pad = getattr(tokenizer, "eos_token_id", None) if pad_id is None else pad_id
+        if not isinstance(pad, (int, np.integer)):
+            raise InputError(f"Examples.from_chat: the tokenizer has no eos token to pad with: pass pad_id=")
+        x = np.full((len(rows), length), pad, np.int64)
+        y = np.full((len(rows), length), IGNORE_INDEX, np.int64)
+        for r, (ids, start) in enumerate(rows):
+            x[r, :len(ids)] = ids
+            # target t is the token after input t: the answer's tokens are predicted from start - 1 on
+            y[r, start - 1:len(ids) - 1] = ids[start:]
+        return cls(x, y)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checks import InputError, choice, integer, real, show
-from ..data import get_batch, min_tokens
+from ..data import IGNORE_INDEX, Examples, get_batch, min_tokens
 from ..engine.random import draw_from, generator, own_stream
 from ..engine.tensor import no_grad
 from ..nn import evaluating, in_use, step_lock
@@ -67,15 +67,19 @@ class TrainConfig:
         choice("nonfinite", self.nonfinite, ("stop", "skip"))
 
 
-def _check_tokens(x, vocab_size):
-    """Batches go to the device as int32 tensors here, past the embedding's own range check: check them first."""
+def _check_tokens(x, vocab_size, targets=False):
+    """Batches go to the device as int32 tensors here, past the embedding's own range check: check them first.
+    Targets may also be IGNORE_INDEX (Examples' masked positions)."""
+    x = x[x != IGNORE_INDEX] if targets else x
     if x.size and (x.min() < 0 or x.max() >= vocab_size):
         raise InputError(f"token ids must be in [0, {vocab_size}) for this model, the batch has {x.min()}..{x.max()}")
 
 
 def _token_ids(name, ids, vocab_size):
     """A split as a 1-D integer array whose ids are all in the model's vocabulary (an array given stays that
-    array)."""
+    array). Examples are checked and kept as they are."""
+    if isinstance(ids, Examples):
+        return ids.check_vocab(name, vocab_size)
     try:
         arr = None if ids is None or isinstance(ids, (str, bytes)) else np.asarray(ids)
     except ValueError:  # a ragged nested list
@@ -190,8 +194,13 @@ class Trainer:
     @property
     def block_size(self):
         """Tokens per training sequence: TrainConfig.block_size, or the model's (a Llama model's is its
-        max_position_embeddings, 8192 for SmolLM2: far longer than most runs want)."""
-        return self.cfg.block_size or self.model.config.block_size
+        max_position_embeddings, 8192 for SmolLM2: far longer than most runs want). Examples: their length."""
+        return self._seq(self.cfg)
+
+    def _seq(self, cfg):
+        if isinstance(self.train_ids, Examples):
+            return self.train_ids.width
+        return cfg.block_size or self.model.config.block_size
 
     def _check_block_size(self, cfg=None):
         cfg = cfg or self.cfg
@@ -199,12 +208,19 @@ class Trainer:
         if cfg.block_size > limit:
             raise InputError(f"block_size {cfg.block_size} is longer than the model's block_size {limit}: a "
                              f"training sequence takes 1..{limit} tokens (0: the model's)")
+        if isinstance(self.train_ids, Examples):
+            if self.train_ids.width > limit:
+                raise InputError(f"train_ids: Examples of {self.train_ids.width} tokens are longer than the model's "
+                                 f"block_size {limit}")
+            if cfg.block_size not in (0, self.train_ids.width):
+                raise InputError(f"block_size {cfg.block_size} does not apply to Examples: a batch is whole "
+                                 f"examples of {self.train_ids.width} tokens (leave block_size 0)")
 
     def _check_fits(self, cfg=None):
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
         says why and what would fit)."""
         cfg = cfg or self.cfg
-        seq = cfg.block_size or self.model.config.block_size
+        seq = self._seq(cfg)
         from ..models.llama import LlamaConfig, check_batch_fits
         from ..models.transformer import TransformerConfig
         from ..plan.estimator import check_fits
@@ -243,7 +259,8 @@ class Trainer:
         """Refuse splits too short to draw a block from now, not at the first evaluation after the training time."""
         block = block or self.block_size
         need = min_tokens(block)
-        n_train, n_val = len(self.train_ids), len(self.val_ids)
+        # Examples hold whole rows (never fewer than one): only a token stream is too short for a block
+        n_train, n_val = (need if isinstance(ids, Examples) else len(ids) for ids in (self.train_ids, self.val_ids))
         if min(n_train, n_val) < need:
             short = [k for k, n in (("train", n_train), ("validation", n_val)) if n < need]
             raise InputError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for block_size {block}: train has {n_train} tokens, "
@@ -326,7 +343,7 @@ class Trainer:
         if replaying or capturing:  # the batches go to the device as int32 tensors, past the embedding's check
             for x, y in self._last_batches:
                 _check_tokens(x, model.config.vocab_size)
-                _check_tokens(y, model.config.vocab_size)
+                _check_tokens(y, model.config.vocab_size, targets=True)
         if replaying:
             self.optimizer.step_count += 1
             loss, norm = replay.replay_step(self, self._last_batches, lr, self.optimizer.step_count)
