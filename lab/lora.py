@@ -227,8 +227,14 @@ def _apply(model, cfg):
     linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
     # weights already packed (a model loaded with base_dtype "q4" or "int8") stay as they are; the config says so
     kinds = {m.weight.dtype for _, m in linears if isinstance(m.weight, QuantizedWeight)}
-    if kinds and cfg["base_dtype"] == "float32":
-        cfg = {**cfg, "base_dtype": "int8" if kinds == {"int8"} else "q4"}
+    if kinds:
+        held = "int8" if kinds == {"int8"} else "q4" if kinds <= {"q4_0", "q4_1"} else None
+        if cfg["base_dtype"] == "float32" and held:
+            cfg = {**cfg, "base_dtype": held}
+        elif cfg["base_dtype"] != held:
+            raise InputError(f"LoRA base_dtype {cfg['base_dtype']!r}: this model's linear weights are packed already "
+                             f"({', '.join(sorted(kinds))}: from_pretrained(..., base_dtype=...)); leave base_dtype out"
+                             f"{f' or pass {held!r}' if held else ''}, or load the model as float32 for another base")
     floats = [(path, m) for path, m in linears if not isinstance(m.weight, QuantizedWeight)]
     half = [m.weight for _, m in floats] if cfg["base_dtype"] == "float16" else []
     for w in half:
@@ -262,7 +268,10 @@ def _packed(path, linear, kind):
     if n_in == 0:
         raise InputError(f"LoRA base_dtype: layer {path} has no inputs ({n_in} -> {n_out}): there is nothing to "
                          f"quantize along; use base_dtype 'float32' or 'float16'")
-    return QuantizedWeight(quantize(linear.weight.numpy().T, kind), linear.weight.backend)
+    try:
+        return QuantizedWeight(quantize(linear.weight.numpy().T, kind), linear.weight.backend)
+    except InputError as e:
+        raise InputError(f"LoRA base_dtype: layer {path}: {e}") from None
 
 
 def _file_settings(cfg, path, prefix=""):

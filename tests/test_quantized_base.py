@@ -331,3 +331,34 @@ def test_a_lora_plan_that_does_not_fit_suggests_a_packed_base():
     assert not any("base_dtype=" in s for s in q4.suggestions)   # the smallest already
     with pytest.raises(InputError, match=r"lora_base_dtype must be one of \['float32', 'float16', 'int8', 'q4'\]"):
         plan.estimate("gpt2-small", batch=4, device="m1", lora_base_dtype="q4")   # no LoRA: nothing frozen
+
+
+def test_q4_of_values_beyond_float16s_range_is_refused_naming_the_layer():
+    with pytest.raises(InputError, match=r"q4_1 keeps each block's scale and minimum as float16 \(at most 65504\), "
+                                         r"and this weight's values reach -3e\+38 .. 3e\+38; use int8"):
+        quant.quantize(np.array([[-3e38, 3e38, 0]], np.float32), "q4_1")
+    with pytest.raises(InputError, match=r"q4_0 keeps each block's scale as float16"):
+        quant.quantize(np.array([[1e6, 0]], np.float32), "q4_0")   # d = 1e6 / -8
+    m = _TwoLayers()
+    m.empty = nn.Linear(2, 3)
+    m.proj.weight.data = m.proj.weight.backend.from_numpy((np.full((4, 3), 1e5) * [[1], [-1], [1], [1]]).astype(np.float32))
+    before = {n: p.numpy() for n, p in m.named_parameters()}
+    with pytest.raises(InputError, match=r"LoRA base_dtype: layer proj: quantize: q4_1 keeps"):
+        lora.apply(m, r=1, alpha=2, targets=["proj"], base_dtype="q4")
+    assert not lora.adapters(m) and all(p.requires_grad and p.dtype == "float32" for p in m.parameters())
+    assert all(np.array_equal(before[n], p.numpy()) for n, p in m.named_parameters())
+    assert np.array_equal(quant.dequantize(quant.quantize(before["proj.weight"].T, "int8")), before["proj.weight"].T)
+
+
+def test_a_packed_model_takes_adapters_on_its_own_base_dtype_only(tmp_path):
+    path = _tiny_gguf(tmp_path)
+    m = lab.from_pretrained(path, base_dtype="q4")
+    packed = {n: p for n, p in m.named_parameters()}
+    for other in ("float16", "int8"):
+        with pytest.raises(InputError, match=rf"LoRA base_dtype '{other}': this model's linear weights are packed "
+                                             rf"already \(q4_1: .*pass 'q4'"):
+            lora.apply(m, r=2, alpha=4, targets="all-linear", base_dtype=other)
+        assert not lora.adapters(m) and dict(m.named_parameters()) == packed
+    lora.apply(m, r=2, alpha=4, targets="all-linear")   # base_dtype left out: the base as it is
+    assert m.lora_config["base_dtype"] == "q4"
+    assert all(p is packed[n] for n, p in m.named_parameters() if isinstance(p, QuantizedWeight))

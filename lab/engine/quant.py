@@ -70,6 +70,23 @@ def quantize(w, kind):
     nb = -(-n // BLOCK)
     blocks = np.pad(w, ((0, 0), (0, nb * BLOCK - n))).reshape(out, nb, BLOCK)
     real = (np.arange(nb * BLOCK) < n).reshape(nb, BLOCK)   # a tail block's padding takes no part in its scale
+    with np.errstate(all="ignore"):   # a range beyond float16's: refused below
+        d, m, q = _q4_blocks(blocks, real, kind)
+        d16, m16 = d.astype(np.float16), m.astype(np.float16)
+    if not (np.isfinite(d16).all() and np.isfinite(m16).all()):
+        raise InputError(f"quantize: {kind} keeps each block's scale{' and minimum' if kind == 'q4_1' else ''} as "
+                         f"float16 (at most 65504), and this weight's values reach {w.min():.6g} .. {w.max():.6g}; "
+                         f"use int8 (a float32 scale per row), float16 or float32")
+    q = np.where(real, q, 0).astype(np.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    dm = d16.view(np.uint16).astype(np.uint32)
+    if kind == "q4_1":
+        dm |= m16.view(np.uint16).astype(np.uint32) << 16
+    return QuantizedArray(kind, w.shape, qs=np.ascontiguousarray(nibbles.reshape(out, nb * 16)).view("<u4"), dm=dm)
+
+
+def _q4_blocks(blocks, real, kind):
+    """(d, m, q) of ggml's quantize_row_q4_1_ref / q4_0_ref for blocks (out, nblocks, 32), d and m in float32."""
     if kind == "q4_1":
         lo = np.where(real, blocks, np.inf).min(axis=2)
         hi = np.where(real, blocks, -np.inf).max(axis=2)
@@ -83,12 +100,7 @@ def quantize(w, kind):
         inv = np.divide(1, d, out=np.zeros_like(d), where=d != 0)
         q = np.minimum(15, np.floor(blocks * inv[..., None] + np.float32(8.5)))
         m = np.zeros_like(d)
-    q = np.where(real, q, 0).astype(np.uint8)
-    nibbles = q[..., :16] | (q[..., 16:] << 4)
-    dm = d.astype(np.float16).view(np.uint16).astype(np.uint32)
-    if kind == "q4_1":
-        dm |= m.astype(np.float16).view(np.uint16).astype(np.uint32) << 16
-    return QuantizedArray(kind, w.shape, qs=np.ascontiguousarray(nibbles.reshape(out, nb * 16)).view("<u4"), dm=dm)
+    return d, m, q
 
 
 def from_gguf(raw, type_name, shape):
