@@ -13,6 +13,7 @@ from lab.engine import ops as F
 from lab.engine import quant
 from lab.engine.tensor import QuantizedWeight, tensor
 from lab.models.transformer import PRESETS, TransformerLM
+from lab.train.optim import AdamW
 from tests.ggufs import hf_tensors, write_gguf
 
 ODD_IN = (1, 5, 31, 33, 70)   # not multiples of the block (32) nor of int8's word (4)
@@ -362,3 +363,53 @@ def test_a_packed_model_takes_adapters_on_its_own_base_dtype_only(tmp_path):
     lora.apply(m, r=2, alpha=4, targets="all-linear")   # base_dtype left out: the base as it is
     assert m.lora_config["base_dtype"] == "q4"
     assert all(p is packed[n] for n, p in m.named_parameters() if isinstance(p, QuantizedWeight))
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0"])
+def test_q4_of_values_too_small_for_float16_scales_is_refused_and_small_blocks_in_a_real_weight_are_not(kind):
+    rng = np.random.default_rng(0)
+    for tiny in (1e-40, 1e-30, 1e-8):   # subnormal float32; far below, and just below, float16's 6e-8 step
+        w = (rng.standard_normal((2, 40)) * tiny).astype(np.float32)
+        with pytest.raises(InputError, match=rf"{kind} keeps each block's scale.* as float16, whose smallest step is "
+                                             rf"6e-08, and this weight's values \(.*\) are too small for it: \d+ of "
+                                             rf"4 blocks would come back off by up to .*; use int8"):
+            quant.quantize(w, kind)
+    w = (rng.standard_normal((4, 64)) * 0.02).astype(np.float32)
+    w[0, :32], w[1, 32:], w[2, :] = 1e-12, w[1, 32:] * 1e-9, w[2, :] * 1e-4   # a real weight's near-empty blocks
+    back = quant.dequantize(quant.quantize(w, kind))
+    assert np.abs(back - w).max() < 0.02 * 2 ** -10 + np.abs(w).max() / 15
+    assert np.abs(back[2] - w[2]).max() <= np.abs(w[2]).max() / 8   # 2e-6 values: subnormal float16 scales, kept
+
+
+def test_int8_of_subnormal_values_keeps_each_within_half_a_step():
+    rng = np.random.default_rng(0)
+    for tiny in (1e-40, 1e-39, 1e-30):   # 1 / scale is Inf for a subnormal scale: every value became +-127 or 0
+        w = (rng.standard_normal((3, 9)) * tiny).astype(np.float32)
+        qa = quant.quantize(w, "int8")
+        step = np.abs(w).max(axis=1, keepdims=True) / np.float32(127)
+        assert np.all(np.abs(quant.dequantize(qa) - w) <= step / 2 + 2e-45), tiny
+
+
+def test_a_quantized_weight_refuses_to_train_or_be_viewed_with_one_clear_error(any_backend):
+    q, _ = _layer("q4_1", 33, 5)
+    w = q.weight
+    for make_trainable in (lambda: setattr(w, "requires_grad", True), lambda: w.requires_grad_()):
+        with pytest.raises(ValueError, match=r"a q4_1 weight is frozen: gradients reach its layer's input and "
+                                             r"adapters only"):
+            make_trainable()
+        assert w.requires_grad is False
+    w.requires_grad = False   # freezing what is frozen: no error
+    # `for p in model.parameters(): p.requires_grad = True` held the packed weight in the optimizer, never stepped
+    with pytest.raises(ValueError, match="is frozen"):
+        for p in q.parameters():
+            p.requires_grad = True
+    with pytest.raises(InputError, match="no parameters that require gradients"):
+        AdamW([w])
+    for op, view in (("permute", lambda: w.T), ("getitem", lambda: w[0]), ("reshape", lambda: w.reshape(-1)),
+                     ("concat", lambda: F.concat([w, w])), ("reshape", lambda: F.stack([w, w]))):
+        with pytest.raises(ValueError, match=rf"{op}: a q4_1 weight of shape \(33, 5\) is packed .*only its linear "
+                                             rf"layer \(F.linear\) multiplies by it; \.numpy\(\) gives"):
+            view()
+    with pytest.raises(ValueError, match="matmul: expected a floating-point tensor, got dtype q4_1"):
+        F.matmul(tensor(np.ones((2, 33), np.float32)), w)
+    assert w.numpy().shape == (33, 5)

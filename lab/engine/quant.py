@@ -63,8 +63,9 @@ def quantize(w, kind):
     out, n = w.shape
     if kind == "int8":
         scale = np.abs(w).max(axis=1) / np.float32(127)
-        inv = np.divide(1, scale, out=np.zeros_like(scale), where=scale > 0)
-        q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)
+        # divided, not multiplied by 1 / scale: a row of subnormal values has a scale whose inverse is Inf
+        q = np.divide(w, scale[:, None], out=np.zeros_like(w), where=scale[:, None] > 0)
+        q = np.clip(np.rint(q), -127, 127).astype(np.int8)
         q = np.pad(q, ((0, 0), (0, -n % 4)))
         return QuantizedArray(kind, w.shape, q=np.ascontiguousarray(q).view("<u4"), scale=scale.astype(np.float32))
     nb = -(-n // BLOCK)
@@ -77,6 +78,19 @@ def quantize(w, kind):
         raise InputError(f"quantize: {kind} keeps each block's scale{' and minimum' if kind == 'q4_1' else ''} as "
                          f"float16 (at most 65504), and this weight's values reach {w.min():.6g} .. {w.max():.6g}; "
                          f"use int8 (a float32 scale per row), float16 or float32")
+    # float16 steps of 6e-8 near zero: a block of tiny values gets a scale (and minimum) that rounds far off, or to
+    # 0, flattening the block. Refused where a value may come back off by more than half the block's largest
+    # magnitude and by more than float16's own precision of the weight's largest (a few tiny blocks in a real
+    # weight cost nothing)
+    off = (np.float32(15 if kind == "q4_1" else 8) * np.abs(d16.astype(np.float32) - d) +
+           np.abs(m16.astype(np.float32) - m))
+    size = np.where(real, np.abs(blocks), 0).max(axis=2)
+    lost = off > np.maximum(size / 2, size.max() * np.float32(2 ** -10))
+    if lost.any():
+        raise InputError(f"quantize: {kind} keeps each block's scale{' and minimum' if kind == 'q4_1' else ''} as "
+                         f"float16, whose smallest step is 6e-08, and this weight's values ({w.min():.6g} .. "
+                         f"{w.max():.6g}) are too small for it: {int(lost.sum())} of {lost.size} blocks would come "
+                         f"back off by up to {off.max():.3g}; use int8 (a float32 scale per row) or float32")
     q = np.where(real, q, 0).astype(np.uint8)
     nibbles = q[..., :16] | (q[..., 16:] << 4)
     dm = d16.view(np.uint16).astype(np.uint32)

@@ -339,10 +339,20 @@ class QuantizedWeight(Tensor):
                              f"{self.shape}")
         self.data, self.packed = self.backend.upload_quantized(qa), qa
 
-    def requires_grad_(self, flag=True):
+    @property
+    def requires_grad(self):
+        return False
+
+    @requires_grad.setter
+    def requires_grad(self, flag):
+        # `p.requires_grad = True` (unfreezing a model) took the flag, and an optimizer then held the weight
+        # without ever stepping it: the base silently stayed frozen
         if flag:
-            raise ValueError(f"a {self.dtype} weight is frozen: gradients reach its layer's input and adapters only")
-        self.requires_grad = False
+            raise ValueError(f"a {self.dtype} weight is frozen: gradients reach its layer's input and adapters "
+                             f"only (load the base with base_dtype='float32' to train it)")
+
+    def requires_grad_(self, flag=True):
+        self.requires_grad = flag
         return self
 
     def to(self, backend):

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from ..backend import contiguous_strides
-from ..tensor import Tensor, tensor
+from ..tensor import QuantizedWeight, Tensor, tensor
 
 
 def _shape_str(s):
@@ -67,6 +67,14 @@ def _check_float(x, op):
         raise ValueError(f"{op}: float16 tensors are storage for frozen weights, read by linear and matmul only")
     raise ValueError(f"{op}: expected a floating-point tensor, got dtype {dtype} (allowed: float32, and float64 "
                      "on numpy; lab.tensor(t.numpy(), dtype='float32') makes a float copy)")
+
+
+def _check_unpacked(x, op):
+    """A packed weight (QuantizedWeight) has no float elements to view or copy: only its linear layer reads it."""
+    if isinstance(x, QuantizedWeight):
+        raise ValueError(f"{op}: a {x.dtype} weight of shape {_shape_str(x.shape)} is packed (a frozen quantized "
+                         f"base): only its linear layer (F.linear) multiplies by it; .numpy() gives its float32 "
+                         f"values, lab.tensor(w.numpy()) a float tensor of them")
 
 
 def normalize_axis(axis, ndim, op):

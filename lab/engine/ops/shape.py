@@ -8,10 +8,11 @@ import numpy as np
 
 from ..backend import contiguous_strides
 from ..tensor import Tensor
-from ._common import _shape_str, normalize_axis
+from ._common import _check_unpacked, _shape_str, normalize_axis
 
 
 def reshape(a, *shape):
+    _check_unpacked(a, "reshape")
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
     if shape.count(-1) > 1 or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < -1 for s in shape):
         raise ValueError(f"reshape: sizes must be integers >= 0 with at most one -1, got {shape}")
@@ -29,6 +30,7 @@ def reshape(a, *shape):
 
 def permute(a, *axes):
     given = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else tuple(axes)
+    _check_unpacked(a, "permute")
     axes = tuple(normalize_axis(ax, a.ndim, "permute") for ax in given)
     if sorted(axes) != list(range(a.ndim)):
         raise ValueError(f"permute: {given} is not a permutation of the {a.ndim} axes of {_shape_str(a.shape)}")
@@ -93,6 +95,7 @@ def _view_of_index(shape, index):
 
 
 def getitem(a, index):
+    _check_unpacked(a, "getitem")
     B = a.backend
     offset, shape, strides = _view_of_index(a.shape, index)
     out = B.copy_view(a.data, offset, shape, strides)
@@ -108,6 +111,8 @@ def concat(tensors, axis=0):
     tensors = list(tensors)
     if not tensors:
         raise ValueError("concat: need at least one tensor")
+    for t in tensors:
+        _check_unpacked(t, "concat")
     first = tensors[0]
     if first.ndim == 0:  # as numpy: there is no axis to join along
         raise ValueError("concat: 0-D tensors cannot be concatenated (they have no axis); stack() them")
