@@ -462,6 +462,10 @@ def load_adapter(model, directory):
     settings = _file_settings({**cfg, "lora_dropout": cfg.get("lora_dropout") or 0.0, "base_dtype": base_dtype},
                               cpath)
     r, prefix = settings["r"], _peft_prefix(model)
+    if found and r != model.lora_config["r"]:   # the shape check below blamed another base
+        raise CheckpointError(f"{cpath}: the adapter has rank r={r}, this model's adapters r="
+                              f"{model.lora_config['r']}: load_adapter replaces the values of adapters of the same "
+                              f"rank; load it into the model without adapters (it applies r={r} itself)")
     if found:
         shapes = {f"{prefix}{path}.lora_{ab}.weight": getattr(m, f"lora_{ab}").shape for path, m in found
                   for ab in "AB"}

@@ -233,6 +233,24 @@ def test_adapter_for_another_base_is_refused_and_changes_nothing(use_backend, tm
     assert not lora.adapters(other)
 
 
+def test_an_adapter_of_another_rank_or_targets_is_refused_naming_them_and_changes_nothing(tmp_path):
+    lora.apply(lab_model(hf_model(GQA)), r=3, alpha=6, targets=["q_proj"]).save_adapter(tmp_path / "ad")
+    for r, targets, message in ((2, ["q_proj"], r"the adapter has rank r=3, this model's adapters r=2: load_adapter "
+                                                r"replaces the values of adapters of the same rank"),
+                                (3, ["v_proj"], r"adapter tensors do not match the model: missing \['base_model\.model"
+                                                r"\.model\.layers\.0\.self_attn\.v_proj\.lora_A\.weight'.*unexpected")):
+        other = lora.apply(lab_model(hf_model(GQA)), r=r, alpha=1, targets=targets)
+        _randomize_B(other)
+        before, config = _state(other), dict(other.lora_config)
+        with pytest.raises(CheckpointError, match=message):
+            lora.load_adapter(other, tmp_path / "ad")
+        _assert_same_state(other, before)
+        assert other.lora_config == config
+    fresh = lora.load_adapter(lab_model(hf_model(GQA)), tmp_path / "ad")   # without adapters: the file's r, targets
+    assert fresh.lora_config["r"] == 3 and _wrapped(fresh) == ["model.layers.0.self_attn.q_proj",
+                                                               "model.layers.1.self_attn.q_proj"]
+
+
 def test_peft_options_lab_does_not_implement_are_refused_by_name(tmp_path):
     """modules_to_save (a trained copy of the head), rank_pattern, DoRA...: loaded without them the logits would
     differ from PEFT's, so the load is refused naming the option, the model unchanged."""
