@@ -218,6 +218,15 @@ def _bench(args):
     return 0
 
 
+def _lora_targets(text):
+    """--lora-targets: "all-linear", one layer name or pattern, or names separated by commas (None: the family's
+    default)."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",")]
+    return names[0] if len(names) == 1 else names
+
+
 def _plan(args):
     from lab import plan
     model = args.config or args.preset
@@ -226,7 +235,8 @@ def _plan(args):
         lab.set_backend(args.backend)
     p = plan.estimate(model, batch=args.batch_size, seq=args.seq, tokens=args.tokens, steps=args.steps,
                       lora_rank=args.lora_rank, device=args.device, optimizer=args.optimizer,
-                      vocab_size=args.vocab_size, lora_base_dtype=args.lora_base_dtype)
+                      vocab_size=args.vocab_size, lora_base_dtype=args.lora_base_dtype,
+                      lora_targets=_lora_targets(args.lora_targets))
     print(p)
     if args.minutes is not None:
         ok = p.fits and p.total_time_s <= args.minutes * 60
@@ -327,8 +337,10 @@ def main(argv=None):
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
     b.add_argument("suite", help="kernels, train, lora or diagnostics")
     b.add_argument("--rank", type=count, default=8, help="lora: adapter rank")
-    b.add_argument("--base-dtype", default="float32", choices=("float32", "float16"),
-                   help="lora: storage of the frozen linear weights (float16: also runs a float32 base to compare)")
+    b.add_argument("--base-dtype", default="float32", choices=("float32", "float16", "int8", "q4", "all"),
+                   help="lora: storage of the frozen linear weights (a GPT-2 preset also runs a float32 base to "
+                        "compare; a Llama preset (llama-tiny, smollm2-135m) adapts all-linear beside PyTorch+PEFT; "
+                        "all: the four, Llama presets)")
     b.add_argument("--preset", default="tiny", help="train, lora: model preset")
     b.add_argument("--batch-size", type=count, help="train, lora: batch size (default 12, 64 for shakespeare-char, "
                                                     "8 for gpt2-small and smollm2-135m)")
@@ -357,6 +369,9 @@ def main(argv=None):
     pl.add_argument("--lora-rank", type=count, help="plan LoRA fine-tuning with this rank (default: full training)")
     pl.add_argument("--lora-base-dtype", default="float32", choices=("float32", "float16", "int8", "q4"),
                     help="with --lora-rank: storage of the frozen linear weights (int8, q4: packed)")
+    pl.add_argument("--lora-targets", help="with --lora-rank: the adapted layers as lora.apply takes them: "
+                                           "'all-linear', a name (q_proj), names separated by commas, or a pattern "
+                                           "(default: GPT-2's c_attn,c_proj,c_fc; the Llama family's all-linear)")
     pl.add_argument("--optimizer", default="adamw", help="adamw or sgd")
     pl.add_argument("--vocab-size", type=count, help="vocabulary size (default: the preset's)")
     pl.add_argument("--device", default="this", help="'this' (measured) or a profile: m1, rtx4090, h100, h200, cpu-2core")

@@ -59,6 +59,33 @@ def test_bench_lora_reports_projection(tmp_path):
     assert "1 M tokens of adapter training" in r.stdout
 
 
+def test_bench_lora_on_a_llama_preset_reports_each_base_beside_torch_peft(tmp_path):
+    out = tmp_path / "l.json"
+    r = _lab("bench", "lora", "--preset", "llama-tiny", "--base-dtype", "all", "--backend", "numpy", "--steps", "2",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    bases = data["bases"]
+    assert list(bases) == ["float32", "float16", "int8", "q4"] and data["targets"] == "all-linear"
+    size = {k: v["base_linear_bytes"] for k, v in bases.items()}
+    assert size["float16"] * 2 == size["float32"] and size["int8"] < size["float32"] / 3.5
+    assert size["q4"] < size["float32"] / 5                     # 4-bit blocks with a float16 scale and minimum
+    assert all(v["tokens_per_s"] > 0 and v["peak_bytes"] > v["base_linear_bytes"] for v in bases.values())
+    assert bases["q4"]["peak_bytes"] < bases["float32"]["peak_bytes"]
+    for dtype in bases:
+        assert f"{dtype} base: " in r.stdout
+    if "torch_peft" in data:   # the same architecture, weights and batch: the same first loss as lab's float32 base
+        torch_run = data["torch_peft"]
+        assert torch_run["first_loss"] == pytest.approx(bases["float32"]["first_loss"], abs=1e-4)
+        assert bases["q4"]["ratio_to_torch_peft"] == pytest.approx(bases["q4"]["tokens_per_s"] / torch_run["tokens_per_s"])
+        assert "x torch+peft" in r.stdout
+    else:
+        assert "torch+peft: skipped" in r.stdout
+    bad = _lab("bench", "lora", "--preset", "tiny", "--base-dtype", "all", "--backend", "numpy", "--steps", "1")
+    assert bad.returncode != 0 and "base_dtype 'all' runs the Llama family's presets" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_train_saves_a_checkpoint_that_generate_reads(tmp_path):
     r = _lab("train", "--steps", "3", "--backend", "numpy", "--no-progress", "--out", str(tmp_path / "ck"))
     assert r.returncode == 0, r.stderr
