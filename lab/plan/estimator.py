@@ -8,6 +8,7 @@ cost per op (31 + 80 ops per layer per step, counted on the engine). tests/test_
 the engine's measured peak bytes and step times.
 """
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 from ..checks import InputError, choice, integer, real, show
@@ -45,10 +46,13 @@ class Plan:
     devices_needed: int = 1
     multi_device_time_s: float = 0.0
     lora_base_dtype: str = "float32"   # a LoRA plan's frozen base: float32, float16, int8 or q4
+    lora_targets: object = None        # a LoRA plan's targets, as lora.apply takes them
 
     def __repr__(self):
         gib = 2 ** 30
-        mode = (f"LoRA r={self.lora_rank}, {self.lora_base_dtype} base" if self.lora_rank else "full training")
+        targets = self.lora_targets if isinstance(self.lora_targets, str) else ", ".join(self.lora_targets or ())
+        mode = (f"LoRA r={self.lora_rank} on {targets}, {self.lora_base_dtype} base" if self.lora_rank
+                else "full training")
         c = self.config
         model = (f"{c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} dims" if "n_layer" in c else
                  f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} heads ({c['num_key_value_heads']} "
@@ -121,6 +125,85 @@ def llama_params(c):
     return V * C * (1 if c.tie_word_embeddings else 2) + L * (attn + mlp + 2 * C) + C
 
 
+# a Llama block's linear layers under model.layers.N, as transformers (and so PEFT's targets) name them
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+ALL_LINEAR = "all-linear"       # PEFT's (and lora.apply's) name for every linear layer but the output head
+MAX_MATCHED_LAYERS = 10_000     # a pattern is matched path by path: at most this many layers
+
+
+def llama_linears(c):
+    """{path: (in, out)} of one block's linear layers (LLAMA_LINEARS; k and v of the key-value heads only), and
+    "lm_head" (hidden, vocab) when the head is untied (a tied head is the embedding, no linear layer)."""
+    C, I, D, H, Hkv = c.hidden_size, c.intermediate_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    shapes = dict(zip(LLAMA_LINEARS, ((C, H * D), (C, Hkv * D), (C, Hkv * D), (H * D, C), (C, I), (C, I), (I, C))))
+    return {**shapes, **({} if c.tie_word_embeddings else {"lm_head": (C, c.vocab_size)})}
+
+
+def llama_lora_layers(c, targets, r):
+    """The linear layers lora.apply(model, r, targets=targets) wraps in a LlamaLM of config c, chosen as it (and
+    PEFT) chooses them: "all-linear" every one but the head; a name each layer whose path is it or ends in "." + it
+    (q_proj, self_attn.q_proj, model.layers.0.self_attn.q_proj); a string that names none, a pattern the whole path
+    matches. Returns [((in, out), layers)], counted per block layer without listing the blocks (a pattern is matched
+    block by block). Refuses, as apply does, targets naming nothing, the tied head and a rank above a layer's size."""
+    L, shapes = c.num_hidden_layers, llama_linears(c)
+    names = sorted({p.rsplit(".", 1)[-1] for p in shapes})
+    if isinstance(targets, (set, frozenset)):
+        targets = sorted(targets, key=str)
+    if isinstance(targets, (list, tuple)) and ALL_LINEAR in targets and len(targets) > 1:
+        raise InputError(f"lora_targets: {ALL_LINEAR!r} stands alone (every linear layer but the output head), got "
+                         f"{show(targets)}")
+    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == ALL_LINEAR:
+        targets = ALL_LINEAR
+    if not (isinstance(targets, str) or isinstance(targets, (list, tuple)) and targets
+            and all(isinstance(t, str) for t in targets)):
+        raise InputError(f"lora_targets must be a layer name, a list of them or {ALL_LINEAR!r} (this model's linear "
+                         f"layers are {names}), got {show(targets)}")
+
+    def layers_of(t, sub):   # the block layers whose path model.layers.i.<sub> is t or ends in "." + t
+        if ("." + sub).endswith("." + t):
+            return range(L)
+        m = re.fullmatch(r"(?:(?:model\.)?layers\.)?(0|[1-9][0-9]*)\." + re.escape(sub), t)
+        return range(int(m[1]), int(m[1]) + 1) if m and int(m[1]) < L else range(0)
+    if targets == ALL_LINEAR:
+        counts = {sub: L for sub in LLAMA_LINEARS}
+    else:
+        listed = [targets] if isinstance(targets, str) else list(targets)
+        chosen = {sub: set() for sub in LLAMA_LINEARS}
+        for t in listed:
+            for sub in LLAMA_LINEARS:
+                chosen[sub].update(layers_of(t, sub))
+        head = "lm_head" in listed
+        if head and c.tie_word_embeddings:
+            raise InputError(f"target 'lm_head': this model's output head is its embedding 'model.embed_tokens' "
+                             f"(one tensor, tie_word_embeddings), not a linear layer of its own; an adapter there "
+                             f"would untie them. Target the linear layers ({', '.join(names)}) or {ALL_LINEAR!r}")
+        unknown = [t for t in listed if t != "lm_head" and not any(len(layers_of(t, sub)) for sub in LLAMA_LINEARS)]
+        if isinstance(targets, str) and unknown:   # no layer's name: a pattern of whole paths, as PEFT reads it
+            if L > MAX_MATCHED_LAYERS:
+                raise InputError(f"lora_targets {targets!r} is a pattern, matched path by path: at most "
+                                 f"{MAX_MATCHED_LAYERS:,} layers, this config has {L:,}; name the layers ({names})")
+            try:
+                pattern = re.compile(targets)
+            except re.error:
+                pattern = None
+            chosen = {sub: {i for i in range(L) if pattern and pattern.fullmatch(f"model.layers.{i}.{sub}")}
+                      for sub in LLAMA_LINEARS}
+            head = "lm_head" in shapes and bool(pattern and pattern.fullmatch("lm_head"))
+            unknown = [] if head or any(chosen.values()) else unknown
+        if unknown:   # no targets would freeze the whole model and train nothing
+            raise InputError(f"unknown target module(s) {unknown}: this model's linear layers are {names}; a target "
+                             f"is one of them, a dotted path ending in one, or {ALL_LINEAR!r}")
+        counts = {sub: len(v) for sub, v in chosen.items() if v}
+        if head:
+            counts["lm_head"] = 1
+    for sub, (n_in, n_out) in shapes.items():
+        if counts.get(sub) and r > min(n_in, n_out):
+            raise InputError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {sub} ({n_in} -> "
+                             f"{n_out}): r must be at most {min(n_in, n_out)}")
+    return [(shapes[sub], n) for sub, n in counts.items()]
+
+
 def llama_activation_floats(c, b, T, host_temporaries=False):
     """What a LlamaLM's training step on b sequences of T tokens holds beyond weights, gradients and optimizer
     state at its peak, in floats: per token and layer about 6 C (norms, residuals, attention and MLP outputs),
@@ -144,23 +227,23 @@ def llama_activation_floats(c, b, T, host_temporaries=False):
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
 
 
-def _linear_weight_floats(c):
-    """Floats of the blocks' linear weights (c_attn, attention's c_proj, c_fc, the MLP's c_proj): what a LoRA
-    base with base_dtype="float16" stores at 2 bytes each."""
-    return 12 * c.n_layer * c.n_embd ** 2
-
-
 BASE_DTYPES = {"float32": None, "float16": None, "int8": "int8", "q4": "q4_1"}   # lora.apply's, and quant's kind
 
 
 def _linear_weight_bytes(c, base_dtype):
-    """Bytes of the blocks' linear weights in a LoRA base of `base_dtype`: packed ones as quant lays them out
-    ((out, in) blocks along `in`, per layer c_attn C -> 3C, c_proj C -> C, c_fc C -> 4C, c_proj 4C -> C)."""
-    kind, C = BASE_DTYPES[base_dtype], c.n_embd
+    """Bytes of the linear weights lora.apply stores as `base_dtype` (every linear layer's, adapted or not; biases,
+    embeddings and norms stay float32): 2 bytes a weight for float16, packed ones as quant lays them out ((out, in)
+    blocks along `in`). GPT-2: per block c_attn C -> 3C, c_proj C -> C, c_fc C -> 4C, c_proj 4C -> C; the Llama
+    family: llama_linears (an untied head too)."""
+    if is_llama(c):
+        layers = [(shape, 1 if path == "lm_head" else c.num_hidden_layers) for path, shape in llama_linears(c).items()]
+    else:
+        C = c.n_embd
+        layers = [(shape, c.n_layer) for shape in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C))]
+    kind = BASE_DTYPES[base_dtype]
     if kind is None:
-        return _linear_weight_floats(c) * (2 if base_dtype == "float16" else F32)
-    shapes = ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C))
-    return c.n_layer * sum(quant.packed_nbytes(kind, s) for s in shapes)
+        return sum(i * o * n for (i, o), n in layers) * (2 if base_dtype == "float16" else F32)
+    return sum(n * quant.packed_nbytes(kind, (o, i)) for (i, o), n in layers)
 
 
 def activation_floats(c, b, T, training=True, fused_attention=False):
@@ -220,16 +303,18 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
 
 
 def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
-             lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), device=None, vocab_size=None,
-             lora_base_dtype="float32", _devices=True):
+             lora_rank=None, lora_targets=None, device=None, vocab_size=None, lora_base_dtype="float32",
+             _devices=True):
     """A Plan for training `config` (a TransformerConfig) with this batch, sequence length and token budget on
     `device`: a DeviceProfile, a named profile such as 'm1', 'rtx4090', 'h200', or a function that measures one
     (lab.plan.estimate, which also takes presets and config.json files, passes measure.profile_device for 'this').
     lora_base_dtype "float16", "int8", "q4": LoRA on a base whose linear weights are stored so (lora.apply's
-    base_dtype): 2 bytes each, or their packed bytes (about 1 and 0.63), instead of 4."""
+    base_dtype): 2 bytes each, or their packed bytes (about 1 and 0.63), instead of 4. lora_targets: as
+    lora.apply takes them (None: GPT-2's c_attn, c_proj, c_fc; the Llama family's "all-linear")."""
     if is_llama(config):
         return _estimate_llama(config, batch, seq, tokens, steps, precision, optimizer, lora_rank, device,
-                               vocab_size, _devices)
+                               vocab_size, _devices, ALL_LINEAR if lora_targets is None else lora_targets,
+                               lora_base_dtype)
     if not all(hasattr(config, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")):
         # resolving a preset or a file is lab.plan.estimate's: it loads models and files, which sit above the planner
         raise InputError(f"estimator.estimate takes a model config (a TransformerConfig or LlamaConfig), got "
@@ -248,6 +333,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     steps = None if steps is None else integer("steps", steps, 1, MAX_SIZE)
     # as lora.apply: a rank above the adapted layers' smaller side (n_embd for every target) adds no capacity
     lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, c.n_embd) or None
+    lora_targets = _gpt2_targets(lora_targets)
     if seq > c.block_size:  # the model never sees more than block_size tokens (its position table ends there)
         raise InputError(f"seq {seq:,} is longer than the model's block_size {c.block_size:,}: a step trains on at "
                          f"most block_size tokens; plan a config with a larger block_size (lab plan --config "
@@ -255,10 +341,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     if precision != "fp32":
         raise InputError(f"precision {show(precision)} is not supported yet: lab trains in fp32")
     choice("optimizer", optimizer, ("adamw", "sgd"))
-    if lora_base_dtype not in BASE_DTYPES or (lora_base_dtype != "float32" and not lora_rank):
-        raise InputError(f"lora_base_dtype must be one of {list(BASE_DTYPES)} (all but float32 with a lora_rank: "
-                         f"a frozen base only), got {show(lora_base_dtype)}" + ("" if lora_rank else
-                                                                                " without a lora_rank"))
+    _check_base_dtype(lora_base_dtype, lora_rank)
     prof = device() if callable(device) else named_profile(device)
     tokens_per_step = batch * seq
     if steps is None:
@@ -301,13 +384,32 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
                 optimizer=optimizer, lora_rank=lora_rank or 0, device=prof, params=params,
                 trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
                 flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
-                total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype)
+                total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype,
+                lora_targets=lora_targets if lora_rank else None)
     def share_bytes(b):  # one device's memory (with DDP's gradient buckets) for a share of b sequences
         share = estimate(c, b, seq, None, 1, precision, optimizer, lora_rank, lora_targets, prof,
                          lora_base_dtype=lora_base_dtype, _devices=False)
         return share.memory["total"] + share.memory["gradients"]
     _check_fit(plan, c, prof, share_bytes if _devices else None)
     return plan
+
+
+GPT2_LINEARS = ("c_attn", "c_proj", "c_fc")   # a GPT-2 block's linear layers (c_proj: attention's and the MLP's)
+
+
+def _gpt2_targets(targets):
+    """A GPT-2 plan's targets as lora.apply takes them by name (None: its default, all three), checked."""
+    if targets is None or targets == ALL_LINEAR or targets == [ALL_LINEAR] or targets == (ALL_LINEAR,):
+        return GPT2_LINEARS
+    listed = [targets] if isinstance(targets, str) else targets
+    if not (isinstance(listed, (list, tuple)) and listed and all(isinstance(t, str) for t in listed)):
+        raise InputError(f"lora_targets must be a layer name, a list of them or {ALL_LINEAR!r} (a GPT-2 model's "
+                         f"linear layers are {list(GPT2_LINEARS)}), got {show(targets)}")
+    unknown = [t for t in listed if t not in GPT2_LINEARS]
+    if unknown:
+        raise InputError(f"unknown target module(s) {unknown}: a GPT-2 plan adapts {list(GPT2_LINEARS)} by name "
+                         f"or {ALL_LINEAR!r}")
+    return tuple(dict.fromkeys(listed))
 
 
 def _plan_inputs(c, batch, seq, tokens, steps, precision, optimizer):
@@ -326,30 +428,39 @@ def _plan_inputs(c, batch, seq, tokens, steps, precision, optimizer):
     return batch, seq, tokens, steps
 
 
-def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_rank, device, vocab_size, _devices):
+def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_rank, device, vocab_size, _devices,
+                    lora_targets=ALL_LINEAR, lora_base_dtype="float32"):
     """estimate() for the Llama family: grouped-query attention (keys and values of num_key_value_heads, in the
     KV cache too), SwiGLU's three matrices, a vocabulary whose logits, softmax rows and their gradient are often
-    the largest tensors of a step, tied or untied head."""
-    if lora_rank:
-        raise InputError("a LoRA plan is for the GPT-2 family for now; plan full training of a Llama config "
-                         "(leave lora_rank out)")
+    the largest tensors of a step, tied or untied head. With lora_rank: the adapters lora.apply(model, lora_rank,
+    targets=lora_targets, base_dtype=lora_base_dtype) adds (llama_lora_layers) are all that trains; the linear
+    weights are stored as lora_base_dtype."""
     if vocab_size is not None:
         c = replace(c, vocab_size=integer("vocab_size", vocab_size, 1, MAX_SIZE))
-    for name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
-                 "max_position_embeddings"):
+    for name in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+                 "intermediate_size", "vocab_size", "max_position_embeddings"):
         integer(name, getattr(c, name), 1, MAX_SIZE)
     batch, seq, tokens, steps = _plan_inputs(c, batch, seq, tokens, steps, precision, optimizer)
+    lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, MAX_SIZE) or None
+    _check_base_dtype(lora_base_dtype, lora_rank)
+    adapted = llama_lora_layers(c, lora_targets, lora_rank) if lora_rank else []
     prof = device() if callable(device) else named_profile(device)
     tokens_per_step = batch * seq
     if steps is None:
         steps = math.ceil((tokens or 1e6) / tokens_per_step)
     tokens = steps * tokens_per_step
-    params = llama_params(c)
+    base = llama_params(c)
     L, H, D = c.num_hidden_layers, c.num_attention_heads, c.head_dim
     per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries)
+    trainable = sum(lora_rank * (i + o) * n for (i, o), n in adapted) if lora_rank else base
+    params = base + trainable if lora_rank else base
+    if lora_rank:
+        # each adapter keeps its down projection (N, r) and its sum with the frozen output (N, out) for backward
+        parts["LoRA adapters"] = tokens_per_step * sum((lora_rank + o) * n for (i, o), n in adapted)
     acts = sum(parts.values())
-    memory = {"weights": params * F32, "gradients": params * F32,
-              "optimizer state": (2 if optimizer == "adamw" else 1) * params * F32,
+    saved = _linear_weight_bytes(c, "float32") - _linear_weight_bytes(c, lora_base_dtype)
+    memory = {"weights": params * F32 - saved, "gradients": trainable * F32,
+              "optimizer state": (2 if optimizer == "adamw" else 1) * trainable * F32,
               **{f"activations: {L} layers" if k == "layers" else f"activations: {k}": v * F32
                  for k, v in parts.items()}}
     memory["total"] = sum(memory.values())
@@ -357,37 +468,53 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     memory["activations per layer"] = int(per_layer) * F32
     # keys and values of the key-value heads only (each serves num_attention_heads / num_key_value_heads queries)
     memory["KV cache (generation, batch 1)"] = 2 * L * c.num_key_value_heads * D * seq * F32
-    flops_per_token = 6 * params + 12 * L * H * D * seq
+    # no weight gradients for a frozen base: 4 of the 6 FLOPs per parameter remain
+    flops_per_token = 6 * trainable + 4 * (params - trainable) + 12 * L * H * D * seq
+    ops = llama_op_count(c, prof.update_slots, adapted)
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops + acts * prof.elementwise_s_per_float
-                 + 4 * 2 * params * F32 / prof.bandwidth
-                 + llama_op_count(c, prof.update_slots) * prof.op_overhead_s)
+                 + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
     plan = Plan(config=c.to_dict(), batch=batch, seq=seq, tokens=tokens, steps=steps, precision=precision,
-                optimizer=optimizer, lora_rank=0, device=prof, params=params, trainable_params=params,
-                memory=memory, largest_buffer=(largest[0], largest[1] * F32), flops_per_token=flops_per_token,
-                total_flops=flops_per_token * tokens, step_time_s=step_time, total_time_s=step_time * steps)
+                optimizer=optimizer, lora_rank=lora_rank or 0, device=prof, params=params,
+                trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
+                flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
+                total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype,
+                lora_targets=lora_targets if lora_rank else None)
 
     def share_bytes(b):
-        share = _estimate_llama(c, b, seq, None, 1, precision, optimizer, None, prof, None, False)
+        share = _estimate_llama(c, b, seq, None, 1, precision, optimizer, lora_rank, prof, None, False, lora_targets,
+                                lora_base_dtype)
         return share.memory["total"] + share.memory["gradients"]
     _check_fit(plan, c, prof, share_bytes if _devices else None)
     return plan
 
 
-def llama_op_count(c, update_slots=1):
+def _check_base_dtype(base_dtype, lora_rank):
+    if base_dtype not in BASE_DTYPES or (base_dtype != "float32" and not lora_rank):
+        raise InputError(f"lora_base_dtype must be one of {list(BASE_DTYPES)} (all but float32 with a lora_rank: "
+                         f"a frozen base only), got {show(base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
+
+
+def llama_op_count(c, update_slots=1, adapted=()):
     """Dispatches of a LlamaLM training step on wgpu (fused norm, rotary and SwiGLU kernels), as counted on the
     engine (lab.stats()): 15 + 51 per layer (+1 for a tied head: the embedding's two gradients summed), plus the
     optimizer's: an update and a sum of squares (the gradient
     norm) per trained tensor and a fill, or with update_slots > 1 one update per update_slots tensors and one sum
-    per 4 x update_slots gradients (and a copy of the partial sums when several), as op_count counts them."""
-    qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
-    tensors = 2 + (not c.tie_word_embeddings) + c.num_hidden_layers * (
-        9 + 3 * qkv_bias + c.attention_bias + 3 * c.mlp_bias)
+    per 4 x update_slots gradients (and a copy of the partial sums when several), as op_count counts them.
+    adapted (llama_lora_layers' [((in, out), layers)]): LoRA on a frozen base, -1 + 44 per layer (no weight
+    gradients for the linear layers, embedding and norms) + 10 per adapter (its two forward products and the
+    backward's four, two scalings and the input gradient's sum), its A and B the trained tensors."""
+    if adapted:
+        n = sum(layers for _, layers in adapted)
+        tensors, ops = 2 * n, -1 + 44 * c.num_hidden_layers + 10 * n
+    else:
+        qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
+        tensors = 2 + (not c.tie_word_embeddings) + c.num_hidden_layers * (
+            9 + 3 * qkv_bias + c.attention_bias + 3 * c.mlp_bias)
+        ops = 15 + bool(c.tie_word_embeddings) + 51 * c.num_hidden_layers
     if update_slots > 1:
         chunks = math.ceil(tensors / (4 * update_slots))
-        optimizer = math.ceil(tensors / update_slots) + chunks + (chunks if chunks > 1 else 0)
-    else:
-        optimizer = 2 * tensors + 1
-    return 15 + bool(c.tie_word_embeddings) + 51 * c.num_hidden_layers + optimizer
+        return ops + math.ceil(tensors / update_slots) + chunks + (chunks if chunks > 1 else 0)
+    return ops + 2 * tensors + 1
 
 
 class DoesNotFitError(InputError):
@@ -399,12 +526,13 @@ class DoesNotFitError(InputError):
         self.plan = plan
 
 
-def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adamw", lora_base_dtype="float32"):
+def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adamw", lora_base_dtype="float32",
+               lora_targets=None):
     """Raise DoesNotFitError, with the plan estimator's reasons and suggestions, when training `config` at this
     batch would not fit `backend`'s device: called before a run allocates anything for its steps."""
     prof = limits_profile(backend)
     plan = estimate(config, batch=batch, seq=seq, steps=1, lora_rank=lora_rank, device=prof, optimizer=optimizer,
-                    lora_base_dtype=lora_base_dtype)
+                    lora_base_dtype=lora_base_dtype, lora_targets=lora_targets)
     if plan.fits:
         return plan
     # one line (the command line prints it as its one error line): the reasons, then what would fit

@@ -225,11 +225,14 @@ class Trainer:
         from ..models.transformer import TransformerConfig
         from ..plan.estimator import check_fits
         config = self.model.config
-        if isinstance(config, TransformerConfig):
-            lora = getattr(self.model, "lora_config", None)
-            check_fits(config, cfg.batch_size, self.model.wte.weight.backend, seq=seq,
+        lora = getattr(self.model, "lora_config", None)
+        if isinstance(config, TransformerConfig) or isinstance(config, LlamaConfig) and lora:
+            # (a LoRA step holds no gradients or optimizer state for the frozen base, and a packed base is smaller)
+            embedding = self.model.wte if isinstance(config, TransformerConfig) else self.model.model.embed_tokens
+            check_fits(config, cfg.batch_size, embedding.weight.backend, seq=seq,
                        lora_rank=lora["r"] if lora else None,
-                       lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32")
+                       lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32",
+                       lora_targets=lora["target_modules"] if lora and isinstance(config, LlamaConfig) else None)
         elif isinstance(config, LlamaConfig):
             check_batch_fits(config, cfg.batch_size, self.model.model.embed_tokens.weight.backend, seq=seq)
 
