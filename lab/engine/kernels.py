@@ -1,6 +1,8 @@
 """Loads the WGSL sources in kernels/, joins their `#include`s, expands their `#unroll` blocks and specializes them
 by substituting {{NAME}} placeholders."""
+import ast
 import functools
+import operator
 import re
 from pathlib import Path
 
@@ -71,6 +73,30 @@ def unroll(text, where="kernel"):
     return _unroll(text, where)
 
 
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.floordiv}
+
+
+def _integer_arithmetic(spec):
+    """The value of an #unroll bound: integers with + - * / and parentheses (`/` divides as integers, as WGSL's
+    u32 does), read by walking its syntax tree (no eval: a kernel file is data); None when it is anything else."""
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = value(node.operand)
+            return v if v is None or isinstance(node.op, ast.UAdd) else -v
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            a, b = value(node.left), value(node.right)
+            if a is None or b is None or (isinstance(node.op, ast.Div) and b == 0) or max(abs(a), abs(b)) > 1 << 20:
+                return None
+            return _ARITHMETIC[type(node.op)](a, b)
+        return None
+    try:
+        return value(ast.parse(spec.strip(), mode="eval").body)
+    except (SyntaxError, ValueError):
+        return None
+
+
 def _unroll(text, where):
     m = _UNROLL.search(text)
     if m is None:
@@ -90,11 +116,7 @@ def _unroll(text, where):
     if kind == "in":
         values = spec.split()
     else:
-        try:   # (digits and + - * / only: `/` divides as integers, as in WGSL's u32)
-            arithmetic = re.fullmatch(r"[\d\s()+*/-]+", spec) and "**" not in spec
-            n = eval(re.sub(r"/+", "//", spec), {"__builtins__": {}}) if arithmetic else None
-        except (SyntaxError, ZeroDivisionError):
-            n = None
+        n = _integer_arithmetic(spec)
         if not isinstance(n, int) or not 0 <= n <= 1024:
             raise ValueError(f"{where}: `#unroll {name} < {spec}`: the bound must be integer arithmetic giving 0..1024")
         values = range(n)
