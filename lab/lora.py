@@ -226,9 +226,8 @@ def _apply(model, cfg):
     sites = _sites(model, cfg["r"], cfg["target_modules"])
     linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
     # weights already packed (a model loaded with base_dtype "q4" or "int8") stay as they are; the config says so
-    kinds = {m.weight.dtype for _, m in linears if isinstance(m.weight, QuantizedWeight)}
+    kinds, held = _held_base(linears)
     if kinds:
-        held = "int8" if kinds == {"int8"} else "q4" if kinds <= {"q4_0", "q4_1"} else None
         if cfg["base_dtype"] == "float32" and held:
             cfg = {**cfg, "base_dtype": held}
         elif cfg["base_dtype"] != held:
@@ -260,6 +259,12 @@ def _apply(model, cfg):
         setattr(module, name, layer)
     model.lora_config = cfg
     return model
+
+
+def _held_base(linears):
+    """(the packed kinds among the (path, Linear) pairs' weights, the base_dtype they make or None if mixed)."""
+    kinds = {m.weight.dtype for _, m in linears if isinstance(m.weight, QuantizedWeight)}
+    return kinds, "int8" if kinds == {"int8"} else "q4" if kinds and kinds <= {"q4_0", "q4_1"} else None
 
 
 def _packed(path, linear, kind):
@@ -308,6 +313,15 @@ def apply_config(model, cfg, path):
     for key, value in zip(("merged", "enabled"), modes):
         if not isinstance(value, bool):
             raise CheckpointError(f"{path}: field 'lora.{key}' must be true or false, got {show(value)}")
+    kinds, held = _held_base(_linears(model))
+    packed = sorted(kinds) or ([PACKED[settings["base_dtype"]]] if settings["base_dtype"] in PACKED else [])
+    if packed and modes[0]:   # unmerge would write float values into the packed weights
+        raise CheckpointError(f"{path}: the adapters are merged into this checkpoint's base weights (field "
+                              f"'lora.merged'), which a packed base ({', '.join(packed)}) cannot take out "
+                              f"again: load it with base_dtype 'float32' (and unmerge_adapter() before saving it for "
+                              f"a quantized base)")
+    if held:   # loaded with from_pretrained(..., base_dtype=): the adapters, trained on any base, go on that one
+        settings["base_dtype"] = held
     try:
         _apply(model, settings)
     except ValueError as e:  # settings that do not fit this model

@@ -413,3 +413,52 @@ def test_a_quantized_weight_refuses_to_train_or_be_viewed_with_one_clear_error(a
     with pytest.raises(ValueError, match="matmul: expected a floating-point tensor, got dtype q4_1"):
         F.matmul(tensor(np.ones((2, 33), np.float32)), w)
     assert w.numpy().shape == (33, 5)
+
+
+def _lora_llama(base_dtype, seed=0):
+    lab.manual_seed(seed)
+    m = lab.LlamaLM(lab.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=45, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=16))
+    lora.apply(m, r=3, alpha=6, targets="all-linear", base_dtype=base_dtype)
+    rng = np.random.default_rng(3)
+    for _, a in lora.adapters(m):
+        a.lora_B.data = a.lora_B.backend.from_numpy(rng.standard_normal(a.lora_B.shape).astype(np.float32) * 0.1)
+    return m
+
+
+def test_a_lora_checkpoint_loads_on_the_base_dtype_asked_for_and_a_merged_one_on_float32_only(any_backend, tmp_path):
+    from lab.checkpoint import save_checkpoint
+    from lab.io import CheckpointError
+    tok = lab.CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX")
+    idx = np.random.default_rng(0).integers(0, 50, (2, 7))
+
+    def logits(m):
+        with lab.no_grad():
+            return m.eval()(idx).numpy()
+    q4 = _lora_llama("q4")
+    save_checkpoint(tmp_path / "q4", q4, tok)
+    again = lab.from_pretrained(tmp_path / "q4")   # the run's own base
+    assert again.lora_config["base_dtype"] == "q4" and np.array_equal(logits(again), logits(q4))
+    # adapters trained on q4 go on the base asked for (an int8 one raised "LoRA base_dtype 'q4': ... packed already")
+    int8 = lab.from_pretrained(tmp_path / "q4", base_dtype="int8")
+    assert int8.lora_config["base_dtype"] == "int8"
+    assert {p.dtype for p in int8.parameters() if isinstance(p, QuantizedWeight)} == {"int8"}
+    for (_, a), (_, b) in zip(lora.adapters(int8), lora.adapters(q4)):
+        assert np.array_equal(a.lora_A.numpy(), b.lora_A.numpy()) and np.array_equal(a.lora_B.numpy(),
+                                                                                    b.lora_B.numpy())
+    assert np.abs(logits(int8) - logits(q4)).max() < 0.05 * np.abs(logits(q4)).max()
+    floats = _lora_llama("float32", seed=1)   # a float32 model takes the q4 run's state: the dequantized base
+    floats.load_state_dict(q4.state_dict())
+    _close(logits(floats), logits(q4))
+    # a merged run's base holds the update: a packed base could not take it out (unmerge wrote floats into the
+    # packed weight, and the next forward died with "'numpy.ndarray' object has no attribute 'rows'")
+    lora.merge(floats)
+    save_checkpoint(tmp_path / "merged", floats, tok)
+    for base_dtype in ("q4", "int8"):
+        with pytest.raises(CheckpointError, match=r"config\.json: the adapters are merged into this checkpoint's base "
+                                                  r"weights \(field 'lora.merged'\), which a packed base \((q4_1|int8)"
+                                                  r"\) cannot take out again: load it with base_dtype 'float32'"):
+            lab.from_pretrained(tmp_path / "merged", base_dtype=base_dtype)
+    merged = lab.from_pretrained(tmp_path / "merged")
+    lora.unmerge(merged)
+    _close(logits(merged), logits(q4))
