@@ -87,6 +87,9 @@ class LoRALinear(nn.Linear):
     def _shift_weight(self, sign):
         """The base weight plus sign times the update, kept in its own dtype (a float16 base is rounded again:
         unmerge then restores it to within float16's rounding, not bit for bit)."""
+        if isinstance(self.weight, QuantizedWeight):   # its data would become a float array the matmul cannot read
+            raise InputError(f"LoRA merge/unmerge: this layer's base is packed ({self.weight.dtype}); the update "
+                             f"stays beside it (see lab.lora.merge)")
         w = self.weight.numpy()
         self.weight.data = self.weight.backend.from_numpy((w + sign * self._delta()).astype(w.dtype))
 

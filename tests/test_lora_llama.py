@@ -325,6 +325,10 @@ def test_merge_into_a_quantized_base_is_refused_and_changes_nothing(use_backend)
     with pytest.raises(InputError, match=r"merge_adapter: refused: the base weights of 14 adapted layers are "
                                          r"quantized .*Nothing was changed"):
         m.merge_adapter()
+    layer = lora.adapters(m)[0][1]   # a layer's own merge (unmerge on a layer marked merged) wrote floats in
+    for shift in (layer.merge, lambda: layer._shift_weight(-1.0)):
+        with pytest.raises(InputError, match=r"LoRA merge/unmerge: this layer's base is packed \(q4_1\)"):
+            shift()
     _assert_same_state(m, before)
     np.testing.assert_array_equal(_logits(m, ids), logits)
 
