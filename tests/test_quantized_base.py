@@ -390,7 +390,7 @@ def test_int8_of_subnormal_values_keeps_each_within_half_a_step():
         assert np.all(np.abs(quant.dequantize(qa) - w) <= step / 2 + 2e-45), tiny
 
 
-def test_a_quantized_weight_refuses_to_train_or_be_viewed_with_one_clear_error(any_backend):
+def test_a_quantized_weight_refuses_to_train_or_be_viewed_with_one_clear_error(use_backend):
     q, _ = _layer("q4_1", 33, 5)
     w = q.weight
     for make_trainable in (lambda: setattr(w, "requires_grad", True), lambda: w.requires_grad_()):
@@ -426,7 +426,7 @@ def _lora_llama(base_dtype, seed=0):
     return m
 
 
-def test_a_lora_checkpoint_loads_on_the_base_dtype_asked_for_and_a_merged_one_on_float32_only(any_backend, tmp_path):
+def test_a_lora_checkpoint_loads_on_the_base_dtype_asked_for_and_a_merged_one_on_float32_only(use_backend, tmp_path):
     from lab.checkpoint import save_checkpoint
     from lab.io import CheckpointError
     tok = lab.CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX")
@@ -462,3 +462,30 @@ def test_a_lora_checkpoint_loads_on_the_base_dtype_asked_for_and_a_merged_one_on
     merged = lab.from_pretrained(tmp_path / "merged")
     lora.unmerge(merged)
     _close(logits(merged), logits(q4))
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "int8"])
+def test_quantized_linear_gradients_to_input_and_bias_equal_finite_differences(use_backend, kind):
+    """Central differences of sum(c * gelu(x W + b)): in float64 on numpy (a float64 input's product was rounded to
+    float32 there, 0.4 off), in float32 on wgpu."""
+    dtype, eps, tol = ("float64", 1e-6, 1e-7) if use_backend.name == "numpy" else ("float32", 1e-2, 5e-3)
+    rng = np.random.default_rng(4)
+    for n_in, n_out in ((1, 2), (5, 3), (33, 7)):
+        w = QuantizedWeight(quant.quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), kind), use_backend)
+        x0, b0, c = rng.standard_normal((2, n_in)), rng.standard_normal(n_out), rng.standard_normal((2, n_out))
+
+        def f(x, b, grad=False):
+            xt, bt = tensor(x, dtype=dtype, requires_grad=grad), tensor(b, dtype=dtype, requires_grad=grad)
+            y = (F.quantized_linear(xt, w, bt, activation="gelu") * tensor(c, dtype=dtype)).sum()
+            assert y.dtype == dtype
+            return (y, xt, bt) if grad else y.item()
+        y, xt, bt = f(x0, b0, grad=True)
+        y.backward()
+        for which, value, got in (("x", x0, xt.grad.numpy()), ("bias", b0, bt.grad.numpy())):
+            want = np.zeros_like(value)
+            for i in np.ndindex(value.shape):
+                up, down = value.copy(), value.copy()
+                up[i] += eps
+                down[i] -= eps
+                want[i] = ((f(up, b0) - f(down, b0)) if which == "x" else (f(x0, up) - f(x0, down))) / (2 * eps)
+            assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), (which, n_in, n_out)

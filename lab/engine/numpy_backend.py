@@ -313,7 +313,8 @@ class NumpyBackend(Backend):
         # a chunk of W's rows dequantized at a time (quant.chunk_rows: 2 MB of floats): a layer's float32 weight is
         # never whole in memory, only its packed bytes
         n_out, n_in = qw.shape
-        out = np.zeros((x.shape[0], n_in), np.float32) if transpose else np.empty((x.shape[0], n_out), np.float32)
+        dtype = np.result_type(x.dtype, np.float32)   # a float64 input's product in float64, as linear's
+        out = np.zeros((x.shape[0], n_in), dtype) if transpose else np.empty((x.shape[0], n_out), dtype)
         step = quant.chunk_rows(qw)
         for o in range(0, n_out, step):
             w = quant.dequantize(qw, o, o + step)
