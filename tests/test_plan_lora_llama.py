@@ -188,6 +188,49 @@ def test_targets_lora_apply_refuses_are_refused_by_the_plan():
         plan.estimate(GQA_TIED, lora_rank=4, lora_base_dtype="q8", device="h200")
     with pytest.raises(InputError, match=r"without a lora_rank"):
         plan.estimate(GQA_TIED, lora_base_dtype="q4", device="h200")
+    for rank in (None, 0):
+        with pytest.raises(InputError, match=r"^lora_targets \['q_proj'\] without a lora_rank: targets are for a LoRA"):
+            plan.estimate(GQA_TIED, lora_rank=rank, lora_targets=["q_proj"], device="h200")
+
+
+def test_targets_of_a_config_of_many_layers_are_counted_without_listing_the_layers():
+    """Names and layer paths are counted per block kind (a config of 2**40 layers plans at once, it hung listing
+    them); a pattern, matched path by path, is refused above 10,000 layers with the count and what to use."""
+    import time
+    big = replace(GQA_TIED, num_hidden_layers=2 ** 40)
+    start = time.perf_counter()
+    p = plan.estimate(big, batch=1, seq=8, lora_rank=4, device="h200",
+                      lora_targets=["mlp.up_proj", "layers.5.mlp.up_proj", f"model.layers.{2 ** 40 - 1}.self_attn.q_proj"])
+    assert time.perf_counter() - start < 5
+    assert p.trainable_params == 2 ** 40 * 4 * (64 + 176) + 4 * (64 + 64)
+    with pytest.raises(InputError, match=r"lora_targets '\.\*q_proj' is a pattern, matched path by path: at most "
+                                         r"10,000 layers, this config has 1,099,511,627,776; name the layers"):
+        plan.estimate(big, batch=1, seq=8, lora_rank=4, lora_targets=".*q_proj", device="h200")
+
+
+def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend):
+    """Dispatches of a LoRA step on wgpu (frozen base: no weight gradients; each adapter's products; the adapters'
+    updates), tied and untied, all-linear and named layers, a q4 base."""
+    from lab.engine.backend import using_backend
+    from lab.plan.estimator import llama_lora_layers, llama_op_count
+    ids = np.random.default_rng(0).integers(0, 61, 2000).astype(np.int32)
+    for layers, tied, targets, base_dtype in ((1, True, "all-linear", "float32"), (3, False, "all-linear", "float32"),
+                                              (2, True, ["q_proj", "v_proj"], "float32"),
+                                              (2, False, ["q_proj", "lm_head"], "q4")):
+        cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                          max_position_embeddings=16)
+        with using_backend(wgpu_backend):
+            lab.manual_seed(0)
+            model = lora.apply(LlamaLM(cfg), r=4, targets=targets, base_dtype=base_dtype)
+            t = Trainer(model, ids, ids, TrainConfig(steps=10, batch_size=2, replay_steps=False))
+            t.train_step()
+            lab.sync()
+            before = wgpu_backend.stats()["dispatches"]
+            t.train_step()
+            lab.sync()
+        counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), llama_lora_layers(cfg, targets, 4))
+        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, targets)
 
 
 def test_the_trainer_checks_a_llama_lora_run_against_the_lora_plan(numpy_backend, monkeypatch):

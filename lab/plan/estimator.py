@@ -160,11 +160,11 @@ def llama_lora_layers(c, targets, r):
         raise InputError(f"lora_targets must be a layer name, a list of them or {ALL_LINEAR!r} (this model's linear "
                          f"layers are {names}), got {show(targets)}")
 
-    def layers_of(t, sub):   # the block layers whose path model.layers.i.<sub> is t or ends in "." + t
+    def layers_of(t, sub):   # the blocks whose path model.layers.i.<sub> is t or ends in "." + t: "all" or {i}
         if ("." + sub).endswith("." + t):
-            return range(L)
+            return "all"
         m = re.fullmatch(r"(?:(?:model\.)?layers\.)?(0|[1-9][0-9]*)\." + re.escape(sub), t)
-        return range(int(m[1]), int(m[1]) + 1) if m and int(m[1]) < L else range(0)
+        return {int(m[1])} if m and int(m[1]) < L else set()
     if targets == ALL_LINEAR:
         counts = {sub: L for sub in LLAMA_LINEARS}
     else:
@@ -172,13 +172,14 @@ def llama_lora_layers(c, targets, r):
         chosen = {sub: set() for sub in LLAMA_LINEARS}
         for t in listed:
             for sub in LLAMA_LINEARS:
-                chosen[sub].update(layers_of(t, sub))
+                found = layers_of(t, sub)
+                chosen[sub] = "all" if "all" in (found, chosen[sub]) else chosen[sub] | found
         head = "lm_head" in listed
         if head and c.tie_word_embeddings:
             raise InputError(f"target 'lm_head': this model's output head is its embedding 'model.embed_tokens' "
                              f"(one tensor, tie_word_embeddings), not a linear layer of its own; an adapter there "
                              f"would untie them. Target the linear layers ({', '.join(names)}) or {ALL_LINEAR!r}")
-        unknown = [t for t in listed if t != "lm_head" and not any(len(layers_of(t, sub)) for sub in LLAMA_LINEARS)]
+        unknown = [t for t in listed if t != "lm_head" and not any(layers_of(t, sub) for sub in LLAMA_LINEARS)]
         if isinstance(targets, str) and unknown:   # no layer's name: a pattern of whole paths, as PEFT reads it
             if L > MAX_MATCHED_LAYERS:
                 raise InputError(f"lora_targets {targets!r} is a pattern, matched path by path: at most "
@@ -194,7 +195,7 @@ def llama_lora_layers(c, targets, r):
         if unknown:   # no targets would freeze the whole model and train nothing
             raise InputError(f"unknown target module(s) {unknown}: this model's linear layers are {names}; a target "
                              f"is one of them, a dotted path ending in one, or {ALL_LINEAR!r}")
-        counts = {sub: len(v) for sub, v in chosen.items() if v}
+        counts = {sub: L if v == "all" else len(v) for sub, v in chosen.items() if v}
         if head:
             counts["lm_head"] = 1
     for sub, (n_in, n_out) in shapes.items():
@@ -311,6 +312,9 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     lora_base_dtype "float16", "int8", "q4": LoRA on a base whose linear weights are stored so (lora.apply's
     base_dtype): 2 bytes each, or their packed bytes (about 1 and 0.63), instead of 4. lora_targets: as
     lora.apply takes them (None: GPT-2's c_attn, c_proj, c_fc; the Llama family's "all-linear")."""
+    if lora_targets is not None and (lora_rank is None or lora_rank is False or lora_rank == 0):
+        raise InputError(f"lora_targets {show(lora_targets)} without a lora_rank: targets are for a LoRA plan (give "
+                         f"lora_rank, --lora-rank), full training trains every layer")
     if is_llama(config):
         return _estimate_llama(config, batch, seq, tokens, steps, precision, optimizer, lora_rank, device,
                                vocab_size, _devices, ALL_LINEAR if lora_targets is None else lora_targets,
@@ -333,7 +337,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     steps = None if steps is None else integer("steps", steps, 1, MAX_SIZE)
     # as lora.apply: a rank above the adapted layers' smaller side (n_embd for every target) adds no capacity
     lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, c.n_embd) or None
-    lora_targets = _gpt2_targets(lora_targets)
+    lora_targets = _gpt2_targets(lora_targets) if lora_rank else None
     if seq > c.block_size:  # the model never sees more than block_size tokens (its position table ends there)
         raise InputError(f"seq {seq:,} is longer than the model's block_size {c.block_size:,}: a step trains on at "
                          f"most block_size tokens; plan a config with a larger block_size (lab plan --config "
@@ -624,8 +628,8 @@ def _check_devices(plan, prof, share_bytes):
     if plan.memory["total"] > prof.memory_bytes:
         if fixed >= prof.memory_bytes:
             plan.multi_device = ("the model, its gradients and optimizer state alone exceed one device, and data "
-                                 "parallelism (DDP) copies them to every device: shard the model (e.g. PyTorch FSDP) "
-                                 "or use LoRA")
+                                 "parallelism (DDP) copies them to every device: shard the model (e.g. PyTorch FSDP)"
+                                 + ("" if plan.lora_rank else " or use LoRA"))
             return
         n_memory = math.ceil(acts / (prof.memory_bytes - fixed))
         n_memory = _first_fitting(n_memory, plan.batch,
