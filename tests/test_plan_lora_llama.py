@@ -193,6 +193,33 @@ def test_targets_lora_apply_refuses_are_refused_by_the_plan():
             plan.estimate(GQA_TIED, lora_rank=rank, lora_targets=["q_proj"], device="h200")
 
 
+ODD_FORMS = ["", "Q_PROJ", "proj", ".*_proj", "lm_head", "model.lm_head", ["lm_head"], "lm_head|.*q_proj", "self_attn",
+             "0.mlp.up_proj", "00.mlp.up_proj", "layers.3.mlp.up_proj", "s.0.mlp.up_proj", ["mlp.up_proj", "mlp.up_proj"],
+             {"k_proj", "v_proj"}, [".*q_proj"], r"model\.layers\.1\..*", "[", ["q_proj", ""], "all-linear ",
+             "base_model.model.model.layers.0.self_attn.q_proj", "model.layers.-1.mlp.up_proj", ["q_proj", 3], 5]
+
+
+@pytest.mark.parametrize("cfg", [GQA_TIED, ODD_UNTIED], ids=["gqa-tied", "odd-untied"])
+def test_the_plan_adapts_what_lora_apply_adapts_for_odd_target_forms(cfg, numpy_backend):
+    """Patterns, case, partial names, repeated names, sets, the head by other names, leading zeros, a block past
+    the last, a rank above k/v's width: the plan counts what lora.apply adds, or refuses what it refuses."""
+    from lab.engine.backend import using_backend
+    for r in (4, 31):
+        for targets in ODD_FORMS:
+            try:
+                with using_backend(numpy_backend):
+                    lab.manual_seed(0)
+                    applied = lora.apply(LlamaLM(cfg), r=r, targets=targets).num_parameters(trainable_only=True)
+            except InputError:
+                applied = InputError
+            try:
+                planned = plan.estimate(cfg, batch=1, seq=8, lora_rank=r, lora_targets=targets,
+                                        device="h200").trainable_params
+            except InputError:
+                planned = InputError
+            assert planned == applied, (r, targets)
+
+
 def test_targets_of_a_config_of_many_layers_are_counted_without_listing_the_layers():
     """Names and layer paths are counted per block kind (a config of 2**40 layers plans at once, it hung listing
     them); a pattern, matched path by path, is refused above 10,000 layers with the count and what to use."""
