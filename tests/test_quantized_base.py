@@ -489,3 +489,21 @@ def test_quantized_linear_gradients_to_input_and_bias_equal_finite_differences(u
                 down[i] -= eps
                 want[i] = ((f(up, b0) - f(down, b0)) if which == "x" else (f(x0, up) - f(x0, down))) / (2 * eps)
             assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), (which, n_in, n_out)
+
+
+def test_a_packed_model_refuses_a_state_it_cannot_pack_naming_the_tensor_and_changes_nothing(use_backend, tmp_path):
+    m = _lora_llama("q4")
+    before = {n: p.numpy() for n, p in m.named_parameters()}
+    state = {n: v * 1.5 for n, v in before.items()}   # every tensor new; a late one too small for q4
+    state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"] * 1e-32
+    # quantize ran as each weight was written: the first ones were already replaced when a later one failed
+    with pytest.raises(ValueError, match=r"state dict: tensor 'model\.layers\.1\.mlp\.down_proj\.weight': quantize: "
+                                         r"q4_1 keeps .* too small for it"):
+        m.load_state_dict(state)
+    assert all(np.array_equal(p.numpy(), before[n]) for n, p in m.named_parameters())
+    floats = _lora_llama("float32")
+    floats.load_state_dict(state)
+    floats.save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError, match=r"model\.safetensors.*tensor 'model\.layers\.1\.mlp\.down_proj\.weight': "
+                                         r"quantize: q4_1 keeps"):
+        lab.from_pretrained(tmp_path / "tiny", base_dtype="q4")

@@ -226,6 +226,11 @@ class Module:
             value = np.asarray(state[name])
             if value.shape != p.shape:   # a LazyTensor whose values are not of the shape it declared
                 raise error(f"{source}: tensor {name!r} was read with shape {value.shape}, the model expects {p.shape}")
+            if isinstance(p, QuantizedWeight):   # packed before any parameter changes: values it cannot take
+                try:                             # (quantize's errors) left the weights before them loaded
+                    return quantize(value.T, p.packed.kind)
+                except ValueError as e:
+                    raise error(f"{source}: tensor {name!r}: {e}") from None
             return value.astype(np.float16 if p.dtype == "float16" else np.float32, copy=False)
         building = any(p in _unset for p in own.values())   # nothing to keep if a later read fails
         values = {} if building else {name: host(name, p) for name, p in own.items()}
@@ -234,7 +239,7 @@ class Module:
         for name, p in own.items():
             value = host(name, p) if building else values.pop(name)
             if isinstance(p, QuantizedWeight):   # packed again as its kind (a save holds the dequantized values)
-                p.assign(value)
+                p.assign(value)   # (a QuantizedArray: host packed it)
                 _unset.discard(p)
             elif p in _unset:
                 p.backend.write(p.data, value)
