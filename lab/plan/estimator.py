@@ -461,6 +461,8 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     if lora_rank:
         # each adapter keeps its down projection (N, r) and its sum with the frozen output (N, out) for backward
         parts["LoRA adapters"] = tokens_per_step * sum((lora_rank + o) * n for (i, o), n in adapted)
+    if prof.host_temporaries and lora_base_dtype != "float32":
+        parts["op temporaries (numpy)"] += _base_copy_floats(c, lora_base_dtype)
     acts = sum(parts.values())
     saved = _linear_weight_bytes(c, "float32") - _linear_weight_bytes(c, lora_base_dtype)
     memory = {"weights": params * F32 - saved, "gradients": trainable * F32,
@@ -490,6 +492,19 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
         return share.memory["total"] + share.memory["gradients"]
     _check_fit(plan, c, prof, share_bytes if _devices else None)
     return plan
+
+
+def _base_copy_floats(c, base_dtype):
+    """The float32 copy numpy's products make of a frozen linear weight stored as base_dtype, at most: a float16
+    weight whole, a packed one a chunk of rows at a time (quant.chunk_rows, rows of whole 32-blocks for q4)."""
+    kind, most = BASE_DTYPES[base_dtype], 0
+    for i, o in llama_linears(c).values():
+        if kind is None:
+            most = max(most, i * o)
+        else:
+            rows = min(o, quant.chunk_rows(quant.QuantizedArray(kind, (o, i))))
+            most = max(most, rows * (i if kind == "int8" else quant.BLOCK * -(-i // quant.BLOCK)))
+    return most
 
 
 def _check_base_dtype(base_dtype, lora_rank):
