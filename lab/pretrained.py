@@ -139,7 +139,10 @@ def _packed_base(model, base_dtype, gguf_path=None):
         elif isinstance(m.weight, QuantizedWeight):
             continue
         else:
-            qa = quant.quantize(m.weight.numpy().T, PACKED[base_dtype])
+            try:
+                qa = quant.quantize(m.weight.numpy().T, PACKED[base_dtype])
+            except InputError as e:
+                raise InputError(f"from_pretrained(..., base_dtype={base_dtype!r}): {name}.weight: {e}") from None
         if isinstance(m.weight, QuantizedWeight):
             m.weight.assign(qa)
         else:

@@ -271,6 +271,8 @@ def test_an_unknown_base_dtype_is_refused_naming_the_allowed_ones(tmp_path):
         lab.from_pretrained(tmp_path / "nothing-here", base_dtype="nf4")
     with pytest.raises(InputError, match="quantize: kind must be one of"):
         quant.quantize(np.ones((2, 2)), "q4")
+    with pytest.raises(InputError, match="quantize: the weight must hold real numbers, got dtype complex128"):
+        quant.quantize(np.ones((2, 2)) * 1j, "int8")
 
 
 class _TwoLayers(nn.Module):
@@ -507,3 +509,16 @@ def test_a_packed_model_refuses_a_state_it_cannot_pack_naming_the_tensor_and_cha
     with pytest.raises(ValueError, match=r"model\.safetensors.*tensor 'model\.layers\.1\.mlp\.down_proj\.weight': "
                                          r"quantize: q4_1 keeps"):
         lab.from_pretrained(tmp_path / "tiny", base_dtype="q4")
+
+
+def test_from_pretrained_names_the_weight_it_cannot_pack(tmp_path):
+    lab.manual_seed(0)
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=32))
+    state = m.state_dict()
+    state["h.0.mlp.c_fc.weight"] = state["h.0.mlp.c_fc.weight"] * 1e-33
+    m.load_state_dict(state)
+    m.save_pretrained(tmp_path / "gpt2", format="hf")
+    with pytest.raises(InputError, match=r"from_pretrained\(\.\.\., base_dtype='q4'\): h\.0\.mlp\.c_fc\.weight: "
+                                         r"quantize: q4_1 keeps .* too small"):
+        lab.from_pretrained(tmp_path / "gpt2", base_dtype="q4")
+    assert lab.from_pretrained(tmp_path / "gpt2", base_dtype="int8")   # a float32 scale per row holds them

@@ -55,7 +55,10 @@ def quantize(w, kind):
     """w (out, in) float32 packed as `kind`, with ggml's rounding for q4_0 / q4_1 (quantize_row_q4_*_ref) and
     per-output-channel absmax for int8."""
     _check_kind(kind, "quantize")
-    w = np.asarray(w, dtype=np.float32)
+    w = np.asarray(w)
+    if w.dtype.kind not in "biuf":   # a complex weight's imaginary part was dropped with a warning
+        raise InputError(f"quantize: the weight must hold real numbers, got dtype {w.dtype}")
+    w = w.astype(np.float32, copy=False)
     if w.ndim != 2 or w.shape[1] == 0:
         raise InputError(f"quantize: the weight must be 2-D (out, in) with in >= 1, got shape {w.shape}")
     if not np.isfinite(w).all():
