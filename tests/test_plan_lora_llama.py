@@ -2,6 +2,7 @@
 base's bytes as lora.apply stores it (float16, int8 and q4 packed as lab.engine.quant packs them), the training
 memory against the measured peak on both backends, the same targets' forms as lora.apply, the command line and
 the trainer's fit check."""
+import json
 import tracemalloc
 from dataclasses import replace
 
@@ -163,6 +164,10 @@ def test_smollm2_q4_plan_counts_its_linear_weights_at_a_sixth_point_four_of_floa
                           lora_base_dtype="q4", device="h200")
     assert "LoRA r=8 on q_proj, v_proj, q4 base" in out
     assert f"{named.trainable_params:,} trainable" in out and f"{named.params:,} total" in out
+    # a set of targets is recorded as lora.apply records it, and the plan stays JSON (to_dict: the widget's)
+    as_set = plan.estimate("smollm2-135m", batch=1, seq=512, lora_rank=8, lora_targets={"v_proj", "k_proj"},
+                           device="h200")
+    assert json.loads(json.dumps(as_set.to_dict()))["lora_targets"] == ["k_proj", "v_proj"]
 
 
 def test_a_llama_lora_plan_that_does_not_fit_suggests_smaller_bases():

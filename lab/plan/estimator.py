@@ -389,7 +389,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
                 trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
                 flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
                 total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype,
-                lora_targets=lora_targets if lora_rank else None)
+                lora_targets=_targets_shown(lora_targets) if lora_rank else None)
     def share_bytes(b):  # one device's memory (with DDP's gradient buckets) for a share of b sequences
         share = estimate(c, b, seq, None, 1, precision, optimizer, lora_rank, lora_targets, prof,
                          lora_base_dtype=lora_base_dtype, _devices=False)
@@ -484,7 +484,7 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
                 trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
                 flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
                 total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype,
-                lora_targets=lora_targets if lora_rank else None)
+                lora_targets=_targets_shown(lora_targets) if lora_rank else None)
 
     def share_bytes(b):
         share = _estimate_llama(c, b, seq, None, 1, precision, optimizer, lora_rank, prof, None, False, lora_targets,
@@ -505,6 +505,12 @@ def _base_copy_floats(c, base_dtype):
             rows = min(o, quant.chunk_rows(quant.QuantizedArray(kind, (o, i))))
             most = max(most, rows * (i if kind == "int8" else quant.BLOCK * -(-i // quant.BLOCK)))
     return most
+
+
+def _targets_shown(targets):
+    """Targets as a plan records them (JSON's types; a set in the order lora.apply records it)."""
+    return targets if isinstance(targets, str) else sorted(targets, key=str) if isinstance(
+        targets, (set, frozenset)) else list(targets)
 
 
 def _check_base_dtype(base_dtype, lora_rank):
