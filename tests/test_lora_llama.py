@@ -365,3 +365,27 @@ def test_lora_dropout_training_repeats_and_resumes_with_the_same_losses(use_back
     resumed = Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
     assert resumed.model.lora_config["lora_dropout"] == 0.3
     assert first + [resumed.train_step()[0].item()] == losses[0]
+
+
+def test_training_with_the_adapters_off_or_merged_says_so_and_steps_nothing(use_backend):
+    """Adapters switched off (or merged) leave nothing trainable in the loss: the step said only "backward() on a
+    tensor that does not require grad"; now it names the adapters' mode, and a step after switching them on trains."""
+    from lab.train import Trainer
+    from test_llama import _llama_trainer
+
+    def trainer(**kwargs):
+        _, t = _llama_trainer(lab.load_corpus("kjv")[:2000], grad_accum_steps=2)
+        lora.apply(t.model, r=2, alpha=4, **kwargs)
+        return Trainer(t.model, t.train_ids, t.val_ids, t.cfg)
+    q4, floats = trainer(targets="all-linear", base_dtype="q4"), trainer(targets=["q_proj"])   # merge: float only
+    for t, off, on in ((q4, lora.use_adapter, lora.use_adapter), (floats, lora.merge, lora.unmerge)):
+        off(t.model, False) if off is lora.use_adapter else off(t.model)
+        before = _state(t.model)
+        with pytest.raises(InputError, match=r"Trainer: no trainable parameter takes part in the loss: the model's "
+                                             r"LoRA adapters are switched off or merged.*use_adapter\(model, True\)"):
+            t.train_step()
+        _assert_same_state(t.model, before)
+        on(t.model)
+        assert np.isfinite(t.train_step()[0].item())
+        assert any(not np.array_equal(p.numpy(), before[0][n][0]) for n, p in t.model.named_parameters()
+                   if p.requires_grad)

@@ -135,6 +135,15 @@ def _interrupt_stops(trainer):
 HISTORY_LIMIT = 20_000   # logged records kept in full; beyond, older ones are thinned (memory stays flat)
 
 
+def _frozen_reason(model):
+    from ..lora import adapters   # (lora imports the models, which import this module)
+    found = [m for _, m in adapters(model)]
+    if found and not any(m.enabled and not m.merged for m in found):
+        return ("the model's LoRA adapters are switched off or merged, and they are all it trains: "
+                "lab.lora.use_adapter(model, True) or unmerge_adapter() first")
+    return "every parameter the model uses is frozen (requires_grad False)"
+
+
 def cosine_lr(step, cfg):
     """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
     if step < cfg.warmup_steps:
@@ -383,6 +392,8 @@ class Trainer:
             _, loss = self.model(x, y)
             if cfg.grad_accum_steps > 1:
                 loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
+            if not loss.requires_grad:   # backward() said only "no input had requires_grad=True"
+                raise InputError(f"Trainer: no trainable parameter takes part in the loss: {_frozen_reason(self.model)}")
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         norm = grad_norm(self.optimizer.params)
