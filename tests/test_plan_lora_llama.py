@@ -53,11 +53,13 @@ def test_llama_lora_plan_counts_the_trainable_parameters_peft_counts(cfg, target
 
 
 @pytest.mark.parametrize("base_dtype", ["float32", "float16", "int8", "q4"])
-@pytest.mark.parametrize("cfg", [GQA_TIED, ODD_UNTIED, ODD_WIDTHS], ids=["gqa-tied", "odd-untied", "odd-widths"])
+@pytest.mark.parametrize("cfg", [GQA_TIED, ODD_UNTIED, ODD_WIDTHS, replace(GQA_TIED, architecture="Qwen2ForCausalLM"),
+                                 replace(ODD_UNTIED, attention_bias=True, mlp_bias=True)],
+                         ids=["gqa-tied", "odd-untied", "odd-widths", "qwen2-qkv-bias", "all-biases"])
 def test_llama_lora_plan_weights_are_the_bytes_lora_apply_stores(cfg, base_dtype, numpy_backend):
     """Every target form lora.apply takes adapts the layers the plan counts, and the plan's weight bytes are the
     model's own after apply: packed (padded blocks of 32, int8's per-row scales) or float16 linear weights, the
-    rest float32."""
+    rest (biases too) float32."""
     from lab.engine.backend import using_backend
     for targets in TARGETS:
         with using_backend(numpy_backend):
