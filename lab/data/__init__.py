@@ -201,6 +201,31 @@ def load_tokenizer_file(path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def load_conversations(name):
+    """The conversations of a bundled chat set (corpora/NAME.jsonl) or of a JSONL file: one {"messages": [{"role":
+    ..., "content": ...}, ...]} a line, the chat format transformers' and TRL's datasets use."""
+    path = Path(name)
+    path = path if path.is_file() else CORPUS_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no conversations {name!r}: not a file, and not one of the bundled sets "
+                                f"{sorted(p.stem for p in CORPUS_DIR.glob('*.jsonl'))}")
+    convs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{path}: line {n} is no {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}} "
+                             f"object: {line[:80]!r}") from None
+        convs.append(messages)
+    return convs
+
+
 def train_val_split(ids, val_fraction=0.1):
     n = int(len(ids) * (1 - val_fraction))
     return ids[:n], ids[n:]
