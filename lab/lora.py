@@ -223,7 +223,8 @@ def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype
                                           "target_modules": targets, "base_dtype": base_dtype}))
 
 
-def _apply(model, cfg):
+def _apply(model, cfg, q4_0=()):
+    """apply() of checked settings; the layers `q4_0` names are packed as q4_0 where base_dtype 'q4' packs q4_1."""
     if adapters(model):
         raise InputError("the model already has LoRA adapters (load_adapter replaces their values)")
     sites = _sites(model, cfg["r"], cfg["target_modules"])
@@ -245,7 +246,7 @@ def _apply(model, cfg):
     try:   # every upload before the model changes: a device error half way leaves it as it was
         wrapped = [LoRALinear(child, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) for *_, child in sites]
         halves = [w.backend.from_numpy(w.numpy().astype(np.float16)) for w in half]
-        packed = [(m, _packed(path, m, PACKED[cfg["base_dtype"]])) for path, m in floats
+        packed = [(m, _packed(path, m, "q4_0" if path in q4_0 else PACKED[cfg["base_dtype"]])) for path, m in floats
                   if cfg["base_dtype"] in PACKED]
     except BaseException:
         for p, flag in trainable:   # (LoRALinear froze its base)
@@ -303,7 +304,9 @@ def checkpoint_config(model):
         raise InputError("LoRA adapters are merged or switched off in some layers only: lab.lora.merge / unmerge / "
                          "use_adapter set them all alike; do that before saving")
     (merged, enabled), = modes
-    return {**model.lora_config, "merged": merged, "enabled": enabled}
+    # a GGUF's Q4_0 layers: their saved values pack back to the same blocks as q4_0 only (as q4_1 they round again)
+    q4_0 = [path for path, m in _linears(model) if getattr(m.weight, "dtype", None) == "q4_0"]
+    return {**model.lora_config, "merged": merged, "enabled": enabled, **({"q4_0": q4_0} if q4_0 else {})}
 
 
 def apply_config(model, cfg, path):
@@ -325,8 +328,11 @@ def apply_config(model, cfg, path):
                               f"a quantized base)")
     if held:   # loaded with from_pretrained(..., base_dtype=): the adapters, trained on any base, go on that one
         settings["base_dtype"] = held
+    q4_0 = cfg.get("q4_0", [])
+    if not (isinstance(q4_0, list) and all(isinstance(p, str) for p in q4_0)):
+        raise CheckpointError(f"{path}: field 'lora.q4_0' must be a list of layer paths, got {show(q4_0)}")
     try:
-        _apply(model, settings)
+        _apply(model, settings, set(q4_0) if settings["base_dtype"] == "q4" else ())
     except ValueError as e:  # settings that do not fit this model
         raise CheckpointError(f"{path}: {e}") from None
     for _, m in adapters(model):

@@ -522,3 +522,20 @@ def test_from_pretrained_names_the_weight_it_cannot_pack(tmp_path):
                                          r"quantize: q4_1 keeps .* too small"):
         lab.from_pretrained(tmp_path / "gpt2", base_dtype="q4")
     assert lab.from_pretrained(tmp_path / "gpt2", base_dtype="int8")   # a float32 scale per row holds them
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_a_checkpoint_of_a_lora_run_on_a_gguf_q4_base_reloads_the_same_blocks(use_backend, qtype, tmp_path):
+    """A checkpoint holds the base's dequantized values; a Q4_0 file's were packed again as q4_1 on reload (0.2
+    off), so a resumed run trained on another base."""
+    from lab.checkpoint import load_checkpoint, save_checkpoint
+    m = lora.apply(lab.from_pretrained(_tiny_gguf(tmp_path, qtype), base_dtype="q4"), r=2, alpha=4,
+                   targets="all-linear")
+    save_checkpoint(tmp_path / "ck", m, lab.load_tokenizer(_tiny_gguf(tmp_path, qtype)))
+    again, _, _ = load_checkpoint(tmp_path / "ck")
+    packed = {n: p for n, p in m.named_parameters() if isinstance(p, QuantizedWeight)}
+    reloaded = {n: p for n, p in again.named_parameters() if isinstance(p, QuantizedWeight)}
+    assert packed.keys() == reloaded.keys() and {p.dtype for p in packed.values()} == {qtype.lower()}
+    for name, p in packed.items():
+        assert reloaded[name].dtype == p.dtype and all(np.array_equal(a, b) for a, b in
+                                                       zip(p.packed.arrays, reloaded[name].packed.arrays)), name

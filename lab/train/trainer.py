@@ -217,10 +217,10 @@ class Trainer:
         if cfg.block_size > limit:
             raise InputError(f"block_size {cfg.block_size} is longer than the model's block_size {limit}: a "
                              f"training sequence takes 1..{limit} tokens (0: the model's)")
+        for name, ids in (("train_ids", self.train_ids), ("val_ids", self.val_ids)):
+            if isinstance(ids, Examples) and ids.width > limit:
+                raise InputError(f"{name}: Examples of {ids.width} tokens are longer than the model's block_size {limit}")
         if isinstance(self.train_ids, Examples):
-            if self.train_ids.width > limit:
-                raise InputError(f"train_ids: Examples of {self.train_ids.width} tokens are longer than the model's "
-                                 f"block_size {limit}")
             if cfg.block_size not in (0, self.train_ids.width):
                 raise InputError(f"block_size {cfg.block_size} does not apply to Examples: a batch is whole "
                                  f"examples of {self.train_ids.width} tokens (leave block_size 0)")
@@ -258,7 +258,7 @@ class Trainer:
         self._check_block_size(new)
         if (new.batch_size, new.block_size) != (self.cfg.batch_size, self.cfg.block_size):
             self._check_fits(new)
-            self._check_splits(new.block_size or self.model.config.block_size)
+            self._check_splits(self._seq(new))
         # between two steps (the step lock): a step reads cfg's fields as it goes (grad_accum_steps per micro-batch)
         with self.step_lock:
             for name in values:  # the same object: a running loop reads self.cfg's fields each step
@@ -393,7 +393,8 @@ class Trainer:
             if cfg.grad_accum_steps > 1:
                 loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
             if not loss.requires_grad:   # backward() said only "no input had requires_grad=True"
-                raise InputError(f"Trainer: no trainable parameter takes part in the loss: {_frozen_reason(self.model)}")
+                raise InputError("Trainer: no trainable parameter takes part in the loss: " +
+                                 _frozen_reason(self.model))
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         norm = grad_norm(self.optimizer.params)
