@@ -1,5 +1,6 @@
 """A quantized frozen base (issue #21 item 3): lab.engine.quant's packed layouts, F.quantized_linear and the
 backends' quantized_matmul, LoRA on an int8 / q4 base, from_pretrained(..., base_dtype=)."""
+import string
 import tracemalloc
 from dataclasses import replace
 
@@ -539,3 +540,28 @@ def test_a_checkpoint_of_a_lora_run_on_a_gguf_q4_base_reloads_the_same_blocks(us
     for name, p in packed.items():
         assert reloaded[name].dtype == p.dtype and all(np.array_equal(a, b) for a, b in
                                                        zip(p.packed.arrays, reloaded[name].packed.arrays)), name
+
+
+def test_a_q4_lora_run_with_accumulation_resumes_with_the_losses_of_an_uninterrupted_one(use_backend, tmp_path):
+    """Replayed steps (wgpu) of two micro-batches each; the checkpoint holds the base once (its
+    dequantized values, no packed copy beside them) and the resumed base is the same blocks."""
+    from lab.checkpoint import save_checkpoint
+    from lab.io import read_safetensors
+    from lab.train import TrainConfig, Trainer
+    ids = np.random.default_rng(0).integers(0, 50, 400)
+    cfg = TrainConfig(steps=5, batch_size=2, block_size=8, grad_accum_steps=2, eval_every=100, log_every=100)
+
+    def trainer():
+        return Trainer(_lora_llama("q4"), ids[:300], ids[300:], cfg)
+    t = trainer()
+    whole = [t.train_step()[0].item() for _ in range(4)]
+    t = trainer()
+    first = [t.train_step()[0].item() for _ in range(2)]
+    save_checkpoint(tmp_path / "ck", t.model, lab.CharTokenizer.from_text(string.ascii_letters[:50]), t)
+    names = list(read_safetensors(tmp_path / "ck" / "model.safetensors"))
+    assert sorted(names) == sorted(n for n, _ in t.model.named_parameters())
+    resumed = Trainer.resume(tmp_path / "ck", ids[:300], ids[300:])
+    assert first + [resumed.train_step()[0].item() for _ in range(2)] == whole
+    for (name, p), (_, o) in zip(t.model.named_parameters(), resumed.model.named_parameters()):
+        if isinstance(p, QuantizedWeight):
+            assert o.dtype == "q4_1" and all(np.array_equal(a, b) for a, b in zip(p.packed.arrays, o.packed.arrays))
