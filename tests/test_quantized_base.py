@@ -382,6 +382,7 @@ def test_q4_of_values_too_small_for_float16_scales_is_refused_and_small_blocks_i
     back = quant.dequantize(quant.quantize(w, kind))
     assert np.abs(back - w).max() < 0.02 * 2 ** -10 + np.abs(w).max() / 15
     assert np.abs(back[2] - w[2]).max() <= np.abs(w[2]).max() / 8   # 2e-6 values: subnormal float16 scales, kept
+    assert quant.dequantize(quant.quantize(np.zeros((0, 40), np.float32), kind)).shape == (0, 40)   # no rows
 
 
 def test_int8_of_subnormal_values_keeps_each_within_half_a_step():

@@ -88,7 +88,7 @@ def quantize(w, kind):
     off = (np.float32(15 if kind == "q4_1" else 8) * np.abs(d16.astype(np.float32) - d) +
            np.abs(m16.astype(np.float32) - m))
     size = np.where(real, np.abs(blocks), 0).max(axis=2)
-    lost = off > np.maximum(size / 2, size.max() * np.float32(2 ** -10))
+    lost = off > np.maximum(size / 2, size.max(initial=0) * np.float32(2 ** -10))
     if lost.any():
         raise InputError(f"quantize: {kind} keeps each block's scale{' and minimum' if kind == 'q4_1' else ''} as "
                          f"float16, whose smallest step is 6e-08, and this weight's values ({w.min():.6g} .. "
