@@ -386,6 +386,9 @@ def test_training_with_the_adapters_off_or_merged_says_so_and_steps_nothing(use_
             t.train_step()
         _assert_same_state(t.model, before)
         on(t.model)
+        with lab.no_grad(), pytest.raises(InputError, match=r"loss: gradients are off in this thread \(the step "
+                                                            r"runs inside lab.no_grad\(\)\)"):
+            t.train_step()
         assert np.isfinite(t.train_step()[0].item())
         assert any(not np.array_equal(p.numpy(), before[0][n][0]) for n, p in t.model.named_parameters()
                    if p.requires_grad)

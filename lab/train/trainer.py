@@ -16,7 +16,7 @@ import numpy as np
 from ..checks import InputError, choice, integer, real, show
 from ..data import IGNORE_INDEX, Examples, get_batch, min_tokens
 from ..engine.random import draw_from, generator, own_stream
-from ..engine.tensor import no_grad
+from ..engine.tensor import is_grad_enabled, no_grad
 from ..nn import evaluating, in_use, step_lock
 from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, grad_norm
@@ -137,6 +137,8 @@ HISTORY_LIMIT = 20_000   # logged records kept in full; beyond, older ones are t
 
 def _frozen_reason(model):
     from ..lora import adapters   # (lora imports the models, which import this module)
+    if not is_grad_enabled():
+        return "gradients are off in this thread (the step runs inside lab.no_grad())"
     found = [m for _, m in adapters(model)]
     if found and not any(m.enabled and not m.merged for m in found):
         return ("the model's LoRA adapters are switched off or merged, and they are all it trains: "
@@ -272,12 +274,15 @@ class Trainer:
         block = block or self.block_size
         need = min_tokens(block)
         # Examples hold whole rows (never fewer than one): only a token stream is too short for a block
-        n_train, n_val = (need if isinstance(ids, Examples) else len(ids) for ids in (self.train_ids, self.val_ids))
-        if min(n_train, n_val) < need:
-            short = [k for k, n in (("train", n_train), ("validation", n_val)) if n < need]
-            raise InputError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for block_size {block}: train has {n_train} tokens, "
-                             f"validation {n_val}, each needs at least {need}; use a longer text, a larger "
-                             f"validation fraction, or a smaller block_size")
+        sizes = {k: f"{len(ids)} examples" if isinstance(ids, Examples) else f"{len(ids)} tokens"
+                 for k, ids in (("train", self.train_ids), ("validation", self.val_ids))}
+        short = [k for k, ids in (("train", self.train_ids), ("validation", self.val_ids))
+                 if not isinstance(ids, Examples) and len(ids) < need]
+        if short:
+            raise InputError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for "
+                             f"block_size {block}: train has {sizes['train']}, validation {sizes['validation']}, "
+                             f"each needs at least {need} tokens; use a longer text, a larger validation fraction, "
+                             f"or a smaller block_size")
 
     @classmethod
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
