@@ -8,7 +8,7 @@ import pytest
 import lab
 from lab import lora
 from lab.checks import InputError
-from lab.data import IGNORE_INDEX, Examples
+from lab.data import IGNORE_INDEX, Examples, load_conversations
 from lab.engine.random import manual_seed
 from lab.models.llama import PRESETS
 from lab.train import TrainConfig, Trainer
@@ -89,3 +89,57 @@ def test_bad_examples_are_one_error_naming_what_is_wrong():
         Trainer(model, ok, ok, TrainConfig(steps=1, batch_size=2, block_size=3))
     with pytest.raises(InputError, match="Examples of 65 tokens are longer than the model's block_size 64"):
         Trainer(model, Examples(np.zeros((1, 65), np.int64), np.zeros((1, 65), np.int64)), ok, TrainConfig(steps=1))
+
+
+def test_a_run_on_examples_resumed_from_a_checkpoint_has_the_losses_of_an_uninterrupted_one(tmp_path):
+    from lab.checkpoint import save_checkpoint
+    rng = np.random.default_rng(0)
+    ex = _examples(rng, width=10)
+    tok = lab.CharTokenizer.from_text("".join(map(chr, range(256))))
+    cfg = dict(batch_size=2, eval_every=10**6, log_every=1)
+
+    def fresh(steps):
+        manual_seed(0)
+        return Trainer(lora.apply(lab.LlamaLM(PRESETS["llama-tiny"]), r=2, targets="all-linear"), ex, ex,
+                       TrainConfig(steps=steps, **cfg))
+    whole = fresh(4)
+    whole.run(progress=False, log_evals=False)
+    first = fresh(2)
+    first.run(progress=False, log_evals=False)
+    save_checkpoint(tmp_path / "ck", first.model, tok, first)
+    rest = Trainer.resume(tmp_path / "ck", ex, ex)
+    rest.reconfigure(steps=4)
+    rest.run(progress=False, log_evals=False)
+    assert [h["loss"] for h in rest.history] == [h["loss"] for h in whole.history]   # history resumed too
+
+
+def test_the_shipped_chat_set_answers_in_its_format_and_bad_files_are_named(tmp_path):
+    convs = load_conversations("answer-format")
+    assert len(convs) == 40
+    for conv in convs:   # "Answer: <answer> (<n> word[s])", n the answer's word count
+        answer, count = conv[-1]["content"][len("Answer: "):].rsplit(" (", 1)
+        n = len(answer.split())
+        assert conv[-1]["content"].startswith("Answer: ") and count == f"{n} word{'s' if n > 1 else ''})"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "a"}]}\n\n{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: line 3 is no \{\"messages\""):
+        load_conversations(bad)
+    bad.write_bytes(b'{"messages": [{"role": "user", "content": "\xe9"}]}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: not UTF-8 text: byte 0xe9 at offset 43"):
+        load_conversations(bad)
+    with pytest.raises(FileNotFoundError, match=r"no conversations 'nope': .* bundled sets \['answer-format'\]"):
+        load_conversations("nope")
+
+
+def test_examples_beside_a_token_stream_are_checked_at_their_own_length():
+    model = lab.LlamaLM(PRESETS["llama-tiny"])
+    ok = Examples(np.zeros((2, 4), np.int64), np.zeros((2, 4), np.int64))
+    with pytest.raises(InputError, match="val_ids: Examples of 65 tokens are longer than the model's block_size 64"):
+        Trainer(model, ok, Examples(np.zeros((1, 65), np.int64), np.zeros((1, 65), np.int64)), TrainConfig(steps=1))
+    with pytest.raises(InputError, match="validation split is too short for block_size 4: train has 2 examples, "
+                                         "validation 4 tokens, each needs at least 6"):
+        Trainer(model, ok, np.arange(4), TrainConfig(steps=1, batch_size=2))
+    trainer = Trainer(model, ok, np.arange(100), TrainConfig(steps=1, batch_size=2))
+    assert trainer.reconfigure(batch_size=3).batch_size == 3   # the stream checked at the examples' 4 tokens
+    with pytest.raises(InputError, match="the tokenizer must have a chat template"):
+        Examples.from_chat(lab.CharTokenizer.from_text("ab"), [[{"role": "assistant", "content": "a"}]])

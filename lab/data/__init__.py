@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checks import InputError, show
+from ..checks import InputError, integer, show
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpora"
 
@@ -209,8 +209,13 @@ def load_conversations(name):
     if not path.is_file():
         raise FileNotFoundError(f"no conversations {name!r}: not a file, and not one of the bundled sets "
                                 f"{sorted(p.stem for p in CORPUS_DIR.glob('*.jsonl'))}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}; convert the "
+                         f"file to UTF-8") from None
     convs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -304,6 +309,11 @@ class Examples:
         rendered with the tokenizer's chat template; the loss is on the last answer only (its tokens and the
         template's end-of-turn after it). Rows are padded to `length` (default: the longest) with `pad_id` (default
         the tokenizer's eos); a longer conversation is an error naming it."""
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise InputError(f"Examples.from_chat: the tokenizer must have a chat template (lab.load_tokenizer of a "
+                             f"chat model), got {show(tokenizer)}")
+        if length is not None:
+            length = integer("Examples.from_chat: length", length, low=1)
         convs = list(conversations)
         if not convs:
             raise InputError("Examples.from_chat: no conversations given")

@@ -274,15 +274,16 @@ class Trainer:
         block = block or self.block_size
         need = min_tokens(block)
         # Examples hold whole rows (never fewer than one): only a token stream is too short for a block
-        sizes = {k: f"{len(ids)} examples" if isinstance(ids, Examples) else f"{len(ids)} tokens"
-                 for k, ids in (("train", self.train_ids), ("validation", self.val_ids))}
+        examples = isinstance(self.train_ids, Examples)
+        sizes = {"train": f"{len(self.train_ids)} {'examples' if examples else 'tokens'}",
+                 "validation": f"{len(self.val_ids)}{' tokens' if examples else ''}"}
         short = [k for k, ids in (("train", self.train_ids), ("validation", self.val_ids))
                  if not isinstance(ids, Examples) and len(ids) < need]
         if short:
             raise InputError(f"the {' and '.join(short)} split{'s are' if len(short) > 1 else ' is'} too short for "
                              f"block_size {block}: train has {sizes['train']}, validation {sizes['validation']}, "
-                             f"each needs at least {need} tokens; use a longer text, a larger validation fraction, "
-                             f"or a smaller block_size")
+                             f"each needs at least {need}; use a longer text, a larger validation fraction, or a "
+                             f"smaller block_size")
 
     @classmethod
     def resume(cls, directory, train_ids, val_ids, callbacks=()):
