@@ -65,7 +65,7 @@ def run_lora_bench(preset, backend_name, r=8, batch_size=None, steps=20, out_pat
               "trainable_parameters": model.num_parameters(trainable_only=True),
               "lora_tokens_per_s": tps, "full_tokens_per_s": tokens / full_s,
               "minutes_per_million_tokens": 1e6 / tps / 60, "base_dtype": base_dtype,
-              "base_linear_bytes": sum(m.weight.numpy().nbytes for m in model.modules() if isinstance(m, nn.Linear)),
+              "base_linear_bytes": sum(_weight_bytes(m.weight) for m in model.modules() if isinstance(m, nn.Linear)),
               "peak_bytes_in_use": peak}
     if base_dtype != "float32":
         result.update(float32_base_tokens_per_s=tokens / f32_s, float32_base_peak_bytes_in_use=f32_peak)
