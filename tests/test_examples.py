@@ -45,6 +45,7 @@ def test_examples_train_with_the_loss_on_unmasked_targets_only(use_backend):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     for _ in range(7):  # on wgpu the later steps are replays: the masked targets go to the device too
         trainer.train_step()
+    assert trainer.replay is None or trainer.replay.replayed > 0
     assert trainer.evaluate() < before
 
 
