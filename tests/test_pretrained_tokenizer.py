@@ -405,3 +405,12 @@ def test_model_save_with_a_tokenizer_removes_an_earlier_tokenizers_template(tmp_
             assert not (out / "chat_template.jinja").exists() and (out / "notes.txt").exists()
             back = lab.load_tokenizer(out)
             assert getattr(back, "chat_template", None) is None and back.encode("hi").tolist() == new.encode("hi").tolist()
+
+
+def test_a_transformers_without_the_gguf_converter_is_one_error_naming_the_version_needed(tmp_path, monkeypatch):
+    # (found on the H200 machine, whose transformers 5.17 lacks the converter's module: a bare ImportError)
+    import sys
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors())
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf.gguf_tokenizer_mapping", None)
+    with pytest.raises(CheckpointError, match=r"m\.gguf: reading a GGUF file's tokenizer needs transformers >= 5\.24"):
+        lab.load_tokenizer(path)

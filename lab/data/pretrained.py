@@ -242,13 +242,23 @@ class PretrainedTokenizer:
                     files.write_text(name, (Path(scratch) / name).read_text(encoding="utf-8"))
 
 
+GGUF_TRANSFORMERS = "5.24"   # the first release whose GGUF tokenizer converter lab is tested with
+
+
 def _gguf_tokenizer(reader, path):
     """transformers' tokenizer of a GGUF vocabulary, as AutoTokenizer.from_pretrained(..., gguf_file=) builds it
     (get_gguf_tokenizer, convert_gguf_tokenizer) but from lab's checked reader: transformers' own GGUF reader
     needs torch, and would read the file a second time."""
     with _quiet_transformers():
-        from transformers import TokenizersBackend
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+        import transformers
+        try:   # (transformers' GGUF converter moves between releases: name the one this was written against)
+            from transformers import TokenizersBackend
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                               convert_gguf_tokenizer)
+        except ImportError:
+            raise CheckpointError(f"{path}: reading a GGUF file's tokenizer needs transformers >= {GGUF_TRANSFORMERS} "
+                                  f"(installed: {transformers.__version__}); pip install -U "
+                                  f"'transformers>={GGUF_TRANSFORMERS}'") from None
     try:
         meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
         arch = reader.fields["general.architecture"].contents()
