@@ -10,6 +10,7 @@ from .data import CharTokenizer, load_corpus
 from .data.bpe import BPETokenizer
 from .data.pretrained import PretrainedTokenizer, load_tokenizer
 from .generate import beam_search, generate
+from .chat import chat
 from .pretrained import from_pretrained
 
 __version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""One assistant turn of a chat model: the messages in the tokenizer's chat template, generation until the turn's
+end token (e.g. SmolLM2's <|im_end|>) or the end of sequence, and the reply's text, streamed as it is made."""
+
+from .checks import InputError, show
+from .generate import generate
+
+
+def turn_end(tokenizer):
+    """(ids, stop string): what ends an assistant's turn in this tokenizer's template. Found by rendering a turn
+    with a marker as its content and reading what the template writes after it, so any template is covered, not
+    only the ones known here: one token there (<|im_end|>, <|eot_id|>) is an end id; several, a stop string."""
+    mark = "\x00lab-reply\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                         tokenize=False)
+    after = text[text.find(mark) + len(mark):].rstrip() if mark in text else ""   # the next turn's newline
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = [] if eos is None else [int(eos)]
+    if not after:
+        return ids, None
+    end = tokenizer.encode(after.lstrip(), add_special_tokens=False)
+    return (ids + [int(end[0])], None) if len(end) == 1 else (ids, after)
+
+
+def chat(model, tokenizer, messages, max_new_tokens=256, *, greedy=False, temperature=1.0, top_k=None, top_p=None,
+         repetition_penalty=1.0, seed=None, on_token=None, adapter=None, should_stop=None):
+    """The assistant's reply to `messages` ([{"role": "user", "content": ...}, ...], as transformers' chats) from a
+    model whose tokenizer has a chat template. Generation stops at the turn's end token, at EOS, or after
+    max_new_tokens; neither end token is in the reply. on_token(text) gets each new piece of text as it is made;
+    a character split across tokens is sent whole once its last token arrives, never half. Sampling arguments,
+    adapter and should_stop are generate()'s."""
+    if not callable(getattr(tokenizer, "apply_chat_template", None)) or getattr(tokenizer, "chat_template",
+                                                                                 None) is None:
+        raise InputError(f"chat needs a tokenizer with a chat template (a pretrained model's, lab.load_tokenizer), "
+                         f"got {show(tokenizer)}")
+    if on_token is not None and not callable(on_token):
+        raise InputError(f"on_token must be a function on_token(text), got {show(on_token)}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and tokenizer.vocab_size > vocab:   # the ids would index past the model's table
+        raise InputError(f"chat: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{vocab}: give the tokenizer the model was trained with")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    end_ids, stop = turn_end(tokenizer)
+    held = {"text": "", "sent": 0}
+
+    def stream(_, piece):
+        # with a stop string, text that may be its beginning is held until the next pieces show it is not
+        held["text"] += piece
+        text = held["text"]
+        end = text.find(stop) if stop and stop in text else len(text) - (len(stop) - 1 if stop else 0)
+        if end > held["sent"]:
+            on_token(text[held["sent"]:end])
+            held["sent"] = end
+
+    out = generate(model, ids, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, seed=seed, tokenizer=tokenizer, stop=stop,
+                   on_token=None if on_token is None else stream, adapter=adapter, should_stop=should_stop,
+                   eos_token_id=end_ids)
+    reply = tokenizer.decode(out)
+    if stop is not None and stop in reply:
+        reply = reply[:reply.find(stop)]
+    if on_token is not None and len(reply) > held["sent"] and reply.startswith(held["text"][:held["sent"]]):
+        on_token(reply[held["sent"]:])   # what was held back: bytes of a last split character, a stop's prefix
+    return reply
