@@ -96,7 +96,7 @@ class Backend:
     def heads_in_place(self, seq, dim): return False
     # whether attention's products over heads of `dim` and sequences of `seq` take HeadViews without copying them
     # (where not, attention copies each head stack once rather than each product copying its operands)
-    def softmax(self, a, scale=1.0, causal=False, dropout=None): raise NotImplementedError
+    def softmax(self, a, scale=1.0, causal=False, dropout=None, length=None): raise NotImplementedError
     # dropout=(p, seed): -> (y, dropout(y, p, seed)) (attention's weights, and the dropped ones its product uses)
     def softmax_bwd(self, y, g, scale=1.0, dropout=None): raise NotImplementedError
     # dropout=(p, seed): g is the gradient of dropout(y), taken back through the same mask first
@@ -173,6 +173,18 @@ class Backend:
                 part = self.reshape(self.matmul(self.reshape(x, (1, N, n_in)), w, False, True), (N, c))
                 self.write_view(out, o, (n_out, 1), part)
         return out
+
+    device_sampling = False  # sample_tokens runs on the device (a kernel); generation then reads back ids only
+    def sample_tokens(self, logits, seen, temperature, top_k, top_p, penalty, greedy, seed, step):
+        """The next token of each row of logits (rows, n): penalty on the tokens whose bits are set in seen
+        (rows, ceil(n / 32) int32, updated with the chosen ids), greedy's argmax or a draw after temperature,
+        top-k, top-p with the uniform of (seed, step, row). -> (rows, 2) int32 [id, float32 bits of log p], the
+        filtered probabilities (rows, n). This fallback computes it on the host (lab.sampling.sample_rows)."""
+        from ..sampling import sample_rows
+        out, probs, words = sample_rows(self.to_numpy(logits), self.to_numpy(seen), temperature, top_k, top_p,
+                                        penalty, greedy, seed, step)
+        self.write(seen, words)
+        return self.from_numpy(out), self.from_numpy(probs)
 
     supports_capture = False  # capture_begin / capture_end / replay: a training step recorded once, replayed
     # (train/replay.py)

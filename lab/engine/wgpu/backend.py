@@ -31,10 +31,11 @@ from .nn import NNOps
 from .optim import OptimizerOps
 from .quant import QuantOps
 from .recorder import _NO_INDEX_ERROR, ARENA_BYTES, RecorderMixin
+from .sampling import SamplingOps
 
 
 class WgpuBackend(DeviceMixin, MemoryMixin, RecorderMixin, CaptureMixin, ElementwiseOps, MatmulOps, NNOps,
-                  OptimizerOps, QuantOps, Backend):
+                  OptimizerOps, QuantOps, SamplingOps, Backend):
     name = "wgpu"
     fused_matmul_gelu = supports_capture = fused_rms_norm = fused_swiglu = fused_rotary = True
     def __init__(self):

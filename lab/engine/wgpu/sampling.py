@@ -1,0 +1,20 @@
+"""Sampling on the device (kernels/sample.wgsl): a decode step's next tokens drawn from the logits where they
+are, so that only the ids (and their log-probabilities) are read back."""
+from .common import _f32bits, _grid, _row_subs
+
+
+class SamplingOps:
+    """WgpuBackend's sample_tokens (see Backend.sample_tokens)."""
+    device_sampling = True
+
+    def sample_tokens(self, logits, seen, temperature, top_k, top_p, penalty, greedy, seed, step):
+        rows, n = logits.shape
+        out = self._alloc((rows, 2), "int32")
+        probs = self._alloc((rows, n), "float32")
+        # the step enters the params as is: a replayed decode step patches it as linear in the position
+        params = [rows, n, int(greedy), n if top_k is None else min(int(top_k), n),
+                  0 if top_p is None or top_p >= 1.0 else _f32bits(top_p - 1e-9), _f32bits(temperature),
+                  _f32bits(penalty), seed, step]
+        self._dispatch("sample", "sample_main", params, [logits, seen, probs, out], _grid(rows), rows * n,
+                       _row_subs(n))
+        return out, probs
