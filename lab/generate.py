@@ -11,7 +11,9 @@ from .checks import InputError, integer, real, show
 
 from .engine.random import generator
 from .engine.tensor import no_grad
+from .decode import DecodeRunner
 from .nn import evaluating, step_lock
+from .sampling import device_sampler
 
 
 def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy):
@@ -120,7 +122,7 @@ def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
 
 def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, top_p=None,
              repetition_penalty=1.0, greedy=False, tokenizer=None, stop=None, on_token=None, seed=None,
-             use_cache=True, adapter=None, should_stop=None, eos_token_id=None):
+             use_cache=True, adapter=None, should_stop=None, eos_token_id=None, attention_mask=None, lengths=None):
     """Continue `prompt` (token ids, or a string with `tokenizer`). Returns the generated ids (prompt excluded),
     or the generated text when the prompt was a string. Stops after max_new_tokens, or once the text ends with
     `stop` (which is then cut off). on_token(id, text_or_None) is called for every new token as it is made.
@@ -128,7 +130,15 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     adapter=True/False generates with the model's LoRA adapters switched on/off for this call only.
     should_stop() (e.g. an Event's is_set) is asked before each token; once it says True, what was made is
     returned (a panel's Stop button). Generation also ends at an end-of-sequence token, which is not returned:
-    eos_token_id (an id or a list of ids; [] for none), by default the model config's (a pretrained model's)."""
+    eos_token_id (an id or a list of ids; [] for none), by default the model config's (a pretrained model's).
+    A batch: a list of prompts (all text, or all id lists), or a 2-D id array with attention_mask (B, T) (left
+    padding, as transformers pads decoder-only models) or lengths (each row's last lengths[b] ids are its prompt).
+    Its rows are left-padded into one KV cache, each ends at its own EOS / stop / max_new_tokens, and a list comes
+    back, each row as it would be generated alone; on_token(row, id, text_or_None)."""
+    rows = _batch_rows(prompt, tokenizer, model, attention_mask, lengths, use_cache)
+    if rows is not None:
+        return _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy,
+                               tokenizer, stop, on_token, seed, use_cache, adapter, should_stop, eos_token_id)
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
     max_new_tokens = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if on_token is not None and not callable(on_token):  # found before a token is made, not after the first
@@ -154,21 +164,22 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     block = model.config.block_size
     out, text = [], ""
     # evaluating(), not model.eval(): a training thread may be stepping this model (TrainingPanel.start())
-    with no_grad(), evaluating(), _adapter_switch(model, adapter):
-        cache = model.new_cache(1) if use_cache else None
+    # decode steps through a DecodeRunner: replayed on wgpu once captured (lab.decode), eager on numpy
+    with no_grad(), evaluating(), _adapter_switch(model, adapter), (
+            DecodeRunner(model, 1) if use_cache else contextlib.nullcontext()) as runner:
+        cache = runner.cache if use_cache else None
         seq = list(ids)
-        logits = _step_logits(model, seq, cache, 0) if use_cache else _full_logits(model, seq, block)
+        # on a backend that samples on the device the logits stay there, and each step reads back one id
+        sampler = device_sampler(model, [seq], temperature, top_k, top_p, repetition_penalty, greedy, rng)
+        dev = sampler is not None
+        logits = _step_logits(model, seq, cache, 0, dev) if use_cache else _full_logits(model, seq, block, dev)
         pos = len(seq)
         for _ in range(max_new_tokens):
             if should_stop is not None and should_stop():
                 text += decoder.decode(b"", final=True)  # bytes held for a split character: as U+FFFD, not lost
                 break
-            scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
-            if greedy:
-                nxt = int(np.argmax(scores))
-            else:
-                p = sample_distribution(scores, temperature, top_k, top_p)
-                nxt = int(rng.choice(p.size, p=p))
+            nxt = int(sampler(logits.reshape(1, -1))[0]) if dev else _choose(
+                logits, seq, rng, greedy, temperature, top_k, top_p, repetition_penalty)
             if nxt in eos:
                 text += decoder.decode(b"", final=True)
                 break
@@ -186,13 +197,171 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
             if len(out) == max_new_tokens:
                 break
             if use_cache and pos < block:
-                logits = _step_logits(model, [nxt], cache, pos)
+                logits = runner.step([nxt], pos)[0, -1]
+                logits = logits if dev else logits.numpy()
                 pos += 1
             else:  # the window is full: positions shift, so recompute over the last block_size tokens
-                logits = _full_logits(model, seq, block)
+                logits = _full_logits(model, seq, block, dev)
     if as_text:  # what was streamed, cut where the stop string begins (bytes held after it are dropped)
         return text[:text.find(stop)] if stop is not None and stop in text else text
     return np.asarray(out, dtype=np.int64)
+
+
+def _choose(logits, seq, rng, greedy, temperature, top_k, top_p, repetition_penalty):
+    """The next token from one row's logits (host sampling)."""
+    scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
+    if greedy:
+        return int(np.argmax(scores))
+    p = sample_distribution(scores, temperature, top_k, top_p)
+    return int(rng.choice(p.size, p=p))
+
+
+def _is_batch(prompt):
+    return isinstance(prompt, np.ndarray) and prompt.ndim == 2 or isinstance(prompt, (list, tuple)) and bool(
+        prompt) and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+
+
+def _batch_rows(prompts, tokenizer, model, attention_mask, lengths, use_cache):
+    """A batch's prompts as [(ids, as_text)], or None for a single prompt. Each row is checked as a lone prompt
+    would be, its error prefixed with its index."""
+    if attention_mask is not None and lengths is not None:
+        raise InputError("give attention_mask or lengths, not both")
+    if not _is_batch(prompts):
+        if attention_mask is not None or lengths is not None:
+            raise InputError(f"attention_mask / lengths go with a 2-D array of prompts (B, T), got {show(prompts)}")
+        return None
+    if isinstance(prompts, np.ndarray):
+        B, T = prompts.shape
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.shape != (B, T) or not np.isin(mask, (0, 1)).all():
+                raise InputError(f"attention_mask must be 0/1 of the prompts' shape {(B, T)}, got shape {mask.shape}")
+            if (np.diff(mask.astype(np.int8), axis=1) < 0).any():  # a 0 after a 1: not left padding
+                raise InputError("attention_mask must be left padding (each row's zeros before its ones), as "
+                                 "transformers pads decoder-only models")
+            lengths = mask.sum(1)
+        n = np.full(B, T) if lengths is None else np.asarray(lengths)
+        if n.shape != (B,) or n.dtype.kind not in "iu" or n.min() < 0 or n.max() > T:
+            raise InputError(f"lengths must be {B} integers in [0, {T}], got {show(lengths)}")
+        prompts = [prompts[b, T - n[b]:] for b in range(B)]
+    elif attention_mask is not None or lengths is not None:
+        raise InputError("attention_mask / lengths go with a 2-D array of prompts (B, T), not a list")
+    if use_cache is True and hasattr(model, "new_cache"):   # before a million rows are checked one by one
+        check_cache_fits(model, len(prompts))
+    kinds = [isinstance(p, str) for p in prompts]
+    if any(kinds) and not all(kinds):
+        raise InputError(f"prompts mix text (prompts[{kinds.index(True)}]) and token ids "
+                         f"(prompts[{kinds.index(False)}]): give all text with one tokenizer, or all ids")
+    rows = []
+    for b, p in enumerate(prompts):
+        try:
+            ids, as_text = _prompt_ids(p, tokenizer, model)
+            if ids.ndim == 1 and ids.size == 0:
+                raise InputError("prompt is empty: the model needs at least one token to continue from")
+            _check_args(model, ids, 0, 1.0, None, None, 1.0, True)
+        except ValueError as e:
+            raise InputError(f"prompts[{b}]: {e}") from None
+        rows.append((ids.astype(np.int64), as_text))
+    return rows
+
+
+def check_cache_fits(model, batch):
+    """Refuse (DoesNotFitError) a KV cache of `batch` rows that the device cannot hold: one layer's keys above its
+    largest buffer, or all layers' beside the weights above its memory; says the largest batch that fits."""
+    from .plan.estimator import DoesNotFitError
+    from .plan.profiles import limits_profile
+    c, params = model.config, model.parameters()
+    heads, layers = getattr(c, "num_key_value_heads", None) or c.n_head, getattr(c, "num_hidden_layers", None) or c.n_layer
+    row = heads * c.block_size * (getattr(c, "head_dim", None) or c.n_embd // c.n_head) * 4   # bytes, one row
+    prof = limits_profile(params[0].backend)
+    weights = sum(p.size for p in params) * 4
+    buffer = min(prof.max_buffer_size, prof.max_binding_size)
+    fits = min(buffer // row, max(prof.memory_bytes - weights, 0) // (2 * layers * row))
+    if batch > fits:
+        raise DoesNotFitError(
+            f"a KV cache for a batch of {batch} does not fit {prof.name}: each of its {2 * layers} tensors needs "
+            f"{batch * row / 2 ** 20:,.1f} MiB (largest buffer {buffer / 2 ** 20:,.0f} MiB), all "
+            f"{2 * layers * batch * row / 2 ** 30:.2f} GiB beside {weights / 2 ** 30:.2f} GiB of weights "
+            f"(memory {prof.memory_bytes / 2 ** 30:.2f} GiB); at most {fits} rows fit", None)
+
+
+def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, tokenizer,
+                    stop, on_token, seed, use_cache, adapter, should_stop, eos_token_id):
+    """generate() of a batch: the rows left-padded into one KV cache (forward_cached's pad), one forward per step
+    for all rows; the tokens chosen on the host, row by row, as a lone prompt's are."""
+    # the arguments are checked as a lone prompt's, by generate itself on the first row with no tokens to make
+    generate(model, rows[0][0], 0, temperature=temperature, top_k=top_k, top_p=top_p,
+             repetition_penalty=repetition_penalty, greedy=greedy, tokenizer=tokenizer, stop=stop,
+             seed=seed, use_cache=use_cache, adapter=adapter, eos_token_id=eos_token_id)
+    max_new_tokens = integer("max_new_tokens", max_new_tokens, low=0)
+    if on_token is not None and not callable(on_token):
+        raise InputError(f"on_token must be a function on_token(row, id, text), got {show(on_token)}")
+    eos = _eos_ids(model, eos_token_id)
+    rng = np.random.default_rng(seed) if seed is not None else generator()
+    use_cache = use_cache and hasattr(model, "new_cache")
+    B, block = len(rows), model.config.block_size
+    lens = np.array([len(ids) for ids, _ in rows])
+    L, pad = int(lens.max()), lens.max() - lens
+    seqs = [list(ids) for ids, _ in rows]
+    outs, texts = [[] for _ in rows], [""] * B
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in rows]
+    live = [max_new_tokens > 0] * B
+
+    def full(b):
+        return _full_logits(model, seqs[b], block)
+
+    with no_grad(), evaluating(), _adapter_switch(model, adapter):
+        # with the cache, a backend that samples on the device draws every row's token there (past block_size,
+        # where rows recompute one by one, the host does)
+        sampler = device_sampler(model, seqs, temperature, top_k, top_p, repetition_penalty, greedy, rng) \
+            if use_cache else None
+        if use_cache:
+            cache = model.new_cache(B)
+            x = np.zeros((B, L), dtype=np.int32)
+            for b, s in enumerate(seqs):
+                x[b, pad[b]:] = s
+            with _between_steps(model):
+                logits = model.forward_cached(x, cache, 0, pad=pad)[:, -1]
+            logits = logits if sampler is not None else logits.numpy()
+        else:
+            logits = [full(b) for b in range(B)]
+        pos = L
+        while any(live):
+            if should_stop is not None and should_stop():
+                break
+            drawn = sampler(logits) if sampler is not None and not isinstance(logits, list) else None
+            for b in (b for b in range(B) if live[b]):
+                nxt = int(drawn[b]) if drawn is not None else _choose(
+                    logits[b], seqs[b], rng, greedy, temperature, top_k, top_p, repetition_penalty)
+                if nxt in eos:
+                    live[b] = False
+                    continue
+                seqs[b].append(nxt)
+                outs[b].append(nxt)
+                piece = None
+                if tokenizer is not None:
+                    piece = decoders[b].decode(_token_bytes(tokenizer, nxt), final=len(outs[b]) == max_new_tokens)
+                    texts[b] += piece
+                if on_token is not None:
+                    on_token(b, nxt, piece)
+                text = texts[b]
+                if stop is not None and text.find(stop, max(0, len(text) - len(piece) - len(stop) + 1)) >= 0 or \
+                        len(outs[b]) == max_new_tokens:
+                    live[b] = False
+            if not any(live):
+                break
+            if use_cache and pos < block:
+                step = np.array([[s[-1] if live[b] else 0] for b, s in enumerate(seqs)], dtype=np.int32)
+                with _between_steps(model):
+                    logits = model.forward_cached(step, cache, pos, pad=pad)[:, -1]
+                logits = logits if sampler is not None else logits.numpy()
+                pos += 1
+            else:  # the cache's window is full: each live row recomputes over its last block_size tokens
+                logits = [full(b) if live[b] else None for b in range(B)]
+    texts = [t + d.decode(b"", final=True) for t, d in zip(texts, decoders)]   # bytes held for a split character
+    if rows[0][1]:
+        return [t[:t.find(stop)] if stop is not None and stop in t else t for t in texts]
+    return [np.asarray(o, dtype=np.int64) for o in outs]
 
 
 def _eos_ids(model, eos_token_id):
@@ -224,16 +393,19 @@ def _between_steps(model):
         yield
 
 
-def _step_logits(model, new_ids, cache, pos):
+def _step_logits(model, new_ids, cache, pos, on_device=False):
+    """The last position's logits: read back, or on_device the Tensor (for a device sampler)."""
     x = np.asarray(new_ids, dtype=np.int32).reshape(1, -1)
     with _between_steps(model):
-        return model.forward_cached(x, cache, pos)[0, -1].numpy()
+        t = model.forward_cached(x, cache, pos)[0, -1]
+        return t if on_device else t.numpy()
 
 
-def _full_logits(model, seq, block):
+def _full_logits(model, seq, block, on_device=False):
     x = np.asarray(seq[-block:], dtype=np.int32).reshape(1, -1)
     with _between_steps(model):
-        return model(x)[0, -1].numpy()
+        t = model(x)[0, -1]
+        return t if on_device else t.numpy()
 
 
 def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None,

@@ -99,8 +99,10 @@ def test_generate_refuses_float_token_ids(model):
 
 
 def test_generate_refuses_2d_prompt(model):
-    with pytest.raises(ValueError, match=r"1D sequence of token ids, got shape \(2, 3\)"):
-        generate(model, [[1, 2, 3], [4, 5, 6]], 3, greedy=True)   # not flattened into one 6-token prompt
+    with pytest.raises(ValueError, match=r"1D sequence of token ids, got shape \(1, 2, 3\)"):
+        generate(model, np.ones((1, 2, 3), dtype=np.int64), 3, greedy=True)
+    # a list of id lists is a batch (tests/test_batched_generation.py), not one 6-token prompt flattened
+    assert [len(r) for r in generate(model, [[1, 2, 3], [4, 5, 6]], 3, greedy=True, eos_token_id=[])] == [3, 3]
     with pytest.raises(ValueError, match=r"got shape \(2, 2\)"):
         beam_search(model, np.ones((2, 2), dtype=np.int64), 3)
 

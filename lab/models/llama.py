@@ -16,6 +16,7 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
+from .transformer import check_pad, padding_mask, row_positions
 from ..io import (GENERATION_FILE, CheckpointError, LazyTensor, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
 from ..lora import Adapters, apply_config, checkpoint_config
@@ -240,7 +241,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * D, C, cfg.attention_bias)
         self.attn_dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache=None, pos=0, return_weights=False):
+    def forward(self, x, cos, sin, cache=None, pos=0, return_weights=False, pad=None):
         """x (B, T, C) at positions pos..pos+T-1; cos, sin (P, D) of positions 0..P-1, P >= pos + T. With a cache
         (keys and values (B, Hkv, block, D)) the new keys and values are written into it and attention reads all
         pos+T."""
@@ -250,8 +251,13 @@ class LlamaAttention(nn.Module):
         # query heads grouped under the key-value head they share (transformers' repeat_kv: head h reads kv head
         # h // G), so one batched product per kv head serves its G query heads: keys and values are never repeated
         # (rotary splits the heads off the projections in its pass: heads h = kv * G + g in q's columns)
-        q = F.rotary(self.q_proj(x), cos, sin, pos, heads=H).reshape(Bsz, Hkv, G, T, D)   # (B, Hkv, G, T, D)
-        k = F.rotary(self.k_proj(x), cos, sin, pos, heads=Hkv)                   # (B, Hkv, T, D)
+        if pad is None:
+            q = F.rotary(self.q_proj(x), cos, sin, pos, heads=H).reshape(Bsz, Hkv, G, T, D)   # (B, Hkv, G, T, D)
+            k = F.rotary(self.k_proj(x), cos, sin, pos, heads=Hkv)                   # (B, Hkv, T, D)
+        else:   # left-padded rows: each row's positions (the fused rotary takes one pos for all rows)
+            positions = row_positions(pad, pos, T)
+            q = _rotary_rows(self.q_proj(x), cos, sin, positions, H).reshape(Bsz, Hkv, G, T, D)
+            k = _rotary_rows(self.k_proj(x), cos, sin, positions, Hkv)
         v = self.v_proj(x).reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)            # (B, Hkv, T, D)
         if cache is not None:
             k, v = _extend_cache(cache, k, v, pos)                                # (B, Hkv, S, D), S = pos + T
@@ -260,11 +266,24 @@ class LlamaAttention(nn.Module):
         scores = scores.reshape(Bsz, Hkv, G, T, S)
         if T > 1 and S > T:   # new tokens after cached ones: token i sees positions up to pos + i
             scores = scores + _offset_mask(T, S)
-        att = F.softmax(scores, scale=1.0 / math.sqrt(D), causal=T == S and T > 1)
+        if pad is not None:
+            scores = scores + padding_mask(pad, S, scores.ndim)
+        att = F.softmax(scores, scale=1.0 / math.sqrt(D), causal=T == S and T > 1,
+                        length=pos + T if S > pos + T else None)   # (a fixed_shape cache's slots past pos + T)
         y = F.matmul(F.dropout(att, self.attn_dropout, self.training).reshape(Bsz, Hkv, G * T, S), v)
         y = y.reshape(Bsz, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(Bsz, T, H * D)   # heads merged
         y = self.o_proj(y)
         return (y, att.reshape(Bsz, H, T, S)) if return_weights else y
+
+
+def _rotary_rows(proj, cos, sin, positions, heads):
+    """F.rotary of the packed projection (B, T, heads * D) -> (B, heads, T, D) with positions (B, T) per row."""
+    Bsz, T = positions.shape
+    D = cos.shape[1]
+    x = proj.reshape(Bsz, T, heads, D).permute(0, 2, 1, 3)
+    c, s = (F.embedding(positions, t).reshape(Bsz, 1, T, D) for t in (cos, sin))
+    x1, x2 = F.split(x, D // 2, axis=-1)
+    return x * c + F.concat([-x2, x1], axis=-1) * s
 
 
 def _offset_mask(T, S):
@@ -280,6 +299,8 @@ def _extend_cache(cache, k, v, pos):
     strides = contiguous_strides(cache_k.shape)
     for buf, new in ((cache_k, k), (cache_v, v)):                              # cache[:, :, pos:pos+T] = new
         buf.backend.write_view(buf.data, pos * D, strides, new.data)
+    if T == 1 and getattr(cache, "fixed_shape", False):   # read whole, its unfilled slots masked (lab.decode)
+        return cache_k, cache_v
     return cache_k[:, :, :pos + T], cache_v[:, :, :pos + T]
 
 
@@ -301,8 +322,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, rope, cache=None, pos=0, return_weights=False):
-        a = self.self_attn(self.input_layernorm(x), *rope, cache, pos, return_weights)
+    def forward(self, x, rope, cache=None, pos=0, return_weights=False, pad=None):
+        a = self.self_attn(self.input_layernorm(x), *rope, cache, pos, return_weights, pad)
         a, att = a if return_weights else (a, None)
         x, h = self.post_attention_layernorm.residual_forward(x, a)   # x + a, and its norm
         x = x + self.mlp(h)
@@ -336,7 +357,7 @@ class LlamaLM(nn.Module, Adapters):
             return F.matmul(x, self.model.embed_tokens.weight, transpose_b=True)   # (B, T, vocab)
         return self.lm_head(x)
 
-    def _run(self, idx, caches, pos, return_attention=False):
+    def _run(self, idx, caches, pos, return_attention=False, pad=None):
         shape = getattr(idx, "shape", np.shape(idx))
         if len(shape) != 2:
             raise InputError(f"LlamaLM expects token ids of shape (B, T), got {tuple(shape)}")
@@ -348,10 +369,10 @@ class LlamaLM(nn.Module, Adapters):
         attentions, hidden = [], [x]
         for layer, cache in zip(self.model.layers, caches):
             if return_attention:
-                x, att = layer(x, rope, cache, pos, return_weights=True)
+                x, att = layer(x, rope, cache, pos, return_weights=True, pad=pad)
                 attentions.append(att)
             else:
-                x = layer(x, rope, cache, pos)
+                x = layer(x, rope, cache, pos, pad=pad)
             hidden.append(x)
         return self._head(self.model.norm(x)), attentions, hidden
 
@@ -390,15 +411,16 @@ class LlamaLM(nn.Module, Adapters):
         return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
                 for _ in self.model.layers]
 
-    def forward_cached(self, idx, cache, pos):
-        """Logits (B, Tn, vocab) for tokens idx (B, Tn) at positions pos.., extending `cache` in place."""
+    def forward_cached(self, idx, cache, pos, pad=None):
+        """Logits (B, Tn, vocab) for tokens idx (B, Tn) at cache slots pos.., extending `cache` in place. pad (B,):
+        row b's first pad[b] slots are left padding (masked as keys; its positions start after them)."""
         pos = integer("pos", pos, low=0)
         shape = tuple(getattr(idx, "shape", np.shape(idx)))
         if not isinstance(cache, list) or len(cache) != len(self.model.layers) or (
                 len(shape) == 2 and cache[0][0].shape[0] != shape[0]):
             raise InputError(f"forward_cached: cache must be model.new_cache(batch_size) for tokens {shape} "
                              f"({len(self.model.layers)} layers, batch {shape[0] if shape else '?'})")
-        return self._run(idx, cache, pos)[0]
+        return self._run(idx, cache, pos, pad=check_pad(pad, idx))[0]
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * H * D * T."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import nn
-from ..checks import InputError
+from ..checks import InputError, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
@@ -70,9 +70,10 @@ class CausalSelfAttention(nn.Module):
         y = self.resid_dropout(self.c_proj(y))
         return (y, att) if return_weights else y
 
-    def forward_cached(self, x, cache, pos):
+    def forward_cached(self, x, cache, pos, pad=None):
         """Attention for new tokens x (B, Tn, C) at positions pos.. pos+Tn-1, reading and extending the layer's
-        KV cache (two (B, H, block, D) tensors). Either a prefill (pos == 0) or one token at a time."""
+        KV cache (two (B, H, block, D) tensors). Either a prefill (pos == 0) or one token at a time. pad: per row,
+        the number of left-padding slots its keys must not attend to (padding_mask)."""
         Bsz, Tn, C = x.shape
         H, D = self.n_head, C // self.n_head
         q, k, v = F.split(self.c_attn(x), C, axis=2)
@@ -81,12 +82,42 @@ class CausalSelfAttention(nn.Module):
         strides = contiguous_strides(cache_k.shape)
         for buf, new in ((cache_k, k), (cache_v, v)):                           # in place: cache[:, :, pos:pos+Tn]
             buf.backend.write_view(buf.data, pos * D, strides, new.data)
-        keys = cache_k[:, :, :pos + Tn]                                         # (B, H, pos+Tn, D)
-        values = cache_v[:, :, :pos + Tn]
+        # a fixed_shape cache (lab.decode's) is read whole by a one-token step, slots >= pos+1 masked in the softmax:
+        # the shapes then do not follow pos, so one captured step replays at every position
+        S = cache_k.shape[2] if Tn == 1 and getattr(cache, "fixed_shape", False) else pos + Tn
+        keys, values = (cache_k, cache_v) if S == cache_k.shape[2] else (cache_k[:, :, :S], cache_v[:, :, :S])
         # a single new token sees every cached position, so no mask; a prefill is the usual causal square
-        att = F.softmax(F.matmul(q, keys, transpose_b=True), scale=1.0 / math.sqrt(D), causal=Tn > 1)
+        scores = F.matmul(q, keys, transpose_b=True)
+        if pad is not None:
+            scores = scores + padding_mask(pad, S, scores.ndim)
+        att = F.softmax(scores, scale=1.0 / math.sqrt(D), causal=Tn > 1, length=pos + Tn if S > pos + Tn else None)
         y = (att @ values).permute(0, 2, 1, 3).reshape(Bsz, Tn, C)
         return self.c_proj(y)
+
+
+def check_pad(pad, idx):
+    """pad as an int64 array (B,) of non-negative counts for tokens idx (B, T), or None for none."""
+    if pad is None:
+        return None
+    shape = tuple(getattr(idx, "shape", np.shape(idx)))
+    arr = np.asarray(pad)
+    if arr.dtype.kind not in "iu" or arr.shape != shape[:1] or (arr.size and arr.min() < 0):
+        raise InputError(f"forward_cached: pad must be one non-negative integer per row of tokens {shape}, "
+                         f"got {show(pad)}")
+    return arr.astype(np.int64)
+
+
+def row_positions(pad, start, T):
+    """(B, T) positions of cache slots start..start+T-1 for rows with pad[b] left-padding slots: slot - pad[b],
+    0 for the padding itself (as transformers' position_ids from an attention mask)."""
+    return np.maximum(np.arange(start, start + T)[None] - pad[:, None], 0)
+
+
+def padding_mask(pad, S, ndim):
+    """Additive mask over S key slots, -1e30 (finite, for GPU kernels) at each row's left padding, shaped
+    (B, 1, ..., 1, S) to broadcast over attention scores of `ndim` dims."""
+    mask = np.where(np.arange(S)[None] < pad[:, None], np.float32(-1e30), np.float32(0))
+    return mask.reshape((len(pad),) + (1,) * (ndim - 2) + (S,))
 
 
 class MLP(nn.Module):
@@ -112,8 +143,8 @@ class Block(nn.Module):
         x = x + self.mlp(h)
         return (x, att) if return_weights else x
 
-    def forward_cached(self, x, cache, pos):
-        x = x + self.attn.forward_cached(self.ln_1(x), cache, pos)
+    def forward_cached(self, x, cache, pos, pad=None):
+        x = x + self.attn.forward_cached(self.ln_1(x), cache, pos, pad)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -136,7 +167,7 @@ class TransformerLM(nn.Module, Adapters):
         self.h = [Block(cfg) for _ in range(cfg.n_layer)]
         self.ln_f = nn.LayerNorm(cfg.n_embd, cfg.bias)
 
-    def _embed(self, idx, start=0):
+    def _embed(self, idx, start=0, pad=None):
         shape = idx.shape
         if len(shape) != 2:
             raise InputError(f"TransformerLM expects token ids of shape (B, T), got {tuple(shape)}")
@@ -145,6 +176,8 @@ class TransformerLM(nn.Module, Adapters):
             raise InputError(f"sequence length {end} exceeds block_size {self.config.block_size}")
         tok = self.wte(idx)                                                    # (B, T, C)
         table = self.wpe.weight if self.config.positions == "learned" else self._positions
+        if pad is not None:   # left-padded rows: each row's positions count from its first real token
+            return self.drop(tok + F.embedding(row_positions(pad, start, shape[1]), table))   # + (B, T, C)
         return self.drop(tok + table[start:end])                               # + (T, C)
 
     def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
@@ -178,11 +211,14 @@ class TransformerLM(nn.Module, Adapters):
         return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
                 for _ in self.h]
 
-    def forward_cached(self, idx, cache, pos):
-        """Logits (B, Tn, vocab) for tokens idx (B, Tn) at positions pos.., extending `cache` in place."""
-        x = self._embed(idx, start=pos)
+    def forward_cached(self, idx, cache, pos, pad=None):
+        """Logits (B, Tn, vocab) for tokens idx (B, Tn) at cache slots pos.., extending `cache` in place. pad (B,):
+        row b's first pad[b] slots are left padding (as transformers' attention mask): masked as keys, and its
+        positions start after them."""
+        pad = check_pad(pad, idx)
+        x = self._embed(idx, start=pos, pad=pad)
         for block, layer_cache in zip(self.h, cache):
-            x = block.forward_cached(x, layer_cache, pos)
+            x = block.forward_cached(x, layer_cache, pos, pad)
         return F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)
 
     def save_pretrained(self, directory, format="lab", tokenizer=None):
