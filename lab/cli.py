@@ -190,8 +190,9 @@ def _selftest(args):
 
 
 def _bench(args):
-    if args.suite not in ("kernels", "train", "lora", "diagnostics"):
-        raise InputError(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics")
+    if args.suite not in ("kernels", "train", "lora", "diagnostics", "generate"):
+        raise InputError(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics, "
+                         f"generate")
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name
     if args.suite == "diagnostics":
@@ -204,6 +205,14 @@ def _bench(args):
         out = args.out or f"bench-results/lora-{args.preset}-{name}.json"
         run_lora_bench(args.preset, name, r=args.rank, batch_size=args.batch_size, steps=args.steps, out_path=out,
                        base_dtype=args.base_dtype)
+        return 0
+    if args.suite == "generate":
+        from lab.bench.generate import run_generate_bench
+        label = (args.model or args.preset).replace("/", "-")
+        out = args.out or f"bench-results/generate-{label}-{name}-batch{args.batch_size or 1}.json"
+        run_generate_bench(args.preset, name, batch_size=args.batch_size or 1, new_tokens=args.new_tokens,
+                           prompt_tokens=args.prompt_tokens, model_name=args.model, repeats=args.repeats,
+                           out_path=out)
         return 0
     if args.suite == "train":
         from lab.bench.train import run_train_bench
@@ -335,15 +344,23 @@ def main(argv=None):
     s.set_defaults(fn=_selftest)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
-    b.add_argument("suite", help="kernels, train, lora or diagnostics")
+    b.add_argument("suite", help="kernels, train, lora, diagnostics or generate")
     b.add_argument("--rank", type=count, default=8, help="lora: adapter rank")
     b.add_argument("--base-dtype", default="float32", choices=("float32", "float16", "int8", "q4", "all"),
                    help="lora: storage of the frozen linear weights (a GPT-2 preset also runs a float32 base to "
                         "compare; a Llama preset (llama-tiny, smollm2-135m) adapts all-linear beside PyTorch+PEFT; "
                         "all: the four, Llama presets)")
-    b.add_argument("--preset", default="tiny", help="train, lora: model preset")
-    b.add_argument("--batch-size", type=count, help="train, lora: batch size (default 12, 64 for shakespeare-char, "
-                                                    "8 for gpt2-small and smollm2-135m)")
+    b.add_argument("--preset", default="tiny", help="train, lora, generate: model preset")
+    b.add_argument("--batch-size", "--batch", type=count,
+                   help="train, lora, generate: batch size (default 12, 64 for shakespeare-char, 8 for gpt2-small and "
+                        "smollm2-135m; generate: 1 prompt)")
+    b.add_argument("--model", help="generate: a pretrained model by name or path instead of --preset "
+                                   "(e.g. smollm2-135m-instruct)")
+    b.add_argument("--new-tokens", type=count, help="generate: tokens to make (default 200, fewer where the "
+                                                    "model's block_size ends first)")
+    b.add_argument("--prompt-tokens", type=count, default=16, help="generate: prompt length in tokens")
+    b.add_argument("--repeats", type=count, default=3, help="generate: timed runs of each side (the best is "
+                                                            "reported)")
     b.add_argument("--block-size", type=count, help="train: tokens per sequence (default: the preset's block size; "
                                                     "512 for smollm2-135m)")
     b.add_argument("--steps", type=count, default=20, help="train, lora: timed steps")

@@ -59,6 +59,31 @@ def test_bench_lora_reports_projection(tmp_path):
     assert "1 M tokens of adapter training" in r.stdout
 
 
+@pytest.mark.parametrize("preset, backend", [("tiny", "numpy"), ("llama-tiny", "numpy"), ("llama-tiny", "wgpu")])
+def test_bench_generate_times_lab_and_transformers_on_the_same_weights(tmp_path, preset, backend):
+    out = tmp_path / "g.json"
+    new = "6" if backend == "wgpu" else "20"   # (lavapipe is slow)
+    r = _lab("bench", "generate", "--preset", preset, "--backend", backend, "--new-tokens", new, "--repeats", "2",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert (data["model"], data["backend"], data["prompt_tokens"], data["new_tokens"]) == (preset, backend, 16, int(new))
+    assert len(data["lab_runs"]) == 2 and data["lab_decode_tokens_per_s"] > 0 and data["lab_time_to_first_token_ms"] > 0
+    best = min(run["decode_ms_per_step"] for run in data["lab_runs"])
+    assert data["lab_decode_tokens_per_s"] == pytest.approx(1e3 / best)
+    assert data["lab_prefill_tokens_per_s"] == pytest.approx(16e3 / data["lab_time_to_first_token_ms"])
+    if "torch_decode_tokens_per_s" in data:   # the same weights, greedy: the same tokens
+        assert data["first_tokens_equal"] == int(new), data
+        assert data["decode_ratio"] == pytest.approx(data["lab_decode_tokens_per_s"] / data["torch_decode_tokens_per_s"])
+        assert "lab/transformers decode" in r.stdout
+    if preset != "tiny":
+        return
+    # the default: 200 new tokens, fewer where block_size ends first (tiny's 64 - 16); more is refused
+    bad = _lab("bench", "generate", "--preset", "tiny", "--backend", "numpy", "--new-tokens", "49")
+    assert bad.returncode != 0 and "--new-tokens 49 with a 16-token prompt passes tiny's block_size 64: at most 48" \
+        in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_bench_lora_on_a_llama_preset_reports_each_base_beside_torch_peft(tmp_path):
     out = tmp_path / "l.json"
     r = _lab("bench", "lora", "--preset", "llama-tiny", "--base-dtype", "all", "--backend", "numpy", "--steps", "2",
