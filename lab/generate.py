@@ -9,6 +9,8 @@ import numpy as np
 
 from .checks import InputError, integer, real, show
 
+from .engine import ops as F
+from .engine.backend import contiguous_strides
 from .engine.random import generator
 from .engine.tensor import no_grad
 from .decode import DecodeRunner
@@ -409,35 +411,79 @@ def _full_logits(model, seq, block, on_device=False):
 
 
 def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None,
-                should_stop=None, eos_token_id=None):
+                should_stop=None, eos_token_id=None, num_return_sequences=1, use_cache=True):
     """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
-    Returns ids (or text for a text prompt). adapter=True/False: LoRA adapters on/off for this call only.
-    should_stop() is asked before each step; once it says True, the best beam so far is returned. A beam ends at
-    an end-of-sequence token (eos_token_id, by default the model config's; not returned), as transformers' do."""
+    Returns ids (or text for a text prompt); with num_return_sequences=n > 1 a list of the n best, best first.
+    adapter=True/False: LoRA adapters on/off for this call only. should_stop() is asked before each step; once it
+    says True, the best beams so far are returned. A beam ends at an end-of-sequence token (eos_token_id, by
+    default the model config's; not returned), as transformers' do; the search stops once the num_beams best have
+    all ended. With use_cache the beams are the rows of one KV cache, reordered on the device as beams are
+    reselected (reorder_cache); without it each step recomputes every beam over its last block_size tokens."""
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
     max_new_tokens = _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
-    integer("num_beams", num_beams, low=1)
+    vocab = model.config.vocab_size
+    num_beams = integer("num_beams", num_beams, low=1)
+    if num_beams > vocab:   # the step's top num_beams tokens per beam would repeat tokens
+        raise InputError(f"num_beams {num_beams} is larger than the model's vocabulary of {vocab} tokens: "
+                         f"at most {vocab}")
+    n_return = integer("num_return_sequences", num_return_sequences, low=1)
+    if n_return > num_beams:
+        raise InputError(f"num_return_sequences {n_return} is more than num_beams {num_beams}: a search keeps "
+                         f"only num_beams beams")
     real("length_penalty", length_penalty)
+    if not isinstance(use_cache, (bool, np.bool_)):
+        raise InputError(f"use_cache must be True or False, got {show(use_cache)}")
     eos = _eos_ids(model, eos_token_id)
     block = model.config.block_size
-    beams = [(0.0, list(ids), False)]   # (log-probability, tokens, ended)
+    cache = None
+    if use_cache and hasattr(model, "new_cache"):
+        check_cache_fits(model, num_beams)
+    beams = [(0.0, list(ids), False, 0)]   # (log-probability, tokens, ended, the cache row of its parent)
+    pos = 0
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
         for _ in range(max_new_tokens):
             live = [b for b in beams if not b[2]]
             if not live or (should_stop is not None and should_stop()):
                 break
-            window = np.asarray([s[-block:] for _, s, _ in live], dtype=np.int32)  # (beams, T)
             with _between_steps(model):
-                logits = model(window)[:, -1].numpy().astype(np.float64)       # (beams, V)
+                if use_cache and hasattr(model, "new_cache") and pos == 0:   # the prompt once, into every row
+                    first = model.new_cache(1)
+                    logits = model.forward_cached(np.asarray(ids, dtype=np.int32)[None], first, 0)[:, -1]
+                    cache = model.new_cache(num_beams)
+                    reorder_cache(cache, [0] * num_beams, first)
+                    pos = len(ids)
+                elif cache is not None and pos < block:
+                    rows = [b[3] for b in live]
+                    rows += rows[:1] * (num_beams - len(rows))   # rows of ended beams: a live one's, unread
+                    reorder_cache(cache, rows)
+                    step = np.asarray([[s[-1]] for _, s, _, _ in live] + [[0]] * (num_beams - len(live)),
+                                      dtype=np.int32)
+                    logits = model.forward_cached(step, cache, pos)[:len(live), -1]
+                    pos += 1
+                else:   # no cache, or its window is full (positions shift): recompute over the last block_size
+                    logits = model(np.asarray([s[-block:] for _, s, _, _ in live], dtype=np.int32))[:, -1]
+                logits = logits.numpy().astype(np.float64)                          # (beams, V)
             logp = logits - logits.max(1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(1, keepdims=True))
             cand = [b for b in beams if b[2]]   # ended beams compete on as they are
-            for (score, seq, _), lp in zip(live, logp):
+            for row, ((score, seq, _, _), lp) in enumerate(zip(live, logp)):
                 for tok in np.argsort(-lp)[:num_beams]:
-                    cand.append((score + lp[tok], seq + [int(tok)], int(tok) in eos))
+                    cand.append((score + lp[tok], seq + [int(tok)], int(tok) in eos, row))
             cand.sort(key=lambda c: -c[0])
             beams = cand[:num_beams]
     # each beam's score normalized by its own length (an ended beam is shorter)
-    best = max(beams, key=lambda b: b[0] / (max(len(b[1]) - len(ids), 1) ** length_penalty))
-    best = best[1][len(ids):len(best[1]) - best[2]]   # without its end-of-sequence token
-    return tokenizer.decode(best) if as_text else np.asarray(best, dtype=np.int64)
+    ranked = sorted(beams, key=lambda b: -b[0] / (max(len(b[1]) - len(ids), 1) ** length_penalty))
+    out = [b[1][len(ids):len(b[1]) - b[2]] for b in ranked[:n_return]]   # without the end-of-sequence token
+    out = [tokenizer.decode(o) if as_text else np.asarray(o, dtype=np.int64) for o in out]
+    return out if num_return_sequences > 1 else out[0]
+
+
+def reorder_cache(cache, rows, source=None):
+    """Rows `rows` of `source`'s KV cache (by default `cache` itself) into rows 0..len(rows)-1 of `cache`, on the
+    device: each layer's keys and values gathered along the batch axis (an embedding lookup of whole rows), then
+    written into the same buffers, which a captured decode step keeps reading."""
+    rows = np.asarray(rows, dtype=np.int64)
+    for (k, v), (sk, sv) in zip(cache, source if source is not None else cache):
+        for buf, src in ((k, sk), (v, sv)):
+            picked = F.embedding(rows, src.reshape(src.shape[0], -1)).reshape((len(rows),) + tuple(src.shape[1:]))
+            buf.backend.write_view(buf.data, 0, contiguous_strides(buf.shape), picked.data)

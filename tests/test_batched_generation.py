@@ -22,7 +22,8 @@ def _sharpened(model, scale=6.0):
 def _model(family, **extra):
     lab.manual_seed(0)
     if family == "gpt":
-        cfg = replace(PRESETS["tiny"], vocab_size=30, n_layer=2, n_embd=32, n_head=4, block_size=24, **extra)
+        cfg = replace(PRESETS["tiny"], **{"vocab_size": 30, "n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 24,
+                                           **extra})
         return _sharpened(TransformerLM(cfg).eval())
     cfg = lab.LlamaConfig(vocab_size=30, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24, **extra)
@@ -84,3 +85,46 @@ def test_bad_batches_are_one_clear_error(use_backend):
         lab.generate(model, np.ones((2, 3), dtype=np.int64), 2, lengths=[1, 4])
     with pytest.raises(DoesNotFitError, match=r"KV cache for a batch of 10000000 does not fit .* at most \d+ rows fit"):
         lab.generate(model, [[1]] * 10_000_000, 2)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_beam_search_on_the_kv_cache_finds_the_beams_of_the_full_recompute(use_backend, family):
+    model = _model(family)
+    for prompt, kw in (([3, 1, 4], {}), ([5, 9, 2, 6, 5], {"length_penalty": 0.0}),
+                       ([2], {"eos_token_id": 7, "length_penalty": 2.0}),
+                       ([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], {})):   # past block_size 24
+        full = lab.beam_search(model, prompt, 8, num_beams=3, use_cache=False, num_return_sequences=3, **kw)
+        cached = lab.beam_search(model, prompt, 8, num_beams=3, num_return_sequences=3, **kw)
+        assert len(cached) == 3
+        for a, b in zip(full, cached):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(lab.beam_search(model, prompt, 8, num_beams=3, **kw), cached[0])
+
+
+def test_beam_search_and_a_padded_batch_match_transformers_on_a_small_llama(use_backend):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_llama import hf_model, lab_model
+    hf = hf_model("gqa3-llama3-headdim")
+    model = lab_model(hf)
+    prompt = np.array([[4, 11, 30, 2]])
+    want = hf.generate(torch.tensor(prompt), max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True,
+                       num_return_sequences=1, attention_mask=torch.ones(1, 4, dtype=torch.long),
+                       pad_token_id=0)[0, 4:].numpy()
+    np.testing.assert_array_equal(lab.beam_search(model, prompt[0], 6, num_beams=3), want)
+    # greedy on a left-padded batch, transformers' attention mask and position ids from it
+    ids = torch.tensor([[0, 0, 5, 9], [4, 11, 30, 2]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 4:].numpy()
+    got = lab.generate(model, ids.numpy(), 6, greedy=True, attention_mask=mask.numpy())
+    np.testing.assert_array_equal(np.stack(got), want)
+
+
+def test_bad_beam_searches_are_one_clear_error(use_backend):
+    model = _model("gpt")
+    with pytest.raises(InputError, match="num_beams 31 is larger than the model's vocabulary of 30 tokens"):
+        lab.beam_search(model, [1, 2], 3, num_beams=31)
+    with pytest.raises(InputError, match="num_return_sequences 4 is more than num_beams 3"):
+        lab.beam_search(model, [1, 2], 3, num_beams=3, num_return_sequences=4)
+    with pytest.raises(InputError, match="use_cache must be True or False"):
+        lab.beam_search(model, [1, 2], 3, num_beams=2, use_cache="no")
