@@ -145,17 +145,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     max_new_tokens = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if on_token is not None and not callable(on_token):  # found before a token is made, not after the first
         raise InputError(f"on_token must be a function on_token(id, text), got {show(on_token)}")
-    if seed is not None:
-        seed = integer("seed", seed, low=0)
-    for flag, value in (("use_cache", use_cache), ("greedy", greedy)):
-        if not isinstance(value, (bool, np.bool_)):  # ("no" is a true value: it turned the cache on)
-            raise InputError(f"{flag} must be True or False, got {show(value)}")
-    if adapter is not None and not isinstance(adapter, (bool, np.bool_)):
-        raise InputError(f"adapter must be True, False or None, got {show(adapter)}")
-    if stop is not None and tokenizer is None:
-        raise InputError("a stop string needs a tokenizer")
-    if stop is not None and not (isinstance(stop, str) and stop):
-        raise InputError(f"stop must be a non-empty string, got {show(stop)}")
+    seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer)
     eos = _eos_ids(model, eos_token_id)
     # the tokens' bytes go through one incremental decoder: a character split across tokens is held back until
     # its last byte arrives, so no piece ever shows U+FFFD for it
@@ -209,6 +199,22 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     return np.asarray(out, dtype=np.int64)
 
 
+def _check_options(seed, use_cache, greedy, adapter, stop, tokenizer):
+    """generate's options that do not depend on the prompt; the seed as an int (or None)."""
+    if seed is not None:
+        seed = integer("seed", seed, low=0)
+    for flag, value in (("use_cache", use_cache), ("greedy", greedy)):
+        if not isinstance(value, (bool, np.bool_)):  # ("no" is a true value: it turned the cache on)
+            raise InputError(f"{flag} must be True or False, got {show(value)}")
+    if adapter is not None and not isinstance(adapter, (bool, np.bool_)):
+        raise InputError(f"adapter must be True, False or None, got {show(adapter)}")
+    if stop is not None and tokenizer is None:
+        raise InputError("a stop string needs a tokenizer")
+    if stop is not None and not (isinstance(stop, str) and stop):
+        raise InputError(f"stop must be a non-empty string, got {show(stop)}")
+    return seed
+
+
 def _choose(logits, seq, rng, greedy, temperature, top_k, top_p, repetition_penalty):
     """The next token from one row's logits (host sampling)."""
     scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
@@ -219,8 +225,9 @@ def _choose(logits, seq, rng, greedy, temperature, top_k, top_p, repetition_pena
 
 
 def _is_batch(prompt):
-    return isinstance(prompt, np.ndarray) and prompt.ndim == 2 or isinstance(prompt, (list, tuple)) and bool(
-        prompt) and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+    """A 2-D array, or a list with a prompt in it (a list of ids is one prompt; its odd items are named by row)."""
+    return isinstance(prompt, np.ndarray) and prompt.ndim == 2 or isinstance(prompt, (list, tuple)) and any(
+        isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
 
 
 def _batch_rows(prompts, tokenizer, model, attention_mask, lengths, use_cache):
@@ -291,11 +298,10 @@ def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repe
                     stop, on_token, seed, use_cache, adapter, should_stop, eos_token_id):
     """generate() of a batch: the rows left-padded into one KV cache (forward_cached's pad), one forward per step
     for all rows; the tokens chosen on the host, row by row, as a lone prompt's are."""
-    # the arguments are checked as a lone prompt's, by generate itself on the first row with no tokens to make
-    generate(model, rows[0][0], 0, temperature=temperature, top_k=top_k, top_p=top_p,
-             repetition_penalty=repetition_penalty, greedy=greedy, tokenizer=tokenizer, stop=stop,
-             seed=seed, use_cache=use_cache, adapter=adapter, eos_token_id=eos_token_id)
-    max_new_tokens = integer("max_new_tokens", max_new_tokens, low=0)
+    # (each row's ids were checked by _batch_rows; the options here as a lone prompt's)
+    max_new_tokens = _check_args(model, rows[0][0], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                 greedy)
+    seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer)
     if on_token is not None and not callable(on_token):
         raise InputError(f"on_token must be a function on_token(row, id, text), got {show(on_token)}")
     eos = _eos_ids(model, eos_token_id)

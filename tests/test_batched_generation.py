@@ -77,6 +77,8 @@ def test_bad_batches_are_one_clear_error(use_backend):
         lab.generate(model, [[1, 2], []], 2)
     with pytest.raises(InputError, match=r"prompts\[1\]: prompt is empty"):
         lab.generate(model, ["ab", ""], 2, tokenizer=tok)
+    with pytest.raises(InputError, match=r"prompts\[1\]: prompt must be text .* got None"):
+        lab.generate(model, [[1, 2], None], 2)
     with pytest.raises(InputError, match=r"prompts\[0\]: prompt token ids must be in \[0, 30\)"):
         lab.generate(model, [[1, 99], [2]], 2)
     with pytest.raises(InputError, match="attention_mask must be left padding"):
