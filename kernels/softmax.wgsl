@@ -31,8 +31,10 @@ fn dropped(v: f32, i: u32, hashed_seed: u32) -> f32 {
 
 fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.y * nwg.x + wid.x; }
 
-// Number of visible columns of row r.
+// Number of visible columns of row r: causal (P[4] = 1), or the first P[2] of every row (P[4] = 2: a decode
+// step's scores over a whole KV cache block, P[2] slots filled).
 fn row_limit(r: u32, n: u32) -> u32 {
+    if (P[4] == 2u) { return min(n, P[2]); }
     if (P[4] != 0u) { return min(n, (r % P[2]) + 1u); }
     return n;
 }

@@ -338,7 +338,11 @@ class NumpyBackend(Backend):
         np.matmul(a, b, out=_heads4(out, Bsz, H))
         return out
 
-    def softmax(self, a, scale=1.0, causal=False, dropout=None):
+    def softmax(self, a, scale=1.0, causal=False, dropout=None, length=None):
+        if length is not None:  # the first `length` columns of every row; the rest get exactly 0
+            y = np.zeros_like(a)
+            y[..., :length] = self.softmax(a[..., :length], scale)
+            return y
         if dropout is not None:  # (y, dropout(y)): attention's weights and what its product uses
             y = self.softmax(a, scale, causal)
             return y, self.dropout(y, *dropout)

@@ -20,6 +20,31 @@ from ..engine.tensor import Tensor, tensor
 MAX_MISMATCHES = 3  # a trainer whose consecutive steps differ this often stays eager
 
 
+def module_signature(model):
+    """What a capture of `model`'s forward bakes in, as far as Python sees it without running it: the arrays its
+    modules hold (by identity; a tuple of tensors too, such as a model's rotary tables) and every module's own
+    settings (dropout rates, LoRA scales and switches, a forward patched onto an instance)."""
+    arrays, settings = [], []
+    for module in model.modules():
+        settings.append(type(module))
+        for name, value in vars(module).items():
+            if isinstance(value, tuple) and value and all(isinstance(t, Tensor) for t in value):
+                arrays.extend(t.data for t in value)
+            elif isinstance(value, Tensor):
+                arrays.append(value.data)
+                settings.append((name, value.requires_grad))
+            elif isinstance(value, (bool, int, float, str, type(None))):
+                settings.append((name, value))
+            elif callable(value) and not isinstance(value, type):
+                settings.append((name, "callable", id(value)))
+    return tuple(arrays), tuple(settings)
+
+
+def same_signature(a, b):
+    return a is not None and b is not None and a[1] == b[1] and len(a[0]) == len(b[0]) and all(
+        x is y for x, y in zip(a[0], b[0]))
+
+
 class Recorded:
     """One captured eager step: the backend's Capture and the step's own handles into it."""
 
@@ -61,17 +86,8 @@ class StepReplay:
         settings = [cfg.batch_size, trainer.block_size, cfg.grad_accum_steps, cfg.grad_clip, type(opt), tuple(opt.decay),
                     getattr(opt, "b1", None), getattr(opt, "b2", None), getattr(opt, "eps", None),
                     getattr(opt, "momentum", None), tuple(p.requires_grad for p in opt.params)]
-        for module in trainer.model.modules():
-            settings.append(type(module))
-            for name, value in vars(module).items():
-                if isinstance(value, Tensor):
-                    arrays.append(value.data)
-                    settings.append((name, value.requires_grad))
-                elif isinstance(value, (bool, int, float, str, type(None))):
-                    settings.append((name, value))
-                elif callable(value) and not isinstance(value, type):
-                    settings.append((name, "callable", id(value)))
-        return tuple(arrays), tuple(settings)
+        more_arrays, more_settings = module_signature(trainer.model)
+        return tuple(arrays) + more_arrays, tuple(settings) + more_settings
 
     def _same_signature(self, trainer):
         if self.signature is None:

@@ -123,14 +123,20 @@ def _last_axis(axis, x, op):
         raise ValueError(f"{op}: only the last axis is supported, got axis={axis} for shape {_shape_str(x.shape)}")
 
 
-def softmax(x, axis=-1, scale=1.0, causal=False):
-    """softmax(scale * x) over the last axis; `causal` masks column j > row i of the last two dims."""
+def softmax(x, axis=-1, scale=1.0, causal=False, length=None):
+    """softmax(scale * x) over the last axis; `causal` masks column j > row i of the last two dims, `length` every
+    column j >= length (a decode step's scores over a whole KV cache block, of which `length` slots are filled:
+    the shapes stay those of the block, so one captured step serves every position)."""
     _check_float(x, "softmax")
     _last_axis(axis, x, "softmax")
     if causal and (x.ndim < 2 or x.shape[-1] != x.shape[-2]):
         raise ValueError(f"softmax: causal masking needs square trailing dims (T, T), got {_shape_str(x.shape)}")
+    if length is not None:
+        if causal:
+            raise ValueError("softmax: causal and length masks cannot be combined")
+        length = checks.integer("softmax length", length, low=1, high=x.shape[-1])
     B = x.backend
-    out = B.softmax(x.data, scale, causal)
+    out = B.softmax(x.data, scale, causal) if length is None else B.softmax(x.data, scale, length=length)
     return Tensor._make(out, B, (x,), lambda g: (B.softmax_bwd(out, g, scale),))
 
 

@@ -42,6 +42,23 @@ class Capture:
                 return f"upload {k} of the step changes from step to step"
         return None
 
+    def follow(self, later, key, start):
+        """Patch every dispatch whose params differ in `later` (the same step recorded with step[key] one more than
+        `start`) as linear in step[key]: a decode step's position and cache length (offsets into the cache, the
+        rotary position, the softmax's length). Returns why it cannot, or None; the patches are checked by
+        difference() against a third capture before use."""
+        if len(self.keys) != len(later.keys):
+            return f"the step recorded {len(self.keys)} dispatches, the next one {len(later.keys)}"
+        for i, (a, b) in enumerate(zip(self.keys, later.keys)):
+            if a[:4] != b[:4]:
+                return f"dispatch {i} was {a[0]}:{a[1]} {a[3]}, then {b[0]}:{b[1]} {b[3]}"
+            if a[4] != b[4]:
+                if i in self.patches:
+                    return f"the params of dispatch {i} ({a[0]}:{a[1]}) are patched already"
+                x = [int(v) for v in struct.unpack(f"<{len(a[4]) // 4}I", a[4])]
+                d = [int(w) - v for v, w in zip(x, struct.unpack(f"<{len(b[4]) // 4}I", b[4]))]
+                self.patches[i] = lambda s, x=x, d=d: [v + dv * (s[key] - start) for v, dv in zip(x, d)]
+        return None
 
 
 class CaptureMixin:

@@ -24,12 +24,13 @@ class NNOps:
             self._patch = lambda step: params(step["seeds"].get(seed, seed))
         return params(seed)
 
-    def softmax(self, a, scale=1.0, causal=False, dropout=None):
+    def softmax(self, a, scale=1.0, causal=False, dropout=None, length=None):
         rows, n = self._rows(a.shape)
         out = self._alloc(a.shape, "float32")
         dropped = self._alloc(a.shape, "float32") if dropout is not None else None
-        T = a.shape[-2] if causal else 1
-        self._dispatch("softmax", "softmax_main", self._softmax_params([rows, n, T, _f32bits(scale), int(causal)],
+        T = a.shape[-2] if causal else 1 if length is None else length
+        mode = 2 if length is not None else int(causal)
+        self._dispatch("softmax", "softmax_main", self._softmax_params([rows, n, T, _f32bits(scale), mode],
                                                                        dropout),
                        [a, None, out, dropped], _grid(rows), rows * n, _row_subs(n))
         return out if dropout is None else (out, dropped)

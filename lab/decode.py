@@ -1,0 +1,136 @@
+"""Decode steps replayed: one token's forward recorded once on the wgpu backend, then replayed for the next tokens.
+
+A decode step is a forward of one token per row through the KV cache. Eagerly, Python runs each of its ops (shape
+checks, params packing, bind group lookups), which on a GPU is most of a small model's step. DecodeRunner's cache
+is marked fixed_shape: a one-token step reads the whole cache block with the slots past its position masked in the
+softmax, so its kernels and grids do not depend on the position, only some params do (the offsets its keys and
+values are written at, the rotary position, the softmax's length). Three consecutive eager steps are captured;
+the params that differ between the first two are taken as linear in the position, and the patched first capture
+must record exactly what the third did. Later steps are replays: the token ids are written into the captured
+input buffer and the dispatches recorded again with the position patched in, the same arithmetic in the same
+order as an eager step of this cache, so the logits are bitwise equal. A change the replay cannot see in its
+params (new weight arrays, LoRA switched or merged, a forward patched onto an instance: module_signature) sends
+the step back to eager and to a new capture. The numpy backend (and lab.profile()) runs every step eagerly.
+"""
+import contextlib
+
+import numpy as np
+
+from .checks import InputError, integer, show
+from .engine.tensor import Tensor, tensor
+from .nn import step_lock
+from .train.replay import MAX_MISMATCHES, module_signature, same_signature
+
+CAPTURED_STEPS = 3   # two to find which params follow the position, a third to check the patches
+
+
+class FixedCache(tuple):
+    """One layer's (keys, values) of a KV cache that one-token steps read whole (see the module's docstring)."""
+    fixed_shape = True
+
+
+class DecodeRunner:
+    """Decode steps of `model` for `batch` rows on its own KV cache (self.cache, a model.new_cache(batch) whose
+    layers are FixedCache): prefill with model.forward_cached(ids, runner.cache, 0), then step(ids, pos) per
+    token. On wgpu the steps after the first three are replays; close() gives their buffers back."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch = model, integer("batch", batch, low=1)
+        self.backend = model.parameters()[0].backend
+        self.off = None if hasattr(self.backend, "capture_begin") else "the backend has no step capture"
+        # (numpy's steps stay eager over the filled slots only: reading the whole block would only cost it time)
+        self.cache = [layer if self.off else FixedCache(layer) for layer in model.new_cache(self.batch)]
+        self.block = self.cache[0][0].shape[2]
+        rope = getattr(model, "_rope", None)
+        if rope is not None and self.off is None:  # rotary tables for every slot: a replay cannot grow them
+            rope(self.block)
+        self.ids = None if self.off else tensor(np.zeros((self.batch, 1), np.int32), backend=self.backend)
+        self.captured = []   # [(pos, Capture, logits)] of the last eager steps, newest last
+        self.ready = None    # (pos, Capture, logits): replayed for the steps after it
+        self.signature = None
+        self.mismatches = 0
+        self.replayed = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def close(self):
+        """Give the captures' buffers back to the pool."""
+        for _, capture, _ in self.captured + ([self.ready] if self.ready else []):
+            self.backend.release_capture(capture)
+        self.captured, self.ready = [], None
+
+    def step(self, token_ids, pos):
+        """Logits (batch, 1, vocab), a device tensor of its own, for one token per row at cache slot `pos`
+        (the slots before it filled by the prefill and earlier steps)."""
+        ids = np.asarray(token_ids)
+        if ids.dtype.kind not in "iu" or ids.size != self.batch:
+            raise InputError(f"DecodeRunner.step: one integer token id per row of the batch ({self.batch}), got "
+                             f"{show(token_ids)}")
+        pos = integer("pos", pos, low=1, high=self.block - 1)
+        ids = ids.reshape(self.batch, 1)
+        vocab = self.model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:  # (a replay skips the embedding's own check)
+            raise InputError(f"DecodeRunner.step: token ids must be in [0, {vocab - 1}], got {show(token_ids)}")
+        ids = ids.astype(np.int32)
+        B = self.backend
+        with step_lock(self.model), (B.exclusive() if self.off is None else contextlib.nullcontext()):
+            if self.off is not None or B.profiling:
+                return self.model.forward_cached(ids, self.cache, pos)
+            signature = module_signature(self.model)
+            if not same_signature(signature, self.signature):
+                self.close()
+                self.signature = signature
+            B.sync()   # (a write lands before work recorded earlier and not yet submitted)
+            B.write(self.ids.data, ids)
+            if self.ready is not None:
+                _, capture, logits = self.ready
+                B.replay(capture, {"pos": pos})
+                self.replayed += 1
+                # a copy: the captured logits are overwritten by the next replay, a returned tensor is not
+                return Tensor(B.scalar("mul", logits.data, 1.0), B)
+            return self._captured_step(pos)
+
+    def _captured_step(self, pos):
+        B = self.backend
+        B.capture_begin()
+        try:
+            logits = self.model.forward_cached(self.ids, self.cache, pos)
+        finally:
+            capture = B.capture_end()
+        self.captured.append((pos, capture, logits))
+        if capture.broken:
+            self.off = capture.broken
+            self.close()
+        elif len(self.captured) > CAPTURED_STEPS:
+            B.release_capture(self.captured.pop(0)[1])
+        if len(self.captured) == CAPTURED_STEPS and [p for p, _, _ in self.captured] == list(range(pos - 2, pos + 1)):
+            (p0, first, _), (_, second, _), (_, third, _) = self.captured
+            why = first.follow(second, "pos", p0) or first.difference(third, {"pos": pos})
+            if why is None:
+                self.ready = self.captured.pop(0)
+                self.close_captured()
+            else:
+                first.patches.clear()
+                self.mismatches += 1
+                if self.mismatches >= MAX_MISMATCHES:
+                    self.off = why
+                    self.close()
+        return Tensor(B.scalar("mul", logits.data, 1.0), B)
+
+    def close_captured(self):
+        for _, capture, _ in self.captured:
+            self.backend.release_capture(capture)
+        self.captured = []
+
+
+__all__ = ["DecodeRunner", "FixedCache"]
