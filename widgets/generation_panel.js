@@ -1,6 +1,8 @@
 // GenerationPanel front end. Synced: prompt, temperature, top_k, top_p, max_tokens, beams, has_adapter,
 // adapter_mode, output, base_output, running, error. "Generate" sends {cmd: "generate"}; output streams in;
-// "Stop" sends {cmd: "stop"} and the text made so far stays.
+// "Stop" sends {cmd: "stop"} and the text made so far stays. In chat mode (synced chat, history, base_history)
+// the prompt box is the user's message, "Send" sends {cmd: "generate"}, the turns are shown with the reply
+// streaming into the last one, and "Clear" sends {cmd: "clear"}.
 
 import { el } from "./common.js";
 
@@ -23,12 +25,17 @@ function renderGeneration({ model, el: root }) {
   const modeL = el("label", {}, "LoRA ", mode);
   const go = el("button", { class: "lab-btn lab-generate", onclick: () => model.send({ cmd: "generate" }) }, "Generate");
   const stop = el("button", { class: "lab-btn lab-stop", onclick: () => model.send({ cmd: "stop" }) }, "Stop");
+  const clear = el("button", { class: "lab-btn lab-clear", onclick: () => model.send({ cmd: "clear" }) }, "Clear");
+  const turn = (role, text) => el("div", { class: `lab-turn lab-turn-${role}` }, el("b", {}, `${role}: `), text);
+  // one conversation: its turns, then the reply being made (streaming) as the assistant's last turn
+  const conversation = (turns, streaming) => el("div", { class: "lab-chat" }, ...turns.map((m) => turn(m.role, m.content)),
+    ...(model.get("running") || streaming ? [turn("assistant", streaming)] : []));
   const out = el("pre", { class: "lab-output" });
   const baseOut = el("pre", { class: "lab-output lab-output-base" });
   const outs = el("div", { class: "lab-row" });
   const error = el("div", { class: "lab-error" });
   root.append(el("div", { class: "lab-header" }, el("b", {}, "Generate")), prompt,
-    el("div", { class: "lab-controls" }, tempL, topkL, toppL, maxtL, beamsL, modeL, go, stop), outs, error);
+    el("div", { class: "lab-controls" }, tempL, topkL, toppL, maxtL, beamsL, modeL, go, stop, clear), outs, error);
 
   function update() {
     if (document.activeElement !== prompt) prompt.value = model.get("prompt");
@@ -38,15 +45,23 @@ function renderGeneration({ model, el: root }) {
     modeL.style.display = model.get("has_adapter") ? "" : "none";
     mode.value = model.get("adapter_mode");
     const both = model.get("has_adapter") && model.get("adapter_mode") === "both";
-    out.textContent = model.get("prompt") + model.get("output");
-    baseOut.textContent = model.get("prompt") + model.get("base_output");
-    outs.replaceChildren(...(both ? [el("div", {}, el("div", { class: "lab-caption" }, "with adapter"), out),
-      el("div", {}, el("div", { class: "lab-caption" }, "base"), baseOut)] : [out]));
+    const chat = model.get("chat");
+    go.textContent = chat ? "Send" : "Generate";
+    clear.style.display = chat ? "" : "none";
+    beamsL.style.display = chat ? "none" : "";
+    const shown = chat ? conversation(model.get("history"), model.get("output")) : out;
+    const baseShown = chat ? conversation(model.get("base_history"), model.get("base_output")) : baseOut;
+    if (!chat) {
+      out.textContent = model.get("prompt") + model.get("output");
+      baseOut.textContent = model.get("prompt") + model.get("base_output");
+    }
+    outs.replaceChildren(...(both ? [el("div", {}, el("div", { class: "lab-caption" }, "with adapter"), shown),
+      el("div", {}, el("div", { class: "lab-caption" }, "base"), baseShown)] : [shown]));
     go.disabled = model.get("running");
     stop.disabled = !model.get("running");
     error.textContent = model.get("error") || "";
   }
-  const keys = ["prompt", "temperature", "top_k", "top_p", "max_tokens", "beams", "has_adapter", "adapter_mode", "output", "base_output", "running", "error"];
+  const keys = ["prompt", "temperature", "top_k", "top_p", "max_tokens", "beams", "has_adapter", "adapter_mode", "output", "base_output", "running", "error", "chat", "history", "base_history"];
   keys.forEach((k) => model.on(`change:${k}`, update));
   update();
   return () => keys.forEach((k) => model.off(`change:${k}`, update));

@@ -1,11 +1,13 @@
 """GenerationPanel: a prompt, sampling controls, output streamed token by token, and a base / adapter switch
-(or both side by side) when the model carries LoRA adapters."""
+(or both side by side) when the model carries LoRA adapters. With chat=True (a tokenizer with a chat template) the
+prompt is the user's message and the panel keeps the conversation, each reply ending at the turn's end token."""
 import threading
 import time
 
 import traitlets as t
 
-from ..checks import integer
+from ..chat import chat
+from ..checks import InputError, integer, show
 from ..generate import beam_search, generate
 from .base import Panel, panel_css, panel_module, require_model, require_tokenizer
 
@@ -31,10 +33,20 @@ class GenerationPanel(Panel):
     base_output = t.Unicode("").tag(sync=True)
     running = t.Bool(False).tag(sync=True)
     error = t.Unicode("").tag(sync=True)
+    chat = t.Bool(False).tag(sync=True)
+    # the conversation ([{"role", "content"}]) shown in the panel; in "both" mode base_history is the base model's
+    # own (its replies differ, so the next turn of each continues its own answers)
+    history = t.List().tag(sync=True)
+    base_history = t.List().tag(sync=True)
     _settable = ("prompt", "temperature", "top_k", "top_p", "max_tokens", "beams", "adapter_mode")
 
-    def __init__(self, model, tokenizer, prompt="", **kwargs):
-        super().__init__(prompt=prompt, **kwargs)
+    def __init__(self, model, tokenizer, prompt="", chat=False, **kwargs):
+        if not isinstance(chat, bool):
+            raise InputError(f"GenerationPanel: chat must be True or False, got {show(chat)}")
+        if chat and getattr(tokenizer, "chat_template", None) is None:
+            raise InputError(f"GenerationPanel(chat=True) needs a tokenizer with a chat template (a pretrained "
+                             f"model's, lab.load_tokenizer), got {show(tokenizer)}")
+        super().__init__(prompt=prompt, chat=chat, **kwargs)
         self._check_limits()   # max_tokens=10**9 from Python: refused here as from the panel
         from ..lora import adapters
         self.model = require_model("GenerationPanel", model)
@@ -49,7 +61,16 @@ class GenerationPanel(Panel):
         integer("beams", self.beams, high=MAX_BEAMS)
 
     def _commands(self):
-        return {"generate": lambda message: self.generate(wait=False), "stop": lambda message: self.stop()}
+        return {"generate": lambda message: self.generate(wait=False), "stop": lambda message: self.stop(),
+                "clear": lambda message: self.clear_chat()}
+
+    def clear_chat(self):
+        """Start a new conversation (chat mode): the turns so far are dropped."""
+        with self._lock:
+            if self.running:
+                self.error = "a reply is being generated: Stop it before clearing the conversation"
+                return
+            self.history, self.base_history, self.output, self.base_output, self.error = [], [], "", "", ""
 
     def stop(self):
         """End the running generation at its next token; the text made so far stays in the output."""
@@ -62,7 +83,10 @@ class GenerationPanel(Panel):
                 self.error = "generation is already running (Stop ends it)"
                 return
             if not self.prompt:
-                self.error = "enter a prompt first"
+                self.error = "enter a message first" if self.chat else "enter a prompt first"
+                return
+            if self.chat and self.beams > 1:
+                self.error = f"beam search (beams {self.beams}) does not chat: set beams to 1"
                 return
             try:
                 self._check_limits()
@@ -72,13 +96,16 @@ class GenerationPanel(Panel):
             # cleared here, not in the thread: a Stop sent right after Generate must not be lost
             self._stop.clear()
             self.error, self.running = "", True
+            message = self.prompt
+            if self.chat:   # sent: the box empties for the next message, as a chat's does
+                self.prompt = ""
         if wait:
-            self._run(seed)
+            self._run(seed, message)
         else:
-            self._thread = threading.Thread(target=self._run, args=(seed,), daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(seed, message), daemon=True)
             self._thread.start()
 
-    def _run(self, seed):
+    def _run(self, seed, message):
         try:
             modes = {"adapter": [True], "base": [False], "both": [True, False]}[self.adapter_mode] \
                 if self.has_adapter else [None]
@@ -86,7 +113,10 @@ class GenerationPanel(Panel):
                 if self._stop.is_set():  # stopped during the adapter's pass: no base pass
                     break
                 target = "base_output" if flag is False and len(modes) > 1 else "output"
-                self._generate_into(target, flag, seed)
+                if self.chat:
+                    self._reply_into(target, flag, seed, message)
+                else:
+                    self._generate_into(target, flag, seed)
         except Exception as e:  # bad settings show in the panel; the kernel stays alive
             self.error = f"{type(e).__name__}: {e}"
         finally:
@@ -113,10 +143,40 @@ class GenerationPanel(Panel):
                         should_stop=self._stop.is_set)
         setattr(self, target, text)
 
+    def _reply_into(self, target, adapter, seed, message):
+        """One turn: the user's message joins the conversation, the reply streams into `target` and then joins it
+        too (a stopped reply as far as it got)."""
+        key = "base_history" if target == "base_output" else "history"
+        turns = list(getattr(self, key)) + [{"role": "user", "content": message}]
+        setattr(self, key, turns)
+        setattr(self, target, "")
+        pieces, last = [], [0.0]
+
+        def on_token(piece):
+            pieces.append(piece)
+            now = time.perf_counter()
+            if now - last[0] > 0.05:  # at most ~20 browser updates a second
+                last[0] = now
+                setattr(self, target, "".join(pieces))
+        try:
+            reply = chat(self.model, self.tokenizer, turns, self.max_tokens, temperature=self.temperature,
+                         top_k=self.top_k or None, top_p=None if self.top_p == 1 else self.top_p, seed=seed,
+                         on_token=on_token, adapter=adapter, should_stop=self._stop.is_set)
+        except Exception:
+            setattr(self, key, turns[:-1])   # a refused turn (bad settings) is not kept half-made
+            raise
+        setattr(self, key, turns + [{"role": "assistant", "content": reply}])
+        setattr(self, target, "")
+
     def _static_html(self):
+        if self.chat:
+            turns = "".join(f"<div><b>{self.esc(m['role'])}</b>: {self.esc(m['content'])}</div>" for m in self.history)
+            return f"<b>GenerationPanel</b> (chat, {len(self.history)} turns){turns}"
         return f"<b>GenerationPanel</b>: prompt <code>{self.esc(self.prompt)}</code>"
 
     def _static_png(self):
+        if self.chat:   # the conversation is in the HTML fallback
+            return ""
         if not self.output:
             return ""
         import textwrap
