@@ -101,13 +101,12 @@ class TokenSampler:
 def device_sampler(model, rows, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, greedy=False,
                    rng=None):
     """A TokenSampler for generation on the model's backend when that samples on the device, else None (the host
-    path: numpy's). Also None for a penalty or temperature whose float32 would change the distribution (a
-    penalty below 1e-30 is 0 in float32); the seed is one draw of `rng`, so a seeded generation repeats."""
+    path: numpy's). Also None for a penalty beyond 1e8 either way: the kernel's float32 scores (logit / penalty /
+    temperature, temperature >= 1e-6) would overflow to inf where the host's float64 ones do not, and change the
+    distribution. The seed is one draw of `rng`, so a seeded generation repeats."""
     params = model.parameters()
     backend = params[0].backend if params else None
-    if backend is None or not backend.device_sampling:
-        return None
-    if not 1e-30 < repetition_penalty < 1e30 or (not greedy and temperature < 1e-30):
+    if backend is None or not backend.device_sampling or not 1e-8 <= repetition_penalty <= 1e8:
         return None
     seed = int(rng.integers(2 ** 32)) if rng is not None else 0
     return TokenSampler(backend, rows, model.config.vocab_size, temperature, top_k, top_p, repetition_penalty,

@@ -105,3 +105,48 @@ def test_logits_of_another_shape_are_one_error_naming_both(any_backend):
     s = TokenSampler(any_backend, [[1], [2]], 10)
     with pytest.raises(ValueError, match=r"logits of shape \(1, 10\) for 2 rows of a 10-token vocabulary"):
         s(any_backend.from_numpy(np.zeros((1, 10), np.float32)))
+
+
+@pytest.fixture
+def tiny(use_backend):
+    import lab
+    from dataclasses import replace
+    from lab.models import PRESETS, TransformerLM
+    lab.manual_seed(0)
+    return TransformerLM(replace(PRESETS["tiny"], vocab_size=30, n_layer=1, n_embd=16, n_head=2, block_size=12)).eval()
+
+
+def test_generate_samples_on_the_device_reading_back_ids_only(tiny, monkeypatch):
+    """On wgpu each new token reads back its id, not the logits; greedy is the host path's tokens, a seed repeats
+    (past block_size too), and the numpy backend keeps numpy's generator."""
+    from lab.generate import generate
+    backend = tiny.parameters()[0].backend
+    prompt, kw = [1, 2, 3], dict(top_k=8, top_p=0.9, temperature=0.8, repetition_penalty=1.3)
+    a, b = generate(tiny, prompt, 14, seed=7, **kw), generate(tiny, prompt, 14, seed=7, **kw)
+    assert (a == b).all() and len(a) == 14    # 17 tokens: the window slides past block_size 12
+    assert (generate(tiny, prompt, 14, seed=8, **kw) != a).any()
+    greedy = generate(tiny, prompt, 14, greedy=True, repetition_penalty=1.3)
+    batch = [generate(tiny, [prompt, [4, 5]], 6, seed=3, **kw) for _ in range(2)]
+    assert all((x == y).all() for x, y in zip(*batch))
+    greedy_batch = generate(tiny, [prompt, [4, 5]], 6, greedy=True, repetition_penalty=1.3)
+    if backend.device_sampling:
+        reads = []
+        monkeypatch.setattr(type(backend), "to_numpy", lambda self, x, f=type(backend).to_numpy: reads.append(
+            x.shape) or f(self, x))
+        generate(tiny, prompt, 5, seed=7, **kw)
+        generate(tiny, [prompt, [4, 5]], 4, seed=7, **kw)   # a batch: each step one (2, 2) readback
+        assert reads and all(s[-1] != 30 for s in reads), reads    # ids read back, never a vocabulary's logits
+        monkeypatch.undo()
+        monkeypatch.setattr(type(backend), "device_sampling", False)
+    host = generate(tiny, prompt, 14, greedy=True, repetition_penalty=1.3)
+    np.testing.assert_array_equal(greedy, host)
+    for x, y in zip(greedy_batch, generate(tiny, [prompt, [4, 5]], 6, greedy=True, repetition_penalty=1.3)):
+        np.testing.assert_array_equal(x, y)
+    if not backend.device_sampling:   # numpy (or wgpu turned host): numpy's generator, as before
+        rng = np.random.default_rng(7)
+        first = generate(tiny, prompt, 1, seed=7, **kw)[0]
+        import lab
+        with lab.no_grad():
+            logits = tiny(np.array([prompt], dtype=np.int32))[0, -1].numpy()
+        p = sample_distribution(apply_repetition_penalty(logits, np.array(prompt), 1.3), 0.8, 8, 0.9)
+        assert first == rng.choice(p.size, p=p)
