@@ -27,14 +27,16 @@ function renderGeneration({ model, el: root }) {
   const stop = el("button", { class: "lab-btn lab-stop", onclick: () => model.send({ cmd: "stop" }) }, "Stop");
   const clear = el("button", { class: "lab-btn lab-clear", onclick: () => model.send({ cmd: "clear" }) }, "Clear");
   const turn = (role, text) => el("div", { class: `lab-turn lab-turn-${role}` }, el("b", {}, `${role}: `), text);
-  // one conversation: its turns, then the reply being made (streaming) as the assistant's last turn
+  // one conversation: its turns, then the reply being made (streaming) as the assistant's last turn while the
+  // user's message waits for it (in "both" mode the other side's column is finished or not begun)
   const conversation = (turns, streaming) => el("div", { class: "lab-chat" }, ...turns.map((m) => turn(m.role, m.content)),
-    ...(model.get("running") || streaming ? [turn("assistant", streaming)] : []));
+    ...(model.get("running") && turns.length && turns[turns.length - 1].role === "user" ? [turn("assistant", streaming)] : []));
   const out = el("pre", { class: "lab-output" });
   const baseOut = el("pre", { class: "lab-output lab-output-base" });
   const outs = el("div", { class: "lab-row" });
   const error = el("div", { class: "lab-error" });
-  root.append(el("div", { class: "lab-header" }, el("b", {}, "Generate")), prompt,
+  const title = el("b", {}, "Generate");
+  root.append(el("div", { class: "lab-header" }, title), prompt,
     el("div", { class: "lab-controls" }, tempL, topkL, toppL, maxtL, beamsL, modeL, go, stop, clear), outs, error);
 
   function update() {
@@ -46,7 +48,9 @@ function renderGeneration({ model, el: root }) {
     mode.value = model.get("adapter_mode");
     const both = model.get("has_adapter") && model.get("adapter_mode") === "both";
     const chat = model.get("chat");
+    root.classList.toggle("lab-generation-chat", chat);
     go.textContent = chat ? "Send" : "Generate";
+    title.textContent = chat ? "Chat" : "Generate";
     clear.style.display = chat ? "" : "none";
     beamsL.style.display = chat ? "none" : "";
     const shown = chat ? conversation(model.get("history"), model.get("output")) : out;

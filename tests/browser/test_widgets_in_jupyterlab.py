@@ -37,6 +37,19 @@ trainer = Trainer(model, tr, va, TrainConfig(steps=100_000, batch_size=8, log_ev
 AttentionHeatmap(gqa, 'And God said', tok)""",
     "PlanEstimator(preset='tiny', batch=12, tokens=1e6, device='m1')",
     "GenerationPanel(model, tok, prompt='And God said')",
+    # chat mode: a byte-level tokenizer with a chat template, a small Llama with LoRA adapters, both side by side
+    """from tokenizers import Tokenizer, decoders, models as tkm, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from lab import lora
+bl = Tokenizer(tkm.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+bl.pre_tokenizer, bl.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+fast = PreTrainedTokenizerFast(tokenizer_object=bl, eos_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\\n{{ m.content }}<|im_end|>\\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+fast.save_pretrained("chat-tok"); chat_tok = lab.load_tokenizer("chat-tok")
+talker = lora.apply(lab.LlamaLM(replace(PRESETS["llama-tiny"], vocab_size=chat_tok.vocab_size, max_position_embeddings=512)),
+                    r=2, targets="all-linear")
+GenerationPanel(talker, chat_tok, chat=True, adapter_mode="both", max_tokens=12)""",
     """from lab.diagnostics import DiagnosticsMonitor
 small = Trainer(model, tr, va, TrainConfig(steps=20, batch_size=4, log_every=5, eval_every=20))
 mon = DiagnosticsMonitor(small, every=10, snapshot_every=5, power_iters=2)
@@ -163,6 +176,26 @@ def test_generation_stop_button_ends_a_long_generation(page):
     text = page.locator(f"{gen} .lab-output").inner_text()
     assert len("And God said") < len(text) < len("And God said") + 10_000
     assert page.locator(f"{gen} .lab-error").inner_text() == ""
+
+
+def test_generation_chat_mode_keeps_both_conversations_and_clears(page):
+    """Two messages in chat mode with base and adapter side by side: each column shows its user and assistant turns
+    (streamed, then kept), the message box empties on Send; Clear starts a new conversation."""
+    chat = ".lab-generation-chat"
+    page.wait_for_selector(f"{chat} .lab-generate:not([disabled])", timeout=120_000)
+    assert page.locator(f"{chat} .lab-generate").inner_text() == "Send"
+    for n, message in ((4, "hello"), (8, "and then?")):
+        page.fill(f"{chat} .lab-prompt", message)
+        page.click(f"{chat} .lab-generate")
+        page.wait_for_function(f"document.querySelectorAll('{chat} .lab-turn').length === {n} && "
+                               f"!document.querySelector('{chat} .lab-generate').disabled", timeout=60_000)
+        assert page.locator(f"{chat} .lab-turn-user").nth(n // 2 - 1).inner_text() == f"user: {message}"
+        assert page.locator(f"{chat} .lab-prompt").input_value() == ""
+    assert page.locator(f"{chat} .lab-caption").all_inner_texts() == ["with adapter", "base"]
+    assert page.locator(f"{chat} .lab-error").inner_text() == ""
+    _shot(page, chat, "generation_panel_chat")
+    page.click(f"{chat} .lab-clear")
+    page.wait_for_function(f"document.querySelectorAll('{chat} .lab-turn').length === 0", timeout=30_000)
 
 
 def test_edge_diagnostics_show_reports_and_the_surface(page):
