@@ -10,7 +10,8 @@
 // penalty bits, seed, step], @binding(1) X logits (rows, n), @binding(2) SEEN (rows, ceil(n / 32)): bit j % 32 of
 // word j / 32 says token j is in the row's text (the chosen token's bit is set here), @binding(3) PROBS (rows, n):
 // the filtered probabilities drawn from (not written by greedy), @binding(4) OUT (rows, 2): [id, log p bits],
-// log p of the id under the distribution drawn from (greedy: the penalized logits' softmax).
+// log p of the id under the distribution drawn from (greedy: the penalized logits' softmax); id n: none could be
+// drawn (NaN logits, or only -inf ones when sampling). Ids and counts pass through f32: n < 2^24.
 // Uniformity: every branch around a reduction depends on P only; what reductions find steers data, not control.
 
 const RWG: u32 = {{RWG}}u;
@@ -27,6 +28,8 @@ const RWG: u32 = {{RWG}}u;
 var<workgroup> chunk_pre: array<f32, 257>;   // exclusive prefix sums of the threads' chunks of the row (RWG <= 256)
 
 fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
+// (by the bits: max() may drop a NaN, and v != v may be folded away)
+fn nan_count(v: f32) -> f32 { return select(0.0, 1.0, (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u); }
 fn pos_inf() -> f32 { return bitcast<f32>(0x7f800000u); }
 
 // the logit after the penalty: a seen token's positive logit divided, a negative one multiplied (Hugging Face's)
@@ -70,26 +73,36 @@ fn sample_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (r >= P[0]) { return; }
     let n = P[1];
     let base = r * n;
+    if (lid == 0u) { OUT[2u * r] = n; }  // no token: what a row of NaN (or, drawing, of -inf only) leaves
     if (P[2] == 1u) {  // greedy: the first index of the maximum (an index as -f32 in a max: exact below 2^24)
         var m = neg_inf();
         for (var j = lid; j < n; j += RWG) { m = max(m, score(r, j)); }
         m = wg_max(m, lid);
         var s = 0.0;
         var first = neg_inf();
+        var nans = 0.0;
         for (var j = lid; j < n; j += RWG) {
             let v = score(r, j);
+            nans += nan_count(v);
             s += exp(v - m);
             first = max(first, select(neg_inf(), -f32(j), v == m));
         }
         s = wg_sum(s, lid);
         first = wg_max(first, lid);
+        nans = wg_sum(nans, lid);
         storageBarrier();
-        if (lid == 0u) { choose(r, u32(-first), -log(s)); }
+        if (lid == 0u && nans == 0.0) { choose(r, u32(-first), -log(s)); }
         return;
     }
     var infs = 0.0;
-    for (var j = lid; j < n; j += RWG) { infs += select(0.0, 1.0, score(r, j) / bitcast<f32>(P[5]) == pos_inf()); }
+    var nans = 0.0;
+    for (var j = lid; j < n; j += RWG) {
+        let v = score(r, j);
+        infs += select(0.0, 1.0, v / bitcast<f32>(P[5]) == pos_inf());
+        nans += nan_count(v);
+    }
     let any_inf = wg_sum(infs, lid) > 0.0;
+    nans = wg_sum(nans, lid);
     // top-k: the k-th largest key c, the largest with at least k keys >= c; ties at it are all kept (as the host)
     var c = 0u;
     if (P[3] < n) {
@@ -181,7 +194,7 @@ fn sample_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     // u * total may round up to total: the float below it still falls in the last chunk with mass
     let goal = min(uniform(r) * total, bitcast<f32>(bitcast<u32>(total) - 1u));
     storageBarrier();
-    if (chunk_pre[lid] <= goal && goal < chunk_pre[lid + 1u]) {
+    if (nans == 0.0 && chunk_pre[lid] <= goal && goal < chunk_pre[lid + 1u]) {
         var acc = chunk_pre[lid];
         var pick = n;
         var nonzero = lo;

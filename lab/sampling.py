@@ -48,6 +48,9 @@ def sample_rows(logits, words, temperature, top_k, top_p, penalty, greedy, seed,
     u = uniforms(seed, step, rows)
     for r in range(rows):
         scores = apply_repetition_penalty(logits[r], _seen_ids(words[r], n), penalty)
+        if np.isnan(scores).any() or not greedy and (scores == -np.inf).all():
+            out[r] = n, 0   # nothing to draw from: the kernel's id n
+            continue
         if greedy:
             j = int(np.argmax(scores))
             z = np.asarray(scores, dtype=np.float64)
@@ -90,6 +93,10 @@ class TokenSampler:
         out, dist = self.backend.sample_tokens(data, self.seen, t, k, p, pen, greedy, seed, self.step)
         self.step += 1
         got = self.backend.to_numpy(out)
+        bad = np.flatnonzero(got[:, 0] >= self.vocab)
+        if bad.size:   # the host's rng.choice refuses such a row too ('probabilities contain NaN')
+            raise ValueError(f"sampling: the logits of row {int(bad[0])} hold NaN (or, sampling, only -inf): no token "
+                             f"can be drawn from them")
         result = (got[:, 0].astype(np.int64),)
         if logprobs:
             result += (got[:, 1].view(np.float32).copy(),)
@@ -101,12 +108,14 @@ class TokenSampler:
 def device_sampler(model, rows, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, greedy=False,
                    rng=None):
     """A TokenSampler for generation on the model's backend when that samples on the device, else None (the host
-    path: numpy's). Also None for a penalty beyond 1e8 either way: the kernel's float32 scores (logit / penalty /
+    path: numpy's). Also None for a vocabulary of 2^24 or more (the kernel's float32 ids), or a penalty beyond 1e8
+    either way: the kernel's float32 scores (logit / penalty /
     temperature, temperature >= 1e-6) would overflow to inf where the host's float64 ones do not, and change the
     distribution. The seed is one draw of `rng`, so a seeded generation repeats."""
     params = model.parameters()
     backend = params[0].backend if params else None
-    if backend is None or not backend.device_sampling or not 1e-8 <= repetition_penalty <= 1e8:
+    if backend is None or not backend.device_sampling or not 1e-8 <= repetition_penalty <= 1e8 or \
+            model.config.vocab_size >= 1 << 24:
         return None
     seed = int(rng.integers(2 ** 32)) if rng is not None else 0
     return TokenSampler(backend, rows, model.config.vocab_size, temperature, top_k, top_p, repetition_penalty,

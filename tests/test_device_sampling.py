@@ -150,3 +150,29 @@ def test_generate_samples_on_the_device_reading_back_ids_only(tiny, monkeypatch)
             logits = tiny(np.array([prompt], dtype=np.int32))[0, -1].numpy()
         p = sample_distribution(apply_repetition_penalty(logits, np.array(prompt), 1.3), 0.8, 8, 0.9)
         assert first == rng.choice(p.size, p=p)
+
+
+def test_a_top_p_near_zero_keeps_the_top_token_and_infinite_logits_share_it(any_backend):
+    """top_p - 1e-9 <= 0 once meant 'no top-p' to the kernel (its target's bits 0): it keeps the top token, as
+    the host; +inf logits share the probability, as sample_distribution's."""
+    x = np.random.default_rng(0).normal(size=(3, 37)).astype(np.float32)
+    x[2, [4, 9]] = np.inf
+    for top_p in (1e-10, 1e-9):
+        ids, probs = TokenSampler(any_backend, [[], [], []], 37, top_p=top_p)(any_backend.from_numpy(x), probs=True)
+        assert ids[:2].tolist() == np.argmax(x[:2], 1).tolist()
+        for r in range(3):
+            np.testing.assert_allclose(probs[r], _host_probs(x[r], [], top_p=top_p), atol=1e-7)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_a_row_of_nan_or_only_minus_inf_is_one_error_naming_it(any_backend, greedy):
+    x = np.zeros((3, 40), np.float32)
+    x[1, 7] = np.nan
+    if not greedy:
+        x[2] = -np.inf
+    with pytest.raises(ValueError, match=r"the logits of row 1 hold NaN \(or, sampling, only -inf\)"):
+        TokenSampler(any_backend, [[], [], []], 40, greedy=greedy)(any_backend.from_numpy(x))
+    x[1, 7] = 0.0
+    if not greedy:
+        with pytest.raises(ValueError, match="the logits of row 2"):
+            TokenSampler(any_backend, [[], [], []], 40)(any_backend.from_numpy(x))
