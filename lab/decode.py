@@ -2,9 +2,11 @@
 
 A decode step is a forward of one token per row through the KV cache. Eagerly, Python runs each of its ops (shape
 checks, params packing, bind group lookups), which on a GPU is most of a small model's step. DecodeRunner's cache
-is marked fixed_shape: a one-token step reads the whole cache block with the slots past its position masked in the
-softmax, so its kernels and grids do not depend on the position, only some params do (the offsets its keys and
-values are written at, the rotary position, the softmax's length). Three consecutive eager steps are captured;
+layers are FixedCache: a one-token step reads a window of the cache (the next power of two >= pos+1 slots, at least
+MIN_WINDOW, at most the block) with the slots past its position masked in the softmax, so within a window its
+kernels and grids do not depend on the position, only some params do (the offsets its keys and values are written
+at, the rotary position, the softmax's length); a window rather than the whole block keeps a short sequence from
+reading a long model's every slot. Each window has its own capture. Three consecutive eager steps are captured;
 the params that differ between the first two are taken as linear in the position, and the patched first capture
 must record exactly what the third did. Later steps are replays: the token ids are written into the captured
 input buffer and the dispatches recorded again with the position patched in, the same arithmetic in the same
@@ -22,11 +24,20 @@ from .nn import step_lock
 from .train.replay import MAX_MISMATCHES, module_signature, same_signature
 
 CAPTURED_STEPS = 3   # two to find which params follow the position, a third to check the patches
+MIN_WINDOW = 16
 
 
 class FixedCache(tuple):
-    """One layer's (keys, values) of a KV cache that one-token steps read whole (see the module's docstring)."""
-    fixed_shape = True
+    """One layer's (keys, values) of a KV cache whose one-token steps read `window` slots (see the module's
+    docstring); DecodeRunner sets the window before each step."""
+    window = None
+
+
+class _Window:
+    """The captures of one window: the last eager steps [(pos, Capture, logits)] and the verified one."""
+
+    def __init__(self):
+        self.captured, self.ready, self.mismatches, self.off = [], None, 0, None
 
 
 class DecodeRunner:
@@ -45,10 +56,8 @@ class DecodeRunner:
         if rope is not None and self.off is None:  # rotary tables for every slot: a replay cannot grow them
             rope(self.block)
         self.ids = None if self.off else tensor(np.zeros((self.batch, 1), np.int32), backend=self.backend)
-        self.captured = []   # [(pos, Capture, logits)] of the last eager steps, newest last
-        self.ready = None    # (pos, Capture, logits): replayed for the steps after it
+        self.windows = {}    # window -> _Window
         self.signature = None
-        self.mismatches = 0
         self.replayed = 0
 
     def __enter__(self):
@@ -65,9 +74,14 @@ class DecodeRunner:
 
     def close(self):
         """Give the captures' buffers back to the pool."""
-        for _, capture, _ in self.captured + ([self.ready] if self.ready else []):
-            self.backend.release_capture(capture)
-        self.captured, self.ready = [], None
+        for w in self.windows.values():
+            for _, capture, _ in w.captured + ([w.ready] if w.ready else []):
+                self.backend.release_capture(capture)
+        self.windows = {}
+
+    def window(self, pos):
+        """The slots a step at `pos` reads: a power of two >= pos + 1."""
+        return min(self.block, max(MIN_WINDOW, 1 << int(pos).bit_length()))
 
     def step(self, token_ids, pos):
         """Logits (batch, 1, vocab), a device tensor of its own, for one token per row at cache slot `pos`
@@ -84,6 +98,9 @@ class DecodeRunner:
         ids = ids.astype(np.int32)
         B = self.backend
         with step_lock(self.model), (B.exclusive() if self.off is None else contextlib.nullcontext()):
+            if self.off is None:
+                for layer in self.cache:
+                    layer.window = self.window(pos)
             if self.off is not None or B.profiling:
                 return self.model.forward_cached(ids, self.cache, pos)
             signature = module_signature(self.model)
@@ -92,45 +109,45 @@ class DecodeRunner:
                 self.signature = signature
             B.sync()   # (a write lands before work recorded earlier and not yet submitted)
             B.write(self.ids.data, ids)
-            if self.ready is not None:
-                _, capture, logits = self.ready
+            w = self.windows.setdefault(self.window(pos), _Window())
+            if w.ready is not None:
+                _, capture, logits = w.ready
                 B.replay(capture, {"pos": pos})
                 self.replayed += 1
                 # a copy: the captured logits are overwritten by the next replay, a returned tensor is not
                 return Tensor(B.scalar("mul", logits.data, 1.0), B)
-            return self._captured_step(pos)
+            if w.off is not None:
+                return self.model.forward_cached(self.ids, self.cache, pos)
+            return self._captured_step(w, pos)
 
-    def _captured_step(self, pos):
+    def _captured_step(self, w, pos):
         B = self.backend
         B.capture_begin()
         try:
             logits = self.model.forward_cached(self.ids, self.cache, pos)
         finally:
             capture = B.capture_end()
-        self.captured.append((pos, capture, logits))
+        w.captured.append((pos, capture, logits))
         if capture.broken:
-            self.off = capture.broken
-            self.close()
-        elif len(self.captured) > CAPTURED_STEPS:
-            B.release_capture(self.captured.pop(0)[1])
-        if len(self.captured) == CAPTURED_STEPS and [p for p, _, _ in self.captured] == list(range(pos - 2, pos + 1)):
-            (p0, first, _), (_, second, _), (_, third, _) = self.captured
+            w.off = capture.broken
+        elif len(w.captured) > CAPTURED_STEPS:
+            B.release_capture(w.captured.pop(0)[1])
+        if w.off is None and len(w.captured) == CAPTURED_STEPS and [
+                p for p, _, _ in w.captured] == list(range(pos - 2, pos + 1)):
+            (p0, first, _), (_, second, _), (_, third, _) = w.captured
             why = first.follow(second, "pos", p0) or first.difference(third, {"pos": pos})
             if why is None:
-                self.ready = self.captured.pop(0)
-                self.close_captured()
+                w.ready = w.captured.pop(0)
             else:
                 first.patches.clear()
-                self.mismatches += 1
-                if self.mismatches >= MAX_MISMATCHES:
-                    self.off = why
-                    self.close()
+                w.mismatches += 1
+                if w.mismatches >= MAX_MISMATCHES:  # something beside the position changes from step to step
+                    w.off = why
+        if w.ready is not None or w.off is not None:
+            for _, c, _ in w.captured:
+                B.release_capture(c)
+            w.captured = []
         return Tensor(B.scalar("mul", logits.data, 1.0), B)
-
-    def close_captured(self):
-        for _, capture, _ in self.captured:
-            self.backend.release_capture(capture)
-        self.captured = []
 
 
 __all__ = ["DecodeRunner", "FixedCache"]

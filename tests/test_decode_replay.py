@@ -145,3 +145,34 @@ def test_softmax_length_masks_the_columns_from_it(any_backend):
             F.softmax(tensor(x, backend=any_backend), length=length)
     with pytest.raises(ValueError, match="causal and length masks cannot be combined"):
         F.softmax(tensor(x[:, :, :2], backend=any_backend), causal=True, length=1)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_decode_steps_across_cache_windows_give_the_logits_of_eager_steps(use_backend, family):
+    """A 40-slot cache: steps at slots 4..38 read windows of 16, 32 and 40 slots, each captured on its own."""
+    lab.manual_seed(0)
+    if family == "gpt":
+        model = TransformerLM(replace(PRESETS["tiny"], vocab_size=30, n_layer=1, n_embd=16, n_head=2, block_size=40))
+    else:
+        model = lab.LlamaLM(lab.LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=40))
+    model.eval()
+    tokens = np.random.default_rng(2).integers(0, 30, 35)
+    with no_grad():
+        slices = _eager(model, model.new_cache(1), tokens, 4)
+        with DecodeRunner(model, 1) as eager:   # the same windows, every step eager (lab.profile() is not replayed)
+            model.forward_cached(PROMPT, eager.cache, 0)
+            with lab.profile():
+                whole = [eager.step([t], 4 + i)[0, -1].numpy() for i, t in enumerate(tokens)]
+        with DecodeRunner(model, 1) as runner:
+            model.forward_cached(PROMPT, runner.cache, 0)
+            got = [runner.step([t], 4 + i)[0, -1].numpy() for i, t in enumerate(tokens)]
+            windows = sorted(runner.windows)
+    if use_backend.name == "wgpu":
+        assert windows == [16, 32, 40] and eager.replayed == 0
+        assert runner.replayed == (12 - 3) + (16 - 3) + (7 - 3)   # slots 4..15, 16..31, 32..38
+        for a, b in zip(got, whole):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(got, slices[1:]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        assert np.argmax(a) == np.argmax(b)

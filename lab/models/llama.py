@@ -269,7 +269,7 @@ class LlamaAttention(nn.Module):
         if pad is not None:
             scores = scores + padding_mask(pad, S, scores.ndim)
         att = F.softmax(scores, scale=1.0 / math.sqrt(D), causal=T == S and T > 1,
-                        length=pos + T if S > pos + T else None)   # (a fixed_shape cache's slots past pos + T)
+                        length=pos + T if S > pos + T else None)   # (a FixedCache window's slots past pos + T)
         y = F.matmul(F.dropout(att, self.attn_dropout, self.training).reshape(Bsz, Hkv, G * T, S), v)
         y = y.reshape(Bsz, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(Bsz, T, H * D)   # heads merged
         y = self.o_proj(y)
@@ -299,9 +299,9 @@ def _extend_cache(cache, k, v, pos):
     strides = contiguous_strides(cache_k.shape)
     for buf, new in ((cache_k, k), (cache_v, v)):                              # cache[:, :, pos:pos+T] = new
         buf.backend.write_view(buf.data, pos * D, strides, new.data)
-    if T == 1 and getattr(cache, "fixed_shape", False):   # read whole, its unfilled slots masked (lab.decode)
-        return cache_k, cache_v
-    return cache_k[:, :, :pos + T], cache_v[:, :, :pos + T]
+    # a one-token step on lab.decode's FixedCache reads its window, the unfilled slots masked by the softmax
+    S = (getattr(cache, "window", None) if T == 1 else None) or pos + T
+    return (cache_k, cache_v) if S == cache_k.shape[2] else (cache_k[:, :, :S], cache_v[:, :, :S])
 
 
 class LlamaMLP(nn.Module):

@@ -82,9 +82,9 @@ class CausalSelfAttention(nn.Module):
         strides = contiguous_strides(cache_k.shape)
         for buf, new in ((cache_k, k), (cache_v, v)):                           # in place: cache[:, :, pos:pos+Tn]
             buf.backend.write_view(buf.data, pos * D, strides, new.data)
-        # a fixed_shape cache (lab.decode's) is read whole by a one-token step, slots >= pos+1 masked in the softmax:
-        # the shapes then do not follow pos, so one captured step replays at every position
-        S = cache_k.shape[2] if Tn == 1 and getattr(cache, "fixed_shape", False) else pos + Tn
+        # a one-token step on lab.decode's FixedCache reads its window (slots >= pos+1 masked in the softmax): the
+        # shapes then do not follow pos, so one captured step replays at every position of the window
+        S = (getattr(cache, "window", None) if Tn == 1 else None) or pos + Tn
         keys, values = (cache_k, cache_v) if S == cache_k.shape[2] else (cache_k[:, :, :S], cache_v[:, :, :S])
         # a single new token sees every cached position, so no mask; a prefill is the usual causal square
         scores = F.matmul(q, keys, transpose_b=True)
