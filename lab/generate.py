@@ -417,13 +417,15 @@ def _full_logits(model, seq, block, on_device=False):
 
 
 def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.0, tokenizer=None, adapter=None,
-                should_stop=None, eos_token_id=None, num_return_sequences=1, use_cache=True):
+                should_stop=None, eos_token_id=None, num_return_sequences=1, use_cache=True, early_stopping=True):
     """The continuation with the highest log-probability / length**length_penalty among num_beams beams.
     Returns ids (or text for a text prompt); with num_return_sequences=n > 1 a list of the n best, best first.
     adapter=True/False: LoRA adapters on/off for this call only. should_stop() is asked before each step; once it
     says True, the best beams so far are returned. A beam ends at an end-of-sequence token (eos_token_id, by
-    default the model config's; not returned), as transformers' do; the search stops once the num_beams best have
-    all ended. With use_cache the beams are the rows of one KV cache, reordered on the device as beams are
+    default the model config's; not returned), as transformers' do. early_stopping=True: ended beams compete on
+    with the live ones, and the search stops once the num_beams best have all ended; False: ended beams are set
+    aside (those among the step's num_beams best), num_beams live beams go on, and the search stops when no live
+    beam can beat the num_beams-th ended one by normalized score (transformers' early_stopping=False). With use_cache the beams are the rows of one KV cache, reordered on the device as beams are
     reselected (reorder_cache); without it each step recomputes every beam over its last block_size tokens."""
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
     max_new_tokens = _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
@@ -437,15 +439,21 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
         raise InputError(f"num_return_sequences {n_return} is more than num_beams {num_beams}: a search keeps "
                          f"only num_beams beams")
     real("length_penalty", length_penalty)
-    if not isinstance(use_cache, (bool, np.bool_)):
-        raise InputError(f"use_cache must be True or False, got {show(use_cache)}")
+    for flag, value in (("use_cache", use_cache), ("early_stopping", early_stopping)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InputError(f"{flag} must be True or False, got {show(value)}")
     eos = _eos_ids(model, eos_token_id)
     block = model.config.block_size
     cache = None
     if use_cache and hasattr(model, "new_cache"):
         check_cache_fits(model, num_beams)
     beams = [(0.0, list(ids), False, 0)]   # (log-probability, tokens, ended, the cache row of its parent)
+    finished = []   # ended beams set aside (early_stopping=False)
     pos = 0
+
+    def normalized(b):   # a beam's score by its own length (an ended beam is shorter; its EOS counts)
+        return b[0] / (max(len(b[1]) - len(ids), 1) ** length_penalty)
+
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
         for _ in range(max_new_tokens):
             live = [b for b in beams if not b[2]]
@@ -472,13 +480,21 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
             logp = logits - logits.max(1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(1, keepdims=True))
             cand = [b for b in beams if b[2]]   # ended beams compete on as they are
+            # (set aside, ended beams leave num_beams live ones only if each beam offers 2 num_beams tokens)
+            width = num_beams if early_stopping else min(2 * num_beams, vocab)
             for row, ((score, seq, _, _), lp) in enumerate(zip(live, logp)):
-                for tok in np.argsort(-lp)[:num_beams]:
+                for tok in np.argsort(-lp)[:width]:
                     cand.append((score + lp[tok], seq + [int(tok)], int(tok) in eos, row))
             cand.sort(key=lambda c: -c[0])
-            beams = cand[:num_beams]
-    # each beam's score normalized by its own length (an ended beam is shorter)
-    ranked = sorted(beams, key=lambda b: -b[0] / (max(len(b[1]) - len(ids), 1) ** length_penalty))
+            if early_stopping:
+                beams = cand[:num_beams]
+                continue
+            finished += [c for c in cand[:num_beams] if c[2]]
+            beams = [c for c in cand if not c[2]][:num_beams]
+            worst = sorted(map(normalized, finished), reverse=True)[num_beams - 1:num_beams]
+            if worst and normalized(beams[0]) <= worst[0]:
+                break
+    ranked = sorted(finished + beams, key=lambda b: -normalized(b))
     out = [b[1][len(ids):len(b[1]) - b[2]] for b in ranked[:n_return]]   # without the end-of-sequence token
     out = [tokenizer.decode(o) if as_text else np.asarray(o, dtype=np.int64) for o in out]
     return out if num_return_sequences > 1 else out[0]

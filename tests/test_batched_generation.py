@@ -94,6 +94,7 @@ def test_beam_search_on_the_kv_cache_finds_the_beams_of_the_full_recompute(use_b
     model = _model(family)
     for prompt, kw in (([3, 1, 4], {}), ([5, 9, 2, 6, 5], {"length_penalty": 0.0}),
                        ([2], {"eos_token_id": 7, "length_penalty": 2.0}),
+                       ([4, 4], {"eos_token_id": 7, "early_stopping": False}),
                        ([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], {})):   # past block_size 24
         full = lab.beam_search(model, prompt, 8, num_beams=3, use_cache=False, num_return_sequences=3, **kw)
         cached = lab.beam_search(model, prompt, 8, num_beams=3, num_return_sequences=3, **kw)
@@ -114,6 +115,16 @@ def test_beam_search_and_a_padded_batch_match_transformers_on_a_small_llama(use_
                        num_return_sequences=1, attention_mask=torch.ones(1, 4, dtype=torch.long),
                        pad_token_id=0)[0, 4:].numpy()
     np.testing.assert_array_equal(lab.beam_search(model, prompt[0], 6, num_beams=3), want)
+    # ended beams set aside, as transformers' early_stopping=False: the two best, with and without an EOS
+    for p, eos, lp in (([[4, 11, 30, 2]], 7, 1.0), ([[4, 11, 30, 2]], 7, 2.0), ([[9, 1, 0, 4]], 4, 0.0),
+                       ([[9, 1, 0, 4]], 5, 1.0)):
+        want = hf.generate(torch.tensor(p), max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=False,
+                           num_return_sequences=2, length_penalty=lp, eos_token_id=eos, pad_token_id=0,
+                           attention_mask=torch.ones(1, 4, dtype=torch.long))[:, 4:].tolist()
+        want = [r[:r.index(eos)] if eos in r else r for r in want]   # (transformers pads after the EOS)
+        got = lab.beam_search(model, p[0], 6, num_beams=3, early_stopping=False, num_return_sequences=2,
+                              length_penalty=lp, eos_token_id=eos)
+        assert [g.tolist() for g in got] == want
     # greedy on a left-padded batch, transformers' attention mask and position ids from it
     ids = torch.tensor([[0, 0, 5, 9], [4, 11, 30, 2]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
