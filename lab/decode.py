@@ -52,9 +52,9 @@ class DecodeRunner:
         # (numpy's steps stay eager over the filled slots only: reading the whole block would only cost it time)
         self.cache = [layer if self.off else FixedCache(layer) for layer in model.new_cache(self.batch)]
         self.block = self.cache[0][0].shape[2]
-        rope = getattr(model, "_rope", None)
-        if rope is not None and self.off is None:  # rotary tables for every slot: a replay cannot grow them
-            rope(self.block)
+        # a replay cannot grow the rotary tables as an eager step does: each step makes them cover its window first
+        # (a growth replaces them: a new module_signature, so new captures)
+        self.rope = getattr(model, "_rope", None)
         self.ids = None if self.off else tensor(np.zeros((self.batch, 1), np.int32), backend=self.backend)
         self.windows = {}    # window -> _Window
         self.signature = None
@@ -101,6 +101,8 @@ class DecodeRunner:
             if self.off is None:
                 for layer in self.cache:
                     layer.window = self.window(pos)
+                if self.rope is not None:
+                    self.rope(self.window(pos))
             if self.off is not None or B.profiling:
                 return self.model.forward_cached(ids, self.cache, pos)
             signature = module_signature(self.model)
