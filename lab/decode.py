@@ -46,6 +46,9 @@ class DecodeRunner:
     token. On wgpu the steps after the first three are replays; close() gives their buffers back."""
 
     def __init__(self, model, batch):
+        if not (hasattr(model, "new_cache") and hasattr(model, "forward_cached")):
+            raise InputError(f"DecodeRunner: {type(model).__name__} keeps no KV cache (no new_cache / forward_cached): "
+                             f"its tokens are made by full forwards")
         self.model, self.batch = model, integer("batch", batch, low=1)
         self.backend = model.parameters()[0].backend
         self.off = None if hasattr(self.backend, "capture_begin") else "the backend has no step capture"

@@ -114,6 +114,9 @@ def test_generate_with_replayed_decode_steps_makes_the_tokens_of_full_recompute(
 
 
 def test_decode_step_refuses_bad_ids_and_positions(any_backend):
+    from lab.models.proneural import ProNeuralConfig, ProNeuralLM
+    with pytest.raises(InputError, match="ProNeuralLM keeps no KV cache"):
+        DecodeRunner(ProNeuralLM(ProNeuralConfig(vocab_size=5)), 1)
     from lab.engine import backend as B
     prev = dict(B._state)
     B._state["backend"] = any_backend
