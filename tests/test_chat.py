@@ -16,7 +16,7 @@ ROLES = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{END}{
          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _tokenizer(tmp_path, end="<|im_end|>\n"):
+def _tokenizer(tmp_path, end="<|im_end|>\n", template=ROLES):
     """A byte-level tokenizer (one token per byte, so a character may span tokens) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -25,7 +25,7 @@ def _tokenizer(tmp_path, end="<|im_end|>\n"):
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = ROLES.replace("{END}", end)
+    fast.chat_template = template.replace("{END}", end)
     fast.save_pretrained(tmp_path)
     return lab.load_tokenizer(tmp_path)
 
@@ -83,6 +83,17 @@ def test_chat_with_a_template_whose_turn_ends_in_several_tokens_stops_at_that_te
     pieces = []
     got = lab.chat(model, tok, hi, 60, greedy=True, on_token=pieces.append)
     assert got == "yes, ### no" and "".join(pieces) == got   # '### end' never shown, even in part
+
+
+def test_chat_with_a_template_that_refuses_a_plain_user_turn_still_ends_at_eos(tmp_path):
+    # the end token is found by rendering a probe turn; a template that demands a system turn first refuses it
+    strict = "{% if messages[0].role != 'system' %}{{ raise_exception('a system turn first') }}{% endif %}" + ROLES
+    tok = _tokenizer(tmp_path, template=strict)
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    model = _scripted(tok, turns, _ids(tok, "fine") + [tok.eos_token_id] + _ids(tok, "x"))
+    assert lab.chat(model, tok, turns, 20, greedy=True) == "fine"
+    with pytest.raises(InputError, match="the chat template refused these messages .*a system turn first"):
+        lab.chat(model, tok, turns[1:], 20, greedy=True)
 
 
 def test_chat_refuses_what_it_cannot_use(tmp_path):
