@@ -492,7 +492,7 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
             finished += [c for c in cand[:num_beams] if c[2]]
             beams = [c for c in cand if not c[2]][:num_beams]
             worst = sorted(map(normalized, finished), reverse=True)[num_beams - 1:num_beams]
-            if worst and normalized(beams[0]) <= worst[0]:
+            if not beams or worst and normalized(beams[0]) <= worst[0]:   # (every candidate an EOS: none live)
                 break
     ranked = sorted(finished + beams, key=lambda b: -normalized(b))
     out = [b[1][len(ids):len(b[1]) - b[2]] for b in ranked[:n_return]]   # without the end-of-sequence token

@@ -141,3 +141,12 @@ def test_bad_beam_searches_are_one_clear_error(use_backend):
         lab.beam_search(model, [1, 2], 3, num_beams=3, num_return_sequences=4)
     with pytest.raises(InputError, match="use_cache must be True or False"):
         lab.beam_search(model, [1, 2], 3, num_beams=2, use_cache="no")
+
+
+def test_a_search_whose_every_candidate_ends_returns_empty_beams(use_backend):
+    model = _model("gpt")
+    every = list(range(30))
+    for early_stopping in (True, False):
+        got = lab.beam_search(model, [1, 2], 4, num_beams=3, eos_token_id=every, num_return_sequences=2,
+                              early_stopping=early_stopping)
+        assert [g.tolist() for g in got] == [[], []]
