@@ -287,11 +287,15 @@ def check_cache_fits(model, batch):
     buffer = min(prof.max_buffer_size, prof.max_binding_size)
     fits = min(buffer // row, max(prof.memory_bytes - weights, 0) // (2 * layers * row))
     if batch > fits:
-        raise DoesNotFitError(
-            f"a KV cache for a batch of {batch} does not fit {prof.name}: each of its {2 * layers} tensors needs "
-            f"{batch * row / 2 ** 20:,.1f} MiB (largest buffer {buffer / 2 ** 20:,.0f} MiB), all "
-            f"{2 * layers * batch * row / 2 ** 30:.2f} GiB beside {weights / 2 ** 30:.2f} GiB of weights "
-            f"(memory {prof.memory_bytes / 2 ** 30:.2f} GiB); at most {fits} rows fit", None)
+        reasons = []   # only the limits exceeded
+        if batch * row > buffer:
+            reasons.append(f"each of its {2 * layers} tensors needs {batch * row / 2 ** 20:,.1f} MiB, above the "
+                           f"device's largest buffer binding of {buffer / 2 ** 20:,.0f} MiB")
+        if 2 * layers * batch * row > prof.memory_bytes - weights:
+            reasons.append(f"it needs {2 * layers * batch * row / 2 ** 30:.2f} GiB beside "
+                           f"{weights / 2 ** 30:.2f} GiB of weights, the device has {prof.memory_bytes / 2 ** 30:.2f} GiB")
+        raise DoesNotFitError(f"a KV cache for a batch of {batch} does not fit {prof.name}: {'; '.join(reasons)}; "
+                              f"at most {fits} rows fit (fewer prompts or beams, or a smaller block_size)", None)
 
 
 def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, tokenizer,
