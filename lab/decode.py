@@ -52,7 +52,7 @@ class DecodeRunner:
         self.model, self.batch = model, integer("batch", batch, low=1)
         self.backend = model.parameters()[0].backend
         self.off = None if hasattr(self.backend, "capture_begin") else "the backend has no step capture"
-        # (numpy's steps stay eager over the filled slots only: reading the whole block would only cost it time)
+        # (numpy's steps stay eager over the filled slots only: reading a whole window would only cost it time)
         self.cache = [layer if self.off else FixedCache(layer) for layer in model.new_cache(self.batch)]
         self.block = self.cache[0][0].shape[2]
         # a replay cannot grow the rotary tables as an eager step does: each step makes them cover its window first
@@ -130,8 +130,10 @@ class DecodeRunner:
         B.capture_begin()
         try:
             logits = self.model.forward_cached(self.ids, self.cache, pos)
-        finally:
-            capture = B.capture_end()
+        except BaseException:  # (an interrupted step's capture holds buffers out of the pool: back at once)
+            B.release_capture(B.capture_end())
+            raise
+        capture = B.capture_end()
         w.captured.append((pos, capture, logits))
         if capture.broken:
             w.off = capture.broken

@@ -179,3 +179,32 @@ def test_decode_steps_across_cache_windows_give_the_logits_of_eager_steps(use_ba
     for a, b in zip(got, slices[1:]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
         assert np.argmax(a) == np.argmax(b)
+
+
+def test_an_interrupted_decode_step_gives_its_capture_back(wgpu_backend, monkeypatch):
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", wgpu_backend)
+    model = _model("gpt", adapters=False)
+    mlp, calls = model.h[0].mlp, []
+    forward = mlp.forward
+
+    def interrupted(x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(x)
+
+    before = dict(wgpu_backend._reserved), set(wgpu_backend._held)   # (other tests' trainers may hold captures)
+    with no_grad(), DecodeRunner(model, 1) as runner:
+        model.forward_cached(PROMPT, runner.cache, 0)
+        monkeypatch.setattr(mlp, "forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            for pos in range(4, 8):
+                runner.step([1], pos)
+        monkeypatch.delattr(mlp, "forward")
+        for pos in range(5, 12):
+            runner.step([1], pos)
+        assert runner.replayed == 4
+        held = sum(len(w.captured) + (w.ready is not None) for w in runner.windows.values())
+        assert wgpu_backend._reserved != before[0] and held == 1
+    assert (wgpu_backend._reserved, set(wgpu_backend._held)) == before   # nothing out of the pool once closed
