@@ -155,7 +155,9 @@ def run_generate_bench(preset, backend_name, batch_size=1, new_tokens=None, prom
             f"tokens/s, first token {best['lab'][0] * 1e3:.1f} ms")
     if "torch" in sides:
         # the same weights, greedy: the same tokens until two logits are closer than the implementations differ
-        agree = int(np.argmin(np.append(outs["lab"][0] == outs["torch"][0], False)))
+        # (the fewest of any row)
+        same = np.concatenate([outs["lab"] == outs["torch"], np.zeros((batch_size, 1), bool)], axis=1)
+        agree = int(np.argmin(same, axis=1).min())
         (ttft, per_step), (t_ttft, t_per_step) = best["lab"], best["torch"]
         result.update(torch_model=f"transformers {type(theirs).__name__} (eager attention, fp32)",
                       torch_device=device, torch_threads=torch.get_num_threads(),
