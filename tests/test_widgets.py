@@ -407,5 +407,9 @@ def test_generation_panel_chat_keeps_each_sides_conversation_and_streams_replies
     from lab.checks import InputError
     with pytest.raises(InputError, match=r"chat=True\) needs a tokenizer with a chat template"):
         GenerationPanel(m, CharTokenizer.from_text("abc"), chat=True)
-    with pytest.raises(InputError, match="chat must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="chat must be a boolean, got 'yes'"):
         GenerationPanel(m, tok, chat="yes")
+    plain = GenerationPanel(m, CharTokenizer.from_text("abc"))
+    with pytest.raises(InputError, match=r"chat=True\) needs a tokenizer with a chat template"):
+        plain.chat = True
+    assert plain.chat is False

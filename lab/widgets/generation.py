@@ -41,11 +41,7 @@ class GenerationPanel(Panel):
     _settable = ("prompt", "temperature", "top_k", "top_p", "max_tokens", "beams", "adapter_mode")
 
     def __init__(self, model, tokenizer, prompt="", chat=False, **kwargs):
-        if not isinstance(chat, bool):
-            raise InputError(f"GenerationPanel: chat must be True or False, got {show(chat)}")
-        if chat and getattr(tokenizer, "chat_template", None) is None:
-            raise InputError(f"GenerationPanel(chat=True) needs a tokenizer with a chat template (a pretrained "
-                             f"model's, lab.load_tokenizer), got {show(tokenizer)}")
+        self.tokenizer = tokenizer   # (the chat check below reads it)
         super().__init__(prompt=prompt, chat=chat, **kwargs)
         self._check_limits()   # max_tokens=10**9 from Python: refused here as from the panel
         from ..lora import adapters
@@ -55,6 +51,14 @@ class GenerationPanel(Panel):
         self._thread = None
         self._lock = threading.Lock()       # two Generate clicks (or calls from two threads): one run
         self._stop = threading.Event()      # set by Stop; the running generation ends at its next token
+
+    @t.validate("chat")
+    def _valid_chat(self, proposal):   # at construction and when set later (panel.chat = True)
+        chat = proposal["value"]   # (a non-boolean is refused by Panel's trait check first)
+        if chat and getattr(self.tokenizer, "chat_template", None) is None:
+            raise InputError(f"GenerationPanel(chat=True) needs a tokenizer with a chat template (a pretrained "
+                             f"model's, lab.load_tokenizer), got {show(self.tokenizer)}")
+        return chat
 
     def _check_limits(self):
         integer("max_tokens", self.max_tokens, high=MAX_TOKENS)
