@@ -51,7 +51,7 @@ class DecodeRunner:
                              f"its tokens are made by full forwards")
         self.model, self.batch = model, integer("batch", batch, low=1)
         self.backend = model.parameters()[0].backend
-        self.off = None if hasattr(self.backend, "capture_begin") else "the backend has no step capture"
+        self.off = None if self.backend.supports_capture else "the backend has no step capture"
         # (numpy's steps stay eager over the filled slots only: reading a whole window would only cost it time)
         self.cache = [layer if self.off else FixedCache(layer) for layer in model.new_cache(self.batch)]
         self.block = self.cache[0][0].shape[2]

@@ -12,6 +12,7 @@ from .checks import InputError, integer, real, show
 from .engine import ops as F
 from .engine.backend import contiguous_strides
 from .engine.random import generator
+from .engine.sampling import apply_repetition_penalty, sample_distribution  # noqa: F401  (lab.generate's API)
 from .engine.tensor import no_grad
 from .decode import DecodeRunner
 from .nn import evaluating, step_lock
@@ -84,42 +85,6 @@ def _encode_prompt(tokenizer, prompt):
         if len(plain) and plain[0] == bos:
             return plain
     return ids
-
-
-def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL's penalty, as Hugging Face applies it: positive logits of seen tokens divided, negative multiplied."""
-    if penalty == 1.0 or not len(seen):
-        return logits
-    idx = np.unique(seen)
-    logits = logits.astype(np.float64)  # a copy, wide enough for a penalty of 1e-300 or 1e300
-    vals = logits[idx]
-    with np.errstate(over="ignore"):  # beyond float64: +-inf, which sample_distribution takes as it means
-        logits[idx] = np.where(vals > 0, vals / penalty, vals * penalty)
-    return logits
-
-
-def sample_distribution(logits, temperature=1.0, top_k=None, top_p=None):
-    """The probabilities sampling draws from, after temperature, top-k and top-p filtering."""
-    with np.errstate(over="ignore"):
-        z = logits.astype(np.float64) / temperature
-    top = z == np.inf
-    if top.any():  # logits past float64 (a tiny repetition penalty): those tokens alone, evenly (inf - inf is NaN)
-        z = np.where(top, 0.0, -np.inf)
-    if top_k is not None and top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        # the smallest set whose mass reaches top_p (the tolerance absorbs rounding in the running sum)
-        keep = order[: int(np.searchsorted(cum, top_p - 1e-9) + 1)]
-        mask = np.zeros_like(p, dtype=bool)
-        mask[keep] = True
-        p = np.where(mask, p, 0.0)
-        p /= p.sum()
-    return p
 
 
 def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, top_p=None,

@@ -6,68 +6,7 @@ the same seed gives the same tokens on one backend; sample_rows is the host's eq
 import numpy as np
 
 from .checks import InputError
-
-_M = np.uint64(0xFFFFFFFF)
-
-
-def _pcg(x):
-    """dropout_mask.wgsl's pcg on uint32 values (as uint64 arithmetic wrapped to 32 bits)."""
-    x = np.asarray(x, dtype=np.uint64) & _M
-    s = (x * np.uint64(747796405) + np.uint64(2891336453)) & _M
-    w = (((s >> ((s >> np.uint64(28)) + np.uint64(4))) ^ s) * np.uint64(277803737)) & _M
-    return (w >> np.uint64(22)) ^ w
-
-
-def uniforms(seed, step, rows):
-    """The uniforms in [0, 1) sample.wgsl draws rows 0..rows-1 with at (seed, step): float32, 24 bits."""
-    h = _pcg(_pcg(_pcg(seed) ^ np.uint64(step & 0xFFFFFFFF)) ^ np.arange(rows, dtype=np.uint64))
-    return ((h >> np.uint64(8)).astype(np.float32) * np.float32(1.0 / 16777216.0))
-
-
-def pack_seen(rows, vocab):
-    """Each row's token ids as bits: (len(rows), ceil(vocab / 32)) int32, bit j % 32 of word j // 32 for id j."""
-    bits = np.zeros((len(rows), -(-vocab // 32) * 32), dtype=bool)
-    for r, ids in enumerate(rows):
-        bits[r, np.asarray(ids, dtype=np.int64)] = True
-    return np.packbits(bits, axis=1, bitorder="little").view("<u4").astype(np.uint32).view(np.int32)
-
-
-def _seen_ids(words, vocab):
-    return np.flatnonzero(np.unpackbits(np.ascontiguousarray(words).view(np.uint8), bitorder="little")[:vocab])
-
-
-def sample_rows(logits, words, temperature, top_k, top_p, penalty, greedy, seed, step):
-    """Backend.sample_tokens on the host: (rows, 2) int32 [id, log p bits], the probabilities drawn from, the seen
-    words with the ids added. The distribution is lab.generate's (float64); the draw inverts its running sum at
-    uniforms(seed, step, rows)."""
-    from .generate import apply_repetition_penalty, sample_distribution
-    rows, n = logits.shape
-    words = np.array(words, dtype=np.int32).reshape(rows, -1)
-    out = np.zeros((rows, 2), dtype=np.int32)
-    probs = np.zeros((rows, n), dtype=np.float32)
-    u = uniforms(seed, step, rows)
-    for r in range(rows):
-        scores = apply_repetition_penalty(logits[r], _seen_ids(words[r], n), penalty)
-        if np.isnan(scores).any() or not greedy and (scores == -np.inf).all():
-            out[r] = n, 0   # nothing to draw from: the kernel's id n
-            continue
-        if greedy:
-            j = int(np.argmax(scores))
-            z = np.asarray(scores, dtype=np.float64)
-            with np.errstate(invalid="ignore"):  # (a row of -inf only: NaN, as the kernel's)
-                logp = -np.log(np.exp(z - z[j]).sum())
-        else:
-            p = sample_distribution(scores, temperature, top_k, top_p)
-            probs[r] = p
-            cdf = np.cumsum(p)
-            j = min(int(np.searchsorted(cdf, u[r] * cdf[-1], side="right")), n - 1)
-            if p[j] == 0:  # (rounding past the last token with mass)
-                j = int(np.flatnonzero(p)[-1])
-            logp = np.log(p[j])
-        out[r] = j, np.float32(logp).view(np.int32)
-        words[r, j // 32] |= np.uint32(1 << (j % 32)).view(np.int32)
-    return out, probs, words
-
+from .engine.sampling import pack_seen, sample_rows, uniforms  # noqa: F401  (lab.sampling's API)
 
 class TokenSampler:
     """Draws the next token of each of `rows` (lists of token ids: each row's text so far, which the repetition

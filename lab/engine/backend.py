@@ -179,8 +179,8 @@ class Backend:
         """The next token of each row of logits (rows, n): penalty on the tokens whose bits are set in seen
         (rows, ceil(n / 32) int32, updated with the chosen ids), greedy's argmax or a draw after temperature,
         top-k, top-p with the uniform of (seed, step, row). -> (rows, 2) int32 [id, float32 bits of log p], the
-        filtered probabilities (rows, n). This fallback computes it on the host (lab.sampling.sample_rows)."""
-        from ..sampling import sample_rows
+        filtered probabilities (rows, n). This fallback computes it on the host (engine/sampling.py)."""
+        from .sampling import sample_rows
         out, probs, words = sample_rows(self.to_numpy(logits), self.to_numpy(seen), temperature, top_k, top_p,
                                         penalty, greedy, seed, step)
         self.write(seen, words)

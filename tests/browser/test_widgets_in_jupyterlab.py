@@ -162,7 +162,7 @@ def test_generation_streams_text(page):
 
 def test_generation_stop_button_ends_a_long_generation(page):
     """max tokens 10000 and Generate, then Stop: the run ends (Generate enabled again) and the text made stays."""
-    gen = ".lab-generation"
+    gen = ".lab-generation:not(.lab-generation-chat)"   # (the page also holds a panel in chat mode)
     page.wait_for_selector(f"{gen} .lab-generate:not([disabled])", timeout=120_000)
     page.fill(f"{gen} .lab-input-max_tokens", "10000")
     page.dispatch_event(f"{gen} .lab-input-max_tokens", "change")
