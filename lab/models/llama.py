@@ -16,7 +16,7 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from .transformer import check_pad, padding_mask, row_positions
+from .transformer import check_pad, lm_outputs, padding_mask, row_positions
 from ..io import (GENERATION_FILE, CheckpointError, LazyTensor, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
 from ..lora import Adapters, apply_config, checkpoint_config
@@ -393,14 +393,8 @@ class LlamaLM(nn.Module, Adapters):
         model's heads sharing a key-value head side by side); with return_hidden the residual stream after the
         embedding and after every layer [(B, T, C)]. Extras come in that order, as TransformerLM's."""
         logits, attentions, hidden = self._run(idx, [None] * self.config.num_hidden_layers, 0, return_attention)
-        out = [logits]
-        if targets is not None:
-            out.append(F.cross_entropy(logits, targets))
-        if return_attention:
-            out.append(attentions)
-        if return_hidden:
-            out.append(hidden)
-        return out[0] if len(out) == 1 else tuple(out)
+        return lm_outputs(logits, targets, attentions if return_attention else None,
+                          hidden if return_hidden else None)
 
     def new_cache(self, batch_size):
         """An empty KV cache on the device: per layer, keys and values (B, Hkv, block_size, D), the key-value

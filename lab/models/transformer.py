@@ -95,6 +95,17 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+def lm_outputs(logits, targets=None, attentions=None, hidden=None):
+    """A language model's forward result, as both families give it: the logits alone, or a tuple of the logits,
+    the mean cross-entropy (with targets), the attention weights and the hidden states (each when asked for:
+    not None), in that order."""
+    out = [logits]
+    if targets is not None:
+        out.append(F.cross_entropy(logits, targets))
+    out += [x for x in (attentions, hidden) if x is not None]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def check_pad(pad, idx):
     """pad as an int64 array (B,) of non-negative counts for tokens idx (B, T), or None for none."""
     if pad is None:
@@ -194,14 +205,8 @@ class TransformerLM(nn.Module, Adapters):
                 x = block(x)
             hidden.append(x)
         logits = F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)    # (B, T, vocab), tied head
-        out = [logits]
-        if targets is not None:
-            out.append(F.cross_entropy(logits, targets))
-        if return_attention:
-            out.append(attentions)
-        if return_hidden:
-            out.append(hidden)
-        return out[0] if len(out) == 1 else tuple(out)
+        return lm_outputs(logits, targets, attentions if return_attention else None,
+                          hidden if return_hidden else None)
 
     def new_cache(self, batch_size):
         """An empty KV cache on the device: per layer, keys and values of shape (B, H, block_size, D)."""
