@@ -12,8 +12,20 @@ from .data.pretrained import PretrainedTokenizer, load_tokenizer
 from .generate import beam_search, generate
 from .chat import chat
 from .pretrained import from_pretrained
+from . import interp
 
 __version__ = "0.1.0"
+
+_PANELS = ("TrainingPanel", "AttentionHeatmap", "PlanEstimator", "GenerationPanel", "EdgeDiagnosticsPanel",
+           "LogitLensPanel", "PatchingPanel")
+
+
+def __getattr__(name):
+    # the panels need anywidget (a notebook's extra), so lab.LogitLensPanel imports lab.widgets on first use only
+    if name in _PANELS:
+        from . import widgets
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'lab' has no attribute {name!r}")
 
 
 def sync():

@@ -13,6 +13,13 @@ input buffer and the dispatches recorded again with the position patched in, the
 order as an eager step of this cache, so the logits are bitwise equal. A change the replay cannot see in its
 params (new weight arrays, LoRA switched or merged, a forward patched onto an instance: module_signature) sends
 the step back to eager and to a new capture. The numpy backend (and lab.profile()) runs every step eagerly.
+
+A padded batch (pad: each row's left padding, as forward_cached's) uploads its rows' positions (slot - pad) each
+step: int32 uploads that follow the position are patched as the params are (Capture.follow). With a sampler
+(lab.sampling.TokenSampler), sample() steps draw the next ids inside the step itself: the sampling dispatch writes
+them into the step's own ids input and into a ring of the last `ring` steps' [id, log p], so steps replay one after
+another without a readback (WebGPU runs a queue's writes and submits in order: each replay's params land after the
+previous step's work) and read() brings several steps' ids back at once.
 """
 import contextlib
 
@@ -20,11 +27,14 @@ import numpy as np
 
 from .checks import InputError, integer, show
 from .engine.tensor import Tensor, tensor
+from .models.transformer import check_pad
 from .nn import step_lock
 from .train.replay import MAX_MISMATCHES, module_signature, same_signature
 
 CAPTURED_STEPS = 3   # two to find which params follow the position, a third to check the patches
 MIN_WINDOW = 16
+RING = 16            # sample() steps whose ids read() can bring back at once
+CHUNK = 8            # sample() steps lab.generate runs before one read() (a readback waits for the device)
 
 
 class FixedCache(tuple):
@@ -42,14 +52,19 @@ class _Window:
 
 class DecodeRunner:
     """Decode steps of `model` for `batch` rows on its own KV cache (self.cache, a model.new_cache(batch) whose
-    layers are FixedCache): prefill with model.forward_cached(ids, runner.cache, 0), then step(ids, pos) per
-    token. On wgpu the steps after the first three are replays; close() gives their buffers back."""
+    layers are FixedCache): prefill with model.forward_cached(ids, runner.cache, 0, pad=pad), then step(ids, pos)
+    per token, or with a sampler sample(ids, pos) per token and read(n) every few. On wgpu the steps after the
+    first three of a window are replays; close() gives their buffers back."""
 
-    def __init__(self, model, batch):
+    def __init__(self, model, batch, pad=None, sampler=None, ring=RING):
         if not (hasattr(model, "new_cache") and hasattr(model, "forward_cached")):
             raise InputError(f"DecodeRunner: {type(model).__name__} keeps no KV cache (no new_cache / forward_cached): "
                              f"its tokens are made by full forwards")
         self.model, self.batch = model, integer("batch", batch, low=1)
+        self.pad = check_pad(pad, np.zeros((self.batch, 1)))
+        if sampler is not None and sampler.rows != self.batch:
+            raise InputError(f"DecodeRunner: a sampler of {sampler.rows} rows for a batch of {self.batch}")
+        self.sampler = sampler
         self.backend = model.parameters()[0].backend
         self.off = None if self.backend.supports_capture else "the backend has no step capture"
         # (numpy's steps stay eager over the filled slots only: reading a whole window would only cost it time)
@@ -58,10 +73,14 @@ class DecodeRunner:
         # a replay cannot grow the rotary tables as an eager step does: each step makes them cover its window first
         # (a growth replaces them: a new module_signature, so new captures)
         self.rope = getattr(model, "_rope", None)
-        self.ids = None if self.off else tensor(np.zeros((self.batch, 1), np.int32), backend=self.backend)
-        self.windows = {}    # window -> _Window
+        self.ids = tensor(np.zeros((self.batch, 1), np.int32), backend=self.backend)
+        self.ring = None if sampler is None else tensor(
+            np.zeros((integer("ring", ring, low=1), self.batch, 2), np.int32), backend=self.backend)
+        self.windows = {}    # (window, whether the step samples) -> _Window
         self.signature = None
         self.replayed = 0
+        self.drawn = 0       # sample() steps so far
+        self.offset = None   # the sampler's step minus the position: its draws' counter as the replays patch it
 
     def __enter__(self):
         return self
@@ -88,48 +107,82 @@ class DecodeRunner:
 
     def step(self, token_ids, pos):
         """Logits (batch, 1, vocab), a device tensor of its own, for one token per row at cache slot `pos`
-        (the slots before it filled by the prefill and earlier steps)."""
-        ids = np.asarray(token_ids)
-        if ids.dtype.kind not in "iu" or ids.size != self.batch:
-            raise InputError(f"DecodeRunner.step: one integer token id per row of the batch ({self.batch}), got "
-                             f"{show(token_ids)}")
+        (the slots before it filled by the prefill and earlier steps). token_ids None: the ids the last sample()
+        drew."""
+        logits, shared = self._run(token_ids, pos, False)
+        # a copy of a capture's logits: the next replay overwrites them, a returned tensor is not
+        return Tensor(self.backend.scalar("mul", logits.data, 1.0), self.backend) if shared else logits
+
+    def sample(self, token_ids, pos):
+        """A step as step() that draws the next token of each row with the sampler inside itself: nothing is read
+        back; the ids feed the next step (token_ids None) and read() returns them."""
+        if self.sampler is None:
+            raise InputError("DecodeRunner.sample: this runner has no sampler (DecodeRunner(..., sampler=...))")
+        if self.offset != self.sampler.step - pos:   # (the captured draws' counter follows the position)
+            self.close()
+            self.offset = self.sampler.step - pos
+        self._run(token_ids, pos, True)
+        self.drawn += 1
+
+    def read(self, count):
+        """The ids (count, batch) int64 the last `count` sample() steps drew, in order (one readback)."""
+        count = integer("count", count, low=1, high=min(self.drawn, self.ring.shape[0]))
+        got = self.backend.to_numpy(self.ring.data)
+        steps = np.arange(self.sampler.step - count, self.sampler.step) % self.ring.shape[0]
+        return self.sampler.ids(got[steps])
+
+    def _run(self, token_ids, pos, sample):
+        if token_ids is not None:
+            ids = np.asarray(token_ids)
+            if ids.dtype.kind not in "iu" or ids.size != self.batch:
+                raise InputError(f"DecodeRunner.step: one integer token id per row of the batch ({self.batch}), "
+                                 f"got {show(token_ids)}")
+            vocab = self.model.config.vocab_size
+            if ids.min() < 0 or ids.max() >= vocab:  # (a replay skips the embedding's own check)
+                raise InputError(f"DecodeRunner.step: token ids must be in [0, {vocab - 1}], got {show(token_ids)}")
+            ids = ids.reshape(self.batch, 1).astype(np.int32)
         pos = integer("pos", pos, low=1, high=self.block - 1)
-        ids = ids.reshape(self.batch, 1)
-        vocab = self.model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:  # (a replay skips the embedding's own check)
-            raise InputError(f"DecodeRunner.step: token ids must be in [0, {vocab - 1}], got {show(token_ids)}")
-        ids = ids.astype(np.int32)
         B = self.backend
         with step_lock(self.model), (B.exclusive() if self.off is None else contextlib.nullcontext()):
+            if token_ids is not None:
+                B.sync()   # (a write lands before work recorded earlier and not yet submitted)
+                B.write(self.ids.data, ids)
             if self.off is None:
                 for layer in self.cache:
                     layer.window = self.window(pos)
                 if self.rope is not None:
                     self.rope(self.window(pos))
-            if self.off is not None or B.profiling:
-                return self.model.forward_cached(ids, self.cache, pos)
+            if self.off is not None or B.profiling or getattr(self.model, "has_hooks", False):   # (hooks run eagerly)
+                return self._forward(pos, sample), False
             signature = module_signature(self.model)
             if not same_signature(signature, self.signature):
                 self.close()
                 self.signature = signature
-            B.sync()   # (a write lands before work recorded earlier and not yet submitted)
-            B.write(self.ids.data, ids)
-            w = self.windows.setdefault(self.window(pos), _Window())
+            w = self.windows.setdefault((self.window(pos), sample), _Window())
             if w.ready is not None:
                 _, capture, logits = w.ready
                 B.replay(capture, {"pos": pos})
                 self.replayed += 1
-                # a copy: the captured logits are overwritten by the next replay, a returned tensor is not
-                return Tensor(B.scalar("mul", logits.data, 1.0), B)
+                if sample:   # (the draw's counter patched in as the position's: the sampler's own follows)
+                    self.sampler.step += 1
+                return logits, True
             if w.off is not None:
-                return self.model.forward_cached(self.ids, self.cache, pos)
-            return self._captured_step(w, pos)
+                return self._forward(pos, sample), False
+            return self._captured_step(w, pos, sample), True
 
-    def _captured_step(self, w, pos):
+    def _forward(self, pos, sample):
+        logits = self.model.forward_cached(self.ids, self.cache, pos, pad=self.pad)
+        if sample:
+            B = self.backend
+            self.sampler.record(B.reshape(logits.data, (self.batch, logits.shape[-1])), self.ids.data,
+                                self.ring.data)
+        return logits
+
+    def _captured_step(self, w, pos, sample):
         B = self.backend
         B.capture_begin()
         try:
-            logits = self.model.forward_cached(self.ids, self.cache, pos)
+            logits = self._forward(pos, sample)
         except BaseException:  # (an interrupted step's capture holds buffers out of the pool: back at once)
             B.release_capture(B.capture_end())
             raise
@@ -147,6 +200,7 @@ class DecodeRunner:
                 w.ready = w.captured.pop(0)
             else:
                 first.patches.clear()
+                first.upload_patches.clear()
                 w.mismatches += 1
                 if w.mismatches >= MAX_MISMATCHES:  # something beside the position changes from step to step
                     w.off = why
@@ -154,7 +208,7 @@ class DecodeRunner:
             for _, c, _ in w.captured:
                 B.release_capture(c)
             w.captured = []
-        return Tensor(B.scalar("mul", logits.data, 1.0), B)
+        return logits
 
 
 __all__ = ["DecodeRunner", "FixedCache"]

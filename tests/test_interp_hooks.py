@@ -1,0 +1,300 @@
+"""lab.interp's hook points, run_with_hooks / run_with_cache and the activation cache, on both model families and
+both backends (tiny models: lavapipe is slow). Tolerances: 1e-5 where the hooked run takes the composed attention
+and the forward the fused one (float32 sums in another order); bitwise where both run the same ops."""
+import numpy as np
+import pytest
+
+import lab
+from lab import lora
+from lab.checks import InputError
+from lab.train.optim import AdamW
+from lab.train.replay import module_signature, same_signature
+
+VOCAB = 13
+
+
+def _gpt2():
+    lab.manual_seed(0)
+    m = lab.TransformerLM(lab.TransformerConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    return _perturbed(m).eval()
+
+
+def _llama():
+    lab.manual_seed(0)
+    cfg = lab.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                          tie_word_embeddings=False)
+    return _perturbed(lab.LlamaLM(cfg)).eval()
+
+
+def _perturbed(model):
+    """Norm gains and biases off their init (ones, zeros), so a test that drops one of them fails."""
+    rng = np.random.default_rng(1)
+    state = {k: v + rng.normal(0, 0.1, v.shape).astype(np.float32) if v.ndim == 1 else v
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    return model
+
+
+FAMILIES = {"gpt2": _gpt2, "llama": _llama}
+IDS = np.array([[1, 5, 2, 7, 3], [4, 4, 9, 0, 12]])
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def model(request, use_backend):
+    return FAMILIES[request.param]()
+
+
+def _n_layers(model):
+    return len(model._hook_layers())
+
+
+def _width(model):
+    return model.config.n_embd if isinstance(model, lab.TransformerLM) else model.config.hidden_size
+
+
+def test_cached_activations_equal_the_forwards_intermediates(model):
+    logits_ref, attentions, hidden = model(IDS, return_attention=True, return_hidden=True)
+    logits, cache = model.run_with_cache(IDS)
+    assert set(cache) == set(model.hook_names())
+    assert all(a.dtype == np.float32 for a in cache.values())
+    # every attention insides cached: the composed path, against the fused forward's logits
+    np.testing.assert_allclose(logits.numpy(), logits_ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache["blocks.0.hook_resid_pre"], hidden[0].numpy(), atol=1e-6)
+    for i in range(_n_layers(model)):
+        np.testing.assert_allclose(cache[f"blocks.{i}.hook_resid_post"], hidden[i + 1].numpy(), atol=1e-5)
+        np.testing.assert_allclose(cache[f"blocks.{i}.attn.hook_pattern"], attentions[i].numpy(), atol=1e-6)
+        np.testing.assert_allclose(cache[f"blocks.{i}.hook_resid_mid"] + cache[f"blocks.{i}.hook_mlp_out"],
+                                   cache[f"blocks.{i}.hook_resid_post"], atol=1e-6)
+    B, T = IDS.shape
+    H = model.config.n_head if hasattr(model.config, "n_head") else model.config.num_attention_heads
+    Hkv = getattr(model.config, "num_key_value_heads", H)
+    assert cache["blocks.1.attn.hook_q"].shape[:3] == (B, T, H)
+    assert cache["blocks.1.attn.hook_k"].shape[:3] == cache["blocks.1.attn.hook_v"].shape[:3] == (B, T, Hkv)
+    assert cache["blocks.1.attn.hook_attn_scores"].shape == (B, H, T, T)
+    assert cache["blocks.1.attn.hook_attn_scores"][0, 0, 0, 1] <= -1e29   # masked before the softmax
+    head = model._head(lab.tensor(cache["ln_final.hook_normalized"])).numpy()
+    np.testing.assert_allclose(head, logits.numpy(), atol=1e-5)
+
+
+def test_a_hook_returning_its_input_changes_nothing(model):
+    ref = model(IDS).numpy()
+    # points whose hooked path is the forward's own ops: bitwise
+    same_path = lambda n: not any(s in n for s in ("attn.hook_", "hook_resid_mid", "mlp.hook_pre", "pos_embed"))
+    out = model.run_with_hooks(IDS, [(same_path, lambda x, name: x)]).numpy()
+    if isinstance(model, lab.LlamaLM):   # (GPT-2's hooked hook_pos_embed gathers rows where the forward slices)
+        assert np.array_equal(out, ref)
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    every = model.run_with_hooks(IDS, [(lambda n: True, lambda x, name: x)]).numpy()
+    np.testing.assert_allclose(every, ref, atol=1e-5)
+    arrays = model.run_with_hooks(IDS, [(lambda n: True, lambda x, name: x.numpy())]).numpy()
+    np.testing.assert_allclose(arrays, ref, atol=1e-5)
+
+
+def test_hooks_run_in_hook_names_order():
+    lab.set_backend("numpy")
+    for make in FAMILIES.values():
+        m = make()
+        seen = []
+        m.run_with_hooks(IDS, [(lambda n: True, lambda x, name: seen.append(name))])
+        assert seen == m.hook_names()
+
+
+def _out_proj(model, layer):
+    attn = model._hook_layers()[layer][1]
+    return attn.c_proj if hasattr(attn, "c_proj") else attn.o_proj
+
+
+def test_zero_ablating_a_head_via_hook_z_equals_removing_its_contribution_by_hand(model):
+    _, clean = model.run_with_cache(IDS, names_filter=["blocks.1.attn.hook_z"])
+    z = clean["blocks.1.attn.hook_z"].copy()                                  # (B, T, H, D)
+
+    def ablate(x, name):
+        zeroed = x.numpy().copy()
+        zeroed[:, :, 1] = 0
+        return zeroed
+    with model.hooks([("blocks.1.attn.hook_z", ablate)]):
+        _, ablated = model.run_with_cache(IDS, names_filter="blocks.1.hook_attn_out")
+    z[:, :, 1] = 0
+    proj = _out_proj(model, 1)
+    by_hand = z.reshape(*z.shape[:2], -1) @ proj.weight.numpy()
+    if proj.bias is not None:
+        by_hand = by_hand + proj.bias.numpy()
+    np.testing.assert_allclose(ablated["blocks.1.hook_attn_out"], by_hand, atol=1e-5)
+    _, normal = model.run_with_cache(IDS, names_filter="blocks.1.hook_attn_out")
+    assert np.abs(normal["blocks.1.hook_attn_out"] - by_hand).max() > 1e-4   # the head did contribute
+
+
+def test_unknown_hook_name_lists_valid_names_nearest_first():
+    lab.set_backend("numpy")
+    m = _gpt2()
+    with pytest.raises(InputError) as e:
+        m.run_with_hooks(IDS, [("blocks.1.hook_resid_psot", lambda x, n: None)])
+    msg = str(e.value)
+    assert "'blocks.1.hook_resid_psot'" in msg
+    listed = msg.split("nearest first: ")[1]
+    assert listed.startswith("blocks.1.hook_resid_post, ")
+    with pytest.raises(InputError, match="unknown hook name 'blocks.9.hook_z'"):
+        m.run_with_cache(IDS, names_filter=["blocks.9.hook_z"])
+    with pytest.raises(InputError, match="hook_pos_embed"):   # GPT-2 only: Llama has no position embedding
+        _llama().run_with_hooks(IDS, [("hook_pos_embed", lambda x, n: None)])
+    assert not m.has_hooks and "_hooks" not in vars(m.h[1])
+
+
+def test_a_hook_returning_the_wrong_shape_names_the_hook_and_both_shapes(model):
+    def wrong(x, name):
+        return np.zeros((2, 5, 3), np.float32)
+    with pytest.raises(InputError) as e:
+        model.run_with_hooks(IDS, [("blocks.0.hook_mlp_out", wrong)])
+    msg = str(e.value)
+    assert "hook wrong at blocks.0.hook_mlp_out" in msg and "(2, 5, 3)" in msg and "(2, 5, 16)" in msg
+    with pytest.raises(InputError, match="returned 'oops'"):
+        model.run_with_hooks(IDS, [("blocks.0.hook_resid_post", lambda x, n: "oops")])
+    assert not model.has_hooks
+    np.testing.assert_array_equal(model(IDS).numpy(), model(IDS).numpy())
+
+
+def test_names_filter_keeps_only_the_requested_activations():
+    lab.set_backend("numpy")
+    m = _llama()
+    _, one = m.run_with_cache(IDS, names_filter="blocks.1.hook_resid_post")
+    assert list(one) == ["blocks.1.hook_resid_post"]
+    _, some = m.run_with_cache(IDS, names_filter=["blocks.0.attn.hook_pattern", "hook_embed"])
+    assert list(some) == ["hook_embed", "blocks.0.attn.hook_pattern"]   # forward order
+    _, picked = m.run_with_cache(IDS, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    assert list(picked) == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    with pytest.raises(KeyError, match="was not cached.*names_filter"):
+        picked["blocks.0.hook_resid_post"]
+    with pytest.raises(InputError, match="names_filter must be"):
+        m.run_with_cache(IDS, names_filter=3)
+    # nothing cached is held by the model after
+    assert not any("_hooks" in vars(mod) for mod in m.modules())
+
+
+def test_a_hook_that_raises_leaves_the_model_usable(model):
+    ref = model(IDS).numpy()
+    signature = module_signature(model)
+
+    def boom(x, name):
+        raise RuntimeError("hook failed")
+    with pytest.raises(RuntimeError, match="hook failed"):
+        model.run_with_hooks(IDS, [("blocks.1.attn.hook_pattern", boom), ("blocks.0.hook_resid_post", boom)])
+    assert not model.has_hooks and not any("_hooks" in vars(m) for m in model.modules())
+    assert same_signature(module_signature(model), signature)
+    np.testing.assert_array_equal(model(IDS).numpy(), ref)
+
+
+def test_hooks_are_part_of_the_replay_signature():
+    # a step captured without hooks is never replayed with them (and the reverse)
+    lab.set_backend("numpy")
+    m = _gpt2()
+    before = module_signature(m)
+    with m.hooks([("blocks.0.hook_resid_post", lambda x, n: x)]):
+        assert m.has_hooks and not same_signature(module_signature(m), before)
+    assert same_signature(module_signature(m), before)
+
+
+def test_nested_hook_blocks_each_remove_their_own():
+    lab.set_backend("numpy")
+    m = _gpt2()
+    seen = []
+    with m.hooks([("blocks.0.hook_resid_post", lambda x, n: seen.append("outer"))]):
+        with m.hooks([("blocks.0.hook_resid_post", lambda x, n: seen.append("inner"))]):
+            m(IDS)
+        m(IDS)
+    m(IDS)
+    assert seen == ["outer", "inner", "outer"]
+
+
+def test_gradients_through_a_hook_replacement_match_finite_differences(model):
+    C = _width(model)
+    rng = np.random.default_rng(3)
+    steer0 = rng.normal(0, 0.5, C).astype(np.float32)
+    targets = np.roll(IDS, -1, axis=1)
+
+    def loss_of(steer):
+        with model.hooks([("blocks.0.hook_resid_mid", lambda x, n: x + steer),
+                          ("blocks.1.attn.hook_v", lambda x, n: x * 1.5)]):
+            return model(IDS, targets=targets)[1]
+    steer = lab.tensor(steer0, requires_grad=True)
+    loss_of(steer).backward()
+    grad = steer.grad.numpy()
+    assert np.abs(grad).max() > 1e-4
+    eps = 1e-2
+    for j in rng.choice(C, 4, replace=False):
+        e = np.zeros(C, np.float32)
+        e[j] = eps
+        fd = (loss_of(lab.tensor(steer0 + e)).item() - loss_of(lab.tensor(steer0 - e)).item()) / (2 * eps)
+        # central differences of a float32 loss: the error is ~eps^2 curvature plus rounding / eps
+        assert abs(fd - grad[j]) < 2e-3 + 2e-2 * abs(fd), (j, fd, grad[j])
+
+
+def test_a_steering_vector_hook_trains(model):
+    C = _width(model)
+    weights = {k: v.copy() for k, v in model.state_dict().items()}
+    steer = lab.tensor(np.zeros(C, np.float32), requires_grad=True)
+    opt = AdamW([steer], lr=0.5, weight_decay=0.0)
+    target = np.full_like(IDS, 3)
+    losses = []
+    with model.hooks([("blocks.1.hook_resid_post", lambda x, n: x + steer)]):
+        for _ in range(20):
+            opt.zero_grad()
+            loss = model(IDS, targets=target)[1]
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        steered = model(IDS).numpy()
+    # (a tiny model's tied head caps how low the loss goes: the prediction is what the vector can change)
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert (steered.argmax(-1) == 3).all() and not (model(IDS).numpy().argmax(-1) == 3).all()
+    assert all(np.array_equal(v, weights[k]) for k, v in model.state_dict().items())   # only the vector trained
+    assert not model.has_hooks
+
+
+def test_hooks_see_each_new_position_in_kv_cache_generation(model):
+    seen = []
+    prompt = [1, 5, 2]
+
+    def record(x, name):
+        seen.append(x.shape)
+    steer = np.linspace(-2, 2, _width(model)).astype(np.float32)
+    hooks = [("blocks.0.hook_resid_post", record), ("blocks.1.hook_resid_pre", lambda x, n: x + steer),
+             ("blocks.0.attn.hook_pattern", lambda x, n: None)]
+    with model.hooks(hooks):
+        cached = lab.generate(model, prompt, 6, greedy=True)
+        steps = list(seen)
+        seen.clear()
+        full = lab.generate(model, prompt, 6, greedy=True, use_cache=False)
+    plain = lab.generate(model, prompt, 6, greedy=True)
+    C = steps[0][-1]
+    assert steps == [(1, 3, C)] + [(1, 1, C)] * 5   # the prefill, then one position per decode step
+    assert list(cached) == list(full)               # the hooks act on the cached steps as on full forwards
+    assert list(cached) != list(plain)              # (the steering changes what is generated)
+
+
+def test_decode_runner_steps_run_the_hooks_eagerly(model):
+    from lab.decode import DecodeRunner
+    seen = []
+    with model.hooks([("blocks.1.hook_resid_post", lambda x, n: seen.append(n))]):
+        with DecodeRunner(model, 1) as runner:
+            model.forward_cached(np.array([[1, 2]]), runner.cache, 0)
+            for pos in range(2, 9):
+                runner.step([3], pos)
+            assert runner.replayed == 0
+    assert len(seen) == 8
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_hooks_with_lora_adapters_on_or_off(model, enabled):
+    lora.apply(model, r=2, alpha=4, targets="all-linear")
+    rng = np.random.default_rng(5)
+    model.load_state_dict({k: (rng.normal(0, 0.3, v.shape).astype(np.float32) if "lora_B" in k else v)
+                           for k, v in model.state_dict().items()})
+    model.use_adapter(enabled)
+    logits_ref, hidden = model(IDS, return_hidden=True)
+    logits, cache = model.run_with_cache(IDS)
+    np.testing.assert_allclose(logits.numpy(), logits_ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache["blocks.1.hook_resid_post"], hidden[2].numpy(), atol=1e-5)
+    model.use_adapter(not enabled)
+    other = model(IDS).numpy()
+    assert np.abs(other - logits.numpy()).max() > 1e-4   # the switch matters, and the hooks saw this setting's
