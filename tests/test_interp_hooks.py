@@ -295,6 +295,74 @@ def test_hooks_with_lora_adapters_on_or_off(model, enabled):
     logits, cache = model.run_with_cache(IDS)
     np.testing.assert_allclose(logits.numpy(), logits_ref.numpy(), atol=1e-5)
     np.testing.assert_allclose(cache["blocks.1.hook_resid_post"], hidden[2].numpy(), atol=1e-5)
+    heads, proj = cache.stack_head_results(), _out_proj(model, 1)   # each head through the adapted projection
+    bias = proj.bias.numpy() if proj.bias is not None else 0
+    np.testing.assert_allclose(heads[len(heads) // 2:].sum(0) + bias, cache["blocks.1.hook_attn_out"], atol=1e-5)
     model.use_adapter(not enabled)
     other = model(IDS).numpy()
     assert np.abs(other - logits.numpy()).max() > 1e-4   # the switch matters, and the hooks saw this setting's
+
+
+def test_head_results_biases_mlps_and_embeddings_sum_to_the_last_residual(model):
+    _, cache = model.run_with_cache(IDS)
+    L = _n_layers(model)
+    heads, labels = cache.stack_head_results(return_labels=True)
+    H = len(heads) // L
+    assert heads.shape == (L * H,) + IDS.shape + (_width(model),) and labels[:H + 1] == [f"L0H{h}" for h in range(H)] + ["L1H0"]
+    biases = [_out_proj(model, i).bias.numpy() if _out_proj(model, i).bias is not None else 0 for i in range(L)]
+    for i in range(L):   # a layer's heads and its output bias make its attention output
+        np.testing.assert_allclose(heads[i * H:(i + 1) * H].sum(0) + biases[i], cache[f"blocks.{i}.hook_attn_out"],
+                                   atol=1e-5)
+    embeds = [cache[n] for n in ("hook_embed", "hook_pos_embed") if n in cache]
+    mlps = [cache[f"blocks.{i}.hook_mlp_out"] for i in range(L)]
+    final = cache[f"blocks.{L - 1}.hook_resid_post"]
+    np.testing.assert_allclose(sum(embeds) + heads.sum(0) + sum(biases) + sum(mlps), final, atol=1e-5)
+    stack, names = cache.accumulated_resid(return_labels=True)
+    assert names == [f"{i}_pre" for i in range(L)] + ["final_post"]
+    np.testing.assert_array_equal(stack[-1], final)
+    np.testing.assert_array_equal(stack[1], cache["blocks.1.hook_resid_pre"])
+    assert cache.accumulated_resid(incl_mid=True).shape[0] == 2 * L + 1 and cache.accumulated_resid(1).shape[0] == 1
+    # the final norm as a linear map with the run's scale: the components' images and the bias make its output
+    parts = np.concatenate([np.stack(embeds), heads, np.stack(mlps)]
+                           + [np.broadcast_to(np.asarray(b, np.float32), final.shape)[None] for b in biases])
+    norm = model._final_norm()
+    bias = norm.bias.numpy() if getattr(norm, "bias", None) is not None else 0
+    np.testing.assert_allclose(cache.apply_ln_to_stack(parts).sum(0) + bias, cache["ln_final.hook_normalized"],
+                               atol=1e-5)
+    np.testing.assert_allclose(cache.accumulated_resid(apply_ln=True)[-1], cache["ln_final.hook_normalized"],
+                               atol=1e-5)
+    with pytest.raises(InputError, match="trailing dims"):
+        cache.apply_ln_to_stack(parts[:, :, :2])
+    with pytest.raises(InputError, match="layer"):
+        cache.stack_head_results(layer=L + 1)
+
+
+def test_logit_lens_last_layer_is_the_models_prediction(model):
+    logits = model(IDS).numpy()
+    lens = lab.interp.logit_lens(model, IDS, k=3)
+    L = _n_layers(model)
+    assert lens.labels == ["embed"] + [f"L{i}" for i in range(L)]
+    assert lens.top_ids.shape == lens.top_probs.shape == (L + 1,) + IDS.shape + (3,)
+    assert lens.final_rank.shape == (L + 1,) + IDS.shape
+    np.testing.assert_array_equal(lens.top_ids[-1, ..., 0], logits.argmax(-1))
+    assert (lens.final_rank[-1] == 0).all()
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(lens.top_probs[-1], -np.sort(-probs, -1)[..., :3], atol=1e-5)
+    assert (np.diff(lens.top_probs, axis=-1) <= 0).all()
+    _, cache = model.run_with_cache(IDS, names_filter=lambda n: "resid" in n)
+    same = cache.logit_lens(k=3)
+    np.testing.assert_array_equal(same.top_ids, lens.top_ids)
+    for j in range(L + 1):   # each read-out's ranks and top-k from its full log-probabilities
+        lp = lab.interp.layer_logits(model, cache, j)
+        final = logits.argmax(-1)[..., None]
+        np.testing.assert_array_equal(lens.final_rank[j], (lp > np.take_along_axis(lp, final, -1)).sum(-1))
+        np.testing.assert_allclose(lens.top_probs[j], np.exp(np.take_along_axis(lp, lens.top_ids[j], -1)), atol=1e-6)
+    np.testing.assert_allclose(np.exp(lab.interp.layer_logits(model, cache, -1)), probs, atol=1e-5)
+    with pytest.raises(InputError, match="k must be an integer >= 1"):
+        lab.interp.logit_lens(model, cache, k=0)
+    _, partial = model.run_with_cache(IDS, names_filter="hook_embed")
+    with pytest.raises(KeyError, match="blocks.0.hook_resid_pre"):
+        lab.interp.logit_lens(model, partial)
+    with pytest.raises(InputError, match="another model"):
+        lab.interp.logit_lens(FAMILIES["gpt2" if isinstance(model, lab.LlamaLM) else "llama"](), cache)

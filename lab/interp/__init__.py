@@ -7,3 +7,4 @@ from .hooks import HookedModel
 from .cache import ActivationCache
 from .experiments import (LogitAttribution, PatchingResult, activation_patching, direct_logit_attribution,
                           induction_scores)
+from .lens import LogitLens, layer_logits, logit_lens
