@@ -54,7 +54,7 @@ def _train(args):
     model = MODELS[type(mcfg)](mcfg)   # the preset's family
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, block_size=args.block_size or 0, lr=args.lr, eval_every=args.eval_every,
                        warmup_steps=min(100, args.steps // 10 + 1), max_seconds=args.time_limit or 0.0,
-                       replay_steps=not args.no_replay)
+                       replay_steps=not args.no_replay, checkpoint_activations=args.checkpoint_activations)
     trainer = Trainer(model, train_ids, val_ids, tcfg)  # refuses a batch or split that cannot train, in one line
     _print_notices(args)  # every check passed: the backend's notice now, not at the end of the run
     shape = (f"{mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} dims" if isinstance(mcfg, TransformerConfig)
@@ -214,6 +214,12 @@ def _bench(args):
                            prompt_tokens=args.prompt_tokens, model_name=args.model, repeats=args.repeats,
                            out_path=out)
         return 0
+    if args.suite == "train" and args.checkpoint_activations:
+        from lab.bench.train import run_checkpointing_bench
+        out = args.out or f"bench-results/checkpointing-{args.preset}-{name}.json"
+        run_checkpointing_bench(args.preset, name, every=args.checkpoint_activations, batch_size=args.batch_size,
+                                steps=args.steps, out_path=out, block_size=args.block_size)
+        return 0
     if args.suite == "train":
         from lab.bench.train import run_train_bench
         out = args.out or f"bench-results/train-{args.preset}-{name}.json"
@@ -245,7 +251,8 @@ def _plan(args):
     p = plan.estimate(model, batch=args.batch_size, seq=args.seq, tokens=args.tokens, steps=args.steps,
                       lora_rank=args.lora_rank, device=args.device, optimizer=args.optimizer,
                       vocab_size=args.vocab_size, lora_base_dtype=args.lora_base_dtype,
-                      lora_targets=_lora_targets(args.lora_targets))
+                      lora_targets=_lora_targets(args.lora_targets),
+                      checkpoint_activations=args.checkpoint_activations)
     print(p)
     if args.minutes is not None:
         ok = p.fits and p.total_time_s <= args.minutes * 60
@@ -314,6 +321,8 @@ def main(argv=None):
     t.add_argument("--time-limit", type=positive, help="stop after this many seconds of training")
     t.add_argument("--no-replay", action="store_true",
                    help="wgpu: run every step through Python instead of replaying a captured step")
+    t.add_argument("--checkpoint-activations", nargs="?", type=count, const=1, default=0, metavar="K",
+                   help="keep only each block's input and recompute the block in the backward (K: every K-th block)")
     t.add_argument("--backend", choices=BACKENDS, help=backend_help)
     t.add_argument("--out", help="directory to save the trained checkpoint in")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -363,6 +372,9 @@ def main(argv=None):
                                                             "reported)")
     b.add_argument("--block-size", type=count, help="train: tokens per sequence (default: the preset's block size; "
                                                     "512 for smollm2-135m)")
+    b.add_argument("--checkpoint-activations", nargs="?", type=count, const=1, default=0, metavar="K",
+                   help="train: peak memory and step time without and with activation checkpointing (every block, "
+                        "or every K-th), medians of 5 interleaved runs")
     b.add_argument("--steps", type=count, default=20, help="train, lora: timed steps")
     b.add_argument("--backend", choices=BACKENDS, help=backend_help)
     b.add_argument("--sizes", type=_ints, help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
@@ -389,6 +401,9 @@ def main(argv=None):
     pl.add_argument("--lora-targets", help="with --lora-rank: the adapted layers as lora.apply takes them: "
                                            "'all-linear', a name (q_proj), names separated by commas, or a pattern "
                                            "(default: GPT-2's c_attn,c_proj,c_fc; the Llama family's all-linear)")
+    pl.add_argument("--checkpoint-activations", nargs="?", type=count, const=1, default=0, metavar="K",
+                    help="plan activation checkpointing: every block keeps only its input and runs again in the "
+                         "backward (K: every K-th block)")
     pl.add_argument("--optimizer", default="adamw", help="adamw or sgd")
     pl.add_argument("--vocab-size", type=count, help="vocabulary size (default: the preset's)")
     pl.add_argument("--device", default="this", help="'this' (measured) or a profile: m1, rtx4090, h100, h200, cpu-2core")

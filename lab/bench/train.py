@@ -37,26 +37,31 @@ BENCH_BLOCK_SIZE = {"smollm2-135m": 512}
 BENCH_BATCH_SIZE = {"shakespeare-char": 64, "gpt2-small": 8, "smollm2-135m": 8}
 
 
-def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=None, dropout=None, print_fn=print,
-                    block_size=None):
+def _bench_setup(preset, batch_size, block_size, dropout):
+    """The model config, token ids, batch size and sequence length (0: the model's) a preset's benchmark trains
+    with."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-    llama = isinstance(PRESETS[preset], LlamaConfig)
+    text = load_corpus()
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    # GPT-2 and Llama presets keep their vocabulary (the corpus's character ids are valid tokens of it), so
+    # the output layer has its real size (49152 for SmolLM2: a large part of a step); the others take the
+    # corpus's
+    keep = preset.startswith("gpt2") or isinstance(PRESETS[preset], LlamaConfig)
+    vocab = max(tok.vocab_size, PRESETS[preset].vocab_size) if keep else tok.vocab_size
+    cfg = replace(PRESETS[preset], vocab_size=vocab)
+    if dropout is not None:
+        cfg = replace(cfg, dropout=dropout)
+    return cfg, ids, batch_size or BENCH_BATCH_SIZE.get(preset, 12), block_size or BENCH_BLOCK_SIZE.get(preset, 0)
+
+
+def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=None, dropout=None, print_fn=print,
+                    block_size=None):
+    cfg, ids, batch_size, block = _bench_setup(preset, batch_size, block_size, dropout)
+    llama = isinstance(cfg, LlamaConfig)
     backend = backend_instance(backend_name)
     with using_backend(backend):
-        text = load_corpus()
-        tok = CharTokenizer.from_text(text)
-        ids = tok.encode(text)
-        # GPT-2 and Llama presets keep their vocabulary (the corpus's character ids are valid tokens of it), so
-        # the output layer has its real size (49152 for SmolLM2: a large part of a step); the others take the
-        # corpus's
-        keep = preset.startswith("gpt2") or llama
-        vocab = max(tok.vocab_size, PRESETS[preset].vocab_size) if keep else tok.vocab_size
-        cfg = replace(PRESETS[preset], vocab_size=vocab)
-        if dropout is not None:
-            cfg = replace(cfg, dropout=dropout)
-        batch_size = batch_size or BENCH_BATCH_SIZE.get(preset, 12)
-        block = block_size or BENCH_BLOCK_SIZE.get(preset, 0)
         manual_seed(0)
         model = MODELS[type(cfg)](cfg)
         tcfg = TrainConfig(steps=10**9, batch_size=batch_size, block_size=block)   # (checks block against the model)
@@ -107,6 +112,56 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
         if llama:   # the same model: the same loss on the same first batch
             line += f"; first loss lab {lab_first_loss:.5f}, torch {torch_first_loss:.5f}"
     print_fn(line)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(result, indent=2))
+        print_fn(f"wrote {out_path}")
+    return result
+
+
+def run_checkpointing_bench(preset, backend_name, every=1, batch_size=None, steps=10, rounds=5, out_path=None,
+                            print_fn=print, block_size=None, dropout=None):
+    """Peak memory and time of a training step without and with TrainConfig(checkpoint_activations=every): the
+    medians of `rounds` interleaved runs (each round measures both, in alternating order, so a machine's drift
+    reaches both alike). Peak: the backend's peak bytes in use over a fresh model's first three steps (wgpu), or
+    tracemalloc's peak of numpy's arrays (the model's included); time: measure_steps on the same model."""
+    from .lora import _peak_of_steps
+    cfg, ids, batch_size, block = _bench_setup(preset, batch_size, block_size, dropout)
+    backend = backend_instance(backend_name)
+    peaks, times = {0: [], every: []}, {0: [], every: []}
+    with using_backend(backend):
+        def build(k):
+            manual_seed(0)
+            return Trainer(MODELS[type(cfg)](cfg), ids, ids[:10_000],
+                           TrainConfig(steps=10**9, batch_size=batch_size, block_size=block, checkpoint_activations=k))
+
+        def three_steps(trainer):
+            for _ in range(3):
+                trainer.train_step()
+            backend.sync(wait=True)
+        for r in range(rounds):
+            for k in ((0, every) if r % 2 == 0 else (every, 0)):
+                trainer, peak = _peak_of_steps(backend, lambda: build(k), three_steps)
+                peaks[k].append(peak)
+                times[k].append(measure_steps(trainer, steps))
+                block = trainer.block_size
+                del trainer
+    peak = {k: float(np.median(v)) for k, v in peaks.items()}
+    step = {k: float(np.median(v)) for k, v in times.items()}
+    result = {"suite": "train-checkpointing", "preset": preset, "backend": backend.name, "batch_size": batch_size,
+              "block_size": block, "checkpoint_activations": every, "rounds": rounds, "steps": steps,
+              "peak_measured_by": "backend" if backend.name != "numpy" else "tracemalloc (numpy arrays)",
+              "peak_bytes_plain": peak[0], "peak_bytes_checkpointed": peak[every],
+              "peak_ratio": peak[every] / peak[0], "ms_per_step_plain": step[0] * 1e3,
+              "ms_per_step_checkpointed": step[every] * 1e3, "time_ratio": step[every] / step[0],
+              "peak_bytes_runs": {"plain": peaks[0], "checkpointed": peaks[every]},
+              "ms_per_step_runs": {"plain": [t * 1e3 for t in times[0]], "checkpointed": [t * 1e3 for t in times[every]]}}
+    if backend.name == "wgpu":
+        result["device"] = backend.device_info["device"]
+    print_fn(f"train {preset} (batch {batch_size} x {block}, {backend.name}), checkpoint_activations={every}: peak "
+             f"{peak[0] / 2 ** 20:,.1f} -> {peak[every] / 2 ** 20:,.1f} MiB ({result['peak_ratio']:.2f}x), step "
+             f"{step[0] * 1e3:.1f} -> {step[every] * 1e3:.1f} ms ({result['time_ratio']:.2f}x); medians of {rounds} "
+             f"interleaved rounds")
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(result, indent=2))

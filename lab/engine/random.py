@@ -39,9 +39,16 @@ def draw_from(stream):
 
 
 def next_seed():
+    reused = getattr(_local, "reused", None)
+    if reused is not None:
+        seeds, drawn = reused
+        if len(drawn) == len(seeds):
+            raise RuntimeError(f"a recomputation drew more random seeds than the {len(seeds)} its forward drew: "
+                               f"the block's dropout changed between its forward and its backward")
+        drawn.append(seeds[len(drawn)])
+        return drawn[-1]
     seed = int((getattr(_local, "stream", None) or _rng["gen"]).integers(0, 2**32 - 1))
-    drawn = getattr(_local, "drawn", None)
-    if drawn is not None:
+    for drawn in getattr(_local, "recordings", ()):
         drawn.append(seed)
     return seed
 
@@ -49,12 +56,28 @@ def next_seed():
 @contextlib.contextmanager
 def recording_seeds():
     """Collect the seeds next_seed() draws in this thread inside the block, in order (a step capture maps them to
-    new ones)."""
-    previous, _local.drawn = getattr(_local, "drawn", None), []
+    new ones; a checkpointed block draws them again as it recomputes). Recordings nest: each sees every seed."""
+    drawn, previous = [], getattr(_local, "recordings", ())
+    _local.recordings = previous + (drawn,)
     try:
-        yield _local.drawn
+        yield drawn
     finally:
-        _local.drawn = previous
+        _local.recordings = previous
+
+
+@contextlib.contextmanager
+def reusing_seeds(seeds):
+    """next_seed() in this thread returns `seeds` in order inside the block, drawing and recording nothing: a
+    recomputed block gets its forward's dropout masks, and a step replay's seed patches cover both. Asking for
+    more or fewer seeds than that is an error (the recomputation would not be the forward it replaces)."""
+    previous, _local.reused = getattr(_local, "reused", None), (list(seeds), [])
+    try:
+        yield
+        if len(_local.reused[1]) != len(seeds):
+            raise RuntimeError(f"a recomputation drew {len(_local.reused[1])} random seeds, its forward "
+                               f"{len(seeds)}: the block's dropout changed between its forward and its backward")
+    finally:
+        _local.reused = previous
 
 
 def get_state():

@@ -32,6 +32,18 @@ def no_grad():
         _grad_state.enabled = prev
 
 
+@contextlib.contextmanager
+def enable_grad():
+    """Within this context ops record the graph again (a checkpointed block's recomputation, run inside a backward
+    that may itself run under no_grad)."""
+    prev = is_grad_enabled()
+    _grad_state.enabled = True
+    try:
+        yield
+    finally:
+        _grad_state.enabled = prev
+
+
 class Tensor:
     __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "_absorbs", "name",
                  "__weakref__")
@@ -131,6 +143,41 @@ class Tensor:
             grad = B.full(self.shape, 1.0, self.dtype)
         else:
             grad = self._check_grad(grad)
+        # Backwards may hand one array to several parents (add gives g to both sides, reshape a view of it) and the
+        # caller keeps `grad`: a leaf gets a copy of any memory already handed out, since clipping and the
+        # optimizers scale .grad in place and must scale each gradient once.
+        claimed = {id(B.storage(grad)): grad} if given else {}
+        # Leaves get their gradients only once every node's backward has run: an exception (a Ctrl-C, a backend's error)
+        # in the middle then changes no .grad, rather than leaving some leaves with this call's
+        # share and others without. (Nodes walked before it are freed as usual, so that their saved activations go
+        # as the walk proceeds: a retry without retain_graph says the graph was freed.)
+        done = self._walk(grad, retain_graph)
+        # Reading a leaf's .grad, adding and storing the sum is one step for concurrent backward() calls into shared
+        # leaves (threads lost each other's contributions: 389 of 8000 on numpy). The backend is taken first, in the
+        # order a trainer's step (holding it, then calling backward) takes them, so the two locks cannot deadlock.
+        with B.exclusive(), _accumulating:
+            before = [(node, node.grad) for node, _ in done]
+            sums = []
+            for node, g in done:
+                if node.grad is not None:
+                    g = B.binary("add", node.grad.data, g)
+                elif id(B.storage(g)) in claimed:
+                    g = B.copy_view(g, 0, g.shape, contiguous_strides(g.shape))
+                claimed[id(B.storage(g))] = g
+                sums.append((node, Tensor(g, B)))
+            try:
+                for node, g in sums:
+                    node.grad = g
+            except BaseException:  # a Ctrl-C between two of these assignments: all or none of the leaves take theirs
+                for node, g in before:
+                    node.grad = g
+                raise
+
+    def _walk(self, grad, retain_graph=False):
+        """The backward pass from this tensor with gradient `grad` (an array): every node's backward run in reverse
+        topological order, each node freed after it unless retain_graph. Returns [(leaf, its gradient)], assigning
+        nothing (backward() does, all at once; a recomputed block's backward hands them to its own parents)."""
+        B = self.backend
         topo, seen = [], set()
         stack = [(self, False)]
         while stack:  # iterative DFS: deep graphs (many layers, long sequences) must not hit the recursion limit
@@ -154,14 +201,6 @@ class Tensor:
                 if p.requires_grad and id(p) not in seen:
                     stack.append((p, False))
         grads = {id(self): grad}
-        # Backwards may hand one array to several parents (add gives g to both sides, reshape a view of it) and the
-        # caller keeps `grad`: a leaf gets a copy of any memory already handed out, since clipping and the
-        # optimizers scale .grad in place and must scale each gradient once.
-        claimed = {id(B.storage(grad)): grad} if given else {}
-        # Leaves get their gradients only once every node's backward has run: an exception (a Ctrl-C, a backend's error)
-        # in the middle then changes no .grad, rather than leaving some leaves with this call's
-        # share and others without. (Nodes walked before it are freed as usual, so that their saved activations go
-        # as the walk proceeds: a retry without retain_graph says the graph was freed.)
         done = []
         for node in reversed(topo):
             g = grads.pop(id(node), None)
@@ -182,26 +221,7 @@ class Tensor:
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
             if not retain_graph:  # requires_grad stays: a later use of the node must reach the check above
                 node._backward, node._parents, node._absorbs = _freed, (), None
-        # Reading a leaf's .grad, adding and storing the sum is one step for concurrent backward() calls into shared
-        # leaves (threads lost each other's contributions: 389 of 8000 on numpy). The backend is taken first, in the
-        # order a trainer's step (holding it, then calling backward) takes them, so the two locks cannot deadlock.
-        with B.exclusive(), _accumulating:
-            before = [(node, node.grad) for node, _ in done]
-            sums = []
-            for node, g in done:
-                if node.grad is not None:
-                    g = B.binary("add", node.grad.data, g)
-                elif id(B.storage(g)) in claimed:
-                    g = B.copy_view(g, 0, g.shape, contiguous_strides(g.shape))
-                claimed[id(B.storage(g))] = g
-                sums.append((node, Tensor(g, B)))
-            try:
-                for node, g in sums:
-                    node.grad = g
-            except BaseException:  # a Ctrl-C between two of these assignments: all or none of the leaves take theirs
-                for node, g in before:
-                    node.grad = g
-                raise
+        return done
 
     def _check_own_grad(self):
         """A .grad the caller assigned must be one this leaf's gradient can be added to: the same shape (else the

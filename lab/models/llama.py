@@ -376,7 +376,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LlamaLM(nn.Module, nn.Blocks, Adapters, HookedModel):
+class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
     # (PEFT names transformers' weights under base_model.model.: model.layers.0.self_attn.q_proj, as lab does)
 
     def __init__(self, cfg):
@@ -415,8 +415,8 @@ class LlamaLM(nn.Module, nn.Blocks, Adapters, HookedModel):
             if return_attention:
                 x, att = layer(x, rope, cache, pos, return_weights=True, pad=pad)
                 attentions.append(att)
-            elif cache is None:   # (a cached step writes its cache: never run twice)
-                x = self.run_block(i, layer, x, rope, pad=pad)
+            elif cache is None and not self.has_hooks:   # (a cached step writes its cache, a hook sees each
+                x = self.run_block(i, layer, x, rope, pad=pad)   # activation once: neither runs twice)
             else:
                 x = layer(x, rope, cache, pos, pad=pad)
             hidden.append(x)

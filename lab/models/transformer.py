@@ -233,7 +233,7 @@ class Block(nn.Module):
                          self.mlp, fused=False)[0]
 
 
-class TransformerLM(nn.Module, nn.Blocks, Adapters, HookedModel):
+class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
     peft_prefix = "base_model.model.transformer."   # transformers' GPT2LMHeadModel nests the blocks there
     peft_fan_in_fan_out = True   # transformers' GPT-2 Conv1D stores (in, out), as lab's Linear does
 
@@ -292,6 +292,8 @@ class TransformerLM(nn.Module, nn.Blocks, Adapters, HookedModel):
             if return_attention:
                 x, att = block(x, return_weights=True)
                 attentions.append(att)
+            elif self.has_hooks:   # a hook sees each activation once: no recomputation calls it again
+                x = block(x)
             else:
                 x = self.run_block(i, block, x)
             hidden.append(x)

@@ -12,6 +12,7 @@ from ..engine.random import generator
 from ..engine.backend import get_backend
 from ..engine.quant import quantize
 from ..engine.quant import zeros as quant_zeros
+from ..checks import InputError, show
 from ..engine.tensor import QuantizedWeight, Tensor, tensor
 
 
@@ -28,6 +29,31 @@ def evaluating():
         yield
     finally:
         _modes.evaluating = previous
+
+
+def checkpoint_interval(name, value, blocks=None):
+    """An activation-checkpointing setting as the block interval k it means: True every block (1), False none
+    (0), an integer k >= 1 every k-th block (blocks 0, k, 2k, ...), at most `blocks` (the model's count)."""
+    allowed = "True (every block), False (none) or an integer k >= 1 (every k-th block)"
+    if isinstance(value, bool):
+        value = int(value)
+    elif not isinstance(value, (int, np.integer)) or value < 0:
+        raise InputError(f"{name} must be {allowed}, got {show(value)}")
+    if blocks is not None and value > blocks:
+        raise InputError(f"{name}={value}: the model has {blocks} blocks, so k must be 1..{blocks} (every k-th "
+                         f"block) or True/False")
+    return int(value)
+
+
+@contextlib.contextmanager
+def checkpointing(every):
+    """In this thread inside the block, models of blocks (Blocks) checkpoint every `every`-th block while they
+    train, whatever their own setting (a Trainer's TrainConfig.checkpoint_activations); 0 leaves each its own."""
+    previous, _modes.checkpoint_every = getattr(_modes, "checkpoint_every", 0), checkpoint_interval("every", every)
+    try:
+        yield
+    finally:
+        _modes.checkpoint_every = previous
 
 
 _users = weakref.WeakKeyDictionary()   # model -> [thread that has it in use (training or changing it), depth]
@@ -127,6 +153,52 @@ def _packed_placeholder(kind, n_in, n_out):
     p = QuantizedWeight(quant_zeros(kind, (n_out, n_in)), get_backend())
     _unset.add(p)
     return p
+
+
+def _settings(module):
+    """What a module's computation depends on besides its tensors: every submodule's mode and plain settings
+    (dropout rates, LoRA's scale and switches)."""
+    return [(m.training, [(k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))])
+            for m in module.modules()]
+
+
+class Blocks:
+    """A model whose residual stream runs through a list of blocks (GPT-2's h, Llama's model.layers): activation
+    checkpointing by transformers' names. A checkpointed block keeps only its (B, T, C) input for the backward and
+    runs again there (F.checkpoint), with the same dropout masks and the same gradients."""
+    _checkpoint_every = 0   # 0: off; k: blocks 0, k, 2k, ...
+
+    def blocks(self):
+        raise NotImplementedError
+
+    def gradient_checkpointing_enable(self, every=1):
+        """Checkpoint every block while training (every=k: every k-th, blocks 0, k, 2k, ...)."""
+        self._checkpoint_every = checkpoint_interval("every", every, len(self.blocks()))
+        return self
+
+    def gradient_checkpointing_disable(self):
+        self._checkpoint_every = 0
+        return self
+
+    @property
+    def is_gradient_checkpointing(self):
+        return bool(self._checkpoint_every)
+
+    def run_block(self, i, block, x, *args, **kwargs):
+        """block(x, *args, **kwargs), checkpointed when this thread's setting (checkpointing()) or the model's
+        own says so for block i and the block trains (gradients on: F.checkpoint runs it plainly otherwise)."""
+        every = getattr(_modes, "checkpoint_every", 0) or self._checkpoint_every
+        if not (every and block.training and i % every == 0):
+            return block(x, *args, **kwargs)
+        settings = _settings(block)
+
+        def run(h):
+            if _settings(block) != settings:   # (model.eval(), a dropout rate or a LoRA switch changed meanwhile)
+                raise RuntimeError(f"checkpointed block {i}: its settings changed between the forward and the "
+                                   f"backward, so recomputing it would not give the forward's activations; "
+                                   f"change a model's mode or settings between steps, not within one")
+            return block(h, *args, **kwargs)
+        return F.checkpoint(run, x, block.parameters())
 
 
 class Module:
@@ -250,17 +322,19 @@ class Module:
 
 class Linear(Module):
     """y = x @ W + b with W stored (in, out): GPT-2's Conv1D layout, so checkpoints map one to one. forward takes
-    the activation that follows the layer (MLP's GELU), so a layer applies it the fastest way it has: a subclass
-    overriding forward accepts `activation` too (F.activate applies it after the layer's own output)."""
+    the activation that follows the layer (MLP's GELU) and the residual added after it (a block's x + layer(h)), so
+    a layer applies them the fastest way it has: a subclass overriding forward accepts `activation` and `residual`
+    too (F.activate applies the activation after the layer's own output, then the residual is added)."""
 
     def __init__(self, n_in, n_out, bias=True, std=0.02):
         kind = getattr(_modes, "packed", None) if getattr(_modes, "unset", False) else None
         self.weight = _packed_placeholder(kind, n_in, n_out) if kind else normal((n_in, n_out), std)
         self.bias = parameter(np.zeros(n_out)) if bias else None
 
-    def forward(self, x, activation=None):
-        # activation="gelu": applied as the matmul stores the product where the backend can (F.linear)
-        return F.linear(x, self.weight, self.bias, activation=activation)
+    def forward(self, x, activation=None, residual=None):
+        # activation="gelu" and residual (x + layer(h)): applied as the matmul stores the product where the
+        # backend can (F.linear)
+        return F.linear(x, self.weight, self.bias, activation=activation, residual=residual)
 
 
 class QuantizedLinear(Linear):

@@ -47,12 +47,15 @@ class Plan:
     multi_device_time_s: float = 0.0
     lora_base_dtype: str = "float32"   # a LoRA plan's frozen base: float32, float16, int8 or q4
     lora_targets: object = None        # a LoRA plan's targets, as lora.apply takes them
+    checkpoint_activations: int = 0    # every k-th block checkpointed (TrainConfig's; 0: none)
 
     def __repr__(self):
         gib = 2 ** 30
         targets = self.lora_targets if isinstance(self.lora_targets, str) else ", ".join(self.lora_targets or ())
         mode = (f"LoRA r={self.lora_rank} on {targets}, {self.lora_base_dtype} base" if self.lora_rank
                 else "full training")
+        k = self.checkpoint_activations
+        mode += ("" if not k else ", every block checkpointed" if k == 1 else f", one block in {k} checkpointed")
         c = self.config
         model = (f"{c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} dims" if "n_layer" in c else
                  f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} heads ({c['num_key_value_heads']} "
@@ -115,14 +118,20 @@ def is_llama(c):
 
 
 def llama_params(c):
-    """Parameters of a LlamaLM with config c: q/k/v/o with key-value heads (and their optional biases), SwiGLU's
-    three matrices, two RMSNorms per layer and the final one, the embedding and an untied head."""
-    C, I, L, V, D = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, c.head_dim
+    """Parameters of a LlamaLM with config c: its layers', the final RMSNorm, the embedding and an untied head."""
+    C, V = c.hidden_size, c.vocab_size
+    return V * C * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * llama_layer_params(c) + C
+
+
+def llama_layer_params(c):
+    """Parameters of one Llama layer: q/k/v/o with key-value heads (and their optional biases), SwiGLU's three
+    matrices, two RMSNorms."""
+    C, I, D = c.hidden_size, c.intermediate_size, c.head_dim
     H, Hkv = c.num_attention_heads, c.num_key_value_heads
     qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
     attn = C * (H + 2 * Hkv) * D + H * D * C + (H + 2 * Hkv) * D * qkv_bias + C * c.attention_bias
     mlp = 3 * C * I + (2 * I + C) * c.mlp_bias
-    return V * C * (1 if c.tie_word_embeddings else 2) + L * (attn + mlp + 2 * C) + C
+    return attn + mlp + 2 * C
 
 
 # a Llama block's linear layers under model.layers.N, as transformers (and so PEFT's targets) name them
@@ -205,7 +214,20 @@ def llama_lora_layers(c, targets, r):
     return [(shapes[sub], n) for sub, n in counts.items()]
 
 
-def llama_activation_floats(c, b, T, host_temporaries=False):
+def checkpointed_layer_floats(L, per_layer, saved, every):
+    """Floats L layers hold at a step's peak when every `every`-th block (0, k, 2k, ...) is checkpointed (0: none):
+    a checkpointed block keeps only its input (`saved` floats, one (B, T, C)) and, while its backward runs, its
+    recomputed activations (one block's, per_layer) come on top: the peak is at the first block differentiated."""
+    n = len(range(0, L, every)) if every else 0
+    return (L - n) * per_layer + n * saved + (per_layer if n else 0)
+
+
+def _checkpoint_every(value, L):
+    """TrainConfig.checkpoint_activations as a block interval 0..L (True 1, False 0)."""
+    return integer("checkpoint_activations", int(value) if isinstance(value, bool) else value, 0, L)
+
+
+def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0):
     """What a LlamaLM's training step on b sequences of T tokens holds beyond weights, gradients and optimizer
     state at its peak, in floats: per token and layer about 6 C (norms, residuals, attention and MLP outputs),
     3 (H + 2 Hkv) D (q, k, v and their rotated heads, merged heads), 2.75 H T (attention scores, weights and their
@@ -214,15 +236,16 @@ def llama_activation_floats(c, b, T, host_temporaries=False):
     in the largest ones (cross-entropy's exp over the vocabulary, SwiGLU's sigmoid, the norms), 2.5 V + L (1.5 I +
     1.5 C) per token. Fitted to the peaks of 16 random configs (GQA ratios, head dims, tied and untied, 1-3 layers,
     T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within 0%/+19%
-    (tests/test_training_length_and_plan.py). Returns the floats of one layer, the largest single tensor (name,
-    floats) and the total split into parts."""
+    (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. Returns the floats of
+    one layer, the largest single tensor (name, floats) and the total split into parts."""
     C, I, L, D, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim, c.vocab_size
     H, Hkv, N = c.num_attention_heads, c.num_key_value_heads, b * T
     per_layer = N * (6 * C + 3 * (H + 2 * Hkv) * D + 2.75 * H * T + 2 * I)
     largest = max([("logits (B, T, vocab)", N * V), ("attention weights (B, H, T, T)", b * H * T * T),
                    ("MLP hidden (B, T, intermediate)", N * I), ("token embedding table", V * C)],
                   key=lambda kv: kv[1])
-    parts = {"layers": L * per_layer, "embeddings and logits": N * (9 * C + 2.5 * V)}
+    parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every),
+             "embeddings and logits": N * (9 * C + 2.5 * V)}
     if host_temporaries:
         parts["op temporaries (numpy)"] = N * (2.5 * V + L * (1.5 * I + 1.5 * C))
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
@@ -247,10 +270,11 @@ def _linear_weight_bytes(c, base_dtype):
     return sum(n * quant.packed_nbytes(kind, (o, i)) for (i, o), n in layers)
 
 
-def activation_floats(c, b, T, training=True, fused_attention=False):
+def activation_floats(c, b, T, training=True, fused_attention=False, checkpoint_every=0):
     """Floats of the forward intermediates the engine keeps until backward: the total, one layer's, the largest
     single tensor (name, floats), and the total split into embeddings, layers, logits and loss. fused_attention:
-    attention by the fused kernels, which keep a log-sum-exp per row instead of the (B, H, T, T) weights."""
+    attention by the fused kernels, which keep a log-sum-exp per row instead of the (B, H, T, T) weights.
+    checkpoint_every: checkpointed_layer_floats."""
     N, C, H, L, V = b * T, c.n_embd, c.n_head, c.n_layer, c.vocab_size
     drop = c.dropout > 0 and training
     att = 0 if fused_attention else b * H * T * T
@@ -263,10 +287,11 @@ def activation_floats(c, b, T, training=True, fused_attention=False):
         b * H * T if fused_attention else 0)
     embed = (2 + (1 if drop else 0)) * N * C + T * C
     head = N * C + N * V + 3 * N + 2 * N                  # ln_f, logits, cross-entropy rows, ln_f stats
-    total = embed + L * per_layer + head
+    layers = checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every)
+    total = embed + layers + head
     largest = max([("logits (B, T, vocab)", N * V), ("attention weights (B, H, T, T)", att),
                    ("MLP hidden (B, T, 4C)", 4 * N * C), ("token embedding table", V * C)], key=lambda kv: kv[1])
-    return total, per_layer, largest, {"embeddings": embed, "layers": L * per_layer, "logits and loss": head}
+    return total, per_layer, largest, {"embeddings": embed, "layers": layers, "logits and loss": head}
 
 
 def dropout_floats(c, b, T):
@@ -305,20 +330,22 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
 
 def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
              lora_rank=None, lora_targets=None, device=None, vocab_size=None, lora_base_dtype="float32",
-             _devices=True):
+             checkpoint_activations=0, _devices=True):
     """A Plan for training `config` (a TransformerConfig) with this batch, sequence length and token budget on
     `device`: a DeviceProfile, a named profile such as 'm1', 'rtx4090', 'h200', or a function that measures one
     (lab.plan.estimate, which also takes presets and config.json files, passes measure.profile_device for 'this').
     lora_base_dtype "float16", "int8", "q4": LoRA on a base whose linear weights are stored so (lora.apply's
     base_dtype): 2 bytes each, or their packed bytes (about 1 and 0.63), instead of 4. lora_targets: as
-    lora.apply takes them (None: GPT-2's c_attn, c_proj, c_fc; the Llama family's "all-linear")."""
+    lora.apply takes them (None: GPT-2's c_attn, c_proj, c_fc; the Llama family's "all-linear").
+    checkpoint_activations: TrainConfig's (True: every block keeps only its input and runs again in the backward;
+    k: every k-th block)."""
     if lora_targets is not None and (lora_rank is None or lora_rank is False or lora_rank == 0):
         raise InputError(f"lora_targets {show(lora_targets)} without a lora_rank: targets are for a LoRA plan (give "
                          f"lora_rank, --lora-rank), full training trains every layer")
     if is_llama(config):
         return _estimate_llama(config, batch, seq, tokens, steps, precision, optimizer, lora_rank, device,
                                vocab_size, _devices, ALL_LINEAR if lora_targets is None else lora_targets,
-                               lora_base_dtype)
+                               lora_base_dtype, checkpoint_activations)
     if not all(hasattr(config, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")):
         # resolving a preset or a file is lab.plan.estimate's: it loads models and files, which sit above the planner
         raise InputError(f"estimator.estimate takes a model config (a TransformerConfig or LlamaConfig), got "
@@ -338,6 +365,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     # as lora.apply: a rank above the adapted layers' smaller side (n_embd for every target) adds no capacity
     lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, c.n_embd) or None
     lora_targets = _gpt2_targets(lora_targets) if lora_rank else None
+    every = _checkpoint_every(checkpoint_activations, c.n_layer)
     if seq > c.block_size:  # the model never sees more than block_size tokens (its position table ends there)
         raise InputError(f"seq {seq:,} is longer than the model's block_size {c.block_size:,}: a step trains on at "
                          f"most block_size tokens; plan a config with a larger block_size (lab plan --config "
@@ -356,7 +384,8 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     # T a multiple of 32: WgpuBackend.flash_attention_fits)
     fused = (c.n_embd == 64 * c.n_head and seq % 32 == 0
              and batch * c.n_head * seq * seq * F32 > prof.max_binding_size)
-    acts, per_layer, largest, parts = activation_floats(c, batch, seq, fused_attention=fused)
+    acts, per_layer, largest, parts = activation_floats(c, batch, seq, fused_attention=fused, checkpoint_every=every)
+    recomputed = len(range(0, c.n_layer, every)) if every else 0   # blocks whose forward runs twice
     opt_floats = (2 if optimizer == "adamw" else 1) * trainable
     # backward working set, measured on the engine (lab.stats() peaks of 2- and 3-layer models, the part that does
     # not grow with depth): dlogits, about 25 x (B, T, C) of gradients and temporaries alive while the last block
@@ -378,10 +407,15 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     flops_per_token = 6 * params + 12 * c.n_layer * c.n_embd * seq
     if lora_rank:  # no weight gradients for the frozen base: about 4 of the 6 FLOPs per parameter remain
         flops_per_token = 4 * (params - trainable) + 6 * trainable + 12 * c.n_layer * c.n_embd * seq
-    ops = op_count(c, lora_rank, lora_targets, update_slots=prof.update_slots)
+    # a recomputed block's forward again: 2 FLOPs per weight (12 C^2) and attention's 4 C T
+    flops_per_token += recomputed * (24 * c.n_embd ** 2 + 4 * c.n_embd * seq)
+    # (19 dispatches a block's forward, 21 with dropout: counted on the engine, lab.stats())
+    ops = op_count(c, lora_rank, lora_targets, update_slots=prof.update_slots) + recomputed * (
+        21 if c.dropout > 0 else 19)
     # elementwise work scales with the activation floats (the profile says what one costs on the device); the
     # optimizer reads and writes parameter, gradient and two moments of every trainable float
-    step_time = (flops_per_token * tokens_per_step / prof.matmul_flops + acts * prof.elementwise_s_per_float
+    step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
+                 + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
                  + dropout_floats(c, batch, seq) * prof.dropout_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
     plan = Plan(config=c.to_dict(), batch=batch, seq=seq, tokens=tokens, steps=steps, precision=precision,
@@ -389,12 +423,16 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
                 trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
                 flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
                 total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype,
-                lora_targets=_targets_shown(lora_targets) if lora_rank else None)
+                lora_targets=_targets_shown(lora_targets) if lora_rank else None, checkpoint_activations=every)
     def share_bytes(b):  # one device's memory (with DDP's gradient buckets) for a share of b sequences
         share = estimate(c, b, seq, None, 1, precision, optimizer, lora_rank, lora_targets, prof,
-                         lora_base_dtype=lora_base_dtype, _devices=False)
+                         lora_base_dtype=lora_base_dtype, checkpoint_activations=every, _devices=False)
         return share.memory["total"] + share.memory["gradients"]
-    _check_fit(plan, c, prof, share_bytes if _devices else None)
+
+    def checkpointed():   # the same plan with every block checkpointed
+        return estimate(c, batch, seq, None, 1, precision, optimizer, lora_rank, lora_targets, prof,
+                        lora_base_dtype=lora_base_dtype, checkpoint_activations=1, _devices=False)
+    _check_fit(plan, c, prof, share_bytes if _devices else None, checkpointed)
     return plan
 
 
@@ -433,7 +471,7 @@ def _plan_inputs(c, batch, seq, tokens, steps, precision, optimizer):
 
 
 def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_rank, device, vocab_size, _devices,
-                    lora_targets=ALL_LINEAR, lora_base_dtype="float32"):
+                    lora_targets=ALL_LINEAR, lora_base_dtype="float32", checkpoint_activations=0):
     """estimate() for the Llama family: grouped-query attention (keys and values of num_key_value_heads, in the
     KV cache too), SwiGLU's three matrices, a vocabulary whose logits, softmax rows and their gradient are often
     the largest tensors of a step, tied or untied head. With lora_rank: the adapters lora.apply(model, lora_rank,
@@ -445,6 +483,7 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
                  "intermediate_size", "vocab_size", "max_position_embeddings"):
         integer(name, getattr(c, name), 1, MAX_SIZE)
     batch, seq, tokens, steps = _plan_inputs(c, batch, seq, tokens, steps, precision, optimizer)
+    every = _checkpoint_every(checkpoint_activations, c.num_hidden_layers)
     lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, MAX_SIZE) or None
     _check_base_dtype(lora_base_dtype, lora_rank)
     adapted = llama_lora_layers(c, lora_targets, lora_rank) if lora_rank else []
@@ -455,7 +494,8 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     tokens = steps * tokens_per_step
     base = llama_params(c)
     L, H, D = c.num_hidden_layers, c.num_attention_heads, c.head_dim
-    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries)
+    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries, every)
+    recomputed = len(range(0, L, every)) if every else 0   # blocks whose forward runs twice
     trainable = sum(lora_rank * (i + o) * n for (i, o), n in adapted) if lora_rank else base
     params = base + trainable if lora_rank else base
     if lora_rank:
@@ -476,21 +516,29 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     memory["KV cache (generation, batch 1)"] = 2 * L * c.num_key_value_heads * D * seq * F32
     # no weight gradients for a frozen base: 4 of the 6 FLOPs per parameter remain
     flops_per_token = 6 * trainable + 4 * (params - trainable) + 12 * L * H * D * seq
-    ops = llama_op_count(c, prof.update_slots, adapted)
-    step_time = (flops_per_token * tokens_per_step / prof.matmul_flops + acts * prof.elementwise_s_per_float
+    # a recomputed block's forward again: 2 FLOPs per weight and attention's 4 H D T; 18 dispatches (19 with
+    # dropout: counted on the engine, lab.stats())
+    flops_per_token += recomputed * (2 * llama_layer_params(c) + 4 * H * D * seq)
+    ops = llama_op_count(c, prof.update_slots, adapted) + recomputed * (19 if c.dropout > 0 else 18)
+    step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
+                 + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
     plan = Plan(config=c.to_dict(), batch=batch, seq=seq, tokens=tokens, steps=steps, precision=precision,
                 optimizer=optimizer, lora_rank=lora_rank or 0, device=prof, params=params,
                 trainable_params=trainable, memory=memory, largest_buffer=(largest[0], largest[1] * F32),
                 flops_per_token=flops_per_token, total_flops=flops_per_token * tokens, step_time_s=step_time,
                 total_time_s=step_time * steps, lora_base_dtype=lora_base_dtype,
-                lora_targets=_targets_shown(lora_targets) if lora_rank else None)
+                lora_targets=_targets_shown(lora_targets) if lora_rank else None, checkpoint_activations=every)
 
     def share_bytes(b):
         share = _estimate_llama(c, b, seq, None, 1, precision, optimizer, lora_rank, prof, None, False, lora_targets,
-                                lora_base_dtype)
+                                lora_base_dtype, every)
         return share.memory["total"] + share.memory["gradients"]
-    _check_fit(plan, c, prof, share_bytes if _devices else None)
+
+    def checkpointed():   # the same plan with every block checkpointed
+        return _estimate_llama(c, batch, seq, None, 1, precision, optimizer, lora_rank, prof, None, False,
+                               lora_targets, lora_base_dtype, 1)
+    _check_fit(plan, c, prof, share_bytes if _devices else None, checkpointed)
     return plan
 
 
@@ -552,12 +600,13 @@ class DoesNotFitError(InputError):
 
 
 def check_fits(config, batch, backend, seq=None, lora_rank=None, optimizer="adamw", lora_base_dtype="float32",
-               lora_targets=None):
+               lora_targets=None, checkpoint_activations=0):
     """Raise DoesNotFitError, with the plan estimator's reasons and suggestions, when training `config` at this
     batch would not fit `backend`'s device: called before a run allocates anything for its steps."""
     prof = limits_profile(backend)
     plan = estimate(config, batch=batch, seq=seq, steps=1, lora_rank=lora_rank, device=prof, optimizer=optimizer,
-                    lora_base_dtype=lora_base_dtype, lora_targets=lora_targets)
+                    lora_base_dtype=lora_base_dtype, lora_targets=lora_targets,
+                    checkpoint_activations=checkpoint_activations)
     if plan.fits:
         return plan
     # one line (the command line prints it as its one error line): the reasons, then what would fit
@@ -591,7 +640,7 @@ def check_model_fits(config, backend):
                               None)
 
 
-def _check_fit(plan, c, prof, share_bytes=None):
+def _check_fit(plan, c, prof, share_bytes=None, checkpointed=None):
     total = plan.memory["total"]
     if total > prof.memory_bytes:
         plan.fits = False
@@ -604,6 +653,14 @@ def _check_fit(plan, c, prof, share_bytes=None):
                                 f"{limit / 2 ** 20:.0f} MiB")
             break
     if not plan.fits:
+        if plan.checkpoint_activations != 1 and checkpointed is not None:
+            other = checkpointed()
+            if other.fits:   # (a buffer too large stays so: memory was what failed)
+                ratio = other.step_time_s / plan.step_time_s if plan.step_time_s else math.nan
+                plan.suggestions.append(
+                    f"checkpoint_activations=True (TrainConfig; --checkpoint-activations): each block keeps only its "
+                    f"input and runs again in the backward, {other.memory['total'] / 2 ** 30:.2f} GiB in all"
+                    + (f", for about {ratio:.2f}x the step time" if math.isfinite(ratio) else ""))
         acts = plan.memory["activations"] + plan.memory.get("backward working set", 0)  # what scales with the batch
         fixed = total - acts
         if fixed < prof.memory_bytes and plan.batch > 1:

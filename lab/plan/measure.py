@@ -20,13 +20,14 @@ _measured = {}
 
 
 def estimate(config_or_preset, batch=12, seq=None, tokens=None, steps=None, precision="fp32", optimizer="adamw",
-             lora_rank=None, lora_targets=None, device=None, vocab_size=None, lora_base_dtype="float32"):
+             lora_rank=None, lora_targets=None, device=None, vocab_size=None, lora_base_dtype="float32",
+             checkpoint_activations=0):
     """estimator.estimate for a TransformerConfig, a preset name or a config.json (lab's or GPT-2's), on `device`
     (None/'this': the measured current backend, measured once the plan's inputs are checked; or a named profile
     such as 'm1', 'rtx4090', 'h200')."""
     device = profile_device if device is None or device == "this" else device
     return estimator.estimate(_config(config_or_preset), batch, seq, tokens, steps, precision, optimizer, lora_rank,
-                              lora_targets, device, vocab_size, lora_base_dtype)
+                              lora_targets, device, vocab_size, lora_base_dtype, checkpoint_activations)
 
 
 def get_profile(device=None):

@@ -83,7 +83,8 @@ class StepReplay:
         forward patched onto an instance), as far as Python can see them without running the step."""
         opt, cfg = trainer.optimizer, trainer.cfg
         arrays = [p.data for p in opt.params] + list(opt.state_arrays().values())
-        settings = [cfg.batch_size, trainer.block_size, cfg.grad_accum_steps, cfg.grad_clip, type(opt), tuple(opt.decay),
+        settings = [cfg.batch_size, trainer.block_size, cfg.grad_accum_steps, cfg.grad_clip, cfg.checkpoint_activations,
+                    type(opt), tuple(opt.decay),
                     getattr(opt, "b1", None), getattr(opt, "b2", None), getattr(opt, "eps", None),
                     getattr(opt, "momentum", None), tuple(p.requires_grad for p in opt.params)]
         more_arrays, more_settings = module_signature(trainer.model)

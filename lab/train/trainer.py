@@ -17,7 +17,7 @@ from ..checks import InputError, choice, integer, real, show
 from ..data import IGNORE_INDEX, Examples, get_batch, min_tokens
 from ..engine.random import draw_from, generator, own_stream
 from ..engine.tensor import is_grad_enabled, no_grad
-from ..nn import evaluating, in_use, step_lock
+from ..nn import checkpoint_interval, checkpointing, evaluating, in_use, step_lock
 from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, grad_norm
 from .replay import Recorded, StepReplay, recording_seeds, upload_batches
@@ -46,6 +46,8 @@ class TrainConfig:
     checkpoint_dir: str = ""           # run() saves a checkpoint here (atomically) ...
     checkpoint_every: int = 0          # ... every this many steps and at the end (0: only at the end)
     replay_steps: bool = True          # wgpu: capture a step's dispatches, replay them for later steps (replay.py)
+    checkpoint_activations: int = 0    # True/1: keep only each block's input, recompute the block in the backward;
+                                       # k: every k-th block (0/False: the model's own gradient_checkpointing)
 
     def __post_init__(self):
         """Every field checked (and 3.0 made 3): the one validation a TrainConfig, a resumed run and a panel's
@@ -65,6 +67,7 @@ class TrainConfig:
         except ValueError:
             raise InputError(f"betas must be two finite numbers in [0, 1), got {show(self.betas)}") from None
         choice("nonfinite", self.nonfinite, ("stop", "skip"))
+        self.checkpoint_activations = checkpoint_interval("checkpoint_activations", self.checkpoint_activations)
 
 
 def _check_tokens(x, vocab_size, targets=False):
@@ -173,6 +176,7 @@ class Trainer:
         vocab = model.config.vocab_size
         self.train_ids, self.val_ids = _token_ids("train_ids", train_ids, vocab), _token_ids("val_ids", val_ids, vocab)
         self._check_block_size()
+        self._check_checkpointing()
         self._check_fits()
         self._check_splits()
         self.optimizer = AdamW(model.optimizer_groups(self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas)
@@ -227,6 +231,17 @@ class Trainer:
                 raise InputError(f"block_size {cfg.block_size} does not apply to Examples: a batch is whole "
                                  f"examples of {self.train_ids.width} tokens (leave block_size 0)")
 
+    def _check_checkpointing(self, cfg=None):
+        """checkpoint_activations=k needs a model of at least k blocks (GPT-2's or Llama's: nn.Blocks)."""
+        k = (cfg or self.cfg).checkpoint_activations
+        if not k:
+            return
+        from ..nn import Blocks
+        if not isinstance(self.model, Blocks):
+            raise InputError(f"checkpoint_activations={k}: {type(self.model).__name__} has no blocks to checkpoint "
+                             f"(a TransformerLM or LlamaLM has)")
+        checkpoint_interval("checkpoint_activations", k, len(self.model.blocks()))
+
     def _check_fits(self, cfg=None):
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
         says why and what would fit)."""
@@ -243,9 +258,11 @@ class Trainer:
             check_fits(config, cfg.batch_size, embedding.weight.backend, seq=seq,
                        lora_rank=lora["r"] if lora else None,
                        lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32",
-                       lora_targets=lora["target_modules"] if lora and isinstance(config, LlamaConfig) else None)
+                       lora_targets=lora["target_modules"] if lora and isinstance(config, LlamaConfig) else None,
+                       checkpoint_activations=cfg.checkpoint_activations)
         elif isinstance(config, LlamaConfig):
-            check_batch_fits(config, cfg.batch_size, self.model.model.embed_tokens.weight.backend, seq=seq)
+            check_batch_fits(config, cfg.batch_size, self.model.model.embed_tokens.weight.backend, seq=seq,
+                             checkpoint_activations=cfg.checkpoint_activations)
 
     def reconfigure(self, **values):
         """Change TrainConfig fields of this trainer (between runs, or during one: applied from the next step).
@@ -258,7 +275,9 @@ class Trainer:
             raise InputError("weight_decay and betas are fixed once the trainer has built its optimizer")
         new = replace(self.cfg, **values)
         self._check_block_size(new)
-        if (new.batch_size, new.block_size) != (self.cfg.batch_size, self.cfg.block_size):
+        self._check_checkpointing(new)
+        if (new.batch_size, new.block_size, new.checkpoint_activations) != (
+                self.cfg.batch_size, self.cfg.block_size, self.cfg.checkpoint_activations):
             self._check_fits(new)
             self._check_splits(self._seq(new))
         # between two steps (the step lock): a step reads cfg's fields as it goes (grad_accum_steps per micro-batch)
@@ -340,7 +359,7 @@ class Trainer:
         # the step lock before the backend's: a save (step lock, then the backend for each readback) cannot deadlock
         with _interrupt_after_step(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
                 in_use(self.model, "Trainer.train_step"), self.step_lock, draw_from(self.seed_rng), \
-                self.optimizer.backend.exclusive():
+                checkpointing(self.cfg.checkpoint_activations), self.optimizer.backend.exclusive():
             # kept for last_loss: a Ctrl-C raised as this block ends drops the return value of a finished step
             loss, norm = self._train_step()
             self._step_loss = loss
@@ -353,7 +372,8 @@ class Trainer:
         self._last_batches = [get_batch(self.train_ids, cfg.batch_size, self.block_size, self.rng)
                               for _ in range(cfg.grad_accum_steps)]
         lr = cosine_lr(self.step_num, cfg)
-        replay = self.replay if cfg.replay_steps else None
+        # (lab.interp hook functions run in every step while hooked: a replay would skip them)
+        replay = self.replay if cfg.replay_steps and not getattr(model, "has_hooks", False) else None
         if replay is None and self.replay is not None:
             self.replay.suspend()  # replay turned off: its held buffers go back to the pool
         replaying = replay is not None and replay.use_replay(self)

@@ -24,7 +24,9 @@ from .linalg import _check_activation, activate, linear, matmul, quantized_linea
 from .nn import (_check_norm, _index_tensor, _last_axis, _layer_norm_node, _norm_bias, _rms_norm_node, add_layer_norm,
                  add_rms_norm, cross_entropy, dropout, embedding, layer_norm, log_softmax, lora_add, rms_norm, rotary,
                  silu, softmax, swiglu)
-from .attention import causal_self_attention, scaled_dot_product_attention
+from .attention import (causal_self_attention, decode_attention, decode_attention_applies,
+                        scaled_dot_product_attention)
+from .recompute import checkpoint
 
 # ---------------------------------------------------------------------------------------------------- Tensor methods
 
@@ -56,4 +58,4 @@ _install()
 # what `from lab.engine.ops import *` gave when this was one module: every public name but the submodules', which
 # (nn, shape) would shadow the caller's own
 __all__ = [n for n in dir() if not n.startswith("_") and n not in
-           ("elementwise", "reductions", "shape", "linalg", "nn", "attention")]
+           ("elementwise", "reductions", "shape", "linalg", "nn", "attention", "recompute")]
