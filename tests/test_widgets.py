@@ -11,7 +11,8 @@ from lab.models import PRESETS, TransformerLM
 from lab.train import TrainConfig, Trainer
 
 pytest.importorskip("anywidget")
-from lab.widgets import AttentionHeatmap, EdgeDiagnosticsPanel, GenerationPanel, PlanEstimator, TrainingPanel  # noqa: E402
+from lab.widgets import (AttentionHeatmap, EdgeDiagnosticsPanel, GenerationPanel, LogitLensPanel,  # noqa: E402
+                         PatchingPanel, PlanEstimator, TrainingPanel)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_preset_switch_rebuilds_the_model_between_runs(numpy_backend, monkeypatc
 
 PANEL_FILES = {TrainingPanel: "training_panel.js", AttentionHeatmap: "attention_heatmap.js",
                PlanEstimator: "plan_estimator.js", GenerationPanel: "generation_panel.js",
-               EdgeDiagnosticsPanel: "edge_diagnostics.js"}
+               EdgeDiagnosticsPanel: "edge_diagnostics.js", LogitLensPanel: "logit_lens.js", PatchingPanel: "patching.js"}
 
 
 def _data_imports(source):

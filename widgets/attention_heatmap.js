@@ -1,8 +1,9 @@
-// AttentionHeatmap front end. Synced: tokens, n_layer, n_head, n_kv_head, weights (float32 bytes, (L, H, T, T)),
-// layer, head. The main heatmap shows one query head (rows: queries, columns: keys); hovering a cell highlights its
+// AttentionHeatmap front end. Synced: tokens, n_layer, layers (the model layer of each of the n_layer shown: all, or
+// those a cache holds), n_head, n_kv_head, weights (float32 bytes, (n_layer, H, T, T)), layer (a model layer), head. The main heatmap shows one query head (rows: queries, columns: keys); hovering a cell highlights its
 // row and column and shows the weight; the grid of thumbnails shows every layer x head, and clicking one opens it.
 // With grouped-query attention (n_kv_head < n_head) each run of n_head / n_kv_head query heads reads one key-value
-// head: the grid groups them under it and the head menu names it.
+// head: the grid groups them under it and the head menu names it. Below the map the tokens themselves: hovering one
+// shades every token by the attention it pays them (circuitsvis' token view) and outlines its row in the map.
 
 import { setupCanvas, el } from "./common.js";
 
@@ -14,16 +15,17 @@ function renderAttention({ model, el: root }) {
   const tip = el("div", { class: "lab-tooltip" });
   const thumbs = el("div", { class: "lab-heat-thumbs" });
   const caption = el("div", { class: "lab-caption" });
+  const strip = el("div", { class: "lab-token-strip" });
   root.append(el("div", { class: "lab-header" }, el("b", {}, "Attention"), el("label", {}, "layer ", layerSel),
-    el("label", {}, "head ", headSel)), main, tip, caption, thumbs);
+    el("label", {}, "head ", headSel)), main, tip, strip, caption, thumbs);
 
   let data = new Float32Array(0), T = 0, hover = null;
   const select = (layer, head) => { model.set("layer", layer); model.set("head", head); model.save_changes(); };
   layerSel.onchange = () => select(+layerSel.value, model.get("head"));
   headSel.onchange = () => select(model.get("layer"), +headSel.value);
 
-  function weightsOf(l, h) {
-    const H = model.get("n_head"), off = (l * H + h) * T * T;
+  function weightsOf(l, h) {   // l: a model layer
+    const H = model.get("n_head"), off = (Math.max(model.get("layers").indexOf(l), 0) * H + h) * T * T;
     return data.subarray(off, off + T * T);
   }
   // One pixel per cell in an ImageData, scaled up without smoothing: fast even for 256 x 256 cells and a grid
@@ -52,7 +54,7 @@ function renderAttention({ model, el: root }) {
       ctx.strokeStyle = "#d62728";
       ctx.lineWidth = 1.5;
       ctx.strokeRect(0, highlight.q * cell, size, cell);
-      ctx.strokeRect(highlight.k * cell, 0, cell, size);
+      if (highlight.k !== null) ctx.strokeRect(highlight.k * cell, 0, cell, size);
     }
   }
   function drawMain() {
@@ -75,15 +77,41 @@ function renderAttention({ model, el: root }) {
     drawMain();
   });
   main.addEventListener("mouseleave", () => { hover = null; tip.textContent = ""; drawMain(); });
+  function shadeTokens(q) {   // q: the hovered query position, or null
+    const w = q === null ? null : weightsOf(model.get("layer"), model.get("head")).subarray(q * T, q * T + T);
+    let maxW = 0;
+    if (w) for (let k = 0; k <= q; k++) maxW = Math.max(maxW, w[k]);
+    strip.querySelectorAll(".lab-token").forEach((span, k) => {
+      const v = w && maxW ? w[k] / maxW : 0;
+      span.style.background = w ? `rgba(31, 119, 180, ${(0.85 * v).toFixed(3)})` : "";
+      span.classList.toggle("lab-token-query", k === q);
+      span.title = w ? `${JSON.stringify(model.get("tokens")[q])} → ${JSON.stringify(model.get("tokens")[k])}: ${w[k].toFixed(3)}` : "";
+    });
+  }
+  function tokenStrip() {
+    strip.replaceChildren(...model.get("tokens").map((text, q) => {
+      const span = el("span", { class: "lab-token" }, text.replace(/\n/g, "↵"));
+      span.dataset.pos = String(q);
+      span.addEventListener("mouseenter", () => {
+        hover = { q, k: null };
+        const tokens = model.get("tokens");
+        tip.textContent = `query ${q} ${JSON.stringify(tokens[q])} attends to the shaded tokens`;
+        shadeTokens(q);
+        drawMain();
+      });
+      span.addEventListener("mouseleave", () => { hover = null; tip.textContent = ""; shadeTokens(null); drawMain(); });
+      return span;
+    }));
+  }
 
   function load() {
     const dv = model.get("weights");
     data = dv && dv.byteLength ? new Float32Array(dv.buffer.slice(dv.byteOffset, dv.byteOffset + dv.byteLength)) : new Float32Array(0);
     T = model.get("tokens").length;
-    const L = model.get("n_layer"), H = model.get("n_head");
+    const layers = model.get("layers"), H = model.get("n_head");
     const KV = model.get("n_kv_head") || H, G = H / KV, grouped = KV < H;
     const kvOf = (h) => Math.floor(h / G), span = (g) => `${g * G}–${g * G + G - 1}`;
-    layerSel.replaceChildren(...Array.from({ length: L }, (_, i) => el("option", { value: i }, String(i))));
+    layerSel.replaceChildren(...layers.map((l) => el("option", { value: l }, String(l))));
     headSel.replaceChildren(...Array.from({ length: H }, (_, h) =>
       el("option", { value: h }, grouped ? `${h} (kv ${kvOf(h)})` : String(h))));
     caption.textContent = grouped
@@ -92,7 +120,7 @@ function renderAttention({ model, el: root }) {
     thumbs.style.gridTemplateColumns = `repeat(${H}, auto)`;
     thumbs.replaceChildren(...(grouped ? Array.from({ length: KV }, (_, g) =>
       el("div", { class: "lab-kv-group", style: `grid-column: span ${G}` }, `kv head ${g}: heads ${span(g)}`)) : []));
-    for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
+    for (const l of layers) for (let h = 0; h < H; h++) {
       const title = `layer ${l}, head ${h}` + (grouped ? `, reads kv head ${kvOf(h)} with heads ${span(kvOf(h))}` : "");
       const c = el("canvas", { class: "lab-heat-thumb" + (grouped && h % G === 0 && h ? " lab-kv-start" : ""), title });
       c.dataset.layer = String(l);
@@ -102,9 +130,12 @@ function renderAttention({ model, el: root }) {
       paint(c, weightsOf(l, h), 56, null);
       thumbs.append(c);
     }
+    tokenStrip();
     refresh();
   }
   function refresh() {
+    hover = null;
+    shadeTokens(null);
     layerSel.value = model.get("layer");
     headSel.value = model.get("head");
     for (const c of thumbs.querySelectorAll("canvas")) {

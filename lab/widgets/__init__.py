@@ -6,5 +6,7 @@ from .attention import AttentionHeatmap
 from .plan import PlanEstimator
 from .generation import GenerationPanel
 from .diagnostics import EdgeDiagnosticsPanel
+from .interp import LogitLensPanel, PatchingPanel
 
-__all__ = ["TrainingPanel", "AttentionHeatmap", "PlanEstimator", "GenerationPanel", "EdgeDiagnosticsPanel", "asset"]
+__all__ = ["TrainingPanel", "AttentionHeatmap", "PlanEstimator", "GenerationPanel", "EdgeDiagnosticsPanel",
+           "LogitLensPanel", "PatchingPanel", "asset"]
