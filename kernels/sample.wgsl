@@ -12,6 +12,9 @@
 // the filtered probabilities drawn from (not written by greedy), @binding(4) OUT (rows, 2): [id, log p bits],
 // log p of the id under the distribution drawn from (greedy: the penalized logits' softmax); id n: none could be
 // drawn (NaN logits, or only -inf ones when sampling). Ids and counts pass through f32: n < 2^24.
+// A decode step that samples inside itself (lab.decode) also gives P[9] = ring slots (0: none): the id goes into
+// @binding(5) FEED (rows), the next step's token ids (0 where none was drawn, an id the embedding accepts), and
+// [id, log p bits] into slot step % P[9] of @binding(6) RING (slots, rows, 2), read back every few steps.
 // Uniformity: every branch around a reduction depends on P only; what reductions find steers data, not control.
 
 const RWG: u32 = {{RWG}}u;
@@ -21,6 +24,8 @@ const RWG: u32 = {{RWG}}u;
 @group(0) @binding(2) var<storage, read_write> SEEN: array<u32>;
 @group(0) @binding(3) var<storage, read_write> PROBS: array<f32>;
 @group(0) @binding(4) var<storage, read_write> OUT: array<u32>;
+@group(0) @binding(5) var<storage, read_write> FEED: array<u32>;
+@group(0) @binding(6) var<storage, read_write> RING: array<u32>;
 
 #include workgroup_reduce
 #include dropout_mask
@@ -59,9 +64,19 @@ fn uniform(r: u32) -> f32 {
 }
 
 // (called by one thread, after a storageBarrier: every thread's reads of SEEN for the penalty come first)
-fn choose(r: u32, j: u32, logp: f32) {
+fn put(r: u32, j: u32, logp: u32) {
     OUT[2u * r] = j;
-    OUT[2u * r + 1u] = bitcast<u32>(logp);
+    OUT[2u * r + 1u] = logp;
+    if (P[9] > 0u) {
+        let at = 2u * ((P[8] % P[9]) * P[0] + r);
+        RING[at] = j;
+        RING[at + 1u] = logp;
+        FEED[r] = select(j, 0u, j >= P[1]);
+    }
+}
+
+fn choose(r: u32, j: u32, logp: f32) {
+    put(r, j, bitcast<u32>(logp));
     let w = r * ((P[1] + 31u) / 32u) + j / 32u;
     SEEN[w] = SEEN[w] | (1u << (j % 32u));
 }
@@ -73,7 +88,7 @@ fn sample_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (r >= P[0]) { return; }
     let n = P[1];
     let base = r * n;
-    if (lid == 0u) { OUT[2u * r] = n; }  // no token: what a row of NaN (or, drawing, of -inf only) leaves
+    if (lid == 0u) { put(r, n, 0u); }  // no token: what a row of NaN (or, drawing, of -inf only) leaves
     if (P[2] == 1u) {  // greedy: the first index of the maximum (an index as -f32 in a max: exact below 2^24)
         var m = neg_inf();
         for (var j = lid; j < n; j += RWG) { m = max(m, score(r, j)); }

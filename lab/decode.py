@@ -61,7 +61,11 @@ class DecodeRunner:
             raise InputError(f"DecodeRunner: {type(model).__name__} keeps no KV cache (no new_cache / forward_cached): "
                              f"its tokens are made by full forwards")
         self.model, self.batch = model, integer("batch", batch, low=1)
-        self.pad = check_pad(pad, np.zeros((self.batch, 1)))
+        try:
+            self.pad = check_pad(pad, np.zeros((self.batch, 1)))
+        except InputError:
+            raise InputError(f"DecodeRunner: pad must be one non-negative integer per row of the batch "
+                             f"({self.batch}), got {show(pad)}") from None
         if sampler is not None and sampler.rows != self.batch:
             raise InputError(f"DecodeRunner: a sampler of {sampler.rows} rows for a batch of {self.batch}")
         self.sampler = sampler
@@ -126,7 +130,10 @@ class DecodeRunner:
 
     def read(self, count):
         """The ids (count, batch) int64 the last `count` sample() steps drew, in order (one readback)."""
-        count = integer("count", count, low=1, high=min(self.drawn, self.ring.shape[0]))
+        count, most = integer("count", count, low=1), min(self.drawn, self.ring.shape[0])
+        if count > most:
+            raise InputError(f"DecodeRunner.read: count {count}, but {self.drawn} steps have drawn ids and the ring "
+                             f"keeps the last {self.ring.shape[0]}: at most {most}")
         got = self.backend.to_numpy(self.ring.data)
         steps = np.arange(self.sampler.step - count, self.sampler.step) % self.ring.shape[0]
         return self.sampler.ids(got[steps])

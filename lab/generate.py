@@ -14,6 +14,7 @@ from .engine.backend import contiguous_strides
 from .engine.random import generator
 from .engine.sampling import apply_repetition_penalty, sample_distribution  # noqa: F401  (lab.generate's API)
 from .engine.tensor import no_grad
+from . import decode
 from .decode import DecodeRunner
 from .nn import evaluating, step_lock
 from .sampling import device_sampler
@@ -118,50 +119,87 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     rng = np.random.default_rng(seed) if seed is not None else generator()
     # ProNeuralLM keeps no KV cache (an AttributeError before): each token recomputes over the last block_size
     use_cache = use_cache and hasattr(model, "new_cache")
-    block = model.config.block_size
     out, text = [], ""
     # evaluating(), not model.eval(): a training thread may be stepping this model (TrainingPanel.start())
-    # decode steps through a DecodeRunner: replayed on wgpu once captured (lab.decode), eager on numpy
-    with no_grad(), evaluating(), _adapter_switch(model, adapter), (
-            DecodeRunner(model, 1) if use_cache else contextlib.nullcontext()) as runner:
-        cache = runner.cache if use_cache else None
+    with no_grad(), evaluating(), _adapter_switch(model, adapter):
         seq = list(ids)
         # on a backend that samples on the device the logits stay there, and each step reads back one id
         sampler = device_sampler(model, [seq], temperature, top_k, top_p, repetition_penalty, greedy, rng)
-        dev = sampler is not None
-        logits = _step_logits(model, seq, cache, 0, dev) if use_cache else _full_logits(model, seq, block, dev)
-        pos = len(seq)
-        for _ in range(max_new_tokens):
-            if should_stop is not None and should_stop():
-                text += decoder.decode(b"", final=True)  # bytes held for a split character: as U+FFFD, not lost
-                break
-            nxt = int(sampler(logits.reshape(1, -1))[0]) if dev else _choose(
-                logits, seq, rng, greedy, temperature, top_k, top_p, repetition_penalty)
-            if nxt in eos:
-                text += decoder.decode(b"", final=True)
-                break
-            seq.append(nxt)
-            out.append(nxt)
-            piece = None
-            if tokenizer is not None:
-                piece = decoder.decode(_token_bytes(tokenizer, nxt), final=len(out) == max_new_tokens)
-                text += piece
-            if on_token is not None:
-                on_token(nxt, piece)
-            # a piece may hold several characters: look for the stop string across its whole extent
-            if stop is not None and text.find(stop, max(0, len(text) - len(piece) - len(stop) + 1)) >= 0:
-                break
-            if len(out) == max_new_tokens:
-                break
-            if use_cache and pos < block:
-                logits = runner.step([nxt], pos)[0, -1]
-                logits = logits if dev else logits.numpy()
-                pos += 1
-            else:  # the window is full: positions shift, so recompute over the last block_size tokens
-                logits = _full_logits(model, seq, block, dev)
+        with (DecodeRunner(model, 1, sampler=sampler) if use_cache else contextlib.nullcontext()) as runner:
+            steps = _next_ids(model, runner, [seq], sampler, [True], max_new_tokens,
+                              lambda b, logits: _choose(logits, seq, rng, greedy, temperature, top_k, top_p,
+                                                        repetition_penalty))
+            for _ in range(max_new_tokens):
+                if should_stop is not None and should_stop():
+                    text += decoder.decode(b"", final=True)  # bytes held for a split character: as U+FFFD, not lost
+                    break
+                nxt = int(next(steps)[0])
+                if nxt in eos:
+                    text += decoder.decode(b"", final=True)
+                    break
+                seq.append(nxt)
+                out.append(nxt)
+                piece = None
+                if tokenizer is not None:
+                    piece = decoder.decode(_token_bytes(tokenizer, nxt), final=len(out) == max_new_tokens)
+                    text += piece
+                if on_token is not None:
+                    on_token(nxt, piece)
+                # a piece may hold several characters: look for the stop string across its whole extent
+                if stop is not None and text.find(stop, max(0, len(text) - len(piece) - len(stop) + 1)) >= 0:
+                    break
     if as_text:  # what was streamed, cut where the stop string begins (bytes held after it are dropped)
         return text[:text.find(stop)] if stop is not None and stop in text else text
     return np.asarray(out, dtype=np.int64)
+
+
+def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=None):
+    """Each step's next token ids (rows,), for at most max_new_tokens steps, as the caller takes them: it appends
+    the live rows' ids to `seqs` (the rows' ids so far; row b's first pad[b] cache slots are left padding) and
+    sets `live` before taking the next. With a runner (its cache is prefilled here) the steps go through its KV
+    cache; past block_size, and without a runner, each live row recomputes over its last block_size tokens. The
+    ids are the sampler's draws on the device, or choose(row, logits) on the host. A runner that samples
+    (lab.decode) runs up to decode.CHUNK steps, each fed the ids the last one drew on the device, before one
+    readback; after an end the caller stops taking ids, and those of the steps already run are dropped."""
+    block, rows, made = model.config.block_size, len(seqs), 0
+    logits, pos = None, 0
+    if runner is not None:
+        pos = max(map(len, seqs))
+        x = np.zeros((rows, pos), dtype=np.int32)
+        for b, s in enumerate(seqs):
+            x[b, pos - len(s):] = s
+        with _between_steps(model):
+            logits = model.forward_cached(x, runner.cache, 0, pad=pad)[:, -1]
+    chunk = 1   # (the first tokens show at once; the chunks grow to decode.CHUNK)
+    while made < max_new_tokens:
+        if logits is None and sampler is not None and rows == 1:
+            logits = _full_logits(model, seqs[0], block, True).reshape(1, -1)
+        elif logits is None:   # (where rows recompute one by one, the host draws)
+            logits = [_full_logits(model, s, block) if live[b] else None for b, s in enumerate(seqs)]
+        if isinstance(logits, list) or sampler is None:
+            host = logits if isinstance(logits, list) else logits.numpy()
+            ids = np.array([choose(b, host[b]) if live[b] else 0 for b in range(rows)], dtype=np.int64)
+        else:
+            ids = sampler(logits)
+        yield ids
+        made += 1
+        logits = None
+        if runner is not None and runner.sampler is not None:
+            first = ids
+            while pos < block and made < max_new_tokens:
+                k = min(chunk, decode.CHUNK, runner.ring.shape[0], block - pos, max_new_tokens - made)
+                for i in range(k):
+                    runner.sample(first, pos + i)
+                    first = None
+                pos += k
+                for ids in runner.read(k):
+                    yield ids
+                    made += 1
+                chunk *= 2
+        elif runner is not None and pos < block and made < max_new_tokens:
+            step = np.array([[s[-1] if live[b] else 0] for b, s in enumerate(seqs)], dtype=np.int32)
+            logits = runner.step(step, pos)[:, -1]
+            pos += 1
 
 
 def _check_options(seed, use_cache, greedy, adapter, stop, tokenizer):
@@ -265,8 +303,9 @@ def check_cache_fits(model, batch):
 
 def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, tokenizer,
                     stop, on_token, seed, use_cache, adapter, should_stop, eos_token_id):
-    """generate() of a batch: the rows left-padded into one KV cache (forward_cached's pad), one forward per step
-    for all rows; the tokens chosen on the host, row by row, as a lone prompt's are."""
+    """generate() of a batch: the rows left-padded into one KV cache (forward_cached's pad), one step for all rows
+    through a DecodeRunner (replayed on wgpu, the ids drawn on the device), or row by row on the host as a lone
+    prompt's are."""
     # (each row's ids were checked by _batch_rows; the options here as a lone prompt's)
     max_new_tokens = _check_args(model, rows[0][0], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                  greedy)
@@ -276,65 +315,46 @@ def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repe
     eos = _eos_ids(model, eos_token_id)
     rng = np.random.default_rng(seed) if seed is not None else generator()
     use_cache = use_cache and hasattr(model, "new_cache")
-    B, block = len(rows), model.config.block_size
+    B = len(rows)
     lens = np.array([len(ids) for ids, _ in rows])
-    L, pad = int(lens.max()), lens.max() - lens
+    pad = lens.max() - lens
     seqs = [list(ids) for ids, _ in rows]
     outs, texts = [[] for _ in rows], [""] * B
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in rows]
     live = [max_new_tokens > 0] * B
 
-    def full(b):
-        return _full_logits(model, seqs[b], block)
+    def choose(b, logits):
+        return _choose(logits, seqs[b], rng, greedy, temperature, top_k, top_p, repetition_penalty)
 
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
         # with the cache, a backend that samples on the device draws every row's token there (past block_size,
         # where rows recompute one by one, the host does)
         sampler = device_sampler(model, seqs, temperature, top_k, top_p, repetition_penalty, greedy, rng) \
             if use_cache else None
-        if use_cache:
-            cache = model.new_cache(B)
-            x = np.zeros((B, L), dtype=np.int32)
-            for b, s in enumerate(seqs):
-                x[b, pad[b]:] = s
-            with _between_steps(model):
-                logits = model.forward_cached(x, cache, 0, pad=pad)[:, -1]
-            logits = logits if sampler is not None else logits.numpy()
-        else:
-            logits = [full(b) for b in range(B)]
-        pos = L
-        while any(live):
-            if should_stop is not None and should_stop():
-                break
-            drawn = sampler(logits) if sampler is not None and not isinstance(logits, list) else None
-            for b in (b for b in range(B) if live[b]):
-                nxt = int(drawn[b]) if drawn is not None else _choose(
-                    logits[b], seqs[b], rng, greedy, temperature, top_k, top_p, repetition_penalty)
-                if nxt in eos:
-                    live[b] = False
-                    continue
-                seqs[b].append(nxt)
-                outs[b].append(nxt)
-                piece = None
-                if tokenizer is not None:
-                    piece = decoders[b].decode(_token_bytes(tokenizer, nxt), final=len(outs[b]) == max_new_tokens)
-                    texts[b] += piece
-                if on_token is not None:
-                    on_token(b, nxt, piece)
-                text = texts[b]
-                if stop is not None and text.find(stop, max(0, len(text) - len(piece) - len(stop) + 1)) >= 0 or \
-                        len(outs[b]) == max_new_tokens:
-                    live[b] = False
-            if not any(live):
-                break
-            if use_cache and pos < block:
-                step = np.array([[s[-1] if live[b] else 0] for b, s in enumerate(seqs)], dtype=np.int32)
-                with _between_steps(model):
-                    logits = model.forward_cached(step, cache, pos, pad=pad)[:, -1]
-                logits = logits if sampler is not None else logits.numpy()
-                pos += 1
-            else:  # the cache's window is full: each live row recomputes over its last block_size tokens
-                logits = [full(b) if live[b] else None for b in range(B)]
+        with (DecodeRunner(model, B, pad=pad, sampler=sampler) if use_cache else contextlib.nullcontext()) as runner:
+            # (rows that ended keep stepping with the others, as transformers' do; their ids are dropped)
+            steps = _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad)
+            while any(live):
+                if should_stop is not None and should_stop():
+                    break
+                drawn = next(steps)
+                for b in (b for b in range(B) if live[b]):
+                    nxt = int(drawn[b])
+                    if nxt in eos:
+                        live[b] = False
+                        continue
+                    seqs[b].append(nxt)
+                    outs[b].append(nxt)
+                    piece = None
+                    if tokenizer is not None:
+                        piece = decoders[b].decode(_token_bytes(tokenizer, nxt), final=len(outs[b]) == max_new_tokens)
+                        texts[b] += piece
+                    if on_token is not None:
+                        on_token(b, nxt, piece)
+                    text = texts[b]
+                    if stop is not None and text.find(stop, max(0, len(text) - len(piece) - len(stop) + 1)) >= 0 or \
+                            len(outs[b]) == max_new_tokens:
+                        live[b] = False
     texts = [t + d.decode(b"", final=True) for t, d in zip(texts, decoders)]   # bytes held for a split character
     if rows[0][1]:
         return [t[:t.find(stop)] if stop is not None and stop in t else t for t in texts]
@@ -368,14 +388,6 @@ def _between_steps(model):
     params = model.parameters()
     with step_lock(model), (params[0].backend.exclusive() if params else contextlib.nullcontext()):
         yield
-
-
-def _step_logits(model, new_ids, cache, pos, on_device=False):
-    """The last position's logits: read back, or on_device the Tensor (for a device sampler)."""
-    x = np.asarray(new_ids, dtype=np.int32).reshape(1, -1)
-    with _between_steps(model):
-        t = model.forward_cached(x, cache, pos)[0, -1]
-        return t if on_device else t.numpy()
 
 
 def _full_logits(model, seq, block, on_device=False):

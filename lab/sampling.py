@@ -28,20 +28,31 @@ class TokenSampler:
         if tuple(data.shape) != (self.rows, self.vocab):
             raise InputError(f"TokenSampler: logits of shape {tuple(data.shape)} for {self.rows} rows of a "
                              f"{self.vocab}-token vocabulary; expected ({self.rows}, {self.vocab})")
-        t, k, p, pen, greedy, seed = self.args
-        out, dist = self.backend.sample_tokens(data, self.seen, t, k, p, pen, greedy, seed, self.step)
-        self.step += 1
+        out, dist = self.record(data)
         got = self.backend.to_numpy(out)
-        bad = np.flatnonzero(got[:, 0] >= self.vocab)
-        if bad.size:   # the host's rng.choice refuses such a row too ('probabilities contain NaN')
-            raise ValueError(f"sampling: the logits of row {int(bad[0])} hold NaN (or, sampling, only -inf): no token "
-                             f"can be drawn from them")
-        result = (got[:, 0].astype(np.int64),)
+        result = (self.ids(got),)
         if logprobs:
             result += (got[:, 1].view(np.float32).copy(),)
         if probs:
             result += (self.backend.to_numpy(dist),)
         return result if len(result) > 1 else result[0]
+
+    def record(self, data, feed=None, ring=None):
+        """This step's draw from logits `data` (the backend's (rows, vocab) array) recorded, nothing read back:
+        (out, probs) as Backend.sample_tokens, which also puts the ids into feed and ring when given."""
+        t, k, p, pen, greedy, seed = self.args
+        # the step enters the kernel's params as is: a replayed decode step patches it as linear in the position
+        out, dist = self.backend.sample_tokens(data, self.seen, t, k, p, pen, greedy, seed, self.step, feed, ring)
+        self.step += 1
+        return out, dist
+
+    def ids(self, got):
+        """The ids (int64) of results [id, log p bits] (..., 2) read back."""
+        bad = np.argwhere(got[..., 0] >= self.vocab)
+        if bad.size:   # the host's rng.choice refuses such a row too ('probabilities contain NaN')
+            raise ValueError(f"sampling: the logits of row {int(bad[0][-1])} hold NaN (or, sampling, only -inf): no "
+                             f"token can be drawn from them")
+        return got[..., 0].astype(np.int64)
 
 
 def device_sampler(model, rows, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, greedy=False,

@@ -170,7 +170,7 @@ def test_decode_steps_across_cache_windows_give_the_logits_of_eager_steps(use_ba
         with DecodeRunner(model, 1) as runner:
             model.forward_cached(PROMPT, runner.cache, 0)
             got = [runner.step([t], 4 + i)[0, -1].numpy() for i, t in enumerate(tokens)]
-            windows = sorted(runner.windows)
+            windows = sorted(w for w, _ in runner.windows)   # (window, whether its steps sample)
     if use_backend.name == "wgpu":
         assert windows == [16, 32, 40] and eager.replayed == 0
         assert runner.replayed == (12 - 3) + (16 - 3) + (7 - 3)   # slots 4..15, 16..31, 32..38
@@ -188,11 +188,11 @@ def test_an_interrupted_decode_step_gives_its_capture_back(wgpu_backend, monkeyp
     mlp, calls = model.h[0].mlp, []
     forward = mlp.forward
 
-    def interrupted(x):
+    def interrupted(x, residual=None):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return forward(x)
+        return forward(x, residual)
 
     before = dict(wgpu_backend._reserved), set(wgpu_backend._held)   # (other tests' trainers may hold captures)
     with no_grad(), DecodeRunner(model, 1) as runner:

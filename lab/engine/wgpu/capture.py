@@ -2,6 +2,8 @@
 without running any Python op."""
 import struct
 
+import numpy as np
+
 from .common import _u32
 
 class Capture:
@@ -12,6 +14,7 @@ class Capture:
     def __init__(self):
         self.dispatches, self.keys, self.patches = [], [], {}
         self.buffers, self.uploads = {}, []
+        self.upload_patches = {}  # upload index -> function of the step giving its new values (int32)
         self.arena = b""
         self.broken = None  # why it cannot be replayed
         self.native = None  # the dispatches' arguments for wgpu-native's C functions (made at the first replay)
@@ -38,6 +41,8 @@ class Capture:
         if len(self.uploads) != len(later.uploads):
             return f"the step uploaded {len(self.uploads)} arrays, the next one {len(later.uploads)}"
         for k, ((_, x), (_, y)) in enumerate(zip(self.uploads, later.uploads)):
+            if k in self.upload_patches:
+                x = self.upload_patches[k](step).tobytes()
             if k not in inputs and x != y:
                 return f"upload {k} of the step changes from step to step"
         return None
@@ -45,8 +50,9 @@ class Capture:
     def follow(self, later, key, start):
         """Patch every dispatch whose params differ in `later` (the same step recorded with step[key] one more than
         `start`) as linear in step[key]: a decode step's position and cache length (offsets into the cache, the
-        rotary position, the softmax's length). Returns why it cannot, or None; the patches are checked by
-        difference() against a third capture before use."""
+        rotary position, the softmax's length), and every int32 upload that differs likewise (a padded batch's
+        per-row positions, slot - pad). Returns why it cannot, or None; the patches are checked by difference()
+        against a third capture before use."""
         if len(self.keys) != len(later.keys):
             return f"the step recorded {len(self.keys)} dispatches, the next one {len(later.keys)}"
         for i, (a, b) in enumerate(zip(self.keys, later.keys)):
@@ -58,6 +64,15 @@ class Capture:
                 x = [int(v) for v in struct.unpack(f"<{len(a[4]) // 4}I", a[4])]
                 d = [int(w) - v for v, w in zip(x, struct.unpack(f"<{len(b[4]) // 4}I", b[4]))]
                 self.patches[i] = lambda s, x=x, d=d: [v + dv * (s[key] - start) for v, dv in zip(x, d)]
+        if len(self.uploads) != len(later.uploads):
+            return f"the step uploaded {len(self.uploads)} arrays, the next one {len(later.uploads)}"
+        for k, ((a, x), (_, y)) in enumerate(zip(self.uploads, later.uploads)):
+            if x != y:
+                if a.dtype != "int32" or len(x) != len(y):   # (float values are no position)
+                    return f"upload {k} of the step ({a.dtype} {a.shape}) changes from step to step"
+                x = np.frombuffer(x, np.int32).astype(np.int64)
+                d = np.frombuffer(y, np.int32) - x
+                self.upload_patches[k] = lambda s, x=x, d=d: (x + d * (s[key] - start)).astype(np.int32)
         return None
 
 
@@ -128,6 +143,8 @@ class CaptureMixin:
             params = struct.pack(f"<{len(capture.keys[i][4]) // 4}I", *map(_u32, patch(step)))
             arena[offset:offset + len(params)] = params
         self._arena_used = len(capture.arena)
+        for k, patch in capture.upload_patches.items():   # (after the sync: earlier work read the old values)
+            self.write(capture.uploads[k][0], patch(step))
         self._encoder = self.device.create_command_encoder()
         cpass = self._pass = self._encoder.begin_compute_pass()
         native = self._native_entry_points(cpass) if self.NATIVE_REPLAY else None
