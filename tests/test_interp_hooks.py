@@ -366,3 +366,45 @@ def test_logit_lens_last_layer_is_the_models_prediction(model):
         lab.interp.logit_lens(model, partial)
     with pytest.raises(InputError, match="another model"):
         lab.interp.logit_lens(FAMILIES["gpt2" if isinstance(model, lab.LlamaLM) else "llama"](), cache)
+
+
+def test_hooked_gradients_with_gradient_checkpointing_equal_the_plain_ones(model):
+    # a checkpointed block runs again in the backward, after run_with_hooks has taken the hooks off
+    targets = np.roll(IDS, -1, axis=1)
+
+    def grads(checkpointed):
+        model.gradient_checkpointing_enable() if checkpointed else model.gradient_checkpointing_disable()
+        model.train()
+        for p in model.parameters():
+            p.grad = None
+        steer = lab.tensor(np.linspace(-1, 1, _width(model)).astype(np.float32), requires_grad=True)
+        calls = []
+        loss = model.run_with_hooks(IDS, [("blocks.0.hook_resid_mid", lambda x, n: calls.append(n) or x * 2 + steer)],
+                                    targets=targets)[1]
+        loss.backward()
+        return [p.grad.numpy() for p in model.parameters()] + [steer.grad.numpy()], len(calls)
+    plain, plain_calls = grads(False)
+    checkpointed, calls = grads(True)
+    assert calls == plain_calls == 1
+    for a, b in zip(plain, checkpointed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_training_steps_under_hooks_run_every_hook(use_backend):
+    # on wgpu a Trainer replays captured steps; while hooked each step is eager, so each runs the hook functions
+    from lab.train import TrainConfig, Trainer
+    model = _gpt2()
+    ids = np.random.default_rng(0).integers(0, VOCAB, 400)
+    trainer = Trainer(model, ids, ids, TrainConfig(steps=20, batch_size=2, warmup_steps=1))
+    seen = []
+    with model.hooks([("blocks.1.hook_mlp_out", lambda x, n: seen.append(n))]):
+        for _ in range(6):
+            trainer.train_step()
+    assert len(seen) == 6
+    if trainer.replay is not None:
+        assert trainer.replay.replayed == 0 and trainer.replay.ready is None
+    for _ in range(5):   # unhooked again: back to captures and replays (wgpu)
+        trainer.train_step()
+    assert len(seen) == 6
+    if trainer.replay is not None:
+        assert trainer.replay.replayed > 0

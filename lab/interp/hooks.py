@@ -114,6 +114,13 @@ class HookedModel:
         h = self._final_norm()(x)
         return self._hooks("ln_final.hook_normalized", h) if self._hooks else h
 
+    def run_block(self, i, block, x, *args, **kwargs):
+        # while hooked, no block is checkpointed (nn.Blocks): its backward would run it again, after the hooks may
+        # be gone (run_with_hooks(..., targets=y) then loss.backward()), and call each hook a second time
+        if self._hook_stack:
+            return block(x, *args, **kwargs)
+        return super().run_block(i, block, x, *args, **kwargs)
+
     @property
     def has_hooks(self):
         """Whether hook functions are on (within `with model.hooks(...)`, run_with_hooks or run_with_cache)."""
