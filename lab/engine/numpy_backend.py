@@ -443,6 +443,36 @@ class NumpyBackend(Backend):
         s, silu = _sigmoid_and_silu(gate)
         return np.asarray(g * up * (s + silu * (1.0 - s))), np.asarray(g * silu)
 
+    def decode_attention_fits(self, head_dim):
+        return True
+
+    def decode_attention(self, parts, cache_k, cache_v, pos, n_head, scale, pad=None, cos=None, sin=None):
+        # the reference: the composed decode step's products and softmax on the same shapes, so the same numbers
+        Bsz, Hkv, _, D = cache_k.shape
+        (q, k, v) = (a.reshape(Bsz, -1)[:, o:o + n * D].reshape(Bsz, n, 1, D)
+                     for (a, o), n in zip(parts, (n_head, Hkv, Hkv)))
+        if cos is not None:
+            p = np.full(Bsz, pos) if pad is None else pos - pad
+            q, k = (self._rotate_rows(x, cos[p], sin[p]) for x in (q, k))
+        cache_k[:, :, pos:pos + 1], cache_v[:, :, pos:pos + 1] = k, v
+        S, G = pos + 1, n_head // Hkv
+        scores = self.matmul(q.reshape(Bsz * Hkv, G, D), cache_k[:, :, :S].reshape(Bsz * Hkv, S, D), False, True)
+        if pad is not None:   # (lab.models.transformer.padding_mask's -1e30)
+            scores = scores + np.where(np.arange(S)[None] < pad[:, None], np.float32(-1e30), np.float32(0)
+                                       ).repeat(Hkv, 0)[:, None]
+        y = np.matmul(self.softmax(scores, scale), cache_v[:, :, :S].reshape(Bsz * Hkv, S, D))
+        return y.reshape(Bsz, 1, n_head * D)
+
+    @staticmethod
+    def _rotate_rows(x, c, s):
+        """rotary's forward of x (B, heads, 1, D) with each row's own table rows c, s (B, D)."""
+        c, s = c[:, None, None], s[:, None, None]
+        h = x.shape[-1] // 2
+        out = x * c
+        out[..., :h] -= x[..., h:] * s[..., :h]
+        out[..., h:] += x[..., :h] * s[..., h:]
+        return out
+
     def rotary(self, x, cos, sin, pos, inverse=False, heads=None):
         D = cos.shape[1]
         if heads is not None and not inverse:   # the packed projection (B, T, heads * D) -> its heads (B, heads, T, D)

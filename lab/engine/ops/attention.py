@@ -2,10 +2,12 @@
 q, k, v projection (flash kernels where the backend fits them)."""
 import math
 
+import numpy as np
+
 from .. import random as _random
 from ..backend import HeadView, gather_heads, scatter_heads
-from ..tensor import Tensor
-from ._common import _shape_str
+from ..tensor import Tensor, is_grad_enabled
+from ._common import _check_float, _shape_str
 from .linalg import matmul
 from .nn import dropout, softmax
 
@@ -82,3 +84,71 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
     if return_weights:
         return y_t, Tensor(Bk.reshape(att, (Bsz, H, T, T)), Bk)
     return y_t
+
+
+def decode_attention_applies(qkv, head_dim):
+    """Whether a one-token step's attention may go through decode_attention: the backend has its kernel for heads
+    of head_dim and no gradient is wanted of the projections (qkv: a tensor or the tuple (q, k, v))."""
+    parts = qkv if isinstance(qkv, tuple) else (qkv,)
+    return parts[0].backend.decode_attention_fits(head_dim) and not (
+        is_grad_enabled() and any(t.requires_grad for t in parts))
+
+
+def decode_attention(qkv, cache, pos, n_head, pad=None, rope=None):
+    """A decode step's attention, one new token per row, in one pass where the backend fuses it: this token's
+    key and value written into the KV cache at slot pos, softmax(q k^T / sqrt(D)) over the row's slots
+    pad[b]..pos and its sum of values, heads merged. The same arithmetic as the composed step (heads split and
+    permuted, cache write, products, softmax, heads merged), without its copies; slots past pos are never read.
+
+    qkv: the packed projection (B, 1, (H + 2 Hkv) D) (q, k, v side by side, as GPT-2's c_attn makes it) or the
+    tuple (q, k, v) of projections (B, 1, H D), (B, 1, Hkv D), (B, 1, Hkv D). cache: the layer's (keys, values),
+    each (B, Hkv, block, D); query head h reads key-value head h // (H / Hkv) (GQA). pad: None or (B,) counts of
+    left-padding slots (as forward_cached takes them), each <= pos. rope: None or the rotary tables (cos, sin)
+    (P, D), P > pos: q and k rotated at each row's position pos - pad[b] (Llama). Inference only: no gradient."""
+    parts = qkv if isinstance(qkv, tuple) else (qkv,)
+    cache_k, cache_v = cache
+    where = "decode_attention"
+    if len(parts) not in (1, 3) or cache_k.ndim != 4 or cache_v.shape != cache_k.shape:
+        raise ValueError(f"{where}: qkv must be the packed projection or (q, k, v), and cache two (B, Hkv, block, "
+                         f"D) tensors of one shape, got {len(parts)} projection(s), cache "
+                         f"{_shape_str(cache_k.shape)} and {_shape_str(cache_v.shape)}")
+    Bsz, Hkv, block, D = cache_k.shape
+    H = n_head
+    if not isinstance(H, (int, np.integer)) or H < 1 or H % Hkv:
+        raise ValueError(f"{where}: n_head must be a positive multiple of the cache's {Hkv} key-value heads, "
+                         f"got {H!r}")
+    want = [(H + 2 * Hkv) * D] if len(parts) == 1 else [H * D, Hkv * D, Hkv * D]
+    if any(t.shape != (Bsz, 1, w) for t, w in zip(parts, want)):
+        raise ValueError(f"{where}: projections must be {', '.join(_shape_str((Bsz, 1, w)) for w in want)} (one "
+                         f"token per row of the cache's batch {Bsz}, {H} query and {Hkv} key-value heads of {D}), "
+                         f"got {', '.join(_shape_str(t.shape) for t in parts)}")
+    for t in parts + (cache_k, cache_v):
+        _check_float(t, where)
+        if t.backend is not parts[0].backend:
+            raise ValueError(f"{where}: tensors live on different backends: {parts[0].backend.name} and "
+                             f"{t.backend.name}")
+    if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= pos < block:
+        raise ValueError(f"{where}: pos must be a cache slot in [0, {block - 1}], got {pos!r}")
+    if pad is not None:
+        pad = np.asarray(pad)
+        if pad.dtype.kind not in "iu" or pad.shape != (Bsz,) or (pad.size and (pad.min() < 0 or pad.max() > pos)):
+            raise ValueError(f"{where}: pad must be one count of left-padding slots per row ({Bsz}), each in [0, "
+                             f"pos={pos}] (the token at pos is the row's own), got {pad.tolist()}")
+    if rope is not None:
+        cos, sin = rope
+        if D % 2 or cos.ndim != 2 or cos.shape != sin.shape or cos.shape[1] != D or cos.shape[0] <= pos:
+            raise ValueError(f"{where}: rotary tables must be (P, D) with P > pos={pos} and D={D} even, got cos "
+                             f"{_shape_str(cos.shape)}, sin {_shape_str(sin.shape)}")
+    if is_grad_enabled() and any(t.requires_grad for t in parts):
+        raise ValueError(f"{where}: no gradient: a decode step's attention is inference only (run it under "
+                         f"lab.no_grad(); training takes causal_self_attention through full forwards)")
+    Bk = parts[0].backend
+    if not Bk.decode_attention_fits(D):
+        raise ValueError(f"{where}: the {Bk.name} backend has no decode attention kernel for heads of {D} "
+                         f"(decode_attention_applies says where it has)")
+    offsets = (0, H * D, (H + Hkv) * D) if len(parts) == 1 else (0, 0, 0)
+    arrays = tuple((t.data, o) for t, o in zip(parts * 3 if len(parts) == 1 else parts, offsets))
+    pad_data = None if pad is None else Bk.from_numpy(pad.astype(np.int32))
+    tables = (None, None) if rope is None else (rope[0].data, rope[1].data)
+    y = Bk.decode_attention(arrays, cache_k.data, cache_v.data, int(pos), H, 1.0 / math.sqrt(D), pad_data, *tables)
+    return Tensor(y, Bk)

@@ -236,6 +236,26 @@ class NNOps:
         self._dispatch("attention", entry, self._attention_params(shape, n_head, scale, p, seed), binds, grid,
                        qkv.size, label=label)
 
+    DECODE_WG = 64   # decode_attention.wgsl's RWG
+
+    def decode_attention_fits(self, head_dim):
+        """Whether decode_attention.wgsl's workgroup memory (q, k, v of one head and two RWG rows) fits the device."""
+        need = (3 * head_dim + 2 * self.DECODE_WG) * 4
+        return need <= self.limits.get("max-compute-workgroup-storage-size", 16384)
+
+    def decode_attention(self, parts, cache_k, cache_v, pos, n_head, scale, pad=None, cos=None, sin=None):
+        """A decode step's attention in one dispatch (decode_attention.wgsl): (B, 1, n_head * D)."""
+        (q, qo), (k, ko), (v, vo) = parts
+        Bsz, Hkv, block, D = cache_k.shape
+        y = self._alloc((Bsz, 1, n_head * D), "float32")
+        rows = Bsz * n_head
+        self._dispatch("decode_attention", "main",
+                       [Bsz, n_head, Hkv, D, block, pos, qo, ko, vo, q.shape[-1], k.shape[-1], v.shape[-1],
+                        _f32bits(scale), int(cos is not None), int(pad is not None)],
+                       [q, k, v, cos, sin, pad, cache_k, cache_v, y], _grid(rows), rows * D,
+                       (("D", D), ("DPT", -(-D // self.DECODE_WG))), label=f"decode attention {Bsz}x{n_head}x{D}")
+        return y
+
     LORA_DOWN_MATMUL = True  # H = x A^T by the matmul kernels (tiled, split along K), not lora.wgsl's down_main
 
     def lora_down(self, x, a):
