@@ -85,9 +85,10 @@ class Backend:
     def write_view(self, dst, offset, strides, src): raise NotImplementedError  # in place into dst
 
     # -- fused --
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None):
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None, residual=None):
         raise NotImplementedError
-    # 3D, batch may broadcast; bias (N,) is added to every row of the product (fused where the kernel allows).
+    # 3D, batch may broadcast; bias (N,) is added to every row of the product (fused where the kernel allows), then
+    # residual (the product's shape: a layer's input to the residual stream) to it, fused likewise.
     # triangle, a hint for causal attention's square products that a backend may ignore: "out", only the lower
     # triangle of the product is used (the rest may come back as zeros); "a", A as stored is lower triangular.
     # a and b may be HeadViews, and out= a HeadView the product is written into (then returned): attention's
@@ -132,8 +133,8 @@ class Backend:
     gelu_keeps_grad = False   # gelu_and_grad: keeping the derivative beats recomputing it in the backward
     def gelu_and_grad(self, x): raise NotImplementedError           # -> gelu(x), gelu'(x)
     fused_matmul_gelu = False  # matmul_gelu: the product's store applies the activation (an MLP's first layer)
-    def matmul_gelu(self, a, b, bias=None, keep_pre=True): raise NotImplementedError
-    # -> gelu(a @ b + bias), and a @ b + bias when keep_pre (for the backward) else None
+    def matmul_gelu(self, a, b, bias=None, keep_pre=True, residual=None): raise NotImplementedError
+    # -> gelu(a @ b + bias) (+ residual), and a @ b + bias when keep_pre (for the backward) else None
     def flash_attention_fits(self, qkv_shape, n_head): return False
     # whether flash_attention(qkv, n_head, scale, p, seed) -> (y, saved) and flash_attention_bwd(qkv, y, saved, g,
     # n_head, scale, p, seed) -> dqkv, causal self-attention fused with the composed ops' result, take this shape
@@ -183,15 +184,23 @@ class Backend:
         return out
 
     device_sampling = False  # sample_tokens runs on the device (a kernel); generation then reads back ids only
-    def sample_tokens(self, logits, seen, temperature, top_k, top_p, penalty, greedy, seed, step):
+    def sample_tokens(self, logits, seen, temperature, top_k, top_p, penalty, greedy, seed, step, feed=None,
+                      ring=None):
         """The next token of each row of logits (rows, n): penalty on the tokens whose bits are set in seen
         (rows, ceil(n / 32) int32, updated with the chosen ids), greedy's argmax or a draw after temperature,
         top-k, top-p with the uniform of (seed, step, row). -> (rows, 2) int32 [id, float32 bits of log p], the
-        filtered probabilities (rows, n). This fallback computes it on the host (engine/sampling.py)."""
+        filtered probabilities (rows, n). With ring (slots, rows, 2) int32, the result also goes into its slot
+        step % slots and the ids into feed (rows, 1) int32 (0 for a row where none could be drawn): a decode step's
+        next input (lab.decode). This fallback computes it on the host (engine/sampling.py)."""
         from .sampling import sample_rows
         out, probs, words = sample_rows(self.to_numpy(logits), self.to_numpy(seen), temperature, top_k, top_p,
                                         penalty, greedy, seed, step)
         self.write(seen, words)
+        if ring is not None:
+            slots = self.to_numpy(ring)
+            slots[step % ring.shape[0]] = out
+            self.write(ring, slots)
+            self.write(feed, np.where(out[:, 0] < logits.shape[1], out[:, 0], 0))
         return self.from_numpy(out), self.from_numpy(probs)
 
     supports_capture = False  # capture_begin / capture_end / replay: a training step recorded once, replayed

@@ -16,7 +16,8 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from .transformer import check_pad, lm_outputs, padding_mask, row_positions
+from .transformer import attend, check_pad, lm_outputs, padding_mask, row_positions, sublayers
+from ..interp.hooks import HookedModel
 from ..io import (GENERATION_FILE, CheckpointError, LazyTensor, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
 from ..lora import Adapters, apply_config, checkpoint_config
@@ -232,6 +233,8 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    _hooks = None   # lab.interp's points on q, k, v, scores, pattern or z (they take the composed path)
+
     def __init__(self, cfg):
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, D = cfg.hidden_size, cfg.head_dim
@@ -247,7 +250,7 @@ class LlamaAttention(nn.Module):
         pos+T."""
         Bsz, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if T == 1 and cache is not None and not return_weights and not (self.training and self.attn_dropout):
+        if T == 1 and cache is not None and not (return_weights or self._hooks or self.training and self.attn_dropout):
             qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
             if F.decode_attention_applies(qkv, D):   # rotary, cache write, GQA and the head merge in one pass
                 return self.o_proj(F.decode_attention(qkv, cache, pos, H, pad, rope=(cos, sin)))
@@ -271,6 +274,15 @@ class LlamaAttention(nn.Module):
             q = _rotary_rows(q_in, cos, sin, positions, H).reshape(Bsz, Hkv, G, T, D)
             k = _rotary_rows(k_in, cos, sin, positions, Hkv)
         v = v_in.reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)                     # (B, Hkv, T, D)
+        hook = self._hooks
+        if hook:   # lab.interp's points, each (B, T, heads, D), then an attention whose insides are tensors
+            q, k, v = (hook(name, t.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+                       for name, t in (("hook_q", q.reshape(Bsz, H, T, D)), ("hook_k", k), ("hook_v", v)))
+            if cache is not None:
+                k, v = _extend_cache(cache, k, v, pos)
+            y, att = attend(hook, q, k, v, pos, pad, self.attn_dropout, self.training)
+            y = self.o_proj(y)
+            return (y, att) if return_weights else y
         if cache is not None:
             k, v = _extend_cache(cache, k, v, pos)                                # (B, Hkv, S, D), S = pos + T
         S = k.shape[2]
@@ -317,17 +329,25 @@ def _extend_cache(cache, k, v, pos):
 
 
 class LlamaMLP(nn.Module):
+    _hooks = None   # lab.interp's hook_pre (the gate's pre-activation) / hook_post
+
     def __init__(self, cfg):
         C, I = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(C, I, cfg.mlp_bias)
         self.up_proj = nn.Linear(C, I, cfg.mlp_bias)
         self.down_proj = nn.Linear(I, C, cfg.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))   # SwiGLU
+    def forward(self, x, residual=None):
+        """The MLP of x, plus residual (added by down_proj as it stores)."""
+        hook = self._hooks
+        gate = self.gate_proj(x)
+        h = F.swiglu(hook("hook_pre", gate) if hook else gate, self.up_proj(x))   # SwiGLU
+        return self.down_proj(hook("hook_post", h) if hook else h, residual=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
+    _hooks = None   # lab.interp's points on the residual stream and the norms (sublayers)
+
     def __init__(self, cfg):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg)
@@ -335,10 +355,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x, rope, cache=None, pos=0, return_weights=False, pad=None):
-        a = self.self_attn(self.input_layernorm(x), *rope, cache, pos, return_weights, pad)
-        a, att = a if return_weights else (a, None)
-        x, h = self.post_attention_layernorm.residual_forward(x, a)   # x + a, and its norm
-        x = x + self.mlp(h)
+        def attention(h):
+            a = self.self_attn(h, *rope, cache, pos, return_weights, pad)
+            return a if return_weights else (a, None)
+        if cache is not None and not self._hooks and not return_weights:
+            # a cached step: the MLP's residual add rides on down_proj's store (forward's blocks keep the MLP's own
+            # output for their hooks)
+            x, h = self.post_attention_layernorm.residual_forward(x, attention(self.input_layernorm(x))[0])
+            return self.mlp(h, residual=x)
+        x, att = sublayers(self, x, self.input_layernorm, attention, self.post_attention_layernorm, self.mlp)
         return (x, att) if return_weights else x
 
 
@@ -351,7 +376,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LlamaLM(nn.Module, Adapters):
+class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
     # (PEFT names transformers' weights under base_model.model.: model.layers.0.self_attn.q_proj, as lab does)
 
     def __init__(self, cfg):
@@ -363,6 +388,12 @@ class LlamaLM(nn.Module, Adapters):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope_tables = None   # (cos, sin): constants of the computation, made as positions are used
+
+    def _hook_layers(self):
+        return [(layer, layer.self_attn, layer.mlp) for layer in self.model.layers]
+
+    def _final_norm(self):
+        return self.model.norm
 
     def _head(self, x):
         if self.config.tie_word_embeddings:
@@ -378,15 +409,21 @@ class LlamaLM(nn.Module, Adapters):
             raise InputError(f"sequence length {end} exceeds max_position_embeddings {self.config.block_size}")
         rope = self._rope(end)                                                     # (P, D) each, P >= end
         x = self.model.embed_tokens(idx)                                           # (B, T, C)
+        x = self._hooks("hook_embed", x) if self._hooks else x
         attentions, hidden = [], [x]
-        for layer, cache in zip(self.model.layers, caches):
+        for i, (layer, cache) in enumerate(zip(self.model.layers, caches)):
             if return_attention:
                 x, att = layer(x, rope, cache, pos, return_weights=True, pad=pad)
                 attentions.append(att)
+            elif cache is None and not self.has_hooks:   # (a cached step writes its cache, a hook sees each
+                x = self.run_block(i, layer, x, rope, pad=pad)   # activation once: neither runs twice)
             else:
                 x = layer(x, rope, cache, pos, pad=pad)
             hidden.append(x)
-        return self._head(self.model.norm(x)), attentions, hidden
+        return self._head(self._normalized(x)), attentions, hidden
+
+    def blocks(self):
+        return self.model.layers
 
     def _rope(self, end):
         """cos, sin of positions 0..P-1, P >= end (F.rotary reads the rows of its tokens' positions). The tables
@@ -585,29 +622,34 @@ def _check_fits(cfg, backend):
                               "vocab_size, hidden_size, intermediate_size or num_hidden_layers would", None)
 
 
-def training_bytes(cfg, batch_size, seq=None, host_temporaries=False):
+def training_bytes(cfg, batch_size, seq=None, host_temporaries=False, checkpoint_activations=0):
     """Memory of a training step on batch_size sequences of seq tokens (default: block_size), as the planner
     estimates it (lab.plan.estimator.llama_activation_floats): weights, gradients, AdamW's two moments and what the
-    step holds at its peak (host_temporaries: numpy's)."""
+    step holds at its peak (host_temporaries: numpy's; checkpoint_activations: every k-th block checkpointed)."""
     from ..plan.estimator import llama_activation_floats, llama_params
-    parts = llama_activation_floats(cfg, batch_size, seq or cfg.block_size, host_temporaries)[2]
+    parts = llama_activation_floats(cfg, batch_size, seq or cfg.block_size, host_temporaries,
+                                    int(checkpoint_activations))[2]
     return 4 * (sum(parts.values()) + 4 * llama_params(cfg))
 
 
-def check_batch_fits(cfg, batch_size, backend, seq=None):
+def check_batch_fits(cfg, batch_size, backend, seq=None, checkpoint_activations=0):
     """Refuse, before a step allocates its activations, a training batch the device cannot hold."""
     from ..plan.estimator import DoesNotFitError
     from ..plan.profiles import limits_profile
     prof, seq = limits_profile(backend), seq or cfg.block_size
-    need = training_bytes(cfg, batch_size, seq, prof.host_temporaries)
+    need = training_bytes(cfg, batch_size, seq, prof.host_temporaries, checkpoint_activations)
     if need > prof.memory_bytes:
-        empty, one = (training_bytes(cfg, n, seq, prof.host_temporaries) for n in (0, 1))
+        empty, one = (training_bytes(cfg, n, seq, prof.host_temporaries, checkpoint_activations) for n in (0, 1))
         fits = max(0, int((prof.memory_bytes - empty) // (one - empty)))
+        checkpointed = training_bytes(cfg, batch_size, seq, prof.host_temporaries, 1)
         raise DoesNotFitError(f"a training batch of {batch_size} x {seq} tokens needs about "
                               f"{need / 2 ** 30:.2f} GiB (weights, gradients, AdamW moments, activations), "
                               f"{prof.name} has {prof.memory_bytes / 2 ** 30:.2f} GiB: " +
                               (f"a batch_size of at most {fits} fits" if fits else "not even a batch of 1 fits; a "
-                               "shorter block_size (TrainConfig.block_size) or a smaller model would"), None)
+                               "shorter block_size (TrainConfig.block_size) or a smaller model would") +
+                              (f"; or checkpoint_activations=True (each block keeps only its input and runs again "
+                               f"in the backward: about {checkpointed / 2 ** 30:.2f} GiB)"
+                               if checkpoint_activations != 1 and checkpointed <= prof.memory_bytes else ""), None)
 
 
 PRESETS = {

@@ -15,6 +15,7 @@ from ..checks import InputError, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
+from ..interp.hooks import HookedModel
 from ..io import CheckpointError, atomic_files, check_floats, read_json, read_weights, reading, weights_file
 from ..lora import Adapters, apply_config, checkpoint_config
 from ..plan.estimator import check_model_fits, count_params
@@ -52,6 +53,8 @@ class TransformerConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    _hooks = None   # lab.interp's points on q, k, v, scores, pattern or z (they take the composed path)
+
     def __init__(self, cfg):
         self.n_head = cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, cfg.bias)
@@ -64,23 +67,33 @@ class CausalSelfAttention(nn.Module):
         # heads split from the packed q|k|v projection and merged back inside one op (F.causal_self_attention);
         # the weights (B, H, T, T) only when asked for: without them the backend may use fused kernels that
         # never hold them in memory
-        out = F.causal_self_attention(self.c_attn(x), self.n_head, self.attn_dropout, self.training,
-                                      return_weights=return_weights)
-        y, att = out if return_weights else (out, None)
+        hook = self._hooks
+        if hook:   # lab.interp hooks on the attention's insides: heads split and merged by ops that hold them
+            Bsz, T, C = x.shape
+            q, k, v = (hook(name, t.reshape(Bsz, T, self.n_head, C // self.n_head)).permute(0, 2, 1, 3)
+                       for name, t in zip(("hook_q", "hook_k", "hook_v"), F.split(self.c_attn(x), C, axis=2)))
+            y, att = attend(hook, q, k, v, 0, None, self.attn_dropout, self.training)
+        else:
+            out = F.causal_self_attention(self.c_attn(x), self.n_head, self.attn_dropout, self.training,
+                                          return_weights=return_weights)
+            y, att = out if return_weights else (out, None)
         y = self.resid_dropout(self.c_proj(y))
         return (y, att) if return_weights else y
 
-    def forward_cached(self, x, cache, pos, pad=None):
+    def forward_cached(self, x, cache, pos, pad=None, residual=None):
         """Attention for new tokens x (B, Tn, C) at positions pos.. pos+Tn-1, reading and extending the layer's
         KV cache (two (B, H, block, D) tensors). Either a prefill (pos == 0) or one token at a time. pad: per row,
-        the number of left-padding slots its keys must not attend to (padding_mask)."""
+        the number of left-padding slots its keys must not attend to (padding_mask). residual: added to the
+        output by the output projection as it stores (the block's x + attention)."""
         Bsz, Tn, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.c_attn(x)
-        if Tn == 1 and F.decode_attention_applies(qkv, D):   # one pass: no head split, cache write or merge copies
-            return self.c_proj(F.decode_attention(qkv, cache, pos, H, pad))
+        hook = self._hooks
+        if Tn == 1 and not hook and F.decode_attention_applies(qkv, D):   # one pass: no head split, cache write or merge copies
+            return self.c_proj(F.decode_attention(qkv, cache, pos, H, pad), residual=residual)
         q, k, v = F.split(qkv, C, axis=2)
-        q, k, v = (t.reshape(Bsz, Tn, H, D).permute(0, 2, 1, 3) for t in (q, k, v))  # (B, H, Tn, D)
+        q, k, v = ((hook(name, t.reshape(Bsz, Tn, H, D)) if hook else t.reshape(Bsz, Tn, H, D)).permute(0, 2, 1, 3)
+                   for name, t in zip(("hook_q", "hook_k", "hook_v"), (q, k, v)))        # (B, H, Tn, D)
         cache_k, cache_v = cache
         strides = contiguous_strides(cache_k.shape)
         for buf, new in ((cache_k, k), (cache_v, v)):                           # in place: cache[:, :, pos:pos+Tn]
@@ -89,13 +102,55 @@ class CausalSelfAttention(nn.Module):
         # shapes then do not follow pos, so one captured step replays at every position of the window
         S = (getattr(cache, "window", None) if Tn == 1 else None) or pos + Tn
         keys, values = (cache_k, cache_v) if S == cache_k.shape[2] else (cache_k[:, :, :S], cache_v[:, :, :S])
+        if hook:
+            return self.c_proj(attend(hook, q, keys, values, pos, pad, 0.0, False)[0], residual=residual)
         # a single new token sees every cached position, so no mask; a prefill is the usual causal square
         scores = F.matmul(q, keys, transpose_b=True)
         if pad is not None:
             scores = scores + padding_mask(pad, S, scores.ndim)
         att = F.softmax(scores, scale=1.0 / math.sqrt(D), causal=Tn > 1, length=pos + Tn if S > pos + Tn else None)
         y = (att @ values).permute(0, 2, 1, 3).reshape(Bsz, Tn, C)
-        return self.c_proj(y)
+        return self.c_proj(y, residual=residual)
+
+
+def attend(hook, q, k, v, pos, pad, dropout, training):
+    """Attention through lab.interp's hook points (the composed path, for hooks on its insides): q (B, H, T, D) at
+    positions pos.., keys and values k, v (B, Hkv, S, D) of slots 0..S-1, Hkv dividing H (query head h reads
+    key-value head h // (H / Hkv)). The scores are scaled and masked before the softmax, as TransformerLens holds
+    them. Returns y (B, T, H * D), heads merged, and the weights (B, H, T, S)."""
+    Bsz, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scores = F.matmul(q.reshape(Bsz, Hkv, G * T, D), k, transpose_b=True).reshape(Bsz, H, T, S) * (1.0 / math.sqrt(D))
+    # query i (position pos + i) sees slots 0..pos + i: the causal square of a forward, a step's filled cache
+    mask = np.triu(np.full((T, S), -1e30, np.float32), pos + 1)
+    if pad is not None:
+        mask = mask + padding_mask(pad, S, 4)                                    # (B, 1, T, S)
+    scores = hook("hook_attn_scores", scores + mask)                             # (B, H, T, S)
+    att = hook("hook_pattern", F.softmax(scores))
+    z = F.matmul(F.dropout(att, dropout, training).reshape(Bsz, Hkv, G * T, S), v)   # (B, Hkv, G*T, D)
+    z = hook("hook_z", z.reshape(Bsz, H, T, D).permute(0, 2, 1, 3))                # (B, T, H, D)
+    return z.reshape(Bsz, T, H * D), att
+
+
+def sublayers(block, x, norm1, attention, norm2, mlp, fused=True):
+    """A pre-norm block's residual sublayers, x + attention(norm1(x)) then + mlp(norm2(.)), through lab.interp's
+    hook points; attention(h) returns (output, weights or None). fused: the residual add and norm2 in one kernel
+    (residual_forward), unless hook_resid_mid is hooked (it needs the sum as a tensor of its own)."""
+    hook = block._hooks   # None unless hooks are on: one test per point
+    x = hook("hook_resid_pre", x) if hook else x
+    h = norm1(x)
+    a, att = attention(hook("ln1.hook_normalized", h) if hook else h)
+    a = hook("hook_attn_out", a) if hook else a
+    if fused and not (hook and "hook_resid_mid" in hook):
+        x, h = norm2.residual_forward(x, a)                                      # x + a, and its norm
+    else:
+        x = x + a
+        x = hook("hook_resid_mid", x) if hook else x
+        h = norm2(x)
+    m = mlp(hook("ln2.hook_normalized", h) if hook else h)
+    x = x + (hook("hook_mlp_out", m) if hook else m)
+    return (hook("hook_resid_post", x) if hook else x), att
 
 
 def lm_outputs(logits, targets=None, attentions=None, hidden=None):
@@ -135,16 +190,30 @@ def padding_mask(pad, S, ndim):
 
 
 class MLP(nn.Module):
+    _hooks = None   # lab.interp's hook_pre / hook_post
+
     def __init__(self, cfg):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.c_fc(x, activation="gelu")))
+    def forward(self, x, residual=None):
+        """The MLP of x, plus residual: added by the second product as it stores (a decode step's residual add
+        without a pass of its own), unless dropout acts on the MLP's own output."""
+        hook = self._hooks
+        if hook:   # the GELU's input and output as tensors of their own
+            h = hook("hook_post", F.gelu(hook("hook_pre", self.c_fc(x))))
+        else:
+            h = self.c_fc(x, activation="gelu")
+        if residual is not None and not (self.training and self.dropout.p):
+            return self.c_proj(h, residual=residual)
+        y = self.dropout(self.c_proj(h))
+        return y if residual is None else residual + y
 
 
 class Block(nn.Module):
+    _hooks = None   # lab.interp's points on the residual stream and the norms (sublayers)
+
     def __init__(self, cfg):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg)
@@ -152,22 +221,35 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, return_weights=False):
-        a, att = self.attn(self.ln_1(x), return_weights=True) if return_weights else (self.attn(self.ln_1(x)), None)
-        x, h = self.ln_2.residual_forward(x, a)     # x + a, and ln_2 of it
-        x = x + self.mlp(h)
+        attention = (lambda h: self.attn(h, return_weights=True)) if return_weights else (lambda h: (self.attn(h), None))
+        x, att = sublayers(self, x, self.ln_1, attention, self.ln_2, self.mlp)
         return (x, att) if return_weights else x
 
     def forward_cached(self, x, cache, pos, pad=None):
-        x = x + self.attn.forward_cached(self.ln_1(x), cache, pos, pad)
-        return x + self.mlp(self.ln_2(x))
+        if not self._hooks:   # both residual adds ride on the output projections' stores (7 dispatches a decode layer)
+            x = self.attn.forward_cached(self.ln_1(x), cache, pos, pad, residual=x)
+            return self.mlp(self.ln_2(x), residual=x)
+        return sublayers(self, x, self.ln_1, lambda h: (self.attn.forward_cached(h, cache, pos, pad), None), self.ln_2,
+                         self.mlp, fused=False)[0]
 
 
-class TransformerLM(nn.Module, Adapters):
+class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
     peft_prefix = "base_model.model.transformer."   # transformers' GPT2LMHeadModel nests the blocks there
     peft_fan_in_fan_out = True   # transformers' GPT-2 Conv1D stores (in, out), as lab's Linear does
 
+    has_pos_embed = True
+
     def tied_embedding(self):
         return "wte"   # the head is always wte's weight
+
+    def _hook_layers(self):
+        return [(b, b.attn, b.mlp) for b in self.h]
+
+    def _final_norm(self):
+        return self.ln_f
+
+    def _head(self, x):
+        return F.matmul(x, self.wte.weight, transpose_b=True)                   # (B, T, vocab), tied head
 
     def __init__(self, cfg):
         check_model_fits(cfg, get_backend())   # before any weight is allocated
@@ -190,9 +272,15 @@ class TransformerLM(nn.Module, Adapters):
             raise InputError(f"sequence length {end} exceeds block_size {self.config.block_size}")
         tok = self.wte(idx)                                                    # (B, T, C)
         table = self.wpe.weight if self.config.positions == "learned" else self._positions
-        if pad is not None:   # left-padded rows: each row's positions count from its first real token
-            return self.drop(tok + F.embedding(row_positions(pad, start, shape[1]), table))   # + (B, T, C)
-        return self.drop(tok + table[start:end])                               # + (T, C)
+        hook = self._hooks
+        if pad is not None or hook:   # left-padded rows: each row's positions count from its first real token
+            rows = pad if pad is not None else np.zeros(shape[0], np.int64)   # (hook_pos_embed is (B, T, C))
+            positions = F.embedding(row_positions(rows, start, shape[1]), table)   # (B, T, C)
+        else:
+            positions = table[start:end]                                       # (T, C)
+        if hook:
+            tok, positions = hook("hook_embed", tok), hook("hook_pos_embed", positions)
+        return self.drop(tok + positions)
 
     def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
         """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
@@ -200,16 +288,21 @@ class TransformerLM(nn.Module, Adapters):
         residual stream after the embedding and after every block [(B, T, C)]. Extras come in that order."""
         x = self._embed(idx)
         attentions, hidden = [], [x]
-        for block in self.h:
+        for i, block in enumerate(self.h):
             if return_attention:
                 x, att = block(x, return_weights=True)
                 attentions.append(att)
-            else:
+            elif self.has_hooks:   # a hook sees each activation once: no recomputation calls it again
                 x = block(x)
+            else:
+                x = self.run_block(i, block, x)
             hidden.append(x)
-        logits = F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)    # (B, T, vocab), tied head
+        logits = self._head(self._normalized(x))                                # (B, T, vocab)
         return lm_outputs(logits, targets, attentions if return_attention else None,
                           hidden if return_hidden else None)
+
+    def blocks(self):
+        return self.h
 
     def new_cache(self, batch_size):
         """An empty KV cache on the device: per layer, keys and values of shape (B, H, block_size, D)."""
@@ -227,7 +320,7 @@ class TransformerLM(nn.Module, Adapters):
         x = self._embed(idx, start=pos, pad=pad)
         for block, layer_cache in zip(self.h, cache):
             x = block.forward_cached(x, layer_cache, pos, pad)
-        return F.matmul(self.ln_f(x), self.wte.weight, transpose_b=True)
+        return self._head(self._normalized(x))
 
     def save_pretrained(self, directory, format="lab", tokenizer=None):
         """model.safetensors + config.json; format="hf" writes the GPT-2 layout that transformers loads. With a

@@ -26,6 +26,7 @@ from .nn import (_check_norm, _index_tensor, _last_axis, _layer_norm_node, _norm
                  silu, softmax, swiglu)
 from .attention import (causal_self_attention, decode_attention, decode_attention_applies,
                         scaled_dot_product_attention)
+from .recompute import checkpoint
 
 # ---------------------------------------------------------------------------------------------------- Tensor methods
 
@@ -57,4 +58,4 @@ _install()
 # what `from lab.engine.ops import *` gave when this was one module: every public name but the submodules', which
 # (nn, shape) would shadow the caller's own
 __all__ = [n for n in dir() if not n.startswith("_") and n not in
-           ("elementwise", "reductions", "shape", "linalg", "nn", "attention")]
+           ("elementwise", "reductions", "shape", "linalg", "nn", "attention", "recompute")]
