@@ -426,7 +426,8 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     eos = _eos_ids(model, eos_token_id)
     block = model.config.block_size
     cache = None
-    if use_cache and hasattr(model, "new_cache"):
+    use_cache = use_cache and hasattr(model, "new_cache")
+    if use_cache:
         check_cache_fits(model, num_beams)
     beams = [(0.0, list(ids), False, 0)]   # (log-probability, tokens, ended, the cache row of its parent)
     finished = []   # ended beams set aside (early_stopping=False)
@@ -435,16 +436,19 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     def normalized(b):   # a beam's score by its own length (an ended beam is shorter; its EOS counts)
         return b[0] / (max(len(b[1]) - len(ids), 1) ** length_penalty)
 
-    with no_grad(), evaluating(), _adapter_switch(model, adapter):
+    # the beams' decode steps through a DecodeRunner (replayed on wgpu): reorder_cache writes the rows into the
+    # buffers its captured step reads
+    with no_grad(), evaluating(), _adapter_switch(model, adapter), (
+            DecodeRunner(model, num_beams) if use_cache else contextlib.nullcontext()) as runner:
         for _ in range(max_new_tokens):
             live = [b for b in beams if not b[2]]
             if not live or (should_stop is not None and should_stop()):
                 break
             with _between_steps(model):
-                if use_cache and hasattr(model, "new_cache") and pos == 0:   # the prompt once, into every row
+                if use_cache and pos == 0:   # the prompt once, into every row
                     first = model.new_cache(1)
                     logits = model.forward_cached(np.asarray(ids, dtype=np.int32)[None], first, 0)[:, -1]
-                    cache = model.new_cache(num_beams)
+                    cache = runner.cache
                     reorder_cache(cache, [0] * num_beams, first)
                     pos = len(ids)
                 elif cache is not None and pos < block:
@@ -453,7 +457,7 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
                     reorder_cache(cache, rows)
                     step = np.asarray([[s[-1]] for _, s, _, _ in live] + [[0]] * (num_beams - len(live)),
                                       dtype=np.int32)
-                    logits = model.forward_cached(step, cache, pos)[:len(live), -1]
+                    logits = runner.step(step, pos)[:len(live), -1]
                     pos += 1
                 else:   # no cache, or its window is full (positions shift): recompute over the last block_size
                     logits = model(np.asarray([s[-block:] for _, s, _, _ in live], dtype=np.int32))[:, -1]

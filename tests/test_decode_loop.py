@@ -160,3 +160,19 @@ def test_chunked_generation_from_nan_logits_is_one_clear_error(use_backend, monk
     w.backend.write(w.data, table)
     with pytest.raises(ValueError, match=r"NaN"):
         lab.generate(model, [1, 2, 3], 12, seed=1)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_beam_search_on_the_cache_replays_its_steps_and_finds_the_beams_of_full_recompute(use_backend, family,
+                                                                                         monkeypatch):
+    """The beams' rows reordered between steps (reorder_cache into the buffers the captured step reads)."""
+    model = _model(family)
+    made = _runners(monkeypatch)
+    for early in (True, False):
+        kw = dict(num_beams=3, num_return_sequences=3, eos_token_id=[], early_stopping=early)
+        cached = lab.beam_search(model, [3, 1, 4, 1], 14, **kw)
+        full = lab.beam_search(model, [3, 1, 4, 1], 14, use_cache=False, **kw)
+        for a, b in zip(cached, full):
+            np.testing.assert_array_equal(a, b)
+        # 13 steps at slots 4..16: windows 16 (12 steps) and 24 (1), three of the first captured
+        assert made[-1].replayed == (0 if use_backend.name == "numpy" else 12 - 3)
