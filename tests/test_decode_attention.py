@@ -160,3 +160,10 @@ def test_decode_attention_refuses_bad_input_with_one_clear_error(numpy_backend):
         assert not F.decode_attention_applies(w * 1.0, 4)   # (so the models take the composed ops there)
         with no_grad():
             assert F.decode_attention_applies(w * 1.0, 4)
+            numpy_backend.decode_attention_fits = lambda head_dim: False   # (a backend without the kernel)
+            try:
+                with pytest.raises(ValueError, match="numpy backend has no decode attention kernel for heads of 4"):
+                    F.decode_attention(qkv, cache, 3, 4)
+                assert not F.decode_attention_applies(qkv, 4)
+            finally:
+                del numpy_backend.decode_attention_fits
