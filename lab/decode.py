@@ -66,8 +66,9 @@ class DecodeRunner:
         except InputError:
             raise InputError(f"DecodeRunner: pad must be one non-negative integer per row of the batch "
                              f"({self.batch}), got {show(pad)}") from None
-        if sampler is not None and sampler.rows != self.batch:
-            raise InputError(f"DecodeRunner: a sampler of {sampler.rows} rows for a batch of {self.batch}")
+        if sampler is not None and (sampler.rows, sampler.vocab) != (self.batch, model.config.vocab_size):
+            raise InputError(f"DecodeRunner: a sampler of {sampler.rows} rows of a {sampler.vocab}-token vocabulary "
+                             f"for a batch of {self.batch} of {type(model).__name__}'s {model.config.vocab_size}")
         self.sampler = sampler
         self.backend = model.parameters()[0].backend
         self.off = None if self.backend.supports_capture else "the backend has no step capture"
@@ -113,7 +114,7 @@ class DecodeRunner:
         """Logits (batch, 1, vocab), a device tensor of its own, for one token per row at cache slot `pos`
         (the slots before it filled by the prefill and earlier steps). token_ids None: the ids the last sample()
         drew."""
-        logits, shared = self._run(token_ids, pos, False)
+        logits, shared = self._run(self._ids(token_ids, "step"), pos, False)
         # a copy of a capture's logits: the next replay overwrites them, a returned tensor is not
         return Tensor(self.backend.scalar("mul", logits.data, 1.0), self.backend) if shared else logits
 
@@ -122,10 +123,12 @@ class DecodeRunner:
         back; the ids feed the next step (token_ids None) and read() returns them."""
         if self.sampler is None:
             raise InputError("DecodeRunner.sample: this runner has no sampler (DecodeRunner(..., sampler=...))")
+        ids = self._ids(token_ids, "sample")
+        pos = integer("pos", pos, low=1, high=self.block - 1)
         if self.offset != self.sampler.step - pos:   # (the captured draws' counter follows the position)
             self.close()
             self.offset = self.sampler.step - pos
-        self._run(token_ids, pos, True)
+        self._run(ids, pos, True)
         self.drawn += 1
 
     def read(self, count):
@@ -138,20 +141,24 @@ class DecodeRunner:
         steps = np.arange(self.sampler.step - count, self.sampler.step) % self.ring.shape[0]
         return self.sampler.ids(got[steps])
 
-    def _run(self, token_ids, pos, sample):
-        if token_ids is not None:
-            ids = np.asarray(token_ids)
-            if ids.dtype.kind not in "iu" or ids.size != self.batch:
-                raise InputError(f"DecodeRunner.step: one integer token id per row of the batch ({self.batch}), "
-                                 f"got {show(token_ids)}")
-            vocab = self.model.config.vocab_size
-            if ids.min() < 0 or ids.max() >= vocab:  # (a replay skips the embedding's own check)
-                raise InputError(f"DecodeRunner.step: token ids must be in [0, {vocab - 1}], got {show(token_ids)}")
-            ids = ids.reshape(self.batch, 1).astype(np.int32)
+    def _ids(self, token_ids, what):
+        """token_ids as (batch, 1) int32, checked (None stays None: the ids on the device)."""
+        if token_ids is None:
+            return None
+        ids = np.asarray(token_ids)
+        if ids.dtype.kind not in "iu" or ids.size != self.batch:
+            raise InputError(f"DecodeRunner.{what}: one integer token id per row of the batch ({self.batch}), "
+                             f"got {show(token_ids)}")
+        vocab = self.model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:  # (a replay skips the embedding's own check)
+            raise InputError(f"DecodeRunner.{what}: token ids must be in [0, {vocab - 1}], got {show(token_ids)}")
+        return ids.reshape(self.batch, 1).astype(np.int32)
+
+    def _run(self, ids, pos, sample):
         pos = integer("pos", pos, low=1, high=self.block - 1)
         B = self.backend
         with step_lock(self.model), (B.exclusive() if self.off is None else contextlib.nullcontext()):
-            if token_ids is not None:
+            if ids is not None:
                 B.sync()   # (a write lands before work recorded earlier and not yet submitted)
                 B.write(self.ids.data, ids)
             if self.off is None:

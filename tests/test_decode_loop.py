@@ -128,8 +128,12 @@ def test_decode_runner_refuses_what_it_cannot_sample(any_backend, monkeypatch):
     from lab.engine import backend as B
     monkeypatch.setitem(B._state, "backend", any_backend)
     model = _model("gpt")
-    with pytest.raises(InputError, match=r"a sampler of 2 rows for a batch of 3"):
+    with pytest.raises(InputError, match=r"a sampler of 2 rows of a 30-token vocabulary for a batch of 3 of "
+                                         r"TransformerLM's 30"):
         DecodeRunner(model, 3, sampler=TokenSampler(any_backend, [[1], [2]], 30))
+    with pytest.raises(InputError, match=r"a sampler of 1 rows of a 10-token vocabulary for a batch of 1 of "
+                                         r"TransformerLM's 30"):
+        DecodeRunner(model, 1, sampler=TokenSampler(any_backend, [[1]], 10))
     with pytest.raises(InputError, match=r"pad must be one non-negative integer per row of the batch \(2\), got"):
         DecodeRunner(model, 2, pad=[1])
     with no_grad(), DecodeRunner(model, 1) as runner:
@@ -141,6 +145,8 @@ def test_decode_runner_refuses_what_it_cannot_sample(any_backend, monkeypatch):
         model.forward_cached(np.array([[1, 2]], np.int32), runner.cache, 0)
         with pytest.raises(InputError, match=r"count 1, but 0 steps have drawn ids"):
             runner.read(1)     # nothing drawn yet
+        with pytest.raises(InputError, match=r"DecodeRunner.sample: token ids must be in \[0, 29\], got \[30\]"):
+            runner.sample([30], 2)
         for pos in range(2, 7):
             runner.sample([1] if pos == 2 else None, pos)
         with pytest.raises(InputError, match=r"count 5, but 5 steps have drawn ids and the ring keeps the last 4: "
