@@ -63,12 +63,13 @@ class LoRALinear(nn.Linear):
     def enabled(self, value):
         self._enabled = value
 
-    def forward(self, x, activation=None):
-        if not self.enabled or self.merged:  # the base layer alone, its activation fused as a plain Linear's
-            return super().forward(x, activation)
+    def forward(self, x, activation=None, residual=None):
+        if not self.enabled or self.merged:  # the base layer alone, its epilogues fused as a plain Linear's
+            return super().forward(x, activation, residual)
         y = F.lora_add(super().forward(x), F.dropout(x, self.dropout, self.training), self.lora_A, self.lora_B,
                        self.scale)
-        return F.activate(y, activation)   # on base + adapter, not on the base's product alone
+        y = F.activate(y, activation)   # on base + adapter, not on the base's product alone
+        return y if residual is None else residual + y
 
     def _delta(self):
         """The update as a weight in the (in, out) layout: scale * A^T B^T."""

@@ -133,13 +133,16 @@ def test_gpt2_output_layer_is_padded_and_small_or_wasteful_ones_are_not():
     assert plan(8192, 50257, 768, gelu=True).path != "padded"
 
 
+NO_ROWS = Tuning(ROWS_MAX=0)   # (a thin M otherwise takes matmul_rows.wgsl)
+
+
 def test_thin_products():
-    p = plan(8, 4096, 4096)                       # a thin M: C^T = B^T A^T
+    p = plan(8, 4096, 4096, tuning=NO_ROWS)       # a thin M: C^T = B^T A^T
     assert (p.path, p.swap, p.grid, p.split, p.k_chunk, p.cast) == ("thin", True, (64, 1, 16), 16, 256, True)
     p = plan(4096, 16, 4096, 1, 1, True, True)    # a thin N, operands read as stored
     assert (p.path, p.swap, p.grid) == ("thin", False, (64, 1, 16))
     assert plan(1024, 1024, 8).path == "thin_k" and plan(1024, 1024, 8, 1, 1, False, True).path == "tiled"
-    for not_thin in (plan(8, 4096, 4096, bias=True), plan(8, 4096, 4096, 2, 1), plan(8, 64, 64)):
+    for not_thin in (plan(8, 4096, 4096, bias=True, tuning=NO_ROWS), plan(8, 4096, 4096, 2, 1), plan(8, 64, 64)):
         assert not_thin.path != "thin"
 
 
@@ -170,6 +173,7 @@ def test_a_split_chunk_below_one_is_refused():
 
 @pytest.mark.parametrize("change, message", [
     (dict(THIN_MAX=17), "THIN_MAX must be an integer >= 0 and <= 16, got 17"),   # the thin kernel's 16 columns
+    (dict(ROWS_MAX=17), "ROWS_MAX must be an integer >= 0 and <= 16, got 17"),   # the rows kernel's accumulators
     (dict(SPLIT_K_TILES=-1), "SPLIT_K_TILES must be an integer >= 0, got -1"),
     (dict(SPLIT_K_MIN_K=2.5), "SPLIT_K_MIN_K must be an integer >= 0, got 2.5"),
     (dict(THIN_MIN_VOLUME=True), "THIN_MIN_VOLUME must be an integer >= 0, got True"),
@@ -191,5 +195,30 @@ def test_a_split_threshold_below_one_chunk_plans_one_chunk():
 def test_a_thin_product_takes_the_tiled_kernel_where_the_thin_one_does_not_fit():
     between = Limits(workgroup_storage=(storage("matmul") + storage("matmul_thin")) // 2)
     assert storage("matmul") <= between.workgroup_storage < storage("matmul_thin")
-    assert plan(1, 4097, 300).kernel == "matmul_thin" and plan(1, 4097, 300, limits=between).kernel == "matmul"
+    assert plan(1, 4097, 300, tuning=NO_ROWS).kernel == "matmul_thin"
+    assert plan(1, 4097, 300, limits=between, tuning=NO_ROWS).kernel == "matmul"
     assert plan(4097, 3, 300, limits=between).kernel == "matmul"
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("trans_b, entry, cols", [(False, "nn", 32), (True, "nt", 8)])
+def test_few_rows_are_one_dispatch_with_their_epilogues(M, trans_b, entry, cols):
+    """A decode step's products (M = batch rows <= 16): matmul_rows.wgsl, K reduced inside the workgroup (no split,
+    no summing pass), bias and GELU applied as it stores, the weight read as stored (no cast, no transposed copy)."""
+    for N, K in ((768, 768), (3072, 768), (768, 3072), (50257, 768), (65, 100), (1, 32)):
+        for bias, gelu in ((False, False), (True, False), (True, True)):
+            p = plan(M, N, K, 1, 1, False, trans_b, bias=bias, gelu=gelu)
+            assert (p.path, p.kernel, p.entry, p.grid, p.split, p.cast, p.transpose_b, p.fused_bias, p.gelu) == (
+                "rows", "matmul_rows", entry, (math.ceil(N / cols), 1, 1), 1, False, False, bias, gelu)
+
+
+def test_rows_take_only_plain_products_of_few_rows():
+    assert plan(17, 768, 768).path != "rows" and plan(16, 768, 768, tuning=NO_ROWS).path != "rows"
+    assert plan(4, 768, 768, 1, 1, True, False).path != "rows"          # A stored transposed
+    assert plan(4, 32, 16, 4, 4).path != "rows" and plan(4, 32, 16, 4, 1).path != "rows"   # batched
+    assert plan(64, 64, 64, 1, 1, views=True).path != "rows" and plan(4, 64, 64, into=True).path != "rows"
+    assert plan(4, 64, 0).path == "zeros"
+    # more columns than the grid holds fall back to the tiled kernels instead of failing
+    assert plan(1, 8 * 65535 + 1, 64, 1, 1, False, True).path != "rows"
+    assert plan(1, 8 * 1000 + 1, 64, 1, 1, False, True, limits=Limits(max_workgroups=1000)).path != "rows"
+    assert plan(1, 8 * 1000, 64, 1, 1, False, True, limits=Limits(max_workgroups=1000)).path == "rows"

@@ -289,7 +289,8 @@ class NumpyBackend(Backend):
         view[...] = src
 
     # -- fused --
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None):  # (no use for hints)
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None,  # (no use for hints)
+               residual=None):
         if isinstance(a, HeadView) or isinstance(b, HeadView) or out is not None:
             return self._matmul_heads(a, b, trans_a, trans_b, out)
         # float16 operands are storage (frozen weights): the product is float32 arithmetic, as on the GPU
@@ -304,6 +305,8 @@ class NumpyBackend(Backend):
         out = np.matmul(a, b)
         if bias is not None:
             out += bias
+        if residual is not None:
+            out += residual
         return out
 
     def heads_in_place(self, seq, dim):

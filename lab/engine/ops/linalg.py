@@ -66,13 +66,15 @@ def activate(x, activation):
     return x if activation is None else gelu(x)
 
 
-def linear(x, weight, bias=None, activation=None):
+def linear(x, weight, bias=None, activation=None, residual=None):
     """x @ weight + bias for x (..., K), weight (K, N), bias (N,): one node, the bias added by the matmul kernel
     as it stores its tiles where it can (a pass over the output saved per layer). activation="gelu" returns
     gelu(x @ weight + bias), applied as the tiles are stored on a backend with matmul_gelu (wgpu), else by gelu().
+    residual (..., N), the output's shape: added last (a block's residual stream, x + layer(h)), by the kernel
+    where it can (a decode step's few rows: one dispatch for the whole layer).
     A packed weight (quant.QuantizedWeight) goes to quantized_linear: any Linear layer may hold one."""
     if isinstance(weight, QuantizedWeight):
-        return quantized_linear(x, weight, bias, activation)
+        return quantized_linear(x, weight, bias, activation, residual)
     _check_activation(activation)
     if weight.ndim != 2:
         raise ValueError(f"linear: the weight must be 2-D (K, N), got shape {_shape_str(weight.shape)}")
@@ -86,36 +88,54 @@ def linear(x, weight, bias=None, activation=None):
                          f"{_shape_str(bias.shape) if bias is not None else None} do not fit (want (..., {K}), "
                          f"({K}, N), (N,))")
     _check_float(x, "linear")
+    residual = _check_residual(residual, x, N, "linear")
     B = x.backend
     if activation == "gelu" and not B.fused_matmul_gelu:
-        return activate(linear(x, weight, bias), activation)
+        return _add_residual(activate(linear(x, weight, bias), activation), residual)
     M = math.prod(x.shape[:-1])
     x3, w3 = B.reshape(x.data, (1, M, K)), B.reshape(weight.data, (1, K, N))
     b = bias.data if bias is not None else None
+    r = B.reshape(residual.data, (1, M, N)) if residual is not None else None
     pre = None
     if activation == "gelu":
         needs_grad = is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        out, pre = B.matmul_gelu(x3, w3, b, keep_pre=needs_grad)
+        out, pre = B.matmul_gelu(x3, w3, b, keep_pre=needs_grad, residual=r)
     else:
-        out = B.matmul(x3, w3, bias=b)
+        out = B.matmul(x3, w3, bias=b, residual=r)
     out = B.reshape(out, x.shape[:-1] + (N,))
 
-    def backward(g):
-        if pre is not None:
-            g = B.binary("gelu_bwd", B.reshape(pre, g.shape), g)
+    def backward(g_out):
+        g = g_out if pre is None else B.binary("gelu_bwd", B.reshape(pre, g_out.shape), g_out)
         g3 = B.reshape(g, (1, M, N))
         gx = B.reshape(B.matmul(g3, w3, False, True), x.shape) if x.requires_grad else None
         gw = B.reshape(B.matmul(x3, g3, True, False), (K, N)) if weight.requires_grad else None
         grads = (gx, gw)
         if bias is not None:
             grads += (B.reduce("sum", B.reshape(g, (M, N)), 0) if bias.requires_grad else None,)
-        return grads
-    inputs = (x, weight) if bias is None else (x, weight, bias)
+        return grads + ((g_out if residual.requires_grad else None,) if residual is not None else ())
+    inputs = tuple(t for t in (x, weight, bias, residual) if t is not None)
     return Tensor._make(out, B, inputs, backward)
 
 
-def quantized_linear(x, qweight, bias=None, activation=None):
-    """linear(x, qweight, bias, activation) for a packed frozen weight (quant.QuantizedWeight, shape (K, N)): the
+def _check_residual(residual, x, N, op):
+    """residual as a Tensor of linear's output shape x.shape[:-1] + (N,), or None; one error for anything else."""
+    if residual is None:
+        return None
+    residual = residual if isinstance(residual, Tensor) else _lift(residual, x)
+    _check_float(residual, op)
+    if residual.shape != x.shape[:-1] + (N,):
+        raise ValueError(f"{op}: residual {_shape_str(residual.shape)} must have the output's shape "
+                         f"{_shape_str(x.shape[:-1] + (N,))} (input {_shape_str(x.shape)}, {N} outputs)")
+    return residual
+
+
+def _add_residual(y, residual):
+    """y + residual (a composed linear's residual add), or y."""
+    return y if residual is None else y + residual
+
+
+def quantized_linear(x, qweight, bias=None, activation=None, residual=None):
+    """linear(x, qweight, bias, activation, residual) for a packed frozen weight (quant.QuantizedWeight, shape (K, N)): the
     backend's quantized_matmul dequantizes as it multiplies. Gradients reach x and a trainable bias, never the
     packed weight, and are what a float32 weight holding the dequantized values gives."""
     _check_activation(activation)
@@ -132,6 +152,7 @@ def quantized_linear(x, qweight, bias=None, activation=None):
     _check_float(x, "quantized_linear")
     if qweight.backend is not x.backend:
         raise ValueError(f"quantized_linear: the input is on {x.backend.name}, the weight on {qweight.backend.name}")
+    residual = _check_residual(residual, x, N, "quantized_linear")
     B = x.backend
     M = math.prod(x.shape[:-1])
     out = B.quantized_matmul(B.reshape(x.data, (M, K)), qweight.data, False)   # (M, N)
@@ -146,4 +167,4 @@ def quantized_linear(x, qweight, bias=None, activation=None):
             return (gx,)
         return gx, (B.reduce("sum", g2, 0) if bias.requires_grad else None)
     inputs = (x,) if bias is None else (x, bias)
-    return activate(Tensor._make(out, B, inputs, backward), activation)
+    return _add_residual(activate(Tensor._make(out, B, inputs, backward), activation), residual)

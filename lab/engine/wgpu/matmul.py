@@ -38,26 +38,30 @@ class MatmulOps:
     def _matmul_limits(self):
         return Limits.of(self.limits)
 
-    def matmul_gelu(self, a, b, bias=None, keep_pre=True):
-        """gelu(a @ b + bias) and, with keep_pre, a @ b + bias (the backward's input): the activation applied as the
-        tiles are stored where the product takes the whole-tile kernel in one piece, else by a pass of its own."""
-        out, pre, fused = self._matmul(a, b, bias=bias, gelu="keep" if keep_pre else "drop")
-        if fused:
-            return out, pre
-        return self.unary("gelu", out), out if keep_pre else None
+    def matmul_gelu(self, a, b, bias=None, keep_pre=True, residual=None):
+        """gelu(a @ b + bias) (+ residual) and, with keep_pre, a @ b + bias (the backward's input): the activation
+        (and the residual) applied as the product is stored where its kernel can, else by a pass of its own."""
+        out, pre, fused = self._matmul(a, b, bias=bias, gelu="keep" if keep_pre else "drop", residual=residual)
+        if not fused:
+            out, pre = self.unary("gelu", out), out if keep_pre else None
+        return (out if residual is None or fused == "all" else self.binary("add", out, residual)), pre
 
-    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None):
-        return self._matmul(a, b, trans_a, trans_b, bias, triangle, into=out)[0]
+    def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None, residual=None):
+        y, _, fused = self._matmul(a, b, trans_a, trans_b, bias, triangle, into=out, residual=residual)
+        return y if residual is None or fused == "all" else self.binary("add", y, residual)
 
-    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, gelu=None, into=None):
+    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, gelu=None, into=None,
+                residual=None):
         """(out, pre, fused): gelu None, the product (+ bias); "keep" or "drop", where the whole-tile kernel takes the
         product in one piece, its GELU with fused=True (and with "keep" the product in pre), else the product.
+        fused == "all": every epilogue asked for, `residual` (added last) included, is applied (matmul_rows.wgsl);
+        any other path leaves the residual to the caller.
         a, b may be HeadViews and `into` a HeadView to write the product into (out is then that view): read and
         written in place by the whole-tile kernels, gathered and scattered by copies for the others."""
         views = [x for x in (a, b, into) if isinstance(x, HeadView)]
         heads = views[0].heads if views else 1
         if any(v.heads != heads or v.shape[0] != views[0].shape[0] for v in views) or (
-                views and (bias is not None or gelu is not None)):
+                views and (bias is not None or gelu is not None or residual is not None)):
             raise ValueError("matmul: HeadView operands must share batch and heads, and take no bias or activation")
         ba, bb = a.shape[0], b.shape[0]
         M, K = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
@@ -70,6 +74,8 @@ class MatmulOps:
                  views=bool(views), views_vec4=all(v.offset % 4 == 0 and v.width % 4 == 0 and v.dim % 4 == 0
                                                    for v in views),
                  into=into is not None, limits=self._matmul_limits, tuning=self.matmul_tuning)
+        if p.path == "rows":
+            return self._matmul_rows(a, b, bias, gelu, residual, M, N, K, p)
         if p.path == "thin_k":
             out = self._alloc((1, M, N), "float32")
             self._dispatch("lora", "up_add_t_main", [M, 0, N, K, _f32bits(1.0), 1],
@@ -121,6 +127,21 @@ class MatmulOps:
         if S > 1:
             out = self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
         return (out if bias is None else self.binary("add", out, bias)), None, False
+
+    def _matmul_rows(self, a, b, bias, gelu, residual, M, N, K, p):
+        """A product of M <= 16 rows by matmul_rows.wgsl in one dispatch, bias, GELU and residual applied as it
+        stores: (out, pre, "all")."""
+        if residual is not None and residual.size != M * N:
+            raise ValueError(f"matmul: residual of shape {residual.shape} for a product of {M} x {N}: it must hold "
+                             f"one value per output")
+        out = self._alloc((1, M, N), "float32")
+        pre = self._alloc((1, M, N), "float32") if gelu == "keep" else None
+        fused = [x is not None for x in (bias, gelu, residual, pre)]
+        label = f"matmul {p.layout.upper()} 1x{M}x{N}x{K} rows" + "".join(
+            f" +{name}" for name, on in zip(("bias", "gelu", "residual"), fused) if on)
+        self._dispatch("matmul_rows", p.entry, [M, N, K] + [int(f) for f in fused], [a, b, out, bias, residual, pre],
+                       p.grid, M * N * K, _aligned_subs(a, b) + (("ROWS", M),), label=label)
+        return out, pre, "all"
 
     def _matmul_thin(self, a, b, trans_a, trans_b, M, N, K, p):
         """A single product with N (or M) <= 16 by matmul_thin.wgsl on the operands as stored, planned as p."""

@@ -18,6 +18,8 @@ TK = 16          # the tiled kernels' step along K: split-K chunks and whole-til
 THIN_ROWS = 64   # matmul_thin.wgsl's rows (of the product or, for a thin M, of its transpose) per workgroup
 THIN_TK = 32     # matmul_thin.wgsl's step along K
 THIN_COLS = 16   # matmul_thin.wgsl's columns of the product (or, for a thin M, of its transpose)
+ROWS_LIMIT = 16  # matmul_rows.wgsl's most rows (one accumulator each per thread)
+ROWS_COLS = {"nn": 32, "nt": 8}  # matmul_rows.wgsl's columns per workgroup, by B's layout
 _WORKGROUP_ARRAY = re.compile(r"var<workgroup>\s*\w+\s*:\s*array<\s*([\w<>]+)\s*,\s*(\d+)\s*>")
 _ELEMENT_BYTES = {"f32": 4, "u32": 4, "i32": 4, "vec2<f32>": 8, "vec4<f32>": 16, "vec4<u32>": 16}
 
@@ -35,6 +37,8 @@ class Tuning:
     #                                 still ran faster than 540 of 128 x 64; fewer leave most of 132 SMs idle)
     MATMUL_ROWS: bool = True        # row-major A staged along rows (matmul.wgsl main_rows)
     MATMUL_ALIGNED: bool = True     # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
+    ROWS_MAX: int = 16              # products of up to this many rows (a decode step's linears) take
+    #                                 matmul_rows.wgsl: K reduced in the workgroup, bias, GELU and residual fused
     THIN_MAX: int = 16              # products with M or N up to this take matmul_thin.wgsl, with K up to this
     #                                 lora.wgsl's up_add_t_main ...
     THIN_MIN_VOLUME: int = 1 << 20  # ... when M N K is at least this (smaller ones are cheap either way)
@@ -56,7 +60,7 @@ class Tuning:
                 object.__setattr__(self, f.name, real(f"Tuning: {f.name}", value, 1.0))
             else:
                 object.__setattr__(self, f.name, integer(f"Tuning: {f.name}", value, int(f.name == "SPLIT_K_MIN_CHUNK"),
-                                                         THIN_COLS if f.name == "THIN_MAX" else None))
+                                                         {"THIN_MAX": THIN_COLS, "ROWS_MAX": ROWS_LIMIT}.get(f.name)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +78,8 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How a product runs. path: "zeros" (K = 0), "gathered" (head views through contiguous copies), "padded"
+    """How a product runs. path: "zeros" (K = 0), "rows" (matmul_rows.wgsl, entry by B's layout: bias, GELU and a
+    residual applied as it stores), "gathered" (head views through contiguous copies), "padded"
     (through zero-padded copies of sizes `padded`, planned again), "thin" (matmul_thin.wgsl; `swap`: it computes
     C^T = B^T A^T), "thin_k" (lora.wgsl for K <= THIN_MAX), "aligned" (matmul_aligned.wgsl) or "tiled"
     (matmul.wgsl). `cast`: float16 operands are widened first (every kernel but the whole-tile ones reads
@@ -132,6 +137,12 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
     batch = max(batch_a, batch_b)
     if K == 0:
         return Plan("gathered" if views else "zeros")
+    if (0 < M <= tuning.ROWS_MAX and not trans_a and batch_a == batch_b == 1 and not views and not into
+            and fits("matmul_rows", limits)):
+        layout = "nt" if trans_b else "nn"
+        grid = (math.ceil(N / ROWS_COLS[layout]), 1, 1)
+        if grid[0] <= limits.max_workgroups:
+            return Plan("rows", "matmul_rows", layout, grid, k_chunk=K, layout=layout, fused_bias=bias, gelu=gelu)
     if not views and not gelu:
         padded = _padded_to_tiles(M, N, K, batch, limits, tuning)
         if padded:

@@ -1,0 +1,151 @@
+"""Products of a few rows (a decode step's linears, matmul_rows.wgsl): one dispatch each with bias, GELU and the
+residual add fused, equal to numpy; F.linear's residual argument on both backends (values and gradients against
+PyTorch), through LoRA and quantized layers; and what a decode step of each family dispatches."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import lab
+from lab import lora
+from lab.engine import ops as F
+from lab.engine.tensor import Tensor, no_grad
+from lab.models import MODELS, PRESETS
+from lab.nn import Linear, QuantizedLinear
+
+rng = np.random.default_rng(0)
+
+
+def _gelu(v):
+    return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("K", [32, 100, 776])
+def test_few_row_products_equal_numpy_in_one_dispatch_with_every_epilogue(wgpu_backend, M, K):
+    """Both weight layouts (a Linear's (K, N), the tied head's (N, K)), float32 and float16 weights, N a
+    non-multiple of the 32- and 8-column tiles, and every combination of bias, GELU (with and without the
+    pre-activation kept) and residual: one matmul_rows dispatch each, equal to the float64 reference."""
+    B = wgpu_backend
+    for N in (1, 45):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+        bias, res = rng.standard_normal(N).astype(np.float32), rng.standard_normal((M, N)).astype(np.float32)
+        a = B.from_numpy(x[None])
+        cases = []
+        for trans_b, dtype in ((False, np.float32), (True, np.float32), (False, np.float16), (True, np.float16)):
+            stored = (w.T if trans_b else w).astype(dtype)
+            cases.append((B.from_numpy(np.ascontiguousarray(stored)[None]), trans_b, w.astype(dtype).astype(np.float64)))
+        for wd, trans_b, wref in cases:
+            for has_bias, gelu, has_res in [(0, None, 0), (1, None, 0), (0, None, 1), (1, None, 1), (1, "keep", 0),
+                                            (1, "drop", 1), (0, "keep", 1)]:
+                if gelu and trans_b:
+                    continue   # (matmul_gelu takes a Linear's layout only)
+                b_arr = B.from_numpy(bias) if has_bias else None
+                r_arr = B.from_numpy(res[None]) if has_res else None
+                pre_ref = x.astype(np.float64) @ wref + (bias if has_bias else 0)
+                want = (_gelu(pre_ref) if gelu else pre_ref) + (res if has_res else 0)
+                with lab.profile(B) as prof:
+                    if gelu:
+                        out, pre = B.matmul_gelu(a, wd, b_arr, keep_pre=gelu == "keep", residual=r_arr)
+                    else:
+                        out, pre = B.matmul(a, wd, False, trans_b, bias=b_arr, residual=r_arr), None
+                    got = B.to_numpy(out).reshape(M, N)
+                assert [name for name, _, _ in prof.records] == [f"matmul_rows:{'nt' if trans_b else 'nn'}"]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+                assert (pre is None) == (gelu != "keep")
+                if pre is not None:
+                    np.testing.assert_allclose(B.to_numpy(pre).reshape(M, N), pre_ref, rtol=1e-5, atol=2e-5)
+
+
+def test_a_residual_of_the_wrong_size_is_refused_by_the_backend(wgpu_backend):
+    B = wgpu_backend
+    a, w = B.from_numpy(np.ones((1, 2, 8), np.float32)), B.from_numpy(np.ones((1, 8, 5), np.float32))
+    with pytest.raises(ValueError, match=r"matmul: residual of shape \(1, 5\) for a product of 2 x 5"):
+        B.matmul(a, w, residual=B.from_numpy(np.ones((1, 5), np.float32)))
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (4, 8)])   # 6 rows (one rows dispatch on wgpu), 32 (the tiled path)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_linear_residual_matches_torch_values_and_gradients(use_backend, lead, activation):
+    K, N = 12, 12
+    x, r = rng.standard_normal(lead + (K,)), rng.standard_normal(lead + (N,))
+    w, b = rng.standard_normal((K, N)) * 0.3, rng.standard_normal(N)
+    g = rng.standard_normal(lead + (N,))
+    tx, tr, tw, tb = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, r, w, b))
+    ty = tx @ tw + tb
+    ty = (torch.nn.functional.gelu(ty, approximate="tanh") if activation else ty) + tr
+    ty.backward(torch.tensor(g))
+    lx, lr, lw, lb = (lab.tensor(v.astype(np.float32), requires_grad=True) for v in (x, r, w, b))
+    y = F.linear(lx, lw, lb, activation=activation, residual=lr)
+    (y * lab.tensor(g.astype(np.float32))).sum().backward()
+    np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for mine, theirs in ((lx, tx), (lr, tr), (lw, tw), (lb, tb)):
+        np.testing.assert_allclose(mine.grad.numpy(), theirs.grad.numpy(), rtol=1e-4, atol=1e-4)
+    # the input itself as the residual (x + layer(x)): both of its uses reach its gradient
+    lx.grad = None
+    F.linear(lx, lw, lb, residual=lx).sum().backward()
+    np.testing.assert_allclose(lx.grad.numpy(), np.ones(lead + (K,)) @ w.T + 1, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_residual_of_another_shape_is_one_clear_error(use_backend):
+    x, w = lab.tensor(np.ones((2, 3, 4), np.float32)), lab.tensor(np.ones((4, 5), np.float32))
+    for bad in (np.ones((2, 3, 4), np.float32), np.ones((5,), np.float32), np.ones((6, 5), np.float32)):
+        with pytest.raises(ValueError, match=r"linear: residual \(.*\) must have the output's shape \(2, 3, 5\) "
+                                             r"\(input \(2, 3, 4\), 5 outputs\)"):
+            F.linear(x, w, residual=lab.tensor(bad))
+    with pytest.raises(ValueError, match="linear"):
+        F.linear(x, w, residual=lab.tensor(np.ones((2, 3, 5), np.int32)))
+
+
+def test_lora_and_quantized_layers_add_the_residual_after_their_output(use_backend):
+    """A LoRA layer's adapter and activation land before the residual (enabled, disabled, merged), and a q4_0
+    layer adds it after its dequantizing product: each equals its layer's output plus the residual."""
+    lab.manual_seed(0)
+    x = lab.tensor(rng.standard_normal((1, 3, 32)).astype(np.float32))
+    r = lab.tensor(rng.standard_normal((1, 3, 64)).astype(np.float32))
+    base = Linear(32, 64)
+    layer = lora.LoRALinear(base, 4, 8, 0.0)
+    layer.lora_B.data = layer.lora_B.backend.from_numpy(rng.standard_normal((64, 4)).astype(np.float32))
+    with no_grad():
+        for enabled in (True, False):
+            layer.enabled = enabled
+            for activation in (None, "gelu"):
+                want = layer(x, activation).numpy() + r.numpy()
+                np.testing.assert_allclose(layer(x, activation, residual=r).numpy(), want, rtol=1e-5, atol=1e-5)
+        layer.enabled = True
+        assert not np.allclose(layer(x).numpy(), base(x).numpy(), atol=1e-3)   # (the adapter counts)
+        q = QuantizedLinear.from_linear(base, "q4_0")
+        np.testing.assert_allclose(q(x, "gelu", residual=r).numpy(), q(x, "gelu").numpy() + r.numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, per_layer", [("tiny", {"matmul_rows:nn": 4}), ("llama-tiny", {"matmul_rows:nn": 7})])
+def test_a_decode_step_runs_each_linear_as_one_dispatch(wgpu_backend, preset, per_layer):
+    """One token's step, profiled: every linear and the tied head is one matmul_rows dispatch (no split-K
+    summing pass), and no bias, GELU or residual add runs as an elementwise pass of its own (GPT-2's only one
+    adds the position embedding). The counts cannot silently grow back."""
+    from lab.decode import DecodeRunner
+    from lab.engine import backend as Bk
+    prev = dict(Bk._state)
+    Bk._state["backend"], Bk._state["reason"] = wgpu_backend, "test"
+    try:
+        cfg = PRESETS[preset]
+        cfg = replace(cfg, n_layer=2) if hasattr(cfg, "n_layer") else replace(cfg, num_hidden_layers=2)
+        model = MODELS[type(cfg)](cfg)
+        model.eval()
+        with no_grad(), DecodeRunner(model, 1) as runner:
+            model.forward_cached(np.ones((1, 4), np.int32), runner.cache, 0)
+            for layer in runner.cache:
+                layer.window = 16
+            with lab.profile(wgpu_backend) as prof:
+                model.forward_cached(np.ones((1, 1), np.int32), runner.cache, 4)
+    finally:
+        Bk._state.update(prev)
+    names = [name for name, _, _ in prof.records]
+    for name, count in per_layer.items():
+        assert names.count(name) == 2 * count, names
+    assert names.count("matmul_rows:nt") == 1, names   # the tied head
+    assert not [n for n in names if n.startswith(("reduce:", "matmul:", "matmul_thin:", "elementwise:unary"))], names
+    assert names.count("elementwise:binary_main") == (preset == "tiny"), names
