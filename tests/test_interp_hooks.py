@@ -40,6 +40,16 @@ FAMILIES = {"gpt2": _gpt2, "llama": _llama}
 IDS = np.array([[1, 5, 2, 7, 3], [4, 4, 9, 0, 12]])
 
 
+@pytest.fixture
+def on_numpy(numpy_backend):
+    """The numpy backend active for the test, the previous one restored after."""
+    from lab.engine import backend as B
+    prev = dict(B._state)
+    B._state["backend"], B._state["reason"] = numpy_backend, "test"
+    yield numpy_backend
+    B._state.update(prev)
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def model(request, use_backend):
     return FAMILIES[request.param]()
@@ -91,8 +101,7 @@ def test_a_hook_returning_its_input_changes_nothing(model):
     np.testing.assert_allclose(arrays, ref, atol=1e-5)
 
 
-def test_hooks_run_in_hook_names_order():
-    lab.set_backend("numpy")
+def test_hooks_run_in_hook_names_order(on_numpy):
     for make in FAMILIES.values():
         m = make()
         seen = []
@@ -125,8 +134,7 @@ def test_zero_ablating_a_head_via_hook_z_equals_removing_its_contribution_by_han
     assert np.abs(normal["blocks.1.hook_attn_out"] - by_hand).max() > 1e-4   # the head did contribute
 
 
-def test_unknown_hook_name_lists_valid_names_nearest_first():
-    lab.set_backend("numpy")
+def test_unknown_hook_name_lists_valid_names_nearest_first(on_numpy):
     m = _gpt2()
     with pytest.raises(InputError) as e:
         m.run_with_hooks(IDS, [("blocks.1.hook_resid_psot", lambda x, n: None)])
@@ -154,8 +162,7 @@ def test_a_hook_returning_the_wrong_shape_names_the_hook_and_both_shapes(model):
     np.testing.assert_array_equal(model(IDS).numpy(), model(IDS).numpy())
 
 
-def test_names_filter_keeps_only_the_requested_activations():
-    lab.set_backend("numpy")
+def test_names_filter_keeps_only_the_requested_activations(on_numpy):
     m = _llama()
     _, one = m.run_with_cache(IDS, names_filter="blocks.1.hook_resid_post")
     assert list(one) == ["blocks.1.hook_resid_post"]
@@ -184,9 +191,8 @@ def test_a_hook_that_raises_leaves_the_model_usable(model):
     np.testing.assert_array_equal(model(IDS).numpy(), ref)
 
 
-def test_hooks_are_part_of_the_replay_signature():
+def test_hooks_are_part_of_the_replay_signature(on_numpy):
     # a step captured without hooks is never replayed with them (and the reverse)
-    lab.set_backend("numpy")
     m = _gpt2()
     before = module_signature(m)
     with m.hooks([("blocks.0.hook_resid_post", lambda x, n: x)]):
@@ -194,8 +200,7 @@ def test_hooks_are_part_of_the_replay_signature():
     assert same_signature(module_signature(m), before)
 
 
-def test_nested_hook_blocks_each_remove_their_own():
-    lab.set_backend("numpy")
+def test_nested_hook_blocks_each_remove_their_own(on_numpy):
     m = _gpt2()
     seen = []
     with m.hooks([("blocks.0.hook_resid_post", lambda x, n: seen.append("outer"))]):
@@ -408,3 +413,30 @@ def test_training_steps_under_hooks_run_every_hook(use_backend):
     assert len(seen) == 6
     if trainer.replay is not None:
         assert trainer.replay.replayed > 0
+
+
+def test_run_with_cache_beside_a_training_thread_sees_only_its_own_forward(on_numpy):
+    # a TrainingPanel trains in a thread; a notebook cell's run_with_cache must neither run its hooks in the
+    # training steps nor cache their activations (it runs between two steps, as generation does)
+    import threading
+    from lab.train import TrainConfig, Trainer
+    model = _gpt2()
+    data = np.random.default_rng(0).integers(0, VOCAB, 400)
+    trainer = Trainer(model, data, data, TrainConfig(steps=400, batch_size=4, warmup_steps=1))
+    stop = threading.Event()
+
+    def train():
+        while not stop.is_set():
+            trainer.train_step()
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        for _ in range(15):
+            seen = []
+            model.run_with_hooks(IDS, [("blocks.1.hook_mlp_out", lambda x, n: seen.append(x.shape))])
+            _, cache = model.run_with_cache(IDS, names_filter="blocks.0.hook_resid_post")
+            assert seen == [IDS.shape + (16,)]
+            assert cache["blocks.0.hook_resid_post"].shape == IDS.shape + (16,)
+    finally:
+        stop.set()
+        thread.join()

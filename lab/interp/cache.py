@@ -26,6 +26,9 @@ class ActivationCache(Mapping):
     def __iter__(self):
         return iter(self._store)
 
+    def __contains__(self, name):   # (Mapping's would build __getitem__'s message for every name it lacks)
+        return name in self._store
+
     def __len__(self):
         return len(self._store)
 

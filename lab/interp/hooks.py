@@ -13,6 +13,7 @@ import contextlib
 
 import numpy as np
 
+from .. import nn
 from ..checks import InputError, show
 from ..engine.tensor import Tensor, tensor
 from .cache import ActivationCache, check_name
@@ -132,7 +133,7 @@ class HookedModel:
         if isinstance(fwd_hooks, tuple) and len(fwd_hooks) == 2 and callable(fwd_hooks[1]):
             fwd_hooks = [fwd_hooks]   # one (name, fn) pair
         try:
-            pairs = list(fwd_hooks)
+            pairs = None if isinstance(fwd_hooks, str) else list(fwd_hooks)
         except TypeError:
             pairs = None
         out = []
@@ -184,8 +185,9 @@ class HookedModel:
 
     def run_with_hooks(self, tokens, fwd_hooks=(), **forward_kwargs):
         """model(tokens, **forward_kwargs) with fwd_hooks [(name or predicate, fn)] on; they are removed after it,
-        whether it returns or raises."""
-        with self.hooks(fwd_hooks):
+        whether it returns or raises. It runs between two steps of a Trainer training this model in another
+        thread (the step lock, as generation does): those steps never run these hooks."""
+        with nn.step_lock(self), self.hooks(fwd_hooks):
             return self(tokens, **forward_kwargs)
 
     def run_with_cache(self, tokens, names_filter=None, **forward_kwargs):
