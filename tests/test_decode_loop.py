@@ -182,3 +182,28 @@ def test_beam_search_on_the_cache_replays_its_steps_and_finds_the_beams_of_full_
             np.testing.assert_array_equal(a, b)
         # 13 steps at slots 4..16: windows 16 (12 steps) and 24 (1), three of the first captured
         assert made[-1].replayed == (0 if use_backend.name == "numpy" else 12 - 3)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_generated_token_costs_its_forward_and_one_draw_dispatch(wgpu_backend, family, monkeypatch):
+    """Per token the loop adds the draw to the step's forward and nothing else (no logits copy, no id upload):
+    the dispatches of 8 more tokens are 8 times a one-token forward's plus one."""
+    from lab.decode import FixedCache
+    from lab.engine import backend as B
+    monkeypatch.setitem(B._state, "backend", wgpu_backend)
+    monkeypatch.setattr(decode, "CHUNK", 8)
+    model = _model(family)
+    with no_grad():
+        cache = [FixedCache(layer) for layer in model.new_cache(1)]
+        for layer in cache:
+            layer.window = 16
+        model.forward_cached(np.array([[1, 2, 3]], np.int32), cache, 0)
+        before = wgpu_backend.stats()["dispatches"]
+        model.forward_cached(np.array([[4]], np.int32), cache, 3)
+        forward = wgpu_backend.stats()["dispatches"] - before
+    counts = []
+    for n in (4, 12):   # slots 3..5 and 3..13: one window
+        before = wgpu_backend.stats()["dispatches"]
+        lab.generate(model, [1, 2, 3], n, greedy=True, eos_token_id=[])
+        counts.append(wgpu_backend.stats()["dispatches"] - before)
+    assert counts[1] - counts[0] == 8 * (forward + 1), (counts, forward)
