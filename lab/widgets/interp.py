@@ -113,7 +113,7 @@ class LogitLensPanel(_Runs, Panel):
         self.model = require_model("LogitLensPanel", model)
         self.tokenizer = require_tokenizer("LogitLensPanel", tokenizer)
         self.k = integer("k", k, low=1, high=min(MAX_K, model.config.vocab_size))
-        self.max_tokens = min(integer("max_tokens", max_tokens, low=1), _block(model))
+        self.max_tokens = min(integer("max_tokens", max_tokens, low=1), model.config.block_size)
         self._lock, self._thread = threading.Lock(), None
         if isinstance(prompt, str):
             self.prompt = prompt
@@ -195,11 +195,6 @@ class LogitLensPanel(_Runs, Panel):
         return figure_png(fig)
 
 
-def _block(model):
-    c = model.config
-    return getattr(c, "block_size", None) or c.max_position_embeddings
-
-
 class PatchingPanel(_Runs, Panel):
     """Activation patching between a clean and a corrupted prompt (lab.interp.activation_patching): the heatmap of
     (patched - corrupted) / (clean - corrupted) logit difference of answer vs wrong over layers x positions, for the
@@ -233,7 +228,7 @@ class PatchingPanel(_Runs, Panel):
         self.model = require_model("PatchingPanel", model)
         self.tokenizer = require_tokenizer("PatchingPanel", tokenizer)
         self.k = integer("k", k, low=1, high=min(MAX_K, model.config.vocab_size))
-        self.max_tokens = min(integer("max_tokens", max_tokens, low=1), _block(model))
+        self.max_tokens = min(integer("max_tokens", max_tokens, low=1), model.config.block_size)
         self.hook = choice("hook", hook, PATCH_HOOKS)
         self._lock, self._thread, self.result = threading.Lock(), None, None
         # an id given is shown as its token's text, which may not encode back to it (a byte of a character):

@@ -64,7 +64,7 @@ def test_logit_lens_grid_has_a_cell_per_layer_and_position_hover_lists_the_top_k
     page.fill(f"{lens} .lab-prompt", "a dog")
     page.click(f"{lens} .lab-run")
     page.wait_for_function(f"document.querySelector('{lens} .lab-grid').dataset.cells === '{3 * 5}'", timeout=60_000)
-    assert page.locator(f"{lens} .lab-grid-head").all_inner_texts() == list("a dog")
+    assert page.locator(f"{lens} .lab-grid-head").all_inner_texts() == list("a␣dog")   # a space shown as ␣
     page.fill(f"{lens} .lab-prompt", "")
     page.click(f"{lens} .lab-run")
     page.wait_for_function(f"document.querySelector('{lens} .lab-error').textContent.includes('non-empty prompt')",
