@@ -131,7 +131,7 @@ def test_patching_panel_shows_the_experiments_heatmap_and_a_clicked_cells_patche
     model = family(tok)
     clean, corrupted = "the cat sat", "the dog sat"
     panel = PatchingPanel(model, tok, clean, corrupted, "o", "a", hook="resid_post", k=4, wait=True)
-    assert panel.error == "" and not panel.running
+    assert panel.error == "" and not panel.running and panel.shown_hook == "resid_post"
     want = lab.interp.experiments.activation_patching(model, np.asarray([tok.encode(clean)]), np.asarray([tok.encode(corrupted)]),
                                           tok.encode("o")[0], tok.encode("a")[0], hook="resid_post")
     values = np.frombuffer(panel.values, np.float32).reshape(2, len(clean))
@@ -182,6 +182,8 @@ def test_patching_panel_refuses_bad_input_from_python_and_shows_it_from_the_brow
     assert "pos must be an integer" in panel.error
     panel.set_state({"hook": "bogus"})
     assert "hook" in panel.error and panel.hook == "resid_pre"
+    panel.set_state({"hook": "attn_out"})   # chosen, not yet run: the heatmap still says what it shows
+    assert panel.shown_hook == "resid_pre" and "patching resid_pre from" in panel._static_html()
     panel.set_state({"corrupted": "the"})
     _send(panel, cmd="run")
     assert "must be as many tokens" in panel.error and panel.values == values and not panel.running
@@ -192,7 +194,7 @@ def test_patching_panel_refuses_bad_input_from_python_and_shows_it_from_the_brow
     panel.set_state({"corrupted": "the dog sat", "hook": "mlp_out"})
     _send(panel, cmd="run")
     panel.wait(60)
-    assert panel.error == "" and panel.values != values and panel.cell == []
+    assert panel.error == "" and panel.values != values and panel.cell == [] and panel.shown_hook == "mlp_out"
 
 
 @pytest.mark.parametrize("family", [_gpt, _llama])

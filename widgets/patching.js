@@ -1,6 +1,6 @@
 // PatchingPanel front end. Synced: clean, corrupted, answer, wrong, hook (settable); running, error, tokens,
 // corrupted_tokens, labels (rows), values (float32 bytes, (rows, T): the restored logit difference, NaN where not
-// patched), clean_diff, corrupted_diff, clean_top / corrupted_top / cell_top ([[token, prob], ...]), cell ([row, pos]).
+// patched), shown_hook (the hook of the run shown), clean_diff, corrupted_diff, clean_top / corrupted_top / cell_top ([[token, prob], ...]), cell ([row, pos]).
 // "Run" sends {cmd: "run"}; a click on a cell sends {cmd: "cell", layer, pos} and the kernel answers with cell_top.
 
 import { el, formatNumber } from "./common.js";
@@ -36,19 +36,22 @@ function renderPatching({ model, el: root }) {
   const status = el("span", { class: "lab-stats" });
   const error = el("div", { class: "lab-error" });
   const grid = el("div", { class: "lab-grid" });
+  const caption = el("div", { class: "lab-caption lab-shown" });
   const tip = el("div", { class: "lab-tooltip" });
   const tops = el("div", { class: "lab-row lab-tops" });
   root.append(el("div", { class: "lab-header" }, el("b", {}, "Activation patching"),
     el("span", { class: "lab-caption" }, "clean activations patched into the corrupted run, one cell at a time")),
   el("div", { class: "lab-pair" }, el("label", {}, "clean", clean), el("label", {}, "corrupted", corrupted)),
   el("div", { class: "lab-controls" }, el("label", {}, "answer ", answer), el("label", {}, "wrong ", wrong),
-    el("label", {}, "patch ", hook), go, status), error, grid, tip, tops);
+    el("label", {}, "patch ", hook), go, status), error, caption, grid, tip, tops);
 
   let values = new Float32Array(0);
   function draw() {
     const dv = model.get("values");
     values = dv && dv.byteLength ? new Float32Array(dv.buffer.slice(dv.byteOffset, dv.byteOffset + dv.byteLength)) : new Float32Array(0);
     const tokens = model.get("tokens"), labels = model.get("labels"), T = tokens.length, sel = model.get("cell");
+    caption.textContent = T ? `fraction of the clean logit difference restored by patching ${model.get("shown_hook")} ` +
+      "(rows: layers, columns: positions; click a cell for that run's prediction)" : "";
     if (values.length !== labels.length * T || !T) { grid.replaceChildren(); grid.dataset.cells = "0"; return; }
     grid.style.gridTemplateColumns = `auto repeat(${T}, minmax(2.2em, auto))`;
     const cells = [el("div", {})];
@@ -91,7 +94,7 @@ function renderPatching({ model, el: root }) {
     status.textContent = model.get("running") ? "running…" : "";
     error.textContent = model.get("error") || "";
   }
-  const data = ["values", "tokens", "labels", "cell"], side = ["clean_top", "corrupted_top", "cell_top", "cell", "clean_diff", "corrupted_diff"];
+  const data = ["values", "tokens", "labels", "cell", "shown_hook"], side = ["clean_top", "corrupted_top", "cell_top", "cell", "clean_diff", "corrupted_diff"];
   const state = ["clean", "corrupted", "answer", "wrong", "hook", "running", "error"];
   data.forEach((key) => model.on(`change:${key}`, draw));
   side.forEach((key) => model.on(`change:${key}`, drawTops));

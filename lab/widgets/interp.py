@@ -213,6 +213,7 @@ class PatchingPanel(_Runs, Panel):
     corrupted_tokens = t.List(t.Unicode()).tag(sync=True)
     labels = t.List(t.Unicode()).tag(sync=True)            # rows (layers)
     values = t.Bytes(b"").tag(sync=True)                   # float32 (layers, T); NaN where not patched
+    shown_hook = t.Unicode("").tag(sync=True)              # the hook of the run shown (`hook` may have changed since)
     clean_diff = t.Float(None, allow_none=True).tag(sync=True)
     corrupted_diff = t.Float(None, allow_none=True).tag(sync=True)
     clean_top = t.List().tag(sync=True)                    # [[token, prob], ...] at the last position
@@ -279,7 +280,7 @@ class PatchingPanel(_Runs, Panel):
         with self.hold_sync():
             self.tokens = token_labels(self.tokenizer, clean)
             self.corrupted_tokens = token_labels(self.tokenizer, corrupted)
-            self.labels = list(result.labels)
+            self.labels, self.shown_hook = list(result.labels), result.hook
             self.values = np.ascontiguousarray(result.values, dtype=np.float32).tobytes()
             self.clean_diff, self.corrupted_diff = jsonable([float(result.clean_diff), float(result.corrupted_diff)])
             self.clean_top, self.corrupted_top = tops
@@ -304,7 +305,7 @@ class PatchingPanel(_Runs, Panel):
         self.cell = [layer, pos]
 
     def _static_html(self):
-        return (f"<b>PatchingPanel</b>: patching {self.hook} from <code>{self.esc(self.clean)}</code> into "
+        return (f"<b>PatchingPanel</b>: patching {self.shown_hook or self.hook} from <code>{self.esc(self.clean)}</code> into "
                 f"<code>{self.esc(self.corrupted)}</code>, logit difference {self.esc(self.answer)!s} vs "
                 f"{self.esc(self.wrong)}")
 
@@ -319,6 +320,6 @@ class PatchingPanel(_Runs, Panel):
         fig.colorbar(im, ax=ax, label="restored logit difference")
         ax.set_xticks(range(len(self.tokens)), [repr(x)[1:-1] for x in self.tokens], fontsize=6, rotation=90)
         ax.set_yticks(range(len(self.labels)), self.labels, fontsize=6)
-        ax.set_title(f"patching {self.hook}", fontsize=8)
+        ax.set_title(f"patching {self.shown_hook}", fontsize=8)
         fig.tight_layout()
         return figure_png(fig)
