@@ -118,18 +118,21 @@ class DecodeRunner:
         # a copy of a capture's logits: the next replay overwrites them, a returned tensor is not
         return Tensor(self.backend.scalar("mul", logits.data, 1.0), self.backend) if shared else logits
 
-    def sample(self, token_ids, pos):
-        """A step as step() that draws the next token of each row with the sampler inside itself: nothing is read
-        back; the ids feed the next step (token_ids None) and read() returns them."""
+    def sample(self, token_ids, pos, count=1):
+        """`count` steps as step()'s at slots pos.. that draw the next token of each row with the sampler inside
+        themselves: nothing is read back; each step's ids feed the next (token_ids None: the last draw's) and
+        read() returns them. The steps hold the model's step lock together, so a change another thread makes to
+        the model meanwhile (adapters switched, weights replaced) applies from the next call's steps."""
         if self.sampler is None:
             raise InputError("DecodeRunner.sample: this runner has no sampler (DecodeRunner(..., sampler=...))")
         ids = self._ids(token_ids, "sample")
         pos = integer("pos", pos, low=1, high=self.block - 1)
+        count = integer("count", count, low=1, high=self.block - pos)
         if self.offset != self.sampler.step - pos:   # (the captured draws' counter follows the position)
             self.close()
             self.offset = self.sampler.step - pos
-        self._run(ids, pos, True)
-        self.drawn += 1
+        self._run(ids, pos, True, count)
+        self.drawn += count
 
     def read(self, count):
         """The ids (count, batch) int64 the last `count` sample() steps drew, in order (one readback)."""
@@ -154,35 +157,46 @@ class DecodeRunner:
             raise InputError(f"DecodeRunner.{what}: token ids must be in [0, {vocab - 1}], got {show(token_ids)}")
         return ids.reshape(self.batch, 1).astype(np.int32)
 
-    def _run(self, ids, pos, sample):
+    def _run(self, ids, pos, sample, count=1):
+        """Steps at slots pos..pos+count-1, the first fed `ids` (None: those on the device), under one hold of the
+        step lock and the backend, the model's signature checked once: (the last one's logits, whether they are a
+        capture's, which its next replay overwrites)."""
         pos = integer("pos", pos, low=1, high=self.block - 1)
         B = self.backend
         with step_lock(self.model), (B.exclusive() if self.off is None else contextlib.nullcontext()):
             if ids is not None:
                 B.sync()   # (a write lands before work recorded earlier and not yet submitted)
                 B.write(self.ids.data, ids)
-            if self.off is None:
-                for layer in self.cache:
-                    layer.window = self.window(pos)
-                if self.rope is not None:
-                    self.rope(self.window(pos))
-            if self.off is not None or B.profiling or getattr(self.model, "has_hooks", False):   # (hooks run eagerly)
-                return self._forward(pos, sample), False
-            signature = module_signature(self.model)
-            if not same_signature(signature, self.signature):
-                self.close()
-                self.signature = signature
-            w = self.windows.setdefault((self.window(pos), sample), _Window())
-            if w.ready is not None:
-                _, capture, logits = w.ready
-                B.replay(capture, {"pos": pos})
-                self.replayed += 1
-                if sample:   # (the draw's counter patched in as the position's: the sampler's own follows)
-                    self.sampler.step += 1
-                return logits, True
-            if w.off is not None:
-                return self._forward(pos, sample), False
-            return self._captured_step(w, pos, sample), True
+            if self.off is None and self.rope is not None:   # (before the signature: a growth replaces the tables)
+                self.rope(self.window(pos + count - 1))
+            eager = self.off is not None or B.profiling or getattr(self.model, "has_hooks", False)  # (hooks: eager)
+            if not eager:
+                signature = module_signature(self.model)
+                if not same_signature(signature, self.signature):
+                    self.close()
+                    self.signature = signature
+            for p in range(pos, pos + count):
+                out = self._one(p, sample, eager)
+            return out
+
+    def _one(self, pos, sample, eager):
+        B = self.backend
+        if self.off is None:
+            for layer in self.cache:
+                layer.window = self.window(pos)
+        if eager:
+            return self._forward(pos, sample), False
+        w = self.windows.setdefault((self.window(pos), sample), _Window())
+        if w.ready is not None:
+            _, capture, logits = w.ready
+            B.replay(capture, {"pos": pos})
+            self.replayed += 1
+            if sample:   # (the draw's counter patched in as the position's: the sampler's own follows)
+                self.sampler.step += 1
+            return logits, True
+        if w.off is not None:
+            return self._forward(pos, sample), False
+        return self._captured_step(w, pos, sample), True
 
     def _forward(self, pos, sample):
         logits = self.model.forward_cached(self.ids, self.cache, pos, pad=self.pad)

@@ -188,9 +188,8 @@ def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=No
             first = ids
             while pos < block and made < max_new_tokens:
                 k = min(chunk, decode.CHUNK, runner.ring.shape[0], block - pos, max_new_tokens - made)
-                for i in range(k):
-                    runner.sample(first, pos + i)
-                    first = None
+                runner.sample(first, pos, k)
+                first = None
                 pos += k
                 for ids in runner.read(k):
                     yield ids

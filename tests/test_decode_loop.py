@@ -47,11 +47,14 @@ def test_steps_that_sample_inside_themselves_draw_what_eager_steps_draw(use_back
         with DecodeRunner(model, rows, pad=pad, sampler=sampler, ring=6) as runner:
             got = [sampler(model.forward_cached(x, runner.cache, 0, pad=pad)[:, -1])]
             first = got[0]
-            for pos in range(7, 20, 4):   # 13 steps: chunks of 4, 4, 4 and 1
+            for pos in range(7, 20, 4):   # 13 steps: chunks of 4, 4, 4 and 1 (one call, or one call a step)
                 k = min(4, 20 - pos)
-                for i in range(k):
-                    runner.sample(first if i == 0 else None, pos + i)
-                    first = None
+                if pos % 8 == 7:
+                    runner.sample(first, pos, k)
+                else:
+                    for i in range(k):
+                        runner.sample(first if i == 0 else None, pos + i)
+                first = None
                 got += list(runner.read(k))
             replayed = runner.replayed
     np.testing.assert_array_equal(np.array(got), np.array(want))
@@ -147,6 +150,8 @@ def test_decode_runner_refuses_what_it_cannot_sample(any_backend, monkeypatch):
             runner.read(1)     # nothing drawn yet
         with pytest.raises(InputError, match=r"DecodeRunner.sample: token ids must be in \[0, 29\], got \[30\]"):
             runner.sample([30], 2)
+        with pytest.raises(InputError, match=r"count must be an integer >= 1 and <= 4, got 5"):
+            runner.sample([1], 20, 5)   # slots 20..24 of a 24-slot cache
         for pos in range(2, 7):
             runner.sample([1] if pos == 2 else None, pos)
         with pytest.raises(InputError, match=r"count 5, but 5 steps have drawn ids and the ring keeps the last 4: "
