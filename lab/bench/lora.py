@@ -2,7 +2,6 @@
 full fine-tuning of the same model in the same run for comparison. With base_dtype="float16" the adapters are
 also trained on a float32 base in the same run: tokens/s and peak device memory of both."""
 import copy
-import gc
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..engine.random import manual_seed
 from ..engine.tensor import QuantizedWeight
 from ..models import PRESETS, LlamaConfig, LlamaLM, TransformerLM
 from ..train import TrainConfig, Trainer
+from .timing import peak_of_steps
 from .train import BENCH_BATCH_SIZE, BENCH_BLOCK_SIZE, measure_steps
 
 
@@ -90,28 +90,6 @@ def _mib(n):
     return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def _peak_of_steps(backend, build, run):
-    """(build()'s result, the peak bytes in use while run(built) ran, the built model's bytes counted): the
-    backend's own count on a device; on numpy, where arrays are host memory, tracemalloc's (numpy reports its
-    arrays to it), tracing from before the build so the model is counted, its peak reset once built (building a
-    packed base from a random float32 init passes through float32 weights no training step holds)."""
-    if backend.name != "numpy":
-        built = build()
-        backend.reset_peak()
-        run(built)
-        return built, backend.stats().get("peak_bytes_in_use")
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        built = build()
-        gc.collect()
-        tracemalloc.reset_peak()
-        run(built)
-        return built, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def _weight_bytes(w):
     return w.nbytes if isinstance(w, QuantizedWeight) else w.size * np.dtype(w.dtype).itemsize
 
@@ -138,7 +116,7 @@ def _llama_lora_bench(preset, backend_name, r, batch_size, steps, out_path, prin
                 batch_rng = copy.deepcopy(trainer.rng)   # PyTorch trains on the batches lab's steps draw
                 return model, trainer, batch_rng
             first = []   # the first step's loss (before any update: the base's, as B starts at zero)
-            (model, trainer, batch_rng), peak = _peak_of_steps(backend, build, lambda built: first.extend(
+            (model, trainer, batch_rng), peak = peak_of_steps(backend, build, lambda built: first.extend(
                 built[1].train_step()[0].item() for _ in range(2)))
             seconds = measure_steps(trainer, steps)
             runs[dtype] = {"tokens_per_s": tokens / seconds, "ms_per_step": seconds * 1e3, "peak_bytes": peak,

@@ -1,4 +1,6 @@
-"""One way to time an operation, shared by the benchmarks and the plan estimator's device profile."""
+"""One way to time an operation, shared by the benchmarks and the plan estimator's device profile, and one way to
+measure a training step's peak memory."""
+import gc
 import time
 
 
@@ -22,3 +24,25 @@ def best_seconds(fn, sync, budget=0.4, rounds=5, max_reps=200):
         sync()
         best = min(best, (time.perf_counter() - t) / reps)
     return best
+
+
+def peak_of_steps(backend, build, run):
+    """(build()'s result, the peak bytes in use while run(built) ran, the built model's bytes counted): the
+    backend's own count on a device; on numpy, where arrays are host memory, tracemalloc's (numpy reports its
+    arrays to it), tracing from before the build so the model is counted, its peak reset once built (building a
+    packed base from a random float32 init passes through float32 weights no training step holds)."""
+    if backend.name != "numpy":
+        built = build()
+        backend.reset_peak()
+        run(built)
+        return built, backend.stats().get("peak_bytes_in_use")
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        built = build()
+        gc.collect()
+        tracemalloc.reset_peak()
+        run(built)
+        return built, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

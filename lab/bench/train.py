@@ -18,6 +18,7 @@ from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import MODELS, PRESETS, LlamaConfig
 from ..train import TrainConfig, Trainer
+from .timing import peak_of_steps
 
 
 def measure_steps(trainer, steps):
@@ -125,7 +126,6 @@ def run_checkpointing_bench(preset, backend_name, every=1, batch_size=None, step
     medians of `rounds` interleaved runs (each round measures both, in alternating order, so a machine's drift
     reaches both alike). Peak: the backend's peak bytes in use over a fresh model's first three steps (wgpu), or
     tracemalloc's peak of numpy's arrays (the model's included); time: measure_steps on the same model."""
-    from .lora import _peak_of_steps
     cfg, ids, batch_size, block = _bench_setup(preset, batch_size, block_size, dropout)
     backend = backend_instance(backend_name)
     peaks, times = {0: [], every: []}, {0: [], every: []}
@@ -141,7 +141,7 @@ def run_checkpointing_bench(preset, backend_name, every=1, batch_size=None, step
             backend.sync(wait=True)
         for r in range(rounds):
             for k in ((0, every) if r % 2 == 0 else (every, 0)):
-                trainer, peak = _peak_of_steps(backend, lambda: build(k), three_steps)
+                trainer, peak = peak_of_steps(backend, lambda: build(k), three_steps)
                 peaks[k].append(peak)
                 times[k].append(measure_steps(trainer, steps))
                 block = trainer.block_size
