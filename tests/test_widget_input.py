@@ -12,8 +12,8 @@ from lab.models import PRESETS, TransformerLM
 from lab.train import TrainConfig, Trainer
 
 pytest.importorskip("anywidget")
-from lab.widgets import (AttentionHeatmap, EdgeDiagnosticsPanel, GenerationPanel, PlanEstimator,  # noqa: E402
-                         TrainingPanel)
+from lab.widgets import (AttentionHeatmap, EdgeDiagnosticsPanel, GenerationPanel, LogitLensPanel,  # noqa: E402
+                         PatchingPanel, PlanEstimator, TrainingPanel)
 from lab.widgets.plan import FORM_KEYS  # noqa: E402
 
 BAD_MESSAGES = ["not an object", 42, None, {"cmd": "no-such-command"}, {"cmd": "set", "values": "batch=3"},
@@ -182,7 +182,8 @@ def test_every_panel_answers_a_malformed_message_with_one_clear_error(setup, num
     model, tok, _, _ = setup
     with lab.engine.backend.using_backend(numpy_backend):
         panels = [_panel(setup, numpy_backend), PlanEstimator(), GenerationPanel(model, tok, prompt="And"),
-                  AttentionHeatmap(model, "And", tok), EdgeDiagnosticsPanel(surface=False)]
+                  AttentionHeatmap(model, "And", tok), EdgeDiagnosticsPanel(surface=False),
+                  LogitLensPanel(model, tok, "And"), PatchingPanel(model, tok, "And", "But", "t", "s", wait=True)]
     for panel in panels:
         _send(panel, content)
         assert panel.error and _clear(panel.error), (type(panel).__name__, panel.error)
@@ -206,7 +207,8 @@ def test_panels_refuse_outputs_set_from_the_browser(setup, numpy_backend, state)
     model, tok, _, _ = setup
     with lab.engine.backend.using_backend(numpy_backend):
         panels = [_panel(setup, numpy_backend), PlanEstimator(), GenerationPanel(model, tok, prompt="And"),
-                  AttentionHeatmap(model, "And", tok), EdgeDiagnosticsPanel(surface=False)]
+                  AttentionHeatmap(model, "And", tok), EdgeDiagnosticsPanel(surface=False),
+                  LogitLensPanel(model, tok, "And"), PatchingPanel(model, tok, "And", "But", "t", "s", wait=True)]
     for panel in panels:
         key = next(iter(state))
         if key not in panel.keys:
