@@ -217,8 +217,10 @@ def test_attention_heatmap_from_a_cache_shows_each_cached_pattern_with_its_layer
     assert one.layer == 1
     assert one._static_html().startswith("<b>AttentionHeatmap</b>: layer 1 x ")
     assert one._static_png().startswith("iVBOR")
-    labels = AttentionHeatmap(cache, list("THE CAT SAT"), hook=["blocks.1.attn.hook_pattern"])
-    assert labels.tokens == list("THE CAT SAT")
+    labels = AttentionHeatmap(cache, list("THE CAT SAT"), hook=["blocks.1.attn.hook_pattern", "blocks.0.attn.hook_pattern",
+                                                                "blocks.1.attn.hook_pattern"])
+    assert labels.tokens == list("THE CAT SAT") and labels.layers == [0, 1]   # in layer order, once each
+    np.testing.assert_array_equal(np.frombuffer(labels.weights, np.float32), arr.ravel())
     cropped = AttentionHeatmap(cache, prompt, tok, max_tokens=4)
     assert cropped.tokens == list(" sat") and "the last 4 of 11 tokens" in cropped._static_html()
     np.testing.assert_array_equal(np.frombuffer(cropped.weights, np.float32).reshape(2, H, 4, 4), arr[:, :, -4:, -4:])

@@ -77,7 +77,8 @@ def cached_patterns(cache, hook, batch):
             raise ValueError(f"AttentionHeatmap: {name!r} is not in the cache; cached patterns: {cached}")
     first = np.asarray(cache[names[0]])
     batch = integer("batch", batch, low=0, high=first.shape[0] - 1)
-    return {int(PATTERN.fullmatch(n).group(1)): np.asarray(cache[n][batch], dtype=np.float32) for n in names}
+    return {int(PATTERN.fullmatch(n).group(1)): np.asarray(cache[n][batch], dtype=np.float32)
+            for n in sorted(set(names), key=cached.index)}   # in layer order, once each
 
 
 class AttentionHeatmap(Panel):
