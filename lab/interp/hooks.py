@@ -2,10 +2,11 @@
 
 A hooked module holds a `_hooks` (a _Points: its hook functions by point) only while hooks are on; each point in a
 forward is one `if hook:` test on a local, so a model without hooks runs its fused kernels at no measurable cost.
-Modules with hooked attention internals (q, k, v, scores, pattern, z) or a GPT-2 MLP with hook_pre take their
-composed paths, as only those hold these activations. A _Points is callable, so lab.train.replay.module_signature
-sees its identity: a step captured without these hooks is never replayed with them, nor one captured with them
-without. lab.decode runs decode steps eagerly while hooks are on (a replay would skip the hook functions).
+Attention modules with hooked insides (q, k, v, scores, pattern, z) and a GPT-2 MLP with hooks take their
+composed paths, as only those hold these activations. While hooked (has_hooks), every step calls the hooks: a
+Trainer's steps and lab.decode's steps run eagerly (a replay would skip the hook functions) and no block is
+checkpointed (its backward would run it again, maybe after the hooks are gone). A _Points is callable, so
+lab.train.replay.module_signature also sees its identity.
 
 This module imports no model family: the families import it (the mixin below).
 """
