@@ -212,3 +212,32 @@ def test_a_generated_token_costs_its_forward_and_one_draw_dispatch(wgpu_backend,
         lab.generate(model, [1, 2, 3], n, greedy=True, eos_token_id=[])
         counts.append(wgpu_backend.stats()["dispatches"] - before)
     assert counts[1] - counts[0] == 8 * (forward + 1), (counts, forward)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_padded_batch_decode_steps_replay_with_their_row_positions(use_backend, family):
+    """A left-padded batch's steps upload each row's positions (slot - pad): the replays write them as the
+    position patches say, and their logits are those of eager steps on the same windows, bit for bit."""
+    from lab.decode import FixedCache
+    model, rows, pad = _model(family), len(PROMPTS), np.array([0, 6, 3])
+    x = np.zeros((rows, 7), np.int32)
+    for b, p in enumerate(PROMPTS):
+        x[b, pad[b]:] = p
+    tokens = np.random.default_rng(3).integers(0, 30, (12, rows, 1)).astype(np.int32)
+    with no_grad():
+        cache = [FixedCache(layer) if use_backend.name == "wgpu" else layer for layer in model.new_cache(rows)]
+        model.forward_cached(x, cache, 0, pad=pad)
+        want = []
+        for i, t in enumerate(tokens):
+            for layer in cache:
+                if isinstance(layer, FixedCache):
+                    layer.window = 16 if 7 + i < 16 else 24
+            if family == "llama":
+                model._rope(24)
+            want.append(model.forward_cached(t, cache, 7 + i, pad=pad)[:, -1].numpy())
+        with DecodeRunner(model, rows, pad=pad) as runner:
+            model.forward_cached(x, runner.cache, 0, pad=pad)
+            got = [runner.step(t, 7 + i)[:, -1].numpy() for i, t in enumerate(tokens)]
+    assert runner.replayed == (0 if use_backend.name == "numpy" else (9 - 3) + (3 - 3))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
