@@ -120,6 +120,7 @@ def test_logit_lens_panel_refuses_bad_arguments_with_one_clear_error(tok, numpy_
             ((model, tok, "the cat"), {"max_tokens": -1}, "max_tokens must be an integer >= 1"),
             (("model", tok, "the cat"), {}, "needs a lab language model"),
             ((model, "tok", "the cat"), {}, "needs a tokenizer with encode"),
+            ((model, tok, "the cat"), {"tokens": [1, 2]}, "tokens= and batch= go with a cache"),
     ):
         with pytest.raises(ValueError, match=message):
             LogitLensPanel(*args, **kwargs)
@@ -245,6 +246,8 @@ def test_attention_heatmap_from_a_cache_refuses_what_it_cannot_show(tok, numpy_a
     _, no_patterns = model.run_with_cache(ids, names_filter="blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="the cache holds no attention pattern"):
         AttentionHeatmap(no_patterns, prompt, tok)
+    with pytest.raises(ValueError, match="hook= and batch= pick from an ActivationCache"):
+        AttentionHeatmap(model, prompt, tok, hook="blocks.1.attn.hook_pattern")
     second = AttentionHeatmap(cache, prompt, tok, batch=1)
     np.testing.assert_array_equal(np.frombuffer(second.weights, np.float32).reshape(1, 2, 7, 7),
                                   cache["blocks.1.attn.hook_pattern"][1:])

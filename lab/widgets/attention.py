@@ -106,6 +106,9 @@ class AttentionHeatmap(Panel):
         if isinstance(model, ActivationCache):
             self._from_cache(model, text, tokenizer, layer, head, integer("max_tokens", max_tokens, low=1), hook, batch)
             return
+        if hook is not None or batch != 0:
+            raise ValueError(f"AttentionHeatmap: hook= and batch= pick from an ActivationCache; with a model "
+                             f"(got {show(model, 40)}) it runs the text, one row, every layer")
         if not isinstance(text, str):
             raise ValueError(f"AttentionHeatmap needs a text, got {show(text)}")
         require_model("AttentionHeatmap", model)

@@ -116,6 +116,8 @@ class LogitLensPanel(_Runs, Panel):
         self.max_tokens = min(integer("max_tokens", max_tokens, low=1), model.config.block_size)
         self._lock, self._thread = threading.Lock(), None
         if isinstance(prompt, str):
+            if tokens is not None or batch != 0:
+                raise InputError("LogitLensPanel: tokens= and batch= go with a cache; a prompt text is run as it is")
             self.prompt = prompt
             ids = _prompt_ids("LogitLensPanel", tokenizer, prompt, "prompt", self.max_tokens)
             with no_grad(), evaluating():
