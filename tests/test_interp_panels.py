@@ -198,6 +198,25 @@ def test_patching_panel_refuses_bad_input_from_python_and_shows_it_from_the_brow
     assert panel.error == "" and panel.values != values and panel.cell == [] and panel.shown_hook == "mlp_out"
 
 
+def test_patching_panel_stop_ends_the_run_and_keeps_the_last_heatmap(tok, numpy_active):
+    model = _gpt(tok)
+    panel = PatchingPanel(model, tok, "the cat sat", "the dog sat", "o", "a", wait=True)
+    values, forwards = panel.values, []
+
+    def stop_in_the_second_forward(activation, name):   # (as a Stop click lands while the experiment runs)
+        forwards.append(name)
+        if len(forwards) == 2:
+            _send(panel, cmd="stop")
+    panel.set_state({"hook": "mlp_out"})
+    with model.hooks([("hook_embed", stop_in_the_second_forward)]):
+        assert not panel.run(wait=True)
+    assert len(forwards) == 2 and panel.error == "stopped: the heatmap is the previous run's"
+    assert panel.values == values and panel.shown_hook == "resid_pre" and not panel.running
+    assert not model.has_hooks   # the stop's own hook is gone with the run
+    panel._stop.set()   # a Stop left over from an ended run does not stop the next one
+    assert panel.run(wait=True) and panel.error == "" and panel.shown_hook == "mlp_out" and panel.values != values
+
+
 @pytest.mark.parametrize("family", [_gpt, _llama])
 def test_attention_heatmap_from_a_cache_shows_each_cached_pattern_with_its_layer(tok, family, use_backend):
     model, prompt = family(tok), "the cat sat"

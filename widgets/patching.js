@@ -1,7 +1,7 @@
 // PatchingPanel front end. Synced: clean, corrupted, answer, wrong, hook (settable); running, error, tokens,
 // corrupted_tokens, labels (rows), values (float32 bytes, (rows, T): the restored logit difference, NaN where not
 // patched), shown_hook (the hook of the run shown), clean_diff, corrupted_diff, clean_top / corrupted_top / cell_top ([[token, prob], ...]), cell ([row, pos]).
-// "Run" sends {cmd: "run"}; a click on a cell sends {cmd: "cell", layer, pos} and the kernel answers with cell_top.
+// "Run" sends {cmd: "run"}, "Stop" {cmd: "stop"} (the run ends at its next forward, the last heatmap stays); a click on a cell sends {cmd: "cell", layer, pos} and the kernel answers with cell_top.
 
 import { el, formatNumber } from "./common.js";
 
@@ -33,6 +33,7 @@ function renderPatching({ model, el: root }) {
   const hook = el("select", { class: "lab-hook" }, ["resid_pre", "attn_out", "mlp_out", "resid_post"].map((h) => el("option", { value: h }, h)));
   hook.onchange = () => { model.set("hook", hook.value); model.save_changes(); };
   const go = el("button", { class: "lab-btn lab-run", onclick: () => model.send({ cmd: "run" }) }, "Run");
+  const stop = el("button", { class: "lab-btn lab-stop", onclick: () => model.send({ cmd: "stop" }) }, "Stop");
   const status = el("span", { class: "lab-stats" });
   const error = el("div", { class: "lab-error" });
   const grid = el("div", { class: "lab-grid" });
@@ -43,7 +44,7 @@ function renderPatching({ model, el: root }) {
     el("span", { class: "lab-caption" }, "clean activations patched into the corrupted run, one cell at a time")),
   el("div", { class: "lab-pair" }, el("label", {}, "clean", clean), el("label", {}, "corrupted", corrupted)),
   el("div", { class: "lab-controls" }, el("label", {}, "answer ", answer), el("label", {}, "wrong ", wrong),
-    el("label", {}, "patch ", hook), go, status), error, caption, grid, tip, tops);
+    el("label", {}, "patch ", hook), go, stop, status), error, caption, grid, tip, tops);
 
   let values = new Float32Array(0);
   function draw() {
@@ -91,6 +92,7 @@ function renderPatching({ model, el: root }) {
     }
     hook.value = model.get("hook");
     go.disabled = model.get("running");
+    stop.disabled = !model.get("running");
     status.textContent = model.get("running") ? "running…" : "";
     error.textContent = model.get("error") || "";
   }

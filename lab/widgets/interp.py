@@ -65,6 +65,7 @@ class _Runs:
                 self.error = "already running: wait for it to finish"
                 return False
             self.error, self.running = "", True
+            self._begin()
         if wait:
             self._work(work)
             return not self.error
@@ -72,6 +73,9 @@ class _Runs:
             self._thread = threading.Thread(target=self._work, args=(work,), daemon=True)
             self._thread.start()
         return True
+
+    def _begin(self):
+        """What a run resets as it starts (under the lock: a click refused as 'already running' changes nothing)."""
 
     def _work(self, work):
         try:
@@ -197,6 +201,10 @@ class LogitLensPanel(_Runs, Panel):
         return figure_png(fig)
 
 
+class _Stopped(Exception):
+    """Raised inside the model's forward to end an experiment that the panel's Stop asked to end."""
+
+
 class PatchingPanel(_Runs, Panel):
     """Activation patching between a clean and a corrupted prompt (lab.interp.activation_patching): the heatmap of
     (patched - corrupted) / (clean - corrupted) logit difference of answer vs wrong over layers x positions, for the
@@ -233,7 +241,7 @@ class PatchingPanel(_Runs, Panel):
         self.k = integer("k", k, low=1, high=min(MAX_K, model.config.vocab_size))
         self.max_tokens = min(integer("max_tokens", max_tokens, low=1), model.config.block_size)
         self.hook = choice("hook", hook, PATCH_HOOKS)
-        self._lock, self._thread, self.result = threading.Lock(), None, None
+        self._lock, self._thread, self.result, self._stop = threading.Lock(), None, None, threading.Event()
         # an id given is shown as its token's text, which may not encode back to it (a byte of a character):
         # the id stays in use until the text is edited
         self._given = {}
@@ -260,7 +268,12 @@ class PatchingPanel(_Runs, Panel):
         return clean, corrupted, answer, wrong
 
     def _commands(self):
-        return {"run": lambda message: self.run(wait=False), "cell": self._cell_message}
+        return {"run": lambda message: self.run(wait=False), "cell": self._cell_message,
+                "stop": lambda message: self.stop()}
+
+    def stop(self):
+        """End the running experiment at its next forward; the heatmap keeps the previous run's."""
+        self._stop.set()
 
     def run(self, wait=True):
         """Run the experiment for the panel's prompts, answer, wrong token and hook (in the background with
@@ -272,10 +285,23 @@ class PatchingPanel(_Runs, Panel):
             return False
         return self._start(lambda: self._patch(*inputs), wait)
 
+    def _begin(self):
+        self._stop.clear()
+
     def _patch(self, clean, corrupted, answer, wrong):
         from ..interp.experiments import activation_patching
-        result = activation_patching(self.model, np.asarray([clean], np.int32), np.asarray([corrupted], np.int32),
-                                     answer, wrong, hook=self.hook)
+        me = threading.current_thread()
+
+        def check(activation, name):   # each forward of the experiment starts at the embedding: Stop lands there
+            if self._stop.is_set() and threading.current_thread() is me:
+                raise _Stopped
+        try:
+            with self.model.hooks([("hook_embed", check)]):
+                result = activation_patching(self.model, np.asarray([clean], np.int32),
+                                             np.asarray([corrupted], np.int32), answer, wrong, hook=self.hook)
+        except _Stopped:
+            self.error = "stopped: the heatmap is the previous run's" if self.result else "stopped"
+            return
         tops = [_top(self.tokenizer, _softmax(self.model(np.asarray([ids], np.int32)).numpy()[0, -1]), self.k)
                 for ids in (clean, corrupted)]
         self.result = result

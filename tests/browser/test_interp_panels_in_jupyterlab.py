@@ -97,6 +97,7 @@ def test_patching_heatmap_click_shows_the_patched_runs_prediction(page):
     page.wait_for_selector(f"{patch} .lab-run:not([disabled])", timeout=60_000)
     assert page.locator(f"{patch} .lab-error").inner_text() == ""
     assert "restored by patching attn_out" in page.locator(f"{patch} .lab-shown").inner_text()
+    assert page.locator(f"{patch} .lab-stop").is_disabled()   # Stop only while a run is going
 
 
 def test_heatmap_of_a_cached_pattern_picks_its_layer_and_token_hover_shades_the_attended_tokens(page):
