@@ -152,6 +152,19 @@ def test_checkpointing_more_blocks_than_the_model_has_is_refused(numpy_backend):
             Trainer(pro, IDS[:2500], IDS[2500:], TrainConfig(checkpoint_activations=True))
 
 
+def test_checkpointing_a_model_whose_adapters_are_off_is_the_trainers_clear_error(use_backend):
+    """A block's output needs a gradient exactly when the plain forward's does: LoRA switched off (only adapters
+    trainable, none used) is the trainer's one error, not a step that trains nothing."""
+    lab.manual_seed(0)
+    model = lora.apply(FAMILIES["gpt2"](0.0), r=2)
+    lora.use_adapter(model, False)
+    trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(batch_size=2, block_size=8,
+                                                                 checkpoint_activations=True))
+    with pytest.raises(InputError, match="no trainable parameter takes part in the loss: the model's LoRA adapters "
+                                         "are switched off"):
+        trainer.train_step()
+
+
 def test_a_block_whose_settings_change_before_its_backward_is_refused(use_backend):
     """model.eval() (or a changed dropout rate, a LoRA switch) between the forward and the backward would make the
     recomputation another function than the forward: the backward says so and changes no gradient."""
