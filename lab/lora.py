@@ -63,6 +63,10 @@ class LoRALinear(nn.Linear):
     def enabled(self, value):
         self._enabled = value
 
+    @property
+    def plain(self):   # the base layer alone (its weight holds a merged adapter)
+        return not self.enabled or self.merged
+
     def forward(self, x, activation=None, residual=None):
         if not self.enabled or self.merged:  # the base layer alone, its epilogues fused as a plain Linear's
             return super().forward(x, activation, residual)

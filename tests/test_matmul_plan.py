@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lab.engine.kernels import source
-from lab.engine.wgpu.matmul_plan import Limits, Tuning, declared_storage, heads_in_place, plan, storage
+from lab.engine.wgpu.matmul_plan import Limits, Tuning, declared_storage, heads_in_place, plan, plan_group, storage
 
 dims = st.integers(1, 70_000)
 
@@ -222,3 +222,22 @@ def test_rows_take_only_plain_products_of_few_rows():
     assert plan(1, 8 * 65535 + 1, 64, 1, 1, False, True).path != "rows"
     assert plan(1, 8 * 1000 + 1, 64, 1, 1, False, True, limits=Limits(max_workgroups=1000)).path != "rows"
     assert plan(1, 8 * 1000, 64, 1, 1, False, True, limits=Limits(max_workgroups=1000)).path == "rows"
+
+
+def test_linear_groups_take_one_dispatch_where_the_device_binds_them():
+    """Llama's q, k, v (side by side) and gate, up (SwiGLU) of a few rows: one matmul_rows_multi.wgsl dispatch over
+    every weight's 32-column tiles; None (the layers one by one) past ROWS_MAX, on a device binding fewer than its
+    nine storage buffers (WebGPU's default is 8), for swiglu of unequal widths or a grid past the limit."""
+    many = Limits(storage_buffers=16)
+    p = plan_group(1, (576, 192, 192), "concat", many)
+    assert (p.kernel, p.entry, p.grid) == ("matmul_rows_multi", "concat", (18 + 6 + 6, 1, 1))
+    assert plan_group(16, (1536, 1536), "swiglu", many).grid == (48, 1, 1)
+    assert plan_group(3, (33,), "concat", Limits(storage_buffers=9)).grid == (2, 1, 1)
+    for refused in (plan_group(17, (64, 64), "swiglu", many), plan_group(1, (64, 64), "swiglu", Limits()),
+                    plan_group(1, (64, 65), "swiglu", many), plan_group(1, (64,) * 4, "concat", many),
+                    plan_group(1, (64,), "swiglu", many), plan_group(0, (64,), "concat", many),
+                    plan_group(1, (32 * 1001,), "concat", Limits(max_workgroups=1000, storage_buffers=16)),
+                    plan_group(4, (64, 64), "swiglu", many, Tuning(ROWS_MAX=2))):
+        assert refused is None
+    with pytest.raises(ValueError, match="plan_group: how must be 'concat' or 'swiglu', got 'sum'"):
+        plan_group(1, (64,), "sum")

@@ -121,11 +121,14 @@ def test_lora_and_quantized_layers_add_the_residual_after_their_output(use_backe
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset, per_layer", [("tiny", {"matmul_rows:nn": 4}), ("llama-tiny", {"matmul_rows:nn": 7})])
+@pytest.mark.parametrize("preset, per_layer", [
+    ("tiny", {"matmul_rows:nn": 4}),
+    ("llama-tiny", {"matmul_rows:nn": 2, "matmul_rows_multi:concat": 1, "matmul_rows_multi:swiglu": 1})])
 def test_a_decode_step_runs_each_linear_as_one_dispatch(wgpu_backend, preset, per_layer):
     """One token's step, profiled: every linear and the tied head is one matmul_rows dispatch (no split-K
-    summing pass), and no bias, GELU or residual add runs as an elementwise pass of its own (GPT-2's only one
-    adds the position embedding). The counts cannot silently grow back."""
+    summing pass), Llama's q, k, v one and its gate, up and SwiGLU one, and no bias, GELU, SwiGLU or residual add
+    runs as a pass of its own (GPT-2's only elementwise pass adds the position embedding). The counts cannot
+    silently grow back."""
     from lab.decode import DecodeRunner
     from lab.engine import backend as Bk
     prev = dict(Bk._state)
@@ -147,5 +150,42 @@ def test_a_decode_step_runs_each_linear_as_one_dispatch(wgpu_backend, preset, pe
     for name, count in per_layer.items():
         assert names.count(name) == 2 * count, names
     assert names.count("matmul_rows:nt") == 1, names   # the tied head
-    assert not [n for n in names if n.startswith(("reduce:", "matmul:", "matmul_thin:", "elementwise:unary"))], names
+    assert not [n for n in names if n.startswith(("reduce:", "matmul:", "matmul_thin:", "elementwise:unary",
+                                                  "swiglu:"))], names
     assert names.count("elementwise:binary_main") == (preset == "tiny"), names
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 17])
+def test_linears_equal_the_layers_one_by_one_in_one_dispatch(use_backend, M):
+    """F.linears (Llama's q, k, v side by side; gate and up through SwiGLU) equals each linear then concat /
+    swiglu: widths off the 32-column tile, biases on some weights only, float16 weights; one dispatch on wgpu for
+    up to 16 rows (17 rows compose)."""
+    K = 40
+    x = lab.tensor(rng.standard_normal((1, M, K)).astype(np.float32))
+    for dtype in (np.float32, np.float16):
+        def t(*shape, kind=dtype):
+            return lab.tensor((rng.standard_normal(shape) / np.sqrt(K)).astype(kind))
+        for how, weights, biases in (("concat", [t(K, 48), t(K, 20), t(K, 20)], [None, t(20, kind=np.float32), None]),
+                                     ("concat", [t(K, 33)], [t(33, kind=np.float32)]),
+                                     ("swiglu", [t(K, 70), t(K, 70)], [t(70, kind=np.float32), None]),
+                                     ("swiglu", [t(K, 9), t(K, 9)], [None, None])):
+            outs = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+            want = (F.concat(outs, axis=-1) if how == "concat" else F.swiglu(*outs)).numpy()
+            with no_grad(), lab.profile() as prof:
+                got = F.linears(x, weights, biases, how).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            fused = use_backend.name == "wgpu" and M <= 16
+            assert ([name for name, _, _ in prof.records] == [f"matmul_rows_multi:{how}"]) == fused
+
+
+def test_linears_refuse_a_bad_group_in_one_error_and_compose_when_a_gradient_is_wanted(use_backend):
+    x = lab.tensor(rng.standard_normal((1, 2, 8)).astype(np.float32))
+    w = [lab.tensor(rng.standard_normal((8, 4)).astype(np.float32), requires_grad=True) for _ in range(3)]
+    for how, weights, biases in (("sum", w, None), ("swiglu", w, None), ("concat", [], None), ("concat", w, [None])):
+        with pytest.raises(ValueError, match="linears: how must be 'concat' .* or 'swiglu' .*, with a bias or None"):
+            F.linears(x, weights, biases, how)
+    with pytest.raises(ValueError, match=r"linear: input \(1, 2, 8\), weight \(7, 4\)"):
+        F.linears(x, [w[0], lab.tensor(np.ones((7, 4), np.float32))])
+    y = F.linears(x, w[:2], how="swiglu")   # a gradient wanted: the composed layers carry it
+    y.sum().backward()
+    assert y.shape == (1, 2, 4) and w[0].grad is not None and w[1].grad is not None

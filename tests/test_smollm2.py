@@ -90,7 +90,9 @@ def test_wgpu_logits_equal_numpy_on_a_short_prompt(ours, tok, numpy_backend, wgp
     with using_backend(wgpu_backend):
         model = lab.from_pretrained(NAME)
         got = _logits(model, ids)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    # (measured against transformers' float64 forward on this prompt: numpy 1.19e-4 off at most, wgpu 2.8e-5 with
+    # its few-row products (matmul_rows.wgsl), 3.8e-5 with the tiled ones; so the two differ by up to 1.3e-4)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-5)
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 

@@ -135,6 +135,11 @@ class Backend:
     fused_matmul_gelu = False  # matmul_gelu: the product's store applies the activation (an MLP's first layer)
     def matmul_gelu(self, a, b, bias=None, keep_pre=True, residual=None): raise NotImplementedError
     # -> gelu(a @ b + bias) (+ residual), and a @ b + bias when keep_pre (for the backward) else None
+    def linears_fit(self, rows, weights, how): return False
+    # whether linears takes a product of `rows` rows by these weights in one pass (else F.linears composes)
+    def linears(self, a, weights, biases, how): raise NotImplementedError
+    # a (1, M, K) by weights (K, N_i) (+ biases[i] or None), inference only: how "concat" -> (1, M, sum N_i) side
+    # by side; "swiglu" (two of one N) -> silu(a W0 + b0) * (a W1 + b1)
     def flash_attention_fits(self, qkv_shape, n_head): return False
     # whether flash_attention(qkv, n_head, scale, p, seed) -> (y, saved) and flash_attention_bwd(qkv, y, saved, g,
     # n_head, scale, p, seed) -> dqkv, causal self-attention fused with the composed ops' result, take this shape

@@ -251,7 +251,11 @@ class LlamaAttention(nn.Module):
         Bsz, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if T == 1 and cache is not None and not (return_weights or self._hooks or self.training and self.attn_dropout):
-            qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+            layers = (self.q_proj, self.k_proj, self.v_proj)
+            # one product for the three where the backend takes them (the packed projection; decode_attention
+            # then applies: no gradient is wanted of it)
+            qkv = nn.fused_linears(x, layers) if x.backend.decode_attention_fits(D) else None
+            qkv = tuple(layer(x) for layer in layers) if qkv is None else qkv
             if F.decode_attention_applies(qkv, D):   # rotary, cache write, GQA and the head merge in one pass
                 return self.o_proj(F.decode_attention(qkv, cache, pos, H, pad, rope=(cos, sin)))
             return self._attend(x, cos, sin, cache, pos, return_weights, pad, qkv)
@@ -340,8 +344,10 @@ class LlamaMLP(nn.Module):
     def forward(self, x, residual=None):
         """The MLP of x, plus residual (added by down_proj as it stores)."""
         hook = self._hooks
-        gate = self.gate_proj(x)
-        h = F.swiglu(hook("hook_pre", gate) if hook else gate, self.up_proj(x))   # SwiGLU
+        h = None if hook else nn.fused_linears(x, (self.gate_proj, self.up_proj), "swiglu")   # one pass for both
+        if h is None:
+            gate = self.gate_proj(x)
+            h = F.swiglu(hook("hook_pre", gate) if hook else gate, self.up_proj(x))   # SwiGLU
         return self.down_proj(hook("hook_post", h) if hook else h, residual=residual)
 
 

@@ -336,6 +336,18 @@ class Linear(Module):
         # backend can (F.linear)
         return F.linear(x, self.weight, self.bias, activation=activation, residual=residual)
 
+    plain = True   # its output is F.linear of its weight and bias alone (fused_linears may take it with others)
+
+
+def fused_linears(x, layers, how="concat"):
+    """F.linears(x, ...) of these Linear layers where it is one pass of the backend (every layer plain: no active
+    adapter, no packed weight; a decode step's few rows; no gradient wanted), else None (the caller runs the
+    layers itself): how "concat", their outputs side by side; "swiglu", silu(first) * second."""
+    if not all(isinstance(layer, Linear) and layer.plain for layer in layers):
+        return None
+    weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
+    return F.linears(x, weights, biases, how) if F.linears_fused(x, weights, biases, how) else None
+
 
 class QuantizedLinear(Linear):
     """A frozen Linear whose weight stays packed (quant.QuantizedWeight of a QuantizedArray (out, in): q4_0, q4_1,

@@ -5,6 +5,8 @@ import math
 from ..tensor import QuantizedWeight, Tensor, is_grad_enabled
 from ._common import _check_float, _lift, _shape_str
 from .elementwise import gelu
+from .nn import swiglu
+from .shape import concat
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False):
@@ -115,6 +117,41 @@ def linear(x, weight, bias=None, activation=None, residual=None):
         return grads + ((g_out if residual.requires_grad else None,) if residual is not None else ())
     inputs = tuple(t for t in (x, weight, bias, residual) if t is not None)
     return Tensor._make(out, B, inputs, backward)
+
+
+def linears(x, weights, biases=None, how="concat"):
+    """Several linear layers of one input x (..., K), weights (K, N_i), biases (N_i,) or None: how "concat", their
+    outputs side by side (..., sum N_i) (Llama's q, k, v projections as the packed projection decode_attention
+    reads); "swiglu", two of one width: silu(x W0 + b0) * (x W1 + b1) (Llama's gate and up). One pass where the
+    backend takes them (linears_fused: wgpu, a decode step's few rows, no gradient wanted), else each linear, then
+    concat or swiglu."""
+    biases = [None] * len(weights) if biases is None else list(biases)
+    if how not in ("concat", "swiglu") or not weights or len(biases) != len(weights) or (
+            how == "swiglu" and len(weights) != 2):
+        raise ValueError(f"linears: how must be 'concat' (one or more weights) or 'swiglu' (two), with a bias or None "
+                         f"for each weight; got how={how!r}, {len(weights)} weight(s), {len(biases)} bias(es)")
+    if not linears_fused(x, weights, biases, how):
+        outs = [linear(x, w, b) for w, b in zip(weights, biases)]
+        return concat(outs, axis=-1) if how == "concat" else swiglu(*outs)
+    B = x.backend
+    M, K = math.prod(x.shape[:-1]), x.shape[-1]
+    out = B.linears(B.reshape(x.data, (1, M, K)), [w.data for w in weights],
+                    [b.data if b is not None else None for b in biases], how)
+    return Tensor(B.reshape(out, x.shape[:-1] + (out.shape[-1],)), B)
+
+
+def linears_fused(x, weights, biases, how):
+    """Whether linears(x, weights, biases, how) runs as one pass of the backend: float weights (K, N_i) and biases
+    that fit x, on its backend, no gradient wanted."""
+    K = x.shape[-1]
+    tensors = [x] + list(weights) + [b for b in biases if b is not None]
+    return (all(isinstance(t, Tensor) and not isinstance(t, QuantizedWeight) and t.backend is x.backend
+                for t in tensors)
+            and x.dtype == "float32" and all(w.dtype in ("float32", "float16") and w.ndim == 2 and w.shape[0] == K
+                                             for w in weights)
+            and all(b is None or (b.dtype == "float32" and b.shape == (w.shape[1],)) for w, b in zip(weights, biases))
+            and not (is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and x.backend.linears_fit(math.prod(x.shape[:-1]), [w.data for w in weights], how))
 
 
 def _check_residual(residual, x, N, op):

@@ -3,7 +3,7 @@ import functools
 
 from ..backend import HeadView, gather_heads, scatter_heads
 from .common import _f32bits
-from .matmul_plan import Limits, Tuning, heads_in_place, plan
+from .matmul_plan import ROWS_COLS, Limits, Tuning, heads_in_place, plan, plan_group
 from .memory import GPUArray
 
 
@@ -127,6 +127,25 @@ class MatmulOps:
         if S > 1:
             out = self.reshape(self.reduce("sum", self.reshape(out, (S, batch * M * N)), 0), (batch, M, N))
         return (out if bias is None else self.binary("add", out, bias)), None, False
+
+    def linears_fit(self, rows, weights, how):
+        return len({w.dtype for w in weights}) == 1 and plan_group(
+            rows, tuple(w.shape[-1] for w in weights), how, self._matmul_limits, self.matmul_tuning) is not None
+
+    def linears(self, a, weights, biases, how):
+        """Several (K, N_i) weights of one input a (1, M, K) in one matmul_rows_multi.wgsl dispatch (linears_fit)."""
+        M, K = a.shape[1:]
+        widths = [w.shape[-1] for w in weights]
+        p = plan_group(M, tuple(widths), how, self._matmul_limits, self.matmul_tuning)
+        out = self._alloc((1, M, sum(widths) if how == "concat" else widths[0]), "float32")
+        pad = [0] * (3 - len(weights))
+        mask = sum(1 << i for i, b in enumerate(biases) if b is not None)
+        tiles = [-(-n // ROWS_COLS["nn"]) for n in widths] + pad
+        self._dispatch("matmul_rows_multi", p.entry, [M, K] + widths + pad + tiles[:2] + [mask],
+                       [a] + list(weights) + [None] * len(pad) + [out] + list(biases) + [None] * len(pad), p.grid,
+                       M * K * sum(widths), _aligned_subs(a, weights[0]) + (("ROWS", M),),
+                       label=f"linears {how} 1x{M}x{'+'.join(map(str, widths))}x{K} rows")
+        return out
 
     def _matmul_rows(self, a, b, bias, gelu, residual, M, N, K, p):
         """A product of M <= 16 rows by matmul_rows.wgsl in one dispatch, bias, GELU and residual applied as it

@@ -68,12 +68,14 @@ class Limits:
     """The device limits a plan must respect (WebGPU's guaranteed minimums by default)."""
     max_workgroups: int = 65535     # per grid dimension
     workgroup_storage: int = 16384  # bytes of workgroup memory
+    storage_buffers: int = 8        # storage buffers a kernel binds
 
     @classmethod
     def of(cls, limits):
         """From a device's limits dict (wgpu's names)."""
         return cls(limits.get("max-compute-workgroups-per-dimension", cls.max_workgroups),
-                   limits.get("max-compute-workgroup-storage-size", cls.workgroup_storage))
+                   limits.get("max-compute-workgroup-storage-size", cls.workgroup_storage),
+                   limits.get("max-storage-buffers-per-shader-stage", cls.storage_buffers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +199,26 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
     # a bias or GELU is applied as the tiles are stored, unless split-K partial products are summed afterwards
     return _checked(Plan("aligned", "matmul_aligned", entry, grid, S, kc, transpose_b=transpose_b, layout=layout,
                          fused_bias=bias and S == 1, gelu=gelu and S == 1, triangle=tri), M, N, K, limits)
+
+
+MULTI_BUFFERS = 9   # matmul_rows_multi.wgsl's storage bindings (params, input, 3 weights, output, 3 biases)
+
+
+def plan_group(M, widths, how, limits=Limits(), tuning=Tuning()):
+    """The Plan of several Linear layers of one input of M rows in one matmul_rows_multi.wgsl dispatch (weights
+    (K, N_i) of `widths`): how "concat" (one to three outputs side by side) or "swiglu" (two of one width:
+    silu(first) * second); None where it does not take them (more rows than ROWS_MAX, a device binding fewer
+    storage buffers or less workgroup memory, a grid past the limit), and the layers then run one by one."""
+    if how not in ("concat", "swiglu"):
+        raise ValueError(f"plan_group: how must be 'concat' or 'swiglu', got {how!r}")
+    tiles = [math.ceil(n / ROWS_COLS["nn"]) for n in widths]
+    if not (0 < M <= tuning.ROWS_MAX and limits.storage_buffers >= MULTI_BUFFERS and fits("matmul_rows_multi", limits)
+            and (len(widths) in (1, 2, 3) if how == "concat" else len(widths) == 2 and widths[0] == widths[1])):
+        return None
+    grid = (sum(tiles) if how == "concat" else tiles[0], 1, 1)
+    if not 0 < grid[0] <= limits.max_workgroups:
+        return None
+    return Plan("rows", "matmul_rows_multi", how, grid, layout="nn")
 
 
 def _checked(p, M, N, K, limits):
