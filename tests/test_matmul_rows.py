@@ -189,3 +189,33 @@ def test_linears_refuse_a_bad_group_in_one_error_and_compose_when_a_gradient_is_
     y = F.linears(x, w[:2], how="swiglu")   # a gradient wanted: the composed layers carry it
     y.sum().backward()
     assert y.shape == (1, 2, 4) and w[0].grad is not None and w[1].grad is not None
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_decode_steps_with_lora_adapters_give_the_logits_of_the_full_forward(use_backend, family):
+    """The fused epilogues with adapters on (their low-rank path lands before the residual and the activation;
+    Llama's projections then run one by one) and off (the base layers fused): each one-token step's logits equal
+    the full forward's at that position (computed without the few-row kernels)."""
+    from lab.models import LlamaConfig, LlamaLM, TransformerLM
+    lab.manual_seed(0)
+    if family == "gpt":
+        model = TransformerLM(replace(PRESETS["tiny"], vocab_size=30, n_layer=2, n_embd=32, n_head=4, block_size=16))
+    else:
+        model = LlamaLM(LlamaConfig(vocab_size=30, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
+    lora.apply(model, r=2, alpha=4, targets="all-linear")
+    for module in model.modules():
+        if isinstance(module, lora.LoRALinear):
+            module.lora_B.backend.write(module.lora_B.data, rng.normal(0, 0.5, module.lora_B.shape).astype(np.float32))
+    model.eval()
+    ids = np.array([[3, 5, 7, 1, 2, 9]], np.int32)
+    with no_grad():
+        for enabled in (True, False):
+            model.use_adapter(enabled)
+            full = model(np.repeat(ids, 3, 0)).numpy()[0]   # (18 rows: the tiled products, layers one by one)
+            cache = model.new_cache(1)
+            model.forward_cached(ids[:, :3], cache, 0)
+            steps = [model.forward_cached(ids[:, i:i + 1], cache, i).numpy()[0, -1] for i in range(3, 6)]
+            np.testing.assert_allclose(np.stack(steps), full[3:], rtol=1e-4, atol=1e-4)
+        model.use_adapter(True)
+        assert not np.allclose(full, model(ids).numpy()[0], atol=1e-3)   # (the adapters count)
