@@ -17,6 +17,8 @@
 {{ENABLE}}
 
 const WG: u32 = 256u;
+const TN_NN: u32 = 32u;   // columns per workgroup, nn (matmul_plan.ROWS_COLS)
+const TN_NT: u32 = 8u;    // ... nt
 const ROWS: u32 = {{ROWS}}u;
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
@@ -35,7 +37,7 @@ fn rows(wid: vec3<u32>, lid: u32, along_k: bool) {
     let M = P[0];
     let N = P[1];
     let K = P[2];
-    let TN = select(32u, 8u, along_k);
+    let TN = select(TN_NN, TN_NT, along_k);
     let KS = WG / TN;
     let c = select(lid % TN, lid / KS, along_k);
     let s = select(lid / TN, lid % KS, along_k);
