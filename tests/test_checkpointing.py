@@ -86,6 +86,22 @@ def test_trainer_checkpointing_gives_the_plain_losses_step_by_step_with_replay_a
             assert trainer.replay.replayed == plain_trainer.replay.replayed >= 2
 
 
+def test_checkpointed_fused_attention_gives_the_plain_losses(wgpu_backend, monkeypatch):
+    """The fused attention kernels (wgpu, heads of 64) draw their dropout seed inside the block too: the recomputed
+    block's attention drops what the forward's dropped, eager and replayed."""
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+    runs = []
+    with using_backend(wgpu_backend):
+        for k in (0, 1):
+            lab.manual_seed(0)
+            model = TransformerLM(TransformerConfig(vocab_size=V, block_size=32, n_layer=2, n_head=1, n_embd=64,
+                                                    dropout=0.1))
+            trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(batch_size=2, checkpoint_activations=k))
+            runs.append([trainer.train_step()[0].item() for _ in range(4)])
+            assert trainer.replay.replayed == 2
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
+
+
 def test_model_checkpointing_survives_trainer_setting_changes(use_backend):
     """Switching TrainConfig.checkpoint_activations mid-run (reconfigure) sends replay to a new capture: the losses
     stay the plain run's."""
@@ -233,11 +249,10 @@ def test_plan_counts_checkpointed_activations():
         assert "every block checkpointed" in repr(every) and "one block in 2 checkpointed" in repr(half)
         assert "checkpointed" not in repr(plain)
     c, L, N = PRESETS["shakespeare-char"], 6, 8 * 256
-    per_layer = plain.memory["activations per layer"]
     layers = f"activations: {L} layers"
     plain, every, half = (estimate(c, batch=8, seq=256, device="h200", checkpoint_activations=k) for k in (0, 1, 2))
-    assert plain.memory[layers] == L * plain.memory["activations per layer"]
     per_layer = plain.memory["activations per layer"]
+    assert plain.memory[layers] == L * per_layer
     assert every.memory[layers] == L * N * c.n_embd * 4 + per_layer
     assert half.memory[layers] == 3 * per_layer + 3 * N * c.n_embd * 4 + per_layer
 
