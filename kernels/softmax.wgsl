@@ -48,16 +48,20 @@ fn softmax_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let scale = bitcast<f32>(P[3]);
     let lim = row_limit(r, n);
     let base = r * n;
+    // exp(scale * (x - mx)) with mx the largest raw score (the smallest where scale < 0), not exp(scale * x - m):
+    // a GPU compiler may fuse scale * x - m into one multiply-add, which keeps the product's rounding error; for
+    // a padding mask's -1e30 that error is ~1e22, and exp of it overflowed a fully padded row into NaN (H200)
+    let sg = select(1.0, -1.0, scale < 0.0);
     var m = bitcast<f32>(0xff800000u);  // -inf: -3.4e38 is above -FLT_MAX
-    for (var j = lid; j < lim; j += RWG) { m = max(m, scale * X[base + j]); }
-    m = wg_max(m, lid);
+    for (var j = lid; j < lim; j += RWG) { m = max(m, sg * X[base + j]); }
+    let mx = sg * wg_max(m, lid);
     var s = 0.0;
-    for (var j = lid; j < lim; j += RWG) { s += exp(scale * X[base + j] - m); }
+    for (var j = lid; j < lim; j += RWG) { s += exp(scale * (X[base + j] - mx)); }
     s = wg_sum(s, lid);
     let inv = 1.0 / s;
     let hashed_seed = pcg(P[6]);
     for (var j = lid; j < n; j += RWG) {
-        let y = select(0.0, exp(scale * X[base + j] - m) * inv, j < lim);
+        let y = select(0.0, exp(scale * (X[base + j] - mx)) * inv, j < lim);
         OUT[base + j] = y;
         if (dropping()) { OUT2[base + j] = dropped(y, base + j, hashed_seed); }
     }

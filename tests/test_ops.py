@@ -677,3 +677,19 @@ def test_attention_whose_weights_exceed_a_buffer_takes_the_fused_kernels(wgpu_ba
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="max-storage-buffer-binding-size"):
         F.causal_self_attention(lab.tensor(qkv_np, backend=wgpu_backend), 1, return_weights=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_of_rows_under_a_large_finite_mask_is_uniform_not_nan(any_backend, causal):
+    """A left-padded query row sees only padding keys: every score carries the -1e30 padding mask. The kernel once
+    computed exp(scale * x - max), which NVIDIA's compiler fused into a multiply-add keeping the product's rounding
+    error (~1e22 at this magnitude): exp overflowed and the padded rows went NaN on the H200, then every later layer
+    of the row through the cache. Lavapipe does not fuse, so this guards the GPU runs (LAB_REQUIRE_WGPU there)."""
+    from lab.engine.ops import softmax
+    from lab.engine.tensor import tensor
+    rng = np.random.default_rng(0)
+    T = 7
+    x = (rng.normal(0, 3, (2, 3, T, T)) - 1e30).astype(np.float32)   # (the scores vanish into -1e30's rounding)
+    y = softmax(tensor(x, backend=any_backend), scale=0.125, causal=causal).numpy()
+    visible = np.tril(np.ones((T, T))) if causal else np.ones((T, T))
+    np.testing.assert_allclose(y, np.broadcast_to(visible / visible.sum(-1, keepdims=True), y.shape), rtol=1e-6)
