@@ -106,6 +106,9 @@ def test_patching_prompts_the_model_cannot_tell_apart_is_one_clear_error():
     ((*prompts(), 1, 2), {"positions": []}, r"positions must be a non-empty list"),
     ((np.array([[1, 2, 99]]), np.array([[1, 2, 3]]), 1, 2), {}, r"clean_tokens: token id 99 is outside .*0\.\.10"),
     ((np.array([[1.0, 2.0]]), np.array([[1, 2]]), 1, 2), {}, r"clean_tokens must be integer token ids"),
+    (([[1, 2, 3], [1, 2]], [[1, 2, 3], [1, 2, 4]], 1, 2), {}, r"clean_tokens must be integer token ids"),
+    ((*prompts(), 1, 2), {"hook": ["resid_pre"]}, r"hook must be one of"),
+    ((*prompts(), 1, None), {}, r"wrong_id must be an integer >= 0 and <= 10, got None"),
 ])
 def test_patching_refuses_bad_input_with_one_clear_error(args, kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -193,3 +196,19 @@ def test_induction_scores_refuse_sequences_that_do_not_fit():
         induction_scores(model, seq_len=1)
     with pytest.raises(InputError, match=r"bos must be an integer >= 0 and <= 7, got 8"):
         induction_scores(model, bos=8)
+    with pytest.raises(InputError, match=r"seed must be an integer >= 0, got 'x'"):
+        induction_scores(model, seq_len=3, seed="x")
+
+
+def test_experiments_refuse_a_model_without_hook_points():
+    model = lab.ProNeuralLM(lab.ProNeuralConfig(vocab_size=V))
+    for run in (lambda: activation_patching(model, *prompts(), 1, 2), lambda: induction_scores(model),
+                lambda: direct_logit_attribution(model, [[1, 2]], 1)):
+        with pytest.raises(InputError, match=r"need a model with hook points \(TransformerLM, LlamaLM\), got"):
+            run()
+
+
+def test_induction_scores_without_a_bos_token_score_the_repeat(use_backend):
+    # (the GPT-2 family has no bos_token_id: "auto" puts none; the hand-built head needs none to find the repeat)
+    scores = induction_scores(induction_model(), seq_len=5, batch=2, seed=3)
+    assert scores.shape == (2, 2) and scores[1, 0] > 0.8 and scores[1, 0] == scores.max()

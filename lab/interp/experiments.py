@@ -17,18 +17,25 @@ _PATCH_BYTES = 1 << 26   # the float32 logits of one patched forward (the copies
 
 
 def n_layers(model):
+    from .hooks import HookedModel
+    if not isinstance(model, HookedModel):
+        raise InputError(f"lab.interp's experiments need a model with hook points (TransformerLM, LlamaLM), got "
+                         f"{show(model)}")
     return sum(1 for name in model.hook_names() if name.endswith(".hook_resid_pre"))
 
 
 def _tokens(model, tokens, name):
     """tokens as int64 (B, T): a sequence (T,) is one row; every id must be in the model's vocabulary."""
-    arr = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens)
+    try:
+        arr = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens)
+    except ValueError:   # rows of different lengths
+        arr = np.zeros(0)
     if arr.ndim == 1:
         arr = arr[None]
     vocab = model.config.vocab_size
     if arr.ndim != 2 or 0 in arr.shape or arr.dtype.kind not in "iu":
-        raise InputError(f"{name} must be integer token ids of shape (T,) or (B, T), got {show(tokens)}"
-                         + (f" of dtype {arr.dtype} and shape {arr.shape}" if arr.size else ""))
+        got = f"an array of dtype {arr.dtype} and shape {arr.shape}" if isinstance(tokens, np.ndarray) else show(tokens)
+        raise InputError(f"{name} must be integer token ids of shape (T,) or (B, T), got {got}")
     bad = arr[(arr < 0) | (arr >= vocab)]
     if bad.size:
         raise InputError(f"{name}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
@@ -42,7 +49,7 @@ def _ids(model, name, value, rows):
     if arr.ndim == 0:
         arr = np.full(rows, integer(name, value, low=0, high=vocab - 1))
     if arr.shape != (rows,) or arr.dtype.kind not in "iu":
-        raise InputError(f"{name} must be a token id or one token id per row ({rows} rows), got {show(value)}")
+        raise InputError(f"{name} must be a token id or one token id per row ({rows} row{'s' * (rows != 1)}), got {show(value)}")
     for v in arr:
         integer(name, v, low=0, high=vocab - 1)
     return arr.astype(np.int64)
@@ -92,8 +99,9 @@ def activation_patching(model, clean_tokens, corrupted_tokens, answer_id, wrong_
     by the clean run's. PatchingResult.values (L, positions) holds the logit difference answer - wrong at position
     `pos` that each patch restores, as a fraction of clean - corrupted. The prompts must have the same length (the
     positions correspond) and be told apart by the model (clean and corrupted differences must differ)."""
-    if hook not in PATCH_HOOKS:
+    if not isinstance(hook, str) or hook not in PATCH_HOOKS:
         raise InputError(f"activation_patching: hook must be one of {list(PATCH_HOOKS)}, got {show(hook)}")
+    L = n_layers(model)
     clean = _tokens(model, clean_tokens, "clean_tokens")
     corrupted = _tokens(model, corrupted_tokens, "corrupted_tokens")
     if clean.shape != corrupted.shape:
@@ -110,13 +118,15 @@ def activation_patching(model, clean_tokens, corrupted_tokens, answer_id, wrong_
             raise InputError(f"activation_patching: positions must be a non-empty list of positions, got "
                              f"{show(positions)}")
         positions = [_position(p, T, "positions") for p in positions]
-    L = n_layers(model)
     names = [PATCH_HOOKS[hook].format(layer) for layer in range(L)]
     with no_grad(), nn.evaluating():
         clean_logits, cache = model.run_with_cache(clean, names_filter=names)
         corrupted_logits = _numpy(model(corrupted))
     clean_diff = _logit_diff(_numpy(clean_logits), pos, answer, wrong)
     corrupted_diff = _logit_diff(corrupted_logits, pos, answer, wrong)
+    if not np.isfinite([clean_diff, corrupted_diff]).all():
+        raise InputError(f"activation_patching: the model's logit differences are not finite (clean {clean_diff}, "
+                         f"corrupted {corrupted_diff}): its logits hold NaN or inf")
     # a difference of float32 rounding would turn the fractions into noise: the prompts must be told apart
     if abs(clean_diff - corrupted_diff) <= 1e-5 * (1 + abs(clean_diff) + abs(corrupted_diff)):
         raise InputError(f"activation_patching: the clean and corrupted runs give the same logit difference "
@@ -191,12 +201,12 @@ def direct_logit_attribution(model, tokens, answer_id, wrong_id=None, pos=-1):
     difference answer - wrong at position `pos` (wrong None: the answer's logit): each component's output, put
     through the final norm with the scale the run had (cache.apply_ln_to_stack), dotted with the unembedding of
     answer minus wrong; averaged over the rows. Returns a LogitAttribution whose heads are (L, H)."""
+    L = n_layers(model)
     tokens = _tokens(model, tokens, "tokens")
     B, T = tokens.shape
     answer = _ids(model, "answer_id", answer_id, B)
     wrong = None if wrong_id is None else _ids(model, "wrong_id", wrong_id, B)
     pos = _position(pos, T)
-    L = n_layers(model)
     with no_grad(), nn.evaluating():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: not n.startswith("blocks.") or (
             n.endswith((".attn.hook_z", ".hook_attn_out", ".hook_mlp_out")) or n == f"blocks.{L - 1}.hook_resid_post"))
@@ -226,8 +236,10 @@ def induction_scores(model, seq_len=20, batch=4, seed=0, bos="auto"):
     once, from each token of the repeat to the token after that token's first occurrence (where an induction head
     looks, to predict that the sequence goes on as it did). The random sequences hold no token twice, so the
     previous occurrence is unique. bos: a token id put first, "auto" the config's bos_token_id (if any), None none."""
+    L = n_layers(model)
     vocab, block = model.config.vocab_size, model.config.block_size
     seq_len, batch = integer("seq_len", seq_len, low=2), integer("batch", batch, low=1)
+    seed = None if seed is None else integer("seed", seed, low=0)
     if bos == "auto":
         bos = getattr(model.config, "bos_token_id", None)
     prefix = [] if bos is None else [integer("bos", bos, low=0, high=vocab - 1)]
@@ -239,7 +251,6 @@ def induction_scores(model, seq_len=20, batch=4, seed=0, bos="auto"):
     rng = np.random.default_rng(seed)
     r = np.stack([rng.choice(candidates, seq_len, replace=False) for _ in range(batch)])
     tokens = np.concatenate([np.full((batch, len(prefix)), prefix, dtype=np.int64).reshape(batch, -1), r, r], axis=1)
-    L = n_layers(model)
     names = [f"blocks.{i}.attn.hook_pattern" for i in range(L)]
     with no_grad(), nn.evaluating():
         _, cache = model.run_with_cache(tokens, names_filter=names)
