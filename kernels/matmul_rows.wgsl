@@ -6,7 +6,8 @@
 // (ROWS = M, a constant of the pipeline: the accumulators stay in registers); the slices are summed through
 // workgroup memory, four rows at a time, in a fixed order (replays are bitwise the eager step).
 // Entry points by B's layout, each arranged so that neighbouring threads read neighbouring weights (coalesced):
-//   nn: B (K, N) (a Linear's weight, stored (in, out)): 32 columns x 8 slices, threads along the columns.
+//   nn: B (K, N) (a Linear's weight, stored (in, out)): TN_NN columns x 256 / TN_NN slices, threads along the
+//       columns.
 //   nt: B (N, K) (the tied head's embedding, K contiguous per output column): 8 columns x 32 slices, threads
 //       along K.
 // Bindings: @binding(0) P = [M, N, K, has_bias, gelu, has_residual, keep_pre], @binding(1) A (M, K),
@@ -17,8 +18,8 @@
 {{ENABLE}}
 
 const WG: u32 = 256u;
-const TN_NN: u32 = 32u;   // columns per workgroup, nn (matmul_plan.ROWS_COLS)
-const TN_NT: u32 = 8u;    // ... nt
+const TN_NN: u32 = {{TN_NN}}u;   // columns per workgroup, nn (matmul_plan.Tuning.ROWS_COLS_NN)
+const TN_NT: u32 = 8u;    // ... nt (matmul_plan.ROWS_COLS_NT)
 const ROWS: u32 = {{ROWS}}u;
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;

@@ -1,8 +1,8 @@
 // Several Linear layers of one input of a few rows in one dispatch (a Llama decode step: q, k, v projections; the
-// MLP's gate and up with SwiGLU). matmul_rows.wgsl's scheme (K reduced inside the workgroup, 32 columns x 8
+// MLP's gate and up with SwiGLU). matmul_rows.wgsl's scheme (K reduced inside the workgroup, TN columns x 256 / TN
 // slices of K per workgroup, threads along the columns of weights stored (K, N), ROWS = M accumulators each):
 //   concat: up to three weights W0 (K, N0), W1 (K, N1), W2 (K, N2); workgroup x < T0 takes W0's columns, then
-//           T1 of W1's, then W2's (Ti = ceil(Ni / 32)); C (M, N0 + N1 + N2) holds x W0 + b0 | x W1 + b1 | x W2 + b2
+//           T1 of W1's, then W2's (Ti = ceil(Ni / TN)); C (M, N0 + N1 + N2) holds x W0 + b0 | x W1 + b1 | x W2 + b2
 //           side by side (the packed projection decode_attention reads).
 //   swiglu: two weights of one N, C (M, N) = silu(x W0 + b0) * (x W1 + b1), both products in each thread.
 // Bindings: @binding(0) P = [M, K, N0, N1, N2, T0, T1, bias mask (bit i: b_i)], @binding(1) A (M, K), @binding(2-4)
@@ -12,8 +12,8 @@
 {{ENABLE}}
 
 const WG: u32 = 256u;
-const TN: u32 = 32u;
-const KS: u32 = 8u;
+const TN: u32 = {{TN}}u;   // columns per workgroup (matmul_plan.Tuning.ROWS_COLS_NN)
+const KS: u32 = WG / TN;
 const ROWS: u32 = {{ROWS}}u;
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;

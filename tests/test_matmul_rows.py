@@ -223,3 +223,38 @@ def test_decode_steps_with_lora_adapters_give_the_logits_of_the_full_forward(use
             np.testing.assert_allclose(np.stack(steps), full[3:], rtol=1e-4, atol=1e-4)
         model.use_adapter(True)
         assert not np.allclose(full, model(ids).numpy()[0], atol=1e-3)   # (the adapters count)
+
+
+@pytest.mark.parametrize("cols", [4, 8, 16, 64])
+def test_every_column_count_of_the_row_kernels_gives_the_same_products(wgpu_backend, monkeypatch, cols):
+    """Tuning.ROWS_COLS_NN (columns per workgroup of a (K, N) weight; the rest of the 256 threads slice K) changes
+    only how the work is spread: matmul_rows and matmul_rows_multi equal the float64 reference for each allowed
+    count, with N off every tile and M up to 16 (four rows' sums per pass)."""
+    B = wgpu_backend
+    monkeypatch.setattr(B, "matmul_tuning", replace(B.matmul_tuning, ROWS_COLS_NN=cols))
+    M, K, N = 7, 300, 45
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ws = [(rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32) for _ in range(3)]
+    bias, res = rng.standard_normal(N).astype(np.float32), rng.standard_normal((M, N)).astype(np.float32)
+    a = B.from_numpy(x[None])
+    with lab.profile(B) as prof:
+        got = B.to_numpy(B.matmul_gelu(a, B.from_numpy(ws[0][None]), B.from_numpy(bias), keep_pre=False,
+                                       residual=B.from_numpy(res[None]))[0]).reshape(M, N)
+        cat = B.to_numpy(B.linears(a, [B.from_numpy(w) for w in ws], [B.from_numpy(bias), None, None], "concat"))
+        glu = B.to_numpy(B.linears(a, [B.from_numpy(w) for w in ws[:2]], [None, None], "swiglu"))
+    assert [name for name, _, _ in prof.records] == ["matmul_rows:nn", "matmul_rows_multi:concat",
+                                                     "matmul_rows_multi:swiglu"]
+    xd = x.astype(np.float64)
+    np.testing.assert_allclose(got, _gelu(xd @ ws[0] + bias) + res, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(cat.reshape(M, 3 * N), np.concatenate([xd @ ws[0] + bias, xd @ ws[1], xd @ ws[2]], 1),
+                               rtol=1e-5, atol=2e-5)
+    g, u = xd @ ws[0], xd @ ws[1]
+    np.testing.assert_allclose(glu.reshape(M, N), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=2e-5)
+
+
+def test_a_column_count_the_row_kernels_cannot_take_is_refused():
+    from lab.checks import InputError
+    from lab.engine.wgpu.matmul_plan import Tuning
+    for bad in (0, 3, 128, 32.5, "32"):
+        with pytest.raises(InputError, match=r"ROWS_COLS_NN must be one of \(4, 8, 16, 32, 64\)"):
+            Tuning(ROWS_COLS_NN=bad)

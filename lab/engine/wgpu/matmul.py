@@ -3,7 +3,7 @@ import functools
 
 from ..backend import HeadView, gather_heads, scatter_heads
 from .common import _f32bits
-from .matmul_plan import ROWS_COLS, Limits, Tuning, heads_in_place, plan, plan_group
+from .matmul_plan import Limits, Tuning, heads_in_place, plan, plan_group
 from .memory import GPUArray
 
 
@@ -140,10 +140,11 @@ class MatmulOps:
         out = self._alloc((1, M, sum(widths) if how == "concat" else widths[0]), "float32")
         pad = [0] * (3 - len(weights))
         mask = sum(1 << i for i, b in enumerate(biases) if b is not None)
-        tiles = [-(-n // ROWS_COLS["nn"]) for n in widths] + pad
+        cols = self.matmul_tuning.ROWS_COLS_NN
+        tiles = [-(-n // cols) for n in widths] + pad
         self._dispatch("matmul_rows_multi", p.entry, [M, K] + widths + pad + tiles[:2] + [mask],
                        [a] + list(weights) + [None] * len(pad) + [out] + list(biases) + [None] * len(pad), p.grid,
-                       M * K * sum(widths), _aligned_subs(a, weights[0]) + (("ROWS", M),),
+                       M * K * sum(widths), _aligned_subs(a, weights[0]) + (("ROWS", M), ("TN", cols)),
                        label=f"linears {how} 1x{M}x{'+'.join(map(str, widths))}x{K} rows")
         return out
 
@@ -159,7 +160,8 @@ class MatmulOps:
         label = f"matmul {p.layout.upper()} 1x{M}x{N}x{K} rows" + "".join(
             f" +{name}" for name, on in zip(("bias", "gelu", "residual"), fused) if on)
         self._dispatch("matmul_rows", p.entry, [M, N, K] + [int(f) for f in fused], [a, b, out, bias, residual, pre],
-                       p.grid, M * N * K, _aligned_subs(a, b) + (("ROWS", M),), label=label)
+                       p.grid, M * N * K, _aligned_subs(a, b) + (("ROWS", M), ("TN_NN", self.matmul_tuning.ROWS_COLS_NN)),
+                       label=label)
         return out, pre, "all"
 
     def _matmul_thin(self, a, b, trans_a, trans_b, M, N, K, p):
