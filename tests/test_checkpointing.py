@@ -194,6 +194,40 @@ def test_a_block_whose_settings_change_before_its_backward_is_refused(use_backen
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_an_interrupted_recomputation_changes_no_gradient_and_leaves_the_seeds_as_they_were(use_backend):
+    """A Ctrl-C inside a block's recomputation: no .grad changes (backward's all-or-nothing), and the next forward
+    draws its dropout seeds from the stream again rather than from the interrupted block's."""
+    from lab.engine import random as R
+    lab.manual_seed(0)
+    model = FAMILIES["gpt2"](0.1).gradient_checkpointing_enable()
+    _, loss = model(IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    model.h[0].mlp.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    del model.h[0].mlp.forward
+    state = R.get_state()
+    R.next_seed()
+    assert R.get_state() != state   # drawn from the generator, not handed back from a recomputation's list
+
+
+def test_a_resumed_run_keeps_checkpoint_activations(numpy_backend, tmp_path):
+    from lab.checkpoint import save_checkpoint
+    with using_backend(numpy_backend):
+        lab.manual_seed(0)
+        trainer = Trainer(FAMILIES["gpt2"](0.1), IDS[:2500], IDS[2500:],
+                          TrainConfig(batch_size=2, block_size=8, checkpoint_activations=2))
+        trainer.train_step()
+        save_checkpoint(tmp_path, trainer.model, lab.CharTokenizer.from_text("".join(map(chr, range(65, 65 + V)))),
+                        trainer)
+        resumed = Trainer.resume(tmp_path, IDS[:2500], IDS[2500:])
+        assert resumed.cfg.checkpoint_activations == 2
+        assert [resumed.train_step()[0].item() for _ in range(2)] == [trainer.train_step()[0].item() for _ in range(2)]
+
+
 def test_checkpointing_leaves_evaluation_and_cached_steps_as_they_were(use_backend):
     """Without gradients (evaluation, generation) a block runs once, plainly; a cached forward (which writes its
     KV cache) is never checkpointed, even in training mode with gradients on."""
