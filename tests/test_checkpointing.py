@@ -378,6 +378,25 @@ def test_a_plan_that_fits_only_with_checkpointing_suggests_it(numpy_backend):
         estimator.limits_profile = original
 
 
+def test_the_trainers_fit_check_counts_the_models_own_checkpointing(numpy_backend, monkeypatch):
+    """A model checkpointed by gradient_checkpointing_enable (TrainConfig's left off) trains a batch that fits only
+    so; without it the same batch is refused, naming the fix."""
+    from dataclasses import replace
+    from lab.plan import estimator
+    with using_backend(numpy_backend):
+        model = FAMILIES["gpt2"](0.0)
+        plain, checkpointed = (estimate(model.config, batch=64, seq=16, steps=1, checkpoint_activations=k,
+                                        device=estimator.limits_profile(numpy_backend)).memory["total"] for k in (0, 1))
+        original = estimator.limits_profile
+        monkeypatch.setattr(estimator, "limits_profile", lambda backend: replace(
+            original(backend), memory_bytes=(plain + checkpointed) // 2))
+        with pytest.raises(DoesNotFitError, match="checkpoint_activations=True"):
+            Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(batch_size=64, block_size=16))
+        model.gradient_checkpointing_enable()
+        trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(batch_size=64, block_size=16))
+        assert trainer.checkpoint_every() == 1
+
+
 def test_plan_command_takes_checkpoint_activations(capsys):
     from lab.cli import main
     assert main(["plan", "--preset", "shakespeare-char", "--device", "h200", "--checkpoint-activations", "2"]) == 0

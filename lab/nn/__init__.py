@@ -184,6 +184,11 @@ class Blocks:
     def is_gradient_checkpointing(self):
         return bool(self._checkpoint_every)
 
+    @property
+    def checkpoint_every(self):
+        """The block interval gradient_checkpointing_enable set (0: none)."""
+        return self._checkpoint_every
+
     def run_block(self, i, block, x, *args, **kwargs):
         """block(x, *args, **kwargs), checkpointed when this thread's setting (checkpointing()) or the model's
         own says so for block i and the block trains (gradients on: F.checkpoint runs it plainly otherwise)."""

@@ -157,7 +157,8 @@ def predict_and_measure(trainer, steps=15, attempts=2, within=0.35):
     out = []
     for _ in range(attempts):
         profile = profile_device(trainer.optimizer.backend, refresh=True)
-        predicted = estimate(cfg, batch=batch, seq=cfg.block_size, device=profile).step_time_s
+        predicted = estimate(cfg, batch=batch, seq=cfg.block_size, device=profile,
+                             checkpoint_activations=trainer.checkpoint_every()).step_time_s
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()

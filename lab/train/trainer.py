@@ -17,7 +17,7 @@ from ..checks import InputError, choice, integer, real, show
 from ..data import IGNORE_INDEX, Examples, get_batch, min_tokens
 from ..engine.random import draw_from, generator, own_stream
 from ..engine.tensor import is_grad_enabled, no_grad
-from ..nn import checkpoint_interval, checkpointing, evaluating, in_use, step_lock
+from ..nn import Blocks, checkpoint_interval, checkpointing, evaluating, in_use, step_lock
 from .faults import NonFiniteError, first_nonfinite
 from .optim import AdamW, grad_norm
 from .replay import Recorded, StepReplay, recording_seeds, upload_batches
@@ -236,11 +236,16 @@ class Trainer:
         k = (cfg or self.cfg).checkpoint_activations
         if not k:
             return
-        from ..nn import Blocks
         if not isinstance(self.model, Blocks):
             raise InputError(f"checkpoint_activations={k}: {type(self.model).__name__} has no blocks to checkpoint "
                              f"(a TransformerLM or LlamaLM has)")
         checkpoint_interval("checkpoint_activations", k, len(self.model.blocks()))
+
+    def checkpoint_every(self, cfg=None):
+        """The block interval this trainer's steps checkpoint: TrainConfig.checkpoint_activations, else the
+        model's own gradient_checkpointing_enable setting (0: none)."""
+        k = (cfg or self.cfg).checkpoint_activations
+        return k or (self.model.checkpoint_every if isinstance(self.model, Blocks) else 0)
 
     def _check_fits(self, cfg=None):
         """Refuse, before any step allocates its activations, a batch the device cannot hold (the plan estimator
@@ -259,10 +264,10 @@ class Trainer:
                        lora_rank=lora["r"] if lora else None,
                        lora_base_dtype=lora.get("base_dtype", "float32") if lora else "float32",
                        lora_targets=lora["target_modules"] if lora and isinstance(config, LlamaConfig) else None,
-                       checkpoint_activations=cfg.checkpoint_activations)
+                       checkpoint_activations=self.checkpoint_every(cfg))
         elif isinstance(config, LlamaConfig):
             check_batch_fits(config, cfg.batch_size, self.model.model.embed_tokens.weight.backend, seq=seq,
-                             checkpoint_activations=cfg.checkpoint_activations)
+                             checkpoint_activations=self.checkpoint_every(cfg))
 
     def reconfigure(self, **values):
         """Change TrainConfig fields of this trainer (between runs, or during one: applied from the next step).
