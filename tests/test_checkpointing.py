@@ -144,11 +144,30 @@ def test_checkpointing_lowers_a_steps_peak_memory(use_backend):
     assert checkpointed < 0.75 * plain, (plain, checkpointed)
 
 
-@pytest.mark.parametrize("value", [-1, "yes", 2.5, None])
+@pytest.mark.parametrize("value", [-1, "yes", 2.5, None, [1]])
 def test_bad_checkpoint_activations_values_are_one_clear_error(value):
     with pytest.raises(InputError, match=r"checkpoint_activations must be True \(every block\), False \(none\) or an "
                                          r"integer k >= 1"):
         TrainConfig(checkpoint_activations=value)
+
+
+def test_checkpoint_op_misuse_is_one_clear_error(numpy_backend):
+    from lab.engine import ops as F
+    with using_backend(numpy_backend):
+        x, w = lab.tensor(np.ones((2, 3)), requires_grad=True), lab.tensor(np.ones((3, 3)), requires_grad=True)
+        with pytest.raises(TypeError, match=r"checkpoint: x and params must be Tensors, got x ndarray"):
+            F.checkpoint(lambda h: h @ w, np.ones((2, 3)), [w])
+        with pytest.raises(TypeError, match=r"params \['Tensor', 'str'\]"):
+            F.checkpoint(lambda h: h @ w, x, [w, "w"])
+        with pytest.raises(TypeError, match="checkpoint: fn must return one Tensor, got tuple"):
+            F.checkpoint(lambda h: (h @ w, h), x, [w])
+        hidden = lab.tensor(np.ones(3), requires_grad=True)   # read by fn, not passed: its gradient would be lost
+        y = F.checkpoint(lambda h: h @ w + hidden, x, [w])
+        with pytest.raises(RuntimeError, match="neither its input nor among params"):
+            y.sum().backward()
+        assert w.grad is None and x.grad is None
+        F.checkpoint(lambda h: h @ w + hidden, x, [w, hidden]).sum().backward()
+        np.testing.assert_array_equal(hidden.grad.numpy(), [2, 2, 2])
 
 
 def test_checkpointing_more_blocks_than_the_model_has_is_refused(numpy_backend):

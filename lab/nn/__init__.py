@@ -35,7 +35,7 @@ def checkpoint_interval(name, value, blocks=None):
     """An activation-checkpointing setting as the block interval k it means: True every block (1), False none
     (0), an integer k >= 1 every k-th block (blocks 0, k, 2k, ...), at most `blocks` (the model's count)."""
     allowed = "True (every block), False (none) or an integer k >= 1 (every k-th block)"
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         value = int(value)
     elif not isinstance(value, (int, np.integer)) or value < 0:
         raise InputError(f"{name} must be {allowed}, got {show(value)}")

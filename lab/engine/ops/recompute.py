@@ -12,8 +12,10 @@ def checkpoint(fn, x, params=()):
     gradients are the plain graph's. params: the tensors fn reads besides x that gradients must reach (a block's
     parameters; the frozen ones are left out). A block's saved activations shrink to its (B, T, C) input, for one
     more forward of the block in the backward."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"checkpoint: x must be a Tensor, got {type(x).__name__}")
+    params = tuple(params)
+    if not isinstance(x, Tensor) or not all(isinstance(p, Tensor) for p in params):
+        raise TypeError(f"checkpoint: x and params must be Tensors, got x {type(x).__name__}, params "
+                        f"{[type(p).__name__ for p in params]}")
     params = tuple(p for p in params if p.requires_grad)
     if not is_grad_enabled() or not (x.requires_grad or params):
         return fn(x)   # nothing to differentiate: no graph to save memory on
