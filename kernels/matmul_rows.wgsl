@@ -18,7 +18,7 @@
 {{ENABLE}}
 
 const WG: u32 = 256u;
-const TN_NN: u32 = {{TN_NN}}u;   // columns per workgroup, nn (matmul_plan.Tuning.ROWS_COLS_NN)
+const TN_NN: u32 = {{TN_NN}}u;   // columns per workgroup, nn (matmul_plan.rows_cols)
 const TN_NT: u32 = 8u;    // ... nt (matmul_plan.ROWS_COLS_NT)
 const ROWS: u32 = {{ROWS}}u;
 

@@ -12,7 +12,7 @@
 {{ENABLE}}
 
 const WG: u32 = 256u;
-const TN: u32 = {{TN}}u;   // columns per workgroup (matmul_plan.Tuning.ROWS_COLS_NN)
+const TN: u32 = {{TN}}u;   // columns per workgroup (matmul_plan.rows_cols)
 const KS: u32 = WG / TN;
 const ROWS: u32 = {{ROWS}}u;
 

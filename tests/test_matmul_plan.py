@@ -201,10 +201,12 @@ def test_a_thin_product_takes_the_tiled_kernel_where_the_thin_one_does_not_fit()
 
 
 @pytest.mark.parametrize("M", [1, 2, 5, 16])
-@pytest.mark.parametrize("trans_b, entry, cols", [(False, "nn", 32), (True, "nt", 8)])
-def test_few_rows_are_one_dispatch_with_their_epilogues(M, trans_b, entry, cols):
+@pytest.mark.parametrize("trans_b, entry", [(False, "nn"), (True, "nt")])
+def test_few_rows_are_one_dispatch_with_their_epilogues(M, trans_b, entry):
     """A decode step's products (M = batch rows <= 16): matmul_rows.wgsl, K reduced inside the workgroup (no split,
-    no summing pass), bias and GELU applied as it stores, the weight read as stored (no cast, no transposed copy)."""
+    no summing pass), bias and GELU applied as it stores, the weight read as stored (no cast, no transposed copy);
+    a (K, N) weight's columns per workgroup by the row count (Tuning.ROWS_COLS_NN below 8 rows, _MANY from 8)."""
+    cols = 8 if trans_b else (Tuning().ROWS_COLS_NN if M < 8 else Tuning().ROWS_COLS_NN_MANY)
     for N, K in ((768, 768), (3072, 768), (768, 3072), (50257, 768), (65, 100), (1, 32)):
         for bias, gelu in ((False, False), (True, False), (True, True)):
             p = plan(M, N, K, 1, 1, False, trans_b, bias=bias, gelu=gelu)
@@ -226,13 +228,14 @@ def test_rows_take_only_plain_products_of_few_rows():
 
 def test_linear_groups_take_one_dispatch_where_the_device_binds_them():
     """Llama's q, k, v (side by side) and gate, up (SwiGLU) of a few rows: one matmul_rows_multi.wgsl dispatch over
-    every weight's 32-column tiles; None (the layers one by one) past ROWS_MAX, on a device binding fewer than its
+    every weight's column tiles (8 columns below 8 rows, 4 from 8: Tuning.ROWS_COLS_NN, _MANY); None (the layers one by one) past ROWS_MAX, on a device binding fewer than its
     nine storage buffers (WebGPU's default is 8), for swiglu of unequal widths or a grid past the limit."""
     many = Limits(storage_buffers=16)
     p = plan_group(1, (576, 192, 192), "concat", many)
-    assert (p.kernel, p.entry, p.grid) == ("matmul_rows_multi", "concat", (18 + 6 + 6, 1, 1))
-    assert plan_group(16, (1536, 1536), "swiglu", many).grid == (48, 1, 1)
-    assert plan_group(3, (33,), "concat", Limits(storage_buffers=9)).grid == (2, 1, 1)
+    assert (p.kernel, p.entry, p.grid) == ("matmul_rows_multi", "concat", (72 + 24 + 24, 1, 1))
+    assert plan_group(16, (1536, 1536), "swiglu", many).grid == (384, 1, 1)
+    assert plan_group(3, (33,), "concat", Limits(storage_buffers=9)).grid == (5, 1, 1)
+    assert plan_group(3, (33,), "concat", Limits(storage_buffers=9), Tuning(ROWS_COLS_NN=32)).grid == (2, 1, 1)
     for refused in (plan_group(17, (64, 64), "swiglu", many), plan_group(1, (64, 64), "swiglu", Limits()),
                     plan_group(1, (64, 65), "swiglu", many), plan_group(1, (64,) * 4, "concat", many),
                     plan_group(1, (64,), "swiglu", many), plan_group(0, (64,), "concat", many),

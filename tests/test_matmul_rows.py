@@ -229,10 +229,10 @@ def test_decode_steps_with_lora_adapters_give_the_logits_of_the_full_forward(use
 def test_every_column_count_of_the_row_kernels_gives_the_same_products(wgpu_backend, monkeypatch, cols):
     """Tuning.ROWS_COLS_NN (columns per workgroup of a (K, N) weight; the rest of the 256 threads slice K) changes
     only how the work is spread: matmul_rows and matmul_rows_multi equal the float64 reference for each allowed
-    count, with N off every tile and M up to 16 (four rows' sums per pass)."""
+    count (the many-rows count, from 8 rows, here), with N off every tile."""
     B = wgpu_backend
-    monkeypatch.setattr(B, "matmul_tuning", replace(B.matmul_tuning, ROWS_COLS_NN=cols))
-    M, K, N = 7, 300, 45
+    monkeypatch.setattr(B, "matmul_tuning", replace(B.matmul_tuning, ROWS_COLS_NN=cols, ROWS_COLS_NN_MANY=cols))
+    M, K, N = 9, 300, 45
     x = rng.standard_normal((M, K)).astype(np.float32)
     ws = [(rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32) for _ in range(3)]
     bias, res = rng.standard_normal(N).astype(np.float32), rng.standard_normal((M, N)).astype(np.float32)
@@ -256,5 +256,6 @@ def test_a_column_count_the_row_kernels_cannot_take_is_refused():
     from lab.checks import InputError
     from lab.engine.wgpu.matmul_plan import Tuning
     for bad in (0, 3, 128, 32.5, "32"):
-        with pytest.raises(InputError, match=r"ROWS_COLS_NN must be one of \(4, 8, 16, 32, 64\)"):
-            Tuning(ROWS_COLS_NN=bad)
+        for field in ("ROWS_COLS_NN", "ROWS_COLS_NN_MANY"):
+            with pytest.raises(InputError, match=field + r" must be one of \(4, 8, 16, 32, 64\)"):
+                Tuning(**{field: bad})

@@ -3,7 +3,7 @@ import functools
 
 from ..backend import HeadView, gather_heads, scatter_heads
 from .common import _f32bits
-from .matmul_plan import Limits, Tuning, heads_in_place, plan, plan_group
+from .matmul_plan import Limits, Tuning, heads_in_place, plan, plan_group, rows_cols
 from .memory import GPUArray
 
 
@@ -140,7 +140,7 @@ class MatmulOps:
         out = self._alloc((1, M, sum(widths) if how == "concat" else widths[0]), "float32")
         pad = [0] * (3 - len(weights))
         mask = sum(1 << i for i, b in enumerate(biases) if b is not None)
-        cols = self.matmul_tuning.ROWS_COLS_NN
+        cols = rows_cols("nn", M, self.matmul_tuning)
         tiles = [-(-n // cols) for n in widths] + pad
         self._dispatch("matmul_rows_multi", p.entry, [M, K] + widths + pad + tiles[:2] + [mask],
                        [a] + list(weights) + [None] * len(pad) + [out] + list(biases) + [None] * len(pad), p.grid,
@@ -160,7 +160,7 @@ class MatmulOps:
         label = f"matmul {p.layout.upper()} 1x{M}x{N}x{K} rows" + "".join(
             f" +{name}" for name, on in zip(("bias", "gelu", "residual"), fused) if on)
         self._dispatch("matmul_rows", p.entry, [M, N, K] + [int(f) for f in fused], [a, b, out, bias, residual, pre],
-                       p.grid, M * N * K, _aligned_subs(a, b) + (("ROWS", M), ("TN_NN", self.matmul_tuning.ROWS_COLS_NN)),
+                       p.grid, M * N * K, _aligned_subs(a, b) + (("ROWS", M), ("TN_NN", rows_cols("nn", M, self.matmul_tuning))),
                        label=label)
         return out, pre, "all"
 

@@ -40,8 +40,11 @@ class Tuning:
     MATMUL_ALIGNED: bool = True     # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
     ROWS_MAX: int = 16              # products of up to this many rows (a decode step's linears) take
     #                                 matmul_rows.wgsl: K reduced in the workgroup, bias, GELU and residual fused
-    ROWS_COLS_NN: int = 32          # ... their columns per workgroup for a (K, N) weight (the rest of its 256 threads
-    #                                 slice K): fewer columns make more workgroups for a decode step's narrow outputs
+    ROWS_COLS_NN: int = 8           # ... their columns per workgroup for a (K, N) weight, up to 7 rows (the rest of
+    #                                 the 256 threads slice K): decode steps on the H200, ms per step at 32/16/8/4
+    #                                 columns: gpt2-small 3.10/2.72/2.56/2.41, smollm2-135m 7.10/6.36/4.90/6.73
+    ROWS_COLS_NN_MANY: int = 4      # ... from 8 rows: batch 16, gpt2-small 7.59/5.49/4.38/4.03, smollm2-135m
+    #                                 12.78/11.65/10.00/8.80 (32 columns left a 768-wide output 24 workgroups)
     THIN_MAX: int = 16              # products with M or N up to this take matmul_thin.wgsl, with K up to this
     #                                 lora.wgsl's up_add_t_main ...
     THIN_MIN_VOLUME: int = 1 << 20  # ... when M N K is at least this (smaller ones are cheap either way)
@@ -59,9 +62,9 @@ class Tuning:
             if f.type is bool:
                 if not isinstance(value, bool):
                     raise InputError(f"Tuning: {f.name} must be True or False, got {show(value)}")
-            elif f.name == "ROWS_COLS_NN":
+            elif f.name.startswith("ROWS_COLS_NN"):
                 if value not in ROWS_COLS_ALLOWED:   # (a divisor of the 256 threads that keeps 4 rows' sums in them)
-                    raise InputError(f"Tuning: ROWS_COLS_NN must be one of {ROWS_COLS_ALLOWED}, got {show(value)}")
+                    raise InputError(f"Tuning: {f.name} must be one of {ROWS_COLS_ALLOWED}, got {show(value)}")
             elif f.name == "PAD_MAX_WORK":
                 object.__setattr__(self, f.name, real(f"Tuning: {f.name}", value, 1.0))
             else:
@@ -148,7 +151,7 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
     if (0 < M <= tuning.ROWS_MAX and not trans_a and batch_a == batch_b == 1 and not views and not into
             and fits("matmul_rows", limits)):
         layout = "nt" if trans_b else "nn"
-        grid = (math.ceil(N / rows_cols(layout, tuning)), 1, 1)
+        grid = (math.ceil(N / rows_cols(layout, M, tuning)), 1, 1)
         if grid[0] <= limits.max_workgroups:
             return Plan("rows", "matmul_rows", layout, grid, k_chunk=K, layout=layout, fused_bias=bias, gelu=gelu)
     if not views and not gelu:
@@ -207,9 +210,12 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
                          fused_bias=bias and S == 1, gelu=gelu and S == 1, triangle=tri), M, N, K, limits)
 
 
-def rows_cols(layout, tuning):
-    """matmul_rows.wgsl's columns per workgroup for B's layout ("nn": (K, N), "nt": (N, K))."""
-    return tuning.ROWS_COLS_NN if layout == "nn" else ROWS_COLS_NT
+def rows_cols(layout, M, tuning):
+    """matmul_rows.wgsl's (and matmul_rows_multi.wgsl's) columns per workgroup for a product of M rows by B of
+    layout "nn" ((K, N)) or "nt" ((N, K))."""
+    if layout == "nt":
+        return ROWS_COLS_NT
+    return tuning.ROWS_COLS_NN if M < 8 else tuning.ROWS_COLS_NN_MANY
 
 
 MULTI_BUFFERS = 9   # matmul_rows_multi.wgsl's storage bindings (params, input, 3 weights, output, 3 biases)
@@ -222,7 +228,7 @@ def plan_group(M, widths, how, limits=Limits(), tuning=Tuning()):
     storage buffers or less workgroup memory, a grid past the limit), and the layers then run one by one."""
     if how not in ("concat", "swiglu"):
         raise ValueError(f"plan_group: how must be 'concat' or 'swiglu', got {how!r}")
-    tiles = [math.ceil(n / tuning.ROWS_COLS_NN) for n in widths]
+    tiles = [math.ceil(n / rows_cols("nn", M, tuning)) for n in widths]
     if not (0 < M <= tuning.ROWS_MAX and limits.storage_buffers >= MULTI_BUFFERS and fits("matmul_rows_multi", limits)
             and (len(widths) in (1, 2, 3) if how == "concat" else len(widths) == 2 and widths[0] == widths[1])):
         return None
