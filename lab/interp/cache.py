@@ -48,29 +48,30 @@ class ActivationCache(Mapping):
         return [self._store[n] for n in names]
 
     def _layer(self, layer, what):
-        """layer as TransformerLens takes it: the number of layers from the start, 0..L (None and -1: all L)."""
+        """layer as TransformerLens takes it: up to layer 0..L (None and -1: L, the whole stream)."""
         L = self.n_layers
         if layer is None or (isinstance(layer, int) and layer == -1):
             return L
-        return integer(f"{what}: layer (the layers before it: 0..{L}, or -1 / None for all)", layer, low=0, high=L)
+        return integer(f"{what}: layer (0..{L}, or -1 / None for all)", layer, low=0, high=L)
 
     def accumulated_resid(self, layer=None, incl_mid=False, apply_ln=False, return_labels=False):
-        """The residual stream as it stands before each layer (n, B, T, C): blocks.i.hook_resid_pre for the
-        first `layer` layers (None: all of them, then the final resid_post: n = L + 1), with each layer's
-        resid_mid too when incl_mid. apply_ln: each through the final norm with its own statistics, as the
-        unembedding would read it (the logit lens). Labels as TransformerLens's: "0_pre", "0_mid", ...,
-        "final_post"."""
+        """The residual stream as it stands before each layer up to `layer` (n, B, T, C), as TransformerLens's:
+        blocks.i.hook_resid_pre for i = 0..layer (n = layer + 1), the last one's resid_post standing for layer
+        L (None, -1 or L: all, n = L + 1), with the resid_mid of each layer before `layer` too when incl_mid.
+        apply_ln: each through the final norm with its own statistics, as the unembedding would read it (the
+        logit lens). Labels "0_pre", "0_mid", ..., "final_post"."""
         n = self._layer(layer, "accumulated_resid")
         names, labels = [], []
-        for i in range(n):
+        for i in range(n + 1):
+            if i == self.n_layers:
+                names.append(f"blocks.{i - 1}.hook_resid_post")
+                labels.append("final_post")
+                break
             names.append(f"blocks.{i}.hook_resid_pre")
             labels.append(f"{i}_pre")
-            if incl_mid:
+            if incl_mid and i < n:
                 names.append(f"blocks.{i}.hook_resid_mid")
                 labels.append(f"{i}_mid")
-        if n == self.n_layers:
-            names.append(f"blocks.{n - 1}.hook_resid_post")
-            labels.append("final_post")
         stack = np.stack(self._need(names, "accumulated_resid"))
         if apply_ln:
             stack = np.stack([self._final_norm(r) for r in stack])

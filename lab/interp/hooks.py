@@ -11,12 +11,13 @@ lab.train.replay.module_signature also sees its identity.
 This module imports no model family: the families import it (the mixin below).
 """
 import contextlib
+import threading
 
 import numpy as np
 
 from .. import nn
 from ..checks import InputError, show
-from ..engine.tensor import Tensor, tensor
+from ..engine.tensor import Tensor, is_grad_enabled, tensor
 from .cache import ActivationCache, check_name
 
 # the points of layer i, in forward order: (module key, prefix under blocks.{i}., point names)
@@ -40,31 +41,67 @@ class _Points:
 
     def __call__(self, point, x):
         for fn in self.fns.get(point, ()):
-            out = fn(x, self.prefix + point)
+            key = (id(fn), self.prefix + point)
+            if key in _running.keys:
+                # the hook ran the model, whose hooks (its own among them) are still on: it would call itself
+                # again without end (a RecursionError thousands of frames deep)
+                raise InputError(f"{_who(fn, self.prefix + point)} runs the model while that model's hooks are on, "
+                                 f"so the model calls the hook again inside itself without end; run the model outside "
+                                 f"the hook (e.g. cache what it needs beforehand with run_with_cache)")
+            _running.keys.add(key)
+            try:
+                out = fn(x, self.prefix + point)
+            finally:
+                _running.keys.discard(key)
             if out is not None:
                 x = _replacement(out, x, self.prefix + point, fn)
         return x
 
 
+class _Running(threading.local):
+    """The (hook fn, point) pairs whose fn is running in this thread."""
+
+    def __init__(self):
+        self.keys = set()
+
+
+_running = _Running()
+
+
+def _who(fn, name):
+    return f"hook {getattr(fn, '__name__', type(fn).__name__)} at {name}"
+
+
 def _replacement(out, x, name, fn):
     """A hook's return value as the activation that replaces x: a Tensor or array of x's shape."""
-    who = f"hook {getattr(fn, '__name__', type(fn).__name__)} at {name}"
+    who = _who(fn, name)
     if isinstance(out, Tensor):
         if out.shape != x.shape:
             raise InputError(f"{who} returned shape {out.shape}, the activation's shape is {x.shape}: return None "
                              f"to keep it or an activation of the same shape")
-        return out if out.backend is x.backend else out.to(x.backend)
+        if out.dtype != x.dtype:   # (no op casts with a gradient; a float16 Tensor would be read as float32 bits)
+            raise InputError(f"{who} returned a {out.dtype} Tensor, the activation is {x.dtype}: return a Tensor of "
+                             f"its dtype, or a numpy array (cast to it)")
+        if out.backend is x.backend:
+            return out
+        if out.requires_grad and is_grad_enabled():   # Tensor.to makes a new leaf: the gradient would stop there
+            raise InputError(f"{who} returned a Tensor on {out.backend.name} that needs a gradient, the activation "
+                             f"is on {x.backend.name}: gradients do not cross backends; compute the replacement on "
+                             f"{x.backend.name} (the parameters it uses moved there with .to('{x.backend.name}')), "
+                             f"or run under lab.no_grad() when no gradient is wanted")
+        return out.to(x.backend)
     try:
         arr = np.asarray(out)
     except Exception:
         arr = None
-    if arr is None or arr.dtype.kind not in "fiub":
+    # (booleans are refused: a mask returned in place of the masked activation is the likely mistake)
+    if arr is None or arr.dtype.kind not in "fiu":
         raise InputError(f"{who} returned {show(out)}: a hook returns None (keep the activation) or a Tensor or "
                          f"numpy array of the activation's shape {x.shape}")
     if arr.shape != x.shape:
         raise InputError(f"{who} returned shape {arr.shape}, the activation's shape is {x.shape}: return None to "
                          f"keep it or an activation of the same shape")
-    return tensor(arr.astype(np.float32), backend=x.backend)
+    return tensor(arr, dtype=x.dtype, backend=x.backend)
 
 
 class HookedModel:
@@ -146,7 +183,7 @@ class HookedModel:
             if isinstance(key, str):
                 out.append((check_name(key, names), fn))
             elif callable(key):
-                out += [(n, fn) for n in names if key(n)]
+                out += [(n, fn) for n in _picked(key, names, "a fwd_hooks predicate")]
             else:
                 raise InputError(f"a hook's name must be a hook name (model.hook_names()) or a predicate on names, "
                                  f"got {show(key)}")
@@ -202,7 +239,7 @@ class HookedModel:
         elif isinstance(names_filter, str):
             wanted = [check_name(names_filter, names)]
         elif callable(names_filter):
-            wanted = [n for n in names if names_filter(n)]
+            wanted = _picked(names_filter, names, "names_filter")
         elif isinstance(names_filter, (list, tuple, set, frozenset)):
             wanted = [check_name(n, names) if isinstance(n, str) else _bad_filter(n) for n in names_filter]
         else:
@@ -215,6 +252,19 @@ class HookedModel:
         out = self.run_with_hooks(tokens, [(n, keep) for n in dict.fromkeys(wanted)], **forward_kwargs)
         logits = out[0] if isinstance(out, tuple) else out
         return logits, ActivationCache({n: store[n] for n in names if n in store}, self)
+
+
+def _picked(predicate, names, what):
+    """The names predicate(name) is True for; one InputError for an answer that is no boolean (a string, an
+    array: their truth would pick names silently, or fail deep inside numpy)."""
+    picked = []
+    for n in names:
+        yes = predicate(n)
+        if not isinstance(yes, (bool, np.bool_)):
+            raise InputError(f"{what} {getattr(predicate, '__name__', show(predicate))} returned {show(yes)} for "
+                             f"{n!r}: a predicate on hook names returns True or False")
+        picked += [n] if yes else []
+    return picked
 
 
 def _bad_filter(value):
