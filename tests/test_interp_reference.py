@@ -212,3 +212,23 @@ def test_accumulated_resid_up_to_a_layer_includes_its_resid_pre_as_transformerle
     for bad in (3, -2, True, 1.5):
         with pytest.raises(InputError, match="accumulated_resid: layer"):
             cache.accumulated_resid(bad)
+
+
+@pytest.mark.parametrize("variant", ["gpt2-learned", "llama-gqa-untied"])
+def test_decode_steps_patterns_cover_the_positions_so_far_on_either_backend(use_backend, variant):
+    # wgpu's decode steps read a fixed window of cache slots (lab.decode's FixedCache); the hooks saw it whole,
+    # (1, H, 1, 16) with zeros past the step, where numpy's showed (1, H, 1, pos + 1)
+    m = _made(variant)
+    seen = []
+    prompt = [1, 5, 2]
+    with m.hooks([("blocks.1.attn.hook_pattern", lambda x, n: seen.append(x.numpy())),
+                   ("blocks.1.attn.hook_attn_scores", lambda x, n: seen.append(x.shape))]):
+        out = list(lab.generate(m, prompt, 4, greedy=True))
+    _, cache = m.run_with_cache(np.array([prompt + out[:-1]]), names_filter="blocks.1.attn.hook_pattern")
+    full = cache["blocks.1.attn.hook_pattern"]                               # (1, H, 6, 6)
+    shapes, patterns = seen[0::2], seen[1::2]
+    assert [p.shape[-1] for p in patterns] == [3, 4, 5, 6] and [s[-1] for s in shapes] == [3, 4, 5, 6]
+    np.testing.assert_allclose(patterns[0], full[:, :, :3, :3], atol=1e-6)
+    for j, p in enumerate(patterns[1:]):
+        pos = len(prompt) + j
+        np.testing.assert_allclose(p, full[:, :, pos:pos + 1, :pos + 1], atol=1e-6)

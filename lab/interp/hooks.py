@@ -116,8 +116,8 @@ class HookedModel:
         blocks.i.attn.hook_q              queries (B, T, H, D); Llama's after rotary (TransformerLens's hook_rot_q)
         blocks.i.attn.hook_k, hook_v      keys (after rotary in Llama) and values (B, T, Hkv, D)
         blocks.i.attn.hook_attn_scores    scaled scores before the softmax (B, H, T, S), masked slots at -1e30
-        blocks.i.attn.hook_pattern        attention weights (B, H, T, S); S = T in a forward, the cache in a
-                                          forward_cached
+        blocks.i.attn.hook_pattern        attention weights (B, H, T, S); S = T in a forward, pos + T (the slots
+                                          filled so far) in a forward_cached step
         blocks.i.attn.hook_z              each head's weighted values (B, T, H, D), before the output projection
         blocks.i.hook_attn_out            the attention's output (B, T, C)
         blocks.i.hook_resid_mid           the residual after the attention (B, T, C)

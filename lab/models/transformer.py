@@ -116,9 +116,12 @@ class CausalSelfAttention(nn.Module):
 def attend(hook, q, k, v, pos, pad, dropout, training):
     """Attention through lab.interp's hook points (the composed path, for hooks on its insides): q (B, H, T, D) at
     positions pos.., keys and values k, v (B, Hkv, S, D) of slots 0..S-1, Hkv dividing H (query head h reads
-    key-value head h // (H / Hkv)). The scores are scaled and masked before the softmax, as TransformerLens holds
-    them. Returns y (B, T, H * D), heads merged, and the weights (B, H, T, S)."""
+    key-value head h // (H / Hkv)); slots past pos + T are not read (S = pos + T). The scores are scaled and masked
+    before the softmax, as TransformerLens holds them. Returns y (B, T, H * D), heads merged, and the weights
+    (B, H, T, S)."""
     Bsz, H, T, D = q.shape
+    if k.shape[2] > pos + T:   # a decode window's unfilled slots: the hooks see the positions so far, on any backend
+        k, v = k[:, :, :pos + T], v[:, :, :pos + T]
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     scores = F.matmul(q.reshape(Bsz, Hkv, G * T, D), k, transpose_b=True).reshape(Bsz, H, T, S) * (1.0 / math.sqrt(D))
