@@ -1,27 +1,34 @@
 // Fused causal self-attention, flash-attention style (Dao et al., 2022): the (T, T) weights never reach memory.
 // Heads of D = 64 are read straight from the packed projection qkv (B, T, 3C) (q, k, v side by side, as GPT-2's
 // c_attn makes it) and written straight to y (B, T, C) and dqkv (B, T, 3C): no head split or merge copies.
-//   fwd_main:    y = dropout(softmax(scale q k^T, causal)) v, an online softmax over blocks of 32 keys, for a
-//                block of 16 queries; also LSE[bh, t], the row's log-sum-exp of scaled scores, from which the
+//   fwd_main:    y = dropout(softmax(scale q k^T, causal)) v, an online softmax over blocks of BK keys, for a
+//                block of BQ queries; also LSE[bh, t], the row's log-sum-exp of scaled scores, from which the
 //                backward recomputes the weights.
-//   bwd_kv_main: for a block of 32 keys, over the blocks of 16 queries that see them: dv += Pd^T dy and
+//   bwd_kv_main: for a block of BK keys, over the blocks of BQ queries that see them: dv += Pd^T dy and
 //                dk += scale dS^T q.
-//   bwd_q_main:  for a block of 16 queries, over the key blocks they see: dq += scale dS k.
+//   bwd_q_main:  for a block of BQ queries, over the key blocks they see: dq += scale dS k.
+//   (Both recompute the weights: dq sums over keys and dk, dv over queries, and WGSL has no float atomics to let
+//   one of them scatter the other's sums.)
 //   delta_main:  DR[b, t, h] = sum_d dy y, one thread per (b, t, h) (OUT is y here), before the two above.
 //   (P the weights, Pd after dropout, dS = P (dP - DR).)
 // Dropout (P[6] = 1) keeps weight (t, s) of head bh as dropout.wgsl keeps element bh T T + t T + s of the
 // (B H, T, T) weights: the same decisions as the unfused path, re-derived in the backward from the seed.
 // Bindings: P = [B, T, H, C, scale bits, seed, has_dropout, p bits, 1/(1-p) bits], @binding(1) QKV, @binding(2) G
 // (dy, (B, T, C)), @binding(3) LSE (B H, T), @binding(4) DR (B, T, H), @binding(5) OUT (y, or dqkv).
-// T a multiple of 32. 128 threads, ty = lid / 16, tx = lid % 16. A 16 x 32 score block is held as queries
-// 2 ty + e (e < 2) by keys tx + 16 f (f < 2), four scores a thread; a 16 x 64 output block (y, dq) as queries
-// 2 ty + e by the vec4 tx of the head row; bwd_kv's 32 x 64 blocks (dk, dv) as keys 4 ty + e (e < 4) by vec4 tx.
-// Workgroup memory stays under 32 KiB (lavapipe's limit; the H200's is 48).
+// BQ, BK, TY are template constants (attention_plan.blocks picks them from the device's workgroup memory); T is a
+// multiple of BQ and BK. 16 TY threads, ty = lid / 16, tx = lid % 16. A BQ x BK score block is held as queries
+// EQ ty + e (e < EQ) by keys tx + 16 f (f < FK), EQ FK scores a thread; a BQ x 64 output block (y, dq) as queries
+// EQ ty + e by the vec4 tx of the head row; bwd_kv's BK x 64 blocks (dk, dv) as keys EK ty + e by vec4 tx.
 
-const BQ: u32 = 16u;     // queries per block
-const BK: u32 = 32u;     // keys per block
-const D4: u32 = 16u;     // vec4s per head row (D = 64)
-const PAD: u32 = 17u;    // row stride of Ks, Vs in vec4s: lanes reading rows tx, tx + 1, ... hit distinct banks
+const BQ: u32 = {{BQ}}u;     // queries per block  } attention_plan.blocks: from the device's workgroup memory
+const BK: u32 = {{BK}}u;     // keys per block     } and AttentionTuning (T a multiple of both)
+const TY: u32 = {{TY}}u;     // rows of 16 threads
+const THREADS: u32 = 16u * TY;
+const EQ: u32 = BQ / TY;     // queries a thread holds of a score block (by FK keys) and of y, dq
+const FK: u32 = BK / 16u;    // keys a thread holds of a score block
+const EK: u32 = BK / TY;     // keys a thread holds of bwd_kv's dk, dv
+const D4: u32 = 16u;         // vec4s per head row (D = 64)
+const PAD: u32 = 17u;        // row stride of Ks, Vs in vec4s: lanes reading rows tx, tx + 1, ... hit distinct banks
 const NEG: f32 = -1e30;
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
@@ -31,16 +38,16 @@ const NEG: f32 = -1e30;
 @group(0) @binding(4) var<storage, read_write> DR: array<f32>;
 @group(0) @binding(5) var<storage, read_write> OUT: array<vec4<f32>>;
 
-var<workgroup> Qs: array<vec4<f32>, 256>;   // 16 query rows of q
-var<workgroup> Gs: array<vec4<f32>, 256>;   // 16 query rows of dy
-var<workgroup> Ks: array<vec4<f32>, 544>;   // 32 key rows of k, stride PAD
-var<workgroup> Vs: array<vec4<f32>, 544>;   // 32 key rows of v, stride PAD
-var<workgroup> Pw: array<vec2<f32>, 256>;   // fwd: Pd[c * 8 + ty] = (Pd(2 ty, c), Pd(2 ty + 1, c)); bwd_q: dS alike
-var<workgroup> Pt: array<vec4<f32>, 128>;   // bwd_kv: Pd^T[q * 8 + c / 4][c % 4] = Pd(q, c)
-var<workgroup> St: array<vec4<f32>, 128>;   // bwd_kv: dS^T alike
-var<workgroup> red: array<vec4<f32>, 64>;   // [query][tx]: per-thread partials of 16 rows
-var<workgroup> Ls: array<f32, 16>;
-var<workgroup> Ds: array<f32, 16>;
+// (attention_plan.workgroup_bytes counts what each entry point uses of these)
+var<workgroup> Qs: array<vec4<f32>, BQ * D4>;   // BQ query rows of q
+var<workgroup> Gs: array<vec4<f32>, BQ * D4>;   // BQ query rows of dy
+var<workgroup> Ks: array<vec4<f32>, BK * PAD>;  // BK key rows of k, stride PAD
+var<workgroup> Vs: array<vec4<f32>, BK * PAD>;  // BK key rows of v, stride PAD
+var<workgroup> Pw: array<f32, BQ * BK>;         // fwd: Pd[c BQ + q]; bwd_q: dS alike; bwd_kv: Pd^T[q BK + c]
+var<workgroup> St: array<f32, BQ * BK>;         // bwd_kv: dS^T[q BK + c]
+var<workgroup> red: array<vec4<f32>, BQ * 4u>;  // [query][tx / 4]: per-thread partials of BQ rows
+var<workgroup> Ls: array<f32, BQ>;
+var<workgroup> Ds: array<f32, BQ>;
 
 struct Head { b: u32, h: u32, bh: u32, T: u32, C4: u32, row4: u32 }
 
@@ -56,27 +63,28 @@ fn kept(hd: Head, hashed_seed: u32, t: u32, s: u32) -> bool {
     return keep((hd.bh * hd.T + t) * hd.T + s, hashed_seed, bitcast<f32>(P[7]));
 }
 
-// Queries t0 .. t0 + 15 of q into Qs (the backward stages dy, LSE and DR with them: load_queries).
+// Queries t0 .. t0 + BQ - 1 of q into Qs (the backward stages dy, LSE and DR with them: load_queries).
+// (BQ D4 vec4s over 16 TY threads: EQ each; BK rows of keys: EK each.)
 fn stage_queries(hd: Head, t0: u32, lid: u32) {
-    for (var n = 0u; n < 2u; n++) {
-        let e = lid + 128u * n;
+    for (var n = 0u; n < EQ; n++) {
+        let e = lid + THREADS * n;
         Qs[e] = QKV[(hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4];
     }
 }
 
-// Keys t0 .. t0 + 31 of k and v into Ks, Vs.
+// Keys t0 .. t0 + BK - 1 of k and v into Ks, Vs.
 fn stage_keys(hd: Head, t0: u32, lid: u32) {
     store_keys(lid, load_keys(hd, t0, lid));
 }
 
 // The loops over blocks fetch the next block into registers before the current block's arithmetic and store
 // it into workgroup memory after (load_*, store_*), so its global-memory latency hides behind that arithmetic.
-struct KeyRows { k: array<vec4<f32>, 4>, v: array<vec4<f32>, 4> }
+struct KeyRows { k: array<vec4<f32>, EK>, v: array<vec4<f32>, EK> }
 
 fn load_keys(hd: Head, t0: u32, lid: u32) -> KeyRows {
     var out: KeyRows;
-    for (var n = 0u; n < 4u; n++) {
-        let e = lid + 128u * n;
+    for (var n = 0u; n < EK; n++) {
+        let e = lid + THREADS * n;
         let at = (hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4;
         out.k[n] = QKV[at + hd.C4];
         out.v[n] = QKV[at + 2u * hd.C4];
@@ -85,19 +93,19 @@ fn load_keys(hd: Head, t0: u32, lid: u32) -> KeyRows {
 }
 
 fn store_keys(lid: u32, rows: KeyRows) {
-    for (var n = 0u; n < 4u; n++) {
-        let e = lid + 128u * n;
+    for (var n = 0u; n < EK; n++) {
+        let e = lid + THREADS * n;
         Ks[(e / D4) * PAD + e % D4] = rows.k[n];
         Vs[(e / D4) * PAD + e % D4] = rows.v[n];
     }
 }
 
-struct QueryRows { q: array<vec4<f32>, 2>, g: array<vec4<f32>, 2>, lse: f32, dr: f32 }
+struct QueryRows { q: array<vec4<f32>, EQ>, g: array<vec4<f32>, EQ>, lse: f32, dr: f32 }
 
 fn load_queries(hd: Head, t0: u32, lid: u32) -> QueryRows {
     var out: QueryRows;
-    for (var n = 0u; n < 2u; n++) {
-        let e = lid + 128u * n;
+    for (var n = 0u; n < EQ; n++) {
+        let e = lid + THREADS * n;
         let t = hd.b * hd.T + t0 + e / D4;
         out.q[n] = QKV[t * hd.row4 + hd.h * D4 + e % D4];
         out.g[n] = G[t * hd.C4 + hd.h * D4 + e % D4];
@@ -110,53 +118,63 @@ fn load_queries(hd: Head, t0: u32, lid: u32) -> QueryRows {
 }
 
 fn store_queries(lid: u32, rows: QueryRows) {
-    Qs[lid] = rows.q[0];
-    Qs[lid + 128u] = rows.q[1];
-    Gs[lid] = rows.g[0];
-    Gs[lid + 128u] = rows.g[1];
+    for (var n = 0u; n < EQ; n++) {
+        Qs[lid + THREADS * n] = rows.q[n];
+        Gs[lid + THREADS * n] = rows.g[n];
+    }
     if (lid < BQ) {
         Ls[lid] = rows.lse;
         Ds[lid] = rows.dr;
     }
 }
 
-// The thread's four dot products of head rows: queries 2 ty + e of Qs (or of Gs) with keys tx + 16 f of Ks (or
-// of Vs): [e][f]. With q, k: the scores; with dy, v: the gradient of the dropped weights.
-// (Each dot product is kept as four lane sums until the end: dot() per vec4 would compile to a multiply, three
-// dependent FMAs and an add.)
-fn dots(scores: bool, ty: u32, tx: u32) -> array<vec2<f32>, 2> {
-    var a00 = vec4<f32>(0.0);
-    var a01 = vec4<f32>(0.0);
-    var a10 = vec4<f32>(0.0);
-    var a11 = vec4<f32>(0.0);
+// The thread's EQ x FK dot products of head rows: queries EQ ty + e of Qs (or of Gs) with keys tx + 16 f of Ks
+// (or of Vs): [e][f]. With q, k: the scores; with dy, v: the gradient of the dropped weights. (Two functions, not
+// one with a flag: an entry point reserves every workgroup array its code names, and the forward has no Gs.)
+fn scores(ty: u32, tx: u32) -> array<array<f32, FK>, EQ> {
+    var acc: array<array<vec4<f32>, FK>, EQ>;
     for (var d4 = 0u; d4 < D4; d4++) {
-        var x0: vec4<f32>;
-        var x1: vec4<f32>;
-        var y0: vec4<f32>;
-        var y1: vec4<f32>;
-        if (scores) {
-            x0 = Qs[2u * ty * D4 + d4];
-            x1 = Qs[(2u * ty + 1u) * D4 + d4];
-            y0 = Ks[tx * PAD + d4];
-            y1 = Ks[(tx + 16u) * PAD + d4];
-        } else {
-            x0 = Gs[2u * ty * D4 + d4];
-            x1 = Gs[(2u * ty + 1u) * D4 + d4];
-            y0 = Vs[tx * PAD + d4];
-            y1 = Vs[(tx + 16u) * PAD + d4];
-        }
-        a00 += x0 * y0;
-        a01 += x0 * y1;
-        a10 += x1 * y0;
-        a11 += x1 * y1;
+        var x: array<vec4<f32>, EQ>;
+        var y: array<vec4<f32>, FK>;
+        for (var e = 0u; e < EQ; e++) { x[e] = Qs[(EQ * ty + e) * D4 + d4]; }
+        for (var f = 0u; f < FK; f++) { y[f] = Ks[(tx + 16u * f) * PAD + d4]; }
+        accumulate(&acc, x, y);
     }
-    let one = vec4<f32>(1.0);
-    return array<vec2<f32>, 2>(vec2<f32>(dot(a00, one), dot(a01, one)), vec2<f32>(dot(a10, one), dot(a11, one)));
+    return lane_sums(acc);
 }
 
-// The 16 partials of query row 2 ty + e (in red) combined: their max, or their sum.
+fn dropped_grads(ty: u32, tx: u32) -> array<array<f32, FK>, EQ> {
+    var acc: array<array<vec4<f32>, FK>, EQ>;
+    for (var d4 = 0u; d4 < D4; d4++) {
+        var x: array<vec4<f32>, EQ>;
+        var y: array<vec4<f32>, FK>;
+        for (var e = 0u; e < EQ; e++) { x[e] = Gs[(EQ * ty + e) * D4 + d4]; }
+        for (var f = 0u; f < FK; f++) { y[f] = Vs[(tx + 16u * f) * PAD + d4]; }
+        accumulate(&acc, x, y);
+    }
+    return lane_sums(acc);
+}
+
+// (Each dot product is kept as four lane sums until the end: dot() per vec4 would compile to a multiply, three
+// dependent FMAs and an add.)
+fn accumulate(acc: ptr<function, array<array<vec4<f32>, FK>, EQ>>, x: array<vec4<f32>, EQ>,
+              y: array<vec4<f32>, FK>) {
+    for (var e = 0u; e < EQ; e++) {
+        for (var f = 0u; f < FK; f++) { (*acc)[e][f] += x[e] * y[f]; }
+    }
+}
+
+fn lane_sums(acc: array<array<vec4<f32>, FK>, EQ>) -> array<array<f32, FK>, EQ> {
+    var out: array<array<f32, FK>, EQ>;
+    for (var e = 0u; e < EQ; e++) {
+        for (var f = 0u; f < FK; f++) { out[e][f] = dot(acc[e][f], vec4<f32>(1.0)); }
+    }
+    return out;
+}
+
+// The 16 partials of query row EQ ty + e (in red) combined: their max, or their sum.
 fn row_total(ty: u32, e: u32, is_max: bool) -> f32 {
-    let r = 2u * ty + e;
+    let r = EQ * ty + e;
     var acc = red[r * 4u];
     for (var q = 1u; q < 4u; q++) {
         if (is_max) { acc = max(acc, red[r * 4u + q]); } else { acc += red[r * 4u + q]; }
@@ -165,36 +183,27 @@ fn row_total(ty: u32, e: u32, is_max: bool) -> f32 {
     return acc.x + acc.y + acc.z + acc.w;
 }
 
-// A score block's values (as dots returns them) into Pw, a column of two queries per key.
-fn put_pairs(ty: u32, tx: u32, v: array<vec2<f32>, 2>) {
-    Pw[tx * 8u + ty] = vec2<f32>(v[0].x, v[1].x);
-    Pw[(tx + 16u) * 8u + ty] = vec2<f32>(v[0].y, v[1].y);
-}
-
-// acc0, acc1 (queries 2 ty, 2 ty + 1, vec4 tx of the head row) += Pw's block times the staged rows of v (or k).
-fn pairs_times_rows(by_v: bool, ty: u32, tx: u32, acc0: ptr<function, vec4<f32>>, acc1: ptr<function, vec4<f32>>) {
-    for (var c = 0u; c < BK; c++) {
-        let a = Pw[c * 8u + ty];
-        var row: vec4<f32>;
-        if (by_v) { row = Vs[c * PAD + tx]; } else { row = Ks[c * PAD + tx]; }
-        *acc0 += a.x * row;
-        *acc1 += a.y * row;
+// A score block's values (as scores returns them) into Pw, a column of BQ queries per key.
+fn put_block(ty: u32, tx: u32, v: array<array<f32, FK>, EQ>) {
+    for (var e = 0u; e < EQ; e++) {
+        for (var f = 0u; f < FK; f++) { Pw[(tx + 16u * f) * BQ + EQ * ty + e] = v[e][f]; }
     }
 }
 
-// acc[e] (key 4 ty + e, vec4 tx) += a[e] x: one query's contribution to dk or dv.
-fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, x: vec4<f32>) {
-    (*acc)[0] += a.x * x;
-    (*acc)[1] += a.y * x;
-    (*acc)[2] += a.z * x;
-    (*acc)[3] += a.w * x;
+// acc[e] (query EQ ty + e, vec4 tx of the head row) += Pw's block times the staged rows of v (or k).
+fn block_times_rows(by_v: bool, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, EQ>>) {
+    for (var c = 0u; c < BK; c++) {
+        var row: vec4<f32>;
+        if (by_v) { row = Vs[c * PAD + tx]; } else { row = Ks[c * PAD + tx]; }
+        for (var e = 0u; e < EQ; e++) { (*acc)[e] += Pw[c * BQ + EQ * ty + e] * row; }
+    }
 }
 
 fn put_partial(ty: u32, tx: u32, e: u32, v: f32) {
-    red[(2u * ty + e) * 4u + tx / 4u][tx % 4u] = v;
+    red[(EQ * ty + e) * 4u + tx / 4u][tx % 4u] = v;
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(THREADS)
 fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let hd = head(wid);
     let tx = lid % 16u;
@@ -205,152 +214,155 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let hashed_seed = pcg(P[5]);
     let keep_scale = bitcast<f32>(P[8]);
     stage_queries(hd, i0, lid);
-    var m = vec2<f32>(NEG);
-    var l = vec2<f32>(0.0);
-    var o0 = vec4<f32>(0.0);
-    var o1 = vec4<f32>(0.0);
+    var m: array<f32, EQ>;
+    var l: array<f32, EQ>;
+    var o: array<vec4<f32>, EQ>;
+    for (var e = 0u; e < EQ; e++) { m[e] = NEG; }
     stage_keys(hd, 0u, lid);
     for (var j0 = 0u; j0 < i0 + BQ; j0 += BK) {
         let more = j0 + BK < i0 + BQ;
         var next: KeyRows;
         if (more) { next = load_keys(hd, j0 + BK, lid); }
         workgroupBarrier();
-        var s = dots(true, ty, tx);
-        for (var e = 0u; e < 2u; e++) {
-            let t = i0 + 2u * ty + e;
-            s[e] *= scale;
-            if (j0 + tx > t) { s[e].x = NEG; }
-            if (j0 + tx + 16u > t) { s[e].y = NEG; }
-            put_partial(ty, tx, e, max(s[e].x, s[e].y));
-        }
-        workgroupBarrier();
-        var pd = array<vec2<f32>, 2>();
-        var alpha = vec2<f32>(0.0);
-        for (var e = 0u; e < 2u; e++) {
-            let t = i0 + 2u * ty + e;
-            let m_new = max(m[e], row_total(ty, e, true));
-            alpha[e] = exp(m[e] - m_new);
-            let p = exp(s[e] - vec2<f32>(m_new));
-            l[e] = l[e] * alpha[e] + p.x + p.y;
-            m[e] = m_new;
-            pd[e] = p;
-            if (drop) {
-                pd[e].x = select(0.0, p.x * keep_scale, kept(hd, hashed_seed, t, j0 + tx));
-                pd[e].y = select(0.0, p.y * keep_scale, kept(hd, hashed_seed, t, j0 + tx + 16u));
+        var s = scores(ty, tx);
+        for (var e = 0u; e < EQ; e++) {
+            let t = i0 + EQ * ty + e;
+            var top = NEG;
+            for (var f = 0u; f < FK; f++) {
+                s[e][f] *= scale;
+                if (j0 + tx + 16u * f > t) { s[e][f] = NEG; }
+                top = max(top, s[e][f]);
             }
+            put_partial(ty, tx, e, top);
         }
-        o0 *= alpha.x;
-        o1 *= alpha.y;
-        put_pairs(ty, tx, pd);
         workgroupBarrier();
-        pairs_times_rows(true, ty, tx, &o0, &o1);
+        // (key 0 is in every row's first block, so m is finite from there on and masked weights are exp(-1e30))
+        for (var e = 0u; e < EQ; e++) {
+            let t = i0 + EQ * ty + e;
+            let m_new = max(m[e], row_total(ty, e, true));
+            let alpha = exp(m[e] - m_new);
+            var sum = 0.0;
+            for (var f = 0u; f < FK; f++) {
+                let p = exp(s[e][f] - m_new);
+                sum += p;
+                s[e][f] = p;    // now Pd
+                if (drop) { s[e][f] = select(0.0, p * keep_scale, kept(hd, hashed_seed, t, j0 + tx + 16u * f)); }
+            }
+            l[e] = l[e] * alpha + sum;
+            m[e] = m_new;
+            o[e] *= alpha;
+        }
+        put_block(ty, tx, s);
+        workgroupBarrier();
+        block_times_rows(true, ty, tx, &o);
         workgroupBarrier();
         if (more) { store_keys(lid, next); }
     }
-    put_partial(ty, tx, 0u, l.x);
-    put_partial(ty, tx, 1u, l.y);
+    for (var e = 0u; e < EQ; e++) { put_partial(ty, tx, e, l[e]); }
     workgroupBarrier();
-    let t = hd.b * hd.T + i0 + 2u * ty;
-    let total = vec2<f32>(row_total(ty, 0u, false), row_total(ty, 1u, false));
-    OUT[t * hd.C4 + hd.h * D4 + tx] = o0 / total.x;
-    OUT[(t + 1u) * hd.C4 + hd.h * D4 + tx] = o1 / total.y;
-    if (tx == 0u) {
-        LSE[hd.bh * hd.T + i0 + 2u * ty] = m.x + log(total.x);
-        LSE[hd.bh * hd.T + i0 + 2u * ty + 1u] = m.y + log(total.y);
+    for (var e = 0u; e < EQ; e++) {
+        let t = i0 + EQ * ty + e;
+        let total = row_total(ty, e, false);
+        OUT[(hd.b * hd.T + t) * hd.C4 + hd.h * D4 + tx] = o[e] / total;
+        if (tx == 0u) { LSE[hd.bh * hd.T + t] = m[e] + log(total); }
     }
 }
 
-// From the block's scores s and dropped-weight gradients dpd ([e][f]: query i0 + 2 ty + e, key j0 + tx + 16 f):
+// From the block's scores s and dropped-weight gradients dpd ([e][f]: query i0 + EQ ty + e, key j0 + tx + 16 f):
 // the dropped weights Pd and dS = P (dP - DR), P recomputed from LSE (staged in Ls, Ds).
-struct Grads { pd: array<vec2<f32>, 2>, ds: array<vec2<f32>, 2> }
+struct Grads { pd: array<array<f32, FK>, EQ>, ds: array<array<f32, FK>, EQ> }
 
-fn block_grads(hd: Head, s: array<vec2<f32>, 2>, dpd: array<vec2<f32>, 2>, ty: u32, tx: u32, i0: u32,
+fn block_grads(hd: Head, s: array<array<f32, FK>, EQ>, dpd: array<array<f32, FK>, EQ>, ty: u32, tx: u32, i0: u32,
                j0: u32) -> Grads {
     let scale = bitcast<f32>(P[4]);
     let drop = P[6] != 0u;
     let hashed_seed = pcg(P[5]);
     let keep_scale = select(1.0, bitcast<f32>(P[8]), drop);
     var out: Grads;
-    for (var e = 0u; e < 2u; e++) {
-        let t = i0 + 2u * ty + e;
-        for (var f = 0u; f < 2u; f++) {
+    for (var e = 0u; e < EQ; e++) {
+        let t = i0 + EQ * ty + e;
+        for (var f = 0u; f < FK; f++) {
             let u = j0 + tx + 16u * f;
             var p = 0.0;
-            if (u <= t) { p = exp(s[e][f] * scale - Ls[2u * ty + e]); }
+            if (u <= t) { p = exp(s[e][f] * scale - Ls[EQ * ty + e]); }
             var keep = true;
             if (drop) { keep = kept(hd, hashed_seed, t, u); }
             out.pd[e][f] = select(0.0, p * keep_scale, keep);
-            out.ds[e][f] = p * (select(0.0, dpd[e][f] * keep_scale, keep) - Ds[2u * ty + e]);
+            out.ds[e][f] = p * (select(0.0, dpd[e][f] * keep_scale, keep) - Ds[EQ * ty + e]);
         }
     }
     return out;
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(THREADS)
 fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let hd = head(wid);
     let tx = lid % 16u;
     let ty = lid / 16u;
     let j0 = wid.x * BK;
     stage_keys(hd, j0, lid);
-    var dk = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var dv = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    store_queries(lid, load_queries(hd, j0, lid));
-    for (var i0 = j0; i0 < hd.T; i0 += BQ) {
+    var dk: array<vec4<f32>, EK>;
+    var dv: array<vec4<f32>, EK>;
+    let first = j0 - j0 % BQ;    // the first query block that sees key j0
+    store_queries(lid, load_queries(hd, first, lid));
+    for (var i0 = first; i0 < hd.T; i0 += BQ) {
         let more = i0 + BQ < hd.T;
         var next: QueryRows;
         if (more) { next = load_queries(hd, i0 + BQ, lid); }
         workgroupBarrier();
-        let gr = block_grads(hd, dots(true, ty, tx), dots(false, ty, tx), ty, tx, i0, j0);
-        for (var e = 0u; e < 2u; e++) {
-            let q = 2u * ty + e;
-            Pt[q * 8u + tx / 4u][tx % 4u] = gr.pd[e].x;
-            Pt[q * 8u + 4u + tx / 4u][tx % 4u] = gr.pd[e].y;
-            St[q * 8u + tx / 4u][tx % 4u] = gr.ds[e].x;
-            St[q * 8u + 4u + tx / 4u][tx % 4u] = gr.ds[e].y;
+        let gr = block_grads(hd, scores(ty, tx), dropped_grads(ty, tx), ty, tx, i0, j0);
+        for (var e = 0u; e < EQ; e++) {
+            for (var f = 0u; f < FK; f++) {
+                let at = (EQ * ty + e) * BK + tx + 16u * f;
+                Pw[at] = gr.pd[e][f];
+                St[at] = gr.ds[e][f];
+            }
         }
         workgroupBarrier();
         for (var q = 0u; q < BQ; q++) {
-            outer4(&dv, Pt[q * 8u + ty], Gs[q * D4 + tx]);     // keys 4 ty .. + 3
-            outer4(&dk, St[q * 8u + ty], Qs[q * D4 + tx]);
+            let g = Gs[q * D4 + tx];
+            let x = Qs[q * D4 + tx];
+            for (var e = 0u; e < EK; e++) {     // keys EK ty + e
+                dv[e] += Pw[q * BK + EK * ty + e] * g;
+                dk[e] += St[q * BK + EK * ty + e] * x;
+            }
         }
         workgroupBarrier();
         if (more) { store_queries(lid, next); }
     }
     let scale = bitcast<f32>(P[4]);
-    for (var e = 0u; e < 4u; e++) {
-        let at = (hd.b * hd.T + j0 + 4u * ty + e) * hd.row4 + hd.h * D4 + tx;
+    for (var e = 0u; e < EK; e++) {
+        let at = (hd.b * hd.T + j0 + EK * ty + e) * hd.row4 + hd.h * D4 + tx;
         OUT[at + hd.C4] = dk[e] * scale;
         OUT[at + 2u * hd.C4] = dv[e];
     }
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(THREADS)
 fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let hd = head(wid);
     let tx = lid % 16u;
     let ty = lid / 16u;
     let i0 = wid.x * BQ;
     store_queries(lid, load_queries(hd, i0, lid));
-    var dq0 = vec4<f32>(0.0);
-    var dq1 = vec4<f32>(0.0);
+    var dq: array<vec4<f32>, EQ>;
     stage_keys(hd, 0u, lid);
     for (var j0 = 0u; j0 < i0 + BQ; j0 += BK) {
         let more = j0 + BK < i0 + BQ;
         var next: KeyRows;
         if (more) { next = load_keys(hd, j0 + BK, lid); }
         workgroupBarrier();
-        let gr = block_grads(hd, dots(true, ty, tx), dots(false, ty, tx), ty, tx, i0, j0);
-        put_pairs(ty, tx, gr.ds);
+        let gr = block_grads(hd, scores(ty, tx), dropped_grads(ty, tx), ty, tx, i0, j0);
+        put_block(ty, tx, gr.ds);
         workgroupBarrier();
-        pairs_times_rows(false, ty, tx, &dq0, &dq1);
+        block_times_rows(false, ty, tx, &dq);
         workgroupBarrier();
         if (more) { store_keys(lid, next); }
     }
     let scale = bitcast<f32>(P[4]);
-    let t = hd.b * hd.T + i0 + 2u * ty;
-    OUT[t * hd.row4 + hd.h * D4 + tx] = dq0 * scale;
-    OUT[(t + 1u) * hd.row4 + hd.h * D4 + tx] = dq1 * scale;
+    for (var e = 0u; e < EQ; e++) {
+        OUT[(hd.b * hd.T + i0 + EQ * ty + e) * hd.row4 + hd.h * D4 + tx] = dq[e] * scale;
+    }
 }
 
 @compute @workgroup_size(128)

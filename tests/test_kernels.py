@@ -9,7 +9,7 @@ from lab.engine import kernels
 # a value for each placeholder the backend fills (optim_many's and sumsq_many's BINDINGS are generated per use)
 SUBS = {"ENABLE": "", "A_ELEM": "f32", "B_ELEM": "f32", "TRANS_A": "false", "TRANS_B": "true", "UNARY": "u_gelu",
         "SCALAR": "s_pow", "BINARY": "b_maximum", "COMBINE": "r_max", "MAP": "m_square", "IDENTITY": "0.0",
-        "RWG": 64, "KIND": 1, "D": 64, "DPT": 1, "ROWS": 4, "TN_NN": 32, "TN": 32}
+        "RWG": 64, "KIND": 1, "D": 64, "DPT": 1, "ROWS": 4, "TN_NN": 32, "TN": 32, "BQ": 16, "BK": 32, "TY": 8}
 
 
 def _kernel_files():

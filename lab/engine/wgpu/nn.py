@@ -3,6 +3,8 @@ import math
 import os
 import threading
 
+from . import attention_plan
+from .attention_plan import AttentionTuning
 from .common import _f32bits, _grid, _row_subs, _split
 
 
@@ -182,45 +184,60 @@ class NNOps:
 
     # Causal self-attention by attention.wgsl's fused kernels where they apply, for the shapes whose (B, H, T, T)
     # weights cannot be one buffer (above the device's max-storage-buffer-binding-size: the composed path cannot
-    # run them at all), and for every shape with LAB_FLASH_ATTENTION=1. They keep the weights out of memory
-    # (gpt2-small's are 400 MB a layer, several times over in the composed backward) but are not faster: on the
-    # H200 a shakespeare-char step (T = 256) takes 35.7 ms with them against 33.0 composed, gpt2-small (T = 1024)
-    # 0.69x PyTorch against 0.89x (their 16 x 32 score blocks, set by lavapipe's 32 KiB of workgroup memory, run
-    # at a quarter of the tiled matmuls' rate).
-    FLASH_ATTENTION = os.environ.get("LAB_FLASH_ATTENTION", "") not in ("", "0")
+    # run them at all), and for every shape with attention_tuning.FLASH_DEFAULT or LAB_FLASH_ATTENTION=1
+    # (LAB_FLASH_ATTENTION=0: only where they must). They keep the weights out of memory (gpt2-small's are 400 MB a
+    # layer, several times over in the composed backward); with 16 x 32 blocks they were not faster: on the H200 a
+    # shakespeare-char step (T = 256) took 35.7 ms with them against 33.0 composed, gpt2-small (T = 1024) 0.69x
+    # PyTorch against 0.89x. Larger blocks where the workgroup memory takes them: attention_plan.
+    FLASH_ATTENTION = {"": None, "0": False}.get(os.environ.get("LAB_FLASH_ATTENTION", ""), True)
+    attention_tuning = AttentionTuning()
+
+    def _attention_blocks(self, T):
+        storage = self.limits.get("max-compute-workgroup-storage-size", 16384)
+        return (attention_plan.blocks("fwd", T, storage, self.attention_tuning),
+                attention_plan.blocks("bwd", T, storage, self.attention_tuning))
 
     def flash_attention_fits(self, qkv_shape, n_head):
         """Whether attention.wgsl's kernels take this packed qkv (B, T, 3C) (heads of 64, T a multiple of 32, at
-        most 65535 heads in all: one workgroup row each) and are to: asked for, or the weights too big a buffer."""
+        most 65535 heads in all: one workgroup row each, blocks that fit the device's workgroup memory) and are to:
+        asked for (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or the weights too big a buffer."""
         Bsz, T, C3 = qkv_shape
-        takes = C3 == 3 * 64 * n_head and T % 32 == 0 and Bsz * n_head <= 65535
-        return takes and (self.FLASH_ATTENTION or Bsz * n_head * T * T * 4 > self.max_binding)
+        takes = (C3 == 3 * 64 * n_head and T % 32 == 0 and Bsz * n_head <= 65535
+                 and None not in self._attention_blocks(T))
+        wanted = self.attention_tuning.FLASH_DEFAULT if self.FLASH_ATTENTION is None else self.FLASH_ATTENTION
+        return takes and (wanted or Bsz * n_head * T * T * 4 > self.max_binding)
 
     def flash_attention(self, qkv, n_head, scale, p, seed):
         """Causal self-attention from the packed qkv (B, T, 3C) by attention.wgsl's fused kernels: (y (B, T, C),
         lse (B H, T)), the weights never in memory (flash_attention_fits says where they apply)."""
         Bsz, T, C3 = qkv.shape
         C = C3 // 3
+        bq, bk, ty = blocks = self._attention_blocks(T)[0]
         y = self._alloc((Bsz, T, C), "float32")
         lse = self._alloc((Bsz * n_head, T), "float32")
-        self._attention("fwd_main", qkv, n_head, scale, p, seed, [qkv, None, lse, None, y], (T // 16, Bsz * n_head),
-                        f"attention fwd {Bsz}x{n_head}x{T}")
+        self._attention("fwd_main", qkv, n_head, scale, p, seed, [qkv, None, lse, None, y], (T // bq, Bsz * n_head),
+                        f"attention fwd {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return y, lse
 
     def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed):
         """dqkv (B, T, 3C) for flash_attention's y = f(qkv) and its output gradient g (B, T, C)."""
         Bsz, T, C3 = qkv.shape
+        bq, bk, ty = blocks = self._attention_blocks(T)[1]
         n = Bsz * T * n_head
         dr = self._alloc((n,), "float32")
         self._dispatch("attention", "delta_main", self._attention_params(qkv.shape, n_head, scale, p, None),
-                       [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n)
+                       [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n, self._attention_subs(blocks))
         dqkv = self._alloc(qkv.shape, "float32")  # the two kernels write disjoint parts, every element
         binds = [qkv, g, lse, dr, dqkv]
-        self._attention("bwd_kv_main", qkv, n_head, scale, p, seed, binds, (T // 32, Bsz * n_head),
-                        f"attention bwd dk dv {Bsz}x{n_head}x{T}")
-        self._attention("bwd_q_main", qkv, n_head, scale, p, seed, binds, (T // 16, Bsz * n_head),
-                        f"attention bwd dq {Bsz}x{n_head}x{T}")
+        self._attention("bwd_kv_main", qkv, n_head, scale, p, seed, binds, (T // bk, Bsz * n_head),
+                        f"attention bwd dk dv {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
+        self._attention("bwd_q_main", qkv, n_head, scale, p, seed, binds, (T // bq, Bsz * n_head),
+                        f"attention bwd dq {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return dqkv
+
+    @staticmethod
+    def _attention_subs(blocks):
+        return tuple(zip(("BQ", "BK", "TY"), blocks))
 
     @staticmethod
     def _attention_params(shape, n_head, scale, p, seed):
@@ -229,12 +246,12 @@ class NNOps:
         return [Bsz, T, n_head, C3 // 3, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
                 _f32bits(1.0 / (1.0 - p))]
 
-    def _attention(self, entry, qkv, n_head, scale, p, seed, binds, grid, label):
+    def _attention(self, entry, qkv, n_head, scale, p, seed, binds, grid, label, blocks):
         shape = qkv.shape
         if self._capture is not None and seed is not None:  # a replay draws the step's seeds anew
             self._patch = lambda step: self._attention_params(shape, n_head, scale, p, step["seeds"].get(seed, seed))
         self._dispatch("attention", entry, self._attention_params(shape, n_head, scale, p, seed), binds, grid,
-                       qkv.size, label=label)
+                       qkv.size, self._attention_subs(blocks), label=label)
 
     DECODE_WG = 64   # decode_attention.wgsl's RWG
 

@@ -1,0 +1,136 @@
+"""Time the fused attention's block variants against the composed path on the wgpu backend: forward and backward of
+F.causal_self_attention at shakespeare-char's and gpt2-small's attention shapes (heads and width from
+lab.models.PRESETS, batch as `bench train` takes it, the preset's dropout) at T = 256 and T = 1024. Rounds
+alternate the paths (the device's clocks drift); each path's median over the rounds, the device synced around
+each run. Each variant's output and qkv gradient are compared with the composed path's first (same dropout
+decisions), and a variant that differs is reported and never recommended. One line per shape: ms per path and
+the composed path's time over the variant's (> 1: the variant is faster); --out writes all of it as JSON with the
+variant to set in lab/engine/wgpu/attention_plan.py's AttentionTuning.
+Usage: python benchmarks/attention_variants.py --out FILE [--repeats N] [--quick (tiny shapes: lavapipe, tests)]"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import lab
+from lab.bench.train import BENCH_BATCH_SIZE
+from lab.engine import ops as F
+from lab.engine.backend import backend_instance
+from lab.engine.wgpu import attention_plan
+from lab.engine.wgpu.attention_plan import AttentionTuning
+from lab.models import PRESETS
+
+PRESET_NAMES = ("shakespeare-char", "gpt2-small")
+LENGTHS = (256, 1024)
+TOLERANCE = 2e-3    # max |fused - composed| relative to max |composed| (float32 sums in another order)
+
+
+def shapes(quick):
+    if quick:   # tiny: a 2-head, 128-wide attention on lavapipe
+        return [("tiny", 1, 2, 128, T, p) for T in (32, 64) for p in (0.0, 0.2)]
+    return [(name, BENCH_BATCH_SIZE.get(name, 12), PRESETS[name].n_head, PRESETS[name].n_embd, T,
+             PRESETS[name].dropout) for name in PRESET_NAMES for T in LENGTHS]
+
+
+def name_of(variant):
+    return "f{}x{}x{}/b{}x{}x{}".format(*variant[0], *variant[1])
+
+
+def run(B, qkv, g, n_head, p, variant):
+    """One forward and backward, synced; variant None: the composed path. Returns (seconds, y, dqkv)."""
+    B.FLASH_ATTENTION = variant is not None
+    if variant is not None:
+        B.attention_tuning = AttentionTuning(True, *variant)
+    qkv.grad = None
+    B.sync(wait=True)
+    start = time.perf_counter()
+    lab.manual_seed(0)
+    y = F.causal_self_attention(qkv, n_head, dropout_p=p)
+    y.backward(g)
+    B.sync(wait=True)
+    return time.perf_counter() - start, y, qkv.grad
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds per shape (default 7)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds, 3 variants (lavapipe, tests)")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    B = backend_instance("wgpu")
+    storage = B.limits.get("max-compute-workgroup-storage-size", 16384)
+    variants = attention_plan.variants(storage)
+    repeats = args.repeats
+    if args.quick:
+        variants, repeats = variants[:3], min(repeats, 2)
+    saved = (B.FLASH_ATTENTION, B.attention_tuning)
+    rng = np.random.default_rng(0)
+    results = []
+    try:
+        for preset, Bsz, H, C, T, p in shapes(args.quick):
+            qkv = lab.tensor(rng.standard_normal((Bsz, T, 3 * C)).astype(np.float32), requires_grad=True, backend=B)
+            g = lab.tensor(rng.standard_normal((Bsz, T, C)).astype(np.float32), backend=B)
+            B.FLASH_ATTENTION = False
+            composed = not B.flash_attention_fits(qkv.shape, H)   # else its weights exceed a buffer: fused only
+            paths = ([None] if composed else []) + list(variants)
+            first = {v: run(B, qkv, g, H, p, v) for v in paths}   # (also builds the pipelines)
+            ref = first[None] if composed else None
+            errors = {}
+            for v in variants:
+                if ref is None:
+                    errors[v] = None
+                    continue
+                errs = []
+                for got, want in zip(first[v][1:], ref[1:]):
+                    want = want.numpy()
+                    errs.append(float(np.abs(got.numpy() - want).max() / max(np.abs(want).max(), 1e-30)))
+                errors[v] = max(errs)
+            del first, ref
+            times = {v: [] for v in paths}
+            for _ in range(repeats):
+                for v in paths:
+                    times[v].append(run(B, qkv, g, H, p, v)[0])
+            ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
+            row = {"preset": preset, "batch": Bsz, "heads": H, "width": C, "T": T, "dropout": p,
+                   "composed_ms": ms.get(None), "variants": {}}
+            line = [f"{preset} B={Bsz} H={H} T={T} p={p}: composed " + (f"{ms[None]:.3f} ms" if composed else "n/a")]
+            for v in variants:
+                ratio = ms[None] / ms[v] if composed else None
+                ok = errors[v] is None or errors[v] <= TOLERANCE
+                row["variants"][name_of(v)] = {"fwd_blocks": list(v[0]), "bwd_blocks": list(v[1]), "ms": ms[v],
+                                               "ratio": ratio, "max_rel_error": errors[v], "equal": ok}
+                line.append(f"{name_of(v)} {ms[v]:.3f}" + (f" ({ratio:.2f}x)" if ratio else "")
+                            + ("" if ok else f" DIFFERS {errors[v]:.1e}"))
+            print(" | ".join(line), flush=True)
+            results.append(row)
+    finally:
+        B.FLASH_ATTENTION, B.attention_tuning = saved
+    # the variant whose worst ratio over the shapes is best, among those equal to the composed path everywhere
+    worst = {}
+    for v in variants:
+        entries = [r["variants"][name_of(v)] for r in results]
+        if all(e["equal"] for e in entries):
+            worst[v] = min((e["ratio"] for e in entries if e["ratio"] is not None), default=None)
+    ranked = [v for v in worst if worst[v] is not None]
+    best = max(ranked, key=lambda v: worst[v]) if ranked else None
+    summary = {"variant": name_of(best) if best else None, "worst_ratio": worst.get(best),
+               "default_on": bool(best) and worst[best] >= 1.0,
+               "set": (f"AttentionTuning: FLASH_DEFAULT = {bool(best) and worst[best] >= 1.0}, FLASH_FWD_BLOCKS = "
+                       f"{best[0]}, FLASH_BWD_BLOCKS = {best[1]}") if best else None}
+    print("best:", summary["variant"], "worst ratio", None if best is None else f"{summary['worst_ratio']:.3f}",
+          "->", summary["set"])
+    record = {"device": B.device_info.get("device"),
+              "workgroup_storage": storage, "repeats": repeats, "tolerance": TOLERANCE, "shapes": results,
+              "best": summary}
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,84 @@
+"""The fused attention's blocks: how many queries (BQ) and keys (BK) a workgroup of kernels/attention.wgsl takes at a
+time, on how many rows of 16 threads (TY), for the forward and for the backward, from T, the device's workgroup
+memory and the tuning below. Pure arithmetic (no device), so every choice is tested without a GPU; nn.py carries
+it out. The switch to the fused path by default is here too (AttentionTuning.FLASH_DEFAULT)."""
+import dataclasses
+
+from ...checks import InputError, show
+
+BASE = (16, 32, 8)   # (BQ, BK, TY) that every entry point fits in 32 KiB: lavapipe and any device with 32 KiB
+BQ_ALLOWED = (16, 32, 64)
+BK_ALLOWED = (32, 64)     # (16 lanes of tx each hold BK / 16 keys of a score block)
+TY_ALLOWED = (8, 16)
+PAD = 17                  # attention.wgsl's row stride of Ks, Vs in vec4s
+ENTRIES = {"fwd": ("fwd_main",), "bwd": ("bwd_kv_main", "bwd_q_main")}
+
+
+def workgroup_bytes(entry, blocks):
+    """Bytes of workgroup memory attention.wgsl's `entry` uses at blocks (BQ, BK, TY): the arrays it touches."""
+    bq, bk, _ = blocks
+    rows, keys = 256 * bq, 2 * bk * PAD * 16     # Qs (Gs alike): BQ rows of 16 vec4s; Ks and Vs
+    if entry == "fwd_main":                      # Qs, Ks, Vs, Pw, red
+        return rows + keys + 4 * bq * bk + 64 * bq
+    if entry == "bwd_q_main":                    # Qs, Gs, Ks, Vs, Pw, Ls, Ds
+        return 2 * rows + keys + 4 * bq * bk + 8 * bq
+    if entry == "bwd_kv_main":                   # ... and St
+        return 2 * rows + keys + 8 * bq * bk + 8 * bq
+    raise InputError(f"workgroup_bytes: entry must be one of {sorted(e for v in ENTRIES.values() for e in v)}, "
+                     f"got {show(entry)}")
+
+
+def check_blocks(name, blocks):
+    """blocks as a (BQ, BK, TY) tuple the kernels take, else one InputError naming `name`."""
+    if (not isinstance(blocks, (tuple, list)) or len(blocks) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in blocks)):
+        raise InputError(f"{name} must be a (BQ, BK, TY) tuple of integers, got {show(blocks)}")
+    bq, bk, ty = blocks
+    if bq not in BQ_ALLOWED or bk not in BK_ALLOWED or ty not in TY_ALLOWED or bq % ty:
+        raise InputError(f"{name} must have BQ in {BQ_ALLOWED}, BK in {BK_ALLOWED}, TY in {TY_ALLOWED} and TY "
+                         f"dividing BQ, got {show(tuple(blocks))}")
+    return tuple(blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionTuning:
+    """The fused attention's choices. benchmarks/attention_variants.py times each variant against the composed
+    path; after a measurement on the H200 these are set from it (README, Performance)."""
+    FLASH_DEFAULT: bool = False      # the fused kernels for every shape they take (heads of 64, T a multiple of 32),
+    #                                  not only where the (B, H, T, T) weights exceed a buffer: off while they ran at
+    #                                  0.76-0.89x the composed path on the H200 (16 x 32 blocks)
+    FLASH_FWD_BLOCKS: tuple = BASE   # (BQ, BK, TY) of fwd_main where T and the device's workgroup memory take them
+    FLASH_BWD_BLOCKS: tuple = BASE   # ... of bwd_kv_main and bwd_q_main
+
+    def __post_init__(self):
+        if not isinstance(self.FLASH_DEFAULT, bool):
+            raise InputError(f"AttentionTuning: FLASH_DEFAULT must be True or False, got {show(self.FLASH_DEFAULT)}")
+        for name in ("FLASH_FWD_BLOCKS", "FLASH_BWD_BLOCKS"):
+            object.__setattr__(self, name, check_blocks(f"AttentionTuning: {name}", getattr(self, name)))
+
+
+def blocks(kind, T, workgroup_storage, tuning=AttentionTuning()):
+    """(BQ, BK, TY) for the forward (kind "fwd") or the backward ("bwd") at sequence length T: the tuning's where T
+    is a multiple of BQ and BK and every entry point of the pass fits `workgroup_storage` bytes, else BASE; None
+    where not even BASE fits (then the fused path cannot run)."""
+    wanted = {"fwd": tuning.FLASH_FWD_BLOCKS, "bwd": tuning.FLASH_BWD_BLOCKS}.get(kind)
+    if wanted is None:
+        raise InputError(f"blocks: kind must be 'fwd' or 'bwd', got {show(kind)}")
+    for b in (wanted, BASE):
+        if T % b[0] == 0 and T % b[1] == 0 and all(workgroup_bytes(e, b) <= workgroup_storage
+                                                   for e in ENTRIES[kind]):
+            return b
+    return None
+
+
+def variants(workgroup_storage):
+    """The (forward, backward) block pairs worth timing on a device with this much workgroup memory: each pass's
+    blocks that fit it, the base first (benchmarks/attention_variants.py)."""
+    def fitting(kind):
+        return [b for b in [(bq, bk, ty) for bq in BQ_ALLOWED for bk in BK_ALLOWED for ty in TY_ALLOWED]
+                if not b[0] % b[2] and all(workgroup_bytes(e, b) <= workgroup_storage for e in ENTRIES[kind])]
+    fwd, bwd = fitting("fwd"), fitting("bwd")
+    # each forward with the backward of the same blocks, or the largest backward that fits
+    pairs = [(f, f if f in bwd else max(bwd, key=lambda b: (b[0] * b[1], -b[2]))) for f in fwd] if bwd else []
+    pairs += [(f, b) for f in fwd[:1] for b in bwd if (f, b) not in pairs]
+    return sorted(set(pairs), key=lambda p: (p != (BASE, BASE), p))
