@@ -212,3 +212,10 @@ def test_induction_scores_without_a_bos_token_score_the_repeat(use_backend):
     # (the GPT-2 family has no bos_token_id: "auto" puts none; the hand-built head needs none to find the repeat)
     scores = induction_scores(induction_model(), seq_len=5, batch=2, seed=3)
     assert scores.shape == (2, 2) and scores[1, 0] > 0.8 and scores[1, 0] == scores.max()
+
+
+def test_patching_a_model_with_non_finite_logits_is_one_clear_error():
+    model = tiny("gpt2")
+    model.ln_f.weight.data[0] = np.nan      # (numpy backend: the parameter's array itself)
+    with pytest.raises(InputError, match=r"logit differences are not finite \(clean nan, corrupted nan\)"):
+        activation_patching(model, *prompts(), 1, 2)
