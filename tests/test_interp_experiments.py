@@ -93,7 +93,7 @@ def test_patching_prompts_the_model_cannot_tell_apart_is_one_clear_error():
     clean, _ = prompts()
     with pytest.raises(InputError, match="same logit difference"):
         activation_patching(model, clean, clean.copy(), 1, 2)
-    with pytest.raises(InputError, match="same logit difference"):   # answer == wrong: both differences are 0
+    with pytest.raises(InputError, match="wrong_id 3 is answer_id itself"):   # both differences would be 0
         activation_patching(model, *prompts(), 3, 3)
 
 
@@ -148,6 +148,10 @@ def test_logit_attribution_refuses_bad_input_with_one_clear_error():
         direct_logit_attribution(model, np.zeros((2, 3), int), [1, 2, 3])
     with pytest.raises(InputError, match=r"pos must be an integer >= -3 and <= 2, got 3"):
         direct_logit_attribution(model, np.zeros((2, 3), int), 1, pos=3)
+    # every head's share of a token's logit minus its own is 0: nothing to attribute (rows differing are fine)
+    with pytest.raises(InputError, match=r"wrong_id \[1, 2\] is answer_id itself"):
+        direct_logit_attribution(model, np.zeros((2, 3), int), [1, 2], [1, 2])
+    assert direct_logit_attribution(model, np.zeros((2, 3), int), [1, 2], [1, 3]).heads.shape == (2, 4)
 
 
 def induction_model(V=8, C=32, block=16):
@@ -219,3 +223,19 @@ def test_patching_a_model_with_non_finite_logits_is_one_clear_error():
     model.ln_f.weight.data[0] = np.nan      # (numpy backend: the parameter's array itself)
     with pytest.raises(InputError, match=r"logit differences are not finite \(clean nan, corrupted nan\)"):
         activation_patching(model, *prompts(), 1, 2)
+
+
+def test_logit_attribution_reads_the_head_through_its_lora_adapter(use_backend):
+    from lab import lora
+    model = tiny("llama")                                   # an untied head: lm_head's own columns unembed
+    lora.apply(model, r=2, alpha=4, targets=["lm_head"])
+    B = model.lm_head.lora_B
+    B.data = B.backend.from_numpy(np.random.default_rng(1).standard_normal(B.shape).astype(np.float32))
+    tokens = np.array([[1, 4, 2, 8, 5, 7, 3]])
+    for on in (True, False):
+        with lora.adapter_enabled(model, on):
+            dla = direct_logit_attribution(model, tokens, 3, 7)
+            diff = model(tokens).numpy()[0, -1]
+        # RMSNorm has no bias: the components account for the whole difference, the adapter's share included
+        assert dla.logit_diff == pytest.approx(float(diff[3] - diff[7]), rel=1e-5, abs=1e-5)
+        assert abs(dla.rest) < 1e-4 * (1 + np.abs(dla.heads).sum() + np.abs(dla.mlp).sum()), (on, dla.rest)

@@ -55,6 +55,16 @@ def _ids(model, name, value, rows):
     return arr.astype(np.int64)
 
 
+def _wrong_ids(model, wrong_id, answer):
+    """wrong_id as _ids gives it, refused where it is the answer in every row: a token's logit minus its own is 0
+    whatever the model does, so nothing could be measured or attributed."""
+    wrong = _ids(model, "wrong_id", wrong_id, len(answer))
+    if (wrong == answer).all():
+        raise InputError(f"wrong_id {show(wrong_id)} is answer_id itself: the logit difference of a token with "
+                         f"itself is 0 in every run; pass a competing token (or wrong_id=None where allowed)")
+    return wrong
+
+
 def _position(pos, T, name="pos"):
     p = integer(name, pos, low=-T, high=T - 1)
     return p % T
@@ -109,7 +119,8 @@ def activation_patching(model, clean_tokens, corrupted_tokens, answer_id, wrong_
                          f"differ in shape: patching swaps activations position for position, so both prompts need "
                          f"the same number of rows and tokens")
     B, T = clean.shape
-    answer, wrong = _ids(model, "answer_id", answer_id, B), _ids(model, "wrong_id", wrong_id, B)
+    answer = _ids(model, "answer_id", answer_id, B)
+    wrong = _wrong_ids(model, wrong_id, answer)
     pos = _position(pos, T)
     if positions is None:
         positions = list(range(T))
@@ -189,9 +200,14 @@ class LogitAttribution:
 
 def _unembedding(model, ids):
     """(C, len(ids)) columns of the output head for these token ids (the head has no bias in either family)."""
+    from ..lora import LoRALinear
     from ..models.llama import LlamaLM
     if isinstance(model, LlamaLM) and not model.config.tie_word_embeddings:
-        return model.lm_head.weight.numpy()[:, ids]             # Linear stores (in, out): (C, V)
+        head = model.lm_head
+        columns = head.weight.numpy()[:, ids]                  # Linear stores (in, out): (C, V)
+        if isinstance(head, LoRALinear) and not head.plain:    # an adapter on the head: its update's columns too
+            columns = columns + head.scale * head.lora_A.numpy().T @ head.lora_B.numpy()[ids].T
+        return columns
     table = model.model.embed_tokens.weight if isinstance(model, LlamaLM) else model.wte.weight
     return F.embedding(np.asarray(ids), table).numpy().T      # rows of the tied (V, C) table, not all of it
 
@@ -205,7 +221,7 @@ def direct_logit_attribution(model, tokens, answer_id, wrong_id=None, pos=-1):
     tokens = _tokens(model, tokens, "tokens")
     B, T = tokens.shape
     answer = _ids(model, "answer_id", answer_id, B)
-    wrong = None if wrong_id is None else _ids(model, "wrong_id", wrong_id, B)
+    wrong = None if wrong_id is None else _wrong_ids(model, wrong_id, answer)
     pos = _position(pos, T)
     with no_grad(), nn.evaluating():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: not n.startswith("blocks.") or (
