@@ -9,6 +9,7 @@ variant to set in lab/engine/wgpu/attention_plan.py's AttentionTuning.
 Usage: python benchmarks/attention_variants.py --out FILE [--repeats N] [--quick (tiny shapes: lavapipe, tests)]"""
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ from lab.models import PRESETS
 
 PRESET_NAMES = ("shakespeare-char", "gpt2-small")
 LENGTHS = (256, 1024)
-TOLERANCE = 2e-3    # max |fused - composed| relative to max |composed| (float32 sums in another order)
+TOLERANCE = 1e-4    # RMS of fused - composed relative to composed's (float32 sums in another order: ~1e-7)
 
 
 def shapes(quick):
@@ -78,19 +79,17 @@ def main(argv=None):
             B.FLASH_ATTENTION = False
             composed = not B.flash_attention_fits(qkv.shape, H)   # else its weights exceed a buffer: fused only
             paths = ([None] if composed else []) + list(variants)
-            first = {v: run(B, qkv, g, H, p, v) for v in paths}   # (also builds the pipelines)
-            ref = first[None] if composed else None
+            # each variant against the composed path once (this also builds the pipelines): relative RMS of the
+            # difference of y and of dqkv, summed on the device (gpt2-small's dqkv is 300 MB: no readbacks)
+            ref = run(B, qkv, g, H, p, None)[1:] if composed else None
             errors = {}
             for v in variants:
-                if ref is None:
-                    errors[v] = None
-                    continue
-                errs = []
-                for got, want in zip(first[v][1:], ref[1:]):
-                    want = want.numpy()
-                    errs.append(float(np.abs(got.numpy() - want).max() / max(np.abs(want).max(), 1e-30)))
-                errors[v] = max(errs)
-            del first, ref
+                got = run(B, qkv, g, H, p, v)[1:]
+                with lab.no_grad():
+                    errors[v] = None if ref is None else max(
+                        math.sqrt(((a - b) * (a - b)).sum().item() / max((b * b).sum().item(), 1e-30))
+                        for a, b in zip(got, ref))
+            del ref, got
             times = {v: [] for v in paths}
             for _ in range(repeats):
                 for v in paths:
@@ -103,7 +102,7 @@ def main(argv=None):
                 ratio = ms[None] / ms[v] if composed else None
                 ok = errors[v] is None or errors[v] <= TOLERANCE
                 row["variants"][name_of(v)] = {"fwd_blocks": list(v[0]), "bwd_blocks": list(v[1]), "ms": ms[v],
-                                               "ratio": ratio, "max_rel_error": errors[v], "equal": ok}
+                                               "ratio": ratio, "rel_rms_error": errors[v], "equal": ok}
                 line.append(f"{name_of(v)} {ms[v]:.3f}" + (f" ({ratio:.2f}x)" if ratio else "")
                             + ("" if ok else f" DIFFERS {errors[v]:.1e}"))
             print(" | ".join(line), flush=True)
