@@ -43,8 +43,9 @@ var<workgroup> Qs: array<vec4<f32>, BQ * D4>;   // BQ query rows of q
 var<workgroup> Gs: array<vec4<f32>, BQ * D4>;   // BQ query rows of dy
 var<workgroup> Ks: array<vec4<f32>, BK * PAD>;  // BK key rows of k, stride PAD
 var<workgroup> Vs: array<vec4<f32>, BK * PAD>;  // BK key rows of v, stride PAD
-var<workgroup> Pw: array<f32, BQ * BK>;         // fwd: Pd[c BQ + q]; bwd_q: dS alike; bwd_kv: Pd^T[q BK + c]
-var<workgroup> St: array<f32, BQ * BK>;         // bwd_kv: dS^T[q BK + c]
+// Pw, St in pairs (EQ and EK are even): a thread reads two weights a load
+var<workgroup> Pw: array<vec2<f32>, BQ * BK / 2u>;  // fwd: Pd[c BQ + q]; bwd_q: dS alike; bwd_kv: Pd^T[q BK + c]
+var<workgroup> St: array<vec2<f32>, BQ * BK / 2u>;  // bwd_kv: dS^T[q BK + c]
 var<workgroup> red: array<vec4<f32>, BQ * 4u>;  // [query][tx / 4]: per-thread partials of BQ rows
 var<workgroup> Ls: array<f32, BQ>;
 var<workgroup> Ds: array<f32, BQ>;
@@ -185,8 +186,8 @@ fn row_total(ty: u32, e: u32, is_max: bool) -> f32 {
 
 // A score block's values (as scores returns them) into Pw, a column of BQ queries per key.
 fn put_block(ty: u32, tx: u32, v: array<array<f32, FK>, EQ>) {
-    for (var e = 0u; e < EQ; e++) {
-        for (var f = 0u; f < FK; f++) { Pw[(tx + 16u * f) * BQ + EQ * ty + e] = v[e][f]; }
+    for (var f = 0u; f < FK; f++) {
+        for (var e = 0u; e < EQ; e += 2u) { Pw[((tx + 16u * f) * BQ + EQ * ty + e) / 2u] = vec2(v[e][f], v[e + 1u][f]); }
     }
 }
 
@@ -195,7 +196,11 @@ fn block_times_rows(by_v: bool, ty: u32, tx: u32, acc: ptr<function, array<vec4<
     for (var c = 0u; c < BK; c++) {
         var row: vec4<f32>;
         if (by_v) { row = Vs[c * PAD + tx]; } else { row = Ks[c * PAD + tx]; }
-        for (var e = 0u; e < EQ; e++) { (*acc)[e] += Pw[c * BQ + EQ * ty + e] * row; }
+        for (var e = 0u; e < EQ; e += 2u) {
+            let a = Pw[(c * BQ + EQ * ty + e) / 2u];
+            (*acc)[e] += a.x * row;
+            (*acc)[e + 1u] += a.y * row;
+        }
     }
 }
 
@@ -314,17 +319,22 @@ fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         for (var e = 0u; e < EQ; e++) {
             for (var f = 0u; f < FK; f++) {
                 let at = (EQ * ty + e) * BK + tx + 16u * f;
-                Pw[at] = gr.pd[e][f];
-                St[at] = gr.ds[e][f];
+                Pw[at / 2u][at % 2u] = gr.pd[e][f];
+                St[at / 2u][at % 2u] = gr.ds[e][f];
             }
         }
         workgroupBarrier();
         for (var q = 0u; q < BQ; q++) {
             let g = Gs[q * D4 + tx];
             let x = Qs[q * D4 + tx];
-            for (var e = 0u; e < EK; e++) {     // keys EK ty + e
-                dv[e] += Pw[q * BK + EK * ty + e] * g;
-                dk[e] += St[q * BK + EK * ty + e] * x;
+            for (var e = 0u; e < EK; e += 2u) {     // keys EK ty + e, + 1
+                let at = (q * BK + EK * ty + e) / 2u;
+                let pd = Pw[at];
+                let ds = St[at];
+                dv[e] += pd.x * g;
+                dv[e + 1u] += pd.y * g;
+                dk[e] += ds.x * x;
+                dk[e + 1u] += ds.y * x;
             }
         }
         workgroupBarrier();

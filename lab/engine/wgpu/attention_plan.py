@@ -9,7 +9,7 @@ from ...checks import InputError, show
 BASE = (16, 32, 8)   # (BQ, BK, TY) that every entry point fits in 32 KiB: lavapipe and any device with 32 KiB
 BQ_ALLOWED = (16, 32, 64)
 BK_ALLOWED = (32, 64)     # (16 lanes of tx each hold BK / 16 keys of a score block)
-TY_ALLOWED = (8, 16)
+TY_ALLOWED = (8, 16)      # (each thread holds an even number of queries, BQ / TY: pairs of weights a load)
 PAD = 17                  # attention.wgsl's row stride of Ks, Vs in vec4s
 ENTRIES = {"fwd": ("fwd_main",), "bwd": ("bwd_kv_main", "bwd_q_main")}
 
@@ -34,9 +34,9 @@ def check_blocks(name, blocks):
             or any(isinstance(v, bool) or not isinstance(v, int) for v in blocks)):
         raise InputError(f"{name} must be a (BQ, BK, TY) tuple of integers, got {show(blocks)}")
     bq, bk, ty = blocks
-    if bq not in BQ_ALLOWED or bk not in BK_ALLOWED or ty not in TY_ALLOWED or bq % ty:
-        raise InputError(f"{name} must have BQ in {BQ_ALLOWED}, BK in {BK_ALLOWED}, TY in {TY_ALLOWED} and TY "
-                         f"dividing BQ, got {show(tuple(blocks))}")
+    if bq not in BQ_ALLOWED or bk not in BK_ALLOWED or ty not in TY_ALLOWED or bq % (2 * ty):
+        raise InputError(f"{name} must have BQ in {BQ_ALLOWED}, BK in {BK_ALLOWED}, TY in {TY_ALLOWED} and BQ a "
+                         f"multiple of 2 TY, got {show(tuple(blocks))}")
     return tuple(blocks)
 
 
@@ -76,7 +76,7 @@ def variants(workgroup_storage):
     blocks that fit it, the base first (benchmarks/attention_variants.py)."""
     def fitting(kind):
         return [b for b in [(bq, bk, ty) for bq in BQ_ALLOWED for bk in BK_ALLOWED for ty in TY_ALLOWED]
-                if not b[0] % b[2] and all(workgroup_bytes(e, b) <= workgroup_storage for e in ENTRIES[kind])]
+                if not b[0] % (2 * b[2]) and all(workgroup_bytes(e, b) <= workgroup_storage for e in ENTRIES[kind])]
     fwd, bwd = fitting("fwd"), fitting("bwd")
     # each forward with the backward of the same blocks, or the largest backward that fits
     pairs = [(f, f if f in bwd else max(bwd, key=lambda b: (b[0] * b[1], -b[2]))) for f in fwd] if bwd else []
