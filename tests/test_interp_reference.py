@@ -232,3 +232,25 @@ def test_decode_steps_patterns_cover_the_positions_so_far_on_either_backend(use_
     for j, p in enumerate(patterns[1:]):
         pos = len(prompt) + j
         np.testing.assert_allclose(p, full[:, :, pos:pos + 1, :pos + 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["gpt2-learned", "llama-gqa-untied"])
+def test_gradients_through_a_replacement_at_every_hook_point_match_finite_differences(use_backend, variant):
+    m = _made(variant)
+    m.load_state_dict({k: v * 4 if v.ndim == 2 else v for k, v in m.state_dict().items()})   # larger gradients
+    targets = np.roll(IDS, -1, axis=1)
+    nonzero = 0
+    for name in m.hook_names():
+        if name.endswith("hook_attn_scores"):   # scaling the -1e30 mask's slots would unmask nothing but overflow
+            continue
+
+        def loss(s):
+            with m.hooks([(name, lambda x, n: x * s)]):
+                return m(IDS, targets=targets)[1]
+        s = lab.tensor(np.ones(1, np.float32), requires_grad=True)
+        loss(s).backward()
+        grad, eps = s.grad.numpy()[0], 1e-2
+        fd = (loss(lab.tensor([1 + eps])).item() - loss(lab.tensor([1 - eps])).item()) / (2 * eps)
+        assert abs(fd - grad) < 2e-3 + 2e-2 * abs(fd), (name, fd, grad)
+        nonzero += abs(grad) > 1e-3
+    assert nonzero >= len(m.hook_names()) // 2   # (a scale into a norm alone has no gradient)
