@@ -10,6 +10,7 @@ Usage: python benchmarks/attention_variants.py --out FILE [--repeats N] [--quick
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -126,8 +127,10 @@ def main(argv=None):
     record = {"device": B.device_info.get("device"),
               "workgroup_storage": storage, "repeats": repeats, "tolerance": TOLERANCE, "shapes": results,
               "best": summary}
-    with open(args.out, "w") as f:
+    tmp = f"{args.out}.tmp"    # written whole, then renamed: an interrupted write leaves no half a record
+    with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
+    os.replace(tmp, args.out)
     return record
 
 
