@@ -187,7 +187,9 @@ fn row_total(ty: u32, e: u32, is_max: bool) -> f32 {
 // A score block's values (as scores returns them) into Pw, a column of BQ queries per key.
 fn put_block(ty: u32, tx: u32, v: array<array<f32, FK>, EQ>) {
     for (var f = 0u; f < FK; f++) {
-        for (var e = 0u; e < EQ; e += 2u) { Pw[((tx + 16u * f) * BQ + EQ * ty + e) / 2u] = vec2(v[e][f], v[e + 1u][f]); }
+        for (var e = 0u; e < EQ; e += 2u) {
+            Pw[((tx + 16u * f) * BQ + EQ * ty + e) / 2u] = vec2(v[e][f], v[e + 1u][f]);
+        }
     }
 }
 
