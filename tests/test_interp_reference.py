@@ -254,3 +254,18 @@ def test_gradients_through_a_replacement_at_every_hook_point_match_finite_differ
         assert abs(fd - grad) < 2e-3 + 2e-2 * abs(fd), (name, fd, grad)
         nonzero += abs(grad) > 1e-3
     assert nonzero >= len(m.hook_names()) // 2   # (a scale into a norm alone has no gradient)
+
+
+@pytest.mark.parametrize("variant", ["gpt2-learned", "llama-gqa-untied"])
+def test_run_with_cache_returns_the_loss_asked_for_with_targets(use_backend, variant):
+    # it returned the logits alone: the loss targets= computed was dropped without a word
+    m = _made(variant)
+    targets = np.roll(IDS, -1, axis=1)
+    (logits, loss), cache = m.run_with_cache(IDS, names_filter="hook_embed", targets=targets)
+    ref_logits, ref_loss = m(IDS, targets=targets)
+    np.testing.assert_array_equal(logits.numpy(), ref_logits.numpy())
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6) and list(cache) == ["hook_embed"]
+    loss.backward()   # gradients on from a cached run: the cache holds arrays, not the graph
+    assert all(isinstance(a, np.ndarray) for a in cache.values()) and m.hook_names()[0] in cache
+    logits, _ = m.run_with_cache(IDS, names_filter=[])
+    np.testing.assert_array_equal(logits.numpy(), ref_logits.numpy())

@@ -229,9 +229,10 @@ class HookedModel:
             return self(tokens, **forward_kwargs)
 
     def run_with_cache(self, tokens, names_filter=None, **forward_kwargs):
-        """(logits, ActivationCache) of model(tokens, **forward_kwargs): the activations of the hook points
-        names_filter picks (None: all; a name; a list of names; a predicate on names) as float32 numpy arrays.
-        Only those are kept (a model's every activation may not fit in memory)."""
+        """(what model(tokens, **forward_kwargs) returns, ActivationCache): the logits, or with targets= /
+        return_attention= / return_hidden= the forward's tuple (logits, loss, ...), and the activations of the
+        hook points names_filter picks (None: all; a name; a list of names; a predicate on names) as float32 numpy
+        arrays. Only those are kept (a model's every activation may not fit in memory)."""
         table = self._point_table()
         names = [row[0] for row in table]
         if names_filter is None:
@@ -249,9 +250,9 @@ class HookedModel:
         def keep(activation, name):
             store[name] = activation.numpy().astype(np.float32, copy=False)
 
+        # (the forward's whole result: a loss asked for with targets= is not dropped)
         out = self.run_with_hooks(tokens, [(n, keep) for n in dict.fromkeys(wanted)], **forward_kwargs)
-        logits = out[0] if isinstance(out, tuple) else out
-        return logits, ActivationCache({n: store[n] for n in names if n in store}, self)
+        return out, ActivationCache({n: store[n] for n in names if n in store}, self)
 
 
 def _picked(predicate, names, what):
