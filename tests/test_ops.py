@@ -693,3 +693,25 @@ def test_softmax_of_rows_under_a_large_finite_mask_is_uniform_not_nan(any_backen
     y = softmax(tensor(x, backend=any_backend), scale=0.125, causal=causal).numpy()
     visible = np.tril(np.ones((T, T))) if causal else np.ones((T, T))
     np.testing.assert_allclose(y, np.broadcast_to(visible / visible.sum(-1, keepdims=True), y.shape), rtol=1e-6)
+
+
+def test_gelu_and_its_gradient_match_torch_across_the_chunks_of_a_large_activation(any_backend):
+    """numpy's gelu_and_grad runs its passes GELU_CHUNK elements at a time: an activation of two chunks and a
+    ragged end (tails at +-8, where tanh saturates, included) gives PyTorch's tanh GELU and its gradient there, at
+    the chunk seams and in the last partial chunk."""
+    import torch
+
+    import lab
+    from lab.engine.numpy_backend import GELU_CHUNK
+    rng = np.random.default_rng(3)
+    x_np = (rng.standard_normal((2 * GELU_CHUNK + 37) // 5 * 5) * 3).astype(np.float32).reshape(-1, 5)
+    x_np[:4] = [[-8, -3, 0, 3, 8]] * 4
+    g_np = rng.standard_normal(x_np.shape).astype(np.float32)
+    x = lab.tensor(x_np, requires_grad=True, backend=any_backend)
+    y = x.gelu()
+    (y * lab.tensor(g_np, backend=any_backend)).sum().backward()
+    xt = torch.tensor(x_np, dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.gelu(xt, approximate="tanh")
+    yt.backward(torch.tensor(g_np, dtype=torch.float64))
+    np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ SQRT_2_OVER_PI = 0.7978845608028654
 GELU_C = 0.044715
 SHIFT_FREE = 64.0  # softmax: exp of scores in (-64, 64) neither overflows float32 (a sum of up to 10^9 of them)
 # nor leaves a row whose sum underflows (each row's largest term is above exp(-64))
+GELU_CHUNK = 1 << 15  # elements per pass of _gelu_and_grad (128 KiB of float32: in a core's L2 with its 3 arrays)
 ONE_HOT_LIMIT = 1 << 22  # embedding backward through a one-hot matrix up to this many elements (16 MiB)
 
 
@@ -140,25 +141,33 @@ def _sigmoid_and_silu(x):
 
 
 def _gelu_and_grad(x):
-    """gelu(x) and gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) u' together, while x is still in the cache from the
-    product that made it: the backward is then one multiply, where recomputing t from a long-evicted x cost twice
-    the forward's time."""
+    """gelu(x) and gelu'(x) together, while x is still in the cache from the product that made it: the backward is
+    then one multiply, where recomputing tanh from a long-evicted x cost twice the forward's time. With
+    h = (1 + tanh u) / 2: gelu = x h, gelu' = h + 0.5 x u' (1 - tanh^2 u) = h + 2 x u' h (1 - h). Its dozen passes
+    run over GELU_CHUNK elements at a time, so that they stay in the core's cache: over a whole activation each pass
+    went to memory (and its temporaries to fresh pages), 2x slower on tiny's (768, 512), 3x on a (16384, 1536)."""
     f = x.dtype.type
-    t = _gelu_tanh(x)
-    y = t + f(1)
-    y *= x
-    y *= f(0.5)
-    xdu = x * x                           # 0.5 x u'
-    xdu *= f(0.5 * 3 * SQRT_2_OVER_PI * GELU_C)
-    xdu += f(0.5 * SQRT_2_OVER_PI)
-    xdu *= x
-    d = t * t
-    np.subtract(f(1), d, out=d)
-    d *= xdu
-    t *= f(0.5)
-    t += f(0.5)
-    d += t
-    return y, d
+    flat = x.reshape(-1)
+    y, d = np.empty_like(flat), np.empty_like(flat)
+    buf = np.empty(min(GELU_CHUNK, flat.size), x.dtype)
+    for i in range(0, flat.size, GELU_CHUNK):
+        xs, h, ds = flat[i:i + GELU_CHUNK], y[i:i + GELU_CHUNK], d[i:i + GELU_CHUNK]
+        w = np.multiply(xs, xs, out=buf[:len(xs)])
+        np.multiply(w, f(SQRT_2_OVER_PI * GELU_C), out=h)
+        h += f(SQRT_2_OVER_PI)
+        h *= xs
+        np.tanh(h, out=h)
+        h *= f(0.5)
+        h += f(0.5)
+        w *= f(2 * 3 * SQRT_2_OVER_PI * GELU_C)   # 2 u' / x
+        w += f(2 * SQRT_2_OVER_PI)
+        w *= xs
+        w *= h
+        np.subtract(f(1), h, out=ds)
+        ds *= w
+        ds += h
+        h *= xs
+    return y.reshape(x.shape), d.reshape(x.shape)
 
 
 BINARY = {
