@@ -193,6 +193,11 @@ def _bench(args):
     if args.suite not in ("kernels", "train", "lora", "diagnostics", "generate"):
         raise InputError(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics, "
                          f"generate")
+    if args.model is not None and (args.suite != "generate" or args.preset is not None):
+        # (--preset was dropped for --model without a word, and other suites never read --model)
+        raise InputError(f"--model goes with bench generate, instead of --preset: got --model {args.model!r}"
+                         + (f" and --preset {args.preset!r}" if args.preset is not None else f" for {args.suite}"))
+    args.preset = args.preset or "tiny"
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name
     if args.suite == "diagnostics":
@@ -359,7 +364,7 @@ def main(argv=None):
                    help="lora: storage of the frozen linear weights (a GPT-2 preset also runs a float32 base to "
                         "compare; a Llama preset (llama-tiny, smollm2-135m) adapts all-linear beside PyTorch+PEFT; "
                         "all: the four, Llama presets)")
-    b.add_argument("--preset", default="tiny", help="train, lora, generate: model preset")
+    b.add_argument("--preset", help="train, lora, generate: model preset (default tiny)")
     b.add_argument("--batch-size", "--batch", type=count,
                    help="train, lora, generate: batch size (default 12, 64 for shakespeare-char, 8 for gpt2-small and "
                         "smollm2-135m; generate: 1 prompt)")

@@ -160,6 +160,12 @@ def test_cli_train_nan_lr_refused(flag, value, allowed):
     (["bench", "kernels", "--budget", "-1"], ["--budget", "-1"]),
     (["bench", "nope"], ["unknown benchmark suite 'nope'"]),
     (["bench", "diagnostics", "--preset", "huge", "--backend", "numpy"], ["unknown preset 'huge'"]),
+    # a batch whose KV cache cannot fit: the fit check's reason, before 10^8 prompts fill the memory (killed, silent)
+    (["bench", "generate", "--batch", "100000000", "--backend", "numpy"],
+     ["a KV cache for a batch of 100000000 does not fit", "at most"]),
+    (["bench", "generate", "--preset", "tiny", "--model", "smollm2-135m-instruct", "--backend", "numpy"],
+     ["--model goes with bench generate, instead of --preset", "'tiny'"]),   # (the preset was dropped silently)
+    (["bench", "train", "--model", "smollm2-135m-instruct", "--backend", "numpy"], ["--model", "for train"]),
     (["plan", "--batch-size", "0"], ["--batch-size", "0"]),
     (["plan", "--minutes", "nan"], ["--minutes", "nan"]),
     (["generate"], ["one of the arguments --checkpoint --model is required"]),

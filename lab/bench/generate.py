@@ -113,6 +113,9 @@ def run_generate_bench(preset, backend_name, batch_size=1, new_tokens=None, prom
     if new_tokens > room:   # past block_size lab slides its window and GPT-2 in transformers has no positions
         raise InputError(f"--new-tokens {new_tokens} with a {prompt_tokens}-token prompt passes {name}'s block_size "
                          f"{cfg.block_size}: at most {room}")
+    # (before the prompts: a batch of 10^8 filled the host's memory building them and was killed, no message)
+    from ..generate import check_cache_fits
+    check_cache_fits(model, batch_size)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_size, prompt_tokens)).tolist()
     sides = {"lab": lambda n: _lab_generate(model, prompts, n)}
     try:
