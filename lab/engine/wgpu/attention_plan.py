@@ -45,10 +45,13 @@ class AttentionTuning:
     """The fused attention's choices. benchmarks/attention_variants.py times each variant against the composed
     path; after a measurement on the H200 these are set from it (README, Performance)."""
     FLASH_DEFAULT: bool = False      # the fused kernels for every shape they take (heads of 64, T a multiple of 32),
-    #                                  not only where the (B, H, T, T) weights exceed a buffer: off while they ran at
-    #                                  0.76-0.89x the composed path on the H200 (16 x 32 blocks)
-    FLASH_FWD_BLOCKS: tuple = BASE   # (BQ, BK, TY) of fwd_main where T and the device's workgroup memory take them
-    FLASH_BWD_BLOCKS: tuple = BASE   # ... of bwd_kv_main and bwd_q_main
+    #                                  not only where the (B, H, T, T) weights exceed a buffer. Still off: on the H200
+    #                                  (benchmarks/attention-variants-h200.json, forward + backward) every block
+    #                                  variant beat the composed path at T = 256 (1.02-1.24x shakespeare-char,
+    #                                  1.41-1.52x gpt2-small) and lost at T = 1024 (0.64-0.77x, 0.80-0.93x)
+    FLASH_FWD_BLOCKS: tuple = (64, 32, 16)   # (BQ, BK, TY) of fwd_main where T and the device's workgroup memory
+    #                                  take them: the variant whose worst ratio over those four shapes was best (0.77x)
+    FLASH_BWD_BLOCKS: tuple = (32, 32, 8)    # ... of bwd_kv_main and bwd_q_main
 
     def __post_init__(self):
         if not isinstance(self.FLASH_DEFAULT, bool):
