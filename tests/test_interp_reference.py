@@ -269,3 +269,41 @@ def test_run_with_cache_returns_the_loss_asked_for_with_targets(use_backend, var
     assert all(isinstance(a, np.ndarray) for a in cache.values()) and m.hook_names()[0] in cache
     logits, _ = m.run_with_cache(IDS, names_filter=[])
     np.testing.assert_array_equal(logits.numpy(), ref_logits.numpy())
+
+
+@pytest.mark.parametrize("variant", ["gpt2-learned", "llama-gqa-untied"])
+def test_hooks_of_a_block_are_not_run_by_a_training_thread_meanwhile(use_backend, variant):
+    # a cell's `with model.hooks(...)` (generating with a head ablated) while a TrainingPanel trains the model in
+    # its thread: the training steps ran the cell's hooks, so the ablation trained too
+    import threading
+    import time
+    from lab.train import TrainConfig, Trainer
+    m = _made(variant)
+    data = np.random.default_rng(0).integers(0, 13, 400)
+    trainer = Trainer(m, data, data, TrainConfig(steps=10_000, batch_size=2, warmup_steps=1))
+    steps, stop = [], threading.Event()
+
+    def train():
+        while not stop.is_set():
+            trainer.train_step()
+            steps.append(m.has_hooks)
+    callers = []
+
+    def ablate(x, name):
+        callers.append(threading.get_ident())
+        return x * 0
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        with m.hooks([("blocks.0.attn.hook_z", ablate)]):
+            assert m.has_hooks
+            before = len(steps)
+            while len(steps) < before + 3 and thread.is_alive():   # training steps while the hooks are on
+                time.sleep(0.01)
+            lab.generate(m, [1, 2, 3], 3, greedy=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(steps) >= before + 3 and not any(steps)
+    assert callers and set(callers) == {threading.get_ident()}
+    assert len(callers) == 3   # the prefill and two decode steps

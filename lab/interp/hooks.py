@@ -8,6 +8,9 @@ Trainer's steps and lab.decode's steps run eagerly (a replay would skip the hook
 checkpointed (its backward would run it again, maybe after the hooks are gone). A _Points is callable, so
 lab.train.replay.module_signature also sees its identity.
 
+Hooks belong to the thread that put them on: a forward in another thread (a TrainingPanel's training steps, a
+panel's background run) neither calls them nor takes their composed paths, and has_hooks is False there.
+
 This module imports no model family: the families import it (the mixin below).
 """
 import contextlib
@@ -30,17 +33,26 @@ LAYER_POINTS = (("block", "", ("hook_resid_pre", "ln1.hook_normalized")),
 
 
 class _Points:
-    """The hook functions of one module's points (point -> [fn]); `hook(point, x)` runs them in order at a point
-    and gives back the activation the forward goes on with."""
+    """The hook functions of one module's points (point -> [(thread id, fn)]); `hook(point, x)` runs the calling
+    thread's in order at a point and gives back the activation the forward goes on with. It is true, and holds a
+    point, only for a thread with hooks on it."""
 
     def __init__(self, prefix, fns):
         self.prefix, self.fns = prefix, fns
 
+    def __bool__(self):
+        me = threading.get_ident()
+        return any(owner == me for pairs in self.fns.values() for owner, _ in pairs)
+
     def __contains__(self, point):
-        return point in self.fns
+        me = threading.get_ident()
+        return any(owner == me for owner, _ in self.fns.get(point, ()))
 
     def __call__(self, point, x):
-        for fn in self.fns.get(point, ()):
+        me = threading.get_ident()
+        for owner, fn in self.fns.get(point, ()):
+            if owner != me:
+                continue
             key = (id(fn), self.prefix + point)
             if key in _running.keys:
                 # the hook ran the model, whose hooks (its own among them) are still on: it would call itself
@@ -66,6 +78,7 @@ class _Running(threading.local):
 
 
 _running = _Running()
+_stack_lock = threading.Lock()
 
 
 def _who(fn, name):
@@ -132,7 +145,7 @@ class HookedModel:
 
     has_pos_embed = False
     _hooks = None      # the model's own points (embeddings, final norm) while hooked
-    _hook_stack = ()   # the fwd_hooks of each `with model.hooks(...)` on now, outermost first
+    _hook_stack = ()   # (thread id, fwd_hooks) of each `with model.hooks(...)` on now, outermost first
 
     def hook_names(self):
         """Every hook point's name, in forward order."""
@@ -156,14 +169,15 @@ class HookedModel:
     def run_block(self, i, block, x, *args, **kwargs):
         # while hooked, no block is checkpointed (nn.Blocks): its backward would run it again, after the hooks may
         # be gone (run_with_hooks(..., targets=y) then loss.backward()), and call each hook a second time
-        if self._hook_stack:
+        if self.has_hooks:
             return block(x, *args, **kwargs)
         return super().run_block(i, block, x, *args, **kwargs)
 
     @property
     def has_hooks(self):
         """Whether hook functions are on (within `with model.hooks(...)`, run_with_hooks or run_with_cache)."""
-        return bool(self._hook_stack)
+        me = threading.get_ident()
+        return any(owner == me for owner, _ in self._hook_stack)
 
     def _resolve(self, fwd_hooks, table):
         """[(name, fn)] for fwd_hooks [(name or predicate, fn)], each name checked against the table."""
@@ -192,10 +206,10 @@ class HookedModel:
     def _install(self, table):
         """Set every hooked module's _Points from the hooks on now; clear the others'."""
         by_name = {}
-        for hooks in self._hook_stack:
+        for owner, hooks in self._hook_stack:
             for name, fn in hooks:
-                by_name.setdefault(name, []).append(fn)
-        points = {}   # id(module) -> (module, its prefix, point -> [fn])
+                by_name.setdefault(name, []).append((owner, fn))
+        points = {}   # id(module) -> (module, its prefix, point -> [(thread id, fn)])
         for name, module, prefix, point in table:
             if name in by_name:
                 points.setdefault(id(module), (module, prefix, {}))[2][point] = by_name[name]
@@ -207,19 +221,22 @@ class HookedModel:
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks):
-        """Hooks on for a block of code: training steps, lab.generate (which runs every decode step eagerly,
-        through them). Blocks nest; each removes its own hooks on leaving, on an error too."""
+        """Hooks on for a block of code in this thread: training steps, lab.generate (which runs every decode
+        step eagerly, through them). Forwards in other threads (a TrainingPanel training meanwhile) do not see
+        them. Blocks nest; each removes its own hooks on leaving, on an error too."""
         table = self._point_table()
-        hooks = self._resolve(fwd_hooks, table)
-        self._hook_stack = self._hook_stack + (hooks,)
+        entry = (threading.get_ident(), self._resolve(fwd_hooks, table))
         try:
-            self._install(table)
+            with _stack_lock:   # (threads putting hooks on and off at once: each change made whole)
+                self._hook_stack = self._hook_stack + (entry,)
+                self._install(table)
             yield self
         finally:
-            stack = list(self._hook_stack)
-            stack.remove(hooks)
-            self._hook_stack = tuple(stack)
-            self._install(table)
+            with _stack_lock:
+                stack = list(self._hook_stack)
+                stack.remove(entry)
+                self._hook_stack = tuple(stack)
+                self._install(table)
 
     def run_with_hooks(self, tokens, fwd_hooks=(), **forward_kwargs):
         """model(tokens, **forward_kwargs) with fwd_hooks [(name or predicate, fn)] on; they are removed after it,
