@@ -72,7 +72,10 @@ def _prompt_ids(prompt, tokenizer, model):
             return np.asarray(_encode_prompt(tokenizer, prompt), dtype=np.int64), True
         except ValueError as e:  # a character the tokenizer never saw: say it was the prompt's
             raise InputError(f"prompt {show(prompt)}: {e}") from None
-    return np.asarray(prompt), False  # as given: _check_args refuses float ids and 2D prompts, never casts them
+    try:
+        return np.asarray(prompt), False  # as given: _check_args refuses float ids and 2D prompts, never casts them
+    except ValueError:   # ragged rows: numpy's 'inhomogeneous shape'
+        raise InputError(f"prompt must be a 1-D sequence of token ids, got {show(prompt)}") from None
 
 
 def _encode_prompt(tokenizer, prompt):
@@ -111,7 +114,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     max_new_tokens = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
     if on_token is not None and not callable(on_token):  # found before a token is made, not after the first
         raise InputError(f"on_token must be a function on_token(id, text), got {show(on_token)}")
-    seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer)
+    seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_stop)
     eos = _eos_ids(model, eos_token_id)
     # the tokens' bytes go through one incremental decoder: a character split across tokens is held back until
     # its last byte arrives, so no piece ever shows U+FFFD for it
@@ -201,7 +204,7 @@ def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=No
             pos += 1
 
 
-def _check_options(seed, use_cache, greedy, adapter, stop, tokenizer):
+def _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_stop=None):
     """generate's options that do not depend on the prompt; the seed as an int (or None)."""
     if seed is not None:
         seed = integer("seed", seed, low=0)
@@ -210,6 +213,8 @@ def _check_options(seed, use_cache, greedy, adapter, stop, tokenizer):
             raise InputError(f"{flag} must be True or False, got {show(value)}")
     if adapter is not None and not isinstance(adapter, (bool, np.bool_)):
         raise InputError(f"adapter must be True, False or None, got {show(adapter)}")
+    if should_stop is not None and not callable(should_stop):   # (found before a token is made, not at the first)
+        raise InputError(f"should_stop must be a function returning True to stop, got {show(should_stop)}")
     if stop is not None and tokenizer is None:
         raise InputError("a stop string needs a tokenizer")
     if stop is not None and not (isinstance(stop, str) and stop):
@@ -243,10 +248,15 @@ def _batch_rows(prompts, tokenizer, model, attention_mask, lengths, use_cache):
         return None
     if isinstance(prompts, np.ndarray):
         B, T = prompts.shape
+        if B == 0:   # (numpy's min() of no rows said only 'zero-size array')
+            raise InputError(f"prompts: a batch of no rows (shape {prompts.shape}): give at least one prompt")
         if attention_mask is not None:
             mask = np.asarray(attention_mask)
-            if mask.shape != (B, T) or not np.isin(mask, (0, 1)).all():
+            if mask.shape != (B, T):
                 raise InputError(f"attention_mask must be 0/1 of the prompts' shape {(B, T)}, got shape {mask.shape}")
+            if not np.isin(mask, (0, 1)).all():   # (the shape is right: name the values that are not)
+                raise InputError(f"attention_mask must hold only 0 and 1, got "
+                                 f"{show(np.unique(mask[~np.isin(mask, (0, 1))])[:4].tolist())}")
             if (np.diff(mask.astype(np.int8), axis=1) < 0).any():  # a 0 after a 1: not left padding
                 raise InputError("attention_mask must be left padding (each row's zeros before its ones), as "
                                  "transformers pads decoder-only models")
@@ -308,7 +318,7 @@ def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repe
     # (each row's ids were checked by _batch_rows; the options here as a lone prompt's)
     max_new_tokens = _check_args(model, rows[0][0], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                  greedy)
-    seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer)
+    seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_stop)
     if on_token is not None and not callable(on_token):
         raise InputError(f"on_token must be a function on_token(row, id, text), got {show(on_token)}")
     eos = _eos_ids(model, eos_token_id)
@@ -407,8 +417,13 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     aside (those among the step's num_beams best), num_beams live beams go on, and the search stops when no live
     beam can beat the num_beams-th ended one by normalized score (transformers' early_stopping=False). With use_cache the beams are the rows of one KV cache, reordered on the device as beams are
     reselected (reorder_cache); without it each step recomputes every beam over its last block_size tokens."""
+    if _is_batch(prompt):   # (its beams are the batch)
+        raise InputError(f"beam_search takes one prompt (text or a 1-D sequence of ids), got a batch of "
+                         f"{len(prompt)}: search each prompt on its own")
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
     max_new_tokens = _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
+    if should_stop is not None and not callable(should_stop):
+        raise InputError(f"should_stop must be a function returning True to stop, got {show(should_stop)}")
     vocab = model.config.vocab_size
     num_beams = integer("num_beams", num_beams, low=1)
     if num_beams > vocab:   # the step's top num_beams tokens per beam would repeat tokens
@@ -433,7 +448,10 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     pos = 0
 
     def normalized(b):   # a beam's score by its own length (an ended beam is shorter; its EOS counts)
-        return b[0] / (max(len(b[1]) - len(ids), 1) ** length_penalty)
+        # in float64: a large |length_penalty| overflowed Python's int ** float (OverflowError); now n ** lp is
+        # inf or 0, the score -0.0 or -inf, and a certain beam's 0 stays 0 (not 0 / 0)
+        with np.errstate(over="ignore", divide="ignore"):
+            return float(b[0] / np.float64(max(len(b[1]) - len(ids), 1)) ** length_penalty) if b[0] else 0.0
 
     # the beams' decode steps through a DecodeRunner (replayed on wgpu): reorder_cache writes the rows into the
     # buffers its captured step reads

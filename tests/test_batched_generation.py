@@ -89,6 +89,24 @@ def test_bad_batches_are_one_clear_error(use_backend):
         lab.generate(model, [[1]] * 10_000_000, 2)
 
 
+def test_odd_batches_and_callbacks_are_refused_in_one_clear_error_before_a_token(use_backend):
+    # each was a raw error from numpy or a TypeError at the first token, or named the wrong thing
+    model = _model("gpt")
+    with pytest.raises(InputError, match=r"a batch of no rows \(shape \(0, 4\)\)"):   # numpy's zero-size min()
+        lab.generate(model, np.zeros((0, 4), dtype=np.int64), 2)
+    with pytest.raises(InputError, match=r"attention_mask must hold only 0 and 1, got \[0.5, 2.0\]"):   # not 'shape'
+        lab.generate(model, np.ones((2, 3), dtype=np.int64), 2, attention_mask=[[0.5, 1, 1], [2, 1, 1]])
+    with pytest.raises(InputError, match=r"beam_search takes one prompt .* a batch of 2"):   # numpy's ragged array
+        lab.beam_search(model, [[1, 2], [3]], 2, num_beams=2)
+    with pytest.raises(InputError, match=r"prompts\[0\]: prompt must be a 1-D sequence of token ids, got \[\[1, 2\], "):
+        lab.generate(model, [[[1, 2], [3]]], 2)   # a ragged row
+    for call in (lambda: lab.generate(model, [1, 2], 2, should_stop=3),
+                 lambda: lab.generate(model, [[1, 2], [3]], 2, should_stop=True),
+                 lambda: lab.beam_search(model, [1, 2], 2, num_beams=2, should_stop="yes")):
+        with pytest.raises(InputError, match="should_stop must be a function returning True to stop"):
+            call()
+
+
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_beam_search_on_the_kv_cache_finds_the_beams_of_the_full_recompute(use_backend, family):
     model = _model(family)
@@ -102,6 +120,19 @@ def test_beam_search_on_the_kv_cache_finds_the_beams_of_the_full_recompute(use_b
         for a, b in zip(full, cached):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(lab.beam_search(model, prompt, 8, num_beams=3, **kw), cached[0])
+
+
+def test_beam_search_ranks_beams_under_an_extreme_length_penalty_without_overflow(use_backend):
+    # score / n ** length_penalty in Python overflowed (OverflowError) for |length_penalty| ~ 1e300 at n >= 2
+    model = _model("gpt")
+    for lp in (1e300, -1e300, 1e3):
+        for early in (True, False):
+            kw = dict(num_beams=3, num_return_sequences=3, eos_token_id=7, length_penalty=lp, early_stopping=early)
+            cached = lab.beam_search(model, [4, 4], 6, **kw)
+            assert [c.tolist() for c in cached] == [f.tolist() for f in
+                                                    lab.beam_search(model, [4, 4], 6, use_cache=False, **kw)]
+            if lp < 0:   # the shortest beams first, as n ** -inf says
+                assert [len(c) for c in cached] == sorted(len(c) for c in cached)
 
 
 def test_beam_search_and_a_padded_batch_match_transformers_on_a_small_llama(use_backend):
