@@ -169,3 +169,40 @@ def test_grad_norm_in_few_dispatches_matches_numpy(wgpu_backend, monkeypatch, sl
     assert len(dispatches) == (3 if slots == 1 else 1), dispatches
     want = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
     assert norm == pytest.approx(want, rel=1e-5)
+
+
+def test_adamw_updates_every_chunk_of_a_parameter_larger_than_one_pass(use_backend):
+    """numpy's adamw_ runs its passes a chunk (GELU_CHUNK elements) at a time: a parameter of two chunks and a
+    ragged end gets the formula's update in every element, over steps, as on wgpu."""
+    from lab.engine.numpy_backend import GELU_CHUNK
+    rng = np.random.default_rng(1)
+    shape = (3, (2 * GELU_CHUNK + 101) // 3)
+    p0 = rng.standard_normal(shape)
+    lr, b1, b2, eps, wd = 0.01, 0.9, 0.95, 1e-8, 0.1
+    p = lab.tensor(p0, requires_grad=True)
+    opt = AdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    ref, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    for t, g in enumerate(_grads(rng, shape, 3), start=1):
+        p.grad = lab.tensor(g)
+        opt.step()
+        ref -= lr * wd * ref
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        ref -= lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    np.testing.assert_allclose(p.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_adamw_updates_views_that_are_not_contiguous(numpy_backend):
+    """Arrays with no flat view (transposed, strided) are updated whole, in place, by the same formula."""
+    from lab.engine.numpy_backend import GELU_CHUNK
+    rng = np.random.default_rng(2)
+    n = GELU_CHUNK + 7
+    p, g, m, v = (rng.standard_normal((2, n)).T for _ in range(4))
+    v = np.abs(v)
+    lr, b1, b2, eps, wd, step = 3e-3, 0.9, 0.99, 1e-8, 0.1, 4
+    m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    want = p - lr * wd * p - lr * (m2 / (1 - b1 ** step)) / (np.sqrt(v2 / (1 - b2 ** step)) + eps)
+    numpy_backend.adamw_(p, g, m, v, lr, b1, b2, eps, wd, step)
+    np.testing.assert_allclose(m, m2, rtol=1e-12)
+    np.testing.assert_allclose(v, v2, rtol=1e-12)
+    np.testing.assert_allclose(p, want, rtol=1e-10, atol=1e-12)
