@@ -204,6 +204,13 @@ def _chunks(*arrays):
     return [tuple(a[i:i + GELU_CHUNK] for a in flat) for i in range(0, flat[0].size, GELU_CHUNK)]
 
 
+def _plus(x, b):
+    """x += b where b is not None; x."""
+    if b is not None:
+        x += b
+    return x
+
+
 def _clip_to(g, norm, max_norm):
     """Scale g in place as clip_ does, given the global norm (the optimizers' fused clipping)."""
     if max_norm > 0:
@@ -329,6 +336,21 @@ class NumpyBackend(Backend):
 
     def heads_in_place(self, seq, dim):
         return True
+
+    def linears_fit(self, rows, weights, how):
+        return True   # (a decode layer's q, k, v or gate, up: one op instead of each linear's, then concat/swiglu)
+
+    def linears(self, a, weights, biases, how):
+        # (numpy's own calls, not self.matmul: lab.profile times this as one primitive)
+        if how == "swiglu":
+            gate, up = (_plus(np.matmul(a, w.astype(np.float32, copy=False)), b) for w, b in zip(weights, biases))
+            return _sigmoid_and_silu(gate)[1] * up
+        out = np.empty(a.shape[:-1] + (sum(w.shape[1] for w in weights),), np.float32)
+        o = 0
+        for w, b in zip(weights, biases):   # each product written into its columns: no concat copy
+            _plus(np.matmul(a, w.astype(np.float32, copy=False), out=out[..., o:o + w.shape[1]]), b)
+            o += w.shape[1]
+        return out
 
     def quantized_matmul(self, x, qw, transpose=False):
         # a chunk of W's rows dequantized at a time (quant.chunk_rows: 2 MB of floats): a layer's float32 weight is

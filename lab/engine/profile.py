@@ -13,7 +13,8 @@ from .backend import get_backend
 _NUMPY_PRIMITIVES = ("unary", "scalar", "binary", "reduce", "copy_view", "write_view", "matmul", "softmax",
                      "softmax_bwd", "log_softmax", "log_softmax_bwd", "layernorm", "layernorm_bwd", "embedding",
                      "embedding_bwd", "cross_entropy", "cross_entropy_bwd", "dropout", "lora_down", "lora_up_add",
-                     "adamw_", "sgd_", "sumsq_into", "clip_", "full", "from_numpy", "to_numpy", "gelu_and_grad")
+                     "adamw_", "sgd_", "sumsq_into", "clip_", "full", "from_numpy", "to_numpy", "gelu_and_grad",
+                     "linears")
 
 
 class Profile:
