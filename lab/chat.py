@@ -2,7 +2,7 @@
 end token (e.g. SmolLM2's <|im_end|>) or the end of sequence, and the reply's text, streamed as it is made."""
 
 from .checks import InputError, show
-from .generate import generate
+from .generate import check_tokenizer, generate
 
 
 def turn_end(tokenizer):
@@ -37,10 +37,7 @@ def chat(model, tokenizer, messages, max_new_tokens=256, *, greedy=False, temper
                          f"got {show(tokenizer)}")
     if on_token is not None and not callable(on_token):
         raise InputError(f"on_token must be a function on_token(text), got {show(on_token)}")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int) and tokenizer.vocab_size > vocab:   # the ids would index past the model's table
-        raise InputError(f"chat: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{vocab}: give the tokenizer the model was trained with")
+    check_tokenizer(model, tokenizer, "chat: ")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     block = model.config.block_size if hasattr(getattr(model, "config", None), "block_size") else None
     if block is not None and len(ids) > block:   # generate would name a "prompt" the caller never wrote

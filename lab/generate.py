@@ -59,8 +59,7 @@ def _prompt_ids(prompt, tokenizer, model):
     AttributeError, or str.encode's 'unknown encoding' for a tokenizer given as text."""
     if not (callable(model) and hasattr(getattr(model, "config", None), "block_size")):
         raise InputError(f"model must be a lab language model (TransformerLM, LlamaLM, ProNeuralLM), got {show(model)}")
-    if tokenizer is not None and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")):
-        raise InputError(f"tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer), got {show(tokenizer)}")
+    check_tokenizer(model, tokenizer)
     if prompt is None or isinstance(prompt, (bytes, numbers.Number)):
         raise InputError(f"prompt must be text (with a tokenizer) or a 1-D sequence of token ids, got {show(prompt)}")
     if isinstance(prompt, str):
@@ -76,6 +75,20 @@ def _prompt_ids(prompt, tokenizer, model):
         return np.asarray(prompt), False  # as given: _check_args refuses float ids and 2D prompts, never casts them
     except ValueError:   # ragged rows: numpy's 'inhomogeneous shape'
         raise InputError(f"prompt must be a 1-D sequence of token ids, got {show(prompt)}") from None
+
+
+def check_tokenizer(model, tokenizer, what=""):
+    """Refuse a tokenizer that is no tokenizer, or has more tokens than the model's vocabulary: not the one the
+    model was trained with (its ids index past the model's table, or name other tokens). A model's table may be
+    larger (padded, as GPT-2's); an id it makes that the tokenizer lacks is _token_bytes' error."""
+    if tokenizer is None:
+        return
+    if not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")):
+        raise InputError(f"tokenizer must be a lab tokenizer (CharTokenizer, BPETokenizer), got {show(tokenizer)}")
+    size, vocab = getattr(tokenizer, "vocab_size", None), getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int) and isinstance(vocab, int) and size > vocab:
+        raise InputError(f"{what}the tokenizer has {size} tokens but the model's vocab_size is {vocab}: give the "
+                         f"tokenizer the model was trained with")
 
 
 def _encode_prompt(tokenizer, prompt):
@@ -267,6 +280,7 @@ def _batch_rows(prompts, tokenizer, model, attention_mask, lengths, use_cache):
         prompts = [prompts[b, T - n[b]:] for b in range(B)]
     elif attention_mask is not None or lengths is not None:
         raise InputError("attention_mask / lengths go with a 2-D array of prompts (B, T), not a list")
+    check_tokenizer(model, tokenizer)   # (once, not as prompts[0]'s)
     if use_cache is True and hasattr(model, "new_cache"):   # before a million rows are checked one by one
         check_cache_fits(model, len(prompts))
     kinds = [isinstance(p, str) for p in prompts]
@@ -384,6 +398,10 @@ def _eos_ids(model, eos_token_id):
 def _token_bytes(tokenizer, token_id):
     """A token's bytes: lab's tokenizers give them (a piece may be part of a character); another tokenizer's
     decoded text stands in (a split character then shows as U+FFFD in its piece)."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and token_id >= size:   # (CharTokenizer's IndexError after the tokens were made)
+        raise InputError(f"the model made token id {token_id}, which the tokenizer of {size} tokens does not have: "
+                         f"give the tokenizer the model was trained with")
     if hasattr(tokenizer, "decode_bytes"):
         return tokenizer.decode_bytes([token_id])
     return tokenizer.decode([token_id]).encode("utf-8")

@@ -122,6 +122,27 @@ def test_beam_search_on_the_kv_cache_finds_the_beams_of_the_full_recompute(use_b
         np.testing.assert_array_equal(lab.beam_search(model, prompt, 8, num_beams=3, **kw), cached[0])
 
 
+def test_a_tokenizer_that_is_not_the_models_is_one_clear_error(use_backend):
+    model = _model("gpt")   # 30 tokens
+    big = lab.CharTokenizer("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")   # 52: 'A'..'Z' are ids 0..25
+    # refused even where the prompt's ids happen to fit the model's table (it generated from them silently)
+    for call in (lambda: lab.generate(model, "ABC", 3, tokenizer=big, greedy=True),
+                 lambda: lab.generate(model, ["ABC", "xyz"], 3, tokenizer=big, greedy=True),
+                 lambda: lab.beam_search(model, "ABC", 3, tokenizer=big, num_beams=2)):
+        with pytest.raises(InputError, match=r"^the tokenizer has 52 tokens but the model's vocab_size is 30: give "
+                                             r"the tokenizer the model was trained with$"):
+            call()
+    small = lab.CharTokenizer("abcdefghij")   # fewer tokens than the model (a padded table is allowed) ...
+    flat = dict(temperature=100.0, seed=0, eos_token_id=[])   # (near uniform: ids past 9 come soon)
+    made = lab.generate(model, small.encode("abc"), 8, **flat)
+    assert made.max() >= 10   # ... but this model makes ids it lacks: CharTokenizer's IndexError before
+    with pytest.raises(InputError, match=rf"the model made token id {made[made >= 10][0]}, which the tokenizer of 10 "
+                                         r"tokens does not have"):
+        lab.generate(model, "abc", 8, tokenizer=small, **flat)
+    with pytest.raises(InputError, match=r"the model made token id \d+, which the tokenizer of 10 tokens"):
+        lab.generate(model, ["abc", "j"], 8, tokenizer=small, **flat)
+
+
 def test_beam_search_ranks_beams_under_an_extreme_length_penalty_without_overflow(use_backend):
     # score / n ** length_penalty in Python overflowed (OverflowError) for |length_penalty| ~ 1e300 at n >= 2
     model = _model("gpt")
