@@ -116,6 +116,28 @@ def _train(args):
     return (143 if terminated else 130) if interrupted else 0   # 128 + the signal's number, as a shell reports it
 
 
+def _chat_turn(lab, model, tok, args):
+    """generate --chat: one reply of lab.chat to --prompt, streamed. (The template rendered and continued as text
+    ran past the turn's end token, printing it and what followed, where that token is not the model's EOS.)"""
+    if args.stop is not None:
+        raise InputError("--stop goes without --chat: a chat reply ends at its turn's end token")
+    shown = []
+
+    def emit(piece):
+        print(piece, end="", flush=True)
+        shown.append(piece)
+    try:
+        lab.chat(model, tok, [{"role": "user", "content": args.prompt}], args.max_new_tokens, greedy=args.greedy,
+                 temperature=args.temperature or 0.8, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty or 1.0, seed=args.seed, on_token=emit)
+    except KeyboardInterrupt:   # the shell's prompt on a line of its own after the reply cut short
+        if shown:
+            print(flush=True)
+        raise
+    print(flush=True)
+    return 0
+
+
 def _generate(args):
     import lab
     from lab.checkpoint import load_checkpoint
@@ -140,6 +162,8 @@ def _generate(args):
     if args.chat:   # the message in the model's chat template; the reply alone is printed
         if not callable(getattr(tok, "apply_chat_template", None)):
             raise InputError(f"--chat: the tokenizer of {source} ({type(tok).__name__}) has no chat template")
+        if args.beams == 1:   # lab.chat: the reply ends at the template's turn end, which need not be the config's EOS
+            return _chat_turn(lab, model, tok, args)
         prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                          tokenize=False)
     else:

@@ -73,6 +73,23 @@ def test_generate_model_uses_its_tokenizer_and_with_chat_its_template(gguf_model
     assert capsys.readouterr().out == "hi there" + plain + "\n"
 
 
+def test_generate_chat_ends_the_reply_at_the_templates_turn_end_not_the_models_eos(tmp_path, any_backend, capsys):
+    # the rendered template continued as text printed '<|im_end|>' and what followed (the config has no EOS here)
+    from test_chat import _ids, _scripted, _tokenizer
+    tok = _tokenizer(tmp_path / "tok")
+    end = tok.encode("<|im_end|>", add_special_tokens=False).tolist()
+    hi = [{"role": "user", "content": "hi"}]
+    save_checkpoint(tmp_path / "ck", _scripted(tok, hi, _ids(tok, "Ça va 🙂") + end + _ids(tok, "never said")), tok)
+    args = ["generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi", "--chat", "--max-new-tokens", "40",
+            "--backend", any_backend.name]
+    capsys.readouterr()
+    assert main(args + ["--greedy"]) == 0
+    assert capsys.readouterr().out == "Ça va 🙂\n"
+    assert main(args + ["--stop", "va"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--stop goes without --chat: a chat reply ends at its turn's "
+                                                    "end token")
+
+
 def test_generate_command_refusals_are_one_line(tmp_path, gguf_model, capsys):
     _llama_checkpoint(tmp_path / "ck")
     cases = [(["--checkpoint", str(tmp_path / "ck"), "--prompt", "In", "--chat"],
