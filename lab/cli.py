@@ -141,6 +141,7 @@ def _chat_turn(lab, model, tok, args):
 def _generate(args):
     import lab
     from lab.checkpoint import load_checkpoint
+    from lab.chat import turn_end
     from lab.generate import beam_search, generate
     sampling = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                          ("--top-p", args.top_p), ("--repetition-penalty", args.repetition_penalty),
@@ -176,7 +177,10 @@ def _generate(args):
             raise InputError(f"no --prompt given, and the default prompt (a newline) is not in the vocabulary of "
                              f"{source}: give a --prompt in the text it was trained on") from None
     if args.beams > 1:
-        print(shown_prompt + beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok))
+        end_ids, end_text = turn_end(tok) if args.chat else (None, None)   # (a reply's end, as lab.chat's)
+        text = beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok,
+                           eos_token_id=end_ids or None)
+        print(shown_prompt + (text[:text.find(end_text)] if end_text and end_text in text else text))
         return 0
     shown, stop = {"text": "", "out": 0, "prompt": False}, args.stop
 

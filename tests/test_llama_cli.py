@@ -85,6 +85,8 @@ def test_generate_chat_ends_the_reply_at_the_templates_turn_end_not_the_models_e
     capsys.readouterr()
     assert main(args + ["--greedy"]) == 0
     assert capsys.readouterr().out == "Ça va 🙂\n"
+    assert main(args + ["--beams", "2"]) == 0   # beam search too
+    assert capsys.readouterr().out == "Ça va 🙂\n"
     assert main(args + ["--stop", "va"]) == 2
     assert capsys.readouterr().err.strip().endswith("--stop goes without --chat: a chat reply ends at its turn's "
                                                     "end token")
