@@ -222,6 +222,27 @@ def test_generation_panel_streams_and_compares_base_and_adapter(data, use_backen
     assert "top_p must be a finite number > 0 and <= 1, got 1.5" in p2.error and not p2.running
 
 
+def test_generation_panel_runs_both_sides_with_the_controls_it_was_sent(data, use_backend, monkeypatch):
+    # the base pass read the prompt and the controls again: typed into during the adapter's pass, they changed it
+    from lab import lora
+    from lab.widgets import generation
+    tok = data[0]
+    lab.manual_seed(0)
+    m = TransformerLM(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, block_size=16))
+    lora.apply(m, r=2)   # (B = 0: the adapter changes nothing, so both sides of one run are the same text)
+    p = GenerationPanel(m, tok, prompt="And ")
+    p.adapter_mode, p.max_tokens = "both", 8
+    real = generation.generate
+
+    def typed_meanwhile(*args, **kwargs):
+        out = real(*args, **kwargs)
+        p.prompt, p.temperature, p.max_tokens = "The ", 3.0, 2   # as the browser sets them while the run goes on
+        return out
+    monkeypatch.setattr(generation, "generate", typed_meanwhile)
+    p.generate(seed=3)
+    assert p.output == p.base_output == real(m, "And ", 8, tokenizer=tok, temperature=0.8, seed=3), p.error
+
+
 def test_edge_diagnostics_panel_follows_the_monitor(data, numpy_backend, monkeypatch):
     from lab.engine import backend as B
     from lab.diagnostics import DiagnosticsMonitor

@@ -100,36 +100,41 @@ class GenerationPanel(Panel):
             # cleared here, not in the thread: a Stop sent right after Generate must not be lost
             self._stop.clear()
             self.error, self.running = "", True
-            message = self.prompt
+            # the run as sent: a control changed meanwhile (the prompt typed into during the adapter's pass) is
+            # the next run's, not the base side's of this one
+            how = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_k": self.top_k or None,
+                   "top_p": None if self.top_p == 1 else self.top_p}
+            sent = (self.prompt, self.beams, how, self.chat, self.adapter_mode)
             if self.chat:   # sent: the box empties for the next message, as a chat's does
                 self.prompt = ""
         if wait:
-            self._run(seed, message)
+            self._run(seed, sent)
         else:
-            self._thread = threading.Thread(target=self._run, args=(seed, message), daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(seed, sent), daemon=True)
             self._thread.start()
 
-    def _run(self, seed, message):
+    def _run(self, seed, sent):
+        message, beams, how, chat_mode, adapter_mode = sent
         try:
-            modes = {"adapter": [True], "base": [False], "both": [True, False]}[self.adapter_mode] \
+            modes = {"adapter": [True], "base": [False], "both": [True, False]}[adapter_mode] \
                 if self.has_adapter else [None]
             for flag in modes:
                 if self._stop.is_set():  # stopped during the adapter's pass: no base pass
                     break
                 target = "base_output" if flag is False and len(modes) > 1 else "output"
-                if self.chat:
-                    self._reply_into(target, flag, seed, message)
+                if chat_mode:
+                    self._reply_into(target, flag, seed, message, how)
                 else:
-                    self._generate_into(target, flag, seed)
+                    self._generate_into(target, flag, seed, message, beams, how)
         except Exception as e:  # bad settings show in the panel; the kernel stays alive
             self.error = f"{type(e).__name__}: {e}"
         finally:
             self.running = False
 
-    def _generate_into(self, target, adapter, seed):
+    def _generate_into(self, target, adapter, seed, prompt, beams, how):
         setattr(self, target, "")
-        if self.beams > 1:
-            setattr(self, target, beam_search(self.model, self.prompt, self.max_tokens, self.beams,
+        if beams > 1:
+            setattr(self, target, beam_search(self.model, prompt, how["max_new_tokens"], beams,
                                               tokenizer=self.tokenizer, adapter=adapter,
                                               should_stop=self._stop.is_set))
             return
@@ -141,13 +146,11 @@ class GenerationPanel(Panel):
             if now - last[0] > 0.05:  # at most ~20 browser updates a second
                 last[0] = now
                 setattr(self, target, "".join(pieces))
-        text = generate(self.model, self.prompt, self.max_tokens, tokenizer=self.tokenizer,
-                        temperature=self.temperature, top_k=self.top_k or None,
-                        top_p=None if self.top_p == 1 else self.top_p, on_token=on_token, seed=seed, adapter=adapter,
-                        should_stop=self._stop.is_set)
+        text = generate(self.model, prompt, tokenizer=self.tokenizer, on_token=on_token, seed=seed, adapter=adapter,
+                        should_stop=self._stop.is_set, **how)
         setattr(self, target, text)
 
-    def _reply_into(self, target, adapter, seed, message):
+    def _reply_into(self, target, adapter, seed, message, how):
         """One turn: the user's message joins the conversation, the reply streams into `target` and then joins it
         too (a stopped reply as far as it got)."""
         key = "base_history" if target == "base_output" else "history"
@@ -163,9 +166,8 @@ class GenerationPanel(Panel):
                 last[0] = now
                 setattr(self, target, "".join(pieces))
         try:
-            reply = chat(self.model, self.tokenizer, turns, self.max_tokens, temperature=self.temperature,
-                         top_k=self.top_k or None, top_p=None if self.top_p == 1 else self.top_p, seed=seed,
-                         on_token=on_token, adapter=adapter, should_stop=self._stop.is_set)
+            reply = chat(self.model, self.tokenizer, turns, seed=seed, on_token=on_token, adapter=adapter,
+                         should_stop=self._stop.is_set, **how)
         except Exception:
             setattr(self, key, turns[:-1])   # a refused turn (bad settings) is not kept half-made
             raise
