@@ -388,7 +388,8 @@ def _eos_ids(model, eos_token_id):
     """The end-of-sequence ids generation stops at: the caller's, else the model config's (None: no such id)."""
     given = eos_token_id is not None
     ids = eos_token_id if given else getattr(model.config, "eos_token_id", None)
-    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple, np.ndarray)) else [ids]
+    ids = ids.tolist() if isinstance(ids, np.ndarray) else ids   # (a 0-d array is one id: list() of it raised)
+    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
     vocab = model.config.vocab_size
     for i in ids:
         integer("eos_token_id" if given else "model.config.eos_token_id", i, low=0, high=vocab - 1)

@@ -100,6 +100,11 @@ def test_odd_batches_and_callbacks_are_refused_in_one_clear_error_before_a_token
         lab.beam_search(model, [[1, 2], [3]], 2, num_beams=2)
     with pytest.raises(InputError, match=r"prompts\[0\]: prompt must be a 1-D sequence of token ids, got \[\[1, 2\], "):
         lab.generate(model, [[[1, 2], [3]]], 2)   # a ragged row
+    # an EOS id as a 0-d array (numpy's scalar of an id) is one id; a 2-D one names what it got
+    stop_at = int(lab.generate(model, [1, 2], 1, greedy=True, eos_token_id=[])[0])
+    assert lab.generate(model, [1, 2], 3, greedy=True, eos_token_id=np.array(stop_at)).size == 0   # (TypeError)
+    with pytest.raises(InputError, match=r"eos_token_id must be an integer >= 0 and <= 29, got \[1, 2\]"):
+        lab.generate(model, [1, 2], 3, eos_token_id=np.array([[1, 2]]))
     for call in (lambda: lab.generate(model, [1, 2], 2, should_stop=3),
                  lambda: lab.generate(model, [[1, 2], [3]], 2, should_stop=True),
                  lambda: lab.beam_search(model, [1, 2], 2, num_beams=2, should_stop="yes")):
