@@ -255,6 +255,8 @@ def _batch_rows(prompts, tokenizer, model, attention_mask, lengths, use_cache):
     would be, its error prefixed with its index."""
     if attention_mask is not None and lengths is not None:
         raise InputError("give attention_mask or lengths, not both")
+    if not isinstance(prompts, (str, list, tuple, np.ndarray)) and getattr(prompts, "ndim", None) == 2:
+        prompts = np.asarray(prompts)   # a torch tensor of ids (a tokenizer's input_ids) is a 2-D id array too
     if not _is_batch(prompts):
         if attention_mask is not None or lengths is not None:
             raise InputError(f"attention_mask / lengths go with a 2-D array of prompts (B, T), got {show(prompts)}")

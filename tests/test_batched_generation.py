@@ -47,6 +47,10 @@ def test_a_batch_of_prompts_generates_what_each_prompt_generates_alone(use_backe
     for kw in ({"attention_mask": mask}, {"lengths": mask.sum(1)}):
         for a, b in zip(alone, lab.generate(model, ids, 10, greedy=True, eos_token_id=[], **kw)):
             np.testing.assert_array_equal(a, b)
+    torch = pytest.importorskip("torch")   # a tokenizer's input_ids / attention_mask as torch tensors: the same batch
+    for a, b in zip(alone, lab.generate(model, torch.tensor(ids), 10, greedy=True, eos_token_id=[],
+                                        attention_mask=torch.tensor(mask))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_each_row_of_a_batch_stops_at_its_own_eos_and_stop_string(use_backend):
