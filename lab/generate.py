@@ -17,7 +17,7 @@ from .engine.tensor import no_grad
 from . import decode
 from .decode import DecodeRunner
 from .nn import evaluating, step_lock
-from .sampling import device_sampler
+from .sampling import device_sampler, undrawable
 
 
 def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy):
@@ -143,7 +143,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
         sampler = device_sampler(model, [seq], temperature, top_k, top_p, repetition_penalty, greedy, rng)
         with (DecodeRunner(model, 1, sampler=sampler) if use_cache else contextlib.nullcontext()) as runner:
             steps = _next_ids(model, runner, [seq], sampler, [True], max_new_tokens,
-                              lambda b, logits: _choose(logits, seq, rng, greedy, temperature, top_k, top_p,
+                              lambda b, logits: _choose(b, logits, seq, rng, greedy, temperature, top_k, top_p,
                                                         repetition_penalty))
             for _ in range(max_new_tokens):
                 if should_stop is not None and should_stop():
@@ -235,9 +235,11 @@ def _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_sto
     return seed
 
 
-def _choose(logits, seq, rng, greedy, temperature, top_k, top_p, repetition_penalty):
+def _choose(row, logits, seq, rng, greedy, temperature, top_k, top_p, repetition_penalty):
     """The next token from one row's logits (host sampling)."""
     scores = apply_repetition_penalty(logits, np.asarray(seq), repetition_penalty)
+    if np.isnan(scores).any() or not greedy and not (scores > -np.inf).any():
+        raise undrawable(row)
     if greedy:
         return int(np.argmax(scores))
     p = sample_distribution(scores, temperature, top_k, top_p)
@@ -349,7 +351,7 @@ def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repe
     live = [max_new_tokens > 0] * B
 
     def choose(b, logits):
-        return _choose(logits, seqs[b], rng, greedy, temperature, top_k, top_p, repetition_penalty)
+        return _choose(b, logits, seqs[b], rng, greedy, temperature, top_k, top_p, repetition_penalty)
 
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
         # with the cache, a backend that samples on the device draws every row's token there (past block_size,
@@ -502,6 +504,8 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
                 logits = logits.numpy().astype(np.float64)                          # (beams, V)
             logp = logits - logits.max(1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+            if np.isnan(logp).any():   # (NaN logits, or only -inf: sorted as they came, the beams went on)
+                raise undrawable(int(np.argwhere(np.isnan(logp))[0][0]))
             cand = [b for b in beams if b[2]]   # ended beams compete on as they are
             # (set aside, ended beams leave num_beams live ones only if each beam offers 2 num_beams tokens)
             width = num_beams if early_stopping else min(2 * num_beams, vocab)

@@ -49,10 +49,16 @@ class TokenSampler:
     def ids(self, got):
         """The ids (int64) of results [id, log p bits] (..., 2) read back."""
         bad = np.argwhere(got[..., 0] >= self.vocab)
-        if bad.size:   # the host's rng.choice refuses such a row too ('probabilities contain NaN')
-            raise ValueError(f"sampling: the logits of row {int(bad[0][-1])} hold NaN (or, sampling, only -inf): no "
-                             f"token can be drawn from them")
+        if bad.size:
+            raise undrawable(int(bad[0][-1]))
         return got[..., 0].astype(np.int64)
+
+
+def undrawable(row):
+    """The error for a row whose logits no token can be drawn from, the device's and the host's alike (the host's
+    argmax took a NaN's index and went on, numpy's rng.choice said only 'probabilities contain NaN')."""
+    return ValueError(f"sampling: the logits of row {row} hold NaN (or, sampling, only -inf): no token can be drawn "
+                      f"from them")
 
 
 def device_sampler(model, rows, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, greedy=False,

@@ -152,6 +152,24 @@ def test_a_tokenizer_that_is_not_the_models_is_one_clear_error(use_backend):
         lab.generate(model, ["abc", "j"], 8, tokenizer=small, **flat)
 
 
+def test_nan_logits_are_the_samplers_one_error_on_every_path(use_backend):
+    # the host's greedy took a NaN's index and went on (numpy, and rows recomputed past the cache on wgpu), its
+    # sampling raised numpy's 'Probabilities contain NaN', beam search ranked NaN beams
+    model = _model("gpt")
+    state = model.state_dict()
+    wte = state["wte.weight"].copy()
+    wte[5] = np.nan   # (the tied head: token 5's logit is NaN in every row)
+    model.load_state_dict({**state, "wte.weight": wte})
+    for prompt, row in (([1, 2], 0), ([[1, 2], [3]], 0)):
+        for kw in ({"greedy": True}, {"seed": 1}, {"greedy": True, "use_cache": False}, {"seed": 1, "use_cache": False}):
+            with pytest.raises(ValueError, match=rf"^sampling: the logits of row {row} hold NaN \(or, sampling, only "
+                                                 r"-inf\): no token can be drawn from them$"):
+                lab.generate(model, prompt, 3, eos_token_id=[], **kw)
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=r"^sampling: the logits of row 0 hold NaN"):
+            lab.beam_search(model, [1, 2], 3, num_beams=2, use_cache=use_cache)
+
+
 def test_beam_search_ranks_beams_under_an_extreme_length_penalty_without_overflow(use_backend):
     # score / n ** length_penalty in Python overflowed (OverflowError) for |length_penalty| ~ 1e300 at n >= 2
     model = _model("gpt")
