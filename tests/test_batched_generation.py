@@ -109,6 +109,14 @@ def test_odd_batches_and_callbacks_are_refused_in_one_clear_error_before_a_token
     assert lab.generate(model, [1, 2], 3, greedy=True, eos_token_id=np.array(stop_at)).size == 0   # (TypeError)
     with pytest.raises(InputError, match=r"eos_token_id must be an integer >= 0 and <= 29, got \[1, 2\]"):
         lab.generate(model, [1, 2], 3, eos_token_id=np.array([[1, 2]]))
+    # a lone prompt's on_token(id, text) for a batch's on_token(row, id, text), and the other way round
+    with pytest.raises(InputError, match=r"on_token must be a function on_token\(row, id, text\), got <function"):
+        lab.generate(model, [[1, 2], [3]], 2, on_token=lambda i, text: None)
+    with pytest.raises(InputError, match=r"on_token must be a function on_token\(id, text\), got <function"):
+        lab.generate(model, [1, 2], 2, on_token=lambda row, i, text: None)
+    seen = []
+    lab.generate(model, [[1, 2], [3]], 2, eos_token_id=[], on_token=lambda *a, **k: seen.append(a))   # (any arity)
+    assert len(seen) == 4
     for call in (lambda: lab.generate(model, [1, 2], 2, should_stop=3),
                  lambda: lab.generate(model, [[1, 2], [3]], 2, should_stop=True),
                  lambda: lab.beam_search(model, [1, 2], 2, num_beams=2, should_stop="yes")):
