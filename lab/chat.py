@@ -2,7 +2,7 @@
 end token (e.g. SmolLM2's <|im_end|>) or the end of sequence, and the reply's text, streamed as it is made."""
 
 from .checks import InputError, show
-from .generate import check_tokenizer, generate
+from .generate import check_on_token, check_tokenizer, generate
 
 
 def turn_end(tokenizer):
@@ -35,8 +35,7 @@ def chat(model, tokenizer, messages, max_new_tokens=256, *, greedy=False, temper
                                                                                  None) is None:
         raise InputError(f"chat needs a tokenizer with a chat template (a pretrained model's, lab.load_tokenizer), "
                          f"got {show(tokenizer)}")
-    if on_token is not None and not callable(on_token):
-        raise InputError(f"on_token must be a function on_token(text), got {show(on_token)}")
+    check_on_token(on_token, "text")
     check_tokenizer(model, tokenizer, "chat: ")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     block = model.config.block_size if hasattr(getattr(model, "config", None), "block_size") else None

@@ -126,7 +126,7 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
                                tokenizer, stop, on_token, seed, use_cache, adapter, should_stop, eos_token_id)
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
     max_new_tokens = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
-    _check_on_token(on_token, "id, text")   # found before a token is made, not after the first
+    check_on_token(on_token, "id, text")   # found before a token is made, not after the first
     seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_stop)
     eos = _eos_ids(model, eos_token_id)
     # the tokens' bytes go through one incremental decoder: a character split across tokens is held back until
@@ -217,7 +217,7 @@ def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=No
             pos += 1
 
 
-def _check_on_token(on_token, args):
+def check_on_token(on_token, args):
     """on_token: None or a function taking `args`. A batch's on_token(row, id, text) given a lone prompt's
     on_token(id, text) was a TypeError at its first token, after the prefill."""
     if on_token is None:
@@ -354,7 +354,7 @@ def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repe
     max_new_tokens = _check_args(model, rows[0][0], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                  greedy)
     seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_stop)
-    _check_on_token(on_token, "row, id, text")
+    check_on_token(on_token, "row, id, text")
     eos = _eos_ids(model, eos_token_id)
     rng = np.random.default_rng(seed) if seed is not None else generator()
     use_cache = use_cache and hasattr(model, "new_cache")

@@ -105,6 +105,8 @@ def test_chat_refuses_what_it_cannot_use(tmp_path):
         lab.chat(model, tok, "hello")
     with pytest.raises(InputError, match="on_token must be a function"):
         lab.chat(model, tok, [{"role": "user", "content": "a"}], on_token="print")
+    with pytest.raises(InputError, match=r"on_token must be a function on_token\(text\)"):   # (generate's (id, text))
+        lab.chat(model, tok, [{"role": "user", "content": "a"}], on_token=lambda i, text: None)
     with pytest.raises(InputError, match="the tokenizer has 259 tokens but the model.s vocab_size is 100"):   # a model with a smaller vocabulary
         lab.chat(lab.TransformerLM(replace(PRESETS["tiny"], vocab_size=100)), tok, [{"role": "user", "content": "a"}])
     with pytest.raises(InputError, match=r"the conversation is 59 tokens in the chat template, more than the model's "
