@@ -48,7 +48,9 @@ class AttentionTuning:
     #                                  not only where the (B, H, T, T) weights exceed a buffer. Still off: on the H200
     #                                  (benchmarks/attention-variants-h200.json, forward + backward) every block
     #                                  variant beat the composed path at T = 256 (1.02-1.24x shakespeare-char,
-    #                                  1.41-1.52x gpt2-small) and lost at T = 1024 (0.64-0.77x, 0.80-0.93x)
+    #                                  1.41-1.52x gpt2-small) and lost at T = 1024 (0.64-0.77x, 0.80-0.93x); in a
+    #                                  whole shakespeare-char step (T = 256) they took 34.2 ms against 33.0 composed
+    #                                  (benchmarks/h200-decode-and-attention.log)
     FLASH_FWD_BLOCKS: tuple = (64, 32, 16)   # (BQ, BK, TY) of fwd_main where T and the device's workgroup memory
     #                                  take them: the variant whose worst ratio over those four shapes was best (0.77x)
     FLASH_BWD_BLOCKS: tuple = (32, 32, 8)    # ... of bwd_kv_main and bwd_q_main
