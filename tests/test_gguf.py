@@ -207,7 +207,9 @@ def test_gguf_model_logits_equal_transformers_loading_the_same_file(tmp_path, us
         want = theirs(torch.from_numpy(ids)).logits.numpy()
     model = lab.from_pretrained(path)
     got = model(ids).numpy()
-    assert np.allclose(got, want, atol=1e-4), np.abs(got - want).max()   # float32 sums in another order
+    # float32 sums in another order (a few-row product sums K in slices): 1e-5 of the logits' scale (~20 here), where
+    # transformers' own float32 logits are 4e-6 of it from float64's
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (np.abs(got - want).max(), np.abs(want).max())
 
 
 def test_zero_dim_tensor_is_refused_by_name(tmp_path):

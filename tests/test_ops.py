@@ -304,7 +304,7 @@ def test_thin_matmuls_match_numpy(wgpu_backend, numpy_backend, monkeypatch, tran
     M thin by matmul_thin.wgsl through strides (M thin computed transposed), split along a long K; K thin (not
     transposed) by lora.wgsl's up_add_t_main without its base."""
     import lab
-    _tune(monkeypatch, wgpu_backend, THIN_MIN_VOLUME=0)
+    _tune(monkeypatch, wgpu_backend, THIN_MIN_VOLUME=0, ROWS_MAX=0)   # (up to 16 rows would take matmul_rows.wgsl)
     rng = np.random.default_rng(17)
     a = rng.standard_normal((1,) + ((K, M) if trans_a else (M, K))).astype(np.float32)
     b = rng.standard_normal((1,) + ((N, K) if trans_b else (K, N))).astype(np.float32)

@@ -353,8 +353,8 @@ def test_generate_from_chat_text_that_begins_with_bos_does_not_add_a_second(tmp_
     assert expected[:2] == [258, 256] and ours.encode(text).tolist()[:3] == [258, 258, 256]   # (encode: as theirs)
     seen = []
     real_forward = model.forward_cached
-    model.forward_cached = lambda idx, cache, pos: (seen.append(np.asarray(idx.numpy() if hasattr(idx, "numpy")
-                                                                           else idx).tolist()), real_forward(idx, cache, pos))[1]
+    model.forward_cached = lambda idx, cache, pos, **kw: (seen.append(np.asarray(
+        idx.numpy() if hasattr(idx, "numpy") else idx).tolist()), real_forward(idx, cache, pos, **kw))[1]
     for prompt, ids in ((text, expected), ("hi hi", ours.encode("hi hi").tolist()),
                         ("<|endoftext|>" + text, ours.encode("<|endoftext|>" + text, add_special_tokens=False).tolist())):
         seen.clear()
