@@ -421,8 +421,8 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
             if return_attention:
                 x, att = layer(x, rope, cache, pos, return_weights=True, pad=pad)
                 attentions.append(att)
-            elif cache is None and not self.has_hooks:   # (a cached step writes its cache, a hook sees each
-                x = self.run_block(i, layer, x, rope, pad=pad)   # activation once: neither runs twice)
+            elif cache is None:   # (a cached step writes its cache: it never runs twice; hooked, run_block runs
+                x = self.run_block(i, layer, x, rope, pad=pad)   # it plainly, so a hook sees each activation once)
             else:
                 x = layer(x, rope, cache, pos, pad=pad)
             hidden.append(x)

@@ -295,9 +295,7 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
             if return_attention:
                 x, att = block(x, return_weights=True)
                 attentions.append(att)
-            elif self.has_hooks:   # a hook sees each activation once: no recomputation calls it again
-                x = block(x)
-            else:
+            else:   # (hooked: run_block runs it plainly, so a hook sees each activation once)
                 x = self.run_block(i, block, x)
             hidden.append(x)
         logits = self._head(self._normalized(x))                                # (B, T, vocab)
