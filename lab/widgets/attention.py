@@ -122,7 +122,6 @@ class AttentionHeatmap(Panel):
         self.n_text_tokens = len(ids)
         ids = ids[-min(model.config.block_size, max_tokens):]  # the model attends over at most block_size: the last
         att = attention_weights(model, ids)
-        self.array = att
         self._show(token_labels(tokenizer, ids), list(range(att.shape[0])), att, model, layer or 0, head)
 
     def _from_cache(self, cache, tokens, tokenizer, layer, head, max_tokens, hook, batch):

@@ -290,10 +290,9 @@ class PatchingPanel(_Runs, Panel):
 
     def _patch(self, clean, corrupted, answer, wrong):
         from ..interp.experiments import activation_patching
-        me = threading.current_thread()
 
         def check(activation, name):   # each forward of the experiment starts at the embedding: Stop lands there
-            if self._stop.is_set() and threading.current_thread() is me:
+            if self._stop.is_set():   # (hooks run only in the thread that put them on: this run's)
                 raise _Stopped
         try:
             with self.model.hooks([("hook_embed", check)]):
