@@ -371,6 +371,27 @@ def test_logit_lens_last_layer_is_the_models_prediction(model):
         lab.interp.logit_lens(FAMILIES["gpt2" if isinstance(model, lab.LlamaLM) else "llama"](), cache)
 
 
+def test_logit_lens_refuses_token_ids_outside_the_vocabulary_naming_its_argument(on_numpy):
+    """Ids the model has no embedding for were the embedding's IndexRangeError, naming no argument of the lens."""
+    model = FAMILIES["gpt2"]()
+    for f in (lambda t: lab.interp.logit_lens(model, t), lambda t: lab.interp.layer_logits(model, t, 0)):
+        with pytest.raises(InputError, match=rf"tokens \(or an ActivationCache\): token id 99 is outside the "
+                                             rf"model's vocabulary \(0..{VOCAB - 1}\)"):
+            f(np.array([1, 99]))
+        with pytest.raises(InputError, match="tokens .or an ActivationCache. must be integer token ids"):
+            f("some text")
+
+
+def test_cache_helpers_take_a_numpy_minus_one_as_every_layer(on_numpy):
+    """layer=-1 means the whole stream; an np.int64(-1) (a layer index from numpy) was refused as out of 0..L."""
+    model = FAMILIES["llama"]()
+    _, cache = model.run_with_cache(IDS)
+    np.testing.assert_array_equal(cache.accumulated_resid(np.int64(-1)), cache.accumulated_resid(-1))
+    np.testing.assert_array_equal(cache.stack_head_results(np.int32(-1)), cache.stack_head_results(None))
+    with pytest.raises(InputError, match="layer"):
+        cache.accumulated_resid(True)
+
+
 def test_hooked_gradients_with_gradient_checkpointing_equal_the_plain_ones(model):
     # a checkpointed block runs again in the backward, after run_with_hooks has taken the hooks off
     targets = np.roll(IDS, -1, axis=1)

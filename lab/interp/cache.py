@@ -50,7 +50,7 @@ class ActivationCache(Mapping):
     def _layer(self, layer, what):
         """layer as TransformerLens takes it: up to layer 0..L (None and -1: L, the whole stream)."""
         L = self.n_layers
-        if layer is None or (isinstance(layer, int) and layer == -1):
+        if layer is None or (isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and layer == -1):
             return L
         return integer(f"{what}: layer (0..{L}, or -1 / None for all)", layer, low=0, high=L)
 

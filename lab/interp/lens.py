@@ -8,7 +8,8 @@ import numpy as np
 
 from .. import nn
 from ..checks import InputError, integer, show
-from ..engine.tensor import Tensor, no_grad, tensor
+from ..engine.tensor import no_grad, tensor
+from .experiments import _tokens
 
 
 @dataclass
@@ -36,12 +37,8 @@ def _cache_of(model, cache_or_tokens, what):
                              f"run_with_cache cache): {show(cache_or_tokens)}")
         cache_or_tokens._need(names, what)
         return cache_or_tokens
-    tokens = cache_or_tokens.numpy() if isinstance(cache_or_tokens, Tensor) else np.asarray(cache_or_tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.dtype.kind not in "iu" or not tokens.size:
-        raise InputError(f"{what}: expected an ActivationCache or integer token ids (T,) or (B, T), got "
-                         f"{show(cache_or_tokens)}")
+    # (ids checked against the vocabulary here: the embedding's own error would not name the argument)
+    tokens = _tokens(model, cache_or_tokens, f"{what}: tokens (or an ActivationCache)")
     with no_grad(), nn.evaluating():
         return model.run_with_cache(tokens, names_filter=names)[1]
 
