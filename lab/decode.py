@@ -62,10 +62,12 @@ class DecodeRunner:
                              f"its tokens are made by full forwards")
         self.model, self.batch = model, integer("batch", batch, low=1)
         try:
-            self.pad = check_pad(pad, np.zeros((self.batch, 1)))
+            # (a row keeps at least the cache's last slot for its own tokens; the prefill checks its own length)
+            self.pad = check_pad(pad, np.zeros((self.batch, model.config.block_size)))
         except InputError:
             raise InputError(f"DecodeRunner: pad must be one non-negative integer per row of the batch "
-                             f"({self.batch}), got {show(pad)}") from None
+                             f"({self.batch}), each below block_size {model.config.block_size}, got {show(pad)}"
+                             ) from None
         if sampler is not None and (sampler.rows, sampler.vocab) != (self.batch, model.config.vocab_size):
             raise InputError(f"DecodeRunner: a sampler of {sampler.rows} rows of a {sampler.vocab}-token vocabulary "
                              f"for a batch of {self.batch} of {type(model).__name__}'s {model.config.vocab_size}")
@@ -136,6 +138,9 @@ class DecodeRunner:
 
     def read(self, count):
         """The ids (count, batch) int64 the last `count` sample() steps drew, in order (one readback)."""
+        if self.sampler is None:
+            raise InputError("DecodeRunner.read: this runner has no sampler, so no step drew ids "
+                             "(DecodeRunner(..., sampler=...), then sample())")
         count, most = integer("count", count, low=1), min(self.drawn, self.ring.shape[0])
         if count > most:
             raise InputError(f"DecodeRunner.read: count {count}, but {self.drawn} steps have drawn ids and the ring "

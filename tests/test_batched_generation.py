@@ -237,3 +237,20 @@ def test_a_search_whose_every_candidate_ends_returns_empty_beams(use_backend):
         got = lab.beam_search(model, [1, 2], 4, num_beams=3, eos_token_id=every, num_return_sequences=2,
                               early_stopping=early_stopping)
         assert [g.tolist() for g in got] == [[], []]
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_row_of_padding_alone_is_one_clear_error(use_backend, family):
+    """forward_cached with a pad covering a row's every slot ran: that row attended to masked slots only and
+    its logits were noise, without a word. A step's pad may exceed its one token: the cache holds the row's own."""
+    model = _model(family)
+    with lab.no_grad():
+        for pad in ([0, 3], [0, 9]):
+            with pytest.raises(InputError, match=r"leaves row 1 no token of its own: .* each row's padding must be "
+                                                 r"fewer than pos \+ T = 3 slots"):
+                model.forward_cached(np.ones((2, 3), np.int32), model.new_cache(2), 0, pad=pad)
+        cache = model.new_cache(2)
+        model.forward_cached(np.ones((2, 3), np.int32), cache, 0, pad=[0, 2])
+        assert np.isfinite(model.forward_cached(np.ones((2, 1), np.int32), cache, 3, pad=[0, 2]).numpy()).all()
+        with pytest.raises(InputError, match=r"pos \+ T = 4 slots"):
+            model.forward_cached(np.ones((2, 1), np.int32), cache, 3, pad=[0, 4])

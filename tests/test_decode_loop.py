@@ -137,12 +137,16 @@ def test_decode_runner_refuses_what_it_cannot_sample(any_backend, monkeypatch):
     with pytest.raises(InputError, match=r"a sampler of 1 rows of a 10-token vocabulary for a batch of 1 of "
                                          r"TransformerLM's 30"):
         DecodeRunner(model, 1, sampler=TokenSampler(any_backend, [[1]], 10))
-    with pytest.raises(InputError, match=r"pad must be one non-negative integer per row of the batch \(2\), got"):
-        DecodeRunner(model, 2, pad=[1])
+    for pad in ([1], [0, 24]):   # (24: the whole cache, no slot left for the row's own token)
+        with pytest.raises(InputError, match=r"pad must be one non-negative integer per row of the batch \(2\), "
+                                             r"each below block_size 24, got"):
+            DecodeRunner(model, 2, pad=pad)
     with no_grad(), DecodeRunner(model, 1) as runner:
         model.forward_cached(np.array([[1, 2]], np.int32), runner.cache, 0)
-        with pytest.raises(InputError, match=r"this runner has no sampler"):
+        with pytest.raises(InputError, match=r"DecodeRunner.sample: this runner has no sampler"):
             runner.sample([1], 2)
+        with pytest.raises(InputError, match=r"DecodeRunner.read: this runner has no sampler"):
+            runner.read(1)   # (was an AttributeError on its ring, None)
     sampler = TokenSampler(any_backend, [[1]], 30, greedy=True)
     with no_grad(), DecodeRunner(model, 1, sampler=sampler, ring=4) as runner:
         model.forward_cached(np.array([[1, 2]], np.int32), runner.cache, 0)

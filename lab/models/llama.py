@@ -469,7 +469,7 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
                 len(shape) == 2 and cache[0][0].shape[0] != shape[0]):
             raise InputError(f"forward_cached: cache must be model.new_cache(batch_size) for tokens {shape} "
                              f"({len(self.model.layers)} layers, batch {shape[0] if shape else '?'})")
-        return self._run(idx, cache, pos, pad=check_pad(pad, idx))[0]
+        return self._run(idx, cache, pos, pad=check_pad(pad, idx, pos))[0]
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * H * D * T."""

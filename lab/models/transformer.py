@@ -167,8 +167,10 @@ def lm_outputs(logits, targets=None, attentions=None, hidden=None):
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def check_pad(pad, idx):
-    """pad as an int64 array (B,) of non-negative counts for tokens idx (B, T), or None for none."""
+def check_pad(pad, idx, pos=0):
+    """pad as an int64 array (B,) of non-negative counts for tokens idx (B, T) at cache slots pos.., or None for
+    none. Each row keeps its last slot (pos + T - 1) as its own token: a row of padding alone attends to nothing
+    but masked slots, and its logits would be noise."""
     if pad is None:
         return None
     shape = tuple(getattr(idx, "shape", np.shape(idx)))
@@ -176,6 +178,12 @@ def check_pad(pad, idx):
     if arr.dtype.kind not in "iu" or arr.shape != shape[:1] or (arr.size and arr.min() < 0):
         raise InputError(f"forward_cached: pad must be one non-negative integer per row of tokens {shape}, "
                          f"got {show(pad)}")
+    end = pos + (shape[1] if len(shape) > 1 else 0)
+    if arr.size and arr.max() >= end:
+        b = int(arr.argmax())
+        raise InputError(f"forward_cached: pad {show(pad)} leaves row {b} no token of its own: its {int(arr[b])} "
+                         f"padding slots cover slots 0..{end - 1}; each row's padding must be fewer than "
+                         f"pos + T = {end} slots")
     return arr.astype(np.int64)
 
 
@@ -317,7 +325,7 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         """Logits (B, Tn, vocab) for tokens idx (B, Tn) at cache slots pos.., extending `cache` in place. pad (B,):
         row b's first pad[b] slots are left padding (as transformers' attention mask): masked as keys, and its
         positions start after them."""
-        pad = check_pad(pad, idx)
+        pad = check_pad(pad, idx, pos)
         x = self._embed(idx, start=pos, pad=pad)
         for block, layer_cache in zip(self.h, cache):
             x = block.forward_cached(x, layer_cache, pos, pad)
