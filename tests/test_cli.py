@@ -436,3 +436,28 @@ def test_cli_error_with_a_line_break_is_printed_on_one_line(monkeypatch, capsys)
     monkeypatch.setattr(lab.data, "char_dataset", refuse)
     assert main(["train", "--backend", "numpy", "--no-progress"]) == 2
     assert capsys.readouterr().err == "lab train: error: corpus x: the first line and the second\n"
+
+
+def test_a_bench_record_whose_write_fails_midway_keeps_the_previous_record(tmp_path, monkeypatch):
+    """Every bench suite writes its --out record through write_result: it wrote the file in place, so a Ctrl-C or
+    a full disk mid-write left half a JSON record where the previous one was."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from lab.bench.timing import write_result
+    out, said = tmp_path / "runs" / "bench.json", []
+    write_result(out, {"ratio": np.float32(1.5)}, said.append)   # (numpy scalars are written as numbers)
+    assert json.loads(out.read_text()) == {"ratio": 1.5} and said == [f"wrote {out}"]
+    real = Path.write_text
+
+    def half(self, text, *args, **kwargs):
+        real(self, text[:len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(KeyboardInterrupt):
+        write_result(out, {"ratio": 2.0, "runs": list(range(100))}, said.append)
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"ratio": 1.5}
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]   # no temporary left beside it

@@ -1,9 +1,7 @@
 """Cost of the live diagnostics: train a preset with a DiagnosticsMonitor running every `every` steps and report
 the time spent in diagnostics as a share of the training time, measured in the same run."""
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from ..checks import InputError
 from ..data import char_dataset
@@ -12,6 +10,7 @@ from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import PRESETS, TransformerLM
 from ..train import TrainConfig, Trainer
+from .timing import write_result
 
 
 def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=None, print_fn=print):
@@ -38,7 +37,5 @@ def run_diagnostics_bench(preset, backend_name, steps=300, every=100, out_path=N
              f"{last['threshold']:.3g}, Fisher trace {last['fisher_trace']:.3g}, noise scale {last['noise_scale']:.3g}, "
              f"edge band {last['edge_band_pct']:.0f}%\n  {last['recommendation']}")
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2, default=float))
-        print_fn(f"wrote {out_path}")
+        write_result(out_path, result, print_fn)
     return result

@@ -4,12 +4,10 @@ preset's block_size ends first): the time to the first token, prefill tokens/s (
 and decode tokens/s (the tokens after the first over the time they took). On a CPU machine lab's numpy backend runs
 beside transformers on the CPU; with --backend wgpu on a GPU machine, beside transformers on CUDA (fp32, TF32 off).
 The torch side is transformers' GPT2LMHeadModel / LlamaForCausalLM loaded from lab's save_pretrained of the model."""
-import json
 import os
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +15,7 @@ from ..checks import InputError, integer
 from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import MODELS, PRESETS, LlamaConfig
+from .timing import write_result
 
 
 def _lab_model(preset, model_name):
@@ -172,7 +171,5 @@ def run_generate_bench(preset, backend_name, batch_size=1, new_tokens=None, prom
                  f"{result['prefill_ratio']:.2f}x; first {agree} of {new_tokens} tokens equal")
     print_fn(line)
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-        print_fn(f"wrote {out_path}")
+        write_result(out_path, result, print_fn)
     return result

@@ -5,9 +5,7 @@ GPU timing: each round's launches are recorded and submitted together, then one 
 all, so the submit + readback latency is amortized; the best of several rounds is kept, and the first call of
 each op (pipeline compile, buffer creation) is excluded as warm-up.
 """
-import json
 import platform
-from pathlib import Path
 
 import numpy as np
 
@@ -15,7 +13,7 @@ from ..engine import ops as F
 from ..engine import quant
 from ..engine.backend import backend_instance
 from ..engine.tensor import Tensor, no_grad, tensor
-from .timing import best_seconds
+from .timing import best_seconds, write_result
 
 MATMUL_SIZES = (256, 512, 1024, 2048, 4096)
 # The matmuls of one shakespeare-char training step (batch 64 x 256 = 16384 positions, 384 dims): forward
@@ -132,7 +130,5 @@ def run_kernels(backend_name, sizes=MATMUL_SIZES, out_path=None, budget_s=0.5, p
             2 * 4 * x.size, "GB/s")
     result = {"suite": "kernels", **info, "torch_device": torch_dev, "rows": rows}
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-        print_fn(f"wrote {out_path}")
+        write_result(out_path, result, print_fn)
     return result

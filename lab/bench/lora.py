@@ -2,9 +2,7 @@
 full fine-tuning of the same model in the same run for comparison. With base_dtype="float16" the adapters are
 also trained on a float32 base in the same run: tokens/s and peak device memory of both."""
 import copy
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +14,7 @@ from ..engine.random import manual_seed
 from ..engine.tensor import QuantizedWeight
 from ..models import PRESETS, LlamaConfig, LlamaLM, TransformerLM
 from ..train import TrainConfig, Trainer
-from .timing import peak_of_steps
+from .timing import peak_of_steps, write_result
 from .train import BENCH_BATCH_SIZE, BENCH_BLOCK_SIZE, measure_steps
 
 
@@ -80,9 +78,7 @@ def run_lora_bench(preset, backend_name, r=8, batch_size=None, steps=20, out_pat
                  f"{result['float32_base_tokens_per_s']:,.0f} tokens/s, peak {_mib(f32_peak)} "
                  f"(ratio {tps / result['float32_base_tokens_per_s']:.2f}x)")
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-        print_fn(f"wrote {out_path}")
+        write_result(out_path, result, print_fn)
     return result
 
 
@@ -150,9 +146,7 @@ def _llama_lora_bench(preset, backend_name, r, batch_size, steps, out_path, prin
     else:
         print_fn("  torch+peft: skipped (torch, transformers and peft are not all installed)")
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-        print_fn(f"wrote {out_path}")
+        write_result(out_path, result, print_fn)
     return result
 
 

@@ -1,7 +1,10 @@
-"""One way to time an operation, shared by the benchmarks and the plan estimator's device profile, and one way to
-measure a training step's peak memory."""
+"""One way to time an operation, shared by the benchmarks and the plan estimator's device profile, one way to
+measure a training step's peak memory, and one way to write a benchmark's record."""
 import gc
+import json
+import os
 import time
+from pathlib import Path
 
 
 def best_seconds(fn, sync, budget=0.4, rounds=5, max_reps=200):
@@ -46,3 +49,18 @@ def peak_of_steps(backend, build, run):
         return built, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def write_result(out_path, result, print_fn=print):
+    """A benchmark's record as JSON at out_path, written whole beside it and then renamed over it: an interrupted
+    or failed write (Ctrl-C, a full disk) leaves the previous record as it was, not half of a new one."""
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, default=float)   # (numpy scalars as numbers)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print_fn(f"wrote {out_path}")

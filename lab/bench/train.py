@@ -5,10 +5,8 @@ with --backend wgpu on a GPU machine, lab's wgpu backend with PyTorch CUDA (fp32
 (llama-tiny, smollm2-135m) runs beside transformers' LlamaForCausalLM (eager attention) holding lab's initial
 weights, on the batches lab drew, with the same AdamW settings."""
 import copy
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -18,7 +16,7 @@ from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import MODELS, PRESETS, LlamaConfig
 from ..train import TrainConfig, Trainer
-from .timing import peak_of_steps
+from .timing import peak_of_steps, write_result
 
 
 def measure_steps(trainer, steps):
@@ -114,9 +112,7 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
             line += f"; first loss lab {lab_first_loss:.5f}, torch {torch_first_loss:.5f}"
     print_fn(line)
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-        print_fn(f"wrote {out_path}")
+        write_result(out_path, result, print_fn)
     return result
 
 
@@ -166,7 +162,5 @@ def run_checkpointing_bench(preset, backend_name, every=1, batch_size=None, step
              f"{step[0] * 1e3:.1f} -> {step[every] * 1e3:.1f} ms ({result['time_ratio']:.2f}x; the best runs "
              f"{result['best_time_ratio']:.2f}x); medians of {rounds} interleaved rounds")
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-        print_fn(f"wrote {out_path}")
+        write_result(out_path, result, print_fn)
     return result
