@@ -225,6 +225,8 @@ def _bench(args):
         # (--preset was dropped for --model without a word, and other suites never read --model)
         raise InputError(f"--model goes with bench generate, instead of --preset: got --model {args.model!r}"
                          + (f" and --preset {args.preset!r}" if args.preset is not None else f" for {args.suite}"))
+    if args.checkpoint_activations and args.suite != "train":   # (the other suites ran without it, without a word)
+        raise InputError(f"--checkpoint-activations goes with bench train, got it for {args.suite}")
     args.preset = args.preset or "tiny"
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name

@@ -166,6 +166,8 @@ def test_cli_train_nan_lr_refused(flag, value, allowed):
     (["bench", "generate", "--preset", "tiny", "--model", "smollm2-135m-instruct", "--backend", "numpy"],
      ["--model goes with bench generate, instead of --preset", "'tiny'"]),   # (the preset was dropped silently)
     (["bench", "train", "--model", "smollm2-135m-instruct", "--backend", "numpy"], ["--model", "for train"]),
+    (["bench", "lora", "--checkpoint-activations", "--backend", "numpy"],
+     ["--checkpoint-activations goes with bench train", "for lora"]),   # (lora's bench ran without it)
     (["plan", "--batch-size", "0"], ["--batch-size", "0"]),
     (["plan", "--minutes", "nan"], ["--minutes", "nan"]),
     (["generate"], ["one of the arguments --checkpoint --model is required"]),
