@@ -10,11 +10,9 @@ def _grads(rng, shape, steps):
     return [rng.standard_normal(shape) for _ in range(steps)]
 
 
-def test_adamw_matches_reference_formula(use_backend):
-    rng = np.random.default_rng(0)
-    p0 = rng.standard_normal((3, 5))
-    grads = _grads(rng, (3, 5), 4)
-    lr, b1, b2, eps, wd = 0.01, 0.9, 0.95, 1e-8, 0.1
+def _adamw_steps_match_the_formula(p0, grads, lr=0.01, b1=0.9, b2=0.95, eps=1e-8, wd=0.1):
+    """AdamW's steps on a parameter p0 with these gradients, checked against the update rule in float64; the
+    optimizer."""
     p = lab.tensor(p0, requires_grad=True)
     opt = AdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
     ref, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
@@ -26,6 +24,13 @@ def test_adamw_matches_reference_formula(use_backend):
         v = b2 * v + (1 - b2) * g * g
         ref -= lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
     np.testing.assert_allclose(p.numpy(), ref, rtol=1e-5, atol=1e-6)
+    return opt
+
+
+def test_adamw_matches_reference_formula(use_backend):
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal((3, 5))
+    opt = _adamw_steps_match_the_formula(p0, _grads(rng, (3, 5), 4))
     assert opt.state_bytes() == 2 * p0.size * 4
 
 
@@ -178,18 +183,7 @@ def test_adamw_updates_every_chunk_of_a_parameter_larger_than_one_pass(use_backe
     rng = np.random.default_rng(1)
     shape = (3, (2 * GELU_CHUNK + 101) // 3)
     p0 = rng.standard_normal(shape)
-    lr, b1, b2, eps, wd = 0.01, 0.9, 0.95, 1e-8, 0.1
-    p = lab.tensor(p0, requires_grad=True)
-    opt = AdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
-    ref, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
-    for t, g in enumerate(_grads(rng, shape, 3), start=1):
-        p.grad = lab.tensor(g)
-        opt.step()
-        ref -= lr * wd * ref
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        ref -= lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
-    np.testing.assert_allclose(p.numpy(), ref, rtol=1e-5, atol=1e-6)
+    _adamw_steps_match_the_formula(p0, _grads(rng, shape, 3))
 
 
 def test_numpy_adamw_updates_views_that_are_not_contiguous(numpy_backend):
