@@ -3,6 +3,7 @@ measure a training step's peak memory, and one way to write a benchmark's record
 import gc
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def write_result(out_path, result, print_fn=print):
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, default=float)   # (numpy scalars as numbers)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")   # (two writers never share one)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)

@@ -178,8 +178,8 @@ def check_pad(pad, idx, pos=0):
     if arr.dtype.kind not in "iu" or arr.shape != shape[:1] or (arr.size and arr.min() < 0):
         raise InputError(f"forward_cached: pad must be one non-negative integer per row of tokens {shape}, "
                          f"got {show(pad)}")
-    end = pos + (shape[1] if len(shape) > 1 else 0)
-    if arr.size and arr.max() >= end:
+    end = pos + shape[1] if len(shape) == 2 else None   # (tokens of another shape: the forward's own error)
+    if end is not None and arr.size and arr.max() >= end:
         b = int(arr.argmax())
         raise InputError(f"forward_cached: pad {show(pad)} leaves row {b} no token of its own: its {int(arr[b])} "
                          f"padding slots cover slots 0..{end - 1}; each row's padding must be fewer than "
