@@ -297,6 +297,12 @@ def test_save_pretrained_beside_a_training_thread_holds_one_steps_weights(use_ba
             time.sleep(0.002)
         return out
     model.state_dict = slow_read
+    step = trainer.train_step
+
+    def paced_step():   # steps of at least 10 ms: on a fast host 30 steps of this small model ended within two saves
+        time.sleep(0.01)
+        return step()
+    trainer.train_step = paced_step
     thread = threading.Thread(target=trainer.run, kwargs=dict(progress=False, log_evals=False))
     thread.start()
     saved = []

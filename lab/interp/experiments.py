@@ -10,6 +10,7 @@ from .. import nn
 from ..checks import InputError, integer, show
 from ..engine import ops as F
 from ..engine.tensor import Tensor, no_grad
+from .lens import _tokens
 
 PATCH_HOOKS = {"resid_pre": "blocks.{}.hook_resid_pre", "attn_out": "blocks.{}.hook_attn_out",
                "mlp_out": "blocks.{}.hook_mlp_out", "resid_post": "blocks.{}.hook_resid_post"}
@@ -22,24 +23,6 @@ def n_layers(model):
         raise InputError(f"lab.interp's experiments need a model with hook points (TransformerLM, LlamaLM), got "
                          f"{show(model)}")
     return sum(1 for name in model.hook_names() if name.endswith(".hook_resid_pre"))
-
-
-def _tokens(model, tokens, name):
-    """tokens as int64 (B, T): a sequence (T,) is one row; every id must be in the model's vocabulary."""
-    try:
-        arr = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens)
-    except ValueError:   # rows of different lengths
-        arr = np.zeros(0)
-    if arr.ndim == 1:
-        arr = arr[None]
-    vocab = model.config.vocab_size
-    if arr.ndim != 2 or 0 in arr.shape or arr.dtype.kind not in "iu":
-        got = f"an array of dtype {arr.dtype} and shape {arr.shape}" if isinstance(tokens, np.ndarray) else show(tokens)
-        raise InputError(f"{name} must be integer token ids of shape (T,) or (B, T), got {got}")
-    bad = arr[(arr < 0) | (arr >= vocab)]
-    if bad.size:
-        raise InputError(f"{name}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
-    return arr.astype(np.int64)
 
 
 def _ids(model, name, value, rows):

@@ -8,8 +8,7 @@ import numpy as np
 
 from .. import nn
 from ..checks import InputError, integer, show
-from ..engine.tensor import no_grad, tensor
-from .experiments import _tokens
+from ..engine.tensor import Tensor, no_grad, tensor
 
 
 @dataclass
@@ -26,6 +25,24 @@ class LogitLens:
 def _residuals(model):
     """The read-outs' hook names: the embedding's output (layer 0's input), then each layer's output."""
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(len(model._hook_layers()))]
+
+
+def _tokens(model, tokens, name):
+    """tokens as int64 (B, T): a sequence (T,) is one row; every id must be in the model's vocabulary."""
+    try:
+        arr = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens)
+    except ValueError:   # rows of different lengths
+        arr = np.zeros(0)
+    if arr.ndim == 1:
+        arr = arr[None]
+    vocab = model.config.vocab_size
+    if arr.ndim != 2 or 0 in arr.shape or arr.dtype.kind not in "iu":
+        got = f"an array of dtype {arr.dtype} and shape {arr.shape}" if isinstance(tokens, np.ndarray) else show(tokens)
+        raise InputError(f"{name} must be integer token ids of shape (T,) or (B, T), got {got}")
+    bad = arr[(arr < 0) | (arr >= vocab)]
+    if bad.size:
+        raise InputError(f"{name}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    return arr.astype(np.int64)
 
 
 def _cache_of(model, cache_or_tokens, what):
