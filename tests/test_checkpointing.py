@@ -422,3 +422,20 @@ def test_plan_command_takes_checkpoint_activations(capsys):
     from lab.cli import main
     assert main(["plan", "--preset", "shakespeare-char", "--device", "h200", "--checkpoint-activations", "2"]) == 0
     assert "one block in 2 checkpointed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapters_switched_for_the_backward_alone_are_refused_not_a_wrong_gradient(use_backend, family):
+    """lora.adapter_enabled switches adapters in a thread without touching the module's own `_enabled`: a backward
+    inside it recomputed the blocks without their adapters and gave the trainable norms other gradients and the
+    adapters none, without a word (no dropout to catch it by the seed count)."""
+    lab.manual_seed(0)
+    model = lora.apply(FAMILIES[family](0.0), r=4, targets="all-linear").gradient_checkpointing_enable()
+    norms = [p for n, p in model.named_parameters() if n.endswith(("ln_1.weight", "input_layernorm.weight"))]
+    for p in norms:
+        p.requires_grad = True   # trainable beside the adapters: the recomputation without them still has a graph
+    _, loss = model(IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7))
+    with lora.adapter_enabled(model, False), pytest.raises(RuntimeError, match="its settings changed between the "
+                                                                               "forward and the backward"):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
