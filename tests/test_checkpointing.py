@@ -439,3 +439,26 @@ def test_adapters_switched_for_the_backward_alone_are_refused_not_a_wrong_gradie
                                                                                "forward and the backward"):
         loss.backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_optimizer_step_between_a_forward_and_its_backward_is_refused_not_a_wrong_gradient(use_backend, family):
+    """The optimizer updates weights in place: a checkpointed block's backward recomputed its activations from the
+    stepped weights and gave other gradients than the forward's graph, without a word."""
+    from lab.train.optim import SGD
+    lab.manual_seed(0)
+    model = FAMILIES[family](0.0).gradient_checkpointing_enable()
+    opt = SGD(model.parameters(), lr=0.1)
+    x, y = IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7)
+    _, first = model(x, y)
+    _, second = model(x, y)
+    first.backward()
+    opt.step()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match=r"checkpoint: \d+ tensor\(s\) the block read changed between its forward "
+                                           r"and its backward"):
+        second.backward()
+    assert all(p.grad is None for p in model.parameters())
+    _, third = model(x, y)   # a forward after the step is differentiated as usual
+    third.backward()
+    assert all(p.grad is not None for p in model.parameters())

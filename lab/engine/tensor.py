@@ -47,7 +47,7 @@ def enable_grad():
 
 class Tensor:
     __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "_absorbs", "name",
-                 "__weakref__")
+                 "_version", "__weakref__")
     __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
 
     def __init__(self, data, backend, requires_grad=False, name=None):
@@ -59,6 +59,7 @@ class Tensor:
         self._backward = None
         self._absorbs = None
         self.name = name
+        self._version = 0   # counts in-place updates of data (optimizer steps): see F.checkpoint
 
     @classmethod
     def _make(cls, data, backend, parents, backward, absorbs=None):

@@ -16,6 +16,8 @@ def checkpoint(fn, x, params=()):
     if not isinstance(x, Tensor) or not all(isinstance(p, Tensor) for p in params):
         raise TypeError(f"checkpoint: x and params must be Tensors, got x {type(x).__name__}, params "
                         f"{[type(p).__name__ for p in params]}")
+    # what the forward read, to refuse a recomputation from other weights (an optimizer step, a load in between)
+    stamps = [(t, t.data, t._version) for t in (x,) + params]
     params = tuple(p for p in params if p.requires_grad)
     if not is_grad_enabled() or not (x.requires_grad or params):
         return fn(x)   # nothing to differentiate: no graph to save memory on
@@ -31,6 +33,12 @@ def checkpoint(fn, x, params=()):
     B, shape = x.backend, y.shape   # (y itself is not kept: its graph holds the block's activations)
 
     def backward(g):
+        changed = [t for t, data, version in stamps if t.data is not data or t._version != version]
+        if changed:
+            raise RuntimeError(f"checkpoint: {len(changed)} tensor(s) the block read changed between its forward and "
+                               f"its backward (first: shape {_shape_str(changed[0].shape)}; an optimizer step or a "
+                               f"load in between), so recomputing it would not give the forward's activations; "
+                               f"step the optimizer after backward(), not between a forward and its backward")
         # a new leaf on x's memory: the recomputed graph stops here, and x's gradient comes back as a leaf's
         xr = Tensor(x.data, B, requires_grad=x.requires_grad)
         with reusing_seeds(seeds), enable_grad():
