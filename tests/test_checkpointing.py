@@ -462,3 +462,31 @@ def test_an_optimizer_step_between_a_forward_and_its_backward_is_refused_not_a_w
     _, third = model(x, y)   # a forward after the step is differentiated as usual
     third.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_put_on_for_the_backward_alone_are_refused_not_called_in_the_recomputation(use_backend, family):
+    """A hooked model's blocks are not checkpointed, but hooks put on after the forward were called by the
+    recomputation: a steering hook changed the activations the gradients came from, without a word."""
+    lab.manual_seed(0)
+    model = FAMILIES[family](0.0).gradient_checkpointing_enable()
+    _, loss = model(IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7))
+    calls = []
+
+    def hook(act, name):
+        calls.append(name)
+        return act * 2.0
+    with model.hooks([("blocks.0.hook_resid_post", hook)]), \
+            pytest.raises(RuntimeError, match="checkpointed block 0: hooks were put on between the forward and the "
+                                              "backward"):
+        loss.backward()
+    assert calls == [] and all(p.grad is None for p in model.parameters())
+    _, loss = model(IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7))   # (the refused backward freed the graph)
+    with model.hooks([("hook_embed", hook)]):   # outside every block: nothing recomputed calls it
+        loss.backward()
+    lab.manual_seed(0)
+    reference = FAMILIES[family](0.0)
+    reference(IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7))[1].backward()
+    assert calls == []
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy(), err_msg=name)

@@ -206,6 +206,11 @@ class Blocks:
                 raise RuntimeError(f"checkpointed block {i}: its settings changed between the forward and the "
                                    f"backward, so recomputing it would not give the forward's activations; "
                                    f"change a model's mode or settings between steps, not within one")
+            if any(getattr(m, "_hooks", None) for m in block.modules()):   # lab.interp's, on in this thread (a
+                # hooked forward is not checkpointed: these came after it)
+                raise RuntimeError(f"checkpointed block {i}: hooks were put on between the forward and the backward, "
+                                   f"so recomputing it would call them on activations the forward never had; put "
+                                   f"hooks on before the forward (a hooked model's blocks are not checkpointed)")
             return block(h, *args, **kwargs)
         return F.checkpoint(run, x, block.parameters())
 
