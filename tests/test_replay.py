@@ -224,3 +224,24 @@ def test_turning_replay_off_gives_the_buffers_back(wgpu_backend):
         t.cfg.replay_steps = False
         _steps(t, 1)
         assert t.replay.ready is None and t.replay.replayed == 1
+
+
+def test_a_replayed_step_follows_a_threads_adapter_switch(use_backend):
+    """lora.adapter_enabled(model, False) switches adapters in the calling thread, leaving each module's stored
+    `_enabled` as it was: replay's signature read the stored value and replayed the captured step with adapters
+    on, so the steps inside the switch trained the wrong function (trainable norms beside the adapters), without
+    a word. Replay on gives the eager losses and weights."""
+    from lab import lora
+    runs = []
+    for replay in (False, True):
+        t = _trainer(replay, dropout=0.1)
+        lora.apply(t.model, r=2, alpha=4, dropout=0.1, targets="all-linear")
+        for name, p in t.model.named_parameters():
+            p.requires_grad = p.requires_grad or name.endswith("ln_1.weight")
+        t = Trainer(t.model, t.train_ids, t.val_ids, t.cfg)
+        losses = _steps(t, 3)
+        with lora.adapter_enabled(t.model, False):
+            losses += _steps(t, 3)
+        runs.append((losses + _steps(t, 2), _weights(t)))
+    assert runs[1][0] == runs[0][0]
+    assert _same(runs[1][1], runs[0][1])

@@ -155,14 +155,18 @@ def _packed_placeholder(kind, n_in, n_out):
     return p
 
 
+def setting(module, name):
+    """The value of the module's attribute `name` as its forward sees it: one stored as `_x` behind a property `x`
+    is read through the property, as a thread's override (lora.adapter_enabled) changes what the module computes
+    and leaves `_x` as it was."""
+    prop = name[:1] == "_" and isinstance(getattr(type(module), name[1:], None), property)
+    return getattr(module, name[1:]) if prop else vars(module)[name]
+
+
 def _settings(module):
     """What a module's computation depends on besides its tensors: every submodule's mode and plain settings
-    (dropout rates, LoRA's scale and switches). A setting stored as `_name` behind a property `name` counts as the
-    property reads it: a thread's override (lora.adapter_enabled) changes what the module computes, not `_name`."""
-    def value(m, k):
-        return getattr(m, k[1:]) if k[:1] == "_" and isinstance(getattr(type(m), k[1:], None), property) else \
-            vars(m)[k]
-    return [(m.training, [(k, value(m, k)) for k, v in vars(m).items()
+    (dropout rates, LoRA's scale and switches)."""
+    return [(m.training, [(k, setting(m, k)) for k, v in vars(m).items()
                           if isinstance(v, (bool, int, float, str, type(None)))]) for m in module.modules()]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..engine.random import next_seed, recording_seeds
 from ..engine.tensor import Tensor, tensor
+from ..nn import setting
 
 MAX_MISMATCHES = 3  # a trainer whose consecutive steps differ this often stays eager
 
@@ -34,7 +35,7 @@ def module_signature(model):
                 arrays.append(value.data)
                 settings.append((name, value.requires_grad))
             elif isinstance(value, (bool, int, float, str, type(None))):
-                settings.append((name, value))
+                settings.append((name, setting(module, name)))
             elif callable(value) and not isinstance(value, type):
                 settings.append((name, "callable", id(value)))
     return tuple(arrays), tuple(settings)
