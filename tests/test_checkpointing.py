@@ -490,3 +490,20 @@ def test_hooks_put_on_for_the_backward_alone_are_refused_not_called_in_the_recom
     assert calls == []
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_trainer_step_between_a_forward_and_its_backward_is_refused_replayed_or_not(use_backend, family):
+    """A replayed step (wgpu) updates the weights inside the capture, not through Optimizer.step: it left their
+    update count as it was, and a checkpointed backward pending across it recomputed from the new weights."""
+    lab.manual_seed(0)
+    model = FAMILIES[family](0.0).gradient_checkpointing_enable()
+    trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(steps=100, batch_size=2, block_size=8))
+    for _ in range(3):   # captured, then replayed
+        trainer.train_step()
+    _, loss = model(IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7))
+    replayed = trainer.replay and trainer.replay.replayed
+    trainer.train_step()
+    assert trainer.replay is None or trainer.replay.replayed == replayed + 1   # (this step was a replay)
+    with pytest.raises(RuntimeError, match="changed between its forward and its backward"):
+        loss.backward()

@@ -80,7 +80,7 @@ class AdamW(Optimizer):
                  if p.grad is not None]
         # the whole update in one dispatch, or a few (wgpu); one adamw_ per parameter where a backend has no more
         B.adamw_many_(slots, lr, self.b1, self.b2, self.eps, self.step_count, guard=g, max_norm=clip)
-        _stepped(self.params)
+        mark_stepped(self.params)
 
     def state_arrays(self):
         out = {}
@@ -105,13 +105,13 @@ class SGD(Optimizer):
         for p, buf, wd in zip(self.params, self.buf, self.decay):
             if p.grad is not None:
                 self.backend.sgd_(p.data, p.grad.data, buf, lr, self.momentum, wd, guard=g, max_norm=clip)
-        _stepped(self.params)
+        mark_stepped(self.params)
 
     def state_arrays(self):
         return {f"buf.{name}": b for name, b in zip(self.names, self.buf)}
 
 
-def _stepped(params):
+def mark_stepped(params):
     # the weights changed in place: a checkpointed block's pending backward must not recompute with them
     for p in params:
         if p.grad is not None:

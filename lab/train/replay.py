@@ -17,6 +17,7 @@ import numpy as np
 from ..engine.random import next_seed, recording_seeds
 from ..engine.tensor import Tensor, tensor
 from ..nn import setting
+from .optim import mark_stepped
 
 MAX_MISMATCHES = 3  # a trainer whose consecutive steps differ this often stays eager
 
@@ -169,6 +170,7 @@ class StepReplay:
         B.replay(rec.capture, {"lr": lr, "step": step_count, "seeds": seeds})
         for p, g in zip(trainer.optimizer.params, rec.grads):
             p.grad = Tensor(g, B) if g is not None else None
+        mark_stepped(trainer.optimizer.params)   # (the capture's optimizer update ran, not Optimizer.step)
         self.replayed += 1
         # copies: the captured loss and norm buffers are overwritten by the next replay, returned tensors are not
         return Tensor(B.scalar("mul", rec.loss, 1.0), B), Tensor(B.scalar("mul", rec.norm, 1.0), B)
