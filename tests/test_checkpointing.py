@@ -507,3 +507,22 @@ def test_a_trainer_step_between_a_forward_and_its_backward_is_refused_replayed_o
     assert trainer.replay is None or trainer.replay.replayed == replayed + 1   # (this step was a replay)
     with pytest.raises(RuntimeError, match="changed between its forward and its backward"):
         loss.backward()
+
+
+def test_a_parameter_named_twice_gets_its_gradient_once(use_backend):
+    """F.checkpoint handed a parameter's gradient back once per mention in params, and the walk summed them: a
+    tied weight listed twice got twice its gradient, without a word."""
+    from lab.engine import ops as F
+    x_values = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    grads = []
+    for checkpointed in (False, True):
+        x = lab.tensor(x_values, requires_grad=True)
+        w = lab.tensor(np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4), requires_grad=True)
+
+        def fn(h):
+            return (h @ w) * h
+        y = F.checkpoint(fn, x, [w, w]) if checkpointed else fn(x)
+        (y * y).sum().backward()
+        grads.append((x.grad.numpy(), w.grad.numpy()))
+    for plain, checkpointed in zip(*grads):
+        np.testing.assert_array_equal(checkpointed, plain)

@@ -18,7 +18,9 @@ def checkpoint(fn, x, params=()):
                         f"{[type(p).__name__ for p in params]}")
     # what the forward read, to refuse a recomputation from other weights (an optimizer step, a load in between)
     stamps = [(t, t.data, t._version) for t in (x,) + params]
-    params = tuple(p for p in params if p.requires_grad)
+    # once each: a tensor named twice (a tied weight, a list built carelessly) is one parent, else its gradient
+    # would be handed back once per mention and summed
+    params = tuple({id(p): p for p in params if p.requires_grad}.values())
     if not is_grad_enabled() or not (x.requires_grad or params):
         return fn(x)   # nothing to differentiate: no graph to save memory on
     # gradients on, not no_grad: ops pick kernels by whether a gradient is wanted (an inference kernel's sums may
