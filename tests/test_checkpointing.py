@@ -526,3 +526,27 @@ def test_a_parameter_named_twice_gets_its_gradient_once(use_backend):
         grads.append((x.grad.numpy(), w.grad.numpy()))
     for plain, checkpointed in zip(*grads):
         np.testing.assert_array_equal(checkpointed, plain)
+
+
+def test_a_tensor_made_outside_the_block_keeps_its_graph_for_the_outer_backward(use_backend):
+    """fn reading a tensor computed before it (w2 = w * 2, a parameter's function): the recomputation's backward
+    walked on into the outer graph and freed w2's node, so backward(retain_graph=True) twice, or w2 used outside
+    the block too, failed with 'a graph that was already freed' where the plain graph gives gradients."""
+    from lab.engine import ops as F
+    x_values = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    for outside_too in (False, True):
+        grads = []
+        for checkpointed in (False, True):
+            x = lab.tensor(x_values, requires_grad=True)
+            w = lab.tensor(np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4), requires_grad=True)
+            w2 = w * 2.0
+
+            def fn(h):
+                return (h @ w2) * h
+            y = F.checkpoint(fn, x, [w]) if checkpointed else fn(x)
+            loss = (y * y).sum() + ((w2 * w2).sum() if outside_too else 0.0)
+            loss.backward(retain_graph=True)
+            loss.backward()
+            grads.append((x.grad.numpy(), w.grad.numpy()))
+        for plain, checkpointed in zip(*grads):   # (w's two parts are summed in another order with outside_too)
+            np.testing.assert_allclose(checkpointed, plain, rtol=1e-6, atol=1e-6)

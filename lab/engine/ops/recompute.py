@@ -1,5 +1,7 @@
 """Activation checkpointing: a function of one tensor (a transformer block) whose intermediates are not kept for the
 backward but recomputed there from its input."""
+import weakref
+
 from ..random import recording_seeds, reusing_seeds
 from ..tensor import Tensor, enable_grad, is_grad_enabled
 from ._common import _shape_str
@@ -33,6 +35,9 @@ def checkpoint(fn, x, params=()):
     if not y.requires_grad:
         return y
     B, shape = x.backend, y.shape   # (y itself is not kept: its graph holds the block's activations)
+    # the graph's inner nodes, weakly: those alive at the backward were made outside fn (w2 = w * 2 before it),
+    # nodes of the outer graph that the recomputation's walk passes through and must leave for the outer walk
+    interior = [weakref.ref(n) for n in _inner_nodes(y, {id(t) for t in (x,) + params})]
 
     def backward(g):
         changed = [t for t, data, version in stamps if t.data is not data or t._version != version]
@@ -50,7 +55,8 @@ def checkpoint(fn, x, params=()):
                                f"{_shape_str(shape)}")
         if not out.requires_grad:   # (the forward had a graph: only changed settings, refused above, get here)
             raise RuntimeError("checkpoint: the recomputation has no graph, the forward had one")
-        grads = {id(leaf): (leaf, lg) for leaf, lg in out._walk(g)}
+        outer = any(r() is not None for r in interior)
+        grads = {id(leaf): (leaf, lg) for leaf, lg in out._walk(g, retain_graph=outer)}
         own = {id(xr)} | {id(p) for p in params}
         other = [leaf for i, (leaf, _) in grads.items() if i not in own]
         if other:   # its gradient would be lost: fn must name every tensor it differentiates
@@ -59,3 +65,16 @@ def checkpoint(fn, x, params=()):
                                f"in params")
         return tuple(grads[id(t)][1] if id(t) in grads else None for t in (xr,) + params)
     return Tensor._make(y.data, B, (x,) + params, backward)
+
+
+def _inner_nodes(y, stop):
+    """The non-leaf tensors of y's graph below y, not walking past the tensors whose ids are in `stop`."""
+    out, stack, seen = [], [y], set(stop) | {id(y)}
+    while stack:
+        for p in stack.pop()._parents:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                if p._backward is not None:
+                    out.append(p)
+                    stack.append(p)
+    return out
