@@ -550,3 +550,18 @@ def test_a_tensor_made_outside_the_block_keeps_its_graph_for_the_outer_backward(
             grads.append((x.grad.numpy(), w.grad.numpy()))
         for plain, checkpointed in zip(*grads):   # (w's two parts are summed in another order with outside_too)
             np.testing.assert_allclose(checkpointed, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_a_parameter_frozen_or_unfrozen_before_the_backward_is_one_clear_error(use_backend, change):
+    """A norm unfrozen between a LoRA model's forward and backward was refused as a tensor 'neither its input nor
+    among params' (it was among them); freezing an adapter there went through. Either is one error naming it."""
+    lab.manual_seed(0)
+    model = lora.apply(FAMILIES["gpt2"](0.0), r=4, targets="all-linear").gradient_checkpointing_enable()
+    _, loss = model(IDS[:14].reshape(2, 7), IDS[1:15].reshape(2, 7))
+    p = model.h[1].ln_1.weight if change == "unfreeze" else model.h[1].attn.c_attn.lora_A
+    p.requires_grad = change == "unfreeze"
+    with pytest.raises(RuntimeError, match=rf"1 parameter\(s\) of the block were frozen or unfrozen between its "
+                                           rf"forward and its backward \(first: shape \({p.shape[0]},"):
+        loss.backward()
+    assert all(q.grad is None for q in model.parameters())

@@ -22,6 +22,7 @@ def checkpoint(fn, x, params=()):
     stamps = [(t, t.data, t._version) for t in (x,) + params]
     # once each: a tensor named twice (a tied weight, a list built carelessly) is one parent, else its gradient
     # would be handed back once per mention and summed
+    wanted = [(p, p.requires_grad) for p in params]
     params = tuple({id(p): p for p in params if p.requires_grad}.values())
     if not is_grad_enabled() or not (x.requires_grad or params):
         return fn(x)   # nothing to differentiate: no graph to save memory on
@@ -46,6 +47,12 @@ def checkpoint(fn, x, params=()):
                                f"its backward (first: shape {_shape_str(changed[0].shape)}; an optimizer step or a "
                                f"load in between), so recomputing it would not give the forward's activations; "
                                f"step the optimizer after backward(), not between a forward and its backward")
+        switched = [p for p, requires in wanted if p.requires_grad != requires]
+        if switched:   # (the forward's graph decided which of them get a gradient, the recomputation would again)
+            raise RuntimeError(f"checkpoint: {len(switched)} parameter(s) of the block were frozen or unfrozen "
+                               f"between its forward and its backward (first: shape {_shape_str(switched[0].shape)}, "
+                               f"requires_grad now {switched[0].requires_grad}); change requires_grad before the "
+                               f"forward")
         # a new leaf on x's memory: the recomputed graph stops here, and x's gradient comes back as a leaf's
         xr = Tensor(x.data, B, requires_grad=x.requires_grad)
         with reusing_seeds(seeds), enable_grad():
