@@ -20,9 +20,9 @@ def checkpoint(fn, x, params=()):
                         f"{[type(p).__name__ for p in params]}")
     # what the forward read, to refuse a recomputation from other weights (an optimizer step, a load in between)
     stamps = [(t, t.data, t._version) for t in (x,) + params]
+    wanted = [(p, p.requires_grad) for p in params]
     # once each: a tensor named twice (a tied weight, a list built carelessly) is one parent, else its gradient
     # would be handed back once per mention and summed
-    wanted = [(p, p.requires_grad) for p in params]
     params = tuple({id(p): p for p in params if p.requires_grad}.values())
     if not is_grad_enabled() or not (x.requires_grad or params):
         return fn(x)   # nothing to differentiate: no graph to save memory on
