@@ -305,3 +305,29 @@ def test_concurrent_backward_calls_into_a_shared_leaf_lose_no_gradient(use_backe
     finally:
         sys.setswitchinterval(interval)
     np.testing.assert_array_equal(x.grad.numpy(), np.full(64, 4 * n * 2.0))
+
+
+def test_a_backward_after_an_optimizer_step_on_what_its_forward_read_is_refused(any_backend):
+    """The backward closures read the weights' arrays, which an optimizer step updates in place: a backward between
+    them gave gradients of neither the old weights nor the new, without a word. Refused (before any .grad changes),
+    as PyTorch refuses a saved tensor modified in place; a forward after the step, and gradient accumulation
+    (several forward/backward pairs, then one step), go on as usual."""
+    from lab.engine import ops as F
+    from lab.engine.tensor import tensor
+    from lab.train.optim import SGD
+    rng = np.random.default_rng(0)
+    w = tensor(rng.standard_normal((3, 4)).astype(np.float32), backend=any_backend, requires_grad=True)
+    x = tensor(rng.standard_normal((2, 3)).astype(np.float32), backend=any_backend)
+    opt = SGD([w], lr=0.1)
+    first = F.sum(F.matmul(x, w) * F.matmul(x, w))
+    second = F.sum(F.matmul(x, w) * F.matmul(x, w))
+    first.backward()
+    opt.step()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match=r"backward\(\) after an in-place update of a tensor of shape \(3, 4\)"):
+        second.backward()
+    assert w.grad is None
+    for _ in range(2):   # accumulation: each backward right after its own forward
+        F.sum(F.matmul(x, w) * F.matmul(x, w)).backward()
+    want = 2 * 2 * (x.numpy().T @ (x.numpy() @ w.numpy()))
+    np.testing.assert_allclose(w.grad.numpy(), want, rtol=1e-5, atol=1e-5)

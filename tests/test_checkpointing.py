@@ -455,8 +455,9 @@ def test_an_optimizer_step_between_a_forward_and_its_backward_is_refused_not_a_w
     first.backward()
     opt.step()
     opt.zero_grad()
+    # (the engine's own check, on every graph, meets the stepped embedding first; F.checkpoint's is for its blocks)
     with pytest.raises(RuntimeError, match=r"checkpoint: \d+ tensor\(s\) the block read changed between its forward "
-                                           r"and its backward"):
+                                           r"and its backward|backward\(\) after an in-place update"):
         second.backward()
     assert all(p.grad is None for p in model.parameters())
     _, third = model(x, y)   # a forward after the step is differentiated as usual
@@ -505,7 +506,8 @@ def test_a_trainer_step_between_a_forward_and_its_backward_is_refused_replayed_o
     replayed = trainer.replay and trainer.replay.replayed
     trainer.train_step()
     assert trainer.replay is None or trainer.replay.replayed == replayed + 1   # (this step was a replay)
-    with pytest.raises(RuntimeError, match="changed between its forward and its backward"):
+    with pytest.raises(RuntimeError,
+                       match=r"changed between its forward and its backward|backward\(\) after an in-place update"):
         loss.backward()
 
 

@@ -47,7 +47,7 @@ def enable_grad():
 
 class Tensor:
     __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "_absorbs", "name",
-                 "_version", "__weakref__")
+                 "_version", "_read", "__weakref__")
     __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
 
     def __init__(self, data, backend, requires_grad=False, name=None):
@@ -60,6 +60,7 @@ class Tensor:
         self._absorbs = None
         self.name = name
         self._version = 0   # counts in-place updates of data (optimizer steps): see F.checkpoint
+        self._read = ()     # a node's leaf parents with their _version when the forward read them
 
     @classmethod
     def _make(cls, data, backend, parents, backward, absorbs=None):
@@ -72,6 +73,9 @@ class Tensor:
             out._parents = parents
             out._backward = backward
             out._absorbs = absorbs
+            # the backward closures read the leaves' arrays as they are then: an optimizer step in between updates
+            # them in place, and the gradient would silently mix old and new weights (_walk refuses it)
+            out._read = tuple((p, p._version) for p in parents if p._backward is None and p.requires_grad)
         return out
 
     # -- properties --
@@ -203,6 +207,12 @@ class Tensor:
                     f"and call backward() once")
             if node._backward is None and node.grad is not None:
                 node._check_own_grad()
+            for leaf, version in node._read:
+                if leaf._version != version:
+                    raise RuntimeError(
+                        f"backward() after an in-place update of a tensor of shape {leaf.shape} that the forward "
+                        f"read (an optimizer step between the forward and this backward): its gradient would mix "
+                        f"the old values and the new. Run the forward again after the step, or step after backward()")
             seen.add(id(node))
             stack.append((node, True))
             for p in node._parents:
@@ -228,7 +238,7 @@ class Tensor:
                 prev = grads.get(id(p))
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
             if not retain_graph:  # requires_grad stays: a later use of the node must reach the check above
-                node._backward, node._parents, node._absorbs = _freed, (), None
+                node._backward, node._parents, node._absorbs, node._read = _freed, (), None, ()
         return done
 
     def _check_own_grad(self):
