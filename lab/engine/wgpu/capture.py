@@ -26,20 +26,29 @@ class Capture:
         self.keys.append(key)
         self.buffers.update((id(b), b) for b in buffers)
 
-    def difference(self, later, step, inputs=()):
-        """Why replaying this capture with `step` would not record what `later` (the next step, captured too)
-        recorded, or None: the same kernels and grids, the same params once patched, the same uploads except
-        those at the indices `inputs` (the batches)."""
+    def _unlike(self, later):
+        """Why `later` is not this step recorded again whatever its params and upload values (other dispatch
+        counts, kernels or grids, another count of uploads), or None: what difference() and follow() both ask."""
         if len(self.keys) != len(later.keys):
             return f"the step recorded {len(self.keys)} dispatches, the next one {len(later.keys)}"
         for i, (a, b) in enumerate(zip(self.keys, later.keys)):
             if a[:4] != b[:4]:
                 return f"dispatch {i} was {a[0]}:{a[1]} {a[3]}, then {b[0]}:{b[1]} {b[3]}"
+        if len(self.uploads) != len(later.uploads):
+            return f"the step uploaded {len(self.uploads)} arrays, the next one {len(later.uploads)}"
+        return None
+
+    def difference(self, later, step, inputs=()):
+        """Why replaying this capture with `step` would not record what `later` (the next step, captured too)
+        recorded, or None: the same kernels and grids, the same params once patched, the same uploads except
+        those at the indices `inputs` (the batches)."""
+        why = self._unlike(later)
+        if why is not None:
+            return why
+        for i, (a, b) in enumerate(zip(self.keys, later.keys)):
             want = a[4] if i not in self.patches else struct.pack(f"<{len(a[4]) // 4}I", *map(_u32, self.patches[i](step)))
             if want != b[4]:
                 return f"the params of dispatch {i} ({a[0]}:{a[1]}) change from step to step"
-        if len(self.uploads) != len(later.uploads):
-            return f"the step uploaded {len(self.uploads)} arrays, the next one {len(later.uploads)}"
         for k, ((_, x), (_, y)) in enumerate(zip(self.uploads, later.uploads)):
             if k in self.upload_patches:
                 x = self.upload_patches[k](step).tobytes()
@@ -53,19 +62,16 @@ class Capture:
         rotary position, the softmax's length), and every int32 upload that differs likewise (a padded batch's
         per-row positions, slot - pad). Returns why it cannot, or None; the patches are checked by difference()
         against a third capture before use."""
-        if len(self.keys) != len(later.keys):
-            return f"the step recorded {len(self.keys)} dispatches, the next one {len(later.keys)}"
+        why = self._unlike(later)
+        if why is not None:   # (checked whole first: no patch is made for a step that cannot follow)
+            return why
         for i, (a, b) in enumerate(zip(self.keys, later.keys)):
-            if a[:4] != b[:4]:
-                return f"dispatch {i} was {a[0]}:{a[1]} {a[3]}, then {b[0]}:{b[1]} {b[3]}"
             if a[4] != b[4]:
                 if i in self.patches:
                     return f"the params of dispatch {i} ({a[0]}:{a[1]}) are patched already"
                 x = [int(v) for v in struct.unpack(f"<{len(a[4]) // 4}I", a[4])]
                 d = [int(w) - v for v, w in zip(x, struct.unpack(f"<{len(b[4]) // 4}I", b[4]))]
                 self.patches[i] = lambda s, x=x, d=d: [v + dv * (s[key] - start) for v, dv in zip(x, d)]
-        if len(self.uploads) != len(later.uploads):
-            return f"the step uploaded {len(self.uploads)} arrays, the next one {len(later.uploads)}"
         for k, ((a, x), (_, y)) in enumerate(zip(self.uploads, later.uploads)):
             if x != y:
                 if a.dtype != "int32" or len(x) != len(y):   # (float values are no position)
