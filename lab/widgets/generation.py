@@ -138,17 +138,23 @@ class GenerationPanel(Panel):
                                               tokenizer=self.tokenizer, adapter=adapter,
                                               should_stop=self._stop.is_set))
             return
+        push = self._streamer(target)
+        text = generate(self.model, prompt, tokenizer=self.tokenizer, on_token=lambda _, piece: push(piece), seed=seed,
+                        adapter=adapter, should_stop=self._stop.is_set, **how)
+        setattr(self, target, text)
+
+    def _streamer(self, target):
+        """A function taking each new text piece that shows the text so far in the trait `target`, at most ~20
+        browser updates a second (the caller sets the whole text at the end)."""
         pieces, last = [], [0.0]
 
-        def on_token(_, piece):
+        def push(piece):
             pieces.append(piece)
             now = time.perf_counter()
-            if now - last[0] > 0.05:  # at most ~20 browser updates a second
+            if now - last[0] > 0.05:
                 last[0] = now
                 setattr(self, target, "".join(pieces))
-        text = generate(self.model, prompt, tokenizer=self.tokenizer, on_token=on_token, seed=seed, adapter=adapter,
-                        should_stop=self._stop.is_set, **how)
-        setattr(self, target, text)
+        return push
 
     def _reply_into(self, target, adapter, seed, message, how):
         """One turn: the user's message joins the conversation, the reply streams into `target` and then joins it
@@ -157,16 +163,8 @@ class GenerationPanel(Panel):
         turns = list(getattr(self, key)) + [{"role": "user", "content": message}]
         setattr(self, key, turns)
         setattr(self, target, "")
-        pieces, last = [], [0.0]
-
-        def on_token(piece):
-            pieces.append(piece)
-            now = time.perf_counter()
-            if now - last[0] > 0.05:  # at most ~20 browser updates a second
-                last[0] = now
-                setattr(self, target, "".join(pieces))
         try:
-            reply = chat(self.model, self.tokenizer, turns, seed=seed, on_token=on_token, adapter=adapter,
+            reply = chat(self.model, self.tokenizer, turns, seed=seed, on_token=self._streamer(target), adapter=adapter,
                          should_stop=self._stop.is_set, **how)
         except Exception:
             setattr(self, key, turns[:-1])   # a refused turn (bad settings) is not kept half-made
