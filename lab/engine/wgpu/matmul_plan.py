@@ -52,7 +52,9 @@ class Tuning:
     PAD_MIN_VOLUME: int = 1 << 28   # M N K from which a ragged product runs zero-padded to whole 128 x 128 tiles
     #                                 (a GPT-2 output layer, 8192 x 50257 x 768: the bounds-checked kernels ran its
     #                                 three products at about 25 TFLOP/s, 76 of a 209 ms step) ...
-    PAD_MAX_WORK: float = 1.05      # ... if the padded product is at most this much more work
+    PAD_MAX_WORK: float = 1.12      # ... if the padded product is at most this much more work (SmolLM2's 576-wide
+    #                                 products padded to 640 run on 128 x 128 tiles: a training step 141.3 -> 137.0
+    #                                 ms on the H200; 1.25 padded more and gained less, 139.7)
 
     def __post_init__(self):
         # a threshold below its meaningful range silently means "always" or "never", and THIN_MAX above the thin
@@ -96,7 +98,9 @@ class Plan:
     (matmul.wgsl). `cast`: float16 operands are widened first (every kernel but the whole-tile ones reads
     float32); `transpose_b`: B is copied transposed first, `layout` ("nn", "tn", ...) is then the kernel's;
     `split` chunks of `k_chunk` along K are summed after; `fused_bias`, `gelu`: applied as the tiles are stored;
-    `triangle`: matmul_aligned.wgsl's code (1: the output's lower triangle, 2/3: A (or A^T) lower-triangular)."""
+    `triangle`: matmul_aligned.wgsl's code (1: the output's lower triangle, 2/3: A (or A^T) lower-triangular);
+    `column_sums`: the kernel also sums B's columns (matmul_aligned.wgsl's SUMS; asked for and not given, the
+    caller sums them by a reduction)."""
     path: str
     kernel: str = ""
     entry: str = ""
@@ -111,6 +115,7 @@ class Plan:
     gelu: bool = False
     triangle: int = 0
     swap: bool = False
+    column_sums: bool = False
 
 
 def declared_storage(wgsl):
@@ -141,10 +146,11 @@ def heads_in_place(seq, dim, limits=Limits(), tuning=Tuning()):
 
 @functools.lru_cache(maxsize=4096)  # (a training step asks for the same few dozen plans each time)
 def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=False, gelu=False, triangle=None,
-         views=False, views_vec4=True, into=False, limits=Limits(), tuning=Tuning()):
+         views=False, views_vec4=True, into=False, column_sums=False, limits=Limits(), tuning=Tuning()):
     """The Plan for (batch, M, K) @ (batch, K, N) (operands stored transposed where trans_a, trans_b; a batch of 1
     broadcast). views: an operand or the destination is a head view (views_vec4: every view's offset, row width
-    and head width are multiples of 4); into: the product is written into a given destination."""
+    and head width are multiples of 4); into: the product is written into a given destination; column_sums:
+    B's column sums are wanted too (given where the whole-tile kernels stage B (K, N) of one product)."""
     batch = max(batch_a, batch_b)
     if K == 0:
         return Plan("gathered" if views else "zeros")
@@ -206,8 +212,10 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
     elif triangle == "a" and M == K:
         tri = 3 if trans_a else 2
     # a bias or GELU is applied as the tiles are stored, unless split-K partial products are summed afterwards
+    sums = column_sums and layout[1] == "n" and batch == 1 and not (views or into or bias or gelu or tri)
     return _checked(Plan("aligned", "matmul_aligned", entry, grid, S, kc, transpose_b=transpose_b, layout=layout,
-                         fused_bias=bias and S == 1, gelu=gelu and S == 1, triangle=tri), M, N, K, limits)
+                         fused_bias=bias and S == 1, gelu=gelu and S == 1, triangle=tri, column_sums=sums),
+                    M, N, K, limits)
 
 
 def rows_cols(layout, M, tuning):
