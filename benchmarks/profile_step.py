@@ -1,26 +1,24 @@
 """Profile one training step of a preset: host recording time, device time, and lab.profile()'s kernel table.
 Usage: python benchmarks/profile_step.py PRESET BATCH [LORA_RANK]  (LAB_BACKEND picks the backend; with a rank,
-LoRA adapters on c_attn, c_proj and c_fc are trained instead of the whole model)."""
+LoRA adapters (lora.apply's default targets) are trained instead of the whole model)."""
 import sys
 import time
-from dataclasses import replace
 
 import lab
-from lab.data import char_dataset
-from lab.models import PRESETS, TransformerLM
+from lab.bench.train import _bench_setup
+from lab.models import MODELS
 from lab.train import TrainConfig, Trainer
 
 preset, batch = sys.argv[1], int(sys.argv[2])
-tok, train_ids, val_ids = char_dataset()
-# as `python -m lab bench train` does: GPT-2 presets keep GPT-2's vocabulary (and its output layer's size)
-vocab = max(tok.vocab_size, PRESETS[preset].vocab_size) if preset.startswith("gpt2") else tok.vocab_size
-cfg = replace(PRESETS[preset], vocab_size=vocab)
+# as `python -m lab bench train` sets the preset up (GPT-2 and Llama presets keep their vocabularies)
+cfg, ids, batch, block = _bench_setup(preset, batch, None, None)
 lab.manual_seed(0)
-model = TransformerLM(cfg)
+model = MODELS[type(cfg)](cfg)
 if len(sys.argv) > 3:
     from lab import lora
     lora.apply(model, r=int(sys.argv[3]))
-trainer = Trainer(model, train_ids, val_ids, TrainConfig(steps=10**9, batch_size=batch))
+trainer = Trainer(model, ids, ids[:10_000], TrainConfig(steps=10**9, batch_size=batch, block_size=block,
+                                                      replay_steps=False))   # (a replayed step is one capture)
 for _ in range(3):
     trainer.train_step()
 lab.sync()
