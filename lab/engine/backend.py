@@ -22,7 +22,8 @@ class IndexRangeError(IndexError, ValueError):
     raise for one, and a ValueError as lab raises for bad input."""
 
 
-INDEXED = {"embedding": ("index", "indices", "a table of {} rows"), "cross_entropy": ("target", "targets", "{} classes")}
+INDEXED = {"embedding": ("index", "indices", "a table of {} rows"), "cross_entropy": ("target", "targets", "{} classes"),
+           "linear_cross_entropy": ("target", "targets", "{} classes")}
 
 
 def index_range_error(op, lowest, highest, limit, ignore_index=None):
@@ -112,6 +113,7 @@ class Backend:
     # (host memory) or at the next read from the device. checked=True: the host has checked these indices already
     def embedding_bwd(self, idx, g, num_embeddings): raise NotImplementedError
     def cross_entropy(self, logits, targets, ignore_index, checked=False): raise NotImplementedError  # -> loss, saved
+    # saved = (lse (rows,), valid (rows,), count (1,) float: the rows not ignored); F.linear_cross_entropy reads count
     def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index): raise NotImplementedError
     def dropout(self, x, p, seed): raise NotImplementedError
     def lora_down(self, x, a): raise NotImplementedError           # x (M, K) @ a (r, K)^T -> (M, r)
@@ -135,16 +137,21 @@ class Backend:
     fused_matmul_gelu = False  # matmul_gelu: the product's store applies the activation (an MLP's first layer)
     def matmul_gelu(self, a, b, bias=None, keep_pre=True, residual=None): raise NotImplementedError
     # -> gelu(a @ b + bias) (+ residual), and a @ b + bias when keep_pre (for the backward) else None
+    def matmul_column_sums(self, a, b, trans_a=False):
+        """(a @ b, b's column sums (N,)) for b (1, K, N) (a stored (1, K, M) where trans_a): a Linear layer's weight
+        and bias gradients, x^T g and g's rows summed. wgpu takes the sums from the product's own pass over b."""
+        return self.matmul(a, b, trans_a), self.reduce("sum", self.reshape(b, b.shape[1:]), 0)
     def linears_fit(self, rows, weights, how): return False
     # whether linears takes a product of `rows` rows by these weights in one pass (else F.linears composes)
     def linears(self, a, weights, biases, how): raise NotImplementedError
     # a (1, M, K) by weights (K, N_i) (+ biases[i] or None), inference only: how "concat" -> (1, M, sum N_i) side
     # by side; "swiglu" (two of one N) -> silu(a W0 + b0) * (a W1 + b1)
-    def flash_attention_fits(self, qkv_shape, n_head): return False
-    # whether flash_attention(qkv, n_head, scale, p, seed) -> (y, saved) and flash_attention_bwd(qkv, y, saved, g,
-    # n_head, scale, p, seed) -> dqkv, causal self-attention fused with the composed ops' result, take this shape
-    def flash_attention(self, qkv, n_head, scale, p, seed): raise NotImplementedError
-    def flash_attention_bwd(self, qkv, y, saved, g, n_head, scale, p, seed): raise NotImplementedError
+    def flash_attention_fits(self, qkv_shape, n_head, n_kv_head=None): return False
+    # whether flash_attention(qkv, n_head, scale, p, seed, n_kv_head) -> (y, saved) and flash_attention_bwd(qkv, y,
+    # saved, g, n_head, scale, p, seed, n_kv_head) -> dqkv, causal self-attention fused with the composed ops' result
+    # (query head h reading key-value head h // (n_head / n_kv_head)), take this shape
+    def flash_attention(self, qkv, n_head, scale, p, seed, n_kv_head=None): raise NotImplementedError
+    def flash_attention_bwd(self, qkv, y, saved, g, n_head, scale, p, seed, n_kv_head=None): raise NotImplementedError
     def decode_attention_fits(self, head_dim): return False
     # whether decode_attention takes heads of head_dim: a one-token step's attention through the KV cache in one
     # pass (no gradient). parts: ((q, offset), (k, offset), (v, offset)), arrays (B, 1, W) whose heads start at

@@ -16,7 +16,9 @@ SQRT_2_OVER_PI = 0.7978845608028654
 GELU_C = 0.044715
 SHIFT_FREE = 64.0  # softmax: exp of scores in (-64, 64) neither overflows float32 (a sum of up to 10^9 of them)
 # nor leaves a row whose sum underflows (each row's largest term is above exp(-64))
-GELU_CHUNK = 1 << 15  # elements per pass of _gelu_and_grad (128 KiB of float32: in a core's L2 with its 3 arrays)
+GELU_CHUNK = 1 << 15  # elements per in-cache pass (GELU, AdamW, dropout: 128 KiB of float32, in a core's L2)
+BLOCK = 1 << 16   # elements of a block of softmax's rows (256 KiB of float32), for arrays over IN_CACHE elements:
+IN_CACHE = 1 << 18   # up to 1 MiB, an array and its result stay in a core's L2 whole, and blocks only add calls
 ONE_HOT_LIMIT = 1 << 22  # embedding backward through a one-hot matrix up to this many elements (16 MiB)
 
 
@@ -87,22 +89,46 @@ def pcg(x):
     return (w >> np.uint32(22)) ^ w
 
 
-def dropout_keep_mask(n, p, seed):
-    """keep[i] = u_i >= p, u_i = (pcg(i ^ pcg(seed)) >> 8) / 2^24: dropout.wgsl's mask, bit for bit. Computed in
-    place; u_i >= p is compared as integers: (h >> 8) >= ceil(float32(p) 2^24), exact since h >> 8 < 2^24."""
-    h = np.arange(n, dtype=np.uint32)
-    h ^= pcg(np.array([seed], dtype=np.uint32))[0]
-    h *= np.uint32(747796405)                      # pcg(h), as pcg() computes it
-    h += np.uint32(2891336453)
-    w = h >> np.uint32(28)
-    w += np.uint32(4)
-    np.right_shift(h, w, out=w)
-    w ^= h
-    w *= np.uint32(277803737)
-    np.right_shift(w, np.uint32(22), out=h)
-    h ^= w
-    h >>= np.uint32(8)
-    return h >= np.uint32(math.ceil(float(np.float32(p)) * 16777216.0))
+def _dropout_into(x, out, p, seed, start=0):
+    """out = dropout(x) for flat arrays whose first element is element `start` of the dropped array: kept where
+    u_i >= p, u_i = (pcg(i ^ pcg(seed)) >> 8) / 2^24, scaled by 1 / (1 - p), else +0 (dropout.wgsl's select, bit
+    for bit). u_i >= p is compared as integers: (h >> 8) >= ceil(float32(p) 2^24), exact since h >> 8 < 2^24. The
+    mask's dozen integer passes and the select run GELU_CHUNK elements at a time, in cache: over a whole attention
+    matrix they went to memory, and np.where's select alone cost as much as the mask (5x on (48, 256, 256))."""
+    m = min(GELU_CHUNK, x.size)
+    idx, h, w = np.arange(m, dtype=np.uint32), np.empty(m, np.uint32), np.empty(m, np.uint32)
+    key = pcg(np.array([seed], dtype=np.uint32))[0]
+    threshold = np.uint32(math.ceil(float(np.float32(p)) * 16777216.0))
+    scale = x.dtype.type(1.0 / (1.0 - p))
+    for i in range(0, x.size, GELU_CHUNK):
+        k = min(GELU_CHUNK, x.size - i)
+        hs, ws, o = h[:k], w[:k], out[i:i + k]
+        np.add(idx[:k], np.uint32((start + i) & 0xFFFFFFFF), out=hs)   # (the counter wraps at 2^32, as on the GPU)
+        hs ^= key
+        hs *= np.uint32(747796405)                      # pcg(h), as pcg() computes it
+        hs += np.uint32(2891336453)
+        np.right_shift(hs, np.uint32(28), out=ws)
+        ws += np.uint32(4)
+        np.right_shift(hs, ws, out=ws)
+        ws ^= hs
+        ws *= np.uint32(277803737)
+        np.right_shift(ws, np.uint32(22), out=hs)
+        hs ^= ws
+        hs >>= np.uint32(8)
+        np.multiply(x[i:i + k], scale, out=o)
+        if x.dtype.itemsize == 4:   # the select as a bitwise and: all ones where kept, zero where dropped
+            hs -= threshold          # (its top bit set exactly where hs < threshold: both are below 2^25)
+            hs >>= np.uint32(31)
+            hs -= np.uint32(1)
+            np.bitwise_and(o.view(np.uint32), hs, out=o.view(np.uint32))
+        else:
+            np.copyto(o, 0, where=hs < threshold)
+
+
+def _per_block(items, item_size):
+    """How many items (rows, matrices) of item_size elements to take per in-cache block: all of them where they fit
+    the cache together."""
+    return items if items * item_size <= IN_CACHE else max(1, BLOCK // item_size)
 
 
 UNARY = {
@@ -386,23 +412,34 @@ class NumpyBackend(Backend):
             y = np.zeros_like(a)
             y[..., :length] = self.softmax(a[..., :length], scale)
             return y
-        if dropout is not None:  # (y, dropout(y)): attention's weights and what its product uses
-            y = self.softmax(a, scale, causal)
-            return y, self.dropout(y, *dropout)
-        x = np.multiply(a, a.dtype.type(scale))
-        # exp(x - c) / sum for any c: the row max keeps exp from overflowing and a row's sum from vanishing, but
-        # finding it row by row is 40% of the time on attention's short rows. Two whole-array reductions bound
-        # every row instead: all scores within +-SHIFT_FREE need no shift at all, a range narrower than that is
-        # shifted by the largest; only wider ones take the row max.
-        hi, lo = x.max(initial=-np.inf), x.min(initial=np.inf)
-        if causal:
-            x += self._causal_mask(a.shape[-2], a.shape[-1], a.dtype)
-        with np.errstate(invalid="ignore"):  # rows holding inf give nan, as they should, without a warning
-            if not (-SHIFT_FREE < lo and hi < SHIFT_FREE):
-                x -= hi if hi - lo < SHIFT_FREE else _row_max(x)
-        np.exp(x, out=x)
-        x /= _row_sum(x)
-        return x
+        out = np.empty(a.shape, a.dtype)
+        dropped = np.empty(a.shape, a.dtype) if dropout is not None else None   # (y, dropout(y)): attention's
+        # weights and what its product uses. Both a block of whole matrices (rows with causal) at a time, in cache:
+        # the half dozen passes over a whole (48, 256, 256) went to memory
+        if a.size == 0:
+            return out if dropout is None else (out, dropped)
+        T, S = (a.shape[-2] if causal else 1), (a.shape[-1] if a.ndim else 1)
+        a3, y3 = a.reshape(-1, T, S), out.reshape(-1, T, S)
+        mask = self._causal_mask(T, S, a.dtype) if causal else None
+        k = _per_block(len(a3), T * S)
+        for j in range(0, len(a3), k):
+            x = np.multiply(a3[j:j + k], a.dtype.type(scale), out=y3[j:j + k])
+            # exp(x - c) / sum for any c: the row max keeps exp from overflowing and a row's sum from vanishing,
+            # but finding it row by row is 40% of the time on attention's short rows. Two reductions over the
+            # block bound every row instead: all scores within +-SHIFT_FREE need no shift at all, a range narrower
+            # than that is shifted by the largest; only wider ones take the row max.
+            hi, lo = x.max(initial=-np.inf), x.min(initial=np.inf)
+            if causal:
+                x += mask
+            with np.errstate(invalid="ignore"):  # rows holding inf give nan, as they should, without a warning
+                if not (-SHIFT_FREE < lo and hi < SHIFT_FREE):
+                    x -= hi if hi - lo < SHIFT_FREE else _row_max(x)
+            np.exp(x, out=x)
+            x /= _row_sum(x)
+            if dropout is not None:
+                _dropout_into(x.reshape(-1), dropped.reshape(-1)[j * T * S:(j + k) * T * S], *dropout,
+                              start=j * T * S)
+        return out if dropout is None else (out, dropped)
 
     def _causal_mask(self, rows, cols, dtype):
         """Additive mask: 0 where column j <= row i, -inf above the diagonal. Made once per shape."""
@@ -412,13 +449,22 @@ class NumpyBackend(Backend):
         return self._masks[key]
 
     def softmax_bwd(self, y, g, scale=1.0, dropout=None):
-        if dropout is not None:  # g is the gradient of dropout(y): through dropout's backward first
-            g = self.dropout(g, *dropout)
-        d = g - _row_dot(g, y)
-        d *= y
-        if scale != 1.0:
-            d *= y.dtype.type(scale)
-        return d
+        S = y.shape[-1] if y.ndim else 1
+        out = np.empty(y.shape, y.dtype)
+        if y.size == 0:
+            return out
+        g2, y2, d2 = np.ascontiguousarray(g).reshape(-1, S), y.reshape(-1, S), out.reshape(-1, S)
+        rows = _per_block(len(y2), S)   # (a block of rows at a time, in cache, as softmax)
+        for r in range(0, len(y2), rows):
+            gs, ys, d = g2[r:r + rows], y2[r:r + rows], d2[r:r + rows]
+            if dropout is not None:  # g is the gradient of dropout(y): through dropout's backward first
+                _dropout_into(gs.reshape(-1), d.reshape(-1), *dropout, start=r * S)
+                gs = d
+            np.subtract(gs, _row_dot(gs, ys), out=d)
+            d *= ys
+            if scale != 1.0:
+                d *= y.dtype.type(scale)
+        return out
 
     def log_softmax(self, a):
         if a.size == 0:  # (an empty row has no max; the result is as empty as the input, as on wgpu)
@@ -563,19 +609,20 @@ class NumpyBackend(Backend):
         valid = (targets != ignore_index) & (targets >= 0) & (targets < logits.shape[1])
         safe = np.where(valid, targets, 0)
         rows = lse - logits[np.arange(len(targets)), safe]
-        count = valid.sum()
-        loss = np.asarray((rows * valid).sum() / max(count, 1), dtype=logits.dtype)
+        count = np.asarray([valid.sum()], dtype=logits.dtype)   # (1,), as the device keeps it (Backend.cross_entropy)
+        loss = np.asarray((rows * valid).sum() / max(count[0], 1), dtype=logits.dtype)
         return loss, (lse, valid, count)
 
     def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index):
         lse, valid, count = saved
         p = np.exp(logits - lse[:, None])
         p[np.arange(len(targets)), np.where(valid, targets, 0)] -= 1
-        return (p * valid[:, None] * (g / max(count, 1))).astype(logits.dtype, copy=False)
+        return (p * valid[:, None] * (g / max(count[0], 1))).astype(logits.dtype, copy=False)
 
     def dropout(self, x, p, seed):
-        keep = dropout_keep_mask(x.size, p, seed).reshape(x.shape)
-        return np.where(keep, x * x.dtype.type(1.0 / (1.0 - p)), 0).astype(x.dtype, copy=False)
+        out = np.empty(x.shape, x.dtype)
+        _dropout_into(np.ascontiguousarray(x).reshape(-1), out.reshape(-1), p, seed)
+        return out
 
     def lora_down(self, x, a):
         return x @ a.T

@@ -267,6 +267,14 @@ class LlamaAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         G = H // Hkv
         q_in, k_in, v_in = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if not (self._hooks or return_weights or cache is not None or pad is not None) and \
+                x.backend.flash_attention_fits((Bsz, T, (H + 2 * Hkv) * D), H, Hkv):
+            # the fused kernels read kv head h // G themselves: q, k rotated, packed beside v (B, T, (H + 2 Hkv) D)
+            q, k = (F.rotary(t, cos, sin, pos, heads=n).permute(0, 2, 1, 3).reshape(Bsz, T, n * D)
+                    for t, n in ((q_in, H), (k_in, Hkv)))
+            y = F.causal_self_attention(F.concat([q, k, v_in], axis=2), H, self.attn_dropout, self.training,
+                                        n_kv_head=Hkv)
+            return self.o_proj(y)
         # query heads grouped under the key-value head they share (transformers' repeat_kv: head h reads kv head
         # h // G), so one batched product per kv head serves its G query heads: keys and values are never repeated
         # (rotary splits the heads off the projections in its pass: heads h = kv * G + g in q's columns)
@@ -406,6 +414,11 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
             return F.matmul(x, self.model.embed_tokens.weight, transpose_b=True)   # (B, T, vocab)
         return self.lm_head(x)
 
+    def _head_loss(self, x, targets):   # cross_entropy(_head(x), targets)
+        if self.config.tie_word_embeddings:
+            return F.linear_cross_entropy(x, self.model.embed_tokens.weight, targets)
+        return self.lm_head.cross_entropy(x, targets)
+
     def _run(self, idx, caches, pos, return_attention=False, pad=None):
         shape = getattr(idx, "shape", np.shape(idx))
         if len(shape) != 2:
@@ -426,7 +439,7 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
             else:
                 x = layer(x, rope, cache, pos, pad=pad)
             hidden.append(x)
-        return self._head(self._normalized(x)), attentions, hidden
+        return self._normalized(x), attentions, hidden
 
     def blocks(self):
         return self.model.layers
@@ -442,14 +455,15 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
             tables = self._rope_tables = tuple(tensor(t, backend=backend) for t in rope_tables(self.config, n))
         return tables
 
-    def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
+    def forward(self, idx, targets=None, return_attention=False, return_hidden=False, return_logits=True):
         """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
         with return_attention the attention weights of every layer [(B, H, T, T)], every query head (a GQA
         model's heads sharing a key-value head side by side); with return_hidden the residual stream after the
-        embedding and after every layer [(B, T, C)]. Extras come in that order, as TransformerLM's."""
-        logits, attentions, hidden = self._run(idx, [None] * self.config.num_hidden_layers, 0, return_attention)
-        return lm_outputs(logits, targets, attentions if return_attention else None,
-                          hidden if return_hidden else None)
+        embedding and after every layer [(B, T, C)]. Extras come in that order, as TransformerLM's.
+        return_logits=False (with targets): None in the logits' place, the loss taken without them (training)."""
+        h, attentions, hidden = self._run(idx, [None] * self.config.num_hidden_layers, 0, return_attention)
+        return lm_outputs(self, h, targets, attentions if return_attention else None,
+                          hidden if return_hidden else None, return_logits)
 
     def new_cache(self, batch_size):
         """An empty KV cache on the device: per layer, keys and values (B, Hkv, block_size, D), the key-value
@@ -469,7 +483,7 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
                 len(shape) == 2 and cache[0][0].shape[0] != shape[0]):
             raise InputError(f"forward_cached: cache must be model.new_cache(batch_size) for tokens {shape} "
                              f"({len(self.model.layers)} layers, batch {shape[0] if shape else '?'})")
-        return self._run(idx, cache, pos, pad=check_pad(pad, idx, pos))[0]
+        return self._head(self._run(idx, cache, pos, pad=check_pad(pad, idx, pos))[0])
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * H * D * T."""

@@ -57,15 +57,20 @@ class ProNeuralLM(nn.Module, Adapters):
             self._avg[T] = tensor(window_average_matrix(T, self.config.context), backend=self.wte.weight.backend)
         return self._avg[T]
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits=True):
+        """Logits (B, T, vocab); with targets also the mean cross-entropy. return_logits=False (with targets), as
+        the transformer families take it: None in the logits' place (this head is small: the loss is composed)."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise InputError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         h = self._average(T) @ self.wte(idx)                          # (T, T) @ (B, T, C) -> (B, T, C)
         logits = self.out(self.drop(self.hidden(h).relu()))           # (B, T, vocab)
         if targets is None:
+            if not return_logits:
+                raise InputError("return_logits=False needs targets: the loss is what the forward gives in the "
+                                 "logits' place")
             return logits
-        return logits, F.cross_entropy(logits, targets)
+        return logits if return_logits else None, F.cross_entropy(logits, targets)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter plus the window average (2 C per averaged position, x3)."""

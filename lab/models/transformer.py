@@ -156,13 +156,20 @@ def sublayers(block, x, norm1, attention, norm2, mlp, fused=True):
     return (hook("hook_resid_post", x) if hook else x), att
 
 
-def lm_outputs(logits, targets=None, attentions=None, hidden=None):
-    """A language model's forward result, as both families give it: the logits alone, or a tuple of the logits,
-    the mean cross-entropy (with targets), the attention weights and the hidden states (each when asked for:
-    not None), in that order."""
-    out = [logits]
-    if targets is not None:
-        out.append(F.cross_entropy(logits, targets))
+def lm_outputs(model, h, targets=None, attentions=None, hidden=None, return_logits=True):
+    """A language model's forward result from its final norm's output h (B, T, C), as both families give it: the
+    logits alone, or a tuple of the logits, the mean cross-entropy (with targets), the attention weights and the
+    hidden states (each when asked for: not None), in that order. With targets and return_logits=False the
+    logits are None and the loss comes from model._head_loss (F.linear_cross_entropy: the (B, T, vocab) logits,
+    most of a large-vocabulary training step's memory, never whole)."""
+    if not return_logits and targets is None:
+        raise InputError("return_logits=False needs targets: the loss is what the forward gives in the logits' place")
+    if return_logits:
+        out = [model._head(h)]                                                  # (B, T, vocab)
+        if targets is not None:
+            out.append(F.cross_entropy(out[0], targets))
+    else:
+        out = [None, model._head_loss(h, targets)]
     out += [x for x in (attentions, hidden) if x is not None]
     return out[0] if len(out) == 1 else tuple(out)
 
@@ -262,6 +269,9 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
     def _head(self, x):
         return F.matmul(x, self.wte.weight, transpose_b=True)                   # (B, T, vocab), tied head
 
+    def _head_loss(self, x, targets):
+        return F.linear_cross_entropy(x, self.wte.weight, targets)              # cross_entropy(_head(x), targets)
+
     def __init__(self, cfg):
         check_model_fits(cfg, get_backend())   # before any weight is allocated
         self.config = cfg
@@ -293,10 +303,11 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
             tok, positions = hook("hook_embed", tok), hook("hook_pos_embed", positions)
         return self.drop(tok + positions)
 
-    def forward(self, idx, targets=None, return_attention=False, return_hidden=False):
+    def forward(self, idx, targets=None, return_attention=False, return_hidden=False, return_logits=True):
         """idx: (B, T) integer tokens. Returns logits (B, T, vocab); with targets also the mean cross-entropy;
         with return_attention the attention weights of every layer [(B, H, T, T)]; with return_hidden the
-        residual stream after the embedding and after every block [(B, T, C)]. Extras come in that order."""
+        residual stream after the embedding and after every block [(B, T, C)]. Extras come in that order.
+        return_logits=False (with targets): None in the logits' place, the loss taken without them (training)."""
         x = self._embed(idx)
         attentions, hidden = [], [x]
         for i, block in enumerate(self.h):
@@ -306,9 +317,8 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
             else:   # (hooked: run_block runs it plainly, so a hook sees each activation once)
                 x = self.run_block(i, block, x)
             hidden.append(x)
-        logits = self._head(self._normalized(x))                                # (B, T, vocab)
-        return lm_outputs(logits, targets, attentions if return_attention else None,
-                          hidden if return_hidden else None)
+        return lm_outputs(self, self._normalized(x), targets, attentions if return_attention else None,
+                          hidden if return_hidden else None, return_logits)
 
     def blocks(self):
         return self.h

@@ -356,6 +356,14 @@ class Linear(Module):
 
     plain = True   # its output is F.linear of its weight and bias alone (fused_linears may take it with others)
 
+    def cross_entropy(self, x, targets):
+        """F.cross_entropy(self(x), targets), an output layer's loss: through F.linear_cross_entropy (the (..., out)
+        output never whole) where the output is a float weight's product alone; a packed weight's or an adapter's
+        output whole."""
+        if not self.plain or isinstance(self.weight, QuantizedWeight):
+            return F.cross_entropy(self(x), targets)
+        return F.linear_cross_entropy(x, self.weight, targets, self.bias, transpose_b=False)
+
 
 def fused_linears(x, layers, how="concat"):
     """F.linears(x, ...) of these Linear layers where it is one pass of the backend (every layer plain: no active

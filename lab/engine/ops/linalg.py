@@ -2,10 +2,13 @@
 import builtins as _builtins  # sum and max are ops of this package: the builtins are named as such throughout
 import math
 
+import numpy as np
+
+from ... import checks
 from ..tensor import QuantizedWeight, Tensor, is_grad_enabled
 from ._common import _check_float, _lift, _shape_str
 from .elementwise import gelu
-from .nn import swiglu
+from .nn import _index_tensor, cross_entropy, swiglu
 from .shape import concat
 
 
@@ -54,6 +57,99 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
             gb = B.reshape(gb, b.shape)
         return ga, gb
     return Tensor._make(out, B, (a, b), backward)
+
+
+# At most this many bytes of logits exist at a time in linear_cross_entropy: gpt2-small's head (50257 wide) takes
+# 640 of its 8192 rows a chunk, 0.13 GB of logits (and as much of their gradient) in place of 1.65 GB
+LOGITS_CHUNK_BYTES = 1 << 27
+
+
+def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, transpose_b=True, chunk_rows=None):
+    """cross_entropy(matmul(x, weight, transpose_b=transpose_b) + bias, targets) without the whole logits: x (..., C),
+    weight (V, C) with transpose_b (a tied embedding's table, as GPT-2's head reads it) or (C, V) without (a Linear's),
+    bias (V,) or None, integer targets x.shape[:-1] (ignore_index skipped; the mean over the rest, 0 for none).
+    The rows go chunk_rows at a time (default: LOGITS_CHUNK_BYTES of logits). When a gradient is wanted, each chunk's
+    logits become softmax - onehot at once and add into dx, dweight and dbias, so only one chunk's logits ever exist
+    and the backward only scales those sums by the incoming gradient over the count (Liger-Kernel's fused linear
+    cross-entropy). Equal to the composed ops within float32 rounding (the sums are taken in another order)."""
+    op = "linear_cross_entropy"
+    if isinstance(weight, QuantizedWeight) or weight.ndim != 2:
+        raise ValueError(f"{op}: the weight must be a 2-D float tensor, got {weight.dtype} of shape "
+                         f"{_shape_str(weight.shape)}")
+    for t in (x, weight) + ((bias,) if bias is not None else ()):
+        _check_float(t, op)
+    if x.ndim == 0:
+        raise ValueError(f"{op}: x needs a feature axis (..., C), got a 0-D tensor")
+    V, C = weight.shape if transpose_b else weight.shape[::-1]
+    layout = "(V, C) with transpose_b=True" if transpose_b else "(C, V) with transpose_b=False"
+    if x.shape[-1] != C:
+        raise ValueError(f"{op}: x {_shape_str(x.shape)} and weight {_shape_str(weight.shape)} do not align: "
+                         f"{x.shape[-1]} != {C} (the weight is {layout})")
+    if bias is not None and bias.shape != (V,):
+        raise ValueError(f"{op}: bias of shape {_shape_str(bias.shape)} does not fit weight "
+                         f"{_shape_str(weight.shape)} {layout}: want ({V},)")
+    tshape = tuple(targets.shape if isinstance(targets, Tensor) else np.shape(targets))
+    if tshape != x.shape[:-1]:
+        raise ValueError(f"{op}: targets of shape {_shape_str(tshape)} do not match x {_shape_str(x.shape)} "
+                         f"(expected {_shape_str(x.shape[:-1])})")
+    N = math.prod(x.shape[:-1])
+    step = logits_chunk_rows(V) if chunk_rows is None else checks.integer(f"{op}: chunk_rows", chunk_rows, low=1)
+    if N == 0:   # no rows: the composed ops' answer (0) without a loop over no chunks
+        return cross_entropy(matmul(x, weight, transpose_b=transpose_b) + (0.0 if bias is None else bias), targets,
+                             ignore_index)
+    t, checked = _index_tensor(targets, x, V, op, ignore_index)
+    B = x.backend
+    x2, t1 = B.reshape(x.data, (N, C)), B.reshape(t.data, (N,))
+    w3 = B.reshape(weight.data, (1,) + weight.shape)
+    b = bias.data if bias is not None else None
+    inputs = (x, weight) + ((bias,) if bias is not None else ())
+    grad = is_grad_enabled()
+    want_x, want_w, want_b = (grad and p is not None and p.requires_grad for p in (x, weight, bias))
+    one, unit_g = B.full((1,), 1.0, x.dtype), B.full((1,), 1.0, x.dtype)   # (two: the kernel binds count and g apart)
+    total = count = dx = dw = db = None
+    for s in range(0, N, step):
+        n = _builtins.min(step, N - s)
+        xc = x2 if n == N else B.copy_view(x2, s * C, (n, C), (C, 1))                          # (n, C)
+        tc = t1 if n == N else B.copy_view(t1, s, (n,), (1,))
+        logits = B.reshape(B.matmul(B.reshape(xc, (1, n, C)), w3, False, transpose_b, bias=b), (n, V))
+        loss, (lse, valid, cnt) = B.cross_entropy(logits, tc, ignore_index, checked=checked)
+        part = B.binary("mul", B.reshape(loss, (1,)), cnt)                           # the chunk's sum over its rows
+        total = part if total is None else B.binary("add", total, part)
+        count = cnt if count is None else B.binary("add", count, cnt)
+        if not (want_x or want_w or want_b):
+            continue
+        # a count of one and g = 1: softmax - onehot on valid rows, 0 on ignored ones (scaled in the backward)
+        d3 = B.reshape(B.cross_entropy_bwd(logits, tc, (lse, valid, one), unit_g, ignore_index), (1, n, V))
+        del logits
+        if want_x:
+            dxc = B.reshape(B.matmul(d3, w3, False, not transpose_b), (n, C))                   # (n, C)
+            if n == N:
+                dx = dxc
+            else:
+                dx = B.empty((N, C), x.dtype) if dx is None else dx
+                B.write_view(dx, s * C, (C, 1), dxc)
+        if want_w:   # added into by the product's store where the kernel takes a residual
+            a, c = (d3, B.reshape(xc, (1, n, C))) if transpose_b else (B.reshape(xc, (1, n, C)), d3)
+            dw = B.matmul(a, c, True, False, residual=dw)
+        if want_b:
+            dbc = B.reduce("sum", B.reshape(d3, (n, V)), 0)                                       # (V,)
+            db = dbc if db is None else B.binary("add", db, dbc)
+    denom = B.binary("maximum", count, one)
+    out = B.reshape(B.binary("div", total, denom), ())
+
+    def backward(g):
+        scale = B.binary("div", B.reshape(g, (1,)), denom)
+        grads = (B.reshape(B.binary("mul", dx, scale), x.shape) if want_x else None,
+                 B.reshape(B.binary("mul", dw, scale), weight.shape) if want_w else None)
+        return grads + ((B.binary("mul", db, scale) if want_b else None,) if bias is not None else ())
+    return Tensor._make(out, B, inputs, backward)
+
+
+def logits_chunk_rows(V):
+    """Rows of a chunk of V-wide logits within LOGITS_CHUNK_BYTES; a multiple of 128 (the matmul's whole tiles)
+    where there are that many."""
+    rows = _builtins.max(1, LOGITS_CHUNK_BYTES // (4 * _builtins.max(V, 1)))
+    return rows - rows % 128 if rows >= 128 else rows
 
 
 def _check_activation(activation):
@@ -110,10 +206,14 @@ def linear(x, weight, bias=None, activation=None, residual=None):
         g = g_out if pre is None else B.binary("gelu_bwd", B.reshape(pre, g_out.shape), g_out)
         g3 = B.reshape(g, (1, M, N))
         gx = B.reshape(B.matmul(g3, w3, False, True), x.shape) if x.requires_grad else None
-        gw = B.reshape(B.matmul(x3, g3, True, False), (K, N)) if weight.requires_grad else None
-        grads = (gx, gw)
-        if bias is not None:
-            grads += (B.reduce("sum", B.reshape(g, (M, N)), 0) if bias.requires_grad else None,)
+        gw = gb = None
+        if weight.requires_grad and bias is not None and bias.requires_grad:   # both from one pass over g
+            gw, gb = B.matmul_column_sums(x3, g3, True)
+        elif weight.requires_grad:
+            gw = B.matmul(x3, g3, True, False)
+        elif bias is not None and bias.requires_grad:
+            gb = B.reduce("sum", B.reshape(g, (M, N)), 0)
+        grads = (gx, B.reshape(gw, (K, N)) if gw is not None else None) + ((gb,) if bias is not None else ())
         return grads + ((g_out if residual.requires_grad else None,) if residual is not None else ())
     inputs = tuple(t for t in (x, weight, bias, residual) if t is not None)
     return Tensor._make(out, B, inputs, backward)

@@ -1,0 +1,226 @@
+"""F.linear_cross_entropy (issue #23): the output layer's mean cross-entropy without the whole (N, V) logits, a chunk of
+rows at a time, its gradients taken in the forward. It must equal the composed F.matmul + F.cross_entropy (and
+PyTorch) within float32 rounding: the sums over chunks run in another order, so 1e-5 relative, not bit-equal."""
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import lab
+from lab import lora
+from lab.checks import InputError
+from lab.engine import ops as F
+from lab.engine.ops import linalg
+from lab.models.llama import LlamaConfig, LlamaLM
+from lab.models.transformer import TransformerConfig, TransformerLM
+from lab.train import TrainConfig, Trainer
+
+V = 67   # a vocabulary not a multiple of 4, 32 or 64
+FAMILIES = {   # 2 layers, 32 wide: GPT-2's tied head, Llama's tied and untied ones
+    "gpt2": lambda: TransformerLM(TransformerConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32)),
+    "llama-tied": lambda: LlamaLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=16)),
+    "llama-untied": lambda: LlamaLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=16, tie_word_embeddings=False)),
+}
+IDS = np.random.default_rng(0).integers(0, V, 3000)
+
+
+def _close(a, b, what):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
+
+
+def _operands(vocab, transpose_b, bias, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((vocab, 6)).astype(np.float32)
+    b = rng.standard_normal(vocab).astype(np.float32) if bias else None
+    t = rng.integers(0, vocab, (2, 5))
+    t[0, 1] = t[1, 4] = -100
+    return x, (w if transpose_b else np.ascontiguousarray(w.T)), b, t
+
+
+def _lab_grads(fn, x, w, b):
+    xt, wt = lab.tensor(x, requires_grad=True), lab.tensor(w, requires_grad=True)
+    bt = lab.tensor(b, requires_grad=True) if b is not None else None
+    loss = fn(xt, wt, bt)
+    (loss * 3.0).backward()   # an upstream gradient other than 1
+    return loss.item(), xt.grad.numpy(), wt.grad.numpy(), None if b is None else bt.grad.numpy()
+
+
+@pytest.mark.parametrize("vocab", [67, 131])
+@pytest.mark.parametrize("transpose_b", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_loss_and_gradients_equal_the_composed_ops_and_pytorch(use_backend, vocab, transpose_b, bias):
+    """10 rows in chunks of 3 (the last chunk 1 row), two rows ignored, loss * 3 backpropagated."""
+    x, w, b, t = _operands(vocab, transpose_b, bias)
+    fused = _lab_grads(lambda xt, wt, bt: F.linear_cross_entropy(xt, wt, t, bias=bt, transpose_b=transpose_b,
+                                                                 chunk_rows=3), x, w, b)
+    composed = _lab_grads(lambda xt, wt, bt: F.cross_entropy(
+        F.matmul(xt, wt, transpose_b=transpose_b) + (0.0 if bt is None else bt), t), x, w, b)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True) if bias else None
+    logits = xt @ (wt.T if transpose_b else wt) + (bt if bias else 0)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), torch.tensor(t).reshape(-1))
+    (loss * 3).backward()
+    theirs = (loss.item(), xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy() if bias else None)
+    for ref in (composed, theirs):
+        for name, a, r in zip(("loss", "dx", "dweight", "dbias"), fused, ref):
+            if r is not None:
+                _close(a, r, name)
+
+
+def test_every_row_ignored_gives_a_zero_loss_and_zero_gradients(use_backend):
+    """The composed cross_entropy's answer for no counted row (PyTorch's mean gives NaN): 0, and no NaN anywhere."""
+    x, w, _, t = _operands(V, True, False)
+    loss, dx, dw, _ = _lab_grads(lambda xt, wt, bt: F.linear_cross_entropy(xt, wt, np.full_like(t, -100),
+                                                                           chunk_rows=4), x, w, None)
+    assert loss == 0.0
+    assert not dx.any() and not dw.any()
+
+
+def test_without_grad_the_forward_gives_the_loss_alone(use_backend):
+    x, w, _, t = _operands(V, True, False)
+    xt, wt = lab.tensor(x, requires_grad=True), lab.tensor(w, requires_grad=True)
+    with lab.no_grad():
+        loss = F.linear_cross_entropy(xt, wt, t, chunk_rows=3)
+    assert not loss.requires_grad
+    _close(loss.item(), F.cross_entropy(F.matmul(xt, wt, transpose_b=True), t).item(), "loss")
+
+
+def _model_grads(family, return_logits, every=0):
+    lab.manual_seed(0)
+    model = FAMILIES[family]()
+    if every:
+        model.gradient_checkpointing_enable(every)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, V, (3, 7)), rng.integers(0, V, (3, 7))
+    y[0, :2] = -100
+    out = model(x, y, return_logits=return_logits)
+    assert (out[0] is None) == (not return_logits)
+    out[1].backward()
+    return out[1].item(), {n: p.grad.numpy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("every", [0, 1])
+def test_a_models_loss_and_every_gradient_equal_the_logits_path(use_backend, monkeypatch, family, every):
+    """21 rows in chunks of 5; with every=1 the blocks are checkpointed."""
+    monkeypatch.setattr(linalg, "LOGITS_CHUNK_BYTES", 4 * V * 5)
+    (l0, g0), (l1, g1) = _model_grads(family, True, every), _model_grads(family, False, every)
+    _close(l1, l0, "loss")
+    assert sorted(g1) == sorted(g0)
+    for name in g0:
+        _close(g1[name], g0[name], name)
+
+
+def test_an_adapter_on_the_head_takes_the_composed_output(use_backend):
+    """A LoRA adapter on lm_head changes its output: the loss must be the adapted layer's, as with the logits."""
+    def grads(return_logits):
+        lab.manual_seed(0)
+        model = FAMILIES["llama-untied"]()
+        lora.apply(model, r=4, targets=["q_proj", "lm_head"])
+        for p in model.parameters():   # B = 0 at first: a nonzero one makes the adapter count
+            if p.shape == (V, 4):
+                p.data = p.backend.from_numpy(np.full((V, 4), 0.05, np.float32))
+        rng = np.random.default_rng(1)
+        x, y = rng.integers(0, V, (2, 7)), rng.integers(0, V, (2, 7))
+        loss = model(x, y, return_logits=return_logits)[1]
+        loss.backward()
+        return loss.item(), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+    (l0, g0), (l1, g1) = grads(True), grads(False)
+    _close(l1, l0, "loss")
+    assert sorted(g1) == sorted(g0) and any("lm_head" in n for n in g0)
+    for name in g0:
+        _close(g1[name], g0[name], name)
+
+
+def _trainer_losses(monkeypatch, family, composed, steps=5, **cfg):
+    if composed:   # the head's loss through the whole logits, as before linear_cross_entropy
+        cls = type(FAMILIES[family]())
+        monkeypatch.setattr(cls, "_head_loss", lambda self, h, t: F.cross_entropy(self._head(h), t))
+    lab.manual_seed(0)
+    trainer = Trainer(FAMILIES[family](), IDS[:2500], IDS[2500:],
+                      TrainConfig(steps=steps, batch_size=3, block_size=8, lr=1e-2, **cfg))
+    losses = [trainer.train_step()[0].item() for _ in range(steps)]
+    monkeypatch.undo()
+    return losses, trainer
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-untied"])
+def test_trainer_steps_replayed_or_not_give_the_logits_paths_losses(use_backend, monkeypatch, family):
+    """Five steps of two micro-batches, 24 rows in chunks of 5, checkpointing on: on wgpu the last steps are replays
+    of the captured chunked step; every loss (each after the previous steps' updates) equals the logits path's."""
+    def run(composed):
+        monkeypatch.setattr(linalg, "LOGITS_CHUNK_BYTES", 4 * V * 5)
+        return _trainer_losses(monkeypatch, family, composed, grad_accum_steps=2, checkpoint_activations=True)
+    (plain, _), (chunked, trainer) = run(True), run(False)
+    np.testing.assert_allclose(chunked, plain, rtol=1e-5)
+    if use_backend.name == "wgpu":
+        assert trainer.replay.replayed >= 2
+    assert np.isfinite(trainer.evaluate(2))
+
+
+def _peak_of_step(backend, chunked):
+    """Peak bytes of one plain training step of a GPT-2 of vocabulary 2053 (logits (128, 2053): 1.05 MB, far above
+    the 2 x 32-wide layers' activations) beyond what was allocated before it."""
+    lab.manual_seed(0)
+    vocab = 2053
+    model = TransformerLM(TransformerConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    ids = np.random.default_rng(0).integers(0, vocab, 3000)
+    trainer = Trainer(model, ids[:2500], ids[2500:], TrainConfig(steps=100, batch_size=4, replay_steps=False))
+    if not chunked:
+        cls = type(model)
+        cls._head_loss, saved = (lambda self, h, t: F.cross_entropy(self._head(h), t)), cls._head_loss
+    try:
+        trainer.train_step()   # the optimizer's moments exist before the measured step
+        if backend.name == "wgpu":
+            backend.sync(wait=True)
+            base = backend.stats()["bytes_in_use"]
+            backend.reset_peak()
+            trainer.train_step()
+            backend.sync(wait=True)
+            return backend.stats()["peak_bytes_in_use"] - base
+        tracemalloc.start()
+        try:
+            trainer.train_step()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        if not chunked:
+            cls._head_loss = saved
+
+
+def test_a_training_steps_peak_falls_by_more_than_the_logits(use_backend, monkeypatch):
+    """The plain step holds the logits and their gradient (and the matmul's gradient products beside them); the
+    chunked one a 16-row chunk's: the peak falls by more than the logits' 1.05 MB."""
+    monkeypatch.setattr(linalg, "LOGITS_CHUNK_BYTES", 4 * 2053 * 16)
+    plain, chunked = _peak_of_step(use_backend, False), _peak_of_step(use_backend, True)
+    assert plain - chunked > 128 * 2053 * 4, (plain, chunked)
+
+
+def test_bad_input_is_one_clear_error(use_backend):
+    x, w, _, t = _operands(V, True, False)
+    xt, wt = lab.tensor(x), lab.tensor(w)
+    cases = [
+        (lambda: F.linear_cross_entropy(xt, lab.tensor(w[:, :5]), t), r"x \(2, 5, 6\) and weight \(67, 5\) do not "
+                                                                         r"align: 6 != 5 \(the weight is \(V, C\)"),
+        (lambda: F.linear_cross_entropy(xt, wt, t, transpose_b=False), r"6 != 67 \(the weight is \(C, V\)"),
+        (lambda: F.linear_cross_entropy(xt, wt, t[:, :4]), r"targets of shape \(2, 4\) do not match x \(2, 5, 6\)"),
+        (lambda: F.linear_cross_entropy(xt, wt, t, bias=lab.tensor(np.zeros(66, np.float32))),
+         r"bias of shape \(66,\) .* want \(67,\)"),
+        (lambda: F.linear_cross_entropy(xt, wt, np.where(np.arange(10).reshape(2, 5) == 7, V, t)),
+         r"linear_cross_entropy: target 67 .* 67 classes"),
+        (lambda: F.linear_cross_entropy(xt, lab.tensor(w[0]), t), r"weight must be a 2-D float tensor"),
+        (lambda: F.linear_cross_entropy(xt, wt, t, chunk_rows=0), r"chunk_rows must be an integer >= 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, InputError), match=message):
+            call()
+    with pytest.raises(InputError, match="return_logits=False needs targets"):
+        FAMILIES["gpt2"]()(np.zeros((1, 3), np.int64), return_logits=False)
+
