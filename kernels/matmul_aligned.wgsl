@@ -21,7 +21,8 @@
 // ldc, heads, inner_a, inner_b, inner_c, offset_a, offset_b, offset_c, split_c] (all in floats, multiples of 4),
 // @binding(1) A, @binding(2) B, @binding(3) C, @binding(4) BIAS (N,): with has_bias, added to every row as the tile
 // is stored (a Linear layer's bias, without a pass of its own), @binding(5) PRE: with gelu, the product (+ bias)
-// before the activation (see put). Dispatch: (N / 64, M / 64, batch * S).
+// before the activation (see put); P[22]: B's column sums wanted too (SUMS, see put_sums): 1, into C after each
+// split chunk's product, 2 (no split) into PRE. Dispatch: (N / 64, M / 64, batch * S).
 // Operand X's matrix of batch b starts at offset_x + (b / heads) outer_x + (b % heads) inner_x, its rows ld_x
 // apart (split-K chunk s of C adds s split_c): plain stacks (heads 1, ld the row's length) and attention's
 // per-head matrices read and written in place inside the (B, T, 3C) and (B, T, C) activations (heads H, ld the
@@ -49,6 +50,30 @@ var<workgroup> Ta: array<vec4<f32>, 512>;
 var<workgroup> Tb: array<vec4<f32>, 512>;   // (the wide kernels double-buffer 256)
 // A thread's outputs: every index into acc is a constant (#unroll), so acc lives in registers.
 var<private> acc: array<vec4<f32>, 16>;
+
+// SUMS (B (K, N) as stored, batch 1): the product also gives B's column sums, a Linear layer's bias gradient
+// (the output gradient's rows summed) beside its weight gradient A^T B, from the tiles of B the product stages
+// anyway instead of a reduction pass of its own. Each thread adds up the vec4 of B it loads each step; after the
+// loop the first row tile's workgroups (m0 = 0) sum those over the tile's rows of k (put_sums, a fixed order).
+// A split product's chunks each store their partial sums as row M of their chunk of C, so the pass that sums the
+// chunks sums both. The other pipelines compile without any of it (a constant).
+const SUMS: bool = {{SUMS}};
+var<private> sums: vec4<f32>;
+
+// cols4: vec4s per row of B's staged tile (16 for the 64-wide tiles, 32 for the 128-wide), 256 / cols4 rows.
+fn put_sums(t: Tile, lid: u32, cols4: u32) {
+    Tb[lid] = sums;
+    workgroupBarrier();
+    if (lid < cols4) {
+        var s = vec4<f32>(0.0);
+        for (var r = 0u; r < 256u / cols4; r++) { s += Tb[r * cols4 + lid]; }
+        if (P[22] == 2u) {
+            PRE[t.n0 / 4u + lid] = s;
+        } else {
+            C[t.c + t.M * t.ldc + t.n0 / 4u + lid] = s;
+        }
+    }
+}
 
 struct Tile { M: u32, N: u32, K: u32, a: u32, b: u32, c: u32, k_begin: u32, k_end: u32, m0: u32, n0: u32,
               lda: u32, ldb: u32, ldc: u32 }   // a, b, c, ld*: in vec4s
@@ -119,7 +144,9 @@ fn narrow$R(wid: vec3<u32>, lid: u32, a_along_k: bool) {
         Ta[lid + 256u * ${j}u] = a_at(ia + select((k0 + 64u * ${j}u / ${R}u) * t.lda, 64u * ${j}u * t.lda + k0 / 4u,
                                                   a_along_k));
         #end
-        Tb[lid] = b_at(ib + k0 * t.ldb);
+        let bv = b_at(ib + k0 * t.ldb);
+        Tb[lid] = bv;
+        if (SUMS) { sums += bv; }
         workgroupBarrier();
         if (a_along_k) {
             for (var q = 0u; q < 4u; q++) {
@@ -153,6 +180,7 @@ fn narrow$R(wid: vec3<u32>, lid: u32, a_along_k: bool) {
     #unroll r < $R
     put(t, t.m0 + ${R}u * ty + ${r}u, tx, acc[$r] + b);
     #end
+    if (SUMS && t.m0 == 0u) { put_sums(t, lid, 16u); }
 }
 #end
 
@@ -271,7 +299,9 @@ fn wide(t: Tile, lid: u32, a_along_k: bool, b_along_k: bool) {
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
     if (t.k_begin < t.k_end) {    // (uniform: the same for the whole workgroup)
         wide_stage(true, a_along_k, 0u, lid, a_at(ia + wide_offset(a_along_k, sa, t.k_begin)));
-        wide_stage(false, b_along_k, 0u, lid, b_at(ib + wide_offset(b_along_k, sb, t.k_begin)));
+        let b0 = b_at(ib + wide_offset(b_along_k, sb, t.k_begin));
+        wide_stage(false, b_along_k, 0u, lid, b0);
+        if (SUMS) { sums = b0; }
     }
     workgroupBarrier();
     var half = 0u;
@@ -288,10 +318,12 @@ fn wide(t: Tile, lid: u32, a_along_k: bool, b_along_k: bool) {
         if (more) {
             wide_stage(true, a_along_k, half, lid, a);
             wide_stage(false, b_along_k, half, lid, b);
+            if (SUMS) { sums += b; }
         }
         workgroupBarrier();
     }
     wide_store(t, tx, ty);
+    if (SUMS && !b_along_k && t.m0 == 0u) { put_sums(t, lid, 32u); }
 }
 
 @compute @workgroup_size(256)

@@ -6,13 +6,16 @@
 //   rows_main:    inner == 1: one workgroup per (o, s); threads stride over the chunk, then a tree reduction.
 //   columns_main: inner > 1:  one thread per (o, s, j); neighbouring threads read neighbouring j (coalesced).
 // Specialized by {{COMBINE}} (r_add | r_max), {{MAP}} (m_id | m_square) and {{IDENTITY}}.
-// Bindings: @binding(0) P = [outer, n, inner, out_offset, S, chunk], @binding(1) X, @binding(2) Y.
-// out_offset lets several reductions write into one buffer (per-parameter squared norms for clipping).
+// Bindings: @binding(0) P = [outer, n, inner, out_offset, S, chunk, at], @binding(1) X, @binding(2) Y, @binding(3)
+// Y2. out_offset lets several reductions write into one buffer (per-parameter squared norms for clipping).
+// at < inner (columns_main, a last pass of one row: outer 1, S 1): columns j >= at go to Y2[j - at], so one pass
+// sums a product's split-K partials into the product and its column sums into an array of their own.
 
 #include flat
 
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> Y2: array<f32>;
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -70,5 +73,9 @@ fn columns_main(inv: Invocation) {
     for (var k = k0; k < k1; k++) {
         acc = {{COMBINE}}(acc, {{MAP}}(X[(o * n + k) * inner + j]));
     }
-    Y[P[3] + e] = acc;
+    if (j >= P[6]) {
+        Y2[e - P[6]] = acc;
+    } else {
+        Y[P[3] + e] = acc;
+    }
 }

@@ -51,6 +51,41 @@ def test_dropout_mask_is_identical_on_both_backends_and_has_rate_p(wgpu_backend,
     assert (other != outs[1]).any(), "a different seed must give a different mask"
 
 
+def test_dropout_keeps_the_same_elements_in_every_dtype_and_zeroes_dropped_nan(numpy_backend):
+    """The numpy backend selects float32 through a bitwise and, other dtypes through copyto: the same mask (across
+    its in-cache chunks) and dropout.wgsl's select, +0 for a dropped NaN or -0."""
+    x = np.random.default_rng(3).standard_normal(70_001)
+    x[:4] = [np.nan, -np.inf, -0.0, np.nan]
+    outs = [numpy_backend.dropout(x.astype(dt), 0.3, 11) for dt in (np.float16, np.float32, np.float64)]
+    kept = [o != 0 for o in outs]
+    np.testing.assert_array_equal(kept[0] | np.isnan(x), kept[1] | np.isnan(x))
+    np.testing.assert_array_equal(kept[1], kept[2])
+    for o, dt in zip(outs, (np.float16, np.float32, np.float64)):
+        assert o.dtype == dt
+        dropped = ~kept[1] & ~np.isnan(o)
+        assert not np.signbit(o[dropped]).any()   # +0, not x * 0
+        np.testing.assert_array_equal(o[kept[1]], (x[kept[1]].astype(dt) * dt(1 / 0.7)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_with_dropout_in_cache_blocks_equals_the_wgpu_kernels(wgpu_backend, numpy_backend, causal):
+    """Attention weights over 2^18 elements: the numpy backend takes them a block of matrices (rows) at a time, the
+    dropout mask counting on across blocks. The weights, their dropped copy and the backward equal wgpu's."""
+    rng = np.random.default_rng(4)
+    a, g = (rng.standard_normal((5, 256, 256)).astype(np.float32) * 3 for _ in range(2))
+    a[0, 7, 0] = 200.0   # a block whose range needs the row max
+    got = {}
+    for b in (numpy_backend, wgpu_backend):
+        y, yd = b.softmax(b.from_numpy(a), 0.125, causal, dropout=(0.2, 9))
+        d = b.softmax_bwd(y, b.from_numpy(g), 0.125, dropout=(0.2, 9))
+        got[b.name] = [b.to_numpy(t) for t in (y, yd, d)]
+    for n, w in zip(got["numpy"], got["wgpu"]):
+        np.testing.assert_array_equal(n == 0, w == 0)
+        np.testing.assert_allclose(n, w, rtol=2e-5, atol=1e-7)
+    y = got["numpy"][0]
+    np.testing.assert_allclose(got["numpy"][1], numpy_backend.dropout(y, 0.2, 9), rtol=0, atol=0)
+
+
 def test_large_index_space_uses_2d_grid(wgpu_backend):
     """More than 65535 workgroups of 256 threads: the flat kernels must cover every element."""
     import lab
@@ -259,7 +294,7 @@ def test_f16_storage_matmul_matches_numpy(wgpu_backend, numpy_backend, monkeypat
     assert widened == (0 if direct else 1 if path == "transposed-copy" else len(half.split("-and-"))), names
     if direct:
         assert ("matmul_aligned", names[0].split(":")[1], (("ENABLE", "enable f16;"), ("A_ELEM", "f16" if half ==
-                "a-and-b" else "f32"), ("B_ELEM", "f16"))) in wgpu_backend._pipelines, names
+                "a-and-b" else "f32"), ("B_ELEM", "f16"), ("SUMS", "false"))) in wgpu_backend._pipelines, names
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
 
 

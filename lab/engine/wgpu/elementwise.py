@@ -50,9 +50,10 @@ class ElementwiseOps:
             return
         self._reduce_passes(op, a, outer, n, inner, out, out_offset)
 
-    def _reduce_passes(self, op, src, outer, n, inner, out, out_offset):
+    def _reduce_passes(self, op, src, outer, n, inner, out, out_offset, tail=None):
         """Reduce src viewed as (outer, n, inner) along n into out[out_offset:], chunking n while the output
-        alone is too small to fill the device (see reduce.wgsl)."""
+        alone is too small to fill the device (see reduce.wgsl). tail (array, at), outer 1: the result's columns
+        from `at` on go to that array instead (a split product and its column sums: matmul_column_sums)."""
         combine, fmap, ident = self._REDUCE[op]
         while True:
             if inner == 1:  # a workgroup per (o, chunk): chunks of up to 4096 elements, 16 per thread
@@ -61,12 +62,13 @@ class ElementwiseOps:
                 S, chunk = _split(n, 16, math.ceil(131072 / (outer * inner)))
             last = S == 1
             dst, dst_off = (out, out_offset) if last else (self._alloc((outer * S * inner,), "float32"), 0)
-            params = [outer, n, inner, dst_off, S, chunk]
+            rest, at = tail if last and tail else (None, inner)
+            params = [outer, n, inner, dst_off, S, chunk, at]
             subs = (("COMBINE", combine), ("MAP", fmap), ("IDENTITY", ident))
             if inner == 1:
                 self._dispatch("reduce", "rows_main", params, [src, dst], _grid(outer * S), outer * S, subs)
             else:
-                self._flat("reduce", "columns_main", params, [src, dst], outer * S * inner, subs)
+                self._flat("reduce", "columns_main", params, [src, dst, rest], outer * S * inner, subs)
             if last:
                 return
             src, n, fmap = dst, S, "m_id"

@@ -46,16 +46,23 @@ class MatmulOps:
             out, pre = self.unary("gelu", out), out if keep_pre else None
         return (out if residual is None or fused == "all" else self.binary("add", out, residual)), pre
 
+    def matmul_column_sums(self, a, b, trans_a=False):
+        out, sums, _ = self._matmul(a, b, trans_a, column_sums=True)
+        if sums is None:   # a path whose kernel does not sum them: a reduction of their own
+            sums = self.reduce("sum", self.reshape(b, b.shape[1:]), 0)
+        return out, sums
+
     def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None, residual=None):
         y, _, fused = self._matmul(a, b, trans_a, trans_b, bias, triangle, into=out, residual=residual)
         return y if residual is None or fused == "all" else self.binary("add", y, residual)
 
     def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, gelu=None, into=None,
-                residual=None):
+                residual=None, column_sums=False):
         """(out, pre, fused): gelu None, the product (+ bias); "keep" or "drop", where the whole-tile kernel takes the
         product in one piece, its GELU with fused=True (and with "keep" the product in pre), else the product.
         fused == "all": every epilogue asked for, `residual` (added last) included, is applied (matmul_rows.wgsl);
-        any other path leaves the residual to the caller.
+        any other path leaves the residual to the caller. column_sums (no bias, GELU or residual): pre is b's column
+        sums (N,) where the whole-tile kernel took them with the product (Plan.column_sums), else None.
         a, b may be HeadViews and `into` a HeadView to write the product into (out is then that view): read and
         written in place by the whole-tile kernels, gathered and scattered by copies for the others."""
         views = [x for x in (a, b, into) if isinstance(x, HeadView)]
@@ -73,7 +80,8 @@ class MatmulOps:
         p = plan(M, N, K, ba, bb, trans_a, trans_b, bias=bias is not None, gelu=gelu is not None, triangle=triangle,
                  views=bool(views), views_vec4=all(v.offset % 4 == 0 and v.width % 4 == 0 and v.dim % 4 == 0
                                                    for v in views),
-                 into=into is not None, limits=self._matmul_limits, tuning=self.matmul_tuning)
+                 into=into is not None, column_sums=column_sums, limits=self._matmul_limits,
+                 tuning=self.matmul_tuning)
         if p.path == "rows":
             return self._matmul_rows(a, b, bias, gelu, residual, M, N, K, p)
         if p.path == "thin_k":
@@ -94,7 +102,10 @@ class MatmulOps:
         if p.path == "thin":
             return self._matmul_thin(a, b, trans_a, trans_b, M, N, K, p), None, False
         S = p.split
-        out = self._alloc((S * batch, M, N), "float32") if into is None else into
+        sums = p.column_sums
+        # split with column sums: each chunk's partial sums follow its partial product, so one pass sums both
+        chunk = M * N + N if sums and S > 1 else batch * M * N
+        out = self._alloc((S, chunk) if sums else (S * batch, M, N), "float32") if into is None else into
         label = f"matmul {'T' if trans_a else 'N'}{'T' if trans_b else 'N'} {batch}x{M}x{N}x{K}" + (
             f" split {S}" if S > 1 else "")
         if p.transpose_b:
@@ -108,18 +119,28 @@ class MatmulOps:
             # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here)
             fused, act = p.fused_bias, int(p.gelu)
             pre = self._alloc(out.shape, "float32") if act and gelu == "keep" else None
-            la, lb, lc = (_operand_layout(x, heads) for x in (a, b, out))
+            if sums and S == 1:
+                pre = self._alloc((N,), "float32")
+            la, lb = (_operand_layout(x, heads) for x in (a, b))
+            lc = (0, 0, 0, N) if sums else _operand_layout(out, heads)
             params = [M, N, K, la[1], lb[1], lc[1], batch, p.k_chunk, int(fused), p.triangle, act, la[3], lb[3], lc[3],
-                      heads, la[2], lb[2], lc[2], la[0], lb[0], lc[0], batch * M * N]
+                      heads, la[2], lb[2], lc[2], la[0], lb[0], lc[0], chunk, (2 if S == 1 else 1) if sums else 0]
             self._dispatch("matmul_aligned", p.entry, params,
                            [_storage(a), _storage(b), _storage(out), bias if fused else None, pre], p.grid,
-                           batch * M * N * S, _aligned_subs(a, b),
+                           batch * M * N * S, _aligned_subs(a, b) + (("SUMS", "true" if sums else "false"),),
                            label=label + " aligned" + (" +bias" if fused else "") + (" +gelu" if act else "")
+                           + (" +column sums" if sums else "")
                            + (f" {triangle}-triangle" if p.triangle else "") + (" in place" if views else ""))
             if act:
                 return out, pre, True
             if fused:
                 return out, None, False
+            if sums and S == 1:
+                return self.reshape(out, (1, M, N)), pre, False
+            if sums:
+                total, pre = self._alloc((1, M, N), "float32"), self._alloc((N,), "float32")
+                self._reduce_passes("sum", out, 1, S, chunk, total, 0, tail=(pre, M * N))
+                return total, pre, False
         else:
             params = [M, N, K, M * K if ba > 1 else 0, K * N if bb > 1 else 0, M * N, batch, p.k_chunk]
             subs = (("TRANS_A", "true" if trans_a else "false"), ("TRANS_B", "true" if trans_b else "false"))

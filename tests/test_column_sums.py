@@ -1,0 +1,105 @@
+"""A Linear layer's bias gradient taken with its weight gradient (Backend.matmul_column_sums): on wgpu the whole-tile
+kernel that computes x^T g also sums g's columns as it stages g (matmul_aligned.wgsl's SUMS), and a split product's
+chunks are summed with their column sums by one pass; elsewhere the sums are a reduction of their own. Gradients
+against PyTorch (float64) on both backends, the dispatches they take on wgpu, and a training step's gradients
+against the composed path."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import lab
+from lab.data import CharTokenizer
+from lab.engine import ops as F
+from lab.engine.backend import Backend, using_backend
+from lab.models import PRESETS, TransformerLM
+
+# (K inputs, N outputs, rows, tuning changes, split): the weight gradient is the (K, rows) x (rows, N) product
+SHAPES = {"64-tiles": (64, 128, 48, {}, False), "64-tiles-split": (64, 64, 512, {}, True),
+          "128-row-tiles": (128, 64, 48, {"ROW128_MIN_TILES": 0}, False),
+          "128x128-tiles": (128, 128, 48, {"WIDE_MIN_TILES": 0}, False),
+          "128x128-tiles-split": (128, 128, 512, {"WIDE_MIN_TILES": 0}, True),
+          "ragged": (33, 70, 300, {}, True), "one-row": (64, 64, 1, {}, False)}
+KINDS = ["bias", "no-bias", "gelu", "frozen-weight", "frozen-bias"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_linears_bias_gradient_comes_from_its_weight_gradients_pass(any_backend, monkeypatch, shape, kind):
+    K, N, rows, tuning, split = SHAPES[shape]
+    if any_backend.name == "wgpu":
+        monkeypatch.setattr(any_backend, "matmul_tuning", replace(any_backend.matmul_tuning, **tuning))
+    rng = np.random.default_rng(K + N + rows)
+    x_np, w_np, b_np, g_np = (rng.standard_normal(s).astype(np.float32) for s in ((rows, K), (K, N), (N,), (rows, N)))
+    bias = kind != "no-bias"
+    x = lab.tensor(x_np, requires_grad=True, backend=any_backend)
+    w = lab.tensor(w_np, requires_grad=kind != "frozen-weight", backend=any_backend)
+    b = lab.tensor(b_np, requires_grad=kind != "frozen-bias", backend=any_backend) if bias else None
+    y = F.linear(x, w, b, activation="gelu" if kind == "gelu" else None)
+    with lab.profile(any_backend) as prof:
+        (y * lab.tensor(g_np, backend=any_backend)).sum().backward()
+
+    xt, wt = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x_np, w_np))
+    bt = torch.tensor(b_np, dtype=torch.float64, requires_grad=True)
+    yt = xt @ wt + (bt if bias else 0)
+    yt = torch.nn.functional.gelu(yt, approximate="tanh") if kind == "gelu" else yt
+    (yt * torch.tensor(g_np, dtype=torch.float64)).sum().backward()
+    pairs = [(y, yt), (x.grad, xt.grad)] + [(t.grad, tt.grad) for t, tt in ((w, wt), (b, bt))
+                                             if t is not None and t.requires_grad]
+    for got, want in pairs:
+        want = want.detach().numpy()
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert w.grad is None if kind == "frozen-weight" else w.grad.shape == (K, N)
+    assert not bias or (b.grad is None if kind == "frozen-bias" else b.grad.shape == (N,))
+    if any_backend.name == "wgpu" and shape not in ("ragged", "one-row"):
+        labels = [label for _, label, _ in prof.records]
+        folded = kind in ("bias", "gelu")
+        assert sum("+column sums" in label for label in labels) == folded, labels
+        # the bias gradient takes no pass of its own; a split product's chunks and their sums one pass together
+        # (before: the split's pass plus two passes of the bias's column sums)
+        columns = [name for name, _, _ in prof.records if name == "reduce:columns_main"]
+        assert kind == "frozen-weight" or len(columns) == split, labels
+
+
+def _tiny_gpt(backend, text):
+    tok = CharTokenizer.from_text(text)
+    lab.manual_seed(0)
+    cfg = replace(PRESETS["tiny"], vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=1, n_embd=64,
+                  dropout=0.0)
+    with using_backend(backend):
+        return TransformerLM(cfg), np.array(tok.encode(text)[:4 * 65]).reshape(4, 65)
+
+
+def _step_grads(backend, text):
+    model, ids = _tiny_gpt(backend, text)
+    with using_backend(backend):
+        x, t = lab.tensor(ids[:, :-1], backend=backend), lab.tensor(ids[:, 1:], backend=backend)
+        with lab.profile(backend) as prof:
+            F.cross_entropy(model(x), t).backward()
+    return {k: p.grad.numpy() for k, p in model.named_parameters()}, prof
+
+
+def test_a_training_steps_gradients_equal_the_composed_bias_reductions(wgpu_backend, numpy_backend, monkeypatch):
+    """A 2-layer 64-wide GPT's step on 4 x 64 tokens (every linear on whole tiles, the weight gradients split in
+    two): the same gradients as with the bias gradients summed by reductions of their own (the weights' bit for
+    bit, the biases' within 1e-6 relative: the same sums in another order) and as numpy's, in fewer passes."""
+    text = "It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 8
+    folded, prof = _step_grads(wgpu_backend, text)
+    monkeypatch.setattr(wgpu_backend, "matmul_column_sums",
+                        lambda a, b, trans_a=False: Backend.matmul_column_sums(wgpu_backend, a, b, trans_a))
+    composed, prof_composed = _step_grads(wgpu_backend, text)
+    reference, _ = _step_grads(numpy_backend, text)
+    biases = [k for k in folded if k.endswith(".bias") and ".ln" not in k and "ln_f" not in k]
+    assert len(biases) == 8
+    for k in folded:
+        if k in biases:
+            scale = np.abs(composed[k]).max()
+            assert np.abs(folded[k] - composed[k]).max() <= 1e-6 * scale, k
+        else:
+            np.testing.assert_array_equal(folded[k], composed[k], err_msg=k)
+        np.testing.assert_allclose(folded[k], reference[k], rtol=1e-4, atol=1e-4 * np.abs(reference[k]).max(),
+                                   err_msg=k)
+    labels = [label for _, label, _ in prof.records]
+    assert sum("+column sums" in label for label in labels) == 8, labels
+    assert len(prof.records) < len(prof_composed.records)
