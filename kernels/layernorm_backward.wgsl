@@ -4,8 +4,10 @@
 //                     added here instead of by a pass of its own
 //   backward_wb_main: partial column sums over chunks of rows, one thread per (chunk s, feature j):
 //                     OUT0[s, j] = sum_{rows r in chunk s} g * xhat,  OUT1[s, j] = sum g
-//                     (the host sums the S partials into dw, db; S = 1 writes them directly)
-// Bindings: P = [rows, n, S, chunk, accumulate], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw), OUT1 (db), ACC.
+//                     (S = 1 writes them directly); with P[4] = 1 both into OUT0, row s = [dw's n, db's n], so one
+//                     reduction pass sums the S partials of both (into dw and db: reduce.wgsl's `at`)
+// Bindings: P = [rows, n, S, chunk, accumulate | together], X, W, MEAN, RSTD, G, then OUT0 (dx, or dw), OUT1
+// (db), ACC.
 
 #include flat
 const RWG: u32 = {{RWG}}u;   // threads per row of backward_x_main (the host picks 64 or 256)
@@ -65,6 +67,11 @@ fn backward_wb_main(inv: Invocation) {
         dw += g * (X[r * n + j] - MEAN[r]) * RSTD[r];
         db += g;
     }
-    OUT0[e] = dw;
-    OUT1[e] = db;
+    if (P[4] == 1u) {
+        OUT0[e + s * n] = dw;
+        OUT0[e + s * n + n] = db;
+    } else {
+        OUT0[e] = dw;
+        OUT1[e] = db;
+    }
 }

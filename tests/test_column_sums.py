@@ -103,3 +103,25 @@ def test_a_training_steps_gradients_equal_the_composed_bias_reductions(wgpu_back
     labels = [label for _, label, _ in prof.records]
     assert sum("+column sums" in label for label in labels) == 8, labels
     assert len(prof.records) < len(prof_composed.records)
+
+
+@pytest.mark.parametrize("rows,n,passes", [(1, 37, 0), (16, 64, 0), (300, 37, 2), (4096, 64, 2)])
+def test_layer_norms_weight_and_bias_gradients_share_one_reduction(any_backend, rows, n, passes):
+    """LayerNorm's dw and db are column sums over the rows, taken in row chunks: the chunks' partials of both lie
+    side by side, so one reduction's passes sum them (before: two reductions, twice the passes); a single chunk
+    (rows <= 16) is written directly. Against PyTorch (float64) on both backends."""
+    rng = np.random.default_rng(rows + n)
+    x_np, g_np = (rng.standard_normal((rows, n)).astype(np.float32) for _ in range(2))
+    w_np, b_np = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    x, w, b = (lab.tensor(v, requires_grad=True, backend=any_backend) for v in (x_np, w_np, b_np))
+    y = F.layer_norm(x, w, b)
+    with lab.profile(any_backend) as prof:
+        (y * lab.tensor(g_np, backend=any_backend)).sum().backward()
+    xt, wt, bt = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x_np, w_np, b_np))
+    yt = torch.nn.functional.layer_norm(xt, (n,), wt, bt, eps=1e-5)
+    (yt * torch.tensor(g_np, dtype=torch.float64)).sum().backward()
+    for got, want in ((y, yt), (x.grad, xt.grad), (w.grad, wt.grad), (b.grad, bt.grad)):
+        want = want.detach().numpy()
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if any_backend.name == "wgpu":
+        assert [name for name, _, _ in prof.records].count("reduce:columns_main") == passes, prof.records

@@ -75,12 +75,17 @@ class NNOps:
                        [x, w, mean, rstd, g, dx, None, acc], _grid(rows), rows * n, _row_subs(n))
         # dw, db are column sums over all rows: partial sums over row chunks first, so that enough threads run.
         S, chunk = _split(rows, 16, math.ceil(131072 / max(n, 1)))
-        dw_parts, db_parts = self._alloc((S, n), "float32"), self._alloc((S, n), "float32")
-        self._flat("layernorm_backward", "backward_wb_main", [rows, n, S, chunk],
-                   [x, None, mean, rstd, g, dw_parts, db_parts], S * n, _row_subs(n))
-        if S == 1:
-            return dx, self.reshape(dw_parts, (n,)), self.reshape(db_parts, (n,))
-        return dx, self.reduce("sum", dw_parts, 0), self.reduce("sum", db_parts, 0)
+        dw, db = self._alloc((n,), "float32"), self._alloc((n,), "float32")
+        if S == 1 or n == 0:
+            self._flat("layernorm_backward", "backward_wb_main", [rows, n, S, chunk, 0],
+                       [x, None, mean, rstd, g, dw, db], S * n, _row_subs(n))
+            return dx, dw, db
+        # both partials side by side: one reduction's passes sum them (half the passes of two)
+        parts = self._alloc((S, 2 * n), "float32")
+        self._flat("layernorm_backward", "backward_wb_main", [rows, n, S, chunk, 1],
+                   [x, None, mean, rstd, g, parts], S * n, _row_subs(n))
+        self._reduce_passes("sum", parts, 1, S, 2 * n, dw, 0, tail=(db, n))
+        return dx, dw, db
 
     def rms_norm(self, x, w, eps, residual=None):
         rows, n = self._rows(x.shape)
