@@ -1,6 +1,7 @@
 """Time the fused attention's block variants against the composed path on the wgpu backend: forward and backward of
-F.causal_self_attention at shakespeare-char's and gpt2-small's attention shapes (heads and width from
-lab.models.PRESETS, batch as `bench train` takes it, the preset's dropout) at T = 256 and T = 1024. Rounds
+F.causal_self_attention at shakespeare-char's, gpt2-small's and smollm2-135m's attention shapes (heads, key-value
+heads (GQA) and head dim from lab.models.PRESETS, batch as `bench train` takes it, the preset's dropout) at T = 256
+and T = 1024. Rounds
 alternate the paths (the device's clocks drift); each path's median over the rounds, the device synced around
 each run. Each variant's output and qkv gradient are compared with the composed path's first (same dropout
 decisions), and a variant that differs is reported and never recommended. One line per shape: ms per path and
@@ -25,23 +26,30 @@ from lab.engine.wgpu import attention_plan
 from lab.engine.wgpu.attention_plan import AttentionTuning
 from lab.models import PRESETS
 
-PRESET_NAMES = ("shakespeare-char", "gpt2-small")
+PRESET_NAMES = ("shakespeare-char", "gpt2-small", "smollm2-135m")
 LENGTHS = (256, 1024)
 TOLERANCE = 1e-4    # RMS of fused - composed relative to composed's (float32 sums in another order: ~1e-7)
 
 
 def shapes(quick):
-    if quick:   # tiny: a 2-head, 128-wide attention on lavapipe
-        return [("tiny", 1, 2, 128, T, p) for T in (32, 64) for p in (0.0, 0.2)]
-    return [(name, BENCH_BATCH_SIZE.get(name, 12), PRESETS[name].n_head, PRESETS[name].n_embd, T,
-             PRESETS[name].dropout) for name in PRESET_NAMES for T in LENGTHS]
+    """(preset, batch, heads, key-value heads, head dim, T, dropout) of each timed attention."""
+    if quick:   # tiny: 2 heads of 64 on lavapipe, and 4 reading 2 key-value heads at a T of no block's multiple
+        return [("tiny", 1, 2, 2, 64, 32, 0.0), ("tiny", 1, 2, 2, 64, 64, 0.2), ("tiny-gqa", 1, 4, 2, 64, 40, 0.0),
+                ("tiny-gqa", 1, 4, 2, 64, 40, 0.2)]
+    out = []
+    for name in PRESET_NAMES:
+        c = PRESETS[name]
+        H, Hkv, D = ((c.n_head, c.n_head, c.n_embd // c.n_head) if hasattr(c, "n_head") else
+                     (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+        out += [(name, BENCH_BATCH_SIZE.get(name, 12), H, Hkv, D, T, c.dropout) for T in LENGTHS]
+    return out
 
 
 def name_of(variant):
     return "f{}x{}x{}/b{}x{}x{}".format(*variant[0], *variant[1])
 
 
-def run(B, qkv, g, n_head, p, variant):
+def run(B, qkv, g, n_head, n_kv, p, variant):
     """One forward and backward, synced; variant None: the composed path. Returns (seconds, y, dqkv)."""
     B.FLASH_ATTENTION = variant is not None
     if variant is not None:
@@ -50,7 +58,7 @@ def run(B, qkv, g, n_head, p, variant):
     B.sync(wait=True)
     start = time.perf_counter()
     lab.manual_seed(0)
-    y = F.causal_self_attention(qkv, n_head, dropout_p=p)
+    y = F.causal_self_attention(qkv, n_head, dropout_p=p, n_kv_head=n_kv)
     y.backward(g)
     B.sync(wait=True)
     return time.perf_counter() - start, y, qkv.grad
@@ -66,7 +74,11 @@ def main(argv=None):
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     B = backend_instance("wgpu")
     storage = B.limits.get("max-compute-workgroup-storage-size", 16384)
-    variants = attention_plan.variants(storage)
+    head_dims = {s[4] for s in shapes(args.quick)}
+    if len(head_dims) != 1:   # (one AttentionTuning serves them all)
+        raise SystemExit(f"attention_variants: the shapes have heads of {sorted(head_dims)}: time one head dim a run")
+    variants = attention_plan.variants(storage, head_dims.pop(),
+                                       B.limits.get("max-compute-invocations-per-workgroup", 256))
     repeats = args.repeats
     if args.quick:
         variants, repeats = variants[:3], min(repeats, 2)
@@ -74,18 +86,19 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     results = []
     try:
-        for preset, Bsz, H, C, T, p in shapes(args.quick):
-            qkv = lab.tensor(rng.standard_normal((Bsz, T, 3 * C)).astype(np.float32), requires_grad=True, backend=B)
-            g = lab.tensor(rng.standard_normal((Bsz, T, C)).astype(np.float32), backend=B)
+        for preset, Bsz, H, Hkv, D, T, p in shapes(args.quick):
+            qkv = lab.tensor(rng.standard_normal((Bsz, T, (H + 2 * Hkv) * D)).astype(np.float32), requires_grad=True,
+                             backend=B)
+            g = lab.tensor(rng.standard_normal((Bsz, T, H * D)).astype(np.float32), backend=B)
             B.FLASH_ATTENTION = False
-            composed = not B.flash_attention_fits(qkv.shape, H)   # else its weights exceed a buffer: fused only
+            composed = not B.flash_attention_fits(qkv.shape, H, Hkv)   # else its weights exceed a buffer: fused only
             paths = ([None] if composed else []) + list(variants)
             # each variant against the composed path once (this also builds the pipelines): relative RMS of the
             # difference of y and of dqkv, summed on the device (gpt2-small's dqkv is 300 MB: no readbacks)
-            ref = run(B, qkv, g, H, p, None)[1:] if composed else None
+            ref = run(B, qkv, g, H, Hkv, p, None)[1:] if composed else None
             errors = {}
             for v in variants:
-                got = run(B, qkv, g, H, p, v)[1:]
+                got = run(B, qkv, g, H, Hkv, p, v)[1:]
                 with lab.no_grad():
                     errors[v] = None if ref is None else max(
                         math.sqrt(((a - b) * (a - b)).sum().item() / max((b * b).sum().item(), 1e-30))
@@ -94,11 +107,12 @@ def main(argv=None):
             times = {v: [] for v in paths}
             for _ in range(repeats):
                 for v in paths:
-                    times[v].append(run(B, qkv, g, H, p, v)[0])
+                    times[v].append(run(B, qkv, g, H, Hkv, p, v)[0])
             ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
-            row = {"preset": preset, "batch": Bsz, "heads": H, "width": C, "T": T, "dropout": p,
+            row = {"preset": preset, "batch": Bsz, "heads": H, "kv_heads": Hkv, "head_dim": D, "T": T, "dropout": p,
                    "composed_ms": ms.get(None), "variants": {}}
-            line = [f"{preset} B={Bsz} H={H} T={T} p={p}: composed " + (f"{ms[None]:.3f} ms" if composed else "n/a")]
+            line = [f"{preset} B={Bsz} H={H}/{Hkv} D={D} T={T} p={p}: composed "
+                    + (f"{ms[None]:.3f} ms" if composed else "n/a")]
             for v in variants:
                 ratio = ms[None] / ms[v] if composed else None
                 ok = errors[v] is None or errors[v] <= TOLERANCE

@@ -1,11 +1,13 @@
 // Fused causal self-attention, flash-attention style (Dao et al., 2022): the (T, T) weights never reach memory.
-// Heads of D = 64 are read straight from the packed projection qkv (B, T, 3C) (q, k, v side by side, as GPT-2's
-// c_attn makes it) and written straight to y (B, T, C) and dqkv (B, T, 3C): no head split or merge copies.
+// Heads of D = 4 D4 are read straight from the packed projection qkv (B, T, (H + 2 Hkv) D) (q, k, v side by side, as
+// GPT-2's c_attn makes it) and written straight to y (B, T, H D) and dqkv (alike): no head split or merge copies.
+// Grouped-query attention: query head h reads key-value head h / G (G = H / Hkv), the keys never repeated.
 //   fwd_main:    y = dropout(softmax(scale q k^T, causal)) v, an online softmax over blocks of BK keys, for a
 //                block of BQ queries; also LSE[bh, t], the row's log-sum-exp of scaled scores, from which the
 //                backward recomputes the weights.
-//   bwd_kv_main: for a block of BK keys, over the blocks of BQ queries that see them: dv += Pd^T dy and
-//                dk += scale dS^T q.
+//   bwd_kv_main: for a block of BK keys of a key-value head, over the G query heads that read it and their
+//                blocks of BQ queries that see them: dv += Pd^T dy and dk += scale dS^T q (the group summed in one
+//                workgroup's loop: WGSL has no float atomics to sum it across workgroups).
 //   bwd_q_main:  for a block of BQ queries, over the key blocks they see: dq += scale dS k.
 //   (Both recompute the weights: dq sums over keys and dk, dv over queries, and WGSL has no float atomics to let
 //   one of them scatter the other's sums.)
@@ -13,22 +15,27 @@
 //   (P the weights, Pd after dropout, dS = P (dP - DR).)
 // Dropout (P[6] = 1) keeps weight (t, s) of head bh as dropout.wgsl keeps element bh T T + t T + s of the
 // (B H, T, T) weights: the same decisions as the unfused path, re-derived in the backward from the seed.
-// Bindings: P = [B, T, H, C, scale bits, seed, has_dropout, p bits, 1/(1-p) bits], @binding(1) QKV, @binding(2) G
-// (dy, (B, T, C)), @binding(3) LSE (B H, T), @binding(4) DR (B, T, H), @binding(5) OUT (y, or dqkv).
-// BQ, BK, TY are template constants (attention_plan.blocks picks them from the device's workgroup memory); T is a
-// multiple of BQ and BK. 16 TY threads, ty = lid / 16, tx = lid % 16. A BQ x BK score block is held as queries
-// EQ ty + e (e < EQ) by keys tx + 16 f (f < FK), EQ FK scores a thread; a BQ x 64 output block (y, dq) as queries
-// EQ ty + e by the vec4 tx of the head row; bwd_kv's BK x 64 blocks (dk, dv) as keys EK ty + e by vec4 tx.
+// Bindings: P = [B, T, H, Hkv, scale bits, seed, has_dropout, p bits, 1/(1-p) bits], @binding(1) QKV, @binding(2)
+// G (dy, (B, T, H D)), @binding(3) LSE (B H, T), @binding(4) DR (B, T, H), @binding(5) OUT (y, or dqkv).
+// BQ, BK, TY, D4 are template constants (attention_plan.blocks picks the blocks from the device's workgroup
+// memory); T is any length: the last blocks' rows past T are staged as zeros, weigh nothing and are not written.
+// 16 TY threads, ty = lid / 16, tx = lid % 16. A BQ x BK score block is held as queries EQ ty + e (e < EQ) by
+// keys tx + 16 f (f < FK), EQ FK scores a thread; a BQ x D output block (y, dq) as queries EQ ty + e by the
+// vec4s tx + 16 j (j < DJ) of the head row; bwd_kv's BK x D blocks (dk, dv) as keys EK ty + e by the same vec4s.
 
 const BQ: u32 = {{BQ}}u;     // queries per block  } attention_plan.blocks: from the device's workgroup memory
 const BK: u32 = {{BK}}u;     // keys per block     } and AttentionTuning (T a multiple of both)
 const TY: u32 = {{TY}}u;     // rows of 16 threads
+const D4: u32 = {{D4}}u;     // vec4s per head row (D = 4 D4)
 const THREADS: u32 = 16u * TY;
 const EQ: u32 = BQ / TY;     // queries a thread holds of a score block (by FK keys) and of y, dq
 const FK: u32 = BK / 16u;    // keys a thread holds of a score block
 const EK: u32 = BK / TY;     // keys a thread holds of bwd_kv's dk, dv
-const D4: u32 = 16u;         // vec4s per head row (D = 64)
-const PAD: u32 = 17u;        // row stride of Ks, Vs in vec4s: lanes reading rows tx, tx + 1, ... hit distinct banks
+const DJ: u32 = (D4 + 15u) / 16u;   // vec4s of a head row a thread holds of y, dq, dk, dv
+const QN: u32 = (BQ * D4 + THREADS - 1u) / THREADS;   // vec4s a thread stages of BQ rows
+const KN: u32 = (BK * D4 + THREADS - 1u) / THREADS;   // ... of BK rows
+const PAD: u32 = D4 + 1u;    // row stride of Ks, Vs in vec4s (odd): lanes reading rows tx, tx + 1, ... hit
+//                              distinct banks
 const NEG: f32 = -1e30;
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
@@ -50,11 +57,18 @@ var<workgroup> red: array<vec4<f32>, BQ * 4u>;  // [query][tx / 4]: per-thread p
 var<workgroup> Ls: array<f32, BQ>;
 var<workgroup> Ds: array<f32, BQ>;
 
-struct Head { b: u32, h: u32, bh: u32, T: u32, C4: u32, row4: u32 }
+// Query head h of row b and the key-value head it reads; row4: vec4s of a qkv row, C4: of a y row
+struct Head { b: u32, h: u32, bh: u32, T: u32, C4: u32, row4: u32, k0: u32, v0: u32 }
+
+fn head_of(b: u32, h: u32) -> Head {
+    let H = P[2];
+    let kv = h / (H / P[3]);
+    let C4 = H * D4;
+    return Head(b, h, b * H + h, P[1], C4, C4 + 2u * P[3] * D4, C4 + kv * D4, C4 + (P[3] + kv) * D4);
+}
 
 fn head(wid: vec3<u32>) -> Head {
-    let C4 = P[3] / 4u;
-    return Head(wid.y / P[2], wid.y % P[2], wid.y, P[1], C4, 3u * C4);
+    return head_of(wid.y / P[2], wid.y % P[2]);
 }
 
 #include dropout_mask
@@ -64,12 +78,16 @@ fn kept(hd: Head, hashed_seed: u32, t: u32, s: u32) -> bool {
     return keep((hd.bh * hd.T + t) * hd.T + s, hashed_seed, bitcast<f32>(P[7]));
 }
 
-// Queries t0 .. t0 + BQ - 1 of q into Qs (the backward stages dy, LSE and DR with them: load_queries).
-// (BQ D4 vec4s over 16 TY threads: EQ each; BK rows of keys: EK each.)
+// Queries t0 .. t0 + BQ - 1 of q into Qs, zeros past T (the backward stages dy, LSE and DR with them:
+// load_queries). (BQ D4 vec4s over 16 TY threads: QN each at most; BK rows of keys: KN each.)
 fn stage_queries(hd: Head, t0: u32, lid: u32) {
-    for (var n = 0u; n < EQ; n++) {
+    for (var n = 0u; n < QN; n++) {
         let e = lid + THREADS * n;
-        Qs[e] = QKV[(hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4];
+        if (e < BQ * D4) {
+            var x = vec4<f32>(0.0);
+            if (t0 + e / D4 < hd.T) { x = QKV[(hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4]; }
+            Qs[e] = x;
+        }
     }
 }
 
@@ -80,38 +98,44 @@ fn stage_keys(hd: Head, t0: u32, lid: u32) {
 
 // The loops over blocks fetch the next block into registers before the current block's arithmetic and store
 // it into workgroup memory after (load_*, store_*), so its global-memory latency hides behind that arithmetic.
-struct KeyRows { k: array<vec4<f32>, EK>, v: array<vec4<f32>, EK> }
+struct KeyRows { k: array<vec4<f32>, KN>, v: array<vec4<f32>, KN> }
 
 fn load_keys(hd: Head, t0: u32, lid: u32) -> KeyRows {
     var out: KeyRows;
-    for (var n = 0u; n < EK; n++) {
+    for (var n = 0u; n < KN; n++) {
         let e = lid + THREADS * n;
-        let at = (hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4;
-        out.k[n] = QKV[at + hd.C4];
-        out.v[n] = QKV[at + 2u * hd.C4];
+        if (e < BK * D4 && t0 + e / D4 < hd.T) {
+            let at = (hd.b * hd.T + t0 + e / D4) * hd.row4 + e % D4;
+            out.k[n] = QKV[at + hd.k0];
+            out.v[n] = QKV[at + hd.v0];
+        }
     }
     return out;
 }
 
 fn store_keys(lid: u32, rows: KeyRows) {
-    for (var n = 0u; n < EK; n++) {
+    for (var n = 0u; n < KN; n++) {
         let e = lid + THREADS * n;
-        Ks[(e / D4) * PAD + e % D4] = rows.k[n];
-        Vs[(e / D4) * PAD + e % D4] = rows.v[n];
+        if (e < BK * D4) {
+            Ks[(e / D4) * PAD + e % D4] = rows.k[n];
+            Vs[(e / D4) * PAD + e % D4] = rows.v[n];
+        }
     }
 }
 
-struct QueryRows { q: array<vec4<f32>, EQ>, g: array<vec4<f32>, EQ>, lse: f32, dr: f32 }
+struct QueryRows { q: array<vec4<f32>, QN>, g: array<vec4<f32>, QN>, lse: f32, dr: f32 }
 
 fn load_queries(hd: Head, t0: u32, lid: u32) -> QueryRows {
     var out: QueryRows;
-    for (var n = 0u; n < EQ; n++) {
+    for (var n = 0u; n < QN; n++) {
         let e = lid + THREADS * n;
-        let t = hd.b * hd.T + t0 + e / D4;
-        out.q[n] = QKV[t * hd.row4 + hd.h * D4 + e % D4];
-        out.g[n] = G[t * hd.C4 + hd.h * D4 + e % D4];
+        if (e < BQ * D4 && t0 + e / D4 < hd.T) {
+            let t = hd.b * hd.T + t0 + e / D4;
+            out.q[n] = QKV[t * hd.row4 + hd.h * D4 + e % D4];
+            out.g[n] = G[t * hd.C4 + hd.h * D4 + e % D4];
+        }
     }
-    if (lid < BQ) {
+    if (lid < BQ && t0 + lid < hd.T) {
         out.lse = LSE[hd.bh * hd.T + t0 + lid];
         out.dr = DR[(hd.b * hd.T + t0 + lid) * P[2] + hd.h];
     }
@@ -119,9 +143,12 @@ fn load_queries(hd: Head, t0: u32, lid: u32) -> QueryRows {
 }
 
 fn store_queries(lid: u32, rows: QueryRows) {
-    for (var n = 0u; n < EQ; n++) {
-        Qs[lid + THREADS * n] = rows.q[n];
-        Gs[lid + THREADS * n] = rows.g[n];
+    for (var n = 0u; n < QN; n++) {
+        let e = lid + THREADS * n;
+        if (e < BQ * D4) {
+            Qs[e] = rows.q[n];
+            Gs[e] = rows.g[n];
+        }
     }
     if (lid < BQ) {
         Ls[lid] = rows.lse;
@@ -193,15 +220,19 @@ fn put_block(ty: u32, tx: u32, v: array<array<f32, FK>, EQ>) {
     }
 }
 
-// acc[e] (query EQ ty + e, vec4 tx of the head row) += Pw's block times the staged rows of v (or k).
-fn block_times_rows(by_v: bool, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, EQ>>) {
+// acc[e DJ + j] (query EQ ty + e, vec4 tx + 16 j of the head row) += Pw's block times the staged rows of v (or k).
+fn block_times_rows(by_v: bool, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, EQ * DJ>>) {
     for (var c = 0u; c < BK; c++) {
-        var row: vec4<f32>;
-        if (by_v) { row = Vs[c * PAD + tx]; } else { row = Ks[c * PAD + tx]; }
-        for (var e = 0u; e < EQ; e += 2u) {
-            let a = Pw[(c * BQ + EQ * ty + e) / 2u];
-            (*acc)[e] += a.x * row;
-            (*acc)[e + 1u] += a.y * row;
+        for (var j = 0u; j < DJ; j++) {
+            let col = tx + 16u * j;
+            if (col >= D4) { break; }
+            var row: vec4<f32>;
+            if (by_v) { row = Vs[c * PAD + col]; } else { row = Ks[c * PAD + col]; }
+            for (var e = 0u; e < EQ; e += 2u) {
+                let a = Pw[(c * BQ + EQ * ty + e) / 2u];
+                (*acc)[e * DJ + j] += a.x * row;
+                (*acc)[(e + 1u) * DJ + j] += a.y * row;
+            }
         }
     }
 }
@@ -223,11 +254,12 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     stage_queries(hd, i0, lid);
     var m: array<f32, EQ>;
     var l: array<f32, EQ>;
-    var o: array<vec4<f32>, EQ>;
+    var o: array<vec4<f32>, EQ * DJ>;
     for (var e = 0u; e < EQ; e++) { m[e] = NEG; }
     stage_keys(hd, 0u, lid);
-    for (var j0 = 0u; j0 < i0 + BQ; j0 += BK) {
-        let more = j0 + BK < i0 + BQ;
+    let end = min(i0 + BQ, hd.T);   // (keys past the block's last query, or past T, weigh nothing)
+    for (var j0 = 0u; j0 < end; j0 += BK) {
+        let more = j0 + BK < end;
         var next: KeyRows;
         if (more) { next = load_keys(hd, j0 + BK, lid); }
         workgroupBarrier();
@@ -257,7 +289,7 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             }
             l[e] = l[e] * alpha + sum;
             m[e] = m_new;
-            o[e] *= alpha;
+            for (var j = 0u; j < DJ; j++) { o[e * DJ + j] *= alpha; }
         }
         put_block(ty, tx, s);
         workgroupBarrier();
@@ -270,7 +302,11 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     for (var e = 0u; e < EQ; e++) {
         let t = i0 + EQ * ty + e;
         let total = row_total(ty, e, false);
-        OUT[(hd.b * hd.T + t) * hd.C4 + hd.h * D4 + tx] = o[e] / total;
+        if (t >= hd.T) { continue; }
+        for (var j = 0u; j < DJ; j++) {
+            let col = tx + 16u * j;
+            if (col < D4) { OUT[(hd.b * hd.T + t) * hd.C4 + hd.h * D4 + col] = o[e * DJ + j] / total; }
+        }
         if (tx == 0u) { LSE[hd.bh * hd.T + t] = m[e] + log(total); }
     }
 }
@@ -291,7 +327,7 @@ fn block_grads(hd: Head, s: array<array<f32, FK>, EQ>, dpd: array<array<f32, FK>
         for (var f = 0u; f < FK; f++) {
             let u = j0 + tx + 16u * f;
             var p = 0.0;
-            if (u <= t) { p = exp(s[e][f] * scale - Ls[EQ * ty + e]); }
+            if (u <= t && t < hd.T) { p = exp(s[e][f] * scale - Ls[EQ * ty + e]); }
             var keep = true;
             if (drop) { keep = kept(hd, hashed_seed, t, u); }
             out.pd[e][f] = select(0.0, p * keep_scale, keep);
@@ -303,50 +339,67 @@ fn block_grads(hd: Head, s: array<array<f32, FK>, EQ>, dpd: array<array<f32, FK>
 
 @compute @workgroup_size(THREADS)
 fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let hd = head(wid);
+    // wid.y: b Hkv + key-value head; its G query heads h = kv G + g (GQA) summed here
+    let G = P[2] / P[3];
+    let b = wid.y / P[3];
+    let kv = wid.y % P[3];
     let tx = lid % 16u;
     let ty = lid / 16u;
     let j0 = wid.x * BK;
-    stage_keys(hd, j0, lid);
-    var dk: array<vec4<f32>, EK>;
-    var dv: array<vec4<f32>, EK>;
+    stage_keys(head_of(b, kv * G), j0, lid);
+    var dk: array<vec4<f32>, EK * DJ>;
+    var dv: array<vec4<f32>, EK * DJ>;
     let first = j0 - j0 % BQ;    // the first query block that sees key j0
-    store_queries(lid, load_queries(hd, first, lid));
-    for (var i0 = first; i0 < hd.T; i0 += BQ) {
-        let more = i0 + BQ < hd.T;
-        var next: QueryRows;
-        if (more) { next = load_queries(hd, i0 + BQ, lid); }
-        workgroupBarrier();
-        let gr = block_grads(hd, scores(ty, tx), dropped_grads(ty, tx), ty, tx, i0, j0);
-        for (var e = 0u; e < EQ; e++) {
-            for (var f = 0u; f < FK; f++) {
-                let at = (EQ * ty + e) * BK + tx + 16u * f;
-                Pw[at / 2u][at % 2u] = gr.pd[e][f];
-                St[at / 2u][at % 2u] = gr.ds[e][f];
+    for (var g = 0u; g < G; g++) {
+        let hd = head_of(b, kv * G + g);
+        store_queries(lid, load_queries(hd, first, lid));
+        for (var i0 = first; i0 < hd.T; i0 += BQ) {
+            let more = i0 + BQ < hd.T;
+            var next: QueryRows;
+            if (more) { next = load_queries(hd, i0 + BQ, lid); }
+            workgroupBarrier();
+            let gr = block_grads(hd, scores(ty, tx), dropped_grads(ty, tx), ty, tx, i0, j0);
+            for (var e = 0u; e < EQ; e++) {
+                for (var f = 0u; f < FK; f++) {
+                    let at = (EQ * ty + e) * BK + tx + 16u * f;
+                    Pw[at / 2u][at % 2u] = gr.pd[e][f];
+                    St[at / 2u][at % 2u] = gr.ds[e][f];
+                }
             }
-        }
-        workgroupBarrier();
-        for (var q = 0u; q < BQ; q++) {
-            let g = Gs[q * D4 + tx];
-            let x = Qs[q * D4 + tx];
-            for (var e = 0u; e < EK; e += 2u) {     // keys EK ty + e, + 1
-                let at = (q * BK + EK * ty + e) / 2u;
-                let pd = Pw[at];
-                let ds = St[at];
-                dv[e] += pd.x * g;
-                dv[e + 1u] += pd.y * g;
-                dk[e] += ds.x * x;
-                dk[e + 1u] += ds.y * x;
+            workgroupBarrier();
+            for (var q = 0u; q < BQ; q++) {
+                for (var j = 0u; j < DJ; j++) {
+                    let col = tx + 16u * j;
+                    if (col >= D4) { break; }
+                    let dy = Gs[q * D4 + col];
+                    let x = Qs[q * D4 + col];
+                    for (var e = 0u; e < EK; e += 2u) {     // keys EK ty + e, + 1
+                        let at = (q * BK + EK * ty + e) / 2u;
+                        let pd = Pw[at];
+                        let ds = St[at];
+                        dv[e * DJ + j] += pd.x * dy;
+                        dv[(e + 1u) * DJ + j] += pd.y * dy;
+                        dk[e * DJ + j] += ds.x * x;
+                        dk[(e + 1u) * DJ + j] += ds.y * x;
+                    }
+                }
             }
+            workgroupBarrier();
+            if (more) { store_queries(lid, next); }
         }
-        workgroupBarrier();
-        if (more) { store_queries(lid, next); }
     }
+    let hd = head_of(b, kv * G);
     let scale = bitcast<f32>(P[4]);
     for (var e = 0u; e < EK; e++) {
-        let at = (hd.b * hd.T + j0 + EK * ty + e) * hd.row4 + hd.h * D4 + tx;
-        OUT[at + hd.C4] = dk[e] * scale;
-        OUT[at + 2u * hd.C4] = dv[e];
+        let t = j0 + EK * ty + e;
+        if (t >= hd.T) { break; }
+        for (var j = 0u; j < DJ; j++) {
+            let col = tx + 16u * j;
+            if (col >= D4) { break; }
+            let at = (hd.b * hd.T + t) * hd.row4 + col;
+            OUT[at + hd.k0] = dk[e * DJ + j] * scale;
+            OUT[at + hd.v0] = dv[e * DJ + j];
+        }
     }
 }
 
@@ -357,10 +410,11 @@ fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let ty = lid / 16u;
     let i0 = wid.x * BQ;
     store_queries(lid, load_queries(hd, i0, lid));
-    var dq: array<vec4<f32>, EQ>;
+    var dq: array<vec4<f32>, EQ * DJ>;
     stage_keys(hd, 0u, lid);
-    for (var j0 = 0u; j0 < i0 + BQ; j0 += BK) {
-        let more = j0 + BK < i0 + BQ;
+    let end = min(i0 + BQ, hd.T);
+    for (var j0 = 0u; j0 < end; j0 += BK) {
+        let more = j0 + BK < end;
         var next: KeyRows;
         if (more) { next = load_keys(hd, j0 + BK, lid); }
         workgroupBarrier();
@@ -373,7 +427,12 @@ fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
     let scale = bitcast<f32>(P[4]);
     for (var e = 0u; e < EQ; e++) {
-        OUT[(hd.b * hd.T + i0 + EQ * ty + e) * hd.row4 + hd.h * D4 + tx] = dq[e] * scale;
+        let t = i0 + EQ * ty + e;
+        if (t >= hd.T) { break; }
+        for (var j = 0u; j < DJ; j++) {
+            let col = tx + 16u * j;
+            if (col < D4) { OUT[(hd.b * hd.T + t) * hd.row4 + hd.h * D4 + col] = dq[e * DJ + j] * scale; }
+        }
     }
 }
 
@@ -383,7 +442,7 @@ fn delta_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let i = (wid.y * nwg.x + wid.x) * 128u + lid;    // (b T + t) H + h
     let H = P[2];
     if (i >= P[0] * P[1] * H) { return; }
-    let at = (i / H) * (P[3] / 4u) + (i % H) * D4;
+    let at = i * D4;   // (dy and y rows are H D4 vec4s)
     var acc = vec4<f32>(0.0);
     for (var d4 = 0u; d4 < D4; d4++) { acc += G[at + d4] * OUT[at + d4]; }
     DR[i] = acc.x + acc.y + acc.z + acc.w;

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..checks import InputError, choice, integer, real, show
 from ..engine import quant
+from ..engine.ops.linalg import logits_chunk_rows
 from .profiles import limits_profile, named_profile
 
 F32 = 4
@@ -214,6 +215,22 @@ def llama_lora_layers(c, targets, r):
     return [(shapes[sub], n) for sub, n in counts.items()]
 
 
+def head_loss_floats(N, V, C, chunk=2):
+    """Floats a training step's output layer holds at its peak for N rows, vocabulary V, width C: its loss comes from
+    F.linear_cross_entropy, so `chunk` times one chunk's logits (them and their gradient) and the input's and
+    the weight's gradients, summed in the forward (N C + V C), never the whole (N, V) logits."""
+    return chunk * min(N, logits_chunk_rows(V)) * V + N * C + V * C
+
+
+def head_loss_ops(rows, V, weight_grad=True):
+    """Dispatches F.linear_cross_entropy adds to a wgpu training step over the composed head's for `rows` rows
+    (counted on the engine): its constants, the count's floor and the backward's scalings (5, or 6 with the weight's
+    gradient), and where the rows take k > 1 chunks, 5 + 13 (11 without the weight's gradient) per chunk past
+    the first (the chunk's copies, its partial sums, the weight gradient's running sum)."""
+    k = max(1, -(-rows // logits_chunk_rows(V)))
+    return 5 + weight_grad + ((5 + (11 + 2 * weight_grad) * (k - 1)) if k > 1 else 0)
+
+
 def checkpointed_layer_floats(L, per_layer, saved, every, freed=0):
     """Floats L layers hold at a step's peak when every `every`-th block (0, k, 2k, ...) is checkpointed (0: none):
     a checkpointed block keeps only its input (`saved` floats, one (B, T, C)) and, while its backward runs, its
@@ -242,15 +259,16 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0)
     C, I, L, D, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim, c.vocab_size
     H, Hkv, N = c.num_attention_heads, c.num_key_value_heads, b * T
     per_layer = N * (6 * C + 3 * (H + 2 * Hkv) * D + 2.75 * H * T + 2 * I)
-    largest = max([("logits (B, T, vocab)", N * V), ("attention weights (B, H, T, T)", b * H * T * T),
+    chunk = min(N, logits_chunk_rows(V)) * V   # one chunk of F.linear_cross_entropy's logits
+    largest = max([("logits of a chunk of rows (rows, vocab)", chunk), ("attention weights (B, H, T, T)", b * H * T * T),
                    ("MLP hidden (B, T, intermediate)", N * I), ("token embedding table", V * C)],
                   key=lambda kv: kv[1])
     # (checkpointed: the last block runs again once the 2.5 V per token are freed; measured peaks of 2-3 layers with
     # every block checkpointed: within -7%/+19%)
-    parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=2.5 * N * V),
-             "embeddings and logits": N * (9 * C + 2.5 * V)}
+    parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=2.5 * chunk),
+             "embeddings and logits": 9 * N * C + head_loss_floats(N, V, C, 2.5)}
     if host_temporaries:
-        parts["op temporaries (numpy)"] = N * (2.5 * V + L * (1.5 * I + 1.5 * C))
+        parts["op temporaries (numpy)"] = 2.5 * chunk + N * L * (1.5 * I + 1.5 * C)
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
 
 
@@ -289,10 +307,11 @@ def activation_floats(c, b, T, training=True, fused_attention=False, checkpoint_
     per_layer = (18 + (4 if drop else 0)) * N * C + (1 + (1 if drop else 0)) * att + 4 * N + (
         b * H * T if fused_attention else 0)
     embed = (2 + (1 if drop else 0)) * N * C + T * C
-    head = N * C + N * V + 3 * N + 2 * N                  # ln_f, logits, cross-entropy rows, ln_f stats
+    head = N * C + 2 * N + head_loss_floats(N, V, C)     # ln_f, its stats, the loss's chunk and gradients
     layers = checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every)
     total = embed + layers + head
-    largest = max([("logits (B, T, vocab)", N * V), ("attention weights (B, H, T, T)", att),
+    largest = max([("logits of a chunk of rows (rows, vocab)", min(N, logits_chunk_rows(V)) * V),
+                   ("attention weights (B, H, T, T)", att),
                    ("MLP hidden (B, T, 4C)", 4 * N * C), ("token embedding table", V * C)], key=lambda kv: kv[1])
     return total, per_layer, largest, {"embeddings": embed, "layers": layers, "logits and loss": head}
 
@@ -305,7 +324,8 @@ def dropout_floats(c, b, T):
     return 2 * (N * c.n_embd + c.n_layer * (2 * N * c.n_embd + b * c.n_head * T * T))
 
 
-def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None, update_slots=1):
+def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None, update_slots=1,
+             rows=1):
     """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 31 + 77 per
     layer (gradient clipping runs inside the optimizer's kernel; the residual adds before ln_2 and the residual
     stream's gradient sums ride in the LayerNorm kernels), of which 8 copy attention's heads out of and into the
@@ -315,11 +335,12 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
     to be split along K adds one more, for the sum) and saves 22 updates of frozen parameters. Those counts are of
     one update dispatch and one sum of squares (the gradient norm) per trained tensor; update_slots > 1 counts
     wgpu's adamw_many_ and sumsq_many, which take that many parameters (and four times as many gradients) per
-    dispatch."""
+    dispatch. rows (batch x seq): the head's loss (head_loss_ops)."""
     if heads_in_place is None:
         heads_in_place = c.block_size % 64 == 0 and (c.n_embd // c.n_head) % 64 == 0
     per_layer = 69 if heads_in_place else 77
-    ops = 31 + per_layer * c.n_layer + ((2 + 4 * c.n_layer) if c.dropout > 0 else 0)
+    ops = 31 + per_layer * c.n_layer + ((2 + 4 * c.n_layer) if c.dropout > 0 else 0) + head_loss_ops(
+        rows, c.vocab_size, not lora_rank)
     if lora_rank:
         modules = sum(2 if t == "c_proj" else 1 for t in lora_targets)
         ops += c.n_layer * 5 * modules - (22 if c.dropout > 0 else 21)  # (measured, as all these counts)
@@ -383,19 +404,21 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
         steps = math.ceil((tokens or 1e6) / tokens_per_step)  # (tokens is None or > 0)
     tokens = steps * tokens_per_step
     params, trainable = count_params(c, lora_rank, lora_targets)
-    # the engine runs attention on its fused kernels where the weights would exceed one buffer (wgpu, heads of 64,
-    # T a multiple of 32: WgpuBackend.flash_attention_fits)
-    fused = (c.n_embd == 64 * c.n_head and seq % 32 == 0
+    # the engine runs attention on its fused kernels where the weights would exceed one buffer (wgpu, heads a
+    # multiple of 4: WgpuBackend.flash_attention_fits; up to 128 their blocks fit the 32 KiB of workgroup memory
+    # devices have, attention_plan.blocks)
+    head = c.n_embd // c.n_head
+    fused = (head * c.n_head == c.n_embd and head % 4 == 0 and head <= 128
              and batch * c.n_head * seq * seq * F32 > prof.max_binding_size)
     acts, per_layer, largest, parts = activation_floats(c, batch, seq, fused_attention=fused, checkpoint_every=every)
     recomputed = len(range(0, c.n_layer, every)) if every else 0   # blocks whose forward runs twice
     opt_floats = (2 if optimizer == "adamw" else 1) * trainable
     # backward working set, measured on the engine (lab.stats() peaks of 2- and 3-layer models, the part that does
-    # not grow with depth): dlogits, about 25 x (B, T, C) of gradients and temporaries alive while the last block
+    # not grow with depth): about 25 x (B, T, C) of gradients and temporaries alive while the last block
     # is differentiated (its MLP's 4C-wide output and GELU gradients, the residual's gradient, dq|dk|dv) and 1.5
     # attention matrices (2.5 with dropout: the scores' gradient, before and after dropout, and the softmax's)
     att = 0 if fused else batch * c.n_head * seq * seq
-    backward = int(batch * seq * c.vocab_size + 25 * batch * seq * c.n_embd
+    backward = int(25 * batch * seq * c.n_embd
                   + (2.5 if c.dropout > 0 else 1.5) * att)
     saved = _linear_weight_bytes(c, "float32") - _linear_weight_bytes(c, lora_base_dtype)
     memory = {
@@ -413,7 +436,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     # a recomputed block's forward again: 2 FLOPs per weight (12 C^2) and attention's 4 C T
     flops_per_token += recomputed * (24 * c.n_embd ** 2 + 4 * c.n_embd * seq)
     # (19 dispatches a block's forward, 21 with dropout: counted on the engine, lab.stats())
-    ops = op_count(c, lora_rank, lora_targets, update_slots=prof.update_slots) + recomputed * (
+    ops = op_count(c, lora_rank, lora_targets, update_slots=prof.update_slots, rows=batch * seq) + recomputed * (
         21 if c.dropout > 0 else 19)
     # elementwise work scales with the activation floats (the profile says what one costs on the device); the
     # optimizer reads and writes parameter, gradient and two moments of every trainable float
@@ -522,7 +545,7 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     # a recomputed block's forward again: 2 FLOPs per weight and attention's 4 H D T; 18 dispatches (19 with
     # dropout: counted on the engine, lab.stats())
     flops_per_token += recomputed * (2 * llama_layer_params(c) + 4 * H * D * seq)
-    ops = llama_op_count(c, prof.update_slots, adapted) + recomputed * (19 if c.dropout > 0 else 18)
+    ops = llama_op_count(c, prof.update_slots, adapted, batch * seq) + recomputed * (19 if c.dropout > 0 else 18)
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
                  + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
@@ -570,7 +593,7 @@ def _check_base_dtype(base_dtype, lora_rank):
                          f"a frozen base only), got {show(base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
 
 
-def llama_op_count(c, update_slots=1, adapted=()):
+def llama_op_count(c, update_slots=1, adapted=(), rows=1):
     """Dispatches of a LlamaLM training step on wgpu (fused norm, rotary and SwiGLU kernels), as counted on the
     engine (lab.stats()): 15 + 51 per layer (+1 for a tied head: the embedding's two gradients summed), plus the
     optimizer's: an update and a sum of squares (the gradient
@@ -578,7 +601,8 @@ def llama_op_count(c, update_slots=1, adapted=()):
     per 4 x update_slots gradients (and a copy of the partial sums when several), as op_count counts them.
     adapted (llama_lora_layers' [((in, out), layers)]): LoRA on a frozen base, -1 + 44 per layer (no weight
     gradients for the linear layers, embedding and norms) + 10 per adapter (its two forward products and the
-    backward's four, two scalings and the input gradient's sum), its A and B the trained tensors."""
+    backward's four, two scalings and the input gradient's sum), its A and B the trained tensors. rows (batch x
+    seq): the head's loss (head_loss_ops)."""
     if adapted:
         n = sum(layers for _, layers in adapted)
         tensors, ops = 2 * n, -1 + 44 * c.num_hidden_layers + 10 * n
@@ -587,6 +611,7 @@ def llama_op_count(c, update_slots=1, adapted=()):
         tensors = 2 + (not c.tie_word_embeddings) + c.num_hidden_layers * (
             9 + 3 * qkv_bias + c.attention_bias + 3 * c.mlp_bias)
         ops = 15 + bool(c.tie_word_embeddings) + 51 * c.num_hidden_layers
+    ops += head_loss_ops(rows, c.vocab_size, not adapted)
     if update_slots > 1:
         chunks = math.ceil(tensors / (4 * update_slots))
         return ops + math.ceil(tensors / update_slots) + chunks + (chunks if chunks > 1 else 0)

@@ -10,6 +10,7 @@ from ..tensor import Tensor, is_grad_enabled
 from ._common import _check_float, _shape_str
 from .linalg import matmul
 from .nn import dropout, softmax
+from .shape import split
 
 
 def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0, training=True, return_weights=False):
@@ -26,29 +27,42 @@ def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0, training=T
     return (y, att) if return_weights else y
 
 
-def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weights=False):
+def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weights=False, n_kv_head=None):
     """Multi-head causal self-attention from the packed projection qkv (B, T, 3C) (q, k, v side by side, as GPT-2's
     c_attn makes it) to y (B, T, C), heads merged. One autograd node: the products read q, k, v where they lie in
     the packed projection and write y (and, backward, dq, dk, dv) straight into the merged layouts (HeadView; where
     a backend's kernel cannot, it copies), where split + permute + attention + permute would copy each of them. The same
     arithmetic as scaled_dot_product_attention, the same dropout mask. With return_weights=True also returns the
-    attention weights (B, H, T, T) before dropout (no gradient flows through them)."""
-    if qkv.ndim != 3 or qkv.shape[2] % 3 or (qkv.shape[2] // 3) % n_head:
-        raise ValueError(f"causal_self_attention: qkv must be (B, T, 3C) with C divisible by n_head={n_head}, got "
-                         f"{_shape_str(qkv.shape)}")
+    attention weights (B, H, T, T) before dropout (no gradient flows through them).
+
+    Grouped-query attention (Llama): with n_kv_head (Hkv, dividing n_head) qkv is (B, T, (H + 2 Hkv) D) and query
+    head h reads key-value head h // (H / Hkv); the key-value heads are never repeated (the fused kernels sum their
+    gradients over the group, the composed path batches each group's queries against its one head)."""
+    H = n_head
+    Hkv = H if n_kv_head is None else n_kv_head
+    for name, v in (("n_head", H), ("n_kv_head", Hkv)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"causal_self_attention: {name} must be a positive integer, got {v!r}")
+    if H % Hkv or qkv.ndim != 3 or qkv.shape[2] % (H + 2 * Hkv):
+        want = "(B, T, 3C) with C divisible by n_head" if n_kv_head is None else \
+            "(B, T, (n_head + 2 n_kv_head) D) with n_kv_head dividing n_head"
+        raise ValueError(f"causal_self_attention: qkv must be {want}, got {_shape_str(qkv.shape)} for n_head={H}"
+                         + ("" if n_kv_head is None else f", n_kv_head={Hkv}"))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"causal_self_attention: dropout_p must be in [0, 1), got {dropout_p}")
     Bk = qkv.backend
     Bsz, T, C3 = qkv.shape
-    C, H = C3 // 3, n_head
-    D = C // H
+    D = C3 // (H + 2 * Hkv)
+    C = H * D
     scale = 1.0 / math.sqrt(D)
-    if not return_weights and Bk.flash_attention_fits(qkv.shape, H):
-        # fused kernels, the weights never in memory (wgpu, heads of 64); the seed is drawn as below
+    if not return_weights and Bk.flash_attention_fits(qkv.shape, H, Hkv):
+        # fused kernels, the weights never in memory (wgpu); the seed is drawn as below
         seed = _random.next_seed() if training and dropout_p > 0 else None
-        y, lse = Bk.flash_attention(qkv.data, H, scale, dropout_p, seed)
+        y, lse = Bk.flash_attention(qkv.data, H, scale, dropout_p, seed, Hkv)
         return Tensor._make(y, Bk, (qkv,), lambda g: (
-            Bk.flash_attention_bwd(qkv.data, y, lse, g, H, scale, dropout_p, seed),))
+            Bk.flash_attention_bwd(qkv.data, y, lse, g, H, scale, dropout_p, seed, Hkv),))
+    if Hkv != H:
+        return _grouped_attention(qkv, H, Hkv, D, dropout_p, training, return_weights)
     # q, k, v (B * H, T, D) where they lie in qkv, and y written straight into the merged (B, T, C) layout; a
     # backend whose kernels cannot take these views for this shape gets each head stack copied once instead
     in_place = Bk.heads_in_place(T, D)
@@ -84,6 +98,22 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
     if return_weights:
         return y_t, Tensor(Bk.reshape(att, (Bsz, H, T, T)), Bk)
     return y_t
+
+
+def _grouped_attention(qkv, H, Hkv, D, dropout_p, training, return_weights):
+    """causal_self_attention's composed path for Hkv < H key-value heads: each key-value head's G query heads as one
+    (G T, D) batch against it (as LlamaAttention does), so keys and values are read, never repeated; q is gathered
+    into that order (one copy of q, as the head split would make anyway)."""
+    Bsz, T, _ = qkv.shape
+    G = H // Hkv
+    q, k, v = split(qkv, [H * D, Hkv * D, Hkv * D], axis=2)
+    q = q.reshape(Bsz, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(Bsz, Hkv, G * T, D)
+    k, v = (t.reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3) for t in (k, v))        # (B, Hkv, T, D)
+    scores = matmul(q, k, transpose_b=True).reshape(Bsz, Hkv, G, T, T)
+    att = softmax(scores, scale=1.0 / math.sqrt(D), causal=True)           # the (B, H, T, T) order: h = kv G + g
+    y = matmul(dropout(att, dropout_p, training).reshape(Bsz, Hkv, G * T, T), v)
+    y = y.reshape(Bsz, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(Bsz, T, H * D)
+    return (y, att.detach().reshape(Bsz, H, T, T)) if return_weights else y
 
 
 def decode_attention_applies(qkv, head_dim):

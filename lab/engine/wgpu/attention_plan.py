@@ -1,23 +1,26 @@
 """The fused attention's blocks: how many queries (BQ) and keys (BK) a workgroup of kernels/attention.wgsl takes at a
-time, on how many rows of 16 threads (TY), for the forward and for the backward, from T, the device's workgroup
-memory and the tuning below. Pure arithmetic (no device), so every choice is tested without a GPU; nn.py carries
-it out. The switch to the fused path by default is here too (AttentionTuning.FLASH_DEFAULT)."""
+time, on how many rows of 16 threads (TY), for the forward and for the backward, from the head dim, the device's
+workgroup memory and invocations and the tuning below. Pure arithmetic (no device), so every choice is tested
+without a GPU; nn.py carries it out. The switch to the fused path by default is here too (AttentionTuning.FLASH_DEFAULT)."""
 import dataclasses
 
 from ...checks import InputError, show
 
-BASE = (16, 32, 8)   # (BQ, BK, TY) that every entry point fits in 32 KiB: lavapipe and any device with 32 KiB
-BQ_ALLOWED = (16, 32, 64)
-BK_ALLOWED = (32, 64)     # (16 lanes of tx each hold BK / 16 keys of a score block)
-TY_ALLOWED = (8, 16)      # (each thread holds an even number of queries, BQ / TY: pairs of weights a load)
-PAD = 17                  # attention.wgsl's row stride of Ks, Vs in vec4s
+BASE = (16, 32, 8)   # (BQ, BK, TY) that every entry point fits in 32 KiB at heads of 64 (lavapipe)
+BQ_ALLOWED = (8, 16, 32, 64)
+BK_ALLOWED = (16, 32, 64)    # (16 lanes of tx each hold BK / 16 keys of a score block)
+TY_ALLOWED = (4, 8, 16)      # (each thread holds an even number of queries, BQ / TY, and of keys, BK / TY: pairs of
+#                              weights a load)
+HEAD_DIMS = range(4, 257, 4)  # (vec4 rows; each of 16 lanes holds every 16th vec4 of a row)
 ENTRIES = {"fwd": ("fwd_main",), "bwd": ("bwd_kv_main", "bwd_q_main")}
 
 
-def workgroup_bytes(entry, blocks):
-    """Bytes of workgroup memory attention.wgsl's `entry` uses at blocks (BQ, BK, TY): the arrays it touches."""
+def workgroup_bytes(entry, blocks, head_dim=64):
+    """Bytes of workgroup memory attention.wgsl's `entry` uses at blocks (BQ, BK, TY) for heads of head_dim: the
+    arrays it touches."""
     bq, bk, _ = blocks
-    rows, keys = 256 * bq, 2 * bk * PAD * 16     # Qs (Gs alike): BQ rows of 16 vec4s; Ks and Vs
+    d4 = head_dim // 4
+    rows, keys = 16 * d4 * bq, 2 * bk * (d4 + 1) * 16   # Qs (Gs alike): BQ rows of d4 vec4s; Ks, Vs (odd stride)
     if entry == "fwd_main":                      # Qs, Ks, Vs, Pw, red
         return rows + keys + 4 * bq * bk + 64 * bq
     if entry == "bwd_q_main":                    # Qs, Gs, Ks, Vs, Pw, Ls, Ds
@@ -34,25 +37,35 @@ def check_blocks(name, blocks):
             or any(isinstance(v, bool) or not isinstance(v, int) for v in blocks)):
         raise InputError(f"{name} must be a (BQ, BK, TY) tuple of integers, got {show(blocks)}")
     bq, bk, ty = blocks
-    if bq not in BQ_ALLOWED or bk not in BK_ALLOWED or ty not in TY_ALLOWED or bq % (2 * ty):
-        raise InputError(f"{name} must have BQ in {BQ_ALLOWED}, BK in {BK_ALLOWED}, TY in {TY_ALLOWED} and BQ a "
-                         f"multiple of 2 TY, got {show(tuple(blocks))}")
+    if bq not in BQ_ALLOWED or bk not in BK_ALLOWED or ty not in TY_ALLOWED or bq % (2 * ty) or bk % (2 * ty):
+        raise InputError(f"{name} must have BQ in {BQ_ALLOWED}, BK in {BK_ALLOWED}, TY in {TY_ALLOWED} and BQ and BK "
+                         f"multiples of 2 TY, got {show(tuple(blocks))}")
     return tuple(blocks)
+
+
+def _all_blocks():
+    return [(bq, bk, ty) for bq in BQ_ALLOWED for bk in BK_ALLOWED for ty in TY_ALLOWED
+            if not bq % (2 * ty) and not bk % (2 * ty)]
+
+
+def _fits(kind, b, head_dim, storage, invocations):
+    return 16 * b[2] <= invocations and all(workgroup_bytes(e, b, head_dim) <= storage for e in ENTRIES[kind])
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionTuning:
     """The fused attention's choices. benchmarks/attention_variants.py times each variant against the composed
     path; after a measurement on the H200 these are set from it (README, Performance)."""
-    FLASH_DEFAULT: bool = False      # the fused kernels for every shape they take (heads of 64, T a multiple of 32),
+    FLASH_DEFAULT: bool = False      # the fused kernels for every shape they take (heads of 4 to 256 in steps of 4),
     #                                  not only where the (B, H, T, T) weights exceed a buffer. Still off: on the H200
     #                                  (benchmarks/attention-variants-h200.json, forward + backward) every block
     #                                  variant beat the composed path at T = 256 (1.02-1.24x shakespeare-char,
     #                                  1.41-1.52x gpt2-small) and lost at T = 1024 (0.64-0.77x, 0.80-0.93x); in a
     #                                  whole shakespeare-char step (T = 256) they took 34.2 ms against 33.0 composed
     #                                  (benchmarks/h200-decode-and-attention.log)
-    FLASH_FWD_BLOCKS: tuple = (64, 32, 16)   # (BQ, BK, TY) of fwd_main where T and the device's workgroup memory
-    #                                  take them: the variant whose worst ratio over those four shapes was best (0.77x)
+    FLASH_FWD_BLOCKS: tuple = (64, 32, 16)   # (BQ, BK, TY) of fwd_main where the device's workgroup memory takes
+    #                                  them (else the largest that fits within them: blocks()): the variant whose worst
+    #                                  ratio over those four shapes (heads of 64) was best (0.77x)
     FLASH_BWD_BLOCKS: tuple = (32, 32, 8)    # ... of bwd_kv_main and bwd_q_main
 
     def __post_init__(self):
@@ -62,26 +75,29 @@ class AttentionTuning:
             object.__setattr__(self, name, check_blocks(f"AttentionTuning: {name}", getattr(self, name)))
 
 
-def blocks(kind, T, workgroup_storage, tuning=AttentionTuning()):
-    """(BQ, BK, TY) for the forward (kind "fwd") or the backward ("bwd") at sequence length T: the tuning's where T
-    is a multiple of BQ and BK and every entry point of the pass fits `workgroup_storage` bytes, else BASE; None
-    where not even BASE fits (then the fused path cannot run)."""
+def blocks(kind, head_dim, workgroup_storage, tuning=AttentionTuning(), invocations=256):
+    """(BQ, BK, TY) for the forward (kind "fwd") or the backward ("bwd") at heads of head_dim: the tuning's (the
+    measured best) where every entry point of the pass fits `workgroup_storage` bytes and 16 TY threads are within
+    `invocations`, else the largest blocks no larger than the tuning's that fit (most scores a block, then the most
+    keys: the base's 16 x 32 before an unmeasured 32 x 16, then rows of 8 threads as the base has); None where none
+    fit (then the fused path cannot run). Any T: the kernels leave the last blocks' rows past T out."""
     wanted = {"fwd": tuning.FLASH_FWD_BLOCKS, "bwd": tuning.FLASH_BWD_BLOCKS}.get(kind)
     if wanted is None:
         raise InputError(f"blocks: kind must be 'fwd' or 'bwd', got {show(kind)}")
-    for b in (wanted, BASE):
-        if T % b[0] == 0 and T % b[1] == 0 and all(workgroup_bytes(e, b) <= workgroup_storage
-                                                   for e in ENTRIES[kind]):
-            return b
-    return None
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim not in HEAD_DIMS:
+        raise InputError(f"blocks: head_dim must be a multiple of 4 in [4, 256], got {show(head_dim)}")
+    smaller = sorted((b for b in _all_blocks() if b[0] <= wanted[0] and b[1] <= wanted[1]),
+                     key=lambda b: (-b[0] * b[1], -b[1], abs(b[2] - 8)))
+    return next((b for b in [wanted] + smaller if _fits(kind, b, head_dim, workgroup_storage, invocations)), None)
 
 
-def variants(workgroup_storage):
-    """The (forward, backward) block pairs worth timing on a device with this much workgroup memory: each pass's
-    blocks that fit it, the base first (benchmarks/attention_variants.py)."""
-    def fitting(kind):
-        return [b for b in [(bq, bk, ty) for bq in BQ_ALLOWED for bk in BK_ALLOWED for ty in TY_ALLOWED]
-                if not b[0] % (2 * b[2]) and all(workgroup_bytes(e, b) <= workgroup_storage for e in ENTRIES[kind])]
+def variants(workgroup_storage, head_dim=64, invocations=256):
+    """The (forward, backward) block pairs worth timing on a device with this much workgroup memory, at heads of
+    head_dim: each pass's blocks that fit it, the base first where it fits (benchmarks/attention_variants.py)."""
+    def fitting(kind):   # the blocks under 16 x 32 x 8 only where those do not fit (heads of 80 and more)
+        return [b for b in _all_blocks() if b[0] >= 16 and b[1] >= 32 and b[2] >= 8
+                and _fits(kind, b, head_dim, workgroup_storage, invocations)] or [
+            b for b in _all_blocks() if _fits(kind, b, head_dim, workgroup_storage, invocations)]
     fwd, bwd = fitting("fwd"), fitting("bwd")
     # each forward with the backward of the same blocks, or the largest backward that fits
     pairs = [(f, f if f in bwd else max(bwd, key=lambda b: (b[0] * b[1], -b[2]))) for f in fwd] if bwd else []

@@ -178,10 +178,10 @@ class NNOps:
         return dx
 
     def dropout(self, x, p, seed):
-        out = self._alloc(x.shape, "float32")
+        out, n = self._alloc(x.shape, "float32"), x.size
 
-        def params(seed):
-            return [x.size, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))]
+        def params(seed):   # (n, not x: a capture keeps this for its replays, and x's memory must not live as long)
+            return [n, seed, _f32bits(p), _f32bits(1.0 / (1.0 - p))]
         if self._capture is not None:  # a replay draws the step's seeds anew: the captured seed maps to its new one
             self._patch = lambda step: params(step["seeds"].get(seed, seed))
         self._flat("dropout", "main", params(seed), [x, out], x.size)
@@ -197,66 +197,76 @@ class NNOps:
     FLASH_ATTENTION = {"": None, "0": False}.get(os.environ.get("LAB_FLASH_ATTENTION", ""), True)
     attention_tuning = AttentionTuning()
 
-    def _attention_blocks(self, T):
+    def _attention_blocks(self, head_dim):
         storage = self.limits.get("max-compute-workgroup-storage-size", 16384)
-        return (attention_plan.blocks("fwd", T, storage, self.attention_tuning),
-                attention_plan.blocks("bwd", T, storage, self.attention_tuning))
+        threads = self.limits.get("max-compute-invocations-per-workgroup", 256)
+        return tuple(attention_plan.blocks(kind, head_dim, storage, self.attention_tuning, threads)
+                     for kind in ("fwd", "bwd"))
 
-    def flash_attention_fits(self, qkv_shape, n_head):
-        """Whether attention.wgsl's kernels take this packed qkv (B, T, 3C) (heads of 64, T a multiple of 32, at
-        most 65535 heads in all: one workgroup row each, blocks that fit the device's workgroup memory) and are to:
-        asked for (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or the weights too big a buffer."""
-        Bsz, T, C3 = qkv_shape
-        takes = (C3 == 3 * 64 * n_head and T % 32 == 0 and Bsz * n_head <= 65535
-                 and None not in self._attention_blocks(T))
+    def flash_attention_fits(self, qkv_shape, n_head, n_kv_head=None):
+        """Whether attention.wgsl's kernels take this packed qkv (B, T, (H + 2 Hkv) D) (heads of D a multiple of 4
+        up to 256, any T, at most 65535 heads in all: one workgroup row each, blocks that fit the device's workgroup
+        memory) and are to: asked for (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or the weights too big
+        a buffer."""
+        Bsz, T, W = qkv_shape
+        n_kv = n_head if n_kv_head is None else n_kv_head
+        D, rest = divmod(W, n_head + 2 * n_kv)
+        takes = (not rest and D in attention_plan.HEAD_DIMS and 0 < Bsz * n_head <= 65535 and T > 0
+                 and None not in self._attention_blocks(D))
         wanted = self.attention_tuning.FLASH_DEFAULT if self.FLASH_ATTENTION is None else self.FLASH_ATTENTION
         return takes and (wanted or Bsz * n_head * T * T * 4 > self.max_binding)
 
-    def flash_attention(self, qkv, n_head, scale, p, seed):
-        """Causal self-attention from the packed qkv (B, T, 3C) by attention.wgsl's fused kernels: (y (B, T, C),
-        lse (B H, T)), the weights never in memory (flash_attention_fits says where they apply)."""
-        Bsz, T, C3 = qkv.shape
-        C = C3 // 3
-        bq, bk, ty = blocks = self._attention_blocks(T)[0]
-        y = self._alloc((Bsz, T, C), "float32")
+    def flash_attention(self, qkv, n_head, scale, p, seed, n_kv_head=None):
+        """Causal self-attention from the packed qkv (B, T, (H + 2 Hkv) D) by attention.wgsl's fused kernels: (y (B,
+        T, H D), lse (B H, T)), the weights never in memory (flash_attention_fits says where they apply)."""
+        Bsz, T, W = qkv.shape
+        n_kv = n_head if n_kv_head is None else n_kv_head
+        D = W // (n_head + 2 * n_kv)
+        bq, bk, ty = blocks = self._attention_blocks(D)[0]
+        y = self._alloc((Bsz, T, n_head * D), "float32")
         lse = self._alloc((Bsz * n_head, T), "float32")
-        self._attention("fwd_main", qkv, n_head, scale, p, seed, [qkv, None, lse, None, y], (T // bq, Bsz * n_head),
-                        f"attention fwd {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
+        self._attention("fwd_main", qkv, n_head, n_kv, scale, p, seed, [qkv, None, lse, None, y],
+                        (-(-T // bq), Bsz * n_head), f"attention fwd {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return y, lse
 
-    def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed):
-        """dqkv (B, T, 3C) for flash_attention's y = f(qkv) and its output gradient g (B, T, C)."""
-        Bsz, T, C3 = qkv.shape
-        bq, bk, ty = blocks = self._attention_blocks(T)[1]
+    def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed, n_kv_head=None):
+        """dqkv (B, T, (H + 2 Hkv) D) for flash_attention's y = f(qkv) and its output gradient g (B, T, H D): dk, dv
+        of each key-value head summed over the query heads that read it."""
+        Bsz, T, W = qkv.shape
+        n_kv = n_head if n_kv_head is None else n_kv_head
+        D = W // (n_head + 2 * n_kv)
+        bq, bk, ty = blocks = self._attention_blocks(D)[1]
         n = Bsz * T * n_head
         dr = self._alloc((n,), "float32")
-        self._dispatch("attention", "delta_main", self._attention_params(qkv.shape, n_head, scale, p, None),
-                       [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n, self._attention_subs(blocks))
+        self._dispatch("attention", "delta_main", self._attention_params(qkv.shape, n_head, n_kv, scale, p, None),
+                       [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n, self._attention_subs(blocks, D))
         dqkv = self._alloc(qkv.shape, "float32")  # the two kernels write disjoint parts, every element
         binds = [qkv, g, lse, dr, dqkv]
-        self._attention("bwd_kv_main", qkv, n_head, scale, p, seed, binds, (T // bk, Bsz * n_head),
+        self._attention("bwd_kv_main", qkv, n_head, n_kv, scale, p, seed, binds, (-(-T // bk), Bsz * n_kv),
                         f"attention bwd dk dv {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
-        self._attention("bwd_q_main", qkv, n_head, scale, p, seed, binds, (T // bq, Bsz * n_head),
+        self._attention("bwd_q_main", qkv, n_head, n_kv, scale, p, seed, binds, (-(-T // bq), Bsz * n_head),
                         f"attention bwd dq {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return dqkv
 
     @staticmethod
-    def _attention_subs(blocks):
-        return tuple(zip(("BQ", "BK", "TY"), blocks))
+    def _attention_subs(blocks, head_dim):
+        return tuple(zip(("BQ", "BK", "TY", "D4"), (*blocks, head_dim // 4)))
 
     @staticmethod
-    def _attention_params(shape, n_head, scale, p, seed):
-        Bsz, T, C3 = shape
+    def _attention_params(shape, n_head, n_kv, scale, p, seed):
+        Bsz, T, _ = shape
         drop = seed is not None and p > 0
-        return [Bsz, T, n_head, C3 // 3, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
+        return [Bsz, T, n_head, n_kv, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
                 _f32bits(1.0 / (1.0 - p))]
 
-    def _attention(self, entry, qkv, n_head, scale, p, seed, binds, grid, label, blocks):
+    def _attention(self, entry, qkv, n_head, n_kv, scale, p, seed, binds, grid, label, blocks):
         shape = qkv.shape
+        D = shape[2] // (n_head + 2 * n_kv)
         if self._capture is not None and seed is not None:  # a replay draws the step's seeds anew
-            self._patch = lambda step: self._attention_params(shape, n_head, scale, p, step["seeds"].get(seed, seed))
-        self._dispatch("attention", entry, self._attention_params(shape, n_head, scale, p, seed), binds, grid,
-                       qkv.size, self._attention_subs(blocks), label=label)
+            self._patch = lambda step: self._attention_params(shape, n_head, n_kv, scale, p,
+                                                              step["seeds"].get(seed, seed))
+        self._dispatch("attention", entry, self._attention_params(shape, n_head, n_kv, scale, p, seed), binds, grid,
+                       qkv.size, self._attention_subs(blocks, D), label=label)
 
     DECODE_WG = 64   # decode_attention.wgsl's RWG
 

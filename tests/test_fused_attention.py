@@ -1,0 +1,154 @@
+"""The fused (flash) attention for every shape class it takes (kernels/attention.wgsl on wgpu): heads of 4 to 128,
+any T, causal, dropout, grouped-query attention (query head h reading key-value head h // G, the key-value heads
+never repeated); equal to the composed path and to PyTorch, memory linear in T, and a Llama training step the same
+with it on and off. Tiny shapes: lavapipe is slow."""
+import numpy as np
+import pytest
+
+import lab
+from lab.engine import ops as F
+
+# (B, T, H, Hkv, D, dropout): T below, at and past a block (no block's multiple), heads 4 to 128 wide, G = 1, 2, 3, 4
+CASES = [(1, 1, 2, 1, 8, 0.0), (1, 5, 2, 2, 16, 0.0), (1, 37, 2, 2, 32, 0.0), (2, 33, 2, 1, 64, 0.2),
+         (1, 20, 3, 1, 80, 0.0), (1, 18, 4, 1, 32, 0.25), (1, 24, 6, 2, 16, 0.1), (1, 17, 2, 2, 128, 0.0),
+         (1, 64, 2, 2, 64, 0.0)]
+
+
+def _run(backend, qkv_np, g_np, H, Hkv, p):
+    lab.manual_seed(7)
+    qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
+    g = lab.tensor(g_np, backend=backend)
+    with lab.profile(backend) as prof:
+        y = F.causal_self_attention(qkv, H, p, n_kv_head=Hkv)
+        y.backward(g)
+    return (y.numpy(), qkv.grad.numpy()), {name for name, _, _ in prof.records}
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D,p", CASES, ids=lambda v: str(v))
+def test_fused_attention_equals_the_composed_path_for_every_shape_class(wgpu_backend, numpy_backend, monkeypatch,
+                                                                        B, T, H, Hkv, D, p):
+    """wgpu's fused kernels, wgpu's composed path and numpy's (the reference) give one output and one qkv gradient
+    (dq, and dk, dv summed over the query heads sharing a key-value head), with dropout the same decisions; the
+    fused path runs nothing but its own kernels (no repeat of the key-value heads, no head copies)."""
+    rng = np.random.default_rng(T * 131 + D)
+    qkv_np = rng.standard_normal((B, T, (H + 2 * Hkv) * D)).astype(np.float32)
+    g_np = rng.standard_normal((B, T, H * D)).astype(np.float32)
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+    assert wgpu_backend.flash_attention_fits(qkv_np.shape, H, Hkv)
+    fused, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p)
+    assert names == {"attention:fwd_main", "attention:delta_main", "attention:bwd_kv_main", "attention:bwd_q_main"}
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", False)
+    composed, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p)
+    assert not any(n.startswith("attention:") for n in names)
+    reference, _ = _run(numpy_backend, qkv_np, g_np, H, Hkv, p)
+    for got in (fused, composed):
+        for a, b in zip(got, reference):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("H,Hkv,p", [(2, 2, 0.0), (4, 2, 0.0), (3, 1, 0.0), (6, 2, 0.0), (4, 1, 0.3)])
+def test_grouped_query_attention_equals_torch(any_backend, monkeypatch, H, Hkv, p):
+    """causal_self_attention with n_kv_head against PyTorch's scaled_dot_product_attention over repeated key-value
+    heads, forward and every gradient (each backend's default path; wgpu's fused one too); with dropout, the kept
+    weights are read back from the composed path's mask and handed to PyTorch."""
+    import torch
+    B, T, D = 2, 11, 8
+    rng = np.random.default_rng(H * 10 + Hkv)
+    qkv_np = rng.standard_normal((B, T, (H + 2 * Hkv) * D)).astype(np.float32)
+    g_np = rng.standard_normal((B, T, H * D)).astype(np.float32)
+    qkv_t = torch.tensor(qkv_np, dtype=torch.float64, requires_grad=True)
+    q, k, v = torch.split(qkv_t, [H * D, Hkv * D, Hkv * D], dim=2)
+    q = q.reshape(B, T, H, D).transpose(1, 2)
+    k, v = (x.reshape(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1) for x in (k, v))
+    mask = None
+    if p:   # the same decisions: dropout(ones) on the (B, H, T, T) weights' layout, from the same seed
+        lab.manual_seed(7)
+        mask = F.dropout(lab.tensor(np.ones((B, H, T, T), np.float32), backend=any_backend), p).numpy()
+    att = torch.softmax((q @ k.transpose(-1, -2)) / D ** 0.5 + torch.triu(torch.full((T, T), -torch.inf), 1), -1)
+    if mask is not None:
+        att = att * torch.tensor(mask, dtype=torch.float64)
+    want = (att @ v).transpose(1, 2).reshape(B, T, H * D)
+    want.backward(torch.tensor(g_np, dtype=torch.float64))
+    for flash in (False, True) if any_backend.name == "wgpu" else (None,):
+        if flash is not None:
+            monkeypatch.setattr(any_backend, "FLASH_ATTENTION", flash)
+        (y, dqkv), _ = _run(any_backend, qkv_np, g_np, H, Hkv, p)
+        np.testing.assert_allclose(y, want.detach().numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dqkv, qkv_t.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_query_attention_refuses_bad_heads_with_one_clear_error(numpy_backend):
+    qkv = lab.tensor(np.zeros((1, 4, 64), np.float32), backend=numpy_backend)
+    for kwargs, match in [(dict(n_head=4, n_kv_head=3), r"\(n_head \+ 2 n_kv_head\) D\) with n_kv_head dividing "
+                                                        r"n_head, got \(1, 4, 64\) for n_head=4, n_kv_head=3"),
+                          (dict(n_head=5, n_kv_head=1), r"got \(1, 4, 64\) for n_head=5, n_kv_head=1"),
+                          (dict(n_head=2, n_kv_head=0), "n_kv_head must be a positive integer, got 0"),
+                          (dict(n_head=2, n_kv_head=True), "n_kv_head must be a positive integer, got True"),
+                          (dict(n_head=2.0), "n_head must be a positive integer, got 2.0"),
+                          (dict(n_head=3), r"\(B, T, 3C\) with C divisible by n_head, got \(1, 4, 64\) for n_head=3")]:
+        with pytest.raises(ValueError, match=match):
+            F.causal_self_attention(qkv, **kwargs)
+    y = F.causal_self_attention(qkv, 6, n_kv_head=1)       # 6 + 2 heads of 8: fine
+    assert y.shape == (1, 4, 48)
+
+
+@pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])
+def test_fused_attention_memory_grows_linearly_in_t(wgpu_backend, monkeypatch, H, Hkv):
+    """The fused forward and backward hold no (T, T) buffer, their temporaries included (log-sum-exps, the backward's
+    row sums, dqkv): the peak above the inputs at 4 T is at most 4.5 times that at T (the composed path's weights
+    make it about 16 times), and below the (B, H, T, T) weights' bytes at the larger T."""
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+    D, peaks = 16, {}
+    for T in (64, 256):
+        rng = np.random.default_rng(T)
+        qkv = lab.tensor(rng.standard_normal((1, T, (H + 2 * Hkv) * D)).astype(np.float32), requires_grad=True,
+                         backend=wgpu_backend)
+        g = lab.tensor(rng.standard_normal((1, T, H * D)).astype(np.float32), backend=wgpu_backend)
+        wgpu_backend.sync(wait=True)
+        base = wgpu_backend.stats()["bytes_in_use"]
+        wgpu_backend.reset_peak()
+        y = F.causal_self_attention(qkv, H, n_kv_head=Hkv)
+        y.backward(g)
+        wgpu_backend.sync(wait=True)
+        peaks[T] = wgpu_backend.stats()["peak_bytes_in_use"] - base
+        del y, qkv, g
+    assert peaks[256] <= 4.5 * peaks[64], peaks
+    assert peaks[256] < H * 256 * 256 * 4, peaks
+
+
+def _llama_step(backend, flash, dropout, monkeypatch):
+    from lab.engine.backend import using_backend
+    from lab.models.llama import LlamaConfig, LlamaLM
+    from lab.train.optim import SGD
+    monkeypatch.setattr(backend, "FLASH_ATTENTION", flash)
+    lab.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, dropout=dropout)
+    with using_backend(backend):
+        model = LlamaLM(cfg)
+        model.train()
+        opt = SGD(model.parameters(), lr=0.1)
+        idx = np.random.default_rng(1).integers(0, 40, (2, 19))
+        lab.manual_seed(5)
+        with lab.profile(backend) as prof:
+            loss = model(lab.tensor(idx[:, :-1]), lab.tensor(idx[:, 1:]))[1]
+            loss.backward()
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        opt.step()
+        return (loss.item(), grads, [p.numpy().copy() for p in model.parameters()],
+                {n for n, _, _ in prof.records})
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_a_llama_training_step_is_the_same_with_the_fused_attention_on_and_off(wgpu_backend, monkeypatch, dropout):
+    """A 2-layer, 32-wide Llama (4 query heads on 2 key-value heads, heads of 8, T = 18): one SGD step with the
+    fused kernels and one with the composed path give the same loss, gradients (each within 1e-5 of its norm:
+    float32 sums in another order) and weights within 1e-5 relative."""
+    on = _llama_step(wgpu_backend, True, dropout, monkeypatch)
+    off = _llama_step(wgpu_backend, False, dropout, monkeypatch)
+    assert "attention:bwd_kv_main" in on[3] and not any(n.startswith("attention:") for n in off[3])
+    assert on[0] == pytest.approx(off[0], rel=1e-5)
+    for a, b in zip(on[1], off[1]):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    for a, b in zip(on[2], off[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
