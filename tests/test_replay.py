@@ -70,13 +70,17 @@ def test_replayed_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, acc
             np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy())
 
 
-@pytest.mark.parametrize("dropout,adapters,kv", [(0.0, False, 1), (0.2, False, 2), (0.1, True, 2)],
-                         ids=["multi-query", "gqa-dropout", "gqa-lora-dropout"])
-def test_replayed_llama_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, adapters, kv):
+@pytest.mark.parametrize("dropout,adapters,kv,flash", [(0.0, False, 1, False), (0.2, False, 2, False),
+                                                        (0.1, True, 2, False), (0.2, True, 2, True)],
+                         ids=["multi-query", "gqa-dropout", "gqa-lora-dropout", "gqa-fused-attention-lora-dropout"])
+def test_replayed_llama_steps_equal_eager_steps_bit_for_bit(wgpu_backend, dropout, adapters, kv, flash, monkeypatch):
     """The Llama family's step (fused RMSNorm with the residual, SwiGLU, rotary reading its tables at an offset,
-    key-value heads shared by query heads, attention dropout, LoRA adapters) replays exactly as it runs eagerly."""
+    key-value heads shared by query heads, attention dropout, LoRA adapters; the fused attention's kernels with
+    their dropout seeds) replays exactly as it runs eagerly."""
     from lab import lora
     from lab.models import LlamaConfig, LlamaLM
+    if flash:
+        monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
 
     def trainer(replay):
         tok = CharTokenizer.from_text(TEXT)
@@ -245,3 +249,27 @@ def test_a_replayed_step_follows_a_threads_adapter_switch(use_backend):
         runs.append((losses + _steps(t, 2), _weights(t)))
     assert runs[1][0] == runs[0][0]
     assert _same(runs[1][1], runs[0][1])
+
+
+def test_a_capture_keeps_no_array_alive_beyond_the_buffers_it_binds(wgpu_backend):
+    """A capture keeps its patches (how a replay's params follow the step) as long as it lives. dropout's patch
+    held its input array, AdamW's and SGD's their weight: each captured step kept every dropout input alive through
+    the next step, checkpointed blocks' included (a quarter of a shakespeare-char step's peak). The buffers stay
+    held for replays either way; the arrays, and with them the memory of their storage, must go."""
+    import weakref
+    B = wgpu_backend
+    x, p, g, m, v, q, gq, buf = (B.from_numpy(np.ones((4, 8), np.float32)) for _ in range(8))
+    B.capture_begin()
+    try:
+        y = B.dropout(x, 0.5, 7)
+        B.adamw_(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+        B.sgd_(q, gq, buf, 0.1, 0.9, 0.0)
+    finally:
+        capture = B.capture_end()
+    try:
+        assert len(capture.patches) == 3
+        storages = [weakref.ref(a.storage) for a in (x, y, p, g, m, v, q, gq, buf)]
+        del x, y, p, g, m, v, q, gq, buf
+        assert [s() for s in storages] == [None] * len(storages)
+    finally:
+        B.release_capture(capture)
