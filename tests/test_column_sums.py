@@ -125,3 +125,23 @@ def test_layer_norms_weight_and_bias_gradients_share_one_reduction(any_backend, 
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     if any_backend.name == "wgpu":
         assert [name for name, _, _ in prof.records].count("reduce:columns_main") == passes, prof.records
+
+
+def test_column_sums_of_a_product_without_rows_or_of_operands_that_do_not_fit(any_backend):
+    """A Linear layer with no inputs (weight (0, N)): its weight gradient is empty and runs no workgroup, its bias
+    gradient still sums g (not whatever a pooled buffer held before); operands that are not one product each are
+    one error naming the shapes."""
+    rng = np.random.default_rng(3)
+    for _ in range(3):   # (leave freed buffers of the sums' size in the pool)
+        lab.tensor(np.full(128, 7.0, np.float32), backend=any_backend).numpy()
+    x = lab.tensor(np.zeros((48, 0), np.float32), requires_grad=True, backend=any_backend)
+    w = lab.tensor(np.zeros((0, 128), np.float32), requires_grad=True, backend=any_backend)
+    b = lab.tensor(rng.standard_normal(128).astype(np.float32), requires_grad=True, backend=any_backend)
+    g = rng.standard_normal((48, 128)).astype(np.float32)
+    (F.linear(x, w, b) * lab.tensor(g, backend=any_backend)).sum().backward()
+    np.testing.assert_allclose(b.grad.numpy(), g.sum(0), rtol=1e-5, atol=1e-5)
+    assert w.grad.shape == (0, 128) and x.grad.shape == (48, 0)
+    up = any_backend.from_numpy
+    for a_shape, b_shape in (((1, 8, 4), (2, 8, 3)), ((1, 8, 4), (1, 7, 3)), ((8, 4), (1, 8, 3))):
+        with pytest.raises(ValueError, match=r"matmul_column_sums: a .* do not fit: want a \(1, K, M\) and b \(1, K, N\)"):
+            any_backend.matmul_column_sums(up(np.ones(a_shape, np.float32)), up(np.ones(b_shape, np.float32)), True)

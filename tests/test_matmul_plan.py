@@ -272,3 +272,4 @@ def test_column_sums_come_with_whole_tile_products_of_an_untransposed_b_only():
     assert not plan(64, 64, 48, 1, 1, False, False, bias=True, column_sums=True).column_sums
     assert not plan(64, 64, 64, 1, 1, False, False, triangle="out", column_sums=True).column_sums
     assert not plan(64, 64, 48, 1, 1, False, False, into=True, column_sums=True).column_sums
+    assert not plan(0, 64, 48, 1, 1, True, False, column_sums=True).column_sums   # no workgroup to sum them

@@ -48,6 +48,14 @@ def check_index_range(idx, limit, op, ignore_index=None):
         raise index_range_error(op, int(idx[bad].min()), int(idx[bad].max()), limit, ignore_index)
 
 
+def check_column_sums(a, b, trans_a):
+    """One error for operands matmul_column_sums does not take: one product, a (1, M, K) (or (1, K, M)), b (1, K, N)."""
+    k = a.shape[1] if trans_a else a.shape[-1]
+    if len(a.shape) != 3 or len(b.shape) != 3 or a.shape[0] != 1 or b.shape[0] != 1 or k != b.shape[1]:
+        raise ValueError(f"matmul_column_sums: a {tuple(a.shape)}{' (transposed)' if trans_a else ''} and b "
+                         f"{tuple(b.shape)} do not fit: want a ({'1, K, M' if trans_a else '1, M, K'}) and b (1, K, N)")
+
+
 class Backend:
     """Primitives every backend implements. Arrays are contiguous, row-major; `shape` is a tuple."""
 
@@ -140,6 +148,7 @@ class Backend:
     def matmul_column_sums(self, a, b, trans_a=False):
         """(a @ b, b's column sums (N,)) for b (1, K, N) (a stored (1, K, M) where trans_a): a Linear layer's weight
         and bias gradients, x^T g and g's rows summed. wgpu takes the sums from the product's own pass over b."""
+        check_column_sums(a, b, trans_a)
         return self.matmul(a, b, trans_a), self.reduce("sum", self.reshape(b, b.shape[1:]), 0)
     def linears_fit(self, rows, weights, how): return False
     # whether linears takes a product of `rows` rows by these weights in one pass (else F.linears composes)

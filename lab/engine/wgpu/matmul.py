@@ -1,7 +1,7 @@
 """Matrix products: matmul_plan.py chooses the path (tiled, whole-tile, thin, padded, gathered); this runs it."""
 import functools
 
-from ..backend import HeadView, gather_heads, scatter_heads
+from ..backend import HeadView, check_column_sums, gather_heads, scatter_heads
 from .common import _f32bits
 from .matmul_plan import Limits, Tuning, heads_in_place, plan, plan_group, rows_cols
 from .memory import GPUArray
@@ -47,6 +47,7 @@ class MatmulOps:
         return (out if residual is None or fused == "all" else self.binary("add", out, residual)), pre
 
     def matmul_column_sums(self, a, b, trans_a=False):
+        check_column_sums(a, b, trans_a)
         out, sums, _ = self._matmul(a, b, trans_a, column_sums=True)
         if sums is None:   # a path whose kernel does not sum them: a reduction of their own
             sums = self.reduce("sum", self.reshape(b, b.shape[1:]), 0)

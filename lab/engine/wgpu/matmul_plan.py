@@ -212,7 +212,8 @@ def plan(M, N, K, batch_a=1, batch_b=1, trans_a=False, trans_b=False, *, bias=Fa
     elif triangle == "a" and M == K:
         tri = 3 if trans_a else 2
     # a bias or GELU is applied as the tiles are stored, unless split-K partial products are summed afterwards
-    sums = column_sums and layout[1] == "n" and batch == 1 and not (views or into or bias or gelu or tri)
+    # (M = 0 runs no workgroup, and the sums come from the first row tile's)
+    sums = column_sums and M > 0 and layout[1] == "n" and batch == 1 and not (views or into or bias or gelu or tri)
     return _checked(Plan("aligned", "matmul_aligned", entry, grid, S, kc, transpose_b=transpose_b, layout=layout,
                          fused_bias=bias and S == 1, gelu=gelu and S == 1, triangle=tri, column_sums=sums),
                     M, N, K, limits)
