@@ -20,8 +20,10 @@ class OptimizerOps:
         if max_norm > 0 and guard is None:
             raise ValueError("adamw_: clipping to max_norm needs the gradient norm as guard")
 
+        n = p.size   # (not p in params: a capture keeps it for its replays, and no array may live that long)
+
         def params(lr, step):
-            return [p.size] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step, max_norm)]
+            return [n] + [_f32bits(x) for x in (lr, b1, b2, eps, wd, 1 - b1 ** step, 1 - b2 ** step, max_norm)]
         if self._capture is not None:
             self._patch = lambda s: params(s["lr"], s["step"])
         self._flat("optim", "adamw_main", params(lr, step), [p, g, m, v, self._guard(guard)], p.size)
@@ -125,8 +127,10 @@ class OptimizerOps:
         if max_norm > 0 and guard is None:
             raise ValueError("sgd_: clipping to max_norm needs the gradient norm as guard")
 
+        n = p.size   # (not p: see adamw_)
+
         def params(lr):
-            return [p.size] + [_f32bits(x) for x in (lr, momentum, wd, max_norm)]
+            return [n] + [_f32bits(x) for x in (lr, momentum, wd, max_norm)]
         if self._capture is not None:
             self._patch = lambda s: params(s["lr"])
         self._flat("optim", "sgd_main", params(lr), [p, g, buf, None, self._guard(guard)], p.size)
