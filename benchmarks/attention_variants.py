@@ -7,7 +7,10 @@ each run. Each variant's output and qkv gradient are compared with the composed 
 decisions), and a variant that differs is reported and never recommended. One line per shape: ms per path and
 the composed path's time over the variant's (> 1: the variant is faster); --out writes all of it as JSON with the
 variant to set in lab/engine/wgpu/attention_plan.py's AttentionTuning.
-Usage: python benchmarks/attention_variants.py --out FILE [--repeats N] [--quick (tiny shapes: lavapipe, tests)]"""
+--head-dim D times the same widths, batches and head groups cut into heads of D instead (the presets' are 64), for
+AttentionTuning.FLASH_HEAD_DIM_BLOCKS.
+Usage: python benchmarks/attention_variants.py --out FILE [--repeats N] [--head-dim D] [--quick (tiny shapes:
+lavapipe, tests)]"""
 import argparse
 import json
 import math
@@ -31,17 +34,26 @@ LENGTHS = (256, 1024)
 TOLERANCE = 1e-4    # RMS of fused - composed relative to composed's (float32 sums in another order: ~1e-7)
 
 
-def shapes(quick):
-    """(preset, batch, heads, key-value heads, head dim, T, dropout) of each timed attention."""
+def shapes(quick, head_dim=None):
+    """(preset, batch, heads, key-value heads, head dim, T, dropout) of each timed attention; head_dim: the presets'
+    widths and query heads per key-value head, in heads of head_dim."""
     if quick:   # tiny: 2 heads of 64 on lavapipe, and 4 reading 2 key-value heads at a T of no block's multiple
-        return [("tiny", 1, 2, 2, 64, 32, 0.0), ("tiny", 1, 2, 2, 64, 64, 0.2), ("tiny-gqa", 1, 4, 2, 64, 40, 0.0),
-                ("tiny-gqa", 1, 4, 2, 64, 40, 0.2)]
-    out = []
-    for name in PRESET_NAMES:
-        c = PRESETS[name]
-        H, Hkv, D = ((c.n_head, c.n_head, c.n_embd // c.n_head) if hasattr(c, "n_head") else
-                     (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
-        out += [(name, BENCH_BATCH_SIZE.get(name, 12), H, Hkv, D, T, c.dropout) for T in LENGTHS]
+        out = [("tiny", 1, 2, 2, 64, 32, 0.0), ("tiny", 1, 2, 2, 64, 64, 0.2), ("tiny-gqa", 1, 4, 2, 64, 40, 0.0),
+               ("tiny-gqa", 1, 4, 2, 64, 40, 0.2)]
+    else:
+        out = []
+        for name in PRESET_NAMES:
+            c = PRESETS[name]
+            H, Hkv, D = ((c.n_head, c.n_head, c.n_embd // c.n_head) if hasattr(c, "n_head") else
+                         (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+            out += [(name, BENCH_BATCH_SIZE.get(name, 12), H, Hkv, D, T, c.dropout) for T in LENGTHS]
+    if head_dim:   # the same width and group size G, in heads of head_dim (at least one group)
+        cut = []
+        for name, Bsz, H, Hkv, D, T, p in out:
+            G = H // Hkv
+            H = max(G, H * D // head_dim // G * G)
+            cut.append((f"{name} in heads of {head_dim}", Bsz, H, H // G, head_dim, T, p))
+        out = cut
     return out
 
 
@@ -69,16 +81,23 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds per shape (default 7)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds, 3 variants (lavapipe, tests)")
+    ap.add_argument("--head-dim", type=int, help="the presets' widths in heads of this many (a multiple of 4 up to "
+                                                 "256) instead of 64")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.head_dim is not None and args.head_dim not in attention_plan.HEAD_DIMS:
+        ap.error(f"--head-dim must be a multiple of 4 in [4, 256], got {args.head_dim}")
     B = backend_instance("wgpu")
     storage = B.limits.get("max-compute-workgroup-storage-size", 16384)
-    head_dims = {s[4] for s in shapes(args.quick)}
+    head_dims = {s[4] for s in shapes(args.quick, args.head_dim)}
     if len(head_dims) != 1:   # (one AttentionTuning serves them all)
         raise SystemExit(f"attention_variants: the shapes have heads of {sorted(head_dims)}: time one head dim a run")
-    variants = attention_plan.variants(storage, head_dims.pop(),
-                                       B.limits.get("max-compute-invocations-per-workgroup", 256))
+    head_dim = head_dims.pop()
+    variants = attention_plan.variants(storage, head_dim, B.limits.get("max-compute-invocations-per-workgroup", 256))
+    if not variants:
+        raise SystemExit(f"attention_variants: no blocks fit heads of {head_dim} in {storage} bytes of workgroup "
+                         f"memory")
     repeats = args.repeats
     if args.quick:
         variants, repeats = variants[:3], min(repeats, 2)
@@ -86,7 +105,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     results = []
     try:
-        for preset, Bsz, H, Hkv, D, T, p in shapes(args.quick):
+        for preset, Bsz, H, Hkv, D, T, p in shapes(args.quick, args.head_dim):
             qkv = lab.tensor(rng.standard_normal((Bsz, T, (H + 2 * Hkv) * D)).astype(np.float32), requires_grad=True,
                              backend=B)
             g = lab.tensor(rng.standard_normal((Bsz, T, H * D)).astype(np.float32), backend=B)
@@ -134,11 +153,13 @@ def main(argv=None):
     best = max(ranked, key=lambda v: worst[v]) if ranked else None
     summary = {"variant": name_of(best) if best else None, "worst_ratio": worst.get(best),
                "default_on": bool(best) and worst[best] >= 1.0,
-               "set": (f"AttentionTuning: FLASH_DEFAULT = {bool(best) and worst[best] >= 1.0}, FLASH_FWD_BLOCKS = "
-                       f"{best[0]}, FLASH_BWD_BLOCKS = {best[1]}") if best else None}
+               "set": None if not best else (
+                   f"AttentionTuning: FLASH_DEFAULT = {bool(best) and worst[best] >= 1.0}, FLASH_FWD_BLOCKS = "
+                   f"{best[0]}, FLASH_BWD_BLOCKS = {best[1]}") if head_dim == 64 else (
+                   f"AttentionTuning: FLASH_HEAD_DIM_BLOCKS += (({head_dim}, {best[0]}, {best[1]}),)")}
     print("best:", summary["variant"], "worst ratio", None if best is None else f"{summary['worst_ratio']:.3f}",
           "->", summary["set"])
-    record = {"device": B.device_info.get("device"),
+    record = {"device": B.device_info.get("device"), "head_dim": head_dim,
               "workgroup_storage": storage, "repeats": repeats, "tolerance": TOLERANCE, "shapes": results,
               "best": summary}
     tmp = f"{args.out}.tmp"    # written whole, then renamed: an interrupted write leaves no half a record

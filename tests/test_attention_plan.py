@@ -189,3 +189,38 @@ def test_attention_variants_benchmark_runs_quick(wgpu_backend, tmp_path):
         assert row["composed_ms"] > 0 and set(row["variants"]) == names
         assert all(v["equal"] and v["ms"] > 0 and v["ratio"] > 0 for v in row["variants"].values()), row
     assert record["best"]["variant"] in names and record["best"]["set"].startswith("AttentionTuning: FLASH_DEFAULT")
+    assert {(r["heads"], r["kv_heads"], r["head_dim"]) for r in record["shapes"]} == {(2, 2, 64), (4, 2, 64)}
+
+
+def test_attention_variants_benchmark_times_other_head_dims_for_their_own_tuning(wgpu_backend, tmp_path):
+    """--head-dim 32 cuts the same widths into heads of 32 (query heads per key-value head kept), times the
+    variants that fit those heads and names the FLASH_HEAD_DIM_BLOCKS entry to set, which the plan then takes."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("attention_variants", "benchmarks/attention_variants.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [s[2:5] for s in bench.shapes(False, 128)][::2] == [(3, 3, 128), (6, 6, 128), (3, 1, 128)]
+    record = bench.main(["--quick", "--out", str(tmp_path / "v.json"), "--repeats", "1", "--head-dim", "32"])
+    assert record["head_dim"] == 32
+    assert {(r["heads"], r["kv_heads"], r["head_dim"]) for r in record["shapes"]} == {(4, 4, 32), (8, 4, 32)}
+    assert all(v["equal"] for r in record["shapes"] for v in r["variants"].values())
+    fwd, bwd = (tuple(record["shapes"][0]["variants"][record["best"]["variant"]][k]) for k in ("fwd_blocks",
+                                                                                              "bwd_blocks"))
+    assert record["best"]["set"] == f"AttentionTuning: FLASH_HEAD_DIM_BLOCKS += ((32, {fwd}, {bwd}),)"
+    tuned = AttentionTuning(FLASH_HEAD_DIM_BLOCKS=((32, fwd, bwd),))
+    assert (ap.blocks("fwd", 32, H200, tuned), ap.blocks("bwd", 32, H200, tuned)) == (fwd, bwd)
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path / "w.json"), "--head-dim", "62"])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (((128, (16, 32, 8)),), r"FLASH_HEAD_DIM_BLOCKS\[0\] must be \(head_dim, fwd blocks, bwd blocks\)"),
+    (((130, (16, 32, 8), (8, 16, 4)),), r"FLASH_HEAD_DIM_BLOCKS\[0\]: head_dim must be a multiple of 4 in \[4, 256\], "
+                                        r"got 130"),
+    (((128, (16, 32, 8), (8, 16, 4)),) * 2, r"FLASH_HEAD_DIM_BLOCKS\[1\]: head_dim 128 is given twice"),
+    (((80, (16, 32, 8), (8, 16, 8)),), r"FLASH_HEAD_DIM_BLOCKS\[0\]'s bwd blocks must have .*got \(8, 16, 8\)"),
+    (5, "FLASH_HEAD_DIM_BLOCKS must be a tuple of"),
+])
+def test_per_head_dim_tuning_refuses_entries_the_kernels_do_not_take(bad, match):
+    with pytest.raises(InputError, match=match):
+        AttentionTuning(FLASH_HEAD_DIM_BLOCKS=bad)

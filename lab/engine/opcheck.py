@@ -115,7 +115,11 @@ CASES = [
          note="the last two shapes take the aligned kernel with bias and GELU applied in its stores"),
     Case("self_attention", lambda qkv: F.causal_self_attention(qkv, 2), [(_x(2, 5, 12),), (_x(3, 33, 48),),
                                                                           (_x(2, 64, 384),), (_x(1, 96, 384),)],
-         note="the last two have heads of 64: attention.wgsl's fused kernels on wgpu with LAB_FLASH_ATTENTION=1"),
+         note="heads a multiple of 4 (all but the first): attention.wgsl's fused kernels on wgpu with "
+              "LAB_FLASH_ATTENTION=1"),
+    Case("self_attention_gqa", lambda qkv: F.causal_self_attention(qkv, 4, n_kv_head=2), [(_x(1, 5, 32),),
+                                                                                          (_x(2, 37, 256),)],
+         note="4 query heads on 2 key-value heads (Llama's grouped-query attention), heads of 4 and 32"),
 ]
 
 

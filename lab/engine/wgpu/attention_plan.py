@@ -1,7 +1,8 @@
 """The fused attention's blocks: how many queries (BQ) and keys (BK) a workgroup of kernels/attention.wgsl takes at a
 time, on how many rows of 16 threads (TY), for the forward and for the backward, from the head dim, the device's
 workgroup memory and invocations and the tuning below. Pure arithmetic (no device), so every choice is tested
-without a GPU; nn.py carries it out. The switch to the fused path by default is here too (AttentionTuning.FLASH_DEFAULT)."""
+without a GPU; nn.py carries it out. The switch to the fused path by default is here too
+(AttentionTuning.FLASH_DEFAULT)."""
 import dataclasses
 
 from ...checks import InputError, show
@@ -67,25 +68,50 @@ class AttentionTuning:
     #                                  them (else the largest that fits within them: blocks()): the variant whose worst
     #                                  ratio over those four shapes (heads of 64) was best (0.77x)
     FLASH_BWD_BLOCKS: tuple = (32, 32, 8)    # ... of bwd_kv_main and bwd_q_main
+    FLASH_HEAD_DIM_BLOCKS: tuple = ()        # ((head_dim, fwd blocks, bwd blocks), ...): measured choices for heads
+    #                                  of other widths (attention_variants.py --head-dim), in place of the two above
 
     def __post_init__(self):
         if not isinstance(self.FLASH_DEFAULT, bool):
             raise InputError(f"AttentionTuning: FLASH_DEFAULT must be True or False, got {show(self.FLASH_DEFAULT)}")
         for name in ("FLASH_FWD_BLOCKS", "FLASH_BWD_BLOCKS"):
             object.__setattr__(self, name, check_blocks(f"AttentionTuning: {name}", getattr(self, name)))
+        entries, seen = self.FLASH_HEAD_DIM_BLOCKS, set()
+        if not isinstance(entries, (tuple, list)):
+            raise InputError(f"AttentionTuning: FLASH_HEAD_DIM_BLOCKS must be a tuple of (head_dim, fwd blocks, bwd "
+                             f"blocks), got {show(entries)}")
+        for i, entry in enumerate(entries):
+            where = f"AttentionTuning: FLASH_HEAD_DIM_BLOCKS[{i}]"
+            if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+                raise InputError(f"{where} must be (head_dim, fwd blocks, bwd blocks), got {show(entry)}")
+            _check_head_dim(where, entry[0])
+            if entry[0] in seen:
+                raise InputError(f"{where}: head_dim {entry[0]} is given twice")
+            seen.add(entry[0])
+            check_blocks(f"{where}'s fwd blocks", entry[1]), check_blocks(f"{where}'s bwd blocks", entry[2])
+        object.__setattr__(self, "FLASH_HEAD_DIM_BLOCKS", tuple((d, tuple(f), tuple(b)) for d, f, b in entries))
+
+    def wanted(self, head_dim):
+        """The (fwd, bwd) blocks measured best for heads of head_dim (those of 64 where none were for it)."""
+        return next(((f, b) for d, f, b in self.FLASH_HEAD_DIM_BLOCKS if d == head_dim),
+                    (self.FLASH_FWD_BLOCKS, self.FLASH_BWD_BLOCKS))
+
+
+def _check_head_dim(where, head_dim):
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim not in HEAD_DIMS:
+        raise InputError(f"{where}: head_dim must be a multiple of 4 in [4, 256], got {show(head_dim)}")
 
 
 def blocks(kind, head_dim, workgroup_storage, tuning=AttentionTuning(), invocations=256):
     """(BQ, BK, TY) for the forward (kind "fwd") or the backward ("bwd") at heads of head_dim: the tuning's (the
-    measured best) where every entry point of the pass fits `workgroup_storage` bytes and 16 TY threads are within
-    `invocations`, else the largest blocks no larger than the tuning's that fit (most scores a block, then the most
-    keys: the base's 16 x 32 before an unmeasured 32 x 16, then rows of 8 threads as the base has); None where none
-    fit (then the fused path cannot run). Any T: the kernels leave the last blocks' rows past T out."""
-    wanted = {"fwd": tuning.FLASH_FWD_BLOCKS, "bwd": tuning.FLASH_BWD_BLOCKS}.get(kind)
-    if wanted is None:
+    measured best for head_dim, else for heads of 64) where every entry point of the pass fits `workgroup_storage`
+    bytes and 16 TY threads are within `invocations`, else the largest blocks no larger than the tuning's that fit
+    (most scores a block, then the most keys: the base's 16 x 32 before an unmeasured 32 x 16, then rows of 8
+    threads as the base has); None where none fit (then the fused path cannot run). Any T: the kernels leave the last blocks' rows past T out."""
+    if kind not in ENTRIES:
         raise InputError(f"blocks: kind must be 'fwd' or 'bwd', got {show(kind)}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim not in HEAD_DIMS:
-        raise InputError(f"blocks: head_dim must be a multiple of 4 in [4, 256], got {show(head_dim)}")
+    _check_head_dim("blocks", head_dim)
+    wanted = tuning.wanted(head_dim)[kind == "bwd"]
     smaller = sorted((b for b in _all_blocks() if b[0] <= wanted[0] and b[1] <= wanted[1]),
                      key=lambda b: (-b[0] * b[1], -b[1], abs(b[2] - 8)))
     return next((b for b in [wanted] + smaller if _fits(kind, b, head_dim, workgroup_storage, invocations)), None)
