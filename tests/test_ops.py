@@ -119,6 +119,29 @@ def test_layernorm_backward_over_many_rows_matches_numpy(wgpu_backend, numpy_bac
         np.testing.assert_allclose(wgpu_backend.to_numpy(a), e, rtol=1e-4, atol=2e-3, err_msg=name)
 
 
+def test_layernorm_over_cache_blocks_of_rows_equals_pytorch_with_residual_and_accumulated_gradient(any_backend):
+    """2100 rows of 130 (over 2^18 elements): the numpy backend takes them a block of rows at a time, the last
+    block short; the residual's sum, mean, rstd, output and every gradient are PyTorch's (float64)."""
+    import torch
+    rng = np.random.default_rng(5)
+    x, res, g, acc = (rng.standard_normal((3, 700, 130)).astype(np.float32) + 2 for _ in range(4))
+    w, b = rng.standard_normal(130).astype(np.float32), rng.standard_normal(130).astype(np.float32)
+    B, up = any_backend, any_backend.from_numpy
+    y, mean, rstd, total = (B.to_numpy(a) for a in B.layernorm(up(x), up(w), up(b), 1e-5, residual=up(res)))
+    dx, dw, db = (B.to_numpy(a) for a in B.layernorm_bwd(up(total), up(w), up(mean), up(rstd), up(g), up(acc)))
+    tt = torch.tensor(x, dtype=torch.float64) + torch.tensor(res, dtype=torch.float64)
+    tt.requires_grad_()
+    tw, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (w, b))
+    ty = torch.nn.functional.layer_norm(tt, (130,), tw, tb, 1e-5)
+    ty.backward(torch.tensor(g, dtype=torch.float64))
+    var, m = torch.var_mean(tt.detach(), -1, unbiased=False)
+    for name, got, want in (("total", total, tt.detach()), ("mean", mean, m), ("rstd", rstd, (var + 1e-5) ** -0.5),
+                            ("y", y, ty.detach()), ("dx", dx, tt.grad + torch.tensor(acc, dtype=torch.float64)),
+                            ("dw", dw, tw.grad), ("db", db, tb.grad)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=2e-4 * max(1, float(want.abs().max())),
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("V,C,N", [(73, 384, 5000), (1100, 1000, 300)], ids=["small-vocab", "large-vocab"])
 def test_embedding_backward_paths_match_numpy(wgpu_backend, numpy_backend, V, C, N):
     rng = np.random.default_rng(3)

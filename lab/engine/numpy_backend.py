@@ -125,6 +125,13 @@ def _dropout_into(x, out, p, seed, start=0):
             np.copyto(o, 0, where=hs < threshold)
 
 
+def dropout_keep_mask(n, p, seed):
+    """keep[i] for elements 0..n-1: dropout's mask (_dropout_into's), as booleans."""
+    out = np.empty(n, np.float32)
+    _dropout_into(np.ones(n, np.float32), out, p, seed)
+    return out != 0
+
+
 def _per_block(items, item_size):
     """How many items (rows, matrices) of item_size elements to take per in-cache block: all of them where they fit
     the cache together."""
@@ -476,32 +483,49 @@ class NumpyBackend(Backend):
         return g - np.exp(y) * g.sum(axis=-1, keepdims=True)
 
     def layernorm(self, x, w, b, eps, residual=None):
-        if residual is not None:  # the residual add fused in: LayerNorm of x + residual, and that sum
-            total = x + residual
-            return self.layernorm(total, w, b, eps) + (total,)
-        n = x.shape[-1]
-        mean = _row_sum(x) / x.dtype.type(n)
-        xhat = x - mean
-        var = _row_dot(xhat, xhat) / x.dtype.type(n)
-        rstd = 1.0 / np.sqrt(var + x.dtype.type(eps))
-        xhat *= rstd
-        xhat *= w
-        xhat += b
-        return xhat, mean[..., 0], rstd[..., 0]
+        # (with residual, the add fused in: LayerNorm of x + residual, and that sum.) A block of rows at a time, in
+        # cache: the half dozen passes over a shakespeare-char activation (3 MiB) went to memory
+        n, R = x.shape[-1], math.prod(x.shape[:-1])
+        f = x.dtype.type
+        dtype = x.dtype if residual is None else np.result_type(x, residual)
+        y, mean, rstd = np.empty((R, n), dtype), np.empty((R, 1), dtype), np.empty((R, 1), dtype)
+        total = np.empty((R, n), dtype) if residual is not None else None
+        x2 = x.reshape(R, n)
+        rows = _per_block(R, n)
+        for r in range(0, R, rows):
+            xs = x2[r:r + rows] if total is None else np.add(x2[r:r + rows], residual.reshape(R, n)[r:r + rows],
+                                                              out=total[r:r + rows])
+            m = np.divide(_row_sum(xs), f(n), out=mean[r:r + rows])
+            ys = np.subtract(xs, m, out=y[r:r + rows])
+            rs = rstd[r:r + rows]
+            rs[...] = 1.0 / np.sqrt(_row_dot(ys, ys) / f(n) + f(eps))
+            ys *= rs
+            ys *= w
+            ys += b
+        out = y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+        return out if total is None else out + (total.reshape(x.shape),)
 
     def layernorm_bwd(self, x, w, mean, rstd, g, acc=None):
-        n = x.shape[-1]
-        xhat = x - mean[..., None]
-        xhat *= rstd[..., None]
-        gx = g * w
-        dx = gx - _row_sum(gx) / gx.dtype.type(n)
-        dx -= xhat * (_row_dot(gx, xhat) / gx.dtype.type(n))
-        dx *= rstd[..., None]
-        if acc is not None:  # the input's gradient from its other uses, added in
-            dx += acc
-        g2, xhat2 = g.reshape(-1, n), xhat.reshape(-1, n)
-        ones = np.ones(len(g2), dtype=g.dtype)
-        return dx, np.einsum("ij,ij->j", g2, xhat2), ones @ g2
+        n, R = x.shape[-1], math.prod(x.shape[:-1])
+        dtype = np.result_type(x, g, w)
+        f = dtype.type
+        x2, g2, mean2, rstd2 = x.reshape(R, n), g.reshape(R, n), mean.reshape(R, 1), rstd.reshape(R, 1)
+        dx, dw = np.empty((R, n), dtype), np.zeros(n, np.result_type(x, g))
+        rows = _per_block(R, n)   # (a block of rows at a time, in cache, as layernorm)
+        xhat = np.empty((min(rows, R), n), np.result_type(x, rstd))
+        for r in range(0, R, rows):
+            xh = np.subtract(x2[r:r + rows], mean2[r:r + rows], out=xhat[:len(x2[r:r + rows])])
+            xh *= rstd2[r:r + rows]
+            dw += np.einsum("ij,ij->j", g2[r:r + rows], xh)
+            gx = np.multiply(g2[r:r + rows], w, out=dx[r:r + rows])
+            c1, c2 = _row_sum(gx) / f(n), _row_dot(gx, xh) / f(n)
+            gx -= c1
+            xh *= c2
+            gx -= xh
+            gx *= rstd2[r:r + rows]
+            if acc is not None:  # the input's gradient from its other uses, added in
+                gx += acc.reshape(R, n)[r:r + rows]
+        return dx.reshape(g.shape), dw, np.ones(R, dtype=g.dtype) @ g2
 
     fused_rms_norm = fused_swiglu = fused_rotary = True   # (fewer temporaries than the composed ops)
 
