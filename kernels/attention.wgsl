@@ -2,6 +2,8 @@
 // Heads of D = 4 D4 are read straight from the packed projection qkv (B, T, (H + 2 Hkv) D) (q, k, v side by side, as
 // GPT-2's c_attn makes it) and written straight to y (B, T, H D) and dqkv (alike): no head split or merge copies.
 // Grouped-query attention: query head h reads key-value head h / G (G = H / Hkv), the keys never repeated.
+// Rotary (P[9] = 1, Llama): q and k are rotated as they are staged (rotate-half form, row t at position t, tables
+// COS, SIN (P, D)), and dq, dk rotated back (the transposed rotation) as they are written: no rotated copies.
 //   fwd_main:    y = dropout(softmax(scale q k^T, causal)) v, an online softmax over blocks of BK keys, for a
 //                block of BQ queries; also LSE[bh, t], the row's log-sum-exp of scaled scores, from which the
 //                backward recomputes the weights.
@@ -15,8 +17,9 @@
 //   (P the weights, Pd after dropout, dS = P (dP - DR).)
 // Dropout (P[6] = 1) keeps weight (t, s) of head bh as dropout.wgsl keeps element bh T T + t T + s of the
 // (B H, T, T) weights: the same decisions as the unfused path, re-derived in the backward from the seed.
-// Bindings: P = [B, T, H, Hkv, scale bits, seed, has_dropout, p bits, 1/(1-p) bits], @binding(1) QKV, @binding(2)
-// G (dy, (B, T, H D)), @binding(3) LSE (B H, T), @binding(4) DR (B, T, H), @binding(5) OUT (y, or dqkv).
+// Bindings: P = [B, T, H, Hkv, scale bits, seed, has_dropout, p bits, 1/(1-p) bits, has_rotary], @binding(1) QKV,
+// @binding(2) G (dy, (B, T, H D)), @binding(3) LSE (B H, T), @binding(4) DR (B, T, H), @binding(5) OUT (y, or
+// dqkv), @binding(6) COS, @binding(7) SIN (any buffer without rotary: never read then).
 // BQ, BK, TY, D4 are template constants (attention_plan.blocks picks the blocks from the device's workgroup
 // memory); T is any length: the last blocks' rows past T are staged as zeros, weigh nothing and are not written.
 // 16 TY threads, ty = lid / 16, tx = lid % 16. A BQ x BK score block is held as queries EQ ty + e (e < EQ) by
@@ -44,6 +47,8 @@ const NEG: f32 = -1e30;
 @group(0) @binding(3) var<storage, read_write> LSE: array<f32>;
 @group(0) @binding(4) var<storage, read_write> DR: array<f32>;
 @group(0) @binding(5) var<storage, read_write> OUT: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> COS: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> SIN: array<vec4<f32>>;
 
 // (attention_plan.workgroup_bytes counts what each entry point uses of these)
 var<workgroup> Qs: array<vec4<f32>, BQ * D4>;   // BQ query rows of q
@@ -73,6 +78,26 @@ fn head(wid: vec3<u32>) -> Head {
 
 #include dropout_mask
 
+// vec4 c of a q or k head row (starting at vec4 `at` of QKV) at position t, rotated where P[9] says: x cos +
+// rotate_half(x) sin, rotate_half(x) = (-x2, x1) of the row's halves (D4 even).
+fn rotated(at: u32, t: u32, c: u32) -> vec4<f32> {
+    let x = QKV[at + c];
+    if (P[9] == 0u) { return x; }
+    let half = D4 / 2u;
+    let first = c < half;
+    let other = QKV[at + select(c - half, c + half, first)];
+    return x * COS[t * D4 + c] + select(other, -other, first) * SIN[t * D4 + c];
+}
+
+// The transposed rotation of a gradient row at position t, its vec4 c (g) and the vec4 a half row away (partner):
+// g cos + (g2 sin2, -g1 sin1) of the halves, each term with the sine of the column it came from.
+fn unrotated(g: vec4<f32>, partner: vec4<f32>, t: u32, c: u32) -> vec4<f32> {
+    let half = D4 / 2u;
+    let first = c < half;
+    let pc = select(c - half, c + half, first);
+    return g * COS[t * D4 + c] + select(-partner, partner, first) * SIN[t * D4 + pc];
+}
+
 // dropout.wgsl's decision for weight (t, s) of head bh: kept iff u >= p.
 fn kept(hd: Head, hashed_seed: u32, t: u32, s: u32) -> bool {
     return keep((hd.bh * hd.T + t) * hd.T + s, hashed_seed, bitcast<f32>(P[7]));
@@ -85,7 +110,8 @@ fn stage_queries(hd: Head, t0: u32, lid: u32) {
         let e = lid + THREADS * n;
         if (e < BQ * D4) {
             var x = vec4<f32>(0.0);
-            if (t0 + e / D4 < hd.T) { x = QKV[(hd.b * hd.T + t0 + e / D4) * hd.row4 + hd.h * D4 + e % D4]; }
+            let t = t0 + e / D4;
+            if (t < hd.T) { x = rotated((hd.b * hd.T + t) * hd.row4 + hd.h * D4, t, e % D4); }
             Qs[e] = x;
         }
     }
@@ -105,9 +131,9 @@ fn load_keys(hd: Head, t0: u32, lid: u32) -> KeyRows {
     for (var n = 0u; n < KN; n++) {
         let e = lid + THREADS * n;
         if (e < BK * D4 && t0 + e / D4 < hd.T) {
-            let at = (hd.b * hd.T + t0 + e / D4) * hd.row4 + e % D4;
-            out.k[n] = QKV[at + hd.k0];
-            out.v[n] = QKV[at + hd.v0];
+            let at = (hd.b * hd.T + t0 + e / D4) * hd.row4;
+            out.k[n] = rotated(at + hd.k0, t0 + e / D4, e % D4);
+            out.v[n] = QKV[at + hd.v0 + e % D4];
         }
     }
     return out;
@@ -131,7 +157,7 @@ fn load_queries(hd: Head, t0: u32, lid: u32) -> QueryRows {
         let e = lid + THREADS * n;
         if (e < BQ * D4 && t0 + e / D4 < hd.T) {
             let t = hd.b * hd.T + t0 + e / D4;
-            out.q[n] = QKV[t * hd.row4 + hd.h * D4 + e % D4];
+            out.q[n] = rotated(t * hd.row4 + hd.h * D4, t0 + e / D4, e % D4);
             out.g[n] = G[t * hd.C4 + hd.h * D4 + e % D4];
         }
     }
@@ -390,6 +416,15 @@ fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
     let hd = head_of(b, kv * G);
     let scale = bitcast<f32>(P[4]);
+    // with rotary, dk rotated back: each vec4 needs its partner's, which another thread holds (through Ks, read by
+    // the loop above no more after its last barrier)
+    for (var e = 0u; e < EK; e++) {
+        for (var j = 0u; j < DJ; j++) {
+            let col = tx + 16u * j;
+            if (col < D4) { Ks[(EK * ty + e) * PAD + col] = dk[e * DJ + j] * scale; }
+        }
+    }
+    workgroupBarrier();
     for (var e = 0u; e < EK; e++) {
         let t = j0 + EK * ty + e;
         if (t >= hd.T) { break; }
@@ -397,7 +432,9 @@ fn bwd_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             let col = tx + 16u * j;
             if (col >= D4) { break; }
             let at = (hd.b * hd.T + t) * hd.row4 + col;
-            OUT[at + hd.k0] = dk[e * DJ + j] * scale;
+            var g = Ks[(EK * ty + e) * PAD + col];
+            if (P[9] != 0u) { g = unrotated(g, Ks[(EK * ty + e) * PAD + (col + D4 / 2u) % D4], t, col); }
+            OUT[at + hd.k0] = g;
             OUT[at + hd.v0] = dv[e * DJ + j];
         }
     }
@@ -426,12 +463,22 @@ fn bwd_q_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         if (more) { store_keys(lid, next); }
     }
     let scale = bitcast<f32>(P[4]);
+    for (var e = 0u; e < EQ; e++) {   // (through Qs, as bwd_kv_main's dk)
+        for (var j = 0u; j < DJ; j++) {
+            let col = tx + 16u * j;
+            if (col < D4) { Qs[(EQ * ty + e) * D4 + col] = dq[e * DJ + j] * scale; }
+        }
+    }
+    workgroupBarrier();
     for (var e = 0u; e < EQ; e++) {
         let t = i0 + EQ * ty + e;
         if (t >= hd.T) { break; }
         for (var j = 0u; j < DJ; j++) {
             let col = tx + 16u * j;
-            if (col < D4) { OUT[(hd.b * hd.T + t) * hd.row4 + hd.h * D4 + col] = dq[e * DJ + j] * scale; }
+            if (col >= D4) { break; }
+            var g = Qs[(EQ * ty + e) * D4 + col];
+            if (P[9] != 0u) { g = unrotated(g, Qs[(EQ * ty + e) * D4 + (col + D4 / 2u) % D4], t, col); }
+            OUT[(hd.b * hd.T + t) * hd.row4 + hd.h * D4 + col] = g;
         }
     }
 }

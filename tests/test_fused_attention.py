@@ -14,52 +14,73 @@ CASES = [(1, 1, 2, 1, 8, 0.0), (1, 5, 2, 2, 16, 0.0), (1, 37, 2, 2, 32, 0.0), (2
          (1, 64, 2, 2, 64, 0.0)]
 
 
-def _run(backend, qkv_np, g_np, H, Hkv, p):
+def _tables(P, D):
+    """Llama's rotary tables (P, D): rotate-half form, the frequencies duplicated across the halves."""
+    inv = 1.0 / 10000 ** (np.arange(0, D, 2) / D)
+    ang = np.outer(np.arange(P), inv)
+    ang = np.concatenate([ang, ang], axis=1)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _run(backend, qkv_np, g_np, H, Hkv, p, rope=None):
     lab.manual_seed(7)
     qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
     g = lab.tensor(g_np, backend=backend)
+    tables = None if rope is None else tuple(lab.tensor(t, backend=backend) for t in rope)
     with lab.profile(backend) as prof:
-        y = F.causal_self_attention(qkv, H, p, n_kv_head=Hkv)
+        y = F.causal_self_attention(qkv, H, p, n_kv_head=Hkv, rope=tables)
         y.backward(g)
     return (y.numpy(), qkv.grad.numpy()), {name for name, _, _ in prof.records}
 
 
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 @pytest.mark.parametrize("B,T,H,Hkv,D,p", CASES, ids=lambda v: str(v))
 def test_fused_attention_equals_the_composed_path_for_every_shape_class(wgpu_backend, numpy_backend, monkeypatch,
-                                                                        B, T, H, Hkv, D, p):
+                                                                        B, T, H, Hkv, D, p, rotary):
     """wgpu's fused kernels, wgpu's composed path and numpy's (the reference) give one output and one qkv gradient
-    (dq, and dk, dv summed over the query heads sharing a key-value head), with dropout the same decisions; the
-    fused path runs nothing but its own kernels (no repeat of the key-value heads, no head copies)."""
+    (dq, and dk, dv summed over the query heads sharing a key-value head), with dropout the same decisions, with
+    rotary q and k (tables longer than T) too; the fused path runs nothing but its own kernels (no repeat of the
+    key-value heads, no head copies, no rotated copies)."""
+    if rotary and D % 8:
+        pytest.skip("rotary halves of whole vec4s: heads a multiple of 8")
     rng = np.random.default_rng(T * 131 + D)
     qkv_np = rng.standard_normal((B, T, (H + 2 * Hkv) * D)).astype(np.float32)
     g_np = rng.standard_normal((B, T, H * D)).astype(np.float32)
+    rope = _tables(T + 3, D) if rotary else None
     monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
-    assert wgpu_backend.flash_attention_fits(qkv_np.shape, H, Hkv)
-    fused, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p)
+    assert wgpu_backend.flash_attention_fits(qkv_np.shape, H, Hkv, rotary)
+    fused, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p, rope)
     assert names == {"attention:fwd_main", "attention:delta_main", "attention:bwd_kv_main", "attention:bwd_q_main"}
     monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", False)
-    composed, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p)
+    composed, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p, rope)
     assert not any(n.startswith("attention:") for n in names)
-    reference, _ = _run(numpy_backend, qkv_np, g_np, H, Hkv, p)
+    reference, _ = _run(numpy_backend, qkv_np, g_np, H, Hkv, p, rope)
     for got in (fused, composed):
         for a, b in zip(got, reference):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("H,Hkv,p", [(2, 2, 0.0), (4, 2, 0.0), (3, 1, 0.0), (6, 2, 0.0), (4, 1, 0.3)])
-def test_grouped_query_attention_equals_torch(any_backend, monkeypatch, H, Hkv, p):
-    """causal_self_attention with n_kv_head against PyTorch's scaled_dot_product_attention over repeated key-value
-    heads, forward and every gradient (each backend's default path; wgpu's fused one too); with dropout, the kept
-    weights are read back from the composed path's mask and handed to PyTorch."""
+@pytest.mark.parametrize("H,Hkv,p,rotary", [(2, 2, 0.0, False), (4, 2, 0.0, False), (3, 1, 0.0, True),
+                                             (6, 2, 0.0, False), (4, 1, 0.3, True), (2, 2, 0.0, True)])
+def test_grouped_query_attention_equals_torch(any_backend, monkeypatch, H, Hkv, p, rotary):
+    """causal_self_attention with n_kv_head (and rotary tables) against PyTorch: transformers' rotate_half rotation
+    and attention over repeated key-value heads, forward and every gradient (each backend's default path; wgpu's
+    fused one too); with dropout, the kept weights are read back from the composed path's mask and handed to
+    PyTorch."""
     import torch
     B, T, D = 2, 11, 8
     rng = np.random.default_rng(H * 10 + Hkv)
     qkv_np = rng.standard_normal((B, T, (H + 2 * Hkv) * D)).astype(np.float32)
     g_np = rng.standard_normal((B, T, H * D)).astype(np.float32)
+    rope = _tables(T, D) if rotary else None
     qkv_t = torch.tensor(qkv_np, dtype=torch.float64, requires_grad=True)
     q, k, v = torch.split(qkv_t, [H * D, Hkv * D, Hkv * D], dim=2)
-    q = q.reshape(B, T, H, D).transpose(1, 2)
-    k, v = (x.reshape(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1) for x in (k, v))
+    q, k = q.reshape(B, T, H, D).transpose(1, 2), k.reshape(B, T, Hkv, D).transpose(1, 2)
+    if rotary:
+        cos, sin = (torch.tensor(t, dtype=torch.float64) for t in rope)
+        q, k = ((x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin) for x in (q, k))
+    k = k.repeat_interleave(H // Hkv, dim=1)
+    v = v.reshape(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     mask = None
     if p:   # the same decisions: dropout(ones) on the (B, H, T, T) weights' layout, from the same seed
         lab.manual_seed(7)
@@ -72,7 +93,8 @@ def test_grouped_query_attention_equals_torch(any_backend, monkeypatch, H, Hkv, 
     for flash in (False, True) if any_backend.name == "wgpu" else (None,):
         if flash is not None:
             monkeypatch.setattr(any_backend, "FLASH_ATTENTION", flash)
-        (y, dqkv), _ = _run(any_backend, qkv_np, g_np, H, Hkv, p)
+        (y, dqkv), names = _run(any_backend, qkv_np, g_np, H, Hkv, p, rope)
+        assert bool(flash) == ("attention:fwd_main" in names)
         np.testing.assert_allclose(y, want.detach().numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(dqkv, qkv_t.grad.numpy(), rtol=1e-4, atol=1e-5)
 
@@ -90,6 +112,33 @@ def test_grouped_query_attention_refuses_bad_heads_with_one_clear_error(numpy_ba
             F.causal_self_attention(qkv, **kwargs)
     y = F.causal_self_attention(qkv, 6, n_kv_head=1)       # 6 + 2 heads of 8: fine
     assert y.shape == (1, 4, 48)
+    cos, sin = (lab.tensor(t, backend=numpy_backend) for t in _tables(4, 8))
+    for rope, match in [(cos, "rope must be the rotary tables \\(cos, sin\\), got"),
+                        ((cos.numpy(), sin.numpy()), "rope must be the rotary tables"),
+                        ((cos[:3], sin[:3]), r"\(P, D\) with P >= T = 4 and D = 8 even, on qkv's numpy backend, got "
+                                             r"cos \(3, 8\), sin \(3, 8\)"),
+                        ((cos, sin[:, :4]), r"got cos \(4, 8\), sin \(4, 4\)")]:
+        with pytest.raises(ValueError, match=match):
+            F.causal_self_attention(qkv, 6, n_kv_head=1, rope=rope)
+
+
+def test_rotary_tables_that_want_a_gradient_take_the_composed_path(wgpu_backend, numpy_backend, monkeypatch):
+    """The fused kernels give no gradient to the rotary tables: tables that ask for one run the composed path (as
+    F.rotary does), which gives it, the same on both backends."""
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+    rng = np.random.default_rng(3)
+    qkv_np = rng.standard_normal((1, 6, 4 * 8)).astype(np.float32)
+    got = []
+    for backend in (wgpu_backend, numpy_backend):
+        qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
+        cos, sin = (lab.tensor(t, requires_grad=True, backend=backend) for t in _tables(6, 8))
+        with lab.profile(backend) as prof:
+            F.causal_self_attention(qkv, 2, n_kv_head=1, rope=(cos, sin)).sum().backward()
+        assert not any(n.startswith("attention:") for n, _, _ in prof.records)
+        got.append((qkv.grad.numpy(), cos.grad.numpy(), sin.grad.numpy()))
+    for a, b in zip(*got):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])

@@ -150,17 +150,24 @@ class Backend:
         and bias gradients, x^T g and g's rows summed. wgpu takes the sums from the product's own pass over b."""
         check_column_sums(a, b, trans_a)
         return self.matmul(a, b, trans_a), self.reduce("sum", self.reshape(b, b.shape[1:]), 0)
+
+    def matmul_gelu_grad(self, g, w, pre):
+        """gelu'(pre) * (g @ w^T) for g (1, M, N), w (1, K, N), pre (1, M, K): the gradient of a GELU's input from
+        the gradient g of the linear layer (weight w) that reads its output. wgpu applies gelu' as it stores."""
+        return self.binary("gelu_bwd", pre, self.matmul(g, w, False, True))
     def linears_fit(self, rows, weights, how): return False
     # whether linears takes a product of `rows` rows by these weights in one pass (else F.linears composes)
     def linears(self, a, weights, biases, how): raise NotImplementedError
     # a (1, M, K) by weights (K, N_i) (+ biases[i] or None), inference only: how "concat" -> (1, M, sum N_i) side
     # by side; "swiglu" (two of one N) -> silu(a W0 + b0) * (a W1 + b1)
-    def flash_attention_fits(self, qkv_shape, n_head, n_kv_head=None): return False
-    # whether flash_attention(qkv, n_head, scale, p, seed, n_kv_head) -> (y, saved) and flash_attention_bwd(qkv, y,
-    # saved, g, n_head, scale, p, seed, n_kv_head) -> dqkv, causal self-attention fused with the composed ops' result
-    # (query head h reading key-value head h // (n_head / n_kv_head)), take this shape
-    def flash_attention(self, qkv, n_head, scale, p, seed, n_kv_head=None): raise NotImplementedError
-    def flash_attention_bwd(self, qkv, y, saved, g, n_head, scale, p, seed, n_kv_head=None): raise NotImplementedError
+    def flash_attention_fits(self, qkv_shape, n_head, n_kv_head=None, rotary=False): return False
+    # whether flash_attention(qkv, n_head, scale, p, seed, n_kv_head, rope) -> (y, saved) and flash_attention_bwd(qkv,
+    # y, saved, g, n_head, scale, p, seed, n_kv_head, rope) -> dqkv, causal self-attention fused with the composed
+    # ops' result (query head h reading key-value head h // (n_head / n_kv_head); rope: None or the rotary tables
+    # (cos, sin) arrays, q and k rotated at positions 0 .. T - 1), take this shape
+    def flash_attention(self, qkv, n_head, scale, p, seed, n_kv_head=None, rope=None): raise NotImplementedError
+    def flash_attention_bwd(self, qkv, y, saved, g, n_head, scale, p, seed, n_kv_head=None, rope=None):
+        raise NotImplementedError
     def decode_attention_fits(self, head_dim): return False
     # whether decode_attention takes heads of head_dim: a one-token step's attention through the KV cache in one
     # pass (no gradient). parts: ((q, offset), (k, offset), (v, offset)), arrays (B, 1, W) whose heads start at

@@ -267,13 +267,12 @@ class LlamaAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         G = H // Hkv
         q_in, k_in, v_in = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        if not (self._hooks or return_weights or cache is not None or pad is not None) and \
-                x.backend.flash_attention_fits((Bsz, T, (H + 2 * Hkv) * D), H, Hkv):
-            # the fused kernels read kv head h // G themselves: q, k rotated, packed beside v (B, T, (H + 2 Hkv) D)
-            q, k = (F.rotary(t, cos, sin, pos, heads=n).permute(0, 2, 1, 3).reshape(Bsz, T, n * D)
-                    for t, n in ((q_in, H), (k_in, Hkv)))
-            y = F.causal_self_attention(F.concat([q, k, v_in], axis=2), H, self.attn_dropout, self.training,
-                                        n_kv_head=Hkv)
+        if not (self._hooks or return_weights or cache is not None or pad is not None or pos) and \
+                x.backend.flash_attention_fits((Bsz, T, (H + 2 * Hkv) * D), H, Hkv, rotary=True):
+            # the fused kernels rotate q and k as they read them and read kv head h // G themselves: the three
+            # projections side by side (B, T, (H + 2 Hkv) D) are all they need
+            y = F.causal_self_attention(F.concat([q_in, k_in, v_in], axis=2), H, self.attn_dropout, self.training,
+                                        n_kv_head=Hkv, rope=(cos, sin))
             return self.o_proj(y)
         # query heads grouped under the key-value head they share (transformers' repeat_kv: head h reads kv head
         # h // G), so one batched product per kv head serves its G query heads: keys and values are never repeated

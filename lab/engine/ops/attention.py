@@ -9,7 +9,7 @@ from ..backend import HeadView, gather_heads, scatter_heads
 from ..tensor import Tensor, is_grad_enabled
 from ._common import _check_float, _shape_str
 from .linalg import matmul
-from .nn import dropout, softmax
+from .nn import dropout, rotary, softmax
 from .shape import split
 
 
@@ -27,7 +27,8 @@ def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0, training=T
     return (y, att) if return_weights else y
 
 
-def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weights=False, n_kv_head=None):
+def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weights=False, n_kv_head=None,
+                          rope=None):
     """Multi-head causal self-attention from the packed projection qkv (B, T, 3C) (q, k, v side by side, as GPT-2's
     c_attn makes it) to y (B, T, C), heads merged. One autograd node: the products read q, k, v where they lie in
     the packed projection and write y (and, backward, dq, dk, dv) straight into the merged layouts (HeadView; where
@@ -37,7 +38,9 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
 
     Grouped-query attention (Llama): with n_kv_head (Hkv, dividing n_head) qkv is (B, T, (H + 2 Hkv) D) and query
     head h reads key-value head h // (H / Hkv); the key-value heads are never repeated (the fused kernels sum their
-    gradients over the group, the composed path batches each group's queries against its one head)."""
+    gradients over the group, the composed path batches each group's queries against its one head). rope: None or
+    the rotary tables (cos, sin) (P, D), P >= T: q and k rotated at positions 0 .. T - 1 first (F.rotary's
+    rotate-half form; the fused kernels rotate as they read and rotate dq, dk back as they write)."""
     H = n_head
     Hkv = H if n_kv_head is None else n_kv_head
     for name, v in (("n_head", H), ("n_kv_head", Hkv)):
@@ -55,14 +58,25 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
     D = C3 // (H + 2 * Hkv)
     C = H * D
     scale = 1.0 / math.sqrt(D)
-    if not return_weights and Bk.flash_attention_fits(qkv.shape, H, Hkv):
+    if rope is not None:
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2 or not all(isinstance(t, Tensor) for t in rope):
+            raise ValueError(f"causal_self_attention: rope must be the rotary tables (cos, sin), got {rope!r}")
+        cos, sin = rope
+        if (D % 2 or cos.ndim != 2 or cos.shape != sin.shape or cos.shape[1] != D or cos.shape[0] < T
+                or cos.backend is not Bk or sin.backend is not Bk):
+            raise ValueError(f"causal_self_attention: rotary tables must be (P, D) with P >= T = {T} and D = {D} "
+                             f"even, on qkv's {Bk.name} backend, got cos {_shape_str(cos.shape)}, sin "
+                             f"{_shape_str(sin.shape)}")
+    tables_grad = rope is not None and is_grad_enabled() and any(t.requires_grad for t in rope)
+    if not (return_weights or tables_grad) and Bk.flash_attention_fits(qkv.shape, H, Hkv, rope is not None):
         # fused kernels, the weights never in memory (wgpu); the seed is drawn as below
         seed = _random.next_seed() if training and dropout_p > 0 else None
-        y, lse = Bk.flash_attention(qkv.data, H, scale, dropout_p, seed, Hkv)
+        tables = None if rope is None else (rope[0].data, rope[1].data)
+        y, lse = Bk.flash_attention(qkv.data, H, scale, dropout_p, seed, Hkv, tables)
         return Tensor._make(y, Bk, (qkv,), lambda g: (
-            Bk.flash_attention_bwd(qkv.data, y, lse, g, H, scale, dropout_p, seed, Hkv),))
-    if Hkv != H:
-        return _grouped_attention(qkv, H, Hkv, D, dropout_p, training, return_weights)
+            Bk.flash_attention_bwd(qkv.data, y, lse, g, H, scale, dropout_p, seed, Hkv, tables),))
+    if Hkv != H or rope is not None:
+        return _grouped_attention(qkv, H, Hkv, D, dropout_p, training, return_weights, rope)
     # q, k, v (B * H, T, D) where they lie in qkv, and y written straight into the merged (B, T, C) layout; a
     # backend whose kernels cannot take these views for this shape gets each head stack copied once instead
     in_place = Bk.heads_in_place(T, D)
@@ -100,15 +114,20 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
     return y_t
 
 
-def _grouped_attention(qkv, H, Hkv, D, dropout_p, training, return_weights):
-    """causal_self_attention's composed path for Hkv < H key-value heads: each key-value head's G query heads as one
-    (G T, D) batch against it (as LlamaAttention does), so keys and values are read, never repeated; q is gathered
-    into that order (one copy of q, as the head split would make anyway)."""
+def _grouped_attention(qkv, H, Hkv, D, dropout_p, training, return_weights, rope):
+    """causal_self_attention's composed path for Hkv < H key-value heads (or rotary ones): each key-value head's G
+    query heads as one (G T, D) batch against it (as LlamaAttention does), so keys and values are read, never
+    repeated; q is gathered into that order (one copy of q, as the head split or the rotation makes anyway)."""
     Bsz, T, _ = qkv.shape
     G = H // Hkv
     q, k, v = split(qkv, [H * D, Hkv * D, Hkv * D], axis=2)
-    q = q.reshape(Bsz, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(Bsz, Hkv, G * T, D)
-    k, v = (t.reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3) for t in (k, v))        # (B, Hkv, T, D)
+    if rope is None:
+        q = q.reshape(Bsz, T, H, D).permute(0, 2, 1, 3)                          # (B, H, T, D)
+        k = k.reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)                        # (B, Hkv, T, D)
+    else:   # (rotary splits the heads off in its pass)
+        q, k = rotary(q, *rope, 0, heads=H), rotary(k, *rope, 0, heads=Hkv)
+    q = q.reshape(Bsz, Hkv, G * T, D)                                            # heads h = kv G + g
+    v = v.reshape(Bsz, T, Hkv, D).permute(0, 2, 1, 3)
     scores = matmul(q, k, transpose_b=True).reshape(Bsz, Hkv, G, T, T)
     att = softmax(scores, scale=1.0 / math.sqrt(D), causal=True)           # the (B, H, T, T) order: h = kv G + g
     y = matmul(dropout(att, dropout_p, training).reshape(Bsz, Hkv, G * T, T), v)

@@ -203,48 +203,51 @@ class NNOps:
         return tuple(attention_plan.blocks(kind, head_dim, storage, self.attention_tuning, threads)
                      for kind in ("fwd", "bwd"))
 
-    def flash_attention_fits(self, qkv_shape, n_head, n_kv_head=None):
+    def flash_attention_fits(self, qkv_shape, n_head, n_kv_head=None, rotary=False):
         """Whether attention.wgsl's kernels take this packed qkv (B, T, (H + 2 Hkv) D) (heads of D a multiple of 4
-        up to 256, any T, at most 65535 heads in all: one workgroup row each, blocks that fit the device's workgroup
-        memory) and are to: asked for (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or the weights too big
-        a buffer."""
+        up to 256, of 8 with rotary, any T, at most 65535 heads in all: one workgroup row each, blocks that fit the
+        device's workgroup memory) and are to: asked for (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or
+        the weights too big a buffer."""
         Bsz, T, W = qkv_shape
         n_kv = n_head if n_kv_head is None else n_kv_head
         D, rest = divmod(W, n_head + 2 * n_kv)
-        takes = (not rest and D in attention_plan.HEAD_DIMS and 0 < Bsz * n_head <= 65535 and T > 0
+        takes = (not rest and D in attention_plan.HEAD_DIMS and not (rotary and D % 8) and 0 < Bsz * n_head <= 65535
+                 and T > 0
                  and None not in self._attention_blocks(D))
         wanted = self.attention_tuning.FLASH_DEFAULT if self.FLASH_ATTENTION is None else self.FLASH_ATTENTION
         return takes and (wanted or Bsz * n_head * T * T * 4 > self.max_binding)
 
-    def flash_attention(self, qkv, n_head, scale, p, seed, n_kv_head=None):
+    def flash_attention(self, qkv, n_head, scale, p, seed, n_kv_head=None, rope=None):
         """Causal self-attention from the packed qkv (B, T, (H + 2 Hkv) D) by attention.wgsl's fused kernels: (y (B,
-        T, H D), lse (B H, T)), the weights never in memory (flash_attention_fits says where they apply)."""
+        T, H D), lse (B H, T)), the weights never in memory (flash_attention_fits says where they apply). rope: None
+        or the rotary tables (cos, sin) (P >= T, D), q and k rotated at positions 0 .. T - 1 as they are read."""
         Bsz, T, W = qkv.shape
         n_kv = n_head if n_kv_head is None else n_kv_head
         D = W // (n_head + 2 * n_kv)
         bq, bk, ty = blocks = self._attention_blocks(D)[0]
         y = self._alloc((Bsz, T, n_head * D), "float32")
         lse = self._alloc((Bsz * n_head, T), "float32")
-        self._attention("fwd_main", qkv, n_head, n_kv, scale, p, seed, [qkv, None, lse, None, y],
+        self._attention("fwd_main", qkv, n_head, n_kv, scale, p, seed, rope, [qkv, None, lse, None, y],
                         (-(-T // bq), Bsz * n_head), f"attention fwd {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return y, lse
 
-    def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed, n_kv_head=None):
+    def flash_attention_bwd(self, qkv, y, lse, g, n_head, scale, p, seed, n_kv_head=None, rope=None):
         """dqkv (B, T, (H + 2 Hkv) D) for flash_attention's y = f(qkv) and its output gradient g (B, T, H D): dk, dv
-        of each key-value head summed over the query heads that read it."""
+        of each key-value head summed over the query heads that read it (dq, dk through the rotation with rope)."""
         Bsz, T, W = qkv.shape
         n_kv = n_head if n_kv_head is None else n_kv_head
         D = W // (n_head + 2 * n_kv)
         bq, bk, ty = blocks = self._attention_blocks(D)[1]
         n = Bsz * T * n_head
         dr = self._alloc((n,), "float32")
-        self._dispatch("attention", "delta_main", self._attention_params(qkv.shape, n_head, n_kv, scale, p, None),
+        self._dispatch("attention", "delta_main", self._attention_params(qkv.shape, n_head, n_kv, scale, p, None,
+                                                                         rope),
                        [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n, self._attention_subs(blocks, D))
         dqkv = self._alloc(qkv.shape, "float32")  # the two kernels write disjoint parts, every element
         binds = [qkv, g, lse, dr, dqkv]
-        self._attention("bwd_kv_main", qkv, n_head, n_kv, scale, p, seed, binds, (-(-T // bk), Bsz * n_kv),
+        self._attention("bwd_kv_main", qkv, n_head, n_kv, scale, p, seed, rope, binds, (-(-T // bk), Bsz * n_kv),
                         f"attention bwd dk dv {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
-        self._attention("bwd_q_main", qkv, n_head, n_kv, scale, p, seed, binds, (-(-T // bq), Bsz * n_head),
+        self._attention("bwd_q_main", qkv, n_head, n_kv, scale, p, seed, rope, binds, (-(-T // bq), Bsz * n_head),
                         f"attention bwd dq {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return dqkv
 
@@ -253,20 +256,21 @@ class NNOps:
         return tuple(zip(("BQ", "BK", "TY", "D4"), (*blocks, head_dim // 4)))
 
     @staticmethod
-    def _attention_params(shape, n_head, n_kv, scale, p, seed):
+    def _attention_params(shape, n_head, n_kv, scale, p, seed, rope):
         Bsz, T, _ = shape
         drop = seed is not None and p > 0
         return [Bsz, T, n_head, n_kv, _f32bits(scale), seed if drop else 0, int(drop), _f32bits(p),
-                _f32bits(1.0 / (1.0 - p))]
+                _f32bits(1.0 / (1.0 - p)), int(rope is not None)]
 
-    def _attention(self, entry, qkv, n_head, n_kv, scale, p, seed, binds, grid, label, blocks):
+    def _attention(self, entry, qkv, n_head, n_kv, scale, p, seed, rope, binds, grid, label, blocks):
         shape = qkv.shape
         D = shape[2] // (n_head + 2 * n_kv)
         if self._capture is not None and seed is not None:  # a replay draws the step's seeds anew
             self._patch = lambda step: self._attention_params(shape, n_head, n_kv, scale, p,
-                                                              step["seeds"].get(seed, seed))
-        self._dispatch("attention", entry, self._attention_params(shape, n_head, n_kv, scale, p, seed), binds, grid,
-                       qkv.size, self._attention_subs(blocks, D), label=label)
+                                                              step["seeds"].get(seed, seed), rope)
+        tables = list(rope) if rope is not None else [qkv, qkv]   # (any buffer where never read)
+        self._dispatch("attention", entry, self._attention_params(shape, n_head, n_kv, scale, p, seed, rope),
+                       binds + tables, grid, qkv.size, self._attention_subs(blocks, D), label=label)
 
     DECODE_WG = 64   # decode_attention.wgsl's RWG
 
