@@ -224,3 +224,38 @@ def test_bad_input_is_one_clear_error(use_backend):
     with pytest.raises(InputError, match="return_logits=False needs targets"):
         FAMILIES["gpt2"]()(np.zeros((1, 3), np.int64), return_logits=False)
 
+
+
+def test_the_plan_counts_one_chunk_of_logits_not_all_of_them():
+    """gpt2-small, 8 and 16 x 1024 tokens: the loss's memory grows with the rows' C-wide tensors (the final norm, its
+    statistics, the input's gradient), not with their 50257-wide logits (1.65 GB more at the larger batch)."""
+    from lab import plan
+    small, large = (plan.estimate("gpt2-small", batch=b, seq=1024, device="h200", vocab_size=50257) for b in (8, 16))
+    key = "activations: logits and loss"
+    assert large.memory[key] - small.memory[key] == 8192 * (2 * 768 + 2) * 4
+    assert "logits" not in small.largest_buffer[0]   # a chunk's (640 rows, 123 MiB) is below the attention weights
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-untied"])
+def test_the_plans_op_count_counts_the_chunks(wgpu_backend, monkeypatch, family):
+    """The dispatches of a training step with its 48 rows in 4 chunks (12 rows each) beyond those with 1 chunk, as
+    the plan counts them (op_count / llama_op_count with the step's rows; their totals: tests/test_plan.py)."""
+    from lab.engine.backend import using_backend
+    from lab.plan.estimator import llama_op_count, op_count
+    measured, counted = [], []
+    for rows_per_chunk in (64, 12):
+        monkeypatch.setattr(linalg, "LOGITS_CHUNK_BYTES", 4 * V * rows_per_chunk)
+        with using_backend(wgpu_backend):
+            lab.manual_seed(0)
+            model = FAMILIES[family]()
+            t = Trainer(model, IDS, IDS, TrainConfig(steps=10, batch_size=3, block_size=16, replay_steps=False))
+            t.train_step()
+            lab.sync()
+            before = wgpu_backend.stats()["dispatches"]
+            t.train_step()
+            lab.sync()
+        measured.append(wgpu_backend.stats()["dispatches"] - before)
+        slots = wgpu_backend.optimizer_slots()
+        counted.append(op_count(model.config, update_slots=slots, rows=48) if family == "gpt2" else
+                       llama_op_count(model.config, slots, rows=48))
+    assert measured[1] - measured[0] == counted[1] - counted[0] > 0, (measured, counted)

@@ -86,7 +86,7 @@ def test_plan_that_does_not_fit_names_the_tensor_and_suggests_fixes():
     assert not p.fits
     text = "\n".join(p.reasons)
     assert "GiB, the device has" in text
-    assert "logits (B, T, vocab) tensor needs 25000 MiB, above the device's max-storage-buffer-binding-size" in text
+    assert "logits" not in text   # the loss takes them a chunk of rows at a time (F.linear_cross_entropy)
     joined = " ".join(p.suggestions)
     assert "gradient accumulation" in joined and "LoRA" in joined and "shorter context" in joined
     assert "PyTorch DDP" in p.multi_device
@@ -121,7 +121,8 @@ def test_largest_buffer_above_binding_limit_is_named():
     tight = plan.DeviceProfile(**{**prof.to_dict(), "max_binding_size": 64 << 20})
     p = plan.estimate("tiny", batch=512, seq=64, device=tight, vocab_size=50_257)
     assert not p.fits
-    assert any("logits (B, T, vocab) tensor needs" in r and "max-storage-buffer-binding-size of 64 MiB" in r
+    assert any("logits of a chunk of rows (rows, vocab) tensor needs 123 MiB" in r   # (below WebGPU's 128 MiB)
+               and "max-storage-buffer-binding-size of 64 MiB" in r
                for r in p.reasons)
 
 

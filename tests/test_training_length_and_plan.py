@@ -193,7 +193,7 @@ def test_llama_plan_kv_cache_and_largest_buffer_follow_the_family():
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192)
     p = plan.estimate(cfg, batch=4, seq=512, device="h200")
     assert p.memory["KV cache (generation, batch 1)"] == 2 * 30 * 3 * 64 * 512 * 4   # key-value heads only
-    assert p.largest_buffer == ("logits (B, T, vocab)", 4 * 512 * 49152 * 4)
+    assert p.largest_buffer == ("logits of a chunk of rows (rows, vocab)", 640 * 49152 * 4)   # 640 of 2048 rows
     assert p.flops_per_token == 6 * p.params + 12 * 30 * 9 * 64 * 512
     text = repr(p)
     assert "9 heads (3 key-value, head_dim 64), 576 dims, SwiGLU 1536, tied head, vocab 49152" in text

@@ -249,10 +249,10 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0)
     """What a LlamaLM's training step on b sequences of T tokens holds beyond weights, gradients and optimizer
     state at its peak, in floats: per token and layer about 6 C (norms, residuals, attention and MLP outputs),
     3 (H + 2 Hkv) D (q, k, v and their rotated heads, merged heads), 2.75 H T (attention scores, weights and their
-    gradient), 2 I (gate, up, SwiGLU); per token 9 C (embedding, final norm, the residual's gradient) and 2.5 V
-    (logits, softmax rows, their gradient). host_temporaries (numpy): the whole-array temporaries numpy's ops make
-    in the largest ones (cross-entropy's exp over the vocabulary, SwiGLU's sigmoid, the norms), 2.5 V + L (1.5 I +
-    1.5 C) per token. Fitted to the peaks of 16 random configs (GQA ratios, head dims, tied and untied, 1-3 layers,
+    gradient), 2 I (gate, up, SwiGLU); per token 9 C (embedding, final norm, the residual's gradient), and the
+    loss's head_loss_floats (1.5 chunks of logits). host_temporaries (numpy): the whole-array temporaries numpy's
+    ops make in the largest ones (cross-entropy's exp and gradient over a chunk of logits, 2.5 chunks; SwiGLU's
+    sigmoid, the norms, L (1.5 I + 1.5 C) per token). Fitted to the peaks of 16 random configs (GQA ratios, head dims, tied and untied, 1-3 layers,
     T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within 0%/+19%
     (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. Returns the floats of
     one layer, the largest single tensor (name, floats) and the total split into parts."""
@@ -265,9 +265,9 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0)
                   key=lambda kv: kv[1])
     # (checkpointed: the last block runs again once the 2.5 V per token are freed; measured peaks of 2-3 layers with
     # every block checkpointed: within -7%/+19%)
-    parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=2.5 * chunk),
-             "embeddings and logits": 9 * N * C + head_loss_floats(N, V, C, 2.5)}
-    if host_temporaries:
+    parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=1.5 * chunk),
+             "embeddings and logits": 9 * N * C + head_loss_floats(N, V, C, 1.5)}
+    if host_temporaries:   # (the loss's softmax and its gradient over a chunk in the forward, beside every layer's)
         parts["op temporaries (numpy)"] = 2.5 * chunk + N * L * (1.5 * I + 1.5 * C)
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
 

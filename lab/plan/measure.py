@@ -141,7 +141,7 @@ def _probe_elementwise_cost(backend, prof):
     finally:
         set_state(rng_state)
     matmul = model.flops_per_token() * batch * cfg.block_size / prof.matmul_flops
-    rest = best - matmul - op_count(cfg, update_slots=prof.update_slots) * prof.op_overhead_s
+    rest = best - matmul - op_count(cfg, update_slots=prof.update_slots, rows=batch * cfg.block_size) * prof.op_overhead_s
     acts = activation_floats(cfg, batch, cfg.block_size)[0]
     return max(rest, 0.1 * best) / acts
 

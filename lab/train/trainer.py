@@ -420,7 +420,7 @@ class Trainer:
         cfg = self.cfg
         total = None
         for x, y in batches:
-            _, loss = self.model(x, y)
+            _, loss = self.model(x, y, return_logits=False)   # the loss alone: no (B, T, vocab) logits held
             if cfg.grad_accum_steps > 1:
                 loss = loss * (1.0 / cfg.grad_accum_steps)  # gradients add up over micro-batches: take their mean
             if not loss.requires_grad:   # backward() said only "no input had requires_grad=True"
@@ -462,7 +462,7 @@ class Trainer:
         with no_grad(), evaluating():  # called from the kernel while a panel trains: the steps keep their dropout
             for _ in range(batches):
                 x, y = get_batch(self.val_ids, cfg.batch_size, self.block_size, rng)
-                losses.append(model(x, y)[1].item())
+                losses.append(model(x, y, return_logits=False)[1].item())
         return float(np.mean(losses))
 
     def run(self, progress=True, log_evals=True):

@@ -105,7 +105,9 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
     inputs = (x, weight) + ((bias,) if bias is not None else ())
     grad = is_grad_enabled()
     want_x, want_w, want_b = (grad and p is not None and p.requires_grad for p in (x, weight, bias))
-    one, unit_g = B.full((1,), 1.0, x.dtype), B.full((1,), 1.0, x.dtype)   # (two: the kernel binds count and g apart)
+    grads = want_x or want_w or want_b
+    if grads or N > step:   # (two: the backward kernel binds its count and its g apart)
+        one, unit_g = B.full((1,), 1.0, x.dtype), (B.full((1,), 1.0, x.dtype) if grads else None)
     total = count = dx = dw = db = None
     for s in range(0, N, step):
         n = _builtins.min(step, N - s)
@@ -113,10 +115,11 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
         tc = t1 if n == N else B.copy_view(t1, s, (n,), (1,))
         logits = B.reshape(B.matmul(B.reshape(xc, (1, n, C)), w3, False, transpose_b, bias=b), (n, V))
         loss, (lse, valid, cnt) = B.cross_entropy(logits, tc, ignore_index, checked=checked)
-        part = B.binary("mul", B.reshape(loss, (1,)), cnt)                           # the chunk's sum over its rows
-        total = part if total is None else B.binary("add", total, part)
+        if n < N:   # the chunk's sum over its rows, and its count, summed over the chunks
+            part = B.binary("mul", B.reshape(loss, (1,)), cnt)
+            total = part if total is None else B.binary("add", total, part)
         count = cnt if count is None else B.binary("add", count, cnt)
-        if not (want_x or want_w or want_b):
+        if not grads:
             continue
         # a count of one and g = 1: softmax - onehot on valid rows, 0 on ignored ones (scaled in the backward)
         d3 = B.reshape(B.cross_entropy_bwd(logits, tc, (lse, valid, one), unit_g, ignore_index), (1, n, V))
@@ -134,8 +137,8 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
         if want_b:
             dbc = B.reduce("sum", B.reshape(d3, (n, V)), 0)                                       # (V,)
             db = dbc if db is None else B.binary("add", db, dbc)
-    denom = B.binary("maximum", count, one)
-    out = B.reshape(B.binary("div", total, denom), ())
+    denom = B.binary("maximum", count, one) if grads or N > step else None
+    out = loss if N <= step else B.reshape(B.binary("div", total, denom), ())   # (one chunk: its mean is the loss)
 
     def backward(g):
         scale = B.binary("div", B.reshape(g, (1,)), denom)
@@ -201,11 +204,16 @@ def linear(x, weight, bias=None, activation=None, residual=None):
     else:
         out = B.matmul(x3, w3, bias=b, residual=r)
     out = B.reshape(out, x.shape[:-1] + (N,))
+    # x made by a GELU linear: this node's parent is its pre-activation, whose gradient gelu'(pre) * (g W^T) the
+    # product that makes it applies as it stores (no gelu_bwd pass); x's own node is left for its other uses
+    gelu_input = x._gelu_input if x.requires_grad else None
 
-    def backward(g_out):
-        g = g_out if pre is None else B.binary("gelu_bwd", B.reshape(pre, g_out.shape), g_out)
+    def through(g):   # the gradients of x, weight and bias from the product's (pre-activation's) gradient g
         g3 = B.reshape(g, (1, M, N))
-        gx = B.reshape(B.matmul(g3, w3, False, True), x.shape) if x.requires_grad else None
+        gx = None
+        if x.requires_grad:
+            gx = B.reshape(B.matmul(g3, w3, False, True) if gelu_input is None else
+                           B.matmul_gelu_grad(g3, w3, B.reshape(gelu_input.data, (1, M, K))), x.shape)
         gw = gb = None
         if weight.requires_grad and bias is not None and bias.requires_grad:   # both from one pass over g
             gw, gb = B.matmul_column_sums(x3, g3, True)
@@ -213,10 +221,17 @@ def linear(x, weight, bias=None, activation=None, residual=None):
             gw = B.matmul(x3, g3, True, False)
         elif bias is not None and bias.requires_grad:
             gb = B.reduce("sum", B.reshape(g, (M, N)), 0)
-        grads = (gx, B.reshape(gw, (K, N)) if gw is not None else None) + ((gb,) if bias is not None else ())
-        return grads + ((g_out if residual.requires_grad else None,) if residual is not None else ())
-    inputs = tuple(t for t in (x, weight, bias, residual) if t is not None)
-    return Tensor._make(out, B, inputs, backward)
+        return (gx, B.reshape(gw, (K, N)) if gw is not None else None) + ((gb,) if bias is not None else ())
+
+    def backward(g_out):
+        g = g_out if pre is None else B.binary("gelu_bwd", B.reshape(pre, g_out.shape), g_out)
+        return through(g) + ((g_out if residual.requires_grad else None,) if residual is not None else ())
+    inputs = tuple(t for t in (x if gelu_input is None else gelu_input, weight, bias, residual) if t is not None)
+    y = Tensor._make(out, B, inputs, backward)
+    if pre is not None and residual is None and y.requires_grad:
+        # the pre-activation as a node of its own, the linear's without the activation (for a linear reading y)
+        y._gelu_input = Tensor._make(B.reshape(pre, y.shape), B, inputs, through)
+    return y
 
 
 def linears(x, weights, biases=None, how="concat"):
