@@ -107,7 +107,10 @@ def test_grouped_query_attention_refuses_bad_heads_with_one_clear_error(numpy_ba
                           (dict(n_head=2, n_kv_head=0), "n_kv_head must be a positive integer, got 0"),
                           (dict(n_head=2, n_kv_head=True), "n_kv_head must be a positive integer, got True"),
                           (dict(n_head=2.0), "n_head must be a positive integer, got 2.0"),
-                          (dict(n_head=3), r"\(B, T, 3C\) with C divisible by n_head, got \(1, 4, 64\) for n_head=3")]:
+                          (dict(n_head=3), r"\(B, T, 3C\) with C divisible by n_head, got \(1, 4, 64\) for n_head=3"),
+                          (dict(n_head=6, n_kv_head=1, dropout_p="0.1"), r"dropout_p must be a number in \[0, 1\), got '0.1'"),
+                          (dict(n_head=6, n_kv_head=1, dropout_p=True), r"dropout_p must be a number in \[0, 1\), got True"),
+                          (dict(n_head=6, n_kv_head=1, dropout_p=1.0), r"dropout_p must be a number in \[0, 1\), got 1.0")]:
         with pytest.raises(ValueError, match=match):
             F.causal_self_attention(qkv, **kwargs)
     y = F.causal_self_attention(qkv, 6, n_kv_head=1)       # 6 + 2 heads of 8: fine

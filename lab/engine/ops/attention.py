@@ -51,8 +51,9 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
             "(B, T, (n_head + 2 n_kv_head) D) with n_kv_head dividing n_head"
         raise ValueError(f"causal_self_attention: qkv must be {want}, got {_shape_str(qkv.shape)} for n_head={H}"
                          + ("" if n_kv_head is None else f", n_kv_head={Hkv}"))
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"causal_self_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.floating)) or \
+            not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"causal_self_attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     Bk = qkv.backend
     Bsz, T, C3 = qkv.shape
     D = C3 // (H + 2 * Hkv)
