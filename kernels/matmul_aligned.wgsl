@@ -110,11 +110,27 @@ fn bias(t: Tile, tx: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
+// GELU_GRAD: C gets v * gelu'(PRE), PRE read: the gradient of an MLP's hidden pre-activation taken as the
+// product g W^T that makes it is stored, instead of a gelu_bwd pass over it (a constant: the other pipelines carry
+// none of it; the bare tanh as in u_gelu, see activation.wgsl).
+const GELU_GRAD: bool = {{GELU_GRAD}};
+
+fn gelu_grad(x: vec4<f32>) -> vec4<f32> {
+    let t = vec4<f32>(tanh_clamped(SQRT_2_OVER_PI * (x.x + GELU_C * x.x * x.x * x.x)),
+                      tanh_clamped(SQRT_2_OVER_PI * (x.y + GELU_C * x.y * x.y * x.y)),
+                      tanh_clamped(SQRT_2_OVER_PI * (x.z + GELU_C * x.z * x.z * x.z)),
+                      tanh_clamped(SQRT_2_OVER_PI * (x.w + GELU_C * x.w * x.w * x.w)));
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+}
+
 // C row `row`, columns n0 + 4 tx .. + 3. With the GELU epilogue (P[10] = 1) C gets gelu(v) and PRE gets v (the
 // backward's input): an MLP's first layer without a pass of its own for the activation.
 fn put(t: Tile, row: u32, tx: u32, v: vec4<f32>) {
     let i = t.c + row * t.ldc + t.n0 / 4u + tx;
-    if (P[10] == 1u) {
+    if (GELU_GRAD) {
+        C[i] = v * gelu_grad(PRE[i]);
+    } else if (P[10] == 1u) {
         PRE[i] = v;
         C[i] = vec4<f32>(u_gelu(v.x), u_gelu(v.y), u_gelu(v.z), u_gelu(v.w));
     } else {

@@ -317,7 +317,8 @@ def test_f16_storage_matmul_matches_numpy(wgpu_backend, numpy_backend, monkeypat
     assert widened == (0 if direct else 1 if path == "transposed-copy" else len(half.split("-and-"))), names
     if direct:
         assert ("matmul_aligned", names[0].split(":")[1], (("ENABLE", "enable f16;"), ("A_ELEM", "f16" if half ==
-                "a-and-b" else "f32"), ("B_ELEM", "f16"), ("SUMS", "false"))) in wgpu_backend._pipelines, names
+                "a-and-b" else "f32"), ("B_ELEM", "f16"), ("SUMS", "false"), ("GELU_GRAD", "false"))) in \
+            wgpu_backend._pipelines, names
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
 
 

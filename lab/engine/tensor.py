@@ -47,7 +47,7 @@ def enable_grad():
 
 class Tensor:
     __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "_absorbs", "name",
-                 "_version", "_read", "__weakref__")
+                 "_version", "_read", "_gelu_input", "__weakref__")
     __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
 
     def __init__(self, data, backend, requires_grad=False, name=None):
@@ -61,6 +61,7 @@ class Tensor:
         self.name = name
         self._version = 0   # counts in-place updates of data (optimizer steps): see F.checkpoint
         self._read = ()     # a node's leaf parents with their _version when the forward read them
+        self._gelu_input = None   # F.linear(..., activation="gelu")'s output: its pre-activation (see there)
 
     @classmethod
     def _make(cls, data, backend, parents, backward, absorbs=None):

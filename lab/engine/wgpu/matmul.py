@@ -53,17 +53,23 @@ class MatmulOps:
             sums = self.reduce("sum", self.reshape(b, b.shape[1:]), 0)
         return out, sums
 
+    def matmul_gelu_grad(self, g, w, pre):
+        out, _, fused = self._matmul(g, w, False, True, gelu="grad", gelu_grad=pre)
+        return out if fused else self.binary("gelu_bwd", pre, out)
+
     def matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, out=None, residual=None):
         y, _, fused = self._matmul(a, b, trans_a, trans_b, bias, triangle, into=out, residual=residual)
         return y if residual is None or fused == "all" else self.binary("add", y, residual)
 
     def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, triangle=None, gelu=None, into=None,
-                residual=None, column_sums=False):
+                residual=None, column_sums=False, gelu_grad=None):
         """(out, pre, fused): gelu None, the product (+ bias); "keep" or "drop", where the whole-tile kernel takes the
         product in one piece, its GELU with fused=True (and with "keep" the product in pre), else the product.
         fused == "all": every epilogue asked for, `residual` (added last) included, is applied (matmul_rows.wgsl);
         any other path leaves the residual to the caller. column_sums (no bias, GELU or residual): pre is b's column
         sums (N,) where the whole-tile kernel took them with the product (Plan.column_sums), else None.
+        gelu "grad" (gelu_grad: pre, the product's shape): the product times gelu'(pre) where the whole-tile kernel
+        takes the product in one piece (fused=True), else the product.
         a, b may be HeadViews and `into` a HeadView to write the product into (out is then that view): read and
         written in place by the whole-tile kernels, gathered and scattered by copies for the others."""
         views = [x for x in (a, b, into) if isinstance(x, HeadView)]
@@ -84,6 +90,8 @@ class MatmulOps:
                  into=into is not None, column_sums=column_sums, limits=self._matmul_limits,
                  tuning=self.matmul_tuning)
         if p.path == "rows":
+            if gelu == "grad":   # (matmul_rows.wgsl applies GELU, not its derivative)
+                return self._matmul_rows(a, b, bias, None, residual, M, N, K, p)[0], None, False
             return self._matmul_rows(a, b, bias, gelu, residual, M, N, K, p)
         if p.path == "thin_k":
             out = self._alloc((1, M, N), "float32")
@@ -118,8 +126,9 @@ class MatmulOps:
                 b = self.copy_view(self._f32(b), 0, (bb, K, N), (N * K, 1, K))
         if p.path == "aligned":
             # whole tiles, vec4 rows: the unchecked vec4 kernel (strides are multiples of 4 here)
-            fused, act = p.fused_bias, int(p.gelu)
-            pre = self._alloc(out.shape, "float32") if act and gelu == "keep" else None
+            grad = p.gelu and gelu == "grad"
+            fused, act = p.fused_bias, int(p.gelu and not grad)
+            pre = self._alloc(out.shape, "float32") if act and gelu == "keep" else gelu_grad if grad else None
             if sums and S == 1:
                 pre = self._alloc((N,), "float32")
             la, lb = (_operand_layout(x, heads) for x in (a, b))
@@ -128,12 +137,14 @@ class MatmulOps:
                       heads, la[2], lb[2], lc[2], la[0], lb[0], lc[0], chunk, (2 if S == 1 else 1) if sums else 0]
             self._dispatch("matmul_aligned", p.entry, params,
                            [_storage(a), _storage(b), _storage(out), bias if fused else None, pre], p.grid,
-                           batch * M * N * S, _aligned_subs(a, b) + (("SUMS", "true" if sums else "false"),),
+                           batch * M * N * S, _aligned_subs(a, b) + (("SUMS", "true" if sums else "false"),
+                                                                     ("GELU_GRAD", "true" if grad else "false")),
                            label=label + " aligned" + (" +bias" if fused else "") + (" +gelu" if act else "")
+                           + (" +gelu grad" if grad else "")
                            + (" +column sums" if sums else "")
                            + (f" {triangle}-triangle" if p.triangle else "") + (" in place" if views else ""))
-            if act:
-                return out, pre, True
+            if act or grad:
+                return out, pre if act else None, True
             if fused:
                 return out, None, False
             if sums and S == 1:
