@@ -204,3 +204,18 @@ def test_a_llama_training_step_is_the_same_with_the_fused_attention_on_and_off(w
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
     for a, b in zip(on[2], off[2]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_path_takes_only_shapes_its_kernels_read(wgpu_backend, monkeypatch):
+    """flash_attention_fits: heads a multiple of 4 (of 8 with rotary: halves of whole vec4s) up to what the blocks
+    fit, key-value heads that divide the query heads, at least one token and at most 65535 heads in all."""
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+    fits = wgpu_backend.flash_attention_fits
+    assert fits((1, 8, 8 * 8), 4, 2) and fits((1, 8, 8 * 16), 4, 2, True) and fits((1, 3, 3 * 4), 1)
+    assert not fits((1, 8, 10 * 8), 4, 3)            # 3 key-value heads for 4 query heads
+    assert not fits((1, 8, 4 * 8), 4, 0)
+    assert not fits((1, 8, 8 * 12), 4, 2, True)      # rotary halves of 6 floats
+    assert not fits((1, 8, 3 * 6), 1)                # heads of 6: no vec4 rows
+    assert not fits((1, 8, 3 * 260), 1)
+    assert not fits((1, 0, 3 * 8), 1)
+    assert not fits((65536, 2, 3 * 8), 1)

@@ -153,14 +153,15 @@ class NNOps:
         self._flat("embedding", "chain_main", [N, C, V, 0, 0], [idx, g, dw, links], N * C)
         return dw
 
-    def cross_entropy(self, logits, targets, ignore_index, checked=False):
-        rows, V = logits.shape
+    def cross_entropy(self, logits, targets, ignore_index, checked=False, classes=None):
+        rows, W = logits.shape
+        V = W if classes is None else classes
         lse = self._alloc((rows,), "float32")
         loss_rows = self._alloc((rows,), "float32")
         valid = self._alloc((rows,), "float32")
         loss = self._alloc((), "float32")
         count = self._alloc((1,), "float32")
-        params = [rows, V, ignore_index]
+        params = [rows, V, ignore_index, W]
         self._dispatch("cross_entropy", "rows_main", params,
                        [logits, targets, lse, loss_rows, valid, self._index_errors], _grid(rows), rows, _row_subs(V))
         if not checked and rows > 0:
@@ -169,12 +170,12 @@ class NNOps:
                        (1, 1, 1))
         return loss, (lse, valid, count)
 
-    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index):
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None):
         lse, valid, count = saved
-        rows, V = logits.shape
+        rows, W = logits.shape
         dx = self._alloc(logits.shape, "float32")
-        self._flat("cross_entropy_reduce", "backward_main", [rows, V, ignore_index],
-                   [logits, targets, lse, None, valid, dx, count, g], rows * V)
+        self._flat("cross_entropy_reduce", "backward_main", [rows, W if classes is None else classes, ignore_index, W],
+                   [logits, targets, lse, None, valid, dx, count, g], rows * W)
         return dx
 
     def dropout(self, x, p, seed):
@@ -212,7 +213,7 @@ class NNOps:
         n_kv = n_head if n_kv_head is None else n_kv_head
         D, rest = divmod(W, n_head + 2 * n_kv)
         takes = (not rest and D in attention_plan.HEAD_DIMS and not (rotary and D % 8) and 0 < Bsz * n_head <= 65535
-                 and T > 0
+                 and T > 0 and n_kv > 0 and not n_head % n_kv
                  and None not in self._attention_blocks(D))
         wanted = self.attention_tuning.FLASH_DEFAULT if self.FLASH_ATTENTION is None else self.FLASH_ATTENTION
         return takes and (wanted or Bsz * n_head * T * T * 4 > self.max_binding)
