@@ -27,7 +27,7 @@
 // vec4s tx + 16 j (j < DJ) of the head row; bwd_kv's BK x D blocks (dk, dv) as keys EK ty + e by the same vec4s.
 
 const BQ: u32 = {{BQ}}u;     // queries per block  } attention_plan.blocks: from the device's workgroup memory
-const BK: u32 = {{BK}}u;     // keys per block     } and AttentionTuning (T a multiple of both)
+const BK: u32 = {{BK}}u;     // keys per block     } and AttentionTuning
 const TY: u32 = {{TY}}u;     // rows of 16 threads
 const D4: u32 = {{D4}}u;     // vec4s per head row (D = 4 D4)
 const THREADS: u32 = 16u * TY;
@@ -37,8 +37,8 @@ const EK: u32 = BK / TY;     // keys a thread holds of bwd_kv's dk, dv
 const DJ: u32 = (D4 + 15u) / 16u;   // vec4s of a head row a thread holds of y, dq, dk, dv
 const QN: u32 = (BQ * D4 + THREADS - 1u) / THREADS;   // vec4s a thread stages of BQ rows
 const KN: u32 = (BK * D4 + THREADS - 1u) / THREADS;   // ... of BK rows
-const PAD: u32 = D4 + 1u;    // row stride of Ks, Vs in vec4s (odd): lanes reading rows tx, tx + 1, ... hit
-//                              distinct banks
+const PAD: u32 = D4 + 1u;    // row stride of Ks, Vs in vec4s (odd for even D4): lanes reading rows tx, tx + 1,
+//                              ... hit distinct banks
 const NEG: f32 = -1e30;
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
