@@ -86,6 +86,25 @@ def test_softmax_with_dropout_in_cache_blocks_equals_the_wgpu_kernels(wgpu_backe
     np.testing.assert_allclose(got["numpy"][1], numpy_backend.dropout(y, 0.2, 9), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 64, 4, 32), (8, 256, 6, 64)], ids=["keys-copied", "keys-strided"])
+def test_products_with_transposed_head_views_equal_the_plain_products(any_backend, shape):
+    """q k^T and g v^T read from inside the packed projection (HeadViews): the numpy backend copies a small
+    transposed operand plainly first, reads a large one where it lies; both equal the plain product."""
+    from lab.engine.backend import HeadView
+    Bsz, T, H, D = shape
+    if any_backend.name == "wgpu" and T > 64:
+        pytest.skip("the large shape is the numpy backend's strided path; lavapipe is slow")
+    rng = np.random.default_rng(6)
+    qkv = rng.standard_normal((Bsz, T, 3 * H * D)).astype(np.float32)
+    q, k = (qkv[..., i * H * D:(i + 1) * H * D].reshape(Bsz, T, H, D).transpose(0, 2, 1, 3) for i in range(2))
+    want = np.einsum("bhtd,bhsd->bhts", q.astype(np.float64), k.astype(np.float64)).reshape(Bsz * H, T, T)
+    data = any_backend.from_numpy(qkv)
+    got = any_backend.matmul(HeadView(data, 0, H, D), HeadView(data, H * D, H, D), False, True, triangle="out")
+    got = any_backend.to_numpy(got)
+    low = np.tril(np.ones((T, T), bool))   # (the hint lets a backend leave the upper triangle zero)
+    np.testing.assert_allclose(got[:, low], want[:, low], rtol=1e-4, atol=1e-4)
+
+
 def test_large_index_space_uses_2d_grid(wgpu_backend):
     """More than 65535 workgroups of 256 threads: the flat kernels must cover every element."""
     import lab
