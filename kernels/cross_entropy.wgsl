@@ -1,7 +1,8 @@
 // Fused cross-entropy from logits, mean over the rows whose target is not ignore_index.
-//   rows_main:   lse[r] = logsumexp(x[r, :]);  loss[r] = lse[r] - x[r, t[r]] (0 if ignored);  valid[r] = 0/1
+//   rows_main:   lse[r] = logsumexp(x[r, :V]);  loss[r] = lse[r] - x[r, t[r]] (0 if ignored);  valid[r] = 0/1
+// Rows are W >= V apart: columns V..W-1 are padding (a product's zero-padded tile columns), never classes.
 // The mean and the backward (which recomputes the softmax from lse) are in cross_entropy_reduce.wgsl.
-// Bindings: P = [rows, V, ignore_index (i32 bits)], then per entry (see the declarations).
+// Bindings: P = [rows, V, ignore_index (i32 bits), W], then per entry (see the declarations).
 
 const RWG: u32 = {{RWG}}u;   // threads per row (the host picks 64 or 256 by row length)
 
@@ -22,7 +23,7 @@ fn rows_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let r = wid.y * nwg.x + wid.x;
     if (r >= P[0]) { return; }
     let V = P[1];
-    let base = r * V;
+    let base = r * P[3];
     var m = bitcast<f32>(0xff800000u);  // -inf: -3.4e38 is above -FLT_MAX
     for (var j = lid; j < V; j += RWG) { m = max(m, X[base + j]); }
     m = wg_max(m, lid);

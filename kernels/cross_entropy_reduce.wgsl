@@ -1,7 +1,9 @@
 // Second and third stages of the fused cross-entropy (first stage and the math: cross_entropy.wgsl).
 //   mean_main:     OUT[0] = sum_r LOSS[r] / max(1, sum_r VALID[r]);  COUNT[0] = sum_r VALID[r]   (one workgroup)
-//   backward_main: dx[r, j] = g * (exp(x[r, j] - lse[r]) - [j == t[r]]) / max(1, count)   (0 for ignored rows)
-// Bindings: P = [rows, V, ignore_index bits]; mean: LOSS, VALID, OUT, COUNT; backward: X, T, LSE, VALID, COUNT, G, DX.
+//   backward_main: dx[r, j] = g * (exp(x[r, j] - lse[r]) - [j == t[r]]) / max(1, count)   (0 for ignored rows and
+//                  for the padding columns V..W-1 of rows W apart)
+// Bindings: P = [rows, V, ignore_index bits, W]; mean: LOSS, VALID, OUT, COUNT; backward: X, T, LSE, VALID, COUNT, G,
+// DX.
 
 #include flat
 
@@ -41,10 +43,11 @@ fn backward_main(inv: Invocation) {
     let e = flat(inv);
     let rows = P[0];
     let V = P[1];
-    if (e >= rows * V) { return; }
-    let r = e / V;
-    let j = e % V;
-    if (VALID[r] == 0.0) { OUT[e] = 0.0; return; }
+    let W = P[3];
+    if (e >= rows * W) { return; }
+    let r = e / W;
+    let j = e % W;
+    if (VALID[r] == 0.0 || j >= V) { OUT[e] = 0.0; return; }
     let p = exp(X[e] - LSE[r]);
     let hot = select(0.0, 1.0, i32(j) == T[r]);
     OUT[e] = G[0] * (p - hot) / max(1.0, COUNT[0]);

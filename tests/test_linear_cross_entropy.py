@@ -259,3 +259,31 @@ def test_the_plans_op_count_counts_the_chunks(wgpu_backend, monkeypatch, family)
         counted.append(op_count(model.config, update_slots=slots, rows=48) if family == "gpt2" else
                        llama_op_count(model.config, slots, rows=48))
     assert measured[1] - measured[0] == counted[1] - counted[0] > 0, (measured, counted)
+
+
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_a_padded_head_pads_its_weight_once_and_never_its_logits(wgpu_backend, monkeypatch, transpose_b):
+    """Products of ragged widths run on zero-padded whole tiles (wgpu; forced here for tiny shapes): the composed
+    head pads the weight and the logits' gradient for each of its products; the chunked one pads the weight once
+    (to 128 classes) and takes the padded logits as they are. Loss and gradients stay the composed ones."""
+    from dataclasses import replace
+    from lab.engine.backend import using_backend
+    monkeypatch.setattr(wgpu_backend, "matmul_tuning", replace(wgpu_backend.matmul_tuning, PAD_MIN_VOLUME=1, ROWS_MAX=0,
+                                                                 PAD_MAX_WORK=1e6))
+    padded, zero_padded = [], type(wgpu_backend)._zero_padded
+
+    def spy(self, x, rows_cols):
+        if V in x.shape[1:] and rows_cols != x.shape[1:]:   # a V-wide operand (weight, logits, their gradient)
+            padded.append(x.shape)
+        return zero_padded(self, x, rows_cols)
+    monkeypatch.setattr(type(wgpu_backend), "_zero_padded", spy)
+    x, w, b, t = _operands(V, transpose_b, True)
+    with using_backend(wgpu_backend):
+        fused = _lab_grads(lambda xt, wt, bt: F.linear_cross_entropy(xt, wt, t, bias=bt, transpose_b=transpose_b,
+                                                                     chunk_rows=3), x, w, b)
+        assert not padded
+        composed = _lab_grads(lambda xt, wt, bt: F.cross_entropy(
+            F.matmul(xt, wt, transpose_b=transpose_b) + bt, t), x, w, b)
+    assert padded   # (the spy sees them)
+    for name, a, r in zip(("loss", "dx", "dweight", "dbias"), fused, composed):
+        _close(a, r, name)

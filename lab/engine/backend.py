@@ -120,9 +120,14 @@ class Backend:
     # embedding and cross_entropy raise index_range_error for an index outside the table or the classes: at once
     # (host memory) or at the next read from the device. checked=True: the host has checked these indices already
     def embedding_bwd(self, idx, g, num_embeddings): raise NotImplementedError
-    def cross_entropy(self, logits, targets, ignore_index, checked=False): raise NotImplementedError  # -> loss, saved
-    # saved = (lse (rows,), valid (rows,), count (1,) float: the rows not ignored); F.linear_cross_entropy reads count
-    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index): raise NotImplementedError
+    def cross_entropy(self, logits, targets, ignore_index, checked=False, classes=None): raise NotImplementedError
+    # -> loss, saved = (lse (rows,), valid (rows,), count (1,) float: the rows not ignored; F.linear_cross_entropy
+    # reads it). classes < logits' width: the columns past it are padding (zero tile columns), not classes
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None): raise NotImplementedError
+    # (the padding columns' gradient is 0)
+    def padded_width(self, M, N, K): return N
+    # the width an (M, K) @ (K, N) product is best given, zero columns added (wgpu: whole tiles where its plan would
+    # pad the operands and cut the result back on every call): F.linear_cross_entropy pads its weight once to it
     def dropout(self, x, p, seed): raise NotImplementedError
     def lora_down(self, x, a): raise NotImplementedError           # x (M, K) @ a (r, K)^T -> (M, r)
     def lora_up_add(self, base, h, b, scale): raise NotImplementedError  # base + scale * h @ b^T, b (N, r)

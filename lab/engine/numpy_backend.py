@@ -461,7 +461,7 @@ class NumpyBackend(Backend):
 
     def softmax_bwd(self, y, g, scale=1.0, dropout=None):
         S = y.shape[-1] if y.ndim else 1
-        out = np.empty(y.shape, y.dtype)
+        out = np.empty(y.shape, np.result_type(y, g))
         if y.size == 0:
             return out
         g2, y2, d2 = np.ascontiguousarray(g).reshape(-1, S), y.reshape(-1, S), out.reshape(-1, S)
@@ -494,11 +494,10 @@ class NumpyBackend(Backend):
         dtype = x.dtype if residual is None else np.result_type(x, residual)
         y, mean, rstd = np.empty((R, n), dtype), np.empty((R, 1), dtype), np.empty((R, 1), dtype)
         total = np.empty((R, n), dtype) if residual is not None else None
-        x2 = x.reshape(R, n)
+        x2, res2 = x.reshape(R, n), (residual.reshape(R, n) if residual is not None else None)
         rows = _per_block(R, n)
         for r in range(0, R, rows):
-            xs = x2[r:r + rows] if total is None else np.add(x2[r:r + rows], residual.reshape(R, n)[r:r + rows],
-                                                              out=total[r:r + rows])
+            xs = x2[r:r + rows] if total is None else np.add(x2[r:r + rows], res2[r:r + rows], out=total[r:r + rows])
             m = np.divide(_row_sum(xs), f(n), out=mean[r:r + rows])
             ys = np.subtract(xs, m, out=y[r:r + rows])
             rs = rstd[r:r + rows]
@@ -514,6 +513,7 @@ class NumpyBackend(Backend):
         dtype = np.result_type(x, g, w)
         f = dtype.type
         x2, g2, mean2, rstd2 = x.reshape(R, n), g.reshape(R, n), mean.reshape(R, 1), rstd.reshape(R, 1)
+        acc2 = acc.reshape(R, n) if acc is not None else None
         dx, dw = np.empty((R, n), dtype), np.zeros(n, np.result_type(x, g))
         rows = _per_block(R, n)   # (a block of rows at a time, in cache, as layernorm)
         xhat = np.empty((min(rows, R), n), np.result_type(x, rstd))
@@ -528,7 +528,7 @@ class NumpyBackend(Backend):
             gx -= xh
             gx *= rstd2[r:r + rows]
             if acc is not None:  # the input's gradient from its other uses, added in
-                gx += acc.reshape(R, n)[r:r + rows]
+                gx += acc2[r:r + rows]
         return dx.reshape(g.shape), dw, np.ones(R, dtype=g.dtype) @ g2
 
     fused_rms_norm = fused_swiglu = fused_rotary = True   # (fewer temporaries than the composed ops)

@@ -100,8 +100,23 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
     t, checked = _index_tensor(targets, x, V, op, ignore_index)
     B = x.backend
     x2, t1 = B.reshape(x.data, (N, C)), B.reshape(t.data, (N,))
-    w3 = B.reshape(weight.data, (1,) + weight.shape)
-    b = bias.data if bias is not None else None
+    # zero classes and features to the widths the backend's products take whole (wgpu: tiles of 128; gpt2-small's
+    # 50257 classes -> 50304, SmolLM2's 576 features -> 640) once here, where the matmul would pad the weight and cut
+    # the logits back for every product of every chunk
+    Vp = B.padded_width(_builtins.min(step, N), V, C)
+    Cp = B.padded_width(_builtins.min(step, N), C, Vp)
+    w, b = weight.data, bias.data if bias is not None else None
+    wide = (Vp, Cp) if transpose_b else (Cp, Vp)
+    if (Vp, Cp) != (V, C):
+        w, w0 = B.full(wide, 0.0, weight.dtype), w
+        B.write_view(w, 0, (wide[1], 1), w0)
+        if b is not None and Vp != V:
+            b, b0 = B.full((Vp,), 0.0, bias.dtype), b
+            B.write_view(b, 0, (1,), b0)
+    if Cp != C:
+        x2, x0 = B.full((N, Cp), 0.0, x.dtype), x2
+        B.write_view(x2, 0, (Cp, 1), x0)
+    w3 = B.reshape(w, (1,) + wide)
     inputs = (x, weight) + ((bias,) if bias is not None else ())
     grad = is_grad_enabled()
     want_x, want_w, want_b = (grad and p is not None and p.requires_grad for p in (x, weight, bias))
@@ -111,10 +126,10 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
     total = count = dx = dw = db = None
     for s in range(0, N, step):
         n = _builtins.min(step, N - s)
-        xc = x2 if n == N else B.copy_view(x2, s * C, (n, C), (C, 1))                          # (n, C)
+        xc = x2 if n == N else B.copy_view(x2, s * Cp, (n, Cp), (Cp, 1))                      # (n, Cp)
         tc = t1 if n == N else B.copy_view(t1, s, (n,), (1,))
-        logits = B.reshape(B.matmul(B.reshape(xc, (1, n, C)), w3, False, transpose_b, bias=b), (n, V))
-        loss, (lse, valid, cnt) = B.cross_entropy(logits, tc, ignore_index, checked=checked)
+        logits = B.reshape(B.matmul(B.reshape(xc, (1, n, Cp)), w3, False, transpose_b, bias=b), (n, Vp))
+        loss, (lse, valid, cnt) = B.cross_entropy(logits, tc, ignore_index, checked=checked, classes=V)
         if n < N:   # the chunk's sum over its rows, and its count, summed over the chunks
             part = B.binary("mul", B.reshape(loss, (1,)), cnt)
             total = part if total is None else B.binary("add", total, part)
@@ -122,21 +137,28 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
         if not grads:
             continue
         # a count of one and g = 1: softmax - onehot on valid rows, 0 on ignored ones (scaled in the backward)
-        d3 = B.reshape(B.cross_entropy_bwd(logits, tc, (lse, valid, one), unit_g, ignore_index), (1, n, V))
+        d3 = B.reshape(B.cross_entropy_bwd(logits, tc, (lse, valid, one), unit_g, ignore_index, V), (1, n, Vp))
         del logits
         if want_x:
-            dxc = B.reshape(B.matmul(d3, w3, False, not transpose_b), (n, C))                   # (n, C)
+            dxc = B.reshape(B.matmul(d3, w3, False, not transpose_b), (n, Cp))                 # (n, Cp)
             if n == N:
                 dx = dxc
             else:
-                dx = B.empty((N, C), x.dtype) if dx is None else dx
-                B.write_view(dx, s * C, (C, 1), dxc)
+                dx = B.empty((N, Cp), x.dtype) if dx is None else dx
+                B.write_view(dx, s * Cp, (Cp, 1), dxc)
         if want_w:   # added into by the product's store where the kernel takes a residual
-            a, c = (d3, B.reshape(xc, (1, n, C))) if transpose_b else (B.reshape(xc, (1, n, C)), d3)
+            a, c = (d3, B.reshape(xc, (1, n, Cp))) if transpose_b else (B.reshape(xc, (1, n, Cp)), d3)
             dw = B.matmul(a, c, True, False, residual=dw)
         if want_b:
-            dbc = B.reduce("sum", B.reshape(d3, (n, V)), 0)                                       # (V,)
+            dbc = B.reduce("sum", B.reshape(d3, (n, Vp)), 0)                                     # (Vp,)
             db = dbc if db is None else B.binary("add", db, dbc)
+    # the padding's gradients (zeros) dropped
+    if (Vp, Cp) != (V, C) and want_w:
+        dw = B.copy_view(dw, 0, weight.shape, (wide[1], 1))
+    if Vp != V and want_b:
+        db = B.copy_view(db, 0, (V,), (1,))
+    if Cp != C and want_x:
+        dx = B.copy_view(dx, 0, (N, C), (Cp, 1))
     denom = B.binary("maximum", count, one) if grads or N > step else None
     out = loss if N <= step else B.reshape(B.binary("div", total, denom), ())   # (one chunk: its mean is the loss)
 

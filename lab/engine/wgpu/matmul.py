@@ -266,6 +266,10 @@ class MatmulOps:
     def heads_in_place(self, seq, dim):
         return heads_in_place(seq, dim, self._matmul_limits, self.matmul_tuning)
 
+    def padded_width(self, M, N, K):
+        p = plan(M, N, K, limits=self._matmul_limits, tuning=self.matmul_tuning)
+        return p.padded[1] if p.path == "padded" else N
+
     def _matmul_gathered(self, a, b, trans_a, trans_b, triangle, into):
         """A product with HeadViews through contiguous copies of them (for the kernels that take plain stacks)."""
         out = self.matmul(gather_heads(self, a), gather_heads(self, b), trans_a, trans_b, triangle=triangle)
