@@ -287,3 +287,16 @@ def test_a_padded_head_pads_its_weight_once_and_never_its_logits(wgpu_backend, m
     assert padded   # (the spy sees them)
     for name, a, r in zip(("loss", "dx", "dweight", "dbias"), fused, composed):
         _close(a, r, name)
+
+
+@pytest.mark.parametrize("base_dtype", ["float16", "q4"])
+def test_an_untied_head_on_a_float16_or_packed_base_trains(use_backend, base_dtype):
+    """lora.apply(base_dtype=...) stores every linear weight, the untied lm_head's too, as float16 or packed: the
+    head's loss is then its whole output's (a float16 lm_head failed the trainer's step before), as with logits."""
+    lab.manual_seed(0)
+    model = lora.apply(FAMILIES["llama-untied"](), r=4, targets="all-linear", base_dtype=base_dtype)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, V, (2, 7)), rng.integers(0, V, (2, 7))
+    _close(model(x, y, return_logits=False)[1].item(), model(x, y)[1].item(), "loss")
+    trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(steps=2, batch_size=2, block_size=8))
+    assert np.isfinite(trainer.train_step()[0].item())

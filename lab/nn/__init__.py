@@ -358,9 +358,9 @@ class Linear(Module):
 
     def cross_entropy(self, x, targets):
         """F.cross_entropy(self(x), targets), an output layer's loss: through F.linear_cross_entropy (the (..., out)
-        output never whole) where the output is a float weight's product alone; a packed weight's or an adapter's
-        output whole."""
-        if not self.plain or isinstance(self.weight, QuantizedWeight):
+        output never whole) where the output is a float32 (float64) weight's product alone; a frozen base's packed
+        or float16 weight's, or an adapter's, output whole."""
+        if not self.plain or self.weight.dtype not in ("float32", "float64"):
             return F.cross_entropy(self(x), targets)
         return F.linear_cross_entropy(x, self.weight, targets, self.bias, transpose_b=False)
 

@@ -73,6 +73,8 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
     and the backward only scales those sums by the incoming gradient over the count (Liger-Kernel's fused linear
     cross-entropy). Equal to the composed ops within float32 rounding (the sums are taken in another order)."""
     op = "linear_cross_entropy"
+    if not isinstance(weight, QuantizedWeight):   # (arrays and lists are constants, as matmul takes them)
+        weight, bias = _lift(weight, x), None if bias is None else _lift(bias, x)
     if isinstance(weight, QuantizedWeight) or weight.ndim != 2:
         raise ValueError(f"{op}: the weight must be a 2-D float tensor, got {weight.dtype} of shape "
                          f"{_shape_str(weight.shape)}")
