@@ -187,3 +187,15 @@ def test_a_gelu_layers_derivative_is_applied_by_the_next_linears_product(any_bac
         assert sum("+gelu grad" in label for label in labels) == fused, labels
         if not other_use:   # the loss's mul, and gelu_bwd unless the product applied it
             assert [n for n, _, _ in prof.records].count("elementwise:binary_main") == 2 - fused, labels
+
+
+def test_gelu_grad_operands_that_do_not_fit_are_one_clear_error(any_backend):
+    """pre must have the product's shape (the kernel reads it where it stores the product: a smaller one would be
+    read past its end); g and w must share N."""
+    up = any_backend.from_numpy
+    cases = (((1, 64, 32), (1, 64, 32), (1, 64, 63)), ((1, 64, 32), (1, 64, 31), (1, 64, 64)),
+             ((2, 64, 32), (1, 64, 32), (1, 64, 64)))
+    for g, w, pre in cases:
+        with pytest.raises(ValueError, match=r"matmul_gelu_grad: g .* do not fit: want g \(1, M, N\), w \(1, K, N\) "
+                                             r"and pre \(1, M, K\)"):
+            any_backend.matmul_gelu_grad(*(up(np.ones(s, np.float32)) for s in (g, w, pre)))

@@ -56,6 +56,15 @@ def check_column_sums(a, b, trans_a):
                          f"{tuple(b.shape)} do not fit: want a ({'1, K, M' if trans_a else '1, M, K'}) and b (1, K, N)")
 
 
+def check_gelu_grad(g, w, pre):
+    """One error for operands matmul_gelu_grad does not take: g (1, M, N), w (1, K, N), pre (1, M, K) (the kernel
+    reads pre where it stores the product: a wrong size would read past it)."""
+    if not (len(g.shape) == len(w.shape) == 3 and g.shape[0] == w.shape[0] == 1 and g.shape[2] == w.shape[2]
+            and tuple(pre.shape) == (1, g.shape[1], w.shape[1])):
+        raise ValueError(f"matmul_gelu_grad: g {tuple(g.shape)}, w {tuple(w.shape)} and pre {tuple(pre.shape)} do not "
+                         f"fit: want g (1, M, N), w (1, K, N) and pre (1, M, K)")
+
+
 class Backend:
     """Primitives every backend implements. Arrays are contiguous, row-major; `shape` is a tuple."""
 
@@ -159,6 +168,7 @@ class Backend:
     def matmul_gelu_grad(self, g, w, pre):
         """gelu'(pre) * (g @ w^T) for g (1, M, N), w (1, K, N), pre (1, M, K): the gradient of a GELU's input from
         the gradient g of the linear layer (weight w) that reads its output. wgpu applies gelu' as it stores."""
+        check_gelu_grad(g, w, pre)
         return self.binary("gelu_bwd", pre, self.matmul(g, w, False, True))
     def linears_fit(self, rows, weights, how): return False
     # whether linears takes a product of `rows` rows by these weights in one pass (else F.linears composes)

@@ -1,7 +1,7 @@
 """Matrix products: matmul_plan.py chooses the path (tiled, whole-tile, thin, padded, gathered); this runs it."""
 import functools
 
-from ..backend import HeadView, check_column_sums, gather_heads, scatter_heads
+from ..backend import HeadView, check_column_sums, check_gelu_grad, gather_heads, scatter_heads
 from .common import _f32bits
 from .matmul_plan import Limits, Tuning, heads_in_place, plan, plan_group, rows_cols
 from .memory import GPUArray
@@ -54,6 +54,7 @@ class MatmulOps:
         return out, sums
 
     def matmul_gelu_grad(self, g, w, pre):
+        check_gelu_grad(g, w, pre)
         out, _, fused = self._matmul(g, w, False, True, gelu="grad", gelu_grad=pre)
         return out if fused else self.binary("gelu_bwd", pre, out)
 
