@@ -219,3 +219,26 @@ def test_the_fused_path_takes_only_shapes_its_kernels_read(wgpu_backend, monkeyp
     assert not fits((1, 8, 3 * 260), 1)
     assert not fits((1, 0, 3 * 8), 1)
     assert not fits((65536, 2, 3 * 8), 1)
+
+
+def test_llama_attention_weights_above_the_binding_limit_are_planned_on_the_fused_kernels():
+    """Where a Llama layer's (B, H, T, T) weights exceed the device's binding limit and the heads take the fused
+    kernels (a multiple of 8: rotary halves of whole vec4s), the engine runs those (flash_attention_fits): the plan
+    then counts a log-sum-exp per row instead of the weights, and they are not the buffer that stops it; heads of
+    12 keep the weights, and the plan says they do not fit."""
+    from dataclasses import replace
+
+    from lab import plan
+    from lab.models.llama import LlamaConfig
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    prof = plan.PROFILES["rtx4090"]
+    tight = plan.DeviceProfile(**{**prof.to_dict(), "max_binding_size": 32 << 20})   # weights: 64 MiB a layer
+    roomy, fused = plan.estimate(cfg, batch=8, device=prof), plan.estimate(cfg, batch=8, device=tight)
+    assert roomy.largest_buffer == ("attention weights (B, H, T, T)", 8 * 2 * 1024 * 1024 * 4)
+    assert fused.fits and fused.largest_buffer[0] != roomy.largest_buffer[0]
+    # per layer and token 2.75 H T floats of scores, weights and their gradient become H log-sum-exps
+    saved = 2 * 8 * 1024 * (2.75 * 2 * 1024 - 2) * 4
+    assert roomy.memory["activations"] - fused.memory["activations"] == pytest.approx(saved, abs=64)
+    narrow = replace(cfg, hidden_size=24, head_dim=12)
+    assert not plan.estimate(narrow, batch=8, device=tight).fits

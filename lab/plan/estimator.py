@@ -235,9 +235,13 @@ def checkpointed_layer_floats(L, per_layer, saved, every, freed=0):
     """Floats L layers hold at a step's peak when every `every`-th block (0, k, 2k, ...) is checkpointed (0: none):
     a checkpointed block keeps only its input (`saved` floats, one (B, T, C)) and, while its backward runs, its
     recomputed activations (one block's, per_layer) come on top, less what the step held before and has freed
-    by then (`freed`: a Llama step's logits, softmax rows and their gradient, counted in its other part)."""
+    by then (`freed`: a Llama step's logits, softmax rows and their gradient, counted in its other part). The
+    backward frees each block's activations once it has walked them, and the head's before any block's: the layers
+    peak after `freed` went, and the last checkpointed block recomputes beside the plain blocks below it only
+    (every=2 of 2 layers holds one block's activations, not two)."""
     n = len(range(0, L, every)) if every else 0
-    return (L - n) * per_layer + n * saved + (max(0, per_layer - freed) if n else 0)
+    below = (n - 1) * (every - 1) if n else 0   # plain blocks under the last checkpointed one
+    return max(0, max(L - n, below + 1 if n else 0) * per_layer - freed) + n * saved
 
 
 def _checkpoint_every(value, L):
@@ -245,7 +249,7 @@ def _checkpoint_every(value, L):
     return integer("checkpoint_activations", int(value) if isinstance(value, bool) else value, 0, L)
 
 
-def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0):
+def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0, fused_attention=False):
     """What a LlamaLM's training step on b sequences of T tokens holds beyond weights, gradients and optimizer
     state at its peak, in floats: per token and layer about 6 C (norms, residuals, attention and MLP outputs),
     3 (H + 2 Hkv) D (q, k, v and their rotated heads, merged heads), 2.75 H T (attention scores, weights and their
@@ -254,13 +258,15 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0)
     ops make in the largest ones (cross-entropy's exp and gradient over a chunk of logits, 2.5 chunks; SwiGLU's
     sigmoid, the norms, L (1.5 I + 1.5 C) per token). Fitted to the peaks of 16 random configs (GQA ratios, head dims, tied and untied, 1-3 layers,
     T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within 0%/+19%
-    (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. Returns the floats of
-    one layer, the largest single tensor (name, floats) and the total split into parts."""
+    (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. fused_attention:
+    attention by the fused kernels, which keep a log-sum-exp per query row instead of the weights. Returns the
+    floats of one layer, the largest single tensor (name, floats) and the total split into parts."""
     C, I, L, D, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim, c.vocab_size
     H, Hkv, N = c.num_attention_heads, c.num_key_value_heads, b * T
-    per_layer = N * (6 * C + 3 * (H + 2 * Hkv) * D + 2.75 * H * T + 2 * I)
+    per_layer = N * (6 * C + 3 * (H + 2 * Hkv) * D + (H if fused_attention else 2.75 * H * T) + 2 * I)
     chunk = min(N, logits_chunk_rows(V)) * V   # one chunk of F.linear_cross_entropy's logits
-    largest = max([("logits of a chunk of rows (rows, vocab)", chunk), ("attention weights (B, H, T, T)", b * H * T * T),
+    weights = 0 if fused_attention else b * H * T * T
+    largest = max([("logits of a chunk of rows (rows, vocab)", chunk), ("attention weights (B, H, T, T)", weights),
                    ("MLP hidden (B, T, intermediate)", N * I), ("token embedding table", V * C)],
                   key=lambda kv: kv[1])
     # (checkpointed: the last block runs again once the 2.5 V per token are freed; measured peaks of 2-3 layers with
@@ -520,7 +526,10 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     tokens = steps * tokens_per_step
     base = llama_params(c)
     L, H, D = c.num_hidden_layers, c.num_attention_heads, c.head_dim
-    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries, every)
+    # the engine runs attention on its fused kernels where the weights would exceed one buffer (wgpu: heads a
+    # multiple of 8 for the rotary halves, up to 128 on 32 KiB of workgroup memory: flash_attention_fits)
+    fused = D % 8 == 0 and D <= 128 and batch * H * seq * seq * F32 > prof.max_binding_size
+    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries, every, fused)
     recomputed = len(range(0, L, every)) if every else 0   # blocks whose forward runs twice
     trainable = sum(lora_rank * (i + o) * n for (i, o), n in adapted) if lora_rank else base
     params = base + trainable if lora_rank else base
