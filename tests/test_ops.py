@@ -161,6 +161,17 @@ def test_layernorm_over_cache_blocks_of_rows_equals_pytorch_with_residual_and_ac
                                    err_msg=name)
 
 
+def test_layernorm_of_no_rows_is_empty_with_zero_parameter_gradients(any_backend):
+    import lab
+    x = lab.tensor(np.zeros((0, 5), np.float32), backend=any_backend, requires_grad=True)
+    w, b = (lab.tensor(np.full(5, v, np.float32), backend=any_backend, requires_grad=True) for v in (1, 0))
+    y = lab.functional.layer_norm(x, w, b)
+    y.sum().backward()
+    assert y.shape == (0, 5) and x.grad.shape == (0, 5)
+    np.testing.assert_array_equal(w.grad.numpy(), 0)
+    np.testing.assert_array_equal(b.grad.numpy(), 0)
+
+
 @pytest.mark.parametrize("V,C,N", [(73, 384, 5000), (1100, 1000, 300)], ids=["small-vocab", "large-vocab"])
 def test_embedding_backward_paths_match_numpy(wgpu_backend, numpy_backend, V, C, N):
     rng = np.random.default_rng(3)

@@ -135,7 +135,7 @@ def dropout_keep_mask(n, p, seed):
 def _per_block(items, item_size):
     """How many items (rows, matrices) of item_size elements to take per in-cache block: all of them where they fit
     the cache together."""
-    return items if items * item_size <= IN_CACHE else max(1, BLOCK // item_size)
+    return max(1, items) if items * item_size <= IN_CACHE else max(1, BLOCK // item_size)   # (>= 1: a range's step)
 
 
 UNARY = {
