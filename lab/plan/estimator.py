@@ -255,7 +255,7 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0,
     3 (H + 2 Hkv) D (q, k, v and their rotated heads, merged heads), 2.75 H T (attention scores, weights and their
     gradient), 2 I (gate, up, SwiGLU); per token 9 C (embedding, final norm, the residual's gradient), and the
     loss's head_loss_floats (1.5 chunks of logits). host_temporaries (numpy): the whole-array temporaries numpy's
-    ops make in the largest ones (cross-entropy's exp and gradient over a chunk of logits, 2.5 chunks; SwiGLU's
+    ops make in the largest ones (cross-entropy's exp and gradient over a chunk of logits, 1.5 chunks; SwiGLU's
     sigmoid, the norms, L (1.5 I + 1.5 C) per token). Fitted to the peaks of 16 random configs (GQA ratios, head dims, tied and untied, 1-3 layers,
     T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within 0%/+19%
     (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. fused_attention:
@@ -269,12 +269,12 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0,
     largest = max([("logits of a chunk of rows (rows, vocab)", chunk), ("attention weights (B, H, T, T)", weights),
                    ("MLP hidden (B, T, intermediate)", N * I), ("token embedding table", V * C)],
                   key=lambda kv: kv[1])
-    # (checkpointed: the last block runs again once the 2.5 V per token are freed; measured peaks of 2-3 layers with
-    # every block checkpointed: within -7%/+19%)
-    parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=1.5 * chunk),
+    # (checkpointed: the last block runs again once 2.5 chunks of logits, the loss's and their temporaries, are
+    # freed; with the chunked loss, measured peaks of 2-3 layers, k = 0, 1, 2, both backends: within -1%/+18%)
+    parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=2.5 * chunk),
              "embeddings and logits": 9 * N * C + head_loss_floats(N, V, C, 1.5)}
     if host_temporaries:   # (the loss's softmax and its gradient over a chunk in the forward, beside every layer's)
-        parts["op temporaries (numpy)"] = 2.5 * chunk + N * L * (1.5 * I + 1.5 * C)
+        parts["op temporaries (numpy)"] = 1.5 * chunk + N * L * (1.5 * I + 1.5 * C)
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
 
 
