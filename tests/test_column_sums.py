@@ -153,6 +153,7 @@ def test_column_sums_of_a_product_without_rows_or_of_operands_that_do_not_fit(an
 
 # (rows, C, hidden, tuning changes, fused): the second layer's input gradient is the (rows, C) x (C, hidden) product
 MLP_SHAPES = {"64-tiles": (64, 64, 128, {}, True), "128x128-tiles": (128, 64, 128, {"WIDE_MIN_TILES": 0}, True),
+              "128-row-tiles": (128, 64, 64, {"ROW128_MIN_TILES": 0}, True),
               "ragged": (50, 40, 70, {}, False), "few-rows": (8, 64, 64, {}, False),
               "split": (64, 256, 64, {}, False)}
 
