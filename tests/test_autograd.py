@@ -331,3 +331,26 @@ def test_a_backward_after_an_optimizer_step_on_what_its_forward_read_is_refused(
         F.sum(F.matmul(x, w) * F.matmul(x, w)).backward()
     want = 2 * 2 * (x.numpy().T @ (x.numpy() @ w.numpy()))
     np.testing.assert_allclose(w.grad.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_backward_frees_each_activation_once_its_backward_ran(use_backend):
+    """The walk held every node it had sorted until it ended, and so every activation: a checkpointed block's whole
+    recomputation and the outer graph's logits stayed through the rest of the backward. A node walked goes, its
+    output with it, as soon as nothing else holds it: here `a` is gone when the probe, walked after it, runs."""
+    import weakref
+    from lab.engine.tensor import Tensor
+    B = use_backend
+    x = lab.tensor(np.ones(64, np.float32), requires_grad=True)
+    a = x * 2.0
+    freed = []
+    storage = weakref.ref(B.storage(a.data))
+
+    def probe(g):
+        freed.append(storage() is None)
+        return (g,)
+    p = Tensor._make(x.data, B, (x,), probe)
+    y = (a + p).sum()
+    del a
+    y.backward()
+    assert freed == [True]
+    np.testing.assert_array_equal(x.grad.numpy(), np.full(64, 3.0, np.float32))

@@ -309,7 +309,8 @@ def test_plan_counts_checkpointed_activations():
     per_layer = plain.memory["activations per layer"]
     assert plain.memory[layers] == L * per_layer
     assert every.memory[layers] == L * N * c.n_embd * 4 + per_layer
-    assert half.memory[layers] == 3 * per_layer + 3 * N * c.n_embd * 4 + per_layer
+    # (block 5's are freed by the time block 4 recomputes beside blocks 1 and 3: three blocks' at most)
+    assert half.memory[layers] == 3 * per_layer + 3 * N * c.n_embd * 4
 
 
 def _measured_peak(backend, model, batch, seq, k, third_step=False):

@@ -221,7 +221,8 @@ class Tensor:
                     stack.append((p, False))
         grads = {id(self): grad}
         done = []
-        for node in reversed(topo):
+        while topo:   # popped: a node walked goes, its output with it, once no later node or caller holds it
+            node = topo.pop()
             g = grads.pop(id(node), None)
             if g is None:
                 continue
