@@ -96,15 +96,23 @@ def _dropout_into(x, out, p, seed, start=0):
     mask's dozen integer passes and the select run GELU_CHUNK elements at a time, in cache: over a whole attention
     matrix they went to memory, and np.where's select alone cost as much as the mask (5x on (48, 256, 256))."""
     m = min(GELU_CHUNK, x.size)
-    idx, h, w = np.arange(m, dtype=np.uint32), np.empty(m, np.uint32), np.empty(m, np.uint32)
-    key = pcg(np.array([seed], dtype=np.uint32))[0]
-    threshold = np.uint32(math.ceil(float(np.float32(p)) * 16777216.0))
+    key = int(pcg(np.array([seed], dtype=np.uint32))[0])
+    low = GELU_CHUNK - 1
+    # i ^ key for a chunk starting at a multiple of GELU_CHUNK: its low bits from idx ^ key, made once
+    idx_key, h, w = np.arange(m, dtype=np.uint32) ^ np.uint32(key & low), np.empty(m, np.uint32), np.empty(m, np.uint32)
+    threshold = math.ceil(float(np.float32(p)) * 16777216.0)
+    below = np.uint32((threshold - 1) & 0xFFFFFFFF)
     scale = x.dtype.type(1.0 / (1.0 - p))
     for i in range(0, x.size, GELU_CHUNK):
         k = min(GELU_CHUNK, x.size - i)
         hs, ws, o = h[:k], w[:k], out[i:i + k]
-        np.add(idx[:k], np.uint32((start + i) & 0xFFFFFFFF), out=hs)   # (the counter wraps at 2^32, as on the GPU)
-        hs ^= key
+        c = (start + i) & 0xFFFFFFFF   # (the counter wraps at 2^32, as on the GPU)
+        if c & low == 0:
+            np.bitwise_or(idx_key[:k], np.uint32((c ^ key) & ~low & 0xFFFFFFFF), out=hs)
+        else:
+            np.bitwise_xor(idx_key[:k], np.uint32(key & low), out=hs)   # (idx again)
+            hs += np.uint32(c)
+            hs ^= np.uint32(key)
         hs *= np.uint32(747796405)                      # pcg(h), as pcg() computes it
         hs += np.uint32(2891336453)
         np.right_shift(hs, np.uint32(28), out=ws)
@@ -116,13 +124,13 @@ def _dropout_into(x, out, p, seed, start=0):
         hs ^= ws
         hs >>= np.uint32(8)
         np.multiply(x[i:i + k], scale, out=o)
-        if x.dtype.itemsize == 4:   # the select as a bitwise and: all ones where kept, zero where dropped
-            hs -= threshold          # (its top bit set exactly where hs < threshold: both are below 2^25)
-            hs >>= np.uint32(31)
-            hs -= np.uint32(1)
+        if x.dtype.itemsize == 4:   # the select as a bitwise and: all ones where kept, zero where dropped:
+            np.subtract(below, hs, out=hs)   # threshold - 1 - h, negative as int32 exactly where h >= threshold
+            signs = hs.view(np.int32)        # (both below 2^24), and its sign spread over the word
+            np.right_shift(signs, np.int32(31), out=signs)
             np.bitwise_and(o.view(np.uint32), hs, out=o.view(np.uint32))
         else:
-            np.copyto(o, 0, where=hs < threshold)
+            np.copyto(o, 0, where=hs < np.uint32(threshold))
 
 
 def dropout_keep_mask(n, p, seed):
