@@ -94,3 +94,26 @@ def test_backends_give_the_same_training_losses(wgpu_backend, numpy_backend, mon
         curves.append([trainer.train_step()[0].item() for _ in range(4)])
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
     assert curves[0][-1] < curves[0][0]
+
+
+def test_trace_peak_lists_what_was_in_use_at_the_peak_and_the_code_that_made_it(wgpu_backend):
+    """The way to see what a step's peak holds (issue #23: a checkpointed step's peak was far above its arithmetic):
+    the buffers in use at the highest peak, each with its shape and the op that allocated it; off, nothing kept."""
+    from lab.engine.backend import using_backend
+    B = wgpu_backend
+    with using_backend(B):
+        B.sync(wait=True)
+        B.reset_peak()
+        B.trace_peak()
+        try:
+            x = lab.tensor(np.ones((64, 256), np.float32), requires_grad=True)
+            (x * 2.0).exp().sum().backward()
+            arrays = B.peak_arrays()
+            assert sum(a[0] for a in arrays) == B.stats()["peak_bytes_in_use"]
+            made = {by for _, shape, dtype, by in arrays if shape == (64, 256) and dtype == "float32"}
+            assert {"tensor.tensor", "elementwise.mul", "elementwise.exp"} <= made, made
+            assert any("tensor._walk" in by for by in made), made   # gradients name the backward that made them
+        finally:
+            B.trace_peak(False)
+        lab.tensor(np.ones((512, 512), np.float32))
+        assert B.peak_arrays() == [] and B._made is None

@@ -109,15 +109,13 @@ class CaptureMixin:
         self.sync()
         for key, buffer in capture.buffers.items():
             self._reserved[key] = self._reserved.get(key, 0) + 1
-        stats = self._stats
         for pool in (self._pool, self._recent):  # buffers the step freed again: back in use, held for replays
             for size, buffers in pool.items():
                 taken = [b for b in buffers if id(b) in capture.buffers]
                 if taken:
                     buffers[:] = [b for b in buffers if id(b) not in capture.buffers]
                     self._held.update((id(b), (b, size)) for b in taken)
-                    stats["bytes_in_use"] += size * len(taken)
-        stats["peak_bytes_in_use"] = max(stats["peak_bytes_in_use"], stats["bytes_in_use"])
+                    self._count_in_use(size * len(taken))
         return capture
 
     def release_capture(self, capture):

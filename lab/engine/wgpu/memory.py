@@ -1,6 +1,8 @@
 """GPU arrays and their buffers: allocation from the pool, release (through finalizers that only queue the
 buffer), upload and readback."""
 import math
+import os
+import sys
 
 import numpy as np
 
@@ -54,6 +56,8 @@ class GPUArray:
 
 class MemoryMixin:
     """WgpuBackend's memory: the pool of buffers, uploads, readbacks and the memory counters."""
+    _made = None         # trace_peak on: id(buffer) -> (bytes, shape, dtype, the code that allocated it last)
+    _peak_arrays = []
     # ------------------------------------------------------------------ memory
     def _alloc(self, shape, dtype, upload=False):
         if dtype == "float16":
@@ -75,10 +79,35 @@ class MemoryMixin:
                 raise _lost(self, e) from None
             self._owned[id(buffer)] = buffer
             self._stats["bytes_reserved"] += size
+        if self._made is not None:
+            self._made[id(buffer)] = (size, tuple(shape), dtype, _allocated_by())
+        self._count_in_use(size)
+        return GPUArray(_Storage(buffer, size, self), shape, dtype)
+
+    def _count_in_use(self, size):
         s = self._stats
         s["bytes_in_use"] += size
-        s["peak_bytes_in_use"] = max(s["peak_bytes_in_use"], s["bytes_in_use"])
-        return GPUArray(_Storage(buffer, size, self), shape, dtype)
+        if s["bytes_in_use"] > s["peak_bytes_in_use"]:
+            s["peak_bytes_in_use"] = s["bytes_in_use"]
+            if self._made is not None:
+                self._peak_arrays = self._in_use()
+
+    def trace_peak(self, on=True):
+        """While on, each new peak of bytes in use keeps what was in use at that moment, for peak_arrays(): to see
+        where a step's memory goes. Off by default; off, an allocation pays one attribute check."""
+        self._made = {} if on else None
+        self._peak_arrays = self._in_use() if on else []
+
+    def peak_arrays(self):
+        """The buffers in use at the highest peak since trace_peak() (or reset_peak()), largest first: (bytes, shape,
+        dtype, the lab code that allocated it: 'module.function' innermost first). A buffer a capture holds for its
+        replays is in use, though no array owns it; one allocated before tracing began shows its bytes only."""
+        return list(self._peak_arrays)
+
+    def _in_use(self):
+        pooled = {id(b) for pool in (self._pool, self._recent) for buffers in pool.values() for b in buffers}
+        return sorted((self._made.get(k) or (b.size, None, None, None) for k, b in self._owned.items()
+                       if k not in pooled), key=lambda a: -a[0])
 
     def _take_back_freed(self):
         while self._freed:
@@ -164,3 +193,21 @@ class MemoryMixin:
 
     def reset_peak(self):
         self._stats["peak_bytes_in_use"] = self._stats["bytes_in_use"]
+        if self._made is not None:
+            self._peak_arrays = self._in_use()
+
+
+_LAB, _WGPU, _BACKEND = (os.sep + "lab" + os.sep, os.sep + "wgpu" + os.sep,
+                        os.path.join("lab", "engine", "backend.py"))
+
+
+def _allocated_by(depth=3):
+    """The lab code outside the backend's own modules that an allocation was made for ('module.function', the
+    innermost `depth` frames, joined by ' < '): the op, and what called it."""
+    names, f = [], sys._getframe(2)   # (past _alloc)
+    while f is not None and len(names) < depth:
+        path = f.f_code.co_filename
+        if _LAB in path and _WGPU not in path and not path.endswith(_BACKEND):
+            names.append(f"{os.path.splitext(os.path.basename(path))[0]}.{f.f_code.co_name}")
+        f = f.f_back
+    return " < ".join(names)
