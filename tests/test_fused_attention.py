@@ -242,3 +242,32 @@ def test_llama_attention_weights_above_the_binding_limit_are_planned_on_the_fuse
     assert roomy.memory["activations"] - fused.memory["activations"] == pytest.approx(saved, abs=64)
     narrow = replace(cfg, hidden_size=24, head_dim=12)
     assert not plan.estimate(narrow, batch=8, device=tight).fits
+
+
+@pytest.mark.parametrize("what", ["qkv", "cos"])
+@pytest.mark.parametrize("dtype", ["int32", "float16"])
+def test_attention_inputs_that_are_not_float32_are_one_clear_error(any_backend, monkeypatch, what, dtype):
+    """An int32 qkv or table went into the fused kernels as float bits (wgpu: NaN or wrong rotations, no error); a
+    float16 one failed at a kernel binding (wgpu) or inside rotary (numpy): one error naming the argument."""
+    monkeypatch.setattr(any_backend, "FLASH_ATTENTION", True, raising=False)
+    rng = np.random.default_rng(0)
+    qkv = lab.tensor(rng.standard_normal((1, 6, 4 * 8)).astype(np.float32), backend=any_backend,
+                     dtype=dtype if what == "qkv" else "float32")
+    cos, sin = (lab.tensor(t, backend=any_backend, dtype=dtype if what == "cos" else "float32")
+                for t in _tables(6, 8))
+    name = "qkv" if what == "qkv" else "rotary table cos"
+    with pytest.raises(ValueError, match=f"^causal_self_attention: {name}: (expected a floating-point tensor, got "
+                                         f"dtype int32|float16 tensors are storage)"):
+        F.causal_self_attention(qkv, 2, n_kv_head=1, rope=(cos, sin))
+
+
+def test_numpy_integer_head_counts_run_like_python_ints(any_backend, monkeypatch):
+    """n_head, n_kv_head as numpy integers (a config read with numpy) passed the checks and then failed on wgpu in
+    the kernels' block choice ('head_dim must be a multiple of 4 ..., got np.int64(8)')."""
+    monkeypatch.setattr(any_backend, "FLASH_ATTENTION", True, raising=False)
+    qkv_np = np.random.default_rng(1).standard_normal((1, 5, 4 * 8)).astype(np.float32)
+    want, _ = _run(any_backend, qkv_np, np.ones((1, 5, 16), np.float32), 2, 1, 0.0)
+    got, names = _run(any_backend, qkv_np, np.ones((1, 5, 16), np.float32), np.int64(2), np.int32(1), 0.0)
+    assert (any_backend.name == "wgpu") == ("attention:fwd_main" in names)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

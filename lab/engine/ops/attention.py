@@ -46,6 +46,8 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
     for name, v in (("n_head", H), ("n_kv_head", Hkv)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"causal_self_attention: {name} must be a positive integer, got {v!r}")
+    H, Hkv = int(H), int(Hkv)   # (a numpy integer would make D one, which the kernels' block choice refuses)
+    _check_float(qkv, "causal_self_attention: qkv")   # (the fused kernels would read an int's bits as floats)
     if H % Hkv or qkv.ndim != 3 or qkv.shape[2] % (H + 2 * Hkv):
         want = "(B, T, 3C) with C divisible by n_head" if n_kv_head is None else \
             "(B, T, (n_head + 2 n_kv_head) D) with n_kv_head dividing n_head"
@@ -68,6 +70,8 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
             raise ValueError(f"causal_self_attention: rotary tables must be (P, D) with P >= T = {T} and D = {D} "
                              f"even, on qkv's {Bk.name} backend, got cos {_shape_str(cos.shape)}, sin "
                              f"{_shape_str(sin.shape)}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            _check_float(t, f"causal_self_attention: rotary table {name}")
     tables_grad = rope is not None and is_grad_enabled() and any(t.requires_grad for t in rope)
     if not (return_weights or tables_grad) and Bk.flash_attention_fits(qkv.shape, H, Hkv, rope is not None):
         # fused kernels, the weights never in memory (wgpu); the seed is drawn as below
