@@ -273,3 +273,19 @@ def test_a_capture_keeps_no_array_alive_beyond_the_buffers_it_binds(wgpu_backend
         assert [s() for s in storages] == [None] * len(storages)
     finally:
         B.release_capture(capture)
+
+
+def test_a_reference_capture_keeps_none_of_its_steps_gradients(wgpu_backend):
+    """The first capture is kept as the reference the next one is compared with, never replayed: it held its
+    step's gradients (and loss and norm), so the second capture's peak, where every buffer its step bound is
+    counted in use, carried a copy of every gradient beside its own."""
+    import weakref
+    with using_backend(wgpu_backend):
+        t = _trainer(True, dropout=0.1)
+        _steps(t, 1)
+        assert t.replay.reference is not None and t.replay.ready is None
+        grads = [weakref.ref(p.grad.data.storage) for p in t.optimizer.params]
+        t.optimizer.zero_grad()
+        assert [g() for g in grads] == [None] * len(grads)
+        losses = _steps(t, 4)   # the reference still leads to a ready capture, replayed as before
+        assert t.replay.replayed == 3 and losses == _steps(_trainer(False, dropout=0.1), 5)[1:]

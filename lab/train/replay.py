@@ -144,6 +144,9 @@ class StepReplay:
             self.ready = rec
             return
         self.backend.release_capture(rec.capture)
+        # kept as the next capture's reference, compared and never replayed: its step's gradients, loss and norm
+        # must not stay through the next step (a copy of every gradient at the next capture's peak)
+        rec.grads, rec.loss, rec.norm = (), None, None
         if ref is not None:
             self.mismatches += 1
             if self.mismatches >= MAX_MISMATCHES:  # something outside the known step values changes every step
