@@ -3,6 +3,7 @@ pooled buffers reused from step to step."""
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 import lab
 from lab.data import CharTokenizer, load_corpus, train_val_split
@@ -117,3 +118,8 @@ def test_trace_peak_lists_what_was_in_use_at_the_peak_and_the_code_that_made_it(
             B.trace_peak(False)
         lab.tensor(np.ones((512, 512), np.float32))
         assert B.peak_arrays() == [] and B._made is None
+
+
+def test_trace_peak_on_numpy_is_one_clear_error(numpy_backend):
+    with pytest.raises(NotImplementedError, match="numpy backend keeps no count.*tracemalloc"):
+        numpy_backend.trace_peak()

@@ -92,6 +92,10 @@ class Backend:
     def stats(self): return {}
     def reset_peak(self): pass
 
+    def trace_peak(self, on=True):   # (wgpu: the buffers in use at each new peak, for peak_arrays())
+        raise NotImplementedError(f"trace_peak: the {self.name} backend keeps no count of its memory (its arrays are "
+                                  f"host memory: trace them with tracemalloc); the wgpu backend traces its peaks")
+
     # -- elementwise --
     def unary(self, op, a): raise NotImplementedError               # neg exp log sqrt tanh relu gelu
     def scalar(self, op, a, c): raise NotImplementedError           # add mul rsub rdiv pow
