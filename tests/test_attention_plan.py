@@ -224,3 +224,32 @@ def test_attention_variants_benchmark_times_other_head_dims_for_their_own_tuning
 def test_per_head_dim_tuning_refuses_entries_the_kernels_do_not_take(bad, match):
     with pytest.raises(InputError, match=match):
         AttentionTuning(FLASH_HEAD_DIM_BLOCKS=bad)
+
+
+@pytest.mark.parametrize("storage,widest", [(16384, 76), (LAVAPIPE, 160), (H200, 244)])
+def test_the_kernels_take_the_heads_whose_blocks_fit_and_a_t_within_the_grid(storage, widest):
+    """kernels_take, the one rule of the engine (flash_attention_fits) and the plan estimator: the widest head is the
+    device's workgroup memory's (the plan said 128 for every device: 16 KiB devices cannot run heads of 80-128, 32
+    KiB ones run up to 160); rotary heads a multiple of 8; each pass's row of workgroups over T within the grid."""
+    takes = [d for d in ap.HEAD_DIMS if ap.kernels_take(d, 2, 64, storage)]
+    assert takes == list(range(4, widest + 1, 4))
+    assert [d for d in ap.HEAD_DIMS if ap.kernels_take(d, 2, 64, storage, rotary=True)] == list(range(8, widest + 1, 8))
+    assert not any(ap.kernels_take(d, 2, 64, storage) for d in (0, 2, 6, 258, 260))
+    assert not ap.kernels_take(64, 0, 64, storage) and not ap.kernels_take(64, 65536, 64, storage)
+    assert not ap.kernels_take(64, 2, 0, storage)
+    fwd, bwd = ap.blocks("fwd", 64, storage), ap.blocks("bwd", 64, storage)
+    most = 16 * min(fwd[0], bwd[0], bwd[1])        # T of 16 blocks of the smallest, on a grid of 16
+    assert ap.kernels_take(64, 2, most, storage, max_workgroups=16)
+    assert not ap.kernels_take(64, 2, most + 1, storage, max_workgroups=16)
+
+
+def test_flash_attention_fits_asks_the_devices_grid_limit(wgpu_backend, monkeypatch):
+    """A T whose blocks need more workgroups in a row than the device dispatches was taken by the fused path (its
+    dispatch would fail validation): with the grid limit at 4 rows of blocks, T past 4 blocks goes composed."""
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
+    fwd, bwd = wgpu_backend._attention_blocks(16)
+    most = 4 * min(fwd[0], bwd[0], bwd[1])
+    monkeypatch.setattr(wgpu_backend, "limits", {**wgpu_backend.limits, "max-compute-workgroups-per-dimension": 4})
+    assert wgpu_backend.flash_attention_fits((1, most, 3 * 16), 1)
+    assert not wgpu_backend.flash_attention_fits((1, most + 1, 3 * 16), 1)
+    assert not wgpu_backend.flash_attention_fits((5, 8, 3 * 16), 1)   # 5 heads in all: 5 rows of workgroups

@@ -271,3 +271,26 @@ def test_numpy_integer_head_counts_run_like_python_ints(any_backend, monkeypatch
     assert (any_backend.name == "wgpu") == ("attention:fwd_main" in names)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("head_dim,storage,fused", [(128, 16384, False), (64, 16384, True), (128, 32768, True),
+                                                    (160, 32768, True), (168, 32768, False), (232, 49152, True)])
+def test_the_plan_counts_the_fused_attention_only_for_heads_the_devices_workgroup_memory_takes(head_dim, storage,
+                                                                                              fused):
+    """The plan took heads up to 128 as fused on every device: on WebGPU's guaranteed 16 KiB the kernels' blocks do
+    not fit heads of 128 (the engine runs the composed path, whose weights then exceed the binding: the plan said
+    such a step fits), and 32 KiB (lavapipe) runs up to 160, 48 KiB (the H200) up to 244, which it counted as
+    weights. The plan asks attention_plan.kernels_take, as flash_attention_fits does (Llama and GPT-2)."""
+    from lab import plan
+    from lab.models import PRESETS
+    from lab.models.llama import LlamaConfig
+    prof = plan.DeviceProfile(**{**plan.PROFILES["rtx4090"].to_dict(), "max_binding_size": 16 << 20,
+                                 "workgroup_storage": storage})
+    llama = LlamaConfig(vocab_size=64, hidden_size=2 * head_dim, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    gpt2 = PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "n_embd": 2 * head_dim, "n_head": 2,
+                                        "block_size": 2048})
+    for cfg in (llama, gpt2):   # weights (1, 2, 2048, 2048): 32 MiB a layer; every other buffer within 16 MiB
+        p = plan.estimate(cfg, batch=1, device=prof)
+        assert (p.largest_buffer[0] != "attention weights (B, H, T, T)") == fused, (cfg, p.largest_buffer)
+        assert p.fits == fused

@@ -215,11 +215,11 @@ def llama_lora_layers(c, targets, r):
     return [(shapes[sub], n) for sub, n in counts.items()]
 
 
-def head_loss_floats(N, V, C, chunk=2):
+def head_loss_floats(N, V, C, chunk=2, weight_grad=True):
     """Floats a training step's output layer holds at its peak for N rows, vocabulary V, width C: its loss comes from
     F.linear_cross_entropy, so `chunk` times one chunk's logits (them and their gradient) and the input's and
     the weight's gradients, summed in the forward (N C + V C), never the whole (N, V) logits."""
-    return chunk * min(N, logits_chunk_rows(V)) * V + N * C + V * C
+    return chunk * min(N, logits_chunk_rows(V)) * V + N * C + (V * C if weight_grad else 0)   # (a frozen head: none)
 
 
 def head_loss_ops(rows, V, weight_grad=True):
@@ -249,22 +249,45 @@ def _checkpoint_every(value, L):
     return integer("checkpoint_activations", int(value) if isinstance(value, bool) else value, 0, L)
 
 
-def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0, fused_attention=False):
+def llama_head_whole(c, adapted=(), base_dtype="float32"):
+    """Whether a LlamaLM's training step takes its head's whole (B, T, vocab) output rather than
+    F.linear_cross_entropy's chunks (Linear.cross_entropy): an untied head adapted (the adapted (hidden, vocab)
+    layer of llama_lora_layers) or stored other than float32 (lora.apply's base_dtype)."""
+    return not c.tie_word_embeddings and (base_dtype != "float32" or any(
+        shape == (c.hidden_size, c.vocab_size) and layers == 1 for shape, layers in adapted))
+
+
+def runs_fused_attention(prof, batch, heads, seq, head_dim, rotary=False):
+    """Whether the engine runs a layer's attention on its fused kernels by default (WgpuBackend.flash_attention_fits):
+    where the (B, H, T, T) weights would exceed one buffer and the kernels take the heads on this device
+    (attention_plan.kernels_take: the blocks that fit its workgroup memory decide how wide; rotary (Llama) heads a
+    multiple of 8)."""
+    if batch * heads * seq * seq * F32 <= prof.max_binding_size:
+        return False
+    from ..engine.wgpu import attention_plan   # (only here: the package imports wgpu, which a CPU plan never needs)
+    return attention_plan.kernels_take(head_dim, batch * heads, seq, prof.workgroup_storage, rotary)
+
+
+def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0, fused_attention=False,
+                            whole_head=False, trains_head=True):
     """What a LlamaLM's training step on b sequences of T tokens holds beyond weights, gradients and optimizer
     state at its peak, in floats: per token and layer about 6 C (norms, residuals, attention and MLP outputs),
     3 (H + 2 Hkv) D (q, k, v and their rotated heads, merged heads), 2.75 H T (attention scores, weights and their
     gradient), 2 I (gate, up, SwiGLU); per token 9 C (embedding, final norm, the residual's gradient), and the
     loss's head_loss_floats (1.5 chunks of logits). host_temporaries (numpy): the whole-array temporaries numpy's
-    ops make in the largest ones (cross-entropy's exp and gradient over a chunk of logits, 1.5 chunks; SwiGLU's
-    sigmoid, the norms, L (1.5 I + 1.5 C) per token). Fitted to the peaks of 16 random configs (GQA ratios, head dims, tied and untied, 1-3 layers,
-    T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within 0%/+19%
+    ops make in the largest ones (SwiGLU's sigmoid, the norms: L (1.5 I + 1.5 C) per token; cross-entropy's one
+    (rows, V) array, within the chunks counted, or V per token where the logits are whole). Fitted to the peaks of 16 random configs (GQA ratios, head
+    dims, tied and untied, 1-3 layers, T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within
+    0%/+19% (the loss's terms refitted for the chunked loss)
     (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. fused_attention:
-    attention by the fused kernels, which keep a log-sum-exp per query row instead of the weights. Returns the
-    floats of one layer, the largest single tensor (name, floats) and the total split into parts."""
+    attention by the fused kernels, which keep a log-sum-exp per query row instead of the weights. whole_head
+    (llama_head_whole): the loss over the whole logits, 2.5 V per token (logits, softmax rows, their gradient; as
+    many numpy temporaries); trains_head: the head's weight has a gradient (not under LoRA). Returns the floats of
+    one layer, the largest single tensor (name, floats) and the total split into parts."""
     C, I, L, D, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim, c.vocab_size
     H, Hkv, N = c.num_attention_heads, c.num_key_value_heads, b * T
     per_layer = N * (6 * C + 3 * (H + 2 * Hkv) * D + (H if fused_attention else 2.75 * H * T) + 2 * I)
-    chunk = min(N, logits_chunk_rows(V)) * V   # one chunk of F.linear_cross_entropy's logits
+    chunk = (N if whole_head else min(N, logits_chunk_rows(V))) * V   # one chunk of the loss's logits (or all)
     weights = 0 if fused_attention else b * H * T * T
     largest = max([("logits of a chunk of rows (rows, vocab)", chunk), ("attention weights (B, H, T, T)", weights),
                    ("MLP hidden (B, T, intermediate)", N * I), ("token embedding table", V * C)],
@@ -272,9 +295,10 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0,
     # (checkpointed: the last block runs again once 2.5 chunks of logits, the loss's and their temporaries, are
     # freed; with the chunked loss, measured peaks of 2-3 layers, k = 0, 1, 2, both backends: within -1%/+18%)
     parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=2.5 * chunk),
-             "embeddings and logits": 9 * N * C + head_loss_floats(N, V, C, 1.5)}
-    if host_temporaries:   # (the loss's softmax and its gradient over a chunk in the forward, beside every layer's)
-        parts["op temporaries (numpy)"] = 1.5 * chunk + N * L * (1.5 * I + 1.5 * C)
+             "embeddings and logits": 9 * N * C + (2.5 * chunk if whole_head else
+                                                        head_loss_floats(N, V, C, 1.5, trains_head))}
+    if host_temporaries:   # (the loss's one temporary (rows, V) array: within its chunks' count when chunked)
+        parts["op temporaries (numpy)"] = (chunk if whole_head else 0) + N * L * (1.5 * I + 1.5 * C)
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
 
 
@@ -297,7 +321,7 @@ def _linear_weight_bytes(c, base_dtype):
     return sum(n * quant.packed_nbytes(kind, (o, i)) for (i, o), n in layers)
 
 
-def activation_floats(c, b, T, training=True, fused_attention=False, checkpoint_every=0):
+def activation_floats(c, b, T, training=True, fused_attention=False, checkpoint_every=0, trains_head=True):
     """Floats of the forward intermediates the engine keeps until backward: the total, one layer's, the largest
     single tensor (name, floats), and the total split into embeddings, layers, logits and loss. fused_attention:
     attention by the fused kernels, which keep a log-sum-exp per row instead of the (B, H, T, T) weights.
@@ -313,7 +337,7 @@ def activation_floats(c, b, T, training=True, fused_attention=False, checkpoint_
     per_layer = (18 + (4 if drop else 0)) * N * C + (1 + (1 if drop else 0)) * att + 4 * N + (
         b * H * T if fused_attention else 0)
     embed = (2 + (1 if drop else 0)) * N * C + T * C
-    head = N * C + 2 * N + head_loss_floats(N, V, C)     # ln_f, its stats, the loss's chunk and gradients
+    head = N * C + 2 * N + head_loss_floats(N, V, C, 2, trains_head)   # ln_f, its stats, the loss's chunk, gradients
     layers = checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every)
     total = embed + layers + head
     largest = max([("logits of a chunk of rows (rows, vocab)", min(N, logits_chunk_rows(V)) * V),
@@ -410,13 +434,10 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
         steps = math.ceil((tokens or 1e6) / tokens_per_step)  # (tokens is None or > 0)
     tokens = steps * tokens_per_step
     params, trainable = count_params(c, lora_rank, lora_targets)
-    # the engine runs attention on its fused kernels where the weights would exceed one buffer (wgpu, heads a
-    # multiple of 4: WgpuBackend.flash_attention_fits; up to 128 their blocks fit the 32 KiB of workgroup memory
-    # devices have, attention_plan.blocks)
     head = c.n_embd // c.n_head
-    fused = (head * c.n_head == c.n_embd and head % 4 == 0 and head <= 128
-             and batch * c.n_head * seq * seq * F32 > prof.max_binding_size)
-    acts, per_layer, largest, parts = activation_floats(c, batch, seq, fused_attention=fused, checkpoint_every=every)
+    fused = head * c.n_head == c.n_embd and runs_fused_attention(prof, batch, c.n_head, seq, head)
+    acts, per_layer, largest, parts = activation_floats(c, batch, seq, fused_attention=fused, checkpoint_every=every,
+                                                        trains_head=not lora_rank)
     recomputed = len(range(0, c.n_layer, every)) if every else 0   # blocks whose forward runs twice
     opt_floats = (2 if optimizer == "adamw" else 1) * trainable
     # backward working set, measured on the engine (lab.stats() peaks of 2- and 3-layer models, the part that does
@@ -526,10 +547,9 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     tokens = steps * tokens_per_step
     base = llama_params(c)
     L, H, D = c.num_hidden_layers, c.num_attention_heads, c.head_dim
-    # the engine runs attention on its fused kernels where the weights would exceed one buffer (wgpu: heads a
-    # multiple of 8 for the rotary halves, up to 128 on 32 KiB of workgroup memory: flash_attention_fits)
-    fused = D % 8 == 0 and D <= 128 and batch * H * seq * seq * F32 > prof.max_binding_size
-    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries, every, fused)
+    fused = runs_fused_attention(prof, batch, H, seq, D, rotary=True)
+    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries, every, fused,
+                                                        llama_head_whole(c, adapted, lora_base_dtype), not lora_rank)
     recomputed = len(range(0, L, every)) if every else 0   # blocks whose forward runs twice
     trainable = sum(lora_rank * (i + o) * n for (i, o), n in adapted) if lora_rank else base
     params = base + trainable if lora_rank else base
@@ -554,7 +574,8 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     # a recomputed block's forward again: 2 FLOPs per weight and attention's 4 H D T; 18 dispatches (19 with
     # dropout: counted on the engine, lab.stats())
     flops_per_token += recomputed * (2 * llama_layer_params(c) + 4 * H * D * seq)
-    ops = llama_op_count(c, prof.update_slots, adapted, batch * seq) + recomputed * (19 if c.dropout > 0 else 18)
+    ops = llama_op_count(c, prof.update_slots, adapted, batch * seq, lora_base_dtype) + recomputed * (
+        19 if c.dropout > 0 else 18)
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
                  + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
@@ -602,7 +623,7 @@ def _check_base_dtype(base_dtype, lora_rank):
                          f"a frozen base only), got {show(base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
 
 
-def llama_op_count(c, update_slots=1, adapted=(), rows=1):
+def llama_op_count(c, update_slots=1, adapted=(), rows=1, base_dtype="float32"):
     """Dispatches of a LlamaLM training step on wgpu (fused norm, rotary and SwiGLU kernels), as counted on the
     engine (lab.stats()): 15 + 51 per layer (+1 for a tied head: the embedding's two gradients summed), plus the
     optimizer's: an update and a sum of squares (the gradient
@@ -611,7 +632,7 @@ def llama_op_count(c, update_slots=1, adapted=(), rows=1):
     adapted (llama_lora_layers' [((in, out), layers)]): LoRA on a frozen base, -1 + 44 per layer (no weight
     gradients for the linear layers, embedding and norms) + 10 per adapter (its two forward products and the
     backward's four, two scalings and the input gradient's sum), its A and B the trained tensors. rows (batch x
-    seq): the head's loss (head_loss_ops)."""
+    seq): the head's loss (head_loss_ops), unless the head's output is taken whole (llama_head_whole)."""
     if adapted:
         n = sum(layers for _, layers in adapted)
         tensors, ops = 2 * n, -1 + 44 * c.num_hidden_layers + 10 * n
@@ -620,7 +641,7 @@ def llama_op_count(c, update_slots=1, adapted=(), rows=1):
         tensors = 2 + (not c.tie_word_embeddings) + c.num_hidden_layers * (
             9 + 3 * qkv_bias + c.attention_bias + 3 * c.mlp_bias)
         ops = 15 + bool(c.tie_word_embeddings) + 51 * c.num_hidden_layers
-    ops += head_loss_ops(rows, c.vocab_size, not adapted)
+    ops += 0 if llama_head_whole(c, adapted, base_dtype) else head_loss_ops(rows, c.vocab_size, not adapted)
     if update_slots > 1:
         chunks = math.ceil(tensors / (4 * update_slots))
         return ops + math.ceil(tensors / update_slots) + chunks + (chunks if chunks > 1 else 0)

@@ -117,7 +117,7 @@ def profile_device(backend=None, refresh=False):
     prof = DeviceProfile(lim.name, "measured", 2 * 1024 * 256 * 768 / max(t_mm - t_op, 1e-9),
                          3 * 4 * (1 << 22) / max(t_ew - t_op, 1e-9), t_op, lim.memory_bytes, lim.max_buffer_size,
                          lim.max_binding_size, 0.0, max(t_drop - t_op, 0.0) / drop_n,
-                         b.optimizer_slots(), lim.host_temporaries)
+                         b.optimizer_slots(), lim.host_temporaries, lim.workgroup_storage)
     prof.elementwise_s_per_float = _probe_elementwise_cost(b, prof)
     _measured[key] = prof
     return prof

@@ -32,6 +32,8 @@ class DeviceProfile:
     dropout_s_per_float: float = 0.0      # one dropout (its mask from the counter-based RNG) per element
     update_slots: int = 1         # parameters one optimizer dispatch updates (wgpu: as many as a stage binds)
     host_temporaries: bool = False  # numpy: an op's whole-array temporaries (a softmax's exp) are memory too
+    workgroup_storage: int = 16384  # bytes of workgroup memory a kernel may use (WebGPU's minimum unless known):
+    #                                 which heads the fused attention's blocks take (estimator.runs_fused_attention)
 
     def to_dict(self):
         return asdict(self)
@@ -48,19 +50,19 @@ DROPOUT_BYTES_PER_FLOAT = 2 * 4  # on a GPU the mask is computed in registers: o
 GPU_UPDATE_SLOTS = 128  # a GPU's Vulkan driver binds far more buffers per stage than a model has parameters
 
 
-def _spec(name, tflops, gbs, mem_gib, note, max_buffer=None, max_binding=None):
+def _spec(name, tflops, gbs, mem_gib, note, max_buffer=None, max_binding=None, workgroup_storage=49152):
     mem = int(mem_gib * 2 ** 30)
     bandwidth = gbs * 1e9 * BANDWIDTH_EFFICIENCY
     return DeviceProfile(name, f"spec-derived: {note}", tflops * 1e12 * MATMUL_EFFICIENCY, bandwidth,
                          SPEC_OP_OVERHEAD_S, mem, max_buffer or min(mem, 2 ** 32 - 1),
                          max_binding or min(mem, 2 ** 31 - 4), SPEC_BYTES_PER_ACTIVATION_FLOAT / bandwidth,
-                         DROPOUT_BYTES_PER_FLOAT / bandwidth, GPU_UPDATE_SLOTS)
+                         DROPOUT_BYTES_PER_FLOAT / bandwidth, GPU_UPDATE_SLOTS, workgroup_storage=workgroup_storage)
 
 
 PROFILES = {
     "m1": _spec("Apple M1 8-core GPU (MacBook Air, 8 GB)", 2.6, 68.25, 8 * 0.75,
                 "2.6 TFLOP/s fp32, 68 GB/s LPDDR4X, ~75% of 8 GB unified memory usable by the GPU",
-                max_buffer=2 ** 32 - 1, max_binding=2 ** 32 - 1),
+                max_buffer=2 ** 32 - 1, max_binding=2 ** 32 - 1, workgroup_storage=32768),
     "rtx4090": _spec("NVIDIA RTX 4090", 82.6, 1008, 24, "82.6 TFLOP/s fp32, 1008 GB/s GDDR6X, 24 GB"),
     "h100": _spec("NVIDIA H100 SXM", 67, 3350, 80, "67 TFLOP/s fp32 (no tensor cores), 3.35 TB/s HBM3, 80 GB"),
     "h200": _spec("NVIDIA H200", 67, 4800, 141, "67 TFLOP/s fp32 (no tensor cores), 4.8 TB/s HBM3e, 141 GB"),
@@ -92,7 +94,8 @@ def limits_profile(backend):
         limits = backend.device_info["limits"]
         return DeviceProfile(backend.device_info["device"], "limits", math.nan, math.nan, math.nan,
                              int(_device_memory_guess(backend)), int(limits["max-buffer-size"]),
-                             int(limits["max-storage-buffer-binding-size"]))
+                             int(limits["max-storage-buffer-binding-size"]),
+                             workgroup_storage=int(limits.get("max-compute-workgroup-storage-size", 16384)))
     return DeviceProfile("this CPU (numpy backend)", "limits", math.nan, math.nan, math.nan, int(_host_memory()),
                          2 ** 62, 2 ** 62, host_temporaries=True)
 

@@ -117,6 +117,19 @@ def blocks(kind, head_dim, workgroup_storage, tuning=AttentionTuning(), invocati
     return next((b for b in [wanted] + smaller if _fits(kind, b, head_dim, workgroup_storage, invocations)), None)
 
 
+def kernels_take(head_dim, heads, seq, workgroup_storage, rotary=False, tuning=AttentionTuning(), invocations=256,
+                 max_workgroups=65535):
+    """Whether the kernels run causal self-attention over seq tokens of `heads` heads in all (B H: a workgroup row
+    each) of head_dim on a device with this workgroup memory, invocations and grid limit: heads a multiple of 4 in
+    [4, 256] (of 8 with rotary: its halves are whole vec4s) whose blocks fit (blocks(): up to 76 on WebGPU's
+    guaranteed 16 KiB, 160 on 32 KiB, 244 on 48 KiB), and each pass's blocks of T within the grid. The one rule
+    for WgpuBackend.flash_attention_fits and the plan estimator."""
+    if head_dim not in HEAD_DIMS or rotary and head_dim % 8 or not 0 < heads <= max_workgroups or seq < 1:
+        return False
+    fwd, bwd = (blocks(kind, int(head_dim), workgroup_storage, tuning, invocations) for kind in ("fwd", "bwd"))
+    return fwd is not None and bwd is not None and -(-seq // min(fwd[0], bwd[0], bwd[1])) <= max_workgroups
+
+
 def variants(workgroup_storage, head_dim=64, invocations=256):
     """The (forward, backward) block pairs worth timing on a device with this much workgroup memory, at heads of
     head_dim: each pass's blocks that fit it, the base first where it fits (benchmarks/attention_variants.py)."""

@@ -206,15 +206,16 @@ class NNOps:
 
     def flash_attention_fits(self, qkv_shape, n_head, n_kv_head=None, rotary=False):
         """Whether attention.wgsl's kernels take this packed qkv (B, T, (H + 2 Hkv) D) (heads of D a multiple of 4
-        up to 256, of 8 with rotary, any T, at most 65535 heads in all: one workgroup row each, blocks that fit the
-        device's workgroup memory) and are to: asked for (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or
-        the weights too big a buffer."""
+        up to 256, of 8 with rotary, any T within the grid, at most 65535 heads in all: one workgroup row each,
+        blocks that fit the device's workgroup memory: attention_plan.kernels_take) and are to: asked for
+        (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or the weights too big a buffer."""
         Bsz, T, W = qkv_shape
         n_kv = n_head if n_kv_head is None else n_kv_head
         D, rest = divmod(W, n_head + 2 * n_kv)
-        takes = (not rest and D in attention_plan.HEAD_DIMS and not (rotary and D % 8) and 0 < Bsz * n_head <= 65535
-                 and T > 0 and n_kv > 0 and not n_head % n_kv
-                 and None not in self._attention_blocks(D))
+        takes = (not rest and n_kv > 0 and not n_head % n_kv and attention_plan.kernels_take(
+            D, Bsz * n_head, T, self.limits.get("max-compute-workgroup-storage-size", 16384), rotary,
+            self.attention_tuning, self.limits.get("max-compute-invocations-per-workgroup", 256),
+            self.limits.get("max-compute-workgroups-per-dimension", 65535)))
         wanted = self.attention_tuning.FLASH_DEFAULT if self.FLASH_ATTENTION is None else self.FLASH_ATTENTION
         return takes and (wanted or Bsz * n_head * T * T * 4 > self.max_binding)
 
