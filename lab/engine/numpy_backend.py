@@ -642,7 +642,10 @@ class NumpyBackend(Backend):
         if not checked:
             check_index_range(targets, logits.shape[1], "cross_entropy", ignore_index)
         m = logits.max(axis=-1, keepdims=True)
-        lse = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
+        e = logits - m   # (one temporary the size of the logits, exponentiated in place)
+        np.exp(e, out=e)
+        lse = (m + np.log(e.sum(axis=-1, keepdims=True)))[:, 0]
+        del e
         valid = (targets != ignore_index) & (targets >= 0) & (targets < logits.shape[1])
         safe = np.where(valid, targets, 0)
         rows = lse - logits[np.arange(len(targets)), safe]
@@ -656,9 +659,11 @@ class NumpyBackend(Backend):
             out = np.zeros_like(logits)
             out[:, :classes] = self.cross_entropy_bwd(logits[:, :classes], targets, saved, g, ignore_index)
             return out
-        p = np.exp(logits - lse[:, None])
+        p = logits - lse[:, None]   # one (rows, V) array, worked in place: the softmax, minus onehot, scaled
+        np.exp(p, out=p)
         p[np.arange(len(targets)), np.where(valid, targets, 0)] -= 1
-        return (p * valid[:, None] * (g / max(count[0], 1))).astype(logits.dtype, copy=False)
+        p *= (valid * (g / max(count[0], 1)))[:, None]
+        return p.astype(logits.dtype, copy=False)
 
     def dropout(self, x, p, seed):
         out = np.empty(x.shape, x.dtype)
