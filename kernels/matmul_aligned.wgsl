@@ -242,6 +242,16 @@ fn wide_store(t: Tile, tx: u32, ty: u32) {
         b0 = BIAS[t.n0 / 4u + tx];
         b1 = BIAS[t.n0 / 4u + 16u + tx];
     }
+    if (GELU_GRAD) {
+        // unrolled by the template: left a loop, NVIDIA's compiler keeps it one once this long epilogue is in it,
+        // and acc indexed by the loop variable then lives in local memory (nt_wide ran 19x slower on the H200).
+        // The other epilogues stay a loop: unrolled, they made every wide product about 35% slower there
+        #unroll i < 8
+        put(t, t.m0 + wide_row(ty, ${i}u), tx, acc[2 * $i] + b0);
+        put(t, t.m0 + wide_row(ty, ${i}u), tx + 16u, acc[2 * $i + 1] + b1);
+        #end
+        return;
+    }
     for (var i = 0u; i < 8u; i++) {
         let row = t.m0 + wide_row(ty, i);
         put(t, row, tx, acc[2u * i] + b0);

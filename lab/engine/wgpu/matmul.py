@@ -55,6 +55,8 @@ class MatmulOps:
 
     def matmul_gelu_grad(self, g, w, pre):
         check_gelu_grad(g, w, pre)
+        if not self.matmul_tuning.GELU_GRAD_FUSED:
+            return self.binary("gelu_bwd", pre, self.matmul(g, w, False, True))
         out, _, fused = self._matmul(g, w, False, True, gelu="grad", gelu_grad=pre)
         return out if fused else self.binary("gelu_bwd", pre, out)
 

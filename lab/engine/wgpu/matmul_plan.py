@@ -38,6 +38,10 @@ class Tuning:
     #                                 still ran faster than 540 of 128 x 64; fewer leave most of 132 SMs idle)
     MATMUL_ROWS: bool = True        # row-major A staged along rows (matmul.wgsl main_rows)
     MATMUL_ALIGNED: bool = True     # whole-tile shapes take matmul_aligned.wgsl (vec4 loads, no bounds checks)
+    GELU_GRAD_FUSED: bool = False   # an MLP's hidden gradient times gelu'(pre) applied as the whole-tile kernel
+    #                                 stores g W^T (its GELU_GRAD pipelines), not by a gelu_bwd pass: off, as on the
+    #                                 H200 the longer epilogue cost more than the pass (shakespeare-char's 16384 x
+    #                                 1536 x 384: 636 us against 466 + a 113 us pass)
     ROWS_MAX: int = 16              # products of up to this many rows (a decode step's linears) take
     #                                 matmul_rows.wgsl: K reduced in the workgroup, bias, GELU and residual fused
     ROWS_COLS_NN: int = 8           # ... their columns per workgroup for a (K, N) weight, up to 7 rows (the rest of
