@@ -3,7 +3,7 @@
 //   backward_main: dx[r, j] = g * (exp(x[r, j] - lse[r]) - [j == t[r]]) / max(1, count)   (0 for ignored rows and
 //                  for the padding columns V..W-1 of rows W apart)
 // Bindings: P = [rows, V, ignore_index bits, W]; mean: LOSS, VALID, OUT, COUNT; backward: X, T, LSE, VALID, COUNT, G,
-// DX.
+// DX (backward_inplace_main: the logits in DX, X unbound).
 
 #include flat
 
@@ -38,17 +38,27 @@ fn mean_main(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
+fn dx_of(e: u32, x: f32) -> f32 {   // element e (< rows * W) of dx, from its logit x
+    let V = P[1];
+    let W = P[3];
+    let r = e / W;
+    let j = e % W;
+    if (VALID[r] == 0.0 || j >= V) { return 0.0; }
+    let hot = select(0.0, 1.0, i32(j) == T[r]);
+    return G[0] * (exp(x - LSE[r]) - hot) / max(1.0, COUNT[0]);
+}
+
 @compute @workgroup_size(WG)
 fn backward_main(inv: Invocation) {
     let e = flat(inv);
-    let rows = P[0];
-    let V = P[1];
-    let W = P[3];
-    if (e >= rows * W) { return; }
-    let r = e / W;
-    let j = e % W;
-    if (VALID[r] == 0.0 || j >= V) { OUT[e] = 0.0; return; }
-    let p = exp(X[e] - LSE[r]);
-    let hot = select(0.0, 1.0, i32(j) == T[r]);
-    OUT[e] = G[0] * (p - hot) / max(1.0, COUNT[0]);
+    if (e >= P[0] * P[3]) { return; }
+    OUT[e] = dx_of(e, X[e]);
+}
+
+// backward_inplace_main: the same, written over the logits (bound as OUT; X unbound): one (rows, W) array, not two
+@compute @workgroup_size(WG)
+fn backward_inplace_main(inv: Invocation) {
+    let e = flat(inv);
+    if (e >= P[0] * P[3]) { return; }
+    OUT[e] = dx_of(e, OUT[e]);
 }

@@ -136,8 +136,9 @@ class Backend:
     def cross_entropy(self, logits, targets, ignore_index, checked=False, classes=None): raise NotImplementedError
     # -> loss, saved = (lse (rows,), valid (rows,), count (1,) float: the rows not ignored; F.linear_cross_entropy
     # reads it). classes < logits' width: the columns past it are padding (zero tile columns), not classes
-    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None): raise NotImplementedError
-    # (the padding columns' gradient is 0)
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None, in_place=False):
+        raise NotImplementedError
+    # (the padding columns' gradient is 0); in_place: written over the logits (the caller's last use of them)
     def padded_width(self, M, N, K): return N
     # the width an (M, K) @ (K, N) product is best given, zero columns added (wgpu: whole tiles where its plan would
     # pad the operands and cut the result back on every call): F.linear_cross_entropy pads its weight once to it

@@ -653,13 +653,15 @@ class NumpyBackend(Backend):
         loss = np.asarray((rows * valid).sum() / max(count[0], 1), dtype=logits.dtype)
         return loss, (lse, valid, count)
 
-    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None):
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None, in_place=False):
         lse, valid, count = saved
         if classes is not None and classes < logits.shape[1]:   # the padding columns' gradient: 0
-            out = np.zeros_like(logits)
+            out = logits if in_place else np.zeros_like(logits)
             out[:, :classes] = self.cross_entropy_bwd(logits[:, :classes], targets, saved, g, ignore_index)
+            out[:, classes:] = 0
             return out
-        p = logits - lse[:, None]   # one (rows, V) array, worked in place: the softmax, minus onehot, scaled
+        p = logits if in_place else np.empty_like(logits)   # one (rows, V) array: softmax, minus onehot, scaled
+        np.subtract(logits, lse[:, None].astype(logits.dtype, copy=False), out=p)
         np.exp(p, out=p)
         p[np.arange(len(targets)), np.where(valid, targets, 0)] -= 1
         p *= (valid * (g / max(count[0], 1)))[:, None]

@@ -139,8 +139,8 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
         if not grads:
             continue
         # a count of one and g = 1: softmax - onehot on valid rows, 0 on ignored ones (scaled in the backward)
-        d3 = B.reshape(B.cross_entropy_bwd(logits, tc, (lse, valid, one), unit_g, ignore_index, V), (1, n, Vp))
-        del logits
+        d3 = B.reshape(B.cross_entropy_bwd(logits, tc, (lse, valid, one), unit_g, ignore_index, V, in_place=True),
+                       (1, n, Vp))   # (over the logits: one chunk's (n, Vp) array, not two)
         if want_x:
             dxc = B.reshape(B.matmul(d3, w3, False, not transpose_b), (n, Cp))                 # (n, Cp)
             if n == N:

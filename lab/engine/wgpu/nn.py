@@ -170,12 +170,13 @@ class NNOps:
                        (1, 1, 1))
         return loss, (lse, valid, count)
 
-    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None):
+    def cross_entropy_bwd(self, logits, targets, saved, g, ignore_index, classes=None, in_place=False):
         lse, valid, count = saved
         rows, W = logits.shape
-        dx = self._alloc(logits.shape, "float32")
-        self._flat("cross_entropy_reduce", "backward_main", [rows, W if classes is None else classes, ignore_index, W],
-                   [logits, targets, lse, None, valid, dx, count, g], rows * W)
+        dx = logits if in_place else self._alloc(logits.shape, "float32")
+        self._flat("cross_entropy_reduce", "backward_inplace_main" if in_place else "backward_main",
+                   [rows, W if classes is None else classes, ignore_index, W],
+                   [None if in_place else logits, targets, lse, None, valid, dx, count, g], rows * W)
         return dx
 
     def dropout(self, x, p, seed):
