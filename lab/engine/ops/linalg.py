@@ -60,7 +60,8 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 
 
 # At most this many bytes of logits exist at a time in linear_cross_entropy: gpt2-small's head (50257 wide) takes
-# 640 of its 8192 rows a chunk, 0.13 GB of logits (and as much of their gradient) in place of 1.65 GB
+# 640 of its 8192 rows a chunk: 0.13 GB of logits, turned into their gradient in place, where the whole logits and
+# their gradient held 3.3 GB (at most WebGPU's smallest binding limit, 128 MiB, so any device takes a chunk)
 LOGITS_CHUNK_BYTES = 1 << 27
 
 
@@ -69,7 +70,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
     weight (V, C) with transpose_b (a tied embedding's table, as GPT-2's head reads it) or (C, V) without (a Linear's),
     bias (V,) or None, integer targets x.shape[:-1] (ignore_index skipped; the mean over the rest, 0 for none).
     The rows go chunk_rows at a time (default: LOGITS_CHUNK_BYTES of logits). When a gradient is wanted, each chunk's
-    logits become softmax - onehot at once and add into dx, dweight and dbias, so only one chunk's logits ever exist
+    logits become softmax - onehot in place and add into dx, dweight and dbias, so only one chunk's logits ever exist
     and the backward only scales those sums by the incoming gradient over the count (Liger-Kernel's fused linear
     cross-entropy). Equal to the composed ops within float32 rounding (the sums are taken in another order)."""
     op = "linear_cross_entropy"
