@@ -2,8 +2,10 @@
 // Heads of D = 4 D4 are read straight from the packed projection qkv (B, T, (H + 2 Hkv) D) (q, k, v side by side, as
 // GPT-2's c_attn makes it) and written straight to y (B, T, H D) and dqkv (alike): no head split or merge copies.
 // Grouped-query attention: query head h reads key-value head h / G (G = H / Hkv), the keys never repeated.
-// Rotary (P[9] = 1, Llama): q and k are rotated as they are staged (rotate-half form, row t at position t, tables
-// COS, SIN (P, D)), and dq, dk rotated back (the transposed rotation) as they are written: no rotated copies.
+// Rotary (P[9] = 1, Llama): rotate_main rotates q and k once into a packed copy (rotate-half form, row t at position
+// t, tables COS, SIN (P, D)) that the kernels below read as qkv, and dq, dk are rotated back (the transposed
+// rotation) as they are written. (Rotated as they were staged, a key row was rotated again by every query block
+// and head that staged it, and each prefetch's rotation waited on its loads before the block's arithmetic.)
 //   fwd_main:    y = dropout(softmax(scale q k^T, causal)) v, an online softmax over blocks of BK keys, for a
 //                block of BQ queries; also LSE[bh, t], the row's log-sum-exp of scaled scores, from which the
 //                backward recomputes the weights.
@@ -39,7 +41,7 @@ const QN: u32 = (BQ * D4 + THREADS - 1u) / THREADS;   // vec4s a thread stages o
 const KN: u32 = (BK * D4 + THREADS - 1u) / THREADS;   // ... of BK rows
 const PAD: u32 = D4 + 1u;    // row stride of Ks, Vs in vec4s (odd for even D4): lanes reading rows tx, tx + 1,
 //                              ... hit distinct banks
-const NEG: f32 = -1e30;
+const NEG: f32 = -3.4028234663852886e38;   // the lowest f32: no score is below it
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> QKV: array<vec4<f32>>;
@@ -78,11 +80,10 @@ fn head(wid: vec3<u32>) -> Head {
 
 #include dropout_mask
 
-// vec4 c of a q or k head row (starting at vec4 `at` of QKV) at position t, rotated where P[9] says: x cos +
-// rotate_half(x) sin, rotate_half(x) = (-x2, x1) of the row's halves (D4 even).
+// vec4 c of a q or k head row (starting at vec4 `at` of QKV) at position t, rotated: x cos + rotate_half(x) sin,
+// rotate_half(x) = (-x2, x1) of the row's halves (D4 even).
 fn rotated(at: u32, t: u32, c: u32) -> vec4<f32> {
     let x = QKV[at + c];
-    if (P[9] == 0u) { return x; }
     let half = D4 / 2u;
     let first = c < half;
     let other = QKV[at + select(c - half, c + half, first)];
@@ -111,7 +112,7 @@ fn stage_queries(hd: Head, t0: u32, lid: u32) {
         if (e < BQ * D4) {
             var x = vec4<f32>(0.0);
             let t = t0 + e / D4;
-            if (t < hd.T) { x = rotated((hd.b * hd.T + t) * hd.row4 + hd.h * D4, t, e % D4); }
+            if (t < hd.T) { x = QKV[(hd.b * hd.T + t) * hd.row4 + hd.h * D4 + e % D4]; }
             Qs[e] = x;
         }
     }
@@ -132,7 +133,7 @@ fn load_keys(hd: Head, t0: u32, lid: u32) -> KeyRows {
         let e = lid + THREADS * n;
         if (e < BK * D4 && t0 + e / D4 < hd.T) {
             let at = (hd.b * hd.T + t0 + e / D4) * hd.row4;
-            out.k[n] = rotated(at + hd.k0, t0 + e / D4, e % D4);
+            out.k[n] = QKV[at + hd.k0 + e % D4];
             out.v[n] = QKV[at + hd.v0 + e % D4];
         }
     }
@@ -157,7 +158,7 @@ fn load_queries(hd: Head, t0: u32, lid: u32) -> QueryRows {
         let e = lid + THREADS * n;
         if (e < BQ * D4 && t0 + e / D4 < hd.T) {
             let t = hd.b * hd.T + t0 + e / D4;
-            out.q[n] = rotated(t * hd.row4 + hd.h * D4, t0 + e / D4, e % D4);
+            out.q[n] = QKV[t * hd.row4 + hd.h * D4 + e % D4];
             out.g[n] = G[t * hd.C4 + hd.h * D4 + e % D4];
         }
     }
@@ -301,14 +302,15 @@ fn fwd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             put_partial(ty, tx, e, top);
         }
         workgroupBarrier();
-        // (key 0 is in every row's first block, so m is finite from there on and masked weights are exp(-1e30))
+        // (key 0 is in every row's first block, so m is a visible key's score from there on; masked weights are 0
+        // by selection: as exp(NEG - m) they weighed where the scores were below a sentinel of -1e30)
         for (var e = 0u; e < EQ; e++) {
             let t = i0 + EQ * ty + e;
             let m_new = max(m[e], row_total(ty, e, true));
-            let alpha = exp(m[e] - m_new);
+            let alpha = select(exp(m[e] - m_new), 0.0, j0 == 0u);
             var sum = 0.0;
             for (var f = 0u; f < FK; f++) {
-                let p = exp(s[e][f] - m_new);
+                let p = select(exp(s[e][f] - m_new), 0.0, j0 + tx + 16u * f > t);
                 sum += p;
                 s[e][f] = p;    // now Pd
                 if (drop) { s[e][f] = select(0.0, p * keep_scale, kept(hd, hashed_seed, t, j0 + tx + 16u * f)); }
@@ -493,4 +495,16 @@ fn delta_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     var acc = vec4<f32>(0.0);
     for (var d4 = 0u; d4 < D4; d4++) { acc += G[at + d4] * OUT[at + d4]; }
     DR[i] = acc.x + acc.y + acc.z + acc.w;
+}
+
+// With rotary, before the other kernels: OUT = qkv with q and k rotated (v copied), one thread per vec4.
+@compute @workgroup_size(128)
+fn rotate_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 128u + lid;    // (b T + t) row4 + c
+    let row4 = (P[2] + 2u * P[3]) * D4;
+    if (i >= P[0] * P[1] * row4) { return; }
+    let c = i % row4;
+    if (c >= (P[2] + P[3]) * D4) { OUT[i] = QKV[i]; return; }
+    OUT[i] = rotated(i - c % D4, (i / row4) % P[1], c % D4);
 }

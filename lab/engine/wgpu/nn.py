@@ -230,7 +230,8 @@ class NNOps:
         bq, bk, ty = blocks = self._attention_blocks(D)[0]
         y = self._alloc((Bsz, T, n_head * D), "float32")
         lse = self._alloc((Bsz * n_head, T), "float32")
-        self._attention("fwd_main", qkv, n_head, n_kv, scale, p, seed, rope, [qkv, None, lse, None, y],
+        self._attention("fwd_main", qkv, n_head, n_kv, scale, p, seed, rope,
+                        [self._rotated_qkv(qkv, n_head, n_kv, rope, blocks), None, lse, None, y],
                         (-(-T // bq), Bsz * n_head), f"attention fwd {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return y, lse
 
@@ -247,12 +248,24 @@ class NNOps:
                                                                          rope),
                        [qkv, g, lse, dr, y], _grid(math.ceil(n / 128)), n, self._attention_subs(blocks, D))
         dqkv = self._alloc(qkv.shape, "float32")  # the two kernels write disjoint parts, every element
-        binds = [qkv, g, lse, dr, dqkv]
+        binds = [self._rotated_qkv(qkv, n_head, n_kv, rope, blocks), g, lse, dr, dqkv]
         self._attention("bwd_kv_main", qkv, n_head, n_kv, scale, p, seed, rope, binds, (-(-T // bk), Bsz * n_kv),
                         f"attention bwd dk dv {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         self._attention("bwd_q_main", qkv, n_head, n_kv, scale, p, seed, rope, binds, (-(-T // bq), Bsz * n_head),
                         f"attention bwd dq {Bsz}x{n_head}x{T} {bq}x{bk}x{ty}", blocks)
         return dqkv
+
+    def _rotated_qkv(self, qkv, n_head, n_kv, rope, blocks):
+        """qkv, or with rope a copy with q and k rotated (attention.wgsl's rotate_main), which the kernels read."""
+        if rope is None:
+            return qkv
+        out = self._alloc(qkv.shape, "float32")
+        D = qkv.shape[2] // (n_head + 2 * n_kv)
+        self._dispatch("attention", "rotate_main", self._attention_params(qkv.shape, n_head, n_kv, 1.0, 0.0, None,
+                                                                          rope),
+                       [qkv, None, None, None, out, *rope], _grid(math.ceil(qkv.size / 4 / 128)), qkv.size,
+                       self._attention_subs(blocks, D), label=f"attention rotate {'x'.join(map(str, qkv.shape))}")
+        return out
 
     @staticmethod
     def _attention_subs(blocks, head_dim):
