@@ -555,6 +555,40 @@ def test_a_tensor_made_outside_the_block_keeps_its_graph_for_the_outer_backward(
             np.testing.assert_allclose(checkpointed, plain, rtol=1e-6, atol=1e-6)
 
 
+def test_a_checkpointed_function_of_a_gelu_layers_output_frees_its_recomputation_as_it_walks(use_backend):
+    """A linear reading a GELU linear's output takes its pre-activation node as its parent (wgpu: the derivative
+    folded into the product), a node of the outer graph: F.checkpoint took it for one of fn's, found the outer graph
+    alive behind it and kept the whole recomputation through its walk (and walked the whole graph below at every
+    checkpointed forward). Here the recomputed product must be gone once the walk has passed it; the gradients are
+    the plain graph's."""
+    import weakref
+    from lab.engine import ops as F
+    from lab.engine.tensor import Tensor
+    B = use_backend
+    rng = np.random.default_rng(0)
+    x_np, w1_np, w2_np = (rng.standard_normal(s).astype(np.float32) for s in ((8, 16), (16, 16), (16, 16)))
+    grads = []
+    for checkpointed in (False, True):
+        x, w1, w2 = (lab.tensor(v, requires_grad=True) for v in (x_np, w1_np, w2_np))
+        made, freed = [], []
+
+        def probe(g):
+            freed.append(made[-1]() is None)
+            return (g,)
+
+        def fn(h):
+            a = F.linear(h, w2)
+            made.append(weakref.ref(B.storage(a.data)))
+            return a + Tensor._make(h.data, B, (h,), probe)   # walked after a
+        h = F.linear(x, w1, activation="gelu")
+        y = F.checkpoint(fn, h, [w2]) if checkpointed else fn(h)
+        (y * y).sum().backward()
+        grads.append([t.grad.numpy() for t in (x, w1, w2)])
+        assert freed == [True]
+    for plain, checkpointed in zip(*grads):   # (x's: gelu's derivative by a pass of its own or with g W^T)
+        np.testing.assert_allclose(checkpointed, plain, rtol=1e-6, atol=1e-6 * np.abs(plain).max())
+
+
 @pytest.mark.parametrize("change", ["unfreeze", "freeze"])
 def test_a_parameter_frozen_or_unfrozen_before_the_backward_is_one_clear_error(use_backend, change):
     """A norm unfrozen between a LoRA model's forward and backward was refused as a tensor 'neither its input nor

@@ -38,7 +38,11 @@ def checkpoint(fn, x, params=()):
     B, shape = x.backend, y.shape   # (y itself is not kept: its graph holds the block's activations)
     # the graph's inner nodes, weakly: those alive at the backward were made outside fn (w2 = w * 2 before it),
     # nodes of the outer graph that the recomputation's walk passes through and must leave for the outer walk
-    interior = [weakref.ref(n) for n in _inner_nodes(y, {id(t) for t in (x,) + params})]
+    # (a GELU linear's output stands for itself in a linear reading it by its pre-activation node: that node is the
+    # outer graph's too, and walking past it took every outer node for one of fn's, kept the recomputation whole
+    # through its walk and walked the whole graph below at each checkpointed forward)
+    interior = [weakref.ref(n) for n in _inner_nodes(y, {id(s) for t in (x,) + params for s in (t, t._gelu_input)
+                                                         if s is not None})]
 
     def backward(g):
         changed = [t for t, data, version in stamps if t.data is not data or t._version != version]
