@@ -1,7 +1,8 @@
 """Time the fused attention's block variants against the composed path on the wgpu backend: forward and backward of
 F.causal_self_attention at shakespeare-char's, gpt2-small's and smollm2-135m's attention shapes (heads, key-value
 heads (GQA) and head dim from lab.models.PRESETS, batch as `bench train` takes it, the preset's dropout) at T = 256
-and T = 1024. Rounds
+and T = 1024, the Llama presets also with the rotary tables (rope=(cos, sin), as LlamaAttention calls it: rows
+marked "rope"; the composed path then rotates by F.rotary). Rounds
 alternate the paths (the device's clocks drift); each path's median over the rounds, the device synced around
 each run. Each variant's output and qkv gradient are compared with the composed path's first (same dropout
 decisions), and a variant that differs is reported and never recommended. One line per shape: ms per path and
@@ -35,34 +36,46 @@ TOLERANCE = 1e-4    # RMS of fused - composed relative to composed's (float32 su
 
 
 def shapes(quick, head_dim=None):
-    """(preset, batch, heads, key-value heads, head dim, T, dropout) of each timed attention; head_dim: the presets'
-    widths and query heads per key-value head, in heads of head_dim."""
+    """(preset, batch, heads, key-value heads, head dim, T, dropout, rotary) of each timed attention; head_dim: the
+    presets' widths and query heads per key-value head, in heads of head_dim."""
     if quick:   # tiny: 2 heads of 64 on lavapipe, and 4 reading 2 key-value heads at a T of no block's multiple
-        out = [("tiny", 1, 2, 2, 64, 32, 0.0), ("tiny", 1, 2, 2, 64, 64, 0.2), ("tiny-gqa", 1, 4, 2, 64, 40, 0.0),
-               ("tiny-gqa", 1, 4, 2, 64, 40, 0.2)]
+        out = [("tiny", 1, 2, 2, 64, 32, 0.0, False), ("tiny", 1, 2, 2, 64, 64, 0.2, False),
+               ("tiny-gqa", 1, 4, 2, 64, 40, 0.0, False), ("tiny-gqa", 1, 4, 2, 64, 40, 0.2, False),
+               ("tiny-gqa", 1, 4, 2, 64, 40, 0.0, True)]
     else:
         out = []
         for name in PRESET_NAMES:
             c = PRESETS[name]
-            H, Hkv, D = ((c.n_head, c.n_head, c.n_embd // c.n_head) if hasattr(c, "n_head") else
-                         (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
-            out += [(name, BENCH_BATCH_SIZE.get(name, 12), H, Hkv, D, T, c.dropout) for T in LENGTHS]
+            llama = not hasattr(c, "n_head")
+            H, Hkv, D = ((c.num_attention_heads, c.num_key_value_heads, c.head_dim) if llama else
+                         (c.n_head, c.n_head, c.n_embd // c.n_head))
+            out += [(name, BENCH_BATCH_SIZE.get(name, 12), H, Hkv, D, T, c.dropout, rotary)
+                    for T in LENGTHS for rotary in ((False, True) if llama else (False,))]
     if head_dim:   # the same width and group size G, in heads of head_dim (at least one group)
         cut = []
-        for name, Bsz, H, Hkv, D, T, p in out:
+        for name, Bsz, H, Hkv, D, T, p, rotary in out:
             G = H // Hkv
             H = max(G, H * D // head_dim // G * G)
-            cut.append((f"{name} in heads of {head_dim}", Bsz, H, H // G, head_dim, T, p))
+            if not (rotary and head_dim % 8):   # (rotary halves of whole vec4s)
+                cut.append((f"{name} in heads of {head_dim}", Bsz, H, H // G, head_dim, T, p, rotary))
         out = cut
     return out
+
+
+def rope_tables(B, T, D):
+    """Rotary tables (cos, sin) (T, D) as Llama's (rotate-half form, theta 10000) on backend B."""
+    ang = np.outer(np.arange(T), 1.0 / 10000 ** (np.arange(0, D, 2) / D))
+    ang = np.concatenate([ang, ang], axis=1)
+    return tuple(lab.tensor(f(ang).astype(np.float32), backend=B) for f in (np.cos, np.sin))
 
 
 def name_of(variant):
     return "f{}x{}x{}/b{}x{}x{}".format(*variant[0], *variant[1])
 
 
-def run(B, qkv, g, n_head, n_kv, p, variant):
-    """One forward and backward, synced; variant None: the composed path. Returns (seconds, y, dqkv)."""
+def run(B, qkv, g, n_head, n_kv, p, variant, rope=None):
+    """One forward and backward, synced; variant None: the composed path; rope: None or the rotary tables. Returns
+    (seconds, y, dqkv)."""
     B.FLASH_ATTENTION = variant is not None
     if variant is not None:
         B.attention_tuning = AttentionTuning(True, *variant)
@@ -70,7 +83,7 @@ def run(B, qkv, g, n_head, n_kv, p, variant):
     B.sync(wait=True)
     start = time.perf_counter()
     lab.manual_seed(0)
-    y = F.causal_self_attention(qkv, n_head, dropout_p=p, n_kv_head=n_kv)
+    y = F.causal_self_attention(qkv, n_head, dropout_p=p, n_kv_head=n_kv, rope=rope)
     y.backward(g)
     B.sync(wait=True)
     return time.perf_counter() - start, y, qkv.grad
@@ -105,19 +118,20 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     results = []
     try:
-        for preset, Bsz, H, Hkv, D, T, p in shapes(args.quick, args.head_dim):
+        for preset, Bsz, H, Hkv, D, T, p, rotary in shapes(args.quick, args.head_dim):
             qkv = lab.tensor(rng.standard_normal((Bsz, T, (H + 2 * Hkv) * D)).astype(np.float32), requires_grad=True,
                              backend=B)
             g = lab.tensor(rng.standard_normal((Bsz, T, H * D)).astype(np.float32), backend=B)
             B.FLASH_ATTENTION = False
-            composed = not B.flash_attention_fits(qkv.shape, H, Hkv)   # else its weights exceed a buffer: fused only
+            rope = rope_tables(B, T, D) if rotary else None
+            composed = not B.flash_attention_fits(qkv.shape, H, Hkv, rotary)   # else its weights exceed a buffer
             paths = ([None] if composed else []) + list(variants)
             # each variant against the composed path once (this also builds the pipelines): relative RMS of the
             # difference of y and of dqkv, summed on the device (gpt2-small's dqkv is 300 MB: no readbacks)
-            ref = run(B, qkv, g, H, Hkv, p, None)[1:] if composed else None
+            ref = run(B, qkv, g, H, Hkv, p, None, rope)[1:] if composed else None
             errors = {}
             for v in variants:
-                got = run(B, qkv, g, H, Hkv, p, v)[1:]
+                got = run(B, qkv, g, H, Hkv, p, v, rope)[1:]
                 with lab.no_grad():
                     errors[v] = None if ref is None else max(
                         math.sqrt(((a - b) * (a - b)).sum().item() / max((b * b).sum().item(), 1e-30))
@@ -126,11 +140,11 @@ def main(argv=None):
             times = {v: [] for v in paths}
             for _ in range(repeats):
                 for v in paths:
-                    times[v].append(run(B, qkv, g, H, Hkv, p, v)[0])
+                    times[v].append(run(B, qkv, g, H, Hkv, p, v, rope)[0])
             ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
             row = {"preset": preset, "batch": Bsz, "heads": H, "kv_heads": Hkv, "head_dim": D, "T": T, "dropout": p,
-                   "composed_ms": ms.get(None), "variants": {}}
-            line = [f"{preset} B={Bsz} H={H}/{Hkv} D={D} T={T} p={p}: composed "
+                   "rotary": rotary, "composed_ms": ms.get(None), "variants": {}}
+            line = [f"{preset} B={Bsz} H={H}/{Hkv} D={D} T={T} p={p}{' rope' if rotary else ''}: composed "
                     + (f"{ms[None]:.3f} ms" if composed else "n/a")]
             for v in variants:
                 ratio = ms[None] / ms[v] if composed else None
