@@ -93,8 +93,14 @@ class Backend:
     def reset_peak(self): pass
 
     def trace_peak(self, on=True):   # (wgpu: the buffers in use at each new peak, for peak_arrays())
-        raise NotImplementedError(f"trace_peak: the {self.name} backend keeps no count of its memory (its arrays are "
-                                  f"host memory: trace them with tracemalloc); the wgpu backend traces its peaks")
+        raise NotImplementedError(self._untraced("trace_peak"))
+
+    def peak_arrays(self):
+        raise NotImplementedError(self._untraced("peak_arrays"))
+
+    def _untraced(self, op):
+        return (f"{op}: the {self.name} backend keeps no count of its memory (its arrays are host memory: trace them "
+                f"with tracemalloc); the wgpu backend traces its peaks")
 
     # -- elementwise --
     def unary(self, op, a): raise NotImplementedError               # neg exp log sqrt tanh relu gelu
