@@ -123,3 +123,19 @@ def test_trace_peak_lists_what_was_in_use_at_the_peak_and_the_code_that_made_it(
 def test_trace_peak_on_numpy_is_one_clear_error(numpy_backend):
     with pytest.raises(NotImplementedError, match="numpy backend keeps no count.*tracemalloc"):
         numpy_backend.trace_peak()
+
+
+def test_peak_arrays_on_numpy_is_the_same_clear_error(numpy_backend):
+    """peak_arrays() on numpy was an AttributeError (trace_peak's error came with 394c876, peak_arrays had none)."""
+    with pytest.raises(NotImplementedError, match="peak_arrays: the numpy backend keeps no count.*tracemalloc"):
+        numpy_backend.peak_arrays()
+
+
+@pytest.mark.parametrize("on", ["no", 0, 1.0, None])
+def test_trace_peak_takes_true_or_false_only(wgpu_backend, on):
+    """trace_peak('no') turned tracing on (a string's truth), trace_peak(None) off: one error naming the value."""
+    import re
+    from lab.checks import show
+    with pytest.raises(ValueError, match=f"trace_peak: on must be True or False, got {re.escape(show(on))}"):
+        wgpu_backend.trace_peak(on)
+    assert wgpu_backend._made is None

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from ...checks import show
 from .common import WG, _f32bits, _grid, _round_up, _u32
 from .device import _lost
 
@@ -95,6 +96,8 @@ class MemoryMixin:
     def trace_peak(self, on=True):
         """While on, each new peak of bytes in use keeps what was in use at that moment, for peak_arrays(): to see
         where a step's memory goes. Off by default; off, an allocation pays one attribute check."""
+        if not isinstance(on, (bool, np.bool_)):   # ('no', 0.0: their truth would turn tracing on or off unasked)
+            raise ValueError(f"trace_peak: on must be True or False, got {show(on)}")
         self._made = {} if on else None
         self._peak_arrays = self._in_use() if on else []
 
