@@ -185,6 +185,30 @@ def test_linears_equal_the_layers_one_by_one_in_one_dispatch(use_backend, M):
                 assert (names == [f"matmul_rows_multi:{how}"]) == (M <= 16), names
 
 
+def test_linears_wanting_a_gradient_are_one_product_of_the_weights_side_by_side(use_backend):
+    """Training's F.linears "concat" (Llama's q, k, v for the fused attention): one product of the weights side by
+    side, not a product per layer whose outputs are copied together (and their gradient split, x's summed); the
+    output and every gradient as PyTorch's. Fewer rows than the input width: the layers one by one (copying the
+    weights would cost more than the outputs)."""
+    for M, products in ((40, 1), (4, 3)):
+        xs = rng.standard_normal((2, M // 2, 8)).astype(np.float32)
+        ws = [rng.standard_normal((8, n)).astype(np.float32) for n in (12, 4, 4)]
+        bs = [rng.standard_normal(n).astype(np.float32) for n in (12, 4, 4)]
+        x = lab.tensor(xs, requires_grad=True)
+        w, b = ([lab.tensor(a, requires_grad=True) for a in arrays] for arrays in (ws, bs))
+        with lab.profile() as prof:
+            y = F.linears(x, w, b)
+        assert sum("matmul" in n for n, _, _ in prof.records) == products, prof.records
+        g = rng.standard_normal(y.shape).astype(np.float32)
+        y.backward(lab.tensor(g))
+        tx = torch.tensor(xs, requires_grad=True)
+        tw, tb = ([torch.tensor(a, requires_grad=True) for a in arrays] for arrays in (ws, bs))
+        ty = torch.cat([tx @ a + c for a, c in zip(tw, tb)], dim=-1)
+        ty.backward(torch.tensor(g))
+        for got, want in zip([y, x.grad] + [t.grad for t in w + b], [ty, tx.grad] + [t.grad for t in tw + tb]):
+            np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_linears_refuse_a_bad_group_in_one_error_and_compose_when_a_gradient_is_wanted(use_backend):
     x = lab.tensor(rng.standard_normal((1, 2, 8)).astype(np.float32))
     w = [lab.tensor(rng.standard_normal((8, 4)).astype(np.float32), requires_grad=True) for _ in range(3)]

@@ -266,14 +266,18 @@ class LlamaAttention(nn.Module):
         Bsz, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         G = H // Hkv
-        q_in, k_in, v_in = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        if not (self._hooks or return_weights or cache is not None or pad is not None or pos) and \
+        if not (qkv or self._hooks or return_weights or cache is not None or pad is not None or pos) and \
                 x.backend.flash_attention_fits((Bsz, T, (H + 2 * Hkv) * D), H, Hkv, rotary=True):
-            # the fused kernels rotate q and k as they read them and read kv head h // G themselves: the three
-            # projections side by side (B, T, (H + 2 Hkv) D) are all they need
-            y = F.causal_self_attention(F.concat([q_in, k_in, v_in], axis=2), H, self.attn_dropout, self.training,
-                                        n_kv_head=Hkv, rope=(cos, sin))
+            # the fused kernels rotate q and k themselves and read kv head h // G: the three projections side by
+            # side (B, T, (H + 2 Hkv) D) are all they need, one product of the weights side by side where the
+            # layers are plain (F.linears), not three outputs copied together
+            layers = (self.q_proj, self.k_proj, self.v_proj)
+            packed = (F.linears(x, [t.weight for t in layers], [t.bias for t in layers])
+                      if all(isinstance(t, nn.Linear) and t.plain for t in layers)
+                      else F.concat([t(x) for t in layers], axis=2))
+            y = F.causal_self_attention(packed, H, self.attn_dropout, self.training, n_kv_head=Hkv, rope=(cos, sin))
             return self.o_proj(y)
+        q_in, k_in, v_in = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         # query heads grouped under the key-value head they share (transformers' repeat_kv: head h reads kv head
         # h // G), so one batched product per kv head serves its G query heads: keys and values are never repeated
         # (rotary splits the heads off the projections in its pass: heads h = kv * G + g in q's columns)

@@ -271,6 +271,11 @@ def linears(x, weights, biases=None, how="concat"):
         raise ValueError(f"linears: how must be 'concat' (one or more weights) or 'swiglu' (two), with a bias or None "
                          f"for each weight; got how={how!r}, {len(weights)} weight(s), {len(biases)} bias(es)")
     if not linears_fused(x, weights, biases, how):
+        if how == "concat" and _side_by_side(x, weights, biases):
+            # one product of the weights side by side: their copy (K sum N_i) is no larger than the outputs'
+            # (M sum N_i), which concatenating the outputs copies (and splits their gradient, a copy more), beside
+            # n - 1 more products each way and the sum of x's gradients
+            return linear(x, concat(weights, axis=1), None if biases[0] is None else concat(biases))
         outs = [linear(x, w, b) for w, b in zip(weights, biases)]
         return concat(outs, axis=-1) if how == "concat" else swiglu(*outs)
     B = x.backend
@@ -278,6 +283,19 @@ def linears(x, weights, biases=None, how="concat"):
     out = B.linears(B.reshape(x.data, (1, M, K)), [w.data for w in weights],
                     [b.data if b is not None else None for b in biases], how)
     return Tensor(B.reshape(out, x.shape[:-1] + (out.shape[-1],)), B)
+
+
+def _side_by_side(x, weights, biases):
+    """Whether linears' "concat" of these is one linear of the weights side by side: float32 weights (K, N_i) and
+    biases (all or none) on x's backend, and at least K rows of x (else copying the weights costs more)."""
+    K = x.shape[-1] if isinstance(x, Tensor) and x.ndim else None
+    tensors = list(weights) + [b for b in biases if b is not None]
+    return (len(weights) > 1 and K is not None and math.prod(x.shape[:-1]) >= K and x.dtype == "float32"
+            and all(isinstance(t, Tensor) and not isinstance(t, QuantizedWeight) and t.backend is x.backend
+                    and t.dtype == "float32" for t in tensors)
+            and all(w.ndim == 2 and w.shape[0] == K for w in weights)
+            and (all(b is None for b in biases) or all(b is not None and b.shape == (w.shape[1],)
+                                                        for w, b in zip(weights, biases))))
 
 
 def linears_fused(x, weights, biases, how):
