@@ -289,3 +289,21 @@ def test_a_reference_capture_keeps_none_of_its_steps_gradients(wgpu_backend):
         assert [g() for g in grads] == [None] * len(grads)
         losses = _steps(t, 4)   # the reference still leads to a ready capture, replayed as before
         assert t.replay.replayed == 3 and losses == _steps(_trainer(False, dropout=0.1), 5)[1:]
+
+
+def test_a_suspended_capture_keeps_none_of_its_steps_gradients(wgpu_backend):
+    """An evaluation (or replay turned off) suspends the ready capture: its buffers went back, but it stayed the
+    reference with its step's gradients, loss and norm, so the capture after every evaluation carried a copy of every
+    gradient at its peak (what e7b8696 fixed for the first reference only). Replays resume as before."""
+    import weakref
+    with using_backend(wgpu_backend):
+        t = _trainer(True, dropout=0.1)
+        losses = _steps(t, 3)
+        assert t.replay.ready is not None and t.replay.replayed == 1
+        t.replay.suspend()   # as Trainer.run does before an evaluation
+        assert t.replay.reference is not None
+        grads = [weakref.ref(p.grad.data.storage) for p in t.optimizer.params]
+        t.optimizer.zero_grad()
+        assert [g() for g in grads] == [None] * len(grads)
+        losses += _steps(t, 3)   # captured again, matched with the reference, replayed
+        assert t.replay.replayed == 3 and losses == _steps(_trainer(False, dropout=0.1), 6)

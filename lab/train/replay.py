@@ -104,8 +104,14 @@ class StepReplay:
         """Give the ready capture's buffers back to the pool (an evaluation can use them). The next step is
         captured again and, matching the reference, replays resume after it."""
         if self.ready is not None:
-            self.backend.release_capture(self.ready.capture)
+            self._release(self.ready)   # (it stays the reference)
             self.ready = None
+
+    def _release(self, rec):
+        """Give rec's buffers back; rec may stay the reference, compared and never replayed: its step's gradients,
+        loss and norm must not stay through the next step (a copy of every gradient at the next capture's peak)."""
+        self.backend.release_capture(rec.capture)
+        rec.grads, rec.loss, rec.norm = (), None, None
 
     def reset(self):
         """Forget every capture (Trainer.run calls this as it starts: edits to the model between runs, which no
@@ -143,10 +149,7 @@ class StepReplay:
         if why is None:
             self.ready = rec
             return
-        self.backend.release_capture(rec.capture)
-        # kept as the next capture's reference, compared and never replayed: its step's gradients, loss and norm
-        # must not stay through the next step (a copy of every gradient at the next capture's peak)
-        rec.grads, rec.loss, rec.norm = (), None, None
+        self._release(rec)
         if ref is not None:
             self.mismatches += 1
             if self.mismatches >= MAX_MISMATCHES:  # something outside the known step values changes every step
