@@ -64,8 +64,8 @@ class LoRALinear(nn.Linear):
         self._enabled = value
 
     @property
-    def plain(self):   # the base layer alone (its weight holds a merged adapter)
-        return not self.enabled or self.merged
+    def plain(self):   # the base layer alone (its weight holds a merged adapter), by this class's forward
+        return (not self.enabled or self.merged) and not nn.own_forward(self, LoRALinear)
 
     def forward(self, x, activation=None, residual=None):
         if not self.enabled or self.merged:  # the base layer alone, its epilogues fused as a plain Linear's

@@ -334,3 +334,43 @@ def test_scores_far_below_zero_keep_the_fused_attention_causal(wgpu_backend, num
             y = F.causal_self_attention(lab.tensor(qkv_np, backend=backend), H, n_kv_head=1).numpy()
         assert (backend is wgpu_backend) == any(n == "attention:fwd_main" for n, _, _ in prof.records)
         np.testing.assert_allclose(y[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["subclass", "patched"])
+def test_a_projection_with_a_forward_of_its_own_is_not_bypassed_by_the_fused_path(any_backend, monkeypatch, how):
+    """Llama's fused path multiplies q, k, v's weights side by side where the layers are plain: a q_proj whose forward
+    is its own (a subclass's, one patched on the instance) was taken as plain and its forward skipped (wgpu, fused:
+    logits 3.7e-3 from the composed path's). Linear.plain asks nn.own_forward; logits as the composed path's and as
+    a model whose q_proj weights carry the same change."""
+    from lab import nn
+    from lab.engine.backend import using_backend
+    from lab.models.llama import LlamaConfig, LlamaLM
+
+    class Tripled(nn.Linear):
+        def forward(self, x, activation=None, residual=None):
+            return super().forward(x, activation, residual) * 3.0
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    idx = np.random.default_rng(1).integers(0, 40, (2, 20))
+    out = {}
+    with using_backend(any_backend):
+        for flash in (True, False):
+            monkeypatch.setattr(any_backend, "FLASH_ATTENTION", flash, raising=False)
+            for changed in ("forward", "weights"):
+                lab.manual_seed(0)
+                model = LlamaLM(cfg)
+                att = model.model.layers[0].self_attn
+                if changed == "weights":
+                    att.q_proj.weight.data = any_backend.from_numpy(att.q_proj.weight.numpy() * 3)
+                elif how == "subclass":
+                    base, att.q_proj = att.q_proj, Tripled.__new__(Tripled)
+                    att.q_proj.__dict__.update(vars(base))
+                else:
+                    base = att.q_proj.forward
+                    att.q_proj.forward = lambda x, activation=None, residual=None: base(x, activation, residual) * 3.0
+                assert att.q_proj.plain == (changed == "weights")
+                with lab.no_grad():
+                    y = model(lab.tensor(idx))
+                out[flash, changed] = (y[0] if isinstance(y, tuple) else y).numpy()
+    for key, y in out.items():
+        np.testing.assert_allclose(y, out[False, "weights"], rtol=1e-5, atol=1e-6, err_msg=str(key))

@@ -138,6 +138,31 @@ def test_an_adapter_on_the_head_takes_the_composed_output(use_backend):
         _close(g1[name], g0[name], name)
 
 
+
+def test_a_head_with_a_forward_of_its_own_gives_the_loss_of_its_output(use_backend):
+    """lm_head.cross_entropy took the chunked loss of the weight alone wherever the layer was a Linear: a head whose
+    forward is its own (patched on the instance, here scaling the logits by 2) gave the unpatched loss. Linear.plain
+    asks nn.own_forward, so the loss is cross-entropy of what the forward returns, gradients alike."""
+    def run(patched):
+        lab.manual_seed(0)
+        model = FAMILIES["llama-untied"]()
+        if patched:
+            base = model.lm_head.forward
+            model.lm_head.forward = lambda x, activation=None, residual=None: base(x) * 2.0
+        rng = np.random.default_rng(1)
+        x, y = rng.integers(0, V, (2, 7)), rng.integers(0, V, (2, 7))
+        if patched:
+            loss = model(x, y, return_logits=False)[1]
+        else:   # the composed loss of the doubled logits
+            out = model(x)
+            loss = F.cross_entropy((out[0] if isinstance(out, tuple) else out) * 2.0, lab.tensor(y, backend=use_backend))
+        loss.backward()
+        return loss.item(), {n: p.grad.numpy() for n, p in model.named_parameters()}
+    (l0, g0), (l1, g1) = run(False), run(True)
+    _close(l1, l0, "loss")
+    for name in g0:
+        _close(g1[name], g0[name], name)
+
 def _trainer_losses(monkeypatch, family, composed, steps=5, **cfg):
     if composed:   # the head's loss through the whole logits, as before linear_cross_entropy
         cls = type(FAMILIES[family]())

@@ -354,7 +354,12 @@ class Linear(Module):
         # backend can (F.linear)
         return F.linear(x, self.weight, self.bias, activation=activation, residual=residual)
 
-    plain = True   # its output is F.linear of its weight and bias alone (fused_linears may take it with others)
+    @property
+    def plain(self):
+        """Whether its output is F.linear of its weight and bias alone, so fused_linears, Llama's packed q|k|v product
+        and the chunked loss may take the weight in its place: not where a forward of its own (a subclass's, a
+        patched one) makes the output, which they would bypass."""
+        return not own_forward(self, Linear)
 
     def cross_entropy(self, x, targets):
         """F.cross_entropy(self(x), targets), an output layer's loss: through F.linear_cross_entropy (the (..., out)
@@ -363,6 +368,11 @@ class Linear(Module):
         if not self.plain or self.weight.dtype not in ("float32", "float64"):
             return F.cross_entropy(self(x), targets)
         return F.linear_cross_entropy(x, self.weight, targets, self.bias, transpose_b=False)
+
+
+def own_forward(module, cls):
+    """Whether module's forward is other than cls's: a subclass's, or one patched onto the instance."""
+    return type(module).forward is not cls.forward or "forward" in vars(module)
 
 
 def fused_linears(x, layers, how="concat"):
