@@ -41,11 +41,15 @@ def _step(backend, adapters):
 
 # Recorded from the code before fusion moved onto the layers (commit 1cf3ab7: MLP and Block chose the fused
 # kernels by `type(fc) is nn.Linear`, ops found matmul_gelu with hasattr), on lavapipe; reduce:columns_main since
-# LayerNorm's dw and db share one reduction (one pass of two for each of these norms' 32 rows).
+# LayerNorm's dw and db share one reduction (one pass of two for each of these norms' 32 rows); the head's loss by
+# F.linear_cross_entropy (743884c, 0c2e80d) since: its logits' gradient in place (backward_inplace_main), two
+# constant fills, its count's floor and the backward's scalings (4 binary passes, 3 with LoRA's frozen head), and
+# otherwise the composed loss's kernels (the same losses to the bit: the composed loss gives these counts less those)
 DISPATCHES = {
     False: {
-        'copy:copy_main': 10, 'copy:fill_main': 2, 'cross_entropy:rows_main': 1,
-        'cross_entropy_reduce:backward_main': 1, 'cross_entropy_reduce:mean_main': 1, 'elementwise:binary_main': 8,
+        'copy:copy_main': 10, 'copy:fill_main': 4, 'cross_entropy:rows_main': 1,
+        'cross_entropy_reduce:backward_inplace_main': 1, 'cross_entropy_reduce:mean_main': 1,
+        'elementwise:binary_main': 12,
         'elementwise:unary_main': 2, 'embedding:backward_vocab_main': 1, 'embedding:forward_main': 1,
         'layernorm:forward_main': 3, 'layernorm_backward:backward_wb_main': 3, 'layernorm_backward:backward_x_main': 3,
         'matmul:main': 7, 'matmul:main_rows': 14, 'optim_many:adamw_many_main': 3,
@@ -53,8 +57,9 @@ DISPATCHES = {
         'softmax:softmax_main': 1, 'sumsq_many:sumsq_many_main': 1,
     },
     True: {
-        'copy:copy_main': 13, 'copy:fill_main': 1, 'cross_entropy:rows_main': 1,
-        'cross_entropy_reduce:backward_main': 1, 'cross_entropy_reduce:mean_main': 1, 'elementwise:binary_main': 10,
+        'copy:copy_main': 13, 'copy:fill_main': 3, 'cross_entropy:rows_main': 1,
+        'cross_entropy_reduce:backward_inplace_main': 1, 'cross_entropy_reduce:mean_main': 1,
+        'elementwise:binary_main': 13,
         'elementwise:scalar_main': 8, 'elementwise:unary_main': 2, 'embedding:forward_main': 1,
         'layernorm:forward_main': 3, 'layernorm_backward:backward_wb_main': 2, 'layernorm_backward:backward_x_main': 2,
         'lora:up_add_t_main': 4, 'matmul:main': 10, 'matmul:main_rows': 24,
