@@ -325,3 +325,17 @@ def test_an_untied_head_on_a_float16_or_packed_base_trains(use_backend, base_dty
     _close(model(x, y, return_logits=False)[1].item(), model(x, y)[1].item(), "loss")
     trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(steps=2, batch_size=2, block_size=8))
     assert np.isfinite(trainer.train_step()[0].item())
+
+
+@pytest.mark.parametrize("ignore_index", [2 ** 32 + 2, 2.5, True, None])
+def test_an_ignore_index_not_an_int32_is_one_clear_error_on_both_losses(use_backend, ignore_index):
+    """The wgpu kernels compare targets with ignore_index's int32 bits: 2**32 + 2 and 2.5 skipped target 2 there
+    where numpy skipped none (a different loss per backend), None was a TypeError on wgpu and 'skip none' on numpy."""
+    x, w, _, t = _operands(V, True, False)
+    t = np.abs(t) % 3   # target 2 present
+    for call in (lambda: F.linear_cross_entropy(lab.tensor(x), lab.tensor(w), t, ignore_index=ignore_index),
+                 lambda: F.cross_entropy(F.matmul(lab.tensor(x), lab.tensor(w), transpose_b=True), t, ignore_index)):
+        with pytest.raises(InputError, match=r"ignore_index must be an integer >= -2,147,483,648 .* got"):
+            call()
+    assert F.linear_cross_entropy(lab.tensor(x), lab.tensor(w), t, ignore_index=np.int64(2)).item() == \
+        pytest.approx(F.cross_entropy(F.matmul(lab.tensor(x), lab.tensor(w), transpose_b=True), t, 2).item(), rel=1e-5)

@@ -8,7 +8,7 @@ from ... import checks
 from ..tensor import QuantizedWeight, Tensor, is_grad_enabled
 from ._common import _check_float, _lift, _shape_str
 from .elementwise import gelu
-from .nn import _index_tensor, cross_entropy, swiglu
+from .nn import _ignore_index, _index_tensor, cross_entropy, swiglu
 from .shape import concat
 
 
@@ -74,6 +74,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
     and the backward only scales those sums by the incoming gradient over the count (Liger-Kernel's fused linear
     cross-entropy). Equal to the composed ops within float32 rounding (the sums are taken in another order)."""
     op = "linear_cross_entropy"
+    ignore_index = _ignore_index(op, ignore_index)
     if not isinstance(weight, QuantizedWeight):   # (arrays and lists are constants, as matmul takes them)
         weight, bias = _lift(weight, x), None if bias is None else _lift(bias, x)
     if isinstance(weight, QuantizedWeight) or weight.ndim != 2:

@@ -233,9 +233,16 @@ def embedding(idx, weight):
     return Tensor._make(out, B, (weight,), lambda g: (B.embedding_bwd(idx.data, g, V),))
 
 
+def _ignore_index(op, value):
+    """ignore_index as an int32: the wgpu kernels compare targets with its int32 bits, so 2**32 + 2 or 2.5 there
+    skipped target 2 where numpy skipped none, and None was a TypeError on one backend and 'skip none' on the other."""
+    return checks.integer(f"{op}: ignore_index", value, -2 ** 31, 2 ** 31 - 1)
+
+
 def cross_entropy(logits, targets, ignore_index=-100):
     """Mean cross-entropy of logits (..., V) against integer targets (...), skipping ignore_index."""
     _check_float(logits, "cross_entropy")
+    ignore_index = _ignore_index("cross_entropy", ignore_index)
     if logits.ndim == 0:
         raise ValueError("cross_entropy: logits need a class axis (..., V), got a 0-D tensor")
     V = logits.shape[-1]
