@@ -2,6 +2,7 @@
 //   unary_main:  y[i] = f(x[i])
 //   scalar_main: y[i] = f(x[i], c)          c = bitcast<f32>(P[1])
 //   binary_main: y[i] = f(a[ia], b[ib])     ia, ib from the broadcast strides in P
+//   add_into_main: y[i] += b[i]            a running sum kept in place (no third array beside it and its term)
 // Specialized per op by substituting {{UNARY}}, {{SCALAR}}, {{BINARY}} with one of the fns below.
 // Bindings: @binding(0) P: params (u32), @binding(1) a, @binding(2) b (binary only), @binding(3) y.
 // Params: unary/scalar: [n, c]; binary: [n, ndim, shape[MAXDIM], astride[MAXDIM], bstride[MAXDIM]].
@@ -96,4 +97,11 @@ fn binary_main(inv: Invocation) {
         ib += coord * P[2u + 2u * MAXDIM + k];
     }
     Y[i] = {{BINARY}}(A[ia], B[ib]);
+}
+
+@compute @workgroup_size(WG)
+fn add_into_main(inv: Invocation) {
+    let i = flat(inv);
+    if (i >= P[0]) { return; }
+    Y[i] = Y[i] + B[i];
 }

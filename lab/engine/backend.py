@@ -106,6 +106,7 @@ class Backend:
     def unary(self, op, a): raise NotImplementedError               # neg exp log sqrt tanh relu gelu
     def scalar(self, op, a, c): raise NotImplementedError           # add mul rsub rdiv pow
     def binary(self, op, a, b): raise NotImplementedError           # add sub mul div maximum eq *_bwd, broadcasting
+    def add_(self, dst, src): raise NotImplementedError             # dst += src in place (same size): a running sum
 
     # -- reductions and data movement --
     def reduce(self, op, a, axis): raise NotImplementedError        # sum max sumsq; removes `axis`

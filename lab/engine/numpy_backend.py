@@ -332,6 +332,10 @@ class NumpyBackend(Backend):
             out = np.ascontiguousarray(BINARY[op](_at_least_1d(a), _at_least_1d(b)))
         return out.reshape(()) if a.ndim == 0 and b.ndim == 0 else out
 
+    def add_(self, dst, src):
+        np.add(dst, src.reshape(dst.shape), out=dst)
+        return dst
+
     # -- reductions and data movement --
     def reduce(self, op, a, axis):  # (a reduction to shape () is a numpy scalar: made a 0-D array)
         if op == "sum":

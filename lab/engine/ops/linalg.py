@@ -129,6 +129,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
         one, unit_g = B.full((1,), 1.0, x.dtype), (B.full((1,), 1.0, x.dtype) if grads else None)
     total = count = dx = dw = db = None
     for s in range(0, N, step):
+        logits = d3 = None   # the last chunk's logits (and their gradient over them) go before this chunk's come
         n = _builtins.min(step, N - s)
         xc = x2 if n == N else B.copy_view(x2, s * Cp, (n, Cp), (Cp, 1))                      # (n, Cp)
         tc = t1 if n == N else B.copy_view(t1, s, (n,), (1,))
@@ -150,12 +151,14 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, trans
             else:
                 dx = B.empty((N, Cp), x.dtype) if dx is None else dx
                 B.write_view(dx, s * Cp, (Cp, 1), dxc)
-        if want_w:   # added into by the product's store where the kernel takes a residual
-            a, c = (d3, B.reshape(xc, (1, n, Cp))) if transpose_b else (B.reshape(xc, (1, n, Cp)), d3)
-            dw = B.matmul(a, c, True, False, residual=dw)
+        if want_w:   # the running sum added into in place: it and one chunk's product, not a third (V, C) array
+            xc3 = B.reshape(xc, (1, n, Cp))
+            dwc = B.matmul(d3, xc3, True, False) if transpose_b else B.matmul(xc3, d3, True, False)
+            dw = dwc if dw is None else B.add_(dw, dwc)
+            del dwc
         if want_b:
             dbc = B.reduce("sum", B.reshape(d3, (n, Vp)), 0)                                     # (Vp,)
-            db = dbc if db is None else B.binary("add", db, dbc)
+            db = dbc if db is None else B.add_(db, dbc)
     # the padding's gradients (zeros) dropped
     if (Vp, Cp) != (V, C) and want_w:
         dw = B.copy_view(dw, 0, weight.shape, (wide[1], 1))

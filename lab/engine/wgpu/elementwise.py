@@ -39,6 +39,12 @@ class ElementwiseOps:
         self._flat("elementwise", "binary_main", params, [a, b, out], out.size, self._ew_subs("BINARY", "b_" + op))
         return out
 
+    def add_(self, dst, src):
+        if src.size != dst.size:
+            raise ValueError(f"add_: {src.shape} into {dst.shape}: the sizes differ")
+        self._flat("elementwise", "add_into_main", [dst.size], [None, src, dst], dst.size, self._SUBS_DEFAULT)
+        return dst
+
     # ------------------------------------------------------------------ reductions and data movement
     # max starts from -inf (bits 0xff800000): -3.4e38 is above -FLT_MAX and came back as the maximum of -inf entries
     _REDUCE = {"sum": ("r_add", "m_id", "0.0"), "max": ("r_max", "m_id", "bitcast<f32>(0xff800000u)"),
