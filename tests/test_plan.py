@@ -181,7 +181,7 @@ def test_op_count_matches_the_engine(wgpu_backend, dropout, lora_rank):
             before = wgpu_backend.stats()["dispatches"]
             t.train_step()
             lab.sync()
-        counted = plan.estimator.op_count(cfg, lora_rank, update_slots=wgpu_backend.optimizer_slots())
+        counted = plan.estimator.op_count(cfg, lora_rank, update_slots=wgpu_backend.optimizer_slots(), rows=2 * 16)
         assert wgpu_backend.stats()["dispatches"] - before == counted, (n_layer, dropout)
 
 
@@ -205,9 +205,41 @@ def test_heads_in_place_save_the_op_count_says(wgpu_backend, monkeypatch):
     monkeypatch.setattr(wgpu_backend, "heads_in_place", lambda seq, dim: False)
     copied = dispatches()
     slots = wgpu_backend.optimizer_slots()
-    counted = [plan.estimator.op_count(cfg, heads_in_place=h, update_slots=slots) for h in (True, False)]
+    counted = [plan.estimator.op_count(cfg, heads_in_place=h, update_slots=slots, rows=2 * 64) for h in (True, False)]
     assert copied - in_place == counted[1] - counted[0] == 8 * cfg.n_layer, (in_place, copied, counted)
-    assert plan.estimator.op_count(cfg, update_slots=slots) == counted[0]
+    assert plan.estimator.op_count(cfg, update_slots=slots, rows=2 * 64) == counted[0]
+
+
+def _step_dispatches(backend, cfg, batch=2):
+    """The dispatches of a TransformerLM's second eager training step on `backend`."""
+    with lab.engine.backend.using_backend(backend):
+        lab.manual_seed(0)
+        t = Trainer(TransformerLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
+        t.train_step()
+        lab.sync()
+        before = backend.stats()["dispatches"]
+        t.train_step()
+        lab.sync()
+    return backend.stats()["dispatches"] - before
+
+
+def test_bias_sums_folded_into_the_weight_products_save_what_op_count_says(wgpu_backend, monkeypatch):
+    """64 wide over 2 x 32 rows: every linear layer's weight gradient is a whole-tile product that sums its bias
+    gradient as it stages g, 8 reduction passes a layer fewer than the bias sums of their own (forced here by the
+    composed Backend.matmul_column_sums), as op_count counts them from the engine's plan (it counted none)."""
+    from functools import partial
+    from lab.engine.backend import Backend
+    cfg = TransformerConfig(vocab_size=73, block_size=32, n_layer=2, n_head=2, n_embd=64)
+    slots = wgpu_backend.optimizer_slots()
+    folded, counted_folded = _step_dispatches(wgpu_backend, cfg), plan.estimator.op_count(cfg, update_slots=slots,
+                                                                                          rows=64)
+    monkeypatch.setattr(wgpu_backend, "matmul_column_sums", partial(Backend.matmul_column_sums, wgpu_backend))
+    monkeypatch.setattr(plan.estimator, "bias_sums_folded", lambda rows, n_in, n_out: False)
+    own = _step_dispatches(wgpu_backend, cfg)
+    counted_own = plan.estimator.op_count(cfg, update_slots=slots, rows=64)
+    assert own - folded == counted_own - counted_folded == 8 * cfg.n_layer, (folded, own, counted_folded, counted_own)
+    # ragged widths take no whole tiles: their bias sums stay passes of their own
+    assert not plan.estimator.bias_sums_folded(64, 72, 216) and not plan.estimator.bias_sums_folded(30, 64, 192)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "shakespeare-char", "gpt2-small"])

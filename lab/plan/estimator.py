@@ -354,26 +354,40 @@ def dropout_floats(c, b, T):
     return 2 * (N * c.n_embd + c.n_layer * (2 * N * c.n_embd + b * c.n_head * T * T))
 
 
+def bias_sums_folded(rows, n_in, n_out):
+    """Whether a Linear's bias gradient comes with its weight gradient's product (x^T g over `rows` rows; the
+    whole-tile kernels sum g's columns as they stage it, matmul_plan's column_sums) rather than by a reduction of
+    its own: the engine's own plan decides."""
+    from ..engine.wgpu import matmul_plan   # (only here, as runs_fused_attention's)
+    return matmul_plan.plan(n_in, n_out, rows, trans_a=True, column_sums=True).column_sums
+
+
 def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None, update_slots=1,
              rows=1):
-    """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 31 + 77 per
+    """Primitive ops (GPU dispatches) of one training step, as counted on the engine (lab.stats()): 30 + 75 per
     layer (gradient clipping runs inside the optimizer's kernel; the residual adds before ln_2 and the residual
-    stream's gradient sums ride in the LayerNorm kernels), of which 8 copy attention's heads out of and into the
-    activations unless its products take them in place (heads_in_place; None: as the wgpu backend decides,
-    sequences and heads multiples of 64); dropout 2 + 4 per layer more (attention's rides in its softmax); LoRA
-    adds 5 per adapted module per layer ("c_proj" names two modules of a block; each of its products long enough
-    to be split along K adds one more, for the sum) and saves 22 updates of frozen parameters. Those counts are of
-    one update dispatch and one sum of squares (the gradient norm) per trained tensor; update_slots > 1 counts
-    wgpu's adamw_many_ and sumsq_many, which take that many parameters (and four times as many gradients) per
-    dispatch. rows (batch x seq): the head's loss (head_loss_ops)."""
+    stream's gradient sums ride in the LayerNorm kernels, whose dw and db share one reduction), of which 8 copy
+    attention's heads out of and into the activations unless its products take them in place (heads_in_place;
+    None: as the wgpu backend decides, sequences and heads multiples of 64), and 8 sum the four linear layers' bias
+    gradients (two passes each) unless their weight-gradient products take whole tiles of `rows` and sum them as
+    they stage the gradient (bias_sums_folded); dropout 2 + 4 per layer more (attention's rides in its softmax);
+    LoRA adds 5 per adapted module per layer ("c_proj" names two modules of a block; each of its products long
+    enough to be split along K adds one more, for the sum) and saves 21 updates of frozen parameters (20 without
+    dropout: its frozen ln_f takes no reduction). Those counts are of one update dispatch and one sum of squares
+    (the gradient norm) per trained tensor; update_slots > 1 counts wgpu's adamw_many_ and sumsq_many, which take
+    that many parameters (and four times as many gradients) per dispatch. rows (batch x seq): the head's loss
+    (head_loss_ops) and the bias sums. Counted at 32 wide over 32 rows; whole-tile shapes (64 and 128 wide) run a
+    few more (split-K sums, transposed weights: 2-5 a layer), not counted here."""
     if heads_in_place is None:
         heads_in_place = c.block_size % 64 == 0 and (c.n_embd // c.n_head) % 64 == 0
-    per_layer = 69 if heads_in_place else 77
-    ops = 31 + per_layer * c.n_layer + ((2 + 4 * c.n_layer) if c.dropout > 0 else 0) + head_loss_ops(
+    C = c.n_embd
+    per_layer = (67 if heads_in_place else 75) - 2 * sum(
+        bias_sums_folded(rows, n_in, n_out) for n_in, n_out in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)))
+    ops = 30 + per_layer * c.n_layer + ((2 + 4 * c.n_layer) if c.dropout > 0 else 0) + head_loss_ops(
         rows, c.vocab_size, not lora_rank)
     if lora_rank:
         modules = sum(2 if t == "c_proj" else 1 for t in lora_targets)
-        ops += c.n_layer * 5 * modules - (22 if c.dropout > 0 else 21)  # (measured, as all these counts)
+        ops += c.n_layer * 5 * modules - (21 if c.dropout > 0 else 20)  # (measured, as all these counts)
     tensors = 2 * modules * c.n_layer if lora_rank else 4 + 12 * c.n_layer   # what the optimizer updates
     ops += math.ceil(tensors / update_slots) - tensors
     if update_slots > 1:  # the gradient norm too: one dispatch per 4 x update_slots gradients (and a copy of its
