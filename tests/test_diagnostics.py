@@ -104,3 +104,24 @@ def test_monitor_reports_during_training(use_backend):
     assert set(r["efficiency"]) == {"embeddings", "attention", "mlp", "norms"}
     assert r["threshold"] == pytest.approx(edge_of_stability_threshold(r["lr"], "adam"))
     assert len(r["recommendation"]) > 40 and mon.seconds > 0
+
+
+def test_the_monitor_takes_its_losses_without_the_whole_logits(use_backend, monkeypatch):
+    """The monitor's sharpness, Fisher trace and noise scale took model(x, y)[1]: the whole (B, T, vocab) logits and
+    their gradient, which the trainer's step no longer makes (F.linear_cross_entropy), so a run that fits only
+    without them ran out of memory at its first report. Any call for the whole head's output fails here."""
+    from lab.models import TransformerLM
+    from lab.models.transformer import TransformerConfig
+    from lab.train import TrainConfig, Trainer
+    lab.manual_seed(0)
+    m = TransformerLM(TransformerConfig(vocab_size=67, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    ids = np.random.default_rng(0).integers(0, 67, 2000)
+    t = Trainer(m, ids[:1500], ids[1500:], TrainConfig(steps=2, batch_size=4, block_size=8))
+    mon = DiagnosticsMonitor(t, every=1000, power_iters=2, fisher_examples=2)
+    t.train_step()
+
+    def whole(self, h):
+        raise AssertionError("the whole (B, T, vocab) logits were asked for")
+    monkeypatch.setattr(TransformerLM, "_head", whole)
+    r = mon.run(1)
+    assert np.isfinite(r["sharpness"]) and r["fisher_trace"] > 0

@@ -272,7 +272,9 @@ class DiagnosticsMonitor:
         params = [p for ps in self.groups.values() for p in ps]
         small = max(1, cfg.batch_size // 4)
         x, y = get_batch(tr.train_ids, small, block, rng)
-        loss_fn = lambda: model(x, y)[1]                                    # noqa: E731
+        # the loss alone (return_logits=False: F.linear_cross_entropy's chunks), as the trainer's step takes it: a run
+        # that fits only without the whole (B, T, vocab) logits must not hold them here
+        loss_fn = lambda: model(x, y, return_logits=False)[1]               # noqa: E731
         was_training = model.training
         model.eval()  # no dropout: the same function at every evaluation
         try:
@@ -281,12 +283,12 @@ class DiagnosticsMonitor:
             sharp = sharpness(loss_fn, params, self.power_iters, preconditioner=pre)
             threshold = edge_of_stability_threshold(lr, "adam", tr.optimizer.b1)
             xs, ys = get_batch(tr.train_ids, self.fisher_examples, block, rng)
-            fisher = fisher_trace(lambda i: model(xs[i:i + 1], ys[i:i + 1])[1], self.fisher_examples, params,
-                                  self.groups)
+            fisher = fisher_trace(lambda i: model(xs[i:i + 1], ys[i:i + 1], return_logits=False)[1],
+                                  self.fisher_examples, params, self.groups)
 
             def batch_grad(b):
                 bx, by = get_batch(tr.train_ids, b, block, rng)
-                return _flatten(gradients(lambda: model(bx, by)[1], params))
+                return _flatten(gradients(lambda: model(bx, by, return_logits=False)[1], params))
             noise = gradient_noise_scale(batch_grad, small, cfg.batch_size, repeats=1)
         finally:
             model.train(was_training)
