@@ -56,6 +56,8 @@ def test_variants_fit_the_memory_they_are_for():
 
 @pytest.mark.parametrize("bad,match", [
     (dict(FLASH_DEFAULT=1), "FLASH_DEFAULT must be True or False, got 1"),
+    (dict(FLASH_DEFAULT_ROTARY="no"), "FLASH_DEFAULT_ROTARY must be True or False, got 'no'"),
+    (dict(FLASH_DEFAULT_ROTARY=None), "FLASH_DEFAULT_ROTARY must be True or False, got None"),
     (dict(FLASH_FWD_BLOCKS=(16, 32)), r"FLASH_FWD_BLOCKS must be a \(BQ, BK, TY\) tuple of integers, got \(16, 32\)"),
     (dict(FLASH_BWD_BLOCKS=(48, 32, 8)), r"BQ in \(8, 16, 32, 64\).*got \(48, 32, 8\)"),
     (dict(FLASH_BWD_BLOCKS=(16, 32, 32)), r"TY in \(4, 8, 16\).*got \(16, 32, 32\)"),
@@ -254,3 +256,27 @@ def test_flash_attention_fits_asks_the_devices_grid_limit(wgpu_backend, monkeypa
     assert wgpu_backend.flash_attention_fits((1, most, 3 * 16), 1)
     assert not wgpu_backend.flash_attention_fits((1, most + 1, 3 * 16), 1)
     assert not wgpu_backend.flash_attention_fits((5, 8, 3 * 16), 1)   # 5 heads in all: 5 rows of workgroups
+
+
+@pytest.mark.parametrize("value", ["false", "off", "2", " 1", "true"])
+def test_lab_flash_attention_takes_0_1_or_unset_only(value):
+    """LAB_FLASH_ATTENTION was True for any value but "" and "0": "false" and "off" turned the fused attention on
+    everywhere. Now 1, 0 or unset, else one error naming the variable, its value and what it takes."""
+    assert (ap.asked(""), ap.asked("0"), ap.asked("1")) == (None, False, True)
+    with pytest.raises(InputError, match=f"LAB_FLASH_ATTENTION must be 1 .*, 0 .* or unset .*, got '{value}'"):
+        ap.asked(value)
+
+
+def test_the_default_takes_rotary_attention_fused_and_the_rest_composed():
+    """kernels_run, the one rule of the engine and the plan: by default (asked None) rotary attention runs fused
+    (FLASH_DEFAULT_ROTARY) and the rest composed (FLASH_DEFAULT) below the binding limit; above it both fused; asked
+    False / True override the defaults; the tuning's switches move them."""
+    run = ap.kernels_run
+    assert run(64, 2, 64, LAVAPIPE, 1 << 30, rotary=True) and not run(64, 2, 64, LAVAPIPE, 1 << 30)
+    assert run(64, 2, 64, LAVAPIPE, 2 * 64 * 64 * 4 - 4) and not run(64, 2, 64, LAVAPIPE, 2 * 64 * 64 * 4)
+    assert not run(64, 2, 64, LAVAPIPE, 1 << 30, rotary=True, asked=False) and run(64, 2, 64, LAVAPIPE, 1 << 30,
+                                                                                       asked=True)
+    assert not run(60, 2, 64, LAVAPIPE, 1 << 30, rotary=True, asked=True)   # (rotary heads a multiple of 8)
+    off = AttentionTuning(FLASH_DEFAULT_ROTARY=False, FLASH_DEFAULT=True)
+    assert not run(64, 2, 64, LAVAPIPE, 1 << 30, rotary=True, tuning=off) and run(64, 2, 64, LAVAPIPE, 1 << 30,
+                                                                                     tuning=off)

@@ -240,14 +240,17 @@ def test_the_fused_path_takes_only_shapes_its_kernels_read(wgpu_backend, monkeyp
     assert not fits((65536, 2, 3 * 8), 1)
 
 
-def test_llama_attention_weights_above_the_binding_limit_are_planned_on_the_fused_kernels():
+def test_llama_attention_weights_above_the_binding_limit_are_planned_on_the_fused_kernels(monkeypatch):
     """Where a Llama layer's (B, H, T, T) weights exceed the device's binding limit and the heads take the fused
-    kernels (a multiple of 8: rotary halves of whole vec4s), the engine runs those (flash_attention_fits): the plan
-    then counts a log-sum-exp per row instead of the weights, and they are not the buffer that stops it; heads of
-    12 keep the weights, and the plan says they do not fit."""
+    kernels (a multiple of 8: rotary halves of whole vec4s), the engine runs those (flash_attention_fits), even with
+    LAB_FLASH_ATTENTION=0 (set here: by default Llama runs fused anyway): the plan then counts a log-sum-exp per row
+    instead of the weights, and they are not the buffer that stops it; heads of 12 keep the weights, and the plan
+    says they do not fit."""
     from dataclasses import replace
 
     from lab import plan
+    from lab.engine.wgpu import nn
+    monkeypatch.setattr(nn.NNOps, "FLASH_ATTENTION", False)
     from lab.models.llama import LlamaConfig
     cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
@@ -261,6 +264,43 @@ def test_llama_attention_weights_above_the_binding_limit_are_planned_on_the_fuse
     assert roomy.memory["activations"] - fused.memory["activations"] == pytest.approx(saved, abs=64)
     narrow = replace(cfg, hidden_size=24, head_dim=12)
     assert not plan.estimate(narrow, batch=8, device=tight).fits
+
+
+@pytest.mark.parametrize("device,fused", [("h200", True), ("m1", True), ("default-16k", True), ("cpu-2core", False),
+                                          ("lavapipe", True)])
+def test_the_plan_counts_llamas_fused_attention_by_default_where_the_device_takes_it(wgpu_backend, monkeypatch,
+                                                                                    device, fused):
+    """Llama's attention runs fused by default on wgpu (AttentionTuning.FLASH_DEFAULT_ROTARY), not only where the
+    weights exceed a buffer: the plan counts it (a log-sum-exp per row instead of 2.75 H T floats a token) on every
+    wgpu profile whose workgroup memory takes smollm2's heads of 64 (16 KiB does, in smaller blocks), and the
+    composed path on numpy's profile and with LAB_FLASH_ATTENTION=0; GPT-2's stays composed (FLASH_DEFAULT)."""
+    from lab import plan
+    from lab.engine.wgpu import nn
+    from lab.plan.profiles import limits_profile
+    prof = {"default-16k": plan.DeviceProfile(**{**plan.PROFILES["rtx4090"].to_dict(), "workgroup_storage": 16384}),
+            "lavapipe": limits_profile(wgpu_backend)}.get(device, device)
+    L, B, T, H = 30, 1, 256, 9
+    default = plan.estimate("smollm2-135m", batch=B, seq=T, device=prof)
+    gpt2 = plan.estimate("gpt2-small", batch=B, seq=T, device=prof)
+    monkeypatch.setattr(nn.NNOps, "FLASH_ATTENTION", False)
+    composed = plan.estimate("smollm2-135m", batch=B, seq=T, device=prof)
+    saved = L * B * T * (2.75 * H * T - H) * 4
+    assert composed.memory["activations"] - default.memory["activations"] == pytest.approx(saved if fused else 0,
+                                                                                           abs=64 * L)
+    if device != "lavapipe":   # (a limits profile times nothing)
+        assert (default.step_time_s < composed.step_time_s) == fused   # fewer dispatches and activations
+    assert plan.estimate("gpt2-small", batch=B, seq=T, device=prof).memory == gpt2.memory   # composed either way
+
+
+def test_llama_attention_runs_fused_by_default_and_gpt2s_composed(wgpu_backend, monkeypatch):
+    """With LAB_FLASH_ATTENTION unset, attention with rotary tables (Llama's call) takes the fused kernels and
+    attention without (GPT-2's) the composed path; 0 turns the fused path off for both (below the binding limit),
+    1 on for both."""
+    shape = (2, 16, (4 + 2 * 2) * 8)
+    for flash, rotary, plain in ((None, True, False), (False, False, False), (True, True, True)):
+        monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
+        assert wgpu_backend.flash_attention_fits(shape, 4, 2, rotary=True) == rotary, flash
+        assert wgpu_backend.flash_attention_fits(shape, 4, 2) == plain, flash
 
 
 @pytest.mark.parametrize("what", ["qkv", "cos"])

@@ -378,3 +378,21 @@ def test_a_chunked_loss_holds_one_chunks_logits_and_one_weight_gradient_beside_i
     allowed = (1 + (backend.name == "numpy")) * chunk + (2 * vocab * C * 4 if grad else 0) + chunk // 2
     assert peak < allowed, (peak / chunk, allowed / chunk)
     assert np.isfinite(kept.item())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + ["proneural"])
+def test_return_logits_is_true_or_false_checked_before_the_forward_runs(use_backend, monkeypatch, family):
+    """return_logits='no' was true (the whole logits the flag is there to avoid, silently) and None took the chunked
+    loss; each is one InputError now, raised before any block runs, as is False without targets."""
+    from lab.models.proneural import ProNeuralConfig, ProNeuralLM
+    model = ProNeuralLM(ProNeuralConfig(vocab_size=V)) if family == "proneural" else FAMILIES[family]()
+    x = np.zeros((1, 4), np.int64)
+    embed = "wte" if family != "llama-tied" and family != "llama-untied" else None
+    table = model.wte if embed else model.model.embed_tokens
+    monkeypatch.setattr(table, "forward", lambda *a, **k: pytest.fail("the forward ran"))
+    for value, message in (("no", "return_logits must be True or False, got 'no'"),
+                           (None, "return_logits must be True or False, got None")):
+        with pytest.raises(InputError, match=message):
+            model(x, x, return_logits=value)
+    with pytest.raises(InputError, match="return_logits=False needs targets"):
+        model(x, return_logits=False)

@@ -232,15 +232,21 @@ def _llama_step(backend, monkeypatch, fused):
     return counts, (first.item(), second.item())
 
 
-# A llama-tiny training step on wgpu (2 layers), recorded with the fused kernels: 123 dispatches, 324 composed.
+# A llama-tiny training step on wgpu (2 layers), recorded with the fused kernels: 121 dispatches. Its attention is
+# attention.wgsl's (the Llama default, AttentionTuning.FLASH_DEFAULT_ROTARY): per layer rotate_main twice (forward,
+# and again in the backward), fwd_main, delta_main, bwd_kv_main, bwd_q_main in place of 2 rotary passes each way, 2
+# softmaxes and the scores' 6 products; q|k|v packed side by side (copy_main 2 more: 32 rows are fewer than the
+# width, so F.linears copies the outputs together) (LAB_FLASH_ATTENTION=0: 129, the same losses). The chunked loss:
+# backward_inplace_main, fill_main 3, binary_main 13 (as test_layer_fusion's GPT-2 counts).
 LLAMA_FUSED = {
-    'copy:copy_main': 8, 'copy:fill_main': 1, 'cross_entropy:rows_main': 1, 'cross_entropy_reduce:backward_main': 1,
-    'cross_entropy_reduce:mean_main': 1, 'elementwise:binary_main': 9, 'elementwise:unary_main': 1,
-    'embedding:backward_vocab_main': 1, 'embedding:forward_main': 1, 'matmul (any kernel)': 57,
-    'optim_many:adamw_many_main': 3, 'reduce:columns_main': 6, 'reduce:rows_main': 1,
-    'rmsnorm:forward_main': 5, 'rmsnorm_backward:backward_w_main': 5, 'rmsnorm_backward:backward_x_main': 5,
-    'rotary:forward_main': 4, 'rotary:inverse_main': 4, 'softmax:softmax_bwd_main': 2, 'softmax:softmax_main': 2,
-    'sumsq_many:sumsq_many_main': 1, 'swiglu:backward_main': 2, 'swiglu:forward_main': 2,
+    'attention:bwd_kv_main': 2, 'attention:bwd_q_main': 2, 'attention:delta_main': 2, 'attention:fwd_main': 2,
+    'attention:rotate_main': 4, 'copy:copy_main': 12, 'copy:fill_main': 3, 'cross_entropy:rows_main': 1,
+    'cross_entropy_reduce:backward_inplace_main': 1, 'cross_entropy_reduce:mean_main': 1,
+    'elementwise:binary_main': 13, 'elementwise:unary_main': 1, 'embedding:backward_vocab_main': 1,
+    'embedding:forward_main': 1, 'matmul (any kernel)': 45, 'optim_many:adamw_many_main': 3,
+    'reduce:columns_main': 6, 'reduce:rows_main': 1, 'rmsnorm:forward_main': 5, 'rmsnorm_backward:backward_w_main': 5,
+    'rmsnorm_backward:backward_x_main': 5, 'sumsq_many:sumsq_many_main': 1, 'swiglu:backward_main': 2,
+    'swiglu:forward_main': 2,
 }
 
 

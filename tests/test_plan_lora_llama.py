@@ -266,15 +266,21 @@ def test_targets_of_a_config_of_many_layers_are_counted_without_listing_the_laye
         plan.estimate(big, batch=1, seq=8, lora_rank=4, lora_targets=".*q_proj", device="h200")
 
 
-def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend):
+@pytest.mark.parametrize("flash", [None, False], ids=["default-fused", "composed"])
+def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, flash):
     """Dispatches of a LoRA step on wgpu (frozen base: no weight gradients; each adapter's products; the adapters'
-    updates), tied and untied, all-linear and named layers, a q4 base."""
+    updates), tied and untied, all-linear and named layers, a q4 base; on the fused attention (the Llama default
+    on wgpu: 4 dispatches a layer fewer, the projections' outputs copied together) and the composed one."""
     from lab.engine.backend import using_backend
     from lab.plan.estimator import llama_lora_layers, llama_op_count
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
+    fused = wgpu_backend.flash_attention_fits((2, 16, 8 * 8), 4, 2, rotary=True)
+    assert fused == (flash is None)
     ids = np.random.default_rng(0).integers(0, 61, 2000).astype(np.int32)
     for layers, tied, targets, base_dtype in ((1, True, "all-linear", "float32"), (3, False, "all-linear", "float32"),
                                               (2, True, ["q_proj", "v_proj"], "float32"),
-                                              (2, False, ["q_proj", "lm_head"], "q4")):
+                                              (2, False, ["q_proj", "lm_head"], "q4"), (1, True, ["q_proj"], "float32"),
+                                              (1, True, ["k_proj", "v_proj"], "float32")):
         cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                           max_position_embeddings=16)
@@ -287,7 +293,10 @@ def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend):
             before = wgpu_backend.stats()["dispatches"]
             t.train_step()
             lab.sync()
-        counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), llama_lora_layers(cfg, targets, 4))
+        chosen = llama_lora_layers(cfg, targets, 4, by_name=True)
+        counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), llama_lora_layers(cfg, targets, 4),
+                                 fused_attention=fused, adapted_qkv=[chosen.get(f"self_attn.{p}_proj", 0)
+                                                                     for p in "qkv"])
         assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, targets)
 
 

@@ -169,13 +169,19 @@ def test_llama_plan_counts_parameters_as_transformers():
     assert plan.estimate("smollm2-135m", batch=1, seq=64, device="h200").params == 134_515_008
 
 
-def test_llama_plan_op_count_matches_the_engine(wgpu_backend):
+@pytest.mark.parametrize("flash", [None, False], ids=["default-fused", "composed"])
+def test_llama_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, flash):
+    """By default the Llama family's attention runs fused on wgpu (AttentionTuning.FLASH_DEFAULT_ROTARY), and the
+    plan counts that path where runs_fused_attention says the device takes it; LAB_FLASH_ATTENTION=0 the composed
+    one (dropout: two dispatches a layer more there, none in the fused kernels)."""
     from lab.engine.backend import using_backend
-    from lab.plan.estimator import llama_op_count
-    for layers, tied in ((1, True), (3, False)):
+    from lab.plan.estimator import llama_op_count, runs_fused_attention
+    from lab.plan.profiles import limits_profile
+    monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
+    for layers, tied, dropout in ((1, True, 0.0), (3, False, 0.0), (2, True, 0.1)):
         cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
-                          max_position_embeddings=16)
+                          max_position_embeddings=16, dropout=dropout)
         with using_backend(wgpu_backend):
             lab.manual_seed(0)
             t = Trainer(LlamaLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=2, replay_steps=False))
@@ -184,8 +190,11 @@ def test_llama_plan_op_count_matches_the_engine(wgpu_backend):
             before = wgpu_backend.stats()["dispatches"]
             t.train_step()
             lab.sync()
-        counted = llama_op_count(cfg, wgpu_backend.optimizer_slots())
-        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied)
+        fused = wgpu_backend.flash_attention_fits((2, 16, 8 * 8), 4, 2, rotary=True)
+        assert fused == (flash is None)
+        assert runs_fused_attention(limits_profile(wgpu_backend), 2, 4, 16, 8, rotary=True)   # (unset: the default)
+        counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), fused_attention=fused)
+        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, dropout)
 
 
 def test_llama_plan_kv_cache_and_largest_buffer_follow_the_family():

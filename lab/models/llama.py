@@ -16,7 +16,7 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from .transformer import attend, check_pad, lm_outputs, padding_mask, row_positions, sublayers
+from .transformer import attend, check_pad, check_return_logits, lm_outputs, padding_mask, row_positions, sublayers
 from ..interp.hooks import HookedModel
 from ..io import (GENERATION_FILE, CheckpointError, LazyTensor, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
@@ -464,6 +464,7 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         model's heads sharing a key-value head side by side); with return_hidden the residual stream after the
         embedding and after every layer [(B, T, C)]. Extras come in that order, as TransformerLM's.
         return_logits=False (with targets): None in the logits' place, the loss taken without them (training)."""
+        check_return_logits(targets, return_logits)
         h, attentions, hidden = self._run(idx, [None] * self.config.num_hidden_layers, 0, return_attention)
         return lm_outputs(self, h, targets, attentions if return_attention else None,
                           hidden if return_hidden else None, return_logits)

@@ -16,6 +16,7 @@ from ..checks import InputError
 from ..engine import ops as F
 from ..engine.tensor import tensor
 from ..lora import Adapters
+from .transformer import check_return_logits
 
 
 @dataclass
@@ -60,15 +61,13 @@ class ProNeuralLM(nn.Module, Adapters):
     def forward(self, idx, targets=None, return_logits=True):
         """Logits (B, T, vocab); with targets also the mean cross-entropy. return_logits=False (with targets), as
         the transformer families take it: None in the logits' place (this head is small: the loss is composed)."""
+        check_return_logits(targets, return_logits)
         T = idx.shape[1]
         if T > self.config.block_size:
             raise InputError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         h = self._average(T) @ self.wte(idx)                          # (T, T) @ (B, T, C) -> (B, T, C)
         logits = self.out(self.drop(self.hidden(h).relu()))           # (B, T, vocab)
         if targets is None:
-            if not return_logits:
-                raise InputError("return_logits=False needs targets: the loss is what the forward gives in the "
-                                 "logits' place")
             return logits
         return logits if return_logits else None, F.cross_entropy(logits, targets)
 

@@ -156,14 +156,21 @@ def sublayers(block, x, norm1, attention, norm2, mlp, fused=True):
     return (hook("hook_resid_post", x) if hook else x), att
 
 
+def check_return_logits(targets, return_logits):
+    """A forward's return_logits, checked before it runs: True or False ('no' was true and made the whole logits
+    the flag is there to avoid), and False only with targets (the loss is what comes in the logits' place)."""
+    if not isinstance(return_logits, (bool, np.bool_)):
+        raise InputError(f"return_logits must be True or False, got {show(return_logits)}")
+    if not return_logits and targets is None:
+        raise InputError("return_logits=False needs targets: the loss is what the forward gives in the logits' place")
+
+
 def lm_outputs(model, h, targets=None, attentions=None, hidden=None, return_logits=True):
     """A language model's forward result from its final norm's output h (B, T, C), as both families give it: the
     logits alone, or a tuple of the logits, the mean cross-entropy (with targets), the attention weights and the
     hidden states (each when asked for: not None), in that order. With targets and return_logits=False the
     logits are None and the loss comes from model._head_loss (F.linear_cross_entropy: the (B, T, vocab) logits,
-    most of a large-vocabulary training step's memory, never whole)."""
-    if not return_logits and targets is None:
-        raise InputError("return_logits=False needs targets: the loss is what the forward gives in the logits' place")
+    most of a large-vocabulary training step's memory, never whole). check_return_logits has checked the flag."""
     if return_logits:
         out = [model._head(h)]                                                  # (B, T, vocab)
         if targets is not None:
@@ -308,6 +315,7 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         with return_attention the attention weights of every layer [(B, H, T, T)]; with return_hidden the
         residual stream after the embedding and after every block [(B, T, C)]. Extras come in that order.
         return_logits=False (with targets): None in the logits' place, the loss taken without them (training)."""
+        check_return_logits(targets, return_logits)
         x = self._embed(idx)
         attentions, hidden = [], [x]
         for i, block in enumerate(self.h):

@@ -150,12 +150,13 @@ def llama_linears(c):
     return {**shapes, **({} if c.tie_word_embeddings else {"lm_head": (C, c.vocab_size)})}
 
 
-def llama_lora_layers(c, targets, r):
+def llama_lora_layers(c, targets, r, by_name=False):
     """The linear layers lora.apply(model, r, targets=targets) wraps in a LlamaLM of config c, chosen as it (and
     PEFT) chooses them: "all-linear" every one but the head; a name each layer whose path is it or ends in "." + it
     (q_proj, self_attn.q_proj, model.layers.0.self_attn.q_proj); a string that names none, a pattern the whole path
     matches. Returns [((in, out), layers)], counted per block layer without listing the blocks (a pattern is matched
-    block by block). Refuses, as apply does, targets naming nothing, the tied head and a rank above a layer's size."""
+    block by block). Refuses, as apply does, targets naming nothing, the tied head and a rank above a layer's size.
+    by_name: {path (self_attn.q_proj, lm_head): layers} instead."""
     L, shapes = c.num_hidden_layers, llama_linears(c)
     names = sorted({p.rsplit(".", 1)[-1] for p in shapes})
     if isinstance(targets, (set, frozenset)):
@@ -212,7 +213,7 @@ def llama_lora_layers(c, targets, r):
         if counts.get(sub) and r > min(n_in, n_out):
             raise InputError(f"LoRA rank r={r} exceeds min(in, out) = {min(n_in, n_out)} of {sub} ({n_in} -> "
                              f"{n_out}): r must be at most {min(n_in, n_out)}")
-    return [(shapes[sub], n) for sub, n in counts.items()]
+    return dict(counts) if by_name else [(shapes[sub], n) for sub, n in counts.items()]
 
 
 def head_loss_floats(N, V, C, chunk=2, weight_grad=True):
@@ -258,14 +259,16 @@ def llama_head_whole(c, adapted=(), base_dtype="float32"):
 
 
 def runs_fused_attention(prof, batch, heads, seq, head_dim, rotary=False):
-    """Whether the engine runs a layer's attention on its fused kernels by default (WgpuBackend.flash_attention_fits):
-    where the (B, H, T, T) weights would exceed one buffer and the kernels take the heads on this device
-    (attention_plan.kernels_take: the blocks that fit its workgroup memory decide how wide; rotary (Llama) heads a
-    multiple of 8)."""
-    if batch * heads * seq * seq * F32 <= prof.max_binding_size:
+    """Whether the engine runs a layer's attention on its fused kernels (WgpuBackend.flash_attention_fits, by
+    attention_plan.kernels_run): where the kernels take the heads on this device (the blocks that fit its workgroup
+    memory decide how wide, none on numpy's profiles; rotary heads a multiple of 8) and are asked for (Llama's
+    rotary attention by default, LAB_FLASH_ATTENTION as the engine reads it) or the (B, H, T, T) weights would
+    exceed one buffer."""
+    if not prof.workgroup_storage:
         return False
-    from ..engine.wgpu import attention_plan   # (only here: the package imports wgpu, which a CPU plan never needs)
-    return attention_plan.kernels_take(head_dim, batch * heads, seq, prof.workgroup_storage, rotary)
+    from ..engine.wgpu import attention_plan, nn   # (only here: the package imports wgpu; a CPU plan needs none)
+    return attention_plan.kernels_run(head_dim, batch * heads, seq, prof.workgroup_storage, prof.max_binding_size,
+                                      rotary, nn.NNOps.FLASH_ATTENTION)
 
 
 def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0, fused_attention=False,
@@ -553,7 +556,8 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     every = _checkpoint_every(checkpoint_activations, c.num_hidden_layers)
     lora_rank = None if lora_rank is None else integer("lora_rank", lora_rank, 0, MAX_SIZE) or None
     _check_base_dtype(lora_base_dtype, lora_rank)
-    adapted = llama_lora_layers(c, lora_targets, lora_rank) if lora_rank else []
+    chosen = llama_lora_layers(c, lora_targets, lora_rank, by_name=True) if lora_rank else {}
+    adapted = [(shape, chosen[sub]) for sub, shape in llama_linears(c).items() if sub in chosen]
     prof = device() if callable(device) else named_profile(device)
     tokens_per_step = batch * seq
     if steps is None:
@@ -586,10 +590,11 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     # no weight gradients for a frozen base: 4 of the 6 FLOPs per parameter remain
     flops_per_token = 6 * trainable + 4 * (params - trainable) + 12 * L * H * D * seq
     # a recomputed block's forward again: 2 FLOPs per weight and attention's 4 H D T; 18 dispatches (19 with
-    # dropout: counted on the engine, lab.stats())
+    # dropout), 14 fused: counted on the engine, lab.stats()
     flops_per_token += recomputed * (2 * llama_layer_params(c) + 4 * H * D * seq)
-    ops = llama_op_count(c, prof.update_slots, adapted, batch * seq, lora_base_dtype) + recomputed * (
-        19 if c.dropout > 0 else 18)
+    ops = llama_op_count(c, prof.update_slots, adapted, batch * seq, lora_base_dtype, fused, [
+        chosen.get(f"self_attn.{p}_proj", 0) for p in "qkv"]) + recomputed * (
+        14 if fused else 19 if c.dropout > 0 else 18)
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
                  + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
@@ -637,24 +642,36 @@ def _check_base_dtype(base_dtype, lora_rank):
                          f"a frozen base only), got {show(base_dtype)}" + ("" if lora_rank else " without a lora_rank"))
 
 
-def llama_op_count(c, update_slots=1, adapted=(), rows=1, base_dtype="float32"):
+def llama_op_count(c, update_slots=1, adapted=(), rows=1, base_dtype="float32", fused_attention=False,
+                   adapted_qkv=None):
     """Dispatches of a LlamaLM training step on wgpu (fused norm, rotary and SwiGLU kernels), as counted on the
-    engine (lab.stats()): 15 + 51 per layer (+1 for a tied head: the embedding's two gradients summed), plus the
+    engine (lab.stats()): 15 + 51 per layer (+1 for a tied head: the embedding's two gradients summed; +2 a layer
+    with dropout), or with fused_attention (runs_fused_attention) 39 per layer, dropout within its kernels (q|k|v
+    one product of the weights side by side and the rotation, scores, softmax and weighted sum in its passes), plus the
     optimizer's: an update and a sum of squares (the gradient
     norm) per trained tensor and a fill, or with update_slots > 1 one update per update_slots tensors and one sum
     per 4 x update_slots gradients (and a copy of the partial sums when several), as op_count counts them.
-    adapted (llama_lora_layers' [((in, out), layers)]): LoRA on a frozen base, -1 + 44 per layer (no weight
+    adapted (llama_lora_layers' [((in, out), layers)]): LoRA on a frozen base, -1 + 44 per layer (fused: 40 where
+    some of q_proj, k_proj, v_proj are adapted, their outputs copied together, and in the first layer, whose input
+    wants no gradient, 2 more for each left plain; 34 where none are, one product of the weights side by side, 40
+    in the first layer; adapted_qkv: how many layers adapt q_proj, k_proj, v_proj, all where None; no weight
     gradients for the linear layers, embedding and norms) + 10 per adapter (its two forward products and the
     backward's four, two scalings and the input gradient's sum), its A and B the trained tensors. rows (batch x
     seq): the head's loss (head_loss_ops), unless the head's output is taken whole (llama_head_whole)."""
     if adapted:
         n = sum(layers for _, layers in adapted)
         tensors, ops = 2 * n, -1 + 44 * c.num_hidden_layers + 10 * n
+        if fused_attention:   # (the layers adapting some of q, k, v taken as the same ones, the first among them)
+            L = c.num_hidden_layers
+            qkv = (L,) * 3 if adapted_qkv is None else adapted_qkv
+            m = max(qkv)
+            ops += -4 * m + 2 * (3 - sum(map(bool, qkv))) - 10 * (L - m) if m else -10 * L + 6
     else:
         qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
         tensors = 2 + (not c.tie_word_embeddings) + c.num_hidden_layers * (
             9 + 3 * qkv_bias + c.attention_bias + 3 * c.mlp_bias)
-        ops = 15 + bool(c.tie_word_embeddings) + 51 * c.num_hidden_layers
+        ops = 15 + bool(c.tie_word_embeddings) + (39 if fused_attention else 51) * c.num_hidden_layers
+    ops += 0 if fused_attention or not c.dropout else 2 * c.num_hidden_layers
     ops += 0 if llama_head_whole(c, adapted, base_dtype) else head_loss_ops(rows, c.vocab_size, not adapted)
     if update_slots > 1:
         chunks = math.ceil(tensors / (4 * update_slots))

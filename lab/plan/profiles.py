@@ -33,7 +33,8 @@ class DeviceProfile:
     update_slots: int = 1         # parameters one optimizer dispatch updates (wgpu: as many as a stage binds)
     host_temporaries: bool = False  # numpy: an op's whole-array temporaries (a softmax's exp) are memory too
     workgroup_storage: int = 16384  # bytes of workgroup memory a kernel may use (WebGPU's minimum unless known):
-    #                                 which heads the fused attention's blocks take (estimator.runs_fused_attention)
+    #                                 which heads the fused attention's blocks take (estimator.runs_fused_attention;
+    #                                 0 on the numpy backend, which has no fused attention)
 
     def to_dict(self):
         return asdict(self)
@@ -69,7 +70,7 @@ PROFILES = {
     "cpu-2core": DeviceProfile("2-core x86 CPU (numpy backend)", "spec-derived: 2 cores x 3 GHz x 32 fp32 FLOP/cycle "
                                "= 192 GFLOP/s peak, ~60% in BLAS; ~8 GB/s for numpy temporaries; 24 GB",
                                115e9, 8e9, 25e-6, 24 * 2 ** 30, 2 ** 62, 2 ** 62, NUMPY_BYTES_PER_ACTIVATION_FLOAT / 8e9, 6e-9,
-                               host_temporaries=True),
+                               host_temporaries=True, workgroup_storage=0),
 }
 
 
@@ -97,7 +98,7 @@ def limits_profile(backend):
                              int(limits["max-storage-buffer-binding-size"]),
                              workgroup_storage=int(limits.get("max-compute-workgroup-storage-size", 16384)))
     return DeviceProfile("this CPU (numpy backend)", "limits", math.nan, math.nan, math.nan, int(_host_memory()),
-                         2 ** 62, 2 ** 62, host_temporaries=True)
+                         2 ** 62, 2 ** 62, host_temporaries=True, workgroup_storage=0)
 
 
 def named_profile(device):

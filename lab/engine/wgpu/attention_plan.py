@@ -1,8 +1,8 @@
 """The fused attention's blocks: how many queries (BQ) and keys (BK) a workgroup of kernels/attention.wgsl takes at a
 time, on how many rows of 16 threads (TY), for the forward and for the backward, from the head dim, the device's
 workgroup memory and invocations and the tuning below. Pure arithmetic (no device), so every choice is tested
-without a GPU; nn.py carries it out. The switch to the fused path by default is here too
-(AttentionTuning.FLASH_DEFAULT)."""
+without a GPU; nn.py carries it out. The switches to the fused path by default are here too
+(AttentionTuning.FLASH_DEFAULT, FLASH_DEFAULT_ROTARY)."""
 import dataclasses
 
 from ...checks import InputError, show
@@ -58,22 +58,27 @@ class AttentionTuning:
     """The fused attention's choices. benchmarks/attention_variants.py times each variant against the composed
     path; after a measurement on the H200 these are set from it (README, Performance)."""
     FLASH_DEFAULT: bool = False      # the fused kernels for every shape they take (heads of 4 to 256 in steps of 4),
-    #                                  not only where the (B, H, T, T) weights exceed a buffer. Still off: on the H200
-    #                                  (benchmarks/attention-variants-h200.json, forward + backward) every block
-    #                                  variant beat the composed path at T = 256 (1.02-1.24x shakespeare-char,
-    #                                  1.41-1.52x gpt2-small) and lost at T = 1024 (0.64-0.77x, 0.80-0.93x); in a
-    #                                  whole shakespeare-char step (T = 256) they took 34.2 ms against 33.0 composed
-    #                                  (benchmarks/h200-decode-and-attention.log)
+    #                                  not only where the (B, H, T, T) weights exceed a buffer. Off for attention
+    #                                  without rotary tables (GPT-2): on the H200 the fused path took 0.58-0.70x the
+    #                                  composed one's speed at T = 1024 (gpt2-small) and at T = 256 with dropout
+    #                                  (shakespeare-char); earlier, a whole shakespeare-char step 34.2 ms against 33.0
+    #                                  composed (benchmarks/h200-decode-and-attention.log)
     FLASH_FWD_BLOCKS: tuple = (64, 32, 16)   # (BQ, BK, TY) of fwd_main where the device's workgroup memory takes
     #                                  them (else the largest that fits within them: blocks()): the variant whose worst
     #                                  ratio over those four shapes (heads of 64) was best (0.77x)
     FLASH_BWD_BLOCKS: tuple = (32, 32, 8)    # ... of bwd_kv_main and bwd_q_main
     FLASH_HEAD_DIM_BLOCKS: tuple = ()        # ((head_dim, fwd blocks, bwd blocks), ...): measured choices for heads
     #                                  of other widths (attention_variants.py --head-dim), in place of the two above
+    FLASH_DEFAULT_ROTARY: bool = True  # FLASH_DEFAULT for attention with rotary tables (the Llama family), whose
+    #                                  q and k the fused kernels rotate themselves: on the H200 smollm2-135m's step
+    #                                  (batch 8 x 512, interleaved runs) took 135.3-135.9 ms fused against 140.1-140.5
+    #                                  composed (3.3% faster), its attention alone (9 / 3 heads of 64) 2.4-2.9x the
+    #                                  composed path at T = 256 and 1.2-1.4x at T = 1024 (attention_variants.py)
 
     def __post_init__(self):
-        if not isinstance(self.FLASH_DEFAULT, bool):
-            raise InputError(f"AttentionTuning: FLASH_DEFAULT must be True or False, got {show(self.FLASH_DEFAULT)}")
+        for name in ("FLASH_DEFAULT", "FLASH_DEFAULT_ROTARY"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"AttentionTuning: {name} must be True or False, got {show(getattr(self, name))}")
         for name in ("FLASH_FWD_BLOCKS", "FLASH_BWD_BLOCKS"):
             object.__setattr__(self, name, check_blocks(f"AttentionTuning: {name}", getattr(self, name)))
         entries, seen = self.FLASH_HEAD_DIM_BLOCKS, set()
@@ -122,12 +127,32 @@ def kernels_take(head_dim, heads, seq, workgroup_storage, rotary=False, tuning=A
     """Whether the kernels run causal self-attention over seq tokens of `heads` heads in all (B H: a workgroup row
     each) of head_dim on a device with this workgroup memory, invocations and grid limit: heads a multiple of 4 in
     [4, 256] (of 8 with rotary: its halves are whole vec4s) whose blocks fit (blocks(): up to 76 on WebGPU's
-    guaranteed 16 KiB, 160 on 32 KiB, 244 on 48 KiB), and each pass's blocks of T within the grid. The one rule
-    for WgpuBackend.flash_attention_fits and the plan estimator."""
+    guaranteed 16 KiB, 160 on 32 KiB, 244 on 48 KiB), and each pass's blocks of T within the grid (kernels_run:
+    whether they run)."""
     if head_dim not in HEAD_DIMS or rotary and head_dim % 8 or not 0 < heads <= max_workgroups or seq < 1:
         return False
     fwd, bwd = (blocks(kind, int(head_dim), workgroup_storage, tuning, invocations) for kind in ("fwd", "bwd"))
     return fwd is not None and bwd is not None and -(-seq // min(fwd[0], bwd[0], bwd[1])) <= max_workgroups
+
+
+def kernels_run(head_dim, heads, seq, workgroup_storage, max_binding, rotary=False, asked=None,
+                tuning=AttentionTuning(), invocations=256, max_workgroups=65535):
+    """Whether the engine runs the fused kernels (kernels_take's arguments): where they take the shape and are
+    asked for (asked: LAB_FLASH_ATTENTION's True or False; None: the tuning's default, FLASH_DEFAULT_ROTARY with
+    rotary tables, else FLASH_DEFAULT), or where the composed path's (B H, T, T) weights exceed max_binding bytes.
+    The one rule of WgpuBackend.flash_attention_fits and the plan estimator."""
+    wanted = (tuning.FLASH_DEFAULT_ROTARY if rotary else tuning.FLASH_DEFAULT) if asked is None else asked
+    return (kernels_take(head_dim, heads, seq, workgroup_storage, rotary, tuning, invocations, max_workgroups)
+            and (wanted or heads * seq * seq * 4 > max_binding))
+
+
+def asked(value):
+    """LAB_FLASH_ATTENTION's value as kernels_run's `asked`: unset or "" None, "0" False, "1" True."""
+    if value not in ("", "0", "1"):   # (any other value turned the fused path on: "false" too)
+        raise InputError(f"LAB_FLASH_ATTENTION must be 1 (the fused attention everywhere it applies), 0 (only "
+                         f"where the composed weights exceed a buffer) or unset (AttentionTuning's default), got "
+                         f"{show(value)}")
+    return {"": None, "0": False, "1": True}[value]
 
 
 def variants(workgroup_storage, head_dim=64, invocations=256):

@@ -191,12 +191,12 @@ class NNOps:
 
     # Causal self-attention by attention.wgsl's fused kernels where they apply, for the shapes whose (B, H, T, T)
     # weights cannot be one buffer (above the device's max-storage-buffer-binding-size: the composed path cannot
-    # run them at all), and for every shape with attention_tuning.FLASH_DEFAULT or LAB_FLASH_ATTENTION=1
-    # (LAB_FLASH_ATTENTION=0: only where they must). They keep the weights out of memory (gpt2-small's are 400 MB a
-    # layer, several times over in the composed backward); with 16 x 32 blocks they were not faster: on the H200 a
-    # shakespeare-char step (T = 256) took 35.7 ms with them against 33.0 composed, gpt2-small (T = 1024) 0.69x
-    # PyTorch against 0.89x. Larger blocks where the workgroup memory takes them: attention_plan.
-    FLASH_ATTENTION = {"": None, "0": False}.get(os.environ.get("LAB_FLASH_ATTENTION", ""), True)
+    # run them at all), and for every shape with rotary tables (Llama: attention_tuning.FLASH_DEFAULT_ROTARY), with
+    # attention_tuning.FLASH_DEFAULT or LAB_FLASH_ATTENTION=1 (LAB_FLASH_ATTENTION=0: only where they must;
+    # attention_plan.kernels_run). They keep the weights out of memory (gpt2-small's are 400 MB a layer, several
+    # times over in the composed backward); for GPT-2's shapes they are slower on the H200 (FLASH_DEFAULT's
+    # comment). Larger blocks where the workgroup memory takes them: attention_plan.
+    FLASH_ATTENTION = attention_plan.asked(os.environ.get("LAB_FLASH_ATTENTION", ""))
     attention_tuning = AttentionTuning()
 
     def _attention_blocks(self, head_dim):
@@ -209,16 +209,16 @@ class NNOps:
         """Whether attention.wgsl's kernels take this packed qkv (B, T, (H + 2 Hkv) D) (heads of D a multiple of 4
         up to 256, of 8 with rotary, any T within the grid, at most 65535 heads in all: one workgroup row each,
         blocks that fit the device's workgroup memory: attention_plan.kernels_take) and are to: asked for
-        (FLASH_ATTENTION, else attention_tuning.FLASH_DEFAULT), or the weights too big a buffer."""
+        (FLASH_ATTENTION, else attention_tuning's default for rotary or not), or the weights too big a buffer
+        (attention_plan.kernels_run)."""
         Bsz, T, W = qkv_shape
         n_kv = n_head if n_kv_head is None else n_kv_head
         D, rest = divmod(W, n_head + 2 * n_kv)
-        takes = (not rest and n_kv > 0 and not n_head % n_kv and attention_plan.kernels_take(
-            D, Bsz * n_head, T, self.limits.get("max-compute-workgroup-storage-size", 16384), rotary,
-            self.attention_tuning, self.limits.get("max-compute-invocations-per-workgroup", 256),
+        return bool(not rest and n_kv > 0 and not n_head % n_kv and attention_plan.kernels_run(
+            D, Bsz * n_head, T, self.limits.get("max-compute-workgroup-storage-size", 16384), self.max_binding,
+            rotary, self.FLASH_ATTENTION, self.attention_tuning,
+            self.limits.get("max-compute-invocations-per-workgroup", 256),
             self.limits.get("max-compute-workgroups-per-dimension", 65535)))
-        wanted = self.attention_tuning.FLASH_DEFAULT if self.FLASH_ATTENTION is None else self.FLASH_ATTENTION
-        return takes and (wanted or Bsz * n_head * T * T * 4 > self.max_binding)
 
     def flash_attention(self, qkv, n_head, scale, p, seed, n_kv_head=None, rope=None):
         """Causal self-attention from the packed qkv (B, T, (H + 2 Hkv) D) by attention.wgsl's fused kernels: (y (B,
