@@ -277,17 +277,17 @@ def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, 
     fused = wgpu_backend.flash_attention_fits((2, 16, 8 * 8), 4, 2, rotary=True)
     assert fused == (flash is None)
     ids = np.random.default_rng(0).integers(0, 61, 2000).astype(np.int32)
-    for layers, tied, targets, base_dtype in ((1, True, "all-linear", "float32"), (3, False, "all-linear", "float32"),
-                                              (2, True, ["q_proj", "v_proj"], "float32"),
-                                              (2, False, ["q_proj", "lm_head"], "q4"), (1, True, ["q_proj"], "float32"),
-                                              (1, True, ["k_proj", "v_proj"], "float32")):
+    for layers, tied, targets, base_dtype, batch in (
+            (1, True, "all-linear", "float32", 2), (3, False, "all-linear", "float32", 2),
+            (2, True, ["q_proj", "v_proj"], "float32", 2), (2, False, ["q_proj", "lm_head"], "q4", 2),
+            (1, True, ["q_proj"], "float32", 2)):
         cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                           max_position_embeddings=16)
         with using_backend(wgpu_backend):
             lab.manual_seed(0)
             model = lora.apply(LlamaLM(cfg), r=4, targets=targets, base_dtype=base_dtype)
-            t = Trainer(model, ids, ids, TrainConfig(steps=10, batch_size=2, replay_steps=False))
+            t = Trainer(model, ids, ids, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
             t.train_step()
             lab.sync()
             before = wgpu_backend.stats()["dispatches"]
@@ -295,9 +295,9 @@ def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, 
             lab.sync()
         chosen = llama_lora_layers(cfg, targets, 4, by_name=True)
         counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), llama_lora_layers(cfg, targets, 4),
-                                 fused_attention=fused, adapted_qkv=[chosen.get(f"self_attn.{p}_proj", 0)
-                                                                     for p in "qkv"])
-        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, targets)
+                                 rows=batch * 16, fused_attention=fused,
+                                 adapted_qkv=[chosen.get(f"self_attn.{p}_proj", 0) for p in "qkv"])
+        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, targets, batch)
 
 
 def test_the_trainer_checks_a_llama_lora_run_against_the_lora_plan(numpy_backend, monkeypatch):

@@ -173,18 +173,18 @@ def test_llama_plan_counts_parameters_as_transformers():
 def test_llama_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, flash):
     """By default the Llama family's attention runs fused on wgpu (AttentionTuning.FLASH_DEFAULT_ROTARY), and the
     plan counts that path where runs_fused_attention says the device takes it; LAB_FLASH_ATTENTION=0 the composed
-    one (dropout: two dispatches a layer more there, none in the fused kernels)."""
+    one (dropout: two dispatches a layer more there, none in the fused kernels; the plan counted none)."""
     from lab.engine.backend import using_backend
     from lab.plan.estimator import llama_op_count, runs_fused_attention
     from lab.plan.profiles import limits_profile
     monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
-    for layers, tied, dropout in ((1, True, 0.0), (3, False, 0.0), (2, True, 0.1)):
+    for layers, tied, dropout, batch in ((1, True, 0.0, 2), (3, False, 0.0, 2), (2, True, 0.1, 2)):
         cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                           max_position_embeddings=16, dropout=dropout)
         with using_backend(wgpu_backend):
             lab.manual_seed(0)
-            t = Trainer(LlamaLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=2, replay_steps=False))
+            t = Trainer(LlamaLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
             t.train_step()
             lab.sync()
             before = wgpu_backend.stats()["dispatches"]
@@ -193,8 +193,40 @@ def test_llama_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, flash
         fused = wgpu_backend.flash_attention_fits((2, 16, 8 * 8), 4, 2, rotary=True)
         assert fused == (flash is None)
         assert runs_fused_attention(limits_profile(wgpu_backend), 2, 4, 16, 8, rotary=True)   # (unset: the default)
-        counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), fused_attention=fused)
-        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, dropout)
+        counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), rows=batch * 16, fused_attention=fused)
+        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, dropout, batch)
+
+
+def test_the_plan_counts_the_fused_attentions_dispatches_against_the_composed_ones(wgpu_backend, monkeypatch):
+    """What the fused attention saves a step (the engine's dispatches, LAB_FLASH_ATTENTION=0 against the default) is
+    what llama_op_count's fused_attention takes off: with at least hidden_size rows (32 here) q|k|v is one product of
+    the weights side by side, with fewer (16) their outputs are copied together; full training and LoRA (some of
+    q, k, v adapted, none). (The composed counts themselves are pinned above; at 16 rows they differ.)"""
+    from lab import lora
+    from lab.engine.backend import using_backend
+    from lab.plan.estimator import llama_lora_layers, llama_op_count
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    for targets, batch in ((None, 1), (None, 2), (["q_proj", "v_proj"], 1), (["o_proj"], 1), (["o_proj"], 2)):
+        steps = []
+        for flash in (False, None):
+            monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
+            with using_backend(wgpu_backend):
+                lab.manual_seed(0)
+                model = LlamaLM(cfg) if targets is None else lora.apply(LlamaLM(cfg), r=4, targets=targets)
+                t = Trainer(model, IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
+                t.train_step()
+                lab.sync()
+                before = wgpu_backend.stats()["dispatches"]
+                t.train_step()
+                lab.sync()
+            steps.append(wgpu_backend.stats()["dispatches"] - before)
+        adapted = llama_lora_layers(cfg, targets, 4) if targets else ()
+        chosen = llama_lora_layers(cfg, targets, 4, by_name=True) if targets else {}
+        counted = [llama_op_count(cfg, wgpu_backend.optimizer_slots(), adapted, batch * 16, fused_attention=fused,
+                                  adapted_qkv=[chosen.get(f"self_attn.{p}_proj", 0) for p in "qkv"])
+                   for fused in (False, True)]
+        assert steps[0] - steps[1] == counted[0] - counted[1] > 0, (targets, batch, steps, counted)
 
 
 def test_llama_plan_kv_cache_and_largest_buffer_follow_the_family():

@@ -239,10 +239,11 @@ def checkpointed_layer_floats(L, per_layer, saved, every, freed=0):
     by then (`freed`: a Llama step's logits, softmax rows and their gradient, counted in its other part). The
     backward frees each block's activations once it has walked them, and the head's before any block's: the layers
     peak after `freed` went, and the last checkpointed block recomputes beside the plain blocks below it only
-    (every=2 of 2 layers holds one block's activations, not two)."""
+    (every=2 of 2 layers holds one block's activations, not two). With none checkpointed, every layer's
+    activations are alive at the forward's end, beside the loss's logits: nothing is freed by then."""
     n = len(range(0, L, every)) if every else 0
     below = (n - 1) * (every - 1) if n else 0   # plain blocks under the last checkpointed one
-    return max(0, max(L - n, below + 1 if n else 0) * per_layer - freed) + n * saved
+    return max(0, max(L - n, below + 1 if n else 0) * per_layer - (freed if n else 0)) + n * saved
 
 
 def _checkpoint_every(value, L):
@@ -646,31 +647,34 @@ def llama_op_count(c, update_slots=1, adapted=(), rows=1, base_dtype="float32", 
                    adapted_qkv=None):
     """Dispatches of a LlamaLM training step on wgpu (fused norm, rotary and SwiGLU kernels), as counted on the
     engine (lab.stats()): 15 + 51 per layer (+1 for a tied head: the embedding's two gradients summed; +2 a layer
-    with dropout), or with fused_attention (runs_fused_attention) 39 per layer, dropout within its kernels (q|k|v
-    one product of the weights side by side and the rotation, scores, softmax and weighted sum in its passes), plus the
+    with dropout), or with fused_attention (runs_fused_attention: rotation, scores, softmax, dropout and weighted sum
+    in its passes) 39 per layer, q|k|v one product of the weights side by side where the step has at least
+    hidden_size rows (F.linears), 47 where their outputs are copied together, plus the
     optimizer's: an update and a sum of squares (the gradient
     norm) per trained tensor and a fill, or with update_slots > 1 one update per update_slots tensors and one sum
     per 4 x update_slots gradients (and a copy of the partial sums when several), as op_count counts them.
     adapted (llama_lora_layers' [((in, out), layers)]): LoRA on a frozen base, -1 + 44 per layer (fused: 40 where
     some of q_proj, k_proj, v_proj are adapted, their outputs copied together, and in the first layer, whose input
-    wants no gradient, 2 more for each left plain; 34 where none are, one product of the weights side by side, 40
-    in the first layer; adapted_qkv: how many layers adapt q_proj, k_proj, v_proj, all where None; no weight
+    wants no gradient, 2 more for each left plain; where none are, 31 side by side (40 in the first layer), else 40
+    (37); adapted_qkv: how many layers adapt q_proj, k_proj, v_proj, all where None; no weight
     gradients for the linear layers, embedding and norms) + 10 per adapter (its two forward products and the
     backward's four, two scalings and the input gradient's sum), its A and B the trained tensors. rows (batch x
     seq): the head's loss (head_loss_ops), unless the head's output is taken whole (llama_head_whole)."""
+    side = rows >= c.hidden_size   # (F.linears' q|k|v: one product of the weights side by side)
     if adapted:
         n = sum(layers for _, layers in adapted)
         tensors, ops = 2 * n, -1 + 44 * c.num_hidden_layers + 10 * n
         if fused_attention:   # (the layers adapting some of q, k, v taken as the same ones, the first among them)
             L = c.num_hidden_layers
             qkv = (L,) * 3 if adapted_qkv is None else adapted_qkv
-            m = max(qkv)
-            ops += -4 * m + 2 * (3 - sum(map(bool, qkv))) - 10 * (L - m) if m else -10 * L + 6
+            m, (plain, first) = max(qkv), (-13, -4) if side else (-4, -7)   # (where none is adapted)
+            ops += -4 * m + 2 * (3 - sum(map(bool, qkv))) + plain * (L - m) if m else plain * (L - 1) + first
     else:
         qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
         tensors = 2 + (not c.tie_word_embeddings) + c.num_hidden_layers * (
             9 + 3 * qkv_bias + c.attention_bias + 3 * c.mlp_bias)
-        ops = 15 + bool(c.tie_word_embeddings) + (39 if fused_attention else 51) * c.num_hidden_layers
+        ops = 15 + bool(c.tie_word_embeddings) + (
+            (39 if side else 47) if fused_attention else 51) * c.num_hidden_layers
     ops += 0 if fused_attention or not c.dropout else 2 * c.num_hidden_layers
     ops += 0 if llama_head_whole(c, adapted, base_dtype) else head_loss_ops(rows, c.vocab_size, not adapted)
     if update_slots > 1:
