@@ -20,12 +20,12 @@ from .elementwise import (_binary, add, div, exp, gelu, log, maximum, mul, neg, 
                           tanh)
 from .reductions import _axes, _keep_shape, _reduced, max, mean, sum
 from .shape import _view_of_index, concat, getitem, permute, reshape, split, stack, transpose
-from .linalg import (_add_residual, _check_activation, _check_residual, activate, linear, linear_cross_entropy, linears,
-                     linears_fused, matmul, quantized_linear)
-from .nn import (_check_norm, _index_tensor, _last_axis, _layer_norm_node, _norm_bias, _rms_norm_node, add_layer_norm,
-                 add_rms_norm, cross_entropy, dropout, embedding, layer_norm, log_softmax, lora_add, rms_norm, rotary,
-                 silu, softmax, swiglu)
-from .attention import (causal_self_attention, decode_attention, decode_attention_applies,
+from .linalg import (_add_residual, _check_activation, _check_residual, _side_by_side, activate, linear,
+                     linear_cross_entropy, linears, linears_fused, logits_chunk_rows, matmul, quantized_linear)
+from .nn import (_check_norm, _ignore_index, _index_tensor, _last_axis, _layer_norm_node, _norm_bias, _rms_norm_node,
+                 add_layer_norm, add_rms_norm, cross_entropy, dropout, embedding, layer_norm, log_softmax, lora_add,
+                 rms_norm, rotary, silu, softmax, swiglu)
+from .attention import (_grouped_attention, causal_self_attention, decode_attention, decode_attention_applies,
                         scaled_dot_product_attention)
 from .recompute import checkpoint
 
