@@ -651,9 +651,10 @@ def training_bytes(cfg, batch_size, seq=None, host_temporaries=False, checkpoint
     estimates it (lab.plan.estimator.llama_activation_floats): weights, gradients, AdamW's two moments and what the
     step holds at its peak (host_temporaries: numpy's; checkpoint_activations: every k-th block checkpointed)."""
     from ..plan.estimator import llama_activation_floats, llama_params
+    params = llama_params(cfg)
     parts = llama_activation_floats(cfg, batch_size, seq or cfg.block_size, host_temporaries,
-                                    int(checkpoint_activations))[2]
-    return 4 * (sum(parts.values()) + 4 * llama_params(cfg))
+                                    int(checkpoint_activations), gradients=params)[2]
+    return 4 * (sum(parts.values()) + 4 * params)
 
 
 def check_batch_fits(cfg, batch_size, backend, seq=None, checkpoint_activations=0):

@@ -239,11 +239,10 @@ def checkpointed_layer_floats(L, per_layer, saved, every, freed=0):
     by then (`freed`: a Llama step's logits, softmax rows and their gradient, counted in its other part). The
     backward frees each block's activations once it has walked them, and the head's before any block's: the layers
     peak after `freed` went, and the last checkpointed block recomputes beside the plain blocks below it only
-    (every=2 of 2 layers holds one block's activations, not two). With none checkpointed, every layer's
-    activations are alive at the forward's end, beside the loss's logits: nothing is freed by then."""
+    (every=2 of 2 layers holds one block's activations, not two)."""
     n = len(range(0, L, every)) if every else 0
     below = (n - 1) * (every - 1) if n else 0   # plain blocks under the last checkpointed one
-    return max(0, max(L - n, below + 1 if n else 0) * per_layer - (freed if n else 0)) + n * saved
+    return max(0, max(L - n, below + 1 if n else 0) * per_layer - freed) + n * saved
 
 
 def _checkpoint_every(value, L):
@@ -273,7 +272,7 @@ def runs_fused_attention(prof, batch, heads, seq, head_dim, rotary=False):
 
 
 def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0, fused_attention=False,
-                            whole_head=False, trains_head=True):
+                            whole_head=False, trains_head=True, gradients=0):
     """What a LlamaLM's training step on b sequences of T tokens holds beyond weights, gradients and optimizer
     state at its peak, in floats: per token and layer about 6 C (norms, residuals, attention and MLP outputs),
     3 (H + 2 Hkv) D (q, k, v and their rotated heads, merged heads), 2.75 H T (attention scores, weights and their
@@ -286,8 +285,9 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0,
     (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. fused_attention:
     attention by the fused kernels, which keep a log-sum-exp per query row instead of the weights. whole_head
     (llama_head_whole): the loss over the whole logits, 2.5 V per token (logits, softmax rows, their gradient; as
-    many numpy temporaries); trains_head: the head's weight has a gradient (not under LoRA). Returns the floats of
-    one layer, the largest single tensor (name, floats) and the total split into parts."""
+    many numpy temporaries); trains_head: the head's weight has a gradient (not under LoRA); gradients: the
+    trained parameters' floats, alive in the backward only (the chunked loss's forward-end peak has none). Returns
+    the floats of one layer, the largest single tensor (name, floats) and the total split into parts."""
     C, I, L, D, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim, c.vocab_size
     H, Hkv, N = c.num_attention_heads, c.num_key_value_heads, b * T
     per_layer = N * (6 * C + 3 * (H + 2 * Hkv) * D + (H if fused_attention else 2.75 * H * T) + 2 * I)
@@ -301,8 +301,16 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0,
     parts = {"layers": checkpointed_layer_floats(L, per_layer, N * C, checkpoint_every, freed=2.5 * chunk),
              "embeddings and logits": 9 * N * C + (2.5 * chunk if whole_head else
                                                         head_loss_floats(N, V, C, 1.5, trains_head))}
+    temporaries = N * L * (1.5 * I + 1.5 * C) if host_temporaries else 0
     if host_temporaries:   # (the loss's one temporary (rows, V) array: within its chunks' count when chunked)
-        parts["op temporaries (numpy)"] = (chunk if whole_head else 0) + N * L * (1.5 * I + 1.5 * C)
+        parts["op temporaries (numpy)"] = (chunk if whole_head else 0) + temporaries
+    if not (whole_head or checkpoint_every):
+        # the chunked loss runs at the forward's end beside every layer's activations: its chunk of logits (their
+        # gradient in place) and numpy's one temporary of that size. The parts above are the backward's peak, once
+        # the loss's chunks are freed; where the forward's end holds more (a frozen model's small backward: LoRA's
+        # odd-untied numpy peak was 21% above them), the step peaks there: no gradient exists yet (`gradients`)
+        at_loss = (2 if host_temporaries else 1) * chunk
+        parts["embeddings and logits"] += max(0, at_loss + chunk - temporaries - gradients)
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
 
 
@@ -567,10 +575,11 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     base = llama_params(c)
     L, H, D = c.num_hidden_layers, c.num_attention_heads, c.head_dim
     fused = runs_fused_attention(prof, batch, H, seq, D, rotary=True)
-    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries, every, fused,
-                                                        llama_head_whole(c, adapted, lora_base_dtype), not lora_rank)
-    recomputed = len(range(0, L, every)) if every else 0   # blocks whose forward runs twice
     trainable = sum(lora_rank * (i + o) * n for (i, o), n in adapted) if lora_rank else base
+    per_layer, largest, parts = llama_activation_floats(c, batch, seq, prof.host_temporaries, every, fused,
+                                                        llama_head_whole(c, adapted, lora_base_dtype), not lora_rank,
+                                                        trainable)
+    recomputed = len(range(0, L, every)) if every else 0   # blocks whose forward runs twice
     params = base + trainable if lora_rank else base
     if lora_rank:
         # each adapter keeps its down projection (N, r) and its sum with the frozen output (N, out) for backward
@@ -591,11 +600,12 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     # no weight gradients for a frozen base: 4 of the 6 FLOPs per parameter remain
     flops_per_token = 6 * trainable + 4 * (params - trainable) + 12 * L * H * D * seq
     # a recomputed block's forward again: 2 FLOPs per weight and attention's 4 H D T; 18 dispatches (19 with
-    # dropout), 14 fused: counted on the engine, lab.stats()
+    # dropout), fused 14 (16 where q|k|v's outputs are copied together: llama_op_count): counted on the engine,
+    # lab.stats()
     flops_per_token += recomputed * (2 * llama_layer_params(c) + 4 * H * D * seq)
     ops = llama_op_count(c, prof.update_slots, adapted, batch * seq, lora_base_dtype, fused, [
         chosen.get(f"self_attn.{p}_proj", 0) for p in "qkv"]) + recomputed * (
-        14 if fused else 19 if c.dropout > 0 else 18)
+        (14 if batch * seq >= c.hidden_size else 16) if fused else 19 if c.dropout > 0 else 18)
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
                  + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
