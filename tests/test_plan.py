@@ -242,6 +242,14 @@ def test_bias_sums_folded_into_the_weight_products_save_what_op_count_says(wgpu_
     assert not plan.estimator.bias_sums_folded(64, 72, 216) and not plan.estimator.bias_sums_folded(30, 64, 192)
 
 
+def test_a_model_too_wide_for_a_products_grid_is_a_plan_that_does_not_fit():
+    """op_count asks the matmul plan whether a layer's bias sums come with its weight-gradient product: a layer
+    whose product's grid exceeds the device's (4M wide) is a plan that does not fit, not the matmul's error."""
+    cfg = TransformerConfig(vocab_size=73, block_size=64, n_layer=2, n_head=2, n_embd=2 ** 22)
+    p = plan.estimate(cfg, batch=2, device="h200")
+    assert not p.fits and p.step_time_s > 0
+
+
 @pytest.mark.parametrize("preset", ["tiny", "shakespeare-char", "gpt2-small"])
 def test_h200_profile_predicts_the_recorded_h200_steps(preset):
     """The spec-derived H200 profile against the training steps measured on an H200 (benchmarks/, recorded with

@@ -371,7 +371,9 @@ def bias_sums_folded(rows, n_in, n_out):
     whole-tile kernels sum g's columns as they stage it, matmul_plan's column_sums) rather than by a reduction of
     its own: the engine's own plan decides."""
     from ..engine.wgpu import matmul_plan   # (only here, as runs_fused_attention's)
-    return matmul_plan.plan(n_in, n_out, rows, trans_a=True, column_sums=True).column_sums
+    # (no grid limit: it does not decide the kernel, and a product past it is a plan that does not fit, not an error)
+    limits = matmul_plan.Limits(max_workgroups=math.inf)
+    return matmul_plan.plan(n_in, n_out, rows, trans_a=True, column_sums=True, limits=limits).column_sums
 
 
 def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads_in_place=None, update_slots=1,
