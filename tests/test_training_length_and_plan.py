@@ -229,6 +229,31 @@ def test_the_plan_counts_the_fused_attentions_dispatches_against_the_composed_on
         assert steps[0] - steps[1] == counted[0] - counted[1] > 0, (targets, batch, steps, counted)
 
 
+def test_the_plan_counts_a_recomputed_blocks_dispatches_on_either_attention(wgpu_backend, monkeypatch):
+    """A checkpointed block's forward runs again in the backward: its dispatches (the engine's, every block
+    checkpointed against none) are llama_recomputed_ops' on the fused attention (32 and 16 rows) and the composed
+    one (with dropout too)."""
+    from lab.engine.backend import using_backend
+    from lab.plan.estimator import llama_recomputed_ops
+    for flash, dropout, batch in ((None, 0.0, 2), (None, 0.1, 1), (False, 0.0, 2), (False, 0.1, 2)):
+        monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
+        cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, dropout=dropout)
+        steps = []
+        for checkpoint in (False, True):
+            with using_backend(wgpu_backend):
+                lab.manual_seed(0)
+                t = Trainer(LlamaLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False,
+                                                                checkpoint_activations=checkpoint))
+                t.train_step()
+                lab.sync()
+                before = wgpu_backend.stats()["dispatches"]
+                t.train_step()
+                lab.sync()
+            steps.append(wgpu_backend.stats()["dispatches"] - before)
+        assert steps[1] - steps[0] == 2 * llama_recomputed_ops(cfg, batch * 16, flash is None), (flash, dropout, batch)
+
+
 def test_llama_plan_kv_cache_and_largest_buffer_follow_the_family():
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192)

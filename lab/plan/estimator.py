@@ -601,13 +601,10 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     memory["KV cache (generation, batch 1)"] = 2 * L * c.num_key_value_heads * D * seq * F32
     # no weight gradients for a frozen base: 4 of the 6 FLOPs per parameter remain
     flops_per_token = 6 * trainable + 4 * (params - trainable) + 12 * L * H * D * seq
-    # a recomputed block's forward again: 2 FLOPs per weight and attention's 4 H D T; 18 dispatches (19 with
-    # dropout), fused 14 (16 where q|k|v's outputs are copied together: llama_op_count): counted on the engine,
-    # lab.stats()
+    # a recomputed block's forward again: 2 FLOPs per weight and attention's 4 H D T
     flops_per_token += recomputed * (2 * llama_layer_params(c) + 4 * H * D * seq)
     ops = llama_op_count(c, prof.update_slots, adapted, batch * seq, lora_base_dtype, fused, [
-        chosen.get(f"self_attn.{p}_proj", 0) for p in "qkv"]) + recomputed * (
-        (14 if batch * seq >= c.hidden_size else 16) if fused else 19 if c.dropout > 0 else 18)
+        chosen.get(f"self_attn.{p}_proj", 0) for p in "qkv"]) + recomputed * llama_recomputed_ops(c, batch * seq, fused)
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
                  + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
@@ -693,6 +690,15 @@ def llama_op_count(c, update_slots=1, adapted=(), rows=1, base_dtype="float32", 
         chunks = math.ceil(tensors / (4 * update_slots))
         return ops + math.ceil(tensors / update_slots) + chunks + (chunks if chunks > 1 else 0)
     return ops + 2 * tensors + 1
+
+
+def llama_recomputed_ops(c, rows, fused_attention=False):
+    """Dispatches of a checkpointed LlamaLM block's forward run again in the backward, as counted on the engine
+    (lab.stats()): 18 (19 with dropout), on the fused attention 14 (16 where the step's rows are fewer than
+    hidden_size: q|k|v's outputs copied together, as llama_op_count counts)."""
+    if fused_attention:
+        return 14 if rows >= c.hidden_size else 16
+    return 19 if c.dropout > 0 else 18
 
 
 class DoesNotFitError(InputError):
