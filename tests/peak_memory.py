@@ -1,9 +1,11 @@
-"""Memory of loading a model, measured in a fresh process on the numpy backend: (parameter bytes, growth of the
-peak resident size during from_pretrained, growth of the resident size it leaves), each growth over the process
-after importing what the load uses (lab, its readers, the backend chosen)."""
+"""Memory measured for tests. load_memory: loading a model, in a fresh process on the numpy backend (parameter
+bytes, growth of the peak resident size during from_pretrained, growth of the resident size it leaves), each growth
+over the process after importing what the load uses (lab, its readers, the backend chosen). peak_bytes: a step's
+peak inside this process, on either backend."""
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
 
@@ -28,3 +30,30 @@ def load_memory(name_or_path):
                          timeout=600, env={**os.environ, "LAB_BACKEND": "numpy"})
     assert out.returncode == 0, out.stderr
     return tuple(int(v) for v in out.stdout.split())
+
+
+def peak_bytes(backend, run, setup=lambda: None):
+    """Peak bytes allocated while run(setup()) runs, beyond what was allocated before setup: the wgpu runtime's own
+    count (synced first, so every dispatch recorded has run and freed what it frees), numpy's arrays as tracemalloc
+    traces them. setup's passing peak is not counted, what it leaves allocated is (a model resident in the step)."""
+    wgpu = backend.name == "wgpu"
+    if wgpu:
+        backend.sync(wait=True)
+        base = backend.stats()["bytes_in_use"]
+    else:
+        tracemalloc.start()
+    try:
+        made = setup()
+        if wgpu:
+            backend.sync(wait=True)
+            backend.reset_peak()
+        else:
+            tracemalloc.reset_peak()
+        run(made)
+        if wgpu:
+            backend.sync(wait=True)
+            return backend.stats()["peak_bytes_in_use"] - base
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()

@@ -16,6 +16,7 @@ from lab.models.transformer import TransformerConfig, TransformerLM
 from lab.plan.estimator import DoesNotFitError, check_fits, estimate
 from lab.plan.profiles import named_profile
 from lab.train import TrainConfig, Trainer
+from peak_memory import peak_bytes
 
 V = 50
 FAMILIES = {   # 2 layers, 32 wide, dropout on (attention, residual and MLP in GPT-2; attention in Llama)
@@ -124,19 +125,7 @@ def _peak_of_step(backend, k):
     trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(steps=100, batch_size=8, checkpoint_activations=k,
                                                                  replay_steps=False))
     trainer.train_step()   # the optimizer's moments exist before the measured step
-    if backend.name == "wgpu":
-        backend.sync(wait=True)
-        base = backend.stats()["bytes_in_use"]
-        backend.reset_peak()
-        trainer.train_step()
-        backend.sync(wait=True)
-        return backend.stats()["peak_bytes_in_use"] - base
-    tracemalloc.start()
-    try:
-        trainer.train_step()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return peak_bytes(backend, lambda _: trainer.train_step())
 
 
 def test_checkpointing_lowers_a_steps_peak_memory(use_backend):
@@ -610,22 +599,7 @@ def _peak_of_three_steps(backend, k):
     lab.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=V, block_size=32, n_layer=4, n_head=2, n_embd=32, dropout=0.1))
     trainer = Trainer(model, IDS[:2500], IDS[2500:], TrainConfig(steps=100, batch_size=16, checkpoint_activations=k))
-    if backend.name == "wgpu":
-        backend.sync(wait=True)
-        base = backend.stats()["bytes_in_use"]
-        backend.reset_peak()
-    else:
-        tracemalloc.start()
-    try:
-        for _ in range(3):
-            trainer.train_step()
-        if backend.name == "wgpu":
-            backend.sync(wait=True)
-            return backend.stats()["peak_bytes_in_use"] - base
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        if tracemalloc.is_tracing():
-            tracemalloc.stop()
+    return peak_bytes(backend, lambda _: [trainer.train_step() for _ in range(3)])
 
 
 def test_checkpointing_halves_the_peak_of_captured_and_replayed_steps_with_dropout(use_backend):

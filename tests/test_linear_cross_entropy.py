@@ -1,7 +1,6 @@
 """F.linear_cross_entropy (issue #23): the output layer's mean cross-entropy without the whole (N, V) logits, a chunk of
 rows at a time, its gradients taken in the forward. It must equal the composed F.matmul + F.cross_entropy (and
 PyTorch) within float32 rounding: the sums over chunks run in another order, so 1e-5 relative, not bit-equal."""
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from lab.engine.tensor import enable_grad
 from lab.models.llama import LlamaConfig, LlamaLM
 from lab.models.transformer import TransformerConfig, TransformerLM
 from lab.train import TrainConfig, Trainer
+from peak_memory import peak_bytes
 
 V = 67   # a vocabulary not a multiple of 4, 32 or 64
 FAMILIES = {   # 2 layers, 32 wide: GPT-2's tied head, Llama's tied and untied ones
@@ -203,19 +203,7 @@ def _peak_of_step(backend, chunked):
         cls._head_loss, saved = (lambda self, h, t: F.cross_entropy(self._head(h), t)), cls._head_loss
     try:
         trainer.train_step()   # the optimizer's moments exist before the measured step
-        if backend.name == "wgpu":
-            backend.sync(wait=True)
-            base = backend.stats()["bytes_in_use"]
-            backend.reset_peak()
-            trainer.train_step()
-            backend.sync(wait=True)
-            return backend.stats()["peak_bytes_in_use"] - base
-        tracemalloc.start()
-        try:
-            trainer.train_step()
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        return peak_bytes(backend, lambda _: trainer.train_step())
     finally:
         if not chunked:
             cls._head_loss = saved
@@ -360,24 +348,12 @@ def test_a_chunked_loss_holds_one_chunks_logits_and_one_weight_gradient_beside_i
         with (enable_grad() if grad else lab.no_grad()):
             return F.linear_cross_entropy(x, w, t, chunk_rows=rows)
     loss()   # kernels compiled, pools warm
-    if backend.name == "wgpu":
-        backend.sync(wait=True)
-        base = backend.stats()["bytes_in_use"]
-        backend.reset_peak()
-        kept = loss()
-        backend.sync(wait=True)
-        peak = backend.stats()["peak_bytes_in_use"] - base
-    else:
-        tracemalloc.start()
-        try:
-            kept = loss()
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+    kept = []
+    peak = peak_bytes(backend, lambda _: kept.append(loss()))
     chunk = rows * vocab * 4
     allowed = (1 + (backend.name == "numpy")) * chunk + (2 * vocab * C * 4 if grad else 0) + chunk // 2
     assert peak < allowed, (peak / chunk, allowed / chunk)
-    assert np.isfinite(kept.item())
+    assert np.isfinite(kept[0].item())
 
 
 @pytest.mark.parametrize("family", list(FAMILIES) + ["proneural"])

@@ -3,7 +3,6 @@ base's bytes as lora.apply stores it (float16, int8 and q4 packed as lab.engine.
 memory against the measured peak on both backends, the same targets' forms as lora.apply, the command line and
 the trainer's fit check."""
 import json
-import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +15,7 @@ from lab.engine.tensor import QuantizedWeight
 from lab.models import PRESETS, LlamaConfig, LlamaLM
 from lab.plan.estimator import DoesNotFitError
 from lab.train import TrainConfig, Trainer
+from peak_memory import peak_bytes
 
 # grouped-query 4/2 tied; 6/3 with head_dim 10 (not hidden / heads) untied, sizes no multiple of q4's 32
 GQA_TIED = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -80,29 +80,14 @@ def _peak(backend, cfg, batch, seq, targets, base_dtype, r=4):
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 4000)
     with using_backend(backend):
         lab.manual_seed(0)
-        if backend.name == "wgpu":
-            backend.sync(wait=True)
-            base = backend.stats()["bytes_in_use"]
-        else:
-            tracemalloc.start()
-        try:
-            model = lora.apply(LlamaLM(cfg), r=r, targets=targets, base_dtype=base_dtype)
-            if backend.name == "wgpu":
-                backend.sync(wait=True)
-                backend.reset_peak()
-            else:
-                tracemalloc.reset_peak()
+
+        def two_steps(model):
             t = Trainer(model, ids[:3000], ids[3000:], TrainConfig(steps=3, batch_size=batch, block_size=seq,
                                                                    replay_steps=False))
             t.train_step()
             t.train_step()
-            if backend.name == "wgpu":
-                backend.sync(wait=True)
-                return backend.stats()["peak_bytes_in_use"] - base
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            if tracemalloc.is_tracing():
-                tracemalloc.stop()
+        return peak_bytes(backend, two_steps, lambda: lora.apply(LlamaLM(cfg), r=r, targets=targets,
+                                                                 base_dtype=base_dtype))
 
 
 def _planned(backend, cfg, batch, seq, targets, base_dtype, r=4):

@@ -2,7 +2,6 @@
 families, and the plan estimator for the Llama family (parameters, memory against the measured peak,
 `plan --config NAME_OR_PATH`)."""
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from lab.checks import InputError
 from lab.io import CheckpointError
 from lab.models import LlamaConfig, LlamaLM, TransformerConfig, TransformerLM
 from lab.train import TrainConfig, Trainer
+from peak_memory import peak_bytes
 
 IDS = np.random.default_rng(0).integers(0, 61, 3000)
 FAMILIES = {"gpt2": lambda: TransformerLM(TransformerConfig(vocab_size=61, block_size=24, n_layer=1, n_head=2,
@@ -127,25 +127,13 @@ def test_llama_plan_memory_within_20_percent_of_the_measured_peak(any_backend, n
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 4000)
     with using_backend(any_backend):
         lab.manual_seed(0)
-        if any_backend.name == "wgpu":
-            any_backend.sync(wait=True)
-            base = any_backend.stats()["bytes_in_use"]
-            any_backend.reset_peak()
-        else:
-            tracemalloc.start()
-        try:
+
+        def two_steps(_):
             t = Trainer(LlamaLM(cfg), ids[:3000], ids[3000:], TrainConfig(steps=3, batch_size=batch, block_size=seq,
                                                                           replay_steps=False))
             t.train_step()
             t.train_step()
-            if any_backend.name == "wgpu":
-                any_backend.sync(wait=True)
-                peak = any_backend.stats()["peak_bytes_in_use"] - base
-            else:
-                peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            if tracemalloc.is_tracing():
-                tracemalloc.stop()
+        peak = peak_bytes(any_backend, two_steps)
     predicted = plan.estimate(cfg, batch=batch, seq=seq, steps=1, device=limits_profile(any_backend)).memory["total"]
     assert abs(predicted / peak - 1) < 0.20, (predicted, peak)
 
