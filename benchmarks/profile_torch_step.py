@@ -6,10 +6,10 @@ import sys
 import time
 
 import torch
-from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from lab.bench.torch_gpt import TorchGPT, make_optimizer
+from lab.bench.torch_gpt import TorchGPT, make_optimizer, train_step
+from lab.bench.torch_llama import targets_loss, torch_llama
 from lab.bench.train import _bench_setup
 from lab.models.llama import LlamaConfig
 
@@ -30,14 +30,8 @@ def kernel_class(name):
 
 def model_and_loss(cfg):
     if isinstance(cfg, LlamaConfig):   # as bench train: transformers' model, eager attention
-        import transformers
-        hf = transformers.AutoConfig.for_model(**cfg.to_hf())
-        model = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="eager").float().cuda().train()
-
-        def loss_of(x, y):
-            logits = model(input_ids=x, use_cache=False).logits
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
-        return model, loss_of
+        model = torch_llama(cfg, None, "cuda")
+        return model, targets_loss(model)
     model = TorchGPT(cfg).cuda()
     return model, model
 
@@ -51,12 +45,7 @@ for preset in sys.argv[1:]:
     x, y = (torch.randint(0, 60, (batch, block), device="cuda") for _ in range(2))
 
     def step():
-        loss = loss_of(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
+        return train_step(model, opt, loss_of, x, y)
 
     for _ in range(4):
         step().item()

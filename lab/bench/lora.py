@@ -160,17 +160,14 @@ def _torch_peft(cfg, weights, r, steps, backend, tcfg, batches):
     except ImportError:
         return None
     from .torch_gpt import timed_steps
-    from .torch_llama import torch_llama
+    from .torch_llama import targets_loss, torch_llama
     device = "cuda" if backend.name == "wgpu" and torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 against fp32
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = peft.get_peft_model(torch_llama(cfg, weights, device),
                                 peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
-
-    def loss_of(x, y):
-        logits = model(input_ids=x, use_cache=False).logits
-        return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+    loss_of = targets_loss(model)
     x, y = (torch.from_numpy(a.astype("int64")).to(device) for a in batches[0])
     with torch.no_grad():
         first = loss_of(x, y).item()

@@ -61,6 +61,16 @@ def seconds_per_step(cfg, batch_size, steps, device, batches):
     return timed_steps(model, lambda x, y: model(x, y), steps, device, batches)
 
 
+def train_step(model, opt, loss_of, x, y):
+    """One step as bench train times it: loss_of(x, y), its gradients, their norm clipped to 1, opt's update."""
+    loss = loss_of(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def timed_steps(model, loss_of, steps, device, batches, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99)):
     """Mean seconds per step of AdamW training with loss_of(x, y) over `batches` (cycled) after three warm-up
     steps, and the last loss."""
@@ -69,13 +79,7 @@ def timed_steps(model, loss_of, steps, device, batches, lr=1e-3, weight_decay=0.
             for x, y in batches]
 
     def step(i):
-        x, y = data[i % len(data)]
-        loss = loss_of(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
+        return train_step(model, opt, loss_of, *data[i % len(data)])
 
     for i in range(3):
         step(i).item()
