@@ -16,6 +16,7 @@ from lab.models.llama import LlamaConfig, LlamaLM
 from lab.models.transformer import TransformerConfig, TransformerLM
 from lab.train import TrainConfig, Trainer
 from peak_memory import peak_bytes
+from step_counts import second_step_dispatches
 
 V = 67   # a vocabulary not a multiple of 4, 32 or 64
 FAMILIES = {   # 2 layers, 32 wide: GPT-2's tied head, Llama's tied and untied ones
@@ -254,21 +255,14 @@ def test_the_plan_counts_one_chunk_of_logits_not_all_of_them():
 def test_the_plans_op_count_counts_the_chunks(wgpu_backend, monkeypatch, family):
     """The dispatches of a training step with its 48 rows in 4 chunks (12 rows each) beyond those with 1 chunk, as
     the plan counts them (op_count / llama_op_count with the step's rows; their totals: tests/test_plan.py)."""
-    from lab.engine.backend import using_backend
     from lab.plan.estimator import llama_op_count, op_count
     measured, counted = [], []
     for rows_per_chunk in (64, 12):
         monkeypatch.setattr(linalg, "LOGITS_CHUNK_BYTES", 4 * V * rows_per_chunk)
-        with using_backend(wgpu_backend):
-            lab.manual_seed(0)
-            model = FAMILIES[family]()
-            t = Trainer(model, IDS, IDS, TrainConfig(steps=10, batch_size=3, block_size=16, replay_steps=False))
-            t.train_step()
-            lab.sync()
-            before = wgpu_backend.stats()["dispatches"]
-            t.train_step()
-            lab.sync()
-        measured.append(wgpu_backend.stats()["dispatches"] - before)
+        models = []
+        measured.append(second_step_dispatches(wgpu_backend, lambda: models.append(FAMILIES[family]()) or models[0],
+                                               IDS, batch_size=3, block_size=16))
+        model = models[0]
         slots = wgpu_backend.optimizer_slots()
         counted.append(op_count(model.config, update_slots=slots, rows=48) if family == "gpt2" else
                        llama_op_count(model.config, slots, rows=48))

@@ -10,6 +10,7 @@ import lab
 from lab import plan
 from lab.models import TransformerConfig, TransformerLM
 from lab.train import TrainConfig, Trainer
+from step_counts import second_step_dispatches
 
 CONFIGS = [(TransformerConfig(vocab_size=73, block_size=32, n_layer=2, n_head=2, n_embd=64), 8),
            (TransformerConfig(vocab_size=73, block_size=64, n_layer=4, n_head=4, n_embd=128), 12),
@@ -170,57 +171,29 @@ def test_op_count_matches_the_engine(wgpu_backend, dropout, lora_rank):
     from lab import lora
     for n_layer in (1, 3):
         cfg = TransformerConfig(vocab_size=73, block_size=16, n_layer=n_layer, n_head=2, n_embd=32, dropout=dropout)
-        with lab.engine.backend.using_backend(wgpu_backend):
-            lab.manual_seed(0)
-            model = TransformerLM(cfg)
-            if lora_rank:
-                lora.apply(model, r=lora_rank)
-            t = Trainer(model, IDS, IDS, TrainConfig(steps=10, batch_size=2))
-            t.train_step()
-            lab.sync()
-            before = wgpu_backend.stats()["dispatches"]
-            t.train_step()
-            lab.sync()
+        measured = second_step_dispatches(
+            wgpu_backend, lambda: lora.apply(TransformerLM(cfg), r=lora_rank) if lora_rank else TransformerLM(cfg),
+            IDS, batch_size=2, replay_steps=True)
         counted = plan.estimator.op_count(cfg, lora_rank, update_slots=wgpu_backend.optimizer_slots(), rows=2 * 16)
-        assert wgpu_backend.stats()["dispatches"] - before == counted, (n_layer, dropout)
+        assert measured == counted, (n_layer, dropout)
 
 
 def test_heads_in_place_save_the_op_count_says(wgpu_backend, monkeypatch):
     """Heads of 64 over sequences of 64: attention's products read and write the heads in place, 8 copies a layer
     fewer than when they are copied out and back (forced here), as op_count counts them."""
     cfg = TransformerConfig(vocab_size=73, block_size=64, n_layer=2, n_head=2, n_embd=128)
-
-    def dispatches():
-        with lab.engine.backend.using_backend(wgpu_backend):
-            lab.manual_seed(0)
-            t = Trainer(TransformerLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=2))
-            t.train_step()
-            lab.sync()
-            before = wgpu_backend.stats()["dispatches"]
-            t.train_step()
-            lab.sync()
-        return wgpu_backend.stats()["dispatches"] - before
-
-    in_place = dispatches()
+    in_place = _step_dispatches(wgpu_backend, cfg, replay_steps=True)
     monkeypatch.setattr(wgpu_backend, "heads_in_place", lambda seq, dim: False)
-    copied = dispatches()
+    copied = _step_dispatches(wgpu_backend, cfg, replay_steps=True)
     slots = wgpu_backend.optimizer_slots()
     counted = [plan.estimator.op_count(cfg, heads_in_place=h, update_slots=slots, rows=2 * 64) for h in (True, False)]
     assert copied - in_place == counted[1] - counted[0] == 8 * cfg.n_layer, (in_place, copied, counted)
     assert plan.estimator.op_count(cfg, update_slots=slots, rows=2 * 64) == counted[0]
 
 
-def _step_dispatches(backend, cfg, batch=2):
-    """The dispatches of a TransformerLM's second eager training step on `backend`."""
-    with lab.engine.backend.using_backend(backend):
-        lab.manual_seed(0)
-        t = Trainer(TransformerLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
-        t.train_step()
-        lab.sync()
-        before = backend.stats()["dispatches"]
-        t.train_step()
-        lab.sync()
-    return backend.stats()["dispatches"] - before
+def _step_dispatches(backend, cfg, batch=2, **config):
+    """The dispatches of a TransformerLM's second training step on `backend` (eager unless config says)."""
+    return second_step_dispatches(backend, lambda: TransformerLM(cfg), IDS, batch_size=batch, **config)
 
 
 def test_bias_sums_folded_into_the_weight_products_save_what_op_count_says(wgpu_backend, monkeypatch):

@@ -16,6 +16,7 @@ from lab.models import PRESETS, LlamaConfig, LlamaLM
 from lab.plan.estimator import DoesNotFitError
 from lab.train import TrainConfig, Trainer
 from peak_memory import peak_bytes
+from step_counts import second_step_dispatches
 
 # grouped-query 4/2 tied; 6/3 with head_dim 10 (not hidden / heads) untied, sizes no multiple of q4's 32
 GQA_TIED = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -256,7 +257,6 @@ def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, 
     """Dispatches of a LoRA step on wgpu (frozen base: no weight gradients; each adapter's products; the adapters'
     updates), tied and untied, all-linear and named layers, a q4 base; on the fused attention (the Llama default
     on wgpu: 4 dispatches a layer fewer, the projections' outputs copied together) and the composed one."""
-    from lab.engine.backend import using_backend
     from lab.plan.estimator import llama_lora_layers, llama_op_count
     monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
     fused = wgpu_backend.flash_attention_fits((2, 16, 8 * 8), 4, 2, rotary=True)
@@ -269,20 +269,14 @@ def test_llama_lora_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, 
         cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                           max_position_embeddings=16)
-        with using_backend(wgpu_backend):
-            lab.manual_seed(0)
-            model = lora.apply(LlamaLM(cfg), r=4, targets=targets, base_dtype=base_dtype)
-            t = Trainer(model, ids, ids, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
-            t.train_step()
-            lab.sync()
-            before = wgpu_backend.stats()["dispatches"]
-            t.train_step()
-            lab.sync()
+        measured = second_step_dispatches(
+            wgpu_backend, lambda: lora.apply(LlamaLM(cfg), r=4, targets=targets, base_dtype=base_dtype), ids,
+            batch_size=batch)
         chosen = llama_lora_layers(cfg, targets, 4, by_name=True)
         counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), llama_lora_layers(cfg, targets, 4),
                                  rows=batch * 16, fused_attention=fused,
                                  adapted_qkv=[chosen.get(f"self_attn.{p}_proj", 0) for p in "qkv"])
-        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, targets, batch)
+        assert measured == counted, (layers, tied, targets, batch)
 
 
 def test_the_trainer_checks_a_llama_lora_run_against_the_lora_plan(numpy_backend, monkeypatch):

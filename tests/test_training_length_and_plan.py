@@ -13,6 +13,7 @@ from lab.io import CheckpointError
 from lab.models import LlamaConfig, LlamaLM, TransformerConfig, TransformerLM
 from lab.train import TrainConfig, Trainer
 from peak_memory import peak_bytes
+from step_counts import second_step_dispatches
 
 IDS = np.random.default_rng(0).integers(0, 61, 3000)
 FAMILIES = {"gpt2": lambda: TransformerLM(TransformerConfig(vocab_size=61, block_size=24, n_layer=1, n_head=2,
@@ -162,7 +163,6 @@ def test_llama_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, flash
     """By default the Llama family's attention runs fused on wgpu (AttentionTuning.FLASH_DEFAULT_ROTARY), and the
     plan counts that path where runs_fused_attention says the device takes it; LAB_FLASH_ATTENTION=0 the composed
     one (dropout: two dispatches a layer more there, none in the fused kernels; the plan counted none)."""
-    from lab.engine.backend import using_backend
     from lab.plan.estimator import llama_op_count, runs_fused_attention
     from lab.plan.profiles import limits_profile
     monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
@@ -170,19 +170,12 @@ def test_llama_plan_op_count_matches_the_engine(wgpu_backend, monkeypatch, flash
         cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                           max_position_embeddings=16, dropout=dropout)
-        with using_backend(wgpu_backend):
-            lab.manual_seed(0)
-            t = Trainer(LlamaLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
-            t.train_step()
-            lab.sync()
-            before = wgpu_backend.stats()["dispatches"]
-            t.train_step()
-            lab.sync()
+        measured = second_step_dispatches(wgpu_backend, lambda: LlamaLM(cfg), IDS, batch_size=batch)
         fused = wgpu_backend.flash_attention_fits((2, 16, 8 * 8), 4, 2, rotary=True)
         assert fused == (flash is None)
         assert runs_fused_attention(limits_profile(wgpu_backend), 2, 4, 16, 8, rotary=True)   # (unset: the default)
         counted = llama_op_count(cfg, wgpu_backend.optimizer_slots(), rows=batch * 16, fused_attention=fused)
-        assert wgpu_backend.stats()["dispatches"] - before == counted, (layers, tied, dropout, batch)
+        assert measured == counted, (layers, tied, dropout, batch)
 
 
 def test_the_plan_counts_the_fused_attentions_dispatches_against_the_composed_ones(wgpu_backend, monkeypatch):
@@ -191,7 +184,6 @@ def test_the_plan_counts_the_fused_attentions_dispatches_against_the_composed_on
     the weights side by side, with fewer (16) their outputs are copied together; full training and LoRA (some of
     q, k, v adapted, none). (The composed counts themselves are pinned above; at 16 rows they differ.)"""
     from lab import lora
-    from lab.engine.backend import using_backend
     from lab.plan.estimator import llama_lora_layers, llama_op_count
     cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
@@ -199,16 +191,10 @@ def test_the_plan_counts_the_fused_attentions_dispatches_against_the_composed_on
         steps = []
         for flash in (False, None):
             monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
-            with using_backend(wgpu_backend):
-                lab.manual_seed(0)
-                model = LlamaLM(cfg) if targets is None else lora.apply(LlamaLM(cfg), r=4, targets=targets)
-                t = Trainer(model, IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False))
-                t.train_step()
-                lab.sync()
-                before = wgpu_backend.stats()["dispatches"]
-                t.train_step()
-                lab.sync()
-            steps.append(wgpu_backend.stats()["dispatches"] - before)
+            steps.append(second_step_dispatches(
+                wgpu_backend, lambda: LlamaLM(cfg) if targets is None else lora.apply(LlamaLM(cfg), r=4,
+                                                                                      targets=targets),
+                IDS, batch_size=batch))
         adapted = llama_lora_layers(cfg, targets, 4) if targets else ()
         chosen = llama_lora_layers(cfg, targets, 4, by_name=True) if targets else {}
         counted = [llama_op_count(cfg, wgpu_backend.optimizer_slots(), adapted, batch * 16, fused_attention=fused,
@@ -221,7 +207,6 @@ def test_the_plan_counts_a_recomputed_blocks_dispatches_on_either_attention(wgpu
     """A checkpointed block's forward runs again in the backward: its dispatches (the engine's, every block
     checkpointed against none) are llama_recomputed_ops' on the fused attention (32 and 16 rows) and the composed
     one (with dropout too)."""
-    from lab.engine.backend import using_backend
     from lab.plan.estimator import llama_recomputed_ops
     for flash, dropout, batch in ((None, 0.0, 2), (None, 0.1, 1), (False, 0.0, 2), (False, 0.1, 2)):
         monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", flash)
@@ -229,16 +214,8 @@ def test_the_plan_counts_a_recomputed_blocks_dispatches_on_either_attention(wgpu
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, dropout=dropout)
         steps = []
         for checkpoint in (False, True):
-            with using_backend(wgpu_backend):
-                lab.manual_seed(0)
-                t = Trainer(LlamaLM(cfg), IDS, IDS, TrainConfig(steps=10, batch_size=batch, replay_steps=False,
-                                                                checkpoint_activations=checkpoint))
-                t.train_step()
-                lab.sync()
-                before = wgpu_backend.stats()["dispatches"]
-                t.train_step()
-                lab.sync()
-            steps.append(wgpu_backend.stats()["dispatches"] - before)
+            steps.append(second_step_dispatches(wgpu_backend, lambda: LlamaLM(cfg), IDS, batch_size=batch,
+                                                checkpoint_activations=checkpoint))
         assert steps[1] - steps[0] == 2 * llama_recomputed_ops(cfg, batch * 16, flash is None), (flash, dropout, batch)
 
 
