@@ -646,27 +646,32 @@ def _check_fits(cfg, backend):
                               "vocab_size, hidden_size, intermediate_size or num_hidden_layers would", None)
 
 
-def training_bytes(cfg, batch_size, seq=None, host_temporaries=False, checkpoint_activations=0):
+def training_bytes(cfg, batch_size, seq=None, host_temporaries=False, checkpoint_activations=0,
+                   fused_attention=False):
     """Memory of a training step on batch_size sequences of seq tokens (default: block_size), as the planner
     estimates it (lab.plan.estimator.llama_activation_floats): weights, gradients, AdamW's two moments and what the
-    step holds at its peak (host_temporaries: numpy's; checkpoint_activations: every k-th block checkpointed)."""
+    step holds at its peak (host_temporaries: numpy's; checkpoint_activations: every k-th block checkpointed;
+    fused_attention: attention by the fused kernels, no (B, H, T, T) weights: estimator.runs_fused_attention)."""
     from ..plan.estimator import llama_activation_floats, llama_params
     params = llama_params(cfg)
     parts = llama_activation_floats(cfg, batch_size, seq or cfg.block_size, host_temporaries,
-                                    int(checkpoint_activations), gradients=params)[2]
+                                    int(checkpoint_activations), fused_attention, gradients=params)[2]
     return 4 * (sum(parts.values()) + 4 * params)
 
 
 def check_batch_fits(cfg, batch_size, backend, seq=None, checkpoint_activations=0):
     """Refuse, before a step allocates its activations, a training batch the device cannot hold."""
-    from ..plan.estimator import DoesNotFitError
+    from ..plan.estimator import DoesNotFitError, runs_fused_attention
     from ..plan.profiles import limits_profile
     prof, seq = limits_profile(backend), seq or cfg.block_size
-    need = training_bytes(cfg, batch_size, seq, prof.host_temporaries, checkpoint_activations)
+    # (the step's attention path, as the plan asks it: fused by default on wgpu, where the weights are never held)
+    fused = runs_fused_attention(prof, batch_size, cfg.num_attention_heads, seq, cfg.head_dim, rotary=True)
+    need = training_bytes(cfg, batch_size, seq, prof.host_temporaries, checkpoint_activations, fused)
     if need > prof.memory_bytes:
-        empty, one = (training_bytes(cfg, n, seq, prof.host_temporaries, checkpoint_activations) for n in (0, 1))
+        empty, one = (training_bytes(cfg, n, seq, prof.host_temporaries, checkpoint_activations, fused)
+                      for n in (0, 1))
         fits = max(0, int((prof.memory_bytes - empty) // (one - empty)))
-        checkpointed = training_bytes(cfg, batch_size, seq, prof.host_temporaries, 1)
+        checkpointed = training_bytes(cfg, batch_size, seq, prof.host_temporaries, 1, fused)
         raise DoesNotFitError(f"a training batch of {batch_size} x {seq} tokens needs about "
                               f"{need / 2 ** 30:.2f} GiB (weights, gradients, AdamW moments, activations), "
                               f"{prof.name} has {prof.memory_bytes / 2 ** 30:.2f} GiB: " +

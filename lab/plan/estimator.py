@@ -279,13 +279,13 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0,
     gradient), 2 I (gate, up, SwiGLU); per token 9 C (embedding, final norm, the residual's gradient), and the
     loss's head_loss_floats (1.5 chunks of logits). host_temporaries (numpy): the whole-array temporaries numpy's
     ops make in the largest ones (SwiGLU's sigmoid, the norms: L (1.5 I + 1.5 C) per token; cross-entropy's one
-    (rows, V) array, within the chunks counted, or V per token where the logits are whole). Fitted to the peaks of 16 random configs (GQA ratios, head
-    dims, tied and untied, 1-3 layers, T 16-64): lavapipe's peak bytes within -9%/+17%, numpy's traced peak within
-    0%/+19% (the loss's terms refitted for the chunked loss)
-    (tests/test_training_length_and_plan.py). checkpoint_every: checkpointed_layer_floats. fused_attention:
-    attention by the fused kernels, which keep a log-sum-exp per query row instead of the weights. whole_head
-    (llama_head_whole): the loss over the whole logits, 2.5 V per token (logits, softmax rows, their gradient; as
-    many numpy temporaries); trains_head: the head's weight has a gradient (not under LoRA); gradients: the
+    (rows, V) array, within the chunks counted, or V per token where the logits are whole). Against the peaks of 16
+    random configs with the chunked loss (GQA ratios, head dims, tied and untied, 1-3 layers, T 16-64, vocabularies
+    61-1000): lavapipe's peak bytes within -17%/+14%, numpy's traced peak within -13%/+18%
+    (tests/test_training_length_and_plan.py checks three of them). checkpoint_every: checkpointed_layer_floats.
+    fused_attention: attention by the fused kernels, which keep a log-sum-exp per query row instead of the weights.
+    whole_head (llama_head_whole): the loss over the whole logits, 2.5 V per token (logits, softmax rows, their
+    gradient; as many numpy temporaries); trains_head: the head's weight has a gradient (not under LoRA); gradients: the
     trained parameters' floats, alive in the backward only (the chunked loss's forward-end peak has none). Returns
     the floats of one layer, the largest single tensor (name, floats) and the total split into parts."""
     C, I, L, D, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim, c.vocab_size
@@ -308,9 +308,13 @@ def llama_activation_floats(c, b, T, host_temporaries=False, checkpoint_every=0,
         # the chunked loss runs at the forward's end beside every layer's activations: its chunk of logits (their
         # gradient in place) and numpy's one temporary of that size. The parts above are the backward's peak, once
         # the loss's chunks are freed; where the forward's end holds more (a frozen model's small backward: LoRA's
-        # odd-untied numpy peak was 21% above them), the step peaks there: no gradient exists yet (`gradients`)
+        # odd-untied numpy peak was 21% above them), the step peaks there: no gradient exists yet (`gradients`).
+        # The excess is over the backward's peak as counted, whose layers lost the freed 2.5 chunks only down to
+        # zero (a small model with a large vocabulary: counting it from L per_layer - 2.5 chunks overshot by the
+        # difference, its plan 32% over numpy's peak and 67% over lavapipe's)
         at_loss = (2 if host_temporaries else 1) * chunk
-        parts["embeddings and logits"] += max(0, at_loss + chunk - temporaries - gradients)
+        parts["embeddings and logits"] += max(0, L * per_layer - parts["layers"] + at_loss - 1.5 * chunk
+                                              - temporaries - gradients)
     return per_layer, largest, {k: int(v) for k, v in parts.items()}
 
 
