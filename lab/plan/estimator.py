@@ -394,8 +394,10 @@ def op_count(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc"), heads
     dropout: its frozen ln_f takes no reduction). Those counts are of one update dispatch and one sum of squares
     (the gradient norm) per trained tensor; update_slots > 1 counts wgpu's adamw_many_ and sumsq_many, which take
     that many parameters (and four times as many gradients) per dispatch. rows (batch x seq): the head's loss
-    (head_loss_ops) and the bias sums. Counted at 32 wide over 32 rows; whole-tile shapes (64 and 128 wide) run a
-    few more (split-K sums, transposed weights: 2-5 a layer), not counted here."""
+    (head_loss_ops) and the bias sums. Counted at 32 wide over 32 rows; products on whole tiles differ by a few a
+    layer, not counted here: fewer where a forward product applies its bias and GELU as it stores (c_fc's from 64
+    rows: 2), more for split-K sums and transposed weights (2-5). A 2-layer step over 64 rows: 2 fewer at 32 wide,
+    4 more at 64 wide."""
     if heads_in_place is None:
         heads_in_place = c.block_size % 64 == 0 and (c.n_embd // c.n_head) % 64 == 0
     C = c.n_embd
@@ -494,7 +496,8 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
         flops_per_token = 4 * (params - trainable) + 6 * trainable + 12 * c.n_layer * c.n_embd * seq
     # a recomputed block's forward again: 2 FLOPs per weight (12 C^2) and attention's 4 C T
     flops_per_token += recomputed * (24 * c.n_embd ** 2 + 4 * c.n_embd * seq)
-    # (19 dispatches a block's forward, 21 with dropout: counted on the engine, lab.stats())
+    # (19 dispatches a block's forward, 21 with dropout: counted on the engine, lab.stats(), at 32 wide over 32
+    # rows; 17 where c_fc's product takes whole tiles and applies its bias and GELU as it stores, 16 at 64 wide)
     ops = op_count(c, lora_rank, lora_targets, update_slots=prof.update_slots, rows=batch * seq) + recomputed * (
         21 if c.dropout > 0 else 19)
     # elementwise work scales with the activation floats (the profile says what one costs on the device); the
