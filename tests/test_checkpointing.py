@@ -1,7 +1,6 @@
 """Activation checkpointing (issue #23): a checkpointed block keeps only its input and runs again in the backward,
 with the forward's dropout masks, so the gradients are the plain graph's (the same kernels in the same order: the
 issue asks for 1e-6 relative; they come out bit-equal on both backends, and the gradient tests hold them to it)."""
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -303,34 +302,22 @@ def test_plan_counts_checkpointed_activations():
 
 
 def _measured_peak(backend, model, batch, seq, k, third_step=False):
-    """Peak bytes over a fresh model's first two steps (replay off): wgpu's peak bytes in use above what was in use
-    before, numpy's traced allocations. third_step: the peak of a third step (a replay), all bytes in use
-    (tests/test_plan.py's way for GPT-2 plans)."""
+    """Peak bytes over a fresh model's first two steps (replay off; peak_bytes). third_step (wgpu): the peak of a
+    third step (a replay), all bytes in use (tests/test_plan.py's way for GPT-2 plans)."""
     lab.manual_seed(0)
-    if backend.name == "wgpu":
-        backend.sync(wait=True)
-        base = 0 if third_step else backend.stats()["bytes_in_use"]
-        backend.reset_peak()
-    else:
-        tracemalloc.start()
-    try:
-        ids = np.random.default_rng(0).integers(0, 73, 4000)
+    ids = np.random.default_rng(0).integers(0, 73, 4000)
+
+    def two_steps(_=None):
         trainer = Trainer(model(), ids[:3000], ids[3000:], TrainConfig(batch_size=batch, block_size=seq,
                                                                        replay_steps=third_step,
                                                                        checkpoint_activations=k))
         trainer.train_step()
         trainer.train_step()
-        if third_step:
-            backend.sync(wait=True)
-            backend.reset_peak()
-            trainer.train_step()
-        if backend.name == "wgpu":
-            backend.sync(wait=True)
-            return backend.stats()["peak_bytes_in_use"] - base
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        if tracemalloc.is_tracing():
-            tracemalloc.stop()
+        return trainer
+    if third_step:
+        backend.sync(wait=True)
+        return backend.stats()["bytes_in_use"] + peak_bytes(backend, lambda t: t.train_step(), two_steps)
+    return peak_bytes(backend, two_steps)
 
 
 PEAK_CONFIGS = {   # test_plan's and test_training_length_and_plan's configs (their plain plans are checked there)
@@ -544,7 +531,8 @@ def test_a_tensor_made_outside_the_block_keeps_its_graph_for_the_outer_backward(
             np.testing.assert_allclose(checkpointed, plain, rtol=1e-6, atol=1e-6)
 
 
-def test_a_checkpointed_function_of_a_gelu_layers_output_frees_its_recomputation_as_it_walks(use_backend):
+def test_a_checkpointed_function_of_a_gelu_layers_output_frees_its_recomputation_as_it_walks(use_backend,
+                                                                                             monkeypatch):
     """A linear reading a GELU linear's output takes its pre-activation node as its parent (wgpu: the derivative
     folded into the product), a node of the outer graph: F.checkpoint took it for one of fn's, found the outer graph
     alive behind it and kept the whole recomputation through its walk (and walked the whole graph below at every
@@ -554,6 +542,9 @@ def test_a_checkpointed_function_of_a_gelu_layers_output_frees_its_recomputation
     from lab.engine import ops as F
     from lab.engine.tensor import Tensor
     B = use_backend
+    if B.name == "wgpu":   # (the fold is off by default: Tuning.GELU_GRAD_FUSED)
+        from dataclasses import replace
+        monkeypatch.setattr(B, "matmul_tuning", replace(B.matmul_tuning, GELU_GRAD_FUSED=True))
     rng = np.random.default_rng(0)
     x_np, w1_np, w2_np = (rng.standard_normal(s).astype(np.float32) for s in ((8, 16), (16, 16), (16, 16)))
     grads = []

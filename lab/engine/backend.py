@@ -177,6 +177,8 @@ class Backend:
         check_column_sums(a, b, trans_a)
         return self.matmul(a, b, trans_a), self.reduce("sum", self.reshape(b, b.shape[1:]), 0)
 
+    fused_gelu_grad = False   # matmul_gelu_grad applies gelu' as the product stores (wgpu with
+    # Tuning.GELU_GRAD_FUSED): only then does a linear reading a GELU output take its pre-activation's node
     def matmul_gelu_grad(self, g, w, pre):
         """gelu'(pre) * (g @ w^T) for g (1, M, N), w (1, K, N), pre (1, M, K): the gradient of a GELU's input from
         the gradient g of the linear layer (weight w) that reads its output. wgpu applies gelu' as it stores."""

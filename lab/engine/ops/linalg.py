@@ -257,8 +257,9 @@ def linear(x, weight, bias=None, activation=None, residual=None):
         return through(g) + ((g_out if residual.requires_grad else None,) if residual is not None else ())
     inputs = tuple(t for t in (x if gelu_input is None else gelu_input, weight, bias, residual) if t is not None)
     y = Tensor._make(out, B, inputs, backward)
-    if pre is not None and residual is None and y.requires_grad:
-        # the pre-activation as a node of its own, the linear's without the activation (for a linear reading y)
+    if pre is not None and residual is None and y.requires_grad and B.fused_gelu_grad:
+        # the pre-activation as a node of its own, the linear's without the activation (for a linear reading y,
+        # where the backend folds gelu' into its product; else y's node serves, as PyTorch's graph would have it)
         y._gelu_input = Tensor._make(B.reshape(pre, y.shape), B, inputs, through)
     return y
 

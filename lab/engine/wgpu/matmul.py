@@ -53,6 +53,10 @@ class MatmulOps:
             sums = self.reduce("sum", self.reshape(b, b.shape[1:]), 0)
         return out, sums
 
+    @property
+    def fused_gelu_grad(self):
+        return self.matmul_tuning.GELU_GRAD_FUSED
+
     def matmul_gelu_grad(self, g, w, pre):
         check_gelu_grad(g, w, pre)
         if not self.matmul_tuning.GELU_GRAD_FUSED:
