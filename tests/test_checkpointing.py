@@ -305,9 +305,9 @@ def _measured_peak(backend, model, batch, seq, k, third_step=False):
     """Peak bytes over a fresh model's first two steps (replay off; peak_bytes). third_step (wgpu): the peak of a
     third step (a replay), all bytes in use (tests/test_plan.py's way for GPT-2 plans)."""
     lab.manual_seed(0)
-    ids = np.random.default_rng(0).integers(0, 73, 4000)
 
     def two_steps(_=None):
+        ids = np.random.default_rng(0).integers(0, 73, 4000)   # (measured with the step, as the trainer holds them)
         trainer = Trainer(model(), ids[:3000], ids[3000:], TrainConfig(batch_size=batch, block_size=seq,
                                                                        replay_steps=third_step,
                                                                        checkpoint_activations=k))
