@@ -7,6 +7,8 @@ from lab.checks import InputError
 from lab.engine.wgpu import attention_plan as ap
 from lab.engine.wgpu.attention_plan import BASE, AttentionTuning
 
+from attention_runs import attention_run
+
 LAVAPIPE, H200 = 32768, 49152
 
 
@@ -130,8 +132,6 @@ def test_every_variant_compiles(wgpu_backend):
 def test_every_block_variant_equals_the_composed_attention(wgpu_backend, numpy_backend, variant, monkeypatch):
     """Each (forward, backward) block choice that fits here gives the composed path's output and qkv gradient
     (numpy), with dropout the same decisions, at T of one block, of several and of no block's multiple."""
-    import lab
-    from lab.engine import ops as F
     fwd, bwd = variant
     monkeypatch.setattr(wgpu_backend, "attention_tuning", AttentionTuning(True, fwd, bwd))
     monkeypatch.setattr(wgpu_backend, "limits", {**wgpu_backend.limits, "max-compute-workgroup-storage-size": H200})
@@ -140,19 +140,12 @@ def test_every_block_variant_equals_the_composed_attention(wgpu_backend, numpy_b
     for T, p in ((32, 0.0), (128, 0.25), (40, 0.0)):
         qkv_np = rng.standard_normal((1, T, 3 * 128)).astype(np.float32)
         g_np = rng.standard_normal((1, T, 128)).astype(np.float32)
-        got = {}
+        got, labels = {}, {}
         for backend in (wgpu_backend, numpy_backend):
-            lab.manual_seed(11)
-            qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
-            with lab.profile(backend) as prof:
-                y = F.causal_self_attention(qkv, 2, dropout_p=p)
-                (y * lab.tensor(g_np, backend=backend)).sum().backward()
-            got[backend.name] = (y.numpy(), qkv.grad.numpy())
-            if backend is wgpu_backend:
-                labels = {name: label for name, label, _ in prof.records}
-                want = {"fwd_main": fwd, "bwd_kv_main": bwd, "bwd_q_main": bwd}
-                for entry, b in want.items():
-                    assert labels[f"attention:{entry}"].endswith("{}x{}x{}".format(*b)), labels
+            got[backend.name], labels[backend.name] = attention_run(backend, qkv_np, g_np, 2, p=p, seed=11)
+        want = {"fwd_main": fwd, "bwd_kv_main": bwd, "bwd_q_main": bwd}
+        for entry, b in want.items():
+            assert labels["wgpu"][f"attention:{entry}"].endswith("{}x{}x{}".format(*b)), labels["wgpu"]
         for a, b in zip(got["wgpu"], got["numpy"]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 

@@ -8,6 +8,8 @@ import pytest
 import lab
 from lab.engine import ops as F
 
+from attention_runs import attention_run
+
 # (B, T, H, Hkv, D, dropout): T below, at and past a block (no block's multiple), heads 4 to 128 wide, G = 1, 2, 3, 4
 CASES = [(1, 1, 2, 1, 8, 0.0), (1, 5, 2, 2, 16, 0.0), (1, 37, 2, 2, 32, 0.0), (2, 33, 2, 1, 64, 0.2),
          (1, 20, 3, 1, 80, 0.0), (1, 18, 4, 1, 32, 0.25), (1, 24, 6, 2, 16, 0.1), (1, 17, 2, 2, 128, 0.0),
@@ -20,17 +22,6 @@ def _tables(P, D):
     ang = np.outer(np.arange(P), inv)
     ang = np.concatenate([ang, ang], axis=1)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-
-def _run(backend, qkv_np, g_np, H, Hkv, p, rope=None):
-    lab.manual_seed(7)
-    qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
-    g = lab.tensor(g_np, backend=backend)
-    tables = None if rope is None else tuple(lab.tensor(t, backend=backend) for t in rope)
-    with lab.profile(backend) as prof:
-        y = F.causal_self_attention(qkv, H, p, n_kv_head=Hkv, rope=tables)
-        y.backward(g)
-    return (y.numpy(), qkv.grad.numpy()), {name for name, _, _ in prof.records}
 
 
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
@@ -49,13 +40,13 @@ def test_fused_attention_equals_the_composed_path_for_every_shape_class(wgpu_bac
     rope = _tables(T + 3, D) if rotary else None
     monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", True)
     assert wgpu_backend.flash_attention_fits(qkv_np.shape, H, Hkv, rotary)
-    fused, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p, rope)
-    assert names == {"attention:fwd_main", "attention:delta_main", "attention:bwd_kv_main", "attention:bwd_q_main"} | (
+    fused, names = attention_run(wgpu_backend, qkv_np, g_np, H, Hkv, p, rope)
+    assert set(names) == {"attention:fwd_main", "attention:delta_main", "attention:bwd_kv_main", "attention:bwd_q_main"} | (
         {"attention:rotate_main"} if rotary else set())
     monkeypatch.setattr(wgpu_backend, "FLASH_ATTENTION", False)
-    composed, names = _run(wgpu_backend, qkv_np, g_np, H, Hkv, p, rope)
+    composed, names = attention_run(wgpu_backend, qkv_np, g_np, H, Hkv, p, rope)
     assert not any(n.startswith("attention:") for n in names)
-    reference, _ = _run(numpy_backend, qkv_np, g_np, H, Hkv, p, rope)
+    reference, _ = attention_run(numpy_backend, qkv_np, g_np, H, Hkv, p, rope)
     for got in (fused, composed):
         for a, b in zip(got, reference):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
@@ -94,7 +85,7 @@ def test_grouped_query_attention_equals_torch(any_backend, monkeypatch, H, Hkv, 
     for flash in (False, True) if any_backend.name == "wgpu" else (None,):
         if flash is not None:
             monkeypatch.setattr(any_backend, "FLASH_ATTENTION", flash)
-        (y, dqkv), names = _run(any_backend, qkv_np, g_np, H, Hkv, p, rope)
+        (y, dqkv), names = attention_run(any_backend, qkv_np, g_np, H, Hkv, p, rope)
         assert bool(flash) == ("attention:fwd_main" in names)
         np.testing.assert_allclose(y, want.detach().numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(dqkv, qkv_t.grad.numpy(), rtol=1e-4, atol=1e-5)
@@ -325,8 +316,8 @@ def test_numpy_integer_head_counts_run_like_python_ints(any_backend, monkeypatch
     the kernels' block choice ('head_dim must be a multiple of 4 ..., got np.int64(8)')."""
     monkeypatch.setattr(any_backend, "FLASH_ATTENTION", True, raising=False)
     qkv_np = np.random.default_rng(1).standard_normal((1, 5, 4 * 8)).astype(np.float32)
-    want, _ = _run(any_backend, qkv_np, np.ones((1, 5, 16), np.float32), 2, 1, 0.0)
-    got, names = _run(any_backend, qkv_np, np.ones((1, 5, 16), np.float32), np.int64(2), np.int32(1), 0.0)
+    want, _ = attention_run(any_backend, qkv_np, np.ones((1, 5, 16), np.float32), 2, 1, 0.0)
+    got, names = attention_run(any_backend, qkv_np, np.ones((1, 5, 16), np.float32), np.int64(2), np.int32(1), 0.0)
     assert (any_backend.name == "wgpu") == ("attention:fwd_main" in names)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)

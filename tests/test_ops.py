@@ -9,6 +9,9 @@ import pytest
 
 from lab.engine.opcheck import CASES, check_case
 
+from adamw_reference import check_numpy_adamw
+from attention_runs import attention_run
+
 CASE_SPECS = [(c, k) for c in CASES for k in range(len(c.shapes))]
 
 
@@ -632,13 +635,7 @@ def test_numpy_adamw_matches_the_formula(numpy_backend):
     rng = np.random.default_rng(5)
     p, g = rng.standard_normal(1000), rng.standard_normal(1000)
     m, v = rng.standard_normal(1000) * 0.1, rng.random(1000) * 0.1
-    lr, b1, b2, eps, wd, step = 3e-3, 0.9, 0.99, 1e-8, 0.1, 7
-    m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-    want = p - lr * wd * p - lr * (m2 / (1 - b1 ** step)) / (np.sqrt(v2 / (1 - b2 ** step)) + eps)
-    numpy_backend.adamw_(p, g, m, v, lr, b1, b2, eps, wd, step)
-    np.testing.assert_allclose(m, m2, rtol=1e-12)
-    np.testing.assert_allclose(v, v2, rtol=1e-12)
-    np.testing.assert_allclose(p, want, rtol=1e-10, atol=1e-12)
+    check_numpy_adamw(numpy_backend, p, g, m, v, step=7)
 
 
 @pytest.mark.parametrize("trans_a", [False, True], ids=["nn", "tn"])
@@ -719,18 +716,12 @@ def test_fused_attention_equals_the_composed_ops(wgpu_backend, numpy_backend, T,
     rng = np.random.default_rng(13)
     qkv_np = rng.standard_normal((2, T, 3 * 128)).astype(np.float32)
     g_np = rng.standard_normal((2, T, 128)).astype(np.float32)
-    got = {}
+    got, names = {}, {}
     for backend in (wgpu_backend, numpy_backend):
-        lab.manual_seed(3)
-        qkv = lab.tensor(qkv_np, requires_grad=True, backend=backend)
-        with lab.profile(backend) as prof:
-            y = F.causal_self_attention(qkv, 2, dropout_p=p)
-            (y * lab.tensor(g_np, backend=backend)).sum().backward()
-        got[backend.name] = (y.numpy(), qkv.grad.numpy())
-        if backend is wgpu_backend:
-            names = {name for name, _, _ in prof.records}
-            assert {"attention:fwd_main", "attention:bwd_kv_main", "attention:bwd_q_main"} <= names, names
-            assert not any(n.startswith(("softmax", "matmul", "dropout")) for n in names), names
+        got[backend.name], names[backend.name] = attention_run(backend, qkv_np, g_np, 2, p=p, seed=3)
+    names = set(names["wgpu"])
+    assert {"attention:fwd_main", "attention:bwd_kv_main", "attention:bwd_q_main"} <= names, names
+    assert not any(n.startswith(("softmax", "matmul", "dropout")) for n in names), names
     for a, b in zip(got["wgpu"], got["numpy"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with lab.profile(wgpu_backend) as prof:
