@@ -4,7 +4,7 @@
 # environment built from binder/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
+bash scripts/setup.sh test,mkl   # (mkl: the numpy backend's products through MKL, tested beside numpy's own BLAS)
 .venv/bin/python -m lab info --backend wgpu >/dev/null || echo "warning: no wgpu adapter; kernel tests will skip (LAB_REQUIRE_WGPU=1 makes that an error)" >&2
 .venv/bin/python -m pytest -q tests "$@"
 # the tutorials, under nbval, in an environment built from binder/ as repo2docker would build it

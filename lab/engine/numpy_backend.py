@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from . import quant
+from . import blas, quant
 from .backend import Backend, HeadView, check_index_range
 
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -276,6 +276,7 @@ class NumpyBackend(Backend):
     def __init__(self):
         self._stats = {"dispatches": 0, "submits": 0, "readbacks": 0}
         self.malloc_tuned = _keep_freed_memory_for_reuse()
+        self.blas = blas.describe()   # (LAB_BLAS checked here, once: a bad value is an error before any step)
         self._masks = {}
 
     # -- memory --
@@ -372,7 +373,7 @@ class NumpyBackend(Backend):
             # (attention's q k^T, 48 x 64 x 32 x 64: 199 against 151 us with the copy); a single product hands
             # the transpose to BLAS, which is faster as it is
             b = np.ascontiguousarray(b)
-        out = np.matmul(a, b)
+        out = blas.matmul(a, b)
         if bias is not None:
             out += bias
         if residual is not None:
@@ -388,12 +389,12 @@ class NumpyBackend(Backend):
     def linears(self, a, weights, biases, how):
         # (numpy's own calls, not self.matmul: lab.profile times this as one primitive)
         if how == "swiglu":
-            gate, up = (_plus(np.matmul(a, w.astype(np.float32, copy=False)), b) for w, b in zip(weights, biases))
+            gate, up = (_plus(blas.matmul(a, w.astype(np.float32, copy=False)), b) for w, b in zip(weights, biases))
             return _sigmoid_and_silu(gate)[1] * up
         out = np.empty(a.shape[:-1] + (sum(w.shape[1] for w in weights),), np.float32)
         o = 0
         for w, b in zip(weights, biases):   # each product written into its columns: no concat copy
-            _plus(np.matmul(a, w.astype(np.float32, copy=False), out=out[..., o:o + w.shape[1]]), b)
+            _plus(blas.matmul(a, w.astype(np.float32, copy=False), out=out[..., o:o + w.shape[1]]), b)
             o += w.shape[1]
         return out
 
@@ -407,9 +408,9 @@ class NumpyBackend(Backend):
         for o in range(0, n_out, step):
             w = quant.dequantize(qw, o, o + step)
             if transpose:
-                out += x[:, o:o + step] @ w
+                out += blas.matmul(x[:, o:o + step], w)
             else:
-                np.matmul(x, w.T, out=out[:, o:o + step])
+                blas.matmul(x, w.T, out=out[:, o:o + step])
             del w   # before the next chunk is made: one chunk's floats at a time
         return out
 
@@ -426,8 +427,8 @@ class NumpyBackend(Backend):
             # the copy; a large one's transposing copy costs more than the product gains
             b = np.ascontiguousarray(b)
         if out is None:
-            return np.matmul(a, b).reshape((Bsz * H,) + (a.shape[-2], b.shape[-1]))
-        np.matmul(a, b, out=_heads4(out, Bsz, H))
+            return blas.matmul(a, b).reshape((Bsz * H,) + (a.shape[-2], b.shape[-1]))
+        blas.matmul(a, b, out=_heads4(out, Bsz, H))
         return out
 
     def softmax(self, a, scale=1.0, causal=False, dropout=None, length=None):
@@ -589,7 +590,7 @@ class NumpyBackend(Backend):
         if pad is not None:   # (lab.models.transformer.padding_mask's -1e30)
             scores = scores + np.where(np.arange(S)[None] < pad[:, None], np.float32(-1e30), np.float32(0)
                                        ).repeat(Hkv, 0)[:, None]
-        y = np.matmul(self.softmax(scores, scale), cache_v[:, :, :S].reshape(Bsz * Hkv, S, D))
+        y = blas.matmul(self.softmax(scores, scale), cache_v[:, :, :S].reshape(Bsz * Hkv, S, D))
         return y.reshape(Bsz, 1, n_head * D)
 
     @staticmethod
@@ -677,10 +678,10 @@ class NumpyBackend(Backend):
         return out
 
     def lora_down(self, x, a):
-        return x @ a.T
+        return blas.matmul(x, a.T)
 
     def lora_up_add(self, base, h, b, scale):
-        return base + base.dtype.type(scale) * (h @ b.T)
+        return base + base.dtype.type(scale) * blas.matmul(h, b.T)
 
     # -- optimizers (in place) --
     def adamw_(self, p, g, m, v, lr, b1, b2, eps, wd, step, guard=None, max_norm=0.0):

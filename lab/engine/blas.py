@@ -1,0 +1,151 @@
+"""float32 products for the numpy backend through Intel MKL's sgemm, when the `mkl` wheel is installed
+(`pip install 'lab[mkl]'`).
+
+numpy's PyPI wheels link OpenBLAS, which runs lab's training products 13-20% slower than MKL, the BLAS PyTorch's
+CPU build uses, on an AVX-512 core at one thread (768 x 128 x 512: 0.65 against 0.57 ms; 2048 x 384 x 1536: 15.0
+against 13.1), and the products are two thirds of a CPU training step. `matmul` takes the float32 products MKL can
+read where they lie (every matrix with one unit stride, as BLAS's row- or column-major) and hands everything
+else to np.matmul, which stays the definition: same shapes, broadcasting and errors.
+
+LAB_BLAS chooses: unset or `auto` uses MKL when installed, `numpy` keeps numpy's own BLAS, `mkl` requires MKL.
+MKL reads its own MKL_NUM_THREADS / OMP_NUM_THREADS; its reproducibility mode is set to AUTO (same bits run to
+run on one CPU and thread count, whatever the arrays' alignment), which replays and checkpointing rely on.
+"""
+import ctypes
+import os
+from importlib import metadata
+
+import numpy as np
+
+from ..checks import InputError
+
+CHOICES = ("auto", "numpy", "mkl")
+INT_MAX = (1 << 31) - 1   # MKL's LP64 interface: 32-bit dimensions and leading dimensions
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+MKL_CBWR_AUTO, MKL_INTERFACE_LP64 = 2, 0
+
+
+def choice():
+    value = os.environ.get("LAB_BLAS", "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise InputError(f"LAB_BLAS={os.environ['LAB_BLAS']!r} is not a choice: use one of {', '.join(CHOICES)} "
+                        "(unset means auto: MKL when the mkl package is installed)")
+    return value
+
+
+def _mkl_library_path():
+    """libmkl_rt from the installed `mkl` distribution (its files sit under the environment's lib/), or None."""
+    try:
+        files = metadata.distribution("mkl").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        name = f.name
+        if name.startswith("libmkl_rt.so") or (name.startswith("mkl_rt") and name.endswith(".dll")) \
+                or (name.startswith("libmkl_rt") and name.endswith(".dylib")):
+            path = str(f.locate())
+            if os.path.exists(path):
+                return path
+    return None
+
+
+class _Mkl:
+    def __init__(self, path):
+        lib = ctypes.CDLL(path)
+        # the interface layer must be LP64 (32-bit ints, what the argument types below say); another library that
+        # loaded mkl_rt first with ILP64 would make every call misread its arguments, so then MKL is not used
+        if lib.MKL_Set_Interface_Layer(MKL_INTERFACE_LP64) != MKL_INTERFACE_LP64:
+            raise OSError(f"{path}: its interface layer is not LP64 in this process")
+        if "MKL_CBWR" not in os.environ:
+            lib.MKL_CBWR_Set(MKL_CBWR_AUTO)
+        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        self.sgemm = lib.cblas_sgemm
+        self.sgemm.restype = None
+        self.sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+        self.version = metadata.version("mkl")
+        self.path = path
+
+
+_state = {}
+
+
+def mkl():
+    """The loaded MKL (or None: not installed, not loadable, or LAB_BLAS=numpy), decided once per process."""
+    if "mkl" not in _state:
+        how = choice()
+        lib = None
+        if how != "numpy":
+            path = _mkl_library_path()
+            if path is None and how == "mkl":
+                raise InputError("LAB_BLAS=mkl but the mkl package is not installed: pip install 'lab[mkl]' "
+                                "(x86-64 only), or unset LAB_BLAS")
+            try:
+                lib = _Mkl(path) if path else None
+            except (OSError, AttributeError) as e:
+                if how == "mkl":
+                    raise InputError(f"LAB_BLAS=mkl but MKL cannot be used here: {e}") from None
+        _state["mkl"] = lib
+    return _state["mkl"]
+
+
+def describe():
+    """Which BLAS the numpy backend's float32 products run on, in words (the bench records it)."""
+    lib = mkl()
+    if lib is not None:
+        return f"MKL {lib.version}"
+    cfg = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    return f"numpy's {cfg.get('name', 'BLAS')} {cfg.get('version', '')}".strip()
+
+
+def _matrix(x):
+    """(transposed, leading dimension) of the last two axes of a float32 array as BLAS reads a row-major matrix,
+    or None when neither axis has unit stride (or a stride is not a whole number of floats)."""
+    rows, cols = x.shape[-2:]
+    s_r, s_c = x.strides[-2:]
+    if s_r % 4 or s_c % 4:
+        return None
+    # an axis of length 1 is never stepped along: its stride is whatever makes the layout valid
+    s_r = cols if rows == 1 else s_r // 4
+    s_c = 1 if cols == 1 else s_c // 4
+    if s_c == 1 and s_r >= cols:
+        return False, s_r
+    if rows == 1 and s_c >= 1:   # one row read as a column-major 1 x cols matrix
+        return True, s_c
+    if s_r == 1 and s_c >= rows:
+        return True, s_c
+    return None
+
+
+def matmul(a, b, out=None):
+    """np.matmul(a, b, out=out), through MKL's sgemm for one float32 product (2-D operands, or leading axes of
+    length 1) whose matrices MKL can read where they lie: C-contiguous or transposed, and an output written row
+    by row (a fresh array or a view whose rows are evenly spaced, as a column block of a wider array). Stacks of
+    products stay numpy's: MKL's batched sgemm ran attention's 48 x 64 x 64 head products 1.2-2.5x slower than
+    numpy's loop over OpenBLAS calls."""
+    lib = mkl()
+    if (lib is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2
+            or 0 in a.shape or 0 in b.shape or a.shape[-1] != b.shape[-2]
+            or a.size != a.shape[-2] * a.shape[-1] or b.size != b.shape[-2] * b.shape[-1]):
+        return _numpy(a, b, out)
+    shape = (1,) * (max(a.ndim, b.ndim) - 2) + (a.shape[-2], b.shape[-1])
+    if out is None:
+        c = np.empty(shape, np.float32)
+    elif (out.shape == shape and out.dtype == np.float32 and out.flags.writeable
+          and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
+        c = out
+    else:
+        return _numpy(a, b, out)
+    a2, b2, c2 = (x.reshape(x.shape[-2:]) for x in (a, b, c))
+    la, lb, lc = _matrix(a2), _matrix(b2), _matrix(c2)
+    M, K, N = a2.shape[0], a2.shape[1], b2.shape[1]
+    if (la is None or lb is None or lc is None or lc[0] or any(x.ctypes.data % 4 for x in (a2, b2, c2))
+            or max(M, N, K, la[1], lb[1], lc[1]) > INT_MAX):
+        return _numpy(a, b, out)   # (floats off 4-byte boundaries: a view into raw bytes)
+    lib.sgemm(ROW_MAJOR, TRANS if la[0] else NO_TRANS, TRANS if lb[0] else NO_TRANS, M, N, K, 1.0,
+              a2.ctypes.data, la[1], b2.ctypes.data, lb[1], 0.0, c2.ctypes.data, lc[1])
+    return c
+
+
+def _numpy(a, b, out):
+    """numpy's own product: what every layout, dtype or shape MKL is not given falls back to."""
+    return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)

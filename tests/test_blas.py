@@ -1,0 +1,221 @@
+"""lab.engine.blas: the numpy backend's float32 products through MKL (when the mkl package is installed) equal
+numpy's for every layout, fall back to numpy for what MKL is not given, and LAB_BLAS chooses."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import lab
+from lab.checks import InputError
+from lab.engine import blas
+
+HAS_MKL = blas._mkl_library_path() is not None
+needs_mkl = pytest.mark.skipif(not HAS_MKL, reason="the mkl package is not installed (pip install 'lab[mkl]')")
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """blas decides once per process: forget that decision for this test (and restore it after)."""
+    saved = dict(blas._state)
+    blas._state.clear()
+    yield monkeypatch
+    blas._state.clear()
+    blas._state.update(saved)
+
+
+@pytest.fixture
+def sgemm_calls(monkeypatch):
+    """How many products went to MKL's sgemm during the test."""
+    lib = blas.mkl()
+    if lib is None:
+        pytest.skip("MKL not in use")
+    calls = []
+    real = lib.sgemm
+
+    def counted(*args):
+        calls.append(args[3:6])
+        return real(*args)
+    monkeypatch.setattr(lib, "sgemm", counted)
+    return calls
+
+
+def _rand(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _check(got, a, b):
+    want = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+def _layouts():
+    """(name, a, b): one product each, in the layouts the numpy backend hands over."""
+    x, w, big = _rand((24, 40)), _rand((40, 16), 1), _rand((30, 50), 2)
+    return [
+        ("plain", x, w),
+        ("transposed a", _rand((40, 24), 3).T, w),
+        ("transposed b", x, _rand((16, 40), 4).T),
+        ("both transposed", _rand((40, 24), 3).T, _rand((16, 40), 4).T),
+        ("row block of a", big[3:9, :40], w),
+        ("column block of a (rows apart)", big[:, 5:45], w),
+        ("column block of b", x, _rand((40, 70), 5)[:, 10:26]),
+        ("one row", x[4:5], w),
+        ("one row of a transposed matrix", _rand((40, 24), 6).T[7:8], w),
+        ("one column of b", x, w[:, 3:4]),
+        ("one column of a transposed matrix", x, _rand((5, 40), 7).T[:, 2:3]),
+        ("leading axis of 1", x[None], w),
+        ("leading axes of 1 on both", x[None, None], w[None, None]),
+        ("k of 1", x[:, :1], w[:1]),
+    ]
+
+
+@needs_mkl
+@pytest.mark.parametrize("case", range(len(_layouts())), ids=[n for n, _, _ in _layouts()])
+def test_mkl_product_equals_numpys_for_every_layout(case, sgemm_calls):
+    _, a, b = _layouts()[case]
+    _check(blas.matmul(a, b), a, b)
+    assert len(sgemm_calls) == 1   # through MKL, not numpy's fallback
+
+
+@needs_mkl
+def test_mkl_writes_into_a_column_block_of_a_wider_output_and_nothing_else(sgemm_calls):
+    a, b = _rand((12, 8)), _rand((8, 5), 1)
+    wide = np.full((12, 20), 7.0, np.float32)
+    got = blas.matmul(a, b, out=wide[:, 6:11])
+    assert got.base is wide or got is not None
+    _check(wide[:, 6:11], a, b)
+    assert (wide[:, :6] == 7).all() and (wide[:, 11:] == 7).all()   # the columns beside it untouched
+    assert len(sgemm_calls) == 1
+
+
+def _fallback_cases():
+    x, w = _rand((6, 8)), _rand((8, 5), 1)
+    raw = np.zeros(6 * 8 * 4 + 2, np.uint8)
+    unaligned = np.frombuffer(raw.data, dtype=np.float32, count=48, offset=2).reshape(6, 8)
+    return [
+        ("stack of products", _rand((3, 6, 8)), _rand((3, 8, 5), 1)),
+        ("broadcast stack", _rand((3, 6, 8)), w),
+        ("float64", x.astype(np.float64), w.astype(np.float64)),
+        ("float16 and float32", x.astype(np.float16), w),
+        ("integers", (x * 10).astype(np.int32), (w * 10).astype(np.int32)),
+        ("reversed rows", x[::-1], w),
+        ("every other column", _rand((6, 16))[:, ::2], w),
+        ("broadcast (zero-stride) rows", np.broadcast_to(x[:1], (6, 8)), w),
+        ("floats off 4-byte boundaries", unaligned, w),
+        ("no rows", x[:0], w),
+        ("k of 0", x[:, :0], w[:0]),
+        ("a vector", x, w[:, 0]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_fallback_cases())), ids=[n for n, _, _ in _fallback_cases()])
+def test_what_mkl_is_not_given_is_numpys_product(case, monkeypatch):
+    _, a, b = _fallback_cases()[case]
+    lib = blas.mkl()
+    if lib is not None:
+        monkeypatch.setattr(lib, "sgemm", lambda *args: pytest.fail("went to MKL"))
+    got, want = blas.matmul(a, b), np.matmul(a, b)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_an_output_overlapping_an_operand_is_numpys_buffered_product(monkeypatch):
+    lib = blas.mkl()
+    if lib is not None:
+        monkeypatch.setattr(lib, "sgemm", lambda *args: pytest.fail("went to MKL"))
+    buf = _rand((6, 6))
+    a = buf[:, :4].copy()
+    want = np.matmul(buf[:, :4], _rand((4, 2), 1))
+    got = blas.matmul(buf[:, :4], _rand((4, 2), 1), out=buf[:, 4:6])   # out is beside a in the same rows
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(buf[:, :4], a)
+
+
+@pytest.mark.parametrize("a_shape, b_shape, out", [((6, 8), (7, 5), None), ((6, 8), (8, 5), (6, 4)),
+                                                     ((2, 6, 8), (3, 8, 5), None)])
+def test_bad_shapes_are_numpys_error(a_shape, b_shape, out):
+    a, b = _rand(a_shape), _rand(b_shape, 1)
+    o = None if out is None else np.empty(out, np.float32)
+    with pytest.raises(ValueError) as numpys:
+        np.matmul(a, b) if o is None else np.matmul(a, b, out=o)
+    with pytest.raises(ValueError) as ours:
+        blas.matmul(a, b, out=o)
+    assert str(ours.value) == str(numpys.value)
+
+
+def test_a_read_only_output_is_numpys_error():
+    a, b = _rand((4, 3)), _rand((3, 2), 1)
+    o = np.empty((4, 2), np.float32)
+    o.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        blas.matmul(a, b, out=o)
+
+
+@needs_mkl
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 33), st.integers(1, 33), st.integers(1, 33), st.booleans(), st.booleans(),
+       st.integers(0, 3), st.integers(0, 3), st.booleans())
+def test_mkl_products_of_any_size_and_layout_equal_numpys(M, K, N, ta, tb, pad_a, pad_b, into_view):
+    # each operand cut out of a larger array (rows pad_* floats apart beyond their width), maybe transposed
+    a_full = _rand((K, M + pad_a) if ta else (M, K + pad_a), M * 7 + K)
+    b_full = _rand((N, K + pad_b) if tb else (K, N + pad_b), N * 5 + K)
+    a = a_full[:, :M].T if ta else a_full[:, :K]
+    b = b_full[:, :K].T if tb else b_full[:, :N]
+    if into_view:
+        wide = np.zeros((M, N + 3), np.float32)
+        blas.matmul(a, b, out=wide[:, 1:N + 1])
+        _check(wide[:, 1:N + 1], a, b)
+        assert not wide[:, 0].any() and not wide[:, N + 1:].any()
+    else:
+        _check(blas.matmul(a, b), a, b)
+
+
+def test_lab_blas_rejects_an_unknown_choice_with_the_choices(fresh_choice):
+    fresh_choice.setenv("LAB_BLAS", "openblas")
+    with pytest.raises(InputError, match=r"LAB_BLAS='openblas' is not a choice: use one of auto, numpy, mkl"):
+        blas.mkl()
+
+
+def test_lab_blas_mkl_without_the_package_says_how_to_install_it(fresh_choice):
+    fresh_choice.setenv("LAB_BLAS", "mkl")
+    fresh_choice.setattr(blas, "_mkl_library_path", lambda: None)
+    with pytest.raises(InputError, match=r"LAB_BLAS=mkl but the mkl package is not installed: pip install 'lab\[mkl\]'"):
+        blas.mkl()
+
+
+def test_lab_blas_numpy_keeps_numpys_own_blas(fresh_choice):
+    fresh_choice.setenv("LAB_BLAS", "numpy")
+    assert blas.mkl() is None
+    assert blas.describe().startswith("numpy's ")
+    a, b = _rand((5, 4)), _rand((4, 3), 1)
+    np.testing.assert_array_equal(blas.matmul(a, b), np.matmul(a, b))
+
+
+def test_a_bad_lab_blas_is_one_line_from_the_cli_before_any_step(fresh_choice, capsys):
+    from lab import cli
+    fresh_choice.setenv("LAB_BLAS", "fast")
+    assert cli.main(["train", "--preset", "tiny", "--backend", "numpy", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "LAB_BLAS='fast' is not a choice" in err and "Traceback" not in err
+
+
+@needs_mkl
+def test_training_with_mkl_matches_numpys_blas_and_repeats_bit_for_bit(fresh_choice):
+    """A few numpy-backend training steps with MKL's products: the losses of numpy's own BLAS within float32
+    rounding, and the same bits when run again (replays and checkpointing compare bits)."""
+    from lab.engine.backend import using_backend
+    from lab.models.transformer import TransformerConfig, TransformerLM
+    from lab.train import TrainConfig, Trainer
+    ids = np.random.default_rng(0).integers(0, 40, 4000)
+    cfg = TransformerConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+
+    def losses(choice):
+        fresh_choice.setenv("LAB_BLAS", choice)
+        blas._state.clear()
+        with using_backend("numpy"):
+            lab.manual_seed(0)
+            tr = Trainer(TransformerLM(cfg), ids, ids[:500], TrainConfig(steps=10**9, batch_size=4, block_size=16))
+            return [float(tr.train_step()[0].item()) for _ in range(4)]
+    mkl_a, mkl_b, numpys = losses("mkl"), losses("mkl"), losses("numpy")
+    assert mkl_a == mkl_b
+    np.testing.assert_allclose(mkl_a, numpys, rtol=1e-5)
