@@ -176,6 +176,42 @@ def test_layernorm_of_no_rows_is_empty_with_zero_parameter_gradients(any_backend
     np.testing.assert_array_equal(b.grad.numpy(), 0)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e6, 1e15])
+def test_layernorm_backward_of_rows_of_any_scale_equals_pytorch(any_backend, scale):
+    """Rows of scale 1e15 (variance 1e30, within float32): dx's term in x - mean carries rstd^3 (1e-45, below
+    float32's smallest normal); taken a factor at a time it stays in range. Rows far from zero (mean 100x std)
+    are centred before anything else."""
+    import torch
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((6, 33)) * scale).astype(np.float32)
+    x[:2] += np.float32(100 * scale)
+    w, b, g = (rng.standard_normal(s).astype(np.float32) for s in (33, 33, (6, 33)))
+    B, up = any_backend, any_backend.from_numpy
+    y, mean, rstd = B.layernorm(up(x), up(w), up(b), 1e-5)
+    dx, dw, db = (B.to_numpy(a) for a in B.layernorm_bwd(up(x), up(w), mean, rstd, up(g)))
+    tx, tw, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w, b))
+    ty = torch.nn.functional.layer_norm(tx, (33,), tw, tb, 1e-5)
+    ty.backward(torch.tensor(g, dtype=torch.float64))
+    for name, got, want in (("y", B.to_numpy(y), ty), ("dx", dx, tx.grad), ("dw", dw, tw.grad), ("db", db, tb.grad)):
+        want = want.detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()), err_msg=name)
+
+
+def test_layernorm_backward_of_a_single_column_is_exactly_zero(any_backend):
+    """Over one feature x - mean is 0 whatever x: the input's gradient is exactly 0 (the row mean subtracted is
+    the mean of the very terms it is subtracted from), while w's is 0 and b's is g's sum."""
+    rng = np.random.default_rng(9)
+    x, g = (rng.standard_normal((7, 1)).astype(np.float32) * 50 for _ in range(2))
+    w, b = np.float32([[-3.7]]).reshape(1), np.float32([0.5])
+    B, up = any_backend, any_backend.from_numpy
+    y, mean, rstd = B.layernorm(up(x), up(w), up(b), 1e-5)
+    dx, dw, db = (B.to_numpy(a) for a in B.layernorm_bwd(up(x), up(w), mean, rstd, up(g)))
+    np.testing.assert_array_equal(B.to_numpy(y), np.full((7, 1), 0.5, np.float32))
+    np.testing.assert_array_equal(dx, 0)
+    np.testing.assert_array_equal(dw, 0)
+    np.testing.assert_allclose(db, g.sum(0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("V,C,N", [(73, 384, 5000), (1100, 1000, 300)], ids=["small-vocab", "large-vocab"])
 def test_embedding_backward_paths_match_numpy(wgpu_backend, numpy_backend, V, C, N):
     rng = np.random.default_rng(3)
