@@ -90,6 +90,29 @@ def test_softmax_with_dropout_in_cache_blocks_equals_the_wgpu_kernels(wgpu_backe
     np.testing.assert_allclose(got["numpy"][1], numpy_backend.dropout(y, 0.2, 9), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("causal,shape", [(True, (3, 5, 7)), (False, (2, 9, 33)), (True, (5, 256, 256))])
+def test_softmax_backward_from_the_dropped_weights_equals_the_one_through_the_mask(any_backend, causal, shape):
+    """Given the dropped weights (attention holds them for v's gradient), softmax_bwd needs no mask: g dropout(y)
+    is all it reads of it. Equal to the backward that makes the mask again, zeros where they are, over cache blocks
+    of rows too (5 x 256 x 256 > 2^18 elements)."""
+    if any_backend.name == "wgpu" and shape[-1] > 64:
+        pytest.skip("the blocks are the numpy backend's; lavapipe is slow")
+    rng = np.random.default_rng(12)
+    a, g = (rng.standard_normal(shape).astype(np.float32) * 3 for _ in range(2))
+    B, up = any_backend, any_backend.from_numpy
+    y, yd = B.softmax(up(a), 0.3, causal, dropout=(0.25, 21))
+    through_mask = B.to_numpy(B.softmax_bwd(y, up(g), 0.3, dropout=(0.25, 21)))
+    from_dropped = B.to_numpy(B.softmax_bwd(y, up(g), 0.3, dropout=(0.25, 21), dropped=yd))
+    np.testing.assert_array_equal(from_dropped == 0, through_mask == 0)
+    np.testing.assert_allclose(from_dropped, through_mask, rtol=2e-5, atol=1e-7)
+
+
+def test_softmax_backward_refuses_dropped_weights_of_another_shape(numpy_backend):
+    y, yd = numpy_backend.softmax(np.zeros((2, 4, 4), np.float32), 1.0, True, dropout=(0.5, 1))
+    with pytest.raises(ValueError, match=r"dropped has shape \(4, 4\), y \(2, 4, 4\)"):
+        numpy_backend.softmax_bwd(y, np.ones_like(y), 1.0, dropout=(0.5, 1), dropped=yd[0])
+
+
 @pytest.mark.parametrize("shape", [(2, 64, 4, 32), (8, 256, 6, 64)], ids=["keys-copied", "keys-strided"])
 def test_products_with_transposed_head_views_equal_the_plain_products(any_backend, shape):
     """q k^T and g v^T read from inside the packed projection (HeadViews): the numpy backend copies a small

@@ -128,8 +128,10 @@ class Backend:
     # (where not, attention copies each head stack once rather than each product copying its operands)
     def softmax(self, a, scale=1.0, causal=False, dropout=None, length=None): raise NotImplementedError
     # dropout=(p, seed): -> (y, dropout(y, p, seed)) (attention's weights, and the dropped ones its product uses)
-    def softmax_bwd(self, y, g, scale=1.0, dropout=None): raise NotImplementedError
-    # dropout=(p, seed): g is the gradient of dropout(y), taken back through the same mask first
+    def softmax_bwd(self, y, g, scale=1.0, dropout=None, dropped=None): raise NotImplementedError
+    # dropout=(p, seed): g is the gradient of dropout(y), taken back through the same mask first. dropped: that
+    # dropout(y) (softmax's second result) where the caller still holds it: g dropped is all the backward needs of
+    # the mask, so a backend may read it rather than make the mask again
     def log_softmax(self, a): raise NotImplementedError
     def log_softmax_bwd(self, y, g): raise NotImplementedError
     def layernorm(self, x, w, b, eps, residual=None): raise NotImplementedError

@@ -37,7 +37,7 @@ class NNOps:
                        [a, None, out, dropped], _grid(rows), rows * n, _row_subs(n))
         return out if dropout is None else (out, dropped)
 
-    def softmax_bwd(self, y, g, scale=1.0, dropout=None):
+    def softmax_bwd(self, y, g, scale=1.0, dropout=None, dropped=None):   # (the kernel makes the mask in its pass)
         rows, n = self._rows(y.shape)
         out = self._alloc(y.shape, "float32")
         self._dispatch("softmax", "softmax_bwd_main", self._softmax_params([rows, n, 1, _f32bits(scale), 0], dropout),
