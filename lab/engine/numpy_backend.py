@@ -100,17 +100,25 @@ def pcg(x):
     return (w >> np.uint32(22)) ^ w
 
 
+_IDX = np.arange(GELU_CHUNK, dtype=np.uint32)
+
+
 def _dropout_into(x, out, p, seed, start=0, times=1.0):
     """out = dropout(x) * times for flat arrays whose first element is element `start` of the dropped array: kept
-    where u_i >= p, u_i = (pcg(i ^ pcg(seed)) >> 8) / 2^24, scaled by times / (1 - p), else +0 (dropout.wgsl's select, bit
-    for bit). u_i >= p is compared as integers: (h >> 8) >= ceil(float32(p) 2^24), exact since h >> 8 < 2^24. The
-    mask's dozen integer passes and the select run GELU_CHUNK elements at a time, in cache: over a whole attention
-    matrix they went to memory, and np.where's select alone cost as much as the mask (5x on (48, 256, 256))."""
+    where u_i >= p, u_i = (pcg(i ^ pcg(seed)) >> 8) / 2^24, scaled by times / (1 - p), else +0 (dropout.wgsl's
+    select, bit for bit). u_i >= p is compared as integers: (h >> 8) >= ceil(float32(p) 2^24), exact since h >> 8 <
+    2^24. The mask's dozen integer passes and the select run GELU_CHUNK elements at a time, in cache: over a whole
+    attention matrix they went to memory, and np.where's select alone cost as much as the mask (5x on (48, 256,
+    256))."""
     m = min(GELU_CHUNK, x.size)
     key = int(pcg(np.array([seed], dtype=np.uint32))[0])
-    low = GELU_CHUNK - 1
-    # i ^ key for a chunk starting at a multiple of GELU_CHUNK: its low bits from idx ^ key, made once
-    idx_key, h, w = np.arange(m, dtype=np.uint32) ^ np.uint32(key & low), np.empty(m, np.uint32), np.empty(m, np.uint32)
+    low, mul, inc = GELU_CHUNK - 1, 747796405, 2891336453   # (pcg's first step: s = h mul + inc)
+    # for a chunk starting at a multiple of GELU_CHUNK, h = i ^ key = (idx ^ (key & low)) | high, the two parts'
+    # bits disjoint: s = (idx ^ (key & low)) mul + (high mul + inc) mod 2^32, its first product made once a call
+    # (one pass a chunk where three were)
+    idx_mul = np.bitwise_xor(_IDX[:m], np.uint32(key & low))
+    idx_mul *= np.uint32(mul)
+    h, w = np.empty(m, np.uint32), np.empty(m, np.uint32)
     threshold = math.ceil(float(np.float32(p)) * 16777216.0)
     below = np.uint32((threshold - 1) & 0xFFFFFFFF)
     scale = x.dtype.type(times / (1.0 - p))
@@ -119,13 +127,12 @@ def _dropout_into(x, out, p, seed, start=0, times=1.0):
         hs, ws, o = h[:k], w[:k], out[i:i + k]
         c = (start + i) & 0xFFFFFFFF   # (the counter wraps at 2^32, as on the GPU)
         if c & low == 0:
-            np.bitwise_or(idx_key[:k], np.uint32((c ^ key) & ~low & 0xFFFFFFFF), out=hs)
+            np.add(idx_mul[:k], np.uint32((((c ^ key) & ~low) * mul + inc) & 0xFFFFFFFF), out=hs)
         else:
-            np.bitwise_xor(idx_key[:k], np.uint32(key & low), out=hs)   # (idx again)
-            hs += np.uint32(c)
+            np.add(_IDX[:k], np.uint32(c), out=hs)
             hs ^= np.uint32(key)
-        hs *= np.uint32(747796405)                      # pcg(h), as pcg() computes it
-        hs += np.uint32(2891336453)
+            hs *= np.uint32(mul)                        # pcg(h), as pcg() computes it
+            hs += np.uint32(inc)
         np.right_shift(hs, np.uint32(28), out=ws)
         ws += np.uint32(4)
         np.right_shift(hs, ws, out=ws)
