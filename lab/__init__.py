@@ -52,7 +52,7 @@ def backend_info():
     info = {"backend": b.name, "reason": backend_reason()}
     if b.name == "wgpu":
         info.update(b.device_info)
-    elif hasattr(b, "blas"):
+    elif b.name == "numpy":
         info["blas"] = b.blas   # (what the numpy backend's float32 products run on: lab.engine.blas)
     return info
 
