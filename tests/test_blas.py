@@ -1,5 +1,10 @@
 """lab.engine.blas: the numpy backend's float32 products through MKL (when the mkl package is installed) equal
 numpy's for every layout, fall back to numpy for what MKL is not given, and LAB_BLAS chooses."""
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -224,3 +229,83 @@ def test_training_with_mkl_matches_numpys_blas_and_repeats_bit_for_bit(fresh_cho
     mkl_a, mkl_b, numpys = losses("mkl"), losses("mkl"), losses("numpy")
     assert mkl_a == mkl_b
     np.testing.assert_allclose(mkl_a, numpys, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["np.matrix", "masked operand", "masked output"])
+def test_array_subclasses_get_numpys_product(case, monkeypatch):
+    """A subclass's product is numpy's: np.matrix's result is a matrix, and np.matmul refuses masked arrays (MKL
+    would multiply the data under the mask and drop it)."""
+    lib = blas.mkl()
+    if lib is not None:
+        monkeypatch.setattr(lib, "sgemm", lambda *args: pytest.fail("went to MKL"))
+    a, b = _rand((6, 8)), _rand((8, 5), 1)
+    out = np.ma.masked_array(np.zeros((6, 5), np.float32)) if case == "masked output" else None
+    if case == "np.matrix":
+        a, b = np.matrix(a), np.matrix(b)
+    elif case == "masked operand":
+        a = np.ma.masked_array(a, mask=a > 1)
+    try:
+        want = np.matmul(a, b) if out is None else np.matmul(a, b, out=out.copy())
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+            blas.matmul(a, b, out=out)
+        return
+    got = blas.matmul(a, b, out=out)
+    assert type(got) is type(want)
+    np.testing.assert_array_equal(got, want)
+
+
+def _child(code, **env):
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("LAB_BLAS", "MKL_", "OMP_", "LD_LIBRARY"))}
+    return subprocess.run([sys.executable, "-c", code], env={**run_env, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _libtbb_loads():
+    import ctypes
+    try:
+        ctypes.CDLL("libtbb.so.12")
+        return True
+    except OSError:
+        return False
+
+
+@needs_mkl
+@pytest.mark.skipif(_libtbb_loads(), reason="libtbb.so.12 loads here: MKL's TBB threading layer works")
+def test_an_mkl_threading_layer_that_cannot_load_is_one_error_not_the_end_of_the_process():
+    """MKL_THREADING_LAYER=TBB with libtbb off the loader's path: mkl_rt would print its FATAL ERROR and exit the
+    process at the first MKL call; auto keeps numpy's BLAS and LAB_BLAS=mkl is one line from the CLI."""
+    auto = _child("from lab.engine import blas; print(blas.describe())", MKL_THREADING_LAYER="TBB")
+    assert auto.returncode == 0 and auto.stdout.startswith("numpy's "), auto.stdout + auto.stderr
+    required = _child("import sys; from lab import cli; "
+                      "sys.exit(cli.main(['train', '--preset', 'tiny', '--backend', 'numpy', '--steps', '1']))",
+                      MKL_THREADING_LAYER="TBB", LAB_BLAS="mkl")
+    err = required.stderr.strip()
+    assert required.returncode == 2 and err.count("\n") == 0, required.stdout + required.stderr
+    assert "LAB_BLAS=mkl but MKL cannot be used here" in err and "libtbb.so.12" in err and "Traceback" not in err
+
+
+FORK_AFTER_TORCH = """
+import os, numpy as np, torch
+from lab.engine import blas
+a = np.random.default_rng(0).standard_normal((300, 200)).astype(np.float32)
+want = blas.matmul(a, a.T) if {mkl_first} else a.astype(np.float64) @ a.T.astype(np.float64)
+torch.randn(300, 300) @ torch.randn(300, 300)   # PyTorch's GNU OpenMP threads
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if np.allclose(blas.matmul(a, a.T), want, rtol=1e-4, atol=1e-3) else 5)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@needs_mkl
+@pytest.mark.parametrize("mkl_first", [True, False], ids=["MKL ran before the fork", "MKL first used in the child"])
+def test_a_child_forked_beside_pytorch_gets_its_products(mkl_first):
+    """A process that ran PyTorch's threads (and MKL's) forks (multiprocessing's default on Linux): the child's MKL
+    products complete (a threaded first product hung there) and are right."""
+    pytest.importorskip("torch")
+    try:
+        run = _child(FORK_AFTER_TORCH.format(mkl_first=mkl_first), MKL_NUM_THREADS="2", OMP_NUM_THREADS="2")
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child hung")
+    assert run.returncode == 0 and run.stdout.strip() == "0", run.stdout + run.stderr

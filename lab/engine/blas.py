@@ -13,6 +13,8 @@ run on one CPU and thread count, whatever the arrays' alignment), which replays 
 """
 import ctypes
 import os
+import subprocess
+import sys
 from importlib import metadata
 
 import numpy as np
@@ -23,6 +25,9 @@ CHOICES = ("auto", "numpy", "mkl")
 INT_MAX = (1 << 31) - 1   # MKL's LP64 interface: 32-bit dimensions and leading dimensions
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 MKL_CBWR_AUTO, MKL_INTERFACE_LP64 = 2, 0
+# arrays whose np.matmul is a plain product: a subclass's own (np.matrix's result type, a masked array's mask and
+# its refusal) is numpy's to apply (np.matmul of a memmap is a plain array)
+PLAIN = (np.ndarray, np.memmap)
 
 
 def choice():
@@ -43,14 +48,37 @@ def _mkl_library_path():
         name = f.name
         if name.startswith("libmkl_rt.so") or (name.startswith("mkl_rt") and name.endswith(".dll")) \
                 or (name.startswith("libmkl_rt") and name.endswith(".dylib")):
-            path = str(f.locate())
+            path = os.path.normpath(f.locate())
             if os.path.exists(path):
                 return path
     return None
 
 
+_PROBE = """import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.MKL_Set_Interface_Layer(0)
+x, c = (ctypes.c_float * 1)(2.0), (ctypes.c_float * 1)()
+lib.cblas_sgemm(101, 111, 111, 1, 1, 1, ctypes.c_float(1.0), x, 1, x, 1, ctypes.c_float(0.0), c, 1)
+sys.exit(0 if c[0] == 4.0 else 3)
+"""
+
+
+def _probe(path):
+    """One product through mkl_rt in a child process first (0.1 s): mkl_rt loads its threading layer and kernels
+    when first called and ends the whole process, with its own message, when one cannot load (MKL_THREADING_LAYER=TBB:
+    libmkl_tbb_thread needs libtbb.so.12, which the tbb wheel puts where the loader does not look)."""
+    try:
+        run = subprocess.run([sys.executable, "-S", "-c", _PROBE, path], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OSError(f"{path}: a product through it in a child process failed: {e}") from None
+    if run.returncode:
+        said = " ".join((run.stderr + run.stdout).split()) or f"exit status {run.returncode}"
+        raise OSError(f"{path} fails in this environment: {said}")
+
+
 class _Mkl:
     def __init__(self, path):
+        _probe(path)
         lib = ctypes.CDLL(path)
         # the interface layer must be LP64 (32-bit ints, what the argument types below say); another library that
         # loaded mkl_rt first with ILP64 would make every call misread its arguments, so then MKL is not used
@@ -62,11 +90,25 @@ class _Mkl:
         self.sgemm = lib.cblas_sgemm
         self.sgemm.restype = None
         self.sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+        self.set_num_threads = lib.MKL_Set_Num_Threads
         self.version = metadata.version("mkl")
         self.path = path
 
 
 _state = {}
+
+
+def _one_thread_after_fork():
+    # a child forked from a process that ran OpenMP threads (MKL's, or PyTorch's GNU OpenMP, which MKL's calls can
+    # land in) hangs in its first threaded MKL product (numpy's OpenBLAS does not): in a forked child MKL runs on the
+    # calling thread only, also when it is first loaded there
+    _state["forked"] = True
+    if _state.get("mkl") is not None:
+        _state["mkl"].set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 def mkl():
@@ -84,6 +126,8 @@ def mkl():
             except (OSError, AttributeError) as e:
                 if how == "mkl":
                     raise InputError(f"LAB_BLAS=mkl but MKL cannot be used here: {e}") from None
+        if lib is not None and _state.get("forked"):
+            lib.set_num_threads(1)
         _state["mkl"] = lib
     return _state["mkl"]
 
@@ -123,14 +167,15 @@ def matmul(a, b, out=None):
     products stay numpy's: MKL's batched sgemm ran attention's 48 x 64 x 64 head products 1.2-2.5x slower than
     numpy's loop over OpenBLAS calls."""
     lib = mkl()
-    if (lib is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2
+    if (lib is None or type(a) not in PLAIN or type(b) not in PLAIN
+            or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2
             or 0 in a.shape or 0 in b.shape or a.shape[-1] != b.shape[-2]
             or a.size != a.shape[-2] * a.shape[-1] or b.size != b.shape[-2] * b.shape[-1]):
         return _numpy(a, b, out)
     shape = (1,) * (max(a.ndim, b.ndim) - 2) + (a.shape[-2], b.shape[-1])
     if out is None:
         c = np.empty(shape, np.float32)
-    elif (out.shape == shape and out.dtype == np.float32 and out.flags.writeable
+    elif (type(out) in PLAIN and out.shape == shape and out.dtype == np.float32 and out.flags.writeable
           and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
         c = out
     else:
