@@ -38,16 +38,6 @@ def _row_dot(a, b):
     return np.vecdot(a, b)[..., None]
 
 
-def _scaled_rows(v, w):
-    """v[:, None] * w[None, :] as one BLAS product of (rows, 2) [v, 0] and (2, n) [w; 0]: numpy's broadcasting
-    multiply costs twice a plain one on short rows, and a product with K = 1 takes numpy's slow path."""
-    vz = np.zeros((len(v), 2), v.dtype)
-    vz[:, 0] = v
-    wz = np.zeros((2, len(w)), w.dtype)
-    wz[0] = w
-    return vz @ wz
-
-
 def _sum(a, axis):
     """a.sum(axis) for float arrays as a product with a ones vector where that is one BLAS call (rows: 2-5x
     faster than numpy's reduction on these shapes). Always a new array: callers may update results in place."""
@@ -555,7 +545,8 @@ class NumpyBackend(Backend):
             rs += f(eps)                                                     # a few us at tiny's 768 rows)
             np.sqrt(rs, out=rs)
             np.divide(f(1), rs, out=rs)
-            ys *= _scaled_rows(rs, w)
+            ys *= rs[:, None]   # (((x - mean) rstd) w + b, as layernorm.wgsl rounds it; rstd w as one (rows, n)
+            ys *= w             # product first was faster alone, slower in a training step: one more array)
             ys += b
         out = y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
         return out if total is None else out + (total.reshape(x.shape),)
@@ -566,13 +557,14 @@ class NumpyBackend(Backend):
         f = dtype.type
         x2, g2, mean2, rstd2 = x.reshape(R, n), g.reshape(R, n), mean.reshape(R), rstd.reshape(R)
         acc2 = acc.reshape(R, n) if acc is not None else None
+        w = w.reshape(n)   # (its n values, as the kernel reads them)
         dx, dw = np.empty((R, n), dtype), np.zeros(n, np.result_type(x, g))
         rows = _per_block(R, n)   # (a block of rows at a time, in cache, as layernorm)
         centred, ones = np.empty((min(rows, R), n), np.result_type(x, mean)), np.ones(n, dtype)
         # dx = rstd (g w - c1 - xhat c2), c1 = mean(g w), c2 = mean(g w xhat), xhat = (x - mean) rstd, written on
         # xc = x - mean so that xhat is never made: with q = g xc, dw = rstd^T q and c2 = rstd (q w) / n are BLAS
-        # matrix-vector products, and dx = g (rstd w^T) - rstd c1 - xc (rstd^2 c2), rstd c1 the row mean of the
-        # first term. Centred first, as the forward: x rstd - mean rstd would cancel where |mean| >> std
+        # matrix-vector products, and dx = rstd g w - rstd c1 - xc (rstd^2 c2), rstd c1 the row mean of the first
+        # term. Centred first, as the forward: x rstd - mean rstd would cancel where |mean| >> std
         for r in range(0, R, rows):
             gs, rs = g2[r:r + rows], rstd2[r:r + rows]
             xc = np.subtract(x2[r:r + rows], mean2[r:r + rows, None], out=centred[:len(gs)])
@@ -583,7 +575,8 @@ class NumpyBackend(Backend):
             k /= f(n)
             k *= rs
             k *= rs
-            np.multiply(gs, _scaled_rows(rs, w), out=d)
+            np.multiply(gs, w, out=d)
+            d *= rs[:, None]
             c1 = d @ ones   # (the mean of the very terms it is taken from: a single column's gradient is exactly 0)
             c1 /= f(n)
             xc *= k[:, None]
