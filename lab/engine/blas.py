@@ -68,12 +68,14 @@ def _probe(path):
     when first called and ends the whole process, with its own message, when one cannot load (MKL_THREADING_LAYER=TBB:
     libmkl_tbb_thread needs libtbb.so.12, which the tbb wheel puts where the loader does not look)."""
     try:
-        run = subprocess.run([sys.executable, "-S", "-c", _PROBE, path], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        run = subprocess.run([sys.executable or "python", "-S", "-c", _PROBE, path], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
         raise OSError(f"{path}: a product through it in a child process failed: {e}") from None
     if run.returncode:
-        said = " ".join((run.stderr + run.stdout).split()) or f"exit status {run.returncode}"
-        raise OSError(f"{path} fails in this environment: {said}")
+        lines = [line.strip() for line in (run.stderr + run.stdout).splitlines() if line.strip()]
+        said = lines[-1] if "Traceback (most recent call last):" in lines else " ".join(lines)   # (the exception)
+        raise OSError(f"{path} fails in this environment: {said or f'exit status {run.returncode}'}")
 
 
 class _Mkl:
