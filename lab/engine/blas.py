@@ -182,10 +182,12 @@ def matmul(a, b, out=None):
         c = out
     else:
         return _numpy(a, b, out)
-    a2, b2, c2 = (x.reshape(x.shape[-2:]) for x in (a, b, c))
+    a2, b2, c2 = (x if x.ndim == 2 else x.reshape(x.shape[-2:]) for x in (a, b, c))
     la, lb, lc = _matrix(a2), _matrix(b2), _matrix(c2)
     M, K, N = a2.shape[0], a2.shape[1], b2.shape[1]
-    if (la is None or lb is None or lc is None or lc[0] or any(x.ctypes.data % 4 for x in (a2, b2, c2))
+    # (flags.aligned, not ctypes.data % 4: x.ctypes costs a microsecond each, a small product's whole time)
+    if (la is None or lb is None or lc is None or lc[0] or not (a2.flags.aligned and b2.flags.aligned
+                                                                 and c2.flags.aligned)
             or max(M, N, K, la[1], lb[1], lc[1]) > INT_MAX):
         return _numpy(a, b, out)   # (floats off 4-byte boundaries: a view into raw bytes)
     lib.sgemm(ROW_MAJOR, TRANS if la[0] else NO_TRANS, TRANS if lb[0] else NO_TRANS, M, N, K, 1.0,
