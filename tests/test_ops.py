@@ -107,6 +107,24 @@ def test_softmax_backward_from_the_dropped_weights_equals_the_one_through_the_ma
     np.testing.assert_allclose(from_dropped, through_mask, rtol=2e-5, atol=1e-7)
 
 
+def test_softmax_backward_from_the_dropped_weights_drops_an_inf_gradient_where_dropout_dropped(any_backend):
+    """An inf in g where dropout dropped the weight is dropped with it (dropout's select, as the kernel's): g z
+    would be inf * 0 = NaN over the row, so such a block goes through the mask. Where kept it makes the row NaN
+    either way."""
+    rng = np.random.default_rng(13)
+    a, g = (rng.standard_normal((2, 8, 8)).astype(np.float32) for _ in range(2))
+    B, up = any_backend, any_backend.from_numpy
+    y, yd = B.softmax(up(a), 0.5, True, dropout=(0.4, 3))
+    w, wd = B.to_numpy(y), B.to_numpy(yd)
+    dropped, kept = np.argwhere((wd == 0) & (w > 0)), np.argwhere(wd > 0)
+    g[tuple(dropped[0])], g[tuple(kept[-1])] = np.inf, np.inf
+    d = B.to_numpy(B.softmax_bwd(y, up(g), 0.5, dropout=(0.4, 3), dropped=yd))
+    nan_rows = {tuple(kept[-1][:2])}
+    for i, j in np.ndindex(2, 8):
+        assert np.isnan(d[i, j]).any() == ((i, j) in nan_rows), (i, j)
+    np.testing.assert_allclose(d, B.to_numpy(B.softmax_bwd(y, up(g), 0.5, dropout=(0.4, 3))), rtol=2e-5, atol=1e-7)
+
+
 def test_softmax_backward_refuses_dropped_weights_of_another_shape(numpy_backend):
     y, yd = numpy_backend.softmax(np.zeros((2, 4, 4), np.float32), 1.0, True, dropout=(0.5, 1))
     with pytest.raises(ValueError, match=r"dropped has shape \(4, 4\), y \(2, 4, 4\)"):

@@ -501,13 +501,15 @@ class NumpyBackend(Backend):
                 # z = dropout(y) = y mask / (1 - p): g's gradient through the mask is gm = g mask / (1 - p), and
                 # softmax's backward y (gm - sum(gm y)) = g z - y sum(g z). The mask's dozen integer passes are
                 # not made again (2/3 of the backward's time)
-                gz = np.multiply(gs, z2[r:r + rows], out=d)
-                s = _row_sum(gz)
-                if scale != 1.0:
-                    s *= f(scale)
-                    gz *= f(scale)
-                gz -= np.multiply(ys, s, out=ys_s[:len(ys)])
-                continue
+                with np.errstate(invalid="ignore", over="ignore"):   # (an inf in g: checked just below)
+                    gz = np.multiply(gs, z2[r:r + rows], out=d)
+                    s = _row_sum(gz)
+                if np.isfinite(s).all():   # (else an inf or NaN in g: through the mask below, whose select
+                    if scale != 1.0:       # drops it where dropped, as the kernel's; g z would make it NaN)
+                        s *= f(scale)
+                        gz *= f(scale)
+                    gz -= np.multiply(ys, s, out=ys_s[:len(ys)])
+                    continue
             if dropout is not None:  # g is the gradient of dropout(y): through dropout's backward first, with the
                 _dropout_into(gs.reshape(-1), d.reshape(-1), *dropout, start=r * S, times=scale)   # scale folded in
                 gs = d
