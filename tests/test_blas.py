@@ -231,10 +231,10 @@ def test_training_with_mkl_matches_numpys_blas_and_repeats_bit_for_bit(fresh_cho
     np.testing.assert_allclose(mkl_a, numpys, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["np.matrix", "masked operand", "masked output"])
+@pytest.mark.parametrize("case", ["np.matrix", "masked operand", "masked output", "nested list"])
 def test_array_subclasses_get_numpys_product(case, monkeypatch):
     """A subclass's product is numpy's: np.matrix's result is a matrix, and np.matmul refuses masked arrays (MKL
-    would multiply the data under the mask and drop it)."""
+    would multiply the data under the mask and drop it); a nested list is numpy's too (it has no dtype to check)."""
     lib = blas.mkl()
     if lib is not None:
         monkeypatch.setattr(lib, "sgemm", lambda *args: pytest.fail("went to MKL"))
@@ -244,6 +244,8 @@ def test_array_subclasses_get_numpys_product(case, monkeypatch):
         a, b = np.matrix(a), np.matrix(b)
     elif case == "masked operand":
         a = np.ma.masked_array(a, mask=a > 1)
+    elif case == "nested list":
+        a = a.tolist()
     try:
         want = np.matmul(a, b) if out is None else np.matmul(a, b, out=out.copy())
     except ValueError as e:
