@@ -109,8 +109,8 @@ def causal_self_attention(qkv, n_head, dropout_p=0.0, training=True, return_weig
         g_att = Bk.matmul(gy, v, False, True, triangle="out")  # its upper triangle meets att's zeros
         gqkv = Bk.empty((Bsz, T, C3), g.dtype)                   # the three products below write every element
         product_into(HeadView(gqkv, 2 * C, H, D), att_d, gy, True, False)        # dv
-        gs = Bk.softmax_bwd(att, g_att, scale, dropout=drop,   # (through dropout's mask first, in the same pass)
-                            dropped=att_d if drop is not None else None)
+        gs = Bk.softmax_bwd(att, g_att, scale, dropout=drop,   # (through dropout's mask first, in the same pass,
+                            dropped=att_d if drop is not None else None)   # or read from the dropped weights)
         product_into(HeadView(gqkv, 0, H, D), gs, k)                              # dq
         product_into(HeadView(gqkv, C, H, D), gs, q, True, False)                 # dk
         return (gqkv,)
