@@ -29,10 +29,12 @@ def fresh_choice(monkeypatch):
 
 @pytest.fixture
 def sgemm_calls(monkeypatch):
-    """How many products went to MKL's sgemm during the test."""
+    """How many products went to MKL's sgemm during the test (small ones included: the layouts are what is
+    tested, with shapes small enough to read)."""
     lib = blas.mkl()
     if lib is None:
         pytest.skip("MKL not in use")
+    monkeypatch.setattr(blas, "MKL_MIN_WORK", 0)
     calls = []
     real = lib.sgemm
 
@@ -161,6 +163,30 @@ def test_a_read_only_output_is_numpys_error():
 @given(st.integers(1, 33), st.integers(1, 33), st.integers(1, 33), st.booleans(), st.booleans(),
        st.integers(0, 3), st.integers(0, 3), st.booleans())
 def test_mkl_products_of_any_size_and_layout_equal_numpys(M, K, N, ta, tb, pad_a, pad_b, into_view):
+    saved, blas.MKL_MIN_WORK = blas.MKL_MIN_WORK, 0   # (these shapes are all small: MKL takes them here)
+    try:
+        _any_size_and_layout(M, K, N, ta, tb, pad_a, pad_b, into_view)
+    finally:
+        blas.MKL_MIN_WORK = saved
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape, to_mkl", [((64, 64, 64), False), ((1, 768, 2304), False), ((128, 128, 128), True),
+                                           ((768, 128, 512), True), ((1, 576, 4096), True)])
+def test_small_products_stay_numpys_and_large_ones_go_to_mkl(shape, to_mkl, monkeypatch):
+    lib = blas.mkl()
+    if lib is None:
+        pytest.skip("MKL not in use")
+    calls = []
+    real = lib.sgemm
+    monkeypatch.setattr(lib, "sgemm", lambda *args: calls.append(args) or real(*args))
+    M, K, N = shape
+    a, b = _rand((M, K)), _rand((K, N), 1)
+    _check(blas.matmul(a, b), a, b)
+    assert len(calls) == int(to_mkl)
+
+
+def _any_size_and_layout(M, K, N, ta, tb, pad_a, pad_b, into_view):
     # each operand cut out of a larger array (rows pad_* floats apart beyond their width), maybe transposed
     a_full = _rand((K, M + pad_a) if ta else (M, K + pad_a), M * 7 + K)
     b_full = _rand((N, K + pad_b) if tb else (K, N + pad_b), N * 5 + K)

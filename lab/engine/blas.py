@@ -25,6 +25,10 @@ CHOICES = ("auto", "numpy", "mkl")
 INT_MAX = (1 << 31) - 1   # MKL's LP64 interface: 32-bit dimensions and leading dimensions
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 MKL_CBWR_AUTO, MKL_INTERFACE_LP64 = 2, 0
+# products of fewer multiply-adds than this stay numpy's: a call through ctypes costs ~8 us of Python and MKL
+# ~1.5 us more than OpenBLAS, against 4 us for a whole 64 x 64 x 64 product; 128 x 128 x 128 is where they
+# break even at one thread (1 x 768 x 2304, a decode step's product: 1.15x numpy's time through MKL)
+MKL_MIN_WORK = 1 << 21
 # arrays whose np.matmul is a plain product: a subclass's own (np.matrix's result type, a masked array's mask and
 # its refusal) is numpy's to apply (np.matmul of a memmap is a plain array)
 PLAIN = (np.ndarray, np.memmap)
@@ -164,15 +168,16 @@ def _matrix(x):
 
 def matmul(a, b, out=None):
     """np.matmul(a, b, out=out), through MKL's sgemm for one float32 product (2-D operands, or leading axes of
-    length 1) whose matrices MKL can read where they lie: C-contiguous or transposed, and an output written row
-    by row (a fresh array or a view whose rows are evenly spaced, as a column block of a wider array). Stacks of
-    products stay numpy's: MKL's batched sgemm ran attention's 48 x 64 x 64 head products 1.2-2.5x slower than
+    length 1) of at least MKL_MIN_WORK multiply-adds whose matrices MKL can read where they lie: C-contiguous or
+    transposed, and an output written row by row (a fresh array or a view whose rows are evenly spaced, as a
+    column block of a wider array). Stacks of products stay numpy's: MKL's batched sgemm ran attention's 48 x 64 x 64 head products 1.2-2.5x slower than
     numpy's loop over OpenBLAS calls."""
     lib = mkl()
     if (lib is None or type(a) not in PLAIN or type(b) not in PLAIN
             or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2
             or 0 in a.shape or 0 in b.shape or a.shape[-1] != b.shape[-2]
-            or a.size != a.shape[-2] * a.shape[-1] or b.size != b.shape[-2] * b.shape[-1]):
+            or a.size != a.shape[-2] * a.shape[-1] or b.size != b.shape[-2] * b.shape[-1]
+            or a.size * b.shape[-1] < MKL_MIN_WORK):
         return _numpy(a, b, out)
     shape = (1,) * (max(a.ndim, b.ndim) - 2) + (a.shape[-2], b.shape[-1])
     if out is None:
