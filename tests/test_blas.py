@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lab
 from lab.checks import InputError
@@ -28,10 +28,18 @@ def fresh_choice(monkeypatch):
 
 
 @pytest.fixture
-def sgemm_calls(monkeypatch):
+def forced_mkl(fresh_choice):
+    """MKL as LAB_BLAS=mkl gives it whatever the threads (auto takes it only where numpy's BLAS runs one thread),
+    or None where the mkl package is not installed: what the routing tests route around."""
+    fresh_choice.setenv("LAB_BLAS", "mkl" if HAS_MKL else "numpy")
+    return blas.mkl()
+
+
+@pytest.fixture
+def sgemm_calls(forced_mkl, monkeypatch):
     """How many products went to MKL's sgemm during the test (small ones included: the layouts are what is
     tested, with shapes small enough to read)."""
-    lib = blas.mkl()
+    lib = forced_mkl
     if lib is None:
         pytest.skip("MKL not in use")
     monkeypatch.setattr(blas, "MKL_MIN_WORK", 0)
@@ -88,8 +96,8 @@ def test_mkl_product_equals_numpys_for_every_layout(case, sgemm_calls):
 def test_mkl_writes_into_a_column_block_of_a_wider_output_and_nothing_else(sgemm_calls):
     a, b = _rand((12, 8)), _rand((8, 5), 1)
     wide = np.full((12, 20), 7.0, np.float32)
-    got = blas.matmul(a, b, out=wide[:, 6:11])
-    assert got.base is wide or got is not None
+    block = wide[:, 6:11]
+    assert blas.matmul(a, b, out=block) is block   # (np.matmul's contract: the output it was given)
     _check(wide[:, 6:11], a, b)
     assert (wide[:, :6] == 7).all() and (wide[:, 11:] == 7).all()   # the columns beside it untouched
     assert len(sgemm_calls) == 1
@@ -116,9 +124,9 @@ def _fallback_cases():
 
 
 @pytest.mark.parametrize("case", range(len(_fallback_cases())), ids=[n for n, _, _ in _fallback_cases()])
-def test_what_mkl_is_not_given_is_numpys_product(case, monkeypatch):
+def test_what_mkl_is_not_given_is_numpys_product(case, forced_mkl, monkeypatch):
     _, a, b = _fallback_cases()[case]
-    lib = blas.mkl()
+    lib = forced_mkl
     if lib is not None:
         monkeypatch.setattr(lib, "sgemm", lambda *args: pytest.fail("went to MKL"))
     got, want = blas.matmul(a, b), np.matmul(a, b)
@@ -126,8 +134,8 @@ def test_what_mkl_is_not_given_is_numpys_product(case, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
-def test_an_output_overlapping_an_operand_is_numpys_buffered_product(monkeypatch):
-    lib = blas.mkl()
+def test_an_output_overlapping_an_operand_is_numpys_buffered_product(forced_mkl, monkeypatch):
+    lib = forced_mkl
     if lib is not None:
         monkeypatch.setattr(lib, "sgemm", lambda *args: pytest.fail("went to MKL"))
     buf = _rand((6, 6))
@@ -159,22 +167,21 @@ def test_a_read_only_output_is_numpys_error():
 
 
 @needs_mkl
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(1, 33), st.integers(1, 33), st.integers(1, 33), st.booleans(), st.booleans(),
        st.integers(0, 3), st.integers(0, 3), st.booleans())
-def test_mkl_products_of_any_size_and_layout_equal_numpys(M, K, N, ta, tb, pad_a, pad_b, into_view):
-    saved, blas.MKL_MIN_WORK = blas.MKL_MIN_WORK, 0   # (these shapes are all small: MKL takes them here)
-    try:
-        _any_size_and_layout(M, K, N, ta, tb, pad_a, pad_b, into_view)
-    finally:
-        blas.MKL_MIN_WORK = saved
+def test_mkl_products_of_any_size_and_layout_equal_numpys(sgemm_calls, M, K, N, ta, tb, pad_a, pad_b, into_view):
+    # (sgemm_calls: MKL forced, the threshold lowered: these shapes are all small; the same for every example)
+    before = len(sgemm_calls)
+    _any_size_and_layout(M, K, N, ta, tb, pad_a, pad_b, into_view)
+    assert len(sgemm_calls) == before + 1
 
 
 @needs_mkl
 @pytest.mark.parametrize("shape, to_mkl", [((64, 64, 64), False), ((1, 768, 2304), False), ((128, 128, 128), True),
                                            ((768, 128, 512), True), ((1, 576, 4096), True)])
-def test_small_products_stay_numpys_and_large_ones_go_to_mkl(shape, to_mkl, monkeypatch):
-    lib = blas.mkl()
+def test_small_products_stay_numpys_and_large_ones_go_to_mkl(shape, to_mkl, forced_mkl, monkeypatch):
+    lib = forced_mkl
     if lib is None:
         pytest.skip("MKL not in use")
     calls = []
@@ -223,9 +230,6 @@ def test_lab_blas_numpy_keeps_numpys_own_blas(fresh_choice):
 
 
 def test_a_bad_lab_blas_is_one_line_from_the_cli_before_any_step():
-    import os
-    import subprocess
-    import sys
     env = dict(os.environ, LAB_BLAS="fast")
     run = subprocess.run([sys.executable, "-m", "lab", "train", "--preset", "tiny", "--backend", "numpy",
                           "--steps", "1"], env=env, capture_output=True, text=True, timeout=120)
@@ -244,24 +248,31 @@ def test_training_with_mkl_matches_numpys_blas_and_repeats_bit_for_bit(fresh_cho
     from lab.train import TrainConfig, Trainer
     ids = np.random.default_rng(0).integers(0, 40, 4000)
     cfg = TransformerConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    fresh_choice.setattr(blas, "MKL_MIN_WORK", 0)   # (this model's products are all small: MKL takes them here)
+    sgemm_calls = []
 
     def losses(choice):
         fresh_choice.setenv("LAB_BLAS", choice)
         blas._state.clear()
+        lib = blas.mkl()
+        if lib is not None:
+            real = lib.sgemm
+            lib.sgemm = lambda *args: sgemm_calls.append(choice) or real(*args)
         with using_backend("numpy"):
             lab.manual_seed(0)
             tr = Trainer(TransformerLM(cfg), ids, ids[:500], TrainConfig(steps=10**9, batch_size=4, block_size=16))
             return [float(tr.train_step()[0].item()) for _ in range(4)]
     mkl_a, mkl_b, numpys = losses("mkl"), losses("mkl"), losses("numpy")
+    assert sgemm_calls and set(sgemm_calls) == {"mkl"}   # (the products did go through MKL)
     assert mkl_a == mkl_b
     np.testing.assert_allclose(mkl_a, numpys, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["np.matrix", "masked operand", "masked output", "nested list"])
-def test_array_subclasses_get_numpys_product(case, monkeypatch):
+def test_array_subclasses_get_numpys_product(case, forced_mkl, monkeypatch):
     """A subclass's product is numpy's: np.matrix's result is a matrix, and np.matmul refuses masked arrays (MKL
     would multiply the data under the mask and drop it); a nested list is numpy's too (it has no dtype to check)."""
-    lib = blas.mkl()
+    lib = forced_mkl
     if lib is not None:
         monkeypatch.setattr(lib, "sgemm", lambda *args: pytest.fail("went to MKL"))
     a, b = _rand((6, 8)), _rand((8, 5), 1)
@@ -303,7 +314,8 @@ def _libtbb_loads():
 def test_an_mkl_threading_layer_that_cannot_load_is_one_error_not_the_end_of_the_process():
     """MKL_THREADING_LAYER=TBB with libtbb off the loader's path: mkl_rt would print its FATAL ERROR and exit the
     process at the first MKL call; auto keeps numpy's BLAS and LAB_BLAS=mkl is one line from the CLI."""
-    auto = _child("from lab.engine import blas; print(blas.describe())", MKL_THREADING_LAYER="TBB")
+    auto = _child("from lab.engine import blas; print(blas.describe())", MKL_THREADING_LAYER="TBB",
+                  OMP_NUM_THREADS="1")   # (one thread: where auto would take MKL)
     assert auto.returncode == 0 and auto.stdout.startswith("numpy's "), auto.stdout + auto.stderr
     required = _child("import sys; from lab import cli; "
                       "sys.exit(cli.main(['train', '--preset', 'tiny', '--backend', 'numpy', '--steps', '1']))",
@@ -333,7 +345,21 @@ def test_a_child_forked_beside_pytorch_gets_its_products(mkl_first):
     products complete (a threaded first product hung there) and are right."""
     pytest.importorskip("torch")
     try:
-        run = _child(FORK_AFTER_TORCH.format(mkl_first=mkl_first), MKL_NUM_THREADS="2", OMP_NUM_THREADS="2")
+        run = _child(FORK_AFTER_TORCH.format(mkl_first=mkl_first), MKL_NUM_THREADS="2", OMP_NUM_THREADS="2",
+                     LAB_BLAS="mkl")   # (threaded MKL: auto would keep numpy's BLAS with two threads)
     except subprocess.TimeoutExpired:
         pytest.fail("the forked child hung")
     assert run.returncode == 0 and run.stdout.strip() == "0", run.stdout + run.stderr
+
+
+@needs_mkl
+@pytest.mark.parametrize("env, takes_mkl", [({"OMP_NUM_THREADS": "1"}, True), ({"OPENBLAS_NUM_THREADS": "1"}, True),
+                                            ({"OMP_NUM_THREADS": "2"}, False), ({"OPENBLAS_NUM_THREADS": "4"}, False)])
+def test_auto_takes_mkl_on_one_thread_only_where_numpys_blas_runs_one(env, takes_mkl):
+    """Threaded MKL beside numpy's threaded OpenBLAS (and PyTorch's OpenMP) made small training steps 5-8x slower:
+    auto takes MKL where numpy's BLAS runs one thread, and then runs it on one thread too."""
+    run = _child("from lab.engine import blas; lib = blas.mkl(); "
+                 "print(blas.describe(), lib.max_threads() if lib else 0)", **env)
+    assert run.returncode == 0, run.stderr
+    said, threads = run.stdout.rsplit(maxsplit=1)
+    assert said.startswith("MKL ") == takes_mkl and int(threads) == int(takes_mkl), run.stdout

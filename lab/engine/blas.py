@@ -7,9 +7,10 @@ against 13.1), and the products are two thirds of a CPU training step. `matmul` 
 read where they lie (every matrix with one unit stride, as BLAS's row- or column-major) and hands everything
 else to np.matmul, which stays the definition: same shapes, broadcasting and errors.
 
-LAB_BLAS chooses: unset or `auto` uses MKL when installed, `numpy` keeps numpy's own BLAS, `mkl` requires MKL.
-MKL reads its own MKL_NUM_THREADS / OMP_NUM_THREADS; its reproducibility mode is set to AUTO (same bits run to
-run on one CPU and thread count, whatever the arrays' alignment), which replays and checkpointing rely on.
+LAB_BLAS chooses: unset or `auto` uses MKL, on one thread, when it is installed and numpy's BLAS runs on one thread
+too (see mkl()); `numpy` keeps numpy's own BLAS; `mkl` requires MKL, threaded as MKL's own variables say. Its
+reproducibility mode is set to AUTO (same bits run to run on one CPU and thread count, whatever the arrays'
+alignment), which replays and checkpointing rely on.
 """
 import ctypes
 import os
@@ -24,7 +25,7 @@ from ..checks import InputError
 CHOICES = ("auto", "numpy", "mkl")
 INT_MAX = (1 << 31) - 1   # MKL's LP64 interface: 32-bit dimensions and leading dimensions
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-MKL_CBWR_AUTO, MKL_INTERFACE_LP64 = 2, 0
+MKL_CBWR_AUTO, MKL_INTERFACE_LP64, MKL_THREADING_SEQUENTIAL = 2, 0, 1
 # products of fewer multiply-adds than this stay numpy's: a call through ctypes costs ~8 us of Python and MKL
 # ~1.5 us more than OpenBLAS, against 4 us for a whole 64 x 64 x 64 product; 128 x 128 x 128 is where they
 # break even at one thread (1 x 768 x 2304, a decode step's product: 1.15x numpy's time through MKL)
@@ -83,13 +84,16 @@ def _probe(path):
 
 
 class _Mkl:
-    def __init__(self, path):
+    def __init__(self, path, sequential):
         _probe(path)
         lib = ctypes.CDLL(path)
         # the interface layer must be LP64 (32-bit ints, what the argument types below say); another library that
         # loaded mkl_rt first with ILP64 would make every call misread its arguments, so then MKL is not used
         if lib.MKL_Set_Interface_Layer(MKL_INTERFACE_LP64) != MKL_INTERFACE_LP64:
             raise OSError(f"{path}: its interface layer is not LP64 in this process")
+        if sequential and "MKL_THREADING_LAYER" not in os.environ:
+            # (only the interface layer may be set before this: it fixes itself at MKL's first other call)
+            lib.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)
         if "MKL_CBWR" not in os.environ:
             lib.MKL_CBWR_Set(MKL_CBWR_AUTO)
         i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -97,6 +101,7 @@ class _Mkl:
         self.sgemm.restype = None
         self.sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
         self.set_num_threads = lib.MKL_Set_Num_Threads
+        self.max_threads = lib.MKL_Get_Max_Threads
         self.version = metadata.version("mkl")
         self.path = path
 
@@ -117,18 +122,38 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
+def numpy_blas_threads():
+    """The threads numpy's OpenBLAS runs on: what it reads when it loads (OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS,
+    OMP_NUM_THREADS), else one per CPU this process may use."""
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # (not Linux)
+        return os.cpu_count() or 1
+
+
 def mkl():
-    """The loaded MKL (or None: not installed, not loadable, or LAB_BLAS=numpy), decided once per process."""
+    """The loaded MKL (or None: not installed, not loadable, LAB_BLAS=numpy, or auto with numpy's BLAS threaded),
+    decided once per process.
+
+    auto takes MKL, single-threaded, only where numpy's OpenBLAS runs on one thread (OMP_NUM_THREADS=1, a one-CPU
+    machine or container): there it is 13-20% faster. With more threads the pools fight: MKL's OpenMP threads beside
+    OpenBLAS's (numpy's stacked and small products) and PyTorch's made a 2-layer 64-wide step 5-8x slower on the
+    2-core VM (5 ms -> 40 ms in the test suite), and threaded MKL alone 1.35x slower at those sizes. LAB_BLAS=mkl
+    takes MKL whatever the threads, as MKL's own variables (MKL_NUM_THREADS, MKL_THREADING_LAYER) set it up."""
     if "mkl" not in _state:
         how = choice()
         lib = None
-        if how != "numpy":
+        if how == "mkl" or (how == "auto" and numpy_blas_threads() == 1):
             path = _mkl_library_path()
             if path is None and how == "mkl":
                 raise InputError("LAB_BLAS=mkl but the mkl package is not installed: pip install 'lab[mkl]' "
                                 "(x86-64 only), or unset LAB_BLAS")
             try:
-                lib = _Mkl(path) if path else None
+                lib = _Mkl(path, sequential=how == "auto") if path else None
             except (OSError, AttributeError) as e:
                 if how == "mkl":
                     raise InputError(f"LAB_BLAS=mkl but MKL cannot be used here: {e}") from None
@@ -170,8 +195,8 @@ def matmul(a, b, out=None):
     """np.matmul(a, b, out=out), through MKL's sgemm for one float32 product (2-D operands, or leading axes of
     length 1) of at least MKL_MIN_WORK multiply-adds whose matrices MKL can read where they lie: C-contiguous or
     transposed, and an output written row by row (a fresh array or a view whose rows are evenly spaced, as a
-    column block of a wider array). Stacks of products stay numpy's: MKL's batched sgemm ran attention's 48 x 64 x 64 head products 1.2-2.5x slower than
-    numpy's loop over OpenBLAS calls."""
+    column block of a wider array). Stacks of products stay numpy's: MKL's batched sgemm ran attention's
+    48 x 64 x 64 head products 1.2-2.5x slower than numpy's loop over OpenBLAS calls."""
     lib = mkl()
     if (lib is None or type(a) not in PLAIN or type(b) not in PLAIN
             or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2

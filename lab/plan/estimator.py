@@ -362,12 +362,15 @@ def activation_floats(c, b, T, training=True, fused_attention=False, checkpoint_
     return total, per_layer, largest, {"embeddings": embed, "layers": layers, "logits and loss": head}
 
 
-def dropout_floats(c, b, T):
-    """Elements passed through dropout in a step, forward and backward (0 without dropout)."""
+def dropout_floats(c, b, T, attention_mask_once=False):
+    """Elements passed through dropout's mask in a step, forward and backward (0 without dropout). With
+    attention_mask_once (the numpy backend: attention's softmax backward reads the dropped weights instead of
+    making the mask again) the (B, H, T, T) mask is made in the forward only."""
     if c.dropout <= 0:
         return 0
     N = b * T
-    return 2 * (N * c.n_embd + c.n_layer * (2 * N * c.n_embd + b * c.n_head * T * T))
+    return 2 * (N * c.n_embd + c.n_layer * 2 * N * c.n_embd) + (1 if attention_mask_once else 2) * (
+        c.n_layer * b * c.n_head * T * T)
 
 
 def bias_sums_folded(rows, n_in, n_out):
@@ -504,7 +507,7 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     # optimizer reads and writes parameter, gradient and two moments of every trainable float
     step_time = (flops_per_token * tokens_per_step / prof.matmul_flops
                  + (acts + recomputed * per_layer) * prof.elementwise_s_per_float
-                 + dropout_floats(c, batch, seq) * prof.dropout_s_per_float
+                 + dropout_floats(c, batch, seq, attention_mask_once=prof.host_temporaries) * prof.dropout_s_per_float
                  + 4 * 2 * trainable * F32 / prof.bandwidth + ops * prof.op_overhead_s)
     plan = Plan(config=c.to_dict(), batch=batch, seq=seq, tokens=tokens, steps=steps, precision=precision,
                 optimizer=optimizer, lora_rank=lora_rank or 0, device=prof, params=params,
