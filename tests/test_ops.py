@@ -93,8 +93,10 @@ def test_softmax_with_dropout_in_cache_blocks_equals_the_wgpu_kernels(wgpu_backe
 @pytest.mark.parametrize("causal,shape", [(True, (3, 5, 7)), (False, (2, 9, 33)), (True, (5, 256, 256))])
 def test_softmax_backward_from_the_dropped_weights_equals_the_one_through_the_mask(any_backend, causal, shape):
     """Given the dropped weights (attention holds them for v's gradient), softmax_bwd needs no mask: g dropout(y)
-    is all it reads of it. Equal to the backward that makes the mask again, zeros where they are, over cache blocks
-    of rows too (5 x 256 x 256 > 2^18 elements)."""
+    is all it reads of it. Equal to softmax's backward through dropout's mask in float64 (wgpu's kernel makes the
+    mask whatever it is given) and to the backward that makes the mask again, zeros where they are, over cache
+    blocks of rows too (5 x 256 x 256 > 2^18 elements)."""
+    from lab.engine.numpy_backend import dropout_keep_mask
     if any_backend.name == "wgpu" and shape[-1] > 64:
         pytest.skip("the blocks are the numpy backend's; lavapipe is slow")
     rng = np.random.default_rng(12)
@@ -103,6 +105,10 @@ def test_softmax_backward_from_the_dropped_weights_equals_the_one_through_the_ma
     y, yd = B.softmax(up(a), 0.3, causal, dropout=(0.25, 21))
     through_mask = B.to_numpy(B.softmax_bwd(y, up(g), 0.3, dropout=(0.25, 21)))
     from_dropped = B.to_numpy(B.softmax_bwd(y, up(g), 0.3, dropout=(0.25, 21), dropped=yd))
+    keep = dropout_keep_mask(g.size, 0.25, 21).reshape(shape)
+    y64, gm = B.to_numpy(y).astype(np.float64), g.astype(np.float64) * keep / 0.75
+    want = 0.3 * y64 * (gm - (gm * y64).sum(-1, keepdims=True))
+    np.testing.assert_allclose(from_dropped, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     np.testing.assert_array_equal(from_dropped == 0, through_mask == 0)
     np.testing.assert_allclose(from_dropped, through_mask, rtol=2e-5, atol=1e-7)
 

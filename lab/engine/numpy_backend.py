@@ -573,7 +573,7 @@ class NumpyBackend(Backend):
             d = np.multiply(gs, xc, out=dx[r:r + rows])
             dw += rs @ d
             k = d @ w
-            k *= rs   # (a factor of rstd at a time: rstd^3 alone underflows float32 for rows of scale above 2e12)
+            k *= rs   # (a factor of rstd at a time: rstd^3 alone is subnormal in float32 for rows of scale over 4.4e12)
             k /= f(n)
             k *= rs
             k *= rs
