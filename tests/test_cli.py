@@ -68,6 +68,7 @@ def test_bench_generate_times_lab_and_transformers_on_the_same_weights(tmp_path,
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert (data["model"], data["backend"], data["prompt_tokens"], data["new_tokens"]) == (preset, backend, 16, int(new))
+    assert ("blas" in data) == (backend == "numpy")   # (which BLAS a numpy record's products ran on)
     assert len(data["lab_runs"]) == 2 and data["lab_decode_tokens_per_s"] > 0 and data["lab_time_to_first_token_ms"] > 0
     best = min(run["decode_ms_per_step"] for run in data["lab_runs"])
     assert data["lab_decode_tokens_per_s"] == pytest.approx(1e3 / best)

@@ -144,6 +144,8 @@ def run_generate_bench(preset, backend_name, batch_size=1, new_tokens=None, prom
               "repeats": repeats, "load_average_before": load, "load_average_after": os.getloadavg()[0]}
     if backend.name == "wgpu":
         result["device"] = backend.device_info["device"]
+    else:   # (a prompt's products go through MKL where it is installed: lab.engine.blas)
+        result["blas"] = backend.blas
     best = {}
     for side, rs in runs.items():
         ttft = min(r["time_to_first_token_ms"] for r in rs) / 1e3
@@ -163,7 +165,8 @@ def run_generate_bench(preset, backend_name, batch_size=1, new_tokens=None, prom
         (ttft, per_step), (t_ttft, t_per_step) = best["lab"], best["torch"]
         result.update(torch_model=f"transformers {type(theirs).__name__} (eager attention, fp32)",
                       torch_device=device, torch_threads=torch.get_num_threads(),
-                      thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+                      thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                                  "MKL_NUM_THREADS")},
                       decode_ratio=t_per_step / per_step, prefill_ratio=t_ttft / ttft,
                       time_to_first_token_ratio=ttft / t_ttft, first_tokens_equal=agree)
         line += (f"; transformers {device} decode {result['torch_decode_tokens_per_s']:,.1f} tokens/s, first token "
