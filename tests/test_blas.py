@@ -217,7 +217,8 @@ def test_lab_blas_rejects_an_unknown_choice_with_the_choices(fresh_choice):
 def test_lab_blas_mkl_without_the_package_says_how_to_install_it(fresh_choice):
     fresh_choice.setenv("LAB_BLAS", "mkl")
     fresh_choice.setattr(blas, "_mkl_library_path", lambda: None)
-    with pytest.raises(InputError, match=r"LAB_BLAS=mkl but the mkl package is not installed: pip install 'lab\[mkl\]'"):
+    with pytest.raises(InputError,
+                       match=r"LAB_BLAS=mkl but the mkl package is not installed: pip install 'lab\[mkl\]'"):
         blas.mkl()
 
 

@@ -68,13 +68,16 @@ sys.exit(0 if c[0] == 4.0 else 3)
 """
 
 
-def _probe(path):
-    """One product through mkl_rt in a child process first (0.1 s): mkl_rt loads its threading layer and kernels
-    when first called and ends the whole process, with its own message, when one cannot load (MKL_THREADING_LAYER=TBB:
-    libmkl_tbb_thread needs libtbb.so.12, which the tbb wheel puts where the loader does not look)."""
+def _probe(path, layer_env):
+    """One product through mkl_rt in a child process first (0.1 s), in the threading layer this process will use
+    (layer_env: MKL_THREADING_LAYER for the child, or None for the environment's): mkl_rt loads its threading layer
+    and kernels when first called and ends the whole process, with its own message, when one cannot load
+    (MKL_THREADING_LAYER=TBB: libmkl_tbb_thread needs libtbb.so.12, which the tbb wheel puts where the loader does
+    not look)."""
+    env = dict(os.environ, MKL_THREADING_LAYER=layer_env) if layer_env else None
     try:
         run = subprocess.run([sys.executable or "python", "-S", "-c", _PROBE, path], capture_output=True, text=True,
-                             timeout=60)
+                             timeout=60, env=env)
     except (OSError, subprocess.SubprocessError) as e:
         raise OSError(f"{path}: a product through it in a child process failed: {e}") from None
     if run.returncode:
@@ -85,13 +88,14 @@ def _probe(path):
 
 class _Mkl:
     def __init__(self, path, sequential):
-        _probe(path)
+        sequential = sequential and "MKL_THREADING_LAYER" not in os.environ   # (a user's own layer is kept)
+        _probe(path, "SEQUENTIAL" if sequential else None)
         lib = ctypes.CDLL(path)
         # the interface layer must be LP64 (32-bit ints, what the argument types below say); another library that
         # loaded mkl_rt first with ILP64 would make every call misread its arguments, so then MKL is not used
         if lib.MKL_Set_Interface_Layer(MKL_INTERFACE_LP64) != MKL_INTERFACE_LP64:
             raise OSError(f"{path}: its interface layer is not LP64 in this process")
-        if sequential and "MKL_THREADING_LAYER" not in os.environ:
+        if sequential:
             # (only the interface layer may be set before this: it fixes itself at MKL's first other call)
             lib.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)
         if "MKL_CBWR" not in os.environ:
