@@ -33,9 +33,10 @@ def _row_sum(a):
 
 
 def _row_dot(a, b):
-    """sum(a * b) over the last axis, kept as a length-1 axis, without the product's temporary. np.vecdot: 10-40%
-    faster than einsum's sum of products on these rows, and closer to the float64 sum."""
-    return np.vecdot(a, b)[..., None]
+    """sum(a * b) over the last axis, kept as a length-1 axis, without the product's temporary. (np.vecdot was
+    10-40% faster but less accurate end to end: SmolLM2's logits against a float64 run, rms 1.36e-5 with einsum,
+    1.51e-5 with vecdot; PyTorch's float32 1.30e-5. This backend is the reference.)"""
+    return np.einsum("...i,...i->...", a, b)[..., None]
 
 
 def _sum(a, axis):
@@ -467,8 +468,9 @@ class NumpyBackend(Backend):
                 if not (-SHIFT_FREE < lo and hi < SHIFT_FREE):
                     x -= hi if hi - lo < SHIFT_FREE else _row_max(x)
             np.exp(x, out=x)
-            inv = _row_sum(x)   # (times the reciprocal, as softmax.wgsl: a multiply is cheaper than a divide)
-            x *= np.divide(1, inv, out=inv)
+            # (a divide, not a multiply by the reciprocal: that rounds twice and raised SmolLM2's logits' rms
+            # error against a float64 run from 1.36e-5 to 1.68e-5, for a 4% faster softmax)
+            x /= _row_sum(x)
             if dropout is not None:
                 _dropout_into(x.reshape(-1), dropped.reshape(-1)[j * T * S:(j + k) * T * S], *dropout,
                               start=j * T * S)
@@ -543,7 +545,7 @@ class NumpyBackend(Backend):
             xs = x2[r:r + rows] if total is None else np.add(x2[r:r + rows], res2[r:r + rows], out=total[r:r + rows])
             m = np.divide(xs @ ones, f(n), out=mean[r:r + rows])
             ys = np.subtract(xs, m[:, None], out=y[r:r + rows])
-            rs = np.divide(np.vecdot(ys, ys), f(n), out=rstd[r:r + rows])   # (in place: each small op costs
+            rs = np.divide(_row_dot(ys, ys)[:, 0], f(n), out=rstd[r:r + rows])   # (in place: each small op costs
             rs += f(eps)                                                     # a few us at tiny's 768 rows)
             np.sqrt(rs, out=rs)
             np.divide(f(1), rs, out=rs)
