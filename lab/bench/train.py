@@ -12,7 +12,6 @@ import numpy as np
 
 from ..checks import InputError
 from ..data import CharTokenizer, get_batch, load_corpus
-from ..engine import blas
 from ..engine.backend import backend_instance, using_backend
 from ..engine.random import manual_seed
 from ..models import MODELS, PRESETS, LlamaConfig
@@ -82,7 +81,7 @@ def run_train_bench(preset, backend_name, batch_size=None, steps=20, out_path=No
     if backend.name == "wgpu":
         result["device"] = backend.device_info["device"]
     else:   # what its products ran on (OpenBLAS through numpy, or MKL: lab.engine.blas)
-        result["blas"] = blas.describe()
+        result["blas"] = backend.blas
     line = (f"train {preset} ({model.num_parameters() / 1e6:.2f}M params, batch {batch_size} x {block}): "
             f"lab {backend.name}{' (' + result['blas'] + ')' if 'blas' in result else ''} "
             f"{tokens / lab_s:,.0f} tokens/s ({lab_s * 1e3:.1f} ms/step)")

@@ -107,7 +107,6 @@ class _Mkl:
         self.set_num_threads = lib.MKL_Set_Num_Threads
         self.max_threads = lib.MKL_Get_Max_Threads
         self.version = metadata.version("mkl")
-        self.path = path
 
 
 _state = {}
@@ -219,11 +218,12 @@ def matmul(a, b, out=None):
     a2, b2, c2 = (x if x.ndim == 2 else x.reshape(x.shape[-2:]) for x in (a, b, c))
     la, lb, lc = _matrix(a2), _matrix(b2), _matrix(c2)
     M, K, N = a2.shape[0], a2.shape[1], b2.shape[1]
-    # (flags.aligned, not ctypes.data % 4: x.ctypes costs a microsecond each, a small product's whole time)
+    # (not aligned: floats off 4-byte boundaries, a view into raw bytes; flags.aligned rather than ctypes.data % 4,
+    # as x.ctypes costs a microsecond each, a small product's whole time)
     if (la is None or lb is None or lc is None or lc[0] or not (a2.flags.aligned and b2.flags.aligned
                                                                  and c2.flags.aligned)
             or max(M, N, K, la[1], lb[1], lc[1]) > INT_MAX):
-        return _numpy(a, b, out)   # (floats off 4-byte boundaries: a view into raw bytes)
+        return _numpy(a, b, out)
     lib.sgemm(ROW_MAJOR, TRANS if la[0] else NO_TRANS, TRANS if lb[0] else NO_TRANS, M, N, K, 1.0,
               a2.ctypes.data, la[1], b2.ctypes.data, lb[1], 0.0, c2.ctypes.data, lc[1])
     return c
