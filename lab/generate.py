@@ -41,10 +41,10 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
             raise InputError(f"{e}{' (use greedy=True for argmax)' if small else ''}") from None
     if top_p is not None:
         real("top_p", top_p, low=0, low_open=True, high=1)
-    if top_k is not None:
-        integer("top_k", top_k, low=1)
+    if top_k is not None:   # as an int: 2.0 passed the check, then numpy's partition raised TypeError on it
+        top_k = integer("top_k", top_k, low=1)
     real("repetition_penalty", repetition_penalty, low=0, low_open=True)
-    return max_new_tokens
+    return max_new_tokens, top_k
 
 
 def _adapter_switch(model, adapter):
@@ -125,7 +125,8 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
         return _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy,
                                tokenizer, stop, on_token, seed, use_cache, adapter, should_stop, eos_token_id)
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
-    max_new_tokens = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy)
+    max_new_tokens, top_k = _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                        greedy)
     check_on_token(on_token, "id, text")   # found before a token is made, not after the first
     seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_stop)
     eos = _eos_ids(model, eos_token_id)
@@ -351,8 +352,8 @@ def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repe
     through a DecodeRunner (replayed on wgpu, the ids drawn on the device), or row by row on the host as a lone
     prompt's are."""
     # (each row's ids were checked by _batch_rows; the options here as a lone prompt's)
-    max_new_tokens = _check_args(model, rows[0][0], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                 greedy)
+    max_new_tokens, top_k = _check_args(model, rows[0][0], max_new_tokens, temperature, top_k, top_p,
+                                        repetition_penalty, greedy)
     seed = _check_options(seed, use_cache, greedy, adapter, stop, tokenizer, should_stop)
     check_on_token(on_token, "row, id, text")
     eos = _eos_ids(model, eos_token_id)
@@ -460,7 +461,7 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
         raise InputError(f"beam_search takes one prompt (text or a 1-D sequence of ids), got a batch of "
                          f"{len(prompt)}: search each prompt on its own")
     ids, as_text = _prompt_ids(prompt, tokenizer, model)
-    max_new_tokens = _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)
+    max_new_tokens = _check_args(model, ids, max_new_tokens, 1.0, None, None, 1.0, True)[0]
     if should_stop is not None and not callable(should_stop):
         raise InputError(f"should_stop must be a function returning True to stop, got {show(should_stop)}")
     vocab = model.config.vocab_size

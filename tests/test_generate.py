@@ -39,6 +39,14 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     np.testing.assert_array_equal(generate(model, prompt, 10, top_k=1, seed=1), generate(model, prompt, 10, greedy=True))
 
 
+def test_integral_float_top_k_samples_as_that_integer_single_and_batched(model):
+    # top_k=2.0 passed the check, then numpy's partition raised TypeError on it (the device kernel took int(2.0))
+    prompt = [1, 2, 3]
+    np.testing.assert_array_equal(generate(model, prompt, 8, top_k=2.0, seed=4), generate(model, prompt, 8, top_k=2, seed=4))
+    for a, b in zip(generate(model, [prompt, [5]], 8, top_k=2.0, seed=4), generate(model, [prompt, [5]], 8, top_k=2, seed=4)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_filters_keep_the_right_tokens():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     np.testing.assert_allclose(sample_distribution(logits, top_k=2), [0.625, 0.375, 0, 0])
