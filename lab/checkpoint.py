@@ -126,6 +126,10 @@ def restore_trainer(trainer, directory, state):
         if tuple(arrays[name].shape) != tuple(target.shape):
             raise CheckpointError(f"{d / OPTIMIZER_FILE}: tensor {name!r} has shape {tuple(arrays[name].shape)}, "
                                   f"expected {tuple(target.shape)}")
+        if name.split(".", 1)[0] in opt.nonnegative and (np.asarray(arrays[name]) < 0).any():
+            raise CheckpointError(f"{d / OPTIMIZER_FILE}: tensor {name!r} holds negative values (lowest "
+                                  f"{np.asarray(arrays[name]).min():g}), where the optimizer keeps averages of "
+                                  f"squares: a damaged or edited file")
     try:
         steps = _checked_steps(state)
     except (KeyError, TypeError, ValueError, OverflowError) as e:

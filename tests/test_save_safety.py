@@ -3,6 +3,7 @@ from (non-finite tensors, a damaged trainer state) and read the float types the 
 import contextlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -253,6 +254,27 @@ def test_nonfinite_optimizer_state_refused_at_load(tmp_path, use_backend):
         restore_trainer(fresh, tmp_path / "ck", load_checkpoint(tmp_path / "ck")[2])
     for a, b in zip(m0, map(fresh.optimizer.backend.to_numpy, fresh.optimizer.state_arrays().values())):
         np.testing.assert_array_equal(a, b)   # the trainer is as it was
+    assert fresh.step_num == 0
+
+
+def test_negative_second_moments_refused_at_load_and_the_trainer_unchanged(tmp_path, use_backend):
+    """Adam's v averages squared gradients: a negative one (a damaged or edited file) made sqrt(v) NaN, and every
+    weight NaN after the first resumed step, with no error."""
+    t = _checkpoint(tmp_path / "ck")
+    path = tmp_path / "ck" / "optimizer.safetensors"
+    arrays = read_safetensors(path)
+    name = next(k for k in sorted(arrays) if k.startswith("v."))
+    arrays[name].flat[2] = -0.5
+    save_file(arrays, str(path), metadata={"format": "pt", "step": "1"})
+    with pytest.raises(CheckpointError, match=rf"optimizer\.safetensors: tensor '{re.escape(name)}' holds negative "
+                                              rf"values \(lowest -0\.5\)"):
+        Trainer.resume(tmp_path / "ck", t.train_ids, t.val_ids)
+    fresh = _trainer()
+    before = {k: fresh.optimizer.backend.to_numpy(a).copy() for k, a in fresh.optimizer.state_arrays().items()}
+    with pytest.raises(CheckpointError, match="negative"):
+        restore_trainer(fresh, tmp_path / "ck", load_checkpoint(tmp_path / "ck")[2])
+    for k, a in fresh.optimizer.state_arrays().items():
+        np.testing.assert_array_equal(fresh.optimizer.backend.to_numpy(a), before[k])
     assert fresh.step_num == 0
 
 

@@ -43,6 +43,9 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
+    # the kinds of state (the prefix of state_arrays' names) that can never be negative
+    nonnegative = ()
+
     def state_arrays(self):
         """Named backend arrays of the optimizer state (for checkpoints and memory accounting)."""
         return {}
@@ -58,6 +61,7 @@ class Optimizer:
 
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW."""
+    nonnegative = ("v",)   # averages of squared gradients: a negative one makes sqrt(v) NaN in the next update
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, lr, weight_decay)
