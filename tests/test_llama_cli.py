@@ -126,7 +126,9 @@ def test_bench_train_runs_a_llama_preset_beside_transformers_with_the_same_weigh
     assert main(["bench", "train", "--preset", "llama-tiny", "--steps", "2", "--batch-size", "2", "--block-size",
                  "16", "--backend", any_backend.name, "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert (r["preset"], r["block_size"], r["batch_size"], r["torch_device"]) == ("llama-tiny", 16, 2, "cpu")
+    import torch   # (PyTorch runs on the GPU beside the wgpu backend where it has CUDA: the H200)
+    device = "cuda" if any_backend.name == "wgpu" and torch.cuda.is_available() else "cpu"
+    assert (r["preset"], r["block_size"], r["batch_size"], r["torch_device"]) == ("llama-tiny", 16, 2, device)
     assert r["model"] == "transformers LlamaForCausalLM (eager attention, fp32)"
     assert r["lab_first_loss"] == pytest.approx(r["torch_first_loss"], rel=1e-5)
     assert np.isfinite(r["ratio"]) and r["ratio"] > 0
