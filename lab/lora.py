@@ -53,6 +53,7 @@ class LoRALinear(nn.Linear):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scale = alpha / r
         self.enabled, self.merged = True, False
+        self._premerge = None   # while merged by merge(): (the merged weight's data, the base's values)
 
     @property
     def enabled(self):
@@ -81,22 +82,30 @@ class LoRALinear(nn.Linear):
 
     def merge(self):
         if not self.merged:
-            self._shift_weight(1.0)
+            base = self._shift_weight(1.0)
+            # (w + u) - u is w only to within a rounding: the base's own values are kept (on the host) while merged
+            self._premerge = (self.weight.data, base)
             self.merged = True
 
     def unmerge(self):
         if self.merged:
-            self._shift_weight(-1.0)
+            merged, base = self._premerge or (None, None)
+            if self.weight.data is merged:   # the weight merge() made, not replaced since: its base bit for bit
+                self.weight.data = self.weight.backend.from_numpy(base)
+            else:   # merged when loaded (a checkpoint) or weights loaded since: to within one rounding
+                self._shift_weight(-1.0)
+            self._premerge = None
             self.merged = False
 
     def _shift_weight(self, sign):
-        """The base weight plus sign times the update, kept in its own dtype (a float16 base is rounded again:
-        unmerge then restores it to within float16's rounding, not bit for bit)."""
+        """The base weight plus sign times the update, kept in its own dtype (a float16 base is rounded again).
+        Returns the weight's values before."""
         if isinstance(self.weight, QuantizedWeight):   # its data would become a float array the matmul cannot read
             raise InputError(f"LoRA merge/unmerge: this layer's base is packed ({self.weight.dtype}); the update "
                              f"stays beside it (see lab.lora.merge)")
         w = self.weight.numpy()
         self.weight.data = self.weight.backend.from_numpy((w + sign * self._delta()).astype(w.dtype))
+        return w
 
 
 def linear_names(model):
