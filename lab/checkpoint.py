@@ -72,6 +72,8 @@ def checkpoint_files(directory, model, tokenizer, trainer=None, remove=()):
                 # a resumed run with early stopping stops where the uninterrupted one would (None: no evaluation yet)
                 "early_stopping": {"best_val_loss": trainer.best_val_loss,
                                    "evals_without_gain": trainer._evals_without_gain},
+                # the log records after the resume carry it until the next evaluation, as the run's would
+                "last_val_loss": trainer.last_val_loss,
             })
         yield files
 
@@ -151,12 +153,15 @@ def restore_trainer(trainer, directory, state):
         best = stopping["best_val_loss"]   # JSON has no Infinity: None before the first evaluation
         best = math.inf if best is None else real("early_stopping.best_val_loss", best)
         without_gain = integer("early_stopping.evals_without_gain", stopping["evals_without_gain"], low=0)
+        # older checkpoints: the last logged record's (the evaluation's, unless one came after the last log)
+        last_val = state.get("last_val_loss", next((r.get("val_loss") for r in reversed(history)), None))
+        last_val = None if last_val is None else real("last_val_loss", last_val)
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"{d / STATE_FILE}: incomplete or invalid trainer state ({e})") from None
     for name in own:
         opt.load_state_array(name, arrays[name])
     (opt.step_count, trainer.step_num), trainer.history = steps, history
-    trainer.best_val_loss, trainer._evals_without_gain = best, without_gain
+    trainer.best_val_loss, trainer._evals_without_gain, trainer.last_val_loss = best, without_gain, last_val
     trainer.rng.bit_generator.state = batch_rng.bit_generator.state
     trainer.seed_rng.bit_generator.state = seed_rng.bit_generator.state
     set_state(global_rng.bit_generator.state)

@@ -236,3 +236,30 @@ def test_a_resumed_run_saves_where_it_resumed_from_not_where_the_file_says(numpy
     resumed.run(progress=False, log_evals=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "original").iterdir()} == before
     assert load_checkpoint(tmp_path / "copy")[2]["step"] == 3
+
+
+def test_a_run_interrupted_and_resumed_logs_the_val_losses_of_the_uninterrupted_one(use_backend, data, tmp_path):
+    """Each log record carries the latest evaluation's loss until the next one. A resumed run (or a second
+    run() of one trainer) started with none: the records between the resume and the next evaluation logged
+    val_loss None where the uninterrupted run logged the last one, so the panel's validation curve had a gap."""
+    kw = dict(steps=7, eval_every=3, eval_batches=1, log_every=1, checkpoint_every=100)
+
+    def trainer(stop_at=None):
+        t = _lora_trainer(data)
+        t.cfg = TrainConfig(**{**t.config_dict(), **kw, "checkpoint_dir": str(tmp_path / f"ck{stop_at}")})
+        t.tokenizer = data[0]
+
+        def interrupt(record):
+            if record["step"] == stop_at:
+                raise KeyboardInterrupt   # as Ctrl-C: the run stops after the step and saves
+        t.callbacks = [interrupt]
+        return t
+    whole = trainer()
+    whole.run(progress=False, log_evals=False)
+    want = [(r["step"], r["loss"], r["val_loss"]) for r in whole.history]
+    assert want[4][2] == want[3][2] is not None   # step 5 carries step 3's evaluation
+    for stop_at in (4, 5):
+        trainer(stop_at).run(progress=False, log_evals=False)
+        resumed = Trainer.resume(tmp_path / f"ck{stop_at}", data[1], data[2])
+        resumed.run(progress=False, log_evals=False)
+        assert [(r["step"], r["loss"], r["val_loss"]) for r in resumed.history] == want

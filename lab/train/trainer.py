@@ -184,6 +184,7 @@ class Trainer:
         self.step_num = 0
         self.history = []          # one dict per logged step
         self.best_val_loss, self._evals_without_gain = math.inf, 0
+        self.last_val_loss = None  # run()'s latest evaluation, which each log record carries until the next one
         self.stop_reason = None
         self.skipped_steps = []    # (step, message) of steps skipped for NaN/Inf
         self.tokenizer = None      # saved with run()'s checkpoints when set
@@ -483,7 +484,7 @@ class Trainer:
             check_save_target(cfg.checkpoint_dir, writable=True)
         bar = tqdm(total=cfg.steps, initial=self.step_num, disable=not progress, desc="train", unit="step")
         say = bar.write if progress else print
-        t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, None
+        t0, last_t, last_step, val_loss = time.perf_counter(), time.perf_counter(), self.step_num, self.last_val_loss
         # _stop is not reset here: a stop requested just before the loop starts (a panel's Stop right after Start)
         # must be honoured; it is cleared when the run ends, for the next one
         self.stop_reason, self.fault = None, None
@@ -520,7 +521,7 @@ class Trainer:
                         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
                             if self.replay is not None:
                                 self.replay.suspend()  # the evaluation reuses the step's buffers; recaptured after it
-                            val_loss = self.evaluate()
+                            val_loss = self.last_val_loss = self.evaluate()
                             self._early_stopping(val_loss)
                             if log_evals:
                                 say(
