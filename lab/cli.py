@@ -177,7 +177,7 @@ def _generate(args):
             raise InputError(f"no --prompt given, and the default prompt (a newline) is not in the vocabulary of "
                              f"{source}: give a --prompt in the text it was trained on") from None
     if args.beams > 1:
-        end_ids, end_text = turn_end(tok) if args.chat else (None, None)   # (a reply's end, as lab.chat's)
+        end_ids, end_text = turn_end(tok, model) if args.chat else (None, None)   # (a reply's end, as lab.chat's)
         text = beam_search(model, prompt, args.max_new_tokens, num_beams=args.beams, tokenizer=tok,
                            eos_token_id=end_ids or None)
         print(shown_prompt + (text[:text.find(end_text)] if end_text and end_text in text else text))

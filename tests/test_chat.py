@@ -8,6 +8,7 @@ import pytest
 from dataclasses import replace
 
 import lab
+from lab.chat import turn_end
 from lab.checks import InputError
 from lab.engine.backend import using_backend
 from lab.models import PRESETS
@@ -74,6 +75,23 @@ def test_chat_stops_at_the_turns_end_token_and_streams_whole_characters(tmp_path
     assert lab.chat(eos, tok, hi, 50, greedy=True) == "ok"
     # the limit: a split character's bytes at the limit are flushed, not lost
     assert lab.chat(_scripted(tok, hi, _ids(tok, "ab🙂")), tok, hi, 3, greedy=True) == "ab\ufffd"
+
+
+def test_chat_stops_at_the_model_configs_eos_beside_the_tokenizers(tmp_path, use_backend):
+    # Llama 3's generation_config.json ends at <|end_of_text|> and <|eom_id|> as well as the tokenizer's <|eot_id|>;
+    # chat replaced the model's end ids with the template's and ran past them
+    tok = _tokenizer(tmp_path)
+    hi = [{"role": "user", "content": "hi"}]
+    end = _ids(tok, "#")[0]
+    script = _ids(tok, "ok") + [end] + _ids(tok, "never said")
+    model = _scripted(tok, hi, script)
+    assert lab.chat(model, tok, hi, len(script), greedy=True) == "ok#never said"
+    model.config.eos_token_id = [tok.eos_token_id, end]   # as from_pretrained reads generation_config.json
+    assert lab.generate(model, tok.apply_chat_template(hi, add_generation_prompt=True), 30, greedy=True).tolist() == \
+        _ids(tok, "ok")
+    pieces = []
+    assert lab.chat(model, tok, hi, 30, greedy=True, on_token=pieces.append) == "ok" and "".join(pieces) == "ok"
+    assert end in turn_end(tok, model)[0]   # what `generate --chat --beams` ends a reply at
 
 
 def test_chat_with_a_template_whose_turn_ends_in_several_tokens_stops_at_that_text(tmp_path, use_backend):
