@@ -1,6 +1,7 @@
 """The plan estimator against the engine: predicted memory vs lab.stats() peak bytes, predicted step time vs the
 measured one (with the measured profile of this machine), and the planning answers."""
 import math
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -98,6 +99,36 @@ def test_plan_that_does_not_fit_names_the_tensor_and_suggests_fixes():
     assert any("base_dtype='q4'" in s for s in half.suggestions)            # a packed base is smaller still
     small = plan.estimate("tiny", batch=12, device="h200")
     assert small.fits and not small.reasons
+
+
+@pytest.mark.parametrize("batch", [524_288, 524_289, 100_000, 30_011])
+def test_suggested_gradient_accumulation_fits_and_keeps_the_batch(batch):
+    """The micro-batch suggested for a plan too large for the H200 (in memory and in its largest buffer) is a plan
+    that fits, and it keeps the effective batch where a near count of micro-batches divides it (it once said 'batch
+    524287 with gradient accumulation over 2 micro-batches keeps the effective batch of 524288')."""
+    cfg = TransformerConfig(vocab_size=65, block_size=256, n_layer=2, n_head=2, n_embd=32)
+    p = plan.estimate(cfg, batch=batch, seq=256, device="h200")
+    assert not p.fits
+    [said] = [s for s in p.suggestions if "gradient accumulation" in s]
+    b, acc = (int(w) for w in re.fullmatch(r"batch (\d+) with gradient accumulation over (\d+) micro-batches.*",
+                                           said).groups())
+    assert plan.estimate(cfg, batch=b, seq=256, device="h200").fits
+    assert b * acc >= batch and (b - 1) * acc < batch
+    assert (b * acc == batch) == ("keeps the effective batch of" in said), said
+
+
+def test_a_buffer_just_above_the_limit_is_said_in_bytes():
+    """2 GiB against a binding limit of 2 GiB - 4 bytes: in MiB both print as 2,048, which reads as no reason."""
+    prof = plan.PROFILES["h200"]
+    cfg = TransformerConfig(vocab_size=65, block_size=256, n_layer=2, n_head=2, n_embd=32)
+    for batch in range(1, 1 << 20):
+        p = plan.estimate(cfg, batch=batch, seq=256, device=prof)
+        if p.largest_buffer[1] > prof.max_binding_size:
+            break
+    exact = plan.estimate(cfg, batch=batch, seq=256, device=plan.DeviceProfile(
+        **{**prof.to_dict(), "max_binding_size": p.largest_buffer[1] - 4}))
+    assert any(f"needs {p.largest_buffer[1]:,} bytes" in r and f"of {p.largest_buffer[1] - 4:,} bytes" in r
+               for r in exact.reasons), exact.reasons
 
 
 def test_attention_weights_above_the_binding_limit_are_planned_on_the_fused_kernels():

@@ -302,9 +302,11 @@ def test_cli_plan_refuses_bad_numbers_on_one_line(args, capsys):
 
 
 def _clear(message):
-    """One message, short enough to read, saying what was wrong (not a Python internals leak)."""
+    """One message, short enough to read, saying what was wrong (not a Python internals leak). (A plan that does
+    not fit a GPU is the longest: its reasons, the fixes it suggests and how to train on several devices, ~900
+    characters on the H200.)"""
     leaks = ("has no attribute", "KeyError", "not subscriptable", "unhashable", "Traceback", "keywords must be")
-    return 0 < len(message) < 700 and not any(leak in message for leak in leaks)
+    return 0 < len(message) < 1500 and not any(leak in message for leak in leaks)
 
 
 # -- fuzz: random messages and trait values on every panel --

@@ -770,8 +770,8 @@ def _check_fit(plan, c, prof, share_bytes=None, checkpointed=None):
     for limit, label in ((prof.max_binding_size, "max-storage-buffer-binding-size"), (prof.max_buffer_size, "max-buffer-size")):
         if size > limit:
             plan.fits = False
-            plan.reasons.append(f"the {name} tensor needs {size / 2 ** 20:.0f} MiB, above the device's {label} of "
-                                f"{limit / 2 ** 20:.0f} MiB")
+            plan.reasons.append(f"the {name} tensor needs {_mib(size, limit)}, above the device's {label} of "
+                                f"{_mib(limit, size)}")
             break
     if not plan.fits:
         if plan.checkpoint_activations != 1 and checkpointed is not None:
@@ -786,10 +786,17 @@ def _check_fit(plan, c, prof, share_bytes=None, checkpointed=None):
         fixed = total - acts
         if fixed < prof.memory_bytes and plan.batch > 1:
             b = max(1, int(plan.batch * (prof.memory_bytes - fixed) / acts * 0.9))
-            b = min(b, plan.batch - 1)
-            acc = math.ceil(plan.batch / b)
+            # (the largest buffer shrinks with the micro-batch too, as _multi_device counts it)
+            acc = max(math.ceil(plan.batch / min(b, plan.batch - 1)),
+                      math.ceil(size / min(prof.max_binding_size, prof.max_buffer_size)))
+            # a count of micro-batches that divides the batch, if one is near, keeps it exactly (b acc is the
+            # effective batch)
+            acc = next((a for a in range(acc, 2 * acc + 1) if plan.batch % a == 0), acc)
+            b = math.ceil(plan.batch / acc)
             plan.suggestions.append(f"batch {b} with gradient accumulation over {acc} micro-batches keeps the "
-                                    f"effective batch of {plan.batch}")
+                                    f"effective batch of {plan.batch}" if b * acc == plan.batch else
+                                    f"batch {b} with gradient accumulation over {acc} micro-batches (an effective "
+                                    f"batch of {b * acc}: {plan.batch} is not a multiple of {acc})")
         if not plan.lora_rank:
             plan.suggestions.append("fine-tune a LoRA adapter (e.g. lora_rank=8): no gradients or optimizer state "
                                     "for the base weights")
@@ -854,6 +861,12 @@ def _check_devices(plan, prof, share_bytes):
                          f"{DDP_SCALING:.0%} scaling). Export the run (`python -m lab export --checkpoint DIR "
                          f"--format hf --out OUT`), train with `torchrun --nproc_per_node {n} -m lab.scale.ddp_train "
                          f"--model OUT --out OUT-ddp`, and bring it back with `python -m lab import OUT-ddp`")
+
+
+def _mib(n_bytes, other):
+    """n_bytes in MiB, or in bytes where MiB would print it equal to `other` (2 GiB against a 2 GiB - 4 limit)."""
+    mib = f"{n_bytes / 2 ** 20:,.0f} MiB"
+    return mib if mib != f"{other / 2 ** 20:,.0f} MiB" else f"{n_bytes:,} bytes"
 
 
 def _first_fitting(n, limit, fits):
