@@ -753,8 +753,8 @@ def check_model_fits(config, backend):
                        f"{prof.memory_bytes / 2 ** 30:.2f} GiB")
     limit = min(prof.max_binding_size, prof.max_buffer_size)
     if largest[1] * F32 > limit:
-        reasons.append(f"the {largest[0]} weight needs {largest[1] * F32 / 2 ** 20:,.0f} MiB, above the device's "
-                       f"largest buffer binding of {limit / 2 ** 20:,.0f} MiB")
+        reasons.append(f"the {largest[0]} weight needs {_mib(largest[1] * F32, limit)}, above the device's "
+                       f"largest buffer binding of {_mib(limit, largest[1] * F32)}")
     if reasons:
         raise DoesNotFitError(f"this model does not fit {prof.name}: " + "; ".join(reasons) + ". A smaller "
                               f"n_embd, vocab_size or n_layer would; lab.plan.estimate(...) shows the whole budget",
