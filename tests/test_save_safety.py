@@ -627,3 +627,33 @@ def test_a_planted_journal_cannot_link_a_checkpoint_file_to_one_outside(tmp_path
     with pytest.raises(CheckpointError, match=r"\.lab-save\.json: damaged save journal"):
         load_checkpoint(tmp_path / "ck")
     assert not (tmp_path / "ck" / "config.json").is_symlink()
+
+
+@pytest.mark.parametrize("where", ["adapter", "."])
+def test_export_never_replaces_a_lora_checkpoints_own_adapter_with_one_saved_beside_it(where, tmp_path, numpy_backend):
+    """A LoRA run checkpointing into ck after an adapter snapshot was saved there (ck/adapter or ck itself):
+    export loaded the snapshot over the checkpoint's own adapters, trained since, and wrote it out with no
+    error. An adapter beside that differs is refused unless named; one equal to the checkpoint's is fine."""
+    t = _trainer(lr=0.05, warmup_steps=0)
+    lora.apply(t.model, r=2, alpha=4)
+    t = Trainer(t.model, t.train_ids, t.val_ids, t.cfg)
+    t.tokenizer, ck = _trainer().tokenizer, tmp_path / "ck"
+    t.train_step()
+    lora.save_adapter(t.model, ck / where)   # the snapshot
+    snapshot = _logits_of(t.model)
+    t.train_step()
+    save_checkpoint(ck, t.model, t.tokenizer, t)
+    with pytest.raises(CheckpointError, match=r"ck: holds LoRA adapters of its own .* holds another adapter .*"
+                                              r"pass adapter="):
+        export_checkpoint(ck, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    np.testing.assert_allclose(_logits_of(import_model(export_checkpoint(ck, tmp_path / "hf", adapter=ck / where))[0]),
+                               snapshot, atol=1e-6)
+    lora.save_adapter(t.model, ck / where)   # now the checkpoint's own values
+    np.testing.assert_allclose(_logits_of(import_model(export_checkpoint(ck, tmp_path / "hf"))[0]),
+                               _logits_of(t.model), atol=1e-6)
+
+
+def _logits_of(model):
+    with lab.no_grad():
+        return model.eval()(np.array([[1, 2, 3, 4]]))[0].numpy()

@@ -12,8 +12,10 @@ tokenizer and adapter, so generation, the attention heatmap and the diagnostics 
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..checks import InputError
-from ..checkpoint import checkpoint_files, load_checkpoint, tokenizer_of
+from ..checkpoint import CheckpointError, checkpoint_files, load_checkpoint, tokenizer_of
 from ..data import TOKENIZER_SIDE_FILES, write_tokenizer
 from ..io import atomic_files, reading
 from ..models import load_pretrained
@@ -66,8 +68,22 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     with reading(checkpoint):   # the model, tokenizer and adapter of one save
         model, tokenizer, _ = load_checkpoint(checkpoint)
         adapter_dir = _find_adapter(checkpoint, adapter)
+        own = [(m, m.lora_A.numpy().copy(), m.lora_B.numpy().copy(), m.scale) for _, m in lora.adapters(model)]
         if adapter_dir is not None:
-            lora.load_adapter(model, adapter_dir)   # checks that the adapter fits this base before anything is written
+            try:
+                lora.load_adapter(model, adapter_dir)   # checks that it fits this base before anything is written
+                same = all(np.array_equal(a, m.lora_A.numpy()) and np.array_equal(b, m.lora_B.numpy()) and s == m.scale
+                           for m, a, b, s in own)
+            except CheckpointError:
+                if not own or adapter is not None:
+                    raise
+                same = False
+            # an adapter saved into the run's directory earlier must not replace the run's own, trained since
+            if own and adapter is None and not same:
+                raise CheckpointError(f"{checkpoint}: holds LoRA adapters of its own (in its weights) and "
+                                      f"{adapter_dir} holds another adapter (saved there at another step or by another run?): "
+                                      f"pass adapter= (--adapter {adapter_dir}) to export that one, or move it out "
+                                      f"of the checkpoint to export the checkpoint's own")
     has_adapter = bool(lora.adapters(model))    # the one given, or a LoRA run's own (its checkpoint holds it)
     if has_adapter:
         lora.unmerge(model)   # the base goes out without the update: adapter/ carries it
