@@ -296,6 +296,22 @@ def test_from_pretrained_loads_what_transformers_wrote_with_equal_logits(hf_dirs
         _logits_equal(model, hf, IDS)
 
 
+@pytest.mark.parametrize("name", ["single", "bf16"])
+def test_config_naming_no_architectures_loads_as_its_model_type_as_transformers_does(hf_dirs, tmp_path, name,
+                                                                                   numpy_backend):
+    # a hand-written config.json with model_type alone: transformers' AutoModelForCausalLM loads it; lab said
+    # "unknown model_type 'llama' (expected 'lab-transformer' or 'gpt2')"
+    d, hf = hf_dirs[name]
+    d = _copy(d, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["architectures"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with lab.engine.backend.using_backend(numpy_backend):
+        model = from_pretrained(d)
+        assert type(model) is lab.LlamaLM and model.config.architecture == type(hf).__name__
+        _logits_equal(model, hf, IDS)
+
+
 def test_from_pretrained_of_a_sharded_directory_on_both_backends(hf_dirs, use_backend):
     d, hf = hf_dirs["sharded"]
     _logits_equal(from_pretrained(d), hf, IDS[:, :4])

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..checks import show
 from ..io import CheckpointError, read_json, reading
 from .proneural import ProNeuralConfig, ProNeuralLM
-from .llama import PRESETS as _LLAMA_PRESETS, LlamaConfig, LlamaLM
+from .llama import ARCHITECTURE_OF, PRESETS as _LLAMA_PRESETS, LlamaConfig, LlamaLM
 from .transformer import CONFIG_FILE, PRESETS as _GPT2_PRESETS, TransformerConfig, TransformerLM
 
 PRESETS = {**_GPT2_PRESETS, **_LLAMA_PRESETS}   # every family's, by name
@@ -29,10 +29,11 @@ def load_pretrained(directory):
 
 def family(data, source):
     """The model class a config.json dict's "architectures" names; `source` (its file) is named in the error.
-    Without "architectures" (lab's own layout, old GPT-2 files): TransformerLM, whose loader reads model_type."""
+    Without "architectures": LlamaLM for a Llama-family model_type, else TransformerLM (lab's own layout, old GPT-2
+    files), whose loader reads model_type."""
     names = data.get("architectures")
-    if names is None:
-        return TransformerLM
+    if names is None:   # (the Llama family's model_type names it: transformers' Auto classes read that)
+        return LlamaLM if data.get("model_type") in ARCHITECTURE_OF else TransformerLM
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise CheckpointError(f"{source}: \"architectures\" must be a list of model class names, got {show(names)} "
                               f"(lab loads {', '.join(ARCHITECTURES)})")

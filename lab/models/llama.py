@@ -24,6 +24,7 @@ from ..lora import Adapters, apply_config, checkpoint_config
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ARCHITECTURE_OF = {t: a for a, t in MODEL_TYPES.items()}
 ROPE_TYPES = ("default", "linear", "llama3")
 MAX_POSITIONS = {"LlamaForCausalLM": 2048, "Qwen2ForCausalLM": 32768, "MistralForCausalLM": 131072}   # HF's defaults
 
@@ -110,7 +111,8 @@ class LlamaConfig:
             if not isinstance(data, dict):
                 raise CheckpointError(f"{where}expected a JSON object, got {show(data)}")
             archs = data.get("architectures") or []
-            arch = archs[0] if isinstance(archs, list) and archs else None
+            # a config naming no class (hand-written) is its model_type's, as transformers' Auto classes read it
+            arch = archs[0] if isinstance(archs, list) and archs else ARCHITECTURE_OF.get(data.get("model_type"))
             if arch not in MODEL_TYPES:
                 raise CheckpointError(f"{where}architectures {show(data.get('architectures'))} is not supported by "
                                       f"LlamaLM (supported: {', '.join(MODEL_TYPES)})")
