@@ -227,7 +227,14 @@ def _hub_snapshot(repo_id, revision=None, local_files_only=None, weights=True, c
             raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy lacks {len(missing)} of the "
                                   f"{len(shards)} shards its index names ({missing[0]}, ...); {get}")
     if not any((d / name).exists() for name in (WEIGHTS_FILE, INDEX_FILE)) and not any(d.glob("*.gguf")):
+        hint = (f"for a repo of GGUF files pass the path of one: lab.from_pretrained(huggingface_hub."
+                f"hf_hub_download({repo_id!r}, 'NAME.gguf'))")
+        if offline:   # only the cache was read, which says nothing of what the Hub repo holds: a config-only
+            # fetch (read_config), a download cut short, a blob deleted under its link
+            gone = [name for name in (WEIGHTS_FILE, INDEX_FILE) if (d / name).is_symlink()]
+            raise CheckpointError(f"{repo_id} (revision {rev!r}): the cached copy {d} holds no {WEIGHTS_FILE} or "
+                                  f"{INDEX_FILE}" + (f" ({gone[0]} links to a blob that is gone)" if gone else "") +
+                                  f"; {get}; {hint}")
         raise CheckpointError(f"{repo_id} (revision {rev!r}): the Hub repo holds no {WEIGHTS_FILE} or {INDEX_FILE}; "
-                              f"for a repo of GGUF files pass the path of one: lab.from_pretrained("
-                              f"huggingface_hub.hf_hub_download({repo_id!r}, 'NAME.gguf'))")
+                              f"{hint}")
     return d

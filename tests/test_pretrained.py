@@ -423,11 +423,33 @@ def test_hub_snapshot_for_a_tokenizer_fetches_the_tokenizer_files_alone(hf_dirs,
     assert asked == [TOKENIZER_FILES]
 
 
-def test_hub_repo_without_safetensors_weights_says_how_to_load_its_gguf(hf_dirs, offline_cache):
-    _hub_cache(offline_cache, "org/gguf-only", {A: [hf_dirs["single"][0] / "config.json"]}, {"main": A})
+def test_hub_repo_without_safetensors_weights_says_how_to_load_its_gguf(hf_dirs, tmp_path, monkeypatch):
+    # online: the snapshot holds what the Hub repo has
+    import huggingface_hub
+    d = tmp_path / "snapshot"
+    d.mkdir()
+    shutil.copyfile(hf_dirs["single"][0] / "config.json", d / "config.json")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(d))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(CheckpointError, match=r"org/gguf-only \(revision 'main'\): the Hub repo holds no "
                                               r"model.safetensors .*hf_hub_download\('org/gguf-only', 'NAME.gguf'\)"):
         from_pretrained("org/gguf-only")
+
+
+@pytest.mark.parametrize("damage", ["config only", "blob gone"])
+def test_cached_copy_without_weights_offline_says_the_cache_lacks_them_not_the_hub(hf_dirs, offline_cache, damage):
+    # offline only the cache is read: it said "the Hub repo holds no model.safetensors" of a config-only fetch
+    # (read_config's) or of a snapshot whose weights' blob was deleted
+    files = [hf_dirs["single"][0] / "config.json"] + [hf_dirs["single"][0] / "model.safetensors"] * (damage == "blob gone")
+    repo = _hub_cache(offline_cache, "org/cut", {A: files}, {"main": A})
+    for blob in repo.glob("blobs/*model.safetensors"):
+        blob.unlink()
+    gone = r" \(model.safetensors links to a blob that is gone\)" if damage == "blob gone" else ""
+    with pytest.raises(CheckpointError, match=r"org/cut \(revision 'main'\): the cached copy .*snapshots/a{40} holds "
+                                              rf"no model.safetensors or model.safetensors.index.json{gone}; run once online"):
+        from_pretrained("org/cut")
 
 
 @pytest.fixture(scope="module")
