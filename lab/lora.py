@@ -320,7 +320,10 @@ def checkpoint_config(model):
     (merged, enabled), = modes
     # a GGUF's Q4_0 layers: their saved values pack back to the same blocks as q4_0 only (as q4_1 they round again)
     q4_0 = [path for path, m in _linears(model) if getattr(m.weight, "dtype", None) == "q4_0"]
-    return {**model.lora_config, "merged": merged, "enabled": enabled, **({"q4_0": q4_0} if q4_0 else {})}
+    # the frozen base's source (a Hub id): save_adapter names it after a resume too, as it did before the save
+    base = getattr(model, "name_or_path", None)
+    return {**model.lora_config, "merged": merged, "enabled": enabled, **({"q4_0": q4_0} if q4_0 else {}),
+            **({"base_model_name_or_path": base} if isinstance(base, str) and base else {})}
 
 
 def apply_config(model, cfg, path):
@@ -345,12 +348,18 @@ def apply_config(model, cfg, path):
     q4_0 = cfg.get("q4_0", [])
     if not (isinstance(q4_0, list) and all(isinstance(p, str) for p in q4_0)):
         raise CheckpointError(f"{path}: field 'lora.q4_0' must be a list of layer paths, got {show(q4_0)}")
+    base = cfg.get("base_model_name_or_path")
+    if not (base is None or isinstance(base, str) and base):
+        raise CheckpointError(f"{path}: field 'lora.base_model_name_or_path' must be a Hub id or a path, got "
+                              f"{show(base)}")
     try:
         _apply(model, settings, set(q4_0) if settings["base_dtype"] == "q4" else ())
     except ValueError as e:  # settings that do not fit this model
         raise CheckpointError(f"{path}: {e}") from None
     for _, m in adapters(model):
         m.merged, m.enabled = modes
+    if base:
+        model.name_or_path = base
     return model
 
 

@@ -39,7 +39,8 @@ def from_pretrained(name_or_path, revision=None, local_files_only=None, base_dty
     path = _locate(name_or_path, revision, local_files_only)
     with nn.packed_weights(PACKED.get(base_dtype)):   # packed as each tensor is read, where the loader builds so
         model = load_local(path, base_dtype)
-    model.name_or_path = source_name(name_or_path, path)
+    # a LoRA checkpoint names the base its adapters were trained on (lora.apply_config), which stays their base
+    model.name_or_path = getattr(model, "name_or_path", None) or source_name(name_or_path, path)
     return model
 
 

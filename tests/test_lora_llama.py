@@ -321,6 +321,33 @@ def test_save_adapter_names_the_hub_model_the_base_came_from(tmp_path, monkeypat
     assert lab.from_pretrained(tmp_path / "local").name_or_path == str(tmp_path / "local")
 
 
+def test_a_resumed_lora_run_saves_its_adapter_naming_the_base_model_it_came_from(tmp_path):
+    """A LoRA run's checkpoint forgot model.name_or_path: after Trainer.resume (or load_checkpoint,
+    from_pretrained of the checkpoint) save_adapter wrote base_model_name_or_path null, where PEFT's
+    AutoPeftModel looks for the base. The checkpoint's "lora" entry records it; a damaged one is named."""
+    from lab.checkpoint import load_checkpoint, save_checkpoint
+    from lab.train import TrainConfig, Trainer
+    m = lab_model(hf_model(GQA))
+    m.name_or_path = "org/the-base"
+    lora.apply(m, r=2, targets="all-linear")
+    ids = tokens(200)
+    t = Trainer(m, ids, ids, TrainConfig(steps=3, batch_size=2, block_size=8))
+    t.train_step()
+    save_checkpoint(tmp_path / "ck", m, lab.CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"), t)
+    for model in (Trainer.resume(tmp_path / "ck", ids, ids).model, load_checkpoint(tmp_path / "ck")[0],
+                  lab.from_pretrained(tmp_path / "ck")):
+        assert model.name_or_path == "org/the-base"
+        model.save_adapter(tmp_path / "ad")
+        assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            "org/the-base"
+    path = tmp_path / "ck" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "lora": {**config["lora"], "base_model_name_or_path": 7}}))
+    with pytest.raises(CheckpointError, match=r"config\.json: field 'lora\.base_model_name_or_path' must be a Hub "
+                                              r"id or a path, got 7"):
+        load_checkpoint(tmp_path / "ck")
+
+
 def test_peft_reads_a_gpt2_all_linear_adapter_as_lab_wraps_it(tmp_path):
     """GPT-2's all-linear: PEFT takes transformers' Conv1D layers and leaves the tied lm_head out, as lab does."""
     peft = pytest.importorskip("peft")
