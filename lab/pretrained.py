@@ -21,7 +21,8 @@ from .models import family, load_pretrained
 
 # what a Hub snapshot needs: config, weights (then the shards an index names), tokenizer, chat template, generation
 # settings; never pickles, nor a GGUF repo's dozen quantizations (a GGUF is loaded from its file's path)
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "additional_chat_templates/*.jinja"]   # (named templates: "tool_use", ...)
 HUB_FILES = ["config.json", "generation_config.json", WEIGHTS_FILE, INDEX_FILE, *TOKENIZER_FILES]
 # HF's rule for a repo id, one namespace required: a bare word is far likelier a mistyped short name
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}")

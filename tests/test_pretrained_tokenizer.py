@@ -113,6 +113,32 @@ def test_template_in_tokenizer_config_loads_as_transformers_does(smollm2, tmp_pa
     assert back.template_source == tmp_path / "tokenizer_config.json"
 
 
+def test_named_chat_templates_load_render_and_save_as_transformers_does(tiny_gguf, tmp_path):
+    # tokenizer_config.json's chat_template as a list of {"name", "template"} (Hermes, Cohere): the load raised
+    # TypeError, and a save kept the default template alone
+    src = tmp_path / "named"
+    lab.load_tokenizer(tiny_gguf).save(src)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": "D{{ messages[0]['content'] }}"},
+                               {"name": "tool_use", "template": "T{{ tools[0]['function']['name'] }}"}]
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    (src / "chat_template.jinja").unlink()
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    ours = lab.load_tokenizer(src)
+    saved = lab.load_tokenizer(ours.save(tmp_path / "saved"))
+    for tok in (ours, saved):
+        for kw in ({}, {"tools": tools}, {"chat_template": "tool_use", "tools": tools}):
+            assert tok.apply_chat_template(CHAT[:2], tokenize=False, **kw) == \
+                theirs.apply_chat_template(CHAT[:2], tokenize=False, **kw)
+    assert saved.chat_template == theirs.chat_template == {"default": "D{{ messages[0]['content'] }}",
+                                                           "tool_use": "T{{ tools[0]['function']['name'] }}"}
+    config["chat_template"][1]["template"] = "{% for %}"
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json: the chat template 'tool_use' is not valid Jinja"):
+        lab.load_tokenizer(src)
+
+
 @pytest.fixture
 def tiny_gguf(tmp_path):
     return write_gguf(tmp_path / "tiny.gguf", hf_tensors())

@@ -84,11 +84,15 @@ class PretrainedTokenizer:
         if hf.chat_template is not None:
             from jinja2 import TemplateError
             from transformers.utils.chat_template_utils import _compile_jinja_template
-            try:   # a template that cannot even compile is a damaged file, said at load, not at the first chat
-                _compile_jinja_template(hf.chat_template)
-            except TemplateError as e:
-                raise CheckpointError(f"{template_source}: the chat template is not valid Jinja "
-                                      f"({type(e).__name__}: {e})") from None
+            # several named templates ({"default": ..., "tool_use": ...}, from tokenizer_config.json's list of
+            # {"name", "template"}) are each compiled: one string was all this took, a TypeError for the rest
+            named = hf.chat_template if isinstance(hf.chat_template, dict) else {None: hf.chat_template}
+            for name, template in named.items():
+                try:   # a template that cannot even compile is a damaged file, said at load, not at the first chat
+                    _compile_jinja_template(template)
+                except (TemplateError, TypeError) as e:
+                    raise CheckpointError(f"{template_source}: the chat template{f' {name!r}' if name else ''} is "
+                                          f"not valid Jinja ({type(e).__name__}: {e})") from None
 
     @classmethod
     def _from_directory(cls, d):
@@ -237,7 +241,11 @@ class PretrainedTokenizer:
         import tempfile
         with tempfile.TemporaryDirectory() as scratch, _quiet_transformers():
             self._hf.save_pretrained(scratch)   # transformers' own serialisation, loaded back by it and by lab
-            for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE):
+            # with the named templates beside the default one (additional_chat_templates/tool_use.jinja, ...): a
+            # save that left them out lost them
+            named = sorted(f.relative_to(scratch).as_posix()
+                           for f in Path(scratch).glob("additional_chat_templates/*.jinja"))
+            for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE, *named):
                 if (Path(scratch) / name).is_file():
                     files.write_text(name, (Path(scratch) / name).read_text(encoding="utf-8"))
 
