@@ -217,54 +217,68 @@ def _selftest(args):
     return 0
 
 
+# the flags each bench suite reads, by argparse dest (--backend and --out go with every suite); a flag given to a
+# suite that does not read it is refused: it was dropped without a word (bench train --base-dtype q4 timed float32)
+_BENCH_FLAGS = {"kernels": ("sizes", "budget", "model_shapes"),
+                "train": ("preset", "batch_size", "steps", "block_size", "checkpoint_activations"),
+                "lora": ("preset", "batch_size", "steps", "rank", "base_dtype"),
+                "diagnostics": ("preset", "steps"),
+                "generate": ("preset", "model", "batch_size", "new_tokens", "prompt_tokens", "repeats")}
+
+
 def _bench(args):
-    if args.suite not in ("kernels", "train", "lora", "diagnostics", "generate"):
-        raise InputError(f"unknown benchmark suite {args.suite!r}: available: kernels, train, lora, diagnostics, "
-                         f"generate")
-    if args.model is not None and (args.suite != "generate" or args.preset is not None):
-        # (--preset was dropped for --model without a word, and other suites never read --model)
-        raise InputError(f"--model goes with bench generate, instead of --preset: got --model {args.model!r}"
-                         + (f" and --preset {args.preset!r}" if args.preset is not None else f" for {args.suite}"))
-    if args.checkpoint_activations and args.suite != "train":   # (the other suites ran without it, without a word)
-        raise InputError(f"--checkpoint-activations goes with bench train, got it for {args.suite}")
-    args.preset = args.preset or "tiny"
+    if args.suite not in _BENCH_FLAGS:
+        raise InputError(f"unknown benchmark suite {args.suite!r}: available: {', '.join(_BENCH_FLAGS)}")
+    # (every one of these flags defaults to None: not given; their defaults are applied below)
+    given = {k for flags in _BENCH_FLAGS.values() for k in flags if getattr(args, k) is not None}
+    for key in sorted(given - set(_BENCH_FLAGS[args.suite])):
+        flag = "--" + key.replace("_", "-")
+        readers = [suite for suite, flags in _BENCH_FLAGS.items() if key in flags]
+        raise InputError(f"{flag} goes with bench {' or '.join(readers)}, got it for {args.suite}")
+    if args.model is not None and args.preset is not None:   # (--preset was dropped for --model without a word)
+        raise InputError(f"--model goes with bench generate, instead of --preset: got --model {args.model!r} and "
+                         f"--preset {args.preset!r}")
+    preset = args.preset or "tiny"
     from lab.engine.backend import get_backend, set_backend
     name = set_backend(args.backend).name if args.backend else get_backend().name
+    batch = args.batch_size
+    if args.suite == "generate":
+        batch = batch or 1
+        record = f"generate-{(args.model or preset).replace('/', '-')}-{name}-batch{batch}"
+    elif args.suite == "train" and args.checkpoint_activations:
+        record = f"checkpointing-{preset}-{name}"
+    else:
+        record = f"{args.suite}-{name}" if args.suite == "kernels" else f"{args.suite}-{preset}-{name}"
+    out = args.out or f"bench-results/{record}.json"
+    # before the run, whose record a refused write would lose (it failed at the end: a directory given as --out)
+    from lab.io import check_save_target
+    if Path(out).is_dir():
+        raise InputError(f"--out {out}: is a directory; a benchmark writes one JSON file: give a file path such as "
+                         f"{Path(out) / record}.json")
+    check_save_target(Path(out).parent, writable=True)
     if args.suite == "diagnostics":
         from lab.bench.diagnostics import run_diagnostics_bench
-        out = args.out or f"bench-results/diagnostics-{args.preset}-{name}.json"
-        run_diagnostics_bench(args.preset, name, steps=args.steps if args.steps != 20 else 300, out_path=out)
-        return 0
-    if args.suite == "lora":
+        run_diagnostics_bench(preset, name, steps=args.steps or 300, out_path=out)
+    elif args.suite == "lora":
         from lab.bench.lora import run_lora_bench
-        out = args.out or f"bench-results/lora-{args.preset}-{name}.json"
-        run_lora_bench(args.preset, name, r=args.rank, batch_size=args.batch_size, steps=args.steps, out_path=out,
-                       base_dtype=args.base_dtype)
-        return 0
-    if args.suite == "generate":
+        run_lora_bench(preset, name, r=args.rank or 8, batch_size=batch, steps=args.steps or 20, out_path=out,
+                       base_dtype=args.base_dtype or "float32")
+    elif args.suite == "generate":
         from lab.bench.generate import run_generate_bench
-        label = (args.model or args.preset).replace("/", "-")
-        out = args.out or f"bench-results/generate-{label}-{name}-batch{args.batch_size or 1}.json"
-        run_generate_bench(args.preset, name, batch_size=args.batch_size or 1, new_tokens=args.new_tokens,
-                           prompt_tokens=args.prompt_tokens, model_name=args.model, repeats=args.repeats,
+        run_generate_bench(preset, name, batch_size=batch, new_tokens=args.new_tokens,
+                           prompt_tokens=args.prompt_tokens or 16, model_name=args.model, repeats=args.repeats or 3,
                            out_path=out)
-        return 0
-    if args.suite == "train" and args.checkpoint_activations:
+    elif args.suite == "train" and args.checkpoint_activations:
         from lab.bench.train import run_checkpointing_bench
-        out = args.out or f"bench-results/checkpointing-{args.preset}-{name}.json"
-        run_checkpointing_bench(args.preset, name, every=args.checkpoint_activations, batch_size=args.batch_size,
-                                steps=args.steps, out_path=out, block_size=args.block_size)
-        return 0
-    if args.suite == "train":
+        run_checkpointing_bench(preset, name, every=args.checkpoint_activations, batch_size=batch,
+                                steps=args.steps or 20, out_path=out, block_size=args.block_size)
+    elif args.suite == "train":
         from lab.bench.train import run_train_bench
-        out = args.out or f"bench-results/train-{args.preset}-{name}.json"
-        run_train_bench(args.preset, name, batch_size=args.batch_size, steps=args.steps, out_path=out,
-                        block_size=args.block_size)
-        return 0
-    from lab.bench.kernels import MATMUL_SIZES, run_kernels
-    sizes = args.sizes or MATMUL_SIZES
-    out = args.out or f"bench-results/kernels-{name}.json"
-    run_kernels(name, sizes=sizes, out_path=out, budget_s=args.budget, model_shapes=args.model_shapes)
+        run_train_bench(preset, name, batch_size=batch, steps=args.steps or 20, out_path=out, block_size=args.block_size)
+    else:
+        from lab.bench.kernels import MATMUL_SIZES, run_kernels
+        run_kernels(name, sizes=args.sizes or MATMUL_SIZES, out_path=out, budget_s=args.budget or 0.5,
+                    model_shapes=bool(args.model_shapes))
     return 0
 
 
@@ -279,7 +293,13 @@ def _lora_targets(text):
 
 def _plan(args):
     from lab import plan
-    model = args.config or args.preset
+    if args.config is not None and args.preset is not None:   # (--preset was dropped for --config without a word)
+        raise InputError(f"--config and --preset both name the model: got --config {args.config!r} and --preset "
+                         f"{args.preset!r}; give one")
+    if args.backend and args.device != "this":   # (a profile's figures are the profile's, whatever the backend)
+        raise InputError(f"--backend goes with --device this (the measured backend), got it with --device "
+                         f"{args.device!r}, a profile's own figures")
+    model = args.config or args.preset or "tiny"
     if args.device == "this" and args.backend:
         import lab
         lab.set_backend(args.backend)
@@ -389,9 +409,9 @@ def main(argv=None):
 
     b = sub.add_parser("bench", help="benchmarks, side by side with numpy (and torch when installed)")
     b.add_argument("suite", help="kernels, train, lora, diagnostics or generate")
-    b.add_argument("--rank", type=count, default=8, help="lora: adapter rank")
-    b.add_argument("--base-dtype", default="float32", choices=("float32", "float16", "int8", "q4", "all"),
-                   help="lora: storage of the frozen linear weights (a GPT-2 preset also runs a float32 base to "
+    b.add_argument("--rank", type=count, help="lora: adapter rank (default 8)")
+    b.add_argument("--base-dtype", choices=("float32", "float16", "int8", "q4", "all"),
+                   help="lora: storage of the frozen linear weights (default float32; a GPT-2 preset also runs a float32 base to "
                         "compare; a Llama preset (llama-tiny, smollm2-135m) adapts all-linear beside PyTorch+PEFT; "
                         "all: the four, Llama presets)")
     b.add_argument("--preset", help="train, lora, generate: model preset (default tiny)")
@@ -402,26 +422,28 @@ def main(argv=None):
                                    "(e.g. smollm2-135m-instruct)")
     b.add_argument("--new-tokens", type=count, help="generate: tokens to make (default 200, fewer where the "
                                                     "model's block_size ends first)")
-    b.add_argument("--prompt-tokens", type=count, default=16, help="generate: prompt length in tokens")
-    b.add_argument("--repeats", type=count, default=3, help="generate: timed runs of each side (the best is "
-                                                            "reported)")
+    b.add_argument("--prompt-tokens", type=count, help="generate: prompt length in tokens (default 16)")
+    b.add_argument("--repeats", type=count, help="generate: timed runs of each side (the best is reported; "
+                                                  "default 3)")
     b.add_argument("--block-size", type=count, help="train: tokens per sequence (default: the preset's block size; "
                                                     "512 for smollm2-135m)")
-    b.add_argument("--checkpoint-activations", nargs="?", type=count, const=1, default=0, metavar="K",
+    b.add_argument("--checkpoint-activations", nargs="?", type=count, const=1, metavar="K",
                    help="train: peak memory and step time without and with activation checkpointing (every block, "
                         "or every K-th), medians of 5 interleaved runs")
-    b.add_argument("--steps", type=count, default=20, help="train, lora: timed steps")
+    b.add_argument("--steps", type=count, help="train, lora: timed steps (default 20); diagnostics: steps "
+                                                "(default 300)")
     b.add_argument("--backend", choices=BACKENDS, help=backend_help)
     b.add_argument("--sizes", type=_ints, help="comma-separated matmul sizes (default 256,512,1024,2048,4096)")
-    b.add_argument("--budget", type=positive, default=0.5, help="seconds of timed repetitions per measurement")
-    b.add_argument("--model-shapes", action="store_true",
+    b.add_argument("--budget", type=positive, help="kernels: seconds of timed repetitions per measurement "
+                                                  "(default 0.5)")
+    b.add_argument("--model-shapes", action="store_true", default=None,
                    help="kernels: also time the matmul shapes of a shakespeare-char training step, and SmolLM2-135M's "
                         "linear layers with the weight float32, q4_1 and int8 (forward and q4_1's input gradient)")
-    b.add_argument("--out", help="JSON output path (default bench-results/kernels-<backend>.json)")
+    b.add_argument("--out", help="JSON output path (default bench-results/<suite>-...-<backend>.json)")
     b.set_defaults(fn=_bench)
 
     pl = sub.add_parser("plan", help="will a training plan fit a device, and how long will it take?")
-    pl.add_argument("--preset", default="tiny", help="model preset (or --config)")
+    pl.add_argument("--preset", help="model preset (default tiny; or --config)")
     pl.add_argument("--config", help="a preset, a config.json (lab's, GPT-2's, Llama/Qwen2/Mistral's), a model or "
                                      "checkpoint directory, a .gguf, a shipped model's name or a Hub id (its config "
                                      "only: no weights are read)")

@@ -170,6 +170,9 @@ def test_cli_train_nan_lr_refused(flag, value, allowed):
     (["bench", "lora", "--checkpoint-activations", "--backend", "numpy"],
      ["--checkpoint-activations goes with bench train", "for lora"]),   # (lora's bench ran without it)
     (["plan", "--batch-size", "0"], ["--batch-size", "0"]),
+    # each was dropped without a word: the plan was the other model's, or a profile's whatever the backend
+    (["plan", "--preset", "tiny", "--config", "smollm2-135m"], ["--config", "--preset", "'tiny'", "give one"]),
+    (["plan", "--device", "h100", "--backend", "numpy"], ["--backend goes with --device this", "'h100'"]),
     (["plan", "--minutes", "nan"], ["--minutes", "nan"]),
     (["generate"], ["one of the arguments --checkpoint --model is required"]),
 ])
@@ -464,3 +467,49 @@ def test_a_bench_record_whose_write_fails_midway_keeps_the_previous_record(tmp_p
     monkeypatch.undo()
     assert json.loads(out.read_text()) == {"ratio": 1.5}
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]   # no temporary left beside it
+
+
+@pytest.mark.parametrize("args, parts", [
+    (["train", "--base-dtype", "q4"], ["--base-dtype goes with bench lora, got it for train"]),
+    (["lora", "--block-size", "8"], ["--block-size goes with bench train, got it for lora"]),
+    (["kernels", "--steps", "3"], ["--steps goes with bench train or lora or diagnostics", "for kernels"]),
+    (["diagnostics", "--rank", "4"], ["--rank goes with bench lora", "for diagnostics"]),
+    (["generate", "--sizes", "64"], ["--sizes goes with bench kernels", "for generate"]),
+    (["train", "--model-shapes"], ["--model-shapes goes with bench kernels", "for train"]),
+])
+def test_bench_refuses_a_flag_its_suite_does_not_read(args, parts, monkeypatch, capsys):
+    """A flag the suite does not read ran the suite without it (bench train --base-dtype q4 timed float32)."""
+    import lab.bench.diagnostics, lab.bench.generate, lab.bench.kernels, lab.bench.lora, lab.bench.train
+    from lab.cli import main
+    for module, fn in ((lab.bench.diagnostics, "run_diagnostics_bench"), (lab.bench.generate, "run_generate_bench"),
+                       (lab.bench.kernels, "run_kernels"), (lab.bench.lora, "run_lora_bench"),
+                       (lab.bench.train, "run_train_bench")):
+        monkeypatch.setattr(module, fn, lambda *a, **k: pytest.fail("the suite ran"))
+    assert main(["bench", *args, "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(p in err for p in parts), err
+
+
+def test_bench_runs_the_steps_given_even_the_default_of_another_suite(monkeypatch):
+    """bench diagnostics --steps 20 ran 300 steps: 20, the flag's default, was taken for "not given"."""
+    import lab.bench.diagnostics
+    from lab.cli import main
+    asked = []
+    monkeypatch.setattr(lab.bench.diagnostics, "run_diagnostics_bench", lambda *a, steps, **k: asked.append(steps))
+    assert main(["bench", "diagnostics", "--steps", "20", "--backend", "numpy"]) == 0
+    assert main(["bench", "diagnostics", "--backend", "numpy"]) == 0
+    assert asked == [20, 300]
+
+
+def test_bench_out_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """--out naming a directory (or a path under a file) failed with a bare errno only after the whole run."""
+    import lab.bench.kernels
+    from lab.cli import main
+    monkeypatch.setattr(lab.bench.kernels, "run_kernels", lambda *a, **k: pytest.fail("ran before --out was checked"))
+    (tmp_path / "notes.txt").write_text("mine")
+    for out, part in ((tmp_path, "is a directory; a benchmark writes one JSON file"),
+                      (tmp_path / "notes.txt" / "k.json", "is a file, not a directory")):
+        assert main(["bench", "kernels", "--backend", "numpy", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert part in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
