@@ -224,15 +224,18 @@ def _holding(what, hint=""):
 
 
 @_holding("lora.apply")
-def apply(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, base_dtype="float32", modules_to_save=None):
+def apply(model, r=8, alpha=16, dropout=0.0, targets=None, base_dtype="float32", modules_to_save=None):
     """Wrap the linear layers `targets` names with LoRA adapters (PEFT's target_modules: names such as "q_proj",
-    dotted paths, or "all-linear": every linear layer but the output head); freeze all other parameters. `dropout`
+    dotted paths, or "all-linear": every linear layer but the output head; None: the family's default, every linear
+    layer but the head, as `lab plan` counts it); freeze all other parameters. `dropout`
     drops the adapter's input (before A) in training mode, PEFT's lora_dropout. base_dtype "float16" stores every
     frozen linear weight as float16 (embeddings, norms and biases stay float32). All or nothing: a refused
     argument leaves the model as it was. Returns the model (changed in place)."""
     if modules_to_save:
         raise InputError(f"lora.apply: modules_to_save={show(modules_to_save)} is not supported: lab trains the "
                          f"adapters alone, the embeddings and head stay frozen (leave it None)")
+    if targets is None:   # GPT-2's default named its layers, which a Llama model does not have
+        targets = getattr(model, "lora_default_targets", DEFAULT_TARGETS)
     return _apply(model, _check_settings({"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                                           "target_modules": targets, "base_dtype": base_dtype}))
 
@@ -575,6 +578,7 @@ class Adapters:
     peft_prefix = "base_model.model."
     peft_head = "lm_head"
     peft_fan_in_fan_out = False
+    lora_default_targets = ALL_LINEAR   # apply's targets when none are given
 
     peft_embedding = "model.embed_tokens"
 

@@ -75,6 +75,17 @@ def test_targets_take_peft_forms_and_peft_wraps_the_same_layers(targets, expecte
                   if isinstance(mod, peft.tuners.lora.LoraLayer)) == expected
 
 
+def test_apply_without_targets_adapts_every_linear_layer_but_the_head_in_either_family():
+    """The default targets were GPT-2's layer names: lora.apply(llama_model) failed with 'unknown target
+    module(s) ['c_attn', 'c_proj', 'c_fc']'. Each family's default is its linear layers but the head (what `lab
+    plan` counts without --lora-targets); GPT-2's keeps the names it has always saved."""
+    llama, gpt2 = lab_model(hf_model(GQA)), _gpt2()
+    assert _wrapped(lora.apply(llama, r=2)) == _wrapped(lora.apply(lab_model(hf_model(GQA)), r=2, targets="all-linear"))
+    assert llama.lora_config["target_modules"] == "all-linear"
+    assert _wrapped(lora.apply(gpt2, r=2)) == _wrapped(lora.apply(_gpt2(), r=2, targets="all-linear"))
+    assert gpt2.lora_config["target_modules"] == ["c_attn", "c_proj", "c_fc"]
+
+
 def test_unknown_target_lists_the_models_names_nearest_first_and_changes_nothing():
     m = lab_model(hf_model(GQA))
     before = _state(m)

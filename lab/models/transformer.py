@@ -17,7 +17,7 @@ from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
 from ..interp.hooks import HookedModel
 from ..io import CheckpointError, atomic_files, check_floats, read_json, read_weights, reading, weights_file
-from ..lora import Adapters, apply_config, checkpoint_config
+from ..lora import DEFAULT_TARGETS, Adapters, apply_config, checkpoint_config
 from ..plan.estimator import check_model_fits, count_params
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -261,6 +261,7 @@ class Block(nn.Module):
 class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
     peft_prefix = "base_model.model.transformer."   # transformers' GPT2LMHeadModel nests the blocks there
     peft_fan_in_fan_out = True   # transformers' GPT-2 Conv1D stores (in, out), as lab's Linear does
+    lora_default_targets = DEFAULT_TARGETS   # all its linear layers but the head, by name (as saved since the first)
 
     has_pos_embed = True
 
