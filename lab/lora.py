@@ -414,6 +414,11 @@ def merge(model):
     """Fold scale * A^T B^T into each base weight: same outputs, no adapter cost at inference. Refused, changing
     nothing, where a base is quantized (quantized_bases)."""
     found = _require_adapters(model)
+    off = [path for path, m in found if not m.enabled]
+    if off:   # merged, they would change the outputs while they read as off (PEFT's forward unmerges them then)
+        raise InputError(f"merge_adapter: refused: the adapters are switched off ({off[0]}, ...: use_adapter(False) "
+                         f"or adapter_enabled); merging would fold their update into the base weights and turn "
+                         f"them on. Nothing was changed: use_adapter(True) first to merge them")
     packed = quantized_bases(model)
     if packed:
         raise InputError(f"merge_adapter: refused: the base weights of {len(packed)} adapted layers are quantized "

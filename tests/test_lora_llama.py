@@ -197,6 +197,27 @@ def test_merging_a_tied_model_keeps_one_embedding_and_its_logits(use_backend, fa
         np.testing.assert_allclose(exported(torch.tensor(ids)).logits.numpy(), adapted, atol=1e-4)
 
 
+def test_merging_switched_off_adapters_is_refused_and_the_outputs_stay_the_bases(use_backend):
+    """use_adapter(False) then merge_adapter(): the update went into the base weights while the adapters still
+    read as off, so the model computed the adapted logits 'with the adapters off' (PEFT unmerges a disabled
+    adapter in its forward). Refused, in either switch's form, nothing changed."""
+    m = lab_model(hf_model(GQA))
+    ids = tokens((2, 7))
+    base = _logits(m, ids)
+    lora.apply(m, r=3, alpha=7, targets="all-linear")
+    _randomize_B(m)
+    m.use_adapter(False)
+    with pytest.raises(InputError, match=r"merge_adapter: refused: the adapters are switched off .* use_adapter\(True\)"):
+        m.merge_adapter()
+    np.testing.assert_array_equal(_logits(m, ids), base)
+    m.use_adapter(True)
+    with lora.adapter_enabled(m, False), pytest.raises(InputError, match="switched off"):
+        lora.merge(m)
+    assert not any(a.merged for _, a in lora.adapters(m))
+    with lora.adapter_enabled(m, False):
+        np.testing.assert_array_equal(_logits(m, ids), base)
+
+
 @pytest.mark.parametrize("family,base_dtype", [("llama", "float32"), ("gpt2", "float32"), ("llama", "float16")])
 def test_merge_then_unmerge_gives_back_the_base_bit_for_bit(use_backend, family, base_dtype, tmp_path):
     """(w + u) - u is w only to within a rounding: unmerge subtracted the update, and the base came back off by
