@@ -125,3 +125,28 @@ def test_the_monitor_takes_its_losses_without_the_whole_logits(use_backend, monk
     monkeypatch.setattr(TransformerLM, "_head", whole)
     r = mon.run(1)
     assert np.isfinite(r["sharpness"]) and r["fisher_trace"] > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_monitor_groups_llama_parameters_by_their_role(use_backend, tied):
+    """A Llama model's attention, norms and embeddings all fell into "other" (only ".attn." / "ln_" / "wte" were
+    recognised): its Fisher traces and efficiency products were reported per group under the wrong names."""
+    from lab.models import LlamaConfig, LlamaLM
+    from lab.train import TrainConfig, Trainer
+    lab.manual_seed(0)
+    m = LlamaLM(LlamaConfig(vocab_size=29, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8,
+                            tie_word_embeddings=tied))
+    ids = np.random.default_rng(0).integers(0, 29, 600)
+    t = Trainer(m, ids[:500], ids[500:], TrainConfig(steps=2, batch_size=4, block_size=8))
+    mon = DiagnosticsMonitor(t, every=1000, power_iters=1, fisher_examples=1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    grouped = {g: sorted(names[id(p)] for p in ps) for g, ps in mon.groups.items()}
+    assert set(grouped) == {"embeddings", "attention", "mlp", "norms"}
+    assert grouped["embeddings"] == ([] if tied else ["lm_head.weight"]) + ["model.embed_tokens.weight"]
+    assert grouped["norms"] == ["model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+                                "model.norm.weight"]
+    assert all(".self_attn." in n for n in grouped["attention"]) and len(grouped["attention"]) == 4
+    assert sum(map(len, grouped.values())) == len(list(m.parameters()))
+    t.train_step()
+    assert set(mon.run(1)["fisher_groups"]) == set(grouped)

@@ -206,15 +206,30 @@ def recommend(report, delta=0.01):
 
 # ------------------------------------------------------------------------------------------------ the monitor
 
+def _role(name):
+    """A parameter's group by its module names, GPT-2's (h.0.attn.c_attn, ln_1, wte) or the Llama family's
+    (model.layers.0.self_attn.q_proj, input_layernorm, embed_tokens, an untied lm_head: the unembedding)."""
+    parts = name.split(".")
+    if any(p.startswith("lora_") for p in parts):
+        return "adapters"
+    if "attn" in parts or "self_attn" in parts:
+        return "attention"
+    if "mlp" in parts:
+        return "mlp"
+    if any(p.startswith("ln_") or p.endswith("norm") for p in parts):
+        return "norms"
+    if parts[0] in ("wte", "wpe", "lm_head") or "embed_tokens" in parts:
+        return "embeddings"
+    return "other"
+
+
 def parameter_groups(model):
-    """Coarse groups by role: embeddings, attention, mlp, norms, adapters, other."""
+    """Coarse groups by role: embeddings, attention, mlp, norms, adapters, other. (Llama's names fell into "other"
+    but for its MLP: Fisher traces and efficiency products were reported for groups that did not exist.)"""
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        role = ("adapters" if ".lora_" in name else "attention" if ".attn." in name else "mlp" if ".mlp." in name
-                else "norms" if "ln_" in name else "embeddings" if name.startswith(("wte", "wpe")) else "other")
-        groups.setdefault(role, []).append(p)
+        if p.requires_grad:
+            groups.setdefault(_role(name), []).append(p)
     return groups
 
 
