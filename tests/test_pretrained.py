@@ -312,6 +312,24 @@ def test_config_naming_no_architectures_loads_as_its_model_type_as_transformers_
         _logits_equal(model, hf, IDS)
 
 
+@pytest.mark.parametrize("window", [{"max_window_layers": 3}, {"max_window_layers": 0, "layer_types": ["full_attention"] * 3}])
+def test_qwen2_sliding_window_switched_on_for_no_layer_loads_as_full_attention(hf_dirs, tmp_path, window, numpy_backend):
+    # Qwen2 slides only the layers from max_window_layers on (or those layer_types names): with none, transformers
+    # attends in full, and lab refused the file as sliding-window attention; one layer that slides is still refused
+    d = _copy(hf_dirs["bf16"][0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    (d / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True, "sliding_window": 4, **window}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    assert set(hf.config.layer_types) == {"full_attention"}
+    with lab.engine.backend.using_backend(numpy_backend):
+        _logits_equal(from_pretrained(d), hf, IDS)   # 7 tokens: a window of 4 would change them
+    (d / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True, "sliding_window": 4,
+                                               "max_window_layers": 2}))
+    with pytest.raises(CheckpointError, match="sliding_window=4 is smaller than max_position_embeddings=32"):
+        from_pretrained(d)
+
+
 def test_from_pretrained_of_a_sharded_directory_on_both_backends(hf_dirs, use_backend):
     d, hf = hf_dirs["sharded"]
     _logits_equal(from_pretrained(d), hf, IDS[:, :4])

@@ -124,6 +124,10 @@ class LlamaConfig:
             max_positions = data.get("max_position_embeddings", MAX_POSITIONS[arch])
             window = data.get("sliding_window", 4096 if mistral else None)
             uses_window = mistral or data.get("use_sliding_window", False)   # (Mistral has no such switch)
+            if uses_window and not mistral:   # Qwen2 slides only the layers its layer_types name, by default those
+                types = data.get("layer_types")   # from max_window_layers on: none when that is every layer
+                uses_window = "sliding_attention" in types if isinstance(types, list) else \
+                    data.get("max_window_layers", 28) < data["num_hidden_layers"]
             if uses_window and window is not None and window < max_positions:
                 raise CheckpointError(f"{where}sliding_window={window} is smaller than max_position_embeddings="
                                       f"{max_positions}: sliding-window attention is not supported")
