@@ -37,6 +37,8 @@ REMOVABLE = frozenset({"optimizer.safetensors", "trainer_state.json", "adapter_m
                        # a pretrained tokenizer's files that transformers reads over tokenizer_config.json: a save of
                        # a tokenizer without them removes an earlier tokenizer's (lab.data.pretrained)
                        "chat_template.jinja", "special_tokens_map.json",
+                       # an export's copy of lab's tokenizer, read first: a checkpoint saved there replaces it
+                       "lab_tokenizer.json",
                        # a sharded save's index, superseded by a model.safetensors written beside it (_Staging)
                        "model.safetensors.index.json"})
 # transformers' shard names (model-00001-of-00004.safetensors): its save_pretrained removes those of an earlier save

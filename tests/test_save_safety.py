@@ -657,3 +657,19 @@ def test_export_never_replaces_a_lora_checkpoints_own_adapter_with_one_saved_bes
 def _logits_of(model):
     with lab.no_grad():
         return model.eval()(np.array([[1, 2, 3, 4]]))[0].numpy()
+
+
+def test_a_checkpoint_saved_where_an_export_was_loads_its_own_tokenizer(tmp_path, numpy_backend):
+    """An export writes lab_tokenizer.json, which loaders read before tokenizer.json. A checkpoint saved into
+    that directory afterwards left it there, so load_checkpoint and import gave the export's tokenizer with the
+    new model (same vocabulary size: no error, wrong text)."""
+    _checkpoint(tmp_path / "ck")
+    export_checkpoint(tmp_path / "ck", tmp_path / "d")
+    tok = CharTokenizer.from_text("".join(chr(ord(c) + 200) for c in set(TEXT)))   # as many characters, others
+    assert tok.vocab_size == _trainer().tokenizer.vocab_size and tok.chars != _trainer().tokenizer.chars
+    save_checkpoint(tmp_path / "d", _model(tok.vocab_size), tok)
+    assert load_checkpoint(tmp_path / "d")[1].chars == tok.chars
+    assert import_model(tmp_path / "d")[1].chars == tok.chars
+    assert not (tmp_path / "d" / "lab_tokenizer.json").exists()
+    export_checkpoint(tmp_path / "d", tmp_path / "d2")   # an export still writes its own
+    assert (tmp_path / "d2" / "lab_tokenizer.json").is_file()

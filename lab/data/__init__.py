@@ -141,6 +141,8 @@ def write_tokenizer(files, tokenizer):
     # an earlier tokenizer's template and special-token map there would dress this one in them (transformers reads
     # both over tokenizer_config.json): they go in the same save unless this tokenizer writes its own
     files.removed.update(TOKENIZER_SIDE_FILES)
+    # an export's lab_tokenizer.json, which readers take over tokenizer.json, unless this save writes it too
+    files.removed.add(LAB_TOKENIZER_FILE)
     if callable(getattr(tokenizer, "write", None)):
         return tokenizer.write(files)
     if not callable(getattr(tokenizer, "save", None)):
