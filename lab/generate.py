@@ -189,9 +189,13 @@ def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=No
             logits = model.forward_cached(x, runner.cache, 0, pad=pad)[:, -1]
     chunk = 1   # (the first tokens show at once; the chunks grow to decode.CHUNK)
     while made < max_new_tokens:
-        if logits is None and sampler is not None and rows == 1:
-            logits = _full_logits(model, seqs[0], block, True).reshape(1, -1)
-        elif logits is None:   # (where rows recompute one by one, the host draws)
+        if logits is None and sampler is not None:
+            # rows recompute one by one and the device draws from their logits stacked, as from the cache's steps: a
+            # seed gives the same tokens with and without the cache, past block_size too (the host drew there)
+            rows_logits = [_full_logits(model, s, block, True) if live[b] else None for b, s in enumerate(seqs)]
+            alive = next(r for r in rows_logits if r is not None)   # an ended row's stand-in: its id is dropped
+            logits = F.stack([alive if r is None else r for r in rows_logits])
+        elif logits is None:
             logits = [_full_logits(model, s, block) if live[b] else None for b, s in enumerate(seqs)]
         if isinstance(logits, list) or sampler is None:
             host = logits if isinstance(logits, list) else logits.numpy()
@@ -371,10 +375,8 @@ def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repe
         return _choose(b, logits, seqs[b], rng, greedy, temperature, top_k, top_p, repetition_penalty)
 
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
-        # with the cache, a backend that samples on the device draws every row's token there (past block_size,
-        # where rows recompute one by one, the host does)
-        sampler = device_sampler(model, seqs, temperature, top_k, top_p, repetition_penalty, greedy, rng) \
-            if use_cache else None
+        # a backend that samples on the device draws every row's token there, with the cache or without
+        sampler = device_sampler(model, seqs, temperature, top_k, top_p, repetition_penalty, greedy, rng)
         with (DecodeRunner(model, B, pad=pad, sampler=sampler) if use_cache else contextlib.nullcontext()) as runner:
             # (rows that ended keep stepping with the others, as transformers' do; their ids are dropped)
             steps = _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad)

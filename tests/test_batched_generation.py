@@ -53,6 +53,17 @@ def test_a_batch_of_prompts_generates_what_each_prompt_generates_alone(use_backe
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_sampled_batch_draws_the_same_tokens_with_and_without_the_cache_past_block_size(use_backend):
+    # on wgpu the batch's tokens were drawn on the device with the cache, by the host's generator without it and
+    # past block_size: one seed, two different texts (a lone prompt drew on the device on every path)
+    model = _model("llama")
+    kw = dict(seed=7, temperature=2.0, eos_token_id=[])   # (hot: sharpened logits would draw their argmax)
+    cached = lab.generate(model, PROMPTS[:2], 20, **kw)   # 7 + 20 tokens: past block_size 24
+    for a, b in zip(cached, lab.generate(model, PROMPTS[:2], 20, use_cache=False, **kw)):
+        np.testing.assert_array_equal(a, b)
+    assert len({tuple(cached[0][-5:])} | {tuple(lab.generate(model, PROMPTS[:2], 20, **{**kw, "seed": 8})[0][-5:])}) == 2
+
+
 def test_each_row_of_a_batch_stops_at_its_own_eos_and_stop_string(use_backend):
     model = _model("gpt")
     tok = lab.CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
