@@ -32,7 +32,8 @@ JOURNAL_FILE = ".lab-save.json"   # present only while a save moves its files in
 # the only names a save removes (stale parts of an earlier save: checkpoint.OPTIMIZER_FILE and STATE_FILE without a
 # trainer, lora.ADAPTER_FILE and ADAPTER_CONFIG without adapters): a journal naming any other file is refused, so a
 # planted journal cannot delete a user's files beside a checkpoint
-REMOVABLE = frozenset({"optimizer.safetensors", "trainer_state.json", "adapter_model.safetensors",
+TRAINING_STATE_FILES = ("optimizer.safetensors", "trainer_state.json")   # checkpoint.OPTIMIZER_FILE, STATE_FILE
+REMOVABLE = frozenset({*TRAINING_STATE_FILES, "adapter_model.safetensors",
                        "adapter_config.json",
                        # a pretrained tokenizer's files that transformers reads over tokenizer_config.json: a save of
                        # a tokenizer without them removes an earlier tokenizer's (lab.data.pretrained)
@@ -149,6 +150,9 @@ class _Staging:
             # a user who deletes model.safetensors) must not get them as this model's, and their gigabytes go
             self.removed.update(p.name for p in self.directory.iterdir()
                                 if p.name == INDEX_FILE or SHARD_NAME.fullmatch(p.name))
+            # so are an earlier checkpoint's optimizer moments and trainer state: Trainer.resume would go on with
+            # them on these weights (a save_checkpoint with a trainer writes its own, which then stay)
+            self.removed.update(TRAINING_STATE_FILES)
 
 
 def check_save_target(directory, writable=False):

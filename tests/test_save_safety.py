@@ -673,3 +673,24 @@ def test_a_checkpoint_saved_where_an_export_was_loads_its_own_tokenizer(tmp_path
     assert not (tmp_path / "d" / "lab_tokenizer.json").exists()
     export_checkpoint(tmp_path / "d", tmp_path / "d2")   # an export still writes its own
     assert (tmp_path / "d2" / "lab_tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "save_pretrained_hf", "export"])
+def test_a_model_saved_over_a_checkpoint_drops_its_trainer_state(save, tmp_path, numpy_backend):
+    """save_pretrained or an export into a training checkpoint's directory replaced the weights and left
+    optimizer.safetensors and trainer_state.json: Trainer.resume went on with the other model under the first
+    run's moments, step and RNG states, with no error. Those files go with the weights they belong to (as
+    save_checkpoint without a trainer already did); a checkpoint with a trainer keeps its own."""
+    _checkpoint(tmp_path / "ck")
+    other = _trainer()
+    other.train_step()
+    if save == "export":
+        save_checkpoint(tmp_path / "other", other.model, other.tokenizer)
+        export_checkpoint(tmp_path / "other", tmp_path / "ck")
+    else:
+        other.model.save_pretrained(tmp_path / "ck", format="hf" if save.endswith("hf") else "lab")
+    assert not {"optimizer.safetensors", "trainer_state.json"} & {p.name for p in (tmp_path / "ck").iterdir()}
+    with pytest.raises(CheckpointError, match=r"ck: holds a model but no trainer state"):
+        Trainer.resume(tmp_path / "ck", other.train_ids, other.val_ids)
+    save_checkpoint(tmp_path / "ck", other.model, other.tokenizer, other)
+    assert Trainer.resume(tmp_path / "ck", other.train_ids, other.val_ids).step_num == 1
