@@ -354,3 +354,68 @@ def test_a_backward_frees_each_activation_once_its_backward_ran(use_backend):
     y.backward()
     assert freed == [True]
     np.testing.assert_array_equal(x.grad.numpy(), np.full(64, 3.0, np.float32))
+
+
+def test_a_backward_after_load_state_dict_replaced_what_its_forward_read_is_refused(use_backend):
+    """load_state_dict (and LoRA's merge) swap a parameter's array rather than update it in place, which the
+    optimizer-step check did not see: LayerNorm's dx read the new weight and came out 5x the true gradient, without a
+    word. Refused before any .grad changes, frozen weights included (the gradient of x passes through them)."""
+    import torch
+    from lab import nn
+    from lab.engine.tensor import tensor
+    x0 = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    for frozen in (False, True):
+        ln = nn.LayerNorm(4)
+        for p in ln.parameters():
+            p.requires_grad = not frozen
+        x = tensor(x0, requires_grad=True)
+        y = ln(x)
+        ln.load_state_dict({"weight": np.full(4, 5.0, np.float32), "bias": np.zeros(4, np.float32)})
+        with pytest.raises(RuntimeError, match=r"backward\(\) after an in-place update of a tensor of shape \(4,\).*"
+                                               r"load_state_dict"):
+            (y * y).sum().backward()
+        assert x.grad is None and ln.weight.grad is None
+        (ln(x) * ln(x)).sum().backward()   # a forward after the load: the new weight's gradient
+        xt = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+        (torch.nn.functional.layer_norm(xt, (4,), torch.full((4,), 5.0, dtype=torch.float64)) ** 2).sum().backward()
+        np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_a_leaf_set_to_require_grad_after_the_forward_gets_no_partial_gradient(any_backend):
+    """A leaf that did not require grad when an op read it is a constant of that op's graph (PyTorch gives it no
+    gradient there). Each op's backward decided by itself: matmul handed it one, linear_cross_entropy (deciding at
+    its forward) none, so w.grad held matmul's share alone, a wrong gradient. Now no op of a graph built before
+    gives it any; uses after the switch do."""
+    from lab.engine import ops as F
+    from lab.engine.tensor import tensor
+    rng = np.random.default_rng(1)
+    x = tensor(rng.standard_normal((3, 4)).astype(np.float32), backend=any_backend, requires_grad=True)
+    w = tensor(rng.standard_normal((5, 4)).astype(np.float32), backend=any_backend)
+    loss = F.linear_cross_entropy(x, w, [0, 1, 4]) + F.matmul(x, w, transpose_b=True).sum()
+    w.requires_grad = True
+    later = (w * 2.0).sum()
+    (loss + later).backward()
+    np.testing.assert_array_equal(w.grad.numpy(), np.full((5, 4), 2.0, np.float32))
+    assert x.grad is not None
+
+
+def test_a_float32_leaf_used_beside_float64_gets_a_float32_gradient_as_in_pytorch(numpy_backend):
+    """numpy promotes float32 * float64 to float64 (as PyTorch does), and the float32 leaf's .grad came out float64:
+    the next backward then refused it ('a leaf's .grad holds ... dtype float64'), blaming the user. (float64 exists
+    on numpy only.)"""
+    import torch
+    from lab.engine import ops as F
+    from lab.engine.tensor import tensor
+    rng = np.random.default_rng(2)
+    w0, x0 = rng.standard_normal(4), rng.standard_normal((3, 4))
+    w = tensor(w0, backend=numpy_backend, requires_grad=True)                     # float32
+    x = tensor(x0, dtype="float64", backend=numpy_backend, requires_grad=True)
+    wt = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
+    xt = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):   # the second backward adds into the first's .grad
+        (F.rms_norm(x, w) * x).sum().backward()
+        (torch.nn.functional.rms_norm(xt, (4,), wt.double(), 1e-6) * xt).sum().backward()
+    assert (w.grad.dtype, x.grad.dtype) == ("float32", "float64")
+    np.testing.assert_allclose(w.grad.numpy(), wt.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-9)
+

@@ -60,7 +60,7 @@ class Tensor:
         self._absorbs = None
         self.name = name
         self._version = 0   # counts in-place updates of data (optimizer steps): see F.checkpoint
-        self._read = ()     # a node's leaf parents with their _version when the forward read them
+        self._read = ()     # a node's leaf parents: (leaf, _version, data, requires_grad) when the forward read them
         self._gelu_input = None   # F.linear(..., activation="gelu")'s output: its pre-activation (see there)
 
     @classmethod
@@ -75,8 +75,10 @@ class Tensor:
             out._backward = backward
             out._absorbs = absorbs
             # the backward closures read the leaves' arrays as they are then: an optimizer step in between updates
-            # them in place, and the gradient would silently mix old and new weights (_walk refuses it)
-            out._read = tuple((p, p._version) for p in parents if p._backward is None and p.requires_grad)
+            # them in place, a load (load_state_dict, a LoRA merge) swaps their array, and the gradient would
+            # silently mix old and new weights (_walk refuses both); frozen leaves too (LayerNorm's dx reads its
+            # weight). Whether each required grad then decides whether it gets one (as PyTorch's graph does)
+            out._read = tuple((p, p._version, p.data, p.requires_grad) for p in parents if p._backward is None)
         return out
 
     # -- properties --
@@ -172,6 +174,9 @@ class Tensor:
             before = [(node, node.grad) for node, _ in done]
             sums = []
             for node, g in done:
+                if str(g.dtype) != node.dtype:   # a float32 leaf that met a float64 tensor (numpy promotes, as PyTorch):
+                    # its gradient in its own dtype, as PyTorch's (a float64 .grad refused the next backward's sum)
+                    g = B.from_numpy(B.to_numpy(g).astype(np_dtype(node.dtype)))
                 if node.grad is not None:
                     g = B.binary("add", node.grad.data, g)
                 elif id(B.storage(g)) in claimed:
@@ -208,16 +213,18 @@ class Tensor:
                     f"and call backward() once")
             if node._backward is None and node.grad is not None:
                 node._check_own_grad()
-            for leaf, version in node._read:
-                if leaf._version != version:
+            for leaf, version, data, _ in node._read:
+                if leaf._version != version or leaf.data is not data:
                     raise RuntimeError(
                         f"backward() after an in-place update of a tensor of shape {leaf.shape} that the forward "
-                        f"read (an optimizer step between the forward and this backward): its gradient would mix "
-                        f"the old values and the new. Run the forward again after the step, or step after backward()")
+                        f"read (an optimizer step, or its values replaced by load_state_dict or a LoRA merge, between "
+                        f"the forward and this backward): its gradient would mix the old values and the new. Run the "
+                        f"forward again after the change, or make the change after backward()")
             seen.add(id(node))
             stack.append((node, True))
+            unrecorded = _unrecorded(node)
             for p in node._parents:
-                if p.requires_grad and id(p) not in seen:
+                if p.requires_grad and id(p) not in seen and id(p) not in unrecorded:
                     stack.append((p, False))
         grads = {id(self): grad}
         done = []
@@ -229,13 +236,15 @@ class Tensor:
             if node._backward is None:  # a leaf: its .grad is updated once the walk is done
                 done.append((node, g))
                 continue
+            unrecorded = _unrecorded(node)
             if node._absorbs is None:
                 parent_grads = node._backward(g)
             else:  # the parent's gradient so far goes into the node's backward, which returns the sum
                 p = node._parents[node._absorbs]
-                parent_grads = node._backward(g, grads.pop(id(p), None) if p.requires_grad else None)
+                parent_grads = node._backward(g, grads.pop(id(p), None) if p.requires_grad and id(p) not in
+                                              unrecorded else None)
             for p, pg in zip(node._parents, parent_grads):
-                if pg is None or not p.requires_grad:
+                if pg is None or not p.requires_grad or id(p) in unrecorded:
                     continue
                 prev = grads.get(id(p))
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
@@ -272,6 +281,13 @@ class Tensor:
             raise ValueError(f"backward(): the gradient has shape {tuple(data.shape)}, the tensor {self.shape}: "
                              "they must match")
         return data if isinstance(grad, Tensor) else self.backend.from_numpy(data.astype(np_dtype(self.dtype)))
+
+
+def _unrecorded(node):
+    """ids of node's leaf parents that require grad now but did not when the forward read them (set after it):
+    they get no gradient through this node, as in PyTorch; an op's backward may still hand one, computed or not
+    as the op decided at its forward, and a part of one would be a wrong gradient."""
+    return {id(p) for p, _, _, wanted in node._read if not wanted and p.requires_grad}
 
 
 def _freed(*_):
