@@ -419,3 +419,14 @@ def test_a_float32_leaf_used_beside_float64_gets_a_float32_gradient_as_in_pytorc
     np.testing.assert_allclose(w.grad.numpy(), wt.grad.numpy(), rtol=1e-6)
     np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-9)
 
+
+
+def test_max_without_an_axis_reduces_every_element_as_numpy_and_pytorch(use_backend):
+    """x.max() took the last axis where sum(), mean(), numpy's max and torch's max take every element: x / x.max()
+    of a square x divided each row by its own maximum, silently."""
+    v = np.array([[1.0, 4.0], [2.0, 3.0]], dtype=np.float32)
+    x = lab.tensor(v, requires_grad=True)
+    m = x.max()
+    assert m.shape == () and m.item() == 4.0
+    (x / x.max()).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [[0.25, 0.25 - v.sum() / 16], [0.25, 0.25]], rtol=1e-6)

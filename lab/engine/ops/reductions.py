@@ -54,9 +54,10 @@ def mean(a, axis=None, keepdims=False):
     return mul(sum(a, axes, keepdims), 1.0 / n if n else math.nan)  # the mean of no elements is NaN (numpy, PyTorch)
 
 
-def max(a, axis=-1, keepdims=False):
-    """Maximum along `axis`: an int, a tuple, or None for all elements (as numpy). On ties the gradient is split
-    evenly among the maximal elements (PyTorch's amax): each gets g / count, so the shares add up to g (giving
+def max(a, axis=None, keepdims=False):
+    """Maximum along `axis`: an int, a tuple, or None for all elements (the default, as numpy's, PyTorch's and sum's:
+    with the last axis by default, x / x.max() of a square x divided by row maxima, silently). On ties the gradient
+    is split evenly among the maximal elements (PyTorch's amax): each gets g / count, so the shares add up to g (giving
     each the whole g would make a gradient that sums to count * g, not a subgradient)."""
     _check_float(a, "max")
     B = a.backend
