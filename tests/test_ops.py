@@ -887,3 +887,48 @@ def test_gelu_and_its_gradient_match_torch_across_the_chunks_of_a_large_activati
     yt.backward(torch.tensor(g_np, dtype=torch.float64))
     np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _operand_cases(other):
+    """(op name, a call of it with x (2, 3) and one operand made by other(array)): every op taking a second tensor."""
+    from lab.engine import ops as F
+    w = lambda *s: other(np.ones(s, np.float32))   # noqa: E731
+    return [
+        ("matmul", lambda x: F.matmul(x, w(3, 4))), ("matmul @", lambda x: x @ w(3, 4)),
+        ("linear", lambda x: F.linear(x, w(3, 4))), ("linear bias", lambda x: F.linear(x, F.tensor(np.ones((3, 4)), backend=x.backend), w(4))),
+        ("linear residual", lambda x: F.linear(x, F.tensor(np.ones((3, 4)), backend=x.backend), residual=w(2, 4))),
+        ("lora_add", lambda x: F.lora_add(x, x, w(2, 3), w(3, 2), 1.0)),
+        ("attention", lambda x: F.scaled_dot_product_attention(x.reshape(1, 1, 2, 3), w(1, 1, 2, 3), w(1, 1, 2, 3))),
+        ("layer_norm", lambda x: F.layer_norm(x, w(3))), ("rms_norm", lambda x: F.rms_norm(x, w(3))),
+        ("embedding", lambda x: F.embedding([0, 1], w(3, 3))), ("concat", lambda x: F.concat([x, w(1, 3)])),
+        ("stack", lambda x: F.stack([x, w(2, 3)])), ("add", lambda x: x + w(2, 3)), ("swiglu", lambda x: F.swiglu(x, w(2, 3))),
+    ]
+
+
+def test_an_operand_on_another_backend_is_one_clear_error(wgpu_backend, numpy_backend):
+    """matmul (and so attention), linear and lora_add took another backend's tensor as it was: its array reached
+    this backend's kernels and failed there ('numpy.ndarray' object has no attribute 'storage')."""
+    from lab.engine.tensor import tensor
+    for here, there in ((numpy_backend, wgpu_backend), (wgpu_backend, numpy_backend)):
+        x = tensor(np.ones((2, 3), np.float32), backend=here, requires_grad=True)
+        for name, call in _operand_cases(lambda a: tensor(a, backend=there)):
+            if name == "embedding":
+                continue   # (its table is the tensor: its own backend's)
+            with pytest.raises(ValueError, match=f"{here.name}|{there.name}") as e:
+                call(x)
+            assert there.name in str(e.value) and here.name in str(e.value), (name, str(e.value))
+
+
+def test_an_array_where_an_op_needs_a_tensor_is_a_constant_or_one_clear_error(numpy_backend):
+    """A numpy array where an op's parameter is read (a norm's weight, an embedding table, lora's A and B, a
+    concat's part) failed inside the op with an AttributeError; now ValueError naming the op. The operands that
+    arithmetic lifts to constants (matmul's b, add's, linear's weight and bias as matmul's) give the product."""
+    from lab.engine.tensor import tensor
+    x = tensor(np.ones((2, 3), np.float32), backend=numpy_backend)
+    lifted = {"matmul", "matmul @", "linear", "linear bias", "linear residual", "attention", "add", "swiglu"}
+    for name, call in _operand_cases(lambda a: a):
+        if name in lifted:
+            assert call(x).backend is numpy_backend
+        else:
+            with pytest.raises(ValueError, match=r"expected a Tensor, got a ndarray"):
+                call(x)

@@ -60,6 +60,7 @@ def _expand(B, g, keep_shape, shape):
 def _check_float(x, op):
     """Arithmetic needs float32 or float64: the GPU kernels read every buffer as f32, so an int32 tensor's bits would
     be taken as floats there (1 read as 1.4e-45), and numpy would round a float constant to the int type."""
+    _check_tensor(x, op)
     dtype = x.dtype   # (a str made from the array's dtype: read once, this runs for every op of a step)
     if dtype in ("float32", "float64"):
         return
@@ -69,8 +70,14 @@ def _check_float(x, op):
                      "on numpy; lab.tensor(t.numpy(), dtype='float32') makes a float copy)")
 
 
+def _check_tensor(x, op):
+    if not isinstance(x, Tensor):   # (an array got as far as a backend's kernel: an AttributeError from inside it)
+        raise ValueError(f"{op}: expected a Tensor, got a {type(x).__name__} (lab.tensor(...) makes one)")
+
+
 def _check_unpacked(x, op):
     """A packed weight (QuantizedWeight) has no float elements to view or copy: only its linear layer reads it."""
+    _check_tensor(x, op)
     if isinstance(x, QuantizedWeight):
         raise ValueError(f"{op}: a {x.dtype} weight of shape {_shape_str(x.shape)} is packed (a frozen quantized "
                          f"base): only its linear layer (F.linear) multiplies by it; .numpy() gives its float32 "

@@ -14,8 +14,7 @@ from .shape import concat
 
 def matmul(a, b, transpose_a=False, transpose_b=False):
     """a @ b with optional transposed operands. Leading (batch) dims must match, or one side is 2D."""
-    if not isinstance(b, Tensor):
-        b = _lift(b, a)
+    b = _lift(b, a)   # (a Tensor of another backend refused: its array reached the other's kernels)
     if a.ndim < 2 or b.ndim < 2:
         raise ValueError(f"matmul: operands need at least 2 dimensions, got shapes {_shape_str(a.shape)} "
                          f"and {_shape_str(b.shape)}")
@@ -206,6 +205,8 @@ def linear(x, weight, bias=None, activation=None, residual=None):
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias, activation, residual)
     _check_activation(activation)
+    _check_float(x, "linear")
+    weight, bias = _lift(weight, x), None if bias is None else _lift(bias, x)   # (as matmul takes its operands)
     if weight.ndim != 2:
         raise ValueError(f"linear: the weight must be 2-D (K, N), got shape {_shape_str(weight.shape)}")
     if weight.dtype != "float16":  # (a float16 weight is storage the matmul reads as it is)
@@ -217,7 +218,6 @@ def linear(x, weight, bias=None, activation=None, residual=None):
         raise ValueError(f"linear: input {_shape_str(x.shape)}, weight {_shape_str(weight.shape)} and bias "
                          f"{_shape_str(bias.shape) if bias is not None else None} do not fit (want (..., {K}), "
                          f"({K}, N), (N,))")
-    _check_float(x, "linear")
     residual = _check_residual(residual, x, N, "linear")
     B = x.backend
     if activation == "gelu" and not B.fused_matmul_gelu:
@@ -321,7 +321,7 @@ def _check_residual(residual, x, N, op):
     """residual as a Tensor of linear's output shape x.shape[:-1] + (N,), or None; one error for anything else."""
     if residual is None:
         return None
-    residual = residual if isinstance(residual, Tensor) else _lift(residual, x)
+    residual = _lift(residual, x)
     _check_float(residual, op)
     if residual.shape != x.shape[:-1] + (N,):
         raise ValueError(f"{op}: residual {_shape_str(residual.shape)} must have the output's shape "
@@ -344,6 +344,7 @@ def quantized_linear(x, qweight, bias=None, activation=None, residual=None):
                          f"{type(qweight).__name__}; a float weight goes to linear")
     if bias is not None:
         _check_float(bias, "quantized_linear")
+        bias = _lift(bias, x)
     K, N = qweight.shape
     if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
         raise ValueError(f"quantized_linear: input {_shape_str(x.shape)}, weight {_shape_str(qweight.shape)} and "

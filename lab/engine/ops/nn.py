@@ -280,6 +280,9 @@ def dropout(x, p=0.1, training=True, seed=None):
 def lora_add(base_out, x, A, B, scale):
     """base_out + scale * (x A^T) B^T: LoRA's update added to a frozen layer's output.
     x (..., K), A (r, K), B (N, r), base_out (..., N). Forward fused (lora.wgsl); backward four matmuls."""
+    for t in (base_out, x, A, B):
+        _check_float(t, "lora_add")
+    base_out, A, B = (_lift(t, x) for t in (base_out, A, B))   # (another backend's arrays reached these kernels)
     K, N = x.shape[-1], base_out.shape[-1]
     r = A.shape[0]
     if A.shape != (r, K) or B.shape != (N, r) or base_out.shape[:-1] != x.shape[:-1]:

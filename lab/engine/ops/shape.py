@@ -166,6 +166,8 @@ def stack(tensors, axis=0):
     tensors = list(tensors)
     if not tensors:
         raise ValueError("stack: need at least one tensor")
+    for t in tensors:
+        _check_unpacked(t, "stack")
     shape = tensors[0].shape
     for t in tensors[1:]:
         if t.shape != shape:
