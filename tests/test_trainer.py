@@ -219,3 +219,17 @@ def test_evaluate_refuses_a_batch_count_that_is_not_a_positive_integer(data):
         with pytest.raises(InputError, match=f"^batches must be an integer >= 1, got {bad!r}"):
             t.evaluate(bad)
     assert t.evaluate(2.0) == t.evaluate(2) and np.isfinite(t.evaluate())
+
+
+def test_a_trainer_built_before_lora_apply_says_to_build_a_new_one(data, use_backend):
+    """lora.apply after the Trainer was built froze every parameter its optimizer holds and trained new ones it
+    does not: the step failed with 'grad_norm: no parameter has a gradient', which says nothing of why."""
+    from lab import lora
+    t = _trainer(data)
+    t.train_step()
+    lora.apply(t.model, r=2, alpha=4)
+    with pytest.raises(ValueError, match=r"trainable parameters changed after this Trainer was built .* build a new "
+                                         r"Trainer"):
+        t.train_step()
+    assert t.step_num == 1 and t.optimizer.step_count == 1
+    assert Trainer(t.model, t.train_ids, t.val_ids, t.cfg).train_step()[0].item() > 0   # as the error says

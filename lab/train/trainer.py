@@ -429,6 +429,10 @@ class Trainer:
                                  _frozen_reason(self.model))
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
+        if not any(p.grad is not None for p in self.optimizer.params):   # grad_norm would refuse, not saying why
+            raise InputError("Trainer: the loss reached none of the parameters its optimizer holds: the model's "
+                             "trainable parameters changed after this Trainer was built (lora.apply, load_adapter or "
+                             "requires_grad set since): build a new Trainer for the model as it is now")
         norm = grad_norm(self.optimizer.params)
         # clipping happens inside the update's kernel; a NaN/Inf norm skips the update on the device (no readback):
         # the weights never take a bad step
