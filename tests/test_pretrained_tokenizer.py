@@ -139,6 +139,21 @@ def test_named_chat_templates_load_render_and_save_as_transformers_does(tiny_ggu
         lab.load_tokenizer(src)
 
 
+def test_chat_template_arguments_that_change_what_comes_back_are_one_input_error_not_a_damaged_file(tiny_gguf):
+    # return_dict=True was "the chat template failed (multiple values for 'return_dict')", a CheckpointError blaming
+    # the file; return_tensors a bare ValueError from int() of a tensor
+    tok = lab.load_tokenizer(tiny_gguf)
+    ids = tok.apply_chat_template(CHAT[:2])
+    assert tok.apply_chat_template(CHAT[:2], return_dict=False, return_tensors=None) == ids   # (the defaults pass)
+    for kw in ({"return_dict": True}, {"return_tensors": "pt"}, {"return_tensors": "np"},
+               {"return_assistant_tokens_mask": True}):
+        with pytest.raises(InputError, match=rf"^apply_chat_template returns the text \(tokenize=False\) or a list of "
+                                             rf"token ids.*got {next(iter(kw))}="):
+            tok.apply_chat_template(CHAT[:2], **kw)
+    with pytest.raises(InputError, match=r"cannot render these messages .*nor the arguments \['tokenizer_kwargs'\]"):
+        tok.apply_chat_template(CHAT[:2], tokenizer_kwargs=5)
+
+
 @pytest.fixture
 def tiny_gguf(tmp_path):
     return write_gguf(tmp_path / "tiny.gguf", hf_tensors())

@@ -207,8 +207,17 @@ class PretrainedTokenizer:
                     isinstance(v, dict) or (name == "tools" and callable(v)) for v in value)):
                 raise InputError(f"apply_chat_template: {name} must be None or a list of "
                                  f"{'dicts (JSON schemas) or functions' if name == 'tools' else 'dicts'}, got {show(value)}")
-        plain = tools is None and documents is None and all(isinstance(m.get("content"), (str, type(None)))
-                                                            for m in messages)
+        # what would change the result's type from transformers' return_dict=False (text, or a list of ids): asked
+        # for, the call raised "multiple values for 'return_dict'" as a damaged template, or int() of a tensor
+        shaped = {k: template_kwargs.pop(k) for k in ("return_dict", "return_tensors", "return_assistant_tokens_mask")
+                  if k in template_kwargs}
+        if any(v not in (None, False) for v in shaped.values()):
+            raise InputError(f"apply_chat_template returns the text (tokenize=False) or a list of token ids, as "
+                             f"transformers' return_dict=False; got {', '.join(f'{k}={v!r}' for k, v in shaped.items())}"
+                             f": wrap the ids yourself (np.asarray(ids), torch.tensor([ids]))")
+        # any other keyword is a template variable or transformers' option, given by the caller like the messages
+        plain = tools is None and documents is None and not template_kwargs and all(
+            isinstance(m.get("content"), (str, type(None))) for m in messages)
         try:
             out = self._hf.apply_chat_template(
                 [dict(m) for m in messages], tools=tools, documents=documents,
@@ -220,9 +229,10 @@ class PretrainedTokenizer:
             raise InputError(f"{self.template_source}: the chat template refused these messages "
                              f"({type(e).__name__}: {e})") from None
         except Exception as e:   # noqa: BLE001: a template runs code ({{ 1 / 0 }}, a str + int)
-            if not plain:   # a template written for text alone, given parts, tools or documents
+            if not plain:   # a template written for text alone, given parts, tools, documents or other arguments
+                extra = f", nor the arguments {sorted(template_kwargs)}" if template_kwargs else ""
                 raise InputError(f"{self.template_source}: the chat template cannot render these messages (it may "
-                                 f"take only text content, and no tools or documents) ({type(e).__name__}: "
+                                 f"take only text content, and no tools or documents{extra}) ({type(e).__name__}: "
                                  f"{str(e)[:300]})") from None
             raise CheckpointError(f"{self.template_source}: the chat template failed ({type(e).__name__}: "
                                   f"{str(e)[:300]})") from None
