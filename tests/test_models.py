@@ -64,3 +64,29 @@ def test_both_architectures_learn_with_the_same_trainer(use_backend):
         before = t.evaluate(2)
         t.run(progress=False)
         assert t.evaluate(2) < before - 0.5, type(m).__name__
+
+
+def test_a_layer_shared_by_two_attributes_is_one_parameter_stepped_once(use_backend):
+    """A Module reaching one Linear by two attributes listed its weight twice: an optimizer built from
+    model.parameters() applied each step's update twice (SGD moved it 2 lr g) and num_parameters counted it twice.
+    Each tensor is listed once under its first name, as PyTorch's named_parameters does."""
+    from lab import nn
+    from lab.train import SGD
+
+    class Shared(nn.Module):
+        def __init__(self):
+            self.a = nn.Linear(2, 3, bias=False)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.a(x)[:, :2])
+
+    m = Shared()
+    assert [n for n, _ in m.named_parameters()] == ["a.weight"] and m.num_parameters() == 6
+    assert list(m.state_dict()) == ["a.weight"]
+    before = m.a.weight.numpy()
+    opt = SGD(m.parameters(), lr=0.1)
+    m(lab.tensor(np.ones((1, 2), np.float32))).sum().backward()
+    g = m.a.weight.grad.numpy()
+    opt.step()
+    np.testing.assert_allclose(m.a.weight.numpy(), before - 0.1 * g, rtol=1e-6, atol=1e-7)

@@ -256,9 +256,13 @@ class Module:
         return (m for _, m in self.named_modules())
 
     def named_parameters(self, prefix=""):
+        """(name, tensor) of every parameter, each tensor once under its first name (as PyTorch's): a layer reached
+        by two attributes was stepped twice per optimizer step and counted twice."""
+        seen = set()
         for path, module in self.named_modules(prefix):
             for name, value in vars(module).items():
-                if isinstance(value, Tensor) and not name.startswith("_"):
+                if isinstance(value, Tensor) and not name.startswith("_") and id(value) not in seen:
+                    seen.add(id(value))
                     yield (f"{path}.{name}" if path else name), value
 
     def parameters(self):
