@@ -643,12 +643,15 @@ def test_export_never_replaces_a_lora_checkpoints_own_adapter_with_one_saved_bes
     snapshot = _logits_of(t.model)
     t.train_step()
     save_checkpoint(ck, t.model, t.tokenizer, t)
-    with pytest.raises(CheckpointError, match=r"ck: holds LoRA adapters of its own .* holds another adapter .*"
-                                              r"pass adapter="):
+    with pytest.raises(CheckpointError, match=r"ck: holds LoRA adapters of its own .* another adapter \(other "
+                                              r"values\): pass adapter="):
         export_checkpoint(ck, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     np.testing.assert_allclose(_logits_of(import_model(export_checkpoint(ck, tmp_path / "hf", adapter=ck / where))[0]),
                                snapshot, atol=1e-6)
+    (ck / where / "adapter_config.json").write_text("{damaged")
+    with pytest.raises(CheckpointError, match=r"another adapter \(.*adapter_config\.json: not valid JSON"):
+        export_checkpoint(ck, tmp_path / "hf2")
     lora.save_adapter(t.model, ck / where)   # now the checkpoint's own values
     np.testing.assert_allclose(_logits_of(import_model(export_checkpoint(ck, tmp_path / "hf"))[0]),
                                _logits_of(t.model), atol=1e-6)

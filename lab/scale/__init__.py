@@ -49,6 +49,23 @@ def _find_adapter(checkpoint, adapter):
     return None
 
 
+def _same_adapter_beside(model, adapter_dir, checkpoint):
+    """A LoRA checkpoint's adapters are the run's own: an adapter found in its directory (saved there at another
+    step, or by another run) must hold their values, or the export would carry it in their place."""
+    from .. import lora
+    own = [(m, m.lora_A.numpy().copy(), m.lora_B.numpy().copy(), m.scale) for _, m in lora.adapters(model)]
+    try:
+        lora.load_adapter(model, adapter_dir)
+        why = "" if all(np.array_equal(a, m.lora_A.numpy()) and np.array_equal(b, m.lora_B.numpy()) and s == m.scale
+                        for m, a, b, s in own) else "other values"
+    except CheckpointError as e:
+        why = str(e)
+    if why:
+        raise CheckpointError(f"{checkpoint}: holds LoRA adapters of its own (in its weights), and {adapter_dir} "
+                              f"another adapter ({why}): pass adapter= (--adapter {adapter_dir}) to export that "
+                              f"one, or move it out of the checkpoint to export the checkpoint's own")
+
+
 def _apart(source, out):
     """The two layouts share file names (model.safetensors, config.json, tokenizer.json in another format):
     converting a directory onto itself would overwrite the files it is read from."""
@@ -68,22 +85,10 @@ def export_checkpoint(checkpoint, out, format="hf", adapter=None):
     with reading(checkpoint):   # the model, tokenizer and adapter of one save
         model, tokenizer, _ = load_checkpoint(checkpoint)
         adapter_dir = _find_adapter(checkpoint, adapter)
-        own = [(m, m.lora_A.numpy().copy(), m.lora_B.numpy().copy(), m.scale) for _, m in lora.adapters(model)]
-        if adapter_dir is not None:
-            try:
-                lora.load_adapter(model, adapter_dir)   # checks that it fits this base before anything is written
-                same = all(np.array_equal(a, m.lora_A.numpy()) and np.array_equal(b, m.lora_B.numpy()) and s == m.scale
-                           for m, a, b, s in own)
-            except CheckpointError:
-                if not own or adapter is not None:
-                    raise
-                same = False
-            # an adapter saved into the run's directory earlier must not replace the run's own, trained since
-            if own and adapter is None and not same:
-                raise CheckpointError(f"{checkpoint}: holds LoRA adapters of its own (in its weights) and "
-                                      f"{adapter_dir} holds another adapter (saved there at another step or by another run?): "
-                                      f"pass adapter= (--adapter {adapter_dir}) to export that one, or move it out "
-                                      f"of the checkpoint to export the checkpoint's own")
+        if adapter_dir is not None and adapter is None and lora.adapters(model):
+            _same_adapter_beside(model, adapter_dir, checkpoint)
+        elif adapter_dir is not None:
+            lora.load_adapter(model, adapter_dir)   # checks that the adapter fits this base before anything is written
     has_adapter = bool(lora.adapters(model))    # the one given, or a LoRA run's own (its checkpoint holds it)
     if has_adapter:
         lora.unmerge(model)   # the base goes out without the update: adapter/ carries it
