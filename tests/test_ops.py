@@ -932,3 +932,33 @@ def test_an_array_where_an_op_needs_a_tensor_is_a_constant_or_one_clear_error(nu
         else:
             with pytest.raises(ValueError, match=r"expected a Tensor, got a ndarray"):
                 call(x)
+
+
+def test_decode_attention_refuses_rotary_tables_it_cannot_read(any_backend):
+    """decode_attention checked q, k, v and the cache but not the rotary tables: int32 tables went to the wgpu
+    kernel, which read their bits as floats (1 as 1.4e-45) and returned an output without a word; arrays and
+    another backend's tables failed inside it with an AttributeError."""
+    from lab.engine import ops as F
+    from lab.engine.tensor import no_grad, tensor
+    other = "wgpu" if any_backend.name == "numpy" else "numpy"
+    H, D = 2, 4
+    qkv = tensor(np.ones((1, 1, 4 * D), np.float32), backend=any_backend)
+    cache = tuple(tensor(np.zeros((1, 1, 8, D), np.float32), backend=any_backend) for _ in range(2))
+    if not F.decode_attention_applies(qkv, D):
+        pytest.skip(f"no decode attention kernel on {any_backend.name}")
+    ones = np.ones((8, D))
+    with no_grad():
+        for tables, error in [((tensor(ones.astype(np.int32), backend=any_backend),) * 2, "got dtype int32"),
+                              ((ones, ones), "expected a Tensor, got a ndarray")] + (
+                [((tensor(ones, backend=other),) * 2, "different backends")] if other != "wgpu" or _has_wgpu() else []):
+            with pytest.raises(ValueError, match=f"decode_attention: .*{error}"):
+                F.decode_attention(qkv, cache, 2, H, rope=tables)
+
+
+def _has_wgpu():
+    from lab.engine.backend import backend_instance
+    try:
+        backend_instance("wgpu")
+        return True
+    except Exception:
+        return False

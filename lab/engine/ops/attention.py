@@ -177,7 +177,7 @@ def decode_attention(qkv, cache, pos, n_head, pad=None, rope=None):
         raise ValueError(f"{where}: projections must be {', '.join(_shape_str((Bsz, 1, w)) for w in want)} (one "
                          f"token per row of the cache's batch {Bsz}, {H} query and {Hkv} key-value heads of {D}), "
                          f"got {', '.join(_shape_str(t.shape) for t in parts)}")
-    for t in parts + (cache_k, cache_v):
+    for t in parts + (cache_k, cache_v) + tuple(rope or ()):   # (the kernel read an int32 table's bits as floats)
         _check_float(t, where)
         if t.backend is not parts[0].backend:
             raise ValueError(f"{where}: tensors live on different backends: {parts[0].backend.name} and "
