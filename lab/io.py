@@ -305,9 +305,11 @@ def _commit(staging, remove):
         tmp.write_text(json.dumps(journal), encoding="utf-8")
         _fsync(tmp)
         os.replace(tmp, d / JOURNAL_FILE)
+        # at once (no call between, where a Ctrl-C is raised): the journal names the temporaries now, and a failed
+        # save's cleanup deleting them would leave the journal's removals alone to apply to the old files
+        staging.committed = True
     finally:
         tmp.unlink(missing_ok=True)
-    staging.committed = True
     _fsync(d, directory=True)
     _apply_journal(d, journal)
 

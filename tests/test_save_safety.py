@@ -697,3 +697,26 @@ def test_a_model_saved_over_a_checkpoint_drops_its_trainer_state(save, tmp_path,
         Trainer.resume(tmp_path / "ck", other.train_ids, other.val_ids)
     save_checkpoint(tmp_path / "ck", other.model, other.tokenizer, other)
     assert Trainer.resume(tmp_path / "ck", other.train_ids, other.val_ids).step_num == 1
+
+
+def test_a_ctrl_c_right_after_the_save_journal_lands_leaves_one_whole_save(tmp_path, numpy_backend, monkeypatch):
+    """A KeyboardInterrupt between the journal's rename and the save marking itself committed: the failed save's
+    cleanup deleted the temporaries the journal names, and the next load applied only its removals: the old
+    weights without their trainer state (a checkpoint neither old nor new)."""
+    t = _checkpoint(tmp_path / "ck")
+    t.train_step()
+    new = {n: p.numpy().copy() for n, p in t.model.named_parameters()}
+    unlink = Path.unlink
+
+    def interrupted(self, *args, **kwargs):
+        unlink(self, *args, **kwargs)
+        if self.name.startswith(f"{JOURNAL_FILE}.tmp-"):   # the journal's temporary, just renamed into place
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.model.save_pretrained(tmp_path / "ck")   # supersedes the checkpoint's trainer state
+    monkeypatch.setattr(Path, "unlink", unlink)
+    model, _, state = load_checkpoint(tmp_path / "ck")   # finishes the journal
+    assert state is None
+    for n, p in model.named_parameters():
+        np.testing.assert_array_equal(p.numpy(), new[n])
