@@ -962,3 +962,16 @@ def _has_wgpu():
         return True
     except Exception:
         return False
+
+
+def test_a_float16_operand_of_an_op_other_than_linear_says_linear_reads_it(numpy_backend):
+    """matmul refused a float16 operand saying float16 tensors are 'read by linear and matmul only': the error
+    contradicted itself. Only linear reads them; the message says so and how to make a float32 copy."""
+    from lab.engine import ops as F
+    from lab.engine.tensor import tensor
+    x = tensor(np.ones((2, 3), np.float32), backend=numpy_backend)
+    w = tensor(np.ones((3, 4)), dtype="float16", backend=numpy_backend)
+    with pytest.raises(ValueError, match=r"^matmul: float16 tensors .* read by linear \(F.linear, nn.Linear\) only; "
+                                         r"lab.tensor\(t.numpy\(\), dtype='float32'\)"):
+        F.matmul(x, w)
+    np.testing.assert_array_equal(F.linear(x, w).numpy(), np.full((2, 4), 3.0))

@@ -314,7 +314,7 @@ def tensor(data, requires_grad=False, dtype=None, backend=None):
         raise ValueError("only floating-point tensors can require gradients")
     if dtype == "float16":
         if requires_grad:
-            raise ValueError("float16 tensors are storage for frozen weights (read by linear and matmul in float32 "
+            raise ValueError("float16 tensors are storage for frozen weights (read by linear in float32 "
                              "arithmetic) and cannot require gradients: train float32 tensors")
         require_half_storage(b, "keep the weights float32")
     if np_dtype(dtype) is np.int32 and arr.dtype.kind in "iu" and arr.size:

@@ -65,7 +65,8 @@ def _check_float(x, op):
     if dtype in ("float32", "float64"):
         return
     if dtype == "float16":
-        raise ValueError(f"{op}: float16 tensors are storage for frozen weights, read by linear and matmul only")
+        raise ValueError(f"{op}: float16 tensors are storage for frozen weights, read by linear (F.linear, nn.Linear) "
+                         "only; lab.tensor(t.numpy(), dtype='float32') makes a float32 copy")
     raise ValueError(f"{op}: expected a floating-point tensor, got dtype {dtype} (allowed: float32, and float64 "
                      "on numpy; lab.tensor(t.numpy(), dtype='float32') makes a float copy)")
 
