@@ -136,6 +136,8 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     rng = np.random.default_rng(seed) if seed is not None else generator()
     # ProNeuralLM keeps no KV cache (an AttributeError before): each token recomputes over the last block_size
     use_cache = use_cache and hasattr(model, "new_cache")
+    if use_cache:   # the cache holds block_size slots (Llama 3.2's 131072: GiBs): refused, not a MemoryError or an
+        check_cache_fits(model, 1)   # out-of-memory kill, as a batch's and a beam search's are
     out, text = [], ""
     # evaluating(), not model.eval(): a training thread may be stepping this model (TrainingPanel.start())
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
@@ -347,7 +349,7 @@ def check_cache_fits(model, batch):
             reasons.append(f"it needs {2 * layers * batch * row / 2 ** 30:.2f} GiB beside "
                            f"{weights / 2 ** 30:.2f} GiB of weights, the device has {prof.memory_bytes / 2 ** 30:.2f} GiB")
         raise DoesNotFitError(f"a KV cache for a batch of {batch} does not fit {prof.name}: {'; '.join(reasons)}; "
-                              f"at most {fits} rows fit (fewer prompts or beams, or a smaller block_size)", None)
+                              f"at most {fits} rows fit (fewer prompts or beams, a smaller block_size, or use_cache=False)", None)
 
 
 def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, tokenizer,

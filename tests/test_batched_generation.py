@@ -64,6 +64,20 @@ def test_a_sampled_batch_draws_the_same_tokens_with_and_without_the_cache_past_b
     assert len({tuple(cached[0][-5:])} | {tuple(lab.generate(model, PROMPTS[:2], 20, **{**kw, "seed": 8})[0][-5:])}) == 2
 
 
+def test_a_lone_prompts_kv_cache_that_cannot_fit_is_refused_before_it_is_allocated(use_backend, monkeypatch):
+    # a batch's and a beam search's cache were checked, a lone prompt's not: block_size slots per layer (Llama 3.2's
+    # 131072) went to the allocator, a MemoryError, or an out-of-memory kill of the kernel where it fits virtually
+    from dataclasses import replace as changed
+    from lab.plan import profiles
+    model = _model("llama")   # its cache: 2 layers x keys and values of 2 x 24 x 8 float32, 3 KiB each
+    real = profiles.limits_profile
+    monkeypatch.setattr(profiles, "limits_profile", lambda backend: changed(real(backend), memory_bytes=16 * 1024))
+    for kw in ({"greedy": True}, {"seed": 0}):
+        with pytest.raises(DoesNotFitError, match=r"a KV cache for a batch of 1 does not fit .*or use_cache=False"):
+            lab.generate(model, [1, 2, 3], 2, **kw)
+    assert len(lab.generate(model, [1, 2, 3], 2, greedy=True, use_cache=False)) == 2
+
+
 def test_each_row_of_a_batch_stops_at_its_own_eos_and_stop_string(use_backend):
     model = _model("gpt")
     tok = lab.CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
