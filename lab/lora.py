@@ -411,8 +411,9 @@ def adapter_enabled(model, enabled):
 
 @_holding("lora.merge")
 def merge(model):
-    """Fold scale * A^T B^T into each base weight: same outputs, no adapter cost at inference. Refused, changing
-    nothing, where a base is quantized (quantized_bases)."""
+    """Fold scale * A^T B^T into each base weight: same outputs, no adapter cost at inference. The base's values
+    stay on the host (a copy of the adapted weights) until unmerge gives them back bit for bit. Refused, changing
+    nothing, where a base is quantized (quantized_bases) or the adapters are switched off."""
     found = _require_adapters(model)
     off = [path for path, m in found if not m.enabled]
     if off:   # merged, they would change the outputs while they read as off (PEFT's forward unmerges them then)
