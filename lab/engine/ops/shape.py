@@ -8,7 +8,7 @@ import numpy as np
 
 from ..backend import contiguous_strides
 from ..tensor import Tensor
-from ._common import _check_unpacked, _shape_str, normalize_axis
+from ._common import _check_tensor, _check_unpacked, _shape_str, normalize_axis
 
 
 def reshape(a, *shape):
@@ -167,7 +167,7 @@ def stack(tensors, axis=0):
     if not tensors:
         raise ValueError("stack: need at least one tensor")
     for t in tensors:
-        _check_unpacked(t, "stack")
+        _check_tensor(t, "stack")
     shape = tensors[0].shape
     for t in tensors[1:]:
         if t.shape != shape:
