@@ -430,3 +430,20 @@ def test_max_without_an_axis_reduces_every_element_as_numpy_and_pytorch(use_back
     assert m.shape == () and m.item() == 4.0
     (x / x.max()).sum().backward()
     np.testing.assert_allclose(x.grad.numpy(), [[0.25, 0.25 - v.sum() / 16], [0.25, 0.25]], rtol=1e-6)
+
+
+def test_requires_grad_off_on_an_ops_output_is_refused_not_a_silent_detach(use_backend):
+    """Setting requires_grad False on an op's output made the backward walk skip it: the leaves below lost their
+    gradient through it in every use, those before the switch too (w.grad None after h = x @ w; h.requires_grad =
+    False). Refused, as PyTorch refuses it; detach() is the way to use a value outside the graph, and leaves may
+    still be frozen."""
+    x = lab.tensor(np.ones((2, 3), np.float32))
+    w = lab.tensor(np.full((3, 2), 0.5, np.float32), requires_grad=True)
+    h = x @ w
+    for switch in (lambda: setattr(h, "requires_grad", False), lambda: h.requires_grad_(False)):
+        with pytest.raises(RuntimeError, match=r"requires_grad = False on a tensor of shape \(2, 2\) that an op made"):
+            switch()
+    (h * h.detach()).sum().backward()
+    np.testing.assert_allclose(w.grad.numpy(), np.full((3, 2), 3.0))
+    w.requires_grad = False   # a leaf: frozen as before
+    assert not (x @ w).requires_grad

@@ -46,7 +46,7 @@ def enable_grad():
 
 
 class Tensor:
-    __slots__ = ("data", "backend", "requires_grad", "grad", "_parents", "_backward", "_absorbs", "name",
+    __slots__ = ("data", "backend", "_requires_grad", "grad", "_parents", "_backward", "_absorbs", "name",
                  "_version", "_read", "_gelu_input", "__weakref__")
     __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
 
@@ -127,6 +127,19 @@ class Tensor:
 
     def detach(self):
         return Tensor(self.data, self.backend)
+
+    @property
+    def requires_grad(self):
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, flag):
+        if not flag and getattr(self, "_backward", None) is not None:
+            # an op's output: the walk would skip it, and every leaf below would lose its gradient through it, in
+            # the uses before too (a detach of all of them, silently); PyTorch refuses it as well
+            raise RuntimeError(f"requires_grad = False on a tensor of shape {self.shape} that an op made (not a "
+                               f"leaf); use .detach() for a copy outside the graph")
+        self._requires_grad = flag
 
     def requires_grad_(self, flag=True):
         if flag and self.dtype not in ("float32", "float64"):  # the same rule as tensor(requires_grad=True)
