@@ -975,3 +975,24 @@ def test_a_float16_operand_of_an_op_other_than_linear_says_linear_reads_it(numpy
                                          r"lab.tensor\(t.numpy\(\), dtype='float32'\)"):
         F.matmul(x, w)
     np.testing.assert_array_equal(F.linear(x, w).numpy(), np.full((2, 4), 3.0))
+
+
+def test_softmax_and_lora_add_refuse_a_scale_or_causal_flag_they_cannot_take(any_backend):
+    """softmax(scale=None) gave NaN weights on numpy, silently (numpy's float32(None) is NaN), and any truthy causal
+    ('no') masked; the wgpu backend failed packing its params ('required argument is not a float'). lora_add's
+    scale likewise. Each is one InputError naming the argument, on both backends."""
+    from lab.checks import InputError
+    from lab.engine import ops as F
+    from lab.engine.tensor import tensor
+    x = tensor(np.ones((2, 3, 3), np.float32), backend=any_backend)
+    for kwargs, error in [({"scale": None}, "softmax: scale must be a finite number, got None"),
+                          ({"scale": "2"}, "softmax: scale must be a finite number, got '2'"),
+                          ({"scale": float("nan")}, "softmax: scale must be a finite number, got nan"),
+                          ({"causal": "no"}, "softmax: causal must be True or False, got 'no'")]:
+        with pytest.raises(InputError, match=error):
+            F.softmax(x, **kwargs)
+    np.testing.assert_allclose(F.softmax(x, scale=np.float32(2.0), causal=np.bool_(True)).numpy()[0, 1],
+                               [0.5, 0.5, 0.0], rtol=1e-6)
+    a, b = tensor(np.ones((2, 3), np.float32), backend=any_backend), tensor(np.ones((3, 2), np.float32), backend=any_backend)
+    with pytest.raises(InputError, match="lora_add: scale must be a finite number, got None"):
+        F.lora_add(x, x, a, b, None)

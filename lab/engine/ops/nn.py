@@ -129,6 +129,10 @@ def softmax(x, axis=-1, scale=1.0, causal=False, length=None):
     the shapes stay those of the block, so one captured step serves every position)."""
     _check_float(x, "softmax")
     _last_axis(axis, x, "softmax")
+    # (numpy took scale=None as NaN and any truthy causal as True, silently; the GPU's params packing failed)
+    scale = checks.real("softmax: scale", scale)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise checks.InputError(f"softmax: causal must be True or False, got {checks.show(causal)}")
     if causal and (x.ndim < 2 or x.shape[-1] != x.shape[-2]):
         raise ValueError(f"softmax: causal masking needs square trailing dims (T, T), got {_shape_str(x.shape)}")
     if length is not None:
@@ -282,6 +286,7 @@ def lora_add(base_out, x, A, B, scale):
     x (..., K), A (r, K), B (N, r), base_out (..., N). Forward fused (lora.wgsl); backward four matmuls."""
     for t in (base_out, x, A, B):
         _check_float(t, "lora_add")
+    scale = checks.real("lora_add: scale", scale)
     base_out, A, B = (_lift(t, x) for t in (base_out, A, B))   # (another backend's arrays reached these kernels)
     K, N = x.shape[-1], base_out.shape[-1]
     r = A.shape[0]
