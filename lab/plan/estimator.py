@@ -106,10 +106,14 @@ def count_params(c, lora_rank=None, lora_targets=("c_attn", "c_proj", "c_fc")):
     total = V * C + (T * C if c.positions == "learned" else 0) + L * per_layer + C + bias * C
     trainable = total
     if lora_rank:
-        shapes = {"c_attn": [(C, 3 * C)], "c_proj": [(C, C), (4 * C, C)], "c_fc": [(C, 4 * C)]}
-        lora = L * sum(lora_rank * (i + o) for t in lora_targets for i, o in shapes[t])
+        lora = L * sum(lora_rank * (i + o) for t in lora_targets for i, o in _gpt2_shapes(C)[t])
         total, trainable = total + lora, lora
     return total, trainable
+
+
+def _gpt2_shapes(C):
+    """(in, out) of each GPT-2 block's linear layers by lora.apply's target name (c_proj: attention's and the MLP's)."""
+    return {"c_attn": [(C, 3 * C)], "c_proj": [(C, C), (4 * C, C)], "c_fc": [(C, 4 * C)]}
 
 
 def is_llama(c):
@@ -243,6 +247,16 @@ def checkpointed_layer_floats(L, per_layer, saved, every, freed=0):
     n = len(range(0, L, every)) if every else 0
     below = (n - 1) * (every - 1) if n else 0   # plain blocks under the last checkpointed one
     return max(0, max(L - n, below + 1 if n else 0) * per_layer - freed) + n * saved
+
+
+def _adapter_floats(L, outs, r, N, every):
+    """Floats the LoRA adapters of a training step on N tokens keep for its backward: each its down projection
+    (N, r) and its sum with the frozen layer's output (N, out). outs: {target: [(out, blocks adapted)]}; an "lm_head"
+    is outside the blocks. Inside a checkpointed block they are kept only while it runs again, as its other
+    activations (checkpointed_layer_floats; they were counted whole: plans 1.5x numpy's peaks at every block)."""
+    head = sum((r + o) * n for o, n in outs.get("lm_head", ()))
+    blocks = sum((r + o) * n for t, pairs in outs.items() if t != "lm_head" for o, n in pairs) / L   # per block
+    return int(N * (head + checkpointed_layer_floats(L, blocks, 0, every)))
 
 
 def _checkpoint_every(value, L):
@@ -484,11 +498,16 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     att = 0 if fused else batch * c.n_head * seq * seq
     backward = int(25 * batch * seq * c.n_embd
                   + (2.5 if c.dropout > 0 else 1.5) * att)
+    if lora_rank:   # (not counted at all: plans of 4 adapted layers were 22% under lavapipe's and numpy's peaks)
+        parts["LoRA adapters"] = _adapter_floats(c.n_layer, {t: [(o, c.n_layer) for _, o in _gpt2_shapes(c.n_embd)[t]]
+                                                             for t in lora_targets}, lora_rank, batch * seq, every)
+        acts += parts["LoRA adapters"]
     saved = _linear_weight_bytes(c, "float32") - _linear_weight_bytes(c, lora_base_dtype)
     memory = {
         "weights": params * F32 - saved, "gradients": trainable * F32, "optimizer state": opt_floats * F32,
         f"activations: {c.n_layer} layers": parts["layers"] * F32, "activations: embeddings": parts["embeddings"] * F32,
         "activations: logits and loss": parts["logits and loss"] * F32, "backward working set": backward * F32,
+        **({"activations: LoRA adapters": parts["LoRA adapters"] * F32} if lora_rank else {}),
     }
     memory["total"] = sum(memory.values())
     memory["activations"] = acts * F32                               # (the three activation rows together)
@@ -594,8 +613,9 @@ def _estimate_llama(c, batch, seq, tokens, steps, precision, optimizer, lora_ran
     recomputed = len(range(0, L, every)) if every else 0   # blocks whose forward runs twice
     params = base + trainable if lora_rank else base
     if lora_rank:
-        # each adapter keeps its down projection (N, r) and its sum with the frozen output (N, out) for backward
-        parts["LoRA adapters"] = tokens_per_step * sum((lora_rank + o) * n for (i, o), n in adapted)
+        parts["LoRA adapters"] = _adapter_floats(L, {sub: [(shape[1], chosen[sub])] for sub, shape
+                                                     in llama_linears(c).items() if sub in chosen},
+                                                 lora_rank, tokens_per_step, every)
     if prof.host_temporaries and lora_base_dtype != "float32":
         parts["op temporaries (numpy)"] += _base_copy_floats(c, lora_base_dtype)
     acts = sum(parts.values())
