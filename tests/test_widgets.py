@@ -258,6 +258,21 @@ def test_edge_diagnostics_panel_follows_the_monitor(data, numpy_backend, monkeyp
     json.dumps(panel.reports)  # plain JSON for the browser (no NaN, no numpy scalars)
 
 
+def test_edge_diagnostics_panel_keeps_every_monitor_report_beside_reports_given(data, numpy_backend, monkeypatch):
+    """Reports given (reports=, add_reports) beside a monitor's made the panel skip as many of the monitor's new
+    ones: it took the monitor's reports from its own count on."""
+    from lab.engine import backend as B
+    from lab.diagnostics import DiagnosticsMonitor
+    monkeypatch.setitem(B._state, "backend", numpy_backend)
+    t = _trainer(data, steps=30, log_every=5)
+    mon = DiagnosticsMonitor(t, every=10, snapshot_every=5, power_iters=1, fisher_examples=1)
+    panel = EdgeDiagnosticsPanel(mon, reports=[{"step": 0, "sharpness": 1.0}], surface=False)
+    t.run(progress=False)
+    panel.add_reports([{"step": 100}])
+    assert [r["step"] for r in mon.reports] == [10, 20, 30]
+    assert [r["step"] for r in panel.reports] == [0, 10, 20, 30, 100]
+
+
 def test_preset_switch_rebuilds_the_model_between_runs(numpy_backend, monkeypatch):
     from lab.engine import backend as B
     monkeypatch.setitem(B._state, "backend", numpy_backend)

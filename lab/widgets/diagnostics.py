@@ -23,11 +23,11 @@ class EdgeDiagnosticsPanel(Panel):
         from ..diagnostics import DiagnosticsMonitor
         if monitor is not None and not isinstance(monitor, DiagnosticsMonitor):
             raise ValueError(f"monitor must be a lab.diagnostics.DiagnosticsMonitor, got {show(monitor)}")
-        self.monitor = monitor
+        self.monitor, self._synced = monitor, 0   # (the monitor's reports shown so far)
         if reports:
             self.add_reports(reports)
         if monitor is not None:
-            self.add_reports(monitor.reports)
+            self._sync_from_monitor(None)
             monitor.trainer.callbacks.append(self._sync_from_monitor)
         if surface:
             from ..diagnostics.edge import efficiency_surface, plot_surface
@@ -42,8 +42,11 @@ class EdgeDiagnosticsPanel(Panel):
         self.reports = self.reports + clean
 
     def _sync_from_monitor(self, record):
-        if len(self.monitor.reports) > len(self.reports):
-            self.add_reports(self.monitor.reports[len(self.reports):])
+        # counted apart from self.reports: reports given or added besides the monitor's made it skip as many new ones
+        new = self.monitor.reports[self._synced:]
+        if new:
+            self._synced += len(new)
+            self.add_reports(new)
 
     def _static_html(self):
         return f"<b>EdgeDiagnosticsPanel</b>: {len(self.reports)} diagnostics reports"
