@@ -415,7 +415,7 @@ def merge(model):
     stay on the host (a copy of the adapted weights) until unmerge gives them back bit for bit. Refused, changing
     nothing, where a base is quantized (quantized_bases) or the adapters are switched off."""
     found = _require_adapters(model)
-    off = [path for path, m in found if not m.enabled]
+    off = [path for path, m in found if not (m.enabled and m._enabled)]   # (this thread's switch, or use_adapter's)
     if off:   # merged, they would change the outputs while they read as off (PEFT's forward unmerges them then)
         raise InputError(f"merge_adapter: refused: the adapters are switched off ({off[0]}, ...: use_adapter(False) "
                          f"or adapter_enabled); merging would fold their update into the base weights and turn "

@@ -209,6 +209,8 @@ def test_merging_switched_off_adapters_is_refused_and_the_outputs_stay_the_bases
     m.use_adapter(False)
     with pytest.raises(InputError, match=r"merge_adapter: refused: the adapters are switched off .* use_adapter\(True\)"):
         m.merge_adapter()
+    with lora.adapter_enabled(m, True), pytest.raises(InputError, match="switched off"):   # on in this thread only
+        m.merge_adapter()
     np.testing.assert_array_equal(_logits(m, ids), base)
     m.use_adapter(True)
     with lora.adapter_enabled(m, False), pytest.raises(InputError, match="switched off"):
