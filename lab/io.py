@@ -155,14 +155,20 @@ class _Staging:
             self.removed.update(TRAINING_STATE_FILES)
 
 
+def directory_path(directory, what):
+    """`directory` as a Path; anything else is refused (Path() would raise a bare TypeError, and "" is the cwd,
+    unasked)."""
+    if not isinstance(directory, (str, os.PathLike)) or directory == "":
+        raise InputError(f"a {what} needs a directory path (a str or pathlib.Path), got {show(directory)}")
+    return Path(directory)
+
+
 def check_save_target(directory, writable=False):
     """Refuse a save target that cannot be a directory (a file, a link to one, a broken link), before any work
     whose result the save would then lose. Returns it as a Path. writable=True (before a training run) also
     makes sure a directory can be made and written there: a parent that is a file, a read-only place or /proc
     failed only at the save after the training."""
-    if not isinstance(directory, (str, os.PathLike)) or directory == "":   # "" would save into the cwd, unasked
-        raise InputError(f"a save needs a directory path (a str or pathlib.Path), got {show(directory)}")
-    d = Path(directory)
+    d = directory_path(directory, "save")
     if d.is_symlink() and not d.exists():
         raise CheckpointError(f"{d}: is a broken symlink (to {os.readlink(d)}): a save needs a directory")
     if d.exists() and not d.is_dir():
@@ -229,7 +235,7 @@ def reading(directory):
     optimizer state): without it a save landing between two reads (a run checkpointing in another process) gives
     config.json of one save with model.safetensors of the next, or weights of step k with moments of step k+1.
     An interrupted save is finished first. Re-entrant within a thread (load_checkpoint calls load_pretrained)."""
-    d = Path(directory)
+    d = directory_path(directory, "load")
     if fcntl is None or _read_held(d) or not d.is_dir():   # a missing directory: the reader says so itself
         yield
         return

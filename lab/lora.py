@@ -27,7 +27,8 @@ from .engine.backend import require_half_storage
 from .engine.quant import quantize
 from .engine.random import generator
 from .engine.tensor import QuantizedWeight
-from .io import CheckpointError, atomic_files, check_floats, mismatch, read_json, read_safetensors, reading
+from .io import (CheckpointError, atomic_files, check_floats, directory_path, mismatch, read_json, read_safetensors,
+                 reading)
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -501,7 +502,7 @@ def load_adapter(model, directory):
     and every tensor (name, shape, dtype, finite values) are checked before anything changes, so a failed load
     leaves the model as it was. The adapters keep their mode: on a merged model the old update is taken out of
     the base weights and the loaded one folded in."""
-    d = Path(directory)
+    d = directory_path(directory, "load")
     cpath, tpath = d / ADAPTER_CONFIG, d / ADAPTER_FILE
     with reading(d):   # the config and the tensors of one save_adapter, not of two
         cfg, tensors = read_json(cpath, "adapter config"), read_safetensors(tpath)

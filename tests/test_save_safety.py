@@ -596,6 +596,23 @@ def test_a_save_target_that_is_not_a_path_is_refused(target, tmp_path, numpy_bac
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("source", [None, 3, b"ck", "", ["ck"]])
+@pytest.mark.parametrize("load", ["load_checkpoint", "resume", "load_adapter", "export", "import"])
+def test_a_load_source_that_is_not_a_path_is_refused(load, source, tmp_path, numpy_backend, monkeypatch):
+    """Saves refused a target that is no path; loads raised Path()'s bare TypeError ('expected str, bytes or
+    os.PathLike object, not NoneType'), and "" read the working directory."""
+    monkeypatch.chdir(tmp_path)
+    t = _trainer()
+    calls = {"load_checkpoint": lambda: load_checkpoint(source),
+             "resume": lambda: Trainer.resume(source, t.train_ids, t.val_ids),
+             "load_adapter": lambda: lora.load_adapter(t.model, source),
+             "export": lambda: export_checkpoint(source, tmp_path / "out"),
+             "import": lambda: import_model(source)}
+    with pytest.raises(ValueError, match=r"a load needs a directory path \(a str or pathlib\.Path\), got "):
+        calls[load]()
+    assert not list(tmp_path.iterdir())
+
+
 def test_loads_and_saves_work_where_the_directory_cannot_be_locked(tmp_path, numpy_backend, monkeypatch):
     """A file system without flock (some FUSE and NFS mounts), or a directory one may read files from but not open
     (mode 0711, for another user): loading works as before the lock existed, unlocked; saving too on the former."""

@@ -17,7 +17,7 @@ import numpy as np
 from ..checks import InputError
 from ..checkpoint import CheckpointError, checkpoint_files, load_checkpoint, tokenizer_of
 from ..data import TOKENIZER_SIDE_FILES, write_tokenizer
-from ..io import atomic_files, reading
+from ..io import atomic_files, directory_path, reading
 from ..models import load_pretrained
 
 LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
@@ -69,7 +69,7 @@ def _same_adapter_beside(model, adapter_dir, checkpoint):
 def _apart(source, out):
     """The two layouts share file names (model.safetensors, config.json, tokenizer.json in another format):
     converting a directory onto itself would overwrite the files it is read from."""
-    if Path(out).resolve() == Path(source).resolve():
+    if directory_path(out, "save").resolve() == directory_path(source, "load").resolve():
         raise InputError(f"out {out} is the directory being converted ({source}): its files would be overwritten "
                          f"in the other layout; choose another directory")
 
@@ -122,7 +122,7 @@ def import_model(directory, out=None):
     trained by PyTorch / transformers from one: GPT-2, Llama, Qwen2, Mistral), with its adapter/ loaded when present. With `out`, also saves a lab checkpoint there that
     `python -m lab generate --checkpoint` and the widgets use."""
     from .. import lora
-    d = Path(directory)
+    d = directory_path(directory, "load")
     if out is not None:
         _apart(d, out)
     with reading(d):   # the model, tokenizer and adapter of one export
