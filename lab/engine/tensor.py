@@ -53,7 +53,7 @@ class Tensor:
     def __init__(self, data, backend, requires_grad=False, name=None):
         self.data = data
         self.backend = backend
-        self.requires_grad = requires_grad
+        self._requires_grad = requires_grad   # (set directly: a new tensor has no graph for the setter to guard)
         self.grad = None
         self._parents = ()
         self._backward = None
@@ -70,7 +70,7 @@ class Tensor:
         none) and returns that parent's gradient with acc added (in its own kernel: no pass to add them)."""
         out = cls(data, backend)
         if is_grad_enabled() and any(p.requires_grad for p in parents):
-            out.requires_grad = True
+            out._requires_grad = True
             out._parents = parents
             out._backward = backward
             out._absorbs = absorbs
@@ -78,7 +78,7 @@ class Tensor:
             # them in place, a load (load_state_dict, a LoRA merge) swaps their array, and the gradient would
             # silently mix old and new weights (_walk refuses both); frozen leaves too (LayerNorm's dx reads its
             # weight). Whether each required grad then decides whether it gets one (as PyTorch's graph does)
-            out._read = tuple((p, p._version, p.data, p.requires_grad) for p in parents if p._backward is None)
+            out._read = [(p, p._version, p.data, p.requires_grad) for p in parents if p._backward is None]
         return out
 
     # -- properties --
@@ -210,6 +210,7 @@ class Tensor:
         nothing (backward() does, all at once; a recomputed block's backward hands them to its own parents)."""
         B = self.backend
         topo, seen = [], set()
+        unrecorded = {}   # id(node) -> ids of its leaf parents that required no grad at its forward but do now
         stack = [(self, False)]
         while stack:  # iterative DFS: deep graphs (many layers, long sequences) must not hit the recursion limit
             node, done = stack.pop()
@@ -226,7 +227,10 @@ class Tensor:
                     f"and call backward() once")
             if node._backward is None and node.grad is not None:
                 node._check_own_grad()
-            for leaf, version, data, _ in node._read:
+            skip = ()
+            for leaf, version, data, wanted in node._read:
+                if not wanted and leaf.requires_grad:   # (set after the forward: no gradient through this node, as
+                    skip += (id(leaf),)                 # in PyTorch; the op's backward may still hand one, or a part)
                 if leaf._version != version or leaf.data is not data:
                     raise RuntimeError(
                         f"backward() after an in-place update of a tensor of shape {leaf.shape} that the forward "
@@ -235,9 +239,10 @@ class Tensor:
                         f"forward again after the change, or make the change after backward()")
             seen.add(id(node))
             stack.append((node, True))
-            unrecorded = _unrecorded(node)
+            if skip:
+                unrecorded[id(node)] = skip
             for p in node._parents:
-                if p.requires_grad and id(p) not in seen and id(p) not in unrecorded:
+                if p.requires_grad and id(p) not in seen and id(p) not in skip:
                     stack.append((p, False))
         grads = {id(self): grad}
         done = []
@@ -249,15 +254,15 @@ class Tensor:
             if node._backward is None:  # a leaf: its .grad is updated once the walk is done
                 done.append((node, g))
                 continue
-            unrecorded = _unrecorded(node)
+            skip = unrecorded.get(id(node), ())
             if node._absorbs is None:
                 parent_grads = node._backward(g)
             else:  # the parent's gradient so far goes into the node's backward, which returns the sum
                 p = node._parents[node._absorbs]
-                parent_grads = node._backward(g, grads.pop(id(p), None) if p.requires_grad and id(p) not in
-                                              unrecorded else None)
+                parent_grads = node._backward(g, grads.pop(id(p), None) if p.requires_grad and id(p) not in skip
+                                              else None)
             for p, pg in zip(node._parents, parent_grads):
-                if pg is None or not p.requires_grad or id(p) in unrecorded:
+                if pg is None or not p.requires_grad or id(p) in skip:
                     continue
                 prev = grads.get(id(p))
                 grads[id(p)] = pg if prev is None else B.binary("add", prev, pg)
@@ -294,13 +299,6 @@ class Tensor:
             raise ValueError(f"backward(): the gradient has shape {tuple(data.shape)}, the tensor {self.shape}: "
                              "they must match")
         return data if isinstance(grad, Tensor) else self.backend.from_numpy(data.astype(np_dtype(self.dtype)))
-
-
-def _unrecorded(node):
-    """ids of node's leaf parents that require grad now but did not when the forward read them (set after it):
-    they get no gradient through this node, as in PyTorch; an op's backward may still hand one, computed or not
-    as the op decided at its forward, and a part of one would be a wrong gradient."""
-    return {id(p) for p, _, _, wanted in node._read if not wanted and p.requires_grad}
 
 
 def _freed(*_):
