@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import lab
+from lab.checks import InputError
 from lab.train import SGD, AdamW, clip_grad_norm_
 
 from adamw_reference import adamw_reference, check_numpy_adamw
@@ -192,3 +193,15 @@ def test_numpy_adamw_updates_views_that_are_not_contiguous(numpy_backend):
     n = GELU_CHUNK + 7
     p, g, m, v = (rng.standard_normal((2, n)).T for _ in range(4))
     check_numpy_adamw(numpy_backend, p, g, m, np.abs(v), step=4)
+
+
+@pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1), lambda ps: AdamW(ps, lr=0.1),
+                                  lambda ps: AdamW([{"params": ps[:1]}, {"params": ps[1:], "weight_decay": 0.0}])])
+def test_a_tensor_listed_twice_is_refused_not_stepped_twice(use_backend, make):
+    """SGD([w, w]) moved w by 2 lr g a step, silently (each listing got its own update)."""
+    w = lab.tensor(np.ones(3, np.float32), requires_grad=True)
+    with pytest.raises(InputError, match=r"same tensor twice, as '0' and '1'"):
+        make([w, w])
+    named = [("a.weight", w), ("b.weight", w)]
+    with pytest.raises(InputError, match=r"same tensor twice, as 'a.weight' and 'b.weight'"):
+        SGD(named, lr=0.1)

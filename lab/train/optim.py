@@ -33,6 +33,12 @@ class Optimizer:
         repeated = sorted(n for n, c in Counter(self.names).items() if c > 1)
         if repeated:
             raise InputError(f"optimizer got these parameter names more than once: {repeated}")
+        # (a tensor listed twice would be stepped twice a step, silently; PyTorch warns of it and will refuse it)
+        first = {}
+        for name, p in zip(self.names, self.params):
+            if first.setdefault(id(p), name) != name:
+                raise InputError(f"optimizer got the same tensor twice, as {first[id(p)]!r} and {name!r}: "
+                                 "each parameter may be listed once (model.parameters() lists a shared one once)")
         if not self.params:
             raise InputError("optimizer got no parameters that require gradients")
         self.lr = lr
