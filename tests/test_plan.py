@@ -308,6 +308,36 @@ def test_a_refused_training_plan_is_one_line_without_nan(numpy_backend):
     assert "Suggestions: batch " in message and "More devices: this needs more than one device (to fit the batch): " in message
 
 
+def test_the_fit_check_counts_only_the_memory_this_process_can_have(numpy_backend, monkeypatch):
+    """The host's memory was its physical total: memory other programs held, and a container's limit, counted as
+    free. A batch planned at 99.6% of the total with a quarter in use passed the check, and the out-of-memory
+    killer ended the process (a notebook's kernel). Now: what the process holds plus what the system has available,
+    within a cgroup's limit."""
+    from dataclasses import replace
+    from lab.models import PRESETS, LlamaLM
+    from lab.plan import profiles
+    from lab.plan.estimator import DoesNotFitError
+    gib = 2 ** 30
+    total = profiles.os.sysconf("SC_PAGE_SIZE") * profiles.os.sysconf("SC_PHYS_PAGES")
+    if total < 8 * gib:
+        pytest.skip("the batch below must fit the physical memory")
+    system = {"VmRSS": gib, "MemAvailable": 2 * gib}
+
+    def read(path, key=None):   # this process holds 1 GiB, 2 GiB more are available; a cgroup limit where given
+        return system.get(key or path)
+    monkeypatch.setattr(profiles, "_read_int", read)
+    assert profiles.limits_profile(numpy_backend).memory_bytes == 3 * gib
+    system.update({"/sys/fs/cgroup/memory.max": 5 * gib // 2, "/sys/fs/cgroup/memory.current": 2 * gib})
+    assert profiles.limits_profile(numpy_backend).memory_bytes == gib + gib // 2
+    # a batch planned at about 4.7 GiB: within the physical memory, beyond what the process can have
+    lab.manual_seed(0)
+    model = LlamaLM(replace(PRESETS["llama-tiny"], vocab_size=73))
+    need = plan.estimate(model.config, batch=20_000, seq=16, steps=1, device="cpu-2core").memory["total"]
+    assert 3 * gib < need < total
+    with pytest.raises(DoesNotFitError, match="has 1.50 GiB"):
+        Trainer(model, IDS, IDS, TrainConfig(batch_size=20_000, block_size=16))
+
+
 def test_plan_refuses_a_lora_rank_above_the_layers():
     """plan --lora-rank 100000 planned adapters wider than tiny's 128-wide layers (lora.apply refuses them)."""
     from lab.checks import InputError

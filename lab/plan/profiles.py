@@ -12,6 +12,7 @@ float, before the fusions of README.md's items 12-16); now 37.4 against 33.0, 19
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ..checks import InputError, show
 
@@ -75,8 +76,34 @@ PROFILES = {
 
 
 
+def _read_int(path, key=None):
+    """An integer file (/sys/fs/cgroup/memory.max), or a `key: value kB` line's bytes (/proc/meminfo); None if absent."""
+    try:
+        text = Path(path).read_text()
+        if key is None:
+            return int(text)
+        return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(key + ":"))
+    except (OSError, ValueError, StopIteration, IndexError):   # (no such file, "max": no limit)
+        return None
+
+
 def _host_memory():
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The memory this process can have at most: what it holds (the weights a plan counts are made already) and what
+    the system still has available, within a container's memory limit (cgroup v2 or v1). The physical total counted
+    other programs' memory, and a container's limit not at all, as free: a batch planned at 99.6% of the total with
+    a quarter of it in use passed the fit check, and the kernel's out-of-memory killer ended the process (a
+    notebook's kernel with it)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    held, available = _read_int("/proc/self/status", "VmRSS"), _read_int("/proc/meminfo", "MemAvailable")
+    if held is None or available is None:   # (no /proc: not Linux)
+        return total
+    limits = [total, held + available]
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, used = _read_int(limit), _read_int(used)
+        if limit is not None and used is not None:
+            limits.append(held + max(0, limit - used))
+    return min(limits)
 
 
 def _device_memory_guess(backend):
