@@ -147,6 +147,14 @@ def test_unknown_hook_name_lists_valid_names_nearest_first(on_numpy):
     assert not m.has_hooks and "_hooks" not in vars(m.h[1])
 
 
+def test_fwd_hooks_given_as_a_dict_is_refused_as_a_dict(on_numpy):
+    """{name: fn} was iterated for its names, and the error quoted the first name as the bad (name, fn) pair."""
+    m = _gpt2()
+    with pytest.raises(InputError, match=r"got a dict \{'blocks.0.hook_resid_pre': .*list\(fwd_hooks.items\(\)\)"):
+        m.run_with_hooks(IDS, {"blocks.0.hook_resid_pre": lambda x, n: None})
+    assert not m.has_hooks
+
+
 def test_a_hook_returning_the_wrong_shape_names_the_hook_and_both_shapes(model):
     def wrong(x, name):
         return np.zeros((2, 5, 3), np.float32)

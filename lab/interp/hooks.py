@@ -184,6 +184,9 @@ class HookedModel:
         names = [row[0] for row in table]
         if isinstance(fwd_hooks, tuple) and len(fwd_hooks) == 2 and callable(fwd_hooks[1]):
             fwd_hooks = [fwd_hooks]   # one (name, fn) pair
+        if isinstance(fwd_hooks, dict):   # (iterated, its first name was reported as the bad pair)
+            raise InputError(f"fwd_hooks must be a list of (hook name or predicate, fn) pairs, got a dict "
+                             f"{show(fwd_hooks)}: pass list(fwd_hooks.items())")
         try:
             pairs = None if isinstance(fwd_hooks, str) else list(fwd_hooks)
         except TypeError:
