@@ -56,18 +56,18 @@ class DecodeRunner:
     per token, or with a sampler sample(ids, pos) per token and read(n) every few. On wgpu the steps after the
     first three of a window are replays; close() gives their buffers back."""
 
-    def __init__(self, model, batch, pad=None, sampler=None, ring=RING):
+    def __init__(self, model, batch, pad=None, sampler=None, ring=RING, length=None):
         if not (hasattr(model, "new_cache") and hasattr(model, "forward_cached")):
             raise InputError(f"DecodeRunner: {type(model).__name__} keeps no KV cache (no new_cache / forward_cached): "
                              f"its tokens are made by full forwards")
         self.model, self.batch = model, integer("batch", batch, low=1)
         try:
             # (a row keeps at least the cache's last slot for its own tokens; the prefill checks its own length)
-            self.pad = check_pad(pad, np.zeros((self.batch, model.config.block_size)))
+            self.pad = check_pad(pad, np.zeros((self.batch, length or model.config.block_size)))
         except InputError:
             raise InputError(f"DecodeRunner: pad must be one non-negative integer per row of the batch "
-                             f"({self.batch}), each below block_size {model.config.block_size}, got {show(pad)}"
-                             ) from None
+                             f"({self.batch}), each below {'block_size' if length is None else 'the cache length'} "
+                             f"{length or model.config.block_size}, got {show(pad)}") from None
         if sampler is not None and (sampler.rows, sampler.vocab) != (self.batch, model.config.vocab_size):
             raise InputError(f"DecodeRunner: a sampler of {sampler.rows} rows of a {sampler.vocab}-token vocabulary "
                              f"for a batch of {self.batch} of {type(model).__name__}'s {model.config.vocab_size}")
@@ -75,7 +75,8 @@ class DecodeRunner:
         self.backend = model.parameters()[0].backend
         self.off = None if self.backend.supports_capture else "the backend has no step capture"
         # (numpy's steps stay eager over the filled slots only: reading a whole window would only cost it time)
-        self.cache = [layer if self.off else FixedCache(layer) for layer in model.new_cache(self.batch)]
+        # (length: the slots this generation fills, fewer than block_size's GiBs for a long-context model)
+        self.cache = [layer if self.off else FixedCache(layer) for layer in model.new_cache(self.batch, length)]
         self.block = self.cache[0][0].shape[2]
         # a replay cannot grow the rotary tables as an eager step does: each step makes them cover its window first
         # (a growth replaces them: a new module_signature, so new captures)

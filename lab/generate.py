@@ -136,15 +136,17 @@ def generate(model, prompt, max_new_tokens=100, *, temperature=1.0, top_k=None, 
     rng = np.random.default_rng(seed) if seed is not None else generator()
     # ProNeuralLM keeps no KV cache (an AttributeError before): each token recomputes over the last block_size
     use_cache = use_cache and hasattr(model, "new_cache")
-    if use_cache:   # the cache holds block_size slots (Llama 3.2's 131072: GiBs): refused, not a MemoryError or an
-        check_cache_fits(model, 1)   # out-of-memory kill, as a batch's and a beam search's are
+    length = min(model.config.block_size, ids.size + max_new_tokens)   # the cache's slots: what this run fills
+    if use_cache:   # refused, not a MemoryError or an out-of-memory kill, as a batch's and a beam search's are
+        check_cache_fits(model, 1, length)
     out, text = [], ""
     # evaluating(), not model.eval(): a training thread may be stepping this model (TrainingPanel.start())
     with no_grad(), evaluating(), _adapter_switch(model, adapter):
         seq = list(ids)
         # on a backend that samples on the device the logits stay there, and each step reads back one id
         sampler = device_sampler(model, [seq], temperature, top_k, top_p, repetition_penalty, greedy, rng)
-        with (DecodeRunner(model, 1, sampler=sampler) if use_cache else contextlib.nullcontext()) as runner:
+        with (DecodeRunner(model, 1, sampler=sampler, length=length) if use_cache else contextlib.nullcontext()
+              ) as runner:
             steps = _next_ids(model, runner, [seq], sampler, [True], max_new_tokens,
                               lambda b, logits: _choose(b, logits, seq, rng, greedy, temperature, top_k, top_p,
                                                         repetition_penalty))
@@ -181,6 +183,7 @@ def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=No
     (lab.decode) runs up to decode.CHUNK steps, each fed the ids the last one drew on the device, before one
     readback; after an end the caller stops taking ids, and those of the steps already run are dropped."""
     block, rows, made = model.config.block_size, len(seqs), 0
+    slots = runner.block if runner is not None else block   # (a cache of what the run fills: fewer than block)
     logits, pos = None, 0
     if runner is not None:
         pos = max(map(len, seqs))
@@ -209,8 +212,8 @@ def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=No
         logits = None
         if runner is not None and runner.sampler is not None:
             first = ids
-            while pos < block and made < max_new_tokens:
-                k = min(chunk, decode.CHUNK, runner.ring.shape[0], block - pos, max_new_tokens - made)
+            while pos < slots and made < max_new_tokens:
+                k = min(chunk, decode.CHUNK, runner.ring.shape[0], slots - pos, max_new_tokens - made)
                 runner.sample(first, pos, k)
                 first = None
                 pos += k
@@ -218,7 +221,7 @@ def _next_ids(model, runner, seqs, sampler, live, max_new_tokens, choose, pad=No
                     yield ids
                     made += 1
                 chunk *= 2
-        elif runner is not None and pos < block and made < max_new_tokens:
+        elif runner is not None and pos < slots and made < max_new_tokens:
             step = np.array([[s[-1] if live[b] else 0] for b, s in enumerate(seqs)], dtype=np.int32)
             logits = runner.step(step, pos)[:, -1]
             pos += 1
@@ -328,14 +331,15 @@ def _batch_rows(prompts, tokenizer, model, attention_mask, lengths, use_cache):
     return rows
 
 
-def check_cache_fits(model, batch):
-    """Refuse (DoesNotFitError) a KV cache of `batch` rows that the device cannot hold: one layer's keys above its
-    largest buffer, or all layers' beside the weights above its memory; says the largest batch that fits."""
+def check_cache_fits(model, batch, length=None):
+    """Refuse (DoesNotFitError) a KV cache of `batch` rows of `length` slots (by default block_size) that the
+    device cannot hold: one layer's keys above its largest buffer, or all layers' beside the weights above its
+    memory; says the largest batch that fits."""
     from .plan.estimator import DoesNotFitError
     from .plan.profiles import limits_profile
     c, params = model.config, model.parameters()
     heads, layers = getattr(c, "num_key_value_heads", None) or c.n_head, getattr(c, "num_hidden_layers", None) or c.n_layer
-    row = heads * c.block_size * (getattr(c, "head_dim", None) or c.n_embd // c.n_head) * 4   # bytes, one row
+    row = heads * (length or c.block_size) * (getattr(c, "head_dim", None) or c.n_embd // c.n_head) * 4   # bytes
     prof = limits_profile(params[0].backend)
     weights = sum(p.size for p in params) * 4
     buffer = min(prof.max_buffer_size, prof.max_binding_size)
@@ -349,7 +353,7 @@ def check_cache_fits(model, batch):
             reasons.append(f"it needs {2 * layers * batch * row / 2 ** 30:.2f} GiB beside "
                            f"{weights / 2 ** 30:.2f} GiB of weights, the device has {prof.memory_bytes / 2 ** 30:.2f} GiB")
         raise DoesNotFitError(f"a KV cache for a batch of {batch} does not fit {prof.name}: {'; '.join(reasons)}; "
-                              f"at most {fits} rows fit (fewer prompts or beams, a smaller block_size, or use_cache=False)", None)
+                              f"at most {fits} rows fit (fewer prompts or beams, or use_cache=False)", None)
 
 
 def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, tokenizer,
@@ -485,8 +489,9 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     block = model.config.block_size
     cache = None
     use_cache = use_cache and hasattr(model, "new_cache")
+    length = min(block, len(ids) + max_new_tokens)   # the cache's slots: what the search fills
     if use_cache:
-        check_cache_fits(model, num_beams)
+        check_cache_fits(model, num_beams, length)
     beams = [(0.0, list(ids), False, 0)]   # (log-probability, tokens, ended, the cache row of its parent)
     finished = []   # ended beams set aside (early_stopping=False)
     pos = 0
@@ -500,19 +505,19 @@ def beam_search(model, prompt, max_new_tokens=50, num_beams=4, length_penalty=1.
     # the beams' decode steps through a DecodeRunner (replayed on wgpu): reorder_cache writes the rows into the
     # buffers its captured step reads
     with no_grad(), evaluating(), _adapter_switch(model, adapter), (
-            DecodeRunner(model, num_beams) if use_cache else contextlib.nullcontext()) as runner:
+            DecodeRunner(model, num_beams, length=length) if use_cache else contextlib.nullcontext()) as runner:
         for _ in range(max_new_tokens):
             live = [b for b in beams if not b[2]]
             if not live or (should_stop is not None and should_stop()):
                 break
             with _between_steps(model):
                 if use_cache and pos == 0:   # the prompt once, into every row
-                    first = model.new_cache(1)
+                    first = model.new_cache(1, length)
                     logits = model.forward_cached(np.asarray(ids, dtype=np.int32)[None], first, 0)[:, -1]
                     cache = runner.cache
                     reorder_cache(cache, [0] * num_beams, first)
                     pos = len(ids)
-                elif cache is not None and pos < block:
+                elif cache is not None and pos < runner.block:
                     rows = [b[3] for b in live]
                     rows += rows[:1] * (num_beams - len(rows))   # rows of ended beams: a live one's, unread
                     reorder_cache(cache, rows)

@@ -78,6 +78,21 @@ def test_a_lone_prompts_kv_cache_that_cannot_fit_is_refused_before_it_is_allocat
     assert len(lab.generate(model, [1, 2, 3], 2, greedy=True, use_cache=False)) == 2
 
 
+def test_a_lone_prompt_and_a_beam_search_cache_only_the_slots_they_fill(use_backend, monkeypatch):
+    # the cache was block_size slots whatever the run (Llama 3.2's 131072: 8.6 GB for its 1B model's one row);
+    # now the prompt and the new tokens, at most block_size, with the tokens of the full recompute
+    model = _model("llama")   # block_size 24
+    made, real = [], model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda batch, length=None: made.append((batch, length)) or real(batch, length))
+    for prompt, n in (([1, 2, 3], 5), (PROMPTS[0], 30)):   # 8 slots; 37 tokens: 24 slots, then the window slides
+        for kw in ({"greedy": True}, {"seed": 3}):
+            np.testing.assert_array_equal(lab.generate(model, prompt, n, eos_token_id=[], **kw),
+                                          lab.generate(model, prompt, n, eos_token_id=[], use_cache=False, **kw))
+        np.testing.assert_array_equal(lab.beam_search(model, prompt, n, num_beams=2, eos_token_id=[]),
+                                      lab.beam_search(model, prompt, n, num_beams=2, eos_token_id=[], use_cache=False))
+    assert made == [(1, 8), (1, 8), (2, 8), (1, 8), (1, 24), (1, 24), (2, 24), (1, 24)]
+
+
 def test_each_row_of_a_batch_stops_at_its_own_eos_and_stop_string(use_backend):
     model = _model("gpt")
     tok = lab.CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")

@@ -475,11 +475,12 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         return lm_outputs(self, h, targets, attentions if return_attention else None,
                           hidden if return_hidden else None, return_logits)
 
-    def new_cache(self, batch_size):
-        """An empty KV cache on the device: per layer, keys and values (B, Hkv, block_size, D), the key-value
-        heads held once (not once per query head)."""
+    def new_cache(self, batch_size, length=None):
+        """An empty KV cache on the device: per layer, keys and values (B, Hkv, length, D), the key-value heads
+        held once (not once per query head). length: the slots a generation fills, by default block_size."""
         c = self.config
-        shape = (integer("batch_size", batch_size, low=1), c.num_key_value_heads, c.block_size, c.head_dim)
+        length = c.block_size if length is None else integer("length", length, low=1, high=c.block_size)
+        shape = (integer("batch_size", batch_size, low=1), c.num_key_value_heads, length, c.head_dim)
         backend = self.model.embed_tokens.weight.backend
         return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
                 for _ in self.model.layers]

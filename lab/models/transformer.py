@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import nn
-from ..checks import InputError, show
+from ..checks import InputError, integer, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
@@ -332,10 +332,12 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
     def blocks(self):
         return self.h
 
-    def new_cache(self, batch_size):
-        """An empty KV cache on the device: per layer, keys and values of shape (B, H, block_size, D)."""
+    def new_cache(self, batch_size, length=None):
+        """An empty KV cache on the device: per layer, keys and values of shape (B, H, length, D); length: the
+        slots a generation fills, by default block_size."""
         c = self.config
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        length = c.block_size if length is None else integer("length", length, low=1, high=c.block_size)
+        shape = (batch_size, c.n_head, length, c.n_embd // c.n_head)
         backend = self.wte.weight.backend
         return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
                 for _ in self.h]
