@@ -93,6 +93,20 @@ def test_a_lone_prompt_and_a_beam_search_cache_only_the_slots_they_fill(use_back
     assert made == [(1, 8), (1, 8), (2, 8), (1, 8), (1, 24), (1, 24), (2, 24), (1, 24)]
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_cache_shorter_than_block_size_refuses_tokens_past_its_slots(use_backend, family):
+    # new_cache(batch, length) for one generation: a prefill or step past its length wrote outside the array
+    # (numpy's strided write corrupted the heap; the process aborted)
+    model = _model(family)   # block_size 24
+    cache = model.new_cache(1, 4)
+    with lab.no_grad():
+        with pytest.raises(InputError, match=r"tokens \(1, 6\) at slots 0\.\.5 do not fit the cache's 4 slots"):
+            model.forward_cached(np.arange(6, dtype=np.int32)[None], cache, 0)
+        model.forward_cached(np.arange(4, dtype=np.int32)[None], cache, 0)   # its four slots: fine
+        with pytest.raises(InputError, match=r"at slots 4\.\.4 do not fit the cache's 4 slots"):
+            model.forward_cached(np.array([[1]], np.int32), cache, 4)
+
+
 def test_each_row_of_a_batch_stops_at_its_own_eos_and_stop_string(use_backend):
     model = _model("gpt")
     tok = lab.CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")

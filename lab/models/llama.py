@@ -16,7 +16,8 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from .transformer import attend, check_pad, check_return_logits, lm_outputs, padding_mask, row_positions, sublayers
+from .transformer import (attend, check_cache, check_pad, check_return_logits, lm_outputs, padding_mask, row_positions,
+                          sublayers)
 from ..interp.hooks import HookedModel
 from ..io import (GENERATION_FILE, CheckpointError, LazyTensor, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
@@ -489,11 +490,7 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         """Logits (B, Tn, vocab) for tokens idx (B, Tn) at cache slots pos.., extending `cache` in place. pad (B,):
         row b's first pad[b] slots are left padding (masked as keys; its positions start after them)."""
         pos = integer("pos", pos, low=0)
-        shape = tuple(getattr(idx, "shape", np.shape(idx)))
-        if not isinstance(cache, list) or len(cache) != len(self.model.layers) or (
-                len(shape) == 2 and cache[0][0].shape[0] != shape[0]):
-            raise InputError(f"forward_cached: cache must be model.new_cache(batch_size) for tokens {shape} "
-                             f"({len(self.model.layers)} layers, batch {shape[0] if shape else '?'})")
+        check_cache(cache, idx, pos, len(self.model.layers), self.config.block_size)
         return self._head(self._run(idx, cache, pos, pad=check_pad(pad, idx, pos))[0])
 
     def flops_per_token(self):

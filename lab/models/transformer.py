@@ -201,6 +201,22 @@ def check_pad(pad, idx, pos=0):
     return arr.astype(np.int64)
 
 
+def check_cache(cache, idx, pos, layers, block):
+    """forward_cached's cache: model.new_cache(B, length)'s list of one (keys, values) pair (B, H, length, D) per
+    layer, with a slot for each token of idx (B, T) from pos on. (A cache made shorter than block_size for a
+    generation took tokens past its length: numpy's strided write went outside the array, corrupting the heap.)
+    Tokens past `block` (block_size) are left to the model's own error, which says the sequence is too long."""
+    shape = tuple(getattr(idx, "shape", np.shape(idx)))
+    if not isinstance(cache, list) or len(cache) != layers or (len(shape) == 2 and cache[0][0].shape[0] != shape[0]):
+        raise InputError(f"forward_cached: cache must be model.new_cache(batch_size) for tokens {shape} "
+                         f"({layers} layers, batch {shape[0] if shape else '?'})")
+    slots = cache[0][0].shape[2]
+    if len(shape) == 2 and slots < pos + shape[1] <= block:
+        raise InputError(f"forward_cached: tokens {shape} at slots {pos}..{pos + shape[1] - 1} do not fit the "
+                         f"cache's {slots} slots (model.new_cache(batch_size, length) holds length slots, "
+                         f"block_size by default)")
+
+
 def row_positions(pad, start, T):
     """(B, T) positions of cache slots start..start+T-1 for rows with pad[b] left-padding slots: slot - pad[b],
     0 for the padding itself (as transformers' position_ids from an attention mask)."""
@@ -346,6 +362,8 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         """Logits (B, Tn, vocab) for tokens idx (B, Tn) at cache slots pos.., extending `cache` in place. pad (B,):
         row b's first pad[b] slots are left padding (as transformers' attention mask): masked as keys, and its
         positions start after them."""
+        pos = integer("pos", pos, low=0)
+        check_cache(cache, idx, pos, len(self.h), self.config.block_size)
         pad = check_pad(pad, idx, pos)
         x = self._embed(idx, start=pos, pad=pad)
         for block, layer_cache in zip(self.h, cache):
