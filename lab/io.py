@@ -310,10 +310,15 @@ def _commit(staging, remove):
     try:
         tmp.write_text(json.dumps(journal), encoding="utf-8")
         _fsync(tmp)
-        os.replace(tmp, d / JOURNAL_FILE)
-        # at once (no call between, where a Ctrl-C is raised): the journal names the temporaries now, and a failed
-        # save's cleanup deleting them would leave the journal's removals alone to apply to the old files
+        # committed before the rename: a Ctrl-C during it is raised as the call returns, the journal in place and
+        # naming the temporaries, and a failed save's cleanup deleting them would leave the journal's removals
+        # alone to apply to the old files (a Ctrl-C before the rename leaves hidden temporaries the next save clears)
         staging.committed = True
+        try:
+            os.replace(tmp, d / JOURNAL_FILE)
+        except OSError:   # no journal: the temporaries are the cleanup's again
+            staging.committed = False
+            raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync(d, directory=True)

@@ -737,3 +737,26 @@ def test_a_ctrl_c_right_after_the_save_journal_lands_leaves_one_whole_save(tmp_p
     assert state is None
     for n, p in model.named_parameters():
         np.testing.assert_array_equal(p.numpy(), new[n])
+
+
+def test_a_ctrl_c_during_the_save_journals_rename_leaves_one_whole_save(tmp_path, numpy_backend, monkeypatch):
+    """A KeyboardInterrupt arriving while the journal is renamed into place is raised as os.replace returns, the
+    journal in place: the save marked itself committed only after that call, so the cleanup deleted the temporaries
+    the journal names, and the next load applied only its removals (the old weights without their trainer state)."""
+    t = _checkpoint(tmp_path / "ck")
+    t.train_step()
+    new = {n: p.numpy().copy() for n, p in t.model.named_parameters()}
+    rename = os.replace
+
+    def interrupted(src, dst, *args, **kwargs):
+        rename(src, dst, *args, **kwargs)
+        if Path(dst).name == JOURNAL_FILE:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.model.save_pretrained(tmp_path / "ck")   # supersedes the checkpoint's trainer state
+    monkeypatch.setattr(os, "replace", rename)
+    model, _, state = load_checkpoint(tmp_path / "ck")   # finishes the journal
+    assert state is None
+    for n, p in model.named_parameters():
+        np.testing.assert_array_equal(p.numpy(), new[n])
