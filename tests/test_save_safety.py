@@ -716,46 +716,33 @@ def test_a_model_saved_over_a_checkpoint_drops_its_trainer_state(save, tmp_path,
     assert Trainer.resume(tmp_path / "ck", other.train_ids, other.val_ids).step_num == 1
 
 
-def test_a_ctrl_c_right_after_the_save_journal_lands_leaves_one_whole_save(tmp_path, numpy_backend, monkeypatch):
-    """A KeyboardInterrupt between the journal's rename and the save marking itself committed: the failed save's
-    cleanup deleted the temporaries the journal names, and the next load applied only its removals: the old
-    weights without their trainer state (a checkpoint neither old nor new)."""
+@pytest.mark.parametrize("landing", ["as_the_rename_returns", "right_after_the_rename"])
+def test_a_ctrl_c_as_the_save_journal_lands_leaves_one_whole_save(landing, tmp_path, numpy_backend, monkeypatch):
+    """A KeyboardInterrupt once the journal is renamed into place, before the save marked itself committed (raised
+    as os.replace returns, when it arrived during the rename, or at the next call): the failed save's cleanup
+    deleted the temporaries the journal names, and the next load applied only its removals: the old weights
+    without their trainer state (a checkpoint neither old nor new)."""
     t = _checkpoint(tmp_path / "ck")
     t.train_step()
     new = {n: p.numpy().copy() for n, p in t.model.named_parameters()}
-    unlink = Path.unlink
+    rename, unlink = os.replace, Path.unlink
 
-    def interrupted(self, *args, **kwargs):
-        unlink(self, *args, **kwargs)
-        if self.name.startswith(f"{JOURNAL_FILE}.tmp-"):   # the journal's temporary, just renamed into place
-            raise KeyboardInterrupt
-    monkeypatch.setattr(Path, "unlink", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        t.model.save_pretrained(tmp_path / "ck")   # supersedes the checkpoint's trainer state
-    monkeypatch.setattr(Path, "unlink", unlink)
-    model, _, state = load_checkpoint(tmp_path / "ck")   # finishes the journal
-    assert state is None
-    for n, p in model.named_parameters():
-        np.testing.assert_array_equal(p.numpy(), new[n])
-
-
-def test_a_ctrl_c_during_the_save_journals_rename_leaves_one_whole_save(tmp_path, numpy_backend, monkeypatch):
-    """A KeyboardInterrupt arriving while the journal is renamed into place is raised as os.replace returns, the
-    journal in place: the save marked itself committed only after that call, so the cleanup deleted the temporaries
-    the journal names, and the next load applied only its removals (the old weights without their trainer state)."""
-    t = _checkpoint(tmp_path / "ck")
-    t.train_step()
-    new = {n: p.numpy().copy() for n, p in t.model.named_parameters()}
-    rename = os.replace
-
-    def interrupted(src, dst, *args, **kwargs):
+    def interrupted_rename(src, dst, *args, **kwargs):
         rename(src, dst, *args, **kwargs)
         if Path(dst).name == JOURNAL_FILE:
             raise KeyboardInterrupt
-    monkeypatch.setattr(os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        t.model.save_pretrained(tmp_path / "ck")   # supersedes the checkpoint's trainer state
-    monkeypatch.setattr(os, "replace", rename)
+
+    def interrupted_unlink(self, *args, **kwargs):
+        unlink(self, *args, **kwargs)
+        if self.name.startswith(f"{JOURNAL_FILE}.tmp-"):   # the journal's temporary, just renamed into place
+            raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        if landing == "as_the_rename_returns":
+            patch.setattr(os, "replace", interrupted_rename)
+        else:
+            patch.setattr(Path, "unlink", interrupted_unlink)
+        with pytest.raises(KeyboardInterrupt):
+            t.model.save_pretrained(tmp_path / "ck")   # supersedes the checkpoint's trainer state
     model, _, state = load_checkpoint(tmp_path / "ck")   # finishes the journal
     assert state is None
     for n, p in model.named_parameters():
