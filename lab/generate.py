@@ -339,7 +339,8 @@ def check_cache_fits(model, batch, length=None):
     from .plan.profiles import limits_profile
     c, params = model.config, model.parameters()
     heads, layers = getattr(c, "num_key_value_heads", None) or c.n_head, getattr(c, "num_hidden_layers", None) or c.n_layer
-    row = heads * (length or c.block_size) * (getattr(c, "head_dim", None) or c.n_embd // c.n_head) * 4   # bytes
+    slots = length or c.block_size
+    row = heads * slots * (getattr(c, "head_dim", None) or c.n_embd // c.n_head) * 4   # bytes
     prof = limits_profile(params[0].backend)
     weights = sum(p.size for p in params) * 4
     buffer = min(prof.max_buffer_size, prof.max_binding_size)
@@ -352,8 +353,11 @@ def check_cache_fits(model, batch, length=None):
         if 2 * layers * batch * row > prof.memory_bytes - weights:
             reasons.append(f"it needs {2 * layers * batch * row / 2 ** 30:.2f} GiB beside "
                            f"{weights / 2 ** 30:.2f} GiB of weights, the device has {prof.memory_bytes / 2 ** 30:.2f} GiB")
-        raise DoesNotFitError(f"a KV cache for a batch of {batch} does not fit {prof.name}: {'; '.join(reasons)}; "
-                              f"at most {fits} rows fit (fewer prompts or beams, or use_cache=False)", None)
+        # (a lone prompt's or a beam search's cache is sized by its tokens, a batch's by block_size)
+        fewer = (f"{'fewer beams, ' if batch > 1 else ''}a shorter prompt or fewer new tokens" if length else
+                 "fewer prompts or beams")
+        raise DoesNotFitError(f"a KV cache for a batch of {batch} does not fit {prof.name} ({slots} slots a row): "
+                              f"{'; '.join(reasons)}; at most {fits} rows fit ({fewer}, or use_cache=False)", None)
 
 
 def _generate_batch(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, tokenizer,
