@@ -55,10 +55,10 @@ def mean(a, axis=None, keepdims=False):
 
 
 def max(a, axis=None, keepdims=False):
-    """Maximum along `axis`: an int, a tuple, or None for all elements (the default, as numpy's, PyTorch's and sum's:
-    with the last axis by default, x / x.max() of a square x divided by row maxima, silently). On ties the gradient
-    is split evenly among the maximal elements (PyTorch's amax): each gets g / count, so the shares add up to g (giving
-    each the whole g would make a gradient that sums to count * g, not a subgradient)."""
+    """Maximum along `axis`: an int, a tuple, or None for all elements (the default, as numpy's, PyTorch's and sum's,
+    so that x / x.max() scales by one number). On ties the gradient is split evenly among the maximal elements
+    (PyTorch's amax): each gets g / count, so the shares add up to g (giving each the whole g would make a gradient
+    that sums to count * g, not a subgradient)."""
     _check_float(a, "max")
     B = a.backend
     axes = _axes(axis, a.ndim, "max")
