@@ -16,11 +16,10 @@ import numpy as np
 
 from ..checks import InputError
 from ..checkpoint import CheckpointError, checkpoint_files, load_checkpoint, tokenizer_of
-from ..data import TOKENIZER_SIDE_FILES, write_tokenizer
+from ..data import LAB_TOKENIZER_FILE, TOKENIZER_SIDE_FILES, write_tokenizer
 from ..io import atomic_files, directory_path, reading
 from ..models import load_pretrained
 
-LAB_TOKENIZER_FILE = "lab_tokenizer.json"      # lab's tokenizer, next to the Hugging Face files
 HF_TOKENIZER_FILE = "tokenizer.json"           # the `tokenizers` library's format
 ADAPTER_DIR = "adapter"
 
