@@ -173,6 +173,7 @@ def test_cli_train_nan_lr_refused(flag, value, allowed):
     # each was dropped without a word: the plan was the other model's, or a profile's whatever the backend
     (["plan", "--preset", "tiny", "--config", "smollm2-135m"], ["--config", "--preset", "'tiny'", "give one"]),
     (["plan", "--device", "h100", "--backend", "numpy"], ["--backend goes with --device this", "'h100'"]),
+    (["plan", "--tokens", "1e9", "--steps", "10", "--device", "m1"], ["tokens 1000000000.0 and steps 10", "give one"]),
     (["plan", "--minutes", "nan"], ["--minutes", "nan"]),
     (["generate"], ["one of the arguments --checkpoint --model is required"]),
 ])

@@ -338,6 +338,15 @@ def test_the_fit_check_counts_only_the_memory_this_process_can_have(numpy_backen
         Trainer(model, IDS, IDS, TrainConfig(batch_size=20_000, block_size=16))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_plan_refuses_tokens_and_steps_together(preset):
+    """Both given, the steps were planned and the tokens dropped without a word."""
+    from lab.checks import InputError
+    with pytest.raises(InputError, match=r"^tokens 1000000.0 and steps 10 both set how long the plan trains"):
+        plan.estimate(preset, tokens=1e6, steps=10, device="m1")
+    assert plan.estimate(preset, steps=10, device="m1").steps == 10
+
+
 def test_plan_refuses_a_lora_rank_above_the_layers():
     """plan --lora-rank 100000 planned adapters wider than tiny's 128-wide layers (lora.apply refuses them)."""
     from lab.checks import InputError

@@ -444,6 +444,9 @@ def estimate(config, batch=12, seq=None, tokens=None, steps=None, precision="fp3
     lora.apply takes them (None: GPT-2's c_attn, c_proj, c_fc; the Llama family's "all-linear").
     checkpoint_activations: TrainConfig's (True: every block keeps only its input and runs again in the backward;
     k: every k-th block)."""
+    if tokens is not None and steps is not None:   # (the steps were planned, the tokens dropped without a word)
+        raise InputError(f"tokens {show(tokens)} and steps {show(steps)} both set how long the plan trains: give one "
+                         f"(steps = tokens / (batch x seq))")
     if lora_targets is not None and (lora_rank is None or lora_rank is False or lora_rank == 0):
         raise InputError(f"lora_targets {show(lora_targets)} without a lora_rank: targets are for a LoRA plan (give "
                          f"lora_rank, --lora-rank), full training trains every layer")
