@@ -98,15 +98,16 @@ def test_no_import_circle_except_the_backend_factory():
 
 def test_old_checkpoint_import_paths_name_the_io_objects():
     # the file I/O moved to lab.io; code written against lab.checkpoint keeps working with the same objects
-    from lab import checkpoint, io, lora
+    from lab import checkpoint, data, io, lora
     from lab.data import pretrained
     for name in ("CheckpointError", "NonFiniteSaveError", "atomic_files", "reading", "read_json", "read_safetensors",
                  "check_save_target", "finish_interrupted_save", "JOURNAL_FILE"):
         assert getattr(checkpoint, name) is getattr(io, name), name
-    # a save may remove exactly the stale parts checkpoints, adapters and pretrained tokenizers leave: io spells
-    # their names itself
+    # a save may remove exactly the stale parts checkpoints, adapters, pretrained tokenizers and exports leave: io
+    # spells their names itself
     assert io.REMOVABLE == {checkpoint.OPTIMIZER_FILE, checkpoint.STATE_FILE, lora.ADAPTER_FILE, lora.ADAPTER_CONFIG,
-                            pretrained.TEMPLATE_FILE, pretrained.SPECIAL_TOKENS_FILE, io.INDEX_FILE}   # (+ io.SHARD_NAME)
+                            pretrained.TEMPLATE_FILE, pretrained.SPECIAL_TOKENS_FILE, io.INDEX_FILE,
+                            data.LAB_TOKENIZER_FILE}   # (+ io.SHARD_NAME)
 
 
 def test_adapter_methods_come_from_lora_not_from_nn():

@@ -813,8 +813,8 @@ def _check_fit(plan, c, prof, share_bytes=None, checkpointed=None):
             acc = max(math.ceil(plan.batch / min(b, plan.batch - 1)),
                       math.ceil(size / min(prof.max_binding_size, prof.max_buffer_size)))
             # a count of micro-batches that divides the batch, if one is near, keeps it exactly (b acc is the
-            # effective batch)
-            acc = next((a for a in range(acc, 2 * acc + 1) if plan.batch % a == 0), acc)
+            # effective batch; a bounded search: a batch of 10^18 has counts of 10^15)
+            acc = next((a for a in range(acc, min(2 * acc, acc + 4096) + 1) if plan.batch % a == 0), acc)
             b = math.ceil(plan.batch / acc)
             plan.suggestions.append(f"batch {b} with gradient accumulation over {acc} micro-batches keeps the "
                                     f"effective batch of {plan.batch}" if b * acc == plan.batch else
