@@ -99,25 +99,40 @@ def test_keyboard_interrupt_during_training_stops_cleanly_and_training_continues
     np.testing.assert_allclose(after, want, rtol=1e-6)  # the interrupted step was whole: same losses after it
 
 
+GENERATION_INTERRUPTED = """
+import os, signal, sys, threading, time
+sys.path.insert(0, {tests!r})
+import lab
+lab.set_backend({backend!r})
+from test_reliability import _small_trainer
+t = _small_trainer()
+model, tok = t.model.eval(), t.tokenizer
+want = lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3)
+dropped = []   # a KeyboardInterrupt raised inside a finalizer is printed and dropped by Python: say where
+sys.unraisablehook = lambda u: dropped.append(f"{{u.exc_type.__name__}} in {{u.object}}")
+timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+timer.start()
+deadline = time.monotonic() + 60   # (bounded: a lost interrupt fails instead of generating for hours)
+try:
+    while time.monotonic() < deadline:   # until the interrupt lands inside generation
+        lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3)
+    sys.exit(f"no KeyboardInterrupt within 60 s of the SIGINT; dropped: {{dropped}}")
+except KeyboardInterrupt:
+    timer.join()
+assert not dropped, dropped
+assert lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3) == want
+print("usable after the interrupt")
+"""
+
+
 def test_keyboard_interrupt_during_generation_leaves_the_model_usable(use_backend):
-    import lab
-    t = _small_trainer()
-    model, tok = t.model.eval(), t.tokenizer
-    want = lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3)
-    swallowed = []   # a KeyboardInterrupt raised inside a finalizer is printed and dropped by Python: say where
-    hook, sys.unraisablehook = sys.unraisablehook, lambda u: swallowed.append(f"{u.exc_type.__name__} in {u.object}")
-    interrupted, timer = False, _interrupt_in(0.3)
-    deadline = time.monotonic() + 60   # (bounded: a lost interrupt fails here instead of generating for hours)
-    try:
-        while time.monotonic() < deadline:   # until the interrupt lands inside generation
-            lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        timer.join()
-        sys.unraisablehook = hook
-    assert interrupted and not swallowed, f"no KeyboardInterrupt within 60 s of the SIGINT; dropped: {swallowed}"
-    assert lab.generate(model, "And", 40, tokenizer=tok, temperature=0.8, seed=3) == want
+    """A Ctrl-C (a real SIGINT) landing inside generate: raised there, and the model generates the same text after.
+    In a process of its own: in the whole suite's process, after the tests before it, a SIGINT sent to the process
+    was no longer raised at all (fresh-clone CI, both backends; Python's handler unchanged, nothing dropped in a
+    finalizer), which this test, about generation, cannot tell apart from generation losing it."""
+    script = GENERATION_INTERRUPTED.format(tests=str(Path(__file__).parent), backend=use_backend.name)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "usable after the interrupt" in run.stdout, run.stderr[-3000:]
 
 
 def test_a_batch_that_cannot_fit_is_refused_before_any_step(wgpu_backend):
