@@ -300,7 +300,7 @@ def _plan(args):
         raise InputError(f"--backend goes with --device this (the measured backend), got it with --device "
                          f"{args.device!r}, a profile's own figures")
     model = args.config or args.preset or "tiny"
-    if args.device == "this" and args.backend:
+    if args.backend:   # (with --device this only, checked above)
         import lab
         lab.set_backend(args.backend)
     p = plan.estimate(model, batch=args.batch_size, seq=args.seq, tokens=args.tokens, steps=args.steps,

@@ -16,8 +16,8 @@ from ..checks import InputError, integer, real, show
 from ..engine import ops as F
 from ..engine.backend import contiguous_strides, get_backend
 from ..engine.tensor import Tensor, tensor
-from .transformer import (attend, check_cache, check_pad, check_return_logits, lm_outputs, padding_mask, row_positions,
-                          sublayers)
+from .transformer import (attend, check_cache, check_pad, check_return_logits, empty_cache, lm_outputs, padding_mask,
+                          row_positions, sublayers)
 from ..interp.hooks import HookedModel
 from ..io import (GENERATION_FILE, CheckpointError, LazyTensor, atomic_files, check_floats, read_json, read_weights, reading,
                   weights_file, with_generation_config)
@@ -480,11 +480,8 @@ class LlamaLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         """An empty KV cache on the device: per layer, keys and values (B, Hkv, length, D), the key-value heads
         held once (not once per query head). length: the slots a generation fills, by default block_size."""
         c = self.config
-        length = c.block_size if length is None else integer("length", length, low=1, high=c.block_size)
-        shape = (integer("batch_size", batch_size, low=1), c.num_key_value_heads, length, c.head_dim)
-        backend = self.model.embed_tokens.weight.backend
-        return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
-                for _ in self.model.layers]
+        return empty_cache(self.model.embed_tokens.weight.backend, len(self.model.layers), batch_size,
+                           c.num_key_value_heads, c.head_dim, c.block_size, length)
 
     def forward_cached(self, idx, cache, pos, pad=None):
         """Logits (B, Tn, vocab) for tokens idx (B, Tn) at cache slots pos.., extending `cache` in place. pad (B,):

@@ -217,6 +217,15 @@ def check_cache(cache, idx, pos, layers, block):
                          f"block_size by default)")
 
 
+def empty_cache(backend, layers, batch_size, heads, head_dim, block, length=None):
+    """new_cache's zeros: per layer, keys and values (batch_size, heads, length, head_dim), length slots (1 to
+    block, by default block)."""
+    length = block if length is None else integer("length", length, low=1, high=block)
+    shape = (integer("batch_size", batch_size, low=1), heads, length, head_dim)
+    return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
+            for _ in range(layers)]
+
+
 def row_positions(pad, start, T):
     """(B, T) positions of cache slots start..start+T-1 for rows with pad[b] left-padding slots: slot - pad[b],
     0 for the padding itself (as transformers' position_ids from an attention mask)."""
@@ -352,11 +361,8 @@ class TransformerLM(nn.Module, HookedModel, nn.Blocks, Adapters):
         """An empty KV cache on the device: per layer, keys and values of shape (B, H, length, D); length: the
         slots a generation fills, by default block_size."""
         c = self.config
-        length = c.block_size if length is None else integer("length", length, low=1, high=c.block_size)
-        shape = (batch_size, c.n_head, length, c.n_embd // c.n_head)
-        backend = self.wte.weight.backend
-        return [(Tensor(backend.full(shape, 0.0), backend), Tensor(backend.full(shape, 0.0), backend))
-                for _ in self.h]
+        return empty_cache(self.wte.weight.backend, len(self.h), batch_size, c.n_head, c.n_embd // c.n_head,
+                           c.block_size, length)
 
     def forward_cached(self, idx, cache, pos, pad=None):
         """Logits (B, Tn, vocab) for tokens idx (B, Tn) at cache slots pos.., extending `cache` in place. pad (B,):
